@@ -1,0 +1,176 @@
+//! The decisions the tc program takes, as pure functions over the values it has read.
+
+/// What the program did with one packet. The discriminant is the packet's index in the
+/// `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not in the steering set (or not parseable as such): left untouched.
+    Passed = 0,
+    /// Assigned to tproxy's listener: the start of a new proxied flow.
+    SteeredNew = 1,
+    /// Assigned to the socket that already owns the flow (established or SYN-RECV).
+    SteeredEstablished = 2,
+    /// In the steering set, but no listening socket was in the socket map: passed.
+    NoListener = 3,
+    /// `bpf_sk_assign` refused: the socket is in another network namespace.
+    AssignErrorNetns = 4,
+    /// `bpf_sk_assign` refused: the socket type cannot be assigned (e.g. reuseport before 6.6).
+    AssignErrorSocketType = 5,
+    /// `bpf_sk_assign` refused: not supported at this hook.
+    AssignErrorNotSupported = 6,
+    /// `bpf_sk_assign` refused for any other reason.
+    AssignErrorOther = 7,
+}
+
+impl Outcome {
+    /// Number of outcomes, the length of the `COUNTERS` map.
+    pub const COUNT: u32 = 8;
+
+    /// Every outcome, in counter-index order.
+    pub const ALL: [Outcome; Self::COUNT as usize] = [
+        Outcome::Passed,
+        Outcome::SteeredNew,
+        Outcome::SteeredEstablished,
+        Outcome::NoListener,
+        Outcome::AssignErrorNetns,
+        Outcome::AssignErrorSocketType,
+        Outcome::AssignErrorNotSupported,
+        Outcome::AssignErrorOther,
+    ];
+
+    /// Stable snake_case name, for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::SteeredNew => "steered_new",
+            Outcome::SteeredEstablished => "steered_established",
+            Outcome::NoListener => "no_listener",
+            Outcome::AssignErrorNetns => "assign_error_netns",
+            Outcome::AssignErrorSocketType => "assign_error_socket_type",
+            Outcome::AssignErrorNotSupported => "assign_error_not_supported",
+            Outcome::AssignErrorOther => "assign_error_other",
+        }
+    }
+}
+
+const ENETUNREACH: i64 = 101;
+const ESOCKTNOSUPPORT: i64 = 94;
+const EOPNOTSUPP: i64 = 95;
+
+/// Classifies the negative errno that `bpf_sk_assign` returned.
+pub const fn assign_error(ret: i64) -> Outcome {
+    match -ret {
+        ENETUNREACH => Outcome::AssignErrorNetns,
+        ESOCKTNOSUPPORT => Outcome::AssignErrorSocketType,
+        EOPNOTSUPP => Outcome::AssignErrorNotSupported,
+        _ => Outcome::AssignErrorOther,
+    }
+}
+
+/// `TCP_LISTEN` from the kernel's `enum tcp_state`.
+pub const TCP_LISTEN: u32 = 10;
+/// `TCP_TIME_WAIT` from the kernel's `enum tcp_state`.
+pub const TCP_TIME_WAIT: u32 = 6;
+
+/// Whether a socket found by an exact-tuple lookup owns the packet's flow, as the iptables
+/// socket match decides it. A listener is not the flow's own socket: a wildcard service (sshd
+/// on 0.0.0.0:22) matches every destination. Neither is a TIME_WAIT socket: a new SYN reusing
+/// the tuple must reach our listener. Everything else (established, SYN-RECV request sockets,
+/// closing states) is assigned as found.
+pub const fn socket_owns_flow(tcp_state: u32) -> bool {
+    tcp_state != TCP_LISTEN && tcp_state != TCP_TIME_WAIT
+}
+
+/// The packet mark after setting tproxy's routing mark: only the bits under `mask` change, so
+/// marks that other tools keep in the other bits survive.
+pub const fn with_routing_mark(current: u32, mark: u32, mask: u32) -> u32 {
+    (current & !mask) | (mark & mask)
+}
+
+/// Where the transport header starts in an IPv4 packet, from the header's first byte
+/// (version and IHL) and its flags/fragment-offset field (host byte order). `None` for
+/// anything whose transport header is not there to steer by: not version 4, a header length
+/// below the minimum, or a fragment (later fragments carry no transport header, and a first
+/// fragment is left alone as the kernel's own reassembly will see it whole).
+pub const fn ipv4_transport_offset(version_ihl: u8, flags_fragment: u16) -> Option<usize> {
+    const MORE_FRAGMENTS: u16 = 0x2000;
+    const OFFSET_MASK: u16 = 0x1fff;
+    if version_ihl >> 4 != 4 {
+        return None;
+    }
+    let header_words = (version_ihl & 0x0f) as usize;
+    if header_words < 5 || flags_fragment & (MORE_FRAGMENTS | OFFSET_MASK) != 0 {
+        return None;
+    }
+    Some(header_words * 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_match_table_order() {
+        for (index, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{}", outcome.name());
+        }
+    }
+
+    #[test]
+    fn listener_and_time_wait_do_not_own_the_flow() {
+        assert!(!socket_owns_flow(TCP_LISTEN));
+        assert!(!socket_owns_flow(TCP_TIME_WAIT));
+    }
+
+    #[test]
+    fn connected_and_request_sockets_own_the_flow() {
+        const ESTABLISHED: u32 = 1;
+        const SYN_RECV: u32 = 3;
+        const FIN_WAIT1: u32 = 4;
+        const CLOSE_WAIT: u32 = 8;
+        const NEW_SYN_RECV: u32 = 12;
+        for state in [ESTABLISHED, SYN_RECV, FIN_WAIT1, CLOSE_WAIT, NEW_SYN_RECV] {
+            assert!(socket_owns_flow(state), "state {state}");
+        }
+    }
+
+    #[test]
+    fn routing_mark_only_touches_masked_bits() {
+        assert_eq!(with_routing_mark(0, 0x100_0000, 0x100_0000), 0x100_0000);
+        assert_eq!(
+            with_routing_mark(0xffff, 0x100_0000, 0x100_0000),
+            0x100_ffff
+        );
+        assert_eq!(
+            with_routing_mark(0x0f00_00ff, 0x0100_0000, 0x0f00_0000),
+            0x0100_00ff
+        );
+        // Mark bits outside the mask are never written.
+        assert_eq!(with_routing_mark(0, 0xffff_ffff, 0x10), 0x10);
+    }
+
+    #[test]
+    fn ipv4_plain_header_and_options() {
+        assert_eq!(ipv4_transport_offset(0x45, 0), Some(20));
+        assert_eq!(ipv4_transport_offset(0x4f, 0), Some(60));
+        // Don't-fragment alone is not a fragment.
+        assert_eq!(ipv4_transport_offset(0x46, 0x4000), Some(24));
+    }
+
+    #[test]
+    fn ipv4_fragments_bad_lengths_and_versions_are_not_steered() {
+        assert_eq!(ipv4_transport_offset(0x45, 0x2000), None, "first fragment");
+        assert_eq!(ipv4_transport_offset(0x45, 0x0001), None, "later fragment");
+        assert_eq!(ipv4_transport_offset(0x44, 0), None, "IHL below 5");
+        assert_eq!(ipv4_transport_offset(0x65, 0), None, "version 6");
+    }
+
+    #[test]
+    fn assign_errors_by_reason() {
+        assert_eq!(assign_error(-101), Outcome::AssignErrorNetns);
+        assert_eq!(assign_error(-94), Outcome::AssignErrorSocketType);
+        assert_eq!(assign_error(-95), Outcome::AssignErrorNotSupported);
+        assert_eq!(assign_error(-22), Outcome::AssignErrorOther);
+    }
+}

@@ -1,0 +1,49 @@
+//! Names, sizes and layouts of the maps and globals through which the loader configures the
+//! eBPF program. Both sides name maps with these constants so a rename cannot split them.
+
+/// Per-port protocol bit set, indexed by destination port (host byte order). An array rather
+/// than a hash: one bounded lookup whatever the number of steered ports.
+pub const STEERED_PORTS: &str = "STEERED_PORTS";
+/// One entry per possible port.
+pub const STEERED_PORTS_LEN: u32 = 65536;
+/// Bit in a [`STEERED_PORTS`] value: TCP to this port is steered.
+pub const PORT_TCP: u8 = 1 << 0;
+
+/// Longest-prefix-match set of steered IPv4 destinations, keyed by the address in network
+/// byte order (`[u8; 4]`); the value is unused and always 1.
+pub const STEERED_DST_V4: &str = "STEERED_DST_V4";
+/// Longest-prefix-match set of steered IPv6 destinations (`[u8; 16]`, network byte order).
+pub const STEERED_DST_V6: &str = "STEERED_DST_V6";
+/// Most prefixes per address family that `--dst` may give.
+pub const MAX_DST_PREFIXES: u32 = 16384;
+
+/// SOCKMAP holding tproxy's transparent listeners, indexed by [`ListenerSlot`].
+pub const LISTENERS: &str = "LISTENERS";
+
+/// Which listener a steered packet is handed to: a socket can only be assigned packets of its
+/// own address family.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerSlot {
+    /// The IPv4 TCP listener.
+    TcpV4 = 0,
+    /// The IPv6 TCP listener.
+    TcpV6 = 1,
+}
+
+impl ListenerSlot {
+    /// Number of slots in [`LISTENERS`].
+    pub const COUNT: u32 = 2;
+}
+
+/// Per-CPU array of `u64` packet counts, indexed by [`crate::Outcome`].
+pub const COUNTERS: &str = "COUNTERS";
+
+/// Global (`u32`): the routing mark OR'ed, under [`MARK_MASK_GLOBAL`], into every packet the
+/// program assigns to a socket, so that policy routing delivers it locally.
+pub const MARK_GLOBAL: &str = "ROUTING_MARK";
+/// Global (`u32`): the bits of `skb->mark` that belong to tproxy.
+pub const MARK_MASK_GLOBAL: &str = "ROUTING_MARK_MASK";
+
+/// Name of the tc ingress program in the object file.
+pub const PROGRAM_NAME: &str = "tproxy_ingress";

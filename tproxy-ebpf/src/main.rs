@@ -1,0 +1,289 @@
+//! tc ingress program: the socket match and the TPROXY target of the classic iptables recipe,
+//! in one pass over the packet.
+//!
+//! packet → parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP ports)
+//!        → steering set (destination port array, destination prefix LPM tries)
+//!        → the flow's own socket, if it has one (`bpf_skc_lookup_tcp` on the exact tuple)
+//!        → otherwise tproxy's listener from the socket map
+//!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally.
+//!
+//! Every path returns `TC_ACT_OK`: a packet we do not steer continues exactly as if the
+//! program were not there, and an assigned packet must not be redirected by a later filter.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, mem, ptr};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS, TC_ACT_OK,
+    },
+    helpers::generated::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::{classifier, map},
+    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
+    programs::TcContext,
+    EbpfContext, Global,
+};
+use aya_log_ebpf::{debug, warn};
+use tproxy_common::{
+    decision::{self, Outcome},
+    maps::{ListenerSlot, MAX_DST_PREFIXES, PORT_TCP, STEERED_PORTS_LEN},
+};
+
+#[map]
+static STEERED_PORTS: Array<u8> = Array::with_max_entries(STEERED_PORTS_LEN, 0);
+#[map]
+static STEERED_DST_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_DST_PREFIXES, 0);
+#[map]
+static STEERED_DST_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_DST_PREFIXES, 0);
+#[map]
+static LISTENERS: SockMap = SockMap::with_max_entries(ListenerSlot::COUNT, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Outcome::COUNT, 0);
+
+/// Set by the loader before load (`tproxy_common::maps::MARK_GLOBAL`).
+#[unsafe(no_mangle)]
+static ROUTING_MARK: Global<u32> = Global::new(0);
+/// Set by the loader before load (`tproxy_common::maps::MARK_MASK_GLOBAL`).
+#[unsafe(no_mangle)]
+static ROUTING_MARK_MASK: Global<u32> = Global::new(0);
+
+const ETH_HEADER_LEN: usize = 14;
+const VLAN_HEADER_LEN: usize = 4;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV6_HEADER_LEN: usize = 40;
+const IPPROTO_TCP: u8 = 6;
+
+#[classifier]
+pub fn tproxy_ingress(ctx: TcContext) -> i32 {
+    let outcome = steer(&ctx);
+    count(outcome);
+    TC_ACT_OK as i32
+}
+
+fn count(outcome: Outcome) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(outcome as u32) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Returns a bounds-checked pointer to a `T` at `offset` bytes into the packet.
+#[inline(always)]
+fn header<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data() + offset;
+    if start + mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(start as *const T)
+}
+
+fn steer(ctx: &TcContext) -> Outcome {
+    let Some(ethertype) = header::<[u8; 2]>(ctx, 12) else {
+        return Outcome::Passed;
+    };
+    let mut ethertype = u16::from_be_bytes(unsafe { *ethertype });
+    let mut l3 = ETH_HEADER_LEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let Some(inner) = header::<[u8; 2]>(ctx, l3 + 2) else {
+            return Outcome::Passed;
+        };
+        ethertype = u16::from_be_bytes(unsafe { *inner });
+        l3 += VLAN_HEADER_LEN;
+    }
+    match ethertype {
+        ETH_P_IPV4 => steer_ipv4(ctx, l3),
+        ETH_P_IPV6 => steer_ipv6(ctx, l3),
+        _ => Outcome::Passed,
+    }
+}
+
+/// The TCP source and destination ports, still in network byte order.
+#[inline(always)]
+fn tcp_ports(ctx: &TcContext, offset: usize) -> Option<[u16; 2]> {
+    header::<[u16; 2]>(ctx, offset).map(|ports| unsafe { *ports })
+}
+
+fn port_is_steered(port_be: u16) -> bool {
+    STEERED_PORTS
+        .get(u16::from_be(port_be) as u32)
+        .is_some_and(|protocols| protocols & PORT_TCP != 0)
+}
+
+fn steer_ipv4(ctx: &TcContext, l3: usize) -> Outcome {
+    // version/IHL at 0, flags+fragment offset at 6, protocol at 9, addresses at 12..20.
+    let Some(ip) = header::<[u8; 20]>(ctx, l3) else {
+        return Outcome::Passed;
+    };
+    let ip = unsafe { &*ip };
+    if ip[9] != IPPROTO_TCP {
+        return Outcome::Passed;
+    }
+    let Some(header_len) =
+        decision::ipv4_transport_offset(ip[0], u16::from_be_bytes([ip[6], ip[7]]))
+    else {
+        return Outcome::Passed;
+    };
+    // IHL is at most 15 words; the mask keeps the verifier's view of the offset bounded.
+    let Some([sport, dport]) = tcp_ports(ctx, l3 + (header_len & 0x3c)) else {
+        return Outcome::Passed;
+    };
+    if !port_is_steered(dport) {
+        return Outcome::Passed;
+    }
+    let daddr = [ip[16], ip[17], ip[18], ip[19]];
+    if STEERED_DST_V4.get(Key::new(32, daddr)).is_none() {
+        return Outcome::Passed;
+    }
+    let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4 = TupleV4 {
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes(daddr),
+        sport,
+        dport,
+    };
+    let outcome = steer_tcp(
+        ctx,
+        &mut tuple,
+        mem::size_of::<TupleV4>() as u32,
+        ListenerSlot::TcpV4,
+    );
+    if outcome == Outcome::SteeredNew {
+        debug!(
+            ctx,
+            "steer new {:i}:{} -> {:i}:{}",
+            u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
+            u16::from_be(sport),
+            u32::from_be_bytes(daddr),
+            u16::from_be(dport)
+        );
+    }
+    outcome
+}
+
+fn steer_ipv6(ctx: &TcContext, l3: usize) -> Outcome {
+    // next header at 6, source at 8..24, destination at 24..40.
+    let Some(ip) = header::<[u8; IPV6_HEADER_LEN]>(ctx, l3) else {
+        return Outcome::Passed;
+    };
+    let ip = unsafe { &*ip };
+    // Extension headers are not walked yet: such packets pass untouched.
+    if ip[6] != IPPROTO_TCP {
+        return Outcome::Passed;
+    }
+    let Some([sport, dport]) = tcp_ports(ctx, l3 + IPV6_HEADER_LEN) else {
+        return Outcome::Passed;
+    };
+    if !port_is_steered(dport) {
+        return Outcome::Passed;
+    }
+    let mut daddr = [0u8; 16];
+    daddr.copy_from_slice(&ip[24..40]);
+    if STEERED_DST_V6.get(Key::new(128, daddr)).is_none() {
+        return Outcome::Passed;
+    }
+    let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
+    let words = |bytes: &[u8]| -> [u32; 4] {
+        let mut out = [0u32; 4];
+        for (i, word) in out.iter_mut().enumerate() {
+            let b = &bytes[i * 4..i * 4 + 4];
+            *word = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        out
+    };
+    tuple.__bindgen_anon_1.ipv6 = TupleV6 {
+        saddr: words(&ip[8..24]),
+        daddr: words(&daddr),
+        sport,
+        dport,
+    };
+    let outcome = steer_tcp(
+        ctx,
+        &mut tuple,
+        mem::size_of::<TupleV6>() as u32,
+        ListenerSlot::TcpV6,
+    );
+    if outcome == Outcome::SteeredNew {
+        let mut saddr = [0u8; 16];
+        saddr.copy_from_slice(&ip[8..24]);
+        debug!(
+            ctx,
+            "steer new [{:i}]:{} -> [{:i}]:{}",
+            saddr,
+            u16::from_be(sport),
+            daddr,
+            u16::from_be(dport)
+        );
+    }
+    outcome
+}
+
+/// Socket match, then listener. Kept apart from UDP: the verifier types the socket pointers
+/// of the two lookups differently.
+#[inline(always)]
+fn steer_tcp(
+    ctx: &TcContext,
+    tuple: *mut bpf_sock_tuple,
+    tuple_len: u32,
+    slot: ListenerSlot,
+) -> Outcome {
+    let skb = ctx.as_ptr();
+    // The netns argument is a u64: -1 must stay all ones, a 32-bit cast would miss every socket.
+    let own = unsafe { bpf_skc_lookup_tcp(skb, tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
+    if !own.is_null() {
+        if decision::socket_owns_flow(unsafe { (*own).state }) {
+            return assign_and_release(ctx, own, Outcome::SteeredEstablished);
+        }
+        unsafe { bpf_sk_release(own as *mut c_void) };
+    }
+
+    let slot = slot as u32;
+    let listener = unsafe {
+        bpf_map_lookup_elem(
+            ptr::addr_of!(LISTENERS) as *mut c_void,
+            ptr::addr_of!(slot) as *const c_void,
+        )
+    } as *mut bpf_sock;
+    if listener.is_null() {
+        return Outcome::NoListener;
+    }
+    if unsafe { (*listener).state } != decision::TCP_LISTEN {
+        unsafe { bpf_sk_release(listener as *mut c_void) };
+        return Outcome::NoListener;
+    }
+    assign_and_release(ctx, listener, Outcome::SteeredNew)
+}
+
+/// Assigns `sk` to the packet, drops our reference to it, and marks the packet for local
+/// delivery. The reference is released whatever the assign returned.
+#[inline(always)]
+fn assign_and_release(ctx: &TcContext, sk: *mut bpf_sock, success: Outcome) -> Outcome {
+    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk as *mut c_void, 0) };
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    if ret != 0 {
+        let outcome = decision::assign_error(ret);
+        warn!(ctx, "bpf_sk_assign failed: {}", ret);
+        return outcome;
+    }
+    let current = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(decision::with_routing_mark(
+        current,
+        ROUTING_MARK.load(),
+        ROUTING_MARK_MASK.load(),
+    ));
+    success
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,323 @@
+//! Command line: what an operator can say, and the parsers that turn each flag's text into a
+//! checked value (or an error naming the bad value) before anything touches the system.
+
+use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+/// Transparent proxying without iptables: a tc ingress eBPF program steers chosen TCP flows
+/// into tproxy's own transparent listener (the socket match and TPROXY target in one), and
+/// tproxy relays them to their original destination.
+#[derive(Debug, Parser)]
+#[command(name = "tproxy", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the steering program, install policy routing, and relay steered connections
+    /// until SIGINT or SIGTERM; everything installed is removed on exit.
+    Run(RunArgs),
+}
+
+/// Flags of `tproxy run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Interface whose ingress traffic is steered (repeat for several). Steering happens on
+    /// arrival, so name the interfaces clients' packets come in on.
+    #[arg(long = "iface", value_name = "IF", required = true)]
+    pub ifaces: Vec<String>,
+
+    /// Destination TCP ports to steer: a comma-separated list of ports and inclusive ranges,
+    /// e.g. `80,443,8000-8100`.
+    #[arg(long, value_name = "PORTS", value_parser = parse_port_list, required = true)]
+    pub tcp: PortList,
+
+    /// Only steer packets to these destination prefixes (repeat for several; IPv4 and IPv6).
+    /// A bare address means a single host. Default: every destination.
+    #[arg(long = "dst", value_name = "CIDR", value_parser = parse_prefix)]
+    pub dst: Vec<IpNet>,
+
+    /// Address of a transparent listener (repeat for several; at most one per address family).
+    /// Keep them on loopback so nothing can connect to them directly; steered packets reach
+    /// them whatever their destination. Port 0 picks a free port, shared by all listeners.
+    #[arg(
+        long = "listen",
+        value_name = "ADDR:PORT",
+        value_parser = parse_socket_addr,
+        default_values = ["127.0.0.1:0", "[::1]:0"]
+    )]
+    pub listen: Vec<SocketAddr>,
+
+    /// Relay every steered connection to this address instead of its original destination
+    /// (e.g. a local app when running as a sidecar).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
+    pub upstream: Option<SocketAddr>,
+
+    /// Routing mark set on steered packets, optionally with the mask of `skb->mark` bits that
+    /// tproxy owns (`MARK/MASK`, decimal or 0x-hex). Only bits under the mask are changed.
+    #[arg(long, value_name = "MARK[/MASK]", value_parser = parse_mark, default_value = "0x1000000/0x1000000")]
+    pub mark: Mark,
+
+    /// Routing table holding the `local 0.0.0.0/0` and `local ::/0` routes.
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    pub table: u32,
+
+    /// Priority of the `fwmark MARK/MASK lookup TABLE` rule (lower is consulted earlier;
+    /// must come before the main table's 32766).
+    #[arg(long = "rule-priority", value_name = "N", value_parser = clap::value_parser!(u32).range(1..32766), default_value_t = 4700)]
+    pub rule_priority: u32,
+
+    /// Give up connecting to the upstream after this long (e.g. `5s`, `500ms`) and reset the
+    /// client.
+    #[arg(long = "connect-timeout", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub connect_timeout: Duration,
+
+    /// Close a relayed connection after no bytes moved either way for this long.
+    #[arg(long = "idle-timeout", value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+    pub idle_timeout: Duration,
+}
+
+/// A set of ports given as a list of inclusive ranges (a single port is a range of one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortList(pub Vec<RangeInclusive<u16>>);
+
+impl PortList {
+    /// Every port in the list, in the order given (duplicates possible).
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().flat_map(|range| range.clone())
+    }
+}
+
+impl std::fmt::Display for PortList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, range) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if range.start() == range.end() {
+                write!(f, "{}", range.start())?;
+            } else {
+                write!(f, "{}-{}", range.start(), range.end())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    let port: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a port number"))?;
+    match port {
+        0 => Err("port 0 cannot be steered (ports are 1-65535)".into()),
+        1..=65535 => Ok(port as u16),
+        _ => Err(format!("port {port} is above 65535")),
+    }
+}
+
+/// Parses `80,443,8000-8100`.
+pub fn parse_port_list(text: &str) -> Result<PortList, String> {
+    let ranges = text
+        .split(',')
+        .map(|item| match item.split_once('-') {
+            _ if item.trim().is_empty() => Err(format!("empty entry in port list `{text}`")),
+            None => parse_port(item).map(|port| port..=port),
+            Some((first, last)) => {
+                let (first, last) = (parse_port(first)?, parse_port(last)?);
+                if first > last {
+                    return Err(format!(
+                        "range `{}` runs backwards ({first} > {last})",
+                        item.trim()
+                    ));
+                }
+                Ok(first..=last)
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(PortList(ranges))
+}
+
+/// Parses an IPv4 or IPv6 prefix; a bare address is a host prefix. Host bits are cleared, so
+/// `10.1.2.3/8` means `10.0.0.0/8`.
+pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| {
+            format!("`{text}` is not an IPv4/IPv6 prefix (like 10.0.0.0/8 or 2001:db8::/32)")
+        })
+}
+
+/// Parses `ADDR:PORT` (IPv6 in brackets: `[::1]:8080`).
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("`{text}` is not an ADDR:PORT socket address (like 127.0.0.1:8080 or [::1]:8080)")
+    })
+}
+
+/// A routing mark and the mask of mark bits it may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}/{:#x}", self.value, self.mask)
+    }
+}
+
+fn parse_u32(text: &str, what: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed
+        .map_err(|_| format!("`{text}` is not a valid {what} (a 32-bit number, decimal or 0x-hex)"))
+}
+
+/// Parses `MARK` or `MARK/MASK`; a bare mark's mask is the mark itself.
+pub fn parse_mark(text: &str) -> Result<Mark, String> {
+    let (value, mask) = match text.split_once('/') {
+        Some((value, mask)) => (parse_u32(value, "mark")?, parse_u32(mask, "mark mask")?),
+        None => {
+            let value = parse_u32(text, "mark")?;
+            (value, value)
+        }
+    };
+    if value == 0 || value & mask == 0 {
+        return Err(format!(
+            "mark `{text}` sets no bits under its mask: steered packets would be indistinguishable"
+        ));
+    }
+    if value & !mask != 0 {
+        return Err(format!("mark `{text}` has bits outside its mask"));
+    }
+    Ok(Mark { value, mask })
+}
+
+/// Parses a routing table id, refusing the kernel's reserved tables.
+pub fn parse_table(text: &str) -> Result<u32, String> {
+    let table = parse_u32(text, "routing table")?;
+    match table {
+        0 | 253..=255 => Err(format!(
+            "table {table} is reserved by the kernel (unspec/default/main/local); pick another"
+        )),
+        _ => Ok(table),
+    }
+}
+
+/// Parses `10s`, `500ms`, `5m`, …; zero is refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like 10s or 500ms ({e})"))?;
+    if duration.is_zero() {
+        return Err(format!("duration `{text}` must be greater than zero"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_lists_and_ranges() {
+        let list = parse_port_list("80,443,8000-8002").unwrap();
+        assert_eq!(
+            list.ports().collect::<Vec<_>>(),
+            [80, 443, 8000, 8001, 8002]
+        );
+        assert_eq!(list.to_string(), "80,443,8000-8002");
+        assert_eq!(parse_port_list("65535").unwrap().0, [65535..=65535]);
+    }
+
+    #[test]
+    fn port_errors_name_the_bad_value() {
+        assert!(parse_port_list("0").unwrap_err().contains("port 0"));
+        assert!(parse_port_list("65536").unwrap_err().contains("65536"));
+        assert!(parse_port_list("90-80").unwrap_err().contains("90-80"));
+        assert!(parse_port_list("http").unwrap_err().contains("`http`"));
+        assert!(parse_port_list("80,,81")
+            .unwrap_err()
+            .contains("empty entry"));
+    }
+
+    #[test]
+    fn prefixes_and_hosts() {
+        assert_eq!(
+            parse_prefix("10.1.2.3/8").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            parse_prefix("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        assert!(parse_prefix("10.0.0.0/33")
+            .unwrap_err()
+            .contains("10.0.0.0/33"));
+        assert!(parse_prefix("example.com")
+            .unwrap_err()
+            .contains("example.com"));
+    }
+
+    #[test]
+    fn marks() {
+        assert_eq!(
+            parse_mark("0x10").unwrap(),
+            Mark {
+                value: 0x10,
+                mask: 0x10
+            }
+        );
+        assert_eq!(
+            parse_mark("1/0xff").unwrap(),
+            Mark {
+                value: 1,
+                mask: 0xff
+            }
+        );
+        assert!(parse_mark("0").unwrap_err().contains("sets no bits"));
+        assert!(parse_mark("0x3/0x1")
+            .unwrap_err()
+            .contains("outside its mask"));
+        assert!(parse_mark("0xzz").unwrap_err().contains("0xzz"));
+    }
+
+    #[test]
+    fn tables_and_durations() {
+        assert_eq!(parse_table("100").unwrap(), 100);
+        assert!(parse_table("254").unwrap_err().contains("reserved"));
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(parse_duration("0s")
+            .unwrap_err()
+            .contains("greater than zero"));
+        assert!(parse_duration("soon").unwrap_err().contains("`soon`"));
+    }
+
+    #[test]
+    fn run_flags_parse_and_defaults_apply() {
+        let cli = Cli::try_parse_from(["tproxy", "run", "--iface", "eth0", "--tcp", "80"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.listen.len(), 2);
+        assert_eq!(
+            args.mark,
+            Mark {
+                value: 0x100_0000,
+                mask: 0x100_0000
+            }
+        );
+        assert!(args.dst.is_empty());
+    }
+}

@@ -1,0 +1,47 @@
+//! `tproxy`: transparent proxying with a tc ingress eBPF program instead of the iptables
+//! socket match and TPROXY target.
+//!
+//! The data path, one module each:
+//! packet → [`steering`] (the eBPF program's decision) → [`listener`] (transparent socket)
+//! → [`relay`] (accept, original destination, connect onward, copy) → upstream.
+//! [`routing`] installs the policy routing that makes assigned packets local, and [`run`]
+//! puts the pieces together in the order that leaves nothing behind.
+
+mod cli;
+mod instance;
+mod listener;
+mod relay;
+mod routing;
+mod run;
+mod steering;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tproxy: error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        cli::Command::Run(args) => runtime.block_on(run::run(args)),
+    };
+    // In-flight relays end with the runtime; steering and routing are already gone by now.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tproxy: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

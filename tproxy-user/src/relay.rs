@@ -1,0 +1,266 @@
+//! The relay: accept a steered connection, learn where the client meant to go, connect there
+//! (or to the fixed upstream), and move bytes both ways until both sides are done.
+//!
+//! A steered connection's local address *is* its original destination: `bpf_sk_assign`
+//! handed the SYN to our listener unchanged, so the accepted socket was created for the
+//! client's own (source, destination) tuple.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{ReadHalf, WriteHalf},
+        TcpListener, TcpStream,
+    },
+    time::timeout,
+};
+
+/// Read buffer per direction, allocated only once that direction has data to move.
+const BUFFER_SIZE: usize = 64 * 1024;
+/// How long to wait before accepting again after the process ran out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How connections are relayed.
+#[derive(Debug)]
+pub struct RelayConfig {
+    /// Fixed destination for every connection; `None` relays to the original destination.
+    pub upstream: Option<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Our listeners' addresses: relaying to one of them would loop forever.
+    pub own_listeners: Vec<SocketAddr>,
+}
+
+impl RelayConfig {
+    fn is_own_listener(&self, target: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|listener| {
+            listener.port() == target.port()
+                && (listener.ip() == target.ip() || listener.ip().is_unspecified())
+        })
+    }
+}
+
+/// Totals across all connections, for the shutdown summary.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub bytes_to_upstream: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+}
+
+/// Accepts connections forever, relaying each on its own task.
+pub async fn serve(listener: TcpListener, config: Arc<RelayConfig>, stats: Arc<RelayStats>) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // EMFILE/ENFILE and friends: the pending connection stays queued; spinning on
+                // accept would only burn the CPU that closing connections need.
+                log::warn!("accept failed: {error}; retrying in {ACCEPT_BACKOFF:?}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        stats.accepted.fetch_add(1, Relaxed);
+        let config = config.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            stats.active.fetch_add(1, Relaxed);
+            relay(client, peer, &config, &stats).await;
+            stats.active.fetch_sub(1, Relaxed);
+        });
+    }
+}
+
+async fn relay(mut client: TcpStream, peer: SocketAddr, config: &RelayConfig, stats: &RelayStats) {
+    let original = match client.local_addr() {
+        Ok(addr) => addr,
+        Err(error) => {
+            log::debug!("{peer}: connection gone before it could be relayed: {error}");
+            return;
+        }
+    };
+    let target = config.upstream.unwrap_or(original);
+    if config.is_own_listener(target) {
+        log::warn!("{peer} -> {original}: refusing to relay to our own listener {target}");
+        reset(&client);
+        return;
+    }
+    let mut upstream = match connect(target, config.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            stats.upstream_failures.fetch_add(1, Relaxed);
+            log::info!("{peer} -> {original}: upstream {target}: {error}; resetting client");
+            reset(&client);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    log::debug!("{peer} -> {original}: relaying via {target}");
+
+    let traffic = Traffic::default();
+    let result = pipe(&mut client, &mut upstream, config.idle_timeout, &traffic).await;
+    let (up, down) = (
+        traffic.to_upstream.load(Relaxed),
+        traffic.to_client.load(Relaxed),
+    );
+    stats.bytes_to_upstream.fetch_add(up, Relaxed);
+    stats.bytes_to_client.fetch_add(down, Relaxed);
+    match result {
+        Ok(()) => log::debug!("{peer} -> {original}: done, {up} bytes up, {down} bytes down"),
+        Err(error) => {
+            // Whatever broke one side, the other must learn the stream is gone, not just end.
+            reset(&client);
+            reset(&upstream);
+            log::debug!("{peer} -> {original}: {error} after {up} bytes up, {down} bytes down");
+        }
+    }
+}
+
+async fn connect(target: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+    let stream = timeout(limit, TcpStream::connect(target))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {limit:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Closes with RST instead of FIN when the socket is dropped.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes moved so far and when anything last moved, shared by the two directions.
+struct Traffic {
+    started: Instant,
+    last_activity_ms: AtomicU64,
+    to_upstream: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            started: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            to_upstream: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Traffic {
+    fn moved(&self, direction: &AtomicU64, bytes: usize) {
+        direction.fetch_add(bytes as u64, Relaxed);
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Completes once nothing has moved either way for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = self.started + Duration::from_millis(self.last_activity_ms.load(Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// Moves bytes both ways. When one side finishes sending, that direction is shut down on the
+/// other side and the opposite direction keeps running (half-close); returns once both are
+/// done, on the first error, or when the connection has been idle too long.
+async fn pipe(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle_timeout: Duration,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let both = async {
+        tokio::try_join!(
+            copy_until_eof(
+                &mut client_read,
+                &mut upstream_write,
+                traffic,
+                &traffic.to_upstream
+            ),
+            copy_until_eof(
+                &mut upstream_read,
+                &mut client_write,
+                traffic,
+                &traffic.to_client
+            ),
+        )
+    };
+    tokio::select! {
+        result = both => result.map(drop),
+        () = traffic.idle_for(idle_timeout) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("idle for {idle_timeout:?}"),
+        )),
+    }
+}
+
+async fn copy_until_eof(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    traffic: &Traffic,
+    direction: &AtomicU64,
+) -> io::Result<()> {
+    // An idle connection holds no buffer: memory follows traffic, not connection count.
+    from.readable().await?;
+    let mut buffer = vec![0u8; BUFFER_SIZE];
+    loop {
+        let read = from.read(&mut buffer).await?;
+        if read == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buffer[..read]).await?;
+        traffic.moved(direction, read);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(own: &[&str]) -> RelayConfig {
+        RelayConfig {
+            upstream: None,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            own_listeners: own.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn own_listener_addresses_are_recognised() {
+        let cfg = config(&["127.0.0.1:7000", "[::1]:7000"]);
+        assert!(cfg.is_own_listener("127.0.0.1:7000".parse().unwrap()));
+        assert!(cfg.is_own_listener("[::1]:7000".parse().unwrap()));
+        assert!(!cfg.is_own_listener("127.0.0.1:7001".parse().unwrap()));
+        assert!(!cfg.is_own_listener("10.0.0.1:7000".parse().unwrap()));
+        let wildcard = config(&["0.0.0.0:7000"]);
+        assert!(wildcard.is_own_listener("10.0.0.1:7000".parse().unwrap()));
+    }
+}

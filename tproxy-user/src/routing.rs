@@ -1,0 +1,233 @@
+//! The policy routing that makes assigned packets local: `bpf_sk_assign` picks the socket but
+//! does not route, so a packet to a non-local address would still be forwarded. Every packet
+//! the program assigns carries our mark, and
+//!
+//! ```text
+//! ip rule  add fwmark MARK/MASK lookup TABLE priority PRIORITY        (IPv4 and IPv6)
+//! ip route add local 0.0.0.0/0 dev lo table TABLE
+//! ip route add local ::/0      dev lo table TABLE
+//! ```
+//!
+//! delivers it locally. Everything here is added over rtnetlink tagged with our own routing
+//! protocol number, which is how a later start recognises (and removes) what a killed
+//! instance left behind, without touching anyone else's rules or routes.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result};
+use futures::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+    Handle, IpVersion, RouteMessageBuilder,
+};
+
+/// The `protocol` tag on our rules and routes (`ip rule`/`ip route` show it as `proto 116`).
+/// Not one of the numbers in iproute2's rt_protos list.
+pub const ROUTE_PROTOCOL: u8 = 116;
+
+/// What to install.
+#[derive(Clone, Copy, Debug)]
+pub struct RoutingSpec {
+    pub mark: u32,
+    pub mask: u32,
+    pub table: u32,
+    pub priority: u32,
+}
+
+/// Policy routing that this process installed; [`PolicyRouting::remove`] takes it away.
+pub struct PolicyRouting {
+    handle: Handle,
+    spec: RoutingSpec,
+}
+
+/// Opens an rtnetlink connection driven by the current tokio runtime.
+pub fn connect() -> Result<Handle> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("opening rtnetlink socket")?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+impl PolicyRouting {
+    /// Installs the rule and the two local routes. When any step fails, what was already
+    /// added is removed before the error is returned.
+    pub async fn install(handle: &Handle, spec: RoutingSpec) -> Result<Self> {
+        let installed = PolicyRouting {
+            handle: handle.clone(),
+            spec,
+        };
+        if let Err(error) = installed.add_all().await {
+            if let Err(cleanup) = remove_ours(handle, spec.table).await {
+                log::error!("removing partially installed policy routing: {cleanup:#}");
+            }
+            return Err(error);
+        }
+        Ok(installed)
+    }
+
+    async fn add_all(&self) -> Result<()> {
+        let RoutingSpec {
+            mark,
+            mask,
+            table,
+            priority,
+        } = self.spec;
+        let lo =
+            nix::net::if_::if_nametoindex("lo").context("looking up the loopback interface")?;
+
+        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(lo);
+        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .output_interface(lo);
+        for (family, route) in [("IPv4", v4.build()), ("IPv6", v6.build())] {
+            let route = local_route(route, table);
+            self.handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .with_context(|| format!("adding `local {family} default dev lo table {table}`"))?;
+        }
+
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let family = family_name(&version);
+            let mut request = self
+                .handle
+                .rule()
+                .add()
+                .table_id(table)
+                .priority(priority)
+                .fw_mark(mark)
+                .action(RuleAction::ToTable);
+            let message = request.message_mut();
+            message.attributes.push(RuleAttribute::FwMask(mask));
+            message
+                .attributes
+                .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                    ROUTE_PROTOCOL,
+                )));
+            let added = match version {
+                IpVersion::V4 => request.v4().execute().await,
+                IpVersion::V6 => request.v6().execute().await,
+            };
+            added.with_context(|| {
+                format!(
+                    "adding {family} rule `fwmark {mark:#x}/{mask:#x} lookup {table} priority {priority}`"
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes what [`PolicyRouting::install`] added.
+    pub async fn remove(self) -> Result<()> {
+        remove_ours(&self.handle, self.spec.table).await.map(drop)
+    }
+}
+
+fn local_route(mut route: RouteMessage, table: u32) -> RouteMessage {
+    route.header.kind = RouteType::Local;
+    route.header.scope = RouteScope::Host;
+    route.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+    set_route_table(&mut route, table);
+    route
+}
+
+fn set_route_table(route: &mut RouteMessage, table: u32) {
+    // The header holds 8 bits; larger ids go in RTA_TABLE, which the kernel prefers anyway.
+    route.header.table = u8::try_from(table).unwrap_or(RouteMessage::default().header.table);
+    route.attributes.push(RouteAttribute::Table(table));
+}
+
+fn family_name(version: &IpVersion) -> &'static str {
+    match version {
+        IpVersion::V4 => "IPv4",
+        IpVersion::V6 => "IPv6",
+    }
+}
+
+fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(route.header.table.into())
+}
+
+fn rule_table(rule: &RuleMessage) -> u32 {
+    rule.attributes
+        .iter()
+        .find_map(|attr| match attr {
+            RuleAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(rule.header.table.into())
+}
+
+fn is_ours_rule(rule: &RuleMessage, table: u32) -> bool {
+    rule_table(rule) == table
+        && rule
+            .attributes
+            .contains(&RuleAttribute::Protocol(RouteProtocol::Other(
+                ROUTE_PROTOCOL,
+            )))
+}
+
+/// Removes every rule and route tagged with [`ROUTE_PROTOCOL`] that points at or lives in
+/// `table`, in both address families, and returns how many there were. Used at start-up to
+/// clear what a killed instance left, and at shutdown.
+pub async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
+    let mut removed = 0;
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let family = family_name(&version);
+        let rules: Vec<RuleMessage> = handle
+            .rule()
+            .get(version.clone())
+            .execute()
+            .try_collect()
+            .await
+            .with_context(|| format!("listing {family} policy routing rules"))?;
+        for rule in rules.into_iter().filter(|rule| is_ours_rule(rule, table)) {
+            handle
+                .rule()
+                .del(rule)
+                .execute()
+                .await
+                .with_context(|| format!("removing our {family} rule to table {table}"))?;
+            removed += 1;
+        }
+
+        let any = match version {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
+        let routes: Vec<RouteMessage> = handle
+            .route()
+            .get(any)
+            .execute()
+            .try_collect()
+            .await
+            .with_context(|| format!("listing {family} routes"))?;
+        for route in routes.into_iter().filter(|route| {
+            route_table(route) == table
+                && route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+        }) {
+            handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .with_context(|| format!("removing our {family} route in table {table}"))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

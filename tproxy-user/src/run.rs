@@ -1,0 +1,210 @@
+//! `tproxy run`: set everything up in an order where a failure at any step undoes the steps
+//! before it, serve until SIGINT/SIGTERM, then take it all down again.
+//!
+//! Order matters: routing is installed before the program is attached (a marked packet with
+//! no local route would be forwarded), and the program is detached before routing is removed.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{bail, Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tproxy_common::{maps::ListenerSlot, Outcome};
+
+use crate::{
+    cli::RunArgs,
+    instance::InstanceLock,
+    listener::{self, TransparentListener},
+    relay::{self, RelayConfig, RelayStats},
+    routing::{self, PolicyRouting, RoutingSpec},
+    steering::{Steering, SteeringSet},
+};
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    // Registered first so that a signal during set-up still goes through the clean-up below.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    check_interfaces(&args.ifaces)?;
+
+    let _lock = InstanceLock::acquire(args.table)?;
+    let netlink = routing::connect()?;
+    let stale = routing::remove_ours(&netlink, args.table).await?;
+    if stale > 0 {
+        log::warn!(
+            "removed {stale} rules/routes left in table {} by a tproxy that did not shut down",
+            args.table
+        );
+    }
+
+    let mut steering = Steering::load(&SteeringSet {
+        tcp: &args.tcp,
+        dst: &args.dst,
+        mark: args.mark,
+    })?;
+    steering.spawn_log_forwarder()?;
+    let listeners = listener::bind_tcp(&args.listen)?;
+    for listener in &listeners {
+        steering.register_listener(listener.slot, &listener.socket)?;
+    }
+    let relay_config = relay_config(&args, &listeners)?;
+
+    let routing = PolicyRouting::install(
+        &netlink,
+        RoutingSpec {
+            mark: args.mark.value,
+            mask: args.mark.mask,
+            table: args.table,
+            priority: args.rule_priority,
+        },
+    )
+    .await?;
+    let served = async {
+        let relays = start_relays(listeners, relay_config)?;
+        attach(&mut steering, &args, &relays.addrs)?;
+        tokio::select! {
+            _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
+            _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
+        }
+        relays.stop();
+        log_counters(&steering, &relays.stats);
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    drop(steering);
+    let removed = routing.remove().await.context("removing policy routing");
+    served.and(removed)
+}
+
+fn check_interfaces(ifaces: &[String]) -> Result<()> {
+    for (i, iface) in ifaces.iter().enumerate() {
+        if ifaces[..i].contains(iface) {
+            bail!("--iface {iface} is given twice");
+        }
+        nix::net::if_::if_nametoindex(iface.as_str()).with_context(|| {
+            format!("--iface {iface}: no such interface in this network namespace")
+        })?;
+    }
+    Ok(())
+}
+
+fn relay_config(args: &RunArgs, listeners: &[TransparentListener]) -> Result<RelayConfig> {
+    let own_listeners = listeners
+        .iter()
+        .map(|l| l.socket.local_addr())
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = RelayConfig {
+        upstream: args.upstream,
+        connect_timeout: args.connect_timeout,
+        idle_timeout: args.idle_timeout,
+        own_listeners,
+    };
+    if let Some(upstream) = args.upstream {
+        if config.own_listeners.contains(&upstream) {
+            bail!("--upstream {upstream} is one of tproxy's own listeners: that would loop");
+        }
+    }
+    Ok(config)
+}
+
+/// The accept loops, one per listener.
+struct Relays {
+    addrs: Vec<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stats: Arc<RelayStats>,
+}
+
+impl Relays {
+    fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn start_relays(listeners: Vec<TransparentListener>, config: RelayConfig) -> Result<Relays> {
+    let config = Arc::new(config);
+    let stats = Arc::new(RelayStats::default());
+    let mut relays = Relays {
+        addrs: Vec::new(),
+        tasks: Vec::new(),
+        stats: stats.clone(),
+    };
+    for TransparentListener { slot: _, socket } in listeners {
+        relays.addrs.push(socket.local_addr()?);
+        let socket = tokio::net::TcpListener::from_std(socket)?;
+        relays.tasks.push(tokio::spawn(relay::serve(
+            socket,
+            config.clone(),
+            stats.clone(),
+        )));
+    }
+    Ok(relays)
+}
+
+fn attach(steering: &mut Steering, args: &RunArgs, listeners: &[SocketAddr]) -> Result<()> {
+    let mut attached = Vec::new();
+    for iface in &args.ifaces {
+        let mode = steering.attach(iface)?;
+        attached.push(format!("{iface} ({mode})"));
+    }
+    let families: Vec<&str> = [(ListenerSlot::TcpV4, "IPv4"), (ListenerSlot::TcpV6, "IPv6")]
+        .into_iter()
+        .filter(|(slot, _)| {
+            !listeners
+                .iter()
+                .any(|l| l.is_ipv4() == (*slot == ListenerSlot::TcpV4))
+        })
+        .map(|(_, family)| family)
+        .collect();
+    if !families.is_empty() {
+        log::warn!(
+            "no {} listener: such steered packets are passed untouched (counted as no_listener)",
+            families.join("/")
+        );
+    }
+    let dst = if args.dst.is_empty() {
+        "any destination".to_string()
+    } else {
+        args.dst
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let upstream = args
+        .upstream
+        .map_or("the original destination".to_string(), |u| u.to_string());
+    let listeners: Vec<String> = listeners.iter().map(ToString::to_string).collect();
+    log::info!(
+        "ready: steering TCP ports {} to {dst} arriving on {}; listeners {}; relaying to {upstream}; \
+         mark {} table {} rule priority {}",
+        args.tcp,
+        attached.join(", "),
+        listeners.join(", "),
+        args.mark,
+        args.table,
+        args.rule_priority,
+    );
+    Ok(())
+}
+
+fn log_counters(steering: &Steering, stats: &RelayStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    match steering.counters() {
+        Ok(counts) => {
+            let line: Vec<String> = Outcome::ALL
+                .iter()
+                .zip(counts)
+                .map(|(outcome, count)| format!("{}={count}", outcome.name()))
+                .collect();
+            log::info!("eBPF packets: {}", line.join(" "));
+        }
+        Err(error) => log::warn!("reading eBPF counters: {error:#}"),
+    }
+    log::info!(
+        "relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients",
+        stats.accepted.load(Relaxed),
+        stats.upstream_failures.load(Relaxed),
+        stats.bytes_to_upstream.load(Relaxed),
+        stats.bytes_to_client.load(Relaxed),
+    );
+}

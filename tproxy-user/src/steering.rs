@@ -1,0 +1,229 @@
+//! The eBPF data path seen from userspace: load the embedded program with the routing mark
+//! baked in, fill its steering-set maps, put our listeners into its socket map, attach it at
+//! tc ingress, and read its counters. Dropping [`Steering`] detaches everything it attached.
+
+use std::os::fd::AsRawFd;
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
+    programs::{tc, SchedClassifier, TcAttachType},
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use aya_log::EbpfLogger;
+use ipnet::IpNet;
+use tproxy_common::{maps, Outcome};
+
+use crate::cli::{Mark, PortList};
+
+/// The compiled tproxy-ebpf object, built by build.rs.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-ebpf"));
+
+/// How the program is hooked into an interface's ingress path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// A TCX link (kernel 6.6+): owned by our file descriptor, gone when the process is.
+    Tcx,
+    /// A cls_bpf filter on the clsact qdisc (older kernels): survives the process, so a later
+    /// start removes stale ones by program name.
+    Clsact,
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "clsact",
+        })
+    }
+}
+
+/// The loaded program and its maps.
+pub struct Steering {
+    ebpf: Ebpf,
+}
+
+/// What the program should steer.
+pub struct SteeringSet<'a> {
+    pub tcp: &'a PortList,
+    /// Destination prefixes; empty means every destination.
+    pub dst: &'a [IpNet],
+    pub mark: Mark,
+}
+
+impl Steering {
+    /// Loads the program (not yet attached anywhere) and fills the steering set.
+    pub fn load(set: &SteeringSet<'_>) -> Result<Self> {
+        // Log records below the level the user asked for are not even produced in the kernel.
+        let log_level = log::max_level() as u8;
+        let ebpf = EbpfLoader::new()
+            .override_global(maps::MARK_GLOBAL, &set.mark.value, true)
+            .override_global(maps::MARK_MASK_GLOBAL, &set.mark.mask, true)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .load(PROGRAM)
+            .context("loading the eBPF object into the kernel")?;
+        let mut steering = Steering { ebpf };
+        steering.fill_ports(set.tcp)?;
+        steering.fill_destinations(set.dst)?;
+        let program: &mut SchedClassifier = steering.program_mut()?;
+        program
+            .load()
+            .context("the kernel's verifier rejected the steering program")?;
+        Ok(steering)
+    }
+
+    fn program_mut(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(maps::PROGRAM_NAME)
+            .ok_or_else(|| {
+                anyhow!(
+                    "program {} missing from the eBPF object",
+                    maps::PROGRAM_NAME
+                )
+            })?
+            .try_into()
+            .context("steering program has the wrong type")
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    fn fill_ports(&mut self, tcp: &PortList) -> Result<()> {
+        let mut ports: Array<_, u8> = Array::try_from(self.map_mut(maps::STEERED_PORTS)?)?;
+        for port in tcp.ports() {
+            ports
+                .set(port.into(), maps::PORT_TCP, 0)
+                .with_context(|| format!("adding port {port} to the steering set"))?;
+        }
+        Ok(())
+    }
+
+    fn fill_destinations(&mut self, dst: &[IpNet]) -> Result<()> {
+        let everything = [IpNet::V4(Default::default()), IpNet::V6(Default::default())];
+        let prefixes = if dst.is_empty() { &everything[..] } else { dst };
+        let limit = maps::MAX_DST_PREFIXES as usize;
+        for (family, count) in [
+            (
+                "IPv4",
+                prefixes
+                    .iter()
+                    .filter(|p| matches!(p, IpNet::V4(_)))
+                    .count(),
+            ),
+            (
+                "IPv6",
+                prefixes
+                    .iter()
+                    .filter(|p| matches!(p, IpNet::V6(_)))
+                    .count(),
+            ),
+        ] {
+            if count > limit {
+                return Err(anyhow!(
+                    "{count} {family} --dst prefixes given; at most {limit} fit"
+                ));
+            }
+        }
+        for prefix in prefixes {
+            let inserted = match prefix {
+                IpNet::V4(net) => {
+                    let mut trie: LpmTrie<_, [u8; 4], u8> =
+                        LpmTrie::try_from(self.map_mut(maps::STEERED_DST_V4)?)?;
+                    trie.insert(
+                        &Key::new(net.prefix_len().into(), net.addr().octets()),
+                        1,
+                        0,
+                    )
+                }
+                IpNet::V6(net) => {
+                    let mut trie: LpmTrie<_, [u8; 16], u8> =
+                        LpmTrie::try_from(self.map_mut(maps::STEERED_DST_V6)?)?;
+                    trie.insert(
+                        &Key::new(net.prefix_len().into(), net.addr().octets()),
+                        1,
+                        0,
+                    )
+                }
+            };
+            inserted.with_context(|| format!("adding --dst {prefix} to the steering set"))?;
+        }
+        Ok(())
+    }
+
+    /// Puts a listening socket into the program's socket map at `slot`.
+    pub fn register_listener(
+        &mut self,
+        slot: maps::ListenerSlot,
+        listener: &impl AsRawFd,
+    ) -> Result<()> {
+        let mut sockets = SockMap::try_from(self.map_mut(maps::LISTENERS)?)?;
+        sockets
+            .set(slot as u32, listener, 0)
+            .with_context(|| format!("putting the {slot:?} listener into the socket map"))
+    }
+
+    /// Starts forwarding the program's aya-log records to the `log` crate.
+    pub fn spawn_log_forwarder(&mut self) -> Result<()> {
+        let logger = EbpfLogger::init(&mut self.ebpf).context("initialising eBPF logging")?;
+        // SAFETY: the logger owns the ring buffer's descriptor and keeps it open, unchanged,
+        // for as long as the AsyncFd holds the logger.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .context("registering the eBPF log ring buffer")?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = logger.readable_mut().await else {
+                    return;
+                };
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// Attaches the program at `iface`'s ingress.
+    pub fn attach(&mut self, iface: &str) -> Result<AttachMode> {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let mode = if tcx {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Clsact
+        };
+        if mode == AttachMode::Clsact {
+            // Creating the qdisc fails harmlessly when it already exists.
+            let _ = tc::qdisc_add_clsact(iface);
+            // A filter left by an instance that was killed would run before ours.
+            match tc::qdisc_detach_program(iface, TcAttachType::Ingress, maps::PROGRAM_NAME) {
+                Ok(()) => log::warn!("removed a stale tproxy filter from {iface}"),
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("could not look for stale tproxy filters on {iface}: {e}"),
+            }
+        }
+        self.program_mut()?
+            .attach(iface, TcAttachType::Ingress)
+            .with_context(|| {
+                format!("attaching the steering program to {iface} ingress ({mode})")
+            })?;
+        Ok(mode)
+    }
+
+    /// Packet counts per outcome, summed over CPUs, in [`Outcome::ALL`] order.
+    pub fn counters(&self) -> Result<[u64; Outcome::COUNT as usize]> {
+        let map = self
+            .ebpf
+            .map(maps::COUNTERS)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        let mut totals = [0u64; Outcome::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            *total = counters.get(&(index as u32), 0)?.iter().sum();
+        }
+        Ok(totals)
+    }
+}
