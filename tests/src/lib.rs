@@ -1,1 +1,456 @@
+//! Test hosts for tproxy's kernel tests and demo: network namespaces joined by veth pairs,
+//! sockets opened inside them, and a `tproxy run` process managed for the test.
+//!
+//! Everything is created with names unique to this process and removed on drop, also when a
+//! test fails. All addresses live inside the namespaces created here.
 
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub mod topology;
+
+pub use topology::{RouterTopology, SidecarTopology};
+
+/// Fails unless the tests can do what they need (root, for namespaces and BPF). Never skips:
+/// a privileged test that cannot run must fail, so CI cannot pass without running it.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "these tests create network namespaces and load BPF programs: run them as root \
+         (`cargo xtask test` does)"
+    );
+}
+
+fn unique_name(role: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "tpx{}-{}-{role}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs `ip ARGS…`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<String> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !output.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up.
+    pub fn new(role: &str) -> Result<Self> {
+        let name = unique_name(role);
+        ip(&["netns", "add", &name])?;
+        let netns = Netns { name };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// Runs `ip -n NAME ARGS…`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let status = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ])
+            .status()?;
+        if !status.success() {
+            bail!("sysctl {key}={value} in {} failed", self.name);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets created by `f` stay in
+    /// this namespace wherever they are used afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("entering {path}: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Connects to `addr` from inside this namespace.
+    pub fn connect(&self, addr: SocketAddr) -> Result<TcpStream> {
+        self.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .with_context(|| format!("connecting to {addr}"))
+            .and_then(|stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+                Ok(stream)
+            })
+    }
+
+    /// Binds a listener on `addr` inside this namespace.
+    pub fn listen(&self, addr: SocketAddr) -> Result<TcpListener> {
+        self.run(move || TcpListener::bind(addr))
+            .with_context(|| format!("listening on {addr}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(error) = ip(&["netns", "del", &self.name]) {
+            eprintln!("warning: {error}");
+        }
+    }
+}
+
+/// The `tproxy` binary under test: `$TPROXY_BIN`, or the workspace's release then debug build.
+pub fn tproxy_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("TPROXY_BIN") {
+        return path.into();
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    ["target/release/tproxy", "target/debug/tproxy"]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.exists())
+        .expect("no tproxy binary: run `cargo xtask build` (or set TPROXY_BIN)")
+}
+
+/// The log lines a `tproxy` process wrote so far, shared with the thread reading them.
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// A running `tproxy run` in a namespace. Killed (SIGKILL) on drop if still running.
+pub struct Tproxy {
+    child: Child,
+    log: Log,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Tproxy {
+    /// Starts `tproxy run ARGS…` in `netns` and waits for its "ready" line.
+    pub fn start(netns: &Netns, args: &[&str]) -> Result<Self> {
+        let mut tproxy = Self::spawn(netns, args)?;
+        tproxy.wait_for_line("ready:", Duration::from_secs(30))?;
+        Ok(tproxy)
+    }
+
+    /// Starts `tproxy run ARGS…` in `netns` without waiting for it to be ready.
+    pub fn spawn(netns: &Netns, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &netns.name])
+            .arg(tproxy_bin())
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info,tproxy=debug,tproxy_ebpf=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tproxy")?;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log: Log = Arc::default();
+        let (sender, lines) = mpsc::channel();
+        let shared = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                shared.lock().unwrap().push(line.clone());
+                let _ = sender.send(line);
+            }
+        });
+        Ok(Tproxy { child, log, lines })
+    }
+
+    /// Waits until a log line containing `needle` appears (or the process exits).
+    pub fn wait_for_line(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => bail!(
+                    "tproxy never logged `{needle}` (exit: {:?}); its log:\n{}",
+                    self.child.try_wait()?,
+                    self.log_text()
+                ),
+            }
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) -> Result<ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal)?;
+        self.wait(Duration::from_secs(20))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Let the reader thread drain the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "tproxy did not exit within {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then checks that it exited successfully.
+    pub fn stop(&mut self) -> Result<()> {
+        let status = self.signal_and_wait(nix::sys::signal::Signal::SIGTERM)?;
+        if !status.success() {
+            bail!(
+                "tproxy exited with {status} after SIGTERM; log:\n{}",
+                self.log_text()
+            );
+        }
+        Ok(())
+    }
+
+    /// The value of eBPF counter `name` from the shutdown summary (after [`Tproxy::stop`]).
+    pub fn final_counter(&self, name: &str) -> Result<u64> {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("eBPF packets:"))
+            .ok_or_else(|| anyhow!("no counter summary in log:\n{log}"))?;
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix(&format!("{name}=")))
+            .ok_or_else(|| anyhow!("counter {name} missing from `{line}`"))?
+            .parse()
+            .context("parsing counter")
+    }
+}
+
+impl Drop for Tproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tproxy ARGS…` (any subcommand) in `netns` to completion; returns (status, stderr).
+pub fn run_tproxy_to_end(netns: &Netns, args: &[&str]) -> Result<(ExitStatus, String)> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .arg(tproxy_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running tproxy")?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// A TCP server on its own threads that hands each accepted connection to `handler`. It stops
+/// listening when dropped; connections already accepted run on.
+pub struct Server {
+    pub addr: SocketAddr,
+    /// The peer address of every connection accepted so far.
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Listens on `addr` in `netns` and serves every connection with `handler` on a thread.
+    pub fn start(
+        netns: &Netns,
+        addr: SocketAddr,
+        handler: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let listener = netns.listen(addr)?;
+        let addr = listener.local_addr()?;
+        let accepting = listener.try_clone()?;
+        let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let seen = peers.clone();
+        let handler = Arc::new(handler);
+        thread::spawn(move || {
+            for stream in accepting.incoming() {
+                let Ok(stream) = stream else { return };
+                if let Ok(peer) = stream.peer_addr() {
+                    seen.lock().unwrap().push(peer);
+                }
+                let handler = handler.clone();
+                thread::spawn(move || handler(stream));
+            }
+        });
+        Ok(Server {
+            addr,
+            peers,
+            listener,
+        })
+    }
+
+    /// Replies with the peer address it sees, as text, then closes.
+    pub fn tell_peer(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::start(netns, addr, |mut stream| {
+            if let Ok(peer) = stream.peer_addr() {
+                let _ = stream.write_all(peer.ip().to_string().as_bytes());
+            }
+        })
+    }
+
+    /// Echoes everything back; on the client's end of stream, finishes echoing and closes.
+    pub fn echo(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::start(netns, addr, |mut stream| {
+            let mut reader = stream.try_clone().expect("clone");
+            let _ = std::io::copy(&mut reader, &mut stream);
+            let _ = stream.shutdown(Shutdown::Write);
+        })
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Shutting a listener down leaves LISTEN at once and wakes its accept thread, which
+        // then ends and closes its copy.
+        let _ =
+            nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+/// Connects from `netns` to a [`Server::tell_peer`] server and returns the peer IP it saw.
+pub fn peer_seen_by(netns: &Netns, server: SocketAddr) -> Result<IpAddr> {
+    let mut stream = netns.connect(server)?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading from {server}"))?;
+    text.parse()
+        .with_context(|| format!("server {server} answered `{text}`, not an address"))
+}
+
+/// Names of the programs attached (TCX) at `iface` ingress in `netns`, and any cls_bpf
+/// filters on its clsact ingress hook: what a leftover tproxy would show up as.
+pub fn ingress_programs(netns: &Netns, iface: &str) -> Result<Vec<String>> {
+    let name = iface.to_string();
+    let mut programs = netns.run(move || -> Result<Vec<String>> {
+        let (_, programs) =
+            aya::programs::SchedClassifier::query_tcx(&name, aya::programs::TcAttachType::Ingress)?;
+        Ok(programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_string())
+            .collect())
+    })?;
+    let filters = Command::new("tc")
+        .args(["-n", &netns.name, "filter", "show", "dev", iface, "ingress"])
+        .output()?;
+    programs.extend(
+        String::from_utf8_lossy(&filters.stdout)
+            .lines()
+            .filter(|l| l.contains("bpf"))
+            .map(str::to_string),
+    );
+    Ok(programs)
+}
+
+/// The policy-routing rules pointing at `table` and the routes in it (both families), one per
+/// line; empty when there are none.
+pub fn routing_state(netns: &Netns, table: u32) -> Result<String> {
+    let table = table.to_string();
+    let lookup = format!("lookup {table}");
+    let mut state = Vec::new();
+    for family in ["-4", "-6"] {
+        let rules = netns.ip(&[family, "rule", "show"])?;
+        state.extend(
+            rules
+                .lines()
+                .filter(|l| l.contains(&lookup))
+                .map(str::to_string),
+        );
+        let routes = netns.ip(&[family, "route", "show", "table", &table])?;
+        state.extend(routes.lines().map(str::to_string));
+    }
+    Ok(state.join("\n"))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so that a reordered or corrupted stream does
+/// not hash the same.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Length and hash of everything read from `reader` until end of stream.
+pub fn digest_to_eof(reader: &mut impl Read) -> std::io::Result<(u64, u64)> {
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let read = reader.read(&mut buffer)?;
+        if read == 0 {
+            return Ok((total, hasher.finish()));
+        }
+        hasher.write(&buffer[..read]);
+        total += read as u64;
+    }
+}
+
+/// Length and hash of `bytes`, as [`digest_to_eof`] computes them.
+pub fn digest(bytes: &[u8]) -> (u64, u64) {
+    digest_to_eof(&mut &bytes[..]).expect("reading a slice")
+}

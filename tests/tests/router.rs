@@ -1,0 +1,207 @@
+//! The router deployment: tproxy on the router's client-facing interface intercepts the
+//! client's connections to the server and relays them; the server sees the router as its peer.
+
+use std::{
+    io::{Read, Write},
+    net::Shutdown,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tproxy_tests::{
+    digest, digest_to_eof, payload, peer_seen_by, require_root, RouterTopology as Topo, Server,
+    Tproxy,
+};
+
+fn start(topo: &Topo, ports: &str) -> Tproxy {
+    Tproxy::start(
+        &topo.router,
+        &["--iface", Topo::ROUTER_CLIENT_IFACE, "--tcp", ports],
+    )
+    .unwrap()
+}
+
+#[test]
+fn server_sees_the_router_as_peer_over_ipv4_and_ipv6() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let servers: Vec<Server> = [false, true]
+        .map(|v6| Server::tell_peer(&topo.server, Topo::server_addr(v6, 80)).unwrap())
+        .into();
+    for (server, v6) in servers.iter().zip([false, true]) {
+        assert_eq!(
+            peer_seen_by(&topo.client, server.addr).unwrap(),
+            Topo::client_ip(v6),
+            "before tproxy runs, the server sees the client itself"
+        );
+    }
+    let mut tproxy = start(&topo, "80");
+    for v6 in [false, true] {
+        let peer = peer_seen_by(&topo.client, Topo::server_addr(v6, 80)).unwrap();
+        assert_eq!(peer, Topo::router_as_seen_by_server(v6), "v6={v6}");
+        tproxy
+            .wait_for_line(
+                &format!("relaying via {}", Topo::server_addr(v6, 80)),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+    }
+    tproxy.stop().unwrap();
+    assert_eq!(tproxy.final_counter("steered_new").unwrap(), 2);
+    assert!(tproxy.final_counter("steered_established").unwrap() >= 2);
+    assert_eq!(tproxy.final_counter("no_listener").unwrap(), 0);
+}
+
+/// The server hashes what it receives until the client's FIN, then answers with the length
+/// and hash: the client's half-close must reach it while the reply direction stays open.
+fn hash_server(topo: &Topo, v6: bool) -> Server {
+    Server::start(&topo.server, Topo::server_addr(v6, 80), |mut stream| {
+        let (len, hash) = digest_to_eof(&mut stream).unwrap();
+        stream
+            .write_all(format!("{len} {hash}").as_bytes())
+            .unwrap();
+    })
+    .unwrap()
+}
+
+#[test]
+fn payloads_arrive_intact_both_ways() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tproxy = start(&topo, "80,81");
+    for v6 in [false, true] {
+        let hasher = hash_server(&topo, v6);
+        let echo = Server::echo(&topo.server, Topo::server_addr(v6, 81)).unwrap();
+        for len in [1, 64 * 1024, 100 * 1024 * 1024] {
+            let data = payload(len, len as u64);
+            let expected = digest(&data);
+
+            // Client → server, checked by the server's hash.
+            let mut stream = topo.client.connect(hasher.addr).unwrap();
+            stream.write_all(&data).unwrap();
+            stream.shutdown(Shutdown::Write).unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            assert_eq!(
+                answer,
+                format!("{} {}", expected.0, expected.1),
+                "upload v6={v6} len={len}"
+            );
+
+            // Both ways at once through the echo server.
+            let mut stream = topo.client.connect(echo.addr).unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let sender = thread::spawn(move || {
+                writer.write_all(&data).unwrap();
+                writer.shutdown(Shutdown::Write).unwrap();
+            });
+            let echoed = digest_to_eof(&mut stream).unwrap();
+            sender.join().unwrap();
+            assert_eq!(echoed, expected, "echo v6={v6} len={len}");
+        }
+        let router = Topo::router_as_seen_by_server(v6);
+        assert!(hasher
+            .peers()
+            .iter()
+            .chain(echo.peers().iter())
+            .all(|p| p.ip() == router));
+    }
+}
+
+#[test]
+fn half_close_works_in_both_directions() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tproxy = start(&topo, "80");
+    for v6 in [false, true] {
+        // Server finishes first: sends, shuts its side, then still receives the client's data.
+        let (sender, received) = std::sync::mpsc::channel();
+        let server = Server::start(
+            &topo.server,
+            Topo::server_addr(v6, 80),
+            move |mut stream| {
+                stream.write_all(b"server done").unwrap();
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).unwrap();
+                sender.send(rest).unwrap();
+            },
+        )
+        .unwrap();
+        let mut stream = topo.client.connect(server.addr).unwrap();
+        let mut greeting = Vec::new();
+        stream.read_to_end(&mut greeting).unwrap();
+        assert_eq!(
+            greeting, b"server done",
+            "the server's FIN arrives after its data"
+        );
+        stream.write_all(b"client still talking").unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let rest = received.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(rest, b"client still talking", "v6={v6}");
+        drop(server);
+
+        // Client finishes first: the hash server answers after the client's FIN.
+        let hasher = hash_server(&topo, v6);
+        let mut stream = topo.client.connect(hasher.addr).unwrap();
+        stream.write_all(b"question").unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (len, hash) = digest(b"question");
+        assert_eq!(answer, format!("{len} {hash}"), "v6={v6}");
+    }
+}
+
+#[test]
+fn two_hundred_concurrent_connections() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = start(&topo, "80");
+    let echo = Server::echo(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let echo6 = Server::echo(&topo.server, Topo::server_addr(true, 80)).unwrap();
+    let streams: Vec<_> = (0..200)
+        .map(|i| {
+            topo.client
+                .connect(if i % 2 == 0 { echo.addr } else { echo6.addr })
+                .unwrap()
+        })
+        .collect();
+    // All 200 are open at once; now each carries its own message.
+    for (i, mut stream) in streams.iter().enumerate() {
+        stream
+            .write_all(format!("message {i:03}").as_bytes())
+            .unwrap();
+    }
+    for (i, mut stream) in streams.iter().enumerate() {
+        let mut reply = [0u8; 11];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, format!("message {i:03}").as_bytes());
+    }
+    drop(streams);
+    assert_eq!(echo.peers().len() + echo6.peers().len(), 200);
+    tproxy.stop().unwrap();
+    assert_eq!(tproxy.final_counter("steered_new").unwrap(), 200);
+}
+
+#[test]
+fn refused_upstream_resets_the_client_promptly() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tproxy = start(&topo, "80");
+    for v6 in [false, true] {
+        // Nothing listens on the server's port 80.
+        let started = Instant::now();
+        let mut stream = topo.client.connect(Topo::server_addr(v6, 80)).unwrap();
+        let mut buffer = [0u8; 16];
+        let error = stream
+            .read(&mut buffer)
+            .expect_err("the relay must reset, not close or hang");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "v6={v6}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "reset took {:?}",
+            started.elapsed()
+        );
+    }
+}
