@@ -403,19 +403,19 @@ pub fn ingress_programs(netns: &Netns, iface: &str) -> Result<Vec<String>> {
 /// The policy-routing rules pointing at `table` and the routes in it (both families), one per
 /// line; empty when there are none.
 pub fn routing_state(netns: &Netns, table: u32) -> Result<String> {
-    let table = table.to_string();
     let lookup = format!("lookup {table}");
+    let in_table = format!("table {table} ");
     let mut state = Vec::new();
     for family in ["-4", "-6"] {
         let rules = netns.ip(&[family, "rule", "show"])?;
-        state.extend(
-            rules
-                .lines()
-                .filter(|l| l.contains(&lookup))
-                .map(str::to_string),
-        );
-        let routes = netns.ip(&[family, "route", "show", "table", &table])?;
-        state.extend(routes.lines().map(str::to_string));
+        let ours = rules
+            .lines()
+            .filter(|l| l.ends_with(&lookup) || l.contains(&format!("{lookup} ")));
+        state.extend(ours.map(str::to_string));
+        // `show table N` fails for a table that was never created; `table all` does not.
+        let routes = netns.ip(&[family, "route", "show", "table", "all"])?;
+        let ours = routes.lines().filter(|l| l.contains(&in_table));
+        state.extend(ours.map(str::to_string));
     }
     Ok(state.join("\n"))
 }

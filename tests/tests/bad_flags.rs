@@ -1,0 +1,137 @@
+//! Every bad flag makes `tproxy run` exit non-zero with a message naming the bad value, and
+//! leaves nothing attached or installed.
+
+use tproxy_tests::{
+    ingress_programs, require_root, routing_state, run_tproxy_to_end, RouterTopology as Topo,
+};
+
+const IFACE: &str = Topo::ROUTER_CLIENT_IFACE;
+
+#[test]
+fn bad_flags_are_named_and_leave_nothing_behind() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--iface", "nosuch0", "--tcp", "80"], "nosuch0"),
+        (
+            &["--iface", IFACE, "--iface", IFACE, "--tcp", "80"],
+            "given twice",
+        ),
+        (&["--iface", IFACE, "--tcp", "0"], "port 0"),
+        (&["--iface", IFACE, "--tcp", "65536"], "65536"),
+        (&["--iface", IFACE, "--tcp", "80,90-80"], "90-80"),
+        (&["--iface", IFACE, "--tcp", "http"], "`http`"),
+        (&["--iface", IFACE], "--tcp"),
+        (&["--tcp", "80"], "--iface"),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--dst", "10.0.0.0/33"],
+            "10.0.0.0/33",
+        ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--dst", "not-a-net"],
+            "not-a-net",
+        ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--listen", "127.0.0.1"],
+            "`127.0.0.1`",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--tcp",
+                "80",
+                "--upstream",
+                "localhost:80",
+            ],
+            "localhost:80",
+        ),
+        (&["--iface", IFACE, "--tcp", "80", "--mark", "0xzz"], "0xzz"),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--mark", "0x3/0x1"],
+            "0x3/0x1",
+        ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--table", "254"],
+            "table 254",
+        ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--rule-priority", "40000"],
+            "40000",
+        ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--connect-timeout", "soon"],
+            "soon",
+        ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--idle-timeout", "0s"],
+            "0s",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--tcp",
+                "80",
+                "--listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.2:0",
+            ],
+            "127.0.0.2:0",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--tcp",
+                "80",
+                "--listen",
+                "192.0.2.1:99999",
+            ],
+            "192.0.2.1:99999",
+        ),
+    ];
+    for (flags, named) in cases {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        let (status, stderr) = run_tproxy_to_end(&topo.router, &args).unwrap();
+        assert!(!status.success(), "{flags:?} was accepted");
+        assert!(
+            stderr.contains(named),
+            "{flags:?}: error does not name `{named}`:\n{stderr}"
+        );
+        assert!(
+            ingress_programs(&topo.router, IFACE).unwrap().is_empty(),
+            "{flags:?}"
+        );
+        assert_eq!(routing_state(&topo.router, 7470).unwrap(), "", "{flags:?}");
+    }
+}
+
+#[test]
+fn help_documents_every_run_flag() {
+    let output = std::process::Command::new(tproxy_tests::tproxy_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for flag in [
+        "--iface",
+        "--tcp",
+        "--dst",
+        "--listen",
+        "--upstream",
+        "--mark",
+        "--table",
+        "--rule-priority",
+        "--connect-timeout",
+        "--idle-timeout",
+    ] {
+        assert!(
+            help.contains(flag),
+            "`tproxy run --help` does not mention {flag}"
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! Nothing of ours outlives a run: not after SIGTERM, not after a failed start, and after a
+//! SIGKILL the next start removes what was left and runs normally.
+
+use nix::sys::signal::Signal;
+use tproxy_tests::{
+    ingress_programs, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
+    RouterTopology as Topo, Server, Tproxy,
+};
+
+const TABLE: u32 = 7470;
+const IFACE: &str = Topo::ROUTER_CLIENT_IFACE;
+
+fn assert_installed(topo: &Topo) {
+    assert_eq!(
+        ingress_programs(&topo.router, IFACE).unwrap(),
+        ["tproxy_ingress"]
+    );
+    let routing = routing_state(&topo.router, TABLE).unwrap();
+    assert_eq!(
+        routing.lines().count(),
+        4,
+        "two rules and two local routes:\n{routing}"
+    );
+}
+
+fn assert_nothing_left(topo: &Topo) {
+    assert!(ingress_programs(&topo.router, IFACE).unwrap().is_empty());
+    assert_eq!(routing_state(&topo.router, TABLE).unwrap(), "");
+}
+
+#[test]
+fn sigterm_removes_program_rules_and_routes() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    assert_installed(&topo);
+    assert_eq!(
+        peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    tproxy.stop().unwrap();
+    assert_nothing_left(&topo);
+    assert_eq!(
+        peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::client_ip(false)
+    );
+}
+
+#[test]
+fn sigint_also_cleans_up() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    assert_installed(&topo);
+    assert!(tproxy.signal_and_wait(Signal::SIGINT).unwrap().success());
+    assert_nothing_left(&topo);
+}
+
+#[test]
+fn after_sigkill_the_next_start_removes_stale_state() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let mut killed = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    killed.signal_and_wait(Signal::SIGKILL).unwrap();
+    // The TCX link died with its process; the routing could not be removed by a dead process.
+    assert!(ingress_programs(&topo.router, IFACE).unwrap().is_empty());
+    assert_eq!(
+        routing_state(&topo.router, TABLE).unwrap().lines().count(),
+        4
+    );
+
+    let mut next = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    assert!(
+        next.log_text().contains("removed 4 rules/routes"),
+        "{}",
+        next.log_text()
+    );
+    assert_installed(&topo);
+    assert_eq!(
+        peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    next.stop().unwrap();
+    assert_nothing_left(&topo);
+}
+
+#[test]
+fn a_second_instance_on_the_same_table_is_refused_and_the_first_keeps_working() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let mut first = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    let (status, stderr) =
+        run_tproxy_to_end(&topo.router, &["run", "--iface", IFACE, "--tcp", "80"]).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("another tproxy") && stderr.contains("table 7470"),
+        "{stderr}"
+    );
+    assert_installed(&topo);
+    assert_eq!(
+        peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    first.stop().unwrap();
+    assert_nothing_left(&topo);
+}
+
+#[test]
+fn a_start_that_fails_late_leaves_nothing_behind() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // Listeners bind, then the upstream check fails: the program was loaded, nothing attached.
+    let (status, stderr) = run_tproxy_to_end(
+        &topo.router,
+        &[
+            "run",
+            "--iface",
+            IFACE,
+            "--tcp",
+            "80",
+            "--listen",
+            "127.0.0.1:7000",
+            "--upstream",
+            "127.0.0.1:7000",
+        ],
+    )
+    .unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("--upstream 127.0.0.1:7000"), "{stderr}");
+    assert_nothing_left(&topo);
+
+    // The IPv4 local route goes in, the IPv6 one cannot (IPv6 is off on lo): the IPv4 route
+    // must be taken out again before tproxy exits.
+    topo.router
+        .sysctl("net.ipv6.conf.lo.disable_ipv6", "1")
+        .unwrap();
+    let (status, stderr) =
+        run_tproxy_to_end(&topo.router, &["run", "--iface", IFACE, "--tcp", "80"]).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("adding `local IPv6 default dev lo table 7470`"),
+        "{stderr}"
+    );
+    assert_nothing_left(&topo);
+}
