@@ -1,0 +1,174 @@
+//! Installs what a fresh machine lacks, and nothing it already has.
+//!
+//! The eBPF crate is built by nightly rustc, whose LLVM must match the one bpf-linker was
+//! built against: the LLVM major is read from `rustc +nightly -vV`, never assumed.
+
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::check;
+
+/// bpf-linker release known to build against the LLVM versions nightly uses here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the kernel tests and the demo call: `ip` and `tc`.
+const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("tc", "iproute2")];
+
+pub fn run() -> Result<()> {
+    ensure_rust_src()?;
+    let llvm = nightly_llvm_major()?;
+    ensure_bpf_linker(llvm)?;
+    ensure_test_tools()
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF program with nightly")?;
+    if !toolchains.lines().any(|t| t.starts_with("nightly")) {
+        println!("setup: installing the nightly toolchain");
+        check(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if !installed.lines().any(|c| c.starts_with("rust-src")) {
+        println!("setup: adding rust-src to nightly");
+        check(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn nightly_llvm_major() -> Result<u32> {
+    let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no `LLVM version:` in `rustc +nightly -vV`:\n{version}"))
+}
+
+/// Whether the installed bpf-linker was linked against LLVM `major`.
+fn bpf_linker_matches(major: u32) -> bool {
+    let Ok(path) = output(Command::new("sh").args(["-c", "command -v bpf-linker"])) else {
+        return false;
+    };
+    let Ok(libraries) = output(Command::new("ldd").arg(path.trim())) else {
+        return false;
+    };
+    libraries.contains(&format!("libLLVM.so.{major}"))
+        || libraries.contains(&format!("libLLVM-{major}"))
+}
+
+fn ensure_bpf_linker(major: u32) -> Result<()> {
+    if bpf_linker_matches(major) {
+        return Ok(());
+    }
+    let dev = format!("llvm-{major}-dev");
+    apt_install(&[&dev])?;
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (a few minutes)"
+    );
+    check(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            // llvm-N-dev installs under /usr/lib/llvm-N; bpf-linker's build finds it from here.
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{major}")),
+    )?;
+    if !bpf_linker_matches(major) {
+        bail!("bpf-linker was installed but is not linked against LLVM {major}; is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(tool, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
+        .is_ok_and(|status| status.contains("install ok installed"))
+}
+
+/// Installs Debian packages that are not installed yet, refreshing the package lists first
+/// when a package is not known (fresh machines have stale or empty lists).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: apt-get install {}", missing.join(" "));
+    let install = || {
+        let mut command = Command::new("apt-get");
+        command
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    if install().status().is_ok_and(|s| s.success()) {
+        return Ok(());
+    }
+    check(Command::new("apt-get").args(["update", "-q"]))?;
+    check(&mut install())
+}
