@@ -72,6 +72,9 @@ impl Netns {
         ip(&["netns", "add", &name])?;
         let netns = Netns { name };
         netns.ip(&["link", "set", "lo", "up"])?;
+        // Link-local addresses would otherwise sit through duplicate address detection,
+        // delaying the first IPv6 packets of a new topology.
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         Ok(netns)
     }
 
