@@ -212,3 +212,102 @@ fn refused_upstream_resets_the_client_promptly() {
         );
     }
 }
+
+fn expect_reset(stream: &mut std::net::TcpStream, what: &str) {
+    match stream.read(&mut [0u8; 16]) {
+        Err(error) => assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "{what}: {error}"
+        ),
+        Ok(n) => panic!("{what}: expected a reset, read {n} bytes"),
+    }
+}
+
+#[test]
+fn idle_connections_are_reset_and_active_ones_are_not() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tproxy = Tproxy::start(
+        &topo.router,
+        &[
+            "--iface",
+            Topo::ROUTER_CLIENT_IFACE,
+            "--tcp",
+            "80",
+            "--idle-timeout",
+            "400ms",
+        ],
+    )
+    .unwrap();
+    let echo = Server::echo(&topo.server, Topo::server_addr(false, 80)).unwrap();
+
+    let mut active = topo.client.connect(echo.addr).unwrap();
+    for _ in 0..8 {
+        thread::sleep(Duration::from_millis(100));
+        active.write_all(b"x").unwrap();
+        active.read_exact(&mut [0u8; 1]).unwrap();
+    }
+
+    let mut idle = topo.client.connect(echo.addr).unwrap();
+    idle.write_all(b"x").unwrap();
+    idle.read_exact(&mut [0u8; 1]).unwrap();
+    let started = Instant::now();
+    expect_reset(&mut idle, "idle connection");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn an_unanswered_upstream_times_out_and_the_client_is_reset() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // A listener whose accept queue is full drops further SYNs: a blackhole on a test host.
+    let addr = Topo::server_addr(false, 80);
+    let blackhole = topo.server.run(move || {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&addr.into()).unwrap();
+        socket.listen(0).unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        (socket, queued)
+    });
+    let _tproxy = Tproxy::start(
+        &topo.router,
+        &[
+            "--iface",
+            Topo::ROUTER_CLIENT_IFACE,
+            "--tcp",
+            "80",
+            "--connect-timeout",
+            "300ms",
+        ],
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut stream = topo.client.connect(addr).unwrap();
+    expect_reset(&mut stream, "blackholed upstream");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    drop(blackhole);
+}
+
+#[test]
+fn stopping_resets_connections_in_flight() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = start(&topo, "80");
+    let echo = Server::echo(&topo.server, Topo::server_addr(true, 80)).unwrap();
+    let mut stream = topo.client.connect(echo.addr).unwrap();
+    stream.write_all(b"x").unwrap();
+    stream.read_exact(&mut [0u8; 1]).unwrap();
+    tproxy.stop().unwrap();
+    // A clean end of stream here would pass a truncated transfer off as complete.
+    expect_reset(&mut stream, "connection relayed when tproxy stopped");
+}

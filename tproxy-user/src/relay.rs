@@ -23,6 +23,7 @@ use tokio::{
     },
     time::timeout,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Read buffer per direction, allocated only once that direction has data to move.
 const BUFFER_SIZE: usize = 64 * 1024;
@@ -53,16 +54,27 @@ impl RelayConfig {
 #[derive(Debug, Default)]
 pub struct RelayStats {
     pub accepted: AtomicU64,
-    pub active: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
 }
 
-/// Accepts connections forever, relaying each on its own task.
-pub async fn serve(listener: TcpListener, config: Arc<RelayConfig>, stats: Arc<RelayStats>) {
+/// Accepts connections until `shutdown`, relaying each on its own task in `connections`.
+/// On `shutdown` the connections in flight are reset on both sides: a relay that just
+/// stopped would look to each peer like a clean end of stream, hiding the truncation.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<RelayConfig>,
+    stats: Arc<RelayStats>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+) {
     loop {
-        let (client, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // EMFILE/ENFILE and friends: the pending connection stays queued; spinning on
@@ -75,15 +87,18 @@ pub async fn serve(listener: TcpListener, config: Arc<RelayConfig>, stats: Arc<R
         stats.accepted.fetch_add(1, Relaxed);
         let config = config.clone();
         let stats = stats.clone();
-        tokio::spawn(async move {
-            stats.active.fetch_add(1, Relaxed);
-            relay(client, peer, &config, &stats).await;
-            stats.active.fetch_sub(1, Relaxed);
-        });
+        let shutdown = shutdown.clone();
+        connections.spawn(async move { relay(client, peer, &config, &stats, &shutdown).await });
     }
 }
 
-async fn relay(mut client: TcpStream, peer: SocketAddr, config: &RelayConfig, stats: &RelayStats) {
+async fn relay(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    config: &RelayConfig,
+    stats: &RelayStats,
+    shutdown: &CancellationToken,
+) {
     let original = match client.local_addr() {
         Ok(addr) => addr,
         Err(error) => {
@@ -110,7 +125,10 @@ async fn relay(mut client: TcpStream, peer: SocketAddr, config: &RelayConfig, st
     log::debug!("{peer} -> {original}: relaying via {target}");
 
     let traffic = Traffic::default();
-    let result = pipe(&mut client, &mut upstream, config.idle_timeout, &traffic).await;
+    let result = tokio::select! {
+        result = pipe(&mut client, &mut upstream, config.idle_timeout, &traffic) => result,
+        () = shutdown.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "tproxy is stopping")),
+    };
     let (up, down) = (
         traffic.to_upstream.load(Relaxed),
         traffic.to_client.load(Relaxed),

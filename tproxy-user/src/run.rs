@@ -4,10 +4,14 @@
 //! Order matters: routing is installed before the program is attached (a marked packet with
 //! no local route would be forwarded), and the program is detached before routing is removed.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    time::timeout,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tproxy_common::{maps::ListenerSlot, Outcome};
 
 use crate::{
@@ -64,7 +68,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
             _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
         }
-        relays.stop();
+        relays.stop().await;
         log_counters(&steering, &relays.stats);
         Ok::<_, anyhow::Error>(())
     }
@@ -105,37 +109,49 @@ fn relay_config(args: &RunArgs, listeners: &[TransparentListener]) -> Result<Rel
     Ok(config)
 }
 
-/// The accept loops, one per listener.
+/// The accept loops, one per listener, and the connections they relay.
 struct Relays {
     addrs: Vec<SocketAddr>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
     stats: Arc<RelayStats>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
+/// How long stopping may wait for relay tasks to reset their connections.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Relays {
-    fn stop(&self) {
-        for task in &self.tasks {
-            task.abort();
+    /// Stops accepting and resets the connections in flight.
+    async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if timeout(STOP_TIMEOUT, self.tasks.wait()).await.is_err() {
+            log::warn!(
+                "{} relay tasks did not stop within {STOP_TIMEOUT:?}",
+                self.tasks.len()
+            );
         }
     }
 }
 
 fn start_relays(listeners: Vec<TransparentListener>, config: RelayConfig) -> Result<Relays> {
     let config = Arc::new(config);
-    let stats = Arc::new(RelayStats::default());
     let mut relays = Relays {
         addrs: Vec::new(),
-        tasks: Vec::new(),
-        stats: stats.clone(),
+        stats: Arc::default(),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
     };
     for TransparentListener { slot: _, socket } in listeners {
         relays.addrs.push(socket.local_addr()?);
         let socket = tokio::net::TcpListener::from_std(socket)?;
-        relays.tasks.push(tokio::spawn(relay::serve(
+        relays.tasks.spawn(relay::serve(
             socket,
             config.clone(),
-            stats.clone(),
-        )));
+            relays.stats.clone(),
+            relays.shutdown.clone(),
+            relays.tasks.clone(),
+        ));
     }
     Ok(relays)
 }
