@@ -11,6 +11,9 @@ const IFACE: &str = Topo::ROUTER_CLIENT_IFACE;
 fn bad_flags_are_named_and_leave_nothing_behind() {
     require_root();
     let topo = Topo::new().unwrap();
+    topo.router
+        .ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"])
+        .unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["--iface", "nosuch0", "--tcp", "80"], "nosuch0"),
         (

@@ -7,6 +7,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
+use futures::TryStreamExt;
 use tokio::{
     signal::unix::{signal, SignalKind},
     time::timeout,
@@ -27,10 +28,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    check_interfaces(&args.ifaces)?;
+    let netlink = routing::connect()?;
+    check_interfaces(&netlink, &args.ifaces).await?;
 
     let _lock = InstanceLock::acquire(args.table)?;
-    let netlink = routing::connect()?;
     let stale = routing::remove_ours(&netlink, args.table).await?;
     if stale > 0 {
         log::warn!(
@@ -78,14 +79,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
     served.and(removed)
 }
 
-fn check_interfaces(ifaces: &[String]) -> Result<()> {
+/// Each `--iface` must exist here, once, and carry Ethernet framing: the program parses an
+/// Ethernet header, so on an L3 device (WireGuard, tun) it would never steer anything.
+async fn check_interfaces(netlink: &rtnetlink::Handle, ifaces: &[String]) -> Result<()> {
+    use rtnetlink::packet_route::link::LinkLayerType;
     for (i, iface) in ifaces.iter().enumerate() {
         if ifaces[..i].contains(iface) {
             bail!("--iface {iface} is given twice");
         }
-        nix::net::if_::if_nametoindex(iface.as_str()).with_context(|| {
-            format!("--iface {iface}: no such interface in this network namespace")
-        })?;
+        let link = netlink
+            .link()
+            .get()
+            .match_name(iface.clone())
+            .execute()
+            .try_next()
+            .await
+            .ok()
+            .flatten()
+            .with_context(|| {
+                format!("--iface {iface}: no such interface in this network namespace")
+            })?;
+        let kind = link.header.link_layer_type;
+        if !matches!(kind, LinkLayerType::Ether | LinkLayerType::Loopback) {
+            bail!("--iface {iface}: link type {kind} has no Ethernet header; only Ethernet interfaces can be steered");
+        }
     }
     Ok(())
 }
