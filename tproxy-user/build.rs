@@ -19,11 +19,13 @@ fn main() -> Result<()> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let target_dir = out_dir.join("ebpf-target");
 
-    // The same flags aya-build passes: BTF lets the verifier explain itself and aya-log work.
+    // The same flags aya-build passes: BTF lets the verifier explain itself and aya-log work;
+    // bpf_target_arch tells aya-ebpf which architecture's kernel structs to use.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
     let rustflags = [
-        "--cfg=bpf_target_arch=\"x86_64\"",
-        "-Cdebuginfo=2",
-        "-Clink-arg=--btf",
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
     ]
     .join("\x1f");
 

@@ -13,7 +13,7 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tproxy_common::{maps::ListenerSlot, Outcome};
+use tproxy_common::Outcome;
 
 use crate::{
     cli::RunArgs,
@@ -64,7 +64,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     .await?;
     let served = async {
         let relays = start_relays(listeners, relay_config)?;
-        attach(&mut steering, &args, &relays.addrs)?;
+        let attached = attach_all(&mut steering, &args.ifaces)?;
+        announce_ready(&args, &attached, &relays.addrs);
         tokio::select! {
             _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
             _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
@@ -173,35 +174,28 @@ fn start_relays(listeners: Vec<TransparentListener>, config: RelayConfig) -> Res
     Ok(relays)
 }
 
-fn attach(steering: &mut Steering, args: &RunArgs, listeners: &[SocketAddr]) -> Result<()> {
-    let mut attached = Vec::new();
-    for iface in &args.ifaces {
-        let mode = steering.attach(iface)?;
-        attached.push(format!("{iface} ({mode})"));
-    }
-    let families: Vec<&str> = [(ListenerSlot::TcpV4, "IPv4"), (ListenerSlot::TcpV6, "IPv6")]
-        .into_iter()
-        .filter(|(slot, _)| {
-            !listeners
-                .iter()
-                .any(|l| l.is_ipv4() == (*slot == ListenerSlot::TcpV4))
-        })
-        .map(|(_, family)| family)
-        .collect();
-    if !families.is_empty() {
-        log::warn!(
-            "no {} listener: such steered packets are passed untouched (counted as no_listener)",
-            families.join("/")
-        );
+/// Attaches to every `--iface`; returns how each was attached, for the ready line.
+fn attach_all(steering: &mut Steering, ifaces: &[String]) -> Result<Vec<String>> {
+    ifaces
+        .iter()
+        .map(|iface| Ok(format!("{iface} ({})", steering.attach(iface)?)))
+        .collect()
+}
+
+fn announce_ready(args: &RunArgs, attached: &[String], listeners: &[SocketAddr]) {
+    for (family, present) in [
+        ("IPv4", listeners.iter().any(SocketAddr::is_ipv4)),
+        ("IPv6", listeners.iter().any(SocketAddr::is_ipv6)),
+    ] {
+        if !present {
+            log::warn!("no {family} listener: steered {family} packets are passed untouched (counted as no_listener)");
+        }
     }
     let dst = if args.dst.is_empty() {
         "any destination".to_string()
     } else {
-        args.dst
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
+        let prefixes: Vec<String> = args.dst.iter().map(ToString::to_string).collect();
+        prefixes.join(", ")
     };
     let upstream = args
         .upstream
@@ -217,7 +211,6 @@ fn attach(steering: &mut Steering, args: &RunArgs, listeners: &[SocketAddr]) -> 
         args.table,
         args.rule_priority,
     );
-    Ok(())
 }
 
 fn log_counters(steering: &Steering, stats: &RelayStats) {

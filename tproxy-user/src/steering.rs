@@ -103,53 +103,37 @@ impl Steering {
     }
 
     fn fill_destinations(&mut self, dst: &[IpNet]) -> Result<()> {
-        let everything = [IpNet::V4(Default::default()), IpNet::V6(Default::default())];
-        let prefixes = if dst.is_empty() { &everything[..] } else { dst };
-        let limit = maps::MAX_DST_PREFIXES as usize;
-        for (family, count) in [
-            (
-                "IPv4",
-                prefixes
-                    .iter()
-                    .filter(|p| matches!(p, IpNet::V4(_)))
-                    .count(),
-            ),
-            (
-                "IPv6",
-                prefixes
-                    .iter()
-                    .filter(|p| matches!(p, IpNet::V6(_)))
-                    .count(),
-            ),
-        ] {
-            if count > limit {
-                return Err(anyhow!(
-                    "{count} {family} --dst prefixes given; at most {limit} fit"
-                ));
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for prefix in dst {
+            match prefix {
+                IpNet::V4(net) => v4.push((*prefix, net.addr().octets())),
+                IpNet::V6(net) => v6.push((*prefix, net.addr().octets())),
             }
         }
-        for prefix in prefixes {
-            let inserted = match prefix {
-                IpNet::V4(net) => {
-                    let mut trie: LpmTrie<_, [u8; 4], u8> =
-                        LpmTrie::try_from(self.map_mut(maps::STEERED_DST_V4)?)?;
-                    trie.insert(
-                        &Key::new(net.prefix_len().into(), net.addr().octets()),
-                        1,
-                        0,
-                    )
-                }
-                IpNet::V6(net) => {
-                    let mut trie: LpmTrie<_, [u8; 16], u8> =
-                        LpmTrie::try_from(self.map_mut(maps::STEERED_DST_V6)?)?;
-                    trie.insert(
-                        &Key::new(net.prefix_len().into(), net.addr().octets()),
-                        1,
-                        0,
-                    )
-                }
-            };
-            inserted.with_context(|| format!("adding --dst {prefix} to the steering set"))?;
+        if dst.is_empty() {
+            v4.push((IpNet::V4(Default::default()), [0; 4]));
+            v6.push((IpNet::V6(Default::default()), [0; 16]));
+        }
+        self.insert_prefixes(maps::STEERED_DST_V4, &v4)?;
+        self.insert_prefixes(maps::STEERED_DST_V6, &v6)
+    }
+
+    fn insert_prefixes<const N: usize>(
+        &mut self,
+        map: &str,
+        prefixes: &[(IpNet, [u8; N])],
+    ) -> Result<()> {
+        let limit = maps::MAX_DST_PREFIXES as usize;
+        if prefixes.len() > limit {
+            return Err(anyhow!(
+                "{} --dst prefixes of one address family given; at most {limit} fit",
+                prefixes.len()
+            ));
+        }
+        let mut trie: LpmTrie<_, [u8; N], u8> = LpmTrie::try_from(self.map_mut(map)?)?;
+        for (net, octets) in prefixes {
+            trie.insert(&Key::new(net.prefix_len().into(), *octets), 1, 0)
+                .with_context(|| format!("adding --dst {net} to the steering set"))?;
         }
         Ok(())
     }
