@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 
-use crate::Netns;
+use crate::{Netns, Tproxy};
 
 /// client ⇄ router ⇄ server over two veth pairs, IPv4 and IPv6, the router forwarding.
 /// tproxy runs on the router, on [`RouterTopology::ROUTER_CLIENT_IFACE`].
@@ -101,6 +101,13 @@ impl RouterTopology {
         ] {
             warm_up(&self.client, ip);
         }
+    }
+
+    /// Starts `tproxy run --iface ROUTER_CLIENT_IFACE ARGS…` on the router.
+    pub fn tproxy(&self, args: &[&str]) -> Result<Tproxy> {
+        let mut full = vec!["--iface", Self::ROUTER_CLIENT_IFACE];
+        full.extend_from_slice(args);
+        Tproxy::start(&self.router, &full)
     }
 
     /// `SERVER_V4:port` or `[SERVER_V6]:port`.

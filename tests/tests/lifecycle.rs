@@ -4,7 +4,7 @@
 use nix::sys::signal::Signal;
 use tproxy_tests::{
     ingress_programs, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
-    RouterTopology as Topo, Server, Tproxy,
+    RouterTopology as Topo, Server,
 };
 
 const TABLE: u32 = 7470;
@@ -33,7 +33,7 @@ fn sigterm_removes_program_rules_and_routes() {
     require_root();
     let topo = Topo::new().unwrap();
     let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
-    let mut tproxy = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
     assert_installed(&topo);
     assert_eq!(
         peer_seen_by(&topo.client, server.addr).unwrap(),
@@ -51,7 +51,7 @@ fn sigterm_removes_program_rules_and_routes() {
 fn sigint_also_cleans_up() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
     assert_installed(&topo);
     assert!(tproxy.signal_and_wait(Signal::SIGINT).unwrap().success());
     assert_nothing_left(&topo);
@@ -62,7 +62,7 @@ fn after_sigkill_the_next_start_removes_stale_state() {
     require_root();
     let topo = Topo::new().unwrap();
     let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
-    let mut killed = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    let mut killed = topo.tproxy(&["--tcp", "80"]).unwrap();
     killed.signal_and_wait(Signal::SIGKILL).unwrap();
     // The TCX link died with its process; the routing could not be removed by a dead process.
     assert!(ingress_programs(&topo.router, IFACE).unwrap().is_empty());
@@ -71,7 +71,7 @@ fn after_sigkill_the_next_start_removes_stale_state() {
         4
     );
 
-    let mut next = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    let mut next = topo.tproxy(&["--tcp", "80"]).unwrap();
     assert!(
         next.log_text().contains("removed 4 rules/routes"),
         "{}",
@@ -91,7 +91,7 @@ fn a_second_instance_on_the_same_table_is_refused_and_the_first_keeps_working() 
     require_root();
     let topo = Topo::new().unwrap();
     let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
-    let mut first = Tproxy::start(&topo.router, &["--iface", IFACE, "--tcp", "80"]).unwrap();
+    let mut first = topo.tproxy(&["--tcp", "80"]).unwrap();
     let (status, stderr) =
         run_tproxy_to_end(&topo.router, &["run", "--iface", IFACE, "--tcp", "80"]).unwrap();
     assert!(!status.success());

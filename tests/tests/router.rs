@@ -10,16 +10,7 @@ use std::{
 
 use tproxy_tests::{
     digest, digest_to_eof, payload, peer_seen_by, require_root, RouterTopology as Topo, Server,
-    Tproxy,
 };
-
-fn start(topo: &Topo, ports: &str) -> Tproxy {
-    Tproxy::start(
-        &topo.router,
-        &["--iface", Topo::ROUTER_CLIENT_IFACE, "--tcp", ports],
-    )
-    .unwrap()
-}
 
 #[test]
 fn server_sees_the_router_as_peer_over_ipv4_and_ipv6() {
@@ -35,7 +26,7 @@ fn server_sees_the_router_as_peer_over_ipv4_and_ipv6() {
             "before tproxy runs, the server sees the client itself"
         );
     }
-    let mut tproxy = start(&topo, "80");
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
     for v6 in [false, true] {
         let peer = peer_seen_by(&topo.client, Topo::server_addr(v6, 80)).unwrap();
         assert_eq!(peer, Topo::router_as_seen_by_server(v6), "v6={v6}");
@@ -68,7 +59,7 @@ fn hash_server(topo: &Topo, v6: bool) -> Server {
 fn payloads_arrive_intact_both_ways() {
     require_root();
     let topo = Topo::new().unwrap();
-    let _tproxy = start(&topo, "80,81");
+    let _tproxy = topo.tproxy(&["--tcp", "80,81"]).unwrap();
     for v6 in [false, true] {
         let hasher = hash_server(&topo, v6);
         let echo = Server::echo(&topo.server, Topo::server_addr(v6, 81)).unwrap();
@@ -112,7 +103,7 @@ fn payloads_arrive_intact_both_ways() {
 fn half_close_works_in_both_directions() {
     require_root();
     let topo = Topo::new().unwrap();
-    let _tproxy = start(&topo, "80");
+    let _tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
     for v6 in [false, true] {
         // Server finishes first: sends, shuts its side, then still receives the client's data.
         let (sender, received) = std::sync::mpsc::channel();
@@ -157,7 +148,7 @@ fn half_close_works_in_both_directions() {
 fn two_hundred_concurrent_connections() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = start(&topo, "80");
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
     let echo = Server::echo(&topo.server, Topo::server_addr(false, 80)).unwrap();
     let echo6 = Server::echo(&topo.server, Topo::server_addr(true, 80)).unwrap();
     let streams: Vec<_> = (0..200)
@@ -188,7 +179,7 @@ fn two_hundred_concurrent_connections() {
 fn refused_upstream_resets_the_client_promptly() {
     require_root();
     let topo = Topo::new().unwrap();
-    let _tproxy = start(&topo, "80");
+    let _tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
     for v6 in [false, true] {
         // Nothing listens on the server's port 80. A lost SYN alone would take 1 s; the
         // reset itself takes well under a millisecond.
@@ -230,18 +221,9 @@ fn expect_reset(stream: &mut std::net::TcpStream, what: &str) {
 fn idle_connections_are_reset_and_active_ones_are_not() {
     require_root();
     let topo = Topo::new().unwrap();
-    let _tproxy = Tproxy::start(
-        &topo.router,
-        &[
-            "--iface",
-            Topo::ROUTER_CLIENT_IFACE,
-            "--tcp",
-            "80",
-            "--idle-timeout",
-            "400ms",
-        ],
-    )
-    .unwrap();
+    let _tproxy = topo
+        .tproxy(&["--tcp", "80", "--idle-timeout", "400ms"])
+        .unwrap();
     let echo = Server::echo(&topo.server, Topo::server_addr(false, 80)).unwrap();
 
     let mut active = topo.client.connect(echo.addr).unwrap();
@@ -277,18 +259,9 @@ fn an_unanswered_upstream_times_out_and_the_client_is_reset() {
         let queued = std::net::TcpStream::connect(addr).unwrap();
         (socket, queued)
     });
-    let _tproxy = Tproxy::start(
-        &topo.router,
-        &[
-            "--iface",
-            Topo::ROUTER_CLIENT_IFACE,
-            "--tcp",
-            "80",
-            "--connect-timeout",
-            "300ms",
-        ],
-    )
-    .unwrap();
+    let _tproxy = topo
+        .tproxy(&["--tcp", "80", "--connect-timeout", "300ms"])
+        .unwrap();
     let started = Instant::now();
     let mut stream = topo.client.connect(addr).unwrap();
     expect_reset(&mut stream, "blackholed upstream");
@@ -304,7 +277,7 @@ fn an_unanswered_upstream_times_out_and_the_client_is_reset() {
 fn stopping_resets_connections_in_flight() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = start(&topo, "80");
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
     let echo = Server::echo(&topo.server, Topo::server_addr(true, 80)).unwrap();
     let mut stream = topo.client.connect(echo.addr).unwrap();
     stream.write_all(b"x").unwrap();
@@ -318,18 +291,9 @@ fn stopping_resets_connections_in_flight() {
 fn a_connection_straight_to_the_listener_is_refused_not_looped() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = Tproxy::start(
-        &topo.router,
-        &[
-            "--iface",
-            Topo::ROUTER_CLIENT_IFACE,
-            "--tcp",
-            "80",
-            "--listen",
-            "127.0.0.1:7000",
-        ],
-    )
-    .unwrap();
+    let mut tproxy = topo
+        .tproxy(&["--tcp", "80", "--listen", "127.0.0.1:7000"])
+        .unwrap();
     // Only a process on the router itself can reach a loopback listener. Relaying such a
     // connection to its "original destination" would connect to the listener again, forever.
     connect_expecting_reset(&topo.router, "127.0.0.1:7000".parse().unwrap());

@@ -6,17 +6,13 @@ use std::{
     net::SocketAddr,
 };
 
-use tproxy_tests::{peer_seen_by, require_root, RouterTopology as Topo, Server, Tproxy};
+use tproxy_tests::{peer_seen_by, require_root, RouterTopology as Topo, Server};
 
 #[test]
 fn other_ports_pass_untouched() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = Tproxy::start(
-        &topo.router,
-        &["--iface", Topo::ROUTER_CLIENT_IFACE, "--tcp", "80,443"],
-    )
-    .unwrap();
+    let mut tproxy = topo.tproxy(&["--tcp", "80,443"]).unwrap();
     for v6 in [false, true] {
         let steered = Server::tell_peer(&topo.server, Topo::server_addr(v6, 443)).unwrap();
         let other = Server::tell_peer(&topo.server, Topo::server_addr(v6, 8443)).unwrap();
@@ -38,20 +34,16 @@ fn other_ports_pass_untouched() {
 fn other_destination_prefixes_pass_untouched() {
     require_root();
     let topo = Topo::new().unwrap();
-    let _tproxy = Tproxy::start(
-        &topo.router,
-        &[
-            "--iface",
-            Topo::ROUTER_CLIENT_IFACE,
+    let _tproxy = topo
+        .tproxy(&[
             "--tcp",
             "80",
             "--dst",
             &format!("{}/32", Topo::SERVER_V4),
             "--dst",
             &format!("{}/128", Topo::SERVER_V6),
-        ],
-    )
-    .unwrap();
+        ])
+        .unwrap();
     for (v6, steered_ip, other_ip) in [
         (false, Topo::SERVER_V4, Topo::SERVER_OTHER_V4),
         (true, Topo::SERVER_V6, Topo::SERVER_OTHER_V6),
@@ -89,11 +81,7 @@ fn established_local_connections_on_a_steered_port_are_not_hijacked() {
         let mut reply = [0u8; 6];
         stream.read_exact(&mut reply).unwrap();
 
-        let mut tproxy = Tproxy::start(
-            &topo.router,
-            &["--iface", Topo::ROUTER_CLIENT_IFACE, "--tcp", "80"],
-        )
-        .unwrap();
+        let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
         stream.write_all(b"during").unwrap();
         stream.read_exact(&mut reply).unwrap();
         assert_eq!(&reply, b"during", "v6={v6}: the local socket still answers");
