@@ -260,18 +260,44 @@ impl Tproxy {
         Ok(())
     }
 
-    /// The value of eBPF counter `name` from the shutdown summary (after [`Tproxy::stop`]).
-    pub fn final_counter(&self, name: &str) -> Result<u64> {
+    /// The value of eBPF counter `name` for `protocol` ("tcp", "udp", "other") from the
+    /// shutdown summary (after [`Tproxy::stop`]).
+    pub fn final_counter(&self, protocol: &str, name: &str) -> Result<u64> {
+        let header = format!("eBPF {protocol} packets:");
+        self.last_value(&header, name)
+    }
+
+    /// The value of `name=VALUE` on the last log line containing `header`.
+    pub fn last_value(&self, header: &str, name: &str) -> Result<u64> {
         let log = self.log_text();
         let line = log
             .lines()
-            .find(|l| l.contains("eBPF packets:"))
-            .ok_or_else(|| anyhow!("no counter summary in log:\n{log}"))?;
-        line.split_whitespace()
+            .rev()
+            .find(|l| l.contains(header))
+            .ok_or_else(|| anyhow!("no `{header}` line in log:\n{log}"))?;
+        line.split(|c: char| c.is_whitespace() || c == ';')
             .find_map(|field| field.strip_prefix(&format!("{name}=")))
-            .ok_or_else(|| anyhow!("counter {name} missing from `{line}`"))?
+            .ok_or_else(|| anyhow!("{name} missing from `{line}`"))?
             .parse()
             .context("parsing counter")
+    }
+
+    /// Asks for the current counters (SIGUSR1) and returns `name` from the UDP relay line.
+    pub fn udp_stat(&mut self, name: &str) -> Result<u64> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let before = self.log.lock().unwrap().len();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.log.lock().unwrap()[before..]
+            .iter()
+            .all(|l| !l.contains("udp relay:"))
+        {
+            if Instant::now() > deadline {
+                bail!("no stats after SIGUSR1; log:\n{}", self.log_text());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.last_value("udp relay:", name)
     }
 }
 

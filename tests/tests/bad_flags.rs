@@ -24,6 +24,37 @@ fn bad_flags_are_named_and_leave_nothing_behind() {
         (&["--iface", IFACE, "--tcp", "65536"], "65536"),
         (&["--iface", IFACE, "--tcp", "80,90-80"], "90-80"),
         (&["--iface", IFACE, "--tcp", "http"], "`http`"),
+        (&["--iface", IFACE, "--udp", "53,0"], "port 0"),
+        (
+            &["--iface", IFACE, "--udp", "53", "--udp-max-sessions", "0"],
+            "--udp-max-sessions",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--udp",
+                "53",
+                "--udp-idle-timeout",
+                "never",
+            ],
+            "never",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--udp",
+                "53",
+                "--socket-mark",
+                "0x1000000",
+            ],
+            "--socket-mark 0x1000000",
+        ),
+        (
+            &["--iface", IFACE, "--udp", "53", "--socket-mark", "0"],
+            "--socket-mark 0",
+        ),
         (&["--iface", IFACE], "--tcp"),
         (&["--tcp", "80"], "--iface"),
         (
@@ -131,6 +162,10 @@ fn help_documents_every_run_flag() {
         "--rule-priority",
         "--connect-timeout",
         "--idle-timeout",
+        "--udp",
+        "--udp-idle-timeout",
+        "--udp-max-sessions",
+        "--socket-mark",
     ] {
         assert!(
             help.contains(flag),

@@ -38,9 +38,9 @@ fn server_sees_the_router_as_peer_over_ipv4_and_ipv6() {
             .unwrap();
     }
     tproxy.stop().unwrap();
-    assert_eq!(tproxy.final_counter("steered_new").unwrap(), 2);
-    assert!(tproxy.final_counter("steered_established").unwrap() >= 2);
-    assert_eq!(tproxy.final_counter("no_listener").unwrap(), 0);
+    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 2);
+    assert!(tproxy.final_counter("tcp", "steered_established").unwrap() >= 2);
+    assert_eq!(tproxy.final_counter("tcp", "no_listener").unwrap(), 0);
 }
 
 /// The server hashes what it receives until the client's FIN, then answers with the length
@@ -172,7 +172,7 @@ fn two_hundred_concurrent_connections() {
     drop(streams);
     assert_eq!(echo.peers().len() + echo6.peers().len(), 200);
     tproxy.stop().unwrap();
-    assert_eq!(tproxy.final_counter("steered_new").unwrap(), 200);
+    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 200);
 }
 
 #[test]

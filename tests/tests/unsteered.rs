@@ -26,8 +26,8 @@ fn other_ports_pass_untouched() {
         );
     }
     tproxy.stop().unwrap();
-    assert_eq!(tproxy.final_counter("steered_new").unwrap(), 2);
-    assert!(tproxy.final_counter("passed").unwrap() > 0);
+    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 2);
+    assert!(tproxy.final_counter("tcp", "passed").unwrap() > 0);
 }
 
 #[test]
@@ -92,9 +92,9 @@ fn established_local_connections_on_a_steered_port_are_not_hijacked() {
             "no second connection reached the service"
         );
         assert_eq!(local.peers()[0].ip(), Topo::client_ip(v6));
-        assert_eq!(tproxy.final_counter("steered_new").unwrap(), 0);
+        assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 0);
         assert!(
-            tproxy.final_counter("steered_established").unwrap() >= 1,
+            tproxy.final_counter("tcp", "steered_established").unwrap() >= 1,
             "the packet was assigned to its own socket"
         );
     }

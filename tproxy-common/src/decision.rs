@@ -54,6 +54,39 @@ impl Outcome {
     }
 }
 
+/// The transport protocol a counted packet had, the row of its counter.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp = 0,
+    Udp = 1,
+    /// Not TCP or UDP, or not parsed that far: only ever [`Outcome::Passed`].
+    Other = 2,
+}
+
+impl Protocol {
+    /// Number of protocols, the rows of the `COUNTERS` map.
+    pub const COUNT: u32 = 3;
+
+    /// Every protocol, in row order.
+    pub const ALL: [Protocol; Self::COUNT as usize] =
+        [Protocol::Tcp, Protocol::Udp, Protocol::Other];
+
+    /// Lower-case name, for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Other => "other",
+        }
+    }
+}
+
+/// The `COUNTERS` index of `outcome` for a packet of `protocol`.
+pub const fn counter_index(protocol: Protocol, outcome: Outcome) -> u32 {
+    protocol as u32 * Outcome::COUNT + outcome as u32
+}
+
 const ENETUNREACH: i64 = 101;
 const ESOCKTNOSUPPORT: i64 = 94;
 const EOPNOTSUPP: i64 = 95;
@@ -80,6 +113,13 @@ pub const TCP_TIME_WAIT: u32 = 6;
 /// closing states) is assigned as found.
 pub const fn socket_owns_flow(tcp_state: u32) -> bool {
     tcp_state != TCP_LISTEN && tcp_state != TCP_TIME_WAIT
+}
+
+/// Whether a UDP socket found by an exact-tuple lookup is one of tproxy's own per-flow
+/// sockets (which carry `own_mark` as their `SO_MARK`). Anything else bound to the port — a
+/// local wildcard service — must not capture steered flows.
+pub const fn is_own_udp_socket(socket_mark: u32, own_mark: u32) -> bool {
+    own_mark != 0 && socket_mark == own_mark
 }
 
 /// The packet mark after setting tproxy's routing mark: only the bits under `mask` change, so
@@ -118,6 +158,20 @@ mod tests {
     }
 
     #[test]
+    fn counter_rows_do_not_overlap() {
+        let mut seen = [false; (Protocol::COUNT * Outcome::COUNT) as usize];
+        for protocol in Protocol::ALL {
+            assert_eq!(Protocol::ALL[protocol as usize], protocol);
+            for outcome in Outcome::ALL {
+                let index = counter_index(protocol, outcome) as usize;
+                assert!(!seen[index], "{} {}", protocol.name(), outcome.name());
+                seen[index] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
     fn listener_and_time_wait_do_not_own_the_flow() {
         assert!(!socket_owns_flow(TCP_LISTEN));
         assert!(!socket_owns_flow(TCP_TIME_WAIT));
@@ -133,6 +187,23 @@ mod tests {
         for state in [ESTABLISHED, SYN_RECV, FIN_WAIT1, CLOSE_WAIT, NEW_SYN_RECV] {
             assert!(socket_owns_flow(state), "state {state}");
         }
+    }
+
+    #[test]
+    fn only_sockets_with_our_mark_are_ours() {
+        assert!(is_own_udp_socket(0x200_0000, 0x200_0000));
+        assert!(
+            !is_own_udp_socket(0, 0x200_0000),
+            "an unmarked local service"
+        );
+        assert!(
+            !is_own_udp_socket(0x300_0000, 0x200_0000),
+            "someone else's mark"
+        );
+        assert!(
+            !is_own_udp_socket(0, 0),
+            "an unset own mark matches nothing"
+        );
     }
 
     #[test]

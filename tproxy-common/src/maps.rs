@@ -8,6 +8,8 @@ pub const STEERED_PORTS: &str = "STEERED_PORTS";
 pub const STEERED_PORTS_LEN: u32 = 65536;
 /// Bit in a [`STEERED_PORTS`] value: TCP to this port is steered.
 pub const PORT_TCP: u8 = 1 << 0;
+/// Bit in a [`STEERED_PORTS`] value: UDP to this port is steered.
+pub const PORT_UDP: u8 = 1 << 1;
 
 /// Longest-prefix-match set of steered IPv4 destinations, keyed by the address in network
 /// byte order (`[u8; 4]`); the value is unused and always 1.
@@ -29,15 +31,27 @@ pub enum ListenerSlot {
     TcpV4 = 0,
     /// The IPv6 TCP listener.
     TcpV6 = 1,
+    /// The IPv4 UDP listener.
+    UdpV4 = 2,
+    /// The IPv6 UDP listener.
+    UdpV6 = 3,
 }
 
 impl ListenerSlot {
     /// Number of slots in [`LISTENERS`].
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 4;
 }
 
-/// Per-CPU array of `u64` packet counts, indexed by [`crate::Outcome`].
+/// Per-CPU array of `u64` packet counts, indexed by [`crate::decision::counter_index`].
 pub const COUNTERS: &str = "COUNTERS";
+/// Length of [`COUNTERS`]: one row of outcomes per [`crate::decision::Protocol`].
+pub const COUNTERS_LEN: u32 = crate::decision::Protocol::COUNT * crate::Outcome::COUNT;
+
+/// Global (`u32`): the `SO_MARK` that tproxy puts on its own per-flow UDP sockets. A socket
+/// found by the UDP socket match is assigned only if it carries this mark: a local wildcard
+/// service on a steered port must not capture steered flows. It must not match the routing
+/// rule, or the replies those sockets send would be routed back to the local host.
+pub const OWN_SOCKET_MARK_GLOBAL: &str = "OWN_SOCKET_MARK";
 
 /// Global (`u32`): the routing mark OR'ed, under [`MARK_MASK_GLOBAL`], into every packet the
 /// program assigns to a socket, so that policy routing delivers it locally.

@@ -1,10 +1,11 @@
 //! tc ingress program: the socket match and the TPROXY target of the classic iptables recipe,
 //! in one pass over the packet.
 //!
-//! packet → parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP ports)
+//! packet → parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP/UDP ports)
 //!        → steering set (destination port array, destination prefix LPM tries)
-//!        → the flow's own socket, if it has one (`bpf_skc_lookup_tcp` on the exact tuple)
-//!        → otherwise tproxy's listener from the socket map
+//!        → the flow's own socket, if it has one (exact-tuple lookup; for UDP only
+//!          tproxy's own per-flow sockets count)
+//!        → otherwise tproxy's listener for the protocol and family from the socket map
 //!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally.
 //!
 //! Every path returns `TC_ACT_OK`: a packet we do not steer continues exactly as if the
@@ -19,7 +20,9 @@ use aya_ebpf::{
         bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS, TC_ACT_OK,
     },
-    helpers::generated::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::generated::{
+        bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
     programs::TcContext,
@@ -27,8 +30,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use tproxy_common::{
-    decision::{self, Outcome},
-    maps::{ListenerSlot, MAX_DST_PREFIXES, PORT_TCP, STEERED_PORTS_LEN},
+    decision::{self, counter_index, Outcome, Protocol},
+    maps::{ListenerSlot, COUNTERS_LEN, MAX_DST_PREFIXES, PORT_TCP, PORT_UDP, STEERED_PORTS_LEN},
 };
 
 #[map]
@@ -40,7 +43,7 @@ static STEERED_DST_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_DST
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(ListenerSlot::COUNT, 0);
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Outcome::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 /// Set by the loader before load (`tproxy_common::maps::MARK_GLOBAL`).
 #[unsafe(no_mangle)]
@@ -48,6 +51,9 @@ static ROUTING_MARK: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::MARK_MASK_GLOBAL`).
 #[unsafe(no_mangle)]
 static ROUTING_MARK_MASK: Global<u32> = Global::new(0);
+/// Set by the loader before load (`tproxy_common::maps::OWN_SOCKET_MARK_GLOBAL`).
+#[unsafe(no_mangle)]
+static OWN_SOCKET_MARK: Global<u32> = Global::new(0);
 
 const ETH_HEADER_LEN: usize = 14;
 const VLAN_HEADER_LEN: usize = 4;
@@ -57,19 +63,16 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPV6_HEADER_LEN: usize = 40;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 
 #[classifier]
 pub fn tproxy_ingress(ctx: TcContext) -> i32 {
-    let outcome = steer(&ctx);
-    count(outcome);
-    TC_ACT_OK as i32
-}
-
-fn count(outcome: Outcome) {
-    if let Some(counter) = COUNTERS.get_ptr_mut(outcome as u32) {
+    let (protocol, outcome) = steer(&ctx);
+    if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(protocol, outcome)) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *counter += 1 };
     }
+    TC_ACT_OK as i32
 }
 
 /// Returns a bounds-checked pointer to a `T` at `offset` bytes into the packet.
@@ -82,15 +85,16 @@ fn header<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some(start as *const T)
 }
 
-fn steer(ctx: &TcContext) -> Outcome {
+fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
+    const NOT_STEERED: (Protocol, Outcome) = (Protocol::Other, Outcome::Passed);
     let Some(ethertype) = header::<[u8; 2]>(ctx, 12) else {
-        return Outcome::Passed;
+        return NOT_STEERED;
     };
     let mut ethertype = u16::from_be_bytes(unsafe { *ethertype });
     let mut l3 = ETH_HEADER_LEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         let Some(inner) = header::<[u8; 2]>(ctx, l3 + 2) else {
-            return Outcome::Passed;
+            return NOT_STEERED;
         };
         ethertype = u16::from_be_bytes(unsafe { *inner });
         l3 += VLAN_HEADER_LEN;
@@ -98,46 +102,52 @@ fn steer(ctx: &TcContext) -> Outcome {
     match ethertype {
         ETH_P_IPV4 => steer_ipv4(ctx, l3),
         ETH_P_IPV6 => steer_ipv6(ctx, l3),
-        _ => Outcome::Passed,
+        _ => NOT_STEERED,
     }
 }
 
-/// The TCP source and destination ports, still in network byte order.
 #[inline(always)]
-fn tcp_ports(ctx: &TcContext, offset: usize) -> Option<[u16; 2]> {
-    header::<[u16; 2]>(ctx, offset).map(|ports| unsafe { *ports })
+fn protocol_of(ip_protocol: u8) -> Protocol {
+    match ip_protocol {
+        IPPROTO_TCP => Protocol::Tcp,
+        IPPROTO_UDP => Protocol::Udp,
+        _ => Protocol::Other,
+    }
 }
 
-fn port_is_steered(port_be: u16) -> bool {
-    STEERED_PORTS
-        .get(u16::from_be(port_be) as u32)
-        .is_some_and(|protocols| protocols & PORT_TCP != 0)
+/// The source and destination ports (the first four bytes of both TCP and UDP headers), still
+/// in network byte order, if the port is steered for `protocol`.
+#[inline(always)]
+fn steered_ports(ctx: &TcContext, offset: usize, protocol: Protocol) -> Option<[u16; 2]> {
+    let ports = unsafe { *header::<[u16; 2]>(ctx, offset)? };
+    let bit = match protocol {
+        Protocol::Tcp => PORT_TCP,
+        Protocol::Udp => PORT_UDP,
+        Protocol::Other => return None,
+    };
+    let steered = STEERED_PORTS.get(u16::from_be(ports[1]) as u32)?;
+    (steered & bit != 0).then_some(ports)
 }
 
-fn steer_ipv4(ctx: &TcContext, l3: usize) -> Outcome {
+fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     // version/IHL at 0, flags+fragment offset at 6, protocol at 9, addresses at 12..20.
     let Some(ip) = header::<[u8; 20]>(ctx, l3) else {
-        return Outcome::Passed;
+        return (Protocol::Other, Outcome::Passed);
     };
     let ip = unsafe { &*ip };
-    if ip[9] != IPPROTO_TCP {
-        return Outcome::Passed;
-    }
+    let protocol = protocol_of(ip[9]);
     let Some(header_len) =
         decision::ipv4_transport_offset(ip[0], u16::from_be_bytes([ip[6], ip[7]]))
     else {
-        return Outcome::Passed;
+        return (protocol, Outcome::Passed);
     };
     // IHL is at most 15 words; the mask keeps the verifier's view of the offset bounded.
-    let Some([sport, dport]) = tcp_ports(ctx, l3 + (header_len & 0x3c)) else {
-        return Outcome::Passed;
+    let Some([sport, dport]) = steered_ports(ctx, l3 + (header_len & 0x3c), protocol) else {
+        return (protocol, Outcome::Passed);
     };
-    if !port_is_steered(dport) {
-        return Outcome::Passed;
-    }
     let daddr = [ip[16], ip[17], ip[18], ip[19]];
     if STEERED_DST_V4.get(Key::new(32, daddr)).is_none() {
-        return Outcome::Passed;
+        return (protocol, Outcome::Passed);
     }
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4 = TupleV4 {
@@ -146,45 +156,41 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> Outcome {
         sport,
         dport,
     };
-    let outcome = steer_tcp(
-        ctx,
-        &mut tuple,
-        mem::size_of::<TupleV4>() as u32,
-        ListenerSlot::TcpV4,
-    );
+    let tuple_len = mem::size_of::<TupleV4>() as u32;
+    let outcome = if protocol == Protocol::Tcp {
+        steer_tcp(ctx, &mut tuple, tuple_len, ListenerSlot::TcpV4)
+    } else {
+        steer_udp(ctx, &mut tuple, tuple_len, ListenerSlot::UdpV4)
+    };
     if outcome == Outcome::SteeredNew {
         debug!(
             ctx,
-            "steer new {:i}:{} -> {:i}:{}",
+            "steer new {} {:i}:{} -> {:i}:{}",
+            protocol.name(),
             u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
             u16::from_be(sport),
             u32::from_be_bytes(daddr),
             u16::from_be(dport)
         );
     }
-    outcome
+    (protocol, outcome)
 }
 
-fn steer_ipv6(ctx: &TcContext, l3: usize) -> Outcome {
+fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     // next header at 6, source at 8..24, destination at 24..40.
     let Some(ip) = header::<[u8; IPV6_HEADER_LEN]>(ctx, l3) else {
-        return Outcome::Passed;
+        return (Protocol::Other, Outcome::Passed);
     };
     let ip = unsafe { &*ip };
-    // Extension headers are not walked yet: such packets pass untouched.
-    if ip[6] != IPPROTO_TCP {
-        return Outcome::Passed;
-    }
-    let Some([sport, dport]) = tcp_ports(ctx, l3 + IPV6_HEADER_LEN) else {
-        return Outcome::Passed;
+    // Extension headers are not walked yet: such packets are "other" and pass untouched.
+    let protocol = protocol_of(ip[6]);
+    let Some([sport, dport]) = steered_ports(ctx, l3 + IPV6_HEADER_LEN, protocol) else {
+        return (protocol, Outcome::Passed);
     };
-    if !port_is_steered(dport) {
-        return Outcome::Passed;
-    }
     let mut daddr = [0u8; 16];
     daddr.copy_from_slice(&ip[24..40]);
     if STEERED_DST_V6.get(Key::new(128, daddr)).is_none() {
-        return Outcome::Passed;
+        return (protocol, Outcome::Passed);
     }
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
     let words = |bytes: &[u8]| -> [u32; 4] {
@@ -201,29 +207,30 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> Outcome {
         sport,
         dport,
     };
-    let outcome = steer_tcp(
-        ctx,
-        &mut tuple,
-        mem::size_of::<TupleV6>() as u32,
-        ListenerSlot::TcpV6,
-    );
+    let tuple_len = mem::size_of::<TupleV6>() as u32;
+    let outcome = if protocol == Protocol::Tcp {
+        steer_tcp(ctx, &mut tuple, tuple_len, ListenerSlot::TcpV6)
+    } else {
+        steer_udp(ctx, &mut tuple, tuple_len, ListenerSlot::UdpV6)
+    };
     if outcome == Outcome::SteeredNew {
         let mut saddr = [0u8; 16];
         saddr.copy_from_slice(&ip[8..24]);
         debug!(
             ctx,
-            "steer new [{:i}]:{} -> [{:i}]:{}",
+            "steer new {} [{:i}]:{} -> [{:i}]:{}",
+            protocol.name(),
             saddr,
             u16::from_be(sport),
             daddr,
             u16::from_be(dport)
         );
     }
-    outcome
+    (protocol, outcome)
 }
 
-/// Socket match, then listener. Kept apart from UDP: the verifier types the socket pointers
-/// of the two lookups differently.
+/// TCP socket match, then listener. TCP and UDP are kept in separate functions: the
+/// verifier types the socket pointers of the two lookups differently.
 #[inline(always)]
 fn steer_tcp(
     ctx: &TcContext,
@@ -231,16 +238,64 @@ fn steer_tcp(
     tuple_len: u32,
     slot: ListenerSlot,
 ) -> Outcome {
-    let skb = ctx.as_ptr();
     // The netns argument is a u64: -1 must stay all ones, a 32-bit cast would miss every socket.
-    let own = unsafe { bpf_skc_lookup_tcp(skb, tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
+    let own = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            tuple,
+            tuple_len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
     if !own.is_null() {
         if decision::socket_owns_flow(unsafe { (*own).state }) {
             return assign_and_release(ctx, own, Outcome::SteeredEstablished);
         }
         unsafe { bpf_sk_release(own as *mut c_void) };
     }
+    let Some(listener) = listener(slot) else {
+        return Outcome::NoListener;
+    };
+    if unsafe { (*listener).state } != decision::TCP_LISTEN {
+        unsafe { bpf_sk_release(listener as *mut c_void) };
+        return Outcome::NoListener;
+    }
+    assign_and_release(ctx, listener, Outcome::SteeredNew)
+}
 
+/// UDP socket match (tproxy's own per-flow sockets only), then listener.
+#[inline(always)]
+fn steer_udp(
+    ctx: &TcContext,
+    tuple: *mut bpf_sock_tuple,
+    tuple_len: u32,
+    slot: ListenerSlot,
+) -> Outcome {
+    let own = unsafe {
+        bpf_sk_lookup_udp(
+            ctx.as_ptr(),
+            tuple,
+            tuple_len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if !own.is_null() {
+        if decision::is_own_udp_socket(unsafe { (*own).mark }, OWN_SOCKET_MARK.load()) {
+            return assign_and_release(ctx, own, Outcome::SteeredEstablished);
+        }
+        unsafe { bpf_sk_release(own as *mut c_void) };
+    }
+    match listener(slot) {
+        Some(listener) => assign_and_release(ctx, listener, Outcome::SteeredNew),
+        None => Outcome::NoListener,
+    }
+}
+
+/// The listener in `slot`, referenced: the caller must release it.
+#[inline(always)]
+fn listener(slot: ListenerSlot) -> Option<*mut bpf_sock> {
     let slot = slot as u32;
     let listener = unsafe {
         bpf_map_lookup_elem(
@@ -248,14 +303,7 @@ fn steer_tcp(
             ptr::addr_of!(slot) as *const c_void,
         )
     } as *mut bpf_sock;
-    if listener.is_null() {
-        return Outcome::NoListener;
-    }
-    if unsafe { (*listener).state } != decision::TCP_LISTEN {
-        unsafe { bpf_sk_release(listener as *mut c_void) };
-        return Outcome::NoListener;
-    }
-    assign_and_release(ctx, listener, Outcome::SteeredNew)
+    (!listener.is_null()).then_some(listener)
 }
 
 /// Assigns `sk` to the packet, drops our reference to it, and marks the packet for local

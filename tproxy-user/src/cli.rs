@@ -25,6 +25,7 @@ pub enum Command {
 
 /// Flags of `tproxy run`.
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("steered").required(true).multiple(true).args(["tcp", "udp"]))]
 pub struct RunArgs {
     /// Interface whose ingress traffic is steered (repeat for several). Steering happens on
     /// arrival, so name the interfaces clients' packets come in on.
@@ -32,9 +33,14 @@ pub struct RunArgs {
     pub ifaces: Vec<String>,
 
     /// Destination TCP ports to steer: a comma-separated list of ports and inclusive ranges,
-    /// e.g. `80,443,8000-8100`.
-    #[arg(long, value_name = "PORTS", value_parser = parse_port_list, required = true)]
-    pub tcp: PortList,
+    /// e.g. `80,443,8000-8100`. At least one of --tcp and --udp is needed.
+    #[arg(long, value_name = "PORTS", value_parser = parse_port_list)]
+    pub tcp: Option<PortList>,
+
+    /// Destination UDP ports to steer, in the same syntax as --tcp. Each (client, original
+    /// destination) pair becomes a session with its own upstream socket.
+    #[arg(long, value_name = "PORTS", value_parser = parse_port_list)]
+    pub udp: Option<PortList>,
 
     /// Only steer packets to these destination prefixes (repeat for several; IPv4 and IPv6).
     /// A bare address means a single host. Default: every destination.
@@ -79,6 +85,35 @@ pub struct RunArgs {
     /// Close a relayed connection after no bytes moved either way for this long.
     #[arg(long = "idle-timeout", value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
     pub idle_timeout: Duration,
+
+    /// End a UDP session after no datagram moved either way for this long.
+    #[arg(long = "udp-idle-timeout", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub udp_idle_timeout: Duration,
+
+    /// Most UDP sessions at once; datagrams of new flows beyond it are dropped (and counted).
+    /// Each session holds two file descriptors.
+    #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 8192)]
+    pub udp_max_sessions: u32,
+
+    /// SO_MARK on tproxy's own per-flow UDP sockets, by which the eBPF program tells them from
+    /// other local sockets. It must not match the routing rule (MARK under MASK), or replies
+    /// would be delivered locally instead of sent.
+    #[arg(long = "socket-mark", value_name = "MARK", value_parser = parse_socket_mark, default_value = "0x2000000")]
+    pub socket_mark: u32,
+}
+
+impl RunArgs {
+    /// Checks what no single flag's parser can: combinations.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.socket_mark & self.mark.mask == self.mark.value {
+            return Err(format!(
+                "--socket-mark {:#x} matches the routing rule's fwmark {}: replies from tproxy's \
+                 UDP sockets would be routed back to this host",
+                self.socket_mark, self.mark
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A set of ports given as a list of inclusive ranges (a single port is a range of one).
@@ -204,6 +239,14 @@ pub fn parse_mark(text: &str) -> Result<Mark, String> {
     Ok(Mark { value, mask })
 }
 
+/// Parses a non-zero socket mark.
+pub fn parse_socket_mark(text: &str) -> Result<u32, String> {
+    match parse_u32(text, "socket mark")? {
+        0 => Err("--socket-mark 0 would make every unmarked local socket look like ours".into()),
+        mark => Ok(mark),
+    }
+}
+
 /// Parses a routing table id, refusing the kernel's reserved tables.
 pub fn parse_table(text: &str) -> Result<u32, String> {
     let table = parse_u32(text, "routing table")?;
@@ -319,5 +362,29 @@ mod tests {
             }
         );
         assert!(args.dst.is_empty());
+        assert!(args.udp.is_none());
+        assert_eq!(args.validate(), Ok(()));
+    }
+
+    #[test]
+    fn tcp_or_udp_is_required_and_the_socket_mark_must_miss_the_rule() {
+        let error = Cli::try_parse_from(["tproxy", "run", "--iface", "eth0"]).unwrap_err();
+        assert!(error.to_string().contains("--tcp"), "{error}");
+        let cli = Cli::try_parse_from([
+            "tproxy",
+            "run",
+            "--iface",
+            "eth0",
+            "--udp",
+            "53",
+            "--socket-mark",
+            "0x1000000",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert!(args
+            .validate()
+            .unwrap_err()
+            .contains("--socket-mark 0x1000000"));
     }
 }

@@ -1,33 +1,43 @@
-//! The transparent listeners that steered connections arrive on. They are bound to loopback
-//! by default, so no packet can reach them by addressing them; the eBPF program hands them
-//! SYNs for any destination through the socket map, and IP_TRANSPARENT is what lets the kernel
-//! answer those SYNs from the original, non-local destination address.
+//! The transparent listeners that steered flows arrive on. They are bound to loopback by
+//! default, so no packet can reach them by addressing them; the eBPF program hands them
+//! packets for any destination through the socket map, and IP_TRANSPARENT is what lets the
+//! kernel answer those from the original, non-local destination address.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, os::fd::AsFd};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 use tproxy_common::maps::ListenerSlot;
 
-/// Pending connections the kernel may queue per listener; clamped by net.core.somaxconn.
+/// Pending connections the kernel may queue per TCP listener; clamped by net.core.somaxconn.
 const BACKLOG: i32 = 4096;
 
-/// A bound, listening transparent socket and the socket-map slot it serves.
-pub struct TransparentListener {
-    pub slot: ListenerSlot,
-    pub socket: std::net::TcpListener,
+/// Which transport a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
 }
 
-/// Binds one transparent TCP listener per address. At most one per address family (the
-/// program has one slot per family). Addresses with port 0 all share the port the kernel
-/// picks for the first of them, so the listeners are "one port" to an operator.
-pub fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TransparentListener>> {
+/// A bound transparent socket (listening, for TCP) and the socket-map slot it serves.
+pub struct TransparentListener {
+    pub slot: ListenerSlot,
+    pub socket: Socket,
+}
+
+/// Binds one transparent listener per address. At most one per address family (the program
+/// has one slot per family and transport). Addresses with port 0 all share the port the
+/// kernel picks for the first of them, so the listeners are "one port" to an operator.
+pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<TransparentListener>> {
     let mut listeners: Vec<TransparentListener> = Vec::new();
     let mut chosen_port = None;
     for &requested in addrs {
-        let slot = match requested {
-            SocketAddr::V4(_) => ListenerSlot::TcpV4,
-            SocketAddr::V6(_) => ListenerSlot::TcpV6,
+        let slot = match (transport, requested) {
+            (Transport::Tcp, SocketAddr::V4(_)) => ListenerSlot::TcpV4,
+            (Transport::Tcp, SocketAddr::V6(_)) => ListenerSlot::TcpV6,
+            (Transport::Udp, SocketAddr::V4(_)) => ListenerSlot::UdpV4,
+            (Transport::Udp, SocketAddr::V6(_)) => ListenerSlot::UdpV6,
         };
         if listeners.iter().any(|l| l.slot == slot) {
             bail!("--listen {requested}: only one listener per address family is supported");
@@ -38,20 +48,28 @@ pub fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TransparentListener>> {
                 addr.set_port(port);
             }
         }
-        let socket = bind_transparent(addr).with_context(|| format!("--listen {requested}"))?;
-        let local = socket.local_addr()?;
+        let socket = bind_transparent(addr, transport)
+            .with_context(|| format!("--listen {requested} ({transport:?})"))?;
+        let local = socket
+            .local_addr()?
+            .as_socket()
+            .context("listener has no IP address")?;
         chosen_port.get_or_insert(local.port());
         if !local.ip().is_loopback() {
-            log::warn!("listener {local} is not on loopback: clients can connect to it directly");
+            log::warn!("listener {local} is not on loopback: clients can reach it directly");
         }
         listeners.push(TransparentListener { slot, socket });
     }
     Ok(listeners)
 }
 
-fn bind_transparent(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .context("creating socket")?;
+fn bind_transparent(addr: SocketAddr, transport: Transport) -> Result<Socket> {
+    let (kind, protocol) = match transport {
+        Transport::Tcp => (Type::STREAM, Protocol::TCP),
+        Transport::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    let socket =
+        Socket::new(Domain::for_address(addr), kind, Some(protocol)).context("creating socket")?;
     match addr {
         SocketAddr::V4(_) => socket.set_ip_transparent_v4(true),
         SocketAddr::V6(_) => {
@@ -64,7 +82,17 @@ fn bind_transparent(addr: SocketAddr) -> Result<std::net::TcpListener> {
     // SO_REUSEPORT: before Linux 6.6 bpf_sk_assign refuses reuseport listeners.
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    if transport == Transport::Udp {
+        // A steered datagram's original destination arrives as a control message.
+        match addr {
+            SocketAddr::V4(_) => setsockopt(&socket.as_fd(), sockopt::Ipv4OrigDstAddr, &true),
+            SocketAddr::V6(_) => setsockopt(&socket.as_fd(), sockopt::Ipv6OrigDstAddr, &true),
+        }
+        .context("enabling IP_RECVORIGDSTADDR")?;
+    }
     socket.bind(&addr.into()).context("binding")?;
-    socket.listen(BACKLOG).context("listening")?;
-    Ok(socket.into())
+    if transport == Transport::Tcp {
+        socket.listen(BACKLOG).context("listening")?;
+    }
+    Ok(socket)
 }

@@ -3,7 +3,8 @@
 //!
 //! The data path, one module each:
 //! packet → [`steering`] (the eBPF program's decision) → [`listener`] (transparent socket)
-//! → [`relay`] (accept, original destination, connect onward, copy) → upstream.
+//! → [`relay`] (TCP: accept, original destination, connect onward, copy) or [`udp`] (a session
+//! per client and original destination) → upstream.
 //! [`routing`] installs the policy routing that makes assigned packets local, and [`run`]
 //! puts the pieces together in the order that leaves nothing behind.
 
@@ -14,6 +15,7 @@ mod relay;
 mod routing;
 mod run;
 mod steering;
+mod udp;
 
 use std::process::ExitCode;
 

@@ -13,21 +13,24 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tproxy_common::Outcome;
+use tproxy_common::{decision::Protocol, Outcome};
 
 use crate::{
     cli::RunArgs,
     instance::InstanceLock,
-    listener::{self, TransparentListener},
+    listener::{self, TransparentListener, Transport},
     relay::{self, RelayConfig, RelayStats},
     routing::{self, PolicyRouting, RoutingSpec},
     steering::{Steering, SteeringSet},
+    udp::{UdpConfig, UdpRelay},
 };
 
 pub async fn run(args: RunArgs) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut report = signal(SignalKind::user_defined1())?;
+    args.validate().map_err(anyhow::Error::msg)?;
     let netlink = routing::connect()?;
     check_interfaces(&netlink, &args.ifaces).await?;
 
@@ -41,16 +44,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
 
     let mut steering = Steering::load(&SteeringSet {
-        tcp: &args.tcp,
+        tcp: args.tcp.as_ref(),
+        udp: args.udp.as_ref(),
         dst: &args.dst,
         mark: args.mark,
+        socket_mark: args.socket_mark,
     })?;
     steering.spawn_log_forwarder()?;
-    let listeners = listener::bind_tcp(&args.listen)?;
-    for listener in &listeners {
+    let bind = |steered: bool, transport| match steered {
+        true => listener::bind_all(&args.listen, transport),
+        false => Ok(Vec::new()),
+    };
+    let tcp_listeners = bind(args.tcp.is_some(), Transport::Tcp)?;
+    let udp_listeners = bind(args.udp.is_some(), Transport::Udp)?;
+    for listener in tcp_listeners.iter().chain(&udp_listeners) {
         steering.register_listener(listener.slot, &listener.socket)?;
     }
-    let relay_config = relay_config(&args, &listeners)?;
+    let listening = Listening::new(tcp_listeners, udp_listeners)?;
+    if let Some(upstream) = args.upstream {
+        if listening.addrs().any(|addr| addr == upstream) {
+            bail!("--upstream {upstream} is one of tproxy's own listeners: that would loop");
+        }
+    }
 
     let routing = PolicyRouting::install(
         &netlink,
@@ -63,15 +78,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )
     .await?;
     let served = async {
-        let relays = start_relays(listeners, relay_config)?;
+        let relays = Relays::start(&args, listening)?;
         let attached = attach_all(&mut steering, &args.ifaces)?;
-        announce_ready(&args, &attached, &relays.addrs);
-        tokio::select! {
-            _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
-            _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
+        announce_ready(&args, &attached, &relays);
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
+                _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
+                _ = report.recv() => {
+                    relays.log_stats(&steering);
+                    continue;
+                }
+            }
+            break;
         }
         relays.stop().await;
-        log_counters(&steering, &relays.stats);
+        relays.log_stats(&steering);
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -108,29 +130,42 @@ async fn check_interfaces(netlink: &rtnetlink::Handle, ifaces: &[String]) -> Res
     Ok(())
 }
 
-fn relay_config(args: &RunArgs, listeners: &[TransparentListener]) -> Result<RelayConfig> {
-    let own_listeners = listeners
-        .iter()
-        .map(|l| l.socket.local_addr())
-        .collect::<Result<Vec<_>, _>>()?;
-    let config = RelayConfig {
-        upstream: args.upstream,
-        connect_timeout: args.connect_timeout,
-        idle_timeout: args.idle_timeout,
-        own_listeners,
-    };
-    if let Some(upstream) = args.upstream {
-        if config.own_listeners.contains(&upstream) {
-            bail!("--upstream {upstream} is one of tproxy's own listeners: that would loop");
-        }
-    }
-    Ok(config)
+/// The bound listeners, by transport, with their addresses.
+struct Listening {
+    tcp: Vec<(SocketAddr, std::net::TcpListener)>,
+    udp: Vec<(SocketAddr, std::net::UdpSocket)>,
 }
 
-/// The accept loops, one per listener, and the connections they relay.
+impl Listening {
+    fn new(tcp: Vec<TransparentListener>, udp: Vec<TransparentListener>) -> Result<Self> {
+        fn with_addr<T: From<socket2::Socket>>(
+            listener: TransparentListener,
+        ) -> Result<(SocketAddr, T)> {
+            let addr = listener
+                .socket
+                .local_addr()?
+                .as_socket()
+                .context("listener address")?;
+            Ok((addr, T::from(listener.socket)))
+        }
+        Ok(Listening {
+            tcp: tcp.into_iter().map(with_addr).collect::<Result<_>>()?,
+            udp: udp.into_iter().map(with_addr).collect::<Result<_>>()?,
+        })
+    }
+
+    fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        let tcp = self.tcp.iter().map(|(addr, _)| *addr);
+        tcp.chain(self.udp.iter().map(|(addr, _)| *addr))
+    }
+}
+
+/// The relays' accept and receive loops, and the connections and sessions they serve.
 struct Relays {
-    addrs: Vec<SocketAddr>,
-    stats: Arc<RelayStats>,
+    tcp_addrs: Vec<SocketAddr>,
+    udp_addrs: Vec<SocketAddr>,
+    tcp_stats: Arc<RelayStats>,
+    udp: Arc<UdpRelay>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -139,7 +174,52 @@ struct Relays {
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Relays {
-    /// Stops accepting and resets the connections in flight.
+    fn start(args: &RunArgs, listening: Listening) -> Result<Self> {
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let tcp_addrs: Vec<SocketAddr> = listening.tcp.iter().map(|(addr, _)| *addr).collect();
+        let udp_addrs: Vec<SocketAddr> = listening.udp.iter().map(|(addr, _)| *addr).collect();
+        let tcp_config = Arc::new(RelayConfig {
+            upstream: args.upstream,
+            connect_timeout: args.connect_timeout,
+            idle_timeout: args.idle_timeout,
+            own_listeners: tcp_addrs.clone(),
+        });
+        let udp = Arc::new(UdpRelay::new(
+            UdpConfig {
+                upstream: args.upstream,
+                idle_timeout: args.udp_idle_timeout,
+                max_sessions: args.udp_max_sessions as usize,
+                socket_mark: args.socket_mark,
+                own_listeners: udp_addrs.clone(),
+            },
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        let relays = Relays {
+            tcp_addrs,
+            udp_addrs,
+            tcp_stats: Arc::default(),
+            udp,
+            shutdown,
+            tasks,
+        };
+        for (_, listener) in listening.tcp {
+            relays.tasks.spawn(relay::serve(
+                tokio::net::TcpListener::from_std(listener)?,
+                tcp_config.clone(),
+                relays.tcp_stats.clone(),
+                relays.shutdown.clone(),
+                relays.tasks.clone(),
+            ));
+        }
+        for (_, socket) in listening.udp {
+            relays.tasks.spawn(relays.udp.clone().serve(socket));
+        }
+        Ok(relays)
+    }
+
+    /// Stops accepting and resets the connections in flight; ends the UDP sessions.
     async fn stop(&self) {
         self.shutdown.cancel();
         self.tasks.close();
@@ -150,28 +230,36 @@ impl Relays {
             );
         }
     }
-}
 
-fn start_relays(listeners: Vec<TransparentListener>, config: RelayConfig) -> Result<Relays> {
-    let config = Arc::new(config);
-    let mut relays = Relays {
-        addrs: Vec::new(),
-        stats: Arc::default(),
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-    };
-    for TransparentListener { slot: _, socket } in listeners {
-        relays.addrs.push(socket.local_addr()?);
-        let socket = tokio::net::TcpListener::from_std(socket)?;
-        relays.tasks.spawn(relay::serve(
-            socket,
-            config.clone(),
-            relays.stats.clone(),
-            relays.shutdown.clone(),
-            relays.tasks.clone(),
-        ));
+    /// Logs the eBPF counters and the relays' totals (on SIGUSR1 and at exit).
+    fn log_stats(&self, steering: &Steering) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match steering.counters() {
+            Ok(counters) => {
+                for protocol in Protocol::ALL {
+                    let row = &counters[protocol as usize];
+                    let line: Vec<String> = Outcome::ALL
+                        .iter()
+                        .filter(|outcome| {
+                            protocol != Protocol::Other || **outcome == Outcome::Passed
+                        })
+                        .map(|outcome| format!("{}={}", outcome.name(), row[*outcome as usize]))
+                        .collect();
+                    log::info!("eBPF {} packets: {}", protocol.name(), line.join(" "));
+                }
+            }
+            Err(error) => log::warn!("reading eBPF counters: {error:#}"),
+        }
+        let tcp = &self.tcp_stats;
+        log::info!(
+            "tcp relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients",
+            tcp.accepted.load(Relaxed),
+            tcp.upstream_failures.load(Relaxed),
+            tcp.bytes_to_upstream.load(Relaxed),
+            tcp.bytes_to_client.load(Relaxed),
+        );
+        log::info!("{}", self.udp.stats.summary());
     }
-    Ok(relays)
 }
 
 /// Attaches to every `--iface`; returns how each was attached, for the ready line.
@@ -182,14 +270,26 @@ fn attach_all(steering: &mut Steering, ifaces: &[String]) -> Result<Vec<String>>
         .collect()
 }
 
-fn announce_ready(args: &RunArgs, attached: &[String], listeners: &[SocketAddr]) {
-    for (family, present) in [
-        ("IPv4", listeners.iter().any(SocketAddr::is_ipv4)),
-        ("IPv6", listeners.iter().any(SocketAddr::is_ipv6)),
+fn announce_ready(args: &RunArgs, attached: &[String], relays: &Relays) {
+    let mut steered = Vec::new();
+    for (name, ports, listeners) in [
+        ("TCP", &args.tcp, &relays.tcp_addrs),
+        ("UDP", &args.udp, &relays.udp_addrs),
     ] {
-        if !present {
-            log::warn!("no {family} listener: steered {family} packets are passed untouched (counted as no_listener)");
+        let Some(ports) = ports else { continue };
+        for (family, present) in [
+            ("IPv4", listeners.iter().any(SocketAddr::is_ipv4)),
+            ("IPv6", listeners.iter().any(SocketAddr::is_ipv6)),
+        ] {
+            if !present {
+                log::warn!("no {family} {name} listener: such steered packets are passed untouched (counted as no_listener)");
+            }
         }
+        let listeners: Vec<String> = listeners.iter().map(ToString::to_string).collect();
+        steered.push(format!(
+            "{name} ports {ports} (listeners {})",
+            listeners.join(", ")
+        ));
     }
     let dst = if args.dst.is_empty() {
         "any destination".to_string()
@@ -200,37 +300,12 @@ fn announce_ready(args: &RunArgs, attached: &[String], listeners: &[SocketAddr])
     let upstream = args
         .upstream
         .map_or("the original destination".to_string(), |u| u.to_string());
-    let listeners: Vec<String> = listeners.iter().map(ToString::to_string).collect();
     log::info!(
-        "ready: steering TCP ports {} to {dst} arriving on {}; listeners {}; relaying to {upstream}; \
-         mark {} table {} rule priority {}",
-        args.tcp,
+        "ready: steering {} to {dst} arriving on {}; relaying to {upstream}; mark {} table {} rule priority {}",
+        steered.join(" and "),
         attached.join(", "),
-        listeners.join(", "),
         args.mark,
         args.table,
         args.rule_priority,
-    );
-}
-
-fn log_counters(steering: &Steering, stats: &RelayStats) {
-    use std::sync::atomic::Ordering::Relaxed;
-    match steering.counters() {
-        Ok(counts) => {
-            let line: Vec<String> = Outcome::ALL
-                .iter()
-                .zip(counts)
-                .map(|(outcome, count)| format!("{}={count}", outcome.name()))
-                .collect();
-            log::info!("eBPF packets: {}", line.join(" "));
-        }
-        Err(error) => log::warn!("reading eBPF counters: {error:#}"),
-    }
-    log::info!(
-        "relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients",
-        stats.accepted.load(Relaxed),
-        stats.upstream_failures.load(Relaxed),
-        stats.bytes_to_upstream.load(Relaxed),
-        stats.bytes_to_client.load(Relaxed),
     );
 }

@@ -13,7 +13,7 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
-use tproxy_common::{maps, Outcome};
+use tproxy_common::{decision::Protocol, maps, Outcome};
 
 use crate::cli::{Mark, PortList};
 
@@ -46,11 +46,17 @@ pub struct Steering {
 
 /// What the program should steer.
 pub struct SteeringSet<'a> {
-    pub tcp: &'a PortList,
+    pub tcp: Option<&'a PortList>,
+    pub udp: Option<&'a PortList>,
     /// Destination prefixes; empty means every destination.
     pub dst: &'a [IpNet],
     pub mark: Mark,
+    /// SO_MARK of tproxy's own UDP sockets.
+    pub socket_mark: u32,
 }
+
+/// Packet counts per protocol (row) and outcome (column), summed over CPUs.
+pub type Counters = [[u64; Outcome::COUNT as usize]; Protocol::COUNT as usize];
 
 impl Steering {
     /// Loads the program (not yet attached anywhere) and fills the steering set.
@@ -60,11 +66,12 @@ impl Steering {
         let ebpf = EbpfLoader::new()
             .override_global(maps::MARK_GLOBAL, &set.mark.value, true)
             .override_global(maps::MARK_MASK_GLOBAL, &set.mark.mask, true)
+            .override_global(maps::OWN_SOCKET_MARK_GLOBAL, &set.socket_mark, true)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
             .load(PROGRAM)
             .context("loading the eBPF object into the kernel")?;
         let mut steering = Steering { ebpf };
-        steering.fill_ports(set.tcp)?;
+        steering.fill_ports(set.tcp, set.udp)?;
         steering.fill_destinations(set.dst)?;
         let program: &mut SchedClassifier = steering.program_mut()?;
         program
@@ -92,11 +99,21 @@ impl Steering {
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
     }
 
-    fn fill_ports(&mut self, tcp: &PortList) -> Result<()> {
+    fn fill_ports(&mut self, tcp: Option<&PortList>, udp: Option<&PortList>) -> Result<()> {
+        let mut protocols = vec![0u8; maps::STEERED_PORTS_LEN as usize];
+        for (list, bit) in [(tcp, maps::PORT_TCP), (udp, maps::PORT_UDP)] {
+            for port in list.into_iter().flat_map(PortList::ports) {
+                protocols[usize::from(port)] |= bit;
+            }
+        }
         let mut ports: Array<_, u8> = Array::try_from(self.map_mut(maps::STEERED_PORTS)?)?;
-        for port in tcp.ports() {
+        for (port, bits) in protocols
+            .into_iter()
+            .enumerate()
+            .filter(|(_, bits)| *bits != 0)
+        {
             ports
-                .set(port.into(), maps::PORT_TCP, 0)
+                .set(port as u32, bits, 0)
                 .with_context(|| format!("adding port {port} to the steering set"))?;
         }
         Ok(())
@@ -197,16 +214,19 @@ impl Steering {
         Ok(mode)
     }
 
-    /// Packet counts per outcome, summed over CPUs, in [`Outcome::ALL`] order.
-    pub fn counters(&self) -> Result<[u64; Outcome::COUNT as usize]> {
+    /// Packet counts per protocol and outcome, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
         let map = self
             .ebpf
             .map(maps::COUNTERS)
             .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
         let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
-        let mut totals = [0u64; Outcome::COUNT as usize];
-        for (index, total) in totals.iter_mut().enumerate() {
-            *total = counters.get(&(index as u32), 0)?.iter().sum();
+        let mut totals = Counters::default();
+        for protocol in Protocol::ALL {
+            for outcome in Outcome::ALL {
+                let index = tproxy_common::decision::counter_index(protocol, outcome);
+                totals[protocol as usize][outcome as usize] = counters.get(&index, 0)?.iter().sum();
+            }
         }
         Ok(totals)
     }

@@ -81,7 +81,7 @@ pub fn run(binary: &Path) -> Result<()> {
     tproxy.stop()?;
     print_log(&tproxy, shown);
     ensure!(
-        tproxy.final_counter("steered_new")? >= 2,
+        tproxy.final_counter("tcp", "steered_new")? >= 2,
         "no connection was steered"
     );
     let programs = ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE)?;

@@ -1,0 +1,419 @@
+//! The UDP relay. A steered datagram that has no session yet arrives on the transparent UDP
+//! listener, with its original destination in a control message. Each (client, original
+//! destination) pair gets a session of two sockets:
+//!
+//! - `upstream`, connected to the original destination (or `--upstream`), carries the
+//!   client's datagrams onward and receives the replies;
+//! - `reply`, a transparent socket bound to the original destination's address and port and
+//!   connected to the client, sends the replies from where the client expects them. Once
+//!   connected it gets tproxy's socket mark, and from then on the eBPF program's UDP socket
+//!   match assigns the client's later datagrams straight to it, bypassing the listener.
+//!
+//! When the reply socket cannot be bound (a local socket holds that port without
+//! SO_REUSEADDR), replies are sent as raw packets with the right source instead, and the
+//! client's datagrams keep arriving on the listener.
+
+mod batch;
+mod raw_reply;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Socket, Type};
+use tokio::{io::Interest, net::UdpSocket};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use raw_reply::RawReplier;
+
+/// How long a failed reply-socket bind is remembered before it is tried again for the same
+/// original destination.
+const UNBINDABLE_FOR: Duration = Duration::from_secs(10);
+/// At most one log line per this interval for each kind of repeated trouble.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How datagrams are relayed.
+#[derive(Debug)]
+pub struct UdpConfig {
+    /// Fixed destination for every session; `None` relays to the original destination.
+    pub upstream: Option<SocketAddr>,
+    pub idle_timeout: Duration,
+    pub max_sessions: usize,
+    /// SO_MARK of our per-flow sockets, which the eBPF program trusts.
+    pub socket_mark: u32,
+    /// Our UDP listeners' addresses: relaying to one of them would loop forever.
+    pub own_listeners: Vec<SocketAddr>,
+}
+
+/// Counts since start (and the active-session gauge), for logs.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    pub active: AtomicU64,
+    pub created: AtomicU64,
+    pub expired: AtomicU64,
+    pub refused_at_cap: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub reply_fallbacks: AtomicU64,
+    pub to_upstream: AtomicU64,
+    pub to_client: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+impl UdpStats {
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        format!(
+            "udp relay: sessions active={} created={} expired={} refused_at_cap={} \
+             ended_by_upstream_error={} raw_reply_fallbacks={}; datagrams to_upstream={} \
+             to_client={} dropped={}",
+            self.active.load(Relaxed),
+            self.created.load(Relaxed),
+            self.expired.load(Relaxed),
+            self.refused_at_cap.load(Relaxed),
+            self.upstream_errors.load(Relaxed),
+            self.reply_fallbacks.load(Relaxed),
+            self.to_upstream.load(Relaxed),
+            self.to_client.load(Relaxed),
+            self.dropped.load(Relaxed),
+        )
+    }
+}
+
+type SessionKey = (SocketAddr, SocketAddr);
+
+/// The relay's shared state: listeners and sessions all hold it.
+pub struct UdpRelay {
+    config: UdpConfig,
+    pub stats: UdpStats,
+    sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    raw: RawReplier,
+    /// Original destinations whose reply-socket bind failed recently, and until when.
+    unbindable: Mutex<HashMap<SocketAddr, Instant>>,
+    cap_log: LogLimiter,
+    trouble_log: LogLimiter,
+    /// Timestamps are kept as milliseconds since this instant, in atomics.
+    epoch: Instant,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+struct Session {
+    client: SocketAddr,
+    original: SocketAddr,
+    upstream: UdpSocket,
+    /// `None`: replies go through [`RawReplier`].
+    reply: Option<UdpSocket>,
+    last_activity_ms: AtomicU64,
+    /// Cancelled when the upstream reports an error (ICMP unreachable and the like).
+    ended: CancellationToken,
+}
+
+impl UdpRelay {
+    pub fn new(config: UdpConfig, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
+        UdpRelay {
+            config,
+            stats: UdpStats::default(),
+            sessions: Mutex::default(),
+            raw: RawReplier::default(),
+            unbindable: Mutex::default(),
+            cap_log: LogLimiter::default(),
+            trouble_log: LogLimiter::default(),
+            epoch: Instant::now(),
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// Receives steered datagrams on `listener` until shutdown.
+    pub async fn serve(self: Arc<Self>, listener: std::net::UdpSocket) {
+        let listener = match UdpSocket::from_std(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                log::error!("UDP listener: {error}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                ready = listener.readable() => if let Err(error) = ready {
+                    log::error!("UDP listener: {error}");
+                    return;
+                },
+            }
+            let received = listener.try_io(Interest::READABLE, || {
+                batch::recv_steered(listener.as_fd(), |client, original, payload| {
+                    self.on_steered(client, original, payload)
+                })
+            });
+            match received {
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => log::warn!("UDP listener: {error}"),
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn on_steered(self: &Arc<Self>, client: SocketAddr, original: SocketAddr, payload: &[u8]) {
+        let existing = self
+            .sessions
+            .lock()
+            .unwrap()
+            .get(&(client, original))
+            .cloned();
+        let Some(session) = existing.or_else(|| self.open_session(client, original)) else {
+            return;
+        };
+        match session.upstream.try_send(payload) {
+            Ok(_) => {
+                self.stats.to_upstream.fetch_add(1, Relaxed);
+                session.last_activity_ms.store(self.now_ms(), Relaxed);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                self.stats.dropped.fetch_add(1, Relaxed);
+            }
+            Err(error) => {
+                log::debug!("{client} -> {original}: upstream: {error}");
+                self.stats.upstream_errors.fetch_add(1, Relaxed);
+                session.ended.cancel();
+            }
+        }
+    }
+
+    fn open_session(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        original: SocketAddr,
+    ) -> Option<Arc<Session>> {
+        let target = self.config.upstream.unwrap_or(original);
+        if self.config.own_listeners.contains(&target) {
+            if self.trouble_log.allow() {
+                log::warn!(
+                    "{client} -> {original}: refusing to relay to our own listener {target}"
+                );
+            }
+            return None;
+        }
+        if self.sessions.lock().unwrap().len() >= self.config.max_sessions {
+            self.stats.refused_at_cap.fetch_add(1, Relaxed);
+            if self.cap_log.allow() {
+                log::warn!(
+                    "UDP session cap ({}) reached: dropping datagrams of new flows ({} so far)",
+                    self.config.max_sessions,
+                    self.stats.refused_at_cap.load(Relaxed)
+                );
+            }
+            return None;
+        }
+        let upstream = match connect_upstream(target) {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                self.stats.upstream_errors.fetch_add(1, Relaxed);
+                if self.trouble_log.allow() {
+                    log::warn!("{client} -> {original}: upstream {target}: {error}");
+                }
+                return None;
+            }
+        };
+        let reply = self.reply_socket(original, client);
+        if reply.is_none() {
+            self.stats.reply_fallbacks.fetch_add(1, Relaxed);
+        }
+        let session = Arc::new(Session {
+            client,
+            original,
+            upstream,
+            reply,
+            last_activity_ms: AtomicU64::new(self.now_ms()),
+            ended: CancellationToken::new(),
+        });
+        self.sessions
+            .lock()
+            .unwrap()
+            .insert((client, original), session.clone());
+        self.stats.created.fetch_add(1, Relaxed);
+        self.stats.active.fetch_add(1, Relaxed);
+        log::debug!("{client} -> {original}: new UDP session via {target}");
+        self.tasks.spawn(self.clone().run_session(session.clone()));
+        Some(session)
+    }
+
+    /// A transparent socket sending from `original` to `client`, or `None` to fall back to
+    /// raw replies.
+    fn reply_socket(&self, original: SocketAddr, client: SocketAddr) -> Option<UdpSocket> {
+        let now = Instant::now();
+        {
+            let mut unbindable = self.unbindable.lock().unwrap();
+            unbindable.retain(|_, until| *until > now);
+            if unbindable.contains_key(&original) {
+                return None;
+            }
+        }
+        match bind_reply_socket(original, client, self.config.socket_mark) {
+            Ok(socket) => Some(socket),
+            Err(error) => {
+                self.unbindable
+                    .lock()
+                    .unwrap()
+                    .insert(original, now + UNBINDABLE_FOR);
+                if self.trouble_log.allow() {
+                    log::warn!(
+                        "cannot bind a reply socket to {original} ({error}): replying through a raw socket"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    async fn run_session(self: Arc<Self>, session: Arc<Session>) {
+        let idle = self.config.idle_timeout;
+        loop {
+            let last = Duration::from_millis(session.last_activity_ms.load(Relaxed));
+            let deadline = self.epoch + last + idle;
+            let client_readable = async {
+                match &session.reply {
+                    Some(reply) => reply.readable().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let moved = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = session.ended.cancelled() => break,
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if Instant::now() >= deadline {
+                        self.stats.expired.fetch_add(1, Relaxed);
+                        log::debug!("{} -> {}: UDP session idle for {idle:?}", session.client, session.original);
+                        break;
+                    }
+                    continue;
+                }
+                ready = session.upstream.readable() => ready.and_then(|()| self.upstream_to_client(&session)),
+                ready = client_readable => ready.and_then(|()| self.client_to_upstream(&session)),
+            };
+            match moved {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => {
+                    self.stats.upstream_errors.fetch_add(1, Relaxed);
+                    log::debug!(
+                        "{} -> {}: UDP session ended: {error}",
+                        session.client,
+                        session.original
+                    );
+                    break;
+                }
+            }
+        }
+        self.sessions
+            .lock()
+            .unwrap()
+            .remove(&(session.client, session.original));
+        self.stats.active.fetch_sub(1, Relaxed);
+    }
+
+    fn upstream_to_client(&self, session: &Session) -> io::Result<()> {
+        let upstream = &session.upstream;
+        upstream.try_io(Interest::READABLE, || {
+            batch::recv(upstream.as_fd(), |replies| {
+                let sent = match &session.reply {
+                    Some(reply) => batch::send(reply.as_fd(), replies).unwrap_or(0),
+                    None => replies
+                        .iter()
+                        .filter(|reply| {
+                            self.raw
+                                .send(session.original, session.client, reply)
+                                .is_ok()
+                        })
+                        .count(),
+                };
+                self.count_moved(session, &self.stats.to_client, replies.len(), sent);
+            })
+        })
+    }
+
+    fn client_to_upstream(&self, session: &Session) -> io::Result<()> {
+        let Some(reply) = &session.reply else {
+            return Ok(());
+        };
+        reply.try_io(Interest::READABLE, || {
+            batch::recv(reply.as_fd(), |datagrams| {
+                batch::send(session.upstream.as_fd(), datagrams).map(|sent| {
+                    self.count_moved(session, &self.stats.to_upstream, datagrams.len(), sent)
+                })
+            })?
+        })
+    }
+
+    fn count_moved(&self, session: &Session, direction: &AtomicU64, received: usize, sent: usize) {
+        direction.fetch_add(sent as u64, Relaxed);
+        self.stats
+            .dropped
+            .fetch_add((received - sent) as u64, Relaxed);
+        session.last_activity_ms.store(self.now_ms(), Relaxed);
+    }
+}
+
+fn unspecified(like: SocketAddr) -> SocketAddr {
+    match like.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+fn connect_upstream(target: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(unspecified(target))?;
+    socket.connect(target)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+fn bind_reply_socket(original: SocketAddr, client: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(original), Type::DGRAM, None)?;
+    match original {
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_ip_transparent_v6(true)?;
+        }
+    }
+    // Sessions of several clients to one destination each bind its address and port.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&original.into())?;
+    socket.connect(&client.into())?;
+    // Only now, connected to its own client, may the eBPF program find and trust it: marked
+    // any earlier, the bound-but-unconnected socket would match other clients' datagrams.
+    socket.set_mark(mark)?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Lets one message through per [`LOG_INTERVAL`].
+#[derive(Default)]
+struct LogLimiter {
+    last: Mutex<Option<Instant>>,
+}
+
+impl LogLimiter {
+    fn allow(&self) -> bool {
+        let mut last = self.last.lock().unwrap();
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < LOG_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
