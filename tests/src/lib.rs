@@ -303,6 +303,12 @@ impl Tproxy {
 
 impl Drop for Tproxy {
     fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "--- tproxy log ---\n{}\n--- end of tproxy log ---",
+                self.log_text()
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -482,4 +488,77 @@ pub fn digest_to_eof(reader: &mut impl Read) -> std::io::Result<(u64, u64)> {
 /// Length and hash of `bytes`, as [`digest_to_eof`] computes them.
 pub fn digest(bytes: &[u8]) -> (u64, u64) {
     digest_to_eof(&mut &bytes[..]).expect("reading a slice")
+}
+
+/// A UDP echo server on its own thread: sends every datagram back to its sender and records
+/// the sender's address. Stops when dropped.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpEcho {
+    pub fn start(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let socket = netns
+            .run(move || std::net::UdpSocket::bind(addr))
+            .with_context(|| format!("binding UDP {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let addr = socket.local_addr()?;
+        let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, stopped) = (peers.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut buffer = vec![0u8; 65536];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((len, peer)) = socket.recv_from(&mut buffer) {
+                    seen.lock().unwrap().push(peer);
+                    let _ = socket.send_to(&buffer[..len], peer);
+                }
+            }
+        });
+        Ok(UdpEcho { addr, peers, stop })
+    }
+
+    /// The distinct IP addresses that sent datagrams.
+    pub fn peer_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self.peers.lock().unwrap().iter().map(|p| p.ip()).collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A UDP socket in `netns` bound to an ephemeral port of `like`'s family.
+pub fn udp_client(netns: &Netns, like: SocketAddr) -> Result<std::net::UdpSocket> {
+    let any: SocketAddr = if like.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()?;
+    let socket = netns.run(move || std::net::UdpSocket::bind(any))?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(socket)
+}
+
+/// Sends `payload` to `to` and waits for one datagram back; returns it and its source.
+pub fn udp_exchange(
+    socket: &std::net::UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+) -> Result<(Vec<u8>, SocketAddr)> {
+    socket.send_to(payload, to)?;
+    let mut buffer = vec![0u8; 65536];
+    let (len, from) = socket
+        .recv_from(&mut buffer)
+        .with_context(|| format!("no reply from {to}"))?;
+    buffer.truncate(len);
+    Ok((buffer, from))
 }

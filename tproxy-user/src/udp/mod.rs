@@ -176,7 +176,9 @@ impl UdpRelay {
         let Some(session) = existing.or_else(|| self.open_session(client, original)) else {
             return;
         };
-        match session.upstream.try_send(payload) {
+        // A direct send, not tokio's try_send: a socket tokio has not yet seen writable would
+        // refuse without trying.
+        match batch::send(session.upstream.as_fd(), &[payload]) {
             Ok(_) => {
                 self.stats.to_upstream.fetch_add(1, Relaxed);
                 session.last_activity_ms.store(self.now_ms(), Relaxed);
@@ -300,7 +302,13 @@ impl UdpRelay {
                     }
                     continue;
                 }
-                ready = session.upstream.readable() => ready.and_then(|()| self.upstream_to_client(&session)),
+                // An ICMP error (port unreachable) shows as an error condition, not as
+                // readability: UDP's poll reports no EPOLLIN for it.
+                ready = session.upstream.ready(Interest::READABLE | Interest::ERROR) => match ready {
+                    Ok(ready) if ready.is_error() => upstream_error(&session.upstream),
+                    Ok(_) => self.upstream_to_client(&session),
+                    Err(error) => Err(error),
+                },
                 ready = client_readable => ready.and_then(|()| self.client_to_upstream(&session)),
             };
             match moved {
@@ -363,6 +371,20 @@ impl UdpRelay {
             .dropped
             .fetch_add((received - sent) as u64, Relaxed);
         session.last_activity_ms.store(self.now_ms(), Relaxed);
+    }
+}
+
+/// The pending error of an upstream socket, which ends its session. If another call already
+/// consumed it, the stale error readiness is cleared and the session goes on.
+fn upstream_error(upstream: &UdpSocket) -> io::Result<()> {
+    match upstream.take_error()? {
+        Some(error) => Err(error),
+        None => {
+            let _ = upstream.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,254 @@
+//! UDP through tproxy on the router: sessions per (client, original destination), replies
+//! from the original destination's address and port, limits, expiry and errors.
+
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tproxy_tests::{require_root, udp_client, udp_exchange, RouterTopology as Topo, UdpEcho};
+
+const PORT: u16 = 5300;
+
+#[test]
+fn request_response_from_many_client_ports_over_ipv4_and_ipv6() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    for v6 in [false, true] {
+        let server = UdpEcho::start(&topo.server, Topo::server_addr(v6, PORT)).unwrap();
+        // Many clients to one destination: each session's reply socket is bound to the same
+        // address and port, and each must get only its own client's datagrams.
+        let clients: Vec<_> = (0..50)
+            .map(|_| udp_client(&topo.client, server.addr).unwrap())
+            .collect();
+        for round in 0..3 {
+            for (i, client) in clients.iter().enumerate() {
+                let request = format!("client {i} round {round}");
+                let (reply, from) = udp_exchange(client, server.addr, request.as_bytes()).unwrap();
+                assert_eq!(reply, request.as_bytes(), "v6={v6}");
+                assert_eq!(
+                    from, server.addr,
+                    "the reply comes from the original destination"
+                );
+            }
+        }
+        assert_eq!(
+            server.peer_ips(),
+            [Topo::router_as_seen_by_server(v6)],
+            "v6={v6}"
+        );
+        let relay_ports: std::collections::HashSet<u16> = server
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(SocketAddr::port)
+            .collect();
+        assert_eq!(relay_ports.len(), 50, "one upstream socket per client");
+    }
+    tproxy.stop().unwrap();
+    assert_eq!(tproxy.final_counter("udp", "steered_new").unwrap(), 100);
+    // Rounds two and three reached the sessions' own sockets, not the listener.
+    assert!(tproxy.final_counter("udp", "steered_established").unwrap() >= 200);
+    assert_eq!(tproxy.last_value("udp relay:", "created").unwrap(), 100);
+}
+
+#[test]
+fn sizes_from_one_byte_to_the_path_mtu() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    // MTU 1500 minus the IP and UDP headers.
+    for (v6, largest) in [(false, 1472), (true, 1452)] {
+        let server = UdpEcho::start(&topo.server, Topo::server_addr(v6, PORT)).unwrap();
+        let client = udp_client(&topo.client, server.addr).unwrap();
+        for len in [1, 1400, largest] {
+            let payload = tproxy_tests::payload(len, len as u64);
+            let (reply, from) = udp_exchange(&client, server.addr, &payload).unwrap();
+            assert_eq!(reply, payload, "v6={v6} len={len}");
+            assert_eq!(from, server.addr);
+        }
+    }
+}
+
+#[test]
+fn one_flow_of_100_000_datagrams() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
+    let client = udp_client(&topo.client, server.addr).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    const TOTAL: u64 = 100_000;
+    const WINDOW: u64 = 64;
+    let started = Instant::now();
+    let (mut sent, mut replies, mut in_flight) = (0u64, 0u64, 0u64);
+    let (datagram, mut buffer) = ([0x5au8; 1400], [0u8; 2048]);
+    while sent < TOTAL || in_flight > 0 {
+        // Keep at most WINDOW datagrams in flight, as a paced sender would.
+        while sent < TOTAL && in_flight < WINDOW {
+            client.send_to(&datagram, server.addr).unwrap();
+            sent += 1;
+            in_flight += 1;
+        }
+        match client.recv_from(&mut buffer) {
+            Ok(_) => {
+                replies += 1;
+                in_flight -= 1;
+            }
+            // Nothing for 500 ms: whatever is in flight is lost.
+            Err(_) => in_flight = 0,
+        }
+    }
+    let elapsed = started.elapsed();
+    tproxy.stop().unwrap();
+    let relayed = tproxy.last_value("udp relay:", "to_client").unwrap();
+    let lost = TOTAL - replies;
+    eprintln!(
+        "{TOTAL} datagrams of 1400 bytes echoed in {elapsed:?}: {replies} replies received, \
+         {relayed} relayed back by tproxy, {lost} lost"
+    );
+    assert!(lost * 1000 <= TOTAL, "lost {lost} of {TOTAL} (over 0.1%)");
+    assert_eq!(
+        tproxy.last_value("udp relay:", "created").unwrap(),
+        1,
+        "one flow, one session"
+    );
+}
+
+#[test]
+fn five_thousand_concurrent_flows_then_idle_expiry() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo
+        .tproxy(&[
+            "--udp",
+            "5300",
+            "--udp-max-sessions",
+            "6000",
+            "--udp-idle-timeout",
+            "3s",
+        ])
+        .unwrap();
+    let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
+    let clients: Vec<_> = (0..5000)
+        .map(|_| udp_client(&topo.client, server.addr).unwrap())
+        .collect();
+    for (i, client) in clients.iter().enumerate() {
+        let request = i.to_string();
+        let (reply, _) = udp_exchange(client, server.addr, request.as_bytes()).unwrap();
+        assert_eq!(reply, request.as_bytes());
+    }
+    assert_eq!(tproxy.udp_stat("active").unwrap(), 5000);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tproxy.udp_stat("active").unwrap() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "sessions did not expire: {}",
+            tproxy.log_text()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(tproxy.udp_stat("expired").unwrap(), 5000);
+    assert_eq!(tproxy.udp_stat("refused_at_cap").unwrap(), 0);
+}
+
+#[test]
+fn at_the_session_cap_new_flows_are_refused_and_existing_ones_keep_working() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo
+        .tproxy(&["--udp", "5300", "--udp-max-sessions", "3"])
+        .unwrap();
+    let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
+    let existing: Vec<_> = (0..3)
+        .map(|_| udp_client(&topo.client, server.addr).unwrap())
+        .collect();
+    for client in &existing {
+        udp_exchange(client, server.addr, b"first").unwrap();
+    }
+    let newcomer = udp_client(&topo.client, server.addr).unwrap();
+    newcomer
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(udp_exchange(&newcomer, server.addr, b"let me in").is_err());
+    assert!(udp_exchange(&newcomer, server.addr, b"please").is_err());
+    tproxy
+        .wait_for_line("UDP session cap (3) reached", Duration::from_secs(5))
+        .unwrap();
+    for client in &existing {
+        let (reply, _) = udp_exchange(client, server.addr, b"still here").unwrap();
+        assert_eq!(reply, b"still here");
+    }
+    assert_eq!(tproxy.udp_stat("refused_at_cap").unwrap(), 2);
+    assert_eq!(tproxy.udp_stat("active").unwrap(), 3);
+}
+
+#[test]
+fn a_closed_upstream_port_ends_the_session_and_says_why() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "5300,5301"]).unwrap();
+    // Nothing listens on 5301: the server answers with ICMP port unreachable.
+    let closed = Topo::server_addr(false, 5301);
+    let client = udp_client(&topo.client, closed).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for _ in 0..3 {
+        assert!(udp_exchange(&client, closed, b"anyone?").is_err());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tproxy.udp_stat("active").unwrap() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the session outlived the ICMP error"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tproxy.udp_stat("ended_by_upstream_error").unwrap() >= 1);
+    // The relay is still serving.
+    let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
+    let (reply, _) = udp_exchange(&client, server.addr, b"hello").unwrap();
+    assert_eq!(reply, b"hello");
+    tproxy.stop().unwrap();
+}
+
+#[test]
+fn unsteered_udp_and_a_local_wildcard_service_are_left_alone() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    // A service on the router listening on the steered port's wildcard (dual-stack). The
+    // socket match finds it for every destination, but it is not ours: steered flows are
+    // relayed, and since it holds the port without SO_REUSEADDR, replies go out as raw packets.
+    let local = UdpEcho::start(&topo.router, "[::]:5300".parse().unwrap()).unwrap();
+    for v6 in [false, true] {
+        // Another port: not steered, the server sees the client.
+        let other = UdpEcho::start(&topo.server, Topo::server_addr(v6, 5400)).unwrap();
+        let client = udp_client(&topo.client, other.addr).unwrap();
+        udp_exchange(&client, other.addr, b"plain").unwrap();
+        assert_eq!(other.peer_ips(), [Topo::client_ip(v6)]);
+
+        let server = UdpEcho::start(&topo.server, Topo::server_addr(v6, PORT)).unwrap();
+        for _ in 0..3 {
+            let (reply, from) = udp_exchange(&client, server.addr, b"steered").unwrap();
+            assert_eq!(
+                (reply.as_slice(), from),
+                (&b"steered"[..], server.addr),
+                "v6={v6}"
+            );
+        }
+        assert!(
+            local.peers.lock().unwrap().is_empty(),
+            "the local service captured a steered flow"
+        );
+        assert_eq!(server.peer_ips(), [Topo::router_as_seen_by_server(v6)]);
+    }
+    assert_eq!(tproxy.udp_stat("raw_reply_fallbacks").unwrap(), 2);
+    tproxy.stop().unwrap();
+}
