@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use tproxy_tests::{
-    digest, digest_to_eof, ingress_programs, payload, routing_state, RouterTopology as Topo,
-    Server, Tproxy,
+    digest, digest_to_eof, ingress_programs, payload, routing_state, udp_client,
+    RouterTopology as Topo, Server, Tproxy, UdpEcho,
 };
 
 const PORT: u16 = 80;
@@ -19,6 +19,11 @@ const PORT: u16 = 80;
 const SINK_PORT: u16 = 5001;
 const THROUGHPUT_BYTES: usize = 1 << 30;
 const THROUGHPUT_RUNS: usize = 3;
+/// Where the UDP echo servers listen (steered).
+const UDP_PORT: u16 = 5300;
+/// Datagrams per UDP rate run, and how many may be in flight at once.
+const UDP_DATAGRAMS: u64 = 100_000;
+const UDP_WINDOW: u64 = 64;
 
 pub fn run(binary: &Path) -> Result<()> {
     crate::require_root("the demo creates network namespaces and attaches a BPF program")?;
@@ -50,15 +55,28 @@ pub fn run(binary: &Path) -> Result<()> {
         },
     );
     servers.push(sink?);
+    let udp_servers =
+        [false, true].map(|v6| UdpEcho::start(&topo.server, Topo::server_addr(v6, UDP_PORT)));
+    let udp_servers = udp_servers.into_iter().collect::<Result<Vec<_>>>()?;
 
     println!("\n== Without tproxy: the router only forwards");
     for v6 in [false, true] {
         exchange(&topo, v6)?;
+        udp_exchange(&topo, v6)?;
     }
     let direct = throughput(&topo)?;
+    let direct_udp = udp_rate(&topo)?;
 
     let ports = format!("{PORT},{SINK_PORT}");
-    let args = ["--iface", Topo::ROUTER_CLIENT_IFACE, "--tcp", &ports];
+    let udp_port = UDP_PORT.to_string();
+    let args = [
+        "--iface",
+        Topo::ROUTER_CLIENT_IFACE,
+        "--tcp",
+        &ports,
+        "--udp",
+        &udp_port,
+    ];
     println!("\n== tproxy run {}", args.join(" "));
     let mut tproxy = Tproxy::start(&topo.router, &args)?;
     print_log(&tproxy, 0);
@@ -71,10 +89,21 @@ pub fn run(binary: &Path) -> Result<()> {
             seen == Topo::router_as_seen_by_server(v6).to_string(),
             "the server saw {seen}: not intercepted"
         );
+        udp_exchange(&topo, v6)?;
+    }
+    let router_ips = [false, true].map(|v6| Topo::router_as_seen_by_server(v6));
+    for server in &udp_servers {
+        let peers = server.peer_ips();
+        let intercepted = peers.iter().filter(|ip| router_ips.contains(ip)).count();
+        ensure!(
+            intercepted == 1,
+            "UDP server peers {peers:?}: not intercepted"
+        );
     }
     println!("\n   relay log (original destination as the relay saw it, bytes moved):");
     print_log(&tproxy, shown);
     let proxied = throughput(&topo)?;
+    let proxied_udp = udp_rate(&topo)?;
     shown = tproxy.log_text().lines().count();
 
     println!("\n== Stopping tproxy (SIGTERM): counters, then clean-up");
@@ -104,7 +133,19 @@ pub fn run(binary: &Path) -> Result<()> {
         proxied,
         100.0 * proxied / direct
     );
-    drop(servers);
+    println!(
+        "\n== UDP echo rate, one flow, {UDP_DATAGRAMS} datagrams of 64 bytes, {UDP_WINDOW} in flight"
+    );
+    println!(
+        "   direct (router forwarding)  {:>8.0} datagrams/s each way",
+        direct_udp
+    );
+    println!(
+        "   through tproxy              {:>8.0} datagrams/s each way  ({:.0}% of direct)",
+        proxied_udp,
+        100.0 * proxied_udp / direct_udp
+    );
+    drop((servers, udp_servers));
     println!("\n== Demo OK: all namespaces removed");
     Ok(())
 }
@@ -149,6 +190,46 @@ fn exchange(topo: &Topo, v6: bool) -> Result<String> {
     };
     println!("   client → {addr}: server got {len} bytes intact, from {peer} ({who})");
     Ok(peer.to_string())
+}
+
+/// Sends one datagram to the UDP echo server and prints where the reply came from.
+fn udp_exchange(topo: &Topo, v6: bool) -> Result<()> {
+    let addr = Topo::server_addr(v6, UDP_PORT);
+    let client = udp_client(&topo.client, addr)?;
+    let (reply, from) = tproxy_tests::udp_exchange(&client, addr, b"ping")?;
+    ensure!(reply == b"ping", "UDP echo corrupted");
+    println!("   client → {addr} (UDP): reply came from {from}");
+    Ok(())
+}
+
+/// Echoed datagrams per second on one flow, with a window of datagrams in flight.
+fn udp_rate(topo: &Topo) -> Result<f64> {
+    let addr = Topo::server_addr(false, UDP_PORT);
+    let client = udp_client(&topo.client, addr)?;
+    client.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let (datagram, mut buffer) = ([0x5au8; 64], [0u8; 2048]);
+    let (mut sent, mut replies, mut in_flight) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    while sent < UDP_DATAGRAMS || in_flight > 0 {
+        while sent < UDP_DATAGRAMS && in_flight < UDP_WINDOW {
+            client.send_to(&datagram, addr)?;
+            sent += 1;
+            in_flight += 1;
+        }
+        match client.recv_from(&mut buffer) {
+            Ok(_) => {
+                replies += 1;
+                in_flight -= 1;
+            }
+            Err(_) => in_flight = 0,
+        }
+    }
+    ensure!(
+        replies * 100 >= UDP_DATAGRAMS * 99,
+        "lost {} of {UDP_DATAGRAMS} datagrams",
+        UDP_DATAGRAMS - replies
+    );
+    Ok(replies as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Median single-stream throughput from client to server, in Gbit/s.
