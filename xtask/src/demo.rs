@@ -91,7 +91,7 @@ pub fn run(binary: &Path) -> Result<()> {
         );
         udp_exchange(&topo, v6)?;
     }
-    let router_ips = [false, true].map(|v6| Topo::router_as_seen_by_server(v6));
+    let router_ips = [false, true].map(Topo::router_as_seen_by_server);
     for server in &udp_servers {
         let peers = server.peer_ips();
         let intercepted = peers.iter().filter(|ip| router_ips.contains(ip)).count();
