@@ -14,6 +14,7 @@ mod listener;
 mod relay;
 mod routing;
 mod run;
+mod splice;
 mod steering;
 mod udp;
 

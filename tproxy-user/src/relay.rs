@@ -16,17 +16,15 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{ReadHalf, WriteHalf},
-        TcpListener, TcpStream,
-    },
+    net::{TcpListener, TcpStream},
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Read buffer per direction, allocated only once that direction has data to move.
-const BUFFER_SIZE: usize = 64 * 1024;
+use crate::splice::{self, PipePool};
+
+/// Pipes for splicing, shared by every connection.
+static PIPES: PipePool = PipePool::new();
 /// How long to wait before accepting again after the process ran out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -93,7 +91,7 @@ pub async fn serve(
 }
 
 async fn relay(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     config: &RelayConfig,
     stats: &RelayStats,
@@ -112,7 +110,7 @@ async fn relay(
         reset(&client);
         return;
     }
-    let mut upstream = match connect(target, config.connect_timeout).await {
+    let upstream = match connect(target, config.connect_timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
@@ -126,7 +124,7 @@ async fn relay(
 
     let traffic = Traffic::default();
     let result = tokio::select! {
-        result = pipe(&mut client, &mut upstream, config.idle_timeout, &traffic) => result,
+        result = pipe(&client, &upstream, config.idle_timeout, &traffic) => result,
         () = shutdown.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "tproxy is stopping")),
     };
     let (up, down) = (
@@ -207,27 +205,19 @@ impl Traffic {
 /// other side and the opposite direction keeps running (half-close); returns once both are
 /// done, on the first error, or when the connection has been idle too long.
 async fn pipe(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    client: &TcpStream,
+    upstream: &TcpStream,
     idle_timeout: Duration,
     traffic: &Traffic,
 ) -> io::Result<()> {
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
     let both = async {
         tokio::try_join!(
-            copy_until_eof(
-                &mut client_read,
-                &mut upstream_write,
-                traffic,
-                &traffic.to_upstream
-            ),
-            copy_until_eof(
-                &mut upstream_read,
-                &mut client_write,
-                traffic,
-                &traffic.to_client
-            ),
+            splice::relay_until_eof(client, upstream, &PIPES, |bytes| {
+                traffic.moved(&traffic.to_upstream, bytes)
+            }),
+            splice::relay_until_eof(upstream, client, &PIPES, |bytes| {
+                traffic.moved(&traffic.to_client, bytes)
+            }),
         )
     };
     tokio::select! {
@@ -236,25 +226,6 @@ async fn pipe(
             io::ErrorKind::TimedOut,
             format!("idle for {idle_timeout:?}"),
         )),
-    }
-}
-
-async fn copy_until_eof(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
-    traffic: &Traffic,
-    direction: &AtomicU64,
-) -> io::Result<()> {
-    // An idle connection holds no buffer: memory follows traffic, not connection count.
-    from.readable().await?;
-    let mut buffer = vec![0u8; BUFFER_SIZE];
-    loop {
-        let read = from.read(&mut buffer).await?;
-        if read == 0 {
-            return to.shutdown().await;
-        }
-        to.write_all(&buffer[..read]).await?;
-        traffic.moved(direction, read);
     }
 }
 
