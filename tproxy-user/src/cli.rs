@@ -29,8 +29,18 @@ pub enum Command {
 pub struct RunArgs {
     /// Interface whose ingress traffic is steered (repeat for several). Steering happens on
     /// arrival, so name the interfaces clients' packets come in on.
-    #[arg(long = "iface", value_name = "IF", required = true)]
+    #[arg(
+        long = "iface",
+        value_name = "IF",
+        required_unless_present = "relay_only"
+    )]
     pub ifaces: Vec<String>,
+
+    /// Run only the listeners and the relay: steering is done by something else, such as an
+    /// existing iptables/nft TPROXY rule set pointed at --listen (give it a fixed port). No
+    /// program is attached and no policy routing is installed.
+    #[arg(long = "relay-only", conflicts_with_all = ["ifaces", "dst"])]
+    pub relay_only: bool,
 
     /// Destination TCP ports to steer: a comma-separated list of ports and inclusive ranges,
     /// e.g. `80,443,8000-8100`. At least one of --tcp and --udp is needed.

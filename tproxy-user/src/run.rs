@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
 use tokio::{
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -27,13 +27,15 @@ use crate::{
 
 pub async fn run(args: RunArgs) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut report = signal(SignalKind::user_defined1())?;
+    let mut signals = Signals::register()?;
     args.validate().map_err(anyhow::Error::msg)?;
+    if args.relay_only {
+        let listening = bind_listeners(&args, None)?;
+        return serve(&args, listening, None, &mut signals).await;
+    }
+
     let netlink = routing::connect()?;
     check_interfaces(&netlink, &args.ifaces).await?;
-
     let _lock = InstanceLock::acquire(args.table)?;
     let stale = routing::remove_ours(&netlink, args.table).await?;
     if stale > 0 {
@@ -51,22 +53,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         socket_mark: args.socket_mark,
     })?;
     steering.spawn_log_forwarder()?;
-    let bind = |steered: bool, transport| match steered {
-        true => listener::bind_all(&args.listen, transport),
-        false => Ok(Vec::new()),
-    };
-    let tcp_listeners = bind(args.tcp.is_some(), Transport::Tcp)?;
-    let udp_listeners = bind(args.udp.is_some(), Transport::Udp)?;
-    for listener in tcp_listeners.iter().chain(&udp_listeners) {
-        steering.register_listener(listener.slot, &listener.socket)?;
-    }
-    let listening = Listening::new(tcp_listeners, udp_listeners)?;
-    if let Some(upstream) = args.upstream {
-        if listening.addrs().any(|addr| addr == upstream) {
-            bail!("--upstream {upstream} is one of tproxy's own listeners: that would loop");
-        }
-    }
-
+    let listening = bind_listeners(&args, Some(&mut steering))?;
     let routing = PolicyRouting::install(
         &netlink,
         RoutingSpec {
@@ -77,29 +64,78 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
     )
     .await?;
-    let served = async {
-        let relays = Relays::start(&args, listening)?;
-        let attached = attach_all(&mut steering, &args.ifaces)?;
-        announce_ready(&args, &attached, &relays);
-        loop {
-            tokio::select! {
-                _ = interrupt.recv() => log::info!("SIGINT: shutting down"),
-                _ = terminate.recv() => log::info!("SIGTERM: shutting down"),
-                _ = report.recv() => {
-                    relays.log_stats(&steering);
-                    continue;
-                }
-            }
-            break;
-        }
-        relays.stop().await;
-        relays.log_stats(&steering);
-        Ok::<_, anyhow::Error>(())
-    }
-    .await;
+    let served = serve(&args, listening, Some(&mut steering), &mut signals).await;
     drop(steering);
     let removed = routing.remove().await.context("removing policy routing");
     served.and(removed)
+}
+
+/// The signals `tproxy run` acts on.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    report: Signal,
+}
+
+impl Signals {
+    fn register() -> Result<Self> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            report: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
+/// Binds the listeners for the steered protocols and, when steering, puts them in its
+/// socket map.
+fn bind_listeners(args: &RunArgs, steering: Option<&mut Steering>) -> Result<Listening> {
+    let bind = |steered: bool, transport| match steered {
+        true => listener::bind_all(&args.listen, transport),
+        false => Ok(Vec::new()),
+    };
+    let tcp = bind(args.tcp.is_some(), Transport::Tcp)?;
+    let udp = bind(args.udp.is_some(), Transport::Udp)?;
+    if let Some(steering) = steering {
+        for listener in tcp.iter().chain(&udp) {
+            steering.register_listener(listener.slot, &listener.socket)?;
+        }
+    }
+    Listening::new(tcp, udp)
+}
+
+/// Relays until SIGINT/SIGTERM, attaching the program (when steering) once the relays run.
+async fn serve(
+    args: &RunArgs,
+    listening: Listening,
+    mut steering: Option<&mut Steering>,
+    signals: &mut Signals,
+) -> Result<()> {
+    if let Some(upstream) = args.upstream {
+        if listening.addrs().any(|addr| addr == upstream) {
+            bail!("--upstream {upstream} is one of tproxy's own listeners: that would loop");
+        }
+    }
+    let relays = Relays::start(args, listening)?;
+    let attached = match steering.as_deref_mut() {
+        Some(steering) => attach_all(steering, &args.ifaces)?,
+        None => Vec::new(),
+    };
+    announce_ready(args, &attached, &relays);
+    loop {
+        tokio::select! {
+            _ = signals.interrupt.recv() => log::info!("SIGINT: shutting down"),
+            _ = signals.terminate.recv() => log::info!("SIGTERM: shutting down"),
+            _ = signals.report.recv() => {
+                relays.log_stats(steering.as_deref());
+                continue;
+            }
+        }
+        break;
+    }
+    relays.stop().await;
+    relays.log_stats(steering.as_deref());
+    Ok(())
 }
 
 /// Each `--iface` must exist here, once, and carry Ethernet framing: the program parses an
@@ -232,10 +268,11 @@ impl Relays {
     }
 
     /// Logs the eBPF counters and the relays' totals (on SIGUSR1 and at exit).
-    fn log_stats(&self, steering: &Steering) {
+    fn log_stats(&self, steering: Option<&Steering>) {
         use std::sync::atomic::Ordering::Relaxed;
-        match steering.counters() {
-            Ok(counters) => {
+        match steering.map(Steering::counters) {
+            None => {}
+            Some(Ok(counters)) => {
                 for protocol in Protocol::ALL {
                     let row = &counters[protocol as usize];
                     let line: Vec<String> = Outcome::ALL
@@ -248,7 +285,7 @@ impl Relays {
                     log::info!("eBPF {} packets: {}", protocol.name(), line.join(" "));
                 }
             }
-            Err(error) => log::warn!("reading eBPF counters: {error:#}"),
+            Some(Err(error)) => log::warn!("reading eBPF counters: {error:#}"),
         }
         let tcp = &self.tcp_stats;
         log::info!(
@@ -281,7 +318,7 @@ fn announce_ready(args: &RunArgs, attached: &[String], relays: &Relays) {
             ("IPv4", listeners.iter().any(SocketAddr::is_ipv4)),
             ("IPv6", listeners.iter().any(SocketAddr::is_ipv6)),
         ] {
-            if !present {
+            if !present && !args.relay_only {
                 log::warn!("no {family} {name} listener: such steered packets are passed untouched (counted as no_listener)");
             }
         }
@@ -300,6 +337,13 @@ fn announce_ready(args: &RunArgs, attached: &[String], relays: &Relays) {
     let upstream = args
         .upstream
         .map_or("the original destination".to_string(), |u| u.to_string());
+    if args.relay_only {
+        log::info!(
+            "ready: relay only (steering is left to others): {}; relaying to {upstream}",
+            steered.join(" and ")
+        );
+        return;
+    }
     log::info!(
         "ready: steering {} to {dst} arriving on {}; relaying to {upstream}; mark {} table {} rule priority {}",
         steered.join(" and "),

@@ -11,8 +11,12 @@ use crate::check;
 
 /// bpf-linker release known to build against the LLVM versions nightly uses here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the kernel tests and the demo call: `ip` and `tc`.
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("tc", "iproute2")];
+/// Debian packages the kernel tests and the demo call, by the command they provide.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("iptables", "iptables"),
+];
 
 pub fn run() -> Result<()> {
     ensure_rust_src()?;
