@@ -217,6 +217,11 @@ impl Tproxy {
         }
     }
 
+    /// The process id of `tproxy`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything logged so far.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")

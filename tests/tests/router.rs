@@ -310,3 +310,64 @@ fn a_connection_straight_to_the_listener_is_refused_not_looped() {
         tproxy.log_text()
     );
 }
+
+#[test]
+fn a_new_connection_reusing_a_time_wait_tuple_is_accepted_promptly() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
+    for v6 in [false, true] {
+        // The server speaks and closes first, so the relay closes its client side first and
+        // the router keeps that side's tuple in TIME_WAIT.
+        let server = Server::tell_peer(&topo.server, Topo::server_addr(v6, 80)).unwrap();
+        let client = std::net::SocketAddr::new(Topo::client_ip(v6), 40000);
+        for round in 0..3 {
+            if round > 0 {
+                let out = std::process::Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &topo.router.name,
+                        "ss",
+                        "-Htan",
+                        "state",
+                        "time-wait",
+                    ])
+                    .output()
+                    .unwrap();
+                let time_wait = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    time_wait.contains(":40000"),
+                    "no TIME_WAIT to reuse:\n{time_wait}"
+                );
+            }
+            let started = Instant::now();
+            let addr = server.addr;
+            let peer = topo.client.run(move || -> std::io::Result<String> {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(client),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&client.into())?;
+                socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+                let mut stream = std::net::TcpStream::from(socket);
+                let mut peer = String::new();
+                stream.read_to_string(&mut peer)?;
+                Ok(peer)
+            });
+            let waited = started.elapsed();
+            assert_eq!(
+                peer.unwrap(),
+                Topo::router_as_seen_by_server(v6).to_string(),
+                "v6={v6} round {round}"
+            );
+            // A dropped SYN would cost a 1 s retransmission.
+            assert!(
+                waited < Duration::from_millis(500),
+                "v6={v6} round {round}: {waited:?}"
+            );
+        }
+    }
+}

@@ -108,11 +108,16 @@ pub const TCP_TIME_WAIT: u32 = 6;
 
 /// Whether a socket found by an exact-tuple lookup owns the packet's flow, as the iptables
 /// socket match decides it. A listener is not the flow's own socket: a wildcard service (sshd
-/// on 0.0.0.0:22) matches every destination. Neither is a TIME_WAIT socket: a new SYN reusing
-/// the tuple must reach our listener. Everything else (established, SYN-RECV request sockets,
-/// closing states) is assigned as found.
+/// on 0.0.0.0:22) matches every destination. Everything else is assigned as found:
+/// established and closing connections, SYN-RECV request sockets, and TIME_WAIT sockets.
+///
+/// A TIME_WAIT socket is assigned even a new SYN reusing its tuple, because only the kernel
+/// can retire it: handed the listener directly, the new request would collide with the
+/// TIME_WAIT entry and be dropped. The kernel's TIME_WAIT handling accepts the SYN, retires
+/// the old socket and looks up a listener for the destination, which the `sk_lookup` program
+/// answers with tproxy's listener (what the TPROXY target does for iptables).
 pub const fn socket_owns_flow(tcp_state: u32) -> bool {
-    tcp_state != TCP_LISTEN && tcp_state != TCP_TIME_WAIT
+    tcp_state != TCP_LISTEN
 }
 
 /// Whether a UDP socket found by an exact-tuple lookup is one of tproxy's own per-flow
@@ -172,19 +177,25 @@ mod tests {
     }
 
     #[test]
-    fn listener_and_time_wait_do_not_own_the_flow() {
+    fn a_listener_never_owns_the_flow() {
         assert!(!socket_owns_flow(TCP_LISTEN));
-        assert!(!socket_owns_flow(TCP_TIME_WAIT));
     }
 
     #[test]
-    fn connected_and_request_sockets_own_the_flow() {
+    fn connected_closing_request_and_time_wait_sockets_own_the_flow() {
         const ESTABLISHED: u32 = 1;
         const SYN_RECV: u32 = 3;
         const FIN_WAIT1: u32 = 4;
         const CLOSE_WAIT: u32 = 8;
         const NEW_SYN_RECV: u32 = 12;
-        for state in [ESTABLISHED, SYN_RECV, FIN_WAIT1, CLOSE_WAIT, NEW_SYN_RECV] {
+        for state in [
+            ESTABLISHED,
+            SYN_RECV,
+            FIN_WAIT1,
+            TCP_TIME_WAIT,
+            CLOSE_WAIT,
+            NEW_SYN_RECV,
+        ] {
             assert!(socket_owns_flow(state), "state {state}");
         }
     }

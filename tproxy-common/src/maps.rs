@@ -42,6 +42,15 @@ impl ListenerSlot {
     pub const COUNT: u32 = 4;
 }
 
+/// Interfaces the tc program is attached to (ifindex → 1), for the `sk_lookup` program,
+/// which sees every listener lookup in the network namespace.
+pub const STEERED_IFACES: &str = "STEERED_IFACES";
+/// Most `--iface` interfaces.
+pub const MAX_STEERED_IFACES: u32 = 256;
+
+/// Name of the `sk_lookup` program in the object file.
+pub const LOOKUP_PROGRAM_NAME: &str = "tproxy_tw_syn";
+
 /// Per-CPU array of `u64` packet counts, indexed by [`crate::decision::counter_index`].
 pub const COUNTERS: &str = "COUNTERS";
 /// Length of [`COUNTERS`]: one row of outcomes per [`crate::decision::Protocol`].

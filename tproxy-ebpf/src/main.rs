@@ -23,15 +23,18 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
-    macros::{classifier, map},
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
-    programs::TcContext,
+    macros::{classifier, map, sk_lookup},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    programs::{SkLookupContext, TcContext},
     EbpfContext, Global,
 };
 use aya_log_ebpf::{debug, warn};
 use tproxy_common::{
     decision::{self, counter_index, Outcome, Protocol},
-    maps::{ListenerSlot, COUNTERS_LEN, MAX_DST_PREFIXES, PORT_TCP, PORT_UDP, STEERED_PORTS_LEN},
+    maps::{
+        ListenerSlot, COUNTERS_LEN, MAX_DST_PREFIXES, MAX_STEERED_IFACES, PORT_TCP, PORT_UDP,
+        STEERED_PORTS_LEN,
+    },
 };
 
 #[map]
@@ -42,6 +45,8 @@ static STEERED_DST_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_DST_
 static STEERED_DST_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_DST_PREFIXES, 0);
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(ListenerSlot::COUNT, 0);
+#[map]
+static STEERED_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_STEERED_IFACES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
@@ -73,6 +78,45 @@ pub fn tproxy_ingress(ctx: TcContext) -> i32 {
         unsafe { *counter += 1 };
     }
     TC_ACT_OK as i32
+}
+
+/// Runs for every listener lookup the kernel makes in this network namespace. It answers
+/// one: a SYN that the tc program handed to the TIME_WAIT socket of an old connection with the
+/// same tuple. The kernel retires that socket and then looks for a listener for the SYN's
+/// (non-local) destination; for a steered flow, that is tproxy's listener. Any other lookup
+/// of a steered flow would have been answered already, by the tc program's assign.
+#[sk_lookup]
+pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
+    const SK_PASS: u32 = 1;
+    let lookup = unsafe { &*ctx.lookup };
+    // Map keys must be on the stack, not in the context.
+    let ifindex = unsafe { ptr::read_volatile(&lookup.ingress_ifindex) };
+    if lookup.protocol != IPPROTO_TCP as u32
+        || unsafe { STEERED_IFACES.get(&ifindex) }.is_none()
+        || !STEERED_PORTS
+            .get(lookup.local_port)
+            .is_some_and(|protocols| protocols & PORT_TCP != 0)
+    {
+        return SK_PASS;
+    }
+    const AF_INET: u32 = 2;
+    let (steered, slot) = if lookup.family == AF_INET {
+        let daddr = lookup.local_ip4.to_ne_bytes();
+        let steered = STEERED_DST_V4.get(Key::new(32, daddr)).is_some();
+        (steered, ListenerSlot::TcpV4)
+    } else {
+        let mut daddr = [0u8; 16];
+        for (i, word) in lookup.local_ip6.iter().enumerate() {
+            daddr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        let steered = STEERED_DST_V6.get(Key::new(128, daddr)).is_some();
+        (steered, ListenerSlot::TcpV6)
+    };
+    if steered {
+        // Failing that, the kernel's own lookup goes on and answers as it would have.
+        let _ = LISTENERS.redirect_sk_lookup(&ctx, slot as u32, 0);
+    }
+    SK_PASS
 }
 
 /// Returns a bounds-checked pointer to a `T` at `offset` bytes into the packet.

@@ -6,8 +6,8 @@ use std::os::fd::AsRawFd;
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
-    programs::{tc, SchedClassifier, TcAttachType},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    programs::{tc, SchedClassifier, SkLookup, TcAttachType},
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -77,7 +77,27 @@ impl Steering {
         program
             .load()
             .context("the kernel's verifier rejected the steering program")?;
+        let lookup = steering.lookup_program_mut()?;
+        lookup
+            .load()
+            .context("the kernel's verifier rejected the sk_lookup program")?;
+        // Network-namespace wide: it answers the listener lookups for SYNs that reuse the tuple
+        // of a TIME_WAIT socket (see tproxy_common::decision::socket_owns_flow).
+        let netns =
+            std::fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
+        lookup
+            .attach(netns)
+            .context("attaching the sk_lookup program to this network namespace")?;
         Ok(steering)
+    }
+
+    fn lookup_program_mut(&mut self) -> Result<&mut SkLookup> {
+        let name = maps::LOOKUP_PROGRAM_NAME;
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .context("sk_lookup program has the wrong type")
     }
 
     fn program_mut(&mut self) -> Result<&mut SchedClassifier> {
@@ -206,6 +226,13 @@ impl Steering {
                 Err(e) => log::warn!("could not look for stale tproxy filters on {iface}: {e}"),
             }
         }
+        let ifindex = nix::net::if_::if_nametoindex(iface)
+            .with_context(|| format!("--iface {iface}: no such interface"))?;
+        let mut ifaces: HashMap<_, u32, u8> =
+            HashMap::try_from(self.map_mut(maps::STEERED_IFACES)?)?;
+        ifaces
+            .insert(ifindex, 1, 0)
+            .with_context(|| format!("adding {iface} to the steered interfaces"))?;
         self.program_mut()?
             .attach(iface, TcAttachType::Ingress)
             .with_context(|| {

@@ -6,6 +6,7 @@
 //! - `test`: build, then every unit and kernel test.
 //! - `demo`: build, then a real interception on a throwaway namespace topology.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -39,6 +40,13 @@ enum Task {
     },
     /// Build, then intercept real TCP traffic between throwaway namespaces (needs root).
     Demo,
+    /// Build, then compare tproxy with iptables TPROXY and HAProxy on one topology; writes
+    /// bench/results.{md,json,png} (needs root; installs the load tools).
+    Bench {
+        /// Rounds over all modes; the report gives each metric's median and spread.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -50,10 +58,14 @@ fn main() -> Result<()> {
             let binary = build()?;
             demo::run(&binary)
         }
+        Task::Bench { rounds } => {
+            let binary = build()?;
+            bench::run(&binary, rounds.max(1))
+        }
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")

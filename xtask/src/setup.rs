@@ -129,19 +129,21 @@ fn ensure_bpf_linker(major: u32) -> Result<()> {
 }
 
 fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
+    install_commands(TEST_PACKAGES)
+}
+
+/// Installs the Debian package of every command in `commands` that is not on PATH.
+pub fn install_commands(commands: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = commands
         .iter()
-        .filter(|(tool, _)| {
+        .filter(|(command, _)| {
             !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
+                .args(["-c", &format!("command -v {command}")])
                 .output()
                 .is_ok_and(|o| o.status.success())
         })
         .map(|(_, package)| *package)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
     apt_install(&missing)
 }
 
@@ -152,7 +154,7 @@ fn dpkg_installed(package: &str) -> bool {
 
 /// Installs Debian packages that are not installed yet, refreshing the package lists first
 /// when a package is not known (fresh machines have stale or empty lists).
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

@@ -1,0 +1,835 @@
+//! `cargo xtask bench`: tproxy against the classic recipe, on one client → router → server
+//! topology, in one run. Each round measures every mode in turn, so slow drift of the machine
+//! spreads over all modes alike; the report gives the median of the rounds and their spread.
+//!
+//! Modes: the router only forwarding (the limit); iptables TPROXY + tproxy's relay
+//! (`--relay-only`: isolates the cost of steering); eBPF steering + tproxy's relay (the
+//! product); iptables TPROXY + HAProxy in transparent mode with splice (the incumbent).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use tproxy_tests::{udp_client, Netns, RouterTopology as Topo, Tproxy, UdpEcho};
+
+/// Debian packages the benchmark drives, by the command they provide.
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("iperf3", "iperf3"),
+    ("ab", "apache2-utils"),
+    ("nginx", "nginx-light"),
+    ("sockperf", "sockperf"),
+    ("haproxy", "haproxy"),
+    ("iptables", "iptables"),
+];
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+const IPERF_PORT: u16 = 5201;
+const UNSTEERED_PORT: u16 = 5202;
+const HTTP_PORT: u16 = 80;
+const SOCKPERF_PORT: u16 = 11111;
+const UDP_PORT: u16 = 5300;
+const RELAY_PORT: u16 = 15001;
+const HAPROXY_PORT: u16 = 15002;
+const IDLE_CONNECTIONS: usize = 5000;
+const RULE_COUNTS: [usize; 3] = [1, 1000, 10000];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    Direct,
+    IptablesRelay,
+    Ebpf,
+    Haproxy,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct (forwarding only)",
+            Mode::IptablesRelay => "iptables TPROXY + tproxy relay",
+            Mode::Ebpf => "eBPF + tproxy relay",
+            Mode::Haproxy => "iptables TPROXY + HAProxy",
+        }
+    }
+}
+
+/// Metric name → mode → one value per round.
+type Samples = BTreeMap<&'static str, BTreeMap<Mode, Vec<f64>>>;
+
+/// A metric: its name in the report, its unit, and whether more is better.
+struct Metric {
+    name: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+}
+
+const METRICS: &[Metric] = &[
+    Metric {
+        name: "TCP throughput, 1 stream",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+    Metric {
+        name: "TCP throughput, 4 streams",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+    Metric {
+        name: "new connections/s (HTTP, no keep-alive)",
+        unit: "conn/s",
+        higher_is_better: true,
+    },
+    Metric {
+        name: "request/response latency p50",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Metric {
+        name: "request/response latency p99",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Metric {
+        name: "UDP datagrams/s (echo, 64 B)",
+        unit: "dgram/s",
+        higher_is_better: true,
+    },
+    Metric {
+        name: "relay CPU per GB",
+        unit: "CPU s/GB",
+        higher_is_better: false,
+    },
+    Metric {
+        name: "relay memory per idle connection",
+        unit: "KiB",
+        higher_is_better: false,
+    },
+    Metric {
+        name: "unsteered TCP throughput, program attached",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+];
+
+pub fn run(binary: &Path, rounds: usize) -> Result<()> {
+    crate::require_root("the benchmark creates network namespaces and attaches BPF programs")?;
+    crate::setup::install_commands(PACKAGES)?;
+    crate::setup::apt_install(&["fonts-dejavu-core"])?;
+    std::env::set_var("TPROXY_BIN", binary);
+    let topo = Topo::new()?;
+    let servers = Servers::start(&topo)?;
+    let mut samples = Samples::new();
+    let mut scaling: BTreeMap<(String, usize), Vec<f64>> = BTreeMap::new();
+    for round in 1..=rounds {
+        for mode in [Mode::Direct, Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy] {
+            println!("bench: round {round}/{rounds}: {}", mode.label());
+            let proxy = Proxy::start(&topo, mode, &[])?;
+            measure(&topo, mode, &proxy, &mut samples)?;
+            proxy.stop(&topo)?;
+        }
+        for rules in RULE_COUNTS {
+            for (kind, mode) in [("eBPF", Mode::Ebpf), ("iptables", Mode::IptablesRelay)] {
+                println!("bench: round {round}/{rounds}: {rules} rules, {kind}");
+                let proxy = Proxy::start(&topo, mode, &decoy_prefixes(rules - 1))?;
+                let rate = connection_rate(&topo)?;
+                proxy.stop(&topo)?;
+                scaling
+                    .entry((kind.to_string(), rules))
+                    .or_default()
+                    .push(rate);
+            }
+        }
+    }
+    drop(servers);
+    report(&samples, &scaling, rounds)
+}
+
+/// `count` /32 prefixes that no traffic goes to: rules that must be looked past.
+fn decoy_prefixes(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("172.16.{}.{}/32", i / 250, i % 250 + 1))
+        .collect()
+}
+
+/// The servers in the server namespace, for every metric.
+struct Servers {
+    children: Vec<Child>,
+    _udp: UdpEcho,
+    _dir: tempdir::Dir,
+}
+
+impl Servers {
+    fn start(topo: &Topo) -> Result<Self> {
+        let dir = tempdir::Dir::new()?;
+        fs::write(dir.path.join("index.html"), "ok\n")?;
+        let nginx_conf = dir.path.join("nginx.conf");
+        fs::write(
+            &nginx_conf,
+            format!(
+                "daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log stderr;\n\
+                 events {{ worker_connections 12000; }}\n\
+                 http {{ access_log off; client_body_temp_path {dir}; proxy_temp_path {dir};\n\
+                 fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+                 keepalive_timeout 300s; keepalive_requests 1000000;\n\
+                 server {{ listen {server}:{HTTP_PORT}; root {dir}; }} }}\n",
+                dir = dir.path.display(),
+                server = Topo::SERVER_V4,
+            ),
+        )?;
+        let server = &topo.server;
+        let children = vec![
+            spawn_in(server, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])?,
+            spawn_in(server, &["iperf3", "-s", "-p", &UNSTEERED_PORT.to_string()])?,
+            spawn_in(server, &["nginx", "-c", nginx_conf.to_str().unwrap()])?,
+            spawn_in(
+                server,
+                &[
+                    "sockperf",
+                    "server",
+                    "--tcp",
+                    "-i",
+                    Topo::SERVER_V4,
+                    "-p",
+                    &SOCKPERF_PORT.to_string(),
+                ],
+            )?,
+        ];
+        let udp = UdpEcho::start(server, Topo::server_addr(false, UDP_PORT))?;
+        thread::sleep(Duration::from_millis(500));
+        Ok(Servers {
+            children,
+            _udp: udp,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A throwaway directory, removed on drop.
+mod tempdir {
+    use std::path::PathBuf;
+
+    pub struct Dir {
+        pub path: PathBuf,
+    }
+
+    impl Dir {
+        pub fn new() -> std::io::Result<Self> {
+            let path = std::env::temp_dir().join(format!("tproxy-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&path)?;
+            Ok(Dir { path })
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn spawn_in(netns: &Netns, command: &[&str]) -> Result<Child> {
+    Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .args(command)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))
+}
+
+fn output_in(netns: &Netns, command: &[&str]) -> Result<String> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .args(command)
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Whatever steers and relays in a mode, set up on the router.
+enum Proxy {
+    None,
+    Tproxy(Tproxy, bool),
+    Haproxy(Child, tempdir::Dir),
+}
+
+impl Proxy {
+    fn start(topo: &Topo, mode: Mode, decoys: &[String]) -> Result<Self> {
+        let router = &topo.router;
+        let steered = format!("{IPERF_PORT},{HTTP_PORT},{SOCKPERF_PORT}");
+        let udp = UDP_PORT.to_string();
+        Ok(match mode {
+            Mode::Direct => Proxy::None,
+            Mode::Ebpf => {
+                let mut args = vec!["--tcp", &steered, "--udp", &udp];
+                let real = format!("{}/24", Topo::SERVER_V4);
+                for prefix in decoys.iter().chain([&real]) {
+                    args.extend(["--dst", prefix]);
+                }
+                Proxy::Tproxy(topo.tproxy(&args)?, false)
+            }
+            Mode::IptablesRelay => {
+                install_iptables_tproxy(router, RELAY_PORT, decoys)?;
+                let listen = format!("127.0.0.1:{RELAY_PORT}");
+                let args = [
+                    "--relay-only",
+                    "--tcp",
+                    &steered,
+                    "--udp",
+                    &udp,
+                    "--listen",
+                    &listen,
+                ];
+                Proxy::Tproxy(Tproxy::start(router, &args)?, true)
+            }
+            Mode::Haproxy => {
+                install_iptables_tproxy(router, HAPROXY_PORT, decoys)?;
+                let dir = tempdir::Dir::new()?;
+                let config = dir.path.join("haproxy.cfg");
+                fs::write(
+                    &config,
+                    format!(
+                        "global\n  maxconn 9000\n  nbthread 2\n\
+                         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  option splice-auto\n\
+                         frontend steered\n  bind 127.0.0.1:{HAPROXY_PORT} transparent\n  default_backend original\n\
+                         backend original\n  server destination 0.0.0.0:0\n"
+                    ),
+                )?;
+                let child = spawn_in(router, &["haproxy", "-db", "-f", config.to_str().unwrap()])?;
+                thread::sleep(Duration::from_millis(500));
+                Proxy::Haproxy(child, dir)
+            }
+        })
+    }
+
+    fn relay_pid(&self) -> Option<u32> {
+        match self {
+            Proxy::None => None,
+            Proxy::Tproxy(tproxy, _) => Some(tproxy.pid()),
+            Proxy::Haproxy(child, _) => Some(child.id()),
+        }
+    }
+
+    fn stop(self, topo: &Topo) -> Result<()> {
+        match self {
+            Proxy::None => {}
+            Proxy::Tproxy(mut tproxy, iptables) => {
+                tproxy.stop()?;
+                if iptables {
+                    remove_iptables_tproxy(&topo.router)?;
+                }
+            }
+            Proxy::Haproxy(mut child, _dir) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                remove_iptables_tproxy(&topo.router)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The kernel documentation's recipe: the socket match first, then TPROXY per port and
+/// destination (`decoys` first, as rules that do not match this traffic), then the routing.
+fn install_iptables_tproxy(router: &Netns, on_port: u16, decoys: &[String]) -> Result<()> {
+    let mut rules =
+        String::from("*mangle\n:DIVERT - [0:0]\n-A PREROUTING -p tcp -m socket -j DIVERT\n");
+    rules.push_str("-A DIVERT -j MARK --set-mark 1\n-A DIVERT -j ACCEPT\n");
+    let target = format!("-j TPROXY --tproxy-mark 0x1/0x1 --on-ip 127.0.0.1 --on-port {on_port}");
+    let iface = Topo::ROUTER_CLIENT_IFACE;
+    for decoy in decoys {
+        writeln!(
+            rules,
+            "-A PREROUTING -i {iface} -d {decoy} -p tcp --dport {HTTP_PORT} {target}"
+        )?;
+    }
+    for port in [IPERF_PORT, HTTP_PORT, SOCKPERF_PORT] {
+        writeln!(
+            rules,
+            "-A PREROUTING -i {iface} -p tcp --dport {port} {target}"
+        )?;
+    }
+    writeln!(
+        rules,
+        "-A PREROUTING -i {iface} -p udp --dport {UDP_PORT} {target}"
+    )?;
+    rules.push_str("COMMIT\n");
+    let mut restore = Command::new("ip")
+        .args(["netns", "exec", &router.name, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(restore.stdin.as_mut().unwrap(), rules.as_bytes())?;
+    ensure!(restore.wait()?.success(), "iptables-restore failed");
+    router.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
+    router.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ])?;
+    Ok(())
+}
+
+fn remove_iptables_tproxy(router: &Netns) -> Result<()> {
+    output_in(router, &["iptables", "-t", "mangle", "-F"])?;
+    output_in(router, &["iptables", "-t", "mangle", "-X", "DIVERT"])?;
+    router.ip(&["rule", "del", "fwmark", "1", "lookup", "100"])?;
+    router.ip(&["route", "flush", "table", "100"])?;
+    Ok(())
+}
+
+fn record(samples: &mut Samples, metric: &'static str, mode: Mode, value: f64) {
+    samples
+        .entry(metric)
+        .or_default()
+        .entry(mode)
+        .or_default()
+        .push(value);
+}
+
+fn measure(topo: &Topo, mode: Mode, proxy: &Proxy, samples: &mut Samples) -> Result<()> {
+    let cpu_before = proxy.relay_pid().map(cpu_seconds).transpose()?;
+    let (single, bytes) = iperf(topo, IPERF_PORT, 1)?;
+    if let (Some(pid), Some(before)) = (proxy.relay_pid(), cpu_before) {
+        let seconds = cpu_seconds(pid)? - before;
+        record(samples, METRICS[6].name, mode, seconds / (bytes / 1e9));
+    }
+    record(samples, METRICS[0].name, mode, single);
+    record(
+        samples,
+        METRICS[1].name,
+        mode,
+        iperf(topo, IPERF_PORT, 4)?.0,
+    );
+    record(samples, METRICS[2].name, mode, connection_rate(topo)?);
+    let (p50, p99) = latency(topo)?;
+    record(samples, METRICS[3].name, mode, p50);
+    record(samples, METRICS[4].name, mode, p99);
+    if mode != Mode::Haproxy {
+        record(samples, METRICS[5].name, mode, udp_rate(topo)?);
+    }
+    if let Some(pid) = proxy.relay_pid() {
+        record(
+            samples,
+            METRICS[7].name,
+            mode,
+            idle_connection_memory(topo, pid)?,
+        );
+    }
+    if matches!(mode, Mode::Direct | Mode::Ebpf) {
+        record(
+            samples,
+            METRICS[8].name,
+            mode,
+            iperf(topo, UNSTEERED_PORT, 1)?.0,
+        );
+    }
+    Ok(())
+}
+
+/// Gbit/s received and bytes moved, by iperf3 from client to server.
+fn iperf(topo: &Topo, port: u16, streams: usize) -> Result<(f64, f64)> {
+    let report = output_in(
+        &topo.client,
+        &[
+            "iperf3",
+            "-c",
+            Topo::SERVER_V4,
+            "-p",
+            &port.to_string(),
+            "-t",
+            "3",
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
+    let report: Value = serde_json::from_str(&report).context("parsing iperf3 -J")?;
+    let received = &report["end"]["sum_received"];
+    let rate = received["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no rate")?;
+    let bytes = received["bytes"]
+        .as_f64()
+        .context("iperf3: no byte count")?;
+    Ok((rate / 1e9, bytes))
+}
+
+/// Short HTTP requests per second, one connection each (ab without keep-alive).
+fn connection_rate(topo: &Topo) -> Result<f64> {
+    let url = format!("http://{}:{HTTP_PORT}/", Topo::SERVER_V4);
+    let report = output_in(&topo.client, &["ab", "-q", "-n", "20000", "-c", "32", &url])?;
+    let failed = field(&report, "Failed requests:")?;
+    ensure!(failed == 0.0, "ab: {failed} failed requests");
+    field(&report, "Requests per second:")
+}
+
+fn field(report: &str, label: &str) -> Result<f64> {
+    report
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .with_context(|| format!("no `{label}` in:\n{report}"))
+}
+
+/// p50 and p99 round-trip latency in µs of 64-byte ping-pong on one warm TCP connection.
+fn latency(topo: &Topo) -> Result<(f64, f64)> {
+    let report = output_in(
+        &topo.client,
+        &[
+            "sockperf",
+            "ping-pong",
+            "--tcp",
+            "-i",
+            Topo::SERVER_V4,
+            "-p",
+            &SOCKPERF_PORT.to_string(),
+            "-t",
+            "3",
+            "-m",
+            "64",
+        ],
+    )?;
+    let percentile = |p: &str| -> Result<f64> {
+        report
+            .lines()
+            .find(|line| line.contains(&format!("percentile {p} =")))
+            .and_then(|line| line.rsplit('=').next())
+            .and_then(|value| value.trim().parse().ok())
+            .with_context(|| format!("no percentile {p} in sockperf output:\n{report}"))
+    };
+    // sockperf reports half the round trip; double it back.
+    Ok((2.0 * percentile("50.000")?, 2.0 * percentile("99.000")?))
+}
+
+/// Echoed 64-byte datagrams per second on one flow, 64 in flight.
+fn udp_rate(topo: &Topo) -> Result<f64> {
+    const TOTAL: u64 = 100_000;
+    const WINDOW: u64 = 64;
+    let addr = Topo::server_addr(false, UDP_PORT);
+    let client = udp_client(&topo.client, addr)?;
+    client.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let (datagram, mut buffer) = ([0x5au8; 64], [0u8; 2048]);
+    let (mut sent, mut replies, mut in_flight) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    while sent < TOTAL || in_flight > 0 {
+        while sent < TOTAL && in_flight < WINDOW {
+            client.send_to(&datagram, addr)?;
+            sent += 1;
+            in_flight += 1;
+        }
+        match client.recv_from(&mut buffer) {
+            Ok(_) => {
+                replies += 1;
+                in_flight -= 1;
+            }
+            Err(_) => in_flight = 0,
+        }
+    }
+    Ok(replies as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The relay's resident memory growth per connection, in KiB, with IDLE_CONNECTIONS open
+/// through it (each has moved one request and its response, then stays idle).
+fn idle_connection_memory(topo: &Topo, pid: u32) -> Result<f64> {
+    let before = resident_kib(pid)?;
+    let server: SocketAddr = Topo::server_addr(false, HTTP_PORT);
+    let mut connections: Vec<TcpStream> = Vec::with_capacity(IDLE_CONNECTIONS);
+    for _ in 0..IDLE_CONNECTIONS {
+        let mut stream = topo.client.connect(server)?;
+        std::io::Write::write_all(&mut stream, b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        connections.push(stream);
+    }
+    let mut buffer = [0u8; 1024];
+    for stream in &mut connections {
+        let read = std::io::Read::read(stream, &mut buffer)?;
+        ensure!(read > 0, "an idle-test connection was closed");
+    }
+    thread::sleep(Duration::from_millis(500));
+    let after = resident_kib(pid)?;
+    for stream in &connections {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    drop(connections);
+    thread::sleep(Duration::from_millis(500));
+    Ok(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
+}
+
+fn resident_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .context("no VmRSS")
+}
+
+/// User plus system CPU time of a process and its threads, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let after_name = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+fn median_and_spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1],
+    )
+}
+
+fn report(
+    samples: &Samples,
+    scaling: &BTreeMap<(String, usize), Vec<f64>>,
+    rounds: usize,
+) -> Result<()> {
+    let dir = crate::workspace_root().join("bench");
+    fs::create_dir_all(&dir)?;
+    let machine = machine_description();
+    let date = output_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?;
+    let modes = [Mode::Direct, Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy];
+    let mut md = format!(
+        "# tproxy benchmark\n\n{date} on {machine}. `cargo xtask bench --rounds {rounds}`: median of \
+         {rounds} rounds, spread (min–max) in brackets; ratio to direct below each value.\n\n"
+    );
+    md.push_str("| metric |");
+    for mode in modes {
+        write!(md, " {} |", mode.label())?;
+    }
+    md.push_str("\n| --- |");
+    md.push_str(&" --- |".repeat(modes.len()));
+    md.push('\n');
+    let mut json_metrics = Vec::new();
+    for metric in METRICS {
+        let Some(by_mode) = samples.get(metric.name) else {
+            continue;
+        };
+        // Unsteered throughput compares with direct single-stream throughput.
+        let direct = by_mode
+            .get(&Mode::Direct)
+            .or_else(|| samples[METRICS[0].name].get(&Mode::Direct))
+            .map(|v| median_and_spread(v).0);
+        write!(md, "| {} ({}) |", metric.name, metric.unit)?;
+        let mut json_modes = serde_json::Map::new();
+        for mode in modes {
+            match by_mode.get(&mode) {
+                Some(values) => {
+                    let (median, low, high) = median_and_spread(values);
+                    let ratio = direct.filter(|d| *d > 0.0).map(|d| median / d);
+                    write!(
+                        md,
+                        " {} [{}–{}]",
+                        format_value(median),
+                        format_value(low),
+                        format_value(high)
+                    )?;
+                    if let (Some(ratio), false) = (ratio, mode == Mode::Direct) {
+                        write!(md, "<br>{ratio:.2}× direct")?;
+                    }
+                    md.push_str(" |");
+                    json_modes.insert(
+                        format!("{mode:?}"),
+                        json!({"median": median, "min": low, "max": high, "ratio_to_direct": ratio, "runs": values}),
+                    );
+                }
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+        json_metrics.push(json!({
+            "metric": metric.name, "unit": metric.unit,
+            "higher_is_better": metric.higher_is_better, "modes": json_modes,
+        }));
+    }
+    md.push_str("\n## New connections/s by number of steering rules (same relay)\n\n| rules | eBPF | iptables |\n| --- | --- | --- |\n");
+    let mut json_scaling = Vec::new();
+    for rules in RULE_COUNTS {
+        write!(md, "| {rules} |")?;
+        for kind in ["eBPF", "iptables"] {
+            let values = &scaling[&(kind.to_string(), rules)];
+            let (median, low, high) = median_and_spread(values);
+            let one = median_and_spread(&scaling[&(kind.to_string(), 1)]).0;
+            write!(
+                md,
+                " {} [{}–{}], {:.0}% of 1 rule |",
+                format_value(median),
+                format_value(low),
+                format_value(high),
+                100.0 * median / one
+            )?;
+            json_scaling.push(json!({"rules": rules, "steering": kind, "median": median, "min": low, "max": high, "runs": values}));
+        }
+        md.push('\n');
+    }
+    md.push_str("\n![ratios to direct](results.png)\n");
+    fs::write(dir.join("results.md"), &md)?;
+    let json = json!({
+        "date": date, "machine": machine, "rounds": rounds,
+        "metrics": json_metrics, "rule_scaling": json_scaling,
+    });
+    fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    chart(samples, &dir.join("results.png"))?;
+    println!("\n{md}\nwritten to bench/results.md, bench/results.json, bench/results.png");
+    Ok(())
+}
+
+fn format_value(value: f64) -> String {
+    if value >= 1000.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+fn output_of(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program).args(args).output()?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn machine_description() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = output_of("uname", &["-r"]).unwrap_or_default();
+    format!("{cores} cores ({cpu}), Linux {kernel}, veth between network namespaces")
+}
+
+/// Grouped bars: each metric's median per proxying mode, as a ratio to direct (for metrics
+/// where lower is better, direct / value, so that taller is always better).
+fn chart(samples: &Samples, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let font: &'static [u8] = Box::leak(
+        fs::read(FONT)
+            .context("reading the chart font")?
+            .into_boxed_slice(),
+    );
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("registering the chart font"))?;
+    let modes = [Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy];
+    let colors = [
+        RGBColor(150, 150, 150),
+        RGBColor(30, 110, 200),
+        RGBColor(220, 120, 30),
+    ];
+    let bars: Vec<(&Metric, Vec<Option<f64>>)> = METRICS
+        .iter()
+        .filter_map(|metric| {
+            let by_mode = samples.get(metric.name)?;
+            // Unsteered throughput compares with direct single-stream throughput.
+            let direct = by_mode
+                .get(&Mode::Direct)
+                .or_else(|| samples[METRICS[0].name].get(&Mode::Direct))?;
+            let direct = median_and_spread(direct).0;
+            let ratios = modes
+                .iter()
+                .map(|mode| {
+                    let median = median_and_spread(by_mode.get(mode)?).0;
+                    Some(if metric.higher_is_better {
+                        median / direct
+                    } else {
+                        direct / median
+                    })
+                })
+                .collect();
+            Some((metric, ratios))
+        })
+        .collect();
+    let root = BitMapBackend::new(path, (1400, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "tproxy benchmark: median, as a ratio to direct (taller is better)",
+            ("sans-serif", 24),
+        )
+        .margin(20)
+        .x_label_area_size(140)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..bars.len() as f64, 0f64..1.2f64)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc("ratio to direct")
+        .draw()?;
+    for (index, (metric, ratios)) in bars.iter().enumerate() {
+        for (slot, ratio) in ratios.iter().enumerate() {
+            let Some(ratio) = ratio else { continue };
+            let left = index as f64 + 0.1 + slot as f64 * 0.27;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(left, 0.0), (left + 0.25, ratio.min(1.2))],
+                colors[slot].filled(),
+            )))?;
+        }
+        let label = metric.name.replace(", ", "\n");
+        for (line, text) in label.lines().enumerate() {
+            root.draw(&Text::new(
+                text.to_string(),
+                (
+                    chart.backend_coord(&(index as f64 + 0.05, 0.0)).0,
+                    580 + 18 * line as i32,
+                ),
+                ("sans-serif", 13),
+            ))?;
+        }
+    }
+    for (slot, mode) in modes.iter().enumerate() {
+        let x = 120 + slot as i32 * 330;
+        root.draw(&Rectangle::new(
+            [(x, 670), (x + 20, 685)],
+            colors[slot].filled(),
+        ))?;
+        root.draw(&Text::new(mode.label(), (x + 28, 668), ("sans-serif", 16)))?;
+    }
+    root.present()?;
+    Ok(())
+}
