@@ -313,7 +313,7 @@ impl Proxy {
                 fs::write(
                     &config,
                     format!(
-                        "global\n  maxconn 9000\n  nbthread 2\n\
+                        "global\n  maxconn 7000\n  nbthread 2\n\
                          defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  option splice-auto\n\
                          frontend steered\n  bind 127.0.0.1:{HAPROXY_PORT} transparent\n  default_backend original\n\
                          backend original\n  server destination 0.0.0.0:0\n"
