@@ -606,6 +606,20 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / per_second)
 }
 
+/// The direct path's median for `metric`, the baseline of its ratios. Unsteered throughput
+/// (measured with the program attached) compares with direct single-stream throughput; the
+/// relay's own CPU and memory have no direct counterpart.
+fn direct_baseline(samples: &Samples, metric: &Metric) -> Option<f64> {
+    let values = match samples.get(metric.name)?.get(&Mode::Direct) {
+        Some(values) => values,
+        None if metric.name == METRICS[8].name => {
+            samples.get(METRICS[0].name)?.get(&Mode::Direct)?
+        }
+        None => return None,
+    };
+    Some(median_and_spread(values).0)
+}
+
 fn median_and_spread(values: &[f64]) -> (f64, f64, f64) {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -642,11 +656,7 @@ fn report(
         let Some(by_mode) = samples.get(metric.name) else {
             continue;
         };
-        // Unsteered throughput compares with direct single-stream throughput.
-        let direct = by_mode
-            .get(&Mode::Direct)
-            .or_else(|| samples[METRICS[0].name].get(&Mode::Direct))
-            .map(|v| median_and_spread(v).0);
+        let direct = direct_baseline(samples, metric);
         write!(md, "| {} ({}) |", metric.name, metric.unit)?;
         let mut json_modes = serde_json::Map::new();
         for mode in modes {
@@ -765,11 +775,7 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
         .iter()
         .filter_map(|metric| {
             let by_mode = samples.get(metric.name)?;
-            // Unsteered throughput compares with direct single-stream throughput.
-            let direct = by_mode
-                .get(&Mode::Direct)
-                .or_else(|| samples[METRICS[0].name].get(&Mode::Direct))?;
-            let direct = median_and_spread(direct).0;
+            let direct = direct_baseline(samples, metric)?;
             let ratios = modes
                 .iter()
                 .map(|mode| {
@@ -810,10 +816,9 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
                 colors[slot].filled(),
             )))?;
         }
-        let label = metric.name.replace(", ", "\n");
-        for (line, text) in label.lines().enumerate() {
+        for (line, text) in wrap(metric.name, 22).iter().enumerate() {
             root.draw(&Text::new(
-                text.to_string(),
+                text.clone(),
                 (
                     chart.backend_coord(&(index as f64 + 0.05, 0.0)).0,
                     580 + 18 * line as i32,
@@ -832,4 +837,19 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+/// Splits `text` into lines of at most `width` characters, at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        match lines.last_mut() {
+            Some(line) if line.len() + 1 + word.len() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
 }
