@@ -17,8 +17,9 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
-/// Pipe capacity. The default 64 KiB caps each splice at 16 pages; a larger pipe moves
-/// more per system call (`cargo xtask bench` measures the effect).
+/// Pipe capacity. The default 64 KiB caps each splice at 16 pages. Measured on the bench
+/// topology (one iperf3 stream, median of 3): 64 KiB 13.7 Gbit/s, 256 KiB 16.1, 1 MiB 16.4;
+/// the copying relay with a 64 KiB buffer 12.3, using about a fifth more CPU per byte.
 const PIPE_SIZE: i32 = 256 * 1024;
 /// Most bytes one splice call may move (`usize::MAX` is refused with EINVAL).
 const SPLICE_CHUNK: usize = PIPE_SIZE as usize;

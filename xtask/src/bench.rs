@@ -124,13 +124,12 @@ pub fn run(binary: &Path, rounds: usize) -> Result<()> {
     crate::setup::install_commands(PACKAGES)?;
     crate::setup::apt_install(&["fonts-dejavu-core"])?;
     std::env::set_var("TPROXY_BIN", binary);
-    let topo = Topo::new()?;
-    let servers = Servers::start(&topo)?;
     let mut samples = Samples::new();
     let mut scaling: BTreeMap<(String, usize), Vec<f64>> = BTreeMap::new();
     for round in 1..=rounds {
         for mode in [Mode::Direct, Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy] {
             println!("bench: round {round}/{rounds}: {}", mode.label());
+            let (topo, _servers) = fresh_topology()?;
             let proxy = Proxy::start(&topo, mode, &[])?;
             measure(&topo, mode, &proxy, &mut samples)?;
             proxy.stop(&topo)?;
@@ -138,18 +137,25 @@ pub fn run(binary: &Path, rounds: usize) -> Result<()> {
         for rules in RULE_COUNTS {
             for (kind, mode) in [("eBPF", Mode::Ebpf), ("iptables", Mode::IptablesRelay)] {
                 println!("bench: round {round}/{rounds}: {rules} rules, {kind}");
+                let (topo, _servers) = fresh_topology()?;
                 let proxy = Proxy::start(&topo, mode, &decoy_prefixes(rules - 1))?;
                 let rate = connection_rate(&topo)?;
                 proxy.stop(&topo)?;
-                scaling
-                    .entry((kind.to_string(), rules))
-                    .or_default()
-                    .push(rate);
+                let runs = scaling.entry((kind.to_string(), rules)).or_default();
+                runs.push(rate);
             }
         }
     }
-    drop(servers);
     report(&samples, &scaling, rounds)
+}
+
+/// New namespaces and servers for each measurement. A proxying mode leaves its relay's
+/// TIME_WAIT sockets on the router for a minute, and the router drops forwarded packets that
+/// match a local socket: measured on the same router, the next mode would inherit them.
+fn fresh_topology() -> Result<(Topo, Servers)> {
+    let topo = Topo::new()?;
+    let servers = Servers::start(&topo)?;
+    Ok((topo, servers))
 }
 
 /// `count` /32 prefixes that no traffic goes to: rules that must be looked past.
@@ -168,7 +174,7 @@ struct Servers {
 
 impl Servers {
     fn start(topo: &Topo) -> Result<Self> {
-        let dir = tempdir::Dir::new()?;
+        let dir = tempdir::Dir::new("servers")?;
         fs::write(dir.path.join("index.html"), "ok\n")?;
         let nginx_conf = dir.path.join("nginx.conf");
         fs::write(
@@ -230,8 +236,9 @@ mod tempdir {
     }
 
     impl Dir {
-        pub fn new() -> std::io::Result<Self> {
-            let path = std::env::temp_dir().join(format!("tproxy-bench-{}", std::process::id()));
+        pub fn new(purpose: &str) -> std::io::Result<Self> {
+            let name = format!("tproxy-bench-{}-{purpose}", std::process::id());
+            let path = std::env::temp_dir().join(name);
             std::fs::create_dir_all(&path)?;
             Ok(Dir { path })
         }
@@ -308,7 +315,7 @@ impl Proxy {
             }
             Mode::Haproxy => {
                 install_iptables_tproxy(router, HAPROXY_PORT, decoys)?;
-                let dir = tempdir::Dir::new()?;
+                let dir = tempdir::Dir::new("haproxy")?;
                 let config = dir.path.join("haproxy.cfg");
                 fs::write(
                     &config,
