@@ -801,8 +801,8 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "tproxy benchmark: median, as a ratio to direct (taller is better)",
-            ("sans-serif", 24),
+            "tproxy benchmark: median as a ratio to direct (latency: direct / value); taller is better",
+            ("sans-serif", 22),
         )
         .margin(20)
         .x_label_area_size(140)
