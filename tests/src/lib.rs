@@ -567,3 +567,128 @@ pub fn udp_exchange(
     buffer.truncate(len);
     Ok((buffer, from))
 }
+
+/// The result of [`udp_echo_rate`].
+pub struct EchoRate {
+    /// Replies received.
+    pub replies: u64,
+    pub elapsed: Duration,
+}
+
+/// Sends `total` datagrams of `size` bytes from `netns` to the UDP echo server at `to`,
+/// keeping at most `window` in flight like a paced sender; a silence of 500 ms counts what is
+/// in flight as lost.
+pub fn udp_echo_rate(
+    netns: &Netns,
+    to: SocketAddr,
+    total: u64,
+    window: u64,
+    size: usize,
+) -> Result<EchoRate> {
+    let client = udp_client(netns, to)?;
+    client.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let (datagram, mut buffer) = (vec![0x5au8; size], vec![0u8; 65536]);
+    let (mut sent, mut replies, mut in_flight) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    while sent < total || in_flight > 0 {
+        while sent < total && in_flight < window {
+            client.send_to(&datagram, to)?;
+            sent += 1;
+            in_flight += 1;
+        }
+        match client.recv_from(&mut buffer) {
+            Ok(_) => {
+                replies += 1;
+                in_flight -= 1;
+            }
+            Err(_) => in_flight = 0,
+        }
+    }
+    Ok(EchoRate {
+        replies,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// What the kernel documentation's iptables TPROXY recipe steers, for [`install_iptables_tproxy`].
+pub struct IptablesTproxy<'a> {
+    /// Interface the rules match on (`-i`).
+    pub iface: &'a str,
+    pub tcp_ports: &'a [u16],
+    pub udp_ports: &'a [u16],
+    /// Where TPROXY hands packets: `--on-ip 127.0.0.1 --on-port`.
+    pub on_port: u16,
+    /// Rules placed before the real ones that match other destinations (`-d PREFIX`, TCP
+    /// port 80): rules the kernel has to look past.
+    pub decoys: &'a [String],
+}
+
+/// Installs the recipe in `netns`: the socket match into DIVERT (mark 1, accept), TPROXY
+/// rules per port, and `fwmark 1 lookup 100` with `local 0.0.0.0/0 dev lo table 100`.
+pub fn install_iptables_tproxy(netns: &Netns, recipe: &IptablesTproxy<'_>) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut rules =
+        String::from("*mangle\n:DIVERT - [0:0]\n-A PREROUTING -p tcp -m socket -j DIVERT\n");
+    rules.push_str("-A DIVERT -j MARK --set-mark 1\n-A DIVERT -j ACCEPT\n");
+    let target = format!(
+        "-j TPROXY --tproxy-mark 0x1/0x1 --on-ip 127.0.0.1 --on-port {}",
+        recipe.on_port
+    );
+    let iface = recipe.iface;
+    for decoy in recipe.decoys {
+        writeln!(
+            rules,
+            "-A PREROUTING -i {iface} -d {decoy} -p tcp --dport 80 {target}"
+        )?;
+    }
+    for (protocol, ports) in [("tcp", recipe.tcp_ports), ("udp", recipe.udp_ports)] {
+        for port in ports {
+            writeln!(
+                rules,
+                "-A PREROUTING -i {iface} -p {protocol} --dport {port} {target}"
+            )?;
+        }
+    }
+    rules.push_str("COMMIT\n");
+    let mut restore = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("running iptables-restore")?;
+    restore
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(rules.as_bytes())?;
+    if !restore.wait()?.success() {
+        bail!("iptables-restore refused the TPROXY recipe");
+    }
+    netns.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
+    netns.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ])?;
+    Ok(())
+}
+
+/// Removes what [`install_iptables_tproxy`] installed.
+pub fn remove_iptables_tproxy(netns: &Netns) -> Result<()> {
+    for args in [["-t", "mangle", "-F"], ["-t", "mangle", "-X"]] {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &netns.name, "iptables"])
+            .args(args)
+            .status()?;
+        if !status.success() {
+            bail!("iptables {args:?} failed in {}", netns.name);
+        }
+    }
+    netns.ip(&["rule", "del", "fwmark", "1", "lookup", "100"])?;
+    netns.ip(&["route", "flush", "table", "100"])?;
+    Ok(())
+}

@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tproxy_tests::{require_root, udp_client, udp_exchange, RouterTopology as Topo, UdpEcho};
+use tproxy_tests::{
+    require_root, udp_client, udp_echo_rate, udp_exchange, RouterTopology as Topo, UdpEcho,
+};
 
 const PORT: u16 = 5300;
 
@@ -79,32 +81,9 @@ fn one_flow_of_100_000_datagrams() {
     let topo = Topo::new().unwrap();
     let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
     let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
-    let client = udp_client(&topo.client, server.addr).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
     const TOTAL: u64 = 100_000;
-    const WINDOW: u64 = 64;
-    let started = Instant::now();
-    let (mut sent, mut replies, mut in_flight) = (0u64, 0u64, 0u64);
-    let (datagram, mut buffer) = ([0x5au8; 1400], [0u8; 2048]);
-    while sent < TOTAL || in_flight > 0 {
-        // Keep at most WINDOW datagrams in flight, as a paced sender would.
-        while sent < TOTAL && in_flight < WINDOW {
-            client.send_to(&datagram, server.addr).unwrap();
-            sent += 1;
-            in_flight += 1;
-        }
-        match client.recv_from(&mut buffer) {
-            Ok(_) => {
-                replies += 1;
-                in_flight -= 1;
-            }
-            // Nothing for 500 ms: whatever is in flight is lost.
-            Err(_) => in_flight = 0,
-        }
-    }
-    let elapsed = started.elapsed();
+    let rate = udp_echo_rate(&topo.client, server.addr, TOTAL, 64, 1400).unwrap();
+    let (replies, elapsed) = (rate.replies, rate.elapsed);
     tproxy.stop().unwrap();
     let relayed = tproxy.last_value("udp relay:", "to_client").unwrap();
     let lost = TOTAL - replies;

@@ -14,12 +14,15 @@ use std::{
     path::Path,
     process::{Child, Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
-use tproxy_tests::{udp_client, Netns, RouterTopology as Topo, Tproxy, UdpEcho};
+use tproxy_tests::{
+    install_iptables_tproxy, remove_iptables_tproxy, udp_echo_rate, IptablesTproxy, Netns,
+    RouterTopology as Topo, Tproxy, UdpEcho,
+};
 
 /// Debian packages the benchmark drives, by the command they provide.
 pub const PACKAGES: &[(&str, &str)] = &[
@@ -300,7 +303,7 @@ impl Proxy {
                 Proxy::Tproxy(topo.tproxy(&args)?, false)
             }
             Mode::IptablesRelay => {
-                install_iptables_tproxy(router, RELAY_PORT, decoys)?;
+                install_iptables_tproxy(router, &iptables_recipe(RELAY_PORT, decoys))?;
                 let listen = format!("127.0.0.1:{RELAY_PORT}");
                 let args = [
                     "--relay-only",
@@ -314,7 +317,7 @@ impl Proxy {
                 Proxy::Tproxy(Tproxy::start(router, &args)?, true)
             }
             Mode::Haproxy => {
-                install_iptables_tproxy(router, HAPROXY_PORT, decoys)?;
+                install_iptables_tproxy(router, &iptables_recipe(HAPROXY_PORT, decoys))?;
                 let dir = tempdir::Dir::new("haproxy")?;
                 let config = dir.path.join("haproxy.cfg");
                 fs::write(
@@ -360,57 +363,14 @@ impl Proxy {
     }
 }
 
-/// The kernel documentation's recipe: the socket match first, then TPROXY per port and
-/// destination (`decoys` first, as rules that do not match this traffic), then the routing.
-fn install_iptables_tproxy(router: &Netns, on_port: u16, decoys: &[String]) -> Result<()> {
-    let mut rules =
-        String::from("*mangle\n:DIVERT - [0:0]\n-A PREROUTING -p tcp -m socket -j DIVERT\n");
-    rules.push_str("-A DIVERT -j MARK --set-mark 1\n-A DIVERT -j ACCEPT\n");
-    let target = format!("-j TPROXY --tproxy-mark 0x1/0x1 --on-ip 127.0.0.1 --on-port {on_port}");
-    let iface = Topo::ROUTER_CLIENT_IFACE;
-    for decoy in decoys {
-        writeln!(
-            rules,
-            "-A PREROUTING -i {iface} -d {decoy} -p tcp --dport {HTTP_PORT} {target}"
-        )?;
+fn iptables_recipe(on_port: u16, decoys: &[String]) -> IptablesTproxy<'_> {
+    IptablesTproxy {
+        iface: Topo::ROUTER_CLIENT_IFACE,
+        tcp_ports: &[IPERF_PORT, HTTP_PORT, SOCKPERF_PORT],
+        udp_ports: &[UDP_PORT],
+        on_port,
+        decoys,
     }
-    for port in [IPERF_PORT, HTTP_PORT, SOCKPERF_PORT] {
-        writeln!(
-            rules,
-            "-A PREROUTING -i {iface} -p tcp --dport {port} {target}"
-        )?;
-    }
-    writeln!(
-        rules,
-        "-A PREROUTING -i {iface} -p udp --dport {UDP_PORT} {target}"
-    )?;
-    rules.push_str("COMMIT\n");
-    let mut restore = Command::new("ip")
-        .args(["netns", "exec", &router.name, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(restore.stdin.as_mut().unwrap(), rules.as_bytes())?;
-    ensure!(restore.wait()?.success(), "iptables-restore failed");
-    router.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
-    router.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ])?;
-    Ok(())
-}
-
-fn remove_iptables_tproxy(router: &Netns) -> Result<()> {
-    output_in(router, &["iptables", "-t", "mangle", "-F"])?;
-    output_in(router, &["iptables", "-t", "mangle", "-X", "DIVERT"])?;
-    router.ip(&["rule", "del", "fwmark", "1", "lookup", "100"])?;
-    router.ip(&["route", "flush", "table", "100"])?;
-    Ok(())
 }
 
 fn record(samples: &mut Samples, metric: &'static str, mode: Mode, value: f64) {
@@ -540,29 +500,9 @@ fn latency(topo: &Topo) -> Result<(f64, f64)> {
 
 /// Echoed 64-byte datagrams per second on one flow, 64 in flight.
 fn udp_rate(topo: &Topo) -> Result<f64> {
-    const TOTAL: u64 = 100_000;
-    const WINDOW: u64 = 64;
     let addr = Topo::server_addr(false, UDP_PORT);
-    let client = udp_client(&topo.client, addr)?;
-    client.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let (datagram, mut buffer) = ([0x5au8; 64], [0u8; 2048]);
-    let (mut sent, mut replies, mut in_flight) = (0u64, 0u64, 0u64);
-    let started = Instant::now();
-    while sent < TOTAL || in_flight > 0 {
-        while sent < TOTAL && in_flight < WINDOW {
-            client.send_to(&datagram, addr)?;
-            sent += 1;
-            in_flight += 1;
-        }
-        match client.recv_from(&mut buffer) {
-            Ok(_) => {
-                replies += 1;
-                in_flight -= 1;
-            }
-            Err(_) => in_flight = 0,
-        }
-    }
-    Ok(replies as f64 / started.elapsed().as_secs_f64())
+    let rate = udp_echo_rate(&topo.client, addr, 100_000, 64, 64)?;
+    Ok(rate.replies as f64 / rate.elapsed.as_secs_f64())
 }
 
 /// The relay's resident memory growth per connection, in KiB, with IDLE_CONNECTIONS open

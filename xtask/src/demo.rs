@@ -205,31 +205,13 @@ fn udp_exchange(topo: &Topo, v6: bool) -> Result<()> {
 /// Echoed datagrams per second on one flow, with a window of datagrams in flight.
 fn udp_rate(topo: &Topo) -> Result<f64> {
     let addr = Topo::server_addr(false, UDP_PORT);
-    let client = udp_client(&topo.client, addr)?;
-    client.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let (datagram, mut buffer) = ([0x5au8; 64], [0u8; 2048]);
-    let (mut sent, mut replies, mut in_flight) = (0u64, 0u64, 0u64);
-    let started = Instant::now();
-    while sent < UDP_DATAGRAMS || in_flight > 0 {
-        while sent < UDP_DATAGRAMS && in_flight < UDP_WINDOW {
-            client.send_to(&datagram, addr)?;
-            sent += 1;
-            in_flight += 1;
-        }
-        match client.recv_from(&mut buffer) {
-            Ok(_) => {
-                replies += 1;
-                in_flight -= 1;
-            }
-            Err(_) => in_flight = 0,
-        }
-    }
+    let rate = tproxy_tests::udp_echo_rate(&topo.client, addr, UDP_DATAGRAMS, UDP_WINDOW, 64)?;
+    let lost = UDP_DATAGRAMS - rate.replies;
     ensure!(
-        replies * 100 >= UDP_DATAGRAMS * 99,
-        "lost {} of {UDP_DATAGRAMS} datagrams",
-        UDP_DATAGRAMS - replies
+        lost * 100 <= UDP_DATAGRAMS,
+        "lost {lost} of {UDP_DATAGRAMS} datagrams"
     );
-    Ok(replies as f64 / started.elapsed().as_secs_f64())
+    Ok(rate.replies as f64 / rate.elapsed.as_secs_f64())
 }
 
 /// Median single-stream throughput from client to server, in Gbit/s.
