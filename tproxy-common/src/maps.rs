@@ -40,6 +40,16 @@ pub enum ListenerSlot {
 impl ListenerSlot {
     /// Number of slots in [`LISTENERS`].
     pub const COUNT: u32 = 4;
+
+    /// The slot of the listener for a flow's transport and address family.
+    pub const fn of(tcp: bool, ipv6: bool) -> Self {
+        match (tcp, ipv6) {
+            (true, false) => ListenerSlot::TcpV4,
+            (true, true) => ListenerSlot::TcpV6,
+            (false, false) => ListenerSlot::UdpV4,
+            (false, true) => ListenerSlot::UdpV6,
+        }
+    }
 }
 
 /// Interfaces the tc program is attached to (ifindex → 1), for the `sk_lookup` program,
@@ -70,3 +80,16 @@ pub const MARK_MASK_GLOBAL: &str = "ROUTING_MARK_MASK";
 
 /// Name of the tc ingress program in the object file.
 pub const PROGRAM_NAME: &str = "tproxy_ingress";
+
+#[cfg(test)]
+mod tests {
+    use super::ListenerSlot;
+
+    #[test]
+    fn every_transport_and_family_has_its_own_slot() {
+        let slots = [(true, false), (true, true), (false, false), (false, true)]
+            .map(|(tcp, ipv6)| ListenerSlot::of(tcp, ipv6) as u32);
+        assert_eq!(slots, [0, 1, 2, 3]);
+        assert!(slots.iter().all(|slot| *slot < ListenerSlot::COUNT));
+    }
+}

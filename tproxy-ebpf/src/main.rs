@@ -93,28 +93,24 @@ pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
     let ifindex = unsafe { ptr::read_volatile(&lookup.ingress_ifindex) };
     if lookup.protocol != IPPROTO_TCP as u32
         || unsafe { STEERED_IFACES.get(&ifindex) }.is_none()
-        || !STEERED_PORTS
-            .get(lookup.local_port)
-            .is_some_and(|protocols| protocols & PORT_TCP != 0)
+        || !port_steered(lookup.local_port as u16, Protocol::Tcp)
     {
         return SK_PASS;
     }
     const AF_INET: u32 = 2;
-    let (steered, slot) = if lookup.family == AF_INET {
-        let daddr = lookup.local_ip4.to_ne_bytes();
-        let steered = STEERED_DST_V4.get(Key::new(32, daddr)).is_some();
-        (steered, ListenerSlot::TcpV4)
-    } else {
+    let ipv6 = lookup.family != AF_INET;
+    let steered = if ipv6 {
         let mut daddr = [0u8; 16];
         for (i, word) in lookup.local_ip6.iter().enumerate() {
             daddr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
         }
-        let steered = STEERED_DST_V6.get(Key::new(128, daddr)).is_some();
-        (steered, ListenerSlot::TcpV6)
+        dst_v6_steered(daddr)
+    } else {
+        dst_v4_steered(lookup.local_ip4.to_ne_bytes())
     };
     if steered {
         // Failing that, the kernel's own lookup goes on and answers as it would have.
-        let _ = LISTENERS.redirect_sk_lookup(&ctx, slot as u32, 0);
+        let _ = LISTENERS.redirect_sk_lookup(&ctx, ListenerSlot::of(true, ipv6) as u32, 0);
     }
     SK_PASS
 }
@@ -159,18 +155,53 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
     }
 }
 
-/// The source and destination ports (the first four bytes of both TCP and UDP headers), still
-/// in network byte order, if the port is steered for `protocol`.
+/// Whether `port` (host byte order) is in the steering set for `protocol`.
 #[inline(always)]
-fn steered_ports(ctx: &TcContext, offset: usize, protocol: Protocol) -> Option<[u16; 2]> {
-    let ports = unsafe { *header::<[u16; 2]>(ctx, offset)? };
+fn port_steered(port: u16, protocol: Protocol) -> bool {
     let bit = match protocol {
         Protocol::Tcp => PORT_TCP,
         Protocol::Udp => PORT_UDP,
-        Protocol::Other => return None,
+        Protocol::Other => return false,
     };
-    let steered = STEERED_PORTS.get(u16::from_be(ports[1]) as u32)?;
-    (steered & bit != 0).then_some(ports)
+    STEERED_PORTS
+        .get(port as u32)
+        .is_some_and(|protocols| protocols & bit != 0)
+}
+
+#[inline(always)]
+fn dst_v4_steered(daddr: [u8; 4]) -> bool {
+    STEERED_DST_V4.get(Key::new(32, daddr)).is_some()
+}
+
+#[inline(always)]
+fn dst_v6_steered(daddr: [u8; 16]) -> bool {
+    STEERED_DST_V6.get(Key::new(128, daddr)).is_some()
+}
+
+/// The source and destination ports (the first four bytes of both TCP and UDP headers), still
+/// in network byte order, if the destination port is steered for `protocol`.
+#[inline(always)]
+fn steered_ports(ctx: &TcContext, offset: usize, protocol: Protocol) -> Option<[u16; 2]> {
+    let ports = unsafe { *header::<[u16; 2]>(ctx, offset)? };
+    port_steered(u16::from_be(ports[1]), protocol).then_some(ports)
+}
+
+/// The socket match and listener assignment for a parsed, steered flow of either family.
+#[inline(always)]
+fn steer_transport(
+    ctx: &TcContext,
+    protocol: Protocol,
+    tuple: &mut bpf_sock_tuple,
+    tuple_len: u32,
+    ipv6: bool,
+) -> Outcome {
+    let tcp = protocol == Protocol::Tcp;
+    let slot = ListenerSlot::of(tcp, ipv6);
+    if tcp {
+        steer_tcp(ctx, tuple, tuple_len, slot)
+    } else {
+        steer_udp(ctx, tuple, tuple_len, slot)
+    }
 }
 
 fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
@@ -190,7 +221,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         return (protocol, Outcome::Passed);
     };
     let daddr = [ip[16], ip[17], ip[18], ip[19]];
-    if STEERED_DST_V4.get(Key::new(32, daddr)).is_none() {
+    if !dst_v4_steered(daddr) {
         return (protocol, Outcome::Passed);
     }
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
@@ -201,11 +232,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         dport,
     };
     let tuple_len = mem::size_of::<TupleV4>() as u32;
-    let outcome = if protocol == Protocol::Tcp {
-        steer_tcp(ctx, &mut tuple, tuple_len, ListenerSlot::TcpV4)
-    } else {
-        steer_udp(ctx, &mut tuple, tuple_len, ListenerSlot::UdpV4)
-    };
+    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, false);
     if outcome == Outcome::SteeredNew {
         debug!(
             ctx,
@@ -233,7 +260,7 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     };
     let mut daddr = [0u8; 16];
     daddr.copy_from_slice(&ip[24..40]);
-    if STEERED_DST_V6.get(Key::new(128, daddr)).is_none() {
+    if !dst_v6_steered(daddr) {
         return (protocol, Outcome::Passed);
     }
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
@@ -252,11 +279,7 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         dport,
     };
     let tuple_len = mem::size_of::<TupleV6>() as u32;
-    let outcome = if protocol == Protocol::Tcp {
-        steer_tcp(ctx, &mut tuple, tuple_len, ListenerSlot::TcpV6)
-    } else {
-        steer_udp(ctx, &mut tuple, tuple_len, ListenerSlot::UdpV6)
-    };
+    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, true);
     if outcome == Outcome::SteeredNew {
         let mut saddr = [0u8; 16];
         saddr.copy_from_slice(&ip[8..24]);

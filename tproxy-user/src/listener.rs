@@ -33,12 +33,7 @@ pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<Transp
     let mut listeners: Vec<TransparentListener> = Vec::new();
     let mut chosen_port = None;
     for &requested in addrs {
-        let slot = match (transport, requested) {
-            (Transport::Tcp, SocketAddr::V4(_)) => ListenerSlot::TcpV4,
-            (Transport::Tcp, SocketAddr::V6(_)) => ListenerSlot::TcpV6,
-            (Transport::Udp, SocketAddr::V4(_)) => ListenerSlot::UdpV4,
-            (Transport::Udp, SocketAddr::V6(_)) => ListenerSlot::UdpV6,
-        };
+        let slot = ListenerSlot::of(transport == Transport::Tcp, requested.is_ipv6());
         if listeners.iter().any(|l| l.slot == slot) {
             bail!("--listen {requested}: only one listener per address family is supported");
         }
