@@ -21,7 +21,10 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::splice::{self, PipePool};
+use crate::{
+    listener,
+    splice::{self, PipePool},
+};
 
 /// Pipes for splicing, shared by every connection.
 static PIPES: PipePool = PipePool::new();
@@ -37,15 +40,6 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Our listeners' addresses: relaying to one of them would loop forever.
     pub own_listeners: Vec<SocketAddr>,
-}
-
-impl RelayConfig {
-    fn is_own_listener(&self, target: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|listener| {
-            listener.port() == target.port()
-                && (listener.ip() == target.ip() || listener.ip().is_unspecified())
-        })
-    }
 }
 
 /// Totals across all connections, for the shutdown summary.
@@ -105,7 +99,7 @@ async fn relay(
         }
     };
     let target = config.upstream.unwrap_or(original);
-    if config.is_own_listener(target) {
+    if listener::reaches_own_listener(&config.own_listeners, target) {
         log::warn!("{peer} -> {original}: refusing to relay to our own listener {target}");
         reset(&client);
         return;
@@ -226,30 +220,5 @@ async fn pipe(
             io::ErrorKind::TimedOut,
             format!("idle for {idle_timeout:?}"),
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(own: &[&str]) -> RelayConfig {
-        RelayConfig {
-            upstream: None,
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            own_listeners: own.iter().map(|a| a.parse().unwrap()).collect(),
-        }
-    }
-
-    #[test]
-    fn own_listener_addresses_are_recognised() {
-        let cfg = config(&["127.0.0.1:7000", "[::1]:7000"]);
-        assert!(cfg.is_own_listener("127.0.0.1:7000".parse().unwrap()));
-        assert!(cfg.is_own_listener("[::1]:7000".parse().unwrap()));
-        assert!(!cfg.is_own_listener("127.0.0.1:7001".parse().unwrap()));
-        assert!(!cfg.is_own_listener("10.0.0.1:7000".parse().unwrap()));
-        let wildcard = config(&["0.0.0.0:7000"]);
-        assert!(wildcard.is_own_listener("10.0.0.1:7000".parse().unwrap()));
     }
 }

@@ -112,7 +112,8 @@ async fn serve(
     signals: &mut Signals,
 ) -> Result<()> {
     if let Some(upstream) = args.upstream {
-        if listening.addrs().any(|addr| addr == upstream) {
+        let own: Vec<SocketAddr> = listening.addrs().collect();
+        if listener::reaches_own_listener(&own, upstream) {
             bail!("--upstream {upstream} is one of tproxy's own listeners: that would loop");
         }
     }

@@ -200,7 +200,7 @@ impl UdpRelay {
         original: SocketAddr,
     ) -> Option<Arc<Session>> {
         let target = self.config.upstream.unwrap_or(original);
-        if self.config.own_listeners.contains(&target) {
+        if crate::listener::reaches_own_listener(&self.config.own_listeners, target) {
             if self.trouble_log.allow() {
                 log::warn!(
                     "{client} -> {original}: refusing to relay to our own listener {target}"
