@@ -1,11 +1,15 @@
 //! The decisions the tc program takes, as pure functions over the values it has read.
 
+use crate::maps::{
+    Verdict, VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_STEER,
+};
+
 /// What the program did with one packet. The discriminant is the packet's index in the
 /// `COUNTERS` map.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Not in the steering set (or not parseable as such): left untouched.
+    /// No rule matched (or the packet could not be parsed that far): left untouched.
     Passed = 0,
     /// Assigned to tproxy's listener: the start of a new proxied flow.
     SteeredNew = 1,
@@ -21,11 +25,13 @@ pub enum Outcome {
     AssignErrorNotSupported = 6,
     /// `bpf_sk_assign` refused for any other reason.
     AssignErrorOther = 7,
+    /// A `bypass` rule matched (and no socket already owned the flow): left untouched.
+    Bypassed = 8,
 }
 
 impl Outcome {
     /// Number of outcomes, the length of the `COUNTERS` map.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Every outcome, in counter-index order.
     pub const ALL: [Outcome; Self::COUNT as usize] = [
@@ -37,6 +43,7 @@ impl Outcome {
         Outcome::AssignErrorSocketType,
         Outcome::AssignErrorNotSupported,
         Outcome::AssignErrorOther,
+        Outcome::Bypassed,
     ];
 
     /// Stable snake_case name, for logs and metrics.
@@ -50,6 +57,7 @@ impl Outcome {
             Outcome::AssignErrorSocketType => "assign_error_socket_type",
             Outcome::AssignErrorNotSupported => "assign_error_not_supported",
             Outcome::AssignErrorOther => "assign_error_other",
+            Outcome::Bypassed => "bypassed",
         }
     }
 }
@@ -85,6 +93,29 @@ impl Protocol {
 /// The `COUNTERS` index of `outcome` for a packet of `protocol`.
 pub const fn counter_index(protocol: Protocol, outcome: Outcome) -> u32 {
     protocol as u32 * Outcome::COUNT + outcome as u32
+}
+
+/// What the rules decided for a flow, once every lookup stage has answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleMatch {
+    /// No rule matches.
+    None,
+    /// A `steer` rule matches: to the listener with this index.
+    Steer(u32),
+    /// A `bypass` rule matches.
+    Bypass,
+}
+
+/// What to do after a rule stage answered `verdict`: the final match, or the ifindex to put
+/// in the source-stage key (`Err`).
+pub const fn next_rule_stage(verdict: &Verdict, ifindex: u32) -> Result<RuleMatch, u32> {
+    match verdict.action {
+        VERDICT_STEER => Ok(RuleMatch::Steer(verdict.listener)),
+        VERDICT_BYPASS => Ok(RuleMatch::Bypass),
+        VERDICT_BY_SOURCE => Err(0),
+        VERDICT_BY_SOURCE_AND_IFACE => Err(ifindex),
+        _ => Ok(RuleMatch::None),
+    }
 }
 
 const ENETUNREACH: i64 = 101;
@@ -246,6 +277,34 @@ mod tests {
         assert_eq!(ipv4_transport_offset(0x45, 0x0001), None, "later fragment");
         assert_eq!(ipv4_transport_offset(0x44, 0), None, "IHL below 5");
         assert_eq!(ipv4_transport_offset(0x65, 0), None, "version 6");
+    }
+
+    #[test]
+    fn rule_stages_end_in_a_match_or_ask_for_the_source() {
+        let verdict = |action, listener| Verdict {
+            action,
+            listener,
+            cell: 7,
+        };
+        assert_eq!(
+            next_rule_stage(&verdict(VERDICT_STEER, 3), 9),
+            Ok(RuleMatch::Steer(3))
+        );
+        assert_eq!(
+            next_rule_stage(&verdict(VERDICT_BYPASS, 0), 9),
+            Ok(RuleMatch::Bypass)
+        );
+        assert_eq!(next_rule_stage(&verdict(VERDICT_BY_SOURCE, 0), 9), Err(0));
+        assert_eq!(
+            next_rule_stage(&verdict(VERDICT_BY_SOURCE_AND_IFACE, 0), 9),
+            Err(9)
+        );
+        assert_eq!(next_rule_stage(&verdict(0, 0), 9), Ok(RuleMatch::None));
+        assert_eq!(
+            next_rule_stage(&verdict(77, 0), 9),
+            Ok(RuleMatch::None),
+            "unknown action"
+        );
     }
 
     #[test]

@@ -1,25 +1,106 @@
 //! Names, sizes and layouts of the maps and globals through which the loader configures the
 //! eBPF program. Both sides name maps with these constants so a rename cannot split them.
 
-/// Per-port protocol bit set, indexed by destination port (host byte order). An array rather
-/// than a hash: one bounded lookup whatever the number of steered ports.
-pub const STEERED_PORTS: &str = "STEERED_PORTS";
-/// One entry per possible port.
-pub const STEERED_PORTS_LEN: u32 = 65536;
-/// Bit in a [`STEERED_PORTS`] value: TCP to this port is steered.
-pub const PORT_TCP: u8 = 1 << 0;
-/// Bit in a [`STEERED_PORTS`] value: UDP to this port is steered.
-pub const PORT_UDP: u8 = 1 << 1;
+/// Array (`u32`, one entry) holding the rule-set generation in force, 0 or 1. The rule maps
+/// hold the entries of both generations side by side (class and cell ids carry the
+/// generation), so a reload writes the new generation completely and then flips this one
+/// value: a packet reads it once and sees either the old rule set or the new one, never a mix.
+pub const ACTIVE_GENERATION: &str = "ACTIVE_GENERATION";
 
-/// Longest-prefix-match set of steered IPv4 destinations, keyed by the address in network
-/// byte order (`[u8; 4]`); the value is unused and always 1.
-pub const STEERED_DST_V4: &str = "STEERED_DST_V4";
-/// Longest-prefix-match set of steered IPv6 destinations (`[u8; 16]`, network byte order).
-pub const STEERED_DST_V6: &str = "STEERED_DST_V6";
-/// Most prefixes per address family that `--dst` may give.
-pub const MAX_DST_PREFIXES: u32 = 16384;
+/// Stage 1 of a rule lookup. Array (`u32`) from (generation, transport, destination port) to
+/// the port's class: ports whose packets are matched by the same rules share a class.
+/// Class 0 means no rule mentions the port, so the packet is passed after one array lookup.
+pub const PORT_CLASSES: &str = "PORT_CLASSES";
+/// Two generations × two transports × every port.
+pub const PORT_CLASSES_LEN: u32 = 2 * 2 * 65536;
 
-/// SOCKMAP holding tproxy's transparent listeners, indexed by [`ListenerSlot`].
+/// The [`PORT_CLASSES`] index of a port (host byte order).
+pub const fn port_class_index(generation: u32, udp: bool, port: u16) -> u32 {
+    ((generation & 1) * 2 + udp as u32) * 65536 + port as u32
+}
+
+/// Stage 2: longest-prefix match on ([`DstKey`] class, destination address) to a [`Verdict`].
+pub const RULES_DST_V4: &str = "RULES_DST_V4";
+/// Stage 2 for IPv6 destinations.
+pub const RULES_DST_V6: &str = "RULES_DST_V6";
+/// Stage 3, for cells whose rules look at the source or the interface: longest-prefix match
+/// on ([`SrcKey`] cell, interface, source address) to a [`Verdict`].
+pub const RULES_SRC_V4: &str = "RULES_SRC_V4";
+/// Stage 3 for IPv6 sources.
+pub const RULES_SRC_V6: &str = "RULES_SRC_V6";
+/// Most entries one rule map may hold (both generations together): bounds kernel memory,
+/// about 100 bytes an entry.
+pub const MAX_RULE_MAP_ENTRIES: u32 = 4 << 20;
+
+/// Bit in class and cell ids that says which generation they belong to.
+pub const GENERATION_BIT: u32 = 1 << 31;
+
+/// Key of the destination stage: the port class, then the address (network byte order). The
+/// LPM prefix length is 32 (the whole class) plus the destination prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DstKey<const N: usize> {
+    pub class: u32,
+    pub addr: [u8; N],
+}
+
+impl<const N: usize> DstKey<N> {
+    /// LPM prefix length of a key whose address part has `prefix_len` significant bits.
+    pub const fn prefix_len(prefix_len: u32) -> u32 {
+        32 + prefix_len
+    }
+}
+
+/// Key of the source stage: the cell from the destination stage, the ingress ifindex (0 when
+/// the cell's rules name no interface), then the source address (network byte order). The
+/// LPM prefix length is 64 plus the source prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SrcKey<const N: usize> {
+    pub cell: u32,
+    pub ifindex: u32,
+    pub addr: [u8; N],
+}
+
+impl<const N: usize> SrcKey<N> {
+    /// LPM prefix length of a key whose address part has `prefix_len` significant bits.
+    pub const fn prefix_len(prefix_len: u32) -> u32 {
+        64 + prefix_len
+    }
+}
+
+/// What a rule lookup stage says about a packet. See [`crate::decision::RuleVerdict`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// One of the `VERDICT_*` constants.
+    pub action: u32,
+    /// For [`VERDICT_STEER`]: the listener's index (see [`listener_slot`]).
+    pub listener: u32,
+    /// For [`VERDICT_BY_SOURCE`] and [`VERDICT_BY_SOURCE_AND_IFACE`]: the [`SrcKey::cell`].
+    pub cell: u32,
+}
+
+/// No rule matches: the packet is passed.
+pub const VERDICT_NONE: u32 = 0;
+/// A `steer` rule matches: the flow's own socket, else the listener.
+pub const VERDICT_STEER: u32 = 1;
+/// A `bypass` rule matches: only a socket that already owns the flow gets it.
+pub const VERDICT_BYPASS: u32 = 2;
+/// The rules of a cell depend on the source address: look it up in stage 3 with ifindex 0.
+pub const VERDICT_BY_SOURCE: u32 = 3;
+/// As [`VERDICT_BY_SOURCE`], with the ingress interface's index in the key.
+pub const VERDICT_BY_SOURCE_AND_IFACE: u32 = 4;
+
+/// Most named listeners (each has up to four sockets in [`LISTENERS`]).
+pub const MAX_LISTENERS: u32 = 64;
+
+/// The [`LISTENERS`] index of listener `listener`'s socket for a transport and family.
+pub const fn listener_slot(listener: u32, slot: ListenerSlot) -> u32 {
+    listener * ListenerSlot::COUNT + slot as u32
+}
+
+/// SOCKMAP holding tproxy's transparent listeners, indexed by [`listener_slot`].
 pub const LISTENERS: &str = "LISTENERS";
 
 /// Which listener a steered packet is handed to: a socket can only be assigned packets of its
@@ -38,7 +119,7 @@ pub enum ListenerSlot {
 }
 
 impl ListenerSlot {
-    /// Number of slots in [`LISTENERS`].
+    /// Number of sockets one listener can have.
     pub const COUNT: u32 = 4;
 
     /// The slot of the listener for a flow's transport and address family.
@@ -55,7 +136,7 @@ impl ListenerSlot {
 /// Interfaces the tc program is attached to (ifindex → 1), for the `sk_lookup` program,
 /// which sees every listener lookup in the network namespace.
 pub const STEERED_IFACES: &str = "STEERED_IFACES";
-/// Most `--iface` interfaces.
+/// Most steered interfaces.
 pub const MAX_STEERED_IFACES: u32 = 256;
 
 /// Name of the `sk_lookup` program in the object file.
@@ -81,9 +162,49 @@ pub const MARK_MASK_GLOBAL: &str = "ROUTING_MARK_MASK";
 /// Name of the tc ingress program in the object file.
 pub const PROGRAM_NAME: &str = "tproxy_ingress";
 
+/// The total size of [`LISTENERS`].
+pub const LISTENERS_LEN: u32 = MAX_LISTENERS * ListenerSlot::COUNT;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` data without padding (u32 fields, then bytes filling the
+    // alignment: N is 4 or 16).
+    unsafe impl<const N: usize> aya::Pod for super::DstKey<N> {}
+    unsafe impl<const N: usize> aya::Pod for super::SrcKey<N> {}
+    unsafe impl aya::Pod for super::Verdict {}
+}
+
 #[cfg(test)]
 mod tests {
-    use super::ListenerSlot;
+    use super::*;
+
+    #[test]
+    fn port_class_indices_cover_the_array_without_overlap() {
+        assert_eq!(port_class_index(0, false, 0), 0);
+        assert_eq!(port_class_index(0, true, 0), 65536);
+        assert_eq!(port_class_index(1, false, 0), 2 * 65536);
+        assert_eq!(port_class_index(1, true, 65535), PORT_CLASSES_LEN - 1);
+        assert_eq!(
+            port_class_index(3, true, 65535),
+            PORT_CLASSES_LEN - 1,
+            "generation is 0 or 1"
+        );
+    }
+
+    #[test]
+    fn keys_have_no_padding() {
+        assert_eq!(core::mem::size_of::<DstKey<4>>(), 8);
+        assert_eq!(core::mem::size_of::<DstKey<16>>(), 20);
+        assert_eq!(core::mem::size_of::<SrcKey<4>>(), 12);
+        assert_eq!(core::mem::size_of::<SrcKey<16>>(), 24);
+    }
+
+    #[test]
+    fn listeners_do_not_share_slots() {
+        let last = listener_slot(MAX_LISTENERS - 1, ListenerSlot::UdpV6);
+        assert_eq!(last, LISTENERS_LEN - 1);
+        assert_eq!(listener_slot(1, ListenerSlot::TcpV4), ListenerSlot::COUNT);
+    }
 
     #[test]
     fn every_transport_and_family_has_its_own_slot() {

@@ -2,10 +2,10 @@
 //! in one pass over the packet.
 //!
 //! packet → parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP/UDP ports)
-//!        → steering set (destination port array, destination prefix LPM tries)
-//!        → the flow's own socket, if it has one (exact-tuple lookup; for UDP only
-//!          tproxy's own per-flow sockets count)
-//!        → otherwise tproxy's listener for the protocol and family from the socket map
+//!        → rules (port class array, then destination and maybe source LPM tries)
+//!        → for a steer or bypass rule: the flow's own socket, if it has one (exact-tuple
+//!          lookup; for UDP only tproxy's own per-flow sockets count)
+//!        → otherwise, for a steer rule: the rule's listener from the socket map
 //!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally.
 //!
 //! Every path returns `TC_ACT_OK`: a packet we do not steer continues exactly as if the
@@ -18,7 +18,8 @@ use core::{ffi::c_void, mem, ptr};
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS, TC_ACT_OK,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC,
+        TC_ACT_OK,
     },
     helpers::generated::{
         bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
@@ -30,21 +31,28 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use tproxy_common::{
-    decision::{self, counter_index, Outcome, Protocol},
+    decision::{self, counter_index, next_rule_stage, Outcome, Protocol, RuleMatch},
     maps::{
-        ListenerSlot, COUNTERS_LEN, MAX_DST_PREFIXES, MAX_STEERED_IFACES, PORT_TCP, PORT_UDP,
-        STEERED_PORTS_LEN,
+        listener_slot, port_class_index, DstKey, ListenerSlot, SrcKey, Verdict, COUNTERS_LEN,
+        LISTENERS_LEN, MAX_STEERED_IFACES, PORT_CLASSES_LEN,
     },
 };
 
 #[map]
-static STEERED_PORTS: Array<u8> = Array::with_max_entries(STEERED_PORTS_LEN, 0);
+static ACTIVE_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
-static STEERED_DST_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_DST_PREFIXES, 0);
+static PORT_CLASSES: Array<u32> = Array::with_max_entries(PORT_CLASSES_LEN, 0);
+// The loader sizes the rule maps for the rule set it loads.
 #[map]
-static STEERED_DST_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_DST_PREFIXES, 0);
+static RULES_DST_V4: LpmTrie<DstKey<4>, Verdict> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
 #[map]
-static LISTENERS: SockMap = SockMap::with_max_entries(ListenerSlot::COUNT, 0);
+static RULES_DST_V6: LpmTrie<DstKey<16>, Verdict> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
+#[map]
+static RULES_SRC_V4: LpmTrie<SrcKey<4>, Verdict> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
+#[map]
+static RULES_SRC_V6: LpmTrie<SrcKey<16>, Verdict> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
+#[map]
+static LISTENERS: SockMap = SockMap::with_max_entries(LISTENERS_LEN, 0);
 #[map]
 static STEERED_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_STEERED_IFACES, 0);
 #[map]
@@ -91,26 +99,27 @@ pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
     let lookup = unsafe { &*ctx.lookup };
     // Map keys must be on the stack, not in the context.
     let ifindex = unsafe { ptr::read_volatile(&lookup.ingress_ifindex) };
-    if lookup.protocol != IPPROTO_TCP as u32
-        || unsafe { STEERED_IFACES.get(&ifindex) }.is_none()
-        || !port_steered(lookup.local_port as u16, Protocol::Tcp)
-    {
+    if lookup.protocol != IPPROTO_TCP as u32 || unsafe { STEERED_IFACES.get(&ifindex) }.is_none() {
         return SK_PASS;
     }
+    let port = lookup.local_port as u16;
     const AF_INET: u32 = 2;
     let ipv6 = lookup.family != AF_INET;
-    let steered = if ipv6 {
-        let mut daddr = [0u8; 16];
-        for (i, word) in lookup.local_ip6.iter().enumerate() {
-            daddr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    let rule = if ipv6 {
+        let (mut daddr, mut saddr) = ([0u8; 16], [0u8; 16]);
+        for i in 0..4 {
+            daddr[i * 4..i * 4 + 4].copy_from_slice(&lookup.local_ip6[i].to_ne_bytes());
+            saddr[i * 4..i * 4 + 4].copy_from_slice(&lookup.remote_ip6[i].to_ne_bytes());
         }
-        dst_v6_steered(daddr)
+        match_rules(&RULES_DST_V6, &RULES_SRC_V6, false, port, daddr, saddr, ifindex)
     } else {
-        dst_v4_steered(lookup.local_ip4.to_ne_bytes())
+        let (daddr, saddr) = (lookup.local_ip4.to_ne_bytes(), lookup.remote_ip4.to_ne_bytes());
+        match_rules(&RULES_DST_V4, &RULES_SRC_V4, false, port, daddr, saddr, ifindex)
     };
-    if steered {
+    if let RuleMatch::Steer(listener) = rule {
+        let slot = listener_slot(listener, ListenerSlot::of(true, ipv6));
         // Failing that, the kernel's own lookup goes on and answers as it would have.
-        let _ = LISTENERS.redirect_sk_lookup(&ctx, ListenerSlot::of(true, ipv6) as u32, 0);
+        let _ = LISTENERS.redirect_sk_lookup(&ctx, slot, 0);
     }
     SK_PASS
 }
@@ -155,35 +164,44 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
     }
 }
 
-/// Whether `port` (host byte order) is in the steering set for `protocol`.
+/// The rules' decision for a flow: three bounded lookups, whatever the number of rules (see
+/// the loader's `rules` module for how the maps are built).
 #[inline(always)]
-fn port_steered(port: u16, protocol: Protocol) -> bool {
-    let bit = match protocol {
-        Protocol::Tcp => PORT_TCP,
-        Protocol::Udp => PORT_UDP,
-        Protocol::Other => return false,
+fn match_rules<const N: usize>(
+    by_dst: &LpmTrie<DstKey<N>, Verdict>,
+    by_src: &LpmTrie<SrcKey<N>, Verdict>,
+    udp: bool,
+    dport: u16,
+    daddr: [u8; N],
+    saddr: [u8; N],
+    ifindex: u32,
+) -> RuleMatch {
+    // Read once: every lookup below uses the same generation of the rule set.
+    let generation = ACTIVE_GENERATION.get(0).copied().unwrap_or(0);
+    let class = match PORT_CLASSES.get(port_class_index(generation, udp, dport)) {
+        Some(&class) if class != 0 => class,
+        _ => return RuleMatch::None,
     };
-    STEERED_PORTS
-        .get(port as u32)
-        .is_some_and(|protocols| protocols & bit != 0)
-}
-
-#[inline(always)]
-fn dst_v4_steered(daddr: [u8; 4]) -> bool {
-    STEERED_DST_V4.get(Key::new(32, daddr)).is_some()
-}
-
-#[inline(always)]
-fn dst_v6_steered(daddr: [u8; 16]) -> bool {
-    STEERED_DST_V6.get(Key::new(128, daddr)).is_some()
+    let dst_key = DstKey { class, addr: daddr };
+    let Some(verdict) = by_dst.get(Key::new(DstKey::<N>::prefix_len(N as u32 * 8), dst_key)) else {
+        return RuleMatch::None;
+    };
+    let key_ifindex = match next_rule_stage(verdict, ifindex) {
+        Ok(found) => return found,
+        Err(key_ifindex) => key_ifindex,
+    };
+    let src_key = SrcKey { cell: verdict.cell, ifindex: key_ifindex, addr: saddr };
+    match by_src.get(Key::new(SrcKey::<N>::prefix_len(N as u32 * 8), src_key)) {
+        Some(verdict) => next_rule_stage(verdict, ifindex).unwrap_or(RuleMatch::None),
+        None => RuleMatch::None,
+    }
 }
 
 /// The source and destination ports (the first four bytes of both TCP and UDP headers), still
-/// in network byte order, if the destination port is steered for `protocol`.
+/// in network byte order.
 #[inline(always)]
-fn steered_ports(ctx: &TcContext, offset: usize, protocol: Protocol) -> Option<[u16; 2]> {
-    let ports = unsafe { *header::<[u16; 2]>(ctx, offset)? };
-    port_steered(u16::from_be(ports[1]), protocol).then_some(ports)
+fn ports(ctx: &TcContext, offset: usize) -> Option<[u16; 2]> {
+    Some(unsafe { *header::<[u16; 2]>(ctx, offset)? })
 }
 
 /// The socket match and listener assignment for a parsed, steered flow of either family.
@@ -194,13 +212,20 @@ fn steer_transport(
     tuple: &mut bpf_sock_tuple,
     tuple_len: u32,
     ipv6: bool,
+    rule: RuleMatch,
 ) -> Outcome {
     let tcp = protocol == Protocol::Tcp;
-    let slot = ListenerSlot::of(tcp, ipv6);
+    // A bypassed flow still goes to a socket that owns it: the rule that steered it may
+    // have been removed by a reload since.
+    let listener = match rule {
+        RuleMatch::None => return Outcome::Passed,
+        RuleMatch::Bypass => None,
+        RuleMatch::Steer(listener) => Some(listener_slot(listener, ListenerSlot::of(tcp, ipv6))),
+    };
     if tcp {
-        steer_tcp(ctx, tuple, tuple_len, slot)
+        steer_tcp(ctx, tuple, tuple_len, listener)
     } else {
-        steer_udp(ctx, tuple, tuple_len, slot)
+        steer_udp(ctx, tuple, tuple_len, listener)
     }
 }
 
@@ -216,12 +241,19 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     else {
         return (protocol, Outcome::Passed);
     };
+    if protocol == Protocol::Other {
+        return (protocol, Outcome::Passed);
+    }
     // IHL is at most 15 words; the mask keeps the verifier's view of the offset bounded.
-    let Some([sport, dport]) = steered_ports(ctx, l3 + (header_len & 0x3c), protocol) else {
+    let Some([sport, dport]) = ports(ctx, l3 + (header_len & 0x3c)) else {
         return (protocol, Outcome::Passed);
     };
     let daddr = [ip[16], ip[17], ip[18], ip[19]];
-    if !dst_v4_steered(daddr) {
+    let saddr = [ip[12], ip[13], ip[14], ip[15]];
+    let udp = protocol == Protocol::Udp;
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let rule = match_rules(&RULES_DST_V4, &RULES_SRC_V4, udp, u16::from_be(dport), daddr, saddr, ifindex);
+    if rule == RuleMatch::None {
         return (protocol, Outcome::Passed);
     }
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
@@ -232,7 +264,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         dport,
     };
     let tuple_len = mem::size_of::<TupleV4>() as u32;
-    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, false);
+    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, false, rule);
     if outcome == Outcome::SteeredNew {
         debug!(
             ctx,
@@ -255,12 +287,19 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     let ip = unsafe { &*ip };
     // Extension headers are not walked yet: such packets are "other" and pass untouched.
     let protocol = protocol_of(ip[6]);
-    let Some([sport, dport]) = steered_ports(ctx, l3 + IPV6_HEADER_LEN, protocol) else {
+    if protocol == Protocol::Other {
+        return (protocol, Outcome::Passed);
+    }
+    let Some([sport, dport]) = ports(ctx, l3 + IPV6_HEADER_LEN) else {
         return (protocol, Outcome::Passed);
     };
-    let mut daddr = [0u8; 16];
+    let (mut daddr, mut saddr) = ([0u8; 16], [0u8; 16]);
     daddr.copy_from_slice(&ip[24..40]);
-    if !dst_v6_steered(daddr) {
+    saddr.copy_from_slice(&ip[8..24]);
+    let udp = protocol == Protocol::Udp;
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let rule = match_rules(&RULES_DST_V6, &RULES_SRC_V6, udp, u16::from_be(dport), daddr, saddr, ifindex);
+    if rule == RuleMatch::None {
         return (protocol, Outcome::Passed);
     }
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
@@ -279,10 +318,8 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         dport,
     };
     let tuple_len = mem::size_of::<TupleV6>() as u32;
-    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, true);
+    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, true, rule);
     if outcome == Outcome::SteeredNew {
-        let mut saddr = [0u8; 16];
-        saddr.copy_from_slice(&ip[8..24]);
         debug!(
             ctx,
             "steer new {} [{:i}]:{} -> [{:i}]:{}",
@@ -303,7 +340,7 @@ fn steer_tcp(
     ctx: &TcContext,
     tuple: *mut bpf_sock_tuple,
     tuple_len: u32,
-    slot: ListenerSlot,
+    listener_slot: Option<u32>,
 ) -> Outcome {
     // The netns argument is a u64: -1 must stay all ones, a 32-bit cast would miss every socket.
     let own = unsafe {
@@ -321,6 +358,9 @@ fn steer_tcp(
         }
         unsafe { bpf_sk_release(own as *mut c_void) };
     }
+    let Some(slot) = listener_slot else {
+        return Outcome::Bypassed;
+    };
     let Some(listener) = listener(slot) else {
         return Outcome::NoListener;
     };
@@ -337,7 +377,7 @@ fn steer_udp(
     ctx: &TcContext,
     tuple: *mut bpf_sock_tuple,
     tuple_len: u32,
-    slot: ListenerSlot,
+    listener_slot: Option<u32>,
 ) -> Outcome {
     let own = unsafe {
         bpf_sk_lookup_udp(
@@ -354,16 +394,18 @@ fn steer_udp(
         }
         unsafe { bpf_sk_release(own as *mut c_void) };
     }
+    let Some(slot) = listener_slot else {
+        return Outcome::Bypassed;
+    };
     match listener(slot) {
         Some(listener) => assign_and_release(ctx, listener, Outcome::SteeredNew),
         None => Outcome::NoListener,
     }
 }
 
-/// The listener in `slot`, referenced: the caller must release it.
+/// The listener socket in `slot`, referenced: the caller must release it.
 #[inline(always)]
-fn listener(slot: ListenerSlot) -> Option<*mut bpf_sock> {
-    let slot = slot as u32;
+fn listener(slot: u32) -> Option<*mut bpf_sock> {
     let listener = unsafe {
         bpf_map_lookup_elem(
             ptr::addr_of!(LISTENERS) as *mut c_void,

@@ -1,7 +1,7 @@
 //! Command line: what an operator can say, and the parsers that turn each flag's text into a
 //! checked value (or an error naming the bad value) before anything touches the system.
 
-use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
+use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
@@ -19,123 +19,130 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach the steering program, install policy routing, and relay steered connections
-    /// until SIGINT or SIGTERM; everything installed is removed on exit.
+    /// until SIGINT or SIGTERM; everything installed is removed on exit. SIGHUP reloads the
+    /// configuration file's rules and listeners.
     Run(RunArgs),
+    /// Check a configuration (file and flags, as `run` would take them) without touching the
+    /// system, and print the effective rule table.
+    Check(RunArgs),
+    /// Make the running `tproxy run` of this network namespace re-read its configuration
+    /// file (the same as sending it SIGHUP).
+    Reload(ReloadArgs),
+    /// Print an equivalent tproxy configuration for an iptables/ip6tables TPROXY rule set
+    /// (`iptables-save` output) or an nft one (`nft list ruleset` output) read from stdin.
+    Translate(TranslateArgs),
 }
 
-/// Flags of `tproxy run`.
+/// Flags of `tproxy reload`.
 #[derive(Debug, Args)]
-#[command(group = clap::ArgGroup::new("steered").required(true).multiple(true).args(["tcp", "udp"]))]
+pub struct ReloadArgs {
+    /// The routing table of the instance to reload (as given to its `run`).
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    pub table: u32,
+}
+
+/// Flags of `tproxy translate`.
+#[derive(Debug, Args)]
+pub struct TranslateArgs {
+    /// Exit with status 0 even when some rules could not be translated (they are still
+    /// listed on stderr).
+    #[arg(long = "allow-skipped")]
+    pub allow_skipped: bool,
+}
+
+/// Flags of `tproxy run` (and `tproxy check`). Settings left out take the configuration
+/// file's value, or the default shown.
+#[derive(Debug, Args)]
 pub struct RunArgs {
+    /// TOML configuration file: settings, listeners and rules (see the README). Flags given
+    /// as well override its settings; --tcp/--udp add rules after its own.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Interface whose ingress traffic is steered (repeat for several). Steering happens on
-    /// arrival, so name the interfaces clients' packets come in on.
-    #[arg(
-        long = "iface",
-        value_name = "IF",
-        required_unless_present = "relay_only"
-    )]
+    /// arrival, so name the interfaces clients' packets come in on. Replaces the file's
+    /// `interfaces`.
+    #[arg(long = "iface", value_name = "IF")]
     pub ifaces: Vec<String>,
 
     /// Run only the listeners and the relay: steering is done by something else, such as an
-    /// existing iptables/nft TPROXY rule set pointed at --listen (give it a fixed port). No
-    /// program is attached and no policy routing is installed.
+    /// existing iptables/nft TPROXY rule set pointed at the listeners (give them fixed
+    /// ports). No program is attached and no policy routing is installed.
     #[arg(long = "relay-only", conflicts_with_all = ["ifaces", "dst"])]
     pub relay_only: bool,
 
-    /// Destination TCP ports to steer: a comma-separated list of ports and inclusive ranges,
-    /// e.g. `80,443,8000-8100`. At least one of --tcp and --udp is needed.
+    /// Destination TCP ports to steer to the `default` listener: a comma-separated list of
+    /// ports and inclusive ranges, e.g. `80,443,8000-8100`.
     #[arg(long, value_name = "PORTS", value_parser = parse_port_list)]
     pub tcp: Option<PortList>,
 
-    /// Destination UDP ports to steer, in the same syntax as --tcp. Each (client, original
-    /// destination) pair becomes a session with its own upstream socket.
+    /// Destination UDP ports to steer to the `default` listener, in the same syntax as
+    /// --tcp. Each (client, original destination) pair becomes a session with its own
+    /// upstream socket.
     #[arg(long, value_name = "PORTS", value_parser = parse_port_list)]
     pub udp: Option<PortList>,
 
-    /// Only steer packets to these destination prefixes (repeat for several; IPv4 and IPv6).
-    /// A bare address means a single host. Default: every destination.
+    /// Only steer --tcp/--udp packets to these destination prefixes (repeat for several;
+    /// IPv4 and IPv6). A bare address means a single host. Default: every destination.
     #[arg(long = "dst", value_name = "CIDR", value_parser = parse_prefix)]
     pub dst: Vec<IpNet>,
 
-    /// Address of a transparent listener (repeat for several; at most one per address family).
-    /// Keep them on loopback so nothing can connect to them directly; steered packets reach
-    /// them whatever their destination. Port 0 picks a free port, shared by all listeners.
-    #[arg(
-        long = "listen",
-        value_name = "ADDR:PORT",
-        value_parser = parse_socket_addr,
-        default_values = ["127.0.0.1:0", "[::1]:0"]
-    )]
+    /// Address of the `default` listener (repeat for several; at most one per address
+    /// family). Keep them on loopback so nothing can connect to them directly; steered
+    /// packets reach them whatever their destination. Port 0 picks a free port, shared by
+    /// all of them. [default: 127.0.0.1:0 [::1]:0]
+    #[arg(long = "listen", value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub listen: Vec<SocketAddr>,
 
-    /// Relay every steered connection to this address instead of its original destination
-    /// (e.g. a local app when running as a sidecar).
+    /// Relay every connection of the `default` listener to this address instead of its
+    /// original destination (e.g. a local app when running as a sidecar).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub upstream: Option<SocketAddr>,
 
     /// Routing mark set on steered packets, optionally with the mask of `skb->mark` bits that
     /// tproxy owns (`MARK/MASK`, decimal or 0x-hex). Only bits under the mask are changed.
-    #[arg(long, value_name = "MARK[/MASK]", value_parser = parse_mark, default_value = "0x1000000/0x1000000")]
-    pub mark: Mark,
+    /// [default: 0x1000000/0x1000000]
+    #[arg(long, value_name = "MARK[/MASK]", value_parser = parse_mark)]
+    pub mark: Option<Mark>,
 
-    /// Routing table holding the `local 0.0.0.0/0` and `local ::/0` routes.
-    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
-    pub table: u32,
+    /// Routing table holding the `local 0.0.0.0/0` and `local ::/0` routes. [default: 7470]
+    #[arg(long, value_name = "N", value_parser = parse_table)]
+    pub table: Option<u32>,
 
     /// Priority of the `fwmark MARK/MASK lookup TABLE` rule (lower is consulted earlier;
-    /// must come before the main table's 32766).
-    #[arg(long = "rule-priority", value_name = "N", value_parser = clap::value_parser!(u32).range(1..32766), default_value_t = 4700)]
-    pub rule_priority: u32,
+    /// must come before the main table's 32766). [default: 4700]
+    #[arg(long = "rule-priority", value_name = "N", value_parser = clap::value_parser!(u32).range(1..32766))]
+    pub rule_priority: Option<u32>,
 
     /// Give up connecting to the upstream after this long (e.g. `5s`, `500ms`) and reset the
-    /// client.
-    #[arg(long = "connect-timeout", value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
-    pub connect_timeout: Duration,
+    /// client. [default: 10s]
+    #[arg(long = "connect-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
 
     /// Close a relayed connection after no bytes moved either way for this long.
-    #[arg(long = "idle-timeout", value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
-    pub idle_timeout: Duration,
+    /// [default: 5m]
+    #[arg(long = "idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
 
-    /// End a UDP session after no datagram moved either way for this long.
-    #[arg(long = "udp-idle-timeout", value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
-    pub udp_idle_timeout: Duration,
+    /// End a UDP session after no datagram moved either way for this long. [default: 60s]
+    #[arg(long = "udp-idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub udp_idle_timeout: Option<Duration>,
 
     /// Most UDP sessions at once; datagrams of new flows beyond it are dropped (and counted).
-    /// Each session holds two file descriptors.
-    #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 8192)]
-    pub udp_max_sessions: u32,
+    /// Each session holds two file descriptors. [default: 8192]
+    #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub udp_max_sessions: Option<u32>,
 
     /// SO_MARK on tproxy's own per-flow UDP sockets, by which the eBPF program tells them from
     /// other local sockets. It must not match the routing rule (MARK under MASK), or replies
-    /// would be delivered locally instead of sent.
-    #[arg(long = "socket-mark", value_name = "MARK", value_parser = parse_socket_mark, default_value = "0x2000000")]
-    pub socket_mark: u32,
-}
-
-impl RunArgs {
-    /// Checks what no single flag's parser can: combinations.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.socket_mark & self.mark.mask == self.mark.value {
-            return Err(format!(
-                "--socket-mark {:#x} matches the routing rule's fwmark {}: replies from tproxy's \
-                 UDP sockets would be routed back to this host",
-                self.socket_mark, self.mark
-            ));
-        }
-        Ok(())
-    }
+    /// would be delivered locally instead of sent. [default: 0x2000000]
+    #[arg(long = "socket-mark", value_name = "MARK", value_parser = parse_socket_mark)]
+    pub socket_mark: Option<u32>,
 }
 
 /// A set of ports given as a list of inclusive ranges (a single port is a range of one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortList(pub Vec<RangeInclusive<u16>>);
-
-impl PortList {
-    /// Every port in the list, in the order given (duplicates possible).
-    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.0.iter().flat_map(|range| range.clone())
-    }
-}
 
 impl std::fmt::Display for PortList {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -285,10 +292,7 @@ mod tests {
     #[test]
     fn port_lists_and_ranges() {
         let list = parse_port_list("80,443,8000-8002").unwrap();
-        assert_eq!(
-            list.ports().collect::<Vec<_>>(),
-            [80, 443, 8000, 8001, 8002]
-        );
+        assert_eq!(list.0, [80..=80, 443..=443, 8000..=8002]);
         assert_eq!(list.to_string(), "80,443,8000-8002");
         assert_eq!(parse_port_list("65535").unwrap().0, [65535..=65535]);
     }
@@ -360,41 +364,13 @@ mod tests {
     }
 
     #[test]
-    fn run_flags_parse_and_defaults_apply() {
+    fn run_flags_parse_and_leave_unset_settings_to_the_file_or_defaults() {
         let cli = Cli::try_parse_from(["tproxy", "run", "--iface", "eth0", "--tcp", "80"]).unwrap();
-        let Command::Run(args) = cli.command;
-        assert_eq!(args.listen.len(), 2);
-        assert_eq!(
-            args.mark,
-            Mark {
-                value: 0x100_0000,
-                mask: 0x100_0000
-            }
-        );
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        assert!(args.listen.is_empty() && args.mark.is_none() && args.config.is_none());
         assert!(args.dst.is_empty());
         assert!(args.udp.is_none());
-        assert_eq!(args.validate(), Ok(()));
-    }
-
-    #[test]
-    fn tcp_or_udp_is_required_and_the_socket_mark_must_miss_the_rule() {
-        let error = Cli::try_parse_from(["tproxy", "run", "--iface", "eth0"]).unwrap_err();
-        assert!(error.to_string().contains("--tcp"), "{error}");
-        let cli = Cli::try_parse_from([
-            "tproxy",
-            "run",
-            "--iface",
-            "eth0",
-            "--udp",
-            "53",
-            "--socket-mark",
-            "0x1000000",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command;
-        assert!(args
-            .validate()
-            .unwrap_err()
-            .contains("--socket-mark 0x1000000"));
     }
 }

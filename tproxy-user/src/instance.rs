@@ -25,11 +25,8 @@ pub struct InstanceLock {
 impl InstanceLock {
     /// Takes the lock for `table` in the current network namespace, or explains who has it.
     pub fn acquire(table: u32) -> Result<Self> {
-        let netns = std::fs::metadata("/proc/self/ns/net")
-            .context("reading this process's network namespace")?
-            .ino();
         std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
-        let path = PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.lock"));
+        let path = lock_path(table)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -55,4 +52,32 @@ impl InstanceLock {
         write!(file, "{}", std::process::id())?;
         Ok(InstanceLock { _file: file })
     }
+}
+
+fn lock_path(table: u32) -> Result<PathBuf> {
+    let netns = std::fs::metadata("/proc/self/ns/net")
+        .context("reading this process's network namespace")?
+        .ino();
+    Ok(PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.lock")))
+}
+
+/// Sends `signal` to the tproxy that holds the lock for `table` in this network namespace;
+/// returns its pid. A lock file whose lock nobody holds names no running instance.
+pub fn signal_running(table: u32, signal: nix::sys::signal::Signal) -> Result<i32> {
+    let not_running =
+        || format!("no tproxy is running with routing table {table} in this network namespace");
+    let path = lock_path(table)?;
+    let mut file = File::open(&path).with_context(not_running)?;
+    let mut owner = String::new();
+    file.read_to_string(&mut owner)?;
+    if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
+        bail!(not_running());
+    }
+    let pid: i32 = owner
+        .trim()
+        .parse()
+        .with_context(|| format!("{} holds no pid", path.display()))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .with_context(|| format!("signalling tproxy pid {pid}"))?;
+    Ok(pid)
 }

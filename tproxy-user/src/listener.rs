@@ -14,7 +14,7 @@ use tproxy_common::maps::ListenerSlot;
 const BACKLOG: i32 = 4096;
 
 /// Which transport a listener serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
     Tcp,
     Udp,

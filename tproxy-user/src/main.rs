@@ -9,18 +9,38 @@
 //! puts the pieces together in the order that leaves nothing behind.
 
 mod cli;
+mod config;
 mod instance;
 mod listener;
 mod relay;
 mod routing;
+mod rules;
 mod run;
 mod splice;
 mod steering;
+mod translate;
 mod udp;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// `tproxy check`: everything `run` would check before touching the system.
+fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
+    let config = config::Config::build(args)?;
+    let rules = rules::compile(&config.rules, 0, &[]);
+    print!("{}", config.describe());
+    println!(
+        "maps: {} port classes; entries: destination IPv4 {}, IPv6 {}; source IPv4 {}, IPv6 {}",
+        rules.classes(),
+        rules.dst_v4.len(),
+        rules.dst_v6.len(),
+        rules.src_v4.len(),
+        rules.src_v6.len()
+    );
+    println!("configuration OK");
+    Ok(())
+}
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -37,6 +57,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         cli::Command::Run(args) => runtime.block_on(run::run(args)),
+        cli::Command::Check(args) => check(&args),
+        cli::Command::Reload(args) => instance::signal_running(args.table, nix::sys::signal::Signal::SIGHUP)
+            .map(|pid| println!("asked tproxy (pid {pid}) to reload; its log says whether the new configuration is in force")),
+        cli::Command::Translate(args) => translate::run(&args),
     };
     // In-flight relays end with the runtime; steering and routing are already gone by now.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

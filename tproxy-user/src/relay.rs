@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -31,16 +31,19 @@ static PIPES: PipePool = PipePool::new();
 /// How long to wait before accepting again after the process ran out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// How connections are relayed.
+/// How connections are relayed, for every listener.
 #[derive(Debug)]
 pub struct RelayConfig {
-    /// Fixed destination for every connection; `None` relays to the original destination.
-    pub upstream: Option<SocketAddr>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Our listeners' addresses: relaying to one of them would loop forever.
-    pub own_listeners: Vec<SocketAddr>,
+    /// All our listeners' addresses: relaying to one of them would loop forever. Updated
+    /// when a reload adds or removes listeners.
+    pub own_listeners: Arc<RwLock<Vec<SocketAddr>>>,
 }
+
+/// A listener's fixed destination for every connection (`None`: each connection's original
+/// destination), changed in place by a reload.
+pub type Upstream = Arc<RwLock<Option<SocketAddr>>>;
 
 /// Totals across all connections, for the shutdown summary.
 #[derive(Debug, Default)]
@@ -51,19 +54,23 @@ pub struct RelayStats {
     pub bytes_to_client: AtomicU64,
 }
 
-/// Accepts connections until `shutdown`, relaying each on its own task in `connections`.
-/// On `shutdown` the connections in flight are reset on both sides: a relay that just
-/// stopped would look to each peer like a clean end of stream, hiding the truncation.
+/// Accepts connections until `stop_accepting` (a reload removed the listener) or
+/// `shutdown`, relaying each on its own task in `connections`. On `shutdown` the connections
+/// in flight are reset on both sides: a relay that just stopped would look to each peer like
+/// a clean end of stream, hiding the truncation.
 pub async fn serve(
     listener: TcpListener,
+    upstream: Upstream,
     config: Arc<RelayConfig>,
     stats: Arc<RelayStats>,
+    stop_accepting: CancellationToken,
     shutdown: CancellationToken,
     connections: TaskTracker,
 ) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
+            () = stop_accepting.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         let (client, peer) = match accepted {
@@ -77,16 +84,19 @@ pub async fn serve(
             }
         };
         stats.accepted.fetch_add(1, Relaxed);
+        let upstream = *upstream.read().unwrap();
         let config = config.clone();
         let stats = stats.clone();
         let shutdown = shutdown.clone();
-        connections.spawn(async move { relay(client, peer, &config, &stats, &shutdown).await });
+        connections
+            .spawn(async move { relay(client, peer, upstream, &config, &stats, &shutdown).await });
     }
 }
 
 async fn relay(
     client: TcpStream,
     peer: SocketAddr,
+    upstream: Option<SocketAddr>,
     config: &RelayConfig,
     stats: &RelayStats,
     shutdown: &CancellationToken,
@@ -98,8 +108,8 @@ async fn relay(
             return;
         }
     };
-    let target = config.upstream.unwrap_or(original);
-    if listener::reaches_own_listener(&config.own_listeners, target) {
+    let target = upstream.unwrap_or(original);
+    if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
         log::warn!("{peer} -> {original}: refusing to relay to our own listener {target}");
         reset(&client);
         return;

@@ -1,10 +1,14 @@
 //! `tproxy run`: set everything up in an order where a failure at any step undoes the steps
-//! before it, serve until SIGINT/SIGTERM, then take it all down again.
+//! before it, serve until SIGINT/SIGTERM (reloading on SIGHUP), then take it all down again.
 //!
 //! Order matters: routing is installed before the program is attached (a marked packet with
 //! no local route would be forwarded), and the program is detached before routing is removed.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
@@ -13,58 +17,79 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tproxy_common::{decision::Protocol, Outcome};
+use tproxy_common::{decision::Protocol, maps::MAX_LISTENERS, Outcome};
 
 use crate::{
     cli::RunArgs,
+    config::{Config, Interfaces, ListenerConfig, Settings},
     instance::InstanceLock,
     listener::{self, TransparentListener, Transport},
-    relay::{self, RelayConfig, RelayStats},
+    relay::{self, RelayConfig, RelayStats, Upstream},
     routing::{self, PolicyRouting, RoutingSpec},
-    steering::{Steering, SteeringSet},
+    rules::{self, Action, Rule},
+    steering::{self, LoadSettings, Steering},
     udp::{UdpConfig, UdpRelay},
 };
 
 pub async fn run(args: RunArgs) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut signals = Signals::register()?;
-    args.validate().map_err(anyhow::Error::msg)?;
+    let config = Config::build(&args)?;
+    let mut relays = Relays::new(&config.settings);
     if args.relay_only {
-        let listening = bind_listeners(&args, None)?;
-        return serve(&args, listening, None, &mut signals).await;
+        let plan = relays.plan(&config)?;
+        relays.commit(plan, None)?;
+        announce_ready(&args, &config, &[], &relays);
+        return serve(&args, config, relays, None, &[], &mut signals).await;
     }
 
     let netlink = routing::connect()?;
-    check_interfaces(&netlink, &args.ifaces).await?;
-    let _lock = InstanceLock::acquire(args.table)?;
-    let stale = routing::remove_ours(&netlink, args.table).await?;
+    let interfaces = resolve_interfaces(&netlink, &config.settings.interfaces).await?;
+    let settings = &config.settings;
+    let _lock = InstanceLock::acquire(settings.table)?;
+    let stale = routing::remove_ours(&netlink, settings.table).await?;
     if stale > 0 {
         log::warn!(
             "removed {stale} rules/routes left in table {} by a tproxy that did not shut down",
-            args.table
+            settings.table
         );
     }
 
-    let mut steering = Steering::load(&SteeringSet {
-        tcp: args.tcp.as_ref(),
-        udp: args.udp.as_ref(),
-        dst: &args.dst,
-        mark: args.mark,
-        socket_mark: args.socket_mark,
+    let plan = relays.plan(&config)?;
+    let first = rules::compile(&plan.rules(&config), 0, &interfaces);
+    let mut steering = Steering::load(&LoadSettings {
+        mark: settings.mark,
+        socket_mark: settings.socket_mark,
+        rule_map_capacity: steering::rule_map_capacity(&first),
     })?;
     steering.spawn_log_forwarder()?;
-    let listening = bind_listeners(&args, Some(&mut steering))?;
+    plan.register(&mut steering)?;
+    steering.install_rules(first)?;
+    relays.commit(plan, Some(&mut steering))?;
     let routing = PolicyRouting::install(
         &netlink,
         RoutingSpec {
-            mark: args.mark.value,
-            mask: args.mark.mask,
-            table: args.table,
-            priority: args.rule_priority,
+            mark: settings.mark.value,
+            mask: settings.mark.mask,
+            table: settings.table,
+            priority: settings.rule_priority,
         },
     )
     .await?;
-    let served = serve(&args, listening, Some(&mut steering), &mut signals).await;
+    let served = async {
+        let attached = attach_all(&mut steering, &interfaces)?;
+        announce_ready(&args, &config, &attached, &relays);
+        serve(
+            &args,
+            config,
+            relays,
+            Some(&mut steering),
+            &interfaces,
+            &mut signals,
+        )
+        .await
+    }
+    .await;
     drop(steering);
     let removed = routing.remove().await.context("removing policy routing");
     served.and(removed)
@@ -75,6 +100,7 @@ struct Signals {
     interrupt: Signal,
     terminate: Signal,
     report: Signal,
+    reload: Signal,
 }
 
 impl Signals {
@@ -83,52 +109,40 @@ impl Signals {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
             report: signal(SignalKind::user_defined1())?,
+            reload: signal(SignalKind::hangup())?,
         })
     }
 }
 
-/// Binds the listeners for the steered protocols and, when steering, puts them in its
-/// socket map.
-fn bind_listeners(args: &RunArgs, steering: Option<&mut Steering>) -> Result<Listening> {
-    let bind = |steered: bool, transport| match steered {
-        true => listener::bind_all(&args.listen, transport),
-        false => Ok(Vec::new()),
-    };
-    let tcp = bind(args.tcp.is_some(), Transport::Tcp)?;
-    let udp = bind(args.udp.is_some(), Transport::Udp)?;
-    if let Some(steering) = steering {
-        for listener in tcp.iter().chain(&udp) {
-            steering.register_listener(listener.slot, &listener.socket)?;
-        }
-    }
-    Listening::new(tcp, udp)
-}
-
-/// Relays until SIGINT/SIGTERM, attaching the program (when steering) once the relays run.
+/// Relays until SIGINT/SIGTERM; SIGUSR1 logs statistics, SIGHUP reloads the configuration.
 async fn serve(
     args: &RunArgs,
-    listening: Listening,
+    mut config: Config,
+    mut relays: Relays,
     mut steering: Option<&mut Steering>,
+    interfaces: &[(String, u32)],
     signals: &mut Signals,
 ) -> Result<()> {
-    if let Some(upstream) = args.upstream {
-        let own: Vec<SocketAddr> = listening.addrs().collect();
-        if listener::reaches_own_listener(&own, upstream) {
-            bail!("--upstream {upstream} is one of tproxy's own listeners: that would loop");
-        }
-    }
-    let relays = Relays::start(args, listening)?;
-    let attached = match steering.as_deref_mut() {
-        Some(steering) => attach_all(steering, &args.ifaces)?,
-        None => Vec::new(),
-    };
-    announce_ready(args, &attached, &relays);
     loop {
         tokio::select! {
             _ = signals.interrupt.recv() => log::info!("SIGINT: shutting down"),
             _ = signals.terminate.recv() => log::info!("SIGTERM: shutting down"),
             _ = signals.report.recv() => {
                 relays.log_stats(steering.as_deref());
+                continue;
+            }
+            _ = signals.reload.recv() => {
+                match reload(args, &config, &mut relays, steering.as_deref_mut(), interfaces) {
+                    Ok(new) => {
+                        log::info!(
+                            "reloaded: {} rules, {} listeners in force",
+                            new.configured_rules,
+                            new.listeners.len()
+                        );
+                        config = new;
+                    }
+                    Err(error) => log::error!("reload rejected, the previous configuration stays in force: {error:#}"),
+                }
                 continue;
             }
         }
@@ -139,23 +153,117 @@ async fn serve(
     Ok(())
 }
 
-/// Each `--iface` must exist here, once, and carry Ethernet framing: the program parses an
-/// Ethernet header, so on an L3 device (WireGuard, tun) it would never steer anything.
-async fn check_interfaces(netlink: &rtnetlink::Handle, ifaces: &[String]) -> Result<()> {
-    use rtnetlink::packet_route::link::LinkLayerType;
-    for (i, iface) in ifaces.iter().enumerate() {
-        if ifaces[..i].contains(iface) {
+/// Re-reads the configuration and puts it in force, or changes nothing and says why.
+fn reload(
+    args: &RunArgs,
+    current: &Config,
+    relays: &mut Relays,
+    steering: Option<&mut Steering>,
+    interfaces: &[(String, u32)],
+) -> Result<Config> {
+    if args.config.is_none() {
+        bail!("there is no configuration file to re-read (started without --config)");
+    }
+    let new = Config::build(args)?;
+    fixed_settings_unchanged(&current.settings, &new.settings)?;
+    let plan = relays.plan(&new)?;
+    match steering {
+        Some(steering) => {
+            let mut rules = plan.rules(&new);
+            let retired = relays.retired_after(&current.rules, &rules);
+            rules.extend(retired.iter().cloned());
+            let compiled = rules::compile(&rules, steering.next_generation(), interfaces);
+            plan.register(steering)?;
+            if let Err(error) = steering.install_rules(compiled) {
+                plan.unregister(steering);
+                return Err(error);
+            }
+            relays.retired = retired;
+            relays.commit(plan, Some(steering))?;
+        }
+        None => relays.commit(plan, None)?,
+    }
+    Ok(new)
+}
+
+/// Settings that shape the program, the routing or the relays' sockets at start: a reload
+/// that changes them is refused rather than half applied.
+fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
+    let mut changed = Vec::new();
+    if old.interfaces != new.interfaces {
+        changed.push("interfaces");
+    }
+    if old.mark != new.mark {
+        changed.push("mark");
+    }
+    if old.table != new.table {
+        changed.push("table");
+    }
+    if old.rule_priority != new.rule_priority {
+        changed.push("rule_priority");
+    }
+    if old.socket_mark != new.socket_mark {
+        changed.push("socket_mark");
+    }
+    if old.connect_timeout != new.connect_timeout || old.idle_timeout != new.idle_timeout {
+        changed.push("connect_timeout/idle_timeout");
+    }
+    if old.udp_idle_timeout != new.udp_idle_timeout || old.udp_max_sessions != new.udp_max_sessions
+    {
+        changed.push("udp_idle_timeout/udp_max_sessions");
+    }
+    if !changed.is_empty() {
+        bail!(
+            "{} changed; a reload applies rules and listeners only: restart tproxy to change these",
+            changed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The interfaces to attach to, with their ifindex. Each must exist here, once, and carry
+/// Ethernet framing: the program parses an Ethernet header, so on an L3 device (WireGuard,
+/// tun) it would never steer anything.
+async fn resolve_interfaces(
+    netlink: &rtnetlink::Handle,
+    interfaces: &Interfaces,
+) -> Result<Vec<(String, u32)>> {
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
+    let links: Vec<_> = netlink
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .context("listing interfaces")?;
+    let name_of = |link: &rtnetlink::packet_route::link::LinkMessage| {
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+    };
+    let names = match interfaces {
+        Interfaces::Named(names) => names.clone(),
+        Interfaces::All => {
+            let all: Vec<String> = links
+                .iter()
+                .filter(|link| link.header.link_layer_type == LinkLayerType::Ether)
+                .filter_map(name_of)
+                .collect();
+            if all.is_empty() {
+                bail!("interfaces = \"all\": no Ethernet interface in this network namespace");
+            }
+            all
+        }
+    };
+    let mut resolved = Vec::new();
+    for (i, iface) in names.iter().enumerate() {
+        if names[..i].contains(iface) {
             bail!("--iface {iface} is given twice");
         }
-        let link = netlink
-            .link()
-            .get()
-            .match_name(iface.clone())
-            .execute()
-            .try_next()
-            .await
-            .ok()
-            .flatten()
+        let link = links
+            .iter()
+            .find(|link| name_of(link).as_deref() == Some(iface.as_str()))
             .with_context(|| {
                 format!("--iface {iface}: no such interface in this network namespace")
             })?;
@@ -163,46 +271,91 @@ async fn check_interfaces(netlink: &rtnetlink::Handle, ifaces: &[String]) -> Res
         if !matches!(kind, LinkLayerType::Ether | LinkLayerType::Loopback) {
             bail!("--iface {iface}: link type {kind} has no Ethernet header; only Ethernet interfaces can be steered");
         }
+        resolved.push((iface.clone(), link.header.index));
     }
-    Ok(())
+    Ok(resolved)
 }
 
-/// The bound listeners, by transport, with their addresses.
-struct Listening {
-    tcp: Vec<(SocketAddr, std::net::TcpListener)>,
-    udp: Vec<(SocketAddr, std::net::UdpSocket)>,
+/// A listener that is serving.
+struct RunningListener {
+    config: ListenerConfig,
+    /// Its index in the program's socket map.
+    slot: u32,
+    /// The addresses its sockets are bound to (port 0 resolved).
+    bound: Vec<SocketAddr>,
+    upstream: Upstream,
+    /// Cancelled to stop accepting (TCP) or receiving (UDP); `None`: no such sockets.
+    tcp: Option<CancellationToken>,
+    udp: Option<CancellationToken>,
 }
 
-impl Listening {
-    fn new(tcp: Vec<TransparentListener>, udp: Vec<TransparentListener>) -> Result<Self> {
-        fn with_addr<T: From<socket2::Socket>>(
-            listener: TransparentListener,
-        ) -> Result<(SocketAddr, T)> {
-            let addr = listener
-                .socket
-                .local_addr()?
-                .as_socket()
-                .context("listener address")?;
-            Ok((addr, T::from(listener.socket)))
+/// What putting a configuration in force changes in the listeners; built without touching
+/// anything in force, so a failure leaves everything as it was.
+struct Plan {
+    /// For each configured listener, in order: its slot.
+    slots: Vec<u32>,
+    /// Sockets bound for it, not yet serving.
+    new_sockets: Vec<NewSockets>,
+    /// Indices into `Relays::listeners` of those the configuration drops or replaces.
+    removed: Vec<usize>,
+    /// For kept listeners: (index into `Relays::listeners`, new config, stop tcp, stop udp).
+    kept: Vec<(usize, ListenerConfig, bool, bool)>,
+}
+
+struct NewSockets {
+    /// `Some`: a listener that is kept (index into `Relays::listeners`) and gains a transport.
+    kept: Option<usize>,
+    config: ListenerConfig,
+    slot: u32,
+    bound: Vec<SocketAddr>,
+    tcp: Vec<TransparentListener>,
+    udp: Vec<TransparentListener>,
+}
+
+impl Plan {
+    /// The configuration's rules with listener indices turned into socket-map slots.
+    fn rules(&self, config: &Config) -> Vec<Rule> {
+        config
+            .rules
+            .iter()
+            .map(|rule| {
+                let mut rule = rule.clone();
+                if let Action::Steer(index) = rule.action {
+                    rule.action = Action::Steer(self.slots[index as usize]);
+                }
+                rule
+            })
+            .collect()
+    }
+
+    /// Puts the new sockets into the socket map (unused until the rules point at them).
+    fn register(&self, steering: &mut Steering) -> Result<()> {
+        for new in &self.new_sockets {
+            for socket in new.tcp.iter().chain(&new.udp) {
+                steering.register_listener(new.slot, socket.slot, &socket.socket)?;
+            }
         }
-        Ok(Listening {
-            tcp: tcp.into_iter().map(with_addr).collect::<Result<_>>()?,
-            udp: udp.into_iter().map(with_addr).collect::<Result<_>>()?,
-        })
+        Ok(())
     }
 
-    fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        let tcp = self.tcp.iter().map(|(addr, _)| *addr);
-        tcp.chain(self.udp.iter().map(|(addr, _)| *addr))
+    /// Undoes [`Plan::register`] for listeners that do not exist yet.
+    fn unregister(&self, steering: &mut Steering) {
+        for new in self.new_sockets.iter().filter(|n| n.kept.is_none()) {
+            let _ = steering.unregister_listener(new.slot);
+        }
     }
 }
 
-/// The relays' accept and receive loops, and the connections and sessions they serve.
+/// The relays' listeners and the connections and sessions they serve.
 struct Relays {
-    tcp_addrs: Vec<SocketAddr>,
-    udp_addrs: Vec<SocketAddr>,
+    listeners: Vec<RunningListener>,
+    own_addrs: Arc<RwLock<Vec<SocketAddr>>>,
+    tcp_config: Arc<RelayConfig>,
     tcp_stats: Arc<RelayStats>,
     udp: Arc<UdpRelay>,
+    /// Steer rules that earlier configurations had and a reload dropped: their flows keep
+    /// their sockets (see `Rule::retired`).
+    retired: Vec<Rule>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -211,49 +364,246 @@ struct Relays {
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Relays {
-    fn start(args: &RunArgs, listening: Listening) -> Result<Self> {
+    fn new(settings: &Settings) -> Self {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let tcp_addrs: Vec<SocketAddr> = listening.tcp.iter().map(|(addr, _)| *addr).collect();
-        let udp_addrs: Vec<SocketAddr> = listening.udp.iter().map(|(addr, _)| *addr).collect();
-        let tcp_config = Arc::new(RelayConfig {
-            upstream: args.upstream,
-            connect_timeout: args.connect_timeout,
-            idle_timeout: args.idle_timeout,
-            own_listeners: tcp_addrs.clone(),
-        });
+        let own_addrs = Arc::new(RwLock::new(Vec::new()));
         let udp = Arc::new(UdpRelay::new(
             UdpConfig {
-                upstream: args.upstream,
-                idle_timeout: args.udp_idle_timeout,
-                max_sessions: args.udp_max_sessions as usize,
-                socket_mark: args.socket_mark,
-                own_listeners: udp_addrs.clone(),
+                idle_timeout: settings.udp_idle_timeout,
+                max_sessions: settings.udp_max_sessions as usize,
+                socket_mark: settings.socket_mark,
+                own_listeners: own_addrs.clone(),
             },
             shutdown.clone(),
             tasks.clone(),
         ));
-        let relays = Relays {
-            tcp_addrs,
-            udp_addrs,
+        Relays {
+            listeners: Vec::new(),
+            tcp_config: Arc::new(RelayConfig {
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.idle_timeout,
+                own_listeners: own_addrs.clone(),
+            }),
+            own_addrs,
             tcp_stats: Arc::default(),
             udp,
+            retired: Vec::new(),
             shutdown,
             tasks,
+        }
+    }
+
+    /// Binds what `config` needs that is not serving yet and works out the rest.
+    fn plan(&self, config: &Config) -> Result<Plan> {
+        let mut plan = Plan {
+            slots: Vec::new(),
+            new_sockets: Vec::new(),
+            removed: Vec::new(),
+            kept: Vec::new(),
         };
-        for (_, listener) in listening.tcp {
-            relays.tasks.spawn(relay::serve(
-                tokio::net::TcpListener::from_std(listener)?,
-                tcp_config.clone(),
-                relays.tcp_stats.clone(),
-                relays.shutdown.clone(),
-                relays.tasks.clone(),
-            ));
+        let mut taken: Vec<u32> = self.listeners.iter().map(|l| l.slot).collect();
+        for wanted in &config.listeners {
+            let existing = self
+                .listeners
+                .iter()
+                .position(|l| l.config.name == wanted.name && l.config.listen == wanted.listen);
+            let (slot, bound, kept, need_tcp, need_udp) = match existing {
+                Some(index) => {
+                    let running = &self.listeners[index];
+                    plan.kept.push((
+                        index,
+                        wanted.clone(),
+                        running.tcp.is_some() && !wanted.tcp,
+                        running.udp.is_some() && !wanted.udp,
+                    ));
+                    let need_tcp = wanted.tcp && running.tcp.is_none();
+                    let need_udp = wanted.udp && running.udp.is_none();
+                    (
+                        running.slot,
+                        running.bound.clone(),
+                        Some(index),
+                        need_tcp,
+                        need_udp,
+                    )
+                }
+                None => {
+                    let slot = (0..MAX_LISTENERS)
+                        .find(|slot| !taken.contains(slot))
+                        .with_context(|| {
+                            format!(
+                                "no free listener slot for `{}` (at most {MAX_LISTENERS})",
+                                wanted.name
+                            )
+                        })?;
+                    taken.push(slot);
+                    (slot, wanted.listen.clone(), None, wanted.tcp, wanted.udp)
+                }
+            };
+            plan.slots.push(slot);
+            if !need_tcp && !need_udp {
+                continue;
+            }
+            let what = |transport| format!("listener `{}` ({transport:?})", wanted.name);
+            let tcp = match need_tcp {
+                true => listener::bind_all(&bound, Transport::Tcp)
+                    .with_context(|| what(Transport::Tcp))?,
+                false => Vec::new(),
+            };
+            // UDP shares the port TCP got (or was given).
+            let udp_addrs = match tcp.first() {
+                Some(first) => bound_addrs(&bound, first)?,
+                None => bound.clone(),
+            };
+            let udp = match need_udp {
+                true => listener::bind_all(&udp_addrs, Transport::Udp)
+                    .with_context(|| what(Transport::Udp))?,
+                false => Vec::new(),
+            };
+            let first = tcp
+                .first()
+                .or(udp.first())
+                .expect("bound at least one socket");
+            let bound = bound_addrs(&bound, first)?;
+            plan.new_sockets.push(NewSockets {
+                kept,
+                config: wanted.clone(),
+                slot,
+                bound,
+                tcp,
+                udp,
+            });
         }
-        for (_, socket) in listening.udp {
-            relays.tasks.spawn(relays.udp.clone().serve(socket));
+        plan.removed = (0..self.listeners.len())
+            .filter(|i| !plan.kept.iter().any(|(kept, ..)| kept == i))
+            .collect();
+        Ok(plan)
+    }
+
+    /// Puts a plan in force: new sockets serve, kept listeners take their new upstream,
+    /// dropped ones stop accepting (their connections and sessions run on).
+    fn commit(&mut self, plan: Plan, mut steering: Option<&mut Steering>) -> Result<()> {
+        for (index, config, stop_tcp, stop_udp) in plan.kept {
+            let running = &mut self.listeners[index];
+            *running.upstream.write().unwrap() = config.upstream;
+            for (stop, transport) in [(stop_tcp, &mut running.tcp), (stop_udp, &mut running.udp)] {
+                if let Some(token) = transport.take_if(|_| stop) {
+                    token.cancel();
+                }
+            }
+            running.config = config;
         }
-        Ok(relays)
+        let mut removed: Vec<RunningListener> = Vec::new();
+        for index in plan.removed.iter().rev() {
+            removed.push(self.listeners.remove(*index));
+        }
+        for running in &removed {
+            for token in running.tcp.iter().chain(&running.udp) {
+                token.cancel();
+            }
+            if let Some(steering) = steering.as_deref_mut() {
+                // A replacement may have taken over the slot already.
+                if !plan.new_sockets.iter().any(|n| n.slot == running.slot) {
+                    steering.unregister_listener(running.slot)?;
+                }
+            }
+            log::info!(
+                "listener `{}` removed; its connections run on",
+                running.config.name
+            );
+        }
+        for new in plan.new_sockets {
+            let index = match new.kept {
+                // Indices of kept listeners shift as removed ones go.
+                Some(_) => self
+                    .listeners
+                    .iter()
+                    .position(|l| l.config.name == new.config.name),
+                None => None,
+            };
+            let index = match index {
+                Some(index) => index,
+                None => {
+                    self.listeners.push(RunningListener {
+                        upstream: Arc::new(RwLock::new(new.config.upstream)),
+                        config: new.config,
+                        slot: new.slot,
+                        bound: new.bound,
+                        tcp: None,
+                        udp: None,
+                    });
+                    self.listeners.len() - 1
+                }
+            };
+            let running = &mut self.listeners[index];
+            if !new.tcp.is_empty() {
+                let stop = CancellationToken::new();
+                for socket in new.tcp {
+                    let listener = std::net::TcpListener::from(socket.socket);
+                    self.tasks.spawn(relay::serve(
+                        tokio::net::TcpListener::from_std(listener)?,
+                        running.upstream.clone(),
+                        self.tcp_config.clone(),
+                        self.tcp_stats.clone(),
+                        stop.clone(),
+                        self.shutdown.clone(),
+                        self.tasks.clone(),
+                    ));
+                }
+                running.tcp = Some(stop);
+            }
+            if !new.udp.is_empty() {
+                let stop = CancellationToken::new();
+                for socket in new.udp {
+                    let socket = std::net::UdpSocket::from(socket.socket);
+                    self.tasks.spawn(self.udp.clone().serve(
+                        socket,
+                        running.upstream.clone(),
+                        stop.clone(),
+                    ));
+                }
+                running.udp = Some(stop);
+            }
+        }
+        *self.own_addrs.write().unwrap() = self
+            .listeners
+            .iter()
+            .flat_map(|l| l.bound.clone())
+            .collect();
+        for running in &self.listeners {
+            if let Some(upstream) = *running.upstream.read().unwrap() {
+                if listener::reaches_own_listener(&self.own_addrs.read().unwrap(), upstream) {
+                    log::warn!("listener `{}`: upstream {upstream} is one of tproxy's own listeners; its connections will be refused", running.config.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The steer rules of `old` that `new` no longer has, with those retired before: they
+    /// keep matching established flows (only) after the switch.
+    fn retired_after(&self, old: &[Rule], new: &[Rule]) -> Vec<Rule> {
+        let same_match = |a: &Rule, b: &Rule| {
+            a.transport == b.transport
+                && a.dst == b.dst
+                && a.ports == b.ports
+                && a.src == b.src
+                && a.iface == b.iface
+        };
+        let mut retired: Vec<Rule> = Vec::new();
+        let candidates = self
+            .retired
+            .iter()
+            .chain(old.iter().filter(|r| matches!(r.action, Action::Steer(_))));
+        for rule in candidates {
+            if !new.iter().chain(&retired).any(|n| same_match(n, rule)) {
+                retired.push(Rule {
+                    retired: true,
+                    ..rule.clone()
+                });
+            }
+        }
+        retired
     }
 
     /// Stops accepting and resets the connections in flight; ends the UDP sessions.
@@ -300,57 +650,82 @@ impl Relays {
     }
 }
 
-/// Attaches to every `--iface`; returns how each was attached, for the ready line.
-fn attach_all(steering: &mut Steering, ifaces: &[String]) -> Result<Vec<String>> {
-    ifaces
+/// `wanted` addresses with port 0 replaced by the port `first` was bound to.
+fn bound_addrs(wanted: &[SocketAddr], first: &TransparentListener) -> Result<Vec<SocketAddr>> {
+    let port = first
+        .socket
+        .local_addr()?
+        .as_socket()
+        .context("listener address")?
+        .port();
+    Ok(wanted
         .iter()
-        .map(|iface| Ok(format!("{iface} ({})", steering.attach(iface)?)))
+        .map(|addr| {
+            let mut addr = *addr;
+            if addr.port() == 0 {
+                addr.set_port(port);
+            }
+            addr
+        })
+        .collect())
+}
+
+/// Attaches to every interface; returns how each was attached, for the ready line.
+fn attach_all(steering: &mut Steering, interfaces: &[(String, u32)]) -> Result<Vec<String>> {
+    interfaces
+        .iter()
+        .map(|(iface, _)| Ok(format!("{iface} ({})", steering.attach(iface)?)))
         .collect()
 }
 
-fn announce_ready(args: &RunArgs, attached: &[String], relays: &Relays) {
-    let mut steered = Vec::new();
-    for (name, ports, listeners) in [
-        ("TCP", &args.tcp, &relays.tcp_addrs),
-        ("UDP", &args.udp, &relays.udp_addrs),
-    ] {
-        let Some(ports) = ports else { continue };
+fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &Relays) {
+    let listeners: Vec<String> = relays
+        .listeners
+        .iter()
+        .map(|l| {
+            let transports = match (l.tcp.is_some(), l.udp.is_some()) {
+                (true, true) => "TCP+UDP",
+                (true, false) => "TCP",
+                (false, true) => "UDP",
+                (false, false) => "unused",
+            };
+            let addrs: Vec<String> = l.bound.iter().map(ToString::to_string).collect();
+            let upstream = l
+                .config
+                .upstream
+                .map_or("the original destination".to_string(), |u| u.to_string());
+            format!(
+                "{} {transports} on {} relaying to {upstream}",
+                l.config.name,
+                addrs.join(", ")
+            )
+        })
+        .collect();
+    for l in &relays.listeners {
         for (family, present) in [
-            ("IPv4", listeners.iter().any(SocketAddr::is_ipv4)),
-            ("IPv6", listeners.iter().any(SocketAddr::is_ipv6)),
+            ("IPv4", l.bound.iter().any(SocketAddr::is_ipv4)),
+            ("IPv6", l.bound.iter().any(SocketAddr::is_ipv6)),
         ] {
             if !present && !args.relay_only {
-                log::warn!("no {family} {name} listener: such steered packets are passed untouched (counted as no_listener)");
+                log::warn!("listener `{}` has no {family} address: such flows steered to it are passed untouched (counted as no_listener)", l.config.name);
             }
         }
-        let listeners: Vec<String> = listeners.iter().map(ToString::to_string).collect();
-        steered.push(format!(
-            "{name} ports {ports} (listeners {})",
-            listeners.join(", ")
-        ));
     }
-    let dst = if args.dst.is_empty() {
-        "any destination".to_string()
-    } else {
-        let prefixes: Vec<String> = args.dst.iter().map(ToString::to_string).collect();
-        prefixes.join(", ")
-    };
-    let upstream = args
-        .upstream
-        .map_or("the original destination".to_string(), |u| u.to_string());
     if args.relay_only {
         log::info!(
-            "ready: relay only (steering is left to others): {}; relaying to {upstream}",
-            steered.join(" and ")
+            "ready: relay only (steering is left to others): listeners {}",
+            listeners.join("; ")
         );
         return;
     }
+    let s = &config.settings;
     log::info!(
-        "ready: steering {} to {dst} arriving on {}; relaying to {upstream}; mark {} table {} rule priority {}",
-        steered.join(" and "),
+        "ready: {} rules on {}; listeners {}; mark {} table {} rule priority {}",
+        config.configured_rules,
         attached.join(", "),
-        args.mark,
-        args.table,
-        args.rule_priority,
+        listeners.join("; "),
+        s.mark,
+        s.table,
+        s.rule_priority,
     );
 }

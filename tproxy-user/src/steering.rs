@@ -1,10 +1,10 @@
 //! The eBPF data path seen from userspace: load the embedded program with the routing mark
-//! baked in, fill its steering-set maps, put our listeners into its socket map, attach it at
-//! tc ingress, and read its counters. Dropping [`Steering`] detaches everything it attached.
+//! baked in, install compiled rule sets into its maps (atomically, by generation), put our
+//! listeners into its socket map, attach it at tc ingress, and read its counters. Dropping [`Steering`] detaches everything it attached.
 
-use std::os::fd::AsRawFd;
+use std::{os::fd::AsRawFd, time::Duration};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockMap},
     programs::{tc, SchedClassifier, SkLookup, TcAttachType},
@@ -12,10 +12,16 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use ipnet::IpNet;
-use tproxy_common::{decision::Protocol, maps, Outcome};
+use tproxy_common::{
+    decision::Protocol,
+    maps::{self, Verdict},
+    Outcome,
+};
 
-use crate::cli::{Mark, PortList};
+use crate::{
+    cli::Mark,
+    rules::{CompiledRules, Entry},
+};
 
 /// The compiled tproxy-ebpf object, built by build.rs.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-ebpf"));
@@ -42,37 +48,60 @@ impl std::fmt::Display for AttachMode {
 /// The loaded program and its maps.
 pub struct Steering {
     ebpf: Ebpf,
+    /// The rule-set generation in force (see `maps::ACTIVE_GENERATION`), and what it wrote.
+    active: Option<(u32, CompiledRules)>,
+    /// Entries each rule map can hold, both generations together.
+    capacity: u32,
 }
 
-/// What the program should steer.
-pub struct SteeringSet<'a> {
-    pub tcp: Option<&'a PortList>,
-    pub udp: Option<&'a PortList>,
-    /// Destination prefixes; empty means every destination.
-    pub dst: &'a [IpNet],
+/// How the program is loaded: fixed for its lifetime.
+pub struct LoadSettings {
     pub mark: Mark,
     /// SO_MARK of tproxy's own UDP sockets.
     pub socket_mark: u32,
+    /// Entries each rule map can hold (see [`rule_map_capacity`]).
+    pub rule_map_capacity: u32,
 }
 
 /// Packet counts per protocol (row) and outcome (column), summed over CPUs.
 pub type Counters = [[u64; Outcome::COUNT as usize]; Protocol::COUNT as usize];
 
+/// How long after switching generations the old one's entries are deleted. Programs read the
+/// generation once and finish within microseconds; this is a wide margin.
+const GENERATION_GRACE: Duration = Duration::from_millis(20);
+
+/// The rule maps' size for a first rule set: room for two generations of a rule set up to
+/// twice as large, so reloads that grow the rules still fit.
+pub fn rule_map_capacity(first: &CompiledRules) -> u32 {
+    let needed = u32::try_from(first.largest_map()).unwrap_or(u32::MAX);
+    needed
+        .saturating_mul(4)
+        .clamp(1024, maps::MAX_RULE_MAP_ENTRIES)
+}
+
 impl Steering {
-    /// Loads the program (not yet attached anywhere) and fills the steering set.
-    pub fn load(set: &SteeringSet<'_>) -> Result<Self> {
+    /// Loads the program (not yet attached anywhere). Its rule maps are empty: nothing is
+    /// steered until [`Steering::install_rules`].
+    pub fn load(settings: &LoadSettings) -> Result<Self> {
         // Log records below the level the user asked for are not even produced in the kernel.
         let log_level = log::max_level() as u8;
+        let capacity = settings.rule_map_capacity;
         let ebpf = EbpfLoader::new()
-            .override_global(maps::MARK_GLOBAL, &set.mark.value, true)
-            .override_global(maps::MARK_MASK_GLOBAL, &set.mark.mask, true)
-            .override_global(maps::OWN_SOCKET_MARK_GLOBAL, &set.socket_mark, true)
+            .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
+            .override_global(maps::MARK_MASK_GLOBAL, &settings.mark.mask, true)
+            .override_global(maps::OWN_SOCKET_MARK_GLOBAL, &settings.socket_mark, true)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .map_max_entries(maps::RULES_DST_V4, capacity)
+            .map_max_entries(maps::RULES_DST_V6, capacity)
+            .map_max_entries(maps::RULES_SRC_V4, capacity)
+            .map_max_entries(maps::RULES_SRC_V6, capacity)
             .load(PROGRAM)
             .context("loading the eBPF object into the kernel")?;
-        let mut steering = Steering { ebpf };
-        steering.fill_ports(set.tcp, set.udp)?;
-        steering.fill_destinations(set.dst)?;
+        let mut steering = Steering {
+            ebpf,
+            active: None,
+            capacity,
+        };
         let program: &mut SchedClassifier = steering.program_mut()?;
         program
             .load()
@@ -119,72 +148,145 @@ impl Steering {
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
     }
 
-    fn fill_ports(&mut self, tcp: Option<&PortList>, udp: Option<&PortList>) -> Result<()> {
-        let mut protocols = vec![0u8; maps::STEERED_PORTS_LEN as usize];
-        for (list, bit) in [(tcp, maps::PORT_TCP), (udp, maps::PORT_UDP)] {
-            for port in list.into_iter().flat_map(PortList::ports) {
-                protocols[usize::from(port)] |= bit;
+    /// The generation the next [`Steering::install_rules`] must be compiled for.
+    pub fn next_generation(&self) -> u32 {
+        self.active
+            .as_ref()
+            .map_or(0, |(generation, _)| generation ^ 1)
+    }
+
+    /// Makes `rules` (compiled for [`Steering::next_generation`]) the rule set in force, in
+    /// one step: every entry is written first, then the generation switch. On error the rule
+    /// set in force is unchanged.
+    pub fn install_rules(&mut self, rules: CompiledRules) -> Result<()> {
+        let generation = self.next_generation();
+        let in_force = self.active.as_ref().map(|(_, rules)| rules);
+        let sizes = [
+            (
+                maps::RULES_DST_V4,
+                rules.dst_v4.len(),
+                in_force.map_or(0, |r| r.dst_v4.len()),
+            ),
+            (
+                maps::RULES_DST_V6,
+                rules.dst_v6.len(),
+                in_force.map_or(0, |r| r.dst_v6.len()),
+            ),
+            (
+                maps::RULES_SRC_V4,
+                rules.src_v4.len(),
+                in_force.map_or(0, |r| r.src_v4.len()),
+            ),
+            (
+                maps::RULES_SRC_V6,
+                rules.src_v6.len(),
+                in_force.map_or(0, |r| r.src_v6.len()),
+            ),
+        ];
+        for (map, new, old) in sizes {
+            if new + old > self.capacity as usize {
+                bail!(
+                    "the rules need {new} entries in {map}, and the {old} of the rules in force \
+                     stay until the switch; the maps were sized for {} at start: restart tproxy \
+                     to load a rule set this large",
+                    self.capacity
+                );
             }
         }
-        let mut ports: Array<_, u8> = Array::try_from(self.map_mut(maps::STEERED_PORTS)?)?;
-        for (port, bits) in protocols
-            .into_iter()
-            .enumerate()
-            .filter(|(_, bits)| *bits != 0)
-        {
-            ports
-                .set(port as u32, bits, 0)
-                .with_context(|| format!("adding port {port} to the steering set"))?;
+        if let Err(error) = self.write_generation(generation, &rules) {
+            let _ = self.erase_generation(generation, &rules);
+            return Err(error);
+        }
+        let mut active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
+        active
+            .set(0, generation, 0)
+            .context("switching to the new rule set")?;
+        if let Some((old_generation, old)) = self.active.replace((generation, rules)) {
+            std::thread::sleep(GENERATION_GRACE);
+            self.erase_generation(old_generation, &old)
+                .context("removing the previous rule set's entries")?;
         }
         Ok(())
     }
 
-    fn fill_destinations(&mut self, dst: &[IpNet]) -> Result<()> {
-        let (mut v4, mut v6) = (Vec::new(), Vec::new());
-        for prefix in dst {
-            match prefix {
-                IpNet::V4(net) => v4.push((*prefix, net.addr().octets())),
-                IpNet::V6(net) => v6.push((*prefix, net.addr().octets())),
+    fn write_generation(&mut self, generation: u32, rules: &CompiledRules) -> Result<()> {
+        // Sources before destinations, destinations before ports: whatever a later stage
+        // points to exists by the time it can be reached.
+        self.write_lpm(maps::RULES_SRC_V4, &rules.src_v4)?;
+        self.write_lpm(maps::RULES_SRC_V6, &rules.src_v6)?;
+        self.write_lpm(maps::RULES_DST_V4, &rules.dst_v4)?;
+        self.write_lpm(maps::RULES_DST_V6, &rules.dst_v6)?;
+        let mut classes: Array<_, u32> = Array::try_from(self.map_mut(maps::PORT_CLASSES)?)?;
+        for (i, class) in rules.port_classes.iter().enumerate() {
+            let (udp, port) = (i >= 65536, (i % 65536) as u16);
+            // The region was zeroed when this generation was last retired.
+            if *class != 0 {
+                classes.set(maps::port_class_index(generation, udp, port), class, 0)?;
             }
-        }
-        if dst.is_empty() {
-            v4.push((IpNet::V4(Default::default()), [0; 4]));
-            v6.push((IpNet::V6(Default::default()), [0; 16]));
-        }
-        self.insert_prefixes(maps::STEERED_DST_V4, &v4)?;
-        self.insert_prefixes(maps::STEERED_DST_V6, &v6)
-    }
-
-    fn insert_prefixes<const N: usize>(
-        &mut self,
-        map: &str,
-        prefixes: &[(IpNet, [u8; N])],
-    ) -> Result<()> {
-        let limit = maps::MAX_DST_PREFIXES as usize;
-        if prefixes.len() > limit {
-            return Err(anyhow!(
-                "{} --dst prefixes of one address family given; at most {limit} fit",
-                prefixes.len()
-            ));
-        }
-        let mut trie: LpmTrie<_, [u8; N], u8> = LpmTrie::try_from(self.map_mut(map)?)?;
-        for (net, octets) in prefixes {
-            trie.insert(&Key::new(net.prefix_len().into(), *octets), 1, 0)
-                .with_context(|| format!("adding --dst {net} to the steering set"))?;
         }
         Ok(())
     }
 
-    /// Puts a listening socket into the program's socket map at `slot`.
+    fn erase_generation(&mut self, generation: u32, rules: &CompiledRules) -> Result<()> {
+        let mut classes: Array<_, u32> = Array::try_from(self.map_mut(maps::PORT_CLASSES)?)?;
+        for (i, class) in rules.port_classes.iter().enumerate() {
+            let (udp, port) = (i >= 65536, (i % 65536) as u16);
+            if *class != 0 {
+                classes.set(maps::port_class_index(generation, udp, port), 0, 0)?;
+            }
+        }
+        self.erase_lpm(maps::RULES_DST_V4, &rules.dst_v4)?;
+        self.erase_lpm(maps::RULES_DST_V6, &rules.dst_v6)?;
+        self.erase_lpm(maps::RULES_SRC_V4, &rules.src_v4)?;
+        self.erase_lpm(maps::RULES_SRC_V6, &rules.src_v6)
+    }
+
+    fn write_lpm<K: aya::Pod>(&mut self, map: &str, entries: &[Entry<K>]) -> Result<()> {
+        let mut trie: LpmTrie<_, K, Verdict> = LpmTrie::try_from(self.map_mut(map)?)?;
+        for (key, prefix_len, verdict) in entries {
+            trie.insert(&Key::new(*prefix_len, *key), *verdict, 0)
+                .with_context(|| format!("writing a rule entry to {map}"))?;
+        }
+        Ok(())
+    }
+
+    fn erase_lpm<K: aya::Pod>(&mut self, map: &str, entries: &[Entry<K>]) -> Result<()> {
+        let mut trie: LpmTrie<_, K, Verdict> = LpmTrie::try_from(self.map_mut(map)?)?;
+        for (key, prefix_len, _) in entries {
+            // Absent after a failed write: nothing to remove.
+            let _ = trie.remove(&Key::new(*prefix_len, *key));
+        }
+        Ok(())
+    }
+
+    /// Puts a listening socket into the program's socket map.
     pub fn register_listener(
         &mut self,
+        listener: u32,
         slot: maps::ListenerSlot,
-        listener: &impl AsRawFd,
+        socket: &impl AsRawFd,
     ) -> Result<()> {
         let mut sockets = SockMap::try_from(self.map_mut(maps::LISTENERS)?)?;
         sockets
-            .set(slot as u32, listener, 0)
-            .with_context(|| format!("putting the {slot:?} listener into the socket map"))
+            .set(maps::listener_slot(listener, slot), socket, 0)
+            .with_context(|| {
+                format!("putting listener {listener}'s {slot:?} socket into the socket map")
+            })
+    }
+
+    /// Takes a listener's sockets out of the socket map.
+    pub fn unregister_listener(&mut self, listener: u32) -> Result<()> {
+        let mut sockets = SockMap::try_from(self.map_mut(maps::LISTENERS)?)?;
+        for slot in [
+            maps::ListenerSlot::TcpV4,
+            maps::ListenerSlot::TcpV6,
+            maps::ListenerSlot::UdpV4,
+            maps::ListenerSlot::UdpV6,
+        ] {
+            // Absent when the listener has no socket of that transport or family.
+            let _ = sockets.clear_index(&maps::listener_slot(listener, slot));
+        }
+        Ok(())
     }
 
     /// Starts forwarding the program's aya-log records to the `log` crate.

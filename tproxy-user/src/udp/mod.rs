@@ -34,6 +34,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use raw_reply::RawReplier;
 
+use crate::relay::Upstream;
+
 /// How long a failed reply-socket bind is remembered before it is tried again for the same
 /// original destination.
 const UNBINDABLE_FOR: Duration = Duration::from_secs(10);
@@ -43,14 +45,13 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How datagrams are relayed.
 #[derive(Debug)]
 pub struct UdpConfig {
-    /// Fixed destination for every session; `None` relays to the original destination.
-    pub upstream: Option<SocketAddr>,
     pub idle_timeout: Duration,
     pub max_sessions: usize,
     /// SO_MARK of our per-flow sockets, which the eBPF program trusts.
     pub socket_mark: u32,
-    /// Our UDP listeners' addresses: relaying to one of them would loop forever.
-    pub own_listeners: Vec<SocketAddr>,
+    /// All our listeners' addresses: relaying to one of them would loop forever. Updated
+    /// when a reload adds or removes listeners.
+    pub own_listeners: Arc<std::sync::RwLock<Vec<SocketAddr>>>,
 }
 
 /// Counts since start (and the active-session gauge), for logs.
@@ -132,8 +133,14 @@ impl UdpRelay {
         }
     }
 
-    /// Receives steered datagrams on `listener` until shutdown.
-    pub async fn serve(self: Arc<Self>, listener: std::net::UdpSocket) {
+    /// Receives steered datagrams on `listener` until `stop_receiving` (a reload removed the
+    /// listener; its sessions live on) or shutdown. New sessions go to `upstream`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: std::net::UdpSocket,
+        upstream: Upstream,
+        stop_receiving: CancellationToken,
+    ) {
         let listener = match UdpSocket::from_std(listener) {
             Ok(listener) => listener,
             Err(error) => {
@@ -144,14 +151,16 @@ impl UdpRelay {
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
+                () = stop_receiving.cancelled() => return,
                 ready = listener.readable() => if let Err(error) = ready {
                     log::error!("UDP listener: {error}");
                     return;
                 },
             }
             let received = listener.try_io(Interest::READABLE, || {
+                let upstream = *upstream.read().unwrap();
                 batch::recv_steered(listener.as_fd(), |client, original, payload| {
-                    self.on_steered(client, original, payload)
+                    self.on_steered(client, original, upstream, payload)
                 })
             });
             match received {
@@ -166,14 +175,21 @@ impl UdpRelay {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn on_steered(self: &Arc<Self>, client: SocketAddr, original: SocketAddr, payload: &[u8]) {
+    fn on_steered(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        original: SocketAddr,
+        upstream: Option<SocketAddr>,
+        payload: &[u8],
+    ) {
         let existing = self
             .sessions
             .lock()
             .unwrap()
             .get(&(client, original))
             .cloned();
-        let Some(session) = existing.or_else(|| self.open_session(client, original)) else {
+        let Some(session) = existing.or_else(|| self.open_session(client, original, upstream))
+        else {
             return;
         };
         // A direct send, not tokio's try_send: a socket tokio has not yet seen writable would
@@ -198,9 +214,14 @@ impl UdpRelay {
         self: &Arc<Self>,
         client: SocketAddr,
         original: SocketAddr,
+        upstream: Option<SocketAddr>,
     ) -> Option<Arc<Session>> {
-        let target = self.config.upstream.unwrap_or(original);
-        if crate::listener::reaches_own_listener(&self.config.own_listeners, target) {
+        let target = upstream.unwrap_or(original);
+        let loops = {
+            let own_listeners = self.config.own_listeners.read().unwrap();
+            crate::listener::reaches_own_listener(&own_listeners, target)
+        };
+        if loops {
             if self.trouble_log.allow() {
                 log::warn!(
                     "{client} -> {original}: refusing to relay to our own listener {target}"

@@ -1,0 +1,944 @@
+//! The rule model and its compilation into the eBPF program's lookup maps.
+//!
+//! A rule matches on transport, destination prefix, destination port (one, a range, or any),
+//! and optionally source prefix and ingress interface. The rule that decides a packet is the
+//! first in this order among those that match it:
+//!
+//! 1. the longest destination prefix;
+//! 2. then a single port before a range, and a range before any port;
+//! 3. then the rule that comes first in the configuration.
+//!
+//! (Rules left over from an earlier configuration, kept so that their established flows
+//! survive a reload, come after all current ones; see [`Rule::retired`].)
+//!
+//! The program cannot loop over rules, so the precedence is resolved here, ahead of time,
+//! into three lookups whose cost does not depend on the number of rules:
+//!
+//! 1. port class: an array indexed by transport and port; ports matched by the same rules
+//!    share a class;
+//! 2. destination: a longest-prefix match on (class, destination). Its longest match is the
+//!    longest destination prefix any of the class's rules has for the packet, so the rules
+//!    that can match are exactly the ones whose prefix contains it: the "cell". When none of
+//!    them looks at the source or interface, the cell's verdict is final;
+//! 3. otherwise, source: a longest-prefix match on (cell, ifindex, source) whose entries hold
+//!    the first of the cell's rules matching each source prefix.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeSet, HashMap},
+    fmt,
+};
+
+use ipnet::IpNet;
+use tproxy_common::{
+    decision::RuleMatch,
+    maps::{
+        DstKey, SrcKey, Verdict, GENERATION_BIT, VERDICT_BYPASS, VERDICT_BY_SOURCE,
+        VERDICT_BY_SOURCE_AND_IFACE, VERDICT_STEER,
+    },
+};
+
+use crate::listener::Transport;
+
+/// Which destination ports a rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ports {
+    One(u16),
+    Range(u16, u16),
+    Any,
+}
+
+impl Ports {
+    /// Rank in the precedence: lower wins.
+    fn specificity(self) -> u8 {
+        match self {
+            Ports::One(_) => 0,
+            Ports::Range(..) => 1,
+            Ports::Any => 2,
+        }
+    }
+
+    #[cfg(test)]
+    fn contains(self, port: u16) -> bool {
+        match self {
+            Ports::One(p) => p == port,
+            Ports::Range(first, last) => (first..=last).contains(&port),
+            Ports::Any => port != 0,
+        }
+    }
+}
+
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ports::One(port) => write!(f, "{port}"),
+            Ports::Range(first, last) => write!(f, "{first}-{last}"),
+            Ports::Any => f.write_str("any"),
+        }
+    }
+}
+
+/// What a matching rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Hand new flows to the listener with this index.
+    Steer(u32),
+    /// Leave the packet alone (unless a socket already owns its flow).
+    Bypass,
+}
+
+/// One rule with a single transport, destination prefix and port spec: a configured rule
+/// with lists becomes several of these, all with its number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub transport: Transport,
+    pub dst: IpNet,
+    pub ports: Ports,
+    pub src: Option<IpNet>,
+    pub iface: Option<String>,
+    pub action: Action,
+    /// The rule's number in its configuration (1-based), the last tie-breaker.
+    pub number: usize,
+    /// A steer rule of an earlier configuration that a reload dropped. It only lets flows
+    /// that already have a socket keep it (like `bypass`), so that a reload does not cut them,
+    /// and it comes after every current rule.
+    pub retired: bool,
+}
+
+/// A rule's place in the precedence: lower wins.
+type Precedence = (bool, Reverse<u8>, u8, usize);
+
+impl Rule {
+    fn precedence(&self) -> Precedence {
+        (
+            self.retired,
+            Reverse(self.dst.prefix_len()),
+            self.ports.specificity(),
+            self.number,
+        )
+    }
+
+    fn verdict(&self) -> Verdict {
+        match self.action {
+            Action::Steer(listener) if !self.retired => Verdict {
+                action: VERDICT_STEER,
+                listener,
+                cell: 0,
+            },
+            _ => Verdict {
+                action: VERDICT_BYPASS,
+                ..Verdict::default()
+            },
+        }
+    }
+
+    fn matches_source(&self, src: &IpNet, iface: Option<&str>) -> bool {
+        let src_ok = self.src.is_none_or(|own| own.contains(src));
+        let iface_ok = match (&self.iface, iface) {
+            (None, _) => true,
+            (Some(own), Some(iface)) => own == iface,
+            (Some(_), None) => false,
+        };
+        src_ok && iface_ok
+    }
+
+    fn is_unconditional(&self) -> bool {
+        self.src.is_none() && self.iface.is_none()
+    }
+
+    /// The match as the program would report it (retired rules behave as bypass).
+    #[cfg(test)]
+    fn rule_match(&self) -> RuleMatch {
+        match self.action {
+            Action::Steer(listener) if !self.retired => RuleMatch::Steer(listener),
+            _ => RuleMatch::Bypass,
+        }
+    }
+}
+
+/// An LPM trie entry: key, its prefix length in bits, value.
+pub type Entry<K> = (K, u32, Verdict);
+
+/// One generation of the rule maps' contents.
+#[derive(Debug, Default)]
+pub struct CompiledRules {
+    /// Port classes, TCP ports then UDP ports (`udp * 65536 + port`).
+    pub port_classes: Vec<u32>,
+    pub dst_v4: Vec<Entry<DstKey<4>>>,
+    pub dst_v6: Vec<Entry<DstKey<16>>>,
+    pub src_v4: Vec<Entry<SrcKey<4>>>,
+    pub src_v6: Vec<Entry<SrcKey<16>>>,
+}
+
+impl CompiledRules {
+    /// The most entries any one LPM map needs for this generation.
+    pub fn largest_map(&self) -> usize {
+        [
+            self.dst_v4.len(),
+            self.dst_v6.len(),
+            self.src_v4.len(),
+            self.src_v6.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
+    /// Number of distinct port classes (excluding "no rule").
+    pub fn classes(&self) -> usize {
+        self.port_classes
+            .iter()
+            .filter(|c| **c != 0)
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+}
+
+/// The interfaces the program is attached to, by name and ifindex: rules naming an interface
+/// get one source-stage entry set per attached interface.
+pub type Interfaces<'a> = &'a [(String, u32)];
+
+/// Compiles `rules` into the map contents of `generation` (0 or 1).
+pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> CompiledRules {
+    let generation_bit = if generation & 1 == 1 {
+        GENERATION_BIT
+    } else {
+        0
+    };
+    let mut compiled = CompiledRules {
+        port_classes: vec![0; 2 * 65536],
+        ..CompiledRules::default()
+    };
+    let mut next_class = 1u32;
+    let mut next_cell = 1u32;
+    for transport in [Transport::Tcp, Transport::Udp] {
+        let rules: Vec<&Rule> = rules.iter().filter(|r| r.transport == transport).collect();
+        let offset = usize::from(transport == Transport::Udp) * 65536;
+        for (ports, members) in port_classes(&rules) {
+            let class = generation_bit | next_class;
+            next_class += 1;
+            for port in ports {
+                compiled.port_classes[offset + usize::from(port)] = class;
+            }
+            let members: Vec<&Rule> = members.iter().map(|&i| rules[i]).collect();
+            let mut cells = CellBuilder {
+                generation_bit,
+                next_cell: &mut next_cell,
+                interfaces,
+            };
+            for (dst, verdict, sources) in cells.destinations(&members) {
+                match dst {
+                    IpNet::V4(net) => {
+                        let key = DstKey {
+                            class,
+                            addr: net.addr().octets(),
+                        };
+                        compiled.dst_v4.push((
+                            key,
+                            DstKey::<4>::prefix_len(net.prefix_len().into()),
+                            verdict,
+                        ));
+                        for (cell, ifindex, src, verdict) in sources {
+                            let IpNet::V4(src) = src else { continue };
+                            let key = SrcKey {
+                                cell,
+                                ifindex,
+                                addr: src.addr().octets(),
+                            };
+                            compiled.src_v4.push((
+                                key,
+                                SrcKey::<4>::prefix_len(src.prefix_len().into()),
+                                verdict,
+                            ));
+                        }
+                    }
+                    IpNet::V6(net) => {
+                        let key = DstKey {
+                            class,
+                            addr: net.addr().octets(),
+                        };
+                        compiled.dst_v6.push((
+                            key,
+                            DstKey::<16>::prefix_len(net.prefix_len().into()),
+                            verdict,
+                        ));
+                        for (cell, ifindex, src, verdict) in sources {
+                            let IpNet::V6(src) = src else { continue };
+                            let key = SrcKey {
+                                cell,
+                                ifindex,
+                                addr: src.addr().octets(),
+                            };
+                            compiled.src_v6.push((
+                                key,
+                                SrcKey::<16>::prefix_len(src.prefix_len().into()),
+                                verdict,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    compiled
+}
+
+/// Groups ports by the set of rules (indices into `rules`) that match them; ports no rule
+/// matches are left out.
+fn port_classes(rules: &[&Rule]) -> Vec<(Vec<u16>, Vec<usize>)> {
+    // Sweep the port space: the matching set only changes where a port spec starts or ends.
+    let mut starts: HashMap<u32, Vec<usize>> = HashMap::new();
+    let mut ends: HashMap<u32, Vec<usize>> = HashMap::new();
+    let mut boundaries = BTreeSet::from([1u32, 65536]);
+    for (i, rule) in rules.iter().enumerate() {
+        let (first, last) = match rule.ports {
+            Ports::One(port) => (port, port),
+            Ports::Range(first, last) => (first, last),
+            Ports::Any => (1, 65535),
+        };
+        let (first, end) = (u32::from(first), u32::from(last) + 1);
+        starts.entry(first).or_default().push(i);
+        ends.entry(end).or_default().push(i);
+        boundaries.extend([first, end]);
+    }
+    let mut by_members: HashMap<Vec<usize>, Vec<u16>> = HashMap::new();
+    let mut order: Vec<Vec<usize>> = Vec::new();
+    let mut active = BTreeSet::new();
+    let boundaries: Vec<u32> = boundaries.into_iter().collect();
+    for window in boundaries.windows(2) {
+        let (from, to) = (window[0], window[1]);
+        for i in ends.get(&from).into_iter().flatten() {
+            active.remove(i);
+        }
+        active.extend(starts.get(&from).into_iter().flatten());
+        if active.is_empty() {
+            continue;
+        }
+        let members: Vec<usize> = active.iter().copied().collect();
+        let ports = by_members.entry(members.clone()).or_insert_with(|| {
+            order.push(members);
+            Vec::new()
+        });
+        ports.extend((from..to).map(|p| p as u16));
+    }
+    order
+        .into_iter()
+        .map(|members| {
+            let ports = by_members.remove(&members).unwrap_or_default();
+            (ports, members)
+        })
+        .collect()
+}
+
+/// A source-stage entry: cell, ifindex, source prefix, verdict.
+type SourceEntry = (u32, u32, IpNet, Verdict);
+
+struct CellBuilder<'a> {
+    generation_bit: u32,
+    next_cell: &'a mut u32,
+    interfaces: Interfaces<'a>,
+}
+
+impl CellBuilder<'_> {
+    /// For each destination prefix of a port class's rules: its verdict, and the source
+    /// stage's entries when the verdict depends on the source.
+    fn destinations(&mut self, rules: &[&Rule]) -> Vec<(IpNet, Verdict, Vec<SourceEntry>)> {
+        let mut by_dst: HashMap<IpNet, Vec<&Rule>> = HashMap::new();
+        for rule in rules {
+            by_dst.entry(rule.dst).or_default().push(rule);
+        }
+        let mut dsts: Vec<IpNet> = by_dst.keys().copied().collect();
+        dsts.sort();
+        dsts.into_iter()
+            .map(|dst| {
+                // The rules that match an address whose longest match is `dst` are those whose
+                // prefix is `dst` or contains it.
+                let mut candidates: Vec<&Rule> = (0..=dst.prefix_len())
+                    .filter_map(|len| truncated(dst, len))
+                    .filter_map(|ancestor| by_dst.get(&ancestor))
+                    .flatten()
+                    .copied()
+                    .collect();
+                candidates.sort_by_key(|rule| rule.precedence());
+                if let Some(first) = candidates.iter().position(|r| r.is_unconditional()) {
+                    // Nothing after a rule that always matches can win.
+                    candidates.truncate(first + 1);
+                }
+                let (verdict, sources) = self.cell(&candidates);
+                (dst, verdict, sources)
+            })
+            .collect()
+    }
+
+    fn cell(&mut self, candidates: &[&Rule]) -> (Verdict, Vec<SourceEntry>) {
+        match candidates {
+            [only] if only.is_unconditional() => return (only.verdict(), Vec::new()),
+            [first, ..] if first.is_unconditional() => return (first.verdict(), Vec::new()),
+            _ => {}
+        }
+        let cell = self.generation_bit | *self.next_cell;
+        *self.next_cell += 1;
+        let by_iface = candidates.iter().any(|r| r.iface.is_some());
+        let interfaces: Vec<(Option<&str>, u32)> = if by_iface {
+            self.interfaces
+                .iter()
+                .map(|(name, index)| (Some(name.as_str()), *index))
+                .collect()
+        } else {
+            vec![(None, 0)]
+        };
+        let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
+        sources.insert(IpNet::V4(Default::default()));
+        sources.insert(IpNet::V6(Default::default()));
+        let mut entries = Vec::new();
+        for (iface, ifindex) in interfaces {
+            for src in &sources {
+                let winner = candidates.iter().find(|r| {
+                    r.src.is_none_or(|own| same_family(own, *src)) && r.matches_source(src, iface)
+                });
+                let verdict = winner.map_or(Verdict::default(), |r| r.verdict());
+                entries.push((cell, ifindex, *src, verdict));
+            }
+        }
+        let action = if by_iface {
+            VERDICT_BY_SOURCE_AND_IFACE
+        } else {
+            VERDICT_BY_SOURCE
+        };
+        let verdict = Verdict {
+            action,
+            listener: 0,
+            cell,
+        };
+        (verdict, entries)
+    }
+}
+
+fn same_family(a: IpNet, b: IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+fn truncated(net: IpNet, len: u8) -> Option<IpNet> {
+    IpNet::new(net.addr(), len).ok().map(|n| n.trunc())
+}
+
+/// A packet as the rules see it.
+#[cfg(test)]
+#[derive(Clone, Debug)]
+pub struct Packet<'a> {
+    pub transport: Transport,
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub port: u16,
+    pub iface: &'a str,
+}
+
+/// The decision for `packet` by the definition: the first matching rule in precedence order.
+/// The compiled maps must agree with this; the tests check that they do.
+#[cfg(test)]
+pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
+    let src = IpNet::from(packet.src);
+    let dst = IpNet::from(packet.dst);
+    rules
+        .iter()
+        .filter(|r| {
+            r.transport == packet.transport
+                && r.ports.contains(packet.port)
+                && r.dst.contains(&dst)
+                && r.matches_source(&src, Some(packet.iface))
+        })
+        .min_by_key(|r| r.precedence())
+        .map_or(RuleMatch::None, Rule::rule_match)
+}
+
+/// Checks the configured rules' invariants that the compiler relies on.
+pub fn check_families(rule: &Rule) -> Result<(), String> {
+    match rule.src {
+        Some(src) if !same_family(src, rule.dst) => Err(format!(
+            "source {src} and destination {} are of different address families",
+            rule.dst
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let transport = match self.transport {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        };
+        write!(f, "{transport} dst {} port {}", self.dst, self.ports)?;
+        if let Some(src) = self.src {
+            write!(f, " src {src}")?;
+        }
+        if let Some(iface) = &self.iface {
+            write!(f, " iface {iface}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The rules in the order they are consulted, for `tproxy check`.
+pub fn by_precedence(rules: &[Rule]) -> Vec<&Rule> {
+    let mut sorted: Vec<&Rule> = rules.iter().collect();
+    sorted.sort_by_key(|r| (r.dst.addr().is_ipv6(), r.precedence()));
+    sorted
+}
+
+/// What the compiled maps say for `packet`, looked up the way the eBPF program does.
+#[cfg(test)]
+pub fn lookup(compiled: &CompiledRules, packet: &Packet<'_>, ifindex: u32) -> RuleMatch {
+    use tproxy_common::decision::next_rule_stage;
+    let offset = usize::from(packet.transport == Transport::Udp) * 65536;
+    let class = compiled.port_classes[offset + usize::from(packet.port)];
+    if class == 0 {
+        return RuleMatch::None;
+    }
+    fn longest<K, const N: usize>(
+        entries: &[Entry<K>],
+        fixed: impl Fn(&K) -> bool,
+        addr: impl Fn(&K) -> [u8; N],
+        fixed_bits: u32,
+        target: [u8; N],
+    ) -> Option<Verdict> {
+        let bits = |bytes: &[u8; N], len: u32| -> Vec<bool> {
+            (0..len as usize)
+                .map(|i| bytes[i / 8] & (0x80 >> (i % 8)) != 0)
+                .collect()
+        };
+        entries
+            .iter()
+            .filter(|(key, len, _)| {
+                let len = len - fixed_bits;
+                fixed(key) && bits(&addr(key), len) == bits(&target, len)
+            })
+            .max_by_key(|(_, len, _)| *len)
+            .map(|(_, _, verdict)| *verdict)
+    }
+    let (dst, src) = (packet.dst, packet.src);
+    let verdict = match dst {
+        std::net::IpAddr::V4(dst) => longest(
+            &compiled.dst_v4,
+            |k| k.class == class,
+            |k| k.addr,
+            32,
+            dst.octets(),
+        ),
+        std::net::IpAddr::V6(dst) => longest(
+            &compiled.dst_v6,
+            |k| k.class == class,
+            |k| k.addr,
+            32,
+            dst.octets(),
+        ),
+    };
+    let Some(verdict) = verdict else {
+        return RuleMatch::None;
+    };
+    let key_ifindex = match next_rule_stage(&verdict, ifindex) {
+        Ok(found) => return found,
+        Err(key_ifindex) => key_ifindex,
+    };
+    let fixed = |cell: u32, index: u32| cell == verdict.cell && index == key_ifindex;
+    let verdict = match src {
+        std::net::IpAddr::V4(src) => longest(
+            &compiled.src_v4,
+            |k| fixed(k.cell, k.ifindex),
+            |k| k.addr,
+            64,
+            src.octets(),
+        ),
+        std::net::IpAddr::V6(src) => longest(
+            &compiled.src_v6,
+            |k| fixed(k.cell, k.ifindex),
+            |k| k.addr,
+            64,
+            src.octets(),
+        ),
+    };
+    verdict.map_or(RuleMatch::None, |v| {
+        next_rule_stage(&v, ifindex).unwrap_or(RuleMatch::None)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IFACES: &[(&str, u32)] = &[("eth0", 2), ("eth1", 3)];
+
+    fn interfaces() -> Vec<(String, u32)> {
+        IFACES.iter().map(|(n, i)| (n.to_string(), *i)).collect()
+    }
+
+    fn rule(number: usize, text: &str, action: Action) -> Rule {
+        // "tcp 10.0.0.0/8 80 [src PREFIX] [iface IF]"
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let ports = match words[2] {
+            "any" => Ports::Any,
+            p if p.contains('-') => {
+                let (a, b) = p.split_once('-').unwrap();
+                Ports::Range(a.parse().unwrap(), b.parse().unwrap())
+            }
+            p => Ports::One(p.parse().unwrap()),
+        };
+        let mut rule = Rule {
+            transport: if words[0] == "tcp" {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            dst: words[1].parse().unwrap(),
+            ports,
+            src: None,
+            iface: None,
+            action,
+            number,
+            retired: false,
+        };
+        for pair in words[3..].chunks(2) {
+            match pair[0] {
+                "src" => rule.src = Some(pair[1].parse().unwrap()),
+                "iface" => rule.iface = Some(pair[1].to_string()),
+                other => panic!("{other}"),
+            }
+        }
+        rule
+    }
+
+    fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
+        // "tcp SRC -> DST:PORT"
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let dst: std::net::SocketAddr = words[3].parse().unwrap();
+        Packet {
+            transport: if words[0] == "tcp" {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            src: words[1].parse().unwrap(),
+            dst: dst.ip(),
+            port: dst.port(),
+            iface,
+        }
+    }
+
+    /// Checks the definition's answer, and that the compiled maps give the same one.
+    fn expect(rules: &[Rule], text: &str, iface: &str, expected: RuleMatch) {
+        let packet = packet(text, iface);
+        assert_eq!(
+            decide(rules, &packet),
+            expected,
+            "definition: {text} on {iface}"
+        );
+        for generation in [0, 1] {
+            let compiled = compile(rules, generation, &interfaces());
+            let ifindex = IFACES.iter().find(|(n, _)| *n == iface).unwrap().1;
+            assert_eq!(
+                lookup(&compiled, &packet, ifindex),
+                expected,
+                "maps: {text} on {iface}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_longest_destination_prefix_wins_whatever_the_order() {
+        let rules = [
+            rule(1, "tcp 10.0.0.0/8 80", Action::Steer(0)),
+            rule(2, "tcp 10.1.0.0/16 any", Action::Bypass),
+            rule(3, "tcp 10.1.2.0/24 80", Action::Steer(1)),
+        ];
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.9.9.9:80",
+            "eth0",
+            RuleMatch::Steer(0),
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.1.9.9:80",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.1.2.3:80",
+            "eth0",
+            RuleMatch::Steer(1),
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.1.2.3:443",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.9.9.9:443",
+            "eth0",
+            RuleMatch::None,
+        );
+        expect(
+            &rules,
+            "udp 192.0.2.1 -> 10.9.9.9:80",
+            "eth0",
+            RuleMatch::None,
+        );
+    }
+
+    #[test]
+    fn a_single_port_beats_a_range_which_beats_any_port_then_rule_order() {
+        let rules = [
+            rule(1, "tcp 0.0.0.0/0 any", Action::Steer(0)),
+            rule(2, "tcp 0.0.0.0/0 8000-8100", Action::Steer(1)),
+            rule(3, "tcp 0.0.0.0/0 8080", Action::Steer(2)),
+            rule(4, "tcp 0.0.0.0/0 8080", Action::Steer(3)),
+            rule(5, "tcp 0.0.0.0/0 8000-8010", Action::Steer(4)),
+        ];
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.0.0.1:8080",
+            "eth0",
+            RuleMatch::Steer(2),
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.0.0.1:8081",
+            "eth0",
+            RuleMatch::Steer(1),
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.0.0.1:8005",
+            "eth0",
+            RuleMatch::Steer(1),
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.0.0.1:22",
+            "eth0",
+            RuleMatch::Steer(0),
+        );
+    }
+
+    #[test]
+    fn sources_and_interfaces_narrow_a_rule_and_the_next_one_takes_over() {
+        let rules = [
+            rule(1, "tcp 10.0.0.0/8 80 src 192.0.2.0/24", Action::Bypass),
+            rule(2, "tcp 10.0.0.0/8 80 iface eth1", Action::Steer(1)),
+            rule(3, "tcp 10.0.0.0/8 80", Action::Steer(0)),
+            rule(
+                4,
+                "tcp 10.1.0.0/16 80 src 198.51.100.0/24 iface eth0",
+                Action::Steer(2),
+            ),
+        ];
+        expect(
+            &rules,
+            "tcp 192.0.2.9 -> 10.2.0.1:80",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+        expect(
+            &rules,
+            "tcp 203.0.113.9 -> 10.2.0.1:80",
+            "eth1",
+            RuleMatch::Steer(1),
+        );
+        expect(
+            &rules,
+            "tcp 203.0.113.9 -> 10.2.0.1:80",
+            "eth0",
+            RuleMatch::Steer(0),
+        );
+        expect(
+            &rules,
+            "tcp 198.51.100.7 -> 10.1.0.1:80",
+            "eth0",
+            RuleMatch::Steer(2),
+        );
+        expect(
+            &rules,
+            "tcp 198.51.100.7 -> 10.1.0.1:80",
+            "eth1",
+            RuleMatch::Steer(1),
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.9 -> 10.1.0.1:80",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+    }
+
+    #[test]
+    fn ipv6_rules_are_their_own_family() {
+        let rules = [
+            rule(1, "udp ::/0 53", Action::Steer(0)),
+            rule(
+                2,
+                "udp 2001:db8::/32 53 src 2001:db8:1::/48",
+                Action::Bypass,
+            ),
+            rule(3, "udp 0.0.0.0/0 53", Action::Bypass),
+        ];
+        expect(
+            &rules,
+            "udp 2001:db8:1::5 -> [2001:db8::1]:53",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+        expect(
+            &rules,
+            "udp 2001:db8:2::5 -> [2001:db8::1]:53",
+            "eth0",
+            RuleMatch::Steer(0),
+        );
+        expect(
+            &rules,
+            "udp 192.0.2.1 -> 10.0.0.1:53",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+    }
+
+    #[test]
+    fn retired_rules_come_after_every_current_one_and_never_take_new_flows() {
+        let mut old = rule(1, "tcp 10.0.0.0/24 80", Action::Steer(0));
+        old.retired = true;
+        let rules = [old, rule(1, "tcp 0.0.0.0/0 80", Action::Steer(1))];
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.0.0.1:80",
+            "eth0",
+            RuleMatch::Steer(1),
+        );
+        expect(
+            &rules[..1],
+            "tcp 192.0.2.1 -> 10.0.0.1:80",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+    }
+
+    #[test]
+    fn ranges_and_any_port_share_classes_instead_of_multiplying_entries() {
+        let rules = [
+            rule(1, "tcp 0.0.0.0/0 1000-2000", Action::Steer(0)),
+            rule(2, "tcp 10.0.0.0/8 any", Action::Bypass),
+            rule(3, "udp 0.0.0.0/0 1500", Action::Steer(0)),
+        ];
+        let compiled = compile(&rules, 0, &interfaces());
+        // TCP: 1000-2000 (both rules), other ports (bypass only); UDP: 1500.
+        assert_eq!(compiled.classes(), 3);
+        assert_eq!(compiled.dst_v4.len(), 2 + 1 + 1);
+        assert_eq!(compiled.port_classes[0], 0, "port 0 is never steered");
+        assert_eq!(compiled.port_classes[65536 + 1501], 0);
+    }
+
+    #[test]
+    fn generations_never_share_class_or_cell_ids() {
+        let rules = [rule(
+            1,
+            "tcp 0.0.0.0/0 80 src 192.0.2.0/24",
+            Action::Steer(0),
+        )];
+        let old = compile(&rules, 0, &interfaces());
+        let new = compile(&rules, 1, &interfaces());
+        assert!(old
+            .dst_v4
+            .iter()
+            .all(|(k, _, v)| k.class & GENERATION_BIT == 0 && v.cell & GENERATION_BIT == 0));
+        assert!(new
+            .dst_v4
+            .iter()
+            .all(|(k, _, v)| k.class & GENERATION_BIT != 0 && v.cell & GENERATION_BIT != 0));
+        assert!(new
+            .src_v4
+            .iter()
+            .all(|(k, _, _)| k.cell & GENERATION_BIT != 0));
+    }
+
+    /// Random rule sets and packets: the maps must always agree with the definition.
+    #[test]
+    fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let prefixes = [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3/32",
+            "10.2.0.0/16",
+        ];
+        let sources = [
+            "192.0.2.0/24",
+            "192.0.2.128/25",
+            "198.51.100.0/24",
+            "0.0.0.0/0",
+        ];
+        let ports = ["80", "443", "70-90", "1-1000", "any"];
+        for round in 0..300 {
+            let count = 1 + next(8) as usize;
+            let rules: Vec<Rule> = (0..count)
+                .map(|i| {
+                    let mut text = format!(
+                        "{} {} {}",
+                        ["tcp", "udp"][next(2) as usize],
+                        prefixes[next(prefixes.len() as u64) as usize],
+                        ports[next(ports.len() as u64) as usize]
+                    );
+                    if next(3) == 0 {
+                        text += &format!(" src {}", sources[next(sources.len() as u64) as usize]);
+                    }
+                    if next(4) == 0 {
+                        text += &format!(" iface {}", IFACES[next(2) as usize].0);
+                    }
+                    let action = if next(3) == 0 {
+                        Action::Bypass
+                    } else {
+                        Action::Steer(next(3) as u32)
+                    };
+                    let mut rule = rule(i + 1, &text, action);
+                    rule.retired = next(10) == 0;
+                    rule
+                })
+                .collect();
+            let compiled = compile(&rules, round % 2, &interfaces());
+            for _ in 0..40 {
+                let text = format!(
+                    "{} {} -> {}:{}",
+                    ["tcp", "udp"][next(2) as usize],
+                    ["192.0.2.200", "192.0.2.5", "198.51.100.1", "203.0.113.1"][next(4) as usize],
+                    [
+                        "10.1.2.3",
+                        "10.1.2.4",
+                        "10.1.9.9",
+                        "10.2.0.1",
+                        "10.9.9.9",
+                        "192.0.2.1"
+                    ][next(6) as usize],
+                    [80, 81, 443, 500, 2000][next(5) as usize],
+                );
+                let (iface, ifindex) = IFACES[next(2) as usize];
+                let packet = packet(&text, iface);
+                assert_eq!(
+                    lookup(&compiled, &packet, ifindex),
+                    decide(&rules, &packet),
+                    "{text} on {iface} with rules {rules:#?}"
+                );
+            }
+        }
+    }
+}
