@@ -692,3 +692,86 @@ pub fn remove_iptables_tproxy(netns: &Netns) -> Result<()> {
     netns.ip(&["route", "flush", "table", "100"])?;
     Ok(())
 }
+
+/// A configuration file for `tproxy run --config`, removed on drop.
+pub struct ConfigFile {
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    /// Writes `text` to a file with a name unique to this process.
+    pub fn new(text: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique_name("config")));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(ConfigFile { path })
+    }
+
+    /// Replaces the file's contents (as an operator editing it before a reload would).
+    pub fn rewrite(&self, text: &str) -> Result<()> {
+        std::fs::write(&self.path, text).with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Runs `tproxy ARGS…` outside any namespace with `stdin` as its input; returns (status,
+/// stdout, stderr). For the subcommands that touch nothing: check, translate.
+pub fn tproxy_with_input(args: &[&str], stdin: &str) -> Result<(ExitStatus, String, String)> {
+    let mut child = Command::new(tproxy_bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running tproxy")?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())?;
+    let output = child.wait_with_output()?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// Loads an `iptables-save` style rule set into `netns` with `iptables-restore`, plus the
+/// kernel documentation's policy routing (`fwmark 1 lookup 100`, `local 0.0.0.0/0 dev lo
+/// table 100`). [`remove_iptables_tproxy`] takes it all away again.
+pub fn restore_iptables(netns: &Netns, rules: &str) -> Result<()> {
+    let mut restore = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("running iptables-restore")?;
+    restore
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(rules.as_bytes())?;
+    if !restore.wait()?.success() {
+        bail!("iptables-restore refused:\n{rules}");
+    }
+    netns.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
+    netns.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ])?;
+    Ok(())
+}

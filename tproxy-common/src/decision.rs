@@ -106,15 +106,32 @@ pub enum RuleMatch {
     Bypass,
 }
 
-/// What to do after a rule stage answered `verdict`: the final match, or the ifindex to put
-/// in the source-stage key (`Err`).
-pub const fn next_rule_stage(verdict: &Verdict, ifindex: u32) -> Result<RuleMatch, u32> {
+/// Whether a destination-stage `verdict` needs the source stage, and with which ifindex in
+/// the key.
+pub const fn source_stage_ifindex(verdict: &Verdict, ifindex: u32) -> Option<u32> {
     match verdict.action {
-        VERDICT_STEER => Ok(RuleMatch::Steer(verdict.listener)),
-        VERDICT_BYPASS => Ok(RuleMatch::Bypass),
-        VERDICT_BY_SOURCE => Err(0),
-        VERDICT_BY_SOURCE_AND_IFACE => Err(ifindex),
-        _ => Ok(RuleMatch::None),
+        VERDICT_BY_SOURCE => Some(0),
+        VERDICT_BY_SOURCE_AND_IFACE => Some(ifindex),
+        _ => None,
+    }
+}
+
+/// Whether a final verdict `candidate` beats `best` so far: only a match counts, and of two
+/// matches the lower rank wins.
+pub const fn outranks(candidate: &Verdict, best: &Verdict) -> bool {
+    is_match(candidate) && (!is_match(best) || candidate.rank < best.rank)
+}
+
+const fn is_match(verdict: &Verdict) -> bool {
+    matches!(verdict.action, VERDICT_STEER | VERDICT_BYPASS)
+}
+
+/// The match a final verdict stands for.
+pub const fn rule_match(verdict: &Verdict) -> RuleMatch {
+    match verdict.action {
+        VERDICT_STEER => RuleMatch::Steer(verdict.listener),
+        VERDICT_BYPASS => RuleMatch::Bypass,
+        _ => RuleMatch::None,
     }
 }
 
@@ -281,29 +298,53 @@ mod tests {
 
     #[test]
     fn rule_stages_end_in_a_match_or_ask_for_the_source() {
-        let verdict = |action, listener| Verdict {
+        let verdict = |action, rank| Verdict {
             action,
-            listener,
+            listener: 3,
             cell: 7,
+            rank,
         };
         assert_eq!(
-            next_rule_stage(&verdict(VERDICT_STEER, 3), 9),
-            Ok(RuleMatch::Steer(3))
+            source_stage_ifindex(&verdict(VERDICT_BY_SOURCE, 0), 9),
+            Some(0)
         );
         assert_eq!(
-            next_rule_stage(&verdict(VERDICT_BYPASS, 0), 9),
-            Ok(RuleMatch::Bypass)
+            source_stage_ifindex(&verdict(VERDICT_BY_SOURCE_AND_IFACE, 0), 9),
+            Some(9)
         );
-        assert_eq!(next_rule_stage(&verdict(VERDICT_BY_SOURCE, 0), 9), Err(0));
+        assert_eq!(source_stage_ifindex(&verdict(VERDICT_STEER, 0), 9), None);
+        assert_eq!(rule_match(&verdict(VERDICT_STEER, 0)), RuleMatch::Steer(3));
+        assert_eq!(rule_match(&verdict(VERDICT_BYPASS, 0)), RuleMatch::Bypass);
+        assert_eq!(rule_match(&verdict(0, 0)), RuleMatch::None);
         assert_eq!(
-            next_rule_stage(&verdict(VERDICT_BY_SOURCE_AND_IFACE, 0), 9),
-            Err(9)
-        );
-        assert_eq!(next_rule_stage(&verdict(0, 0), 9), Ok(RuleMatch::None));
-        assert_eq!(
-            next_rule_stage(&verdict(77, 0), 9),
-            Ok(RuleMatch::None),
+            rule_match(&verdict(77, 0)),
+            RuleMatch::None,
             "unknown action"
+        );
+    }
+
+    #[test]
+    fn the_lower_rank_wins_and_no_match_never_does() {
+        let verdict = |action, rank| Verdict {
+            action,
+            listener: 0,
+            cell: 0,
+            rank,
+        };
+        let none = Verdict::default();
+        assert!(outranks(&verdict(VERDICT_BYPASS, 9), &none));
+        assert!(!outranks(&none, &verdict(VERDICT_BYPASS, 9)));
+        assert!(outranks(
+            &verdict(VERDICT_STEER, 3),
+            &verdict(VERDICT_BYPASS, 4)
+        ));
+        assert!(!outranks(
+            &verdict(VERDICT_STEER, 4),
+            &verdict(VERDICT_BYPASS, 4)
+        ));
+        assert!(
+            !outranks(&verdict(VERDICT_BY_SOURCE, 0), &none),
+            "not final"
         );
     }
 

@@ -8,15 +8,44 @@
 pub const ACTIVE_GENERATION: &str = "ACTIVE_GENERATION";
 
 /// Stage 1 of a rule lookup. Array (`u32`) from (generation, transport, destination port) to
-/// the port's class: ports whose packets are matched by the same rules share a class.
-/// Class 0 means no rule mentions the port, so the packet is passed after one array lookup.
+/// what the rules say about the port: whether single-port rules name it
+/// ([`PORT_HAS_SINGLE`]), whether any-port rules exist ([`PORT_HAS_ANY`]), and the class of
+/// the port ranges containing it ([`PORT_RANGE_CLASS`]; ports inside the same ranges share a
+/// class). 0: no rule can match, the packet is passed after this one lookup.
 pub const PORT_CLASSES: &str = "PORT_CLASSES";
 /// Two generations × two transports × every port.
 pub const PORT_CLASSES_LEN: u32 = 2 * 2 * 65536;
+/// Bit in a [`PORT_CLASSES`] value: some single-port rule names this port.
+pub const PORT_HAS_SINGLE: u32 = 1 << 29;
+/// Bit in a [`PORT_CLASSES`] value: there are any-port rules for this transport.
+pub const PORT_HAS_ANY: u32 = 1 << 30;
+/// Bits of a [`PORT_CLASSES`] value holding the range class (0: in no range).
+pub const PORT_RANGE_CLASS: u32 = PORT_HAS_SINGLE - 1;
 
 /// The [`PORT_CLASSES`] index of a port (host byte order).
 pub const fn port_class_index(generation: u32, udp: bool, port: u16) -> u32 {
     ((generation & 1) * 2 + udp as u32) * 65536 + port as u32
+}
+
+/// The [`DstKey::class`] of the single-port rules for a port. The rules of a packet are in up
+/// to three groups, each looked up on its own: single-port rules, range rules, any-port
+/// rules; the best-ranked answer wins.
+pub const fn single_port_class(generation: u32, udp: bool, port: u16) -> u32 {
+    generation_bit(generation) | (1 << 29) | (udp as u32) << 16 | port as u32
+}
+
+/// The [`DstKey::class`] of a range class (from [`PORT_CLASSES`]).
+pub const fn range_class(generation: u32, class: u32) -> u32 {
+    generation_bit(generation) | (2 << 29) | (class & PORT_RANGE_CLASS)
+}
+
+/// The [`DstKey::class`] of the any-port rules of a transport.
+pub const fn any_port_class(generation: u32, udp: bool) -> u32 {
+    generation_bit(generation) | (3 << 29) | udp as u32
+}
+
+const fn generation_bit(generation: u32) -> u32 {
+    (generation & 1) << 31
 }
 
 /// Stage 2: longest-prefix match on ([`DstKey`] class, destination address) to a [`Verdict`].
@@ -79,6 +108,9 @@ pub struct Verdict {
     pub listener: u32,
     /// For [`VERDICT_BY_SOURCE`] and [`VERDICT_BY_SOURCE_AND_IFACE`]: the [`SrcKey::cell`].
     pub cell: u32,
+    /// For [`VERDICT_STEER`] and [`VERDICT_BYPASS`]: the deciding rule's place in the
+    /// precedence (lower wins), to choose between the answers of the rule groups.
+    pub rank: u32,
 }
 
 /// No rule matches: the packet is passed.
@@ -189,6 +221,24 @@ mod tests {
             PORT_CLASSES_LEN - 1,
             "generation is 0 or 1"
         );
+    }
+
+    #[test]
+    fn class_ids_of_the_three_groups_and_two_generations_never_collide() {
+        let mut ids = [
+            single_port_class(0, false, 80),
+            single_port_class(0, true, 80),
+            single_port_class(1, false, 80),
+            range_class(0, 80),
+            range_class(1, 80),
+            any_port_class(0, false),
+            any_port_class(0, true),
+            any_port_class(1, false),
+        ];
+        ids.sort_unstable();
+        assert!(ids.windows(2).all(|w| w[0] != w[1]), "{ids:x?}");
+        assert_eq!(range_class(1, 5) & GENERATION_BIT, GENERATION_BIT);
+        assert_eq!(single_port_class(0, true, 65535) & GENERATION_BIT, 0);
     }
 
     #[test]

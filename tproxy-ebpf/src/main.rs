@@ -2,7 +2,8 @@
 //! in one pass over the packet.
 //!
 //! packet → parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP/UDP ports)
-//!        → rules (port class array, then destination and maybe source LPM tries)
+//!        → rules (port array, then per rule group a destination and maybe a source LPM
+//!          trie; the best-ranked answer wins)
 //!        → for a steer or bypass rule: the flow's own socket, if it has one (exact-tuple
 //!          lookup; for UDP only tproxy's own per-flow sockets count)
 //!        → otherwise, for a steer rule: the rule's listener from the socket map
@@ -31,10 +32,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use tproxy_common::{
-    decision::{self, counter_index, next_rule_stage, Outcome, Protocol, RuleMatch},
+    decision::{
+        self, counter_index, outranks, rule_match, source_stage_ifindex, Outcome, Protocol,
+        RuleMatch,
+    },
     maps::{
-        listener_slot, port_class_index, DstKey, ListenerSlot, SrcKey, Verdict, COUNTERS_LEN,
-        LISTENERS_LEN, MAX_STEERED_IFACES, PORT_CLASSES_LEN,
+        any_port_class, listener_slot, port_class_index, range_class, single_port_class, DstKey,
+        ListenerSlot, SrcKey, Verdict, COUNTERS_LEN, LISTENERS_LEN, MAX_STEERED_IFACES,
+        PORT_CLASSES_LEN, PORT_HAS_ANY, PORT_HAS_SINGLE, PORT_RANGE_CLASS,
     },
 };
 
@@ -164,8 +169,8 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
     }
 }
 
-/// The rules' decision for a flow: three bounded lookups, whatever the number of rules (see
-/// the loader's `rules` module for how the maps are built).
+/// The rules' decision for a flow: at most seven bounded lookups, whatever the number of
+/// rules (see the loader's `rules` module for how the maps are built).
 #[inline(always)]
 fn match_rules<const N: usize>(
     by_dst: &LpmTrie<DstKey<N>, Verdict>,
@@ -178,22 +183,54 @@ fn match_rules<const N: usize>(
 ) -> RuleMatch {
     // Read once: every lookup below uses the same generation of the rule set.
     let generation = ACTIVE_GENERATION.get(0).copied().unwrap_or(0);
-    let class = match PORT_CLASSES.get(port_class_index(generation, udp, dport)) {
-        Some(&class) if class != 0 => class,
+    let groups = match PORT_CLASSES.get(port_class_index(generation, udp, dport)) {
+        Some(&groups) if groups != 0 => groups,
         _ => return RuleMatch::None,
     };
+    let mut best = Verdict::default();
+    if groups & PORT_HAS_SINGLE != 0 {
+        let class = single_port_class(generation, udp, dport);
+        match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
+    }
+    if groups & PORT_RANGE_CLASS != 0 {
+        let class = range_class(generation, groups & PORT_RANGE_CLASS);
+        match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
+    }
+    if groups & PORT_HAS_ANY != 0 {
+        let class = any_port_class(generation, udp);
+        match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
+    }
+    rule_match(&best)
+}
+
+/// One rule group's answer (destination, then maybe source), kept in `best` if it outranks
+/// the answers so far.
+#[inline(always)]
+fn match_group<const N: usize>(
+    by_dst: &LpmTrie<DstKey<N>, Verdict>,
+    by_src: &LpmTrie<SrcKey<N>, Verdict>,
+    class: u32,
+    daddr: [u8; N],
+    saddr: [u8; N],
+    ifindex: u32,
+    best: &mut Verdict,
+) {
     let dst_key = DstKey { class, addr: daddr };
     let Some(verdict) = by_dst.get(Key::new(DstKey::<N>::prefix_len(N as u32 * 8), dst_key)) else {
-        return RuleMatch::None;
+        return;
     };
-    let key_ifindex = match next_rule_stage(verdict, ifindex) {
-        Ok(found) => return found,
-        Err(key_ifindex) => key_ifindex,
+    let verdict = match source_stage_ifindex(verdict, ifindex) {
+        None => verdict,
+        Some(key_ifindex) => {
+            let src_key = SrcKey { cell: verdict.cell, ifindex: key_ifindex, addr: saddr };
+            match by_src.get(Key::new(SrcKey::<N>::prefix_len(N as u32 * 8), src_key)) {
+                Some(verdict) => verdict,
+                None => return,
+            }
+        }
     };
-    let src_key = SrcKey { cell: verdict.cell, ifindex: key_ifindex, addr: saddr };
-    match by_src.get(Key::new(SrcKey::<N>::prefix_len(N as u32 * 8), src_key)) {
-        Some(verdict) => next_rule_stage(verdict, ifindex).unwrap_or(RuleMatch::None),
-        None => RuleMatch::None,
+    if outranks(verdict, best) {
+        *best = *verdict;
     }
 }
 

@@ -184,6 +184,12 @@ impl Config {
                         .into(),
             });
         }
+        if configured_rules > rules::MAX_RULES {
+            bail!(
+                "{configured_rules} rules configured; at most {} are supported",
+                rules::MAX_RULES
+            );
+        }
         if listeners.len() > MAX_LISTENERS as usize {
             bail!(
                 "{} listeners defined; at most {MAX_LISTENERS} are supported",
@@ -200,10 +206,17 @@ impl Config {
             });
         }
         if settings.socket_mark & settings.mark.mask == settings.mark.value {
+            let origin = match (&args.socket_mark, &args.config) {
+                (None, Some(file)) => format!(
+                    "socket_mark {:#x} (from {})",
+                    settings.socket_mark,
+                    file.display()
+                ),
+                _ => format!("--socket-mark {:#x}", settings.socket_mark),
+            };
             bail!(
-                "socket mark {:#x} matches the routing rule's fwmark {}: replies from tproxy's \
-                 UDP sockets would be routed back to this host",
-                settings.socket_mark,
+                "{origin} matches the routing rule's fwmark {}: replies from tproxy's UDP \
+                 sockets would be routed back to this host",
                 settings.mark
             );
         }
@@ -990,7 +1003,7 @@ listener = "dns"
             ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\nlistener = \"x\"\n", "rule[1].listener: a bypass rule steers nowhere"),
             ("interfaces = [\"eth0\"]\n", "FILE: no [[rule]] and no --tcp/--udp: nothing to steer"),
             ("[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n", "no interface to steer: set `interfaces` in FILE or give --iface"),
-            ("interfaces = [\"eth0\"]\nsocket_mark = \"0x1000000\"\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n", "socket mark 0x1000000 matches the routing rule's fwmark"),
+            ("interfaces = [\"eth0\"]\nsocket_mark = \"0x1000000\"\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n", "socket_mark 0x1000000 (from FILE) matches the routing rule's fwmark"),
             ("interfaces = [\"eth0\"\n", "FILE:1:"),
         ];
         for (text, expected) in cases {

@@ -31,8 +31,8 @@ fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
     let rules = rules::compile(&config.rules, 0, &[]);
     print!("{}", config.describe());
     println!(
-        "maps: {} port classes; entries: destination IPv4 {}, IPv6 {}; source IPv4 {}, IPv6 {}",
-        rules.classes(),
+        "maps: {} rule groups; entries: destination IPv4 {}, IPv6 {}; source IPv4 {}, IPv6 {}",
+        rules.groups(),
         rules.dst_v4.len(),
         rules.dst_v6.len(),
         rules.src_v4.len(),

@@ -12,30 +12,39 @@
 //! survive a reload, come after all current ones; see [`Rule::retired`].)
 //!
 //! The program cannot loop over rules, so the precedence is resolved here, ahead of time,
-//! into three lookups whose cost does not depend on the number of rules:
+//! into lookups whose number does not depend on the number of rules. A packet's candidate
+//! rules fall into three groups by their port spec: the single-port rules for its port, the
+//! range rules of its port's range class (ports inside the same ranges share a class), and
+//! the any-port rules. Each group is answered on its own, and the answer with the best rank
+//! (the rule's place in the precedence) wins:
 //!
-//! 1. port class: an array indexed by transport and port; ports matched by the same rules
-//!    share a class;
-//! 2. destination: a longest-prefix match on (class, destination). Its longest match is the
-//!    longest destination prefix any of the class's rules has for the packet, so the rules
-//!    that can match are exactly the ones whose prefix contains it: the "cell". When none of
-//!    them looks at the source or interface, the cell's verdict is final;
+//! 1. port array: which groups exist for the packet's transport and port (one lookup, and
+//!    the only one for a port no rule mentions);
+//! 2. per group, destination: a longest-prefix match on (group, destination). Its longest
+//!    match is the longest destination prefix any of the group's rules has for the packet,
+//!    so the group's rules that can match are exactly the ones whose prefix contains it: the
+//!    "cell". When none of them looks at the source or interface, the cell's verdict is
+//!    final;
 //! 3. otherwise, source: a longest-prefix match on (cell, ifindex, source) whose entries hold
 //!    the first of the cell's rules matching each source prefix.
+//!
+//! Keeping the groups apart means a rule is written into one group only: thousands of
+//! single-port rules next to thousands of any-port or range prefixes cost their sum in map
+//! entries, not their product.
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
 };
 
 use ipnet::IpNet;
-use tproxy_common::{
-    decision::RuleMatch,
-    maps::{
-        DstKey, SrcKey, Verdict, GENERATION_BIT, VERDICT_BYPASS, VERDICT_BY_SOURCE,
-        VERDICT_BY_SOURCE_AND_IFACE, VERDICT_STEER,
-    },
+#[cfg(test)]
+use tproxy_common::decision::RuleMatch;
+use tproxy_common::maps::{
+    any_port_class, range_class, single_port_class, DstKey, SrcKey, Verdict, GENERATION_BIT,
+    PORT_HAS_ANY, PORT_HAS_SINGLE, VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
+    VERDICT_STEER,
 };
 
 use crate::listener::Transport;
@@ -108,6 +117,9 @@ pub struct Rule {
 /// A rule's place in the precedence: lower wins.
 type Precedence = (bool, Reverse<u8>, u8, usize);
 
+/// Most rules a configuration may have: rule numbers take 21 bits of a rank.
+pub const MAX_RULES: usize = (1 << 21) - 1;
+
 impl Rule {
     fn precedence(&self) -> Precedence {
         (
@@ -118,15 +130,27 @@ impl Rule {
         )
     }
 
+    /// The precedence as one number for the program to compare (lower wins): retired, then
+    /// the inverted prefix length, the port specificity, and the rule number.
+    fn rank(&self) -> u32 {
+        (u32::from(self.retired) << 31)
+            | (u32::from(128 - self.dst.prefix_len()) << 23)
+            | (u32::from(self.ports.specificity()) << 21)
+            | (self.number.min(MAX_RULES) as u32)
+    }
+
     fn verdict(&self) -> Verdict {
+        let rank = self.rank();
         match self.action {
             Action::Steer(listener) if !self.retired => Verdict {
                 action: VERDICT_STEER,
                 listener,
                 cell: 0,
+                rank,
             },
             _ => Verdict {
                 action: VERDICT_BYPASS,
+                rank,
                 ..Verdict::default()
             },
         }
@@ -184,13 +208,11 @@ impl CompiledRules {
         .unwrap_or(0)
     }
 
-    /// Number of distinct port classes (excluding "no rule").
-    pub fn classes(&self) -> usize {
-        self.port_classes
-            .iter()
-            .filter(|c| **c != 0)
-            .collect::<BTreeSet<_>>()
-            .len()
+    /// Number of rule groups (single-port, range class, any-port) with entries.
+    pub fn groups(&self) -> usize {
+        let v4 = self.dst_v4.iter().map(|(key, ..)| key.class);
+        let v6 = self.dst_v6.iter().map(|(key, ..)| key.class);
+        v4.chain(v6).collect::<BTreeSet<_>>().len()
     }
 }
 
@@ -209,78 +231,101 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
         port_classes: vec![0; 2 * 65536],
         ..CompiledRules::default()
     };
-    let mut next_class = 1u32;
-    let mut next_cell = 1u32;
+    let mut next_range_class = 1u32;
+    let mut cells = CellBuilder {
+        generation_bit,
+        next_cell: 1,
+        interfaces,
+    };
     for transport in [Transport::Tcp, Transport::Udp] {
+        let udp = transport == Transport::Udp;
+        let offset = usize::from(udp) * 65536;
         let rules: Vec<&Rule> = rules.iter().filter(|r| r.transport == transport).collect();
-        let offset = usize::from(transport == Transport::Udp) * 65536;
-        for (ports, members) in port_classes(&rules) {
-            let class = generation_bit | next_class;
-            next_class += 1;
-            for port in ports {
-                compiled.port_classes[offset + usize::from(port)] = class;
+        let mut singles: BTreeMap<u16, Vec<&Rule>> = BTreeMap::new();
+        let mut ranges: Vec<&Rule> = Vec::new();
+        let mut any: Vec<&Rule> = Vec::new();
+        for rule in rules {
+            match rule.ports {
+                Ports::One(port) => singles.entry(port).or_default().push(rule),
+                Ports::Range(..) => ranges.push(rule),
+                Ports::Any => any.push(rule),
             }
-            let members: Vec<&Rule> = members.iter().map(|&i| rules[i]).collect();
-            let mut cells = CellBuilder {
-                generation_bit,
-                next_cell: &mut next_cell,
-                interfaces,
-            };
+        }
+        let mut groups: Vec<(u32, Vec<&Rule>)> = Vec::new();
+        for (port, members) in singles {
+            compiled.port_classes[offset + usize::from(port)] |= PORT_HAS_SINGLE;
+            groups.push((single_port_class(generation, udp, port), members));
+        }
+        for (ports, members) in port_classes(&ranges) {
+            let class = next_range_class;
+            next_range_class += 1;
+            for port in ports {
+                compiled.port_classes[offset + usize::from(port)] |= class;
+            }
+            let members = members.iter().map(|&i| ranges[i]).collect();
+            groups.push((range_class(generation, class), members));
+        }
+        if !any.is_empty() {
+            for port in 1..=65535usize {
+                compiled.port_classes[offset + port] |= PORT_HAS_ANY;
+            }
+            groups.push((any_port_class(generation, udp), any));
+        }
+        for (class, members) in groups {
             for (dst, verdict, sources) in cells.destinations(&members) {
-                match dst {
-                    IpNet::V4(net) => {
-                        let key = DstKey {
-                            class,
-                            addr: net.addr().octets(),
-                        };
-                        compiled.dst_v4.push((
-                            key,
-                            DstKey::<4>::prefix_len(net.prefix_len().into()),
-                            verdict,
-                        ));
-                        for (cell, ifindex, src, verdict) in sources {
-                            let IpNet::V4(src) = src else { continue };
-                            let key = SrcKey {
-                                cell,
-                                ifindex,
-                                addr: src.addr().octets(),
-                            };
-                            compiled.src_v4.push((
-                                key,
-                                SrcKey::<4>::prefix_len(src.prefix_len().into()),
-                                verdict,
-                            ));
-                        }
-                    }
-                    IpNet::V6(net) => {
-                        let key = DstKey {
-                            class,
-                            addr: net.addr().octets(),
-                        };
-                        compiled.dst_v6.push((
-                            key,
-                            DstKey::<16>::prefix_len(net.prefix_len().into()),
-                            verdict,
-                        ));
-                        for (cell, ifindex, src, verdict) in sources {
-                            let IpNet::V6(src) = src else { continue };
-                            let key = SrcKey {
-                                cell,
-                                ifindex,
-                                addr: src.addr().octets(),
-                            };
-                            compiled.src_v6.push((
-                                key,
-                                SrcKey::<16>::prefix_len(src.prefix_len().into()),
-                                verdict,
-                            ));
-                        }
-                    }
-                }
+                compiled.push(class, dst, verdict, sources);
             }
         }
     }
     compiled
+}
+
+impl CompiledRules {
+    fn push(&mut self, class: u32, dst: IpNet, verdict: Verdict, sources: Vec<SourceEntry>) {
+        let dst_len = u32::from(dst.prefix_len());
+        match dst {
+            IpNet::V4(net) => {
+                let key = DstKey {
+                    class,
+                    addr: net.addr().octets(),
+                };
+                self.dst_v4
+                    .push((key, DstKey::<4>::prefix_len(dst_len), verdict));
+            }
+            IpNet::V6(net) => {
+                let key = DstKey {
+                    class,
+                    addr: net.addr().octets(),
+                };
+                self.dst_v6
+                    .push((key, DstKey::<16>::prefix_len(dst_len), verdict));
+            }
+        }
+        for (cell, ifindex, src, verdict) in sources {
+            let src_len = u32::from(src.prefix_len());
+            match (dst, src) {
+                (IpNet::V4(_), IpNet::V4(src)) => {
+                    let key = SrcKey {
+                        cell,
+                        ifindex,
+                        addr: src.addr().octets(),
+                    };
+                    self.src_v4
+                        .push((key, SrcKey::<4>::prefix_len(src_len), verdict));
+                }
+                (IpNet::V6(_), IpNet::V6(src)) => {
+                    let key = SrcKey {
+                        cell,
+                        ifindex,
+                        addr: src.addr().octets(),
+                    };
+                    self.src_v6
+                        .push((key, SrcKey::<16>::prefix_len(src_len), verdict));
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Groups ports by the set of rules (indices into `rules`) that match them; ports no rule
@@ -335,7 +380,7 @@ type SourceEntry = (u32, u32, IpNet, Verdict);
 
 struct CellBuilder<'a> {
     generation_bit: u32,
-    next_cell: &'a mut u32,
+    next_cell: u32,
     interfaces: Interfaces<'a>,
 }
 
@@ -376,8 +421,8 @@ impl CellBuilder<'_> {
             [first, ..] if first.is_unconditional() => return (first.verdict(), Vec::new()),
             _ => {}
         }
-        let cell = self.generation_bit | *self.next_cell;
-        *self.next_cell += 1;
+        let cell = self.generation_bit | self.next_cell;
+        self.next_cell += 1;
         let by_iface = candidates.iter().any(|r| r.iface.is_some());
         let interfaces: Vec<(Option<&str>, u32)> = if by_iface {
             self.interfaces
@@ -409,6 +454,7 @@ impl CellBuilder<'_> {
             action,
             listener: 0,
             cell,
+            rank: 0,
         };
         (verdict, entries)
     }
@@ -491,12 +537,27 @@ pub fn by_precedence(rules: &[Rule]) -> Vec<&Rule> {
 
 /// What the compiled maps say for `packet`, looked up the way the eBPF program does.
 #[cfg(test)]
-pub fn lookup(compiled: &CompiledRules, packet: &Packet<'_>, ifindex: u32) -> RuleMatch {
-    use tproxy_common::decision::next_rule_stage;
-    let offset = usize::from(packet.transport == Transport::Udp) * 65536;
-    let class = compiled.port_classes[offset + usize::from(packet.port)];
-    if class == 0 {
-        return RuleMatch::None;
+pub fn lookup(
+    compiled: &CompiledRules,
+    generation: u32,
+    packet: &Packet<'_>,
+    ifindex: u32,
+) -> RuleMatch {
+    use tproxy_common::{
+        decision::{outranks, rule_match, source_stage_ifindex},
+        maps::PORT_RANGE_CLASS,
+    };
+    let udp = packet.transport == Transport::Udp;
+    let entry = compiled.port_classes[usize::from(udp) * 65536 + usize::from(packet.port)];
+    let mut classes = Vec::new();
+    if entry & PORT_HAS_SINGLE != 0 {
+        classes.push(single_port_class(generation, udp, packet.port));
+    }
+    if entry & PORT_RANGE_CLASS != 0 {
+        classes.push(range_class(generation, entry & PORT_RANGE_CLASS));
+    }
+    if entry & PORT_HAS_ANY != 0 {
+        classes.push(any_port_class(generation, udp));
     }
     fn longest<K, const N: usize>(
         entries: &[Entry<K>],
@@ -519,50 +580,50 @@ pub fn lookup(compiled: &CompiledRules, packet: &Packet<'_>, ifindex: u32) -> Ru
             .max_by_key(|(_, len, _)| *len)
             .map(|(_, _, verdict)| *verdict)
     }
-    let (dst, src) = (packet.dst, packet.src);
-    let verdict = match dst {
-        std::net::IpAddr::V4(dst) => longest(
-            &compiled.dst_v4,
-            |k| k.class == class,
-            |k| k.addr,
-            32,
-            dst.octets(),
-        ),
-        std::net::IpAddr::V6(dst) => longest(
-            &compiled.dst_v6,
-            |k| k.class == class,
-            |k| k.addr,
-            32,
-            dst.octets(),
-        ),
-    };
-    let Some(verdict) = verdict else {
-        return RuleMatch::None;
-    };
-    let key_ifindex = match next_rule_stage(&verdict, ifindex) {
-        Ok(found) => return found,
-        Err(key_ifindex) => key_ifindex,
-    };
-    let fixed = |cell: u32, index: u32| cell == verdict.cell && index == key_ifindex;
-    let verdict = match src {
-        std::net::IpAddr::V4(src) => longest(
-            &compiled.src_v4,
-            |k| fixed(k.cell, k.ifindex),
-            |k| k.addr,
-            64,
-            src.octets(),
-        ),
-        std::net::IpAddr::V6(src) => longest(
-            &compiled.src_v6,
-            |k| fixed(k.cell, k.ifindex),
-            |k| k.addr,
-            64,
-            src.octets(),
-        ),
-    };
-    verdict.map_or(RuleMatch::None, |v| {
-        next_rule_stage(&v, ifindex).unwrap_or(RuleMatch::None)
-    })
+    let mut best = Verdict::default();
+    for class in classes {
+        let verdict = match packet.dst {
+            std::net::IpAddr::V4(dst) => longest(
+                &compiled.dst_v4,
+                |k| k.class == class,
+                |k| k.addr,
+                32,
+                dst.octets(),
+            ),
+            std::net::IpAddr::V6(dst) => longest(
+                &compiled.dst_v6,
+                |k| k.class == class,
+                |k| k.addr,
+                32,
+                dst.octets(),
+            ),
+        };
+        let Some(mut verdict) = verdict else { continue };
+        if let Some(key_ifindex) = source_stage_ifindex(&verdict, ifindex) {
+            let fixed = |cell: u32, index: u32| cell == verdict.cell && index == key_ifindex;
+            let found = match packet.src {
+                std::net::IpAddr::V4(src) => longest(
+                    &compiled.src_v4,
+                    |k| fixed(k.cell, k.ifindex),
+                    |k| k.addr,
+                    64,
+                    src.octets(),
+                ),
+                std::net::IpAddr::V6(src) => longest(
+                    &compiled.src_v6,
+                    |k| fixed(k.cell, k.ifindex),
+                    |k| k.addr,
+                    64,
+                    src.octets(),
+                ),
+            };
+            verdict = found.unwrap_or_default();
+        }
+        if outranks(&verdict, &best) {
+            best = verdict;
+        }
+    }
+    rule_match(&best)
 }
 
 #[cfg(test)]
@@ -639,7 +700,7 @@ mod tests {
             let compiled = compile(rules, generation, &interfaces());
             let ifindex = IFACES.iter().find(|(n, _)| *n == iface).unwrap().1;
             assert_eq!(
-                lookup(&compiled, &packet, ifindex),
+                lookup(&compiled, generation, &packet, ifindex),
                 expected,
                 "maps: {text} on {iface}"
             );
@@ -827,18 +888,51 @@ mod tests {
     }
 
     #[test]
-    fn ranges_and_any_port_share_classes_instead_of_multiplying_entries() {
-        let rules = [
-            rule(1, "tcp 0.0.0.0/0 1000-2000", Action::Steer(0)),
-            rule(2, "tcp 10.0.0.0/8 any", Action::Bypass),
-            rule(3, "udp 0.0.0.0/0 1500", Action::Steer(0)),
-        ];
+    fn rule_groups_add_up_instead_of_multiplying() {
+        let mut rules: Vec<Rule> = (0..100)
+            .map(|i| {
+                rule(
+                    i + 1,
+                    &format!("tcp 10.10.0.0/16 {}", 20000 + i),
+                    Action::Steer(0),
+                )
+            })
+            .collect();
+        rules.extend(
+            (0..100).map(|i| rule(200 + i, &format!("tcp 10.200.0.{i}/32 any"), Action::Bypass)),
+        );
+        rules.push(rule(400, "tcp 0.0.0.0/0 1000-2000", Action::Steer(0)));
+        rules.push(rule(401, "tcp 10.0.0.0/8 1500-3000", Action::Bypass));
         let compiled = compile(&rules, 0, &interfaces());
-        // TCP: 1000-2000 (both rules), other ports (bypass only); UDP: 1500.
-        assert_eq!(compiled.classes(), 3);
-        assert_eq!(compiled.dst_v4.len(), 2 + 1 + 1);
+        // 100 single ports, 3 range classes (1000-1499, 1500-2000, 2001-3000), any-port.
+        assert_eq!(compiled.groups(), 100 + 3 + 1);
+        assert_eq!(compiled.dst_v4.len(), 100 + 100 + 1 + 2 + 1);
         assert_eq!(compiled.port_classes[0], 0, "port 0 is never steered");
-        assert_eq!(compiled.port_classes[65536 + 1501], 0);
+        assert_eq!(compiled.port_classes[65536 + 1500], 0, "no UDP rules");
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.200.0.7:20005",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.10.0.7:20005",
+            "eth0",
+            RuleMatch::Steer(0),
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 10.10.0.7:1600",
+            "eth0",
+            RuleMatch::Bypass,
+        );
+        expect(
+            &rules,
+            "tcp 192.0.2.1 -> 11.0.0.1:1600",
+            "eth0",
+            RuleMatch::Steer(0),
+        );
     }
 
     #[test]
@@ -889,7 +983,7 @@ mod tests {
             "0.0.0.0/0",
         ];
         let ports = ["80", "443", "70-90", "1-1000", "any"];
-        for round in 0..300 {
+        for round in 0..1000 {
             let count = 1 + next(8) as usize;
             let rules: Vec<Rule> = (0..count)
                 .map(|i| {
@@ -934,7 +1028,7 @@ mod tests {
                 let (iface, ifindex) = IFACES[next(2) as usize];
                 let packet = packet(&text, iface);
                 assert_eq!(
-                    lookup(&compiled, &packet, ifindex),
+                    lookup(&compiled, round % 2, &packet, ifindex),
                     decide(&rules, &packet),
                     "{text} on {iface} with rules {rules:#?}"
                 );

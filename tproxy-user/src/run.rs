@@ -477,6 +477,25 @@ impl Relays {
         plan.removed = (0..self.listeners.len())
             .filter(|i| !plan.kept.iter().any(|(kept, ..)| kept == i))
             .collect();
+        let own: Vec<SocketAddr> = plan
+            .kept
+            .iter()
+            .flat_map(|(index, ..)| self.listeners[*index].bound.clone())
+            .chain(plan.new_sockets.iter().flat_map(|new| new.bound.clone()))
+            .collect();
+        for wanted in &config.listeners {
+            if let Some(upstream) = wanted.upstream {
+                if listener::reaches_own_listener(&own, upstream) {
+                    let name = &wanted.name;
+                    let what = if *name == crate::config::DEFAULT_LISTENER {
+                        format!("--upstream {upstream}")
+                    } else {
+                        format!("listener `{name}`: upstream {upstream}")
+                    };
+                    bail!("{what} is one of tproxy's own listeners: that would loop");
+                }
+            }
+        }
         Ok(plan)
     }
 

@@ -185,6 +185,13 @@ impl Steering {
         ];
         for (map, new, old) in sizes {
             if new + old > self.capacity as usize {
+                if self.active.is_none() {
+                    bail!(
+                        "the rules need {new} entries in {map}, more than a rule map may hold \
+                         ({}); split large port ranges or prefix lists into fewer rules",
+                        self.capacity
+                    );
+                }
                 bail!(
                     "the rules need {new} entries in {map}, and the {old} of the rules in force \
                      stay until the switch; the maps were sized for {} at start: restart tproxy \

@@ -1,0 +1,360 @@
+//! Rule sets from a configuration file: precedence between overlapping rules, several
+//! listeners, a large rule set, and live reloads (good and bad) under traffic.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use tproxy_tests::{
+    peer_seen_by, require_root, run_tproxy_to_end, tproxy_with_input, ConfigFile,
+    RouterTopology as Topo, Server, Tproxy,
+};
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+fn router_v4() -> std::net::IpAddr {
+    Topo::router_as_seen_by_server(false)
+}
+
+fn client_v4() -> std::net::IpAddr {
+    Topo::client_ip(false)
+}
+
+/// Starts tproxy on the router with `config` (and the client-side interface).
+fn start(topo: &Topo, config: &ConfigFile) -> Tproxy {
+    topo.tproxy(&["--config", config.path()]).unwrap()
+}
+
+const OVERLAPPING: &str = r#"
+[[listener]]
+name = "direct"
+
+[[listener]]
+name = "pinned"
+upstream = "10.10.2.3:9000"
+
+# Port 80 of the whole server network goes to its original destination ...
+[[rule]]
+proto = "tcp"
+dst = ["10.10.2.0/24", "fd00:2::/64"]
+ports = 80
+action = "steer"
+listener = "direct"
+
+# ... except one host, whose more specific rule pins it to a fixed upstream.
+[[rule]]
+proto = "tcp"
+dst = "10.10.2.3/32"
+ports = 80
+action = "steer"
+listener = "pinned"
+
+# A range, and inside it one port handled differently: the single port wins.
+[[rule]]
+proto = "tcp"
+dst = "10.10.2.0/24"
+ports = "8000-8100"
+action = "steer"
+listener = "direct"
+
+[[rule]]
+proto = "tcp"
+dst = "10.10.2.0/24"
+ports = 8080
+action = "steer"
+listener = "pinned"
+
+# A bypass for one host beats the broader steer rules, whatever their order.
+[[rule]]
+proto = "tcp"
+dst = "10.10.2.2/32"
+ports = 8090
+action = "bypass"
+"#;
+
+#[test]
+fn overlapping_rules_send_each_flow_to_the_right_listener_and_upstream() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let config = ConfigFile::new(OVERLAPPING).unwrap();
+    let servers: Vec<Server> = [
+        "10.10.2.2:80",
+        "10.10.2.3:80",
+        "10.10.2.2:8080",
+        "10.10.2.2:8081",
+        "10.10.2.2:8090",
+        "10.10.2.3:9000",
+        "[fd00:2::2]:80",
+    ]
+    .iter()
+    .map(|a| Server::tell_peer(&topo.server, addr(a)).unwrap())
+    .collect();
+    let [direct80, other80, s8080, s8081, s8090, pinned, v6_80] = &servers[..] else {
+        unreachable!()
+    };
+    let mut tproxy = start(&topo, &config);
+
+    // Relayed to its original destination by "direct": the server sees the router.
+    assert_eq!(
+        peer_seen_by(&topo.client, direct80.addr).unwrap(),
+        router_v4()
+    );
+    assert_eq!(
+        peer_seen_by(&topo.client, v6_80.addr).unwrap(),
+        Topo::router_as_seen_by_server(true)
+    );
+    assert_eq!(
+        peer_seen_by(&topo.client, s8081.addr).unwrap(),
+        router_v4(),
+        "the range"
+    );
+    // The /32 rule beats the /24 one: relayed to the pinned upstream instead.
+    assert_eq!(
+        peer_seen_by(&topo.client, other80.addr).unwrap(),
+        router_v4()
+    );
+    // The single port beats the range.
+    assert_eq!(peer_seen_by(&topo.client, s8080.addr).unwrap(), router_v4());
+    assert!(
+        other80.peers().is_empty() && s8080.peers().is_empty(),
+        "both went to the pinned upstream"
+    );
+    assert_eq!(pinned.peers().len(), 2);
+    // The bypass: untouched, the server sees the client itself.
+    assert_eq!(peer_seen_by(&topo.client, s8090.addr).unwrap(), client_v4());
+
+    tproxy.stop().unwrap();
+    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 5);
+    assert!(tproxy.final_counter("tcp", "bypassed").unwrap() >= 1);
+    assert_eq!(tproxy.final_counter("tcp", "no_listener").unwrap(), 0);
+}
+
+#[test]
+fn ten_thousand_rules_load_and_steer() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut text = String::from("[[listener]]\nname = \"only\"\n");
+    // 5,000 single-port steer rules for the server network, and 5,000 bypass rules for
+    // host routes elsewhere: each port its own class, each class all the bypass prefixes.
+    for port in 20_000..25_000 {
+        text += &format!("[[rule]]\nproto = \"tcp\"\ndst = \"10.10.2.0/24\"\nports = {port}\naction = \"steer\"\n");
+    }
+    for i in 0..5_000u32 {
+        text += &format!(
+            "[[rule]]\nproto = \"tcp\"\ndst = \"10.200.{}.{}/32\"\nports = \"20000-24999\"\naction = \"bypass\"\n",
+            i / 256,
+            i % 256
+        );
+    }
+    let config = ConfigFile::new(&text).unwrap();
+
+    let (status, stdout, stderr) =
+        tproxy_with_input(&["check", "--config", config.path(), "--iface", "x"], "").unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("rules (10000 configured"),
+        "{}",
+        &stdout[..500.min(stdout.len())]
+    );
+
+    let started = Instant::now();
+    let mut tproxy = start(&topo, &config);
+    let load_time = started.elapsed();
+    println!("10,000 rules: ready after {load_time:?}");
+    let servers: Vec<Server> = [20_000, 22_222, 24_999, 25_000]
+        .iter()
+        .map(|port| {
+            Server::tell_peer(
+                &topo.server,
+                SocketAddr::new(addr("10.10.2.2:0").ip(), *port),
+            )
+            .unwrap()
+        })
+        .collect();
+    for server in &servers[..3] {
+        assert_eq!(
+            peer_seen_by(&topo.client, server.addr).unwrap(),
+            router_v4(),
+            "{}",
+            server.addr
+        );
+    }
+    assert_eq!(
+        peer_seen_by(&topo.client, servers[3].addr).unwrap(),
+        client_v4(),
+        "no rule for 25000"
+    );
+    tproxy.stop().unwrap();
+    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 3);
+}
+
+/// Config A steers port 80 to listener "a"; config B drops that rule and listener and steers
+/// port 8080 to a new listener "b".
+fn reload_config(port: u16, listener: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"{listener}\"\n\n[[rule]]\nproto = \"tcp\"\ndst = \"10.10.2.0/24\"\nports = {port}\naction = \"steer\"\nlistener = \"{listener}\"\n"
+    )
+}
+
+/// A client connection that keeps exchanging lines with an echo server, counting round
+/// trips, until told to stop; any error or mismatch is a failure.
+fn keep_echoing(
+    mut stream: std::net::TcpStream,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+) -> thread::JoinHandle<Result<(), String>> {
+    thread::spawn(move || {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let line = format!("round {n:08}\n");
+            stream
+                .write_all(line.as_bytes())
+                .map_err(|e| format!("write after {n} rounds: {e}"))?;
+            let mut back = vec![0u8; line.len()];
+            stream
+                .read_exact(&mut back)
+                .map_err(|e| format!("read after {n} rounds: {e}"))?;
+            if back != line.as_bytes() {
+                return Err(format!(
+                    "round {n}: got {:?}",
+                    String::from_utf8_lossy(&back)
+                ));
+            }
+            n += 1;
+            rounds.fetch_add(1, Ordering::Relaxed);
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn reloads_under_traffic_keep_established_connections_and_switch_new_ones() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let echo80 = Server::echo(&topo.server, addr("10.10.2.2:80")).unwrap();
+    let echo8080 = Server::echo(&topo.server, addr("10.10.2.2:8080")).unwrap();
+    let config = ConfigFile::new(&reload_config(80, "a")).unwrap();
+    let mut tproxy = start(&topo, &config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let stream = topo.client.connect(echo80.addr).unwrap();
+        clients.push(keep_echoing(stream, stop.clone(), rounds.clone()));
+    }
+    thread::sleep(Duration::from_millis(200));
+
+    // Alternate between the two configurations while the connections keep talking.
+    for (i, (port, listener)) in [(8080, "b"), (80, "a"), (8080, "b")]
+        .into_iter()
+        .enumerate()
+    {
+        config.rewrite(&reload_config(port, listener)).unwrap();
+        let (status, stderr) = run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
+        assert!(status.success(), "{stderr}");
+        tproxy
+            .wait_for_line("reloaded:", Duration::from_secs(10))
+            .unwrap();
+        let before = rounds.load(Ordering::Relaxed);
+        thread::sleep(Duration::from_millis(300));
+        assert!(
+            rounds.load(Ordering::Relaxed) > before + 50,
+            "traffic stalled after reload {i}"
+        );
+    }
+    // In force now: port 8080 to "b"; port 80 is no longer steered for new connections.
+    let peer80 = peer_seen_by_echo(&topo, &echo80);
+    let peer8080 = peer_seen_by_echo(&topo, &echo8080);
+    assert_eq!(
+        peer80,
+        client_v4(),
+        "new port-80 connections are no longer steered"
+    );
+    assert_eq!(
+        peer8080,
+        router_v4(),
+        "new port-8080 connections are steered"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap().unwrap();
+    }
+    tproxy.stop().unwrap();
+    assert!(tproxy
+        .log_text()
+        .contains("listener `a` removed; its connections run on"));
+    assert_eq!(tproxy.final_counter("tcp", "no_listener").unwrap(), 0);
+}
+
+/// Connects to an echo server and returns the IP address the server saw for it.
+fn peer_seen_by_echo(topo: &Topo, server: &Server) -> std::net::IpAddr {
+    let mut stream = topo.client.connect(server.addr).unwrap();
+    stream.write_all(b"x").unwrap();
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).unwrap();
+    let local = stream.local_addr().unwrap();
+    let peers = server.peers();
+    if peers.contains(&local) {
+        local.ip()
+    } else {
+        peers
+            .last()
+            .expect("the server accepted the connection")
+            .ip()
+    }
+}
+
+#[test]
+fn a_bad_reload_is_rejected_and_the_rules_in_force_keep_working() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, addr("10.10.2.2:80")).unwrap();
+    let config = ConfigFile::new(&reload_config(80, "a")).unwrap();
+    let mut tproxy = start(&topo, &config);
+    assert_eq!(
+        peer_seen_by(&topo.client, server.addr).unwrap(),
+        router_v4()
+    );
+
+    let bad = [
+        (
+            "[[rule]]\nproto = \"tcp\"\nports = \"80-70\"\naction = \"bypass\"\n",
+            ":3:9: rule[1].ports: range `80-70` runs backwards",
+        ),
+        (
+            "table = 100\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n",
+            "table changed; a reload applies rules and listeners only",
+        ),
+        ("[[rule]\n", ":1:"),
+    ];
+    for (text, expected) in bad {
+        config.rewrite(text).unwrap();
+        let pid = nix::unistd::Pid::from_raw(tproxy.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        let line = tproxy
+            .wait_for_line("reload rejected", Duration::from_secs(10))
+            .unwrap();
+        assert!(line.contains(expected), "expected `{expected}` in `{line}`");
+        assert_eq!(
+            peer_seen_by(&topo.client, server.addr).unwrap(),
+            router_v4(),
+            "still steered after `{text}`"
+        );
+    }
+    tproxy.stop().unwrap();
+}
