@@ -86,7 +86,10 @@ enum Target {
         on_ip: Option<IpAddr>,
         on_port: u16,
     },
+    /// ACCEPT: the packet leaves the hook untouched.
     Bypass,
+    /// RETURN: back to the calling chain (from a base chain: the policy, untouched).
+    Return,
     /// The socket match's "divert" jump: tproxy has it built in.
     SocketDivert,
     Jump(String),
@@ -155,7 +158,6 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
             0,
             &mut flat,
             &mut skipped,
-            &mut notes,
         );
     }
     for (line, text, reason) in &ruleset.elsewhere {
@@ -176,7 +178,7 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
         match &parsed.target {
             Target::SocketDivert => divert_seen = true,
             Target::Ignore | Target::Jump(_) => {}
-            Target::Bypass => rules.push((parsed, None)),
+            Target::Bypass | Target::Return => rules.push((parsed, None)),
             Target::Tproxy { on_ip, on_port } => {
                 let families: Vec<Family> = match parsed.matches.family {
                     Some(family) => vec![family],
@@ -354,7 +356,6 @@ fn flatten(
     depth: usize,
     out: &mut Vec<Parsed>,
     skipped: &mut Vec<String>,
-    notes: &mut Vec<String>,
 ) {
     let Some(rules) = ruleset.chains.get(chain) else {
         return;
@@ -383,13 +384,11 @@ fn flatten(
                         .is_ok_and(|r| matches!(r.target, Target::Tproxy { .. } | Target::Jump(_)))
                 });
                 let start = out.len();
-                flatten(ruleset, target, &matches, depth + 1, out, skipped, notes);
+                flatten(ruleset, target, &matches, depth + 1, out, skipped);
                 if steers_later {
                     let mut kept = Vec::new();
                     for rule in out.drain(start..) {
-                        if rule.target == Target::Bypass && rule.text.contains("RETURN")
-                            || rule.text.ends_with("return")
-                        {
+                        if rule.target == Target::Return {
                             skipped.push(format!(
                                 "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer the packet",
                                 rule.line, rule.text
@@ -842,7 +841,8 @@ fn parse_iptables_rule(
                     "MARK" | "CONNMARK" => {
                         return Err(format!("target {name} (marks are tproxy's own business)"))
                     }
-                    "ACCEPT" | "RETURN" => Target::Bypass,
+                    "ACCEPT" => Target::Bypass,
+                    "RETURN" => Target::Return,
                     _ if socket => Target::SocketDivert,
                     chain if user_chains.iter().any(|c| c == chain) => {
                         Target::Jump(chain.to_string())
@@ -855,7 +855,7 @@ fn parse_iptables_rule(
     }
     let target = target.ok_or("a rule without a target")?;
     if socket && target != Target::SocketDivert && !matches!(target, Target::Ignore) {
-        if target == Target::Bypass {
+        if matches!(target, Target::Bypass | Target::Return) {
             return Ok((m, Target::SocketDivert));
         }
         return Err("the socket match with a target other than a divert chain".into());
@@ -1108,10 +1108,10 @@ fn parse_nft_rule(
                 i = j + 2;
             }
             "accept" | "return" => {
-                target.get_or_insert(if socket {
-                    Target::SocketDivert
-                } else {
-                    Target::Bypass
+                target.get_or_insert(match (socket, w[i].as_str()) {
+                    (true, _) => Target::SocketDivert,
+                    (false, "accept") => Target::Bypass,
+                    (false, _) => Target::Return,
                 });
                 i += 1;
             }
@@ -1393,6 +1393,31 @@ table inet proxy {
         assert!(
             t.config.contains("interfaces = \"all\""),
             "the bypass rule has no interface"
+        );
+    }
+
+    #[test]
+    fn a_return_that_falls_back_into_later_steering_rules_is_reported() {
+        let input = "\
+*mangle
+:SKIP - [0:0]
+-A PREROUTING -j SKIP
+-A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1234
+-A SKIP -d 10.0.0.0/8 -j RETURN
+-A SKIP -d 192.168.0.0/16 -j ACCEPT
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(
+            t.skipped[0].starts_with("line 5:") && t.skipped[0].contains("RETURN goes back"),
+            "{:?}",
+            t.skipped
+        );
+        assert!(
+            t.config.contains("dst = [\"192.168.0.0/16\"]"),
+            "ACCEPT leaves for good: {}",
+            t.config
         );
     }
 

@@ -16,6 +16,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("iptables", "iptables"),
+    ("nft", "nftables"),
 ];
 
 pub fn run() -> Result<()> {

@@ -1,0 +1,253 @@
+//! `tproxy translate` round trips: a rule set steers a set of probe flows with iptables or
+//! nft (and tproxy's relay behind it), then its translation steers them with tproxy alone.
+//! Both must intercept exactly the same flows.
+
+use std::{net::SocketAddr, process::Command};
+
+use tproxy_tests::{
+    peer_seen_by, remove_iptables_tproxy, require_root, restore_iptables, tproxy_with_input,
+    udp_client, udp_exchange, ConfigFile, Netns, RouterTopology as Topo, Server, Tproxy, UdpEcho,
+};
+
+/// A flow from the client: TCP or UDP to a server address.
+#[derive(Clone, Copy, Debug)]
+enum Probe {
+    Tcp(&'static str),
+    Udp(&'static str),
+}
+
+/// The probes' servers, started once per topology.
+struct Servers {
+    tcp: Vec<Server>,
+    udp: Vec<UdpEcho>,
+}
+
+impl Servers {
+    fn start(topo: &Topo, probes: &[Probe]) -> Self {
+        let mut servers = Servers {
+            tcp: Vec::new(),
+            udp: Vec::new(),
+        };
+        for probe in probes {
+            match probe {
+                Probe::Tcp(addr) => servers
+                    .tcp
+                    .push(Server::tell_peer(&topo.server, addr.parse().unwrap()).unwrap()),
+                Probe::Udp(addr) => servers
+                    .udp
+                    .push(UdpEcho::start(&topo.server, addr.parse().unwrap()).unwrap()),
+            }
+        }
+        servers
+    }
+
+    /// For each probe: whether the server saw the router (intercepted) instead of the client.
+    fn intercepted(&self, topo: &Topo, probes: &[Probe]) -> Vec<(String, bool)> {
+        probes
+            .iter()
+            .map(|probe| {
+                let (name, peer) = match probe {
+                    Probe::Tcp(addr) => {
+                        let addr: SocketAddr = addr.parse().unwrap();
+                        (
+                            format!("tcp {addr}"),
+                            peer_seen_by(&topo.client, addr).unwrap(),
+                        )
+                    }
+                    Probe::Udp(addr) => {
+                        let addr: SocketAddr = addr.parse().unwrap();
+                        let server = self.udp.iter().find(|s| s.addr == addr).unwrap();
+                        server.peers.lock().unwrap().clear();
+                        let client = udp_client(&topo.client, addr).unwrap();
+                        let (reply, from) = udp_exchange(&client, addr, b"probe").unwrap();
+                        assert_eq!((reply.as_slice(), from), (&b"probe"[..], addr));
+                        (format!("udp {addr}"), server.peer_ips()[0])
+                    }
+                };
+                let router = Topo::router_as_seen_by_server(peer.is_ipv6());
+                (name, peer == router)
+            })
+            .collect()
+    }
+}
+
+fn translate(rules: &str) -> String {
+    let (status, stdout, stderr) = tproxy_with_input(&["translate"], rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{stdout}");
+    stdout
+}
+
+fn restore_nft(netns: &Netns, rules: &str) {
+    let path = ConfigFile::new(rules).unwrap();
+    let status = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "nft", "-f", path.path()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "nft -f refused:\n{rules}");
+    netns
+        .ip(&["rule", "add", "fwmark", "1", "lookup", "100"])
+        .unwrap();
+    netns
+        .ip(&[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ])
+        .unwrap();
+}
+
+fn remove_nft(netns: &Netns) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "nft", "flush", "ruleset"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    netns
+        .ip(&["rule", "del", "fwmark", "1", "lookup", "100"])
+        .unwrap();
+    netns.ip(&["route", "flush", "table", "100"]).unwrap();
+}
+
+/// The kernel documentation's probes: TCP port 80 is steered, nothing else.
+const DOC_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.3:80"),
+    Probe::Tcp("10.10.2.2:22"),
+    Probe::Tcp("[fd00:2::2]:80"),
+    Probe::Udp("10.10.2.2:80"),
+];
+
+/// Runs the kernel documentation's example both ways: loaded by `load`, with a transparent
+/// listener on the wildcard address (the TPROXY target's `--on-ip 0.0.0.0` looks the
+/// listener up at the packet's own destination address), then translated.
+fn kernel_doc_round_trip(rules: &str, load: fn(&Netns, &str), unload: fn(&Netns)) {
+    let topo = Topo::new().unwrap();
+    let servers = Servers::start(&topo, DOC_PROBES);
+    load(&topo.router, rules);
+    let mut relay = Tproxy::start(
+        &topo.router,
+        &["--relay-only", "--tcp", "80", "--listen", "0.0.0.0:50080"],
+    )
+    .unwrap();
+    let original = servers.intercepted(&topo, DOC_PROBES);
+    relay.stop().unwrap();
+    unload(&topo.router);
+    assert_eq!(
+        original.iter().filter(|(_, steered)| *steered).count(),
+        2,
+        "the original rules steer TCP port 80 over IPv4: {original:?}"
+    );
+
+    let config = ConfigFile::new(&translate(rules)).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = servers.intercepted(&topo, DOC_PROBES);
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original);
+}
+
+#[test]
+fn the_kernel_documentation_iptables_example_steers_the_same_flows_translated() {
+    require_root();
+    kernel_doc_round_trip(
+        "*mangle\n\
+         :DIVERT - [0:0]\n\
+         -A PREROUTING -p tcp -m socket -j DIVERT\n\
+         -A DIVERT -j MARK --set-mark 1\n\
+         -A DIVERT -j ACCEPT\n\
+         -A PREROUTING -p tcp --dport 80 -j TPROXY --tproxy-mark 0x1/0x1 --on-port 50080\n\
+         COMMIT\n",
+        |netns, rules| restore_iptables(netns, rules).unwrap(),
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+}
+
+#[test]
+fn the_kernel_documentation_nft_example_steers_the_same_flows_translated() {
+    require_root();
+    kernel_doc_round_trip(
+        "table ip filter {\n\
+         \tchain divert {\n\
+         \t\ttype filter hook prerouting priority -150; policy accept;\n\
+         \t\tmeta l4proto tcp socket transparent 1 meta mark set 1 accept\n\
+         \t\ttcp dport 80 tproxy to :50080 meta mark set 1 accept\n\
+         \t}\n\
+         }\n",
+        restore_nft,
+        remove_nft,
+    );
+}
+
+/// A router's rule set as deployed: a socket-match divert for TCP and UDP, a chain entered
+/// from the client side, a bypass for one host, and three proxies by port.
+const REALISTIC: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+:PROXY - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -j PROXY
+-A PROXY -d 10.10.2.3/32 -j RETURN
+-A PROXY -p tcp -m multiport --dports 80,443 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p tcp -m tcp --dport 8000:8100 -j TPROXY --on-port 15002 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -s 10.10.1.0/24 -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+const REALISTIC_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.2:443"),
+    Probe::Tcp("10.10.2.2:8050"),
+    Probe::Tcp("10.10.2.3:80"),
+    Probe::Tcp("10.10.2.3:8050"),
+    Probe::Tcp("10.10.2.2:22"),
+    Probe::Tcp("[fd00:2::2]:80"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.3:53"),
+    Probe::Udp("10.10.2.2:54"),
+];
+
+#[test]
+fn a_realistic_iptables_rule_set_steers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let servers = Servers::start(&topo, REALISTIC_PROBES);
+    let text = translate(REALISTIC);
+    let config = ConfigFile::new(&text).unwrap();
+
+    // The original: iptables steers, tproxy's relay serves the three TPROXY ports.
+    restore_iptables(&topo.router, REALISTIC).unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = servers.intercepted(&topo, REALISTIC_PROBES);
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    let steered: Vec<&str> = original
+        .iter()
+        .filter(|(_, steered)| *steered)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        steered,
+        [
+            "tcp 10.10.2.2:80",
+            "tcp 10.10.2.2:443",
+            "tcp 10.10.2.2:8050",
+            "udp 10.10.2.2:53"
+        ],
+        "what the original rules steer"
+    );
+
+    // The translation, with tproxy's own steering.
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = servers.intercepted(&topo, REALISTIC_PROBES);
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
