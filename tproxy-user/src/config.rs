@@ -1015,6 +1015,69 @@ listener = "dns"
         }
     }
 
+    /// The README's worked example decides what the README says it decides.
+    #[test]
+    fn the_readme_example_decides_as_documented() {
+        use crate::rules::{decide, Packet};
+        use tproxy_common::decision::RuleMatch;
+        let config = with_file(include_str!("../../examples/router.toml"), &[]).unwrap();
+        let (web, dns) = (RuleMatch::Steer(0), RuleMatch::Steer(1));
+        let cases = [
+            (
+                Transport::Tcp,
+                "192.168.1.5",
+                "203.0.113.7",
+                443,
+                "lan0",
+                web,
+            ),
+            (
+                Transport::Tcp,
+                "192.168.1.5",
+                "192.168.1.20",
+                443,
+                "lan0",
+                RuleMatch::Bypass,
+            ),
+            (
+                Transport::Tcp,
+                "192.168.1.5",
+                "192.168.1.80",
+                80,
+                "lan0",
+                web,
+            ),
+            (
+                Transport::Tcp,
+                "192.168.1.5",
+                "192.168.1.80",
+                22,
+                "lan0",
+                RuleMatch::Bypass,
+            ),
+            (Transport::Udp, "10.99.0.7", "8.8.8.8", 53, "guest0", dns),
+            (
+                Transport::Udp,
+                "192.168.1.5",
+                "8.8.8.8",
+                53,
+                "lan0",
+                RuleMatch::None,
+            ),
+            (Transport::Tcp, "fd00::5", "2001:db8::1", 8050, "lan0", web),
+        ];
+        for (transport, src, dst, port, iface, expected) in cases {
+            let packet = Packet {
+                transport,
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                port,
+                iface,
+            };
+            assert_eq!(decide(&config.rules, &packet), expected, "{packet:?}");
+        }
+    }
+
     #[test]
     fn a_missing_file_is_named() {
         let error = Config::build(&args(&["--config", "/nonexistent/tproxy.toml"])).unwrap_err();
