@@ -358,3 +358,15 @@ fn a_bad_reload_is_rejected_and_the_rules_in_force_keep_working() {
     }
     tproxy.stop().unwrap();
 }
+
+#[test]
+fn reload_without_a_running_instance_says_so() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (status, stderr) = run_tproxy_to_end(&topo.router, &["reload", "--table", "7471"]).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("no tproxy is running with routing table 7471 in this network namespace"),
+        "{stderr}"
+    );
+}

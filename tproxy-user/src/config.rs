@@ -107,7 +107,7 @@ pub fn default_listen() -> Vec<SocketAddr> {
 
 impl Config {
     /// Builds the configuration from `--config` (if given) and the other flags.
-    pub fn load(args: &RunArgs) -> Result<Self> {
+    fn load(args: &RunArgs) -> Result<Self> {
         let (mut raw, text) = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

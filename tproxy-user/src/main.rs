@@ -28,7 +28,21 @@ use clap::Parser;
 /// `tproxy check`: everything `run` would check before touching the system.
 fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
     let config = config::Config::build(args)?;
-    let rules = rules::compile(&config.rules, 0, &[]);
+    // Stand-in interface indices: the counts depend on how many interfaces there are.
+    let named: Vec<String> = match &config.settings.interfaces {
+        config::Interfaces::Named(names) => names.clone(),
+        config::Interfaces::All => {
+            let mut names: Vec<String> = config
+                .rules
+                .iter()
+                .filter_map(|r| r.iface.clone())
+                .collect();
+            names.dedup();
+            names
+        }
+    };
+    let interfaces: Vec<(String, u32)> = named.into_iter().zip(1..).collect();
+    let rules = rules::compile(&config.rules, 0, &interfaces);
     print!("{}", config.describe());
     println!(
         "maps: {} rule groups; entries: destination IPv4 {}, IPv6 {}; source IPv4 {}, IPv6 {}",
