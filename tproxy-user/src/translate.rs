@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 
 use crate::{
-    cli::{self, TranslateArgs},
+    cli::{self, Mark, TranslateArgs},
     listener::Transport,
     rules::Ports,
 };
@@ -85,6 +85,8 @@ enum Target {
     Tproxy {
         on_ip: Option<IpAddr>,
         on_port: u16,
+        /// `--tproxy-mark` (nft: the rule's `meta mark set`).
+        mark: Option<Mark>,
     },
     /// ACCEPT: the packet leaves the hook untouched.
     Bypass,
@@ -179,7 +181,7 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
             Target::SocketDivert => divert_seen = true,
             Target::Ignore | Target::Jump(_) => {}
             Target::Bypass | Target::Return => rules.push((parsed, None)),
-            Target::Tproxy { on_ip, on_port } => {
+            Target::Tproxy { on_ip, on_port, .. } => {
                 let families: Vec<Family> = match parsed.matches.family {
                     Some(family) => vec![family],
                     None => vec![Family::V4, Family::V6],
@@ -272,6 +274,30 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
         let names: Vec<String> = ifaces.iter().map(|i| format!("\"{i}\"")).collect();
         let _ = writeln!(out, "interfaces = [{}]", names.join(", "));
     }
+    let mut marks: Vec<Mark> = Vec::new();
+    for (rule, _) in &kept {
+        if let Target::Tproxy {
+            mark: Some(mark), ..
+        } = rule.target
+        {
+            if !marks.contains(&mark) {
+                marks.push(mark);
+            }
+        }
+    }
+    if let Some(mark) = marks.first() {
+        let _ = writeln!(
+            out,
+            "# The TPROXY rules' mark, for anything else that relies on it."
+        );
+        let _ = writeln!(out, "mark = \"{mark}\"");
+        if marks.len() > 1 {
+            notes.push(format!(
+                "the TPROXY rules set {} different marks; tproxy sets one, {mark}, on every steered packet",
+                marks.len()
+            ));
+        }
+    }
     for (port, addrs) in &listeners {
         let _ = writeln!(out, "\n[[listener]]\nname = \"{}\"", listener_name(*port));
         let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
@@ -336,6 +362,15 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
         config: out,
         notes,
         skipped,
+    }
+}
+
+/// A mark as iptables and nft write it: a bare value sets all 32 bits.
+fn full_mark(text: &str) -> Result<Mark, String> {
+    if text.contains('/') {
+        cli::parse_mark(text)
+    } else {
+        cli::parse_mark(&format!("{text}/0xffffffff"))
     }
 }
 
@@ -814,6 +849,7 @@ fn parse_iptables_rule(
                 i += 2;
                 let mut on_ip = None;
                 let mut on_port = None;
+                let mut mark = None;
                 while i < w.len() {
                     match w[i].as_str() {
                         "--on-port" => {
@@ -827,7 +863,8 @@ fn parse_iptables_rule(
                                     .map_err(|_| format!("--on-ip {}", w[i + 1]))?,
                             );
                         }
-                        "--tproxy-mark" | "--set-mark" | "--set-xmark" | "--mark" => {}
+                        "--tproxy-mark" => mark = Some(full_mark(&value(i)?)?),
+                        "--set-mark" | "--set-xmark" | "--mark" => {}
                         other => return Err(format!("target option `{other}`")),
                     }
                     i += 2;
@@ -836,6 +873,7 @@ fn parse_iptables_rule(
                     "TPROXY" => Target::Tproxy {
                         on_ip,
                         on_port: on_port.ok_or("TPROXY without --on-port")?,
+                        mark,
                     },
                     "MARK" | "ACCEPT" if in_divert_chain => Target::Ignore,
                     "MARK" | "CONNMARK" => {
@@ -863,64 +901,108 @@ fn parse_iptables_rule(
     Ok((m, target))
 }
 
+/// The block an nft line is in.
+enum Block {
+    Table,
+    Chain,
+    /// A named set (or map), by `table/name`.
+    Set(String),
+    Other,
+}
+
+/// Named sets' elements, by `table/name`.
+type Sets = HashMap<String, Vec<String>>;
+
 fn parse_nft(input: &str) -> Result<RuleSet> {
     let mut chains: HashMap<String, Chain> = HashMap::new();
     let mut entry = Vec::new();
     let mut ignored = 0;
     let mut elsewhere = Vec::new();
+    let mut sets = Sets::new();
+    let mut blocks: Vec<Block> = Vec::new();
+    // A set's `elements = { … }` may span lines: its text until the braces balance.
+    let mut elements: Option<(String, String)> = None;
     let mut family: Option<Family> = None;
     let mut table = String::new();
     let mut chain: Option<String> = None;
     let mut hook: Option<String> = None;
-    // nft's chains are per table: name them table/chain.
+    // nft's chains and sets are per table: name them table/name.
     for (number, line) in input.lines().enumerate() {
         let number = number + 1;
         let trimmed = line.trim();
+        if let Some((set, mut text)) = elements.take() {
+            text.push(' ');
+            text.push_str(trimmed);
+            if text.matches('{').count() > text.matches('}').count() {
+                elements = Some((set, text));
+            } else {
+                sets.insert(set, set_elements(&text));
+            }
+            continue;
+        }
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
         let w = words(trimmed);
-        match w.first().map(String::as_str) {
-            Some("table") => {
-                family = match w.get(1).map(String::as_str) {
-                    Some("ip") => Some(Family::V4),
-                    Some("ip6") => Some(Family::V6),
-                    _ => None,
-                };
-                table = w.get(2).cloned().unwrap_or_default();
-                continue;
+        if trimmed == "}" {
+            if let Some(Block::Chain) = blocks.pop() {
+                chain = None;
             }
-            Some("chain") => {
-                chain = w.get(1).map(|c| format!("{table}/{c}"));
-                hook = None;
-                continue;
+            continue;
+        }
+        if trimmed.ends_with('{') {
+            let name = w.get(1).cloned().unwrap_or_default();
+            match w[0].as_str() {
+                "table" => {
+                    family = match name.as_str() {
+                        "ip" => Some(Family::V4),
+                        "ip6" => Some(Family::V6),
+                        _ => None,
+                    };
+                    table = w.get(2).cloned().unwrap_or_default();
+                    blocks.push(Block::Table);
+                }
+                "chain" => {
+                    chain = Some(format!("{table}/{name}"));
+                    hook = None;
+                    blocks.push(Block::Chain);
+                }
+                "set" | "map" => blocks.push(Block::Set(format!("{table}/{name}"))),
+                _ => blocks.push(Block::Other),
             }
-            Some("type") => {
-                hook = w
-                    .iter()
-                    .position(|x| x == "hook")
-                    .and_then(|i| w.get(i + 1))
-                    .map(|h| h.trim_end_matches(';').to_string());
-                if let (Some("prerouting"), Some(chain)) = (hook.as_deref(), &chain) {
-                    entry.push(chain.clone());
+            continue;
+        }
+        match blocks.last() {
+            Some(Block::Set(set)) => {
+                if w[0] == "elements" {
+                    let text = trimmed.to_string();
+                    if text.matches('{').count() > text.matches('}').count() {
+                        elements = Some((set.clone(), text));
+                    } else {
+                        sets.insert(set.clone(), set_elements(&text));
+                    }
                 }
                 continue;
             }
-            Some("}") => {
-                if chain.is_some() {
-                    chain = None;
-                } else {
-                    table.clear();
-                }
-                continue;
+            Some(Block::Chain) => {}
+            _ => continue,
+        }
+        if w[0] == "type" {
+            hook = w
+                .iter()
+                .position(|x| x == "hook")
+                .and_then(|i| w.get(i + 1))
+                .map(|h| h.trim_end_matches(';').to_string());
+            if let (Some("prerouting"), Some(chain)) = (hook.as_deref(), &chain) {
+                entry.push(chain.clone());
             }
-            Some("policy") | Some("set") | Some("map") | Some("elements") | Some("flags") => {
-                continue
-            }
-            _ => {}
+            continue;
+        }
+        if w[0] == "policy" {
+            continue;
         }
         let Some(chain) = &chain else { continue };
-        let parsed = parse_nft_rule(trimmed, family, &table)
+        let parsed = parse_nft_rule(trimmed, family, &table, &sets)
             .map(|(matches, target)| Parsed {
                 line: number,
                 text: trimmed.to_string(),
@@ -944,12 +1026,37 @@ fn parse_nft(input: &str) -> Result<RuleSet> {
     })
 }
 
+/// The elements of `elements = { a, b, … }`.
+fn set_elements(text: &str) -> Vec<String> {
+    let inner = text
+        .split_once('{')
+        .and_then(|(_, rest)| rest.rsplit_once('}'))
+        .map_or("", |(inner, _)| inner);
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// Values of an nft expression at `w[i]`: one word, or a `{ a, b }` set. Returns the values
 /// and the index after them.
-fn nft_values(w: &[String], i: usize) -> Result<(Vec<String>, usize), String> {
+fn nft_values(
+    w: &[String],
+    i: usize,
+    sets: &Sets,
+    table: &str,
+) -> Result<(Vec<String>, usize), String> {
     let first = w.get(i).ok_or("an expression without a value")?;
     if first == "!=" {
         return Err("negated matches cannot be translated".into());
+    }
+    if let Some(name) = first.strip_prefix('@') {
+        let elements = sets
+            .get(&format!("{table}/{name}"))
+            .ok_or(format!("set @{name} is not defined in table {table}"))?;
+        return Ok((elements.clone(), i + 1));
     }
     if first != "{" {
         return Ok((vec![first.trim_end_matches(',').to_string()], i + 1));
@@ -969,6 +1076,7 @@ fn parse_nft_rule(
     text: &str,
     family: Option<Family>,
     table: &str,
+    sets: &Sets,
 ) -> Result<(Match, Target), String> {
     let w = words(text);
     let mut m = Match {
@@ -977,6 +1085,7 @@ fn parse_nft_rule(
     };
     let mut target = None;
     let mut socket = false;
+    let mut set_mark = None;
     let mut i = 0;
     let transport = |name: &str| match name {
         "tcp" => Ok(Transport::Tcp),
@@ -986,15 +1095,23 @@ fn parse_nft_rule(
     while i < w.len() {
         match w[i].as_str() {
             "meta" if w.get(i + 1).is_some_and(|x| x == "l4proto") => {
-                let (values, next) = nft_values(&w, i + 2)?;
+                let (values, next) = nft_values(&w, i + 2, sets, table)?;
                 m.transports = values
                     .iter()
                     .map(|v| transport(v))
                     .collect::<Result<_, _>>()?;
                 i = next;
             }
+            "meta" if w.get(i + 1).is_some_and(|x| x == "nfproto") => {
+                m.family = match w.get(i + 2).map(String::as_str) {
+                    Some("ipv4") => Some(Family::V4),
+                    Some("ipv6") => Some(Family::V6),
+                    other => return Err(format!("meta nfproto {}", other.unwrap_or(""))),
+                };
+                i += 3;
+            }
             "ip" if w.get(i + 1).is_some_and(|x| x == "protocol") => {
-                let (values, next) = nft_values(&w, i + 2)?;
+                let (values, next) = nft_values(&w, i + 2, sets, table)?;
                 m.transports = values
                     .iter()
                     .map(|v| transport(v))
@@ -1006,7 +1123,7 @@ fn parse_nft_rule(
                 if w[i] != "th" {
                     m.transports = vec![transport(&w[i])?];
                 }
-                let (values, next) = nft_values(&w, i + 2)?;
+                let (values, next) = nft_values(&w, i + 2, sets, table)?;
                 m.ports = values
                     .iter()
                     .map(|v| {
@@ -1023,7 +1140,7 @@ fn parse_nft_rule(
             }
             "ip" | "ip6" if w.get(i + 1).is_some_and(|x| x == "daddr" || x == "saddr") => {
                 m.family = Some(if w[i] == "ip" { Family::V4 } else { Family::V6 });
-                let (values, next) = nft_values(&w, i + 2)?;
+                let (values, next) = nft_values(&w, i + 2, sets, table)?;
                 let prefixes = values
                     .iter()
                     .map(|v| cli::parse_prefix(v))
@@ -1036,7 +1153,7 @@ fn parse_nft_rule(
                 i = next;
             }
             "iifname" | "iif" => {
-                let (values, next) = nft_values(&w, i + 1)?;
+                let (values, next) = nft_values(&w, i + 1, sets, table)?;
                 match values.as_slice() {
                     [one] if !one.ends_with('*') => m.iface = Some(one.clone()),
                     _ => return Err("several or wildcard input interfaces".into()),
@@ -1044,7 +1161,7 @@ fn parse_nft_rule(
                 i = next;
             }
             "meta" if w.get(i + 1).is_some_and(|x| x == "iifname") => {
-                let (values, next) = nft_values(&w, i + 2)?;
+                let (values, next) = nft_values(&w, i + 2, sets, table)?;
                 match values.as_slice() {
                     [one] if !one.ends_with('*') => m.iface = Some(one.clone()),
                     _ => return Err("several or wildcard input interfaces".into()),
@@ -1061,6 +1178,8 @@ fn parse_nft_rule(
             "meta" | "mark" if w[i] == "mark" || w.get(i + 1).is_some_and(|x| x == "mark") => {
                 let at = if w[i] == "meta" { i + 2 } else { i + 1 };
                 if w.get(at).is_some_and(|x| x == "set") {
+                    let value = w.get(at + 1).ok_or("`mark set` without a value")?;
+                    set_mark = Some(full_mark(value)?);
                     i = at + 2;
                 } else {
                     return Err("matching on the packet mark cannot be translated".into());
@@ -1104,7 +1223,11 @@ fn parse_nft_rule(
                     m.family = Some(f);
                 }
                 let on_port = cli::parse_port_list(port)?.0[0].start().to_owned();
-                target = Some(Target::Tproxy { on_ip, on_port });
+                target = Some(Target::Tproxy {
+                    on_ip,
+                    on_port,
+                    mark: None,
+                });
                 i = j + 2;
             }
             "accept" | "return" => {
@@ -1128,6 +1251,11 @@ fn parse_nft_rule(
         }
     }
     let target = match target {
+        Some(Target::Tproxy { on_ip, on_port, .. }) => Target::Tproxy {
+            on_ip,
+            on_port,
+            mark: set_mark,
+        },
         Some(target) => target,
         // Only marking (part of a divert), or only counting.
         None if socket => Target::SocketDivert,
@@ -1173,6 +1301,7 @@ table ip filter {
         let t = translate(KERNEL_DOC_IPTABLES).unwrap();
         assert!(t.skipped.is_empty(), "{:?}", t.skipped);
         assert!(t.config.contains("interfaces = \"all\""), "{}", t.config);
+        assert!(t.config.contains("mark = \"0x1/0x1\""), "{}", t.config);
         assert!(
             t.config.contains("listen = [\"127.0.0.1:50080\"]"),
             "{}",
@@ -1192,6 +1321,11 @@ table ip filter {
     fn the_kernel_documentation_nft_example() {
         let t = translate(KERNEL_DOC_NFT).unwrap();
         assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert!(
+            t.config.contains("mark = \"0x1/0xffffffff\""),
+            "{}",
+            t.config
+        );
         assert!(
             t.config.contains(
                 "proto = [\"tcp\"]\ndst = [\"0.0.0.0/0\"]\nports = [80]\naction = \"steer\""
@@ -1418,6 +1552,104 @@ COMMIT
             t.config.contains("dst = [\"192.168.0.0/16\"]"),
             "ACCEPT leaves for good: {}",
             t.config
+        );
+    }
+
+    /// The rule set most proxy guides (v2ray, clash) hand out, as `iptables-save` prints it.
+    #[test]
+    fn a_proxy_guide_rule_set() {
+        let input = "\
+# Generated by iptables-save v1.8.9 (nf_tables) on Fri Nov 27 07:00:00 2026
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+:V2RAY - [0:0]
+:V2RAY_MASK - [0:0]
+-A PREROUTING -p tcp -m socket -j DIVERT
+-A PREROUTING -j V2RAY
+-A OUTPUT -j V2RAY_MASK
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+-A V2RAY -d 127.0.0.1/32 -j RETURN
+-A V2RAY -d 224.0.0.0/4 -j RETURN
+-A V2RAY -d 255.255.255.255/32 -j RETURN
+-A V2RAY -d 192.168.0.0/16 -p tcp -j RETURN
+-A V2RAY -d 192.168.0.0/16 -p udp -m udp ! --dport 53 -j RETURN
+-A V2RAY -m mark --mark 0xff -j RETURN
+-A V2RAY -p udp -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A V2RAY -p tcp -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A V2RAY_MASK -d 224.0.0.0/4 -j RETURN
+-A V2RAY_MASK -p tcp -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+# Completed on Fri Nov 27 07:00:00 2026
+";
+        let t = translate(input).unwrap();
+        let config: toml::Value = toml::from_str(&t.config).unwrap();
+        let rules = config["rule"].as_array().unwrap();
+        let actions: Vec<&str> = rules
+            .iter()
+            .map(|r| r["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            actions,
+            ["bypass", "bypass", "bypass", "bypass", "steer", "steer"],
+            "{}",
+            t.config
+        );
+        assert_eq!(config["mark"].as_str(), Some("0x1/0xffffffff"));
+        assert_eq!(
+            config["listener"][0]["listen"][0].as_str(),
+            Some("127.0.0.1:12345")
+        );
+        let lines: Vec<&str> = t
+            .skipped
+            .iter()
+            .map(|s| s.split(':').next().unwrap())
+            .collect();
+        assert_eq!(lines, ["line 20", "line 21", "line 13"], "{:?}", t.skipped);
+    }
+
+    #[test]
+    fn nft_named_sets_are_resolved() {
+        let input = "\
+table inet clash {
+	set local_ipv4 {
+		type ipv4_addr
+		flags interval
+		elements = { 10.0.0.0/8, 127.0.0.0/8,
+			     192.168.0.0/16 }
+	}
+	set dns_ports {
+		type inet_service
+		elements = { 53, 5353 }
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta nfproto ipv4 ip daddr @local_ipv4 return
+		udp dport @dns_ports tproxy ip to 127.0.0.1:1053 meta mark set 0x00000001 accept
+		ip daddr @nowhere return
+	}
+}
+";
+        let t = translate(input).unwrap();
+        let config: toml::Value = toml::from_str(&t.config).unwrap();
+        let rules = config["rule"].as_array().unwrap();
+        assert_eq!(rules[0]["dst"].as_array().unwrap().len(), 3, "{}", t.config);
+        assert_eq!(
+            rules[1]["ports"].as_array().unwrap().len(),
+            2,
+            "{}",
+            t.config
+        );
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(
+            t.skipped[0].contains("set @nowhere is not defined"),
+            "{:?}",
+            t.skipped
         );
     }
 
