@@ -128,6 +128,23 @@ impl Netns {
             })
     }
 
+    /// Connects to `addr` from the local address `source` inside this namespace.
+    pub fn connect_from(&self, source: IpAddr, addr: SocketAddr) -> Result<TcpStream> {
+        self.run(move || -> std::io::Result<TcpStream> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+            socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+            let stream = TcpStream::from(socket);
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            Ok(stream)
+        })
+        .with_context(|| format!("connecting from {source} to {addr}"))
+    }
+
     /// Binds a listener on `addr` inside this namespace.
     pub fn listen(&self, addr: SocketAddr) -> Result<TcpListener> {
         self.run(move || TcpListener::bind(addr))
@@ -176,8 +193,21 @@ impl Tproxy {
 
     /// Starts `tproxy run ARGS…` in `netns` without waiting for it to be ready.
     pub fn spawn(netns: &Netns, args: &[&str]) -> Result<Self> {
+        Self::spawn_wrapped(netns, &[], args)
+    }
+
+    /// Starts `WRAPPER… tproxy run ARGS…` in `netns` (e.g. `prlimit --nofile=N --`) and waits
+    /// for its "ready" line.
+    pub fn start_wrapped(netns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        let mut tproxy = Self::spawn_wrapped(netns, wrapper, args)?;
+        tproxy.wait_for_line("ready:", Duration::from_secs(30))?;
+        Ok(tproxy)
+    }
+
+    fn spawn_wrapped(netns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns.name])
+            .args(wrapper)
             .arg(tproxy_bin())
             .arg("run")
             .args(args)
@@ -287,22 +317,47 @@ impl Tproxy {
             .context("parsing counter")
     }
 
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("malformed /proc/PID/stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        let per_second =
+            nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
+        Ok(Duration::from_millis(ticks * 1000 / per_second))
+    }
+
+    /// Asks for the current counters (SIGUSR1) and returns `name` from the TCP relay line.
+    pub fn tcp_stat(&mut self, name: &str) -> Result<u64> {
+        self.stat_line("tcp relay:", name)
+    }
+
     /// Asks for the current counters (SIGUSR1) and returns `name` from the UDP relay line.
     pub fn udp_stat(&mut self, name: &str) -> Result<u64> {
+        self.stat_line("udp relay:", name)
+    }
+
+    fn stat_line(&mut self, header: &str, name: &str) -> Result<u64> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let before = self.log.lock().unwrap().len();
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.log.lock().unwrap()[before..]
             .iter()
-            .all(|l| !l.contains("udp relay:"))
+            .all(|l| !l.contains(header))
         {
             if Instant::now() > deadline {
                 bail!("no stats after SIGUSR1; log:\n{}", self.log_text());
             }
             thread::sleep(Duration::from_millis(10));
         }
-        self.last_value("udp relay:", name)
+        self.last_value(header, name)
     }
 }
 

@@ -133,6 +133,21 @@ pub struct RunArgs {
     #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_sessions: Option<u32>,
 
+    /// Reset a connection when one direction has stayed open this long after the other ended
+    /// (half-close). [default: 60s]
+    #[arg(long = "half-close-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub half_close_timeout: Option<Duration>,
+
+    /// Most TCP connections relayed at once; beyond it new ones are reset (and counted).
+    /// [default: what the open-files limit allows: (limit - 256) / 2]
+    #[arg(long = "max-connections", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+
+    /// Most TCP connections relayed at once for one client address, so that no client can
+    /// take them all. [default: a quarter of --max-connections]
+    #[arg(long = "max-connections-per-source", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_source: Option<u32>,
+
     /// SO_MARK on tproxy's own per-flow UDP sockets, by which the eBPF program tells them from
     /// other local sockets. It must not match the routing rule (MARK under MASK), or replies
     /// would be delivered locally instead of sent. [default: 0x2000000]

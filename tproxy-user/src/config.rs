@@ -54,6 +54,17 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
     pub udp_max_sessions: u32,
+    pub half_close_timeout: Duration,
+    pub max_connections: u32,
+    pub max_connections_per_source: u32,
+}
+
+/// The default overall connection limit: what the open-files limit allows (two descriptors
+/// a connection), less a reserve for listeners, UDP sessions and the rest.
+pub fn default_max_connections() -> u32 {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((1024, 1024));
+    (soft.saturating_sub(256) / 2).clamp(16, 1 << 20) as u32
 }
 
 impl Default for Settings {
@@ -71,6 +82,10 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(300),
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 8192,
+            half_close_timeout: Duration::from_secs(60),
+            max_connections: default_max_connections(),
+            // Set from the overall limit once that is known (see `Config::load`).
+            max_connections_per_source: 0,
         }
     }
 }
@@ -119,6 +134,9 @@ impl Config {
         let mut settings = Settings::default();
         raw.apply_settings(&mut settings);
         args.apply_settings(&mut settings);
+        if settings.max_connections_per_source == 0 {
+            settings.max_connections_per_source = (settings.max_connections / 4).max(1);
+        }
         let mut listeners = Vec::new();
         let mut rules = Vec::new();
         let mut configured_rules = 0;
@@ -330,7 +348,10 @@ impl RunArgs {
             connect_timeout,
             idle_timeout,
             udp_idle_timeout,
-            udp_max_sessions
+            udp_max_sessions,
+            half_close_timeout,
+            max_connections,
+            max_connections_per_source
         );
     }
 }
@@ -416,6 +437,9 @@ struct ConfigFile {
     idle_timeout: Option<Text<Timeout>>,
     udp_idle_timeout: Option<Text<Timeout>>,
     udp_max_sessions: Option<Text<SessionCap>>,
+    half_close_timeout: Option<Text<Timeout>>,
+    max_connections: Option<Text<SessionCap>>,
+    max_connections_per_source: Option<Text<SessionCap>>,
     #[serde(default, rename = "listener")]
     listeners: Vec<toml::Spanned<ListenerEntry>>,
     #[serde(default, rename = "rule")]
@@ -471,13 +495,23 @@ impl ConfigFile {
             (self.connect_timeout, &mut settings.connect_timeout),
             (self.idle_timeout, &mut settings.idle_timeout),
             (self.udp_idle_timeout, &mut settings.udp_idle_timeout),
+            (self.half_close_timeout, &mut settings.half_close_timeout),
         ] {
             if let Some(Text(Timeout(duration))) = field {
                 *target = duration;
             }
         }
-        if let Some(Text(SessionCap(cap))) = self.udp_max_sessions {
-            settings.udp_max_sessions = cap;
+        for (field, target) in [
+            (self.udp_max_sessions, &mut settings.udp_max_sessions),
+            (self.max_connections, &mut settings.max_connections),
+            (
+                self.max_connections_per_source,
+                &mut settings.max_connections_per_source,
+            ),
+        ] {
+            if let Some(Text(SessionCap(cap))) = field {
+                *target = cap;
+            }
         }
     }
 
@@ -962,6 +996,31 @@ listener = "dns"
             (last.number, last.ports),
             (4, Ports::One(22)),
             "after the file's rules"
+        );
+    }
+
+    #[test]
+    fn limits_come_from_flags_or_the_file() {
+        let config = with_file(
+            "interfaces = [\"eth0\"]\nmax_connections = 100\nhalf_close_timeout = \"5s\"\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n",
+            &["--max-connections-per-source", "7"],
+        )
+        .unwrap();
+        assert_eq!(config.settings.max_connections, 100);
+        assert_eq!(config.settings.max_connections_per_source, 7);
+        assert_eq!(config.settings.half_close_timeout, Duration::from_secs(5));
+        let config = Config::build(&args(&[
+            "--iface",
+            "eth0",
+            "--tcp",
+            "80",
+            "--max-connections",
+            "1000",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.settings.max_connections_per_source, 250,
+            "a quarter of the overall limit"
         );
     }
 

@@ -6,11 +6,13 @@
 //! client's own (source, destination) tuple.
 
 use std::{
+    collections::HashMap,
     io,
+    net::IpAddr,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -24,6 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     listener,
     splice::{self, PipePool},
+    udp::LogLimiter,
 };
 
 /// Pipes for splicing, shared by every connection.
@@ -36,6 +39,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub struct RelayConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long one direction may stay open after the other has ended (half-close).
+    pub half_close_timeout: Duration,
+    /// Most connections relayed at once, overall and from one client address.
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
     /// All our listeners' addresses: relaying to one of them would loop forever. Updated
     /// when a reload adds or removes listeners.
     pub own_listeners: Arc<RwLock<Vec<SocketAddr>>>,
@@ -46,12 +54,87 @@ pub struct RelayConfig {
 pub type Upstream = Arc<RwLock<Option<SocketAddr>>>;
 
 /// Totals across all connections, for the shutdown summary.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RelayStats {
     pub accepted: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// Connections refused (reset at once) because `max_connections` were being relayed.
+    pub refused_at_limit: AtomicU64,
+    /// Connections refused because their client address had `max_connections_per_source`.
+    pub refused_at_source_limit: AtomicU64,
+    /// Connections reset because one direction stayed open `half_close_timeout` after the
+    /// other ended.
+    pub half_close_timeouts: AtomicU64,
+    admission: Admission,
+}
+
+impl RelayStats {
+    /// Connections being relayed now.
+    pub fn active(&self) -> usize {
+        self.admission.active.load(Relaxed)
+    }
+}
+
+/// Who is being relayed: the overall count and the count per client address.
+#[derive(Default)]
+struct Admission {
+    active: AtomicUsize,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    refusal_log: LogLimiter,
+}
+
+/// A connection's place in [`Admission`], given back when dropped.
+struct Admitted {
+    stats: Arc<RelayStats>,
+    source: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let admission = &self.stats.admission;
+        admission.active.fetch_sub(1, Relaxed);
+        let mut per_source = admission.per_source.lock().unwrap();
+        if let Some(count) = per_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Admits a connection from `source`, or says which limit refuses it. Per source first: a
+/// client at its own limit must not use up the overall one that other clients need.
+fn admit(
+    stats: &Arc<RelayStats>,
+    config: &RelayConfig,
+    source: IpAddr,
+) -> Result<Admitted, &'static str> {
+    let admission = &stats.admission;
+    let mut per_source = admission.per_source.lock().unwrap();
+    let count = per_source.entry(source).or_default();
+    if *count >= config.max_connections_per_source {
+        if *count == 0 {
+            per_source.remove(&source);
+        }
+        stats.refused_at_source_limit.fetch_add(1, Relaxed);
+        return Err("max-connections-per-source");
+    }
+    if admission.active.load(Relaxed) >= config.max_connections {
+        if *count == 0 {
+            per_source.remove(&source);
+        }
+        stats.refused_at_limit.fetch_add(1, Relaxed);
+        return Err("max-connections");
+    }
+    *count += 1;
+    admission.active.fetch_add(1, Relaxed);
+    Ok(Admitted {
+        stats: stats.clone(),
+        source,
+    })
 }
 
 /// Accepts connections until `stop_accepting` (a reload removed the listener) or
@@ -84,12 +167,29 @@ pub async fn serve(
             }
         };
         stats.accepted.fetch_add(1, Relaxed);
+        let admitted = match admit(&stats, &config, peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(limit) => {
+                if stats.admission.refusal_log.allow() {
+                    log::warn!(
+                        "{peer}: refused, --{limit} reached ({} refused overall, {} per source so far)",
+                        stats.refused_at_limit.load(Relaxed),
+                        stats.refused_at_source_limit.load(Relaxed)
+                    );
+                }
+                reset(&client);
+                continue;
+            }
+        };
         let upstream = *upstream.read().unwrap();
         let config = config.clone();
         let stats = stats.clone();
         let shutdown = shutdown.clone();
-        connections
-            .spawn(async move { relay(client, peer, upstream, &config, &stats, &shutdown).await });
+        connections.spawn(async move {
+            relay(client, peer, upstream, &config, &stats, &shutdown).await;
+            // The connection's place is given back only once it is fully closed.
+            drop(admitted);
+        });
     }
 }
 
@@ -128,7 +228,7 @@ async fn relay(
 
     let traffic = Traffic::default();
     let result = tokio::select! {
-        result = pipe(&client, &upstream, config.idle_timeout, &traffic) => result,
+        result = pipe(&client, &upstream, config, stats, &traffic) => result,
         () = shutdown.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "tproxy is stopping")),
     };
     let (up, down) = (
@@ -206,29 +306,47 @@ impl Traffic {
 }
 
 /// Moves bytes both ways. When one side finishes sending, that direction is shut down on the
-/// other side and the opposite direction keeps running (half-close); returns once both are
-/// done, on the first error, or when the connection has been idle too long.
+/// other side and the opposite direction keeps running (half-close) for up to the
+/// half-close timeout; returns once both are done, on the first error, or when the
+/// connection has been idle too long.
 async fn pipe(
     client: &TcpStream,
     upstream: &TcpStream,
-    idle_timeout: Duration,
+    config: &RelayConfig,
+    stats: &RelayStats,
     traffic: &Traffic,
 ) -> io::Result<()> {
-    let both = async {
-        tokio::try_join!(
-            splice::relay_until_eof(client, upstream, &PIPES, |bytes| {
-                traffic.moved(&traffic.to_upstream, bytes)
-            }),
-            splice::relay_until_eof(upstream, client, &PIPES, |bytes| {
-                traffic.moved(&traffic.to_client, bytes)
-            }),
-        )
-    };
-    tokio::select! {
-        result = both => result.map(drop),
-        () = traffic.idle_for(idle_timeout) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("idle for {idle_timeout:?}"),
-        )),
+    let to_upstream = splice::relay_until_eof(client, upstream, &PIPES, |bytes| {
+        traffic.moved(&traffic.to_upstream, bytes)
+    });
+    let to_client = splice::relay_until_eof(upstream, client, &PIPES, |bytes| {
+        traffic.moved(&traffic.to_client, bytes)
+    });
+    tokio::pin!(to_upstream, to_client);
+    let (mut up_done, mut down_done) = (false, false);
+    let half_closed = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(half_closed);
+    while !(up_done && down_done) {
+        tokio::select! {
+            result = &mut to_upstream, if !up_done => { result?; up_done = true; }
+            result = &mut to_client, if !down_done => { result?; down_done = true; }
+            () = traffic.idle_for(config.idle_timeout) => return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("idle for {:?}", config.idle_timeout),
+            )),
+            () = &mut half_closed, if up_done != down_done => {
+                stats.half_close_timeouts.fetch_add(1, Relaxed);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("half-closed for {:?}", config.half_close_timeout),
+                ));
+            }
+        }
+        if up_done != down_done {
+            half_closed
+                .as_mut()
+                .reset(tokio::time::Instant::now() + config.half_close_timeout);
+        }
     }
+    Ok(())
 }

@@ -205,8 +205,16 @@ fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
     if old.socket_mark != new.socket_mark {
         changed.push("socket_mark");
     }
-    if old.connect_timeout != new.connect_timeout || old.idle_timeout != new.idle_timeout {
-        changed.push("connect_timeout/idle_timeout");
+    if old.connect_timeout != new.connect_timeout
+        || old.idle_timeout != new.idle_timeout
+        || old.half_close_timeout != new.half_close_timeout
+    {
+        changed.push("connect_timeout/idle_timeout/half_close_timeout");
+    }
+    if old.max_connections != new.max_connections
+        || old.max_connections_per_source != new.max_connections_per_source
+    {
+        changed.push("max_connections/max_connections_per_source");
     }
     if old.udp_idle_timeout != new.udp_idle_timeout || old.udp_max_sessions != new.udp_max_sessions
     {
@@ -383,6 +391,9 @@ impl Relays {
             tcp_config: Arc::new(RelayConfig {
                 connect_timeout: settings.connect_timeout,
                 idle_timeout: settings.idle_timeout,
+                half_close_timeout: settings.half_close_timeout,
+                max_connections: settings.max_connections as usize,
+                max_connections_per_source: settings.max_connections_per_source as usize,
                 own_listeners: own_addrs.clone(),
             }),
             own_addrs,
@@ -659,11 +670,16 @@ impl Relays {
         }
         let tcp = &self.tcp_stats;
         log::info!(
-            "tcp relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients",
+            "tcp relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients; \
+             active={} refused_at_limit={} refused_at_source_limit={} half_close_timeouts={}",
             tcp.accepted.load(Relaxed),
             tcp.upstream_failures.load(Relaxed),
             tcp.bytes_to_upstream.load(Relaxed),
             tcp.bytes_to_client.load(Relaxed),
+            tcp.active(),
+            tcp.refused_at_limit.load(Relaxed),
+            tcp.refused_at_source_limit.load(Relaxed),
+            tcp.half_close_timeouts.load(Relaxed),
         );
         log::info!("{}", self.udp.stats.summary());
     }

@@ -444,13 +444,14 @@ fn bind_reply_socket(original: SocketAddr, client: SocketAddr, mark: u32) -> io:
 }
 
 /// Lets one message through per [`LOG_INTERVAL`].
+/// Lets a repetitive log line through at most once per `LOG_INTERVAL`.
 #[derive(Default)]
-struct LogLimiter {
+pub struct LogLimiter {
     last: Mutex<Option<Instant>>,
 }
 
 impl LogLimiter {
-    fn allow(&self) -> bool {
+    pub fn allow(&self) -> bool {
         let mut last = self.last.lock().unwrap();
         let now = Instant::now();
         if last.is_some_and(|at| now.duration_since(at) < LOG_INTERVAL) {

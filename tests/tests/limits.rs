@@ -1,0 +1,246 @@
+//! Limits and faults: connection caps overall and per client, the half-close cap, running out
+//! of file descriptors, and peers that reset or vanish mid-stream.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tproxy_tests::{require_root, RouterTopology as Topo, Server, Tproxy};
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// Whether `stream` works end to end through the echo server.
+fn echoes(stream: &mut TcpStream) -> bool {
+    stream.write_all(b"ping").is_ok() && {
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).is_ok() && &back == b"ping"
+    }
+}
+
+/// How reading from `stream` ends, and how long it took.
+fn read_outcome(stream: &mut TcpStream) -> (std::io::Result<usize>, Duration) {
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    let result = loop {
+        match stream.read(&mut buffer) {
+            Ok(n) if n > 0 => continue,
+            other => break other,
+        }
+    };
+    (result, started.elapsed())
+}
+
+fn assert_reset_promptly(stream: &mut TcpStream, what: &str) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (result, took) = read_outcome(stream);
+    assert_eq!(
+        result.as_ref().map_err(|e| e.kind()).err(),
+        Some(ErrorKind::ConnectionReset),
+        "{what}: {result:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "{what}: reset after {took:?}"
+    );
+}
+
+#[test]
+fn connection_limits_refuse_at_once_and_one_client_cannot_starve_another() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let second: IpAddr = "10.10.1.3".parse().unwrap();
+    topo.client
+        .ip(&["addr", "add", "10.10.1.3/24", "dev", "eth0", "nodad"])
+        .unwrap();
+    let server = Server::echo(&topo.server, addr("10.10.2.2:80")).unwrap();
+    let mut tproxy = topo
+        .tproxy(&[
+            "--tcp",
+            "80",
+            "--max-connections",
+            "6",
+            "--max-connections-per-source",
+            "4",
+        ])
+        .unwrap();
+    let first: IpAddr = Topo::client_ip(false);
+
+    // One client takes its share, and no more.
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| topo.client.connect_from(first, server.addr).unwrap())
+        .collect();
+    assert!(held.iter_mut().all(echoes));
+    let mut refused = topo.client.connect_from(first, server.addr).unwrap();
+    assert_reset_promptly(&mut refused, "fifth connection from one client");
+
+    // Another client still gets in, up to the overall limit.
+    let mut others: Vec<TcpStream> = (0..2)
+        .map(|_| topo.client.connect_from(second, server.addr).unwrap())
+        .collect();
+    assert!(
+        others.iter_mut().all(echoes),
+        "the other client was starved"
+    );
+    let mut over = topo.client.connect_from(second, server.addr).unwrap();
+    assert_reset_promptly(&mut over, "seventh connection overall");
+
+    // A connection that ends gives its place back.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = topo.client.connect_from(second, server.addr).unwrap();
+        if echoes(&mut again) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed place never came back");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tproxy.tcp_stat("refused_at_source_limit").unwrap(), 1);
+    assert!(tproxy.tcp_stat("refused_at_limit").unwrap() >= 1);
+    tproxy.stop().unwrap();
+}
+
+#[test]
+fn a_half_closed_connection_is_reset_after_the_half_close_timeout() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // Reads to the client's end of stream, then keeps its own side open and silent.
+    let server = Server::start(&topo.server, addr("10.10.2.2:80"), |mut stream| {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+        thread::sleep(Duration::from_secs(20));
+    })
+    .unwrap();
+    let mut tproxy = topo
+        .tproxy(&["--tcp", "80", "--half-close-timeout", "1s"])
+        .unwrap();
+    let mut client = topo.client.connect(server.addr).unwrap();
+    client.write_all(b"request").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (result, took) = read_outcome(&mut client);
+    assert_eq!(
+        result.map_err(|e| e.kind()).err(),
+        Some(ErrorKind::ConnectionReset)
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "reset after {took:?}"
+    );
+    assert_eq!(tproxy.tcp_stat("half_close_timeouts").unwrap(), 1);
+    tproxy.stop().unwrap();
+}
+
+#[test]
+fn an_upstream_reset_mid_stream_resets_the_client() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::start(&topo.server, addr("10.10.2.2:80"), |mut stream| {
+        let mut first = [0u8; 5];
+        let _ = stream.read_exact(&mut first);
+        let _ = stream.write_all(b"partial answer");
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    })
+    .unwrap();
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
+    let mut client = topo.client.connect(server.addr).unwrap();
+    client.write_all(b"hello").unwrap();
+    let mut partial = [0u8; 14];
+    client.read_exact(&mut partial).unwrap();
+    assert_reset_promptly(&mut client, "after the upstream reset");
+    tproxy.stop().unwrap();
+}
+
+#[test]
+fn a_client_that_vanishes_closes_its_upstream_connection() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (ended, upstream_end) = mpsc::channel();
+    let server = Server::start(&topo.server, addr("10.10.2.2:80"), move |mut stream| {
+        let started = Instant::now();
+        let (result, _) = read_outcome(&mut stream);
+        let _ = ended.send((result.map_err(|e| e.kind()), started.elapsed()));
+    })
+    .unwrap();
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
+    let client = topo.client.connect(server.addr).unwrap();
+    (&client).write_all(b"hello").unwrap();
+    thread::sleep(Duration::from_millis(200));
+    // The client's host drops the connection without a goodbye: RST.
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    let (result, took) = upstream_end
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the upstream connection stayed open after the client vanished");
+    assert!(
+        matches!(result, Ok(0) | Err(ErrorKind::ConnectionReset)),
+        "{result:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    tproxy.stop().unwrap();
+}
+
+#[test]
+fn running_out_of_descriptors_backs_off_and_recovers() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::echo(&topo.server, addr("10.10.2.2:80")).unwrap();
+    // Few descriptors, and no connection limit to stop short of them.
+    let mut tproxy = Tproxy::start_wrapped(
+        &topo.router,
+        &["prlimit", "--nofile=128:128", "--"],
+        &[
+            "--iface",
+            Topo::ROUTER_CLIENT_IFACE,
+            "--tcp",
+            "80",
+            "--max-connections",
+            "1000",
+        ],
+    )
+    .unwrap();
+    // More connections than descriptors: the kernel completes the handshakes, the relay
+    // cannot accept them all.
+    let held: Vec<TcpStream> = (0..80)
+        .map(|_| topo.client.connect(server.addr).unwrap())
+        .collect();
+    tproxy
+        .wait_for_line("Too many open files", Duration::from_secs(10))
+        .unwrap();
+    let before = tproxy.cpu_time().unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let spent = tproxy.cpu_time().unwrap() - before;
+    println!("CPU while out of descriptors: {spent:?} in 2 s");
+    assert!(
+        spent < Duration::from_millis(300),
+        "spinning: {spent:?} of CPU in 2 s"
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut fresh = topo.client.connect(server.addr).unwrap();
+        fresh
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        if echoes(&mut fresh) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after descriptors were freed"
+        );
+    }
+    tproxy.stop().unwrap();
+}
