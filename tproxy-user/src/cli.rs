@@ -133,6 +133,13 @@ pub struct RunArgs {
     #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_sessions: Option<u32>,
 
+    /// Connect to upstreams from the client's own address (IP_TRANSPARENT), so that servers
+    /// see the client instead of this host (TCP). The servers' replies must route back
+    /// through this host, and a `bypass` rule on the interface they arrive on must hand them
+    /// to tproxy's sockets (see the README).
+    #[arg(long = "transparent-upstream")]
+    pub transparent_upstream: bool,
+
     /// Reset a connection when one direction has stayed open this long after the other ended
     /// (half-close). [default: 60s]
     #[arg(long = "half-close-timeout", value_name = "DURATION", value_parser = parse_duration)]

@@ -57,6 +57,7 @@ pub struct Settings {
     pub half_close_timeout: Duration,
     pub max_connections: u32,
     pub max_connections_per_source: u32,
+    pub transparent_upstream: bool,
 }
 
 /// The default overall connection limit: what the open-files limit allows (two descriptors
@@ -86,6 +87,7 @@ impl Default for Settings {
             max_connections: default_max_connections(),
             // Set from the overall limit once that is known (see `Config::load`).
             max_connections_per_source: 0,
+            transparent_upstream: false,
         }
     }
 }
@@ -337,6 +339,7 @@ impl RunArgs {
         if !self.ifaces.is_empty() {
             settings.interfaces = Interfaces::Named(self.ifaces.clone());
         }
+        settings.transparent_upstream |= self.transparent_upstream;
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(value) = self.$field { settings.$field = value; })* };
         }
@@ -440,6 +443,7 @@ struct ConfigFile {
     half_close_timeout: Option<Text<Timeout>>,
     max_connections: Option<Text<SessionCap>>,
     max_connections_per_source: Option<Text<SessionCap>>,
+    transparent_upstream: Option<bool>,
     #[serde(default, rename = "listener")]
     listeners: Vec<toml::Spanned<ListenerEntry>>,
     #[serde(default, rename = "rule")]
@@ -481,6 +485,9 @@ impl ConfigFile {
         }
         if let Some(Text(mark)) = self.mark {
             settings.mark = mark;
+        }
+        if let Some(transparent) = self.transparent_upstream {
+            settings.transparent_upstream = transparent;
         }
         if let Some(Text(Table(table))) = self.table {
             settings.table = table;

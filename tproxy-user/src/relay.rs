@@ -44,6 +44,8 @@ pub struct RelayConfig {
     /// Most connections relayed at once, overall and from one client address.
     pub max_connections: usize,
     pub max_connections_per_source: usize,
+    /// Connect to the upstream from the client's address instead of this host's.
+    pub transparent_upstream: bool,
     /// All our listeners' addresses: relaying to one of them would loop forever. Updated
     /// when a reload adds or removes listeners.
     pub own_listeners: Arc<RwLock<Vec<SocketAddr>>>,
@@ -214,7 +216,8 @@ async fn relay(
         reset(&client);
         return;
     }
-    let upstream = match connect(target, config.connect_timeout).await {
+    let source = config.transparent_upstream.then_some(peer.ip());
+    let upstream = match connect(target, source, config.connect_timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
@@ -248,15 +251,41 @@ async fn relay(
     }
 }
 
-async fn connect(target: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
-    let stream = timeout(limit, TcpStream::connect(target))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {limit:?}"),
-            )
-        })??;
+/// Connects to `target`, from the client's own address `source` if given (transparent
+/// upstream: IP_TRANSPARENT lets the socket use an address that is not local).
+async fn connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    limit: Duration,
+) -> io::Result<TcpStream> {
+    let connecting = async {
+        let Some(source) = source else {
+            return TcpStream::connect(target).await;
+        };
+        if source.is_ipv4() != target.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot connect from the client's {source} to {target}: address families differ"),
+            ));
+        }
+        let socket = match target {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        let raw = socket2::SockRef::from(&socket);
+        match target {
+            SocketAddr::V4(_) => raw.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => raw.set_ip_transparent_v6(true)?,
+        }
+        socket.bind(SocketAddr::new(source, 0))?;
+        socket.connect(target).await
+    };
+    let stream = timeout(limit, connecting).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {limit:?}"),
+        )
+    })??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

@@ -211,6 +211,9 @@ fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
     {
         changed.push("connect_timeout/idle_timeout/half_close_timeout");
     }
+    if old.transparent_upstream != new.transparent_upstream {
+        changed.push("transparent_upstream");
+    }
     if old.max_connections != new.max_connections
         || old.max_connections_per_source != new.max_connections_per_source
     {
@@ -394,6 +397,7 @@ impl Relays {
                 half_close_timeout: settings.half_close_timeout,
                 max_connections: settings.max_connections as usize,
                 max_connections_per_source: settings.max_connections_per_source as usize,
+                transparent_upstream: settings.transparent_upstream,
                 own_listeners: own_addrs.clone(),
             }),
             own_addrs,
