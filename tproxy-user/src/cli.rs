@@ -133,6 +133,11 @@ pub struct RunArgs {
     #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_sessions: Option<u32>,
 
+    /// Once set up, run as this user (with only CAP_NET_ADMIN and CAP_NET_RAW, which tproxy
+    /// keeps in any case). The configuration file must stay readable to it for reloads.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
     /// Connect to upstreams from the client's own address (IP_TRANSPARENT), so that servers
     /// see the client instead of this host (TCP). The servers' replies must route back
     /// through this host, and a `bypass` rule on the interface they arrive on must hand them

@@ -58,6 +58,8 @@ pub struct Settings {
     pub max_connections: u32,
     pub max_connections_per_source: u32,
     pub transparent_upstream: bool,
+    /// The user to run as once set up (see `privileges`).
+    pub user: Option<String>,
 }
 
 /// The default overall connection limit: what the open-files limit allows (two descriptors
@@ -88,6 +90,7 @@ impl Default for Settings {
             // Set from the overall limit once that is known (see `Config::load`).
             max_connections_per_source: 0,
             transparent_upstream: false,
+            user: None,
         }
     }
 }
@@ -340,6 +343,9 @@ impl RunArgs {
             settings.interfaces = Interfaces::Named(self.ifaces.clone());
         }
         settings.transparent_upstream |= self.transparent_upstream;
+        if let Some(user) = &self.user {
+            settings.user = Some(user.clone());
+        }
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(value) = self.$field { settings.$field = value; })* };
         }
@@ -444,6 +450,7 @@ struct ConfigFile {
     max_connections: Option<Text<SessionCap>>,
     max_connections_per_source: Option<Text<SessionCap>>,
     transparent_upstream: Option<bool>,
+    user: Option<String>,
     #[serde(default, rename = "listener")]
     listeners: Vec<toml::Spanned<ListenerEntry>>,
     #[serde(default, rename = "rule")]
@@ -488,6 +495,9 @@ impl ConfigFile {
         }
         if let Some(transparent) = self.transparent_upstream {
             settings.transparent_upstream = transparent;
+        }
+        if let Some(user) = self.user.take() {
+            settings.user = Some(user);
         }
         if let Some(Text(Table(table))) = self.table {
             settings.table = table;

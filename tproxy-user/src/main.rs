@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod instance;
 mod listener;
+mod privileges;
 mod relay;
 mod routing;
 mod rules;
@@ -59,7 +60,10 @@ fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = cli::Cli::parse();
+    // Known exactly, because dropping privileges must reach every worker thread.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -70,7 +74,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        cli::Command::Run(args) => runtime.block_on(run::run(args)),
+        cli::Command::Run(args) => runtime.block_on(run::run(args, workers)),
         cli::Command::Check(args) => check(&args),
         cli::Command::Reload(args) => instance::signal_running(args.table, nix::sys::signal::Signal::SIGHUP)
             .map(|pid| println!("asked tproxy (pid {pid}) to reload; its log says whether the new configuration is in force")),

@@ -24,6 +24,7 @@ use crate::{
     config::{Config, Interfaces, ListenerConfig, Settings},
     instance::InstanceLock,
     listener::{self, TransparentListener, Transport},
+    privileges,
     relay::{self, RelayConfig, RelayStats, Upstream},
     routing::{self, PolicyRouting, RoutingSpec},
     rules::{self, Action, Rule},
@@ -31,14 +32,21 @@ use crate::{
     udp::{UdpConfig, UdpRelay},
 };
 
-pub async fn run(args: RunArgs) -> Result<()> {
+pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut signals = Signals::register()?;
     let config = Config::build(&args)?;
+    let user = config
+        .settings
+        .user
+        .as_deref()
+        .map(privileges::resolve_user)
+        .transpose()?;
     let mut relays = Relays::new(&config.settings);
     if args.relay_only {
         let plan = relays.plan(&config)?;
         relays.commit(plan, None)?;
+        privileges::drop_privileges(workers, user.as_ref()).await?;
         announce_ready(&args, &config, &[], &relays);
         return serve(&args, config, relays, None, &[], &mut signals).await;
     }
@@ -78,6 +86,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     .await?;
     let served = async {
         let attached = attach_all(&mut steering, &interfaces)?;
+        privileges::drop_privileges(workers, user.as_ref()).await?;
         announce_ready(&args, &config, &attached, &relays);
         serve(
             &args,
@@ -210,6 +219,9 @@ fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
         || old.half_close_timeout != new.half_close_timeout
     {
         changed.push("connect_timeout/idle_timeout/half_close_timeout");
+    }
+    if old.user != new.user {
+        changed.push("user");
     }
     if old.transparent_upstream != new.transparent_upstream {
         changed.push("transparent_upstream");
