@@ -343,7 +343,9 @@ impl Tproxy {
         self.stat_line("udp relay:", name)
     }
 
-    fn stat_line(&mut self, header: &str, name: &str) -> Result<u64> {
+    /// Asks for the current counters (SIGUSR1) and returns `name` from the newest line
+    /// containing `header` (e.g. "eBPF udp packets:").
+    pub fn stat_line(&mut self, header: &str, name: &str) -> Result<u64> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let before = self.log.lock().unwrap().len();
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)?;

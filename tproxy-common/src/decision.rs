@@ -181,6 +181,13 @@ pub const fn with_routing_mark(current: u32, mark: u32, mask: u32) -> u32 {
     (current & !mask) | (mark & mask)
 }
 
+/// Whether a packet arrived with an 802.1Q tag (taken off by the kernel before tc sees the
+/// packet) for a VLAN other than 0: it belongs to that VLAN's interface, and is steered there
+/// if tproxy is attached there, not on the parent. VLAN 0 only carries a priority.
+pub const fn belongs_to_vlan_interface(vlan_present: u32, vlan_tci: u32) -> bool {
+    vlan_present != 0 && vlan_tci & 0x0fff != 0
+}
+
 /// Where the transport header starts in an IPv4 packet, from the header's first byte
 /// (version and IHL) and its flags/fragment-offset field (host byte order). `None` for
 /// anything whose transport header is not there to steer by: not version 4, a header length
@@ -278,6 +285,21 @@ mod tests {
         );
         // Mark bits outside the mask are never written.
         assert_eq!(with_routing_mark(0, 0xffff_ffff, 0x10), 0x10);
+    }
+
+    #[test]
+    fn only_tagged_packets_of_a_real_vlan_belong_to_another_interface() {
+        assert!(!belongs_to_vlan_interface(0, 0));
+        assert!(
+            !belongs_to_vlan_interface(1, 0x6000),
+            "VLAN 0 with a priority"
+        );
+        assert!(belongs_to_vlan_interface(1, 5));
+        assert!(
+            belongs_to_vlan_interface(1, 0xe005),
+            "VLAN 5 with a priority"
+        );
+        assert!(!belongs_to_vlan_interface(0, 5), "no tag present");
     }
 
     #[test]

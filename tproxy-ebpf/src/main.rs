@@ -141,6 +141,10 @@ fn header<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 
 fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
     const NOT_STEERED: (Protocol, Outcome) = (Protocol::Other, Outcome::Passed);
+    let skb = unsafe { &*ctx.skb.skb };
+    if decision::belongs_to_vlan_interface(skb.vlan_present, skb.vlan_tci) {
+        return NOT_STEERED;
+    }
     let Some(ethertype) = header::<[u8; 2]>(ctx, 12) else {
         return NOT_STEERED;
     };
