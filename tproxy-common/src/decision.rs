@@ -141,10 +141,12 @@ const EOPNOTSUPP: i64 = 95;
 
 /// Classifies the negative errno that `bpf_sk_assign` returned.
 pub const fn assign_error(ret: i64) -> Outcome {
-    match -ret {
-        ENETUNREACH => Outcome::AssignErrorNetns,
-        ESOCKTNOSUPPORT => Outcome::AssignErrorSocketType,
-        EOPNOTSUPP => Outcome::AssignErrorNotSupported,
+    // Compared as negatives: negating `ret` itself would overflow for i64::MIN (found by
+    // the `decisions` fuzz target).
+    match ret {
+        ret if ret == -ENETUNREACH => Outcome::AssignErrorNetns,
+        ret if ret == -ESOCKTNOSUPPORT => Outcome::AssignErrorSocketType,
+        ret if ret == -EOPNOTSUPP => Outcome::AssignErrorNotSupported,
         _ => Outcome::AssignErrorOther,
     }
 }
@@ -376,5 +378,6 @@ mod tests {
         assert_eq!(assign_error(-94), Outcome::AssignErrorSocketType);
         assert_eq!(assign_error(-95), Outcome::AssignErrorNotSupported);
         assert_eq!(assign_error(-22), Outcome::AssignErrorOther);
+        assert_eq!(assign_error(i64::MIN), Outcome::AssignErrorOther);
     }
 }

@@ -128,13 +128,20 @@ pub fn default_listen() -> Vec<SocketAddr> {
 impl Config {
     /// Builds the configuration from `--config` (if given) and the other flags.
     fn load(args: &RunArgs) -> Result<Self> {
-        let (mut raw, text) = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                (parse_file(path, &text)?, text)
-            }
-            None => (ConfigFile::default(), String::new()),
+        let text = match &args.config {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+            None => String::new(),
+        };
+        Self::from_text(args, &text)
+    }
+
+    /// What [`Config::build`] makes of `text` as the contents of `args.config`, without
+    /// reading any file (for fuzzing).
+    pub fn from_text(args: &RunArgs, text: &str) -> Result<Self> {
+        let mut raw = match &args.config {
+            Some(path) => parse_file(path, text)?,
+            None => ConfigFile::default(),
         };
         let mut settings = Settings::default();
         raw.apply_settings(&mut settings);
@@ -146,7 +153,7 @@ impl Config {
         let mut rules = Vec::new();
         let mut configured_rules = 0;
         if let Some(file) = &args.config {
-            let at = |span: std::ops::Range<usize>| Location::new(file, &text, span);
+            let at = |span: std::ops::Range<usize>| Location::new(file, text, span);
             listeners = raw.listeners(&at)?;
             configured_rules = raw.rules.len();
             rules = raw.rules(&listeners, &at)?;
@@ -678,7 +685,8 @@ impl Config {
         }
     }
 
-    /// [`Config::load`], then the listener transports.
+    /// The configuration `run` would use: the file named by `--config` (if any) and the
+    /// flags, checked.
     pub fn build(args: &RunArgs) -> Result<Self> {
         let mut config = Config::load(args)?;
         config.mark_listener_transports();

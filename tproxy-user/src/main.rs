@@ -1,26 +1,6 @@
-//! `tproxy`: transparent proxying with a tc ingress eBPF program instead of the iptables
-//! socket match and TPROXY target.
-//!
-//! The data path, one module each:
-//! packet → [`steering`] (the eBPF program's decision) → [`listener`] (transparent socket)
-//! → [`relay`] (TCP: accept, original destination, connect onward, copy) or [`udp`] (a session
-//! per client and original destination) → upstream.
-//! [`routing`] installs the policy routing that makes assigned packets local, and [`run`]
-//! puts the pieces together in the order that leaves nothing behind.
+//! `tproxy`: the command line. The work is done by the `tproxy_user` library next to it.
 
-mod cli;
-mod config;
-mod instance;
-mod listener;
-mod privileges;
-mod relay;
-mod routing;
-mod rules;
-mod run;
-mod splice;
-mod steering;
-mod translate;
-mod udp;
+use tproxy_user::{cli, config, instance, rules, run, translate};
 
 use std::process::ExitCode;
 

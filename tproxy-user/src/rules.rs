@@ -39,7 +39,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{
     any_port_class, range_class, single_port_class, DstKey, SrcKey, Verdict, GENERATION_BIT,
@@ -47,7 +47,7 @@ use tproxy_common::maps::{
     VERDICT_STEER,
 };
 
-use crate::listener::Transport;
+pub use crate::listener::Transport;
 
 /// Which destination ports a rule matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,7 +67,7 @@ impl Ports {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     fn contains(self, port: u16) -> bool {
         match self {
             Ports::One(p) => p == port,
@@ -171,7 +171,7 @@ impl Rule {
     }
 
     /// The match as the program would report it (retired rules behave as bypass).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     fn rule_match(&self) -> RuleMatch {
         match self.action {
             Action::Steer(listener) if !self.retired => RuleMatch::Steer(listener),
@@ -472,7 +472,7 @@ fn truncated(net: IpNet, len: u8) -> Option<IpNet> {
 }
 
 /// A packet as the rules see it.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 #[derive(Clone, Debug)]
 pub struct Packet<'a> {
     pub transport: Transport,
@@ -484,7 +484,7 @@ pub struct Packet<'a> {
 
 /// The decision for `packet` by the definition: the first matching rule in precedence order.
 /// The compiled maps must agree with this; the tests check that they do.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
     let src = IpNet::from(packet.src);
     let dst = IpNet::from(packet.dst);
@@ -536,7 +536,7 @@ pub fn by_precedence(rules: &[Rule]) -> Vec<&Rule> {
 }
 
 /// What the compiled maps say for `packet`, looked up the way the eBPF program does.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn lookup(
     compiled: &CompiledRules,
     generation: u32,

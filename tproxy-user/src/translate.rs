@@ -271,7 +271,7 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
         );
         let _ = writeln!(out, "interfaces = \"all\"");
     } else {
-        let names: Vec<String> = ifaces.iter().map(|i| format!("\"{i}\"")).collect();
+        let names: Vec<String> = ifaces.iter().map(|i| quote(i)).collect();
         let _ = writeln!(out, "interfaces = [{}]", names.join(", "));
     }
     let mut marks: Vec<Mark> = Vec::new();
@@ -305,7 +305,13 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
     }
     for (rule, listener) in &kept {
         let m = &rule.matches;
-        let _ = writeln!(out, "\n[[rule]]\n# line {}: {}", rule.line, rule.text);
+        // A comment cannot hold control characters.
+        let text: String = rule
+            .text
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        let _ = writeln!(out, "\n[[rule]]\n# line {}: {text}", rule.line);
         let transports = if m.transports.is_empty() {
             vec![Transport::Tcp, Transport::Udp]
         } else {
@@ -343,7 +349,7 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
             let _ = writeln!(out, "ports = [{}]", ports.join(", "));
         }
         if let Some(iface) = &m.iface {
-            let _ = writeln!(out, "iface = \"{iface}\"");
+            let _ = writeln!(out, "iface = {}", quote(iface));
         }
         match listener {
             Some(port) => {
@@ -376,6 +382,30 @@ fn full_mark(text: &str) -> Result<Mark, String> {
 
 fn listener_name(port: u16) -> String {
     format!("tproxy-{port}")
+}
+
+/// `text` as a TOML string, escaped.
+fn quote(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+/// Checks an input interface name the way the kernel would take it.
+fn interface_name(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '/' && c != ':');
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "`{}` is not an interface name",
+            name.escape_debug()
+        ))
+    }
 }
 
 fn quoted(prefixes: &[IpNet]) -> String {
@@ -810,7 +840,7 @@ fn parse_iptables_rule(
                 if iface.ends_with('+') {
                     return Err(format!("interface wildcard {iface}"));
                 }
-                m.iface = Some(iface);
+                m.iface = Some(interface_name(&iface)?);
                 i += 2;
             }
             "-m" | "--match" => {
@@ -1155,7 +1185,7 @@ fn parse_nft_rule(
             "iifname" | "iif" => {
                 let (values, next) = nft_values(&w, i + 1, sets, table)?;
                 match values.as_slice() {
-                    [one] if !one.ends_with('*') => m.iface = Some(one.clone()),
+                    [one] if !one.ends_with('*') => m.iface = Some(interface_name(one)?),
                     _ => return Err("several or wildcard input interfaces".into()),
                 }
                 i = next;
@@ -1163,7 +1193,7 @@ fn parse_nft_rule(
             "meta" if w.get(i + 1).is_some_and(|x| x == "iifname") => {
                 let (values, next) = nft_values(&w, i + 2, sets, table)?;
                 match values.as_slice() {
-                    [one] if !one.ends_with('*') => m.iface = Some(one.clone()),
+                    [one] if !one.ends_with('*') => m.iface = Some(interface_name(one)?),
                     _ => return Err("several or wildcard input interfaces".into()),
                 }
                 i = next;

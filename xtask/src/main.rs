@@ -5,9 +5,13 @@
 //! - `build`: setup, then the release binary at `target/release/tproxy`.
 //! - `test`: build, then every unit and kernel test.
 //! - `demo`: build, then a real interception on a throwaway namespace topology.
+//! - `fuzz`: run the cargo-fuzz targets for a while each (a short run is part of `test`).
+//! - `soak`: mixed TCP/UDP load with churn for a while, then check nothing leaked (a short
+//!   soak is part of `test`).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -47,7 +51,23 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Run each fuzz target (cargo fuzz, nightly) from its corpus in fuzz/corpus; installs
+    /// cargo-fuzz if missing. New findings stay out of the repository (a temporary corpus).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
+    /// Build, then run the soak test for longer than `test` does (needs root).
+    Soak {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 600)]
+        seconds: u32,
+    },
 }
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const TEST_FUZZ_SECONDS: u32 = 10;
 
 fn main() -> Result<()> {
     match Cli::parse().command {
@@ -61,6 +81,26 @@ fn main() -> Result<()> {
         Task::Bench { rounds } => {
             let binary = build()?;
             bench::run(&binary, rounds.max(1))
+        }
+        Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::Soak { seconds } => {
+            require_root("the soak test creates network namespaces")?;
+            let binary = build()?;
+            check(
+                cargo()
+                    .args([
+                        "test",
+                        "--release",
+                        "--locked",
+                        "-p",
+                        "tproxy-tests",
+                        "--test",
+                        "soak",
+                    ])
+                    .args(["--", "--nocapture"])
+                    .env("TPROXY_BIN", binary)
+                    .env("TPROXY_SOAK_SECONDS", seconds.to_string()),
+            )
         }
     }
 }
@@ -105,7 +145,12 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["test", "--release", "--locked", "--workspace"])
             .args(extra)
             .env("TPROXY_BIN", binary),
-    )
+    )?;
+    // A filtered run is someone iterating on a test; the full run fuzzes briefly too.
+    if extra.is_empty() {
+        fuzz::run(TEST_FUZZ_SECONDS)?;
+    }
+    Ok(())
 }
 
 fn require_root(why: &str) -> Result<()> {

@@ -1,0 +1,88 @@
+//! Differential: for rule sets and packets built from the input, the compiled maps, looked
+//! up the way the eBPF program does, give the answer of the definition (the first matching
+//! rule in precedence order).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tproxy_user::rules::{compile, decide, lookup, Action, Packet, Ports, Rule, Transport};
+
+const IFACES: [&str; 2] = ["eth0", "eth1"];
+
+/// Reads values from the input, cycling when it runs out.
+struct Bytes<'a>(&'a [u8], usize);
+
+impl Bytes<'_> {
+    fn next(&mut self) -> u8 {
+        let byte = self.0.get(self.1 % self.0.len().max(1)).copied().unwrap_or(0);
+        self.1 += 1;
+        byte
+    }
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.next() as usize % from.len()]
+    }
+}
+
+fn prefix(bytes: &mut Bytes<'_>, v6: bool) -> ipnet::IpNet {
+    // Few distinct addresses so that rules and packets overlap often.
+    let host = bytes.pick(&[1u8, 2, 3, 130]);
+    let len = bytes.pick(&[0u8, 8, 16, 24, 25, 32]);
+    let text = if v6 {
+        format!("2001:db8::{host}/{}", len as u32 * 4)
+    } else {
+        format!("10.1.2.{host}/{len}")
+    };
+    text.parse::<ipnet::IpNet>().unwrap().trunc()
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.is_empty() {
+        return;
+    }
+    let mut bytes = Bytes(data, 0);
+    let count = 1 + bytes.next() as usize % 10;
+    let rules: Vec<Rule> = (0..count)
+        .map(|i| {
+            let v6 = bytes.next() % 4 == 0;
+            let ports = match bytes.next() % 4 {
+                0 => Ports::One(bytes.pick(&[80, 81, 443])),
+                1 => Ports::Range(70, bytes.pick(&[80, 90, 500])),
+                2 => Ports::Range(bytes.pick(&[80, 400]), 1000),
+                _ => Ports::Any,
+            };
+            let flags = bytes.next();
+            Rule {
+                transport: bytes.pick(&[Transport::Tcp, Transport::Udp]),
+                dst: prefix(&mut bytes, v6),
+                ports,
+                src: (flags & 1 != 0).then(|| prefix(&mut bytes, v6)),
+                iface: (flags & 2 != 0).then(|| bytes.pick(&IFACES).to_string()),
+                action: if flags & 4 != 0 { Action::Bypass } else { Action::Steer(u32::from(flags >> 5)) },
+                number: i + 1,
+                retired: flags & 8 != 0,
+            }
+        })
+        .collect();
+    let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
+    let generation = u32::from(bytes.next() & 1);
+    let compiled = compile(&rules, generation, &interfaces);
+    for _ in 0..8 {
+        let v6 = bytes.next() % 4 == 0;
+        let addr = |bytes: &mut Bytes<'_>| -> std::net::IpAddr {
+            let host = bytes.pick(&[1u8, 2, 3, 130, 200]);
+            if v6 { format!("2001:db8::{host}").parse().unwrap() } else { format!("10.1.2.{host}").parse().unwrap() }
+        };
+        let iface = bytes.next() as usize % 2;
+        let packet = Packet {
+            transport: bytes.pick(&[Transport::Tcp, Transport::Udp]),
+            src: addr(&mut bytes),
+            dst: addr(&mut bytes),
+            port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),
+            iface: IFACES[iface],
+        };
+        assert_eq!(
+            lookup(&compiled, generation, &packet, interfaces[iface].1),
+            decide(&rules, &packet),
+            "{packet:?} with {rules:#?}"
+        );
+    }
+});
