@@ -146,3 +146,76 @@ fn a_start_that_fails_late_leaves_nothing_behind() {
     );
     assert_nothing_left(&topo);
 }
+
+#[test]
+fn sigkill_under_load_fails_open_ends_relayed_connections_and_the_next_start_cleans_up() {
+    use std::{
+        io::{Read, Write},
+        time::{Duration, Instant},
+    };
+    require_root();
+    let topo = Topo::new().unwrap();
+    let echo = Server::echo(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let udp = tproxy_tests::UdpEcho::start(&topo.server, Topo::server_addr(false, 5300)).unwrap();
+    let tell = Server::tell_peer(&topo.server, "10.10.2.3:80".parse().unwrap()).unwrap();
+    let mut killed = topo.tproxy(&["--tcp", "80", "--udp", "5300"]).unwrap();
+    let load: Vec<_> = (0..10)
+        .map(|_| {
+            let mut stream = topo.client.connect(echo.addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            std::thread::spawn(move || -> Duration {
+                // Exchanges until the relay goes away; returns how long the end took to show.
+                loop {
+                    let sent = Instant::now();
+                    let mut back = [0u8; 5];
+                    let alive =
+                        stream.write_all(b"hello").is_ok() && stream.read_exact(&mut back).is_ok();
+                    if !alive {
+                        return sent.elapsed();
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    killed.signal_and_wait(Signal::SIGKILL).unwrap();
+
+    // Fail-open: new flows go straight to their destination at once.
+    assert_eq!(
+        peer_seen_by(&topo.client, tell.addr).unwrap(),
+        Topo::client_ip(false),
+        "a new TCP connection is not steered"
+    );
+    let client = tproxy_tests::udp_client(&topo.client, udp.addr).unwrap();
+    tproxy_tests::udp_exchange(&client, udp.addr, b"after the kill").unwrap();
+    assert_eq!(
+        udp.peers.lock().unwrap().last().unwrap().ip(),
+        Topo::client_ip(false),
+        "a new UDP flow is not steered"
+    );
+    // Relayed connections end (their sockets died with the process) instead of hanging.
+    for thread in load {
+        let took = thread.join().unwrap();
+        assert!(
+            took < Duration::from_secs(5),
+            "a relayed connection hung for {took:?}"
+        );
+    }
+
+    let mut next = topo.tproxy(&["--tcp", "80", "--udp", "5300"]).unwrap();
+    assert!(
+        next.log_text().contains("removed 4 rules/routes"),
+        "{}",
+        next.log_text()
+    );
+    assert_eq!(
+        peer_seen_by(&topo.client, tell.addr).unwrap(),
+        Topo::router_as_seen_by_server(false),
+        "steered again after the restart"
+    );
+    next.stop().unwrap();
+    assert_nothing_left(&topo);
+}
