@@ -177,6 +177,12 @@ pub const fn is_own_udp_socket(socket_mark: u32, own_mark: u32) -> bool {
     own_mark != 0 && socket_mark == own_mark
 }
 
+/// Whether a packet was sent by one of tproxy's own sockets (it carries their `SO_MARK`; only
+/// seen at ingress on `lo`): never steered, so the relay cannot re-enter its own steering.
+pub const fn sent_by_tproxy(packet_mark: u32, own_mark: u32) -> bool {
+    own_mark != 0 && packet_mark == own_mark
+}
+
 /// The packet mark after setting tproxy's routing mark: only the bits under `mask` change, so
 /// marks that other tools keep in the other bits survive.
 pub const fn with_routing_mark(current: u32, mark: u32, mask: u32) -> u32 {
@@ -272,6 +278,13 @@ mod tests {
             !is_own_udp_socket(0, 0),
             "an unset own mark matches nothing"
         );
+    }
+
+    #[test]
+    fn packets_of_our_own_sockets_are_recognised_by_their_mark() {
+        assert!(sent_by_tproxy(0x200_0000, 0x200_0000));
+        assert!(!sent_by_tproxy(0, 0x200_0000));
+        assert!(!sent_by_tproxy(0, 0), "an unset own mark matches nothing");
     }
 
     #[test]

@@ -165,11 +165,25 @@ impl ListenerSlot {
     }
 }
 
-/// Interfaces the tc program is attached to (ifindex → 1), for the `sk_lookup` program,
-/// which sees every listener lookup in the network namespace.
-pub const STEERED_IFACES: &str = "STEERED_IFACES";
-/// Most steered interfaces.
-pub const MAX_STEERED_IFACES: u32 = 256;
+/// LRU hash from a [`FlowKey`] to a [`LISTENERS`] index. The tc program writes an entry when
+/// it hands a packet of a steered flow to a TIME_WAIT socket; the `sk_lookup` program answers
+/// the kernel's listener lookup for exactly those flows. It sees every listener lookup in the
+/// network namespace, and must answer no other: not even one that looks steered, such as the
+/// relay's own connection to a local address on a steered port (which would loop).
+pub const TIME_WAIT_FLOWS: &str = "TIME_WAIT_FLOWS";
+/// Entries in [`TIME_WAIT_FLOWS`]; the oldest are evicted.
+pub const TIME_WAIT_FLOWS_LEN: u32 = 16384;
+
+/// A TCP flow as both programs see it: addresses in network byte order (IPv4 in the first
+/// four bytes, the rest zero), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub destination: [u8; 16],
+    pub client_port: u16,
+    pub destination_port: u16,
+}
 
 /// Name of the `sk_lookup` program in the object file.
 pub const LOOKUP_PROGRAM_NAME: &str = "tproxy_tw_syn";

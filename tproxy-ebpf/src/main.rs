@@ -26,7 +26,7 @@ use aya_ebpf::{
         bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{classifier, map, sk_lookup},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, TcContext},
     EbpfContext, Global,
 };
@@ -38,7 +38,7 @@ use tproxy_common::{
     },
     maps::{
         any_port_class, listener_slot, port_class_index, range_class, single_port_class, DstKey,
-        ListenerSlot, SrcKey, Verdict, COUNTERS_LEN, LISTENERS_LEN, MAX_STEERED_IFACES,
+        FlowKey, ListenerSlot, SrcKey, Verdict, COUNTERS_LEN, LISTENERS_LEN, TIME_WAIT_FLOWS_LEN,
         PORT_CLASSES_LEN, PORT_HAS_ANY, PORT_HAS_SINGLE, PORT_RANGE_CLASS,
     },
 };
@@ -59,7 +59,7 @@ static RULES_SRC_V6: LpmTrie<SrcKey<16>, Verdict> = LpmTrie::with_max_entries(1,
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(LISTENERS_LEN, 0);
 #[map]
-static STEERED_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_STEERED_IFACES, 0);
+static TIME_WAIT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(TIME_WAIT_FLOWS_LEN, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
@@ -101,31 +101,33 @@ pub fn tproxy_ingress(ctx: TcContext) -> i32 {
 #[sk_lookup]
 pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
     const SK_PASS: u32 = 1;
+    const AF_INET: u32 = 2;
     let lookup = unsafe { &*ctx.lookup };
-    // Map keys must be on the stack, not in the context.
-    let ifindex = unsafe { ptr::read_volatile(&lookup.ingress_ifindex) };
-    if lookup.protocol != IPPROTO_TCP as u32 || unsafe { STEERED_IFACES.get(&ifindex) }.is_none() {
+    if lookup.protocol != IPPROTO_TCP as u32 {
         return SK_PASS;
     }
-    let port = lookup.local_port as u16;
-    const AF_INET: u32 = 2;
-    let ipv6 = lookup.family != AF_INET;
-    let rule = if ipv6 {
-        let (mut daddr, mut saddr) = ([0u8; 16], [0u8; 16]);
-        for i in 0..4 {
-            daddr[i * 4..i * 4 + 4].copy_from_slice(&lookup.local_ip6[i].to_ne_bytes());
-            saddr[i * 4..i * 4 + 4].copy_from_slice(&lookup.remote_ip6[i].to_ne_bytes());
-        }
-        match_rules(&RULES_DST_V6, &RULES_SRC_V6, false, port, daddr, saddr, ifindex)
-    } else {
-        let (daddr, saddr) = (lookup.local_ip4.to_ne_bytes(), lookup.remote_ip4.to_ne_bytes());
-        match_rules(&RULES_DST_V4, &RULES_SRC_V4, false, port, daddr, saddr, ifindex)
+    // Map keys must be on the stack, not in the context.
+    let mut flow = FlowKey {
+        client_port: u16::from_be(unsafe { ptr::read_volatile(&lookup.remote_port) }),
+        destination_port: unsafe { ptr::read_volatile(&lookup.local_port) } as u16,
+        ..FlowKey::default()
     };
-    if let RuleMatch::Steer(listener) = rule {
-        let slot = listener_slot(listener, ListenerSlot::of(true, ipv6));
-        // Failing that, the kernel's own lookup goes on and answers as it would have.
-        let _ = LISTENERS.redirect_sk_lookup(&ctx, slot, 0);
+    let ipv6 = lookup.family != AF_INET;
+    if ipv6 {
+        for i in 0..4 {
+            flow.client[i * 4..i * 4 + 4].copy_from_slice(&lookup.remote_ip6[i].to_ne_bytes());
+            flow.destination[i * 4..i * 4 + 4].copy_from_slice(&lookup.local_ip6[i].to_ne_bytes());
+        }
+    } else {
+        flow.client[..4].copy_from_slice(&lookup.remote_ip4.to_ne_bytes());
+        flow.destination[..4].copy_from_slice(&lookup.local_ip4.to_ne_bytes());
     }
+    let Some(&slot) = (unsafe { TIME_WAIT_FLOWS.get(&flow) }) else {
+        return SK_PASS;
+    };
+    let _ = TIME_WAIT_FLOWS.remove(&flow);
+    // Failing that, the kernel's own lookup goes on and answers as it would have.
+    let _ = LISTENERS.redirect_sk_lookup(&ctx, slot, 0);
     SK_PASS
 }
 
@@ -142,7 +144,9 @@ fn header<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
     const NOT_STEERED: (Protocol, Outcome) = (Protocol::Other, Outcome::Passed);
     let skb = unsafe { &*ctx.skb.skb };
-    if decision::belongs_to_vlan_interface(skb.vlan_present, skb.vlan_tci) {
+    if decision::belongs_to_vlan_interface(skb.vlan_present, skb.vlan_tci)
+        || decision::sent_by_tproxy(skb.mark, OWN_SOCKET_MARK.load())
+    {
         return NOT_STEERED;
     }
     let Some(ethertype) = header::<[u8; 2]>(ctx, 12) else {
@@ -394,7 +398,14 @@ fn steer_tcp(
         )
     };
     if !own.is_null() {
-        if decision::socket_owns_flow(unsafe { (*own).state }) {
+        let state = unsafe { (*own).state };
+        if decision::socket_owns_flow(state) {
+            if let (decision::TCP_TIME_WAIT, Some(slot)) = (state, listener_slot) {
+                // A new SYN here makes the kernel retire the socket and look up a listener:
+                // tell the sk_lookup program which one.
+                let flow = time_wait_flow(unsafe { &*tuple }, tuple_len);
+                let _ = TIME_WAIT_FLOWS.insert(&flow, &slot, 0);
+            }
             return assign_and_release(ctx, own, Outcome::SteeredEstablished);
         }
         unsafe { bpf_sk_release(own as *mut c_void) };
@@ -410,6 +421,28 @@ fn steer_tcp(
         return Outcome::NoListener;
     }
     assign_and_release(ctx, listener, Outcome::SteeredNew)
+}
+
+/// The [`FlowKey`] of a socket-lookup tuple (addresses as they are, ports to host order).
+#[inline(always)]
+fn time_wait_flow(tuple: &bpf_sock_tuple, tuple_len: u32) -> FlowKey {
+    let mut flow = FlowKey::default();
+    if tuple_len == mem::size_of::<TupleV4>() as u32 {
+        let v4 = unsafe { tuple.__bindgen_anon_1.ipv4 };
+        flow.client[..4].copy_from_slice(&v4.saddr.to_ne_bytes());
+        flow.destination[..4].copy_from_slice(&v4.daddr.to_ne_bytes());
+        flow.client_port = u16::from_be(v4.sport);
+        flow.destination_port = u16::from_be(v4.dport);
+    } else {
+        let v6 = unsafe { tuple.__bindgen_anon_1.ipv6 };
+        for i in 0..4 {
+            flow.client[i * 4..i * 4 + 4].copy_from_slice(&v6.saddr[i].to_ne_bytes());
+            flow.destination[i * 4..i * 4 + 4].copy_from_slice(&v6.daddr[i].to_ne_bytes());
+        }
+        flow.client_port = u16::from_be(v6.sport);
+        flow.destination_port = u16::from_be(v6.dport);
+    }
+    flow
 }
 
 /// UDP socket match (tproxy's own per-flow sockets only), then listener.

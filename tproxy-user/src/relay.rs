@@ -46,6 +46,8 @@ pub struct RelayConfig {
     pub max_connections_per_source: usize,
     /// Connect to the upstream from the client's address instead of this host's.
     pub transparent_upstream: bool,
+    /// SO_MARK of upstream sockets: the program passes packets carrying it.
+    pub socket_mark: u32,
     /// All our listeners' addresses: relaying to one of them would loop forever. Updated
     /// when a reload adds or removes listeners.
     pub own_listeners: Arc<RwLock<Vec<SocketAddr>>>,
@@ -217,7 +219,7 @@ async fn relay(
         return;
     }
     let source = config.transparent_upstream.then_some(peer.ip());
-    let upstream = match connect(target, source, config.connect_timeout).await {
+    let upstream = match connect(target, source, config.socket_mark, config.connect_timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
@@ -252,32 +254,35 @@ async fn relay(
 }
 
 /// Connects to `target`, from the client's own address `source` if given (transparent
-/// upstream: IP_TRANSPARENT lets the socket use an address that is not local).
+/// upstream: IP_TRANSPARENT lets the socket use an address that is not local). The socket
+/// carries `mark`, which the program never steers: even if the path to the upstream comes
+/// back in through a steered interface (`lo`), the relay cannot re-enter its own steering.
 async fn connect(
     target: SocketAddr,
     source: Option<IpAddr>,
+    mark: u32,
     limit: Duration,
 ) -> io::Result<TcpStream> {
     let connecting = async {
-        let Some(source) = source else {
-            return TcpStream::connect(target).await;
-        };
-        if source.is_ipv4() != target.is_ipv4() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("cannot connect from the client's {source} to {target}: address families differ"),
-            ));
-        }
         let socket = match target {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
         };
         let raw = socket2::SockRef::from(&socket);
-        match target {
-            SocketAddr::V4(_) => raw.set_ip_transparent_v4(true)?,
-            SocketAddr::V6(_) => raw.set_ip_transparent_v6(true)?,
+        raw.set_mark(mark)?;
+        if let Some(source) = source {
+            if source.is_ipv4() != target.is_ipv4() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot connect from the client's {source} to {target}: address families differ"),
+                ));
+            }
+            match target {
+                SocketAddr::V4(_) => raw.set_ip_transparent_v4(true)?,
+                SocketAddr::V6(_) => raw.set_ip_transparent_v6(true)?,
+            }
+            socket.bind(SocketAddr::new(source, 0))?;
         }
-        socket.bind(SocketAddr::new(source, 0))?;
         socket.connect(target).await
     };
     let stream = timeout(limit, connecting).await.map_err(|_| {

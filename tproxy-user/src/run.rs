@@ -410,6 +410,7 @@ impl Relays {
                 max_connections: settings.max_connections as usize,
                 max_connections_per_source: settings.max_connections_per_source as usize,
                 transparent_upstream: settings.transparent_upstream,
+                socket_mark: settings.socket_mark,
                 own_listeners: own_addrs.clone(),
             }),
             own_addrs,

@@ -6,7 +6,7 @@ use std::{os::fd::AsRawFd, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
     programs::{tc, SchedClassifier, SkLookup, TcAttachType},
     util::KernelVersion,
     Ebpf, EbpfLoader,
@@ -335,13 +335,6 @@ impl Steering {
                 Err(e) => log::warn!("could not look for stale tproxy filters on {iface}: {e}"),
             }
         }
-        let ifindex = nix::net::if_::if_nametoindex(iface)
-            .with_context(|| format!("--iface {iface}: no such interface"))?;
-        let mut ifaces: HashMap<_, u32, u8> =
-            HashMap::try_from(self.map_mut(maps::STEERED_IFACES)?)?;
-        ifaces
-            .insert(ifindex, 1, 0)
-            .with_context(|| format!("adding {iface} to the steered interfaces"))?;
         self.program_mut()?
             .attach(iface, TcAttachType::Ingress)
             .with_context(|| {

@@ -240,7 +240,7 @@ impl UdpRelay {
             }
             return None;
         }
-        let upstream = match connect_upstream(target) {
+        let upstream = match connect_upstream(target, self.config.socket_mark) {
             Ok(upstream) => upstream,
             Err(error) => {
                 self.stats.upstream_errors.fetch_add(1, Relaxed);
@@ -416,11 +416,15 @@ fn unspecified(like: SocketAddr) -> SocketAddr {
     }
 }
 
-fn connect_upstream(target: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = std::net::UdpSocket::bind(unspecified(target))?;
-    socket.connect(target)?;
+/// The session's socket towards `target`, marked so that the program never steers what it
+/// sends (should its path come back in through a steered interface, e.g. `lo`).
+fn connect_upstream(target: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(target), Type::DGRAM, None)?;
+    socket.set_mark(mark)?;
+    socket.bind(&unspecified(target).into())?;
+    socket.connect(&target.into())?;
     socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
+    UdpSocket::from_std(socket.into())
 }
 
 fn bind_reply_socket(original: SocketAddr, client: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
