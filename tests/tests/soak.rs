@@ -14,9 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tproxy_tests::{
-    payload, require_root, udp_client, RouterTopology as Topo, Server, Tproxy, UdpEcho,
-};
+use tproxy_tests::{payload, require_root, udp_client, RouterTopology as Topo, Server, UdpEcho};
 
 /// Open descriptors by kind: (pipes, everything else). Pipes are the relay's splice pool,
 /// which keeps up to 256 idle pipes for reuse (two descriptors each); everything else must
