@@ -133,6 +133,11 @@ pub struct RunArgs {
     #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_sessions: Option<u32>,
 
+    /// Serve Prometheus metrics on `/metrics` at this address, with `/healthz` and `/readyz`
+    /// for probes. Keep it on loopback or a management network.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
+    pub metrics: Option<SocketAddr>,
+
     /// Once set up, run as this user (with only CAP_NET_ADMIN and CAP_NET_RAW, which tproxy
     /// keeps in any case). The configuration file must stay readable to it for reloads.
     #[arg(long, value_name = "NAME")]

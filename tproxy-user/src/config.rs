@@ -60,6 +60,8 @@ pub struct Settings {
     pub transparent_upstream: bool,
     /// The user to run as once set up (see `privileges`).
     pub user: Option<String>,
+    /// Where to serve Prometheus metrics and the health endpoints.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The default overall connection limit: what the open-files limit allows (two descriptors
@@ -91,6 +93,7 @@ impl Default for Settings {
             max_connections_per_source: 0,
             transparent_upstream: false,
             user: None,
+            metrics: None,
         }
     }
 }
@@ -353,6 +356,9 @@ impl RunArgs {
         if let Some(user) = &self.user {
             settings.user = Some(user.clone());
         }
+        if let Some(metrics) = self.metrics {
+            settings.metrics = Some(metrics);
+        }
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(value) = self.$field { settings.$field = value; })* };
         }
@@ -458,6 +464,7 @@ struct ConfigFile {
     max_connections_per_source: Option<Text<SessionCap>>,
     transparent_upstream: Option<bool>,
     user: Option<String>,
+    metrics: Option<Text<SocketAddr>>,
     #[serde(default, rename = "listener")]
     listeners: Vec<toml::Spanned<ListenerEntry>>,
     #[serde(default, rename = "rule")]
@@ -505,6 +512,9 @@ impl ConfigFile {
         }
         if let Some(user) = self.user.take() {
             settings.user = Some(user);
+        }
+        if let Some(Text(metrics)) = self.metrics {
+            settings.metrics = Some(metrics);
         }
         if let Some(Text(Table(table))) = self.table {
             settings.table = table;

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod instance;
 mod listener;
+mod metrics;
 mod privileges;
 mod relay;
 mod routing;

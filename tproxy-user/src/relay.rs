@@ -48,6 +48,8 @@ pub struct RelayConfig {
     pub transparent_upstream: bool,
     /// SO_MARK of upstream sockets: the program passes packets carrying it.
     pub socket_mark: u32,
+    /// Seconds each successful upstream connect took.
+    pub connect_latency: prometheus_client::metrics::histogram::Histogram,
     /// All our listeners' addresses: relaying to one of them would loop forever. Updated
     /// when a reload adds or removes listeners.
     pub own_listeners: Arc<RwLock<Vec<SocketAddr>>>,
@@ -219,8 +221,14 @@ async fn relay(
         return;
     }
     let source = config.transparent_upstream.then_some(peer.ip());
+    let connecting = Instant::now();
     let upstream = match connect(target, source, config.socket_mark, config.connect_timeout).await {
-        Ok(upstream) => upstream,
+        Ok(upstream) => {
+            config
+                .connect_latency
+                .observe(connecting.elapsed().as_secs_f64());
+            upstream
+        }
         Err(error) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
             log::info!("{peer} -> {original}: upstream {target}: {error}; resetting client");

@@ -24,7 +24,7 @@ use crate::{
     config::{Config, Interfaces, ListenerConfig, Settings},
     instance::InstanceLock,
     listener::{self, TransparentListener, Transport},
-    privileges,
+    metrics, privileges,
     relay::{self, RelayConfig, RelayStats, Upstream},
     routing::{self, PolicyRouting, RoutingSpec},
     rules::{self, Action, Rule},
@@ -43,11 +43,14 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .map(privileges::resolve_user)
         .transpose()?;
     let mut relays = Relays::new(&config.settings);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if args.relay_only {
+        relays.serve_metrics(&config.settings, None, &ready).await?;
         let plan = relays.plan(&config)?;
         relays.commit(plan, None)?;
         privileges::drop_privileges(workers, user.as_ref()).await?;
         announce_ready(&args, &config, &[], &relays);
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         return serve(&args, config, relays, None, &[], &mut signals).await;
     }
 
@@ -71,6 +74,9 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         rule_map_capacity: steering::rule_map_capacity(&first),
     })?;
     steering.spawn_log_forwarder()?;
+    relays
+        .serve_metrics(settings, Some(steering.counter_reader()), &ready)
+        .await?;
     plan.register(&mut steering)?;
     steering.install_rules(first)?;
     relays.commit(plan, Some(&mut steering))?;
@@ -88,6 +94,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         let attached = attach_all(&mut steering, &interfaces)?;
         privileges::drop_privileges(workers, user.as_ref()).await?;
         announce_ready(&args, &config, &attached, &relays);
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         serve(
             &args,
             config,
@@ -219,6 +226,9 @@ fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
         || old.half_close_timeout != new.half_close_timeout
     {
         changed.push("connect_timeout/idle_timeout/half_close_timeout");
+    }
+    if old.metrics != new.metrics {
+        changed.push("metrics");
     }
     if old.user != new.user {
         changed.push("user");
@@ -411,6 +421,7 @@ impl Relays {
                 max_connections_per_source: settings.max_connections_per_source as usize,
                 transparent_upstream: settings.transparent_upstream,
                 socket_mark: settings.socket_mark,
+                connect_latency: metrics::connect_latency(),
                 own_listeners: own_addrs.clone(),
             }),
             own_addrs,
@@ -420,6 +431,29 @@ impl Relays {
             shutdown,
             tasks,
         }
+    }
+
+    /// Starts the metrics endpoint, if the settings ask for one.
+    async fn serve_metrics(
+        &self,
+        settings: &Settings,
+        counters: Option<crate::steering::CounterReader>,
+        ready: &Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<()> {
+        let Some(addr) = settings.metrics else {
+            return Ok(());
+        };
+        metrics::serve(
+            addr,
+            metrics::Sources {
+                counters,
+                tcp: self.tcp_stats.clone(),
+                udp: self.udp.clone(),
+                connect_latency: self.tcp_config.connect_latency.clone(),
+                ready: ready.clone(),
+            },
+        )
+        .await
     }
 
     /// Binds what `config` needs that is not serving yet and works out the rest.

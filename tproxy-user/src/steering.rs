@@ -2,11 +2,11 @@
 //! baked in, install compiled rule sets into its maps (atomically, by generation), put our
 //! listeners into its socket map, attach it at tc ingress, and read its counters. Dropping [`Steering`] detaches everything it attached.
 
-use std::{os::fd::AsRawFd, time::Duration};
+use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SockMap},
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, SockMap},
     programs::{tc, SchedClassifier, SkLookup, TcAttachType},
     util::KernelVersion,
     Ebpf, EbpfLoader,
@@ -52,6 +52,7 @@ pub struct Steering {
     active: Option<(u32, CompiledRules)>,
     /// Entries each rule map can hold, both generations together.
     capacity: u32,
+    counters: CounterReader,
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -97,10 +98,16 @@ impl Steering {
             .map_max_entries(maps::RULES_SRC_V6, capacity)
             .load(PROGRAM)
             .context("loading the eBPF object into the kernel")?;
+        let mut ebpf = ebpf;
+        let counters = ebpf
+            .take_map(maps::COUNTERS)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
+        let counters = CounterReader(Arc::new(PerCpuArray::try_from(counters)?));
         let mut steering = Steering {
             ebpf,
             active: None,
             capacity,
+            counters,
         };
         let program: &mut SchedClassifier = steering.program_mut()?;
         program
@@ -345,16 +352,27 @@ impl Steering {
 
     /// Packet counts per protocol and outcome, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let map = self
-            .ebpf
-            .map(maps::COUNTERS)
-            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
-        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        self.counters.read()
+    }
+
+    /// A handle on the counters for other tasks (the metrics endpoint).
+    pub fn counter_reader(&self) -> CounterReader {
+        self.counters.clone()
+    }
+}
+
+/// Reads the program's per-CPU counters; shared, cheap to clone.
+#[derive(Clone)]
+pub struct CounterReader(Arc<PerCpuArray<MapData, u64>>);
+
+impl CounterReader {
+    /// Packet counts per protocol and outcome, summed over CPUs.
+    pub fn read(&self) -> Result<Counters> {
         let mut totals = Counters::default();
         for protocol in Protocol::ALL {
             for outcome in Outcome::ALL {
                 let index = tproxy_common::decision::counter_index(protocol, outcome);
-                totals[protocol as usize][outcome as usize] = counters.get(&index, 0)?.iter().sum();
+                totals[protocol as usize][outcome as usize] = self.0.get(&index, 0)?.iter().sum();
             }
         }
         Ok(totals)
