@@ -832,3 +832,19 @@ pub fn restore_iptables(netns: &Netns, rules: &str) -> Result<()> {
     ])?;
     Ok(())
 }
+
+/// Runs `tproxy ARGS…` in `netns` to completion; returns (status, stdout, stderr).
+pub fn run_tproxy_output(netns: &Netns, args: &[&str]) -> Result<(ExitStatus, String, String)> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .arg(tproxy_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running tproxy")?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}

@@ -28,9 +28,29 @@ pub enum Command {
     /// Make the running `tproxy run` of this network namespace re-read its configuration
     /// file (the same as sending it SIGHUP).
     Reload(ReloadArgs),
+    /// Check this host for what transparent proxying needs and for what breaks it (kernel
+    /// support, rp_filter, forwarding, firewall policies, other TPROXY users and ingress
+    /// programs); prints what to run for each problem. Exits non-zero if anything is wrong.
+    Doctor(DoctorArgs),
     /// Print an equivalent tproxy configuration for an iptables/ip6tables TPROXY rule set
     /// (`iptables-save` output) or an nft one (`nft list ruleset` output) read from stdin.
     Translate(TranslateArgs),
+}
+
+/// Flags of `tproxy doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Take the interfaces and mark from this configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Interface to check (repeat for several); replaces the file's.
+    #[arg(long = "iface", value_name = "IF")]
+    pub ifaces: Vec<String>,
+
+    /// The routing mark tproxy uses (as for `run`).
+    #[arg(long, value_name = "MARK[/MASK]", value_parser = parse_mark)]
+    pub mark: Option<Mark>,
 }
 
 /// Flags of `tproxy reload`.

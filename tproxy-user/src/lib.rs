@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod instance;
 mod listener;
 mod metrics;

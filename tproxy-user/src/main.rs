@@ -1,10 +1,36 @@
 //! `tproxy`: the command line. The work is done by the `tproxy_user` library next to it.
 
-use tproxy_user::{cli, config, instance, rules, run, translate};
+use tproxy_user::{cli, config, doctor, instance, rules, run, translate};
 
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// The settings `doctor` examines: the configuration file's (if given), then the flags.
+fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<config::Settings> {
+    let mut settings = match &args.config {
+        Some(path) => {
+            let run = cli::Cli::try_parse_from([
+                "tproxy".as_ref(),
+                "run".as_ref(),
+                "--config".as_ref(),
+                path.as_os_str(),
+            ])?;
+            let cli::Command::Run(run) = run.command else {
+                unreachable!()
+            };
+            config::Config::build(&run)?.settings
+        }
+        None => config::Settings::default(),
+    };
+    if !args.ifaces.is_empty() {
+        settings.interfaces = config::Interfaces::Named(args.ifaces.clone());
+    }
+    if let Some(mark) = args.mark {
+        settings.mark = mark;
+    }
+    Ok(settings)
+}
 
 /// `tproxy check`: everything `run` would check before touching the system.
 fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
@@ -59,6 +85,9 @@ fn main() -> ExitCode {
         cli::Command::Reload(args) => instance::signal_running(args.table, nix::sys::signal::Signal::SIGHUP)
             .map(|pid| println!("asked tproxy (pid {pid}) to reload; its log says whether the new configuration is in force")),
         cli::Command::Translate(args) => translate::run(&args),
+        cli::Command::Doctor(args) => {
+            doctor_settings(&args).and_then(|settings| runtime.block_on(doctor::run(&settings)))
+        }
     };
     // In-flight relays end with the runtime; steering and routing are already gone by now.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

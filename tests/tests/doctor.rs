@@ -1,0 +1,98 @@
+//! `tproxy doctor` finds what breaks transparent proxying, and says how to fix it.
+
+use std::process::Command;
+
+use tproxy_tests::{
+    install_iptables_tproxy, remove_iptables_tproxy, require_root, run_tproxy_output,
+    IptablesTproxy, RouterTopology as Topo,
+};
+
+const IFACE: &str = Topo::ROUTER_CLIENT_IFACE;
+
+fn doctor(topo: &Topo) -> (bool, String) {
+    let (status, stdout, stderr) =
+        run_tproxy_output(&topo.router, &["doctor", "--iface", IFACE]).unwrap();
+    (status.success(), format!("{stdout}{stderr}"))
+}
+
+fn iptables(topo: &Topo, args: &[&str]) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", &topo.router.name, "iptables"])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "iptables {args:?}");
+}
+
+#[test]
+fn doctor_passes_a_healthy_router_and_finds_each_deliberate_breakage() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (healthy, report) = doctor(&topo);
+    assert!(healthy, "{report}");
+    assert!(report.contains("the steering program loads"), "{report}");
+    assert!(report.contains("no problems found"), "{report}");
+
+    // Strict reverse-path filtering on the steered interface.
+    topo.router
+        .sysctl(&format!("net.ipv4.conf.{IFACE}.rp_filter"), "1")
+        .unwrap();
+    let (healthy, report) = doctor(&topo);
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("PROBLEM strict reverse-path filtering (rp_filter 1) on to-client"),
+        "{report}"
+    );
+    assert!(
+        report.contains("fix: sysctl -w net.ipv4.conf.to-client.rp_filter=2"),
+        "{report}"
+    );
+    topo.router
+        .sysctl(&format!("net.ipv4.conf.{IFACE}.rp_filter"), "2")
+        .unwrap();
+    assert!(doctor(&topo).0);
+
+    // A conflicting iptables TPROXY rule set.
+    let recipe = IptablesTproxy {
+        iface: IFACE,
+        tcp_ports: &[80],
+        udp_ports: &[],
+        on_port: 15001,
+        decoys: &[],
+    };
+    install_iptables_tproxy(&topo.router, &recipe).unwrap();
+    let (healthy, report) = doctor(&topo);
+    assert!(!healthy);
+    assert!(
+        report.contains("iptables-save: 1 TPROXY rule(s) are active"),
+        "{report}"
+    );
+    assert!(report.contains("tproxy translate"), "{report}");
+    remove_iptables_tproxy(&topo.router).unwrap();
+
+    // An INPUT policy that drops, then the accept for the mark that fixes it.
+    iptables(&topo, &["-P", "INPUT", "DROP"]);
+    let (healthy, report) = doctor(&topo);
+    assert!(!healthy);
+    assert!(
+        report.contains(
+            "the IPv4 INPUT policy drops, and no rule accepts tproxy's mark 0x1000000/0x1000000"
+        ),
+        "{report}"
+    );
+    iptables(
+        &topo,
+        &[
+            "-I",
+            "INPUT",
+            "-m",
+            "mark",
+            "--mark",
+            "0x1000000/0x1000000",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    let (healthy, report) = doctor(&topo);
+    assert!(healthy, "{report}");
+}

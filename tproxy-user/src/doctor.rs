@@ -1,0 +1,319 @@
+//! `tproxy doctor`: why would traffic not be steered here? Checks the kernel, the sysctls,
+//! the firewall and other transparent-proxy users, and says for each problem what to run.
+//! The exit status says whether anything is wrong (warnings do not count).
+
+use std::process::Command;
+
+use anyhow::Result;
+use aya::{
+    programs::{SchedClassifier, TcAttachType},
+    util::KernelVersion,
+};
+use futures::TryStreamExt;
+
+use crate::{
+    cli::Mark,
+    config::{Interfaces, Settings},
+    routing,
+    steering::{LoadSettings, Steering},
+};
+
+/// How bad a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Ok,
+    Warning,
+    Problem,
+}
+
+/// One thing the doctor checked.
+#[derive(Debug)]
+pub struct Finding {
+    pub severity: Severity,
+    pub what: String,
+    /// What to run to fix it.
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn ok(what: impl Into<String>) -> Self {
+        Finding {
+            severity: Severity::Ok,
+            what: what.into(),
+            fix: None,
+        }
+    }
+    fn warning(what: impl Into<String>, fix: Option<String>) -> Self {
+        Finding {
+            severity: Severity::Warning,
+            what: what.into(),
+            fix,
+        }
+    }
+    fn problem(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Finding {
+            severity: Severity::Problem,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// Runs every check for the interfaces and mark of `settings`; prints the findings; fails
+/// when any is a problem.
+pub async fn run(settings: &Settings) -> Result<()> {
+    let findings = examine(settings).await;
+    for finding in &findings {
+        let label = match finding.severity {
+            Severity::Ok => "ok     ",
+            Severity::Warning => "warning",
+            Severity::Problem => "PROBLEM",
+        };
+        println!("{label} {}", finding.what);
+        if let Some(fix) = &finding.fix {
+            println!("        fix: {fix}");
+        }
+    }
+    let problems = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Problem)
+        .count();
+    if problems > 0 {
+        anyhow::bail!("{problems} problems found");
+    }
+    println!("no problems found");
+    Ok(())
+}
+
+async fn examine(settings: &Settings) -> Vec<Finding> {
+    let mut findings = vec![kernel(), program(settings)];
+    findings.push(ipv6_policy_routing().await);
+    let names = match &settings.interfaces {
+        Interfaces::Named(names) => names.clone(),
+        Interfaces::All => Vec::new(),
+    };
+    for iface in &names {
+        findings.extend(interface(iface));
+    }
+    findings.push(forwarding());
+    findings.extend(firewall(settings.mark));
+    findings.extend(other_tproxy_users());
+    findings
+}
+
+fn kernel() -> Finding {
+    match KernelVersion::current() {
+        Ok(v) if v >= KernelVersion::new(6, 6, 0) => Finding::ok(format!("kernel {v}: the program attaches with TCX")),
+        Ok(v) => Finding::warning(
+            format!("kernel {v}: older than 6.6, the program attaches as a clsact filter (survives a killed process until the next start removes it)"),
+            None,
+        ),
+        Err(error) => Finding::warning(format!("kernel version unknown: {error}"), None),
+    }
+}
+
+/// Loads the real program: the verifier accepting it proves bpf_sk_assign at tc ingress,
+/// the socket lookups and sk_lookup are all there.
+fn program(settings: &Settings) -> Finding {
+    let load = LoadSettings {
+        mark: settings.mark,
+        socket_mark: settings.socket_mark,
+        rule_map_capacity: 1024,
+    };
+    match Steering::load(&load) {
+        Ok(steering) => {
+            drop(steering);
+            Finding::ok("the steering program loads (bpf_sk_assign at tc ingress, socket lookups, sk_lookup)")
+        }
+        Err(error) => Finding::problem(
+            format!("the steering program does not load: {error:#}"),
+            "run as root on a kernel with BPF, bpf_sk_assign (5.7+) and sk_lookup (5.9+); see the error",
+        ),
+    }
+}
+
+async fn ipv6_policy_routing() -> Finding {
+    let result = async {
+        let handle = routing::connect()?;
+        let rules: Vec<_> = handle
+            .rule()
+            .get(rtnetlink::IpVersion::V6)
+            .execute()
+            .try_collect()
+            .await?;
+        anyhow::Ok(rules.len())
+    }
+    .await;
+    match result {
+        Ok(_) => Finding::ok("IPv6 policy routing is available"),
+        Err(error) => Finding::warning(
+            format!("IPv6 policy routing is not available ({error:#}): IPv6 cannot be steered"),
+            Some("enable IPv6 (CONFIG_IPV6_MULTIPLE_TABLES) or steer IPv4 only".into()),
+        ),
+    }
+}
+
+fn sysctl(path: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn interface(iface: &str) -> Vec<Finding> {
+    if nix::net::if_::if_nametoindex(iface).is_err() {
+        return vec![Finding::problem(
+            format!("interface {iface} does not exist in this network namespace"),
+            "check the name with `ip link`",
+        )];
+    }
+    let mut findings = Vec::new();
+    // The kernel uses the larger of `all` and the interface's own value.
+    let strict = [
+        "net/ipv4/conf/all/rp_filter".to_string(),
+        format!("net/ipv4/conf/{iface}/rp_filter"),
+    ]
+    .iter()
+    .filter_map(|path| sysctl(path))
+    .max();
+    match strict {
+        Some(1) => findings.push(Finding::problem(
+            format!("strict reverse-path filtering (rp_filter 1) on {iface}: packets whose source routes back through another interface are dropped before they can be steered"),
+            format!("sysctl -w net.ipv4.conf.{iface}.rp_filter=2 net.ipv4.conf.all.rp_filter=2"),
+        )),
+        _ => findings.push(Finding::ok(format!("{iface}: reverse-path filtering is off or loose"))),
+    }
+    let (others, names) = other_programs(iface);
+    if others > 0 {
+        findings.push(Finding::warning(
+            format!("{iface}: {others} other program(s) at ingress ({names}): they run before or after tproxy's and may drop or redirect its packets"),
+            Some(format!("bpftool net show dev {iface}; bpftool link")),
+        ));
+    } else {
+        findings.push(Finding::ok(format!("{iface}: no other program at ingress")));
+    }
+    findings
+}
+
+/// Programs other than tproxy's at `iface` ingress (TCX).
+fn other_programs(iface: &str) -> (usize, String) {
+    let Ok((_, programs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) else {
+        return (0, String::new());
+    };
+    let names: Vec<String> = programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+        .filter(|name| name != tproxy_common::maps::PROGRAM_NAME)
+        .collect();
+    (names.len(), names.join(", "))
+}
+
+fn forwarding() -> Finding {
+    match sysctl("net/ipv4/ip_forward") {
+        Some(0) => Finding::warning(
+            "IPv4 forwarding is off: fine for a sidecar, but a router forwards nothing, so there is no traffic to other hosts to steer",
+            Some("on a router: sysctl -w net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1".into()),
+        ),
+        _ => Finding::ok("IPv4 forwarding is on"),
+    }
+}
+
+/// `command args…`'s stdout, or `None` when it is not installed or fails.
+fn output_of(command: &str, args: &[&str]) -> Option<String> {
+    let output = Command::new(command).args(args).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// An INPUT policy of DROP without an accept for the mark drops every steered packet: they
+/// are delivered locally, so they traverse INPUT.
+fn firewall(mark: Mark) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let fix = format!("iptables -I INPUT -m mark --mark {mark} -j ACCEPT (and ip6tables)");
+    for (tool, family) in [("iptables-save", "IPv4"), ("ip6tables-save", "IPv6")] {
+        let Some(rules) = output_of(tool, &["-t", "filter"]) else {
+            continue;
+        };
+        let drops = rules
+            .lines()
+            .any(|l| l.starts_with(":INPUT DROP") || l.starts_with(":INPUT REJECT"));
+        let accepts_mark = rules.lines().any(|l| {
+            l.starts_with("-A INPUT")
+                && l.contains("--mark")
+                && l.contains("-j ACCEPT")
+                && mark_in(l, mark)
+        });
+        if drops && !accepts_mark {
+            findings.push(Finding::problem(
+                format!("the {family} INPUT policy drops, and no rule accepts tproxy's mark {mark}: steered packets are dropped"),
+                fix.clone(),
+            ));
+        }
+    }
+    if let Some(ruleset) = output_of("nft", &["list", "ruleset"]) {
+        let drops = ruleset
+            .lines()
+            .any(|l| l.contains("hook input") && l.contains("policy drop"));
+        let accepts = ruleset
+            .lines()
+            .any(|l| l.contains("meta mark") && l.contains("accept") && mark_in(l, mark));
+        if drops && !accepts {
+            findings.push(Finding::problem(
+                format!("an nft input chain drops by default, and no rule accepts tproxy's mark {mark}: steered packets are dropped"),
+                format!("nft insert rule <family> <table> <input chain> meta mark and {:#x} == {:#x} accept", mark.mask, mark.value),
+            ));
+        }
+    }
+    if findings.is_empty() {
+        findings.push(Finding::ok(
+            "no firewall input policy drops steered packets",
+        ));
+    }
+    findings
+}
+
+/// Whether a rule's text mentions `mark` (as VALUE/MASK or VALUE, in hex or decimal).
+fn mark_in(line: &str, mark: Mark) -> bool {
+    let forms = [
+        format!("{:#x}/{:#x}", mark.value, mark.mask),
+        format!("{:#x}", mark.value),
+        format!("{:#010x}", mark.value),
+        mark.value.to_string(),
+    ];
+    forms.iter().any(|form| line.contains(form.as_str()))
+}
+
+/// Another transparent proxy steering the same flows would compete with tproxy.
+fn other_tproxy_users() -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        if let Some(rules) = output_of(tool, &["-t", "mangle"]) {
+            let count = rules.lines().filter(|l| l.contains("-j TPROXY")).count();
+            if count > 0 {
+                findings.push(Finding::problem(
+                    format!("{tool}: {count} TPROXY rule(s) are active; they and tproxy compete for the same flows"),
+                    format!("{tool} | tproxy translate > tproxy.toml, then remove the TPROXY rules (iptables -t mangle -F/-X)"),
+                ));
+            }
+        }
+    }
+    if let Some(ruleset) = output_of("nft", &["list", "ruleset"]) {
+        let count = ruleset
+            .lines()
+            .filter(|l| l.contains(" tproxy ") || l.trim_start().starts_with("tproxy "))
+            .count();
+        if count > 0 {
+            findings.push(Finding::problem(
+                format!("nft: {count} tproxy rule(s) are active; they and tproxy compete for the same flows"),
+                "nft list ruleset | tproxy translate > tproxy.toml, then delete those rules",
+            ));
+        }
+    }
+    if findings.is_empty() {
+        findings.push(Finding::ok("no other TPROXY rules (iptables, nft)"));
+    }
+    findings
+}
