@@ -51,6 +51,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         privileges::drop_privileges(workers, user.as_ref()).await?;
         announce_ready(&args, &config, &[], &relays);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        notify_systemd(sd_notify::NotifyState::Ready);
         return serve(&args, config, relays, None, &[], &mut signals).await;
     }
 
@@ -95,6 +96,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         privileges::drop_privileges(workers, user.as_ref()).await?;
         announce_ready(&args, &config, &attached, &relays);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        notify_systemd(sd_notify::NotifyState::Ready);
         serve(
             &args,
             config,
@@ -164,9 +166,17 @@ async fn serve(
         }
         break;
     }
+    notify_systemd(sd_notify::NotifyState::Stopping);
     relays.stop().await;
     relays.log_stats(steering.as_deref());
     Ok(())
+}
+
+/// Tells systemd (Type=notify) where tproxy is; nothing when not started by systemd.
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(error) = sd_notify::notify(&[state]) {
+        log::warn!("telling systemd the service state: {error}");
+    }
 }
 
 /// Re-reads the configuration and puts it in force, or changes nothing and says why.

@@ -17,6 +17,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    // The deployment recipes' checks: the systemd unit and the Kubernetes manifest.
+    ("systemd-analyze", "systemd"),
+    ("python3", "python3"),
+    ("prlimit", "util-linux"),
 ];
 
 pub fn run() -> Result<()> {
@@ -130,7 +134,9 @@ fn ensure_bpf_linker(major: u32) -> Result<()> {
 }
 
 fn ensure_test_tools() -> Result<()> {
-    install_commands(TEST_PACKAGES)
+    install_commands(TEST_PACKAGES)?;
+    // A module, not a command: the manifest test parses YAML with it.
+    apt_install(&["python3-yaml"])
 }
 
 /// Installs the Debian package of every command in `commands` that is not on PATH.
