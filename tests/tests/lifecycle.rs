@@ -219,3 +219,112 @@ fn sigkill_under_load_fails_open_ends_relayed_connections_and_the_next_start_cle
     next.stop().unwrap();
     assert_nothing_left(&topo);
 }
+
+#[test]
+fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // Someone else's state: a rule, a table of routes, a tc filter at the same hook.
+    topo.router
+        .ip(&[
+            "rule", "add", "fwmark", "0x5", "lookup", "100", "priority", "4700",
+        ])
+        .unwrap();
+    topo.router
+        .ip(&[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ])
+        .unwrap();
+    let tc = |args: &[&str]| {
+        let status = std::process::Command::new("tc")
+            .args(["-n", &topo.router.name])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "tc {args:?}");
+    };
+    tc(&["qdisc", "add", "dev", IFACE, "clsact"]);
+    // A classic BPF filter that accepts everything: not tproxy's, so it must survive.
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        IFACE,
+        "ingress",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 0,",
+    ]);
+    let others = |topo: &Topo| {
+        (
+            topo.router.ip(&["rule", "show"]).unwrap(),
+            topo.router.ip(&["route", "show", "table", "100"]).unwrap(),
+            String::from_utf8(
+                std::process::Command::new("tc")
+                    .args([
+                        "-n",
+                        &topo.router.name,
+                        "filter",
+                        "show",
+                        "dev",
+                        IFACE,
+                        "ingress",
+                    ])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap(),
+        )
+    };
+
+    let mut running = topo.tproxy(&["--tcp", "80"]).unwrap();
+    let (status, stderr) = run_tproxy_to_end(&topo.router, &["cleanup"]).unwrap();
+    assert!(
+        !status.success() && stderr.contains("is running with routing table 7470"),
+        "{stderr}"
+    );
+    assert_eq!(
+        routing_state(&topo.router, TABLE).unwrap().lines().count(),
+        4
+    );
+    running.signal_and_wait(Signal::SIGKILL).unwrap();
+
+    let before = others(&topo);
+    assert!(before.2.contains("bytecode"), "{}", before.2);
+    let (status, stdout, stderr) =
+        tproxy_tests::run_tproxy_output(&topo.router, &["cleanup"]).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("removed 4 policy routing rules and routes of table 7470"),
+        "{stdout}"
+    );
+    assert_eq!(routing_state(&topo.router, TABLE).unwrap(), "");
+    assert!(!ingress_programs(&topo.router, IFACE)
+        .unwrap()
+        .contains(&"tproxy_ingress".to_string()));
+    let after = others(&topo);
+    let ours = |rules: &str| {
+        rules
+            .lines()
+            .filter(|l| !l.contains("lookup 7470"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(ours(&after.0), ours(&before.0), "someone else's rules");
+    assert_eq!(after.1, before.1, "someone else's routes");
+    assert_eq!(after.2, before.2, "someone else's tc filter");
+
+    let (status, stdout, _) = tproxy_tests::run_tproxy_output(&topo.router, &["cleanup"]).unwrap();
+    assert!(
+        status.success() && stdout.contains("nothing of tproxy's was left"),
+        "{stdout}"
+    );
+}

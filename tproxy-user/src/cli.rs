@@ -32,6 +32,10 @@ pub enum Command {
     /// support, rp_filter, forwarding, firewall policies, other TPROXY users and ingress
     /// programs); prints what to run for each problem. Exits non-zero if anything is wrong.
     Doctor(DoctorArgs),
+    /// Remove what a tproxy that could not shut down (SIGKILL, power loss of a namespace)
+    /// left in this network namespace: its policy routing and any tc filter of its program.
+    /// Nothing else is touched; refused while an instance runs for the table.
+    Cleanup(ReloadArgs),
     /// Print an equivalent tproxy configuration for an iptables/ip6tables TPROXY rule set
     /// (`iptables-save` output) or an nft one (`nft list ruleset` output) read from stdin.
     Translate(TranslateArgs),
@@ -53,10 +57,10 @@ pub struct DoctorArgs {
     pub mark: Option<Mark>,
 }
 
-/// Flags of `tproxy reload`.
+/// Flags of `tproxy reload` and `tproxy cleanup`.
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
-    /// The routing table of the instance to reload (as given to its `run`).
+    /// The routing table of the instance (as given to its `run`).
     #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
     pub table: u32,
 }

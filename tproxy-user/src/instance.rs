@@ -64,20 +64,24 @@ fn lock_path(table: u32) -> Result<PathBuf> {
 /// Sends `signal` to the tproxy that holds the lock for `table` in this network namespace;
 /// returns its pid. A lock file whose lock nobody holds names no running instance.
 pub fn signal_running(table: u32, signal: nix::sys::signal::Signal) -> Result<i32> {
-    let not_running =
-        || format!("no tproxy is running with routing table {table} in this network namespace");
-    let path = lock_path(table)?;
-    let mut file = File::open(&path).with_context(not_running)?;
-    let mut owner = String::new();
-    file.read_to_string(&mut owner)?;
-    if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
-        bail!(not_running());
-    }
-    let pid: i32 = owner
-        .trim()
-        .parse()
-        .with_context(|| format!("{} holds no pid", path.display()))?;
+    let pid = running(table)?.with_context(|| {
+        format!("no tproxy is running with routing table {table} in this network namespace")
+    })?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
         .with_context(|| format!("signalling tproxy pid {pid}"))?;
     Ok(pid)
+}
+
+/// The pid of the tproxy holding the lock for `table` in this network namespace, if one runs.
+pub fn running(table: u32) -> Result<Option<i32>> {
+    let path = lock_path(table)?;
+    let Ok(mut file) = File::open(&path) else {
+        return Ok(None);
+    };
+    let mut owner = String::new();
+    file.read_to_string(&mut owner)?;
+    if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
+        return Ok(None);
+    }
+    Ok(owner.trim().parse().ok())
 }

@@ -13,6 +13,7 @@
 //! rule model and its compilation into the program's maps) and [`translate`] (iptables/nft
 //! rule sets into configurations).
 
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod doctor;

@@ -1,6 +1,6 @@
 //! `tproxy`: the command line. The work is done by the `tproxy_user` library next to it.
 
-use tproxy_user::{cli, config, doctor, instance, rules, run, translate};
+use tproxy_user::{cleanup, cli, config, doctor, instance, rules, run, translate};
 
 use std::process::ExitCode;
 
@@ -85,6 +85,7 @@ fn main() -> ExitCode {
         cli::Command::Reload(args) => instance::signal_running(args.table, nix::sys::signal::Signal::SIGHUP)
             .map(|pid| println!("asked tproxy (pid {pid}) to reload; its log says whether the new configuration is in force")),
         cli::Command::Translate(args) => translate::run(&args),
+        cli::Command::Cleanup(args) => runtime.block_on(cleanup::run(args.table)),
         cli::Command::Doctor(args) => {
             doctor_settings(&args).and_then(|settings| runtime.block_on(doctor::run(&settings)))
         }

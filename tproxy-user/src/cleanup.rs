@@ -1,0 +1,49 @@
+//! `tproxy cleanup`: removes everything of tproxy's that a run which could not shut down left
+//! in this network namespace — policy routing rules and routes tagged with its routing
+//! protocol, tc filters named after its program — and nothing else. Refused while an instance
+//! is running for the table.
+
+use anyhow::{bail, Result};
+use aya::programs::{tc, TcAttachType};
+use futures::TryStreamExt;
+
+use crate::{instance, routing};
+
+/// Cleans up after instances that used routing table `table`.
+pub async fn run(table: u32) -> Result<()> {
+    if let Some(pid) = instance::running(table)? {
+        bail!(
+            "tproxy (pid {pid}) is running with routing table {table} in this network namespace: \
+             stop it (it removes everything itself) instead of cleaning up under it"
+        );
+    }
+    let handle = routing::connect()?;
+    let routes = routing::remove_ours(&handle, table).await?;
+    println!("removed {routes} policy routing rules and routes of table {table}");
+
+    // TCX links die with their process; a clsact filter (kernels before 6.6) does not.
+    let links: Vec<_> = handle.link().get().execute().try_collect().await?;
+    let mut filters = 0;
+    for link in links {
+        let Some(name) = link.attributes.iter().find_map(|a| match a {
+            rtnetlink::packet_route::link::LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        }) else {
+            continue;
+        };
+        if tc::qdisc_detach_program(
+            &name,
+            TcAttachType::Ingress,
+            tproxy_common::maps::PROGRAM_NAME,
+        )
+        .is_ok()
+        {
+            println!("removed tproxy's tc filter from {name} ingress");
+            filters += 1;
+        }
+    }
+    if routes + filters == 0 {
+        println!("nothing of tproxy's was left in this network namespace");
+    }
+    Ok(())
+}
