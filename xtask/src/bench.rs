@@ -292,10 +292,20 @@ impl Proxy {
         let router = &topo.router;
         let steered = format!("{IPERF_PORT},{HTTP_PORT},{SOCKPERF_PORT}");
         let udp = UDP_PORT.to_string();
+        // Every load generator runs from the one client address: lift the per-client cap
+        // (a quarter of the overall one by default) so the idle-connection test fits.
+        let per_source = (IDLE_CONNECTIONS * 2).to_string();
         Ok(match mode {
             Mode::Direct => Proxy::None,
             Mode::Ebpf => {
-                let mut args = vec!["--tcp", &steered, "--udp", &udp];
+                let mut args = vec![
+                    "--tcp",
+                    &steered,
+                    "--udp",
+                    &udp,
+                    "--max-connections-per-source",
+                    &per_source,
+                ];
                 let real = format!("{}/24", Topo::SERVER_V4);
                 for prefix in decoys.iter().chain([&real]) {
                     args.extend(["--dst", prefix]);
@@ -313,6 +323,8 @@ impl Proxy {
                     &udp,
                     "--listen",
                     &listen,
+                    "--max-connections-per-source",
+                    &per_source,
                 ];
                 Proxy::Tproxy(Tproxy::start(router, &args)?, true)
             }
