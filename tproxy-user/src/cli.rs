@@ -78,6 +78,11 @@ pub struct TranslateArgs {
 /// file's value, or the default shown.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Log each steering decision of the eBPF program (new flows steered, with addresses), at
+    /// most 100 a second; what is held back is counted. Same as RUST_LOG=info,tproxy_ebpf=debug.
+    #[arg(short, long)]
+    pub verbose: bool,
+
     /// TOML configuration file: settings, listeners and rules (see the README). Flags given
     /// as well override its settings; --tcp/--udp add rules after its own.
     #[arg(long, value_name = "FILE")]

@@ -19,6 +19,7 @@ pub mod config;
 pub mod doctor;
 pub mod instance;
 mod listener;
+pub mod logging;
 mod metrics;
 mod privileges;
 mod relay;

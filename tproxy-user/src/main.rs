@@ -1,6 +1,6 @@
 //! `tproxy`: the command line. The work is done by the `tproxy_user` library next to it.
 
-use tproxy_user::{cleanup, cli, config, doctor, instance, rules, run, translate};
+use tproxy_user::{cleanup, cli, config, doctor, instance, logging, rules, run, translate};
 
 use std::process::ExitCode;
 
@@ -64,8 +64,9 @@ fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = cli::Cli::parse();
+    let verbose = matches!(&cli.command, cli::Command::Run(args) if args.verbose);
+    logging::init(verbose);
     // Known exactly, because dropping privileges must reach every worker thread.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
