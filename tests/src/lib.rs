@@ -378,17 +378,8 @@ impl Drop for Tproxy {
 
 /// Runs `tproxy ARGS…` (any subcommand) in `netns` to completion; returns (status, stderr).
 pub fn run_tproxy_to_end(netns: &Netns, args: &[&str]) -> Result<(ExitStatus, String)> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &netns.name])
-        .arg(tproxy_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running tproxy")?;
-    Ok((
-        output.status,
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
+    let (status, _, stderr) = run_tproxy_output(netns, args)?;
+    Ok((status, stderr))
 }
 
 /// A TCP server on its own threads that hands each accepted connection to `handler`. It stops
@@ -707,31 +698,7 @@ pub fn install_iptables_tproxy(netns: &Netns, recipe: &IptablesTproxy<'_>) -> Re
         }
     }
     rules.push_str("COMMIT\n");
-    let mut restore = Command::new("ip")
-        .args(["netns", "exec", &netns.name, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("running iptables-restore")?;
-    restore
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(rules.as_bytes())?;
-    if !restore.wait()?.success() {
-        bail!("iptables-restore refused the TPROXY recipe");
-    }
-    netns.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
-    netns.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ])?;
-    Ok(())
+    restore_iptables(netns, &rules)
 }
 
 /// Removes what [`install_iptables_tproxy`] installed.
