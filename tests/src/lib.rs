@@ -712,6 +712,28 @@ pub fn remove_iptables_tproxy(netns: &Netns) -> Result<()> {
             bail!("iptables {args:?} failed in {}", netns.name);
         }
     }
+    remove_tproxy_routing(netns)
+}
+
+/// The kernel documentation's policy routing for TPROXY: `fwmark 1 lookup 100` and
+/// `local 0.0.0.0/0 dev lo table 100`.
+pub fn install_tproxy_routing(netns: &Netns) -> Result<()> {
+    netns.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
+    netns.ip(&[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ])?;
+    Ok(())
+}
+
+/// Removes what [`install_tproxy_routing`] installed.
+pub fn remove_tproxy_routing(netns: &Netns) -> Result<()> {
     netns.ip(&["rule", "del", "fwmark", "1", "lookup", "100"])?;
     netns.ip(&["route", "flush", "table", "100"])?;
     Ok(())
@@ -786,18 +808,7 @@ pub fn restore_iptables(netns: &Netns, rules: &str) -> Result<()> {
     if !restore.wait()?.success() {
         bail!("iptables-restore refused:\n{rules}");
     }
-    netns.ip(&["rule", "add", "fwmark", "1", "lookup", "100"])?;
-    netns.ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ])?;
-    Ok(())
+    install_tproxy_routing(netns)
 }
 
 /// Runs `tproxy ARGS…` in `netns` to completion; returns (status, stdout, stderr).

@@ -5,8 +5,9 @@
 use std::{net::SocketAddr, process::Command};
 
 use tproxy_tests::{
-    peer_seen_by, remove_iptables_tproxy, require_root, restore_iptables, tproxy_with_input,
-    udp_client, udp_exchange, ConfigFile, Netns, RouterTopology as Topo, Server, Tproxy, UdpEcho,
+    install_tproxy_routing, peer_seen_by, remove_iptables_tproxy, remove_tproxy_routing,
+    require_root, restore_iptables, tproxy_with_input, udp_client, udp_exchange, ConfigFile, Netns,
+    RouterTopology as Topo, Server, Tproxy, UdpEcho,
 };
 
 /// A flow from the client: TCP or UDP to a server address.
@@ -84,21 +85,7 @@ fn restore_nft(netns: &Netns, rules: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "nft -f refused:\n{rules}");
-    netns
-        .ip(&["rule", "add", "fwmark", "1", "lookup", "100"])
-        .unwrap();
-    netns
-        .ip(&[
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            "100",
-        ])
-        .unwrap();
+    install_tproxy_routing(netns).unwrap();
 }
 
 fn remove_nft(netns: &Netns) {
@@ -107,10 +94,7 @@ fn remove_nft(netns: &Netns) {
         .status()
         .unwrap();
     assert!(status.success());
-    netns
-        .ip(&["rule", "del", "fwmark", "1", "lookup", "100"])
-        .unwrap();
-    netns.ip(&["route", "flush", "table", "100"]).unwrap();
+    remove_tproxy_routing(netns).unwrap();
 }
 
 /// The kernel documentation's probes: TCP port 80 is steered, nothing else.

@@ -255,6 +255,10 @@ fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
     {
         changed.push("udp_idle_timeout/udp_max_sessions");
     }
+    // Every setting is fixed for the process's lifetime; a new one not named above still is.
+    if changed.is_empty() && old != new {
+        changed.push("a setting");
+    }
     if !changed.is_empty() {
         bail!(
             "{} changed; a reload applies rules and listeners only: restart tproxy to change these",
