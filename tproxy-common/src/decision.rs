@@ -214,9 +214,34 @@ pub const fn ipv4_transport_offset(version_ihl: u8, flags_fragment: u16) -> Opti
     Some(header_words * 4)
 }
 
+/// Whether the program drops a packet instead of passing it on: only in fail-closed mode
+/// (`fail_closed` ≠ 0), and only for a packet a steer rule took that no socket could get —
+/// no listener registered, as while no tproxy process runs over pinned state. Everything
+/// else, bypassed or unmatched traffic included, always passes.
+pub const fn drops_packet(outcome: Outcome, fail_closed: u32) -> bool {
+    fail_closed != 0 && matches!(outcome, Outcome::NoListener)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_steered_packets_without_a_listener_are_dropped_and_only_when_failing_closed() {
+        for outcome in Outcome::ALL {
+            assert!(
+                !drops_packet(outcome, 0),
+                "fail-open dropped {}",
+                outcome.name()
+            );
+            assert_eq!(
+                drops_packet(outcome, 1),
+                outcome == Outcome::NoListener,
+                "fail-closed and {}",
+                outcome.name()
+            );
+        }
+    }
 
     #[test]
     fn counter_indices_match_table_order() {

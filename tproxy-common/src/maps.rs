@@ -205,6 +205,24 @@ pub const MARK_GLOBAL: &str = "ROUTING_MARK";
 /// Global (`u32`): the bits of `skb->mark` that belong to tproxy.
 pub const MARK_MASK_GLOBAL: &str = "ROUTING_MARK_MASK";
 
+/// Global (`u32`): non-zero to fail closed — drop what a steer rule takes when there is no
+/// listener to give it to (see [`crate::decision::drops_packet`]).
+pub const FAIL_CLOSED_GLOBAL: &str = "FAIL_CLOSED";
+
+/// The maps the program shares between processes when tproxy runs with `--pin`: everything
+/// but the log ring buffer, which belongs to the process that reads it.
+pub const PINNED_MAPS: [&str; 9] = [
+    ACTIVE_GENERATION,
+    PORT_CLASSES,
+    RULES_DST_V4,
+    RULES_DST_V6,
+    RULES_SRC_V4,
+    RULES_SRC_V6,
+    LISTENERS,
+    TIME_WAIT_FLOWS,
+    COUNTERS,
+];
+
 /// Name of the tc ingress program in the object file.
 pub const PROGRAM_NAME: &str = "tproxy_ingress";
 

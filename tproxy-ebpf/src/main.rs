@@ -9,8 +9,9 @@
 //!        → otherwise, for a steer rule: the rule's listener from the socket map
 //!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally.
 //!
-//! Every path returns `TC_ACT_OK`: a packet we do not steer continues exactly as if the
-//! program were not there, and an assigned packet must not be redirected by a later filter.
+//! Every path returns `TC_ACT_OK` — a packet we do not steer continues exactly as if the
+//! program were not there, and an assigned packet must not be redirected by a later filter —
+//! except, when failing closed, a packet a steer rule took that no socket can get.
 #![no_std]
 #![no_main]
 
@@ -20,7 +21,7 @@ use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC,
-        TC_ACT_OK,
+        TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::generated::{
         bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
@@ -69,6 +70,9 @@ static ROUTING_MARK: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::MARK_MASK_GLOBAL`).
 #[unsafe(no_mangle)]
 static ROUTING_MARK_MASK: Global<u32> = Global::new(0);
+/// Set by the loader before load (`tproxy_common::maps::FAIL_CLOSED_GLOBAL`).
+#[unsafe(no_mangle)]
+static FAIL_CLOSED: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::OWN_SOCKET_MARK_GLOBAL`).
 #[unsafe(no_mangle)]
 static OWN_SOCKET_MARK: Global<u32> = Global::new(0);
@@ -89,6 +93,9 @@ pub fn tproxy_ingress(ctx: TcContext) -> i32 {
     if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(protocol, outcome)) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *counter += 1 };
+    }
+    if decision::drops_packet(outcome, FAIL_CLOSED.load()) {
+        return TC_ACT_SHOT as i32;
     }
     TC_ACT_OK as i32
 }

@@ -1,20 +1,29 @@
-//! `tproxy cleanup`: removes everything of tproxy's that a run which could not shut down left
-//! in this network namespace — policy routing rules and routes tagged with its routing
-//! protocol, tc filters named after its program — and nothing else. Refused while an instance
-//! is running for the table.
+//! `tproxy cleanup`: removes everything of tproxy's that no running instance owns in this
+//! network namespace — state pinned by `run --pin` (which detaches its links), policy routing
+//! rules and routes tagged with its routing protocol, tc filters named after its program — and
+//! nothing else. Refused while an instance is running for the table.
 
 use anyhow::{bail, Result};
 use aya::programs::{tc, TcAttachType};
 use futures::TryStreamExt;
 
-use crate::{instance, routing};
+use crate::{instance, pin::PinnedState, routing};
 
-/// Cleans up after instances that used routing table `table`.
-pub async fn run(table: u32) -> Result<()> {
+/// Cleans up after instances that used routing table `table` (and pinned under `pin_dir`).
+pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
     if let Some(pid) = instance::running(table)? {
         bail!(
             "tproxy (pid {pid}) is running with routing table {table} in this network namespace: \
              stop it (it removes everything itself) instead of cleaning up under it"
+        );
+    }
+    // The links first: with them goes the program, before the routing it relies on.
+    let pinned = PinnedState::locate(pin_dir, table)?;
+    let unpinned = pinned.remove()?;
+    if unpinned > 0 {
+        println!(
+            "removed {unpinned} pinned links and maps from {}",
+            pinned.dir().display()
         );
     }
     let handle = routing::connect()?;
@@ -42,7 +51,7 @@ pub async fn run(table: u32) -> Result<()> {
             filters += 1;
         }
     }
-    if routes + filters == 0 {
+    if unpinned + routes + filters == 0 {
         println!("nothing of tproxy's was left in this network namespace");
     }
     Ok(())

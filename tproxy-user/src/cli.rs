@@ -32,10 +32,14 @@ pub enum Command {
     /// support, rp_filter, forwarding, firewall policies, other TPROXY users and ingress
     /// programs); prints what to run for each problem. Exits non-zero if anything is wrong.
     Doctor(DoctorArgs),
-    /// Remove what a tproxy that could not shut down (SIGKILL, power loss of a namespace)
-    /// left in this network namespace: its policy routing and any tc filter of its program.
+    /// Show what the tproxy of this network namespace does: whether it runs, where it is
+    /// attached, its listeners, rules, policy routing, pinned state and counters. Exits 3
+    /// when no instance runs (like `systemctl status`).
+    Status(StatusArgs),
+    /// Remove everything of tproxy's in this network namespace that no running instance
+    /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program.
     /// Nothing else is touched; refused while an instance runs for the table.
-    Cleanup(ReloadArgs),
+    Cleanup(CleanupArgs),
     /// Print an equivalent tproxy configuration for an iptables/ip6tables TPROXY rule set
     /// (`iptables-save` output) or an nft one (`nft list ruleset` output) read from stdin.
     Translate(TranslateArgs),
@@ -63,6 +67,39 @@ pub struct ReloadArgs {
     /// The routing table of the instance (as given to its `run`).
     #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
     pub table: u32,
+}
+
+/// Flags of `tproxy status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The routing table of the instance (as given to its `run`).
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    pub table: u32,
+    /// Where `run --pin` pins its state (as given to its `run`).
+    #[arg(
+        long = "pin-dir",
+        value_name = "DIR",
+        default_value = "/sys/fs/bpf/tproxy"
+    )]
+    pub pin_dir: PathBuf,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `tproxy cleanup`.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// The routing table of the instance (as given to its `run`).
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    pub table: u32,
+    /// Where `run --pin` pins its state (as given to its `run`).
+    #[arg(
+        long = "pin-dir",
+        value_name = "DIR",
+        default_value = "/sys/fs/bpf/tproxy"
+    )]
+    pub pin_dir: PathBuf,
 }
 
 /// Flags of `tproxy translate`.
@@ -199,6 +236,58 @@ pub struct RunArgs {
     /// would be delivered locally instead of sent. [default: 0x2000000]
     #[arg(long = "socket-mark", value_name = "MARK", value_parser = parse_socket_mark)]
     pub socket_mark: Option<u32>,
+
+    /// Keep the program's links and maps pinned (under --pin-dir), so that steering outlives
+    /// the process: the next `tproxy run --pin` adopts them without a gap, and one started
+    /// while this one runs takes its listeners over (see the README's restart section).
+    /// `tproxy cleanup` removes what is left pinned.
+    #[arg(long)]
+    pub pin: bool,
+
+    /// The directory, on a bpf filesystem, that holds --pin's state. [default: /sys/fs/bpf/tproxy]
+    #[arg(long = "pin-dir", value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+
+    /// What happens to a packet a steer rule takes when no listener can get it (no tproxy
+    /// process runs over pinned state, or the listener has no socket for the packet's family):
+    /// `open` passes it on untouched, `closed` drops it. [default: open]
+    #[arg(long = "fail-mode", value_name = "MODE", value_parser = parse_fail_mode)]
+    pub fail_mode: Option<FailMode>,
+
+    /// On SIGTERM, or when a new instance takes over, stop accepting and give the connections
+    /// and UDP sessions in flight this long to finish before resetting the rest. [default: 0s]
+    #[arg(long = "drain-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+}
+
+/// What steering does with a packet for which there is no listener.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailMode {
+    /// Pass it on untouched: unproxied traffic flows while no listener is there.
+    #[default]
+    Open,
+    /// Drop it: nothing a steer rule takes ever bypasses the proxy.
+    Closed,
+}
+
+impl std::fmt::Display for FailMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        })
+    }
+}
+
+/// `open` or `closed`.
+pub fn parse_fail_mode(text: &str) -> Result<FailMode, String> {
+    match text {
+        "open" => Ok(FailMode::Open),
+        "closed" => Ok(FailMode::Closed),
+        _ => Err(format!(
+            "`{text}` is not a fail mode: use \"open\" or \"closed\""
+        )),
+    }
 }
 
 /// A set of ports given as a list of inclusive ranges (a single port is a range of one).

@@ -25,7 +25,7 @@ use serde::{
 use tproxy_common::maps::MAX_LISTENERS;
 
 use crate::{
-    cli::{self, Mark, RunArgs},
+    cli::{self, FailMode, Mark, RunArgs},
     listener::Transport,
     rules::{self, Action, Ports, Rule},
 };
@@ -62,6 +62,12 @@ pub struct Settings {
     pub user: Option<String>,
     /// Where to serve Prometheus metrics and the health endpoints.
     pub metrics: Option<SocketAddr>,
+    /// Whether the program's links and maps stay pinned across restarts (`--pin`).
+    pub pin: bool,
+    /// The bpffs directory for pinned state.
+    pub pin_dir: PathBuf,
+    pub fail_mode: FailMode,
+    pub drain_timeout: Duration,
 }
 
 /// The default overall connection limit: what the open-files limit allows (two descriptors
@@ -94,6 +100,10 @@ impl Default for Settings {
             transparent_upstream: false,
             user: None,
             metrics: None,
+            pin: false,
+            pin_dir: PathBuf::from("/sys/fs/bpf/tproxy"),
+            fail_mode: FailMode::Open,
+            drain_timeout: Duration::ZERO,
         }
     }
 }
@@ -359,6 +369,10 @@ impl RunArgs {
         if let Some(metrics) = self.metrics {
             settings.metrics = Some(metrics);
         }
+        settings.pin |= self.pin;
+        if let Some(dir) = &self.pin_dir {
+            settings.pin_dir = dir.clone();
+        }
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(value) = self.$field { settings.$field = value; })* };
         }
@@ -373,7 +387,9 @@ impl RunArgs {
             udp_max_sessions,
             half_close_timeout,
             max_connections,
-            max_connections_per_source
+            max_connections_per_source,
+            fail_mode,
+            drain_timeout
         );
     }
 }
@@ -465,6 +481,10 @@ struct ConfigFile {
     transparent_upstream: Option<bool>,
     user: Option<String>,
     metrics: Option<Text<SocketAddr>>,
+    pin: Option<bool>,
+    pin_dir: Option<PathBuf>,
+    fail_mode: Option<Text<FailMode>>,
+    drain_timeout: Option<Text<Timeout>>,
     #[serde(default, rename = "listener")]
     listeners: Vec<toml::Spanned<ListenerEntry>>,
     #[serde(default, rename = "rule")]
@@ -516,6 +536,15 @@ impl ConfigFile {
         if let Some(Text(metrics)) = self.metrics {
             settings.metrics = Some(metrics);
         }
+        if let Some(pin) = self.pin {
+            settings.pin = pin;
+        }
+        if let Some(dir) = self.pin_dir.take() {
+            settings.pin_dir = dir;
+        }
+        if let Some(Text(mode)) = self.fail_mode {
+            settings.fail_mode = mode;
+        }
         if let Some(Text(Table(table))) = self.table {
             settings.table = table;
         }
@@ -530,6 +559,7 @@ impl ConfigFile {
             (self.idle_timeout, &mut settings.idle_timeout),
             (self.udp_idle_timeout, &mut settings.udp_idle_timeout),
             (self.half_close_timeout, &mut settings.half_close_timeout),
+            (self.drain_timeout, &mut settings.drain_timeout),
         ] {
             if let Some(Text(Timeout(duration))) = field {
                 *target = duration;
@@ -734,6 +764,7 @@ struct Timeout(Duration);
 #[derive(Clone, Copy, Debug)]
 struct SessionCap(u32);
 
+from_text!(FailMode, "\"open\" or \"closed\"", cli::parse_fail_mode);
 from_text!(Mark, "a mark like \"0x1000000/0x1000000\"", cli::parse_mark);
 from_text!(Table, "a routing table number", |t| cli::parse_table(t)
     .map(Table));

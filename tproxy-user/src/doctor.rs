@@ -119,6 +119,8 @@ fn program(settings: &Settings) -> Finding {
         mark: settings.mark,
         socket_mark: settings.socket_mark,
         rule_map_capacity: 1024,
+        fail_closed: false,
+        pinned: None,
     };
     match Steering::load(&load) {
         Ok(steering) => {

@@ -5,7 +5,10 @@
 use std::{
     fs::{File, OpenOptions},
     io::{Read, Seek, Write},
-    os::unix::fs::MetadataExt,
+    os::{
+        fd::{AsRawFd, OwnedFd, RawFd},
+        unix::fs::MetadataExt,
+    },
     path::PathBuf,
 };
 
@@ -22,9 +25,25 @@ pub struct InstanceLock {
     _file: Flock<File>,
 }
 
+/// Who holds the lock when [`InstanceLock::try_acquire`] cannot take it.
+pub struct Held {
+    pub pid: String,
+}
+
 impl InstanceLock {
     /// Takes the lock for `table` in the current network namespace, or explains who has it.
     pub fn acquire(table: u32) -> Result<Self> {
+        match Self::try_acquire(table)? {
+            Ok(lock) => Ok(lock),
+            Err(Held { pid }) => bail!(
+                "another tproxy (pid {pid}) is running with routing table {table} in this network \
+                 namespace; stop it or pick another --table"
+            ),
+        }
+    }
+
+    /// Takes the lock for `table` in the current network namespace, or says who has it.
+    pub fn try_acquire(table: u32) -> Result<std::result::Result<Self, Held>> {
         std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
         let path = lock_path(table)?;
         let file = OpenOptions::new()
@@ -39,26 +58,57 @@ impl InstanceLock {
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
                 let mut owner = String::new();
                 let _ = file.read_to_string(&mut owner);
-                bail!(
-                    "another tproxy (pid {}) is running with routing table {table} in this network \
-                     namespace; stop it or pick another --table",
-                    owner.trim()
-                );
+                return Ok(Err(Held {
+                    pid: owner.trim().to_string(),
+                }));
             }
             Err((_, errno)) => bail!("locking {}: {errno}", path.display()),
         };
-        file.set_len(0)?;
-        file.rewind()?;
-        write!(file, "{}", std::process::id())?;
+        write_pid(&mut file)?;
+        Ok(Ok(InstanceLock { _file: file }))
+    }
+
+    /// The lock a running instance handed over (see `control`): the same open file, so the
+    /// lock is already ours; it now names this process.
+    pub fn from_handover(fd: OwnedFd) -> Result<Self> {
+        // Locking again through the same open file description only confirms the lock.
+        let mut file = Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| anyhow::anyhow!("confirming the handed-over lock: {errno}"))?;
+        write_pid(&mut file)?;
         Ok(InstanceLock { _file: file })
+    }
+
+    /// The descriptor to hand to a successor.
+    pub fn raw_fd(&self) -> RawFd {
+        self._file.as_raw_fd()
+    }
+
+    /// Lets go of the lock without releasing it: the successor holds it through the same
+    /// open file. (Dropping it would unlock it for both.)
+    pub fn hand_over(self) {
+        std::mem::forget(self);
     }
 }
 
+fn write_pid(file: &mut File) -> Result<()> {
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(())
+}
+
 fn lock_path(table: u32) -> Result<PathBuf> {
+    path(table, "lock")
+}
+
+/// The file with extension `ext` (lock, control socket) of the instance for `table` in this
+/// network namespace.
+pub fn path(table: u32, ext: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
     let netns = std::fs::metadata("/proc/self/ns/net")
         .context("reading this process's network namespace")?
         .ino();
-    Ok(PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.lock")))
+    Ok(PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.{ext}")))
 }
 
 /// Sends `signal` to the tproxy that holds the lock for `table` in this network namespace;

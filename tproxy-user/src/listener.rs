@@ -14,7 +14,8 @@ use tproxy_common::maps::ListenerSlot;
 const BACKLOG: i32 = 4096;
 
 /// Which transport a listener serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     Tcp,
     Udp,

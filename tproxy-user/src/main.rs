@@ -1,6 +1,6 @@
 //! `tproxy`: the command line. The work is done by the `tproxy_user` library next to it.
 
-use tproxy_user::{cleanup, cli, config, doctor, instance, logging, rules, run, translate};
+use tproxy_user::{cleanup, cli, config, doctor, instance, logging, rules, run, status, translate};
 
 use std::process::ExitCode;
 
@@ -86,7 +86,13 @@ fn main() -> ExitCode {
         cli::Command::Reload(args) => instance::signal_running(args.table, nix::sys::signal::Signal::SIGHUP)
             .map(|pid| println!("asked tproxy (pid {pid}) to reload; its log says whether the new configuration is in force")),
         cli::Command::Translate(args) => translate::run(&args),
-        cli::Command::Cleanup(args) => runtime.block_on(cleanup::run(args.table)),
+        cli::Command::Cleanup(args) => runtime.block_on(cleanup::run(args.table, &args.pin_dir)),
+        cli::Command::Status(args) => match runtime.block_on(status::run(&args)) {
+            Ok(true) => Ok(()),
+            // Said so already; the status code is for scripts.
+            Ok(false) => return ExitCode::from(3),
+            Err(error) => Err(error),
+        },
         cli::Command::Doctor(args) => {
             doctor_settings(&args).and_then(|settings| runtime.block_on(doctor::run(&settings)))
         }

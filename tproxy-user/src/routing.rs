@@ -20,6 +20,7 @@ use rtnetlink::{
     packet_route::{
         route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute, RuleMessage},
+        AddressFamily,
     },
     Handle, IpVersion, RouteMessageBuilder,
 };
@@ -181,11 +182,10 @@ fn is_ours_rule(rule: &RuleMessage, table: u32) -> bool {
             )))
 }
 
-/// Removes every rule and route tagged with [`ROUTE_PROTOCOL`] that points at or lives in
-/// `table`, in both address families, and returns how many there were. Used at start-up to
-/// clear what a killed instance left, and at shutdown.
-pub async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
-    let mut removed = 0;
+/// The rules and routes tagged with [`ROUTE_PROTOCOL`] that point at or live in `table`, in
+/// both address families.
+async fn ours(handle: &Handle, table: u32) -> Result<(Vec<RuleMessage>, Vec<RouteMessage>)> {
+    let (mut our_rules, mut our_routes) = (Vec::new(), Vec::new());
     for version in [IpVersion::V4, IpVersion::V6] {
         let family = family_name(&version);
         let rules: Vec<RuleMessage> = handle
@@ -195,16 +195,7 @@ pub async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
             .try_collect()
             .await
             .with_context(|| format!("listing {family} policy routing rules"))?;
-        for rule in rules.into_iter().filter(|rule| is_ours_rule(rule, table)) {
-            handle
-                .rule()
-                .del(rule)
-                .execute()
-                .await
-                .with_context(|| format!("removing our {family} rule to table {table}"))?;
-            removed += 1;
-        }
-
+        our_rules.extend(rules.into_iter().filter(|rule| is_ours_rule(rule, table)));
         let any = match version {
             IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
             IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -216,18 +207,107 @@ pub async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
             .try_collect()
             .await
             .with_context(|| format!("listing {family} routes"))?;
-        for route in routes.into_iter().filter(|route| {
+        our_routes.extend(routes.into_iter().filter(|route| {
             route_table(route) == table
                 && route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
-        }) {
-            handle
-                .route()
-                .del(route)
-                .execute()
-                .await
-                .with_context(|| format!("removing our {family} route in table {table}"))?;
-            removed += 1;
-        }
+        }));
+    }
+    Ok((our_rules, our_routes))
+}
+
+/// Removes every rule and route tagged with [`ROUTE_PROTOCOL`] that points at or lives in
+/// `table`, in both address families, and returns how many there were. Used at start-up to
+/// clear what a killed instance left, and at shutdown.
+pub async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
+    let (rules, routes) = ours(handle, table).await?;
+    let removed = rules.len() + routes.len();
+    for rule in rules {
+        handle
+            .rule()
+            .del(rule)
+            .execute()
+            .await
+            .with_context(|| format!("removing our rule to table {table}"))?;
+    }
+    for route in routes {
+        handle
+            .route()
+            .del(route)
+            .execute()
+            .await
+            .with_context(|| format!("removing our route in table {table}"))?;
     }
     Ok(removed)
+}
+
+impl PolicyRouting {
+    /// Takes over the policy routing a pinned instance left in place when it is exactly what
+    /// `spec` says (so steered packets never meet a moment without it); otherwise replaces it.
+    pub async fn adopt(handle: &Handle, spec: RoutingSpec) -> Result<Self> {
+        let (rules, routes) = ours(handle, spec.table).await?;
+        let rule_matches = |rule: &RuleMessage| {
+            rule.attributes.contains(&RuleAttribute::FwMark(spec.mark))
+                && rule.attributes.contains(&RuleAttribute::FwMask(spec.mask))
+                && rule
+                    .attributes
+                    .contains(&RuleAttribute::Priority(spec.priority))
+        };
+        if rules.len() == 2 && rules.iter().all(rule_matches) && routes.len() == 2 {
+            return Ok(PolicyRouting {
+                handle: handle.clone(),
+                spec,
+            });
+        }
+        if !rules.is_empty() || !routes.is_empty() {
+            log::warn!(
+                "the policy routing left in table {} differs from this configuration's; replacing it",
+                spec.table
+            );
+            remove_ours(handle, spec.table).await?;
+        }
+        Self::install(handle, spec).await
+    }
+}
+
+/// Our rules and routes of `table`, one line each, for `tproxy status`.
+pub async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>> {
+    let (rules, routes) = ours(handle, table).await?;
+    let mut lines = Vec::new();
+    for rule in &rules {
+        let family = if rule.header.family == AddressFamily::Inet6 {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        let find = |want: fn(&RuleAttribute) -> Option<u32>| rule.attributes.iter().find_map(want);
+        let mark = find(|a| match a {
+            RuleAttribute::FwMark(m) => Some(*m),
+            _ => None,
+        });
+        let mask = find(|a| match a {
+            RuleAttribute::FwMask(m) => Some(*m),
+            _ => None,
+        });
+        let priority = find(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        });
+        lines.push(format!(
+            "{family} rule: priority {} fwmark {:#x}/{:#x} lookup {table}",
+            priority.unwrap_or(0),
+            mark.unwrap_or(0),
+            mask.unwrap_or(u32::MAX)
+        ));
+    }
+    for route in &routes {
+        let family = if route.header.address_family == AddressFamily::Inet6 {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        lines.push(format!(
+            "{family} route: local default dev lo table {table}"
+        ));
+    }
+    Ok(lines)
 }

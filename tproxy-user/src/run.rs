@@ -3,11 +3,18 @@
 //!
 //! Order matters: routing is installed before the program is attached (a marked packet with
 //! no local route would be forwarded), and the program is detached before routing is removed.
+//!
+//! With `--pin` the program, its maps and the routing outlive the process: a start adopts
+//! what an earlier instance left, or takes over from the instance still running (its lock
+//! and listening sockets come over the control socket, see `control`), and an exit leaves
+//! it all in place for the next one. A stop drains first: accepting ends, the connections
+//! and sessions in flight get up to `--drain-timeout` to finish.
 
 use std::{
     net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{Arc, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -17,14 +24,21 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tproxy_common::{decision::Protocol, maps::MAX_LISTENERS, Outcome};
+use tproxy_common::{
+    decision::Protocol,
+    maps::{ListenerSlot, MAX_LISTENERS},
+    Outcome,
+};
 
 use crate::{
-    cli::RunArgs,
+    cli::{FailMode, RunArgs},
     config::{Config, Interfaces, ListenerConfig, Settings},
-    instance::InstanceLock,
+    control::{self, HandedListener, HandedSocket, Request},
+    instance::{Held, InstanceLock},
     listener::{self, TransparentListener, Transport},
-    metrics, privileges,
+    metrics,
+    pin::PinnedState,
+    privileges,
     relay::{self, RelayConfig, RelayStats, Upstream},
     routing::{self, PolicyRouting, RoutingSpec},
     rules::{self, Action, Rule},
@@ -44,6 +58,16 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .transpose()?;
     let mut relays = Relays::new(&config.settings);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel(8);
+    let mut control = Control {
+        requests: control_rx,
+        lock: None,
+        pinned: false,
+        attached: Vec::new(),
+    };
+    if args.relay_only && config.settings.pin {
+        bail!("--pin: with --relay-only there is no program to pin");
+    }
     if args.relay_only {
         relays.serve_metrics(&config.settings, None, &ready).await?;
         let plan = relays.plan(&config)?;
@@ -52,65 +76,187 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         announce_ready(&args, &config, &[], &relays);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         notify_systemd(sd_notify::NotifyState::Ready);
-        return serve(&args, config, relays, None, &[], &mut signals).await;
+        return serve(&args, config, relays, None, &[], &mut signals, &mut control)
+            .await
+            .map(drop);
     }
 
     let netlink = routing::connect()?;
     let interfaces = resolve_interfaces(&netlink, &config.settings.interfaces).await?;
-    let settings = &config.settings;
-    let _lock = InstanceLock::acquire(settings.table)?;
-    let stale = routing::remove_ours(&netlink, settings.table).await?;
-    if stale > 0 {
-        log::warn!(
-            "removed {stale} rules/routes left in table {} by a tproxy that did not shut down",
-            settings.table
-        );
+    let settings = config.settings.clone();
+    let table = settings.table;
+    let pinned = match settings.pin {
+        true => Some(PinnedState::locate(&settings.pin_dir, table)?),
+        false => None,
+    };
+    let (lock, mut takeover) = match InstanceLock::try_acquire(table)? {
+        Ok(lock) => (lock, None),
+        Err(Held { pid }) if pinned.is_none() => bail!(
+            "another tproxy (pid {pid}) is running with routing table {table} in this network \
+             namespace; stop it, pick another --table, or run both with --pin to take over from it"
+        ),
+        Err(Held { pid }) => {
+            let mut takeover = control::take_over(table)?.with_context(|| {
+                format!("another tproxy (pid {pid}) holds table {table} but does not answer on its control socket")
+            })?;
+            log::info!("taking over from tproxy pid {}", takeover.pid);
+            let lock = InstanceLock::from_handover(takeover.lock.take().context("no lock")?)?;
+            (lock, Some(takeover))
+        }
+    };
+    let adopting = takeover.is_some() || pinned.as_ref().is_some_and(PinnedState::exists);
+    if !adopting {
+        let stale = routing::remove_ours(&netlink, table).await?;
+        if stale > 0 {
+            log::warn!(
+                "removed {stale} rules/routes left in table {table} by a tproxy that did not shut down"
+            );
+        }
+    }
+    if let Some(takeover) = &mut takeover {
+        relays.inherited = std::mem::take(&mut takeover.listeners);
     }
 
-    let plan = relays.plan(&config)?;
-    let first = rules::compile(&plan.rules(&config), 0, &interfaces);
-    let mut steering = Steering::load(&LoadSettings {
-        mark: settings.mark,
-        socket_mark: settings.socket_mark,
-        rule_map_capacity: steering::rule_map_capacity(&first),
-    })?;
-    steering.spawn_log_forwarder()?;
-    relays
-        .serve_metrics(settings, Some(steering.counter_reader()), &ready)
-        .await?;
-    plan.register(&mut steering)?;
-    steering.install_rules(first)?;
-    relays.commit(plan, Some(&mut steering))?;
-    let routing = PolicyRouting::install(
-        &netlink,
-        RoutingSpec {
-            mark: settings.mark.value,
-            mask: settings.mark.mask,
-            table: settings.table,
-            priority: settings.rule_priority,
-        },
-    )
-    .await?;
+    let spec = RoutingSpec {
+        mark: settings.mark.value,
+        mask: settings.mark.mask,
+        table,
+        priority: settings.rule_priority,
+    };
+    let mut steering = None;
+    let mut routing = None;
     let served = async {
-        let attached = attach_all(&mut steering, &interfaces)?;
+        let plan = relays.plan(&config)?;
+        relays.inherited.clear();
+        let first = rules::compile(&plan.rules(&config), 0, &interfaces);
+        let steering = steering.insert(Steering::load(&LoadSettings {
+            mark: settings.mark,
+            socket_mark: settings.socket_mark,
+            rule_map_capacity: steering::rule_map_capacity(&first),
+            fail_closed: settings.fail_mode == FailMode::Closed,
+            pinned: pinned.clone(),
+        })?);
+        steering.spawn_log_forwarder()?;
+        relays
+            .serve_metrics(&settings, Some(steering.counter_reader()), &ready)
+            .await?;
+        plan.register(steering)?;
+        let first = match steering.next_generation() {
+            0 => first,
+            generation => rules::compile(&plan.rules(&config), generation, &interfaces),
+        };
+        steering.install_rules(first)?;
+        relays.commit(plan, Some(steering))?;
+        if adopting {
+            // Slots the previous instance used and this one does not.
+            steering.unregister_except(&relays.slots());
+        }
+        routing = Some(match adopting {
+            true => PolicyRouting::adopt(&netlink, spec).await?,
+            false => PolicyRouting::install(&netlink, spec).await?,
+        });
+        control.attached = attach_all(steering, &interfaces)?;
+        if let Some(takeover) = takeover.take() {
+            let pid = takeover.pid;
+            takeover.complete()?;
+            log::info!("took over from tproxy pid {pid}: it drains and exits");
+        }
+        control::serve(table, control_tx)?;
+        control.pinned = pinned.is_some();
+        control.lock = Some(&lock);
         privileges::drop_privileges(workers, user.as_ref()).await?;
-        announce_ready(&args, &config, &attached, &relays);
+        announce_ready(&args, &config, &control.attached, &relays);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         notify_systemd(sd_notify::NotifyState::Ready);
         serve(
             &args,
             config,
             relays,
-            Some(&mut steering),
+            Some(steering),
             &interfaces,
             &mut signals,
+            &mut control,
         )
         .await
     }
     .await;
     drop(steering);
-    let removed = routing.remove().await.context("removing policy routing");
-    served.and(removed)
+    match (&pinned, served) {
+        (None, served) => {
+            let removed = match routing {
+                Some(routing) => routing.remove().await.context("removing policy routing"),
+                None => Ok(()),
+            };
+            served.map(drop).and(removed)
+        }
+        (Some(_), Ok(Ending::HandedOver)) => {
+            lock.hand_over();
+            Ok(())
+        }
+        (Some(pinned), Ok(Ending::Stopped)) => {
+            log::info!(
+                "steering stays in place, pinned at {} (fail-{}) until the next `tproxy run --pin`; \
+                 `tproxy cleanup` removes it",
+                pinned.dir().display(),
+                settings.fail_mode
+            );
+            Ok(())
+        }
+        (Some(pinned), Err(error)) => {
+            // What this run created goes; what it adopted stays with whoever runs it.
+            if !adopting {
+                let _ = pinned.remove();
+                if let Some(routing) = routing {
+                    let _ = routing.remove().await;
+                }
+            }
+            Err(error)
+        }
+    }
+}
+
+/// How serving ended.
+enum Ending {
+    /// Stopped by a signal, after draining.
+    Stopped,
+    /// A new instance took over; this one drained.
+    HandedOver,
+}
+
+/// The control socket's side of serving.
+struct Control<'a> {
+    requests: tokio::sync::mpsc::Receiver<Request>,
+    /// The instance lock, to hand to a successor.
+    lock: Option<&'a InstanceLock>,
+    /// Whether this instance pins its state (and so may hand over).
+    pinned: bool,
+    /// How the program is attached, per interface.
+    attached: Vec<String>,
+}
+
+/// Where serving is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Not accepting; connections in flight have until `until`.
+    Draining {
+        until: Instant,
+        handed_over: bool,
+    },
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::Draining {
+                handed_over: false, ..
+            } => "draining",
+            Phase::Draining {
+                handed_over: true, ..
+            } => "handed over, draining",
+        }
+    }
 }
 
 /// The signals `tproxy run` acts on.
@@ -132,7 +278,8 @@ impl Signals {
     }
 }
 
-/// Relays until SIGINT/SIGTERM; SIGUSR1 logs statistics, SIGHUP reloads the configuration.
+/// Relays until SIGINT/SIGTERM or until a new instance takes over, then drains; SIGUSR1
+/// logs statistics, SIGHUP reloads the configuration. A second SIGINT/SIGTERM ends the drain.
 async fn serve(
     args: &RunArgs,
     mut config: Config,
@@ -140,16 +287,25 @@ async fn serve(
     mut steering: Option<&mut Steering>,
     interfaces: &[(String, u32)],
     signals: &mut Signals,
-) -> Result<()> {
+    control: &mut Control<'_>,
+) -> Result<Ending> {
+    let drain_timeout = config.settings.drain_timeout;
+    let mut phase = Phase::Serving;
+    let mut successor: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = signals.interrupt.recv() => log::info!("SIGINT: shutting down"),
-            _ = signals.terminate.recv() => log::info!("SIGTERM: shutting down"),
+            _ = signals.interrupt.recv() => {}
+            _ = signals.terminate.recv() => {}
             _ = signals.report.recv() => {
                 relays.log_stats(steering.as_deref());
                 continue;
             }
             _ = signals.reload.recv() => {
+                if phase != Phase::Serving {
+                    log::warn!("SIGHUP while draining: nothing to reload");
+                    continue;
+                }
                 match reload(args, &config, &mut relays, steering.as_deref_mut(), interfaces) {
                     Ok(new) => {
                         log::info!(
@@ -163,13 +319,194 @@ async fn serve(
                 }
                 continue;
             }
+            Some(request) = control.requests.recv() => {
+                match request {
+                    Request::Status(mut stream) => {
+                        let report = status_report(&config, &relays, steering.as_deref(), phase, control);
+                        let _ = std::io::Write::write_all(&mut stream, report.to_string().as_bytes());
+                    }
+                    Request::Takeover(stream) => {
+                        let refusal = if !control.pinned {
+                            Some("it runs without --pin, so its program and maps would go with it; stop it first")
+                        } else if successor.is_some() {
+                            Some("another takeover is in progress")
+                        } else if matches!(phase, Phase::Draining { handed_over: true, .. }) {
+                            Some("it has handed over already")
+                        } else {
+                            None
+                        };
+                        match (refusal, control.lock) {
+                            (Some(reason), _) => control::refuse(stream, reason),
+                            (None, None) => control::refuse(stream, "it runs without a lock"),
+                            (None, Some(lock)) => {
+                                let mut stream = stream;
+                                let (listeners, fds) = relays.handover_offer();
+                                match control::offer(&mut stream, lock.raw_fd(), listeners, &fds) {
+                                    Ok(()) => {
+                                        log::info!("a new instance is taking over");
+                                        successor = Some(tokio::task::spawn_blocking(move || control::await_done(stream)));
+                                    }
+                                    Err(error) => log::warn!("handing over failed: {error:#}"),
+                                }
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            done = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
+                successor = None;
+                if done.unwrap_or(false) {
+                    log::info!("the new instance has taken over; draining for up to {drain_timeout:?}");
+                    relays.stop_accepting();
+                    relays.close_listeners();
+                    phase = Phase::Draining { until: Instant::now() + drain_timeout, handed_over: true };
+                    notify_systemd(sd_notify::NotifyState::Stopping);
+                } else {
+                    log::warn!("the new instance did not take over; this one carries on");
+                    if let Some(steering) = steering.as_deref_mut() {
+                        if let Err(error) = reassert(&config, &mut relays, steering, interfaces) {
+                            log::error!("restoring this instance's rules and listeners: {error:#}");
+                        }
+                    }
+                }
+                continue;
+            }
+            _ = tick.tick() => {
+                match phase {
+                    Phase::Draining { until, .. } if relays.idle() || Instant::now() >= until => {}
+                    _ => continue,
+                }
+            }
         }
-        break;
+        // A signal, or the end of the drain.
+        match phase {
+            Phase::Serving => {
+                log::info!("stopping: draining for up to {drain_timeout:?}");
+                notify_systemd(sd_notify::NotifyState::Stopping);
+                relays.stop_accepting();
+                if !control.pinned {
+                    // New flows get the fail mode now rather than wait in a queue nobody reads.
+                    if let Some(steering) = steering.as_deref_mut() {
+                        steering.unregister_except(&[]);
+                    }
+                    relays.close_listeners();
+                }
+                // Pinned: the listeners stay open and registered, so connections arriving
+                // now queue for a successor that takes them over.
+                phase = Phase::Draining {
+                    until: Instant::now() + drain_timeout,
+                    handed_over: false,
+                };
+            }
+            Phase::Draining { handed_over, .. } => {
+                relays.stop().await;
+                relays.log_stats(steering.as_deref());
+                return Ok(if handed_over {
+                    Ending::HandedOver
+                } else {
+                    Ending::Stopped
+                });
+            }
+        }
     }
-    notify_systemd(sd_notify::NotifyState::Stopping);
-    relays.stop().await;
-    relays.log_stats(steering.as_deref());
+}
+
+/// Puts this instance's rules and listeners back in force after a takeover that did not
+/// complete: the would-be successor may have changed the shared maps.
+fn reassert(
+    config: &Config,
+    relays: &mut Relays,
+    steering: &mut Steering,
+    interfaces: &[(String, u32)],
+) -> Result<()> {
+    steering.forget_rules_in_force()?;
+    relays.register_all(steering)?;
+    let mut rules = relays.plan(config)?.rules(config);
+    rules.extend(relays.retired.iter().cloned());
+    steering.install_rules(rules::compile(
+        &rules,
+        steering.next_generation(),
+        interfaces,
+    ))?;
+    steering.unregister_except(&relays.slots());
     Ok(())
+}
+
+/// What `tproxy status` shows of a running instance.
+fn status_report(
+    config: &Config,
+    relays: &Relays,
+    steering: Option<&Steering>,
+    phase: Phase,
+    control: &Control<'_>,
+) -> serde_json::Value {
+    use serde_json::json;
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &config.settings;
+    let packets = steering
+        .and_then(|steering| steering.counters().ok())
+        .map(|counters| {
+            let mut by_protocol = serde_json::Map::new();
+            for protocol in Protocol::ALL {
+                let row: serde_json::Map<String, serde_json::Value> = Outcome::ALL
+                    .iter()
+                    .map(|o| {
+                        (
+                            o.name().to_string(),
+                            json!(counters[protocol as usize][*o as usize]),
+                        )
+                    })
+                    .collect();
+                by_protocol.insert(protocol.name().to_string(), row.into());
+            }
+            by_protocol
+        });
+    let listeners: Vec<serde_json::Value> = relays
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.config.name,
+                "tcp": l.tcp.is_some(),
+                "udp": l.udp.is_some(),
+                "addresses": l.bound.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "upstream": l.upstream.read().unwrap().map(|u| u.to_string()),
+            })
+        })
+        .collect();
+    let tcp = &relays.tcp_stats;
+    let udp = &relays.udp.stats;
+    json!({
+        "pid": std::process::id(),
+        "phase": phase.name(),
+        "table": s.table,
+        "mark": s.mark.to_string(),
+        "rule_priority": s.rule_priority,
+        "fail_mode": s.fail_mode.to_string(),
+        "pinned": control.pinned.then(|| s.pin_dir.display().to_string()),
+        "attached": control.attached,
+        "listeners": listeners,
+        "rules": config.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "packets": packets,
+        "tcp_relay": {
+            "accepted": tcp.accepted.load(Relaxed),
+            "active": tcp.active(),
+            "upstream_failures": tcp.upstream_failures.load(Relaxed),
+            "bytes_to_upstream": tcp.bytes_to_upstream.load(Relaxed),
+            "bytes_to_client": tcp.bytes_to_client.load(Relaxed),
+            "refused_at_limit": tcp.refused_at_limit.load(Relaxed),
+            "refused_at_source_limit": tcp.refused_at_source_limit.load(Relaxed),
+            "half_close_timeouts": tcp.half_close_timeouts.load(Relaxed),
+        },
+        "udp_relay": {
+            "active": udp.active.load(Relaxed),
+            "created": udp.created.load(Relaxed),
+            "expired": udp.expired.load(Relaxed),
+            "to_upstream": udp.to_upstream.load(Relaxed),
+            "to_client": udp.to_client.load(Relaxed),
+        },
+    })
 }
 
 /// Tells systemd (Type=notify) where tproxy is; nothing when not started by systemd.
@@ -334,6 +671,9 @@ struct RunningListener {
     /// Cancelled to stop accepting (TCP) or receiving (UDP); `None`: no such sockets.
     tcp: Option<CancellationToken>,
     udp: Option<CancellationToken>,
+    /// Its listening sockets (duplicates of the serving tasks' descriptors), to hand to a
+    /// successor and to keep them open while draining.
+    sockets: Vec<(HandedSocket, OwnedFd)>,
 }
 
 /// What putting a configuration in force changes in the listeners; built without touching
@@ -403,6 +743,9 @@ struct Relays {
     /// Steer rules that earlier configurations had and a reload dropped: their flows keep
     /// their sockets (see `Rule::retired`).
     retired: Vec<Rule>,
+    /// Listening sockets a previous instance handed over, for the first plan to use instead
+    /// of binding anew.
+    inherited: Vec<(HandedListener, Vec<OwnedFd>)>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -442,6 +785,7 @@ impl Relays {
             tcp_stats: Arc::default(),
             udp,
             retired: Vec::new(),
+            inherited: Vec::new(),
             shutdown,
             tasks,
         }
@@ -471,7 +815,7 @@ impl Relays {
     }
 
     /// Binds what `config` needs that is not serving yet and works out the rest.
-    fn plan(&self, config: &Config) -> Result<Plan> {
+    fn plan(&mut self, config: &Config) -> Result<Plan> {
         let mut plan = Plan {
             slots: Vec::new(),
             new_sockets: Vec::new(),
@@ -521,7 +865,30 @@ impl Relays {
                 continue;
             }
             let what = |transport| format!("listener `{}` ({transport:?})", wanted.name);
+            let (mut inherited_tcp, mut inherited_udp, mut bound) = (Vec::new(), Vec::new(), bound);
+            if kept.is_none() {
+                if let Some(index) = self
+                    .inherited
+                    .iter()
+                    .position(|(l, _)| l.name == wanted.name && l.listen == wanted.listen)
+                {
+                    let (handed, fds) = self.inherited.swap_remove(index);
+                    bound = handed.bound;
+                    for (socket, fd) in handed.sockets.into_iter().zip(fds) {
+                        let tcp = socket.transport == Transport::Tcp;
+                        let listener = TransparentListener {
+                            slot: ListenerSlot::of(tcp, socket.ipv6),
+                            socket: socket2::Socket::from(fd),
+                        };
+                        match tcp {
+                            true => inherited_tcp.push(listener),
+                            false => inherited_udp.push(listener),
+                        }
+                    }
+                }
+            }
             let tcp = match need_tcp {
+                true if !inherited_tcp.is_empty() => inherited_tcp,
                 true => listener::bind_all(&bound, Transport::Tcp)
                     .with_context(|| what(Transport::Tcp))?,
                 false => Vec::new(),
@@ -532,6 +899,7 @@ impl Relays {
                 None => bound.clone(),
             };
             let udp = match need_udp {
+                true if !inherited_udp.is_empty() => inherited_udp,
                 true => listener::bind_all(&udp_addrs, Transport::Udp)
                     .with_context(|| what(Transport::Udp))?,
                 false => Vec::new(),
@@ -586,6 +954,12 @@ impl Relays {
                     token.cancel();
                 }
             }
+            running
+                .sockets
+                .retain(|(socket, _)| match socket.transport {
+                    Transport::Tcp => !stop_tcp,
+                    Transport::Udp => !stop_udp,
+                });
             running.config = config;
         }
         let mut removed: Vec<RunningListener> = Vec::new();
@@ -626,6 +1000,7 @@ impl Relays {
                         bound: new.bound,
                         tcp: None,
                         udp: None,
+                        sockets: Vec::new(),
                     });
                     self.listeners.len() - 1
                 }
@@ -634,6 +1009,7 @@ impl Relays {
             if !new.tcp.is_empty() {
                 let stop = CancellationToken::new();
                 for socket in new.tcp {
+                    running.sockets.push(handed_socket(&socket)?);
                     let listener = std::net::TcpListener::from(socket.socket);
                     self.tasks.spawn(relay::serve(
                         tokio::net::TcpListener::from_std(listener)?,
@@ -650,6 +1026,7 @@ impl Relays {
             if !new.udp.is_empty() {
                 let stop = CancellationToken::new();
                 for socket in new.udp {
+                    running.sockets.push(handed_socket(&socket)?);
                     let socket = std::net::UdpSocket::from(socket.socket);
                     self.tasks.spawn(self.udp.clone().serve(
                         socket,
@@ -701,6 +1078,73 @@ impl Relays {
         retired
     }
 
+    /// The listeners and their sockets' descriptors, for a successor.
+    fn handover_offer(&self) -> (Vec<HandedListener>, Vec<RawFd>) {
+        let mut fds = Vec::new();
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| HandedListener {
+                name: l.config.name.clone(),
+                listen: l.config.listen.clone(),
+                bound: l.bound.clone(),
+                sockets: l
+                    .sockets
+                    .iter()
+                    .map(|(socket, fd)| {
+                        fds.push(fd.as_raw_fd());
+                        HandedSocket { ..*socket }
+                    })
+                    .collect(),
+            })
+            .collect();
+        (listeners, fds)
+    }
+
+    /// Stops every listener accepting (TCP) and receiving (UDP); connections and sessions in
+    /// flight run on. The sockets stay open while [`Relays::close_listeners`] has not run.
+    fn stop_accepting(&mut self) {
+        for listener in &mut self.listeners {
+            for token in listener.tcp.take().iter().chain(&listener.udp.take()) {
+                token.cancel();
+            }
+        }
+    }
+
+    /// Closes this process's hold on the listening sockets.
+    fn close_listeners(&mut self) {
+        for listener in &mut self.listeners {
+            listener.sockets.clear();
+        }
+    }
+
+    /// Puts every listening socket (back) into the socket map.
+    fn register_all(&self, steering: &mut Steering) -> Result<()> {
+        for listener in &self.listeners {
+            for (socket, fd) in &listener.sockets {
+                let slot = ListenerSlot::of(socket.transport == Transport::Tcp, socket.ipv6);
+                steering.register_listener(listener.slot, slot, fd)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket-map slots of the listeners in use.
+    fn slots(&self) -> Vec<u32> {
+        self.listeners.iter().map(|l| l.slot).collect()
+    }
+
+    /// Whether nothing is being relayed: no TCP connection, no UDP session.
+    fn idle(&self) -> bool {
+        self.tcp_stats.active() == 0
+            && self
+                .udp
+                .stats
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+    }
+
     /// Stops accepting and resets the connections in flight; ends the UDP sessions.
     async fn stop(&self) {
         self.shutdown.cancel();
@@ -748,6 +1192,16 @@ impl Relays {
         );
         log::info!("{}", self.udp.stats.summary());
     }
+}
+
+/// A listening socket's description for a successor, and a descriptor of it of our own.
+fn handed_socket(socket: &TransparentListener) -> Result<(HandedSocket, OwnedFd)> {
+    let tcp = matches!(socket.slot, ListenerSlot::TcpV4 | ListenerSlot::TcpV6);
+    let description = HandedSocket {
+        transport: if tcp { Transport::Tcp } else { Transport::Udp },
+        ipv6: matches!(socket.slot, ListenerSlot::TcpV6 | ListenerSlot::UdpV6),
+    };
+    Ok((description, socket.socket.try_clone()?.into()))
 }
 
 /// `wanted` addresses with port 0 replaced by the port `first` was bound to.

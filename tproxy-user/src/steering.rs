@@ -6,8 +6,12 @@ use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapData, PerCpuArray, SockMap},
-    programs::{tc, SchedClassifier, SkLookup, TcAttachType},
+    maps::{lpm_trie::Key, Array, LpmTrie, MapData, MapInfo, PerCpuArray, SockMap},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        SchedClassifier, SkLookup, TcAttachType,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -20,6 +24,7 @@ use tproxy_common::{
 
 use crate::{
     cli::Mark,
+    pin::PinnedState,
     rules::{CompiledRules, Entry},
 };
 
@@ -31,6 +36,11 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/t
 pub enum AttachMode {
     /// A TCX link (kernel 6.6+): owned by our file descriptor, gone when the process is.
     Tcx,
+    /// A TCX link pinned in bpffs (`--pin`): attached until its file is removed.
+    TcxPinned,
+    /// A pinned TCX link an earlier instance left, whose program was replaced by ours in one
+    /// step (`--pin`).
+    TcxAdopted,
     /// A cls_bpf filter on the clsact qdisc (older kernels): survives the process, so a later
     /// start removes stale ones by program name.
     Clsact,
@@ -40,6 +50,8 @@ impl std::fmt::Display for AttachMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             AttachMode::Tcx => "tcx",
+            AttachMode::TcxPinned => "tcx, pinned",
+            AttachMode::TcxAdopted => "tcx, adopted from the pinned state",
             AttachMode::Clsact => "clsact",
         })
     }
@@ -53,6 +65,11 @@ pub struct Steering {
     /// Entries each rule map can hold, both generations together.
     capacity: u32,
     counters: CounterReader,
+    /// Where the maps and links are pinned (`--pin`).
+    pinned: Option<PinnedState>,
+    /// The generation in force in maps an earlier instance left pinned, until our first
+    /// rule set replaces it.
+    adopted: Option<u32>,
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -60,8 +77,13 @@ pub struct LoadSettings {
     pub mark: Mark,
     /// SO_MARK of tproxy's own UDP sockets.
     pub socket_mark: u32,
-    /// Entries each rule map can hold (see [`rule_map_capacity`]).
+    /// Entries each rule map can hold (see [`rule_map_capacity`]); pinned maps keep the
+    /// size they were created with.
     pub rule_map_capacity: u32,
+    /// Drop what steer rules take when there is no listener (see `FailMode`).
+    pub fail_closed: bool,
+    /// Pin the maps and links here, adopting what an earlier instance pinned.
+    pub pinned: Option<PinnedState>,
 }
 
 /// Packet counts per protocol (row) and outcome (column), summed over CPUs.
@@ -86,9 +108,26 @@ impl Steering {
     pub fn load(settings: &LoadSettings) -> Result<Self> {
         // Log records below the level the user asked for are not even produced in the kernel.
         let log_level = log::max_level() as u8;
-        let capacity = settings.rule_map_capacity;
-        let ebpf = EbpfLoader::new()
+        let fail_closed = u32::from(settings.fail_closed);
+        let mut capacity = settings.rule_map_capacity;
+        let mut loader = EbpfLoader::new();
+        let mut adopting = false;
+        if let Some(pinned) = &settings.pinned {
+            pinned.prepare()?;
+            adopting = pinned.exists();
+            if adopting {
+                let rules = pinned.map(maps::RULES_DST_V4);
+                capacity = MapInfo::from_pin(&rules)
+                    .with_context(|| format!("opening the pinned map {}", rules.display()))?
+                    .max_entries();
+            }
+            for name in maps::PINNED_MAPS {
+                loader.map_pin_path(name, pinned.map(name));
+            }
+        }
+        let ebpf = loader
             .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
+            .override_global(maps::FAIL_CLOSED_GLOBAL, &fail_closed, true)
             .override_global(maps::MARK_MASK_GLOBAL, &settings.mark.mask, true)
             .override_global(maps::OWN_SOCKET_MARK_GLOBAL, &settings.socket_mark, true)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
@@ -108,7 +147,14 @@ impl Steering {
             active: None,
             capacity,
             counters,
+            pinned: settings.pinned.clone(),
+            adopted: None,
         };
+        if adopting {
+            let active: Array<_, u32> =
+                Array::try_from(steering.map_mut(maps::ACTIVE_GENERATION)?)?;
+            steering.adopted = Some(active.get(&0, 0).context("reading the pinned generation")?);
+        }
         let program: &mut SchedClassifier = steering.program_mut()?;
         program
             .load()
@@ -121,9 +167,18 @@ impl Steering {
         // of a TIME_WAIT socket (see tproxy_common::decision::socket_owns_flow).
         let netns =
             std::fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
-        lookup
+        let link = lookup
             .attach(netns)
             .context("attaching the sk_lookup program to this network namespace")?;
+        if let Some(pinned) = &settings.pinned {
+            let link: FdLink = lookup.take_link(link)?.into();
+            let path = pinned.sk_lookup_link();
+            // An earlier instance's link goes once its process, if still running, lets go:
+            // until then both answer, from the same maps.
+            let _ = std::fs::remove_file(&path);
+            link.pin(&path)
+                .with_context(|| format!("pinning the sk_lookup link at {}", path.display()))?;
+        }
         Ok(steering)
     }
 
@@ -159,7 +214,9 @@ impl Steering {
     pub fn next_generation(&self) -> u32 {
         self.active
             .as_ref()
-            .map_or(0, |(generation, _)| generation ^ 1)
+            .map(|(generation, _)| *generation)
+            .or(self.adopted)
+            .map_or(0, |generation| generation ^ 1)
     }
 
     /// Makes `rules` (compiled for [`Steering::next_generation`]) the rule set in force, in
@@ -207,6 +264,10 @@ impl Steering {
                 );
             }
         }
+        if self.active.is_none() && self.adopted.is_some() {
+            // Entries of an instance that stopped in the middle of a reload.
+            self.erase_generation_by_scan(generation)?;
+        }
         if let Err(error) = self.write_generation(generation, &rules) {
             let _ = self.erase_generation(generation, &rules);
             return Err(error);
@@ -219,6 +280,54 @@ impl Steering {
             std::thread::sleep(GENERATION_GRACE);
             self.erase_generation(old_generation, &old)
                 .context("removing the previous rule set's entries")?;
+        } else if let Some(adopted) = self.adopted.take() {
+            std::thread::sleep(GENERATION_GRACE);
+            self.erase_generation_by_scan(adopted)
+                .context("removing the pinned rule set's entries")?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of `generation` from the rule maps, without knowing what was
+    /// written: for rule sets that another process installed.
+    fn erase_generation_by_scan(&mut self, generation: u32) -> Result<()> {
+        let mut classes: Array<_, u32> = Array::try_from(self.map_mut(maps::PORT_CLASSES)?)?;
+        for udp in [false, true] {
+            for port in 0..=u16::MAX {
+                let index = maps::port_class_index(generation, udp, port);
+                if classes.get(&index, 0)? != 0 {
+                    classes.set(index, 0, 0)?;
+                }
+            }
+        }
+        let of_generation = |id: u32| (id & maps::GENERATION_BIT != 0) == (generation & 1 == 1);
+        self.erase_lpm_where(maps::RULES_DST_V4, |k: &maps::DstKey<4>| {
+            of_generation(k.class)
+        })?;
+        self.erase_lpm_where(maps::RULES_DST_V6, |k: &maps::DstKey<16>| {
+            of_generation(k.class)
+        })?;
+        self.erase_lpm_where(maps::RULES_SRC_V4, |k: &maps::SrcKey<4>| {
+            of_generation(k.cell)
+        })?;
+        self.erase_lpm_where(maps::RULES_SRC_V6, |k: &maps::SrcKey<16>| {
+            of_generation(k.cell)
+        })
+    }
+
+    fn erase_lpm_where<K: aya::Pod>(
+        &mut self,
+        map: &str,
+        doomed: impl Fn(&K) -> bool,
+    ) -> Result<()> {
+        let mut trie: LpmTrie<_, K, Verdict> = LpmTrie::try_from(self.map_mut(map)?)?;
+        let keys: Vec<Key<K>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| doomed(&key.data()))
+            .collect();
+        for key in keys {
+            let _ = trie.remove(&key);
         }
         Ok(())
     }
@@ -303,6 +412,23 @@ impl Steering {
         Ok(())
     }
 
+    /// Empties every socket-map slot of listeners other than `kept` (those a previous
+    /// instance used, or all of them when stopping).
+    pub fn unregister_except(&mut self, kept: &[u32]) {
+        for listener in (0..maps::MAX_LISTENERS).filter(|l| !kept.contains(l)) {
+            let _ = self.unregister_listener(listener);
+        }
+    }
+
+    /// Treats the rules in force as another process's (after a takeover that did not
+    /// complete, which may have replaced them): the next install erases them by scanning.
+    pub fn forget_rules_in_force(&mut self) -> Result<()> {
+        let active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
+        self.adopted = Some(active.get(&0, 0)?);
+        self.active = None;
+        Ok(())
+    }
+
     /// Starts forwarding the program's aya-log records to the `log` crate.
     pub fn spawn_log_forwarder(&mut self) -> Result<()> {
         let logger = EbpfLogger::init(&mut self.ebpf).context("initialising eBPF logging")?;
@@ -342,12 +468,44 @@ impl Steering {
                 Err(e) => log::warn!("could not look for stale tproxy filters on {iface}: {e}"),
             }
         }
-        self.program_mut()?
+        let Some(pinned) = self.pinned.clone() else {
+            self.program_mut()?
+                .attach(iface, TcAttachType::Ingress)
+                .with_context(|| {
+                    format!("attaching the steering program to {iface} ingress ({mode})")
+                })?;
+            return Ok(mode);
+        };
+        if mode != AttachMode::Tcx {
+            bail!("--pin needs TCX links (kernel 6.6 or later); this kernel has clsact only");
+        }
+        let path = pinned.tc_link(iface);
+        let program = self.program_mut()?;
+        if let Ok(link) = PinnedLink::from_pin(&path) {
+            let replaced = SchedClassifierLink::try_from(FdLink::from(link))
+                .map_err(anyhow::Error::from)
+                .and_then(|link| Ok(program.attach_to_link(link)?));
+            match replaced {
+                Ok(_) => return Ok(AttachMode::TcxAdopted),
+                // Its interface went away (and maybe came back under the same name).
+                Err(error) => {
+                    log::warn!(
+                        "the pinned link on {iface} is unusable ({error:#}); attaching anew"
+                    );
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("unpinning {}", path.display()))?;
+                }
+            }
+        }
+        let link = program
             .attach(iface, TcAttachType::Ingress)
             .with_context(|| {
                 format!("attaching the steering program to {iface} ingress ({mode})")
             })?;
-        Ok(mode)
+        let link: FdLink = program.take_link(link)?.try_into()?;
+        link.pin(&path)
+            .with_context(|| format!("pinning the link on {iface} at {}", path.display()))?;
+        Ok(AttachMode::TcxPinned)
     }
 
     /// Packet counts per protocol and outcome, summed over CPUs.
@@ -366,6 +524,20 @@ impl Steering {
 pub struct CounterReader(Arc<PerCpuArray<MapData, u64>>);
 
 impl CounterReader {
+    /// Reads the counters map pinned at `path` (for `tproxy status`).
+    pub fn from_pin(path: &std::path::Path) -> Result<Self> {
+        let map = MapData::from_pin(path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let map = PerCpuArray::try_from(aya::maps::Map::from_map_data(map)?)?;
+        Ok(CounterReader(Arc::new(map)))
+    }
+
+    /// The program id behind the link pinned at `path`.
+    pub fn pinned_link_program(path: &std::path::Path) -> Result<u32> {
+        let link = FdLink::from(PinnedLink::from_pin(path)?);
+        Ok(link.info()?.program_id())
+    }
+
     /// Packet counts per protocol and outcome, summed over CPUs.
     pub fn read(&self) -> Result<Counters> {
         let mut totals = Counters::default();

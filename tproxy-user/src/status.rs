@@ -1,0 +1,176 @@
+//! `tproxy status`: what the instance for a routing table is doing, from three sources that
+//! do not depend on one another — the running process (over its control socket), the state
+//! pinned under the pin directory (links and the program's counters), and the policy routing
+//! in the kernel. Any of them can be there without the others (a pinned instance between
+//! processes, routing a killed instance left), and the report says which.
+
+use anyhow::Result;
+use serde_json::{json, Value};
+use tproxy_common::{decision::Protocol, Outcome};
+
+use crate::{cli::StatusArgs, control, pin::PinnedState, routing, steering::CounterReader};
+
+/// Prints the status; `Ok(false)` when no instance is running.
+pub async fn run(args: &StatusArgs) -> Result<bool> {
+    let instance = control::request_status(args.table)?;
+    let pinned = PinnedState::locate(&args.pin_dir, args.table)?;
+    let pinned = pinned.exists().then(|| pinned_report(&pinned));
+    let handle = routing::connect()?;
+    let routing = routing::describe(&handle, args.table).await?;
+    let running = instance.is_some();
+    let report = json!({
+        "table": args.table,
+        "running": running,
+        "instance": instance,
+        "pinned": pinned,
+        "routing": routing,
+    });
+    if args.json {
+        println!("{report:#}");
+    } else {
+        print_text(&report);
+    }
+    Ok(running)
+}
+
+fn pinned_report(pinned: &PinnedState) -> Value {
+    let links: Vec<Value> = pinned
+        .tc_links()
+        .into_iter()
+        .map(|(iface, path)| {
+            let program = CounterReader::pinned_link_program(&path).ok();
+            json!({ "interface": iface, "program_id": program })
+        })
+        .collect();
+    let packets = CounterReader::from_pin(&pinned.map(tproxy_common::maps::COUNTERS))
+        .and_then(|reader| reader.read())
+        .ok()
+        .map(|counters| {
+            let mut by_protocol = serde_json::Map::new();
+            for protocol in Protocol::ALL {
+                let row: serde_json::Map<String, Value> = Outcome::ALL
+                    .iter()
+                    .map(|o| {
+                        (
+                            o.name().to_string(),
+                            json!(counters[protocol as usize][*o as usize]),
+                        )
+                    })
+                    .collect();
+                by_protocol.insert(protocol.name().to_string(), row.into());
+            }
+            by_protocol
+        });
+    json!({
+        "dir": pinned.dir().display().to_string(),
+        "links": links,
+        "packets": packets,
+    })
+}
+
+fn print_text(report: &Value) {
+    let table = &report["table"];
+    let instance = &report["instance"];
+    let pinned = &report["pinned"];
+    if instance.is_null() {
+        println!("tproxy (table {table}): not running in this network namespace");
+    } else {
+        println!(
+            "tproxy (table {table}): running, pid {}, {}",
+            instance["pid"],
+            text(&instance["phase"])
+        );
+        println!("  attached:   {}", join(&instance["attached"]));
+        println!(
+            "  mark {} rule priority {}, fail mode {}",
+            text(&instance["mark"]),
+            instance["rule_priority"],
+            text(&instance["fail_mode"])
+        );
+        for listener in instance["listeners"].as_array().into_iter().flatten() {
+            let transports = match (listener["tcp"].as_bool(), listener["udp"].as_bool()) {
+                (Some(true), Some(true)) => "TCP+UDP",
+                (Some(true), _) => "TCP",
+                (_, Some(true)) => "UDP",
+                _ => "not serving",
+            };
+            let upstream = match listener["upstream"].as_str() {
+                Some(upstream) => upstream.to_string(),
+                None => "the original destination".to_string(),
+            };
+            println!(
+                "  listener {}: {transports} on {}, relaying to {upstream}",
+                text(&listener["name"]),
+                join(&listener["addresses"])
+            );
+        }
+        for rule in instance["rules"].as_array().into_iter().flatten() {
+            println!("  rule:       {}", text(rule));
+        }
+        let tcp = &instance["tcp_relay"];
+        println!(
+            "  tcp relay:  active={} accepted={} upstream_failures={} bytes_to_upstream={} bytes_to_client={}",
+            tcp["active"], tcp["accepted"], tcp["upstream_failures"], tcp["bytes_to_upstream"], tcp["bytes_to_client"]
+        );
+        let udp = &instance["udp_relay"];
+        println!(
+            "  udp relay:  active={} created={} expired={} to_upstream={} to_client={}",
+            udp["active"], udp["created"], udp["expired"], udp["to_upstream"], udp["to_client"]
+        );
+    }
+    if pinned.is_null() {
+        println!("  pinned:     nothing");
+    } else {
+        println!("  pinned:     {}", text(&pinned["dir"]));
+        for link in pinned["links"].as_array().into_iter().flatten() {
+            println!(
+                "    tcx link on {} (program id {})",
+                text(&link["interface"]),
+                link["program_id"]
+            );
+        }
+        if instance.is_null() {
+            println!("    steering stays in force with no process: its fail mode decides what steered traffic does");
+        }
+    }
+    let routing: Vec<&str> = report["routing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if routing.is_empty() {
+        println!("  routing:    none installed");
+    }
+    for line in routing {
+        println!("  routing:    {line}");
+    }
+    let packets = if instance["packets"].is_object() {
+        &instance["packets"]
+    } else {
+        &pinned["packets"]
+    };
+    for protocol in Protocol::ALL {
+        let row = &packets[protocol.name()];
+        if row.is_null() {
+            continue;
+        }
+        let counts: Vec<String> = Outcome::ALL
+            .iter()
+            .filter(|o| protocol != Protocol::Other || **o == Outcome::Passed)
+            .map(|o| format!("{}={}", o.name(), row[o.name()]))
+            .collect();
+        println!("  {} packets: {}", protocol.name(), counts.join(" "));
+    }
+}
+
+fn text(value: &Value) -> String {
+    value
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_string)
+}
+
+fn join(value: &Value) -> String {
+    let items: Vec<String> = value.as_array().into_iter().flatten().map(text).collect();
+    items.join(", ")
+}
