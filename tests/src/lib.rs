@@ -826,3 +826,65 @@ pub fn run_tproxy_output(netns: &Netns, args: &[&str]) -> Result<(ExitStatus, St
         String::from_utf8_lossy(&output.stderr).into_owned(),
     ))
 }
+
+/// A bpf filesystem of the test's own, for `tproxy run --pin --pin-dir`: mounted on the host
+/// (so it outlives the `ip netns exec` mount namespaces tproxy runs in, as /sys/fs/bpf
+/// does for a real service) and unmounted, with all it holds, on drop.
+pub struct Bpffs {
+    dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Result<Self> {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = PathBuf::from(format!(
+            "/run/tproxy-tests/bpffs-{}-{n}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .context("running mount")?;
+        if !status.success() {
+            bail!("mount -t bpf bpf {} failed: {status}", dir.display());
+        }
+        Ok(Bpffs { dir })
+    }
+
+    /// The directory to give as `--pin-dir`.
+    pub fn path(&self) -> &str {
+        self.dir.to_str().expect("ASCII path")
+    }
+
+    /// The files pinned under it, as paths relative to it (without the `maps.debug` and
+    /// `progs.debug` iterators the kernel puts in every bpffs root).
+    pub fn pinned(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut stack = vec![self.dir.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(relative) = path.strip_prefix(&self.dir) {
+                    let relative = relative.display().to_string();
+                    if !relative.ends_with(".debug") {
+                        found.push(relative);
+                    }
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

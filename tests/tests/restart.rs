@@ -1,0 +1,347 @@
+//! Restarts and upgrades with `--pin`: steering, routing and the listening sockets outlive
+//! the process, connections in flight drain in the old process, connections made during the
+//! restart are served by the new one; what happens to steered traffic while no process runs
+//! is the fail mode; `status` reads it all from another shell; `cleanup` removes it.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use tproxy_tests::{
+    digest, digest_to_eof, ingress_programs, payload, require_root, routing_state,
+    run_tproxy_output, Bpffs, RouterTopology as Topo, Server,
+};
+
+const TABLE: u32 = 7470;
+/// The long transfer: CHUNKS chunks of CHUNK bytes, one every CHUNK_GAP (about 4 s).
+const CHUNKS: usize = 40;
+const CHUNK: usize = 32 * 1024;
+const CHUNK_GAP: Duration = Duration::from_millis(100);
+
+/// A server that, on `L`, streams the long transfer slowly and closes; on anything else,
+/// echoes.
+fn slow_or_echo_server(topo: &Topo) -> Server {
+    Server::start(&topo.server, Topo::server_addr(false, 80), |mut stream| {
+        let mut first = [0u8; 1];
+        if stream.read_exact(&mut first).is_err() {
+            return;
+        }
+        if &first == b"L" {
+            let data = payload(CHUNKS * CHUNK, 7);
+            for chunk in data.chunks(CHUNK) {
+                if stream.write_all(chunk).is_err() {
+                    return;
+                }
+                thread::sleep(CHUNK_GAP);
+            }
+            return;
+        }
+        let _ = stream.write_all(&first);
+        let mut reader = stream.try_clone().expect("clone");
+        let _ = std::io::copy(&mut reader, &mut stream);
+    })
+    .unwrap()
+}
+
+/// Starts the long transfer; the thread returns whether every byte arrived intact.
+fn long_transfer(topo: &Topo) -> thread::JoinHandle<Result<(), String>> {
+    let mut stream = topo.client.connect(Topo::server_addr(false, 80)).unwrap();
+    thread::spawn(move || {
+        stream.write_all(b"L").map_err(|e| e.to_string())?;
+        let got = digest_to_eof(&mut stream).map_err(|e| format!("transfer broke: {e}"))?;
+        let want = digest(&payload(CHUNKS * CHUNK, 7));
+        if got != want {
+            return Err(format!("got {got:?}, want {want:?}"));
+        }
+        Ok(())
+    })
+}
+
+/// One echo round trip on a new connection, made on its own thread (it may have to wait for
+/// the new instance).
+fn echo_on_new_connection(topo: &Topo) -> thread::JoinHandle<Result<(), String>> {
+    let connected = topo.client.connect(Topo::server_addr(false, 80));
+    thread::spawn(move || {
+        let mut stream: TcpStream = connected.map_err(|e| format!("{e:#}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream.write_all(b"hello").map_err(|e| e.to_string())?;
+        let mut back = [0u8; 5];
+        stream.read_exact(&mut back).map_err(|e| e.to_string())?;
+        if &back != b"hello" {
+            return Err(format!("echo came back as {back:?}"));
+        }
+        Ok(())
+    })
+}
+
+fn pinned_args<'a>(bpffs: &'a Bpffs, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--tcp", "80", "--pin", "--pin-dir", bpffs.path()];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The path of a running or past upgrade: `sigterm_first` stops the old instance before the
+/// new one starts (a restart), otherwise the new one starts while the old one serves (an
+/// upgrade).
+fn restart_under_load(sigterm_first: bool) {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let server = slow_or_echo_server(&topo);
+    let args = pinned_args(&bpffs, &["--drain-timeout", "30s"]);
+    let mut old = topo.tproxy(&args).unwrap();
+    let transfer = long_transfer(&topo);
+    thread::sleep(Duration::from_millis(500));
+
+    let during = if sigterm_first {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old.pid() as i32),
+            Signal::SIGTERM,
+        )
+        .unwrap();
+        old.wait_for_line("stopping: draining", Duration::from_secs(5))
+            .unwrap();
+        // Between the processes: it waits in the listener's queue for the new instance.
+        Some(echo_on_new_connection(&topo))
+    } else {
+        None
+    };
+    let mut new = topo.tproxy(&args).unwrap();
+    assert!(
+        new.log_text()
+            .contains(&format!("took over from tproxy pid {}", old.pid())),
+        "{}",
+        new.log_text()
+    );
+    if !sigterm_first {
+        old.wait_for_line("the new instance has taken over", Duration::from_secs(5))
+            .unwrap();
+    }
+    if let Some(during) = during {
+        assert_eq!(
+            during.join().unwrap(),
+            Ok(()),
+            "connection made during the restart"
+        );
+    }
+    assert_eq!(
+        echo_on_new_connection(&topo).join().unwrap(),
+        Ok(()),
+        "connection after the restart"
+    );
+    assert_eq!(
+        transfer.join().unwrap(),
+        Ok(()),
+        "the long transfer across the restart"
+    );
+    let status = old.wait(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.success(),
+        "old instance: {status}\n{}",
+        old.log_text()
+    );
+    assert!(
+        ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE)
+            .unwrap()
+            .iter()
+            .any(|p| p == "tproxy_ingress"),
+        "steering went with the old instance"
+    );
+    // The connections made during and after the restart are the new instance's.
+    assert_eq!(
+        new.log_text().matches("relaying via").count(),
+        if sigterm_first { 2 } else { 1 },
+        "{}",
+        new.log_text()
+    );
+    // The old instance handed its lock over: the new one is the one `reload` finds.
+    let (reloaded, out, err) = run_tproxy_output(&topo.router, &["reload"]).unwrap();
+    assert!(reloaded.success(), "{err}");
+    assert!(out.contains(&new.pid().to_string()), "{out}");
+
+    new.stop().unwrap();
+    drop(server);
+    cleanup_leaves_nothing(&topo, &bpffs);
+}
+
+/// `tproxy cleanup` removes the pinned state, the program and the routing.
+fn cleanup_leaves_nothing(topo: &Topo, bpffs: &Bpffs) {
+    assert!(!bpffs.pinned().is_empty(), "nothing was pinned");
+    assert!(!routing_state(&topo.router, TABLE).unwrap().is_empty());
+    let (status, out, err) =
+        run_tproxy_output(&topo.router, &["cleanup", "--pin-dir", bpffs.path()]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("pinned links and maps"), "{out}");
+    assert_eq!(bpffs.pinned(), Vec::<String>::new());
+    assert_eq!(routing_state(&topo.router, TABLE).unwrap(), "");
+    assert_eq!(
+        ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_restart_with_pin_keeps_a_long_transfer_and_serves_connections_made_during_it() {
+    restart_under_load(true);
+}
+
+#[test]
+fn an_upgrade_started_while_the_old_instance_runs_takes_over_and_the_old_one_drains() {
+    restart_under_load(false);
+}
+
+/// Stops a pinned instance and checks what a new connection does while no process runs.
+fn with_no_process(fail_mode: &str) -> (Topo, Bpffs, Server, Result<SocketAddr, String>) {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let mut tproxy = topo
+        .tproxy(&pinned_args(&bpffs, &["--fail-mode", fail_mode]))
+        .unwrap();
+    assert_eq!(
+        tproxy_tests::peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false),
+        "steered while running"
+    );
+    tproxy.stop().unwrap();
+    assert!(tproxy.log_text().contains("steering stays in place"));
+    let seen = topo
+        .client
+        .run({
+            let addr = server.addr;
+            move || -> Result<String, String> {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                    .map_err(|e| e.kind().to_string())?;
+                let mut text = String::new();
+                stream
+                    .read_to_string(&mut text)
+                    .map_err(|e| e.to_string())?;
+                Ok(text)
+            }
+        })
+        .map(|text| SocketAddr::new(text.parse().unwrap(), 0));
+    (topo, bpffs, server, seen)
+}
+
+#[test]
+fn failing_open_passes_steered_traffic_untouched_while_no_process_runs() {
+    let (topo, bpffs, _server, seen) = with_no_process("open");
+    assert_eq!(
+        seen.map(|addr| addr.ip()),
+        Ok(Topo::client_ip(false)),
+        "fail-open: the connection goes straight to the server"
+    );
+    cleanup_leaves_nothing(&topo, &bpffs);
+}
+
+#[test]
+fn failing_closed_drops_steered_traffic_while_no_process_runs() {
+    let (topo, bpffs, _server, seen) = with_no_process("closed");
+    assert!(
+        seen.is_err(),
+        "fail-closed let a connection through: {seen:?}"
+    );
+    let (_, out, _) = run_tproxy_output(
+        &topo.router,
+        &["status", "--json", "--pin-dir", bpffs.path()],
+    )
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["running"], false, "{report:#}");
+    assert!(
+        report["pinned"]["packets"]["tcp"]["no_listener"].as_u64() >= Some(1),
+        "the dropped SYNs are counted: {report:#}"
+    );
+    // And the next start serves again at once.
+    let mut tproxy = topo
+        .tproxy(&pinned_args(&bpffs, &["--fail-mode", "closed"]))
+        .unwrap();
+    assert_eq!(
+        tproxy_tests::peer_seen_by(&topo.client, Topo::server_addr(false, 80)).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    tproxy.stop().unwrap();
+    cleanup_leaves_nothing(&topo, &bpffs);
+}
+
+#[test]
+fn status_reports_the_running_instance_its_pinned_state_and_moving_counters() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let status = |json: bool| {
+        let mut args = vec!["status", "--pin-dir", bpffs.path()];
+        if json {
+            args.push("--json");
+        }
+        run_tproxy_output(&topo.router, &args).unwrap()
+    };
+    let (code, out, _) = status(false);
+    assert_eq!(code.code(), Some(3), "{out}");
+    assert!(out.contains("not running"), "{out}");
+    assert!(out.contains("pinned:     nothing"), "{out}");
+
+    let server = Server::echo(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let mut tproxy = topo.tproxy(&pinned_args(&bpffs, &[])).unwrap();
+    let read = |report: &serde_json::Value, path: &[&str]| {
+        path.iter()
+            .fold(report, |value, key| &value[*key])
+            .as_u64()
+            .unwrap_or_else(|| panic!("{path:?} in {report:#}"))
+    };
+    let (code, out, err) = status(true);
+    assert!(code.success(), "{out}{err}");
+    let before: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(read(&before, &["instance", "pid"]), u64::from(tproxy.pid()));
+    assert_eq!(before["instance"]["phase"], "serving");
+    assert_eq!(
+        before["pinned"]["links"][0]["interface"],
+        Topo::ROUTER_CLIENT_IFACE
+    );
+    assert_eq!(
+        before["routing"].as_array().map(Vec::len),
+        Some(4),
+        "{before:#}"
+    );
+    for _ in 0..3 {
+        let mut stream = topo.client.connect(server.addr).unwrap();
+        stream.write_all(b"x").unwrap();
+        let mut back = [0u8; 1];
+        stream.read_exact(&mut back).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let (_, out, _) = status(true);
+        let after: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if read(&after, &["instance", "tcp_relay", "accepted"]) >= 3 || Instant::now() > deadline {
+            break after;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(read(&after, &["instance", "tcp_relay", "accepted"]), 3);
+    for source in ["instance", "pinned"] {
+        assert!(
+            read(&after, &[source, "packets", "tcp", "steered_new"])
+                >= read(&before, &[source, "packets", "tcp", "steered_new"]) + 3,
+            "{source}: {after:#}"
+        );
+    }
+    let (_, text, _) = status(false);
+    for expected in [
+        format!("running, pid {}", tproxy.pid()),
+        "listener default: TCP".to_string(),
+        "tcx link on to-client".to_string(),
+        "fwmark 0x1000000/0x1000000 lookup 7470".to_string(),
+    ] {
+        assert!(text.contains(&expected), "`{expected}` missing:\n{text}");
+    }
+    tproxy.stop().unwrap();
+    cleanup_leaves_nothing(&topo, &bpffs);
+}
