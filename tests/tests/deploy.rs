@@ -105,7 +105,7 @@ print(json.dumps({
         r#""drop": ["ALL"]"#,
         r#""liveness": "/healthz""#,
         r#""readiness": "/readyz""#,
-        r#""args": ["run", "--config", "/etc/tproxy/tproxy.toml", "--metrics", "0.0.0.0:9464"]"#,
+        r#""args": ["run", "--config", "/etc/tproxy/tproxy.toml", "--metrics", "0.0.0.0:9464", "--pin", "--drain-timeout", "25s"]"#,
         r#""/etc/tproxy", "/run/tproxy", "/sys/fs/bpf""#,
         r#""grace": 30"#,
     ] {

@@ -49,11 +49,25 @@ pub struct Sources {
     pub ready: Arc<AtomicBool>,
 }
 
+/// A listener that the instance taking over from this one (`run --pin`) can bind as well
+/// while this one drains (SO_REUSEPORT: same user only).
+fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
 /// Binds the endpoint (so a bad address fails the start) and serves it on a task.
 pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--metrics {addr}: binding"))?;
+    let listener = bind_shared(addr).with_context(|| format!("--metrics {addr}: binding"))?;
     let mut registry = Registry::with_prefix("tproxy");
     registry.register(
         "upstream_connect_seconds",
