@@ -125,6 +125,36 @@ fn bad_flags_are_named_and_leave_nothing_behind() {
             ],
             "192.0.2.1:99999",
         ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--fail-mode", "ajar"],
+            "`ajar`",
+        ),
+        (
+            &["--iface", IFACE, "--tcp", "80", "--drain-timeout", "later"],
+            "later",
+        ),
+        // Under `ip netns exec`, /sys/fs/bpf is a plain sysfs directory: nothing pinned there
+        // would outlive the process.
+        (
+            &["--iface", IFACE, "--tcp", "80", "--pin"],
+            "--pin-dir /sys/fs/bpf/tproxy: not on a bpf filesystem",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--tcp",
+                "80",
+                "--pin",
+                "--pin-dir",
+                "/run",
+            ],
+            "--pin-dir /run: not on a bpf filesystem",
+        ),
+        (
+            &["--relay-only", "--tcp", "80", "--pin"],
+            "--pin: with --relay-only",
+        ),
     ];
     for (flags, named) in cases {
         let mut args = vec!["run"];
@@ -166,6 +196,10 @@ fn help_documents_every_run_flag() {
         "--udp-idle-timeout",
         "--udp-max-sessions",
         "--socket-mark",
+        "--pin",
+        "--pin-dir",
+        "--fail-mode",
+        "--drain-timeout",
     ] {
         assert!(
             help.contains(flag),

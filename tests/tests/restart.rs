@@ -13,7 +13,7 @@ use std::{
 use nix::sys::signal::Signal;
 use tproxy_tests::{
     digest, digest_to_eof, ingress_programs, payload, require_root, routing_state,
-    run_tproxy_output, Bpffs, RouterTopology as Topo, Server,
+    run_tproxy_output, udp_client, udp_exchange, Bpffs, RouterTopology as Topo, Server, UdpEcho,
 };
 
 const TABLE: u32 = 7470;
@@ -94,9 +94,25 @@ fn restart_under_load(sigterm_first: bool) {
     let topo = Topo::new().unwrap();
     let bpffs = Bpffs::new().unwrap();
     let server = slow_or_echo_server(&topo);
-    let args = pinned_args(&bpffs, &["--drain-timeout", "30s"]);
+    let echo = UdpEcho::start(&topo.server, Topo::server_addr(false, 5353)).unwrap();
+    let args = pinned_args(
+        &bpffs,
+        &[
+            "--udp",
+            "5353",
+            "--udp-idle-timeout",
+            "2s",
+            "--drain-timeout",
+            "30s",
+        ],
+    );
     let mut old = topo.tproxy(&args).unwrap();
     let transfer = long_transfer(&topo);
+    let old_session = udp_client(&topo.client, echo.addr).unwrap();
+    assert_eq!(
+        udp_exchange(&old_session, echo.addr, b"before").unwrap().0,
+        b"before"
+    );
     thread::sleep(Duration::from_millis(500));
 
     let during = if sigterm_first {
@@ -134,6 +150,21 @@ fn restart_under_load(sigterm_first: bool) {
         echo_on_new_connection(&topo).join().unwrap(),
         Ok(()),
         "connection after the restart"
+    );
+    // The old instance's UDP session runs on in it; a new one goes to the new instance.
+    assert_eq!(
+        udp_exchange(&old_session, echo.addr, b"again").unwrap().0,
+        b"again"
+    );
+    let new_session = udp_client(&topo.client, echo.addr).unwrap();
+    assert_eq!(
+        udp_exchange(&new_session, echo.addr, b"new").unwrap().0,
+        b"new"
+    );
+    assert_eq!(
+        echo.peer_ips(),
+        vec![Topo::router_as_seen_by_server(false)],
+        "a datagram went past the proxy"
     );
     assert_eq!(
         transfer.join().unwrap(),
@@ -184,6 +215,53 @@ fn cleanup_leaves_nothing(topo: &Topo, bpffs: &Bpffs) {
         ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap(),
         Vec::<String>::new()
     );
+}
+
+#[test]
+fn a_takeover_that_fails_leaves_the_old_instance_in_charge() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let server = slow_or_echo_server(&topo);
+    let mut old = topo.tproxy(&pinned_args(&bpffs, &[])).unwrap();
+    // Taken by someone else (no SO_REUSEPORT): the new instance fails after the handover
+    // began, having opened the pinned maps.
+    let _taken = topo
+        .router
+        .listen("127.0.0.1:9464".parse().unwrap())
+        .unwrap();
+    let (status, _, stderr) = run_tproxy_output(
+        &topo.router,
+        &pinned_args(
+            &bpffs,
+            &[
+                "--iface",
+                Topo::ROUTER_CLIENT_IFACE,
+                "--metrics",
+                "127.0.0.1:9464",
+            ],
+        )
+        .iter()
+        .fold(vec!["run"], |mut args, arg| {
+            args.push(arg);
+            args
+        }),
+    )
+    .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("--metrics 127.0.0.1:9464"), "{stderr}");
+    old.wait_for_line(
+        "did not take over; this one carries on",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(echo_on_new_connection(&topo).join().unwrap(), Ok(()));
+    }
+    assert_eq!(old.log_text().matches("relaying via").count(), 3);
+    old.stop().unwrap();
+    drop(server);
+    cleanup_leaves_nothing(&topo, &bpffs);
 }
 
 #[test]
