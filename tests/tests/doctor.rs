@@ -96,3 +96,32 @@ fn doctor_passes_a_healthy_router_and_finds_each_deliberate_breakage() {
     let (healthy, report) = doctor(&topo);
     assert!(healthy, "{report}");
 }
+
+#[test]
+fn doctor_checks_that_the_pin_directory_is_on_a_bpf_filesystem() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = tproxy_tests::Bpffs::new().unwrap();
+    let run = |dir: &str| {
+        let (status, stdout, stderr) = run_tproxy_output(
+            &topo.router,
+            &["doctor", "--iface", IFACE, "--pin-dir", dir],
+        )
+        .unwrap();
+        (status.success(), format!("{stdout}{stderr}"))
+    };
+    let (healthy, report) = run(bpffs.path());
+    assert!(healthy, "{report}");
+    assert!(report.contains("is on a bpf filesystem"), "{report}");
+    // Under `ip netns exec`, /sys is a fresh sysfs without a bpffs at /sys/fs/bpf.
+    let (healthy, report) = run("/sys/fs/bpf/tproxy");
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("/sys/fs/bpf/tproxy is not on a bpf filesystem"),
+        "{report}"
+    );
+    assert!(
+        report.contains("fix: mount -t bpf bpf /sys/fs/bpf"),
+        "{report}"
+    );
+}

@@ -59,6 +59,11 @@ pub struct DoctorArgs {
     /// The routing mark tproxy uses (as for `run`).
     #[arg(long, value_name = "MARK[/MASK]", value_parser = parse_mark)]
     pub mark: Option<Mark>,
+
+    /// Check that this directory can hold `run --pin`'s state (implied by a configuration
+    /// file that sets `pin`).
+    #[arg(long = "pin-dir", value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Flags of `tproxy reload` and `tproxy cleanup`.

@@ -296,6 +296,15 @@ impl Config {
             "routing: mark {} table {} rule priority {}; socket mark {:#x}",
             s.mark, s.table, s.rule_priority, s.socket_mark
         );
+        let pinned = match s.pin {
+            true => format!("pinned under {}", s.pin_dir.display()),
+            false => "not pinned".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "lifecycle: {pinned}; fail-{}; drain timeout {:?}",
+            s.fail_mode, s.drain_timeout
+        );
         let _ = writeln!(out, "listeners:");
         for listener in &self.listeners {
             let transports = match (listener.tcp, listener.udp) {
@@ -1091,6 +1100,24 @@ listener = "dns"
     }
 
     #[test]
+    fn pinning_fail_mode_and_drain_come_from_the_file_or_flags() {
+        let file = "interfaces = [\"eth0\"]\npin = true\npin_dir = \"/bpf/x\"\nfail_mode = \"closed\"\ndrain_timeout = \"20s\"\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n";
+        let config = with_file(file, &[]).unwrap();
+        let s = &config.settings;
+        assert!(s.pin);
+        assert_eq!(s.pin_dir, PathBuf::from("/bpf/x"));
+        assert_eq!(s.fail_mode, FailMode::Closed);
+        assert_eq!(s.drain_timeout, Duration::from_secs(20));
+        let config = with_file(file, &["--fail-mode", "open", "--drain-timeout", "1s"]).unwrap();
+        assert_eq!(config.settings.fail_mode, FailMode::Open);
+        assert_eq!(config.settings.drain_timeout, Duration::from_secs(1));
+        let defaults = Config::build(&args(&["--iface", "eth0", "--tcp", "80"])).unwrap();
+        assert!(!defaults.settings.pin);
+        assert_eq!(defaults.settings.fail_mode, FailMode::Open);
+        assert_eq!(defaults.settings.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
     fn flags_alone_still_work() {
         let config = Config::build(&args(&[
             "--iface",
@@ -1121,6 +1148,8 @@ listener = "dns"
             ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\n", "FILE:2:1: missing field `action`"),
             ("interfaces = \"eth0\"\n", "FILE:1:14: interfaces: `eth0`: give a list like [\"eth0\"], or \"all\""),
             ("interfaces = [\"eth0\"]\nconnect_timeout = \"0s\"\n", "FILE:2:19: connect_timeout: duration `0s` must be greater than zero"),
+            ("interfaces = [\"eth0\"]\nfail_mode = \"ajar\"\n", "FILE:2:13: fail_mode: `ajar` is not a fail mode: use \"open\" or \"closed\""),
+            ("interfaces = [\"eth0\"]\npin = \"yes\"\n", "FILE:2:7: pin: invalid type: string \"yes\", expected a boolean"),
             ("interfaces = [\"eth0\"]\n[[listener]]\nname = \"a\"\n[[listener]]\nname = \"a\"\n", "FILE:5:8: listener.name: a listener named `a` is already defined"),
             ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\nsrc = \"2001:db8::/32\"\ndst = \"10.0.0.0/8\"\naction = \"bypass\"\n", "rule[1]: its src and dst prefixes are of different address families"),
             ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\niface = \"eth7\"\naction = \"bypass\"\n", "rule 1 names interface eth7, which is not among the steered interfaces (eth0)"),

@@ -98,7 +98,22 @@ async fn examine(settings: &Settings) -> Vec<Finding> {
     findings.push(forwarding());
     findings.extend(firewall(settings.mark));
     findings.extend(other_tproxy_users());
+    if settings.pin {
+        findings.push(pin_dir(&settings.pin_dir));
+    }
     findings
+}
+
+/// `run --pin` needs a bpf filesystem that outlives the process.
+fn pin_dir(dir: &std::path::Path) -> Finding {
+    match crate::pin::on_bpffs(dir) {
+        Ok(true) => Finding::ok(format!("{} is on a bpf filesystem: --pin can keep its state there", dir.display())),
+        Ok(false) => Finding::problem(
+            format!("{} is not on a bpf filesystem: `run --pin` cannot pin its state there", dir.display()),
+            "mount -t bpf bpf /sys/fs/bpf (systemd does this at boot; in a container, mount the host's /sys/fs/bpf), or give --pin-dir a directory on one",
+        ),
+        Err(error) => Finding::problem(format!("{error:#}"), "give --pin-dir an existing directory on a bpf filesystem"),
+    }
 }
 
 fn kernel() -> Finding {

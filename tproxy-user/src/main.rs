@@ -29,6 +29,10 @@ fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<config::Settings> {
     if let Some(mark) = args.mark {
         settings.mark = mark;
     }
+    if let Some(dir) = &args.pin_dir {
+        settings.pin = true;
+        settings.pin_dir = dir.clone();
+    }
     Ok(settings)
 }
 

@@ -58,13 +58,7 @@ impl PinnedState {
     /// under `ip netns exec` without one) would vanish with the process.
     pub fn prepare(&self) -> Result<()> {
         let base = self.dir.parent().unwrap_or(&self.dir);
-        let mut existing = base;
-        while !existing.exists() {
-            existing = existing.parent().unwrap_or(Path::new("/"));
-        }
-        let fs = nix::sys::statfs::statfs(existing)
-            .with_context(|| format!("--pin-dir {}: statfs", base.display()))?;
-        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+        if !on_bpffs(base)? {
             bail!(
                 "--pin-dir {}: not on a bpf filesystem, so nothing can be pinned there; mount \
                  one first (mount -t bpf bpf /sys/fs/bpf) or name a directory on one",
@@ -123,4 +117,16 @@ impl PinnedState {
             .with_context(|| format!("removing {}", self.dir.display()))?;
         Ok(removed)
     }
+}
+
+/// Whether `dir` (or, while it does not exist, the nearest ancestor that does) is on a bpf
+/// filesystem.
+pub fn on_bpffs(dir: &Path) -> Result<bool> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    let fs = nix::sys::statfs::statfs(existing)
+        .with_context(|| format!("--pin-dir {}: statfs", dir.display()))?;
+    Ok(fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
