@@ -64,19 +64,23 @@ fn long_transfer(topo: &Topo) -> thread::JoinHandle<Result<(), String>> {
 /// One echo round trip on a new connection, made on its own thread (it may have to wait for
 /// the new instance).
 fn echo_on_new_connection(topo: &Topo) -> thread::JoinHandle<Result<(), String>> {
-    let connected = topo.client.connect(Topo::server_addr(false, 80));
-    thread::spawn(move || {
-        let mut stream: TcpStream = connected.map_err(|e| format!("{e:#}"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        stream.write_all(b"hello").map_err(|e| e.to_string())?;
-        let mut back = [0u8; 5];
-        stream.read_exact(&mut back).map_err(|e| e.to_string())?;
-        if &back != b"hello" {
-            return Err(format!("echo came back as {back:?}"));
-        }
-        Ok(())
+    let server = Topo::server_addr(false, 80);
+    // Spawned inside the client's namespace: its socket is made there.
+    topo.client.run(move || {
+        thread::spawn(move || {
+            let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(10))
+                .map_err(|e| format!("connecting: {e}"))?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(15)))
+                .unwrap();
+            stream.write_all(b"hello").map_err(|e| e.to_string())?;
+            let mut back = [0u8; 5];
+            stream.read_exact(&mut back).map_err(|e| e.to_string())?;
+            if &back != b"hello" {
+                return Err(format!("echo came back as {back:?}"));
+            }
+            Ok(())
+        })
     })
 }
 
@@ -95,6 +99,8 @@ fn restart_under_load(sigterm_first: bool) {
     let bpffs = Bpffs::new().unwrap();
     let server = slow_or_echo_server(&topo);
     let echo = UdpEcho::start(&topo.server, Topo::server_addr(false, 5353)).unwrap();
+    // Fail-closed: a SYN sent while no listener is registered is dropped, and its
+    // retransmission reaches the new instance (fail-open would let it past the proxy).
     let args = pinned_args(
         &bpffs,
         &[
@@ -104,6 +110,8 @@ fn restart_under_load(sigterm_first: bool) {
             "2s",
             "--drain-timeout",
             "30s",
+            "--fail-mode",
+            "closed",
         ],
     );
     let mut old = topo.tproxy(&args).unwrap();
@@ -123,7 +131,7 @@ fn restart_under_load(sigterm_first: bool) {
         .unwrap();
         old.wait_for_line("stopping: draining", Duration::from_secs(5))
             .unwrap();
-        // Between the processes: it waits in the listener's queue for the new instance.
+        // Between the processes: its SYN is dropped until the new instance is there.
         Some(echo_on_new_connection(&topo))
     } else {
         None
@@ -421,5 +429,102 @@ fn status_reports_the_running_instance_its_pinned_state_and_moving_counters() {
         assert!(text.contains(&expected), "`{expected}` missing:\n{text}");
     }
     tproxy.stop().unwrap();
+    cleanup_leaves_nothing(&topo, &bpffs);
+}
+
+/// What the churning clients saw.
+#[derive(Debug, Default)]
+struct Churn {
+    proxied: u64,
+    unproxied: u64,
+    failed: Vec<String>,
+    slowest: Duration,
+}
+
+/// Clients opening short connections back to back (each reads the address the server saw)
+/// until `stop` is set.
+fn churn(
+    topo: &Topo,
+    server: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<thread::JoinHandle<Churn>> {
+    (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            topo.client.run(move || {
+                // Spawned inside the client's namespace: its sockets are made there.
+                thread::spawn(move || {
+                    let mut seen = Churn::default();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let result = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+                            .and_then(|mut stream| {
+                                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                                let mut text = String::new();
+                                stream.read_to_string(&mut text)?;
+                                Ok(text)
+                            });
+                        seen.slowest = seen.slowest.max(started.elapsed());
+                        match result {
+                            Ok(text)
+                                if text == Topo::router_as_seen_by_server(false).to_string() =>
+                            {
+                                seen.proxied += 1
+                            }
+                            Ok(_) => seen.unproxied += 1,
+                            Err(error) => seen.failed.push(error.to_string()),
+                        }
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    seen
+                })
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn under_connection_churn_an_upgrade_and_a_restart_fail_no_connection_and_proxy_every_one() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let args = pinned_args(&bpffs, &["--fail-mode", "closed", "--drain-timeout", "10s"]);
+    let mut first = topo.tproxy(&args).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = churn(&topo, server.addr, stop.clone());
+    thread::sleep(Duration::from_secs(1));
+
+    // Upgrade: the new instance starts while the old one serves.
+    let mut second = topo.tproxy(&args).unwrap();
+    assert!(first.wait(Duration::from_secs(15)).unwrap().success());
+    thread::sleep(Duration::from_secs(1));
+
+    // Restart: stop, then start. In between, new SYNs are dropped (fail-closed) and the
+    // clients' retransmissions reach the next instance.
+    second.stop().unwrap();
+    let mut third = topo.tproxy(&args).unwrap();
+    thread::sleep(Duration::from_secs(2));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = Churn::default();
+    for client in clients {
+        let seen = client.join().unwrap();
+        total.proxied += seen.proxied;
+        total.unproxied += seen.unproxied;
+        total.failed.extend(seen.failed);
+        total.slowest = total.slowest.max(seen.slowest);
+    }
+    println!(
+        "churn across an upgrade and a restart: {} proxied, {} unproxied, {} failed, slowest {:?}",
+        total.proxied,
+        total.unproxied,
+        total.failed.len(),
+        total.slowest
+    );
+    assert_eq!(total.failed, Vec::<String>::new());
+    assert_eq!(total.unproxied, 0);
+    assert!(total.proxied > 100, "{total:?}");
+    third.stop().unwrap();
     cleanup_leaves_nothing(&topo, &bpffs);
 }

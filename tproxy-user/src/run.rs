@@ -291,6 +291,9 @@ async fn serve(
 ) -> Result<Ending> {
     let drain_timeout = config.settings.drain_timeout;
     let mut phase = Phase::Serving;
+    // While draining after a signal: until when the listeners still accept what reached
+    // them before they left the socket map.
+    let mut accepting_until: Option<Instant> = None;
     let mut successor: Option<tokio::task::JoinHandle<bool>> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -360,6 +363,7 @@ async fn serve(
                     log::info!("the new instance has taken over; draining for up to {drain_timeout:?}");
                     relays.stop_accepting();
                     relays.close_listeners();
+                    accepting_until = None;
                     phase = Phase::Draining { until: Instant::now() + drain_timeout, handed_over: true };
                     notify_systemd(sd_notify::NotifyState::Stopping);
                 } else {
@@ -368,13 +372,26 @@ async fn serve(
                         if let Err(error) = reassert(&config, &mut relays, steering, interfaces) {
                             log::error!("restoring this instance's rules and listeners: {error:#}");
                         }
+                        if phase != Phase::Serving {
+                            // Stopping: new flows keep getting the fail mode.
+                            steering.unregister_except(&[]);
+                        }
                     }
                 }
                 continue;
             }
             _ = tick.tick() => {
+                let now = Instant::now();
+                if accepting_until.is_some_and(|at| now >= at) {
+                    accepting_until = None;
+                    relays.stop_accepting();
+                    if !control.pinned {
+                        relays.close_listeners();
+                    }
+                }
                 match phase {
-                    Phase::Draining { until, .. } if relays.idle() || Instant::now() >= until => {}
+                    Phase::Draining { until, .. } if now >= until => {}
+                    Phase::Draining { .. } if accepting_until.is_none() && relays.idle() => {}
                     _ => continue,
                 }
             }
@@ -384,16 +401,13 @@ async fn serve(
             Phase::Serving => {
                 log::info!("stopping: draining for up to {drain_timeout:?}");
                 notify_systemd(sd_notify::NotifyState::Stopping);
-                relays.stop_accepting();
-                if !control.pinned {
-                    // New flows get the fail mode now rather than wait in a queue nobody reads.
-                    if let Some(steering) = steering.as_deref_mut() {
-                        steering.unregister_except(&[]);
-                    }
-                    relays.close_listeners();
+                // New flows get the fail mode from now on (until a successor registers the
+                // listeners again); what reached the listeners already is still accepted for
+                // a moment, so that no handshake in progress is reset.
+                if let Some(steering) = steering.as_deref_mut() {
+                    steering.unregister_except(&[]);
                 }
-                // Pinned: the listeners stay open and registered, so connections arriving
-                // now queue for a successor that takes them over.
+                accepting_until = Some(Instant::now() + drain_timeout.min(ACCEPT_GRACE));
                 phase = Phase::Draining {
                     until: Instant::now() + drain_timeout,
                     handed_over: false,
@@ -749,6 +763,10 @@ struct Relays {
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
+
+/// How long a stopping instance keeps accepting connections that reached its listeners
+/// before they left the socket map: a handshake under way takes a round trip to finish.
+const ACCEPT_GRACE: Duration = Duration::from_secs(1);
 
 /// How long stopping may wait for relay tasks to reset their connections.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
