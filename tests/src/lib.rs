@@ -888,3 +888,20 @@ impl Drop for Bpffs {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// `GET path` over HTTP/1.1 to `addr` from `netns`: the status code and the body.
+pub fn http_get(netns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = netns.connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: tproxy\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, body.to_string()))
+}

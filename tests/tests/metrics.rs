@@ -1,7 +1,5 @@
 //! `--metrics`: Prometheus text that moves when traffic moves, and probe endpoints.
 
-use std::io::{Read, Write};
-
 use tproxy_tests::{
     peer_seen_by, require_root, routing_state, run_tproxy_to_end, udp_client, udp_exchange, Netns,
     RouterTopology as Topo, Server, UdpEcho,
@@ -11,17 +9,7 @@ const METRICS: &str = "127.0.0.1:9464";
 
 /// GET `path` from the metrics endpoint in `netns`: (status code, body).
 fn get(netns: &Netns, path: &str) -> (u16, String) {
-    let mut stream = netns.connect(METRICS.parse().unwrap()).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: tproxy\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
+    tproxy_tests::http_get(netns, METRICS.parse().unwrap(), path).unwrap()
 }
 
 /// The value of the sample `name` (with its labels, exactly as exposed).

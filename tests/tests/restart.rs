@@ -17,6 +17,7 @@ use tproxy_tests::{
 };
 
 const TABLE: u32 = 7470;
+const METRICS: &str = "127.0.0.1:9464";
 /// The long transfer: CHUNKS chunks of CHUNK bytes, one every CHUNK_GAP (about 4 s).
 const CHUNKS: usize = 40;
 const CHUNK: usize = 32 * 1024;
@@ -112,6 +113,8 @@ fn restart_under_load(sigterm_first: bool) {
             "30s",
             "--fail-mode",
             "closed",
+            "--metrics",
+            METRICS,
         ],
     );
     let mut old = topo.tproxy(&args).unwrap();
@@ -131,6 +134,13 @@ fn restart_under_load(sigterm_first: bool) {
         .unwrap();
         old.wait_for_line("stopping: draining", Duration::from_secs(5))
             .unwrap();
+        // Draining: not ready, so a load balancer or kubelet stops sending it work.
+        assert_eq!(
+            tproxy_tests::http_get(&topo.router, METRICS.parse().unwrap(), "/readyz")
+                .unwrap()
+                .0,
+            503
+        );
         // Between the processes: its SYN is dropped until the new instance is there.
         Some(echo_on_new_connection(&topo))
     } else {
@@ -146,6 +156,19 @@ fn restart_under_load(sigterm_first: bool) {
     if !sigterm_first {
         old.wait_for_line("the new instance has taken over", Duration::from_secs(5))
             .unwrap();
+    }
+    // The old instance stops serving metrics once it has handed over: scrapes reach the new one.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tproxy_tests::http_get(&topo.router, METRICS.parse().unwrap(), "/readyz")
+        .unwrap()
+        .0
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the new instance never answered /readyz"
+        );
+        thread::sleep(Duration::from_millis(50));
     }
     if let Some(during) = during {
         assert_eq!(

@@ -65,8 +65,13 @@ fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(socket.into())
 }
 
-/// Binds the endpoint (so a bad address fails the start) and serves it on a task.
-pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<()> {
+/// Binds the endpoint (so a bad address fails the start) and serves it on a task until
+/// `stop` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    sources: Sources,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
     let listener = bind_shared(addr).with_context(|| format!("--metrics {addr}: binding"))?;
     let mut registry = Registry::with_prefix("tproxy");
     registry.register(
@@ -79,7 +84,11 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<()> {
     let registry = Arc::new(registry);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.cancelled() => return,
+            };
+            let Ok((stream, _)) = accepted else {
                 continue;
             };
             let (registry, ready) = (registry.clone(), ready.clone());
@@ -112,7 +121,10 @@ fn respond<B>(
         }
         "/healthz" => (StatusCode::OK, "ok\n".into()),
         "/readyz" if ready.load(Relaxed) => (StatusCode::OK, "ready\n".into()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "setting up\n".into()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: setting up or draining\n".into(),
+        ),
         _ => (
             StatusCode::NOT_FOUND,
             "see /metrics, /healthz, /readyz\n".into(),

@@ -57,7 +57,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .map(privileges::resolve_user)
         .transpose()?;
     let mut relays = Relays::new(&config.settings);
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = relays.ready.clone();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(8);
     let mut control = Control {
         requests: control_rx,
@@ -69,7 +69,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         bail!("--pin: with --relay-only there is no program to pin");
     }
     if args.relay_only {
-        relays.serve_metrics(&config.settings, None, &ready).await?;
+        relays.serve_metrics(&config.settings, None).await?;
         let plan = relays.plan(&config)?;
         relays.commit(plan, None)?;
         privileges::drop_privileges(workers, user.as_ref()).await?;
@@ -138,7 +138,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         })?);
         steering.spawn_log_forwarder()?;
         relays
-            .serve_metrics(&settings, Some(steering.counter_reader()), &ready)
+            .serve_metrics(&settings, Some(steering.counter_reader()))
             .await?;
         plan.register(steering)?;
         let first = match steering.next_generation() {
@@ -363,6 +363,8 @@ async fn serve(
                     log::info!("the new instance has taken over; draining for up to {drain_timeout:?}");
                     relays.stop_accepting();
                     relays.close_listeners();
+                    relays.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+                    relays.metrics_stop.cancel();
                     accepting_until = None;
                     phase = Phase::Draining { until: Instant::now() + drain_timeout, handed_over: true };
                     notify_systemd(sd_notify::NotifyState::Stopping);
@@ -407,6 +409,9 @@ async fn serve(
                 if let Some(steering) = steering.as_deref_mut() {
                     steering.unregister_except(&[]);
                 }
+                relays
+                    .ready
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 accepting_until = Some(Instant::now() + drain_timeout.min(ACCEPT_GRACE));
                 phase = Phase::Draining {
                     until: Instant::now() + drain_timeout,
@@ -762,6 +767,10 @@ struct Relays {
     inherited: Vec<(HandedListener, Vec<OwnedFd>)>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// What `/readyz` says: set once set up, cleared when draining.
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled once a successor has taken over, so that scrapes reach it instead.
+    metrics_stop: CancellationToken,
 }
 
 /// How long a stopping instance keeps accepting connections that reached its listeners
@@ -804,6 +813,8 @@ impl Relays {
             udp,
             retired: Vec::new(),
             inherited: Vec::new(),
+            ready: Arc::default(),
+            metrics_stop: CancellationToken::new(),
             shutdown,
             tasks,
         }
@@ -814,7 +825,6 @@ impl Relays {
         &self,
         settings: &Settings,
         counters: Option<crate::steering::CounterReader>,
-        ready: &Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<()> {
         let Some(addr) = settings.metrics else {
             return Ok(());
@@ -826,8 +836,9 @@ impl Relays {
                 tcp: self.tcp_stats.clone(),
                 udp: self.udp.clone(),
                 connect_latency: self.tcp_config.connect_latency.clone(),
-                ready: ready.clone(),
+                ready: self.ready.clone(),
             },
+            self.metrics_stop.clone(),
         )
         .await
     }
