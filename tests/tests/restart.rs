@@ -85,6 +85,20 @@ fn echo_on_new_connection(topo: &Topo) -> thread::JoinHandle<Result<(), String>>
     })
 }
 
+/// The id of the program on the pinned TCX link, from `tproxy status --json`.
+fn pinned_program(topo: &Topo, bpffs: &Bpffs) -> u64 {
+    let (_, out, err) = run_tproxy_output(
+        &topo.router,
+        &["status", "--json", "--pin-dir", bpffs.path()],
+    )
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+    report["pinned"]["links"][0]["program_id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{report:#}"))
+}
+
 fn pinned_args<'a>(bpffs: &'a Bpffs, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["--tcp", "80", "--pin", "--pin-dir", bpffs.path()];
     args.extend_from_slice(extra);
@@ -118,6 +132,7 @@ fn restart_under_load(sigterm_first: bool) {
         ],
     );
     let mut old = topo.tproxy(&args).unwrap();
+    let old_program = pinned_program(&topo, &bpffs);
     let transfer = long_transfer(&topo);
     let old_session = udp_client(&topo.client, echo.addr).unwrap();
     assert_eq!(
@@ -170,6 +185,12 @@ fn restart_under_load(sigterm_first: bool) {
         );
         thread::sleep(Duration::from_millis(50));
     }
+    // The new program replaced the old one on the same link: one program at the hook.
+    assert_ne!(pinned_program(&topo, &bpffs), old_program);
+    assert_eq!(
+        ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap(),
+        vec!["tproxy_ingress".to_string()]
+    );
     if let Some(during) = during {
         assert_eq!(
             during.join().unwrap(),
@@ -246,6 +267,40 @@ fn cleanup_leaves_nothing(topo: &Topo, bpffs: &Bpffs) {
         ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap(),
         Vec::<String>::new()
     );
+}
+
+#[test]
+fn after_sigkill_pinned_steering_stays_and_the_next_start_adopts_it() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let args = pinned_args(&bpffs, &["--fail-mode", "closed"]);
+    let mut killed = topo.tproxy(&args).unwrap();
+    killed.signal_and_wait(Signal::SIGKILL).unwrap();
+    assert_eq!(
+        ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap(),
+        vec!["tproxy_ingress".to_string()],
+        "the pinned program went with the process"
+    );
+    assert!(!routing_state(&topo.router, TABLE).unwrap().is_empty());
+    let mut next = topo.tproxy(&args).unwrap();
+    assert!(
+        next.log_text().contains("adopted from the pinned state"),
+        "{}",
+        next.log_text()
+    );
+    assert!(
+        !next.log_text().contains("removed"),
+        "an adopting start removes nothing: {}",
+        next.log_text()
+    );
+    assert_eq!(
+        tproxy_tests::peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    next.stop().unwrap();
+    cleanup_leaves_nothing(&topo, &bpffs);
 }
 
 #[test]
@@ -519,14 +574,18 @@ fn under_connection_churn_an_upgrade_and_a_restart_fail_no_connection_and_proxy_
     thread::sleep(Duration::from_secs(1));
 
     // Upgrade: the new instance starts while the old one serves.
+    let started = Instant::now();
     let mut second = topo.tproxy(&args).unwrap();
+    let upgrade_ready = started.elapsed();
     assert!(first.wait(Duration::from_secs(15)).unwrap().success());
     thread::sleep(Duration::from_secs(1));
 
     // Restart: stop, then start. In between, new SYNs are dropped (fail-closed) and the
     // clients' retransmissions reach the next instance.
+    let started = Instant::now();
     second.stop().unwrap();
     let mut third = topo.tproxy(&args).unwrap();
+    let restart_ready = started.elapsed();
     thread::sleep(Duration::from_secs(2));
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -539,7 +598,9 @@ fn under_connection_churn_an_upgrade_and_a_restart_fail_no_connection_and_proxy_
         total.slowest = total.slowest.max(seen.slowest);
     }
     println!(
-        "churn across an upgrade and a restart: {} proxied, {} unproxied, {} failed, slowest {:?}",
+        "churn across an upgrade (new instance ready {upgrade_ready:?} after its start) and a \
+         restart (ready {restart_ready:?} after the SIGTERM): {} proxied, {} unproxied, {} failed, \
+         slowest {:?}",
         total.proxied,
         total.unproxied,
         total.failed.len(),
