@@ -57,6 +57,8 @@ pub fn serve(table: u32, requests: tokio::sync::mpsc::Sender<Request>) -> Result
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, most likely: try again later rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let requests = requests.clone();
@@ -89,7 +91,7 @@ fn read_request(stream: UnixStream) -> Option<Request> {
 }
 
 /// One listening socket being handed over.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct HandedSocket {
     pub transport: Transport,
     pub ipv6: bool,

@@ -1122,7 +1122,7 @@ impl Relays {
                     .iter()
                     .map(|(socket, fd)| {
                         fds.push(fd.as_raw_fd());
-                        HandedSocket { ..*socket }
+                        *socket
                     })
                     .collect(),
             })
