@@ -376,6 +376,26 @@ fn with_no_process(fail_mode: &str) -> (Topo, Bpffs, Server, Result<SocketAddr, 
     );
     tproxy.stop().unwrap();
     assert!(tproxy.log_text().contains("steering stays in place"));
+    // A start without --pin would run next to the pinned program: refused, nothing touched.
+    let (status, _, stderr) = run_tproxy_output(
+        &topo.router,
+        &[
+            "run",
+            "--iface",
+            Topo::ROUTER_CLIENT_IFACE,
+            "--tcp",
+            "80",
+            "--pin-dir",
+            bpffs.path(),
+        ],
+    )
+    .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("start with --pin to take it over, or remove it with `tproxy cleanup`"),
+        "{stderr}"
+    );
+    assert!(!bpffs.pinned().is_empty());
     let seen = topo
         .client
         .run({
