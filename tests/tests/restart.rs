@@ -439,6 +439,13 @@ fn failing_closed_drops_steered_traffic_while_no_process_runs() {
     .unwrap();
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["running"], false, "{report:#}");
+    assert_eq!(report["pinned"]["fail_mode"], "closed", "{report:#}");
+    let (_, text, _) =
+        run_tproxy_output(&topo.router, &["status", "--pin-dir", bpffs.path()]).unwrap();
+    assert!(
+        text.contains("fail-closed: what steer rules take is dropped"),
+        "{text}"
+    );
     assert!(
         report["pinned"]["packets"]["tcp"]["no_listener"].as_u64() >= Some(1),
         "the dropped SYNs are counted: {report:#}"

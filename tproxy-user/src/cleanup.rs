@@ -20,6 +20,7 @@ pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
     // The links first: with them goes the program, before the routing it relies on.
     let pinned = PinnedState::locate(pin_dir, table)?;
     let unpinned = pinned.remove()?;
+    crate::pin::PinnedBy::remove(table)?;
     if unpinned > 0 {
         println!(
             "removed {unpinned} pinned links and maps from {}",

@@ -37,7 +37,7 @@ use crate::{
     instance::{Held, InstanceLock},
     listener::{self, TransparentListener, Transport},
     metrics,
-    pin::PinnedState,
+    pin::{PinnedBy, PinnedState},
     privileges,
     relay::{self, RelayConfig, RelayStats, Upstream},
     routing::{self, PolicyRouting, RoutingSpec},
@@ -162,6 +162,9 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
             false => PolicyRouting::install(&netlink, spec).await?,
         });
         control.attached = attach_all(steering, &interfaces)?;
+        if pinned.is_some() {
+            PinnedBy::record(table, settings.fail_mode)?;
+        }
         if let Some(takeover) = takeover.take() {
             let pid = takeover.pid;
             takeover.complete()?;
@@ -212,6 +215,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
             // What this run created goes; what it adopted stays with whoever runs it.
             if !adopting {
                 let _ = pinned.remove();
+                let _ = PinnedBy::remove(table);
                 if let Some(routing) = routing {
                     let _ = routing.remove().await;
                 }

@@ -8,13 +8,21 @@ use anyhow::Result;
 use serde_json::{json, Value};
 use tproxy_common::{decision::Protocol, Outcome};
 
-use crate::{cli::StatusArgs, control, pin::PinnedState, routing, steering::CounterReader};
+use crate::{
+    cli::StatusArgs,
+    control,
+    pin::{PinnedBy, PinnedState},
+    routing,
+    steering::CounterReader,
+};
 
 /// Prints the status; `Ok(false)` when no instance is running.
 pub async fn run(args: &StatusArgs) -> Result<bool> {
     let instance = control::request_status(args.table)?;
     let pinned = PinnedState::locate(&args.pin_dir, args.table)?;
-    let pinned = pinned.exists().then(|| pinned_report(&pinned));
+    let pinned = pinned
+        .exists()
+        .then(|| pinned_report(&pinned, PinnedBy::read(args.table)));
     let handle = routing::connect()?;
     let routing = routing::describe(&handle, args.table).await?;
     let running = instance.is_some();
@@ -33,7 +41,7 @@ pub async fn run(args: &StatusArgs) -> Result<bool> {
     Ok(running)
 }
 
-fn pinned_report(pinned: &PinnedState) -> Value {
+fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
     let links: Vec<Value> = pinned
         .tc_links()
         .into_iter()
@@ -65,6 +73,8 @@ fn pinned_report(pinned: &PinnedState) -> Value {
         "dir": pinned.dir().display().to_string(),
         "links": links,
         "packets": packets,
+        "pinned_by_pid": by.as_ref().map(|by| by.pid),
+        "fail_mode": by.map(|by| by.fail_mode),
     })
 }
 
@@ -130,7 +140,15 @@ fn print_text(report: &Value) {
             );
         }
         if instance.is_null() {
-            println!("    steering stays in force with no process: its fail mode decides what steered traffic does");
+            let effect = match pinned["fail_mode"].as_str() {
+                Some("closed") => "fail-closed: what steer rules take is dropped",
+                Some("open") => "fail-open: what steer rules take passes unproxied",
+                _ => "its fail mode decides what steered traffic does",
+            };
+            println!(
+                "    steering stays in force with no process (pinned by pid {}): {effect}",
+                pinned["pinned_by_pid"]
+            );
         }
     }
     let routing: Vec<&str> = report["routing"]
