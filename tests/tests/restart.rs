@@ -171,6 +171,17 @@ fn restart_under_load(sigterm_first: bool) {
     if !sigterm_first {
         old.wait_for_line("the new instance has taken over", Duration::from_secs(5))
             .unwrap();
+        // The operator's next step in an upgrade: stop the old instance. It keeps draining.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old.pid() as i32),
+            Signal::SIGTERM,
+        )
+        .unwrap();
+        old.wait_for_line(
+            "already draining for the new instance",
+            Duration::from_secs(5),
+        )
+        .unwrap();
     }
     // The old instance stops serving metrics once it has handed over: scrapes reach the new one.
     let deadline = Instant::now() + Duration::from_secs(3);
