@@ -64,6 +64,7 @@ fn metrics_move_with_traffic_and_probes_answer() {
         1.0
     );
     assert_eq!(sample(&after, "tproxy_udp_sessions_active"), 1.0);
+    assert_eq!(sample(&after, "tproxy_ready"), 1.0);
     assert!(after.contains("# HELP tproxy_packets Packets the eBPF program saw"));
     tproxy.stop().unwrap();
 }

@@ -150,6 +150,9 @@ fn restart_under_load(sigterm_first: bool) {
         old.wait_for_line("stopping: draining", Duration::from_secs(5))
             .unwrap();
         // Draining: not ready, so a load balancer or kubelet stops sending it work.
+        let (_, metrics) =
+            tproxy_tests::http_get(&topo.router, METRICS.parse().unwrap(), "/metrics").unwrap();
+        assert!(metrics.contains("\ntproxy_ready 0\n"), "{metrics}");
         assert_eq!(
             tproxy_tests::http_get(&topo.router, METRICS.parse().unwrap(), "/readyz")
                 .unwrap()

@@ -173,6 +173,12 @@ impl Collector for Snapshot {
                 }
             }
         }
+        gauge(
+            &mut encoder,
+            "ready",
+            "1 while serving; 0 while setting up or draining (stopping, or handed over)",
+            i64::from(sources.ready.load(Relaxed)),
+        )?;
         let tcp = &sources.tcp;
         counter(
             &mut encoder,
