@@ -271,8 +271,12 @@ fn restart_under_load(sigterm_first: bool) {
 fn cleanup_leaves_nothing(topo: &Topo, bpffs: &Bpffs) {
     assert!(!bpffs.pinned().is_empty(), "nothing was pinned");
     assert!(!routing_state(&topo.router, TABLE).unwrap().is_empty());
+    // Someone else's directory next to ours.
+    let theirs = std::path::Path::new(bpffs.path()).join("another-tool");
+    std::fs::create_dir_all(&theirs).unwrap();
     let (status, out, err) =
         run_tproxy_output(&topo.router, &["cleanup", "--pin-dir", bpffs.path()]).unwrap();
+    assert!(theirs.is_dir(), "cleanup removed what was not tproxy's");
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("pinned links and maps"), "{out}");
     assert_eq!(bpffs.pinned(), Vec::<String>::new());
