@@ -39,7 +39,7 @@ pub enum Command {
     /// Remove everything of tproxy's in this network namespace that no running instance
     /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program.
     /// Nothing else is touched; refused while an instance runs for the table.
-    Cleanup(CleanupArgs),
+    Cleanup(InstanceArgs),
     /// Print an equivalent tproxy configuration for an iptables/ip6tables TPROXY rule set
     /// (`iptables-save` output) or an nft one (`nft list ruleset` output) read from stdin.
     Translate(TranslateArgs),
@@ -74,37 +74,29 @@ pub struct ReloadArgs {
     pub table: u32,
 }
 
+/// Which instance `status` and `cleanup` are about.
+#[derive(Debug, Args)]
+pub struct InstanceArgs {
+    /// The routing table of the instance (as given to its `run`).
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    pub table: u32,
+    /// Where `run --pin` pins its state (as given to its `run`).
+    #[arg(
+        long = "pin-dir",
+        value_name = "DIR",
+        default_value = "/sys/fs/bpf/tproxy"
+    )]
+    pub pin_dir: PathBuf,
+}
+
 /// Flags of `tproxy status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The routing table of the instance (as given to its `run`).
-    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
-    pub table: u32,
-    /// Where `run --pin` pins its state (as given to its `run`).
-    #[arg(
-        long = "pin-dir",
-        value_name = "DIR",
-        default_value = "/sys/fs/bpf/tproxy"
-    )]
-    pub pin_dir: PathBuf,
+    #[command(flatten)]
+    pub instance: InstanceArgs,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Flags of `tproxy cleanup`.
-#[derive(Debug, Args)]
-pub struct CleanupArgs {
-    /// The routing table of the instance (as given to its `run`).
-    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
-    pub table: u32,
-    /// Where `run --pin` pins its state (as given to its `run`).
-    #[arg(
-        long = "pin-dir",
-        value_name = "DIR",
-        default_value = "/sys/fs/bpf/tproxy"
-    )]
-    pub pin_dir: PathBuf,
 }
 
 /// Flags of `tproxy translate`.

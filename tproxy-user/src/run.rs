@@ -494,22 +494,7 @@ fn status_report(
     let s = &config.settings;
     let packets = steering
         .and_then(|steering| steering.counters().ok())
-        .map(|counters| {
-            let mut by_protocol = serde_json::Map::new();
-            for protocol in Protocol::ALL {
-                let row: serde_json::Map<String, serde_json::Value> = Outcome::ALL
-                    .iter()
-                    .map(|o| {
-                        (
-                            o.name().to_string(),
-                            json!(counters[protocol as usize][*o as usize]),
-                        )
-                    })
-                    .collect();
-                by_protocol.insert(protocol.name().to_string(), row.into());
-            }
-            by_protocol
-        });
+        .map(|counters| crate::status::packets_json(&counters));
     let listeners: Vec<serde_json::Value> = relays
         .listeners
         .iter()

@@ -13,21 +13,21 @@ use crate::{
     control,
     pin::{PinnedBy, PinnedState},
     routing,
-    steering::CounterReader,
+    steering::{CounterReader, Counters},
 };
 
 /// Prints the status; `Ok(false)` when no instance is running.
 pub async fn run(args: &StatusArgs) -> Result<bool> {
-    let instance = control::request_status(args.table)?;
-    let pinned = PinnedState::locate(&args.pin_dir, args.table)?;
+    let instance = control::request_status(args.instance.table)?;
+    let pinned = PinnedState::locate(&args.instance.pin_dir, args.instance.table)?;
     let pinned = pinned
         .exists()
-        .then(|| pinned_report(&pinned, PinnedBy::read(args.table)));
+        .then(|| pinned_report(&pinned, PinnedBy::read(args.instance.table)));
     let handle = routing::connect()?;
-    let routing = routing::describe(&handle, args.table).await?;
+    let routing = routing::describe(&handle, args.instance.table).await?;
     let running = instance.is_some();
     let report = json!({
-        "table": args.table,
+        "table": args.instance.table,
         "running": running,
         "instance": instance,
         "pinned": pinned,
@@ -53,22 +53,7 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
     let packets = CounterReader::from_pin(&pinned.map(tproxy_common::maps::COUNTERS))
         .and_then(|reader| reader.read())
         .ok()
-        .map(|counters| {
-            let mut by_protocol = serde_json::Map::new();
-            for protocol in Protocol::ALL {
-                let row: serde_json::Map<String, Value> = Outcome::ALL
-                    .iter()
-                    .map(|o| {
-                        (
-                            o.name().to_string(),
-                            json!(counters[protocol as usize][*o as usize]),
-                        )
-                    })
-                    .collect();
-                by_protocol.insert(protocol.name().to_string(), row.into());
-            }
-            by_protocol
-        });
+        .map(|counters| packets_json(&counters));
     json!({
         "dir": pinned.dir().display().to_string(),
         "links": links,
@@ -76,6 +61,26 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
         "pinned_by_pid": by.as_ref().map(|by| by.pid),
         "fail_mode": by.map(|by| by.fail_mode),
     })
+}
+
+/// Packet counts as `{protocol: {outcome: count}}`.
+pub fn packets_json(counters: &Counters) -> Value {
+    let by_protocol: serde_json::Map<String, Value> = Protocol::ALL
+        .iter()
+        .map(|protocol| {
+            let row: serde_json::Map<String, Value> = Outcome::ALL
+                .iter()
+                .map(|o| {
+                    (
+                        o.name().to_string(),
+                        json!(counters[*protocol as usize][*o as usize]),
+                    )
+                })
+                .collect();
+            (protocol.name().to_string(), row.into())
+        })
+        .collect();
+    by_protocol.into()
 }
 
 fn print_text(report: &Value) {
