@@ -163,6 +163,16 @@ impl ListenerSlot {
             (false, true) => ListenerSlot::UdpV6,
         }
     }
+
+    /// Whether it is a TCP listener's slot.
+    pub const fn is_tcp(self) -> bool {
+        matches!(self, ListenerSlot::TcpV4 | ListenerSlot::TcpV6)
+    }
+
+    /// Whether it is an IPv6 listener's slot.
+    pub const fn is_ipv6(self) -> bool {
+        matches!(self, ListenerSlot::TcpV6 | ListenerSlot::UdpV6)
+    }
 }
 
 /// LRU hash from a [`FlowKey`] to a [`LISTENERS`] index. The tc program writes an entry when
@@ -294,5 +304,9 @@ mod tests {
             .map(|(tcp, ipv6)| ListenerSlot::of(tcp, ipv6) as u32);
         assert_eq!(slots, [0, 1, 2, 3]);
         assert!(slots.iter().all(|slot| *slot < ListenerSlot::COUNT));
+        for (tcp, ipv6) in [(true, false), (true, true), (false, false), (false, true)] {
+            let slot = ListenerSlot::of(tcp, ipv6);
+            assert_eq!((slot.is_tcp(), slot.is_ipv6()), (tcp, ipv6), "{slot:?}");
+        }
     }
 }

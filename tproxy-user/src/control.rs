@@ -26,6 +26,8 @@ use anyhow::{bail, Context, Result};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
+use tproxy_common::maps::ListenerSlot;
+
 use crate::{instance, listener::Transport};
 
 /// Descriptors per SCM_RIGHTS message (the kernel takes at most 253).
@@ -95,6 +97,26 @@ fn read_request(stream: UnixStream) -> Option<Request> {
 pub struct HandedSocket {
     pub transport: Transport,
     pub ipv6: bool,
+}
+
+impl From<ListenerSlot> for HandedSocket {
+    fn from(slot: ListenerSlot) -> Self {
+        HandedSocket {
+            transport: if slot.is_tcp() {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            ipv6: slot.is_ipv6(),
+        }
+    }
+}
+
+impl HandedSocket {
+    /// The socket-map slot it serves.
+    pub fn slot(self) -> ListenerSlot {
+        ListenerSlot::of(self.transport == Transport::Tcp, self.ipv6)
+    }
 }
 
 /// One listener being handed over: its sockets follow, in this order, as descriptors.
@@ -173,16 +195,14 @@ pub struct Takeover {
     stream: UnixStream,
     /// The old instance's pid.
     pub pid: u32,
-    /// The instance lock, still held (the same open file as the old instance's); taken
-    /// by `InstanceLock::from_handover`.
-    pub lock: Option<OwnedFd>,
     /// Each listener with its sockets' descriptors, in [`HandedListener::sockets`] order.
     pub listeners: Vec<(HandedListener, Vec<OwnedFd>)>,
 }
 
-/// New side: asks the instance running for `table` for its place. `Ok(None)`: nothing
-/// answers on its control socket.
-pub fn take_over(table: u32) -> Result<Option<Takeover>> {
+/// New side: asks the instance running for `table` for its place; returns what it handed
+/// over and its instance lock, still held (the same open file as the old instance's).
+/// `Ok(None)`: nothing answers on its control socket.
+pub fn take_over(table: u32) -> Result<Option<(Takeover, OwnedFd)>> {
     let path = socket_path(table)?;
     let Ok(mut stream) = UnixStream::connect(&path) else {
         return Ok(None);
@@ -246,12 +266,12 @@ pub fn take_over(table: u32) -> Result<Option<Takeover>> {
             (listener, sockets)
         })
         .collect();
-    Ok(Some(Takeover {
+    let takeover = Takeover {
         stream,
         pid: offer.pid,
-        lock: Some(lock),
         listeners,
-    }))
+    };
+    Ok(Some((takeover, lock)))
 }
 
 impl Takeover {

@@ -102,12 +102,11 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
              namespace; stop it, pick another --table, or run both with --pin to take over from it"
         ),
         Err(Held { pid }) => {
-            let mut takeover = control::take_over(table)?.with_context(|| {
+            let (takeover, lock) = control::take_over(table)?.with_context(|| {
                 format!("another tproxy (pid {pid}) holds table {table} but does not answer on its control socket")
             })?;
             log::info!("taking over from tproxy pid {}", takeover.pid);
-            let lock = InstanceLock::from_handover(takeover.lock.take().context("no lock")?)?;
-            (lock, Some(takeover))
+            (InstanceLock::from_handover(lock)?, Some(takeover))
         }
     };
     let adopting = takeover.is_some() || pinned.as_ref().is_some_and(PinnedState::exists);
@@ -706,7 +705,7 @@ struct RunningListener {
     udp: Option<CancellationToken>,
     /// Its listening sockets (duplicates of the serving tasks' descriptors), to hand to a
     /// successor and to keep them open while draining.
-    sockets: Vec<(HandedSocket, OwnedFd)>,
+    sockets: Vec<(ListenerSlot, OwnedFd)>,
 }
 
 /// What putting a configuration in force changes in the listeners; built without touching
@@ -918,12 +917,11 @@ impl Relays {
                     let (handed, fds) = self.inherited.swap_remove(index);
                     bound = handed.bound;
                     for (socket, fd) in handed.sockets.into_iter().zip(fds) {
-                        let tcp = socket.transport == Transport::Tcp;
                         let listener = TransparentListener {
-                            slot: ListenerSlot::of(tcp, socket.ipv6),
+                            slot: socket.slot(),
                             socket: socket2::Socket::from(fd),
                         };
-                        match tcp {
+                        match listener.slot.is_tcp() {
                             true => inherited_tcp.push(listener),
                             false => inherited_udp.push(listener),
                         }
@@ -997,12 +995,10 @@ impl Relays {
                     token.cancel();
                 }
             }
-            running
-                .sockets
-                .retain(|(socket, _)| match socket.transport {
-                    Transport::Tcp => !stop_tcp,
-                    Transport::Udp => !stop_udp,
-                });
+            running.sockets.retain(|(slot, _)| match slot.is_tcp() {
+                true => !stop_tcp,
+                false => !stop_udp,
+            });
             running.config = config;
         }
         let mut removed: Vec<RunningListener> = Vec::new();
@@ -1052,7 +1048,7 @@ impl Relays {
             if !new.tcp.is_empty() {
                 let stop = CancellationToken::new();
                 for socket in new.tcp {
-                    running.sockets.push(handed_socket(&socket)?);
+                    running.sockets.push(own_descriptor(&socket)?);
                     let listener = std::net::TcpListener::from(socket.socket);
                     self.tasks.spawn(relay::serve(
                         tokio::net::TcpListener::from_std(listener)?,
@@ -1069,7 +1065,7 @@ impl Relays {
             if !new.udp.is_empty() {
                 let stop = CancellationToken::new();
                 for socket in new.udp {
-                    running.sockets.push(handed_socket(&socket)?);
+                    running.sockets.push(own_descriptor(&socket)?);
                     let socket = std::net::UdpSocket::from(socket.socket);
                     self.tasks.spawn(self.udp.clone().serve(
                         socket,
@@ -1134,9 +1130,9 @@ impl Relays {
                 sockets: l
                     .sockets
                     .iter()
-                    .map(|(socket, fd)| {
+                    .map(|(slot, fd)| {
                         fds.push(fd.as_raw_fd());
-                        *socket
+                        HandedSocket::from(*slot)
                     })
                     .collect(),
             })
@@ -1164,9 +1160,8 @@ impl Relays {
     /// Puts every listening socket (back) into the socket map.
     fn register_all(&self, steering: &mut Steering) -> Result<()> {
         for listener in &self.listeners {
-            for (socket, fd) in &listener.sockets {
-                let slot = ListenerSlot::of(socket.transport == Transport::Tcp, socket.ipv6);
-                steering.register_listener(listener.slot, slot, fd)?;
+            for (slot, fd) in &listener.sockets {
+                steering.register_listener(listener.slot, *slot, fd)?;
             }
         }
         Ok(())
@@ -1237,14 +1232,9 @@ impl Relays {
     }
 }
 
-/// A listening socket's description for a successor, and a descriptor of it of our own.
-fn handed_socket(socket: &TransparentListener) -> Result<(HandedSocket, OwnedFd)> {
-    let tcp = matches!(socket.slot, ListenerSlot::TcpV4 | ListenerSlot::TcpV6);
-    let description = HandedSocket {
-        transport: if tcp { Transport::Tcp } else { Transport::Udp },
-        ipv6: matches!(socket.slot, ListenerSlot::TcpV6 | ListenerSlot::UdpV6),
-    };
-    Ok((description, socket.socket.try_clone()?.into()))
+/// A listening socket's slot, and a descriptor of it of our own.
+fn own_descriptor(socket: &TransparentListener) -> Result<(ListenerSlot, OwnedFd)> {
+    Ok((socket.slot, socket.socket.try_clone()?.into()))
 }
 
 /// `wanted` addresses with port 0 replaced by the port `first` was bound to.

@@ -151,9 +151,9 @@ impl Steering {
             adopted: None,
         };
         if adopting {
-            let active: Array<_, u32> =
-                Array::try_from(steering.map_mut(maps::ACTIVE_GENERATION)?)?;
-            steering.adopted = Some(active.get(&0, 0).context("reading the pinned generation")?);
+            steering
+                .forget_rules_in_force()
+                .context("reading the pinned generation")?;
         }
         let program: &mut SchedClassifier = steering.program_mut()?;
         program
@@ -420,8 +420,8 @@ impl Steering {
         }
     }
 
-    /// Treats the rules in force as another process's (after a takeover that did not
-    /// complete, which may have replaced them): the next install erases them by scanning.
+    /// Treats the rules in force as another process's (pinned by a predecessor, or replaced by
+    /// a takeover that did not complete): the next install erases them by scanning.
     pub fn forget_rules_in_force(&mut self) -> Result<()> {
         let active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
         self.adopted = Some(active.get(&0, 0)?);
@@ -468,44 +468,47 @@ impl Steering {
                 Err(e) => log::warn!("could not look for stale tproxy filters on {iface}: {e}"),
             }
         }
-        let Some(pinned) = self.pinned.clone() else {
-            self.program_mut()?
-                .attach(iface, TcAttachType::Ingress)
-                .with_context(|| {
-                    format!("attaching the steering program to {iface} ingress ({mode})")
-                })?;
-            return Ok(mode);
-        };
-        if mode != AttachMode::Tcx {
-            bail!("--pin needs TCX links (kernel 6.6 or later); this kernel has clsact only");
-        }
-        let path = pinned.tc_link(iface);
-        let program = self.program_mut()?;
-        if let Ok(link) = PinnedLink::from_pin(&path) {
-            let replaced = SchedClassifierLink::try_from(FdLink::from(link))
-                .map_err(anyhow::Error::from)
-                .and_then(|link| Ok(program.attach_to_link(link)?));
-            match replaced {
-                Ok(_) => return Ok(AttachMode::TcxAdopted),
-                // Its interface went away (and maybe came back under the same name).
-                Err(error) => {
-                    log::warn!(
-                        "the pinned link on {iface} is unusable ({error:#}); attaching anew"
-                    );
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("unpinning {}", path.display()))?;
-                }
+        let pinned = self.pinned.as_ref().map(|pinned| pinned.tc_link(iface));
+        if let Some(path) = &pinned {
+            if mode != AttachMode::Tcx {
+                bail!("--pin needs TCX links (kernel 6.6 or later); this kernel has clsact only");
+            }
+            if self.replace_pinned_program(iface, path)? {
+                return Ok(AttachMode::TcxAdopted);
             }
         }
+        let program = self.program_mut()?;
         let link = program
             .attach(iface, TcAttachType::Ingress)
             .with_context(|| {
                 format!("attaching the steering program to {iface} ingress ({mode})")
             })?;
+        let Some(path) = pinned else {
+            return Ok(mode);
+        };
         let link: FdLink = program.take_link(link)?.try_into()?;
         link.pin(&path)
             .with_context(|| format!("pinning the link on {iface} at {}", path.display()))?;
         Ok(AttachMode::TcxPinned)
+    }
+
+    /// Puts our program on the TCX link pinned at `path`, in one step; `false` when there is
+    /// no usable link there (none, or its interface went away and maybe came back under the
+    /// same name — then its file is removed).
+    fn replace_pinned_program(&mut self, iface: &str, path: &std::path::Path) -> Result<bool> {
+        let Ok(link) = PinnedLink::from_pin(path) else {
+            return Ok(false);
+        };
+        let program = self.program_mut()?;
+        let replaced = SchedClassifierLink::try_from(FdLink::from(link))
+            .map_err(anyhow::Error::from)
+            .and_then(|link| Ok(program.attach_to_link(link)?));
+        if let Err(error) = replaced {
+            log::warn!("the pinned link on {iface} is unusable ({error:#}); attaching anew");
+            std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Packet counts per protocol and outcome, summed over CPUs.
