@@ -27,11 +27,30 @@ pub enum Outcome {
     AssignErrorOther = 7,
     /// A `bypass` rule matched (and no socket already owned the flow): left untouched.
     Bypassed = 8,
+    /// A steer rule matched a destination no relay may connect to (IPv4-mapped, loopback,
+    /// unspecified: never legitimate on the wire, and a way to reach the router's own
+    /// loopback services): dropped.
+    RefusedDestination = 9,
+    /// A steer rule matched a multicast, broadcast or link-local destination, which belongs
+    /// to the local network and which the relay could not reach from here: left untouched.
+    LocalScope = 10,
+    /// A fragment of a steered datagram (the first decided by its ports, later ones by the
+    /// first's decision): marked for local delivery, where the kernel reassembles it and the
+    /// `sk_lookup` program hands it to the listener.
+    FragmentSteered = 11,
+    /// A fragment of a datagram the rules leave alone.
+    FragmentPassed = 12,
+    /// A later fragment whose first fragment was not seen (out of order, expired, or
+    /// forged): the fail mode decides.
+    FragmentUnknown = 13,
+    /// The transport header could not be found: cut short, or behind more IPv6 extension
+    /// headers than the program walks. The fail mode decides.
+    Unparsed = 14,
 }
 
 impl Outcome {
-    /// Number of outcomes, the length of the `COUNTERS` map.
-    pub const COUNT: u32 = 9;
+    /// Number of outcomes, the length of one `COUNTERS` row.
+    pub const COUNT: u32 = 15;
 
     /// Every outcome, in counter-index order.
     pub const ALL: [Outcome; Self::COUNT as usize] = [
@@ -44,6 +63,12 @@ impl Outcome {
         Outcome::AssignErrorNotSupported,
         Outcome::AssignErrorOther,
         Outcome::Bypassed,
+        Outcome::RefusedDestination,
+        Outcome::LocalScope,
+        Outcome::FragmentSteered,
+        Outcome::FragmentPassed,
+        Outcome::FragmentUnknown,
+        Outcome::Unparsed,
     ];
 
     /// Stable snake_case name, for logs and metrics.
@@ -58,6 +83,33 @@ impl Outcome {
             Outcome::AssignErrorNotSupported => "assign_error_not_supported",
             Outcome::AssignErrorOther => "assign_error_other",
             Outcome::Bypassed => "bypassed",
+            Outcome::RefusedDestination => "refused_destination",
+            Outcome::LocalScope => "local_scope",
+            Outcome::FragmentSteered => "fragment_steered",
+            Outcome::FragmentPassed => "fragment_passed",
+            Outcome::FragmentUnknown => "fragment_unknown",
+            Outcome::Unparsed => "unparsed",
+        }
+    }
+
+    /// The outcome with this counter index, if any (for outcomes stored in maps).
+    pub const fn from_index(index: u32) -> Option<Outcome> {
+        if index < Self::COUNT {
+            Some(Self::ALL[index as usize])
+        } else {
+            None
+        }
+    }
+
+    /// Whether packets of `protocol` can have this outcome: the `other` row only ever
+    /// counts what no rule can look at.
+    pub const fn applies_to(self, protocol: Protocol) -> bool {
+        match protocol {
+            Protocol::Tcp | Protocol::Udp => true,
+            Protocol::Other => matches!(
+                self,
+                Outcome::Passed | Outcome::FragmentUnknown | Outcome::Unparsed
+            ),
         }
     }
 }
@@ -68,7 +120,7 @@ impl Outcome {
 pub enum Protocol {
     Tcp = 0,
     Udp = 1,
-    /// Not TCP or UDP, or not parsed that far: only ever [`Outcome::Passed`].
+    /// Not TCP or UDP, or not parsed that far (see [`Outcome::applies_to`]).
     Other = 2,
 }
 
@@ -196,30 +248,177 @@ pub const fn belongs_to_vlan_interface(vlan_present: u32, vlan_tci: u32) -> bool
     vlan_present != 0 && vlan_tci & 0x0fff != 0
 }
 
-/// Where the transport header starts in an IPv4 packet, from the header's first byte
-/// (version and IHL) and its flags/fragment-offset field (host byte order). `None` for
-/// anything whose transport header is not there to steer by: not version 4, a header length
-/// below the minimum, or a fragment (later fragments carry no transport header, and a first
-/// fragment is left alone as the kernel's own reassembly will see it whole).
-pub const fn ipv4_transport_offset(version_ihl: u8, flags_fragment: u16) -> Option<usize> {
+/// Where a packet stands in its datagram's fragmentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FragmentPosition {
+    /// Not fragmented (an IPv6 atomic fragment, offset 0 without more fragments, counts as
+    /// whole: the kernel processes it as such).
+    Whole,
+    /// Offset 0 with more to come: carries the transport header and decides for the datagram.
+    First,
+    /// Offset above 0: no transport header; treated as its first fragment was.
+    Later,
+}
+
+/// The layout of an IPv4 packet, from its header's first byte (version and IHL) and its
+/// flags/fragment-offset field (host byte order): `None` for a header the kernel drops
+/// anyway (not version 4, or a header length below the minimum); else the transport header's
+/// offset and the fragment position.
+pub const fn ipv4_layout(
+    version_ihl: u8,
+    flags_fragment: u16,
+) -> Option<(usize, FragmentPosition)> {
     const MORE_FRAGMENTS: u16 = 0x2000;
     const OFFSET_MASK: u16 = 0x1fff;
     if version_ihl >> 4 != 4 {
         return None;
     }
     let header_words = (version_ihl & 0x0f) as usize;
-    if header_words < 5 || flags_fragment & (MORE_FRAGMENTS | OFFSET_MASK) != 0 {
+    if header_words < 5 {
         return None;
     }
-    Some(header_words * 4)
+    let position = if flags_fragment & OFFSET_MASK != 0 {
+        FragmentPosition::Later
+    } else if flags_fragment & MORE_FRAGMENTS != 0 {
+        FragmentPosition::First
+    } else {
+        FragmentPosition::Whole
+    };
+    Some((header_words * 4, position))
 }
 
-/// Whether the program drops a packet instead of passing it on: only in fail-closed mode
-/// (`fail_closed` ≠ 0), and only for a packet a steer rule took that no socket could get —
-/// no listener registered, as while no tproxy process runs over pinned state. Everything
-/// else, bypassed or unmatched traffic included, always passes.
-pub const fn drops_packet(outcome: Outcome, fail_closed: u32) -> bool {
-    fail_closed != 0 && matches!(outcome, Outcome::NoListener)
+/// The fragment position of an IPv6 packet from its fragment header's offset-and-flags field
+/// (host byte order).
+pub const fn ipv6_fragment_position(offset_flags: u16) -> FragmentPosition {
+    const MORE_FRAGMENTS: u16 = 0x0001;
+    const OFFSET_MASK: u16 = 0xfff8;
+    if offset_flags & OFFSET_MASK != 0 {
+        FragmentPosition::Later
+    } else if offset_flags & MORE_FRAGMENTS != 0 {
+        FragmentPosition::First
+    } else {
+        FragmentPosition::Whole
+    }
+}
+
+/// IPv6 next-header value of the fragment header.
+pub const IPV6_FRAGMENT_HEADER: u8 = 44;
+/// Most IPv6 extension headers the program walks before the transport header; a longer chain
+/// is [`Outcome::Unparsed`]. Real traffic carries one or two (hop-by-hop for MLD, a fragment
+/// header, destination options).
+pub const MAX_IPV6_EXTENSION_HEADERS: usize = 8;
+
+/// The length of the IPv6 extension header `next_header`, from its second byte; `None` when
+/// `next_header` is not an extension header (a transport, ESP, or "no next header").
+pub const fn ipv6_extension_len(next_header: u8, len_byte: u8) -> Option<usize> {
+    match next_header {
+        // Hop-by-hop, routing, destination options, mobility, HIP, shim6: 8-octet units
+        // after the first eight.
+        0 | 43 | 60 | 135 | 139 | 140 => Some((len_byte as usize + 1) * 8),
+        IPV6_FRAGMENT_HEADER => Some(8),
+        // Authentication header: 4-octet units, minus two.
+        51 => Some((len_byte as usize + 2) * 4),
+        _ => None,
+    }
+}
+
+/// What a fragment gets, from the decision its datagram's first fragment got: the mark when
+/// the datagram was steered (the kernel reassembles it locally; fragments are never assigned
+/// a socket, as reassembly would orphan it), the same drop-or-pass for the outcomes the fail
+/// mode or a refusal decides, and otherwise nothing.
+pub const fn fragment_outcome(first: Outcome) -> Outcome {
+    match first {
+        Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
+            Outcome::FragmentSteered
+        }
+        Outcome::NoListener | Outcome::RefusedDestination | Outcome::Unparsed => first,
+        _ => Outcome::FragmentPassed,
+    }
+}
+
+/// Whether the relay may connect to a destination, and what the program does with a packet
+/// that a steer rule took for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestinationScope {
+    /// A unicast address that can be connected to.
+    Relayable,
+    /// Multicast, broadcast or link-local: the local network's own traffic (DHCP, mDNS,
+    /// SSDP, neighbour protocols), left to the kernel. An IPv6 link-local address cannot even
+    /// be connected to without the interface it belongs to.
+    LocalScope,
+    /// Never a legitimate destination on the wire: loopback, unspecified, and IPv4-mapped or
+    /// IPv4-compatible IPv6 addresses, which a dual-stack relay would connect to as IPv4
+    /// (`::ffff:127.0.0.1` is the router's own loopback, whatever the rules say about IPv4).
+    Refused,
+}
+
+/// The [`DestinationScope`] of an IPv4 destination (network byte order).
+pub const fn ipv4_destination_scope(addr: [u8; 4]) -> DestinationScope {
+    match addr {
+        [0, ..] | [127, ..] => DestinationScope::Refused,
+        [255, 255, 255, 255] => DestinationScope::LocalScope,
+        [first, ..] if first & 0xf0 == 224 => DestinationScope::LocalScope,
+        _ => DestinationScope::Relayable,
+    }
+}
+
+/// The [`DestinationScope`] of an IPv6 destination (network byte order).
+pub const fn ipv6_destination_scope(addr: [u8; 16]) -> DestinationScope {
+    if addr[0] == 0xff || (addr[0] == 0xfe && addr[1] & 0xc0 == 0x80) {
+        return DestinationScope::LocalScope;
+    }
+    // ::/96 (unspecified, loopback, IPv4-compatible) and ::ffff:0:0/96 (IPv4-mapped).
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return DestinationScope::Relayable;
+        }
+        i += 1;
+    }
+    match (addr[10], addr[11]) {
+        (0, 0) | (0xff, 0xff) => DestinationScope::Refused,
+        _ => DestinationScope::Relayable,
+    }
+}
+
+/// The [`DestinationScope`] of an original destination as the relay sees it.
+pub const fn destination_scope(addr: core::net::IpAddr) -> DestinationScope {
+    match addr {
+        core::net::IpAddr::V4(v4) => ipv4_destination_scope(v4.octets()),
+        core::net::IpAddr::V6(v6) => ipv6_destination_scope(v6.octets()),
+    }
+}
+
+/// What tc does with a packet once the program has its outcome.
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcAction {
+    /// `TC_ACT_UNSPEC` / `TCX_NEXT`: not ours; the next program at the hook (another tproxy,
+    /// anyone's) decides, and with none left the packet goes on. `TC_ACT_OK` would end the
+    /// chain and hide the packet from them.
+    Next = -1,
+    /// `TC_ACT_OK` / `TCX_PASS`: ours, assigned or marked; no later program may redirect it.
+    Keep = 0,
+    /// `TC_ACT_SHOT` / `TCX_DROP`.
+    Drop = 2,
+}
+
+/// What tc does with a packet of `outcome`. Refused destinations are always dropped; the fail
+/// mode (`fail_closed` ≠ 0) drops what a steer rule took that no socket could get (no
+/// listener registered, as while no tproxy process runs over pinned state) and what could not
+/// be judged (an unparsed header chain, a fragment whose first fragment was not seen).
+/// Everything else, bypassed or unmatched traffic included, goes on.
+pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
+    match outcome {
+        Outcome::RefusedDestination => TcAction::Drop,
+        Outcome::NoListener | Outcome::FragmentUnknown | Outcome::Unparsed if fail_closed != 0 => {
+            TcAction::Drop
+        }
+        Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
+            TcAction::Keep
+        }
+        _ => TcAction::Next,
+    }
 }
 
 #[cfg(test)]
@@ -227,19 +426,132 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_steered_packets_without_a_listener_are_dropped_and_only_when_failing_closed() {
+    fn what_is_dropped_kept_or_handed_on() {
         for outcome in Outcome::ALL {
-            assert!(
-                !drops_packet(outcome, 0),
-                "fail-open dropped {}",
-                outcome.name()
+            let open = tc_action(outcome, 0);
+            let closed = tc_action(outcome, 1);
+            let steered = matches!(
+                outcome,
+                Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered
             );
+            let fail_mode = matches!(
+                outcome,
+                Outcome::NoListener | Outcome::FragmentUnknown | Outcome::Unparsed
+            );
+            let expected_open = if outcome == Outcome::RefusedDestination {
+                TcAction::Drop
+            } else if steered {
+                TcAction::Keep
+            } else {
+                TcAction::Next
+            };
+            assert_eq!(open, expected_open, "fail-open, {}", outcome.name());
+            let expected_closed = if fail_mode {
+                TcAction::Drop
+            } else {
+                expected_open
+            };
+            assert_eq!(closed, expected_closed, "fail-closed, {}", outcome.name());
+        }
+        // The values tc and TCX define.
+        assert_eq!(TcAction::Next as i32, -1);
+        assert_eq!(TcAction::Keep as i32, 0);
+        assert_eq!(TcAction::Drop as i32, 2);
+    }
+
+    #[test]
+    fn outcomes_round_trip_through_their_index() {
+        for outcome in Outcome::ALL {
+            assert_eq!(Outcome::from_index(outcome as u32), Some(outcome));
+        }
+        assert_eq!(Outcome::from_index(Outcome::COUNT), None);
+        assert_eq!(Outcome::from_index(u32::MAX), None);
+    }
+
+    #[test]
+    fn fragments_follow_their_first_fragment() {
+        assert_eq!(
+            fragment_outcome(Outcome::SteeredNew),
+            Outcome::FragmentSteered
+        );
+        assert_eq!(
+            fragment_outcome(Outcome::SteeredEstablished),
+            Outcome::FragmentSteered
+        );
+        assert_eq!(
+            fragment_outcome(Outcome::FragmentSteered),
+            Outcome::FragmentSteered
+        );
+        assert_eq!(fragment_outcome(Outcome::NoListener), Outcome::NoListener);
+        assert_eq!(
+            fragment_outcome(Outcome::RefusedDestination),
+            Outcome::RefusedDestination
+        );
+        assert_eq!(fragment_outcome(Outcome::Unparsed), Outcome::Unparsed);
+        for passed in [
+            Outcome::Passed,
+            Outcome::Bypassed,
+            Outcome::LocalScope,
+            Outcome::FragmentPassed,
+        ] {
             assert_eq!(
-                drops_packet(outcome, 1),
-                outcome == Outcome::NoListener,
-                "fail-closed and {}",
-                outcome.name()
+                fragment_outcome(passed),
+                Outcome::FragmentPassed,
+                "{}",
+                passed.name()
             );
+        }
+        // A stored decision is already a fragment outcome: applying it again changes nothing.
+        for outcome in Outcome::ALL {
+            let once = fragment_outcome(outcome);
+            assert_eq!(fragment_outcome(once), once, "{}", outcome.name());
+        }
+    }
+
+    #[test]
+    fn special_destinations() {
+        use core::net::IpAddr;
+        let scope = |text: &str| destination_scope(text.parse::<IpAddr>().unwrap());
+        for refused in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "0.1.2.3",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.77.2.1",
+            "::10.1.2.3",
+        ] {
+            assert_eq!(scope(refused), DestinationScope::Refused, "{refused}");
+        }
+        for local in [
+            "224.0.0.251",
+            "239.255.255.250",
+            "255.255.255.255",
+            "ff02::fb",
+            "ff05::1:3",
+            "fe80::1",
+            "febf::1",
+        ] {
+            assert_eq!(scope(local), DestinationScope::LocalScope, "{local}");
+        }
+        for relayable in [
+            "10.77.2.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "1.1.1.1",
+            "223.255.255.255",
+            "240.0.0.1",
+            "fd77:2::1",
+            "2001:db8::1",
+            "64:ff9b::a4d:201",
+            "fec0::1",
+            "::1:0:0:1",
+            "::fffe:1.2.3.4",
+            "1::",
+        ] {
+            assert_eq!(scope(relayable), DestinationScope::Relayable, "{relayable}");
         }
     }
 
@@ -344,18 +656,64 @@ mod tests {
 
     #[test]
     fn ipv4_plain_header_and_options() {
-        assert_eq!(ipv4_transport_offset(0x45, 0), Some(20));
-        assert_eq!(ipv4_transport_offset(0x4f, 0), Some(60));
+        assert_eq!(ipv4_layout(0x45, 0), Some((20, FragmentPosition::Whole)));
+        assert_eq!(ipv4_layout(0x4f, 0), Some((60, FragmentPosition::Whole)));
         // Don't-fragment alone is not a fragment.
-        assert_eq!(ipv4_transport_offset(0x46, 0x4000), Some(24));
+        assert_eq!(
+            ipv4_layout(0x46, 0x4000),
+            Some((24, FragmentPosition::Whole))
+        );
     }
 
     #[test]
-    fn ipv4_fragments_bad_lengths_and_versions_are_not_steered() {
-        assert_eq!(ipv4_transport_offset(0x45, 0x2000), None, "first fragment");
-        assert_eq!(ipv4_transport_offset(0x45, 0x0001), None, "later fragment");
-        assert_eq!(ipv4_transport_offset(0x44, 0), None, "IHL below 5");
-        assert_eq!(ipv4_transport_offset(0x65, 0), None, "version 6");
+    fn ipv4_fragments_bad_lengths_and_versions() {
+        assert_eq!(
+            ipv4_layout(0x45, 0x2000),
+            Some((20, FragmentPosition::First))
+        );
+        assert_eq!(
+            ipv4_layout(0x45, 0x0001),
+            Some((20, FragmentPosition::Later))
+        );
+        assert_eq!(
+            ipv4_layout(0x45, 0x2001),
+            Some((20, FragmentPosition::Later))
+        );
+        assert_eq!(ipv4_layout(0x44, 0), None, "IHL below 5");
+        assert_eq!(ipv4_layout(0x65, 0), None, "version 6");
+    }
+
+    #[test]
+    fn ipv6_fragment_positions() {
+        assert_eq!(
+            ipv6_fragment_position(0),
+            FragmentPosition::Whole,
+            "atomic fragment"
+        );
+        assert_eq!(ipv6_fragment_position(1), FragmentPosition::First);
+        assert_eq!(ipv6_fragment_position(8), FragmentPosition::Later);
+        assert_eq!(ipv6_fragment_position(8 | 1), FragmentPosition::Later);
+        assert_eq!(
+            ipv6_fragment_position(6),
+            FragmentPosition::Whole,
+            "reserved bits"
+        );
+    }
+
+    #[test]
+    fn ipv6_extension_header_lengths() {
+        assert_eq!(ipv6_extension_len(0, 0), Some(8), "hop-by-hop");
+        assert_eq!(ipv6_extension_len(43, 2), Some(24), "routing");
+        assert_eq!(
+            ipv6_extension_len(60, 255),
+            Some(2048),
+            "destination options"
+        );
+        assert_eq!(ipv6_extension_len(44, 99), Some(8), "fragment: fixed size");
+        assert_eq!(ipv6_extension_len(51, 4), Some(24), "AH");
+        for transport in [6u8, 17, 58, 50, 59] {
+            assert_eq!(ipv6_extension_len(transport, 0), None, "{transport}");
+        }
     }
 
     #[test]

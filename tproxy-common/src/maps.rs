@@ -195,6 +195,90 @@ pub struct FlowKey {
     pub destination_port: u16,
 }
 
+/// LRU hash from a [`FragmentKey`] to the [`FragmentDecision`] its datagram's first fragment
+/// got, so that later fragments (which carry no ports) get the same treatment. Entries older
+/// than [`fragment_timeout_ns`] count as absent: the kernel has given up reassembling by then.
+/// The loader also deletes them periodically, so nothing is left once a datagram's time is up.
+pub const FRAGMENTS: &str = "FRAGMENTS";
+/// Entries in [`FRAGMENTS`]; the oldest are evicted (a flood of never-completed first
+/// fragments can only evict, never fill it).
+pub const FRAGMENTS_LEN: u32 = 8192;
+
+/// The kernel's default reassembly timeouts (`net.ipv4.ipfrag_time`,
+/// `net.ipv6.ip6frag_time`), in nanoseconds: how long a fragment decision is kept.
+pub const fn fragment_timeout_ns(ipv6: bool) -> u64 {
+    if ipv6 {
+        60_000_000_000
+    } else {
+        30_000_000_000
+    }
+}
+
+/// A fragmented datagram: the key under which the kernel reassembles it. Addresses in network
+/// byte order (IPv4 in the first four bytes), the identification in host order. `protocol` is
+/// the IPv4 protocol, or 0 for IPv6 (whose identification is unique per address pair).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentKey {
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
+    pub id: u32,
+    pub protocol: u32,
+}
+
+/// What a datagram's first fragment decided, and when (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentDecision {
+    /// The [`crate::Outcome`] index every fragment of the datagram gets
+    /// ([`crate::decision::fragment_outcome`]).
+    pub outcome: u32,
+    /// 1 for an IPv6 datagram (its timeout is longer).
+    pub ipv6: u32,
+    pub seen_ns: u64,
+}
+
+impl FragmentDecision {
+    /// Whether the kernel may still be reassembling the datagram at `now_ns`.
+    pub const fn is_live(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.seen_ns) <= fragment_timeout_ns(self.ipv6 != 0)
+    }
+}
+
+/// LRU hash from a [`ProtocolFlowKey`] to the [`ReassembledFlow`] whose listener should get
+/// the flow's reassembled datagram. The tc program writes an entry when the first fragment of
+/// a new flow is steered; the `sk_lookup` program answers the socket lookup of the reassembled
+/// datagram with it (the kernel drops a socket assigned to a fragment when it reassembles).
+pub const REASSEMBLED_FLOWS: &str = "REASSEMBLED_FLOWS";
+/// Entries in [`REASSEMBLED_FLOWS`]; the oldest are evicted.
+pub const REASSEMBLED_FLOWS_LEN: u32 = 8192;
+
+/// A [`FlowKey`] with its transport (`IPPROTO_TCP` or `IPPROTO_UDP`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtocolFlowKey {
+    pub flow: FlowKey,
+    pub protocol: u32,
+}
+
+/// The listener for a reassembled datagram, and when its first fragment was steered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReassembledFlow {
+    /// The [`LISTENERS`] index.
+    pub slot: u32,
+    /// 1 for IPv6 (see [`fragment_timeout_ns`]).
+    pub ipv6: u32,
+    pub seen_ns: u64,
+}
+
+impl ReassembledFlow {
+    /// Whether the datagram may still be reassembled at `now_ns`.
+    pub const fn is_live(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.seen_ns) <= fragment_timeout_ns(self.ipv6 != 0)
+    }
+}
+
 /// Name of the `sk_lookup` program in the object file.
 pub const LOOKUP_PROGRAM_NAME: &str = "tproxy_tw_syn";
 
@@ -246,6 +330,11 @@ mod pod {
     unsafe impl<const N: usize> aya::Pod for super::DstKey<N> {}
     unsafe impl<const N: usize> aya::Pod for super::SrcKey<N> {}
     unsafe impl aya::Pod for super::Verdict {}
+    // SAFETY: `repr(C)`, sizes checked for padding in `keys_have_no_padding`.
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentDecision {}
+    unsafe impl aya::Pod for super::ProtocolFlowKey {}
+    unsafe impl aya::Pod for super::ReassembledFlow {}
 }
 
 #[cfg(test)]
@@ -289,6 +378,33 @@ mod tests {
         assert_eq!(core::mem::size_of::<DstKey<16>>(), 20);
         assert_eq!(core::mem::size_of::<SrcKey<4>>(), 12);
         assert_eq!(core::mem::size_of::<SrcKey<16>>(), 24);
+        assert_eq!(core::mem::size_of::<FragmentKey>(), 40);
+        assert_eq!(core::mem::size_of::<FragmentDecision>(), 16);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 36);
+        assert_eq!(core::mem::size_of::<ProtocolFlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<ReassembledFlow>(), 16);
+    }
+
+    #[test]
+    fn fragment_decisions_expire_with_the_kernels_reassembly() {
+        let v4 = FragmentDecision {
+            outcome: 0,
+            ipv6: 0,
+            seen_ns: 1_000,
+        };
+        assert!(v4.is_live(1_000));
+        assert!(v4.is_live(1_000 + fragment_timeout_ns(false)));
+        assert!(!v4.is_live(1_001 + fragment_timeout_ns(false)));
+        let v6 = FragmentDecision { ipv6: 1, ..v4 };
+        assert!(v6.is_live(1_001 + fragment_timeout_ns(false)));
+        assert!(!v6.is_live(1_001 + fragment_timeout_ns(true)));
+        assert!(v4.is_live(0), "a clock read before the entry was written");
+        let flow = ReassembledFlow {
+            slot: 2,
+            ipv6: 0,
+            seen_ns: 5,
+        };
+        assert!(!flow.is_live(6 + fragment_timeout_ns(false)));
     }
 
     #[test]

@@ -1,17 +1,22 @@
 //! tc ingress program: the socket match and the TPROXY target of the classic iptables recipe,
 //! in one pass over the packet.
 //!
-//! packet → parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP/UDP ports)
+//! packet → parse (Ethernet, one 802.1Q tag, IPv4 with options / IPv6 with its extension
+//!          headers, TCP/UDP ports)
+//!        → a later fragment (no ports) gets what its datagram's first fragment got
 //!        → rules (port array, then per rule group a destination and maybe a source LPM
 //!          trie; the best-ranked answer wins)
+//!        → a steer rule's destination must be one a relay may reach (not loopback, mapped…)
 //!        → for a steer or bypass rule: the flow's own socket, if it has one (exact-tuple
 //!          lookup; for UDP only tproxy's own per-flow sockets count)
 //!        → otherwise, for a steer rule: the rule's listener from the socket map
-//!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally.
+//!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally; a first
+//!          fragment only gets the mark, and its flow is left for the `sk_lookup` program,
+//!          which hands the reassembled datagram to the listener.
 //!
-//! Every path returns `TC_ACT_OK` — a packet we do not steer continues exactly as if the
-//! program were not there, and an assigned packet must not be redirected by a later filter —
-//! except, when failing closed, a packet a steer rule took that no socket can get.
+//! What tc does next is `tproxy_common::decision::tc_action`: a packet that is not ours goes
+//! to the next program at the hook (`TCX_NEXT`), as if this one were not there; an assigned
+//! or marked one ends the chain, so no later filter redirects it; and a few are dropped.
 #![no_std]
 #![no_main]
 
@@ -21,10 +26,13 @@ use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC,
-        TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::generated::{
-        bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{
+            bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release,
+            bpf_skc_lookup_tcp,
+        },
     },
     macros::{classifier, map, sk_lookup},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, SockMap},
@@ -34,13 +42,16 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use tproxy_common::{
     decision::{
-        self, counter_index, outranks, rule_match, source_stage_ifindex, Outcome, Protocol,
-        RuleMatch,
+        self, counter_index, fragment_outcome, outranks, rule_match, source_stage_ifindex,
+        DestinationScope, FragmentPosition, Outcome, Protocol, RuleMatch, IPV6_FRAGMENT_HEADER,
+        MAX_IPV6_EXTENSION_HEADERS,
     },
     maps::{
         any_port_class, listener_slot, port_class_index, range_class, single_port_class, DstKey,
-        FlowKey, ListenerSlot, SrcKey, Verdict, COUNTERS_LEN, LISTENERS_LEN, TIME_WAIT_FLOWS_LEN,
-        PORT_CLASSES_LEN, PORT_HAS_ANY, PORT_HAS_SINGLE, PORT_RANGE_CLASS,
+        FlowKey, FragmentDecision, FragmentKey, ListenerSlot, ProtocolFlowKey, ReassembledFlow,
+        SrcKey, Verdict, COUNTERS_LEN, FRAGMENTS_LEN, LISTENERS_LEN, PORT_CLASSES_LEN,
+        PORT_HAS_ANY, PORT_HAS_SINGLE, PORT_RANGE_CLASS, REASSEMBLED_FLOWS_LEN,
+        TIME_WAIT_FLOWS_LEN,
     },
 };
 
@@ -61,6 +72,12 @@ static RULES_SRC_V6: LpmTrie<SrcKey<16>, Verdict> = LpmTrie::with_max_entries(1,
 static LISTENERS: SockMap = SockMap::with_max_entries(LISTENERS_LEN, 0);
 #[map]
 static TIME_WAIT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(TIME_WAIT_FLOWS_LEN, 0);
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, FragmentDecision> =
+    LruHashMap::with_max_entries(FRAGMENTS_LEN, 0);
+#[map]
+static REASSEMBLED_FLOWS: LruHashMap<ProtocolFlowKey, ReassembledFlow> =
+    LruHashMap::with_max_entries(REASSEMBLED_FLOWS_LEN, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
@@ -94,26 +111,32 @@ pub fn tproxy_ingress(ctx: TcContext) -> i32 {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *counter += 1 };
     }
-    if decision::drops_packet(outcome, FAIL_CLOSED.load()) {
-        return TC_ACT_SHOT as i32;
-    }
-    TC_ACT_OK as i32
+    decision::tc_action(outcome, FAIL_CLOSED.load()) as i32
 }
 
-/// Runs for every listener lookup the kernel makes in this network namespace. It answers
-/// one: a SYN that the tc program handed to the TIME_WAIT socket of an old connection with the
-/// same tuple. The kernel retires that socket and then looks for a listener for the SYN's
-/// (non-local) destination; for a steered flow, that is tproxy's listener. Any other lookup
-/// of a steered flow would have been answered already, by the tc program's assign.
+/// Runs for every listener (TCP) and unconnected-socket (UDP) lookup the kernel makes in
+/// this network namespace, and answers only the lookups the tc program left for it:
+/// - a reassembled datagram whose first fragment was steered as a new flow (the kernel drops
+///   a socket assigned to a fragment when it reassembles, so the datagram arrives with none);
+/// - a SYN that the tc program handed to the TIME_WAIT socket of an old connection with the
+///   same tuple: the kernel retires that socket and then looks for a listener for the SYN's
+///   (non-local) destination.
+/// For both, the answer is tproxy's listener. Any other lookup of a steered flow would have
+/// been answered already, by the tc program's assign; and it must answer no other lookup: not
+/// even one that looks steered, such as the relay's own connection to a local address on a
+/// steered port (which would loop).
 #[sk_lookup]
 pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
     const SK_PASS: u32 = 1;
     const AF_INET: u32 = 2;
+    // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP as u32 {
+    let protocol = lookup.protocol;
+    if protocol != IPPROTO_TCP as u32 && protocol != IPPROTO_UDP as u32 {
         return SK_PASS;
     }
     // Map keys must be on the stack, not in the context.
+    // SAFETY: plain loads of context fields the verifier allows for this program type.
     let mut flow = FlowKey {
         client_port: u16::from_be(unsafe { ptr::read_volatile(&lookup.remote_port) }),
         destination_port: unsafe { ptr::read_volatile(&lookup.local_port) } as u16,
@@ -129,13 +152,37 @@ pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
         flow.client[..4].copy_from_slice(&lookup.remote_ip4.to_ne_bytes());
         flow.destination[..4].copy_from_slice(&lookup.local_ip4.to_ne_bytes());
     }
+    let reassembled = ProtocolFlowKey { flow, protocol };
+    // SAFETY: the value is copied out at once; the map holds plain data.
+    if let Some(entry) = unsafe { REASSEMBLED_FLOWS.get(&reassembled) } {
+        let entry = *entry;
+        // A TCP flow is reassembled once (its SYN); a UDP flow's next fragmented datagrams
+        // use the entry again until it expires.
+        if protocol == IPPROTO_TCP as u32 || !entry.is_live(now_ns()) {
+            let _ = REASSEMBLED_FLOWS.remove(&reassembled);
+        }
+        if entry.is_live(now_ns()) {
+            // Failing that, the kernel's own lookup goes on and answers as it would have.
+            let _ = LISTENERS.redirect_sk_lookup(&ctx, entry.slot, 0);
+            return SK_PASS;
+        }
+    }
+    if protocol != IPPROTO_TCP as u32 {
+        return SK_PASS;
+    }
+    // SAFETY: as above.
     let Some(&slot) = (unsafe { TIME_WAIT_FLOWS.get(&flow) }) else {
         return SK_PASS;
     };
     let _ = TIME_WAIT_FLOWS.remove(&flow);
-    // Failing that, the kernel's own lookup goes on and answers as it would have.
     let _ = LISTENERS.redirect_sk_lookup(&ctx, slot, 0);
     SK_PASS
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Returns a bounds-checked pointer to a `T` at `offset` bytes into the packet.
@@ -250,13 +297,85 @@ fn match_group<const N: usize>(
 }
 
 /// The source and destination ports (the first four bytes of both TCP and UDP headers), still
-/// in network byte order.
+/// in network byte order. Copied with `bpf_skb_load_bytes`, which also reads headers that are
+/// not in the linear part of the packet and needs no verifier-visible bound on the offset.
 #[inline(always)]
 fn ports(ctx: &TcContext, offset: usize) -> Option<[u16; 2]> {
-    Some(unsafe { *header::<[u16; 2]>(ctx, offset)? })
+    ctx.load::<[u16; 2]>(offset).ok()
 }
 
-/// The socket match and listener assignment for a parsed, steered flow of either family.
+/// A parsed packet of a TCP or UDP flow, ready for the rules.
+struct Flow<'a, const N: usize> {
+    protocol: Protocol,
+    saddr: [u8; N],
+    daddr: [u8; N],
+    /// Still in network byte order.
+    sport: u16,
+    dport: u16,
+    position: FragmentPosition,
+    /// The datagram's reassembly key, when `position` is not `Whole`.
+    fragment: &'a FragmentKey,
+}
+
+/// The decision for a flow whose ports are known: rules, destination scope, then the socket
+/// match and the listener. A first fragment's decision is remembered for the rest of its
+/// datagram.
+#[inline(always)]
+fn steer_flow<const N: usize>(
+    ctx: &TcContext,
+    flow: &Flow<'_, N>,
+    rule: RuleMatch,
+    scope: DestinationScope,
+    tuple: &mut bpf_sock_tuple,
+    tuple_len: u32,
+) -> Outcome {
+    let ipv6 = N == 16;
+    let outcome = match (rule, scope) {
+        (RuleMatch::None, _) => Outcome::Passed,
+        (RuleMatch::Steer(_), DestinationScope::Refused) => Outcome::RefusedDestination,
+        (RuleMatch::Steer(_), DestinationScope::LocalScope) => Outcome::LocalScope,
+        _ => {
+            let whole = flow.position == FragmentPosition::Whole;
+            steer_transport(ctx, flow.protocol, tuple, tuple_len, ipv6, rule, whole)
+        }
+    };
+    if flow.position == FragmentPosition::Whole {
+        return outcome;
+    }
+    let outcome = fragment_outcome(outcome);
+    let decision = FragmentDecision {
+        outcome: outcome as u32,
+        ipv6: ipv6 as u32,
+        seen_ns: now_ns(),
+    };
+    let _ = FRAGMENTS.insert(flow.fragment, &decision, 0);
+    outcome
+}
+
+/// A later fragment (no transport header): what its datagram's first fragment got, if that
+/// was seen and is not older than the kernel's reassembly timeout. `judged`: whether such a
+/// fragment could belong to a flow the rules look at (TCP, UDP, or behind more IPv6 headers);
+/// other protocols' fragments are passed as they always were.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext, key: &FragmentKey, judged: bool) -> Outcome {
+    // SAFETY: the value is copied out at once; the map holds plain data.
+    let first = unsafe { FRAGMENTS.get(key) }.copied();
+    let outcome = match first {
+        Some(first) if first.is_live(now_ns()) => {
+            Outcome::from_index(first.outcome).unwrap_or(Outcome::FragmentUnknown)
+        }
+        _ if judged => Outcome::FragmentUnknown,
+        _ => Outcome::Passed,
+    };
+    if outcome == Outcome::FragmentSteered {
+        mark_for_local_delivery(ctx);
+    }
+    outcome
+}
+
+/// The socket match and listener assignment for a parsed flow of either family that a rule
+/// matched. `assign`: false for a first fragment, which is only marked (see
+/// `decision::fragment_outcome`).
 #[inline(always)]
 fn steer_transport(
     ctx: &TcContext,
@@ -265,6 +384,7 @@ fn steer_transport(
     tuple_len: u32,
     ipv6: bool,
     rule: RuleMatch,
+    assign: bool,
 ) -> Outcome {
     let tcp = protocol == Protocol::Tcp;
     // A bypassed flow still goes to a socket that owns it: the rule that steered it may
@@ -274,58 +394,78 @@ fn steer_transport(
         RuleMatch::Bypass => None,
         RuleMatch::Steer(listener) => Some(listener_slot(listener, ListenerSlot::of(tcp, ipv6))),
     };
-    if tcp {
-        steer_tcp(ctx, tuple, tuple_len, listener)
+    let outcome = if tcp {
+        steer_tcp(ctx, tuple, tuple_len, listener, assign)
     } else {
-        steer_udp(ctx, tuple, tuple_len, listener)
+        steer_udp(ctx, tuple, tuple_len, listener, assign)
+    };
+    if let (Outcome::SteeredNew, false, Some(slot)) = (outcome, assign, listener) {
+        let reassembled = ProtocolFlowKey {
+            flow: flow_key(tuple, tuple_len),
+            protocol: if tcp { IPPROTO_TCP } else { IPPROTO_UDP } as u32,
+        };
+        let entry = ReassembledFlow { slot, ipv6: ipv6 as u32, seen_ns: now_ns() };
+        let _ = REASSEMBLED_FLOWS.insert(&reassembled, &entry, 0);
     }
+    outcome
 }
 
 fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
-    // version/IHL at 0, flags+fragment offset at 6, protocol at 9, addresses at 12..20.
+    // version/IHL at 0, identification at 4, flags+fragment offset at 6, protocol at 9,
+    // addresses at 12..20.
     let Some(ip) = header::<[u8; 20]>(ctx, l3) else {
         return (Protocol::Other, Outcome::Passed);
     };
+    // SAFETY: `header` checked that the 20 bytes are inside the packet.
     let ip = unsafe { &*ip };
     let protocol = protocol_of(ip[9]);
-    let Some(header_len) =
-        decision::ipv4_transport_offset(ip[0], u16::from_be_bytes([ip[6], ip[7]]))
+    let Some((header_len, position)) =
+        decision::ipv4_layout(ip[0], u16::from_be_bytes([ip[6], ip[7]]))
     else {
+        // The kernel drops it too.
         return (protocol, Outcome::Passed);
     };
     if protocol == Protocol::Other {
         return (protocol, Outcome::Passed);
     }
-    // IHL is at most 15 words; the mask keeps the verifier's view of the offset bounded.
-    let Some([sport, dport]) = ports(ctx, l3 + (header_len & 0x3c)) else {
-        return (protocol, Outcome::Passed);
-    };
     let daddr = [ip[16], ip[17], ip[18], ip[19]];
     let saddr = [ip[12], ip[13], ip[14], ip[15]];
-    let udp = protocol == Protocol::Udp;
-    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let rule = match_rules(&RULES_DST_V4, &RULES_SRC_V4, udp, u16::from_be(dport), daddr, saddr, ifindex);
-    if rule == RuleMatch::None {
-        return (protocol, Outcome::Passed);
+    let mut fragment = FragmentKey::default();
+    if position != FragmentPosition::Whole {
+        fragment.source[..4].copy_from_slice(&saddr);
+        fragment.destination[..4].copy_from_slice(&daddr);
+        fragment.id = u16::from_be_bytes([ip[4], ip[5]]) as u32;
+        fragment.protocol = ip[9] as u32;
     }
+    if position == FragmentPosition::Later {
+        return (protocol, later_fragment(ctx, &fragment, true));
+    }
+    let Some([sport, dport]) = ports(ctx, l3 + header_len) else {
+        return (protocol, Outcome::Unparsed);
+    };
+    let flow = Flow { protocol, saddr, daddr, sport, dport, position, fragment: &fragment };
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let udp = protocol == Protocol::Udp;
+    let rule = match_rules(&RULES_DST_V4, &RULES_SRC_V4, udp, u16::from_be(dport), daddr, saddr, ifindex);
+    let scope = decision::ipv4_destination_scope(daddr);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4 = TupleV4 {
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        saddr: u32::from_ne_bytes(saddr),
         daddr: u32::from_ne_bytes(daddr),
         sport,
         dport,
     };
     let tuple_len = mem::size_of::<TupleV4>() as u32;
-    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, false, rule);
+    let outcome = steer_flow(ctx, &flow, rule, scope, &mut tuple, tuple_len);
     if outcome == Outcome::SteeredNew {
         debug!(
             ctx,
             "steer new {} {:i}:{} -> {:i}:{}",
             protocol.name(),
-            u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
-            u16::from_be(sport),
-            u32::from_be_bytes(daddr),
-            u16::from_be(dport)
+            u32::from_be_bytes(flow.saddr),
+            u16::from_be(flow.sport),
+            u32::from_be_bytes(flow.daddr),
+            u16::from_be(flow.dport)
         );
     }
     (protocol, outcome)
@@ -336,26 +476,62 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     let Some(ip) = header::<[u8; IPV6_HEADER_LEN]>(ctx, l3) else {
         return (Protocol::Other, Outcome::Passed);
     };
+    // SAFETY: `header` checked that the 40 bytes are inside the packet.
     let ip = unsafe { &*ip };
-    // Extension headers are not walked yet: such packets are "other" and pass untouched.
-    let protocol = protocol_of(ip[6]);
-    if protocol == Protocol::Other {
-        return (protocol, Outcome::Passed);
-    }
-    let Some([sport, dport]) = ports(ctx, l3 + IPV6_HEADER_LEN) else {
-        return (protocol, Outcome::Passed);
-    };
     let (mut daddr, mut saddr) = ([0u8; 16], [0u8; 16]);
     daddr.copy_from_slice(&ip[24..40]);
     saddr.copy_from_slice(&ip[8..24]);
+    let mut next = ip[6];
+    let mut offset = l3 + IPV6_HEADER_LEN;
+    let mut position = FragmentPosition::Whole;
+    let mut fragment = FragmentKey::default();
+    // What ip6tables' `-p tcp` does: walk the extension headers to the transport header.
+    for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+        if decision::ipv6_extension_len(next, 0).is_none() {
+            break;
+        }
+        // Every extension header is at least 8 bytes long.
+        let Ok(head) = ctx.load::<[u8; 8]>(offset) else {
+            return (Protocol::Other, Outcome::Unparsed);
+        };
+        if next == IPV6_FRAGMENT_HEADER {
+            position = decision::ipv6_fragment_position(u16::from_be_bytes([head[2], head[3]]));
+            if position != FragmentPosition::Whole {
+                fragment.source = saddr;
+                fragment.destination = daddr;
+                fragment.id = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            }
+            if position == FragmentPosition::Later {
+                // What follows is the middle of the datagram, not a header.
+                let judged = decision::ipv6_extension_len(head[0], 0).is_some()
+                    || protocol_of(head[0]) != Protocol::Other;
+                return (protocol_of(head[0]), later_fragment(ctx, &fragment, judged));
+            }
+        }
+        let Some(len) = decision::ipv6_extension_len(next, head[1]) else {
+            break;
+        };
+        next = head[0];
+        offset += len;
+    }
+    if decision::ipv6_extension_len(next, 0).is_some() {
+        // More headers than the program walks: it cannot tell whose flow this is.
+        return (Protocol::Other, Outcome::Unparsed);
+    }
+    let protocol = protocol_of(next);
+    if protocol == Protocol::Other {
+        return (protocol, Outcome::Passed);
+    }
+    let Some([sport, dport]) = ports(ctx, offset) else {
+        return (protocol, Outcome::Unparsed);
+    };
+    let flow = Flow { protocol, saddr, daddr, sport, dport, position, fragment: &fragment };
     let udp = protocol == Protocol::Udp;
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let rule = match_rules(&RULES_DST_V6, &RULES_SRC_V6, udp, u16::from_be(dport), daddr, saddr, ifindex);
-    if rule == RuleMatch::None {
-        return (protocol, Outcome::Passed);
-    }
+    let scope = decision::ipv6_destination_scope(daddr);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
-    let words = |bytes: &[u8]| -> [u32; 4] {
+    let words = |bytes: &[u8; 16]| -> [u32; 4] {
         let mut out = [0u32; 4];
         for (i, word) in out.iter_mut().enumerate() {
             let b = &bytes[i * 4..i * 4 + 4];
@@ -364,22 +540,22 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         out
     };
     tuple.__bindgen_anon_1.ipv6 = TupleV6 {
-        saddr: words(&ip[8..24]),
+        saddr: words(&saddr),
         daddr: words(&daddr),
         sport,
         dport,
     };
     let tuple_len = mem::size_of::<TupleV6>() as u32;
-    let outcome = steer_transport(ctx, protocol, &mut tuple, tuple_len, true, rule);
+    let outcome = steer_flow(ctx, &flow, rule, scope, &mut tuple, tuple_len);
     if outcome == Outcome::SteeredNew {
         debug!(
             ctx,
             "steer new {} [{:i}]:{} -> [{:i}]:{}",
             protocol.name(),
-            saddr,
-            u16::from_be(sport),
-            daddr,
-            u16::from_be(dport)
+            flow.saddr,
+            u16::from_be(flow.sport),
+            flow.daddr,
+            u16::from_be(flow.dport)
         );
     }
     (protocol, outcome)
@@ -393,8 +569,10 @@ fn steer_tcp(
     tuple: *mut bpf_sock_tuple,
     tuple_len: u32,
     listener_slot: Option<u32>,
+    assign: bool,
 ) -> Outcome {
     // The netns argument is a u64: -1 must stay all ones, a 32-bit cast would miss every socket.
+    // SAFETY: `tuple` points at a tuple of `tuple_len` bytes on our stack.
     let own = unsafe {
         bpf_skc_lookup_tcp(
             ctx.as_ptr(),
@@ -405,16 +583,19 @@ fn steer_tcp(
         )
     };
     if !own.is_null() {
+        // SAFETY: a non-null socket from the lookup, referenced until released below.
         let state = unsafe { (*own).state };
         if decision::socket_owns_flow(state) {
             if let (decision::TCP_TIME_WAIT, Some(slot)) = (state, listener_slot) {
                 // A new SYN here makes the kernel retire the socket and look up a listener:
                 // tell the sk_lookup program which one.
-                let flow = time_wait_flow(unsafe { &*tuple }, tuple_len);
+                // SAFETY: as above, the tuple is ours.
+                let flow = flow_key(unsafe { &*tuple }, tuple_len);
                 let _ = TIME_WAIT_FLOWS.insert(&flow, &slot, 0);
             }
-            return assign_and_release(ctx, own, Outcome::SteeredEstablished);
+            return take_socket(ctx, own, Outcome::SteeredEstablished, assign);
         }
+        // SAFETY: releases the reference the lookup took.
         unsafe { bpf_sk_release(own as *mut c_void) };
     }
     let Some(slot) = listener_slot else {
@@ -423,24 +604,28 @@ fn steer_tcp(
     let Some(listener) = listener(slot) else {
         return Outcome::NoListener;
     };
+    // SAFETY: a referenced socket from the socket map.
     if unsafe { (*listener).state } != decision::TCP_LISTEN {
+        // SAFETY: releases the reference the map lookup took.
         unsafe { bpf_sk_release(listener as *mut c_void) };
         return Outcome::NoListener;
     }
-    assign_and_release(ctx, listener, Outcome::SteeredNew)
+    take_socket(ctx, listener, Outcome::SteeredNew, assign)
 }
 
 /// The [`FlowKey`] of a socket-lookup tuple (addresses as they are, ports to host order).
 #[inline(always)]
-fn time_wait_flow(tuple: &bpf_sock_tuple, tuple_len: u32) -> FlowKey {
+fn flow_key(tuple: &bpf_sock_tuple, tuple_len: u32) -> FlowKey {
     let mut flow = FlowKey::default();
     if tuple_len == mem::size_of::<TupleV4>() as u32 {
+        // SAFETY: a tuple of this length was written as IPv4.
         let v4 = unsafe { tuple.__bindgen_anon_1.ipv4 };
         flow.client[..4].copy_from_slice(&v4.saddr.to_ne_bytes());
         flow.destination[..4].copy_from_slice(&v4.daddr.to_ne_bytes());
         flow.client_port = u16::from_be(v4.sport);
         flow.destination_port = u16::from_be(v4.dport);
     } else {
+        // SAFETY: any other length was written as IPv6.
         let v6 = unsafe { tuple.__bindgen_anon_1.ipv6 };
         for i in 0..4 {
             flow.client[i * 4..i * 4 + 4].copy_from_slice(&v6.saddr[i].to_ne_bytes());
@@ -459,7 +644,9 @@ fn steer_udp(
     tuple: *mut bpf_sock_tuple,
     tuple_len: u32,
     listener_slot: Option<u32>,
+    assign: bool,
 ) -> Outcome {
+    // SAFETY: `tuple` points at a tuple of `tuple_len` bytes on our stack.
     let own = unsafe {
         bpf_sk_lookup_udp(
             ctx.as_ptr(),
@@ -470,16 +657,18 @@ fn steer_udp(
         )
     };
     if !own.is_null() {
+        // SAFETY: a non-null socket from the lookup, referenced until released.
         if decision::is_own_udp_socket(unsafe { (*own).mark }, OWN_SOCKET_MARK.load()) {
-            return assign_and_release(ctx, own, Outcome::SteeredEstablished);
+            return take_socket(ctx, own, Outcome::SteeredEstablished, assign);
         }
+        // SAFETY: releases the reference the lookup took.
         unsafe { bpf_sk_release(own as *mut c_void) };
     }
     let Some(slot) = listener_slot else {
         return Outcome::Bypassed;
     };
     match listener(slot) {
-        Some(listener) => assign_and_release(ctx, listener, Outcome::SteeredNew),
+        Some(listener) => take_socket(ctx, listener, Outcome::SteeredNew, assign),
         None => Outcome::NoListener,
     }
 }
@@ -487,6 +676,7 @@ fn steer_udp(
 /// The listener socket in `slot`, referenced: the caller must release it.
 #[inline(always)]
 fn listener(slot: u32) -> Option<*mut bpf_sock> {
+    // SAFETY: a socket map lookup from a tc program returns a referenced socket or null.
     let listener = unsafe {
         bpf_map_lookup_elem(
             ptr::addr_of!(LISTENERS) as *mut c_void,
@@ -496,24 +686,37 @@ fn listener(slot: u32) -> Option<*mut bpf_sock> {
     (!listener.is_null()).then_some(listener)
 }
 
-/// Assigns `sk` to the packet, drops our reference to it, and marks the packet for local
-/// delivery. The reference is released whatever the assign returned.
+/// Gives the packet to `sk` (assigns it, when `assign`), drops our reference to it, and marks
+/// the packet for local delivery. The reference is released whatever the assign returned.
 #[inline(always)]
-fn assign_and_release(ctx: &TcContext, sk: *mut bpf_sock, success: Outcome) -> Outcome {
-    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk as *mut c_void, 0) };
+fn take_socket(ctx: &TcContext, sk: *mut bpf_sock, success: Outcome, assign: bool) -> Outcome {
+    let ret = if assign {
+        // SAFETY: `sk` is a referenced full socket or request socket from a lookup.
+        unsafe { bpf_sk_assign(ctx.as_ptr(), sk as *mut c_void, 0) }
+    } else {
+        0
+    };
+    // SAFETY: releases the reference the caller's lookup took, on every path.
     unsafe { bpf_sk_release(sk as *mut c_void) };
     if ret != 0 {
         let outcome = decision::assign_error(ret);
         warn!(ctx, "bpf_sk_assign failed: {}", ret);
         return outcome;
     }
+    mark_for_local_delivery(ctx);
+    success
+}
+
+/// Sets tproxy's routing mark (only its bits), so policy routing delivers the packet locally.
+#[inline(always)]
+fn mark_for_local_delivery(ctx: &TcContext) {
+    // SAFETY: reading a field of the context's skb.
     let current = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(decision::with_routing_mark(
         current,
         ROUTING_MARK.load(),
         ROUTING_MARK_MASK.load(),
     ));
-    success
 }
 
 #[cfg(not(test))]

@@ -201,29 +201,57 @@ fn interface(iface: &str) -> Vec<Finding> {
         )),
         _ => findings.push(Finding::ok(format!("{iface}: reverse-path filtering is off or loose"))),
     }
-    let (others, names) = other_programs(iface);
-    if others > 0 {
-        findings.push(Finding::warning(
-            format!("{iface}: {others} other program(s) at ingress ({names}): they run before or after tproxy's and may drop or redirect its packets"),
-            Some(format!("bpftool net show dev {iface}; bpftool link")),
-        ));
-    } else {
-        findings.push(Finding::ok(format!("{iface}: no other program at ingress")));
-    }
+    findings.push(ingress_programs(iface));
     findings
 }
 
-/// Programs other than tproxy's at `iface` ingress (TCX).
-fn other_programs(iface: &str) -> (usize, String) {
-    let Ok((_, programs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress) else {
-        return (0, String::new());
+/// What else runs at `iface`'s TCX ingress. tproxy hands what is not its own to the next
+/// program (TCX_NEXT), so others still see those packets, but whatever runs before tproxy's
+/// program may drop or redirect steered packets, and another tproxy (another table) steers
+/// its own ports on the same interface.
+fn ingress_programs(iface: &str) -> Finding {
+    let programs = match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+        Ok((_, programs)) => programs,
+        Err(error) => {
+            return Finding::warning(
+                format!("{iface}: could not list the programs at ingress ({error})"),
+                Some("bpftool link".into()),
+            )
+        }
     };
-    let names: Vec<String> = programs
+    let described: Vec<String> = programs
         .iter()
-        .map(|p| p.name_as_str().unwrap_or("?").to_string())
-        .filter(|name| name != tproxy_common::maps::PROGRAM_NAME)
+        .map(|p| format!("{} (id {})", p.name_as_str().unwrap_or("?"), p.id()))
         .collect();
-    (names.len(), names.join(", "))
+    let ours = programs
+        .iter()
+        .filter(|p| p.name_as_str() == Some(tproxy_common::maps::PROGRAM_NAME))
+        .count();
+    let others = programs.len() - ours;
+    if others == 0 && ours <= 1 {
+        return Finding::ok(match ours {
+            0 => format!("{iface}: no program at ingress yet"),
+            _ => format!("{iface}: only tproxy's program at ingress"),
+        });
+    }
+    let mut problem = format!(
+        "{iface}: {} programs at TCX ingress, in order: {}.",
+        programs.len(),
+        described.join(", ")
+    );
+    if ours > 1 {
+        problem
+            .push_str(" More than one tproxy instance steers here (each its own table and ports).");
+    }
+    if others > 0 {
+        problem.push_str(" Programs before tproxy's may drop or redirect packets it would steer; those after it see only what it leaves.");
+    }
+    Finding::warning(
+        problem,
+        Some(format!(
+            "bpftool link; bpftool prog show (interface {iface})"
+        )),
+    )
 }
 
 fn forwarding() -> Finding {

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 mod control;
 pub mod doctor;
+mod fragments;
 pub mod instance;
 mod listener;
 pub mod logging;

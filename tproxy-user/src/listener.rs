@@ -61,6 +61,16 @@ pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<Transp
 
 /// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
 /// listener is reached at any address on its port): relaying there would loop forever.
+/// Whether `original` is a destination the relay must never connect to: loopback,
+/// unspecified, IPv4-mapped, multicast, broadcast or link-local (see
+/// `tproxy_common::decision::DestinationScope`). The eBPF program never steers such flows;
+/// this is the second line, for flows that reach a listener some other way (`--relay-only`
+/// behind someone's iptables rules, an older pinned program).
+pub fn refused_destination(original: SocketAddr) -> bool {
+    tproxy_common::decision::destination_scope(original.ip())
+        != tproxy_common::decision::DestinationScope::Relayable
+}
+
 pub fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
     listeners.iter().any(|listener| {
         listener.port() == target.port()

@@ -206,6 +206,7 @@ impl Collector for Snapshot {
                 tcp.refused_at_source_limit.load(Relaxed),
             ),
             ("half_close_timeout", tcp.half_close_timeouts.load(Relaxed)),
+            ("refused_destination", tcp.refused_destinations.load(Relaxed)),
         ] {
             ConstCounter::new(value).encode(family.encode_family(&[("reason", reason)])?)?;
         }
@@ -240,6 +241,7 @@ impl Collector for Snapshot {
             ("refused_at_cap", udp.refused_at_cap.load(Relaxed)),
             ("ended_by_upstream_error", udp.upstream_errors.load(Relaxed)),
             ("raw_reply_fallback", udp.reply_fallbacks.load(Relaxed)),
+            ("refused_destination", udp.refused_destinations.load(Relaxed)),
         ] {
             ConstCounter::new(value).encode(family.encode_family(&[("event", event)])?)?;
         }

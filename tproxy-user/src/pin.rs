@@ -112,6 +112,26 @@ impl PinnedState {
         self.dir.join(name)
     }
 
+    /// Unpins the counters map when an earlier version pinned it with another length (the
+    /// program counts more outcomes now): reading it with today's layout would give wrong
+    /// numbers. The next load creates and pins a new one; the counts start again from zero.
+    pub fn discard_counters_of_another_layout(&self) -> Result<()> {
+        let path = self.map(tproxy_common::maps::COUNTERS);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            return Ok(());
+        };
+        if info.max_entries() == tproxy_common::maps::COUNTERS_LEN {
+            return Ok(());
+        }
+        log::warn!(
+            "the pinned packet counters have another layout ({} entries, {} now): starting \
+             them again from zero",
+            info.max_entries(),
+            tproxy_common::maps::COUNTERS_LEN
+        );
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))
+    }
+
     /// Where the TCX link on `iface` is pinned.
     pub fn tc_link(&self, iface: &str) -> PathBuf {
         self.dir.join(format!("{TC_LINK_PREFIX}{iface}"))

@@ -73,6 +73,9 @@ pub struct RelayStats {
     /// Connections reset because one direction stayed open `half_close_timeout` after the
     /// other ended.
     pub half_close_timeouts: AtomicU64,
+    /// Connections reset because their original destination is one no relay may connect to
+    /// (see [`crate::listener::refused_destination`]).
+    pub refused_destinations: AtomicU64,
     admission: Admission,
 }
 
@@ -217,6 +220,14 @@ async fn relay(
     let target = upstream.unwrap_or(original);
     if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
         log::warn!("{peer} -> {original}: refusing to relay to our own listener {target}");
+        reset(&client);
+        return;
+    }
+    if listener::refused_destination(original) {
+        stats.refused_destinations.fetch_add(1, Relaxed);
+        log::warn!(
+            "{peer} -> {original}: refusing to relay to a loopback, unspecified or mapped address"
+        );
         reset(&client);
         return;
     }

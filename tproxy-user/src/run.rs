@@ -173,6 +173,8 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         control.pinned = pinned.is_some();
         control.lock = Some(&lock);
         privileges::drop_privileges(workers, user.as_ref()).await?;
+        // Only now: its blocking thread must be born without the set-up's privileges.
+        steering.fragments().spawn_sweeper();
         announce_ready(&args, &config, &control.attached, &relays);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         notify_systemd(sd_notify::NotifyState::Ready);
@@ -530,6 +532,7 @@ fn status_report(
             "refused_at_limit": tcp.refused_at_limit.load(Relaxed),
             "refused_at_source_limit": tcp.refused_at_source_limit.load(Relaxed),
             "half_close_timeouts": tcp.half_close_timeouts.load(Relaxed),
+            "refused_destinations": tcp.refused_destinations.load(Relaxed),
         },
         "udp_relay": {
             "active": udp.active.load(Relaxed),
@@ -537,6 +540,7 @@ fn status_report(
             "expired": udp.expired.load(Relaxed),
             "to_upstream": udp.to_upstream.load(Relaxed),
             "to_client": udp.to_client.load(Relaxed),
+            "refused_destinations": udp.refused_destinations.load(Relaxed),
         },
     })
 }
@@ -1205,9 +1209,7 @@ impl Relays {
                     let row = &counters[protocol as usize];
                     let line: Vec<String> = Outcome::ALL
                         .iter()
-                        .filter(|outcome| {
-                            protocol != Protocol::Other || **outcome == Outcome::Passed
-                        })
+                        .filter(|outcome| outcome.applies_to(protocol))
                         .map(|outcome| format!("{}={}", outcome.name(), row[*outcome as usize]))
                         .collect();
                     log::info!("eBPF {} packets: {}", protocol.name(), line.join(" "));
@@ -1215,10 +1217,19 @@ impl Relays {
             }
             Some(Err(error)) => log::warn!("reading eBPF counters: {error:#}"),
         }
+        if let Some(steering) = steering {
+            let fragments = steering.fragments().entries();
+            log::info!(
+                "eBPF fragment tracking: datagrams={} reassembled_flows={}",
+                fragments.datagrams,
+                fragments.reassembled_flows
+            );
+        }
         let tcp = &self.tcp_stats;
         log::info!(
             "tcp relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients; \
-             active={} refused_at_limit={} refused_at_source_limit={} half_close_timeouts={}",
+             active={} refused_at_limit={} refused_at_source_limit={} half_close_timeouts={} \
+             refused_destination={}",
             tcp.accepted.load(Relaxed),
             tcp.upstream_failures.load(Relaxed),
             tcp.bytes_to_upstream.load(Relaxed),
@@ -1227,6 +1238,7 @@ impl Relays {
             tcp.refused_at_limit.load(Relaxed),
             tcp.refused_at_source_limit.load(Relaxed),
             tcp.half_close_timeouts.load(Relaxed),
+            tcp.refused_destinations.load(Relaxed),
         );
         log::info!("{}", self.udp.stats.summary());
     }

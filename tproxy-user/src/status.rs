@@ -180,7 +180,7 @@ fn print_text(report: &Value) {
         }
         let counts: Vec<String> = Outcome::ALL
             .iter()
-            .filter(|o| protocol != Protocol::Other || **o == Outcome::Passed)
+            .filter(|o| o.applies_to(protocol))
             .map(|o| format!("{}={}", o.name(), row[o.name()]))
             .collect();
         println!("  {} packets: {}", protocol.name(), counts.join(" "));

@@ -24,6 +24,7 @@ use tproxy_common::{
 
 use crate::{
     cli::Mark,
+    fragments::FragmentTracking,
     pin::PinnedState,
     rules::{CompiledRules, Entry},
 };
@@ -65,6 +66,7 @@ pub struct Steering {
     /// Entries each rule map can hold, both generations together.
     capacity: u32,
     counters: CounterReader,
+    fragments: FragmentTracking,
     /// Where the maps and links are pinned (`--pin`).
     pinned: Option<PinnedState>,
     /// The generation in force in maps an earlier instance left pinned, until our first
@@ -116,6 +118,7 @@ impl Steering {
             pinned.prepare()?;
             adopting = pinned.exists();
             if adopting {
+                pinned.discard_counters_of_another_layout()?;
                 let rules = pinned.map(maps::RULES_DST_V4);
                 capacity = MapInfo::from_pin(&rules)
                     .with_context(|| format!("opening the pinned map {}", rules.display()))?
@@ -142,11 +145,13 @@ impl Steering {
             .take_map(maps::COUNTERS)
             .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
         let counters = CounterReader(Arc::new(PerCpuArray::try_from(counters)?));
+        let fragments = FragmentTracking::take(&mut ebpf)?;
         let mut steering = Steering {
             ebpf,
             active: None,
             capacity,
             counters,
+            fragments,
             pinned: settings.pinned.clone(),
             adopted: None,
         };
@@ -514,6 +519,11 @@ impl Steering {
     /// Packet counts per protocol and outcome, summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
         self.counters.read()
+    }
+
+    /// The program's fragment tracking (see [`FragmentTracking::spawn_sweeper`]).
+    pub fn fragments(&self) -> &FragmentTracking {
+        &self.fragments
     }
 
     /// A handle on the counters for other tasks (the metrics endpoint).

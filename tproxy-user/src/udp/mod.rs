@@ -61,6 +61,9 @@ pub struct UdpStats {
     pub created: AtomicU64,
     pub expired: AtomicU64,
     pub refused_at_cap: AtomicU64,
+    /// Flows refused because of their original destination (see
+    /// [`crate::listener::refused_destination`]).
+    pub refused_destinations: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub reply_fallbacks: AtomicU64,
     pub to_upstream: AtomicU64,
@@ -73,14 +76,15 @@ impl UdpStats {
     pub fn summary(&self) -> String {
         format!(
             "udp relay: sessions active={} created={} expired={} refused_at_cap={} \
-             ended_by_upstream_error={} raw_reply_fallbacks={}; datagrams to_upstream={} \
-             to_client={} dropped={}",
+             ended_by_upstream_error={} raw_reply_fallbacks={} refused_destination={}; \
+             datagrams to_upstream={} to_client={} dropped={}",
             self.active.load(Relaxed),
             self.created.load(Relaxed),
             self.expired.load(Relaxed),
             self.refused_at_cap.load(Relaxed),
             self.upstream_errors.load(Relaxed),
             self.reply_fallbacks.load(Relaxed),
+            self.refused_destinations.load(Relaxed),
             self.to_upstream.load(Relaxed),
             self.to_client.load(Relaxed),
             self.dropped.load(Relaxed),
@@ -225,6 +229,15 @@ impl UdpRelay {
             if self.trouble_log.allow() {
                 log::warn!(
                     "{client} -> {original}: refusing to relay to our own listener {target}"
+                );
+            }
+            return None;
+        }
+        if crate::listener::refused_destination(original) {
+            self.stats.refused_destinations.fetch_add(1, Relaxed);
+            if self.trouble_log.allow() {
+                log::warn!(
+                    "{client} -> {original}: refusing to relay to a loopback, unspecified or mapped address"
                 );
             }
             return None;
