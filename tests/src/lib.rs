@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod packets;
 pub mod topology;
 
 pub use topology::{RouterTopology, SidecarTopology};
@@ -341,6 +342,31 @@ impl Tproxy {
     /// Asks for the current counters (SIGUSR1) and returns `name` from the UDP relay line.
     pub fn udp_stat(&mut self, name: &str) -> Result<u64> {
         self.stat_line("udp relay:", name)
+    }
+
+    /// Asks for the current counters (SIGUSR1) and returns every eBPF packet counter as
+    /// `"protocol/outcome"` → count.
+    pub fn ebpf_counters(&mut self) -> Result<std::collections::BTreeMap<String, u64>> {
+        // The relay lines come after the eBPF ones: once they are there, all are.
+        self.stat_line("udp relay:", "created")?;
+        let log = self.log_text();
+        let mut counters = std::collections::BTreeMap::new();
+        for protocol in ["tcp", "udp", "other"] {
+            let header = format!("eBPF {protocol} packets:");
+            let line = log
+                .lines()
+                .rev()
+                .find(|l| l.contains(&header))
+                .ok_or_else(|| anyhow!("no `{header}` line"))?;
+            let fields = line.split_once(&header).unwrap().1;
+            for field in fields.split_whitespace() {
+                let (name, value) = field
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("odd field `{field}` in `{line}`"))?;
+                counters.insert(format!("{protocol}/{name}"), value.parse()?);
+            }
+        }
+        Ok(counters)
     }
 
     /// Asks for the current counters (SIGUSR1) and returns `name` from the newest line

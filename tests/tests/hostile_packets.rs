@@ -1,241 +1,85 @@
 //! Odd and hostile frames injected into the steered interface with a raw packet socket: the
-//! program must steer what it can parse as a flow of a rule, and pass everything else
-//! untouched — checked with its counters and with what reaches the relay and the server.
+//! program must steer what it can parse as a flow of a rule, refuse destinations no relay may
+//! reach, and never let a packet's shape take it around the proxy — checked with its counters
+//! and with what reaches the relay, the server, and the router's own loopback services.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
-use tproxy_tests::{require_root, Netns, RouterTopology as Topo, Tproxy, UdpEcho};
+use tproxy_tests::{
+    packets::{
+        extension, fragment_header, ipv4, ipv4_fragment_field, ipv4_with_id, ipv6, snmp, tcp, udp,
+        Injector,
+    },
+    require_root, Netns, RouterTopology as Topo, Tproxy, UdpEcho,
+};
 
 const UDP_PORT: u16 = 5300;
 const TCP_PORT: u16 = 80;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const DESTINATION_OPTIONS: u8 = 60;
 
-/// Sends raw Ethernet frames out of the client's `eth0`, to the router.
-struct Injector {
-    socket: i32,
-    ifindex: i32,
-    client_mac: [u8; 6],
-    router_mac: [u8; 6],
+/// How the eBPF counters moved while `send` ran: only the counters that changed. The `other`
+/// row also counts the namespaces' own neighbour discovery, so cases check it with `>=`.
+fn moved(tproxy: &mut Tproxy, send: impl FnOnce()) -> BTreeMap<String, u64> {
+    let before = tproxy.ebpf_counters().unwrap();
+    send();
+    std::thread::sleep(Duration::from_millis(100));
+    let after = tproxy.ebpf_counters().unwrap();
+    after
+        .into_iter()
+        .filter_map(|(name, count)| {
+            let delta = count - before.get(&name).copied().unwrap_or(0);
+            (delta > 0).then_some((name, delta))
+        })
+        .collect()
 }
 
-fn mac_of(netns: &Netns, iface: &str) -> [u8; 6] {
-    let text = netns.ip(&["link", "show", iface]).unwrap();
-    let hex = text
-        .split("link/ether ")
+/// Asserts that the TCP and UDP counters moved exactly as `expected` says, and that the
+/// `other` ones named there moved at least that much. Established TCP steering is left out:
+/// the client's stack answers the listener's SYN-ACKs to injected SYNs with resets, which
+/// reach the listener's request sockets whenever they arrive.
+fn assert_moved(moved: &BTreeMap<String, u64>, expected: &[(&str, u64)], case: &str) {
+    let transport: BTreeMap<String, u64> = moved
+        .iter()
+        .filter(|(name, _)| !name.starts_with("other/") && *name != "tcp/steered_established")
+        .map(|(name, count)| (name.clone(), *count))
+        .collect();
+    let expected_transport: BTreeMap<String, u64> = expected
+        .iter()
+        .filter(|(name, _)| !name.starts_with("other/"))
+        .map(|(name, count)| (name.to_string(), *count))
+        .collect();
+    assert_eq!(transport, expected_transport, "{case}: {moved:?}");
+    for (name, count) in expected.iter().filter(|(n, _)| n.starts_with("other/")) {
+        assert!(
+            moved.get(*name).copied().unwrap_or(0) >= *count,
+            "{case}: {name} {moved:?}"
+        );
+    }
+}
+
+/// TCP connections the relay accepted so far.
+fn accepted(tproxy: &mut Tproxy) -> u64 {
+    tproxy.tcp_stat("active").unwrap();
+    let log = tproxy.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("tcp relay:"))
+        .unwrap();
+    line.split("tcp relay: ")
         .nth(1)
         .unwrap()
         .split_whitespace()
         .next()
         .unwrap()
-        .to_string();
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(hex.split(':')) {
-        *byte = u8::from_str_radix(part, 16).unwrap();
-    }
-    mac
-}
-
-impl Injector {
-    fn new(topo: &Topo) -> Self {
-        let (socket, ifindex) = topo.client.run(|| {
-            let socket = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-            assert!(
-                socket >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let ifindex = nix::net::if_::if_nametoindex("eth0").unwrap() as i32;
-            (socket, ifindex)
-        });
-        Injector {
-            socket,
-            ifindex,
-            client_mac: mac_of(&topo.client, "eth0"),
-            router_mac: mac_of(&topo.router, Topo::ROUTER_CLIENT_IFACE),
-        }
-    }
-
-    /// Sends `payload` after an Ethernet header with `ethertype` (and 802.1Q `vlan` tag).
-    fn send(&self, ethertype: u16, vlan: Option<u16>, payload: &[u8]) {
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&self.router_mac);
-        frame.extend_from_slice(&self.client_mac);
-        if let Some(tci) = vlan {
-            frame.extend_from_slice(&0x8100u16.to_be_bytes());
-            frame.extend_from_slice(&tci.to_be_bytes());
-        }
-        frame.extend_from_slice(&ethertype.to_be_bytes());
-        frame.extend_from_slice(payload);
-        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        address.sll_family = libc::AF_PACKET as u16;
-        address.sll_ifindex = self.ifindex;
-        address.sll_halen = 6;
-        address.sll_addr[..6].copy_from_slice(&self.router_mac);
-        let sent = unsafe {
-            libc::sendto(
-                self.socket,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&address as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            sent,
-            frame.len() as isize,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-impl Drop for Injector {
-    fn drop(&mut self) {
-        unsafe { libc::close(self.socket) };
-    }
-}
-
-fn checksum(chunks: &[&[u8]]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in chunks {
-        for pair in chunk.chunks(2) {
-            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-            sum += u32::from(word);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An IPv4 packet: `options` (a multiple of 4 bytes) and the flags/fragment field as given.
-fn ipv4(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    protocol: u8,
-    options: &[u8],
-    fragment: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let header_len = 20 + options.len();
-    let mut header = vec![0u8; header_len];
-    header[0] = 0x40 | (header_len / 4) as u8;
-    header[2..4].copy_from_slice(&((header_len + payload.len()) as u16).to_be_bytes());
-    header[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    header[6..8].copy_from_slice(&fragment.to_be_bytes());
-    header[8] = 64;
-    header[9] = protocol;
-    header[12..16].copy_from_slice(&src.octets());
-    header[16..20].copy_from_slice(&dst.octets());
-    header[20..].copy_from_slice(options);
-    let sum = checksum(&[&header]);
-    header[10..12].copy_from_slice(&sum.to_be_bytes());
-    header.extend_from_slice(payload);
-    header
-}
-
-/// An IPv6 packet whose payload starts with `next_header`'s header.
-fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, payload: &[u8]) -> Vec<u8> {
-    let mut packet = vec![0u8; 40];
-    packet[0] = 0x60;
-    packet[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-    packet[6] = next_header;
-    packet[7] = 64;
-    packet[8..24].copy_from_slice(&src.octets());
-    packet[24..40].copy_from_slice(&dst.octets());
-    packet.extend_from_slice(payload);
-    packet
-}
-
-/// A UDP datagram with its checksum over the pseudo-header of `src` and `dst`.
-fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut datagram = Vec::new();
-    datagram.extend_from_slice(&sport.to_be_bytes());
-    datagram.extend_from_slice(&dport.to_be_bytes());
-    datagram.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-    datagram.extend_from_slice(&[0, 0]);
-    datagram.extend_from_slice(data);
-    let sum = checksum(&[&pseudo_header(src, dst, 17, datagram.len()), &datagram]);
-    datagram[6..8].copy_from_slice(&sum.to_be_bytes());
-    datagram
-}
-
-/// A bare TCP header with `flags`.
-fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut segment = vec![0u8; 20];
-    segment[0..2].copy_from_slice(&sport.to_be_bytes());
-    segment[2..4].copy_from_slice(&dport.to_be_bytes());
-    segment[4..8].copy_from_slice(&1000u32.to_be_bytes());
-    segment[12] = 5 << 4;
-    segment[13] = flags;
-    segment[14..16].copy_from_slice(&65535u16.to_be_bytes());
-    let sum = checksum(&[&pseudo_header(src, dst, 6, segment.len()), &segment]);
-    segment[16..18].copy_from_slice(&sum.to_be_bytes());
-    segment
-}
-
-fn pseudo_header(src: IpAddr, dst: IpAddr, protocol: u8, len: usize) -> Vec<u8> {
-    let mut pseudo = Vec::new();
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            pseudo.extend_from_slice(&s.octets());
-            pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&[0, protocol]);
-            pseudo.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            pseudo.extend_from_slice(&s.octets());
-            pseudo.extend_from_slice(&d.octets());
-            pseudo.extend_from_slice(&(len as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, protocol]);
-        }
-        _ => unreachable!(),
-    }
-    pseudo
-}
-
-/// An IPv6 extension header (hop-by-hop, routing, destination options) of 8 bytes.
-fn extension(next_header: u8, kind: u8) -> Vec<u8> {
-    match kind {
-        // Routing header type 0 with no segments left: ignored by the receiver.
-        43 => vec![next_header, 0, 0, 0, 0, 0, 0, 0],
-        // Hop-by-hop / destination options: a PadN option filling the 8 bytes.
-        _ => vec![next_header, 0, 1, 4, 0, 0, 0, 0],
-    }
-}
-
-/// The counters tproxy reports for `protocol` ("tcp", "udp", "other").
-fn counters(tproxy: &mut Tproxy, protocol: &str) -> (u64, u64, u64) {
-    let header = format!("eBPF {protocol} packets:");
-    let passed = tproxy.stat_line(&header, "passed").unwrap();
-    let (new, established) = if protocol == "other" {
-        (0, 0)
-    } else {
-        (
-            tproxy.last_value(&header, "steered_new").unwrap(),
-            tproxy.last_value(&header, "steered_established").unwrap(),
-        )
-    };
-    (passed, new, established)
-}
-
-/// Injects one case and returns how the counters moved: packets of `protocol` passed, and
-/// packets steered (TCP and UDP together: nothing else is sending them here).
-fn inject(tproxy: &mut Tproxy, protocol: &str, send: impl FnOnce()) -> (u64, u64) {
-    let steered = |tproxy: &mut Tproxy| {
-        let (_, tcp_new, tcp_established) = counters(tproxy, "tcp");
-        let (_, udp_new, udp_established) = counters(tproxy, "udp");
-        tcp_new + tcp_established + udp_new + udp_established
-    };
-    let (passed_before, steered_before) = (counters(tproxy, protocol).0, steered(tproxy));
-    send();
-    std::thread::sleep(Duration::from_millis(100));
-    let (passed_after, steered_after) = (counters(tproxy, protocol).0, steered(tproxy));
-    (passed_after - passed_before, steered_after - steered_before)
+        .parse()
+        .unwrap()
 }
 
 fn wait_for_peer(server: &UdpEcho, peer: IpAddr) -> bool {
@@ -249,130 +93,140 @@ fn wait_for_peer(server: &UdpEcho, peer: IpAddr) -> bool {
     false
 }
 
+/// What reaches the server's stack: TCP segments and UDP datagrams it received, and IPv4 and
+/// IPv6 fragments it tried to reassemble.
+fn server_inputs(server: &Netns) -> [u64; 4] {
+    [
+        snmp(server, "Tcp:", "InSegs"),
+        snmp(server, "Udp:", "InDatagrams") + snmp(server, "Udp:", "NoPorts"),
+        snmp(server, "Ip:", "ReasmReqds"),
+        snmp(server, "", "Ip6ReasmReqds"),
+    ]
+}
+
+struct Probe {
+    topo: Topo,
+    tproxy: Tproxy,
+    injector: Injector,
+    client: Ipv4Addr,
+    dst: Ipv4Addr,
+    client6: Ipv6Addr,
+    dst6: Ipv6Addr,
+    sport: u16,
+    id: u16,
+}
+
+impl Probe {
+    fn start(extra: &[&str]) -> Self {
+        let topo = Topo::new().unwrap();
+        let udp_port = UDP_PORT.to_string();
+        let tcp_port = TCP_PORT.to_string();
+        let mut args = vec!["--udp", &udp_port, "--tcp", &tcp_port];
+        args.extend_from_slice(extra);
+        let tproxy = topo.tproxy(&args).unwrap();
+        let injector = Injector::new(&topo);
+        Probe {
+            topo,
+            tproxy,
+            injector,
+            client: Topo::CLIENT_V4.parse().unwrap(),
+            dst: Topo::SERVER_V4.parse().unwrap(),
+            client6: Topo::CLIENT_V6.parse().unwrap(),
+            dst6: Topo::SERVER_V6.parse().unwrap(),
+            sport: 40_000,
+            id: 0x4000,
+        }
+    }
+
+    fn next_port(&mut self) -> u16 {
+        self.sport += 1;
+        self.sport
+    }
+
+    fn next_id(&mut self) -> u16 {
+        self.id += 1;
+        self.id
+    }
+
+    /// Sends `packet` (an IPv4 or IPv6 packet) and returns how the counters moved.
+    fn inject(&mut self, packet: Vec<u8>) -> BTreeMap<String, u64> {
+        let ethertype = if packet[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
+        let injector = &self.injector;
+        moved(&mut self.tproxy, || injector.send(ethertype, None, &packet))
+    }
+
+    /// A UDP datagram from the client to `dst` on the steered port, IPv4 without options.
+    fn udp4_to(&mut self, dst: Ipv4Addr, data: &[u8]) -> Vec<u8> {
+        let port = self.next_port();
+        let datagram = udp(self.client.into(), dst.into(), port, UDP_PORT, data);
+        ipv4(self.client, dst, IPPROTO_UDP, &[], 0, &datagram)
+    }
+
+    /// A UDP datagram from the client to `dst` on the steered port, plain IPv6.
+    fn udp6_to(&mut self, dst: Ipv6Addr, data: &[u8]) -> Vec<u8> {
+        let port = self.next_port();
+        let datagram = udp(self.client6.into(), dst.into(), port, UDP_PORT, data);
+        ipv6(self.client6, dst, IPPROTO_UDP, &datagram)
+    }
+
+    /// A TCP SYN from the client to `dst` on the steered port, plain IPv6.
+    fn syn6_to(&mut self, dst: Ipv6Addr) -> Vec<u8> {
+        let port = self.next_port();
+        let segment = tcp(self.client6.into(), dst.into(), port, TCP_PORT, 0x02);
+        ipv6(self.client6, dst, IPPROTO_TCP, &segment)
+    }
+}
+
 #[test]
-fn odd_and_hostile_frames_are_steered_or_passed_as_documented() {
+fn odd_frames_are_steered_or_passed_as_documented() {
     require_root();
-    let topo = Topo::new().unwrap();
-    let server = UdpEcho::start(&topo.server, Topo::server_addr(false, UDP_PORT)).unwrap();
-    let mut tproxy = topo
-        .tproxy(&[
-            "--udp",
-            &UDP_PORT.to_string(),
-            "--tcp",
-            &TCP_PORT.to_string(),
-        ])
-        .unwrap();
-    let injector = Injector::new(&topo);
-    let (client, dst): (Ipv4Addr, Ipv4Addr) =
-        ("10.10.1.2".parse().unwrap(), "10.10.2.2".parse().unwrap());
-    let (c, d) = (IpAddr::V4(client), IpAddr::V4(dst));
-    let (client6, dst6): (Ipv6Addr, Ipv6Addr) =
-        ("fd00:1::2".parse().unwrap(), "fd00:2::2".parse().unwrap());
-    let (c6, d6) = (IpAddr::V6(client6), IpAddr::V6(dst6));
+    let mut probe = Probe::start(&[]);
+    let server = UdpEcho::start(&probe.topo.server, Topo::server_addr(false, UDP_PORT)).unwrap();
     let router = Topo::router_as_seen_by_server(false);
-    let mut sport = 40_000u16;
-    let mut next_port = || {
-        sport += 1;
-        sport
-    };
+    let (client, dst) = (probe.client, probe.dst);
 
     // IPv4 with options (IHL 6: four NOPs): steered, and relayed to the server.
-    let port = next_port();
-    let datagram = udp(c, d, port, UDP_PORT, b"options");
-    let moved = inject(&mut tproxy, "udp", || {
-        injector.send(
-            0x0800,
-            None,
-            &ipv4(client, dst, 17, &[1, 1, 1, 1], 0x4000, &datagram),
-        )
-    });
-    assert_eq!(moved, (0, 1), "IPv4 with options");
+    let port = probe.next_port();
+    let datagram = udp(client.into(), dst.into(), port, UDP_PORT, b"options");
+    let moved = probe.inject(ipv4(
+        client,
+        dst,
+        IPPROTO_UDP,
+        &[1, 1, 1, 1],
+        0x4000,
+        &datagram,
+    ));
+    assert_moved(&moved, &[("udp/steered_new", 1)], "IPv4 with options");
     assert!(
         wait_for_peer(&server, router),
         "the datagram with options reached the server through the relay"
     );
 
     // Priority-tagged (VLAN 0) frame: steered like an untagged one.
-    let port = next_port();
-    let datagram = udp(c, d, port, UDP_PORT, b"vlan0");
-    let moved = inject(&mut tproxy, "udp", || {
-        injector.send(
-            0x0800,
-            Some(0x6000),
-            &ipv4(client, dst, 17, &[], 0, &datagram),
-        )
+    let packet = probe.udp4_to(dst, b"vlan0");
+    let injector = &probe.injector;
+    let moved = self::moved(&mut probe.tproxy, || {
+        injector.send(0x0800, Some(0x6000), &packet)
     });
-    assert_eq!(moved, (0, 1), "VLAN 0 priority tag");
+    assert_moved(&moved, &[("udp/steered_new", 1)], "VLAN 0 priority tag");
 
     // A frame of VLAN 5: belongs to a VLAN interface tproxy is not attached to.
-    let port = next_port();
-    let datagram = udp(c, d, port, UDP_PORT, b"vlan5");
-    let moved = inject(&mut tproxy, "other", || {
-        injector.send(0x0800, Some(5), &ipv4(client, dst, 17, &[], 0, &datagram))
+    let packet = probe.udp4_to(dst, b"vlan5");
+    let injector = &probe.injector;
+    let moved = self::moved(&mut probe.tproxy, || {
+        injector.send(0x0800, Some(5), &packet)
     });
-    assert!(
-        moved.0 >= 1 && moved.1 == 0,
-        "VLAN 5: passed, counted as other: {moved:?}"
-    );
+    assert_moved(&moved, &[("other/passed", 1)], "VLAN 5");
 
-    // IPv4 fragments, first and later: passed untouched (the kernel reassembles them).
-    let port = next_port();
-    let datagram = udp(c, d, port, UDP_PORT, &[7u8; 64]);
-    let moved = inject(&mut tproxy, "udp", || {
-        injector.send(
-            0x0800,
-            None,
-            &ipv4(client, dst, 17, &[], 0x2000, &datagram[..32]),
-        )
-    });
-    assert_eq!(moved, (1, 0), "first fragment");
-    let moved = inject(&mut tproxy, "udp", || {
-        injector.send(
-            0x0800,
-            None,
-            &ipv4(client, dst, 17, &[], 4, &datagram[32..]),
-        )
-    });
-    assert_eq!(moved, (1, 0), "later fragment");
-
-    // Truncated: an IPv4 header announcing UDP, then no UDP header; and a runt IPv4 header.
-    let moved = inject(&mut tproxy, "udp", || {
-        injector.send(0x0800, None, &ipv4(client, dst, 17, &[], 0, &[0xde, 0xad]))
-    });
-    assert_eq!(moved, (1, 0), "UDP header cut short");
-    let moved = inject(&mut tproxy, "other", || {
+    // Truncated: an IPv4 header announcing UDP, then no UDP header (unparsed: the fail mode
+    // decides, open here); and a runt IPv4 header (the kernel drops it).
+    let moved = probe.inject(ipv4(client, dst, IPPROTO_UDP, &[], 0, &[0xde, 0xad]));
+    assert_moved(&moved, &[("udp/unparsed", 1)], "UDP header cut short");
+    let injector = &probe.injector;
+    let moved = self::moved(&mut probe.tproxy, || {
         injector.send(0x0800, None, &[0x45, 0, 0, 20, 0, 0])
     });
-    assert!(
-        moved.0 >= 1 && moved.1 == 0,
-        "IPv4 header cut short: {moved:?}"
-    );
-
-    // IPv6 with extension headers (hop-by-hop, routing, fragment): passed, as "other".
-    for (kind, name) in [(0u8, "hop-by-hop"), (43, "routing"), (44, "fragment")] {
-        let port = next_port();
-        let datagram = udp(c6, d6, port, UDP_PORT, name.as_bytes());
-        let mut payload = if kind == 44 {
-            vec![17, 0, 0, 0, 0, 0, 0, 1]
-        } else {
-            extension(17, kind)
-        };
-        payload.extend_from_slice(&datagram);
-        let moved = inject(&mut tproxy, "other", || {
-            injector.send(0x86dd, None, &ipv6(client6, dst6, kind, &payload))
-        });
-        assert!(
-            moved.0 >= 1 && moved.1 == 0,
-            "IPv6 {name} header: {moved:?}"
-        );
-    }
-    // Plain IPv6 UDP: steered.
-    let port = next_port();
-    let datagram = udp(c6, d6, port, UDP_PORT, b"plain6");
-    let moved = inject(&mut tproxy, "udp", || {
-        injector.send(0x86dd, None, &ipv6(client6, dst6, 17, &datagram))
-    });
-    assert_eq!(moved, (0, 1), "plain IPv6");
+    assert_moved(&moved, &[("other/passed", 1)], "IPv4 header cut short");
 
     // TCP with odd flags to a steered port: steered (flags are the listener's TCP stack's
     // business, as with the TPROXY target), and the stack accepts no connection from them.
@@ -381,30 +235,371 @@ fn odd_and_hostile_frames_are_steered_or_passed_as_documented() {
         (0x00, "no flags"),
         (0x29, "FIN+PSH+URG"),
     ] {
-        let port = next_port();
-        let segment = tcp(c, d, port, TCP_PORT, flags);
-        let moved = inject(&mut tproxy, "tcp", || {
-            injector.send(0x0800, None, &ipv4(client, dst, 6, &[], 0x4000, &segment))
-        });
-        assert_eq!(moved, (0, 1), "TCP {name}");
+        let port = probe.next_port();
+        let segment = tcp(client.into(), dst.into(), port, TCP_PORT, flags);
+        let moved = probe.inject(ipv4(client, dst, IPPROTO_TCP, &[], 0x4000, &segment));
+        assert_moved(&moved, &[("tcp/steered_new", 1)], name);
     }
-    let log = tproxy.log_text();
-    let relay = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("tcp relay:"))
-        .unwrap();
-    assert!(
-        relay.contains("tcp relay: 0 connections accepted"),
-        "{relay}"
-    );
+    assert_eq!(accepted(&mut probe.tproxy), 0);
 
-    // Not IP at all (a local experimental ethertype, and ARP): passed.
-    let moved = inject(&mut tproxy, "other", || {
+    // Not IP at all (a local experimental ethertype): passed.
+    let injector = &probe.injector;
+    let moved = self::moved(&mut probe.tproxy, || {
         injector.send(0x88b5, None, b"not an IP packet at all")
     });
-    assert!(moved.0 >= 1 && moved.1 == 0, "ethertype 0x88b5: {moved:?}");
+    assert_moved(&moved, &[("other/passed", 1)], "ethertype 0x88b5");
 
-    tproxy.stop().unwrap();
-    assert_eq!(tproxy.final_counter("udp", "no_listener").unwrap(), 0);
+    probe.tproxy.stop().unwrap();
+    assert_eq!(probe.tproxy.final_counter("udp", "no_listener").unwrap(), 0);
+}
+
+/// Issue 18: before, a Destination Options header or fragmentation took a SYN or a datagram
+/// to a steered port straight past the program to the server.
+#[test]
+fn extension_headers_and_fragments_do_not_get_around_the_proxy() {
+    require_root();
+    let mut probe = Probe::start(&[]);
+    let server6 = UdpEcho::start(&probe.topo.server, Topo::server_addr(true, UDP_PORT)).unwrap();
+    let server4 = UdpEcho::start(&probe.topo.server, Topo::server_addr(false, UDP_PORT)).unwrap();
+    let (client, dst, client6, dst6) = (probe.client, probe.dst, probe.client6, probe.dst6);
+    let reached_before = server_inputs(&probe.topo.server);
+
+    // IPv6 extension headers before UDP: walked, steered, relayed.
+    for (kind, name) in [
+        (0u8, "hop-by-hop"),
+        (43, "routing"),
+        (DESTINATION_OPTIONS, "destination options"),
+    ] {
+        let port = probe.next_port();
+        let datagram = udp(client6.into(), dst6.into(), port, UDP_PORT, name.as_bytes());
+        let mut payload = extension(IPPROTO_UDP, kind);
+        payload.extend_from_slice(&datagram);
+        let moved = probe.inject(ipv6(client6, dst6, kind, &payload));
+        assert_moved(&moved, &[("udp/steered_new", 1)], name);
+    }
+    // An atomic fragment (offset 0, no more fragments) is a whole packet.
+    let port = probe.next_port();
+    let datagram = udp(client6.into(), dst6.into(), port, UDP_PORT, b"atomic");
+    let mut payload = fragment_header(IPPROTO_UDP, 0, false, 7);
+    payload.extend_from_slice(&datagram);
+    let moved = probe.inject(ipv6(client6, dst6, 44, &payload));
+    assert_moved(&moved, &[("udp/steered_new", 1)], "atomic fragment");
+    assert!(wait_for_peer(
+        &server6,
+        Topo::router_as_seen_by_server(true)
+    ));
+
+    // The probe of the issue: a SYN behind a Destination Options header.
+    let port = probe.next_port();
+    let segment = tcp(client6.into(), dst6.into(), port, TCP_PORT, 0x02);
+    let mut payload = extension(IPPROTO_TCP, DESTINATION_OPTIONS);
+    payload.extend_from_slice(&segment);
+    let moved = probe.inject(ipv6(client6, dst6, DESTINATION_OPTIONS, &payload));
+    assert_moved(
+        &moved,
+        &[("tcp/steered_new", 1)],
+        "SYN behind destination options",
+    );
+
+    // More headers than the program walks: it cannot judge the packet (passed when failing
+    // open; the fail-closed test drops it).
+    let port = probe.next_port();
+    let mut payload = Vec::new();
+    for _ in 0..9 {
+        payload.extend_from_slice(&extension(DESTINATION_OPTIONS, DESTINATION_OPTIONS));
+    }
+    let last = payload.len() - 8;
+    payload[last] = IPPROTO_UDP;
+    payload.extend_from_slice(&udp(client6.into(), dst6.into(), port, UDP_PORT, b"long"));
+    let moved = probe.inject(ipv6(client6, dst6, DESTINATION_OPTIONS, &payload));
+    assert_moved(&moved, &[("other/unparsed", 1)], "nine extension headers");
+
+    // The other probe: a SYN in three IPv4 fragments of 8 bytes. Every fragment is marked,
+    // the router reassembles the SYN and its listener gets it.
+    let port = probe.next_port();
+    let segment = tcp(client.into(), dst.into(), port, TCP_PORT, 0x02);
+    let id = probe.next_id();
+    for (i, chunk) in segment.chunks(8).enumerate() {
+        let field = ipv4_fragment_field(i * 8, (i + 1) * 8 < segment.len());
+        let moved = probe.inject(ipv4_with_id(
+            client,
+            dst,
+            IPPROTO_TCP,
+            id,
+            &[],
+            field,
+            chunk,
+        ));
+        assert_moved(&moved, &[("tcp/fragment_steered", 1)], "SYN fragment");
+    }
+
+    // A UDP datagram in two IPv4 fragments: both marked, reassembled on the router, handed to
+    // the listener by the sk_lookup program and relayed.
+    let port = probe.next_port();
+    let datagram = udp(client.into(), dst.into(), port, UDP_PORT, &[7u8; 64]);
+    let id = probe.next_id();
+    for (offset, more) in [(0, true), (32, false)] {
+        let end = if more { 32 } else { datagram.len() };
+        let field = ipv4_fragment_field(offset, more);
+        let fragment = &datagram[offset..end];
+        let moved = probe.inject(ipv4_with_id(
+            client,
+            dst,
+            IPPROTO_UDP,
+            id,
+            &[],
+            field,
+            fragment,
+        ));
+        assert_moved(&moved, &[("udp/fragment_steered", 1)], "UDP fragment");
+    }
+    assert!(
+        wait_for_peer(&server4, Topo::router_as_seen_by_server(false)),
+        "the reassembled datagram was relayed"
+    );
+
+    // The same over IPv6, with the fragment header.
+    let port = probe.next_port();
+    let datagram = udp(client6.into(), dst6.into(), port, UDP_PORT, &[9u8; 64]);
+    for (offset, more) in [(0, true), (32, false)] {
+        let end = if more { 32 } else { datagram.len() };
+        let mut payload = fragment_header(IPPROTO_UDP, offset, more, 0x5151);
+        payload.extend_from_slice(&datagram[offset..end]);
+        let moved = probe.inject(ipv6(client6, dst6, 44, &payload));
+        assert_moved(&moved, &[("udp/fragment_steered", 1)], "IPv6 UDP fragment");
+    }
+    let relayed6 = probe.tproxy.udp_stat("created").unwrap();
+    assert!(
+        relayed6 >= 6,
+        "sessions for the steered datagrams: {relayed6}"
+    );
+
+    // A later fragment whose first was never seen: the fail mode decides (open: passed).
+    let id = probe.next_id();
+    let moved = probe.inject(ipv4_with_id(
+        client,
+        dst,
+        IPPROTO_UDP,
+        id,
+        &[],
+        ipv4_fragment_field(64, false),
+        &[1u8; 16],
+    ));
+    assert_moved(
+        &moved,
+        &[("udp/fragment_unknown", 1)],
+        "orphan later fragment",
+    );
+
+    // Nothing steered reached the server directly: only the relay's datagrams (one per
+    // relayed flow above) and the orphan fragment, which fail-open passes.
+    let reached = server_inputs(&probe.topo.server);
+    assert_eq!(reached[0], reached_before[0], "TCP segments at the server");
+    assert_eq!(
+        reached[2] - reached_before[2],
+        1,
+        "IPv4 fragments at the server: the orphan only"
+    );
+    assert_eq!(
+        reached[3], reached_before[3],
+        "IPv6 fragments at the server"
+    );
+}
+
+/// Issue 11: IPv4-mapped and other special destinations are never relayed to; before, a
+/// datagram to `[::ffff:127.0.0.1]:53` reached the router's own loopback service.
+#[test]
+fn special_destinations_are_refused_or_left_alone() {
+    require_root();
+    let mut probe = Probe::start(&[]);
+    let loopback_service =
+        UdpEcho::start(&probe.topo.router, "127.0.0.1:5300".parse().unwrap()).unwrap();
+    let loopback_service6 =
+        UdpEcho::start(&probe.topo.router, "[::1]:5300".parse().unwrap()).unwrap();
+    let server = UdpEcho::start(&probe.topo.server, Topo::server_addr(false, UDP_PORT)).unwrap();
+    let reached_before = server_inputs(&probe.topo.server);
+
+    for (dst, name) in [
+        ("::ffff:127.0.0.1", "mapped loopback"),
+        ("::ffff:10.10.2.2", "mapped server"),
+        ("::1", "loopback"),
+        ("::", "unspecified"),
+        ("::10.10.2.2", "IPv4-compatible"),
+    ] {
+        let packet = probe.udp6_to(dst.parse().unwrap(), name.as_bytes());
+        let moved = probe.inject(packet);
+        assert_moved(&moved, &[("udp/refused_destination", 1)], name);
+        let packet = probe.syn6_to(dst.parse().unwrap());
+        let moved = probe.inject(packet);
+        assert_moved(&moved, &[("tcp/refused_destination", 1)], name);
+    }
+    for (dst, name) in [("127.0.0.1", "loopback"), ("0.0.0.0", "this network")] {
+        let packet = probe.udp4_to(dst.parse().unwrap(), name.as_bytes());
+        let moved = probe.inject(packet);
+        assert_moved(&moved, &[("udp/refused_destination", 1)], name);
+    }
+    for (dst, name) in [
+        ("224.0.0.251", "multicast"),
+        ("255.255.255.255", "broadcast"),
+    ] {
+        let packet = probe.udp4_to(dst.parse().unwrap(), name.as_bytes());
+        let moved = probe.inject(packet);
+        assert_moved(&moved, &[("udp/local_scope", 1)], name);
+    }
+    for (dst, name) in [("ff02::fb", "multicast"), ("fe80::1", "link-local")] {
+        let packet = probe.udp6_to(dst.parse().unwrap(), name.as_bytes());
+        let moved = probe.inject(packet);
+        assert_moved(&moved, &[("udp/local_scope", 1)], name);
+    }
+    // A mapped destination in fragments is refused as a whole datagram.
+    let mapped: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
+    let port = probe.next_port();
+    let datagram = udp(
+        probe.client6.into(),
+        mapped.into(),
+        port,
+        UDP_PORT,
+        &[3u8; 64],
+    );
+    for (offset, more) in [(0, true), (32, false)] {
+        let end = if more { 32 } else { datagram.len() };
+        let mut payload = fragment_header(IPPROTO_UDP, offset, more, 0x6161);
+        payload.extend_from_slice(&datagram[offset..end]);
+        let moved = probe.inject(ipv6(probe.client6, mapped, 44, &payload));
+        assert_moved(
+            &moved,
+            &[("udp/refused_destination", 1)],
+            "mapped, fragmented",
+        );
+    }
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        loopback_service.peer_ips().is_empty(),
+        "the router's 127.0.0.1 service was reached"
+    );
+    assert!(
+        loopback_service6.peer_ips().is_empty(),
+        "the router's ::1 service was reached"
+    );
+    assert!(server.peer_ips().is_empty(), "the server was reached");
+    let reached = server_inputs(&probe.topo.server);
+    assert_eq!(
+        reached, reached_before,
+        "[TCP, UDP, IPv4 fragments, IPv6 fragments] at the server"
+    );
+    assert_eq!(
+        probe.tproxy.udp_stat("created").unwrap(),
+        0,
+        "no UDP session"
+    );
+    assert_eq!(accepted(&mut probe.tproxy), 0, "no TCP connection");
+}
+
+/// Failing closed, what the program cannot judge is dropped instead of passed.
+#[test]
+fn failing_closed_drops_what_cannot_be_judged() {
+    require_root();
+    let mut probe = Probe::start(&["--fail-mode", "closed"]);
+    let (client, dst, client6, dst6) = (probe.client, probe.dst, probe.client6, probe.dst6);
+    let reached_before = server_inputs(&probe.topo.server);
+
+    let id = probe.next_id();
+    let moved = probe.inject(ipv4_with_id(
+        client,
+        dst,
+        IPPROTO_UDP,
+        id,
+        &[],
+        ipv4_fragment_field(64, false),
+        &[1u8; 16],
+    ));
+    assert_moved(
+        &moved,
+        &[("udp/fragment_unknown", 1)],
+        "orphan IPv4 fragment",
+    );
+    let mut payload = fragment_header(IPPROTO_UDP, 64, false, 0x7171);
+    payload.extend_from_slice(&[2u8; 16]);
+    let moved = probe.inject(ipv6(client6, dst6, 44, &payload));
+    assert_moved(
+        &moved,
+        &[("udp/fragment_unknown", 1)],
+        "orphan IPv6 fragment",
+    );
+
+    let port = probe.next_port();
+    let mut payload = Vec::new();
+    for _ in 0..9 {
+        payload.extend_from_slice(&extension(DESTINATION_OPTIONS, DESTINATION_OPTIONS));
+    }
+    let last = payload.len() - 8;
+    payload[last] = IPPROTO_TCP;
+    payload.extend_from_slice(&tcp(client6.into(), dst6.into(), port, TCP_PORT, 0x02));
+    let moved = probe.inject(ipv6(client6, dst6, DESTINATION_OPTIONS, &payload));
+    assert_moved(&moved, &[("other/unparsed", 1)], "nine extension headers");
+    let moved = probe.inject(ipv4(client, dst, IPPROTO_UDP, &[], 0, &[0xde, 0xad]));
+    assert_moved(&moved, &[("udp/unparsed", 1)], "UDP header cut short");
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        server_inputs(&probe.topo.server),
+        reached_before,
+        "[TCP, UDP, IPv4 fragments, IPv6 fragments] at the server"
+    );
+}
+
+/// Never-completed first fragments leave nothing in the program's maps once the kernel's
+/// reassembly timeout (30 s for IPv4, 60 s for IPv6) has passed.
+#[test]
+fn fragment_entries_are_gone_after_their_timeout() {
+    require_root();
+    let mut probe = Probe::start(&[]);
+    let (client, dst, client6, dst6) = (probe.client, probe.dst, probe.client6, probe.dst6);
+    for _ in 0..5 {
+        let port = probe.next_port();
+        let datagram = udp(client.into(), dst.into(), port, UDP_PORT, &[5u8; 64]);
+        let id = probe.next_id();
+        let field = ipv4_fragment_field(0, true);
+        probe.inject(ipv4_with_id(
+            client,
+            dst,
+            IPPROTO_UDP,
+            id,
+            &[],
+            field,
+            &datagram[..32],
+        ));
+        let datagram = udp(client6.into(), dst6.into(), port, UDP_PORT, &[6u8; 64]);
+        let mut payload = fragment_header(IPPROTO_UDP, 0, true, u32::from(id));
+        payload.extend_from_slice(&datagram[..32]);
+        probe.inject(ipv6(client6, dst6, 44, &payload));
+    }
+    let entries = |tproxy: &mut Tproxy| {
+        let header = "eBPF fragment tracking:";
+        (
+            tproxy.stat_line(header, "datagrams").unwrap(),
+            tproxy.last_value(header, "reassembled_flows").unwrap(),
+        )
+    };
+    // The first sweep after the injection counts them.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        entries(&mut probe.tproxy),
+        (10, 10),
+        "tracked after a sweep"
+    );
+    let deadline = Instant::now() + Duration::from_secs(80);
+    loop {
+        let left = entries(&mut probe.tproxy);
+        if left == (0, 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still tracked: {left:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // Still alive and steering after the sweep.
+    let packet = probe.udp4_to(dst, b"after");
+    let moved = probe.inject(packet);
+    assert_moved(&moved, &[("udp/steered_new", 1)], "after the sweep");
 }
