@@ -420,6 +420,11 @@ async fn serve(
         // A signal, or the end of the drain.
         match phase {
             Phase::Serving => {
+                // Not ready before anything says it is draining: whoever reads the log line
+                // and then asks /readyz must hear 503.
+                relays
+                    .ready
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 log::info!("stopping: draining for up to {drain_timeout:?}");
                 notify_systemd(sd_notify::NotifyState::Stopping);
                 // New flows get the fail mode from now on (until a successor registers the
@@ -428,9 +433,6 @@ async fn serve(
                 if let Some(steering) = steering.as_deref_mut() {
                     steering.unregister_except(&[]);
                 }
-                relays
-                    .ready
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 accepting_until = Some(Instant::now() + drain_timeout.min(ACCEPT_GRACE));
                 phase = Phase::Draining {
                     until: Instant::now() + drain_timeout,
