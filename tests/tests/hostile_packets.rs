@@ -104,6 +104,28 @@ fn server_inputs(server: &Netns) -> [u64; 4] {
     ]
 }
 
+/// Whether the router holds a request socket (SYN_RECV) for a client's port: a steered SYN
+/// reached the listener, which answered it.
+fn listener_got_syn_from(router: &Netns, client_port: u16) -> bool {
+    router.run(move || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .flat_map(|path| {
+                std::fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() > 3
+                    && fields[3] == "03"
+                    && fields[2].rsplit(':').next() == Some(&format!("{client_port:04X}"))
+            })
+    })
+}
+
 struct Probe {
     topo: Topo,
     tproxy: Tproxy,
@@ -118,7 +140,13 @@ struct Probe {
 
 impl Probe {
     fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, |_| {})
+    }
+
+    /// [`Probe::start`], after `prepare` has set up the router.
+    fn start_with(extra: &[&str], prepare: impl FnOnce(&Netns)) -> Self {
         let topo = Topo::new().unwrap();
+        prepare(&topo.router);
         let udp_port = UDP_PORT.to_string();
         let tcp_port = TCP_PORT.to_string();
         let mut args = vec!["--udp", &udp_port, "--tcp", &tcp_port];
@@ -289,30 +317,59 @@ fn extension_headers_and_fragments_do_not_get_around_the_proxy() {
         Topo::router_as_seen_by_server(true)
     ));
 
-    // The probe of the issue: a SYN behind a Destination Options header.
+    // The client's stack would reset the listener's SYN-ACKs to these injected SYNs at once,
+    // and with them the request sockets that show the SYNs arrived.
+    for iptables in ["iptables", "ip6tables"] {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", &probe.topo.client.name, iptables])
+            .args([
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "--tcp-flags",
+                "RST",
+                "RST",
+                "-j",
+                "DROP",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{iptables} in the client namespace");
+    }
+
+    // The probe of the issue: a SYN behind a Destination Options header. The listener gets it.
     let port = probe.next_port();
     let segment = tcp(client6.into(), dst6.into(), port, TCP_PORT, 0x02);
     let mut payload = extension(IPPROTO_TCP, DESTINATION_OPTIONS);
     payload.extend_from_slice(&segment);
     let moved = probe.inject(ipv6(client6, dst6, DESTINATION_OPTIONS, &payload));
-    assert_moved(
-        &moved,
-        &[("tcp/steered_new", 1)],
-        "SYN behind destination options",
+    let case = "SYN behind destination options";
+    assert_moved(&moved, &[("tcp/steered_new", 1)], case);
+    assert!(
+        listener_got_syn_from(&probe.topo.router, port),
+        "{case}: the listener got it"
     );
 
-    // More headers than the program walks: it cannot judge the packet (passed when failing
-    // open; the fail-closed test drops it).
-    let port = probe.next_port();
-    let mut payload = Vec::new();
-    for _ in 0..9 {
-        payload.extend_from_slice(&extension(DESTINATION_OPTIONS, DESTINATION_OPTIONS));
+    // More headers than the program walks: it cannot judge the packet, which is dropped
+    // whatever the fail mode (a hostile test found failing open passing it to the server).
+    for transport in [IPPROTO_UDP, IPPROTO_TCP] {
+        let port = probe.next_port();
+        let mut payload = Vec::new();
+        for _ in 0..9 {
+            payload.extend_from_slice(&extension(DESTINATION_OPTIONS, DESTINATION_OPTIONS));
+        }
+        let last = payload.len() - 8;
+        payload[last] = transport;
+        let (c, d) = (client6.into(), dst6.into());
+        if transport == IPPROTO_UDP {
+            payload.extend_from_slice(&udp(c, d, port, UDP_PORT, b"long"));
+        } else {
+            payload.extend_from_slice(&tcp(c, d, port, TCP_PORT, 0x02));
+        }
+        let moved = probe.inject(ipv6(client6, dst6, DESTINATION_OPTIONS, &payload));
+        assert_moved(&moved, &[("other/unparsed", 1)], "nine extension headers");
     }
-    let last = payload.len() - 8;
-    payload[last] = IPPROTO_UDP;
-    payload.extend_from_slice(&udp(client6.into(), dst6.into(), port, UDP_PORT, b"long"));
-    let moved = probe.inject(ipv6(client6, dst6, DESTINATION_OPTIONS, &payload));
-    assert_moved(&moved, &[("other/unparsed", 1)], "nine extension headers");
 
     // The other probe: a SYN in three IPv4 fragments of 8 bytes. Every fragment is marked,
     // the router reassembles the SYN and its listener gets it.
@@ -321,17 +378,12 @@ fn extension_headers_and_fragments_do_not_get_around_the_proxy() {
     let id = probe.next_id();
     for (i, chunk) in segment.chunks(8).enumerate() {
         let field = ipv4_fragment_field(i * 8, (i + 1) * 8 < segment.len());
-        let moved = probe.inject(ipv4_with_id(
-            client,
-            dst,
-            IPPROTO_TCP,
-            id,
-            &[],
-            field,
-            chunk,
-        ));
+        let packet = ipv4_with_id(client, dst, IPPROTO_TCP, id, &[], field, chunk);
+        let moved = probe.inject(packet);
         assert_moved(&moved, &[("tcp/fragment_steered", 1)], "SYN fragment");
     }
+    let case = "the reassembled SYN reached the listener";
+    assert!(listener_got_syn_from(&probe.topo.router, port), "{case}");
 
     // A UDP datagram in two IPv4 fragments: both marked, reassembled on the router, handed to
     // the listener by the sk_lookup program and relayed.
@@ -342,15 +394,8 @@ fn extension_headers_and_fragments_do_not_get_around_the_proxy() {
         let end = if more { 32 } else { datagram.len() };
         let field = ipv4_fragment_field(offset, more);
         let fragment = &datagram[offset..end];
-        let moved = probe.inject(ipv4_with_id(
-            client,
-            dst,
-            IPPROTO_UDP,
-            id,
-            &[],
-            field,
-            fragment,
-        ));
+        let packet = ipv4_with_id(client, dst, IPPROTO_UDP, id, &[], field, fragment);
+        let moved = probe.inject(packet);
         assert_moved(&moved, &[("udp/fragment_steered", 1)], "UDP fragment");
     }
     assert!(
@@ -368,23 +413,43 @@ fn extension_headers_and_fragments_do_not_get_around_the_proxy() {
         let moved = probe.inject(ipv6(client6, dst6, 44, &payload));
         assert_moved(&moved, &[("udp/fragment_steered", 1)], "IPv6 UDP fragment");
     }
-    let relayed6 = probe.tproxy.udp_stat("created").unwrap();
+    let relayed = probe.tproxy.udp_stat("created").unwrap();
     assert!(
-        relayed6 >= 6,
-        "sessions for the steered datagrams: {relayed6}"
+        relayed >= 6,
+        "sessions for the steered datagrams: {relayed}"
     );
 
-    // A later fragment whose first was never seen: the fail mode decides (open: passed).
+    // Two first fragments of one datagram, the first for an unsteered port, the second for
+    // the steered one, then the rest: the latest first fragment decides for the rest, so the
+    // steered datagram completes on the router, never at the server.
     let id = probe.next_id();
-    let moved = probe.inject(ipv4_with_id(
-        client,
-        dst,
-        IPPROTO_UDP,
-        id,
-        &[],
-        ipv4_fragment_field(64, false),
-        &[1u8; 16],
-    ));
+    let port = probe.next_port();
+    let unsteered = udp(client.into(), dst.into(), port, 9999, &[4u8; 64]);
+    let steered = udp(client.into(), dst.into(), port, UDP_PORT, &[4u8; 64]);
+    for (fragment, offset, more, outcome) in [
+        (&unsteered[..32], 0, true, "udp/fragment_passed"),
+        (&steered[..32], 0, true, "udp/fragment_steered"),
+        (&steered[32..], 32, false, "udp/fragment_steered"),
+    ] {
+        let field = ipv4_fragment_field(offset, more);
+        let packet = ipv4_with_id(client, dst, IPPROTO_UDP, id, &[], field, fragment);
+        let moved = probe.inject(packet);
+        assert_moved(&moved, &[(outcome, 1)], "first fragment twice");
+    }
+
+    // An IPv6 later fragment of another protocol (ICMPv6) whose first was not seen: not the
+    // rules' business, passed as always.
+    let mut payload = fragment_header(58, 64, false, 0x5858);
+    payload.extend_from_slice(&[8u8; 16]);
+    let moved = probe.inject(ipv6(client6, dst6, 44, &payload));
+    assert_moved(&moved, &[("other/passed", 1)], "orphan ICMPv6 fragment");
+    assert!(!moved.contains_key("other/fragment_unknown"), "{moved:?}");
+
+    // A later UDP fragment whose first was never seen: the fail mode decides (open: passed).
+    let id = probe.next_id();
+    let field = ipv4_fragment_field(64, false);
+    let packet = ipv4_with_id(client, dst, IPPROTO_UDP, id, &[], field, &[1u8; 16]);
+    let moved = probe.inject(packet);
     assert_moved(
         &moved,
         &[("udp/fragment_unknown", 1)],
@@ -392,18 +457,15 @@ fn extension_headers_and_fragments_do_not_get_around_the_proxy() {
     );
 
     // Nothing steered reached the server directly: only the relay's datagrams (one per
-    // relayed flow above) and the orphan fragment, which fail-open passes.
+    // relayed flow above), and the fragments that were passed: the unsteered first fragment
+    // and the orphans.
+    std::thread::sleep(Duration::from_millis(200));
     let reached = server_inputs(&probe.topo.server);
     assert_eq!(reached[0], reached_before[0], "TCP segments at the server");
-    assert_eq!(
-        reached[2] - reached_before[2],
-        1,
-        "IPv4 fragments at the server: the orphan only"
-    );
-    assert_eq!(
-        reached[3], reached_before[3],
-        "IPv6 fragments at the server"
-    );
+    let case = "IPv4 fragments at the server: the unsteered first, the orphan";
+    assert_eq!(reached[2] - reached_before[2], 2, "{case}");
+    let case = "IPv6 fragments at the server: the ICMPv6 orphan";
+    assert_eq!(reached[3] - reached_before[3], 1, "{case}");
 }
 
 /// Issue 11: IPv4-mapped and other special destinations are never relayed to; before, a
@@ -550,11 +612,14 @@ fn failing_closed_drops_what_cannot_be_judged() {
 }
 
 /// Never-completed first fragments leave nothing in the program's maps once the kernel's
-/// reassembly timeout (30 s for IPv4, 60 s for IPv6) has passed.
+/// reassembly timeout has passed (the namespace's own, shortened here from 30 s and 60 s).
 #[test]
 fn fragment_entries_are_gone_after_their_timeout() {
     require_root();
-    let mut probe = Probe::start(&[]);
+    let mut probe = Probe::start_with(&[], |router| {
+        router.sysctl("net.ipv4.ipfrag_time", "4").unwrap();
+        router.sysctl("net.ipv6.ip6frag_time", "6").unwrap();
+    });
     let (client, dst, client6, dst6) = (probe.client, probe.dst, probe.client6, probe.dst6);
     for _ in 0..5 {
         let port = probe.next_port();
@@ -582,14 +647,17 @@ fn fragment_entries_are_gone_after_their_timeout() {
             tproxy.last_value(header, "reassembled_flows").unwrap(),
         )
     };
-    // The first sweep after the injection counts them.
-    std::thread::sleep(Duration::from_secs(6));
-    assert_eq!(
-        entries(&mut probe.tproxy),
-        (10, 10),
-        "tracked after a sweep"
-    );
-    let deadline = Instant::now() + Duration::from_secs(80);
+    // A sweep soon after the injection counts them (the IPv4 ones expire after 4 s).
+    let deadline = Instant::now() + Duration::from_secs(4);
+    loop {
+        let tracked = entries(&mut probe.tproxy);
+        if tracked == (10, 10) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not tracked: {tracked:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = entries(&mut probe.tproxy);
         if left == (0, 0) {

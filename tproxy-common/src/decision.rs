@@ -44,7 +44,7 @@ pub enum Outcome {
     /// forged): the fail mode decides.
     FragmentUnknown = 13,
     /// The transport header could not be found: cut short, or behind more IPv6 extension
-    /// headers than the program walks. The fail mode decides.
+    /// headers than the program walks. Dropped: no legitimate packet looks like this.
     Unparsed = 14,
 }
 
@@ -308,17 +308,50 @@ pub const IPV6_FRAGMENT_HEADER: u8 = 44;
 /// header, destination options).
 pub const MAX_IPV6_EXTENSION_HEADERS: usize = 8;
 
-/// The length of the IPv6 extension header `next_header`, from its second byte; `None` when
-/// `next_header` is not an extension header (a transport, ESP, or "no next header").
-pub const fn ipv6_extension_len(next_header: u8, len_byte: u8) -> Option<usize> {
+/// Whether `next_header` is an IPv6 extension header the program walks past: the kernel's
+/// own list (`ipv6_ext_hdr`, what ip6tables' `-p tcp` skips) but for "no next header", which
+/// ends the packet. Everything else is an upper-layer protocol.
+pub const fn is_ipv6_extension_header(next_header: u8) -> bool {
+    matches!(next_header, 0 | 43 | IPV6_FRAGMENT_HEADER | 51 | 60)
+}
+
+/// One step of the walk over an IPv6 header chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv6Step {
+    /// `next_header` is the upper-layer protocol, found at the current offset.
+    Transport(u8),
+    /// An extension header of `len` bytes, followed by `next_header`.
+    Skip { next_header: u8, len: usize },
+    /// A fragment header (8 bytes) followed by `next_header`, with its position in the
+    /// datagram and the datagram's identification.
+    Fragment {
+        next_header: u8,
+        position: FragmentPosition,
+        id: u32,
+    },
+}
+
+/// What the header `next_header`, whose first eight bytes are `head`, is, and how far the
+/// walk goes past it. Every extension header is at least eight bytes long; `head` is only
+/// read for extension headers.
+pub const fn ipv6_step(next_header: u8, head: [u8; 8]) -> Ipv6Step {
     match next_header {
-        // Hop-by-hop, routing, destination options, mobility, HIP, shim6: 8-octet units
-        // after the first eight.
-        0 | 43 | 60 | 135 | 139 | 140 => Some((len_byte as usize + 1) * 8),
-        IPV6_FRAGMENT_HEADER => Some(8),
+        IPV6_FRAGMENT_HEADER => Ipv6Step::Fragment {
+            next_header: head[0],
+            position: ipv6_fragment_position(u16::from_be_bytes([head[2], head[3]])),
+            id: u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
+        },
         // Authentication header: 4-octet units, minus two.
-        51 => Some((len_byte as usize + 2) * 4),
-        _ => None,
+        51 => Ipv6Step::Skip {
+            next_header: head[0],
+            len: (head[1] as usize + 2) * 4,
+        },
+        // Hop-by-hop, routing, destination options: 8-octet units after the first eight.
+        0 | 43 | 60 => Ipv6Step::Skip {
+            next_header: head[0],
+            len: (head[1] as usize + 1) * 8,
+        },
+        _ => Ipv6Step::Transport(next_header),
     }
 }
 
@@ -342,9 +375,10 @@ pub const fn fragment_outcome(first: Outcome) -> Outcome {
 pub enum DestinationScope {
     /// A unicast address that can be connected to.
     Relayable,
-    /// Multicast, broadcast or link-local: the local network's own traffic (DHCP, mDNS,
-    /// SSDP, neighbour protocols), left to the kernel. An IPv6 link-local address cannot even
-    /// be connected to without the interface it belongs to.
+    /// Multicast, broadcast or IPv6 link-local: the local network's own traffic (DHCP,
+    /// mDNS, SSDP, neighbour protocols), left to the kernel. An IPv6 link-local address cannot
+    /// even be connected to without the interface it belongs to. IPv4 link-local
+    /// (169.254/16) is relayable: cloud metadata services live there.
     LocalScope,
     /// Never a legitimate destination on the wire: loopback, unspecified, and IPv4-mapped or
     /// IPv4-compatible IPv6 addresses, which a dual-stack relay would connect to as IPv4
@@ -403,17 +437,19 @@ pub enum TcAction {
     Drop = 2,
 }
 
-/// What tc does with a packet of `outcome`. Refused destinations are always dropped; the fail
-/// mode (`fail_closed` ≠ 0) drops what a steer rule took that no socket could get (no
-/// listener registered, as while no tproxy process runs over pinned state) and what could not
-/// be judged (an unparsed header chain, a fragment whose first fragment was not seen).
-/// Everything else, bypassed or unmatched traffic included, goes on.
+/// What tc does with a packet of `outcome`. Refused destinations and unparsed packets are
+/// always dropped; the fail mode (`fail_closed` ≠ 0) drops what a steer rule took that no
+/// socket could get (no listener registered, as while no tproxy process runs over pinned
+/// state) and later fragments whose first fragment was not seen (out of order, or in flight
+/// across a restart: their flow cannot be told without ports, so failing closed drops them
+/// whatever their port). Everything else, bypassed or unmatched traffic included, goes on.
 pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
     match outcome {
-        Outcome::RefusedDestination => TcAction::Drop,
-        Outcome::NoListener | Outcome::FragmentUnknown | Outcome::Unparsed if fail_closed != 0 => {
-            TcAction::Drop
-        }
+        // A shape the program cannot judge is the attacker's choice, whatever the fail mode:
+        // no legitimate packet has it (the kernel drops a truncated transport header, and
+        // RFC 8200 a first fragment without the whole header chain).
+        Outcome::RefusedDestination | Outcome::Unparsed => TcAction::Drop,
+        Outcome::NoListener | Outcome::FragmentUnknown if fail_closed != 0 => TcAction::Drop,
         Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
             TcAction::Keep
         }
@@ -434,17 +470,15 @@ mod tests {
                 outcome,
                 Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered
             );
-            let fail_mode = matches!(
-                outcome,
-                Outcome::NoListener | Outcome::FragmentUnknown | Outcome::Unparsed
-            );
-            let expected_open = if outcome == Outcome::RefusedDestination {
-                TcAction::Drop
-            } else if steered {
-                TcAction::Keep
-            } else {
-                TcAction::Next
-            };
+            let fail_mode = matches!(outcome, Outcome::NoListener | Outcome::FragmentUnknown);
+            let expected_open =
+                if matches!(outcome, Outcome::RefusedDestination | Outcome::Unparsed) {
+                    TcAction::Drop
+                } else if steered {
+                    TcAction::Keep
+                } else {
+                    TcAction::Next
+                };
             assert_eq!(open, expected_open, "fail-open, {}", outcome.name());
             let expected_closed = if fail_mode {
                 TcAction::Drop
@@ -701,18 +735,49 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_extension_header_lengths() {
-        assert_eq!(ipv6_extension_len(0, 0), Some(8), "hop-by-hop");
-        assert_eq!(ipv6_extension_len(43, 2), Some(24), "routing");
+    fn ipv6_header_steps() {
+        let head = |next: u8, len: u8| [next, len, 0, 0, 0, 0, 0, 0];
+        let skip = |next_header, len| Ipv6Step::Skip { next_header, len };
+        assert_eq!(ipv6_step(0, head(17, 0)), skip(17, 8), "hop-by-hop");
+        assert_eq!(ipv6_step(43, head(6, 2)), skip(6, 24), "routing");
         assert_eq!(
-            ipv6_extension_len(60, 255),
-            Some(2048),
+            ipv6_step(60, head(60, 255)),
+            skip(60, 2048),
             "destination options"
         );
-        assert_eq!(ipv6_extension_len(44, 99), Some(8), "fragment: fixed size");
-        assert_eq!(ipv6_extension_len(51, 4), Some(24), "AH");
-        for transport in [6u8, 17, 58, 50, 59] {
-            assert_eq!(ipv6_extension_len(transport, 0), None, "{transport}");
+        assert_eq!(
+            ipv6_step(51, head(6, 4)),
+            skip(6, 24),
+            "AH: 4-octet units minus two"
+        );
+        assert_eq!(
+            ipv6_step(51, head(6, 0)),
+            skip(6, 8),
+            "AH: never shorter than 8"
+        );
+        assert_eq!(
+            ipv6_step(44, [17, 99, 0x00, 0x09, 0xde, 0xad, 0xbe, 0xef]),
+            Ipv6Step::Fragment {
+                next_header: 17,
+                position: FragmentPosition::Later,
+                id: 0xdead_beef
+            },
+            "fragment: fixed size, its own length byte is reserved"
+        );
+        for upper in [6u8, 17, 58, 50, 59, 135, 139, 140] {
+            assert_eq!(
+                ipv6_step(upper, head(0, 0)),
+                Ipv6Step::Transport(upper),
+                "{upper}"
+            );
+            assert!(!is_ipv6_extension_header(upper), "{upper}");
+        }
+        for extension in [0u8, 43, 44, 51, 60] {
+            assert!(is_ipv6_extension_header(extension), "{extension}");
+            assert!(!matches!(
+                ipv6_step(extension, head(6, 0)),
+                Ipv6Step::Transport(_)
+            ));
         }
     }
 

@@ -1,5 +1,7 @@
 //! Names, sizes and layouts of the maps and globals through which the loader configures the
-//! eBPF program. Both sides name maps with these constants so a rename cannot split them.
+//! eBPF program. The loader finds maps and globals by these names; the program declares them
+//! as statics of the same names (the eBPF crate cannot use a constant as a symbol name), so
+//! a rename must change both.
 
 /// Array (`u32`, one entry) holding the rule-set generation in force, 0 or 1. The rule maps
 /// hold the entries of both generations side by side (class and cell ids carry the
@@ -98,7 +100,7 @@ impl<const N: usize> SrcKey<N> {
     }
 }
 
-/// What a rule lookup stage says about a packet. See [`crate::decision::RuleVerdict`].
+/// What a rule lookup stage says about a packet (see [`crate::decision::rule_match`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
@@ -197,22 +199,22 @@ pub struct FlowKey {
 
 /// LRU hash from a [`FragmentKey`] to the [`FragmentDecision`] its datagram's first fragment
 /// got, so that later fragments (which carry no ports) get the same treatment. Entries older
-/// than [`fragment_timeout_ns`] count as absent: the kernel has given up reassembling by then.
-/// The loader also deletes them periodically, so nothing is left once a datagram's time is up.
+/// than the reassembly timeout ([`FRAGMENT_TIMEOUT_V4_GLOBAL`], [`FRAGMENT_TIMEOUT_V6_GLOBAL`])
+/// count as absent: the kernel has given up reassembling by then. The loader also deletes them
+/// periodically, so nothing is left once a datagram's time is up. Not pinned: fragments in
+/// flight across a restart get the fail mode's treatment for orphan fragments.
 pub const FRAGMENTS: &str = "FRAGMENTS";
 /// Entries in [`FRAGMENTS`]; the oldest are evicted (a flood of never-completed first
 /// fragments can only evict, never fill it).
 pub const FRAGMENTS_LEN: u32 = 8192;
 
-/// The kernel's default reassembly timeouts (`net.ipv4.ipfrag_time`,
-/// `net.ipv6.ip6frag_time`), in nanoseconds: how long a fragment decision is kept.
-pub const fn fragment_timeout_ns(ipv6: bool) -> u64 {
-    if ipv6 {
-        60_000_000_000
-    } else {
-        30_000_000_000
-    }
-}
+/// Global (`u64`): how long the kernel keeps an IPv4 datagram's fragments for reassembly, in
+/// nanoseconds (`net.ipv4.ipfrag_time` of the program's network namespace, read at load).
+pub const FRAGMENT_TIMEOUT_V4_GLOBAL: &str = "FRAGMENT_TIMEOUT_V4_NS";
+/// Global (`u64`): the same for IPv6 (`net.ipv6.ip6frag_time`).
+pub const FRAGMENT_TIMEOUT_V6_GLOBAL: &str = "FRAGMENT_TIMEOUT_V6_NS";
+/// The kernel's default reassembly timeouts, in nanoseconds (IPv4, IPv6).
+pub const DEFAULT_FRAGMENT_TIMEOUTS_NS: (u64, u64) = (30_000_000_000, 60_000_000_000);
 
 /// A fragmented datagram: the key under which the kernel reassembles it. Addresses in network
 /// byte order (IPv4 in the first four bytes), the identification in host order. `protocol` is
@@ -233,16 +235,25 @@ pub struct FragmentDecision {
     /// The [`crate::Outcome`] index every fragment of the datagram gets
     /// ([`crate::decision::fragment_outcome`]).
     pub outcome: u32,
-    /// 1 for an IPv6 datagram (its timeout is longer).
-    pub ipv6: u32,
+    /// The [`crate::decision::Protocol`] its transport header named, for counting later
+    /// fragments in the same row (an IPv6 fragment header may name another header first).
+    pub protocol: u16,
+    /// 1 for an IPv6 datagram (see [`Self::is_live`]).
+    pub ipv6: u16,
     pub seen_ns: u64,
 }
 
 impl FragmentDecision {
-    /// Whether the kernel may still be reassembling the datagram at `now_ns`.
-    pub const fn is_live(&self, now_ns: u64) -> bool {
-        now_ns.saturating_sub(self.seen_ns) <= fragment_timeout_ns(self.ipv6 != 0)
+    /// Whether the kernel may still be reassembling the datagram at `now_ns`, given the
+    /// reassembly timeouts (IPv4, IPv6).
+    pub const fn is_live(&self, now_ns: u64, timeouts_ns: (u64, u64)) -> bool {
+        is_live(self.seen_ns, self.ipv6 != 0, now_ns, timeouts_ns)
     }
+}
+
+const fn is_live(seen_ns: u64, ipv6: bool, now_ns: u64, timeouts_ns: (u64, u64)) -> bool {
+    let timeout = if ipv6 { timeouts_ns.1 } else { timeouts_ns.0 };
+    now_ns.saturating_sub(seen_ns) <= timeout
 }
 
 /// LRU hash from a [`ProtocolFlowKey`] to the [`ReassembledFlow`] whose listener should get
@@ -267,20 +278,21 @@ pub struct ProtocolFlowKey {
 pub struct ReassembledFlow {
     /// The [`LISTENERS`] index.
     pub slot: u32,
-    /// 1 for IPv6 (see [`fragment_timeout_ns`]).
+    /// 1 for IPv6 (see [`Self::is_live`]).
     pub ipv6: u32,
     pub seen_ns: u64,
 }
 
 impl ReassembledFlow {
-    /// Whether the datagram may still be reassembled at `now_ns`.
-    pub const fn is_live(&self, now_ns: u64) -> bool {
-        now_ns.saturating_sub(self.seen_ns) <= fragment_timeout_ns(self.ipv6 != 0)
+    /// Whether the datagram may still be reassembled at `now_ns`, given the reassembly
+    /// timeouts (IPv4, IPv6).
+    pub const fn is_live(&self, now_ns: u64, timeouts_ns: (u64, u64)) -> bool {
+        is_live(self.seen_ns, self.ipv6 != 0, now_ns, timeouts_ns)
     }
 }
 
 /// Name of the `sk_lookup` program in the object file.
-pub const LOOKUP_PROGRAM_NAME: &str = "tproxy_tw_syn";
+pub const LOOKUP_PROGRAM_NAME: &str = "tproxy_sk_lookup";
 
 /// Per-CPU array of `u64` packet counts, indexed by [`crate::decision::counter_index`].
 pub const COUNTERS: &str = "COUNTERS";
@@ -300,11 +312,13 @@ pub const MARK_GLOBAL: &str = "ROUTING_MARK";
 pub const MARK_MASK_GLOBAL: &str = "ROUTING_MARK_MASK";
 
 /// Global (`u32`): non-zero to fail closed — drop what a steer rule takes when there is no
-/// listener to give it to (see [`crate::decision::drops_packet`]).
+/// listener to give it to, and later fragments whose first fragment was not seen (see
+/// [`crate::decision::tc_action`]).
 pub const FAIL_CLOSED_GLOBAL: &str = "FAIL_CLOSED";
 
 /// The maps the program shares between processes when tproxy runs with `--pin`: everything
-/// but the log ring buffer, which belongs to the process that reads it.
+/// but the log ring buffer, which belongs to the process that reads it, and the fragment
+/// tracking ([`FRAGMENTS`], [`REASSEMBLED_FLOWS`]), whose entries live seconds.
 pub const PINNED_MAPS: [&str; 9] = [
     ACTIVE_GENERATION,
     PORT_CLASSES,
@@ -387,24 +401,33 @@ mod tests {
 
     #[test]
     fn fragment_decisions_expire_with_the_kernels_reassembly() {
+        let timeouts = DEFAULT_FRAGMENT_TIMEOUTS_NS;
         let v4 = FragmentDecision {
             outcome: 0,
+            protocol: 1,
             ipv6: 0,
             seen_ns: 1_000,
         };
-        assert!(v4.is_live(1_000));
-        assert!(v4.is_live(1_000 + fragment_timeout_ns(false)));
-        assert!(!v4.is_live(1_001 + fragment_timeout_ns(false)));
+        assert!(v4.is_live(1_000, timeouts));
+        assert!(v4.is_live(1_000 + timeouts.0, timeouts));
+        assert!(!v4.is_live(1_001 + timeouts.0, timeouts));
         let v6 = FragmentDecision { ipv6: 1, ..v4 };
-        assert!(v6.is_live(1_001 + fragment_timeout_ns(false)));
-        assert!(!v6.is_live(1_001 + fragment_timeout_ns(true)));
-        assert!(v4.is_live(0), "a clock read before the entry was written");
+        assert!(v6.is_live(1_001 + timeouts.0, timeouts));
+        assert!(!v6.is_live(1_001 + timeouts.1, timeouts));
+        assert!(
+            v4.is_live(0, timeouts),
+            "a clock read before the entry was written"
+        );
         let flow = ReassembledFlow {
             slot: 2,
             ipv6: 0,
             seen_ns: 5,
         };
-        assert!(!flow.is_live(6 + fragment_timeout_ns(false)));
+        assert!(!flow.is_live(6 + timeouts.0, timeouts));
+        assert!(
+            !flow.is_live(9, (3, 3)),
+            "a namespace's own, shorter timeout"
+        );
     }
 
     #[test]

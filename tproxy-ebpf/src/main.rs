@@ -25,7 +25,8 @@ use core::{ffi::c_void, mem, ptr};
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6, BPF_F_CURRENT_NETNS,
+        BPF_F_NO_PREALLOC,
     },
     helpers::{
         bpf_ktime_get_ns,
@@ -39,18 +40,18 @@ use aya_ebpf::{
     programs::{SkLookupContext, TcContext},
     EbpfContext, Global,
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
 use tproxy_common::{
     decision::{
         self, counter_index, fragment_outcome, outranks, rule_match, source_stage_ifindex,
-        DestinationScope, FragmentPosition, Outcome, Protocol, RuleMatch, IPV6_FRAGMENT_HEADER,
+        DestinationScope, FragmentPosition, Ipv6Step, Outcome, Protocol, RuleMatch,
         MAX_IPV6_EXTENSION_HEADERS,
     },
     maps::{
         any_port_class, listener_slot, port_class_index, range_class, single_port_class, DstKey,
         FlowKey, FragmentDecision, FragmentKey, ListenerSlot, ProtocolFlowKey, ReassembledFlow,
-        SrcKey, Verdict, COUNTERS_LEN, FRAGMENTS_LEN, LISTENERS_LEN, PORT_CLASSES_LEN,
-        PORT_HAS_ANY, PORT_HAS_SINGLE, PORT_RANGE_CLASS, REASSEMBLED_FLOWS_LEN,
+        SrcKey, Verdict, COUNTERS_LEN, DEFAULT_FRAGMENT_TIMEOUTS_NS, FRAGMENTS_LEN, LISTENERS_LEN,
+        PORT_CLASSES_LEN, PORT_HAS_ANY, PORT_HAS_SINGLE, PORT_RANGE_CLASS, REASSEMBLED_FLOWS_LEN,
         TIME_WAIT_FLOWS_LEN,
     },
 };
@@ -71,7 +72,8 @@ static RULES_SRC_V6: LpmTrie<SrcKey<16>, Verdict> = LpmTrie::with_max_entries(1,
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(LISTENERS_LEN, 0);
 #[map]
-static TIME_WAIT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(TIME_WAIT_FLOWS_LEN, 0);
+static TIME_WAIT_FLOWS: LruHashMap<FlowKey, u32> =
+    LruHashMap::with_max_entries(TIME_WAIT_FLOWS_LEN, 0);
 #[map]
 static FRAGMENTS: LruHashMap<FragmentKey, FragmentDecision> =
     LruHashMap::with_max_entries(FRAGMENTS_LEN, 0);
@@ -93,6 +95,12 @@ static FAIL_CLOSED: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::OWN_SOCKET_MARK_GLOBAL`).
 #[unsafe(no_mangle)]
 static OWN_SOCKET_MARK: Global<u32> = Global::new(0);
+/// Set by the loader before load (`tproxy_common::maps::FRAGMENT_TIMEOUT_V4_GLOBAL`).
+#[unsafe(no_mangle)]
+static FRAGMENT_TIMEOUT_V4_NS: Global<u64> = Global::new(DEFAULT_FRAGMENT_TIMEOUTS_NS.0);
+/// Set by the loader before load (`tproxy_common::maps::FRAGMENT_TIMEOUT_V6_GLOBAL`).
+#[unsafe(no_mangle)]
+static FRAGMENT_TIMEOUT_V6_NS: Global<u64> = Global::new(DEFAULT_FRAGMENT_TIMEOUTS_NS.1);
 
 const ETH_HEADER_LEN: usize = 14;
 const VLAN_HEADER_LEN: usize = 4;
@@ -126,7 +134,7 @@ pub fn tproxy_ingress(ctx: TcContext) -> i32 {
 /// even one that looks steered, such as the relay's own connection to a local address on a
 /// steered port (which would loop).
 #[sk_lookup]
-pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
+pub fn tproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
     const SK_PASS: u32 = 1;
     const AF_INET: u32 = 2;
     // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its whole run.
@@ -156,12 +164,13 @@ pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
     // SAFETY: the value is copied out at once; the map holds plain data.
     if let Some(entry) = unsafe { REASSEMBLED_FLOWS.get(&reassembled) } {
         let entry = *entry;
+        let live = entry.is_live(now_ns(), fragment_timeouts());
         // A TCP flow is reassembled once (its SYN); a UDP flow's next fragmented datagrams
         // use the entry again until it expires.
-        if protocol == IPPROTO_TCP as u32 || !entry.is_live(now_ns()) {
+        if protocol == IPPROTO_TCP as u32 || !live {
             let _ = REASSEMBLED_FLOWS.remove(&reassembled);
         }
-        if entry.is_live(now_ns()) {
+        if live {
             // Failing that, the kernel's own lookup goes on and answers as it would have.
             let _ = LISTENERS.redirect_sk_lookup(&ctx, entry.slot, 0);
             return SK_PASS;
@@ -177,6 +186,12 @@ pub fn tproxy_tw_syn(ctx: SkLookupContext) -> u32 {
     let _ = TIME_WAIT_FLOWS.remove(&flow);
     let _ = LISTENERS.redirect_sk_lookup(&ctx, slot, 0);
     SK_PASS
+}
+
+/// The namespace's reassembly timeouts (IPv4, IPv6), as the loader read them.
+#[inline(always)]
+fn fragment_timeouts() -> (u64, u64) {
+    (FRAGMENT_TIMEOUT_V4_NS.load(), FRAGMENT_TIMEOUT_V6_NS.load())
 }
 
 #[inline(always)]
@@ -284,7 +299,11 @@ fn match_group<const N: usize>(
     let verdict = match source_stage_ifindex(verdict, ifindex) {
         None => verdict,
         Some(key_ifindex) => {
-            let src_key = SrcKey { cell: verdict.cell, ifindex: key_ifindex, addr: saddr };
+            let src_key = SrcKey {
+                cell: verdict.cell,
+                ifindex: key_ifindex,
+                addr: saddr,
+            };
             match by_src.get(Key::new(SrcKey::<N>::prefix_len(N as u32 * 8), src_key)) {
                 Some(verdict) => verdict,
                 None => return,
@@ -304,14 +323,11 @@ fn ports(ctx: &TcContext, offset: usize) -> Option<[u16; 2]> {
     ctx.load::<[u16; 2]>(offset).ok()
 }
 
-/// A parsed packet of a TCP or UDP flow, ready for the rules.
-struct Flow<'a, const N: usize> {
+/// Where a parsed TCP or UDP packet stands, besides its addresses and ports (those are in
+/// the socket-lookup tuple).
+struct Flow<'a> {
     protocol: Protocol,
-    saddr: [u8; N],
-    daddr: [u8; N],
-    /// Still in network byte order.
-    sport: u16,
-    dport: u16,
+    ipv6: bool,
     position: FragmentPosition,
     /// The datagram's reassembly key, when `position` is not `Whole`.
     fragment: &'a FragmentKey,
@@ -321,15 +337,15 @@ struct Flow<'a, const N: usize> {
 /// match and the listener. A first fragment's decision is remembered for the rest of its
 /// datagram.
 #[inline(always)]
-fn steer_flow<const N: usize>(
+fn steer_flow(
     ctx: &TcContext,
-    flow: &Flow<'_, N>,
+    flow: &Flow<'_>,
     rule: RuleMatch,
     scope: DestinationScope,
     tuple: &mut bpf_sock_tuple,
     tuple_len: u32,
 ) -> Outcome {
-    let ipv6 = N == 16;
+    let ipv6 = flow.ipv6;
     let outcome = match (rule, scope) {
         (RuleMatch::None, _) => Outcome::Passed,
         (RuleMatch::Steer(_), DestinationScope::Refused) => Outcome::RefusedDestination,
@@ -345,32 +361,44 @@ fn steer_flow<const N: usize>(
     let outcome = fragment_outcome(outcome);
     let decision = FragmentDecision {
         outcome: outcome as u32,
-        ipv6: ipv6 as u32,
+        protocol: flow.protocol as u16,
+        ipv6: ipv6 as u16,
         seen_ns: now_ns(),
     };
     let _ = FRAGMENTS.insert(flow.fragment, &decision, 0);
     outcome
 }
 
-/// A later fragment (no transport header): what its datagram's first fragment got, if that
-/// was seen and is not older than the kernel's reassembly timeout. `judged`: whether such a
-/// fragment could belong to a flow the rules look at (TCP, UDP, or behind more IPv6 headers);
-/// other protocols' fragments are passed as they always were.
+/// A later fragment (no transport header): what its datagram's first fragment got, counted
+/// in that fragment's protocol row, if it was seen and is not older than the kernel's
+/// reassembly timeout. Otherwise `protocol` (what the fragment names) decides: a TCP or UDP
+/// fragment, or one whose first fragment began with more extension headers, could belong to
+/// a flow the rules look at (`fragment_unknown`); other protocols' fragments are passed as
+/// they always were.
 #[inline(always)]
-fn later_fragment(ctx: &TcContext, key: &FragmentKey, judged: bool) -> Outcome {
+fn later_fragment(ctx: &TcContext, key: &FragmentKey, next_header: u8) -> (Protocol, Outcome) {
     // SAFETY: the value is copied out at once; the map holds plain data.
     let first = unsafe { FRAGMENTS.get(key) }.copied();
-    let outcome = match first {
-        Some(first) if first.is_live(now_ns()) => {
-            Outcome::from_index(first.outcome).unwrap_or(Outcome::FragmentUnknown)
+    let named = protocol_of(next_header);
+    let (protocol, outcome) = match first {
+        Some(first) if first.is_live(now_ns(), fragment_timeouts()) => (
+            if first.protocol == Protocol::Udp as u16 {
+                Protocol::Udp
+            } else {
+                Protocol::Tcp
+            },
+            Outcome::from_index(first.outcome).unwrap_or(Outcome::FragmentUnknown),
+        ),
+        _ if named != Protocol::Other => (named, Outcome::FragmentUnknown),
+        _ if decision::is_ipv6_extension_header(next_header) => {
+            (Protocol::Other, Outcome::FragmentUnknown)
         }
-        _ if judged => Outcome::FragmentUnknown,
-        _ => Outcome::Passed,
+        _ => (named, Outcome::Passed),
     };
     if outcome == Outcome::FragmentSteered {
         mark_for_local_delivery(ctx);
     }
-    outcome
+    (protocol, outcome)
 }
 
 /// The socket match and listener assignment for a parsed flow of either family that a rule
@@ -404,7 +432,11 @@ fn steer_transport(
             flow: flow_key(tuple, tuple_len),
             protocol: if tcp { IPPROTO_TCP } else { IPPROTO_UDP } as u32,
         };
-        let entry = ReassembledFlow { slot, ipv6: ipv6 as u32, seen_ns: now_ns() };
+        let entry = ReassembledFlow {
+            slot,
+            ipv6: ipv6 as u32,
+            seen_ns: now_ns(),
+        };
         let _ = REASSEMBLED_FLOWS.insert(&reassembled, &entry, 0);
     }
     outcome
@@ -438,15 +470,28 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         fragment.protocol = ip[9] as u32;
     }
     if position == FragmentPosition::Later {
-        return (protocol, later_fragment(ctx, &fragment, true));
+        return later_fragment(ctx, &fragment, ip[9]);
     }
     let Some([sport, dport]) = ports(ctx, l3 + header_len) else {
         return (protocol, Outcome::Unparsed);
     };
-    let flow = Flow { protocol, saddr, daddr, sport, dport, position, fragment: &fragment };
+    let flow = Flow {
+        protocol,
+        ipv6: false,
+        position,
+        fragment: &fragment,
+    };
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let udp = protocol == Protocol::Udp;
-    let rule = match_rules(&RULES_DST_V4, &RULES_SRC_V4, udp, u16::from_be(dport), daddr, saddr, ifindex);
+    let rule = match_rules(
+        &RULES_DST_V4,
+        &RULES_SRC_V4,
+        udp,
+        u16::from_be(dport),
+        daddr,
+        saddr,
+        ifindex,
+    );
     let scope = decision::ipv4_destination_scope(daddr);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4 = TupleV4 {
@@ -462,10 +507,10 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
             ctx,
             "steer new {} {:i}:{} -> {:i}:{}",
             protocol.name(),
-            u32::from_be_bytes(flow.saddr),
-            u16::from_be(flow.sport),
-            u32::from_be_bytes(flow.daddr),
-            u16::from_be(flow.dport)
+            u32::from_be_bytes(saddr),
+            u16::from_be(sport),
+            u32::from_be_bytes(daddr),
+            u16::from_be(dport)
         );
     }
     (protocol, outcome)
@@ -487,34 +532,41 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     let mut fragment = FragmentKey::default();
     // What ip6tables' `-p tcp` does: walk the extension headers to the transport header.
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
-        if decision::ipv6_extension_len(next, 0).is_none() {
+        if !decision::is_ipv6_extension_header(next) {
             break;
         }
-        // Every extension header is at least 8 bytes long.
+        // Every extension header is at least 8 bytes long. One that is not all there (a
+        // first fragment whose header chain runs into the next fragment) is unparsed.
         let Ok(head) = ctx.load::<[u8; 8]>(offset) else {
             return (Protocol::Other, Outcome::Unparsed);
         };
-        if next == IPV6_FRAGMENT_HEADER {
-            position = decision::ipv6_fragment_position(u16::from_be_bytes([head[2], head[3]]));
-            if position != FragmentPosition::Whole {
-                fragment.source = saddr;
-                fragment.destination = daddr;
-                fragment.id = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        match decision::ipv6_step(next, head) {
+            Ipv6Step::Transport(_) => break,
+            Ipv6Step::Skip { next_header, len } => {
+                next = next_header;
+                offset += len;
             }
-            if position == FragmentPosition::Later {
-                // What follows is the middle of the datagram, not a header.
-                let judged = decision::ipv6_extension_len(head[0], 0).is_some()
-                    || protocol_of(head[0]) != Protocol::Other;
-                return (protocol_of(head[0]), later_fragment(ctx, &fragment, judged));
+            Ipv6Step::Fragment {
+                next_header,
+                position: here,
+                id,
+            } => {
+                position = here;
+                if position != FragmentPosition::Whole {
+                    fragment.source = saddr;
+                    fragment.destination = daddr;
+                    fragment.id = id;
+                }
+                if position == FragmentPosition::Later {
+                    // What follows is the middle of the datagram, not a header.
+                    return later_fragment(ctx, &fragment, next_header);
+                }
+                next = next_header;
+                offset += 8;
             }
         }
-        let Some(len) = decision::ipv6_extension_len(next, head[1]) else {
-            break;
-        };
-        next = head[0];
-        offset += len;
     }
-    if decision::ipv6_extension_len(next, 0).is_some() {
+    if decision::is_ipv6_extension_header(next) {
         // More headers than the program walks: it cannot tell whose flow this is.
         return (Protocol::Other, Outcome::Unparsed);
     }
@@ -525,10 +577,23 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     let Some([sport, dport]) = ports(ctx, offset) else {
         return (protocol, Outcome::Unparsed);
     };
-    let flow = Flow { protocol, saddr, daddr, sport, dport, position, fragment: &fragment };
+    let flow = Flow {
+        protocol,
+        ipv6: true,
+        position,
+        fragment: &fragment,
+    };
     let udp = protocol == Protocol::Udp;
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let rule = match_rules(&RULES_DST_V6, &RULES_SRC_V6, udp, u16::from_be(dport), daddr, saddr, ifindex);
+    let rule = match_rules(
+        &RULES_DST_V6,
+        &RULES_SRC_V6,
+        udp,
+        u16::from_be(dport),
+        daddr,
+        saddr,
+        ifindex,
+    );
     let scope = decision::ipv6_destination_scope(daddr);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
     let words = |bytes: &[u8; 16]| -> [u32; 4] {
@@ -552,10 +617,10 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
             ctx,
             "steer new {} [{:i}]:{} -> [{:i}]:{}",
             protocol.name(),
-            flow.saddr,
-            u16::from_be(flow.sport),
-            flow.daddr,
-            u16::from_be(flow.dport)
+            saddr,
+            u16::from_be(sport),
+            daddr,
+            u16::from_be(dport)
         );
     }
     (protocol, outcome)
@@ -699,9 +764,9 @@ fn take_socket(ctx: &TcContext, sk: *mut bpf_sock, success: Outcome, assign: boo
     // SAFETY: releases the reference the caller's lookup took, on every path.
     unsafe { bpf_sk_release(sk as *mut c_void) };
     if ret != 0 {
-        let outcome = decision::assign_error(ret);
-        warn!(ctx, "bpf_sk_assign failed: {}", ret);
-        return outcome;
+        // Counted by reason; no log record here: aya-log's call would be a second stack
+        // frame on top of the classifier's, over the verifier's 512 bytes.
+        return decision::assign_error(ret);
     }
     mark_for_local_delivery(ctx);
     success

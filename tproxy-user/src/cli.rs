@@ -246,8 +246,9 @@ pub struct RunArgs {
     pub pin_dir: Option<PathBuf>,
 
     /// What happens to a packet a steer rule takes when no listener can get it (no tproxy
-    /// process runs over pinned state, or the listener has no socket for the packet's family):
-    /// `open` passes it on untouched, `closed` drops it. [default: open]
+    /// process runs over pinned state, or the listener has no socket for the packet's family),
+    /// and to a later fragment whose first fragment was not seen (any port: without ports its
+    /// flow cannot be told): `open` passes it on untouched, `closed` drops it. [default: open]
     #[arg(long = "fail-mode", value_name = "MODE", value_parser = parse_fail_mode)]
     pub fail_mode: Option<FailMode>,
 

@@ -210,6 +210,12 @@ fn interface(iface: &str) -> Vec<Finding> {
 /// program may drop or redirect steered packets, and another tproxy (another table) steers
 /// its own ports on the same interface.
 fn ingress_programs(iface: &str) -> Finding {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    if !tcx {
+        return Finding::ok(format!(
+            "{iface}: no TCX before kernel 6.6 (tproxy attaches with clsact; `tc filter show dev {iface} ingress` lists the filters)"
+        ));
+    }
     let programs = match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
         Ok((_, programs)) => programs,
         Err(error) => {
@@ -248,9 +254,7 @@ fn ingress_programs(iface: &str) -> Finding {
     }
     Finding::warning(
         problem,
-        Some(format!(
-            "bpftool link; bpftool prog show (interface {iface})"
-        )),
+        Some(format!("bpftool link; bpftool net show dev {iface}")),
     )
 }
 

@@ -4,7 +4,10 @@
 //! them out instead of waiting for the LRU to evict them).
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -15,11 +18,12 @@ use aya::{
 };
 use tproxy_common::maps::{self, FragmentDecision, FragmentKey, ProtocolFlowKey, ReassembledFlow};
 
-/// How often expired entries are deleted: a fraction of the shortest reassembly timeout.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// How often expired entries are deleted: a quarter of the shorter reassembly timeout, within
+/// these bounds.
+const SWEEP_INTERVAL: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 
 /// Entries left in the fragment maps after a sweep.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FragmentEntries {
     /// Datagrams whose first fragment was decided and whose time is not up.
     pub datagrams: usize,
@@ -29,28 +33,58 @@ pub struct FragmentEntries {
 
 /// The program's two fragment maps; shared, cheap to clone.
 #[derive(Clone)]
-pub struct FragmentTracking(Arc<Mutex<Maps>>);
+pub struct FragmentTracking(Arc<Tracking>);
+
+struct Tracking {
+    maps: Mutex<Maps>,
+    /// The namespace's reassembly timeouts (IPv4, IPv6), as the program has them.
+    timeouts_ns: (u64, u64),
+    /// What the last sweep left: read without waiting for a sweep in progress.
+    datagrams_left: AtomicUsize,
+    reassembled_flows_left: AtomicUsize,
+}
 
 struct Maps {
     datagrams: HashMap<MapData, FragmentKey, FragmentDecision>,
     reassembled: HashMap<MapData, ProtocolFlowKey, ReassembledFlow>,
-    last: FragmentEntries,
+}
+
+/// The namespace's reassembly timeouts in nanoseconds (IPv4, IPv6), from
+/// `net.ipv4.ipfrag_time` and `net.ipv6.ip6frag_time` (per network namespace); the kernel's
+/// defaults where one cannot be read (IPv6 disabled).
+pub fn reassembly_timeouts_ns() -> (u64, u64) {
+    let read = |path: &str, default: u64| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .map_or(default, |seconds| seconds.saturating_mul(1_000_000_000))
+    };
+    let (v4, v6) = maps::DEFAULT_FRAGMENT_TIMEOUTS_NS;
+    (
+        read("/proc/sys/net/ipv4/ipfrag_time", v4),
+        read("/proc/sys/net/ipv6/ip6frag_time", v6),
+    )
 }
 
 impl FragmentTracking {
-    /// Takes the fragment maps out of the loaded object.
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+    /// Takes the fragment maps out of the loaded object, whose program was loaded with
+    /// `timeouts_ns`.
+    pub fn take(ebpf: &mut Ebpf, timeouts_ns: (u64, u64)) -> Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
         let datagrams = HashMap::try_from(take(maps::FRAGMENTS)?)?;
         let reassembled = HashMap::try_from(take(maps::REASSEMBLED_FLOWS)?)?;
-        Ok(FragmentTracking(Arc::new(Mutex::new(Maps {
-            datagrams,
-            reassembled,
-            last: FragmentEntries::default(),
-        }))))
+        Ok(FragmentTracking(Arc::new(Tracking {
+            maps: Mutex::new(Maps {
+                datagrams,
+                reassembled,
+            }),
+            timeouts_ns,
+            datagrams_left: AtomicUsize::new(0),
+            reassembled_flows_left: AtomicUsize::new(0),
+        })))
     }
 
     /// Deletes the entries whose reassembly time is up every few seconds, off the runtime's
@@ -58,14 +92,18 @@ impl FragmentTracking {
     pub fn spawn_sweeper(&self) {
         let tracking = self.clone();
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+            let (v4, v6) = tracking.0.timeouts_ns;
+            let every =
+                Duration::from_nanos(v4.min(v6) / 4).clamp(SWEEP_INTERVAL.0, SWEEP_INTERVAL.1);
+            let mut interval = tokio::time::interval(every);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
                 let tracking = tracking.clone();
-                let swept = tokio::task::spawn_blocking(move || tracking.sweep()).await;
-                if let Ok(Err(error)) = swept {
-                    log::warn!("sweeping expired fragment entries: {error:#}");
+                match tokio::task::spawn_blocking(move || tracking.sweep()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => log::warn!("sweeping expired fragment entries: {error:#}"),
+                    Err(error) => log::warn!("the fragment sweep failed: {error}"),
                 }
             }
         });
@@ -73,22 +111,23 @@ impl FragmentTracking {
 
     /// What the last sweep left.
     pub fn entries(&self) -> FragmentEntries {
-        self.0.lock().map(|maps| maps.last).unwrap_or_default()
+        FragmentEntries {
+            datagrams: self.0.datagrams_left.load(Relaxed),
+            reassembled_flows: self.0.reassembled_flows_left.load(Relaxed),
+        }
     }
 
-    fn sweep(&self) -> Result<FragmentEntries> {
+    fn sweep(&self) -> Result<()> {
+        let timeouts = self.0.timeouts_ns;
+        // A sweep that panicked left the maps as consistent as the kernel keeps them.
+        let mut maps = self.0.maps.lock().unwrap_or_else(|e| e.into_inner());
         let now = monotonic_ns()?;
-        let mut maps = self
-            .0
-            .lock()
-            .map_err(|_| anyhow!("fragment maps poisoned"))?;
-        let datagrams = sweep_map(&mut maps.datagrams, |d| d.is_live(now))?;
-        let reassembled_flows = sweep_map(&mut maps.reassembled, |f| f.is_live(now))?;
-        maps.last = FragmentEntries {
-            datagrams,
-            reassembled_flows,
-        };
-        Ok(maps.last)
+        let left = sweep_map(&mut maps.datagrams, |d| d.is_live(now, timeouts));
+        self.0.datagrams_left.store(left, Relaxed);
+        let now = monotonic_ns()?;
+        let left = sweep_map(&mut maps.reassembled, |f| f.is_live(now, timeouts));
+        self.0.reassembled_flows_left.store(left, Relaxed);
+        Ok(())
     }
 }
 
@@ -96,19 +135,36 @@ impl FragmentTracking {
 fn sweep_map<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     live: impl Fn(&V) -> bool,
-) -> Result<usize> {
+) -> usize {
+    // Keys first: deleting while iterating a BPF hash map restarts the walk. The program
+    // inserts and the LRU evicts meanwhile, so a key can come up twice: count it once.
+    let mut seen = std::collections::HashSet::new();
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| seen.insert(pod_bytes(key)))
+        .collect();
     let mut left = 0;
-    // Collected first: deleting while iterating a BPF hash map restarts the walk.
-    let entries: Vec<(K, V)> = map.iter().filter_map(Result::ok).collect();
-    for (key, value) in entries {
-        if live(&value) {
-            left += 1;
-        } else {
+    for key in keys {
+        // Read again just before deleting: the program may have written the key anew since
+        // (a UDP flow's next fragmented datagram), and a live entry must stay.
+        match map.get(&key, 0) {
+            Ok(value) if live(&value) => left += 1,
             // Gone already when the program or the LRU removed it meanwhile.
-            let _ = map.remove(&key);
+            Ok(_) => {
+                let _ = map.remove(&key);
+            }
+            Err(_) => {}
         }
     }
-    Ok(left)
+    left
+}
+
+/// A map key's bytes, to tell keys apart without requiring `Hash` of every key type.
+fn pod_bytes<K: aya::Pod>(key: &K) -> Vec<u8> {
+    // SAFETY: `Pod` types are plain bytes without padding or invalid values.
+    unsafe { std::slice::from_raw_parts((key as *const K).cast::<u8>(), std::mem::size_of::<K>()) }
+        .to_vec()
 }
 
 /// `bpf_ktime_get_ns`'s clock.

@@ -59,10 +59,8 @@ pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<Transp
     Ok(listeners)
 }
 
-/// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
-/// listener is reached at any address on its port): relaying there would loop forever.
 /// Whether `original` is a destination the relay must never connect to: loopback,
-/// unspecified, IPv4-mapped, multicast, broadcast or link-local (see
+/// unspecified, IPv4-mapped, multicast, broadcast or IPv6 link-local (see
 /// `tproxy_common::decision::DestinationScope`). The eBPF program never steers such flows;
 /// this is the second line, for flows that reach a listener some other way (`--relay-only`
 /// behind someone's iptables rules, an older pinned program).
@@ -71,6 +69,8 @@ pub fn refused_destination(original: SocketAddr) -> bool {
         != tproxy_common::decision::DestinationScope::Relayable
 }
 
+/// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
+/// listener is reached at any address on its port): relaying there would loop forever.
 pub fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
     listeners.iter().any(|listener| {
         listener.port() == target.port()

@@ -73,8 +73,9 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         let plan = relays.plan(&config)?;
         relays.commit(plan, None)?;
         privileges::drop_privileges(workers, user.as_ref()).await?;
-        announce_ready(&args, &config, &[], &relays);
+        // Ready before the line that says so: whoever reads it and asks /readyz must hear 200.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        announce_ready(&args, &config, &[], &relays);
         notify_systemd(sd_notify::NotifyState::Ready);
         return serve(&args, config, relays, None, &[], &mut signals, &mut control)
             .await
@@ -175,8 +176,9 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         privileges::drop_privileges(workers, user.as_ref()).await?;
         // Only now: its blocking thread must be born without the set-up's privileges.
         steering.fragments().spawn_sweeper();
-        announce_ready(&args, &config, &control.attached, &relays);
+        // Ready before the line that says so: whoever reads it and asks /readyz must hear 200.
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        announce_ready(&args, &config, &control.attached, &relays);
         notify_systemd(sd_notify::NotifyState::Ready);
         serve(
             &args,
@@ -525,6 +527,7 @@ fn status_report(
         "listeners": listeners,
         "rules": config.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "packets": packets,
+        "fragment_tracking": steering.map(|steering| steering.fragments().entries()),
         "tcp_relay": {
             "accepted": tcp.accepted.load(Relaxed),
             "active": tcp.active(),

@@ -128,7 +128,10 @@ impl Steering {
                 loader.map_pin_path(name, pinned.map(name));
             }
         }
+        let fragment_timeouts = crate::fragments::reassembly_timeouts_ns();
         let ebpf = loader
+            .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
+            .override_global(maps::FRAGMENT_TIMEOUT_V6_GLOBAL, &fragment_timeouts.1, true)
             .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
             .override_global(maps::FAIL_CLOSED_GLOBAL, &fail_closed, true)
             .override_global(maps::MARK_MASK_GLOBAL, &settings.mark.mask, true)
@@ -145,7 +148,7 @@ impl Steering {
             .take_map(maps::COUNTERS)
             .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
         let counters = CounterReader(Arc::new(PerCpuArray::try_from(counters)?));
-        let fragments = FragmentTracking::take(&mut ebpf)?;
+        let fragments = FragmentTracking::take(&mut ebpf, fragment_timeouts)?;
         let mut steering = Steering {
             ebpf,
             active: None,
@@ -541,6 +544,15 @@ impl CounterReader {
     pub fn from_pin(path: &std::path::Path) -> Result<Self> {
         let map = MapData::from_pin(path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let entries = map.info()?.max_entries();
+        if entries != maps::COUNTERS_LEN {
+            bail!(
+                "the pinned counters at {} have another layout ({entries} entries, {} in this \
+                 version): the next `run --pin` of this version replaces them",
+                path.display(),
+                maps::COUNTERS_LEN
+            );
+        }
         let map = PerCpuArray::try_from(aya::maps::Map::from_map_data(map)?)?;
         Ok(CounterReader(Arc::new(map)))
     }
