@@ -101,7 +101,7 @@ print(json.dumps({
         r#""kinds": ["ConfigMap", "DaemonSet"]"#,
         r#""hostNetwork": true"#,
         r#""privileged": false"#,
-        r#""add": ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"]"#,
+        r#""add": ["BPF", "PERFMON", "NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"]"#,
         r#""drop": ["ALL"]"#,
         r#""liveness": "/healthz""#,
         r#""readiness": "/readyz""#,

@@ -201,8 +201,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub metrics: Option<SocketAddr>,
 
-    /// Once set up, run as this user (with only CAP_NET_ADMIN and CAP_NET_RAW, which tproxy
-    /// keeps in any case). The configuration file must stay readable to it for reloads.
+    /// Once set up, run as this user (with only CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and
+    /// CAP_NET_RAW, which tproxy keeps in any case). The configuration file must stay readable to it for reloads.
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
 

@@ -537,6 +537,8 @@ fn status_report(
             "expired": udp.expired.load(Relaxed),
             "to_upstream": udp.to_upstream.load(Relaxed),
             "to_client": udp.to_client.load(Relaxed),
+            "raw_reply_fallbacks": udp.reply_fallbacks.load(Relaxed),
+            "raw_reply_failures": udp.raw_reply_failures.load(Relaxed),
         },
     })
 }
