@@ -14,10 +14,12 @@ use std::{
 };
 
 use tproxy_tests::{
-    payload, require_root, udp_client, udp_exchange, Netns, RouterTopology as Topo, UdpEcho,
+    http_get, payload, require_root, run_tproxy_output, udp_client, udp_exchange, Netns,
+    RouterTopology as Topo, UdpEcho,
 };
 
 const DNS: u16 = 53;
+const METRICS: &str = "127.0.0.1:9464";
 /// Around each MTU boundary (1,472 and 1,452 bytes fill one 1,500-byte packet over IPv4 and
 /// IPv6), and well beyond it.
 const SIZES: [usize; 7] = [100, 1400, 1452, 1453, 1472, 1473, 8000];
@@ -96,7 +98,7 @@ fn replies_of_100_to_8000_bytes_on_port_53_arrive_whole_over_ipv4_and_ipv6() {
 fn raw_replies_of_100_to_8000_bytes_arrive_whole_when_a_local_service_holds_port_53() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = topo.tproxy(&["--udp", "53"]).unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "53", "--metrics", METRICS]).unwrap();
     // A resolver on the router itself, on the wildcard (dual-stack) without SO_REUSEADDR:
     // no reply socket can be bound to port 53, so every reply goes out raw.
     let local = UdpEcho::start(&topo.router, "[::]:53".parse().unwrap()).unwrap();
@@ -105,4 +107,16 @@ fn raw_replies_of_100_to_8000_bytes_arrive_whole_when_a_local_service_holds_port
     assert_eq!(tproxy.udp_stat("raw_reply_fallbacks").unwrap(), 2);
     assert_eq!(tproxy.udp_stat("raw_reply_failures").unwrap(), 0);
     assert_eq!(tproxy.udp_stat("dropped").unwrap(), 0);
+    // The same counters in the status report and the metrics.
+    let (status, out, err) = run_tproxy_output(&topo.router, &["status", "--json"]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let udp = &report["instance"]["udp_relay"];
+    assert_eq!(udp["raw_reply_fallbacks"], 2, "{report:#}");
+    assert_eq!(udp["raw_reply_failures"], 0, "{report:#}");
+    let (_, metrics) = http_get(&topo.router, METRICS.parse().unwrap(), "/metrics").unwrap();
+    assert!(
+        metrics.contains("\ntproxy_udp_raw_reply_failures_total 0\n"),
+        "{metrics}"
+    );
 }
