@@ -120,3 +120,38 @@ fn raw_replies_of_100_to_8000_bytes_arrive_whole_when_a_local_service_holds_port
         "{metrics}"
     );
 }
+
+#[test]
+fn a_reply_the_raw_fallback_cannot_send_is_counted_and_logged() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // Below the 1,280-byte fragments the raw fallback sends: the kernel refuses them.
+    topo.router
+        .ip(&[
+            "link",
+            "set",
+            "dev",
+            Topo::ROUTER_CLIENT_IFACE,
+            "mtu",
+            "1000",
+        ])
+        .unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "53"]).unwrap();
+    let _local = UdpEcho::start(&topo.router, "[::]:53".parse().unwrap()).unwrap();
+    let server = SizedReplies::start(&topo.server, Topo::server_addr(false, DNS));
+    let client = udp_client(&topo.client, server.addr).unwrap();
+    let (reply, _) = udp_exchange(&client, server.addr, b"100").unwrap();
+    assert_eq!(reply, payload(100, 100));
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(udp_exchange(&client, server.addr, b"3000").is_err());
+    tproxy
+        .wait_for_line(
+            "a reply of 3000 bytes could not be sent through the raw socket",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(tproxy.udp_stat("raw_reply_failures").unwrap(), 1);
+    assert_eq!(tproxy.udp_stat("dropped").unwrap(), 1);
+}
