@@ -1,9 +1,16 @@
-//! Builds the eBPF program (tproxy-ebpf, its own workspace) with nightly for
+//! Builds the eBPF program (tproxy-ebpf, its own workspace) with the pinned nightly for
 //! bpfel-unknown-none and leaves the object in OUT_DIR, where `src/steering.rs` embeds it.
 
-use std::{env, path::PathBuf, process::Command};
+#[path = "../tproxy-ebpf/toolchain.rs"]
+mod toolchain;
 
-use anyhow::{bail, Context, Result};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
 
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
@@ -16,6 +23,12 @@ fn main() -> Result<()> {
             dir.join("Cargo.toml").display()
         );
     }
+    for file in ["toolchain.rs", "rust-toolchain.toml"] {
+        println!("cargo::rerun-if-changed={}", ebpf_dir.join(file).display());
+    }
+    check_toolchain_file(&ebpf_dir)?;
+    let nightly = toolchain::find()
+        .map_err(|missing| anyhow!("{missing}: run `cargo xtask setup`, which installs it"))?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let target_dir = out_dir.join("ebpf-target");
 
@@ -31,7 +44,14 @@ fn main() -> Result<()> {
 
     let mut cargo = Command::new("rustup");
     cargo
-        .args(["run", "nightly", "cargo", "build", "--release", "--locked"])
+        .args([
+            "run",
+            nightly.name,
+            "cargo",
+            "build",
+            "--release",
+            "--locked",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         // tproxy-ebpf/.cargo/config.toml (target, build-std) is found from the working dir.
@@ -50,16 +70,36 @@ fn main() -> Result<()> {
     ] {
         cargo.env_remove(var);
     }
-    let status = cargo.status().context(
-        "running `rustup run nightly cargo build` for tproxy-ebpf (is rustup installed?)",
-    )?;
+    let status = cargo.status().with_context(|| {
+        format!(
+            "running `rustup run {} cargo build` for tproxy-ebpf (is rustup installed?)",
+            nightly.name
+        )
+    })?;
     if !status.success() {
         bail!(
-            "building tproxy-ebpf failed ({status}); `cargo xtask setup` installs nightly's rust-src and bpf-linker"
+            "building tproxy-ebpf with {} ({}) failed ({status}); `cargo xtask setup` installs its rust-src and bpf-linker",
+            nightly.name,
+            nightly.version()
         );
     }
     let object = target_dir.join("bpfel-unknown-none/release/tproxy-ebpf");
     std::fs::copy(&object, out_dir.join("tproxy-ebpf"))
         .with_context(|| format!("copying {}", object.display()))?;
+    Ok(())
+}
+
+/// The toolchain file (what cargo uses when run inside tproxy-ebpf) must name the nightly
+/// this build uses.
+fn check_toolchain_file(ebpf_dir: &Path) -> Result<()> {
+    let path = ebpf_dir.join("rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let wanted = format!("channel = \"{}\"", toolchain::PINNED);
+    if !text.lines().any(|line| line.trim() == wanted) {
+        bail!(
+            "{} does not say `{wanted}` as tproxy-ebpf/toolchain.rs does: change both together",
+            path.display()
+        );
+    }
     Ok(())
 }

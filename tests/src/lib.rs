@@ -205,7 +205,26 @@ impl Tproxy {
         Ok(tproxy)
     }
 
+    /// Starts `tproxy run ARGS…` in `netns` with nothing added, not even the quick stop the
+    /// other constructors give (see [`Tproxy::spawn_wrapped`]), and waits for its "ready" line.
+    pub fn start_with_defaults(netns: &Netns, args: &[&str]) -> Result<Self> {
+        let mut tproxy = Self::spawn_exactly(netns, &[], args)?;
+        tproxy.wait_for_line("ready:", Duration::from_secs(30))?;
+        Ok(tproxy)
+    }
+
+    /// A test that does not ask for a drain (`--drain-timeout`) stops tproxy at once: with
+    /// the default drain, each stop with a UDP session open would last until the session
+    /// expired. The drain itself is tested where it is the subject.
     fn spawn_wrapped(netns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        let mut args = args.to_vec();
+        if !args.contains(&"--drain-timeout") {
+            args.extend(["--drain-timeout", "0s"]);
+        }
+        Self::spawn_exactly(netns, wrapper, &args)
+    }
+
+    fn spawn_exactly(netns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &netns.name])
             .args(wrapper)

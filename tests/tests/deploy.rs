@@ -101,13 +101,13 @@ print(json.dumps({
         r#""kinds": ["ConfigMap", "DaemonSet"]"#,
         r#""hostNetwork": true"#,
         r#""privileged": false"#,
-        r#""add": ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW"]"#,
+        r#""add": ["BPF", "PERFMON", "NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"]"#,
         r#""drop": ["ALL"]"#,
         r#""liveness": "/healthz""#,
         r#""readiness": "/readyz""#,
-        r#""args": ["run", "--config", "/etc/tproxy/tproxy.toml", "--metrics", "0.0.0.0:9464", "--pin", "--drain-timeout", "25s"]"#,
+        r#""args": ["run", "--config", "/etc/tproxy/tproxy.toml", "--metrics", "0.0.0.0:9464", "--pin"]"#,
         r#""/etc/tproxy", "/run/tproxy", "/sys/fs/bpf""#,
-        r#""grace": 30"#,
+        r#""grace": 40"#,
     ] {
         assert!(text.contains(expected), "{expected} not in {text}");
     }
@@ -141,4 +141,60 @@ fn the_containerfile_packages_the_built_binary_and_matches_the_manifest() {
     if os.contains("VERSION_ID=\"12\"") && os.contains("ID=debian") {
         assert!(containerfile.contains("FROM debian:12-slim"));
     }
+}
+
+/// Whole seconds of a duration as tproxy and systemd write these ("30s", "20").
+fn seconds(text: &str) -> u64 {
+    text.trim().trim_end_matches('s').parse().unwrap()
+}
+
+/// The drain `args` ask for, or the default that `tproxy run --help` states.
+fn drain_of(args: &str) -> u64 {
+    if let Some(after) = args.split("--drain-timeout").nth(1) {
+        let value = after.trim_start_matches([' ', '"', ',']);
+        return seconds(value.split(['"', ' ']).next().unwrap());
+    }
+    let (status, help, _) = tproxy_with_input(&["run", "--help"], "").unwrap();
+    assert!(status.success());
+    let after = help.split("--drain-timeout").nth(1).unwrap();
+    let default = after.split("[default: ").nth(1).unwrap();
+    seconds(default.split(']').next().unwrap())
+}
+
+#[test]
+fn the_service_managers_wait_for_the_drain_before_they_kill() {
+    // What stopping takes beyond the drain: resetting what is left (at most 2 s), the rest.
+    const MARGIN: u64 = 5;
+    let unit = repo("deploy/systemd/tproxy.service");
+    let setting = |key: &str| {
+        unit.lines()
+            .find_map(|line| line.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"))
+            .to_string()
+    };
+    let (drain, stop) = (
+        drain_of(&setting("ExecStart=")),
+        seconds(&setting("TimeoutStopSec=")),
+    );
+    assert!(
+        drain + MARGIN <= stop,
+        "systemd: drain {drain} s, TimeoutStopSec {stop} s"
+    );
+
+    let manifest = repo("deploy/kubernetes/daemonset.yaml");
+    let value = |key: &str| {
+        manifest
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the manifest"))
+            .to_string()
+    };
+    let (drain, grace) = (
+        drain_of(&value("args:")),
+        seconds(&value("terminationGracePeriodSeconds:")),
+    );
+    assert!(
+        drain + MARGIN <= grace,
+        "Kubernetes: drain {drain} s, grace period {grace} s"
+    );
 }

@@ -1,5 +1,5 @@
-//! Least privilege: once set up, every thread of `tproxy run` holds only CAP_NET_ADMIN and
-//! CAP_NET_RAW, optionally as an unprivileged user, and everything still works: new TCP and
+//! Least privilege: once set up, every thread of `tproxy run` holds only CAP_NET_ADMIN,
+//! CAP_NET_BIND_SERVICE and CAP_NET_RAW, optionally as an unprivileged user, and everything still works: new TCP and
 //! UDP flows, reloads, statistics, and the clean-up at exit.
 
 use std::time::Duration;
@@ -9,8 +9,8 @@ use tproxy_tests::{
     ConfigFile, RouterTopology as Topo, Server, UdpEcho,
 };
 
-/// CAP_NET_ADMIN (12) and CAP_NET_RAW (13).
-const KEPT: u64 = (1 << 12) | (1 << 13);
+/// CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12) and CAP_NET_RAW (13).
+const KEPT: u64 = (1 << 10) | (1 << 12) | (1 << 13);
 
 /// (uid line, CapEff and CapPrm of every thread) of a process.
 fn credentials(pid: u32) -> (String, Vec<(u64, u64)>) {
@@ -50,7 +50,7 @@ fn relay_works(topo: &Topo, tcp: &Server, udp: &UdpEcho) {
 }
 
 #[test]
-fn after_set_up_only_net_admin_and_net_raw_remain_on_every_thread() {
+fn after_set_up_only_net_admin_net_bind_service_and_net_raw_remain_on_every_thread() {
     require_root();
     let topo = Topo::new().unwrap();
     let tcp = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();

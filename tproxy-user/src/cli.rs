@@ -201,8 +201,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub metrics: Option<SocketAddr>,
 
-    /// Once set up, run as this user (with only CAP_NET_ADMIN and CAP_NET_RAW, which tproxy
-    /// keeps in any case). The configuration file must stay readable to it for reloads.
+    /// Once set up, run as this user (with only CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and
+    /// CAP_NET_RAW, which tproxy keeps in any case). The configuration file must stay readable to it for reloads.
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
 
@@ -253,8 +253,9 @@ pub struct RunArgs {
     pub fail_mode: Option<FailMode>,
 
     /// On SIGTERM, or when a new instance takes over, stop accepting and give the connections
-    /// and UDP sessions in flight this long to finish before resetting the rest. [default: 0s]
-    #[arg(long = "drain-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    /// and UDP sessions in flight this long to finish before resetting the rest; a second
+    /// SIGTERM or SIGINT resets them at once, and 0s does not wait. [default: 30s]
+    #[arg(long = "drain-timeout", value_name = "DURATION", value_parser = parse_drain_timeout)]
     pub drain_timeout: Option<Duration>,
 }
 
@@ -425,12 +426,17 @@ pub fn parse_table(text: &str) -> Result<u32, String> {
 
 /// Parses `10s`, `500ms`, `5m`, …; zero is refused.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text)
-        .map_err(|e| format!("`{text}` is not a duration like 10s or 500ms ({e})"))?;
+    let duration = parse_drain_timeout(text)?;
     if duration.is_zero() {
         return Err(format!("duration `{text}` must be greater than zero"));
     }
     Ok(duration)
+}
+
+/// A drain timeout: any duration, zero included (what is in flight is reset at once).
+pub fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like 10s or 500ms ({e})"))
 }
 
 #[cfg(test)]
@@ -509,6 +515,10 @@ mod tests {
             .unwrap_err()
             .contains("greater than zero"));
         assert!(parse_duration("soon").unwrap_err().contains("`soon`"));
+        assert_eq!(parse_drain_timeout("0s").unwrap(), Duration::ZERO);
+        assert!(parse_drain_timeout("later")
+            .unwrap_err()
+            .contains("`later`"));
     }
 
     #[test]

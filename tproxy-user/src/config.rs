@@ -33,6 +33,12 @@ use crate::{
 /// Name of the listener that `--tcp`/`--udp` steer to.
 pub const DEFAULT_LISTENER: &str = "default";
 
+/// How long a stop or a handover gives the connections and sessions in flight by default: a
+/// stop should not cut transfers short (HAProxy and nginx wait for their connections on a
+/// graceful stop), nor keep an operator waiting for minutes. A service manager must allow a
+/// little more before it kills (see deploy/).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Where the program is attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Interfaces {
@@ -67,6 +73,7 @@ pub struct Settings {
     /// The bpffs directory for pinned state.
     pub pin_dir: PathBuf,
     pub fail_mode: FailMode,
+    /// See [`DEFAULT_DRAIN_TIMEOUT`].
     pub drain_timeout: Duration,
 }
 
@@ -103,7 +110,7 @@ impl Default for Settings {
             pin: false,
             pin_dir: PathBuf::from("/sys/fs/bpf/tproxy"),
             fail_mode: FailMode::Open,
-            drain_timeout: Duration::ZERO,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -493,7 +500,7 @@ struct ConfigFile {
     pin: Option<bool>,
     pin_dir: Option<PathBuf>,
     fail_mode: Option<Text<FailMode>>,
-    drain_timeout: Option<Text<Timeout>>,
+    drain_timeout: Option<Text<DrainTimeout>>,
     #[serde(default, rename = "listener")]
     listeners: Vec<toml::Spanned<ListenerEntry>>,
     #[serde(default, rename = "rule")]
@@ -568,11 +575,13 @@ impl ConfigFile {
             (self.idle_timeout, &mut settings.idle_timeout),
             (self.udp_idle_timeout, &mut settings.udp_idle_timeout),
             (self.half_close_timeout, &mut settings.half_close_timeout),
-            (self.drain_timeout, &mut settings.drain_timeout),
         ] {
             if let Some(Text(Timeout(duration))) = field {
                 *target = duration;
             }
+        }
+        if let Some(Text(DrainTimeout(duration))) = self.drain_timeout {
+            settings.drain_timeout = duration;
         }
         for (field, target) in [
             (self.udp_max_sessions, &mut settings.udp_max_sessions),
@@ -771,6 +780,8 @@ struct SocketMark(u32);
 #[derive(Clone, Copy, Debug)]
 struct Timeout(Duration);
 #[derive(Clone, Copy, Debug)]
+struct DrainTimeout(Duration);
+#[derive(Clone, Copy, Debug)]
 struct SessionCap(u32);
 
 from_text!(FailMode, "\"open\" or \"closed\"", cli::parse_fail_mode);
@@ -790,6 +801,9 @@ from_text!(SocketMark, "a socket mark like \"0x2000000\"", |t| {
 });
 from_text!(Timeout, "a duration like \"10s\" or \"500ms\"", |t| {
     cli::parse_duration(t).map(Timeout)
+});
+from_text!(DrainTimeout, "a duration like \"30s\" or \"0s\"", |t| {
+    cli::parse_drain_timeout(t).map(DrainTimeout)
 });
 from_text!(
     SessionCap,
@@ -1114,7 +1128,11 @@ listener = "dns"
         let defaults = Config::build(&args(&["--iface", "eth0", "--tcp", "80"])).unwrap();
         assert!(!defaults.settings.pin);
         assert_eq!(defaults.settings.fail_mode, FailMode::Open);
-        assert_eq!(defaults.settings.drain_timeout, Duration::ZERO);
+        assert_eq!(defaults.settings.drain_timeout, Duration::from_secs(30));
+        let no_drain = with_file(&file.replace("20s", "0s"), &[]).unwrap();
+        assert_eq!(no_drain.settings.drain_timeout, Duration::ZERO);
+        let no_drain = with_file(file, &["--drain-timeout", "0s"]).unwrap();
+        assert_eq!(no_drain.settings.drain_timeout, Duration::ZERO);
     }
 
     #[test]

@@ -258,6 +258,12 @@ impl Collector for Snapshot {
         ] {
             ConstCounter::new(value).encode(family.encode_family(&[("direction", direction)])?)?;
         }
+        counter(
+            &mut encoder,
+            "udp_raw_reply_failures",
+            "UDP replies the raw fallback could not send (also counted as dropped)",
+            udp.raw_reply_failures.load(Relaxed),
+        )?;
         Ok(())
     }
 }

@@ -4,6 +4,9 @@
 //! - `CAP_NET_ADMIN`: IP_TRANSPARENT on the sockets it keeps creating (UDP reply sockets,
 //!   transparent upstream connections, listeners added by a reload), and removing its policy
 //!   routing over netlink at exit;
+//! - `CAP_NET_BIND_SERVICE`: binding a UDP reply socket to its original destination's port,
+//!   which is privileged for DNS (53), NTP (123) and the like; without it every session on
+//!   such a port would fall back to raw replies;
 //! - `CAP_NET_RAW`: the raw socket that sends UDP replies when a reply socket cannot be bound.
 //!
 //! Updating the program's maps (reloads, counters) goes through map descriptors it already
@@ -24,7 +27,11 @@ use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Uid, User};
 
 /// What tproxy keeps after setting up (see the module documentation).
-pub const KEPT: [Capability; 2] = [Capability::CAP_NET_ADMIN, Capability::CAP_NET_RAW];
+pub const KEPT: [Capability; 3] = [
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_NET_RAW,
+];
 
 /// How long to wait for every worker thread to take part in a change.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(5);

@@ -537,7 +537,7 @@ fn status_report(
             "refused_at_limit": tcp.refused_at_limit.load(Relaxed),
             "refused_at_source_limit": tcp.refused_at_source_limit.load(Relaxed),
             "half_close_timeouts": tcp.half_close_timeouts.load(Relaxed),
-            "refused_destinations": tcp.refused_destinations.load(Relaxed),
+            "refused_destination": tcp.refused_destinations.load(Relaxed),
         },
         "udp_relay": {
             "active": udp.active.load(Relaxed),
@@ -545,7 +545,9 @@ fn status_report(
             "expired": udp.expired.load(Relaxed),
             "to_upstream": udp.to_upstream.load(Relaxed),
             "to_client": udp.to_client.load(Relaxed),
-            "refused_destinations": udp.refused_destinations.load(Relaxed),
+            "refused_destination": udp.refused_destinations.load(Relaxed),
+            "raw_reply_fallbacks": udp.reply_fallbacks.load(Relaxed),
+            "raw_reply_failures": udp.raw_reply_failures.load(Relaxed),
         },
     })
 }

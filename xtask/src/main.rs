@@ -11,6 +11,8 @@
 
 mod bench;
 mod demo;
+#[path = "../../tproxy-ebpf/toolchain.rs"]
+mod ebpf_toolchain;
 mod fuzz;
 mod setup;
 
@@ -31,8 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install nightly's rust-src, bpf-linker for nightly's LLVM, and the Debian tools the
-    /// tests use.
+    /// Install the pinned nightly with rust-src, bpf-linker for its LLVM, and the Debian
+    /// tools the tests use.
     Setup,
     /// Build the release binary (eBPF program embedded) at target/release/tproxy.
     Build,

@@ -1,13 +1,17 @@
 //! Installs what a fresh machine lacks, and nothing it already has.
 //!
-//! The eBPF crate is built by nightly rustc, whose LLVM must match the one bpf-linker was
-//! built against: the LLVM major is read from `rustc +nightly -vV`, never assumed.
+//! The eBPF crate is built by the pinned nightly (`tproxy-ebpf/toolchain.rs`), whose LLVM
+//! must match the one bpf-linker was built against: the LLVM major is read from that
+//! nightly's `rustc -vV`, never assumed.
 
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::check;
+use crate::{
+    check,
+    ebpf_toolchain::{self, Toolchain, PINNED},
+};
 
 /// bpf-linker release known to build against the LLVM versions nightly uses here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -24,8 +28,16 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
 ];
 
 pub fn run() -> Result<()> {
-    ensure_rust_src()?;
-    let llvm = nightly_llvm_major()?;
+    let nightly = ensure_nightly()?;
+    let llvm = llvm_major(&nightly)?;
+    let which = match nightly.name {
+        PINNED => PINNED.to_string(),
+        name => format!("the installed `{name}`, which is the pinned {PINNED}"),
+    };
+    println!(
+        "setup: tproxy-ebpf builds with {which} ({}, LLVM {llvm})",
+        nightly.version()
+    );
     ensure_bpf_linker(llvm)?;
     ensure_test_tools()
 }
@@ -43,49 +55,62 @@ fn output(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ensure_rust_src() -> Result<()> {
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+/// The pinned nightly with rust-src: installed unless it, or a plain `nightly` that is the
+/// same compiler, is there already (so a machine that cannot download it still builds).
+fn ensure_nightly() -> Result<Toolchain> {
+    output(Command::new("rustup").arg("--version"))
         .context("rustup is needed to build the eBPF program with nightly")?;
-    if !toolchains.lines().any(|t| t.starts_with("nightly")) {
-        println!("setup: installing the nightly toolchain");
-        check(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
-    }
+    let nightly = match ebpf_toolchain::find() {
+        Ok(nightly) => nightly,
+        Err(missing) => {
+            println!("setup: {missing}; installing it");
+            check(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                PINNED,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))
+            .with_context(|| format!("{missing}, and installing it failed"))?;
+            ebpf_toolchain::find().map_err(|missing| anyhow!("{missing} after installing it"))?
+        }
+    };
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        nightly.name,
         "--installed",
     ]))?;
     if !installed.lines().any(|c| c.starts_with("rust-src")) {
-        println!("setup: adding rust-src to nightly");
+        println!("setup: adding rust-src to {}", nightly.name);
         check(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            nightly.name,
         ]))?;
     }
-    Ok(())
+    Ok(nightly)
 }
 
-fn nightly_llvm_major() -> Result<u32> {
-    let version = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
-    version
+fn llvm_major(nightly: &Toolchain) -> Result<u32> {
+    nightly
+        .rustc
         .lines()
         .find_map(|line| line.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
         .and_then(|major| major.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no `LLVM version:` in `rustc +nightly -vV`:\n{version}"))
+        .ok_or_else(|| {
+            anyhow!(
+                "no `LLVM version:` in `rustc -vV` of {}:\n{}",
+                nightly.name,
+                nightly.rustc
+            )
+        })
 }
 
 /// Whether the installed bpf-linker was linked against LLVM `major`.

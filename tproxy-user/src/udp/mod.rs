@@ -11,7 +11,8 @@
 //!
 //! When the reply socket cannot be bound (a local socket holds that port without
 //! SO_REUSEADDR), replies are sent as raw packets with the right source instead, and the
-//! client's datagrams keep arriving on the listener.
+//! client's datagrams keep arriving on the listener. A reply the raw path cannot send is
+//! counted and logged.
 
 mod batch;
 mod raw_reply;
@@ -69,6 +70,8 @@ pub struct UdpStats {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
     pub dropped: AtomicU64,
+    /// Replies the raw fallback could not send (also counted in `dropped`).
+    pub raw_reply_failures: AtomicU64,
 }
 
 impl UdpStats {
@@ -77,7 +80,7 @@ impl UdpStats {
         format!(
             "udp relay: sessions active={} created={} expired={} refused_at_cap={} \
              ended_by_upstream_error={} raw_reply_fallbacks={} refused_destination={}; \
-             datagrams to_upstream={} to_client={} dropped={}",
+             datagrams to_upstream={} to_client={} dropped={} raw_reply_failures={}",
             self.active.load(Relaxed),
             self.created.load(Relaxed),
             self.expired.load(Relaxed),
@@ -88,6 +91,7 @@ impl UdpStats {
             self.to_upstream.load(Relaxed),
             self.to_client.load(Relaxed),
             self.dropped.load(Relaxed),
+            self.raw_reply_failures.load(Relaxed),
         )
     }
 }
@@ -104,6 +108,7 @@ pub struct UdpRelay {
     unbindable: Mutex<HashMap<SocketAddr, Instant>>,
     cap_log: LogLimiter,
     trouble_log: LogLimiter,
+    raw_reply_log: LogLimiter,
     /// Timestamps are kept as milliseconds since this instant, in atomics.
     epoch: Instant,
     shutdown: CancellationToken,
@@ -131,6 +136,7 @@ impl UdpRelay {
             unbindable: Mutex::default(),
             cap_log: LogLimiter::default(),
             trouble_log: LogLimiter::default(),
+            raw_reply_log: LogLimiter::default(),
             epoch: Instant::now(),
             shutdown,
             tasks,
@@ -374,16 +380,30 @@ impl UdpRelay {
                     Some(reply) => batch::send(reply.as_fd(), replies).unwrap_or(0),
                     None => replies
                         .iter()
-                        .filter(|reply| {
-                            self.raw
-                                .send(session.original, session.client, reply)
-                                .is_ok()
-                        })
+                        .filter(|reply| self.send_raw_reply(session, reply))
                         .count(),
                 };
                 self.count_moved(session, &self.stats.to_client, replies.len(), sent);
             })
         })
+    }
+
+    /// Sends one reply through the raw fallback; one it cannot send is counted and logged.
+    fn send_raw_reply(&self, session: &Session, reply: &[u8]) -> bool {
+        let Err(error) = self.raw.send(session.original, session.client, reply) else {
+            return true;
+        };
+        let failures = self.stats.raw_reply_failures.fetch_add(1, Relaxed) + 1;
+        if self.raw_reply_log.allow() {
+            log::warn!(
+                "{} -> {}: a reply of {} bytes could not be sent through the raw socket: {error} \
+                 ({failures} raw replies lost so far)",
+                session.client,
+                session.original,
+                reply.len()
+            );
+        }
+        false
     }
 
     fn client_to_upstream(&self, session: &Session) -> io::Result<()> {

@@ -1,0 +1,116 @@
+//! Stopping is graceful by default: without `--drain-timeout`, SIGTERM lets a transfer in
+//! flight finish before tproxy exits, and a second SIGTERM cuts the drain short.
+
+use std::{
+    io::{Read, Write},
+    thread,
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use tproxy_tests::{
+    digest, digest_to_eof, payload, require_root, RouterTopology as Topo, Server, Tproxy,
+};
+
+const CHUNK: usize = 32 * 1024;
+const CHUNK_GAP: Duration = Duration::from_millis(100);
+
+/// A server that streams `chunks` chunks slowly (one every [`CHUNK_GAP`]) once asked, then
+/// closes.
+fn slow_server(topo: &Topo, chunks: usize) -> Server {
+    Server::start(
+        &topo.server,
+        Topo::server_addr(false, 80),
+        move |mut stream| {
+            let mut ask = [0u8; 1];
+            if stream.read_exact(&mut ask).is_err() {
+                return;
+            }
+            for chunk in payload(chunks * CHUNK, 7).chunks(CHUNK) {
+                if stream.write_all(chunk).is_err() {
+                    return;
+                }
+                thread::sleep(CHUNK_GAP);
+            }
+        },
+    )
+    .unwrap()
+}
+
+/// Starts the transfer from the client; the thread returns whether every byte arrived intact.
+fn transfer(topo: &Topo, chunks: usize) -> thread::JoinHandle<Result<(), String>> {
+    let mut stream = topo.client.connect(Topo::server_addr(false, 80)).unwrap();
+    thread::spawn(move || {
+        stream.write_all(b"L").map_err(|e| e.to_string())?;
+        let got = digest_to_eof(&mut stream).map_err(|e| format!("transfer broke: {e}"))?;
+        let want = digest(&payload(chunks * CHUNK, 7));
+        if got != want {
+            return Err(format!("got {got:?}, want {want:?}"));
+        }
+        Ok(())
+    })
+}
+
+/// tproxy as an operator starts it: no `--drain-timeout`.
+fn tproxy_with_default_drain(topo: &Topo) -> Tproxy {
+    Tproxy::start_with_defaults(
+        &topo.router,
+        &["--iface", Topo::ROUTER_CLIENT_IFACE, "--tcp", "80"],
+    )
+    .unwrap()
+}
+
+fn sigterm(tproxy: &Tproxy) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tproxy.pid() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+#[test]
+fn by_default_sigterm_lets_a_transfer_in_flight_finish() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // About 3 s of transfer, well inside the default drain.
+    const CHUNKS: usize = 30;
+    let _server = slow_server(&topo, CHUNKS);
+    let mut tproxy = tproxy_with_default_drain(&topo);
+    let transfer = transfer(&topo, CHUNKS);
+    tproxy
+        .wait_for_line("relaying via", Duration::from_secs(5))
+        .unwrap();
+    sigterm(&tproxy);
+    tproxy
+        .wait_for_line("stopping: draining for up to 30s", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(transfer.join().unwrap(), Ok(()), "{}", tproxy.log_text());
+    let status = tproxy.wait(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "{status}\n{}", tproxy.log_text());
+}
+
+#[test]
+fn a_second_sigterm_cuts_the_default_drain_short() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // About 20 s of transfer: it cannot end by itself before the second signal.
+    const CHUNKS: usize = 200;
+    let _server = slow_server(&topo, CHUNKS);
+    let mut tproxy = tproxy_with_default_drain(&topo);
+    let transfer = transfer(&topo, CHUNKS);
+    tproxy
+        .wait_for_line("relaying via", Duration::from_secs(5))
+        .unwrap();
+    sigterm(&tproxy);
+    tproxy
+        .wait_for_line("stopping: draining", Duration::from_secs(5))
+        .unwrap();
+    sigterm(&tproxy);
+    let status = tproxy.wait(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status}\n{}", tproxy.log_text());
+    let cut = transfer.join().unwrap();
+    assert!(
+        cut.as_ref().is_err_and(|e| e.contains("transfer broke")),
+        "{cut:?}"
+    );
+}
