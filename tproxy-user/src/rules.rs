@@ -34,7 +34,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
 };
 
@@ -164,6 +164,18 @@ impl Rule {
             (Some(_), None) => false,
         };
         src_ok && iface_ok
+    }
+
+    /// What the rule matches, without what it does: rules with equal keys match the same
+    /// packets.
+    fn match_key(&self) -> (Transport, IpNet, Ports, Option<IpNet>, Option<&str>) {
+        (
+            self.transport,
+            self.dst,
+            self.ports,
+            self.src,
+            self.iface.as_deref(),
+        )
     }
 
     fn is_unconditional(&self) -> bool {
@@ -528,6 +540,20 @@ impl fmt::Display for Rule {
     }
 }
 
+/// The `candidates` (in order) that match what no rule of `new` and no earlier candidate
+/// matches, marked retired: a reload keeps them so that their established flows survive.
+pub fn retire<'a>(candidates: impl IntoIterator<Item = &'a Rule>, new: &[Rule]) -> Vec<Rule> {
+    let mut matched: HashSet<_> = new.iter().map(Rule::match_key).collect();
+    candidates
+        .into_iter()
+        .filter(|rule| matched.insert(rule.match_key()))
+        .map(|rule| Rule {
+            retired: true,
+            ..rule.clone()
+        })
+        .collect()
+}
+
 /// The rules in the order they are consulted, for `tproxy check`.
 pub fn by_precedence(rules: &[Rule]) -> Vec<&Rule> {
     let mut sorted: Vec<&Rule> = rules.iter().collect();
@@ -884,6 +910,67 @@ mod tests {
             "tcp 192.0.2.1 -> 10.0.0.1:80",
             "eth0",
             RuleMatch::Bypass,
+        );
+    }
+
+    /// `retire` by its definition: each candidate against every new rule and every candidate
+    /// already retired.
+    fn retire_by_definition(candidates: &[Rule], new: &[Rule]) -> Vec<Rule> {
+        let mut retired: Vec<Rule> = Vec::new();
+        for rule in candidates {
+            if !new
+                .iter()
+                .chain(&retired)
+                .any(|other| other.match_key() == rule.match_key())
+            {
+                retired.push(Rule {
+                    retired: true,
+                    ..rule.clone()
+                });
+            }
+        }
+        retired
+    }
+
+    #[test]
+    fn a_reload_retires_each_dropped_match_once_whatever_the_rule_count() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        // Few distinct matches among many rules, so that candidates repeat each other and
+        // the new rules, with actions and numbers that differ between equal matches.
+        let mut random_rule = |number: usize| {
+            let mut text = format!(
+                "{} 10.{}.0.0/16 {}",
+                ["tcp", "udp"][next(2) as usize],
+                next(30),
+                ["80", "443", "8000-8100", "any"][next(4) as usize]
+            );
+            if next(3) == 0 {
+                text += &format!(" src 192.0.2.{}/32", next(4));
+            }
+            if next(3) == 0 {
+                text += &format!(" iface {}", IFACES[next(2) as usize].0);
+            }
+            rule(number, &text, Action::Steer(next(3) as u32))
+        };
+        for size in [0, 1, 10, 1000, 20_000] {
+            let candidates: Vec<Rule> = (1..=size).map(&mut random_rule).collect();
+            let new: Vec<Rule> = (1..=size / 2).map(&mut random_rule).collect();
+            let retired = retire(&candidates, &new);
+            assert_eq!(retired, retire_by_definition(&candidates, &new), "{size}");
+            assert!(retired.iter().all(|r| r.retired));
+        }
+        let kept = [rule(1, "tcp 10.0.0.0/8 80", Action::Steer(0))];
+        let mut moved = kept[0].clone();
+        moved.action = Action::Steer(1);
+        assert!(
+            retire(&kept, &[moved]).is_empty(),
+            "a match the new rules still have is not retired, whatever its action"
         );
     }
 
