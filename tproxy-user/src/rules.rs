@@ -156,6 +156,7 @@ impl Rule {
         }
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     fn matches_source(&self, src: &IpNet, iface: Option<&str>) -> bool {
         let src_ok = self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
@@ -447,13 +448,26 @@ impl CellBuilder<'_> {
         let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
         sources.insert(IpNet::V4(Default::default()));
         sources.insert(IpNet::V6(Default::default()));
+        // A source's winner is the first candidate whose own source is absent or contains
+        // it, with no interface or the one at hand: looking up each of the source's prefixes
+        // here instead of scanning the candidates keeps thousands of source rules linear.
+        let mut first: HashMap<(Option<IpNet>, Option<&str>), usize> = HashMap::new();
+        for (index, rule) in candidates.iter().enumerate() {
+            let key = (rule.src.map(|own| own.trunc()), rule.iface.as_deref());
+            first.entry(key).or_insert(index);
+        }
         let mut entries = Vec::new();
         for (iface, ifindex) in interfaces {
             for src in &sources {
-                let winner = candidates.iter().find(|r| {
-                    r.src.is_none_or(|own| same_family(own, *src)) && r.matches_source(src, iface)
-                });
-                let verdict = winner.map_or(Verdict::default(), |r| r.verdict());
+                let containing = (0..=src.prefix_len())
+                    .filter_map(|len| truncated(*src, len))
+                    .map(Some)
+                    .chain([None]);
+                let winner = containing
+                    .flat_map(|own| [(own, None), (own, iface)])
+                    .filter_map(|key| first.get(&key))
+                    .min();
+                let verdict = winner.map_or(Verdict::default(), |&i| candidates[i].verdict());
                 entries.push((cell, ifindex, *src, verdict));
             }
         }
@@ -1022,6 +1036,46 @@ mod tests {
         );
     }
 
+    /// One rule per client, as `translate` writes per-client iptables lines: every source
+    /// gets its own winner, and the rules after them still decide for everyone else.
+    #[test]
+    fn thousands_of_source_rules_on_one_destination_each_decide_their_source() {
+        let clients = 20_000;
+        let client = |i: usize| format!("10.0.{}.{}", i / 256, i % 256);
+        let mut rules: Vec<Rule> = (0..clients)
+            .map(|i| {
+                let iface = if i % 3 == 0 { " iface eth1" } else { "" };
+                let action = match i % 5 {
+                    0 => Action::Bypass,
+                    n => Action::Steer(n as u32),
+                };
+                let text = format!("tcp 0.0.0.0/0 80 src {}/32{iface}", client(i));
+                rule(i + 1, &text, action)
+            })
+            .collect();
+        rules.push(rule(
+            clients + 1,
+            "tcp 0.0.0.0/0 80 src 10.0.0.0/16",
+            Action::Bypass,
+        ));
+        rules.push(rule(clients + 2, "tcp 0.0.0.0/0 80", Action::Steer(0)));
+        let compiled = compile(&rules, 1, &interfaces());
+        // Per interface: each client, the /16 and the catch-all.
+        assert_eq!(compiled.src_v4.len(), IFACES.len() * (clients + 2));
+        let mut sources: Vec<String> = (0..clients).step_by(199).map(client).collect();
+        sources.extend(["10.0.255.1", "192.0.2.1"].map(String::from));
+        for source in sources {
+            for (iface, ifindex) in IFACES {
+                let packet = packet(&format!("tcp {source} -> 192.0.2.80:80"), iface);
+                assert_eq!(
+                    lookup(&compiled, 1, &packet, *ifindex),
+                    decide(&rules, &packet),
+                    "from {source} on {iface}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn generations_never_share_class_or_cell_ids() {
         let rules = [rule(
@@ -1068,10 +1122,18 @@ mod tests {
             "192.0.2.128/25",
             "198.51.100.0/24",
             "0.0.0.0/0",
+            "192.0.2.5/32",
+            "192.0.2.192/26",
+            "203.0.113.0/24",
         ];
         let ports = ["80", "443", "70-90", "1-1000", "any"];
         for round in 0..1000 {
-            let count = 1 + next(8) as usize;
+            // Mostly small sets, where every rule counts; some large ones, where many rules
+            // share a destination, a port and sources.
+            let count = match round % 10 {
+                0 => 50 + next(300) as usize,
+                _ => 1 + next(8) as usize,
+            };
             let rules: Vec<Rule> = (0..count)
                 .map(|i| {
                     let mut text = format!(
