@@ -173,7 +173,8 @@ impl Config {
         let mut rules = Vec::new();
         let mut configured_rules = 0;
         if let Some(file) = &args.config {
-            let at = |span: std::ops::Range<usize>| Location::new(file, text, span);
+            let lines = LineStarts::new(text);
+            let at = |span: std::ops::Range<usize>| Location::new(file, &lines, span);
             listeners = raw.listeners(&at)?;
             configured_rules = raw.rules.len();
             rules = raw.rules(&listeners, &at)?;
@@ -418,14 +419,32 @@ struct Location {
 }
 
 impl Location {
-    fn new(file: &Path, text: &str, span: std::ops::Range<usize>) -> Self {
-        let before = &text[..span.start.min(text.len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    fn new(file: &Path, lines: &LineStarts, span: std::ops::Range<usize>) -> Self {
+        let offset = span.start.min(lines.text_len);
+        // Line starts at or before the offset: one per line up to and including its own.
+        let line = lines.starts.partition_point(|&start| start <= offset);
+        let column = offset - lines.starts[line - 1] + 1;
         Location {
             file: file.to_owned(),
             line,
             column,
+        }
+    }
+}
+
+/// Where each line of the file starts. Every rule carries its location, and scanning the
+/// text for each one made loading quadratic in the number of rules.
+struct LineStarts {
+    starts: Vec<usize>,
+    text_len: usize,
+}
+
+impl LineStarts {
+    fn new(text: &str) -> Self {
+        let after_newlines = text.match_indices('\n').map(|(i, _)| i + 1);
+        LineStarts {
+            starts: std::iter::once(0).chain(after_newlines).collect(),
+            text_len: text.len(),
         }
     }
 }
@@ -440,7 +459,7 @@ impl fmt::Display for Location {
 fn parse_file(path: &Path, text: &str) -> Result<ConfigFile> {
     toml::from_str(text).map_err(|error| {
         let span = error.span().unwrap_or(0..0);
-        let at = Location::new(path, text, span.clone());
+        let at = Location::new(path, &LineStarts::new(text), span.clone());
         let field = field_at(text, span.start);
         let message = error.message().trim_end();
         match field {
@@ -1185,6 +1204,52 @@ listener = "dns"
                 "for\n{text}\nexpected `{expected}` in `{message}`"
             );
         }
+    }
+
+    #[test]
+    fn locations_agree_with_counting_newlines_at_every_offset() {
+        let by_counting = |text: &str, offset: usize| {
+            let before = &text[..offset.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            (
+                line,
+                before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+            )
+        };
+        let file = Path::new("FILE");
+        for text in [
+            "",
+            "\n",
+            "a",
+            "\n\nab\n",
+            "[[rule]]\nproto = \"tcp\"\n\n\nx = 1",
+        ] {
+            let lines = LineStarts::new(text);
+            for offset in 0..=text.len() + 2 {
+                let at = Location::new(file, &lines, offset..offset);
+                assert_eq!(
+                    (at.line, at.column),
+                    by_counting(text, offset),
+                    "{text:?} at {offset}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_last_of_many_rules_is_located_exactly() {
+        let mut text = String::from("interfaces = [\"eth0\"]\n");
+        for i in 0..20_000 {
+            let (high, low) = (i / 250, i % 250);
+            text += &format!(
+                "[[rule]]\nproto = \"tcp\"\ndst = \"10.{high}.{low}.0/24\"\naction = \"bypass\"\n"
+            );
+        }
+        text += "[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\nlistener = \"x\"\n";
+        let listener_line = 1 + 20_000 * 4 + 4;
+        let message = error(&text);
+        let expected = format!("FILE:{listener_line}:12: rule[20001].listener: a bypass rule");
+        assert!(message.contains(&expected), "{message}");
     }
 
     /// The README's worked example decides what the README says it decides.

@@ -34,7 +34,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
 };
 
@@ -156,6 +156,7 @@ impl Rule {
         }
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     fn matches_source(&self, src: &IpNet, iface: Option<&str>) -> bool {
         let src_ok = self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
@@ -164,6 +165,18 @@ impl Rule {
             (Some(_), None) => false,
         };
         src_ok && iface_ok
+    }
+
+    /// What the rule matches, without what it does: rules with equal keys match the same
+    /// packets.
+    fn match_key(&self) -> (Transport, IpNet, Ports, Option<IpNet>, Option<&str>) {
+        (
+            self.transport,
+            self.dst,
+            self.ports,
+            self.src,
+            self.iface.as_deref(),
+        )
     }
 
     fn is_unconditional(&self) -> bool {
@@ -435,13 +448,26 @@ impl CellBuilder<'_> {
         let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
         sources.insert(IpNet::V4(Default::default()));
         sources.insert(IpNet::V6(Default::default()));
+        // A source's winner is the first candidate whose own source is absent or contains
+        // it, with no interface or the one at hand: looking up each of the source's prefixes
+        // here instead of scanning the candidates keeps thousands of source rules linear.
+        let mut first: HashMap<(Option<IpNet>, Option<&str>), usize> = HashMap::new();
+        for (index, rule) in candidates.iter().enumerate() {
+            let key = (rule.src.map(|own| own.trunc()), rule.iface.as_deref());
+            first.entry(key).or_insert(index);
+        }
         let mut entries = Vec::new();
         for (iface, ifindex) in interfaces {
             for src in &sources {
-                let winner = candidates.iter().find(|r| {
-                    r.src.is_none_or(|own| same_family(own, *src)) && r.matches_source(src, iface)
-                });
-                let verdict = winner.map_or(Verdict::default(), |r| r.verdict());
+                let containing = (0..=src.prefix_len())
+                    .filter_map(|len| truncated(*src, len))
+                    .map(Some)
+                    .chain([None]);
+                let winner = containing
+                    .flat_map(|own| [(own, None), (own, iface)])
+                    .filter_map(|key| first.get(&key))
+                    .min();
+                let verdict = winner.map_or(Verdict::default(), |&i| candidates[i].verdict());
                 entries.push((cell, ifindex, *src, verdict));
             }
         }
@@ -526,6 +552,20 @@ impl fmt::Display for Rule {
         }
         Ok(())
     }
+}
+
+/// The `candidates` (in order) that match what no rule of `new` and no earlier candidate
+/// matches, marked retired: a reload keeps them so that their established flows survive.
+pub fn retire<'a>(candidates: impl IntoIterator<Item = &'a Rule>, new: &[Rule]) -> Vec<Rule> {
+    let mut matched: HashSet<_> = new.iter().map(Rule::match_key).collect();
+    candidates
+        .into_iter()
+        .filter(|rule| matched.insert(rule.match_key()))
+        .map(|rule| Rule {
+            retired: true,
+            ..rule.clone()
+        })
+        .collect()
 }
 
 /// The rules in the order they are consulted, for `tproxy check`.
@@ -887,6 +927,67 @@ mod tests {
         );
     }
 
+    /// `retire` by its definition: each candidate against every new rule and every candidate
+    /// already retired.
+    fn retire_by_definition(candidates: &[Rule], new: &[Rule]) -> Vec<Rule> {
+        let mut retired: Vec<Rule> = Vec::new();
+        for rule in candidates {
+            if !new
+                .iter()
+                .chain(&retired)
+                .any(|other| other.match_key() == rule.match_key())
+            {
+                retired.push(Rule {
+                    retired: true,
+                    ..rule.clone()
+                });
+            }
+        }
+        retired
+    }
+
+    #[test]
+    fn a_reload_retires_each_dropped_match_once_whatever_the_rule_count() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        // Few distinct matches among many rules, so that candidates repeat each other and
+        // the new rules, with actions and numbers that differ between equal matches.
+        let mut random_rule = |number: usize| {
+            let mut text = format!(
+                "{} 10.{}.0.0/16 {}",
+                ["tcp", "udp"][next(2) as usize],
+                next(30),
+                ["80", "443", "8000-8100", "any"][next(4) as usize]
+            );
+            if next(3) == 0 {
+                text += &format!(" src 192.0.2.{}/32", next(4));
+            }
+            if next(3) == 0 {
+                text += &format!(" iface {}", IFACES[next(2) as usize].0);
+            }
+            rule(number, &text, Action::Steer(next(3) as u32))
+        };
+        for size in [0, 1, 10, 1000, 20_000] {
+            let candidates: Vec<Rule> = (1..=size).map(&mut random_rule).collect();
+            let new: Vec<Rule> = (1..=size / 2).map(&mut random_rule).collect();
+            let retired = retire(&candidates, &new);
+            assert_eq!(retired, retire_by_definition(&candidates, &new), "{size}");
+            assert!(retired.iter().all(|r| r.retired));
+        }
+        let kept = [rule(1, "tcp 10.0.0.0/8 80", Action::Steer(0))];
+        let mut moved = kept[0].clone();
+        moved.action = Action::Steer(1);
+        assert!(
+            retire(&kept, &[moved]).is_empty(),
+            "a match the new rules still have is not retired, whatever its action"
+        );
+    }
+
     #[test]
     fn rule_groups_add_up_instead_of_multiplying() {
         let mut rules: Vec<Rule> = (0..100)
@@ -935,6 +1036,46 @@ mod tests {
         );
     }
 
+    /// One rule per client, as `translate` writes per-client iptables lines: every source
+    /// gets its own winner, and the rules after them still decide for everyone else.
+    #[test]
+    fn thousands_of_source_rules_on_one_destination_each_decide_their_source() {
+        let clients = 20_000;
+        let client = |i: usize| format!("10.0.{}.{}", i / 256, i % 256);
+        let mut rules: Vec<Rule> = (0..clients)
+            .map(|i| {
+                let iface = if i % 3 == 0 { " iface eth1" } else { "" };
+                let action = match i % 5 {
+                    0 => Action::Bypass,
+                    n => Action::Steer(n as u32),
+                };
+                let text = format!("tcp 0.0.0.0/0 80 src {}/32{iface}", client(i));
+                rule(i + 1, &text, action)
+            })
+            .collect();
+        rules.push(rule(
+            clients + 1,
+            "tcp 0.0.0.0/0 80 src 10.0.0.0/16",
+            Action::Bypass,
+        ));
+        rules.push(rule(clients + 2, "tcp 0.0.0.0/0 80", Action::Steer(0)));
+        let compiled = compile(&rules, 1, &interfaces());
+        // Per interface: each client, the /16 and the catch-all.
+        assert_eq!(compiled.src_v4.len(), IFACES.len() * (clients + 2));
+        let mut sources: Vec<String> = (0..clients).step_by(199).map(client).collect();
+        sources.extend(["10.0.255.1", "192.0.2.1"].map(String::from));
+        for source in sources {
+            for (iface, ifindex) in IFACES {
+                let packet = packet(&format!("tcp {source} -> 192.0.2.80:80"), iface);
+                assert_eq!(
+                    lookup(&compiled, 1, &packet, *ifindex),
+                    decide(&rules, &packet),
+                    "from {source} on {iface}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn generations_never_share_class_or_cell_ids() {
         let rules = [rule(
@@ -981,10 +1122,18 @@ mod tests {
             "192.0.2.128/25",
             "198.51.100.0/24",
             "0.0.0.0/0",
+            "192.0.2.5/32",
+            "192.0.2.192/26",
+            "203.0.113.0/24",
         ];
         let ports = ["80", "443", "70-90", "1-1000", "any"];
         for round in 0..1000 {
-            let count = 1 + next(8) as usize;
+            // Mostly small sets, where every rule counts; some large ones, where many rules
+            // share a destination, a port and sources.
+            let count = match round % 10 {
+                0 => 50 + next(300) as usize,
+                _ => 1 + next(8) as usize,
+            };
             let rules: Vec<Rule> = (0..count)
                 .map(|i| {
                     let mut text = format!(

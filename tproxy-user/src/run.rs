@@ -1105,27 +1105,11 @@ impl Relays {
     /// The steer rules of `old` that `new` no longer has, with those retired before: they
     /// keep matching established flows (only) after the switch.
     fn retired_after(&self, old: &[Rule], new: &[Rule]) -> Vec<Rule> {
-        let same_match = |a: &Rule, b: &Rule| {
-            a.transport == b.transport
-                && a.dst == b.dst
-                && a.ports == b.ports
-                && a.src == b.src
-                && a.iface == b.iface
-        };
-        let mut retired: Vec<Rule> = Vec::new();
         let candidates = self
             .retired
             .iter()
             .chain(old.iter().filter(|r| matches!(r.action, Action::Steer(_))));
-        for rule in candidates {
-            if !new.iter().chain(&retired).any(|n| same_match(n, rule)) {
-                retired.push(Rule {
-                    retired: true,
-                    ..rule.clone()
-                });
-            }
-        }
-        retired
+        rules::retire(candidates, new)
     }
 
     /// The listeners and their sockets' descriptors, for a successor.

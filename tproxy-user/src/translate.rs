@@ -223,8 +223,10 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
     // iptables: first match wins; tproxy: most specific wins. Drop rules iptables never
     // reaches; report those it reaches only in part.
     let mut kept: Vec<(Parsed, Option<u16>)> = Vec::new();
+    let mut by_destination = ShadowIndex::default();
     'rules: for (rule, listener) in rules {
-        for (earlier, earlier_listener) in &kept {
+        for index in by_destination.candidates(&rule.matches, kept.len()) {
+            let (earlier, earlier_listener) = &kept[index];
             if *earlier_listener == listener || !overlaps(&earlier.matches, &rule.matches) {
                 continue;
             }
@@ -245,6 +247,7 @@ fn emit(ruleset: RuleSet, source: &str) -> Translation {
             }
             continue 'rules;
         }
+        by_destination.add(&rule.matches, kept.len());
         kept.push((rule, listener));
     }
 
@@ -667,6 +670,65 @@ fn more_specific(later: &Match, earlier: &Match) -> bool {
     };
     longest(later) > shortest(earlier)
         || (longest(later) == shortest(earlier) && specificity(later) < specificity(earlier))
+}
+
+/// The destination prefixes of `m` in each of its families (`0/0` where it names none).
+fn destination_prefixes(m: &Match) -> Vec<IpNet> {
+    families_of(m)
+        .into_iter()
+        .flat_map(|family| prefixes_of(&m.dst, family))
+        .collect()
+}
+
+fn truncated(prefix: IpNet, len: u8) -> Option<IpNet> {
+    IpNet::new(prefix.addr(), len).ok().map(|n| n.trunc())
+}
+
+/// The rules kept so far, by destination prefix: comparing each rule with every earlier one
+/// made translating quadratic in the number of rules.
+#[derive(Default)]
+struct ShadowIndex {
+    by_prefix: HashMap<IpNet, Vec<usize>>,
+}
+
+impl ShadowIndex {
+    /// Files kept rule `index` under its destination prefixes, each cut to the rule's
+    /// shortest one: a later rule outranks it (see [`more_specific`]) only with prefixes at
+    /// least that long, whose ancestors then include the key.
+    fn add(&mut self, m: &Match, index: usize) {
+        let prefixes = destination_prefixes(m);
+        let shortest = prefixes.iter().map(IpNet::prefix_len).min().unwrap_or(0);
+        for prefix in prefixes {
+            let len = prefix.prefix_len().min(shortest);
+            if let Some(key) = truncated(prefix, len) {
+                self.by_prefix.entry(key).or_default().push(index);
+            }
+        }
+    }
+
+    /// In order, the first `count` kept rules that `m` may overlap and outrank: every one
+    /// that it does, and some that it does not.
+    fn candidates(&self, m: &Match, count: usize) -> Vec<usize> {
+        let prefixes = destination_prefixes(m);
+        if prefixes
+            .iter()
+            .any(|p| p.prefix_len() != prefixes[0].prefix_len())
+        {
+            // With prefixes of several lengths, its longest can outrank rules inside its
+            // shorter ones, which the keys do not lead to.
+            return (0..count).collect();
+        }
+        let mut found: Vec<usize> = prefixes
+            .iter()
+            .flat_map(|&p| (0..=p.prefix_len()).filter_map(move |len| truncated(p, len)))
+            .filter_map(|key| self.by_prefix.get(&key))
+            .flatten()
+            .copied()
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
 }
 
 /// Splits a line into words, keeping quoted strings (without their quotes) together.
@@ -1435,6 +1497,101 @@ COMMIT
             "{:?}",
             t.notes
         );
+    }
+
+    /// Random matches: every earlier rule a later one overlaps and outranks (the rules the
+    /// shadow check looks for) is among the index's candidates for it.
+    #[test]
+    fn the_shadow_index_finds_every_rule_that_can_shadow() {
+        let mut seed = 0x5851_f42d_4c95_7f2du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let prefixes: Vec<IpNet> = [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3/32",
+            "10.2.0.0/16",
+            "192.168.7.0/24",
+            "::/0",
+            "2001:db8::/32",
+            "2001:db8:1::/48",
+            "2001:db8:1::5/128",
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+        let random_match = |next: &mut dyn FnMut(u64) -> u64| {
+            let dst: Vec<IpNet> = (0..next(4))
+                .map(|_| prefixes[next(prefixes.len() as u64) as usize])
+                .collect();
+            let src: Vec<IpNet> = (0..next(2)).map(|_| prefixes[next(4) as usize]).collect();
+            Match {
+                transports: [vec![], vec![Transport::Tcp], vec![Transport::Udp]][next(3) as usize]
+                    .clone(),
+                dst,
+                src,
+                ports: [
+                    vec![],
+                    vec![Ports::One(80)],
+                    vec![Ports::Range(70, 90)],
+                    vec![Ports::One(443), Ports::One(80)],
+                ][next(4) as usize]
+                    .clone(),
+                iface: [None, Some("eth0".to_string())][next(2) as usize].clone(),
+                family: [None, Some(Family::V4), Some(Family::V6)][next(3) as usize],
+            }
+        };
+        for _ in 0..300 {
+            let matches: Vec<Match> = (0..1 + next(40)).map(|_| random_match(&mut next)).collect();
+            let mut index = ShadowIndex::default();
+            for (later, m) in matches.iter().enumerate() {
+                let candidates = index.candidates(m, later);
+                assert!(candidates.windows(2).all(|w| w[0] < w[1]));
+                for (earlier, e) in matches[..later].iter().enumerate() {
+                    if overlaps(e, m) && more_specific(m, e) {
+                        assert!(
+                            candidates.contains(&earlier),
+                            "{e:?} can shadow {m:?} but is not a candidate"
+                        );
+                    }
+                }
+                index.add(m, later);
+            }
+        }
+    }
+
+    /// Thousands of rules for distinct destinations (a translated rule set's usual shape):
+    /// none is compared with another, where each used to be compared with all earlier ones.
+    #[test]
+    fn rules_for_distinct_destinations_are_not_compared_with_each_other() {
+        let mut index = ShadowIndex::default();
+        let mut compared = 0;
+        let rules = 20_000;
+        for i in 0..rules {
+            let dst = format!("10.{}.{}.{}/32", i / 62500, (i / 250) % 250, i % 250 + 1);
+            let m = Match {
+                transports: vec![Transport::Tcp],
+                dst: vec![dst.parse().unwrap()],
+                ports: vec![Ports::One(80)],
+                family: Some(Family::V4),
+                ..Match::default()
+            };
+            compared += index.candidates(&m, i).len();
+            index.add(&m, i);
+        }
+        let broad = Match {
+            dst: vec!["10.0.0.0/8".parse().unwrap()],
+            family: Some(Family::V4),
+            ..Match::default()
+        };
+        assert_eq!(compared, 0);
+        assert!(index.candidates(&broad, rules).is_empty());
     }
 
     #[test]

@@ -14,14 +14,14 @@ use std::{
     path::Path,
     process::{Child, Command, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use tproxy_tests::{
-    install_iptables_tproxy, remove_iptables_tproxy, udp_echo_rate, IptablesTproxy, Netns,
-    RouterTopology as Topo, Tproxy, UdpEcho,
+    install_iptables_tproxy, remove_iptables_tproxy, udp_echo_rate, ConfigFile, IptablesTproxy,
+    Netns, RouterTopology as Topo, Tproxy, UdpEcho,
 };
 
 /// Debian packages the benchmark drives, by the command they provide.
@@ -44,6 +44,10 @@ const RELAY_PORT: u16 = 15001;
 const HAPROXY_PORT: u16 = 15002;
 const IDLE_CONNECTIONS: usize = 5000;
 const RULE_COUNTS: [usize; 3] = [1, 1000, 10000];
+/// Rules in the rule-load measurement: a large iptables rule set after `translate`.
+const LOAD_RULES: usize = 100_000;
+const LOAD_CHECK: &str = "`tproxy check` (to exit)";
+const LOAD_RUN: &str = "`tproxy run` (to ready)";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Mode {
@@ -66,6 +70,9 @@ impl Mode {
 
 /// Metric name → mode → one value per round.
 type Samples = BTreeMap<&'static str, BTreeMap<Mode, Vec<f64>>>;
+
+/// Command → (seconds, peak resident MiB) per round, loading [`LOAD_RULES`] rules.
+type Loads = BTreeMap<&'static str, Vec<(f64, f64)>>;
 
 /// A metric: its name in the report, its unit, and whether more is better.
 struct Metric {
@@ -129,6 +136,8 @@ pub fn run(binary: &Path, rounds: usize) -> Result<()> {
     std::env::set_var("TPROXY_BIN", binary);
     let mut samples = Samples::new();
     let mut scaling: BTreeMap<(String, usize), Vec<f64>> = BTreeMap::new();
+    let mut loads = Loads::new();
+    let many_rules = ConfigFile::new(&many_rules_config(LOAD_RULES))?;
     for round in 1..=rounds {
         for mode in [Mode::Direct, Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy] {
             println!("bench: round {round}/{rounds}: {}", mode.label());
@@ -148,8 +157,68 @@ pub fn run(binary: &Path, rounds: usize) -> Result<()> {
                 runs.push(rate);
             }
         }
+        println!("bench: round {round}/{rounds}: loading {LOAD_RULES} rules");
+        let check = check_load(binary, &many_rules)?;
+        loads.entry(LOAD_CHECK).or_default().push(check);
+        let run = run_load(&many_rules)?;
+        loads.entry(LOAD_RUN).or_default().push(run);
     }
-    report(&samples, &scaling, rounds)
+    report(&samples, &scaling, &loads, rounds)
+}
+
+/// `count` rules of one /32 destination and one TCP port each, steered to one listener: what
+/// `translate` makes of an iptables rule set (a rule per line).
+fn many_rules_config(count: usize) -> String {
+    let mut text = String::from("[[listener]]\nname = \"relay\"\n\n");
+    for i in 0..count {
+        // 172.16.0.1 onwards, inside 172.16.0.0/12 for up to a million rules.
+        let dst = std::net::Ipv4Addr::from(0xac10_0001 + i as u32);
+        let port = [80, 443, 8080][i % 3];
+        text += &format!(
+            "[[rule]]\nproto = \"tcp\"\ndst = \"{dst}/32\"\nports = {port}\naction = \"steer\"\n\n"
+        );
+    }
+    text
+}
+
+/// Seconds and peak resident MiB of `tproxy check` on `config`, until it exits.
+fn check_load(binary: &Path, config: &ConfigFile) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let child = Command::new(binary)
+        .args(["check", "--iface", "eth0", "--config", config.path()])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting tproxy check")?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet waited for; both pointers are to live locals.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let seconds = start.elapsed().as_secs_f64();
+    ensure!(
+        waited == pid,
+        "waiting for tproxy check: {}",
+        std::io::Error::last_os_error()
+    );
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "tproxy check failed on {LOAD_RULES} rules (wait status {status:#x})"
+    );
+    // ru_maxrss is in KiB on Linux.
+    Ok((seconds, usage.ru_maxrss as f64 / 1024.0))
+}
+
+/// Seconds from starting `tproxy run` on `config` on the router until it is ready (program
+/// loaded, rule maps written, attached, routing in place), and its peak resident MiB by then.
+fn run_load(config: &ConfigFile) -> Result<(f64, f64)> {
+    let topo = Topo::new()?;
+    let start = Instant::now();
+    let mut tproxy = topo.tproxy(&["--config", config.path()])?;
+    let seconds = start.elapsed().as_secs_f64();
+    let peak = status_kib(tproxy.pid(), "VmHWM:")?;
+    tproxy.stop()?;
+    Ok((seconds, peak as f64 / 1024.0))
 }
 
 /// New namespaces and servers for each measurement. A proxying mode leaves its relay's
@@ -520,7 +589,7 @@ fn udp_rate(topo: &Topo) -> Result<f64> {
 /// The relay's resident memory growth per connection, in KiB, with IDLE_CONNECTIONS open
 /// through it (each has moved one request and its response, then stays idle).
 fn idle_connection_memory(topo: &Topo, pid: u32) -> Result<f64> {
-    let before = resident_kib(pid)?;
+    let before = status_kib(pid, "VmRSS:")?;
     let server: SocketAddr = Topo::server_addr(false, HTTP_PORT);
     let mut connections: Vec<TcpStream> = Vec::with_capacity(IDLE_CONNECTIONS);
     for _ in 0..IDLE_CONNECTIONS {
@@ -534,7 +603,7 @@ fn idle_connection_memory(topo: &Topo, pid: u32) -> Result<f64> {
         ensure!(read > 0, "an idle-test connection was closed");
     }
     thread::sleep(Duration::from_millis(500));
-    let after = resident_kib(pid)?;
+    let after = status_kib(pid, "VmRSS:")?;
     for stream in &connections {
         let _ = stream.shutdown(Shutdown::Both);
     }
@@ -543,14 +612,15 @@ fn idle_connection_memory(topo: &Topo, pid: u32) -> Result<f64> {
     Ok(after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64)
 }
 
-fn resident_kib(pid: u32) -> Result<u64> {
+/// A memory figure of `/proc/PID/status` in KiB, by its label (`VmRSS:`, `VmHWM:`).
+fn status_kib(pid: u32, label: &str) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(label))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {label} in /proc/{pid}/status"))
 }
 
 /// User plus system CPU time of a process and its threads, in seconds.
@@ -592,6 +662,7 @@ fn median_and_spread(values: &[f64]) -> (f64, f64, f64) {
 fn report(
     samples: &Samples,
     scaling: &BTreeMap<(String, usize), Vec<f64>>,
+    loads: &Loads,
     rounds: usize,
 ) -> Result<()> {
     let dir = crate::workspace_root().join("bench");
@@ -668,11 +739,13 @@ fn report(
         }
         md.push('\n');
     }
+    let (load_md, json_load) = rule_load_report(loads)?;
+    md.push_str(&load_md);
     md.push_str("\n![ratios to direct](results.png)\n");
     fs::write(dir.join("results.md"), &md)?;
     let json = json!({
         "date": date, "machine": machine, "rounds": rounds,
-        "metrics": json_metrics, "rule_scaling": json_scaling,
+        "metrics": json_metrics, "rule_scaling": json_scaling, "rule_load": json_load,
     });
     fs::write(
         dir.join("results.json"),
@@ -681,6 +754,40 @@ fn report(
     chart(samples, &dir.join("results.png"))?;
     println!("\n{md}\nwritten to bench/results.md, bench/results.json, bench/results.png");
     Ok(())
+}
+
+/// The rule-load section of the report, as markdown and JSON.
+fn rule_load_report(loads: &Loads) -> Result<(String, Value)> {
+    let mut md = format!(
+        "\n## Loading {LOAD_RULES} rules\n\nOne `[[rule]]` per /32 destination and TCP port, as \
+         `translate` writes an iptables rule set.\n\n| command | seconds | peak memory (MiB) |\n\
+         | --- | --- | --- |\n"
+    );
+    let mut json_load = Vec::new();
+    for (command, runs) in loads {
+        let seconds: Vec<f64> = runs.iter().map(|(seconds, _)| *seconds).collect();
+        let memory: Vec<f64> = runs.iter().map(|(_, mib)| *mib).collect();
+        let summary = |values: &[f64]| {
+            let (median, low, high) = median_and_spread(values);
+            (
+                format!(
+                    "{} [{}–{}]",
+                    format_value(median),
+                    format_value(low),
+                    format_value(high)
+                ),
+                json!({"median": median, "min": low, "max": high, "runs": values}),
+            )
+        };
+        let (seconds_md, seconds_json) = summary(&seconds);
+        let (memory_md, memory_json) = summary(&memory);
+        writeln!(md, "| {command} | {seconds_md} | {memory_md} |")?;
+        json_load.push(json!({
+            "rules": LOAD_RULES, "command": command,
+            "seconds": seconds_json, "peak_memory_mib": memory_json,
+        }));
+    }
+    Ok((md, Value::Array(json_load)))
 }
 
 fn format_value(value: f64) -> String {
