@@ -46,10 +46,20 @@ fuzz_target!(|input: (u8, u16, u32, u32, u32, i64, [u8; 8], [u8; 16])| {
         );
     }
     let v6: std::net::Ipv6Addr = addr.into();
-    assert_eq!(ipv6_destination_scope(addr), destination_scope(v6.into()));
-    let v4 = [addr[0], addr[1], addr[2], addr[3]];
+    let client: std::net::IpAddr = if a & 1 != 0 {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        v6.into()
+    };
+    let local = client.is_loopback();
     assert_eq!(
-        ipv4_destination_scope(v4),
-        destination_scope(std::net::Ipv4Addr::from(v4).into())
+        ipv6_destination_scope(addr, local),
+        destination_scope(v6.into(), client)
+    );
+    let v4 = [addr[0], addr[1], addr[2], addr[3]];
+    let v4_addr: std::net::IpAddr = std::net::Ipv4Addr::from(v4).into();
+    assert_eq!(
+        ipv4_destination_scope(v4, local),
+        destination_scope(v4_addr, client)
     );
 });

@@ -386,9 +386,18 @@ pub enum DestinationScope {
     Refused,
 }
 
-/// The [`DestinationScope`] of an IPv4 destination (network byte order).
-pub const fn ipv4_destination_scope(addr: [u8; 4]) -> DestinationScope {
+/// `ifindex` of the loopback device in every network namespace (the kernel's
+/// `LOOPBACK_IFINDEX`).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// The [`DestinationScope`] of an IPv4 destination (network byte order). `local_origin`: the
+/// flow is a local process's own (its packet came in on the loopback device; for the relay,
+/// its client is a loopback address). For those, the loopback addresses are a legitimate
+/// destination (steering `lo` to proxy a local service); from anywhere else they are a way
+/// into the host's loopback-only services.
+pub const fn ipv4_destination_scope(addr: [u8; 4], local_origin: bool) -> DestinationScope {
     match addr {
+        [127, ..] if local_origin => DestinationScope::Relayable,
         [0, ..] | [127, ..] => DestinationScope::Refused,
         [255, 255, 255, 255] => DestinationScope::LocalScope,
         [first, ..] if first & 0xf0 == 224 => DestinationScope::LocalScope,
@@ -396,8 +405,9 @@ pub const fn ipv4_destination_scope(addr: [u8; 4]) -> DestinationScope {
     }
 }
 
-/// The [`DestinationScope`] of an IPv6 destination (network byte order).
-pub const fn ipv6_destination_scope(addr: [u8; 16]) -> DestinationScope {
+/// The [`DestinationScope`] of an IPv6 destination (network byte order); `local_origin` as
+/// for [`ipv4_destination_scope`] (`::1` only: a mapped address never travels, even on `lo`).
+pub const fn ipv6_destination_scope(addr: [u8; 16], local_origin: bool) -> DestinationScope {
     if addr[0] == 0xff || (addr[0] == 0xfe && addr[1] & 0xc0 == 0x80) {
         return DestinationScope::LocalScope;
     }
@@ -409,17 +419,29 @@ pub const fn ipv6_destination_scope(addr: [u8; 16]) -> DestinationScope {
         }
         i += 1;
     }
+    let loopback = addr[10] == 0
+        && addr[11] == 0
+        && addr[12] == 0
+        && addr[13] == 0
+        && addr[14] == 0
+        && addr[15] == 1;
     match (addr[10], addr[11]) {
+        _ if loopback && local_origin => DestinationScope::Relayable,
         (0, 0) | (0xff, 0xff) => DestinationScope::Refused,
         _ => DestinationScope::Relayable,
     }
 }
 
-/// The [`DestinationScope`] of an original destination as the relay sees it.
-pub const fn destination_scope(addr: core::net::IpAddr) -> DestinationScope {
+/// The [`DestinationScope`] of an original destination as the relay sees it, for a flow from
+/// `client` (a loopback client is a local process: see [`ipv4_destination_scope`]).
+pub const fn destination_scope(
+    addr: core::net::IpAddr,
+    client: core::net::IpAddr,
+) -> DestinationScope {
+    let local_origin = client.is_loopback();
     match addr {
-        core::net::IpAddr::V4(v4) => ipv4_destination_scope(v4.octets()),
-        core::net::IpAddr::V6(v6) => ipv6_destination_scope(v6.octets()),
+        core::net::IpAddr::V4(v4) => ipv4_destination_scope(v4.octets(), local_origin),
+        core::net::IpAddr::V6(v6) => ipv6_destination_scope(v6.octets(), local_origin),
     }
 }
 
@@ -543,9 +565,45 @@ mod tests {
     }
 
     #[test]
+    fn loopback_destinations_only_for_local_processes() {
+        use core::net::IpAddr;
+        let scope = |dst: &str, client: &str| {
+            destination_scope(dst.parse::<IpAddr>().unwrap(), client.parse().unwrap())
+        };
+        assert_eq!(scope("127.0.0.1", "127.0.0.1"), DestinationScope::Relayable);
+        assert_eq!(scope("127.0.0.2", "127.0.0.1"), DestinationScope::Relayable);
+        assert_eq!(scope("::1", "::1"), DestinationScope::Relayable);
+        assert_eq!(scope("127.0.0.1", "10.0.0.1"), DestinationScope::Refused);
+        assert_eq!(scope("::1", "fd00::1"), DestinationScope::Refused);
+        for never in ["::ffff:127.0.0.1", "::", "0.0.0.0"] {
+            let client = if never.contains(':') {
+                "::1"
+            } else {
+                "127.0.0.1"
+            };
+            assert_eq!(scope(never, client), DestinationScope::Refused, "{never}");
+        }
+        assert_eq!(
+            ipv4_destination_scope([127, 0, 0, 1], true),
+            DestinationScope::Relayable
+        );
+        let mut v6_loopback = [0u8; 16];
+        v6_loopback[15] = 1;
+        assert_eq!(
+            ipv6_destination_scope(v6_loopback, true),
+            DestinationScope::Relayable
+        );
+        assert_eq!(
+            ipv6_destination_scope(v6_loopback, false),
+            DestinationScope::Refused
+        );
+    }
+
+    #[test]
     fn special_destinations() {
         use core::net::IpAddr;
-        let scope = |text: &str| destination_scope(text.parse::<IpAddr>().unwrap());
+        let remote: IpAddr = "192.0.2.1".parse().unwrap();
+        let scope = |text: &str| destination_scope(text.parse::<IpAddr>().unwrap(), remote);
         for refused in [
             "127.0.0.1",
             "127.1.2.3",

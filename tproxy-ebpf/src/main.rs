@@ -45,7 +45,7 @@ use tproxy_common::{
     decision::{
         self, counter_index, fragment_outcome, outranks, rule_match, source_stage_ifindex,
         DestinationScope, FragmentPosition, Ipv6Step, Outcome, Protocol, RuleMatch,
-        MAX_IPV6_EXTENSION_HEADERS,
+        LOOPBACK_IFINDEX, MAX_IPV6_EXTENSION_HEADERS,
     },
     maps::{
         any_port_class, listener_slot, port_class_index, range_class, single_port_class, DstKey,
@@ -492,7 +492,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         saddr,
         ifindex,
     );
-    let scope = decision::ipv4_destination_scope(daddr);
+    let scope = decision::ipv4_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4 = TupleV4 {
         saddr: u32::from_ne_bytes(saddr),
@@ -594,7 +594,7 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         saddr,
         ifindex,
     );
-    let scope = decision::ipv6_destination_scope(daddr);
+    let scope = decision::ipv6_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
     let words = |bytes: &[u8; 16]| -> [u32; 4] {
         let mut out = [0u32; 4];

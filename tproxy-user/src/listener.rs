@@ -64,8 +64,8 @@ pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<Transp
 /// `tproxy_common::decision::DestinationScope`). The eBPF program never steers such flows;
 /// this is the second line, for flows that reach a listener some other way (`--relay-only`
 /// behind someone's iptables rules, an older pinned program).
-pub fn refused_destination(original: SocketAddr) -> bool {
-    tproxy_common::decision::destination_scope(original.ip())
+pub fn refused_destination(original: SocketAddr, client: SocketAddr) -> bool {
+    tproxy_common::decision::destination_scope(original.ip(), client.ip())
         != tproxy_common::decision::DestinationScope::Relayable
 }
 

@@ -223,7 +223,7 @@ async fn relay(
         reset(&client);
         return;
     }
-    if listener::refused_destination(original) {
+    if listener::refused_destination(original, peer) {
         // One process-wide limiter: a flood of these must not flood the log.
         static REFUSED_LOG: LogLimiter = LogLimiter::new();
         let refused = stats.refused_destinations.fetch_add(1, Relaxed) + 1;

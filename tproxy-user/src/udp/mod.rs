@@ -239,7 +239,7 @@ impl UdpRelay {
             }
             return None;
         }
-        if crate::listener::refused_destination(original) {
+        if crate::listener::refused_destination(original, client) {
             self.stats.refused_destinations.fetch_add(1, Relaxed);
             if self.trouble_log.allow() {
                 log::warn!(
