@@ -49,6 +49,13 @@ pub async fn drop_privileges(workers: usize, user: Option<&User>) -> Result<()> 
     let kept: CapsHashSet = KEPT.into_iter().collect();
     let held = caps::read(None, CapSet::Permitted).context("reading capabilities")?;
     let kept: CapsHashSet = kept.intersection(&held).copied().collect();
+    if !kept.contains(&Capability::CAP_NET_BIND_SERVICE) {
+        // A unit or manifest written before tproxy kept it grants it no more.
+        log::warn!(
+            "CAP_NET_BIND_SERVICE is not held: UDP replies on ports below 1024 (DNS, NTP) go \
+             through the raw-socket fallback; grant it to the service"
+        );
+    }
     match user {
         None => {
             let keep = kept.clone();

@@ -802,6 +802,9 @@ struct Relays {
 const ACCEPT_GRACE: Duration = Duration::from_secs(1);
 
 /// How long stopping may wait for relay tasks to reset their connections.
+/// How long UDP sessions must have been quiet before a drain may end early: a request sent
+/// upstream just before the stop gets this long for its reply.
+const UDP_QUIET_BEFORE_STOP: Duration = Duration::from_secs(2);
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Relays {
@@ -1167,15 +1170,12 @@ impl Relays {
         self.listeners.iter().map(|l| l.slot).collect()
     }
 
-    /// Whether nothing is being relayed: no TCP connection, no UDP session.
+    /// Whether nothing is being relayed: no TCP connection, and no UDP session that moved a
+    /// datagram lately. A UDP session lives until its idle timeout (a minute by default),
+    /// longer than a drain: waiting for those would make every stop of a DNS router take
+    /// the whole drain.
     fn idle(&self) -> bool {
-        self.tcp_stats.active() == 0
-            && self
-                .udp
-                .stats
-                .active
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 0
+        self.tcp_stats.active() == 0 && !self.udp.busy_within(UDP_QUIET_BEFORE_STOP)
     }
 
     /// Stops accepting and resets the connections in flight; ends the UDP sessions.

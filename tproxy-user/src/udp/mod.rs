@@ -181,6 +181,18 @@ impl UdpRelay {
         }
     }
 
+    /// Whether some session moved a datagram within the last `window`: a stop waits for
+    /// those (a reply may be on its way), not for sessions that merely have not expired.
+    pub fn busy_within(&self, window: Duration) -> bool {
+        let now = self.now_ms();
+        let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        self.sessions
+            .lock()
+            .unwrap()
+            .values()
+            .any(|session| now.saturating_sub(session.last_activity_ms.load(Relaxed)) < window)
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }

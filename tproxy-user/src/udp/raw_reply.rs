@@ -4,8 +4,9 @@
 //! and sent on a transparent raw socket, which is bound to nothing.
 //!
 //! The kernel neither fragments what a raw socket sends with its own header nor fits it to
-//! the path: a packet above the interface MTU fails with EMSGSIZE. So a datagram that does
-//! not fit in [`MAX_PACKET`] bytes is fragmented here.
+//! the path: a packet above the interface MTU fails with EMSGSIZE. So a datagram goes out
+//! whole when the interface takes it (IPv4 without "don't fragment", so routers further on
+//! may still fragment it), and otherwise in fragments of [`MAX_PACKET`] bytes built here.
 
 use std::{
     io,
@@ -22,16 +23,18 @@ const IPPROTO_UDP: u8 = 17;
 /// IPv6's Fragment extension header.
 const IPPROTO_FRAGMENT: u8 = 44;
 const TTL: u8 = 64;
-/// The largest packet sent: IPv6's minimum link MTU (RFC 8200), which every IPv6 path
-/// carries and IPv4 paths carry in practice. Without path-MTU discovery on this path,
-/// anything larger could be lost on the way without a trace.
-pub const MAX_PACKET: usize = 1280;
+/// The largest fragment sent, when the datagram does not fit the interface whole: IPv6's
+/// minimum link MTU (RFC 8200), which every IPv6 path carries and IPv4 paths carry in
+/// practice.
+const MAX_PACKET: usize = 1280;
+/// The send buffer of each raw socket: one batch of 32 replies of 64 KiB, fragmented, must
+/// fit without EAGAIN halfway through a datagram.
+const SEND_BUFFER: usize = 32 * 64 * 1024 * 2;
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
 const FRAGMENT_HEADER: usize = 8;
 const UDP_HEADER: usize = 8;
-/// IPv4 "don't fragment" and "more fragments" flags, in the flags-and-offset field.
-const DONT_FRAGMENT: u16 = 0x4000;
+/// IPv4 "more fragments" flag, in the flags-and-offset field.
 const MORE_FRAGMENTS_V4: u16 = 0x2000;
 
 /// Raw sockets for replies whose transparent socket could not be bound, opened on first use.
@@ -42,17 +45,33 @@ pub struct RawReplier {
 }
 
 impl RawReplier {
-    /// Sends `payload` to `to` as a UDP datagram from `from` (address and port), in fragments
-    /// if it does not fit in one packet of [`MAX_PACKET`] bytes.
+    /// Sends `payload` to `to` as a UDP datagram from `from` (address and port): whole if
+    /// the interface takes it, otherwise in fragments of at most [`MAX_PACKET`] bytes.
     pub fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
+        match self.send_in(from, to, payload, usize::MAX) {
+            Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE) => {
+                self.send_in(from, to, payload, MAX_PACKET)
+            }
+            sent => sent,
+        }
+    }
+
+    /// Sends the datagram in packets of at most `max_packet` bytes.
+    fn send_in(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        payload: &[u8],
+        max_packet: usize,
+    ) -> io::Result<()> {
         let (socket, packets) = match (from.ip(), to.ip()) {
             (IpAddr::V4(_), IpAddr::V4(_)) => (
                 self.v4.get_or_init(|| open(Domain::IPV4)),
-                ipv4_udp_packets(from, to, payload, random_id()?),
+                ipv4_udp_packets(from, to, payload, max_packet)?,
             ),
             (IpAddr::V6(_), IpAddr::V6(_)) => (
                 self.v6.get_or_init(|| open(Domain::IPV6)),
-                ipv6_udp_packets(from, to, payload, random_id()?),
+                ipv6_udp_packets(from, to, payload, max_packet)?,
             ),
             _ => {
                 return Err(io::Error::new(
@@ -66,7 +85,7 @@ impl RawReplier {
             .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
         // Raw sockets take no port in the destination address.
         let dst = SockAddr::from(SocketAddr::new(to.ip(), 0));
-        for packet in packets? {
+        for packet in packets {
             socket.send_to(&packet, &dst)?;
         }
         Ok(())
@@ -96,6 +115,21 @@ fn open(domain: Domain) -> io::Result<Socket> {
         socket.set_ip_transparent_v4(true)?;
     }
     socket.set_nonblocking(true)?;
+    let size = SEND_BUFFER as libc::c_int;
+    // SAFETY: a valid socket, option and c_int-sized value. SO_SNDBUFFORCE (CAP_NET_ADMIN)
+    // goes past net.core.wmem_max; without it, the plain option gets what the limit allows.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        socket.set_send_buffer_size(SEND_BUFFER)?;
+    }
     Ok(socket)
 }
 
@@ -115,14 +149,14 @@ fn too_long() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "datagram too long")
 }
 
-/// The IPv4 packets carrying one UDP datagram: one if it fits in [`MAX_PACKET`], otherwise
-/// fragments identified by `id`. The kernel fills in the IPv4 header checksum (and the ID of
-/// an unfragmented packet).
+/// The IPv4 packets carrying one UDP datagram: one if it fits in `max_packet` bytes,
+/// otherwise fragments identified by a random ID. The kernel fills in the IPv4 header
+/// checksum (and the ID of an unfragmented packet).
 fn ipv4_udp_packets(
     from: SocketAddr,
     to: SocketAddr,
     payload: &[u8],
-    id: u32,
+    max_packet: usize,
 ) -> io::Result<Vec<Vec<u8>>> {
     let (IpAddr::V4(src), IpAddr::V4(dst)) = (from.ip(), to.ip()) else {
         unreachable!("checked by the caller")
@@ -146,14 +180,16 @@ fn ipv4_udp_packets(
         header.extend_from_slice(&dst.octets());
         header
     };
-    if IPV4_HEADER + datagram.len() <= MAX_PACKET {
-        let mut packet = header(IPV4_HEADER + datagram.len(), 0, DONT_FRAGMENT);
+    if IPV4_HEADER + datagram.len() <= max_packet {
+        // No "don't fragment": there is no path-MTU discovery on this path, so a router
+        // with a smaller MTU further on must be free to fragment it.
+        let mut packet = header(IPV4_HEADER + datagram.len(), 0, 0);
         packet.extend_from_slice(&datagram);
         return Ok(vec![packet]);
     }
     // Zero would ask the kernel for an ID of its own, per fragment.
-    let id = (id as u16).max(1);
-    let chunk = (MAX_PACKET - IPV4_HEADER) / 8 * 8;
+    let id = (random_id()? as u16).max(1);
+    let chunk = (max_packet - IPV4_HEADER) / 8 * 8;
     Ok(fragments(&datagram, chunk)
         .map(|(offset, piece, more)| {
             let flags_and_offset = (offset / 8) as u16 | if more { MORE_FRAGMENTS_V4 } else { 0 };
@@ -165,12 +201,12 @@ fn ipv4_udp_packets(
 }
 
 /// The IPv6 packets carrying one UDP datagram (the UDP checksum is mandatory over IPv6): one
-/// if it fits in [`MAX_PACKET`], otherwise fragments identified by `id`.
+/// if it fits in `max_packet` bytes, otherwise fragments identified by a random ID.
 fn ipv6_udp_packets(
     from: SocketAddr,
     to: SocketAddr,
     payload: &[u8],
-    id: u32,
+    max_packet: usize,
 ) -> io::Result<Vec<Vec<u8>>> {
     let (IpAddr::V6(src), IpAddr::V6(dst)) = (from.ip(), to.ip()) else {
         unreachable!("checked by the caller")
@@ -191,12 +227,13 @@ fn ipv6_udp_packets(
         header.extend_from_slice(&dst.octets());
         header
     };
-    if IPV6_HEADER + datagram.len() <= MAX_PACKET {
+    if IPV6_HEADER + datagram.len() <= max_packet {
         let mut packet = header(datagram.len(), IPPROTO_UDP);
         packet.extend_from_slice(&datagram);
         return Ok(vec![packet]);
     }
-    let chunk = (MAX_PACKET - IPV6_HEADER - FRAGMENT_HEADER) / 8 * 8;
+    let id = random_id()?;
+    let chunk = (max_packet - IPV6_HEADER - FRAGMENT_HEADER) / 8 * 8;
     Ok(fragments(&datagram, chunk)
         .map(|(offset, piece, more)| {
             let mut packet = header(FRAGMENT_HEADER + piece.len(), IPPROTO_FRAGMENT);
@@ -261,13 +298,13 @@ mod tests {
     fn ipv4_packet_layout_and_checksum() {
         let from: SocketAddr = "10.0.0.1:53".parse().unwrap();
         let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
-        let packets = ipv4_udp_packets(from, to, b"hello", 7).unwrap();
+        let packets = ipv4_udp_packets(from, to, b"hello", usize::MAX).unwrap();
         let [packet] = packets.as_slice() else {
             panic!("{} packets", packets.len())
         };
         assert_eq!(packet.len(), 20 + 8 + 5);
         assert_eq!(&packet[2..4], &33u16.to_be_bytes());
-        assert_eq!(&packet[6..8], &DONT_FRAGMENT.to_be_bytes());
+        assert_eq!(&packet[6..8], &[0, 0], "no \"don't fragment\": routers may");
         assert_eq!(packet[9], IPPROTO_UDP);
         assert_eq!(&packet[12..16], &[10, 0, 0, 1]);
         assert_eq!(&packet[20..22], &53u16.to_be_bytes());
@@ -280,7 +317,7 @@ mod tests {
     fn ipv6_packet_layout_and_checksum() {
         let from: SocketAddr = "[fd00::1]:53".parse().unwrap();
         let to: SocketAddr = "[fd00::2]:40000".parse().unwrap();
-        let packets = ipv6_udp_packets(from, to, b"odd", 7).unwrap();
+        let packets = ipv6_udp_packets(from, to, b"odd", usize::MAX).unwrap();
         let [packet] = packets.as_slice() else {
             panic!("{} packets", packets.len())
         };
@@ -307,7 +344,7 @@ mod tests {
             assert_eq!(&packet[4..6], &packets[0][4..6], "one ID for all fragments");
             assert_ne!(&packet[4..6], &[0, 0]);
             let field = u16::from_be_bytes([packet[6], packet[7]]);
-            assert_eq!(field & DONT_FRAGMENT, 0);
+            assert_eq!(field & 0x4000, 0, "no \"don't fragment\"");
             assert_eq!(field & MORE_FRAGMENTS_V4 != 0, i + 1 < packets.len());
             assert_eq!(usize::from(field & 0x1fff) * 8, datagram.len());
             datagram.extend_from_slice(&packet[20..]);
@@ -349,7 +386,7 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
             let from: SocketAddr = "10.0.0.1:53".parse().unwrap();
             let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
-            let packets = ipv4_udp_packets(from, to, &payload, 0x1234_5678).unwrap();
+            let packets = ipv4_udp_packets(from, to, &payload, MAX_PACKET).unwrap();
             assert_eq!(packets.len() > 1, 20 + 8 + len > MAX_PACKET, "len={len}");
             let datagram = if packets.len() == 1 {
                 packets[0][20..].to_vec()
@@ -362,7 +399,7 @@ mod tests {
 
             let from: SocketAddr = "[fd00::1]:53".parse().unwrap();
             let to: SocketAddr = "[fd00::2]:40000".parse().unwrap();
-            let packets = ipv6_udp_packets(from, to, &payload, 0x1234_5678).unwrap();
+            let packets = ipv6_udp_packets(from, to, &payload, MAX_PACKET).unwrap();
             assert_eq!(packets.len() > 1, 40 + 8 + len > MAX_PACKET, "len={len}");
             let datagram = if packets.len() == 1 {
                 packets[0][40..].to_vec()
@@ -385,10 +422,10 @@ mod tests {
     fn a_datagram_beyond_the_ip_length_field_is_refused() {
         let from: SocketAddr = "10.0.0.1:53".parse().unwrap();
         let to: SocketAddr = "10.0.0.2:40000".parse().unwrap();
-        assert!(ipv4_udp_packets(from, to, &vec![0; 65508], 1).is_err());
+        assert!(ipv4_udp_packets(from, to, &vec![0; 65508], MAX_PACKET).is_err());
         let from: SocketAddr = "[fd00::1]:53".parse().unwrap();
         let to: SocketAddr = "[fd00::2]:40000".parse().unwrap();
-        assert!(ipv6_udp_packets(from, to, &vec![0; 65528], 1).is_err());
+        assert!(ipv6_udp_packets(from, to, &vec![0; 65528], MAX_PACKET).is_err());
     }
 
     #[test]
