@@ -114,3 +114,31 @@ fn a_second_sigterm_cuts_the_default_drain_short() {
         "{cut:?}"
     );
 }
+
+/// A UDP session that has gone quiet does not hold a stop for the whole drain: it lives until
+/// its idle timeout (a minute), and a DNS router's every stop would otherwise take 30 s.
+#[test]
+fn a_quiet_udp_session_does_not_hold_the_stop() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server =
+        tproxy_tests::UdpEcho::start(&topo.server, Topo::server_addr(false, 5300)).unwrap();
+    let mut tproxy = Tproxy::start_with_defaults(
+        &topo.router,
+        &["--iface", Topo::ROUTER_CLIENT_IFACE, "--udp", "5300"],
+    )
+    .unwrap();
+    let client = tproxy_tests::udp_client(&topo.client, server.addr).unwrap();
+    let (reply, _) = tproxy_tests::udp_exchange(&client, server.addr, b"query").unwrap();
+    assert_eq!(reply, b"query");
+    assert_eq!(tproxy.udp_stat("active").unwrap(), 1, "the session is open");
+    thread::sleep(Duration::from_secs(3));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tproxy.pid() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    // Well inside the 30 s drain, and the session's 60 s idle timeout.
+    let status = tproxy.wait(Duration::from_secs(15)).unwrap();
+    assert!(status.success(), "{status:?}\n{}", tproxy.log_text());
+}
