@@ -3,7 +3,7 @@
 
 use nix::sys::signal::Signal;
 use tproxy_tests::{
-    ingress_programs, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
+    ingress_programs, instance_files, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
     RouterTopology as Topo, Server,
 };
 
@@ -21,11 +21,21 @@ fn assert_installed(topo: &Topo) {
         4,
         "two rules and two local routes:\n{routing}"
     );
+    assert_eq!(
+        instance_files(&topo.router, TABLE).len(),
+        2,
+        "lock and control socket"
+    );
 }
 
 fn assert_nothing_left(topo: &Topo) {
     assert!(ingress_programs(&topo.router, IFACE).unwrap().is_empty());
     assert_eq!(routing_state(&topo.router, TABLE).unwrap(), "");
+    assert_eq!(
+        instance_files(&topo.router, TABLE),
+        Vec::<std::path::PathBuf>::new(),
+        "lock file or control socket left in /run/tproxy"
+    );
 }
 
 #[test]
@@ -327,4 +337,39 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
         status.success() && stdout.contains("nothing of tproxy's was left"),
         "{stdout}"
     );
+}
+
+#[test]
+fn status_as_another_user_says_permission_denied_not_that_nothing_runs() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let status_as_nobody = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &topo.router.name])
+            .args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ])
+            .arg(tproxy_tests::tproxy_bin())
+            .arg("status")
+            .output()
+            .unwrap()
+    };
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
+    let refused = status_as_nobody();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    tproxy.stop().unwrap();
+
+    let stopped = status_as_nobody();
+    assert_eq!(
+        stopped.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    assert!(String::from_utf8_lossy(&stopped.stdout).contains("not running"));
 }

@@ -26,7 +26,8 @@ pub enum Command {
     /// system, and print the effective rule table.
     Check(RunArgs),
     /// Make the running `tproxy run` of this network namespace re-read its configuration
-    /// file (the same as sending it SIGHUP).
+    /// file (as SIGHUP does) and say what is in force now. Exits non-zero, with the reason,
+    /// when the new configuration is rejected (the previous one stays in force).
     Reload(ReloadArgs),
     /// Check this host for what transparent proxying needs and for what breaks it (kernel
     /// support, rp_filter, forwarding, firewall policies, other TPROXY users and ingress
@@ -34,7 +35,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Show what the tproxy of this network namespace does: whether it runs, where it is
     /// attached, its listeners, rules, policy routing, pinned state and counters. Exits 3
-    /// when no instance runs (like `systemctl status`).
+    /// when no instance runs (like `systemctl status`), and 4 when it cannot tell: the
+    /// running instance's control socket is root's only (permission denied).
     Status(StatusArgs),
     /// Remove everything of tproxy's in this network namespace that no running instance
     /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program.

@@ -106,7 +106,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
                 format!("another tproxy (pid {pid}) holds table {table} but does not answer on its control socket")
             })?;
             log::info!("taking over from tproxy pid {}", takeover.pid);
-            (InstanceLock::from_handover(lock)?, Some(takeover))
+            (InstanceLock::from_handover(table, lock)?, Some(takeover))
         }
     };
     let adopting = takeover.is_some() || pinned.as_ref().is_some_and(PinnedState::exists);
@@ -167,6 +167,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         if let Some(takeover) = takeover.take() {
             let pid = takeover.pid;
             takeover.complete()?;
+            lock.confirm_handover();
             log::info!("took over from tproxy pid {pid}: it drains and exits");
         }
         control::serve(table, control_tx)?;
@@ -321,25 +322,15 @@ async fn serve(
                 continue;
             }
             _ = signals.reload.recv() => {
-                if phase != Phase::Serving {
-                    log::warn!("SIGHUP while draining: nothing to reload");
-                    continue;
-                }
-                match reload(args, &config, &mut relays, steering.as_deref_mut(), interfaces) {
-                    Ok(new) => {
-                        log::info!(
-                            "reloaded: {} rules, {} listeners in force",
-                            new.configured_rules,
-                            new.listeners.len()
-                        );
-                        config = new;
-                    }
-                    Err(error) => log::error!("reload rejected, the previous configuration stays in force: {error:#}"),
-                }
+                let _ = reload_in_serving(phase, args, &mut config, &mut relays, steering.as_deref_mut(), interfaces);
                 continue;
             }
             Some(request) = control.requests.recv() => {
                 match request {
+                    Request::Reload(stream) => {
+                        let outcome = reload_in_serving(phase, args, &mut config, &mut relays, steering.as_deref_mut(), interfaces);
+                        control::answer_reload(stream, outcome);
+                    }
                     Request::Status(mut stream) => {
                         let report = status_report(&config, &relays, steering.as_deref(), phase, control);
                         let _ = std::io::Write::write_all(&mut stream, report.to_string().as_bytes());
@@ -360,7 +351,7 @@ async fn serve(
                             (None, Some(lock)) => {
                                 let mut stream = stream;
                                 let (listeners, fds) = relays.handover_offer();
-                                match control::offer(&mut stream, lock.raw_fd(), listeners, &fds) {
+                                match control::offer(&mut stream, lock.offer_fd(), listeners, &fds) {
                                     Ok(()) => {
                                         log::info!("a new instance is taking over");
                                         successor = Some(tokio::task::spawn_blocking(move || control::await_done(stream)));
@@ -386,6 +377,9 @@ async fn serve(
                     notify_systemd(sd_notify::NotifyState::Stopping);
                 } else {
                     log::warn!("the new instance did not take over; this one carries on");
+                    if let Some(lock) = control.lock {
+                        lock.offer_declined();
+                    }
                     if let Some(steering) = steering.as_deref_mut() {
                         if let Err(error) = reassert(&config, &mut relays, steering, interfaces) {
                             log::error!("restoring this instance's rules and listeners: {error:#}");
@@ -545,6 +539,39 @@ fn status_report(
 fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     if let Err(error) = sd_notify::notify(&[state]) {
         log::warn!("telling systemd the service state: {error}");
+    }
+}
+
+/// A reload (SIGHUP or `tproxy reload`) while serving: puts the re-read configuration in
+/// force or keeps the current one, logs which, and returns what is in force now or why the
+/// new configuration was rejected (for `tproxy reload` to report).
+fn reload_in_serving(
+    phase: Phase,
+    args: &RunArgs,
+    config: &mut Config,
+    relays: &mut Relays,
+    steering: Option<&mut Steering>,
+    interfaces: &[(String, u32)],
+) -> std::result::Result<String, String> {
+    if phase != Phase::Serving {
+        log::warn!("reload while draining: nothing to reload");
+        return Err("tproxy is draining (stopping or handed over): nothing to reload".into());
+    }
+    match reload(args, config, relays, steering, interfaces) {
+        Ok(new) => {
+            let in_force = format!(
+                "{} rules, {} listeners in force",
+                new.configured_rules,
+                new.listeners.len()
+            );
+            log::info!("reloaded: {in_force}");
+            *config = new;
+            Ok(in_force)
+        }
+        Err(error) => {
+            log::error!("reload rejected, the previous configuration stays in force: {error:#}");
+            Err(format!("{error:#}"))
+        }
     }
 }
 
