@@ -122,7 +122,11 @@ fn a_second_instance_on_the_same_table_is_refused_and_the_first_keeps_working() 
 fn a_start_that_fails_late_leaves_nothing_behind() {
     require_root();
     let topo = Topo::new().unwrap();
-    // Listeners bind, then the upstream check fails: the program was loaded, nothing attached.
+    // The lock is taken and stale routing looked for, then a listener cannot bind.
+    let _taken = topo
+        .router
+        .listen("127.0.0.1:7000".parse().unwrap())
+        .unwrap();
     let (status, stderr) = run_tproxy_to_end(
         &topo.router,
         &[
@@ -133,13 +137,11 @@ fn a_start_that_fails_late_leaves_nothing_behind() {
             "80",
             "--listen",
             "127.0.0.1:7000",
-            "--upstream",
-            "127.0.0.1:7000",
         ],
     )
     .unwrap();
     assert!(!status.success());
-    assert!(stderr.contains("--upstream 127.0.0.1:7000"), "{stderr}");
+    assert!(stderr.contains("--listen 127.0.0.1:7000"), "{stderr}");
     assert_nothing_left(&topo);
 
     // The IPv4 local route goes in, the IPv6 one cannot (IPv6 is off on lo): the IPv4 route

@@ -248,6 +248,18 @@ impl Config {
                 None => "no interface to steer: give --iface (or --relay-only)".into(),
             });
         }
+        if let Interfaces::Named(names) = &settings.interfaces {
+            let twice = names
+                .iter()
+                .enumerate()
+                .find(|(i, iface)| names[..*i].contains(iface));
+            if let Some((_, iface)) = twice {
+                bail!("interface {iface} is given twice");
+            }
+        }
+        if args.relay_only && settings.pin {
+            bail!("--pin: with --relay-only there is no program to pin");
+        }
         if settings.socket_mark & settings.mark.mask == settings.mark.value {
             let origin = match (&args.socket_mark, &args.config) {
                 (None, Some(file)) => format!(
@@ -735,11 +747,88 @@ impl Config {
     }
 
     /// The configuration `run` would use: the file named by `--config` (if any) and the
-    /// flags, checked.
+    /// flags, checked. `check` calls it too, so what it accepts `run` accepts (up to what
+    /// only the system can tell: interfaces that exist, addresses that are free).
     pub fn build(args: &RunArgs) -> Result<Self> {
         let mut config = Config::load(args)?;
         config.mark_listener_transports();
+        config.check_listener_addresses()?;
         Ok(config)
+    }
+
+    /// Refuses listener addresses that `run` could not bind or that would loop: two
+    /// addresses of one family in a listener, two listeners of one transport on one address
+    /// (or one on a wildcard address and one on an address it covers, same port), and an
+    /// upstream that is one of the listeners' addresses. Port 0 is known only once bound:
+    /// `run` checks the upstreams again then.
+    fn check_listener_addresses(&self) -> Result<()> {
+        let what = |listener: &ListenerConfig| match listener.name.as_str() {
+            DEFAULT_LISTENER => "--listen".to_string(),
+            name => format!("listener `{name}`: listen"),
+        };
+        for listener in &self.listeners {
+            for (i, addr) in listener.listen.iter().enumerate() {
+                if listener.listen[..i]
+                    .iter()
+                    .any(|earlier| earlier.is_ipv4() == addr.is_ipv4())
+                {
+                    bail!(
+                        "{} {addr}: at most one address per address family",
+                        what(listener)
+                    );
+                }
+            }
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            for earlier in &self.listeners[..i] {
+                if !(listener.tcp && earlier.tcp || listener.udp && earlier.udp) {
+                    continue;
+                }
+                for addr in listener.listen.iter().filter(|a| a.port() != 0) {
+                    let overlap = earlier.listen.iter().find(|other| {
+                        other.port() == addr.port()
+                            && other.is_ipv4() == addr.is_ipv4()
+                            && (other.ip() == addr.ip()
+                                || other.ip().is_unspecified()
+                                || addr.ip().is_unspecified())
+                    });
+                    if let Some(other) = overlap {
+                        bail!(
+                            "{} {addr}: listener `{}` listens on {other} already; two listeners \
+                             cannot share an address",
+                            what(listener),
+                            earlier.name
+                        );
+                    }
+                }
+            }
+        }
+        let own: Vec<SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|listener| listener.tcp || listener.udp)
+            .flat_map(|listener| listener.listen.iter().copied())
+            .filter(|addr| addr.port() != 0)
+            .collect();
+        for listener in &self.listeners {
+            if let Some(upstream) = listener.upstream {
+                if crate::listener::reaches_own_listener(&own, upstream) {
+                    bail!(
+                        "{} is one of tproxy's own listeners: that would loop",
+                        upstream_flag(&listener.name, upstream)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How an operator wrote listener `name`'s upstream: the flag for the `default` listener.
+pub fn upstream_flag(name: &str, upstream: SocketAddr) -> String {
+    match name {
+        DEFAULT_LISTENER => format!("--upstream {upstream}"),
+        name => format!("listener `{name}`: upstream {upstream}"),
     }
 }
 
@@ -1239,6 +1328,66 @@ listener = "dns"
             format!("{error:#}").contains("reading /nonexistent/tproxy.toml"),
             "{error:#}"
         );
+    }
+
+    /// What `run` would refuse when binding (or starting) is refused by the configuration
+    /// already, which `check` builds too.
+    #[test]
+    fn listener_addresses_that_run_could_not_bind_or_that_loop_are_refused() {
+        let flags = |extra: &[&str]| {
+            let mut argv = vec!["--iface", "eth0", "--tcp", "80"];
+            argv.extend_from_slice(extra);
+            Config::build(&args(&argv)).map_err(|e| format!("{e:#}"))
+        };
+        let refused = flags(&["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:7000"]);
+        assert!(refused.unwrap_err().contains(
+            "--upstream 127.0.0.1:7000 is one of tproxy's own listeners: that would loop"
+        ));
+        let refused = flags(&["--listen", "0.0.0.0:7000", "--upstream", "10.1.2.3:7000"]);
+        assert!(refused.unwrap_err().contains("--upstream 10.1.2.3:7000"));
+        let refused = flags(&["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"]);
+        assert!(refused
+            .unwrap_err()
+            .contains("--listen 127.0.0.2:0: at most one address per address family"));
+        assert!(flags(&["--iface", "eth0"])
+            .unwrap_err()
+            .contains("eth0 is given twice"));
+        let relay_only_pinned = Config::build(&args(&["--relay-only", "--tcp", "80", "--pin"]));
+        assert!(
+            format!("{:#}", relay_only_pinned.unwrap_err()).contains("--pin: with --relay-only")
+        );
+        assert!(flags(&["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:7001"]).is_ok());
+
+        let two = |first: &str, second: &str, proto: &str| {
+            format!(
+                "interfaces = [\"eth0\"]\n\
+                 [[listener]]\nname = \"a\"\nlisten = \"{first}\"\n\
+                 [[listener]]\nname = \"b\"\nlisten = \"{second}\"\n\
+                 [[rule]]\nproto = \"tcp\"\naction = \"steer\"\nlistener = \"a\"\n\
+                 [[rule]]\nproto = \"{proto}\"\nports = 53\naction = \"steer\"\nlistener = \"b\"\n"
+            )
+        };
+        for (first, second) in [
+            ("127.0.0.1:7000", "127.0.0.1:7000"),
+            ("0.0.0.0:7000", "127.0.0.1:7000"),
+            ("127.0.0.1:7000", "0.0.0.0:7000"),
+        ] {
+            assert!(
+                error(&two(first, second, "tcp")).contains(&format!(
+                    "listener `b`: listen {second}: listener `a` listens on {first} already"
+                )),
+                "{first} {second}"
+            );
+        }
+        // Another port, another family, another transport, or ports still to be picked.
+        for (first, second, proto) in [
+            ("127.0.0.1:7000", "127.0.0.1:7001", "tcp"),
+            ("0.0.0.0:7000", "[::1]:7000", "tcp"),
+            ("127.0.0.1:7000", "127.0.0.1:7000", "udp"),
+            ("127.0.0.1:0", "127.0.0.1:0", "tcp"),
+        ] {
+            with_file(&two(first, second, proto), &[]).unwrap();
+        }
     }
 
     #[test]

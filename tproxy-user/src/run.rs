@@ -65,9 +65,6 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         pinned: false,
         attached: Vec::new(),
     };
-    if args.relay_only && config.settings.pin {
-        bail!("--pin: with --relay-only there is no program to pin");
-    }
     if args.relay_only {
         relays.serve_metrics(&config.settings, None).await?;
         let plan = relays.plan(&config)?;
@@ -700,10 +697,7 @@ async fn resolve_interfaces(
         }
     };
     let mut resolved = Vec::new();
-    for (i, iface) in names.iter().enumerate() {
-        if names[..i].contains(iface) {
-            bail!("--iface {iface} is given twice");
-        }
+    for iface in &names {
         let link = links
             .iter()
             .find(|link| name_of(link).as_deref() == Some(iface.as_str()))
@@ -998,13 +992,10 @@ impl Relays {
         for wanted in &config.listeners {
             if let Some(upstream) = wanted.upstream {
                 if listener::reaches_own_listener(&own, upstream) {
-                    let name = &wanted.name;
-                    let what = if *name == crate::config::DEFAULT_LISTENER {
-                        format!("--upstream {upstream}")
-                    } else {
-                        format!("listener `{name}`: upstream {upstream}")
-                    };
-                    bail!("{what} is one of tproxy's own listeners: that would loop");
+                    bail!(
+                        "{} is one of tproxy's own listeners: that would loop",
+                        crate::config::upstream_flag(&wanted.name, upstream)
+                    );
                 }
             }
         }
