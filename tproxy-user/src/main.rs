@@ -108,6 +108,7 @@ fn main() -> ExitCode {
     };
     // In-flight relays end with the runtime; steering and routing are already gone by now.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    logging::log_held_back();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -24,7 +24,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    listener,
+    listener, logging,
     splice::{self, PipePool},
     udp::LogLimiter,
 };
@@ -216,7 +216,7 @@ async fn relay(
     };
     let target = upstream.unwrap_or(original);
     if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
-        log::warn!("{peer} -> {original}: refusing to relay to our own listener {target}");
+        log::warn!(target: logging::PER_FLOW, "{peer} -> {original}: refusing to relay to our own listener {target}");
         reset(&client);
         return;
     }
@@ -231,7 +231,7 @@ async fn relay(
         }
         Err(error) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
-            log::info!("{peer} -> {original}: upstream {target}: {error}; resetting client");
+            log::info!(target: logging::PER_FLOW, "{peer} -> {original}: upstream {target}: {error}; resetting client");
             reset(&client);
             return;
         }
