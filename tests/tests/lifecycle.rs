@@ -375,3 +375,38 @@ fn status_as_another_user_says_permission_denied_not_that_nothing_runs() {
     );
     assert!(String::from_utf8_lossy(&stopped.stdout).contains("not running"));
 }
+
+#[test]
+fn start_up_warnings_are_said_once_and_say_what_the_fail_mode_does() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    for (fail_mode, fate) in [
+        ("open", "passed on untouched (fail mode open)"),
+        ("closed", "dropped (fail mode closed)"),
+    ] {
+        let mut tproxy = topo
+            .tproxy(&[
+                "--tcp",
+                "80",
+                "--udp",
+                "53",
+                "--listen",
+                "10.10.2.1:0",
+                "--fail-mode",
+                fail_mode,
+            ])
+            .unwrap();
+        tproxy.stop().unwrap();
+        let log = tproxy.log_text();
+        assert_eq!(
+            log.matches("is not on loopback").count(),
+            1,
+            "one listener address, bound for TCP and UDP:\n{log}"
+        );
+        let no_ipv6 = log
+            .lines()
+            .find(|line| line.contains("has no IPv6 address"))
+            .unwrap_or_else(|| panic!("no warning about IPv6:\n{log}"));
+        assert!(no_ipv6.contains(fate), "--fail-mode {fail_mode}: {no_ipv6}");
+    }
+}

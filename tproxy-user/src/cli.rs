@@ -6,9 +6,9 @@ use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-/// Transparent proxying without iptables: a tc ingress eBPF program steers chosen TCP flows
-/// into tproxy's own transparent listener (the socket match and TPROXY target in one), and
-/// tproxy relays them to their original destination.
+/// Transparent proxying without iptables: a tc ingress eBPF program steers chosen TCP and UDP
+/// flows into tproxy's own transparent listeners (the socket match and TPROXY target in one),
+/// and tproxy relays them to their original destination.
 #[derive(Debug, Parser)]
 #[command(name = "tproxy", version, propagate_version = true)]
 pub struct Cli {
@@ -434,6 +434,31 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration as an operator writes one: `0s`, `500ms`, `30s`, `1.5s`, `5m`, `2h`.
+pub struct Human(pub Duration);
+
+impl std::fmt::Display for Human {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let duration = self.0;
+        let whole = duration.subsec_nanos() == 0;
+        let secs = duration.as_secs();
+        if duration.is_zero() {
+            f.write_str("0s")
+        } else if whole && secs.is_multiple_of(3600) {
+            write!(f, "{}h", secs / 3600)
+        } else if whole && secs.is_multiple_of(60) {
+            write!(f, "{}m", secs / 60)
+        } else if secs > 0 {
+            let text = format!("{:.3}", duration.as_secs_f64());
+            write!(f, "{}s", text.trim_end_matches('0').trim_end_matches('.'))
+        } else if duration.subsec_nanos().is_multiple_of(1_000_000) {
+            write!(f, "{}ms", duration.subsec_millis())
+        } else {
+            write!(f, "{}µs", duration.subsec_micros())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,6 +535,29 @@ mod tests {
             .unwrap_err()
             .contains("greater than zero"));
         assert!(parse_duration("soon").unwrap_err().contains("`soon`"));
+    }
+
+    #[test]
+    fn durations_print_as_an_operator_writes_them() {
+        for (duration, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_secs(30), "30s"),
+            (Duration::from_millis(1500), "1.5s"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_micros(250), "250µs"),
+        ] {
+            assert_eq!(Human(duration).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn help_says_both_transports_are_steered() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("steers chosen TCP and UDP"), "{help}");
     }
 
     #[test]

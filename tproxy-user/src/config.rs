@@ -314,8 +314,9 @@ impl Config {
         };
         let _ = writeln!(
             out,
-            "lifecycle: {pinned}; fail-{}; drain timeout {:?}",
-            s.fail_mode, s.drain_timeout
+            "lifecycle: {pinned}; fail-{}; drain timeout {}",
+            s.fail_mode,
+            cli::Human(s.drain_timeout)
         );
         let _ = writeln!(out, "listeners:");
         for listener in &self.listeners {
@@ -1388,6 +1389,26 @@ listener = "dns"
         ] {
             with_file(&two(first, second, proto), &[]).unwrap();
         }
+    }
+
+    #[test]
+    fn check_prints_durations_as_they_are_written() {
+        let mut config = Config::build(&args(&[
+            "--iface",
+            "eth0",
+            "--tcp",
+            "80",
+            "--drain-timeout",
+            "5m",
+        ]))
+        .unwrap();
+        assert!(config.describe().contains("drain timeout 5m"));
+        config.settings.drain_timeout = Duration::ZERO;
+        assert!(
+            config.describe().contains("drain timeout 0s"),
+            "{}",
+            config.describe()
+        );
     }
 
     #[test]

@@ -51,9 +51,6 @@ pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<Transp
             .as_socket()
             .context("listener has no IP address")?;
         chosen_port.get_or_insert(local.port());
-        if !local.ip().is_loopback() {
-            log::warn!("listener {local} is not on loopback: clients can reach it directly");
-        }
         listeners.push(TransparentListener { slot, socket });
     }
     Ok(listeners)

@@ -24,6 +24,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    cli::Human,
     listener, logging,
     splice::{self, PipePool},
     udp::LogLimiter,
@@ -167,7 +168,10 @@ pub async fn serve(
             Err(error) => {
                 // EMFILE/ENFILE and friends: the pending connection stays queued; spinning on
                 // accept would only burn the CPU that closing connections need.
-                log::warn!("accept failed: {error}; retrying in {ACCEPT_BACKOFF:?}");
+                log::warn!(
+                    "accept failed: {error}; retrying in {}",
+                    Human(ACCEPT_BACKOFF)
+                );
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
@@ -374,13 +378,13 @@ async fn pipe(
             result = &mut to_client, if !down_done => { result?; down_done = true; }
             () = traffic.idle_for(config.idle_timeout) => return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("idle for {:?}", config.idle_timeout),
+                format!("idle for {}", Human(config.idle_timeout)),
             )),
             () = &mut half_closed, if up_done != down_done => {
                 stats.half_close_timeouts.fetch_add(1, Relaxed);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("half-closed for {:?}", config.half_close_timeout),
+                    format!("half-closed for {}", Human(config.half_close_timeout)),
                 ));
             }
         }

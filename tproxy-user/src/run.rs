@@ -31,7 +31,7 @@ use tproxy_common::{
 };
 
 use crate::{
-    cli::{FailMode, RunArgs},
+    cli::{FailMode, Human, RunArgs},
     config::{Config, Interfaces, ListenerConfig, Settings},
     control::{self, HandedListener, HandedSocket, Request},
     instance::{Held, InstanceLock},
@@ -364,7 +364,7 @@ async fn serve(
             done = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
                 successor = None;
                 if done.unwrap_or(false) {
-                    log::info!("the new instance has taken over; draining for up to {drain_timeout:?}");
+                    log::info!("the new instance has taken over; draining for up to {}", Human(drain_timeout));
                     relays.stop_accepting();
                     relays.close_listeners();
                     relays.ready.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -409,7 +409,7 @@ async fn serve(
         // A signal, or the end of the drain.
         match phase {
             Phase::Serving => {
-                log::info!("stopping: draining for up to {drain_timeout:?}");
+                log::info!("stopping: draining for up to {}", Human(drain_timeout));
                 notify_systemd(sd_notify::NotifyState::Stopping);
                 // New flows get the fail mode from now on (until a successor registers the
                 // listeners again); what reached the listeners already is still accepted for
@@ -971,6 +971,12 @@ impl Relays {
                 .or(udp.first())
                 .expect("bound at least one socket");
             let bound = bound_addrs(&bound, first)?;
+            if kept.is_none() {
+                // Once per address, whether TCP, UDP or both are bound there.
+                for addr in bound.iter().filter(|addr| !addr.ip().is_loopback()) {
+                    log::warn!("listener {addr} is not on loopback: clients can reach it directly");
+                }
+            }
             plan.new_sockets.push(NewSockets {
                 kept,
                 config: wanted.clone(),
@@ -1207,8 +1213,9 @@ impl Relays {
         self.tasks.close();
         if timeout(STOP_TIMEOUT, self.tasks.wait()).await.is_err() {
             log::warn!(
-                "{} relay tasks did not stop within {STOP_TIMEOUT:?}",
-                self.tasks.len()
+                "{} relay tasks did not stop within {}",
+                self.tasks.len(),
+                Human(STOP_TIMEOUT)
             );
         }
     }
@@ -1312,7 +1319,15 @@ fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: 
             ("IPv6", l.bound.iter().any(SocketAddr::is_ipv6)),
         ] {
             if !present && !args.relay_only {
-                log::warn!("listener `{}` has no {family} address: such flows steered to it are passed untouched (counted as no_listener)", l.config.name);
+                let fate = match config.settings.fail_mode {
+                    FailMode::Open => "passed on untouched (fail mode open)",
+                    FailMode::Closed => "dropped (fail mode closed)",
+                };
+                log::warn!(
+                    "listener `{}` has no {family} address: {family} flows steered to it are \
+                     {fate} and counted as no_listener",
+                    l.config.name
+                );
             }
         }
     }
