@@ -264,6 +264,7 @@ fn help_documents_every_run_flag() {
         "--udp",
         "--udp-idle-timeout",
         "--udp-max-sessions",
+        "--udp-max-sessions-per-source",
         "--socket-mark",
         "--pin",
         "--pin-dir",

@@ -198,6 +198,13 @@ pub struct RunArgs {
     #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_sessions: Option<u32>,
 
+    /// Most UDP sessions at once for one client address (each of its source ports and
+    /// destinations is a session), so that no client can take them all; datagrams of its
+    /// new flows beyond it are dropped (and counted). [default: a quarter of
+    /// --udp-max-sessions]
+    #[arg(long = "udp-max-sessions-per-source", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub udp_max_sessions_per_source: Option<u32>,
+
     /// Serve Prometheus metrics on `/metrics` at this address, with `/healthz` and `/readyz`
     /// for probes. Keep it on loopback or a management network.
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]

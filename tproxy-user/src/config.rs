@@ -54,6 +54,7 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
     pub udp_max_sessions: u32,
+    pub udp_max_sessions_per_source: u32,
     pub half_close_timeout: Duration,
     pub max_connections: u32,
     pub max_connections_per_source: u32,
@@ -93,6 +94,8 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(300),
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 8192,
+            // Set from the overall limit once that is known (see `Config::load`).
+            udp_max_sessions_per_source: 0,
             half_close_timeout: Duration::from_secs(60),
             max_connections: default_max_connections(),
             // Set from the overall limit once that is known (see `Config::load`).
@@ -161,6 +164,9 @@ impl Config {
         args.apply_settings(&mut settings);
         if settings.max_connections_per_source == 0 {
             settings.max_connections_per_source = (settings.max_connections / 4).max(1);
+        }
+        if settings.udp_max_sessions_per_source == 0 {
+            settings.udp_max_sessions_per_source = (settings.udp_max_sessions / 4).max(1);
         }
         let mut listeners = Vec::new();
         let mut rules = Vec::new();
@@ -407,6 +413,7 @@ impl RunArgs {
             idle_timeout,
             udp_idle_timeout,
             udp_max_sessions,
+            udp_max_sessions_per_source,
             half_close_timeout,
             max_connections,
             max_connections_per_source,
@@ -497,6 +504,7 @@ struct ConfigFile {
     idle_timeout: Option<Text<Timeout>>,
     udp_idle_timeout: Option<Text<Timeout>>,
     udp_max_sessions: Option<Text<SessionCap>>,
+    udp_max_sessions_per_source: Option<Text<SessionCap>>,
     half_close_timeout: Option<Text<Timeout>>,
     max_connections: Option<Text<SessionCap>>,
     max_connections_per_source: Option<Text<SessionCap>>,
@@ -589,6 +597,10 @@ impl ConfigFile {
         }
         for (field, target) in [
             (self.udp_max_sessions, &mut settings.udp_max_sessions),
+            (
+                self.udp_max_sessions_per_source,
+                &mut settings.udp_max_sessions_per_source,
+            ),
             (self.max_connections, &mut settings.max_connections),
             (
                 self.max_connections_per_source,
@@ -1187,6 +1199,19 @@ listener = "dns"
             config.settings.max_connections_per_source, 250,
             "a quarter of the overall limit"
         );
+        assert_eq!(config.settings.udp_max_sessions_per_source, 8192 / 4);
+        let config = with_file(
+            "interfaces = [\"eth0\"]\nudp_max_sessions = 100\nudp_max_sessions_per_source = 7\n[[rule]]\nproto = \"udp\"\naction = \"bypass\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.settings.udp_max_sessions_per_source, 7);
+        let config = with_file(
+            "interfaces = [\"eth0\"]\nudp_max_sessions_per_source = 7\n[[rule]]\nproto = \"udp\"\naction = \"bypass\"\n",
+            &["--udp-max-sessions-per-source", "9"],
+        )
+        .unwrap();
+        assert_eq!(config.settings.udp_max_sessions_per_source, 9);
     }
 
     #[test]

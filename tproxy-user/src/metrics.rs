@@ -238,6 +238,10 @@ impl Collector for Snapshot {
             ("created", udp.created.load(Relaxed)),
             ("expired", udp.expired.load(Relaxed)),
             ("refused_at_cap", udp.refused_at_cap.load(Relaxed)),
+            (
+                "refused_at_source_cap",
+                udp.refused_at_source_cap.load(Relaxed),
+            ),
             ("ended_by_upstream_error", udp.upstream_errors.load(Relaxed)),
             ("raw_reply_fallback", udp.reply_fallbacks.load(Relaxed)),
         ] {

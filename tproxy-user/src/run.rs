@@ -528,6 +528,8 @@ fn status_report(
             "expired": udp.expired.load(Relaxed),
             "to_upstream": udp.to_upstream.load(Relaxed),
             "to_client": udp.to_client.load(Relaxed),
+            "refused_at_cap": udp.refused_at_cap.load(Relaxed),
+            "refused_at_source_cap": udp.refused_at_source_cap.load(Relaxed),
         },
     })
 }
@@ -644,9 +646,11 @@ fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
     {
         changed.push("max_connections/max_connections_per_source");
     }
-    if old.udp_idle_timeout != new.udp_idle_timeout || old.udp_max_sessions != new.udp_max_sessions
+    if old.udp_idle_timeout != new.udp_idle_timeout
+        || old.udp_max_sessions != new.udp_max_sessions
+        || old.udp_max_sessions_per_source != new.udp_max_sessions_per_source
     {
-        changed.push("udp_idle_timeout/udp_max_sessions");
+        changed.push("udp_idle_timeout/udp_max_sessions/udp_max_sessions_per_source");
     }
     // Every setting is fixed for the process's lifetime; a new one not named above still is.
     if changed.is_empty() && old != new {
@@ -823,6 +827,7 @@ impl Relays {
             UdpConfig {
                 idle_timeout: settings.udp_idle_timeout,
                 max_sessions: settings.udp_max_sessions as usize,
+                max_sessions_per_source: settings.udp_max_sessions_per_source as usize,
                 socket_mark: settings.socket_mark,
                 own_listeners: own_addrs.clone(),
             },

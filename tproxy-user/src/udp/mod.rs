@@ -47,6 +47,9 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct UdpConfig {
     pub idle_timeout: Duration,
     pub max_sessions: usize,
+    /// Most sessions of one client address, so that one client's many source ports cannot
+    /// take the overall cap that other clients need.
+    pub max_sessions_per_source: usize,
     /// SO_MARK of our per-flow sockets, which the eBPF program trusts.
     pub socket_mark: u32,
     /// All our listeners' addresses: relaying to one of them would loop forever. Updated
@@ -61,6 +64,8 @@ pub struct UdpStats {
     pub created: AtomicU64,
     pub expired: AtomicU64,
     pub refused_at_cap: AtomicU64,
+    /// New flows refused because their client address had `max_sessions_per_source`.
+    pub refused_at_source_cap: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub reply_fallbacks: AtomicU64,
     pub to_upstream: AtomicU64,
@@ -73,12 +78,13 @@ impl UdpStats {
     pub fn summary(&self) -> String {
         format!(
             "udp relay: sessions active={} created={} expired={} refused_at_cap={} \
-             ended_by_upstream_error={} raw_reply_fallbacks={}; datagrams to_upstream={} \
-             to_client={} dropped={}",
+             refused_at_source_cap={} ended_by_upstream_error={} raw_reply_fallbacks={}; \
+             datagrams to_upstream={} to_client={} dropped={}",
             self.active.load(Relaxed),
             self.created.load(Relaxed),
             self.expired.load(Relaxed),
             self.refused_at_cap.load(Relaxed),
+            self.refused_at_source_cap.load(Relaxed),
             self.upstream_errors.load(Relaxed),
             self.reply_fallbacks.load(Relaxed),
             self.to_upstream.load(Relaxed),
@@ -95,10 +101,13 @@ pub struct UdpRelay {
     config: UdpConfig,
     pub stats: UdpStats,
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    /// Sessions per client address.
+    per_source: Mutex<HashMap<IpAddr, usize>>,
     raw: RawReplier,
     /// Original destinations whose reply-socket bind failed recently, and until when.
     unbindable: Mutex<HashMap<SocketAddr, Instant>>,
     cap_log: LogLimiter,
+    source_cap_log: LogLimiter,
     trouble_log: LogLimiter,
     /// Timestamps are kept as milliseconds since this instant, in atomics.
     epoch: Instant,
@@ -123,9 +132,11 @@ impl UdpRelay {
             config,
             stats: UdpStats::default(),
             sessions: Mutex::default(),
+            per_source: Mutex::default(),
             raw: RawReplier::default(),
             unbindable: Mutex::default(),
             cap_log: LogLimiter::default(),
+            source_cap_log: LogLimiter::default(),
             trouble_log: LogLimiter::default(),
             epoch: Instant::now(),
             shutdown,
@@ -229,6 +240,10 @@ impl UdpRelay {
             }
             return None;
         }
+        // Per source first: a client at its own cap must not count against the overall one.
+        if !self.source_has_room(client) {
+            return None;
+        }
         if self.sessions.lock().unwrap().len() >= self.config.max_sessions {
             self.stats.refused_at_cap.fetch_add(1, Relaxed);
             if self.cap_log.allow() {
@@ -266,6 +281,7 @@ impl UdpRelay {
             .lock()
             .unwrap()
             .insert((client, original), session.clone());
+        self.count_source(client.ip(), true);
         self.stats.created.fetch_add(1, Relaxed);
         self.stats.active.fetch_add(1, Relaxed);
         log::debug!("{client} -> {original}: new UDP session via {target}");
@@ -350,6 +366,7 @@ impl UdpRelay {
             .lock()
             .unwrap()
             .remove(&(session.client, session.original));
+        self.count_source(session.client.ip(), false);
         self.stats.active.fetch_sub(1, Relaxed);
     }
 
@@ -384,6 +401,45 @@ impl UdpRelay {
                 })
             })?
         })
+    }
+
+    /// Whether `client`'s address may open another session; counts and logs (at most once
+    /// per [`LOG_INTERVAL`]) a refusal.
+    fn source_has_room(&self, client: SocketAddr) -> bool {
+        let sessions = self
+            .per_source
+            .lock()
+            .unwrap()
+            .get(&client.ip())
+            .copied()
+            .unwrap_or(0);
+        if sessions < self.config.max_sessions_per_source {
+            return true;
+        }
+        self.stats.refused_at_source_cap.fetch_add(1, Relaxed);
+        if self.source_cap_log.allow() {
+            log::warn!(
+                "{}: UDP session cap per source ({}) reached: dropping datagrams of its new flows \
+                 ({} so far, all sources)",
+                client.ip(),
+                self.config.max_sessions_per_source,
+                self.stats.refused_at_source_cap.load(Relaxed)
+            );
+        }
+        false
+    }
+
+    /// Counts a session of `source` opened (`true`) or ended.
+    fn count_source(&self, source: IpAddr, opened: bool) {
+        let mut per_source = self.per_source.lock().unwrap();
+        let count = per_source.entry(source).or_default();
+        match opened {
+            true => *count += 1,
+            false => *count = count.saturating_sub(1),
+        }
+        if *count == 0 {
+            per_source.remove(&source);
+        }
     }
 
     fn count_moved(&self, session: &Session, direction: &AtomicU64, received: usize, sent: usize) {
