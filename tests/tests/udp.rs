@@ -289,3 +289,52 @@ fn unsteered_udp_and_a_local_wildcard_service_are_left_alone() {
     assert_eq!(tproxy.udp_stat("raw_reply_fallbacks").unwrap(), 2);
     tproxy.stop().unwrap();
 }
+
+/// The router's UdpRcvbufErrors (datagrams dropped for want of receive buffer, all sockets).
+fn rcvbuf_errors(topo: &Topo) -> u64 {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.router.name, "cat", "/proc/net/snmp"])
+        .output()
+        .unwrap();
+    let snmp = String::from_utf8(output.stdout).unwrap();
+    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let column = names
+        .split_whitespace()
+        .position(|name| name == "RcvbufErrors")
+        .unwrap();
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn datagrams_lost_in_the_listener_buffer_are_counted() {
+    use nix::sys::signal::{kill, Signal};
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
+    let before = rcvbuf_errors(&topo);
+    // A new flow's datagrams queue on the listener until the relay reads them; with the
+    // relay stopped, a burst overflows even a large buffer.
+    let pid = nix::unistd::Pid::from_raw(tproxy.pid() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let burst = udp_client(&topo.client, server.addr).unwrap();
+    let datagram = [0u8; 1400];
+    for _ in 0..20_000 {
+        let _ = burst.send_to(&datagram, server.addr);
+    }
+    let lost = rcvbuf_errors(&topo) - before;
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert!(lost > 0, "the burst did not overflow the listener's buffer");
+    println!("{lost} of 20,000 datagrams lost in the listener's receive buffer");
+    // The drop count rides on the next datagram the listener receives: another new flow.
+    let next = udp_client(&topo.client, server.addr).unwrap();
+    let (reply, _) = udp_exchange(&next, server.addr, b"after the burst").unwrap();
+    assert_eq!(reply, b"after the burst");
+    assert_eq!(tproxy.udp_stat("listener_buffer_drops").unwrap(), lost);
+}

@@ -257,6 +257,10 @@ impl Collector for Snapshot {
             ("to_upstream", udp.to_upstream.load(Relaxed)),
             ("to_client", udp.to_client.load(Relaxed)),
             ("dropped", udp.dropped.load(Relaxed)),
+            (
+                "listener_buffer_drops",
+                udp.listener_buffer_drops.load(Relaxed),
+            ),
         ] {
             ConstCounter::new(value).encode(family.encode_family(&[("direction", direction)])?)?;
         }

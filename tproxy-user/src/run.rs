@@ -530,6 +530,7 @@ fn status_report(
             "to_client": udp.to_client.load(Relaxed),
             "refused_at_cap": udp.refused_at_cap.load(Relaxed),
             "refused_at_source_cap": udp.refused_at_source_cap.load(Relaxed),
+            "listener_buffer_drops": udp.listener_buffer_drops.load(Relaxed),
         },
     })
 }

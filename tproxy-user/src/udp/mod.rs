@@ -71,6 +71,9 @@ pub struct UdpStats {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
     pub dropped: AtomicU64,
+    /// Datagrams the listeners' receive buffers had no room for (new flows' datagrams lost
+    /// in a burst before the relay read them).
+    pub listener_buffer_drops: AtomicU64,
 }
 
 impl UdpStats {
@@ -79,7 +82,7 @@ impl UdpStats {
         format!(
             "udp relay: sessions active={} created={} expired={} refused_at_cap={} \
              refused_at_source_cap={} ended_by_upstream_error={} raw_reply_fallbacks={}; \
-             datagrams to_upstream={} to_client={} dropped={}",
+             datagrams to_upstream={} to_client={} dropped={} listener_buffer_drops={}",
             self.active.load(Relaxed),
             self.created.load(Relaxed),
             self.expired.load(Relaxed),
@@ -90,6 +93,7 @@ impl UdpStats {
             self.to_upstream.load(Relaxed),
             self.to_client.load(Relaxed),
             self.dropped.load(Relaxed),
+            self.listener_buffer_drops.load(Relaxed),
         )
     }
 }
@@ -108,6 +112,7 @@ pub struct UdpRelay {
     unbindable: Mutex<HashMap<SocketAddr, Instant>>,
     cap_log: LogLimiter,
     source_cap_log: LogLimiter,
+    overflow_log: LogLimiter,
     trouble_log: LogLimiter,
     /// Timestamps are kept as milliseconds since this instant, in atomics.
     epoch: Instant,
@@ -137,6 +142,7 @@ impl UdpRelay {
             unbindable: Mutex::default(),
             cap_log: LogLimiter::default(),
             source_cap_log: LogLimiter::default(),
+            overflow_log: LogLimiter::default(),
             trouble_log: LogLimiter::default(),
             epoch: Instant::now(),
             shutdown,
@@ -159,6 +165,8 @@ impl UdpRelay {
                 return;
             }
         };
+        // The listener's drop counter (SO_RXQ_OVFL) counts from its creation.
+        let mut overflows_seen = 0;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -175,7 +183,10 @@ impl UdpRelay {
                 })
             });
             match received {
-                Ok(_) => {}
+                Ok(Some(overflows)) => {
+                    self.count_listener_overflows(&mut overflows_seen, overflows);
+                }
+                Ok(None) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => log::warn!("UDP listener: {error}"),
             }
@@ -401,6 +412,27 @@ impl UdpRelay {
                 })
             })?
         })
+    }
+
+    /// Adds the datagrams a listener dropped since `seen` (its counter when last looked at),
+    /// and logs them (at most once per [`LOG_INTERVAL`]).
+    fn count_listener_overflows(&self, seen: &mut u32, overflows: u32) {
+        let new = overflows.wrapping_sub(*seen);
+        *seen = overflows;
+        if new == 0 {
+            return;
+        }
+        let total = self
+            .stats
+            .listener_buffer_drops
+            .fetch_add(u64::from(new), Relaxed)
+            + u64::from(new);
+        if self.overflow_log.allow() {
+            log::warn!(
+                "UDP listener: {new} steered datagrams dropped for want of receive buffer \
+                 ({total} so far): a burst outran the relay"
+            );
+        }
     }
 
     /// Whether `client`'s address may open another session; counts and logs (at most once
