@@ -308,6 +308,11 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
         4
     );
     running.signal_and_wait(Signal::SIGKILL).unwrap();
+    assert_eq!(
+        instance_files(&topo.router, TABLE).len(),
+        2,
+        "a killed instance leaves its lock file and control socket"
+    );
 
     let before = others(&topo);
     assert!(before.2.contains("bytecode"), "{}", before.2);
@@ -333,6 +338,10 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
     assert_eq!(ours(&after.0), ours(&before.0), "someone else's rules");
     assert_eq!(after.1, before.1, "someone else's routes");
     assert_eq!(after.2, before.2, "someone else's tc filter");
+    assert_eq!(
+        instance_files(&topo.router, TABLE),
+        Vec::<std::path::PathBuf>::new()
+    );
 
     let (status, stdout, _) = tproxy_tests::run_tproxy_output(&topo.router, &["cleanup"]).unwrap();
     assert!(
