@@ -856,6 +856,20 @@ pub fn restore_iptables(netns: &Netns, rules: &str) -> Result<()> {
     install_tproxy_routing(netns)
 }
 
+/// The lock file and control socket that an instance for `table` in `netns` keeps in
+/// /run/tproxy, those that exist.
+pub fn instance_files(netns: &Netns, table: u32) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(format!("/run/netns/{}", netns.name))
+        .expect("the namespace's bind mount")
+        .ino();
+    ["lock", "sock"]
+        .iter()
+        .map(|ext| PathBuf::from(format!("/run/tproxy/netns-{ino}-table-{table}.{ext}")))
+        .filter(|path| path.exists())
+        .collect()
+}
+
 /// Runs `tproxy ARGS…` in `netns` to completion; returns (status, stdout, stderr).
 pub fn run_tproxy_output(netns: &Netns, args: &[&str]) -> Result<(ExitStatus, String, String)> {
     let output = Command::new("ip")

@@ -173,6 +173,75 @@ fn bad_flags_are_named_and_leave_nothing_behind() {
     }
 }
 
+/// `ExecStartPre=tproxy check` is only worth something if `check` refuses what `run` would.
+#[test]
+fn check_refuses_what_run_refuses() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let two_listeners = tproxy_tests::ConfigFile::new(&format!(
+        "interfaces = [\"{IFACE}\"]\n\
+         [[listener]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\n\
+         [[listener]]\nname = \"b\"\nlisten = \"127.0.0.1:7000\"\n\
+         [[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\nlistener = \"a\"\n\
+         [[rule]]\nproto = \"tcp\"\nports = 81\naction = \"steer\"\nlistener = \"b\"\n"
+    ))
+    .unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--config", two_listeners.path()],
+            "listener `b`: listen 127.0.0.1:7000: listener `a` listens on 127.0.0.1:7000 already",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--tcp",
+                "80",
+                "--listen",
+                "127.0.0.1:7000",
+                "--upstream",
+                "127.0.0.1:7000",
+            ],
+            "--upstream 127.0.0.1:7000 is one of tproxy's own listeners",
+        ),
+        (
+            &["--iface", IFACE, "--iface", IFACE, "--tcp", "80"],
+            "given twice",
+        ),
+        (
+            &[
+                "--iface",
+                IFACE,
+                "--tcp",
+                "80",
+                "--listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.2:0",
+            ],
+            "127.0.0.2:0",
+        ),
+        (
+            &["--relay-only", "--tcp", "80", "--pin"],
+            "--pin: with --relay-only",
+        ),
+    ];
+    for (flags, named) in cases {
+        for command in ["check", "run"] {
+            let mut args = vec![command];
+            args.extend_from_slice(flags);
+            let (status, stderr) = run_tproxy_to_end(&topo.router, &args).unwrap();
+            assert!(!status.success(), "`{command}` accepted {flags:?}");
+            assert!(
+                stderr.contains(named),
+                "{command} {flags:?}: error does not name `{named}`:\n{stderr}"
+            );
+        }
+        assert!(ingress_programs(&topo.router, IFACE).unwrap().is_empty());
+        assert_eq!(routing_state(&topo.router, 7470).unwrap(), "");
+    }
+}
+
 #[test]
 fn help_documents_every_run_flag() {
     let output = std::process::Command::new(tproxy_tests::tproxy_bin())
@@ -195,6 +264,7 @@ fn help_documents_every_run_flag() {
         "--udp",
         "--udp-idle-timeout",
         "--udp-max-sessions",
+        "--udp-max-sessions-per-source",
         "--socket-mark",
         "--pin",
         "--pin-dir",

@@ -3,7 +3,7 @@
 
 use nix::sys::signal::Signal;
 use tproxy_tests::{
-    ingress_programs, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
+    ingress_programs, instance_files, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
     RouterTopology as Topo, Server,
 };
 
@@ -21,11 +21,21 @@ fn assert_installed(topo: &Topo) {
         4,
         "two rules and two local routes:\n{routing}"
     );
+    assert_eq!(
+        instance_files(&topo.router, TABLE).len(),
+        2,
+        "lock and control socket"
+    );
 }
 
 fn assert_nothing_left(topo: &Topo) {
     assert!(ingress_programs(&topo.router, IFACE).unwrap().is_empty());
     assert_eq!(routing_state(&topo.router, TABLE).unwrap(), "");
+    assert_eq!(
+        instance_files(&topo.router, TABLE),
+        Vec::<std::path::PathBuf>::new(),
+        "lock file or control socket left in /run/tproxy"
+    );
 }
 
 #[test]
@@ -112,7 +122,11 @@ fn a_second_instance_on_the_same_table_is_refused_and_the_first_keeps_working() 
 fn a_start_that_fails_late_leaves_nothing_behind() {
     require_root();
     let topo = Topo::new().unwrap();
-    // Listeners bind, then the upstream check fails: the program was loaded, nothing attached.
+    // The lock is taken and stale routing looked for, then a listener cannot bind.
+    let _taken = topo
+        .router
+        .listen("127.0.0.1:7000".parse().unwrap())
+        .unwrap();
     let (status, stderr) = run_tproxy_to_end(
         &topo.router,
         &[
@@ -123,13 +137,11 @@ fn a_start_that_fails_late_leaves_nothing_behind() {
             "80",
             "--listen",
             "127.0.0.1:7000",
-            "--upstream",
-            "127.0.0.1:7000",
         ],
     )
     .unwrap();
     assert!(!status.success());
-    assert!(stderr.contains("--upstream 127.0.0.1:7000"), "{stderr}");
+    assert!(stderr.contains("--listen 127.0.0.1:7000"), "{stderr}");
     assert_nothing_left(&topo);
 
     // The IPv4 local route goes in, the IPv6 one cannot (IPv6 is off on lo): the IPv4 route
@@ -296,6 +308,11 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
         4
     );
     running.signal_and_wait(Signal::SIGKILL).unwrap();
+    assert_eq!(
+        instance_files(&topo.router, TABLE).len(),
+        2,
+        "a killed instance leaves its lock file and control socket"
+    );
 
     let before = others(&topo);
     assert!(before.2.contains("bytecode"), "{}", before.2);
@@ -321,10 +338,84 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
     assert_eq!(ours(&after.0), ours(&before.0), "someone else's rules");
     assert_eq!(after.1, before.1, "someone else's routes");
     assert_eq!(after.2, before.2, "someone else's tc filter");
+    assert_eq!(
+        instance_files(&topo.router, TABLE),
+        Vec::<std::path::PathBuf>::new()
+    );
 
     let (status, stdout, _) = tproxy_tests::run_tproxy_output(&topo.router, &["cleanup"]).unwrap();
     assert!(
         status.success() && stdout.contains("nothing of tproxy's was left"),
         "{stdout}"
     );
+}
+
+#[test]
+fn status_as_another_user_says_permission_denied_not_that_nothing_runs() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let status_as_nobody = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &topo.router.name])
+            .args([
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ])
+            .arg(tproxy_tests::tproxy_bin())
+            .arg("status")
+            .output()
+            .unwrap()
+    };
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
+    let refused = status_as_nobody();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    tproxy.stop().unwrap();
+
+    let stopped = status_as_nobody();
+    assert_eq!(
+        stopped.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    assert!(String::from_utf8_lossy(&stopped.stdout).contains("not running"));
+}
+
+#[test]
+fn start_up_warnings_are_said_once_and_say_what_the_fail_mode_does() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    for (fail_mode, fate) in [
+        ("open", "passed on untouched (fail mode open)"),
+        ("closed", "dropped (fail mode closed)"),
+    ] {
+        let mut tproxy = topo
+            .tproxy(&[
+                "--tcp",
+                "80",
+                "--udp",
+                "53",
+                "--listen",
+                "10.10.2.1:0",
+                "--fail-mode",
+                fail_mode,
+            ])
+            .unwrap();
+        tproxy.stop().unwrap();
+        let log = tproxy.log_text();
+        assert_eq!(
+            log.matches("is not on loopback").count(),
+            1,
+            "one listener address, bound for TCP and UDP:\n{log}"
+        );
+        let no_ipv6 = log
+            .lines()
+            .find(|line| line.contains("has no IPv6 address"))
+            .unwrap_or_else(|| panic!("no warning about IPv6:\n{log}"));
+        assert!(no_ipv6.contains(fate), "--fail-mode {fail_mode}: {no_ipv6}");
+    }
 }

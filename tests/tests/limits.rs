@@ -266,3 +266,43 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     }
     tproxy.stop().unwrap();
 }
+
+#[test]
+fn an_unreachable_upstream_logs_a_few_lines_a_second_and_counts_the_rest() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // Connecting there fails at once (EINVAL): one failure per client, as fast as they come.
+    topo.router
+        .ip(&["route", "add", "blackhole", "10.10.2.99/32"])
+        .unwrap();
+    let mut tproxy = topo
+        .tproxy(&["--tcp", "80", "--upstream", "10.10.2.99:80"])
+        .unwrap();
+    const CLIENTS: u64 = 300;
+    for _ in 0..CLIENTS {
+        // The reset may come before the connect returns.
+        if let Ok(mut stream) = topo.client.connect(addr("10.10.2.2:80")) {
+            let _ = read_outcome(&mut stream);
+        }
+    }
+    tproxy.stop().unwrap();
+    let log = tproxy.log_text();
+    assert!(
+        log.contains(&format!(
+            "{CLIENTS} connections accepted, {CLIENTS} upstream failures"
+        )),
+        "{log}"
+    );
+    let shown = log.matches("upstream 10.10.2.99:80:").count() as u64;
+    let held: u64 = log
+        .lines()
+        .filter(|line| line.contains("per-connection log records held back"))
+        .map(|line| {
+            line.split_whitespace()
+                .find_map(|word| word.parse::<u64>().ok())
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(shown + held, CLIENTS, "every failure is shown or counted");
+    assert!(shown < CLIENTS / 2, "{shown} lines for {CLIENTS} failures");
+}

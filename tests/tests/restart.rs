@@ -12,7 +12,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use tproxy_tests::{
-    digest, digest_to_eof, ingress_programs, payload, require_root, routing_state,
+    digest, digest_to_eof, ingress_programs, instance_files, payload, require_root, routing_state,
     run_tproxy_output, udp_client, udp_exchange, Bpffs, RouterTopology as Topo, Server, UdpEcho,
 };
 
@@ -257,10 +257,15 @@ fn restart_under_load(sigterm_first: bool) {
         "{}",
         new.log_text()
     );
-    // The old instance handed its lock over: the new one is the one `reload` finds.
-    let (reloaded, out, err) = run_tproxy_output(&topo.router, &["reload"]).unwrap();
-    assert!(reloaded.success(), "{err}");
-    assert!(out.contains(&new.pid().to_string()), "{out}");
+    // The old instance handed its lock and control socket over: the new one is the one
+    // `reload` reaches (it has no file to re-read, and says so).
+    let (reloaded, _, err) = run_tproxy_output(&topo.router, &["reload"]).unwrap();
+    assert!(!reloaded.success(), "{err}");
+    assert!(
+        err.contains(&format!("tproxy (pid {}) rejected the reload", new.pid()))
+            && err.contains("started without --config"),
+        "{err}"
+    );
 
     new.stop().unwrap();
     drop(server);
@@ -284,6 +289,11 @@ fn cleanup_leaves_nothing(topo: &Topo, bpffs: &Bpffs) {
     assert_eq!(
         ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap(),
         Vec::<String>::new()
+    );
+    // The instance stopped cleanly: its lock file and control socket went with it.
+    assert_eq!(
+        instance_files(&topo.router, TABLE),
+        Vec::<std::path::PathBuf>::new()
     );
 }
 
@@ -359,6 +369,13 @@ fn a_takeover_that_fails_leaves_the_old_instance_in_charge() {
         Duration::from_secs(5),
     )
     .unwrap();
+    // The failed successor shared the old instance's lock (the same open file): it must
+    // have let go of it without unlocking it for the old one.
+    let (_, _, err) = run_tproxy_output(&topo.router, &["reload"]).unwrap();
+    assert!(
+        err.contains(&format!("tproxy (pid {}) rejected the reload", old.pid())),
+        "{err}"
+    );
     for _ in 0..3 {
         assert_eq!(echo_on_new_connection(&topo).join().unwrap(), Ok(()));
     }

@@ -350,6 +350,16 @@ fn a_bad_reload_is_rejected_and_the_rules_in_force_keep_working() {
             .wait_for_line("reload rejected", Duration::from_secs(10))
             .unwrap();
         assert!(line.contains(expected), "expected `{expected}` in `{line}`");
+        // `tproxy reload` (what `systemctl reload` runs) must fail, with the reason.
+        let (status, stderr) = run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
+        assert!(!status.success(), "a rejected reload exited 0: {stderr}");
+        assert!(
+            stderr.contains("rejected the reload") && stderr.contains(expected),
+            "expected `{expected}` in `{stderr}`"
+        );
+        tproxy
+            .wait_for_line("reload rejected", Duration::from_secs(10))
+            .unwrap();
         assert_eq!(
             peer_seen_by(&topo.client, server.addr).unwrap(),
             router_v4(),

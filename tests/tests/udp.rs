@@ -109,6 +109,9 @@ fn five_thousand_concurrent_flows_then_idle_expiry() {
             "5300",
             "--udp-max-sessions",
             "6000",
+            // Every flow comes from one client address.
+            "--udp-max-sessions-per-source",
+            "6000",
             "--udp-idle-timeout",
             "3s",
         ])
@@ -141,7 +144,15 @@ fn at_the_session_cap_new_flows_are_refused_and_existing_ones_keep_working() {
     require_root();
     let topo = Topo::new().unwrap();
     let mut tproxy = topo
-        .tproxy(&["--udp", "5300", "--udp-max-sessions", "3"])
+        .tproxy(&[
+            "--udp",
+            "5300",
+            "--udp-max-sessions",
+            "3",
+            // All from one client address: the overall cap is the one met here.
+            "--udp-max-sessions-per-source",
+            "4",
+        ])
         .unwrap();
     let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
     let existing: Vec<_> = (0..3)
@@ -165,6 +176,53 @@ fn at_the_session_cap_new_flows_are_refused_and_existing_ones_keep_working() {
     }
     assert_eq!(tproxy.udp_stat("refused_at_cap").unwrap(), 2);
     assert_eq!(tproxy.udp_stat("active").unwrap(), 3);
+}
+
+#[test]
+fn one_client_with_many_source_ports_cannot_take_every_session() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo
+        .tproxy(&[
+            "--udp",
+            "5300",
+            "--udp-max-sessions",
+            "8",
+            "--udp-max-sessions-per-source",
+            "4",
+        ])
+        .unwrap();
+    let server_v4 = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
+    let server_v6 = UdpEcho::start(&topo.server, Topo::server_addr(true, PORT)).unwrap();
+    // One client address, many source ports: it gets its share and no more.
+    let greedy: Vec<_> = (0..4)
+        .map(|_| udp_client(&topo.client, server_v4.addr).unwrap())
+        .collect();
+    for client in &greedy {
+        udp_exchange(client, server_v4.addr, b"mine").unwrap();
+    }
+    for _ in 0..2 {
+        let beyond = udp_client(&topo.client, server_v4.addr).unwrap();
+        beyond
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert!(udp_exchange(&beyond, server_v4.addr, b"more").is_err());
+    }
+    tproxy
+        .wait_for_line(
+            "UDP session cap per source (4) reached",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    // Another client address still gets sessions under the overall cap.
+    for _ in 0..4 {
+        let other = udp_client(&topo.client, server_v6.addr).unwrap();
+        let (reply, _) = udp_exchange(&other, server_v6.addr, b"mine too").unwrap();
+        assert_eq!(reply, b"mine too");
+    }
+    assert_eq!(tproxy.udp_stat("refused_at_source_cap").unwrap(), 2);
+    assert_eq!(tproxy.udp_stat("refused_at_cap").unwrap(), 0);
+    assert_eq!(tproxy.udp_stat("active").unwrap(), 8);
 }
 
 #[test]
@@ -267,4 +325,53 @@ fn fragmented_datagrams_are_relayed_intact_over_ipv4_and_ipv6() {
     assert!(tproxy.final_counter("udp", "fragment_steered").unwrap() >= 16);
     assert_eq!(tproxy.final_counter("udp", "fragment_unknown").unwrap(), 0);
     assert_eq!(tproxy.last_value("udp relay:", "created").unwrap(), 2);
+}
+
+/// The router's UdpRcvbufErrors (datagrams dropped for want of receive buffer, all sockets).
+fn rcvbuf_errors(topo: &Topo) -> u64 {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.router.name, "cat", "/proc/net/snmp"])
+        .output()
+        .unwrap();
+    let snmp = String::from_utf8(output.stdout).unwrap();
+    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let column = names
+        .split_whitespace()
+        .position(|name| name == "RcvbufErrors")
+        .unwrap();
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn datagrams_lost_in_the_listener_buffer_are_counted() {
+    use nix::sys::signal::{kill, Signal};
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
+    let before = rcvbuf_errors(&topo);
+    // A new flow's datagrams queue on the listener until the relay reads them; with the
+    // relay stopped, a burst overflows even a large buffer.
+    let pid = nix::unistd::Pid::from_raw(tproxy.pid() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let burst = udp_client(&topo.client, server.addr).unwrap();
+    let datagram = [0u8; 1400];
+    for _ in 0..20_000 {
+        let _ = burst.send_to(&datagram, server.addr);
+    }
+    let lost = rcvbuf_errors(&topo) - before;
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert!(lost > 0, "the burst did not overflow the listener's buffer");
+    println!("{lost} of 20,000 datagrams lost in the listener's receive buffer");
+    // The drop count rides on the next datagram the listener receives: another new flow.
+    let next = udp_client(&topo.client, server.addr).unwrap();
+    let (reply, _) = udp_exchange(&next, server.addr, b"after the burst").unwrap();
+    assert_eq!(reply, b"after the burst");
+    assert_eq!(tproxy.udp_stat("listener_buffer_drops").unwrap(), lost);
 }

@@ -11,12 +11,15 @@ use crate::{instance, pin::PinnedState, routing};
 
 /// Cleans up after instances that used routing table `table` (and pinned under `pin_dir`).
 pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
-    if let Some(pid) = instance::running(table)? {
-        bail!(
+    // Held while cleaning up, so that no instance starts under it; letting go of it removes
+    // the lock file and control socket a killed instance left.
+    let _lock = match instance::InstanceLock::try_acquire(table)? {
+        Ok(lock) => lock,
+        Err(instance::Held { pid }) => bail!(
             "tproxy (pid {pid}) is running with routing table {table} in this network namespace: \
              stop it (it removes everything itself) instead of cleaning up under it"
-        );
-    }
+        ),
+    };
     // The links first: with them goes the program, before the routing it relies on.
     let pinned = PinnedState::locate(pin_dir, table)?;
     let unpinned = pinned.remove()?;

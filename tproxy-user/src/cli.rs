@@ -6,9 +6,9 @@ use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-/// Transparent proxying without iptables: a tc ingress eBPF program steers chosen TCP flows
-/// into tproxy's own transparent listener (the socket match and TPROXY target in one), and
-/// tproxy relays them to their original destination.
+/// Transparent proxying without iptables: a tc ingress eBPF program steers chosen TCP and UDP
+/// flows into tproxy's own transparent listeners (the socket match and TPROXY target in one),
+/// and tproxy relays them to their original destination.
 #[derive(Debug, Parser)]
 #[command(name = "tproxy", version, propagate_version = true)]
 pub struct Cli {
@@ -26,7 +26,8 @@ pub enum Command {
     /// system, and print the effective rule table.
     Check(RunArgs),
     /// Make the running `tproxy run` of this network namespace re-read its configuration
-    /// file (the same as sending it SIGHUP).
+    /// file (as SIGHUP does) and say what is in force now. Exits non-zero, with the reason,
+    /// when the new configuration is rejected (the previous one stays in force).
     Reload(ReloadArgs),
     /// Check this host for what transparent proxying needs and for what breaks it (kernel
     /// support, rp_filter, forwarding, firewall policies, other TPROXY users and ingress
@@ -34,7 +35,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Show what the tproxy of this network namespace does: whether it runs, where it is
     /// attached, its listeners, rules, policy routing, pinned state and counters. Exits 3
-    /// when no instance runs (like `systemctl status`).
+    /// when no instance runs (like `systemctl status`), and 4 when it cannot tell: the
+    /// running instance's control socket is root's only (permission denied).
     Status(StatusArgs),
     /// Remove everything of tproxy's in this network namespace that no running instance
     /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program.
@@ -195,6 +197,13 @@ pub struct RunArgs {
     /// Each session holds two file descriptors. [default: 8192]
     #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub udp_max_sessions: Option<u32>,
+
+    /// Most UDP sessions at once for one client address (each of its source ports and
+    /// destinations is a session), so that no client can take them all; datagrams of its
+    /// new flows beyond it are dropped (and counted). [default: a quarter of
+    /// --udp-max-sessions]
+    #[arg(long = "udp-max-sessions-per-source", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub udp_max_sessions_per_source: Option<u32>,
 
     /// Serve Prometheus metrics on `/metrics` at this address, with `/healthz` and `/readyz`
     /// for probes. Keep it on loopback or a management network.
@@ -439,6 +448,31 @@ pub fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{text}` is not a duration like 10s or 500ms ({e})"))
 }
 
+/// A duration as an operator writes one: `0s`, `500ms`, `30s`, `1.5s`, `5m`, `2h`.
+pub struct Human(pub Duration);
+
+impl std::fmt::Display for Human {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let duration = self.0;
+        let whole = duration.subsec_nanos() == 0;
+        let secs = duration.as_secs();
+        if duration.is_zero() {
+            f.write_str("0s")
+        } else if whole && secs.is_multiple_of(3600) {
+            write!(f, "{}h", secs / 3600)
+        } else if whole && secs.is_multiple_of(60) {
+            write!(f, "{}m", secs / 60)
+        } else if secs > 0 {
+            let text = format!("{:.3}", duration.as_secs_f64());
+            write!(f, "{}s", text.trim_end_matches('0').trim_end_matches('.'))
+        } else if duration.subsec_nanos().is_multiple_of(1_000_000) {
+            write!(f, "{}ms", duration.subsec_millis())
+        } else {
+            write!(f, "{}µs", duration.subsec_micros())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +553,29 @@ mod tests {
         assert!(parse_drain_timeout("later")
             .unwrap_err()
             .contains("`later`"));
+    }
+
+    #[test]
+    fn durations_print_as_an_operator_writes_them() {
+        for (duration, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_secs(30), "30s"),
+            (Duration::from_millis(1500), "1.5s"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_micros(250), "250µs"),
+        ] {
+            assert_eq!(Human(duration).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn help_says_both_transports_are_steered() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("steers chosen TCP and UDP"), "{help}");
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
     pub udp_max_sessions: u32,
+    pub udp_max_sessions_per_source: u32,
     pub half_close_timeout: Duration,
     pub max_connections: u32,
     pub max_connections_per_source: u32,
@@ -100,6 +101,8 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(300),
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 8192,
+            // Set from the overall limit once that is known (see `Config::load`).
+            udp_max_sessions_per_source: 0,
             half_close_timeout: Duration::from_secs(60),
             max_connections: default_max_connections(),
             // Set from the overall limit once that is known (see `Config::load`).
@@ -168,6 +171,9 @@ impl Config {
         args.apply_settings(&mut settings);
         if settings.max_connections_per_source == 0 {
             settings.max_connections_per_source = (settings.max_connections / 4).max(1);
+        }
+        if settings.udp_max_sessions_per_source == 0 {
+            settings.udp_max_sessions_per_source = (settings.udp_max_sessions / 4).max(1);
         }
         let mut listeners = Vec::new();
         let mut rules = Vec::new();
@@ -256,6 +262,18 @@ impl Config {
                 None => "no interface to steer: give --iface (or --relay-only)".into(),
             });
         }
+        if let Interfaces::Named(names) = &settings.interfaces {
+            let twice = names
+                .iter()
+                .enumerate()
+                .find(|(i, iface)| names[..*i].contains(iface));
+            if let Some((_, iface)) = twice {
+                bail!("interface {iface} is given twice");
+            }
+        }
+        if args.relay_only && settings.pin {
+            bail!("--pin: with --relay-only there is no program to pin");
+        }
         if settings.socket_mark & settings.mark.mask == settings.mark.value {
             let origin = match (&args.socket_mark, &args.config) {
                 (None, Some(file)) => format!(
@@ -310,8 +328,9 @@ impl Config {
         };
         let _ = writeln!(
             out,
-            "lifecycle: {pinned}; fail-{}; drain timeout {:?}",
-            s.fail_mode, s.drain_timeout
+            "lifecycle: {pinned}; fail-{}; drain timeout {}",
+            s.fail_mode,
+            cli::Human(s.drain_timeout)
         );
         let _ = writeln!(out, "listeners:");
         for listener in &self.listeners {
@@ -402,6 +421,7 @@ impl RunArgs {
             idle_timeout,
             udp_idle_timeout,
             udp_max_sessions,
+            udp_max_sessions_per_source,
             half_close_timeout,
             max_connections,
             max_connections_per_source,
@@ -510,6 +530,7 @@ struct ConfigFile {
     idle_timeout: Option<Text<Timeout>>,
     udp_idle_timeout: Option<Text<Timeout>>,
     udp_max_sessions: Option<Text<SessionCap>>,
+    udp_max_sessions_per_source: Option<Text<SessionCap>>,
     half_close_timeout: Option<Text<Timeout>>,
     max_connections: Option<Text<SessionCap>>,
     max_connections_per_source: Option<Text<SessionCap>>,
@@ -604,6 +625,10 @@ impl ConfigFile {
         }
         for (field, target) in [
             (self.udp_max_sessions, &mut settings.udp_max_sessions),
+            (
+                self.udp_max_sessions_per_source,
+                &mut settings.udp_max_sessions_per_source,
+            ),
             (self.max_connections, &mut settings.max_connections),
             (
                 self.max_connections_per_source,
@@ -763,11 +788,88 @@ impl Config {
     }
 
     /// The configuration `run` would use: the file named by `--config` (if any) and the
-    /// flags, checked.
+    /// flags, checked. `check` calls it too, so what it accepts `run` accepts (up to what
+    /// only the system can tell: interfaces that exist, addresses that are free).
     pub fn build(args: &RunArgs) -> Result<Self> {
         let mut config = Config::load(args)?;
         config.mark_listener_transports();
+        config.check_listener_addresses()?;
         Ok(config)
+    }
+
+    /// Refuses listener addresses that `run` could not bind or that would loop: two
+    /// addresses of one family in a listener, two listeners of one transport on one address
+    /// (or one on a wildcard address and one on an address it covers, same port), and an
+    /// upstream that is one of the listeners' addresses. Port 0 is known only once bound:
+    /// `run` checks the upstreams again then.
+    fn check_listener_addresses(&self) -> Result<()> {
+        let what = |listener: &ListenerConfig| match listener.name.as_str() {
+            DEFAULT_LISTENER => "--listen".to_string(),
+            name => format!("listener `{name}`: listen"),
+        };
+        for listener in &self.listeners {
+            for (i, addr) in listener.listen.iter().enumerate() {
+                if listener.listen[..i]
+                    .iter()
+                    .any(|earlier| earlier.is_ipv4() == addr.is_ipv4())
+                {
+                    bail!(
+                        "{} {addr}: at most one address per address family",
+                        what(listener)
+                    );
+                }
+            }
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            for earlier in &self.listeners[..i] {
+                if !(listener.tcp && earlier.tcp || listener.udp && earlier.udp) {
+                    continue;
+                }
+                for addr in listener.listen.iter().filter(|a| a.port() != 0) {
+                    let overlap = earlier.listen.iter().find(|other| {
+                        other.port() == addr.port()
+                            && other.is_ipv4() == addr.is_ipv4()
+                            && (other.ip() == addr.ip()
+                                || other.ip().is_unspecified()
+                                || addr.ip().is_unspecified())
+                    });
+                    if let Some(other) = overlap {
+                        bail!(
+                            "{} {addr}: listener `{}` listens on {other} already; two listeners \
+                             cannot share an address",
+                            what(listener),
+                            earlier.name
+                        );
+                    }
+                }
+            }
+        }
+        let own: Vec<SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|listener| listener.tcp || listener.udp)
+            .flat_map(|listener| listener.listen.iter().copied())
+            .filter(|addr| addr.port() != 0)
+            .collect();
+        for listener in &self.listeners {
+            if let Some(upstream) = listener.upstream {
+                if crate::listener::reaches_own_listener(&own, upstream) {
+                    bail!(
+                        "{} is one of tproxy's own listeners: that would loop",
+                        upstream_flag(&listener.name, upstream)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How an operator wrote listener `name`'s upstream: the flag for the `default` listener.
+pub fn upstream_flag(name: &str, upstream: SocketAddr) -> String {
+    match name {
+        DEFAULT_LISTENER => format!("--upstream {upstream}"),
+        name => format!("listener `{name}`: upstream {upstream}"),
     }
 }
 
@@ -1130,6 +1232,19 @@ listener = "dns"
             config.settings.max_connections_per_source, 250,
             "a quarter of the overall limit"
         );
+        assert_eq!(config.settings.udp_max_sessions_per_source, 8192 / 4);
+        let config = with_file(
+            "interfaces = [\"eth0\"]\nudp_max_sessions = 100\nudp_max_sessions_per_source = 7\n[[rule]]\nproto = \"udp\"\naction = \"bypass\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.settings.udp_max_sessions_per_source, 7);
+        let config = with_file(
+            "interfaces = [\"eth0\"]\nudp_max_sessions_per_source = 7\n[[rule]]\nproto = \"udp\"\naction = \"bypass\"\n",
+            &["--udp-max-sessions-per-source", "9"],
+        )
+        .unwrap();
+        assert_eq!(config.settings.udp_max_sessions_per_source, 9);
     }
 
     #[test]
@@ -1321,6 +1436,86 @@ listener = "dns"
         assert!(
             format!("{error:#}").contains("reading /nonexistent/tproxy.toml"),
             "{error:#}"
+        );
+    }
+
+    /// What `run` would refuse when binding (or starting) is refused by the configuration
+    /// already, which `check` builds too.
+    #[test]
+    fn listener_addresses_that_run_could_not_bind_or_that_loop_are_refused() {
+        let flags = |extra: &[&str]| {
+            let mut argv = vec!["--iface", "eth0", "--tcp", "80"];
+            argv.extend_from_slice(extra);
+            Config::build(&args(&argv)).map_err(|e| format!("{e:#}"))
+        };
+        let refused = flags(&["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:7000"]);
+        assert!(refused.unwrap_err().contains(
+            "--upstream 127.0.0.1:7000 is one of tproxy's own listeners: that would loop"
+        ));
+        let refused = flags(&["--listen", "0.0.0.0:7000", "--upstream", "10.1.2.3:7000"]);
+        assert!(refused.unwrap_err().contains("--upstream 10.1.2.3:7000"));
+        let refused = flags(&["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"]);
+        assert!(refused
+            .unwrap_err()
+            .contains("--listen 127.0.0.2:0: at most one address per address family"));
+        assert!(flags(&["--iface", "eth0"])
+            .unwrap_err()
+            .contains("eth0 is given twice"));
+        let relay_only_pinned = Config::build(&args(&["--relay-only", "--tcp", "80", "--pin"]));
+        assert!(
+            format!("{:#}", relay_only_pinned.unwrap_err()).contains("--pin: with --relay-only")
+        );
+        assert!(flags(&["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:7001"]).is_ok());
+
+        let two = |first: &str, second: &str, proto: &str| {
+            format!(
+                "interfaces = [\"eth0\"]\n\
+                 [[listener]]\nname = \"a\"\nlisten = \"{first}\"\n\
+                 [[listener]]\nname = \"b\"\nlisten = \"{second}\"\n\
+                 [[rule]]\nproto = \"tcp\"\naction = \"steer\"\nlistener = \"a\"\n\
+                 [[rule]]\nproto = \"{proto}\"\nports = 53\naction = \"steer\"\nlistener = \"b\"\n"
+            )
+        };
+        for (first, second) in [
+            ("127.0.0.1:7000", "127.0.0.1:7000"),
+            ("0.0.0.0:7000", "127.0.0.1:7000"),
+            ("127.0.0.1:7000", "0.0.0.0:7000"),
+        ] {
+            assert!(
+                error(&two(first, second, "tcp")).contains(&format!(
+                    "listener `b`: listen {second}: listener `a` listens on {first} already"
+                )),
+                "{first} {second}"
+            );
+        }
+        // Another port, another family, another transport, or ports still to be picked.
+        for (first, second, proto) in [
+            ("127.0.0.1:7000", "127.0.0.1:7001", "tcp"),
+            ("0.0.0.0:7000", "[::1]:7000", "tcp"),
+            ("127.0.0.1:7000", "127.0.0.1:7000", "udp"),
+            ("127.0.0.1:0", "127.0.0.1:0", "tcp"),
+        ] {
+            with_file(&two(first, second, proto), &[]).unwrap();
+        }
+    }
+
+    #[test]
+    fn check_prints_durations_as_they_are_written() {
+        let mut config = Config::build(&args(&[
+            "--iface",
+            "eth0",
+            "--tcp",
+            "80",
+            "--drain-timeout",
+            "5m",
+        ]))
+        .unwrap();
+        assert!(config.describe().contains("drain timeout 5m"));
+        config.settings.drain_timeout = Duration::ZERO;
+        assert!(
+            config.describe().contains("drain timeout 0s"),
+            "{}",
+            config.describe()
         );
     }
 

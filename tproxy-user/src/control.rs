@@ -1,7 +1,9 @@
-//! The running instance's control socket (a unix stream socket next to its lock file). Two
+//! The running instance's control socket (a unix stream socket next to its lock file). Three
 //! requests, one per connection, as a line of text:
 //!
 //! - `status`: the instance answers with a JSON document (see `run::status_report`).
+//! - `reload`: the instance re-reads its configuration (as on SIGHUP) and answers with a JSON
+//!   line saying what is in force now or why the new configuration was rejected.
 //! - `takeover`: a new `tproxy run --pin` asks for the instance's place. The instance answers
 //!   with a JSON line describing its listeners, then passes the descriptors — its instance
 //!   lock first, then every listening socket — as SCM_RIGHTS. The new instance sets itself up
@@ -44,6 +46,7 @@ pub fn socket_path(table: u32) -> Result<PathBuf> {
 pub enum Request {
     Status(UnixStream),
     Takeover(UnixStream),
+    Reload(UnixStream),
 }
 
 /// Binds the control socket (replacing the file of an instance that is gone or handing
@@ -85,6 +88,7 @@ fn read_request(stream: UnixStream) -> Option<Request> {
     match line.trim() {
         "status" => Some(Request::Status(stream)),
         "takeover" => Some(Request::Takeover(stream)),
+        "reload" => Some(Request::Reload(stream)),
         other => {
             log::warn!("control socket: unknown request {other:?}");
             None
@@ -203,8 +207,7 @@ pub struct Takeover {
 /// over and its instance lock, still held (the same open file as the old instance's).
 /// `Ok(None)`: nothing answers on its control socket.
 pub fn take_over(table: u32) -> Result<Option<(Takeover, OwnedFd)>> {
-    let path = socket_path(table)?;
-    let Ok(mut stream) = UnixStream::connect(&path) else {
+    let Some(mut stream) = connect(table)? else {
         return Ok(None);
     };
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -285,8 +288,7 @@ impl Takeover {
 
 /// Asks the instance running for `table` for its status report. `Ok(None)`: none answers.
 pub fn request_status(table: u32) -> Result<Option<serde_json::Value>> {
-    let path = socket_path(table)?;
-    let Ok(mut stream) = UnixStream::connect(&path) else {
+    let Some(mut stream) = connect(table)? else {
         return Ok(None);
     };
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -298,4 +300,86 @@ pub fn request_status(table: u32) -> Result<Option<serde_json::Value>> {
     Ok(Some(
         serde_json::from_str(&text).context("parsing the running instance's status")?,
     ))
+}
+
+/// How long `tproxy reload` waits for the answer: compiling a large rule set takes a while.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The instance's answer to `reload`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    /// The instance's pid.
+    pub pid: u32,
+    /// What is in force now, or why the new configuration was rejected (the previous one
+    /// stays in force).
+    pub outcome: std::result::Result<String, String>,
+}
+
+/// Instance side: answers a `reload` request.
+pub fn answer_reload(mut stream: UnixStream, outcome: std::result::Result<String, String>) {
+    let answer = ReloadAnswer {
+        pid: std::process::id(),
+        outcome,
+    };
+    let _ = writeln!(
+        stream,
+        "{}",
+        serde_json::to_string(&answer).unwrap_or_default()
+    );
+}
+
+/// Asks the instance running for `table` to reload and waits for its answer. `Ok(None)`:
+/// none answers.
+pub fn request_reload(table: u32) -> Result<Option<ReloadAnswer>> {
+    let Some(mut stream) = connect(table)? else {
+        return Ok(None);
+    };
+    stream.set_read_timeout(Some(RELOAD_TIMEOUT))?;
+    stream.write_all(b"reload\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .context("waiting for the running instance to reload")?;
+    if line.is_empty() {
+        bail!(
+            "the running instance closed its control socket without answering (a tproxy too old \
+             to answer `reload`? send it SIGHUP and read its log)"
+        );
+    }
+    Ok(Some(
+        serde_json::from_str(&line).context("reading the running instance's answer")?,
+    ))
+}
+
+/// The control socket refused this process: it is root's only.
+#[derive(Debug)]
+pub struct PermissionDenied {
+    /// The control socket.
+    pub path: PathBuf,
+}
+
+impl std::fmt::Display for PermissionDenied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "permission denied on the control socket {}: only root may talk to a running tproxy",
+            self.path.display()
+        )
+    }
+}
+
+impl std::error::Error for PermissionDenied {}
+
+/// Connects to the control socket of the instance for `table`. `Ok(None)`: there is none, or
+/// nothing listens on it; refused for lack of permission is an error ([`PermissionDenied`]),
+/// not "nothing there".
+fn connect(table: u32) -> Result<Option<UnixStream>> {
+    let path = socket_path(table)?;
+    match UnixStream::connect(&path) {
+        Ok(stream) => Ok(Some(stream)),
+        Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(PermissionDenied { path }.into())
+        }
+        Err(_) => Ok(None),
+    }
 }

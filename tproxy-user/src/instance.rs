@@ -1,6 +1,7 @@
 //! One tproxy per routing table per network namespace. The lock is what lets a new start
 //! tell "rules left by an instance that was killed" (remove them) from "rules of an instance
-//! that is still running" (refuse to start).
+//! that is still running" (refuse to start). A killed instance leaves its lock file (unlocked)
+//! behind; one that exits removes it.
 
 use std::{
     fs::{File, OpenOptions},
@@ -18,11 +19,19 @@ use nix::fcntl::{Flock, FlockArg};
 /// Where the lock files live (a tmpfs: they do not outlive a reboot).
 const LOCK_DIR: &str = "/run/tproxy";
 
-/// Held for as long as this instance owns its table's policy routing. The file itself is
-/// kept after exit (unlinking a lock file races with the next instance opening it); it holds
-/// only the owner's pid.
+/// Held for as long as this instance owns its table's policy routing. The file holds only
+/// the owner's pid. When the lock goes, so do its file and the control socket's (nothing is
+/// left in /run/tproxy), unless another process may hold the lock through the same open
+/// file (see [`Drop`]).
 pub struct InstanceLock {
-    _file: Flock<File>,
+    file: Option<Flock<File>>,
+    table: u32,
+    /// Whether this process alone holds the lock: taken by itself, or handed over by an
+    /// instance that has since been told it is relieved ([`InstanceLock::confirm_handover`]).
+    sole: std::cell::Cell<bool>,
+    /// Whether a successor may hold the lock: offered to it ([`InstanceLock::offer_fd`])
+    /// and not known to have declined ([`InstanceLock::offer_declined`]).
+    offered: std::cell::Cell<bool>,
 }
 
 /// Who holds the lock when [`InstanceLock::try_acquire`] cannot take it.
@@ -46,47 +55,126 @@ impl InstanceLock {
     pub fn try_acquire(table: u32) -> Result<std::result::Result<Self, Held>> {
         std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
         let path = lock_path(table)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(locked) => locked,
-            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                let mut owner = String::new();
-                let _ = file.read_to_string(&mut owner);
-                return Ok(Err(Held {
-                    pid: owner.trim().to_string(),
-                }));
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => locked,
+                Err((file, nix::errno::Errno::EWOULDBLOCK)) if !still_at(&file, &path)? => {
+                    // Its holder is removing it on the way out: lock the one there now.
+                    continue;
+                }
+                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let mut owner = String::new();
+                    let _ = file.read_to_string(&mut owner);
+                    return Ok(Err(Held {
+                        pid: owner.trim().to_string(),
+                    }));
+                }
+                Err((_, errno)) => bail!("locking {}: {errno}", path.display()),
+            };
+            if !still_at(&file, &path)? {
+                // Removed by the instance that held it, between our open and our lock (see
+                // `Drop`): a lock on a file that is no longer there excludes nobody.
+                continue;
             }
-            Err((_, errno)) => bail!("locking {}: {errno}", path.display()),
-        };
-        write_pid(&mut file)?;
-        Ok(Ok(InstanceLock { _file: file }))
+            write_pid(&mut file)?;
+            return Ok(Ok(InstanceLock {
+                file: Some(file),
+                table,
+                sole: std::cell::Cell::new(true),
+                offered: Default::default(),
+            }));
+        }
     }
 
     /// The lock a running instance handed over (see `control`): the same open file, so the
-    /// lock is already ours; it now names this process.
-    pub fn from_handover(fd: OwnedFd) -> Result<Self> {
+    /// lock is already ours; it now names this process. Shared with that instance until
+    /// [`InstanceLock::confirm_handover`].
+    pub fn from_handover(table: u32, fd: OwnedFd) -> Result<Self> {
         // Locking again through the same open file description only confirms the lock.
         let mut file = Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock)
             .map_err(|(_, errno)| anyhow::anyhow!("confirming the handed-over lock: {errno}"))?;
         write_pid(&mut file)?;
-        Ok(InstanceLock { _file: file })
+        Ok(InstanceLock {
+            file: Some(file),
+            table,
+            sole: std::cell::Cell::new(false),
+            offered: Default::default(),
+        })
     }
 
-    /// The descriptor to hand to a successor.
-    pub fn raw_fd(&self) -> RawFd {
-        self._file.as_raw_fd()
+    /// The previous instance has been told this one is in charge: it lets go of the lock
+    /// without releasing it and exits, so the lock is this process's alone.
+    pub fn confirm_handover(&self) {
+        self.sole.set(true);
+    }
+
+    /// The descriptor to hand to a successor. From now on the successor may hold the lock
+    /// through the same open file, so its file stays when this process lets go.
+    pub fn offer_fd(&self) -> RawFd {
+        self.offered.set(true);
+        self.file.as_ref().expect("held until dropped").as_raw_fd()
+    }
+
+    /// The successor the lock was offered to failed: it will never act as the lock's owner
+    /// (it lets go of its copy without unlocking), so the lock is this process's alone again.
+    pub fn offer_declined(&self) {
+        self.offered.set(false);
     }
 
     /// Lets go of the lock without releasing it: the successor holds it through the same
     /// open file. (Dropping it would unlock it for both.)
     pub fn hand_over(self) {
         std::mem::forget(self);
+    }
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        if !self.sole.get() {
+            // Handed over by an instance that is still in charge (the takeover did not
+            // complete): unlocking would unlock it for that instance too, since it is the
+            // same open file. The descriptor closes with the process.
+            std::mem::forget(file);
+            return;
+        }
+        if !self.offered.get() {
+            // Unlinked while still locked, then unlocked (when `file` drops): whoever opened
+            // the file before the unlink and locks it after finds it is no longer at its path
+            // and starts over with a new file (`try_acquire`); whoever opens after the unlink
+            // creates a new file. The other order would be wrong: a newcomer could lock the
+            // file between the unlock and the unlink, and the next one would create and lock
+            // another file beside it: two instances on one table. The control socket goes
+            // first, while the lock still says no successor can have bound one. A lock that
+            // was offered to a successor stays: the successor may hold it through this same
+            // open file, and its control socket may be the one at the path now.
+            if let Ok(path) = path(self.table, "sock") {
+                let _ = std::fs::remove_file(path);
+            }
+            if let Ok(path) = lock_path(self.table) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        drop(file);
+    }
+}
+
+/// Whether `file` is still the file at `path` (not unlinked or replaced since it was opened).
+fn still_at(file: &File, path: &std::path::Path) -> Result<bool> {
+    let ours = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(there) => Ok(there.dev() == ours.dev() && there.ino() == ours.ino()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error).with_context(|| format!("checking {}", path.display())),
     }
 }
 
@@ -111,15 +199,26 @@ pub fn path(table: u32, ext: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.{ext}")))
 }
 
-/// Sends `signal` to the tproxy that holds the lock for `table` in this network namespace;
-/// returns its pid. A lock file whose lock nobody holds names no running instance.
-pub fn signal_running(table: u32, signal: nix::sys::signal::Signal) -> Result<i32> {
+/// Makes the tproxy running for `table` in this network namespace re-read its configuration
+/// and returns what it says is in force now; an error (with its reason) when it rejected the
+/// new configuration, so that `tproxy reload` (and `systemctl reload`) can fail.
+pub fn reload(table: u32) -> Result<String> {
     let pid = running(table)?.with_context(|| {
         format!("no tproxy is running with routing table {table} in this network namespace")
     })?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
-        .with_context(|| format!("signalling tproxy pid {pid}"))?;
-    Ok(pid)
+    let answer = crate::control::request_reload(table)?.with_context(|| {
+        format!(
+            "tproxy (pid {pid}) does not answer on its control socket (still setting up?); \
+             nothing was reloaded"
+        )
+    })?;
+    match answer.outcome {
+        Ok(in_force) => Ok(format!("tproxy (pid {}) reloaded: {in_force}", answer.pid)),
+        Err(reason) => bail!(
+            "tproxy (pid {}) rejected the reload, the previous configuration stays in force: {reason}",
+            answer.pid
+        ),
+    }
 }
 
 /// The pid of the tproxy holding the lock for `table` in this network namespace, if one runs.

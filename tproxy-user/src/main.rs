@@ -87,14 +87,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Run(args) => runtime.block_on(run::run(args, workers)),
         cli::Command::Check(args) => check(&args),
-        cli::Command::Reload(args) => instance::signal_running(args.table, nix::sys::signal::Signal::SIGHUP)
-            .map(|pid| println!("asked tproxy (pid {pid}) to reload; its log says whether the new configuration is in force")),
+        cli::Command::Reload(args) => {
+            instance::reload(args.table).map(|in_force| println!("{in_force}"))
+        }
         cli::Command::Translate(args) => translate::run(&args),
         cli::Command::Cleanup(args) => runtime.block_on(cleanup::run(args.table, &args.pin_dir)),
         cli::Command::Status(args) => match runtime.block_on(status::run(&args)) {
             Ok(true) => Ok(()),
             // Said so already; the status code is for scripts.
             Ok(false) => return ExitCode::from(3),
+            Err(error) if error.is::<status::PermissionDenied>() => {
+                eprintln!("tproxy: error: {error:#}");
+                return ExitCode::from(status::EXIT_UNKNOWN);
+            }
             Err(error) => Err(error),
         },
         cli::Command::Doctor(args) => {
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
     };
     // In-flight relays end with the runtime; steering and routing are already gone by now.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    logging::log_held_back();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -239,6 +239,10 @@ impl Collector for Snapshot {
             ("created", udp.created.load(Relaxed)),
             ("expired", udp.expired.load(Relaxed)),
             ("refused_at_cap", udp.refused_at_cap.load(Relaxed)),
+            (
+                "refused_at_source_cap",
+                udp.refused_at_source_cap.load(Relaxed),
+            ),
             ("ended_by_upstream_error", udp.upstream_errors.load(Relaxed)),
             ("raw_reply_fallback", udp.reply_fallbacks.load(Relaxed)),
             ("refused_destination", udp.refused_destinations.load(Relaxed)),
@@ -255,6 +259,10 @@ impl Collector for Snapshot {
             ("to_upstream", udp.to_upstream.load(Relaxed)),
             ("to_client", udp.to_client.load(Relaxed)),
             ("dropped", udp.dropped.load(Relaxed)),
+            (
+                "listener_buffer_drops",
+                udp.listener_buffer_drops.load(Relaxed),
+            ),
         ] {
             ConstCounter::new(value).encode(family.encode_family(&[("direction", direction)])?)?;
         }

@@ -24,7 +24,8 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    listener,
+    cli::Human,
+    listener, logging,
     splice::{self, PipePool},
     udp::LogLimiter,
 };
@@ -170,7 +171,10 @@ pub async fn serve(
             Err(error) => {
                 // EMFILE/ENFILE and friends: the pending connection stays queued; spinning on
                 // accept would only burn the CPU that closing connections need.
-                log::warn!("accept failed: {error}; retrying in {ACCEPT_BACKOFF:?}");
+                log::warn!(
+                    "accept failed: {error}; retrying in {}",
+                    Human(ACCEPT_BACKOFF)
+                );
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
@@ -219,7 +223,7 @@ async fn relay(
     };
     let target = upstream.unwrap_or(original);
     if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
-        log::warn!("{peer} -> {original}: refusing to relay to our own listener {target}");
+        log::warn!(target: logging::PER_FLOW, "{peer} -> {original}: refusing to relay to our own listener {target}");
         reset(&client);
         return;
     }
@@ -247,7 +251,7 @@ async fn relay(
         }
         Err(error) => {
             stats.upstream_failures.fetch_add(1, Relaxed);
-            log::info!("{peer} -> {original}: upstream {target}: {error}; resetting client");
+            log::info!(target: logging::PER_FLOW, "{peer} -> {original}: upstream {target}: {error}; resetting client");
             reset(&client);
             return;
         }
@@ -390,13 +394,13 @@ async fn pipe(
             result = &mut to_client, if !down_done => { result?; down_done = true; }
             () = traffic.idle_for(config.idle_timeout) => return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("idle for {:?}", config.idle_timeout),
+                format!("idle for {}", Human(config.idle_timeout)),
             )),
             () = &mut half_closed, if up_done != down_done => {
                 stats.half_close_timeouts.fetch_add(1, Relaxed);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("half-closed for {:?}", config.half_close_timeout),
+                    format!("half-closed for {}", Human(config.half_close_timeout)),
                 ));
             }
         }

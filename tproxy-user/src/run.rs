@@ -31,7 +31,7 @@ use tproxy_common::{
 };
 
 use crate::{
-    cli::{FailMode, RunArgs},
+    cli::{FailMode, Human, RunArgs},
     config::{Config, Interfaces, ListenerConfig, Settings},
     control::{self, HandedListener, HandedSocket, Request},
     instance::{Held, InstanceLock},
@@ -65,9 +65,6 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         pinned: false,
         attached: Vec::new(),
     };
-    if args.relay_only && config.settings.pin {
-        bail!("--pin: with --relay-only there is no program to pin");
-    }
     if args.relay_only {
         relays.serve_metrics(&config.settings, None).await?;
         let plan = relays.plan(&config)?;
@@ -107,7 +104,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
                 format!("another tproxy (pid {pid}) holds table {table} but does not answer on its control socket")
             })?;
             log::info!("taking over from tproxy pid {}", takeover.pid);
-            (InstanceLock::from_handover(lock)?, Some(takeover))
+            (InstanceLock::from_handover(table, lock)?, Some(takeover))
         }
     };
     let adopting = takeover.is_some() || pinned.as_ref().is_some_and(PinnedState::exists);
@@ -168,6 +165,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         if let Some(takeover) = takeover.take() {
             let pid = takeover.pid;
             takeover.complete()?;
+            lock.confirm_handover();
             log::info!("took over from tproxy pid {pid}: it drains and exits");
         }
         control::serve(table, control_tx)?;
@@ -325,25 +323,15 @@ async fn serve(
                 continue;
             }
             _ = signals.reload.recv() => {
-                if phase != Phase::Serving {
-                    log::warn!("SIGHUP while draining: nothing to reload");
-                    continue;
-                }
-                match reload(args, &config, &mut relays, steering.as_deref_mut(), interfaces) {
-                    Ok(new) => {
-                        log::info!(
-                            "reloaded: {} rules, {} listeners in force",
-                            new.configured_rules,
-                            new.listeners.len()
-                        );
-                        config = new;
-                    }
-                    Err(error) => log::error!("reload rejected, the previous configuration stays in force: {error:#}"),
-                }
+                let _ = reload_in_serving(phase, args, &mut config, &mut relays, steering.as_deref_mut(), interfaces);
                 continue;
             }
             Some(request) = control.requests.recv() => {
                 match request {
+                    Request::Reload(stream) => {
+                        let outcome = reload_in_serving(phase, args, &mut config, &mut relays, steering.as_deref_mut(), interfaces);
+                        control::answer_reload(stream, outcome);
+                    }
                     Request::Status(mut stream) => {
                         let report = status_report(&config, &relays, steering.as_deref(), phase, control);
                         let _ = std::io::Write::write_all(&mut stream, report.to_string().as_bytes());
@@ -364,7 +352,7 @@ async fn serve(
                             (None, Some(lock)) => {
                                 let mut stream = stream;
                                 let (listeners, fds) = relays.handover_offer();
-                                match control::offer(&mut stream, lock.raw_fd(), listeners, &fds) {
+                                match control::offer(&mut stream, lock.offer_fd(), listeners, &fds) {
                                     Ok(()) => {
                                         log::info!("a new instance is taking over");
                                         successor = Some(tokio::task::spawn_blocking(move || control::await_done(stream)));
@@ -380,7 +368,7 @@ async fn serve(
             done = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
                 successor = None;
                 if done.unwrap_or(false) {
-                    log::info!("the new instance has taken over; draining for up to {drain_timeout:?}");
+                    log::info!("the new instance has taken over; draining for up to {}", Human(drain_timeout));
                     relays.stop_accepting();
                     relays.close_listeners();
                     relays.ready.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -390,6 +378,9 @@ async fn serve(
                     notify_systemd(sd_notify::NotifyState::Stopping);
                 } else {
                     log::warn!("the new instance did not take over; this one carries on");
+                    if let Some(lock) = control.lock {
+                        lock.offer_declined();
+                    }
                     if let Some(steering) = steering.as_deref_mut() {
                         if let Err(error) = reassert(&config, &mut relays, steering, interfaces) {
                             log::error!("restoring this instance's rules and listeners: {error:#}");
@@ -427,7 +418,7 @@ async fn serve(
                 relays
                     .ready
                     .store(false, std::sync::atomic::Ordering::Relaxed);
-                log::info!("stopping: draining for up to {drain_timeout:?}");
+                log::info!("stopping: draining for up to {}", Human(drain_timeout));
                 notify_systemd(sd_notify::NotifyState::Stopping);
                 // New flows get the fail mode from now on (until a successor registers the
                 // listeners again); what reached the listeners already is still accepted for
@@ -548,6 +539,9 @@ fn status_report(
             "refused_destination": udp.refused_destinations.load(Relaxed),
             "raw_reply_fallbacks": udp.reply_fallbacks.load(Relaxed),
             "raw_reply_failures": udp.raw_reply_failures.load(Relaxed),
+            "refused_at_cap": udp.refused_at_cap.load(Relaxed),
+            "refused_at_source_cap": udp.refused_at_source_cap.load(Relaxed),
+            "listener_buffer_drops": udp.listener_buffer_drops.load(Relaxed),
         },
     })
 }
@@ -556,6 +550,39 @@ fn status_report(
 fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     if let Err(error) = sd_notify::notify(&[state]) {
         log::warn!("telling systemd the service state: {error}");
+    }
+}
+
+/// A reload (SIGHUP or `tproxy reload`) while serving: puts the re-read configuration in
+/// force or keeps the current one, logs which, and returns what is in force now or why the
+/// new configuration was rejected (for `tproxy reload` to report).
+fn reload_in_serving(
+    phase: Phase,
+    args: &RunArgs,
+    config: &mut Config,
+    relays: &mut Relays,
+    steering: Option<&mut Steering>,
+    interfaces: &[(String, u32)],
+) -> std::result::Result<String, String> {
+    if phase != Phase::Serving {
+        log::warn!("reload while draining: nothing to reload");
+        return Err("tproxy is draining (stopping or handed over): nothing to reload".into());
+    }
+    match reload(args, config, relays, steering, interfaces) {
+        Ok(new) => {
+            let in_force = format!(
+                "{} rules, {} listeners in force",
+                new.configured_rules,
+                new.listeners.len()
+            );
+            log::info!("reloaded: {in_force}");
+            *config = new;
+            Ok(in_force)
+        }
+        Err(error) => {
+            log::error!("reload rejected, the previous configuration stays in force: {error:#}");
+            Err(format!("{error:#}"))
+        }
     }
 }
 
@@ -631,9 +658,11 @@ fn fixed_settings_unchanged(old: &Settings, new: &Settings) -> Result<()> {
     {
         changed.push("max_connections/max_connections_per_source");
     }
-    if old.udp_idle_timeout != new.udp_idle_timeout || old.udp_max_sessions != new.udp_max_sessions
+    if old.udp_idle_timeout != new.udp_idle_timeout
+        || old.udp_max_sessions != new.udp_max_sessions
+        || old.udp_max_sessions_per_source != new.udp_max_sessions_per_source
     {
-        changed.push("udp_idle_timeout/udp_max_sessions");
+        changed.push("udp_idle_timeout/udp_max_sessions/udp_max_sessions_per_source");
     }
     // Every setting is fixed for the process's lifetime; a new one not named above still is.
     if changed.is_empty() && old != new {
@@ -684,10 +713,7 @@ async fn resolve_interfaces(
         }
     };
     let mut resolved = Vec::new();
-    for (i, iface) in names.iter().enumerate() {
-        if names[..i].contains(iface) {
-            bail!("--iface {iface} is given twice");
-        }
+    for iface in &names {
         let link = links
             .iter()
             .find(|link| name_of(link).as_deref() == Some(iface.as_str()))
@@ -816,6 +842,7 @@ impl Relays {
             UdpConfig {
                 idle_timeout: settings.udp_idle_timeout,
                 max_sessions: settings.udp_max_sessions as usize,
+                max_sessions_per_source: settings.udp_max_sessions_per_source as usize,
                 socket_mark: settings.socket_mark,
                 own_listeners: own_addrs.clone(),
             },
@@ -964,6 +991,12 @@ impl Relays {
                 .or(udp.first())
                 .expect("bound at least one socket");
             let bound = bound_addrs(&bound, first)?;
+            if kept.is_none() {
+                // Once per address, whether TCP, UDP or both are bound there.
+                for addr in bound.iter().filter(|addr| !addr.ip().is_loopback()) {
+                    log::warn!("listener {addr} is not on loopback: clients can reach it directly");
+                }
+            }
             plan.new_sockets.push(NewSockets {
                 kept,
                 config: wanted.clone(),
@@ -985,13 +1018,10 @@ impl Relays {
         for wanted in &config.listeners {
             if let Some(upstream) = wanted.upstream {
                 if listener::reaches_own_listener(&own, upstream) {
-                    let name = &wanted.name;
-                    let what = if *name == crate::config::DEFAULT_LISTENER {
-                        format!("--upstream {upstream}")
-                    } else {
-                        format!("listener `{name}`: upstream {upstream}")
-                    };
-                    bail!("{what} is one of tproxy's own listeners: that would loop");
+                    bail!(
+                        "{} is one of tproxy's own listeners: that would loop",
+                        crate::config::upstream_flag(&wanted.name, upstream)
+                    );
                 }
             }
         }
@@ -1184,8 +1214,9 @@ impl Relays {
         self.tasks.close();
         if timeout(STOP_TIMEOUT, self.tasks.wait()).await.is_err() {
             log::warn!(
-                "{} relay tasks did not stop within {STOP_TIMEOUT:?}",
-                self.tasks.len()
+                "{} relay tasks did not stop within {}",
+                self.tasks.len(),
+                Human(STOP_TIMEOUT)
             );
         }
     }
@@ -1297,7 +1328,15 @@ fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: 
             ("IPv6", l.bound.iter().any(SocketAddr::is_ipv6)),
         ] {
             if !present && !args.relay_only {
-                log::warn!("listener `{}` has no {family} address: such flows steered to it are passed untouched (counted as no_listener)", l.config.name);
+                let fate = match config.settings.fail_mode {
+                    FailMode::Open => "passed on untouched (fail mode open)",
+                    FailMode::Closed => "dropped (fail mode closed)",
+                };
+                log::warn!(
+                    "listener `{}` has no {family} address: {family} flows steered to it are \
+                     {fate} and counted as no_listener",
+                    l.config.name
+                );
             }
         }
     }

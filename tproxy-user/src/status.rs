@@ -16,6 +16,14 @@ use crate::{
     steering::{CounterReader, Counters},
 };
 
+/// The control socket refused `status` (it is root's only): whether an instance runs is
+/// unknown, which is not the same as "not running".
+pub use crate::control::PermissionDenied;
+
+/// The exit status of `tproxy status` when the running instance could not be asked
+/// ([`PermissionDenied`]): LSB's "status unknown".
+pub const EXIT_UNKNOWN: u8 = 4;
+
 /// Prints the status; `Ok(false)` when no instance is running.
 pub async fn run(args: &StatusArgs) -> Result<bool> {
     let instance = control::request_status(args.instance.table)?;

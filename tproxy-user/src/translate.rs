@@ -957,6 +957,10 @@ fn parse_iptables_rule(
                         }
                         "--tproxy-mark" => mark = Some(full_mark(&value(i)?)?),
                         "--set-mark" | "--set-xmark" | "--mark" => {}
+                        // Matches may follow the target (`-j RETURN -m mark --mark 1`): the
+                        // rule's options go on, and a match is judged as a match.
+                        "-m" | "--match" | "-p" | "--protocol" | "-s" | "--source" | "-d"
+                        | "--destination" | "-i" | "--in-interface" | "!" => break,
                         other => return Err(format!("target option `{other}`")),
                     }
                     i += 2;
@@ -1660,9 +1664,26 @@ COMMIT
         }
         assert!(
             t.skipped[1].contains("icmp")
-                && t.skipped[2].contains("-m mark")
+                && t.skipped[2].ends_with(": match `-m mark`")
                 && t.skipped[3].contains("DROP")
                 && t.skipped[4].contains("--on-port"),
+            "{:?}",
+            t.skipped
+        );
+    }
+
+    #[test]
+    fn a_match_after_the_target_is_named_as_a_match() {
+        let input = "\
+*mangle
+-A PREROUTING -p tcp -j RETURN -m mark --mark 0xff
+-A PREROUTING -p tcp -j TPROXY --on-port 1 -m comment --comment web
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(
+            t.skipped[0].ends_with(": match `-m mark`"),
             "{:?}",
             t.skipped
         );

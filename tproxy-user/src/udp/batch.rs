@@ -50,16 +50,19 @@ pub fn recv<R>(from: BorrowedFd<'_>, then: impl FnOnce(&[&[u8]]) -> R) -> io::Re
 
 /// Receives up to [`BATCH`] datagrams from a transparent listener and hands each to `each`
 /// with its sender and its original destination (from IP_ORIGDSTADDR / IPV6_ORIGDSTADDR).
-/// Datagrams without that control message were not steered to us and are skipped.
+/// Datagrams without that control message were not steered to us and are skipped. Returns
+/// the listener's count of datagrams dropped for want of receive buffer since it was
+/// created (SO_RXQ_OVFL, if enabled), as of the last datagram received.
 pub fn recv_steered(
     listener: BorrowedFd<'_>,
     mut each: impl FnMut(SocketAddr, SocketAddr, &[u8]),
-) -> io::Result<usize> {
+) -> io::Result<Option<u32>> {
     BUFFERS.with_borrow_mut(|buffers| {
+        let mut overflows = None;
         let received: Vec<(usize, Option<SocketAddr>, Option<SocketAddr>)> = {
             let mut slices: Vec<[IoSliceMut<'_>; 1]> =
                 buffers.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
-            let space = cmsg_space!(libc::sockaddr_in6);
+            let space = cmsg_space!(libc::sockaddr_in6, u32);
             let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, Some(space));
             let results = recvmmsg(
                 listener.as_raw_fd(),
@@ -71,13 +74,17 @@ pub fn recv_steered(
             results
                 .map(|message| {
                     let client = message.address.as_ref().and_then(socket_addr);
-                    let original = message.cmsgs().ok().and_then(|mut cmsgs| {
-                        cmsgs.find_map(|cmsg| match cmsg {
+                    let original = message.cmsgs().ok().and_then(|cmsgs| {
+                        cmsgs.fold(None, |original, cmsg| match cmsg {
                             ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
                                 Some(SocketAddr::V4(SocketAddrV4::new(
                                     Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
                                     u16::from_be(sin.sin_port),
                                 )))
+                            }
+                            ControlMessageOwned::RxqOvfl(dropped) => {
+                                overflows = Some(dropped);
+                                original
                             }
                             ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
                                 Some(SocketAddr::V6(SocketAddrV6::new(
@@ -87,20 +94,19 @@ pub fn recv_steered(
                                     0,
                                 )))
                             }
-                            _ => None,
+                            _ => original,
                         })
                     });
                     (message.bytes, client, original)
                 })
                 .collect()
         };
-        let count = received.len();
         for (buffer, (len, client, original)) in buffers.iter().zip(received) {
             if let (Some(client), Some(original)) = (client, original) {
                 each(client, original, &buffer[..len]);
             }
         }
-        Ok(count)
+        Ok(overflows)
     })
 }
 

@@ -48,6 +48,9 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct UdpConfig {
     pub idle_timeout: Duration,
     pub max_sessions: usize,
+    /// Most sessions of one client address, so that one client's many source ports cannot
+    /// take the overall cap that other clients need.
+    pub max_sessions_per_source: usize,
     /// SO_MARK of our per-flow sockets, which the eBPF program trusts.
     pub socket_mark: u32,
     /// All our listeners' addresses: relaying to one of them would loop forever. Updated
@@ -62,9 +65,11 @@ pub struct UdpStats {
     pub created: AtomicU64,
     pub expired: AtomicU64,
     pub refused_at_cap: AtomicU64,
-    /// Flows refused because of their original destination (see
+    /// Datagrams refused because of their original destination (see
     /// [`crate::listener::refused_destination`]).
     pub refused_destinations: AtomicU64,
+    /// New flows refused because their client address had `max_sessions_per_source`.
+    pub refused_at_source_cap: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub reply_fallbacks: AtomicU64,
     pub to_upstream: AtomicU64,
@@ -72,6 +77,9 @@ pub struct UdpStats {
     pub dropped: AtomicU64,
     /// Replies the raw fallback could not send (also counted in `dropped`).
     pub raw_reply_failures: AtomicU64,
+    /// Datagrams the listeners' receive buffers had no room for (new flows' datagrams lost
+    /// in a burst before the relay read them).
+    pub listener_buffer_drops: AtomicU64,
 }
 
 impl UdpStats {
@@ -79,12 +87,14 @@ impl UdpStats {
     pub fn summary(&self) -> String {
         format!(
             "udp relay: sessions active={} created={} expired={} refused_at_cap={} \
-             ended_by_upstream_error={} raw_reply_fallbacks={} refused_destination={}; \
-             datagrams to_upstream={} to_client={} dropped={} raw_reply_failures={}",
+             refused_at_source_cap={} ended_by_upstream_error={} raw_reply_fallbacks={} \
+             refused_destination={}; datagrams to_upstream={} to_client={} dropped={} \
+             raw_reply_failures={} listener_buffer_drops={}",
             self.active.load(Relaxed),
             self.created.load(Relaxed),
             self.expired.load(Relaxed),
             self.refused_at_cap.load(Relaxed),
+            self.refused_at_source_cap.load(Relaxed),
             self.upstream_errors.load(Relaxed),
             self.reply_fallbacks.load(Relaxed),
             self.refused_destinations.load(Relaxed),
@@ -92,6 +102,7 @@ impl UdpStats {
             self.to_client.load(Relaxed),
             self.dropped.load(Relaxed),
             self.raw_reply_failures.load(Relaxed),
+            self.listener_buffer_drops.load(Relaxed),
         )
     }
 }
@@ -103,10 +114,14 @@ pub struct UdpRelay {
     config: UdpConfig,
     pub stats: UdpStats,
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    /// Sessions per client address.
+    per_source: Mutex<HashMap<IpAddr, usize>>,
     raw: RawReplier,
     /// Original destinations whose reply-socket bind failed recently, and until when.
     unbindable: Mutex<HashMap<SocketAddr, Instant>>,
     cap_log: LogLimiter,
+    source_cap_log: LogLimiter,
+    overflow_log: LogLimiter,
     trouble_log: LogLimiter,
     raw_reply_log: LogLimiter,
     /// Timestamps are kept as milliseconds since this instant, in atomics.
@@ -132,9 +147,12 @@ impl UdpRelay {
             config,
             stats: UdpStats::default(),
             sessions: Mutex::default(),
+            per_source: Mutex::default(),
             raw: RawReplier::default(),
             unbindable: Mutex::default(),
             cap_log: LogLimiter::default(),
+            source_cap_log: LogLimiter::default(),
+            overflow_log: LogLimiter::default(),
             trouble_log: LogLimiter::default(),
             raw_reply_log: LogLimiter::default(),
             epoch: Instant::now(),
@@ -158,6 +176,8 @@ impl UdpRelay {
                 return;
             }
         };
+        // The listener's drop counter (SO_RXQ_OVFL) counts from its creation.
+        let mut overflows_seen = 0;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -174,7 +194,10 @@ impl UdpRelay {
                 })
             });
             match received {
-                Ok(_) => {}
+                Ok(Some(overflows)) => {
+                    self.count_listener_overflows(&mut overflows_seen, overflows);
+                }
+                Ok(None) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => log::warn!("UDP listener: {error}"),
             }
@@ -255,9 +278,14 @@ impl UdpRelay {
             self.stats.refused_destinations.fetch_add(1, Relaxed);
             if self.trouble_log.allow() {
                 log::warn!(
-                    "{client} -> {original}: refusing to relay to a loopback, unspecified or mapped address"
+                    "{client} -> {original}: refusing to relay to a loopback, unspecified, \
+                     mapped, multicast or link-local address"
                 );
             }
+            return None;
+        }
+        // Per source first: a client at its own cap must not count against the overall one.
+        if !self.source_has_room(client) {
             return None;
         }
         if self.sessions.lock().unwrap().len() >= self.config.max_sessions {
@@ -297,6 +325,7 @@ impl UdpRelay {
             .lock()
             .unwrap()
             .insert((client, original), session.clone());
+        self.count_source(client.ip(), true);
         self.stats.created.fetch_add(1, Relaxed);
         self.stats.active.fetch_add(1, Relaxed);
         log::debug!("{client} -> {original}: new UDP session via {target}");
@@ -381,6 +410,7 @@ impl UdpRelay {
             .lock()
             .unwrap()
             .remove(&(session.client, session.original));
+        self.count_source(session.client.ip(), false);
         self.stats.active.fetch_sub(1, Relaxed);
     }
 
@@ -429,6 +459,66 @@ impl UdpRelay {
                 })
             })?
         })
+    }
+
+    /// Adds the datagrams a listener dropped since `seen` (its counter when last looked at),
+    /// and logs them (at most once per [`LOG_INTERVAL`]).
+    fn count_listener_overflows(&self, seen: &mut u32, overflows: u32) {
+        let new = overflows.wrapping_sub(*seen);
+        *seen = overflows;
+        if new == 0 {
+            return;
+        }
+        let total = self
+            .stats
+            .listener_buffer_drops
+            .fetch_add(u64::from(new), Relaxed)
+            + u64::from(new);
+        if self.overflow_log.allow() {
+            log::warn!(
+                "UDP listener: {new} steered datagrams dropped for want of receive buffer \
+                 ({total} so far): a burst outran the relay"
+            );
+        }
+    }
+
+    /// Whether `client`'s address may open another session; counts and logs (at most once
+    /// per [`LOG_INTERVAL`]) a refusal.
+    fn source_has_room(&self, client: SocketAddr) -> bool {
+        let sessions = self
+            .per_source
+            .lock()
+            .unwrap()
+            .get(&client.ip())
+            .copied()
+            .unwrap_or(0);
+        if sessions < self.config.max_sessions_per_source {
+            return true;
+        }
+        self.stats.refused_at_source_cap.fetch_add(1, Relaxed);
+        if self.source_cap_log.allow() {
+            log::warn!(
+                "{}: UDP session cap per source ({}) reached: dropping datagrams of its new flows \
+                 ({} so far, all sources)",
+                client.ip(),
+                self.config.max_sessions_per_source,
+                self.stats.refused_at_source_cap.load(Relaxed)
+            );
+        }
+        false
+    }
+
+    /// Counts a session of `source` opened (`true`) or ended.
+    fn count_source(&self, source: IpAddr, opened: bool) {
+        let mut per_source = self.per_source.lock().unwrap();
+        let count = per_source.entry(source).or_default();
+        match opened {
+            true => *count += 1,
+            false => *count = count.saturating_sub(1),
+        }
+        if *count == 0 {
+            per_source.remove(&source);
+        }
     }
 
     fn count_moved(&self, session: &Session, direction: &AtomicU64, received: usize, sent: usize) {
