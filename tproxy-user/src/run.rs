@@ -413,19 +413,19 @@ async fn serve(
         // A signal, or the end of the drain.
         match phase {
             Phase::Serving => {
-                // Not ready before anything says it is draining: whoever reads the log line
-                // and then asks /readyz must hear 503.
+                // New flows get the fail mode from now on (until a successor registers the
+                // listeners again); what reached the listeners already is still accepted for
+                // a moment, so that no handshake in progress is reset. Both this and the
+                // readiness are done before anything says it is draining: whoever reads the
+                // log line and then asks /readyz or connects must see the drain.
+                if let Some(steering) = steering.as_deref_mut() {
+                    steering.unregister_except(&[]);
+                }
                 relays
                     .ready
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 log::info!("stopping: draining for up to {}", Human(drain_timeout));
                 notify_systemd(sd_notify::NotifyState::Stopping);
-                // New flows get the fail mode from now on (until a successor registers the
-                // listeners again); what reached the listeners already is still accepted for
-                // a moment, so that no handshake in progress is reset.
-                if let Some(steering) = steering.as_deref_mut() {
-                    steering.unregister_except(&[]);
-                }
                 accepting_until = Some(Instant::now() + drain_timeout.min(ACCEPT_GRACE));
                 phase = Phase::Draining {
                     until: Instant::now() + drain_timeout,
