@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_user::rules::{compile, decide, lookup, Action, Packet, Ports, Rule, Transport};
+use tproxy_user::datapath::rules::{compile, decide, lookup, Action, Packet, Ports, Rule, Transport};
 
 const IFACES: [&str; 2] = ["eth0", "eth1"];
 

@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    if let Ok(translation) = tproxy_user::translate::translate(text) {
+    if let Ok(translation) = tproxy_user::tools::translate::translate(text) {
         toml::from_str::<toml::Value>(&translation.config).expect("translate printed invalid TOML");
     }
 });

@@ -26,8 +26,8 @@ use tproxy_common::maps::MAX_LISTENERS;
 
 use crate::{
     cli::{self, FailMode, Mark, RunArgs},
-    listener::Transport,
-    rules::{self, Action, Ports, Rule},
+    relay::listener::Transport,
+    datapath::rules::{self, Action, Ports, Rule},
 };
 
 /// Name of the listener that `--tcp`/`--udp` steer to.
@@ -853,7 +853,7 @@ impl Config {
             .collect();
         for listener in &self.listeners {
             if let Some(upstream) = listener.upstream {
-                if crate::listener::reaches_own_listener(&own, upstream) {
+                if crate::relay::listener::reaches_own_listener(&own, upstream) {
                     bail!(
                         "{} is one of tproxy's own listeners: that would loop",
                         upstream_flag(&listener.name, upstream)
@@ -1370,7 +1370,7 @@ listener = "dns"
     /// The README's worked example decides what the README says it decides.
     #[test]
     fn the_readme_example_decides_as_documented() {
-        use crate::rules::{decide, Packet};
+        use crate::datapath::rules::{decide, Packet};
         use tproxy_common::decision::RuleMatch;
         let config = with_file(include_str!("../../examples/router.toml"), &[]).unwrap();
         let (web, dns) = (RuleMatch::Steer(0), RuleMatch::Steer(1));

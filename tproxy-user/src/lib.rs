@@ -1,36 +1,26 @@
 //! tproxy: transparent proxying with a tc ingress eBPF program instead of the iptables
 //! socket match and TPROXY target.
 //!
-//! The data path, one module each:
-//! packet → [`steering`] (the eBPF program's decision) → [`listener`] (transparent socket)
-//! → [`relay`] (TCP: accept, original destination, connect onward, copy) or [`udp`] (a session
-//! per client and original destination) → upstream.
-//! [`routing`] installs the policy routing that makes assigned packets local, and [`run`]
-//! puts the pieces together in the order that leaves nothing behind.
+//! The rooms follow the packet's way and the process's life:
+//! - [`datapath`]: what decides where a packet goes. The eBPF program seen from userspace
+//!   ([`datapath::steering`]), the rule model and its compilation into the program's maps
+//!   ([`datapath::rules`]), the policy routing that makes assigned packets local
+//!   ([`datapath::routing`]), the state pinned for restarts ([`datapath::pin`]) and the
+//!   fragment tracking's upkeep ([`datapath::fragments`]).
+//! - [`relay`]: where a steered flow goes next. The transparent listeners, the TCP relay
+//!   (accept, original destination, connect onward, splice), and the UDP sessions.
+//! - [`daemon`]: the process around them. The instance lock, the control socket (status,
+//!   reload, handover) and the privilege drop.
+//! - [`tools`]: the operator's commands besides `run`: status, doctor, cleanup, translate.
+//! - [`run`] puts the pieces together in the order that leaves nothing behind; [`cli`] and
+//!   [`config`] read what the operator asked for; [`metrics`] and [`logging`] report.
 
-//!
-//! Also here, for the operator's commands: [`config`] (TOML file and flags), [`rules`] (the
-//! rule model and its compilation into the program's maps) and [`translate`] (iptables/nft
-//! rule sets into configurations).
-
-pub mod cleanup;
 pub mod cli;
 pub mod config;
-mod control;
-pub mod doctor;
-mod fragments;
-pub mod instance;
-mod listener;
+pub mod daemon;
+pub mod datapath;
 pub mod logging;
 mod metrics;
-mod pin;
-mod privileges;
-mod relay;
-mod routing;
-pub mod rules;
+pub(crate) mod relay;
 pub mod run;
-mod splice;
-pub mod status;
-mod steering;
-pub mod translate;
-mod udp;
+pub mod tools;

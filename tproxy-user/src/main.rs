@@ -1,6 +1,12 @@
 //! `tproxy`: the command line. The work is done by the `tproxy_user` library next to it.
 
-use tproxy_user::{cleanup, cli, config, doctor, instance, logging, rules, run, status, translate};
+use tproxy_user::{
+    cli, config,
+    daemon::instance,
+    datapath::rules,
+    logging, run,
+    tools::{cleanup, doctor, status, translate},
+};
 
 use std::process::ExitCode;
 

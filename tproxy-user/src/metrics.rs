@@ -27,7 +27,7 @@ use prometheus_client::{
 };
 use tproxy_common::{decision::Protocol, Outcome};
 
-use crate::{relay::RelayStats, steering::CounterReader, udp::UdpRelay};
+use crate::{relay::tcp::RelayStats, datapath::steering::CounterReader, relay::udp::UdpRelay};
 
 /// Upper bounds of the connect latency buckets, in seconds.
 const CONNECT_BUCKETS: [f64; 12] = [

@@ -33,17 +33,17 @@ use tproxy_common::{
 use crate::{
     cli::{FailMode, Human, RunArgs},
     config::{Config, Interfaces, ListenerConfig, Settings},
-    control::{self, HandedListener, HandedSocket, Request},
-    instance::{Held, InstanceLock},
-    listener::{self, TransparentListener, Transport},
+    daemon::control::{self, HandedListener, HandedSocket, Request},
+    daemon::instance::{Held, InstanceLock},
+    relay::listener::{self, TransparentListener, Transport},
     metrics,
-    pin::{PinnedBy, PinnedState},
-    privileges,
-    relay::{self, RelayConfig, RelayStats, Upstream},
-    routing::{self, PolicyRouting, RoutingSpec},
-    rules::{self, Action, Rule},
-    steering::{self, LoadSettings, Steering},
-    udp::{UdpConfig, UdpRelay},
+    datapath::pin::{PinnedBy, PinnedState},
+    daemon::privileges,
+    relay::tcp::{self, RelayConfig, RelayStats, Upstream},
+    datapath::routing::{self, PolicyRouting, RoutingSpec},
+    datapath::rules::{self, Action, Rule},
+    datapath::steering::{self, LoadSettings, Steering},
+    relay::udp::{UdpConfig, UdpRelay},
 };
 
 pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
@@ -490,7 +490,7 @@ fn status_report(
     let s = &config.settings;
     let packets = steering
         .and_then(|steering| steering.counters().ok())
-        .map(|counters| crate::status::packets_json(&counters));
+        .map(|counters| crate::tools::status::packets_json(&counters));
     let listeners: Vec<serde_json::Value> = relays
         .listeners
         .iter()
@@ -878,7 +878,7 @@ impl Relays {
     async fn serve_metrics(
         &self,
         settings: &Settings,
-        counters: Option<crate::steering::CounterReader>,
+        counters: Option<crate::datapath::steering::CounterReader>,
     ) -> Result<()> {
         let Some(addr) = settings.metrics else {
             return Ok(());
@@ -1094,7 +1094,7 @@ impl Relays {
                 for socket in new.tcp {
                     running.sockets.push(own_descriptor(&socket)?);
                     let listener = std::net::TcpListener::from(socket.socket);
-                    self.tasks.spawn(relay::serve(
+                    self.tasks.spawn(tcp::serve(
                         tokio::net::TcpListener::from_std(listener)?,
                         running.upstream.clone(),
                         self.tcp_config.clone(),

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use aya::programs::{tc, TcAttachType};
 use futures::TryStreamExt;
 
-use crate::{instance, pin::PinnedState, routing};
+use crate::{daemon::instance, datapath::pin::PinnedState, datapath::routing};
 
 /// Cleans up after instances that used routing table `table` (and pinned under `pin_dir`).
 pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
@@ -23,7 +23,7 @@ pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
     // The links first: with them goes the program, before the routing it relies on.
     let pinned = PinnedState::locate(pin_dir, table)?;
     let unpinned = pinned.remove()?;
-    crate::pin::PinnedBy::remove(table)?;
+    crate::datapath::pin::PinnedBy::remove(table)?;
     if unpinned > 0 {
         println!(
             "removed {unpinned} pinned links and maps from {}",

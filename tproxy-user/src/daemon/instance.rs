@@ -206,7 +206,7 @@ pub fn reload(table: u32) -> Result<String> {
     let pid = running(table)?.with_context(|| {
         format!("no tproxy is running with routing table {table} in this network namespace")
     })?;
-    let answer = crate::control::request_reload(table)?.with_context(|| {
+    let answer = crate::daemon::control::request_reload(table)?.with_context(|| {
         format!(
             "tproxy (pid {pid}) does not answer on its control socket (still setting up?); \
              nothing was reloaded"

@@ -10,15 +10,15 @@ use tproxy_common::{decision::Protocol, Outcome};
 
 use crate::{
     cli::StatusArgs,
-    control,
-    pin::{PinnedBy, PinnedState},
-    routing,
-    steering::{CounterReader, Counters},
+    daemon::control,
+    datapath::pin::{PinnedBy, PinnedState},
+    datapath::routing,
+    datapath::steering::{CounterReader, Counters},
 };
 
 /// The control socket refused `status` (it is root's only): whether an instance runs is
 /// unknown, which is not the same as "not running".
-pub use crate::control::PermissionDenied;
+pub use crate::daemon::control::PermissionDenied;
 
 /// The exit status of `tproxy status` when the running instance could not be asked
 /// ([`PermissionDenied`]): LSB's "status unknown".

@@ -14,8 +14,8 @@ use futures::TryStreamExt;
 use crate::{
     cli::Mark,
     config::{Interfaces, Settings},
-    routing,
-    steering::{LoadSettings, Steering},
+    datapath::routing,
+    datapath::steering::{LoadSettings, Steering},
 };
 
 /// How bad a finding is.
@@ -106,7 +106,7 @@ async fn examine(settings: &Settings) -> Vec<Finding> {
 
 /// `run --pin` needs a bpf filesystem that outlives the process.
 fn pin_dir(dir: &std::path::Path) -> Finding {
-    match crate::pin::on_bpffs(dir) {
+    match crate::datapath::pin::on_bpffs(dir) {
         Ok(true) => Finding::ok(format!("{} is on a bpf filesystem: --pin can keep its state there", dir.display())),
         Ok(false) => Finding::problem(
             format!("{} is not on a bpf filesystem: `run --pin` cannot pin its state there", dir.display()),

@@ -21,8 +21,8 @@ use ipnet::IpNet;
 
 use crate::{
     cli::{self, Mark, TranslateArgs},
-    listener::Transport,
-    rules::Ports,
+    relay::listener::Transport,
+    datapath::rules::Ports,
 };
 
 /// Reads the rule set from stdin, prints the configuration, lists what was skipped.

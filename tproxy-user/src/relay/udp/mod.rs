@@ -35,7 +35,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use raw_reply::RawReplier;
 
-use crate::relay::Upstream;
+use crate::relay::tcp::Upstream;
 
 /// How long a failed reply-socket bind is remembered before it is tried again for the same
 /// original destination.
@@ -66,7 +66,7 @@ pub struct UdpStats {
     pub expired: AtomicU64,
     pub refused_at_cap: AtomicU64,
     /// Datagrams refused because of their original destination (see
-    /// [`crate::listener::refused_destination`]).
+    /// [`crate::relay::listener::refused_destination`]).
     pub refused_destinations: AtomicU64,
     /// New flows refused because their client address had `max_sessions_per_source`.
     pub refused_at_source_cap: AtomicU64,
@@ -264,7 +264,7 @@ impl UdpRelay {
         let target = upstream.unwrap_or(original);
         let loops = {
             let own_listeners = self.config.own_listeners.read().unwrap();
-            crate::listener::reaches_own_listener(&own_listeners, target)
+            crate::relay::listener::reaches_own_listener(&own_listeners, target)
         };
         if loops {
             if self.trouble_log.allow() {
@@ -274,7 +274,7 @@ impl UdpRelay {
             }
             return None;
         }
-        if crate::listener::refused_destination(original, client) {
+        if crate::relay::listener::refused_destination(original, client) {
             self.stats.refused_destinations.fetch_add(1, Relaxed);
             if self.trouble_log.allow() {
                 log::warn!(

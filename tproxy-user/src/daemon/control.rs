@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use tproxy_common::maps::ListenerSlot;
 
-use crate::{instance, listener::Transport};
+use crate::{daemon::instance, relay::listener::Transport};
 
 /// Descriptors per SCM_RIGHTS message (the kernel takes at most 253).
 const FDS_PER_MESSAGE: usize = 200;

@@ -39,20 +39,20 @@ impl PinnedBy {
             pid: std::process::id(),
             fail_mode: fail_mode.to_string(),
         };
-        let path = crate::instance::path(table, "pinned.json")?;
+        let path = crate::daemon::instance::path(table, "pinned.json")?;
         std::fs::write(&path, serde_json::to_string(&record)?)
             .with_context(|| format!("writing {}", path.display()))
     }
 
     /// The record for `table`, if there is one.
     pub fn read(table: u32) -> Option<Self> {
-        let path = crate::instance::path(table, "pinned.json").ok()?;
+        let path = crate::daemon::instance::path(table, "pinned.json").ok()?;
         serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 
     /// Forgets the record (the pinned state is gone).
     pub fn remove(table: u32) -> Result<()> {
-        let path = crate::instance::path(table, "pinned.json")?;
+        let path = crate::daemon::instance::path(table, "pinned.json")?;
         match std::fs::remove_file(&path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
                 Err(error).with_context(|| format!("removing {}", path.display()))

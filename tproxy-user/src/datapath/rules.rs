@@ -47,7 +47,7 @@ use tproxy_common::maps::{
     VERDICT_STEER,
 };
 
-pub use crate::listener::Transport;
+pub use crate::relay::listener::Transport;
 
 /// Which destination ports a rule matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

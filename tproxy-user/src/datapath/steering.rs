@@ -24,9 +24,9 @@ use tproxy_common::{
 
 use crate::{
     cli::Mark,
-    fragments::FragmentTracking,
-    pin::PinnedState,
-    rules::{CompiledRules, Entry},
+    datapath::fragments::FragmentTracking,
+    datapath::pin::PinnedState,
+    datapath::rules::{CompiledRules, Entry},
 };
 
 /// The compiled tproxy-ebpf object, built by build.rs.
@@ -128,7 +128,7 @@ impl Steering {
                 loader.map_pin_path(name, pinned.map(name));
             }
         }
-        let fragment_timeouts = crate::fragments::reassembly_timeouts_ns();
+        let fragment_timeouts = crate::datapath::fragments::reassembly_timeouts_ns();
         let ebpf = loader
             .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
             .override_global(maps::FRAGMENT_TIMEOUT_V6_GLOBAL, &fragment_timeouts.1, true)

@@ -25,9 +25,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     cli::Human,
-    listener, logging,
-    splice::{self, PipePool},
-    udp::LogLimiter,
+    relay::listener, logging,
+    relay::splice::{self, PipePool},
+    relay::udp::LogLimiter,
 };
 
 /// Pipes for splicing, shared by every connection.
@@ -75,7 +75,7 @@ pub struct RelayStats {
     /// other ended.
     pub half_close_timeouts: AtomicU64,
     /// Connections reset because their original destination is one no relay may connect to
-    /// (see [`crate::listener::refused_destination`]).
+    /// (see [`crate::relay::listener::refused_destination`]).
     pub refused_destinations: AtomicU64,
     admission: Admission,
 }
