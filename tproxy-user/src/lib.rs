@@ -9,10 +9,11 @@
 //!   fragment tracking's upkeep ([`datapath::fragments`]).
 //! - [`relay`]: where a steered flow goes next. The transparent listeners, the TCP relay
 //!   (accept, original destination, connect onward, splice), and the UDP sessions.
-//! - [`daemon`]: the process around them. The instance lock, the control socket (status,
-//!   reload, handover) and the privilege drop.
+//! - [`daemon`]: the process around them. The serve loop (phases, signals, drain), reload,
+//!   the instance lock, the control socket (status, reload, handover) and the privilege drop.
 //! - [`tools`]: the operator's commands besides `run`: status, doctor, cleanup, translate.
-//! - [`run`] puts the pieces together in the order that leaves nothing behind; [`cli`] and
+//! - [`run`] puts the pieces together in the order that leaves nothing behind, and takes them
+//!   down again; [`cli`] and
 //!   [`config`] read what the operator asked for; [`metrics`] and [`logging`] report.
 
 pub mod cli;

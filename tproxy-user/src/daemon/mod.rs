@@ -1,7 +1,10 @@
-//! The process around the data path: one [`instance`] per network namespace and table, its
+//! The process around the data path: the [`serve`] loop (serving, draining, handed over, and
+//! the signals between), [`reload`], one [`instance`] per network namespace and table, its
 //! [`control`] socket (status, reload, handover to a successor), and the [`privileges`] it
 //! keeps once set up.
 
 pub(crate) mod control;
 pub mod instance;
 pub(crate) mod privileges;
+pub(crate) mod reload;
+pub(crate) mod serve;

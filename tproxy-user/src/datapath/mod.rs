@@ -2,11 +2,13 @@
 //!
 //! packet → [`steering`] (the program's decision, with the rules [`rules`] compiled into its
 //! maps) → [`routing`] (the mark's policy routing delivers it locally) → a listener.
-//! [`pin`] keeps the program, maps and links across restarts; [`fragments`] empties the
-//! program's fragment tracking of datagrams whose time is up.
+//! [`interfaces`] resolves where it attaches; [`pin`] keeps the program, maps and links across
+//! restarts; [`fragments`] empties the program's fragment tracking of datagrams whose time is
+//! up.
 
 pub(crate) mod fragments;
 pub(crate) mod pin;
 pub(crate) mod routing;
 pub mod rules;
 pub(crate) mod steering;
+pub(crate) mod interfaces;

@@ -1,0 +1,596 @@
+//! The relays' listeners, reconciled with the configuration: a plan of what a configuration
+//! changes is built without touching anything in force, then committed; the TCP and UDP
+//! relays serve what the listeners accept, and stop or drain with them.
+
+use std::{
+    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use tokio::time::timeout;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tproxy_common::{
+    decision::Protocol,
+    maps::{ListenerSlot, MAX_LISTENERS},
+    Outcome,
+};
+
+use crate::{
+    cli::Human,
+    config::{Config, ListenerConfig, Settings},
+    daemon::control::{HandedListener, HandedSocket},
+    datapath::rules::{self, Action, Rule},
+    datapath::steering::Steering,
+    metrics,
+    relay::listener::{self, TransparentListener, Transport},
+    relay::tcp::{self, RelayConfig, RelayStats, Upstream},
+    relay::udp::{UdpConfig, UdpRelay},
+};
+
+/// A listener that is serving.
+pub(crate) struct RunningListener {
+    pub(crate) config: ListenerConfig,
+    /// Its index in the program's socket map.
+    pub(crate) slot: u32,
+    /// The addresses its sockets are bound to (port 0 resolved).
+    pub(crate) bound: Vec<SocketAddr>,
+    pub(crate) upstream: Upstream,
+    /// Cancelled to stop accepting (TCP) or receiving (UDP); `None`: no such sockets.
+    pub(crate) tcp: Option<CancellationToken>,
+    pub(crate) udp: Option<CancellationToken>,
+    /// Its listening sockets (duplicates of the serving tasks' descriptors), to hand to a
+    /// successor and to keep them open while draining.
+    pub(crate) sockets: Vec<(ListenerSlot, OwnedFd)>,
+}
+
+/// What putting a configuration in force changes in the listeners; built without touching
+/// anything in force, so a failure leaves everything as it was.
+pub(crate) struct Plan {
+    /// For each configured listener, in order: its slot.
+    pub(crate) slots: Vec<u32>,
+    /// Sockets bound for it, not yet serving.
+    pub(crate) new_sockets: Vec<NewSockets>,
+    /// Indices into `Relays::listeners` of those the configuration drops or replaces.
+    pub(crate) removed: Vec<usize>,
+    /// For kept listeners: (index into `Relays::listeners`, new config, stop tcp, stop udp).
+    pub(crate) kept: Vec<(usize, ListenerConfig, bool, bool)>,
+}
+
+pub(crate) struct NewSockets {
+    /// `Some`: a listener that is kept (index into `Relays::listeners`) and gains a transport.
+    pub(crate) kept: Option<usize>,
+    pub(crate) config: ListenerConfig,
+    pub(crate) slot: u32,
+    pub(crate) bound: Vec<SocketAddr>,
+    pub(crate) tcp: Vec<TransparentListener>,
+    pub(crate) udp: Vec<TransparentListener>,
+}
+
+impl Plan {
+    /// The configuration's rules with listener indices turned into socket-map slots.
+    pub(crate) fn rules(&self, config: &Config) -> Vec<Rule> {
+        config
+            .rules
+            .iter()
+            .map(|rule| {
+                let mut rule = rule.clone();
+                if let Action::Steer(index) = rule.action {
+                    rule.action = Action::Steer(self.slots[index as usize]);
+                }
+                rule
+            })
+            .collect()
+    }
+
+    /// Puts the new sockets into the socket map (unused until the rules point at them).
+    pub(crate) fn register(&self, steering: &mut Steering) -> Result<()> {
+        for new in &self.new_sockets {
+            for socket in new.tcp.iter().chain(&new.udp) {
+                steering.register_listener(new.slot, socket.slot, &socket.socket)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Plan::register`] for listeners that do not exist yet.
+    pub(crate) fn unregister(&self, steering: &mut Steering) {
+        for new in self.new_sockets.iter().filter(|n| n.kept.is_none()) {
+            let _ = steering.unregister_listener(new.slot);
+        }
+    }
+}
+
+/// The relays' listeners and the connections and sessions they serve.
+pub(crate) struct Relays {
+    pub(crate) listeners: Vec<RunningListener>,
+    pub(crate) own_addrs: Arc<RwLock<Vec<SocketAddr>>>,
+    pub(crate) tcp_config: Arc<RelayConfig>,
+    pub(crate) tcp_stats: Arc<RelayStats>,
+    pub(crate) udp: Arc<UdpRelay>,
+    /// Steer rules that earlier configurations had and a reload dropped: their flows keep
+    /// their sockets (see `Rule::retired`).
+    pub(crate) retired: Vec<Rule>,
+    /// Listening sockets a previous instance handed over, for the first plan to use instead
+    /// of binding anew.
+    pub(crate) inherited: Vec<(HandedListener, Vec<OwnedFd>)>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    /// What `/readyz` says: set once set up, cleared when draining.
+    pub(crate) ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled once a successor has taken over, so that scrapes reach it instead.
+    pub(crate) metrics_stop: CancellationToken,
+}
+
+/// How long a stopping instance keeps accepting connections that reached its listeners
+/// before they left the socket map: a handshake under way takes a round trip to finish.
+pub(crate) const ACCEPT_GRACE: Duration = Duration::from_secs(1);
+
+/// How long UDP sessions must have been quiet before a drain may end early: a request sent
+/// upstream just before the stop gets this long for its reply.
+const UDP_QUIET_BEFORE_STOP: Duration = Duration::from_secs(2);
+/// How long stopping may wait for relay tasks to reset their connections.
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Relays {
+    pub(crate) fn new(settings: &Settings) -> Self {
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let own_addrs = Arc::new(RwLock::new(Vec::new()));
+        let udp = Arc::new(UdpRelay::new(
+            UdpConfig {
+                idle_timeout: settings.udp_idle_timeout,
+                max_sessions: settings.udp_max_sessions as usize,
+                max_sessions_per_source: settings.udp_max_sessions_per_source as usize,
+                socket_mark: settings.socket_mark,
+                own_listeners: own_addrs.clone(),
+            },
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        Relays {
+            listeners: Vec::new(),
+            tcp_config: Arc::new(RelayConfig {
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.idle_timeout,
+                half_close_timeout: settings.half_close_timeout,
+                max_connections: settings.max_connections as usize,
+                max_connections_per_source: settings.max_connections_per_source as usize,
+                transparent_upstream: settings.transparent_upstream,
+                socket_mark: settings.socket_mark,
+                connect_latency: metrics::connect_latency(),
+                own_listeners: own_addrs.clone(),
+            }),
+            own_addrs,
+            tcp_stats: Arc::default(),
+            udp,
+            retired: Vec::new(),
+            inherited: Vec::new(),
+            ready: Arc::default(),
+            metrics_stop: CancellationToken::new(),
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// Starts the metrics endpoint, if the settings ask for one.
+    pub(crate) async fn serve_metrics(
+        &self,
+        settings: &Settings,
+        counters: Option<crate::datapath::steering::CounterReader>,
+    ) -> Result<()> {
+        let Some(addr) = settings.metrics else {
+            return Ok(());
+        };
+        metrics::serve(
+            addr,
+            metrics::Sources {
+                counters,
+                tcp: self.tcp_stats.clone(),
+                udp: self.udp.clone(),
+                connect_latency: self.tcp_config.connect_latency.clone(),
+                ready: self.ready.clone(),
+            },
+            self.metrics_stop.clone(),
+        )
+        .await
+    }
+
+    /// Binds what `config` needs that is not serving yet and works out the rest.
+    pub(crate) fn plan(&mut self, config: &Config) -> Result<Plan> {
+        let mut plan = Plan {
+            slots: Vec::new(),
+            new_sockets: Vec::new(),
+            removed: Vec::new(),
+            kept: Vec::new(),
+        };
+        let mut taken: Vec<u32> = self.listeners.iter().map(|l| l.slot).collect();
+        for wanted in &config.listeners {
+            let existing = self
+                .listeners
+                .iter()
+                .position(|l| l.config.name == wanted.name && l.config.listen == wanted.listen);
+            let (slot, bound, kept, need_tcp, need_udp) = match existing {
+                Some(index) => {
+                    let running = &self.listeners[index];
+                    plan.kept.push((
+                        index,
+                        wanted.clone(),
+                        running.tcp.is_some() && !wanted.tcp,
+                        running.udp.is_some() && !wanted.udp,
+                    ));
+                    let need_tcp = wanted.tcp && running.tcp.is_none();
+                    let need_udp = wanted.udp && running.udp.is_none();
+                    (
+                        running.slot,
+                        running.bound.clone(),
+                        Some(index),
+                        need_tcp,
+                        need_udp,
+                    )
+                }
+                None => {
+                    let slot = (0..MAX_LISTENERS)
+                        .find(|slot| !taken.contains(slot))
+                        .with_context(|| {
+                            format!(
+                                "no free listener slot for `{}` (at most {MAX_LISTENERS})",
+                                wanted.name
+                            )
+                        })?;
+                    taken.push(slot);
+                    (slot, wanted.listen.clone(), None, wanted.tcp, wanted.udp)
+                }
+            };
+            plan.slots.push(slot);
+            if !need_tcp && !need_udp {
+                continue;
+            }
+            let what = |transport| format!("listener `{}` ({transport:?})", wanted.name);
+            let (mut inherited_tcp, mut inherited_udp, mut bound) = (Vec::new(), Vec::new(), bound);
+            if kept.is_none() {
+                if let Some(index) = self
+                    .inherited
+                    .iter()
+                    .position(|(l, _)| l.name == wanted.name && l.listen == wanted.listen)
+                {
+                    let (handed, fds) = self.inherited.swap_remove(index);
+                    bound = handed.bound;
+                    for (socket, fd) in handed.sockets.into_iter().zip(fds) {
+                        let listener = TransparentListener {
+                            slot: socket.slot(),
+                            socket: socket2::Socket::from(fd),
+                        };
+                        match listener.slot.is_tcp() {
+                            true => inherited_tcp.push(listener),
+                            false => inherited_udp.push(listener),
+                        }
+                    }
+                }
+            }
+            let tcp = match need_tcp {
+                true if !inherited_tcp.is_empty() => inherited_tcp,
+                true => listener::bind_all(&bound, Transport::Tcp)
+                    .with_context(|| what(Transport::Tcp))?,
+                false => Vec::new(),
+            };
+            // UDP shares the port TCP got (or was given).
+            let udp_addrs = match tcp.first() {
+                Some(first) => bound_addrs(&bound, first)?,
+                None => bound.clone(),
+            };
+            let udp = match need_udp {
+                true if !inherited_udp.is_empty() => inherited_udp,
+                true => listener::bind_all(&udp_addrs, Transport::Udp)
+                    .with_context(|| what(Transport::Udp))?,
+                false => Vec::new(),
+            };
+            let first = tcp
+                .first()
+                .or(udp.first())
+                .expect("bound at least one socket");
+            let bound = bound_addrs(&bound, first)?;
+            if kept.is_none() {
+                // Once per address, whether TCP, UDP or both are bound there.
+                for addr in bound.iter().filter(|addr| !addr.ip().is_loopback()) {
+                    log::warn!("listener {addr} is not on loopback: clients can reach it directly");
+                }
+            }
+            plan.new_sockets.push(NewSockets {
+                kept,
+                config: wanted.clone(),
+                slot,
+                bound,
+                tcp,
+                udp,
+            });
+        }
+        plan.removed = (0..self.listeners.len())
+            .filter(|i| !plan.kept.iter().any(|(kept, ..)| kept == i))
+            .collect();
+        let own: Vec<SocketAddr> = plan
+            .kept
+            .iter()
+            .flat_map(|(index, ..)| self.listeners[*index].bound.clone())
+            .chain(plan.new_sockets.iter().flat_map(|new| new.bound.clone()))
+            .collect();
+        for wanted in &config.listeners {
+            if let Some(upstream) = wanted.upstream {
+                if listener::reaches_own_listener(&own, upstream) {
+                    bail!(
+                        "{} is one of tproxy's own listeners: that would loop",
+                        crate::config::upstream_flag(&wanted.name, upstream)
+                    );
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Puts a plan in force: new sockets serve, kept listeners take their new upstream,
+    /// dropped ones stop accepting (their connections and sessions run on).
+    pub(crate) fn commit(&mut self, plan: Plan, mut steering: Option<&mut Steering>) -> Result<()> {
+        for (index, config, stop_tcp, stop_udp) in plan.kept {
+            let running = &mut self.listeners[index];
+            *running.upstream.write().unwrap() = config.upstream;
+            for (stop, transport) in [(stop_tcp, &mut running.tcp), (stop_udp, &mut running.udp)] {
+                if let Some(token) = transport.take_if(|_| stop) {
+                    token.cancel();
+                }
+            }
+            running.sockets.retain(|(slot, _)| match slot.is_tcp() {
+                true => !stop_tcp,
+                false => !stop_udp,
+            });
+            running.config = config;
+        }
+        let mut removed: Vec<RunningListener> = Vec::new();
+        for index in plan.removed.iter().rev() {
+            removed.push(self.listeners.remove(*index));
+        }
+        for running in &removed {
+            for token in running.tcp.iter().chain(&running.udp) {
+                token.cancel();
+            }
+            if let Some(steering) = steering.as_deref_mut() {
+                // A replacement may have taken over the slot already.
+                if !plan.new_sockets.iter().any(|n| n.slot == running.slot) {
+                    steering.unregister_listener(running.slot)?;
+                }
+            }
+            log::info!(
+                "listener `{}` removed; its connections run on",
+                running.config.name
+            );
+        }
+        for new in plan.new_sockets {
+            let index = match new.kept {
+                // Indices of kept listeners shift as removed ones go.
+                Some(_) => self
+                    .listeners
+                    .iter()
+                    .position(|l| l.config.name == new.config.name),
+                None => None,
+            };
+            let index = match index {
+                Some(index) => index,
+                None => {
+                    self.listeners.push(RunningListener {
+                        upstream: Arc::new(RwLock::new(new.config.upstream)),
+                        config: new.config,
+                        slot: new.slot,
+                        bound: new.bound,
+                        tcp: None,
+                        udp: None,
+                        sockets: Vec::new(),
+                    });
+                    self.listeners.len() - 1
+                }
+            };
+            let running = &mut self.listeners[index];
+            if !new.tcp.is_empty() {
+                let stop = CancellationToken::new();
+                for socket in new.tcp {
+                    running.sockets.push(own_descriptor(&socket)?);
+                    let listener = std::net::TcpListener::from(socket.socket);
+                    self.tasks.spawn(tcp::serve(
+                        tokio::net::TcpListener::from_std(listener)?,
+                        running.upstream.clone(),
+                        self.tcp_config.clone(),
+                        self.tcp_stats.clone(),
+                        stop.clone(),
+                        self.shutdown.clone(),
+                        self.tasks.clone(),
+                    ));
+                }
+                running.tcp = Some(stop);
+            }
+            if !new.udp.is_empty() {
+                let stop = CancellationToken::new();
+                for socket in new.udp {
+                    running.sockets.push(own_descriptor(&socket)?);
+                    let socket = std::net::UdpSocket::from(socket.socket);
+                    self.tasks.spawn(self.udp.clone().serve(
+                        socket,
+                        running.upstream.clone(),
+                        stop.clone(),
+                    ));
+                }
+                running.udp = Some(stop);
+            }
+        }
+        *self.own_addrs.write().unwrap() = self
+            .listeners
+            .iter()
+            .flat_map(|l| l.bound.clone())
+            .collect();
+        for running in &self.listeners {
+            if let Some(upstream) = *running.upstream.read().unwrap() {
+                if listener::reaches_own_listener(&self.own_addrs.read().unwrap(), upstream) {
+                    log::warn!("listener `{}`: upstream {upstream} is one of tproxy's own listeners; its connections will be refused", running.config.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The steer rules of `old` that `new` no longer has, with those retired before: they
+    /// keep matching established flows (only) after the switch.
+    pub(crate) fn retired_after(&self, old: &[Rule], new: &[Rule]) -> Vec<Rule> {
+        let candidates = self
+            .retired
+            .iter()
+            .chain(old.iter().filter(|r| matches!(r.action, Action::Steer(_))));
+        rules::retire(candidates, new)
+    }
+
+    /// The listeners and their sockets' descriptors, for a successor.
+    pub(crate) fn handover_offer(&self) -> (Vec<HandedListener>, Vec<RawFd>) {
+        let mut fds = Vec::new();
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| HandedListener {
+                name: l.config.name.clone(),
+                listen: l.config.listen.clone(),
+                bound: l.bound.clone(),
+                sockets: l
+                    .sockets
+                    .iter()
+                    .map(|(slot, fd)| {
+                        fds.push(fd.as_raw_fd());
+                        HandedSocket::from(*slot)
+                    })
+                    .collect(),
+            })
+            .collect();
+        (listeners, fds)
+    }
+
+    /// Stops every listener accepting (TCP) and receiving (UDP); connections and sessions in
+    /// flight run on. The sockets stay open while [`Relays::close_listeners`] has not run.
+    pub(crate) fn stop_accepting(&mut self) {
+        for listener in &mut self.listeners {
+            for token in listener.tcp.take().iter().chain(&listener.udp.take()) {
+                token.cancel();
+            }
+        }
+    }
+
+    /// Closes this process's hold on the listening sockets.
+    pub(crate) fn close_listeners(&mut self) {
+        for listener in &mut self.listeners {
+            listener.sockets.clear();
+        }
+    }
+
+    /// Puts every listening socket (back) into the socket map.
+    pub(crate) fn register_all(&self, steering: &mut Steering) -> Result<()> {
+        for listener in &self.listeners {
+            for (slot, fd) in &listener.sockets {
+                steering.register_listener(listener.slot, *slot, fd)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket-map slots of the listeners in use.
+    pub(crate) fn slots(&self) -> Vec<u32> {
+        self.listeners.iter().map(|l| l.slot).collect()
+    }
+
+    /// Whether nothing is being relayed: no TCP connection, and no UDP session that moved a
+    /// datagram lately. A UDP session lives until its idle timeout (a minute by default),
+    /// longer than a drain: waiting for those would make every stop of a DNS router take
+    /// the whole drain.
+    pub(crate) fn idle(&self) -> bool {
+        self.tcp_stats.active() == 0 && !self.udp.busy_within(UDP_QUIET_BEFORE_STOP)
+    }
+
+    /// Stops accepting and resets the connections in flight; ends the UDP sessions.
+    pub(crate) async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if timeout(STOP_TIMEOUT, self.tasks.wait()).await.is_err() {
+            log::warn!(
+                "{} relay tasks did not stop within {}",
+                self.tasks.len(),
+                Human(STOP_TIMEOUT)
+            );
+        }
+    }
+
+    /// Logs the eBPF counters and the relays' totals (on SIGUSR1 and at exit).
+    pub(crate) fn log_stats(&self, steering: Option<&Steering>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match steering.map(Steering::counters) {
+            None => {}
+            Some(Ok(counters)) => {
+                for protocol in Protocol::ALL {
+                    let row = &counters[protocol as usize];
+                    let line: Vec<String> = Outcome::ALL
+                        .iter()
+                        .filter(|outcome| outcome.applies_to(protocol))
+                        .map(|outcome| format!("{}={}", outcome.name(), row[*outcome as usize]))
+                        .collect();
+                    log::info!("eBPF {} packets: {}", protocol.name(), line.join(" "));
+                }
+            }
+            Some(Err(error)) => log::warn!("reading eBPF counters: {error:#}"),
+        }
+        if let Some(steering) = steering {
+            let fragments = steering.fragments().entries();
+            log::info!(
+                "eBPF fragment tracking: datagrams={} reassembled_flows={}",
+                fragments.datagrams,
+                fragments.reassembled_flows
+            );
+        }
+        let tcp = &self.tcp_stats;
+        log::info!(
+            "tcp relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients; \
+             active={} refused_at_limit={} refused_at_source_limit={} half_close_timeouts={} \
+             refused_destination={}",
+            tcp.accepted.load(Relaxed),
+            tcp.upstream_failures.load(Relaxed),
+            tcp.bytes_to_upstream.load(Relaxed),
+            tcp.bytes_to_client.load(Relaxed),
+            tcp.active(),
+            tcp.refused_at_limit.load(Relaxed),
+            tcp.refused_at_source_limit.load(Relaxed),
+            tcp.half_close_timeouts.load(Relaxed),
+            tcp.refused_destinations.load(Relaxed),
+        );
+        log::info!("{}", self.udp.stats.summary());
+    }
+}
+
+/// A listening socket's slot, and a descriptor of it of our own.
+pub(crate) fn own_descriptor(socket: &TransparentListener) -> Result<(ListenerSlot, OwnedFd)> {
+    Ok((socket.slot, socket.socket.try_clone()?.into()))
+}
+
+/// `wanted` addresses with port 0 replaced by the port `first` was bound to.
+pub(crate) fn bound_addrs(
+    wanted: &[SocketAddr],
+    first: &TransparentListener,
+) -> Result<Vec<SocketAddr>> {
+    let port = first
+        .socket
+        .local_addr()?
+        .as_socket()
+        .context("listener address")?
+        .port();
+    Ok(wanted
+        .iter()
+        .map(|addr| {
+            let mut addr = *addr;
+            if addr.port() == 0 {
+                addr.set_port(port);
+            }
+            addr
+        })
+        .collect())
+}
