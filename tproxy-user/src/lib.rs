@@ -3,18 +3,18 @@
 //!
 //! The rooms follow the packet's way and the process's life:
 //! - [`datapath`]: what decides where a packet goes. The eBPF program seen from userspace
-//!   ([`datapath::steering`]), the rule model and its compilation into the program's maps
+//!   (`datapath::steering`), the rule model and its compilation into the program's maps
 //!   ([`datapath::rules`]), the policy routing that makes assigned packets local
-//!   ([`datapath::routing`]), the state pinned for restarts ([`datapath::pin`]) and the
-//!   fragment tracking's upkeep ([`datapath::fragments`]).
-//! - [`relay`]: where a steered flow goes next. The transparent listeners, the TCP relay
+//!   (`datapath::routing`), the state pinned for restarts (`datapath::pin`) and the
+//!   fragment tracking's upkeep (`datapath::fragments`).
+//! - `relay`: where a steered flow goes next. The transparent listeners, the TCP relay
 //!   (accept, original destination, connect onward, splice), and the UDP sessions.
 //! - [`daemon`]: the process around them. The serve loop (phases, signals, drain), reload,
 //!   the instance lock, the control socket (status, reload, handover) and the privilege drop.
 //! - [`tools`]: the operator's commands besides `run`: status, doctor, cleanup, translate.
 //! - [`run`] puts the pieces together in the order that leaves nothing behind, and takes them
 //!   down again; [`cli`] and
-//!   [`config`] read what the operator asked for; [`metrics`] and [`logging`] report.
+//!   [`config`] read what the operator asked for; `metrics` and [`logging`] report.
 
 pub mod cli;
 pub mod config;

@@ -1,6 +1,6 @@
-//! The process around the data path: the [`serve`] loop (serving, draining, handed over, and
-//! the signals between), [`reload`], one [`instance`] per network namespace and table, its
-//! [`control`] socket (status, reload, handover to a successor), and the [`privileges`] it
+//! The process around the data path: the `serve` loop (serving, draining, handed over, and
+//! the signals between), `reload`, one [`instance`] per network namespace and table, its
+//! `control` socket (status, reload, handover to a successor), and the `privileges` it
 //! keeps once set up.
 
 pub(crate) mod control;

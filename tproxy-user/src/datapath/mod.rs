@@ -1,9 +1,9 @@
 //! What decides where a packet goes: the eBPF program and everything that configures it.
 //!
-//! packet → [`steering`] (the program's decision, with the rules [`rules`] compiled into its
-//! maps) → [`routing`] (the mark's policy routing delivers it locally) → a listener.
-//! [`interfaces`] resolves where it attaches; [`pin`] keeps the program, maps and links across
-//! restarts; [`fragments`] empties the program's fragment tracking of datagrams whose time is
+//! packet → `steering` (the program's decision, with the rules [`rules`] compiled into its
+//! maps) → `routing` (the mark's policy routing delivers it locally) → a listener.
+//! `interfaces` resolves where it attaches; `pin` keeps the program, maps and links across
+//! restarts; `fragments` empties the program's fragment tracking of datagrams whose time is
 //! up.
 
 pub(crate) mod fragments;

@@ -1,6 +1,6 @@
-//! Where a steered flow goes next: a transparent [`listener`] takes it, and the [`tcp`] relay
-//! (with [`splice`] moving the bytes) or the [`udp`] sessions carry it to its upstream.
-//! [`listeners`] keeps the set of listeners in line with the configuration.
+//! Where a steered flow goes next: a transparent `listener` takes it, and the `tcp` relay
+//! (with `splice` moving the bytes) or the `udp` sessions carry it to its upstream.
+//! `listeners` keeps the set of listeners in line with the configuration.
 
 pub(crate) mod listener;
 pub(crate) mod splice;
