@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use tproxy_common::decision::{
     assign_error, belongs_to_vlan_interface, counter_index, destination_scope, fragment_outcome,
-    ipv4_destination_scope, ipv4_layout, ipv6_destination_scope, ipv6_step, is_own_udp_socket,
+    ipv4_destination_scope, ipv4_layout, ipv6_destination_scope, ipv6_step, carries_own_mark,
     socket_owns_flow, tc_action, with_routing_mark, FragmentPosition, Ipv6Step, Outcome, Protocol,
     TcAction,
 };
@@ -28,7 +28,7 @@ fuzz_target!(|input: (u8, u16, u32, u32, u32, i64, [u8; 8], [u8; 16])| {
     let marked = with_routing_mark(a, b, c);
     assert_eq!(marked & !c, a & !c, "bits outside the mask are kept");
     assert_eq!(marked & c, b & c, "bits under the mask are the mark's");
-    assert_eq!(is_own_udp_socket(a, b), b != 0 && a == b);
+    assert_eq!(carries_own_mark(a, b), b != 0 && a == b);
     let _ = socket_owns_flow(a);
     let _ = belongs_to_vlan_interface(a, b);
     let outcome = assign_error(errno);

@@ -26,6 +26,9 @@ pub mod topology;
 
 pub use topology::{RouterTopology, SidecarTopology};
 
+/// The routing table `tproxy run` uses unless told otherwise (`--table`).
+pub const DEFAULT_TABLE: u32 = 7470;
+
 /// Fails unless the tests can do what they need (root, for namespaces and BPF). Never skips:
 /// a privileged test that cannot run must fail, so CI cannot pass without running it.
 pub fn require_root() {

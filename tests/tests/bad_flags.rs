@@ -169,7 +169,11 @@ fn bad_flags_are_named_and_leave_nothing_behind() {
             ingress_programs(&topo.router, IFACE).unwrap().is_empty(),
             "{flags:?}"
         );
-        assert_eq!(routing_state(&topo.router, 7470).unwrap(), "", "{flags:?}");
+        assert_eq!(
+            routing_state(&topo.router, tproxy_tests::DEFAULT_TABLE).unwrap(),
+            "",
+            "{flags:?}"
+        );
     }
 }
 
@@ -238,7 +242,10 @@ fn check_refuses_what_run_refuses() {
             );
         }
         assert!(ingress_programs(&topo.router, IFACE).unwrap().is_empty());
-        assert_eq!(routing_state(&topo.router, 7470).unwrap(), "");
+        assert_eq!(
+            routing_state(&topo.router, tproxy_tests::DEFAULT_TABLE).unwrap(),
+            ""
+        );
     }
 }
 

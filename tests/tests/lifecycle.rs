@@ -7,7 +7,7 @@ use tproxy_tests::{
     RouterTopology as Topo, Server,
 };
 
-const TABLE: u32 = 7470;
+const TABLE: u32 = tproxy_tests::DEFAULT_TABLE;
 const IFACE: &str = Topo::ROUTER_CLIENT_IFACE;
 
 fn assert_installed(topo: &Topo) {
@@ -106,7 +106,7 @@ fn a_second_instance_on_the_same_table_is_refused_and_the_first_keeps_working() 
         run_tproxy_to_end(&topo.router, &["run", "--iface", IFACE, "--tcp", "80"]).unwrap();
     assert!(!status.success());
     assert!(
-        stderr.contains("another tproxy") && stderr.contains("table 7470"),
+        stderr.contains("another tproxy") && stderr.contains(&format!("table {TABLE}")),
         "{stderr}"
     );
     assert_installed(&topo);
@@ -153,7 +153,7 @@ fn a_start_that_fails_late_leaves_nothing_behind() {
         run_tproxy_to_end(&topo.router, &["run", "--iface", IFACE, "--tcp", "80"]).unwrap();
     assert!(!status.success());
     assert!(
-        stderr.contains("adding `local IPv6 default dev lo table 7470`"),
+        stderr.contains(&format!("adding `local IPv6 default dev lo table {TABLE}`")),
         "{stderr}"
     );
     assert_nothing_left(&topo);
@@ -300,7 +300,7 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
     let mut running = topo.tproxy(&["--tcp", "80"]).unwrap();
     let (status, stderr) = run_tproxy_to_end(&topo.router, &["cleanup"]).unwrap();
     assert!(
-        !status.success() && stderr.contains("is running with routing table 7470"),
+        !status.success() && stderr.contains(&format!("is running with routing table {TABLE}")),
         "{stderr}"
     );
     assert_eq!(
@@ -320,7 +320,9 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
         tproxy_tests::run_tproxy_output(&topo.router, &["cleanup"]).unwrap();
     assert!(status.success(), "{stderr}");
     assert!(
-        stdout.contains("removed 4 policy routing rules and routes of table 7470"),
+        stdout.contains(&format!(
+            "removed 4 policy routing rules and routes of table {TABLE}"
+        )),
         "{stdout}"
     );
     assert_eq!(routing_state(&topo.router, TABLE).unwrap(), "");
@@ -331,7 +333,7 @@ fn cleanup_removes_what_a_killed_instance_left_and_nothing_else() {
     let ours = |rules: &str| {
         rules
             .lines()
-            .filter(|l| !l.contains("lookup 7470"))
+            .filter(|l| !l.contains(&format!("lookup {TABLE}")))
             .collect::<Vec<_>>()
             .join("\n")
     };

@@ -91,5 +91,8 @@ fn a_metrics_address_that_cannot_be_bound_fails_the_start_cleanly() {
         stderr.contains("--metrics 10.10.99.1:9464: binding"),
         "{stderr}"
     );
-    assert_eq!(routing_state(&topo.router, 7470).unwrap(), "");
+    assert_eq!(
+        routing_state(&topo.router, tproxy_tests::DEFAULT_TABLE).unwrap(),
+        ""
+    );
 }

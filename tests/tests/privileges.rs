@@ -103,7 +103,10 @@ fn as_an_unprivileged_user_it_relays_reloads_and_cleans_up() {
     relay_works(&topo, &tcp, &udp);
 
     tproxy.stop().unwrap();
-    assert_eq!(routing_state(&topo.router, 7470).unwrap(), "");
+    assert_eq!(
+        routing_state(&topo.router, tproxy_tests::DEFAULT_TABLE).unwrap(),
+        ""
+    );
     assert!(ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE)
         .unwrap()
         .is_empty());
@@ -131,5 +134,8 @@ fn an_unknown_user_is_refused_before_anything_is_touched() {
         stderr.contains("--user no-such-user-here: no such user"),
         "{stderr}"
     );
-    assert_eq!(routing_state(&topo.router, 7470).unwrap(), "");
+    assert_eq!(
+        routing_state(&topo.router, tproxy_tests::DEFAULT_TABLE).unwrap(),
+        ""
+    );
 }

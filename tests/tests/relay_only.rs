@@ -38,7 +38,10 @@ fn relay_only_serves_an_iptables_tproxy_rule_set_and_installs_nothing() {
     assert!(ingress_programs(router, Topo::ROUTER_CLIENT_IFACE)
         .unwrap()
         .is_empty());
-    assert_eq!(routing_state(router, 7470).unwrap(), "");
+    assert_eq!(
+        routing_state(router, tproxy_tests::DEFAULT_TABLE).unwrap(),
+        ""
+    );
     tproxy.stop().unwrap();
     assert!(
         tproxy

@@ -16,7 +16,7 @@ use tproxy_tests::{
     run_tproxy_output, udp_client, udp_exchange, Bpffs, RouterTopology as Topo, Server, UdpEcho,
 };
 
-const TABLE: u32 = 7470;
+const TABLE: u32 = tproxy_tests::DEFAULT_TABLE;
 const METRICS: &str = "127.0.0.1:9464";
 /// The long transfer: CHUNKS chunks of CHUNK bytes, one every CHUNK_GAP (about 4 s).
 const CHUNKS: usize = 40;
@@ -564,7 +564,7 @@ fn status_reports_the_running_instance_its_pinned_state_and_moving_counters() {
         format!("running, pid {}", tproxy.pid()),
         "listener default: TCP".to_string(),
         "tcx link on to-client".to_string(),
-        "fwmark 0x1000000/0x1000000 lookup 7470".to_string(),
+        format!("fwmark 0x1000000/0x1000000 lookup {TABLE}"),
     ] {
         assert!(text.contains(&expected), "`{expected}` missing:\n{text}");
     }

@@ -222,17 +222,14 @@ pub const fn socket_owns_flow(tcp_state: u32) -> bool {
     tcp_state != TCP_LISTEN
 }
 
-/// Whether a UDP socket found by an exact-tuple lookup is one of tproxy's own per-flow
-/// sockets (which carry `own_mark` as their `SO_MARK`). Anything else bound to the port — a
-/// local wildcard service — must not capture steered flows.
-pub const fn is_own_udp_socket(socket_mark: u32, own_mark: u32) -> bool {
-    own_mark != 0 && socket_mark == own_mark
-}
-
-/// Whether a packet was sent by one of tproxy's own sockets (it carries their `SO_MARK`; only
-/// seen at ingress on `lo`): never steered, so the relay cannot re-enter its own steering.
-pub const fn sent_by_tproxy(packet_mark: u32, own_mark: u32) -> bool {
-    own_mark != 0 && packet_mark == own_mark
+/// Whether a mark is tproxy's own `--socket-mark` (`own_mark`; 0 means unset and matches
+/// nothing). Two things carry it: tproxy's per-flow UDP sockets, so a UDP socket found by an
+/// exact-tuple lookup is assigned only when it is one of them (a local wildcard service on a
+/// steered port must not capture steered flows); and the packets tproxy's sockets send (only
+/// seen at ingress on `lo`), which are never steered, so the relay cannot re-enter its own
+/// steering.
+pub const fn carries_own_mark(mark: u32, own_mark: u32) -> bool {
+    own_mark != 0 && mark == own_mark
 }
 
 /// The packet mark after setting tproxy's routing mark: only the bits under `mask` change, so
@@ -693,27 +690,11 @@ mod tests {
     }
 
     #[test]
-    fn only_sockets_with_our_mark_are_ours() {
-        assert!(is_own_udp_socket(0x200_0000, 0x200_0000));
-        assert!(
-            !is_own_udp_socket(0, 0x200_0000),
-            "an unmarked local service"
-        );
-        assert!(
-            !is_own_udp_socket(0x300_0000, 0x200_0000),
-            "someone else's mark"
-        );
-        assert!(
-            !is_own_udp_socket(0, 0),
-            "an unset own mark matches nothing"
-        );
-    }
-
-    #[test]
-    fn packets_of_our_own_sockets_are_recognised_by_their_mark() {
-        assert!(sent_by_tproxy(0x200_0000, 0x200_0000));
-        assert!(!sent_by_tproxy(0, 0x200_0000));
-        assert!(!sent_by_tproxy(0, 0), "an unset own mark matches nothing");
+    fn only_our_own_mark_is_ours() {
+        assert!(carries_own_mark(0x200_0000, 0x200_0000));
+        assert!(!carries_own_mark(0, 0x200_0000), "an unmarked local service");
+        assert!(!carries_own_mark(0x300_0000, 0x200_0000), "someone else's mark");
+        assert!(!carries_own_mark(0, 0), "an unset own mark matches nothing");
     }
 
     #[test]

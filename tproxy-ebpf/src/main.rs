@@ -214,7 +214,7 @@ fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
     const NOT_STEERED: (Protocol, Outcome) = (Protocol::Other, Outcome::Passed);
     let skb = unsafe { &*ctx.skb.skb };
     if decision::belongs_to_vlan_interface(skb.vlan_present, skb.vlan_tci)
-        || decision::sent_by_tproxy(skb.mark, OWN_SOCKET_MARK.load())
+        || decision::carries_own_mark(skb.mark, OWN_SOCKET_MARK.load())
     {
         return NOT_STEERED;
     }
@@ -723,7 +723,7 @@ fn steer_udp(
     };
     if !own.is_null() {
         // SAFETY: a non-null socket from the lookup, referenced until released.
-        if decision::is_own_udp_socket(unsafe { (*own).mark }, OWN_SOCKET_MARK.load()) {
+        if decision::carries_own_mark(unsafe { (*own).mark }, OWN_SOCKET_MARK.load()) {
             return take_socket(ctx, own, Outcome::SteeredEstablished, assign);
         }
         // SAFETY: releases the reference the lookup took.
