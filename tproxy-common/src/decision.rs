@@ -692,8 +692,14 @@ mod tests {
     #[test]
     fn only_our_own_mark_is_ours() {
         assert!(carries_own_mark(0x200_0000, 0x200_0000));
-        assert!(!carries_own_mark(0, 0x200_0000), "an unmarked local service");
-        assert!(!carries_own_mark(0x300_0000, 0x200_0000), "someone else's mark");
+        assert!(
+            !carries_own_mark(0, 0x200_0000),
+            "an unmarked local service"
+        );
+        assert!(
+            !carries_own_mark(0x300_0000, 0x200_0000),
+            "someone else's mark"
+        );
         assert!(!carries_own_mark(0, 0), "an unset own mark matches nothing");
     }
 

@@ -26,8 +26,8 @@ use tproxy_common::maps::MAX_LISTENERS;
 
 use crate::{
     cli::{self, FailMode, Mark, RunArgs},
-    relay::listener::Transport,
     datapath::rules::{self, Action, Ports, Rule},
+    relay::listener::Transport,
 };
 
 /// Name of the listener that `--tcp`/`--udp` steer to.

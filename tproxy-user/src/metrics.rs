@@ -27,7 +27,7 @@ use prometheus_client::{
 };
 use tproxy_common::{decision::Protocol, Outcome};
 
-use crate::{relay::tcp::RelayStats, datapath::steering::CounterReader, relay::udp::UdpRelay};
+use crate::{datapath::steering::CounterReader, relay::tcp::RelayStats, relay::udp::UdpRelay};
 
 /// Upper bounds of the connect latency buckets, in seconds.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -206,7 +206,10 @@ impl Collector for Snapshot {
                 tcp.refused_at_source_limit.load(Relaxed),
             ),
             ("half_close_timeout", tcp.half_close_timeouts.load(Relaxed)),
-            ("refused_destination", tcp.refused_destinations.load(Relaxed)),
+            (
+                "refused_destination",
+                tcp.refused_destinations.load(Relaxed),
+            ),
         ] {
             ConstCounter::new(value).encode(family.encode_family(&[("reason", reason)])?)?;
         }
@@ -245,7 +248,10 @@ impl Collector for Snapshot {
             ),
             ("ended_by_upstream_error", udp.upstream_errors.load(Relaxed)),
             ("raw_reply_fallback", udp.reply_fallbacks.load(Relaxed)),
-            ("refused_destination", udp.refused_destinations.load(Relaxed)),
+            (
+                "refused_destination",
+                udp.refused_destinations.load(Relaxed),
+            ),
         ] {
             ConstCounter::new(value).encode(family.encode_family(&[("event", event)])?)?;
         }

@@ -7,8 +7,8 @@
 //! up.
 
 pub(crate) mod fragments;
+pub(crate) mod interfaces;
 pub(crate) mod pin;
 pub(crate) mod routing;
 pub mod rules;
 pub(crate) mod steering;
-pub(crate) mod interfaces;

@@ -3,7 +3,7 @@
 //! `listeners` keeps the set of listeners in line with the configuration.
 
 pub(crate) mod listener;
+pub(crate) mod listeners;
 pub(crate) mod splice;
 pub(crate) mod tcp;
 pub(crate) mod udp;
-pub(crate) mod listeners;

@@ -25,7 +25,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     cli::Human,
-    relay::listener, logging,
+    logging,
+    relay::listener,
     relay::splice::{self, PipePool},
     relay::udp::LogLimiter,
 };

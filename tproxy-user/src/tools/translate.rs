@@ -21,8 +21,8 @@ use ipnet::IpNet;
 
 use crate::{
     cli::{self, Mark, TranslateArgs},
-    relay::listener::Transport,
     datapath::rules::Ports,
+    relay::listener::Transport,
 };
 
 /// Reads the rule set from stdin, prints the configuration, lists what was skipped.
