@@ -133,11 +133,7 @@ fn a_quiet_udp_session_does_not_hold_the_stop() {
     assert_eq!(reply, b"query");
     assert_eq!(tproxy.udp_stat("active").unwrap(), 1, "the session is open");
     thread::sleep(Duration::from_secs(3));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tproxy.pid() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
+    sigterm(&tproxy);
     // Well inside the 30 s drain, and the session's 60 s idle timeout.
     let status = tproxy.wait(Duration::from_secs(15)).unwrap();
     assert!(status.success(), "{status:?}\n{}", tproxy.log_text());

@@ -329,23 +329,7 @@ fn fragmented_datagrams_are_relayed_intact_over_ipv4_and_ipv6() {
 
 /// The router's UdpRcvbufErrors (datagrams dropped for want of receive buffer, all sockets).
 fn rcvbuf_errors(topo: &Topo) -> u64 {
-    let output = std::process::Command::new("ip")
-        .args(["netns", "exec", &topo.router.name, "cat", "/proc/net/snmp"])
-        .output()
-        .unwrap();
-    let snmp = String::from_utf8(output.stdout).unwrap();
-    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
-    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
-    let column = names
-        .split_whitespace()
-        .position(|name| name == "RcvbufErrors")
-        .unwrap();
-    values
-        .split_whitespace()
-        .nth(column)
-        .unwrap()
-        .parse()
-        .unwrap()
+    tproxy_tests::packets::snmp(&topo.router, "Udp:", "RcvbufErrors")
 }
 
 #[test]

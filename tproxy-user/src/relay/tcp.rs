@@ -229,15 +229,12 @@ async fn relay(
         return;
     }
     if listener::refused_destination(original, peer) {
-        // One process-wide limiter: a flood of these must not flood the log.
-        static REFUSED_LOG: LogLimiter = LogLimiter::new();
-        let refused = stats.refused_destinations.fetch_add(1, Relaxed) + 1;
-        if REFUSED_LOG.allow() {
-            log::warn!(
-                "{peer} -> {original}: refusing to relay to a loopback, unspecified, mapped, \
-                 multicast or link-local address ({refused} so far)"
-            );
-        }
+        stats.refused_destinations.fetch_add(1, Relaxed);
+        log::warn!(
+            target: logging::PER_FLOW,
+            "{peer} -> {original}: refusing to relay to a loopback, unspecified, mapped, \
+             multicast or link-local address"
+        );
         reset(&client);
         return;
     }

@@ -590,13 +590,6 @@ pub struct LogLimiter {
 }
 
 impl LogLimiter {
-    /// A limiter that allows its first message.
-    pub const fn new() -> Self {
-        LogLimiter {
-            last: Mutex::new(None),
-        }
-    }
-
     pub fn allow(&self) -> bool {
         let mut last = self.last.lock().unwrap();
         let now = Instant::now();
