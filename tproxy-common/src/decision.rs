@@ -44,7 +44,7 @@ pub enum Outcome {
     /// forged): the fail mode decides.
     FragmentUnknown = 13,
     /// The transport header could not be found: cut short, or behind more IPv6 extension
-    /// headers than the program walks. Dropped: no legitimate packet looks like this.
+    /// headers than the program walks. Always dropped (see [`tc_action`]).
     Unparsed = 14,
 }
 
@@ -465,8 +465,9 @@ pub enum TcAction {
 pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
     match outcome {
         // A shape the program cannot judge is the attacker's choice, whatever the fail mode:
-        // no legitimate packet has it (the kernel drops a truncated transport header, and
-        // RFC 8200 a first fragment without the whole header chain).
+        // the kernel drops a truncated transport header, RFC 8200 a first fragment without
+        // the whole header chain; a chain longer than the walk is legal but rare, and passing
+        // it would hide any steered flow behind one more header.
         Outcome::RefusedDestination | Outcome::Unparsed => TcAction::Drop,
         Outcome::NoListener | Outcome::FragmentUnknown if fail_closed != 0 => TcAction::Drop,
         Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
