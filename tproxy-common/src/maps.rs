@@ -46,6 +46,28 @@ pub const fn any_port_class(generation: u32, udp: bool) -> u32 {
     generation_bit(generation) | (3 << 29) | udp as u32
 }
 
+/// How many rule groups a packet can have: single-port, range, any-port.
+pub const RULE_GROUPS: usize = 3;
+
+/// The [`DstKey::class`] of a packet's rule group number `group` (`0..RULE_GROUPS`, in the
+/// order the program and the loader's oracle consult them), given its [`PORT_CLASSES`]
+/// `entry`; `None` when the packet has no rules in that group. One function for both sides,
+/// so the oracle that tests the compiled maps asks exactly what the program asks.
+pub const fn rule_group_class(
+    entry: u32,
+    generation: u32,
+    udp: bool,
+    port: u16,
+    group: usize,
+) -> Option<u32> {
+    match group {
+        0 if entry & PORT_HAS_SINGLE != 0 => Some(single_port_class(generation, udp, port)),
+        1 if entry & PORT_RANGE_CLASS != 0 => Some(range_class(generation, entry)),
+        2 if entry & PORT_HAS_ANY != 0 => Some(any_port_class(generation, udp)),
+        _ => None,
+    }
+}
+
 const fn generation_bit(generation: u32) -> u32 {
     (generation & 1) << 31
 }

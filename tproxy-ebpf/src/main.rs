@@ -48,11 +48,10 @@ use tproxy_common::{
         LOOPBACK_IFINDEX, MAX_IPV6_EXTENSION_HEADERS,
     },
     maps::{
-        any_port_class, listener_slot, port_class_index, range_class, single_port_class, DstKey,
-        FlowKey, FragmentDecision, FragmentKey, ListenerSlot, ProtocolFlowKey, ReassembledFlow,
-        SrcKey, Verdict, COUNTERS_LEN, DEFAULT_FRAGMENT_TIMEOUTS_NS, FRAGMENTS_LEN, LISTENERS_LEN,
-        PORT_CLASSES_LEN, PORT_HAS_ANY, PORT_HAS_SINGLE, PORT_RANGE_CLASS, REASSEMBLED_FLOWS_LEN,
-        TIME_WAIT_FLOWS_LEN,
+        listener_slot, port_class_index, rule_group_class, DstKey, FlowKey, FragmentDecision,
+        FragmentKey, ListenerSlot, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict,
+        COUNTERS_LEN, DEFAULT_FRAGMENT_TIMEOUTS_NS, FRAGMENTS_LEN, LISTENERS_LEN,
+        PORT_CLASSES_LEN, REASSEMBLED_FLOWS_LEN, RULE_GROUPS, TIME_WAIT_FLOWS_LEN,
     },
 };
 
@@ -265,17 +264,10 @@ fn match_rules<const N: usize>(
         _ => return RuleMatch::None,
     };
     let mut best = Verdict::default();
-    if groups & PORT_HAS_SINGLE != 0 {
-        let class = single_port_class(generation, udp, dport);
-        match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
-    }
-    if groups & PORT_RANGE_CLASS != 0 {
-        let class = range_class(generation, groups & PORT_RANGE_CLASS);
-        match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
-    }
-    if groups & PORT_HAS_ANY != 0 {
-        let class = any_port_class(generation, udp);
-        match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
+    for group in 0..RULE_GROUPS {
+        if let Some(class) = rule_group_class(groups, generation, udp, dport, group) {
+            match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
+        }
     }
     rule_match(&best)
 }

@@ -1,0 +1,392 @@
+//! The rule set compiled into the contents of the program's lookup maps (see the parent
+//! module for the lookup stages), and the host-side oracle that reads them back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ipnet::IpNet;
+#[cfg(any(test, feature = "fuzzing"))]
+use tproxy_common::decision::RuleMatch;
+use tproxy_common::maps::{
+    any_port_class, range_class, single_port_class, DstKey, SrcKey, Verdict, GENERATION_BIT,
+    PORT_HAS_ANY, PORT_HAS_SINGLE, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
+};
+
+#[cfg(any(test, feature = "fuzzing"))]
+use super::Packet;
+use super::{truncated, Ports, Rule, Transport};
+
+/// An LPM trie entry: key, its prefix length in bits, value.
+pub type Entry<K> = (K, u32, Verdict);
+
+/// One generation of the rule maps' contents.
+#[derive(Debug, Default)]
+pub struct CompiledRules {
+    /// Port classes, TCP ports then UDP ports (`udp * 65536 + port`).
+    pub port_classes: Vec<u32>,
+    pub dst_v4: Vec<Entry<DstKey<4>>>,
+    pub dst_v6: Vec<Entry<DstKey<16>>>,
+    pub src_v4: Vec<Entry<SrcKey<4>>>,
+    pub src_v6: Vec<Entry<SrcKey<16>>>,
+}
+
+impl CompiledRules {
+    /// The most entries any one LPM map needs for this generation.
+    pub fn largest_map(&self) -> usize {
+        [
+            self.dst_v4.len(),
+            self.dst_v6.len(),
+            self.src_v4.len(),
+            self.src_v6.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
+    /// Number of rule groups (single-port, range class, any-port) with entries.
+    pub fn groups(&self) -> usize {
+        let v4 = self.dst_v4.iter().map(|(key, ..)| key.class);
+        let v6 = self.dst_v6.iter().map(|(key, ..)| key.class);
+        v4.chain(v6).collect::<BTreeSet<_>>().len()
+    }
+}
+
+/// The interfaces the program is attached to, by name and ifindex: rules naming an interface
+/// get one source-stage entry set per attached interface.
+pub type Interfaces<'a> = &'a [(String, u32)];
+
+/// Compiles `rules` into the map contents of `generation` (0 or 1).
+pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> CompiledRules {
+    let generation_bit = if generation & 1 == 1 {
+        GENERATION_BIT
+    } else {
+        0
+    };
+    let mut compiled = CompiledRules {
+        port_classes: vec![0; 2 * 65536],
+        ..CompiledRules::default()
+    };
+    let mut next_range_class = 1u32;
+    let mut cells = CellBuilder {
+        generation_bit,
+        next_cell: 1,
+        interfaces,
+    };
+    for transport in [Transport::Tcp, Transport::Udp] {
+        let udp = transport == Transport::Udp;
+        let offset = usize::from(udp) * 65536;
+        let rules: Vec<&Rule> = rules.iter().filter(|r| r.transport == transport).collect();
+        let mut singles: BTreeMap<u16, Vec<&Rule>> = BTreeMap::new();
+        let mut ranges: Vec<&Rule> = Vec::new();
+        let mut any: Vec<&Rule> = Vec::new();
+        for rule in rules {
+            match rule.ports {
+                Ports::One(port) => singles.entry(port).or_default().push(rule),
+                Ports::Range(..) => ranges.push(rule),
+                Ports::Any => any.push(rule),
+            }
+        }
+        let mut groups: Vec<(u32, Vec<&Rule>)> = Vec::new();
+        for (port, members) in singles {
+            compiled.port_classes[offset + usize::from(port)] |= PORT_HAS_SINGLE;
+            groups.push((single_port_class(generation, udp, port), members));
+        }
+        for (ports, members) in port_classes(&ranges) {
+            let class = next_range_class;
+            next_range_class += 1;
+            for port in ports {
+                compiled.port_classes[offset + usize::from(port)] |= class;
+            }
+            let members = members.iter().map(|&i| ranges[i]).collect();
+            groups.push((range_class(generation, class), members));
+        }
+        if !any.is_empty() {
+            for port in 1..=65535usize {
+                compiled.port_classes[offset + port] |= PORT_HAS_ANY;
+            }
+            groups.push((any_port_class(generation, udp), any));
+        }
+        for (class, members) in groups {
+            for (dst, verdict, sources) in cells.destinations(&members) {
+                compiled.push(class, dst, verdict, sources);
+            }
+        }
+    }
+    compiled
+}
+
+impl CompiledRules {
+    fn push(&mut self, class: u32, dst: IpNet, verdict: Verdict, sources: Vec<SourceEntry>) {
+        let dst_len = u32::from(dst.prefix_len());
+        match dst {
+            IpNet::V4(net) => {
+                let key = DstKey {
+                    class,
+                    addr: net.addr().octets(),
+                };
+                self.dst_v4
+                    .push((key, DstKey::<4>::prefix_len(dst_len), verdict));
+            }
+            IpNet::V6(net) => {
+                let key = DstKey {
+                    class,
+                    addr: net.addr().octets(),
+                };
+                self.dst_v6
+                    .push((key, DstKey::<16>::prefix_len(dst_len), verdict));
+            }
+        }
+        for (cell, ifindex, src, verdict) in sources {
+            let src_len = u32::from(src.prefix_len());
+            match (dst, src) {
+                (IpNet::V4(_), IpNet::V4(src)) => {
+                    let key = SrcKey {
+                        cell,
+                        ifindex,
+                        addr: src.addr().octets(),
+                    };
+                    self.src_v4
+                        .push((key, SrcKey::<4>::prefix_len(src_len), verdict));
+                }
+                (IpNet::V6(_), IpNet::V6(src)) => {
+                    let key = SrcKey {
+                        cell,
+                        ifindex,
+                        addr: src.addr().octets(),
+                    };
+                    self.src_v6
+                        .push((key, SrcKey::<16>::prefix_len(src_len), verdict));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Groups ports by the set of rules (indices into `rules`) that match them; ports no rule
+/// matches are left out.
+fn port_classes(rules: &[&Rule]) -> Vec<(Vec<u16>, Vec<usize>)> {
+    // Sweep the port space: the matching set only changes where a port spec starts or ends.
+    let mut starts: HashMap<u32, Vec<usize>> = HashMap::new();
+    let mut ends: HashMap<u32, Vec<usize>> = HashMap::new();
+    let mut boundaries = BTreeSet::from([1u32, 65536]);
+    for (i, rule) in rules.iter().enumerate() {
+        let (first, last) = match rule.ports {
+            Ports::One(port) => (port, port),
+            Ports::Range(first, last) => (first, last),
+            Ports::Any => (1, 65535),
+        };
+        let (first, end) = (u32::from(first), u32::from(last) + 1);
+        starts.entry(first).or_default().push(i);
+        ends.entry(end).or_default().push(i);
+        boundaries.extend([first, end]);
+    }
+    let mut by_members: HashMap<Vec<usize>, Vec<u16>> = HashMap::new();
+    let mut order: Vec<Vec<usize>> = Vec::new();
+    let mut active = BTreeSet::new();
+    let boundaries: Vec<u32> = boundaries.into_iter().collect();
+    for window in boundaries.windows(2) {
+        let (from, to) = (window[0], window[1]);
+        for i in ends.get(&from).into_iter().flatten() {
+            active.remove(i);
+        }
+        active.extend(starts.get(&from).into_iter().flatten());
+        if active.is_empty() {
+            continue;
+        }
+        let members: Vec<usize> = active.iter().copied().collect();
+        let ports = by_members.entry(members.clone()).or_insert_with(|| {
+            order.push(members);
+            Vec::new()
+        });
+        ports.extend((from..to).map(|p| p as u16));
+    }
+    order
+        .into_iter()
+        .map(|members| {
+            let ports = by_members.remove(&members).unwrap_or_default();
+            (ports, members)
+        })
+        .collect()
+}
+
+/// A source-stage entry: cell, ifindex, source prefix, verdict.
+type SourceEntry = (u32, u32, IpNet, Verdict);
+
+struct CellBuilder<'a> {
+    generation_bit: u32,
+    next_cell: u32,
+    interfaces: Interfaces<'a>,
+}
+
+impl CellBuilder<'_> {
+    /// For each destination prefix of a port class's rules: its verdict, and the source
+    /// stage's entries when the verdict depends on the source.
+    fn destinations(&mut self, rules: &[&Rule]) -> Vec<(IpNet, Verdict, Vec<SourceEntry>)> {
+        let mut by_dst: HashMap<IpNet, Vec<&Rule>> = HashMap::new();
+        for rule in rules {
+            by_dst.entry(rule.dst).or_default().push(rule);
+        }
+        let mut dsts: Vec<IpNet> = by_dst.keys().copied().collect();
+        dsts.sort();
+        dsts.into_iter()
+            .map(|dst| {
+                // The rules that match an address whose longest match is `dst` are those whose
+                // prefix is `dst` or contains it.
+                let mut candidates: Vec<&Rule> = (0..=dst.prefix_len())
+                    .filter_map(|len| truncated(dst, len))
+                    .filter_map(|ancestor| by_dst.get(&ancestor))
+                    .flatten()
+                    .copied()
+                    .collect();
+                candidates.sort_by_key(|rule| rule.precedence());
+                if let Some(first) = candidates.iter().position(|r| r.is_unconditional()) {
+                    // Nothing after a rule that always matches can win.
+                    candidates.truncate(first + 1);
+                }
+                let (verdict, sources) = self.cell(&candidates);
+                (dst, verdict, sources)
+            })
+            .collect()
+    }
+
+    fn cell(&mut self, candidates: &[&Rule]) -> (Verdict, Vec<SourceEntry>) {
+        match candidates {
+            [only] if only.is_unconditional() => return (only.verdict(), Vec::new()),
+            [first, ..] if first.is_unconditional() => return (first.verdict(), Vec::new()),
+            _ => {}
+        }
+        let cell = self.generation_bit | self.next_cell;
+        self.next_cell += 1;
+        let by_iface = candidates.iter().any(|r| r.iface.is_some());
+        let interfaces: Vec<(Option<&str>, u32)> = if by_iface {
+            self.interfaces
+                .iter()
+                .map(|(name, index)| (Some(name.as_str()), *index))
+                .collect()
+        } else {
+            vec![(None, 0)]
+        };
+        let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
+        sources.insert(IpNet::V4(Default::default()));
+        sources.insert(IpNet::V6(Default::default()));
+        // A source's winner is the first candidate whose own source is absent or contains
+        // it, with no interface or the one at hand: looking up each of the source's prefixes
+        // here instead of scanning the candidates keeps thousands of source rules linear.
+        let mut first: HashMap<(Option<IpNet>, Option<&str>), usize> = HashMap::new();
+        for (index, rule) in candidates.iter().enumerate() {
+            let key = (rule.src.map(|own| own.trunc()), rule.iface.as_deref());
+            first.entry(key).or_insert(index);
+        }
+        let mut entries = Vec::new();
+        for (iface, ifindex) in interfaces {
+            for src in &sources {
+                let containing = (0..=src.prefix_len())
+                    .filter_map(|len| truncated(*src, len))
+                    .map(Some)
+                    .chain([None]);
+                let winner = containing
+                    .flat_map(|own| [(own, None), (own, iface)])
+                    .filter_map(|key| first.get(&key))
+                    .min();
+                let verdict = winner.map_or(Verdict::default(), |&i| candidates[i].verdict());
+                entries.push((cell, ifindex, *src, verdict));
+            }
+        }
+        let action = if by_iface {
+            VERDICT_BY_SOURCE_AND_IFACE
+        } else {
+            VERDICT_BY_SOURCE
+        };
+        let verdict = Verdict {
+            action,
+            listener: 0,
+            cell,
+            rank: 0,
+        };
+        (verdict, entries)
+    }
+}
+
+/// What the compiled maps say for `packet`, looked up the way the eBPF program does.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn lookup(
+    compiled: &CompiledRules,
+    generation: u32,
+    packet: &Packet<'_>,
+    ifindex: u32,
+) -> RuleMatch {
+    use tproxy_common::{
+        decision::{outranks, rule_match, source_stage_ifindex},
+        maps::{rule_group_class, RULE_GROUPS},
+    };
+    let udp = packet.transport == Transport::Udp;
+    let entry = compiled.port_classes[usize::from(udp) * 65536 + usize::from(packet.port)];
+    let classes = (0..RULE_GROUPS)
+        .filter_map(|group| rule_group_class(entry, generation, udp, packet.port, group));
+    fn longest<K, const N: usize>(
+        entries: &[Entry<K>],
+        fixed: impl Fn(&K) -> bool,
+        addr: impl Fn(&K) -> [u8; N],
+        fixed_bits: u32,
+        target: [u8; N],
+    ) -> Option<Verdict> {
+        let bits = |bytes: &[u8; N], len: u32| -> Vec<bool> {
+            (0..len as usize)
+                .map(|i| bytes[i / 8] & (0x80 >> (i % 8)) != 0)
+                .collect()
+        };
+        entries
+            .iter()
+            .filter(|(key, len, _)| {
+                let len = len - fixed_bits;
+                fixed(key) && bits(&addr(key), len) == bits(&target, len)
+            })
+            .max_by_key(|(_, len, _)| *len)
+            .map(|(_, _, verdict)| *verdict)
+    }
+    let mut best = Verdict::default();
+    for class in classes {
+        let verdict = match packet.dst {
+            std::net::IpAddr::V4(dst) => longest(
+                &compiled.dst_v4,
+                |k| k.class == class,
+                |k| k.addr,
+                32,
+                dst.octets(),
+            ),
+            std::net::IpAddr::V6(dst) => longest(
+                &compiled.dst_v6,
+                |k| k.class == class,
+                |k| k.addr,
+                32,
+                dst.octets(),
+            ),
+        };
+        let Some(mut verdict) = verdict else { continue };
+        if let Some(key_ifindex) = source_stage_ifindex(&verdict, ifindex) {
+            let fixed = |cell: u32, index: u32| cell == verdict.cell && index == key_ifindex;
+            let found = match packet.src {
+                std::net::IpAddr::V4(src) => longest(
+                    &compiled.src_v4,
+                    |k| fixed(k.cell, k.ifindex),
+                    |k| k.addr,
+                    64,
+                    src.octets(),
+                ),
+                std::net::IpAddr::V6(src) => longest(
+                    &compiled.src_v6,
+                    |k| fixed(k.cell, k.ifindex),
+                    |k| k.addr,
+                    64,
+                    src.octets(),
+                ),
+            };
+            verdict = found.unwrap_or_default();
+        }
+        if outranks(&verdict, &best) {
+            best = verdict;
+        }
+    }
+    rule_match(&best)
+}

@@ -1,0 +1,283 @@
+//! The rule model and its compilation into the eBPF program's lookup maps.
+//!
+//! A rule matches on transport, destination prefix, destination port (one, a range, or any),
+//! and optionally source prefix and ingress interface. The rule that decides a packet is the
+//! first in this order among those that match it:
+//!
+//! 1. the longest destination prefix;
+//! 2. then a single port before a range, and a range before any port;
+//! 3. then the rule that comes first in the configuration.
+//!
+//! (Rules left over from an earlier configuration, kept so that their established flows
+//! survive a reload, come after all current ones; see [`Rule::retired`].)
+//!
+//! The program cannot loop over rules, so the precedence is resolved here, ahead of time,
+//! into lookups whose number does not depend on the number of rules. A packet's candidate
+//! rules fall into three groups by their port spec: the single-port rules for its port, the
+//! range rules of its port's range class (ports inside the same ranges share a class), and
+//! the any-port rules. Each group is answered on its own, and the answer with the best rank
+//! (the rule's place in the precedence) wins:
+//!
+//! 1. port array: which groups exist for the packet's transport and port (one lookup, and
+//!    the only one for a port no rule mentions);
+//! 2. per group, destination: a longest-prefix match on (group, destination). Its longest
+//!    match is the longest destination prefix any of the group's rules has for the packet,
+//!    so the group's rules that can match are exactly the ones whose prefix contains it: the
+//!    "cell". When none of them looks at the source or interface, the cell's verdict is
+//!    final;
+//! 3. otherwise, source: a longest-prefix match on (cell, ifindex, source) whose entries hold
+//!    the first of the cell's rules matching each source prefix.
+//!
+//! Keeping the groups apart means a rule is written into one group only: thousands of
+//! single-port rules next to thousands of any-port or range prefixes cost their sum in map
+//! entries, not their product.
+
+use std::{cmp::Reverse, collections::HashSet, fmt};
+
+use ipnet::IpNet;
+#[cfg(any(test, feature = "fuzzing"))]
+use tproxy_common::decision::RuleMatch;
+use tproxy_common::maps::{Verdict, VERDICT_BYPASS, VERDICT_STEER};
+
+pub use crate::relay::listener::Transport;
+
+/// Which destination ports a rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Ports {
+    One(u16),
+    Range(u16, u16),
+    Any,
+}
+
+impl Ports {
+    /// Rank in the precedence: lower wins.
+    fn specificity(self) -> u8 {
+        match self {
+            Ports::One(_) => 0,
+            Ports::Range(..) => 1,
+            Ports::Any => 2,
+        }
+    }
+
+    #[cfg(any(test, feature = "fuzzing"))]
+    fn contains(self, port: u16) -> bool {
+        match self {
+            Ports::One(p) => p == port,
+            Ports::Range(first, last) => (first..=last).contains(&port),
+            Ports::Any => port != 0,
+        }
+    }
+}
+
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ports::One(port) => write!(f, "{port}"),
+            Ports::Range(first, last) => write!(f, "{first}-{last}"),
+            Ports::Any => f.write_str("any"),
+        }
+    }
+}
+
+/// What a matching rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Hand new flows to the listener with this index.
+    Steer(u32),
+    /// Leave the packet alone (unless a socket already owns its flow).
+    Bypass,
+}
+
+/// One rule with a single transport, destination prefix and port spec: a configured rule
+/// with lists becomes several of these, all with its number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub transport: Transport,
+    pub dst: IpNet,
+    pub ports: Ports,
+    pub src: Option<IpNet>,
+    pub iface: Option<String>,
+    pub action: Action,
+    /// The rule's number in its configuration (1-based), the last tie-breaker.
+    pub number: usize,
+    /// A steer rule of an earlier configuration that a reload dropped. It only lets flows
+    /// that already have a socket keep it (like `bypass`), so that a reload does not cut them,
+    /// and it comes after every current rule.
+    pub retired: bool,
+}
+
+/// A rule's place in the precedence: lower wins.
+type Precedence = (bool, Reverse<u8>, u8, usize);
+
+/// Most rules a configuration may have: rule numbers take 21 bits of a rank.
+pub const MAX_RULES: usize = (1 << 21) - 1;
+
+impl Rule {
+    fn precedence(&self) -> Precedence {
+        (
+            self.retired,
+            Reverse(self.dst.prefix_len()),
+            self.ports.specificity(),
+            self.number,
+        )
+    }
+
+    /// The precedence as one number for the program to compare (lower wins): retired, then
+    /// the inverted prefix length, the port specificity, and the rule number.
+    fn rank(&self) -> u32 {
+        (u32::from(self.retired) << 31)
+            | (u32::from(128 - self.dst.prefix_len()) << 23)
+            | (u32::from(self.ports.specificity()) << 21)
+            | (self.number.min(MAX_RULES) as u32)
+    }
+
+    fn verdict(&self) -> Verdict {
+        let rank = self.rank();
+        match self.action {
+            Action::Steer(listener) if !self.retired => Verdict {
+                action: VERDICT_STEER,
+                listener,
+                cell: 0,
+                rank,
+            },
+            _ => Verdict {
+                action: VERDICT_BYPASS,
+                rank,
+                ..Verdict::default()
+            },
+        }
+    }
+
+    #[cfg(any(test, feature = "fuzzing"))]
+    fn matches_source(&self, src: &IpNet, iface: Option<&str>) -> bool {
+        let src_ok = self.src.is_none_or(|own| own.contains(src));
+        let iface_ok = match (&self.iface, iface) {
+            (None, _) => true,
+            (Some(own), Some(iface)) => own == iface,
+            (Some(_), None) => false,
+        };
+        src_ok && iface_ok
+    }
+
+    /// What the rule matches, without what it does: rules with equal keys match the same
+    /// packets.
+    fn match_key(&self) -> (Transport, IpNet, Ports, Option<IpNet>, Option<&str>) {
+        (
+            self.transport,
+            self.dst,
+            self.ports,
+            self.src,
+            self.iface.as_deref(),
+        )
+    }
+
+    fn is_unconditional(&self) -> bool {
+        self.src.is_none() && self.iface.is_none()
+    }
+
+    /// The match as the program would report it (retired rules behave as bypass).
+    #[cfg(any(test, feature = "fuzzing"))]
+    fn rule_match(&self) -> RuleMatch {
+        match self.action {
+            Action::Steer(listener) if !self.retired => RuleMatch::Steer(listener),
+            _ => RuleMatch::Bypass,
+        }
+    }
+}
+
+fn same_family(a: IpNet, b: IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+fn truncated(net: IpNet, len: u8) -> Option<IpNet> {
+    IpNet::new(net.addr(), len).ok().map(|n| n.trunc())
+}
+
+/// A packet as the rules see it.
+#[cfg(any(test, feature = "fuzzing"))]
+#[derive(Clone, Debug)]
+pub struct Packet<'a> {
+    pub transport: Transport,
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub port: u16,
+    pub iface: &'a str,
+}
+
+/// The decision for `packet` by the definition: the first matching rule in precedence order.
+/// The compiled maps must agree with this; the tests check that they do.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
+    let src = IpNet::from(packet.src);
+    let dst = IpNet::from(packet.dst);
+    rules
+        .iter()
+        .filter(|r| {
+            r.transport == packet.transport
+                && r.ports.contains(packet.port)
+                && r.dst.contains(&dst)
+                && r.matches_source(&src, Some(packet.iface))
+        })
+        .min_by_key(|r| r.precedence())
+        .map_or(RuleMatch::None, Rule::rule_match)
+}
+
+/// Checks the configured rules' invariants that the compiler relies on.
+pub fn check_families(rule: &Rule) -> Result<(), String> {
+    match rule.src {
+        Some(src) if !same_family(src, rule.dst) => Err(format!(
+            "source {src} and destination {} are of different address families",
+            rule.dst
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let transport = match self.transport {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        };
+        write!(f, "{transport} dst {} port {}", self.dst, self.ports)?;
+        if let Some(src) = self.src {
+            write!(f, " src {src}")?;
+        }
+        if let Some(iface) = &self.iface {
+            write!(f, " iface {iface}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The `candidates` (in order) that match what no rule of `new` and no earlier candidate
+/// matches, marked retired: a reload keeps them so that their established flows survive.
+pub fn retire<'a>(candidates: impl IntoIterator<Item = &'a Rule>, new: &[Rule]) -> Vec<Rule> {
+    let mut matched: HashSet<_> = new.iter().map(Rule::match_key).collect();
+    candidates
+        .into_iter()
+        .filter(|rule| matched.insert(rule.match_key()))
+        .map(|rule| Rule {
+            retired: true,
+            ..rule.clone()
+        })
+        .collect()
+}
+
+/// The rules in the order they are consulted, for `tproxy check`.
+pub fn by_precedence(rules: &[Rule]) -> Vec<&Rule> {
+    let mut sorted: Vec<&Rule> = rules.iter().collect();
+    sorted.sort_by_key(|r| (r.dst.addr().is_ipv6(), r.precedence()));
+    sorted
+}
+
+mod compile;
+#[cfg(test)]
+mod tests;
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub use compile::lookup;
+pub use compile::{compile, CompiledRules, Entry, Interfaces};

@@ -1,0 +1,518 @@
+use tproxy_common::maps::GENERATION_BIT;
+
+use super::*;
+
+const IFACES: &[(&str, u32)] = &[("eth0", 2), ("eth1", 3)];
+
+fn interfaces() -> Vec<(String, u32)> {
+    IFACES.iter().map(|(n, i)| (n.to_string(), *i)).collect()
+}
+
+fn rule(number: usize, text: &str, action: Action) -> Rule {
+    // "tcp 10.0.0.0/8 80 [src PREFIX] [iface IF]"
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let ports = match words[2] {
+        "any" => Ports::Any,
+        p if p.contains('-') => {
+            let (a, b) = p.split_once('-').unwrap();
+            Ports::Range(a.parse().unwrap(), b.parse().unwrap())
+        }
+        p => Ports::One(p.parse().unwrap()),
+    };
+    let mut rule = Rule {
+        transport: if words[0] == "tcp" {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        },
+        dst: words[1].parse().unwrap(),
+        ports,
+        src: None,
+        iface: None,
+        action,
+        number,
+        retired: false,
+    };
+    for pair in words[3..].chunks(2) {
+        match pair[0] {
+            "src" => rule.src = Some(pair[1].parse().unwrap()),
+            "iface" => rule.iface = Some(pair[1].to_string()),
+            other => panic!("{other}"),
+        }
+    }
+    rule
+}
+
+fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
+    // "tcp SRC -> DST:PORT"
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let dst: std::net::SocketAddr = words[3].parse().unwrap();
+    Packet {
+        transport: if words[0] == "tcp" {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        },
+        src: words[1].parse().unwrap(),
+        dst: dst.ip(),
+        port: dst.port(),
+        iface,
+    }
+}
+
+/// Checks the definition's answer, and that the compiled maps give the same one.
+fn expect(rules: &[Rule], text: &str, iface: &str, expected: RuleMatch) {
+    let packet = packet(text, iface);
+    assert_eq!(
+        decide(rules, &packet),
+        expected,
+        "definition: {text} on {iface}"
+    );
+    for generation in [0, 1] {
+        let compiled = compile(rules, generation, &interfaces());
+        let ifindex = IFACES.iter().find(|(n, _)| *n == iface).unwrap().1;
+        assert_eq!(
+            lookup(&compiled, generation, &packet, ifindex),
+            expected,
+            "maps: {text} on {iface}"
+        );
+    }
+}
+
+#[test]
+fn the_longest_destination_prefix_wins_whatever_the_order() {
+    let rules = [
+        rule(1, "tcp 10.0.0.0/8 80", Action::Steer(0)),
+        rule(2, "tcp 10.1.0.0/16 any", Action::Bypass),
+        rule(3, "tcp 10.1.2.0/24 80", Action::Steer(1)),
+    ];
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.9.9.9:80",
+        "eth0",
+        RuleMatch::Steer(0),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.1.9.9:80",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.1.2.3:80",
+        "eth0",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.1.2.3:443",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.9.9.9:443",
+        "eth0",
+        RuleMatch::None,
+    );
+    expect(
+        &rules,
+        "udp 192.0.2.1 -> 10.9.9.9:80",
+        "eth0",
+        RuleMatch::None,
+    );
+}
+
+#[test]
+fn a_single_port_beats_a_range_which_beats_any_port_then_rule_order() {
+    let rules = [
+        rule(1, "tcp 0.0.0.0/0 any", Action::Steer(0)),
+        rule(2, "tcp 0.0.0.0/0 8000-8100", Action::Steer(1)),
+        rule(3, "tcp 0.0.0.0/0 8080", Action::Steer(2)),
+        rule(4, "tcp 0.0.0.0/0 8080", Action::Steer(3)),
+        rule(5, "tcp 0.0.0.0/0 8000-8010", Action::Steer(4)),
+    ];
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.0.0.1:8080",
+        "eth0",
+        RuleMatch::Steer(2),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.0.0.1:8081",
+        "eth0",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.0.0.1:8005",
+        "eth0",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.0.0.1:22",
+        "eth0",
+        RuleMatch::Steer(0),
+    );
+}
+
+#[test]
+fn sources_and_interfaces_narrow_a_rule_and_the_next_one_takes_over() {
+    let rules = [
+        rule(1, "tcp 10.0.0.0/8 80 src 192.0.2.0/24", Action::Bypass),
+        rule(2, "tcp 10.0.0.0/8 80 iface eth1", Action::Steer(1)),
+        rule(3, "tcp 10.0.0.0/8 80", Action::Steer(0)),
+        rule(
+            4,
+            "tcp 10.1.0.0/16 80 src 198.51.100.0/24 iface eth0",
+            Action::Steer(2),
+        ),
+    ];
+    expect(
+        &rules,
+        "tcp 192.0.2.9 -> 10.2.0.1:80",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "tcp 203.0.113.9 -> 10.2.0.1:80",
+        "eth1",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "tcp 203.0.113.9 -> 10.2.0.1:80",
+        "eth0",
+        RuleMatch::Steer(0),
+    );
+    expect(
+        &rules,
+        "tcp 198.51.100.7 -> 10.1.0.1:80",
+        "eth0",
+        RuleMatch::Steer(2),
+    );
+    expect(
+        &rules,
+        "tcp 198.51.100.7 -> 10.1.0.1:80",
+        "eth1",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.9 -> 10.1.0.1:80",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+}
+
+#[test]
+fn ipv6_rules_are_their_own_family() {
+    let rules = [
+        rule(1, "udp ::/0 53", Action::Steer(0)),
+        rule(
+            2,
+            "udp 2001:db8::/32 53 src 2001:db8:1::/48",
+            Action::Bypass,
+        ),
+        rule(3, "udp 0.0.0.0/0 53", Action::Bypass),
+    ];
+    expect(
+        &rules,
+        "udp 2001:db8:1::5 -> [2001:db8::1]:53",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "udp 2001:db8:2::5 -> [2001:db8::1]:53",
+        "eth0",
+        RuleMatch::Steer(0),
+    );
+    expect(
+        &rules,
+        "udp 192.0.2.1 -> 10.0.0.1:53",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+}
+
+#[test]
+fn retired_rules_come_after_every_current_one_and_never_take_new_flows() {
+    let mut old = rule(1, "tcp 10.0.0.0/24 80", Action::Steer(0));
+    old.retired = true;
+    let rules = [old, rule(1, "tcp 0.0.0.0/0 80", Action::Steer(1))];
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.0.0.1:80",
+        "eth0",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules[..1],
+        "tcp 192.0.2.1 -> 10.0.0.1:80",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+}
+
+/// `retire` by its definition: each candidate against every new rule and every candidate
+/// already retired.
+fn retire_by_definition(candidates: &[Rule], new: &[Rule]) -> Vec<Rule> {
+    let mut retired: Vec<Rule> = Vec::new();
+    for rule in candidates {
+        if !new
+            .iter()
+            .chain(&retired)
+            .any(|other| other.match_key() == rule.match_key())
+        {
+            retired.push(Rule {
+                retired: true,
+                ..rule.clone()
+            });
+        }
+    }
+    retired
+}
+
+#[test]
+fn a_reload_retires_each_dropped_match_once_whatever_the_rule_count() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // Few distinct matches among many rules, so that candidates repeat each other and
+    // the new rules, with actions and numbers that differ between equal matches.
+    let mut random_rule = |number: usize| {
+        let mut text = format!(
+            "{} 10.{}.0.0/16 {}",
+            ["tcp", "udp"][next(2) as usize],
+            next(30),
+            ["80", "443", "8000-8100", "any"][next(4) as usize]
+        );
+        if next(3) == 0 {
+            text += &format!(" src 192.0.2.{}/32", next(4));
+        }
+        if next(3) == 0 {
+            text += &format!(" iface {}", IFACES[next(2) as usize].0);
+        }
+        rule(number, &text, Action::Steer(next(3) as u32))
+    };
+    for size in [0, 1, 10, 1000, 20_000] {
+        let candidates: Vec<Rule> = (1..=size).map(&mut random_rule).collect();
+        let new: Vec<Rule> = (1..=size / 2).map(&mut random_rule).collect();
+        let retired = retire(&candidates, &new);
+        assert_eq!(retired, retire_by_definition(&candidates, &new), "{size}");
+        assert!(retired.iter().all(|r| r.retired));
+    }
+    let kept = [rule(1, "tcp 10.0.0.0/8 80", Action::Steer(0))];
+    let mut moved = kept[0].clone();
+    moved.action = Action::Steer(1);
+    assert!(
+        retire(&kept, &[moved]).is_empty(),
+        "a match the new rules still have is not retired, whatever its action"
+    );
+}
+
+#[test]
+fn rule_groups_add_up_instead_of_multiplying() {
+    let mut rules: Vec<Rule> = (0..100)
+        .map(|i| {
+            rule(
+                i + 1,
+                &format!("tcp 10.10.0.0/16 {}", 20000 + i),
+                Action::Steer(0),
+            )
+        })
+        .collect();
+    rules.extend(
+        (0..100).map(|i| rule(200 + i, &format!("tcp 10.200.0.{i}/32 any"), Action::Bypass)),
+    );
+    rules.push(rule(400, "tcp 0.0.0.0/0 1000-2000", Action::Steer(0)));
+    rules.push(rule(401, "tcp 10.0.0.0/8 1500-3000", Action::Bypass));
+    let compiled = compile(&rules, 0, &interfaces());
+    // 100 single ports, 3 range classes (1000-1499, 1500-2000, 2001-3000), any-port.
+    assert_eq!(compiled.groups(), 100 + 3 + 1);
+    assert_eq!(compiled.dst_v4.len(), 100 + 100 + 1 + 2 + 1);
+    assert_eq!(compiled.port_classes[0], 0, "port 0 is never steered");
+    assert_eq!(compiled.port_classes[65536 + 1500], 0, "no UDP rules");
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.200.0.7:20005",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.10.0.7:20005",
+        "eth0",
+        RuleMatch::Steer(0),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.10.0.7:1600",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 11.0.0.1:1600",
+        "eth0",
+        RuleMatch::Steer(0),
+    );
+}
+
+/// One rule per client, as `translate` writes per-client iptables lines: every source
+/// gets its own winner, and the rules after them still decide for everyone else.
+#[test]
+fn thousands_of_source_rules_on_one_destination_each_decide_their_source() {
+    let clients = 20_000;
+    let client = |i: usize| format!("10.0.{}.{}", i / 256, i % 256);
+    let mut rules: Vec<Rule> = (0..clients)
+        .map(|i| {
+            let iface = if i % 3 == 0 { " iface eth1" } else { "" };
+            let action = match i % 5 {
+                0 => Action::Bypass,
+                n => Action::Steer(n as u32),
+            };
+            let text = format!("tcp 0.0.0.0/0 80 src {}/32{iface}", client(i));
+            rule(i + 1, &text, action)
+        })
+        .collect();
+    rules.push(rule(
+        clients + 1,
+        "tcp 0.0.0.0/0 80 src 10.0.0.0/16",
+        Action::Bypass,
+    ));
+    rules.push(rule(clients + 2, "tcp 0.0.0.0/0 80", Action::Steer(0)));
+    let compiled = compile(&rules, 1, &interfaces());
+    // Per interface: each client, the /16 and the catch-all.
+    assert_eq!(compiled.src_v4.len(), IFACES.len() * (clients + 2));
+    let mut sources: Vec<String> = (0..clients).step_by(199).map(client).collect();
+    sources.extend(["10.0.255.1", "192.0.2.1"].map(String::from));
+    for source in sources {
+        for (iface, ifindex) in IFACES {
+            let packet = packet(&format!("tcp {source} -> 192.0.2.80:80"), iface);
+            assert_eq!(
+                lookup(&compiled, 1, &packet, *ifindex),
+                decide(&rules, &packet),
+                "from {source} on {iface}"
+            );
+        }
+    }
+}
+
+#[test]
+fn generations_never_share_class_or_cell_ids() {
+    let rules = [rule(
+        1,
+        "tcp 0.0.0.0/0 80 src 192.0.2.0/24",
+        Action::Steer(0),
+    )];
+    let old = compile(&rules, 0, &interfaces());
+    let new = compile(&rules, 1, &interfaces());
+    assert!(old
+        .dst_v4
+        .iter()
+        .all(|(k, _, v)| k.class & GENERATION_BIT == 0 && v.cell & GENERATION_BIT == 0));
+    assert!(new
+        .dst_v4
+        .iter()
+        .all(|(k, _, v)| k.class & GENERATION_BIT != 0 && v.cell & GENERATION_BIT != 0));
+    assert!(new
+        .src_v4
+        .iter()
+        .all(|(k, _, _)| k.cell & GENERATION_BIT != 0));
+}
+
+/// Random rule sets and packets: the maps must always agree with the definition.
+#[test]
+fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let prefixes = [
+        "0.0.0.0/0",
+        "10.0.0.0/8",
+        "10.1.0.0/16",
+        "10.1.2.0/24",
+        "10.1.2.3/32",
+        "10.2.0.0/16",
+    ];
+    let sources = [
+        "192.0.2.0/24",
+        "192.0.2.128/25",
+        "198.51.100.0/24",
+        "0.0.0.0/0",
+        "192.0.2.5/32",
+        "192.0.2.192/26",
+        "203.0.113.0/24",
+    ];
+    let ports = ["80", "443", "70-90", "1-1000", "any"];
+    for round in 0..1000 {
+        // Mostly small sets, where every rule counts; some large ones, where many rules
+        // share a destination, a port and sources.
+        let count = match round % 10 {
+            0 => 50 + next(300) as usize,
+            _ => 1 + next(8) as usize,
+        };
+        let rules: Vec<Rule> = (0..count)
+            .map(|i| {
+                let mut text = format!(
+                    "{} {} {}",
+                    ["tcp", "udp"][next(2) as usize],
+                    prefixes[next(prefixes.len() as u64) as usize],
+                    ports[next(ports.len() as u64) as usize]
+                );
+                if next(3) == 0 {
+                    text += &format!(" src {}", sources[next(sources.len() as u64) as usize]);
+                }
+                if next(4) == 0 {
+                    text += &format!(" iface {}", IFACES[next(2) as usize].0);
+                }
+                let action = if next(3) == 0 {
+                    Action::Bypass
+                } else {
+                    Action::Steer(next(3) as u32)
+                };
+                let mut rule = rule(i + 1, &text, action);
+                rule.retired = next(10) == 0;
+                rule
+            })
+            .collect();
+        let compiled = compile(&rules, round % 2, &interfaces());
+        for _ in 0..40 {
+            let text = format!(
+                "{} {} -> {}:{}",
+                ["tcp", "udp"][next(2) as usize],
+                ["192.0.2.200", "192.0.2.5", "198.51.100.1", "203.0.113.1"][next(4) as usize],
+                [
+                    "10.1.2.3",
+                    "10.1.2.4",
+                    "10.1.9.9",
+                    "10.2.0.1",
+                    "10.9.9.9",
+                    "192.0.2.1"
+                ][next(6) as usize],
+                [80, 81, 443, 500, 2000][next(5) as usize],
+            );
+            let (iface, ifindex) = IFACES[next(2) as usize];
+            let packet = packet(&text, iface);
+            assert_eq!(
+                lookup(&compiled, round % 2, &packet, ifindex),
+                decide(&rules, &packet),
+                "{text} on {iface} with rules {rules:#?}"
+            );
+        }
+    }
+}
