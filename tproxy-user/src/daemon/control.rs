@@ -83,6 +83,11 @@ pub fn serve(table: u32, requests: tokio::sync::mpsc::Sender<Request>) -> Result
 fn read_request(stream: UnixStream) -> Option<Request> {
     stream.set_nonblocking(false).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    // The answer is written from a blocking-pool thread: a client that stops reading frees
+    // it after this long.
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
     let mut line = String::new();
     BufReader::new(&stream).take(64).read_line(&mut line).ok()?;
     match line.trim() {

@@ -127,7 +127,11 @@ pub(crate) async fn serve(
                     }
                     Request::Status(mut stream) => {
                         let report = status_report(&config, &relays, steering.as_deref(), phase, control);
-                        let _ = std::io::Write::write_all(&mut stream, report.to_string().as_bytes());
+                        // A reader that does not read must not stall the serve loop.
+                        let report = report.to_string();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = std::io::Write::write_all(&mut stream, report.as_bytes());
+                        });
                     }
                     Request::Takeover(stream) => {
                         let refusal = if !control.pinned {
@@ -175,7 +179,11 @@ pub(crate) async fn serve(
                         lock.offer_declined();
                     }
                     if let Some(steering) = steering.as_deref_mut() {
-                        if let Err(error) = reassert(&config, &mut relays, steering, interfaces) {
+                        // Blocking map work, as a reload's.
+                        let reasserted = tokio::task::block_in_place(|| {
+                            reassert(&config, &mut relays, steering, interfaces)
+                        });
+                        if let Err(error) = reasserted {
                             log::error!("restoring this instance's rules and listeners: {error:#}");
                         }
                         if phase != Phase::Serving {
@@ -264,7 +272,10 @@ pub(crate) fn reload_in_serving(
         log::warn!("reload while draining: nothing to reload");
         return Err("tproxy is draining (stopping or handed over): nothing to reload".into());
     }
-    match reload(args, config, relays, steering, interfaces) {
+    // A reload writes and erases up to hundreds of thousands of map entries and waits out the
+    // generation switch's grace period: blocking work, kept off the runtime's other workers
+    // so the relay goes on moving bytes meanwhile.
+    match tokio::task::block_in_place(|| reload(args, config, relays, steering, interfaces)) {
         Ok(new) => {
             let in_force = format!(
                 "{} rules, {} listeners in force",
