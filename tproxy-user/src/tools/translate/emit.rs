@@ -1,0 +1,421 @@
+//! The flattened, precedence-checked rule set written as a tproxy configuration.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
+
+use ipnet::IpNet;
+
+use super::{
+    precedence::{covers, more_specific, overlaps, ShadowIndex},
+    Family, Match, Parsed, RuleSet, Target, Translation,
+};
+use crate::{cli::Mark, datapath::rules::Ports, relay::listener::Transport};
+
+/// A rule kept for the configuration, with the port of the listener it steers to (`None`:
+/// a bypass).
+type Rule = (Parsed, Option<u16>);
+
+/// Listener addresses by the TPROXY port they stand for.
+type Listeners = BTreeMap<u16, Vec<SocketAddr>>;
+
+/// The configuration for `ruleset`, read from `source` (named in its header).
+pub(super) fn emit(ruleset: RuleSet, source: &str) -> Translation {
+    let mut notes = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    let flat = flatten_entries(&ruleset, &mut notes, &mut skipped);
+    let (listeners, rules) = listeners_and_rules(flat, &mut notes);
+    let kept = drop_shadowed(rules, &mut notes, &mut skipped);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Translated by `tproxy translate` from `{source}` output."
+    );
+    write_interfaces(&mut out, &kept);
+    write_mark(&mut out, &kept, &mut notes);
+    for (port, addrs) in &listeners {
+        let _ = writeln!(out, "\n[[listener]]\nname = \"{}\"", listener_name(*port));
+        let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        let _ = writeln!(out, "listen = [{}]", addrs.join(", "));
+    }
+    for rule in &kept {
+        write_rule(&mut out, rule);
+    }
+    Translation {
+        config: out,
+        notes,
+        skipped,
+    }
+}
+
+/// The rules the kernel runs at prerouting, jumps inlined, in order; what lies elsewhere is
+/// skipped or noted.
+fn flatten_entries(
+    ruleset: &RuleSet,
+    notes: &mut Vec<String>,
+    skipped: &mut Vec<String>,
+) -> Vec<Parsed> {
+    let mut flat = Vec::new();
+    for entry in &ruleset.entry {
+        flatten(ruleset, entry, &Match::default(), 0, &mut flat, skipped);
+    }
+    for (line, text, reason) in &ruleset.elsewhere {
+        skipped.push(format!("line {line}: {text}: {reason}"));
+    }
+    if ruleset.ignored > 0 {
+        notes.push(format!(
+            "{} rules outside the prerouting TPROXY path (other tables and chains) were left alone",
+            ruleset.ignored
+        ));
+    }
+    flat
+}
+
+/// Listeners by port; the steer and bypass rules in order.
+fn listeners_and_rules(flat: Vec<Parsed>, notes: &mut Vec<String>) -> (Listeners, Vec<Rule>) {
+    let mut listeners = Listeners::new();
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut divert_seen = false;
+    for parsed in flat {
+        match &parsed.target {
+            Target::SocketDivert => divert_seen = true,
+            Target::Ignore | Target::Jump(_) => {}
+            Target::Bypass | Target::Return => rules.push((parsed, None)),
+            Target::Tproxy { on_ip, on_port, .. } => {
+                add_listener(&mut listeners, &parsed.matches, *on_ip, *on_port);
+                let port = *on_port;
+                rules.push((parsed, Some(port)));
+            }
+        }
+    }
+    if divert_seen {
+        notes.push(
+            "the socket-match DIVERT rules are built into tproxy (a flow's own socket is always \
+             looked up first); they need no translation"
+                .into(),
+        );
+    }
+    if !listeners.is_empty() {
+        notes.push(
+            "tproxy relays steered flows to their original destination itself: the proxy that \
+             listened on the TPROXY --on-port is no longer in the path (give a listener an \
+             `upstream` to send its flows somewhere else)"
+                .into(),
+        );
+    }
+    (listeners, rules)
+}
+
+/// Adds the addresses a TPROXY rule's listener needs, one per family the rule matches.
+fn add_listener(listeners: &mut Listeners, matches: &Match, on_ip: Option<IpAddr>, on_port: u16) {
+    let families: Vec<Family> = match matches.family {
+        Some(family) => vec![family],
+        None => vec![Family::V4, Family::V6],
+    };
+    let addrs = listeners.entry(on_port).or_default();
+    for family in families {
+        let addr = match (on_ip, family) {
+            (Some(ip @ IpAddr::V4(v4)), Family::V4) if !v4.is_unspecified() => ip,
+            (Some(ip @ IpAddr::V6(v6)), Family::V6) if !v6.is_unspecified() => ip,
+            (_, Family::V4) => "127.0.0.1".parse().unwrap(),
+            (_, Family::V6) => "::1".parse().unwrap(),
+        };
+        let addr = SocketAddr::new(addr, on_port);
+        if !addrs.iter().any(|a| a.is_ipv4() == addr.is_ipv4()) {
+            addrs.push(addr);
+        }
+    }
+}
+
+/// iptables: first match wins; tproxy: most specific wins. Drops rules iptables never
+/// reaches; reports those it reaches only in part.
+fn drop_shadowed(
+    rules: Vec<Rule>,
+    notes: &mut Vec<String>,
+    skipped: &mut Vec<String>,
+) -> Vec<Rule> {
+    let mut kept: Vec<Rule> = Vec::new();
+    let mut by_destination = ShadowIndex::default();
+    'rules: for (rule, listener) in rules {
+        for index in by_destination.candidates(&rule.matches, kept.len()) {
+            let (earlier, earlier_listener) = &kept[index];
+            if *earlier_listener == listener || !overlaps(&earlier.matches, &rule.matches) {
+                continue;
+            }
+            if !more_specific(&rule.matches, &earlier.matches) {
+                continue;
+            }
+            if covers(&earlier.matches, &rule.matches) {
+                notes.push(format!(
+                    "line {}: `{}` never matches: line {} comes first and matches all of its packets; left out",
+                    rule.line, rule.text, earlier.line
+                ));
+            } else {
+                skipped.push(format!(
+                    "line {}: {}: line {} comes first and matches some of its packets; tproxy would \
+                     apply this more specific rule to them instead",
+                    rule.line, rule.text, earlier.line
+                ));
+            }
+            continue 'rules;
+        }
+        by_destination.add(&rule.matches, kept.len());
+        kept.push((rule, listener));
+    }
+    kept
+}
+
+/// `interfaces`: the rules' input interfaces, or all when a rule names none.
+fn write_interfaces(out: &mut String, kept: &[Rule]) {
+    let ifaces: Vec<&String> = {
+        let mut seen: Vec<&String> = Vec::new();
+        for (rule, _) in kept {
+            if let Some(iface) = &rule.matches.iface {
+                if !seen.contains(&iface) {
+                    seen.push(iface);
+                }
+            }
+        }
+        seen
+    };
+    if kept.iter().any(|(rule, _)| rule.matches.iface.is_none()) || ifaces.is_empty() {
+        let _ = writeln!(
+            out,
+            "# Rules without an input interface applied to packets arriving on any interface."
+        );
+        let _ = writeln!(out, "interfaces = \"all\"");
+    } else {
+        let names: Vec<String> = ifaces.iter().map(|i| quote(i)).collect();
+        let _ = writeln!(out, "interfaces = [{}]", names.join(", "));
+    }
+}
+
+/// `mark`: the TPROXY rules' mark (the first, noting when they set several).
+fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) {
+    let mut marks: Vec<Mark> = Vec::new();
+    for (rule, _) in kept {
+        if let Target::Tproxy {
+            mark: Some(mark), ..
+        } = rule.target
+        {
+            if !marks.contains(&mark) {
+                marks.push(mark);
+            }
+        }
+    }
+    if let Some(mark) = marks.first() {
+        let _ = writeln!(
+            out,
+            "# The TPROXY rules' mark, for anything else that relies on it."
+        );
+        let _ = writeln!(out, "mark = \"{mark}\"");
+        if marks.len() > 1 {
+            notes.push(format!(
+                "the TPROXY rules set {} different marks; tproxy sets one, {mark}, on every steered packet",
+                marks.len()
+            ));
+        }
+    }
+}
+
+/// One `[[rule]]` table, headed by the line it came from.
+fn write_rule(out: &mut String, (rule, listener): &Rule) {
+    let m = &rule.matches;
+    // A comment cannot hold control characters.
+    let text: String = rule
+        .text
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    let _ = writeln!(out, "\n[[rule]]\n# line {}: {text}", rule.line);
+    let transports = if m.transports.is_empty() {
+        vec![Transport::Tcp, Transport::Udp]
+    } else {
+        m.transports.clone()
+    };
+    let names: Vec<&str> = transports
+        .iter()
+        .map(|t| match t {
+            Transport::Tcp => "\"tcp\"",
+            Transport::Udp => "\"udp\"",
+        })
+        .collect();
+    let _ = writeln!(out, "proto = [{}]", names.join(", "));
+    let dst = match (m.dst.is_empty(), m.family) {
+        (false, _) => m.dst.clone(),
+        (true, Some(Family::V4)) => vec!["0.0.0.0/0".parse().unwrap()],
+        (true, Some(Family::V6)) => vec!["::/0".parse().unwrap()],
+        (true, None) => Vec::new(),
+    };
+    if !dst.is_empty() {
+        let _ = writeln!(out, "dst = [{}]", quoted(&dst));
+    }
+    if !m.src.is_empty() {
+        let _ = writeln!(out, "src = [{}]", quoted(&m.src));
+    }
+    if !m.ports.is_empty() {
+        let ports: Vec<String> = m
+            .ports
+            .iter()
+            .map(|p| match p {
+                Ports::One(port) => port.to_string(),
+                other => format!("\"{other}\""),
+            })
+            .collect();
+        let _ = writeln!(out, "ports = [{}]", ports.join(", "));
+    }
+    if let Some(iface) = &m.iface {
+        let _ = writeln!(out, "iface = {}", quote(iface));
+    }
+    match listener {
+        Some(port) => {
+            let _ = writeln!(
+                out,
+                "action = \"steer\"\nlistener = \"{}\"",
+                listener_name(*port)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "action = \"bypass\"");
+        }
+    }
+}
+
+fn listener_name(port: u16) -> String {
+    format!("tproxy-{port}")
+}
+
+/// `text` as a TOML string, escaped.
+fn quote(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+fn quoted(prefixes: &[IpNet]) -> String {
+    let items: Vec<String> = prefixes.iter().map(|p| format!("\"{p}\"")).collect();
+    items.join(", ")
+}
+
+/// Inlines jumps from `chain`, narrowing the jumped-to rules by the jump's own matches.
+fn flatten(
+    ruleset: &RuleSet,
+    chain: &str,
+    context: &Match,
+    depth: usize,
+    out: &mut Vec<Parsed>,
+    skipped: &mut Vec<String>,
+) {
+    let Some(rules) = ruleset.chains.get(chain) else {
+        return;
+    };
+    for (i, rule) in rules.iter().enumerate() {
+        let rule = match rule {
+            Ok(rule) => rule,
+            Err((line, text, reason)) => {
+                skipped.push(format!("line {line}: {text}: {reason}"));
+                continue;
+            }
+        };
+        let Some(matches) = narrow(context, &rule.matches) else {
+            skipped.push(format!(
+                "line {}: {}: its matches conflict with those of the rule that jumps here",
+                rule.line, rule.text
+            ));
+            continue;
+        };
+        match &rule.target {
+            Target::Jump(target) if depth < 8 => {
+                // RETURN in the target chain continues here, after the jump: only a bypass if
+                // nothing after the jump could still steer.
+                let steers_later = rules[i + 1..].iter().any(|r| {
+                    r.as_ref()
+                        .is_ok_and(|r| matches!(r.target, Target::Tproxy { .. } | Target::Jump(_)))
+                });
+                let start = out.len();
+                flatten(ruleset, target, &matches, depth + 1, out, skipped);
+                if steers_later {
+                    let mut kept = Vec::new();
+                    for rule in out.drain(start..) {
+                        if rule.target == Target::Return {
+                            skipped.push(format!(
+                                "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer the packet",
+                                rule.line, rule.text
+                            ));
+                        } else {
+                            kept.push(rule);
+                        }
+                    }
+                    out.extend(kept);
+                }
+            }
+            Target::Jump(target) => skipped.push(format!(
+                "line {}: {}: jumps nest too deep (to {target})",
+                rule.line, rule.text
+            )),
+            _ => out.push(Parsed {
+                matches,
+                ..rule.clone()
+            }),
+        }
+    }
+}
+
+/// The matches of a rule reached through a jump with `context`'s matches; `None` when both
+/// constrain the same thing differently.
+fn narrow(context: &Match, rule: &Match) -> Option<Match> {
+    fn pick<T: Clone + PartialEq>(outer: &[T], inner: &[T]) -> Option<Vec<T>> {
+        match (outer.is_empty(), inner.is_empty()) {
+            (true, _) => Some(inner.to_vec()),
+            (false, true) => Some(outer.to_vec()),
+            (false, false) if outer == inner => Some(inner.to_vec()),
+            _ => None,
+        }
+    }
+    let family = match (context.family, rule.family) {
+        (Some(a), Some(b)) if a != b => return None,
+        (a, b) => b.or(a),
+    };
+    let transports = match (context.transports.is_empty(), rule.transports.is_empty()) {
+        (false, false) => {
+            let both: Vec<Transport> = rule
+                .transports
+                .iter()
+                .copied()
+                .filter(|t| context.transports.contains(t))
+                .collect();
+            if both.is_empty() {
+                return None;
+            }
+            both
+        }
+        _ => pick(&context.transports, &rule.transports)?,
+    };
+    Some(Match {
+        transports,
+        dst: narrow_prefixes(&context.dst, &rule.dst)?,
+        src: narrow_prefixes(&context.src, &rule.src)?,
+        ports: pick(&context.ports, &rule.ports)?,
+        iface: match (&context.iface, &rule.iface) {
+            (Some(a), Some(b)) if a != b => return None,
+            (a, b) => b.clone().or(a.clone()),
+        },
+        family,
+    })
+}
+
+/// Prefixes matching both lists: the inner ones that lie within an outer one.
+fn narrow_prefixes(outer: &[IpNet], inner: &[IpNet]) -> Option<Vec<IpNet>> {
+    match (outer.is_empty(), inner.is_empty()) {
+        (true, _) => Some(inner.to_vec()),
+        (false, true) => Some(outer.to_vec()),
+        (false, false) => {
+            let both: Vec<IpNet> = inner
+                .iter()
+                .copied()
+                .filter(|i| outer.iter().any(|o| o.contains(i)))
+                .collect();
+            (both.len() == inner.len()).then_some(both)
+        }
+    }
+}

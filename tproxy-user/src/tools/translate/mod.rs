@@ -1,0 +1,225 @@
+//! `tproxy translate`: an iptables/ip6tables (`iptables-save`) or nft (`nft list ruleset`)
+//! TPROXY rule set in, the equivalent tproxy configuration out.
+//!
+//! What is translated: the `mangle` table's PREROUTING chain (nft: chains hooked at
+//! prerouting) and the chains it jumps to. The socket-match "divert" rules become tproxy's
+//! built-in socket match; each TPROXY target becomes a `steer` rule to a listener on its
+//! `--on-port`; RETURN/ACCEPT become `bypass` rules. iptables applies the first matching
+//! rule, tproxy the most specific one (see `rules`), so a rule that a more general earlier
+//! rule shadows is dropped when iptables could never reach it, and reported when only part of
+//! it is shadowed. Everything that cannot be expressed is listed on stderr with its line.
+
+//!
+//! The parsers ([`iptables`], [`nft`]) read their syntax into one model (a [`RuleSet`] of
+//! [`Parsed`] rules); [`emit`] flattens it, resolves precedence (with [`precedence`]) and
+//! writes the TOML.
+
+mod emit;
+mod iptables;
+mod nft;
+mod precedence;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::HashMap, io::Read, net::IpAddr};
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+
+use crate::{
+    cli::{self, Mark, TranslateArgs},
+    datapath::rules::Ports,
+    relay::listener::Transport,
+};
+
+/// Reads the rule set from stdin, prints the configuration, lists what was skipped.
+pub fn run(args: &TranslateArgs) -> Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("reading the rule set from stdin")?;
+    let translation = translate(&input)?;
+    print!("{}", translation.config);
+    for note in &translation.notes {
+        eprintln!("note: {note}");
+    }
+    for skipped in &translation.skipped {
+        eprintln!("skipped: {skipped}");
+    }
+    if !translation.skipped.is_empty() && !args.allow_skipped {
+        bail!(
+            "{} rules could not be translated (listed above); the configuration printed steers \
+             the rest. Pass --allow-skipped to accept that",
+            translation.skipped.len()
+        );
+    }
+    Ok(())
+}
+
+/// The result of a translation.
+#[derive(Debug)]
+pub struct Translation {
+    /// The TOML configuration.
+    pub config: String,
+    /// Things the operator should know that do not change what is steered.
+    pub notes: Vec<String>,
+    /// Rules that could not be translated: `line N: text: reason`.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// What a rule matches, as far as tproxy can express it.
+#[derive(Clone, Debug, Default)]
+struct Match {
+    /// Empty: any transport.
+    transports: Vec<Transport>,
+    dst: Vec<IpNet>,
+    src: Vec<IpNet>,
+    /// Empty: any port.
+    ports: Vec<Ports>,
+    iface: Option<String>,
+    /// `None`: both (nft `inet`).
+    family: Option<Family>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Target {
+    Tproxy {
+        on_ip: Option<IpAddr>,
+        on_port: u16,
+        /// `--tproxy-mark` (nft: the rule's `meta mark set`).
+        mark: Option<Mark>,
+    },
+    /// ACCEPT: the packet leaves the hook untouched.
+    Bypass,
+    /// RETURN: back to the calling chain (from a base chain: the policy, untouched).
+    Return,
+    /// The socket match's "divert" jump: tproxy has it built in.
+    SocketDivert,
+    Jump(String),
+    /// Part of the divert chain (mark, accept) or a no-op.
+    Ignore,
+}
+
+/// One parsed rule, with where it came from.
+#[derive(Clone, Debug)]
+struct Parsed {
+    line: usize,
+    text: String,
+    matches: Match,
+    target: Target,
+}
+
+/// A chain's rules; `Err` holds why a rule could not be parsed.
+type Chain = Vec<Result<Parsed, (usize, String, String)>>;
+
+struct RuleSet {
+    chains: HashMap<String, Chain>,
+    /// The chains the kernel runs at prerouting, in order.
+    entry: Vec<String>,
+    /// Rules outside what is translated, for a note.
+    ignored: usize,
+    /// Rules that matter but are outside prerouting (mangle OUTPUT: local traffic).
+    elsewhere: Vec<(usize, String, String)>,
+}
+
+/// Translates a rule set given as text.
+pub fn translate(input: &str) -> Result<Translation> {
+    let is_nft = input.lines().any(|l| {
+        let l = l.trim_start();
+        l.starts_with("table ") && l.trim_end().ends_with('{')
+    });
+    let is_iptables = input
+        .lines()
+        .any(|l| l.trim_start().starts_with("*") || l.contains("-A "));
+    let ruleset = match (is_nft, is_iptables) {
+        (true, _) => nft::parse(input)?,
+        (false, true) => iptables::parse(input)?,
+        (false, false) => bail!(
+            "the input is neither `iptables-save` output (with `*mangle` and `-A` lines) nor \
+             `nft list ruleset` output (with `table … {{` blocks)"
+        ),
+    };
+    Ok(emit::emit(
+        ruleset,
+        if is_nft {
+            "nft list ruleset"
+        } else {
+            "iptables-save"
+        },
+    ))
+}
+
+/// Splits a line into words, keeping quoted strings (without their quotes) together.
+fn words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut in_word = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut current));
+                    in_word = false;
+                }
+            }
+            c => {
+                current.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(current);
+    }
+    words
+}
+
+/// A mark as iptables and nft write it: a bare value sets all 32 bits.
+fn full_mark(text: &str) -> Result<Mark, String> {
+    if text.contains('/') {
+        cli::parse_mark(text)
+    } else {
+        cli::parse_mark(&format!("{text}/0xffffffff"))
+    }
+}
+
+/// Checks an input interface name the way the kernel would take it.
+fn interface_name(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '/' && c != ':');
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "`{}` is not an interface name",
+            name.escape_debug()
+        ))
+    }
+}
+
+/// A port or port range as `cli::parse_port_list` reads it (`80`, `8000-8100`).
+fn port_range(text: &str) -> Result<Ports, String> {
+    let list = cli::parse_port_list(text)?;
+    let range = &list.0[0];
+    Ok(match (*range.start(), *range.end()) {
+        (a, b) if a == b => Ports::One(a),
+        (1, 65535) => Ports::Any,
+        (a, b) => Ports::Range(a, b),
+    })
+}

@@ -1,0 +1,440 @@
+//! `nft list ruleset` output read into the rule model.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use anyhow::Result;
+
+use super::{full_mark, interface_name, port_range, words, Family, Match, Parsed, RuleSet, Target};
+use crate::{cli, cli::Mark, relay::listener::Transport};
+
+/// The block an nft line is in.
+enum Block {
+    Table,
+    Chain,
+    /// A named set (or map), by `table/name`.
+    Set(String),
+    Other,
+}
+
+/// Named sets' elements, by `table/name`.
+type Sets = HashMap<String, Vec<String>>;
+
+/// Where the reader is: nft's chains and sets are per table, so they are named table/name.
+#[derive(Default)]
+struct Position {
+    blocks: Vec<Block>,
+    family: Option<Family>,
+    table: String,
+    chain: Option<String>,
+    hook: Option<String>,
+    /// A set's `elements = { … }` may span lines: its text until the braces balance.
+    elements: Option<(String, String)>,
+}
+
+/// Reads the chains hooked at prerouting and the chains they may jump to.
+pub(super) fn parse(input: &str) -> Result<RuleSet> {
+    let mut ruleset = RuleSet {
+        chains: HashMap::new(),
+        entry: Vec::new(),
+        ignored: 0,
+        elsewhere: Vec::new(),
+    };
+    let mut sets = Sets::new();
+    let mut at = Position::default();
+    for (number, line) in input.lines().enumerate() {
+        let number = number + 1;
+        let trimmed = line.trim();
+        if let Some((set, mut text)) = at.elements.take() {
+            text.push(' ');
+            text.push_str(trimmed);
+            add_elements(&mut at, &mut sets, set, text);
+            continue;
+        }
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let w = words(trimmed);
+        if trimmed == "}" {
+            if let Some(Block::Chain) = at.blocks.pop() {
+                at.chain = None;
+            }
+            continue;
+        }
+        if trimmed.ends_with('{') {
+            at.open(&w);
+            continue;
+        }
+        match at.blocks.last() {
+            Some(Block::Set(set)) => {
+                if w[0] == "elements" {
+                    let set = set.clone();
+                    add_elements(&mut at, &mut sets, set, trimmed.to_string());
+                }
+                continue;
+            }
+            Some(Block::Chain) => {}
+            _ => continue,
+        }
+        chain_line(&mut ruleset, &mut at, &sets, number, trimmed, &w);
+    }
+    Ok(ruleset)
+}
+
+impl Position {
+    /// Enters the block that the line `w` opens.
+    fn open(&mut self, w: &[String]) {
+        let name = w.get(1).cloned().unwrap_or_default();
+        match w[0].as_str() {
+            "table" => {
+                self.family = match name.as_str() {
+                    "ip" => Some(Family::V4),
+                    "ip6" => Some(Family::V6),
+                    _ => None,
+                };
+                self.table = w.get(2).cloned().unwrap_or_default();
+                self.blocks.push(Block::Table);
+            }
+            "chain" => {
+                self.chain = Some(format!("{}/{name}", self.table));
+                self.hook = None;
+                self.blocks.push(Block::Chain);
+            }
+            "set" | "map" => self
+                .blocks
+                .push(Block::Set(format!("{}/{name}", self.table))),
+            _ => self.blocks.push(Block::Other),
+        }
+    }
+}
+
+/// Files `set`'s elements once `text` holds them all; until then keeps reading.
+fn add_elements(at: &mut Position, sets: &mut Sets, set: String, text: String) {
+    if text.matches('{').count() > text.matches('}').count() {
+        at.elements = Some((set, text));
+    } else {
+        sets.insert(set, set_elements(&text));
+    }
+}
+
+/// A line inside a chain: its hook, or a rule.
+fn chain_line(
+    ruleset: &mut RuleSet,
+    at: &mut Position,
+    sets: &Sets,
+    number: usize,
+    trimmed: &str,
+    w: &[String],
+) {
+    if w[0] == "type" {
+        at.hook = w
+            .iter()
+            .position(|x| x == "hook")
+            .and_then(|i| w.get(i + 1))
+            .map(|h| h.trim_end_matches(';').to_string());
+        if let (Some("prerouting"), Some(chain)) = (at.hook.as_deref(), &at.chain) {
+            ruleset.entry.push(chain.clone());
+        }
+        return;
+    }
+    if w[0] == "policy" {
+        return;
+    }
+    let Some(chain) = &at.chain else { return };
+    let parsed = parse_rule(trimmed, at.family, &at.table, sets)
+        .map(|(matches, target)| Parsed {
+            line: number,
+            text: trimmed.to_string(),
+            matches,
+            target,
+        })
+        .map_err(|reason| (number, trimmed.to_string(), reason));
+    match at.hook.as_deref() {
+        Some("prerouting") | None => ruleset
+            .chains
+            .entry(chain.clone())
+            .or_default()
+            .push(parsed),
+        Some("output") => {
+            ruleset.elsewhere.push((number, trimmed.to_string(), "a rule at the output hook handles locally generated traffic, which tproxy does not steer".to_string()));
+        }
+        Some(_) => ruleset.ignored += 1,
+    }
+}
+
+/// The elements of `elements = { a, b, … }`.
+fn set_elements(text: &str) -> Vec<String> {
+    let inner = text
+        .split_once('{')
+        .and_then(|(_, rest)| rest.rsplit_once('}'))
+        .map_or("", |(inner, _)| inner);
+    inner
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Values of an nft expression at `w[i]`: one word, or a `{ a, b }` set. Returns the values
+/// and the index after them.
+fn nft_values(
+    w: &[String],
+    i: usize,
+    sets: &Sets,
+    table: &str,
+) -> Result<(Vec<String>, usize), String> {
+    let first = w.get(i).ok_or("an expression without a value")?;
+    if first == "!=" {
+        return Err("negated matches cannot be translated".into());
+    }
+    if let Some(name) = first.strip_prefix('@') {
+        let elements = sets
+            .get(&format!("{table}/{name}"))
+            .ok_or(format!("set @{name} is not defined in table {table}"))?;
+        return Ok((elements.clone(), i + 1));
+    }
+    if first != "{" {
+        return Ok((vec![first.trim_end_matches(',').to_string()], i + 1));
+    }
+    let mut values = Vec::new();
+    let mut j = i + 1;
+    while j < w.len() && w[j] != "}" {
+        for v in w[j].split(',').filter(|v| !v.is_empty()) {
+            values.push(v.to_string());
+        }
+        j += 1;
+    }
+    Ok((values, j + 1))
+}
+
+/// A rule being read: its words, and what they said so far.
+struct Rule<'a> {
+    w: Vec<String>,
+    table: &'a str,
+    sets: &'a Sets,
+    m: Match,
+    target: Option<Target>,
+    socket: bool,
+    set_mark: Option<Mark>,
+}
+
+/// One rule of a chain in table `table` of `family`.
+fn parse_rule(
+    text: &str,
+    family: Option<Family>,
+    table: &str,
+    sets: &Sets,
+) -> Result<(Match, Target), String> {
+    let mut rule = Rule {
+        w: words(text),
+        table,
+        sets,
+        m: Match {
+            family,
+            ..Match::default()
+        },
+        target: None,
+        socket: false,
+        set_mark: None,
+    };
+    let mut i = 0;
+    while i < rule.w.len() {
+        i = rule.expression(i)?;
+    }
+    Ok(rule.finish())
+}
+
+fn transport(name: &str) -> Result<Transport, String> {
+    match name {
+        "tcp" => Ok(Transport::Tcp),
+        "udp" => Ok(Transport::Udp),
+        other => Err(format!("protocol {other} (tproxy steers TCP and UDP)")),
+    }
+}
+
+impl Rule<'_> {
+    /// Reads the expression at `w[i]`; returns the index after it.
+    fn expression(&mut self, i: usize) -> Result<usize, String> {
+        let w = &self.w;
+        let next_is = |word: &str| w.get(i + 1).is_some_and(|x| x == word);
+        match w[i].as_str() {
+            "meta" if next_is("l4proto") => self.transports(i + 2),
+            "meta" if next_is("nfproto") => {
+                self.m.family = match w.get(i + 2).map(String::as_str) {
+                    Some("ipv4") => Some(Family::V4),
+                    Some("ipv6") => Some(Family::V6),
+                    other => return Err(format!("meta nfproto {}", other.unwrap_or(""))),
+                };
+                Ok(i + 3)
+            }
+            "ip" if next_is("protocol") => {
+                let next = self.transports(i + 2)?;
+                self.m.family = Some(Family::V4);
+                Ok(next)
+            }
+            "tcp" | "udp" | "th" if next_is("dport") => self.ports(i),
+            "ip" | "ip6" if next_is("daddr") || next_is("saddr") => self.addresses(i),
+            "iifname" | "iif" => self.interface(i + 1),
+            "meta" if next_is("iifname") => self.interface(i + 2),
+            "socket" if next_is("transparent") || next_is("wildcard") => {
+                self.socket |= w[i + 1] == "transparent";
+                Ok(i + 3)
+            }
+            "meta" | "mark" if w[i] == "mark" || next_is("mark") => self.mark(i),
+            "counter" => {
+                let mut i = i + 1;
+                while i + 1 < w.len() && (w[i] == "packets" || w[i] == "bytes") {
+                    i += 2;
+                }
+                Ok(i)
+            }
+            "comment" => Ok(i + 2),
+            "tproxy" => self.tproxy(i),
+            "accept" | "return" => {
+                self.target
+                    .get_or_insert(match (self.socket, w[i].as_str()) {
+                        (true, _) => Target::SocketDivert,
+                        (false, "accept") => Target::Bypass,
+                        (false, _) => Target::Return,
+                    });
+                Ok(i + 1)
+            }
+            "jump" | "goto" => {
+                let name = w.get(i + 1).ok_or("jump without a chain")?;
+                self.target.get_or_insert(if self.socket {
+                    Target::SocketDivert
+                } else {
+                    Target::Jump(format!("{}/{name}", self.table))
+                });
+                Ok(i + 2)
+            }
+            other => Err(format!("`{other}` cannot be translated")),
+        }
+    }
+
+    fn values(&self, i: usize) -> Result<(Vec<String>, usize), String> {
+        nft_values(&self.w, i, self.sets, self.table)
+    }
+
+    /// `meta l4proto`/`ip protocol` values at `w[i]`.
+    fn transports(&mut self, i: usize) -> Result<usize, String> {
+        let (values, next) = self.values(i)?;
+        self.m.transports = values
+            .iter()
+            .map(|v| transport(v))
+            .collect::<Result<_, _>>()?;
+        Ok(next)
+    }
+
+    /// `tcp dport`, `udp dport` or `th dport` at `w[i]`.
+    fn ports(&mut self, i: usize) -> Result<usize, String> {
+        if self.w[i] != "th" {
+            self.m.transports = vec![transport(&self.w[i])?];
+        }
+        let (values, next) = self.values(i + 2)?;
+        self.m.ports = values
+            .iter()
+            .map(|v| port_range(v))
+            .collect::<Result<_, String>>()?;
+        Ok(next)
+    }
+
+    /// `ip daddr`, `ip6 saddr` and the like at `w[i]`.
+    fn addresses(&mut self, i: usize) -> Result<usize, String> {
+        self.m.family = Some(if self.w[i] == "ip" {
+            Family::V4
+        } else {
+            Family::V6
+        });
+        let (values, next) = self.values(i + 2)?;
+        let prefixes = values
+            .iter()
+            .map(|v| cli::parse_prefix(v))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.w[i + 1] == "daddr" {
+            self.m.dst = prefixes;
+        } else {
+            self.m.src = prefixes;
+        }
+        Ok(next)
+    }
+
+    /// The input interface's name at `w[i]`.
+    fn interface(&mut self, i: usize) -> Result<usize, String> {
+        let (values, next) = self.values(i)?;
+        match values.as_slice() {
+            [one] if !one.ends_with('*') => self.m.iface = Some(interface_name(one)?),
+            _ => return Err("several or wildcard input interfaces".into()),
+        }
+        Ok(next)
+    }
+
+    /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; matching it cannot be
+    /// translated.
+    fn mark(&mut self, i: usize) -> Result<usize, String> {
+        let at = if self.w[i] == "meta" { i + 2 } else { i + 1 };
+        if self.w.get(at).is_some_and(|x| x == "set") {
+            let value = self.w.get(at + 1).ok_or("`mark set` without a value")?;
+            self.set_mark = Some(full_mark(value)?);
+            Ok(at + 2)
+        } else {
+            Err("matching on the packet mark cannot be translated".into())
+        }
+    }
+
+    /// `tproxy [ip|ip6] to [addr]:port` at `w[i]`.
+    fn tproxy(&mut self, i: usize) -> Result<usize, String> {
+        let w = &self.w;
+        let mut j = i + 1;
+        let mut tproxy_family = None;
+        if let Some(f) = w.get(j).filter(|x| *x == "ip" || *x == "ip6") {
+            tproxy_family = Some(if f == "ip" { Family::V4 } else { Family::V6 });
+            j += 1;
+        }
+        if w.get(j).map(String::as_str) != Some("to") {
+            return Err("tproxy without `to`".into());
+        }
+        let to = w.get(j + 1).ok_or("tproxy to nothing")?;
+        let (addr, port) = to.rsplit_once(':').ok_or(format!("tproxy to `{to}`"))?;
+        let addr = addr.trim_start_matches('[').trim_end_matches(']');
+        let on_ip = if addr.is_empty() {
+            None
+        } else {
+            Some(
+                addr.parse::<IpAddr>()
+                    .map_err(|_| format!("tproxy to `{to}`"))?,
+            )
+        };
+        if let Some(f) =
+            tproxy_family.or(on_ip.map(|ip| if ip.is_ipv4() { Family::V4 } else { Family::V6 }))
+        {
+            if self.m.family.is_some_and(|mf| mf != f) {
+                return Err("tproxy to an address of the other family".into());
+            }
+            self.m.family = Some(f);
+        }
+        let on_port = cli::parse_port_list(port)?.0[0].start().to_owned();
+        self.target = Some(Target::Tproxy {
+            on_ip,
+            on_port,
+            mark: None,
+        });
+        Ok(j + 2)
+    }
+
+    /// The rule's matches and target, the mark it sets going with its TPROXY.
+    fn finish(self) -> (Match, Target) {
+        let target = match self.target {
+            Some(Target::Tproxy { on_ip, on_port, .. }) => Target::Tproxy {
+                on_ip,
+                on_port,
+                mark: self.set_mark,
+            },
+            Some(target) => target,
+            // Only marking (part of a divert), or only counting.
+            None if self.socket => Target::SocketDivert,
+            None => Target::Ignore,
+        };
+        (self.m, target)
+    }
+}

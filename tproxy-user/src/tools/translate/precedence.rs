@@ -1,0 +1,201 @@
+//! How rules relate under the two orders: iptables applies the first matching rule, tproxy
+//! the most specific one (see `rules`).
+
+use std::collections::HashMap;
+
+use ipnet::IpNet;
+
+use super::{Family, Match};
+use crate::{datapath::rules::Ports, relay::listener::Transport};
+
+fn transports_of(m: &Match) -> Vec<Transport> {
+    if m.transports.is_empty() {
+        vec![Transport::Tcp, Transport::Udp]
+    } else {
+        m.transports.clone()
+    }
+}
+
+fn families_of(m: &Match) -> Vec<Family> {
+    match m.family {
+        Some(family) => vec![family],
+        None => vec![Family::V4, Family::V6],
+    }
+}
+
+fn prefixes_of(list: &[IpNet], family: Family) -> Vec<IpNet> {
+    if list.is_empty() {
+        return vec![match family {
+            Family::V4 => "0.0.0.0/0".parse().unwrap(),
+            Family::V6 => "::/0".parse().unwrap(),
+        }];
+    }
+    list.iter()
+        .copied()
+        .filter(|p| p.addr().is_ipv4() == (family == Family::V4))
+        .collect()
+}
+
+fn port_bounds(p: Ports) -> (u16, u16) {
+    match p {
+        Ports::One(port) => (port, port),
+        Ports::Range(first, last) => (first, last),
+        Ports::Any => (1, 65535),
+    }
+}
+
+fn ports_of_match(m: &Match) -> Vec<Ports> {
+    if m.ports.is_empty() {
+        vec![Ports::Any]
+    } else {
+        m.ports.clone()
+    }
+}
+
+/// Whether some packet matches both.
+pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
+    let transports = transports_of(a)
+        .iter()
+        .any(|t| transports_of(b).contains(t));
+    let ports = ports_of_match(a).iter().any(|pa| {
+        let (a1, a2) = port_bounds(*pa);
+        ports_of_match(b).iter().any(|pb| {
+            let (b1, b2) = port_bounds(*pb);
+            a1 <= b2 && b1 <= a2
+        })
+    });
+    let iface = match (&a.iface, &b.iface) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    };
+    let nets = |x: &[IpNet], y: &[IpNet], family| {
+        prefixes_of(x, family).iter().any(|p| {
+            prefixes_of(y, family)
+                .iter()
+                .any(|q| p.contains(q) || q.contains(p))
+        })
+    };
+    let addresses = families_of(a)
+        .into_iter()
+        .filter(|f| families_of(b).contains(f))
+        .any(|family| nets(&a.dst, &b.dst, family) && nets(&a.src, &b.src, family));
+    transports && ports && iface && addresses
+}
+
+/// Whether every packet that `inner` matches, `outer` matches too.
+pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
+    let transports = transports_of(inner)
+        .iter()
+        .all(|t| transports_of(outer).contains(t));
+    let ports = ports_of_match(inner).iter().all(|pi| {
+        let (i1, i2) = port_bounds(*pi);
+        ports_of_match(outer).iter().any(|po| {
+            let (o1, o2) = port_bounds(*po);
+            o1 <= i1 && i2 <= o2
+        })
+    });
+    let iface = outer.iface.is_none() || outer.iface == inner.iface;
+    let nets = |o: &[IpNet], i: &[IpNet], family| {
+        prefixes_of(i, family)
+            .iter()
+            .all(|p| prefixes_of(o, family).iter().any(|q| q.contains(p)))
+    };
+    let addresses = families_of(inner).into_iter().all(|family| {
+        families_of(outer).contains(&family)
+            && nets(&outer.dst, &inner.dst, family)
+            && nets(&outer.src, &inner.src, family)
+    });
+    transports && ports && iface && addresses
+}
+
+/// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:
+/// a longer destination prefix, or the same with a more specific port.
+pub(super) fn more_specific(later: &Match, earlier: &Match) -> bool {
+    let longest = |m: &Match| {
+        families_of(m)
+            .into_iter()
+            .flat_map(|f| prefixes_of(&m.dst, f))
+            .map(|p| p.prefix_len())
+            .max()
+            .unwrap_or(0)
+    };
+    let shortest = |m: &Match| {
+        families_of(m)
+            .into_iter()
+            .flat_map(|f| prefixes_of(&m.dst, f))
+            .map(|p| p.prefix_len())
+            .min()
+            .unwrap_or(0)
+    };
+    let specificity = |m: &Match| match ports_of_match(m)
+        .iter()
+        .map(|p| port_bounds(*p))
+        .map(|(a, b)| b - a)
+        .min()
+    {
+        Some(0) => 0,
+        Some(65534) => 2,
+        _ => 1,
+    };
+    longest(later) > shortest(earlier)
+        || (longest(later) == shortest(earlier) && specificity(later) < specificity(earlier))
+}
+
+/// The destination prefixes of `m` in each of its families (`0/0` where it names none).
+fn destination_prefixes(m: &Match) -> Vec<IpNet> {
+    families_of(m)
+        .into_iter()
+        .flat_map(|family| prefixes_of(&m.dst, family))
+        .collect()
+}
+
+fn truncated(prefix: IpNet, len: u8) -> Option<IpNet> {
+    IpNet::new(prefix.addr(), len).ok().map(|n| n.trunc())
+}
+
+/// The rules kept so far, by destination prefix: comparing each rule with every earlier one
+/// made translating quadratic in the number of rules.
+#[derive(Default)]
+pub(super) struct ShadowIndex {
+    by_prefix: HashMap<IpNet, Vec<usize>>,
+}
+
+impl ShadowIndex {
+    /// Files kept rule `index` under its destination prefixes, each cut to the rule's
+    /// shortest one: a later rule outranks it (see [`more_specific`]) only with prefixes at
+    /// least that long, whose ancestors then include the key.
+    pub(super) fn add(&mut self, m: &Match, index: usize) {
+        let prefixes = destination_prefixes(m);
+        let shortest = prefixes.iter().map(IpNet::prefix_len).min().unwrap_or(0);
+        for prefix in prefixes {
+            let len = prefix.prefix_len().min(shortest);
+            if let Some(key) = truncated(prefix, len) {
+                self.by_prefix.entry(key).or_default().push(index);
+            }
+        }
+    }
+
+    /// In order, the first `count` kept rules that `m` may overlap and outrank: every one
+    /// that it does, and some that it does not.
+    pub(super) fn candidates(&self, m: &Match, count: usize) -> Vec<usize> {
+        let prefixes = destination_prefixes(m);
+        if prefixes
+            .iter()
+            .any(|p| p.prefix_len() != prefixes[0].prefix_len())
+        {
+            // With prefixes of several lengths, its longest can outrank rules inside its
+            // shorter ones, which the keys do not lead to.
+            return (0..count).collect();
+        }
+        let mut found: Vec<usize> = prefixes
+            .iter()
+            .flat_map(|&p| (0..=p.prefix_len()).filter_map(move |len| truncated(p, len)))
+            .filter_map(|key| self.by_prefix.get(&key))
+            .flatten()
+            .copied()
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
+}
