@@ -8,7 +8,6 @@
 //! rule, tproxy the most specific one (see `rules`), so a rule that a more general earlier
 //! rule shadows is dropped when iptables could never reach it, and reported when only part of
 //! it is shadowed. Everything that cannot be expressed is listed on stderr with its line.
-
 //!
 //! The parsers ([`iptables`], [`nft`]) read their syntax into one model (a [`RuleSet`] of
 //! [`Parsed`] rules); [`emit`] flattens it, resolves precedence (with [`precedence`]) and
