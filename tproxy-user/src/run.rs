@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     cli::{FailMode, RunArgs},
-    config::Config,
+    config::{Config, Settings},
     daemon::control::{self},
     daemon::instance::{Held, InstanceLock},
     daemon::privileges,
@@ -42,7 +42,6 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .map(privileges::resolve_user)
         .transpose()?;
     let mut relays = Relays::new(&config.settings);
-    let ready = relays.ready.clone();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(8);
     let mut control = Control {
         requests: control_rx,
@@ -51,118 +50,43 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         attached: Vec::new(),
     };
     if args.relay_only {
-        relays.serve_metrics(&config.settings, None).await?;
-        let plan = relays.plan(&config)?;
-        relays.commit(plan, None)?;
-        privileges::drop_privileges(workers, user.as_ref()).await?;
-        // Ready before the line that says so: whoever reads it and asks /readyz must hear 200.
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        announce_ready(&args, &config, &[], &relays);
-        notify_systemd(sd_notify::NotifyState::Ready);
-        return serve(&args, config, relays, None, &[], &mut signals, &mut control)
-            .await
-            .map(drop);
+        let user = user.as_ref();
+        return relay_only(
+            &args,
+            config,
+            relays,
+            (workers, user),
+            &mut signals,
+            &mut control,
+        )
+        .await;
     }
 
     let netlink = routing::connect()?;
     let interfaces = resolve_interfaces(&netlink, &config.settings.interfaces).await?;
     let settings = config.settings.clone();
-    let table = settings.table;
-    let pinned = PinnedState::locate(&settings.pin_dir, table)?;
-    if !settings.pin && pinned.exists() {
-        // Its program would stay attached next to ours and answer first.
-        bail!(
-            "an earlier `tproxy run --pin` left its steering pinned in {}: start with --pin to \
-             take it over, or remove it with `tproxy cleanup`",
-            pinned.dir().display()
-        );
-    }
-    let pinned = settings.pin.then_some(pinned);
-    let (lock, mut takeover) = match InstanceLock::try_acquire(table)? {
-        Ok(lock) => (lock, None),
-        Err(Held { pid }) if pinned.is_none() => bail!(
-            "another tproxy (pid {pid}) is running with routing table {table} in this network \
-             namespace; stop it, pick another --table, or run both with --pin to take over from it"
-        ),
-        Err(Held { pid }) => {
-            let (takeover, lock) = control::take_over(table)?.with_context(|| {
-                format!("another tproxy (pid {pid}) holds table {table} but does not answer on its control socket")
-            })?;
-            log::info!("taking over from tproxy pid {}", takeover.pid);
-            (InstanceLock::from_handover(table, lock)?, Some(takeover))
-        }
-    };
-    let adopting = takeover.is_some() || pinned.as_ref().is_some_and(PinnedState::exists);
-    if !adopting {
-        let stale = routing::remove_ours(&netlink, table).await?;
-        if stale > 0 {
-            log::warn!(
-                "removed {stale} rules/routes left in table {table} by a tproxy that did not shut down"
-            );
-        }
-    }
-    if let Some(takeover) = &mut takeover {
+    let mut claim = Claim::take(&netlink, &settings).await?;
+    if let Some(takeover) = &mut claim.takeover {
         relays.inherited = std::mem::take(&mut takeover.listeners);
     }
-
-    let spec = RoutingSpec {
-        mark: settings.mark.value,
-        mask: settings.mark.mask,
-        table,
-        priority: settings.rule_priority,
-    };
     let mut steering = None;
     let mut routing = None;
     let served = async {
-        let plan = relays.plan(&config)?;
-        relays.inherited.clear();
-        let first = rules::compile(&plan.rules(&config), 0, &interfaces);
-        let steering = steering.insert(Steering::load(&LoadSettings {
-            mark: settings.mark,
-            socket_mark: settings.socket_mark,
-            rule_map_capacity: steering::rule_map_capacity(&first),
-            fail_closed: settings.fail_mode == FailMode::Closed,
-            pinned: pinned.clone(),
-        })?);
-        steering.spawn_log_forwarder()?;
-        relays
-            .serve_metrics(&settings, Some(steering.counter_reader()))
-            .await?;
-        plan.register(steering)?;
-        let first = match steering.next_generation() {
-            0 => first,
-            generation => rules::compile(&plan.rules(&config), generation, &interfaces),
-        };
-        steering.install_rules(first)?;
-        relays.commit(plan, Some(steering))?;
-        if adopting {
-            // Slots the previous instance used and this one does not.
-            steering.unregister_except(&relays.slots());
-        }
-        routing = Some(match adopting {
-            true => PolicyRouting::adopt(&netlink, spec).await?,
-            false => PolicyRouting::install(&netlink, spec).await?,
+        let steering =
+            steering.insert(load_steering(&config, &mut relays, &interfaces, &claim).await?);
+        routing = Some(match claim.adopting {
+            true => PolicyRouting::adopt(&netlink, claim.routing_spec(&settings)).await?,
+            false => PolicyRouting::install(&netlink, claim.routing_spec(&settings)).await?,
         });
         control.attached = attach_all(steering, &interfaces)?;
-        if pinned.is_some() {
-            PinnedBy::record(table, settings.fail_mode)?;
-        }
-        if let Some(takeover) = takeover.take() {
-            let pid = takeover.pid;
-            takeover.complete()?;
-            lock.confirm_handover();
-            log::info!("took over from tproxy pid {pid}: it drains and exits");
-        }
-        control::serve(table, control_tx)?;
-        control.pinned = pinned.is_some();
-        control.lock = Some(&lock);
+        claim.complete(&settings)?;
+        control::serve(settings.table, control_tx)?;
+        control.pinned = claim.pinned.is_some();
+        control.lock = Some(&claim.lock);
         privileges::drop_privileges(workers, user.as_ref()).await?;
         // Only now: its blocking thread must be born without the set-up's privileges.
         steering.fragments().spawn_sweeper();
-        // Ready before the line that says so: whoever reads it and asks /readyz must hear 200.
-        ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        announce_ready(&args, &config, &control.attached, &relays);
-        notify_systemd(sd_notify::NotifyState::Ready);
+        declare_ready(&args, &config, &control.attached, &relays);
         serve(
             &args,
             config,
@@ -176,7 +100,155 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     }
     .await;
     drop(steering);
-    match (&pinned, served) {
+    tear_down(claim, &settings, routing, served).await
+}
+
+/// `run --relay-only`: listeners and relay, no program, no routing (iptables steers).
+async fn relay_only(
+    args: &RunArgs,
+    config: Config,
+    mut relays: Relays,
+    (workers, user): (usize, Option<&nix::unistd::User>),
+    signals: &mut Signals,
+    control: &mut Control<'_>,
+) -> Result<()> {
+    relays.serve_metrics(&config.settings, None).await?;
+    let plan = relays.plan(&config)?;
+    relays.commit(plan, None)?;
+    privileges::drop_privileges(workers, user).await?;
+    declare_ready(args, &config, &[], &relays);
+    serve(args, config, relays, None, &[], signals, control)
+        .await
+        .map(drop)
+}
+
+/// This instance's claim on its routing table: the instance lock, and what it takes over
+/// (a running predecessor's listeners, or the state a pinned one left).
+struct Claim {
+    lock: InstanceLock,
+    takeover: Option<control::Takeover>,
+    pinned: Option<PinnedState>,
+    /// Whether program, maps and routing are taken over rather than created.
+    adopting: bool,
+}
+
+impl Claim {
+    /// Takes the table: refuses when another instance holds it (unless both pin, then takes
+    /// over from it); removes what an instance that did not shut down left behind.
+    async fn take(netlink: &rtnetlink::Handle, settings: &Settings) -> Result<Self> {
+        let table = settings.table;
+        let pinned = PinnedState::locate(&settings.pin_dir, table)?;
+        if !settings.pin && pinned.exists() {
+            // Its program would stay attached next to ours and answer first.
+            bail!(
+                "an earlier `tproxy run --pin` left its steering pinned in {}: start with --pin \
+                 to take it over, or remove it with `tproxy cleanup`",
+                pinned.dir().display()
+            );
+        }
+        let pinned = settings.pin.then_some(pinned);
+        let (lock, takeover) = match InstanceLock::try_acquire(table)? {
+            Ok(lock) => (lock, None),
+            Err(Held { pid }) if pinned.is_none() => bail!(
+                "another tproxy (pid {pid}) is running with routing table {table} in this network \
+                 namespace; stop it, pick another --table, or run both with --pin to take over from it"
+            ),
+            Err(Held { pid }) => {
+                let (takeover, lock) = control::take_over(table)?.with_context(|| {
+                    format!("another tproxy (pid {pid}) holds table {table} but does not answer on its control socket")
+                })?;
+                log::info!("taking over from tproxy pid {}", takeover.pid);
+                (InstanceLock::from_handover(table, lock)?, Some(takeover))
+            }
+        };
+        let adopting = takeover.is_some() || pinned.as_ref().is_some_and(PinnedState::exists);
+        if !adopting {
+            let stale = routing::remove_ours(netlink, table).await?;
+            if stale > 0 {
+                log::warn!(
+                    "removed {stale} rules/routes left in table {table} by a tproxy that did not shut down"
+                );
+            }
+        }
+        Ok(Self {
+            lock,
+            takeover,
+            pinned,
+            adopting,
+        })
+    }
+
+    fn routing_spec(&self, settings: &Settings) -> RoutingSpec {
+        RoutingSpec {
+            mark: settings.mark.value,
+            mask: settings.mark.mask,
+            table: settings.table,
+            priority: settings.rule_priority,
+        }
+    }
+
+    /// Records a pinned run, and tells a predecessor that it may drain: everything is in
+    /// place on this side.
+    fn complete(&mut self, settings: &Settings) -> Result<()> {
+        if self.pinned.is_some() {
+            PinnedBy::record(settings.table, settings.fail_mode)?;
+        }
+        if let Some(takeover) = self.takeover.take() {
+            let pid = takeover.pid;
+            takeover.complete()?;
+            self.lock.confirm_handover();
+            log::info!("took over from tproxy pid {pid}: it drains and exits");
+        }
+        Ok(())
+    }
+}
+
+/// Loads (or adopts) the program and maps, puts the listeners in the socket map and the
+/// rules in force, and serves metrics: everything up to routing and attaching.
+async fn load_steering(
+    config: &Config,
+    relays: &mut Relays,
+    interfaces: &[(String, u32)],
+    claim: &Claim,
+) -> Result<Steering> {
+    let settings = &config.settings;
+    let plan = relays.plan(config)?;
+    relays.inherited.clear();
+    let first = rules::compile(&plan.rules(config), 0, interfaces);
+    let mut steering = Steering::load(&LoadSettings {
+        mark: settings.mark,
+        socket_mark: settings.socket_mark,
+        rule_map_capacity: steering::rule_map_capacity(&first),
+        fail_closed: settings.fail_mode == FailMode::Closed,
+        pinned: claim.pinned.clone(),
+    })?;
+    steering.spawn_log_forwarder()?;
+    relays
+        .serve_metrics(settings, Some(steering.counter_reader()))
+        .await?;
+    plan.register(&mut steering)?;
+    let first = match steering.next_generation() {
+        0 => first,
+        generation => rules::compile(&plan.rules(config), generation, interfaces),
+    };
+    steering.install_rules(first)?;
+    relays.commit(plan, Some(&mut steering))?;
+    if claim.adopting {
+        // Slots the previous instance used and this one does not.
+        steering.unregister_except(&relays.slots());
+    }
+    Ok(steering)
+}
+
+/// Removes what this run created, or leaves the pinned state for the next instance; the
+/// program is already detached (the steering dropped).
+async fn tear_down(
+    claim: Claim,
+    settings: &Settings,
+    routing: Option<PolicyRouting>,
+    served: Result<Ending>,
+) -> Result<()> {
+    match (&claim.pinned, served) {
         (None, served) => {
             let removed = match routing {
                 Some(routing) => routing.remove().await.context("removing policy routing"),
@@ -185,7 +257,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
             served.map(drop).and(removed)
         }
         (Some(_), Ok(Ending::HandedOver)) => {
-            lock.hand_over();
+            claim.lock.hand_over();
             Ok(())
         }
         (Some(pinned), Ok(Ending::Stopped)) => {
@@ -199,9 +271,9 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         }
         (Some(pinned), Err(error)) => {
             // What this run created goes; what it adopted stays with whoever runs it.
-            if !adopting {
+            if !claim.adopting {
                 let _ = pinned.remove();
-                let _ = PinnedBy::remove(table);
+                let _ = PinnedBy::remove(settings.table);
                 if let Some(routing) = routing {
                     let _ = routing.remove().await;
                 }
@@ -209,6 +281,16 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
             Err(error)
         }
     }
+}
+
+/// Marks the instance ready (the `/readyz` flag, the ready log line, systemd).
+fn declare_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &Relays) {
+    // Ready before the line that says so: whoever reads it and asks /readyz must hear 200.
+    relays
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    announce_ready(args, config, attached, relays);
+    notify_systemd(sd_notify::NotifyState::Ready);
 }
 
 /// Attaches to every interface; returns how each was attached, for the ready line.
