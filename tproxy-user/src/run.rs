@@ -125,9 +125,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
             pinned: pinned.clone(),
         })?);
         steering.spawn_log_forwarder()?;
-        relays
-            .serve_metrics(&settings, Some(steering.counter_reader()))
-            .await?;
+        relays.serve_metrics(&settings, Some(&*steering)).await?;
         plan.register(steering)?;
         let first = match steering.next_generation() {
             0 => first,

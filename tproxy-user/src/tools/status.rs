@@ -13,7 +13,8 @@ use crate::{
     daemon::control,
     datapath::pin::{PinnedBy, PinnedState},
     datapath::routing,
-    datapath::steering::{CounterReader, Counters},
+    datapath::steering::CounterReader,
+    stats::Packets,
 };
 
 /// The control socket refused `status` (it is root's only): whether an instance runs is
@@ -61,7 +62,7 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
     let packets = CounterReader::from_pin(&pinned.map(tproxy_common::maps::COUNTERS))
         .and_then(|reader| reader.read())
         .ok()
-        .map(|counters| packets_json(&counters));
+        .map(Packets);
     json!({
         "dir": pinned.dir().display().to_string(),
         "links": links,
@@ -69,26 +70,6 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
         "pinned_by_pid": by.as_ref().map(|by| by.pid),
         "fail_mode": by.map(|by| by.fail_mode),
     })
-}
-
-/// Packet counts as `{protocol: {outcome: count}}`.
-pub fn packets_json(counters: &Counters) -> Value {
-    let by_protocol: serde_json::Map<String, Value> = Protocol::ALL
-        .iter()
-        .map(|protocol| {
-            let row: serde_json::Map<String, Value> = Outcome::ALL
-                .iter()
-                .map(|o| {
-                    (
-                        o.name().to_string(),
-                        json!(counters[*protocol as usize][*o as usize]),
-                    )
-                })
-                .collect();
-            (protocol.name().to_string(), row.into())
-        })
-        .collect();
-    by_protocol.into()
 }
 
 fn print_text(report: &Value) {
