@@ -20,6 +20,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+pub use tproxy_user::stats::{InstanceStatus, Stats};
 
 pub mod packets;
 pub mod topology;
@@ -185,6 +186,11 @@ pub struct Tproxy {
     child: Child,
     log: Log,
     lines: mpsc::Receiver<String>,
+    /// The namespace and routing table it runs with, to ask it for `status`.
+    netns: String,
+    table: String,
+    /// Its counters when [`Tproxy::stop`] stopped it, or why they could not be read.
+    final_stats: Option<std::result::Result<Stats, String>>,
 }
 
 impl Tproxy {
@@ -250,7 +256,19 @@ impl Tproxy {
                 let _ = sender.send(line);
             }
         });
-        Ok(Tproxy { child, log, lines })
+        let table = args
+            .iter()
+            .position(|arg| *arg == "--table")
+            .and_then(|at| args.get(at + 1))
+            .map_or_else(|| DEFAULT_TABLE.to_string(), ToString::to_string);
+        Ok(Tproxy {
+            child,
+            log,
+            lines,
+            netns: netns.name.clone(),
+            table,
+            final_stats: None,
+        })
     }
 
     /// Waits until a log line containing `needle` appears (or the process exits).
@@ -306,8 +324,10 @@ impl Tproxy {
         }
     }
 
-    /// SIGTERM, then checks that it exited successfully.
+    /// SIGTERM, then checks that it exited successfully. The counters just before are kept
+    /// for [`Tproxy::final_stats`]: once stopped, the process cannot be asked.
     pub fn stop(&mut self) -> Result<()> {
+        self.final_stats = Some(self.stats().map_err(|error| format!("{error:#}")));
         let status = self.signal_and_wait(nix::sys::signal::Signal::SIGTERM)?;
         if !status.success() {
             bail!(
@@ -318,26 +338,50 @@ impl Tproxy {
         Ok(())
     }
 
-    /// The value of eBPF counter `name` for `protocol` ("tcp", "udp", "other") from the
-    /// shutdown summary (after [`Tproxy::stop`]).
-    pub fn final_counter(&self, protocol: &str, name: &str) -> Result<u64> {
-        let header = format!("eBPF {protocol} packets:");
-        self.last_value(&header, name)
+    /// The counters when [`Tproxy::stop`] stopped it, after the test's traffic.
+    pub fn final_stats(&self) -> Result<&Stats> {
+        match &self.final_stats {
+            Some(Ok(stats)) => Ok(stats),
+            Some(Err(error)) => bail!("no counters from before the stop: {error}"),
+            None => bail!("no counters: stopped without Tproxy::stop"),
+        }
     }
 
-    /// The value of `name=VALUE` on the last log line containing `header`.
-    pub fn last_value(&self, header: &str, name: &str) -> Result<u64> {
-        let log = self.log_text();
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains(header))
-            .ok_or_else(|| anyhow!("no `{header}` line in log:\n{log}"))?;
-        line.split(|c: char| c.is_whitespace() || c == ';')
-            .find_map(|field| field.strip_prefix(&format!("{name}=")))
-            .ok_or_else(|| anyhow!("{name} missing from `{line}`"))?
-            .parse()
-            .context("parsing counter")
+    /// The value of eBPF counter `name` for `protocol` ("tcp", "udp", "other") when
+    /// [`Tproxy::stop`] stopped it.
+    pub fn final_counter(&self, protocol: &str, name: &str) -> Result<u64> {
+        stat(
+            self.final_stats()?,
+            &format!("eBPF {protocol} packets"),
+            name,
+        )
+    }
+
+    /// What the running instance reports, from `tproxy status --json`.
+    pub fn status(&self) -> Result<InstanceStatus> {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(tproxy_bin())
+            .args(["status", "--json", "--table", &self.table])
+            .stdin(Stdio::null())
+            .output()
+            .context("running tproxy status")?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        let report: serde_json::Value = serde_json::from_str(&stdout)
+            .with_context(|| format!("`tproxy status --json` printed: {stdout}{stderr}"))?;
+        match report.get("instance") {
+            Some(instance) if !instance.is_null() => serde_json::from_value(instance.clone())
+                .with_context(|| format!("the instance's status: {report:#}")),
+            _ => bail!("no running instance in the status report: {report:#}"),
+        }
+    }
+
+    /// The running instance's counters, from `tproxy status --json`.
+    pub fn stats(&self) -> Result<Stats> {
+        Ok(self.status()?.stats)
     }
 
     /// CPU time (user + system) the process has used so far.
@@ -356,59 +400,43 @@ impl Tproxy {
         Ok(Duration::from_millis(ticks * 1000 / per_second))
     }
 
-    /// Asks for the current counters (SIGUSR1) and returns `name` from the TCP relay line.
-    pub fn tcp_stat(&mut self, name: &str) -> Result<u64> {
-        self.stat_line("tcp relay:", name)
+    /// The TCP relay's counter `name` now.
+    pub fn tcp_stat(&self, name: &str) -> Result<u64> {
+        stat(&self.stats()?, "tcp relay", name)
     }
 
-    /// Asks for the current counters (SIGUSR1) and returns `name` from the UDP relay line.
-    pub fn udp_stat(&mut self, name: &str) -> Result<u64> {
-        self.stat_line("udp relay:", name)
+    /// The UDP relay's counter `name` now.
+    pub fn udp_stat(&self, name: &str) -> Result<u64> {
+        stat(&self.stats()?, "udp relay", name)
     }
 
-    /// Asks for the current counters (SIGUSR1) and returns every eBPF packet counter as
-    /// `"protocol/outcome"` → count.
-    pub fn ebpf_counters(&mut self) -> Result<std::collections::BTreeMap<String, u64>> {
-        // The relay lines come after the eBPF ones: once they are there, all are.
-        self.stat_line("udp relay:", "created")?;
-        let log = self.log_text();
-        let mut counters = std::collections::BTreeMap::new();
-        for protocol in ["tcp", "udp", "other"] {
-            let header = format!("eBPF {protocol} packets:");
-            let line = log
-                .lines()
-                .rev()
-                .find(|l| l.contains(&header))
-                .ok_or_else(|| anyhow!("no `{header}` line"))?;
-            let fields = line.split_once(&header).unwrap().1;
-            for field in fields.split_whitespace() {
-                let (name, value) = field
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("odd field `{field}` in `{line}`"))?;
-                counters.insert(format!("{protocol}/{name}"), value.parse()?);
-            }
-        }
-        Ok(counters)
-    }
-
-    /// Asks for the current counters (SIGUSR1) and returns `name` from the newest line
-    /// containing `header` (e.g. "eBPF udp packets:").
-    pub fn stat_line(&mut self, header: &str, name: &str) -> Result<u64> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let before = self.log.lock().unwrap().len();
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.log.lock().unwrap()[before..]
+    /// Every eBPF packet counter now, as `"protocol/outcome"` → count.
+    pub fn ebpf_counters(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let stats = self.stats()?;
+        let packets = stats.packets.context("the status has no eBPF counters")?;
+        Ok(packets
             .iter()
-            .all(|l| !l.contains(header))
-        {
-            if Instant::now() > deadline {
-                bail!("no stats after SIGUSR1; log:\n{}", self.log_text());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.last_value(header, name)
+            .map(|(protocol, outcome, count)| {
+                (format!("{}/{}", protocol.name(), outcome.name()), count)
+            })
+            .collect())
     }
+}
+
+/// The value `name` of the section `title` of `stats` (the log line's header: "tcp relay",
+/// "udp relay", "eBPF tcp packets", …).
+pub fn stat(stats: &Stats, title: &str, name: &str) -> Result<u64> {
+    let sections = stats.sections();
+    let section = sections
+        .iter()
+        .find(|section| section.title == title)
+        .ok_or_else(|| anyhow!("no `{title}` in {stats:?}"))?;
+    section
+        .fields
+        .iter()
+        .find(|field| field.name == name)
+        .map(|field| field.value)
+        .ok_or_else(|| anyhow!("no `{name}` in `{title}`: {stats:?}"))
 }
 
 impl Drop for Tproxy {

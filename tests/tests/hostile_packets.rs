@@ -65,21 +65,7 @@ fn assert_moved(moved: &BTreeMap<String, u64>, expected: &[(&str, u64)], case: &
 
 /// TCP connections the relay accepted so far.
 fn accepted(tproxy: &mut Tproxy) -> u64 {
-    tproxy.tcp_stat("active").unwrap();
-    let log = tproxy.log_text();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("tcp relay:"))
-        .unwrap();
-    line.split("tcp relay: ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    tproxy.tcp_stat("accepted").unwrap()
 }
 
 fn wait_for_peer(server: &UdpEcho, peer: IpAddr) -> bool {
@@ -641,11 +627,8 @@ fn fragment_entries_are_gone_after_their_timeout() {
         probe.inject(ipv6(client6, dst6, 44, &payload));
     }
     let entries = |tproxy: &mut Tproxy| {
-        let header = "eBPF fragment tracking:";
-        (
-            tproxy.stat_line(header, "datagrams").unwrap(),
-            tproxy.last_value(header, "reassembled_flows").unwrap(),
-        )
+        let tracking = tproxy.stats().unwrap().fragment_tracking.unwrap();
+        (tracking.datagrams, tracking.reassembled_flows)
     };
     // A sweep soon after the injection counts them (the IPv4 ones expire after 4 s).
     let deadline = Instant::now() + Duration::from_secs(4);

@@ -304,8 +304,9 @@ fn a_connection_straight_to_the_listener_is_refused_not_looped() {
         )
         .unwrap();
     tproxy.stop().unwrap();
-    assert!(
-        tproxy.log_text().contains("relay: 1 connections accepted"),
+    assert_eq!(
+        tproxy.final_stats().unwrap().tcp_relay.accepted,
+        1,
         "{}",
         tproxy.log_text()
     );

@@ -221,11 +221,9 @@ fn a_soak_with_churn_leaks_no_connections_sessions_descriptors_or_memory() {
     tproxy.stop().unwrap();
     // Every session created ended (a client port reused within the idle timeout rejoins its
     // session, so there are fewer sessions than flows).
-    let created = tproxy.last_value("udp relay:", "created").unwrap();
-    let ended = tproxy.last_value("udp relay:", "expired").unwrap()
-        + tproxy
-            .last_value("udp relay:", "ended_by_upstream_error")
-            .unwrap();
+    let udp = &tproxy.final_stats().unwrap().udp_relay;
+    let created = udp.created;
+    let ended = udp.expired + udp.ended_by_upstream_error;
     assert!(
         created > 0 && created == ended,
         "created {created}, ended {ended}"

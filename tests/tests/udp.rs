@@ -54,7 +54,7 @@ fn request_response_from_many_client_ports_over_ipv4_and_ipv6() {
     assert_eq!(tproxy.final_counter("udp", "steered_new").unwrap(), 100);
     // Rounds two and three reached the sessions' own sockets, not the listener.
     assert!(tproxy.final_counter("udp", "steered_established").unwrap() >= 200);
-    assert_eq!(tproxy.last_value("udp relay:", "created").unwrap(), 100);
+    assert_eq!(tproxy.final_stats().unwrap().udp_relay.created, 100);
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn one_flow_of_100_000_datagrams() {
     let rate = udp_echo_rate(&topo.client, server.addr, TOTAL, 64, 1400).unwrap();
     let (replies, elapsed) = (rate.replies, rate.elapsed);
     tproxy.stop().unwrap();
-    let relayed = tproxy.last_value("udp relay:", "to_client").unwrap();
+    let relayed = tproxy.final_stats().unwrap().udp_relay.to_client;
     let lost = TOTAL - replies;
     eprintln!(
         "{TOTAL} datagrams of 1400 bytes echoed in {elapsed:?}: {replies} replies received, \
@@ -93,7 +93,7 @@ fn one_flow_of_100_000_datagrams() {
     );
     assert!(lost * 1000 <= TOTAL, "lost {lost} of {TOTAL} (over 0.1%)");
     assert_eq!(
-        tproxy.last_value("udp relay:", "created").unwrap(),
+        tproxy.final_stats().unwrap().udp_relay.created,
         1,
         "one flow, one session"
     );
@@ -103,7 +103,7 @@ fn one_flow_of_100_000_datagrams() {
 fn five_thousand_concurrent_flows_then_idle_expiry() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = topo
+    let tproxy = topo
         .tproxy(&[
             "--udp",
             "5300",
@@ -324,7 +324,7 @@ fn fragmented_datagrams_are_relayed_intact_over_ipv4_and_ipv6() {
     // Two datagrams per family: 3 and 6 fragments over a 1500-byte MTU.
     assert!(tproxy.final_counter("udp", "fragment_steered").unwrap() >= 16);
     assert_eq!(tproxy.final_counter("udp", "fragment_unknown").unwrap(), 0);
-    assert_eq!(tproxy.last_value("udp relay:", "created").unwrap(), 2);
+    assert_eq!(tproxy.final_stats().unwrap().udp_relay.created, 2);
 }
 
 /// The router's UdpRcvbufErrors (datagrams dropped for want of receive buffer, all sockets).
@@ -337,7 +337,7 @@ fn datagrams_lost_in_the_listener_buffer_are_counted() {
     use nix::sys::signal::{kill, Signal};
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    let tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
     let server = UdpEcho::start(&topo.server, Topo::server_addr(false, PORT)).unwrap();
     let before = rcvbuf_errors(&topo);
     // A new flow's datagrams queue on the listener until the relay reads them; with the

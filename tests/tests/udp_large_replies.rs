@@ -86,7 +86,7 @@ fn every_size_arrives(topo: &Topo) {
 fn replies_of_100_to_8000_bytes_on_port_53_arrive_whole_over_ipv4_and_ipv6() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = topo.tproxy(&["--udp", "53"]).unwrap();
+    let tproxy = topo.tproxy(&["--udp", "53"]).unwrap();
     every_size_arrives(&topo);
     // Each session's reply socket was bound to port 53: no raw replies were needed.
     assert_eq!(tproxy.udp_stat("raw_reply_fallbacks").unwrap(), 0);
@@ -98,7 +98,7 @@ fn replies_of_100_to_8000_bytes_on_port_53_arrive_whole_over_ipv4_and_ipv6() {
 fn raw_replies_of_100_to_8000_bytes_arrive_whole_when_a_local_service_holds_port_53() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = topo.tproxy(&["--udp", "53", "--metrics", METRICS]).unwrap();
+    let tproxy = topo.tproxy(&["--udp", "53", "--metrics", METRICS]).unwrap();
     // A resolver on the router itself, on the wildcard (dual-stack) without SO_REUSEADDR:
     // no reply socket can be bound to port 53, so every reply goes out raw.
     let local = UdpEcho::start(&topo.router, "[::]:53".parse().unwrap()).unwrap();

@@ -21,13 +21,12 @@ use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Resp
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, histogram::Histogram, MetricType},
     registry::Registry,
 };
-use tproxy_common::{decision::Protocol, Outcome};
 
-use crate::{datapath::steering::CounterReader, relay::tcp::RelayStats, relay::udp::UdpRelay};
+use crate::stats::{self, Field, Kind, Stats};
 
 /// Upper bounds of the connect latency buckets, in seconds.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -40,13 +39,11 @@ pub fn connect_latency() -> Histogram {
 }
 
 /// What the endpoint reports.
-pub struct Sources {
-    pub counters: Option<CounterReader>,
-    pub tcp: Arc<RelayStats>,
-    pub udp: Arc<UdpRelay>,
-    pub connect_latency: Histogram,
+pub(crate) struct Sources {
+    pub(crate) stats: stats::Sources,
+    pub(crate) connect_latency: Histogram,
     /// Set once tproxy is ready (set-up done).
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
 }
 
 /// A listener that the instance taking over from this one (`run --pin`) can bind as well
@@ -67,7 +64,7 @@ fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 
 /// Binds the endpoint (so a bad address fails the start) and serves it on a task until
 /// `stop` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     sources: Sources,
     stop: tokio_util::sync::CancellationToken,
@@ -144,140 +141,127 @@ impl fmt::Debug for Snapshot {
     }
 }
 
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    let metric = ConstCounter::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
-}
-
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
-    let metric = ConstGauge::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
-}
-
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        use std::sync::atomic::Ordering::Relaxed;
         let sources = &self.0;
-        if let Some(Ok(counters)) = sources.counters.as_ref().map(CounterReader::read) {
-            let mut family = encoder.encode_descriptor(
-                "packets",
-                "Packets the eBPF program saw, by transport and what it did with them",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for protocol in Protocol::ALL {
-                for outcome in Outcome::ALL {
-                    let labels = [("protocol", protocol.name()), ("outcome", outcome.name())];
-                    let value = counters[protocol as usize][outcome as usize];
-                    ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-                }
-            }
-        }
-        gauge(
-            &mut encoder,
+        let ready = ConstGauge::new(i64::from(sources.ready.load(Relaxed)));
+        ready.encode(encoder.encode_descriptor(
             "ready",
             "1 while serving; 0 while setting up or draining (stopping, or handed over)",
-            i64::from(sources.ready.load(Relaxed)),
-        )?;
-        let tcp = &sources.tcp;
-        counter(
-            &mut encoder,
-            "tcp_connections_accepted",
-            "TCP connections accepted by the relay",
-            tcp.accepted.load(Relaxed),
-        )?;
-        gauge(
-            &mut encoder,
-            "tcp_connections_active",
-            "TCP connections being relayed",
-            tcp.active() as i64,
-        )?;
-        let mut family = encoder.encode_descriptor(
-            "tcp_connections_failed",
-            "TCP connections that ended early, by reason",
             None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (reason, value) in [
-            ("upstream_unreachable", tcp.upstream_failures.load(Relaxed)),
-            ("refused_at_limit", tcp.refused_at_limit.load(Relaxed)),
-            (
-                "refused_at_source_limit",
-                tcp.refused_at_source_limit.load(Relaxed),
-            ),
-            ("half_close_timeout", tcp.half_close_timeouts.load(Relaxed)),
-            (
-                "refused_destination",
-                tcp.refused_destinations.load(Relaxed),
-            ),
-        ] {
-            ConstCounter::new(value).encode(family.encode_family(&[("reason", reason)])?)?;
+            ready.metric_type(),
+        )?)?;
+        encode_stats(&mut encoder, &sources.stats.snapshot())
+    }
+}
+
+/// Every field of `stats`, one metric family per [`Metric`] in the order they first appear.
+fn encode_stats(encoder: &mut DescriptorEncoder, stats: &Stats) -> fmt::Result {
+    let fields: Vec<Field> = stats
+        .sections()
+        .into_iter()
+        .flat_map(|section| section.fields)
+        .collect();
+    let mut done: Vec<&str> = Vec::new();
+    for field in &fields {
+        let metric = field.metric;
+        if done.contains(&metric.name) {
+            continue;
         }
-        let mut family = encoder.encode_descriptor(
-            "tcp_bytes",
-            "Bytes the TCP relay moved, by direction",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (direction, value) in [
-            ("to_upstream", tcp.bytes_to_upstream.load(Relaxed)),
-            ("to_client", tcp.bytes_to_client.load(Relaxed)),
-        ] {
-            ConstCounter::new(value).encode(family.encode_family(&[("direction", direction)])?)?;
+        done.push(metric.name);
+        let metric_type = match metric.kind {
+            Kind::Counter => MetricType::Counter,
+            Kind::Gauge => MetricType::Gauge,
+        };
+        let mut family = encoder.encode_descriptor(metric.name, metric.help, None, metric_type)?;
+        for member in fields.iter().filter(|f| f.metric.name == metric.name) {
+            let value = member.value;
+            if member.labels.is_empty() {
+                encode_value(metric.kind, value, family)?;
+                break;
+            }
+            encode_value(metric.kind, value, family.encode_family(&member.labels)?)?;
         }
-        let udp = &sources.udp.stats;
-        gauge(
-            &mut encoder,
-            "udp_sessions_active",
-            "UDP sessions open",
-            udp.active.load(Relaxed) as i64,
-        )?;
-        let mut family = encoder.encode_descriptor(
-            "udp_sessions",
-            "UDP sessions, by what happened to them",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (event, value) in [
-            ("created", udp.created.load(Relaxed)),
-            ("expired", udp.expired.load(Relaxed)),
-            ("refused_at_cap", udp.refused_at_cap.load(Relaxed)),
-            (
-                "refused_at_source_cap",
-                udp.refused_at_source_cap.load(Relaxed),
-            ),
-            ("ended_by_upstream_error", udp.upstream_errors.load(Relaxed)),
-            ("raw_reply_fallback", udp.reply_fallbacks.load(Relaxed)),
-            (
-                "refused_destination",
-                udp.refused_destinations.load(Relaxed),
-            ),
-        ] {
-            ConstCounter::new(value).encode(family.encode_family(&[("event", event)])?)?;
+    }
+    Ok(())
+}
+
+fn encode_value(kind: Kind, value: u64, encoder: MetricEncoder) -> fmt::Result {
+    match kind {
+        Kind::Counter => ConstCounter::new(value).encode(encoder),
+        Kind::Gauge => ConstGauge::new(value as i64).encode(encoder),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed(Stats);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            encode_stats(&mut encoder, &self.0)
         }
-        let mut family = encoder.encode_descriptor(
-            "udp_datagrams",
-            "UDP datagrams the relay moved or dropped",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (direction, value) in [
-            ("to_upstream", udp.to_upstream.load(Relaxed)),
-            ("to_client", udp.to_client.load(Relaxed)),
-            ("dropped", udp.dropped.load(Relaxed)),
-            (
-                "listener_buffer_drops",
-                udp.listener_buffer_drops.load(Relaxed),
-            ),
-        ] {
-            ConstCounter::new(value).encode(family.encode_family(&[("direction", direction)])?)?;
+    }
+
+    /// Users' dashboards query these: the names, types and labels must not change.
+    #[test]
+    fn every_metric_keeps_its_name_type_and_labels() {
+        let mut registry = Registry::with_prefix("tproxy");
+        registry.register_collector(Box::new(Fixed(Stats {
+            packets: Some(stats::Packets::default()),
+            fragment_tracking: Some(stats::FragmentEntries::default()),
+            ..Stats::default()
+        })));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| line.rsplit_once(' ').unwrap().0)
+            .collect();
+        let expected = [
+            "tproxy_tcp_connections_accepted_total",
+            "tproxy_tcp_connections_active",
+            r#"tproxy_tcp_connections_failed_total{reason="upstream_unreachable"}"#,
+            r#"tproxy_tcp_connections_failed_total{reason="refused_at_limit"}"#,
+            r#"tproxy_tcp_connections_failed_total{reason="refused_at_source_limit"}"#,
+            r#"tproxy_tcp_connections_failed_total{reason="half_close_timeout"}"#,
+            r#"tproxy_tcp_connections_failed_total{reason="refused_destination"}"#,
+            r#"tproxy_tcp_bytes_total{direction="to_upstream"}"#,
+            r#"tproxy_tcp_bytes_total{direction="to_client"}"#,
+            "tproxy_udp_sessions_active",
+            r#"tproxy_udp_sessions_total{event="created"}"#,
+            r#"tproxy_udp_sessions_total{event="expired"}"#,
+            r#"tproxy_udp_sessions_total{event="refused_at_cap"}"#,
+            r#"tproxy_udp_sessions_total{event="refused_at_source_cap"}"#,
+            r#"tproxy_udp_sessions_total{event="ended_by_upstream_error"}"#,
+            r#"tproxy_udp_sessions_total{event="raw_reply_fallback"}"#,
+            r#"tproxy_udp_sessions_total{event="refused_destination"}"#,
+            r#"tproxy_udp_datagrams_total{direction="to_upstream"}"#,
+            r#"tproxy_udp_datagrams_total{direction="to_client"}"#,
+            r#"tproxy_udp_datagrams_total{direction="dropped"}"#,
+            r#"tproxy_udp_datagrams_total{direction="listener_buffer_drops"}"#,
+            "tproxy_udp_raw_reply_failures_total",
+            r#"tproxy_packets_total{protocol="other",outcome="steered_new"}"#,
+            r#"tproxy_fragment_tracking_entries{map="datagrams"}"#,
+            r#"tproxy_fragment_tracking_entries{map="reassembled_flows"}"#,
+        ];
+        for sample in expected {
+            assert!(samples.contains(&sample), "{sample} missing from:\n{text}");
         }
-        counter(
-            &mut encoder,
-            "udp_raw_reply_failures",
-            "UDP replies the raw fallback could not send (also counted as dropped)",
-            udp.raw_reply_failures.load(Relaxed),
-        )?;
-        Ok(())
+        let packets = samples
+            .iter()
+            .filter(|s| s.starts_with("tproxy_packets_total{"));
+        assert_eq!(packets.count(), 45, "{text}");
+        assert_eq!(samples.len(), expected.len() - 1 + 45, "{text}");
+        for gauge in ["tcp_connections_active", "udp_sessions_active"] {
+            assert!(
+                text.contains(&format!("# TYPE tproxy_{gauge} gauge\n")),
+                "{text}"
+            );
+        }
     }
 }

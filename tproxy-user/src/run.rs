@@ -223,9 +223,7 @@ async fn load_steering(
         pinned: claim.pinned.clone(),
     })?;
     steering.spawn_log_forwarder()?;
-    relays
-        .serve_metrics(settings, Some(steering.counter_reader()))
-        .await?;
+    relays.serve_metrics(settings, Some(&steering)).await?;
     plan.register(&mut steering)?;
     let first = match steering.next_generation() {
         0 => first,

@@ -292,7 +292,7 @@ impl Takeover {
 }
 
 /// Asks the instance running for `table` for its status report. `Ok(None)`: none answers.
-pub fn request_status(table: u32) -> Result<Option<serde_json::Value>> {
+pub fn request_status(table: u32) -> Result<Option<crate::stats::InstanceStatus>> {
     let Some(mut stream) = connect(table)? else {
         return Ok(None);
     };

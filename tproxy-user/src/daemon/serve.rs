@@ -13,6 +13,7 @@ use crate::{
     daemon::instance::InstanceLock,
     datapath::rules::{self},
     datapath::steering::Steering,
+    stats::{InstanceStatus, ListenerStatus},
 };
 use crate::{
     daemon::reload::reload,
@@ -128,9 +129,9 @@ pub(crate) async fn serve(
                     Request::Status(mut stream) => {
                         let report = status_report(&config, &relays, steering.as_deref(), phase, control);
                         // A reader that does not read must not stall the serve loop.
-                        let report = report.to_string();
+                        let report = serde_json::to_vec(&report).expect("plain data");
                         tokio::task::spawn_blocking(move || {
-                            let _ = std::io::Write::write_all(&mut stream, report.as_bytes());
+                            let _ = std::io::Write::write_all(&mut stream, &report);
                         });
                     }
                     Request::Takeover(stream) => {
@@ -321,66 +322,32 @@ pub(crate) fn status_report(
     steering: Option<&Steering>,
     phase: Phase,
     control: &Control<'_>,
-) -> serde_json::Value {
-    use serde_json::json;
-    use std::sync::atomic::Ordering::Relaxed;
+) -> InstanceStatus {
     let s = &config.settings;
-    let packets = steering
-        .and_then(|steering| steering.counters().ok())
-        .map(|counters| crate::tools::status::packets_json(&counters));
-    let listeners: Vec<serde_json::Value> = relays
+    let listeners = relays
         .listeners
         .iter()
-        .map(|l| {
-            json!({
-                "name": l.config.name,
-                "tcp": l.tcp.is_some(),
-                "udp": l.udp.is_some(),
-                "addresses": l.bound.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "upstream": l.upstream.read().unwrap().map(|u| u.to_string()),
-            })
+        .map(|l| ListenerStatus {
+            name: l.config.name.clone(),
+            tcp: l.tcp.is_some(),
+            udp: l.udp.is_some(),
+            addresses: l.bound.iter().map(ToString::to_string).collect(),
+            upstream: l.upstream.read().unwrap().map(|u| u.to_string()),
         })
         .collect();
-    let tcp = &relays.tcp_stats;
-    let udp = &relays.udp.stats;
-    json!({
-        "pid": std::process::id(),
-        "phase": phase.name(),
-        "table": s.table,
-        "mark": s.mark.to_string(),
-        "rule_priority": s.rule_priority,
-        "fail_mode": s.fail_mode.to_string(),
-        "pinned": control.pinned.then(|| s.pin_dir.display().to_string()),
-        "attached": control.attached,
-        "listeners": listeners,
-        "rules": config.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "packets": packets,
-        "fragment_tracking": steering.map(|steering| steering.fragments().entries()),
-        "tcp_relay": {
-            "accepted": tcp.accepted.load(Relaxed),
-            "active": tcp.active(),
-            "upstream_failures": tcp.upstream_failures.load(Relaxed),
-            "bytes_to_upstream": tcp.bytes_to_upstream.load(Relaxed),
-            "bytes_to_client": tcp.bytes_to_client.load(Relaxed),
-            "refused_at_limit": tcp.refused_at_limit.load(Relaxed),
-            "refused_at_source_limit": tcp.refused_at_source_limit.load(Relaxed),
-            "half_close_timeouts": tcp.half_close_timeouts.load(Relaxed),
-            "refused_destination": tcp.refused_destinations.load(Relaxed),
-        },
-        "udp_relay": {
-            "active": udp.active.load(Relaxed),
-            "created": udp.created.load(Relaxed),
-            "expired": udp.expired.load(Relaxed),
-            "to_upstream": udp.to_upstream.load(Relaxed),
-            "to_client": udp.to_client.load(Relaxed),
-            "refused_destination": udp.refused_destinations.load(Relaxed),
-            "raw_reply_fallbacks": udp.reply_fallbacks.load(Relaxed),
-            "raw_reply_failures": udp.raw_reply_failures.load(Relaxed),
-            "refused_at_cap": udp.refused_at_cap.load(Relaxed),
-            "refused_at_source_cap": udp.refused_at_source_cap.load(Relaxed),
-            "listener_buffer_drops": udp.listener_buffer_drops.load(Relaxed),
-        },
-    })
+    InstanceStatus {
+        pid: std::process::id(),
+        phase: phase.name().into(),
+        table: s.table,
+        mark: s.mark.to_string(),
+        rule_priority: s.rule_priority,
+        fail_mode: s.fail_mode.to_string(),
+        pinned: control.pinned.then(|| s.pin_dir.display().to_string()),
+        attached: control.attached.clone(),
+        listeners,
+        rules: config.rules.iter().map(ToString::to_string).collect(),
+        stats: relays.stats_sources(steering).snapshot(),
+    }
 }
 
 /// Tells systemd (Type=notify) where tproxy is; nothing when not started by systemd.

@@ -18,18 +18,11 @@ use aya::{
 };
 use tproxy_common::maps::{self, FragmentDecision, FragmentKey, ProtocolFlowKey, ReassembledFlow};
 
+use crate::stats::FragmentEntries;
+
 /// How often expired entries are deleted: a quarter of the shorter reassembly timeout, within
 /// these bounds.
 const SWEEP_INTERVAL: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
-
-/// Entries left in the fragment maps after a sweep.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct FragmentEntries {
-    /// Datagrams whose first fragment was decided and whose time is not up.
-    pub datagrams: usize,
-    /// Reassembled flows waiting for their socket lookup.
-    pub reassembled_flows: usize,
-}
 
 /// The program's two fragment maps; shared, cheap to clone.
 #[derive(Clone)]
@@ -112,8 +105,8 @@ impl FragmentTracking {
     /// What the last sweep left.
     pub fn entries(&self) -> FragmentEntries {
         FragmentEntries {
-            datagrams: self.0.datagrams_left.load(Relaxed),
-            reassembled_flows: self.0.reassembled_flows_left.load(Relaxed),
+            datagrams: self.0.datagrams_left.load(Relaxed) as u64,
+            reassembled_flows: self.0.reassembled_flows_left.load(Relaxed) as u64,
         }
     }
 

@@ -519,11 +519,6 @@ impl Steering {
         Ok(true)
     }
 
-    /// Packet counts per protocol and outcome, summed over CPUs.
-    pub fn counters(&self) -> Result<Counters> {
-        self.counters.read()
-    }
-
     /// The program's fragment tracking (see [`FragmentTracking::spawn_sweeper`]).
     pub fn fragments(&self) -> &FragmentTracking {
         &self.fragments

@@ -12,11 +12,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use tokio::time::timeout;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tproxy_common::{
-    decision::Protocol,
-    maps::{ListenerSlot, MAX_LISTENERS},
-    Outcome,
-};
+use tproxy_common::maps::{ListenerSlot, MAX_LISTENERS};
 
 use crate::{
     cli::Human,
@@ -28,6 +24,7 @@ use crate::{
     relay::listener::{self, TransparentListener, Transport},
     relay::tcp::{self, RelayConfig, RelayStats, Upstream},
     relay::udp::{UdpConfig, UdpRelay},
+    stats,
 };
 
 /// A listener that is serving.
@@ -179,7 +176,7 @@ impl Relays {
     pub(crate) async fn serve_metrics(
         &self,
         settings: &Settings,
-        counters: Option<crate::datapath::steering::CounterReader>,
+        steering: Option<&Steering>,
     ) -> Result<()> {
         let Some(addr) = settings.metrics else {
             return Ok(());
@@ -187,9 +184,7 @@ impl Relays {
         metrics::serve(
             addr,
             metrics::Sources {
-                counters,
-                tcp: self.tcp_stats.clone(),
-                udp: self.udp.clone(),
+                stats: self.stats_sources(steering),
                 connect_latency: self.tcp_config.connect_latency.clone(),
                 ready: self.ready.clone(),
             },
@@ -524,46 +519,19 @@ impl Relays {
 
     /// Logs the eBPF counters and the relays' totals (on SIGUSR1 and at exit).
     pub(crate) fn log_stats(&self, steering: Option<&Steering>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        match steering.map(Steering::counters) {
-            None => {}
-            Some(Ok(counters)) => {
-                for protocol in Protocol::ALL {
-                    let row = &counters[protocol as usize];
-                    let line: Vec<String> = Outcome::ALL
-                        .iter()
-                        .filter(|outcome| outcome.applies_to(protocol))
-                        .map(|outcome| format!("{}={}", outcome.name(), row[*outcome as usize]))
-                        .collect();
-                    log::info!("eBPF {} packets: {}", protocol.name(), line.join(" "));
-                }
-            }
-            Some(Err(error)) => log::warn!("reading eBPF counters: {error:#}"),
+        for line in self.stats_sources(steering).snapshot().log_lines() {
+            log::info!("{line}");
         }
-        if let Some(steering) = steering {
-            let fragments = steering.fragments().entries();
-            log::info!(
-                "eBPF fragment tracking: datagrams={} reassembled_flows={}",
-                fragments.datagrams,
-                fragments.reassembled_flows
-            );
+    }
+
+    /// Where the counters of this instance are.
+    pub(crate) fn stats_sources(&self, steering: Option<&Steering>) -> stats::Sources {
+        stats::Sources {
+            steering: steering
+                .map(|steering| (steering.counter_reader(), steering.fragments().clone())),
+            tcp: self.tcp_stats.clone(),
+            udp: self.udp.clone(),
         }
-        let tcp = &self.tcp_stats;
-        log::info!(
-            "tcp relay: {} connections accepted, {} upstream failures, {} bytes to upstream, {} bytes to clients; \
-             active={} refused_at_limit={} refused_at_source_limit={} half_close_timeouts={} \
-             refused_destination={}",
-            tcp.accepted.load(Relaxed),
-            tcp.upstream_failures.load(Relaxed),
-            tcp.bytes_to_upstream.load(Relaxed),
-            tcp.bytes_to_client.load(Relaxed),
-            tcp.active(),
-            tcp.refused_at_limit.load(Relaxed),
-            tcp.refused_at_source_limit.load(Relaxed),
-            tcp.half_close_timeouts.load(Relaxed),
-            tcp.refused_destinations.load(Relaxed),
-        );
-        log::info!("{}", self.udp.stats.summary());
     }
 }
 

@@ -86,6 +86,21 @@ impl RelayStats {
     pub fn active(&self) -> usize {
         self.admission.active.load(Relaxed)
     }
+
+    /// The totals now.
+    pub fn snapshot(&self) -> crate::stats::TcpRelay {
+        crate::stats::TcpRelay {
+            accepted: self.accepted.load(Relaxed),
+            active: self.active() as u64,
+            upstream_failures: self.upstream_failures.load(Relaxed),
+            bytes_to_upstream: self.bytes_to_upstream.load(Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Relaxed),
+            refused_at_limit: self.refused_at_limit.load(Relaxed),
+            refused_at_source_limit: self.refused_at_source_limit.load(Relaxed),
+            half_close_timeouts: self.half_close_timeouts.load(Relaxed),
+            refused_destination: self.refused_destinations.load(Relaxed),
+        }
+    }
 }
 
 /// Who is being relayed: the overall count and the count per client address.

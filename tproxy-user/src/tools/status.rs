@@ -13,7 +13,8 @@ use crate::{
     daemon::control,
     datapath::pin::{PinnedBy, PinnedState},
     datapath::routing,
-    datapath::steering::{CounterReader, Counters},
+    datapath::steering::CounterReader,
+    stats::{Packets, Stats},
 };
 
 /// The control socket refused `status` (it is root's only): whether an instance runs is
@@ -44,7 +45,7 @@ pub async fn run(args: &StatusArgs) -> Result<bool> {
     if args.json {
         println!("{report:#}");
     } else {
-        print_text(&report);
+        print_text(&report, instance.as_ref().map(|instance| &instance.stats));
     }
     Ok(running)
 }
@@ -61,7 +62,7 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
     let packets = CounterReader::from_pin(&pinned.map(tproxy_common::maps::COUNTERS))
         .and_then(|reader| reader.read())
         .ok()
-        .map(|counters| packets_json(&counters));
+        .map(Packets);
     json!({
         "dir": pinned.dir().display().to_string(),
         "links": links,
@@ -71,27 +72,8 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
     })
 }
 
-/// Packet counts as `{protocol: {outcome: count}}`.
-pub fn packets_json(counters: &Counters) -> Value {
-    let by_protocol: serde_json::Map<String, Value> = Protocol::ALL
-        .iter()
-        .map(|protocol| {
-            let row: serde_json::Map<String, Value> = Outcome::ALL
-                .iter()
-                .map(|o| {
-                    (
-                        o.name().to_string(),
-                        json!(counters[*protocol as usize][*o as usize]),
-                    )
-                })
-                .collect();
-            (protocol.name().to_string(), row.into())
-        })
-        .collect();
-    by_protocol.into()
-}
-
-fn print_text(report: &Value) {
+/// `stats`: the running instance's counters, if one runs.
+fn print_text(report: &Value, stats: Option<&Stats>) {
     let table = &report["table"];
     let instance = &report["instance"];
     let pinned = &report["pinned"];
@@ -130,16 +112,17 @@ fn print_text(report: &Value) {
         for rule in instance["rules"].as_array().into_iter().flatten() {
             println!("  rule:       {}", text(rule));
         }
-        let tcp = &instance["tcp_relay"];
-        println!(
-            "  tcp relay:  active={} accepted={} upstream_failures={} bytes_to_upstream={} bytes_to_client={}",
-            tcp["active"], tcp["accepted"], tcp["upstream_failures"], tcp["bytes_to_upstream"], tcp["bytes_to_client"]
-        );
-        let udp = &instance["udp_relay"];
-        println!(
-            "  udp relay:  active={} created={} expired={} to_upstream={} to_client={}",
-            udp["active"], udp["created"], udp["expired"], udp["to_upstream"], udp["to_client"]
-        );
+        // Every relay counter and the fragment tracking, as the log shows them; the packet
+        // counts follow, from the instance or else from the pinned map.
+        if let Some(stats) = stats {
+            let without_packets = Stats {
+                packets: None,
+                ..stats.clone()
+            };
+            for line in without_packets.log_lines() {
+                println!("  {line}");
+            }
+        }
     }
     if pinned.is_null() {
         println!("  pinned:     nothing");

@@ -83,27 +83,23 @@ pub struct UdpStats {
 }
 
 impl UdpStats {
-    /// One line for the log.
-    pub fn summary(&self) -> String {
-        format!(
-            "udp relay: sessions active={} created={} expired={} refused_at_cap={} \
-             refused_at_source_cap={} ended_by_upstream_error={} raw_reply_fallbacks={} \
-             refused_destination={}; datagrams to_upstream={} to_client={} dropped={} \
-             raw_reply_failures={} listener_buffer_drops={}",
-            self.active.load(Relaxed),
-            self.created.load(Relaxed),
-            self.expired.load(Relaxed),
-            self.refused_at_cap.load(Relaxed),
-            self.refused_at_source_cap.load(Relaxed),
-            self.upstream_errors.load(Relaxed),
-            self.reply_fallbacks.load(Relaxed),
-            self.refused_destinations.load(Relaxed),
-            self.to_upstream.load(Relaxed),
-            self.to_client.load(Relaxed),
-            self.dropped.load(Relaxed),
-            self.raw_reply_failures.load(Relaxed),
-            self.listener_buffer_drops.load(Relaxed),
-        )
+    /// The totals now.
+    pub fn snapshot(&self) -> crate::stats::UdpRelay {
+        crate::stats::UdpRelay {
+            active: self.active.load(Relaxed),
+            created: self.created.load(Relaxed),
+            expired: self.expired.load(Relaxed),
+            refused_at_cap: self.refused_at_cap.load(Relaxed),
+            refused_at_source_cap: self.refused_at_source_cap.load(Relaxed),
+            ended_by_upstream_error: self.upstream_errors.load(Relaxed),
+            raw_reply_fallbacks: self.reply_fallbacks.load(Relaxed),
+            refused_destination: self.refused_destinations.load(Relaxed),
+            to_upstream: self.to_upstream.load(Relaxed),
+            to_client: self.to_client.load(Relaxed),
+            dropped: self.dropped.load(Relaxed),
+            listener_buffer_drops: self.listener_buffer_drops.load(Relaxed),
+            raw_reply_failures: self.raw_reply_failures.load(Relaxed),
+        }
     }
 }
 
