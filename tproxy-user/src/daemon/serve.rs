@@ -88,173 +88,277 @@ impl Signals {
 /// drain at once (after a takeover, the second one does: the first is the upgrade path's).
 pub(crate) async fn serve(
     args: &RunArgs,
-    mut config: Config,
-    mut relays: Relays,
-    mut steering: Option<&mut Steering>,
+    config: Config,
+    relays: Relays,
+    steering: Option<&mut Steering>,
     interfaces: &[(String, u32)],
     signals: &mut Signals,
     control: &mut Control<'_>,
 ) -> Result<Ending> {
-    let drain_timeout = config.settings.drain_timeout;
-    let mut phase = Phase::Serving;
-    // While draining after a signal: until when the listeners still accept what reached
-    // them before they left the socket map.
-    let mut accepting_until: Option<Instant> = None;
+    let mut server = Server {
+        args,
+        drain_timeout: config.settings.drain_timeout,
+        config,
+        relays,
+        steering,
+        interfaces,
+        phase: Phase::Serving,
+        accepting_until: None,
+        signalled_after_handover: false,
+    };
     let mut successor: Option<tokio::task::JoinHandle<bool>> = None;
     // Polled only while draining: with this timer running while serving, the relay's p50
     // round trip rose from 52 to 55–75 µs (sockperf ping-pong through the router topology).
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Whether a signal has been seen since the successor took over.
-    let mut signalled_after_handover = false;
     loop {
-        let signalled;
-        tokio::select! {
-            _ = signals.interrupt.recv() => signalled = true,
-            _ = signals.terminate.recv() => signalled = true,
+        let signalled = tokio::select! {
+            _ = signals.interrupt.recv() => true,
+            _ = signals.terminate.recv() => true,
             _ = signals.report.recv() => {
-                relays.log_stats(steering.as_deref());
+                server.relays.log_stats(server.steering.as_deref());
                 continue;
             }
             _ = signals.reload.recv() => {
-                let _ = reload_in_serving(phase, args, &mut config, &mut relays, steering.as_deref_mut(), interfaces);
+                let _ = server.reload();
                 continue;
             }
             Some(request) = control.requests.recv() => {
-                match request {
-                    Request::Reload(stream) => {
-                        let outcome = reload_in_serving(phase, args, &mut config, &mut relays, steering.as_deref_mut(), interfaces);
-                        control::answer_reload(stream, outcome);
-                    }
-                    Request::Status(mut stream) => {
-                        let report = status_report(&config, &relays, steering.as_deref(), phase, control);
-                        // A reader that does not read must not stall the serve loop.
-                        let report = serde_json::to_vec(&report).expect("plain data");
-                        tokio::task::spawn_blocking(move || {
-                            let _ = std::io::Write::write_all(&mut stream, &report);
-                        });
-                    }
-                    Request::Takeover(stream) => {
-                        let refusal = if !control.pinned {
-                            Some("it runs without --pin, so its program and maps would go with it; stop it first")
-                        } else if successor.is_some() {
-                            Some("another takeover is in progress")
-                        } else if matches!(phase, Phase::Draining { handed_over: true, .. }) {
-                            Some("it has handed over already")
-                        } else {
-                            None
-                        };
-                        match (refusal, control.lock) {
-                            (Some(reason), _) => control::refuse(stream, reason),
-                            (None, None) => control::refuse(stream, "it runs without a lock"),
-                            (None, Some(lock)) => {
-                                let mut stream = stream;
-                                let (listeners, fds) = relays.handover_offer();
-                                match control::offer(&mut stream, lock.offer_fd(), listeners, &fds) {
-                                    Ok(()) => {
-                                        log::info!("a new instance is taking over");
-                                        successor = Some(tokio::task::spawn_blocking(move || control::await_done(stream)));
-                                    }
-                                    Err(error) => log::warn!("handing over failed: {error:#}"),
-                                }
-                            }
-                        }
-                    }
+                if let Some(waiting) = server.answer(request, control, successor.is_some()) {
+                    successor = Some(waiting);
                 }
                 continue;
             }
             done = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
                 successor = None;
-                if done.unwrap_or(false) {
-                    log::info!("the new instance has taken over; draining for up to {}", Human(drain_timeout));
-                    relays.stop_accepting();
-                    relays.close_listeners();
-                    relays.ready.store(false, std::sync::atomic::Ordering::Relaxed);
-                    relays.metrics_stop.cancel();
-                    accepting_until = None;
-                    phase = Phase::Draining { until: Instant::now() + drain_timeout, handed_over: true };
-                    notify_systemd(sd_notify::NotifyState::Stopping);
-                } else {
-                    log::warn!("the new instance did not take over; this one carries on");
-                    if let Some(lock) = control.lock {
-                        lock.offer_declined();
-                    }
-                    if let Some(steering) = steering.as_deref_mut() {
-                        // Blocking map work, as a reload's.
-                        let reasserted = tokio::task::block_in_place(|| {
-                            reassert(&config, &mut relays, steering, interfaces)
-                        });
-                        if let Err(error) = reasserted {
-                            log::error!("restoring this instance's rules and listeners: {error:#}");
-                        }
-                        if phase != Phase::Serving {
-                            // Stopping: new flows keep getting the fail mode.
-                            steering.unregister_except(&[]);
-                        }
-                    }
-                }
+                server.successor_answered(done.unwrap_or(false), control);
                 continue;
             }
-            _ = tick.tick(), if phase != Phase::Serving => {
-                let now = Instant::now();
-                if accepting_until.is_some_and(|at| now >= at) {
-                    accepting_until = None;
-                    relays.stop_accepting();
-                    if !control.pinned {
-                        relays.close_listeners();
-                    }
+            _ = tick.tick(), if server.phase != Phase::Serving => {
+                if !server.drain_over(control) {
+                    continue;
                 }
-                match phase {
-                    Phase::Draining { until, .. } if now >= until => {}
-                    Phase::Draining { .. } if accepting_until.is_none() && relays.idle() => {}
-                    _ => continue,
-                }
-                signalled = false;
+                false
+            }
+        };
+        if let Some(ending) = server.stop_or_end(signalled).await {
+            return Ok(ending);
+        }
+    }
+}
+
+/// Serving's state between events.
+struct Server<'a, 's> {
+    args: &'a RunArgs,
+    config: Config,
+    relays: Relays,
+    steering: Option<&'s mut Steering>,
+    interfaces: &'a [(String, u32)],
+    drain_timeout: Duration,
+    phase: Phase,
+    /// While draining after a signal: until when the listeners still accept what reached
+    /// them before they left the socket map.
+    accepting_until: Option<Instant>,
+    /// Whether a signal has been seen since the successor took over.
+    signalled_after_handover: bool,
+}
+
+impl Server<'_, '_> {
+    fn reload(&mut self) -> std::result::Result<String, String> {
+        reload_in_serving(
+            self.phase,
+            self.args,
+            &mut self.config,
+            &mut self.relays,
+            self.steering.as_deref_mut(),
+            self.interfaces,
+        )
+    }
+
+    /// Answers a control-socket request; a takeover that goes ahead returns the task that
+    /// waits for the successor's word.
+    fn answer(
+        &mut self,
+        request: Request,
+        control: &Control<'_>,
+        takeover_in_progress: bool,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
+        match request {
+            Request::Reload(stream) => control::answer_reload(stream, self.reload()),
+            Request::Status(mut stream) => {
+                let report = status_report(
+                    &self.config,
+                    &self.relays,
+                    self.steering.as_deref(),
+                    self.phase,
+                    control,
+                );
+                // A reader that does not read must not stall the serve loop.
+                let report = serde_json::to_vec(&report).expect("plain data");
+                tokio::task::spawn_blocking(move || {
+                    let _ = std::io::Write::write_all(&mut stream, &report);
+                });
+            }
+            Request::Takeover(stream) => {
+                return self.offer_takeover(stream, control, takeover_in_progress)
             }
         }
-        // A signal, or the end of the drain.
-        match phase {
+        None
+    }
+
+    /// Hands the lock and the listening sockets to a new instance that asked, unless this
+    /// instance cannot hand over.
+    fn offer_takeover(
+        &mut self,
+        mut stream: std::os::unix::net::UnixStream,
+        control: &Control<'_>,
+        takeover_in_progress: bool,
+    ) -> Option<tokio::task::JoinHandle<bool>> {
+        let refusal = if !control.pinned {
+            Some("it runs without --pin, so its program and maps would go with it; stop it first")
+        } else if takeover_in_progress {
+            Some("another takeover is in progress")
+        } else if matches!(
+            self.phase,
+            Phase::Draining {
+                handed_over: true,
+                ..
+            }
+        ) {
+            Some("it has handed over already")
+        } else {
+            None
+        };
+        let lock = match (refusal, control.lock) {
+            (None, Some(lock)) => lock,
+            (refusal, _) => {
+                control::refuse(stream, refusal.unwrap_or("it runs without a lock"));
+                return None;
+            }
+        };
+        let (listeners, fds) = self.relays.handover_offer();
+        match control::offer(&mut stream, lock.offer_fd(), listeners, &fds) {
+            Ok(()) => {
+                log::info!("a new instance is taking over");
+                Some(tokio::task::spawn_blocking(move || {
+                    control::await_done(stream)
+                }))
+            }
+            Err(error) => {
+                log::warn!("handing over failed: {error:#}");
+                None
+            }
+        }
+    }
+
+    /// The successor said it is done (`took_over`) or went away: drain for it, or carry on.
+    fn successor_answered(&mut self, took_over: bool, control: &Control<'_>) {
+        if took_over {
+            log::info!(
+                "the new instance has taken over; draining for up to {}",
+                Human(self.drain_timeout)
+            );
+            self.relays.stop_accepting();
+            self.relays.close_listeners();
+            self.relays
+                .ready
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.relays.metrics_stop.cancel();
+            self.accepting_until = None;
+            self.phase = Phase::Draining {
+                until: Instant::now() + self.drain_timeout,
+                handed_over: true,
+            };
+            notify_systemd(sd_notify::NotifyState::Stopping);
+            return;
+        }
+        log::warn!("the new instance did not take over; this one carries on");
+        if let Some(lock) = control.lock {
+            lock.offer_declined();
+        }
+        let Some(steering) = self.steering.as_deref_mut() else {
+            return;
+        };
+        // Blocking map work, as a reload's.
+        let reasserted = tokio::task::block_in_place(|| {
+            reassert(&self.config, &mut self.relays, steering, self.interfaces)
+        });
+        if let Err(error) = reasserted {
+            log::error!("restoring this instance's rules and listeners: {error:#}");
+        }
+        if self.phase != Phase::Serving {
+            // Stopping: new flows keep getting the fail mode.
+            steering.unregister_except(&[]);
+        }
+    }
+
+    /// A drain tick: ends accepting when its grace is over; whether the drain is over.
+    fn drain_over(&mut self, control: &Control<'_>) -> bool {
+        let now = Instant::now();
+        if self.accepting_until.is_some_and(|at| now >= at) {
+            self.accepting_until = None;
+            self.relays.stop_accepting();
+            if !control.pinned {
+                self.relays.close_listeners();
+            }
+        }
+        match self.phase {
+            Phase::Draining { until, .. } if now >= until => true,
+            Phase::Draining { .. } => self.accepting_until.is_none() && self.relays.idle(),
+            Phase::Serving => false,
+        }
+    }
+
+    /// After a signal (`signalled`) or the end of the drain: starts draining, or ends.
+    async fn stop_or_end(&mut self, signalled: bool) -> Option<Ending> {
+        match self.phase {
             Phase::Serving => {
-                // New flows get the fail mode from now on (until a successor registers the
-                // listeners again); what reached the listeners already is still accepted for
-                // a moment, so that no handshake in progress is reset. Both this and the
-                // readiness are done before anything says it is draining: whoever reads the
-                // log line and then asks /readyz or connects must see the drain.
-                if let Some(steering) = steering.as_deref_mut() {
-                    steering.unregister_except(&[]);
-                }
-                relays
-                    .ready
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                log::info!("stopping: draining for up to {}", Human(drain_timeout));
-                notify_systemd(sd_notify::NotifyState::Stopping);
-                accepting_until = Some(Instant::now() + drain_timeout.min(ACCEPT_GRACE));
-                phase = Phase::Draining {
-                    until: Instant::now() + drain_timeout,
-                    handed_over: false,
-                };
+                self.start_draining();
+                None
             }
             // The upgrade path: whoever started the successor stops the old instance next;
             // that must not cut the connections it drains.
             Phase::Draining {
                 handed_over: true, ..
-            } if signalled && !signalled_after_handover => {
-                signalled_after_handover = true;
+            } if signalled && !self.signalled_after_handover => {
+                self.signalled_after_handover = true;
                 log::info!(
                     "already draining for the new instance; the connections in flight keep their \
                      time (signal again to reset them now)"
                 );
+                None
             }
             Phase::Draining { handed_over, .. } => {
-                relays.stop().await;
-                relays.log_stats(steering.as_deref());
-                return Ok(if handed_over {
+                self.relays.stop().await;
+                self.relays.log_stats(self.steering.as_deref());
+                Some(if handed_over {
                     Ending::HandedOver
                 } else {
                     Ending::Stopped
-                });
+                })
             }
         }
+    }
+
+    fn start_draining(&mut self) {
+        // New flows get the fail mode from now on (until a successor registers the
+        // listeners again); what reached the listeners already is still accepted for
+        // a moment, so that no handshake in progress is reset. Both this and the
+        // readiness are done before anything says it is draining: whoever reads the
+        // log line and then asks /readyz or connects must see the drain.
+        if let Some(steering) = self.steering.as_deref_mut() {
+            steering.unregister_except(&[]);
+        }
+        self.relays
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        log::info!("stopping: draining for up to {}", Human(self.drain_timeout));
+        notify_systemd(sd_notify::NotifyState::Stopping);
+        self.accepting_until = Some(Instant::now() + self.drain_timeout.min(ACCEPT_GRACE));
+        self.phase = Phase::Draining {
+            until: Instant::now() + self.drain_timeout,
+            handed_over: false,
+        };
     }
 }
 
