@@ -80,50 +80,62 @@ fn print_text(report: &Value, stats: Option<&Stats>) {
     if instance.is_null() {
         println!("tproxy (table {table}): not running in this network namespace");
     } else {
+        print_instance(table, instance, stats);
+    }
+    print_pinned(pinned, instance.is_null());
+    print_routing(report);
+    print_packets(instance, pinned);
+}
+
+/// The running instance: where it is attached, its listeners and rules, its relay counters.
+fn print_instance(table: &Value, instance: &Value, stats: Option<&Stats>) {
+    println!(
+        "tproxy (table {table}): running, pid {}, {}",
+        instance["pid"],
+        text(&instance["phase"])
+    );
+    println!("  attached:   {}", join(&instance["attached"]));
+    println!(
+        "  mark {} rule priority {}, fail mode {}",
+        text(&instance["mark"]),
+        instance["rule_priority"],
+        text(&instance["fail_mode"])
+    );
+    for listener in instance["listeners"].as_array().into_iter().flatten() {
+        let transports = match (listener["tcp"].as_bool(), listener["udp"].as_bool()) {
+            (Some(true), Some(true)) => "TCP+UDP",
+            (Some(true), _) => "TCP",
+            (_, Some(true)) => "UDP",
+            _ => "not serving",
+        };
+        let upstream = match listener["upstream"].as_str() {
+            Some(upstream) => upstream.to_string(),
+            None => "the original destination".to_string(),
+        };
         println!(
-            "tproxy (table {table}): running, pid {}, {}",
-            instance["pid"],
-            text(&instance["phase"])
+            "  listener {}: {transports} on {}, relaying to {upstream}",
+            text(&listener["name"]),
+            join(&listener["addresses"])
         );
-        println!("  attached:   {}", join(&instance["attached"]));
-        println!(
-            "  mark {} rule priority {}, fail mode {}",
-            text(&instance["mark"]),
-            instance["rule_priority"],
-            text(&instance["fail_mode"])
-        );
-        for listener in instance["listeners"].as_array().into_iter().flatten() {
-            let transports = match (listener["tcp"].as_bool(), listener["udp"].as_bool()) {
-                (Some(true), Some(true)) => "TCP+UDP",
-                (Some(true), _) => "TCP",
-                (_, Some(true)) => "UDP",
-                _ => "not serving",
-            };
-            let upstream = match listener["upstream"].as_str() {
-                Some(upstream) => upstream.to_string(),
-                None => "the original destination".to_string(),
-            };
-            println!(
-                "  listener {}: {transports} on {}, relaying to {upstream}",
-                text(&listener["name"]),
-                join(&listener["addresses"])
-            );
-        }
-        for rule in instance["rules"].as_array().into_iter().flatten() {
-            println!("  rule:       {}", text(rule));
-        }
-        // Every relay counter and the fragment tracking, as the log shows them; the packet
-        // counts follow, from the instance or else from the pinned map.
-        if let Some(stats) = stats {
-            let without_packets = Stats {
-                packets: None,
-                ..stats.clone()
-            };
-            for line in without_packets.log_lines() {
-                println!("  {line}");
-            }
+    }
+    for rule in instance["rules"].as_array().into_iter().flatten() {
+        println!("  rule:       {}", text(rule));
+    }
+    // Every relay counter and the fragment tracking, as the log shows them; the packet
+    // counts follow, from the instance or else from the pinned map.
+    if let Some(stats) = stats {
+        let without_packets = Stats {
+            packets: None,
+            ..stats.clone()
+        };
+        for line in without_packets.log_lines() {
+            println!("  {line}");
         }
     }
+}
+
+/// What is pinned, and what it does with no process behind it.
+fn print_pinned(pinned: &Value, no_instance: bool) {
     if pinned.is_null() {
         println!("  pinned:     nothing");
     } else {
@@ -135,7 +147,7 @@ fn print_text(report: &Value, stats: Option<&Stats>) {
                 link["program_id"]
             );
         }
-        if instance.is_null() {
+        if no_instance {
             let effect = match pinned["fail_mode"].as_str() {
                 Some("closed") => "fail-closed: what steer rules take is dropped",
                 Some("open") => "fail-open: what steer rules take passes unproxied",
@@ -147,6 +159,9 @@ fn print_text(report: &Value, stats: Option<&Stats>) {
             );
         }
     }
+}
+
+fn print_routing(report: &Value) {
     let routing: Vec<&str> = report["routing"]
         .as_array()
         .into_iter()
@@ -159,6 +174,10 @@ fn print_text(report: &Value, stats: Option<&Stats>) {
     for line in routing {
         println!("  routing:    {line}");
     }
+}
+
+/// The program's packet counts, from the instance or else from the pinned map.
+fn print_packets(instance: &Value, pinned: &Value) {
     let packets = if instance["packets"].is_object() {
         &instance["packets"]
     } else {
