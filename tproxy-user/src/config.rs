@@ -25,9 +25,10 @@ use serde::{
 use tproxy_common::maps::MAX_LISTENERS;
 
 use crate::{
-    cli::{self, FailMode, Mark, RunArgs},
+    cli::RunArgs,
     datapath::rules::{self, Action, Ports, Rule},
     relay::listener::Transport,
+    values::{self, FailMode, Mark},
 };
 
 /// Name of the listener that `--tcp`/`--udp` steer to.
@@ -330,7 +331,7 @@ impl Config {
             out,
             "lifecycle: {pinned}; fail-{}; drain timeout {}",
             s.fail_mode,
-            cli::Human(s.drain_timeout)
+            values::Human(s.drain_timeout)
         );
         let _ = writeln!(out, "listeners:");
         for listener in &self.listeners {
@@ -787,6 +788,14 @@ impl Config {
         }
     }
 
+    /// The configuration `run --config FILE` would use with no other flag, checked.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Self::build(&RunArgs {
+            config: Some(path.to_owned()),
+            ..RunArgs::default()
+        })
+    }
+
     /// The configuration `run` would use: the file named by `--config` (if any) and the
     /// flags, checked. `check` calls it too, so what it accepts `run` accepts (up to what
     /// only the system can tell: interfaces that exist, addresses that are free).
@@ -905,9 +914,13 @@ struct DrainTimeout(Duration);
 #[derive(Clone, Copy, Debug)]
 struct SessionCap(u32);
 
-from_text!(FailMode, "\"open\" or \"closed\"", cli::parse_fail_mode);
-from_text!(Mark, "a mark like \"0x1000000/0x1000000\"", cli::parse_mark);
-from_text!(Table, "a routing table number", |t| cli::parse_table(t)
+from_text!(FailMode, "\"open\" or \"closed\"", values::parse_fail_mode);
+from_text!(
+    Mark,
+    "a mark like \"0x1000000/0x1000000\"",
+    values::parse_mark
+);
+from_text!(Table, "a routing table number", |t| values::parse_table(t)
     .map(Table));
 from_text!(
     RulePriority,
@@ -918,13 +931,13 @@ from_text!(
     }
 );
 from_text!(SocketMark, "a socket mark like \"0x2000000\"", |t| {
-    cli::parse_socket_mark(t).map(SocketMark)
+    values::parse_socket_mark(t).map(SocketMark)
 });
 from_text!(Timeout, "a duration like \"10s\" or \"500ms\"", |t| {
-    cli::parse_duration(t).map(Timeout)
+    values::parse_duration(t).map(Timeout)
 });
 from_text!(DrainTimeout, "a duration like \"30s\" or \"0s\"", |t| {
-    cli::parse_drain_timeout(t).map(DrainTimeout)
+    values::parse_drain_timeout(t).map(DrainTimeout)
 });
 from_text!(
     SessionCap,
@@ -937,9 +950,9 @@ from_text!(
 from_text!(
     SocketAddr,
     "an ADDR:PORT like \"127.0.0.1:8080\"",
-    cli::parse_socket_addr
+    values::parse_socket_addr
 );
-from_text!(IpNet, "a prefix like \"10.0.0.0/8\"", cli::parse_prefix);
+from_text!(IpNet, "a prefix like \"10.0.0.0/8\"", values::parse_prefix);
 from_text!(Transport, "\"tcp\" or \"udp\"", |t: &str| match t {
     "tcp" => Ok(Transport::Tcp),
     "udp" => Ok(Transport::Udp),
@@ -956,7 +969,7 @@ from_text!(
     Ports,
     "a port or range like 80 or \"8000-8100\"",
     |t: &str| {
-        let list = cli::parse_port_list(t)?;
+        let list = values::parse_port_list(t)?;
         match list.0.as_slice() {
             [range] => Ok(ports_of(*range.start(), *range.end())),
             _ => Err(format!(
@@ -1077,6 +1090,7 @@ impl<'de> Deserialize<'de> for InterfaceList {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli;
     use clap::Parser;
 
     fn args(extra: &[&str]) -> RunArgs {
