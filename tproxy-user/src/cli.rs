@@ -2,14 +2,16 @@
 //! (or an error naming the bad value) by the parsers of [`crate::values`] before anything
 //! touches the system.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::values::{
-    parse_drain_timeout, parse_duration, parse_fail_mode, parse_mark, parse_port_list,
-    parse_prefix, parse_socket_addr, parse_socket_mark, parse_table, FailMode, Mark, PortList,
+use crate::{
+    config::SettingFlags,
+    values::{
+        parse_mark, parse_port_list, parse_prefix, parse_socket_addr, parse_table, Mark, PortList,
+    },
 };
 
 /// Transparent proxying without iptables: a tc ingress eBPF program steers chosen TCP and UDP
@@ -130,16 +132,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Interface whose ingress traffic is steered (repeat for several). Steering happens on
-    /// arrival, so name the interfaces clients' packets come in on. Replaces the file's
-    /// `interfaces`.
-    #[arg(long = "iface", value_name = "IF")]
-    pub ifaces: Vec<String>,
-
     /// Run only the listeners and the relay: steering is done by something else, such as an
     /// existing iptables/nft TPROXY rule set pointed at the listeners (give them fixed
     /// ports). No program is attached and no policy routing is installed.
-    #[arg(long = "relay-only", conflicts_with_all = ["ifaces", "dst"])]
+    #[arg(long = "relay-only", conflicts_with_all = ["interfaces", "dst"])]
     pub relay_only: bool,
 
     /// Destination TCP ports to steer to the `default` listener: a comma-separated list of
@@ -170,108 +166,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub upstream: Option<SocketAddr>,
 
-    /// Routing mark set on steered packets, optionally with the mask of `skb->mark` bits that
-    /// tproxy owns (`MARK/MASK`, decimal or 0x-hex). Only bits under the mask are changed.
-    /// [default: 0x1000000/0x1000000]
-    #[arg(long, value_name = "MARK[/MASK]", value_parser = parse_mark)]
-    pub mark: Option<Mark>,
-
-    /// Routing table holding the `local 0.0.0.0/0` and `local ::/0` routes. [default: 7470]
-    #[arg(long, value_name = "N", value_parser = parse_table)]
-    pub table: Option<u32>,
-
-    /// Priority of the `fwmark MARK/MASK lookup TABLE` rule (lower is consulted earlier;
-    /// must come before the main table's 32766). [default: 4700]
-    #[arg(long = "rule-priority", value_name = "N", value_parser = clap::value_parser!(u32).range(1..32766))]
-    pub rule_priority: Option<u32>,
-
-    /// Give up connecting to the upstream after this long (e.g. `5s`, `500ms`) and reset the
-    /// client. [default: 10s]
-    #[arg(long = "connect-timeout", value_name = "DURATION", value_parser = parse_duration)]
-    pub connect_timeout: Option<Duration>,
-
-    /// Close a relayed connection after no bytes moved either way for this long.
-    /// [default: 5m]
-    #[arg(long = "idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
-    pub idle_timeout: Option<Duration>,
-
-    /// End a UDP session after no datagram moved either way for this long. [default: 60s]
-    #[arg(long = "udp-idle-timeout", value_name = "DURATION", value_parser = parse_duration)]
-    pub udp_idle_timeout: Option<Duration>,
-
-    /// Most UDP sessions at once; datagrams of new flows beyond it are dropped (and counted).
-    /// Each session holds two file descriptors. [default: 8192]
-    #[arg(long = "udp-max-sessions", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub udp_max_sessions: Option<u32>,
-
-    /// Most UDP sessions at once for one client address (each of its source ports and
-    /// destinations is a session), so that no client can take them all; datagrams of its
-    /// new flows beyond it are dropped (and counted). [default: a quarter of
-    /// --udp-max-sessions]
-    #[arg(long = "udp-max-sessions-per-source", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub udp_max_sessions_per_source: Option<u32>,
-
-    /// Serve Prometheus metrics on `/metrics` at this address, with `/healthz` and `/readyz`
-    /// for probes. Keep it on loopback or a management network.
-    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
-    pub metrics: Option<SocketAddr>,
-
-    /// Once set up, run as this user (with only CAP_NET_ADMIN, CAP_NET_BIND_SERVICE and
-    /// CAP_NET_RAW, which tproxy keeps in any case). The configuration file must stay readable to it for reloads.
-    #[arg(long, value_name = "NAME")]
-    pub user: Option<String>,
-
-    /// Connect to upstreams from the client's own address (IP_TRANSPARENT), so that servers
-    /// see the client instead of this host (TCP). The servers' replies must route back
-    /// through this host, and a `bypass` rule on the interface they arrive on must hand them
-    /// to tproxy's sockets (see the README).
-    #[arg(long = "transparent-upstream")]
-    pub transparent_upstream: bool,
-
-    /// Reset a connection when one direction has stayed open this long after the other ended
-    /// (half-close). [default: 60s]
-    #[arg(long = "half-close-timeout", value_name = "DURATION", value_parser = parse_duration)]
-    pub half_close_timeout: Option<Duration>,
-
-    /// Most TCP connections relayed at once; beyond it new ones are reset (and counted).
-    /// [default: what the open-files limit allows: (limit - 256) / 2]
-    #[arg(long = "max-connections", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections: Option<u32>,
-
-    /// Most TCP connections relayed at once for one client address, so that no client can
-    /// take them all. [default: a quarter of --max-connections]
-    #[arg(long = "max-connections-per-source", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections_per_source: Option<u32>,
-
-    /// SO_MARK on tproxy's own per-flow UDP sockets, by which the eBPF program tells them from
-    /// other local sockets. It must not match the routing rule (MARK under MASK), or replies
-    /// would be delivered locally instead of sent. [default: 0x2000000]
-    #[arg(long = "socket-mark", value_name = "MARK", value_parser = parse_socket_mark)]
-    pub socket_mark: Option<u32>,
-
-    /// Keep the program's links and maps pinned (under --pin-dir), so that steering outlives
-    /// the process: the next `tproxy run --pin` adopts them without a gap, and one started
-    /// while this one runs takes its listeners over (see the README's restart section).
-    /// `tproxy cleanup` removes what is left pinned.
-    #[arg(long)]
-    pub pin: bool,
-
-    /// The directory, on a bpf filesystem, that holds --pin's state. [default: /sys/fs/bpf/tproxy]
-    #[arg(long = "pin-dir", value_name = "DIR")]
-    pub pin_dir: Option<PathBuf>,
-
-    /// What happens to a packet a steer rule takes when no listener can get it (no tproxy
-    /// process runs over pinned state, or the listener has no socket for the packet's family),
-    /// and to a later fragment whose first fragment was not seen (any port: without ports its
-    /// flow cannot be told): `open` passes it on untouched, `closed` drops it. [default: open]
-    #[arg(long = "fail-mode", value_name = "MODE", value_parser = parse_fail_mode)]
-    pub fail_mode: Option<FailMode>,
-
-    /// On SIGTERM, or when a new instance takes over, stop accepting and give the connections
-    /// and UDP sessions in flight this long to finish before resetting the rest; a second
-    /// SIGTERM or SIGINT resets them at once, and 0s does not wait. [default: 30s]
-    #[arg(long = "drain-timeout", value_name = "DURATION", value_parser = parse_drain_timeout)]
-    pub drain_timeout: Option<Duration>,
+    /// The settings (see [`crate::config::settings`] for the list).
+    #[command(flatten)]
+    pub settings: SettingFlags,
 }
 
 #[cfg(test)]
@@ -291,7 +188,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!()
         };
-        assert!(args.listen.is_empty() && args.mark.is_none() && args.config.is_none());
+        assert!(args.listen.is_empty() && args.settings.mark.is_none() && args.config.is_none());
         assert!(args.dst.is_empty());
         assert!(args.udp.is_none());
     }
