@@ -14,8 +14,9 @@
 //! - [`tools`]: the operator's commands besides `run`: status, doctor, cleanup, translate.
 //! - [`run`] puts the pieces together in the order that leaves nothing behind, and takes them
 //!   down again; [`cli`] and
-//!   [`config`] read what the operator asked for; [`stats`] is the one snapshot of the
-//!   counters that `status`, the log and `metrics` render; `metrics` and [`logging`] report.
+//!   [`config`] read what the operator asked for, in the [`values`] both parse with;
+//!   [`stats`] is the one snapshot of the counters that `status`, the log and `metrics`
+//!   render; `metrics` and [`logging`] report.
 
 pub mod cli;
 pub mod config;
@@ -27,3 +28,4 @@ pub(crate) mod relay;
 pub mod run;
 pub mod stats;
 pub mod tools;
+pub mod values;

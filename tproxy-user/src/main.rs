@@ -15,18 +15,7 @@ use clap::Parser;
 /// The settings `doctor` examines: the configuration file's (if given), then the flags.
 fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<config::Settings> {
     let mut settings = match &args.config {
-        Some(path) => {
-            let run = cli::Cli::try_parse_from([
-                "tproxy".as_ref(),
-                "run".as_ref(),
-                "--config".as_ref(),
-                path.as_os_str(),
-            ])?;
-            let cli::Command::Run(run) = run.command else {
-                unreachable!()
-            };
-            config::Config::build(&run)?.settings
-        }
+        Some(path) => config::Config::from_file(path)?.settings,
         None => config::Settings::default(),
     };
     if !args.ifaces.is_empty() {

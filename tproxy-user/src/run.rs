@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    cli::{FailMode, RunArgs},
+    cli::RunArgs,
     config::{Config, Settings},
     daemon::control::{self},
     daemon::instance::{Held, InstanceLock},
@@ -24,6 +24,7 @@ use crate::{
     datapath::routing::{self, PolicyRouting, RoutingSpec},
     datapath::rules::{self},
     datapath::steering::{self, LoadSettings, Steering},
+    values::FailMode,
 };
 use crate::{
     daemon::serve::{notify_systemd, serve, Control, Ending, Signals},

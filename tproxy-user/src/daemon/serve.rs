@@ -7,13 +7,14 @@ use anyhow::Result;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::{
-    cli::{Human, RunArgs},
+    cli::RunArgs,
     config::Config,
     daemon::control::{self, Request},
     daemon::instance::InstanceLock,
     datapath::rules::{self},
     datapath::steering::Steering,
     stats::{InstanceStatus, ListenerStatus},
+    values::Human,
 };
 use crate::{
     daemon::reload::reload,

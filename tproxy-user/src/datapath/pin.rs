@@ -34,7 +34,7 @@ pub struct PinnedBy {
 
 impl PinnedBy {
     /// Records this process as the one whose program is pinned for `table`.
-    pub fn record(table: u32, fail_mode: crate::cli::FailMode) -> Result<()> {
+    pub fn record(table: u32, fail_mode: crate::values::FailMode) -> Result<()> {
         let record = PinnedBy {
             pid: std::process::id(),
             fail_mode: fail_mode.to_string(),

@@ -23,10 +23,10 @@ use tproxy_common::{
 };
 
 use crate::{
-    cli::Mark,
     datapath::fragments::FragmentTracking,
     datapath::pin::PinnedState,
     datapath::rules::{CompiledRules, Entry},
+    values::Mark,
 };
 
 /// The compiled tproxy-ebpf object, built by build.rs.

@@ -15,7 +15,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tproxy_common::maps::{ListenerSlot, MAX_LISTENERS};
 
 use crate::{
-    cli::Human,
     config::{Config, ListenerConfig, Settings},
     daemon::control::{HandedListener, HandedSocket},
     datapath::rules::{self, Action, Rule},
@@ -25,6 +24,7 @@ use crate::{
     relay::tcp::{self, RelayConfig, RelayStats, Upstream},
     relay::udp::{UdpConfig, UdpRelay},
     stats,
+    values::Human,
 };
 
 /// A listener that is serving.

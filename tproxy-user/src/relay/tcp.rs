@@ -24,11 +24,11 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    cli::Human,
     logging,
     relay::listener,
     relay::splice::{self, PipePool},
     relay::udp::LogLimiter,
+    values::Human,
 };
 
 /// Pipes for splicing, shared by every connection.

@@ -12,10 +12,10 @@ use aya::{
 use futures::TryStreamExt;
 
 use crate::{
-    cli::Mark,
     config::{Interfaces, Settings},
     datapath::routing,
     datapath::steering::{LoadSettings, Steering},
+    values::Mark,
 };
 
 /// How bad a finding is.

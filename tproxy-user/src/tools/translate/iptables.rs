@@ -7,7 +7,11 @@ use anyhow::Result;
 use super::{
     full_mark, interface_name, port_range, words, Chain, Family, Match, Parsed, RuleSet, Target,
 };
-use crate::{cli, datapath::rules::Ports, relay::listener::Transport};
+use crate::{
+    datapath::rules::Ports,
+    relay::listener::Transport,
+    values::{parse_port_list, parse_prefix},
+};
 
 /// Reads the `mangle` table's PREROUTING chain and the chains it may jump to.
 pub(super) fn parse(input: &str) -> Result<RuleSet> {
@@ -139,7 +143,7 @@ fn parse_rule(
             "-d" | "--destination" | "-s" | "--source" => {
                 let prefixes = value(i)?
                     .split(',')
-                    .map(cli::parse_prefix)
+                    .map(parse_prefix)
                     .collect::<Result<Vec<_>, _>>()?;
                 if word.starts_with("-d") || word == "--destination" {
                     m.dst = prefixes;
@@ -232,7 +236,7 @@ fn parse_target(
     while i < w.len() {
         match w[i].as_str() {
             "--on-port" => {
-                on_port = Some(cli::parse_port_list(&value(i)?)?.0[0].start().to_owned());
+                on_port = Some(parse_port_list(&value(i)?)?.0[0].start().to_owned());
             }
             "--on-ip" => {
                 on_ip = Some(

@@ -26,9 +26,10 @@ use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 
 use crate::{
-    cli::{self, Mark, TranslateArgs},
+    cli::TranslateArgs,
     datapath::rules::Ports,
     relay::listener::Transport,
+    values::{parse_mark, parse_port_list, Mark},
 };
 
 /// Reads the rule set from stdin, prints the configuration, lists what was skipped.
@@ -187,9 +188,9 @@ fn words(line: &str) -> Vec<String> {
 /// A mark as iptables and nft write it: a bare value sets all 32 bits.
 fn full_mark(text: &str) -> Result<Mark, String> {
     if text.contains('/') {
-        cli::parse_mark(text)
+        parse_mark(text)
     } else {
-        cli::parse_mark(&format!("{text}/0xffffffff"))
+        parse_mark(&format!("{text}/0xffffffff"))
     }
 }
 
@@ -212,9 +213,9 @@ fn interface_name(name: &str) -> Result<String, String> {
     }
 }
 
-/// A port or port range as `cli::parse_port_list` reads it (`80`, `8000-8100`).
+/// A port or port range as `values::parse_port_list` reads it (`80`, `8000-8100`).
 fn port_range(text: &str) -> Result<Ports, String> {
-    let list = cli::parse_port_list(text)?;
+    let list = parse_port_list(text)?;
     let range = &list.0[0];
     Ok(match (*range.start(), *range.end()) {
         (a, b) if a == b => Ports::One(a),

@@ -5,7 +5,10 @@ use std::{collections::HashMap, net::IpAddr};
 use anyhow::Result;
 
 use super::{full_mark, interface_name, port_range, words, Family, Match, Parsed, RuleSet, Target};
-use crate::{cli, cli::Mark, relay::listener::Transport};
+use crate::{
+    relay::listener::Transport,
+    values::{parse_port_list, parse_prefix, Mark},
+};
 
 /// The block an nft line is in.
 enum Block {
@@ -349,7 +352,7 @@ impl Rule<'_> {
         let (values, next) = self.values(i + 2)?;
         let prefixes = values
             .iter()
-            .map(|v| cli::parse_prefix(v))
+            .map(|v| parse_prefix(v))
             .collect::<Result<Vec<_>, _>>()?;
         if self.w[i + 1] == "daddr" {
             self.m.dst = prefixes;
@@ -413,7 +416,7 @@ impl Rule<'_> {
             }
             self.m.family = Some(f);
         }
-        let on_port = cli::parse_port_list(port)?.0[0].start().to_owned();
+        let on_port = parse_port_list(port)?.0[0].start().to_owned();
         self.target = Some(Target::Tproxy {
             on_ip,
             on_port,

@@ -1,0 +1,188 @@
+//! What the configuration refuses across its parts: more rules or listeners than the
+//! program holds, interfaces missing or named twice, a socket mark the routing rule would
+//! catch, listener addresses that cannot be bound or would loop.
+
+use std::net::SocketAddr;
+
+use anyhow::{bail, Result};
+use tproxy_common::maps::MAX_LISTENERS;
+
+use super::{upstream_flag, Config, Interfaces, ListenerConfig, DEFAULT_LISTENER};
+use crate::{
+    cli::RunArgs,
+    datapath::rules::{self, Action},
+    relay::listener::Transport,
+};
+
+impl Config {
+    /// Refuses what no part of the configuration shows alone, in the order an operator
+    /// would fix it: nothing to steer, too much of it, nowhere to steer it.
+    pub(super) fn check(&self, args: &RunArgs) -> Result<()> {
+        self.check_counts(args)?;
+        self.check_interfaces(args)?;
+        if args.relay_only && self.settings.pin {
+            bail!("--pin: with --relay-only there is no program to pin");
+        }
+        self.check_socket_mark(args)?;
+        for rule in &self.rules {
+            if let (Some(iface), Interfaces::Named(names)) =
+                (&rule.iface, &self.settings.interfaces)
+            {
+                if !names.contains(iface) && !args.relay_only {
+                    bail!("rule {} names interface {iface}, which is not among the steered interfaces ({})", rule.number, names.join(", "));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_counts(&self, args: &RunArgs) -> Result<()> {
+        if self.rules.is_empty() {
+            bail!(match &args.config {
+                Some(path) => format!(
+                    "{}: no [[rule]] and no --tcp/--udp: nothing to steer",
+                    path.display()
+                ),
+                None =>
+                    "nothing to steer: give --tcp and/or --udp ports, or --config FILE with rules"
+                        .into(),
+            });
+        }
+        if self.configured_rules > rules::MAX_RULES {
+            bail!(
+                "{} rules configured; at most {} are supported",
+                self.configured_rules,
+                rules::MAX_RULES
+            );
+        }
+        if self.listeners.len() > MAX_LISTENERS as usize {
+            bail!(
+                "{} listeners defined; at most {MAX_LISTENERS} are supported",
+                self.listeners.len()
+            );
+        }
+        Ok(())
+    }
+
+    fn check_interfaces(&self, args: &RunArgs) -> Result<()> {
+        if self.settings.interfaces == Interfaces::Named(Vec::new()) && !args.relay_only {
+            bail!(match &args.config {
+                Some(path) => format!(
+                    "no interface to steer: set `interfaces` in {} or give --iface",
+                    path.display()
+                ),
+                None => "no interface to steer: give --iface (or --relay-only)".into(),
+            });
+        }
+        if let Interfaces::Named(names) = &self.settings.interfaces {
+            let twice = names
+                .iter()
+                .enumerate()
+                .find(|(i, iface)| names[..*i].contains(iface));
+            if let Some((_, iface)) = twice {
+                bail!("interface {iface} is given twice");
+            }
+        }
+        Ok(())
+    }
+
+    fn check_socket_mark(&self, args: &RunArgs) -> Result<()> {
+        let settings = &self.settings;
+        if settings.socket_mark & settings.mark.mask != settings.mark.value {
+            return Ok(());
+        }
+        let origin = match (&args.settings.socket_mark, &args.config) {
+            (None, Some(file)) => format!(
+                "socket_mark {:#x} (from {})",
+                settings.socket_mark,
+                file.display()
+            ),
+            _ => format!("--socket-mark {:#x}", settings.socket_mark),
+        };
+        bail!(
+            "{origin} matches the routing rule's fwmark {}: replies from tproxy's UDP \
+             sockets would be routed back to this host",
+            settings.mark
+        );
+    }
+
+    /// Marks each listener with the transports its rules steer to it.
+    pub(super) fn mark_listener_transports(&mut self) {
+        for rule in &self.rules {
+            if let Action::Steer(index) = rule.action {
+                let listener = &mut self.listeners[index as usize];
+                match rule.transport {
+                    Transport::Tcp => listener.tcp = true,
+                    Transport::Udp => listener.udp = true,
+                }
+            }
+        }
+    }
+
+    /// Refuses listener addresses that `run` could not bind or that would loop: two
+    /// addresses of one family in a listener, two listeners of one transport on one address
+    /// (or one on a wildcard address and one on an address it covers, same port), and an
+    /// upstream that is one of the listeners' addresses. Port 0 is known only once bound:
+    /// `run` checks the upstreams again then.
+    pub(super) fn check_listener_addresses(&self) -> Result<()> {
+        let what = |listener: &ListenerConfig| match listener.name.as_str() {
+            DEFAULT_LISTENER => "--listen".to_string(),
+            name => format!("listener `{name}`: listen"),
+        };
+        for listener in &self.listeners {
+            for (i, addr) in listener.listen.iter().enumerate() {
+                if listener.listen[..i]
+                    .iter()
+                    .any(|earlier| earlier.is_ipv4() == addr.is_ipv4())
+                {
+                    bail!(
+                        "{} {addr}: at most one address per address family",
+                        what(listener)
+                    );
+                }
+            }
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            for earlier in &self.listeners[..i] {
+                if !(listener.tcp && earlier.tcp || listener.udp && earlier.udp) {
+                    continue;
+                }
+                for addr in listener.listen.iter().filter(|a| a.port() != 0) {
+                    let overlap = earlier.listen.iter().find(|other| {
+                        other.port() == addr.port()
+                            && other.is_ipv4() == addr.is_ipv4()
+                            && (other.ip() == addr.ip()
+                                || other.ip().is_unspecified()
+                                || addr.ip().is_unspecified())
+                    });
+                    if let Some(other) = overlap {
+                        bail!(
+                            "{} {addr}: listener `{}` listens on {other} already; two listeners \
+                             cannot share an address",
+                            what(listener),
+                            earlier.name
+                        );
+                    }
+                }
+            }
+        }
+        let own: Vec<SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|listener| listener.tcp || listener.udp)
+            .flat_map(|listener| listener.listen.iter().copied())
+            .filter(|addr| addr.port() != 0)
+            .collect();
+        for listener in &self.listeners {
+            if let Some(upstream) = listener.upstream {
+                if crate::relay::listener::reaches_own_listener(&own, upstream) {
+                    bail!(
+                        "{} is one of tproxy's own listeners: that would loop",
+                        upstream_flag(&listener.name, upstream)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,287 @@
+//! The configuration file: its listeners and rules as written, turned into checked
+//! listeners and split rules, and its errors located (file, line, column and field).
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::{
+    any_destination, default_listen,
+    settings::ConfigFile,
+    text::{List, RuleAction, Text},
+    ListenerConfig,
+};
+use crate::{
+    datapath::rules::{self, Action, Ports, Rule},
+    relay::listener::Transport,
+};
+
+/// Where a span of the file is, for error messages.
+pub(super) type At<'a> = &'a dyn Fn(std::ops::Range<usize>) -> Location;
+
+/// A position in the configuration file, for error messages.
+pub(super) struct Location {
+    file: PathBuf,
+    pub(super) line: usize,
+    pub(super) column: usize,
+}
+
+impl Location {
+    pub(super) fn new(file: &Path, lines: &LineStarts, span: std::ops::Range<usize>) -> Self {
+        let offset = span.start.min(lines.text_len);
+        // Line starts at or before the offset: one per line up to and including its own.
+        let line = lines.starts.partition_point(|&start| start <= offset);
+        let column = offset - lines.starts[line - 1] + 1;
+        Location {
+            file: file.to_owned(),
+            line,
+            column,
+        }
+    }
+}
+
+/// Where each line of the file starts. Every rule carries its location, and scanning the
+/// text for each one made loading quadratic in the number of rules.
+pub(super) struct LineStarts {
+    starts: Vec<usize>,
+    text_len: usize,
+}
+
+impl LineStarts {
+    pub(super) fn new(text: &str) -> Self {
+        let after_newlines = text.match_indices('\n').map(|(i, _)| i + 1);
+        LineStarts {
+            starts: std::iter::once(0).chain(after_newlines).collect(),
+            text_len: text.len(),
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// Parses the file; syntax and type errors name the line, column and field.
+pub(super) fn parse_file(path: &Path, text: &str) -> Result<ConfigFile> {
+    toml::from_str(text).map_err(|error| {
+        let span = error.span().unwrap_or(0..0);
+        let at = Location::new(path, &LineStarts::new(text), span.clone());
+        let field = field_at(text, span.start);
+        let message = error.message().trim_end();
+        match field {
+            Some(field) => anyhow::anyhow!("{at}: {field}: {message}"),
+            None => anyhow::anyhow!("{at}: {message}"),
+        }
+    })
+}
+
+/// The dotted name of the field whose value starts at `offset`, like `rule[2].ports`, worked
+/// out from the text (toml reports a span, not a path).
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = &text[line_start..];
+    let line = &line[..line.find('\n').unwrap_or(line.len())];
+    let key = line
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.starts_with('['))?;
+    let mut table = None;
+    let mut counts: std::collections::HashMap<&str, usize> = Default::default();
+    for header in text[..line_start].lines().map(str::trim) {
+        if let Some(name) = header.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
+            let count = counts.entry(name.trim()).or_default();
+            *count += 1;
+            table = Some(format!("{}[{}]", name.trim(), count));
+        } else if let Some(name) = header.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            table = Some(name.trim().to_string());
+        }
+    }
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// A `[[listener]]` as written.
+pub(super) struct ListenerEntry {
+    name: toml::Spanned<String>,
+    listen: Option<List<SocketAddr>>,
+    upstream: Option<Text<SocketAddr>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// A `[[rule]]` as written.
+pub(super) struct RuleEntry {
+    proto: List<Transport>,
+    dst: Option<List<IpNet>>,
+    ports: Option<List<Ports>>,
+    src: Option<List<IpNet>>,
+    iface: Option<String>,
+    action: Text<RuleAction>,
+    listener: Option<toml::Spanned<String>>,
+}
+
+impl ConfigFile {
+    /// The `[[listener]]`s, checked.
+    pub(super) fn listeners(&self, at: At) -> Result<Vec<ListenerConfig>> {
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        for entry in &self.listeners {
+            let name = entry.get_ref().name.get_ref();
+            let where_ = at(entry.get_ref().name.span());
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bail!("{where_}: listener.name: `{name}` is not a valid name (letters, digits, `-` and `_`)");
+            }
+            if listeners.iter().any(|l| &l.name == name) {
+                bail!("{where_}: listener.name: a listener named `{name}` is already defined");
+            }
+            let listen = entry
+                .get_ref()
+                .listen
+                .as_ref()
+                .map_or_else(default_listen, |List(addrs)| addrs.clone());
+            if listen.iter().filter(|a| a.is_ipv4()).count() > 1
+                || listen.iter().filter(|a| a.is_ipv6()).count() > 1
+            {
+                bail!(
+                    "{where_}: listener `{name}`: listen: at most one address per address family"
+                );
+            }
+            listeners.push(ListenerConfig {
+                name: name.clone(),
+                listen,
+                upstream: entry.get_ref().upstream.as_ref().map(|Text(addr)| *addr),
+                tcp: false,
+                udp: false,
+            });
+        }
+        Ok(listeners)
+    }
+
+    /// The `[[rule]]`s, each split into single-prefix, single-port-spec rules.
+    pub(super) fn rules(&self, listeners: &[ListenerConfig], at: At) -> Result<Vec<Rule>> {
+        let mut rules = Vec::new();
+        for (i, entry) in self.rules.iter().enumerate() {
+            rules.extend(
+                entry
+                    .get_ref()
+                    .split(i + 1, at(entry.span()), listeners, at)?,
+            );
+        }
+        Ok(rules)
+    }
+}
+
+impl RuleEntry {
+    /// What the rule does: bypass, or steer to the index of its listener.
+    fn action(
+        &self,
+        number: usize,
+        where_: &Location,
+        listeners: &[ListenerConfig],
+        at: At,
+    ) -> Result<Action> {
+        Ok(match self.action.0 {
+            RuleAction::Bypass => {
+                if let Some(listener) = &self.listener {
+                    bail!("{}: rule[{number}].listener: a bypass rule steers nowhere; remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
+                }
+                Action::Bypass
+            }
+            RuleAction::Steer => {
+                let index = match &self.listener {
+                    Some(name) => listeners.iter().position(|l| &l.name == name.get_ref()).with_context(|| {
+                        let known: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+                        format!(
+                            "{}: rule[{number}].listener: no listener named `{}` (defined: {})",
+                            at(name.span()),
+                            name.get_ref(),
+                            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        )
+                    })?,
+                    None if listeners.len() == 1 => 0,
+                    None => bail!("{where_}: rule[{number}]: a steer rule needs `listener = \"NAME\"` when there is not exactly one [[listener]]"),
+                };
+                Action::Steer(index as u32)
+            }
+        })
+    }
+
+    /// Rule `number` split into one rule per protocol, destination, source and port spec.
+    fn split(
+        &self,
+        number: usize,
+        where_: Location,
+        listeners: &[ListenerConfig],
+        at: At,
+    ) -> Result<Vec<Rule>> {
+        let action = self.action(number, &where_, listeners, at)?;
+        let sources: Vec<Option<IpNet>> = match &self.src {
+            Some(List(prefixes)) if !prefixes.is_empty() => prefixes.iter().copied().map(Some).collect(),
+            Some(_) => bail!("{where_}: rule[{number}].src: an empty list matches nothing; leave `src` out to match every source"),
+            None => vec![None],
+        };
+        let dsts = match &self.dst {
+            Some(List(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
+            Some(_) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
+            None => {
+                // Without a destination, the families of the sources (if any) decide.
+                let families: HashSet<bool> = sources.iter().flatten().map(|s| s.addr().is_ipv6()).collect();
+                any_destination().into_iter().filter(|d| families.is_empty() || families.contains(&d.addr().is_ipv6())).collect()
+            }
+        };
+        let ports = match &self.ports {
+            Some(List(ports)) if !ports.is_empty() => ports.clone(),
+            Some(_) => bail!("{where_}: rule[{number}].ports: an empty list matches nothing; leave `ports` out to match every port"),
+            None => vec![Ports::Any],
+        };
+        if self.proto.0.is_empty() {
+            bail!("{where_}: rule[{number}].proto: give \"tcp\", \"udp\" or [\"tcp\", \"udp\"]");
+        }
+        let mut rules = Vec::new();
+        for &transport in &self.proto.0 {
+            for &dst in &dsts {
+                for &src in &sources {
+                    if src.is_some_and(|s| s.addr().is_ipv6() != dst.addr().is_ipv6()) {
+                        continue;
+                    }
+                    for &ports in &ports {
+                        let rule = Rule {
+                            transport,
+                            dst,
+                            ports,
+                            src,
+                            iface: self.iface.clone(),
+                            action,
+                            number,
+                            retired: false,
+                        };
+                        rules::check_families(&rule)
+                            .map_err(|e| anyhow::anyhow!("{where_}: rule[{number}]: {e}"))?;
+                        rules.push(rule);
+                    }
+                }
+            }
+        }
+        if rules.is_empty() {
+            bail!("{where_}: rule[{number}]: its src and dst prefixes are of different address families, so it can never match");
+        }
+        Ok(rules)
+    }
+}

@@ -1,0 +1,208 @@
+//! The configuration: a TOML file, command-line flags, or both, turned into one checked
+//! [`Config`] before anything touches the system.
+//!
+//! How they combine: the file is read first; a setting given as a flag replaces the file's
+//! (`--iface` replaces the whole interface list); `--tcp`/`--udp` (with `--dst`, `--listen`,
+//! `--upstream`) add a listener named `default` and rules steering to it, after the file's
+//! rules. Every error names where the bad value came from: the flag, or the file, line,
+//! column and field.
+//!
+//! The settings are listed once, in [`settings`]; the file's listeners and rules are read in
+//! `file`, its values in `text`; `check` holds what is refused across them.
+
+mod check;
+mod describe;
+mod file;
+pub mod settings;
+#[cfg(test)]
+mod tests;
+mod text;
+
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+
+pub use settings::{SettingFlags, Settings};
+
+use crate::{
+    cli::RunArgs,
+    datapath::rules::{Action, Ports, Rule},
+    relay::listener::Transport,
+};
+use file::{parse_file, LineStarts, Location};
+use settings::ConfigFile;
+
+/// Name of the listener that `--tcp`/`--udp` steer to.
+pub const DEFAULT_LISTENER: &str = "default";
+
+/// Where the program is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interfaces {
+    /// These interfaces.
+    Named(Vec<String>),
+    /// Every interface with Ethernet framing present at start (loopback excluded).
+    All,
+}
+
+/// A named listener: its sockets' addresses and where its relay connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    /// At most one address per family; port 0 picks a free port shared by the addresses.
+    pub listen: Vec<SocketAddr>,
+    /// `None`: each flow's original destination.
+    pub upstream: Option<SocketAddr>,
+    /// Whether any rule steers TCP / UDP to it (only those sockets are created).
+    pub tcp: bool,
+    pub udp: bool,
+}
+
+/// Everything `tproxy run` needs to know, checked.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub settings: Settings,
+    pub listeners: Vec<ListenerConfig>,
+    /// Rules split into single-prefix, single-port-spec rules; `Action::Steer` holds an index
+    /// into `listeners`.
+    pub rules: Vec<Rule>,
+    /// Number of rules as configured (before splitting).
+    pub configured_rules: usize,
+}
+
+/// Default listener addresses: loopback, so nothing can connect to them directly.
+pub fn default_listen() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()]
+}
+
+impl Config {
+    /// The configuration `run --config FILE` would use with no other flag, checked.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Self::build(&RunArgs {
+            config: Some(path.to_owned()),
+            ..RunArgs::default()
+        })
+    }
+
+    /// The configuration `run` would use: the file named by `--config` (if any) and the
+    /// flags, checked. `check` calls it too, so what it accepts `run` accepts (up to what
+    /// only the system can tell: interfaces that exist, addresses that are free).
+    pub fn build(args: &RunArgs) -> Result<Self> {
+        let text = match &args.config {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+            None => String::new(),
+        };
+        let mut config = Self::from_text(args, &text)?;
+        config.mark_listener_transports();
+        config.check_listener_addresses()?;
+        Ok(config)
+    }
+
+    /// What [`Config::build`] makes of `text` as the contents of `args.config`, without
+    /// reading any file (for fuzzing).
+    pub fn from_text(args: &RunArgs, text: &str) -> Result<Self> {
+        let mut raw = match &args.config {
+            Some(path) => parse_file(path, text)?,
+            None => ConfigFile::default(),
+        };
+        let mut settings = Settings::default();
+        raw.apply_settings(&mut settings);
+        args.settings.apply(&mut settings);
+        if settings.max_connections_per_source == 0 {
+            settings.max_connections_per_source = (settings.max_connections / 4).max(1);
+        }
+        if settings.udp_max_sessions_per_source == 0 {
+            settings.udp_max_sessions_per_source = (settings.udp_max_sessions / 4).max(1);
+        }
+        let mut config = Config {
+            settings,
+            listeners: Vec::new(),
+            rules: Vec::new(),
+            configured_rules: 0,
+        };
+        if let Some(file) = &args.config {
+            let lines = LineStarts::new(text);
+            let at = |span: std::ops::Range<usize>| Location::new(file, &lines, span);
+            config.listeners = raw.listeners(&at)?;
+            config.configured_rules = raw.rules.len();
+            config.rules = raw.rules(&config.listeners, &at)?;
+        }
+        config.add_flag_rules(args)?;
+        config.check(args)?;
+        Ok(config)
+    }
+
+    /// The `default` listener and the rules steering to it that `--tcp`/`--udp` ask for,
+    /// after the file's.
+    fn add_flag_rules(&mut self, args: &RunArgs) -> Result<()> {
+        if args.tcp.is_none() && args.udp.is_none() {
+            if !args.listen.is_empty() || args.upstream.is_some() || !args.dst.is_empty() {
+                bail!("--listen, --upstream and --dst describe the listener of --tcp/--udp; give --tcp or --udp too");
+            }
+            return Ok(());
+        }
+        if self.listeners.iter().any(|l| l.name == DEFAULT_LISTENER) {
+            bail!(
+                "--tcp/--udp steer to a listener named `{DEFAULT_LISTENER}`, which the \
+                 configuration file already defines; rename that one or use rules"
+            );
+        }
+        let index = self.listeners.len() as u32;
+        self.listeners.push(ListenerConfig {
+            name: DEFAULT_LISTENER.into(),
+            listen: if args.listen.is_empty() {
+                default_listen()
+            } else {
+                args.listen.clone()
+            },
+            upstream: args.upstream,
+            tcp: args.tcp.is_some(),
+            udp: args.udp.is_some(),
+        });
+        let dsts = if args.dst.is_empty() {
+            any_destination()
+        } else {
+            args.dst.clone()
+        };
+        for (transport, list) in [(Transport::Tcp, &args.tcp), (Transport::Udp, &args.udp)] {
+            let Some(list) = list else { continue };
+            self.configured_rules += 1;
+            for dst in &dsts {
+                for range in &list.0 {
+                    self.rules.push(Rule {
+                        transport,
+                        dst: *dst,
+                        ports: ports_of(*range.start(), *range.end()),
+                        src: None,
+                        iface: None,
+                        action: Action::Steer(index),
+                        number: self.configured_rules,
+                        retired: false,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn any_destination() -> Vec<IpNet> {
+    vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]
+}
+
+fn ports_of(first: u16, last: u16) -> Ports {
+    match (first, last) {
+        (first, last) if first == last => Ports::One(first),
+        (1, 65535) => Ports::Any,
+        (first, last) => Ports::Range(first, last),
+    }
+}
+
+/// How an operator wrote listener `name`'s upstream: the flag for the `default` listener.
+pub fn upstream_flag(name: &str, upstream: SocketAddr) -> String {
+    match name {
+        DEFAULT_LISTENER => format!("--upstream {upstream}"),
+        name => format!("listener `{name}`: upstream {upstream}"),
+    }
+}

@@ -1,0 +1,459 @@
+//! The configuration from flags, files and both: what is taken, what is refused and how
+//! the refusal names the bad value.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Parser;
+
+use super::{
+    file::{LineStarts, Location},
+    *,
+};
+use crate::{cli, values::FailMode};
+
+fn args(extra: &[&str]) -> RunArgs {
+    let mut argv = vec!["tproxy", "run"];
+    argv.extend_from_slice(extra);
+    match cli::Cli::try_parse_from(argv).unwrap().command {
+        cli::Command::Run(args) => args,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn with_file(text: &str, extra: &[&str]) -> Result<Config> {
+    let dir = std::env::temp_dir().join(format!("tproxy-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{:x}.toml", text.len() * 31 + extra.len()));
+    std::fs::write(&path, text).unwrap();
+    let path_text = path.to_str().unwrap().to_string();
+    let mut argv = vec!["--config", path_text.as_str()];
+    argv.extend_from_slice(extra);
+    let result = Config::build(&args(&argv));
+    let _ = std::fs::remove_file(&path);
+    result.map_err(|e| anyhow::anyhow!("{}", format!("{e:#}").replace(&path_text, "FILE")))
+}
+
+fn error(text: &str) -> String {
+    with_file(text, &[]).unwrap_err().to_string()
+}
+
+const EXAMPLE: &str = r#"
+interfaces = ["eth0", "eth1"]
+connect_timeout = "5s"
+
+[[listener]]
+name = "web"
+listen = ["127.0.0.1:15001", "[::1]:15001"]
+
+[[listener]]
+name = "dns"
+upstream = "10.0.0.53:53"
+
+[[rule]]
+proto = "tcp"
+dst = ["10.0.0.0/8", "2001:db8::/32"]
+ports = [80, 443, "8000-8100"]
+action = "steer"
+listener = "web"
+
+[[rule]]
+proto = ["tcp", "udp"]
+dst = "10.1.0.0/16"
+action = "bypass"
+
+[[rule]]
+proto = "udp"
+ports = 53
+src = "192.0.2.0/24"
+iface = "eth1"
+action = "steer"
+listener = "dns"
+"#;
+
+#[test]
+fn a_full_file_parses_into_split_rules_and_listeners() {
+    let config = with_file(EXAMPLE, &[]).unwrap();
+    assert_eq!(
+        config.settings.interfaces,
+        Interfaces::Named(vec!["eth0".into(), "eth1".into()])
+    );
+    assert_eq!(config.settings.connect_timeout, Duration::from_secs(5));
+    assert_eq!(
+        config.settings.table, 7470,
+        "defaults fill what the file leaves out"
+    );
+    assert_eq!(config.configured_rules, 3);
+    // 2 prefixes × 3 port specs + 2 protocols + 1 (IPv4 only: the source is IPv4).
+    assert_eq!(config.rules.len(), 6 + 2 + 1);
+    assert_eq!(config.listeners[0].listen.len(), 2);
+    assert!(config.listeners[0].tcp && !config.listeners[0].udp);
+    assert!(!config.listeners[1].tcp && config.listeners[1].udp);
+    assert_eq!(
+        config.listeners[1].upstream,
+        Some("10.0.0.53:53".parse().unwrap())
+    );
+    let udp = config.rules.last().unwrap();
+    assert_eq!(udp.dst.to_string(), "0.0.0.0/0");
+    assert_eq!(udp.ports, Ports::One(53));
+    assert_eq!(udp.iface.as_deref(), Some("eth1"));
+    let table = config.describe();
+    assert!(
+        table.contains("steer web") && table.contains("bypass") && table.contains("steer dns"),
+        "{table}"
+    );
+}
+
+#[test]
+fn flags_override_the_file_and_add_the_default_listener() {
+    let config = with_file(
+        EXAMPLE,
+        &[
+            "--iface",
+            "eth1",
+            "--iface",
+            "eth9",
+            "--table",
+            "100",
+            "--tcp",
+            "22",
+            "--rule-priority",
+            "99",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        config.settings.interfaces,
+        Interfaces::Named(vec!["eth1".into(), "eth9".into()])
+    );
+    assert_eq!(config.settings.table, 100);
+    assert_eq!(config.settings.rule_priority, 99);
+    assert_eq!(
+        config.settings.connect_timeout,
+        Duration::from_secs(5),
+        "the file's, not the default"
+    );
+    assert_eq!(config.listeners.last().unwrap().name, DEFAULT_LISTENER);
+    let last = config.rules.last().unwrap();
+    assert_eq!(
+        (last.number, last.ports),
+        (4, Ports::One(22)),
+        "after the file's rules"
+    );
+}
+
+#[test]
+fn limits_come_from_flags_or_the_file() {
+    let config = with_file(
+        "interfaces = [\"eth0\"]\nmax_connections = 100\nhalf_close_timeout = \"5s\"\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n",
+        &["--max-connections-per-source", "7"],
+    )
+    .unwrap();
+    assert_eq!(config.settings.max_connections, 100);
+    assert_eq!(config.settings.max_connections_per_source, 7);
+    assert_eq!(config.settings.half_close_timeout, Duration::from_secs(5));
+    let config = Config::build(&args(&[
+        "--iface",
+        "eth0",
+        "--tcp",
+        "80",
+        "--max-connections",
+        "1000",
+    ]))
+    .unwrap();
+    assert_eq!(
+        config.settings.max_connections_per_source, 250,
+        "a quarter of the overall limit"
+    );
+    assert_eq!(config.settings.udp_max_sessions_per_source, 8192 / 4);
+    let config = with_file(
+        "interfaces = [\"eth0\"]\nudp_max_sessions = 100\nudp_max_sessions_per_source = 7\n[[rule]]\nproto = \"udp\"\naction = \"bypass\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.settings.udp_max_sessions_per_source, 7);
+    let config = with_file(
+        "interfaces = [\"eth0\"]\nudp_max_sessions_per_source = 7\n[[rule]]\nproto = \"udp\"\naction = \"bypass\"\n",
+        &["--udp-max-sessions-per-source", "9"],
+    )
+    .unwrap();
+    assert_eq!(config.settings.udp_max_sessions_per_source, 9);
+}
+
+#[test]
+fn pinning_fail_mode_and_drain_come_from_the_file_or_flags() {
+    let file = "interfaces = [\"eth0\"]\npin = true\npin_dir = \"/bpf/x\"\nfail_mode = \"closed\"\ndrain_timeout = \"20s\"\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n";
+    let config = with_file(file, &[]).unwrap();
+    let s = &config.settings;
+    assert!(s.pin);
+    assert_eq!(s.pin_dir, PathBuf::from("/bpf/x"));
+    assert_eq!(s.fail_mode, FailMode::Closed);
+    assert_eq!(s.drain_timeout, Duration::from_secs(20));
+    let config = with_file(file, &["--fail-mode", "open", "--drain-timeout", "1s"]).unwrap();
+    assert_eq!(config.settings.fail_mode, FailMode::Open);
+    assert_eq!(config.settings.drain_timeout, Duration::from_secs(1));
+    let defaults = Config::build(&args(&["--iface", "eth0", "--tcp", "80"])).unwrap();
+    assert!(!defaults.settings.pin);
+    assert_eq!(defaults.settings.fail_mode, FailMode::Open);
+    assert_eq!(defaults.settings.drain_timeout, Duration::from_secs(30));
+    let no_drain = with_file(&file.replace("20s", "0s"), &[]).unwrap();
+    assert_eq!(no_drain.settings.drain_timeout, Duration::ZERO);
+    let no_drain = with_file(file, &["--drain-timeout", "0s"]).unwrap();
+    assert_eq!(no_drain.settings.drain_timeout, Duration::ZERO);
+}
+
+#[test]
+fn flags_alone_still_work() {
+    let config = Config::build(&args(&[
+        "--iface",
+        "eth0",
+        "--tcp",
+        "80,8000-8100",
+        "--udp",
+        "53",
+        "--dst",
+        "10.0.0.0/8",
+    ]))
+    .unwrap();
+    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.rules.len(), 3);
+    assert_eq!(config.listeners[0].listen, default_listen());
+}
+
+#[test]
+fn errors_name_file_line_column_and_field() {
+    let cases = [
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\nports = \"99999\"\naction = \"bypass\"\n", "FILE:4:9: rule[1].ports: port 99999 is above 65535"),
+        ("interfaces = [\"eth0\"]\nmark = \"0\"\n", "FILE:2:8: mark: mark `0` sets no bits"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"sctp\"\naction = \"steer\"\n", "FILE:3:9: rule[1].proto: `sctp` is not a protocol"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\ndst = \"10.0.0.0/33\"\naction = \"bypass\"\n", "FILE:4:7: rule[1].dst: `10.0.0.0/33` is not an IPv4/IPv6 prefix"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"steer\"\nlistener = \"web\"\n", "FILE:5:12: rule[1].listener: no listener named `web` (defined: none)"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"drop\"\n", "FILE:4:10: rule[1].action: `drop` is not an action"),
+        ("interfaces = [\"eth0\"]\ncolour = \"blue\"\n", "FILE:2:1: colour: unknown field `colour`"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\n", "FILE:2:1: missing field `action`"),
+        ("interfaces = \"eth0\"\n", "FILE:1:14: interfaces: `eth0`: give a list like [\"eth0\"], or \"all\""),
+        ("interfaces = [\"eth0\"]\nconnect_timeout = \"0s\"\n", "FILE:2:19: connect_timeout: duration `0s` must be greater than zero"),
+        ("interfaces = [\"eth0\"]\nfail_mode = \"ajar\"\n", "FILE:2:13: fail_mode: `ajar` is not a fail mode: use \"open\" or \"closed\""),
+        ("interfaces = [\"eth0\"]\npin = \"yes\"\n", "FILE:2:7: pin: invalid type: string \"yes\", expected a boolean"),
+        ("interfaces = [\"eth0\"]\n[[listener]]\nname = \"a\"\n[[listener]]\nname = \"a\"\n", "FILE:5:8: listener.name: a listener named `a` is already defined"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\nsrc = \"2001:db8::/32\"\ndst = \"10.0.0.0/8\"\naction = \"bypass\"\n", "rule[1]: its src and dst prefixes are of different address families"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\niface = \"eth7\"\naction = \"bypass\"\n", "rule 1 names interface eth7, which is not among the steered interfaces (eth0)"),
+        ("interfaces = [\"eth0\"]\n[[listener]]\nname = \"a\"\n[[listener]]\nname = \"b\"\n[[rule]]\nproto = \"tcp\"\naction = \"steer\"\n", "FILE:6:1: rule[1]: a steer rule needs `listener = \"NAME\"`"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\nlistener = \"x\"\n", "rule[1].listener: a bypass rule steers nowhere"),
+        ("interfaces = [\"eth0\"]\n", "FILE: no [[rule]] and no --tcp/--udp: nothing to steer"),
+        ("[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n", "no interface to steer: set `interfaces` in FILE or give --iface"),
+        ("interfaces = [\"eth0\"]\nsocket_mark = \"0x1000000\"\n[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\n", "socket_mark 0x1000000 (from FILE) matches the routing rule's fwmark"),
+        ("interfaces = [\"eth0\"\n", "FILE:1:"),
+    ];
+    for (text, expected) in cases {
+        let message = error(text);
+        assert!(
+            message.contains(expected),
+            "for\n{text}\nexpected `{expected}` in `{message}`"
+        );
+    }
+}
+
+#[test]
+fn locations_agree_with_counting_newlines_at_every_offset() {
+    let by_counting = |text: &str, offset: usize| {
+        let before = &text[..offset.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        (
+            line,
+            before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+        )
+    };
+    let file = Path::new("FILE");
+    for text in [
+        "",
+        "\n",
+        "a",
+        "\n\nab\n",
+        "[[rule]]\nproto = \"tcp\"\n\n\nx = 1",
+    ] {
+        let lines = LineStarts::new(text);
+        for offset in 0..=text.len() + 2 {
+            let at = Location::new(file, &lines, offset..offset);
+            assert_eq!(
+                (at.line, at.column),
+                by_counting(text, offset),
+                "{text:?} at {offset}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_last_of_many_rules_is_located_exactly() {
+    let mut text = String::from("interfaces = [\"eth0\"]\n");
+    for i in 0..20_000 {
+        let (high, low) = (i / 250, i % 250);
+        text += &format!(
+            "[[rule]]\nproto = \"tcp\"\ndst = \"10.{high}.{low}.0/24\"\naction = \"bypass\"\n"
+        );
+    }
+    text += "[[rule]]\nproto = \"tcp\"\naction = \"bypass\"\nlistener = \"x\"\n";
+    let listener_line = 1 + 20_000 * 4 + 4;
+    let message = error(&text);
+    let expected = format!("FILE:{listener_line}:12: rule[20001].listener: a bypass rule");
+    assert!(message.contains(&expected), "{message}");
+}
+
+/// The README's worked example decides what the README says it decides.
+#[test]
+fn the_readme_example_decides_as_documented() {
+    use crate::datapath::rules::{decide, Packet};
+    use tproxy_common::decision::RuleMatch;
+    let config = with_file(include_str!("../../../examples/router.toml"), &[]).unwrap();
+    let (web, dns) = (RuleMatch::Steer(0), RuleMatch::Steer(1));
+    let cases = [
+        (
+            Transport::Tcp,
+            "192.168.1.5",
+            "203.0.113.7",
+            443,
+            "lan0",
+            web,
+        ),
+        (
+            Transport::Tcp,
+            "192.168.1.5",
+            "192.168.1.20",
+            443,
+            "lan0",
+            RuleMatch::Bypass,
+        ),
+        (
+            Transport::Tcp,
+            "192.168.1.5",
+            "192.168.1.80",
+            80,
+            "lan0",
+            web,
+        ),
+        (
+            Transport::Tcp,
+            "192.168.1.5",
+            "192.168.1.80",
+            22,
+            "lan0",
+            RuleMatch::Bypass,
+        ),
+        (Transport::Udp, "10.99.0.7", "8.8.8.8", 53, "guest0", dns),
+        (
+            Transport::Udp,
+            "192.168.1.5",
+            "8.8.8.8",
+            53,
+            "lan0",
+            RuleMatch::None,
+        ),
+        (Transport::Tcp, "fd00::5", "2001:db8::1", 8050, "lan0", web),
+    ];
+    for (transport, src, dst, port, iface, expected) in cases {
+        let packet = Packet {
+            transport,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            port,
+            iface,
+        };
+        assert_eq!(decide(&config.rules, &packet), expected, "{packet:?}");
+    }
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let error = Config::build(&args(&["--config", "/nonexistent/tproxy.toml"])).unwrap_err();
+    assert!(
+        format!("{error:#}").contains("reading /nonexistent/tproxy.toml"),
+        "{error:#}"
+    );
+}
+
+/// What `run` would refuse when binding (or starting) is refused by the configuration
+/// already, which `check` builds too.
+#[test]
+fn listener_addresses_that_run_could_not_bind_or_that_loop_are_refused() {
+    let flags = |extra: &[&str]| {
+        let mut argv = vec!["--iface", "eth0", "--tcp", "80"];
+        argv.extend_from_slice(extra);
+        Config::build(&args(&argv)).map_err(|e| format!("{e:#}"))
+    };
+    let refused = flags(&["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:7000"]);
+    assert!(refused
+        .unwrap_err()
+        .contains("--upstream 127.0.0.1:7000 is one of tproxy's own listeners: that would loop"));
+    let refused = flags(&["--listen", "0.0.0.0:7000", "--upstream", "10.1.2.3:7000"]);
+    assert!(refused.unwrap_err().contains("--upstream 10.1.2.3:7000"));
+    let refused = flags(&["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"]);
+    assert!(refused
+        .unwrap_err()
+        .contains("--listen 127.0.0.2:0: at most one address per address family"));
+    assert!(flags(&["--iface", "eth0"])
+        .unwrap_err()
+        .contains("eth0 is given twice"));
+    let relay_only_pinned = Config::build(&args(&["--relay-only", "--tcp", "80", "--pin"]));
+    assert!(format!("{:#}", relay_only_pinned.unwrap_err()).contains("--pin: with --relay-only"));
+    assert!(flags(&["--listen", "127.0.0.1:7000", "--upstream", "127.0.0.1:7001"]).is_ok());
+
+    let two = |first: &str, second: &str, proto: &str| {
+        format!(
+            "interfaces = [\"eth0\"]\n\
+             [[listener]]\nname = \"a\"\nlisten = \"{first}\"\n\
+             [[listener]]\nname = \"b\"\nlisten = \"{second}\"\n\
+             [[rule]]\nproto = \"tcp\"\naction = \"steer\"\nlistener = \"a\"\n\
+             [[rule]]\nproto = \"{proto}\"\nports = 53\naction = \"steer\"\nlistener = \"b\"\n"
+        )
+    };
+    for (first, second) in [
+        ("127.0.0.1:7000", "127.0.0.1:7000"),
+        ("0.0.0.0:7000", "127.0.0.1:7000"),
+        ("127.0.0.1:7000", "0.0.0.0:7000"),
+    ] {
+        assert!(
+            error(&two(first, second, "tcp")).contains(&format!(
+                "listener `b`: listen {second}: listener `a` listens on {first} already"
+            )),
+            "{first} {second}"
+        );
+    }
+    // Another port, another family, another transport, or ports still to be picked.
+    for (first, second, proto) in [
+        ("127.0.0.1:7000", "127.0.0.1:7001", "tcp"),
+        ("0.0.0.0:7000", "[::1]:7000", "tcp"),
+        ("127.0.0.1:7000", "127.0.0.1:7000", "udp"),
+        ("127.0.0.1:0", "127.0.0.1:0", "tcp"),
+    ] {
+        with_file(&two(first, second, proto), &[]).unwrap();
+    }
+}
+
+#[test]
+fn check_prints_durations_as_they_are_written() {
+    let mut config = Config::build(&args(&[
+        "--iface",
+        "eth0",
+        "--tcp",
+        "80",
+        "--drain-timeout",
+        "5m",
+    ]))
+    .unwrap();
+    assert!(config.describe().contains("drain timeout 5m"));
+    config.settings.drain_timeout = Duration::ZERO;
+    assert!(
+        config.describe().contains("drain timeout 0s"),
+        "{}",
+        config.describe()
+    );
+}
+
+#[test]
+fn listen_and_upstream_flags_need_tcp_or_udp() {
+    let error = with_file(EXAMPLE, &["--upstream", "127.0.0.1:1"]).unwrap_err();
+    assert!(error.to_string().contains("give --tcp or --udp"), "{error}");
+}

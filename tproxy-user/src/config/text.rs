@@ -1,0 +1,289 @@
+//! Values as the configuration file writes them: text (or, where it makes sense, a number)
+//! parsed with the same parser as the command-line flag, so file and flag accept and reject
+//! the same things.
+
+use std::{fmt, marker::PhantomData, net::SocketAddr, path::PathBuf, time::Duration};
+
+use ipnet::IpNet;
+use serde::{
+    de::{self, Deserializer, SeqAccess, Visitor},
+    Deserialize,
+};
+
+use crate::{
+    datapath::rules::Ports,
+    relay::listener::Transport,
+    values::{self, FailMode, Mark},
+};
+
+use super::ports_of;
+
+/// How one kind of value is read from text. The type implementing it names the kind (a
+/// timeout and a drain timeout are both durations, but only the latter may be zero).
+pub trait Parse {
+    /// What the text becomes.
+    type Value;
+    /// What the value should look like, for type errors.
+    const EXPECTED: &'static str;
+    /// Whether a bare number is taken as its text (`table = 100` as `table = "100"`).
+    const FROM_NUMBER: bool = true;
+    /// The value of `text`, or an error naming it.
+    fn parse(text: &str) -> Result<Self::Value, String>;
+}
+
+macro_rules! parses {
+    ($kind:ty => $value:ty, $expected:literal, $parse:expr) => {
+        impl Parse for $kind {
+            type Value = $value;
+            const EXPECTED: &'static str = $expected;
+            fn parse(text: &str) -> Result<$value, String> {
+                $parse(text)
+            }
+        }
+    };
+    ($kind:ty, $expected:literal, $parse:expr) => {
+        parses!($kind => $kind, $expected, $parse);
+    };
+}
+
+/// A routing table id (not one of the kernel's reserved ones).
+pub struct Table;
+/// The priority of the policy routing rule.
+pub struct RulePriority;
+/// The mark of tproxy's own sockets.
+pub struct SocketMark;
+/// A duration greater than zero.
+pub struct Timeout;
+/// A duration, zero included.
+pub struct DrainTimeout;
+/// A count of connections or sessions, at least 1.
+pub struct SessionCap;
+
+parses!(FailMode, "\"open\" or \"closed\"", values::parse_fail_mode);
+parses!(
+    Mark,
+    "a mark like \"0x1000000/0x1000000\"",
+    values::parse_mark
+);
+parses!(Table => u32, "a routing table number", values::parse_table);
+parses!(
+    RulePriority => u32,
+    "a rule priority (1-32765)",
+    |t: &str| match t.parse::<u32>() {
+        Ok(p @ 1..=32765) => Ok(p),
+        _ => Err(format!("`{t}` is not a rule priority between 1 and 32765")),
+    }
+);
+parses!(
+    SocketMark => u32,
+    "a socket mark like \"0x2000000\"",
+    values::parse_socket_mark
+);
+parses!(
+    Timeout => Duration,
+    "a duration like \"10s\" or \"500ms\"",
+    values::parse_duration
+);
+parses!(
+    DrainTimeout => Duration,
+    "a duration like \"30s\" or \"0s\"",
+    values::parse_drain_timeout
+);
+parses!(
+    SessionCap => u32,
+    "a session count of at least 1",
+    |t: &str| match t.parse::<u32>() {
+        Ok(n @ 1..) => Ok(n),
+        _ => Err(format!("`{t}` is not a session count of at least 1")),
+    }
+);
+parses!(
+    SocketAddr,
+    "an ADDR:PORT like \"127.0.0.1:8080\"",
+    values::parse_socket_addr
+);
+parses!(IpNet, "a prefix like \"10.0.0.0/8\"", values::parse_prefix);
+parses!(Transport, "\"tcp\" or \"udp\"", |t: &str| match t {
+    "tcp" => Ok(Transport::Tcp),
+    "udp" => Ok(Transport::Udp),
+    _ => Err(format!("`{t}` is not a protocol: use \"tcp\" or \"udp\"")),
+});
+parses!(RuleAction, "\"steer\" or \"bypass\"", |t: &str| match t {
+    "steer" => Ok(RuleAction::Steer),
+    "bypass" => Ok(RuleAction::Bypass),
+    _ => Err(format!(
+        "`{t}` is not an action: use \"steer\" or \"bypass\""
+    )),
+});
+parses!(
+    Ports,
+    "a port or range like 80 or \"8000-8100\"",
+    |t: &str| {
+        let list = values::parse_port_list(t)?;
+        match list.0.as_slice() {
+            [range] => Ok(ports_of(*range.start(), *range.end())),
+            _ => Err(format!(
+                "`{t}`: give several ports as a list, like [80, 443]"
+            )),
+        }
+    }
+);
+
+impl Parse for PathBuf {
+    type Value = PathBuf;
+    const EXPECTED: &'static str = "a path";
+    const FROM_NUMBER: bool = false;
+    fn parse(text: &str) -> Result<PathBuf, String> {
+        Ok(PathBuf::from(text))
+    }
+}
+
+impl Parse for String {
+    type Value = String;
+    const EXPECTED: &'static str = "a string";
+    const FROM_NUMBER: bool = false;
+    fn parse(text: &str) -> Result<String, String> {
+        Ok(text.to_string())
+    }
+}
+
+/// What a rule does with the packets it matches, as the file writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleAction {
+    Steer,
+    Bypass,
+}
+
+/// One value.
+pub struct Text<P: Parse>(pub P::Value);
+
+/// One value or a list of them.
+pub struct List<P: Parse>(pub Vec<P::Value>);
+
+impl<P: Parse> fmt::Debug for Text<P>
+where
+    P::Value: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<P: Parse> fmt::Debug for List<P>
+where
+    P::Value: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+struct TextVisitor<P>(PhantomData<P>);
+
+impl<P: Parse> TextVisitor<P> {
+    fn parse<E: de::Error>(text: &str) -> Result<P::Value, E> {
+        P::parse(text).map_err(E::custom)
+    }
+
+    fn parse_number<E: de::Error>(number: i64) -> Result<P::Value, E> {
+        if !P::FROM_NUMBER {
+            return Err(E::invalid_type(
+                de::Unexpected::Signed(number),
+                &P::EXPECTED,
+            ));
+        }
+        Self::parse(&number.to_string())
+    }
+}
+
+impl<'de, P: Parse> Visitor<'de> for TextVisitor<P> {
+    type Value = P::Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(P::EXPECTED)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<P::Value, E> {
+        Self::parse(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<P::Value, E> {
+        Self::parse_number(v)
+    }
+}
+
+impl<'de, P: Parse> Deserialize<'de> for Text<P> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextVisitor::<P>(PhantomData)).map(Text)
+    }
+}
+
+struct ListVisitor<P>(PhantomData<P>);
+
+impl<'de, P: Parse> Visitor<'de> for ListVisitor<P> {
+    type Value = Vec<P::Value>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}, or a list of them", P::EXPECTED)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<P::Value>, E> {
+        TextVisitor::<P>::parse(v).map(|value| vec![value])
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Vec<P::Value>, E> {
+        TextVisitor::<P>::parse_number(v).map(|value| vec![value])
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<P::Value>, A::Error> {
+        let mut values = Vec::new();
+        while let Some(Text(value)) = seq.next_element::<Text<P>>()? {
+            values.push(value);
+        }
+        Ok(values)
+    }
+}
+
+impl<'de, P: Parse> Deserialize<'de> for List<P> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ListVisitor::<P>(PhantomData)).map(List)
+    }
+}
+
+/// `interfaces = "all"` or a list of names.
+#[derive(Debug)]
+pub enum InterfaceList {
+    All,
+    Named(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for InterfaceList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct InterfacesVisitor;
+        impl<'de> Visitor<'de> for InterfacesVisitor {
+            type Value = InterfaceList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of interface names, or \"all\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<InterfaceList, E> {
+                match v {
+                    "all" => Ok(InterfaceList::All),
+                    other => Err(E::custom(format!(
+                        "`{other}`: give a list like [\"{other}\"], or \"all\""
+                    ))),
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<InterfaceList, A::Error> {
+                let mut names: Vec<String> = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    if names.contains(&name) {
+                        return Err(de::Error::custom(format!(
+                            "interface {name} is listed twice"
+                        )));
+                    }
+                    names.push(name);
+                }
+                if names.is_empty() {
+                    return Err(de::Error::custom(
+                        "an empty list steers nothing; name at least one interface",
+                    ));
+                }
+                Ok(InterfaceList::Named(names))
+            }
+        }
+        d.deserialize_any(InterfacesVisitor)
+    }
+}
