@@ -13,10 +13,10 @@
 //!   the instance lock, the control socket (status, reload, handover) and the privilege drop.
 //! - [`tools`]: the operator's commands besides `run`: status, doctor, cleanup, translate.
 //! - [`run`] puts the pieces together in the order that leaves nothing behind, and takes them
-//!   down again; [`cli`] and
-//!   [`config`] read what the operator asked for, in the [`values`] both parse with;
-//!   [`stats`] is the one snapshot of the counters that `status`, the log and `metrics`
-//!   render; `metrics` and [`logging`] report.
+//!   down again. [`cli`] and [`config`] read what the operator asked for, with the
+//!   [`values`] both parse; [`config::settings`] defines each setting once. [`stats`] is the
+//!   one snapshot of the counters that `status`, the log line and `metrics` render;
+//!   `metrics` and [`logging`] report.
 
 pub mod cli;
 pub mod config;
