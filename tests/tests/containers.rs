@@ -17,8 +17,8 @@ use std::{
 
 use tproxy_tests::{
     containers::{build_busybox_image, build_tproxy_image, Docker, Engine, IMAGE},
-    ingress_programs, require_root, routing_state, stat, tproxy_bin, Bpffs, InstanceStatus, Netns,
-    Server, DEFAULT_TABLE,
+    ingress_programs, require_root, routing_state, run_tproxy_output, stat, tproxy_bin, Bpffs,
+    InstanceStatus, Netns, Server, DEFAULT_TABLE,
 };
 
 /// The containers' bridge network; the engine's namespace is its gateway (.1).
@@ -282,6 +282,18 @@ fn the_image_runs_as_the_daemonset_runs_it_and_docker_stop_drains_and_leaves_not
         "{logs}"
     );
     assert_eq!(host.relayed("tproxy"), 0);
+
+    // What `doctor` says about this host (run from the host: the image has no iptables).
+    let (_, report, _) =
+        run_tproxy_output(&host.engine.netns, &["doctor", "--iface", &host.bridge]).unwrap();
+    for expected in [
+        "warning the IPv4 FORWARD policy is DROP (Docker sets it".to_string(),
+        format!("fix: iptables -I DOCKER-USER -i {} -j ACCEPT", host.bridge),
+        "warning br_netfilter hands the frames bridges switch to iptables".to_string(),
+        format!("warning {} is a bridge", host.bridge),
+    ] {
+        assert!(report.contains(&expected), "{expected} not in {report}");
+    }
     assert_eq!(
         ingress_programs(&host.engine.netns, &host.bridge).unwrap(),
         vec!["tproxy_ingress".to_string()]
