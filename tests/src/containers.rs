@@ -130,12 +130,23 @@ fn copy_into(root: &Path, source: &Path, at: &Path) -> Result<()> {
 }
 
 /// Builds [`IMAGE`] with `docker`: deploy/Containerfile over a context holding `rootfs/`, which
-/// is `binary` at /usr/local/bin/tproxy and exactly the libraries `ldd` lists for it, at the
+/// is `binary` (without its debug info) at /usr/local/bin/tproxy and exactly the libraries `ldd` lists for it, at the
 /// paths the loader looks for them. The context is assembled in `context` (emptied first).
 pub fn build_tproxy_image(docker: &Docker, binary: &Path, context: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(context);
     let rootfs = context.join("rootfs");
-    copy_into(&rootfs, binary, Path::new("/usr/local/bin/tproxy"))?;
+    let installed = Path::new("/usr/local/bin/tproxy");
+    copy_into(&rootfs, binary, installed)?;
+    // The release profile keeps debug info (for profiling); the image does not need the
+    // 50 MB of it.
+    let status = Command::new("strip")
+        .arg("--strip-debug")
+        .arg(rootfs.join(installed.strip_prefix("/").expect("absolute")))
+        .status()
+        .context("running strip (binutils)")?;
+    if !status.success() {
+        bail!("strip --strip-debug of the image's tproxy failed: {status}");
+    }
     for library in shared_libraries(binary)? {
         copy_into(&rootfs, &library, &library)?;
     }
