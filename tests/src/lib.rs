@@ -22,6 +22,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 pub use tproxy_user::stats::{InstanceStatus, Stats};
 
+pub mod containers;
 pub mod packets;
 pub mod topology;
 

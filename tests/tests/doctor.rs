@@ -32,6 +32,10 @@ fn doctor_passes_a_healthy_router_and_finds_each_deliberate_breakage() {
     assert!(healthy, "{report}");
     assert!(report.contains("the steering program loads"), "{report}");
     assert!(report.contains("no problems found"), "{report}");
+    assert!(
+        report.contains("ok      no FORWARD policy drops what tproxy leaves to be forwarded"),
+        "{report}"
+    );
 
     // Strict reverse-path filtering on the steered interface.
     topo.router

@@ -4,6 +4,7 @@
 //!   quick when everything is there).
 //! - `build`: setup, then the release binary at `target/release/tproxy`.
 //! - `test`: build, then every unit and kernel test.
+//! - `image`: build, then the container image `tproxy:latest` (no base image to pull).
 //! - `demo`: build, then a real interception on a throwaway namespace topology.
 //! - `fuzz`: run the cargo-fuzz targets for a while each (a short run is part of `test`).
 //! - `soak`: mixed TCP/UDP load with churn for a while, then check nothing leaked (a short
@@ -23,6 +24,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use tproxy_tests::containers as tproxy_containers;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -44,6 +46,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then the container image tproxy:latest with the local engine (`docker`): the
+    /// binary and the libraries `ldd` lists for it, FROM scratch (deploy/Containerfile).
+    Image,
     /// Build, then intercept real TCP traffic between throwaway namespaces (needs root).
     Demo,
     /// Build, then compare tproxy with iptables TPROXY and HAProxy on one topology; writes
@@ -76,6 +81,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Build => build().map(drop),
         Task::Test { args } => test(&args),
+        Task::Image => image(),
         Task::Demo => {
             let binary = build()?;
             demo::run(&binary)
@@ -152,6 +158,23 @@ fn test(extra: &[String]) -> Result<()> {
     if extra.is_empty() {
         fuzz::run(TEST_FUZZ_SECONDS)?;
     }
+    Ok(())
+}
+
+fn image() -> Result<()> {
+    let binary = build()?;
+    let context = workspace_root().join("target/image");
+    tproxy_containers::build_tproxy_image(
+        &tproxy_containers::Docker::default_daemon(),
+        &binary,
+        &context,
+    )
+    .context("building the image (is a container engine running? `docker version` tells)")?;
+    println!(
+        "built the image {} from {}",
+        tproxy_containers::IMAGE,
+        context.display()
+    );
     Ok(())
 }
 

@@ -25,6 +25,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("python3", "python3"),
     ("prlimit", "util-linux"),
+    // The container tests: a real engine (the daemon and its client) started in a namespace.
+    ("dockerd", "docker.io"),
+    ("docker", "docker.io"),
+    ("nsenter", "util-linux"),
 ];
 
 pub fn run() -> Result<()> {
@@ -160,8 +164,9 @@ fn ensure_bpf_linker(major: u32) -> Result<()> {
 
 fn ensure_test_tools() -> Result<()> {
     install_commands(TEST_PACKAGES)?;
-    // A module, not a command: the manifest test parses YAML with it.
-    apt_install(&["python3-yaml"])
+    // A module, not a command: the manifest test parses YAML with it. busybox-static, not
+    // whatever `busybox` is on PATH: the container tests' client image has no libraries.
+    apt_install(&["python3-yaml", "busybox-static"])
 }
 
 /// Installs the Debian package of every command in `commands` that is not on PATH.

@@ -96,6 +96,7 @@ async fn examine(settings: &Settings) -> Vec<Finding> {
         findings.extend(interface(iface));
     }
     findings.push(forwarding());
+    findings.extend(container_host(&names));
     findings.extend(firewall(settings.mark));
     findings.extend(other_tproxy_users());
     if settings.pin {
@@ -266,6 +267,54 @@ fn forwarding() -> Finding {
         ),
         _ => Finding::ok("IPv4 forwarding is on"),
     }
+}
+
+/// What bites on a container host. Docker sets the FORWARD policy to DROP when it turns
+/// forwarding on, and accepts only its own bridges' traffic: steered flows are delivered
+/// locally (INPUT) and unaffected, but everything tproxy leaves alone is forwarded, or not,
+/// by that policy. br_netfilter hands the frames a bridge switches to iptables as well.
+/// And a bridge's ingress hook sees only what the bridge passes up to be routed.
+fn container_host(interfaces: &[String]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let forward_drops = output_of("iptables-save", &["-t", "filter"]).is_some_and(|rules| {
+        rules
+            .lines()
+            .any(|l| l.starts_with(":FORWARD DROP") || l.starts_with(":FORWARD REJECT"))
+    });
+    let forwarding = sysctl("net/ipv4/ip_forward") == Some(1);
+    let accept_where = if interfaces.is_empty() {
+        "IFACE".to_string()
+    } else {
+        interfaces.join("/")
+    };
+    if forward_drops && forwarding {
+        findings.push(Finding::warning(
+            "the IPv4 FORWARD policy is DROP (Docker sets it when it turns forwarding on): steered flows are delivered locally and not affected, but what tproxy does not steer (other ports, bypassed destinations, every new flow while failing open with no instance running) is forwarded only where a FORWARD rule accepts it, and Docker accepts only its own bridges' traffic",
+            Some(format!("iptables -I DOCKER-USER -i {accept_where} -j ACCEPT for each interface this host routes for (Docker evaluates DOCKER-USER first and leaves it alone; without Docker, -I FORWARD)")),
+        ));
+    } else {
+        findings.push(Finding::ok(
+            "no FORWARD policy drops what tproxy leaves to be forwarded",
+        ));
+    }
+    findings.push(match sysctl("net/bridge/bridge-nf-call-iptables") {
+        None => Finding::ok("br_netfilter is not loaded: frames a bridge switches bypass iptables"),
+        Some(0) => Finding::ok("br_netfilter hands no bridged IPv4 frames to iptables (bridge-nf-call-iptables=0)"),
+        Some(_) if forward_drops => Finding::warning(
+            "br_netfilter hands the frames bridges switch to iptables (bridge-nf-call-iptables=1) and the FORWARD policy drops: frames switched between the ports of a bridge no FORWARD rule accepts (one Docker does not manage, such as a router's LAN bridge) are dropped",
+            Some("iptables -I DOCKER-USER -m physdev --physdev-is-bridged -j ACCEPT, or sysctl -w net.bridge.bridge-nf-call-iptables=0 where nothing needs bridged frames filtered (Docker's network isolation and Kubernetes do)".into()),
+        ),
+        Some(_) => Finding::ok("br_netfilter hands the frames bridges switch to iptables (bridge-nf-call-iptables=1); no FORWARD policy drops them"),
+    });
+    for iface in interfaces {
+        if std::path::Path::new(&format!("/sys/class/net/{iface}/bridge")).is_dir() {
+            findings.push(Finding::warning(
+                format!("{iface} is a bridge: what it routes (its containers or hosts to anywhere else) is steered; what it switches between its own ports (container to container on it) never reaches its ingress hook, so it is not steered"),
+                None,
+            ));
+        }
+    }
+    findings
 }
 
 /// `command args…`'s stdout, or `None` when it is not installed or fails.
