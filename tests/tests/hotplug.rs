@@ -9,7 +9,8 @@ use std::{
 };
 
 use tproxy_tests::{
-    ingress_programs, peer_seen_by, require_root, Netns, RouterTopology as Topo, Server, Tproxy,
+    ingress_programs, peer_seen_by, require_root, ConfigFile, Netns, RouterTopology as Topo,
+    Server, Tproxy,
 };
 
 /// Links a new namespace to the router as a container's veth would be: `eth0` inside,
@@ -230,4 +231,51 @@ fn two_hundred_interfaces_come_and_go_under_traffic_and_leave_nothing_behind() {
         .filter(|line| !line.contains("log records held back"))
         .collect();
     assert!(noise.is_empty(), "{}", noise.join("\n"));
+}
+
+/// A rule for one interface that is not there at start: in force once the interface
+/// appears, and again after it is re-created (with another ifindex).
+const RULE_FOR_A_LATE_INTERFACE: &str = r#"
+interfaces = ["to-client", "hp-*"]
+
+[[listener]]
+name = "direct"
+
+[[rule]]
+proto = "tcp"
+ports = 80
+iface = "hp-late"
+action = "steer"
+listener = "direct"
+"#;
+
+#[test]
+fn a_rule_naming_an_interface_applies_once_it_appears() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let config = ConfigFile::new(RULE_FOR_A_LATE_INTERFACE).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    for round in 0..2 {
+        let late = late_client(&topo, "hp-late", 3);
+        tproxy
+            .wait_for_line("attached to hp-late", Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            peer_seen_by(&late, server.addr).unwrap(),
+            Topo::router_as_seen_by_server(false),
+            "round {round}: the rule for hp-late steers its connection"
+        );
+        assert_eq!(
+            peer_seen_by(&topo.client, server.addr).unwrap(),
+            Topo::client_ip(false),
+            "round {round}: no rule for to-client"
+        );
+        drop(late);
+        tproxy
+            .wait_for_line("detached from hp-late", Duration::from_secs(10))
+            .unwrap();
+    }
+    tproxy.stop().unwrap();
+    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 2);
 }
