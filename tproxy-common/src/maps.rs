@@ -353,6 +353,16 @@ pub const PINNED_MAPS: [&str; 9] = [
     COUNTERS,
 ];
 
+/// Hash map `u32 ifindex → u32` (value unused): the interfaces whose packets reach tc
+/// ingress without a link-layer header, starting at the IP header (tun, WireGuard, PPP,
+/// ipip). The program reads the IP version from `skb->protocol` there instead of an
+/// Ethernet header. Written at attach, before the program can see a packet of the interface,
+/// and erased at detach; an interface not in it carries Ethernet framing. Not pinned: each
+/// instance fills its own for the links it attaches.
+pub const IP_INTERFACES: &str = "IP_INTERFACES";
+/// Capacity of [`IP_INTERFACES`].
+pub const IP_INTERFACES_LEN: u32 = 4096;
+
 /// Name of the tc ingress program in the object file.
 pub const PROGRAM_NAME: &str = "tproxy_ingress";
 

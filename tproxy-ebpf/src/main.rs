@@ -1,7 +1,8 @@
 //! tc ingress program: the socket match and the TPROXY target of the classic iptables recipe,
 //! in one pass over the packet.
 //!
-//! packet → parse (Ethernet, one 802.1Q tag, IPv4 with options / IPv6 with its extension
+//! packet → parse (Ethernet, one 802.1Q tag — or nothing on an interface without a link-layer
+//!          header, see `IP_INTERFACES`; IPv4 with options / IPv6 with its extension
 //!          headers, TCP/UDP ports)
 //!        → a later fragment (no ports) gets what its datagram's first fragment got
 //!        → rules (port array, then per rule group a destination and maybe a source LPM
@@ -36,7 +37,7 @@ use aya_ebpf::{
         },
     },
     macros::{classifier, map, sk_lookup},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, SockMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, TcContext},
     EbpfContext, Global,
 };
@@ -49,8 +50,8 @@ use tproxy_common::{
     },
     maps::{
         listener_slot, port_class_index, rule_group_class, DstKey, FlowKey, FragmentDecision,
-        FragmentKey, ListenerSlot, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict,
-        COUNTERS_LEN, DEFAULT_FRAGMENT_TIMEOUTS_NS, FRAGMENTS_LEN, LISTENERS_LEN,
+        FragmentKey, ListenerSlot, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN,
+        DEFAULT_FRAGMENT_TIMEOUTS_NS, FRAGMENTS_LEN, IP_INTERFACES_LEN, LISTENERS_LEN,
         PORT_CLASSES_LEN, REASSEMBLED_FLOWS_LEN, RULE_GROUPS, TIME_WAIT_FLOWS_LEN,
     },
 };
@@ -79,6 +80,8 @@ static FRAGMENTS: LruHashMap<FragmentKey, FragmentDecision> =
 #[map]
 static REASSEMBLED_FLOWS: LruHashMap<ProtocolFlowKey, ReassembledFlow> =
     LruHashMap::with_max_entries(REASSEMBLED_FLOWS_LEN, 0);
+#[map]
+static IP_INTERFACES: HashMap<u32, u32> = HashMap::with_max_entries(IP_INTERFACES_LEN, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
@@ -217,18 +220,28 @@ fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
     {
         return NOT_STEERED;
     }
-    let Some(ethertype) = header::<[u8; 2]>(ctx, 12) else {
-        return NOT_STEERED;
-    };
-    let mut ethertype = u16::from_be_bytes(unsafe { *ethertype });
-    let mut l3 = ETH_HEADER_LEN;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(inner) = header::<[u8; 2]>(ctx, l3 + 2) else {
+    let ifindex = skb.ifindex;
+    // SAFETY: only the presence of the entry is read.
+    let ip_only = unsafe { IP_INTERFACES.get(&ifindex) }.is_some();
+    let (ethertype, l3) = if ip_only {
+        // No link-layer header: the packet starts at the IP header, and the device said
+        // which IP version it carries. `protocol` holds the big-endian ethertype.
+        (u16::from_be(skb.protocol as u16), 0)
+    } else {
+        let Some(ethertype) = header::<[u8; 2]>(ctx, 12) else {
             return NOT_STEERED;
         };
-        ethertype = u16::from_be_bytes(unsafe { *inner });
-        l3 += VLAN_HEADER_LEN;
-    }
+        let mut ethertype = u16::from_be_bytes(unsafe { *ethertype });
+        let mut l3 = ETH_HEADER_LEN;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            let Some(inner) = header::<[u8; 2]>(ctx, l3 + 2) else {
+                return NOT_STEERED;
+            };
+            ethertype = u16::from_be_bytes(unsafe { *inner });
+            l3 += VLAN_HEADER_LEN;
+        }
+        (ethertype, l3)
+    };
     match ethertype {
         ETH_P_IPV4 => steer_ipv4(ctx, l3),
         ETH_P_IPV6 => steer_ipv6(ctx, l3),

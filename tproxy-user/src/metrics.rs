@@ -213,6 +213,7 @@ mod tests {
         registry.register_collector(Box::new(Fixed(Stats {
             packets: Some(stats::Packets::default()),
             fragment_tracking: Some(stats::FragmentEntries::default()),
+            interfaces: Some(stats::InterfaceStats::default()),
             ..Stats::default()
         })));
         let mut text = String::new();
@@ -248,6 +249,10 @@ mod tests {
             r#"tproxy_packets_total{protocol="other",outcome="steered_new"}"#,
             r#"tproxy_fragment_tracking_entries{map="datagrams"}"#,
             r#"tproxy_fragment_tracking_entries{map="reassembled_flows"}"#,
+            "tproxy_interfaces_attached",
+            r#"tproxy_interface_events_total{event="attached"}"#,
+            r#"tproxy_interface_events_total{event="detached"}"#,
+            r#"tproxy_interface_events_total{event="attach_failed"}"#,
         ];
         for sample in expected {
             assert!(samples.contains(&sample), "{sample} missing from:\n{text}");

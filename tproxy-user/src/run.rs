@@ -27,8 +27,9 @@ use crate::{
     values::FailMode,
 };
 use crate::{
+    daemon::links::LinkWatch,
     daemon::serve::{notify_systemd, serve, Control, Ending, Signals},
-    datapath::interfaces::resolve_interfaces,
+    datapath::interfaces::{resolve_interfaces, Link},
     relay::listeners::Relays,
 };
 
@@ -49,6 +50,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         lock: None,
         pinned: false,
         attached: Vec::new(),
+        links: None,
     };
     if args.relay_only {
         let user = user.as_ref();
@@ -64,6 +66,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     }
 
     let netlink = routing::connect()?;
+    control.links = LinkWatch::subscribe(&config.settings.interfaces)?;
     let interfaces = resolve_interfaces(&netlink, &config.settings.interfaces).await?;
     let settings = config.settings.clone();
     let mut claim = Claim::take(&netlink, &settings).await?;
@@ -93,7 +96,6 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
             config,
             relays,
             Some(steering),
-            &interfaces,
             &mut signals,
             &mut control,
         )
@@ -118,7 +120,7 @@ async fn relay_only(
     relays.commit(plan, None)?;
     privileges::drop_privileges(workers, user).await?;
     declare_ready(args, &config, &[], &relays);
-    serve(args, config, relays, None, &[], signals, control)
+    serve(args, config, relays, None, signals, control)
         .await
         .map(drop)
 }
@@ -209,10 +211,17 @@ impl Claim {
 async fn load_steering(
     config: &Config,
     relays: &mut Relays,
-    interfaces: &[(String, u32)],
+    interfaces: &[Link],
     claim: &Claim,
 ) -> Result<Steering> {
     let settings = &config.settings;
+    // The rules are compiled before the program is attached anywhere: for the interfaces
+    // it is about to be attached to.
+    let interfaces: Vec<(String, u32)> = interfaces
+        .iter()
+        .map(|link| (link.name.clone(), link.index))
+        .collect();
+    let interfaces = &interfaces;
     let plan = relays.plan(config)?;
     relays.inherited.clear();
     let first = rules::compile(&plan.rules(config), 0, interfaces);
@@ -293,11 +302,11 @@ fn declare_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &
 }
 
 /// Attaches to every interface; returns how each was attached, for the ready line.
-fn attach_all(steering: &mut Steering, interfaces: &[(String, u32)]) -> Result<Vec<String>> {
-    interfaces
-        .iter()
-        .map(|(iface, _)| Ok(format!("{iface} ({})", steering.attach(iface)?)))
-        .collect()
+fn attach_all(steering: &mut Steering, interfaces: &[Link]) -> Result<Vec<String>> {
+    for link in interfaces {
+        steering.attach(link)?;
+    }
+    Ok(steering.attached_descriptions())
 }
 
 fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &Relays) {

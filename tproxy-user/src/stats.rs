@@ -108,6 +108,14 @@ const FRAGMENT_TRACKING: Metric = gauge(
     "fragment_tracking_entries",
     "Entries left in the eBPF program's fragment maps after the last sweep, by map",
 );
+const INTERFACES_ATTACHED: Metric = gauge(
+    "interfaces_attached",
+    "Interfaces the eBPF program is attached to",
+);
+const INTERFACE_EVENTS: Metric = counter(
+    "interface_events",
+    "Attaching to and detaching from interfaces (at start and as they come and go), by event",
+);
 const TCP_ACCEPTED: Metric = counter(
     "tcp_connections_accepted",
     "TCP connections accepted by the relay",
@@ -133,6 +141,17 @@ counters! {
         datagrams: FRAGMENT_TRACKING { map: "datagrams" },
         /// Reassembled flows waiting for their socket lookup.
         reassembled_flows: FRAGMENT_TRACKING { map: "reassembled_flows" },
+    }
+}
+
+counters! {
+    /// Where the program is attached, and how often that changed.
+    pub struct InterfaceStats {
+        attached: INTERFACES_ATTACHED,
+        attach_events: INTERFACE_EVENTS { event: "attached" },
+        detach_events: INTERFACE_EVENTS { event: "detached" },
+        /// Interfaces that matched but could not be attached to.
+        attach_failures: INTERFACE_EVENTS { event: "attach_failed" },
     }
 }
 
@@ -264,6 +283,8 @@ pub struct Stats {
     pub packets: Option<Packets>,
     /// `None` without the eBPF program.
     pub fragment_tracking: Option<FragmentEntries>,
+    /// `None` without the eBPF program.
+    pub interfaces: Option<InterfaceStats>,
     pub tcp_relay: TcpRelay,
     pub udp_relay: UdpRelay,
 }
@@ -276,6 +297,12 @@ impl Stats {
             sections.push(Section {
                 title: "eBPF fragment tracking".into(),
                 fields: fragments.fields(),
+            });
+        }
+        if let Some(interfaces) = &self.interfaces {
+            sections.push(Section {
+                title: "interfaces".into(),
+                fields: interfaces.fields(),
             });
         }
         sections.push(Section {
@@ -343,10 +370,12 @@ pub struct ListenerStatus {
 /// Where the live counters are, for taking snapshots of them; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Sources {
-    /// The eBPF program's counters and fragment tracking; `None` without the program.
+    /// The eBPF program's counters, fragment tracking and interfaces; `None` without the
+    /// program.
     pub(crate) steering: Option<(
         crate::datapath::steering::CounterReader,
         crate::datapath::fragments::FragmentTracking,
+        Arc<crate::datapath::steering::InterfaceEvents>,
     )>,
     pub(crate) tcp: Arc<crate::relay::tcp::RelayStats>,
     pub(crate) udp: Arc<crate::relay::udp::UdpRelay>,
@@ -355,7 +384,7 @@ pub(crate) struct Sources {
 impl Sources {
     /// The counters now.
     pub(crate) fn snapshot(&self) -> Stats {
-        let packets = self.steering.as_ref().and_then(|(counters, _)| {
+        let packets = self.steering.as_ref().and_then(|(counters, _, _)| {
             counters
                 .read()
                 .map_err(|error| log::warn!("reading eBPF counters: {error:#}"))
@@ -367,7 +396,11 @@ impl Sources {
             fragment_tracking: self
                 .steering
                 .as_ref()
-                .map(|(_, fragments)| fragments.entries()),
+                .map(|(_, fragments, _)| fragments.entries()),
+            interfaces: self
+                .steering
+                .as_ref()
+                .map(|(_, _, interfaces)| interfaces.snapshot()),
             tcp_relay: self.tcp.snapshot(),
             udp_relay: self.udp.stats.snapshot(),
         }
@@ -383,6 +416,7 @@ mod tests {
         let mut stats = Stats {
             packets: Some(Packets::default()),
             fragment_tracking: Some(FragmentEntries::default()),
+            interfaces: Some(InterfaceStats::default()),
             ..Stats::default()
         };
         stats.udp_relay.dropped = 7;
@@ -394,6 +428,7 @@ mod tests {
         for section in stats.sections().iter().skip(Protocol::ALL.len()) {
             let key = match section.title.as_str() {
                 "eBPF fragment tracking" => "fragment_tracking",
+                "interfaces" => "interfaces",
                 "tcp relay" => "tcp_relay",
                 _ => "udp_relay",
             };

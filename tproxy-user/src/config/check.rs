@@ -28,7 +28,10 @@ impl Config {
             if let (Some(iface), Interfaces::Named(names)) =
                 (&rule.iface, &self.settings.interfaces)
             {
-                if !names.contains(iface) && !args.relay_only {
+                let steered = names
+                    .iter()
+                    .any(|entry| crate::datapath::interfaces::matches(entry, iface));
+                if !steered && !args.relay_only {
                     bail!("rule {} names interface {iface}, which is not among the steered interfaces ({})", rule.number, names.join(", "));
                 }
             }

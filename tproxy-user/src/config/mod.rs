@@ -39,7 +39,8 @@ pub const DEFAULT_LISTENER: &str = "default";
 /// Where the program is attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Interfaces {
-    /// These interfaces.
+    /// These interfaces: names, and patterns (`veth*`) whose matches are attached as they
+    /// appear and detached as they go.
     Named(Vec<String>),
     /// Every interface with Ethernet framing present at start (loopback excluded).
     All,

@@ -256,8 +256,9 @@ settings! {
     }
 
     /// Interface whose ingress traffic is steered (repeat for several). Steering happens on
-    /// arrival, so name the interfaces clients' packets come in on. Replaces the file's
-    /// `interfaces`.
+    /// arrival, so name the interfaces clients' packets come in on. A pattern (`'veth*'`,
+    /// `wg?`) attaches to every matching interface, including those that appear later.
+    /// Replaces the file's `interfaces`.
     #[flag(long = "iface", value_name = "IF")]
     fixed interfaces: interfaces;
 

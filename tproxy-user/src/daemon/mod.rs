@@ -4,6 +4,7 @@
 //! keeps once set up.
 
 pub(crate) mod control;
+pub(crate) mod links;
 pub mod instance;
 pub(crate) mod privileges;
 pub(crate) mod reload;

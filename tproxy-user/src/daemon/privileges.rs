@@ -2,7 +2,8 @@
 //! routing installed, the listeners bound. From then on tproxy keeps only
 //!
 //! - `CAP_NET_ADMIN`: IP_TRANSPARENT on the sockets it keeps creating (UDP reply sockets,
-//!   transparent upstream connections, listeners added by a reload), and removing its policy
+//!   transparent upstream connections, listeners added by a reload), attaching the loaded
+//!   program to interfaces that appear and match a pattern, and removing its policy
 //!   routing over netlink at exit;
 //! - `CAP_NET_BIND_SERVICE`: binding a UDP reply socket to its original destination's port,
 //!   which is privileged for DNS (53), NTP (123) and the like; without it every session on

@@ -17,7 +17,6 @@ pub(crate) fn reload(
     current: &Config,
     relays: &mut Relays,
     steering: Option<&mut Steering>,
-    interfaces: &[(String, u32)],
 ) -> Result<Config> {
     if args.config.is_none() {
         bail!("there is no configuration file to re-read (started without --config)");
@@ -30,7 +29,8 @@ pub(crate) fn reload(
             let mut rules = plan.rules(&new);
             let retired = relays.retired_after(&current.rules, &rules);
             rules.extend(retired.iter().cloned());
-            let compiled = rules::compile(&rules, steering.next_generation(), interfaces);
+            let interfaces = steering.attached_interfaces();
+            let compiled = rules::compile(&rules, steering.next_generation(), &interfaces);
             plan.register(steering)?;
             if let Err(error) = steering.install_rules(compiled) {
                 plan.unregister(steering);
@@ -42,6 +42,23 @@ pub(crate) fn reload(
         None => relays.commit(plan, None)?,
     }
     Ok(new)
+}
+
+/// Compiles the rules in force again, for the interfaces attached now, and installs them:
+/// rules that name an interface exist only for the interfaces that are attached.
+pub(crate) fn reinstall_rules(
+    config: &Config,
+    relays: &mut Relays,
+    steering: &mut Steering,
+) -> Result<()> {
+    let mut rules = relays.plan(config)?.rules(config);
+    rules.extend(relays.retired.iter().cloned());
+    let interfaces = steering.attached_interfaces();
+    steering.install_rules(rules::compile(
+        &rules,
+        steering.next_generation(),
+        &interfaces,
+    ))
 }
 
 /// Settings that shape the program, the routing or the relays' sockets at start: a reload

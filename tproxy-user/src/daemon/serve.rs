@@ -11,13 +11,13 @@ use crate::{
     config::Config,
     daemon::control::{self, Request},
     daemon::instance::InstanceLock,
-    datapath::rules::{self},
     datapath::steering::Steering,
     stats::{InstanceStatus, ListenerStatus},
     values::Human,
 };
 use crate::{
-    daemon::reload::reload,
+    daemon::links::{self, LinkWatch},
+    daemon::reload::{reinstall_rules, reload},
     relay::listeners::{Relays, ACCEPT_GRACE},
 };
 
@@ -38,6 +38,8 @@ pub(crate) struct Control<'a> {
     pub(crate) pinned: bool,
     /// How the program is attached, per interface.
     pub(crate) attached: Vec<String>,
+    /// Link events, when interfaces are named (they are followed as they come and go).
+    pub(crate) links: Option<LinkWatch>,
 }
 
 /// Where serving is.
@@ -92,7 +94,6 @@ pub(crate) async fn serve(
     config: Config,
     relays: Relays,
     steering: Option<&mut Steering>,
-    interfaces: &[(String, u32)],
     signals: &mut Signals,
     control: &mut Control<'_>,
 ) -> Result<Ending> {
@@ -102,7 +103,6 @@ pub(crate) async fn serve(
         config,
         relays,
         steering,
-        interfaces,
         phase: Phase::Serving,
         accepting_until: None,
         signalled_after_handover: false,
@@ -130,6 +130,10 @@ pub(crate) async fn serve(
                 }
                 continue;
             }
+            Some(()) = links::changed(&mut control.links) => {
+                server.follow_links(control).await;
+                continue;
+            }
             done = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
                 successor = None;
                 server.successor_answered(done.unwrap_or(false), control);
@@ -154,7 +158,6 @@ struct Server<'a, 's> {
     config: Config,
     relays: Relays,
     steering: Option<&'s mut Steering>,
-    interfaces: &'a [(String, u32)],
     drain_timeout: Duration,
     phase: Phase,
     /// While draining after a signal: until when the listeners still accept what reached
@@ -172,8 +175,15 @@ impl Server<'_, '_> {
             &mut self.config,
             &mut self.relays,
             self.steering.as_deref_mut(),
-            self.interfaces,
         )
+    }
+
+    /// Interfaces came or went: attaches and detaches (while serving only: once draining,
+    /// the pinned links may be a successor's).
+    async fn follow_links(&mut self, control: &mut Control<'_>) {
+        if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
+            links::follow(&self.config, &mut self.relays, steering, control).await;
+        }
     }
 
     /// Answers a control-socket request; a takeover that goes ahead returns the task that
@@ -281,9 +291,8 @@ impl Server<'_, '_> {
             return;
         };
         // Blocking map work, as a reload's.
-        let reasserted = tokio::task::block_in_place(|| {
-            reassert(&self.config, &mut self.relays, steering, self.interfaces)
-        });
+        let reasserted =
+            tokio::task::block_in_place(|| reassert(&self.config, &mut self.relays, steering));
         if let Err(error) = reasserted {
             log::error!("restoring this instance's rules and listeners: {error:#}");
         }
@@ -372,7 +381,6 @@ pub(crate) fn reload_in_serving(
     config: &mut Config,
     relays: &mut Relays,
     steering: Option<&mut Steering>,
-    interfaces: &[(String, u32)],
 ) -> std::result::Result<String, String> {
     if phase != Phase::Serving {
         log::warn!("reload while draining: nothing to reload");
@@ -381,7 +389,7 @@ pub(crate) fn reload_in_serving(
     // A reload writes and erases up to hundreds of thousands of map entries and waits out the
     // generation switch's grace period: blocking work, kept off the runtime's other workers
     // so the relay goes on moving bytes meanwhile.
-    match tokio::task::block_in_place(|| reload(args, config, relays, steering, interfaces)) {
+    match tokio::task::block_in_place(|| reload(args, config, relays, steering)) {
         Ok(new) => {
             let in_force = format!(
                 "{} rules, {} listeners in force",
@@ -405,17 +413,10 @@ pub(crate) fn reassert(
     config: &Config,
     relays: &mut Relays,
     steering: &mut Steering,
-    interfaces: &[(String, u32)],
 ) -> Result<()> {
     steering.forget_rules_in_force()?;
     relays.register_all(steering)?;
-    let mut rules = relays.plan(config)?.rules(config);
-    rules.extend(relays.retired.iter().cloned());
-    steering.install_rules(rules::compile(
-        &rules,
-        steering.next_generation(),
-        interfaces,
-    ))?;
+    reinstall_rules(config, relays, steering)?;
     steering.unregister_except(&relays.slots());
     Ok(())
 }

@@ -1,48 +1,131 @@
-//! Which interfaces the program attaches to: named in the configuration, resolved to their
-//! ifindex here, each checked to exist and to carry Ethernet framing.
+//! Which interfaces the program attaches to: named in the configuration (by name, or by a
+//! pattern such as `veth*`), resolved to their ifindex here, each checked to have a framing
+//! the program can parse.
 
 use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 
 use crate::config::Interfaces;
 
-/// The interfaces to attach to, with their ifindex. Each must exist here, once, and carry
-/// Ethernet framing: the program parses an Ethernet header, so on an L3 device (WireGuard,
-/// tun) it would never steer anything.
-pub(crate) async fn resolve_interfaces(
-    netlink: &rtnetlink::Handle,
-    interfaces: &Interfaces,
-) -> Result<Vec<(String, u32)>> {
-    use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
-    let links: Vec<_> = netlink
+/// What precedes the IP header of a packet at the interface's tc ingress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// An Ethernet header (Ethernet devices, veth, bridges, loopback).
+    Ethernet,
+    /// Nothing: the packet starts at the IP header (tun, WireGuard, PPP, ipip).
+    Ip,
+}
+
+/// An interface the program may attach to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub framing: Framing,
+}
+
+/// Whether a configured interface is a pattern (`*` any run of characters, `?` any one)
+/// rather than a name.
+pub fn is_pattern(entry: &str) -> bool {
+    entry.contains(['*', '?'])
+}
+
+/// Whether `name` is `entry`: the same name, or matched by the pattern.
+pub fn matches(entry: &str, name: &str) -> bool {
+    fn glob(pattern: &[u8], name: &[u8]) -> bool {
+        match pattern.split_first() {
+            None => name.is_empty(),
+            Some((b'*', rest)) => (0..=name.len()).any(|skip| glob(rest, &name[skip..])),
+            Some((b'?', rest)) => !name.is_empty() && glob(rest, &name[1..]),
+            Some((c, rest)) => name.first() == Some(c) && glob(rest, &name[1..]),
+        }
+    }
+    glob(entry.as_bytes(), name.as_bytes())
+}
+
+/// How packets of a link type reach tc ingress; `None` for a type the program cannot parse.
+fn framing(kind: LinkLayerType) -> Option<Framing> {
+    match kind {
+        LinkLayerType::Ether | LinkLayerType::Loopback => Some(Framing::Ethernet),
+        // These drivers reset the MAC header to the network header before handing a packet
+        // up, so tc sees it at the IP header.
+        LinkLayerType::None
+        | LinkLayerType::Ppp
+        | LinkLayerType::Tunnel
+        | LinkLayerType::Tunnel6 => Some(Framing::Ip),
+        _ => None,
+    }
+}
+
+/// The name of the link a netlink message describes.
+pub(crate) fn name_of(link: &LinkMessage) -> Option<String> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })
+}
+
+/// Every link in this network namespace.
+pub(crate) async fn list_links(netlink: &rtnetlink::Handle) -> Result<Vec<LinkMessage>> {
+    netlink
         .link()
         .get()
         .execute()
         .try_collect()
         .await
-        .context("listing interfaces")?;
-    let name_of = |link: &rtnetlink::packet_route::link::LinkMessage| {
-        link.attributes.iter().find_map(|a| match a {
-            LinkAttribute::IfName(name) => Some(name.clone()),
-            _ => None,
+        .context("listing interfaces")
+}
+
+/// The links of `links` that `entries` (names and patterns) select and the program can
+/// parse, each once.
+pub(crate) fn selected(entries: &[String], links: &[LinkMessage]) -> Vec<Link> {
+    links
+        .iter()
+        .filter_map(|link| {
+            let name = name_of(link)?;
+            entries
+                .iter()
+                .any(|entry| matches(entry, &name))
+                .then_some(())?;
+            Some(Link {
+                name,
+                index: link.header.index,
+                framing: framing(link.header.link_layer_type)?,
+            })
         })
-    };
+        .collect()
+}
+
+/// The interfaces to attach to at start. A name must exist here and have a framing the
+/// program can parse; a pattern may match nothing yet (links that appear later are attached
+/// as they come, see `daemon::links`).
+pub(crate) async fn resolve_interfaces(
+    netlink: &rtnetlink::Handle,
+    interfaces: &Interfaces,
+) -> Result<Vec<Link>> {
+    let links = list_links(netlink).await?;
     let names = match interfaces {
-        Interfaces::Named(names) => names.clone(),
+        Interfaces::Named(names) => names,
         Interfaces::All => {
-            let all: Vec<String> = links
+            let all: Vec<Link> = links
                 .iter()
                 .filter(|link| link.header.link_layer_type == LinkLayerType::Ether)
-                .filter_map(name_of)
+                .filter_map(|link| {
+                    Some(Link {
+                        name: name_of(link)?,
+                        index: link.header.index,
+                        framing: Framing::Ethernet,
+                    })
+                })
                 .collect();
             if all.is_empty() {
                 bail!("interfaces = \"all\": no Ethernet interface in this network namespace");
             }
-            all
+            return Ok(all);
         }
     };
-    let mut resolved = Vec::new();
-    for iface in &names {
+    for iface in names.iter().filter(|entry| !is_pattern(entry)) {
         let link = links
             .iter()
             .find(|link| name_of(link).as_deref() == Some(iface.as_str()))
@@ -50,10 +133,35 @@ pub(crate) async fn resolve_interfaces(
                 format!("--iface {iface}: no such interface in this network namespace")
             })?;
         let kind = link.header.link_layer_type;
-        if !matches!(kind, LinkLayerType::Ether | LinkLayerType::Loopback) {
-            bail!("--iface {iface}: link type {kind} has no Ethernet header; only Ethernet interfaces can be steered");
+        if framing(kind).is_none() {
+            bail!("--iface {iface}: link type {kind} is neither Ethernet nor IP-only (tun, WireGuard, PPP, ipip); the program cannot parse its packets");
         }
-        resolved.push((iface.clone(), link.header.index));
+    }
+    let resolved = selected(names, &links);
+    for pattern in names.iter().filter(|entry| is_pattern(entry)) {
+        if !resolved.iter().any(|link| matches(pattern, &link.name)) {
+            log::warn!(
+                "--iface {pattern}: no interface matches yet; tproxy attaches to those that appear"
+            );
+        }
     }
     Ok(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_whole_names() {
+        assert!(matches("veth*", "veth0"));
+        assert!(matches("veth*", "veth"));
+        assert!(!matches("veth*", "xveth0"));
+        assert!(matches("wg?", "wg0"));
+        assert!(!matches("wg?", "wg10"));
+        assert!(matches("*-tp*", "veth-tp12"));
+        assert!(matches("eth0", "eth0"));
+        assert!(!matches("eth0", "eth01"));
+        assert!(is_pattern("veth*") && is_pattern("wg?") && !is_pattern("docker0"));
+    }
 }

@@ -2,14 +2,23 @@
 //! baked in, install compiled rule sets into its maps (atomically, by generation), put our
 //! listeners into its socket map, attach it at tc ingress, and read its counters. Dropping [`Steering`] detaches everything it attached.
 
-use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapData, MapInfo, PerCpuArray, SockMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, SockMap},
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
         SchedClassifier, SkLookup, TcAttachType,
     },
     util::KernelVersion,
@@ -24,6 +33,7 @@ use tproxy_common::{
 
 use crate::{
     datapath::fragments::FragmentTracking,
+    datapath::interfaces::{Framing, Link},
     datapath::pin::PinnedState,
     datapath::rules::{CompiledRules, Entry},
     values::Mark,
@@ -72,6 +82,41 @@ pub struct Steering {
     /// The generation in force in maps an earlier instance left pinned, until our first
     /// rule set replaces it.
     adopted: Option<u32>,
+    /// Where the program is attached, by ifindex.
+    attached: BTreeMap<u32, Attachment>,
+    interface_events: Arc<InterfaceEvents>,
+}
+
+/// The program on one interface.
+struct Attachment {
+    name: String,
+    mode: AttachMode,
+    /// Ours to detach (`None`: only pinned).
+    link: Option<SchedClassifierLinkId>,
+    /// Where its link is pinned (`--pin`).
+    pin: Option<PathBuf>,
+}
+
+/// What attaching and detaching did since start, and the interfaces attached now; shared
+/// with the stats snapshot.
+#[derive(Default)]
+pub struct InterfaceEvents {
+    pub(crate) attached: Mutex<Vec<String>>,
+    pub(crate) attach_events: AtomicU64,
+    pub(crate) detach_events: AtomicU64,
+    pub(crate) attach_failures: AtomicU64,
+}
+
+impl InterfaceEvents {
+    /// The counts now.
+    pub(crate) fn snapshot(&self) -> crate::stats::InterfaceStats {
+        crate::stats::InterfaceStats {
+            attached: self.attached.lock().unwrap().len() as u64,
+            attach_events: self.attach_events.load(Ordering::Relaxed),
+            detach_events: self.detach_events.load(Ordering::Relaxed),
+            attach_failures: self.attach_failures.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -157,6 +202,8 @@ impl Steering {
             fragments,
             pinned: settings.pinned.clone(),
             adopted: None,
+            attached: BTreeMap::new(),
+            interface_events: Arc::default(),
         };
         if adopting {
             steering
@@ -458,8 +505,48 @@ impl Steering {
         Ok(())
     }
 
-    /// Attaches the program at `iface`'s ingress.
-    pub fn attach(&mut self, iface: &str) -> Result<AttachMode> {
+    /// Attaches the program at `link`'s ingress (nothing when it is attached there already).
+    pub fn attach(&mut self, link: &Link) -> Result<AttachMode> {
+        if let Some(attachment) = self.attached.get(&link.index) {
+            return Ok(attachment.mode);
+        }
+        let mode = self.attach_new(link)?;
+        self.interface_events
+            .attach_events
+            .fetch_add(1, Ordering::Relaxed);
+        self.publish_attached();
+        Ok(mode)
+    }
+
+    fn attach_new(&mut self, link: &Link) -> Result<AttachMode> {
+        let ip_only = link.framing == Framing::Ip;
+        if ip_only {
+            // Before the program can see the interface's first packet.
+            self.ip_interfaces()?
+                .insert(link.index, 1, 0)
+                .with_context(|| format!("recording {} as IP-only", link.name))?;
+        }
+        let attached = self.hook(&link.name);
+        match attached {
+            Ok(attachment) => {
+                let mode = attachment.mode;
+                self.attached.insert(link.index, attachment);
+                Ok(mode)
+            }
+            Err(error) => {
+                if ip_only {
+                    let _ = self.ip_interfaces()?.remove(&link.index);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn ip_interfaces(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
+        Ok(HashMap::try_from(self.map_mut(maps::IP_INTERFACES)?)?)
+    }
+
+    fn hook(&mut self, iface: &str) -> Result<Attachment> {
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         let mode = if tcx {
             AttachMode::Tcx
@@ -476,13 +563,20 @@ impl Steering {
                 Err(e) => log::warn!("could not look for stale tproxy filters on {iface}: {e}"),
             }
         }
-        let pinned = self.pinned.as_ref().map(|pinned| pinned.tc_link(iface));
-        if let Some(path) = &pinned {
+        let name = iface.to_string();
+        let pin = self.pinned.as_ref().map(|pinned| pinned.tc_link(iface));
+        if let Some(path) = &pin {
             if mode != AttachMode::Tcx {
                 bail!("--pin needs TCX links (kernel 6.6 or later); this kernel has clsact only");
             }
-            if self.replace_pinned_program(iface, path)? {
-                return Ok(AttachMode::TcxAdopted);
+            if let Some(link) = self.replace_pinned_program(iface, path)? {
+                let (mode, link) = (AttachMode::TcxAdopted, Some(link));
+                return Ok(Attachment {
+                    name,
+                    mode,
+                    link,
+                    pin,
+                });
             }
         }
         let program = self.program_mut()?;
@@ -491,32 +585,112 @@ impl Steering {
             .with_context(|| {
                 format!("attaching the steering program to {iface} ingress ({mode})")
             })?;
-        let Some(path) = pinned else {
-            return Ok(mode);
+        let Some(path) = pin else {
+            let link = Some(link);
+            return Ok(Attachment {
+                name,
+                mode,
+                link,
+                pin,
+            });
         };
         let link: FdLink = program.take_link(link)?.try_into()?;
         link.pin(&path)
             .with_context(|| format!("pinning the link on {iface} at {}", path.display()))?;
-        Ok(AttachMode::TcxPinned)
+        let (mode, link, pin) = (AttachMode::TcxPinned, None, Some(path));
+        Ok(Attachment {
+            name,
+            mode,
+            link,
+            pin,
+        })
     }
 
-    /// Puts our program on the TCX link pinned at `path`, in one step; `false` when there is
+    /// Takes the program off the interface `ifindex` (gone, renamed, or no longer wanted),
+    /// pinned link included; nothing when it is not attached there.
+    pub fn detach(&mut self, ifindex: u32) {
+        let Some(attachment) = self.attached.remove(&ifindex) else {
+            return;
+        };
+        self.interface_events
+            .detach_events
+            .fetch_add(1, Ordering::Relaxed);
+        self.publish_attached();
+        let name = &attachment.name;
+        if let Some(link) = attachment.link {
+            // The kernel took a TCX link off a vanished device already, and a clsact filter
+            // went with it: ENODEV is the expected answer then.
+            match self.program_mut().map(|program| program.detach(link)) {
+                Ok(Ok(())) | Ok(Err(aya::programs::ProgramError::NetlinkError(_))) => {}
+                Ok(Err(error)) => log::warn!("detaching from {name}: {error}"),
+                Err(error) => log::warn!("detaching from {name}: {error:#}"),
+            }
+        }
+        if let Some(path) = &attachment.pin {
+            if let Err(error) = std::fs::remove_file(path) {
+                log::warn!(
+                    "unpinning the link on {name} at {}: {error}",
+                    path.display()
+                );
+            }
+        }
+        if let Ok(mut ip_interfaces) = self.ip_interfaces() {
+            // Absent for an Ethernet interface.
+            let _ = ip_interfaces.remove(&ifindex);
+        }
+    }
+
+    /// The interfaces the program is attached to, by name and ifindex (what rules naming an
+    /// interface are compiled for).
+    pub fn attached_interfaces(&self) -> Vec<(String, u32)> {
+        self.attached
+            .iter()
+            .map(|(index, attachment)| (attachment.name.clone(), *index))
+            .collect()
+    }
+
+    /// How the program is attached, per interface (`NAME (MODE)`).
+    pub fn attached_descriptions(&self) -> Vec<String> {
+        self.interface_events.attached.lock().unwrap().clone()
+    }
+
+    fn publish_attached(&self) {
+        *self.interface_events.attached.lock().unwrap() = self
+            .attached
+            .values()
+            .map(|attachment| format!("{} ({})", attachment.name, attachment.mode))
+            .collect();
+    }
+
+    /// A handle on the attach and detach counts, for the stats snapshot.
+    pub fn interface_events(&self) -> Arc<InterfaceEvents> {
+        self.interface_events.clone()
+    }
+
+    /// Puts our program on the TCX link pinned at `path`, in one step; `None` when there is
     /// no usable link there (none, or its interface went away and maybe came back under the
     /// same name — then its file is removed).
-    fn replace_pinned_program(&mut self, iface: &str, path: &std::path::Path) -> Result<bool> {
+    fn replace_pinned_program(
+        &mut self,
+        iface: &str,
+        path: &std::path::Path,
+    ) -> Result<Option<SchedClassifierLinkId>> {
         let Ok(link) = PinnedLink::from_pin(path) else {
-            return Ok(false);
+            return Ok(None);
         };
         let program = self.program_mut()?;
         let replaced = SchedClassifierLink::try_from(FdLink::from(link))
             .map_err(anyhow::Error::from)
             .and_then(|link| Ok(program.attach_to_link(link)?));
-        if let Err(error) = replaced {
-            log::warn!("the pinned link on {iface} is unusable ({error:#}); attaching anew");
-            std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
-            return Ok(false);
+        match replaced {
+            Ok(link) => Ok(Some(link)),
+            Err(error) => {
+                log::warn!("the pinned link on {iface} is unusable ({error:#}); attaching anew");
+                std::fs::remove_file(path)
+                    .with_context(|| format!("unpinning {}", path.display()))?;
+                Ok(None)
+            }
         }
-        Ok(true)
     }
 
     /// The program's fragment tracking (see [`FragmentTracking::spawn_sweeper`]).

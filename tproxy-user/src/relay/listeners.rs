@@ -527,8 +527,13 @@ impl Relays {
     /// Where the counters of this instance are.
     pub(crate) fn stats_sources(&self, steering: Option<&Steering>) -> stats::Sources {
         stats::Sources {
-            steering: steering
-                .map(|steering| (steering.counter_reader(), steering.fragments().clone())),
+            steering: steering.map(|steering| {
+                (
+                    steering.counter_reader(),
+                    steering.fragments().clone(),
+                    steering.interface_events(),
+                )
+            }),
             tcp: self.tcp_stats.clone(),
             udp: self.udp.clone(),
         }
