@@ -166,6 +166,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub upstream: Option<SocketAddr>,
 
+    /// Hand the --tcp/--udp flows to a transparent proxy that tproxy does not run (Squid's
+    /// `http_port 3129 tproxy`, HAProxy's `bind … transparent`), listening on this port, as
+    /// `-j TPROXY --on-port` does. tproxy binds and relays nothing for it; while nothing
+    /// listens there, flows get the --fail-mode treatment.
+    #[arg(long = "on-port", value_name = "PORT", conflicts_with_all = ["listen", "upstream"])]
+    pub on_port: Option<u16>,
+
+    /// The address --on-port's proxy listens on (at most one per address family; flows of a
+    /// family without one get the --fail-mode treatment), as `-j TPROXY --on-ip` does.
+    /// Default: each packet's own destination, which a proxy on the wildcard address answers.
+    #[arg(long = "on-ip", value_name = "ADDR", requires = "on_port")]
+    pub on_ip: Vec<std::net::IpAddr>,
+
     /// The settings (see [`crate::config::settings`] for the list).
     #[command(flatten)]
     pub settings: SettingFlags,

@@ -25,6 +25,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("python3", "python3"),
     ("prlimit", "util-linux"),
+    // The transparent proxies that tproxy hands flows to in the external-listener tests.
+    ("squid", "squid"),
+    ("haproxy", "haproxy"),
+    ("curl", "curl"),
 ];
 
 pub fn run() -> Result<()> {
