@@ -128,6 +128,36 @@ pub fn presences(
     out
 }
 
+/// For the ready line: listener `name` and its proxy's state now. Warns when the proxy is
+/// not listening (its flows get the fail mode until it is) or lacks IP_TRANSPARENT.
+pub fn describe(name: &str, external: &External, tcp: bool, udp: bool) -> String {
+    for (addr, transport, presence) in presences(external, tcp, udp) {
+        match presence {
+            Ok(Presence {
+                listening: false, ..
+            }) => log::warn!(
+                "listener `{name}`: nothing listens at {addr} ({transport:?}) yet: its flows get \
+                 the fail mode, and go to the proxy once it listens"
+            ),
+            Ok(Presence {
+                transparent: false, ..
+            }) => log::warn!(
+                "listener `{name}`: the socket at {addr} ({transport:?}) has no IP_TRANSPARENT: \
+                 the proxy cannot answer for other hosts' addresses"
+            ),
+            Ok(_) => {}
+            Err(error) => log::warn!("listener `{name}`: checking {addr}: {error:#}"),
+        }
+    }
+    let transports = match (tcp, udp) {
+        (true, true) => "TCP+UDP",
+        (true, false) => "TCP",
+        (false, true) => "UDP",
+        (false, false) => "unused",
+    };
+    format!("{name} {transports} to the external proxy at {external}")
+}
+
 /// `INET_DIAG_SOCKOPT` (Linux 5.10+): the socket's boolean options, `transparent` in bit 5
 /// of the first byte.
 const INET_DIAG_SOCKOPT: u16 = 22;
