@@ -566,3 +566,72 @@ fn a_udp_program_reading_the_original_destination_gets_the_datagrams() {
     tproxy.stop().unwrap();
     assert_eq!(tproxy.final_counter("udp", "no_listener").unwrap(), 1);
 }
+
+/// `doctor --external`: says when nothing listens there, when the socket there lacks
+/// IP_TRANSPARENT, and passes a transparent one; read from sock_diag.
+#[test]
+fn doctor_checks_the_external_proxys_socket() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let doctor = || {
+        let (status, stdout, stderr) = run_tproxy_output(
+            &topo.router,
+            &[
+                "doctor",
+                "--external",
+                "127.0.0.1:3129",
+                "--external",
+                "[::1]:3129",
+            ],
+        )
+        .unwrap();
+        (status.success(), format!("{stdout}{stderr}"))
+    };
+    let (healthy, report) = doctor();
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("127.0.0.1:3129 (Tcp): nothing listens there"),
+        "{report}"
+    );
+    assert!(
+        report.contains("[::1]:3129 (Tcp): nothing listens there"),
+        "{report}"
+    );
+
+    // A plain listener: there, but no proxy can take other hosts' flows on it.
+    let plain = topo
+        .router
+        .listen("127.0.0.1:3129".parse().unwrap())
+        .unwrap();
+    let (healthy, report) = doctor();
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("127.0.0.1:3129 (Tcp): the socket there has no IP_TRANSPARENT"),
+        "{report}"
+    );
+    drop(plain);
+
+    // Squid's dual-stack wildcard `http_port 3129 tproxy` serves both addresses.
+    let squid = start_squid(&topo.router);
+    wait_for_squid(&topo.router);
+    let (healthy, report) = doctor();
+    assert!(
+        report.contains("127.0.0.1:3129 (Tcp): listening, with IP_TRANSPARENT"),
+        "{report}"
+    );
+    assert!(
+        report.contains("[::1]:3129 (Tcp): listening, with IP_TRANSPARENT"),
+        "{report}"
+    );
+    assert!(healthy, "{report}");
+    drop(squid);
+}
+
+/// Waits until Squid's transparent port accepts connections.
+fn wait_for_squid(router: &Netns) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while router.connect("127.0.0.1:3129".parse().unwrap()).is_err() {
+        assert!(Instant::now() < deadline, "Squid never listened on 3129");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
