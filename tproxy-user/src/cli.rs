@@ -122,6 +122,13 @@ pub struct TranslateArgs {
     /// listed on stderr).
     #[arg(long = "allow-skipped")]
     pub allow_skipped: bool,
+
+    /// Keep the proxies that listen on the TPROXY ports in the path: each `--on-port P`
+    /// becomes an external listener at P (its `--on-ip`, or the wildcard address), and the
+    /// socket-match rules become bypass rules, so the rule set is replaced one for one.
+    /// Without it, tproxy's own listeners relay the flows instead.
+    #[arg(long = "keep-proxies")]
+    pub keep_proxies: bool,
 }
 
 /// Flags of `tproxy run` (and `tproxy check`). Settings left out take the configuration
