@@ -20,8 +20,8 @@ use nix::sys::socket::{
     recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
 };
 use tproxy_tests::{
-    require_root, routing_state, run_tproxy_output, ConfigFile, Netns, RouterTopology as Topo,
-    Server, Tproxy, DEFAULT_TABLE,
+    remove_iptables_tproxy, require_root, restore_iptables, routing_state, run_tproxy_output,
+    tproxy_with_input, ConfigFile, Netns, RouterTopology as Topo, Server, Tproxy, DEFAULT_TABLE,
 };
 
 /// A proxy process we started in a namespace, with a directory of its own; killed on drop.
@@ -744,4 +744,65 @@ fn a_connection_reusing_a_time_wait_tuple_of_the_proxy_gets_through() {
     drop(listeners);
     tproxy.stop().unwrap();
     assert_eq!(tproxy.final_counter("tcp", "no_listener").unwrap(), 0);
+}
+
+/// The kernel documentation's recipe with Squid behind it, as people run it today.
+const SQUID_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket -j DIVERT
+-A PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 3129 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+/// `translate --keep-proxies` replaces the iptables rules one for one: Squid stays in the
+/// path, and the same request reaches the server from the client's address through it.
+#[test]
+fn a_translated_squid_rule_set_keeps_squid_in_the_path() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let squid = start_squid(&topo.router);
+    wait_for_squid(&topo.router);
+    let server = http_tell_peer(&topo.server, Topo::server_addr(false, 80));
+    let accepted = format!("{} accepted-at {} 80 ", Topo::CLIENT_V4, Topo::SERVER_V4);
+
+    restore_iptables(&topo.router, SQUID_IPTABLES).unwrap();
+    let response = http_get(&topo.client, server.addr, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        body(&response),
+        Topo::CLIENT_V4,
+        "iptables: the server sees the client"
+    );
+    assert_eq!(
+        squid.file("access.log").matches(&accepted).count(),
+        1,
+        "through Squid"
+    );
+    remove_iptables_tproxy(&topo.router).unwrap();
+
+    let (status, translated, stderr) =
+        tproxy_with_input(&["translate", "--keep-proxies"], SQUID_IPTABLES).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        translated.contains("external = [\"0.0.0.0:3129\"]"),
+        "{translated}"
+    );
+    let config = ConfigFile::new(&translated).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let response = http_get(&topo.client, server.addr, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        body(&response),
+        Topo::CLIENT_V4,
+        "tproxy: the server sees the client"
+    );
+    assert_eq!(
+        squid.file("access.log").matches(&accepted).count(),
+        2,
+        "through Squid"
+    );
+    assert_eq!(listener_packets(&topo.router, "tproxy-3129"), (1, 0));
+    tproxy.stop().unwrap();
 }
