@@ -515,6 +515,26 @@ fn udp_ask(client: &Netns, server: SocketAddr, payload: &str, timeout: Duration)
     })
 }
 
+const METRICS: &str = "127.0.0.1:9464";
+
+/// The metrics endpoint's text.
+fn scrape(router: &Netns) -> String {
+    let (status, body) =
+        tproxy_tests::http_get(router, METRICS.parse().unwrap(), "/metrics").unwrap();
+    assert_eq!(status, 200);
+    body
+}
+
+/// The value of sample `name` (labels exactly as exposed), as text.
+fn sample<'a>(body: &'a str, name: &str) -> &'a str {
+    body.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("no `{name}` in:\n{body}"))
+}
+
 const UDP_EXTERNAL: &str = r#"
 interfaces = ["to-client"]
 fail_mode = "closed"
@@ -534,7 +554,11 @@ fn a_udp_program_reading_the_original_destination_gets_the_datagrams() {
     require_root();
     let topo = Topo::new().unwrap();
     let config = ConfigFile::new(UDP_EXTERNAL).unwrap();
-    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let mut tproxy = Tproxy::start(
+        &topo.router,
+        &["--config", config.path(), "--metrics", METRICS],
+    )
+    .unwrap();
     let addrs: Vec<SocketAddr> = vec![
         "127.0.0.1:5300".parse().unwrap(),
         "[::1]:5300".parse().unwrap(),
@@ -548,6 +572,16 @@ fn a_udp_program_reading_the_original_destination_gets_the_datagrams() {
         assert_eq!(answer, format!("{server} hello"), "v6={v6}");
     }
     assert_eq!(listener_packets(&topo.router, "dns"), (2, 0));
+    let metrics = scrape(&topo.router);
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"tproxy_listener_packets_total{listener="dns",outcome="steered_new"}"#
+        ),
+        "2"
+    );
+    let up = r#"tproxy_external_listener_up{listener="dns",address="[::1]:5300",transport="udp"}"#;
+    assert_eq!(sample(&metrics, up), "2", "listening, with IP_TRANSPARENT");
 
     drop(proxy);
     wait_for_external(&topo.router, "dns", false);
@@ -557,6 +591,15 @@ fn a_udp_program_reading_the_original_destination_gets_the_datagrams() {
         None
     );
     assert_eq!(listener_packets(&topo.router, "dns").1, 1);
+    let metrics = scrape(&topo.router);
+    assert_eq!(sample(&metrics, up), "0");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"tproxy_listener_packets_total{listener="dns",outcome="no_listener"}"#
+        ),
+        "1"
+    );
 
     let _proxy = UdpOrigDstEcho::start(&topo.router, &addrs);
     wait_for_external(&topo.router, "dns", true);
@@ -805,4 +848,89 @@ fn a_translated_squid_rule_set_keeps_squid_in_the_path() {
     );
     assert_eq!(listener_packets(&topo.router, "tproxy-3129"), (1, 0));
     tproxy.stop().unwrap();
+}
+
+/// What makes no sense for a proxy tproxy does not run is refused by `check`, naming it.
+#[test]
+fn bad_external_listeners_are_refused_by_name() {
+    let check = |args: &[&str]| {
+        let mut full = vec!["check", "--iface", "lo"];
+        full.extend_from_slice(args);
+        let (status, _, stderr) = tproxy_with_input(&full, "").unwrap();
+        assert!(!status.success(), "{args:?} accepted");
+        stderr
+    };
+    assert!(check(&["--tcp", "80", "--on-ip", "127.0.0.1"]).contains("--on-port"));
+    assert!(check(&[
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+        "--listen",
+        "127.0.0.1:1"
+    ])
+    .contains("--listen"));
+    assert!(check(&[
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+        "--upstream",
+        "127.0.0.1:1"
+    ])
+    .contains("--upstream"));
+    assert!(check(&["--tcp", "80", "--on-port", "0"]).contains("never 0"));
+    let twice = check(&[
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+        "--on-ip",
+        "127.0.0.1",
+        "--on-ip",
+        "127.0.0.2",
+    ]);
+    assert!(
+        twice.contains("--on-ip 127.0.0.2: at most one address per address family"),
+        "{twice}"
+    );
+    assert!(check(&["--on-port", "3129"]).contains("give --tcp or --udp"));
+    let (status, _, stderr) = tproxy_with_input(
+        &["check", "--relay-only", "--tcp", "80", "--on-port", "3129"],
+        "",
+    )
+    .unwrap();
+    assert!(
+        !status.success() && stderr.contains("--relay-only"),
+        "{stderr}"
+    );
+
+    for (entry, says) in [
+        (
+            "external = \"127.0.0.1:3129\"\nlisten = \"127.0.0.1:1\"",
+            "give one or the other",
+        ),
+        (
+            "external = \"127.0.0.1:3129\"\nupstream = \"127.0.0.1:1\"",
+            "give one or the other",
+        ),
+        (
+            "external = [\"127.0.0.1:3129\", \"127.0.0.2:3129\"]",
+            "at most one address per address family",
+        ),
+        ("external = \"127.0.0.1:0\"", "never 0"),
+        ("external = []", "give the proxy's address"),
+    ] {
+        let config = ConfigFile::new(&format!(
+            "interfaces = [\"lo\"]\n[[listener]]\nname = \"squid\"\n{entry}\n[[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\n"
+        ))
+        .unwrap();
+        let (status, _, stderr) =
+            tproxy_with_input(&["check", "--config", config.path()], "").unwrap();
+        assert!(!status.success(), "{entry}: accepted");
+        assert!(
+            stderr.contains("listener `squid`") && stderr.contains(says),
+            "{entry}: {stderr}"
+        );
+    }
 }
