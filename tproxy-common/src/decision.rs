@@ -207,6 +207,8 @@ pub const fn assign_error(ret: i64) -> Outcome {
 pub const TCP_LISTEN: u32 = 10;
 /// `TCP_TIME_WAIT` from the kernel's `enum tcp_state`.
 pub const TCP_TIME_WAIT: u32 = 6;
+/// `TCP_ESTABLISHED` from the kernel's `enum tcp_state`: for a UDP socket, a connected one.
+pub const TCP_ESTABLISHED: u32 = 1;
 
 /// Whether a socket found by an exact-tuple lookup owns the packet's flow, as the iptables
 /// socket match decides it. A listener is not the flow's own socket: a wildcard service (sshd

@@ -199,6 +199,70 @@ impl ListenerSlot {
     }
 }
 
+/// Array of [`ExternalListener`], indexed like [`LISTENERS`]: for a listener tproxy does not
+/// own (a proxy such as Squid listening with IP_TRANSPARENT), where the program looks for its
+/// socket when the socket map has none, as `-j TPROXY --on-ip --on-port` does (the kernel's
+/// `nf_tproxy_get_sock`: a listener lookup in the same network namespace).
+pub const EXTERNAL_LISTENERS: &str = "EXTERNAL_LISTENERS";
+
+/// [`ExternalListener::kind`]: not an external listener (tproxy's own, or unused).
+pub const EXTERNAL_NONE: u16 = 0;
+/// [`ExternalListener::kind`]: the listener at [`ExternalListener::address`] and port.
+pub const EXTERNAL_AT_ADDRESS: u16 = 1;
+/// [`ExternalListener::kind`]: the listener at the packet's own destination address and
+/// [`ExternalListener::port`] (`--on-port` without `--on-ip`; a wildcard listener answers).
+pub const EXTERNAL_AT_DESTINATION: u16 = 2;
+
+/// Where an external listener's socket is looked up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExternalListener {
+    /// The address in network byte order, as the 32-bit words of a `bpf_sock_tuple` hold it
+    /// in memory (IPv4 in the first word, the rest zero).
+    pub address: [u32; 4],
+    /// The port in network byte order.
+    pub port: u16,
+    /// One of the `EXTERNAL_*` constants.
+    pub kind: u16,
+}
+
+impl ExternalListener {
+    /// The entry for a listener at `address` (`None`: the packet's destination) and `port`.
+    pub fn new(address: Option<[u8; 16]>, port: u16) -> Self {
+        let mut words = [0u32; 4];
+        if let Some(bytes) = address {
+            for (i, word) in words.iter_mut().enumerate() {
+                *word = u32::from_ne_bytes([
+                    bytes[i * 4],
+                    bytes[i * 4 + 1],
+                    bytes[i * 4 + 2],
+                    bytes[i * 4 + 3],
+                ]);
+            }
+        }
+        ExternalListener {
+            address: words,
+            port: port.to_be(),
+            kind: match address {
+                Some(_) => EXTERNAL_AT_ADDRESS,
+                None => EXTERNAL_AT_DESTINATION,
+            },
+        }
+    }
+}
+
+/// Per-CPU array of `u64` packet counts per listener, indexed by [`listener_counter_index`]:
+/// how many new flows each listener slot was given, and how many found it absent.
+pub const LISTENER_COUNTERS: &str = "LISTENER_COUNTERS";
+/// Length of [`LISTENER_COUNTERS`].
+pub const LISTENER_COUNTERS_LEN: u32 = LISTENERS_LEN * 2;
+
+/// The [`LISTENER_COUNTERS`] index of a [`LISTENERS`] slot's count of `steered_new`
+/// (`no_listener` false) or `no_listener` packets.
+pub const fn listener_counter_index(slot: u32, no_listener: bool) -> u32 {
+    slot * 2 + no_listener as u32
+}
+
 /// LRU hash from a [`FlowKey`] to a [`LISTENERS`] index. The tc program writes an entry when
 /// it hands a packet of a steered flow to a TIME_WAIT socket; the `sk_lookup` program answers
 /// the kernel's listener lookup for exactly those flows. It sees every listener lookup in the
@@ -381,6 +445,7 @@ mod pod {
     unsafe impl aya::Pod for super::FragmentDecision {}
     unsafe impl aya::Pod for super::ProtocolFlowKey {}
     unsafe impl aya::Pod for super::ReassembledFlow {}
+    unsafe impl aya::Pod for super::ExternalListener {}
 }
 
 #[cfg(test)]
@@ -429,6 +494,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 36);
         assert_eq!(core::mem::size_of::<ProtocolFlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ReassembledFlow>(), 16);
+        assert_eq!(core::mem::size_of::<ExternalListener>(), 20);
     }
 
     #[test]
@@ -459,6 +525,27 @@ mod tests {
         assert!(
             !flow.is_live(9, (3, 3)),
             "a namespace's own, shorter timeout"
+        );
+    }
+
+    #[test]
+    fn external_addresses_are_kept_in_network_order() {
+        let v4 = ExternalListener::new(
+            Some([127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            3129,
+        );
+        assert_eq!(v4.address[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(v4.port.to_ne_bytes(), 3129u16.to_be_bytes());
+        assert_eq!(v4.kind, EXTERNAL_AT_ADDRESS);
+        let any = ExternalListener::new(None, 3129);
+        assert_eq!((any.address, any.kind), ([0; 4], EXTERNAL_AT_DESTINATION));
+        assert_ne!(
+            listener_counter_index(LISTENERS_LEN - 1, true),
+            listener_counter_index(LISTENERS_LEN - 1, false)
+        );
+        assert_eq!(
+            listener_counter_index(LISTENERS_LEN - 1, true),
+            LISTENER_COUNTERS_LEN - 1
         );
     }
 

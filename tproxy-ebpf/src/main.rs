@@ -49,9 +49,11 @@ use tproxy_common::{
         LOOPBACK_IFINDEX, MAX_IPV6_EXTENSION_HEADERS,
     },
     maps::{
-        listener_slot, port_class_index, rule_group_class, DstKey, FlowKey, FragmentDecision,
-        FragmentKey, ListenerSlot, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN,
-        DEFAULT_FRAGMENT_TIMEOUTS_NS, FRAGMENTS_LEN, IP_INTERFACES_LEN, LISTENERS_LEN,
+        listener_counter_index, listener_slot, port_class_index, rule_group_class, DstKey,
+        ExternalListener, FlowKey, FragmentDecision, FragmentKey, ListenerSlot, ProtocolFlowKey,
+        ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN, DEFAULT_FRAGMENT_TIMEOUTS_NS,
+        EXTERNAL_AT_ADDRESS, EXTERNAL_NONE, FRAGMENTS_LEN, IP_INTERFACES_LEN, LISTENERS_LEN,
+        LISTENER_COUNTERS_LEN,
         PORT_CLASSES_LEN, REASSEMBLED_FLOWS_LEN, RULE_GROUPS, TIME_WAIT_FLOWS_LEN,
     },
 };
@@ -71,6 +73,11 @@ static RULES_SRC_V4: LpmTrie<SrcKey<4>, Verdict> = LpmTrie::with_max_entries(1, 
 static RULES_SRC_V6: LpmTrie<SrcKey<16>, Verdict> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(LISTENERS_LEN, 0);
+#[map]
+static EXTERNAL_LISTENERS: Array<ExternalListener> = Array::with_max_entries(LISTENERS_LEN, 0);
+#[map]
+static LISTENER_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(LISTENER_COUNTERS_LEN, 0);
 #[map]
 static TIME_WAIT_FLOWS: LruHashMap<FlowKey, u32> =
     LruHashMap::with_max_entries(TIME_WAIT_FLOWS_LEN, 0);
@@ -432,6 +439,9 @@ fn steer_transport(
     } else {
         steer_udp(ctx, tuple, tuple_len, listener, assign)
     };
+    if let Some(slot) = listener {
+        count_for_listener(slot, outcome);
+    }
     if let (Outcome::SteeredNew, false, Some(slot)) = (outcome, assign, listener) {
         let reassembled = ProtocolFlowKey {
             flow: flow_key(tuple, tuple_len),
@@ -672,7 +682,7 @@ fn steer_tcp(
         return Outcome::Bypassed;
     };
     let Some(listener) = listener(slot) else {
-        return Outcome::NoListener;
+        return steer_tcp_external(ctx, tuple, tuple_len, slot, assign);
     };
     // SAFETY: a referenced socket from the socket map.
     if unsafe { (*listener).state } != decision::TCP_LISTEN {
@@ -739,7 +749,126 @@ fn steer_udp(
     };
     match listener(slot) {
         Some(listener) => take_socket(ctx, listener, Outcome::SteeredNew, assign),
-        None => Outcome::NoListener,
+        None => steer_udp_external(ctx, tuple, tuple_len, slot, assign),
+    }
+}
+
+/// A new TCP flow for a listener tproxy does not own: the socket listening at its external
+/// address, found as `-j TPROXY --on-ip --on-port` finds it. The flow's own socket was looked
+/// for already, so the tuple may be rewritten.
+#[inline(always)]
+fn steer_tcp_external(
+    ctx: &TcContext,
+    tuple: *mut bpf_sock_tuple,
+    tuple_len: u32,
+    slot: u32,
+    assign: bool,
+) -> Outcome {
+    if !assign || !aim_at_external_listener(tuple, tuple_len, slot) {
+        // A first fragment: the reassembled datagram would reach the `sk_lookup` program,
+        // which can only hand it to a socket in the socket map.
+        return Outcome::NoListener;
+    }
+    // SAFETY: `tuple` points at a tuple of `tuple_len` bytes on our stack.
+    let found = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            tuple,
+            tuple_len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if found.is_null() {
+        return Outcome::NoListener;
+    }
+    // SAFETY: a non-null socket from the lookup, referenced until released.
+    if unsafe { (*found).state } != decision::TCP_LISTEN {
+        // SAFETY: releases the reference the lookup took.
+        unsafe { bpf_sk_release(found as *mut c_void) };
+        return Outcome::NoListener;
+    }
+    take_socket(ctx, found, Outcome::SteeredNew, assign)
+}
+
+/// A new UDP flow for a listener tproxy does not own: the unconnected socket at its external
+/// address, as the kernel's TPROXY finds it.
+#[inline(always)]
+fn steer_udp_external(
+    ctx: &TcContext,
+    tuple: *mut bpf_sock_tuple,
+    tuple_len: u32,
+    slot: u32,
+    assign: bool,
+) -> Outcome {
+    if !assign || !aim_at_external_listener(tuple, tuple_len, slot) {
+        return Outcome::NoListener;
+    }
+    // SAFETY: `tuple` points at a tuple of `tuple_len` bytes on our stack.
+    let found = unsafe {
+        bpf_sk_lookup_udp(
+            ctx.as_ptr(),
+            tuple,
+            tuple_len,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if found.is_null() {
+        return Outcome::NoListener;
+    }
+    // SAFETY: as above. A connected socket is one flow's, not a listener (TPROXY skips it too).
+    if unsafe { (*found).state } == decision::TCP_ESTABLISHED {
+        // SAFETY: releases the reference the lookup took.
+        unsafe { bpf_sk_release(found as *mut c_void) };
+        return Outcome::NoListener;
+    }
+    take_socket(ctx, found, Outcome::SteeredNew, assign)
+}
+
+/// Rewrites the tuple's destination to listener `slot`'s external address and port; false
+/// when the slot has no external listener.
+#[inline(always)]
+fn aim_at_external_listener(tuple: *mut bpf_sock_tuple, tuple_len: u32, slot: u32) -> bool {
+    let Some(external) = EXTERNAL_LISTENERS.get(slot) else {
+        return false;
+    };
+    if external.kind == EXTERNAL_NONE {
+        return false;
+    }
+    let at_address = external.kind == EXTERNAL_AT_ADDRESS;
+    // SAFETY: `tuple` points at a tuple of `tuple_len` bytes on our stack, written as the
+    // family its length says.
+    unsafe {
+        if tuple_len == mem::size_of::<TupleV4>() as u32 {
+            let v4 = &mut (*tuple).__bindgen_anon_1.ipv4;
+            if at_address {
+                v4.daddr = external.address[0];
+            }
+            v4.dport = external.port;
+        } else {
+            let v6 = &mut (*tuple).__bindgen_anon_1.ipv6;
+            if at_address {
+                v6.daddr = external.address;
+            }
+            v6.dport = external.port;
+        }
+    }
+    true
+}
+
+/// Counts a steer rule's new flow, or its absent listener, for the listener it names.
+#[inline(always)]
+fn count_for_listener(slot: u32, outcome: Outcome) {
+    let no_listener = match outcome {
+        Outcome::SteeredNew => false,
+        Outcome::NoListener => true,
+        _ => return,
+    };
+    if let Some(counter) = LISTENER_COUNTERS.get_ptr_mut(listener_counter_index(slot, no_listener))
+    {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *counter += 1 };
     }
 }
 

@@ -74,6 +74,12 @@ pub struct DoctorArgs {
     /// file that sets `pin`).
     #[arg(long = "pin-dir", value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
+
+    /// Check that a transparent proxy listens (TCP) at this address with IP_TRANSPARENT, as
+    /// an external listener needs (repeat for several; the configuration file's external
+    /// listeners are checked too).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
+    pub external: Vec<SocketAddr>,
 }
 
 /// Flags of `tproxy reload` and `tproxy cleanup`.
@@ -116,6 +122,13 @@ pub struct TranslateArgs {
     /// listed on stderr).
     #[arg(long = "allow-skipped")]
     pub allow_skipped: bool,
+
+    /// Keep the proxies that listen on the TPROXY ports in the path: each `--on-port P`
+    /// becomes an external listener at P (its `--on-ip`, or the wildcard address), and the
+    /// socket-match rules become bypass rules, so the rule set is replaced one for one.
+    /// Without it, tproxy's own listeners relay the flows instead.
+    #[arg(long = "keep-proxies")]
+    pub keep_proxies: bool,
 }
 
 /// Flags of `tproxy run` (and `tproxy check`). Settings left out take the configuration
@@ -165,6 +178,19 @@ pub struct RunArgs {
     /// original destination (e.g. a local app when running as a sidecar).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub upstream: Option<SocketAddr>,
+
+    /// Hand the --tcp/--udp flows to a transparent proxy that tproxy does not run (Squid's
+    /// `http_port 3129 tproxy`, HAProxy's `bind … transparent`), listening on this port, as
+    /// `-j TPROXY --on-port` does. tproxy binds and relays nothing for it; while nothing
+    /// listens there, flows get the --fail-mode treatment.
+    #[arg(long = "on-port", value_name = "PORT", conflicts_with_all = ["listen", "upstream"])]
+    pub on_port: Option<u16>,
+
+    /// The address --on-port's proxy listens on (at most one per address family; flows of a
+    /// family without one get the --fail-mode treatment), as `-j TPROXY --on-ip` does.
+    /// Default: each packet's own destination, which a proxy on the wildcard address answers.
+    #[arg(long = "on-ip", value_name = "ADDR", requires = "on_port")]
+    pub on_ip: Vec<std::net::IpAddr>,
 
     /// The settings (see [`crate::config::settings`] for the list).
     #[command(flatten)]

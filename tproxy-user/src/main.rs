@@ -12,10 +12,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// The settings `doctor` examines: the configuration file's (if given), then the flags.
-fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<config::Settings> {
+/// The settings `doctor` examines: the configuration file's (if given), then the flags; and
+/// the external proxies it checks: the file's external listeners, then `--external`.
+fn doctor_settings(
+    args: &cli::DoctorArgs,
+) -> anyhow::Result<(config::Settings, Vec<doctor::ExternalCheck>)> {
+    let mut externals = Vec::new();
     let mut settings = match &args.config {
-        Some(path) => config::Config::from_file(path)?.settings,
+        Some(path) => {
+            let config = config::Config::from_file(path)?;
+            externals = doctor::ExternalCheck::of_config(&config);
+            config.settings
+        }
         None => config::Settings::default(),
     };
     if !args.ifaces.is_empty() {
@@ -28,7 +36,8 @@ fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<config::Settings> {
         settings.pin = true;
         settings.pin_dir = dir.clone();
     }
-    Ok(settings)
+    externals.extend(doctor::ExternalCheck::of_flag(&args.external));
+    Ok((settings, externals))
 }
 
 /// `tproxy check`: everything `run` would check before touching the system.
@@ -97,9 +106,8 @@ fn main() -> ExitCode {
             }
             Err(error) => Err(error),
         },
-        cli::Command::Doctor(args) => {
-            doctor_settings(&args).and_then(|settings| runtime.block_on(doctor::run(&settings)))
-        }
+        cli::Command::Doctor(args) => doctor_settings(&args)
+            .and_then(|(settings, externals)| runtime.block_on(doctor::run(&settings, &externals))),
     };
     // In-flight relays end with the runtime; steering and routing are already gone by now.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -44,7 +44,12 @@ pub(crate) struct Sources {
     pub(crate) connect_latency: Histogram,
     /// Set once tproxy is ready (set-up done).
     pub(crate) ready: Arc<AtomicBool>,
+    /// The listeners in force, with their socket-map slots.
+    pub(crate) listeners: ListenerBook,
 }
+
+/// The listeners in force (socket-map slot, configuration), kept current by the reconciler.
+pub type ListenerBook = Arc<std::sync::RwLock<Vec<(u32, crate::config::ListenerConfig)>>>;
 
 /// A listener that the instance taking over from this one (`run --pin`) can bind as well
 /// while this one drains (SO_REUSEPORT: same user only).
@@ -141,6 +146,60 @@ impl fmt::Debug for Snapshot {
     }
 }
 
+/// Per listener: what the program did with its new flows, and for a proxy tproxy does not
+/// own, whether its sockets are there now.
+fn encode_listeners(encoder: &mut DescriptorEncoder, sources: &Sources) -> fmt::Result {
+    let listeners = sources.listeners.read().unwrap().clone();
+    if let Some((counters, ..)) = &sources.stats.steering {
+        let mut family = encoder.encode_descriptor(
+            "listener_packets",
+            "Packets of new flows the eBPF program handed to a listener (steered_new) or found it absent for (no_listener)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (slot, listener) in &listeners {
+            let Ok(counts) = counters.listener_counts(*slot) else {
+                continue;
+            };
+            for (outcome, value) in [
+                ("steered_new", counts.steered_new),
+                ("no_listener", counts.no_listener),
+            ] {
+                let labels = [("listener", listener.name.as_str()), ("outcome", outcome)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "external_listener_up",
+        "1 while a socket listens at an external proxy's address (2: and it has IP_TRANSPARENT)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (_, listener) in &listeners {
+        let Some(external) = &listener.external else {
+            continue;
+        };
+        let presences = crate::relay::external::presences(external, listener.tcp, listener.udp);
+        for (addr, transport, presence) in presences {
+            let Ok(presence) = presence else { continue };
+            let value = i64::from(presence.listening) + i64::from(presence.transparent);
+            let address = addr.to_string();
+            let transport = match transport {
+                crate::relay::listener::Transport::Tcp => "tcp",
+                crate::relay::listener::Transport::Udp => "udp",
+            };
+            let labels = [
+                ("listener", listener.name.as_str()),
+                ("address", address.as_str()),
+                ("transport", transport),
+            ];
+            ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let sources = &self.0;
@@ -151,6 +210,7 @@ impl Collector for Snapshot {
             None,
             ready.metric_type(),
         )?)?;
+        encode_listeners(&mut encoder, sources)?;
         encode_stats(&mut encoder, &sources.stats.snapshot())
     }
 }

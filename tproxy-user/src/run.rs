@@ -314,6 +314,14 @@ fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: 
         .listeners
         .iter()
         .map(|l| {
+            if let Some(external) = &l.config.external {
+                return crate::relay::external::describe(
+                    &l.config.name,
+                    external,
+                    l.config.tcp,
+                    l.config.udp,
+                );
+            }
             let transports = match (l.tcp.is_some(), l.udp.is_some()) {
                 (true, true) => "TCP+UDP",
                 (true, false) => "TCP",
@@ -333,9 +341,13 @@ fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: 
         })
         .collect();
     for l in &relays.listeners {
+        let addrs = match &l.config.external {
+            Some(external) => external.addresses(),
+            None => l.bound.clone(),
+        };
         for (family, present) in [
-            ("IPv4", l.bound.iter().any(SocketAddr::is_ipv4)),
-            ("IPv6", l.bound.iter().any(SocketAddr::is_ipv6)),
+            ("IPv4", addrs.iter().any(SocketAddr::is_ipv4)),
+            ("IPv6", addrs.iter().any(SocketAddr::is_ipv6)),
         ] {
             if !present && !args.relay_only {
                 let fate = match config.settings.fail_mode {

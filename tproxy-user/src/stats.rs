@@ -365,6 +365,63 @@ pub struct ListenerStatus {
     pub addresses: Vec<String>,
     /// Where it relays to; `None`: the original destination.
     pub upstream: Option<String>,
+    /// For a proxy tproxy does not run: where it listens.
+    #[serde(default)]
+    pub external: Option<String>,
+    /// For a proxy tproxy does not run: whether its sockets are there now.
+    #[serde(default)]
+    pub external_sockets: Vec<ExternalSocketStatus>,
+    /// What the program did with the listener's new flows; `None` without the program.
+    #[serde(default)]
+    pub packets: Option<ListenerPackets>,
+}
+
+/// What the program did with the new flows of one listener's steer rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerPackets {
+    /// Packets handed to the listener as new flows.
+    pub steered_new: u64,
+    /// Packets that found no socket listening (fail mode applied).
+    pub no_listener: u64,
+}
+
+/// One address and transport of an external listener, as sock_diag shows it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalSocketStatus {
+    pub address: String,
+    pub transport: crate::relay::listener::Transport,
+    /// A socket listens there (TCP), or is bound there unconnected (UDP).
+    pub listening: bool,
+    /// It has IP_TRANSPARENT.
+    pub transparent: bool,
+    /// Why the sockets could not be read (then both are false).
+    pub error: Option<String>,
+}
+
+impl ExternalSocketStatus {
+    /// The state of each address of `external`, for the transports its rules use.
+    pub(crate) fn of(
+        external: &crate::relay::external::External,
+        tcp: bool,
+        udp: bool,
+    ) -> Vec<Self> {
+        crate::relay::external::presences(external, tcp, udp)
+            .into_iter()
+            .map(|(addr, transport, presence)| {
+                let (presence, error) = match presence {
+                    Ok(presence) => (presence, None),
+                    Err(error) => (Default::default(), Some(format!("{error:#}"))),
+                };
+                ExternalSocketStatus {
+                    address: addr.to_string(),
+                    transport,
+                    listening: presence.listening,
+                    transparent: presence.transparent,
+                    error,
+                }
+            })
+            .collect()
+    }
 }
 
 /// Where the live counters are, for taking snapshots of them; cheap to clone.

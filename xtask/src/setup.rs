@@ -29,6 +29,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dockerd", "docker.io"),
     ("docker", "docker.io"),
     ("nsenter", "util-linux"),
+    // The transparent proxies that tproxy hands flows to in the external-listener tests.
+    ("squid", "squid"),
+    ("haproxy", "haproxy"),
+    ("curl", "curl"),
 ];
 
 pub fn run() -> Result<()> {

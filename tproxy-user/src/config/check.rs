@@ -20,6 +20,11 @@ impl Config {
     pub(super) fn check(&self, args: &RunArgs) -> Result<()> {
         self.check_counts(args)?;
         self.check_interfaces(args)?;
+        if let Some(external) = self.listeners.iter().find(|l| l.external.is_some()) {
+            if args.relay_only {
+                bail!("--relay-only: listener `{}` is an external proxy, which only the eBPF program can hand flows to", external.name);
+            }
+        }
         if args.relay_only && self.settings.pin {
             bail!("--pin: with --relay-only there is no program to pin");
         }

@@ -43,6 +43,14 @@ impl Config {
                 (false, true) => "udp",
                 (false, false) => "unused",
             };
+            if let Some(external) = &listener.external {
+                let _ = writeln!(
+                    out,
+                    "  {:<16} {transports:<8} external proxy at {external}",
+                    listener.name
+                );
+                continue;
+            }
             let listen: Vec<String> = listener.listen.iter().map(ToString::to_string).collect();
             let upstream = listener
                 .upstream

@@ -119,6 +119,7 @@ pub(super) struct ListenerEntry {
     name: toml::Spanned<String>,
     listen: Option<List<SocketAddr>>,
     upstream: Option<Text<SocketAddr>>,
+    external: Option<List<SocketAddr>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,11 +152,23 @@ impl ConfigFile {
             if listeners.iter().any(|l| &l.name == name) {
                 bail!("{where_}: listener.name: a listener named `{name}` is already defined");
             }
-            let listen = entry
-                .get_ref()
-                .listen
-                .as_ref()
-                .map_or_else(default_listen, |List(addrs)| addrs.clone());
+            let external = match &entry.get_ref().external {
+                None => None,
+                Some(List(addrs)) => Some(super::external::of_entry(
+                    name,
+                    entry.get_ref().listen.is_some() || entry.get_ref().upstream.is_some(),
+                    addrs,
+                    &where_,
+                )?),
+            };
+            let listen = match &external {
+                Some(_) => Vec::new(),
+                None => entry
+                    .get_ref()
+                    .listen
+                    .as_ref()
+                    .map_or_else(default_listen, |List(addrs)| addrs.clone()),
+            };
             if listen.iter().filter(|a| a.is_ipv4()).count() > 1
                 || listen.iter().filter(|a| a.is_ipv6()).count() > 1
             {
@@ -169,6 +182,7 @@ impl ConfigFile {
                 upstream: entry.get_ref().upstream.as_ref().map(|Text(addr)| *addr),
                 tcp: false,
                 udp: false,
+                external,
             });
         }
         Ok(listeners)

@@ -12,6 +12,7 @@
 
 mod check;
 mod describe;
+mod external;
 mod file;
 pub mod settings;
 #[cfg(test)]
@@ -28,7 +29,7 @@ pub use settings::{SettingFlags, Settings};
 use crate::{
     cli::RunArgs,
     datapath::rules::{Action, Ports, Rule},
-    relay::listener::Transport,
+    relay::{external::External, listener::Transport},
 };
 use file::{parse_file, LineStarts, Location};
 use settings::ConfigFile;
@@ -57,6 +58,9 @@ pub struct ListenerConfig {
     /// Whether any rule steers TCP / UDP to it (only those sockets are created).
     pub tcp: bool,
     pub udp: bool,
+    /// `Some`: a proxy tproxy does not own listens there; `listen` is empty and nothing is
+    /// bound or relayed for it.
+    pub external: Option<External>,
 }
 
 /// Everything `tproxy run` needs to know, checked.
@@ -138,8 +142,12 @@ impl Config {
     /// after the file's.
     fn add_flag_rules(&mut self, args: &RunArgs) -> Result<()> {
         if args.tcp.is_none() && args.udp.is_none() {
-            if !args.listen.is_empty() || args.upstream.is_some() || !args.dst.is_empty() {
-                bail!("--listen, --upstream and --dst describe the listener of --tcp/--udp; give --tcp or --udp too");
+            if !args.listen.is_empty()
+                || args.upstream.is_some()
+                || !args.dst.is_empty()
+                || args.on_port.is_some()
+            {
+                bail!("--listen, --upstream, --on-port and --dst describe the listener of --tcp/--udp; give --tcp or --udp too");
             }
             return Ok(());
         }
@@ -150,16 +158,18 @@ impl Config {
             );
         }
         let index = self.listeners.len() as u32;
+        let external = external::of_flags(args)?;
         self.listeners.push(ListenerConfig {
             name: DEFAULT_LISTENER.into(),
-            listen: if args.listen.is_empty() {
-                default_listen()
-            } else {
-                args.listen.clone()
+            listen: match (&external, args.listen.is_empty()) {
+                (Some(_), _) => Vec::new(),
+                (None, true) => default_listen(),
+                (None, false) => args.listen.clone(),
             },
             upstream: args.upstream,
             tcp: args.tcp.is_some(),
             udp: args.udp.is_some(),
+            external,
         });
         let dsts = if args.dst.is_empty() {
             any_destination()

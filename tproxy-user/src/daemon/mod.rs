@@ -4,8 +4,8 @@
 //! keeps once set up.
 
 pub(crate) mod control;
-pub(crate) mod links;
 pub mod instance;
+pub(crate) mod links;
 pub(crate) mod privileges;
 pub(crate) mod reload;
 pub(crate) mod serve;

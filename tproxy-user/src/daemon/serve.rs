@@ -12,7 +12,7 @@ use crate::{
     daemon::control::{self, Request},
     daemon::instance::InstanceLock,
     datapath::steering::Steering,
-    stats::{InstanceStatus, ListenerStatus},
+    stats::{ExternalSocketStatus, InstanceStatus, ListenerStatus},
     values::Human,
 };
 use crate::{
@@ -435,10 +435,19 @@ pub(crate) fn status_report(
         .iter()
         .map(|l| ListenerStatus {
             name: l.config.name.clone(),
-            tcp: l.tcp.is_some(),
-            udp: l.udp.is_some(),
+            tcp: l.tcp.is_some() || l.config.external.is_some() && l.config.tcp,
+            udp: l.udp.is_some() || l.config.external.is_some() && l.config.udp,
             addresses: l.bound.iter().map(ToString::to_string).collect(),
             upstream: l.upstream.read().unwrap().map(|u| u.to_string()),
+            external: l.config.external.as_ref().map(ToString::to_string),
+            external_sockets: l
+                .config
+                .external
+                .as_ref()
+                .map(|external| ExternalSocketStatus::of(external, l.config.tcp, l.config.udp))
+                .unwrap_or_default(),
+            packets: steering
+                .and_then(|steering| steering.counter_reader().listener_counts(l.slot).ok()),
         })
         .collect();
     InstanceStatus {

@@ -133,6 +133,14 @@ pub struct LoadSettings {
     pub pinned: Option<PinnedState>,
 }
 
+/// Every slot a listener has in the socket map.
+const LISTENER_SLOTS: [maps::ListenerSlot; 4] = [
+    maps::ListenerSlot::TcpV4,
+    maps::ListenerSlot::TcpV6,
+    maps::ListenerSlot::UdpV4,
+    maps::ListenerSlot::UdpV6,
+];
+
 /// Packet counts per protocol (row) and outcome (column), summed over CPUs.
 pub type Counters = [[u64; Outcome::COUNT as usize]; Protocol::COUNT as usize];
 
@@ -192,7 +200,16 @@ impl Steering {
         let counters = ebpf
             .take_map(maps::COUNTERS)
             .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
-        let counters = CounterReader(Arc::new(PerCpuArray::try_from(counters)?));
+        let per_listener = ebpf.take_map(maps::LISTENER_COUNTERS).ok_or_else(|| {
+            anyhow!(
+                "map {} missing from the eBPF object",
+                maps::LISTENER_COUNTERS
+            )
+        })?;
+        let counters = CounterReader {
+            outcomes: Arc::new(PerCpuArray::try_from(counters)?),
+            per_listener: Some(Arc::new(PerCpuArray::try_from(per_listener)?)),
+        };
         let fragments = FragmentTracking::take(&mut ebpf, fragment_timeouts)?;
         let mut steering = Steering {
             ebpf,
@@ -452,17 +469,35 @@ impl Steering {
             })
     }
 
-    /// Takes a listener's sockets out of the socket map.
+    /// Takes a listener's sockets out of the socket map, and forgets its external address.
     pub fn unregister_listener(&mut self, listener: u32) -> Result<()> {
         let mut sockets = SockMap::try_from(self.map_mut(maps::LISTENERS)?)?;
-        for slot in [
-            maps::ListenerSlot::TcpV4,
-            maps::ListenerSlot::TcpV6,
-            maps::ListenerSlot::UdpV4,
-            maps::ListenerSlot::UdpV6,
-        ] {
+        for slot in LISTENER_SLOTS {
             // Absent when the listener has no socket of that transport or family.
             let _ = sockets.clear_index(&maps::listener_slot(listener, slot));
+        }
+        self.set_external_listener(listener, &[])
+    }
+
+    /// Tells the program where listener `listener`'s proxy listens: `entries` (socket-map
+    /// index, where to look) from `External::entries`; its other slots are not external.
+    /// Each slot is overwritten in place, so a packet sees the old entry or the new one.
+    pub fn set_external_listener(
+        &mut self,
+        listener: u32,
+        entries: &[(u32, maps::ExternalListener)],
+    ) -> Result<()> {
+        let mut external: Array<_, maps::ExternalListener> =
+            Array::try_from(self.map_mut(maps::EXTERNAL_LISTENERS)?)?;
+        for slot in LISTENER_SLOTS {
+            let index = maps::listener_slot(listener, slot);
+            let entry = entries
+                .iter()
+                .find(|(at, _)| *at == index)
+                .map_or_else(Default::default, |(_, entry)| *entry);
+            external.set(index, entry, 0).with_context(|| {
+                format!("setting listener {listener}'s external {slot:?} address")
+            })?;
         }
         Ok(())
     }
@@ -706,7 +741,11 @@ impl Steering {
 
 /// Reads the program's per-CPU counters; shared, cheap to clone.
 #[derive(Clone)]
-pub struct CounterReader(Arc<PerCpuArray<MapData, u64>>);
+pub struct CounterReader {
+    outcomes: Arc<PerCpuArray<MapData, u64>>,
+    /// `None` when read from a pin (not pinned: counts start again with each instance).
+    per_listener: Option<Arc<PerCpuArray<MapData, u64>>>,
+}
 
 impl CounterReader {
     /// Reads the counters map pinned at `path` (for `tproxy status`).
@@ -723,7 +762,10 @@ impl CounterReader {
             );
         }
         let map = PerCpuArray::try_from(aya::maps::Map::from_map_data(map)?)?;
-        Ok(CounterReader(Arc::new(map)))
+        Ok(CounterReader {
+            outcomes: Arc::new(map),
+            per_listener: None,
+        })
     }
 
     /// The program id behind the link pinned at `path`.
@@ -738,9 +780,28 @@ impl CounterReader {
         for protocol in Protocol::ALL {
             for outcome in Outcome::ALL {
                 let index = tproxy_common::decision::counter_index(protocol, outcome);
-                totals[protocol as usize][outcome as usize] = self.0.get(&index, 0)?.iter().sum();
+                totals[protocol as usize][outcome as usize] =
+                    self.outcomes.get(&index, 0)?.iter().sum();
             }
         }
         Ok(totals)
+    }
+
+    /// The counts of listener `listener` (all its slots), summed over CPUs.
+    pub fn listener_counts(&self, listener: u32) -> Result<crate::stats::ListenerPackets> {
+        let mut counts = crate::stats::ListenerPackets::default();
+        let Some(map) = &self.per_listener else {
+            return Ok(counts);
+        };
+        for slot in LISTENER_SLOTS {
+            let slot = maps::listener_slot(listener, slot);
+            let sum = |no_listener| -> Result<u64> {
+                let index = maps::listener_counter_index(slot, no_listener);
+                Ok(map.get(&index, 0)?.iter().sum())
+            };
+            counts.steered_new += sum(false)?;
+            counts.no_listener += sum(true)?;
+        }
+        Ok(counts)
     }
 }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use tokio::time::timeout;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tproxy_common::maps::{ListenerSlot, MAX_LISTENERS};
+use tproxy_common::maps::{ExternalListener, ListenerSlot, MAX_LISTENERS};
 
 use crate::{
     config::{Config, ListenerConfig, Settings},
@@ -54,6 +54,8 @@ pub(crate) struct Plan {
     pub(crate) removed: Vec<usize>,
     /// For kept listeners: (index into `Relays::listeners`, new config, stop tcp, stop udp).
     pub(crate) kept: Vec<(usize, ListenerConfig, bool, bool)>,
+    /// For each external listener: its slot and the program's entries for it.
+    pub(crate) external: Vec<(u32, Vec<(u32, ExternalListener)>)>,
 }
 
 pub(crate) struct NewSockets {
@@ -82,12 +84,16 @@ impl Plan {
             .collect()
     }
 
-    /// Puts the new sockets into the socket map (unused until the rules point at them).
+    /// Puts the new sockets into the socket map, and tells the program where the external
+    /// listeners are (unused until the rules point at them).
     pub(crate) fn register(&self, steering: &mut Steering) -> Result<()> {
         for new in &self.new_sockets {
             for socket in new.tcp.iter().chain(&new.udp) {
                 steering.register_listener(new.slot, socket.slot, &socket.socket)?;
             }
+        }
+        for (slot, entries) in &self.external {
+            steering.set_external_listener(*slot, entries)?;
         }
         Ok(())
     }
@@ -119,6 +125,8 @@ pub(crate) struct Relays {
     pub(crate) ready: Arc<std::sync::atomic::AtomicBool>,
     /// Cancelled once a successor has taken over, so that scrapes reach it instead.
     pub(crate) metrics_stop: CancellationToken,
+    /// The listeners in force, for scrapes.
+    pub(crate) book: metrics::ListenerBook,
 }
 
 /// How long a stopping instance keeps accepting connections that reached its listeners
@@ -167,6 +175,7 @@ impl Relays {
             inherited: Vec::new(),
             ready: Arc::default(),
             metrics_stop: CancellationToken::new(),
+            book: Arc::default(),
             shutdown,
             tasks,
         }
@@ -187,6 +196,7 @@ impl Relays {
                 stats: self.stats_sources(steering),
                 connect_latency: self.tcp_config.connect_latency.clone(),
                 ready: self.ready.clone(),
+                listeners: self.book.clone(),
             },
             self.metrics_stop.clone(),
         )
@@ -200,13 +210,15 @@ impl Relays {
             new_sockets: Vec::new(),
             removed: Vec::new(),
             kept: Vec::new(),
+            external: Vec::new(),
         };
         let mut taken: Vec<u32> = self.listeners.iter().map(|l| l.slot).collect();
         for wanted in &config.listeners {
-            let existing = self
-                .listeners
-                .iter()
-                .position(|l| l.config.name == wanted.name && l.config.listen == wanted.listen);
+            let existing = self.listeners.iter().position(|l| {
+                l.config.name == wanted.name
+                    && l.config.listen == wanted.listen
+                    && l.config.external == wanted.external
+            });
             let (slot, bound, kept, need_tcp, need_udp) = match existing {
                 Some(index) => {
                     let running = &self.listeners[index];
@@ -240,6 +252,22 @@ impl Relays {
                 }
             };
             plan.slots.push(slot);
+            if let Some(external) = &wanted.external {
+                // Nothing to bind: the proxy's sockets are found by lookup, packet by packet.
+                plan.external
+                    .push((slot, external.entries(slot, wanted.tcp, wanted.udp)));
+                if kept.is_none() {
+                    plan.new_sockets.push(NewSockets {
+                        kept: None,
+                        config: wanted.clone(),
+                        slot,
+                        bound: Vec::new(),
+                        tcp: Vec::new(),
+                        udp: Vec::new(),
+                    });
+                }
+                continue;
+            }
             if !need_tcp && !need_udp {
                 continue;
             }
@@ -421,6 +449,11 @@ impl Relays {
             .iter()
             .flat_map(|l| l.bound.clone())
             .collect();
+        *self.book.write().unwrap() = self
+            .listeners
+            .iter()
+            .map(|l| (l.slot, l.config.clone()))
+            .collect();
         for running in &self.listeners {
             if let Some(upstream) = *running.upstream.read().unwrap() {
                 if listener::reaches_own_listener(&self.own_addrs.read().unwrap(), upstream) {
@@ -481,11 +514,17 @@ impl Relays {
         }
     }
 
-    /// Puts every listening socket (back) into the socket map.
+    /// Puts every listening socket (back) into the socket map, and the external listeners'
+    /// addresses (back) into the program.
     pub(crate) fn register_all(&self, steering: &mut Steering) -> Result<()> {
         for listener in &self.listeners {
             for (slot, fd) in &listener.sockets {
                 steering.register_listener(listener.slot, *slot, fd)?;
+            }
+            if let Some(external) = &listener.config.external {
+                let entries =
+                    external.entries(listener.slot, listener.config.tcp, listener.config.udp);
+                steering.set_external_listener(listener.slot, &entries)?;
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! (with `splice` moving the bytes) or the `udp` sessions carry it to its upstream.
 //! `listeners` keeps the set of listeners in line with the configuration.
 
+pub(crate) mod external;
 pub(crate) mod listener;
 pub(crate) mod listeners;
 pub(crate) mod splice;

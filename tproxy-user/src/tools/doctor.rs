@@ -15,6 +15,7 @@ use crate::{
     config::{Interfaces, Settings},
     datapath::routing,
     datapath::steering::{LoadSettings, Steering},
+    relay::external::{self, External, Presence},
     values::Mark,
 };
 
@@ -59,10 +60,51 @@ impl Finding {
     }
 }
 
-/// Runs every check for the interfaces and mark of `settings`; prints the findings; fails
-/// when any is a problem.
-pub async fn run(settings: &Settings) -> Result<()> {
-    let findings = examine(settings).await;
+/// A proxy that tproxy does not run, which an external listener hands flows to.
+#[derive(Clone, Debug)]
+pub struct ExternalCheck {
+    /// The listener's name, or the flag that named the proxy.
+    pub listener: String,
+    pub external: External,
+    pub tcp: bool,
+    pub udp: bool,
+}
+
+impl ExternalCheck {
+    /// The external listeners of a configuration.
+    pub fn of_config(config: &crate::config::Config) -> Vec<Self> {
+        config
+            .listeners
+            .iter()
+            .filter_map(|listener| {
+                Some(ExternalCheck {
+                    listener: listener.name.clone(),
+                    external: listener.external.clone()?,
+                    tcp: listener.tcp,
+                    udp: listener.udp,
+                })
+            })
+            .collect()
+    }
+
+    /// The TCP proxies named by `--external` (none when it is not given).
+    pub fn of_flag(addrs: &[std::net::SocketAddr]) -> Option<Self> {
+        (!addrs.is_empty()).then(|| ExternalCheck {
+            listener: "--external".into(),
+            external: External::At(addrs.to_vec()),
+            tcp: true,
+            udp: false,
+        })
+    }
+}
+
+/// Runs every check for the interfaces and mark of `settings` and the external proxies;
+/// prints the findings; fails when any is a problem.
+pub async fn run(settings: &Settings, externals: &[ExternalCheck]) -> Result<()> {
+    let mut findings = examine(settings).await;
+    for check in externals {
+        findings.extend(external_proxy(check));
+    }
     for finding in &findings {
         let label = match finding.severity {
             Severity::Ok => "ok     ",
@@ -103,6 +145,39 @@ async fn examine(settings: &Settings) -> Vec<Finding> {
         findings.push(pin_dir(&settings.pin_dir));
     }
     findings
+}
+
+/// An external listener's proxy must be there, with IP_TRANSPARENT (what Squid's `tproxy`
+/// and HAProxy's `transparent` set): without it, the kernel cannot give it connections
+/// addressed to other hosts. Read from sock_diag, as `ss -O` shows it.
+fn external_proxy(check: &ExternalCheck) -> Vec<Finding> {
+    let name = &check.listener;
+    external::presences(&check.external, check.tcp, check.udp)
+        .into_iter()
+        .map(|(addr, transport, presence)| {
+            let at = format!("listener `{name}`: {addr} ({transport:?})");
+            match presence {
+                Ok(Presence {
+                    listening: false, ..
+                }) => Finding::problem(
+                    format!("{at}: nothing listens there; its flows get the fail mode"),
+                    "start the proxy, or point `external` (--on-port/--on-ip) at where it listens",
+                ),
+                Ok(Presence {
+                    transparent: false, ..
+                }) => Finding::problem(
+                    format!("{at}: the socket there has no IP_TRANSPARENT"),
+                    "make the port transparent in the proxy (Squid: `http_port PORT tproxy`; \
+                     HAProxy: `bind ADDR:PORT transparent`)",
+                ),
+                Ok(_) => Finding::ok(format!("{at}: listening, with IP_TRANSPARENT")),
+                Err(error) => Finding::warning(
+                    format!("{at}: could not read the sockets (sock_diag): {error:#}"),
+                    None,
+                ),
+            }
+        })
+        .collect()
 }
 
 /// `run --pin` needs a bpf filesystem that outlives the process.

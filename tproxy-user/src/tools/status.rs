@@ -87,6 +87,43 @@ fn print_text(report: &Value, stats: Option<&Stats>) {
     print_packets(instance, pinned);
 }
 
+/// A listener tproxy does not run: its proxy's sockets now, and its new flows.
+fn print_external(listener: &Value, transports: &str, external: &str) {
+    let packets = &listener["packets"];
+    let counts = match packets.is_object() {
+        true => format!(
+            " (new flows: steered_new={} no_listener={})",
+            packets["steered_new"], packets["no_listener"]
+        ),
+        false => String::new(),
+    };
+    println!(
+        "  listener {}: {transports} to the external proxy at {external}{counts}",
+        text(&listener["name"])
+    );
+    for socket in listener["external_sockets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let state = match (
+            socket["listening"].as_bool(),
+            socket["transparent"].as_bool(),
+            socket["error"].as_str(),
+        ) {
+            (_, _, Some(error)) => format!("unknown ({error})"),
+            (Some(true), Some(true), _) => "listening, IP_TRANSPARENT".to_string(),
+            (Some(true), _, _) => "listening WITHOUT IP_TRANSPARENT".to_string(),
+            _ => "NOT listening".to_string(),
+        };
+        println!(
+            "    {} {}: {state}",
+            text(&socket["transport"]),
+            text(&socket["address"])
+        );
+    }
+}
+
 /// The running instance: where it is attached, its listeners and rules, its relay counters.
 fn print_instance(table: &Value, instance: &Value, stats: Option<&Stats>) {
     println!(
@@ -108,6 +145,10 @@ fn print_instance(table: &Value, instance: &Value, stats: Option<&Stats>) {
             (_, Some(true)) => "UDP",
             _ => "not serving",
         };
+        if let Some(external) = listener["external"].as_str() {
+            print_external(listener, transports, external);
+            continue;
+        }
         let upstream = match listener["upstream"].as_str() {
             Some(upstream) => upstream.to_string(),
             None => "the original destination".to_string(),

@@ -22,12 +22,17 @@ type Rule = (Parsed, Option<u16>);
 type Listeners = BTreeMap<u16, Vec<SocketAddr>>;
 
 /// The configuration for `ruleset`, read from `source` (named in its header).
-pub(super) fn emit(ruleset: RuleSet, source: &str) -> Translation {
+/// `keep_proxies`: each TPROXY port is an external listener (the proxy listening there stays
+/// in the path) instead of one of tproxy's own.
+pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Translation {
     let mut notes = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
     let flat = flatten_entries(&ruleset, &mut notes, &mut skipped);
-    let (listeners, rules) = listeners_and_rules(flat, &mut notes);
-    let kept = drop_shadowed(rules, &mut notes, &mut skipped);
+    let (listeners, rules, diverts) = listeners_and_rules(flat, keep_proxies, &mut notes);
+    let mut kept = drop_shadowed(rules, &mut notes, &mut skipped);
+    // A socket match takes only packets that have a socket, so it shadows nothing: it joins
+    // after the precedence check.
+    kept.extend(diverts.into_iter().map(|divert| (divert, None)));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -38,7 +43,8 @@ pub(super) fn emit(ruleset: RuleSet, source: &str) -> Translation {
     for (port, addrs) in &listeners {
         let _ = writeln!(out, "\n[[listener]]\nname = \"{}\"", listener_name(*port));
         let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
-        let _ = writeln!(out, "listen = [{}]", addrs.join(", "));
+        let key = if keep_proxies { "external" } else { "listen" };
+        let _ = writeln!(out, "{key} = [{}]", addrs.join(", "));
     }
     for rule in &kept {
         write_rule(&mut out, rule);
@@ -73,22 +79,61 @@ fn flatten_entries(
     flat
 }
 
-/// Listeners by port; the steer and bypass rules in order.
-fn listeners_and_rules(flat: Vec<Parsed>, notes: &mut Vec<String>) -> (Listeners, Vec<Rule>) {
+/// Listeners by port; the steer and bypass rules in order; with `keep_proxies`, the
+/// socket-match rules, which become bypass rules.
+fn listeners_and_rules(
+    flat: Vec<Parsed>,
+    keep_proxies: bool,
+    notes: &mut Vec<String>,
+) -> (Listeners, Vec<Rule>, Vec<Parsed>) {
     let mut listeners = Listeners::new();
     let mut rules: Vec<Rule> = Vec::new();
+    let mut diverts = Vec::new();
     let mut divert_seen = false;
+    let mut wildcard = false;
     for parsed in flat {
         match &parsed.target {
+            Target::SocketDivert if keep_proxies => diverts.push(parsed),
             Target::SocketDivert => divert_seen = true,
             Target::Ignore | Target::Jump(_) => {}
             Target::Bypass | Target::Return => rules.push((parsed, None)),
             Target::Tproxy { on_ip, on_port, .. } => {
-                add_listener(&mut listeners, &parsed.matches, *on_ip, *on_port);
+                let addrs = listeners.entry(*on_port).or_default();
+                match keep_proxies {
+                    true => wildcard |= add_external(addrs, &parsed.matches, *on_ip, *on_port),
+                    false => add_listener(addrs, &parsed.matches, *on_ip, *on_port),
+                }
                 let port = *on_port;
                 rules.push((parsed, Some(port)));
             }
         }
+    }
+    if keep_proxies {
+        if !listeners.is_empty() {
+            notes.push(
+                "--keep-proxies: the proxies listening on the TPROXY ports stay in the path; \
+                 each port is an external listener, handed its flows as TPROXY did"
+                    .into(),
+            );
+        }
+        if wildcard {
+            notes.push(
+                "TPROXY without --on-ip looks for the proxy at the receiving interface's first \
+                 address; the translation looks for it on the wildcard address (0.0.0.0, [::]), \
+                 where proxies listen by default. Name the address with `external` if yours \
+                 listens on another"
+                    .into(),
+            );
+        }
+        if !diverts.is_empty() {
+            notes.push(
+                "the socket-match DIVERT rules became bypass rules: they hand the proxies' own \
+                 connections their packets (the servers' replies to a proxy that connects from \
+                 the client's address, as Squid's tproxy mode does)"
+                    .into(),
+            );
+        }
+        return (listeners, rules, diverts);
     }
     if divert_seen {
         notes.push(
@@ -105,17 +150,44 @@ fn listeners_and_rules(flat: Vec<Parsed>, notes: &mut Vec<String>) -> (Listeners
                 .into(),
         );
     }
-    (listeners, rules)
+    (listeners, rules, Vec::new())
+}
+
+/// Adds where a TPROXY rule's proxy listens, one address per family the rule matches: its
+/// `--on-ip`, or the wildcard address. Returns whether a wildcard was used.
+fn add_external(
+    addrs: &mut Vec<SocketAddr>,
+    matches: &Match,
+    on_ip: Option<IpAddr>,
+    on_port: u16,
+) -> bool {
+    let mut wildcard = false;
+    for family in families(matches) {
+        let addr = match (on_ip, family) {
+            (Some(ip @ IpAddr::V4(_)), Family::V4) | (Some(ip @ IpAddr::V6(_)), Family::V6) => ip,
+            (_, Family::V4) => IpAddr::from([0u8; 4]),
+            (_, Family::V6) => IpAddr::from([0u8; 16]),
+        };
+        wildcard |= addr.is_unspecified();
+        let addr = SocketAddr::new(addr, on_port);
+        if !addrs.iter().any(|a| a.is_ipv4() == addr.is_ipv4()) {
+            addrs.push(addr);
+        }
+    }
+    wildcard
+}
+
+/// The address families a rule matches.
+fn families(matches: &Match) -> Vec<Family> {
+    match matches.family {
+        Some(family) => vec![family],
+        None => vec![Family::V4, Family::V6],
+    }
 }
 
 /// Adds the addresses a TPROXY rule's listener needs, one per family the rule matches.
-fn add_listener(listeners: &mut Listeners, matches: &Match, on_ip: Option<IpAddr>, on_port: u16) {
-    let families: Vec<Family> = match matches.family {
-        Some(family) => vec![family],
-        None => vec![Family::V4, Family::V6],
-    };
-    let addrs = listeners.entry(on_port).or_default();
-    for family in families {
+fn add_listener(addrs: &mut Vec<SocketAddr>, matches: &Match, on_ip: Option<IpAddr>, on_port: u16) {
+    for family in families(matches) {
         let addr = match (on_ip, family) {
             (Some(ip @ IpAddr::V4(v4)), Family::V4) if !v4.is_unspecified() => ip,
             (Some(ip @ IpAddr::V6(v6)), Family::V6) if !v6.is_unspecified() => ip,

@@ -38,7 +38,7 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     std::io::stdin()
         .read_to_string(&mut input)
         .context("reading the rule set from stdin")?;
-    let translation = translate(&input)?;
+    let translation = translate_with(&input, args.keep_proxies)?;
     print!("{}", translation.config);
     for note in &translation.notes {
         eprintln!("note: {note}");
@@ -130,6 +130,12 @@ struct RuleSet {
 
 /// Translates a rule set given as text.
 pub fn translate(input: &str) -> Result<Translation> {
+    translate_with(input, false)
+}
+
+/// Translates a rule set given as text; `keep_proxies`: the proxies on the TPROXY ports
+/// stay in the path, as external listeners.
+pub fn translate_with(input: &str, keep_proxies: bool) -> Result<Translation> {
     let is_nft = input.lines().any(|l| {
         let l = l.trim_start();
         l.starts_with("table ") && l.trim_end().ends_with('{')
@@ -152,6 +158,7 @@ pub fn translate(input: &str) -> Result<Translation> {
         } else {
             "iptables-save"
         },
+        keep_proxies,
     ))
 }
 

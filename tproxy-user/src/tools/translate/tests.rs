@@ -504,3 +504,64 @@ fn input_of_neither_kind_is_refused() {
     let error = translate("hello\n").unwrap_err();
     assert!(error.to_string().contains("neither"), "{error}");
 }
+
+#[test]
+fn keep_proxies_turns_each_tproxy_port_into_an_external_listener() {
+    let t = translate_with(KERNEL_DOC_IPTABLES, true).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    // `--on-ip 0.0.0.0` is iptables' "unset": the proxy's wildcard listener.
+    assert!(
+        t.config.contains("external = [\"0.0.0.0:50080\"]"),
+        "{}",
+        t.config
+    );
+    assert!(!t.config.contains("listen ="), "{}", t.config);
+    assert!(
+        t.config
+            .contains("ports = [80]\naction = \"steer\"\nlistener = \"tproxy-50080\""),
+        "{}",
+        t.config
+    );
+    // The socket match stays, for the proxy's own connections.
+    assert!(
+        t.config
+            .contains("# line 9: -A PREROUTING -p tcp -m socket -j DIVERT\nproto = [\"tcp\"]"),
+        "{}",
+        t.config
+    );
+    let parsed: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = parsed["rule"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[1]["action"].as_str(), Some("bypass"));
+    assert!(
+        t.notes.iter().any(|n| n.contains("wildcard")),
+        "{:?}",
+        t.notes
+    );
+
+    let named = KERNEL_DOC_IPTABLES.replace("--on-ip 0.0.0.0", "--on-ip 127.0.0.1");
+    let t = translate_with(&named, true).unwrap();
+    assert!(
+        t.config.contains("external = [\"127.0.0.1:50080\"]"),
+        "{}",
+        t.config
+    );
+    assert!(
+        !t.notes.iter().any(|n| n.contains("wildcard")),
+        "{:?}",
+        t.notes
+    );
+
+    let t = translate_with(KERNEL_DOC_NFT, true).unwrap();
+    assert!(
+        t.config.contains("external = [\"0.0.0.0:50080\"]"),
+        "{}",
+        t.config
+    );
+    let without = translate(KERNEL_DOC_NFT).unwrap();
+    assert!(
+        without.config.contains("listen = [\"127.0.0.1:50080\"]"),
+        "{}",
+        without.config
+    );
+}
