@@ -2,7 +2,7 @@
 //! nft (and tproxy's relay behind it), then its translation steers them with tproxy alone.
 //! Both must intercept exactly the same flows.
 
-use std::{net::SocketAddr, process::Command};
+use std::{io::Write as _, net::SocketAddr, process::Command};
 
 use tproxy_tests::{
     install_tproxy_routing, peer_seen_by, remove_iptables_tproxy, remove_tproxy_routing,
@@ -234,4 +234,56 @@ fn a_realistic_iptables_rule_set_steers_the_same_flows_translated() {
     let translated = servers.intercepted(&topo, REALISTIC_PROBES);
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+/// Each public rule set in tests/corpus/translate (sources named in their headers) against
+/// the `# expect:` line it carries: `translates` (exit 0 without --allow-skipped), or `not
+/// translated (a; b)` with fragments of the reasons listed. Reports the coverage.
+#[test]
+fn the_public_rule_set_corpus_translates_as_expected() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/translate");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "rules"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 15, "the corpus is in {}", dir.display());
+    let mut translated = Vec::new();
+    let mut unexpected = Vec::new();
+    for path in &paths {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(path).unwrap();
+        let expect = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{name} has no `# expect:` line"));
+        let (status, _, stderr) = tproxy_with_input(&["translate"], &text).unwrap();
+        if status.success() {
+            translated.push(name.clone());
+        }
+        let as_expected = match expect.strip_prefix("not translated (") {
+            None => expect == "translates" && status.success(),
+            Some(reasons) => {
+                !status.success()
+                    && reasons
+                        .trim_end_matches(')')
+                        .split("; ")
+                        .all(|reason| stderr.contains(reason))
+            }
+        };
+        if !as_expected {
+            unexpected.push(format!("{name}: expected {expect}, got:\n{stderr}"));
+        }
+    }
+    // Straight to stderr: the test harness captures print! of passing tests, and the
+    // coverage is meant to be seen in every run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "translate corpus: {} of {} public rule sets translate without --allow-skipped ({}%)",
+        translated.len(),
+        paths.len(),
+        translated.len() * 100 / paths.len()
+    );
+    assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
 }
