@@ -9,6 +9,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
+    negation,
     precedence::{covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
 };
@@ -25,7 +26,14 @@ type Listeners = BTreeMap<u16, Vec<SocketAddr>>;
 pub(super) fn emit(ruleset: RuleSet, source: &str) -> Translation {
     let mut notes = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
-    let flat = flatten_entries(&ruleset, &mut notes, &mut skipped);
+    let flat = flatten_entries(&ruleset, &mut notes);
+    let flat: Vec<Parsed> = negation::open(flat, &mut notes)
+        .into_iter()
+        .filter_map(|rule| rule.map_err(|reason| skipped.push(reason)).ok())
+        .collect();
+    for (line, text, reason) in &ruleset.elsewhere {
+        skipped.push(format!("line {line}: {text}: {reason}"));
+    }
     let (listeners, rules) = listeners_and_rules(flat, &mut notes);
     let kept = drop_shadowed(rules, &mut notes, &mut skipped);
     let mut out = String::new();
@@ -50,19 +58,12 @@ pub(super) fn emit(ruleset: RuleSet, source: &str) -> Translation {
     }
 }
 
-/// The rules the kernel runs at prerouting, jumps inlined, in order; what lies elsewhere is
-/// skipped or noted.
-fn flatten_entries(
-    ruleset: &RuleSet,
-    notes: &mut Vec<String>,
-    skipped: &mut Vec<String>,
-) -> Vec<Parsed> {
+/// The rules the kernel runs at prerouting, jumps inlined, in order, each or why it cannot
+/// be translated; the rules of other tables and chains are noted.
+fn flatten_entries(ruleset: &RuleSet, notes: &mut Vec<String>) -> Vec<Flat> {
     let mut flat = Vec::new();
     for entry in &ruleset.entry {
-        flatten(ruleset, entry, &Match::default(), 0, &mut flat, skipped);
-    }
-    for (line, text, reason) in &ruleset.elsewhere {
-        skipped.push(format!("line {line}: {text}: {reason}"));
+        flatten(ruleset, entry, &Match::default(), 0, &mut flat);
     }
     if ruleset.ignored > 0 {
         notes.push(format!(
@@ -72,6 +73,9 @@ fn flatten_entries(
     }
     flat
 }
+
+/// A rule of the flattened rule set, or why it cannot be translated.
+pub(super) type Flat = Result<Parsed, String>;
 
 /// Listeners by port; the steer and bypass rules in order.
 fn listeners_and_rules(flat: Vec<Parsed>, notes: &mut Vec<String>) -> (Listeners, Vec<Rule>) {
@@ -230,6 +234,13 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
         .map(|c| if c.is_control() { '?' } else { c })
         .collect();
     let _ = writeln!(out, "\n[[rule]]\n# line {}: {text}", rule.line);
+    if let Some(comment) = &rule.comment {
+        let comment: String = comment
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        let _ = writeln!(out, "# comment: {comment}");
+    }
     let transports = if m.transports.is_empty() {
         vec![Transport::Tcp, Transport::Udp]
     } else {
@@ -298,14 +309,7 @@ fn quoted(prefixes: &[IpNet]) -> String {
 }
 
 /// Inlines jumps from `chain`, narrowing the jumped-to rules by the jump's own matches.
-fn flatten(
-    ruleset: &RuleSet,
-    chain: &str,
-    context: &Match,
-    depth: usize,
-    out: &mut Vec<Parsed>,
-    skipped: &mut Vec<String>,
-) {
+fn flatten(ruleset: &RuleSet, chain: &str, context: &Match, depth: usize, out: &mut Vec<Flat>) {
     let Some(rules) = ruleset.chains.get(chain) else {
         return;
     };
@@ -313,15 +317,15 @@ fn flatten(
         let rule = match rule {
             Ok(rule) => rule,
             Err((line, text, reason)) => {
-                skipped.push(format!("line {line}: {text}: {reason}"));
+                out.push(Err(format!("line {line}: {text}: {reason}")));
                 continue;
             }
         };
         let Some(matches) = narrow(context, &rule.matches) else {
-            skipped.push(format!(
+            out.push(Err(format!(
                 "line {}: {}: its matches conflict with those of the rule that jumps here",
                 rule.line, rule.text
-            ));
+            )));
             continue;
         };
         match &rule.target {
@@ -333,30 +337,28 @@ fn flatten(
                         .is_ok_and(|r| matches!(r.target, Target::Tproxy { .. } | Target::Jump(_)))
                 });
                 let start = out.len();
-                flatten(ruleset, target, &matches, depth + 1, out, skipped);
+                flatten(ruleset, target, &matches, depth + 1, out);
                 if steers_later {
-                    let mut kept = Vec::new();
-                    for rule in out.drain(start..) {
-                        if rule.target == Target::Return {
-                            skipped.push(format!(
-                                "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer the packet",
-                                rule.line, rule.text
-                            ));
-                        } else {
-                            kept.push(rule);
+                    for rule in &mut out[start..] {
+                        if let Ok(returned) = rule.as_ref() {
+                            if returned.target == Target::Return {
+                                *rule = Err(format!(
+                                    "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer the packet",
+                                    returned.line, returned.text
+                                ));
+                            }
                         }
                     }
-                    out.extend(kept);
                 }
             }
-            Target::Jump(target) => skipped.push(format!(
+            Target::Jump(target) => out.push(Err(format!(
                 "line {}: {}: jumps nest too deep (to {target})",
                 rule.line, rule.text
-            )),
-            _ => out.push(Parsed {
+            ))),
+            _ => out.push(Ok(Parsed {
                 matches,
                 ..rule.clone()
-            }),
+            })),
         }
     }
 }
@@ -401,7 +403,17 @@ fn narrow(context: &Match, rule: &Match) -> Option<Match> {
             (a, b) => b.clone().or(a.clone()),
         },
         family,
+        not_dst: union(&context.not_dst, &rule.not_dst),
+        not_src: union(&context.not_src, &rule.not_src),
+        not_iface: union(&context.not_iface, &rule.not_iface),
     })
+}
+
+/// What either excludes.
+fn union<T: Clone + PartialEq>(a: &[T], b: &[T]) -> Vec<T> {
+    let mut all = a.to_vec();
+    all.extend(b.iter().filter(|x| !a.contains(x)).cloned());
+    all
 }
 
 /// Prefixes matching both lists: the inner ones that lie within an outer one.
