@@ -32,10 +32,16 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
             continue;
         };
         let steers_later = flat[i + 1..].iter().flatten().find(|later| {
+            // A later rule's own exclusions only narrow it: its rule without them is enough
+            // to compare with, unless it never matches at all.
+            let later_matches = match holes_and_rest(later) {
+                Some((_, rest)) => rest.matches,
+                None => return false,
+            };
             matches!(later.target, Target::Tproxy { .. })
                 && holes
                     .iter()
-                    .any(|hole| overlaps(&hole.matches, &later.matches))
+                    .any(|hole| overlaps(&hole.matches, &later_matches))
         });
         if let Some(later) = steers_later {
             out.push(Err(format!(
