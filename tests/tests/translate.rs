@@ -238,7 +238,8 @@ fn a_realistic_iptables_rule_set_steers_the_same_flows_translated() {
 
 /// Each public rule set in tests/corpus/translate (sources named in their headers) against
 /// the `# expect:` line it carries: `translates` (exit 0 without --allow-skipped), or `not
-/// translated (a; b)` with fragments of the reasons listed. Reports the coverage.
+/// translated (a; b)` with fragments of the reasons listed. A translation must pass `tproxy
+/// check`. Reports the coverage.
 #[test]
 fn the_public_rule_set_corpus_translates_as_expected() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/translate");
@@ -258,9 +259,16 @@ fn the_public_rule_set_corpus_translates_as_expected() {
             .lines()
             .find_map(|line| line.strip_prefix("# expect: "))
             .unwrap_or_else(|| panic!("{name} has no `# expect:` line"));
-        let (status, _, stderr) = tproxy_with_input(&["translate"], &text).unwrap();
+        let (status, config, stderr) = tproxy_with_input(&["translate"], &text).unwrap();
         if status.success() {
             translated.push(name.clone());
+            let file = ConfigFile::new(&config).unwrap();
+            let (checked, _, problem) =
+                tproxy_with_input(&["check", "--config", file.path()], "").unwrap();
+            assert!(
+                checked.success(),
+                "{name}: `tproxy check` refuses the translation: {problem}\n{config}"
+            );
         }
         let as_expected = match expect.strip_prefix("not translated (") {
             None => expect == "translates" && status.success(),

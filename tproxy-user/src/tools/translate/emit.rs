@@ -9,11 +9,13 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    negation,
+    negation, own_mark,
     precedence::{covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
 };
-use crate::{datapath::rules::Ports, relay::listener::Transport, values::Mark};
+use crate::{
+    config::Settings, datapath::rules::Ports, relay::listener::Transport, values::Mark,
+};
 
 /// A rule kept for the configuration, with the port of the listener it steers to (`None`:
 /// a bypass).
@@ -27,6 +29,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str) -> Translation {
     let mut notes = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
     let flat = flatten_entries(&ruleset, &mut notes);
+    let (flat, guard) = own_mark::guard(flat);
     let flat: Vec<Parsed> = negation::open(flat, &mut notes)
         .into_iter()
         .filter_map(|rule| rule.map_err(|reason| skipped.push(reason)).ok())
@@ -42,7 +45,21 @@ pub(super) fn emit(ruleset: RuleSet, source: &str) -> Translation {
         "# Translated by `tproxy translate` from `{source}` output."
     );
     write_interfaces(&mut out, &kept);
-    write_mark(&mut out, &kept, &mut notes);
+    let routing = write_mark(&mut out, &kept, &mut notes);
+    if let Some(guard) = guard {
+        match guard.conflict(routing.unwrap_or(Settings::default().mark)) {
+            Some(conflict) => skipped.push(conflict),
+            None => {
+                notes.push(guard.note());
+                let _ = writeln!(
+                    out,
+                    "# The proxy's loop guard: packets with this mark are never steered \
+                     (tproxy's own sockets carry it too)."
+                );
+                let _ = writeln!(out, "socket_mark = \"{:#x}\"", guard.mark);
+            }
+        }
+    }
     for (port, addrs) in &listeners {
         let _ = writeln!(out, "\n[[listener]]\nname = \"{}\"", listener_name(*port));
         let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
@@ -196,8 +213,8 @@ fn write_interfaces(out: &mut String, kept: &[Rule]) {
     }
 }
 
-/// `mark`: the TPROXY rules' mark (the first, noting when they set several).
-fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) {
+/// `mark`: the TPROXY rules' mark (the first, noting when they set several), returned.
+fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) -> Option<Mark> {
     let mut marks: Vec<Mark> = Vec::new();
     for (rule, _) in kept {
         if let Target::Tproxy {
@@ -222,6 +239,7 @@ fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) {
             ));
         }
     }
+    marks.first().copied()
 }
 
 /// One `[[rule]]` table, headed by the line it came from.
@@ -406,6 +424,10 @@ fn narrow(context: &Match, rule: &Match) -> Option<Match> {
         not_dst: union(&context.not_dst, &rule.not_dst),
         not_src: union(&context.not_src, &rule.not_src),
         not_iface: union(&context.not_iface, &rule.not_iface),
+        mark: match (context.mark, rule.mark) {
+            (Some(a), Some(b)) if a != b => return None,
+            (a, b) => b.or(a),
+        },
     })
 }
 

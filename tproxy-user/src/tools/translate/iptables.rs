@@ -172,7 +172,7 @@ fn parse_rule(
             }
             "-m" | "--match" => {
                 match value()?.as_str() {
-                    "tcp" | "udp" | "multiport" | "comment" => {}
+                    "tcp" | "udp" | "multiport" | "comment" | "mark" => {}
                     "socket" => socket = true,
                     other => return Err(format!("match `-m {other}`")),
                 }
@@ -240,6 +240,8 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                 m.ports = complement(&m.ports)?;
             }
         }
+        "--mark" if negated => return Err("negated match `-m mark`".into()),
+        "--mark" => m.mark = Some(full_mark(value)?),
         other => return Err(format!("option `{other}`")),
     }
     Ok(())

@@ -17,6 +17,7 @@ mod emit;
 mod iptables;
 mod negation;
 mod nft;
+mod own_mark;
 mod precedence;
 #[cfg(test)]
 mod tests;
@@ -93,6 +94,9 @@ struct Match {
     not_dst: Vec<IpNet>,
     not_src: Vec<IpNet>,
     not_iface: Vec<String>,
+    /// The packet mark matched (`-m mark --mark`, nft `meta mark`): only a proxy's loop
+    /// guard translates (see `own_mark`).
+    mark: Option<Mark>,
 }
 
 impl Match {

@@ -407,16 +407,26 @@ impl Rule<'_> {
         Ok(found.next)
     }
 
-    /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; matching it cannot be
-    /// translated.
+    /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; matching one exact mark
+    /// may be a loop guard (see `own_mark`); other mark expressions cannot be translated.
     fn mark(&mut self, i: usize) -> Result<usize, String> {
         let at = if self.w[i] == "meta" { i + 2 } else { i + 1 };
         if self.w.get(at).is_some_and(|x| x == "set") {
             let value = self.w.get(at + 1).ok_or("`mark set` without a value")?;
             self.set_mark = Some(full_mark(value)?);
-            Ok(at + 2)
-        } else {
-            Err("matching on the packet mark cannot be translated".into())
+            return Ok(at + 2);
+        }
+        let exact = self
+            .w
+            .get(at)
+            .filter(|value| value.starts_with(|c: char| c.is_ascii_digit()))
+            .and_then(|value| full_mark(value).ok());
+        match exact {
+            Some(mark) => {
+                self.m.mark = Some(mark);
+                Ok(at + 1)
+            }
+            None => Err("matching on the packet mark cannot be translated".into()),
         }
     }
 

@@ -466,7 +466,9 @@ COMMIT
         .iter()
         .map(|s| s.split(':').next().unwrap())
         .collect();
-    assert_eq!(lines, ["line 21", "line 13"], "{:?}", t.skipped);
+    assert_eq!(lines, ["line 13"], "{:?}", t.skipped);
+    // The proxy's loop guard (line 21) is tproxy's socket mark.
+    assert_eq!(config["socket_mark"].as_str(), Some("0xff"), "{}", t.config);
 }
 
 #[test]
@@ -684,5 +686,66 @@ COMMIT
         ["192.168.0.0/16", "0.0.0.0/0", "fd00::/8", "::/0"],
         "{}",
         t.config
+    );
+}
+
+/// Only an unconditional RETURN for one exact mark, ahead of all steering, is a loop guard.
+#[test]
+fn a_mark_loop_guard_becomes_the_socket_mark_and_other_mark_matches_are_named() {
+    let guard = "\
+*mangle
+-A PREROUTING -m mark --mark 0xff -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x100/0x100
+COMMIT
+";
+    let t = translate(guard).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    // tproxy refuses a socket mark its routing rule matches: 0xff under 0x1/0x1 is such.
+    let clash = translate(&guard.replace("0x100/0x100", "0x1/0x1")).unwrap();
+    assert!(!clash.config.contains("socket_mark"), "{}", clash.config);
+    assert!(
+        clash.skipped.len() == 1 && clash.skipped[0].contains("routing mark 0x1/0x1"),
+        "{:?}",
+        clash.skipped
+    );
+    assert!(t.config.contains("socket_mark = \"0xff\""), "{}", t.config);
+    let nft = "\
+table ip proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark 0x000000ff return
+		meta l4proto tcp tproxy to :1 meta mark set 0x00000001 accept
+	}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(t.config.contains("socket_mark = \"0xff\""), "{}", t.config);
+    let not_guards = "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x1/0x1
+-A PREROUTING -m mark --mark 0xfe -j RETURN
+-A PREROUTING -m mark --mark 0x2/0x2 -j RETURN
+-A PREROUTING -m mark --mark 0xff -j TPROXY --on-port 2
+-A PREROUTING -m mark ! --mark 0xff -j RETURN
+COMMIT
+";
+    let t = translate(not_guards).unwrap();
+    assert!(!t.config.contains("socket_mark"), "{}", t.config);
+    let lines: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        ["line 3", "line 4", "line 5", "line 6"],
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped.iter().all(|s| s.contains("`-m mark`")),
+        "{:?}",
+        t.skipped
     );
 }
