@@ -34,12 +34,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
             table = name.to_string();
             continue;
         }
-        // `iptables-save -c` puts counters first.
-        let trimmed = match trimmed.strip_prefix('[') {
-            Some(rest) => rest.split_once(']').map_or(rest, |(_, r)| r).trim(),
-            None => trimmed,
-        };
-        let Some(rest) = trimmed.strip_prefix("-A ") else {
+        let Some((trimmed, rest)) = appended_rule(trimmed) else {
             continue;
         };
         let w = words(rest);
@@ -98,6 +93,16 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         ignored,
         elsewhere,
     })
+}
+
+/// An `-A CHAIN …` line without the counters `iptables-save -c` puts first, and its words
+/// after `-A `.
+fn appended_rule(line: &str) -> Option<(&str, &str)> {
+    let line = match line.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(_, r)| r).trim(),
+        None => line,
+    };
+    Some((line, line.strip_prefix("-A ")?))
 }
 
 /// The user chains, and which of them are the socket match's divert chains.
