@@ -2,7 +2,7 @@
 //! nft (and tproxy's relay behind it), then its translation steers them with tproxy alone.
 //! Both must intercept exactly the same flows.
 
-use std::{net::SocketAddr, process::Command};
+use std::{io::Write as _, net::SocketAddr, process::Command};
 
 use tproxy_tests::{
     install_tproxy_routing, peer_seen_by, remove_iptables_tproxy, remove_tproxy_routing,
@@ -234,4 +234,200 @@ fn a_realistic_iptables_rule_set_steers_the_same_flows_translated() {
     let translated = servers.intercepted(&topo, REALISTIC_PROBES);
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+/// Each public rule set in tests/corpus/translate (sources named in their headers) against
+/// the `# expect:` line it carries: `translates` (exit 0 without --allow-skipped), or `not
+/// translated (a; b)` with fragments of the reasons listed. A translation must pass `tproxy
+/// check`. Reports the coverage.
+#[test]
+fn the_public_rule_set_corpus_translates_as_expected() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/translate");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "rules"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 15, "the corpus is in {}", dir.display());
+    let mut translated = Vec::new();
+    let mut unexpected = Vec::new();
+    for path in &paths {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(path).unwrap();
+        let expect = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{name} has no `# expect:` line"));
+        let (status, config, stderr) = tproxy_with_input(&["translate"], &text).unwrap();
+        if status.success() {
+            translated.push(name.clone());
+            let file = ConfigFile::new(&config).unwrap();
+            let (checked, _, problem) =
+                tproxy_with_input(&["check", "--config", file.path()], "").unwrap();
+            assert!(
+                checked.success(),
+                "{name}: `tproxy check` refuses the translation: {problem}\n{config}"
+            );
+        }
+        let as_expected = match expect.strip_prefix("not translated (") {
+            None => expect == "translates" && status.success(),
+            Some(reasons) => {
+                !status.success()
+                    && reasons
+                        .trim_end_matches(')')
+                        .split("; ")
+                        .all(|reason| stderr.contains(reason))
+            }
+        };
+        if !as_expected {
+            unexpected.push(format!("{name}: expected {expect}, got:\n{stderr}"));
+        }
+    }
+    // Straight to stderr: the test harness captures print! of passing tests, and the
+    // coverage is meant to be seen in every run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "translate corpus: {} of {} public rule sets translate without --allow-skipped ({}%)",
+        translated.len(),
+        paths.len(),
+        translated.len() * 100 / paths.len()
+    );
+    assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
+}
+
+/// Loads a rule set with `load` (which returns its text as the kernel lists it), steers
+/// `probes` with it and tproxy's relay behind it (configured by the translation), then with
+/// the translation alone. Returns what each way steered, and the configuration.
+fn steered_both_ways(
+    topo: &Topo,
+    probes: &[Probe],
+    load: impl FnOnce(&Netns) -> String,
+    unload: fn(&Netns),
+) -> (Vec<(String, bool)>, Vec<(String, bool)>, String) {
+    let servers = Servers::start(topo, probes);
+    let listed = load(&topo.router);
+    let text = translate(&listed);
+    let config = ConfigFile::new(&text).unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = servers.intercepted(topo, probes);
+    relay.stop().unwrap();
+    unload(&topo.router);
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = servers.intercepted(topo, probes);
+    tproxy.stop().unwrap();
+    (original, translated, text)
+}
+
+/// The probes of the negation rule sets, and which of them the rule sets steer: each
+/// negated form once excluding the probe and once not. (UDP rules name the client side:
+/// without it the server's replies would be steered too.)
+const NEGATION_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.3:80"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.2:54"),
+    Probe::Udp("10.10.2.3:53"),
+    Probe::Tcp("10.10.2.2:8050"),
+    Probe::Tcp("10.10.2.2:8060"),
+    Probe::Tcp("10.10.2.2:443"),
+    Probe::Tcp("10.10.2.2:444"),
+    Probe::Tcp("[fd00:2::2]:80"),
+];
+
+const NEGATION_STEERED: &[&str] = &[
+    "tcp 10.10.2.2:80",
+    "udp 10.10.2.2:53",
+    "udp 10.10.2.3:53",
+    "tcp 10.10.2.2:8050",
+    "tcp 10.10.2.2:443",
+];
+
+fn steered_names(steered: &[(String, bool)]) -> Vec<&str> {
+    steered
+        .iter()
+        .filter(|(_, steered)| *steered)
+        .map(|(name, _)| name.as_str())
+        .collect()
+}
+
+/// Negated destination, port, source and interface, as iptables writes them.
+const NEGATIONS_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING ! -d 10.10.2.3/32 -i to-client -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -d 10.10.2.0/24 -i to-client -p udp -m multiport ! --dports 53,5353 -j RETURN
+-A PREROUTING -i to-client -p udp -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING ! -s 10.10.9.0/24 -p tcp -m tcp --dport 8050 -j TPROXY --on-port 15002 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING ! -s 10.10.1.0/24 -p tcp -m tcp --dport 8060 -j TPROXY --on-port 15002 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING ! -i to-server -p tcp -m tcp --dport 443 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING ! -i to-client -p tcp -m tcp --dport 444 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+#[test]
+fn negated_iptables_matches_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        NEGATION_PROBES,
+        |netns| {
+            restore_iptables(netns, NEGATIONS_IPTABLES).unwrap();
+            NEGATIONS_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(steered_names(&original), NEGATION_STEERED, "iptables");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// The same in nft: `!=` on a named set, an anonymous set, one value, and interface names.
+const NEGATIONS_NFT: &str = "\
+table inet negations {
+	set excluded_hosts {
+		type ipv4_addr
+		elements = { 10.10.2.3 }
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		iifname \"to-client\" ip daddr != @excluded_hosts tcp dport 80 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-client\" ip daddr 10.10.2.0/24 udp dport != { 53, 5353 } return
+		iifname \"to-client\" meta l4proto udp tproxy ip to 127.0.0.1:15053 meta mark set 0x1 accept
+		ip saddr != { 10.10.9.0/24, 10.10.8.0/24 } tcp dport 8050 tproxy ip to 127.0.0.1:15002 meta mark set 0x1 accept
+		ip saddr != 10.10.1.0/24 tcp dport 8060 tproxy ip to 127.0.0.1:15002 meta mark set 0x1 accept
+		iifname != \"to-server\" tcp dport 443 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname != { \"to-client\", \"lo\" } tcp dport 444 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn negated_nft_matches_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        NEGATION_PROBES,
+        |netns| {
+            restore_nft(netns, NEGATIONS_NFT);
+            // What a user would paste: the ruleset as nft lists it.
+            let listed = Command::new("ip")
+                .args(["netns", "exec", &netns.name, "nft", "list", "ruleset"])
+                .output()
+                .unwrap();
+            assert!(listed.status.success());
+            String::from_utf8(listed.stdout).unwrap()
+        },
+        remove_nft,
+    );
+    assert_eq!(steered_names(&original), NEGATION_STEERED, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
 }

@@ -9,10 +9,13 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
+    negation, own_mark,
     precedence::{covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
 };
-use crate::{datapath::rules::Ports, relay::listener::Transport, values::Mark};
+use crate::{
+    config::Settings, datapath::rules::Ports, relay::listener::Transport, values::Mark,
+};
 
 /// A rule kept for the configuration, with the port of the listener it steers to (`None`:
 /// a bypass).
@@ -27,7 +30,15 @@ type Listeners = BTreeMap<u16, Vec<SocketAddr>>;
 pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Translation {
     let mut notes = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
-    let flat = flatten_entries(&ruleset, &mut notes, &mut skipped);
+    let flat = flatten_entries(&ruleset, &mut notes);
+    let (flat, guard) = own_mark::guard(flat);
+    let flat: Vec<Parsed> = negation::open(flat, &mut notes)
+        .into_iter()
+        .filter_map(|rule| rule.map_err(|reason| skipped.push(reason)).ok())
+        .collect();
+    for (line, text, reason) in &ruleset.elsewhere {
+        skipped.push(format!("line {line}: {text}: {reason}"));
+    }
     let (listeners, rules, diverts) = listeners_and_rules(flat, keep_proxies, &mut notes);
     let mut kept = drop_shadowed(rules, &mut notes, &mut skipped);
     // A socket match takes only packets that have a socket, so it shadows nothing: it joins
@@ -39,7 +50,21 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         "# Translated by `tproxy translate` from `{source}` output."
     );
     write_interfaces(&mut out, &kept);
-    write_mark(&mut out, &kept, &mut notes);
+    let routing = write_mark(&mut out, &kept, &mut notes);
+    if let Some(guard) = guard {
+        match guard.conflict(routing.unwrap_or(Settings::default().mark)) {
+            Some(conflict) => skipped.push(conflict),
+            None => {
+                notes.push(guard.note());
+                let _ = writeln!(
+                    out,
+                    "# The proxy's loop guard: packets with this mark are never steered \
+                     (tproxy's own sockets carry it too)."
+                );
+                let _ = writeln!(out, "socket_mark = \"{:#x}\"", guard.mark);
+            }
+        }
+    }
     for (port, addrs) in &listeners {
         let _ = writeln!(out, "\n[[listener]]\nname = \"{}\"", listener_name(*port));
         let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
@@ -56,19 +81,12 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     }
 }
 
-/// The rules the kernel runs at prerouting, jumps inlined, in order; what lies elsewhere is
-/// skipped or noted.
-fn flatten_entries(
-    ruleset: &RuleSet,
-    notes: &mut Vec<String>,
-    skipped: &mut Vec<String>,
-) -> Vec<Parsed> {
+/// The rules the kernel runs at prerouting, jumps inlined, in order, each or why it cannot
+/// be translated; the rules of other tables and chains are noted.
+fn flatten_entries(ruleset: &RuleSet, notes: &mut Vec<String>) -> Vec<Flat> {
     let mut flat = Vec::new();
     for entry in &ruleset.entry {
-        flatten(ruleset, entry, &Match::default(), 0, &mut flat, skipped);
-    }
-    for (line, text, reason) in &ruleset.elsewhere {
-        skipped.push(format!("line {line}: {text}: {reason}"));
+        flatten(ruleset, entry, &Match::default(), 0, &mut flat);
     }
     if ruleset.ignored > 0 {
         notes.push(format!(
@@ -78,6 +96,9 @@ fn flatten_entries(
     }
     flat
 }
+
+/// A rule of the flattened rule set, or why it cannot be translated.
+pub(super) type Flat = Result<Parsed, String>;
 
 /// Listeners by port; the steer and bypass rules in order; with `keep_proxies`, the
 /// socket-match rules, which become bypass rules.
@@ -264,8 +285,8 @@ fn write_interfaces(out: &mut String, kept: &[Rule]) {
     }
 }
 
-/// `mark`: the TPROXY rules' mark (the first, noting when they set several).
-fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) {
+/// `mark`: the TPROXY rules' mark (the first, noting when they set several), returned.
+fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) -> Option<Mark> {
     let mut marks: Vec<Mark> = Vec::new();
     for (rule, _) in kept {
         if let Target::Tproxy {
@@ -290,6 +311,7 @@ fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) {
             ));
         }
     }
+    marks.first().copied()
 }
 
 /// One `[[rule]]` table, headed by the line it came from.
@@ -302,6 +324,13 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
         .map(|c| if c.is_control() { '?' } else { c })
         .collect();
     let _ = writeln!(out, "\n[[rule]]\n# line {}: {text}", rule.line);
+    if let Some(comment) = &rule.comment {
+        let comment: String = comment
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        let _ = writeln!(out, "# comment: {comment}");
+    }
     let transports = if m.transports.is_empty() {
         vec![Transport::Tcp, Transport::Udp]
     } else {
@@ -370,14 +399,7 @@ fn quoted(prefixes: &[IpNet]) -> String {
 }
 
 /// Inlines jumps from `chain`, narrowing the jumped-to rules by the jump's own matches.
-fn flatten(
-    ruleset: &RuleSet,
-    chain: &str,
-    context: &Match,
-    depth: usize,
-    out: &mut Vec<Parsed>,
-    skipped: &mut Vec<String>,
-) {
+fn flatten(ruleset: &RuleSet, chain: &str, context: &Match, depth: usize, out: &mut Vec<Flat>) {
     let Some(rules) = ruleset.chains.get(chain) else {
         return;
     };
@@ -385,15 +407,15 @@ fn flatten(
         let rule = match rule {
             Ok(rule) => rule,
             Err((line, text, reason)) => {
-                skipped.push(format!("line {line}: {text}: {reason}"));
+                out.push(Err(format!("line {line}: {text}: {reason}")));
                 continue;
             }
         };
         let Some(matches) = narrow(context, &rule.matches) else {
-            skipped.push(format!(
+            out.push(Err(format!(
                 "line {}: {}: its matches conflict with those of the rule that jumps here",
                 rule.line, rule.text
-            ));
+            )));
             continue;
         };
         match &rule.target {
@@ -405,30 +427,28 @@ fn flatten(
                         .is_ok_and(|r| matches!(r.target, Target::Tproxy { .. } | Target::Jump(_)))
                 });
                 let start = out.len();
-                flatten(ruleset, target, &matches, depth + 1, out, skipped);
+                flatten(ruleset, target, &matches, depth + 1, out);
                 if steers_later {
-                    let mut kept = Vec::new();
-                    for rule in out.drain(start..) {
-                        if rule.target == Target::Return {
-                            skipped.push(format!(
-                                "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer the packet",
-                                rule.line, rule.text
-                            ));
-                        } else {
-                            kept.push(rule);
+                    for rule in &mut out[start..] {
+                        if let Ok(returned) = rule.as_ref() {
+                            if returned.target == Target::Return {
+                                *rule = Err(format!(
+                                    "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer the packet",
+                                    returned.line, returned.text
+                                ));
+                            }
                         }
                     }
-                    out.extend(kept);
                 }
             }
-            Target::Jump(target) => skipped.push(format!(
+            Target::Jump(target) => out.push(Err(format!(
                 "line {}: {}: jumps nest too deep (to {target})",
                 rule.line, rule.text
-            )),
-            _ => out.push(Parsed {
+            ))),
+            _ => out.push(Ok(Parsed {
                 matches,
                 ..rule.clone()
-            }),
+            })),
         }
     }
 }
@@ -473,7 +493,21 @@ fn narrow(context: &Match, rule: &Match) -> Option<Match> {
             (a, b) => b.clone().or(a.clone()),
         },
         family,
+        not_dst: union(&context.not_dst, &rule.not_dst),
+        not_src: union(&context.not_src, &rule.not_src),
+        not_iface: union(&context.not_iface, &rule.not_iface),
+        mark: match (context.mark, rule.mark) {
+            (Some(a), Some(b)) if a != b => return None,
+            (a, b) => b.or(a),
+        },
     })
+}
+
+/// What either excludes.
+fn union<T: Clone + PartialEq>(a: &[T], b: &[T]) -> Vec<T> {
+    let mut all = a.to_vec();
+    all.extend(b.iter().filter(|x| !a.contains(x)).cloned());
+    all
 }
 
 /// Prefixes matching both lists: the inner ones that lie within an outer one.

@@ -5,7 +5,8 @@ use std::{collections::HashMap, net::IpAddr};
 use anyhow::Result;
 
 use super::{
-    full_mark, interface_name, port_range, words, Chain, Family, Match, Parsed, RuleSet, Target,
+    complement, full_mark, interface_name, other_transports, port_range, words, Chain, Family,
+    Match, Parsed, RuleSet, Target,
 };
 use crate::{
     datapath::rules::Ports,
@@ -33,12 +34,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
             table = name.to_string();
             continue;
         }
-        // `iptables-save -c` puts counters first.
-        let trimmed = match trimmed.strip_prefix('[') {
-            Some(rest) => rest.split_once(']').map_or(rest, |(_, r)| r).trim(),
-            None => trimmed,
-        };
-        let Some(rest) = trimmed.strip_prefix("-A ") else {
+        let Some((trimmed, rest)) = appended_rule(trimmed) else {
             continue;
         };
         let w = words(rest);
@@ -53,11 +49,15 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
             divert_chains.contains(&chain),
             &user_chains,
         )
-        .map(|(matches, target)| Parsed {
+        .map(|(matches, target, comment)| Parsed {
             line: number,
             text: trimmed.to_string(),
             matches,
-            target,
+            target: match target {
+                Target::Jump(to) => Target::Jump(chain_key(family, &to)),
+                target => target,
+            },
+            comment,
         })
         .map_err(|reason| (number, trimmed.to_string(), reason));
         if chain == "OUTPUT" {
@@ -73,20 +73,36 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         }
         if chain != "PREROUTING"
             && chain.chars().all(|c| c.is_ascii_uppercase())
-            && !chains.contains_key(&chain)
+            && !chains.contains_key(&chain_key(family, &chain))
             && is_builtin(&chain)
         {
             ignored += 1;
             continue;
         }
-        chains.entry(chain).or_default().push(parsed);
+        chains
+            .entry(chain_key(family, &chain))
+            .or_default()
+            .push(parsed);
     }
     Ok(RuleSet {
         chains,
-        entry: vec!["PREROUTING".into()],
+        entry: vec![
+            chain_key(Family::V4, "PREROUTING"),
+            chain_key(Family::V6, "PREROUTING"),
+        ],
         ignored,
         elsewhere,
     })
+}
+
+/// An `-A CHAIN …` line without the counters `iptables-save -c` puts first, and its words
+/// after `-A `.
+fn appended_rule(line: &str) -> Option<(&str, &str)> {
+    let line = match line.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(_, r)| r).trim(),
+        None => line,
+    };
+    Some((line, line.strip_prefix("-A ")?))
 }
 
 /// The user chains, and which of them are the socket match's divert chains.
@@ -109,9 +125,20 @@ fn user_and_divert_chains(input: &str) -> (Vec<String>, Vec<String>) {
     (user_chains, divert_chains)
 }
 
+/// `iptables-save` and `ip6tables-save` output may come together: their chains are apart.
+fn chain_key(family: Family, chain: &str) -> String {
+    match family {
+        Family::V4 => chain.to_string(),
+        Family::V6 => format!("ip6 {chain}"),
+    }
+}
+
 fn is_builtin(chain: &str) -> bool {
     matches!(chain, "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING")
 }
+
+/// What a rule says: its matches, target and comment.
+type Rule = (Match, Target, Option<String>);
 
 /// One rule's words after `-A CHAIN`.
 fn parse_rule(
@@ -119,77 +146,110 @@ fn parse_rule(
     family: Family,
     in_divert_chain: bool,
     user_chains: &[String],
-) -> Result<(Match, Target), String> {
+) -> Result<Rule, String> {
     let mut m = Match {
         family: Some(family),
         ..Match::default()
     };
     let mut target = None;
     let mut socket = false;
+    let mut comment = None;
+    let mut negated = false;
     let mut i = 0;
-    let value = |i: usize| {
-        w.get(i + 1)
-            .cloned()
-            .ok_or_else(|| format!("`{}` without a value", w[i]))
-    };
     while i < w.len() {
         let word = w[i].as_str();
+        let value = || {
+            w.get(i + 1)
+                .cloned()
+                .ok_or_else(|| format!("`{word}` without a value"))
+        };
         match word {
-            "!" => return Err("negated matches cannot be translated".into()),
-            "-p" | "--protocol" => {
-                m.transports = vec![transport(&value(i)?)?];
-                i += 2;
+            "!" if !negated => {
+                negated = true;
+                i += 1;
+                continue;
             }
-            "-d" | "--destination" | "-s" | "--source" => {
-                let prefixes = value(i)?
-                    .split(',')
-                    .map(parse_prefix)
-                    .collect::<Result<Vec<_>, _>>()?;
-                if word.starts_with("-d") || word == "--destination" {
-                    m.dst = prefixes;
-                } else {
-                    m.src = prefixes;
-                }
-                i += 2;
-            }
-            "-i" | "--in-interface" => {
-                let iface = value(i)?;
-                if iface.ends_with('+') {
-                    return Err(format!("interface wildcard {iface}"));
-                }
-                m.iface = Some(interface_name(&iface)?);
-                i += 2;
+            "-m" | "--match" | "--comment" | "--transparent" | "--nowildcard"
+            | "--restore-skmark" | "-j" | "--jump" | "-g" | "--goto"
+                if negated =>
+            {
+                return Err(format!("negated `{word}` cannot be translated"))
             }
             "-m" | "--match" => {
-                match value(i)?.as_str() {
-                    "tcp" | "udp" | "multiport" | "comment" => {}
+                match value()?.as_str() {
+                    "tcp" | "udp" | "multiport" | "comment" | "mark" => {}
                     "socket" => socket = true,
                     other => return Err(format!("match `-m {other}`")),
                 }
                 i += 2;
             }
-            "--dport" | "--destination-port" | "--dports" | "--destination-ports" => {
-                m.ports = ports(&value(i)?)?;
+            "--transparent" | "--nowildcard" | "--restore-skmark" => i += 1,
+            "--comment" => {
+                comment = Some(value()?);
                 i += 2;
             }
-            "--transparent" | "--nowildcard" | "--restore-skmark" => i += 1,
-            "--comment" => i += 2,
             "-j" | "--jump" | "-g" | "--goto" => {
                 let (parsed, next) = parse_target(w, i, in_divert_chain, socket, user_chains)?;
                 target = Some(parsed);
                 i = next;
             }
-            other => return Err(format!("option `{other}`")),
+            _ => {
+                match_option(&mut m, word, &value()?, negated)?;
+                i += 2;
+            }
         }
+        negated = false;
     }
     let target = target.ok_or("a rule without a target")?;
     if socket && target != Target::SocketDivert && !matches!(target, Target::Ignore) {
         if matches!(target, Target::Bypass | Target::Return) {
-            return Ok((m, Target::SocketDivert));
+            return Ok((m, Target::SocketDivert, comment));
         }
         return Err("the socket match with a target other than a divert chain".into());
     }
-    Ok((m, target))
+    Ok((m, target, comment))
+}
+
+/// A match option and its value, `negated` when a `!` comes before it.
+fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result<(), String> {
+    match word {
+        "-p" | "--protocol" if negated => m.transports = other_transports(transport(value)),
+        "-p" | "--protocol" => m.transports = vec![transport(value)?],
+        "-d" | "--destination" | "-s" | "--source" => {
+            let prefixes = value
+                .split(',')
+                .map(parse_prefix)
+                .collect::<Result<Vec<_>, _>>()?;
+            let destination = word == "-d" || word == "--destination";
+            match (destination, negated) {
+                (true, false) => m.dst = prefixes,
+                (true, true) => m.not_dst = prefixes,
+                (false, false) => m.src = prefixes,
+                (false, true) => m.not_src = prefixes,
+            }
+        }
+        "-i" | "--in-interface" => {
+            if value.ends_with('+') {
+                return Err(format!("interface wildcard {value}"));
+            }
+            let iface = interface_name(value)?;
+            if negated {
+                m.not_iface = vec![iface];
+            } else {
+                m.iface = Some(iface);
+            }
+        }
+        "--dport" | "--destination-port" | "--dports" | "--destination-ports" => {
+            m.ports = ports(value)?;
+            if negated {
+                m.ports = complement(&m.ports)?;
+            }
+        }
+        "--mark" if negated => return Err("negated match `-m mark`".into()),
+        "--mark" => m.mark = Some(full_mark(value)?),
+        other => return Err(format!("option `{other}`")),
+    }
+    Ok(())
 }
 
 /// `-p`'s protocol.

@@ -15,7 +15,9 @@
 
 mod emit;
 mod iptables;
+mod negation;
 mod nft;
+mod own_mark;
 mod precedence;
 #[cfg(test)]
 mod tests;
@@ -85,6 +87,22 @@ struct Match {
     iface: Option<String>,
     /// `None`: both (nft `inet`).
     family: Option<Family>,
+    /// Destinations, sources and input interfaces the rule excludes (`! -d`, `ip saddr !=
+    /// …`, `! -i`). tproxy's rules cannot exclude: the emitter opens them into bypass rules
+    /// ahead of the rule (see `negation`). Negated ports and protocols need none of this:
+    /// they are read as the complementary ranges and protocol.
+    not_dst: Vec<IpNet>,
+    not_src: Vec<IpNet>,
+    not_iface: Vec<String>,
+    /// The packet mark matched (`-m mark --mark`, nft `meta mark`): only a proxy's loop
+    /// guard translates (see `own_mark`).
+    mark: Option<Mark>,
+}
+
+impl Match {
+    fn excludes(&self) -> bool {
+        !(self.not_dst.is_empty() && self.not_src.is_empty() && self.not_iface.is_empty())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +131,8 @@ struct Parsed {
     text: String,
     matches: Match,
     target: Target,
+    /// `-m comment --comment` (nft: `comment`), kept in the configuration.
+    comment: Option<String>,
 }
 
 /// A chain's rules; `Err` holds why a rule could not be parsed.
@@ -229,4 +249,51 @@ fn port_range(text: &str) -> Result<Ports, String> {
         (1, 65535) => Ports::Any,
         (a, b) => Ports::Range(a, b),
     })
+}
+
+/// The ports `ports` leaves out, as ranges (`! --dport 53` is `1-52` and `54-65535`).
+fn complement(ports: &[Ports]) -> Result<Vec<Ports>, String> {
+    let mut taken: Vec<(u16, u16)> = ports
+        .iter()
+        .map(|p| match *p {
+            Ports::One(port) => (port, port),
+            Ports::Range(first, last) => (first, last),
+            Ports::Any => (1, 65535),
+        })
+        .collect();
+    taken.sort_unstable();
+    let mut left = Vec::new();
+    let mut next: u32 = 1;
+    for (first, last) in taken {
+        if u32::from(first) > next {
+            left.push((next as u16, first - 1));
+        }
+        next = next.max(u32::from(last) + 1);
+    }
+    if next <= 65535 {
+        left.push((next as u16, 65535));
+    }
+    if left.is_empty() {
+        return Err("a negated port match that excludes every port".into());
+    }
+    Ok(left
+        .into_iter()
+        .map(|(first, last)| {
+            if first == last {
+                Ports::One(first)
+            } else {
+                Ports::Range(first, last)
+            }
+        })
+        .collect())
+}
+
+/// The transports a negated protocol match leaves: the other of TCP and UDP, or both when
+/// it excludes a protocol tproxy does not steer.
+fn other_transports(excluded: Result<Transport, String>) -> Vec<Transport> {
+    match excluded {
+        Ok(Transport::Tcp) => vec![Transport::Udp],
+        Ok(Transport::Udp) => vec![Transport::Tcp],
+        Err(_) => Vec::new(),
+    }
 }

@@ -4,7 +4,10 @@ use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
 
-use super::{full_mark, interface_name, port_range, words, Family, Match, Parsed, RuleSet, Target};
+use super::{
+    complement, full_mark, interface_name, other_transports, port_range, words, Family, Match,
+    Parsed, RuleSet, Target,
+};
 use crate::{
     relay::listener::Transport,
     values::{parse_port_list, parse_prefix, Mark},
@@ -144,11 +147,12 @@ fn chain_line(
     }
     let Some(chain) = &at.chain else { return };
     let parsed = parse_rule(trimmed, at.family, &at.table, sets)
-        .map(|(matches, target)| Parsed {
+        .map(|(matches, target, comment)| Parsed {
             line: number,
             text: trimmed.to_string(),
             matches,
             target,
+            comment,
         })
         .map_err(|reason| (number, trimmed.to_string(), reason));
     match at.hook.as_deref() {
@@ -178,36 +182,43 @@ fn set_elements(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Values of an nft expression at `w[i]`: one word, or a `{ a, b }` set. Returns the values
-/// and the index after them.
-fn nft_values(
-    w: &[String],
-    i: usize,
-    sets: &Sets,
-    table: &str,
-) -> Result<(Vec<String>, usize), String> {
+/// The values of an nft expression: one word, or a `{ a, b }` set, or a named set; after
+/// `!=`, the values it excludes.
+struct Values {
+    values: Vec<String>,
+    negated: bool,
+    /// The index of the word after them.
+    next: usize,
+}
+
+/// The values of the nft expression at `w[i]`.
+fn nft_values(w: &[String], i: usize, sets: &Sets, table: &str) -> Result<Values, String> {
+    let negated = w.get(i).is_some_and(|x| x == "!=");
+    let i = i + usize::from(negated);
     let first = w.get(i).ok_or("an expression without a value")?;
-    if first == "!=" {
-        return Err("negated matches cannot be translated".into());
-    }
-    if let Some(name) = first.strip_prefix('@') {
+    let (values, next) = if let Some(name) = first.strip_prefix('@') {
         let elements = sets
             .get(&format!("{table}/{name}"))
             .ok_or(format!("set @{name} is not defined in table {table}"))?;
-        return Ok((elements.clone(), i + 1));
-    }
-    if first != "{" {
-        return Ok((vec![first.trim_end_matches(',').to_string()], i + 1));
-    }
-    let mut values = Vec::new();
-    let mut j = i + 1;
-    while j < w.len() && w[j] != "}" {
-        for v in w[j].split(',').filter(|v| !v.is_empty()) {
-            values.push(v.to_string());
+        (elements.clone(), i + 1)
+    } else if first != "{" {
+        (vec![first.trim_end_matches(',').to_string()], i + 1)
+    } else {
+        let mut values = Vec::new();
+        let mut j = i + 1;
+        while j < w.len() && w[j] != "}" {
+            for v in w[j].split(',').filter(|v| !v.is_empty()) {
+                values.push(v.to_string());
+            }
+            j += 1;
         }
-        j += 1;
-    }
-    Ok((values, j + 1))
+        (values, j + 1)
+    };
+    Ok(Values {
+        values,
+        negated,
+        next,
+    })
 }
 
 /// A rule being read: its words, and what they said so far.
@@ -219,6 +230,7 @@ struct Rule<'a> {
     target: Option<Target>,
     socket: bool,
     set_mark: Option<Mark>,
+    comment: Option<String>,
 }
 
 /// One rule of a chain in table `table` of `family`.
@@ -227,7 +239,7 @@ fn parse_rule(
     family: Option<Family>,
     table: &str,
     sets: &Sets,
-) -> Result<(Match, Target), String> {
+) -> Result<(Match, Target, Option<String>), String> {
     let mut rule = Rule {
         w: words(text),
         table,
@@ -239,6 +251,7 @@ fn parse_rule(
         target: None,
         socket: false,
         set_mark: None,
+        comment: None,
     };
     let mut i = 0;
     while i < rule.w.len() {
@@ -291,7 +304,10 @@ impl Rule<'_> {
                 }
                 Ok(i)
             }
-            "comment" => Ok(i + 2),
+            "comment" => {
+                self.comment = w.get(i + 1).cloned();
+                Ok(i + 2)
+            }
             "tproxy" => self.tproxy(i),
             "accept" | "return" => {
                 self.target
@@ -315,18 +331,22 @@ impl Rule<'_> {
         }
     }
 
-    fn values(&self, i: usize) -> Result<(Vec<String>, usize), String> {
+    fn values(&self, i: usize) -> Result<Values, String> {
         nft_values(&self.w, i, self.sets, self.table)
     }
 
     /// `meta l4proto`/`ip protocol` values at `w[i]`.
     fn transports(&mut self, i: usize) -> Result<usize, String> {
-        let (values, next) = self.values(i)?;
-        self.m.transports = values
-            .iter()
-            .map(|v| transport(v))
-            .collect::<Result<_, _>>()?;
-        Ok(next)
+        let found = self.values(i)?;
+        self.m.transports = match (found.negated, found.values.as_slice()) {
+            (true, [one]) => other_transports(transport(one)),
+            (true, _) => return Err("a negated set of protocols".into()),
+            (false, values) => values
+                .iter()
+                .map(|v| transport(v))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(found.next)
     }
 
     /// `tcp dport`, `udp dport` or `th dport` at `w[i]`.
@@ -334,12 +354,16 @@ impl Rule<'_> {
         if self.w[i] != "th" {
             self.m.transports = vec![transport(&self.w[i])?];
         }
-        let (values, next) = self.values(i + 2)?;
-        self.m.ports = values
+        let found = self.values(i + 2)?;
+        self.m.ports = found
+            .values
             .iter()
             .map(|v| port_range(v))
             .collect::<Result<_, String>>()?;
-        Ok(next)
+        if found.negated {
+            self.m.ports = complement(&self.m.ports)?;
+        }
+        Ok(found.next)
     }
 
     /// `ip daddr`, `ip6 saddr` and the like at `w[i]`.
@@ -349,39 +373,60 @@ impl Rule<'_> {
         } else {
             Family::V6
         });
-        let (values, next) = self.values(i + 2)?;
-        let prefixes = values
+        let found = self.values(i + 2)?;
+        let prefixes = found
+            .values
             .iter()
             .map(|v| parse_prefix(v))
             .collect::<Result<Vec<_>, _>>()?;
-        if self.w[i + 1] == "daddr" {
-            self.m.dst = prefixes;
-        } else {
-            self.m.src = prefixes;
+        match (self.w[i + 1] == "daddr", found.negated) {
+            (true, false) => self.m.dst = prefixes,
+            (true, true) => self.m.not_dst = prefixes,
+            (false, false) => self.m.src = prefixes,
+            (false, true) => self.m.not_src = prefixes,
         }
-        Ok(next)
+        Ok(found.next)
     }
 
     /// The input interface's name at `w[i]`.
     fn interface(&mut self, i: usize) -> Result<usize, String> {
-        let (values, next) = self.values(i)?;
-        match values.as_slice() {
-            [one] if !one.ends_with('*') => self.m.iface = Some(interface_name(one)?),
-            _ => return Err("several or wildcard input interfaces".into()),
+        let found = self.values(i)?;
+        if found.values.iter().any(|v| v.ends_with('*')) {
+            return Err("several or wildcard input interfaces".into());
         }
-        Ok(next)
+        match (found.negated, found.values.as_slice()) {
+            (true, values) => {
+                self.m.not_iface = values
+                    .iter()
+                    .map(|v| interface_name(v))
+                    .collect::<Result<_, _>>()?;
+            }
+            (false, [one]) => self.m.iface = Some(interface_name(one)?),
+            (false, _) => return Err("several or wildcard input interfaces".into()),
+        }
+        Ok(found.next)
     }
 
-    /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; matching it cannot be
-    /// translated.
+    /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; matching one exact mark
+    /// may be a loop guard (see `own_mark`); other mark expressions cannot be translated.
     fn mark(&mut self, i: usize) -> Result<usize, String> {
         let at = if self.w[i] == "meta" { i + 2 } else { i + 1 };
         if self.w.get(at).is_some_and(|x| x == "set") {
             let value = self.w.get(at + 1).ok_or("`mark set` without a value")?;
             self.set_mark = Some(full_mark(value)?);
-            Ok(at + 2)
-        } else {
-            Err("matching on the packet mark cannot be translated".into())
+            return Ok(at + 2);
+        }
+        let exact = self
+            .w
+            .get(at)
+            .filter(|value| value.starts_with(|c: char| c.is_ascii_digit()))
+            .and_then(|value| full_mark(value).ok());
+        match exact {
+            Some(mark) => {
+                self.m.mark = Some(mark);
+                Ok(at + 1)
+            }
+            None => Err("matching on the packet mark cannot be translated".into()),
         }
     }
 
@@ -426,7 +471,7 @@ impl Rule<'_> {
     }
 
     /// The rule's matches and target, the mark it sets going with its TPROXY.
-    fn finish(self) -> (Match, Target) {
+    fn finish(self) -> (Match, Target, Option<String>) {
         let target = match self.target {
             Some(Target::Tproxy { on_ip, on_port, .. }) => Target::Tproxy {
                 on_ip,
@@ -438,6 +483,6 @@ impl Rule<'_> {
             None if self.socket => Target::SocketDivert,
             None => Target::Ignore,
         };
-        (self.m, target)
+        (self.m, target, self.comment)
     }
 }

@@ -187,6 +187,7 @@ fn the_shadow_index_finds_every_rule_that_can_shadow() {
                 .clone(),
             iface: [None, Some("eth0".to_string())][next(2) as usize].clone(),
             family: [None, Some(Family::V4), Some(Family::V6)][next(3) as usize],
+            ..Match::default()
         }
     };
     for _ in 0..300 {
@@ -286,9 +287,11 @@ fn what_cannot_be_translated_is_named() {
 -A PREROUTING -p tcp -m mark --mark 0xff -j RETURN
 -A PREROUTING -p tcp --dport 80 -j DROP
 -A PREROUTING -p tcp --dport 81 -j TPROXY
+-A PREROUTING -p tcp -d 10.1.0.0/16 -j TPROXY --on-port 2
 COMMIT
 ";
     let t = translate(input).unwrap();
+    // Line 2's excluded 10/8 would fall through to line 7, which steers part of it.
     let expected = [
         "line 2: -A PREROUTING -p tcp ! -d 10.0.0.0/8 -j TPROXY --on-port 1: negated",
         "line 3:",
@@ -442,7 +445,14 @@ COMMIT
         .collect();
     assert_eq!(
         actions,
-        ["bypass", "bypass", "bypass", "bypass", "steer", "steer"],
+        ["bypass", "bypass", "bypass", "bypass", "bypass", "steer", "steer"],
+        "{}",
+        t.config
+    );
+    // `! --dport 53`: every other port.
+    assert_eq!(
+        rules[4]["ports"].as_array().unwrap(),
+        &[toml::Value::from("1-52"), toml::Value::from("54-65535")],
         "{}",
         t.config
     );
@@ -456,7 +466,9 @@ COMMIT
         .iter()
         .map(|s| s.split(':').next().unwrap())
         .collect();
-    assert_eq!(lines, ["line 20", "line 21", "line 13"], "{:?}", t.skipped);
+    assert_eq!(lines, ["line 13"], "{:?}", t.skipped);
+    // The proxy's loop guard (line 21) is tproxy's socket mark.
+    assert_eq!(config["socket_mark"].as_str(), Some("0xff"), "{}", t.config);
 }
 
 #[test]
@@ -563,5 +575,238 @@ fn keep_proxies_turns_each_tproxy_port_into_an_external_listener() {
         without.config.contains("listen = [\"127.0.0.1:50080\"]"),
         "{}",
         without.config
+    );
+}
+
+#[test]
+fn negated_ports_are_the_complementary_ranges() {
+    let ports = |list: &[Ports]| complement(list).unwrap();
+    assert_eq!(
+        ports(&[Ports::One(53)]),
+        [Ports::Range(1, 52), Ports::Range(54, 65535)]
+    );
+    assert_eq!(
+        ports(&[Ports::One(2), Ports::Range(4, 65534), Ports::One(1)]),
+        [Ports::One(3), Ports::One(65535)]
+    );
+    assert!(complement(&[Ports::Range(1, 100), Ports::Range(90, 65535)]).is_err());
+}
+
+/// Each negated form becomes a bypass of what it excludes ahead of the rule; the kernel
+/// round trips in tests/tests/translate.rs check that they steer what iptables and nft do.
+#[test]
+fn negated_matches_become_bypasses_ahead_of_the_rule() {
+    let input = "\
+*mangle
+-A PREROUTING ! -d 10.0.0.0/8 -p tcp -j TPROXY --on-port 1 -m comment --comment \"all but ten\"
+-A PREROUTING ! -s 192.168.1.0/24 ! -i lan0 -p udp --dport 53 -j TPROXY --on-port 2
+-A PREROUTING -d 10.1.0.0/16 ! -d 10.0.0.0/8 -p tcp -j TPROXY --on-port 3
+-A PREROUTING ! -p tcp -j RETURN
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = config["rule"].as_array().unwrap();
+    let summary: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            let field = |name: &str| r.get(name).map_or(String::new(), |v| v.to_string());
+            format!(
+                "{} dst={} src={} iface={} ports={} {}",
+                field("proto"),
+                field("dst"),
+                field("src"),
+                field("iface"),
+                field("ports"),
+                field("action")
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            r#"["tcp"] dst=["10.0.0.0/8"] src= iface= ports= "bypass""#,
+            r#"["tcp"] dst=["0.0.0.0/0"] src= iface= ports= "steer""#,
+            r#"["udp"] dst=["0.0.0.0/0"] src=["192.168.1.0/24"] iface= ports=[53] "bypass""#,
+            r#"["udp"] dst=["0.0.0.0/0"] src= iface="lan0" ports=[53] "bypass""#,
+            r#"["udp"] dst=["0.0.0.0/0"] src= iface= ports=[53] "steer""#,
+            r#"["udp"] dst=["0.0.0.0/0"] src= iface= ports= "bypass""#,
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config.contains("# comment: all but ten"),
+        "the comment is kept: {}",
+        t.config
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 4:") && n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+}
+
+#[test]
+fn nft_negations_of_sets_values_and_interfaces() {
+    let input = "\
+table inet proxy {
+	set lan {
+		type ipv4_addr
+		flags interval
+		elements = { 10.0.0.0/8, 192.168.0.0/16 }
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		ip daddr != @lan tcp dport != { 22, 53 } tproxy ip to 127.0.0.1:7000 accept
+		iifname != { \"wan0\", \"wan1\" } ip6 saddr != fd00::/8 udp dport 53 tproxy ip6 to [::1]:7053 accept
+		meta l4proto != udp return
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = config["rule"].as_array().unwrap();
+    let actions: Vec<&str> = rules
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["bypass", "steer", "bypass", "bypass", "bypass", "steer", "bypass"],
+        "{}",
+        t.config
+    );
+    assert_eq!(rules[0]["dst"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        rules[1]["ports"].as_array().unwrap(),
+        &[
+            toml::Value::from("1-21"),
+            toml::Value::from("23-52"),
+            toml::Value::from("54-65535")
+        ]
+    );
+    assert_eq!(rules[2]["src"][0].as_str(), Some("fd00::/8"));
+    assert_eq!(rules[3]["iface"].as_str(), Some("wan0"));
+    assert_eq!(rules[4]["iface"].as_str(), Some("wan1"));
+    assert_eq!(rules[6]["proto"][0].as_str(), Some("tcp"));
+}
+
+#[test]
+fn a_negation_whose_packets_a_later_rule_steers_is_reported() {
+    let input = "\
+*mangle
+-A PREROUTING ! -s 10.0.0.0/8 -p tcp -j RETURN
+-A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+    assert!(
+        t.skipped[0].starts_with("line 2:") && t.skipped[0].contains("fall through to line 3"),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// `iptables-save` and `ip6tables-save` output pasted together: one family's RETURN does
+/// not fall back into the other family's PREROUTING.
+#[test]
+fn ip6tables_chains_are_apart_from_iptables_chains() {
+    let input = "\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -j PROXY
+-A PROXY -d 192.168.0.0/16 -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 1
+COMMIT
+# Generated by ip6tables-save v1.8.9 (nf_tables)
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -j PROXY
+-A PROXY -d fd00::/8 -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let dst: Vec<&str> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dst"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        dst,
+        ["192.168.0.0/16", "0.0.0.0/0", "fd00::/8", "::/0"],
+        "{}",
+        t.config
+    );
+}
+
+/// Only an unconditional RETURN for one exact mark, ahead of all steering, is a loop guard.
+#[test]
+fn a_mark_loop_guard_becomes_the_socket_mark_and_other_mark_matches_are_named() {
+    let guard = "\
+*mangle
+-A PREROUTING -m mark --mark 0xff -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x100/0x100
+COMMIT
+";
+    let t = translate(guard).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    // tproxy refuses a socket mark its routing rule matches: 0xff under 0x1/0x1 is such.
+    let clash = translate(&guard.replace("0x100/0x100", "0x1/0x1")).unwrap();
+    assert!(!clash.config.contains("socket_mark"), "{}", clash.config);
+    assert!(
+        clash.skipped.len() == 1 && clash.skipped[0].contains("routing mark 0x1/0x1"),
+        "{:?}",
+        clash.skipped
+    );
+    assert!(t.config.contains("socket_mark = \"0xff\""), "{}", t.config);
+    let nft = "\
+table ip proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark 0x000000ff return
+		meta l4proto tcp tproxy to :1 meta mark set 0x00000001 accept
+	}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(t.config.contains("socket_mark = \"0xff\""), "{}", t.config);
+    let not_guards = "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x1/0x1
+-A PREROUTING -m mark --mark 0xfe -j RETURN
+-A PREROUTING -m mark --mark 0x2/0x2 -j RETURN
+-A PREROUTING -m mark --mark 0xff -j TPROXY --on-port 2
+-A PREROUTING -m mark ! --mark 0xff -j RETURN
+COMMIT
+";
+    let t = translate(not_guards).unwrap();
+    assert!(!t.config.contains("socket_mark"), "{}", t.config);
+    let lines: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        ["line 3", "line 4", "line 5", "line 6"],
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped.iter().all(|s| s.contains("`-m mark`")),
+        "{:?}",
+        t.skipped
     );
 }
