@@ -69,7 +69,9 @@ pub enum UidRangeError {
 impl fmt::Display for UidRangeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            UidRangeError::NotAUid => "not a uid (0 to 4294967294) or a range of them like 1000-1999",
+            UidRangeError::NotAUid => {
+                "not a uid (0 to 4294967294) or a range of them like 1000-1999"
+            }
             UidRangeError::Reversed => "the range's first uid is above its last",
         })
     }
@@ -142,7 +144,7 @@ pub const fn socket_mark_for(current: u32, steered: bool, mark: u32, mask: u32) 
 
 /// Whether the tc program leaves a packet alone because it came in on `lo` without the
 /// routing mark while local origin is steered: only sockets the connect programs marked are
-/// taken on `lo` (`lo_mark`: the packet's mark).
+/// taken on `lo`.
 pub const fn unselected_on_loopback(
     ifindex: u32,
     local_origin: u32,
@@ -182,19 +184,53 @@ mod tests {
 
     #[test]
     fn uid_ranges_parse_and_name_what_is_wrong() {
-        assert_eq!("1000".parse(), Ok(UidRange { first: 1000, last: 1000 }));
-        assert_eq!(" 0-999 ".parse(), Ok(UidRange { first: 0, last: 999 }));
-        assert_eq!("2000-1000".parse::<UidRange>(), Err(UidRangeError::Reversed));
-        for bad in ["", "-", "x", "1000-", "-5", "4294967295", "1-4294967295", "1.5"] {
-            assert_eq!(bad.parse::<UidRange>(), Err(UidRangeError::NotAUid), "{bad:?}");
+        assert_eq!(
+            "1000".parse(),
+            Ok(UidRange {
+                first: 1000,
+                last: 1000
+            })
+        );
+        assert_eq!(
+            " 0-999 ".parse(),
+            Ok(UidRange {
+                first: 0,
+                last: 999
+            })
+        );
+        assert_eq!(
+            "2000-1000".parse::<UidRange>(),
+            Err(UidRangeError::Reversed)
+        );
+        for bad in [
+            "",
+            "-",
+            "x",
+            "1000-",
+            "-5",
+            "4294967295",
+            "1-4294967295",
+            "1.5",
+        ] {
+            assert_eq!(
+                bad.parse::<UidRange>(),
+                Err(UidRangeError::NotAUid),
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn only_the_used_ranges_select_and_none_selects_everyone() {
         let mut ranges = [UidRange::default(); MAX_UID_RANGES];
-        ranges[0] = UidRange { first: 1000, last: 1999 };
-        ranges[1] = UidRange { first: 33, last: 33 };
+        ranges[0] = UidRange {
+            first: 1000,
+            last: 1999,
+        };
+        ranges[1] = UidRange {
+            first: 33,
+            last: 33,
+        };
         assert!(uid_selected(12345, &ranges, 0));
         assert!(uid_selected(1000, &ranges, 2) && uid_selected(1999, &ranges, 2));
         assert!(uid_selected(33, &ranges, 2));

@@ -105,8 +105,18 @@ fn current_mark(ctx: &SockAddrContext) -> u32 {
 #[inline(always)]
 fn selected(ctx: &SockAddrContext) -> bool {
     // SAFETY: helpers without arguments.
-    let (cgroup, uid) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_uid_gid() as u32) };
-    if is_own_socket(current_mark(ctx), OWN_SOCKET_MARK.load(), cgroup, OWN_CGROUP_ID.load()) {
+    let (cgroup, uid) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_current_uid_gid() as u32,
+        )
+    };
+    if is_own_socket(
+        current_mark(ctx),
+        OWN_SOCKET_MARK.load(),
+        cgroup,
+        OWN_CGROUP_ID.load(),
+    ) {
         return false;
     }
     uid_selected(uid, &LOCAL_UID_RANGES.load(), LOCAL_UID_RANGES_LEN.load())
@@ -118,7 +128,15 @@ fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> bool {
         return false;
     };
     // The tc program's answer for the packets this socket will send over `lo`.
-    let rule = match_rules(&RULES_DST_V4, &RULES_SRC_V4, udp, port(ctx), addr, [0; 4], 0);
+    let rule = match_rules(
+        &RULES_DST_V4,
+        &RULES_SRC_V4,
+        udp,
+        port(ctx),
+        addr,
+        [0; 4],
+        0,
+    );
     steers(rule, decision::ipv4_destination_scope(addr, false))
 }
 
@@ -127,7 +145,15 @@ fn steers_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> bool {
     let Some(udp) = udp(ctx) else {
         return false;
     };
-    let rule = match_rules(&RULES_DST_V6, &RULES_SRC_V6, udp, port(ctx), addr, [0; 16], 0);
+    let rule = match_rules(
+        &RULES_DST_V6,
+        &RULES_SRC_V6,
+        udp,
+        port(ctx),
+        addr,
+        [0; 16],
+        0,
+    );
     steers(rule, decision::ipv6_destination_scope(addr, false))
 }
 

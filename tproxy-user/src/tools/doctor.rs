@@ -137,6 +137,7 @@ fn program(settings: &Settings) -> Finding {
         rule_map_capacity: 1024,
         fail_closed: false,
         pinned: None,
+        local_origin: None,
     };
     match Steering::load(&load) {
         Ok(steering) => {
