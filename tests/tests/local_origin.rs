@@ -75,13 +75,18 @@ fn a_cgroups_connections_are_relayed_and_others_go_direct() {
     // Relayed to the upstream, and the application still sees the peer it dialled.
     assert_eq!(inside("10.10.2.2:80"), "10.10.2.2:80 upstream");
     assert_eq!(inside("[fd00:2::2]:80"), "[fd00:2::2]:80 upstream");
+    // A dual-stack socket dialling an IPv4-mapped address sends IPv4: the IPv4 rules decide.
+    assert_eq!(
+        inside("[::ffff:10.10.2.2]:80"),
+        "[::ffff:10.10.2.2]:80 upstream"
+    );
     // A port no rule steers, and processes outside the cgroup, go direct.
     assert_eq!(inside("10.10.2.2:81"), "10.10.2.2:81 unsteered");
     assert_eq!(outside("10.10.2.2:80"), "10.10.2.2:80 original");
     assert_eq!(outside("[fd00:2::2]:80"), "[fd00:2::2]:80 original");
 
-    assert_eq!(tproxy.ebpf_counters().unwrap()["tcp/steered_new"], 2);
-    assert_eq!(upstream.peers().len(), 2);
+    assert_eq!(tproxy.ebpf_counters().unwrap()["tcp/steered_new"], 3);
+    assert_eq!(upstream.peers().len(), 3);
     assert_eq!(original_v4.peers().len(), 1);
     assert_eq!(original_v6.peers().len(), 1);
     assert_eq!(unsteered.peers().len(), 1);
@@ -172,6 +177,47 @@ fn a_cgroups_connected_udp_sockets_are_relayed_with_replies_from_where_they_sent
     assert_eq!(tproxy.udp_stat("created").unwrap(), 2);
     assert_eq!(original.peers.lock().unwrap().len(), 2);
     assert_eq!(original_v6.peers.lock().unwrap().len(), 2);
+}
+
+/// The mark is the socket's: a UDP socket connected to a steered destination, disconnected
+/// and connected to another one loses it, and its datagrams to the second go direct. Unconnected sockets
+/// (sendto) are not steered at all: their datagrams and replies are untouched.
+#[test]
+fn a_reconnected_udp_socket_goes_direct_and_sendto_is_left_alone() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("udp-mixed").unwrap();
+    let steered = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
+    let unsteered = UdpEcho::start(&topo.server, addr("10.10.2.2:5354")).unwrap();
+    let mut tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &["--local", "--cgroup", &cgroup.path, "--udp", "5353"],
+    )
+    .unwrap();
+    let args = [
+        "udp",
+        "10.10.2.2:5353",
+        "q",
+        "10.10.2.2:5354",
+        "10.10.2.2:5353",
+    ];
+    let lines = dial_output(cgroup.run(&topo.router, &[], DIAL, &args).unwrap()).unwrap();
+    assert_eq!(
+        lines,
+        "10.10.2.2:5353 q\n10.10.2.2:5354 q\n10.10.2.2:5353 q"
+    );
+    assert_eq!(tproxy.udp_stat("to_upstream").unwrap(), 2);
+    assert_eq!(unsteered.peers.lock().unwrap().len(), 1);
+
+    let sent = ["sendto", "10.10.2.2:5353", "q"];
+    let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &sent).unwrap()).unwrap();
+    assert_eq!(line, "10.10.2.2:5353 q");
+    assert_eq!(
+        tproxy.udp_stat("to_upstream").unwrap(),
+        2,
+        "sendto was relayed"
+    );
+    assert_eq!(steered.peers.lock().unwrap().len(), 3);
 }
 
 /// The sidecar on one host: the programs sit at the cgroup v2 root, so they see every process

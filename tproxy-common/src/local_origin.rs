@@ -24,6 +24,10 @@ pub const CONNECT6_PROGRAM_NAME: &str = "tproxy_connect6";
 pub const LOCAL_ORIGIN_GLOBAL: &str = "LOCAL_ORIGIN";
 /// Global (`u64`): the cgroup v2 id of tproxy's own cgroup, whose sockets are never marked.
 pub const OWN_CGROUP_GLOBAL: &str = "OWN_CGROUP_ID";
+/// Global (`u64`): the cookie of tproxy's network namespace. A cgroup holds processes of any
+/// namespace (containers); only sockets of tproxy's own are marked, since only there does
+/// the mark lead to tproxy's routing and program.
+pub const OWN_NETNS_GLOBAL: &str = "OWN_NETNS_COOKIE";
 /// Global (`[UidRange; MAX_UID_RANGES]`): the selected users; see [`UID_RANGES_LEN_GLOBAL`].
 pub const UID_RANGES_GLOBAL: &str = "LOCAL_UID_RANGES";
 /// Global (`u32`): how many entries of [`UID_RANGES_GLOBAL`] are in use; 0 selects every user.
@@ -126,6 +130,11 @@ pub fn uid_selected(uid: u32, ranges: &[UidRange; MAX_UID_RANGES], len: u32) -> 
 /// socket mark (the relay's upstream connections), or its process is in tproxy's cgroup.
 pub const fn is_own_socket(socket_mark: u32, own_mark: u32, cgroup: u64, own_cgroup: u64) -> bool {
     (own_mark != 0 && socket_mark == own_mark) || (own_cgroup != 0 && cgroup == own_cgroup)
+}
+
+/// Whether a socket is in tproxy's network namespace (`own`: its cookie, never 0).
+pub const fn in_own_namespace(cookie: u64, own: u64) -> bool {
+    own != 0 && cookie == own
 }
 
 /// The `SO_MARK` a connecting socket should get, or `None` to leave it as it is. A steered
@@ -247,6 +256,13 @@ mod tests {
         assert!(is_own_socket(0, 0x2000000, 9, 9));
         assert!(!is_own_socket(0, 0x2000000, 5, 9));
         assert!(!is_own_socket(0, 0, 0, 0));
+    }
+
+    #[test]
+    fn only_tproxys_namespace_and_an_unknown_one_is_none() {
+        assert!(in_own_namespace(4096, 4096));
+        assert!(!in_own_namespace(4097, 4096));
+        assert!(!in_own_namespace(0, 0));
     }
 
     #[test]

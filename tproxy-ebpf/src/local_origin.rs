@@ -8,7 +8,9 @@ use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_setsockopt},
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_setsockopt,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext, Global,
@@ -16,7 +18,8 @@ use aya_ebpf::{
 use tproxy_common::{
     decision::{self, DestinationScope, RuleMatch},
     local_origin::{
-        is_own_socket, mapped_ipv4, socket_mark_for, uid_selected, UidRange, MAX_UID_RANGES,
+        in_own_namespace, is_own_socket, mapped_ipv4, socket_mark_for, uid_selected, UidRange,
+        MAX_UID_RANGES,
     },
 };
 
@@ -28,6 +31,9 @@ use crate::{
 /// Set by the loader before load (`tproxy_common::local_origin::OWN_CGROUP_GLOBAL`).
 #[unsafe(no_mangle)]
 static OWN_CGROUP_ID: Global<u64> = Global::new(0);
+/// Set by the loader before load (`tproxy_common::local_origin::OWN_NETNS_GLOBAL`).
+#[unsafe(no_mangle)]
+static OWN_NETNS_COOKIE: Global<u64> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::local_origin::UID_RANGES_GLOBAL`).
 #[unsafe(no_mangle)]
 static LOCAL_UID_RANGES: Global<[UidRange; MAX_UID_RANGES]> =
@@ -48,8 +54,10 @@ pub fn tproxy_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run; the
     // context is read one 4-byte field at a time, as the verifier wants.
     let addr = unsafe { ptr::read_volatile(&(*ctx.sock_addr).user_ip4) }.to_ne_bytes();
-    let steered = selected(&ctx) && steers_ipv4(&ctx, addr);
-    mark_socket(&ctx, steered);
+    if selected(&ctx) {
+        let steered = steers_ipv4(&ctx, addr);
+        mark_socket(&ctx, steered);
+    }
     CONNECT_GOES_ON
 }
 
@@ -61,12 +69,13 @@ pub fn tproxy_connect6(ctx: SockAddrContext) -> i32 {
         let word = unsafe { ptr::read_volatile(&(*ctx.sock_addr).user_ip6[i]) };
         addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
     }
-    let steered = selected(&ctx)
-        && match mapped_ipv4(addr) {
+    if selected(&ctx) {
+        let steered = match mapped_ipv4(addr) {
             Some(v4) => steers_ipv4(&ctx, v4),
             None => steers_ipv6(&ctx, addr),
         };
-    mark_socket(&ctx, steered);
+        mark_socket(&ctx, steered);
+    }
     CONNECT_GOES_ON
 }
 
@@ -100,10 +109,18 @@ fn current_mark(ctx: &SockAddrContext) -> u32 {
     unsafe { (*(*sock_addr(ctx)).__bindgen_anon_1.sk).mark }
 }
 
-/// Whether the connecting process and socket are ones to steer: not tproxy's own, and of a
-/// selected user (the cgroup was selected by attaching the program there).
+/// Whether the connecting process and socket are this instance's to decide: in tproxy's
+/// network namespace, not tproxy's own, and of a selected user (the cgroup was selected by
+/// attaching the program there). A socket that is not is left exactly as it is, its mark
+/// included: another program at the same hook (another tproxy's, for another namespace or
+/// cgroup) may have just set it.
 #[inline(always)]
 fn selected(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper reads the namespace of the context's socket.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !in_own_namespace(netns, OWN_NETNS_COOKIE.load()) {
+        return false;
+    }
     // SAFETY: helpers without arguments.
     let (cgroup, uid) = unsafe {
         (

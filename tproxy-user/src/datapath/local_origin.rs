@@ -16,7 +16,7 @@
 
 use std::{
     fs::File,
-    os::unix::fs::MetadataExt,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Component, Path, PathBuf},
 };
 
@@ -42,6 +42,8 @@ pub struct LocalOrigin {
 pub struct LocalGlobals {
     /// tproxy's own cgroup (see [`own_cgroup_id`]).
     pub own_cgroup: u64,
+    /// tproxy's network namespace (see [`own_netns_cookie`]).
+    pub own_netns: u64,
     pub uid_ranges: [UidRange; MAX_UID_RANGES],
     /// How many of `uid_ranges` are used (0: every user).
     pub uid_ranges_len: u32,
@@ -49,7 +51,7 @@ pub struct LocalGlobals {
 
 impl LocalGlobals {
     /// The globals for `selection`, for a process in cgroup `own_cgroup`.
-    pub fn new(selection: &LocalOrigin, own_cgroup: u64) -> Result<Self> {
+    pub fn new(selection: &LocalOrigin, own_cgroup: u64, own_netns: u64) -> Result<Self> {
         let uids = &selection.uids;
         if uids.len() > MAX_UID_RANGES {
             bail!(
@@ -61,6 +63,7 @@ impl LocalGlobals {
         uid_ranges[..uids.len()].copy_from_slice(uids);
         Ok(LocalGlobals {
             own_cgroup,
+            own_netns,
             uid_ranges,
             uid_ranges_len: uids.len() as u32,
         })
@@ -162,8 +165,33 @@ pub fn prepare(selection: &LocalOrigin) -> Result<(PathBuf, LocalGlobals)> {
     for path in &selection.cgroups {
         cgroup_dir(&root, path)?;
     }
-    let globals = LocalGlobals::new(selection, own_cgroup_id(&root)?)?;
+    let globals = LocalGlobals::new(selection, own_cgroup_id(&root)?, own_netns_cookie()?)?;
     Ok((root, globals))
+}
+
+/// The cookie of this process's network namespace, as `bpf_get_netns_cookie` reports it.
+pub fn own_netns_cookie() -> Result<u64> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .context("opening a socket to read this network namespace's cookie")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which outlives the call.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).context(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE, kernel 5.14 or later): \
+             --local marks only the sockets of tproxy's own namespace",
+        );
+    }
+    Ok(cookie)
 }
 
 /// Attaches the connect programs to each selected cgroup. The links live as long as the
@@ -245,9 +273,9 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             cgroups: Vec::new(),
             uids,
         };
-        let globals = LocalGlobals::new(&selection(vec![one]), 7).unwrap();
+        let globals = LocalGlobals::new(&selection(vec![one]), 7, 9).unwrap();
         assert_eq!((globals.uid_ranges[0], globals.uid_ranges_len), (one, 1));
-        let error = LocalGlobals::new(&selection(vec![one; MAX_UID_RANGES + 1]), 7).unwrap_err();
+        let error = LocalGlobals::new(&selection(vec![one; MAX_UID_RANGES + 1]), 7, 9).unwrap_err();
         assert!(error
             .to_string()
             .contains("17 uid ranges selected; at most 16"));

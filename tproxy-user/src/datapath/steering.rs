@@ -136,11 +136,13 @@ impl Steering {
         let local_origin = u32::from(settings.local_origin.is_some());
         let local = settings.local_origin.as_ref();
         let own_cgroup = local.map_or(0, |l| l.own_cgroup);
+        let own_netns = local.map_or(0, |l| l.own_netns);
         let uid_ranges = local.map(|l| l.uid_ranges).unwrap_or_default();
         let uid_ranges_len = local.map_or(0, |l| l.uid_ranges_len);
         let ebpf = loader
             .override_global(local_origin::LOCAL_ORIGIN_GLOBAL, &local_origin, true)
             .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
+            .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)
             .override_global(local_origin::UID_RANGES_GLOBAL, &uid_ranges, true)
             .override_global(local_origin::UID_RANGES_LEN_GLOBAL, &uid_ranges_len, true)
             .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
