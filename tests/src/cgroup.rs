@@ -41,6 +41,17 @@ impl TestCgroup {
         })
     }
 
+    /// A cgroup inside this one (removed on drop; drop it before its parent).
+    pub fn child(&self, role: &str) -> Result<Self> {
+        let name = crate::unique_name(role);
+        let dir = self.dir.join(&name);
+        std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(TestCgroup {
+            path: format!("{}/{name}", self.path),
+            dir,
+        })
+    }
+
     /// Runs `program ARGS…` to its end inside this cgroup and in `netns` (keeping the host's
     /// mounts), with `wrapper` (e.g. `setpriv --reuid=…`) in front.
     pub fn run(

@@ -220,6 +220,50 @@ fn a_reconnected_udp_socket_goes_direct_and_sendto_is_left_alone() {
     assert_eq!(steered.peers.lock().unwrap().len(), 3);
 }
 
+/// Two instances, in two network namespaces, with cgroups nested: the programs of the one
+/// attached to the parent cgroup run for the child's processes too, after the child's own.
+/// They must leave the sockets of another namespace alone, neither marking nor unmarking
+/// them.
+#[test]
+fn another_instances_programs_on_an_ancestor_cgroup_leave_this_ones_sockets_alone() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let elsewhere = tproxy_tests::Netns::new("elsewhere").unwrap();
+    let parent = TestCgroup::new("parent").unwrap();
+    let child = parent.child("child").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let _unsteered = named_server(&topo.server, addr("10.10.2.2:81"), "unsteered");
+    let _other = Tproxy::start_with_host_mounts(
+        &elsewhere,
+        &["--local", "--cgroup", &parent.path, "--tcp", "81"],
+    )
+    .unwrap();
+    let _tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &child.path,
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    // The other instance steers port 81 for the parent: were its programs to decide for
+    // this namespace's sockets, they would take the mark off the child's port 80 socket (it
+    // would go direct) and put it on the parent's port 81 one (it would land on `lo` here,
+    // where no rule takes it, and be refused).
+    let steered = ["tcp", "10.10.2.2:80", "hi"];
+    let line = dial_output(child.run(&topo.router, &[], DIAL, &steered).unwrap()).unwrap();
+    assert_eq!(line, "10.10.2.2:80 upstream");
+    let theirs = ["tcp", "10.10.2.2:81", "hi"];
+    let line = dial_output(parent.run(&topo.router, &[], DIAL, &theirs).unwrap()).unwrap();
+    assert_eq!(line, "10.10.2.2:81 unsteered");
+}
+
 /// The sidecar on one host: the programs sit at the cgroup v2 root, so they see every process
 /// on the host, tproxy's relay included. Its upstream connection to the very destination and
 /// port the rule steers goes direct (tproxy's own socket mark and cgroup), so the client is
