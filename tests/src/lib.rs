@@ -245,17 +245,22 @@ impl Tproxy {
             "nsenter".to_string(),
             format!("--net=/run/netns/{}", netns.name),
         ];
-        let mut tproxy = Self::spawn_launched(&launcher, &[], &args)?;
+        let mut tproxy = Self::spawn_launched(netns, &launcher, &[], &args)?;
         tproxy.wait_for_line("ready:", Duration::from_secs(30))?;
         Ok(tproxy)
     }
 
     fn spawn_exactly(netns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
         let launcher = ["ip", "netns", "exec", &netns.name].map(String::from);
-        Self::spawn_launched(&launcher, wrapper, args)
+        Self::spawn_launched(netns, &launcher, wrapper, args)
     }
 
-    fn spawn_launched(launcher: &[String], wrapper: &[&str], args: &[&str]) -> Result<Self> {
+    fn spawn_launched(
+        netns: &Netns,
+        launcher: &[String],
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
         let mut child = Command::new(&launcher[0])
             .args(&launcher[1..])
             .args(wrapper)
