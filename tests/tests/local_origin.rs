@@ -154,7 +154,7 @@ fn a_cgroups_connected_udp_sockets_are_relayed_with_replies_from_where_they_sent
     let cgroup = TestCgroup::new("udp").unwrap();
     let original = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
     let original_v6 = UdpEcho::start(&topo.server, addr("[fd00:2::2]:5353")).unwrap();
-    let mut tproxy = Tproxy::start_with_host_mounts(
+    let tproxy = Tproxy::start_with_host_mounts(
         &topo.router,
         &["--local", "--cgroup", &cgroup.path, "--udp", "5353"],
     )
@@ -189,7 +189,7 @@ fn a_reconnected_udp_socket_goes_direct_and_sendto_is_left_alone() {
     let cgroup = TestCgroup::new("udp-mixed").unwrap();
     let steered = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
     let unsteered = UdpEcho::start(&topo.server, addr("10.10.2.2:5354")).unwrap();
-    let mut tproxy = Tproxy::start_with_host_mounts(
+    let tproxy = Tproxy::start_with_host_mounts(
         &topo.router,
         &["--local", "--cgroup", &cgroup.path, "--udp", "5353"],
     )
@@ -274,7 +274,7 @@ fn the_relays_own_upstream_connection_is_never_steered_on_a_single_host() {
     let topo = Topo::new().unwrap();
     let app = TestCgroup::new("sidecar-app").unwrap();
     let server = named_server(&topo.server, addr("10.10.2.2:80"), "original");
-    let mut tproxy =
+    let tproxy =
         Tproxy::start_with_host_mounts(&topo.router, &["--local", "--cgroup", "/", "--tcp", "80"])
             .unwrap();
     let line = dial_output(
