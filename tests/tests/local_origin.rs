@@ -11,8 +11,8 @@ use std::{
 
 use tproxy_tests::{
     cgroup::{dial_output, run_outside_cgroup, TestCgroup},
-    require_root, routing_state, tproxy_bin, RouterTopology as Topo, Server, Tproxy, UdpEcho,
-    DEFAULT_TABLE,
+    ingress_programs, require_root, routing_state, tproxy_bin, RouterTopology as Topo, Server,
+    Tproxy, UdpEcho, DEFAULT_TABLE,
 };
 
 const DIAL: &str = env!("CARGO_BIN_EXE_dial");
@@ -288,27 +288,43 @@ fn the_relays_own_upstream_connection_is_never_steered_on_a_single_host() {
 }
 
 #[test]
-fn a_cgroup_that_does_not_exist_is_named_and_nothing_is_left() {
+fn bad_cgroups_and_uids_are_named_and_nothing_is_left() {
     require_root();
     let topo = Topo::new().unwrap();
-    let output = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", topo.router.name))
-        .arg(tproxy_bin())
-        .args([
-            "run",
-            "--local",
-            "--cgroup",
-            "/no-such-cgroup-tpx",
-            "--tcp",
-            "80",
-        ])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        log.contains("cgroup `/no-such-cgroup-tpx`: no such cgroup"),
-        "{log}"
-    );
-    assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--local", "--cgroup", "/no-such-cgroup-tpx"],
+            "cgroup `/no-such-cgroup-tpx`: no such cgroup",
+        ),
+        (
+            &["--local", "--cgroup", "app.slice"],
+            "cgroup `app.slice`: give the path from the cgroup v2 root",
+        ),
+        (
+            &["--local", "--cgroup", "/../etc"],
+            "cgroup `/../etc`: `.` and `..` are not allowed",
+        ),
+        (
+            &["--local", "--uid", "2000-1000"],
+            "uid `2000-1000`: the range's first uid is above its last",
+        ),
+        (&["--local", "--uid", "root"], "uid `root`: not a uid"),
+        (&["--cgroup", "/"], "--local"),
+        (&["--local", "--pin"], "--local with --pin"),
+    ];
+    for (flags, expected) in cases {
+        let output = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", topo.router.name))
+            .arg(tproxy_bin())
+            .arg("run")
+            .args(*flags)
+            .args(["--tcp", "80"])
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?} started");
+        assert!(log.contains(expected), "{flags:?}: {log}");
+        assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
+        assert!(ingress_programs(&topo.router, "lo").unwrap().is_empty());
+    }
 }
