@@ -112,9 +112,14 @@ impl Config {
         if args.local {
             // Selected local processes' packets arrive on `lo` (see `datapath::local_origin`).
             if let Interfaces::Named(names) = &mut settings.interfaces {
-                if !names.iter().any(|name| name == "lo") {
-                    names.push("lo".to_string());
+                if names.iter().any(|name| name == "lo") {
+                    bail!(
+                        "--local with lo among the interfaces: with --local, lo carries only \
+                         the selected processes' connections; leave lo out of --iface and \
+                         `interfaces`"
+                    );
                 }
+                names.push("lo".to_string());
             }
         }
         if settings.max_connections_per_source == 0 {
