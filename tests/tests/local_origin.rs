@@ -311,7 +311,10 @@ fn bad_cgroups_and_uids_are_named_and_nothing_is_left() {
         (&["--local", "--uid", "root"], "uid `root`: not a uid"),
         (&["--cgroup", "/"], "--local"),
         (&["--local", "--pin"], "--local with --pin"),
-        (&["--local", "--iface", "lo"], "--local with lo among the interfaces"),
+        (
+            &["--local", "--iface", "lo"],
+            "--local with lo among the interfaces",
+        ),
     ];
     for (flags, expected) in cases {
         let output = Command::new("nsenter")
