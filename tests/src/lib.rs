@@ -22,6 +22,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 pub use tproxy_user::stats::{InstanceStatus, Stats};
 
+pub mod cgroup;
 pub mod containers;
 pub mod packets;
 pub mod topology;
@@ -41,7 +42,7 @@ pub fn require_root() {
     );
 }
 
-fn unique_name(role: &str) -> String {
+pub(crate) fn unique_name(role: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(
         "tpx{}-{}-{role}",
@@ -234,9 +235,34 @@ impl Tproxy {
         Self::spawn_exactly(netns, wrapper, &args)
     }
 
+    /// Starts `tproxy run ARGS…` in `netns` with the host's mounts, and waits for its
+    /// "ready" line: `ip netns exec` mounts a fresh /sys, which hides the cgroup v2 tree that
+    /// `--local` attaches to; `nsenter --net` changes the network namespace only.
+    pub fn start_with_host_mounts(netns: &Netns, args: &[&str]) -> Result<Self> {
+        let mut args = args.to_vec();
+        args.extend(["--drain-timeout", "0s"]);
+        let launcher = [
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{}", netns.name),
+        ];
+        let mut tproxy = Self::spawn_launched(netns, &launcher, &[], &args)?;
+        tproxy.wait_for_line("ready:", Duration::from_secs(30))?;
+        Ok(tproxy)
+    }
+
     fn spawn_exactly(netns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &netns.name])
+        let launcher = ["ip", "netns", "exec", &netns.name].map(String::from);
+        Self::spawn_launched(netns, &launcher, wrapper, args)
+    }
+
+    fn spawn_launched(
+        netns: &Netns,
+        launcher: &[String],
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut child = Command::new(&launcher[0])
+            .args(&launcher[1..])
             .args(wrapper)
             .arg(tproxy_bin())
             .arg("run")

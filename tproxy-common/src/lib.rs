@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod decision;
+pub mod local_origin;
 pub mod maps;
 
 pub use decision::Outcome;

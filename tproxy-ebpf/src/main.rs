@@ -21,6 +21,8 @@
 #![no_std]
 #![no_main]
 
+mod local_origin;
+
 use core::{ffi::c_void, mem, ptr};
 
 use aya_ebpf::{
@@ -104,6 +106,9 @@ static FAIL_CLOSED: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::OWN_SOCKET_MARK_GLOBAL`).
 #[unsafe(no_mangle)]
 static OWN_SOCKET_MARK: Global<u32> = Global::new(0);
+/// Set by the loader before load (`tproxy_common::local_origin::LOCAL_ORIGIN_GLOBAL`).
+#[unsafe(no_mangle)]
+static LOCAL_ORIGIN: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::FRAGMENT_TIMEOUT_V4_GLOBAL`).
 #[unsafe(no_mangle)]
 static FRAGMENT_TIMEOUT_V4_NS: Global<u64> = Global::new(DEFAULT_FRAGMENT_TIMEOUTS_NS.0);
@@ -224,6 +229,13 @@ fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
     let skb = unsafe { &*ctx.skb.skb };
     if decision::belongs_to_vlan_interface(skb.vlan_present, skb.vlan_tci)
         || decision::carries_own_mark(skb.mark, OWN_SOCKET_MARK.load())
+        || tproxy_common::local_origin::unselected_on_loopback(
+            skb.ingress_ifindex,
+            LOCAL_ORIGIN.load(),
+            skb.mark,
+            ROUTING_MARK.load(),
+            ROUTING_MARK_MASK.load(),
+        )
     {
         return NOT_STEERED;
     }
@@ -268,7 +280,7 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
 /// The rules' decision for a flow: at most seven bounded lookups, whatever the number of
 /// rules (see the loader's `rules` module for how the maps are built).
 #[inline(always)]
-fn match_rules<const N: usize>(
+pub(crate) fn match_rules<const N: usize>(
     by_dst: &LpmTrie<DstKey<N>, Verdict>,
     by_src: &LpmTrie<SrcKey<N>, Verdict>,
     udp: bool,

@@ -6,9 +6,11 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use tproxy_common::local_origin::UidRange;
 
 use crate::{
     config::SettingFlags,
+    datapath::local_origin::LocalOrigin,
     values::{
         parse_mark, parse_port_list, parse_prefix, parse_socket_addr, parse_table, Mark, PortList,
     },
@@ -145,6 +147,25 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Steer the connections that this host's own processes make, as the mangle OUTPUT
+    /// recipe does: a TCP connection, or a UDP socket's `connect()`, to a destination the
+    /// rules steer goes to the listener, for the processes --cgroup and --uid select
+    /// (default: all of them, except tproxy itself). Unconnected UDP sockets are not steered.
+    /// With --iface as well, arrivals there are steered too.
+    #[arg(long, conflicts_with = "relay_only")]
+    pub local: bool,
+
+    /// With --local: only processes in this cgroup v2 (a path from the cgroup v2 root, e.g.
+    /// `/system.slice/app.service`, and its descendants; repeat for several).
+    /// [default: / (every process)]
+    #[arg(long = "cgroup", value_name = "PATH", requires = "local")]
+    pub cgroups: Vec<String>,
+
+    /// With --local: only processes running as this user id or range (`1000`, `1000-1999`;
+    /// repeat for several, at most 16). [default: every user]
+    #[arg(long = "uid", value_name = "UID[-UID]", requires = "local", value_parser = parse_uid_range)]
+    pub uids: Vec<UidRange>,
+
     /// Run only the listeners and the relay: steering is done by something else, such as an
     /// existing iptables/nft TPROXY rule set pointed at the listeners (give them fixed
     /// ports). No program is attached and no policy routing is installed.
@@ -195,6 +216,25 @@ pub struct RunArgs {
     /// The settings (see [`crate::config::settings`] for the list).
     #[command(flatten)]
     pub settings: SettingFlags,
+}
+
+/// Parses a uid or an inclusive range of uids (`1000-1999`).
+pub fn parse_uid_range(text: &str) -> Result<UidRange, String> {
+    text.parse()
+        .map_err(|error| format!("uid `{text}`: {error}"))
+}
+
+impl RunArgs {
+    /// What `--local` selects, if given.
+    pub fn local_origin(&self) -> Option<LocalOrigin> {
+        self.local.then(|| LocalOrigin {
+            cgroups: match self.cgroups.is_empty() {
+                true => vec!["/".to_string()],
+                false => self.cgroups.clone(),
+            },
+            uids: self.uids.clone(),
+        })
+    }
 }
 
 #[cfg(test)]

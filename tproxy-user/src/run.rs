@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
+use tproxy_common::decision::LOOPBACK_IFINDEX;
 
 use crate::{
     cli::RunArgs,
@@ -20,6 +21,7 @@ use crate::{
     daemon::control::{self},
     daemon::instance::{Held, InstanceLock},
     daemon::privileges,
+    datapath::local_origin::{self, LocalGlobals},
     datapath::pin::{PinnedBy, PinnedState},
     datapath::routing::{self, PolicyRouting, RoutingSpec},
     datapath::rules::{self},
@@ -29,7 +31,7 @@ use crate::{
 use crate::{
     daemon::links::LinkWatch,
     daemon::serve::{notify_systemd, serve, Control, Ending, Signals},
-    datapath::interfaces::{resolve_interfaces, Link},
+    datapath::interfaces::{resolve_interfaces, Framing, Link},
     relay::listeners::Relays,
 };
 
@@ -65,10 +67,23 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .await;
     }
 
+    let local = args.local_origin();
+    let local_setup = local.as_ref().map(local_origin::prepare).transpose()?;
     let netlink = routing::connect()?;
     control.links = LinkWatch::subscribe(&config.settings.interfaces)?;
-    let interfaces = resolve_interfaces(&netlink, &config.settings.interfaces).await?;
+    let mut interfaces = resolve_interfaces(&netlink, &config.settings.interfaces).await?;
+    if local.is_some() && !interfaces.iter().any(|link| link.name == "lo") {
+        // `interfaces = "all"` (no link watch): lo is added here, not by the configuration.
+        interfaces.push(Link {
+            name: "lo".to_string(),
+            index: LOOPBACK_IFINDEX,
+            framing: Framing::Ethernet,
+        });
+    }
     let settings = config.settings.clone();
+    if local.is_some() && settings.pin {
+        bail!("--local with --pin: the cgroup attachments are not pinned yet; run without --pin");
+    }
     let mut claim = Claim::take(&netlink, &settings).await?;
     if let Some(takeover) = &mut claim.takeover {
         relays.inherited = std::mem::take(&mut takeover.listeners);
@@ -76,13 +91,19 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     let mut steering = None;
     let mut routing = None;
     let served = async {
-        let steering =
-            steering.insert(load_steering(&config, &mut relays, &interfaces, &claim).await?);
+        let local_globals = local_setup.as_ref().map(|(_, globals)| *globals);
+        let loaded = load_steering(&config, &mut relays, &interfaces, &claim, local_globals);
+        let steering = steering.insert(loaded.await?);
+        let spec = claim.routing_spec(&settings, local.is_some());
         routing = Some(match claim.adopting {
-            true => PolicyRouting::adopt(&netlink, claim.routing_spec(&settings)).await?,
-            false => PolicyRouting::install(&netlink, claim.routing_spec(&settings)).await?,
+            true => PolicyRouting::adopt(&netlink, spec).await?,
+            false => PolicyRouting::install(&netlink, spec).await?,
         });
         control.attached = attach_all(steering, &interfaces)?;
+        // After `lo`'s program: a marked socket's packets must find it there.
+        if let (Some(local), Some((root, _))) = (&local, &local_setup) {
+            local_origin::attach(steering, root, local)?;
+        }
         claim.complete(&settings)?;
         control::serve(settings.table, control_tx)?;
         control.pinned = claim.pinned.is_some();
@@ -181,12 +202,14 @@ impl Claim {
         })
     }
 
-    fn routing_spec(&self, settings: &Settings) -> RoutingSpec {
+    /// `local_origin`: local processes' connections are steered too (`--local`).
+    fn routing_spec(&self, settings: &Settings, local_origin: bool) -> RoutingSpec {
         RoutingSpec {
             mark: settings.mark.value,
             mask: settings.mark.mask,
             table: settings.table,
             priority: settings.rule_priority,
+            local_origin,
         }
     }
 
@@ -213,6 +236,7 @@ async fn load_steering(
     relays: &mut Relays,
     interfaces: &[Link],
     claim: &Claim,
+    local_origin: Option<LocalGlobals>,
 ) -> Result<Steering> {
     let settings = &config.settings;
     // The rules are compiled before the program is attached anywhere: for the interfaces
@@ -231,6 +255,7 @@ async fn load_steering(
         rule_map_capacity: steering::rule_map_capacity(&first),
         fail_closed: settings.fail_mode == FailMode::Closed,
         pinned: claim.pinned.clone(),
+        local_origin,
     })?;
     steering.spawn_log_forwarder()?;
     relays.serve_metrics(settings, Some(&steering)).await?;

@@ -114,6 +114,19 @@ impl Config {
         let mut settings = Settings::default();
         raw.apply_settings(&mut settings);
         args.settings.apply(&mut settings);
+        if args.local {
+            // Selected local processes' packets arrive on `lo` (see `datapath::local_origin`).
+            if let Interfaces::Named(names) = &mut settings.interfaces {
+                if names.iter().any(|name| name == "lo") {
+                    bail!(
+                        "--local with lo among the interfaces: with --local, lo carries only \
+                         the selected processes' connections; leave lo out of --iface and \
+                         `interfaces`"
+                    );
+                }
+                names.push("lo".to_string());
+            }
+        }
         if settings.max_connections_per_source == 0 {
             settings.max_connections_per_source = (settings.max_connections / 4).max(1);
         }

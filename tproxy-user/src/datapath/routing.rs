@@ -8,7 +8,11 @@
 //! ip route add local ::/0      dev lo table TABLE
 //! ```
 //!
-//! delivers it locally. Everything here is added over rtnetlink tagged with our own routing
+//! delivers it locally. When local processes' connections are steered (`--local`), the
+//! routes also name their preferred source, `src 127.0.0.1` and `src ::1`: a socket the
+//! connect program marked looks its route up in TABLE, and without a source on the route the
+//! kernel would pick the destination itself, which is not a local address (the connect fails
+//! with ENETUNREACH). Everything here is added over rtnetlink tagged with our own routing
 //! protocol number, which is how a later start recognises (and removes) what a killed
 //! instance left behind, without touching anyone else's rules or routes.
 
@@ -36,6 +40,9 @@ pub struct RoutingSpec {
     pub mask: u32,
     pub table: u32,
     pub priority: u32,
+    /// Give the local routes the loopback addresses as preferred source, for the sockets of
+    /// local processes that carry the mark (see `local_origin`).
+    pub local_origin: bool,
 }
 
 /// Policy routing that this process installed; [`PolicyRouting::remove`] takes it away.
@@ -75,16 +82,21 @@ impl PolicyRouting {
             mask,
             table,
             priority,
+            local_origin,
         } = self.spec;
         let lo =
             nix::net::if_::if_nametoindex("lo").context("looking up the loopback interface")?;
 
-        let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut v4 = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
             .output_interface(lo);
-        let v6 = RouteMessageBuilder::<Ipv6Addr>::new()
+        let mut v6 = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
             .output_interface(lo);
+        if local_origin {
+            v4 = v4.pref_source(Ipv4Addr::LOCALHOST);
+            v6 = v6.pref_source(Ipv6Addr::LOCALHOST);
+        }
         for (family, route) in [("IPv4", v4.build()), ("IPv6", v6.build())] {
             let route = local_route(route, table);
             self.handle
@@ -143,6 +155,13 @@ fn set_route_table(route: &mut RouteMessage, table: u32) {
     // The header holds 8 bits; larger ids go in RTA_TABLE, which the kernel prefers anyway.
     route.header.table = u8::try_from(table).unwrap_or(RouteMessage::default().header.table);
     route.attributes.push(RouteAttribute::Table(table));
+}
+
+fn has_preferred_source(route: &RouteMessage) -> bool {
+    route
+        .attributes
+        .iter()
+        .any(|attr| matches!(attr, RouteAttribute::PrefSource(_)))
 }
 
 fn family_name(version: &IpVersion) -> &'static str {
@@ -252,7 +271,12 @@ impl PolicyRouting {
                     .attributes
                     .contains(&RuleAttribute::Priority(spec.priority))
         };
-        if rules.len() == 2 && rules.iter().all(rule_matches) && routes.len() == 2 {
+        let route_matches = |route: &RouteMessage| has_preferred_source(route) == spec.local_origin;
+        if rules.len() == 2
+            && rules.iter().all(rule_matches)
+            && routes.len() == 2
+            && routes.iter().all(route_matches)
+        {
             return Ok(PolicyRouting {
                 handle: handle.clone(),
                 spec,
@@ -305,8 +329,13 @@ pub async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>> {
         } else {
             "IPv4"
         };
+        let source = match (has_preferred_source(route), family) {
+            (false, _) => "",
+            (true, "IPv4") => " src 127.0.0.1",
+            (true, _) => " src ::1",
+        };
         lines.push(format!(
-            "{family} route: local default dev lo table {table}"
+            "{family} route: local default dev lo{source} table {table}"
         ));
     }
     Ok(lines)

@@ -27,6 +27,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use tproxy_common::{
     decision::Protocol,
+    local_origin,
     maps::{self, Verdict},
     Outcome,
 };
@@ -34,6 +35,7 @@ use tproxy_common::{
 use crate::{
     datapath::fragments::FragmentTracking,
     datapath::interfaces::{Framing, Link},
+    datapath::local_origin::LocalGlobals,
     datapath::pin::PinnedState,
     datapath::rules::{CompiledRules, Entry},
     values::Mark,
@@ -131,6 +133,8 @@ pub struct LoadSettings {
     pub fail_closed: bool,
     /// Pin the maps and links here, adopting what an earlier instance pinned.
     pub pinned: Option<PinnedState>,
+    /// Steer local processes' connections (`--local`): the connect programs' globals.
+    pub local_origin: Option<LocalGlobals>,
 }
 
 /// Every slot a listener has in the socket map.
@@ -182,7 +186,18 @@ impl Steering {
             }
         }
         let fragment_timeouts = crate::datapath::fragments::reassembly_timeouts_ns();
+        let local_origin = u32::from(settings.local_origin.is_some());
+        let local = settings.local_origin.as_ref();
+        let own_cgroup = local.map_or(0, |l| l.own_cgroup);
+        let own_netns = local.map_or(0, |l| l.own_netns);
+        let uid_ranges = local.map(|l| l.uid_ranges).unwrap_or_default();
+        let uid_ranges_len = local.map_or(0, |l| l.uid_ranges_len);
         let ebpf = loader
+            .override_global(local_origin::LOCAL_ORIGIN_GLOBAL, &local_origin, true)
+            .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
+            .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)
+            .override_global(local_origin::UID_RANGES_GLOBAL, &uid_ranges, true)
+            .override_global(local_origin::UID_RANGES_LEN_GLOBAL, &uid_ranges_len, true)
             .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
             .override_global(maps::FRAGMENT_TIMEOUT_V6_GLOBAL, &fragment_timeouts.1, true)
             .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
@@ -274,6 +289,11 @@ impl Steering {
             })?
             .try_into()
             .context("steering program has the wrong type")
+    }
+
+    /// The loaded object, for the programs other modules attach (`local_origin`).
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {

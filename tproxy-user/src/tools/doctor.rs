@@ -144,6 +144,7 @@ async fn examine(settings: &Settings) -> Vec<Finding> {
     if settings.pin {
         findings.push(pin_dir(&settings.pin_dir));
     }
+    findings.push(local_origin());
     findings
 }
 
@@ -180,6 +181,29 @@ fn external_proxy(check: &ExternalCheck) -> Vec<Finding> {
         .collect()
 }
 
+/// `run --local` needs the cgroup v2 hierarchy (to attach to) and the namespace cookie (to
+/// leave other namespaces' sockets alone). Without them only `--local` is unavailable.
+fn local_origin() -> Finding {
+    use crate::datapath::local_origin::{cgroup2_root, own_netns_cookie};
+    let missing = |error: anyhow::Error| {
+        Finding::warning(
+            format!("--local is unavailable: {error:#}"),
+            Some("only needed to steer this host's own connections".into()),
+        )
+    };
+    let root = match cgroup2_root() {
+        Ok(root) => root,
+        Err(error) => return missing(error),
+    };
+    match own_netns_cookie() {
+        Ok(_) => Finding::ok(format!(
+            "cgroup v2 is mounted at {}: --local can select processes by cgroup",
+            root.display()
+        )),
+        Err(error) => missing(error),
+    }
+}
+
 /// `run --pin` needs a bpf filesystem that outlives the process.
 fn pin_dir(dir: &std::path::Path) -> Finding {
     match crate::datapath::pin::on_bpffs(dir) {
@@ -212,6 +236,7 @@ fn program(settings: &Settings) -> Finding {
         rule_map_capacity: 1024,
         fail_closed: false,
         pinned: None,
+        local_origin: None,
     };
     match Steering::load(&load) {
         Ok(steering) => {

@@ -1,0 +1,121 @@
+//! A client for the local-origin tests, run as its own process so that it can live in a test
+//! cgroup: `dial tcp|udp ADDR:PORT MESSAGE [ADDR:PORT…]` connects (a UDP socket too), sends
+//! MESSAGE, and prints the peer its socket reports (getpeername) and the reply, on one line:
+//! `PEER REPLY`. TCP half-closes after sending and reads to the end; UDP reads one datagram,
+//! then disconnects the same socket and connects it to each further address in turn.
+//! `dial sendto ADDR:PORT MESSAGE` sends from an unconnected UDP socket and prints the
+//! reply's sender and the reply.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    process::ExitCode,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [proto, first, message, more @ ..] = &args[..] else {
+        eprintln!("usage: dial tcp|udp|sendto ADDR:PORT MESSAGE [ADDR:PORT…]");
+        return ExitCode::from(2);
+    };
+    let mut addrs = Vec::new();
+    for text in std::iter::once(first).chain(more) {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => addrs.push(addr),
+            Err(error) => {
+                eprintln!("dial: `{text}`: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let result = match proto.as_str() {
+        "tcp" => tcp(addrs[0], message).map(|line| vec![line]),
+        "udp" => udp(&addrs, message),
+        "sendto" => sendto(addrs[0], message).map(|line| vec![line]),
+        other => Err(std::io::Error::other(format!(
+            "`{other}` is not tcp, udp or sendto"
+        ))),
+    };
+    match result {
+        Ok(lines) => {
+            for (peer, reply) in lines {
+                println!("{peer} {reply}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("dial {proto} {first}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
+    stream.set_read_timeout(Some(PATIENCE))?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(message.as_bytes())?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok((peer, reply))
+}
+
+fn unbound_udp(like: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = match like {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+    };
+    let socket = UdpSocket::bind(any)?;
+    socket.set_read_timeout(Some(PATIENCE))?;
+    Ok(socket)
+}
+
+fn udp(addrs: &[SocketAddr], message: &str) -> std::io::Result<Vec<(SocketAddr, String)>> {
+    let socket = unbound_udp(addrs[0])?;
+    let mut lines = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        if i > 0 {
+            disconnect(&socket)?;
+        }
+        socket.connect(addr)?;
+        let peer = socket.peer_addr()?;
+        socket.send(message.as_bytes())?;
+        let mut buf = [0u8; 2048];
+        let len = socket.recv(&mut buf)?;
+        lines.push((peer, String::from_utf8_lossy(&buf[..len]).into_owned()));
+    }
+    Ok(lines)
+}
+
+/// `connect(AF_UNSPEC)`: the socket forgets its peer, and its local address unless bound.
+/// Connecting it elsewhere without this keeps the local address it had (127.0.0.1 for a
+/// steered socket), which cannot reach a remote destination directly (EINVAL).
+fn disconnect(socket: &UdpSocket) -> std::io::Result<()> {
+    // SAFETY: a zeroed sockaddr with only its family set, of the length given.
+    let ret = unsafe {
+        let mut unspec: libc::sockaddr = std::mem::zeroed();
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            socket.as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn sendto(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)> {
+    let socket = unbound_udp(addr)?;
+    socket.send_to(message.as_bytes(), addr)?;
+    let mut buf = [0u8; 2048];
+    let (len, from) = socket.recv_from(&mut buf)?;
+    Ok((from, String::from_utf8_lossy(&buf[..len]).into_owned()))
+}

@@ -1,0 +1,334 @@
+//! `tproxy run --local`: connections and connected UDP sockets of the processes in a cgroup
+//! (and of chosen users) on the host running tproxy are relayed; everyone else's go direct.
+//! The "host" is the router namespace; servers are in the server namespace. tproxy and the
+//! clients keep the host's mounts (`nsenter --net`), so the cgroup v2 tree stays visible.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    process::Command,
+};
+
+use tproxy_tests::{
+    cgroup::{dial_output, run_outside_cgroup, TestCgroup},
+    ingress_programs, require_root, routing_state, tproxy_bin, RouterTopology as Topo, Server,
+    Tproxy, UdpEcho, DEFAULT_TABLE,
+};
+
+const DIAL: &str = env!("CARGO_BIN_EXE_dial");
+/// The kernel's `BPF_CGROUP_INET4_CONNECT` and `BPF_CGROUP_INET6_CONNECT`.
+const CONNECT4: u32 = 10;
+const CONNECT6: u32 = 11;
+
+/// A server that reads the request to its end and answers `name`.
+fn named_server(netns: &tproxy_tests::Netns, addr: SocketAddr, name: &'static str) -> Server {
+    Server::start(netns, addr, move |mut stream| {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request);
+        let _ = stream.write_all(name.as_bytes());
+    })
+    .unwrap()
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+#[test]
+fn a_cgroups_connections_are_relayed_and_others_go_direct() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("app").unwrap();
+    let original_v4 = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let original_v6 = named_server(&topo.server, addr("[fd00:2::2]:80"), "original");
+    let unsteered = named_server(&topo.server, addr("10.10.2.2:81"), "unsteered");
+    let upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+
+    let mut tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    assert_eq!(cgroup.attached(CONNECT4).unwrap(), 1);
+    assert_eq!(cgroup.attached(CONNECT6).unwrap(), 1);
+
+    let inside = |target: &str| {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", target, "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let outside = |target: &str| {
+        dial_output(run_outside_cgroup(&topo.router, &[], DIAL, &["tcp", target, "hi"]).unwrap())
+            .unwrap()
+    };
+    // Relayed to the upstream, and the application still sees the peer it dialled.
+    assert_eq!(inside("10.10.2.2:80"), "10.10.2.2:80 upstream");
+    assert_eq!(inside("[fd00:2::2]:80"), "[fd00:2::2]:80 upstream");
+    // A dual-stack socket dialling an IPv4-mapped address sends IPv4: the IPv4 rules decide.
+    assert_eq!(
+        inside("[::ffff:10.10.2.2]:80"),
+        "[::ffff:10.10.2.2]:80 upstream"
+    );
+    // A port no rule steers, and processes outside the cgroup, go direct.
+    assert_eq!(inside("10.10.2.2:81"), "10.10.2.2:81 unsteered");
+    assert_eq!(outside("10.10.2.2:80"), "10.10.2.2:80 original");
+    assert_eq!(outside("[fd00:2::2]:80"), "[fd00:2::2]:80 original");
+
+    assert_eq!(tproxy.ebpf_counters().unwrap()["tcp/steered_new"], 3);
+    assert_eq!(upstream.peers().len(), 3);
+    assert_eq!(original_v4.peers().len(), 1);
+    assert_eq!(original_v6.peers().len(), 1);
+    assert_eq!(unsteered.peers().len(), 1);
+
+    tproxy.stop().unwrap();
+    assert_eq!(
+        cgroup.attached(CONNECT4).unwrap(),
+        0,
+        "connect4 left attached"
+    );
+    assert_eq!(
+        cgroup.attached(CONNECT6).unwrap(),
+        0,
+        "connect6 left attached"
+    );
+    assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
+    assert_eq!(inside("10.10.2.2:80"), "10.10.2.2:80 original");
+}
+
+#[test]
+fn only_the_selected_users_are_relayed() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("users").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let _tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--uid",
+            "1000-1999",
+            "--uid",
+            "3000",
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    let as_user = |uid: &str| {
+        let reuid = format!("--reuid={uid}");
+        let wrapper = ["setpriv", &reuid, "--regid=1000", "--clear-groups"];
+        dial_output(
+            cgroup
+                .run(&topo.router, &wrapper, DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(as_user("1000"), "10.10.2.2:80 upstream");
+    assert_eq!(as_user("1999"), "10.10.2.2:80 upstream");
+    assert_eq!(as_user("3000"), "10.10.2.2:80 upstream");
+    assert_eq!(as_user("2000"), "10.10.2.2:80 original");
+    assert_eq!(as_user("0"), "10.10.2.2:80 original");
+}
+
+#[test]
+fn a_cgroups_connected_udp_sockets_are_relayed_with_replies_from_where_they_sent() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("udp").unwrap();
+    let original = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
+    let original_v6 = UdpEcho::start(&topo.server, addr("[fd00:2::2]:5353")).unwrap();
+    let tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &["--local", "--cgroup", &cgroup.path, "--udp", "5353"],
+    )
+    .unwrap();
+    for target in ["10.10.2.2:5353", "[fd00:2::2]:5353"] {
+        let line = dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["udp", target, "query"])
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(line, format!("{target} query"));
+        let line = dial_output(
+            run_outside_cgroup(&topo.router, &[], DIAL, &["udp", target, "query"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(line, format!("{target} query"));
+    }
+    // One datagram each from inside the cgroup went through the relay's sessions.
+    assert_eq!(tproxy.udp_stat("created").unwrap(), 2);
+    assert_eq!(original.peers.lock().unwrap().len(), 2);
+    assert_eq!(original_v6.peers.lock().unwrap().len(), 2);
+}
+
+/// The mark is the socket's: a UDP socket connected to a steered destination, disconnected
+/// and connected to another one loses it, and its datagrams to the second go direct. Unconnected sockets
+/// (sendto) are not steered at all: their datagrams and replies are untouched.
+#[test]
+fn a_reconnected_udp_socket_goes_direct_and_sendto_is_left_alone() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("udp-mixed").unwrap();
+    let steered = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
+    let unsteered = UdpEcho::start(&topo.server, addr("10.10.2.2:5354")).unwrap();
+    let tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &["--local", "--cgroup", &cgroup.path, "--udp", "5353"],
+    )
+    .unwrap();
+    let args = [
+        "udp",
+        "10.10.2.2:5353",
+        "q",
+        "10.10.2.2:5354",
+        "10.10.2.2:5353",
+    ];
+    let lines = dial_output(cgroup.run(&topo.router, &[], DIAL, &args).unwrap()).unwrap();
+    assert_eq!(
+        lines,
+        "10.10.2.2:5353 q\n10.10.2.2:5354 q\n10.10.2.2:5353 q"
+    );
+    assert_eq!(tproxy.udp_stat("to_upstream").unwrap(), 2);
+    assert_eq!(unsteered.peers.lock().unwrap().len(), 1);
+
+    let sent = ["sendto", "10.10.2.2:5353", "q"];
+    let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &sent).unwrap()).unwrap();
+    assert_eq!(line, "10.10.2.2:5353 q");
+    assert_eq!(
+        tproxy.udp_stat("to_upstream").unwrap(),
+        2,
+        "sendto was relayed"
+    );
+    assert_eq!(steered.peers.lock().unwrap().len(), 3);
+}
+
+/// Two instances, in two network namespaces, with cgroups nested: the programs of the one
+/// attached to the parent cgroup run for the child's processes too, after the child's own.
+/// They must leave the sockets of another namespace alone, neither marking nor unmarking
+/// them.
+#[test]
+fn another_instances_programs_on_an_ancestor_cgroup_leave_this_ones_sockets_alone() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let elsewhere = tproxy_tests::Netns::new("elsewhere").unwrap();
+    let parent = TestCgroup::new("parent").unwrap();
+    let child = parent.child("child").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let _unsteered = named_server(&topo.server, addr("10.10.2.2:81"), "unsteered");
+    let _other = Tproxy::start_with_host_mounts(
+        &elsewhere,
+        &["--local", "--cgroup", &parent.path, "--tcp", "81"],
+    )
+    .unwrap();
+    let _tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &child.path,
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    // The other instance steers port 81 for the parent: were its programs to decide for
+    // this namespace's sockets, they would take the mark off the child's port 80 socket (it
+    // would go direct) and put it on the parent's port 81 one (it would land on `lo` here,
+    // where no rule takes it, and be refused).
+    let steered = ["tcp", "10.10.2.2:80", "hi"];
+    let line = dial_output(child.run(&topo.router, &[], DIAL, &steered).unwrap()).unwrap();
+    assert_eq!(line, "10.10.2.2:80 upstream");
+    let theirs = ["tcp", "10.10.2.2:81", "hi"];
+    let line = dial_output(parent.run(&topo.router, &[], DIAL, &theirs).unwrap()).unwrap();
+    assert_eq!(line, "10.10.2.2:81 unsteered");
+}
+
+/// The sidecar on one host: the programs sit at the cgroup v2 root, so they see every process
+/// on the host, tproxy's relay included. Its upstream connection to the very destination and
+/// port the rule steers goes direct (tproxy's own socket mark and cgroup), so the client is
+/// relayed exactly once and the server sees one connection, not a loop.
+#[test]
+fn the_relays_own_upstream_connection_is_never_steered_on_a_single_host() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let app = TestCgroup::new("sidecar-app").unwrap();
+    let server = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--local", "--cgroup", "/", "--tcp", "80"])
+            .unwrap();
+    let line = dial_output(
+        app.run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line, "10.10.2.2:80 original");
+    assert_eq!(tproxy.ebpf_counters().unwrap()["tcp/steered_new"], 1);
+    assert_eq!(server.peers().len(), 1);
+}
+
+#[test]
+fn bad_cgroups_and_uids_are_named_and_nothing_is_left() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--local", "--cgroup", "/no-such-cgroup-tpx"],
+            "cgroup `/no-such-cgroup-tpx`: no such cgroup",
+        ),
+        (
+            &["--local", "--cgroup", "app.slice"],
+            "cgroup `app.slice`: give the path from the cgroup v2 root",
+        ),
+        (
+            &["--local", "--cgroup", "/../etc"],
+            "cgroup `/../etc`: `.` and `..` are not allowed",
+        ),
+        (
+            &["--local", "--uid", "2000-1000"],
+            "uid `2000-1000`: the range's first uid is above its last",
+        ),
+        (&["--local", "--uid", "root"], "uid `root`: not a uid"),
+        (&["--cgroup", "/"], "--local"),
+        (&["--local", "--pin"], "--local with --pin"),
+        (
+            &["--local", "--iface", "lo"],
+            "--local with lo among the interfaces",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let output = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", topo.router.name))
+            .arg(tproxy_bin())
+            .arg("run")
+            .args(*flags)
+            .args(["--tcp", "80"])
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?} started");
+        assert!(log.contains(expected), "{flags:?}: {log}");
+        assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
+        assert!(ingress_programs(&topo.router, "lo").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,300 @@
+//! Steering what local processes originate (`tproxy run --local`): what the `cgroup/connect4`
+//! and `cgroup/connect6` programs and their loader must agree on, and the decisions those
+//! programs make.
+//!
+//! A socket of a selected process (in a selected cgroup, by one of the selected users) that
+//! connects to a destination a steer rule takes gets tproxy's routing mark as its `SO_MARK`
+//! before the kernel looks up its route. The policy routing sends marked sockets to the
+//! `local … dev lo src 127.0.0.1` (and `::1`) routes, so its packets travel over `lo`, where
+//! the tc program (attached to `lo`) hands them to the listener like any steered packet.
+//! Nothing is rewritten: the application keeps the peer it dialled.
+
+use core::{fmt, str::FromStr};
+
+use crate::decision::with_routing_mark;
+
+/// Name of the `cgroup/connect4` program in the object file.
+pub const CONNECT4_PROGRAM_NAME: &str = "tproxy_connect4";
+/// Name of the `cgroup/connect6` program in the object file.
+pub const CONNECT6_PROGRAM_NAME: &str = "tproxy_connect6";
+
+/// Global (`u32`): non-zero when local origin is steered. The tc program then steers on `lo`
+/// only the packets of sockets the connect programs marked: the other local processes'
+/// traffic on `lo` (to 127.0.0.1, to the host's own addresses) is theirs.
+pub const LOCAL_ORIGIN_GLOBAL: &str = "LOCAL_ORIGIN";
+/// Global (`u64`): the cgroup v2 id of tproxy's own cgroup, whose sockets are never marked.
+pub const OWN_CGROUP_GLOBAL: &str = "OWN_CGROUP_ID";
+/// Global (`u64`): the cookie of tproxy's network namespace. A cgroup holds processes of any
+/// namespace (containers); only sockets of tproxy's own are marked, since only there does
+/// the mark lead to tproxy's routing and program.
+pub const OWN_NETNS_GLOBAL: &str = "OWN_NETNS_COOKIE";
+/// Global (`[UidRange; MAX_UID_RANGES]`): the selected users; see [`UID_RANGES_LEN_GLOBAL`].
+pub const UID_RANGES_GLOBAL: &str = "LOCAL_UID_RANGES";
+/// Global (`u32`): how many entries of [`UID_RANGES_GLOBAL`] are in use; 0 selects every user.
+pub const UID_RANGES_LEN_GLOBAL: &str = "LOCAL_UID_RANGES_LEN";
+
+/// Most uid ranges a run may select (the connect programs try them all, in a bounded loop).
+pub const MAX_UID_RANGES: usize = 16;
+
+/// An inclusive range of user ids, e.g. `1000-1999`, or a single uid (`1000`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    /// Whether `uid` is in the range.
+    pub const fn contains(&self, uid: u32) -> bool {
+        self.first <= uid && uid <= self.last
+    }
+}
+
+impl fmt::Display for UidRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Why a uid range did not parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UidRangeError {
+    /// A bound is not a number from 0 to 4294967294.
+    NotAUid,
+    /// The first uid is above the last.
+    Reversed,
+}
+
+impl fmt::Display for UidRangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UidRangeError::NotAUid => {
+                "not a uid (0 to 4294967294) or a range of them like 1000-1999"
+            }
+            UidRangeError::Reversed => "the range's first uid is above its last",
+        })
+    }
+}
+
+/// The kernel's "no uid" (`(uid_t)-1`), which no process runs as.
+const INVALID_UID: u32 = u32::MAX;
+
+impl FromStr for UidRange {
+    type Err = UidRangeError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let uid = |part: &str| match part.trim().parse::<u32>() {
+            Ok(uid) if uid != INVALID_UID => Ok(uid),
+            _ => Err(UidRangeError::NotAUid),
+        };
+        let (first, last) = match text.split_once('-') {
+            Some((first, last)) => (uid(first)?, uid(last)?),
+            None => {
+                let only = uid(text)?;
+                (only, only)
+            }
+        };
+        if first > last {
+            return Err(UidRangeError::Reversed);
+        }
+        Ok(UidRange { first, last })
+    }
+}
+
+/// Whether a process of `uid` is selected by the first `len` of `ranges` (every user when
+/// `len` is 0).
+#[inline(always)]
+pub fn uid_selected(uid: u32, ranges: &[UidRange; MAX_UID_RANGES], len: u32) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_UID_RANGES {
+        if i as u32 >= len {
+            break;
+        }
+        if ranges[i].contains(uid) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether a connecting socket is tproxy's own, and so never marked: it carries tproxy's
+/// socket mark (the relay's upstream connections), or its process is in tproxy's cgroup.
+pub const fn is_own_socket(socket_mark: u32, own_mark: u32, cgroup: u64, own_cgroup: u64) -> bool {
+    (own_mark != 0 && socket_mark == own_mark) || (own_cgroup != 0 && cgroup == own_cgroup)
+}
+
+/// Whether a socket is in tproxy's network namespace (`own`: its cookie, never 0).
+pub const fn in_own_namespace(cookie: u64, own: u64) -> bool {
+    own != 0 && cookie == own
+}
+
+/// The `SO_MARK` a connecting socket should get, or `None` to leave it as it is. A steered
+/// connection gets the routing mark (only the bits under `mask`); a socket that an earlier
+/// connect of its own marked (a UDP socket connected again, elsewhere) loses it, so that its
+/// new destination is reached directly.
+pub const fn socket_mark_for(current: u32, steered: bool, mark: u32, mask: u32) -> Option<u32> {
+    let marked = current & mask == mark & mask;
+    match (steered, marked) {
+        (true, true) => None,
+        (true, false) => Some(with_routing_mark(current, mark, mask)),
+        (false, true) => Some(current & !mask),
+        (false, false) => None,
+    }
+}
+
+/// Whether the tc program leaves a packet alone because it came in on `lo` without the
+/// routing mark while local origin is steered: only sockets the connect programs marked are
+/// taken on `lo`.
+pub const fn unselected_on_loopback(
+    ifindex: u32,
+    local_origin: u32,
+    packet_mark: u32,
+    mark: u32,
+    mask: u32,
+) -> bool {
+    ifindex == crate::decision::LOOPBACK_IFINDEX
+        && local_origin != 0
+        && packet_mark & mask != mark & mask
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`): a dual-stack
+/// socket connecting to one sends IPv4, so the IPv4 rules decide.
+pub const fn mapped_ipv4(addr: [u8; 16]) -> Option<[u8; 4]> {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return None;
+        }
+        i += 1;
+    }
+    if addr[10] == 0xff && addr[11] == 0xff {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain `repr(C)` data of two u32 fields, no padding.
+unsafe impl aya::Pod for UidRange {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_ranges_parse_and_name_what_is_wrong() {
+        assert_eq!(
+            "1000".parse(),
+            Ok(UidRange {
+                first: 1000,
+                last: 1000
+            })
+        );
+        assert_eq!(
+            " 0-999 ".parse(),
+            Ok(UidRange {
+                first: 0,
+                last: 999
+            })
+        );
+        assert_eq!(
+            "2000-1000".parse::<UidRange>(),
+            Err(UidRangeError::Reversed)
+        );
+        for bad in [
+            "",
+            "-",
+            "x",
+            "1000-",
+            "-5",
+            "4294967295",
+            "1-4294967295",
+            "1.5",
+        ] {
+            assert_eq!(
+                bad.parse::<UidRange>(),
+                Err(UidRangeError::NotAUid),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_used_ranges_select_and_none_selects_everyone() {
+        let mut ranges = [UidRange::default(); MAX_UID_RANGES];
+        ranges[0] = UidRange {
+            first: 1000,
+            last: 1999,
+        };
+        ranges[1] = UidRange {
+            first: 33,
+            last: 33,
+        };
+        assert!(uid_selected(12345, &ranges, 0));
+        assert!(uid_selected(1000, &ranges, 2) && uid_selected(1999, &ranges, 2));
+        assert!(uid_selected(33, &ranges, 2));
+        assert!(!uid_selected(2000, &ranges, 2) && !uid_selected(34, &ranges, 2));
+        // Unused entries are zero: uid 0 must not slip through them.
+        assert!(!uid_selected(0, &ranges, 2));
+        ranges[MAX_UID_RANGES - 1] = UidRange { first: 7, last: 7 };
+        assert!(uid_selected(7, &ranges, MAX_UID_RANGES as u32));
+    }
+
+    #[test]
+    fn own_sockets_are_known_by_mark_or_cgroup_and_zero_means_unset() {
+        assert!(is_own_socket(0x2000000, 0x2000000, 5, 9));
+        assert!(is_own_socket(0, 0x2000000, 9, 9));
+        assert!(!is_own_socket(0, 0x2000000, 5, 9));
+        assert!(!is_own_socket(0, 0, 0, 0));
+    }
+
+    #[test]
+    fn only_tproxys_namespace_and_an_unknown_one_is_none() {
+        assert!(in_own_namespace(4096, 4096));
+        assert!(!in_own_namespace(4097, 4096));
+        assert!(!in_own_namespace(0, 0));
+    }
+
+    #[test]
+    fn a_steered_socket_gets_the_mark_and_a_reconnected_one_loses_it() {
+        let (mark, mask) = (0x1000000, 0x1000000);
+        assert_eq!(socket_mark_for(0, true, mark, mask), Some(0x1000000));
+        // Other tools' bits stay.
+        assert_eq!(socket_mark_for(0x5, true, mark, mask), Some(0x1000005));
+        assert_eq!(socket_mark_for(0x1000005, true, mark, mask), None);
+        assert_eq!(socket_mark_for(0x1000005, false, mark, mask), Some(0x5));
+        assert_eq!(socket_mark_for(0x5, false, mark, mask), None);
+    }
+
+    #[test]
+    fn on_loopback_only_marked_packets_are_steered_when_local_origin_is() {
+        let (mark, mask) = (0x1000000, 0x1000000);
+        assert!(unselected_on_loopback(1, 1, 0, mark, mask));
+        assert!(!unselected_on_loopback(1, 1, 0x1000001, mark, mask));
+        // Without local origin, `--iface lo` steers every local process as before.
+        assert!(!unselected_on_loopback(1, 0, 0, mark, mask));
+        assert!(!unselected_on_loopback(2, 1, 0, mark, mask));
+    }
+
+    #[test]
+    fn mapped_addresses_are_ipv4() {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&[192, 0, 2, 1]);
+        assert_eq!(mapped_ipv4(addr), Some([192, 0, 2, 1]));
+        addr[0] = 0x20;
+        assert_eq!(mapped_ipv4(addr), None);
+        assert_eq!(mapped_ipv4([0; 16]), None);
+    }
+}
