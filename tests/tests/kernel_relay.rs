@@ -27,7 +27,11 @@ fn assert_kernel_relayed_and_gone(tproxy: &mut Tproxy, connections: u64) {
     while tproxy.tcp_stat("active").unwrap() != 0 && std::time::Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(tproxy.tcp_stat("active").unwrap(), 0, "connections still relayed");
+    assert_eq!(
+        tproxy.tcp_stat("active").unwrap(),
+        0,
+        "connections still relayed"
+    );
     assert_eq!(tproxy.tcp_stat("kernel_relayed").unwrap(), connections);
     assert_eq!(tproxy.tcp_stat("kernel_fallbacks").unwrap(), 0);
     assert_eq!(tproxy.tcp_stat("kernel_map_entries").unwrap(), 0);
@@ -35,12 +39,16 @@ fn assert_kernel_relayed_and_gone(tproxy: &mut Tproxy, connections: u64) {
 
 /// Hashes what it receives until the client's FIN, then answers with the length and hash.
 fn hash_server(topo: &Topo, port: u16) -> Server {
-    Server::start(&topo.server, Topo::server_addr(false, port), |mut stream| {
-        let (len, hash) = digest_to_eof(&mut stream).unwrap();
-        stream
-            .write_all(format!("{len} {hash}").as_bytes())
-            .unwrap();
-    })
+    Server::start(
+        &topo.server,
+        Topo::server_addr(false, port),
+        |mut stream| {
+            let (len, hash) = digest_to_eof(&mut stream).unwrap();
+            stream
+                .write_all(format!("{len} {hash}").as_bytes())
+                .unwrap();
+        },
+    )
     .unwrap()
 }
 
@@ -56,11 +64,15 @@ fn twenty_megabytes_arrive_byte_exact_both_ways() {
     // Sends the payload, then ends its side (half-close towards the client).
     let sender = {
         let data = data.clone();
-        Server::start(&topo.server, Topo::server_addr(false, 81), move |mut stream| {
-            stream.write_all(&data).unwrap();
-            stream.shutdown(Shutdown::Write).unwrap();
-            let _ = stream.read(&mut [0; 1]);
-        })
+        Server::start(
+            &topo.server,
+            Topo::server_addr(false, 81),
+            move |mut stream| {
+                stream.write_all(&data).unwrap();
+                stream.shutdown(Shutdown::Write).unwrap();
+                let _ = stream.read(&mut [0; 1]);
+            },
+        )
         .unwrap()
     };
 
@@ -79,10 +91,14 @@ fn twenty_megabytes_arrive_byte_exact_both_ways() {
     tproxy.stop().unwrap();
     // The counters come from TCP_INFO: exact, the FINs not counted as bytes.
     let log = tproxy.log_text();
-    let summary = log.lines().rev().find(|l| l.contains("tcp relay:")).unwrap();
+    let summary = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("tcp relay:"))
+        .unwrap();
     assert!(
         summary.contains(&format!(
-            "{len} bytes to upstream, {} bytes to clients",
+            "bytes_to_upstream={len} bytes_to_client={}",
             len + answer.len()
         )),
         "byte counters: {summary}"
@@ -110,11 +126,15 @@ fn half_close_each_way_keeps_the_other_direction() {
     let greeting = payload(200_000, 4);
     let server = {
         let greeting = greeting.clone();
-        Server::start(&topo.server, Topo::server_addr(false, 81), move |mut stream| {
-            stream.write_all(&greeting).unwrap();
-            stream.shutdown(Shutdown::Write).unwrap();
-            let _ = heard_tx.send(digest_to_eof(&mut stream).unwrap());
-        })
+        Server::start(
+            &topo.server,
+            Topo::server_addr(false, 81),
+            move |mut stream| {
+                stream.write_all(&greeting).unwrap();
+                stream.shutdown(Shutdown::Write).unwrap();
+                let _ = heard_tx.send(digest_to_eof(&mut stream).unwrap());
+            },
+        )
         .unwrap()
     };
     let mut stream = topo.client.connect(server.addr).unwrap();
@@ -139,12 +159,16 @@ fn a_reset_on_either_side_resets_the_other() {
 
     // The client resets: the server's read must fail, not end cleanly.
     let (outcome_tx, outcome) = mpsc::channel();
-    let server = Server::start(&topo.server, Topo::server_addr(false, 80), move |mut stream| {
-        let mut buffer = [0; 64];
-        let first = stream.read(&mut buffer).map(|n| n > 0);
-        let rest = std::io::copy(&mut stream, &mut std::io::sink());
-        let _ = outcome_tx.send((first.unwrap_or(false), rest.map_err(|e| e.kind())));
-    })
+    let server = Server::start(
+        &topo.server,
+        Topo::server_addr(false, 80),
+        move |mut stream| {
+            let mut buffer = [0; 64];
+            let first = stream.read(&mut buffer).map(|n| n > 0);
+            let rest = std::io::copy(&mut stream, &mut std::io::sink());
+            let _ = outcome_tx.send((first.unwrap_or(false), rest.map_err(|e| e.kind())));
+        },
+    )
     .unwrap();
     let mut stream = topo.client.connect(server.addr).unwrap();
     stream.write_all(b"hello").unwrap();
@@ -155,7 +179,11 @@ fn a_reset_on_either_side_resets_the_other() {
     drop(stream);
     let (got_data, rest) = outcome.recv_timeout(Duration::from_secs(10)).unwrap();
     assert!(got_data, "the bytes before the reset arrived");
-    assert_eq!(rest.unwrap_err(), ErrorKind::ConnectionReset, "the server saw the reset");
+    assert_eq!(
+        rest.unwrap_err(),
+        ErrorKind::ConnectionReset,
+        "the server saw the reset"
+    );
 
     // The server resets: the client's read must fail.
     let server = Server::start(&topo.server, Topo::server_addr(false, 81), |mut stream| {
@@ -171,7 +199,11 @@ fn a_reset_on_either_side_resets_the_other() {
     stream.read_exact(&mut buffer).unwrap();
     assert_eq!(&buffer, b"bye");
     let error = std::io::copy(&mut stream, &mut std::io::sink()).unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::ConnectionReset, "the client saw the reset");
+    assert_eq!(
+        error.kind(),
+        ErrorKind::ConnectionReset,
+        "the client saw the reset"
+    );
     drop(stream);
     assert_kernel_relayed_and_gone(&mut tproxy, 2);
 }
@@ -211,7 +243,11 @@ fn two_thousand_concurrent_connections_with_random_sizes() {
                         })
                     };
                     let echoed = digest_to_eof(&mut stream).unwrap();
-                    assert_eq!(echoed, writer.join().unwrap(), "connection {index}, {len} bytes");
+                    assert_eq!(
+                        echoed,
+                        writer.join().unwrap(),
+                        "connection {index}, {len} bytes"
+                    );
                 }
             })
         })

@@ -39,8 +39,7 @@ use tproxy_common::maps::{self, RelayPeerKey};
 
 use crate::values::Human;
 
-static PROGRAM: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-relay-ebpf"));
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-relay-ebpf"));
 
 /// How often a side that sent FIN is checked for its bytes having reached the peer's send
 /// queue (they may still sit in the kernel relay's backlog when the FIN is seen).
@@ -123,18 +122,25 @@ impl KernelRelay {
         let epoll = epoll_for(&[client, upstream]).map_err(PairError::Refused)?;
         // Before the pair is in the map: nothing has been relayed into either yet.
         let sent_before = [sent(client)?, sent(upstream)?];
+        // While only one socket is in the map, what it receives would have nowhere to go. TCP
+        // signals "data ready" (which runs the program) only once SO_RCVLOWAT bytes are
+        // queued: held high, arrivals wait in the receive queues until the pair is complete.
+        for socket in [client, upstream] {
+            set_rcvlowat(socket, libc::c_int::MAX)?;
+        }
         let mut peers = self.peers.lock().unwrap();
         let drops_before = self.drops()?;
         // Keyed by the peer's cookie: the program finds where to send a socket's bytes with
-        // its own cookie. While only the first socket is in, what it receives has nowhere to
-        // go and is dropped: the upstream goes first, as it has nothing to say yet in the
-        // usual client-speaks-first protocols (the client's early bytes wait in its queue).
-        peers
-            .insert(keys[0], upstream.as_raw_fd(), BPF_NOEXIST)
-            .map_err(|error| PairError::Refused(io::Error::other(error)))?;
-        let second = peers.insert(keys[1], client.as_raw_fd(), BPF_NOEXIST);
+        // its own cookie.
+        let first = peers.insert(keys[0], upstream.as_raw_fd(), BPF_NOEXIST);
+        let second = first.and_then(|()| peers.insert(keys[1], client.as_raw_fd(), BPF_NOEXIST));
+        // Only more than half a receive buffer arriving meanwhile could have run the program
+        // early (TCP caps SO_RCVLOWAT there).
         let lost = self.drops()? != drops_before;
         if second.is_err() || lost {
+            for socket in [client, upstream] {
+                set_rcvlowat(socket, 1)?;
+            }
             let _ = peers.remove(&keys[0]);
             let _ = peers.remove(&keys[1]);
             let error = match second {
@@ -155,11 +161,10 @@ impl KernelRelay {
             epoll,
             sent_before,
         };
-        // Bytes that arrived before the sockets were in the map wait in their receive queues
-        // until the next arrival wakes the program; setting SO_RCVLOWAT makes TCP signal
-        // "data ready" now, so the program takes them first, in order.
+        // Setting SO_RCVLOWAT back makes TCP signal "data ready" at once if bytes are queued,
+        // so the program takes what arrived before and during the pairing first, in order.
         for socket in [client, upstream] {
-            set_rcvlowat(socket)?;
+            set_rcvlowat(socket, 1)?;
         }
         Ok(paired)
     }
@@ -245,7 +250,7 @@ pub async fn watch(
     // SAFETY: `paired` keeps the epoll descriptor open for longer than this future lives.
     let events =
         unsafe { AsyncFd::register_with_interest(paired.epoll.as_fd(), Interest::READABLE) }
-        .map_err(io::Error::from)?;
+            .map_err(io::Error::from)?;
     let mut sides: [Side; 2] = Default::default();
     let half_closed = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(half_closed);
@@ -295,7 +300,9 @@ pub async fn watch(
                 continue;
             }
             // The FIN's sequence number is not a byte to pass on.
-            let received = tcp_info(sockets[index])?.tcpi_bytes_received.saturating_sub(1);
+            let received = tcp_info(sockets[index])?
+                .tcpi_bytes_received
+                .saturating_sub(1);
             let written = sent(sockets[peer])?.saturating_sub(paired.sent_before[peer]);
             if written >= received {
                 socket2::SockRef::from(sockets[peer]).shutdown(std::net::Shutdown::Write)?;
@@ -368,8 +375,14 @@ fn epoll_for(sockets: &[&TcpStream; 2]) -> io::Result<OwnedFd> {
 fn drain(epoll: &impl AsRawFd) -> io::Result<Vec<(usize, u32)>> {
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
     // SAFETY: the buffer holds `events.len()` entries; timeout 0 never blocks.
-    let count =
-        unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 0) };
+    let count = unsafe {
+        libc::epoll_wait(
+            epoll.as_raw_fd(),
+            events.as_mut_ptr(),
+            events.len() as i32,
+            0,
+        )
+    };
     if count < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -398,15 +411,14 @@ fn cookie(socket: &TcpStream) -> io::Result<RelayPeerKey> {
     getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
-fn set_rcvlowat(socket: &TcpStream) -> io::Result<()> {
-    let one: libc::c_int = 1;
+fn set_rcvlowat(socket: &TcpStream, bytes: libc::c_int) -> io::Result<()> {
     // SAFETY: SO_RCVLOWAT reads one int.
     let result = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
-            (&one as *const libc::c_int).cast(),
+            (&bytes as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -422,9 +434,7 @@ fn getsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `value`, which is zeroed, and `T`
     // is plain data for which any bytes are valid.
-    let result = unsafe {
-        libc::getsockopt(fd, level, name, value.as_mut_ptr().cast(), &mut len)
-    };
+    let result = unsafe { libc::getsockopt(fd, level, name, value.as_mut_ptr().cast(), &mut len) };
     if result < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -296,7 +296,9 @@ async fn relay(
             }
             Err(PairError::Refused(error)) => {
                 stats.kernel_fallbacks.fetch_add(1, Relaxed);
-                log::debug!("{peer} -> {original}: the kernel relay refused it ({error}); splicing");
+                log::debug!(
+                    "{peer} -> {original}: the kernel relay refused it ({error}); splicing"
+                );
                 None
             }
             Err(PairError::Lost(error)) => {
