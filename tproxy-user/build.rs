@@ -1,5 +1,6 @@
 //! Builds the eBPF program (tproxy-ebpf, its own workspace) with the pinned nightly for
-//! bpfel-unknown-none and leaves the object in OUT_DIR, where `src/steering.rs` embeds it.
+//! bpfel-unknown-none and leaves the objects in OUT_DIR, where `src/datapath/steering.rs` and
+//! `src/relay/kernel.rs` embed them.
 
 #[path = "../tproxy-ebpf/toolchain.rs"]
 mod toolchain;
@@ -83,9 +84,13 @@ fn main() -> Result<()> {
             nightly.version()
         );
     }
-    let object = target_dir.join("bpfel-unknown-none/release/tproxy-ebpf");
-    std::fs::copy(&object, out_dir.join("tproxy-ebpf"))
-        .with_context(|| format!("copying {}", object.display()))?;
+    // The steering program, and the in-kernel TCP relay's verdict program (loaded apart, only
+    // in that relay mode).
+    for name in ["tproxy-ebpf", "tproxy-relay-ebpf"] {
+        let object = target_dir.join("bpfel-unknown-none/release").join(name);
+        std::fs::copy(&object, out_dir.join(name))
+            .with_context(|| format!("copying {}", object.display()))?;
+    }
     Ok(())
 }
 

@@ -291,6 +291,9 @@ mod tests {
             r#"tproxy_tcp_connections_failed_total{reason="refused_at_source_limit"}"#,
             r#"tproxy_tcp_connections_failed_total{reason="half_close_timeout"}"#,
             r#"tproxy_tcp_connections_failed_total{reason="refused_destination"}"#,
+            r#"tproxy_tcp_connections_kernel_total{outcome="relayed"}"#,
+            r#"tproxy_tcp_connections_kernel_total{outcome="fallback"}"#,
+            "tproxy_tcp_kernel_map_entries",
             r#"tproxy_tcp_bytes_total{direction="to_upstream"}"#,
             r#"tproxy_tcp_bytes_total{direction="to_client"}"#,
             "tproxy_udp_sessions_active",
@@ -322,7 +325,11 @@ mod tests {
             .filter(|s| s.starts_with("tproxy_packets_total{"));
         assert_eq!(packets.count(), 45, "{text}");
         assert_eq!(samples.len(), expected.len() - 1 + 45, "{text}");
-        for gauge in ["tcp_connections_active", "udp_sessions_active"] {
+        for gauge in [
+            "tcp_connections_active",
+            "tcp_kernel_map_entries",
+            "udp_sessions_active",
+        ] {
             assert!(
                 text.contains(&format!("# TYPE tproxy_{gauge} gauge\n")),
                 "{text}"

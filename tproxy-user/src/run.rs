@@ -45,7 +45,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .as_deref()
         .map(privileges::resolve_user)
         .transpose()?;
-    let mut relays = Relays::new(&config.settings);
+    let mut relays = Relays::new(&config.settings)?;
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(8);
     let mut control = Control {
         requests: control_rx,

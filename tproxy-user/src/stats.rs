@@ -125,6 +125,14 @@ const TCP_FAILED: Metric = counter(
     "tcp_connections_failed",
     "TCP connections that ended early, by reason",
 );
+const TCP_KERNEL: Metric = counter(
+    "tcp_connections_kernel",
+    "TCP connections the kernel relay (--tcp-relay kernel) took, or could not take",
+);
+const TCP_KERNEL_MAP: Metric = gauge(
+    "tcp_kernel_map_entries",
+    "Sockets in the kernel relay's socket hash (two a connection it relays)",
+);
 const TCP_BYTES: Metric = counter("tcp_bytes", "Bytes the TCP relay moved, by direction");
 const UDP_ACTIVE: Metric = gauge("udp_sessions_active", "UDP sessions open");
 const UDP_SESSIONS: Metric = counter("udp_sessions", "UDP sessions, by what happened to them");
@@ -171,6 +179,13 @@ counters! {
         half_close_timeouts: TCP_FAILED { reason: "half_close_timeout" },
         /// Reset because their original destination is one no relay may connect to.
         refused_destination: TCP_FAILED { reason: "refused_destination" },
+        /// Relayed by the kernel relay.
+        kernel_relayed: TCP_KERNEL { outcome: "relayed" },
+        /// Not taken by the kernel relay: spliced instead, or reset if bytes may have been
+        /// dropped while only one side was in its map.
+        kernel_fallbacks: TCP_KERNEL { outcome: "fallback" },
+        /// Sockets in the kernel relay's map now.
+        kernel_map_entries: TCP_KERNEL_MAP,
     }
 }
 

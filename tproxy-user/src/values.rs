@@ -37,6 +37,40 @@ pub fn parse_fail_mode(text: &str) -> Result<FailMode, String> {
     }
 }
 
+/// How the TCP relay moves bytes (`--tcp-relay`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcpRelayMode {
+    /// A stream-verdict program redirects each socket's bytes to its peer in the kernel.
+    Kernel,
+    /// splice(2) through a pipe, copying where splice is refused.
+    #[default]
+    Splice,
+    /// read/write through a userspace buffer.
+    Copy,
+}
+
+impl std::fmt::Display for TcpRelayMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TcpRelayMode::Kernel => "kernel",
+            TcpRelayMode::Splice => "splice",
+            TcpRelayMode::Copy => "copy",
+        })
+    }
+}
+
+/// `kernel`, `splice` or `copy`.
+pub fn parse_tcp_relay(text: &str) -> Result<TcpRelayMode, String> {
+    match text {
+        "kernel" => Ok(TcpRelayMode::Kernel),
+        "splice" => Ok(TcpRelayMode::Splice),
+        "copy" => Ok(TcpRelayMode::Copy),
+        _ => Err(format!(
+            "`{text}` is not a TCP relay mode: use \"kernel\", \"splice\" or \"copy\""
+        )),
+    }
+}
+
 /// A set of ports given as a list of inclusive ranges (a single port is a range of one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortList(pub Vec<RangeInclusive<u16>>);

@@ -53,16 +53,33 @@ const LOAD_RUN: &str = "`tproxy run` (to ready)";
 enum Mode {
     Direct,
     IptablesRelay,
+    /// eBPF steering, relay `--tcp-relay splice`.
     Ebpf,
+    /// eBPF steering, relay `--tcp-relay kernel` (sockhash + stream verdict).
+    EbpfKernel,
+    /// eBPF steering, relay `--tcp-relay copy`.
+    EbpfCopy,
     Haproxy,
 }
+
+/// Every mode, in report order.
+const MODES: [Mode; 6] = [
+    Mode::Direct,
+    Mode::IptablesRelay,
+    Mode::Ebpf,
+    Mode::EbpfKernel,
+    Mode::EbpfCopy,
+    Mode::Haproxy,
+];
 
 impl Mode {
     fn label(self) -> &'static str {
         match self {
             Mode::Direct => "direct (forwarding only)",
             Mode::IptablesRelay => "iptables TPROXY + tproxy relay",
-            Mode::Ebpf => "eBPF + tproxy relay",
+            Mode::Ebpf => "eBPF + tproxy relay (splice)",
+            Mode::EbpfKernel => "eBPF + tproxy relay (kernel)",
+            Mode::EbpfCopy => "eBPF + tproxy relay (copy)",
             Mode::Haproxy => "iptables TPROXY + HAProxy",
         }
     }
@@ -129,7 +146,8 @@ const METRICS: &[Metric] = &[
     },
 ];
 
-pub fn run(binary: &Path, rounds: usize) -> Result<()> {
+/// `relay_modes_only`: only the table of modes, without the rule-scaling and rule-load runs.
+pub fn run(binary: &Path, rounds: usize, relay_modes_only: bool) -> Result<()> {
     crate::require_root("the benchmark creates network namespaces and attaches BPF programs")?;
     crate::setup::install_commands(PACKAGES)?;
     crate::setup::apt_install(&["fonts-dejavu-core"])?;
@@ -139,12 +157,15 @@ pub fn run(binary: &Path, rounds: usize) -> Result<()> {
     let mut loads = Loads::new();
     let many_rules = ConfigFile::new(&many_rules_config(LOAD_RULES))?;
     for round in 1..=rounds {
-        for mode in [Mode::Direct, Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy] {
+        for mode in MODES {
             println!("bench: round {round}/{rounds}: {}", mode.label());
             let (topo, _servers) = fresh_topology()?;
             let proxy = Proxy::start(&topo, mode, &[])?;
             measure(&topo, mode, &proxy, &mut samples)?;
             proxy.stop(&topo)?;
+        }
+        if relay_modes_only {
+            continue;
         }
         for rules in RULE_COUNTS {
             for (kind, mode) in [("eBPF", Mode::Ebpf), ("iptables", Mode::IptablesRelay)] {
@@ -366,7 +387,12 @@ impl Proxy {
         let per_source = (IDLE_CONNECTIONS * 2).to_string();
         Ok(match mode {
             Mode::Direct => Proxy::None,
-            Mode::Ebpf => {
+            Mode::Ebpf | Mode::EbpfKernel | Mode::EbpfCopy => {
+                let relay = match mode {
+                    Mode::EbpfKernel => "kernel",
+                    Mode::EbpfCopy => "copy",
+                    _ => "splice",
+                };
                 let mut args = vec![
                     "--tcp",
                     &steered,
@@ -374,6 +400,8 @@ impl Proxy {
                     &udp,
                     "--max-connections-per-source",
                     &per_source,
+                    "--tcp-relay",
+                    relay,
                 ];
                 let real = format!("{}/24", Topo::SERVER_V4);
                 for prefix in decoys.iter().chain([&real]) {
@@ -481,7 +509,8 @@ fn measure(topo: &Topo, mode: Mode, proxy: &Proxy, samples: &mut Samples) -> Res
     let (p50, p99) = latency(topo)?;
     record(samples, METRICS[3].name, mode, p50);
     record(samples, METRICS[4].name, mode, p99);
-    if mode != Mode::Haproxy {
+    // The UDP relay is the same whatever --tcp-relay says.
+    if !matches!(mode, Mode::Haproxy | Mode::EbpfKernel | Mode::EbpfCopy) {
         record(samples, METRICS[5].name, mode, udp_rate(topo)?);
     }
     if let Some(pid) = proxy.relay_pid() {
@@ -669,7 +698,7 @@ fn report(
     fs::create_dir_all(&dir)?;
     let machine = machine_description();
     let date = output_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?;
-    let modes = [Mode::Direct, Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy];
+    let modes = MODES;
     let mut md = format!(
         "# tproxy benchmark\n\n{date} on {machine}. `cargo xtask bench --rounds {rounds}`: median of \
          {rounds} rounds, spread (min–max) in brackets; ratio to direct below each value.\n\n"
@@ -719,9 +748,11 @@ fn report(
             "higher_is_better": metric.higher_is_better, "modes": json_modes,
         }));
     }
-    md.push_str("\n## New connections/s by number of steering rules (same relay)\n\n| rules | eBPF | iptables |\n| --- | --- | --- |\n");
     let mut json_scaling = Vec::new();
-    for rules in RULE_COUNTS {
+    if !scaling.is_empty() {
+        md.push_str("\n## New connections/s by number of steering rules (same relay)\n\n| rules | eBPF | iptables |\n| --- | --- | --- |\n");
+    }
+    for rules in RULE_COUNTS.iter().copied().filter(|_| !scaling.is_empty()) {
         write!(md, "| {rules} |")?;
         for kind in ["eBPF", "iptables"] {
             let values = &scaling[&(kind.to_string(), rules)];
@@ -739,8 +770,14 @@ fn report(
         }
         md.push('\n');
     }
-    let (load_md, json_load) = rule_load_report(loads)?;
-    md.push_str(&load_md);
+    let json_load = match loads.is_empty() {
+        true => Value::Null,
+        false => {
+            let (load_md, json_load) = rule_load_report(loads)?;
+            md.push_str(&load_md);
+            json_load
+        }
+    };
     md.push_str("\n![ratios to direct](results.png)\n");
     fs::write(dir.join("results.md"), &md)?;
     let json = json!({
@@ -831,10 +868,18 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
     );
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("registering the chart font"))?;
-    let modes = [Mode::IptablesRelay, Mode::Ebpf, Mode::Haproxy];
+    let modes = [
+        Mode::IptablesRelay,
+        Mode::Ebpf,
+        Mode::EbpfKernel,
+        Mode::EbpfCopy,
+        Mode::Haproxy,
+    ];
     let colors = [
         RGBColor(150, 150, 150),
         RGBColor(30, 110, 200),
+        RGBColor(40, 170, 90),
+        RGBColor(130, 80, 180),
         RGBColor(220, 120, 30),
     ];
     let bars: Vec<(&Metric, Vec<Option<f64>>)> = METRICS
@@ -876,9 +921,9 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
     for (index, (metric, ratios)) in bars.iter().enumerate() {
         for (slot, ratio) in ratios.iter().enumerate() {
             let Some(ratio) = ratio else { continue };
-            let left = index as f64 + 0.1 + slot as f64 * 0.27;
+            let left = index as f64 + 0.05 + slot as f64 * 0.18;
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(left, 0.0), (left + 0.25, ratio.min(1.2))],
+                [(left, 0.0), (left + 0.16, ratio.min(1.2))],
                 colors[slot].filled(),
             )))?;
         }
@@ -894,7 +939,7 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
         }
     }
     for (slot, mode) in modes.iter().enumerate() {
-        let x = 120 + slot as i32 * 330;
+        let x = 60 + slot as i32 * 270;
         root.draw(&Rectangle::new(
             [(x, 670), (x + 20, 685)],
             colors[slot].filled(),

@@ -57,6 +57,10 @@ enum Task {
         /// Rounds over all modes; the report gives each metric's median and spread.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Only the table of modes (direct, the relays, HAProxy), without the rule-scaling
+        /// and rule-load runs.
+        #[arg(long)]
+        relay_modes_only: bool,
     },
     /// Run each fuzz target (cargo fuzz, nightly) from its corpus in fuzz/corpus; installs
     /// cargo-fuzz if missing. New findings stay out of the repository (a temporary corpus).
@@ -86,9 +90,12 @@ fn main() -> Result<()> {
             let binary = build()?;
             demo::run(&binary)
         }
-        Task::Bench { rounds } => {
+        Task::Bench {
+            rounds,
+            relay_modes_only,
+        } => {
             let binary = build()?;
-            bench::run(&binary, rounds.max(1))
+            bench::run(&binary, rounds.max(1), relay_modes_only)
         }
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Soak { seconds } => {

@@ -14,7 +14,7 @@ use super::{
     },
     Interfaces,
 };
-use crate::values::{FailMode, Mark};
+use crate::values::{FailMode, Mark, TcpRelayMode};
 
 /// The value of a default written as text, parsed as the flag would parse it: so `--help`
 /// and the README show exactly what is in force.
@@ -359,6 +359,14 @@ settings! {
     /// flow cannot be told): `open` passes it on untouched, `closed` drops it.
     #[flag(long = "fail-mode", value_name = "MODE")]
     fixed fail_mode: value<FailMode>, default "open";
+
+    /// How TCP bytes are moved once both sides are connected: `kernel` hands the two sockets
+    /// to an eBPF stream-verdict program that forwards each one's bytes to the other inside
+    /// the kernel (tproxy only watches for FIN, RST and idleness); `splice` moves them with
+    /// splice(2) through a pipe; `copy` reads and writes them through a buffer. A connection
+    /// the kernel relay cannot take is spliced (and counted).
+    #[flag(long = "tcp-relay", value_name = "MODE")]
+    fixed tcp_relay: value<TcpRelayMode>, default "splice";
 
     /// On SIGTERM, or when a new instance takes over, stop accepting and give the connections
     /// and UDP sessions in flight this long to finish before resetting the rest; a second

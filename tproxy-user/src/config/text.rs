@@ -13,7 +13,7 @@ use serde::{
 use crate::{
     datapath::rules::Ports,
     relay::listener::Transport,
-    values::{self, FailMode, Mark},
+    values::{self, FailMode, Mark, TcpRelayMode},
 };
 
 use super::ports_of;
@@ -60,6 +60,11 @@ pub struct DrainTimeout;
 pub struct SessionCap;
 
 parses!(FailMode, "\"open\" or \"closed\"", values::parse_fail_mode);
+parses!(
+    TcpRelayMode,
+    "\"kernel\", \"splice\" or \"copy\"",
+    values::parse_tcp_relay
+);
 parses!(
     Mark,
     "a mark like \"0x1000000/0x1000000\"",

@@ -21,10 +21,11 @@ use crate::{
     datapath::steering::Steering,
     metrics,
     relay::listener::{self, TransparentListener, Transport},
+    relay::kernel::KernelRelay,
     relay::tcp::{self, RelayConfig, RelayStats, Upstream},
     relay::udp::{UdpConfig, UdpRelay},
     stats,
-    values::Human,
+    values::{Human, TcpRelayMode},
 };
 
 /// A listener that is serving.
@@ -140,7 +141,19 @@ const UDP_QUIET_BEFORE_STOP: Duration = Duration::from_secs(2);
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Relays {
-    pub(crate) fn new(settings: &Settings) -> Self {
+    /// Fails only when `--tcp-relay kernel` was asked for and its program cannot be loaded.
+    pub(crate) fn new(settings: &Settings) -> Result<Self> {
+        let kernel = match settings.tcp_relay {
+            TcpRelayMode::Kernel => Some(Arc::new(
+                KernelRelay::load(settings.max_connections)
+                    .context("--tcp-relay kernel: setting up the in-kernel relay")?,
+            )),
+            TcpRelayMode::Splice | TcpRelayMode::Copy => None,
+        };
+        let tcp_stats = Arc::<RelayStats>::default();
+        if let Some(kernel) = &kernel {
+            let _ = tcp_stats.kernel.set(kernel.clone());
+        }
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let own_addrs = Arc::new(RwLock::new(Vec::new()));
@@ -155,7 +168,7 @@ impl Relays {
             shutdown.clone(),
             tasks.clone(),
         ));
-        Relays {
+        Ok(Relays {
             listeners: Vec::new(),
             tcp_config: Arc::new(RelayConfig {
                 connect_timeout: settings.connect_timeout,
@@ -167,9 +180,11 @@ impl Relays {
                 socket_mark: settings.socket_mark,
                 connect_latency: metrics::connect_latency(),
                 own_listeners: own_addrs.clone(),
+                mode: settings.tcp_relay,
+                kernel,
             }),
             own_addrs,
-            tcp_stats: Arc::default(),
+            tcp_stats,
             udp,
             retired: Vec::new(),
             inherited: Vec::new(),
@@ -178,7 +193,7 @@ impl Relays {
             book: Arc::default(),
             shutdown,
             tasks,
-        }
+        })
     }
 
     /// Starts the metrics endpoint, if the settings ask for one.

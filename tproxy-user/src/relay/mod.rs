@@ -3,6 +3,7 @@
 //! `listeners` keeps the set of listeners in line with the configuration.
 
 pub(crate) mod external;
+pub(crate) mod kernel;
 pub(crate) mod listener;
 pub(crate) mod listeners;
 pub(crate) mod splice;

@@ -25,7 +25,7 @@ const PIPE_SIZE: i32 = 256 * 1024;
 const SPLICE_CHUNK: usize = PIPE_SIZE as usize;
 /// Pipes kept for reuse; more are closed when returned.
 const POOL_LIMIT: usize = 256;
-/// Buffer for the copying fallback.
+/// Buffer for copying (the fallback, and `--tcp-relay copy`).
 const COPY_BUFFER: usize = 64 * 1024;
 
 /// An empty pipe: the read end and the write end.
@@ -72,18 +72,22 @@ impl PipePool {
 }
 
 /// Moves what `from` sends to `to` until `from` ends its stream, then shuts down `to`'s
-/// sending side (half-close); `moved` is told each burst's size.
+/// sending side (half-close); `moved` is told each burst's size. Without `pipes` every burst
+/// is copied (`--tcp-relay copy`).
 pub async fn relay_until_eof(
     from: &TcpStream,
     to: &TcpStream,
-    pipes: &PipePool,
+    pipes: Option<&PipePool>,
     mut moved: impl FnMut(usize),
 ) -> io::Result<()> {
+    let Some(pipes) = pipes else {
+        return copy_until_eof(from, to, moved).await;
+    };
     let mut splice_refused = false;
     loop {
         from.readable().await?;
         let burst = if splice_refused {
-            copy_burst(from, to).await
+            copy_burst(from, to, &mut vec![0; COPY_BUFFER]).await
         } else {
             match pipes.take() {
                 Ok(pipe) => match splice_burst(from, to, &pipe).await {
@@ -105,13 +109,30 @@ pub async fn relay_until_eof(
                     }
                 },
                 // Out of descriptors for a pipe: this burst is copied.
-                Err(_) => copy_burst(from, to).await,
+                Err(_) => copy_burst(from, to, &mut vec![0; COPY_BUFFER]).await,
             }
         };
         match burst {
             Ok(0) => {
                 return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
             }
+            Ok(bytes) => moved(bytes),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn copy_until_eof(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut moved: impl FnMut(usize),
+) -> io::Result<()> {
+    let mut buffer = vec![0; COPY_BUFFER];
+    loop {
+        from.readable().await?;
+        match copy_burst(from, to, &mut buffer).await {
+            Ok(0) => return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write),
             Ok(bytes) => moved(bytes),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
             Err(error) => return Err(error),
@@ -148,9 +169,8 @@ async fn splice_burst(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Resu
 }
 
 /// The copying fallback: one read into a buffer, then writes until it is all sent.
-async fn copy_burst(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
-    let mut buffer = vec![0u8; COPY_BUFFER];
-    let read = from.try_read(&mut buffer)?;
+async fn copy_burst(from: &TcpStream, to: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+    let read = from.try_read(buffer)?;
     let mut sent = 0;
     while sent < read {
         to.writable().await?;

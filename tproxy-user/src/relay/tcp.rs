@@ -25,10 +25,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     logging,
+    relay::kernel::{self, KernelRelay, PairError},
     relay::listener,
     relay::splice::{self, PipePool},
     relay::udp::LogLimiter,
-    values::Human,
+    values::{Human, TcpRelayMode},
 };
 
 /// Pipes for splicing, shared by every connection.
@@ -55,6 +56,9 @@ pub struct RelayConfig {
     /// All our listeners' addresses: relaying to one of them would loop forever. Updated
     /// when a reload adds or removes listeners.
     pub own_listeners: Arc<RwLock<Vec<SocketAddr>>>,
+    /// How bytes are moved; with [`TcpRelayMode::Kernel`], `kernel` is loaded.
+    pub mode: TcpRelayMode,
+    pub kernel: Option<Arc<KernelRelay>>,
 }
 
 /// A listener's fixed destination for every connection (`None`: each connection's original
@@ -78,6 +82,13 @@ pub struct RelayStats {
     /// Connections reset because their original destination is one no relay may connect to
     /// (see [`crate::relay::listener::refused_destination`]).
     pub refused_destinations: AtomicU64,
+    /// Connections relayed by the kernel (`--tcp-relay kernel`).
+    pub kernel_relayed: AtomicU64,
+    /// Connections the kernel relay could not take: spliced instead (or reset, if bytes may
+    /// have been dropped while only one side was in its map).
+    pub kernel_fallbacks: AtomicU64,
+    /// The kernel relay, when in use, for the count of its map's entries.
+    pub kernel: std::sync::OnceLock<Arc<KernelRelay>>,
     admission: Admission,
 }
 
@@ -99,6 +110,9 @@ impl RelayStats {
             refused_at_source_limit: self.refused_at_source_limit.load(Relaxed),
             half_close_timeouts: self.half_close_timeouts.load(Relaxed),
             refused_destination: self.refused_destinations.load(Relaxed),
+            kernel_relayed: self.kernel_relayed.load(Relaxed),
+            kernel_fallbacks: self.kernel_fallbacks.load(Relaxed),
+            kernel_map_entries: self.kernel.get().map_or(0, |relay| relay.entries() as u64),
         }
     }
 }
@@ -273,14 +287,63 @@ async fn relay(
     log::debug!("{peer} -> {original}: relaying via {target}");
 
     let traffic = Traffic::default();
+    let finished = kernel::Finished::default();
+    let paired = match &config.kernel {
+        Some(relay) => match relay.pair(&client, &upstream) {
+            Ok(paired) => {
+                stats.kernel_relayed.fetch_add(1, Relaxed);
+                Some(paired)
+            }
+            Err(PairError::Refused(error)) => {
+                stats.kernel_fallbacks.fetch_add(1, Relaxed);
+                log::debug!(
+                    "{peer} -> {original}: the kernel relay refused it ({error}); splicing"
+                );
+                None
+            }
+            Err(PairError::Lost(error)) => {
+                stats.kernel_fallbacks.fetch_add(1, Relaxed);
+                log::info!(target: logging::PER_FLOW, "{peer} -> {original}: the kernel relay failed mid-way ({error}); resetting both sides");
+                reset(&client);
+                reset(&upstream);
+                return;
+            }
+        },
+        None => None,
+    };
+    let moving = async {
+        match &paired {
+            Some(paired) => {
+                kernel::watch(
+                    &client,
+                    &upstream,
+                    paired,
+                    config.idle_timeout,
+                    config.half_close_timeout,
+                    &stats.half_close_timeouts,
+                    &finished,
+                )
+                .await
+            }
+            None => {
+                let pipes = (config.mode != TcpRelayMode::Copy).then_some(&PIPES);
+                pipe(&client, &upstream, pipes, config, stats, &traffic).await
+            }
+        }
+    };
     let result = tokio::select! {
-        result = pipe(&client, &upstream, config, stats, &traffic) => result,
+        result = moving => result,
         () = shutdown.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "tproxy is stopping")),
     };
-    let (up, down) = (
-        traffic.to_upstream.load(Relaxed),
-        traffic.to_client.load(Relaxed),
-    );
+    let (up, down) = match &paired {
+        Some(_) => finished.bytes(&client, &upstream),
+        None => (
+            traffic.to_upstream.load(Relaxed),
+            traffic.to_client.load(Relaxed),
+        ),
+    };
+    // Out of the map before the sockets close.
+    drop(paired);
     stats.bytes_to_upstream.fetch_add(up, Relaxed);
     stats.bytes_to_client.fetch_add(down, Relaxed);
     match result {
@@ -387,14 +450,15 @@ impl Traffic {
 async fn pipe(
     client: &TcpStream,
     upstream: &TcpStream,
+    pipes: Option<&PipePool>,
     config: &RelayConfig,
     stats: &RelayStats,
     traffic: &Traffic,
 ) -> io::Result<()> {
-    let to_upstream = splice::relay_until_eof(client, upstream, &PIPES, |bytes| {
+    let to_upstream = splice::relay_until_eof(client, upstream, pipes, |bytes| {
         traffic.moved(&traffic.to_upstream, bytes)
     });
-    let to_client = splice::relay_until_eof(upstream, client, &PIPES, |bytes| {
+    let to_client = splice::relay_until_eof(upstream, client, pipes, |bytes| {
         traffic.moved(&traffic.to_client, bytes)
     });
     tokio::pin!(to_upstream, to_client);
