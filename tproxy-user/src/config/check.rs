@@ -29,6 +29,7 @@ impl Config {
             bail!("--pin: with --relay-only there is no program to pin");
         }
         self.check_socket_mark(args)?;
+        self.check_local_origin(args)?;
         for rule in &self.rules {
             if let (Some(iface), Interfaces::Named(names)) =
                 (&rule.iface, &self.settings.interfaces)
@@ -132,6 +133,34 @@ impl Config {
     /// (or one on a wildcard address and one on an address it covers, same port), and an
     /// upstream that is one of the listeners' addresses. Port 0 is known only once bound:
     /// `run` checks the upstreams again then.
+    /// Combinations that `--local` cannot serve.
+    fn check_local_origin(&self, args: &RunArgs) -> Result<()> {
+        if !args.local {
+            return Ok(());
+        }
+        if let Some(external) = self.listeners.iter().find(|l| l.external.is_some()) {
+            if args.cgroups.is_empty() {
+                // Without --cgroup every process is selected, the proxy too: its upstream
+                // connection would be marked, come back over lo and be handed to itself.
+                bail!(
+                    "--local without --cgroup with listener `{}` an external proxy: the proxy's \
+                     own upstream connections would be steered back into it; select the \
+                     applications with --cgroup (and keep the proxy out of those cgroups)",
+                    external.name
+                );
+            }
+        }
+        if self.settings.transparent_upstream {
+            // The client's address is 127.0.0.1 (or ::1): a loopback source cannot leave
+            // through another interface.
+            bail!(
+                "--local with --transparent-upstream: local connections come from 127.0.0.1/::1, \
+                 which cannot be the source of an upstream connection; leave one of them out"
+            );
+        }
+        Ok(())
+    }
+
     pub(super) fn check_listener_addresses(&self) -> Result<()> {
         let what = |listener: &ListenerConfig| match listener.name.as_str() {
             DEFAULT_LISTENER => "--listen".to_string(),

@@ -117,7 +117,10 @@ impl Config {
         if args.local {
             // Selected local processes' packets arrive on `lo` (see `datapath::local_origin`).
             if let Interfaces::Named(names) = &mut settings.interfaces {
-                if names.iter().any(|name| name == "lo") {
+                if names
+                    .iter()
+                    .any(|entry| crate::datapath::interfaces::matches(entry, "lo"))
+                {
                     bail!(
                         "--local with lo among the interfaces: with --local, lo carries only \
                          the selected processes' connections; leave lo out of --iface and \

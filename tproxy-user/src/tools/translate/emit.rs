@@ -39,8 +39,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     }
     let (listeners, rules, diverts) = listeners_and_rules(flat, keep_proxies, &mut notes);
     let mut kept = drop_shadowed(rules, &mut notes, &mut skipped);
-    // A socket match takes only packets that have a socket, so it shadows nothing: it joins
-    // after the precedence check.
+    let diverts = diverts_as_bypasses(diverts, &kept, &mut skipped);
     kept.extend(diverts.into_iter().map(|divert| (divert, None)));
     let mut out = String::new();
     let _ = writeln!(
@@ -93,6 +92,37 @@ fn flatten_entries(ruleset: &RuleSet, notes: &mut Vec<String>) -> Vec<Flat> {
         ));
     }
     flat
+}
+
+/// The socket-match rules that can become bypass rules. In iptables a DIVERT takes only
+/// packets that have a socket, so it shadows no TPROXY rule; as a bypass it takes every
+/// packet it matches, and tproxy applies the most specific rule first: a DIVERT more
+/// specific than a TPROXY rule it overlaps would take that rule's new flows, so it is
+/// reported instead (the program's socket match still serves the flows the rule steers).
+fn diverts_as_bypasses(
+    diverts: Vec<Parsed>,
+    kept: &[Rule],
+    skipped: &mut Vec<String>,
+) -> Vec<Parsed> {
+    diverts
+        .into_iter()
+        .filter(|divert| {
+            let outranked = kept.iter().find(|(steer, listener)| {
+                listener.is_some()
+                    && overlaps(&divert.matches, &steer.matches)
+                    && more_specific(&divert.matches, &steer.matches)
+            });
+            if let Some((steer, _)) = outranked {
+                skipped.push(format!(
+                    "line {}: {}: as a bypass rule it would take the new flows of line {} ({}), \
+                     which iptables steers; leave it out, or make it no more specific than that \
+                     rule",
+                    divert.line, divert.text, steer.line, steer.text
+                ));
+            }
+            outranked.is_none()
+        })
+        .collect()
 }
 
 /// A rule of the flattened rule set, or why it cannot be translated.

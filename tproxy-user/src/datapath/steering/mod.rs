@@ -1,0 +1,323 @@
+//! The eBPF data path seen from userspace: load the embedded program with the routing mark
+//! baked in, install compiled rule sets into its maps (atomically, by generation), put our
+//! listeners into its socket map, attach it at tc ingress, and read its counters. Dropping [`Steering`] detaches everything it attached.
+
+use std::{collections::BTreeMap, os::fd::AsRawFd, sync::Arc};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{Array, MapInfo, PerCpuArray, SockMap},
+    programs::{links::FdLink, SchedClassifier, SkLookup},
+    Ebpf, EbpfLoader,
+};
+use aya_log::EbpfLogger;
+use tproxy_common::{
+    local_origin,
+    maps::{self},
+};
+
+use crate::{
+    datapath::fragments::FragmentTracking, datapath::local_origin::LocalGlobals,
+    datapath::pin::PinnedState, datapath::rules::CompiledRules, values::Mark,
+};
+
+/// The compiled tproxy-ebpf object, built by build.rs.
+mod attach;
+mod counters;
+mod rule_maps;
+
+use attach::Attachment;
+pub use attach::InterfaceEvents;
+pub use counters::CounterReader;
+
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-ebpf"));
+
+/// The loaded program and its maps.
+pub struct Steering {
+    ebpf: Ebpf,
+    /// The rule-set generation in force (see `maps::ACTIVE_GENERATION`), and what it wrote.
+    active: Option<(u32, CompiledRules)>,
+    /// Entries each rule map can hold, both generations together.
+    capacity: u32,
+    counters: CounterReader,
+    fragments: FragmentTracking,
+    /// Where the maps and links are pinned (`--pin`).
+    pinned: Option<PinnedState>,
+    /// The generation in force in maps an earlier instance left pinned, until our first
+    /// rule set replaces it.
+    adopted: Option<u32>,
+    /// Where the program is attached, by ifindex.
+    attached: BTreeMap<u32, Attachment>,
+    interface_events: Arc<InterfaceEvents>,
+}
+
+/// How the program is loaded: fixed for its lifetime.
+pub struct LoadSettings {
+    pub mark: Mark,
+    /// SO_MARK of tproxy's own UDP sockets.
+    pub socket_mark: u32,
+    /// Entries each rule map can hold (see [`rule_map_capacity`]); pinned maps keep the
+    /// size they were created with.
+    pub rule_map_capacity: u32,
+    /// Drop what steer rules take when there is no listener (see `FailMode`).
+    pub fail_closed: bool,
+    /// Pin the maps and links here, adopting what an earlier instance pinned.
+    pub pinned: Option<PinnedState>,
+    /// Steer local processes' connections (`--local`): the connect programs' globals.
+    pub local_origin: Option<LocalGlobals>,
+}
+
+/// Every slot a listener has in the socket map.
+const LISTENER_SLOTS: [maps::ListenerSlot; 4] = [
+    maps::ListenerSlot::TcpV4,
+    maps::ListenerSlot::TcpV6,
+    maps::ListenerSlot::UdpV4,
+    maps::ListenerSlot::UdpV6,
+];
+
+/// The rule maps' size for a first rule set: room for two generations of a rule set up to
+/// twice as large, so reloads that grow the rules still fit.
+pub fn rule_map_capacity(first: &CompiledRules) -> u32 {
+    let needed = u32::try_from(first.largest_map()).unwrap_or(u32::MAX);
+    needed
+        .saturating_mul(4)
+        .clamp(1024, maps::MAX_RULE_MAP_ENTRIES)
+}
+
+impl Steering {
+    /// Loads the program (not yet attached anywhere). Its rule maps are empty: nothing is
+    /// steered until [`Steering::install_rules`].
+    pub fn load(settings: &LoadSettings) -> Result<Self> {
+        // Log records below the level the user asked for are not even produced in the kernel.
+        let log_level = log::max_level() as u8;
+        let fail_closed = u32::from(settings.fail_closed);
+        let mut capacity = settings.rule_map_capacity;
+        let mut loader = EbpfLoader::new();
+        let mut adopting = false;
+        if let Some(pinned) = &settings.pinned {
+            pinned.prepare()?;
+            adopting = pinned.exists();
+            if adopting {
+                pinned.discard_counters_of_another_layout()?;
+                let rules = pinned.map(maps::RULES_DST_V4);
+                capacity = MapInfo::from_pin(&rules)
+                    .with_context(|| format!("opening the pinned map {}", rules.display()))?
+                    .max_entries();
+            }
+            for name in maps::PINNED_MAPS {
+                loader.map_pin_path(name, pinned.map(name));
+            }
+        }
+        let fragment_timeouts = crate::datapath::fragments::reassembly_timeouts_ns();
+        let local_origin = u32::from(settings.local_origin.is_some());
+        let local = settings.local_origin.as_ref();
+        let own_cgroup = local.map_or(0, |l| l.own_cgroup);
+        let own_netns = local.map_or(0, |l| l.own_netns);
+        let uid_ranges = local.map(|l| l.uid_ranges).unwrap_or_default();
+        let uid_ranges_len = local.map_or(0, |l| l.uid_ranges_len);
+        let ebpf = loader
+            .override_global(local_origin::LOCAL_ORIGIN_GLOBAL, &local_origin, true)
+            .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
+            .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)
+            .override_global(local_origin::UID_RANGES_GLOBAL, &uid_ranges, true)
+            .override_global(local_origin::UID_RANGES_LEN_GLOBAL, &uid_ranges_len, true)
+            .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
+            .override_global(maps::FRAGMENT_TIMEOUT_V6_GLOBAL, &fragment_timeouts.1, true)
+            .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
+            .override_global(maps::FAIL_CLOSED_GLOBAL, &fail_closed, true)
+            .override_global(maps::MARK_MASK_GLOBAL, &settings.mark.mask, true)
+            .override_global(maps::OWN_SOCKET_MARK_GLOBAL, &settings.socket_mark, true)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .map_max_entries(maps::RULES_DST_V4, capacity)
+            .map_max_entries(maps::RULES_DST_V6, capacity)
+            .map_max_entries(maps::RULES_SRC_V4, capacity)
+            .map_max_entries(maps::RULES_SRC_V6, capacity)
+            .load(PROGRAM)
+            .context("loading the eBPF object into the kernel")?;
+        let mut ebpf = ebpf;
+        let counters = ebpf
+            .take_map(maps::COUNTERS)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
+        let per_listener = ebpf.take_map(maps::LISTENER_COUNTERS).ok_or_else(|| {
+            anyhow!(
+                "map {} missing from the eBPF object",
+                maps::LISTENER_COUNTERS
+            )
+        })?;
+        let counters = CounterReader {
+            outcomes: Arc::new(PerCpuArray::try_from(counters)?),
+            per_listener: Some(Arc::new(PerCpuArray::try_from(per_listener)?)),
+        };
+        let fragments = FragmentTracking::take(&mut ebpf, fragment_timeouts)?;
+        let mut steering = Steering {
+            ebpf,
+            active: None,
+            capacity,
+            counters,
+            fragments,
+            pinned: settings.pinned.clone(),
+            adopted: None,
+            attached: BTreeMap::new(),
+            interface_events: Arc::default(),
+        };
+        if adopting {
+            steering
+                .forget_rules_in_force()
+                .context("reading the pinned generation")?;
+        }
+        let program: &mut SchedClassifier = steering.program_mut()?;
+        program
+            .load()
+            .context("the kernel's verifier rejected the steering program")?;
+        let lookup = steering.lookup_program_mut()?;
+        lookup
+            .load()
+            .context("the kernel's verifier rejected the sk_lookup program")?;
+        // Network-namespace wide: it answers the listener lookups for SYNs that reuse the tuple
+        // of a TIME_WAIT socket (see tproxy_common::decision::socket_owns_flow).
+        let netns =
+            std::fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
+        let link = lookup
+            .attach(netns)
+            .context("attaching the sk_lookup program to this network namespace")?;
+        if let Some(pinned) = &settings.pinned {
+            let link: FdLink = lookup.take_link(link)?.into();
+            let path = pinned.sk_lookup_link();
+            // An earlier instance's link goes once its process, if still running, lets go:
+            // until then both answer, from the same maps.
+            let _ = std::fs::remove_file(&path);
+            link.pin(&path)
+                .with_context(|| format!("pinning the sk_lookup link at {}", path.display()))?;
+        }
+        Ok(steering)
+    }
+
+    fn lookup_program_mut(&mut self) -> Result<&mut SkLookup> {
+        let name = maps::LOOKUP_PROGRAM_NAME;
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .context("sk_lookup program has the wrong type")
+    }
+
+    fn program_mut(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(maps::PROGRAM_NAME)
+            .ok_or_else(|| {
+                anyhow!(
+                    "program {} missing from the eBPF object",
+                    maps::PROGRAM_NAME
+                )
+            })?
+            .try_into()
+            .context("steering program has the wrong type")
+    }
+
+    /// The loaded object, for the programs other modules attach (`local_origin`).
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    /// Puts a listening socket into the program's socket map.
+    pub fn register_listener(
+        &mut self,
+        listener: u32,
+        slot: maps::ListenerSlot,
+        socket: &impl AsRawFd,
+    ) -> Result<()> {
+        let mut sockets = SockMap::try_from(self.map_mut(maps::LISTENERS)?)?;
+        sockets
+            .set(maps::listener_slot(listener, slot), socket, 0)
+            .with_context(|| {
+                format!("putting listener {listener}'s {slot:?} socket into the socket map")
+            })
+    }
+
+    /// Takes a listener's sockets out of the socket map, and forgets its external address.
+    pub fn unregister_listener(&mut self, listener: u32) -> Result<()> {
+        let mut sockets = SockMap::try_from(self.map_mut(maps::LISTENERS)?)?;
+        for slot in LISTENER_SLOTS {
+            // Absent when the listener has no socket of that transport or family.
+            let _ = sockets.clear_index(&maps::listener_slot(listener, slot));
+        }
+        self.set_external_listener(listener, &[])
+    }
+
+    /// Tells the program where listener `listener`'s proxy listens: `entries` (socket-map
+    /// index, where to look) from `External::entries`; its other slots are not external.
+    /// Each slot is overwritten in place, so a packet sees the old entry or the new one.
+    pub fn set_external_listener(
+        &mut self,
+        listener: u32,
+        entries: &[(u32, maps::ExternalListener)],
+    ) -> Result<()> {
+        let mut external: Array<_, maps::ExternalListener> =
+            Array::try_from(self.map_mut(maps::EXTERNAL_LISTENERS)?)?;
+        for slot in LISTENER_SLOTS {
+            let index = maps::listener_slot(listener, slot);
+            let entry = entries
+                .iter()
+                .find(|(at, _)| *at == index)
+                .map_or_else(Default::default, |(_, entry)| *entry);
+            external.set(index, entry, 0).with_context(|| {
+                format!("setting listener {listener}'s external {slot:?} address")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Empties every socket-map slot of listeners other than `kept` (those a previous
+    /// instance used, or all of them when stopping).
+    pub fn unregister_except(&mut self, kept: &[u32]) {
+        for listener in (0..maps::MAX_LISTENERS).filter(|l| !kept.contains(l)) {
+            let _ = self.unregister_listener(listener);
+        }
+    }
+
+    /// Treats the rules in force as another process's (pinned by a predecessor, or replaced by
+    /// a takeover that did not complete): the next install erases them by scanning.
+    pub fn forget_rules_in_force(&mut self) -> Result<()> {
+        let active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
+        self.adopted = Some(active.get(&0, 0)?);
+        self.active = None;
+        Ok(())
+    }
+
+    /// Starts forwarding the program's aya-log records to the `log` crate.
+    pub fn spawn_log_forwarder(&mut self) -> Result<()> {
+        let logger = EbpfLogger::init(&mut self.ebpf).context("initialising eBPF logging")?;
+        // SAFETY: the logger owns the ring buffer's descriptor and keeps it open, unchanged,
+        // for as long as the AsyncFd holds the logger.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .context("registering the eBPF log ring buffer")?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = logger.readable_mut().await else {
+                    return;
+                };
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// The program's fragment tracking (see [`FragmentTracking::spawn_sweeper`]).
+    pub fn fragments(&self) -> &FragmentTracking {
+        &self.fragments
+    }
+
+    /// A handle on the counters for other tasks (the metrics endpoint).
+    pub fn counter_reader(&self) -> CounterReader {
+        self.counters.clone()
+    }
+}

@@ -1,0 +1,190 @@
+//! Rule sets into the program's lookup maps: each generation written whole, then the
+//! switch, then the previous generation's entries erased.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{lpm_trie::Key, Array, LpmTrie};
+use tproxy_common::maps::{self, Verdict};
+
+use crate::datapath::rules::{CompiledRules, Entry};
+
+use super::Steering;
+
+/// How long after switching generations the old one's entries are deleted. Programs read the
+/// generation once and finish within microseconds; this is a wide margin.
+const GENERATION_GRACE: Duration = Duration::from_millis(20);
+
+impl Steering {
+    /// The generation the next [`Steering::install_rules`] must be compiled for.
+    pub fn next_generation(&self) -> u32 {
+        self.active
+            .as_ref()
+            .map(|(generation, _)| *generation)
+            .or(self.adopted)
+            .map_or(0, |generation| generation ^ 1)
+    }
+
+    /// Makes `rules` (compiled for [`Steering::next_generation`]) the rule set in force, in
+    /// one step: every entry is written first, then the generation switch. On error the rule
+    /// set in force is unchanged.
+    pub fn install_rules(&mut self, rules: CompiledRules) -> Result<()> {
+        let generation = self.next_generation();
+        let in_force = self.active.as_ref().map(|(_, rules)| rules);
+        let sizes = [
+            (
+                maps::RULES_DST_V4,
+                rules.dst_v4.len(),
+                in_force.map_or(0, |r| r.dst_v4.len()),
+            ),
+            (
+                maps::RULES_DST_V6,
+                rules.dst_v6.len(),
+                in_force.map_or(0, |r| r.dst_v6.len()),
+            ),
+            (
+                maps::RULES_SRC_V4,
+                rules.src_v4.len(),
+                in_force.map_or(0, |r| r.src_v4.len()),
+            ),
+            (
+                maps::RULES_SRC_V6,
+                rules.src_v6.len(),
+                in_force.map_or(0, |r| r.src_v6.len()),
+            ),
+        ];
+        for (map, new, old) in sizes {
+            if new + old > self.capacity as usize {
+                if self.active.is_none() {
+                    bail!(
+                        "the rules need {new} entries in {map}, more than a rule map may hold \
+                         ({}); split large port ranges or prefix lists into fewer rules",
+                        self.capacity
+                    );
+                }
+                bail!(
+                    "the rules need {new} entries in {map}, and the {old} of the rules in force \
+                     stay until the switch; the maps were sized for {} at start: restart tproxy \
+                     to load a rule set this large",
+                    self.capacity
+                );
+            }
+        }
+        if self.active.is_none() && self.adopted.is_some() {
+            // Entries of an instance that stopped in the middle of a reload.
+            self.erase_generation_by_scan(generation)?;
+        }
+        if let Err(error) = self.write_generation(generation, &rules) {
+            let _ = self.erase_generation(generation, &rules);
+            return Err(error);
+        }
+        let mut active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
+        active
+            .set(0, generation, 0)
+            .context("switching to the new rule set")?;
+        if let Some((old_generation, old)) = self.active.replace((generation, rules)) {
+            std::thread::sleep(GENERATION_GRACE);
+            self.erase_generation(old_generation, &old)
+                .context("removing the previous rule set's entries")?;
+        } else if let Some(adopted) = self.adopted.take() {
+            std::thread::sleep(GENERATION_GRACE);
+            self.erase_generation_by_scan(adopted)
+                .context("removing the pinned rule set's entries")?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of `generation` from the rule maps, without knowing what was
+    /// written: for rule sets that another process installed.
+    fn erase_generation_by_scan(&mut self, generation: u32) -> Result<()> {
+        let mut classes: Array<_, u32> = Array::try_from(self.map_mut(maps::PORT_CLASSES)?)?;
+        for udp in [false, true] {
+            for port in 0..=u16::MAX {
+                let index = maps::port_class_index(generation, udp, port);
+                if classes.get(&index, 0)? != 0 {
+                    classes.set(index, 0, 0)?;
+                }
+            }
+        }
+        let of_generation = |id: u32| (id & maps::GENERATION_BIT != 0) == (generation & 1 == 1);
+        self.erase_lpm_where(maps::RULES_DST_V4, |k: &maps::DstKey<4>| {
+            of_generation(k.class)
+        })?;
+        self.erase_lpm_where(maps::RULES_DST_V6, |k: &maps::DstKey<16>| {
+            of_generation(k.class)
+        })?;
+        self.erase_lpm_where(maps::RULES_SRC_V4, |k: &maps::SrcKey<4>| {
+            of_generation(k.cell)
+        })?;
+        self.erase_lpm_where(maps::RULES_SRC_V6, |k: &maps::SrcKey<16>| {
+            of_generation(k.cell)
+        })
+    }
+
+    fn erase_lpm_where<K: aya::Pod>(
+        &mut self,
+        map: &str,
+        doomed: impl Fn(&K) -> bool,
+    ) -> Result<()> {
+        let mut trie: LpmTrie<_, K, Verdict> = LpmTrie::try_from(self.map_mut(map)?)?;
+        let keys: Vec<Key<K>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| doomed(&key.data()))
+            .collect();
+        for key in keys {
+            let _ = trie.remove(&key);
+        }
+        Ok(())
+    }
+
+    fn write_generation(&mut self, generation: u32, rules: &CompiledRules) -> Result<()> {
+        // Sources before destinations, destinations before ports: whatever a later stage
+        // points to exists by the time it can be reached.
+        self.write_lpm(maps::RULES_SRC_V4, &rules.src_v4)?;
+        self.write_lpm(maps::RULES_SRC_V6, &rules.src_v6)?;
+        self.write_lpm(maps::RULES_DST_V4, &rules.dst_v4)?;
+        self.write_lpm(maps::RULES_DST_V6, &rules.dst_v6)?;
+        let mut classes: Array<_, u32> = Array::try_from(self.map_mut(maps::PORT_CLASSES)?)?;
+        for (i, class) in rules.port_classes.iter().enumerate() {
+            let (udp, port) = (i >= 65536, (i % 65536) as u16);
+            // The region was zeroed when this generation was last retired.
+            if *class != 0 {
+                classes.set(maps::port_class_index(generation, udp, port), class, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn erase_generation(&mut self, generation: u32, rules: &CompiledRules) -> Result<()> {
+        let mut classes: Array<_, u32> = Array::try_from(self.map_mut(maps::PORT_CLASSES)?)?;
+        for (i, class) in rules.port_classes.iter().enumerate() {
+            let (udp, port) = (i >= 65536, (i % 65536) as u16);
+            if *class != 0 {
+                classes.set(maps::port_class_index(generation, udp, port), 0, 0)?;
+            }
+        }
+        self.erase_lpm(maps::RULES_DST_V4, &rules.dst_v4)?;
+        self.erase_lpm(maps::RULES_DST_V6, &rules.dst_v6)?;
+        self.erase_lpm(maps::RULES_SRC_V4, &rules.src_v4)?;
+        self.erase_lpm(maps::RULES_SRC_V6, &rules.src_v6)
+    }
+
+    fn write_lpm<K: aya::Pod>(&mut self, map: &str, entries: &[Entry<K>]) -> Result<()> {
+        let mut trie: LpmTrie<_, K, Verdict> = LpmTrie::try_from(self.map_mut(map)?)?;
+        for (key, prefix_len, verdict) in entries {
+            trie.insert(&Key::new(*prefix_len, *key), *verdict, 0)
+                .with_context(|| format!("writing a rule entry to {map}"))?;
+        }
+        Ok(())
+    }
+
+    fn erase_lpm<K: aya::Pod>(&mut self, map: &str, entries: &[Entry<K>]) -> Result<()> {
+        let mut trie: LpmTrie<_, K, Verdict> = LpmTrie::try_from(self.map_mut(map)?)?;
+        for (key, prefix_len, _) in entries {
+            // Absent after a failed write: nothing to remove.
+            let _ = trie.remove(&Key::new(*prefix_len, *key));
+        }
+        Ok(())
+    }
+}
