@@ -457,3 +457,37 @@ fn listen_and_upstream_flags_need_tcp_or_udp() {
     let error = with_file(EXAMPLE, &["--upstream", "127.0.0.1:1"]).unwrap_err();
     assert!(error.to_string().contains("give --tcp or --udp"), "{error}");
 }
+
+#[test]
+fn local_refuses_what_it_cannot_serve() {
+    let error = |extra: &[&str]| format!("{:#}", Config::build(&args(extra)).unwrap_err());
+    let external = ["--local", "--tcp", "80", "--on-port", "3129"];
+    assert!(
+        error(&external)
+            .contains("--local without --cgroup with listener `default` an external proxy"),
+        "{}",
+        error(&external)
+    );
+    let with_cgroup = [
+        "--local",
+        "--cgroup",
+        "/app.slice",
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+    ];
+    assert!(Config::build(&args(&with_cgroup)).is_ok());
+    let spoofing = ["--local", "--tcp", "80", "--transparent-upstream"];
+    assert!(
+        error(&spoofing).contains("--local with --transparent-upstream"),
+        "{}",
+        error(&spoofing)
+    );
+    let lo_by_pattern = ["--local", "--iface", "l*", "--tcp", "80"];
+    assert!(
+        error(&lo_by_pattern).contains("--local with lo among the interfaces"),
+        "{}",
+        error(&lo_by_pattern)
+    );
+}

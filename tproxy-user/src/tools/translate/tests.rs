@@ -810,3 +810,21 @@ COMMIT
         t.skipped
     );
 }
+
+#[test]
+fn keep_proxies_reports_a_divert_that_would_outrank_a_tproxy_rule() {
+    let narrow = KERNEL_DOC_IPTABLES.replace(
+        "-A PREROUTING -p tcp -m socket -j DIVERT",
+        "-A PREROUTING -d 10.0.0.0/8 -p tcp -m socket -j DIVERT",
+    );
+    assert_ne!(narrow, KERNEL_DOC_IPTABLES);
+    let t = translate_with(&narrow, true).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("as a bypass rule it would take the new flows of line")),
+        "{:?}",
+        t.skipped
+    );
+    assert!(!t.config.contains("10.0.0.0/8"), "{}", t.config);
+}
