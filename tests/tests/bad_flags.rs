@@ -156,7 +156,20 @@ fn bad_flags_are_named_and_leave_nothing_behind() {
             "--pin: with --relay-only",
         ),
     ];
-    for (flags, named) in cases {
+    // An external proxy at tproxy's own listener would have tproxy relay its flows itself.
+    let own_as_external = tproxy_tests::ConfigFile::new(&format!(
+        "interfaces = [\"{IFACE}\"]\n\
+             [[listener]]\nname = \"proxy\"\nexternal = [\"127.0.0.1:3129\"]\n\
+             [[listener]]\nname = \"own\"\nlisten = [\"127.0.0.1:3129\"]\n\
+             [[rule]]\nproto = [\"tcp\"]\nports = [80]\naction = \"steer\"\nlistener = \"proxy\"\n\
+             [[rule]]\nproto = [\"tcp\"]\nports = [81]\naction = \"steer\"\nlistener = \"own\"\n"
+    ))
+    .unwrap();
+    let file_cases: &[(&[&str], &str)] = &[(
+        &["--config", own_as_external.path()],
+        "listener `proxy`: external 127.0.0.1:3129 is one of tproxy's own listeners",
+    )];
+    for (flags, named) in cases.iter().chain(file_cases) {
         let mut args = vec!["run"];
         args.extend_from_slice(flags);
         let (status, stderr) = run_tproxy_to_end(&topo.router, &args).unwrap();

@@ -75,6 +75,18 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let verbose = matches!(&cli.command, cli::Command::Run(args) if args.verbose);
     logging::init(verbose);
+    if !matches!(&cli.command, cli::Command::Run(_)) {
+        // A report piped into `head` ends quietly, as other command-line tools do, instead
+        // of panicking on the broken pipe. `run` keeps ignoring SIGPIPE: a peer that goes
+        // away must not end the relay.
+        // SAFETY: setting a signal's disposition to the default, before any thread is started.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     // Known exactly, because dropping privileges must reach every worker thread.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = match tokio::runtime::Builder::new_multi_thread()

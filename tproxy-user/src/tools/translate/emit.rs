@@ -1,7 +1,7 @@
 //! The flattened, precedence-checked rule set written as a tproxy configuration.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
 };
@@ -37,7 +37,8 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     for (line, text, reason) in &ruleset.elsewhere {
         skipped.push(format!("line {line}: {text}: {reason}"));
     }
-    let (listeners, rules, diverts) = listeners_and_rules(flat, keep_proxies, &mut notes);
+    let (listeners, rules, diverts) =
+        listeners_and_rules(flat, keep_proxies, &mut notes, &mut skipped);
     let mut kept = drop_shadowed(rules, &mut notes, &mut skipped);
     let diverts = diverts_as_bypasses(diverts, &kept, &mut skipped);
     kept.extend(diverts.into_iter().map(|divert| (divert, None)));
@@ -134,6 +135,7 @@ fn listeners_and_rules(
     flat: Vec<Parsed>,
     keep_proxies: bool,
     notes: &mut Vec<String>,
+    skipped: &mut Vec<String>,
 ) -> (Listeners, Vec<Rule>, Vec<Parsed>) {
     let mut listeners = Listeners::new();
     let mut rules: Vec<Rule> = Vec::new();
@@ -149,7 +151,7 @@ fn listeners_and_rules(
             Target::Tproxy { on_ip, on_port, .. } => {
                 let addrs = listeners.entry(*on_port).or_default();
                 match keep_proxies {
-                    true => wildcard |= add_external(addrs, &parsed.matches, *on_ip, *on_port),
+                    true => wildcard |= add_external(addrs, &parsed, *on_ip, *on_port, skipped),
                     false => add_listener(addrs, &parsed.matches, *on_ip, *on_port),
                 }
                 let port = *on_port;
@@ -206,10 +208,12 @@ fn listeners_and_rules(
 /// `--on-ip`, or the wildcard address. Returns whether a wildcard was used.
 fn add_external(
     addrs: &mut Vec<SocketAddr>,
-    matches: &Match,
+    parsed: &Parsed,
     on_ip: Option<IpAddr>,
     on_port: u16,
+    conflicts: &mut Vec<String>,
 ) -> bool {
+    let (matches, line, text) = (&parsed.matches, parsed.line, &parsed.text);
     let mut wildcard = false;
     for family in families(matches) {
         let addr = match (on_ip, family) {
@@ -219,8 +223,14 @@ fn add_external(
         };
         wildcard |= addr.is_unspecified();
         let addr = SocketAddr::new(addr, on_port);
-        if !addrs.iter().any(|a| a.is_ipv4() == addr.is_ipv4()) {
-            addrs.push(addr);
+        match addrs.iter().find(|a| a.is_ipv4() == addr.is_ipv4()) {
+            None => addrs.push(addr),
+            Some(earlier) if *earlier != addr => conflicts.push(format!(
+                "line {line}: {text}: its proxy is at {addr}, another TPROXY rule's on the same \
+                 port at {earlier}; an external listener has one address per family: give the \
+                 proxies different ports"
+            )),
+            Some(_) => {}
         }
     }
     wildcard
@@ -259,6 +269,7 @@ fn drop_shadowed(
 ) -> Vec<Rule> {
     let mut kept: Vec<Rule> = Vec::new();
     let mut by_destination = ShadowIndex::default();
+    let mut reported_lines = BTreeSet::new();
     'rules: for (rule, listener) in rules {
         for index in by_destination.candidates(&rule.matches, kept.len()) {
             let (earlier, earlier_listener) = &kept[index];
@@ -279,12 +290,26 @@ fn drop_shadowed(
                      apply this more specific rule to them instead",
                     rule.line, rule.text, earlier.line
                 ));
+                reported_lines.insert(rule.line);
             }
             continue 'rules;
         }
         by_destination.add(&rule.matches, kept.len());
         kept.push((rule, listener));
     }
+    // A negated match is several rules from one line (the exclusions as bypasses, then the
+    // rest): without one of them the others would steer what the original leaves alone, so
+    // a line that lost one loses them all.
+    kept.retain(|(rule, _)| {
+        let partial = reported_lines.contains(&rule.line);
+        if partial {
+            skipped.push(format!(
+                "line {}: {}: left out as well: another part of line {} is reported above",
+                rule.line, rule.text, rule.line
+            ));
+        }
+        !partial
+    });
     kept
 }
 

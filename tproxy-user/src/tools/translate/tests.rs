@@ -828,3 +828,43 @@ fn keep_proxies_reports_a_divert_that_would_outrank_a_tproxy_rule() {
     );
     assert!(!t.config.contains("10.0.0.0/8"), "{}", t.config);
 }
+
+/// Found by the hostile tester: a negated destination whose exclusion was reported left
+/// its steer rule in place, which then steered the excluded destinations.
+#[test]
+fn a_negation_whose_exclusion_is_reported_is_left_out_whole() {
+    let input = "\
+table ip t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		tcp dport 80 tproxy to 127.0.0.1:3129 accept
+		ip daddr != { 10.0.0.0/8, 192.168.0.0/16 } tcp dport != { 22, 443 } tproxy to :3130 accept
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(!t.skipped.is_empty(), "{}", t.config);
+    assert!(
+        !t.config.contains("listener = \"tproxy-3130\""),
+        "{}",
+        t.config
+    );
+}
+
+#[test]
+fn keep_proxies_reports_proxies_on_one_port_at_different_addresses() {
+    let input = "\
+*mangle
+-A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 3129 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -p tcp --dport 81 -j TPROXY --on-port 3129 --on-ip 10.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+    let t = translate_with(input, true).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("give the proxies different ports")),
+        "{:?}",
+        t.skipped
+    );
+}
