@@ -466,61 +466,74 @@ impl Relays {
             );
         }
         for new in plan.new_sockets {
-            let index = match new.kept {
-                // Indices of kept listeners shift as removed ones go.
-                Some(_) => self
-                    .listeners
-                    .iter()
-                    .position(|l| l.config.name == new.config.name),
-                None => None,
-            };
-            let index = match index {
-                Some(index) => index,
-                None => {
-                    self.listeners.push(RunningListener {
-                        upstream: Arc::new(RwLock::new(new.config.upstream)),
-                        config: new.config,
-                        slot: new.slot,
-                        bound: new.bound,
-                        tcp: None,
-                        udp: None,
-                        sockets: Vec::new(),
-                    });
-                    self.listeners.len() - 1
-                }
-            };
-            let running = &mut self.listeners[index];
-            if !new.tcp.is_empty() {
-                let stop = CancellationToken::new();
-                for socket in new.tcp {
-                    running.sockets.push(own_descriptor(&socket)?);
-                    let listener = std::net::TcpListener::from(socket.socket);
-                    self.tasks.spawn(tcp::serve(
-                        tokio::net::TcpListener::from_std(listener)?,
-                        running.upstream.clone(),
-                        self.tcp_config.clone(),
-                        self.tcp_stats.clone(),
-                        stop.clone(),
-                        self.shutdown.clone(),
-                        self.tasks.clone(),
-                    ));
-                }
-                running.tcp = Some(stop);
-            }
-            if !new.udp.is_empty() {
-                let stop = CancellationToken::new();
-                for socket in new.udp {
-                    running.sockets.push(own_descriptor(&socket)?);
-                    let socket = std::net::UdpSocket::from(socket.socket);
-                    self.tasks.spawn(self.udp.clone().serve(
-                        socket,
-                        running.upstream.clone(),
-                        stop.clone(),
-                    ));
-                }
-                running.udp = Some(stop);
-            }
+            self.serve_new_sockets(new)?;
         }
+        self.publish_listeners();
+        Ok(())
+    }
+
+    /// Starts serving a plan's new sockets, in a new listener or a kept one.
+    fn serve_new_sockets(&mut self, new: NewSockets) -> Result<()> {
+        let index = match new.kept {
+            // Indices of kept listeners shift as removed ones go.
+            Some(_) => self
+                .listeners
+                .iter()
+                .position(|l| l.config.name == new.config.name),
+            None => None,
+        };
+        let index = match index {
+            Some(index) => index,
+            None => {
+                self.listeners.push(RunningListener {
+                    upstream: Arc::new(RwLock::new(new.config.upstream)),
+                    config: new.config,
+                    slot: new.slot,
+                    bound: new.bound,
+                    tcp: None,
+                    udp: None,
+                    sockets: Vec::new(),
+                });
+                self.listeners.len() - 1
+            }
+        };
+        let running = &mut self.listeners[index];
+        if !new.tcp.is_empty() {
+            let stop = CancellationToken::new();
+            for socket in new.tcp {
+                running.sockets.push(own_descriptor(&socket)?);
+                let listener = std::net::TcpListener::from(socket.socket);
+                self.tasks.spawn(tcp::serve(
+                    tokio::net::TcpListener::from_std(listener)?,
+                    running.upstream.clone(),
+                    self.tcp_config.clone(),
+                    self.tcp_stats.clone(),
+                    stop.clone(),
+                    self.shutdown.clone(),
+                    self.tasks.clone(),
+                ));
+            }
+            running.tcp = Some(stop);
+        }
+        if !new.udp.is_empty() {
+            let stop = CancellationToken::new();
+            for socket in new.udp {
+                running.sockets.push(own_descriptor(&socket)?);
+                let socket = std::net::UdpSocket::from(socket.socket);
+                self.tasks.spawn(self.udp.clone().serve(
+                    socket,
+                    running.upstream.clone(),
+                    stop.clone(),
+                ));
+            }
+            running.udp = Some(stop);
+        }
+        Ok(())
+    }
+
+    /// Shares what the listeners are now with the relay (its own addresses) and the stats
+    /// (slot to listener), and warns of an upstream that is one of them.
+    fn publish_listeners(&self) {
         *self.own_addrs.write().unwrap() = self
             .listeners
             .iter()
@@ -538,7 +551,6 @@ impl Relays {
                 }
             }
         }
-        Ok(())
     }
 
     /// The steer rules of `old` that `new` no longer has, with those retired before: they

@@ -244,72 +244,20 @@ async fn relay(
     stats: &RelayStats,
     shutdown: &CancellationToken,
 ) {
-    let original = match client.local_addr() {
-        Ok(addr) => addr,
-        Err(error) => {
-            log::debug!("{peer}: connection gone before it could be relayed: {error}");
-            return;
-        }
+    let Some((original, target)) = destination(&client, peer, upstream, config, stats) else {
+        return;
     };
-    let target = upstream.unwrap_or(original);
-    if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
-        log::warn!(target: logging::PER_FLOW, "{peer} -> {original}: refusing to relay to our own listener {target}");
-        reset(&client);
+    let Some(upstream) = connect_upstream(&client, peer, original, target, config, stats).await
+    else {
         return;
-    }
-    if listener::refused_destination(original, peer) {
-        stats.refused_destinations.fetch_add(1, Relaxed);
-        log::warn!(
-            target: logging::PER_FLOW,
-            "{peer} -> {original}: refusing to relay to a loopback, unspecified, mapped, \
-             multicast or link-local address"
-        );
-        reset(&client);
-        return;
-    }
-    let source = config.transparent_upstream.then_some(peer.ip());
-    let connecting = Instant::now();
-    let upstream = match connect(target, source, config.socket_mark, config.connect_timeout).await {
-        Ok(upstream) => {
-            config
-                .connect_latency
-                .observe(connecting.elapsed().as_secs_f64());
-            upstream
-        }
-        Err(error) => {
-            stats.upstream_failures.fetch_add(1, Relaxed);
-            log::info!(target: logging::PER_FLOW, "{peer} -> {original}: upstream {target}: {error}; resetting client");
-            reset(&client);
-            return;
-        }
     };
     let _ = client.set_nodelay(true);
     log::debug!("{peer} -> {original}: relaying via {target}");
 
     let traffic = Traffic::default();
     let finished = kernel::Finished::default();
-    let paired = match &config.kernel {
-        Some(relay) => match relay.pair(&client, &upstream) {
-            Ok(paired) => {
-                stats.kernel_relayed.fetch_add(1, Relaxed);
-                Some(paired)
-            }
-            Err(PairError::Refused(error)) => {
-                stats.kernel_fallbacks.fetch_add(1, Relaxed);
-                log::debug!(
-                    "{peer} -> {original}: the kernel relay refused it ({error}); splicing"
-                );
-                None
-            }
-            Err(PairError::Lost(error)) => {
-                stats.kernel_fallbacks.fetch_add(1, Relaxed);
-                log::info!(target: logging::PER_FLOW, "{peer} -> {original}: the kernel relay failed mid-way ({error}); resetting both sides");
-                reset(&client);
-                reset(&upstream);
-                return;
-            }
-        },
-        None => None,
+    let Ok(paired) = pair_in_kernel(&client, &upstream, peer, original, config, stats) else {
+        return;
     };
     let moving = async {
         match &paired {
@@ -353,6 +301,101 @@ async fn relay(
             reset(&client);
             reset(&upstream);
             log::debug!("{peer} -> {original}: {error} after {up} bytes up, {down} bytes down");
+        }
+    }
+}
+
+/// The connection's original destination and where to connect for it; `None`: refused
+/// (the client is reset) or gone.
+fn destination(
+    client: &TcpStream,
+    peer: SocketAddr,
+    upstream: Option<SocketAddr>,
+    config: &RelayConfig,
+    stats: &RelayStats,
+) -> Option<(SocketAddr, SocketAddr)> {
+    let original = match client.local_addr() {
+        Ok(addr) => addr,
+        Err(error) => {
+            log::debug!("{peer}: connection gone before it could be relayed: {error}");
+            return None;
+        }
+    };
+    let target = upstream.unwrap_or(original);
+    if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
+        log::warn!(target: logging::PER_FLOW, "{peer} -> {original}: refusing to relay to our own listener {target}");
+        reset(client);
+        return None;
+    }
+    if listener::refused_destination(original, peer) {
+        stats.refused_destinations.fetch_add(1, Relaxed);
+        log::warn!(
+            target: logging::PER_FLOW,
+            "{peer} -> {original}: refusing to relay to a loopback, unspecified, mapped, \
+             multicast or link-local address"
+        );
+        reset(client);
+        return None;
+    }
+    Some((original, target))
+}
+
+/// The upstream connection; `None`: it failed (counted, the client is reset).
+async fn connect_upstream(
+    client: &TcpStream,
+    peer: SocketAddr,
+    original: SocketAddr,
+    target: SocketAddr,
+    config: &RelayConfig,
+    stats: &RelayStats,
+) -> Option<TcpStream> {
+    let source = config.transparent_upstream.then_some(peer.ip());
+    let connecting = Instant::now();
+    match connect(target, source, config.socket_mark, config.connect_timeout).await {
+        Ok(upstream) => {
+            config
+                .connect_latency
+                .observe(connecting.elapsed().as_secs_f64());
+            Some(upstream)
+        }
+        Err(error) => {
+            stats.upstream_failures.fetch_add(1, Relaxed);
+            log::info!(target: logging::PER_FLOW, "{peer} -> {original}: upstream {target}: {error}; resetting client");
+            reset(client);
+            None
+        }
+    }
+}
+
+/// In kernel mode, the pair in the kernel's socket map (`Ok(None)`: not kernel mode, or the
+/// map refused it and the relay splices). `Err`: pairing broke mid-way, both sides are reset.
+fn pair_in_kernel<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    peer: SocketAddr,
+    original: SocketAddr,
+    config: &'a RelayConfig,
+    stats: &RelayStats,
+) -> Result<Option<kernel::Paired<'a>>, ()> {
+    let Some(relay) = &config.kernel else {
+        return Ok(None);
+    };
+    match relay.pair(client, upstream) {
+        Ok(paired) => {
+            stats.kernel_relayed.fetch_add(1, Relaxed);
+            Ok(Some(paired))
+        }
+        Err(PairError::Refused(error)) => {
+            stats.kernel_fallbacks.fetch_add(1, Relaxed);
+            log::debug!("{peer} -> {original}: the kernel relay refused it ({error}); splicing");
+            Ok(None)
+        }
+        Err(PairError::Lost(error)) => {
+            stats.kernel_fallbacks.fetch_add(1, Relaxed);
+            log::info!(target: logging::PER_FLOW, "{peer} -> {original}: the kernel relay failed mid-way ({error}); resetting both sides");
+            reset(client);
+            reset(upstream);
+            Err(())
         }
     }
 }
