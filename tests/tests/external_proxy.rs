@@ -379,6 +379,164 @@ fn haproxy_gets_the_flows_with_their_original_destination_and_fails_open_when_go
     );
 }
 
+/// What the client loop saw of one request: the outage phase when it started and when it
+/// ended, and whether it got HAProxy's answer.
+struct Attempt {
+    started: usize,
+    ended: usize,
+    through_haproxy: bool,
+}
+
+/// The phases of the outage: before HAProxy is killed, while it is being killed, once it is
+/// gone, while it is being started again, and once `tproxy status` sees it back. A request
+/// that starts while HAProxy is being killed or started may end either way.
+const BEFORE: usize = 0;
+const KILLING: usize = 1;
+const OUTAGE: usize = 2;
+const RESTARTING: usize = 3;
+const BACK: usize = 4;
+
+/// HAProxy crashes (SIGKILL) and is started again while a client makes one request after
+/// another: tproxy, left running, steers to the new HAProxy; the flows that came while it
+/// was gone failed closed and were counted as `no_listener`, and only those failed.
+#[test]
+fn a_proxy_restart_under_load_is_recovered_from_without_restarting_tproxy() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Mutex,
+    };
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo
+        .tproxy(&["--tcp", "80", "--on-port", "3130", "--fail-mode", "closed"])
+        .unwrap();
+    let mut haproxy = start_haproxy(&topo.router);
+    wait_for_external(&topo.router, "default", true);
+    let pid = status(&topo.router)["instance"]["pid"].clone();
+    assert!(pid.as_u64().is_some(), "{pid}");
+    let server = http_tell_peer(&topo.server, Topo::server_addr(false, 80));
+
+    let phase = AtomicUsize::new(BEFORE);
+    let stop = AtomicBool::new(false);
+    let attempts: Mutex<Vec<Attempt>> = Mutex::new(Vec::new());
+    // Waits until the client has made `more` requests that started in `phase_now` and
+    // ended with `through_haproxy`.
+    let wait_for = |phase_now: usize, through_haproxy: bool, more: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = attempts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|a| a.started == phase_now && a.through_haproxy == through_haproxy)
+                .count();
+            if seen >= more {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phase {phase_now}: {seen} of {more} requests with through_haproxy={through_haproxy}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    /// Stops the client loop however the scope ends, so that a failed assertion fails the
+    /// test instead of waiting forever for the loop to end.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let haproxy = thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
+        scope.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                let started = phase.load(Ordering::SeqCst);
+                let through_haproxy = http_get(&topo.client, server.addr, Duration::from_secs(1))
+                    .is_ok_and(|r| r.to_lowercase().contains("x-original-dst"));
+                let ended = phase.load(Ordering::SeqCst);
+                attempts.lock().unwrap().push(Attempt {
+                    started,
+                    ended,
+                    through_haproxy,
+                });
+            }
+        });
+        wait_for(BEFORE, true, 20);
+        let (_, no_listener_before) = listener_packets(&topo.router, "default");
+
+        phase.store(KILLING, Ordering::SeqCst);
+        haproxy.kill();
+        phase.store(OUTAGE, Ordering::SeqCst);
+        wait_for_external(&topo.router, "default", false);
+        wait_for(OUTAGE, false, 1);
+        thread::sleep(Duration::from_millis(500));
+        let (_, no_listener_outage) = listener_packets(&topo.router, "default");
+        assert!(
+            no_listener_outage > no_listener_before,
+            "the outage's SYNs were counted: {no_listener_before} -> {no_listener_outage}"
+        );
+
+        phase.store(RESTARTING, Ordering::SeqCst);
+        // Dropped first: the old one's directory, removed on drop, has the same name.
+        drop(haproxy);
+        let haproxy = start_haproxy(&topo.router);
+        wait_for_external(&topo.router, "default", true);
+        phase.store(BACK, Ordering::SeqCst);
+        wait_for(BACK, true, 20);
+        haproxy
+    });
+
+    let attempts = attempts.into_inner().unwrap();
+    let count = |started: usize, ended: usize, through_haproxy: bool| {
+        attempts
+            .iter()
+            .filter(|a| a.started == started && a.ended == ended)
+            .filter(|a| a.through_haproxy == through_haproxy)
+            .count()
+    };
+    for started in BEFORE..=BACK {
+        for ended in started..=BACK {
+            let (ok, failed) = (count(started, ended, true), count(started, ended, false));
+            if ok + failed > 0 {
+                eprintln!("phase {started}..{ended}: {ok} answered, {failed} failed");
+            }
+        }
+    }
+    // Only the requests that overlapped the outage failed: none before, none once back.
+    assert_eq!(count(BEFORE, BEFORE, false), 0, "failed before the kill");
+    assert_eq!(count(BACK, BACK, false), 0, "failed after HAProxy was back");
+    // Fail closed: nothing during the outage got an answer, and nothing went direct.
+    assert_eq!(count(OUTAGE, OUTAGE, true), 0, "answered with no HAProxy");
+    assert!(count(OUTAGE, OUTAGE, false) >= 1);
+    assert!(
+        server
+            .peers()
+            .iter()
+            .all(|p| p.ip() != Topo::client_ip(false)),
+        "fail closed: nothing went direct: {:?}",
+        server.peers()
+    );
+    let (_, no_listener) = listener_packets(&topo.router, "default");
+    assert!(
+        no_listener as usize >= count(OUTAGE, OUTAGE, false),
+        "every failed SYN was counted: {no_listener}"
+    );
+    assert_eq!(
+        status(&topo.router)["instance"]["pid"],
+        pid,
+        "the same tproxy throughout"
+    );
+    drop(haproxy);
+    tproxy.stop().unwrap();
+    assert_eq!(
+        tproxy.final_counter("tcp", "no_listener").unwrap(),
+        no_listener,
+        "nothing went without a listener once HAProxy was back"
+    );
+}
+
 /// A UDP "proxy" as transparent proxies write them: an IP_TRANSPARENT socket that reads
 /// each datagram's original destination (IP_RECVORIGDSTADDR) and answers from it.
 struct UdpOrigDstEcho {
