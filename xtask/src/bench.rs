@@ -4,7 +4,9 @@
 //!
 //! Modes: the router only forwarding (the limit); iptables TPROXY + tproxy's relay
 //! (`--relay-only`: isolates the cost of steering); eBPF steering + tproxy's relay (the
-//! product); iptables TPROXY + HAProxy in transparent mode with splice (the incumbent).
+//! product); iptables TPROXY + HAProxy in transparent mode with splice (the incumbent); eBPF
+//! steering (`--on-port`) + the same HAProxy (isolates the cost of steering for a proxy
+//! tproxy does not run).
 
 use std::{
     collections::BTreeMap,
@@ -60,16 +62,19 @@ enum Mode {
     /// eBPF steering, relay `--tcp-relay copy`.
     EbpfCopy,
     Haproxy,
+    /// eBPF steering to HAProxy as an external listener (`--on-port`), no iptables.
+    EbpfHaproxy,
 }
 
 /// Every mode, in report order.
-const MODES: [Mode; 6] = [
+const MODES: [Mode; 7] = [
     Mode::Direct,
     Mode::IptablesRelay,
     Mode::Ebpf,
     Mode::EbpfKernel,
     Mode::EbpfCopy,
     Mode::Haproxy,
+    Mode::EbpfHaproxy,
 ];
 
 impl Mode {
@@ -81,6 +86,7 @@ impl Mode {
             Mode::EbpfKernel => "eBPF + tproxy relay (kernel)",
             Mode::EbpfCopy => "eBPF + tproxy relay (copy)",
             Mode::Haproxy => "iptables TPROXY + HAProxy",
+            Mode::EbpfHaproxy => "eBPF + HAProxy",
         }
     }
 }
@@ -374,7 +380,8 @@ fn output_in(netns: &Netns, command: &[&str]) -> Result<String> {
 enum Proxy {
     None,
     Tproxy(Tproxy, bool),
-    Haproxy(Child, tempdir::Dir),
+    /// HAProxy, and the tproxy steering to it when iptables does not.
+    Haproxy(Child, tempdir::Dir, Option<Tproxy>),
 }
 
 impl Proxy {
@@ -427,20 +434,25 @@ impl Proxy {
             }
             Mode::Haproxy => {
                 install_iptables_tproxy(router, &iptables_recipe(HAPROXY_PORT, decoys))?;
-                let dir = tempdir::Dir::new("haproxy")?;
-                let config = dir.path.join("haproxy.cfg");
-                fs::write(
-                    &config,
-                    format!(
-                        "global\n  maxconn 7000\n  nbthread 2\n\
-                         defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  option splice-auto\n\
-                         frontend steered\n  bind 127.0.0.1:{HAPROXY_PORT} transparent\n  default_backend original\n\
-                         backend original\n  server destination 0.0.0.0:0\n"
-                    ),
-                )?;
-                let child = spawn_in(router, &["haproxy", "-db", "-f", config.to_str().unwrap()])?;
-                thread::sleep(Duration::from_millis(500));
-                Proxy::Haproxy(child, dir)
+                let (child, dir) = start_haproxy(router)?;
+                Proxy::Haproxy(child, dir, None)
+            }
+            Mode::EbpfHaproxy => {
+                let (child, dir) = start_haproxy(router)?;
+                let on_port = HAPROXY_PORT.to_string();
+                let mut args = vec![
+                    "--tcp",
+                    &steered,
+                    "--on-port",
+                    &on_port,
+                    "--on-ip",
+                    "127.0.0.1",
+                ];
+                let real = format!("{}/24", Topo::SERVER_V4);
+                for prefix in decoys.iter().chain([&real]) {
+                    args.extend(["--dst", prefix]);
+                }
+                Proxy::Haproxy(child, dir, Some(topo.tproxy(&args)?))
             }
         })
     }
@@ -449,7 +461,7 @@ impl Proxy {
         match self {
             Proxy::None => None,
             Proxy::Tproxy(tproxy, _) => Some(tproxy.pid()),
-            Proxy::Haproxy(child, _) => Some(child.id()),
+            Proxy::Haproxy(child, _, _) => Some(child.id()),
         }
     }
 
@@ -462,14 +474,35 @@ impl Proxy {
                     remove_iptables_tproxy(&topo.router)?;
                 }
             }
-            Proxy::Haproxy(mut child, _dir) => {
+            Proxy::Haproxy(mut child, _dir, tproxy) => {
+                match tproxy {
+                    Some(mut tproxy) => tproxy.stop()?,
+                    None => remove_iptables_tproxy(&topo.router)?,
+                }
                 let _ = child.kill();
                 let _ = child.wait();
-                remove_iptables_tproxy(&topo.router)?;
             }
         }
         Ok(())
     }
+}
+
+/// HAProxy in transparent mode with splice, on the router's loopback at [`HAPROXY_PORT`].
+fn start_haproxy(router: &Netns) -> Result<(Child, tempdir::Dir)> {
+    let dir = tempdir::Dir::new("haproxy")?;
+    let config = dir.path.join("haproxy.cfg");
+    fs::write(
+        &config,
+        format!(
+            "global\n  maxconn 7000\n  nbthread 2\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  option splice-auto\n\
+             frontend steered\n  bind 127.0.0.1:{HAPROXY_PORT} transparent\n  default_backend original\n\
+             backend original\n  server destination 0.0.0.0:0\n"
+        ),
+    )?;
+    let child = spawn_in(router, &["haproxy", "-db", "-f", config.to_str().unwrap()])?;
+    thread::sleep(Duration::from_millis(500));
+    Ok((child, dir))
 }
 
 fn iptables_recipe(on_port: u16, decoys: &[String]) -> IptablesTproxy<'_> {
@@ -510,7 +543,10 @@ fn measure(topo: &Topo, mode: Mode, proxy: &Proxy, samples: &mut Samples) -> Res
     record(samples, METRICS[3].name, mode, p50);
     record(samples, METRICS[4].name, mode, p99);
     // The UDP relay is the same whatever --tcp-relay says.
-    if !matches!(mode, Mode::Haproxy | Mode::EbpfKernel | Mode::EbpfCopy) {
+    if !matches!(
+        mode,
+        Mode::Haproxy | Mode::EbpfHaproxy | Mode::EbpfKernel | Mode::EbpfCopy
+    ) {
         record(samples, METRICS[5].name, mode, udp_rate(topo)?);
     }
     if let Some(pid) = proxy.relay_pid() {
@@ -874,6 +910,7 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
         Mode::EbpfKernel,
         Mode::EbpfCopy,
         Mode::Haproxy,
+        Mode::EbpfHaproxy,
     ];
     let colors = [
         RGBColor(150, 150, 150),
@@ -881,6 +918,7 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
         RGBColor(40, 170, 90),
         RGBColor(130, 80, 180),
         RGBColor(220, 120, 30),
+        RGBColor(200, 60, 60),
     ];
     let bars: Vec<(&Metric, Vec<Option<f64>>)> = METRICS
         .iter()
@@ -901,7 +939,7 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
             Some((metric, ratios))
         })
         .collect();
-    let root = BitMapBackend::new(path, (1400, 700)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1600, 700)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -921,9 +959,9 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
     for (index, (metric, ratios)) in bars.iter().enumerate() {
         for (slot, ratio) in ratios.iter().enumerate() {
             let Some(ratio) = ratio else { continue };
-            let left = index as f64 + 0.05 + slot as f64 * 0.18;
+            let left = index as f64 + 0.05 + slot as f64 * 0.15;
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(left, 0.0), (left + 0.16, ratio.min(1.2))],
+                [(left, 0.0), (left + 0.13, ratio.min(1.2))],
                 colors[slot].filled(),
             )))?;
         }
@@ -939,7 +977,7 @@ fn chart(samples: &Samples, path: &Path) -> Result<()> {
         }
     }
     for (slot, mode) in modes.iter().enumerate() {
-        let x = 60 + slot as i32 * 270;
+        let x = 60 + slot as i32 * 255;
         root.draw(&Rectangle::new(
             [(x, 670), (x + 20, 685)],
             colors[slot].filled(),
