@@ -67,6 +67,27 @@ pub fn ip(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Deletes the namespaces of test processes that were killed (a timeout, SIGKILL): their
+/// `Drop` never ran. Names carry the creating process's pid (see `unique_name`).
+fn remove_namespaces_of_dead_tests() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("tpx")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "delete", &name]);
+        }
+    }
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -75,6 +96,7 @@ pub struct Netns {
 impl Netns {
     /// Creates a namespace with loopback up.
     pub fn new(role: &str) -> Result<Self> {
+        remove_namespaces_of_dead_tests();
         let name = unique_name(role);
         ip(&["netns", "add", &name])?;
         let netns = Netns { name };
