@@ -174,6 +174,38 @@ impl Netns {
         .with_context(|| format!("connecting from {source} to {addr}"))
     }
 
+    /// Connects from exactly `source` (address and port, reused even while an old socket of
+    /// that tuple is in TIME_WAIT) to `addr`, and reads until the peer closes.
+    pub fn read_all_from(&self, source: SocketAddr, addr: SocketAddr) -> Result<String> {
+        self.run(move || -> std::io::Result<String> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&source.into())?;
+            socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+            let mut stream = TcpStream::from(socket);
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stream, &mut text)?;
+            Ok(text)
+        })
+        .with_context(|| format!("reading from {addr} as {source}"))
+    }
+
+    /// This namespace's TCP sockets in TIME_WAIT, as `ss -Htan state time-wait` lists them.
+    pub fn time_wait_sockets(&self) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(["ss", "-Htan", "state", "time-wait"])
+            .output()?;
+        if !out.status.success() {
+            bail!("ss in {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Binds a listener on `addr` inside this namespace.
     pub fn listen(&self, addr: SocketAddr) -> Result<TcpListener> {
         self.run(move || TcpListener::bind(addr))

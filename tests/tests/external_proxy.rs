@@ -901,39 +901,14 @@ fn a_connection_reusing_a_time_wait_tuple_of_the_proxy_gets_through() {
         let client = SocketAddr::new(Topo::client_ip(v6), 40001);
         for round in 0..3 {
             if round > 0 {
-                let out = Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &topo.router.name,
-                        "ss",
-                        "-Htan",
-                        "state",
-                        "time-wait",
-                    ])
-                    .output()
-                    .unwrap();
-                let time_wait = String::from_utf8_lossy(&out.stdout);
+                let time_wait = topo.router.time_wait_sockets().unwrap();
                 assert!(
                     time_wait.contains(":40001"),
                     "no TIME_WAIT to reuse:\n{time_wait}"
                 );
             }
             let started = Instant::now();
-            let original = topo.client.run(move || -> std::io::Result<String> {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(client),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&client.into())?;
-                socket.connect_timeout(&server.into(), Duration::from_secs(5))?;
-                let mut stream = TcpStream::from(socket);
-                let mut original = String::new();
-                stream.read_to_string(&mut original)?;
-                Ok(original)
-            });
+            let original = topo.client.read_all_from(client, server);
             eprintln!("v6={v6} round {round}: {:?}", started.elapsed());
             assert_eq!(
                 original.unwrap(),

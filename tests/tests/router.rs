@@ -324,40 +324,14 @@ fn a_new_connection_reusing_a_time_wait_tuple_is_accepted_promptly() {
         let client = std::net::SocketAddr::new(Topo::client_ip(v6), 40000);
         for round in 0..3 {
             if round > 0 {
-                let out = std::process::Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &topo.router.name,
-                        "ss",
-                        "-Htan",
-                        "state",
-                        "time-wait",
-                    ])
-                    .output()
-                    .unwrap();
-                let time_wait = String::from_utf8_lossy(&out.stdout);
+                let time_wait = topo.router.time_wait_sockets().unwrap();
                 assert!(
                     time_wait.contains(":40000"),
                     "no TIME_WAIT to reuse:\n{time_wait}"
                 );
             }
             let started = Instant::now();
-            let addr = server.addr;
-            let peer = topo.client.run(move || -> std::io::Result<String> {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(client),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&client.into())?;
-                socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
-                let mut stream = std::net::TcpStream::from(socket);
-                let mut peer = String::new();
-                stream.read_to_string(&mut peer)?;
-                Ok(peer)
-            });
+            let peer = topo.client.read_all_from(client, server.addr);
             let waited = started.elapsed();
             assert_eq!(
                 peer.unwrap(),
