@@ -10,8 +10,6 @@
 //! it all in place for the next one. A stop drains first: accepting ends, the connections
 //! and sessions in flight get up to `--drain-timeout` to finish.
 
-use std::net::SocketAddr;
-
 use anyhow::{bail, Context, Result};
 use tproxy_common::decision::LOOPBACK_IFINDEX;
 
@@ -30,11 +28,13 @@ use crate::{
 };
 use crate::{
     daemon::links::LinkWatch,
-    daemon::serve::{notify_systemd, serve, Control, Ending, Signals},
+    daemon::ready::declare_ready,
+    daemon::serve::{serve, Control, Ending, Signals},
     datapath::interfaces::{resolve_interfaces, Framing, Link},
     relay::listeners::Relays,
 };
 
+/// Runs until stopped: every step of the set-up is undone by the tear-down, whichever fails.
 pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut signals = Signals::register()?;
@@ -47,13 +47,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .transpose()?;
     let mut relays = Relays::new(&config.settings)?;
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(8);
-    let mut control = Control {
-        requests: control_rx,
-        lock: None,
-        pinned: false,
-        attached: Vec::new(),
-        links: None,
-    };
+    let mut control = Control::new(control_rx);
     if args.relay_only {
         let user = user.as_ref();
         return relay_only(
@@ -71,15 +65,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     let local_setup = local.as_ref().map(local_origin::prepare).transpose()?;
     let netlink = routing::connect()?;
     control.links = LinkWatch::subscribe(&config.settings.interfaces)?;
-    let mut interfaces = resolve_interfaces(&netlink, &config.settings.interfaces).await?;
-    if local.is_some() && !interfaces.iter().any(|link| link.name == "lo") {
-        // `interfaces = "all"` (no link watch): lo is added here, not by the configuration.
-        interfaces.push(Link {
-            name: "lo".to_string(),
-            index: LOOPBACK_IFINDEX,
-            framing: Framing::Ethernet,
-        });
-    }
+    let interfaces = interfaces_to_attach(&netlink, &config.settings, local.is_some()).await?;
     let settings = config.settings.clone();
     if local.is_some() && settings.pin {
         bail!("--local with --pin: the cgroup attachments are not pinned yet; run without --pin");
@@ -94,11 +80,11 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         let local_globals = local_setup.as_ref().map(|(_, globals)| *globals);
         let loaded = load_steering(&config, &mut relays, &interfaces, &claim, local_globals);
         let steering = steering.insert(loaded.await?);
-        let spec = claim.routing_spec(&settings, local.is_some());
-        routing = Some(match claim.adopting {
-            true => PolicyRouting::adopt(&netlink, spec).await?,
-            false => PolicyRouting::install(&netlink, spec).await?,
-        });
+        routing = Some(
+            claim
+                .policy_routing(&netlink, &settings, local.is_some())
+                .await?,
+        );
         control.attached = attach_all(steering, &interfaces)?;
         // After `lo`'s program: a marked socket's packets must find it there.
         if let (Some(local), Some((root, _))) = (&local, &local_setup) {
@@ -125,6 +111,25 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     .await;
     drop(steering);
     tear_down(claim, &settings, routing, served).await
+}
+
+/// The interfaces to attach to now (those of `settings` that exist; with `--local`, `lo`
+/// too).
+async fn interfaces_to_attach(
+    netlink: &rtnetlink::Handle,
+    settings: &Settings,
+    local_origin: bool,
+) -> Result<Vec<Link>> {
+    let mut interfaces = resolve_interfaces(netlink, &settings.interfaces).await?;
+    if local_origin && !interfaces.iter().any(|link| link.name == "lo") {
+        // `interfaces = "all"` (no link watch): lo is added here, not by the configuration.
+        interfaces.push(Link {
+            name: "lo".to_string(),
+            index: LOOPBACK_IFINDEX,
+            framing: Framing::Ethernet,
+        });
+    }
+    Ok(interfaces)
 }
 
 /// `run --relay-only`: listeners and relay, no program, no routing (iptables steers).
@@ -202,14 +207,24 @@ impl Claim {
         })
     }
 
-    /// `local_origin`: local processes' connections are steered too (`--local`).
-    fn routing_spec(&self, settings: &Settings, local_origin: bool) -> RoutingSpec {
-        RoutingSpec {
+    /// Installs the policy routing, or adopts what a predecessor installed; `local_origin`:
+    /// local processes' connections are steered too (`--local`).
+    async fn policy_routing(
+        &self,
+        netlink: &rtnetlink::Handle,
+        settings: &Settings,
+        local_origin: bool,
+    ) -> Result<PolicyRouting> {
+        let spec = RoutingSpec {
             mark: settings.mark.value,
             mask: settings.mark.mask,
             table: settings.table,
             priority: settings.rule_priority,
             local_origin,
+        };
+        match self.adopting {
+            true => PolicyRouting::adopt(netlink, spec).await,
+            false => PolicyRouting::install(netlink, spec).await,
         }
     }
 
@@ -316,92 +331,10 @@ async fn tear_down(
     }
 }
 
-/// Marks the instance ready (the `/readyz` flag, the ready log line, systemd).
-fn declare_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &Relays) {
-    // Ready before the line that says so: whoever reads it and asks /readyz must hear 200.
-    relays
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    announce_ready(args, config, attached, relays);
-    notify_systemd(sd_notify::NotifyState::Ready);
-}
-
 /// Attaches to every interface; returns how each was attached, for the ready line.
 fn attach_all(steering: &mut Steering, interfaces: &[Link]) -> Result<Vec<String>> {
     for link in interfaces {
         steering.attach(link)?;
     }
     Ok(steering.attached_descriptions())
-}
-
-fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &Relays) {
-    let listeners: Vec<String> = relays
-        .listeners
-        .iter()
-        .map(|l| {
-            if let Some(external) = &l.config.external {
-                return crate::relay::external::describe(
-                    &l.config.name,
-                    external,
-                    l.config.tcp,
-                    l.config.udp,
-                );
-            }
-            let transports = match (l.tcp.is_some(), l.udp.is_some()) {
-                (true, true) => "TCP+UDP",
-                (true, false) => "TCP",
-                (false, true) => "UDP",
-                (false, false) => "unused",
-            };
-            let addrs: Vec<String> = l.bound.iter().map(ToString::to_string).collect();
-            let upstream = l
-                .config
-                .upstream
-                .map_or("the original destination".to_string(), |u| u.to_string());
-            format!(
-                "{} {transports} on {} relaying to {upstream}",
-                l.config.name,
-                addrs.join(", ")
-            )
-        })
-        .collect();
-    for l in &relays.listeners {
-        let addrs = match &l.config.external {
-            Some(external) => external.addresses(),
-            None => l.bound.clone(),
-        };
-        for (family, present) in [
-            ("IPv4", addrs.iter().any(SocketAddr::is_ipv4)),
-            ("IPv6", addrs.iter().any(SocketAddr::is_ipv6)),
-        ] {
-            if !present && !args.relay_only {
-                let fate = match config.settings.fail_mode {
-                    FailMode::Open => "passed on untouched (fail mode open)",
-                    FailMode::Closed => "dropped (fail mode closed)",
-                };
-                log::warn!(
-                    "listener `{}` has no {family} address: {family} flows steered to it are \
-                     {fate} and counted as no_listener",
-                    l.config.name
-                );
-            }
-        }
-    }
-    if args.relay_only {
-        log::info!(
-            "ready: relay only (steering is left to others): listeners {}",
-            listeners.join("; ")
-        );
-        return;
-    }
-    let s = &config.settings;
-    log::info!(
-        "ready: {} rules on {}; listeners {}; mark {} table {} rule priority {}",
-        config.configured_rules,
-        attached.join(", "),
-        listeners.join("; "),
-        s.mark,
-        s.table,
-        s.rule_priority,
-    );
 }

@@ -1,11 +1,12 @@
 //! The process around the data path: the `serve` loop (serving, draining, handed over, and
 //! the signals between), `reload`, one [`instance`] per network namespace and table, its
-//! `control` socket (status, reload, handover to a successor), and the `privileges` it
-//! keeps once set up.
+//! `control` socket (status, reload, handover to a successor), the `privileges` it
+//! keeps once set up, and how it says it is `ready`.
 
 pub(crate) mod control;
 pub mod instance;
 pub(crate) mod links;
 pub(crate) mod privileges;
+pub(crate) mod ready;
 pub(crate) mod reload;
 pub(crate) mod serve;

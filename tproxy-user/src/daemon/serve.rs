@@ -42,6 +42,19 @@ pub(crate) struct Control<'a> {
     pub(crate) links: Option<LinkWatch>,
 }
 
+impl Control<'_> {
+    /// Before set-up: nothing attached, no lock to hand over, no link events yet.
+    pub(crate) fn new(requests: tokio::sync::mpsc::Receiver<Request>) -> Self {
+        Control {
+            requests,
+            lock: None,
+            pinned: false,
+            attached: Vec::new(),
+            links: None,
+        }
+    }
+}
+
 /// Where serving is.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {

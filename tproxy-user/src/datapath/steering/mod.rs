@@ -84,70 +84,90 @@ pub fn rule_map_capacity(first: &CompiledRules) -> u32 {
         .clamp(1024, maps::MAX_RULE_MAP_ENTRIES)
 }
 
+/// Prepares `--pin`'s directory; when an earlier instance left maps there, they are adopted
+/// as they are: their size, which the rule maps must be loaded with.
+fn pinned_capacity(pinned: &PinnedState) -> Result<Option<u32>> {
+    pinned.prepare()?;
+    if !pinned.exists() {
+        return Ok(None);
+    }
+    pinned.discard_counters_of_another_layout()?;
+    let rules = pinned.map(maps::RULES_DST_V4);
+    let capacity = MapInfo::from_pin(&rules)
+        .with_context(|| format!("opening the pinned map {}", rules.display()))?
+        .max_entries();
+    Ok(Some(capacity))
+}
+
+/// Loads the object with the settings baked into its globals and the rule maps sized to
+/// `capacity` (pinned maps are reused rather than created).
+fn load_object(
+    settings: &LoadSettings,
+    capacity: u32,
+    fragment_timeouts: (u64, u64),
+) -> Result<Ebpf> {
+    // Log records below the level the user asked for are not even produced in the kernel.
+    let log_level = log::max_level() as u8;
+    let fail_closed = u32::from(settings.fail_closed);
+    let mut loader = EbpfLoader::new();
+    if let Some(pinned) = &settings.pinned {
+        for name in maps::PINNED_MAPS {
+            loader.map_pin_path(name, pinned.map(name));
+        }
+    }
+    let local_origin = u32::from(settings.local_origin.is_some());
+    let local = settings.local_origin.as_ref();
+    let own_cgroup = local.map_or(0, |l| l.own_cgroup);
+    let own_netns = local.map_or(0, |l| l.own_netns);
+    let uid_ranges = local.map(|l| l.uid_ranges).unwrap_or_default();
+    let uid_ranges_len = local.map_or(0, |l| l.uid_ranges_len);
+    loader
+        .override_global(local_origin::LOCAL_ORIGIN_GLOBAL, &local_origin, true)
+        .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
+        .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)
+        .override_global(local_origin::UID_RANGES_GLOBAL, &uid_ranges, true)
+        .override_global(local_origin::UID_RANGES_LEN_GLOBAL, &uid_ranges_len, true)
+        .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
+        .override_global(maps::FRAGMENT_TIMEOUT_V6_GLOBAL, &fragment_timeouts.1, true)
+        .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
+        .override_global(maps::FAIL_CLOSED_GLOBAL, &fail_closed, true)
+        .override_global(maps::MARK_MASK_GLOBAL, &settings.mark.mask, true)
+        .override_global(maps::OWN_SOCKET_MARK_GLOBAL, &settings.socket_mark, true)
+        .override_global("AYA_LOG_LEVEL", &log_level, true)
+        .map_max_entries(maps::RULES_DST_V4, capacity)
+        .map_max_entries(maps::RULES_DST_V6, capacity)
+        .map_max_entries(maps::RULES_SRC_V4, capacity)
+        .map_max_entries(maps::RULES_SRC_V6, capacity)
+        .load(PROGRAM)
+        .context("loading the eBPF object into the kernel")
+}
+
+/// Takes the packet counters (by outcome, and per listener) out of the object.
+fn take_counters(ebpf: &mut Ebpf) -> Result<CounterReader> {
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    };
+    let outcomes = take(maps::COUNTERS)?;
+    let per_listener = take(maps::LISTENER_COUNTERS)?;
+    Ok(CounterReader {
+        outcomes: Arc::new(PerCpuArray::try_from(outcomes)?),
+        per_listener: Some(Arc::new(PerCpuArray::try_from(per_listener)?)),
+    })
+}
+
 impl Steering {
     /// Loads the program (not yet attached anywhere). Its rule maps are empty: nothing is
     /// steered until [`Steering::install_rules`].
     pub fn load(settings: &LoadSettings) -> Result<Self> {
-        // Log records below the level the user asked for are not even produced in the kernel.
-        let log_level = log::max_level() as u8;
-        let fail_closed = u32::from(settings.fail_closed);
-        let mut capacity = settings.rule_map_capacity;
-        let mut loader = EbpfLoader::new();
-        let mut adopting = false;
-        if let Some(pinned) = &settings.pinned {
-            pinned.prepare()?;
-            adopting = pinned.exists();
-            if adopting {
-                pinned.discard_counters_of_another_layout()?;
-                let rules = pinned.map(maps::RULES_DST_V4);
-                capacity = MapInfo::from_pin(&rules)
-                    .with_context(|| format!("opening the pinned map {}", rules.display()))?
-                    .max_entries();
-            }
-            for name in maps::PINNED_MAPS {
-                loader.map_pin_path(name, pinned.map(name));
-            }
-        }
-        let fragment_timeouts = crate::datapath::fragments::reassembly_timeouts_ns();
-        let local_origin = u32::from(settings.local_origin.is_some());
-        let local = settings.local_origin.as_ref();
-        let own_cgroup = local.map_or(0, |l| l.own_cgroup);
-        let own_netns = local.map_or(0, |l| l.own_netns);
-        let uid_ranges = local.map(|l| l.uid_ranges).unwrap_or_default();
-        let uid_ranges_len = local.map_or(0, |l| l.uid_ranges_len);
-        let ebpf = loader
-            .override_global(local_origin::LOCAL_ORIGIN_GLOBAL, &local_origin, true)
-            .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
-            .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)
-            .override_global(local_origin::UID_RANGES_GLOBAL, &uid_ranges, true)
-            .override_global(local_origin::UID_RANGES_LEN_GLOBAL, &uid_ranges_len, true)
-            .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
-            .override_global(maps::FRAGMENT_TIMEOUT_V6_GLOBAL, &fragment_timeouts.1, true)
-            .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
-            .override_global(maps::FAIL_CLOSED_GLOBAL, &fail_closed, true)
-            .override_global(maps::MARK_MASK_GLOBAL, &settings.mark.mask, true)
-            .override_global(maps::OWN_SOCKET_MARK_GLOBAL, &settings.socket_mark, true)
-            .override_global("AYA_LOG_LEVEL", &log_level, true)
-            .map_max_entries(maps::RULES_DST_V4, capacity)
-            .map_max_entries(maps::RULES_DST_V6, capacity)
-            .map_max_entries(maps::RULES_SRC_V4, capacity)
-            .map_max_entries(maps::RULES_SRC_V6, capacity)
-            .load(PROGRAM)
-            .context("loading the eBPF object into the kernel")?;
-        let mut ebpf = ebpf;
-        let counters = ebpf
-            .take_map(maps::COUNTERS)
-            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::COUNTERS))?;
-        let per_listener = ebpf.take_map(maps::LISTENER_COUNTERS).ok_or_else(|| {
-            anyhow!(
-                "map {} missing from the eBPF object",
-                maps::LISTENER_COUNTERS
-            )
-        })?;
-        let counters = CounterReader {
-            outcomes: Arc::new(PerCpuArray::try_from(counters)?),
-            per_listener: Some(Arc::new(PerCpuArray::try_from(per_listener)?)),
+        let adopted_capacity = match &settings.pinned {
+            Some(pinned) => pinned_capacity(pinned)?,
+            None => None,
         };
+        let capacity = adopted_capacity.unwrap_or(settings.rule_map_capacity);
+        let fragment_timeouts = crate::datapath::fragments::reassembly_timeouts_ns();
+        let mut ebpf = load_object(settings, capacity, fragment_timeouts)?;
+        let counters = take_counters(&mut ebpf)?;
         let fragments = FragmentTracking::take(&mut ebpf, fragment_timeouts)?;
         let mut steering = Steering {
             ebpf,
@@ -160,19 +180,30 @@ impl Steering {
             attached: BTreeMap::new(),
             interface_events: Arc::default(),
         };
-        if adopting {
+        if adopted_capacity.is_some() {
             steering
                 .forget_rules_in_force()
                 .context("reading the pinned generation")?;
         }
-        let program: &mut SchedClassifier = steering.program_mut()?;
-        program
+        steering.load_programs()?;
+        steering.attach_lookup(settings.pinned.as_ref())?;
+        Ok(steering)
+    }
+
+    /// Has the kernel's verifier check both programs.
+    fn load_programs(&mut self) -> Result<()> {
+        self.program_mut()?
             .load()
             .context("the kernel's verifier rejected the steering program")?;
-        let lookup = steering.lookup_program_mut()?;
-        lookup
+        self.lookup_program_mut()?
             .load()
-            .context("the kernel's verifier rejected the sk_lookup program")?;
+            .context("the kernel's verifier rejected the sk_lookup program")
+    }
+
+    /// Attaches the sk_lookup program to this network namespace; with `--pin`, pins its link
+    /// in place of an earlier instance's.
+    fn attach_lookup(&mut self, pinned: Option<&PinnedState>) -> Result<()> {
+        let lookup = self.lookup_program_mut()?;
         // Network-namespace wide: it answers the listener lookups for SYNs that reuse the tuple
         // of a TIME_WAIT socket (see tproxy_common::decision::socket_owns_flow).
         let netns =
@@ -180,7 +211,7 @@ impl Steering {
         let link = lookup
             .attach(netns)
             .context("attaching the sk_lookup program to this network namespace")?;
-        if let Some(pinned) = &settings.pinned {
+        if let Some(pinned) = pinned {
             let link: FdLink = lookup.take_link(link)?.into();
             let path = pinned.sk_lookup_link();
             // An earlier instance's link goes once its process, if still running, lets go:
@@ -189,7 +220,7 @@ impl Steering {
             link.pin(&path)
                 .with_context(|| format!("pinning the sk_lookup link at {}", path.display()))?;
         }
-        Ok(steering)
+        Ok(())
     }
 
     fn lookup_program_mut(&mut self) -> Result<&mut SkLookup> {

@@ -1,0 +1,92 @@
+//! Saying that the instance is ready: the `/readyz` flag, the `ready:` log line (what is
+//! steered where, and what a listener without an address family does with its flows), and
+//! systemd's notification.
+
+use std::net::SocketAddr;
+
+use crate::{
+    cli::RunArgs, config::Config, daemon::serve::notify_systemd, relay::listeners::Relays,
+    values::FailMode,
+};
+
+/// Marks the instance ready (the `/readyz` flag, the ready log line, systemd).
+pub(crate) fn declare_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &Relays) {
+    // Ready before the line that says so: whoever reads it and asks /readyz must hear 200.
+    relays
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    announce_ready(args, config, attached, relays);
+    notify_systemd(sd_notify::NotifyState::Ready);
+}
+
+fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: &Relays) {
+    let listeners: Vec<String> = relays
+        .listeners
+        .iter()
+        .map(|l| {
+            if let Some(external) = &l.config.external {
+                return crate::relay::external::describe(
+                    &l.config.name,
+                    external,
+                    l.config.tcp,
+                    l.config.udp,
+                );
+            }
+            let transports = match (l.tcp.is_some(), l.udp.is_some()) {
+                (true, true) => "TCP+UDP",
+                (true, false) => "TCP",
+                (false, true) => "UDP",
+                (false, false) => "unused",
+            };
+            let addrs: Vec<String> = l.bound.iter().map(ToString::to_string).collect();
+            let upstream = l
+                .config
+                .upstream
+                .map_or("the original destination".to_string(), |u| u.to_string());
+            format!(
+                "{} {transports} on {} relaying to {upstream}",
+                l.config.name,
+                addrs.join(", ")
+            )
+        })
+        .collect();
+    for l in &relays.listeners {
+        let addrs = match &l.config.external {
+            Some(external) => external.addresses(),
+            None => l.bound.clone(),
+        };
+        for (family, present) in [
+            ("IPv4", addrs.iter().any(SocketAddr::is_ipv4)),
+            ("IPv6", addrs.iter().any(SocketAddr::is_ipv6)),
+        ] {
+            if !present && !args.relay_only {
+                let fate = match config.settings.fail_mode {
+                    FailMode::Open => "passed on untouched (fail mode open)",
+                    FailMode::Closed => "dropped (fail mode closed)",
+                };
+                log::warn!(
+                    "listener `{}` has no {family} address: {family} flows steered to it are \
+                     {fate} and counted as no_listener",
+                    l.config.name
+                );
+            }
+        }
+    }
+    if args.relay_only {
+        log::info!(
+            "ready: relay only (steering is left to others): listeners {}",
+            listeners.join("; ")
+        );
+        return;
+    }
+    let s = &config.settings;
+    log::info!(
+        "ready: {} rules on {}; listeners {}; mark {} table {} rule priority {}",
+        config.configured_rules,
+        attached.join(", "),
+        listeners.join("; "),
+        s.mark,
+        s.table,
+        s.rule_priority,
+    );
+}
