@@ -682,11 +682,11 @@ fn as_an_unprivileged_user_the_kernel_relay_pairs_and_unpairs() {
     tproxy.stop().unwrap();
 }
 
-/// Each pair's insertion looks for drops of its own sockets only. Before, one counter for
-/// all pairs was compared around the insertion, so a pair made while another pair's program
-/// dropped bytes (a client resetting while its server still sends) was reset too.
+/// Pairs made while other connections are reset mid-stream (their peer leaves the map while
+/// bytes still flow) are all relayed by the kernel, none reset or spliced, and every one of
+/// them is counted and taken out of the map.
 #[test]
-fn pairs_made_while_other_pairs_drop_bytes_are_not_reset() {
+fn pairs_made_while_other_connections_are_reset_mid_stream_are_all_relayed() {
     require_root();
     let topo = Topo::new().unwrap();
     let mut tproxy = topo

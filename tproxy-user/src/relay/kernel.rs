@@ -143,14 +143,15 @@ impl KernelRelay {
         let second = first.and_then(|()| peers.insert(keys[1], client.as_raw_fd(), BPF_NOEXIST));
         // Only more than half a receive buffer arriving meanwhile could have run the program
         // early (TCP caps SO_RCVLOWAT there). The marks are the pair's own: cookies are never
-        // reused, so no other pair's drop can be taken for this one's.
-        let lost = self.dropped(&keys)?;
+        // reused, so no other pair's drop can be taken for this one's. Marks that cannot be
+        // read are taken for drops: the pair is reset rather than maybe truncated.
+        let lost = self.dropped(&keys).unwrap_or(true);
         if second.is_err() || lost {
+            let _ = peers.remove(&keys[0]);
+            let _ = peers.remove(&keys[1]);
             for socket in [client, upstream] {
                 set_rcvlowat(socket, 1)?;
             }
-            let _ = peers.remove(&keys[0]);
-            let _ = peers.remove(&keys[1]);
             let error = match second {
                 Err(error) => io::Error::other(error),
                 Ok(()) => io::Error::other("bytes arrived while the pair was being made"),
