@@ -572,8 +572,9 @@ mod tests {
 /// The in-kernel TCP relay's socket hash (its own eBPF object, apart from the steering one):
 /// each relayed socket under the [`RelayPeerKey`] of the other socket of its connection.
 pub const RELAY_PEERS: &str = "RELAY_PEERS";
-/// Per-CPU array (`u64`, one entry): bytes-carrying skbs the relay's program dropped because the
-/// peer was not in [`RELAY_PEERS`], which only happens while a pair is being inserted.
+/// LRU hash, socket cookie → `u8` (1): sockets whose received bytes the relay's program dropped
+/// because their peer was not in [`RELAY_PEERS`], which happens while a pair is being inserted
+/// (or after the peer closed).
 pub const RELAY_DROPS: &str = "RELAY_DROPS";
 /// The relay's `sk_skb/stream_verdict` program, attached to [`RELAY_PEERS`].
 pub const RELAY_VERDICT_PROGRAM: &str = "tproxy_relay_verdict";

@@ -11,7 +11,7 @@ use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie,
     macros::map,
     macros::stream_verdict,
-    maps::{PerCpuArray, SockHash},
+    maps::{LruHashMap, SockHash},
     programs::SkBuffContext,
 };
 use tproxy_common::maps::RelayPeerKey;
@@ -19,8 +19,10 @@ use tproxy_common::maps::RelayPeerKey;
 // The loader sizes it for the connections it may relay.
 #[map]
 static RELAY_PEERS: SockHash<RelayPeerKey> = SockHash::with_max_entries(1, 0);
+// A record is read only while its pair is being made (microseconds), and only sockets whose
+// bytes were dropped get one: the oldest are let go when it is full.
 #[map]
-static RELAY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static RELAY_DROPS: LruHashMap<RelayPeerKey, u8> = LruHashMap::with_max_entries(1024, 0);
 
 #[stream_verdict]
 pub fn tproxy_relay_verdict(ctx: SkBuffContext) -> u32 {
@@ -33,14 +35,11 @@ pub fn tproxy_relay_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the socket the skb was received on.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let verdict = RELAY_PEERS.redirect_skb(&ctx, cookie, 0) as u32;
-    // The peer is not in the map (yet): the bytes are dropped. Only while a pair is being
-    // made can that happen; the loader compares this count around it.
+    // The peer is not in the map (yet, or any more): the bytes are dropped. The socket is
+    // marked by its own cookie, so that the loader, which looks for its pair's two marks once
+    // the pair is in, cannot take another pair's drop for its own.
     if verdict != sk_action::SK_PASS {
-        if let Some(drops) = RELAY_DROPS.get_ptr_mut(0) {
-            // SAFETY: this CPU's value, which lives as long as the map; the program is not
-            // preempted on it.
-            unsafe { *drops += 1 };
-        }
+        let _ = RELAY_DROPS.insert(cookie, 1u8, 0);
     }
     verdict
 }

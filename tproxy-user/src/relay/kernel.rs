@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, MapError, SockHash},
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
@@ -52,7 +52,8 @@ const BPF_NOEXIST: u64 = 1;
 /// The verdict program and its socket hash, shared by every kernel-relayed connection.
 pub struct KernelRelay {
     peers: Mutex<SockHash<MapData, RelayPeerKey>>,
-    drops: PerCpuArray<MapData, u64>,
+    /// The sockets whose bytes the program dropped, by their own cookie.
+    drops: HashMap<MapData, RelayPeerKey, u8>,
     /// Keeps the program loaded and attached to `peers`.
     _ebpf: Ebpf,
 }
@@ -78,7 +79,7 @@ impl KernelRelay {
         let drops = ebpf
             .take_map(maps::RELAY_DROPS)
             .ok_or_else(|| anyhow!("map {} missing from the relay object", maps::RELAY_DROPS))?;
-        let drops = PerCpuArray::try_from(drops)?;
+        let drops = HashMap::try_from(drops)?;
         let name = maps::RELAY_VERDICT_PROGRAM;
         let program: &mut SkSkb = ebpf
             .program_mut(name)
@@ -98,10 +99,17 @@ impl KernelRelay {
         })
     }
 
-    /// Skbs the program dropped because a socket's peer was not in the map.
-    fn drops(&self) -> io::Result<u64> {
-        let per_cpu = self.drops.get(&0, 0).map_err(io::Error::other)?;
-        Ok(per_cpu.iter().sum())
+    /// Whether the program dropped bytes that either socket of a pair received because the
+    /// other was not in the map.
+    fn dropped(&self, keys: &[RelayPeerKey; 2]) -> io::Result<bool> {
+        for key in keys {
+            match self.drops.get(key, 0) {
+                Ok(_) => return Ok(true),
+                Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(io::Error::other(error)),
+            }
+        }
+        Ok(false)
     }
 
     /// Sockets in the map now (two a relayed connection): 0 once every connection ended.
@@ -129,26 +137,25 @@ impl KernelRelay {
             set_rcvlowat(socket, libc::c_int::MAX)?;
         }
         let mut peers = self.peers.lock().unwrap();
-        let drops_before = self.drops()?;
         // Keyed by the peer's cookie: the program finds where to send a socket's bytes with
         // its own cookie.
         let first = peers.insert(keys[0], upstream.as_raw_fd(), BPF_NOEXIST);
         let second = first.and_then(|()| peers.insert(keys[1], client.as_raw_fd(), BPF_NOEXIST));
         // Only more than half a receive buffer arriving meanwhile could have run the program
-        // early (TCP caps SO_RCVLOWAT there).
-        let lost = self.drops()? != drops_before;
+        // early (TCP caps SO_RCVLOWAT there). The marks are the pair's own: cookies are never
+        // reused, so no other pair's drop can be taken for this one's. Marks that cannot be
+        // read are taken for drops: the pair is reset rather than maybe truncated.
+        let lost = self.dropped(&keys).unwrap_or(true);
         if second.is_err() || lost {
+            let _ = peers.remove(&keys[0]);
+            let _ = peers.remove(&keys[1]);
             for socket in [client, upstream] {
                 set_rcvlowat(socket, 1)?;
             }
-            let _ = peers.remove(&keys[0]);
-            let _ = peers.remove(&keys[1]);
             let error = match second {
                 Err(error) => io::Error::other(error),
                 Ok(()) => io::Error::other("bytes arrived while the pair was being made"),
             };
-            // A drop count moved by another pair's insertion is taken for ours: a reset where
-            // none was needed, never bytes silently lost.
             return Err(match lost {
                 true => PairError::Lost(error),
                 false => PairError::Refused(error),
@@ -235,6 +242,11 @@ struct Side {
     passed_on: bool,
 }
 
+/// Whether exactly one direction has ended (its FIN passed on): the half-close timeout runs.
+fn half_closed(sides: &[Side; 2]) -> bool {
+    sides[0].passed_on != sides[1].passed_on
+}
+
 /// Watches a paired connection until both sides have finished (`Ok`), one fails, or a
 /// timeout; `finished` learns which sides sent FIN.
 pub async fn watch(
@@ -252,72 +264,99 @@ pub async fn watch(
         unsafe { AsyncFd::register_with_interest(paired.epoll.as_fd(), Interest::READABLE) }
             .map_err(io::Error::from)?;
     let mut sides: [Side; 2] = Default::default();
-    let half_closed = tokio::time::sleep(Duration::MAX / 4);
-    tokio::pin!(half_closed);
+    let half_close_ends = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(half_close_ends);
     loop {
         let flushing = sides.iter().any(|side| side.finished && !side.passed_on);
         tokio::select! {
             guard = events.readable() => {
                 let mut guard = guard?;
-                for (index, event) in drain(guard.get_inner())? {
-                    if event & (libc::EPOLLERR as u32) != 0 {
-                        let error = sockets[index].take_error()?.unwrap_or_else(|| {
-                            io::Error::new(io::ErrorKind::ConnectionReset, "connection reset")
-                        });
-                        return Err(error);
-                    }
-                    if event & (libc::EPOLLRDHUP as u32) != 0 {
-                        sides[index].finished = true;
-                        finished.0[index].store(true, Relaxed);
-                    }
-                    // Both directions closed although only one FIN was seen, or ours was not
-                    // sent: the socket was torn down under us.
-                    if event & (libc::EPOLLHUP as u32) != 0 && !sides[1 - index].passed_on {
-                        return Err(io::Error::new(io::ErrorKind::ConnectionReset, "connection closed abruptly"));
-                    }
-                }
+                note_events(drain(guard.get_inner())?, &sockets, &mut sides, finished)?;
                 guard.clear_ready();
             }
             () = tokio::time::sleep(FLUSH_POLL), if flushing => {}
             () = idle_for(&sockets, idle_timeout) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("idle for {}", Human(idle_timeout)),
-                ));
+                return Err(timed_out("idle", idle_timeout));
             }
-            () = &mut half_closed, if sides[0].passed_on != sides[1].passed_on => {
+            () = &mut half_close_ends, if half_closed(&sides) => {
                 half_close_timeouts.fetch_add(1, Relaxed);
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("half-closed for {}", Human(half_close_timeout)),
-                ));
+                return Err(timed_out("half-closed", half_close_timeout));
             }
         }
-        let was_half_closed = sides[0].passed_on != sides[1].passed_on;
-        for index in 0..2 {
-            let peer = 1 - index;
-            if !sides[index].finished || sides[index].passed_on {
-                continue;
-            }
-            // The FIN's sequence number is not a byte to pass on.
-            let received = tcp_info(sockets[index])?
-                .tcpi_bytes_received
-                .saturating_sub(1);
-            let written = sent(sockets[peer])?.saturating_sub(paired.sent_before[peer]);
-            if written >= received {
-                socket2::SockRef::from(sockets[peer]).shutdown(std::net::Shutdown::Write)?;
-                sides[index].passed_on = true;
-            }
-        }
-        if sides[0].passed_on && sides[1].passed_on {
+        let was_half_closed = half_closed(&sides);
+        pass_fins_on(&sockets, paired, &mut sides)?;
+        if sides.iter().all(|side| side.passed_on) {
             return Ok(());
         }
-        if !was_half_closed && sides[0].passed_on != sides[1].passed_on {
-            half_closed
+        if !was_half_closed && half_closed(&sides) {
+            half_close_ends
                 .as_mut()
                 .reset(tokio::time::Instant::now() + half_close_timeout);
         }
     }
+}
+
+/// Takes in the events of the pair's epoll set: a FIN marks its side finished; an error or a
+/// hang-up that no FIN explains ends the watch with it.
+fn note_events(
+    events: Vec<(usize, u32)>,
+    sockets: &[&TcpStream; 2],
+    sides: &mut [Side; 2],
+    finished: &Finished,
+) -> io::Result<()> {
+    for (index, event) in events {
+        if event & (libc::EPOLLERR as u32) != 0 {
+            let error = sockets[index].take_error()?.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::ConnectionReset, "connection reset")
+            });
+            return Err(error);
+        }
+        if event & (libc::EPOLLRDHUP as u32) != 0 {
+            sides[index].finished = true;
+            finished.0[index].store(true, Relaxed);
+        }
+        // Both directions closed although only one FIN was seen, or ours was not sent: the
+        // socket was torn down under us.
+        if event & (libc::EPOLLHUP as u32) != 0 && !sides[1 - index].passed_on {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "connection closed abruptly",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Passes each side's FIN on (shuts the peer's sending side down) once every byte before it
+/// is in the peer's send queue: the kernel relay may still hold some when the FIN is seen.
+fn pass_fins_on(
+    sockets: &[&TcpStream; 2],
+    paired: &Paired<'_>,
+    sides: &mut [Side; 2],
+) -> io::Result<()> {
+    for index in 0..2 {
+        let peer = 1 - index;
+        if !sides[index].finished || sides[index].passed_on {
+            continue;
+        }
+        // The FIN's sequence number is not a byte to pass on.
+        let received = tcp_info(sockets[index])?
+            .tcpi_bytes_received
+            .saturating_sub(1);
+        let written = sent(sockets[peer])?.saturating_sub(paired.sent_before[peer]);
+        if written >= received {
+            socket2::SockRef::from(sockets[peer]).shutdown(std::net::Shutdown::Write)?;
+            sides[index].passed_on = true;
+        }
+    }
+    Ok(())
+}
+
+fn timed_out(state: &str, limit: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{state} for {}", Human(limit)),
+    )
 }
 
 /// Completes once neither socket has received data for `limit` (the kernel's own
