@@ -4,7 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_user::datapath::rules::{compile, decide, lookup, Action, Packet, Ports, Rule, Transport};
+use tproxy_user::{
+    datapath::rules::{compile, decide, lookup, Action, Packet, Ports, Rule, Transport},
+    values::Mark,
+};
 
 const IFACES: [&str; 2] = ["eth0", "eth1"];
 
@@ -56,6 +59,9 @@ fuzz_target!(|data: &[u8]| {
                 ports,
                 src: (flags & 1 != 0).then(|| prefix(&mut bytes, v6)),
                 iface: (flags & 2 != 0).then(|| bytes.pick(&IFACES).to_string()),
+                mark: (flags & 16 != 0).then(|| {
+                    bytes.pick(&[Mark { value: 0x10, mask: 0xf0 }, Mark { value: 0, mask: 0xff }])
+                }),
                 action: if flags & 4 != 0 { Action::Bypass } else { Action::Steer(u32::from(flags >> 5)) },
                 number: i + 1,
                 retired: flags & 8 != 0,
@@ -78,6 +84,7 @@ fuzz_target!(|data: &[u8]| {
             dst: addr(&mut bytes),
             port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),
             iface: IFACES[iface],
+            mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),
         };
         assert_eq!(
             lookup(&compiled, generation, &packet, interfaces[iface].1),

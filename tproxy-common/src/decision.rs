@@ -1,7 +1,8 @@
 //! The decisions the tc program takes, as pure functions over the values it has read.
 
 use crate::maps::{
-    Verdict, VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_STEER,
+    MarkRule, MarkRules, MarkedPacket, Verdict, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES,
+    VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_STEER,
 };
 
 /// What the program did with one packet. The discriminant is the packet's index in the
@@ -176,6 +177,62 @@ pub const fn outranks(candidate: &Verdict, best: &Verdict) -> bool {
 
 const fn is_match(verdict: &Verdict) -> bool {
     matches!(verdict.action, VERDICT_STEER | VERDICT_BYPASS)
+}
+
+/// The mark stage (see [`crate::maps::MARK_RULES`]): of the first `table.len` rules, those
+/// matching `packet` each replace `best` when they outrank it. Updated in place, and a
+/// bounded loop reading the packet from memory (the program's per-CPU scratch map) in each
+/// round, so that the program's stack does not grow: the packet's dozen values, hoisted out
+/// of the loop, would not fit in registers. The loader's oracle runs the same code.
+#[inline(always)]
+pub fn match_mark_rules(table: &MarkRules, packet: &MarkedPacket, best: &mut Verdict) {
+    let mut i = 0;
+    while i < MAX_MARK_RULES {
+        if i as u32 >= table.len {
+            break;
+        }
+        if matches_marked(&table.rules[i], packet) && outranks(&table.rules[i].verdict, best) {
+            *best = table.rules[i].verdict;
+        }
+        i += 1;
+    }
+}
+
+/// Whether `rule` matches `packet`.
+#[inline(always)]
+fn matches_marked(rule: &MarkRule, packet: &MarkedPacket) -> bool {
+    // SAFETY: reads of fields of a live reference.
+    let read = |field: &u32| unsafe { core::ptr::read_volatile(field) };
+    let ipv6 = read(&packet.ipv6);
+    let port = read(&packet.port);
+    let transport = if read(&packet.udp) != 0 {
+        MARK_RULE_UDP
+    } else {
+        MARK_RULE_TCP
+    };
+    let ifindex = read(&packet.ifindex);
+    if read(&packet.mark) & rule.mask != rule.value
+        || rule.transports & transport == 0
+        || port < u32::from(rule.first_port)
+        || port > u32::from(rule.last_port)
+        || rule.ipv6 != ipv6
+        || (rule.ifindex != 0 && rule.ifindex != ifindex)
+    {
+        return false;
+    }
+    let mut w = 0;
+    while w < 4 {
+        if w == 1 && ipv6 == 0 {
+            break;
+        }
+        if read(&packet.dst[w]) & rule.dst_mask[w] != rule.dst[w]
+            || read(&packet.src[w]) & rule.src_mask[w] != rule.src[w]
+        {
+            return false;
+        }
+        w += 1;
+    }
+    true
 }
 
 /// The match a final verdict stands for.
@@ -482,6 +539,117 @@ pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mark_rule(value: u32, mask: u32, transports: u32, ports: (u16, u16), rank: u32) -> MarkRule {
+        MarkRule {
+            value,
+            mask,
+            transports,
+            first_port: ports.0,
+            last_port: ports.1,
+            verdict: Verdict {
+                action: VERDICT_BYPASS,
+                rank,
+                ..Verdict::default()
+            },
+            ..MarkRule::default()
+        }
+    }
+
+    fn table(rules: &[MarkRule]) -> MarkRules {
+        let mut table = MarkRules::default();
+        table.rules[..rules.len()].copy_from_slice(rules);
+        table.len = rules.len() as u32;
+        table
+    }
+
+    #[test]
+    fn a_mark_rule_matches_the_bits_under_its_mask_and_its_other_matches() {
+        let mut on_eth = mark_rule(0x10, 0xf0, MARK_RULE_TCP, (1, 65535), 7);
+        on_eth.ifindex = 2;
+        // From 192.0.2.0/24 only.
+        on_eth.src[0] = u32::from_ne_bytes([192, 0, 2, 0]);
+        on_eth.src_mask[0] = u32::from_ne_bytes([255, 255, 255, 0]);
+        let table = table(&[on_eth]);
+        let decide = |mark: u32, udp: bool, port: u16, src: [u8; 4], ifindex: u32| {
+            let mut best = Verdict::default();
+            let packet = MarkedPacket::new(mark, udp, port, &[10, 0, 0, 1], &src, ifindex);
+            match_mark_rules(&table, &packet, &mut best);
+            rule_match(&best)
+        };
+        let inside = [192, 0, 2, 7];
+        assert_eq!(decide(0x10, false, 80, inside, 2), RuleMatch::Bypass);
+        assert_eq!(
+            decide(0x1_0a1f, false, 80, inside, 2),
+            RuleMatch::Bypass,
+            "other bits"
+        );
+        assert_eq!(decide(0x20, false, 80, inside, 2), RuleMatch::None);
+        assert_eq!(decide(0, false, 80, inside, 2), RuleMatch::None);
+        assert_eq!(decide(0x10, true, 80, inside, 2), RuleMatch::None, "UDP");
+        assert_eq!(decide(0x10, false, 0, inside, 2), RuleMatch::None, "port 0");
+        assert_eq!(
+            decide(0x10, false, 80, [192, 0, 3, 7], 2),
+            RuleMatch::None,
+            "source"
+        );
+        assert_eq!(
+            decide(0x10, false, 80, inside, 3),
+            RuleMatch::None,
+            "interface"
+        );
+        assert_eq!(
+            decide(0x10, false, 80, inside, 0),
+            RuleMatch::None,
+            "a local connect"
+        );
+        let mut v6 = Verdict::default();
+        let packet = MarkedPacket::new(0x10, false, 80, &[0u8; 16], &[0u8; 16], 2);
+        match_mark_rules(&table, &packet, &mut v6);
+        assert_eq!(rule_match(&v6), RuleMatch::None, "an IPv4 rule");
+    }
+
+    #[test]
+    fn the_best_ranked_of_mark_rules_and_the_other_stages_wins() {
+        let mut steer = mark_rule(0, 0xff, MARK_RULE_TCP | MARK_RULE_UDP, (80, 80), 5);
+        steer.verdict.action = VERDICT_STEER;
+        steer.verdict.listener = 3;
+        // 192.0.2.0/24
+        steer.dst[0] = u32::from_ne_bytes([192, 0, 2, 0]);
+        steer.dst_mask[0] = u32::from_ne_bytes([255, 255, 255, 0]);
+        let table = table(&[mark_rule(0, 0xff, MARK_RULE_TCP, (1, 65535), 9), steer]);
+        let lpm = |rank| Verdict {
+            action: VERDICT_BYPASS,
+            rank,
+            ..Verdict::default()
+        };
+        let decide = |best: Verdict, dst: [u8; 4]| {
+            let mut best = best;
+            let packet = MarkedPacket::new(0x100, false, 80, &dst, &[198, 51, 100, 1], 5);
+            match_mark_rules(&table, &packet, &mut best);
+            rule_match(&best)
+        };
+        assert_eq!(
+            decide(Verdict::default(), [192, 0, 2, 9]),
+            RuleMatch::Steer(3)
+        );
+        assert_eq!(
+            decide(Verdict::default(), [192, 0, 3, 9]),
+            RuleMatch::Bypass
+        );
+        assert_eq!(decide(lpm(6), [192, 0, 2, 9]), RuleMatch::Steer(3));
+        assert_eq!(
+            decide(lpm(4), [192, 0, 2, 9]),
+            RuleMatch::Bypass,
+            "the LPM's rule"
+        );
+        let mut unused = table;
+        unused.len = 0;
+        let mut best = Verdict::default();
+        let packet = MarkedPacket::new(0, false, 80, &[192, 0, 2, 9], &[198, 51, 100, 1], 5);
+        match_mark_rules(&unused, &packet, &mut best);
+        assert_eq!(rule_match(&best), RuleMatch::None, "entries past len");
+    }
 
     #[test]
     fn what_is_dropped_kept_or_handed_on() {

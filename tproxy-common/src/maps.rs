@@ -72,6 +72,145 @@ const fn generation_bit(generation: u32) -> u32 {
     (generation & 1) << 31
 }
 
+/// The mark stage, consulted before the others: array (two entries, indexed by generation)
+/// of [`MarkRules`], the rules that match on the packet's mark (`skb->mark` at tc ingress,
+/// the socket's `SO_MARK` in the connect programs). They cannot be keyed into the LPM stages,
+/// so each is tried in turn; the best-ranked match among them and the LPM stages' answer wins
+/// (see [`crate::decision::match_mark_rules`]).
+pub const MARK_RULES: &str = "MARK_RULES";
+/// Most mark-stage entries one generation may hold (rules with the same matches for TCP and
+/// UDP share one).
+pub const MAX_MARK_RULES: usize = 32;
+/// [`MarkRule::transports`] bit: the rule matches TCP.
+pub const MARK_RULE_TCP: u32 = 1;
+/// [`MarkRule::transports`] bit: the rule matches UDP.
+pub const MARK_RULE_UDP: u32 = 2;
+
+/// A rule that matches on the packet mark: `mark & mask == value`, with its transports,
+/// destination port range, destination and source prefixes and ingress interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkRule {
+    pub value: u32,
+    pub mask: u32,
+    /// [`MARK_RULE_TCP`] and/or [`MARK_RULE_UDP`].
+    pub transports: u32,
+    /// Destination ports, host order, inclusive (a rule for any port: 1 to 65535).
+    pub first_port: u16,
+    pub last_port: u16,
+    /// 1 for an IPv6 destination prefix.
+    pub ipv6: u32,
+    /// The ingress interface's index; 0: any.
+    pub ifindex: u32,
+    /// The destination prefix's address and netmask as the 32-bit words of the address bytes
+    /// (network order in memory; IPv4 in the first word).
+    pub dst: [u32; 4],
+    pub dst_mask: [u32; 4],
+    /// The source prefix, likewise (netmask 0: any source).
+    pub src: [u32; 4],
+    pub src_mask: [u32; 4],
+    /// What the rule does, with its rank ([`VERDICT_STEER`] or [`VERDICT_BYPASS`]).
+    pub verdict: Verdict,
+}
+
+/// Per-CPU array (one [`MarkedPacket`]): where the program writes the packet the mark stage
+/// looks at, rather than on its stack, which is nearly full.
+pub const MARK_PACKET: &str = "MARK_PACKET";
+
+/// A packet as the mark stage sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkedPacket {
+    /// `skb->mark`, or in the connect programs the socket's mark.
+    pub mark: u32,
+    /// 1 for UDP.
+    pub udp: u32,
+    /// The destination port, host order.
+    pub port: u32,
+    /// The ingress interface's index (0 in the connect programs).
+    pub ifindex: u32,
+    /// 1 for IPv6.
+    pub ipv6: u32,
+    /// The addresses as [`MarkRule::dst`] holds them (IPv4 in the first word).
+    pub dst: [u32; 4],
+    pub src: [u32; 4],
+}
+
+impl MarkedPacket {
+    /// The packet with these values; addresses of 4 or 16 bytes in network order.
+    pub fn new<const N: usize>(
+        mark: u32,
+        udp: bool,
+        port: u16,
+        dst: &[u8; N],
+        src: &[u8; N],
+        ifindex: u32,
+    ) -> Self {
+        let mut packet = MarkedPacket::default();
+        packet.set(mark, udp, port, *dst, *src, ifindex);
+        packet
+    }
+
+    /// Overwrites every field in place (the program's scratch entry holds the last packet's).
+    #[inline(always)]
+    pub fn set<const N: usize>(
+        &mut self,
+        mark: u32,
+        udp: bool,
+        port: u16,
+        dst: [u8; N],
+        src: [u8; N],
+        ifindex: u32,
+    ) {
+        self.mark = mark;
+        self.udp = udp as u32;
+        self.port = port as u32;
+        self.ifindex = ifindex;
+        self.ipv6 = (N == 16) as u32;
+        let mut w = 0;
+        while w < 4 {
+            let (d, s) = if w * 4 + 3 < N {
+                (
+                    u32::from_ne_bytes([
+                        dst[w * 4],
+                        dst[w * 4 + 1],
+                        dst[w * 4 + 2],
+                        dst[w * 4 + 3],
+                    ]),
+                    u32::from_ne_bytes([
+                        src[w * 4],
+                        src[w * 4 + 1],
+                        src[w * 4 + 2],
+                        src[w * 4 + 3],
+                    ]),
+                )
+            } else {
+                (0, 0)
+            };
+            self.dst[w] = d;
+            self.src[w] = s;
+            w += 1;
+        }
+    }
+}
+
+/// One generation's mark rules: the first `len` of `rules` are in use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkRules {
+    pub len: u32,
+    pub rules: [MarkRule; MAX_MARK_RULES],
+}
+
+impl Default for MarkRules {
+    fn default() -> Self {
+        MarkRules {
+            len: 0,
+            rules: [MarkRule::default(); MAX_MARK_RULES],
+        }
+    }
+}
+
 /// Stage 2: longest-prefix match on ([`DstKey`] class, destination address) to a [`Verdict`].
 pub const RULES_DST_V4: &str = "RULES_DST_V4";
 /// Stage 2 for IPv6 destinations.
@@ -405,9 +544,10 @@ pub const FAIL_CLOSED_GLOBAL: &str = "FAIL_CLOSED";
 /// The maps the program shares between processes when tproxy runs with `--pin`: everything
 /// but the log ring buffer, which belongs to the process that reads it, and the fragment
 /// tracking ([`FRAGMENTS`], [`REASSEMBLED_FLOWS`]), whose entries live seconds.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     ACTIVE_GENERATION,
     PORT_CLASSES,
+    MARK_RULES,
     RULES_DST_V4,
     RULES_DST_V6,
     RULES_SRC_V4,
@@ -440,6 +580,9 @@ mod pod {
     unsafe impl<const N: usize> aya::Pod for super::DstKey<N> {}
     unsafe impl<const N: usize> aya::Pod for super::SrcKey<N> {}
     unsafe impl aya::Pod for super::Verdict {}
+    // SAFETY: `repr(C)` u32 and u16 fields without padding (checked in
+    // `keys_have_no_padding`).
+    unsafe impl aya::Pod for super::MarkRules {}
     // SAFETY: `repr(C)`, sizes checked for padding in `keys_have_no_padding`.
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentDecision {}
@@ -495,6 +638,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<ProtocolFlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ReassembledFlow>(), 16);
         assert_eq!(core::mem::size_of::<ExternalListener>(), 20);
+        assert_eq!(core::mem::size_of::<MarkRule>(), 104);
+        assert_eq!(core::mem::size_of::<MarkedPacket>(), 52);
+        assert_eq!(core::mem::size_of::<MarkRules>(), 4 + 104 * MAX_MARK_RULES);
     }
 
     #[test]

@@ -144,7 +144,8 @@ fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> bool {
     let Some(udp) = udp(ctx) else {
         return false;
     };
-    // The tc program's answer for the packets this socket will send over `lo`.
+    // The tc program's answer for the packets this socket will send over `lo`: they carry
+    // its mark, plus the routing mark's bits, which mark rules leave out.
     let rule = match_rules(
         &RULES_DST_V4,
         &RULES_SRC_V4,
@@ -153,6 +154,7 @@ fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> bool {
         addr,
         [0; 4],
         0,
+        current_mark(ctx),
     );
     steers(rule, decision::ipv4_destination_scope(addr, false))
 }
@@ -170,6 +172,7 @@ fn steers_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> bool {
         addr,
         [0; 16],
         0,
+        current_mark(ctx),
     );
     steers(rule, decision::ipv6_destination_scope(addr, false))
 }

@@ -46,17 +46,17 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use tproxy_common::{
     decision::{
-        self, counter_index, fragment_outcome, outranks, rule_match, source_stage_ifindex,
-        DestinationScope, FragmentPosition, Ipv6Step, Outcome, Protocol, RuleMatch,
-        LOOPBACK_IFINDEX, MAX_IPV6_EXTENSION_HEADERS,
+        self, counter_index, fragment_outcome, match_mark_rules, outranks, rule_match,
+        source_stage_ifindex, DestinationScope, FragmentPosition, Ipv6Step, Outcome, Protocol,
+        RuleMatch, LOOPBACK_IFINDEX, MAX_IPV6_EXTENSION_HEADERS,
     },
     maps::{
         listener_counter_index, listener_slot, port_class_index, rule_group_class, DstKey,
-        ExternalListener, FlowKey, FragmentDecision, FragmentKey, ListenerSlot, ProtocolFlowKey,
-        ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN, DEFAULT_FRAGMENT_TIMEOUTS_NS,
-        EXTERNAL_AT_ADDRESS, EXTERNAL_NONE, FRAGMENTS_LEN, IP_INTERFACES_LEN, LISTENERS_LEN,
-        LISTENER_COUNTERS_LEN,
-        PORT_CLASSES_LEN, REASSEMBLED_FLOWS_LEN, RULE_GROUPS, TIME_WAIT_FLOWS_LEN,
+        ExternalListener, FlowKey, FragmentDecision, FragmentKey, ListenerSlot, MarkRules,
+        MarkedPacket, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN,
+        DEFAULT_FRAGMENT_TIMEOUTS_NS, EXTERNAL_AT_ADDRESS, EXTERNAL_NONE, FRAGMENTS_LEN,
+        IP_INTERFACES_LEN, LISTENERS_LEN, LISTENER_COUNTERS_LEN, PORT_CLASSES_LEN,
+        REASSEMBLED_FLOWS_LEN, RULE_GROUPS, TIME_WAIT_FLOWS_LEN,
     },
 };
 
@@ -64,6 +64,11 @@ use tproxy_common::{
 static ACTIVE_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static PORT_CLASSES: Array<u32> = Array::with_max_entries(PORT_CLASSES_LEN, 0);
+/// Indexed by generation.
+#[map]
+static MARK_RULES: Array<MarkRules> = Array::with_max_entries(2, 0);
+#[map]
+static MARK_PACKET: PerCpuArray<MarkedPacket> = PerCpuArray::with_max_entries(1, 0);
 // The loader sizes the rule maps for the rule set it loads.
 #[map]
 static RULES_DST_V4: LpmTrie<DstKey<4>, Verdict> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
@@ -277,8 +282,10 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
     }
 }
 
-/// The rules' decision for a flow: at most seven bounded lookups, whatever the number of
-/// rules (see the loader's `rules` module for how the maps are built).
+/// The rules' decision for a flow: the mark rules, then at most seven bounded lookups,
+/// whatever the number of rules (see the loader's `rules` module for how the maps are built).
+/// `mark`: the packet's (or, in the connect programs, the socket's) mark.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn match_rules<const N: usize>(
     by_dst: &LpmTrie<DstKey<N>, Verdict>,
@@ -288,14 +295,23 @@ pub(crate) fn match_rules<const N: usize>(
     daddr: [u8; N],
     saddr: [u8; N],
     ifindex: u32,
+    mark: u32,
 ) -> RuleMatch {
     // Read once: every lookup below uses the same generation of the rule set.
     let generation = ACTIVE_GENERATION.get(0).copied().unwrap_or(0);
+    let mut best = Verdict::default();
+    if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
+        if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
+            // SAFETY: this CPU's entry, which nothing else touches while the program runs.
+            let packet = unsafe { &mut *packet };
+            packet.set(mark, udp, dport, daddr, saddr, ifindex);
+            match_mark_rules(marks, packet, &mut best);
+        }
+    }
     let groups = match PORT_CLASSES.get(port_class_index(generation, udp, dport)) {
         Some(&groups) if groups != 0 => groups,
-        _ => return RuleMatch::None,
+        _ => return rule_match(&best),
     };
-    let mut best = Verdict::default();
     for group in 0..RULE_GROUPS {
         if let Some(class) = rule_group_class(groups, generation, udp, dport, group) {
             match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
@@ -518,6 +534,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         daddr,
         saddr,
         ifindex,
+        unsafe { (*ctx.skb.skb).mark },
     );
     let scope = decision::ipv4_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
@@ -620,6 +637,7 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         daddr,
         saddr,
         ifindex,
+        unsafe { (*ctx.skb.skb).mark },
     );
     let scope = decision::ipv6_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };

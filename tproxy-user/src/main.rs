@@ -60,12 +60,14 @@ fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
     let rules = rules::compile(&config.rules, 0, &interfaces);
     print!("{}", config.describe());
     println!(
-        "maps: {} rule groups; entries: destination IPv4 {}, IPv6 {}; source IPv4 {}, IPv6 {}",
+        "maps: {} rule groups; entries: destination IPv4 {}, IPv6 {}; source IPv4 {}, IPv6 {}; \
+         mark {}",
         rules.groups(),
         rules.dst_v4.len(),
         rules.dst_v6.len(),
         rules.src_v4.len(),
-        rules.src_v6.len()
+        rules.src_v6.len(),
+        rules.marks.len()
     );
     println!("configuration OK");
     Ok(())

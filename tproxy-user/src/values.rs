@@ -145,8 +145,9 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
     })
 }
 
-/// A routing mark and the mask of mark bits it may change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A routing mark and the mask of mark bits it may change; as a rule's match, the bits under
+/// `mask` that a packet's mark must have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mark {
     pub value: u32,
     pub mask: u32,
@@ -183,6 +184,26 @@ pub fn parse_mark(text: &str) -> Result<Mark, String> {
     }
     if value & !mask != 0 {
         return Err(format!("mark `{text}` has bits outside its mask"));
+    }
+    Ok(Mark { value, mask })
+}
+
+/// Parses a mark to match, `VALUE` or `VALUE/MASK`, as iptables' `-m mark --mark` reads it:
+/// a bare value is matched whole (mask 0xffffffff).
+pub fn parse_mark_match(text: &str) -> Result<Mark, String> {
+    let (value, mask) = match text.split_once('/') {
+        Some((value, mask)) => (parse_u32(value, "mark")?, parse_u32(mask, "mark mask")?),
+        None => (parse_u32(text, "mark")?, u32::MAX),
+    };
+    if mask == 0 {
+        return Err(format!(
+            "mark `{text}` has mask 0 and so matches every packet: leave `mark` out instead"
+        ));
+    }
+    if value & !mask != 0 {
+        return Err(format!(
+            "mark `{text}` has bits outside its mask, so no packet matches it"
+        ));
     }
     Ok(Mark { value, mask })
 }
@@ -308,6 +329,27 @@ mod tests {
             .unwrap_err()
             .contains("outside its mask"));
         assert!(parse_mark("0xzz").unwrap_err().contains("0xzz"));
+        assert_eq!(
+            parse_mark_match("0xff").unwrap(),
+            Mark {
+                value: 0xff,
+                mask: u32::MAX
+            }
+        );
+        assert_eq!(
+            parse_mark_match("0/0xff00").unwrap(),
+            Mark {
+                value: 0,
+                mask: 0xff00
+            },
+            "unmarked packets"
+        );
+        assert!(parse_mark_match("1/0")
+            .unwrap_err()
+            .contains("every packet"));
+        assert!(parse_mark_match("0x3/0x1")
+            .unwrap_err()
+            .contains("outside its mask"));
     }
 
     #[test]

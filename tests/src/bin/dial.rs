@@ -4,7 +4,8 @@
 //! `PEER REPLY`. TCP half-closes after sending and reads to the end; UDP reads one datagram,
 //! then disconnects the same socket and connects it to each further address in turn.
 //! `dial sendto ADDR:PORT MESSAGE` sends from an unconnected UDP socket and prints the
-//! reply's sender and the reply.
+//! reply's sender and the reply. With `DIAL_MARK=N` in the environment, the TCP socket gets
+//! `SO_MARK` N before it connects, as a proxy marks its upstream connections.
 
 use std::{
     io::{Read, Write},
@@ -55,7 +56,19 @@ fn main() -> ExitCode {
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, PATIENCE)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Ok(mark) = std::env::var("DIAL_MARK") {
+        let mark = mark
+            .parse()
+            .map_err(|_| std::io::Error::other(format!("DIAL_MARK `{mark}` is not a number")))?;
+        socket.set_mark(mark)?;
+    }
+    socket.connect_timeout(&addr.into(), PATIENCE)?;
+    let mut stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(PATIENCE))?;
     let peer = stream.peer_addr()?;
     stream.write_all(message.as_bytes())?;

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use anyhow::{bail, Result};
-use tproxy_common::maps::MAX_LISTENERS;
+use tproxy_common::maps::{MAX_LISTENERS, MAX_MARK_RULES};
 
 use super::{upstream_flag, Config, Interfaces, ListenerConfig, DEFAULT_LISTENER};
 use crate::{
@@ -91,6 +91,25 @@ impl Config {
             if let Some((_, iface)) = twice {
                 bail!("interface {iface} is given twice");
             }
+        }
+        Ok(())
+    }
+
+    /// Leaves the routing mark's bits out of the rules' marks (see
+    /// [`rules::effective_mark`]); refuses rules with a mark that the program could not
+    /// decide as configured, and more of them than it holds.
+    pub(super) fn settle_marks(&mut self) -> Result<()> {
+        for rule in &mut self.rules {
+            rule.mark = rules::effective_mark(rule, self.settings.mark)
+                .map_err(|problem| anyhow::anyhow!("rule {}: {problem}", rule.number))?;
+        }
+        // Its count does not depend on the interfaces attached.
+        let entries = rules::mark_rules(&self.rules, &[]).len();
+        if entries > MAX_MARK_RULES {
+            bail!(
+                "the rules with a mark need {entries} entries (one per destination and source \
+                 prefix and port spec), more than the {MAX_MARK_RULES} the program holds"
+            );
         }
         Ok(())
     }

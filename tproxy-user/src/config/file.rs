@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::{
     any_destination, default_listen,
     settings::ConfigFile,
-    text::{List, RuleAction, Text},
+    text::{List, MarkMatch, RuleAction, Text},
     ListenerConfig,
 };
 use crate::{
@@ -131,6 +131,7 @@ pub(super) struct RuleEntry {
     ports: Option<List<Ports>>,
     src: Option<List<IpNet>>,
     iface: Option<String>,
+    mark: Option<Text<MarkMatch>>,
     action: Text<RuleAction>,
     listener: Option<toml::Spanned<String>>,
 }
@@ -282,6 +283,7 @@ impl RuleEntry {
                             ports,
                             src,
                             iface: self.iface.clone(),
+                            mark: self.mark.as_ref().map(|Text(mark)| *mark),
                             action,
                             number,
                             retired: false,

@@ -150,6 +150,7 @@ impl Config {
             config.rules = raw.rules(&config.listeners, &at)?;
         }
         config.add_flag_rules(args)?;
+        config.settle_marks()?;
         config.check(args)?;
         Ok(config)
     }
@@ -203,6 +204,7 @@ impl Config {
                         ports: ports_of(*range.start(), *range.end()),
                         src: None,
                         iface: None,
+                        mark: None,
                         action: Action::Steer(index),
                         number: self.configured_rules,
                         retired: false,

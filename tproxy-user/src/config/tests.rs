@@ -107,6 +107,41 @@ fn a_full_file_parses_into_split_rules_and_listeners() {
 }
 
 #[test]
+fn a_rules_mark_is_read_without_the_routing_marks_bits_or_refused() {
+    let rule = |mark: &str| {
+        format!(
+            "interfaces = [\"eth0\"]\n[[listener]]\nname = \"web\"\n\
+             [[rule]]\nproto = \"tcp\"\nmark = {mark}\naction = \"bypass\"\n\
+             [[rule]]\nproto = \"tcp\"\naction = \"steer\"\n"
+        )
+    };
+    let config = with_file(&rule("\"0x10/0xf0\""), &[]).unwrap();
+    assert_eq!(config.rules[0].mark.unwrap().to_string(), "0x10/0xf0");
+    let whole = with_file(&rule("255"), &["--mark", "0x100/0x100"]).unwrap();
+    assert_eq!(
+        whole.rules[0].mark.unwrap().to_string(),
+        "0xff/0xfffffeff",
+        "a bare mark is matched whole, but for the routing mark's bits"
+    );
+    assert!(
+        whole.describe().contains("mark 0xff/0xfffffeff"),
+        "{}",
+        whole.describe()
+    );
+    let taken = with_file(&rule("\"0x100/0x100\""), &["--mark", "0x100/0x100"]).unwrap_err();
+    assert!(
+        format!("{taken:#}")
+            .contains("rule 1: mark 0x100/0x100 needs bits of tproxy's routing mark"),
+        "{taken:#}"
+    );
+    let outside = error(&rule("\"0x3/0x1\""));
+    assert!(
+        outside.contains("rule[1].mark") && outside.contains("outside its mask"),
+        "{outside}"
+    );
+}
+
+#[test]
 fn flags_override_the_file_and_add_the_default_listener() {
     let config = with_file(
         EXAMPLE,
@@ -360,6 +395,7 @@ fn the_readme_example_decides_as_documented() {
             dst: dst.parse().unwrap(),
             port,
             iface,
+            mark: 0,
         };
         assert_eq!(decide(&config.rules, &packet), expected, "{packet:?}");
     }

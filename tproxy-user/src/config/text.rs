@@ -52,6 +52,8 @@ pub struct Table;
 pub struct RulePriority;
 /// The mark of tproxy's own sockets.
 pub struct SocketMark;
+/// The packet mark a rule matches.
+pub struct MarkMatch;
 /// A duration greater than zero.
 pub struct Timeout;
 /// A duration, zero included.
@@ -69,6 +71,11 @@ parses!(
     Mark,
     "a mark like \"0x1000000/0x1000000\"",
     values::parse_mark
+);
+parses!(
+    MarkMatch => Mark,
+    "a mark to match like \"0xff\" or \"0x10/0xf0\"",
+    values::parse_mark_match
 );
 parses!(Table => u32, "a routing table number", values::parse_table);
 parses!(

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <pin dir>/netns-<inode>-table-<table>/
-//!     ACTIVE_GENERATION, PORT_CLASSES, RULES_*, LISTENERS, TIME_WAIT_FLOWS, COUNTERS   maps
+//!     ACTIVE_GENERATION, PORT_CLASSES, MARK_RULES, RULES_*, LISTENERS,
+//!     TIME_WAIT_FLOWS, COUNTERS                                                        maps
 //!     tc-ingress-<interface>                                                           TCX links
 //!     sk-lookup                                                                        netns link
 //! ```

@@ -7,8 +7,9 @@ use ipnet::IpNet;
 #[cfg(any(test, feature = "fuzzing"))]
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{
-    any_port_class, range_class, single_port_class, DstKey, SrcKey, Verdict, GENERATION_BIT,
-    PORT_HAS_ANY, PORT_HAS_SINGLE, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
+    any_port_class, range_class, single_port_class, DstKey, MarkRule, MarkRules, SrcKey, Verdict,
+    GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES, PORT_HAS_ANY, PORT_HAS_SINGLE,
+    VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
 };
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -27,6 +28,8 @@ pub struct CompiledRules {
     pub dst_v6: Vec<Entry<DstKey<16>>>,
     pub src_v4: Vec<Entry<SrcKey<4>>>,
     pub src_v6: Vec<Entry<SrcKey<16>>>,
+    /// The mark stage's entries (see [`mark_rules`]).
+    pub marks: Vec<MarkRule>,
 }
 
 impl CompiledRules {
@@ -41,6 +44,23 @@ impl CompiledRules {
         .into_iter()
         .max()
         .unwrap_or(0)
+    }
+
+    /// The mark stage's table for the program, or why the rules do not fit in it.
+    pub fn mark_table(&self) -> Result<MarkRules, String> {
+        if self.marks.len() > MAX_MARK_RULES {
+            return Err(format!(
+                "the rules with a mark need {} entries (one per destination and source prefix \
+                 and port spec), more than the {MAX_MARK_RULES} the program holds",
+                self.marks.len()
+            ));
+        }
+        let mut table = MarkRules {
+            len: self.marks.len() as u32,
+            ..MarkRules::default()
+        };
+        table.rules[..self.marks.len()].copy_from_slice(&self.marks);
+        Ok(table)
     }
 
     /// Number of rule groups (single-port, range class, any-port) with entries.
@@ -64,6 +84,7 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
     };
     let mut compiled = CompiledRules {
         port_classes: vec![0; 2 * 65536],
+        marks: mark_rules(rules, interfaces),
         ..CompiledRules::default()
     };
     let mut next_range_class = 1u32;
@@ -75,7 +96,10 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
     for transport in [Transport::Tcp, Transport::Udp] {
         let udp = transport == Transport::Udp;
         let offset = usize::from(udp) * 65536;
-        let rules: Vec<&Rule> = rules.iter().filter(|r| r.transport == transport).collect();
+        let rules: Vec<&Rule> = rules
+            .iter()
+            .filter(|r| r.transport == transport && r.mark.is_none())
+            .collect();
         let mut singles: BTreeMap<u16, Vec<&Rule>> = BTreeMap::new();
         let mut ranges: Vec<&Rule> = Vec::new();
         let mut any: Vec<&Rule> = Vec::new();
@@ -161,6 +185,81 @@ impl CompiledRules {
             }
         }
     }
+}
+
+/// The mark stage's entries for the rules that have a mark: one per rule, except that rules
+/// alike but for their transport share one. A rule naming an interface that is not attached
+/// keeps its entry, with an ifindex no interface has, so that the count does not depend on
+/// what is attached.
+pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
+    let mut entries: Vec<MarkRule> = Vec::new();
+    for entry in rules.iter().filter_map(|rule| mark_rule(rule, interfaces)) {
+        let alike = |e: &&mut MarkRule| {
+            MarkRule {
+                transports: entry.transports,
+                ..**e
+            } == entry
+        };
+        match entries.iter_mut().find(alike) {
+            Some(shared) => shared.transports |= entry.transports,
+            None => entries.push(entry),
+        }
+    }
+    entries
+}
+
+fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Option<MarkRule> {
+    let mark = rule.mark?;
+    let ifindex = match &rule.iface {
+        None => 0,
+        Some(name) => interfaces
+            .iter()
+            .find(|(attached, _)| attached == name)
+            .map_or(u32::MAX, |(_, index)| *index),
+    };
+    let (first_port, last_port) = match rule.ports {
+        Ports::One(port) => (port, port),
+        Ports::Range(first, last) => (first, last),
+        Ports::Any => (1, u16::MAX),
+    };
+    // A prefix's address and netmask as the program compares them.
+    let words = |net: IpNet| {
+        let bytes = |addr: std::net::IpAddr| match addr {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        let as_words = |bytes: Vec<u8>| {
+            let mut words = [0u32; 4];
+            for (word, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
+                *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+            words
+        };
+        (
+            as_words(bytes(net.network())),
+            as_words(bytes(net.netmask())),
+        )
+    };
+    let (dst, dst_mask) = words(rule.dst);
+    // No source: a netmask of zero takes any.
+    let (src, src_mask) = rule.src.map_or(([0; 4], [0; 4]), words);
+    Some(MarkRule {
+        value: mark.value,
+        mask: mark.mask,
+        transports: match rule.transport {
+            Transport::Tcp => MARK_RULE_TCP,
+            Transport::Udp => MARK_RULE_UDP,
+        },
+        first_port,
+        last_port,
+        ipv6: u32::from(rule.dst.addr().is_ipv6()),
+        ifindex,
+        dst,
+        dst_mask,
+        src,
+        src_mask,
+        verdict: rule.verdict(),
+    })
 }
 
 /// Groups ports by the set of rules (indices into `rules`) that match them; ports no rule
@@ -317,8 +416,8 @@ pub fn lookup(
     ifindex: u32,
 ) -> RuleMatch {
     use tproxy_common::{
-        decision::{outranks, rule_match, source_stage_ifindex},
-        maps::{rule_group_class, RULE_GROUPS},
+        decision::{match_mark_rules, outranks, rule_match, source_stage_ifindex},
+        maps::{rule_group_class, MarkedPacket, RULE_GROUPS},
     };
     let udp = packet.transport == Transport::Udp;
     let entry = compiled.port_classes[usize::from(udp) * 65536 + usize::from(packet.port)];
@@ -346,6 +445,27 @@ pub fn lookup(
             .map(|(_, _, verdict)| *verdict)
     }
     let mut best = Verdict::default();
+    let marks = compiled.mark_table().expect("the rules fit the mark stage");
+    let marked = match (packet.dst, packet.src) {
+        (std::net::IpAddr::V4(dst), std::net::IpAddr::V4(src)) => MarkedPacket::new(
+            packet.mark,
+            udp,
+            packet.port,
+            &dst.octets(),
+            &src.octets(),
+            ifindex,
+        ),
+        (std::net::IpAddr::V6(dst), std::net::IpAddr::V6(src)) => MarkedPacket::new(
+            packet.mark,
+            udp,
+            packet.port,
+            &dst.octets(),
+            &src.octets(),
+            ifindex,
+        ),
+        _ => unreachable!("a packet's addresses are of one family"),
+    };
+    match_mark_rules(&marks, &marked, &mut best);
     for class in classes {
         let verdict = match packet.dst {
             std::net::IpAddr::V4(dst) => longest(

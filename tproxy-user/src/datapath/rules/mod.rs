@@ -1,8 +1,8 @@
 //! The rule model and its compilation into the eBPF program's lookup maps.
 //!
 //! A rule matches on transport, destination prefix, destination port (one, a range, or any),
-//! and optionally source prefix and ingress interface. The rule that decides a packet is the
-//! first in this order among those that match it:
+//! and optionally source prefix and ingress interface, or the packet's mark. The rule that
+//! decides a packet is the first in this order among those that match it:
 //!
 //! 1. the longest destination prefix;
 //! 2. then a single port before a range, and a range before any port;
@@ -31,6 +31,11 @@
 //! Keeping the groups apart means a rule is written into one group only: thousands of
 //! single-port rules next to thousands of any-port or range prefixes cost their sum in map
 //! entries, not their product.
+//!
+//! Rules with a mark are not in these stages: a mark is no prefix of anything to key a trie
+//! with. They are few (at most `MAX_MARK_RULES` entries), each tried in turn by a bounded
+//! loop before the other stages, and the best rank among their matches and the other
+//! stages' answer wins, so precedence is the same as for every other rule.
 
 use std::{cmp::Reverse, collections::HashSet, fmt};
 
@@ -40,6 +45,7 @@ use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{Verdict, VERDICT_BYPASS, VERDICT_STEER};
 
 pub use crate::relay::listener::Transport;
+use crate::values::Mark;
 
 /// Which destination ports a rule matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -97,6 +103,9 @@ pub struct Rule {
     pub ports: Ports,
     pub src: Option<IpNet>,
     pub iface: Option<String>,
+    /// Matches packets whose mark has `value` under `mask`: at tc ingress `skb->mark`, for a
+    /// local process's connection (`--local`) its socket's `SO_MARK`.
+    pub mark: Option<Mark>,
     pub action: Action,
     /// The rule's number in its configuration (1-based), the last tie-breaker.
     pub number: usize,
@@ -149,8 +158,9 @@ impl Rule {
     }
 
     #[cfg(any(test, feature = "fuzzing"))]
-    fn matches_source(&self, src: &IpNet, iface: Option<&str>) -> bool {
-        let src_ok = self.src.is_none_or(|own| own.contains(src));
+    fn matches_source(&self, src: &IpNet, iface: Option<&str>, mark: u32) -> bool {
+        let mark_ok = self.mark.is_none_or(|own| mark & own.mask == own.value);
+        let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
             (None, _) => true,
             (Some(own), Some(iface)) => own == iface,
@@ -161,18 +171,29 @@ impl Rule {
 
     /// What the rule matches, without what it does: rules with equal keys match the same
     /// packets.
-    fn match_key(&self) -> (Transport, IpNet, Ports, Option<IpNet>, Option<&str>) {
+    #[allow(clippy::type_complexity)]
+    fn match_key(
+        &self,
+    ) -> (
+        Transport,
+        IpNet,
+        Ports,
+        Option<IpNet>,
+        Option<&str>,
+        Option<Mark>,
+    ) {
         (
             self.transport,
             self.dst,
             self.ports,
             self.src,
             self.iface.as_deref(),
+            self.mark,
         )
     }
 
     fn is_unconditional(&self) -> bool {
-        self.src.is_none() && self.iface.is_none()
+        self.src.is_none() && self.iface.is_none() && self.mark.is_none()
     }
 
     /// The match as the program would report it (retired rules behave as bypass).
@@ -205,6 +226,8 @@ pub struct Packet<'a> {
     pub dst: std::net::IpAddr,
     pub port: u16,
     pub iface: &'a str,
+    /// `skb->mark` (or the connecting socket's mark).
+    pub mark: u32,
 }
 
 /// The decision for `packet` by the definition: the first matching rule in precedence order.
@@ -219,7 +242,7 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
             r.transport == packet.transport
                 && r.ports.contains(packet.port)
                 && r.dst.contains(&dst)
-                && r.matches_source(&src, Some(packet.iface))
+                && r.matches_source(&src, Some(packet.iface), packet.mark)
         })
         .min_by_key(|r| r.precedence())
         .map_or(RuleMatch::None, Rule::rule_match)
@@ -236,6 +259,33 @@ pub fn check_families(rule: &Rule) -> Result<(), String> {
     }
 }
 
+/// The mark a rule matches once the bits of tproxy's own `routing` mark are left out of it,
+/// or why it cannot be matched. Those bits are tproxy's: the program sets them, and a local
+/// process's packets carry them on `lo` though its socket had none at connect time, so a
+/// rule looking at them would decide the same connection differently in the two places.
+pub fn effective_mark(rule: &Rule, routing: Mark) -> Result<Option<Mark>, String> {
+    let Some(mark) = rule.mark else {
+        return Ok(None);
+    };
+    if mark.value & routing.mask != 0 {
+        return Err(format!(
+            "mark {mark} needs bits of tproxy's routing mark {routing}, which rules do not \
+             see (tproxy sets them itself): use other bits, or move the routing mark (`mark`)"
+        ));
+    }
+    let mask = mark.mask & !routing.mask;
+    if mask == 0 {
+        return Err(format!(
+            "mark {mark} only looks at bits of tproxy's routing mark {routing}, which rules do \
+             not see"
+        ));
+    }
+    Ok(Some(Mark {
+        value: mark.value,
+        mask,
+    }))
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let transport = match self.transport {
@@ -248,6 +298,9 @@ impl fmt::Display for Rule {
         }
         if let Some(iface) = &self.iface {
             write!(f, " iface {iface}")?;
+        }
+        if let Some(mark) = self.mark {
+            write!(f, " mark {mark}")?;
         }
         Ok(())
     }
@@ -280,4 +333,4 @@ mod tests;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use compile::lookup;
-pub use compile::{compile, CompiledRules, Entry, Interfaces};
+pub use compile::{compile, mark_rules, CompiledRules, Entry, Interfaces};

@@ -9,7 +9,7 @@ fn interfaces() -> Vec<(String, u32)> {
 }
 
 fn rule(number: usize, text: &str, action: Action) -> Rule {
-    // "tcp 10.0.0.0/8 80 [src PREFIX] [iface IF]"
+    // "tcp 10.0.0.0/8 80 [src PREFIX] [iface IF] [mark VALUE[/MASK]]"
     let words: Vec<&str> = text.split_whitespace().collect();
     let ports = match words[2] {
         "any" => Ports::Any,
@@ -29,6 +29,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         ports,
         src: None,
         iface: None,
+        mark: None,
         action,
         number,
         retired: false,
@@ -37,6 +38,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         match pair[0] {
             "src" => rule.src = Some(pair[1].parse().unwrap()),
             "iface" => rule.iface = Some(pair[1].to_string()),
+            "mark" => rule.mark = Some(crate::values::parse_mark_match(pair[1]).unwrap()),
             other => panic!("{other}"),
         }
     }
@@ -44,8 +46,12 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
 }
 
 fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
-    // "tcp SRC -> DST:PORT"
+    // "tcp SRC -> DST:PORT [mark MARK]"
     let words: Vec<&str> = text.split_whitespace().collect();
+    let mark = match words.get(4..6) {
+        Some(["mark", mark]) => crate::values::parse_mark_match(mark).unwrap().value,
+        _ => 0,
+    };
     let dst: std::net::SocketAddr = words[3].parse().unwrap();
     Packet {
         transport: if words[0] == "tcp" {
@@ -57,6 +63,7 @@ fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
         dst: dst.ip(),
         port: dst.port(),
         iface,
+        mark,
     }
 }
 
@@ -431,6 +438,102 @@ fn generations_never_share_class_or_cell_ids() {
         .all(|(k, _, _)| k.cell & GENERATION_BIT != 0));
 }
 
+#[test]
+fn a_mark_is_one_more_match_and_precedence_stays_the_same() {
+    let rules = [
+        rule(1, "tcp 0.0.0.0/0 any mark 0x10/0xf0", Action::Bypass),
+        rule(2, "tcp 0.0.0.0/0 any", Action::Steer(0)),
+        rule(3, "tcp 10.1.0.0/16 any", Action::Steer(1)),
+        rule(4, "udp 10.0.0.0/8 53 mark 0x20", Action::Steer(2)),
+        rule(5, "udp 10.1.0.0/16 53 mark 0x20", Action::Bypass),
+        rule(6, "tcp ::/0 any mark 0x10/0xf0", Action::Steer(2)),
+        rule(
+            7,
+            "tcp 0.0.0.0/0 22 src 192.0.2.0/24 iface eth1 mark 0x30",
+            Action::Steer(1),
+        ),
+    ];
+    let cases = [
+        ("tcp 192.0.2.1 -> 10.9.9.9:80", RuleMatch::Steer(0)),
+        ("tcp 192.0.2.1 -> 10.9.9.9:80 mark 0x10", RuleMatch::Bypass),
+        (
+            "tcp 192.0.2.1 -> 10.9.9.9:80 mark 0x1f10",
+            RuleMatch::Bypass,
+        ),
+        (
+            "tcp 192.0.2.1 -> 10.9.9.9:80 mark 0x20",
+            RuleMatch::Steer(0),
+        ),
+        // The longer prefix wins over the mark rule, as it would over any rule.
+        (
+            "tcp 192.0.2.1 -> 10.1.2.3:80 mark 0x10",
+            RuleMatch::Steer(1),
+        ),
+        (
+            "udp 192.0.2.1 -> 10.9.9.9:53 mark 0x20",
+            RuleMatch::Steer(2),
+        ),
+        ("udp 192.0.2.1 -> 10.9.9.9:53 mark 0x21", RuleMatch::None),
+        ("udp 192.0.2.1 -> 10.9.9.9:54 mark 0x20", RuleMatch::None),
+        ("udp 192.0.2.1 -> 10.1.9.9:53 mark 0x20", RuleMatch::Bypass),
+        ("udp 192.0.2.1 -> 10.1.9.9:53", RuleMatch::None),
+        (
+            "tcp 2001:db8::1 -> [2001:db8::2]:80 mark 0x10",
+            RuleMatch::Steer(2),
+        ),
+        ("tcp 2001:db8::1 -> [2001:db8::2]:80", RuleMatch::None),
+    ];
+    for (text, expected) in cases {
+        expect(&rules, text, "eth0", expected);
+    }
+    let sourced = "tcp 192.0.2.1 -> 10.9.9.9:22 mark 0x30";
+    expect(&rules, sourced, "eth1", RuleMatch::Steer(1));
+    expect(&rules, sourced, "eth0", RuleMatch::Steer(0));
+    expect(
+        &rules,
+        "tcp 198.51.100.1 -> 10.9.9.9:22 mark 0x30",
+        "eth1",
+        RuleMatch::Steer(0),
+    );
+    let compiled = compile(&rules, 0, &interfaces());
+    assert_eq!(compiled.marks.len(), 5, "mark rules stay out of the tries");
+    let both = [
+        rule(1, "tcp 0.0.0.0/0 any mark 0x10/0xf0", Action::Bypass),
+        rule(1, "udp 0.0.0.0/0 any mark 0x10/0xf0", Action::Bypass),
+    ];
+    assert_eq!(
+        mark_rules(&both, &[]).len(),
+        1,
+        "TCP and UDP share an entry"
+    );
+}
+
+#[test]
+fn a_mark_rule_never_looks_at_the_routing_mark() {
+    let routing = crate::values::parse_mark("0x1000000/0x1000000").unwrap();
+    let mark = |text| Some(crate::values::parse_mark_match(text).unwrap());
+    let own_bits = rule(
+        1,
+        "tcp 0.0.0.0/0 any mark 0x1000000/0x1000000",
+        Action::Bypass,
+    );
+    assert!(effective_mark(&own_bits, routing)
+        .unwrap_err()
+        .contains("routing mark"));
+    let only_own = rule(1, "tcp 0.0.0.0/0 any mark 0/0x1000000", Action::Bypass);
+    assert!(effective_mark(&only_own, routing)
+        .unwrap_err()
+        .contains("only looks"));
+    let whole = rule(1, "tcp 0.0.0.0/0 any mark 0x10", Action::Bypass);
+    assert_eq!(
+        effective_mark(&whole, routing),
+        Ok(mark("0x10/0xfeffffff")),
+        "a bare value is matched whole but for the routing mark's bits"
+    );
+    let apart = rule(1, "tcp 0.0.0.0/0 any mark 0x10/0xf0", Action::Bypass);
+    assert_eq!(effective_mark(&apart, routing), Ok(mark("0x10/0xf0")));
+}
+
 /// Random rule sets and packets: the maps must always agree with the definition.
 #[test]
 fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
@@ -480,6 +583,13 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 if next(4) == 0 {
                     text += &format!(" iface {}", IFACES[next(2) as usize].0);
                 }
+                // The program holds 32 mark entries: marks in the small sets only.
+                if count <= 8 && next(3) == 0 {
+                    text += &format!(
+                        " mark {}",
+                        ["0x10/0xf0", "0x20", "0/0xff"][next(3) as usize]
+                    );
+                }
                 let action = if next(3) == 0 {
                     Action::Bypass
                 } else {
@@ -493,7 +603,7 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
         let compiled = compile(&rules, round % 2, &interfaces());
         for _ in 0..40 {
             let text = format!(
-                "{} {} -> {}:{}",
+                "{} {} -> {}:{} mark {}",
                 ["tcp", "udp"][next(2) as usize],
                 ["192.0.2.200", "192.0.2.5", "198.51.100.1", "203.0.113.1"][next(4) as usize],
                 [
@@ -505,6 +615,7 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                     "192.0.2.1"
                 ][next(6) as usize],
                 [80, 81, 443, 500, 2000][next(5) as usize],
+                ["0", "0x10", "0x20", "0x1f0", "0x110"][next(5) as usize],
             );
             let (iface, ifindex) = IFACES[next(2) as usize];
             let packet = packet(&text, iface);

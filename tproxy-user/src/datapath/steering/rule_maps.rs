@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{lpm_trie::Key, Array, LpmTrie};
-use tproxy_common::maps::{self, Verdict};
+use tproxy_common::maps::{self, MarkRules, Verdict};
 
 use crate::datapath::rules::{CompiledRules, Entry};
 
@@ -106,6 +106,7 @@ impl Steering {
                 }
             }
         }
+        self.write_mark_rules(generation, MarkRules::default())?;
         let of_generation = |id: u32| (id & maps::GENERATION_BIT != 0) == (generation & 1 == 1);
         self.erase_lpm_where(maps::RULES_DST_V4, |k: &maps::DstKey<4>| {
             of_generation(k.class)
@@ -139,6 +140,8 @@ impl Steering {
     }
 
     fn write_generation(&mut self, generation: u32, rules: &CompiledRules) -> Result<()> {
+        let marks = rules.mark_table().map_err(anyhow::Error::msg)?;
+        self.write_mark_rules(generation, marks)?;
         // Sources before destinations, destinations before ports: whatever a later stage
         // points to exists by the time it can be reached.
         self.write_lpm(maps::RULES_SRC_V4, &rules.src_v4)?;
@@ -156,7 +159,16 @@ impl Steering {
         Ok(())
     }
 
+    /// The mark stage's table of `generation` (its own entry: nothing to erase entry by entry).
+    fn write_mark_rules(&mut self, generation: u32, table: MarkRules) -> Result<()> {
+        let mut marks: Array<_, MarkRules> = Array::try_from(self.map_mut(maps::MARK_RULES)?)?;
+        marks
+            .set(generation & 1, table, 0)
+            .context("writing the mark rules")
+    }
+
     fn erase_generation(&mut self, generation: u32, rules: &CompiledRules) -> Result<()> {
+        self.write_mark_rules(generation, MarkRules::default())?;
         let mut classes: Array<_, u32> = Array::try_from(self.map_mut(maps::PORT_CLASSES)?)?;
         for (i, class) in rules.port_classes.iter().enumerate() {
             let (udp, port) = (i >= 65536, (i % 65536) as u16);

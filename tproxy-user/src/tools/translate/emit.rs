@@ -49,6 +49,11 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     );
     write_interfaces(&mut out, &kept);
     let routing = write_mark(&mut out, &kept, &mut notes);
+    let kept = unseen_marks_left_out(
+        kept,
+        routing.unwrap_or(Settings::default().mark),
+        &mut skipped,
+    );
     if let Some(guard) = guard {
         match guard.conflict(routing.unwrap_or(Settings::default().mark)) {
             Some(conflict) => skipped.push(conflict),
@@ -313,6 +318,27 @@ fn drop_shadowed(
     kept
 }
 
+/// `kept` without the rules whose mark needs bits of the `routing` mark, which tproxy's
+/// rules do not see (see `datapath::rules::effective_mark`): they are reported.
+fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<String>) -> Vec<Rule> {
+    kept.into_iter()
+        .filter(|(rule, _)| {
+            let Some(mark) = rule.matches.mark else {
+                return true;
+            };
+            let seen = mark.value & routing.mask == 0 && mark.mask & !routing.mask != 0;
+            if !seen {
+                skipped.push(format!(
+                    "line {}: {}: its mark {mark} looks at the bits of the routing mark \
+                     {routing}, which tproxy sets itself and its rules do not see",
+                    rule.line, rule.text
+                ));
+            }
+            seen
+        })
+        .collect()
+}
+
 /// `interfaces`: the rules' input interfaces, or all when a rule names none.
 fn write_interfaces(out: &mut String, kept: &[Rule]) {
     let ifaces: Vec<&String> = {
@@ -422,6 +448,15 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
     }
     if let Some(iface) = &m.iface {
         let _ = writeln!(out, "iface = {}", quote(iface));
+    }
+    match m.mark {
+        Some(mark) if mark.mask == u32::MAX => {
+            let _ = writeln!(out, "mark = \"{:#x}\"", mark.value);
+        }
+        Some(mark) => {
+            let _ = writeln!(out, "mark = \"{mark}\"");
+        }
+        None => {}
     }
     match listener {
         Some(port) => {

@@ -11,7 +11,7 @@ use super::{
 use crate::{
     datapath::rules::Ports,
     relay::listener::Transport,
-    values::{parse_port_list, parse_prefix},
+    values::{parse_mark_match, parse_port_list, parse_prefix},
 };
 
 /// Reads the `mangle` table's PREROUTING chain and the chains it may jump to.
@@ -246,7 +246,7 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
             }
         }
         "--mark" if negated => return Err("negated match `-m mark`".into()),
-        "--mark" => m.mark = Some(full_mark(value)?),
+        "--mark" => m.mark = Some(parse_mark_match(value)?),
         other => return Err(format!("option `{other}`")),
     }
     Ok(())

@@ -94,8 +94,8 @@ struct Match {
     not_dst: Vec<IpNet>,
     not_src: Vec<IpNet>,
     not_iface: Vec<String>,
-    /// The packet mark matched (`-m mark --mark`, nft `meta mark`): only a proxy's loop
-    /// guard translates (see `own_mark`).
+    /// The packet mark matched (`-m mark --mark`, nft `meta mark`): a proxy's loop guard
+    /// becomes the socket mark, others the rule's `mark` (see `own_mark`).
     mark: Option<Mark>,
 }
 

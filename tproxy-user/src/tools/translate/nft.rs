@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{
     relay::listener::Transport,
-    values::{parse_port_list, parse_prefix, Mark},
+    values::{parse_mark_match, parse_port_list, parse_prefix, Mark},
 };
 
 /// The block an nft line is in.
@@ -407,27 +407,39 @@ impl Rule<'_> {
         Ok(found.next)
     }
 
-    /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; matching one exact mark
-    /// may be a loop guard (see `own_mark`); other mark expressions cannot be translated.
+    /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; a match is one exact
+    /// mark (`mark 0xff`, `mark == 0xff`) or the bits under a mask (`mark & 0xf0 == 0x10`),
+    /// which may be a loop guard (see `own_mark`). Other mark expressions (`!=`, sets,
+    /// ranges) cannot be translated.
     fn mark(&mut self, i: usize) -> Result<usize, String> {
-        let at = if self.w[i] == "meta" { i + 2 } else { i + 1 };
-        if self.w.get(at).is_some_and(|x| x == "set") {
-            let value = self.w.get(at + 1).ok_or("`mark set` without a value")?;
+        let w = &self.w;
+        let mut at = if w[i] == "meta" { i + 2 } else { i + 1 };
+        if w.get(at).is_some_and(|x| x == "set") {
+            let value = w.get(at + 1).ok_or("`mark set` without a value")?;
             self.set_mark = Some(full_mark(value)?);
             return Ok(at + 2);
         }
-        let exact = self
-            .w
-            .get(at)
-            .filter(|value| value.starts_with(|c: char| c.is_ascii_digit()))
-            .and_then(|value| full_mark(value).ok());
-        match exact {
-            Some(mark) => {
-                self.m.mark = Some(mark);
-                Ok(at + 1)
-            }
-            None => Err("matching on the packet mark cannot be translated".into()),
+        let number = |at: usize| {
+            w.get(at)
+                .filter(|value| value.starts_with(|c: char| c.is_ascii_digit()))
+                .map(String::as_str)
+        };
+        let unsupported = "matching on the packet mark other than `mark [& MASK ==] VALUE`";
+        let mut mask = None;
+        if w.get(at).is_some_and(|x| x == "&") {
+            mask = Some(number(at + 1).ok_or(unsupported)?);
+            at += 2;
         }
+        if w.get(at).is_some_and(|x| x == "==") {
+            at += 1;
+        }
+        let value = number(at).ok_or(unsupported)?;
+        let text = match mask {
+            Some(mask) => format!("{value}/{mask}"),
+            None => value.to_string(),
+        };
+        self.m.mark = Some(parse_mark_match(&text)?);
+        Ok(at + 1)
     }
 
     /// `tproxy [ip|ip6] to [addr]:port` at `w[i]`.

@@ -1,10 +1,12 @@
-//! The proxy's loop guard: `-m mark --mark 0xff -j RETURN` (nft `meta mark 0xff return`).
+//! Rules that match the packet mark, and among them the proxy's loop guard: `-m mark --mark
+//! 0xff -j RETURN` (nft `meta mark 0xff return`).
 //!
 //! Proxies mark their own upstream sockets and the rule set leaves packets with that mark
 //! alone. tproxy's eBPF program never steers a packet whose mark is exactly tproxy's
 //! `socket_mark`, ahead of any rule, so a guard translates to that setting when it means
 //! the same: a RETURN or ACCEPT for one exact mark and nothing else, which no steering rule
-//! comes before. Any other mark match cannot be translated.
+//! comes before. Any other mark match stays on its rule, as the rule's `mark`, which
+//! tproxy's rules match like the kernel's `-m mark`.
 
 use super::{emit::Flat, Family, Match, Parsed, Target};
 use crate::values::Mark;
@@ -38,8 +40,7 @@ impl Guard {
     }
 }
 
-/// `flat` without the loop guard, and the guard; other rules that match a mark become the
-/// reason they cannot be translated.
+/// `flat` without the loop guard, and the guard; other rules that match a mark keep it.
 pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
     let mut guarded: Option<Guard> = None;
     // The families of the steering rules so far: one of another family cannot come first.
@@ -50,10 +51,10 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
             out.push(rule);
             continue;
         };
+        if matches!(parsed.target, Target::Tproxy { .. }) {
+            steered_before.extend(families(&parsed.matches));
+        }
         let Some(mark) = parsed.matches.mark else {
-            if matches!(parsed.target, Target::Tproxy { .. }) {
-                steered_before.extend(families(&parsed.matches));
-            }
             out.push(rule);
             continue;
         };
@@ -64,15 +65,7 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
             && !families(&parsed.matches).any(|f| steered_before.contains(&f))
             && guarded.as_ref().is_none_or(|g| g.mark == mark.value);
         if !is_guard {
-            let reason = if parsed.text.starts_with("-A ") {
-                "match `-m mark`"
-            } else {
-                "matching on the packet mark cannot be translated"
-            };
-            out.push(Err(format!(
-                "line {}: {}: {reason}",
-                parsed.line, parsed.text
-            )));
+            out.push(rule);
             continue;
         }
         if guarded.is_none() {

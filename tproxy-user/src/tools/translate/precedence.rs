@@ -79,7 +79,11 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
         .into_iter()
         .filter(|f| families_of(b).contains(f))
         .any(|family| nets(&a.dst, &b.dst, family) && nets(&a.src, &b.src, family));
-    transports && ports && iface && addresses
+    let marks = match (a.mark, b.mark) {
+        (Some(a), Some(b)) => (a.value ^ b.value) & a.mask & b.mask == 0,
+        _ => true,
+    };
+    transports && ports && iface && addresses && marks
 }
 
 /// Whether every packet that `inner` matches, `outer` matches too.
@@ -105,7 +109,14 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
             && nets(&outer.dst, &inner.dst, family)
             && nets(&outer.src, &inner.src, family)
     });
-    transports && ports && iface && addresses
+    let marks = match (outer.mark, inner.mark) {
+        (None, _) => true,
+        (Some(outer), Some(inner)) => {
+            outer.mask & !inner.mask == 0 && inner.value & outer.mask == outer.value
+        }
+        (Some(_), None) => false,
+    };
+    transports && ports && iface && addresses && marks
 }
 
 /// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:

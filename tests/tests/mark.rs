@@ -1,0 +1,273 @@
+//! Rules that match the packet mark, on the router, against iptables' `-m mark` for the same
+//! probes. Where the mark comes from matters and is the same for both: a forwarded packet's
+//! mark is 0 when it reaches the router (the kernel scrubs it when a packet moves between
+//! network namespaces, so the client cannot set it), and tproxy's program runs at tc ingress,
+//! before netfilter, so a PREROUTING `-j MARK` comes too late for it. What does set it ahead
+//! of both is another eBPF program attached at the same TCX ingress before tproxy's: the
+//! test's [`Marker`].
+
+use std::{
+    net::SocketAddr,
+    os::fd::{FromRawFd, OwnedFd},
+};
+
+use tproxy_tests::{
+    ingress_programs, peer_seen_by, remove_iptables_tproxy, require_root, restore_iptables,
+    tproxy_with_input, udp_client, udp_exchange, ConfigFile, Netns, RouterTopology as Topo, Server,
+    Tproxy, UdpEcho,
+};
+
+/// A TCX ingress program that sets every packet's mark to one value and hands it on, attached
+/// ahead of every other program at an interface for as long as it lives.
+struct Marker {
+    _link: OwnedFd,
+}
+
+/// The name the marker's program shows under.
+const MARKER_NAME: &str = "test_marker";
+
+impl Marker {
+    fn attach(netns: &Netns, iface: &str, mark: u32) -> Self {
+        let iface = std::ffi::CString::new(iface).unwrap();
+        let link = netns.run(move || {
+            // SAFETY: a name from a CString.
+            let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+            assert_ne!(ifindex, 0, "{iface:?} not found");
+            let program = load_marker(mark);
+            attach_first(&program, ifindex)
+        });
+        Marker { _link: link }
+    }
+}
+
+/// `bpf(2)` with an attribute buffer (zeroed past what the command reads).
+fn bpf(command: libc::c_long, attr: &mut [u8; 128]) -> OwnedFd {
+    // SAFETY: the attribute buffer is as large as the kernel's `union bpf_attr` prefix for
+    // these commands, and lives across the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "bpf({command}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor the kernel just returned.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// `r2 = mark; skb->mark = r2; return TCX_NEXT`.
+fn load_marker(mark: u32) -> OwnedFd {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    // code, dst/src registers, offset, immediate.
+    let insn = |code: u8, regs: u8, off: i16, imm: i32| -> u64 {
+        u64::from(code)
+            | u64::from(regs) << 8
+            | u64::from(off as u16) << 16
+            | u64::from(imm as u32) << 32
+    };
+    let program = [
+        insn(0xb7, 0x02, 0, mark as i32), // mov r2, mark
+        insn(0x63, 0x21, 8, 0),           // *(u32 *)(r1 + offsetof(__sk_buff, mark)) = r2
+        insn(0xb7, 0x00, 0, -1),          // mov r0, TCX_NEXT
+        insn(0x95, 0, 0, 0),              // exit
+    ];
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(program.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(program.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..48 + MARKER_NAME.len()].copy_from_slice(MARKER_NAME.as_bytes());
+    bpf(BPF_PROG_LOAD, &mut attr)
+}
+
+/// Links `program` at the TCX ingress of `ifindex`, before every program already there.
+fn attach_first(program: &OwnedFd, ifindex: u32) -> OwnedFd {
+    use std::os::fd::AsRawFd;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_F_BEFORE: u32 = 1 << 3;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_TCX_INGRESS.to_ne_bytes());
+    attr[12..16].copy_from_slice(&BPF_F_BEFORE.to_ne_bytes());
+    bpf(BPF_LINK_CREATE, &mut attr)
+}
+
+/// A TCP probe and a UDP probe through the router.
+const TCP: &str = "10.10.2.2:80";
+const UDP: &str = "10.10.2.2:53";
+
+/// The client's marks set at the router (`None`: no marker), and what the rules below do
+/// with each: TCP is left alone when the bits 0xf0 are 0x10, UDP steered only with the mark
+/// exactly 0x20.
+const CASES: &[(Option<u32>, bool, bool)] = &[
+    (None, true, false),
+    (Some(0x10), false, false),
+    (Some(0x20), true, true),
+    (Some(0x110), false, false),
+    (Some(0x1f0), true, false),
+];
+
+/// The rule set on the router, the mark rules between a socket-match divert and the TPROXY
+/// rules (entered for the client's side only: the server's replies must not be caught).
+const RULES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -p tcp -m mark --mark 0x10/0xf0 -j RETURN
+-A PREROUTING -i to-client -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-client -p udp -m mark --mark 0x20 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+/// For each case: whether the TCP probe and the UDP probe were intercepted (their server saw
+/// the router instead of the client), with the marker of the case attached meanwhile.
+fn probe_each_mark(topo: &Topo, udp_server: &UdpEcho) -> Vec<(Option<u32>, bool, bool)> {
+    let router = Topo::router_as_seen_by_server(false);
+    CASES
+        .iter()
+        .map(|&(mark, ..)| {
+            let _marker = mark.map(|mark| {
+                let marker = Marker::attach(&topo.router, Topo::ROUTER_CLIENT_IFACE, mark);
+                let programs = ingress_programs(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap();
+                assert_eq!(programs.first().map(String::as_str), Some(MARKER_NAME));
+                marker
+            });
+            let tcp = peer_seen_by(&topo.client, TCP.parse().unwrap()).unwrap() == router;
+            udp_server.peers.lock().unwrap().clear();
+            let to: SocketAddr = UDP.parse().unwrap();
+            let client = udp_client(&topo.client, to).unwrap();
+            let (reply, from) = udp_exchange(&client, to, b"probe").unwrap();
+            assert_eq!((reply.as_slice(), from), (&b"probe"[..], to));
+            let udp = udp_server.peer_ips() == [router];
+            (mark, tcp, udp)
+        })
+        .collect()
+}
+
+/// The marks a packet carries into tc ingress decide as `-m mark` decides in PREROUTING, for
+/// the translation of the same rule set; a PREROUTING `-j MARK` is too late for tproxy.
+#[test]
+fn mark_rules_steer_what_iptables_mark_matches_steer() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tcp_server = Server::tell_peer(&topo.server, TCP.parse().unwrap()).unwrap();
+    let udp_server = UdpEcho::start(&topo.server, UDP.parse().unwrap()).unwrap();
+    let (status, text, stderr) = tproxy_with_input(&["translate"], RULES).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(
+        text.contains("mark = \"0x10/0xf0\"") && text.contains("mark = \"0x20\""),
+        "{text}"
+    );
+    let config = ConfigFile::new(&text).unwrap();
+
+    // The original: iptables steers, tproxy's relay serves the TPROXY port. TPROXY's mark
+    // joins the client's, so the routing rule looks at its bit alone.
+    restore_iptables(&topo.router, RULES).unwrap();
+    topo.router
+        .ip(&["rule", "add", "fwmark", "0x1/0x1", "lookup", "100"])
+        .unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = probe_each_mark(&topo, &udp_server);
+    relay.stop().unwrap();
+    topo.router
+        .ip(&["rule", "del", "fwmark", "0x1/0x1", "lookup", "100"])
+        .unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(original, CASES, "what iptables steers");
+
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = probe_each_mark(&topo, &udp_server);
+    assert_eq!(translated, original, "translated config:\n{text}");
+
+    // A mark set by netfilter, after tc ingress, is not the mark tproxy sees.
+    restore_iptables(
+        &topo.router,
+        "*mangle\n-A PREROUTING -i to-client -j MARK --set-xmark 0x10/0xf0\nCOMMIT\n",
+    )
+    .unwrap();
+    let tcp = peer_seen_by(&topo.client, TCP.parse().unwrap()).unwrap();
+    assert_eq!(tcp, Topo::router_as_seen_by_server(false), "steered");
+    tproxy.stop().unwrap();
+}
+
+/// A local process's connection (`--local`): the mark is its socket's `SO_MARK` at connect,
+/// as a proxy marks its upstream connections to keep them out of its own interception.
+#[test]
+fn a_local_sockets_own_mark_keeps_it_out_of_the_relay() {
+    use std::io::{Read, Write};
+    use tproxy_tests::cgroup::{dial_output, TestCgroup};
+
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("marked").unwrap();
+    let named = |addr: &str, name: &'static str| {
+        Server::start(&topo.server, addr.parse().unwrap(), move |mut stream| {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let _ = stream.write_all(name.as_bytes());
+        })
+        .unwrap()
+    };
+    let _original = named("10.10.2.2:80", "original");
+    let _upstream = named("10.10.2.3:8080", "upstream");
+    let config = ConfigFile::new(
+        r#"
+[[listener]]
+name = "up"
+upstream = "10.10.2.3:8080"
+
+[[rule]]
+proto = "tcp"
+ports = 80
+mark = "0xff"
+action = "bypass"
+
+[[rule]]
+proto = "tcp"
+ports = 80
+action = "steer"
+"#,
+    )
+    .unwrap();
+    let _tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--config",
+            config.path(),
+        ],
+    )
+    .unwrap();
+    let dial = |mark: Option<&str>| {
+        let env = mark.map(|mark| format!("DIAL_MARK={mark}"));
+        let wrapper: Vec<&str> = match &env {
+            Some(env) => vec!["env", env.as_str()],
+            None => Vec::new(),
+        };
+        let args = ["tcp", "10.10.2.2:80", "hi"];
+        dial_output(cgroup.run(&topo.router, &wrapper, DIAL, &args).unwrap()).unwrap()
+    };
+    assert_eq!(dial(None), "10.10.2.2:80 upstream");
+    assert_eq!(
+        dial(Some("255")),
+        "10.10.2.2:80 original",
+        "the bypassed mark"
+    );
+    assert_eq!(
+        dial(Some("511")),
+        "10.10.2.2:80 upstream",
+        "matched whole, not 0xff/0xff"
+    );
+}
+
+const DIAL: &str = env!("CARGO_BIN_EXE_dial");
