@@ -829,7 +829,7 @@ fn report(
     let json = json!({
         "date": date, "machine": machine, "rounds": rounds,
         "metrics": json_metrics, "rule_scaling": json_scaling, "rule_load": json_load,
-        "interfaces": json_interfaces,
+        (interfaces::JSON_KEY): json_interfaces,
     });
     fs::write(
         dir.join("results.json"),

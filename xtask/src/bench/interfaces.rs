@@ -149,17 +149,55 @@ pub fn run_only(binary: &Path, rounds: usize) -> Result<()> {
     let md = fs::read_to_string(&md_path).unwrap_or_default();
     fs::write(&md_path, replace_section(&md, &section))?;
     let json_path = dir.join("results.json");
-    let mut json: Value = match fs::read_to_string(&json_path) {
-        Ok(text) => serde_json::from_str(&text).context("parsing bench/results.json")?,
-        Err(_) => json!({}),
-    };
-    json["interfaces"] = json_section;
-    fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    let json = fs::read_to_string(&json_path).unwrap_or_else(|_| "{}".to_string());
+    let json =
+        set_json_entry(&json, JSON_KEY, &json_section).context("updating bench/results.json")?;
+    fs::write(&json_path, json)?;
     println!("\n{section}\nwritten to bench/results.md, bench/results.json");
     Ok(())
 }
 
 const HEADING: &str = "\n## Interfaces\n";
+/// The key of these results in bench/results.json.
+pub(super) const JSON_KEY: &str = "interfaces";
+
+/// `json` (an object as `serde_json::to_string_pretty` writes it) with the entry `key` set
+/// to `value`, the other entries kept as text: parsing and printing them again would
+/// change the last digits of some numbers. Entries stay in key order, as serde_json's map
+/// keeps them.
+fn set_json_entry(json: &str, key: &str, value: &Value) -> Result<String> {
+    let body = json
+        .trim()
+        .strip_prefix('{')
+        .and_then(|body| body.strip_suffix('}'))
+        .context("not a JSON object")?;
+    // Pretty-printed, a line opening with two spaces and a quote starts a top-level entry.
+    let mut entries: Vec<(String, String)> = Vec::new();
+    for line in body.lines().filter(|line| !line.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix("  \"") {
+            let name = rest.split('"').next().unwrap_or_default();
+            entries.push((name.to_string(), String::new()));
+        }
+        let (_, text) = entries
+            .last_mut()
+            .with_context(|| format!("not pretty-printed JSON: `{line}`"))?;
+        text.push_str(line);
+        text.push('\n');
+    }
+    let ours = serde_json::to_string_pretty(&json!({ key: value }))?;
+    let ours = ours
+        .trim()
+        .strip_prefix('{')
+        .and_then(|o| o.strip_suffix('}'));
+    entries.retain(|(name, _)| name != key);
+    entries.push((key.to_string(), ours.unwrap_or_default().to_string()));
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let texts: Vec<&str> = entries
+        .iter()
+        .map(|(_, text)| text.trim_matches('\n').trim_end_matches(','))
+        .collect();
+    Ok(format!("{{\n{}\n}}", texts.join(",\n")))
+}
 
 /// `md` with its interfaces section (from [`HEADING`] to the next section or the chart)
 /// replaced by `section`, or `section` added before the chart if there was none.
@@ -341,6 +379,33 @@ fn add_other_veths(router: &Netns) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_json_entry_is_set_and_the_rest_kept_as_text() {
+        let old =
+            json!({"date": "d", "interfaces": {"a": [1]}, "metrics": [{"x": 9.060102847826645}]});
+        let text = serde_json::to_string_pretty(&old).unwrap();
+        // Numbers as another program wrote them, which parsing would not give back.
+        let text = text.replace("9.060102847826645", "9.0601028478266450");
+        let new = json!({"b": 2.5});
+        let set = set_json_entry(&text, "interfaces", &new).unwrap();
+        let expected = serde_json::to_string_pretty(
+            &json!({"date": "d", "interfaces": new, "metrics": [{"x": 1.0}]}),
+        )
+        .unwrap()
+        .replace("1.0", "9.0601028478266450");
+        assert_eq!(set, expected);
+        assert_eq!(set_json_entry(&set, "interfaces", &new).unwrap(), set);
+        let added = set_json_entry("{\n  \"date\": \"d\"\n}", "interfaces", &new).unwrap();
+        assert_eq!(
+            added,
+            serde_json::to_string_pretty(&json!({"date": "d", "interfaces": new})).unwrap()
+        );
+        assert_eq!(
+            set_json_entry("{}", "interfaces", &new).unwrap(),
+            serde_json::to_string_pretty(&json!({"interfaces": new})).unwrap()
+        );
+    }
 
     #[test]
     fn the_interfaces_section_is_replaced_and_the_rest_kept() {
