@@ -219,6 +219,17 @@ fn replace_section(md: &str, section: &str) -> String {
     format!("{}{section}{}", &md[..start], &md[end..])
 }
 
+/// A table of the report.
+struct Table {
+    /// Its key in the JSON.
+    key: &'static str,
+    caption: &'static str,
+    /// The first is the baseline of the ratios, called `baseline` in them.
+    cases: &'static [Case],
+    metrics: &'static [Metric],
+    baseline: &'static str,
+}
+
 /// The interfaces section of the report, as markdown and JSON; `command` names the run
 /// when it is not the whole benchmark's.
 pub(super) fn report(samples: &Samples, command: Option<&str>) -> Result<(String, Value)> {
@@ -226,27 +237,34 @@ pub(super) fn report(samples: &Samples, command: Option<&str>) -> Result<(String
     if let Some(command) = command {
         writeln!(md, "\n{command}: median of the rounds, spread (min–max).")?;
     }
-    // Each table: its JSON key, caption, cases (the first is the baseline of the ratios, named
-    // by the fifth field) and metrics.
-    let tables: [(&str, &str, &[Case], &[Metric], &str); 2] = [
-        (
-            "bridge",
-            "Steering on a bridge: the router's client-facing veth is a port of a Linux bridge \
-             holding the router's address (a container host's docker0 or br-<id>).",
-            &[Case::BridgeDirect, Case::BridgeEbpf],
-            &[THROUGHPUT, CONNECTIONS, P50, P99],
-            "direct",
-        ),
-        (
-            "pattern",
-            "100 veths on the router (a host with 100 containers), traffic on one of them.",
-            &[Case::OneAttached, Case::HundredAttached],
-            &[CONNECTIONS, P50, P99, READY, RESIDENT, FOLLOW],
-            "1 attached",
-        ),
+    let tables = [
+        Table {
+            key: "bridge",
+            caption: "Steering on a bridge: the router's client-facing veth is a port of a \
+                      Linux bridge holding the router's address (a container host's docker0 \
+                      or br-<id>).",
+            cases: &[Case::BridgeDirect, Case::BridgeEbpf],
+            metrics: &[THROUGHPUT, CONNECTIONS, P50, P99],
+            baseline: "direct",
+        },
+        Table {
+            key: "pattern",
+            caption: "100 veths on the router (a host with 100 containers), traffic on one \
+                      of them.",
+            cases: &[Case::OneAttached, Case::HundredAttached],
+            metrics: &[CONNECTIONS, P50, P99, READY, RESIDENT, FOLLOW],
+            baseline: "1 attached",
+        },
     ];
     let mut json_tables = serde_json::Map::new();
-    for (key, caption, cases, metrics, baseline) in tables {
+    for Table {
+        key,
+        caption,
+        cases,
+        metrics,
+        baseline,
+    } in tables
+    {
         write!(md, "\n{caption}\n\n| metric |")?;
         for case in cases {
             write!(md, " {} |", case.label())?;
