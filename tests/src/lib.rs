@@ -645,6 +645,25 @@ pub fn ingress_programs(netns: &Netns, iface: &str) -> Result<Vec<String>> {
     Ok(programs)
 }
 
+/// The id of the first program attached (TCX) at `iface` ingress in `netns`.
+pub fn ingress_program_id(netns: &Netns, iface: &str) -> Result<u32> {
+    let name = iface.to_string();
+    netns.run(move || -> Result<u32> {
+        let (_, programs) =
+            aya::programs::SchedClassifier::query_tcx(&name, aya::programs::TcAttachType::Ingress)?;
+        Ok(programs.first().context("no program attached")?.id())
+    })
+}
+
+/// How many BPF links, anywhere on the host, run the program with id `program`: one per
+/// interface it is attached to, none left once it is detached.
+pub fn links_of_program(program: u32) -> usize {
+    aya::programs::loaded_links()
+        .filter_map(std::result::Result::ok)
+        .filter(|link| link.program_id() == program)
+        .count()
+}
+
 /// The policy-routing rules pointing at `table` and the routes in it (both families), one per
 /// line; empty when there are none.
 pub fn routing_state(netns: &Netns, table: u32) -> Result<String> {

@@ -17,8 +17,8 @@ use std::{
 
 use tproxy_tests::{
     containers::{build_busybox_image, build_tproxy_image, Docker, Engine, IMAGE},
-    ingress_programs, require_root, routing_state, run_tproxy_output, stat, tproxy_bin, Bpffs,
-    InstanceStatus, Netns, Server, DEFAULT_TABLE,
+    ingress_program_id, ingress_programs, links_of_program, require_root, routing_state,
+    run_tproxy_output, stat, tproxy_bin, Bpffs, InstanceStatus, Netns, Server, DEFAULT_TABLE,
 };
 
 /// The containers' bridge network; the engine's namespace is its gateway (.1).
@@ -222,13 +222,18 @@ impl Host {
 
     /// `wget` from a client container on the bridge network; the body it got.
     fn fetch(&self, url: &str) -> String {
+        self.fetch_from(&self.network, CLIENT_IP, url)
+    }
+
+    /// `wget` from a client container at `ip` on `network`; the body it got.
+    fn fetch_from(&self, network: &str, ip: &str, url: &str) -> String {
         self.docker(&[
             "run",
             "--rm",
             "--network",
-            &self.network,
+            network,
             "--ip",
-            CLIENT_IP,
+            ip,
             CLIENT_IMAGE,
             "wget",
             "-q",
@@ -237,6 +242,23 @@ impl Host {
             url,
         ])
         .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Creates the bridge network `name` of `subnet`, without masquerading as in
+    /// [`Host::new`]; its bridge device's name.
+    fn create_network(&self, name: &str, subnet: &str) -> String {
+        let id = self
+            .docker(&[
+                "network",
+                "create",
+                "--subnet",
+                subnet,
+                "--opt",
+                "com.docker.network.bridge.enable_ip_masquerade=false",
+                name,
+            ])
+            .unwrap();
+        format!("br-{}", &id[..12])
     }
 
     /// Nothing of a tproxy instance is left in the host's namespace or directories.
@@ -444,5 +466,55 @@ fn containers_on_a_bridge_network_are_steered_and_docker_restart_adopts_the_pinn
     }
     cleanup.extend(["--volume", &bpf, "--volume", &run, IMAGE, "cleanup"]);
     host.docker(&cleanup).unwrap();
+    host.assert_nothing_left();
+}
+
+#[test]
+fn a_bridge_network_created_after_start_is_steered_and_its_removal_leaves_nothing() {
+    let host = Host::new();
+    let _steered = peer_server(&host.servers, 80);
+    host.run_tproxy("tproxy", &["run", "--iface", "br-*", "--tcp", "80"]);
+    let first = format!("{} (tcx)", host.bridge);
+    assert_eq!(host.status("tproxy").attached, vec![first.clone()]);
+    let program = ingress_program_id(&host.engine.netns, &host.bridge).unwrap();
+    assert_eq!(links_of_program(program), 1);
+
+    // A network (and so a bridge) created while tproxy runs, and a container on it.
+    let late_network = format!("tpx-late-{}", std::process::id());
+    let late_bridge = host.create_network(&late_network, "10.253.0.0/24");
+    host.wait_for_log("tproxy", &format!("attached to {late_bridge}"));
+    assert_eq!(links_of_program(program), 2);
+    let seen = host.fetch_from(&late_network, "10.253.0.50", &format!("http://{SERVERS}/"));
+    assert_eq!(
+        seen, ENGINE_TO_SERVERS,
+        "the late network's request is relayed"
+    );
+    assert_eq!(host.relayed("tproxy"), 1);
+
+    host.docker(&["network", "rm", &late_network]).unwrap();
+    host.wait_for_log("tproxy", &format!("detached from {late_bridge}"));
+    let status = host.status("tproxy");
+    assert_eq!(status.attached, vec![first]);
+    let interfaces = status.stats.interfaces.unwrap();
+    assert_eq!(
+        (
+            interfaces.attach_events,
+            interfaces.detach_events,
+            interfaces.attach_failures
+        ),
+        (2, 1, 0),
+        "{interfaces:?}"
+    );
+    assert_eq!(
+        links_of_program(program),
+        1,
+        "the removed bridge's link is left"
+    );
+    // The first network still steered.
+    assert_eq!(host.fetch(&format!("http://{SERVERS}/")), ENGINE_TO_SERVERS);
+    assert_eq!(host.relayed("tproxy"), 2);
+
+    host.docker(&["stop", "--time", "40", "tproxy"]).unwrap();
+    assert_eq!(links_of_program(program), 0);
     host.assert_nothing_left();
 }

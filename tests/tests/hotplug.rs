@@ -1,6 +1,7 @@
 //! Interfaces by pattern, followed live: tproxy attaches to interfaces that appear and match
 //! (a container's veth started after tproxy), detaches from those that go, and leaves no link
-//! behind however many came and went.
+//! behind however many came and went. `all` is followed the same way; neither a pattern nor
+//! `all` selects lo.
 
 use std::{
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
@@ -9,8 +10,8 @@ use std::{
 };
 
 use tproxy_tests::{
-    ingress_programs, peer_seen_by, require_root, ConfigFile, Netns, RouterTopology as Topo,
-    Server, Tproxy,
+    ingress_program_id, ingress_programs, links_of_program, peer_seen_by, require_root, ConfigFile,
+    Netns, RouterTopology as Topo, Server, Tproxy,
 };
 
 /// Links a new namespace to the router as a container's veth would be: `eth0` inside,
@@ -112,14 +113,6 @@ fn an_interface_that_appears_after_start_is_steered_without_a_restart() {
     assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 1);
 }
 
-/// How many BPF links, anywhere on the host, run the program with id `program`.
-fn links_of_program(program: u32) -> usize {
-    aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .filter(|link| link.program_id() == program)
-        .count()
-}
-
 #[test]
 fn two_hundred_interfaces_come_and_go_under_traffic_and_leave_nothing_behind() {
     require_root();
@@ -137,13 +130,7 @@ fn two_hundred_interfaces_come_and_go_under_traffic_and_leave_nothing_behind() {
         ],
     )
     .unwrap();
-    let iface = Topo::ROUTER_CLIENT_IFACE.to_string();
-    let program = topo.router.run(move || {
-        let (_, programs) =
-            aya::programs::SchedClassifier::query_tcx(&iface, aya::programs::TcAttachType::Ingress)
-                .unwrap();
-        programs[0].id()
-    });
+    let program = ingress_program_id(&topo.router, Topo::ROUTER_CLIENT_IFACE).unwrap();
     assert_eq!(links_of_program(program), 1);
 
     // Four rounds of 50 pairs, each deleted right after it was created, while the client
@@ -278,4 +265,76 @@ fn a_rule_naming_an_interface_applies_once_it_appears() {
     }
     tproxy.stop().unwrap();
     assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 2);
+}
+
+/// The interfaces tproxy is attached to, by name (status gives "NAME (MODE)"), sorted.
+fn attached_names(tproxy: &Tproxy) -> Vec<String> {
+    let status = tproxy.status().unwrap();
+    let mut names: Vec<String> = status
+        .attached
+        .iter()
+        .map(|entry| entry.split(' ').next().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn iface_all_follows_interfaces_that_appear_and_leaves_lo_out() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--iface", "all", "--tcp", "80"]).unwrap();
+    assert_eq!(attached_names(&tproxy), vec!["to-client", "to-server"]);
+    assert_eq!(
+        ingress_programs(&topo.router, "lo").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    let late = late_client(&topo, "late0", 3);
+    tproxy
+        .wait_for_line("attached to late0", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        peer_seen_by(&late, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false),
+        "the interface that appeared after start is steered"
+    );
+    drop(late);
+    tproxy
+        .wait_for_line("detached from late0", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(attached_names(&tproxy), vec!["to-client", "to-server"]);
+    tproxy.stop().unwrap();
+    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 2);
+}
+
+#[test]
+fn a_pattern_leaves_lo_out_and_its_name_selects_it() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--iface", "*", "--tcp", "80"]).unwrap();
+    assert_eq!(attached_names(&tproxy), vec!["to-client", "to-server"]);
+    assert_eq!(
+        ingress_programs(&topo.router, "lo").unwrap(),
+        Vec::<String>::new()
+    );
+    tproxy.stop().unwrap();
+    let mut tproxy = Tproxy::start(
+        &topo.router,
+        &["--iface", "*", "--iface", "lo", "--tcp", "80"],
+    )
+    .unwrap();
+    assert_eq!(
+        attached_names(&tproxy),
+        vec!["lo", "to-client", "to-server"]
+    );
+    assert_eq!(
+        ingress_programs(&topo.router, "lo").unwrap(),
+        vec!["tproxy_ingress".to_string()]
+    );
+    tproxy.stop().unwrap();
 }

@@ -27,7 +27,7 @@ fn doctor_settings(
         None => config::Settings::default(),
     };
     if !args.ifaces.is_empty() {
-        settings.interfaces = config::Interfaces::Named(args.ifaces.clone());
+        settings.interfaces = config::Interfaces::from_flag(&args.ifaces);
     }
     if let Some(mark) = args.mark {
         settings.mark = mark;

@@ -11,7 +11,6 @@
 //! and sessions in flight get up to `--drain-timeout` to finish.
 
 use anyhow::{bail, Context, Result};
-use tproxy_common::decision::LOOPBACK_IFINDEX;
 
 use crate::{
     cli::RunArgs,
@@ -30,7 +29,7 @@ use crate::{
     daemon::links::LinkWatch,
     daemon::ready::declare_ready,
     daemon::serve::{serve, Control, Ending, Signals},
-    datapath::interfaces::{resolve_interfaces, Framing, Link},
+    datapath::interfaces::{resolve_interfaces, Link, LOOPBACK},
     relay::listeners::Relays,
 };
 
@@ -64,8 +63,9 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     let local = args.local_origin();
     let local_setup = local.as_ref().map(local_origin::prepare).transpose()?;
     let netlink = routing::connect()?;
-    control.links = LinkWatch::subscribe(&config.settings.interfaces)?;
-    let interfaces = interfaces_to_attach(&netlink, &config.settings, local.is_some()).await?;
+    let entries = interface_entries(&config.settings, local.is_some());
+    control.links = Some(LinkWatch::subscribe(entries.clone())?);
+    let interfaces = resolve_interfaces(&netlink, &entries).await?;
     let settings = config.settings.clone();
     if local.is_some() && settings.pin {
         bail!("--local with --pin: the cgroup attachments are not pinned yet; run without --pin");
@@ -113,23 +113,15 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     tear_down(claim, &settings, routing, served).await
 }
 
-/// The interfaces to attach to now (those of `settings` that exist; with `--local`, `lo`
-/// too).
-async fn interfaces_to_attach(
-    netlink: &rtnetlink::Handle,
-    settings: &Settings,
-    local_origin: bool,
-) -> Result<Vec<Link>> {
-    let mut interfaces = resolve_interfaces(netlink, &settings.interfaces).await?;
-    if local_origin && !interfaces.iter().any(|link| link.name == "lo") {
-        // `interfaces = "all"` (no link watch): lo is added here, not by the configuration.
-        interfaces.push(Link {
-            name: "lo".to_string(),
-            index: LOOPBACK_IFINDEX,
-            framing: Framing::Ethernet,
-        });
+/// The names and patterns of the interfaces to attach to: those of `settings`; with
+/// `--local`, `lo` too.
+fn interface_entries(settings: &Settings, local_origin: bool) -> Vec<String> {
+    let mut entries = settings.interfaces.entries();
+    if local_origin && !entries.iter().any(|entry| entry == LOOPBACK) {
+        // `interfaces = "all"`, which never selects lo: the configuration could not add it.
+        entries.push(LOOPBACK.to_string());
     }
-    Ok(interfaces)
+    entries
 }
 
 /// `run --relay-only`: listeners and relay, no program, no routing (iptables steers).

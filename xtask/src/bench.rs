@@ -6,7 +6,7 @@
 //! (`--relay-only`: isolates the cost of steering); eBPF steering + tproxy's relay (the
 //! product); iptables TPROXY + HAProxy in transparent mode with splice (the incumbent); eBPF
 //! steering (`--on-port`) + the same HAProxy (isolates the cost of steering for a proxy
-//! tproxy does not run).
+//! tproxy does not run). Interfaces (a bridge, 100 veths by pattern): see [`interfaces`].
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +35,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("iptables", "iptables"),
 ];
+pub mod interfaces;
+
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 const IPERF_PORT: u16 = 5201;
@@ -152,7 +154,8 @@ const METRICS: &[Metric] = &[
     },
 ];
 
-/// `relay_modes_only`: only the table of modes, without the rule-scaling and rule-load runs.
+/// `relay_modes_only`: only the table of modes, without the rule-scaling, rule-load and
+/// interface runs.
 pub fn run(binary: &Path, rounds: usize, relay_modes_only: bool) -> Result<()> {
     crate::require_root("the benchmark creates network namespaces and attaches BPF programs")?;
     crate::setup::install_commands(PACKAGES)?;
@@ -162,6 +165,7 @@ pub fn run(binary: &Path, rounds: usize, relay_modes_only: bool) -> Result<()> {
     let mut scaling: BTreeMap<(String, usize), Vec<f64>> = BTreeMap::new();
     let mut loads = Loads::new();
     let many_rules = ConfigFile::new(&many_rules_config(LOAD_RULES))?;
+    let mut by_interface = interfaces::Samples::default();
     for round in 1..=rounds {
         for mode in MODES {
             println!("bench: round {round}/{rounds}: {}", mode.label());
@@ -189,8 +193,9 @@ pub fn run(binary: &Path, rounds: usize, relay_modes_only: bool) -> Result<()> {
         loads.entry(LOAD_CHECK).or_default().push(check);
         let run = run_load(&many_rules)?;
         loads.entry(LOAD_RUN).or_default().push(run);
+        interfaces::round(&mut by_interface, round, rounds)?;
     }
-    report(&samples, &scaling, &loads, rounds)
+    report(&samples, &scaling, &loads, &by_interface, rounds)
 }
 
 /// `count` rules of one /32 destination and one TCP port each, steered to one listener: what
@@ -728,6 +733,7 @@ fn report(
     samples: &Samples,
     scaling: &BTreeMap<(String, usize), Vec<f64>>,
     loads: &Loads,
+    by_interface: &interfaces::Samples,
     rounds: usize,
 ) -> Result<()> {
     let dir = crate::workspace_root().join("bench");
@@ -814,11 +820,16 @@ fn report(
             json_load
         }
     };
+    let (interfaces_md, json_interfaces) = interfaces::report(by_interface, None)?;
+    if !by_interface.is_empty() {
+        md.push_str(&interfaces_md);
+    }
     md.push_str("\n![ratios to direct](results.png)\n");
     fs::write(dir.join("results.md"), &md)?;
     let json = json!({
         "date": date, "machine": machine, "rounds": rounds,
         "metrics": json_metrics, "rule_scaling": json_scaling, "rule_load": json_load,
+        (interfaces::JSON_KEY): json_interfaces,
     });
     fs::write(
         dir.join("results.json"),

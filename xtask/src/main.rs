@@ -57,10 +57,14 @@ enum Task {
         /// Rounds over all modes; the report gives each metric's median and spread.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Only the table of modes (direct, the relays, HAProxy), without the rule-scaling
-        /// and rule-load runs.
+        /// Only the table of modes (direct, the relays, HAProxy), without the rule-scaling,
+        /// rule-load and interface runs.
         #[arg(long)]
         relay_modes_only: bool,
+        /// Only the interface cases (steering on a bridge; 100 veths by pattern against
+        /// one): their section of the report is replaced, the rest kept.
+        #[arg(long, conflicts_with = "relay_modes_only")]
+        interfaces_only: bool,
     },
     /// Run each fuzz target (cargo fuzz, nightly) from its corpus in fuzz/corpus; installs
     /// cargo-fuzz if missing. New findings stay out of the repository (a temporary corpus).
@@ -93,9 +97,13 @@ fn main() -> Result<()> {
         Task::Bench {
             rounds,
             relay_modes_only,
+            interfaces_only,
         } => {
             let binary = build()?;
-            bench::run(&binary, rounds.max(1), relay_modes_only)
+            match interfaces_only {
+                true => bench::interfaces::run_only(&binary, rounds.max(1)),
+                false => bench::run(&binary, rounds.max(1), relay_modes_only),
+            }
         }
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Soak { seconds } => {

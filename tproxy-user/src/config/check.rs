@@ -36,7 +36,7 @@ impl Config {
             {
                 let steered = names
                     .iter()
-                    .any(|entry| crate::datapath::interfaces::matches(entry, iface));
+                    .any(|entry| crate::datapath::interfaces::selects(entry, iface));
                 if !steered && !args.relay_only {
                     bail!("rule {} names interface {iface}, which is not among the steered interfaces ({})", rule.number, names.join(", "));
                 }
@@ -90,6 +90,13 @@ impl Config {
                 .find(|(i, iface)| names[..*i].contains(iface));
             if let Some((_, iface)) = twice {
                 bail!("interface {iface} is given twice");
+            }
+            if names.len() > 1 && names.iter().any(|name| name == "all") {
+                bail!(
+                    "interface `all` among other interfaces: `all` alone means every interface \
+                     but lo (no interface can be named so); give it alone, or only names and \
+                     patterns"
+                );
             }
         }
         Ok(())

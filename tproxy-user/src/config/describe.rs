@@ -14,7 +14,7 @@ impl Config {
         use fmt::Write;
         let mut out = String::new();
         let interfaces = match &self.settings.interfaces {
-            Interfaces::All => "all Ethernet interfaces".to_string(),
+            Interfaces::All => "all but lo, as they come and go".to_string(),
             Interfaces::Named(names) if names.is_empty() => "none (relay only)".to_string(),
             Interfaces::Named(names) => names.join(", "),
         };

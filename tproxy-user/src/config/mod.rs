@@ -43,8 +43,28 @@ pub enum Interfaces {
     /// These interfaces: names, and patterns (`veth*`) whose matches are attached as they
     /// appear and detached as they go.
     Named(Vec<String>),
-    /// Every interface with Ethernet framing present at start (loopback excluded).
+    /// Every interface the program can parse but loopback, followed as they come and go:
+    /// the pattern `*` (which leaves `lo` out, see `datapath::interfaces::selects`).
     All,
+}
+
+impl Interfaces {
+    /// `--iface` as given: `all` alone is [`Interfaces::All`] (the kernel refuses an
+    /// interface of that name); `all` beside names is refused by the configuration check.
+    pub fn from_flag(names: &[String]) -> Self {
+        match names {
+            [only] if only == "all" => Interfaces::All,
+            names => Interfaces::Named(names.to_vec()),
+        }
+    }
+
+    /// The names and patterns to select interfaces with.
+    pub fn entries(&self) -> Vec<String> {
+        match self {
+            Interfaces::Named(names) => names.clone(),
+            Interfaces::All => vec!["*".to_string()],
+        }
+    }
 }
 
 /// A named listener: its sockets' addresses and where its relay connects.
@@ -119,7 +139,7 @@ impl Config {
             if let Interfaces::Named(names) = &mut settings.interfaces {
                 if names
                     .iter()
-                    .any(|entry| crate::datapath::interfaces::matches(entry, "lo"))
+                    .any(|entry| entry == crate::datapath::interfaces::LOOPBACK)
                 {
                     bail!(
                         "--local with lo among the interfaces: with --local, lo carries only \

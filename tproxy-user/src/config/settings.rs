@@ -242,7 +242,7 @@ macro_rules! settings {
     };
     (@from_flag interfaces $flag:expr, $setting:expr) => {
         if !$flag.is_empty() {
-            $setting = Interfaces::Named($flag.clone());
+            $setting = Interfaces::from_flag(&$flag);
         }
     };
 }
@@ -257,8 +257,9 @@ settings! {
 
     /// Interface whose ingress traffic is steered (repeat for several). Steering happens on
     /// arrival, so name the interfaces clients' packets come in on. A pattern (`'veth*'`,
-    /// `wg?`) attaches to every matching interface, including those that appear later.
-    /// Replaces the file's `interfaces`.
+    /// `wg?`) attaches to every matching interface, including those that appear later;
+    /// `all` (alone) to every interface. Patterns and `all` leave out lo, whose traffic is
+    /// the host's own: name lo to steer there. Replaces the file's `interfaces`.
     #[flag(long = "iface", value_name = "IF")]
     fixed interfaces: interfaces;
 

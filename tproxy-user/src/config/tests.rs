@@ -520,10 +520,42 @@ fn local_refuses_what_it_cannot_serve() {
         "{}",
         error(&spoofing)
     );
-    let lo_by_pattern = ["--local", "--iface", "l*", "--tcp", "80"];
+    let lo = ["--local", "--iface", "lo", "--tcp", "80"];
     assert!(
-        error(&lo_by_pattern).contains("--local with lo among the interfaces"),
+        error(&lo).contains("--local with lo among the interfaces"),
         "{}",
-        error(&lo_by_pattern)
+        error(&lo)
     );
+    // A pattern never selects lo: --local adds it beside the pattern.
+    let config = Config::build(&args(&["--local", "--iface", "l*", "--tcp", "80"])).unwrap();
+    assert_eq!(
+        config.settings.interfaces,
+        Interfaces::Named(vec!["l*".into(), "lo".into()])
+    );
+}
+
+#[test]
+fn iface_all_alone_is_every_interface_and_beside_others_an_error() {
+    let config = Config::build(&args(&["--iface", "all", "--tcp", "80"])).unwrap();
+    assert_eq!(config.settings.interfaces, Interfaces::All);
+    assert_eq!(config.settings.interfaces.entries(), vec!["*".to_string()]);
+    assert!(
+        config.describe().contains("all but lo"),
+        "{}",
+        config.describe()
+    );
+    let from_file = with_file("interfaces = \"all\"\n", &["--tcp", "80"]).unwrap();
+    assert_eq!(from_file.settings.interfaces, Interfaces::All);
+    for given in [
+        &["--iface", "all", "--iface", "eth0"][..],
+        &["--iface", "eth0", "--iface", "all"][..],
+    ] {
+        let mut flags = given.to_vec();
+        flags.extend(["--tcp", "80"]);
+        let error = format!("{:#}", Config::build(&args(&flags)).unwrap_err());
+        assert!(
+            error.contains("`all` alone means every interface but lo"),
+            "{error}"
+        );
+    }
 }

@@ -13,7 +13,7 @@ use futures::{channel::mpsc::UnboundedReceiver, StreamExt};
 use rtnetlink::MulticastGroup;
 
 use crate::{
-    config::{Config, Interfaces},
+    config::Config,
     daemon::reload::reinstall_rules,
     daemon::serve::Control,
     datapath::interfaces::{self, Link},
@@ -38,23 +38,20 @@ pub(crate) struct LinkWatch {
 }
 
 impl LinkWatch {
-    /// Subscribes to link events; `None` for `interfaces = "all"`, which means the Ethernet
-    /// interfaces present at start. Made before the links are first listed, so that none
-    /// appears unseen in between.
-    pub(crate) fn subscribe(interfaces: &Interfaces) -> Result<Option<Self>> {
-        let Interfaces::Named(entries) = interfaces else {
-            return Ok(None);
-        };
+    /// Subscribes to link events, to follow the interfaces that `entries` (names and
+    /// patterns, see `Interfaces::entries`) select. Made before the links are first listed,
+    /// so that none appears unseen in between.
+    pub(crate) fn subscribe(entries: Vec<String>) -> Result<Self> {
         let (connection, netlink, events) =
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
                 .context("subscribing to link events over rtnetlink")?;
         tokio::spawn(connection);
-        Ok(Some(LinkWatch {
+        Ok(LinkWatch {
             events,
             netlink,
-            entries: entries.clone(),
+            entries,
             failed: Vec::new(),
-        }))
+        })
     }
 }
 

@@ -6,8 +6,6 @@ use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 
-use crate::config::Interfaces;
-
 /// What precedes the IP header of a packet at the interface's tc ingress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Framing {
@@ -31,7 +29,20 @@ pub fn is_pattern(entry: &str) -> bool {
     entry.contains(['*', '?'])
 }
 
-/// Whether `name` is `entry`: the same name, or matched by the pattern.
+/// The loopback interface: steering there changes the host's own connections (see
+/// `datapath::local_origin`), so only its name selects it, never a pattern or `all`.
+pub const LOOPBACK: &str = "lo";
+
+/// Whether the configured `entry` (a name or a pattern) selects the interface `name`.
+pub fn selects(entry: &str, name: &str) -> bool {
+    match name {
+        LOOPBACK => entry == LOOPBACK,
+        _ => matches(entry, name),
+    }
+}
+
+/// Whether `name` is `entry`: the same name, or matched by the pattern (as text: which
+/// interfaces an entry selects is [`selects`]).
 pub fn matches(entry: &str, name: &str) -> bool {
     fn glob(pattern: &[u8], name: &[u8]) -> bool {
         match pattern.split_first() {
@@ -86,7 +97,7 @@ pub(crate) fn selected(entries: &[String], links: &[LinkMessage]) -> Vec<Link> {
             let name = name_of(link)?;
             entries
                 .iter()
-                .any(|entry| matches(entry, &name))
+                .any(|entry| selects(entry, &name))
                 .then_some(())?;
             Some(Link {
                 name,
@@ -97,35 +108,16 @@ pub(crate) fn selected(entries: &[String], links: &[LinkMessage]) -> Vec<Link> {
         .collect()
 }
 
-/// The interfaces to attach to at start. A name must exist here and have a framing the
-/// program can parse; a pattern may match nothing yet (links that appear later are attached
-/// as they come, see `daemon::links`).
+/// The interfaces to attach to at start, selected by `entries` (names and patterns, see
+/// [`crate::config::Interfaces::entries`]). A name must exist here and have a framing the program can
+/// parse; a pattern may match nothing yet (links that appear later are attached as they
+/// come, see `daemon::links`).
 pub(crate) async fn resolve_interfaces(
     netlink: &rtnetlink::Handle,
-    interfaces: &Interfaces,
+    entries: &[String],
 ) -> Result<Vec<Link>> {
     let links = list_links(netlink).await?;
-    let names = match interfaces {
-        Interfaces::Named(names) => names,
-        Interfaces::All => {
-            let all: Vec<Link> = links
-                .iter()
-                .filter(|link| link.header.link_layer_type == LinkLayerType::Ether)
-                .filter_map(|link| {
-                    Some(Link {
-                        name: name_of(link)?,
-                        index: link.header.index,
-                        framing: Framing::Ethernet,
-                    })
-                })
-                .collect();
-            if all.is_empty() {
-                bail!("interfaces = \"all\": no Ethernet interface in this network namespace");
-            }
-            return Ok(all);
-        }
-    };
-    for iface in names.iter().filter(|entry| !is_pattern(entry)) {
+    for iface in entries.iter().filter(|entry| !is_pattern(entry)) {
         let link = links
             .iter()
             .find(|link| name_of(link).as_deref() == Some(iface.as_str()))
@@ -137,9 +129,9 @@ pub(crate) async fn resolve_interfaces(
             bail!("--iface {iface}: link type {kind} is neither Ethernet nor IP-only (tun, WireGuard, PPP, ipip); the program cannot parse its packets");
         }
     }
-    let resolved = selected(names, &links);
-    for pattern in names.iter().filter(|entry| is_pattern(entry)) {
-        if !resolved.iter().any(|link| matches(pattern, &link.name)) {
+    let resolved = selected(entries, &links);
+    for pattern in entries.iter().filter(|entry| is_pattern(entry)) {
+        if !resolved.iter().any(|link| selects(pattern, &link.name)) {
             log::warn!(
                 "--iface {pattern}: no interface matches yet; tproxy attaches to those that appear"
             );
@@ -163,5 +155,21 @@ mod tests {
         assert!(matches("eth0", "eth0"));
         assert!(!matches("eth0", "eth01"));
         assert!(is_pattern("veth*") && is_pattern("wg?") && !is_pattern("docker0"));
+    }
+
+    #[test]
+    fn only_its_name_selects_loopback() {
+        assert!(selects("lo", "lo"));
+        for entry in ["*", "l*", "lo*", "l?", "lo?*"] {
+            assert!(!selects(entry, "lo"), "{entry}");
+        }
+        assert!(selects("*", "eth0") && selects("lo*", "lo0") && selects("l?", "l0"));
+    }
+
+    #[test]
+    fn all_is_every_interface_but_loopback() {
+        let entries = crate::config::Interfaces::All.entries();
+        assert!(entries.iter().any(|entry| selects(entry, "veth1a2b")));
+        assert!(!entries.iter().any(|entry| selects(entry, "lo")));
     }
 }
