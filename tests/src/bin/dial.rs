@@ -3,8 +3,8 @@
 //! MESSAGE, and prints the peer its socket reports (getpeername) and the reply, on one line:
 //! `PEER REPLY`. TCP half-closes after sending and reads to the end; UDP reads one datagram,
 //! then disconnects the same socket and connects it to each further address in turn.
-//! `dial sendto ADDR:PORT MESSAGE` sends from an unconnected UDP socket and prints the
-//! reply's sender and the reply.
+//! `dial sendto ADDR:PORT MESSAGE [ADDR:PORT…]` sends from one unconnected UDP socket to each
+//! address in turn and prints each reply's sender and the reply.
 
 use std::{
     io::{Read, Write},
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     let result = match proto.as_str() {
         "tcp" => tcp(addrs[0], message).map(|line| vec![line]),
         "udp" => udp(&addrs, message),
-        "sendto" => sendto(addrs[0], message).map(|line| vec![line]),
+        "sendto" => sendto(&addrs, message),
         other => Err(std::io::Error::other(format!(
             "`{other}` is not tcp, udp or sendto"
         ))),
@@ -112,10 +112,14 @@ fn disconnect(socket: &UdpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
-fn sendto(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)> {
-    let socket = unbound_udp(addr)?;
-    socket.send_to(message.as_bytes(), addr)?;
-    let mut buf = [0u8; 2048];
-    let (len, from) = socket.recv_from(&mut buf)?;
-    Ok((from, String::from_utf8_lossy(&buf[..len]).into_owned()))
+fn sendto(addrs: &[SocketAddr], message: &str) -> std::io::Result<Vec<(SocketAddr, String)>> {
+    let socket = unbound_udp(addrs[0])?;
+    let mut lines = Vec::new();
+    for addr in addrs {
+        socket.send_to(message.as_bytes(), addr)?;
+        let mut buf = [0u8; 2048];
+        let (len, from) = socket.recv_from(&mut buf)?;
+        lines.push((from, String::from_utf8_lossy(&buf[..len]).into_owned()));
+    }
+    Ok(lines)
 }
