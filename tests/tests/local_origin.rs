@@ -273,6 +273,21 @@ fn a_cgroups_unconnected_udp_datagrams_are_relayed_one_by_one() {
         assert_eq!(echo.peers.lock().unwrap().len(), 2, "{}", echo.addr);
     }
 
+    // A socket bound to an address has chosen its source: its datagrams go direct, from it.
+    for (bind, steered) in [
+        ("10.10.2.1:0", "10.10.2.2:5353"),
+        ("[fd00:2::1]:0", "[fd00:2::2]:5353"),
+    ] {
+        let args = ["sendto-from", bind, "q", steered];
+        let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &args).unwrap()).unwrap();
+        assert_eq!(line, format!("{steered} q"));
+    }
+    assert_eq!(tproxy.udp_stat("to_upstream").unwrap(), relayed);
+    for (echo, bound) in [(&steered_v4, "10.10.2.1"), (&steered_v6, "fd00:2::1")] {
+        let last = *echo.peers.lock().unwrap().last().unwrap();
+        assert_eq!(last.ip().to_string(), bound);
+    }
+
     tproxy.stop().unwrap();
     assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
     assert_eq!(
@@ -283,7 +298,7 @@ fn a_cgroups_unconnected_udp_datagrams_are_relayed_one_by_one() {
     let direct = ["sendto", "10.10.2.2:5353", "q"];
     let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &direct).unwrap()).unwrap();
     assert_eq!(line, "10.10.2.2:5353 q");
-    assert_eq!(steered_v4.peers.lock().unwrap().len(), 4);
+    assert_eq!(steered_v4.peers.lock().unwrap().len(), 5);
 }
 
 /// Two instances, in two network namespaces, with cgroups nested: the programs of the one

@@ -7,7 +7,11 @@
 //! before the kernel looks up its route. The policy routing sends marked sockets to the
 //! `local … dev lo src 127.0.0.1` (and `::1`) routes, so its packets travel over `lo`, where
 //! the tc program (attached to `lo`) hands them to the listener like any steered packet.
-//! Nothing is rewritten: the application keeps the peer it dialled.
+//! Nothing is rewritten: the application keeps the peer it dialled. A datagram that a selected
+//! process sends from an unconnected socket (`sendto`) is decided on its own by the
+//! `cgroup/sendmsg4` and `cgroup/sendmsg6` programs: a steered one gets a loopback source
+//! ([`LOOPBACK_SOURCE_V4`], [`LOOPBACK_SOURCE_V6`]) instead of a mark, and a policy rule for
+//! that source sends it to the same routes.
 
 use core::{fmt, str::FromStr};
 
@@ -29,8 +33,9 @@ pub const LOOPBACK_SOURCE_V4: [u8; 4] = [127, 0, 0, 1];
 pub const LOOPBACK_SOURCE_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Global (`u32`): non-zero when local origin is steered. The tc program then steers on `lo`
-/// only the packets of sockets the connect programs marked: the other local processes'
-/// traffic on `lo` (to 127.0.0.1, to the host's own addresses) is theirs.
+/// only the packets of sockets the connect programs marked, and the datagrams the sendmsg
+/// programs gave a loopback source: the other local processes' traffic on `lo` (to
+/// 127.0.0.1, to the host's own addresses) is theirs.
 pub const LOCAL_ORIGIN_GLOBAL: &str = "LOCAL_ORIGIN";
 /// Global (`u64`): the cgroup v2 id of tproxy's own cgroup, whose sockets are never marked.
 pub const OWN_CGROUP_GLOBAL: &str = "OWN_CGROUP_ID";
