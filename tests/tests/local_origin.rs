@@ -19,6 +19,9 @@ const DIAL: &str = env!("CARGO_BIN_EXE_dial");
 /// The kernel's `BPF_CGROUP_INET4_CONNECT` and `BPF_CGROUP_INET6_CONNECT`.
 const CONNECT4: u32 = 10;
 const CONNECT6: u32 = 11;
+/// The kernel's `BPF_CGROUP_UDP4_SENDMSG` and `BPF_CGROUP_UDP6_SENDMSG`.
+const SENDMSG4: u32 = 14;
+const SENDMSG6: u32 = 15;
 
 /// A server that reads the request to its end and answers `name`.
 fn named_server(netns: &tproxy_tests::Netns, addr: SocketAddr, name: &'static str) -> Server {
@@ -180,10 +183,9 @@ fn a_cgroups_connected_udp_sockets_are_relayed_with_replies_from_where_they_sent
 }
 
 /// The mark is the socket's: a UDP socket connected to a steered destination, disconnected
-/// and connected to another one loses it, and its datagrams to the second go direct. Unconnected sockets
-/// (sendto) are not steered at all: their datagrams and replies are untouched.
+/// and connected to another one loses it, and its datagrams to the second go direct.
 #[test]
-fn a_reconnected_udp_socket_goes_direct_and_sendto_is_left_alone() {
+fn a_reconnected_udp_socket_goes_direct() {
     require_root();
     let topo = Topo::new().unwrap();
     let cgroup = TestCgroup::new("udp-mixed").unwrap();
@@ -208,16 +210,95 @@ fn a_reconnected_udp_socket_goes_direct_and_sendto_is_left_alone() {
     );
     assert_eq!(tproxy.udp_stat("to_upstream").unwrap(), 2);
     assert_eq!(unsteered.peers.lock().unwrap().len(), 1);
+    assert_eq!(steered.peers.lock().unwrap().len(), 2);
+}
 
-    let sent = ["sendto", "10.10.2.2:5353", "q"];
-    let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &sent).unwrap()).unwrap();
-    assert_eq!(line, "10.10.2.2:5353 q");
-    assert_eq!(
-        tproxy.udp_stat("to_upstream").unwrap(),
-        2,
-        "sendto was relayed"
+/// Unconnected sockets (`sendto`): each datagram is decided on its own. One socket in the
+/// cgroup sends to a steered destination, an unsteered one, and the steered one again: the
+/// steered datagrams go through the relay, the other goes direct, and every reply comes from
+/// the address the datagram was sent to. A socket outside the cgroup is left alone.
+#[test]
+fn a_cgroups_unconnected_udp_datagrams_are_relayed_one_by_one() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("udp-sendto").unwrap();
+    let steered_v4 = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
+    let unsteered_v4 = UdpEcho::start(&topo.server, addr("10.10.2.2:5354")).unwrap();
+    let steered_v6 = UdpEcho::start(&topo.server, addr("[fd00:2::2]:5353")).unwrap();
+    let unsteered_v6 = UdpEcho::start(&topo.server, addr("[fd00:2::2]:5354")).unwrap();
+    let mut tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &["--local", "--cgroup", &cgroup.path, "--udp", "5353"],
+    )
+    .unwrap();
+    assert_eq!(cgroup.attached(SENDMSG4).unwrap(), 1);
+    assert_eq!(cgroup.attached(SENDMSG6).unwrap(), 1);
+    let routing = routing_state(&topo.router, DEFAULT_TABLE).unwrap();
+    assert!(
+        routing.contains("from 127.0.0.1 iif lo") && routing.contains("from ::1 iif lo"),
+        "{routing}"
     );
-    assert_eq!(steered.peers.lock().unwrap().len(), 3);
+
+    let mut relayed = 0;
+    for (steered, unsteered) in [
+        ("10.10.2.2:5353", "10.10.2.2:5354"),
+        ("[fd00:2::2]:5353", "[fd00:2::2]:5354"),
+    ] {
+        let args = ["sendto", steered, "q", unsteered, steered];
+        let lines = dial_output(cgroup.run(&topo.router, &[], DIAL, &args).unwrap()).unwrap();
+        assert_eq!(lines, format!("{steered} q\n{unsteered} q\n{steered} q"));
+        relayed += 2;
+        assert_eq!(
+            tproxy.udp_stat("to_upstream").unwrap(),
+            relayed,
+            "{steered}"
+        );
+
+        let outside = ["sendto", steered, "q", unsteered];
+        let lines =
+            dial_output(run_outside_cgroup(&topo.router, &[], DIAL, &outside).unwrap()).unwrap();
+        assert_eq!(lines, format!("{steered} q\n{unsteered} q"));
+        assert_eq!(
+            tproxy.udp_stat("to_upstream").unwrap(),
+            relayed,
+            "outside the cgroup, to {steered}, was relayed"
+        );
+    }
+    // One relay session per steered socket and family; every datagram reached its server.
+    assert_eq!(tproxy.udp_stat("created").unwrap(), 2);
+    for echo in [&steered_v4, &steered_v6] {
+        assert_eq!(echo.peers.lock().unwrap().len(), 3, "{}", echo.addr);
+    }
+    for echo in [&unsteered_v4, &unsteered_v6] {
+        assert_eq!(echo.peers.lock().unwrap().len(), 2, "{}", echo.addr);
+    }
+
+    // A socket bound to an address has chosen its source: its datagrams go direct, from it.
+    for (bind, steered) in [
+        ("10.10.2.1:0", "10.10.2.2:5353"),
+        ("[fd00:2::1]:0", "[fd00:2::2]:5353"),
+    ] {
+        let args = ["sendto-from", bind, "q", steered];
+        let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &args).unwrap()).unwrap();
+        assert_eq!(line, format!("{steered} q"));
+    }
+    assert_eq!(tproxy.udp_stat("to_upstream").unwrap(), relayed);
+    for (echo, bound) in [(&steered_v4, "10.10.2.1"), (&steered_v6, "fd00:2::1")] {
+        let last = *echo.peers.lock().unwrap().last().unwrap();
+        assert_eq!(last.ip().to_string(), bound);
+    }
+
+    tproxy.stop().unwrap();
+    assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
+    assert_eq!(
+        cgroup.attached(SENDMSG4).unwrap(),
+        0,
+        "sendmsg4 left attached"
+    );
+    let direct = ["sendto", "10.10.2.2:5353", "q"];
+    let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &direct).unwrap()).unwrap();
+    assert_eq!(line, "10.10.2.2:5353 q");
+    assert_eq!(steered_v4.peers.lock().unwrap().len(), 5);
 }
 
 /// Two instances, in two network namespaces, with cgroups nested: the programs of the one

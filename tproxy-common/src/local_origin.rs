@@ -7,7 +7,11 @@
 //! before the kernel looks up its route. The policy routing sends marked sockets to the
 //! `local … dev lo src 127.0.0.1` (and `::1`) routes, so its packets travel over `lo`, where
 //! the tc program (attached to `lo`) hands them to the listener like any steered packet.
-//! Nothing is rewritten: the application keeps the peer it dialled.
+//! Nothing is rewritten: the application keeps the peer it dialled. A datagram that a selected
+//! process sends from an unconnected socket (`sendto`) is decided on its own by the
+//! `cgroup/sendmsg4` and `cgroup/sendmsg6` programs: a steered one gets a loopback source
+//! ([`LOOPBACK_SOURCE_V4`], [`LOOPBACK_SOURCE_V6`]) instead of a mark, and a policy rule for
+//! that source sends it to the same routes.
 
 use core::{fmt, str::FromStr};
 
@@ -17,10 +21,21 @@ use crate::decision::with_routing_mark;
 pub const CONNECT4_PROGRAM_NAME: &str = "tproxy_connect4";
 /// Name of the `cgroup/connect6` program in the object file.
 pub const CONNECT6_PROGRAM_NAME: &str = "tproxy_connect6";
+/// Name of the `cgroup/sendmsg4` program in the object file.
+pub const SENDMSG4_PROGRAM_NAME: &str = "tproxy_sendmsg4";
+/// Name of the `cgroup/sendmsg6` program in the object file.
+pub const SENDMSG6_PROGRAM_NAME: &str = "tproxy_sendmsg6";
+
+/// The source the `sendmsg4` program gives a steered datagram of an unconnected socket
+/// (network order); the policy routing's `from 127.0.0.1 iif lo` rule sends it to `lo`.
+pub const LOOPBACK_SOURCE_V4: [u8; 4] = [127, 0, 0, 1];
+/// The source the `sendmsg6` program gives a steered datagram (`::1`).
+pub const LOOPBACK_SOURCE_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Global (`u32`): non-zero when local origin is steered. The tc program then steers on `lo`
-/// only the packets of sockets the connect programs marked: the other local processes'
-/// traffic on `lo` (to 127.0.0.1, to the host's own addresses) is theirs.
+/// only the packets of sockets the connect programs marked, and the datagrams the sendmsg
+/// programs gave a loopback source: the other local processes' traffic on `lo` (to
+/// 127.0.0.1, to the host's own addresses) is theirs.
 pub const LOCAL_ORIGIN_GLOBAL: &str = "LOCAL_ORIGIN";
 /// Global (`u64`): the cgroup v2 id of tproxy's own cgroup, whose sockets are never marked.
 pub const OWN_CGROUP_GLOBAL: &str = "OWN_CGROUP_ID";
@@ -153,7 +168,8 @@ pub const fn socket_mark_for(current: u32, steered: bool, mark: u32, mask: u32) 
 
 /// Whether the tc program leaves a packet alone because it came in on `lo` without the
 /// routing mark while local origin is steered: only sockets the connect programs marked are
-/// taken on `lo`.
+/// taken on `lo`, and the datagrams the `sendmsg` programs steered (see
+/// [`steered_datagram_v4`]), which carry no mark.
 pub const fn unselected_on_loopback(
     ifindex: u32,
     local_origin: u32,
@@ -164,6 +180,41 @@ pub const fn unselected_on_loopback(
     ifindex == crate::decision::LOOPBACK_IFINDEX
         && local_origin != 0
         && packet_mark & mask != mark & mask
+}
+
+/// Whether an IPv4 header (its first 20 bytes) is that of a datagram the `sendmsg4` program
+/// steered: UDP from a loopback address to a non-loopback one. The tc program on `lo` takes
+/// it although it carries no mark. Nothing else looks like it there: without tproxy's
+/// `from 127.0.0.1 iif lo` rule the kernel refuses a loopback source for a route that leaves
+/// the host (EINVAL), and one arriving on another interface is a martian, dropped before
+/// routing. The one other such datagram is a socket bound to 127.0.0.1 sending to one of the
+/// host's own addresses, which is steered only if a local steer rule takes that address.
+pub const fn steered_datagram_v4(ip: &[u8; 20]) -> bool {
+    ip[9] == IPPROTO_UDP && ip[12] == 127 && ip[16] != 127
+}
+
+/// As [`steered_datagram_v4`], for an IPv6 header: UDP (no extension header: the program's
+/// datagrams carry none, and `lo`'s MTU leaves them unfragmented) from `::1` to another
+/// address. IPv6 does not refuse a loopback source for a route that leaves the host (the
+/// datagram would go out with it and be dropped by its receiver, which discards a loopback
+/// source from the wire), so without tproxy's rule no such datagram reaches `lo` either.
+pub const fn steered_datagram_v6(ip: &[u8; 40]) -> bool {
+    ip[6] == IPPROTO_UDP && is_ipv6_loopback_at(ip, 8) && !is_ipv6_loopback_at(ip, 24)
+}
+
+const IPPROTO_UDP: u8 = 17;
+
+/// Whether the 16 bytes of `ip` from `at` are `::1` (compared in place: the tc program's
+/// stack has no room for a copy).
+const fn is_ipv6_loopback_at(ip: &[u8; 40], at: usize) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if ip[at + i] != LOOPBACK_SOURCE_V6[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`): a dual-stack
@@ -284,6 +335,38 @@ mod tests {
         // Without local origin, `--iface lo` steers every local process as before.
         assert!(!unselected_on_loopback(1, 0, 0, mark, mask));
         assert!(!unselected_on_loopback(2, 1, 0, mark, mask));
+    }
+
+    #[test]
+    fn only_udp_from_loopback_to_elsewhere_is_a_steered_datagram() {
+        let v4 = |protocol: u8, source: [u8; 4], destination: [u8; 4]| {
+            let mut ip = [0u8; 20];
+            ip[9] = protocol;
+            ip[12..16].copy_from_slice(&source);
+            ip[16..20].copy_from_slice(&destination);
+            steered_datagram_v4(&ip)
+        };
+        assert!(v4(17, [127, 0, 0, 1], [10, 10, 2, 2]));
+        assert!(!v4(6, [127, 0, 0, 1], [10, 10, 2, 2]), "TCP");
+        assert!(
+            !v4(17, [127, 0, 0, 1], [127, 0, 0, 53]),
+            "loopback to loopback"
+        );
+        assert!(!v4(17, [10, 10, 1, 1], [10, 10, 2, 2]));
+        let v6 = |next: u8, source: [u8; 16], destination: [u8; 16]| {
+            let mut ip = [0u8; 40];
+            ip[6] = next;
+            ip[8..24].copy_from_slice(&source);
+            ip[24..40].copy_from_slice(&destination);
+            steered_datagram_v6(&ip)
+        };
+        let mut elsewhere = [0u8; 16];
+        elsewhere[..2].copy_from_slice(&[0xfd, 0]);
+        elsewhere[15] = 2;
+        assert!(v6(17, LOOPBACK_SOURCE_V6, elsewhere));
+        assert!(!v6(6, LOOPBACK_SOURCE_V6, elsewhere), "TCP");
+        assert!(!v6(17, LOOPBACK_SOURCE_V6, LOOPBACK_SOURCE_V6));
+        assert!(!v6(17, elsewhere, elsewhere));
     }
 
     #[test]

@@ -54,8 +54,7 @@ pub fn tproxy_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run; the
     // context is read one 4-byte field at a time, as the verifier wants.
     let addr = unsafe { ptr::read_volatile(&(*ctx.sock_addr).user_ip4) }.to_ne_bytes();
-    if selected(&ctx) {
-        let steered = steers_ipv4(&ctx, addr);
+    if let Some(steered) = steered_ipv4(&ctx, addr) {
         mark_socket(&ctx, steered);
     }
     CONNECT_GOES_ON
@@ -63,20 +62,48 @@ pub fn tproxy_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn tproxy_connect6(ctx: SockAddrContext) -> i32 {
+    let addr = destination_ipv6(&ctx);
+    if let Some(steered) = steered_ipv6(&ctx, addr) {
+        mark_socket(&ctx, steered);
+    }
+    CONNECT_GOES_ON
+}
+
+/// The IPv6 destination of a `connect6` or `sendmsg6` context.
+#[inline(always)]
+pub(crate) fn destination_ipv6(ctx: &SockAddrContext) -> [u8; 16] {
     let mut addr = [0u8; 16];
     for i in 0..4 {
         // SAFETY: as in `tproxy_connect4`.
         let word = unsafe { ptr::read_volatile(&(*ctx.sock_addr).user_ip6[i]) };
         addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
     }
-    if selected(&ctx) {
-        let steered = match mapped_ipv4(addr) {
-            Some(v4) => steers_ipv4(&ctx, v4),
-            None => steers_ipv6(&ctx, addr),
-        };
-        mark_socket(&ctx, steered);
+    addr
+}
+
+/// The local-origin decision for a socket of the context's process going to `addr` (IPv4):
+/// `None` when the socket is not this instance's to decide (see [`selected`]), otherwise
+/// whether a steer rule takes it. The connect programs and the `sendmsg` ones
+/// (`local_datagram`) ask only this, so they always agree.
+#[inline(always)]
+pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<bool> {
+    if !selected(ctx) {
+        return None;
     }
-    CONNECT_GOES_ON
+    Some(steers_ipv4(ctx, addr))
+}
+
+/// As [`steered_ipv4`], for an IPv6 destination (an IPv4-mapped one is decided by the IPv4
+/// rules: a dual-stack socket sends IPv4 to it).
+#[inline(always)]
+pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<bool> {
+    if !selected(ctx) {
+        return None;
+    }
+    Some(match mapped_ipv4(addr) {
+        Some(v4) => steers_ipv4(ctx, v4),
+        None => steers_ipv6(ctx, addr),
+    })
 }
 
 #[inline(always)]

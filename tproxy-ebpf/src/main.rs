@@ -21,6 +21,7 @@
 #![no_std]
 #![no_main]
 
+mod local_datagram;
 mod local_origin;
 
 use core::{ffi::c_void, mem, ptr};
@@ -234,16 +235,16 @@ fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
     let skb = unsafe { &*ctx.skb.skb };
     if decision::belongs_to_vlan_interface(skb.vlan_present, skb.vlan_tci)
         || decision::carries_own_mark(skb.mark, OWN_SOCKET_MARK.load())
-        || tproxy_common::local_origin::unselected_on_loopback(
-            skb.ingress_ifindex,
-            LOCAL_ORIGIN.load(),
-            skb.mark,
-            ROUTING_MARK.load(),
-            ROUTING_MARK_MASK.load(),
-        )
     {
         return NOT_STEERED;
     }
+    let unmarked_on_loopback = tproxy_common::local_origin::unselected_on_loopback(
+        skb.ingress_ifindex,
+        LOCAL_ORIGIN.load(),
+        skb.mark,
+        ROUTING_MARK.load(),
+        ROUTING_MARK_MASK.load(),
+    );
     let ifindex = skb.ifindex;
     // SAFETY: only the presence of the entry is read.
     let ip_only = unsafe { IP_INTERFACES.get(&ifindex) }.is_some();
@@ -266,10 +267,30 @@ fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
         }
         (ethertype, l3)
     };
+    if unmarked_on_loopback && !steered_datagram(ctx, ethertype, l3) {
+        return NOT_STEERED;
+    }
     match ethertype {
         ETH_P_IPV4 => steer_ipv4(ctx, l3),
         ETH_P_IPV6 => steer_ipv6(ctx, l3),
         _ => NOT_STEERED,
+    }
+}
+
+/// Whether an unmarked packet on `lo` is a datagram the `sendmsg` programs steered (read in
+/// place: no copy on the stack).
+#[inline(always)]
+fn steered_datagram(ctx: &TcContext, ethertype: u16, l3: usize) -> bool {
+    use tproxy_common::local_origin::{steered_datagram_v4, steered_datagram_v6};
+    // SAFETY: `header` checked that the bytes are inside the packet.
+    match ethertype {
+        ETH_P_IPV4 => {
+            header::<[u8; 20]>(ctx, l3).is_some_and(|ip| steered_datagram_v4(unsafe { &*ip }))
+        }
+        ETH_P_IPV6 => {
+            header::<[u8; 40]>(ctx, l3).is_some_and(|ip| steered_datagram_v6(unsafe { &*ip }))
+        }
+        _ => false,
     }
 }
 

@@ -148,10 +148,10 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 
     /// Steer the connections that this host's own processes make, as the mangle OUTPUT
-    /// recipe does: a TCP connection, or a UDP socket's `connect()`, to a destination the
-    /// rules steer goes to the listener, for the processes --cgroup and --uid select
-    /// (default: all of them, except tproxy itself). Unconnected UDP sockets are not steered.
-    /// With --iface as well, arrivals there are steered too.
+    /// recipe does: a TCP connection, a UDP socket's `connect()`, or a datagram an unconnected
+    /// UDP socket sends (`sendto`, decided per datagram), to a destination the rules steer
+    /// goes to the listener, for the processes --cgroup and --uid select (default: all of
+    /// them, except tproxy itself). With --iface as well, arrivals there are steered too.
     #[arg(long, conflicts_with = "relay_only")]
     pub local: bool,
 

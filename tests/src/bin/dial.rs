@@ -3,9 +3,11 @@
 //! MESSAGE, and prints the peer its socket reports (getpeername) and the reply, on one line:
 //! `PEER REPLY`. TCP half-closes after sending and reads to the end; UDP reads one datagram,
 //! then disconnects the same socket and connects it to each further address in turn.
-//! `dial sendto ADDR:PORT MESSAGE` sends from an unconnected UDP socket and prints the
-//! reply's sender and the reply. With `DIAL_MARK=N` in the environment, the TCP socket gets
-//! `SO_MARK` N before it connects, as a proxy marks its upstream connections.
+//! `dial sendto ADDR:PORT MESSAGE [ADDR:PORT…]` sends from one unconnected UDP socket to each
+//! address in turn and prints each reply's sender and the reply; `dial sendto-from BIND
+//! MESSAGE ADDR:PORT…` does the same from a socket bound to BIND. With `DIAL_MARK=N` in the
+//! environment, the TCP socket gets `SO_MARK` N before it connects, as a proxy marks its
+//! upstream connections.
 
 use std::{
     io::{Read, Write},
@@ -18,7 +20,7 @@ use std::{
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [proto, first, message, more @ ..] = &args[..] else {
-        eprintln!("usage: dial tcp|udp|sendto ADDR:PORT MESSAGE [ADDR:PORT…]");
+        eprintln!("usage: dial tcp|udp|sendto ADDR:PORT MESSAGE [ADDR:PORT…], dial sendto-from BIND MESSAGE ADDR:PORT…");
         return ExitCode::from(2);
     };
     let mut addrs = Vec::new();
@@ -34,9 +36,12 @@ fn main() -> ExitCode {
     let result = match proto.as_str() {
         "tcp" => tcp(addrs[0], message).map(|line| vec![line]),
         "udp" => udp(&addrs, message),
-        "sendto" => sendto(addrs[0], message).map(|line| vec![line]),
+        "sendto" => unbound_udp(addrs[0]).and_then(|socket| sendto(&socket, &addrs, message)),
+        "sendto-from" => {
+            bound_udp(addrs[0]).and_then(|socket| sendto(&socket, &addrs[1..], message))
+        }
         other => Err(std::io::Error::other(format!(
-            "`{other}` is not tcp, udp or sendto"
+            "`{other}` is not tcp, udp, sendto or sendto-from"
         ))),
     };
     match result {
@@ -83,7 +88,11 @@ fn unbound_udp(like: SocketAddr) -> std::io::Result<UdpSocket> {
         SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
         SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
     };
-    let socket = UdpSocket::bind(any)?;
+    bound_udp(any)
+}
+
+fn bound_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(addr)?;
     socket.set_read_timeout(Some(PATIENCE))?;
     Ok(socket)
 }
@@ -125,10 +134,17 @@ fn disconnect(socket: &UdpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
-fn sendto(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)> {
-    let socket = unbound_udp(addr)?;
-    socket.send_to(message.as_bytes(), addr)?;
-    let mut buf = [0u8; 2048];
-    let (len, from) = socket.recv_from(&mut buf)?;
-    Ok((from, String::from_utf8_lossy(&buf[..len]).into_owned()))
+fn sendto(
+    socket: &UdpSocket,
+    addrs: &[SocketAddr],
+    message: &str,
+) -> std::io::Result<Vec<(SocketAddr, String)>> {
+    let mut lines = Vec::new();
+    for addr in addrs {
+        socket.send_to(message.as_bytes(), addr)?;
+        let mut buf = [0u8; 2048];
+        let (len, from) = socket.recv_from(&mut buf)?;
+        lines.push((from, String::from_utf8_lossy(&buf[..len]).into_owned()));
+    }
+    Ok(lines)
 }

@@ -5,11 +5,12 @@
 //! (with `src 127.0.0.1`/`::1` on its local routes) sends its packets over `lo`, where the tc
 //! program steers them to the listener (see `tproxy_common::local_origin`).
 //!
-//! Connected sockets only: TCP, and UDP sockets that `connect()`. An unconnected UDP socket's
-//! datagrams (`sendto`) are not steered: a `cgroup/sendmsg` program can set the socket's
-//! mark, but the kernel has taken the datagram's mark from the socket before the program
-//! runs, so the mark would apply from the next datagram on, and the first one of a flow
-//! would go direct while the rest went to the relay.
+//! An unconnected UDP socket's datagrams (`sendto`) cannot be steered by the socket's mark:
+//! the kernel has taken the datagram's mark from the socket before a `cgroup/sendmsg`
+//! program runs, and one socket may send to steered and unsteered destinations. The
+//! `cgroup/sendmsg4` and `cgroup/sendmsg6` programs, attached next to the connect programs,
+//! give each steered datagram a loopback source instead, which the policy routing's
+//! `from 127.0.0.1 iif lo` rule sends over `lo` (see `routing`).
 //!
 //! The attachments are links owned by this process: they go when it exits, or when a start
 //! fails (the program, and with it every link, is dropped).
@@ -23,7 +24,8 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use tproxy_common::local_origin::{
-    UidRange, CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME, MAX_UID_RANGES,
+    UidRange, CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME, MAX_UID_RANGES, SENDMSG4_PROGRAM_NAME,
+    SENDMSG6_PROGRAM_NAME,
 };
 
 use crate::datapath::steering::Steering;
@@ -194,15 +196,20 @@ pub fn own_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Attaches the connect programs to each selected cgroup. The links live as long as the
-/// program (see the module's documentation).
+/// Attaches the connect and sendmsg programs to each selected cgroup. The links live as long
+/// as the program (see the module's documentation).
 pub fn attach(steering: &mut Steering, root: &Path, selection: &LocalOrigin) -> Result<()> {
     let dirs: Vec<(String, PathBuf)> = selection
         .cgroups
         .iter()
         .map(|path| Ok((path.clone(), cgroup_dir(root, path)?)))
         .collect::<Result<_>>()?;
-    for name in [CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME] {
+    for name in [
+        CONNECT4_PROGRAM_NAME,
+        CONNECT6_PROGRAM_NAME,
+        SENDMSG4_PROGRAM_NAME,
+        SENDMSG6_PROGRAM_NAME,
+    ] {
         let program: &mut CgroupSockAddr = steering
             .ebpf_mut()
             .program_mut(name)

@@ -12,7 +12,19 @@
 //! routes also name their preferred source, `src 127.0.0.1` and `src ::1`: a socket the
 //! connect program marked looks its route up in TABLE, and without a source on the route the
 //! kernel would pick the destination itself, which is not a local address (the connect fails
-//! with ENETUNREACH). Everything here is added over rtnetlink tagged with our own routing
+//! with ENETUNREACH). The datagrams that unconnected sockets send to steered destinations
+//! carry no mark (the `sendmsg` programs give them a loopback source instead, see
+//! `local_origin`), so two more rules take them there:
+//!
+//! ```text
+//! ip rule  add from 127.0.0.1 iif lo lookup TABLE priority PRIORITY
+//! ip rule  add from ::1       iif lo lookup TABLE priority PRIORITY
+//! ```
+//!
+//! Nothing else matches them: `iif lo` is the host's own traffic only, and without them the
+//! kernel refuses an IPv4 route from 127.0.0.1 that leaves the host (EINVAL); IPv6 would
+//! send such a datagram out with its loopback source, for the receiver to drop.
+//! Everything here is added over rtnetlink tagged with our own routing
 //! protocol number, which is how a later start recognises (and removes) what a killed
 //! instance left behind, without touching anyone else's rules or routes.
 
@@ -41,7 +53,8 @@ pub struct RoutingSpec {
     pub table: u32,
     pub priority: u32,
     /// Give the local routes the loopback addresses as preferred source, for the sockets of
-    /// local processes that carry the mark (see `local_origin`).
+    /// local processes that carry the mark, and add the rules for loopback-sourced datagrams
+    /// (see `local_origin`).
     pub local_origin: bool,
 }
 
@@ -134,7 +147,49 @@ impl PolicyRouting {
                 )
             })?;
         }
+        if local_origin {
+            self.add_loopback_source_rules().await?;
+        }
         Ok(())
+    }
+
+    /// `from 127.0.0.1 iif lo lookup TABLE` and `from ::1 iif lo lookup TABLE`.
+    async fn add_loopback_source_rules(&self) -> Result<()> {
+        let RoutingSpec {
+            table, priority, ..
+        } = self.spec;
+        let request = || {
+            let mut request = self
+                .handle
+                .rule()
+                .add()
+                .table_id(table)
+                .priority(priority)
+                .input_interface("lo")
+                .action(RuleAction::ToTable);
+            request
+                .message_mut()
+                .attributes
+                .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                    ROUTE_PROTOCOL,
+                )));
+            request
+        };
+        let rule = |source: &str| {
+            format!("adding rule `from {source} iif lo lookup {table} priority {priority}`")
+        };
+        request()
+            .v4()
+            .source_prefix(Ipv4Addr::LOCALHOST, 32)
+            .execute()
+            .await
+            .with_context(|| rule("127.0.0.1"))?;
+        request()
+            .v6()
+            .source_prefix(Ipv6Addr::LOCALHOST, 128)
+            .execute()
+            .await
+            .with_context(|| rule("::1"))
     }
 
     /// Removes what [`PolicyRouting::install`] added.
@@ -162,6 +217,12 @@ fn has_preferred_source(route: &RouteMessage) -> bool {
         .attributes
         .iter()
         .any(|attr| matches!(attr, RouteAttribute::PrefSource(_)))
+}
+
+fn has_fw_mark(rule: &RuleMessage) -> bool {
+    rule.attributes
+        .iter()
+        .any(|attr| matches!(attr, RuleAttribute::FwMark(_)))
 }
 
 fn family_name(version: &IpVersion) -> &'static str {
@@ -272,8 +333,15 @@ impl PolicyRouting {
                     .contains(&RuleAttribute::Priority(spec.priority))
         };
         let route_matches = |route: &RouteMessage| has_preferred_source(route) == spec.local_origin;
-        if rules.len() == 2
-            && rules.iter().all(rule_matches)
+        let (marked, sourced): (Vec<_>, Vec<_>) = rules.iter().partition(|rule| has_fw_mark(rule));
+        let sourced_matches = |rule: &&RuleMessage| {
+            rule.attributes
+                .contains(&RuleAttribute::Priority(spec.priority))
+        };
+        if marked.len() == 2
+            && marked.into_iter().all(rule_matches)
+            && sourced.len() == if spec.local_origin { 2 } else { 0 }
+            && sourced.iter().all(sourced_matches)
             && routes.len() == 2
             && routes.iter().all(route_matches)
         {
@@ -316,12 +384,22 @@ pub async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>> {
             RuleAttribute::Priority(p) => Some(*p),
             _ => None,
         });
-        lines.push(format!(
-            "{family} rule: priority {} fwmark {:#x}/{:#x} lookup {table}",
-            priority.unwrap_or(0),
-            mark.unwrap_or(0),
-            mask.unwrap_or(u32::MAX)
-        ));
+        let source = rule.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Source(addr) => Some(*addr),
+            _ => None,
+        });
+        lines.push(match source {
+            Some(source) => format!(
+                "{family} rule: priority {} from {source} iif lo lookup {table}",
+                priority.unwrap_or(0)
+            ),
+            None => format!(
+                "{family} rule: priority {} fwmark {:#x}/{:#x} lookup {table}",
+                priority.unwrap_or(0),
+                mark.unwrap_or(0),
+                mask.unwrap_or(u32::MAX)
+            ),
+        });
     }
     for route in &routes {
         let family = if route.header.address_family == AddressFamily::Inet6 {

@@ -1,0 +1,75 @@
+//! `cgroup/sendmsg4` and `cgroup/sendmsg6`: the datagrams that selected processes send from
+//! unconnected UDP sockets (`sendto`). The socket's mark cannot steer them: the kernel has
+//! copied it into the datagram before these programs run, and one socket may send to
+//! steered and unsteered destinations alike. What these programs may set per datagram, before
+//! the route lookup, is its source address: a datagram to a destination a steer rule takes
+//! gets 127.0.0.1 (`::1`), the policy rule `from 127.0.0.1 iif lo` (`from ::1`) sends it to
+//! tproxy's `local … dev lo` route, and the tc program on `lo` hands it to the listener. The
+//! relay answers from the original destination to the loopback address, where the socket,
+//! bound to the wildcard, receives it with the peer it sent to. Other datagrams are left
+//! exactly as they are.
+//!
+//! Only a datagram whose source is still unset is rewritten: a socket bound to an address,
+//! connected, or naming its source (`IP_PKTINFO`) has chosen it, and its datagrams go as
+//! they would have. The verdict is always "go on".
+
+use core::ptr;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use tproxy_common::local_origin::{mapped_ipv4, LOOPBACK_SOURCE_V4, LOOPBACK_SOURCE_V6};
+
+use crate::local_origin::{destination_ipv6, steered_ipv4, steered_ipv6};
+
+/// The verdict that lets the datagram go on.
+const SEND_GOES_ON: i32 = 1;
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sock_addr = ctx.sock_addr;
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run; its
+    // fields are read and written 4 bytes at a time, as the verifier wants. A sendmsg4
+    // program may read and set `msg_src_ip4` (network order).
+    unsafe {
+        if ptr::read_volatile(&(*sock_addr).msg_src_ip4) != 0 {
+            return SEND_GOES_ON;
+        }
+        let addr = ptr::read_volatile(&(*sock_addr).user_ip4).to_ne_bytes();
+        if steered_ipv4(&ctx, addr) == Some(true) {
+            ptr::write_volatile(
+                &mut (*sock_addr).msg_src_ip4,
+                u32::from_ne_bytes(LOOPBACK_SOURCE_V4),
+            );
+        }
+    }
+    SEND_GOES_ON
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sock_addr = ctx.sock_addr;
+    // SAFETY: as in `tproxy_sendmsg4`, for `msg_src_ip6`.
+    unsafe {
+        for i in 0..4 {
+            if ptr::read_volatile(&(*sock_addr).msg_src_ip6[i]) != 0 {
+                return SEND_GOES_ON;
+            }
+        }
+    }
+    let addr = destination_ipv6(&ctx);
+    // A mapped destination is sent as IPv4 (the kernel runs the sendmsg4 program for it);
+    // `::1` would be the wrong family's source.
+    if mapped_ipv4(addr).is_some() || steered_ipv6(&ctx, addr) != Some(true) {
+        return SEND_GOES_ON;
+    }
+    for i in 0..4 {
+        let word = &LOOPBACK_SOURCE_V6[i * 4..i * 4 + 4];
+        // SAFETY: as above.
+        unsafe {
+            ptr::write_volatile(
+                &mut (*sock_addr).msg_src_ip6[i],
+                u32::from_ne_bytes([word[0], word[1], word[2], word[3]]),
+            )
+        };
+    }
+    SEND_GOES_ON
+}
