@@ -27,10 +27,11 @@ use crate::{
     values::FailMode,
 };
 use crate::{
+    daemon::addresses::AddressWatch,
     daemon::links::LinkWatch,
     daemon::ready::declare_ready,
     daemon::serve::{serve, Control, Ending, Signals},
-    datapath::interfaces::{resolve_interfaces, Framing, Link},
+    datapath::interfaces::{host_addresses, resolve_interfaces, Framing, Link},
     relay::listeners::Relays,
 };
 
@@ -38,7 +39,7 @@ use crate::{
 pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut signals = Signals::register()?;
-    let config = Config::build(&args)?;
+    let mut config = Config::build(&args)?;
     let user = config
         .settings
         .user
@@ -65,6 +66,12 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     let local_setup = local.as_ref().map(local_origin::prepare).transpose()?;
     let netlink = routing::connect()?;
     control.links = LinkWatch::subscribe(&config.settings.interfaces)?;
+    control.addresses = Some(AddressWatch::subscribe()?);
+    if !config.local_rules.is_empty() {
+        // Again, now that changes are followed: one made since the configuration was read
+        // would go unseen.
+        config.set_local_addresses(host_addresses()?);
+    }
     let interfaces = interfaces_to_attach(&netlink, &config.settings, local.is_some()).await?;
     let settings = config.settings.clone();
     if local.is_some() && settings.pin {

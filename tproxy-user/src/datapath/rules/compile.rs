@@ -14,6 +14,7 @@ use tproxy_common::maps::{
 #[cfg(any(test, feature = "fuzzing"))]
 use super::Packet;
 use super::{truncated, Ports, Rule, Transport};
+use crate::datapath::interfaces;
 
 /// An LPM trie entry: key, its prefix length in bits, value.
 pub type Entry<K> = (K, u32, Verdict);
@@ -270,25 +271,25 @@ impl CellBuilder<'_> {
         let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
         sources.insert(IpNet::V4(Default::default()));
         sources.insert(IpNet::V6(Default::default()));
-        // A source's winner is the first candidate whose own source is absent or contains
-        // it, with no interface or the one at hand: looking up each of the source's prefixes
-        // here instead of scanning the candidates keeps thousands of source rules linear.
-        let mut first: HashMap<(Option<IpNet>, Option<&str>), usize> = HashMap::new();
-        for (index, rule) in candidates.iter().enumerate() {
-            let key = (rule.src.map(|own| own.trunc()), rule.iface.as_deref());
-            first.entry(key).or_insert(index);
-        }
         let mut entries = Vec::new();
         for (iface, ifindex) in interfaces {
+            // A source's winner is the first candidate on this interface whose own source is
+            // absent or contains it: looking up each of the source's prefixes here instead of
+            // scanning the candidates keeps thousands of source rules linear.
+            let mut first: HashMap<Option<IpNet>, usize> = HashMap::new();
+            for (index, rule) in candidates.iter().enumerate() {
+                if applies_on(rule, iface) {
+                    first
+                        .entry(rule.src.map(|own| own.trunc()))
+                        .or_insert(index);
+                }
+            }
             for src in &sources {
                 let containing = (0..=src.prefix_len())
                     .filter_map(|len| truncated(*src, len))
                     .map(Some)
                     .chain([None]);
-                let winner = containing
-                    .flat_map(|own| [(own, None), (own, iface)])
-                    .filter_map(|key| first.get(&key))
-                    .min();
+                let winner = containing.filter_map(|own| first.get(&own)).min();
                 let verdict = winner.map_or(Verdict::default(), |&i| candidates[i].verdict());
                 entries.push((cell, ifindex, *src, verdict));
             }
@@ -305,6 +306,16 @@ impl CellBuilder<'_> {
             rank: 0,
         };
         (verdict, entries)
+    }
+}
+
+/// Whether `rule` applies to packets arriving on `iface` (`None`: the cell does not look at
+/// interfaces, so no rule in it names one). A rule names an interface or a pattern of them.
+fn applies_on(rule: &Rule, iface: Option<&str>) -> bool {
+    match (&rule.iface, iface) {
+        (None, _) => true,
+        (Some(own), Some(name)) => interfaces::matches(own, name),
+        (Some(_), None) => false,
     }
 }
 

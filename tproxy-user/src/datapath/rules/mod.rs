@@ -1,7 +1,8 @@
 //! The rule model and its compilation into the eBPF program's lookup maps.
 //!
 //! A rule matches on transport, destination prefix, destination port (one, a range, or any),
-//! and optionally source prefix and ingress interface. The rule that decides a packet is the
+//! and optionally source prefix and ingress interface (a name, or a pattern such as `eth0*`
+//! matched against the interfaces the program is attached to). The rule that decides a packet is the
 //! first in this order among those that match it:
 //!
 //! 1. the longest destination prefix;
@@ -153,7 +154,7 @@ impl Rule {
         let src_ok = self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
             (None, _) => true,
-            (Some(own), Some(iface)) => own == iface,
+            (Some(own), Some(iface)) => crate::datapath::interfaces::matches(own, iface),
             (Some(_), None) => false,
         };
         src_ok && iface_ok
