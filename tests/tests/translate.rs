@@ -88,6 +88,17 @@ fn restore_nft(netns: &Netns, rules: &str) {
     install_tproxy_routing(netns).unwrap();
 }
 
+/// Loads `rules` and returns what a user would paste: the ruleset as nft lists it.
+fn listed_nft(netns: &Netns, rules: &str) -> String {
+    restore_nft(netns, rules);
+    let listed = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "nft", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    String::from_utf8(listed.stdout).unwrap()
+}
+
 fn remove_nft(netns: &Netns) {
     let status = Command::new("ip")
         .args(["netns", "exec", &netns.name, "nft", "flush", "ruleset"])
@@ -416,18 +427,273 @@ fn negated_nft_matches_steer_the_same_flows_translated() {
     let (original, translated, config) = steered_both_ways(
         &topo,
         NEGATION_PROBES,
-        |netns| {
-            restore_nft(netns, NEGATIONS_NFT);
-            // What a user would paste: the ruleset as nft lists it.
-            let listed = Command::new("ip")
-                .args(["netns", "exec", &netns.name, "nft", "list", "ruleset"])
-                .output()
-                .unwrap();
-            assert!(listed.status.success());
-            String::from_utf8(listed.stdout).unwrap()
-        },
+        |netns| listed_nft(netns, NEGATIONS_NFT),
         remove_nft,
     );
     assert_eq!(steered_names(&original), NEGATION_STEERED, "nft");
     assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// Interface wildcards (`-i to-c+`, nft `iifname "to-c*"`), plain and excluded, against the
+/// router's `to-client` and `to-server`: TCP 80 and 443 and UDP 53 are steered.
+const WILDCARD_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.2:8050"),
+    Probe::Tcp("10.10.2.2:443"),
+    Probe::Tcp("10.10.2.2:444"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.2:54"),
+    Probe::Tcp("[fd00:2::2]:80"),
+];
+
+const WILDCARD_STEERED: &[&str] = &["tcp 10.10.2.2:80", "tcp 10.10.2.2:443", "udp 10.10.2.2:53"];
+
+const WILDCARDS_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+:PROXY - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-c+ -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-s+ -p tcp -m tcp --dport 8050 -j TPROXY --on-port 15002 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-+ -j PROXY
+-A PROXY ! -i to-s+ -p tcp -m tcp --dport 443 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY ! -i to-c+ -p tcp -m tcp --dport 444 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+#[test]
+fn iptables_interface_wildcards_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        WILDCARD_PROBES,
+        |netns| {
+            restore_iptables(netns, WILDCARDS_IPTABLES).unwrap();
+            WILDCARDS_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    // Every rule names interfaces by pattern: tproxy attaches to what the patterns match.
+    assert!(
+        config.contains("interfaces = [\"to-c*\", \"to-s*\""),
+        "translated config:\n{config}"
+    );
+    assert_eq!(steered_names(&original), WILDCARD_STEERED, "iptables");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+const WILDCARDS_NFT: &str = "\
+table inet wildcards {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		iifname \"to-c*\" ip daddr 10.10.2.0/24 tcp dport 80 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-s*\" ip daddr 10.10.2.0/24 tcp dport 8050 tproxy ip to 127.0.0.1:15002 meta mark set 0x1 accept
+		iifname \"to-*\" iifname != \"to-s*\" ip daddr 10.10.2.0/24 tcp dport 443 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-*\" iifname != \"to-c*\" ip daddr 10.10.2.0/24 tcp dport 444 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-*\" ip daddr 10.10.2.0/24 udp dport 53 tproxy ip to 127.0.0.1:15053 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_interface_wildcards_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        WILDCARD_PROBES,
+        |netns| listed_nft(netns, WILDCARDS_NFT),
+        remove_nft,
+    );
+    assert_eq!(steered_names(&original), WILDCARD_STEERED, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// Waits (up to a generous limit, not a timed assertion) until tproxy's rules in force say
+/// whether they hold `needle`; returns them either way.
+fn rules_when(tproxy: &Tproxy, needle: &str, present: bool) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rules = tproxy.status().unwrap().rules;
+        if rules.iter().any(|r| r.contains(needle)) == present
+            || std::time::Instant::now() > deadline
+        {
+            return rules;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The router's own addresses left alone (`-m addrtype --dst-type LOCAL -j RETURN`, nft
+/// `fib daddr type local return`) ahead of a rule that steers all TCP from the client: a
+/// remote server is steered, the router's own servers are not, both ways; then an address
+/// added while tproxy runs is left alone too, and its rule goes with it.
+fn local_addresses_round_trip(load: impl FnOnce(&Netns) -> String, unload: fn(&Netns)) {
+    let topo = Topo::new().unwrap();
+    let probes = ["10.10.2.2:80", "10.10.1.1:8080", "10.10.2.1:8080"];
+    let _remote = Server::tell_peer(&topo.server, probes[0].parse().unwrap()).unwrap();
+    let _own: Vec<Server> = probes[1..]
+        .iter()
+        .map(|addr| Server::tell_peer(&topo.router, addr.parse().unwrap()).unwrap())
+        .collect();
+    // Steered flows reach their server from the router (the relay), the others from the
+    // client.
+    let client = Topo::client_ip(false);
+    let steered = |addr: &str| peer_seen_by(&topo.client, addr.parse().unwrap()).unwrap() != client;
+    let listed = load(&topo.router);
+    let text = translate(&listed);
+    assert!(text.contains("dst = \"local"), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original: Vec<bool> = probes.iter().map(|addr| steered(*addr)).collect();
+    relay.stop().unwrap();
+    unload(&topo.router);
+    assert_eq!(original, [true, false, false], "the original rules");
+
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated: Vec<bool> = probes.iter().map(|addr| steered(*addr)).collect();
+    assert_eq!(translated, original, "translated config:\n{text}");
+
+    topo.router
+        .ip(&["addr", "add", "10.10.1.9/24", "dev", "to-client"])
+        .unwrap();
+    let _added = Server::tell_peer(&topo.router, "10.10.1.9:8080".parse().unwrap()).unwrap();
+    let rules = rules_when(&tproxy, "10.10.1.9/32", true);
+    assert!(
+        rules.iter().any(|r| r.contains("10.10.1.9/32")),
+        "the new address's bypass rule: {rules:#?}"
+    );
+    assert!(!steered("10.10.1.9:8080"), "the new address is left alone");
+    topo.router
+        .ip(&["addr", "del", "10.10.1.9/24", "dev", "to-client"])
+        .unwrap();
+    let rules = rules_when(&tproxy, "10.10.1.9/32", false);
+    assert!(
+        !rules.iter().any(|r| r.contains("10.10.1.9/32")),
+        "the removed address's rule goes: {rules:#?}"
+    );
+    tproxy.stop().unwrap();
+}
+
+#[test]
+fn iptables_addrtype_local_steers_the_same_flows_translated_and_follows_addresses() {
+    require_root();
+    let rules = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -m addrtype --dst-type LOCAL -j RETURN
+-A PREROUTING -i to-client -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+    local_addresses_round_trip(
+        |netns| {
+            restore_iptables(netns, rules).unwrap();
+            rules.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+}
+
+#[test]
+fn nft_fib_daddr_type_local_steers_the_same_flows_translated_and_follows_addresses() {
+    require_root();
+    local_addresses_round_trip(
+        |netns| {
+            listed_nft(
+                netns,
+                "\
+table inet local {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
+		fib daddr type local return
+		iifname \"to-client\" meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+",
+            )
+        },
+        remove_nft,
+    );
+}
+
+/// Runs `ipset` in `netns` with `args`; returns what it printed.
+fn ipset(netns: &Netns, args: &[&str]) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ipset"])
+        .args(args)
+        .output()
+        .expect("running ipset (package ipset, see `cargo xtask setup`)");
+    assert!(
+        output.status.success(),
+        "ipset {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `-m set --match-set` on a hash:net and a hash:ip set, plain and negated, with the sets
+/// as `ipset save` prints them given to `translate --ipset-file`.
+#[test]
+fn iptables_ipset_matches_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let rules = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -p tcp -m set --match-set proxied dst -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-client -p udp -m set ! --match-set excluded dst -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Udp("10.10.2.2:53"),
+        Probe::Udp("10.10.2.3:53"),
+    ];
+    let servers = Servers::start(&topo, &probes);
+    ipset(&topo.router, &["create", "proxied", "hash:net"]);
+    ipset(&topo.router, &["add", "proxied", "10.10.2.2"]);
+    ipset(&topo.router, &["add", "proxied", "10.10.9.0/24"]);
+    ipset(&topo.router, &["create", "excluded", "hash:ip"]);
+    ipset(&topo.router, &["add", "excluded", "10.10.2.3"]);
+    let saved = ConfigFile::new(&ipset(&topo.router, &["save"])).unwrap();
+    restore_iptables(&topo.router, rules).unwrap();
+    let (status, text, stderr) =
+        tproxy_with_input(&["translate", "--ipset-file", saved.path()], rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    let config = ConfigFile::new(&text).unwrap();
+
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = servers.intercepted(&topo, &probes);
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
+        "iptables"
+    );
+
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = servers.intercepted(&topo, &probes);
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
 }

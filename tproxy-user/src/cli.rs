@@ -131,6 +131,12 @@ pub struct TranslateArgs {
     /// Without it, tproxy's own listeners relay the flows instead.
     #[arg(long = "keep-proxies")]
     pub keep_proxies: bool,
+
+    /// The ipsets that `-m set --match-set NAME dst|src` rules name, as `ipset save` prints
+    /// them (hash:net and hash:ip sets): their entries become the rules' prefixes, as they
+    /// are in the file (later changes to the sets are not followed).
+    #[arg(long = "ipset-file", value_name = "FILE")]
+    pub ipset_file: Option<PathBuf>,
 }
 
 /// Flags of `tproxy run` (and `tproxy check`). Settings left out take the configuration

@@ -26,10 +26,11 @@ use crate::{
     values::FailMode,
 };
 use crate::{
+    daemon::addresses::AddressWatch,
     daemon::links::LinkWatch,
     daemon::ready::declare_ready,
     daemon::serve::{serve, Control, Ending, Signals},
-    datapath::interfaces::{resolve_interfaces, Link, LOOPBACK},
+    datapath::interfaces::{host_addresses, resolve_interfaces, Link, LOOPBACK},
     relay::listeners::Relays,
 };
 
@@ -37,7 +38,7 @@ use crate::{
 pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut signals = Signals::register()?;
-    let config = Config::build(&args)?;
+    let mut config = Config::build(&args)?;
     let user = config
         .settings
         .user
@@ -65,6 +66,12 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     let netlink = routing::connect()?;
     let entries = interface_entries(&config.settings, local.is_some());
     control.links = Some(LinkWatch::subscribe(entries.clone())?);
+    control.addresses = Some(AddressWatch::subscribe()?);
+    if !config.local_rules.is_empty() {
+        // Again, now that changes are followed: one made since the configuration was read
+        // would go unseen.
+        config.set_local_addresses(host_addresses()?);
+    }
     let interfaces = resolve_interfaces(&netlink, &entries).await?;
     let settings = config.settings.clone();
     if local.is_some() && settings.pin {

@@ -21,6 +21,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    // The sets of `-m set` rules that `translate --ipset-file` reads.
+    ("ipset", "ipset"),
     // The deployment recipes' checks: the systemd unit and the Kubernetes manifest.
     ("systemd-analyze", "systemd"),
     ("python3", "python3"),

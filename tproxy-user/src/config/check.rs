@@ -30,13 +30,15 @@ impl Config {
         }
         self.check_socket_mark(args)?;
         self.check_local_origin(args)?;
-        for rule in &self.rules {
+        for rule in self.rules.iter().chain(&self.local_rules) {
             if let (Some(iface), Interfaces::Named(names)) =
                 (&rule.iface, &self.settings.interfaces)
             {
+                use crate::datapath::interfaces::matches;
+                // A rule's pattern may name some of the steered interfaces only.
                 let steered = names
                     .iter()
-                    .any(|entry| crate::datapath::interfaces::selects(entry, iface));
+                    .any(|entry| crate::datapath::interfaces::selects(entry, iface) || matches(iface, entry));
                 if !steered && !args.relay_only {
                     bail!("rule {} names interface {iface}, which is not among the steered interfaces ({})", rule.number, names.join(", "));
                 }
@@ -46,7 +48,7 @@ impl Config {
     }
 
     fn check_counts(&self, args: &RunArgs) -> Result<()> {
-        if self.rules.is_empty() {
+        if self.rules.is_empty() && self.local_rules.is_empty() {
             bail!(match &args.config {
                 Some(path) => format!(
                     "{}: no [[rule]] and no --tcp/--udp: nothing to steer",

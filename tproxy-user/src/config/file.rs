@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::{
     any_destination, default_listen,
     settings::ConfigFile,
-    text::{List, MarkMatch, RuleAction, Text},
+    text::{Destinations, List, MarkMatch, RuleAction, Text},
     ListenerConfig,
 };
 use crate::{
@@ -127,7 +127,7 @@ pub(super) struct ListenerEntry {
 /// A `[[rule]]` as written.
 pub(super) struct RuleEntry {
     proto: List<Transport>,
-    dst: Option<List<IpNet>>,
+    dst: Option<Destinations>,
     ports: Option<List<Ports>>,
     src: Option<List<IpNet>>,
     iface: Option<String>,
@@ -189,17 +189,24 @@ impl ConfigFile {
         Ok(listeners)
     }
 
-    /// The `[[rule]]`s, each split into single-prefix, single-port-spec rules.
-    pub(super) fn rules(&self, listeners: &[ListenerConfig], at: At) -> Result<Vec<Rule>> {
-        let mut rules = Vec::new();
-        for (i, entry) in self.rules.iter().enumerate() {
-            rules.extend(
-                entry
-                    .get_ref()
-                    .split(i + 1, at(entry.span()), listeners, at)?,
-            );
+    /// The `[[rule]]`s, each split into single-prefix, single-port-spec rules; apart, those
+    /// for the host's own addresses (`dst = "local"`), with any destination of their family
+    /// in place of the addresses.
+    pub(super) fn rules(
+        &self,
+        listeners: &[ListenerConfig],
+        at: At,
+    ) -> Result<(Vec<Rule>, Vec<Rule>)> {
+        let (mut rules, mut local) = (Vec::new(), Vec::new());
+        for (i, spanned) in self.rules.iter().enumerate() {
+            let entry = spanned.get_ref();
+            let split = entry.split(i + 1, at(spanned.span()), listeners, at)?;
+            match entry.dst {
+                Some(Destinations::Local { .. }) => local.extend(split),
+                _ => rules.extend(split),
+            }
         }
-        Ok(rules)
+        Ok((rules, local))
     }
 }
 
@@ -253,8 +260,19 @@ impl RuleEntry {
             None => vec![None],
         };
         let dsts = match &self.dst {
-            Some(List(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
-            Some(_) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
+            Some(Destinations::Prefixes(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
+            Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
+            Some(Destinations::Local { .. }) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass rules"),
+            // Each address takes the place of its family's destination (see
+            // `Config::set_local_addresses`).
+            Some(Destinations::Local { ipv4, ipv6 }) => {
+                let families: HashSet<bool> = sources.iter().flatten().map(|s| s.addr().is_ipv6()).collect();
+                any_destination()
+                    .into_iter()
+                    .filter(|d| if d.addr().is_ipv6() { *ipv6 } else { *ipv4 })
+                    .filter(|d| families.is_empty() || families.contains(&d.addr().is_ipv6()))
+                    .collect()
+            }
             None => {
                 // Without a destination, the families of the sources (if any) decide.
                 let families: HashSet<bool> = sources.iter().flatten().map(|s| s.addr().is_ipv6()).collect();

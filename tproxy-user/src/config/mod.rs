@@ -19,7 +19,11 @@ pub mod settings;
 mod tests;
 mod text;
 
-use std::{net::SocketAddr, path::Path};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
@@ -28,7 +32,10 @@ pub use settings::{SettingFlags, Settings};
 
 use crate::{
     cli::RunArgs,
-    datapath::rules::{Action, Ports, Rule},
+    datapath::{
+        interfaces::host_addresses,
+        rules::{Action, Ports, Rule},
+    },
     relay::{external::External, listener::Transport},
 };
 use file::{parse_file, LineStarts, Location};
@@ -93,6 +100,12 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Number of rules as configured (before splitting).
     pub configured_rules: usize,
+    /// The bypass rules for the host's own addresses (`dst = "local"`), with any
+    /// destination of their family in place of the addresses: `rules` holds them once per
+    /// address of [`Config::local_addresses`].
+    pub local_rules: Vec<Rule>,
+    /// The host's addresses as last listed (sorted).
+    pub local_addresses: Vec<IpAddr>,
 }
 
 /// Default listener addresses: loopback, so nothing can connect to them directly.
@@ -119,6 +132,11 @@ impl Config {
             None => String::new(),
         };
         let mut config = Self::from_text(args, &text)?;
+        if !config.local_rules.is_empty() {
+            config.set_local_addresses(
+                host_addresses().context("listing the host's addresses for dst = \"local\"")?,
+            );
+        }
         config.mark_listener_transports();
         config.check_listener_addresses()?;
         Ok(config)
@@ -161,18 +179,44 @@ impl Config {
             listeners: Vec::new(),
             rules: Vec::new(),
             configured_rules: 0,
+            local_rules: Vec::new(),
+            local_addresses: Vec::new(),
         };
         if let Some(file) = &args.config {
             let lines = LineStarts::new(text);
             let at = |span: std::ops::Range<usize>| Location::new(file, &lines, span);
             config.listeners = raw.listeners(&at)?;
             config.configured_rules = raw.rules.len();
-            config.rules = raw.rules(&config.listeners, &at)?;
+            (config.rules, config.local_rules) = raw.rules(&config.listeners, &at)?;
         }
         config.add_flag_rules(args)?;
         config.settle_marks()?;
         config.check(args)?;
         Ok(config)
+    }
+
+    /// Puts the bypass rules for the host's own addresses in `rules` for `addresses`, in
+    /// place of those for the addresses listed before. Returns whether that changed the
+    /// rules.
+    pub fn set_local_addresses(&mut self, mut addresses: Vec<IpAddr>) -> bool {
+        addresses.sort_unstable();
+        addresses.dedup();
+        if addresses == self.local_addresses {
+            return false;
+        }
+        let numbers: HashSet<usize> = self.local_rules.iter().map(|r| r.number).collect();
+        self.rules.retain(|rule| !numbers.contains(&rule.number));
+        for template in &self.local_rules {
+            let family = addresses
+                .iter()
+                .filter(|addr| addr.is_ipv6() == template.dst.addr().is_ipv6());
+            self.rules.extend(family.map(|&addr| Rule {
+                dst: IpNet::from(addr),
+                ..template.clone()
+            }));
+        }
+        self.local_addresses = addresses;
+        !self.local_rules.is_empty()
     }
 
     /// The `default` listener and the rules steering to it that `--tcp`/`--udp` ask for,

@@ -559,3 +559,83 @@ fn iface_all_alone_is_every_interface_and_beside_others_an_error() {
         );
     }
 }
+
+#[test]
+fn a_local_destination_bypass_follows_the_addresses_it_is_given() {
+    let text = r#"
+interfaces = ["eth0"]
+
+[[rule]]
+proto = "tcp"
+dst = "local-ipv4"
+action = "bypass"
+
+[[rule]]
+proto = ["tcp", "udp"]
+dst = "local"
+ports = 53
+action = "bypass"
+
+[[listener]]
+name = "web"
+
+[[rule]]
+proto = "tcp"
+action = "steer"
+"#;
+    let mut config = with_file(text, &[]).unwrap();
+    let shown = |config: &Config| -> Vec<String> {
+        let mut rules: Vec<String> = config
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Bypass)
+            .map(|r| format!("{} #{}", r, r.number))
+            .collect();
+        rules.sort();
+        rules
+    };
+    assert_eq!(config.local_rules.len(), 5);
+    let addresses: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+    assert!(config.set_local_addresses(addresses.clone()));
+    assert_eq!(
+        shown(&config),
+        [
+            "tcp dst 192.0.2.1/32 port 53 #2",
+            "tcp dst 192.0.2.1/32 port any #1",
+            "tcp dst 2001:db8::1/128 port 53 #2",
+            "udp dst 192.0.2.1/32 port 53 #2",
+            "udp dst 2001:db8::1/128 port 53 #2",
+        ]
+    );
+    assert!(!config.set_local_addresses(addresses), "nothing changed");
+    assert!(config.set_local_addresses(vec!["198.51.100.7".parse().unwrap()]));
+    assert_eq!(
+        shown(&config),
+        [
+            "tcp dst 198.51.100.7/32 port 53 #2",
+            "tcp dst 198.51.100.7/32 port any #1",
+            "udp dst 198.51.100.7/32 port 53 #2",
+        ]
+    );
+    // The steer rule is untouched.
+    assert_eq!(
+        config
+            .rules
+            .iter()
+            .filter(|r| r.action != Action::Bypass)
+            .count(),
+        2
+    );
+
+    let steer_local = "[[listener]]\nname = \"web\"\n\n[[rule]]\nproto = \"tcp\"\ndst = \"local\"\naction = \"steer\"\n";
+    assert!(
+        error(steer_local)
+            .contains("rule[1].dst: \"local\" (the host's own addresses) is for bypass rules"),
+        "{}",
+        error(steer_local)
+    );
+    assert!(
+        error("[[rule]]\nproto = \"tcp\"\ndst = \"locals\"\naction = \"bypass\"\n")
+            .contains("locals")
+    );
+}

@@ -299,3 +299,54 @@ impl<'de> Deserialize<'de> for InterfaceList {
         d.deserialize_any(InterfacesVisitor)
     }
 }
+
+/// A rule's `dst`: prefixes, or `"local"`, the host's own addresses.
+#[derive(Debug)]
+pub enum Destinations {
+    Prefixes(Vec<IpNet>),
+    /// The addresses of this network namespace's interfaces, followed as they change: of
+    /// both families (`"local"`), or one (`"local-ipv4"`, `"local-ipv6"`).
+    Local {
+        ipv4: bool,
+        ipv6: bool,
+    },
+}
+
+impl<'de> Deserialize<'de> for Destinations {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DestinationsVisitor;
+        impl<'de> Visitor<'de> for DestinationsVisitor {
+            type Value = Destinations;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a prefix like \"10.0.0.0/8\", a list of them, or \"local\" (\"local-ipv4\", \"local-ipv6\")",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Destinations, E> {
+                match v {
+                    "local" => Ok(Destinations::Local {
+                        ipv4: true,
+                        ipv6: true,
+                    }),
+                    "local-ipv4" => Ok(Destinations::Local {
+                        ipv4: true,
+                        ipv6: false,
+                    }),
+                    "local-ipv6" => Ok(Destinations::Local {
+                        ipv4: false,
+                        ipv6: true,
+                    }),
+                    prefix => ListVisitor::<IpNet>(PhantomData)
+                        .visit_str(prefix)
+                        .map(Destinations::Prefixes),
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Destinations, A::Error> {
+                ListVisitor::<IpNet>(PhantomData)
+                    .visit_seq(seq)
+                    .map(Destinations::Prefixes)
+            }
+        }
+        d.deserialize_any(DestinationsVisitor)
+    }
+}

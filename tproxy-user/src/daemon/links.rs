@@ -68,7 +68,7 @@ pub(crate) async fn changed(watch: &mut Option<LinkWatch>) -> Option<()> {
 
 /// Attaches to the links that match and are not attached yet, detaches from those that are
 /// gone or no longer match, and puts the rules in force again for the new set when a rule
-/// names one of the interfaces that came or went.
+/// names (or has a pattern matching) one of the interfaces that came or went.
 pub(crate) async fn follow(
     config: &Config,
     relays: &mut Relays,
@@ -112,7 +112,13 @@ pub(crate) async fn follow(
         }
     }
     control.attached = steering.attached_descriptions();
-    let named = |name: &String| config.rules.iter().any(|r| r.iface.as_ref() == Some(name));
+    let named = |name: &String| {
+        config.rules.iter().any(|r| {
+            r.iface
+                .as_ref()
+                .is_some_and(|own| interfaces::matches(own, name))
+        })
+    };
     if changed.iter().any(named) {
         // Blocking map work, as a reload's.
         let reinstalled = tokio::task::block_in_place(|| reinstall_rules(config, relays, steering));

@@ -3,6 +3,7 @@
 //! `control` socket (status, reload, handover to a successor), the `privileges` it
 //! keeps once set up, and how it says it is `ready`.
 
+pub(crate) mod addresses;
 pub(crate) mod control;
 pub mod instance;
 pub(crate) mod links;

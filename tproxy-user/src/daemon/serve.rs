@@ -16,6 +16,7 @@ use crate::{
     values::Human,
 };
 use crate::{
+    daemon::addresses::{self, AddressWatch},
     daemon::links::{self, LinkWatch},
     daemon::reload::{reinstall_rules, reload},
     relay::listeners::{Relays, ACCEPT_GRACE},
@@ -40,10 +41,12 @@ pub(crate) struct Control<'a> {
     pub(crate) attached: Vec<String>,
     /// Link events, when interfaces are named (they are followed as they come and go).
     pub(crate) links: Option<LinkWatch>,
+    /// Address events, for the bypass rules of the host's own addresses.
+    pub(crate) addresses: Option<AddressWatch>,
 }
 
 impl Control<'_> {
-    /// Before set-up: nothing attached, no lock to hand over, no link events yet.
+    /// Before set-up: nothing attached, no lock to hand over, no link or address events yet.
     pub(crate) fn new(requests: tokio::sync::mpsc::Receiver<Request>) -> Self {
         Control {
             requests,
@@ -51,6 +54,7 @@ impl Control<'_> {
             pinned: false,
             attached: Vec::new(),
             links: None,
+            addresses: None,
         }
     }
 }
@@ -147,6 +151,10 @@ pub(crate) async fn serve(
                 server.follow_links(control).await;
                 continue;
             }
+            Some(()) = addresses::changed(&mut control.addresses) => {
+                server.follow_addresses();
+                continue;
+            }
             done = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
                 successor = None;
                 server.successor_answered(done.unwrap_or(false), control);
@@ -196,6 +204,14 @@ impl Server<'_, '_> {
     async fn follow_links(&mut self, control: &mut Control<'_>) {
         if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
             links::follow(&self.config, &mut self.relays, steering, control).await;
+        }
+    }
+
+    /// The host's addresses changed: the bypass rules for them follow (while serving only,
+    /// as links).
+    fn follow_addresses(&mut self) {
+        if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
+            addresses::follow(&mut self.config, &mut self.relays, steering);
         }
     }
 

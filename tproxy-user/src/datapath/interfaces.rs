@@ -55,6 +55,23 @@ pub fn matches(entry: &str, name: &str) -> bool {
     glob(entry.as_bytes(), name.as_bytes())
 }
 
+/// The addresses of this network namespace's interfaces (what `-m addrtype --dst-type
+/// LOCAL` calls local, but for `local` routes added by hand).
+pub fn host_addresses() -> Result<Vec<std::net::IpAddr>> {
+    let addresses = nix::ifaddrs::getifaddrs().context("listing the interfaces' addresses")?;
+    Ok(addresses
+        .filter_map(|interface| {
+            let address = interface.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                return Some(std::net::IpAddr::V4(v4.ip()));
+            }
+            address
+                .as_sockaddr_in6()
+                .map(|v6| std::net::IpAddr::V6(v6.ip()))
+        })
+        .collect())
+}
+
 /// How packets of a link type reach tc ingress; `None` for a type the program cannot parse.
 fn framing(kind: LinkLayerType) -> Option<Framing> {
     match kind {

@@ -15,6 +15,7 @@ use tproxy_common::maps::{
 #[cfg(any(test, feature = "fuzzing"))]
 use super::Packet;
 use super::{truncated, Ports, Rule, Transport};
+use crate::datapath::interfaces;
 
 /// An LPM trie entry: key, its prefix length in bits, value.
 pub type Entry<K> = (K, u32, Verdict);
@@ -187,13 +188,13 @@ impl CompiledRules {
     }
 }
 
-/// The mark stage's entries for the rules that have a mark: one per rule, except that rules
-/// alike but for their transport share one. A rule naming an interface that is not attached
-/// keeps its entry, with an ifindex no interface has, so that the count does not depend on
-/// what is attached.
+/// The mark stage's entries for the rules that have a mark: one per rule and interface it
+/// names (a pattern names every attached interface it matches), except that rules alike but
+/// for their transport share one. A rule whose interface is not attached keeps an entry, with
+/// an ifindex no interface has, so that a name's count does not depend on what is attached.
 pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let mut entries: Vec<MarkRule> = Vec::new();
-    for entry in rules.iter().filter_map(|rule| mark_rule(rule, interfaces)) {
+    for entry in rules.iter().flat_map(|rule| mark_rule(rule, interfaces)) {
         let alike = |e: &&mut MarkRule| {
             MarkRule {
                 transports: entry.transports,
@@ -208,14 +209,23 @@ pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     entries
 }
 
-fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Option<MarkRule> {
-    let mark = rule.mark?;
-    let ifindex = match &rule.iface {
-        None => 0,
-        Some(name) => interfaces
-            .iter()
-            .find(|(attached, _)| attached == name)
-            .map_or(u32::MAX, |(_, index)| *index),
+fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
+    let Some(mark) = rule.mark else {
+        return Vec::new();
+    };
+    let ifindexes: Vec<u32> = match &rule.iface {
+        None => vec![0],
+        Some(name) => {
+            let attached: Vec<u32> = interfaces
+                .iter()
+                .filter(|(attached, _)| crate::datapath::interfaces::matches(name, attached))
+                .map(|(_, index)| *index)
+                .collect();
+            match attached.is_empty() {
+                true => vec![u32::MAX],
+                false => attached,
+            }
+        }
     };
     let (first_port, last_port) = match rule.ports {
         Ports::One(port) => (port, port),
@@ -243,7 +253,7 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Option<MarkRule> {
     let (dst, dst_mask) = words(rule.dst);
     // No source: a netmask of zero takes any.
     let (src, src_mask) = rule.src.map_or(([0; 4], [0; 4]), words);
-    Some(MarkRule {
+    let entry = |ifindex| MarkRule {
         value: mark.value,
         mask: mark.mask,
         transports: match rule.transport {
@@ -259,7 +269,8 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Option<MarkRule> {
         src,
         src_mask,
         verdict: rule.verdict(),
-    })
+    };
+    ifindexes.into_iter().map(entry).collect()
 }
 
 /// Groups ports by the set of rules (indices into `rules`) that match them; ports no rule
@@ -369,25 +380,25 @@ impl CellBuilder<'_> {
         let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
         sources.insert(IpNet::V4(Default::default()));
         sources.insert(IpNet::V6(Default::default()));
-        // A source's winner is the first candidate whose own source is absent or contains
-        // it, with no interface or the one at hand: looking up each of the source's prefixes
-        // here instead of scanning the candidates keeps thousands of source rules linear.
-        let mut first: HashMap<(Option<IpNet>, Option<&str>), usize> = HashMap::new();
-        for (index, rule) in candidates.iter().enumerate() {
-            let key = (rule.src.map(|own| own.trunc()), rule.iface.as_deref());
-            first.entry(key).or_insert(index);
-        }
         let mut entries = Vec::new();
         for (iface, ifindex) in interfaces {
+            // A source's winner is the first candidate on this interface whose own source is
+            // absent or contains it: looking up each of the source's prefixes here instead of
+            // scanning the candidates keeps thousands of source rules linear.
+            let mut first: HashMap<Option<IpNet>, usize> = HashMap::new();
+            for (index, rule) in candidates.iter().enumerate() {
+                if applies_on(rule, iface) {
+                    first
+                        .entry(rule.src.map(|own| own.trunc()))
+                        .or_insert(index);
+                }
+            }
             for src in &sources {
                 let containing = (0..=src.prefix_len())
                     .filter_map(|len| truncated(*src, len))
                     .map(Some)
                     .chain([None]);
-                let winner = containing
-                    .flat_map(|own| [(own, None), (own, iface)])
-                    .filter_map(|key| first.get(&key))
-                    .min();
+                let winner = containing.filter_map(|own| first.get(&own)).min();
                 let verdict = winner.map_or(Verdict::default(), |&i| candidates[i].verdict());
                 entries.push((cell, ifindex, *src, verdict));
             }
@@ -404,6 +415,16 @@ impl CellBuilder<'_> {
             rank: 0,
         };
         (verdict, entries)
+    }
+}
+
+/// Whether `rule` applies to packets arriving on `iface` (`None`: the cell does not look at
+/// interfaces, so no rule in it names one). A rule names an interface or a pattern of them.
+fn applies_on(rule: &Rule, iface: Option<&str>) -> bool {
+    match (&rule.iface, iface) {
+        (None, _) => true,
+        (Some(own), Some(name)) => interfaces::matches(own, name),
+        (Some(_), None) => false,
     }
 }
 

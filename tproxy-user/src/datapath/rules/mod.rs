@@ -1,8 +1,9 @@
 //! The rule model and its compilation into the eBPF program's lookup maps.
 //!
 //! A rule matches on transport, destination prefix, destination port (one, a range, or any),
-//! and optionally source prefix and ingress interface, or the packet's mark. The rule that
-//! decides a packet is the first in this order among those that match it:
+//! and optionally source prefix and ingress interface (a name, or a pattern such as `eth0*`
+//! matched against the interfaces the program is attached to), or the packet's mark. The rule
+//! that decides a packet is the first in this order among those that match it:
 //!
 //! 1. the longest destination prefix;
 //! 2. then a single port before a range, and a range before any port;
@@ -163,7 +164,7 @@ impl Rule {
         let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
             (None, _) => true,
-            (Some(own), Some(iface)) => own == iface,
+            (Some(own), Some(iface)) => crate::datapath::interfaces::matches(own, iface),
             (Some(_), None) => false,
         };
         src_ok && iface_ok

@@ -217,6 +217,28 @@ fn sources_and_interfaces_narrow_a_rule_and_the_next_one_takes_over() {
 }
 
 #[test]
+fn an_interface_pattern_matches_the_attached_interfaces_it_names() {
+    let rules = [
+        rule(1, "tcp 10.0.0.0/8 80 iface e?h1", Action::Bypass),
+        rule(2, "tcp 10.0.0.0/8 80 iface eth*", Action::Steer(1)),
+        rule(3, "tcp 10.0.0.0/8 80 iface wg*", Action::Steer(2)),
+        rule(4, "tcp 10.0.0.0/8 80", Action::Steer(0)),
+    ];
+    expect(
+        &rules,
+        "tcp 192.0.2.9 -> 10.2.0.1:80",
+        "eth0",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.9 -> 10.2.0.1:80",
+        "eth1",
+        RuleMatch::Bypass,
+    );
+}
+
+#[test]
 fn ipv6_rules_are_their_own_family() {
     let rules = [
         rule(1, "udp ::/0 53", Action::Steer(0)),
@@ -581,7 +603,9 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                     text += &format!(" src {}", sources[next(sources.len() as u64) as usize]);
                 }
                 if next(4) == 0 {
-                    text += &format!(" iface {}", IFACES[next(2) as usize].0);
+                    // Names and patterns, one of which matches neither interface.
+                    let ifaces = ["eth0", "eth1", "eth*", "e?h1", "wg*"];
+                    text += &format!(" iface {}", ifaces[next(5) as usize]);
                 }
                 // The program holds 32 mark entries: marks in the small sets only.
                 if count <= 8 && next(3) == 0 {

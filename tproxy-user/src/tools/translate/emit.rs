@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use super::{
     negation, own_mark,
-    precedence::{covers, more_specific, overlaps, ShadowIndex},
+    precedence::{covers, iface_covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
 };
 use crate::{config::Settings, datapath::rules::Ports, relay::listener::Transport, values::Mark};
@@ -429,7 +429,14 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
         (true, Some(Family::V6)) => vec!["::/0".parse().unwrap()],
         (true, None) => Vec::new(),
     };
-    if !dst.is_empty() {
+    if m.dst_local {
+        let keyword = match m.family {
+            None => "local",
+            Some(Family::V4) => "local-ipv4",
+            Some(Family::V6) => "local-ipv6",
+        };
+        let _ = writeln!(out, "dst = \"{keyword}\"");
+    } else if !dst.is_empty() {
         let _ = writeln!(out, "dst = [{}]", quoted(&dst));
     }
     if !m.src.is_empty() {
@@ -571,13 +578,21 @@ fn narrow(context: &Match, rule: &Match) -> Option<Match> {
         }
         _ => pick(&context.transports, &rule.transports)?,
     };
+    let dst_local = context.dst_local || rule.dst_local;
+    let dst = narrow_prefixes(&context.dst, &rule.dst)?;
+    if dst_local && !dst.is_empty() {
+        return None;
+    }
     Some(Match {
         transports,
-        dst: narrow_prefixes(&context.dst, &rule.dst)?,
+        dst,
+        dst_local,
         src: narrow_prefixes(&context.src, &rule.src)?,
         ports: pick(&context.ports, &rule.ports)?,
         iface: match (&context.iface, &rule.iface) {
-            (Some(a), Some(b)) if a != b => return None,
+            (Some(outer), Some(inner)) if iface_covers(outer, inner) => Some(inner.clone()),
+            (Some(outer), Some(inner)) if iface_covers(inner, outer) => Some(outer.clone()),
+            (Some(_), Some(_)) => return None,
             (a, b) => b.clone().or(a.clone()),
         },
         family,

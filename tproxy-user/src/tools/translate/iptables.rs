@@ -5,8 +5,10 @@ use std::{collections::HashMap, net::IpAddr};
 use anyhow::Result;
 
 use super::{
-    complement, full_mark, interface_name, other_transports, port_range, words, Chain, Family,
-    Match, Parsed, RuleSet, Target,
+    complement, full_mark, interface_name, interface_pattern,
+    ipset::{match_set, IpSets},
+    local_bypass, other_transports, port_range, words, Chain, Family, Match, Parsed, RuleSet,
+    Target,
 };
 use crate::{
     datapath::rules::Ports,
@@ -14,8 +16,9 @@ use crate::{
     values::{parse_mark_match, parse_port_list, parse_prefix},
 };
 
-/// Reads the `mangle` table's PREROUTING chain and the chains it may jump to.
-pub(super) fn parse(input: &str) -> Result<RuleSet> {
+/// Reads the `mangle` table's PREROUTING chain and the chains it may jump to; `sets` are
+/// those `-m set` may name.
+pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     let mut chains: HashMap<String, Chain> = HashMap::new();
     let mut table = String::new();
     let mut family = Family::V4;
@@ -48,6 +51,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
             family,
             divert_chains.contains(&chain),
             &user_chains,
+            sets,
         )
         .map(|(matches, target, comment)| Parsed {
             line: number,
@@ -146,6 +150,7 @@ fn parse_rule(
     family: Family,
     in_divert_chain: bool,
     user_chains: &[String],
+    sets: &IpSets,
 ) -> Result<Rule, String> {
     let mut m = Match {
         family: Some(family),
@@ -177,7 +182,7 @@ fn parse_rule(
             }
             "-m" | "--match" => {
                 match value()?.as_str() {
-                    "tcp" | "udp" | "multiport" | "comment" | "mark" => {}
+                    "tcp" | "udp" | "multiport" | "comment" | "mark" | "addrtype" | "set" => {}
                     "socket" => socket = true,
                     other => return Err(format!("match `-m {other}`")),
                 }
@@ -187,6 +192,11 @@ fn parse_rule(
             "--comment" => {
                 comment = Some(value()?);
                 i += 2;
+            }
+            "--match-set" => {
+                let flags = w.get(i + 2).ok_or("`--match-set` without its flags")?;
+                match_set(&mut m, sets, &value()?, flags, negated)?;
+                i += 3;
             }
             "-j" | "--jump" | "-g" | "--goto" => {
                 let (parsed, next) = parse_target(w, i, in_divert_chain, socket, user_chains)?;
@@ -201,6 +211,9 @@ fn parse_rule(
         negated = false;
     }
     let target = target.ok_or("a rule without a target")?;
+    if m.dst_local {
+        local_bypass(&m, &target)?;
+    }
     if socket && target != Target::SocketDivert && !matches!(target, Target::Ignore) {
         if matches!(target, Target::Bypass | Target::Return) {
             return Ok((m, Target::SocketDivert, comment));
@@ -229,10 +242,11 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
             }
         }
         "-i" | "--in-interface" => {
-            if value.ends_with('+') {
-                return Err(format!("interface wildcard {value}"));
-            }
-            let iface = interface_name(value)?;
+            // `eth+`: every interface whose name starts with `eth`.
+            let iface = match value.strip_suffix('+') {
+                Some(prefix) => interface_pattern(prefix)?,
+                None => interface_name(value)?,
+            };
             if negated {
                 m.not_iface = vec![iface];
             } else {
@@ -245,6 +259,9 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                 m.ports = complement(&m.ports)?;
             }
         }
+        "--dst-type" if negated => return Err("negated `--dst-type`".into()),
+        "--dst-type" if value == "LOCAL" => m.dst_local = true,
+        "--dst-type" => return Err(format!("`--dst-type {value}` (tproxy knows LOCAL)")),
         "--mark" if negated => return Err("negated match `-m mark`".into()),
         "--mark" => m.mark = Some(parse_mark_match(value)?),
         other => return Err(format!("option `{other}`")),

@@ -14,6 +14,7 @@
 //! writes the TOML.
 
 mod emit;
+mod ipset;
 mod iptables;
 mod negation;
 mod nft;
@@ -29,7 +30,7 @@ use ipnet::IpNet;
 
 use crate::{
     cli::TranslateArgs,
-    datapath::rules::Ports,
+    datapath::{interfaces::is_pattern, rules::Ports},
     relay::listener::Transport,
     values::{parse_mark, parse_port_list, Mark},
 };
@@ -40,7 +41,12 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     std::io::stdin()
         .read_to_string(&mut input)
         .context("reading the rule set from stdin")?;
-    let translation = translate_with(&input, args.keep_proxies)?;
+    let sets = match &args.ipset_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading --ipset-file {}", path.display()))?,
+        None => String::new(),
+    };
+    let translation = translate_with_sets(&input, args.keep_proxies, &sets)?;
     print!("{}", translation.config);
     for note in &translation.notes {
         eprintln!("note: {note}");
@@ -97,6 +103,10 @@ struct Match {
     /// The packet mark matched (`-m mark --mark`, nft `meta mark`): a proxy's loop guard
     /// becomes the socket mark, others the rule's `mark` (see `own_mark`).
     mark: Option<Mark>,
+    /// The destination is one of the host's own addresses (`-m addrtype --dst-type LOCAL`,
+    /// nft `fib daddr type local`): `dst` is then empty, and the rule a bypass written with
+    /// `dst = "local"`, which tproxy keeps up to date with the addresses.
+    dst_local: bool,
 }
 
 impl Match {
@@ -156,6 +166,13 @@ pub fn translate(input: &str) -> Result<Translation> {
 /// Translates a rule set given as text; `keep_proxies`: the proxies on the TPROXY ports
 /// stay in the path, as external listeners.
 pub fn translate_with(input: &str, keep_proxies: bool) -> Result<Translation> {
+    translate_with_sets(input, keep_proxies, "")
+}
+
+/// Translates a rule set given as text, with the ipsets its `-m set` rules name given as
+/// `ipset save` output.
+pub fn translate_with_sets(input: &str, keep_proxies: bool, ipsets: &str) -> Result<Translation> {
+    let sets = ipset::parse(ipsets)?;
     let is_nft = input.lines().any(|l| {
         let l = l.trim_start();
         l.starts_with("table ") && l.trim_end().ends_with('{')
@@ -165,13 +182,13 @@ pub fn translate_with(input: &str, keep_proxies: bool) -> Result<Translation> {
         .any(|l| l.trim_start().starts_with("*") || l.contains("-A "));
     let ruleset = match (is_nft, is_iptables) {
         (true, _) => nft::parse(input)?,
-        (false, true) => iptables::parse(input)?,
+        (false, true) => iptables::parse(input, &sets)?,
         (false, false) => bail!(
             "the input is neither `iptables-save` output (with `*mangle` and `-A` lines) nor \
              `nft list ruleset` output (with `table … {{` blocks)"
         ),
     };
-    Ok(emit::emit(
+    let mut translation = emit::emit(
         ruleset,
         if is_nft {
             "nft list ruleset"
@@ -179,7 +196,14 @@ pub fn translate_with(input: &str, keep_proxies: bool) -> Result<Translation> {
             "iptables-save"
         },
         keep_proxies,
-    ))
+    );
+    if !sets.is_empty() {
+        translation.notes.push(
+            "the ipsets' entries were read from --ipset-file as saved; tproxy's rules do not              follow later changes to the sets: translate again after changing them"
+                .into(),
+        );
+    }
+    Ok(translation)
 }
 
 /// Splits a line into words, keeping quoted strings (without their quotes) together.
@@ -212,6 +236,20 @@ fn words(line: &str) -> Vec<String> {
     words
 }
 
+/// Checks that a rule for the host's own addresses can be a `dst = "local"` bypass rule:
+/// it bypasses, and names no other destination.
+fn local_bypass(m: &Match, target: &Target) -> Result<(), String> {
+    if !matches!(target, Target::Bypass | Target::Return) {
+        return Err(
+            "a match on the host's own addresses with a target other than RETURN or ACCEPT".into(),
+        );
+    }
+    if !m.dst.is_empty() || !m.not_dst.is_empty() {
+        return Err("a match on the host's own addresses and on destination prefixes".into());
+    }
+    Ok(())
+}
+
 /// A mark as iptables and nft write it: a bare value sets all 32 bits.
 fn full_mark(text: &str) -> Result<Mark, String> {
     if text.contains('/') {
@@ -221,8 +259,29 @@ fn full_mark(text: &str) -> Result<Mark, String> {
     }
 }
 
-/// Checks an input interface name the way the kernel would take it.
+/// Checks an input interface name the way the kernel would take it, and that tproxy will
+/// not read it as a pattern.
 fn interface_name(name: &str) -> Result<String, String> {
+    if is_pattern(name) {
+        return Err(format!(
+            "interface `{}`: tproxy would read `*` and `?` in it as a pattern",
+            name.escape_debug()
+        ));
+    }
+    any_interface_name(name)
+}
+
+/// The pattern of the interfaces whose names start with `prefix` (iptables `eth+`, nft
+/// `"eth*"`): tproxy's `eth*`.
+fn interface_pattern(prefix: &str) -> Result<String, String> {
+    if prefix.is_empty() {
+        return Ok("*".into());
+    }
+    interface_name(prefix)?;
+    Ok(format!("{prefix}*"))
+}
+
+fn any_interface_name(name: &str) -> Result<String, String> {
     let valid = !name.is_empty()
         && name.len() < 16
         && name != "."

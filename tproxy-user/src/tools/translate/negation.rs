@@ -10,7 +10,11 @@
 
 use ipnet::IpNet;
 
-use super::{emit::Flat, precedence::overlaps, Family, Match, Parsed, Target};
+use super::{
+    emit::Flat,
+    precedence::{iface_covers, ifaces_overlap, overlaps},
+    Family, Match, Parsed, Target,
+};
 
 /// `flat` (in order, jumps inlined) with every rule that excludes something opened into its
 /// holes and itself, or into why it cannot be.
@@ -64,9 +68,16 @@ fn holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Parsed)> {
     let (dst, dst_holes) = cut(&m.dst, &m.not_dst, m.family)?;
     let (src, src_holes) = cut(&m.src, &m.not_src, m.family)?;
     let iface_holes: Vec<String> = match &m.iface {
-        Some(iface) if m.not_iface.contains(iface) => return None,
-        // Excluding another interface than the one it matches changes nothing.
-        Some(_) => Vec::new(),
+        Some(iface) if m.not_iface.iter().any(|x| iface_covers(x, iface)) => return None,
+        // Excluding another interface than those it matches changes nothing. The patterns
+        // read are prefixes (`eth*`), which nest or lie apart: an overlapping exclusion lies
+        // within the rule's pattern.
+        Some(iface) => m
+            .not_iface
+            .iter()
+            .filter(|x| ifaces_overlap(iface, x))
+            .cloned()
+            .collect(),
         None => m.not_iface.clone(),
     };
     let rest = Parsed {

@@ -5,8 +5,8 @@ use std::{collections::HashMap, net::IpAddr};
 use anyhow::Result;
 
 use super::{
-    complement, full_mark, interface_name, other_transports, port_range, words, Family, Match,
-    Parsed, RuleSet, Target,
+    complement, full_mark, interface_name, interface_pattern, local_bypass, other_transports,
+    port_range, words, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
     relay::listener::Transport,
@@ -257,7 +257,11 @@ fn parse_rule(
     while i < rule.w.len() {
         i = rule.expression(i)?;
     }
-    Ok(rule.finish())
+    let (m, target, comment) = rule.finish();
+    if m.dst_local {
+        local_bypass(&m, &target)?;
+    }
+    Ok((m, target, comment))
 }
 
 fn transport(name: &str) -> Result<Transport, String> {
@@ -290,6 +294,9 @@ impl Rule<'_> {
             }
             "tcp" | "udp" | "th" if next_is("dport") => self.ports(i),
             "ip" | "ip6" if next_is("daddr") || next_is("saddr") => self.addresses(i),
+            "fib" if next_is("daddr") && w.get(i + 2).is_some_and(|x| x == "type") => {
+                self.local_destination(i + 3)
+            }
             "iifname" | "iif" => self.interface(i + 1),
             "meta" if next_is("iifname") => self.interface(i + 2),
             "socket" if next_is("transparent") || next_is("wildcard") => {
@@ -388,21 +395,38 @@ impl Rule<'_> {
         Ok(found.next)
     }
 
+    /// `fib daddr type`'s address types at `w[i]`: tproxy knows `local`.
+    fn local_destination(&mut self, i: usize) -> Result<usize, String> {
+        let found = self.values(i)?;
+        match (found.negated, found.values.as_slice()) {
+            (false, [local]) if local == "local" => self.m.dst_local = true,
+            _ => {
+                return Err(format!(
+                    "`fib daddr type {}{}` (tproxy knows `local`)",
+                    if found.negated { "!= " } else { "" },
+                    found.values.join(", ")
+                ))
+            }
+        }
+        Ok(found.next)
+    }
+
     /// The input interface's name at `w[i]`.
     fn interface(&mut self, i: usize) -> Result<usize, String> {
         let found = self.values(i)?;
-        if found.values.iter().any(|v| v.ends_with('*')) {
-            return Err("several or wildcard input interfaces".into());
-        }
+        // `iifname "eth*"`: every interface whose name starts with `eth` (`iif` resolves its
+        // name once, when the rule is loaded: no wildcard).
+        let by_name = self.w[i - 1] == "iifname";
+        let wildcard = |v: &String| match v.strip_suffix('*') {
+            Some(prefix) if by_name => interface_pattern(prefix),
+            _ => interface_name(v),
+        };
         match (found.negated, found.values.as_slice()) {
             (true, values) => {
-                self.m.not_iface = values
-                    .iter()
-                    .map(|v| interface_name(v))
-                    .collect::<Result<_, _>>()?;
+                self.m.not_iface = values.iter().map(wildcard).collect::<Result<_, _>>()?;
             }
-            (false, [one]) => self.m.iface = Some(interface_name(one)?),
-            (false, _) => return Err("several or wildcard input interfaces".into()),
+            (false, [one]) => self.m.iface = Some(wildcard(one)?),
+            (false, _) => return Err("several input interfaces".into()),
         }
         Ok(found.next)
     }

@@ -85,6 +85,7 @@ fn matches_any_packet(m: &Match) -> bool {
         && m.src.is_empty()
         && m.ports.is_empty()
         && m.iface.is_none()
+        && !m.dst_local
         && !m.excludes()
 }
 

@@ -6,7 +6,13 @@ use std::collections::HashMap;
 use ipnet::IpNet;
 
 use super::{Family, Match};
-use crate::{datapath::rules::Ports, relay::listener::Transport};
+use crate::{
+    datapath::{
+        interfaces::{is_pattern, matches},
+        rules::Ports,
+    },
+    relay::listener::Transport,
+};
 
 fn transports_of(m: &Match) -> Vec<Transport> {
     if m.transports.is_empty() {
@@ -65,7 +71,7 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
         })
     });
     let iface = match (&a.iface, &b.iface) {
-        (Some(x), Some(y)) => x == y,
+        (Some(x), Some(y)) => ifaces_overlap(x, y),
         _ => true,
     };
     let nets = |x: &[IpNet], y: &[IpNet], family| {
@@ -86,8 +92,45 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
     transports && ports && iface && addresses && marks
 }
 
+/// The `eth` of a pattern `eth*` (what iptables' `eth+` and nft's `"eth*"` become); `None`
+/// for a name or another pattern.
+fn prefix_pattern(iface: &str) -> Option<&str> {
+    iface.strip_suffix('*').filter(|prefix| !is_pattern(prefix))
+}
+
+/// Whether an interface may match both input interfaces (names or patterns). Two patterns
+/// other than prefixes are taken to overlap: the rules are then reported, not merged.
+pub(super) fn ifaces_overlap(a: &str, b: &str) -> bool {
+    match (is_pattern(a), is_pattern(b)) {
+        (false, false) => a == b,
+        (true, false) => matches(a, b),
+        (false, true) => matches(b, a),
+        (true, true) => match (prefix_pattern(a), prefix_pattern(b)) {
+            (Some(a), Some(b)) => a.starts_with(b) || b.starts_with(a),
+            _ => true,
+        },
+    }
+}
+
+/// Whether every interface that `inner` matches, `outer` matches too.
+pub(super) fn iface_covers(outer: &str, inner: &str) -> bool {
+    match (is_pattern(outer), is_pattern(inner)) {
+        (_, false) => matches(outer, inner),
+        (false, true) => false,
+        (true, true) => match (prefix_pattern(outer), prefix_pattern(inner)) {
+            (Some(o), Some(i)) => i.starts_with(o),
+            _ => outer == inner,
+        },
+    }
+}
+
 /// Whether every packet that `inner` matches, `outer` matches too.
 pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
+    // The host's addresses may lie anywhere: only the same match, or no destination at
+    // all, covers them.
+    if outer.dst_local && !inner.dst_local {
+        return false;
+    }
     let transports = transports_of(inner)
         .iter()
         .all(|t| transports_of(outer).contains(t));
@@ -98,7 +141,11 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
             o1 <= i1 && i2 <= o2
         })
     });
-    let iface = outer.iface.is_none() || outer.iface == inner.iface;
+    let iface = match (&outer.iface, &inner.iface) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(o), Some(i)) => iface_covers(o, i),
+    };
     let nets = |o: &[IpNet], i: &[IpNet], family| {
         prefixes_of(i, family)
             .iter()
@@ -122,22 +169,8 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
 /// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:
 /// a longer destination prefix, or the same with a more specific port.
 pub(super) fn more_specific(later: &Match, earlier: &Match) -> bool {
-    let longest = |m: &Match| {
-        families_of(m)
-            .into_iter()
-            .flat_map(|f| prefixes_of(&m.dst, f))
-            .map(|p| p.prefix_len())
-            .max()
-            .unwrap_or(0)
-    };
-    let shortest = |m: &Match| {
-        families_of(m)
-            .into_iter()
-            .flat_map(|f| prefixes_of(&m.dst, f))
-            .map(|p| p.prefix_len())
-            .min()
-            .unwrap_or(0)
-    };
+    let longest = |m: &Match| destination_lengths(m).into_iter().max().unwrap_or(0);
+    let shortest = |m: &Match| destination_lengths(m).into_iter().min().unwrap_or(0);
     let specificity = |m: &Match| match ports_of_match(m)
         .iter()
         .map(|p| port_bounds(*p))
@@ -150,6 +183,24 @@ pub(super) fn more_specific(later: &Match, earlier: &Match) -> bool {
     };
     longest(later) > shortest(earlier)
         || (longest(later) == shortest(earlier) && specificity(later) < specificity(earlier))
+}
+
+/// The lengths of `m`'s destination prefixes: the host's addresses are full-length ones.
+fn destination_lengths(m: &Match) -> Vec<u8> {
+    if m.dst_local {
+        return families_of(m)
+            .into_iter()
+            .map(|f| match f {
+                Family::V4 => 32,
+                Family::V6 => 128,
+            })
+            .collect();
+    }
+    families_of(m)
+        .into_iter()
+        .flat_map(|f| prefixes_of(&m.dst, f))
+        .map(|p| p.prefix_len())
+        .collect()
 }
 
 /// The destination prefixes of `m` in each of its families (`0/0` where it names none).
@@ -190,9 +241,11 @@ impl ShadowIndex {
     /// that it does, and some that it does not.
     pub(super) fn candidates(&self, m: &Match, count: usize) -> Vec<usize> {
         let prefixes = destination_prefixes(m);
-        if prefixes
-            .iter()
-            .any(|p| p.prefix_len() != prefixes[0].prefix_len())
+        // The host's addresses may lie inside any rule's prefixes.
+        if m.dst_local
+            || prefixes
+                .iter()
+                .any(|p| p.prefix_len() != prefixes[0].prefix_len())
         {
             // With prefixes of several lengths, its longest can outrank rules inside its
             // shorter ones, which the keys do not lead to.

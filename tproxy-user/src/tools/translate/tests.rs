@@ -120,10 +120,14 @@ fn a_realistic_rule_set_with_a_chain_bypasses_and_two_listeners() {
         rules[3]["src"].as_array().unwrap()[0].as_str(),
         Some("192.168.1.0/24")
     );
-    // addrtype and the OUTPUT mark cannot be translated; they are named with their lines.
+    // The OUTPUT mark cannot be translated, nor the bypass of the host's own addresses that
+    // the TPROXY rule before it overrides for ports 80 and 443; they are named with their
+    // lines.
     assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
     assert!(
-        t.skipped[0].starts_with("line 11:") && t.skipped[0].contains("-m addrtype"),
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 11:") && s.contains("line 9 comes first")),
         "{:?}",
         t.skipped
     );
@@ -372,8 +376,18 @@ table inet proxy {
         Some("[::1]:7053")
     );
     assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
-    assert!(t.skipped[0].contains("`fib`"), "{:?}", t.skipped);
-    assert!(t.skipped[1].contains("output"), "{:?}", t.skipped);
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 8: fib daddr type local return: line 6 comes first")),
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped.iter().any(|s| s.contains("output")),
+        "{:?}",
+        t.skipped
+    );
     assert!(
         t.config.contains("interfaces = \"all\""),
         "the bypass rule has no interface"
@@ -462,11 +476,12 @@ COMMIT
         config["listener"][0]["listen"][0].as_str(),
         Some("127.0.0.1:12345")
     );
-    let lines: Vec<&str> = t
+    let mut lines: Vec<&str> = t
         .skipped
         .iter()
         .map(|s| s.split(':').next().unwrap())
         .collect();
+    lines.sort_unstable();
     assert_eq!(lines, ["line 13"], "{:?}", t.skipped);
     // The proxy's loop guard (line 21) is tproxy's socket mark.
     assert_eq!(config["socket_mark"].as_str(), Some("0xff"), "{}", t.config);
@@ -795,7 +810,7 @@ COMMIT
 ";
     let t = translate(not_guards).unwrap();
     assert!(!t.config.contains("socket_mark"), "{}", t.config);
-    let lines: Vec<&str> = t
+    let mut lines: Vec<&str> = t
         .skipped
         .iter()
         .map(|s| s.split(':').next().unwrap())
@@ -899,4 +914,237 @@ COMMIT
         "{:?}",
         t.skipped
     );
+}
+
+#[test]
+fn interface_wildcards_become_patterns() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -i br+ -j PROXY
+-A PROXY ! -i br-guest+ -p tcp --dport 80 -j TPROXY --on-port 1
+-A PROXY -i br-lan -p udp --dport 53 -j TPROXY --on-port 2
+-A PREROUTING -i wg+ -p tcp -j TPROXY --on-port 3
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let summary: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {}", r["iface"], r["action"]))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            r#""br-guest*" "bypass""#,
+            r#""br*" "steer""#,
+            r#""br-lan" "steer""#,
+            r#""wg*" "steer""#,
+        ],
+        "{}",
+        t.config
+    );
+    assert_eq!(
+        config["interfaces"],
+        toml::Value::from(vec!["br-guest*", "br*", "br-lan", "wg*"]),
+        "{}",
+        t.config
+    );
+
+    let nft = "\
+table inet proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname != \"br-guest*\" iifname \"br*\" tcp dport 80 tproxy ip to 127.0.0.1:7000 accept
+	}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("iface = \"br-guest*\"\naction = \"bypass\"")
+            && t.config.contains("iface = \"br*\"\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+
+    // A name that tproxy would read as a pattern is refused.
+    let t = translate("*mangle\n-A PREROUTING -i we*rd -p tcp -j TPROXY --on-port 1\nCOMMIT\n")
+        .unwrap();
+    assert!(
+        t.skipped.len() == 1 && t.skipped[0].contains("as a pattern"),
+        "{:?}",
+        t.skipped
+    );
+}
+
+#[test]
+fn interface_patterns_overlap_and_cover_as_their_prefixes_say() {
+    use super::precedence::{iface_covers, ifaces_overlap};
+    assert!(ifaces_overlap("eth*", "eth0") && ifaces_overlap("eth0*", "eth*"));
+    assert!(!ifaces_overlap("eth*", "wg0") && !ifaces_overlap("eth*", "wg*"));
+    assert!(iface_covers("eth*", "eth0*") && iface_covers("eth*", "eth1"));
+    assert!(!iface_covers("eth0*", "eth*") && !iface_covers("eth1", "eth*"));
+}
+
+#[test]
+fn the_hosts_own_addresses_become_a_local_bypass() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -j PROXY
+-A PROXY -m addrtype --dst-type LOCAL -j RETURN
+-A PROXY -d 10.0.0.0/8 -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("proto = [\"tcp\", \"udp\"]\ndst = \"local-ipv4\"\naction = \"bypass\""),
+        "{}",
+        t.config
+    );
+
+    let nft = "\
+table inet proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		fib daddr type local return
+		meta l4proto tcp tproxy ip to :7000 accept
+	}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("dst = \"local\"\naction = \"bypass\""),
+        "{}",
+        t.config
+    );
+
+    // A TPROXY rule for one of the host's addresses comes first: the local bypass is left
+    // to the addresses it does not steer, which tproxy cannot say.
+    let input = "\
+*mangle
+-A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1
+-A PREROUTING -m addrtype --dst-type LOCAL -j RETURN
+-A PREROUTING -m addrtype --dst-type LOCAL -p tcp --dport 80 -j RETURN
+-A PREROUTING -m addrtype --dst-type LOCAL -p tcp --dport 81 -j TPROXY --on-port 1
+-A PREROUTING -m addrtype --dst-type BROADCAST -j RETURN
+-A PREROUTING -m addrtype ! --dst-type LOCAL -j RETURN
+-A PREROUTING -d 10.0.0.0/8 -m addrtype --dst-type LOCAL -j RETURN
+COMMIT
+";
+    let t = translate(input).unwrap();
+    let mut lines: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        ["line 3", "line 5", "line 6", "line 7", "line 8"],
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 4:") && n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+}
+
+const IPSETS: &str = "\
+create proxied hash:net family inet hashsize 1024 maxelem 65536
+add proxied 203.0.113.0/24
+add proxied 198.51.100.7
+create proxied6 hash:net family inet6 hashsize 1024 maxelem 65536
+add proxied6 2001:db8::/32
+create lan hash:ip family inet hashsize 1024 maxelem 65536 netmask 24
+add lan 192.168.1.0
+create empty hash:net family inet hashsize 1024 maxelem 65536
+create ports bitmap:port range 0-1024
+create holes hash:net family inet hashsize 1024 maxelem 65536
+add holes 10.0.0.0/8
+add holes 10.1.0.0/16 nomatch
+";
+
+#[test]
+fn ipsets_from_ipset_save_become_prefixes() {
+    let input = "\
+*mangle
+-A PREROUTING -p udp -m set --match-set lan src -m set ! --match-set proxied dst -j TPROXY --on-port 2
+-A PREROUTING -p tcp -m set --match-set proxied dst -j TPROXY --on-port 1
+-A PREROUTING -p udp -m set --match-set empty dst -j TPROXY --on-port 1
+-A PREROUTING -p udp -m set --match-set ports dst -j TPROXY --on-port 1
+-A PREROUTING -p udp -m set --match-set holes dst -j TPROXY --on-port 1
+-A PREROUTING -p udp -m set --match-set missing dst -j TPROXY --on-port 1
+-A PREROUTING -p udp -m set --match-set proxied dst,dst -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate_with_sets(input, false, IPSETS).unwrap();
+    let mut skipped: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    skipped.sort_unstable();
+    assert_eq!(
+        skipped,
+        ["line 4", "line 5", "line 6", "line 7", "line 8"],
+        "{:?}",
+        t.skipped
+    );
+    for (line, reason) in [
+        ("line 4", "no entry"),
+        ("line 5", "bitmap:port"),
+        ("line 6", "nomatch"),
+        ("line 7", "not in the --ipset-file"),
+        ("line 8", "dst,dst"),
+    ] {
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.starts_with(&format!("{line}:")) && s.contains(reason)),
+            "{line}: {reason}: {:?}",
+            t.skipped
+        );
+    }
+    // The IPv6 set's entries stay out of an iptables (IPv4) rule.
+    assert!(!t.config.contains("2001:db8"), "{}", t.config);
+    assert!(
+        t.config.contains(
+            "dst = [\"203.0.113.0/24\", \"198.51.100.7/32\"]\nsrc = [\"192.168.1.0/24\"]\naction = \"bypass\""
+        ) && t.config.contains(
+            "dst = [\"0.0.0.0/0\"]\nsrc = [\"192.168.1.0/24\"]\naction = \"steer\""
+        ) && t
+            .config
+            .contains("dst = [\"203.0.113.0/24\", \"198.51.100.7/32\"]\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.notes.iter().any(|n| n.contains("--ipset-file")),
+        "{:?}",
+        t.notes
+    );
+
+    let t = translate(input).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .all(|s| s.contains("give the sets with --ipset-file")),
+        "{:?}",
+        t.skipped
+    );
+    assert!(translate_with_sets(input, false, "add nowhere 10.0.0.1\n").is_err());
 }
