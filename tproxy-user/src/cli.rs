@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use tproxy_common::local_origin::UidRange;
 
 use crate::{
-    config::SettingFlags,
+    config::{SettingFlags, Settings},
     datapath::local_origin::LocalOrigin,
     values::{
         parse_mark, parse_port_list, parse_prefix, parse_socket_addr, parse_table, Mark, PortList,
@@ -84,11 +84,11 @@ pub struct DoctorArgs {
     pub external: Vec<SocketAddr>,
 }
 
-/// Flags of `tproxy reload` and `tproxy cleanup`.
+/// Flags of `tproxy reload`.
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
     /// The routing table of the instance (as given to its `run`).
-    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = Settings::default().table)]
     pub table: u32,
 }
 
@@ -96,14 +96,10 @@ pub struct ReloadArgs {
 #[derive(Debug, Args)]
 pub struct InstanceArgs {
     /// The routing table of the instance (as given to its `run`).
-    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = Settings::default().table)]
     pub table: u32,
     /// Where `run --pin` pins its state (as given to its `run`).
-    #[arg(
-        long = "pin-dir",
-        value_name = "DIR",
-        default_value = "/sys/fs/bpf/tproxy"
-    )]
+    #[arg(long = "pin-dir", value_name = "DIR", default_value_os_t = Settings::default().pin_dir)]
     pub pin_dir: PathBuf,
 }
 
@@ -257,5 +253,25 @@ mod tests {
         assert!(args.listen.is_empty() && args.settings.mark.is_none() && args.config.is_none());
         assert!(args.dst.is_empty());
         assert!(args.udp.is_none());
+    }
+
+    /// `status`, `cleanup` and `reload` find the instance a `run` without flags starts.
+    #[test]
+    fn instance_flags_default_to_the_settings_of_run() {
+        let defaults = Settings::default();
+        for command in ["status", "cleanup"] {
+            let instance = match Cli::try_parse_from(["tproxy", command]).unwrap().command {
+                Command::Status(args) => args.instance,
+                Command::Cleanup(instance) => instance,
+                _ => panic!(),
+            };
+            assert_eq!(instance.table, defaults.table, "{command}");
+            assert_eq!(instance.pin_dir, defaults.pin_dir, "{command}");
+        }
+        let Command::Reload(args) = Cli::try_parse_from(["tproxy", "reload"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!(args.table, defaults.table);
     }
 }
