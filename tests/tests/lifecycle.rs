@@ -4,7 +4,7 @@
 use nix::sys::signal::Signal;
 use tproxy_tests::{
     ingress_programs, instance_files, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
-    RouterTopology as Topo, Server,
+    RouterTopology as Topo, Server, Tproxy,
 };
 
 const TABLE: u32 = tproxy_tests::DEFAULT_TABLE;
@@ -420,4 +420,24 @@ fn start_up_warnings_are_said_once_and_say_what_the_fail_mode_does() {
             .unwrap_or_else(|| panic!("no warning about IPv6:\n{log}"));
         assert!(no_ipv6.contains(fate), "--fail-mode {fail_mode}: {no_ipv6}");
     }
+}
+
+/// The ready line says what it waits for when no interface matches yet, instead of an
+/// empty list.
+#[test]
+fn the_ready_line_names_the_patterns_no_interface_matches_yet() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--iface", "late*", "--tcp", "80"]).unwrap();
+    let ready = tproxy
+        .log_text()
+        .lines()
+        .find(|line| line.contains("ready:"))
+        .map(str::to_string)
+        .unwrap();
+    assert!(
+        ready.contains("rules on no interface yet (waiting for 'late*'); listeners"),
+        "{ready}"
+    );
+    tproxy.stop().unwrap();
 }
