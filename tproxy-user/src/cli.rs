@@ -77,9 +77,9 @@ pub struct DoctorArgs {
     #[arg(long = "pin-dir", value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
 
-    /// Check that a transparent proxy listens (TCP) at this address with IP_TRANSPARENT, as
-    /// an external listener needs (repeat for several; the configuration file's external
-    /// listeners are checked too).
+    /// Check that a transparent proxy listens (TCP, UDP or both) at this address with
+    /// IP_TRANSPARENT, as an external listener needs (repeat for several; the configuration
+    /// file's external listeners are checked too).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub external: Vec<SocketAddr>,
 }
