@@ -49,8 +49,10 @@ pub enum Command {
     /// running instance's control socket is root's only (permission denied).
     Status(StatusArgs),
     /// Remove everything of tproxy's in this network namespace that no running instance
-    /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program.
-    /// Nothing else is touched; refused while an instance runs for the table.
+    /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program;
+    /// and the lock files and control sockets that killed instances left for network
+    /// namespaces that no longer exist. Nothing else is touched; refused while an instance
+    /// runs for the table.
     Cleanup(InstanceArgs),
     /// Print an equivalent tproxy configuration for an iptables/ip6tables TPROXY rule set
     /// (`iptables-save` output) or an nft one (`nft list ruleset` output) read from stdin.

@@ -199,6 +199,82 @@ pub fn path(table: u32, ext: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.{ext}")))
 }
 
+/// Removes the lock files and control sockets that killed instances left in network
+/// namespaces that no longer exist (no process is in one, and it is not mounted under
+/// /run/netns): no `cleanup` can be run there. Only pairs whose lock nobody holds go, taken
+/// the way [`InstanceLock`]'s `Drop` lets go of its own. Returns how many pairs went.
+pub(crate) fn remove_stale_of_gone_namespaces() -> Result<usize> {
+    let entries = match std::fs::read_dir(LOCK_DIR) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error).with_context(|| format!("reading {LOCK_DIR}")),
+    };
+    let live = live_namespaces();
+    let mut stale = std::collections::BTreeSet::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some((netns, stem)) = name.to_str().and_then(instance_of_file) else {
+            continue;
+        };
+        if !live.contains(&netns) {
+            stale.insert(stem.to_string());
+        }
+    }
+    let mut removed = 0;
+    for stem in stale {
+        let lock = PathBuf::from(LOCK_DIR).join(format!("{stem}.lock"));
+        let socket = PathBuf::from(LOCK_DIR).join(format!("{stem}.sock"));
+        let held = match File::open(&lock) {
+            Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) if still_at(&locked, &lock)? => Some(locked),
+                // Held, or replaced since: someone else's.
+                Ok(_) | Err(_) => continue,
+            },
+            // A socket whose lock went first: its instance was killed while letting go.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => return Err(error).with_context(|| format!("opening {}", lock.display())),
+        };
+        let _ = std::fs::remove_file(&socket);
+        if held.is_some() {
+            std::fs::remove_file(&lock).with_context(|| format!("removing {}", lock.display()))?;
+        }
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// The network namespace and the name without extension (`netns-N-table-T`) of a file of
+/// [`path`]'s naming.
+fn instance_of_file(name: &str) -> Option<(u64, &str)> {
+    let stem = name
+        .strip_suffix(".lock")
+        .or_else(|| name.strip_suffix(".sock"))?;
+    let (netns, table) = stem.strip_prefix("netns-")?.split_once("-table-")?;
+    table.parse::<u32>().ok()?;
+    Some((netns.parse().ok()?, stem))
+}
+
+/// The network namespaces that exist as far as can be seen from here: those of the
+/// processes, and those mounted under /run/netns (`ip netns add`). One missed is safe to
+/// take for gone: its files go only when nobody holds their lock.
+fn live_namespaces() -> std::collections::BTreeSet<u64> {
+    let processes = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("ns/net"));
+    let mounted = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path());
+    processes
+        .chain(mounted)
+        .filter_map(|path| std::fs::metadata(path).ok())
+        .map(|metadata| metadata.ino())
+        .collect()
+}
+
 /// Makes the tproxy running for `table` in this network namespace re-read its configuration
 /// and returns what it says is in force now; an error (with its reason) when it rejected the
 /// new configuration, so that `tproxy reload` (and `systemctl reload`) can fail.
@@ -233,4 +309,24 @@ pub fn running(table: u32) -> Result<Option<i32>> {
         return Ok(None);
     }
     Ok(owner.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_files_of_an_instance_name_its_namespace() {
+        assert_eq!(
+            instance_of_file("netns-4026531840-table-7470.lock"),
+            Some((4026531840, "netns-4026531840-table-7470"))
+        );
+        assert_eq!(
+            instance_of_file("netns-4026531840-table-7470.sock"),
+            Some((4026531840, "netns-4026531840-table-7470"))
+        );
+        assert_eq!(instance_of_file("netns-x-table-7470.lock"), None);
+        assert_eq!(instance_of_file("netns-1-table-7470.pid"), None);
+        assert_eq!(instance_of_file("other"), None);
+    }
 }
