@@ -217,14 +217,14 @@ pub struct RunArgs {
 }
 
 /// Parses a uid or an inclusive range of uids (`1000-1999`).
-pub fn parse_uid_range(text: &str) -> Result<UidRange, String> {
+fn parse_uid_range(text: &str) -> Result<UidRange, String> {
     text.parse()
         .map_err(|error| format!("uid `{text}`: {error}"))
 }
 
 impl RunArgs {
     /// What `--local` selects, if given.
-    pub fn local_origin(&self) -> Option<LocalOrigin> {
+    pub(crate) fn local_origin(&self) -> Option<LocalOrigin> {
         self.local.then(|| LocalOrigin {
             cgroups: match self.cgroups.is_empty() {
                 true => vec!["/".to_string()],

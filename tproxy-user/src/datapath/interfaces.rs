@@ -10,7 +10,7 @@ use crate::config::Interfaces;
 
 /// What precedes the IP header of a packet at the interface's tc ingress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// An Ethernet header (Ethernet devices, veth, bridges, loopback).
     Ethernet,
     /// Nothing: the packet starts at the IP header (tun, WireGuard, PPP, ipip).
@@ -19,7 +19,7 @@ pub enum Framing {
 
 /// An interface the program may attach to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Link {
+pub(crate) struct Link {
     pub name: String,
     pub index: u32,
     pub framing: Framing,
@@ -27,12 +27,12 @@ pub struct Link {
 
 /// Whether a configured interface is a pattern (`*` any run of characters, `?` any one)
 /// rather than a name.
-pub fn is_pattern(entry: &str) -> bool {
+pub(crate) fn is_pattern(entry: &str) -> bool {
     entry.contains(['*', '?'])
 }
 
 /// Whether `name` is `entry`: the same name, or matched by the pattern.
-pub fn matches(entry: &str, name: &str) -> bool {
+pub(crate) fn matches(entry: &str, name: &str) -> bool {
     fn glob(pattern: &[u8], name: &[u8]) -> bool {
         match pattern.split_first() {
             None => name.is_empty(),

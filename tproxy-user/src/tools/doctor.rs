@@ -21,7 +21,7 @@ use crate::{
 
 /// How bad a finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Severity {
+enum Severity {
     Ok,
     Warning,
     Problem,
@@ -29,11 +29,11 @@ pub enum Severity {
 
 /// One thing the doctor checked.
 #[derive(Debug)]
-pub struct Finding {
-    pub severity: Severity,
-    pub what: String,
+struct Finding {
+    severity: Severity,
+    what: String,
     /// What to run to fix it.
-    pub fix: Option<String>,
+    fix: Option<String>,
 }
 
 impl Finding {
