@@ -828,6 +828,47 @@ fn doctor_checks_the_external_proxys_socket() {
     drop(squid);
 }
 
+/// `doctor --external` reads the UDP sockets there too: a plain UDP socket is a problem, a
+/// transparent one passes, and then TCP missing is only a warning (the flag names no
+/// transport).
+#[test]
+fn doctor_checks_an_external_udp_proxys_socket_too() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let addr: SocketAddr = "127.0.0.1:3130".parse().unwrap();
+    let doctor = || {
+        let (status, stdout, stderr) =
+            run_tproxy_output(&topo.router, &["doctor", "--external", "127.0.0.1:3130"]).unwrap();
+        (status.success(), format!("{stdout}{stderr}"))
+    };
+    let plain = topo.router.run(move || UdpSocket::bind(addr)).unwrap();
+    let (healthy, report) = doctor();
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains(
+            "PROBLEM listener `--external`: 127.0.0.1:3130 (Udp): the socket there has no IP_TRANSPARENT"
+        ),
+        "{report}"
+    );
+    drop(plain);
+
+    let proxy = topo.router.run(move || transparent_udp(addr)).unwrap();
+    let (healthy, report) = doctor();
+    assert!(
+        report.contains(
+            "ok      listener `--external`: 127.0.0.1:3130 (Udp): listening, with IP_TRANSPARENT"
+        ),
+        "{report}"
+    );
+    assert!(
+        report
+            .contains("warning listener `--external`: 127.0.0.1:3130 (Tcp): nothing listens there"),
+        "{report}"
+    );
+    assert!(healthy, "{report}");
+    drop(proxy);
+}
+
 /// Waits until Squid's transparent port accepts connections.
 fn wait_for_squid(router: &Netns) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -4,7 +4,7 @@
 use nix::sys::signal::Signal;
 use tproxy_tests::{
     ingress_programs, instance_files, peer_seen_by, require_root, routing_state, run_tproxy_to_end,
-    RouterTopology as Topo, Server,
+    Netns, RouterTopology as Topo, Server, Tproxy,
 };
 
 const TABLE: u32 = tproxy_tests::DEFAULT_TABLE;
@@ -420,4 +420,53 @@ fn start_up_warnings_are_said_once_and_say_what_the_fail_mode_does() {
             .unwrap_or_else(|| panic!("no warning about IPv6:\n{log}"));
         assert!(no_ipv6.contains(fate), "--fail-mode {fail_mode}: {no_ipv6}");
     }
+}
+
+/// A killed instance cannot remove its lock file and control socket, and once its network
+/// namespace is gone no `cleanup` can be run there: any other namespace's `cleanup` removes
+/// them, and leaves a running instance's alone.
+#[test]
+fn cleanup_removes_the_files_killed_instances_left_for_namespaces_that_are_gone() {
+    require_root();
+    let gone = Netns::new("gone").unwrap();
+    let mut killed = Tproxy::start(&gone, &["--iface", "lo", "--tcp", "80"]).unwrap();
+    let left = instance_files(&gone, TABLE);
+    assert_eq!(left.len(), 2, "lock and control socket");
+    killed.signal_and_wait(Signal::SIGKILL).unwrap();
+    drop(killed);
+    drop(gone);
+    assert!(left.iter().all(|file| file.exists()), "{left:?}");
+
+    let alive = Netns::new("alive").unwrap();
+    let mut running = Tproxy::start(&alive, &["--iface", "lo", "--tcp", "80"]).unwrap();
+    let cleaner = Netns::new("cleaner").unwrap();
+    let (status, stdout, stderr) = tproxy_tests::run_tproxy_output(&cleaner, &["cleanup"]).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("removed the lock files and control sockets of"),
+        "{stdout}"
+    );
+    assert!(left.iter().all(|file| !file.exists()), "{left:?}");
+    assert_eq!(instance_files(&alive, TABLE).len(), 2, "the running one's");
+    running.stop().unwrap();
+}
+
+/// The ready line says what it waits for when no interface matches yet, instead of an
+/// empty list.
+#[test]
+fn the_ready_line_names_the_patterns_no_interface_matches_yet() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--iface", "late*", "--tcp", "80"]).unwrap();
+    let ready = tproxy
+        .log_text()
+        .lines()
+        .find(|line| line.contains("ready:"))
+        .map(str::to_string)
+        .unwrap();
+    assert!(
+        ready.contains("rules on no interface yet (waiting for 'late*'); listeners"),
+        "{ready}"
+    );
+    tproxy.stop().unwrap();
 }

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use tproxy_common::local_origin::UidRange;
 
 use crate::{
-    config::SettingFlags,
+    config::{SettingFlags, Settings},
     datapath::local_origin::LocalOrigin,
     values::{
         parse_mark, parse_port_list, parse_prefix, parse_socket_addr, parse_table, Mark, PortList,
@@ -49,8 +49,10 @@ pub enum Command {
     /// running instance's control socket is root's only (permission denied).
     Status(StatusArgs),
     /// Remove everything of tproxy's in this network namespace that no running instance
-    /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program.
-    /// Nothing else is touched; refused while an instance runs for the table.
+    /// owns: state left pinned by `run --pin`, policy routing, tc filters of its program;
+    /// and the lock files and control sockets that killed instances left for network
+    /// namespaces that no longer exist. Nothing else is touched; refused while an instance
+    /// runs for the table.
     Cleanup(InstanceArgs),
     /// Print an equivalent tproxy configuration for an iptables/ip6tables TPROXY rule set
     /// (`iptables-save` output) or an nft one (`nft list ruleset` output) read from stdin.
@@ -77,18 +79,18 @@ pub struct DoctorArgs {
     #[arg(long = "pin-dir", value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
 
-    /// Check that a transparent proxy listens (TCP) at this address with IP_TRANSPARENT, as
-    /// an external listener needs (repeat for several; the configuration file's external
-    /// listeners are checked too).
+    /// Check that a transparent proxy listens (TCP, UDP or both) at this address with
+    /// IP_TRANSPARENT, as an external listener needs (repeat for several; the configuration
+    /// file's external listeners are checked too).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     pub external: Vec<SocketAddr>,
 }
 
-/// Flags of `tproxy reload` and `tproxy cleanup`.
+/// Flags of `tproxy reload`.
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
     /// The routing table of the instance (as given to its `run`).
-    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = Settings::default().table)]
     pub table: u32,
 }
 
@@ -96,14 +98,10 @@ pub struct ReloadArgs {
 #[derive(Debug, Args)]
 pub struct InstanceArgs {
     /// The routing table of the instance (as given to its `run`).
-    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = 7470)]
+    #[arg(long, value_name = "N", value_parser = parse_table, default_value_t = Settings::default().table)]
     pub table: u32,
     /// Where `run --pin` pins its state (as given to its `run`).
-    #[arg(
-        long = "pin-dir",
-        value_name = "DIR",
-        default_value = "/sys/fs/bpf/tproxy"
-    )]
+    #[arg(long = "pin-dir", value_name = "DIR", default_value_os_t = Settings::default().pin_dir)]
     pub pin_dir: PathBuf,
 }
 
@@ -225,14 +223,14 @@ pub struct RunArgs {
 }
 
 /// Parses a uid or an inclusive range of uids (`1000-1999`).
-pub fn parse_uid_range(text: &str) -> Result<UidRange, String> {
+fn parse_uid_range(text: &str) -> Result<UidRange, String> {
     text.parse()
         .map_err(|error| format!("uid `{text}`: {error}"))
 }
 
 impl RunArgs {
     /// What `--local` selects, if given.
-    pub fn local_origin(&self) -> Option<LocalOrigin> {
+    pub(crate) fn local_origin(&self) -> Option<LocalOrigin> {
         self.local.then(|| LocalOrigin {
             cgroups: match self.cgroups.is_empty() {
                 true => vec!["/".to_string()],
@@ -263,5 +261,25 @@ mod tests {
         assert!(args.listen.is_empty() && args.settings.mark.is_none() && args.config.is_none());
         assert!(args.dst.is_empty());
         assert!(args.udp.is_none());
+    }
+
+    /// `status`, `cleanup` and `reload` find the instance a `run` without flags starts.
+    #[test]
+    fn instance_flags_default_to_the_settings_of_run() {
+        let defaults = Settings::default();
+        for command in ["status", "cleanup"] {
+            let instance = match Cli::try_parse_from(["tproxy", command]).unwrap().command {
+                Command::Status(args) => args.instance,
+                Command::Cleanup(instance) => instance,
+                _ => panic!(),
+            };
+            assert_eq!(instance.table, defaults.table, "{command}");
+            assert_eq!(instance.pin_dir, defaults.pin_dir, "{command}");
+        }
+        let Command::Reload(args) = Cli::try_parse_from(["tproxy", "reload"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!(args.table, defaults.table);
     }
 }

@@ -34,7 +34,7 @@ const CONNECT_BUCKETS: [f64; 12] = [
 ];
 
 /// A histogram of upstream connect latency (seconds), observed by the relay.
-pub fn connect_latency() -> Histogram {
+pub(crate) fn connect_latency() -> Histogram {
     Histogram::new(CONNECT_BUCKETS)
 }
 
@@ -49,7 +49,7 @@ pub(crate) struct Sources {
 }
 
 /// The listeners in force (socket-map slot, configuration), kept current by the reconciler.
-pub type ListenerBook = Arc<std::sync::RwLock<Vec<(u32, crate::config::ListenerConfig)>>>;
+pub(crate) type ListenerBook = Arc<std::sync::RwLock<Vec<(u32, crate::config::ListenerConfig)>>>;
 
 /// A listener that the instance taking over from this one (`run --pin`) can bind as well
 /// while this one drains (SO_REUSEPORT: same user only).

@@ -1,7 +1,7 @@
 //! External listeners as configured: `--on-port`/`--on-ip`, or a `[[listener]]`'s
 //! `external`, checked.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{bail, Result};
 
@@ -26,6 +26,9 @@ pub(super) fn of_flags(args: &RunArgs) -> Result<Option<External>> {
         return Ok(Some(External::OnPort(port)));
     }
     for (i, ip) in args.on_ip.iter().enumerate() {
+        if let Err(reason) = proxy_address(*ip) {
+            bail!("--on-ip {ip}: {reason}");
+        }
         if args.on_ip[..i]
             .iter()
             .any(|earlier| earlier.is_ipv4() == ip.is_ipv4())
@@ -59,6 +62,9 @@ pub(super) fn of_entry(
         if addr.port() == 0 {
             bail!("{where_}: listener `{name}`: external {addr}: the port a proxy listens on is never 0");
         }
+        if let Err(reason) = proxy_address(addr.ip()) {
+            bail!("{where_}: listener `{name}`: external {addr}: {reason}");
+        }
         if addrs[..i]
             .iter()
             .any(|earlier| earlier.is_ipv4() == addr.is_ipv4())
@@ -67,4 +73,70 @@ pub(super) fn of_entry(
         }
     }
     Ok(External::At(addrs.to_vec()))
+}
+
+/// Refuses an address no proxy can take flows on: the program hands a flow only to a
+/// socket of the flow's own family, found by a unicast address. (An IPv4-mapped IPv6
+/// address would file an IPv4 proxy under IPv6, where no IPv4 flow looks.)
+fn proxy_address(ip: IpAddr) -> std::result::Result<(), String> {
+    if let IpAddr::V6(v6) = ip {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            return Err(format!(
+                "an IPv4-mapped IPv6 address; give the IPv4 address {v4} instead"
+            ));
+        }
+    }
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_multicast() || broadcast {
+        return Err("a multicast or broadcast address; a proxy listens on a unicast one".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_ip(ips: &[&str]) -> Result<Option<External>> {
+        of_flags(&RunArgs {
+            on_port: Some(3129),
+            on_ip: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ..RunArgs::default()
+        })
+    }
+
+    #[test]
+    fn on_ip_refuses_multicast_and_ipv4_mapped_addresses_naming_them() {
+        for (ip, reason) in [
+            ("224.0.0.1", "multicast"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            (
+                "::ffff:127.0.0.1",
+                "give the IPv4 address 127.0.0.1 instead",
+            ),
+        ] {
+            let error = on_ip(&[ip]).unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("--on-ip {ip}: ")) && error.contains(reason),
+                "{error}"
+            );
+        }
+        assert!(on_ip(&["127.0.0.1", "::1"]).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_external_entry_refuses_an_ipv4_mapped_address() {
+        let text = "external = [\"[::ffff:10.0.0.1]:3129\"]";
+        let lines = super::super::file::LineStarts::new(text);
+        let where_ = Location::new(std::path::Path::new("tproxy.toml"), &lines, 0..0);
+        let addrs = ["[::ffff:10.0.0.1]:3129".parse().unwrap()];
+        let error = of_entry("squid", false, &addrs, &where_)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("external [::ffff:10.0.0.1]:3129: an IPv4-mapped IPv6 address"),
+            "{error}"
+        );
+    }
 }

@@ -35,15 +35,15 @@ use crate::{daemon::instance, relay::listener::Transport};
 /// Descriptors per SCM_RIGHTS message (the kernel takes at most 253).
 const FDS_PER_MESSAGE: usize = 200;
 /// How long a new instance may take to set up before the old one gives up on it.
-pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The control socket of the instance for `table` in this network namespace.
-pub fn socket_path(table: u32) -> Result<PathBuf> {
+pub(crate) fn socket_path(table: u32) -> Result<PathBuf> {
     instance::path(table, "sock")
 }
 
 /// What a connection to the control socket asks for.
-pub enum Request {
+pub(crate) enum Request {
     Status(UnixStream),
     Takeover(UnixStream),
     Reload(UnixStream),
@@ -51,7 +51,7 @@ pub enum Request {
 
 /// Binds the control socket (replacing the file of an instance that is gone or handing
 /// over), readable by root only, and forwards each request to `requests`.
-pub fn serve(table: u32, requests: tokio::sync::mpsc::Sender<Request>) -> Result<()> {
+pub(crate) fn serve(table: u32, requests: tokio::sync::mpsc::Sender<Request>) -> Result<()> {
     let path = socket_path(table)?;
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path)
@@ -103,7 +103,7 @@ fn read_request(stream: UnixStream) -> Option<Request> {
 
 /// One listening socket being handed over.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct HandedSocket {
+pub(crate) struct HandedSocket {
     pub transport: Transport,
     pub ipv6: bool,
 }
@@ -123,14 +123,14 @@ impl From<ListenerSlot> for HandedSocket {
 
 impl HandedSocket {
     /// The socket-map slot it serves.
-    pub fn slot(self) -> ListenerSlot {
+    pub(crate) fn slot(self) -> ListenerSlot {
         ListenerSlot::of(self.transport == Transport::Tcp, self.ipv6)
     }
 }
 
 /// One listener being handed over: its sockets follow, in this order, as descriptors.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct HandedListener {
+pub(crate) struct HandedListener {
     pub name: String,
     pub listen: Vec<SocketAddr>,
     pub bound: Vec<SocketAddr>,
@@ -149,7 +149,7 @@ struct Offer {
 }
 
 /// Old side: refuses a takeover, with the reason.
-pub fn refuse(mut stream: UnixStream, reason: &str) {
+pub(crate) fn refuse(mut stream: UnixStream, reason: &str) {
     let offer = Offer {
         error: Some(reason.to_string()),
         ..Offer::default()
@@ -162,7 +162,7 @@ pub fn refuse(mut stream: UnixStream, reason: &str) {
 }
 
 /// Old side: sends the lock and the listeners; the caller then waits with [`await_done`].
-pub fn offer(
+pub(crate) fn offer(
     stream: &mut UnixStream,
     lock: RawFd,
     listeners: Vec<HandedListener>,
@@ -192,7 +192,7 @@ pub fn offer(
 
 /// Old side: whether the new instance said it has taken over (`false`: it failed or went
 /// away, and the old one stays in charge).
-pub fn await_done(stream: UnixStream) -> bool {
+pub(crate) fn await_done(stream: UnixStream) -> bool {
     let _ = stream.set_read_timeout(Some(TAKEOVER_TIMEOUT));
     let mut line = String::new();
     let _ = BufReader::new(&stream).take(64).read_line(&mut line);
@@ -200,7 +200,7 @@ pub fn await_done(stream: UnixStream) -> bool {
 }
 
 /// New side: what the running instance handed over.
-pub struct Takeover {
+pub(crate) struct Takeover {
     stream: UnixStream,
     /// The old instance's pid.
     pub pid: u32,
@@ -211,7 +211,7 @@ pub struct Takeover {
 /// New side: asks the instance running for `table` for its place; returns what it handed
 /// over and its instance lock, still held (the same open file as the old instance's).
 /// `Ok(None)`: nothing answers on its control socket.
-pub fn take_over(table: u32) -> Result<Option<(Takeover, OwnedFd)>> {
+pub(crate) fn take_over(table: u32) -> Result<Option<(Takeover, OwnedFd)>> {
     let Some(mut stream) = connect(table)? else {
         return Ok(None);
     };
@@ -284,7 +284,7 @@ pub fn take_over(table: u32) -> Result<Option<(Takeover, OwnedFd)>> {
 
 impl Takeover {
     /// Tells the old instance that this one is in charge now: it stops accepting and drains.
-    pub fn complete(mut self) -> Result<()> {
+    pub(crate) fn complete(mut self) -> Result<()> {
         self.stream
             .write_all(b"done\n")
             .context("telling the old instance to drain")
@@ -292,7 +292,7 @@ impl Takeover {
 }
 
 /// Asks the instance running for `table` for its status report. `Ok(None)`: none answers.
-pub fn request_status(table: u32) -> Result<Option<crate::stats::InstanceStatus>> {
+pub(crate) fn request_status(table: u32) -> Result<Option<crate::stats::InstanceStatus>> {
     let Some(mut stream) = connect(table)? else {
         return Ok(None);
     };
@@ -312,7 +312,7 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The instance's answer to `reload`.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ReloadAnswer {
+pub(crate) struct ReloadAnswer {
     /// The instance's pid.
     pub pid: u32,
     /// What is in force now, or why the new configuration was rejected (the previous one
@@ -321,7 +321,7 @@ pub struct ReloadAnswer {
 }
 
 /// Instance side: answers a `reload` request.
-pub fn answer_reload(mut stream: UnixStream, outcome: std::result::Result<String, String>) {
+pub(crate) fn answer_reload(mut stream: UnixStream, outcome: std::result::Result<String, String>) {
     let answer = ReloadAnswer {
         pid: std::process::id(),
         outcome,
@@ -335,7 +335,7 @@ pub fn answer_reload(mut stream: UnixStream, outcome: std::result::Result<String
 
 /// Asks the instance running for `table` to reload and waits for its answer. `Ok(None)`:
 /// none answers.
-pub fn request_reload(table: u32) -> Result<Option<ReloadAnswer>> {
+pub(crate) fn request_reload(table: u32) -> Result<Option<ReloadAnswer>> {
     let Some(mut stream) = connect(table)? else {
         return Ok(None);
     };

@@ -23,7 +23,7 @@ const LOCK_DIR: &str = "/run/tproxy";
 /// the owner's pid. When the lock goes, so do its file and the control socket's (nothing is
 /// left in /run/tproxy), unless another process may hold the lock through the same open
 /// file (see [`Drop`]).
-pub struct InstanceLock {
+pub(crate) struct InstanceLock {
     file: Option<Flock<File>>,
     table: u32,
     /// Whether this process alone holds the lock: taken by itself, or handed over by an
@@ -35,24 +35,13 @@ pub struct InstanceLock {
 }
 
 /// Who holds the lock when [`InstanceLock::try_acquire`] cannot take it.
-pub struct Held {
-    pub pid: String,
+pub(crate) struct Held {
+    pub(crate) pid: String,
 }
 
 impl InstanceLock {
-    /// Takes the lock for `table` in the current network namespace, or explains who has it.
-    pub fn acquire(table: u32) -> Result<Self> {
-        match Self::try_acquire(table)? {
-            Ok(lock) => Ok(lock),
-            Err(Held { pid }) => bail!(
-                "another tproxy (pid {pid}) is running with routing table {table} in this network \
-                 namespace; stop it or pick another --table"
-            ),
-        }
-    }
-
     /// Takes the lock for `table` in the current network namespace, or says who has it.
-    pub fn try_acquire(table: u32) -> Result<std::result::Result<Self, Held>> {
+    pub(crate) fn try_acquire(table: u32) -> Result<std::result::Result<Self, Held>> {
         std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
         let path = lock_path(table)?;
         loop {
@@ -96,7 +85,7 @@ impl InstanceLock {
     /// The lock a running instance handed over (see `control`): the same open file, so the
     /// lock is already ours; it now names this process. Shared with that instance until
     /// [`InstanceLock::confirm_handover`].
-    pub fn from_handover(table: u32, fd: OwnedFd) -> Result<Self> {
+    pub(crate) fn from_handover(table: u32, fd: OwnedFd) -> Result<Self> {
         // Locking again through the same open file description only confirms the lock.
         let mut file = Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock)
             .map_err(|(_, errno)| anyhow::anyhow!("confirming the handed-over lock: {errno}"))?;
@@ -111,26 +100,26 @@ impl InstanceLock {
 
     /// The previous instance has been told this one is in charge: it lets go of the lock
     /// without releasing it and exits, so the lock is this process's alone.
-    pub fn confirm_handover(&self) {
+    pub(crate) fn confirm_handover(&self) {
         self.sole.set(true);
     }
 
     /// The descriptor to hand to a successor. From now on the successor may hold the lock
     /// through the same open file, so its file stays when this process lets go.
-    pub fn offer_fd(&self) -> RawFd {
+    pub(crate) fn offer_fd(&self) -> RawFd {
         self.offered.set(true);
         self.file.as_ref().expect("held until dropped").as_raw_fd()
     }
 
     /// The successor the lock was offered to failed: it will never act as the lock's owner
     /// (it lets go of its copy without unlocking), so the lock is this process's alone again.
-    pub fn offer_declined(&self) {
+    pub(crate) fn offer_declined(&self) {
         self.offered.set(false);
     }
 
     /// Lets go of the lock without releasing it: the successor holds it through the same
     /// open file. (Dropping it would unlock it for both.)
-    pub fn hand_over(self) {
+    pub(crate) fn hand_over(self) {
         std::mem::forget(self);
     }
 }
@@ -191,12 +180,88 @@ fn lock_path(table: u32) -> Result<PathBuf> {
 
 /// The file with extension `ext` (lock, control socket) of the instance for `table` in this
 /// network namespace.
-pub fn path(table: u32, ext: &str) -> Result<PathBuf> {
+pub(crate) fn path(table: u32, ext: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
     let netns = std::fs::metadata("/proc/self/ns/net")
         .context("reading this process's network namespace")?
         .ino();
     Ok(PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.{ext}")))
+}
+
+/// Removes the lock files and control sockets that killed instances left in network
+/// namespaces that no longer exist (no process is in one, and it is not mounted under
+/// /run/netns): no `cleanup` can be run there. Only pairs whose lock nobody holds go, taken
+/// the way [`InstanceLock`]'s `Drop` lets go of its own. Returns how many pairs went.
+pub(crate) fn remove_stale_of_gone_namespaces() -> Result<usize> {
+    let entries = match std::fs::read_dir(LOCK_DIR) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error).with_context(|| format!("reading {LOCK_DIR}")),
+    };
+    let live = live_namespaces();
+    let mut stale = std::collections::BTreeSet::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some((netns, stem)) = name.to_str().and_then(instance_of_file) else {
+            continue;
+        };
+        if !live.contains(&netns) {
+            stale.insert(stem.to_string());
+        }
+    }
+    let mut removed = 0;
+    for stem in stale {
+        let lock = PathBuf::from(LOCK_DIR).join(format!("{stem}.lock"));
+        let socket = PathBuf::from(LOCK_DIR).join(format!("{stem}.sock"));
+        let held = match File::open(&lock) {
+            Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) if still_at(&locked, &lock)? => Some(locked),
+                // Held, or replaced since: someone else's.
+                Ok(_) | Err(_) => continue,
+            },
+            // A socket whose lock went first: its instance was killed while letting go.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => return Err(error).with_context(|| format!("opening {}", lock.display())),
+        };
+        let _ = std::fs::remove_file(&socket);
+        if held.is_some() {
+            std::fs::remove_file(&lock).with_context(|| format!("removing {}", lock.display()))?;
+        }
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// The network namespace and the name without extension (`netns-N-table-T`) of a file of
+/// [`path`]'s naming.
+fn instance_of_file(name: &str) -> Option<(u64, &str)> {
+    let stem = name
+        .strip_suffix(".lock")
+        .or_else(|| name.strip_suffix(".sock"))?;
+    let (netns, table) = stem.strip_prefix("netns-")?.split_once("-table-")?;
+    table.parse::<u32>().ok()?;
+    Some((netns.parse().ok()?, stem))
+}
+
+/// The network namespaces that exist as far as can be seen from here: those of the
+/// processes, and those mounted under /run/netns (`ip netns add`). One missed is safe to
+/// take for gone: its files go only when nobody holds their lock.
+fn live_namespaces() -> std::collections::BTreeSet<u64> {
+    let processes = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("ns/net"));
+    let mounted = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path());
+    processes
+        .chain(mounted)
+        .filter_map(|path| std::fs::metadata(path).ok())
+        .map(|metadata| metadata.ino())
+        .collect()
 }
 
 /// Makes the tproxy running for `table` in this network namespace re-read its configuration
@@ -222,7 +287,7 @@ pub fn reload(table: u32) -> Result<String> {
 }
 
 /// The pid of the tproxy holding the lock for `table` in this network namespace, if one runs.
-pub fn running(table: u32) -> Result<Option<i32>> {
+fn running(table: u32) -> Result<Option<i32>> {
     let path = lock_path(table)?;
     let Ok(mut file) = File::open(&path) else {
         return Ok(None);
@@ -233,4 +298,24 @@ pub fn running(table: u32) -> Result<Option<i32>> {
         return Ok(None);
     }
     Ok(owner.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_files_of_an_instance_name_its_namespace() {
+        assert_eq!(
+            instance_of_file("netns-4026531840-table-7470.lock"),
+            Some((4026531840, "netns-4026531840-table-7470"))
+        );
+        assert_eq!(
+            instance_of_file("netns-4026531840-table-7470.sock"),
+            Some((4026531840, "netns-4026531840-table-7470"))
+        );
+        assert_eq!(instance_of_file("netns-x-table-7470.lock"), None);
+        assert_eq!(instance_of_file("netns-1-table-7470.pid"), None);
+        assert_eq!(instance_of_file("other"), None);
+    }
 }

@@ -28,7 +28,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Uid, User};
 
 /// What tproxy keeps after setting up (see the module documentation).
-pub const KEPT: [Capability; 3] = [
+pub(crate) const KEPT: [Capability; 3] = [
     Capability::CAP_NET_ADMIN,
     Capability::CAP_NET_BIND_SERVICE,
     Capability::CAP_NET_RAW,
@@ -38,7 +38,7 @@ pub const KEPT: [Capability; 3] = [
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Looks up the user to run as, before anything is touched.
-pub fn resolve_user(name: &str) -> Result<User> {
+pub(crate) fn resolve_user(name: &str) -> Result<User> {
     User::from_name(name)
         .with_context(|| format!("--user {name}: looking up the user"))?
         .ok_or_else(|| anyhow!("--user {name}: no such user"))
@@ -46,7 +46,7 @@ pub fn resolve_user(name: &str) -> Result<User> {
 
 /// Drops every capability but [`KEPT`] on every thread, and becomes `user` if given.
 /// `workers` is the number of runtime worker threads.
-pub async fn drop_privileges(workers: usize, user: Option<&User>) -> Result<()> {
+pub(crate) async fn drop_privileges(workers: usize, user: Option<&User>) -> Result<()> {
     let kept: CapsHashSet = KEPT.into_iter().collect();
     let held = caps::read(None, CapSet::Permitted).context("reading capabilities")?;
     let kept: CapsHashSet = kept.intersection(&held).copied().collect();

@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 
 use crate::{
-    cli::RunArgs, config::Config, daemon::serve::notify_systemd, relay::listeners::Relays,
+    cli::RunArgs,
+    config::{Config, Interfaces},
+    daemon::serve::notify_systemd,
+    relay::listeners::Relays,
     values::FailMode,
 };
 
@@ -83,10 +86,44 @@ fn announce_ready(args: &RunArgs, config: &Config, attached: &[String], relays: 
     log::info!(
         "ready: {} rules on {}; listeners {}; mark {} table {} rule priority {}",
         config.configured_rules,
-        attached.join(", "),
+        steered_interfaces(attached, &s.interfaces),
         listeners.join("; "),
         s.mark,
         s.table,
         s.rule_priority,
     );
+}
+
+/// Where the rules are in force, for the ready line: the interfaces attached to, or, when
+/// none of the named ones (patterns) matches yet, what is awaited.
+fn steered_interfaces(attached: &[String], configured: &Interfaces) -> String {
+    if !attached.is_empty() {
+        return attached.join(", ");
+    }
+    match configured {
+        Interfaces::Named(names) if !names.is_empty() => {
+            let names: Vec<String> = names.iter().map(|name| format!("'{name}'")).collect();
+            format!("no interface yet (waiting for {})", names.join(", "))
+        }
+        _ => "no interface".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_line_says_which_interfaces_it_waits_for() {
+        let patterns = Interfaces::Named(vec!["veth*".into(), "wg?".into()]);
+        assert_eq!(
+            steered_interfaces(&[], &patterns),
+            "no interface yet (waiting for 'veth*', 'wg?')"
+        );
+        let attached = ["veth0 (tcx)".to_string(), "veth1 (tcx)".to_string()];
+        assert_eq!(
+            steered_interfaces(&attached, &patterns),
+            "veth0 (tcx), veth1 (tcx)"
+        );
+    }
 }

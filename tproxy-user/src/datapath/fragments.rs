@@ -26,7 +26,7 @@ const SWEEP_INTERVAL: (Duration, Duration) = (Duration::from_millis(250), Durati
 
 /// The program's two fragment maps; shared, cheap to clone.
 #[derive(Clone)]
-pub struct FragmentTracking(Arc<Tracking>);
+pub(crate) struct FragmentTracking(Arc<Tracking>);
 
 struct Tracking {
     maps: Mutex<Maps>,
@@ -45,7 +45,7 @@ struct Maps {
 /// The namespace's reassembly timeouts in nanoseconds (IPv4, IPv6), from
 /// `net.ipv4.ipfrag_time` and `net.ipv6.ip6frag_time` (per network namespace); the kernel's
 /// defaults where one cannot be read (IPv6 disabled).
-pub fn reassembly_timeouts_ns() -> (u64, u64) {
+pub(crate) fn reassembly_timeouts_ns() -> (u64, u64) {
     let read = |path: &str, default: u64| {
         std::fs::read_to_string(path)
             .ok()
@@ -62,7 +62,7 @@ pub fn reassembly_timeouts_ns() -> (u64, u64) {
 impl FragmentTracking {
     /// Takes the fragment maps out of the loaded object, whose program was loaded with
     /// `timeouts_ns`.
-    pub fn take(ebpf: &mut Ebpf, timeouts_ns: (u64, u64)) -> Result<Self> {
+    pub(crate) fn take(ebpf: &mut Ebpf, timeouts_ns: (u64, u64)) -> Result<Self> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
@@ -82,7 +82,7 @@ impl FragmentTracking {
 
     /// Deletes the entries whose reassembly time is up every few seconds, off the runtime's
     /// worker threads (a full map is thousands of syscalls), until the runtime stops.
-    pub fn spawn_sweeper(&self) {
+    pub(crate) fn spawn_sweeper(&self) {
         let tracking = self.clone();
         tokio::spawn(async move {
             let (v4, v6) = tracking.0.timeouts_ns;
@@ -103,7 +103,7 @@ impl FragmentTracking {
     }
 
     /// What the last sweep left.
-    pub fn entries(&self) -> FragmentEntries {
+    pub(crate) fn entries(&self) -> FragmentEntries {
         FragmentEntries {
             datagrams: self.0.datagrams_left.load(Relaxed) as u64,
             reassembled_flows: self.0.reassembled_flows_left.load(Relaxed) as u64,

@@ -8,7 +8,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 
 /// What precedes the IP header of a packet at the interface's tc ingress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// An Ethernet header (Ethernet devices, veth, bridges, loopback).
     Ethernet,
     /// Nothing: the packet starts at the IP header (tun, WireGuard, PPP, ipip).
@@ -17,7 +17,7 @@ pub enum Framing {
 
 /// An interface the program may attach to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Link {
+pub(crate) struct Link {
     pub name: String,
     pub index: u32,
     pub framing: Framing,
@@ -25,16 +25,16 @@ pub struct Link {
 
 /// Whether a configured interface is a pattern (`*` any run of characters, `?` any one)
 /// rather than a name.
-pub fn is_pattern(entry: &str) -> bool {
+pub(crate) fn is_pattern(entry: &str) -> bool {
     entry.contains(['*', '?'])
 }
 
 /// The loopback interface: steering there changes the host's own connections (see
 /// `datapath::local_origin`), so only its name selects it, never a pattern or `all`.
-pub const LOOPBACK: &str = "lo";
+pub(crate) const LOOPBACK: &str = "lo";
 
 /// Whether the configured `entry` (a name or a pattern) selects the interface `name`.
-pub fn selects(entry: &str, name: &str) -> bool {
+pub(crate) fn selects(entry: &str, name: &str) -> bool {
     match name {
         LOOPBACK => entry == LOOPBACK,
         _ => matches(entry, name),
@@ -43,7 +43,7 @@ pub fn selects(entry: &str, name: &str) -> bool {
 
 /// Whether `name` is `entry`: the same name, or matched by the pattern (as text: which
 /// interfaces an entry selects is [`selects`]).
-pub fn matches(entry: &str, name: &str) -> bool {
+pub(crate) fn matches(entry: &str, name: &str) -> bool {
     fn glob(pattern: &[u8], name: &[u8]) -> bool {
         match pattern.split_first() {
             None => name.is_empty(),

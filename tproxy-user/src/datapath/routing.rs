@@ -43,11 +43,11 @@ use rtnetlink::{
 
 /// The `protocol` tag on our rules and routes (`ip rule`/`ip route` show it as `proto 116`).
 /// Not one of the numbers in iproute2's rt_protos list.
-pub const ROUTE_PROTOCOL: u8 = 116;
+pub(crate) const ROUTE_PROTOCOL: u8 = 116;
 
 /// What to install.
 #[derive(Clone, Copy, Debug)]
-pub struct RoutingSpec {
+pub(crate) struct RoutingSpec {
     pub mark: u32,
     pub mask: u32,
     pub table: u32,
@@ -59,13 +59,13 @@ pub struct RoutingSpec {
 }
 
 /// Policy routing that this process installed; [`PolicyRouting::remove`] takes it away.
-pub struct PolicyRouting {
+pub(crate) struct PolicyRouting {
     handle: Handle,
     spec: RoutingSpec,
 }
 
 /// Opens an rtnetlink connection driven by the current tokio runtime.
-pub fn connect() -> Result<Handle> {
+pub(crate) fn connect() -> Result<Handle> {
     let (connection, handle, _) =
         rtnetlink::new_connection().context("opening rtnetlink socket")?;
     tokio::spawn(connection);
@@ -75,7 +75,7 @@ pub fn connect() -> Result<Handle> {
 impl PolicyRouting {
     /// Installs the rule and the two local routes. When any step fails, what was already
     /// added is removed before the error is returned.
-    pub async fn install(handle: &Handle, spec: RoutingSpec) -> Result<Self> {
+    pub(crate) async fn install(handle: &Handle, spec: RoutingSpec) -> Result<Self> {
         let installed = PolicyRouting {
             handle: handle.clone(),
             spec,
@@ -193,7 +193,7 @@ impl PolicyRouting {
     }
 
     /// Removes what [`PolicyRouting::install`] added.
-    pub async fn remove(self) -> Result<()> {
+    pub(crate) async fn remove(self) -> Result<()> {
         remove_ours(&self.handle, self.spec.table).await.map(drop)
     }
 }
@@ -298,7 +298,7 @@ async fn ours(handle: &Handle, table: u32) -> Result<(Vec<RuleMessage>, Vec<Rout
 /// Removes every rule and route tagged with [`ROUTE_PROTOCOL`] that points at or lives in
 /// `table`, in both address families, and returns how many there were. Used at start-up to
 /// clear what a killed instance left, and at shutdown.
-pub async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
+pub(crate) async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
     let (rules, routes) = ours(handle, table).await?;
     let removed = rules.len() + routes.len();
     for rule in rules {
@@ -323,7 +323,7 @@ pub async fn remove_ours(handle: &Handle, table: u32) -> Result<usize> {
 impl PolicyRouting {
     /// Takes over the policy routing a pinned instance left in place when it is exactly what
     /// `spec` says (so steered packets never meet a moment without it); otherwise replaces it.
-    pub async fn adopt(handle: &Handle, spec: RoutingSpec) -> Result<Self> {
+    pub(crate) async fn adopt(handle: &Handle, spec: RoutingSpec) -> Result<Self> {
         let (rules, routes) = ours(handle, spec.table).await?;
         let rule_matches = |rule: &RuleMessage| {
             rule.attributes.contains(&RuleAttribute::FwMark(spec.mark))
@@ -362,7 +362,7 @@ impl PolicyRouting {
 }
 
 /// Our rules and routes of `table`, one line each, for `tproxy status`.
-pub async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>> {
+pub(crate) async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>> {
     let (rules, routes) = ours(handle, table).await?;
     let mut lines = Vec::new();
     for rule in &rules {

@@ -103,7 +103,7 @@ fn address_bytes(ip: IpAddr) -> [u8; 16] {
 
 /// What sock_diag says about the sockets the program would find at an external address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Presence {
+pub(crate) struct Presence {
     /// A socket listens there (TCP) or is bound there unconnected (UDP).
     pub listening: bool,
     /// One of them has IP_TRANSPARENT, without which it cannot accept flows to other
@@ -113,7 +113,7 @@ pub struct Presence {
 
 /// Whether each of `external`'s addresses has its proxy's socket now, per transport the
 /// rules use: (address, transport, presence).
-pub fn presences(
+pub(crate) fn presences(
     external: &External,
     tcp: bool,
     udp: bool,
@@ -130,7 +130,7 @@ pub fn presences(
 
 /// For the ready line: listener `name` and its proxy's state now. Warns when the proxy is
 /// not listening (its flows get the fail mode until it is) or lacks IP_TRANSPARENT.
-pub fn describe(name: &str, external: &External, tcp: bool, udp: bool) -> String {
+pub(crate) fn describe(name: &str, external: &External, tcp: bool, udp: bool) -> String {
     for (addr, transport, presence) in presences(external, tcp, udp) {
         match presence {
             Ok(Presence {
@@ -166,7 +166,7 @@ const SOCKOPT_TRANSPARENT: u8 = 1 << 5;
 /// The sockets in this network namespace that a lookup for `addr` would find: listening
 /// (TCP) or unconnected (UDP), on `addr`'s port, bound to its address or to a wildcard that
 /// covers it (a dual-stack IPv6 wildcard covers IPv4 too).
-pub fn presence(addr: SocketAddr, transport: Transport) -> Result<Presence> {
+pub(crate) fn presence(addr: SocketAddr, transport: Transport) -> Result<Presence> {
     let mut presence = Presence::default();
     for family in [AF_INET, AF_INET6] {
         if addr.is_ipv6() && family == AF_INET {

@@ -26,7 +26,7 @@ pub enum Transport {
 }
 
 /// A bound transparent socket (listening, for TCP) and the socket-map slot it serves.
-pub struct TransparentListener {
+pub(crate) struct TransparentListener {
     pub slot: ListenerSlot,
     pub socket: Socket,
 }
@@ -34,7 +34,7 @@ pub struct TransparentListener {
 /// Binds one transparent listener per address. At most one per address family (the program
 /// has one slot per family and transport). Addresses with port 0 all share the port the
 /// kernel picks for the first of them, so the listeners are "one port" to an operator.
-pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<TransparentListener>> {
+pub(crate) fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<TransparentListener>> {
     let mut listeners: Vec<TransparentListener> = Vec::new();
     let mut chosen_port = None;
     for &requested in addrs {
@@ -65,14 +65,14 @@ pub fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<Transp
 /// `tproxy_common::decision::DestinationScope`). The eBPF program never steers such flows;
 /// this is the second line, for flows that reach a listener some other way (`--relay-only`
 /// behind someone's iptables rules, an older pinned program).
-pub fn refused_destination(original: SocketAddr, client: SocketAddr) -> bool {
+pub(crate) fn refused_destination(original: SocketAddr, client: SocketAddr) -> bool {
     tproxy_common::decision::destination_scope(original.ip(), client.ip())
         != tproxy_common::decision::DestinationScope::Relayable
 }
 
 /// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
 /// listener is reached at any address on its port): relaying there would loop forever.
-pub fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
+pub(crate) fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
     listeners.iter().any(|listener| {
         listener.port() == target.port()
             && (listener.ip() == target.ip() || listener.ip().is_unspecified())

@@ -44,12 +44,12 @@ impl Pipe {
 }
 
 /// Pipes shared by all connections.
-pub struct PipePool {
+pub(crate) struct PipePool {
     idle: Mutex<Vec<Pipe>>,
 }
 
 impl PipePool {
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         PipePool {
             idle: Mutex::new(Vec::new()),
         }
@@ -74,7 +74,7 @@ impl PipePool {
 /// Moves what `from` sends to `to` until `from` ends its stream, then shuts down `to`'s
 /// sending side (half-close); `moved` is told each burst's size. Without `pipes` every burst
 /// is copied (`--tcp-relay copy`).
-pub async fn relay_until_eof(
+pub(crate) async fn relay_until_eof(
     from: &TcpStream,
     to: &TcpStream,
     pipes: Option<&PipePool>,

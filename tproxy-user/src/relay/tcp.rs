@@ -39,7 +39,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How connections are relayed, for every listener.
 #[derive(Debug)]
-pub struct RelayConfig {
+pub(crate) struct RelayConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// How long one direction may stay open after the other has ended (half-close).
@@ -63,11 +63,11 @@ pub struct RelayConfig {
 
 /// A listener's fixed destination for every connection (`None`: each connection's original
 /// destination), changed in place by a reload.
-pub type Upstream = Arc<RwLock<Option<SocketAddr>>>;
+pub(crate) type Upstream = Arc<RwLock<Option<SocketAddr>>>;
 
 /// Totals across all connections, for the shutdown summary.
 #[derive(Default)]
-pub struct RelayStats {
+pub(crate) struct RelayStats {
     pub accepted: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
@@ -94,12 +94,12 @@ pub struct RelayStats {
 
 impl RelayStats {
     /// Connections being relayed now.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.admission.active.load(Relaxed)
     }
 
     /// The totals now.
-    pub fn snapshot(&self) -> crate::stats::TcpRelay {
+    pub(crate) fn snapshot(&self) -> crate::stats::TcpRelay {
         crate::stats::TcpRelay {
             accepted: self.accepted.load(Relaxed),
             active: self.active() as u64,
@@ -181,7 +181,7 @@ fn admit(
 /// `shutdown`, relaying each on its own task in `connections`. On `shutdown` the connections
 /// in flight are reset on both sides: a relay that just stopped would look to each peer like
 /// a clean end of stream, hiding the truncation.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     upstream: Upstream,
     config: Arc<RelayConfig>,

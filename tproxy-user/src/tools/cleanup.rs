@@ -1,7 +1,9 @@
 //! `tproxy cleanup`: removes everything of tproxy's that no running instance owns in this
 //! network namespace — state pinned by `run --pin` (which detaches its links), policy routing
 //! rules and routes tagged with its routing protocol, tc filters named after its program — and
-//! nothing else. Refused while an instance is running for the table.
+//! nothing else; and, host-wide, the lock files and control sockets that killed instances left
+//! in /run/tproxy for network namespaces that no longer exist. Refused while an instance is
+//! running for the table.
 
 use anyhow::{bail, Result};
 use aya::programs::{tc, TcAttachType};
@@ -54,6 +56,13 @@ pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
             println!("removed tproxy's tc filter from {name} ingress");
             filters += 1;
         }
+    }
+    let stale = instance::remove_stale_of_gone_namespaces()?;
+    if stale > 0 {
+        println!(
+            "removed the lock files and control sockets of {stale} killed instances in network \
+             namespaces that no longer exist"
+        );
     }
     if unpinned + routes + filters == 0 {
         println!("nothing of tproxy's was left in this network namespace");

@@ -21,7 +21,7 @@ use crate::{
 
 /// How bad a finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Severity {
+enum Severity {
     Ok,
     Warning,
     Problem,
@@ -29,11 +29,11 @@ pub enum Severity {
 
 /// One thing the doctor checked.
 #[derive(Debug)]
-pub struct Finding {
-    pub severity: Severity,
-    pub what: String,
+struct Finding {
+    severity: Severity,
+    what: String,
     /// What to run to fix it.
-    pub fix: Option<String>,
+    fix: Option<String>,
 }
 
 impl Finding {
@@ -68,6 +68,9 @@ pub struct ExternalCheck {
     pub external: External,
     pub tcp: bool,
     pub udp: bool,
+    /// Whether the proxy's transports are unknown (`--external` names none): a transport
+    /// with nothing there is then only a warning while the other has the proxy.
+    pub either_transport: bool,
 }
 
 impl ExternalCheck {
@@ -82,18 +85,20 @@ impl ExternalCheck {
                     external: listener.external.clone()?,
                     tcp: listener.tcp,
                     udp: listener.udp,
+                    either_transport: false,
                 })
             })
             .collect()
     }
 
-    /// The TCP proxies named by `--external` (none when it is not given).
+    /// The proxies named by `--external` (none when it is not given), TCP, UDP or both.
     pub fn of_flag(addrs: &[std::net::SocketAddr]) -> Option<Self> {
         (!addrs.is_empty()).then(|| ExternalCheck {
             listener: "--external".into(),
             external: External::At(addrs.to_vec()),
             tcp: true,
-            udp: false,
+            udp: true,
+            either_transport: true,
         })
     }
 }
@@ -153,11 +158,28 @@ async fn examine(settings: &Settings) -> Vec<Finding> {
 /// addressed to other hosts. Read from sock_diag, as `ss -O` shows it.
 fn external_proxy(check: &ExternalCheck) -> Vec<Finding> {
     let name = &check.listener;
-    external::presences(&check.external, check.tcp, check.udp)
+    let presences = external::presences(&check.external, check.tcp, check.udp);
+    let listening_at = |addr: std::net::SocketAddr| {
+        presences
+            .iter()
+            .any(|(at, _, presence)| *at == addr && matches!(presence, Ok(p) if p.listening))
+    };
+    let served: Vec<bool> = presences
+        .iter()
+        .map(|(addr, ..)| check.either_transport && listening_at(*addr))
+        .collect();
+    presences
         .into_iter()
-        .map(|(addr, transport, presence)| {
+        .zip(served)
+        .map(|((addr, transport, presence), served)| {
             let at = format!("listener `{name}`: {addr} ({transport:?})");
             match presence {
+                Ok(Presence {
+                    listening: false, ..
+                }) if served => Finding::warning(
+                    format!("{at}: nothing listens there; its {transport:?} flows would get the fail mode (fine for a proxy of the other transport only)"),
+                    None,
+                ),
                 Ok(Presence {
                     listening: false, ..
                 }) => Finding::problem(

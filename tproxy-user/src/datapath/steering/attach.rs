@@ -27,7 +27,7 @@ use super::Steering;
 
 /// How the program is hooked into an interface's ingress path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
+pub(crate) enum AttachMode {
     /// A TCX link (kernel 6.6+): owned by our file descriptor, gone when the process is.
     Tcx,
     /// A TCX link pinned in bpffs (`--pin`): attached until its file is removed.
@@ -64,7 +64,7 @@ pub(super) struct Attachment {
 /// What attaching and detaching did since start, and the interfaces attached now; shared
 /// with the stats snapshot.
 #[derive(Default)]
-pub struct InterfaceEvents {
+pub(crate) struct InterfaceEvents {
     pub(crate) attached: Mutex<Vec<String>>,
     pub(crate) attach_events: AtomicU64,
     pub(crate) detach_events: AtomicU64,
@@ -85,7 +85,7 @@ impl InterfaceEvents {
 
 impl Steering {
     /// Attaches the program at `link`'s ingress (nothing when it is attached there already).
-    pub fn attach(&mut self, link: &Link) -> Result<AttachMode> {
+    pub(crate) fn attach(&mut self, link: &Link) -> Result<AttachMode> {
         if let Some(attachment) = self.attached.get(&link.index) {
             return Ok(attachment.mode);
         }
@@ -187,7 +187,7 @@ impl Steering {
 
     /// Takes the program off the interface `ifindex` (gone, renamed, or no longer wanted),
     /// pinned link included; nothing when it is not attached there.
-    pub fn detach(&mut self, ifindex: u32) {
+    pub(crate) fn detach(&mut self, ifindex: u32) {
         let Some(attachment) = self.attached.remove(&ifindex) else {
             return;
         };
@@ -221,7 +221,7 @@ impl Steering {
 
     /// The interfaces the program is attached to, by name and ifindex (what rules naming an
     /// interface are compiled for).
-    pub fn attached_interfaces(&self) -> Vec<(String, u32)> {
+    pub(crate) fn attached_interfaces(&self) -> Vec<(String, u32)> {
         self.attached
             .iter()
             .map(|(index, attachment)| (attachment.name.clone(), *index))
@@ -229,7 +229,7 @@ impl Steering {
     }
 
     /// How the program is attached, per interface (`NAME (MODE)`).
-    pub fn attached_descriptions(&self) -> Vec<String> {
+    pub(crate) fn attached_descriptions(&self) -> Vec<String> {
         self.interface_events.attached.lock().unwrap().clone()
     }
 
@@ -242,7 +242,7 @@ impl Steering {
     }
 
     /// A handle on the attach and detach counts, for the stats snapshot.
-    pub fn interface_events(&self) -> Arc<InterfaceEvents> {
+    pub(crate) fn interface_events(&self) -> Arc<InterfaceEvents> {
         self.interface_events.clone()
     }
 

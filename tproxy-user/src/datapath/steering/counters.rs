@@ -16,11 +16,11 @@ use tproxy_common::{
 use super::LISTENER_SLOTS;
 
 /// Packet counts per protocol (row) and outcome (column), summed over CPUs.
-pub type Counters = [[u64; Outcome::COUNT as usize]; Protocol::COUNT as usize];
+pub(super) type Counters = [[u64; Outcome::COUNT as usize]; Protocol::COUNT as usize];
 
 /// Reads the program's per-CPU counters; shared, cheap to clone.
 #[derive(Clone)]
-pub struct CounterReader {
+pub(crate) struct CounterReader {
     pub(super) outcomes: Arc<PerCpuArray<MapData, u64>>,
     /// `None` when read from a pin (not pinned: counts start again with each instance).
     pub(super) per_listener: Option<Arc<PerCpuArray<MapData, u64>>>,
@@ -28,7 +28,7 @@ pub struct CounterReader {
 
 impl CounterReader {
     /// Reads the counters map pinned at `path` (for `tproxy status`).
-    pub fn from_pin(path: &std::path::Path) -> Result<Self> {
+    pub(crate) fn from_pin(path: &std::path::Path) -> Result<Self> {
         let map = MapData::from_pin(path)
             .with_context(|| format!("opening the pinned map {}", path.display()))?;
         let entries = map.info()?.max_entries();
@@ -48,13 +48,13 @@ impl CounterReader {
     }
 
     /// The program id behind the link pinned at `path`.
-    pub fn pinned_link_program(path: &std::path::Path) -> Result<u32> {
+    pub(crate) fn pinned_link_program(path: &std::path::Path) -> Result<u32> {
         let link = FdLink::from(PinnedLink::from_pin(path)?);
         Ok(link.info()?.program_id())
     }
 
     /// Packet counts per protocol and outcome, summed over CPUs.
-    pub fn read(&self) -> Result<Counters> {
+    pub(crate) fn read(&self) -> Result<Counters> {
         let mut totals = Counters::default();
         for protocol in Protocol::ALL {
             for outcome in Outcome::ALL {
@@ -67,7 +67,7 @@ impl CounterReader {
     }
 
     /// The counts of listener `listener` (all its slots), summed over CPUs.
-    pub fn listener_counts(&self, listener: u32) -> Result<crate::stats::ListenerPackets> {
+    pub(crate) fn listener_counts(&self, listener: u32) -> Result<crate::stats::ListenerPackets> {
         let mut counts = crate::stats::ListenerPackets::default();
         let Some(map) = &self.per_listener else {
             return Ok(counts);

@@ -27,13 +27,13 @@ mod counters;
 mod rule_maps;
 
 use attach::Attachment;
-pub use attach::InterfaceEvents;
-pub use counters::CounterReader;
+pub(crate) use attach::InterfaceEvents;
+pub(crate) use counters::CounterReader;
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-ebpf"));
 
 /// The loaded program and its maps.
-pub struct Steering {
+pub(crate) struct Steering {
     ebpf: Ebpf,
     /// The rule-set generation in force (see `maps::ACTIVE_GENERATION`), and what it wrote.
     active: Option<(u32, CompiledRules)>,
@@ -52,7 +52,7 @@ pub struct Steering {
 }
 
 /// How the program is loaded: fixed for its lifetime.
-pub struct LoadSettings {
+pub(crate) struct LoadSettings {
     pub mark: Mark,
     /// SO_MARK of tproxy's own UDP sockets.
     pub socket_mark: u32,
@@ -77,7 +77,7 @@ const LISTENER_SLOTS: [maps::ListenerSlot; 4] = [
 
 /// The rule maps' size for a first rule set: room for two generations of a rule set up to
 /// twice as large, so reloads that grow the rules still fit.
-pub fn rule_map_capacity(first: &CompiledRules) -> u32 {
+pub(crate) fn rule_map_capacity(first: &CompiledRules) -> u32 {
     let needed = u32::try_from(first.largest_map()).unwrap_or(u32::MAX);
     needed
         .saturating_mul(4)
@@ -159,7 +159,7 @@ fn take_counters(ebpf: &mut Ebpf) -> Result<CounterReader> {
 impl Steering {
     /// Loads the program (not yet attached anywhere). Its rule maps are empty: nothing is
     /// steered until [`Steering::install_rules`].
-    pub fn load(settings: &LoadSettings) -> Result<Self> {
+    pub(crate) fn load(settings: &LoadSettings) -> Result<Self> {
         let adopted_capacity = match &settings.pinned {
             Some(pinned) => pinned_capacity(pinned)?,
             None => None,
@@ -257,7 +257,7 @@ impl Steering {
     }
 
     /// Puts a listening socket into the program's socket map.
-    pub fn register_listener(
+    pub(crate) fn register_listener(
         &mut self,
         listener: u32,
         slot: maps::ListenerSlot,
@@ -272,7 +272,7 @@ impl Steering {
     }
 
     /// Takes a listener's sockets out of the socket map, and forgets its external address.
-    pub fn unregister_listener(&mut self, listener: u32) -> Result<()> {
+    pub(crate) fn unregister_listener(&mut self, listener: u32) -> Result<()> {
         let mut sockets = SockMap::try_from(self.map_mut(maps::LISTENERS)?)?;
         for slot in LISTENER_SLOTS {
             // Absent when the listener has no socket of that transport or family.
@@ -284,7 +284,7 @@ impl Steering {
     /// Tells the program where listener `listener`'s proxy listens: `entries` (socket-map
     /// index, where to look) from `External::entries`; its other slots are not external.
     /// Each slot is overwritten in place, so a packet sees the old entry or the new one.
-    pub fn set_external_listener(
+    pub(crate) fn set_external_listener(
         &mut self,
         listener: u32,
         entries: &[(u32, maps::ExternalListener)],
@@ -306,7 +306,7 @@ impl Steering {
 
     /// Empties every socket-map slot of listeners other than `kept` (those a previous
     /// instance used, or all of them when stopping).
-    pub fn unregister_except(&mut self, kept: &[u32]) {
+    pub(crate) fn unregister_except(&mut self, kept: &[u32]) {
         for listener in (0..maps::MAX_LISTENERS).filter(|l| !kept.contains(l)) {
             let _ = self.unregister_listener(listener);
         }
@@ -314,7 +314,7 @@ impl Steering {
 
     /// Treats the rules in force as another process's (pinned by a predecessor, or replaced by
     /// a takeover that did not complete): the next install erases them by scanning.
-    pub fn forget_rules_in_force(&mut self) -> Result<()> {
+    pub(crate) fn forget_rules_in_force(&mut self) -> Result<()> {
         let active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
         self.adopted = Some(active.get(&0, 0)?);
         self.active = None;
@@ -322,7 +322,7 @@ impl Steering {
     }
 
     /// Starts forwarding the program's aya-log records to the `log` crate.
-    pub fn spawn_log_forwarder(&mut self) -> Result<()> {
+    pub(crate) fn spawn_log_forwarder(&mut self) -> Result<()> {
         let logger = EbpfLogger::init(&mut self.ebpf).context("initialising eBPF logging")?;
         // SAFETY: the logger owns the ring buffer's descriptor and keeps it open, unchanged,
         // for as long as the AsyncFd holds the logger.
@@ -343,12 +343,12 @@ impl Steering {
     }
 
     /// The program's fragment tracking (see [`FragmentTracking::spawn_sweeper`]).
-    pub fn fragments(&self) -> &FragmentTracking {
+    pub(crate) fn fragments(&self) -> &FragmentTracking {
         &self.fragments
     }
 
     /// A handle on the counters for other tasks (the metrics endpoint).
-    pub fn counter_reader(&self) -> CounterReader {
+    pub(crate) fn counter_reader(&self) -> CounterReader {
         self.counters.clone()
     }
 }

@@ -17,7 +17,7 @@ use nix::{
 };
 
 /// Datagrams per system call.
-pub const BATCH: usize = 32;
+pub(super) const BATCH: usize = 32;
 /// Largest UDP payload (IPv4 limit; IPv6 jumbograms are not relayed).
 const MAX_DATAGRAM: usize = 65535;
 
@@ -27,7 +27,7 @@ thread_local! {
 
 /// Receives up to [`BATCH`] datagrams from a connected (or listening) socket and hands their
 /// payloads to `then`. `WouldBlock` when none was waiting.
-pub fn recv<R>(from: BorrowedFd<'_>, then: impl FnOnce(&[&[u8]]) -> R) -> io::Result<R> {
+pub(super) fn recv<R>(from: BorrowedFd<'_>, then: impl FnOnce(&[&[u8]]) -> R) -> io::Result<R> {
     BUFFERS.with_borrow_mut(|buffers| {
         let lengths = {
             let mut slices: Vec<[IoSliceMut<'_>; 1]> =
@@ -53,7 +53,7 @@ pub fn recv<R>(from: BorrowedFd<'_>, then: impl FnOnce(&[&[u8]]) -> R) -> io::Re
 /// Datagrams without that control message were not steered to us and are skipped. Returns
 /// the listener's count of datagrams dropped for want of receive buffer since it was
 /// created (SO_RXQ_OVFL, if enabled), as of the last datagram received.
-pub fn recv_steered(
+pub(super) fn recv_steered(
     listener: BorrowedFd<'_>,
     mut each: impl FnMut(SocketAddr, SocketAddr, &[u8]),
 ) -> io::Result<Option<u32>> {
@@ -121,7 +121,7 @@ fn socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
 
 /// Sends `datagrams` on a connected socket in as few calls as possible; returns how many
 /// went out. A full send buffer ends the attempt: the rest are dropped, as a router would.
-pub fn send(to: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<usize> {
+pub(super) fn send(to: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<usize> {
     let mut sent = 0;
     for chunk in datagrams.chunks(BATCH) {
         let slices: Vec<[IoSlice<'_>; 1]> = chunk.iter().map(|d| [IoSlice::new(d)]).collect();

@@ -45,7 +45,7 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How datagrams are relayed.
 #[derive(Debug)]
-pub struct UdpConfig {
+pub(crate) struct UdpConfig {
     pub idle_timeout: Duration,
     pub max_sessions: usize,
     /// Most sessions of one client address, so that one client's many source ports cannot
@@ -60,7 +60,7 @@ pub struct UdpConfig {
 
 /// Counts since start (and the active-session gauge), for logs.
 #[derive(Debug, Default)]
-pub struct UdpStats {
+pub(crate) struct UdpStats {
     pub active: AtomicU64,
     pub created: AtomicU64,
     pub expired: AtomicU64,
@@ -84,7 +84,7 @@ pub struct UdpStats {
 
 impl UdpStats {
     /// The totals now.
-    pub fn snapshot(&self) -> crate::stats::UdpRelay {
+    pub(crate) fn snapshot(&self) -> crate::stats::UdpRelay {
         crate::stats::UdpRelay {
             active: self.active.load(Relaxed),
             created: self.created.load(Relaxed),
@@ -106,7 +106,7 @@ impl UdpStats {
 type SessionKey = (SocketAddr, SocketAddr);
 
 /// The relay's shared state: listeners and sessions all hold it.
-pub struct UdpRelay {
+pub(crate) struct UdpRelay {
     config: UdpConfig,
     pub stats: UdpStats,
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
@@ -138,7 +138,7 @@ struct Session {
 }
 
 impl UdpRelay {
-    pub fn new(config: UdpConfig, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
+    pub(crate) fn new(config: UdpConfig, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
         UdpRelay {
             config,
             stats: UdpStats::default(),
@@ -159,7 +159,7 @@ impl UdpRelay {
 
     /// Receives steered datagrams on `listener` until `stop_receiving` (a reload removed the
     /// listener; its sessions live on) or shutdown. New sessions go to `upstream`.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Arc<Self>,
         listener: std::net::UdpSocket,
         upstream: Upstream,
@@ -202,7 +202,7 @@ impl UdpRelay {
 
     /// Whether some session moved a datagram within the last `window`: a stop waits for
     /// those (a reply may be on its way), not for sessions that merely have not expired.
-    pub fn busy_within(&self, window: Duration) -> bool {
+    pub(crate) fn busy_within(&self, window: Duration) -> bool {
         let now = self.now_ms();
         let window = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         self.sessions
@@ -581,12 +581,12 @@ fn bind_reply_socket(original: SocketAddr, client: SocketAddr, mark: u32) -> io:
 /// Lets one message through per [`LOG_INTERVAL`].
 /// Lets a repetitive log line through at most once per `LOG_INTERVAL`.
 #[derive(Default)]
-pub struct LogLimiter {
+pub(crate) struct LogLimiter {
     last: Mutex<Option<Instant>>,
 }
 
 impl LogLimiter {
-    pub fn allow(&self) -> bool {
+    pub(crate) fn allow(&self) -> bool {
         let mut last = self.last.lock().unwrap();
         let now = Instant::now();
         if last.is_some_and(|at| now.duration_since(at) < LOG_INTERVAL) {

@@ -39,7 +39,7 @@ const MORE_FRAGMENTS_V4: u16 = 0x2000;
 
 /// Raw sockets for replies whose transparent socket could not be bound, opened on first use.
 #[derive(Default)]
-pub struct RawReplier {
+pub(super) struct RawReplier {
     v4: OnceLock<io::Result<Socket>>,
     v6: OnceLock<io::Result<Socket>>,
 }
@@ -47,7 +47,7 @@ pub struct RawReplier {
 impl RawReplier {
     /// Sends `payload` to `to` as a UDP datagram from `from` (address and port): whole if
     /// the interface takes it, otherwise in fragments of at most [`MAX_PACKET`] bytes.
-    pub fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
+    pub(super) fn send(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
         match self.send_in(from, to, payload, usize::MAX) {
             Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE) => {
                 self.send_in(from, to, payload, MAX_PACKET)
