@@ -284,7 +284,9 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
 
 /// The rules' decision for a flow: the mark rules, then at most seven bounded lookups,
 /// whatever the number of rules (see the loader's `rules` module for how the maps are built).
-/// `mark`: the packet's (or, in the connect programs, the socket's) mark.
+/// `mark`: the packet's (or, in the connect programs, the socket's) mark. `ifindex`: the
+/// ingress interface's (on `lo` with local origin steered, the local connections' index is
+/// used instead), or `LOCAL_ORIGIN_IFINDEX` from the connect programs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn match_rules<const N: usize>(
@@ -299,6 +301,10 @@ pub(crate) fn match_rules<const N: usize>(
 ) -> RuleMatch {
     // Read once: every lookup below uses the same generation of the rule set.
     let generation = ACTIVE_GENERATION.get(0).copied().unwrap_or(0);
+    // A marked local connection's packets on `lo` get the local connections' rules. Worked
+    // out here, where the classifier's locals are not live: a local in the parsing path
+    // would cost the stack it has no more of.
+    let ifindex = tproxy_common::local_origin::rule_ifindex(ifindex, LOCAL_ORIGIN.load());
     let mut best = Verdict::default();
     if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
         if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {

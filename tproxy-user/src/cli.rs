@@ -227,13 +227,8 @@ pub fn parse_uid_range(text: &str) -> Result<UidRange, String> {
 impl RunArgs {
     /// What `--local` selects, if given.
     pub fn local_origin(&self) -> Option<LocalOrigin> {
-        self.local.then(|| LocalOrigin {
-            cgroups: match self.cgroups.is_empty() {
-                true => vec!["/".to_string()],
-                false => self.cgroups.clone(),
-            },
-            uids: self.uids.clone(),
-        })
+        self.local
+            .then(|| LocalOrigin::new(self.cgroups.clone(), self.uids.clone()))
     }
 }
 

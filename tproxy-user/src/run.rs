@@ -61,15 +61,12 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .await;
     }
 
-    let local = args.local_origin();
+    let local = config.local.clone();
     let local_setup = local.as_ref().map(local_origin::prepare).transpose()?;
     let netlink = routing::connect()?;
     control.links = LinkWatch::subscribe(&config.settings.interfaces)?;
     let interfaces = interfaces_to_attach(&netlink, &config.settings, local.is_some()).await?;
     let settings = config.settings.clone();
-    if local.is_some() && settings.pin {
-        bail!("--local with --pin: the cgroup attachments are not pinned yet; run without --pin");
-    }
     let mut claim = Claim::take(&netlink, &settings).await?;
     if let Some(takeover) = &mut claim.takeover {
         relays.inherited = std::mem::take(&mut takeover.listeners);

@@ -28,7 +28,10 @@ pub use settings::{SettingFlags, Settings};
 
 use crate::{
     cli::RunArgs,
-    datapath::rules::{Action, Ports, Rule},
+    datapath::{
+        local_origin::LocalOrigin,
+        rules::{Action, Origin, Ports, Rule},
+    },
     relay::{external::External, listener::Transport},
 };
 use file::{parse_file, LineStarts, Location};
@@ -73,6 +76,9 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Number of rules as configured (before splitting).
     pub configured_rules: usize,
+    /// The local processes whose connections the rules for local connections (origin
+    /// `local` or `any`) apply to; `None` when no rule is for them.
+    pub local: Option<LocalOrigin>,
 }
 
 /// Default listener addresses: loopback, so nothing can connect to them directly.
@@ -114,22 +120,6 @@ impl Config {
         let mut settings = Settings::default();
         raw.apply_settings(&mut settings);
         args.settings.apply(&mut settings);
-        if args.local {
-            // Selected local processes' packets arrive on `lo` (see `datapath::local_origin`).
-            if let Interfaces::Named(names) = &mut settings.interfaces {
-                if names
-                    .iter()
-                    .any(|entry| crate::datapath::interfaces::matches(entry, "lo"))
-                {
-                    bail!(
-                        "--local with lo among the interfaces: with --local, lo carries only \
-                         the selected processes' connections; leave lo out of --iface and \
-                         `interfaces`"
-                    );
-                }
-                names.push("lo".to_string());
-            }
-        }
         if settings.max_connections_per_source == 0 {
             settings.max_connections_per_source = (settings.max_connections / 4).max(1);
         }
@@ -141,18 +131,63 @@ impl Config {
             listeners: Vec::new(),
             rules: Vec::new(),
             configured_rules: 0,
+            local: None,
         };
+        let mut file_selection = None;
         if let Some(file) = &args.config {
             let lines = LineStarts::new(text);
             let at = |span: std::ops::Range<usize>| Location::new(file, &lines, span);
             config.listeners = raw.listeners(&at)?;
             config.configured_rules = raw.rules.len();
             config.rules = raw.rules(&config.listeners, &at)?;
+            file_selection = raw.local_selection(&at)?;
         }
         config.add_flag_rules(args)?;
         config.settle_marks()?;
+        config.select_local(args, file_selection)?;
         config.check(args)?;
         Ok(config)
+    }
+
+    /// The processes the rules for local connections apply to: `--local`'s for the
+    /// `--tcp`/`--udp` rules, the file's for its own; they must be the same. Their
+    /// connections arrive on `lo` (see `datapath::local_origin`), which is attached for them.
+    fn select_local(&mut self, args: &RunArgs, file: Option<(usize, LocalOrigin)>) -> Result<()> {
+        if args.local && args.tcp.is_none() && args.udp.is_none() {
+            bail!(
+                "--local makes the --tcp/--udp rules apply to this host's own connections: give \
+                 --tcp or --udp (a file's rules say it with `origin = \"local\"`)"
+            );
+        }
+        self.local = match (args.local_origin(), file) {
+            (Some(flags), Some((number, selected))) if flags != selected => bail!(
+                "--local selects {flags} (--cgroup, --uid), but rule[{number}] of the file \
+                 selects {selected}: all rules for local connections must select the same \
+                 processes"
+            ),
+            (Some(flags), _) => Some(flags),
+            (None, file) => file.map(|(_, selected)| selected),
+        };
+        if self.local.is_none() {
+            return Ok(());
+        }
+        if let Interfaces::Named(names) = &mut self.settings.interfaces {
+            if names
+                .iter()
+                .any(|entry| crate::datapath::interfaces::matches(entry, "lo"))
+            {
+                let what = match args.local {
+                    true => "--local",
+                    false => "rules for local connections (origin local or any)",
+                };
+                bail!(
+                    "{what} with lo among the interfaces: lo then carries only the selected \
+                     processes' connections; leave lo out of --iface and `interfaces`"
+                );
+            }
+            names.push("lo".to_string());
+        }
+        Ok(())
     }
 
     /// The `default` listener and the rules steering to it that `--tcp`/`--udp` ask for,
@@ -193,6 +228,17 @@ impl Config {
         } else {
             args.dst.clone()
         };
+        // `--local` alone: only this host's connections; with interfaces to steer as well,
+        // arrivals there too.
+        let interfaces = match &self.settings.interfaces {
+            Interfaces::All => true,
+            Interfaces::Named(names) => !names.is_empty(),
+        };
+        let origin = match (args.local, interfaces) {
+            (false, _) => Origin::Forwarded,
+            (true, false) => Origin::Local,
+            (true, true) => Origin::Any,
+        };
         for (transport, list) in [(Transport::Tcp, &args.tcp), (Transport::Udp, &args.udp)] {
             let Some(list) = list else { continue };
             self.configured_rules += 1;
@@ -208,6 +254,7 @@ impl Config {
                         action: Action::Steer(index),
                         number: self.configured_rules,
                         retired: false,
+                        origin,
                     });
                 }
             }

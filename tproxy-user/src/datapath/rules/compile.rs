@@ -14,7 +14,8 @@ use tproxy_common::maps::{
 
 #[cfg(any(test, feature = "fuzzing"))]
 use super::Packet;
-use super::{truncated, Ports, Rule, Transport};
+use super::{any_local, truncated, Origin, Ports, Rule, Transport};
+use tproxy_common::local_origin::LOCAL_ORIGIN_IFINDEX;
 
 /// An LPM trie entry: key, its prefix length in bits, value.
 pub type Entry<K> = (K, u32, Verdict);
@@ -92,6 +93,7 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
         generation_bit,
         next_cell: 1,
         interfaces,
+        local: any_local(rules),
     };
     for transport in [Transport::Tcp, Transport::Udp] {
         let udp = transport == Transport::Udp;
@@ -316,6 +318,18 @@ struct CellBuilder<'a> {
     generation_bit: u32,
     next_cell: u32,
     interfaces: Interfaces<'a>,
+    /// Whether some rule applies to local connections, so that they must be told from
+    /// arrivals (see the parent module).
+    local: bool,
+}
+
+/// Where the packets of a set of source-stage entries come from.
+#[derive(Clone, Copy)]
+enum Context<'a> {
+    /// Arrivals on this interface (`None`: any, when no rule of the cell names one).
+    Arrival(Option<&'a str>),
+    /// Local connections.
+    Local,
 }
 
 impl CellBuilder<'_> {
@@ -339,7 +353,8 @@ impl CellBuilder<'_> {
                     .copied()
                     .collect();
                 candidates.sort_by_key(|rule| rule.precedence());
-                if let Some(first) = candidates.iter().position(|r| r.is_unconditional()) {
+                let local = self.local;
+                if let Some(first) = candidates.iter().position(|r| r.is_unconditional(local)) {
                     // Nothing after a rule that always matches can win.
                     candidates.truncate(first + 1);
                 }
@@ -350,42 +365,64 @@ impl CellBuilder<'_> {
     }
 
     fn cell(&mut self, candidates: &[&Rule]) -> (Verdict, Vec<SourceEntry>) {
-        match candidates {
-            [only] if only.is_unconditional() => return (only.verdict(), Vec::new()),
-            [first, ..] if first.is_unconditional() => return (first.verdict(), Vec::new()),
-            _ => {}
+        if let [first, ..] = candidates {
+            if first.is_unconditional(self.local) {
+                return (first.verdict(), Vec::new());
+            }
         }
         let cell = self.generation_bit | self.next_cell;
         self.next_cell += 1;
-        let by_iface = candidates.iter().any(|r| r.iface.is_some());
-        let interfaces: Vec<(Option<&str>, u32)> = if by_iface {
+        let by_iface = self.local || candidates.iter().any(|r| r.iface.is_some());
+        let mut contexts: Vec<(Context, u32)> = if by_iface {
             self.interfaces
                 .iter()
-                .map(|(name, index)| (Some(name.as_str()), *index))
+                .map(|(name, index)| (Context::Arrival(Some(name.as_str())), *index))
                 .collect()
         } else {
-            vec![(None, 0)]
+            vec![(Context::Arrival(None), 0)]
         };
+        if self.local {
+            contexts.push((Context::Local, LOCAL_ORIGIN_IFINDEX));
+        }
         let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
         sources.insert(IpNet::V4(Default::default()));
         sources.insert(IpNet::V6(Default::default()));
         // A source's winner is the first candidate whose own source is absent or contains
         // it, with no interface or the one at hand: looking up each of the source's prefixes
         // here instead of scanning the candidates keeps thousands of source rules linear.
-        let mut first: HashMap<(Option<IpNet>, Option<&str>), usize> = HashMap::new();
+        type Key<'r> = (Option<IpNet>, Option<&'r str>, Origin);
+        let mut first: HashMap<Key, usize> = HashMap::new();
         for (index, rule) in candidates.iter().enumerate() {
-            let key = (rule.src.map(|own| own.trunc()), rule.iface.as_deref());
+            let key = (
+                rule.src.map(|own| own.trunc()),
+                rule.iface.as_deref(),
+                rule.origin,
+            );
             first.entry(key).or_insert(index);
         }
         let mut entries = Vec::new();
-        for (iface, ifindex) in interfaces {
+        for (context, ifindex) in contexts {
+            // The (interface, origin) parts of the keys of the rules that apply here.
+            let applying: Vec<(Option<&str>, Origin)> = match context {
+                Context::Arrival(iface) => vec![
+                    (None, Origin::Forwarded),
+                    (iface, Origin::Forwarded),
+                    (None, Origin::Any),
+                    (iface, Origin::Any),
+                ],
+                Context::Local => vec![(None, Origin::Local), (None, Origin::Any)],
+            };
             for src in &sources {
                 let containing = (0..=src.prefix_len())
                     .filter_map(|len| truncated(*src, len))
                     .map(Some)
                     .chain([None]);
                 let winner = containing
-                    .flat_map(|own| [(own, None), (own, iface)])
+                    .flat_map(|own| {
+                        applying
+                            .iter()
+                            .map(move |&(iface, origin)| (own, iface, origin))
+                    })
                     .filter_map(|key| first.get(&key))
                     .min();
                 let verdict = winner.map_or(Verdict::default(), |&i| candidates[i].verdict());
