@@ -401,6 +401,7 @@ fn file_rules_apply_to_their_own_origin_only() {
     let selection = status
         .stats
         .local_origin
+        .as_ref()
         .expect("status shows the selection");
     assert_eq!(selection.cgroups, [cgroup.path.clone()]);
     assert!(selection.uids.is_empty());
