@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut bytes = Bytes(data, 0);
     let count = 1 + bytes.next() as usize % 10;
-    let rules: Vec<Rule> = (0..count)
+    let mut rules: Vec<Rule> = (0..count)
         .map(|i| {
             let v6 = bytes.next() % 4 == 0;
             let ports = match bytes.next() % 4 {
@@ -77,6 +77,12 @@ fuzz_target!(|data: &[u8]| {
             }
         })
         .collect();
+    if any_local(&rules) {
+        // Refused together: the mark rules do not tell local connections from arrivals.
+        for rule in &mut rules {
+            rule.mark = None;
+        }
+    }
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
     let generation = u32::from(bytes.next() & 1);
     let compiled = compile(&rules, generation, &interfaces);

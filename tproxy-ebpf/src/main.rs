@@ -301,10 +301,6 @@ pub(crate) fn match_rules<const N: usize>(
 ) -> RuleMatch {
     // Read once: every lookup below uses the same generation of the rule set.
     let generation = ACTIVE_GENERATION.get(0).copied().unwrap_or(0);
-    // A marked local connection's packets on `lo` get the local connections' rules. Worked
-    // out here, where the classifier's locals are not live: a local in the parsing path
-    // would cost the stack it has no more of.
-    let ifindex = tproxy_common::local_origin::rule_ifindex(ifindex, LOCAL_ORIGIN.load());
     let mut best = Verdict::default();
     if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
         if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
@@ -347,7 +343,13 @@ fn match_group<const N: usize>(
         Some(key_ifindex) => {
             let src_key = SrcKey {
                 cell: verdict.cell,
-                ifindex: key_ifindex,
+                // A marked local connection's packets on `lo` get the local connections'
+                // rules. Worked out here, at the last moment: a local live across the
+                // classifier's parsing would cost stack it has no more of.
+                ifindex: tproxy_common::local_origin::rule_ifindex(
+                    key_ifindex,
+                    LOCAL_ORIGIN.load(),
+                ),
                 addr: saddr,
             };
             match by_src.get(Key::new(SrcKey::<N>::prefix_len(N as u32 * 8), src_key)) {
