@@ -4,8 +4,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use tproxy_common::local_origin::LOCAL_ORIGIN_IFINDEX;
 use tproxy_user::{
-    datapath::rules::{compile, decide, lookup, Action, Packet, Ports, Rule, Transport},
+    datapath::rules::{
+        any_local, compile, decide, lookup, Action, Origin, Packet, Ports, Rule, Transport,
+    },
     values::Mark,
 };
 
@@ -43,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut bytes = Bytes(data, 0);
     let count = 1 + bytes.next() as usize % 10;
-    let rules: Vec<Rule> = (0..count)
+    let mut rules: Vec<Rule> = (0..count)
         .map(|i| {
             let v6 = bytes.next() % 4 == 0;
             let ports = match bytes.next() % 4 {
@@ -65,9 +68,21 @@ fuzz_target!(|data: &[u8]| {
                 action: if flags & 4 != 0 { Action::Bypass } else { Action::Steer(u32::from(flags >> 5)) },
                 number: i + 1,
                 retired: flags & 8 != 0,
+                // Local rules name no source or interface (the configuration refuses them).
+                origin: match (flags & 3, bytes.next() % 3) {
+                    (0, 1) => Origin::Local,
+                    (0, 2) => Origin::Any,
+                    _ => Origin::Forwarded,
+                },
             }
         })
         .collect();
+    if any_local(&rules) {
+        // Refused together: the mark rules do not tell local connections from arrivals.
+        for rule in &mut rules {
+            rule.mark = None;
+        }
+    }
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
     let generation = u32::from(bytes.next() & 1);
     let compiled = compile(&rules, generation, &interfaces);
@@ -78,16 +93,19 @@ fuzz_target!(|data: &[u8]| {
             if v6 { format!("2001:db8::{host}").parse().unwrap() } else { format!("10.1.2.{host}").parse().unwrap() }
         };
         let iface = bytes.next() as usize % 2;
+        let local = any_local(&rules) && bytes.next() % 3 == 0;
+        let ifindex = if local { LOCAL_ORIGIN_IFINDEX } else { interfaces[iface].1 };
         let packet = Packet {
             transport: bytes.pick(&[Transport::Tcp, Transport::Udp]),
             src: addr(&mut bytes),
             dst: addr(&mut bytes),
             port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),
+            local,
             iface: IFACES[iface],
             mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),
         };
         assert_eq!(
-            lookup(&compiled, generation, &packet, interfaces[iface].1),
+            lookup(&compiled, generation, &packet, ifindex),
             decide(&rules, &packet),
             "{packet:?} with {rules:#?}"
         );

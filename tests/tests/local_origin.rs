@@ -413,3 +413,192 @@ fn bad_cgroups_and_uids_are_named_and_nothing_is_left() {
         assert!(ingress_programs(&topo.router, "lo").unwrap().is_empty());
     }
 }
+
+/// A request from the client namespace, through the router: what the server answered.
+fn arrival(topo: &Topo, target: &str) -> String {
+    let mut stream = topo.client.connect(addr(target)).unwrap();
+    stream.write_all(b"hi").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// Rules for local connections and for arrivals, in one file: each origin's rules apply to
+/// it alone (a forwarded rule does not steer a local connect, a local rule does not steer an
+/// arrival on the steered interface), and a reload that swaps their ports swaps what is
+/// steered.
+#[test]
+fn file_rules_apply_to_their_own_origin_only() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("file").unwrap();
+    let _original80 = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _original81 = named_server(&topo.server, addr("10.10.2.2:81"), "original");
+    let upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let file = |local_port: u16, forwarded_port: u16| {
+        format!(
+            "interfaces = [\"{}\"]\n\
+             [[listener]]\nname = \"up\"\nupstream = \"10.10.2.3:8080\"\n\
+             [[rule]]\norigin = \"local\"\nproto = \"tcp\"\nports = {local_port}\n\
+             cgroup = [\"{}\"]\naction = \"steer\"\nlistener = \"up\"\n\
+             [[rule]]\nproto = \"tcp\"\nports = {forwarded_port}\naction = \"steer\"\n\
+             listener = \"up\"\n",
+            Topo::ROUTER_CLIENT_IFACE,
+            cgroup.path
+        )
+    };
+    let config = tproxy_tests::ConfigFile::new(&file(80, 81)).unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let local = |target: &str| {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", target, "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let outside = |target: &str| {
+        dial_output(run_outside_cgroup(&topo.router, &[], DIAL, &["tcp", target, "hi"]).unwrap())
+            .unwrap()
+    };
+    assert_eq!(local("10.10.2.2:80"), "10.10.2.2:80 upstream");
+    assert_eq!(outside("10.10.2.2:80"), "10.10.2.2:80 original");
+    assert_eq!(
+        local("10.10.2.2:81"),
+        "10.10.2.2:81 original",
+        "a forwarded rule steered a local connection"
+    );
+    assert_eq!(arrival(&topo, "10.10.2.2:81"), "upstream");
+    assert_eq!(
+        arrival(&topo, "10.10.2.2:80"),
+        "original",
+        "a local rule steered an arrival"
+    );
+    assert_eq!(upstream.peers().len(), 2);
+
+    let status = tproxy.status().unwrap();
+    let selection = status
+        .stats
+        .local_origin
+        .as_ref()
+        .expect("status shows the selection");
+    assert_eq!(selection.cgroups, [cgroup.path.clone()]);
+    assert!(selection.uids.is_empty());
+    let links = tproxy_tests::stat(
+        &status.stats,
+        &format!("local origin (cgroup {}, every user)", cgroup.path),
+        "cgroup_links",
+    )
+    .unwrap();
+    assert_eq!(links, 2);
+    assert_eq!(cgroup.attached(CONNECT4).unwrap(), 1);
+
+    // The local rules are reloadable like any rules.
+    config.rewrite(&file(81, 80)).unwrap();
+    let (status, stderr) = tproxy_tests::run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
+    assert!(status.success(), "{stderr}");
+    tproxy
+        .wait_for_line("reloaded:", std::time::Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(local("10.10.2.2:81"), "10.10.2.2:81 upstream");
+    assert_eq!(local("10.10.2.2:80"), "10.10.2.2:80 original");
+    assert_eq!(arrival(&topo, "10.10.2.2:80"), "upstream");
+    assert_eq!(arrival(&topo, "10.10.2.2:81"), "original");
+
+    // Not its selection: that is refused, and the rules in force stay.
+    let other = TestCgroup::new("file-other").unwrap();
+    config
+        .rewrite(&file(81, 80).replace(&cgroup.path, &other.path))
+        .unwrap();
+    let (status, stderr) = tproxy_tests::run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("the local processes selected changed"),
+        "{stderr}"
+    );
+    assert_eq!(local("10.10.2.2:81"), "10.10.2.2:81 upstream");
+    tproxy.stop().unwrap();
+    assert_eq!(cgroup.attached(CONNECT4).unwrap(), 0);
+}
+
+/// `--local` with `--iface`: the flag rules apply to both origins.
+#[test]
+fn local_with_an_interface_steers_both_origins() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("both").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let _tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--iface",
+            Topo::ROUTER_CLIENT_IFACE,
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    let line = dial_output(
+        cgroup
+            .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line, "10.10.2.2:80 upstream");
+    assert_eq!(arrival(&topo, "10.10.2.2:80"), "upstream");
+    assert_eq!(upstream.peers().len(), 2);
+}
+
+/// `doctor --config` checks each cgroup the rules for local connections select.
+#[test]
+fn doctor_names_a_selected_cgroup_that_does_not_exist() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("doctor").unwrap();
+    let file = |path: &str| {
+        format!(
+            "[[listener]]\nname = \"up\"\n\
+             [[rule]]\norigin = \"local\"\nproto = \"tcp\"\nports = 80\ncgroup = [\"{path}\"]\n\
+             action = \"steer\"\n"
+        )
+    };
+    let doctor = |config: &tproxy_tests::ConfigFile| {
+        let output = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", topo.router.name))
+            .arg(tproxy_bin())
+            .args(["doctor", "--config", config.path()])
+            .output()
+            .unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), report)
+    };
+    let present = tproxy_tests::ConfigFile::new(&file(&cgroup.path)).unwrap();
+    let (_, report) = doctor(&present);
+    assert!(
+        report.contains("ok      cgroup v2 is mounted at"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("ok      cgroup `{}` exists", cgroup.path)),
+        "{report}"
+    );
+    let missing = tproxy_tests::ConfigFile::new(&file("/no-such-cgroup-tpx")).unwrap();
+    let (healthy, report) = doctor(&missing);
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("PROBLEM cgroup `/no-such-cgroup-tpx`: no such cgroup"),
+        "{report}"
+    );
+}

@@ -3,7 +3,8 @@
 //! programs make.
 //!
 //! A socket of a selected process (in a selected cgroup, by one of the selected users) that
-//! connects to a destination a steer rule takes gets tproxy's routing mark as its `SO_MARK`
+//! connects to a destination a steer rule for local connections takes (origin `local` or
+//! `any`, looked up under [`LOCAL_ORIGIN_IFINDEX`]) gets tproxy's routing mark as its `SO_MARK`
 //! before the kernel looks up its route. The policy routing sends marked sockets to the
 //! `local … dev lo src 127.0.0.1` (and `::1`) routes, so its packets travel over `lo`, where
 //! the tc program (attached to `lo`) hands them to the listener like any steered packet.
@@ -47,6 +48,27 @@ pub const OWN_NETNS_GLOBAL: &str = "OWN_NETNS_COOKIE";
 pub const UID_RANGES_GLOBAL: &str = "LOCAL_UID_RANGES";
 /// Global (`u32`): how many entries of [`UID_RANGES_GLOBAL`] are in use; 0 selects every user.
 pub const UID_RANGES_LEN_GLOBAL: &str = "LOCAL_UID_RANGES_LEN";
+
+/// The interface index under which the rule maps' source stage holds what the rules say
+/// about local connections (rules with origin `local` or `any`): the connect programs look
+/// rules up with it, and so does the tc program on `lo` for the packets of the sockets they
+/// marked, so both find the same rule. No interface has it (the kernel's indices are
+/// positive `int`s), so forwarded rules, which are written under the indices of the
+/// interfaces they apply to, never answer for a local connection, and local rules never
+/// for an arrival.
+pub const LOCAL_ORIGIN_IFINDEX: u32 = u32::MAX;
+
+/// The interface index a packet's rules are looked up with: on `lo` while local origin is
+/// steered, every packet that reaches the rules is a marked local connection's (the others
+/// were left alone, see [`unselected_on_loopback`]), so it gets the local connections' rules.
+#[inline(always)]
+pub const fn rule_ifindex(ingress_ifindex: u32, local_origin: u32) -> u32 {
+    if ingress_ifindex == crate::decision::LOOPBACK_IFINDEX && local_origin != 0 {
+        LOCAL_ORIGIN_IFINDEX
+    } else {
+        ingress_ifindex
+    }
+}
 
 /// Most uid ranges a run may select (the connect programs try them all, in a bounded loop).
 pub const MAX_UID_RANGES: usize = 16;
@@ -367,6 +389,13 @@ mod tests {
         assert!(!v6(6, LOOPBACK_SOURCE_V6, elsewhere), "TCP");
         assert!(!v6(17, LOOPBACK_SOURCE_V6, LOOPBACK_SOURCE_V6));
         assert!(!v6(17, elsewhere, elsewhere));
+    }
+
+    #[test]
+    fn on_loopback_local_connections_are_looked_up_as_local() {
+        assert_eq!(rule_ifindex(1, 1), LOCAL_ORIGIN_IFINDEX);
+        assert_eq!(rule_ifindex(1, 0), 1, "--iface lo without local origin");
+        assert_eq!(rule_ifindex(7, 1), 7);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `cgroup/connect4` and `cgroup/connect6`: the local processes' half of steering (see
 //! `tproxy_common::local_origin`). Attached to the selected cgroups, they run in the
 //! connecting process before the kernel picks the socket's route, and give a socket whose
-//! destination a steer rule takes tproxy's routing mark, so its packets go over `lo` to the
-//! tc program there. They never refuse a connect: the verdict is always "go on".
+//! destination a steer rule for local connections takes (the rules under
+//! `LOCAL_ORIGIN_IFINDEX`) tproxy's routing mark, so its packets go over `lo` to the tc
+//! program there, which looks up the same rules. They never refuse a connect: the verdict is always "go on".
 
 use core::{ffi::c_void, ptr};
 
@@ -19,7 +20,7 @@ use tproxy_common::{
     decision::{self, DestinationScope, RuleMatch},
     local_origin::{
         in_own_namespace, is_own_socket, mapped_ipv4, socket_mark_for, uid_selected, UidRange,
-        MAX_UID_RANGES,
+        LOCAL_ORIGIN_IFINDEX, MAX_UID_RANGES,
     },
 };
 
@@ -171,8 +172,9 @@ fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> bool {
     let Some(udp) = udp(ctx) else {
         return false;
     };
-    // The tc program's answer for the packets this socket will send over `lo`: they carry
-    // its mark, plus the routing mark's bits, which mark rules leave out.
+    // The tc program's answer for the packets this socket will send over `lo`: the local
+    // connections' rules, whatever the source (they name none); the packets carry the
+    // socket's mark, plus the routing mark's bits, which mark rules leave out.
     let rule = match_rules(
         &RULES_DST_V4,
         &RULES_SRC_V4,
@@ -180,7 +182,7 @@ fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> bool {
         port(ctx),
         addr,
         [0; 4],
-        0,
+        LOCAL_ORIGIN_IFINDEX,
         current_mark(ctx),
     );
     steers(rule, decision::ipv4_destination_scope(addr, false))
@@ -198,7 +200,7 @@ fn steers_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> bool {
         port(ctx),
         addr,
         [0; 16],
-        0,
+        LOCAL_ORIGIN_IFINDEX,
         current_mark(ctx),
     );
     steers(rule, decision::ipv6_destination_scope(addr, false))

@@ -305,7 +305,9 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
 
 /// The rules' decision for a flow: the mark rules, then at most seven bounded lookups,
 /// whatever the number of rules (see the loader's `rules` module for how the maps are built).
-/// `mark`: the packet's (or, in the connect programs, the socket's) mark.
+/// `mark`: the packet's (or, in the connect programs, the socket's) mark. `ifindex`: the
+/// ingress interface's (on `lo` with local origin steered, the local connections' index is
+/// used instead), or `LOCAL_ORIGIN_IFINDEX` from the connect programs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn match_rules<const N: usize>(
@@ -362,7 +364,13 @@ fn match_group<const N: usize>(
         Some(key_ifindex) => {
             let src_key = SrcKey {
                 cell: verdict.cell,
-                ifindex: key_ifindex,
+                // A marked local connection's packets on `lo` get the local connections'
+                // rules. Worked out here, at the last moment: a local live across the
+                // classifier's parsing would cost stack it has no more of.
+                ifindex: tproxy_common::local_origin::rule_ifindex(
+                    key_ifindex,
+                    LOCAL_ORIGIN.load(),
+                ),
                 addr: saddr,
             };
             match by_src.get(Key::new(SrcKey::<N>::prefix_len(N as u32 * 8), src_key)) {

@@ -223,7 +223,7 @@ pub struct RunArgs {
 }
 
 /// Parses a uid or an inclusive range of uids (`1000-1999`).
-fn parse_uid_range(text: &str) -> Result<UidRange, String> {
+pub(crate) fn parse_uid_range(text: &str) -> Result<UidRange, String> {
     text.parse()
         .map_err(|error| format!("uid `{text}`: {error}"))
 }
@@ -231,13 +231,8 @@ fn parse_uid_range(text: &str) -> Result<UidRange, String> {
 impl RunArgs {
     /// What `--local` selects, if given.
     pub(crate) fn local_origin(&self) -> Option<LocalOrigin> {
-        self.local.then(|| LocalOrigin {
-            cgroups: match self.cgroups.is_empty() {
-                true => vec!["/".to_string()],
-                false => self.cgroups.clone(),
-            },
-            uids: self.uids.clone(),
-        })
+        self.local
+            .then(|| LocalOrigin::new(self.cgroups.clone(), self.uids.clone()))
     }
 }
 

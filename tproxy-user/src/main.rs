@@ -14,14 +14,14 @@ use clap::Parser;
 
 /// The settings `doctor` examines: the configuration file's (if given), then the flags; and
 /// the external proxies it checks: the file's external listeners, then `--external`.
-fn doctor_settings(
-    args: &cli::DoctorArgs,
-) -> anyhow::Result<(config::Settings, Vec<doctor::ExternalCheck>)> {
+fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<doctor::Examined> {
     let mut externals = Vec::new();
+    let mut local = None;
     let mut settings = match &args.config {
         Some(path) => {
             let config = config::Config::from_file(path)?;
             externals = doctor::ExternalCheck::of_config(&config);
+            local = config.local;
             config.settings
         }
         None => config::Settings::default(),
@@ -37,7 +37,11 @@ fn doctor_settings(
         settings.pin_dir = dir.clone();
     }
     externals.extend(doctor::ExternalCheck::of_flag(&args.external));
-    Ok((settings, externals))
+    Ok(doctor::Examined {
+        settings,
+        externals,
+        local,
+    })
 }
 
 /// `tproxy check`: everything `run` would check before touching the system.
@@ -120,8 +124,9 @@ fn main() -> ExitCode {
             }
             Err(error) => Err(error),
         },
-        cli::Command::Doctor(args) => doctor_settings(&args)
-            .and_then(|(settings, externals)| runtime.block_on(doctor::run(&settings, &externals))),
+        cli::Command::Doctor(args) => {
+            doctor_settings(&args).and_then(|examined| runtime.block_on(doctor::run(&examined)))
+        }
     };
     // In-flight relays end with the runtime; steering and routing are already gone by now.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

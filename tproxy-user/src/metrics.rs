@@ -274,6 +274,7 @@ mod tests {
             packets: Some(stats::Packets::default()),
             fragment_tracking: Some(stats::FragmentEntries::default()),
             interfaces: Some(stats::InterfaceStats::default()),
+            local_origin: Some(stats::LocalOriginStats::default()),
             ..Stats::default()
         })));
         let mut text = String::new();
@@ -316,6 +317,9 @@ mod tests {
             r#"tproxy_interface_events_total{event="attached"}"#,
             r#"tproxy_interface_events_total{event="detached"}"#,
             r#"tproxy_interface_events_total{event="attach_failed"}"#,
+            r#"tproxy_local_selection{selected="cgroups"}"#,
+            r#"tproxy_local_selection{selected="uid_ranges"}"#,
+            "tproxy_local_cgroup_links",
         ];
         for sample in expected {
             assert!(samples.contains(&sample), "{sample} missing from:\n{text}");

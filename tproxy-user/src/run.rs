@@ -61,22 +61,19 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         .await;
     }
 
-    let local = args.local_origin();
+    let local = config.local.clone();
     let local_setup = local.as_ref().map(local_origin::prepare).transpose()?;
     let netlink = routing::connect()?;
     let entries = interface_entries(&config.settings, local.is_some());
     control.links = Some(LinkWatch::subscribe(entries.clone())?);
     control.addresses = Some(AddressWatch::subscribe()?);
-    if !config.local_rules.is_empty() {
+    if !config.own_address_rules.is_empty() {
         // Again, now that changes are followed: one made since the configuration was read
         // would go unseen.
-        config.set_local_addresses(host_addresses()?);
+        config.set_own_addresses(host_addresses()?);
     }
     let interfaces = resolve_interfaces(&netlink, &entries).await?;
     let settings = config.settings.clone();
-    if local.is_some() && settings.pin {
-        bail!("--local with --pin: the cgroup attachments are not pinned yet; run without --pin");
-    }
     let mut claim = Claim::take(&netlink, &settings).await?;
     if let Some(takeover) = &mut claim.takeover {
         relays.inherited = std::mem::take(&mut takeover.listeners);

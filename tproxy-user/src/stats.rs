@@ -116,6 +116,14 @@ const INTERFACE_EVENTS: Metric = counter(
     "interface_events",
     "Attaching to and detaching from interfaces (at start and as they come and go), by event",
 );
+const LOCAL_SELECTION: Metric = gauge(
+    "local_selection",
+    "What steering this host's own connections selects: cgroups, and uid ranges (0: every user)",
+);
+const LOCAL_CGROUP_LINKS: Metric = gauge(
+    "local_cgroup_links",
+    "Links of the connect programs to the selected cgroups (connect4 and connect6 each)",
+);
 const TCP_ACCEPTED: Metric = counter(
     "tcp_connections_accepted",
     "TCP connections accepted by the relay",
@@ -160,6 +168,54 @@ counters! {
         detach_events: INTERFACE_EVENTS { event: "detached" },
         /// Interfaces that matched but could not be attached to.
         attach_failures: INTERFACE_EVENTS { event: "attach_failed" },
+    }
+}
+
+counters! {
+    /// How much steering this host's own connections selects, and the links that do it.
+    pub struct LocalOriginCounts {
+        selected_cgroups: LOCAL_SELECTION { selected: "cgroups" },
+        selected_uid_ranges: LOCAL_SELECTION { selected: "uid_ranges" },
+        cgroup_links: LOCAL_CGROUP_LINKS,
+    }
+}
+
+/// Steering this host's own connections (rules with origin `local` or `any`): what it
+/// selects, and where it is attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalOriginStats {
+    /// The selected cgroup v2 paths (`/`: every process).
+    pub cgroups: Vec<String>,
+    /// The selected uids and ranges (none: every user).
+    pub uids: Vec<String>,
+    #[serde(flatten)]
+    pub counts: LocalOriginCounts,
+}
+
+impl LocalOriginStats {
+    /// The stats of a selection attached with `cgroup_links` links.
+    pub(crate) fn new(
+        selection: &crate::datapath::local_origin::LocalOrigin,
+        cgroup_links: u64,
+    ) -> Self {
+        LocalOriginStats {
+            cgroups: selection.cgroups.clone(),
+            uids: selection.uids.iter().map(ToString::to_string).collect(),
+            counts: LocalOriginCounts {
+                selected_cgroups: selection.cgroups.len() as u64,
+                selected_uid_ranges: selection.uids.len() as u64,
+                cgroup_links,
+            },
+        }
+    }
+
+    /// The selection in words, as the log shows it.
+    fn describe(&self) -> String {
+        let uids = match self.uids.is_empty() {
+            true => "every user".to_string(),
+            false => format!("uid {}", self.uids.join(", ")),
+        };
+        format!("cgroup {}, {uids}", self.cgroups.join(", "))
     }
 }
 
@@ -300,6 +356,9 @@ pub struct Stats {
     pub fragment_tracking: Option<FragmentEntries>,
     /// `None` without the eBPF program.
     pub interfaces: Option<InterfaceStats>,
+    /// `None` unless this host's own connections are steered.
+    #[serde(default)]
+    pub local_origin: Option<LocalOriginStats>,
     pub tcp_relay: TcpRelay,
     pub udp_relay: UdpRelay,
 }
@@ -318,6 +377,12 @@ impl Stats {
             sections.push(Section {
                 title: "interfaces".into(),
                 fields: interfaces.fields(),
+            });
+        }
+        if let Some(local) = &self.local_origin {
+            sections.push(Section {
+                title: format!("local origin ({})", local.describe()),
+                fields: local.counts.fields(),
             });
         }
         sections.push(Section {
@@ -448,6 +513,7 @@ pub(crate) struct Sources {
         crate::datapath::steering::CounterReader,
         crate::datapath::fragments::FragmentTracking,
         Arc<crate::datapath::steering::InterfaceEvents>,
+        Option<LocalOriginStats>,
     )>,
     pub(crate) tcp: Arc<crate::relay::tcp::RelayStats>,
     pub(crate) udp: Arc<crate::relay::udp::UdpRelay>,
@@ -456,7 +522,7 @@ pub(crate) struct Sources {
 impl Sources {
     /// The counters now.
     pub(crate) fn snapshot(&self) -> Stats {
-        let packets = self.steering.as_ref().and_then(|(counters, _, _)| {
+        let packets = self.steering.as_ref().and_then(|(counters, ..)| {
             counters
                 .read()
                 .map_err(|error| log::warn!("reading eBPF counters: {error:#}"))
@@ -468,11 +534,12 @@ impl Sources {
             fragment_tracking: self
                 .steering
                 .as_ref()
-                .map(|(_, fragments, _)| fragments.entries()),
+                .map(|(_, fragments, ..)| fragments.entries()),
             interfaces: self
                 .steering
                 .as_ref()
-                .map(|(_, _, interfaces)| interfaces.snapshot()),
+                .map(|(_, _, interfaces, _)| interfaces.snapshot()),
+            local_origin: self.steering.as_ref().and_then(|(.., local)| local.clone()),
             tcp_relay: self.tcp.snapshot(),
             udp_relay: self.udp.stats.snapshot(),
         }

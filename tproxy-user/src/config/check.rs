@@ -30,7 +30,7 @@ impl Config {
         }
         self.check_socket_mark(args)?;
         self.check_local_origin(args)?;
-        for rule in self.rules.iter().chain(&self.local_rules) {
+        for rule in self.rules.iter().chain(&self.own_address_rules) {
             if let (Some(iface), Interfaces::Named(names)) =
                 (&rule.iface, &self.settings.interfaces)
             {
@@ -48,7 +48,7 @@ impl Config {
     }
 
     fn check_counts(&self, args: &RunArgs) -> Result<()> {
-        if self.rules.is_empty() && self.local_rules.is_empty() {
+        if self.rules.is_empty() && self.own_address_rules.is_empty() {
             bail!(match &args.config {
                 Some(path) => format!(
                     "{}: no [[rule]] and no --tcp/--udp: nothing to steer",
@@ -161,20 +161,53 @@ impl Config {
     /// (or one on a wildcard address and one on an address it covers, same port), and an
     /// upstream that is one of the listeners' addresses. Port 0 is known only once bound:
     /// `run` checks the upstreams again then.
-    /// Combinations that `--local` cannot serve.
+    /// Combinations that steering local connections (`--local`, or rules with origin
+    /// `local` or `any`) cannot serve.
     fn check_local_origin(&self, args: &RunArgs) -> Result<()> {
-        if !args.local {
+        let Some(local) = &self.local else {
             return Ok(());
+        };
+        let what = match args.local {
+            true => "--local",
+            false => "rules for local connections",
+        };
+        if args.relay_only {
+            bail!("--relay-only: {what} need the eBPF programs, which --relay-only does not load");
         }
-        if let Some(external) = self.listeners.iter().find(|l| l.external.is_some()) {
-            if args.cgroups.is_empty() {
-                // Without --cgroup every process is selected, the proxy too: its upstream
+        if self.settings.pin {
+            bail!(
+                "{what} with --pin: the cgroup attachments are not pinned yet; run without \
+                 --pin (see the README's \"Proxying the host's own traffic\")"
+            );
+        }
+        if let Some(rule) = self.rules.iter().find(|rule| rule.mark.is_some()) {
+            // The program's mark rules are matched apart from the rule maps, without the
+            // origin: a forwarded mark rule would decide local connections too.
+            bail!(
+                "{what} with rule {} matching a mark: mark rules do not tell local connections \
+                 from arrivals yet; leave one of them out",
+                rule.number
+            );
+        }
+        let steers_to_external = |rule: &rules::Rule| match rule.action {
+            Action::Steer(index) if rule.origin.local() => {
+                self.listeners[index as usize].external.is_some()
+            }
+            _ => false,
+        };
+        if let Some(rule) = self.rules.iter().find(|rule| steers_to_external(rule)) {
+            if local.cgroups.iter().any(|cgroup| cgroup == "/") {
+                // With the root cgroup every process is selected, the proxy too: its upstream
                 // connection would be marked, come back over lo and be handed to itself.
+                let Action::Steer(index) = rule.action else {
+                    unreachable!("only steer rules have a listener");
+                };
                 bail!(
-                    "--local without --cgroup with listener `{}` an external proxy: the proxy's \
-                     own upstream connections would be steered back into it; select the \
-                     applications with --cgroup (and keep the proxy out of those cgroups)",
-                    external.name
+                    "{what} for every process (no --cgroup, or cgroup \"/\") with listener `{}` \
+                     an external proxy: the proxy's own upstream connections would be steered \
+                     back into it; select the applications by cgroup (and keep the proxy out \
+                     of those cgroups)",
+                    self.listeners[index as usize].name
                 );
             }
         }
@@ -182,7 +215,7 @@ impl Config {
             // The client's address is 127.0.0.1 (or ::1): a loopback source cannot leave
             // through another interface.
             bail!(
-                "--local with --transparent-upstream: local connections come from 127.0.0.1/::1, \
+                "{what} with --transparent-upstream: local connections come from 127.0.0.1/::1, \
                  which cannot be the source of an upstream connection; leave one of them out"
             );
         }

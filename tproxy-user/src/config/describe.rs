@@ -35,6 +35,12 @@ impl Config {
             s.fail_mode,
             Human(s.drain_timeout)
         );
+        if let Some(local) = &self.local {
+            let _ = writeln!(
+                out,
+                "local connections: steered for {local} (rules with origin local or any)"
+            );
+        }
         let _ = writeln!(out, "listeners:");
         for listener in &self.listeners {
             let transports = match (listener.tcp, listener.udp) {

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use serde::Deserialize;
+use tproxy_common::local_origin::UidRange;
 
 use super::{
     any_destination, default_listen,
@@ -19,7 +20,10 @@ use super::{
     ListenerConfig,
 };
 use crate::{
-    datapath::rules::{self, Action, Ports, Rule},
+    datapath::{
+        local_origin::LocalOrigin,
+        rules::{self, Action, Origin, Ports, Rule},
+    },
     relay::listener::Transport,
 };
 
@@ -134,6 +138,13 @@ pub(super) struct RuleEntry {
     mark: Option<Text<MarkMatch>>,
     action: Text<RuleAction>,
     listener: Option<toml::Spanned<String>>,
+    /// `forwarded` (the default), `local` or `any`.
+    origin: Option<Text<Origin>>,
+    /// For local connections: the cgroup v2 paths whose processes (and their descendants')
+    /// the rule applies to (default: every process).
+    cgroup: Option<toml::Spanned<List<String>>>,
+    /// For local connections: the users whose processes it applies to (default: every one).
+    uid: Option<toml::Spanned<List<UidRange>>>,
 }
 
 impl ConfigFile {
@@ -208,9 +219,77 @@ impl ConfigFile {
         }
         Ok((rules, local))
     }
+
+    /// The processes the rules for local connections select, with the number of the first
+    /// such rule; `None` when no rule is for local connections. All of them must select the
+    /// same processes: the connect programs evaluate one selection.
+    pub(super) fn local_selection(&self, at: At) -> Result<Option<(usize, LocalOrigin)>> {
+        let mut found: Option<(usize, LocalOrigin)> = None;
+        for (i, entry) in self.rules.iter().enumerate() {
+            let number = i + 1;
+            let Some(selection) = entry.get_ref().selection(number, at)? else {
+                continue;
+            };
+            match &found {
+                None => found = Some((number, selection)),
+                Some((first, selected)) if *selected != selection => bail!(
+                    "{}: rule[{number}]: selects {selection}, but rule[{first}] selects \
+                     {selected}: all rules for local connections must select the same \
+                     processes (one selection is evaluated for all of them; see the README's \
+                     \"Proxying the host's own traffic\")",
+                    at(entry.span())
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok(found)
+    }
 }
 
 impl RuleEntry {
+    fn origin(&self) -> Origin {
+        self.origin
+            .as_ref()
+            .map_or(Origin::Forwarded, |Text(origin)| *origin)
+    }
+
+    /// The processes rule `number` selects, when it is for local connections.
+    fn selection(&self, number: usize, at: At) -> Result<Option<LocalOrigin>> {
+        if !self.origin().local() {
+            let given = [
+                ("cgroup", self.cgroup.as_ref().map(|c| c.span())),
+                ("uid", self.uid.as_ref().map(|u| u.span())),
+            ];
+            if let Some((field, Some(span))) = given.into_iter().find(|(_, span)| span.is_some()) {
+                bail!(
+                    "{}: rule[{number}].{field}: only a rule for local connections selects \
+                     processes; add `origin = \"local\"` (or \"any\")",
+                    at(span)
+                );
+            }
+            return Ok(None);
+        }
+        let cgroups = match &self.cgroup {
+            None => Vec::new(),
+            Some(list) if list.get_ref().0.is_empty() => bail!(
+                "{}: rule[{number}].cgroup: an empty list selects no process; leave `cgroup` \
+                 out to select every process",
+                at(list.span())
+            ),
+            Some(list) => list.get_ref().0.clone(),
+        };
+        let uids = match &self.uid {
+            None => Vec::new(),
+            Some(list) if list.get_ref().0.is_empty() => bail!(
+                "{}: rule[{number}].uid: an empty list selects no user; leave `uid` out to \
+                 select every user",
+                at(list.span())
+            ),
+            Some(list) => list.get_ref().0.clone(),
+        };
+        Ok(Some(LocalOrigin::new(cgroups, uids)))
+    }
+
     /// What the rule does: bypass, or steer to the index of its listener.
     fn action(
         &self,
@@ -264,7 +343,7 @@ impl RuleEntry {
             Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
             Some(Destinations::Local { .. }) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass rules"),
             // Each address takes the place of its family's destination (see
-            // `Config::set_local_addresses`).
+            // `Config::set_own_addresses`).
             Some(Destinations::Local { ipv4, ipv6 }) => {
                 let families: HashSet<bool> = sources.iter().flatten().map(|s| s.addr().is_ipv6()).collect();
                 any_destination()
@@ -305,8 +384,10 @@ impl RuleEntry {
                             action,
                             number,
                             retired: false,
+                            origin: self.origin(),
                         };
                         rules::check_families(&rule)
+                            .and_then(|()| rules::check_origin(&rule))
                             .map_err(|e| anyhow::anyhow!("{where_}: rule[{number}]: {e}"))?;
                         rules.push(rule);
                     }

@@ -34,7 +34,8 @@ use crate::{
     cli::RunArgs,
     datapath::{
         interfaces::host_addresses,
-        rules::{Action, Ports, Rule},
+        local_origin::LocalOrigin,
+        rules::{Action, Origin, Ports, Rule},
     },
     relay::{external::External, listener::Transport},
 };
@@ -102,10 +103,13 @@ pub struct Config {
     pub configured_rules: usize,
     /// The bypass rules for the host's own addresses (`dst = "local"`), with any
     /// destination of their family in place of the addresses: `rules` holds them once per
-    /// address of [`Config::local_addresses`].
-    pub local_rules: Vec<Rule>,
+    /// address of [`Config::own_addresses`].
+    pub own_address_rules: Vec<Rule>,
     /// The host's addresses as last listed (sorted).
-    pub local_addresses: Vec<IpAddr>,
+    pub own_addresses: Vec<IpAddr>,
+    /// The local processes whose connections the rules for local connections (origin
+    /// `local` or `any`) apply to; `None` when no rule is for them.
+    pub local: Option<LocalOrigin>,
 }
 
 /// Default listener addresses: loopback, so nothing can connect to them directly.
@@ -132,8 +136,8 @@ impl Config {
             None => String::new(),
         };
         let mut config = Self::from_text(args, &text)?;
-        if !config.local_rules.is_empty() {
-            config.set_local_addresses(
+        if !config.own_address_rules.is_empty() {
+            config.set_own_addresses(
                 host_addresses().context("listing the host's addresses for dst = \"local\"")?,
             );
         }
@@ -152,22 +156,6 @@ impl Config {
         let mut settings = Settings::default();
         raw.apply_settings(&mut settings);
         args.settings.apply(&mut settings);
-        if args.local {
-            // Selected local processes' packets arrive on `lo` (see `datapath::local_origin`).
-            if let Interfaces::Named(names) = &mut settings.interfaces {
-                if names
-                    .iter()
-                    .any(|entry| entry == crate::datapath::interfaces::LOOPBACK)
-                {
-                    bail!(
-                        "--local with lo among the interfaces: with --local, lo carries only \
-                         the selected processes' connections; leave lo out of --iface and \
-                         `interfaces`"
-                    );
-                }
-                names.push("lo".to_string());
-            }
-        }
         if settings.max_connections_per_source == 0 {
             settings.max_connections_per_source = (settings.max_connections / 4).max(1);
         }
@@ -179,18 +167,22 @@ impl Config {
             listeners: Vec::new(),
             rules: Vec::new(),
             configured_rules: 0,
-            local_rules: Vec::new(),
-            local_addresses: Vec::new(),
+            own_address_rules: Vec::new(),
+            own_addresses: Vec::new(),
+            local: None,
         };
+        let mut file_selection = None;
         if let Some(file) = &args.config {
             let lines = LineStarts::new(text);
             let at = |span: std::ops::Range<usize>| Location::new(file, &lines, span);
             config.listeners = raw.listeners(&at)?;
             config.configured_rules = raw.rules.len();
-            (config.rules, config.local_rules) = raw.rules(&config.listeners, &at)?;
+            (config.rules, config.own_address_rules) = raw.rules(&config.listeners, &at)?;
+            file_selection = raw.local_selection(&at)?;
         }
         config.add_flag_rules(args)?;
         config.settle_marks()?;
+        config.select_local(args, file_selection)?;
         config.check(args)?;
         Ok(config)
     }
@@ -198,15 +190,15 @@ impl Config {
     /// Puts the bypass rules for the host's own addresses in `rules` for `addresses`, in
     /// place of those for the addresses listed before. Returns whether that changed the
     /// rules.
-    pub fn set_local_addresses(&mut self, mut addresses: Vec<IpAddr>) -> bool {
+    pub fn set_own_addresses(&mut self, mut addresses: Vec<IpAddr>) -> bool {
         addresses.sort_unstable();
         addresses.dedup();
-        if addresses == self.local_addresses {
+        if addresses == self.own_addresses {
             return false;
         }
-        let numbers: HashSet<usize> = self.local_rules.iter().map(|r| r.number).collect();
+        let numbers: HashSet<usize> = self.own_address_rules.iter().map(|r| r.number).collect();
         self.rules.retain(|rule| !numbers.contains(&rule.number));
-        for template in &self.local_rules {
+        for template in &self.own_address_rules {
             let family = addresses
                 .iter()
                 .filter(|addr| addr.is_ipv6() == template.dst.addr().is_ipv6());
@@ -215,8 +207,49 @@ impl Config {
                 ..template.clone()
             }));
         }
-        self.local_addresses = addresses;
-        !self.local_rules.is_empty()
+        self.own_addresses = addresses;
+        !self.own_address_rules.is_empty()
+    }
+
+    /// The processes the rules for local connections apply to: `--local`'s for the
+    /// `--tcp`/`--udp` rules, the file's for its own; they must be the same. Their
+    /// connections arrive on `lo` (see `datapath::local_origin`), which is attached for them.
+    fn select_local(&mut self, args: &RunArgs, file: Option<(usize, LocalOrigin)>) -> Result<()> {
+        if args.local && args.tcp.is_none() && args.udp.is_none() {
+            bail!(
+                "--local makes the --tcp/--udp rules apply to this host's own connections: give \
+                 --tcp or --udp (a file's rules say it with `origin = \"local\"`)"
+            );
+        }
+        self.local = match (args.local_origin(), file) {
+            (Some(flags), Some((number, selected))) if flags != selected => bail!(
+                "--local selects {flags} (--cgroup, --uid), but rule[{number}] of the file \
+                 selects {selected}: all rules for local connections must select the same \
+                 processes"
+            ),
+            (Some(flags), _) => Some(flags),
+            (None, file) => file.map(|(_, selected)| selected),
+        };
+        if self.local.is_none() {
+            return Ok(());
+        }
+        if let Interfaces::Named(names) = &mut self.settings.interfaces {
+            if names
+                .iter()
+                .any(|entry| entry == crate::datapath::interfaces::LOOPBACK)
+            {
+                let what = match args.local {
+                    true => "--local",
+                    false => "rules for local connections (origin local or any)",
+                };
+                bail!(
+                    "{what} with lo among the interfaces: lo then carries only the selected \
+                     processes' connections; leave lo out of --iface and `interfaces`"
+                );
+            }
+            names.push("lo".to_string());
+        }
+        Ok(())
     }
 
     /// The `default` listener and the rules steering to it that `--tcp`/`--udp` ask for,
@@ -257,6 +290,17 @@ impl Config {
         } else {
             args.dst.clone()
         };
+        // `--local` alone: only this host's connections; with interfaces to steer as well,
+        // arrivals there too.
+        let interfaces = match &self.settings.interfaces {
+            Interfaces::All => true,
+            Interfaces::Named(names) => !names.is_empty(),
+        };
+        let origin = match (args.local, interfaces) {
+            (false, _) => Origin::Forwarded,
+            (true, false) => Origin::Local,
+            (true, true) => Origin::Any,
+        };
         for (transport, list) in [(Transport::Tcp, &args.tcp), (Transport::Udp, &args.udp)] {
             let Some(list) = list else { continue };
             self.configured_rules += 1;
@@ -272,6 +316,7 @@ impl Config {
                         action: Action::Steer(index),
                         number: self.configured_rules,
                         retired: false,
+                        origin,
                     });
                 }
             }

@@ -394,6 +394,7 @@ fn the_readme_example_decides_as_documented() {
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             port,
+            local: false,
             iface,
             mark: 0,
         };
@@ -500,7 +501,7 @@ fn local_refuses_what_it_cannot_serve() {
     let external = ["--local", "--tcp", "80", "--on-port", "3129"];
     assert!(
         error(&external)
-            .contains("--local without --cgroup with listener `default` an external proxy"),
+            .contains("--local for every process (no --cgroup, or cgroup \"/\") with listener `default` an external proxy"),
         "{}",
         error(&external)
     );
@@ -594,9 +595,9 @@ action = "steer"
         rules.sort();
         rules
     };
-    assert_eq!(config.local_rules.len(), 5);
+    assert_eq!(config.own_address_rules.len(), 5);
     let addresses: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
-    assert!(config.set_local_addresses(addresses.clone()));
+    assert!(config.set_own_addresses(addresses.clone()));
     assert_eq!(
         shown(&config),
         [
@@ -607,8 +608,8 @@ action = "steer"
             "udp dst 2001:db8::1/128 port 53 #2",
         ]
     );
-    assert!(!config.set_local_addresses(addresses), "nothing changed");
-    assert!(config.set_local_addresses(vec!["198.51.100.7".parse().unwrap()]));
+    assert!(!config.set_own_addresses(addresses), "nothing changed");
+    assert!(config.set_own_addresses(vec!["198.51.100.7".parse().unwrap()]));
     assert_eq!(
         shown(&config),
         [
@@ -637,5 +638,104 @@ action = "steer"
     assert!(
         error("[[rule]]\nproto = \"tcp\"\ndst = \"locals\"\naction = \"bypass\"\n")
             .contains("locals")
+    );
+}
+
+#[test]
+fn local_rules_in_the_file_carry_their_origin_and_one_selection() {
+    let rule = |extra: &str| {
+        format!("[[listener]]\nname = \"up\"\n[[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\n{extra}")
+    };
+    let text = rule("origin = \"local\"\ncgroup = [\"/b\", \"/a\"]\nuid = [1000, \"2000-2999\"]\n")
+        + "[[rule]]\nproto = \"udp\"\nports = 53\naction = \"bypass\"\norigin = \"any\"\n\
+           cgroup = [\"/a\", \"/b\"]\nuid = [\"2000-2999\", 1000]\n";
+    let config = with_file(&text, &[]).unwrap();
+    let local = config.local.as_ref().expect("a selection");
+    assert_eq!(local.cgroups, ["/a", "/b"]);
+    assert_eq!(local.to_string(), "cgroup /a, /b, uid 1000, 2000-2999");
+    assert!(config.rules.iter().all(|r| r.origin.local()));
+    assert!(config
+        .describe()
+        .contains("local connections: steered for cgroup /a, /b"));
+    assert!(config.describe().contains("origin any"));
+
+    let differing = rule("origin = \"local\"\ncgroup = \"/a\"\n")
+        + "[[rule]]\nproto = \"udp\"\nports = 53\naction = \"bypass\"\norigin = \"local\"\n";
+    let error = format!("{:#}", with_file(&differing, &[]).unwrap_err());
+    assert!(
+        error.contains(
+            "rule[2]: selects cgroup /, every user, but rule[1] selects cgroup /a, every user"
+        ),
+        "{error}"
+    );
+    let error = format!("{:#}", with_file(&rule("uid = 1000\n"), &[]).unwrap_err());
+    assert!(
+        error.contains("rule[1].uid: only a rule for local connections selects processes"),
+        "{error}"
+    );
+    let error = format!(
+        "{:#}",
+        with_file(&rule("origin = \"local\"\nsrc = \"10.0.0.0/8\"\n"), &[]).unwrap_err()
+    );
+    assert!(
+        error.contains("rule[1]: origin \"local\" with `src`"),
+        "{error}"
+    );
+    let error = format!(
+        "{:#}",
+        with_file(&rule("origin = \"outbound\"\n"), &[]).unwrap_err()
+    );
+    assert!(error.contains("`outbound` is not an origin"), "{error}");
+    let error = format!(
+        "{:#}",
+        with_file(&rule("origin = \"local\"\nuid = \"5-1\"\n"), &[]).unwrap_err()
+    );
+    assert!(
+        error.contains("uid `5-1`: the range's first uid is above its last"),
+        "{error}"
+    );
+    // --local's selection must be the file's.
+    let error = format!(
+        "{:#}",
+        with_file(
+            &rule("origin = \"local\"\ncgroup = \"/a\"\n"),
+            &["--local", "--tcp", "81"]
+        )
+        .unwrap_err()
+    );
+    assert!(
+        error.contains("--local selects cgroup /, every user (--cgroup, --uid), but rule[1]"),
+        "{error}"
+    );
+    assert!(with_file(
+        &rule("origin = \"local\"\ncgroup = \"/a\"\n"),
+        &["--local", "--cgroup", "/a", "--tcp", "81"]
+    )
+    .is_ok());
+}
+
+#[test]
+fn local_flag_rules_are_local_or_both_with_interfaces() {
+    let origins = |extra: &[&str]| -> Vec<Origin> {
+        let mut flags = vec!["--local", "--tcp", "80"];
+        flags.extend_from_slice(extra);
+        Config::build(&args(&flags))
+            .unwrap()
+            .rules
+            .iter()
+            .map(|r| r.origin)
+            .collect()
+    };
+    assert!(origins(&[]).iter().all(|o| *o == Origin::Local));
+    assert!(origins(&["--iface", "eth0"])
+        .iter()
+        .all(|o| *o == Origin::Any));
+    let error = format!(
+        "{:#}",
+        Config::build(&args(&["--local", "--config", "/dev/null"])).unwrap_err()
+    );
+    assert!(
+        error.contains("--local makes the --tcp/--udp rules apply"),
+        "{error}"
     );
 }

@@ -10,8 +10,10 @@ use serde::{
     Deserialize,
 };
 
+use tproxy_common::local_origin::UidRange;
+
 use crate::{
-    datapath::rules::Ports,
+    datapath::rules::{Origin, Ports},
     relay::listener::Transport,
     values::{self, FailMode, Mark, TcpRelayMode},
 };
@@ -120,6 +122,24 @@ parses!(Transport, "\"tcp\" or \"udp\"", |t: &str| match t {
     "udp" => Ok(Transport::Udp),
     _ => Err(format!("`{t}` is not a protocol: use \"tcp\" or \"udp\"")),
 });
+parses!(
+    Origin,
+    "\"forwarded\", \"local\" or \"any\"",
+    |t: &str| match t {
+        "forwarded" => Ok(Origin::Forwarded),
+        "local" => Ok(Origin::Local),
+        "any" => Ok(Origin::Any),
+        _ => Err(format!(
+            "`{t}` is not an origin: use \"forwarded\" (arrivals on the interfaces), \"local\" \
+             (this host's own connections) or \"any\""
+        )),
+    }
+);
+parses!(
+    UidRange,
+    "a uid or range like 1000 or \"1000-1999\"",
+    crate::cli::parse_uid_range
+);
 parses!(RuleAction, "\"steer\" or \"bypass\"", |t: &str| match t {
     "steer" => Ok(RuleAction::Steer),
     "bypass" => Ok(RuleAction::Bypass),

@@ -65,12 +65,12 @@ pub(crate) fn follow(config: &mut Config, relays: &mut Relays, steering: &mut St
             return;
         }
     };
-    if !config.set_local_addresses(addresses) {
+    if !config.set_own_addresses(addresses) {
         return;
     }
     log::info!(
         "the host's addresses changed; bypassing {} local addresses",
-        config.local_addresses.len()
+        config.own_addresses.len()
     );
     // Blocking map work, as a reload's.
     let reinstalled = tokio::task::block_in_place(|| reinstall_rules(config, relays, steering));

@@ -23,6 +23,21 @@ pub(crate) fn reload(
     }
     let new = Config::build(args)?;
     fixed_settings_unchanged(&current.settings, &new.settings)?;
+    if new.local != current.local {
+        // The connect programs are attached, and their uid ranges set, at start.
+        let selection = |local: &Option<crate::datapath::local_origin::LocalOrigin>| {
+            local
+                .as_ref()
+                .map_or("none".to_string(), ToString::to_string)
+        };
+        bail!(
+            "the local processes selected changed ({} before, {} now); a reload changes the \
+             rules for local connections, not which processes they apply to: restart tproxy \
+             to change these",
+            selection(&current.local),
+            selection(&new.local)
+        );
+    }
     let plan = relays.plan(&new)?;
     match steering {
         Some(steering) => {

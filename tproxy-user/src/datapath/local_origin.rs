@@ -28,15 +28,45 @@ use tproxy_common::local_origin::{
     SENDMSG6_PROGRAM_NAME,
 };
 
-use crate::datapath::steering::Steering;
+use crate::{datapath::steering::Steering, stats::LocalOriginStats};
 
-/// What `--local` selects.
+/// The local processes whose connections the rules for local connections apply to (`--local
+/// --cgroup --uid`, or the rules' `cgroup` and `uid`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalOrigin {
     /// cgroup v2 paths, relative to the hierarchy's root (`/app.slice/app.service`).
     pub cgroups: Vec<String>,
     /// The users whose processes are steered; empty: every user.
     pub uids: Vec<UidRange>,
+}
+
+impl LocalOrigin {
+    /// The selection of `cgroups` (none: the root, every process) and `uids` (none: every
+    /// user), in one order whatever the order written, so that equal selections compare
+    /// equal.
+    pub fn new(mut cgroups: Vec<String>, mut uids: Vec<UidRange>) -> Self {
+        if cgroups.is_empty() {
+            cgroups.push("/".to_string());
+        }
+        cgroups.sort();
+        cgroups.dedup();
+        uids.sort_by_key(|range| (range.first, range.last));
+        uids.dedup();
+        LocalOrigin { cgroups, uids }
+    }
+}
+
+impl std::fmt::Display for LocalOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cgroup {}", self.cgroups.join(", "))?;
+        match self.uids.as_slice() {
+            [] => write!(f, ", every user"),
+            uids => {
+                let uids: Vec<String> = uids.iter().map(ToString::to_string).collect();
+                write!(f, ", uid {}", uids.join(", "))
+            }
+        }
+    }
 }
 
 /// The connect programs' globals, fixed at load.
@@ -199,6 +229,7 @@ pub fn own_netns_cookie() -> Result<u64> {
 /// Attaches the connect and sendmsg programs to each selected cgroup. The links live as long
 /// as the program (see the module's documentation).
 pub fn attach(steering: &mut Steering, root: &Path, selection: &LocalOrigin) -> Result<()> {
+    let mut links = 0;
     let dirs: Vec<(String, PathBuf)> = selection
         .cgroups
         .iter()
@@ -227,8 +258,10 @@ pub fn attach(steering: &mut Steering, root: &Path, selection: &LocalOrigin) -> 
             program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup `{path}`"))?;
+            links += 1;
         }
     }
+    steering.set_local_origin(LocalOriginStats::new(selection, links));
     Ok(())
 }
 

@@ -387,6 +387,7 @@ impl Relays {
                     steering.counter_reader(),
                     steering.fragments().clone(),
                     steering.interface_events(),
+                    steering.local_origin().cloned(),
                 )
             }),
             tcp: self.tcp_stats.clone(),

@@ -13,6 +13,7 @@ use futures::TryStreamExt;
 
 use crate::{
     config::{Interfaces, Settings},
+    datapath::local_origin::LocalOrigin,
     datapath::routing,
     datapath::steering::{LoadSettings, Steering},
     relay::external::{self, External, Presence},
@@ -103,13 +104,22 @@ impl ExternalCheck {
     }
 }
 
-/// Runs every check for the interfaces and mark of `settings` and the external proxies;
-/// prints the findings; fails when any is a problem.
-pub async fn run(settings: &Settings, externals: &[ExternalCheck]) -> Result<()> {
-    let mut findings = examine(settings).await;
-    for check in externals {
+/// What `doctor` examines: the settings (interfaces, mark, pinning), the external proxies,
+/// and the local processes a configuration's rules for local connections select.
+pub struct Examined {
+    pub settings: Settings,
+    pub externals: Vec<ExternalCheck>,
+    pub local: Option<LocalOrigin>,
+}
+
+/// Runs every check for the interfaces and mark of the settings, the external proxies and
+/// the local selection; prints the findings; fails when any is a problem.
+pub async fn run(examined: &Examined) -> Result<()> {
+    let mut findings = examine(&examined.settings).await;
+    for check in &examined.externals {
         findings.extend(external_proxy(check));
     }
+    findings.extend(local_origin(examined.local.as_ref()));
     for finding in &findings {
         let label = match finding.severity {
             Severity::Ok => "ok     ",
@@ -149,7 +159,6 @@ async fn examine(settings: &Settings) -> Vec<Finding> {
     if settings.pin {
         findings.push(pin_dir(&settings.pin_dir));
     }
-    findings.push(local_origin());
     findings
 }
 
@@ -203,27 +212,45 @@ fn external_proxy(check: &ExternalCheck) -> Vec<Finding> {
         .collect()
 }
 
-/// `run --local` needs the cgroup v2 hierarchy (to attach to) and the namespace cookie (to
-/// leave other namespaces' sockets alone). Without them only `--local` is unavailable.
-fn local_origin() -> Finding {
-    use crate::datapath::local_origin::{cgroup2_root, own_netns_cookie};
-    let missing = |error: anyhow::Error| {
-        Finding::warning(
+/// Steering local connections (`run --local`, rules with origin `local`) needs the cgroup v2
+/// hierarchy (to attach to) and the namespace cookie (to leave other namespaces' sockets
+/// alone), and the cgroups it selects must exist when tproxy starts. Without a selection
+/// to check, what is missing only makes `--local` unavailable.
+fn local_origin(selection: Option<&LocalOrigin>) -> Vec<Finding> {
+    use crate::datapath::local_origin::{cgroup2_root, cgroup_dir, own_netns_cookie};
+    let missing = |error: anyhow::Error| match selection {
+        None => Finding::warning(
             format!("--local is unavailable: {error:#}"),
             Some("only needed to steer this host's own connections".into()),
-        )
+        ),
+        Some(_) => Finding::problem(
+            format!("the rules for local connections cannot be served: {error:#}"),
+            "mount the cgroup v2 hierarchy (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`) \
+             and run on kernel 5.14 or later",
+        ),
     };
     let root = match cgroup2_root() {
         Ok(root) => root,
-        Err(error) => return missing(error),
+        Err(error) => return vec![missing(error)],
     };
-    match own_netns_cookie() {
-        Ok(_) => Finding::ok(format!(
-            "cgroup v2 is mounted at {}: --local can select processes by cgroup",
-            root.display()
-        )),
-        Err(error) => missing(error),
+    if let Err(error) = own_netns_cookie() {
+        return vec![missing(error)];
     }
+    let mut findings = vec![Finding::ok(format!(
+        "cgroup v2 is mounted at {}: --local can select processes by cgroup",
+        root.display()
+    ))];
+    for path in selection.iter().flat_map(|selection| &selection.cgroups) {
+        findings.push(match cgroup_dir(&root, path) {
+            Ok(dir) => Finding::ok(format!("cgroup `{path}` exists ({})", dir.display())),
+            Err(error) => Finding::problem(
+                format!("{error:#}"),
+                "start the service first (systemd creates a unit's cgroup when it starts), or \
+                 fix the path; tproxy attaches to the cgroups it selects when it starts",
+            ),
+        });
+    }
+    findings
 }
 
 /// `run --pin` needs a bpf filesystem that outlives the process.

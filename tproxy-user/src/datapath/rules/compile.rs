@@ -14,8 +14,9 @@ use tproxy_common::maps::{
 
 #[cfg(any(test, feature = "fuzzing"))]
 use super::Packet;
-use super::{truncated, Ports, Rule, Transport};
+use super::{any_local, truncated, Origin, Ports, Rule, Transport};
 use crate::datapath::interfaces;
+use tproxy_common::local_origin::LOCAL_ORIGIN_IFINDEX;
 
 /// An LPM trie entry: key, its prefix length in bits, value.
 pub type Entry<K> = (K, u32, Verdict);
@@ -93,6 +94,7 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
         generation_bit,
         next_cell: 1,
         interfaces,
+        local: any_local(rules),
     };
     for transport in [Transport::Tcp, Transport::Udp] {
         let udp = transport == Transport::Udp;
@@ -327,6 +329,18 @@ struct CellBuilder<'a> {
     generation_bit: u32,
     next_cell: u32,
     interfaces: Interfaces<'a>,
+    /// Whether some rule applies to local connections, so that they must be told from
+    /// arrivals (see the parent module).
+    local: bool,
+}
+
+/// Where the packets of a set of source-stage entries come from.
+#[derive(Clone, Copy)]
+enum Context<'a> {
+    /// Arrivals on this interface (`None`: any, when no rule of the cell names one).
+    Arrival(Option<&'a str>),
+    /// Local connections.
+    Local,
 }
 
 impl CellBuilder<'_> {
@@ -350,7 +364,8 @@ impl CellBuilder<'_> {
                     .copied()
                     .collect();
                 candidates.sort_by_key(|rule| rule.precedence());
-                if let Some(first) = candidates.iter().position(|r| r.is_unconditional()) {
+                let local = self.local;
+                if let Some(first) = candidates.iter().position(|r| r.is_unconditional(local)) {
                     // Nothing after a rule that always matches can win.
                     candidates.truncate(first + 1);
                 }
@@ -361,33 +376,37 @@ impl CellBuilder<'_> {
     }
 
     fn cell(&mut self, candidates: &[&Rule]) -> (Verdict, Vec<SourceEntry>) {
-        match candidates {
-            [only] if only.is_unconditional() => return (only.verdict(), Vec::new()),
-            [first, ..] if first.is_unconditional() => return (first.verdict(), Vec::new()),
-            _ => {}
+        if let [first, ..] = candidates {
+            if first.is_unconditional(self.local) {
+                return (first.verdict(), Vec::new());
+            }
         }
         let cell = self.generation_bit | self.next_cell;
         self.next_cell += 1;
-        let by_iface = candidates.iter().any(|r| r.iface.is_some());
-        let interfaces: Vec<(Option<&str>, u32)> = if by_iface {
+        let by_iface = self.local || candidates.iter().any(|r| r.iface.is_some());
+        let mut contexts: Vec<(Context, u32)> = if by_iface {
             self.interfaces
                 .iter()
-                .map(|(name, index)| (Some(name.as_str()), *index))
+                .map(|(name, index)| (Context::Arrival(Some(name.as_str())), *index))
                 .collect()
         } else {
-            vec![(None, 0)]
+            vec![(Context::Arrival(None), 0)]
         };
+        if self.local {
+            contexts.push((Context::Local, LOCAL_ORIGIN_IFINDEX));
+        }
         let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
         sources.insert(IpNet::V4(Default::default()));
         sources.insert(IpNet::V6(Default::default()));
         let mut entries = Vec::new();
-        for (iface, ifindex) in interfaces {
-            // A source's winner is the first candidate on this interface whose own source is
-            // absent or contains it: looking up each of the source's prefixes here instead of
-            // scanning the candidates keeps thousands of source rules linear.
+        for (context, ifindex) in contexts {
+            // A source's winner is the first candidate that applies here (its origin, its
+            // interface or pattern) whose own source is absent or contains it: looking up each
+            // of the source's prefixes here instead of scanning the candidates keeps thousands
+            // of source rules linear.
             let mut first: HashMap<Option<IpNet>, usize> = HashMap::new();
             for (index, rule) in candidates.iter().enumerate() {
-                if applies_on(rule, iface) {
+                if applies_in(rule, context) {
                     first
                         .entry(rule.src.map(|own| own.trunc()))
                         .or_insert(index);
@@ -415,6 +434,15 @@ impl CellBuilder<'_> {
             rank: 0,
         };
         (verdict, entries)
+    }
+}
+
+/// Whether `rule` applies to the packets of `context`: its origin, and for arrivals its
+/// interface (local connections are looked up with no interface).
+fn applies_in(rule: &Rule, context: Context<'_>) -> bool {
+    match context {
+        Context::Arrival(iface) => rule.origin != Origin::Local && applies_on(rule, iface),
+        Context::Local => rule.origin != Origin::Forwarded && rule.iface.is_none(),
     }
 }
 

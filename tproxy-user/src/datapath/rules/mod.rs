@@ -2,8 +2,10 @@
 //!
 //! A rule matches on transport, destination prefix, destination port (one, a range, or any),
 //! and optionally source prefix and ingress interface (a name, or a pattern such as `eth0*`
-//! matched against the interfaces the program is attached to), or the packet's mark. The rule
-//! that decides a packet is the first in this order among those that match it:
+//! matched against the interfaces the program is attached to), or the packet's mark; and it
+//! applies to arrivals on the steered interfaces (origin `forwarded`), to this host's own
+//! connections (`local`), or to both (`any`). The rule that decides a packet is the first in
+//! this order among those that match it:
 //!
 //! 1. the longest destination prefix;
 //! 2. then a single port before a range, and a range before any port;
@@ -28,6 +30,13 @@
 //!    final;
 //! 3. otherwise, source: a longest-prefix match on (cell, ifindex, source) whose entries hold
 //!    the first of the cell's rules matching each source prefix.
+//!
+//! Origins: when some rule applies to local connections, they are looked up under an
+//! interface index of their own (`LOCAL_ORIGIN_IFINDEX`), and a cell's verdict is final at
+//! stage 2 only when its first rule applies to every origin (`any`) and looks at neither
+//! source nor interface. Every other cell goes to stage 3, where each attached interface has
+//! the entries of the rules that apply to arrivals, and the local index those of the rules
+//! that apply to local connections. Without local rules nothing changes.
 //!
 //! Keeping the groups apart means a rule is written into one group only: thousands of
 //! single-port rules next to thousands of any-port or range prefixes cost their sum in map
@@ -86,6 +95,40 @@ impl fmt::Display for Ports {
     }
 }
 
+/// Which packets a rule applies to, by where they come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    /// Arrivals on the steered interfaces (the default).
+    #[default]
+    Forwarded,
+    /// Connections this host's selected processes make (see `datapath::local_origin`).
+    Local,
+    /// Both.
+    Any,
+}
+
+impl Origin {
+    /// Whether the rule applies to local connections.
+    pub fn local(self) -> bool {
+        matches!(self, Origin::Local | Origin::Any)
+    }
+
+    /// Whether the rule applies to arrivals on interfaces.
+    pub fn forwarded(self) -> bool {
+        matches!(self, Origin::Forwarded | Origin::Any)
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Forwarded => "forwarded",
+            Origin::Local => "local",
+            Origin::Any => "any",
+        })
+    }
+}
+
 /// What a matching rule does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -114,6 +157,9 @@ pub struct Rule {
     /// that already have a socket keep it (like `bypass`), so that a reload does not cut them,
     /// and it comes after every current rule.
     pub retired: bool,
+    /// Arrivals, local connections, or both. A rule for local connections names neither
+    /// source nor interface (the configuration refuses them).
+    pub origin: Origin,
 }
 
 /// A rule's place in the precedence: lower wins.
@@ -158,16 +204,22 @@ impl Rule {
         }
     }
 
+    /// Whether the rule applies to a packet of this origin (`local`: a local connection),
+    /// from `src` on `iface`.
     #[cfg(any(test, feature = "fuzzing"))]
-    fn matches_source(&self, src: &IpNet, iface: Option<&str>, mark: u32) -> bool {
-        let mark_ok = self.mark.is_none_or(|own| mark & own.mask == own.value);
+    fn matches_source(&self, local: bool, src: &IpNet, iface: Option<&str>, mark: u32) -> bool {
+        let origin_ok = match local {
+            true => self.origin.local(),
+            false => self.origin.forwarded(),
+        };
+        let mark_ok = origin_ok && self.mark.is_none_or(|own| mark & own.mask == own.value);
         let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
             (None, _) => true,
             (Some(own), Some(iface)) => crate::datapath::interfaces::matches(own, iface),
             (Some(_), None) => false,
         };
-        src_ok && iface_ok
+        origin_ok && src_ok && iface_ok
     }
 
     /// What the rule matches, without what it does: rules with equal keys match the same
@@ -182,6 +234,7 @@ impl Rule {
         Option<IpNet>,
         Option<&str>,
         Option<Mark>,
+        Origin,
     ) {
         (
             self.transport,
@@ -190,11 +243,17 @@ impl Rule {
             self.src,
             self.iface.as_deref(),
             self.mark,
+            self.origin,
         )
     }
 
-    fn is_unconditional(&self) -> bool {
-        self.src.is_none() && self.iface.is_none() && self.mark.is_none()
+    /// Whether the rule matches every packet its destination and port match, given whether
+    /// local connections are steered at all (`local`: then they are told from arrivals).
+    fn is_unconditional(&self, local: bool) -> bool {
+        self.src.is_none()
+            && self.iface.is_none()
+            && self.mark.is_none()
+            && (!local || self.origin == Origin::Any)
     }
 
     /// The match as the program would report it (retired rules behave as bypass).
@@ -226,6 +285,8 @@ pub struct Packet<'a> {
     pub src: std::net::IpAddr,
     pub dst: std::net::IpAddr,
     pub port: u16,
+    /// A local process's connection (`iface` is then ignored) rather than an arrival.
+    pub local: bool,
     pub iface: &'a str,
     /// `skb->mark` (or the connecting socket's mark).
     pub mark: u32,
@@ -243,7 +304,12 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
             r.transport == packet.transport
                 && r.ports.contains(packet.port)
                 && r.dst.contains(&dst)
-                && r.matches_source(&src, Some(packet.iface), packet.mark)
+                && r.matches_source(
+                    packet.local,
+                    &src,
+                    (!packet.local).then_some(packet.iface),
+                    packet.mark,
+                )
         })
         .min_by_key(|r| r.precedence())
         .map_or(RuleMatch::None, Rule::rule_match)
@@ -287,6 +353,26 @@ pub fn effective_mark(rule: &Rule, routing: Mark) -> Result<Option<Mark>, String
     }))
 }
 
+/// Checks that a rule for local connections names no source and no interface: a local
+/// connection is looked up once at `connect()` (no source address yet, no interface) and
+/// again on `lo` (source 127.0.0.1 or ::1), and both must find the same rule.
+pub fn check_origin(rule: &Rule) -> Result<(), String> {
+    if !rule.origin.local() {
+        return Ok(());
+    }
+    let what = match (&rule.src, &rule.iface) {
+        (Some(_), _) => "src",
+        (None, Some(_)) => "iface",
+        (None, None) => return Ok(()),
+    };
+    Err(format!(
+        "origin \"{}\" with `{what}`: a local connection has no ingress interface and its \
+         source is not known when it is steered; select local processes with `cgroup` and \
+         `uid`, or write a separate forwarded rule",
+        rule.origin
+    ))
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let transport = match self.transport {
@@ -302,6 +388,9 @@ impl fmt::Display for Rule {
         }
         if let Some(mark) = self.mark {
             write!(f, " mark {mark}")?;
+        }
+        if self.origin != Origin::Forwarded {
+            write!(f, " origin {}", self.origin)?;
         }
         Ok(())
     }
@@ -335,3 +424,8 @@ mod tests;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use compile::lookup;
 pub use compile::{compile, mark_rules, CompiledRules, Entry, Interfaces};
+
+/// Whether any of `rules` applies to local connections: they are then told from arrivals.
+pub fn any_local(rules: &[Rule]) -> bool {
+    rules.iter().any(|rule| rule.origin.local())
+}

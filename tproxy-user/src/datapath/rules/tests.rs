@@ -1,4 +1,4 @@
-use tproxy_common::maps::GENERATION_BIT;
+use tproxy_common::{local_origin::LOCAL_ORIGIN_IFINDEX, maps::GENERATION_BIT};
 
 use super::*;
 
@@ -9,7 +9,7 @@ fn interfaces() -> Vec<(String, u32)> {
 }
 
 fn rule(number: usize, text: &str, action: Action) -> Rule {
-    // "tcp 10.0.0.0/8 80 [src PREFIX] [iface IF] [mark VALUE[/MASK]]"
+    // "tcp 10.0.0.0/8 80 [src PREFIX] [iface IF] [mark VALUE[/MASK]] [origin local|any]"
     let words: Vec<&str> = text.split_whitespace().collect();
     let ports = match words[2] {
         "any" => Ports::Any,
@@ -33,20 +33,27 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         action,
         number,
         retired: false,
+        origin: Origin::Forwarded,
     };
     for pair in words[3..].chunks(2) {
         match pair[0] {
             "src" => rule.src = Some(pair[1].parse().unwrap()),
             "iface" => rule.iface = Some(pair[1].to_string()),
             "mark" => rule.mark = Some(crate::values::parse_mark_match(pair[1]).unwrap()),
+            "origin" if pair[1] == "local" => rule.origin = Origin::Local,
+            "origin" if pair[1] == "any" => rule.origin = Origin::Any,
             other => panic!("{other}"),
         }
     }
     rule
 }
 
+/// The interface of a local connection in these tests.
+const LOCAL: &str = "local";
+
 fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
-    // "tcp SRC -> DST:PORT [mark MARK]"
+    // "tcp SRC -> DST:PORT [mark MARK]" on an interface, or a local connection's (iface
+    // [`LOCAL`])
     let words: Vec<&str> = text.split_whitespace().collect();
     let mark = match words.get(4..6) {
         Some(["mark", mark]) => crate::values::parse_mark_match(mark).unwrap().value,
@@ -62,8 +69,16 @@ fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
         src: words[1].parse().unwrap(),
         dst: dst.ip(),
         port: dst.port(),
+        local: iface == LOCAL,
         iface,
         mark,
+    }
+}
+
+fn ifindex(iface: &str) -> u32 {
+    match iface {
+        LOCAL => LOCAL_ORIGIN_IFINDEX,
+        iface => IFACES.iter().find(|(n, _)| *n == iface).unwrap().1,
     }
 }
 
@@ -77,9 +92,8 @@ fn expect(rules: &[Rule], text: &str, iface: &str, expected: RuleMatch) {
     );
     for generation in [0, 1] {
         let compiled = compile(rules, generation, &interfaces());
-        let ifindex = IFACES.iter().find(|(n, _)| *n == iface).unwrap().1;
         assert_eq!(
-            lookup(&compiled, generation, &packet, ifindex),
+            lookup(&compiled, generation, &packet, ifindex(iface)),
             expected,
             "maps: {text} on {iface}"
         );
@@ -607,12 +621,17 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                     let ifaces = ["eth0", "eth1", "eth*", "e?h1", "wg*"];
                     text += &format!(" iface {}", ifaces[next(5) as usize]);
                 }
-                // The program holds 32 mark entries: marks in the small sets only.
-                if count <= 8 && next(3) == 0 {
+                // The program holds 32 mark entries: marks in the small sets only, and not
+                // with local rules (refused together: mark rules do not tell origins apart).
+                if count <= 8 && round % 3 != 0 && next(3) == 0 {
                     text += &format!(
                         " mark {}",
                         ["0x10/0xf0", "0x20", "0/0xff"][next(3) as usize]
                     );
+                }
+                // Local rules (in a third of the sets) name no source or interface.
+                if round % 3 == 0 && !text.contains("src") && !text.contains("iface") {
+                    text += ["", " origin local", " origin any"][next(3) as usize];
                 }
                 let action = if next(3) == 0 {
                     Action::Bypass
@@ -641,13 +660,69 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 [80, 81, 443, 500, 2000][next(5) as usize],
                 ["0", "0x10", "0x20", "0x1f0", "0x110"][next(5) as usize],
             );
-            let (iface, ifindex) = IFACES[next(2) as usize];
+            let iface = match next(3) {
+                0 if any_local(&rules) => LOCAL,
+                n => IFACES[n as usize % 2].0,
+            };
             let packet = packet(&text, iface);
             assert_eq!(
-                lookup(&compiled, round % 2, &packet, ifindex),
+                lookup(&compiled, round % 2, &packet, ifindex(iface)),
                 decide(&rules, &packet),
                 "{text} on {iface} with rules {rules:#?}"
             );
         }
     }
+}
+
+/// Forwarded rules never answer for a local connection and local rules never for an
+/// arrival, whether a cell's first rule is unconditional or looks at the source.
+#[test]
+fn local_and_forwarded_rules_are_kept_apart() {
+    let rules = [
+        rule(1, "tcp 0.0.0.0/0 80", Action::Steer(0)),
+        rule(2, "tcp 0.0.0.0/0 80 origin local", Action::Steer(1)),
+        rule(3, "tcp 10.0.0.0/8 443 origin local", Action::Steer(1)),
+        rule(4, "tcp 10.0.0.0/8 443 src 192.0.2.0/24", Action::Steer(0)),
+        rule(5, "tcp 10.1.0.0/16 any origin any", Action::Steer(2)),
+        rule(6, "tcp 10.2.0.0/16 any origin local", Action::Bypass),
+        rule(7, "tcp 10.2.0.0/16 any iface eth1", Action::Steer(0)),
+    ];
+    let cases = [
+        ("tcp 192.0.2.1 -> 10.9.0.1:80", "eth0", RuleMatch::Steer(0)),
+        ("tcp 0.0.0.0 -> 10.9.0.1:80", LOCAL, RuleMatch::Steer(1)),
+        ("tcp 127.0.0.1 -> 10.9.0.1:80", LOCAL, RuleMatch::Steer(1)),
+        ("tcp 192.0.2.1 -> 10.9.0.1:443", "eth0", RuleMatch::Steer(0)),
+        ("tcp 198.51.100.1 -> 10.9.0.1:443", "eth0", RuleMatch::None),
+        ("tcp 0.0.0.0 -> 10.9.0.1:443", LOCAL, RuleMatch::Steer(1)),
+        ("tcp 192.0.2.1 -> 10.1.0.1:22", "eth1", RuleMatch::Steer(2)),
+        ("tcp 0.0.0.0 -> 10.1.0.1:22", LOCAL, RuleMatch::Steer(2)),
+        ("tcp 0.0.0.0 -> 10.2.0.1:22", LOCAL, RuleMatch::Bypass),
+        ("tcp 192.0.2.1 -> 10.2.0.1:22", "eth1", RuleMatch::Steer(0)),
+        ("tcp 192.0.2.1 -> 10.2.0.1:22", "eth0", RuleMatch::None),
+    ];
+    for (text, iface, expected) in cases {
+        expect(&rules, text, iface, expected);
+    }
+    // Without local rules, forwarded cells stay final at the destination stage.
+    let compiled = compile(&rules[..1], 0, &interfaces());
+    assert!(compiled.src_v4.is_empty());
+    let compiled = compile(&rules[..2], 0, &interfaces());
+    assert!(compiled
+        .src_v4
+        .iter()
+        .any(|(key, ..)| key.ifindex == LOCAL_ORIGIN_IFINDEX));
+}
+
+#[test]
+fn a_local_rule_names_no_source_or_interface() {
+    let with_src = rule(1, "tcp 0.0.0.0/0 80 src 192.0.2.0/24", Action::Bypass);
+    let local = |mut rule: Rule| {
+        rule.origin = Origin::Local;
+        rule
+    };
+    assert!(check_origin(&with_src).is_ok());
+    let error = check_origin(&local(with_src)).unwrap_err();
+    assert!(error.contains("origin \"local\" with `src`"), "{error}");
+    let with_iface = local(rule(1, "tcp 0.0.0.0/0 80 iface eth0", Action::Bypass));
+    assert!(check_origin(&with_iface).unwrap_err().contains("`iface`"));
 }

@@ -18,7 +18,8 @@ use tproxy_common::{
 
 use crate::{
     datapath::fragments::FragmentTracking, datapath::local_origin::LocalGlobals,
-    datapath::pin::PinnedState, datapath::rules::CompiledRules, values::Mark,
+    datapath::pin::PinnedState, datapath::rules::CompiledRules, stats::LocalOriginStats,
+    values::Mark,
 };
 
 /// The compiled tproxy-ebpf object, built by build.rs.
@@ -49,6 +50,8 @@ pub(crate) struct Steering {
     /// Where the program is attached, by ifindex.
     attached: BTreeMap<u32, Attachment>,
     interface_events: Arc<InterfaceEvents>,
+    /// What the connect programs select and how many cgroup links they have, once attached.
+    local_origin: Option<LocalOriginStats>,
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -179,6 +182,7 @@ impl Steering {
             adopted: None,
             attached: BTreeMap::new(),
             interface_events: Arc::default(),
+            local_origin: None,
         };
         if adopted_capacity.is_some() {
             steering
@@ -248,6 +252,17 @@ impl Steering {
     /// The loaded object, for the programs other modules attach (`local_origin`).
     pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Records what the connect programs select and where they are attached (for status,
+    /// metrics and the log).
+    pub(crate) fn set_local_origin(&mut self, stats: LocalOriginStats) {
+        self.local_origin = Some(stats);
+    }
+
+    /// What the connect programs select, once attached.
+    pub(crate) fn local_origin(&self) -> Option<&LocalOriginStats> {
+        self.local_origin.as_ref()
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
