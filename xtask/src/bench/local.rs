@@ -15,8 +15,8 @@ use tproxy_tests::{
 };
 
 use super::{
-    field, format_value, fresh_topology, median_and_spread, output_of, Metric, HTTP_PORT,
-    IPERF_PORT, METRICS, RELAY_PORT,
+    field, format_value, fresh_topology, median_and_spread, output_in, output_of, Metric,
+    HTTP_PORT, IPERF_PORT, METRICS, RELAY_PORT,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,16 +66,20 @@ pub(super) fn measure_round(round: usize, rounds: usize, samples: &mut LocalSamp
         let mut proxy = start(&topo, mode, &client)?;
         let single = iperf_in(&topo, &client)?;
         let rate = connection_rate_in(&topo, &client)?;
-        if let Some(tproxy) = &proxy {
-            // A steering that took nothing would measure the direct path under another name.
-            let accepted = tproxy.tcp_stat("accepted")?;
-            ensure!(
-                accepted >= CONNECTIONS,
-                "{}: the relay accepted {accepted} connections, fewer than the {CONNECTIONS} \
-                 the client made: the steering missed some",
-                mode.label()
-            );
-        }
+        // A steering that took nothing would measure the direct path under another name.
+        let steered = match mode {
+            LocalMode::Direct => CONNECTIONS,
+            LocalMode::IptablesOutput => tproxy_target_packets(&topo)?,
+            LocalMode::Ebpf => proxy
+                .as_ref()
+                .map_or(Ok(0), |tproxy| tproxy.tcp_stat("accepted"))?,
+        };
+        ensure!(
+            steered >= CONNECTIONS,
+            "{}: {steered} connections (or packets) steered, fewer than the {CONNECTIONS} the \
+             client made",
+            mode.label()
+        );
         if let Some(tproxy) = &mut proxy {
             tproxy.stop()?;
         }
@@ -140,6 +144,20 @@ fn start(topo: &Topo, mode: LocalMode, client: &TestCgroup) -> Result<Option<Tpr
             Some(Tproxy::start_with_host_mounts(&topo.router, &args)?)
         }
     })
+}
+
+/// Packets the recipe's TPROXY rule took on the router (a relay-only tproxy has no status).
+fn tproxy_target_packets(topo: &Topo) -> Result<u64> {
+    let listing = output_in(
+        &topo.router,
+        &["iptables", "-t", "mangle", "-nvxL", "PREROUTING"],
+    )?;
+    listing
+        .lines()
+        .find(|line| line.contains("TPROXY"))
+        .and_then(|line| line.split_whitespace().next())
+        .and_then(|packets| packets.parse().ok())
+        .with_context(|| format!("no TPROXY rule counter in:\n{listing}"))
 }
 
 /// New connections `ab` makes per measurement.
