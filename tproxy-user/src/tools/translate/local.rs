@@ -77,9 +77,8 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
     {
         notes.push(
             "mangle OUTPUT's MARK rules for the TPROXY rules' mark became rules with origin = \
-             \"local\": tproxy marks the selected processes' sockets when they connect (TCP, \
-             and UDP sockets that connect; datagrams sent with sendto on an unconnected socket \
-             go direct)"
+             \"local\": tproxy's programs select the processes' connections and datagrams \
+             themselves (see `tproxy run --local`)"
                 .into(),
         );
     }
