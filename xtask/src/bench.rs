@@ -6,7 +6,8 @@
 //! (`--relay-only`: isolates the cost of steering); eBPF steering + tproxy's relay (the
 //! product); iptables TPROXY + HAProxy in transparent mode with splice (the incumbent); eBPF
 //! steering (`--on-port`) + the same HAProxy (isolates the cost of steering for a proxy
-//! tproxy does not run). Interfaces (a bridge, 100 veths by pattern): see [`interfaces`].
+//! tproxy does not run). Interfaces (a bridge, 100 veths by pattern): see [`interfaces`]. The host's
+//! own connections (`--local`): see [`local`].
 
 use std::{
     collections::BTreeMap,
@@ -36,6 +37,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
 ];
 pub mod interfaces;
+pub mod local;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -166,7 +168,9 @@ pub fn run(binary: &Path, rounds: usize, relay_modes_only: bool) -> Result<()> {
     let mut loads = Loads::new();
     let many_rules = ConfigFile::new(&many_rules_config(LOAD_RULES))?;
     let mut by_interface = interfaces::Samples::default();
+    let mut local_samples = local::LocalSamples::new();
     for round in 1..=rounds {
+        local::measure_round(round, rounds, &mut local_samples)?;
         for mode in MODES {
             println!("bench: round {round}/{rounds}: {}", mode.label());
             let (topo, _servers) = fresh_topology()?;
@@ -195,7 +199,14 @@ pub fn run(binary: &Path, rounds: usize, relay_modes_only: bool) -> Result<()> {
         loads.entry(LOAD_RUN).or_default().push(run);
         interfaces::round(&mut by_interface, round, rounds)?;
     }
-    report(&samples, &scaling, &loads, &by_interface, rounds)
+    report(
+        &samples,
+        &scaling,
+        &loads,
+        &by_interface,
+        &local_samples,
+        rounds,
+    )
 }
 
 /// `count` rules of one /32 destination and one TCP port each, steered to one listener: what
@@ -734,6 +745,7 @@ fn report(
     scaling: &BTreeMap<(String, usize), Vec<f64>>,
     loads: &Loads,
     by_interface: &interfaces::Samples,
+    local_samples: &local::LocalSamples,
     rounds: usize,
 ) -> Result<()> {
     let dir = crate::workspace_root().join("bench");
@@ -824,12 +836,15 @@ fn report(
     if !by_interface.is_empty() {
         md.push_str(&interfaces_md);
     }
+    let (local_md, json_local) = local::report(local_samples, None)?;
+    md.push_str(&local_md);
     md.push_str("\n![ratios to direct](results.png)\n");
     fs::write(dir.join("results.md"), &md)?;
     let json = json!({
         "date": date, "machine": machine, "rounds": rounds,
         "metrics": json_metrics, "rule_scaling": json_scaling, "rule_load": json_load,
         (interfaces::JSON_KEY): json_interfaces,
+        (local::JSON_KEY): json_local,
     });
     fs::write(
         dir.join("results.json"),

@@ -65,6 +65,11 @@ enum Task {
         /// one): their section of the report is replaced, the rest kept.
         #[arg(long, conflicts_with = "relay_modes_only")]
         interfaces_only: bool,
+        /// Only the host's own connections (a client in a cgroup on the router: direct, the
+        /// iptables OUTPUT-mark recipe, `tproxy run --local`): their section of the report is
+        /// replaced, the rest kept.
+        #[arg(long, conflicts_with_all = ["relay_modes_only", "interfaces_only"])]
+        local_modes_only: bool,
     },
     /// Run each fuzz target (cargo fuzz, nightly) from its corpus in fuzz/corpus; installs
     /// cargo-fuzz if missing. New findings stay out of the repository (a temporary corpus).
@@ -98,11 +103,13 @@ fn main() -> Result<()> {
             rounds,
             relay_modes_only,
             interfaces_only,
+            local_modes_only,
         } => {
             let binary = build()?;
-            match interfaces_only {
-                true => bench::interfaces::run_only(&binary, rounds.max(1)),
-                false => bench::run(&binary, rounds.max(1), relay_modes_only),
+            match (interfaces_only, local_modes_only) {
+                (true, _) => bench::interfaces::run_only(&binary, rounds.max(1)),
+                (_, true) => bench::local::run_only(&binary, rounds.max(1)),
+                _ => bench::run(&binary, rounds.max(1), relay_modes_only),
             }
         }
         Task::Fuzz { seconds } => fuzz::run(seconds),

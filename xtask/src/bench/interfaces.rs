@@ -165,7 +165,7 @@ pub(super) const JSON_KEY: &str = "interfaces";
 /// to `value`, the other entries kept as text: parsing and printing them again would
 /// change the last digits of some numbers. Entries stay in key order, as serde_json's map
 /// keeps them.
-fn set_json_entry(json: &str, key: &str, value: &Value) -> Result<String> {
+pub(super) fn set_json_entry(json: &str, key: &str, value: &Value) -> Result<String> {
     let body = json
         .trim()
         .strip_prefix('{')

@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    negation, own_mark,
+    local, negation, own_mark,
     precedence::{covers, iface_covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
 };
@@ -29,7 +29,12 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let mut notes = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
     let flat = flatten_entries(&ruleset, &mut notes);
-    let (flat, guard) = own_mark::guard(flat);
+    let local_flat = local::rules(&ruleset, &flat, &mut notes);
+    let (mut flat, guard) = own_mark::guard(flat);
+    let (local_flat, local_guard) = own_mark::guard(local_flat);
+    let guard = local::one_guard(guard, local_guard, &mut skipped);
+    local::leave_out_loopback(&mut flat, &local_flat, &mut notes);
+    flat.extend(local_flat);
     let flat: Vec<Parsed> = negation::open(flat, &mut notes)
         .into_iter()
         .filter_map(|rule| rule.map_err(|reason| skipped.push(reason)).ok())
@@ -151,7 +156,8 @@ fn listeners_and_rules(
         match &parsed.target {
             Target::SocketDivert if keep_proxies => diverts.push(parsed),
             Target::SocketDivert => divert_seen = true,
-            Target::Ignore | Target::Jump(_) => {}
+            // `local::rules` made each MARK a TPROXY target or a reason.
+            Target::Ignore | Target::Jump(_) | Target::SetMark(_) => {}
             Target::Bypass | Target::Return => rules.push((parsed, None)),
             Target::Tproxy { on_ip, on_port, .. } => {
                 let addrs = listeners.entry(*on_port).or_default();
@@ -339,11 +345,16 @@ fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<Strin
         .collect()
 }
 
-/// `interfaces`: the rules' input interfaces, or all when a rule names none.
+/// `interfaces`: the rules' input interfaces, or all when a rule names none. Rules for
+/// locally generated traffic have no input interface.
 fn write_interfaces(out: &mut String, kept: &[Rule]) {
+    let forwarded: Vec<&Rule> = kept
+        .iter()
+        .filter(|(rule, _)| !rule.matches.local)
+        .collect();
     let ifaces: Vec<&String> = {
         let mut seen: Vec<&String> = Vec::new();
-        for (rule, _) in kept {
+        for (rule, _) in &forwarded {
             if let Some(iface) = &rule.matches.iface {
                 if !seen.contains(&iface) {
                     seen.push(iface);
@@ -352,7 +363,11 @@ fn write_interfaces(out: &mut String, kept: &[Rule]) {
         }
         seen
     };
-    if kept.iter().any(|(rule, _)| rule.matches.iface.is_none()) || ifaces.is_empty() {
+    if forwarded
+        .iter()
+        .any(|(rule, _)| rule.matches.iface.is_none())
+        || ifaces.is_empty()
+    {
         let _ = writeln!(
             out,
             "# Rules without an input interface applied to packets arriving on any interface."
@@ -465,6 +480,9 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
         }
         None => {}
     }
+    if m.local {
+        local::write_selectors(out, m);
+    }
     match listener {
         Some(port) => {
             let _ = writeln!(
@@ -494,7 +512,13 @@ fn quoted(prefixes: &[IpNet]) -> String {
 }
 
 /// Inlines jumps from `chain`, narrowing the jumped-to rules by the jump's own matches.
-fn flatten(ruleset: &RuleSet, chain: &str, context: &Match, depth: usize, out: &mut Vec<Flat>) {
+pub(super) fn flatten(
+    ruleset: &RuleSet,
+    chain: &str,
+    context: &Match,
+    depth: usize,
+    out: &mut Vec<Flat>,
+) {
     let Some(rules) = ruleset.chains.get(chain) else {
         return;
     };
@@ -518,8 +542,12 @@ fn flatten(ruleset: &RuleSet, chain: &str, context: &Match, depth: usize, out: &
                 // RETURN in the target chain continues here, after the jump: only a bypass if
                 // nothing after the jump could still steer.
                 let steers_later = rules[i + 1..].iter().any(|r| {
-                    r.as_ref()
-                        .is_ok_and(|r| matches!(r.target, Target::Tproxy { .. } | Target::Jump(_)))
+                    r.as_ref().is_ok_and(|r| {
+                        matches!(
+                            r.target,
+                            Target::Tproxy { .. } | Target::Jump(_) | Target::SetMark(_)
+                        )
+                    })
                 });
                 let start = out.len();
                 flatten(ruleset, target, &matches, depth + 1, out);
@@ -540,6 +568,16 @@ fn flatten(ruleset: &RuleSet, chain: &str, context: &Match, depth: usize, out: &
                 "line {}: {}: jumps nest too deep (to {target})",
                 rule.line, rule.text
             ))),
+            Target::SetMark(_) if !matches.local => out.push(Err(format!(
+                "line {}: {}: target MARK (marks are tproxy's own business)",
+                rule.line, rule.text
+            ))),
+            _ if !matches.local && !(matches.uids.is_empty() && matches.cgroups.is_empty()) => out
+                .push(Err(format!(
+                    "line {}: {}: `-m owner` and `-m cgroup` select locally generated packets, \
+                     which only mangle OUTPUT sees",
+                    rule.line, rule.text
+                ))),
             _ => out.push(Ok(Parsed {
                 matches,
                 ..rule.clone()
@@ -603,6 +641,9 @@ fn narrow(context: &Match, rule: &Match) -> Option<Match> {
             (Some(a), Some(b)) if a != b => return None,
             (a, b) => b.or(a),
         },
+        local: context.local || rule.local,
+        uids: pick(&context.uids, &rule.uids)?,
+        cgroups: pick(&context.cgroups, &rule.cgroups)?,
     })
 }
 

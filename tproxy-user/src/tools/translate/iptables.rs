@@ -3,12 +3,13 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
+use tproxy_common::local_origin::UidRange;
 
 use super::{
-    complement, full_mark, interface_name, interface_pattern,
+    cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
-    local_bypass, other_transports, port_range, words, Chain, Family, Match, Parsed, RuleSet,
-    Target,
+    local_bypass, other_transports, other_uids, port_range, words, Chain, Family, Match, Parsed,
+    RuleSet, Target,
 };
 use crate::{
     datapath::rules::Ports,
@@ -16,14 +17,13 @@ use crate::{
     values::{parse_mark_match, parse_port_list, parse_prefix},
 };
 
-/// Reads the `mangle` table's PREROUTING chain and the chains it may jump to; `sets` are
-/// those `-m set` may name.
+/// Reads the `mangle` table's PREROUTING and OUTPUT chains and the chains they may jump to;
+/// `sets` are those `-m set` may name.
 pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     let mut chains: HashMap<String, Chain> = HashMap::new();
     let mut table = String::new();
     let mut family = Family::V4;
     let mut ignored = 0;
-    let mut elsewhere = Vec::new();
     let (user_chains, divert_chains) = user_and_divert_chains(input);
     for (number, line) in input.lines().enumerate() {
         let number = number + 1;
@@ -64,18 +64,8 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             comment,
         })
         .map_err(|reason| (number, trimmed.to_string(), reason));
-        if chain == "OUTPUT" {
-            if parsed.as_ref().is_ok_and(|p| p.target != Target::Ignore) || parsed.is_err() {
-                elsewhere.push((
-                    number,
-                    trimmed.to_string(),
-                    "mangle OUTPUT handles locally generated traffic, which tproxy does not steer"
-                        .to_string(),
-                ));
-            }
-            continue;
-        }
         if chain != "PREROUTING"
+            && chain != "OUTPUT"
             && chain.chars().all(|c| c.is_ascii_uppercase())
             && !chains.contains_key(&chain_key(family, &chain))
             && is_builtin(&chain)
@@ -94,8 +84,12 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             chain_key(Family::V4, "PREROUTING"),
             chain_key(Family::V6, "PREROUTING"),
         ],
+        local_entry: vec![
+            chain_key(Family::V4, "OUTPUT"),
+            chain_key(Family::V6, "OUTPUT"),
+        ],
         ignored,
-        elsewhere,
+        elsewhere: Vec::new(),
     })
 }
 
@@ -182,7 +176,8 @@ fn parse_rule(
             }
             "-m" | "--match" => {
                 match value()?.as_str() {
-                    "tcp" | "udp" | "multiport" | "comment" | "mark" | "addrtype" | "set" => {}
+                    "tcp" | "udp" | "multiport" | "comment" | "mark" | "addrtype" | "set" | "owner"
+                    | "cgroup" => {}
                     "socket" => socket = true,
                     other => return Err(format!("match `-m {other}`")),
                 }
@@ -262,11 +257,36 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         "--dst-type" if negated => return Err("negated `--dst-type`".into()),
         "--dst-type" if value == "LOCAL" => m.dst_local = true,
         "--dst-type" => return Err(format!("`--dst-type {value}` (tproxy knows LOCAL)")),
+        "--uid-owner" => {
+            m.uids = vec![uid_range(value)?];
+            if negated {
+                m.uids = other_uids(&m.uids)?;
+            }
+        }
+        "--gid-owner" | "--socket-exists" | "--suppl-groups" => {
+            return Err(format!(
+                "`-m owner {word}` (tproxy selects local processes by uid and cgroup)"
+            ))
+        }
+        "--path" if negated => return Err("negated `-m cgroup --path`".into()),
+        "--path" => m.cgroups = vec![cgroup_path(value)?],
+        "--cgroup" => {
+            return Err(
+                "`-m cgroup --cgroup` (a cgroup v1 class id; tproxy selects cgroup v2 paths)"
+                    .into(),
+            )
+        }
         "--mark" if negated => return Err("negated match `-m mark`".into()),
         "--mark" => m.mark = Some(parse_mark_match(value)?),
         other => return Err(format!("option `{other}`")),
     }
     Ok(())
+}
+
+/// `--uid-owner`'s user: a uid or a range of them (`iptables-save` writes numbers).
+fn uid_range(text: &str) -> Result<UidRange, String> {
+    text.parse()
+        .map_err(|error| format!("`--uid-owner {text}`: {error}"))
 }
 
 /// `-p`'s protocol.
@@ -310,6 +330,7 @@ fn parse_target(
     let mut on_ip = None;
     let mut on_port = None;
     let mut mark = None;
+    let mut set_mark = None;
     while i < w.len() {
         match w[i].as_str() {
             "--on-port" => {
@@ -323,7 +344,8 @@ fn parse_target(
                 );
             }
             "--tproxy-mark" => mark = Some(full_mark(&value(i)?)?),
-            "--set-mark" | "--set-xmark" | "--mark" => {}
+            "--set-mark" | "--set-xmark" => set_mark = Some(full_mark(&value(i)?)?),
+            "--mark" => {}
             // Matches may follow the target (`-j RETURN -m mark --mark 1`): the
             // rule's options go on, and a match is judged as a match.
             "-m" | "--match" | "-p" | "--protocol" | "-s" | "--source" | "-d" | "--destination"
@@ -339,9 +361,8 @@ fn parse_target(
             mark,
         },
         "MARK" | "ACCEPT" if in_divert_chain => Target::Ignore,
-        "MARK" | "CONNMARK" => {
-            return Err(format!("target {name} (marks are tproxy's own business)"))
-        }
+        "MARK" => Target::SetMark(set_mark.ok_or("target MARK without --set-mark")?),
+        "CONNMARK" => return Err(format!("target {name} (marks are tproxy's own business)")),
         "ACCEPT" => Target::Bypass,
         "RETURN" => Target::Return,
         _ if socket => Target::SocketDivert,

@@ -9,6 +9,9 @@
 //! rule shadows is dropped when iptables could never reach it, and reported when only part of
 //! it is shadowed. Everything that cannot be expressed is listed on stderr with its line.
 //!
+//! The mangle OUTPUT chain (nft: route chains hooked at output), the recipe's half for the
+//! host's own traffic, becomes rules with `origin = "local"` (see [`local`]).
+//!
 //! The parsers ([`iptables`], [`nft`]) read their syntax into one model (a [`RuleSet`] of
 //! [`Parsed`] rules); [`emit`] flattens it, resolves precedence (with [`precedence`]) and
 //! writes the TOML.
@@ -16,6 +19,7 @@
 mod emit;
 mod ipset;
 mod iptables;
+mod local;
 mod negation;
 mod nft;
 mod own_mark;
@@ -27,6 +31,8 @@ use std::{collections::HashMap, io::Read, net::IpAddr};
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
+
+use tproxy_common::local_origin::UidRange;
 
 use crate::{
     cli::TranslateArgs,
@@ -107,6 +113,13 @@ struct Match {
     /// nft `fib daddr type local`): `dst` is then empty, and the rule a bypass written with
     /// `dst = "local"`, which tproxy keeps up to date with the addresses.
     dst_local: bool,
+    /// Locally generated traffic: the rule was reached from mangle OUTPUT (see `local`).
+    local: bool,
+    /// The users whose sockets match (`-m owner --uid-owner`); empty: any.
+    uids: Vec<UidRange>,
+    /// The cgroup v2 paths whose processes' sockets match (`-m cgroup --path`), from the
+    /// hierarchy's root; empty: any.
+    cgroups: Vec<String>,
 }
 
 impl Match {
@@ -129,6 +142,9 @@ enum Target {
     Return,
     /// The socket match's "divert" jump: tproxy has it built in.
     SocketDivert,
+    /// MARK `--set-mark`: in mangle OUTPUT, the recipe's way to steer locally generated
+    /// packets (see `local`).
+    SetMark(Mark),
     Jump(String),
     /// Part of the divert chain (mark, accept) or a no-op.
     Ignore,
@@ -154,7 +170,9 @@ struct RuleSet {
     entry: Vec<String>,
     /// Rules outside what is translated, for a note.
     ignored: usize,
-    /// Rules that matter but are outside prerouting (mangle OUTPUT: local traffic).
+    /// The chains the kernel runs for locally generated packets (mangle OUTPUT), in order.
+    local_entry: Vec<String>,
+    /// Rules that matter but cannot be translated where they are (nft: the output hook).
     elsewhere: Vec<(usize, String, String)>,
 }
 
@@ -355,4 +373,47 @@ fn other_transports(excluded: Result<Transport, String>) -> Vec<Transport> {
         Ok(Transport::Udp) => vec![Transport::Tcp],
         Err(_) => Vec::new(),
     }
+}
+
+/// The users `uids` leaves out, as ranges (`! --uid-owner 1000`, nft `meta skuid != 1000`:
+/// `0-999` and `1001-4294967294`).
+fn other_uids(uids: &[UidRange]) -> Result<Vec<UidRange>, String> {
+    // The kernel's "no uid" (`(uid_t)-1`) is no process's.
+    const LAST_UID: u32 = u32::MAX - 1;
+    let mut taken: Vec<UidRange> = uids.to_vec();
+    taken.sort_unstable_by_key(|range| range.first);
+    let mut left = Vec::new();
+    let mut next: u64 = 0;
+    for range in taken {
+        if u64::from(range.first) > next {
+            left.push(UidRange {
+                first: next as u32,
+                last: range.first - 1,
+            });
+        }
+        next = next.max(u64::from(range.last) + 1);
+    }
+    if next <= u64::from(LAST_UID) {
+        left.push(UidRange {
+            first: next as u32,
+            last: LAST_UID,
+        });
+    }
+    if left.is_empty() {
+        return Err("a negated uid match that excludes every user".into());
+    }
+    Ok(left)
+}
+
+/// A cgroup v2 path (`-m cgroup --path`, nft `socket cgroupv2`) from the hierarchy's root,
+/// as tproxy takes it (iptables and nft take it with or without the leading `/`).
+fn cgroup_path(text: &str) -> Result<String, String> {
+    let relative = text.trim_start_matches('/');
+    if relative
+        .split('/')
+        .any(|part| part == "." || part == ".." || (part.is_empty() && !relative.is_empty()))
+    {
+        return Err(format!("cgroup `{text}`: not a cgroup path"));
+    }
+    Ok(format!("/{relative}"))
 }

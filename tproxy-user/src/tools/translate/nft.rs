@@ -3,10 +3,11 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
+use tproxy_common::local_origin::UidRange;
 
 use super::{
-    complement, full_mark, interface_name, interface_pattern, local_bypass, other_transports,
-    port_range, words, Family, Match, Parsed, RuleSet, Target,
+    cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
+    other_transports, other_uids, port_range, words, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
     relay::listener::Transport,
@@ -37,11 +38,13 @@ struct Position {
     elements: Option<(String, String)>,
 }
 
-/// Reads the chains hooked at prerouting and the chains they may jump to.
+/// Reads the chains hooked at prerouting, the route chains hooked at output, and the chains
+/// they may jump to.
 pub(super) fn parse(input: &str) -> Result<RuleSet> {
     let mut ruleset = RuleSet {
         chains: HashMap::new(),
         entry: Vec::new(),
+        local_entry: Vec::new(),
         ignored: 0,
         elsewhere: Vec::new(),
     };
@@ -137,8 +140,14 @@ fn chain_line(
             .position(|x| x == "hook")
             .and_then(|i| w.get(i + 1))
             .map(|h| h.trim_end_matches(';').to_string());
-        if let (Some("prerouting"), Some(chain)) = (at.hook.as_deref(), &at.chain) {
-            ruleset.entry.push(chain.clone());
+        match (at.hook.as_deref(), &at.chain) {
+            (Some("prerouting"), Some(chain)) => ruleset.entry.push(chain.clone()),
+            // Only a route chain looks up the route again when a rule changes the mark:
+            // the recipe's way to send the host's own packets to `lo`.
+            (Some("output"), Some(chain)) if w.get(1).is_some_and(|t| t == "route") => {
+                ruleset.local_entry.push(chain.clone())
+            }
+            _ => {}
         }
         return;
     }
@@ -161,8 +170,13 @@ fn chain_line(
             .entry(chain.clone())
             .or_default()
             .push(parsed),
+        Some("output") if ruleset.local_entry.contains(chain) => ruleset
+            .chains
+            .entry(chain.clone())
+            .or_default()
+            .push(parsed),
         Some("output") => {
-            ruleset.elsewhere.push((number, trimmed.to_string(), "a rule at the output hook handles locally generated traffic, which tproxy does not steer".to_string()));
+            ruleset.elsewhere.push((number, trimmed.to_string(), "a rule in a chain at the output hook that is not `type route`: a mark it sets does not send the packet to the TPROXY rules".to_string()));
         }
         Some(_) => ruleset.ignored += 1,
     }
@@ -304,6 +318,11 @@ impl Rule<'_> {
                 Ok(i + 3)
             }
             "meta" | "mark" if w[i] == "mark" || next_is("mark") => self.mark(i),
+            "meta" | "skuid" if w[i] == "skuid" || next_is("skuid") => {
+                let at = if w[i] == "meta" { i + 2 } else { i + 1 };
+                self.uids(at)
+            }
+            "socket" if next_is("cgroupv2") => self.cgroup(i),
             "counter" => {
                 let mut i = i + 1;
                 while i + 1 < w.len() && (w[i] == "packets" || w[i] == "bytes") {
@@ -466,6 +485,57 @@ impl Rule<'_> {
         Ok(at + 1)
     }
 
+    /// `meta skuid` values at `w[i]`: uids and ranges of them, or all but those.
+    fn uids(&mut self, i: usize) -> Result<usize, String> {
+        let found = self.values(i)?;
+        let uids = found
+            .values
+            .iter()
+            .map(|v| {
+                v.parse::<UidRange>().map_err(|error| {
+                    format!("`meta skuid {v}`: {error} (list the rule set with `nft -n`)")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.m.uids = match found.negated {
+            true => other_uids(&uids)?,
+            false => uids,
+        };
+        Ok(found.next)
+    }
+
+    /// `socket cgroupv2 level N "path"` at `w[i]`: the path's processes, from the root.
+    fn cgroup(&mut self, i: usize) -> Result<usize, String> {
+        if self.w.get(i + 2).map(String::as_str) != Some("level") {
+            return Err("`socket cgroupv2` without `level`".into());
+        }
+        let level: usize = self
+            .w
+            .get(i + 3)
+            .and_then(|level| level.parse().ok())
+            .ok_or("`socket cgroupv2 level` without a number")?;
+        let found = self.values(i + 4)?;
+        if found.negated {
+            return Err("negated `socket cgroupv2`".into());
+        }
+        self.m.cgroups = found
+            .values
+            .iter()
+            .map(|path| {
+                let path = cgroup_path(path)?;
+                // `level` is the path's depth: a path of another depth never matches.
+                let depth = path.split('/').filter(|part| !part.is_empty()).count();
+                match depth == level {
+                    true => Ok(path),
+                    false => Err(format!(
+                        "`socket cgroupv2 level {level}` with the path {path} of depth {depth}"
+                    )),
+                }
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(found.next)
+    }
+
     /// `tproxy [ip|ip6] to [addr]:port` at `w[i]`.
     fn tproxy(&mut self, i: usize) -> Result<usize, String> {
         let w = &self.w;
@@ -517,7 +587,11 @@ impl Rule<'_> {
             Some(target) => target,
             // Only marking (part of a divert), or only counting.
             None if self.socket => Target::SocketDivert,
-            None => Target::Ignore,
+            // Only marking: in an output route chain, the recipe's steering (see `local`).
+            None => match self.set_mark {
+                Some(mark) => Target::SetMark(mark),
+                None => Target::Ignore,
+            },
         };
         (self.m, target, self.comment)
     }

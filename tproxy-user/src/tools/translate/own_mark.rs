@@ -13,7 +13,7 @@ use crate::values::Mark;
 
 /// The loop guard found: its rule and the mark.
 pub(super) struct Guard {
-    rule: Parsed,
+    pub(super) rule: Parsed,
     pub(super) mark: u32,
 }
 
@@ -86,6 +86,8 @@ fn matches_any_packet(m: &Match) -> bool {
         && m.ports.is_empty()
         && m.iface.is_none()
         && !m.dst_local
+        && m.uids.is_empty()
+        && m.cgroups.is_empty()
         && !m.excludes()
 }
 

@@ -89,7 +89,31 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
         (Some(a), Some(b)) => (a.value ^ b.value) & a.mask & b.mask == 0,
         _ => true,
     };
-    transports && ports && iface && addresses && marks
+    let selectors = a.local == b.local
+        && (a.uids.is_empty()
+            || b.uids.is_empty()
+            || a.uids.iter().any(|x| {
+                b.uids
+                    .iter()
+                    .any(|y| x.first <= y.last && y.first <= x.last)
+            }))
+        && (a.cgroups.is_empty()
+            || b.cgroups.is_empty()
+            || a.cgroups
+                .iter()
+                .any(|x| b.cgroups.iter().any(|y| within(x, y) || within(y, x))));
+    transports && ports && iface && addresses && marks && selectors
+}
+
+/// Whether cgroup `inner` is `outer` or inside it (the processes of a cgroup's descendants
+/// are selected with it).
+fn within(inner: &str, outer: &str) -> bool {
+    let outer = outer.trim_end_matches('/');
+    inner == outer
+        || outer.is_empty()
+        || inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The `eth` of a pattern `eth*` (what iptables' `eth+` and nft's `"eth*"` become); `None`
@@ -163,7 +187,28 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
         }
         (Some(_), None) => false,
     };
-    transports && ports && iface && addresses && marks
+    let uids = outer.uids.is_empty()
+        || (!inner.uids.is_empty()
+            && inner.uids.iter().all(|i| {
+                outer
+                    .uids
+                    .iter()
+                    .any(|o| o.first <= i.first && i.last <= o.last)
+            }));
+    let cgroups = outer.cgroups.is_empty()
+        || (!inner.cgroups.is_empty()
+            && inner
+                .cgroups
+                .iter()
+                .all(|i| outer.cgroups.iter().any(|o| within(i, o))));
+    transports
+        && ports
+        && iface
+        && addresses
+        && marks
+        && outer.local == inner.local
+        && uids
+        && cgroups
 }
 
 /// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:

@@ -1,0 +1,607 @@
+//! mangle OUTPUT: the half of the TPROXY recipe that proxies the host itself.
+//!
+//! Its rules `MARK --set-mark` locally generated packets with the recipe's mark; the
+//! recipe's `ip rule fwmark … lookup` table (`local 0.0.0.0/0 dev lo`) sends them over `lo`,
+//! where PREROUTING's TPROXY takes them like forwarded packets. tproxy does the same with
+//! rules of `origin = "local"`: its connect programs mark the selected processes' sockets and
+//! its program on `lo` steers them. So a MARK rule setting the TPROXY rules' mark becomes a
+//! local steer rule to the listener of the PREROUTING TPROXY rules that take its packets when
+//! they come back on `lo`, the chain's RETURN and ACCEPT rules become local bypass rules, and
+//! `-m owner --uid-owner` and `-m cgroup --path` become the rules' `uid` and `cgroup`.
+//!
+//! PREROUTING's bypass rules are not applied to the packets that come back on `lo`: the
+//! guides repeat them in OUTPUT, and a marked packet that PREROUTING lets through would reach
+//! no socket (the recipe's table delivers it locally), which no rule of tproxy's reproduces.
+
+use std::fmt::Write as _;
+
+use super::{
+    emit::{flatten, Flat},
+    own_mark::Guard,
+    precedence::{covers, overlaps},
+    Match, Parsed, RuleSet, Target,
+};
+use crate::{relay::listener::Transport, values::Mark};
+
+/// The rules the kernel runs for locally generated packets, jumps inlined, in order: the
+/// MARK rules that steer made TPROXY targets like those that take their packets on `lo`;
+/// each rule or why it cannot be translated. `prerouting`: the flattened PREROUTING rules.
+pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<String>) -> Vec<Flat> {
+    let mut flat = Vec::new();
+    let context = Match {
+        local: true,
+        ..Match::default()
+    };
+    for entry in &ruleset.local_entry {
+        flatten(ruleset, entry, &context, 0, &mut flat);
+    }
+    let recipe_mark = prerouting
+        .iter()
+        .flatten()
+        .find_map(|rule| match rule.target {
+            Target::Tproxy { mark, .. } => mark,
+            _ => None,
+        });
+    let mut out = Vec::with_capacity(flat.len());
+    for rule in flat {
+        let rule = match rule {
+            Ok(rule) => rule,
+            Err(reason) => {
+                out.push(Err(reason));
+                continue;
+            }
+        };
+        let refuse = |reason: &str| Err(format!("line {}: {}: {reason}", rule.line, rule.text));
+        if !rule.matches.src.is_empty() || !rule.matches.not_src.is_empty() {
+            out.push(refuse(
+                "a source address match on locally generated traffic (tproxy decides at \
+                 connect, before the kernel picks the source)",
+            ));
+            continue;
+        }
+        match rule.target.clone() {
+            Target::SetMark(mark) => match steers(mark, recipe_mark) {
+                Ok(()) => out.extend(steered(&rule, prerouting)),
+                Err(reason) => out.push(refuse(&reason)),
+            },
+            Target::Bypass | Target::Return | Target::Ignore => out.push(Ok(rule)),
+            Target::Tproxy { .. } | Target::SocketDivert | Target::Jump(_) => {
+                out.push(refuse("not a target for locally generated traffic"))
+            }
+        }
+    }
+    if out
+        .iter()
+        .flatten()
+        .any(|rule| matches!(rule.target, Target::Tproxy { .. }))
+    {
+        notes.push(
+            "mangle OUTPUT's MARK rules for the TPROXY rules' mark became rules with origin = \
+             \"local\": tproxy's programs select the processes' connections and datagrams \
+             themselves (see `tproxy run --local`)"
+                .into(),
+        );
+    }
+    out
+}
+
+/// Whether setting `mark` in OUTPUT feeds the TPROXY recipe: it sets the mark the TPROXY
+/// rules set (which the recipe's `ip rule fwmark` routes to `lo`).
+fn steers(mark: Mark, recipe: Option<Mark>) -> Result<(), String> {
+    let Some(recipe) = recipe else {
+        return Err(format!(
+            "target MARK: no PREROUTING TPROXY rule sets a mark (--tproxy-mark) to tell \
+             whether {mark} leads to it"
+        ));
+    };
+    let sets_recipe_bits = mark.mask & recipe.mask == recipe.mask;
+    if sets_recipe_bits && mark.value & recipe.mask == recipe.value & recipe.mask {
+        Ok(())
+    } else {
+        Err(format!(
+            "target MARK: it sets {mark}, not the TPROXY rules' mark {recipe}, so it does not \
+             lead to them"
+        ))
+    }
+}
+
+/// A MARK rule as local steer rules: per listener that its packets reach on `lo`, the rule
+/// with the transports that reach it and that listener's TPROXY target.
+fn steered(rule: &Parsed, prerouting: &[Flat]) -> Vec<Flat> {
+    let transports = match rule.matches.transports.is_empty() {
+        true => vec![Transport::Tcp, Transport::Udp],
+        false => rule.matches.transports.clone(),
+    };
+    let mut by_target: Vec<(Target, Vec<Transport>)> = Vec::new();
+    for transport in transports {
+        match target_on_lo(rule, transport, prerouting) {
+            Ok(target) => match by_target.iter_mut().find(|(t, _)| *t == target) {
+                Some((_, transports)) => transports.push(transport),
+                None => by_target.push((target, vec![transport])),
+            },
+            Err(reason) => {
+                return vec![Err(format!("line {}: {}: {reason}", rule.line, rule.text))]
+            }
+        }
+    }
+    let one_target = by_target.len() == 1;
+    by_target
+        .into_iter()
+        .map(|(target, transports)| {
+            let mut matches = rule.matches.clone();
+            if !one_target {
+                matches.transports = transports;
+            }
+            Ok(Parsed {
+                matches,
+                target,
+                ..rule.clone()
+            })
+        })
+        .collect()
+}
+
+/// The TPROXY target that the `transport` packets of `rule` meet when they come back on
+/// `lo`: the one of every PREROUTING TPROXY rule they may match, one of which matches them
+/// all.
+fn target_on_lo(
+    rule: &Parsed,
+    transport: Transport,
+    prerouting: &[Flat],
+) -> Result<Target, String> {
+    let on_lo = Match {
+        transports: vec![transport],
+        dst: rule.matches.dst.clone(),
+        ports: rule.matches.ports.clone(),
+        iface: Some("lo".into()),
+        family: rule.matches.family,
+        ..Match::default()
+    };
+    let mut targets: Vec<&Target> = Vec::new();
+    let mut covered = false;
+    for candidate in prerouting.iter().flatten() {
+        let takes_lo = !candidate
+            .matches
+            .not_iface
+            .iter()
+            .any(|iface| iface == "lo");
+        if !matches!(candidate.target, Target::Tproxy { .. })
+            || !takes_lo
+            || !overlaps(&candidate.matches, &on_lo)
+        {
+            continue;
+        }
+        covered |= covers(&candidate.matches, &on_lo) && !candidate.matches.excludes();
+        if !targets.contains(&&candidate.target) {
+            targets.push(&candidate.target);
+        }
+    }
+    let name = match transport {
+        Transport::Tcp => "TCP",
+        Transport::Udp => "UDP",
+    };
+    match targets[..] {
+        [target] if covered => Ok(target.clone()),
+        [_] => Err(format!(
+            "only some of its {name} packets meet a PREROUTING TPROXY rule when they come \
+             back on lo"
+        )),
+        [] => Err(format!(
+            "no PREROUTING TPROXY rule takes its {name} packets when they come back on lo"
+        )),
+        _ => Err(format!(
+            "its {name} packets come back on lo to {} TPROXY targets, which one rule cannot \
+             tell apart",
+            targets.len()
+        )),
+    }
+}
+
+/// Leaves out of `prerouting` its rules for packets arriving on `lo` once `local` steers:
+/// they served the packets the recipe sends back over `lo`, which the local rules now take
+/// (tproxy's program on `lo` is theirs).
+pub(super) fn leave_out_loopback(
+    prerouting: &mut Vec<Flat>,
+    local: &[Flat],
+    notes: &mut Vec<String>,
+) {
+    let steers = local
+        .iter()
+        .flatten()
+        .any(|rule| matches!(rule.target, Target::Tproxy { .. }));
+    if !steers {
+        return;
+    }
+    prerouting.retain(|rule| match rule {
+        Ok(rule) if rule.matches.iface.as_deref() == Some("lo") => {
+            notes.push(format!(
+                "line {}: `{}` takes the host's own packets coming back on lo: the rules with \
+                 origin = \"local\" steer those; left out",
+                rule.line, rule.text
+            ));
+            false
+        }
+        _ => true,
+    });
+}
+
+/// The one loop guard of the translation: PREROUTING's, OUTPUT's, or both when they agree
+/// (tproxy has one `socket_mark`); a second guard with another mark is reported.
+pub(super) fn one_guard(
+    forwarded: Option<Guard>,
+    local: Option<Guard>,
+    skipped: &mut Vec<String>,
+) -> Option<Guard> {
+    match (forwarded, local) {
+        (Some(forwarded), Some(local)) if forwarded.mark != local.mark => {
+            skipped.push(format!(
+                "line {}: {}: a loop guard for the mark {:#x}, while line {}'s is for {:#x}: \
+                 tproxy has one socket_mark",
+                local.rule.line, local.rule.text, local.mark, forwarded.rule.line, forwarded.mark
+            ));
+            Some(forwarded)
+        }
+        (forwarded, local) => forwarded.or(local),
+    }
+}
+
+/// A local rule's selectors: `origin`, and `cgroup` and `uid` when it has them.
+pub(super) fn write_selectors(out: &mut String, m: &Match) {
+    let _ = writeln!(out, "origin = \"local\"");
+    if !m.cgroups.is_empty() {
+        let cgroups: Vec<String> = m
+            .cgroups
+            .iter()
+            .map(|cgroup| toml::Value::String(cgroup.clone()).to_string())
+            .collect();
+        let _ = writeln!(out, "cgroup = [{}]", cgroups.join(", "));
+    }
+    if !m.uids.is_empty() {
+        let uids: Vec<String> = m
+            .uids
+            .iter()
+            .map(|range| match range.first == range.last {
+                true => range.first.to_string(),
+                false => format!("\"{range}\""),
+            })
+            .collect();
+        let _ = writeln!(out, "uid = [{}]", uids.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tools::translate::translate;
+
+    /// The Xray guide's iptables rules whole: XRAY for forwarded traffic, XRAY_SELF (mangle
+    /// OUTPUT) for the host's own, as `iptables-save` prints them.
+    const XRAY_WITH_SELF: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:XRAY - [0:0]
+:XRAY_SELF - [0:0]
+-A PREROUTING -j XRAY
+-A OUTPUT -j XRAY_SELF
+-A XRAY -d 10.0.0.0/8 -j RETURN
+-A XRAY -d 192.168.0.0/16 -p tcp -m tcp ! --dport 53 -j RETURN
+-A XRAY -p tcp -j TPROXY --on-port 12345 --on-ip 0.0.0.0 --tproxy-mark 0x1/0xffffffff
+-A XRAY -p udp -j TPROXY --on-port 12345 --on-ip 0.0.0.0 --tproxy-mark 0x1/0xffffffff
+-A XRAY_SELF -d 10.0.0.0/8 -j RETURN
+-A XRAY_SELF -d 192.168.0.0/16 -p tcp -m tcp ! --dport 53 -j RETURN
+-A XRAY_SELF -m mark --mark 0x2 -j RETURN
+-A XRAY_SELF -p tcp -j MARK --set-xmark 0x1/0xffffffff
+-A XRAY_SELF -p udp -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+";
+
+    /// The `[[rule]]` tables of a translation, each as its lines without comments.
+    fn rules(config: &str) -> Vec<String> {
+        config
+            .split("[[rule]]")
+            .skip(1)
+            .map(|rule| {
+                rule.lines()
+                    .filter(|line| !line.starts_with('#') && !line.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_output_chain_of_the_recipe_becomes_local_rules() {
+        let t = translate(XRAY_WITH_SELF).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let rules = rules(&t.config);
+        let local: Vec<&String> = rules
+            .iter()
+            .filter(|rule| rule.contains("origin = \"local\""))
+            .collect();
+        assert_eq!(
+            local,
+            [
+                "proto = [\"tcp\", \"udp\"]\ndst = [\"10.0.0.0/8\"]\norigin = \"local\"\naction = \"bypass\"",
+                "proto = [\"tcp\"]\ndst = [\"192.168.0.0/16\"]\nports = [\"1-52\", \"54-65535\"]\norigin = \"local\"\naction = \"bypass\"",
+                "proto = [\"tcp\"]\ndst = [\"0.0.0.0/0\"]\norigin = \"local\"\naction = \"steer\"\nlistener = \"tproxy-12345\"",
+                "proto = [\"udp\"]\ndst = [\"0.0.0.0/0\"]\norigin = \"local\"\naction = \"steer\"\nlistener = \"tproxy-12345\"",
+            ],
+            "{}",
+            t.config
+        );
+        assert_eq!(rules.len(), 8, "{}", t.config);
+        // xray's own sockets carry mark 2: tproxy's socket mark, never steered.
+        assert!(t.config.contains("socket_mark = \"0x2\""), "{}", t.config);
+        assert!(t.config.contains("interfaces = \"all\""), "{}", t.config);
+        assert_eq!(t.config.matches("[[listener]]").count(), 1, "{}", t.config);
+        assert!(
+            t.notes.iter().any(|n| n.contains("origin = \"local\"")),
+            "{:?}",
+            t.notes
+        );
+    }
+
+    #[test]
+    fn owner_and_cgroup_matches_become_the_selectors() {
+        let input = "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -m owner --uid-owner 1000-1999 -p tcp --dport 443 -j MARK --set-mark 1
+-A OUTPUT -m cgroup --path system.slice/app.service -p tcp --dport 80 -j MARK --set-mark 1
+-A OUTPUT -m owner ! --uid-owner 0 -p tcp --dport 8080 -j MARK --set-mark 1
+-A OUTPUT -m owner --uid-owner 5000 -m cgroup --path /app.slice -p tcp --dport 22 -j MARK --set-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let rules = rules(&t.config);
+        let selectors: Vec<Vec<&str>> = rules[1..]
+            .iter()
+            .map(|rule| {
+                rule.lines()
+                    .filter(|l| l.starts_with("uid") || l.starts_with("cgroup"))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            selectors,
+            [
+                vec!["uid = [\"1000-1999\"]"],
+                vec!["cgroup = [\"/system.slice/app.service\"]"],
+                vec!["uid = [\"1-4294967294\"]"],
+                vec!["cgroup = [\"/app.slice\"]", "uid = [5000]"],
+            ],
+            "{}",
+            t.config
+        );
+        assert!(rules[1..]
+            .iter()
+            .all(|r| r.contains("listener = \"tproxy-15001\"")));
+    }
+
+    #[test]
+    fn a_mark_that_is_not_the_recipes_or_reaches_no_tproxy_rule_is_named() {
+        let input = "\
+*mangle
+-A PREROUTING -i eth0 -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1
+-A PREROUTING -i lo -p tcp --dport 443 -j TPROXY --on-port 15443 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp --dport 80 -j MARK --set-mark 0x100
+-A OUTPUT -p tcp --dport 80 -j MARK --set-mark 1
+-A OUTPUT -p tcp --dport 443 -j MARK --set-mark 1
+-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert_eq!(t.skipped.len(), 3, "{:?}", t.skipped);
+        assert!(
+            t.skipped[0].starts_with("line 4:")
+                && t.skipped[0]
+                    .contains("sets 0x100/0xffffffff, not the TPROXY rules' mark 0x1/0x1"),
+            "{:?}",
+            t.skipped
+        );
+        assert!(
+            t.skipped[1].starts_with("line 5:")
+                && t.skipped[1].contains("no PREROUTING TPROXY rule takes its TCP packets"),
+            "{:?}",
+            t.skipped
+        );
+        // Port 443 comes back to the `-i lo` rule: translated. Any port: partly to it,
+        // partly to nothing.
+        assert!(
+            t.skipped[2].starts_with("line 7:") && t.skipped[2].contains("only some of its TCP"),
+            "{:?}",
+            t.skipped
+        );
+        let rules = rules(&t.config);
+        assert!(
+            rules.iter().any(|r| r.contains("ports = [443]")
+                && r.contains("origin = \"local\"")
+                && r.contains("listener = \"tproxy-15443\"")),
+            "{}",
+            t.config
+        );
+    }
+
+    #[test]
+    fn transports_that_come_back_to_different_listeners_become_a_rule_each() {
+        let input = "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --tproxy-mark 1
+-A PREROUTING -p udp -j TPROXY --on-port 7002 --tproxy-mark 1
+-A OUTPUT -d 203.0.113.0/24 -j MARK --set-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let local: Vec<String> = rules(&t.config)
+            .into_iter()
+            .filter(|r| r.contains("origin"))
+            .collect();
+        assert_eq!(local.len(), 2, "{}", t.config);
+        assert!(local[0].starts_with("proto = [\"tcp\"]") && local[0].ends_with("tproxy-7001\""));
+        assert!(local[1].starts_with("proto = [\"udp\"]") && local[1].ends_with("tproxy-7002\""));
+    }
+
+    #[test]
+    fn a_users_bypass_keeps_its_meaning_under_the_most_specific_order() {
+        // Same rank: tproxy keeps the order, so uid 0 is let through as iptables does.
+        let kept = translate(
+            "*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --tproxy-mark 1
+-A OUTPUT -m owner --uid-owner 0 -j RETURN
+-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+",
+        )
+        .unwrap();
+        assert!(kept.skipped.is_empty(), "{:?}", kept.skipped);
+        let rules = rules(&kept.config);
+        assert!(rules[1].contains("uid = [0]") && rules[1].contains("bypass"));
+        assert!(rules[2].contains("steer") && !rules[2].contains("uid"));
+        // A longer prefix would outrank the bypass for uid 0's connections to it.
+        let shadowed = translate(
+            "*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --tproxy-mark 1
+-A OUTPUT -m owner --uid-owner 0 -j RETURN
+-A OUTPUT -d 198.51.100.7/32 -p tcp -j MARK --set-mark 1
+COMMIT
+",
+        )
+        .unwrap();
+        assert_eq!(shadowed.skipped.len(), 1, "{:?}", shadowed.skipped);
+        assert!(
+            shadowed.skipped[0].starts_with("line 4:")
+                && shadowed.skipped[0].contains("line 3 comes first"),
+            "{:?}",
+            shadowed.skipped
+        );
+    }
+
+    #[test]
+    fn selectors_and_marks_outside_output_are_refused() {
+        let input = "\
+*mangle
+:SHARED - [0:0]
+-A PREROUTING -j SHARED
+-A OUTPUT -s 10.0.0.1 -p tcp -j MARK --set-mark 1
+-A SHARED -m owner --uid-owner 1000 -j RETURN
+-A SHARED -p tcp --dport 80 -j MARK --set-mark 1
+-A SHARED -p tcp -j TPROXY --on-port 7001 --tproxy-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        let reasons: Vec<&str> = t.skipped.iter().map(String::as_str).collect();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("line 5:") && r.contains("only mangle OUTPUT sees")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("line 6:") && r.contains("marks are tproxy's own business")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("line 4:") && r.contains("source address")),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn an_nft_output_route_chain_becomes_local_rules_and_a_filter_one_is_named() {
+        let input = "\
+table inet proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp tproxy to :7000 meta mark set 0x00000001
+	}
+	chain output {
+		type route hook output priority mangle; policy accept;
+		meta mark 0x000000ff return
+		meta skuid 0 tcp dport 8080 return
+		ip daddr 10.0.0.0/8 return
+		meta skuid { 1000-1999, 3000 } tcp dport 443 meta mark set 0x00000001
+		socket cgroupv2 level 2 \"system.slice/app.service\" tcp dport 80 meta mark set 0x00000001
+		meta skuid != 0 tcp dport 8080 meta mark set 0x00000001
+	}
+	chain output_filter {
+		type filter hook output priority mangle; policy accept;
+		tcp dport 22 meta mark set 0x00000001
+	}
+}
+";
+        let t = translate(input).unwrap();
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(
+            t.skipped[0].starts_with("line 17:") && t.skipped[0].contains("not `type route`"),
+            "{:?}",
+            t.skipped
+        );
+        assert!(t.config.contains("socket_mark = \"0xff\""), "{}", t.config);
+        let local: Vec<String> = rules(&t.config)
+            .into_iter()
+            .filter(|r| r.contains("origin = \"local\""))
+            .collect();
+        assert_eq!(
+            local,
+            [
+                "proto = [\"tcp\"]\nports = [8080]\norigin = \"local\"\nuid = [0]\naction = \"bypass\"",
+                "proto = [\"tcp\", \"udp\"]\ndst = [\"10.0.0.0/8\"]\norigin = \"local\"\naction = \"bypass\"",
+                "proto = [\"tcp\"]\nports = [443]\norigin = \"local\"\nuid = [\"1000-1999\", 3000]\naction = \"steer\"\nlistener = \"tproxy-7000\"",
+                "proto = [\"tcp\"]\nports = [80]\norigin = \"local\"\ncgroup = [\"/system.slice/app.service\"]\naction = \"steer\"\nlistener = \"tproxy-7000\"",
+                "proto = [\"tcp\"]\nports = [8080]\norigin = \"local\"\nuid = [\"1-4294967294\"]\naction = \"steer\"\nlistener = \"tproxy-7000\"",
+            ],
+            "{}",
+            t.config
+        );
+    }
+
+    #[test]
+    fn a_cgroup_level_that_is_not_the_paths_depth_is_refused() {
+        let input = "\
+table ip proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp tproxy to :7000 meta mark set 0x00000001
+	}
+	chain output {
+		type route hook output priority mangle; policy accept;
+		socket cgroupv2 level 1 \"system.slice/app.service\" meta mark set 0x00000001
+	}
+}
+";
+        let t = translate(input).unwrap();
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(t.skipped[0].contains("depth 2"), "{:?}", t.skipped);
+    }
+
+    #[test]
+    fn prerouting_rules_for_lo_are_left_to_the_local_rules() {
+        let input = "\
+*mangle
+-A PREROUTING -i eth0 -p tcp -j TPROXY --on-port 7001 --tproxy-mark 1
+-A PREROUTING -i lo -p tcp -j TPROXY --on-port 7001 --tproxy-mark 1
+-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert!(t.config.contains("interfaces = [\"eth0\"]"), "{}", t.config);
+        let rules = rules(&t.config);
+        assert_eq!(rules.len(), 2, "{}", t.config);
+        assert!(rules[0].contains("iface = \"eth0\""), "{}", t.config);
+        assert!(rules[1].contains("origin = \"local\""), "{}", t.config);
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.starts_with("line 3:") && n.contains("left out")),
+            "{:?}",
+            t.notes
+        );
+    }
+}
