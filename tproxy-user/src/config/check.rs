@@ -36,9 +36,9 @@ impl Config {
             {
                 use crate::datapath::interfaces::matches;
                 // A rule's pattern may name some of the steered interfaces only.
-                let steered = names
-                    .iter()
-                    .any(|entry| crate::datapath::interfaces::selects(entry, iface) || matches(iface, entry));
+                let steered = names.iter().any(|entry| {
+                    crate::datapath::interfaces::selects(entry, iface) || matches(iface, entry)
+                });
                 if !steered && !args.relay_only {
                     bail!("rule {} names interface {iface}, which is not among the steered interfaces ({})", rule.number, names.join(", "));
                 }
@@ -156,11 +156,6 @@ impl Config {
         }
     }
 
-    /// Refuses listener addresses that `run` could not bind or that would loop: two
-    /// addresses of one family in a listener, two listeners of one transport on one address
-    /// (or one on a wildcard address and one on an address it covers, same port), and an
-    /// upstream that is one of the listeners' addresses. Port 0 is known only once bound:
-    /// `run` checks the upstreams again then.
     /// Combinations that steering local connections (`--local`, or rules with origin
     /// `local` or `any`) cannot serve.
     fn check_local_origin(&self, args: &RunArgs) -> Result<()> {
@@ -172,7 +167,9 @@ impl Config {
             false => "rules for local connections",
         };
         if args.relay_only {
-            bail!("--relay-only: {what} need the eBPF programs, which --relay-only does not load");
+            // As for forwarded rules: the file's rules are someone else's to carry out (an
+            // iptables mangle OUTPUT recipe), and only its listeners are served.
+            return Ok(());
         }
         if self.settings.pin {
             bail!(
@@ -222,6 +219,11 @@ impl Config {
         Ok(())
     }
 
+    /// Refuses listener addresses that `run` could not bind or that would loop: two
+    /// addresses of one family in a listener, two listeners of one transport on one address
+    /// (or one on a wildcard address and one on an address it covers, same port), and an
+    /// upstream that is one of the listeners' addresses. Port 0 is known only once bound:
+    /// `run` checks the upstreams again then.
     pub(super) fn check_listener_addresses(&self) -> Result<()> {
         let what = |listener: &ListenerConfig| match listener.name.as_str() {
             DEFAULT_LISTENER => "--listen".to_string(),

@@ -222,14 +222,24 @@ impl ConfigFile {
 
     /// The processes the rules for local connections select, with the number of the first
     /// such rule; `None` when no rule is for local connections. All of them must select the
-    /// same processes: the connect programs evaluate one selection.
+    /// same processes (a bypass for every process goes with any): the connect programs
+    /// evaluate one selection.
     pub(super) fn local_selection(&self, at: At) -> Result<Option<(usize, LocalOrigin)>> {
         let mut found: Option<(usize, LocalOrigin)> = None;
+        let mut bypass_for_everyone = None;
         for (i, entry) in self.rules.iter().enumerate() {
             let number = i + 1;
             let Some(selection) = entry.get_ref().selection(number, at)? else {
                 continue;
             };
+            // A bypass for every process means the same for any one selection (processes
+            // outside it are never steered), so it does not have to name the selection; a
+            // rule set's mangle OUTPUT `-d … -j RETURN` lines translate to such rules.
+            let everyone = entry.get_ref().cgroup.is_none() && entry.get_ref().uid.is_none();
+            if everyone && matches!(entry.get_ref().action.0, RuleAction::Bypass) {
+                bypass_for_everyone.get_or_insert((number, selection));
+                continue;
+            }
             match &found {
                 None => found = Some((number, selection)),
                 Some((first, selected)) if *selected != selection => bail!(
@@ -242,7 +252,7 @@ impl ConfigFile {
                 Some(_) => {}
             }
         }
-        Ok(found)
+        Ok(found.or(bypass_for_everyone))
     }
 }
 

@@ -1,0 +1,200 @@
+//! `tproxy translate` of the host's own traffic: a rule set whose mangle OUTPUT chain marks
+//! the connections of one cgroup for the TPROXY recipe steers a client's connects on the
+//! router (iptables and tproxy's relay behind it), then its translation (rules with
+//! `origin = "local"`) steers them with tproxy alone. Both must relay exactly the same
+//! connects. tproxy and the clients keep the host's mounts (`nsenter --net`), so the cgroup
+//! v2 tree stays visible.
+
+use std::{io::Read, io::Write, net::SocketAddr};
+
+use tproxy_tests::{
+    cgroup::{dial_output, run_outside_cgroup, TestCgroup},
+    remove_iptables_tproxy, require_root, restore_iptables, tproxy_with_input, ConfigFile,
+    RouterTopology as Topo, Server, Tproxy, UdpEcho,
+};
+
+const DIAL: &str = env!("CARGO_BIN_EXE_dial");
+
+/// A connect from the router: its protocol, destination, and whether the client runs in
+/// the test cgroup.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    proto: &'static str,
+    target: &'static str,
+    in_cgroup: bool,
+}
+
+const fn probe(proto: &'static str, target: &'static str, in_cgroup: bool) -> Probe {
+    Probe {
+        proto,
+        target,
+        in_cgroup,
+    }
+}
+
+const PROBES: &[Probe] = &[
+    probe("tcp", "10.10.2.2:80", true),
+    probe("tcp", "10.10.2.2:443", true),
+    probe("tcp", "10.10.2.3:80", true),
+    probe("tcp", "10.10.2.2:22", true),
+    probe("udp", "10.10.2.2:53", true),
+    probe("udp", "10.10.2.2:54", true),
+    probe("tcp", "10.10.2.2:80", false),
+    probe("udp", "10.10.2.2:53", false),
+];
+
+/// The guides' recipe for a router that proxies itself too, for one cgroup: PREROUTING
+/// TPROXY for everything that arrives (and comes back on lo), OUTPUT marks the cgroup's
+/// connects, bypassing one host and the proxy's own marked sockets.
+fn rule_set(cgroup: &str) -> String {
+    format!(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:PROXY - [0:0]
+:PROXY_SELF - [0:0]
+-A PREROUTING -j PROXY
+-A OUTPUT -j PROXY_SELF
+-A PROXY -p tcp -m multiport --dports 80,443 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A PROXY -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A PROXY_SELF -d 10.10.2.3/32 -j RETURN
+-A PROXY_SELF -m mark --mark 0xff -j RETURN
+-A PROXY_SELF -p tcp -m cgroup --path {cgroup} -m multiport --dports 80,443 -j MARK --set-xmark 0x1/0xffffffff
+-A PROXY_SELF -p udp -m cgroup --path {cgroup} -m udp --dport 53 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+"
+    )
+}
+
+/// A server that reads the request to its end and answers `ok`.
+fn server(topo: &Topo, addr: &str) -> Server {
+    Server::start(&topo.server, addr.parse().unwrap(), |mut stream| {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request);
+        let _ = stream.write_all(b"ok");
+    })
+    .unwrap()
+}
+
+/// How many flows of `proto` tproxy's relay took: accepted connections, UDP sessions.
+fn relay_count(relay: &Tproxy, proto: &str) -> u64 {
+    match proto {
+        "tcp" => relay.tcp_stat("accepted").unwrap(),
+        _ => relay.udp_stat("created").unwrap(),
+    }
+}
+
+/// How many packets the router's iptables TPROXY rules took (a `--relay-only` instance has
+/// no control socket to ask).
+fn tproxy_rule_packets(topo: &Topo) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.router.name,
+            "iptables-save",
+            "-c",
+            "-t",
+            "mangle",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iptables-save failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains("-j TPROXY"))
+        .filter_map(|line| {
+            line.strip_prefix('[')?
+                .split(':')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Each probe's name and whether it was steered (`count`, given the probe's protocol, went
+/// up).
+fn relayed(topo: &Topo, cgroup: &TestCgroup, count: impl Fn(&str) -> u64) -> Vec<(String, bool)> {
+    PROBES
+        .iter()
+        .map(|probe| {
+            let counter = || count(probe.proto);
+            let before = counter();
+            let args = [probe.proto, probe.target, "hi"];
+            let output = match probe.in_cgroup {
+                true => cgroup.run(&topo.router, &[], DIAL, &args),
+                false => run_outside_cgroup(&topo.router, &[], DIAL, &args),
+            };
+            let line = dial_output(output.unwrap()).unwrap();
+            let reply = match probe.proto {
+                "tcp" => "ok",
+                _ => "hi",
+            };
+            // Relayed or not, the client reaches the server and sees the peer it dialled.
+            assert_eq!(line, format!("{} {reply}", probe.target), "{probe:?}");
+            let name = format!(
+                "{} {} {}",
+                probe.proto,
+                probe.target,
+                if probe.in_cgroup { "inside" } else { "outside" }
+            );
+            (name, counter() > before)
+        })
+        .collect()
+}
+
+#[test]
+fn a_mangle_output_rule_set_steers_the_same_local_connects_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("translate").unwrap();
+    let _servers: Vec<Server> = [
+        "10.10.2.2:80",
+        "10.10.2.2:443",
+        "10.10.2.3:80",
+        "10.10.2.2:22",
+    ]
+    .iter()
+    .map(|addr| server(&topo, addr))
+    .collect();
+    let _udp: Vec<UdpEcho> = ["10.10.2.2:53", "10.10.2.2:54"]
+        .iter()
+        .map(|addr| UdpEcho::start(&topo.server, addr.parse::<SocketAddr>().unwrap()).unwrap())
+        .collect();
+    let rules = rule_set(&cgroup.path);
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("origin = \"local\""), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+
+    // The original: iptables marks and steers, tproxy's relay serves the TPROXY ports.
+    restore_iptables(&topo.router, &rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = relayed(&topo, &cgroup, |_| tproxy_rule_packets(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    let steered: Vec<&str> = original
+        .iter()
+        .filter(|(_, steered)| *steered)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        steered,
+        [
+            "tcp 10.10.2.2:80 inside",
+            "tcp 10.10.2.2:443 inside",
+            "udp 10.10.2.2:53 inside"
+        ],
+        "what the original rules steer"
+    );
+
+    // The translation, with tproxy's own steering of the host's connects.
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = relayed(&topo, &cgroup, |proto| relay_count(&tproxy, proto));
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
