@@ -201,7 +201,11 @@ impl Netns {
             .args(["ss", "-Htan", "state", "time-wait"])
             .output()?;
         if !out.status.success() {
-            bail!("ss in {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "ss in {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

@@ -235,7 +235,7 @@ fn a_cgroups_unconnected_udp_datagrams_are_relayed_one_by_one() {
     assert_eq!(cgroup.attached(SENDMSG6).unwrap(), 1);
     let routing = routing_state(&topo.router, DEFAULT_TABLE).unwrap();
     assert!(
-        routing.contains("from 127.0.0.1 iif lo") && routing.contains("from ::1 iif lo"),
+        routing.contains("from 127.84.80.1 iif lo") && routing.contains("from ::1 iif lo"),
         "{routing}"
     );
 

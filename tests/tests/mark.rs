@@ -198,26 +198,11 @@ fn mark_rules_steer_what_iptables_mark_matches_steer() {
     tproxy.stop().unwrap();
 }
 
-/// A local process's connection (`--local`): the mark is its socket's `SO_MARK` at connect,
-/// as a proxy marks its upstream connections to keep them out of its own interception.
+/// Mark rules beside rules for local connections are refused, naming the mark rule: the
+/// program's mark stage does not tell a local connect from an arrival yet, so a forwarded
+/// mark rule would decide local connections too (README, "Marks").
 #[test]
-fn a_local_sockets_own_mark_keeps_it_out_of_the_relay() {
-    use std::io::{Read, Write};
-    use tproxy_tests::cgroup::{dial_output, TestCgroup};
-
-    require_root();
-    let topo = Topo::new().unwrap();
-    let cgroup = TestCgroup::new("marked").unwrap();
-    let named = |addr: &str, name: &'static str| {
-        Server::start(&topo.server, addr.parse().unwrap(), move |mut stream| {
-            let mut request = Vec::new();
-            let _ = stream.read_to_end(&mut request);
-            let _ = stream.write_all(name.as_bytes());
-        })
-        .unwrap()
-    };
-    let _original = named("10.10.2.2:80", "original");
-    let _upstream = named("10.10.2.3:8080", "upstream");
+fn mark_rules_beside_rules_for_local_connections_are_refused() {
     let config = ConfigFile::new(
         r#"
 [[listener]]
@@ -234,40 +219,14 @@ action = "bypass"
 proto = "tcp"
 ports = 80
 action = "steer"
+origin = "local"
 "#,
     )
     .unwrap();
-    let _tproxy = Tproxy::start_with_host_mounts(
-        &topo.router,
-        &[
-            "--local",
-            "--cgroup",
-            &cgroup.path,
-            "--config",
-            config.path(),
-        ],
-    )
-    .unwrap();
-    let dial = |mark: Option<&str>| {
-        let env = mark.map(|mark| format!("DIAL_MARK={mark}"));
-        let wrapper: Vec<&str> = match &env {
-            Some(env) => vec!["env", env.as_str()],
-            None => Vec::new(),
-        };
-        let args = ["tcp", "10.10.2.2:80", "hi"];
-        dial_output(cgroup.run(&topo.router, &wrapper, DIAL, &args).unwrap()).unwrap()
-    };
-    assert_eq!(dial(None), "10.10.2.2:80 upstream");
-    assert_eq!(
-        dial(Some("255")),
-        "10.10.2.2:80 original",
-        "the bypassed mark"
-    );
-    assert_eq!(
-        dial(Some("511")),
-        "10.10.2.2:80 upstream",
-        "matched whole, not 0xff/0xff"
+    let (status, _, stderr) = tproxy_with_input(&["check", "--config", config.path()], "").unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rule 1 matching a mark: mark rules do not tell local connections"),
+        "{stderr}"
     );
 }
-
-const DIAL: &str = env!("CARGO_BIN_EXE_dial");

@@ -28,8 +28,11 @@ pub const SENDMSG4_PROGRAM_NAME: &str = "tproxy_sendmsg4";
 pub const SENDMSG6_PROGRAM_NAME: &str = "tproxy_sendmsg6";
 
 /// The source the `sendmsg4` program gives a steered datagram of an unconnected socket
-/// (network order); the policy routing's `from 127.0.0.1 iif lo` rule sends it to `lo`.
-pub const LOOPBACK_SOURCE_V4: [u8; 4] = [127, 0, 0, 1];
+/// (network order); the policy routing's `from 127.84.80.1 iif lo` rule sends it to `lo`.
+/// A loopback address of its own (every 127/8 address is the host's), not 127.0.0.1: a
+/// socket bound to 127.0.0.1 sending to one of the host's own addresses, or a connection
+/// that `route_localnet` NAT sends on with source 127.0.0.1, must not be taken for one.
+pub const LOOPBACK_SOURCE_V4: [u8; 4] = [127, 84, 80, 1];
 /// The source the `sendmsg6` program gives a steered datagram (`::1`).
 pub const LOOPBACK_SOURCE_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
@@ -205,14 +208,14 @@ pub const fn unselected_on_loopback(
 }
 
 /// Whether an IPv4 header (its first 20 bytes) is that of a datagram the `sendmsg4` program
-/// steered: UDP from a loopback address to a non-loopback one. The tc program on `lo` takes
-/// it although it carries no mark. Nothing else looks like it there: without tproxy's
-/// `from 127.0.0.1 iif lo` rule the kernel refuses a loopback source for a route that leaves
-/// the host (EINVAL), and one arriving on another interface is a martian, dropped before
-/// routing. The one other such datagram is a socket bound to 127.0.0.1 sending to one of the
-/// host's own addresses, which is steered only if a local steer rule takes that address.
+/// steered: UDP from [`LOOPBACK_SOURCE_V4`] to a non-loopback address. The tc program on
+/// `lo` takes it although it carries no mark. Nothing else looks like it there: without
+/// tproxy's `from 127.84.80.1 iif lo` rule the kernel refuses a loopback source for a route
+/// that leaves the host (EINVAL), one arriving on another interface is a martian, dropped
+/// before routing, and only a socket bound to that very address could send one otherwise.
 pub const fn steered_datagram_v4(ip: &[u8; 20]) -> bool {
-    ip[9] == IPPROTO_UDP && ip[12] == 127 && ip[16] != 127
+    let source = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    ip[9] == IPPROTO_UDP && source == u32::from_ne_bytes(LOOPBACK_SOURCE_V4) && ip[16] != 127
 }
 
 /// As [`steered_datagram_v4`], for an IPv6 header: UDP (no extension header: the program's
@@ -368,11 +371,15 @@ mod tests {
             ip[16..20].copy_from_slice(&destination);
             steered_datagram_v4(&ip)
         };
-        assert!(v4(17, [127, 0, 0, 1], [10, 10, 2, 2]));
-        assert!(!v4(6, [127, 0, 0, 1], [10, 10, 2, 2]), "TCP");
+        assert!(v4(17, LOOPBACK_SOURCE_V4, [10, 10, 2, 2]));
+        assert!(!v4(6, LOOPBACK_SOURCE_V4, [10, 10, 2, 2]), "TCP");
         assert!(
-            !v4(17, [127, 0, 0, 1], [127, 0, 0, 53]),
+            !v4(17, LOOPBACK_SOURCE_V4, [127, 0, 0, 53]),
             "loopback to loopback"
+        );
+        assert!(
+            !v4(17, [127, 0, 0, 1], [10, 10, 2, 2]),
+            "a socket bound to 127.0.0.1, or route_localnet NAT"
         );
         assert!(!v4(17, [10, 10, 1, 1], [10, 10, 2, 2]));
         let v6 = |next: u8, source: [u8; 16], destination: [u8; 16]| {

@@ -3,7 +3,7 @@
 //! copied it into the datagram before these programs run, and one socket may send to
 //! steered and unsteered destinations alike. What these programs may set per datagram, before
 //! the route lookup, is its source address: a datagram to a destination a steer rule takes
-//! gets 127.0.0.1 (`::1`), the policy rule `from 127.0.0.1 iif lo` (`from ::1`) sends it to
+//! gets 127.84.80.1 (`::1`), the policy rule `from 127.84.80.1 iif lo` (`from ::1`) sends it to
 //! tproxy's `local … dev lo` route, and the tc program on `lo` hands it to the listener. The
 //! relay answers from the original destination to the loopback address, where the socket,
 //! bound to the wildcard, receives it with the peer it sent to. Other datagrams are left

@@ -659,8 +659,15 @@ fn local_rules_in_the_file_carry_their_origin_and_one_selection() {
         .contains("local connections: steered for cgroup /a, /b"));
     assert!(config.describe().contains("origin any"));
 
-    let differing = rule("origin = \"local\"\ncgroup = \"/a\"\n")
+    // A bypass for every process goes with the one selection (a mangle OUTPUT `-j RETURN`
+    // translates to one); a steer rule for every process does not.
+    let bypass_for_all = rule("origin = \"local\"\ncgroup = \"/a\"\n")
         + "[[rule]]\nproto = \"udp\"\nports = 53\naction = \"bypass\"\norigin = \"local\"\n";
+    let config = with_file(&bypass_for_all, &[]).unwrap();
+    assert_eq!(config.local.as_ref().unwrap().cgroups, ["/a"]);
+    let differing = rule("origin = \"local\"\ncgroup = \"/a\"\n")
+        + "[[rule]]\nproto = \"udp\"\nports = 53\naction = \"steer\"\nlistener = \"up\"\n\
+           origin = \"local\"\n";
     let error = format!("{:#}", with_file(&differing, &[]).unwrap_err());
     assert!(
         error.contains(

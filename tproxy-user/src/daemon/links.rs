@@ -17,6 +17,7 @@ use crate::{
     daemon::reload::reinstall_rules,
     daemon::serve::Control,
     datapath::interfaces::{self, Link},
+    datapath::rules,
     datapath::steering::Steering,
     relay::listeners::Relays,
 };
@@ -112,14 +113,13 @@ pub(crate) async fn follow(
         }
     }
     control.attached = steering.attached_descriptions();
-    let named = |name: &String| {
-        config.rules.iter().any(|r| {
-            r.iface
-                .as_ref()
-                .is_some_and(|own| interfaces::matches(own, name))
-        })
-    };
-    if changed.iter().any(named) {
+    // A cell of the rules that names an interface, and every cell once rules for local
+    // connections exist, holds entries for each attached interface, the ones its rules do
+    // not name included (their other rules apply there): any change of the attached set is
+    // put in force.
+    let by_interface =
+        rules::any_local(&config.rules) || config.rules.iter().any(|r| r.iface.is_some());
+    if !changed.is_empty() && by_interface {
         // Blocking map work, as a reload's.
         let reinstalled = tokio::task::block_in_place(|| reinstall_rules(config, relays, steering));
         if let Err(error) = reinstalled {

@@ -10,7 +10,7 @@
 //! program runs, and one socket may send to steered and unsteered destinations. The
 //! `cgroup/sendmsg4` and `cgroup/sendmsg6` programs, attached next to the connect programs,
 //! give each steered datagram a loopback source instead, which the policy routing's
-//! `from 127.0.0.1 iif lo` rule sends over `lo` (see `routing`).
+//! `from 127.84.80.1 iif lo` rule sends over `lo` (see `routing`).
 //!
 //! The attachments are links owned by this process: they go when it exits, or when a start
 //! fails (the program, and with it every link, is dropped).

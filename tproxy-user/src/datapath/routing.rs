@@ -17,18 +17,21 @@
 //! `local_origin`), so two more rules take them there:
 //!
 //! ```text
-//! ip rule  add from 127.0.0.1 iif lo lookup TABLE priority PRIORITY
+//! ip rule  add from 127.84.80.1 iif lo lookup TABLE priority PRIORITY
 //! ip rule  add from ::1       iif lo lookup TABLE priority PRIORITY
 //! ```
 //!
-//! Nothing else matches them: `iif lo` is the host's own traffic only, and without them the
-//! kernel refuses an IPv4 route from 127.0.0.1 that leaves the host (EINVAL); IPv6 would
-//! send such a datagram out with its loopback source, for the receiver to drop.
+//! Nothing else matches the IPv4 rule: `iif lo` is the host's own traffic only, 127.84.80.1
+//! is a loopback address nothing else uses (127.0.0.1, used by local services and by
+//! `route_localnet` NAT, is left alone), and without the rule the kernel refuses a route from
+//! a loopback source that leaves the host (EINVAL). IPv6 has one loopback address: its rule
+//! takes a datagram from `::1` that would otherwise go out with it, for the receiver to drop.
 //! Everything here is added over rtnetlink tagged with our own routing
 //! protocol number, which is how a later start recognises (and removes) what a killed
 //! instance left behind, without touching anyone else's rules or routes.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use tproxy_common::local_origin::LOOPBACK_SOURCE_V4;
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
@@ -153,7 +156,7 @@ impl PolicyRouting {
         Ok(())
     }
 
-    /// `from 127.0.0.1 iif lo lookup TABLE` and `from ::1 iif lo lookup TABLE`.
+    /// `from 127.84.80.1 iif lo lookup TABLE` and `from ::1 iif lo lookup TABLE`.
     async fn add_loopback_source_rules(&self) -> Result<()> {
         let RoutingSpec {
             table, priority, ..
@@ -180,10 +183,10 @@ impl PolicyRouting {
         };
         request()
             .v4()
-            .source_prefix(Ipv4Addr::LOCALHOST, 32)
+            .source_prefix(Ipv4Addr::from(LOOPBACK_SOURCE_V4), 32)
             .execute()
             .await
-            .with_context(|| rule("127.0.0.1"))?;
+            .with_context(|| rule("127.84.80.1"))?;
         request()
             .v6()
             .source_prefix(Ipv6Addr::LOCALHOST, 128)

@@ -34,7 +34,10 @@ pub(crate) struct TransparentListener {
 /// Binds one transparent listener per address. At most one per address family (the program
 /// has one slot per family and transport). Addresses with port 0 all share the port the
 /// kernel picks for the first of them, so the listeners are "one port" to an operator.
-pub(crate) fn bind_all(addrs: &[SocketAddr], transport: Transport) -> Result<Vec<TransparentListener>> {
+pub(crate) fn bind_all(
+    addrs: &[SocketAddr],
+    transport: Transport,
+) -> Result<Vec<TransparentListener>> {
     let mut listeners: Vec<TransparentListener> = Vec::new();
     let mut chosen_port = None;
     for &requested in addrs {

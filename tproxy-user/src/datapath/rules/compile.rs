@@ -211,6 +211,10 @@ pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     entries
 }
 
+/// The mark stage's ifindex for a rule whose interface is not attached: no interface has
+/// it, and it is not [`LOCAL_ORIGIN_IFINDEX`], which local connections are looked up with.
+const NO_INTERFACE: u32 = LOCAL_ORIGIN_IFINDEX - 1;
+
 fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let Some(mark) = rule.mark else {
         return Vec::new();
@@ -220,11 +224,11 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
         Some(name) => {
             let attached: Vec<u32> = interfaces
                 .iter()
-                .filter(|(attached, _)| crate::datapath::interfaces::matches(name, attached))
+                .filter(|(attached, _)| interfaces::selects(name, attached))
                 .map(|(_, index)| *index)
                 .collect();
             match attached.is_empty() {
-                true => vec![u32::MAX],
+                true => vec![NO_INTERFACE],
                 false => attached,
             }
         }
@@ -451,7 +455,7 @@ fn applies_in(rule: &Rule, context: Context<'_>) -> bool {
 fn applies_on(rule: &Rule, iface: Option<&str>) -> bool {
     match (&rule.iface, iface) {
         (None, _) => true,
-        (Some(own), Some(name)) => interfaces::matches(own, name),
+        (Some(own), Some(name)) => interfaces::selects(own, name),
         (Some(_), None) => false,
     }
 }

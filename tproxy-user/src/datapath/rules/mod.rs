@@ -216,7 +216,7 @@ impl Rule {
         let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
             (None, _) => true,
-            (Some(own), Some(iface)) => crate::datapath::interfaces::matches(own, iface),
+            (Some(own), Some(iface)) => crate::datapath::interfaces::selects(own, iface),
             (Some(_), None) => false,
         };
         origin_ok && src_ok && iface_ok

@@ -176,8 +176,8 @@ fn parse_rule(
             }
             "-m" | "--match" => {
                 match value()?.as_str() {
-                    "tcp" | "udp" | "multiport" | "comment" | "mark" | "addrtype" | "set" | "owner"
-                    | "cgroup" => {}
+                    "tcp" | "udp" | "multiport" | "comment" | "mark" | "addrtype" | "set"
+                    | "owner" | "cgroup" => {}
                     "socket" => socket = true,
                     other => return Err(format!("match `-m {other}`")),
                 }

@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 
 use super::{
-    emit::{flatten, Flat},
+    flatten::{flatten, Flat},
     own_mark::Guard,
     precedence::{covers, overlaps},
     Match, Parsed, RuleSet, Target,

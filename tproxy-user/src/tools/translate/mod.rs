@@ -17,6 +17,7 @@
 //! writes the TOML.
 
 mod emit;
+mod flatten;
 mod ipset;
 mod iptables;
 mod local;

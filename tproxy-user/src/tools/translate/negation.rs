@@ -11,7 +11,7 @@
 use ipnet::IpNet;
 
 use super::{
-    emit::Flat,
+    flatten::Flat,
     precedence::{iface_covers, ifaces_overlap, overlaps},
     Family, Match, Parsed, Target,
 };

@@ -8,7 +8,7 @@
 //! comes before. Any other mark match stays on its rule, as the rule's `mark`, which
 //! tproxy's rules match like the kernel's `-m mark`.
 
-use super::{emit::Flat, Family, Match, Parsed, Target};
+use super::{flatten::Flat, Family, Match, Parsed, Target};
 use crate::values::Mark;
 
 /// The loop guard found: its rule and the mark.
