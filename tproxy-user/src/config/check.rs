@@ -7,11 +7,10 @@ use std::net::SocketAddr;
 use anyhow::{bail, Result};
 use tproxy_common::maps::{MAX_LISTENERS, MAX_MARK_RULES};
 
-use super::{upstream_flag, Config, Interfaces, ListenerConfig, DEFAULT_LISTENER};
+use super::{upstream_flag, Config, Interfaces, ListenerConfig, RunArgs, DEFAULT_LISTENER};
 use crate::{
-    cli::RunArgs,
     datapath::rules::{self, Action},
-    relay::listener::Transport,
+    values::Transport,
 };
 
 impl Config {

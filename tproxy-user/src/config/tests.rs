@@ -12,15 +12,19 @@ use super::{
     file::{LineStarts, Location},
     *,
 };
-use crate::{cli, values::FailMode};
+use crate::values::FailMode;
+
+/// The flags of `tproxy run`, parsed as its subcommand parses them.
+#[derive(Parser)]
+struct Run {
+    #[command(flatten)]
+    args: RunArgs,
+}
 
 fn args(extra: &[&str]) -> RunArgs {
-    let mut argv = vec!["tproxy", "run"];
+    let mut argv = vec!["run"];
     argv.extend_from_slice(extra);
-    match cli::Cli::try_parse_from(argv).unwrap().command {
-        cli::Command::Run(args) => args,
-        other => panic!("{other:?}"),
-    }
+    Run::try_parse_from(argv).unwrap().args
 }
 
 fn with_file(text: &str, extra: &[&str]) -> Result<Config> {

@@ -10,6 +10,8 @@ use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 use tproxy_common::maps::ListenerSlot;
 
+use crate::values::Transport;
+
 /// Pending connections the kernel may queue per TCP listener; clamped by net.core.somaxconn.
 const BACKLOG: i32 = 4096;
 /// Receive buffer of a UDP listener: new flows' datagrams wait there until the relay reads
@@ -17,18 +19,46 @@ const BACKLOG: i32 = 4096;
 /// datagrams, which a burst of new flows overflows; this holds thousands.
 const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 
-/// Which transport a listener serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Tcp,
-    Udp,
-}
-
 /// A bound transparent socket (listening, for TCP) and the socket-map slot it serves.
 pub(crate) struct TransparentListener {
     pub slot: ListenerSlot,
     pub socket: Socket,
+}
+
+/// One listening socket being handed over.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HandedSocket {
+    pub transport: Transport,
+    pub ipv6: bool,
+}
+
+impl From<ListenerSlot> for HandedSocket {
+    fn from(slot: ListenerSlot) -> Self {
+        HandedSocket {
+            transport: if slot.is_tcp() {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            ipv6: slot.is_ipv6(),
+        }
+    }
+}
+
+impl HandedSocket {
+    /// The socket-map slot it serves.
+    pub(crate) fn slot(self) -> ListenerSlot {
+        ListenerSlot::of(self.transport == Transport::Tcp, self.ipv6)
+    }
+}
+
+/// One listener being handed over: its sockets follow, in this order, as descriptors.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HandedListener {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub bound: Vec<SocketAddr>,
+    pub sockets: Vec<HandedSocket>,
 }
 
 /// Binds one transparent listener per address. At most one per address family (the program

@@ -12,8 +12,9 @@ use crate::{
     config::{Config, ListenerConfig},
     datapath::rules::{Action, Rule},
     datapath::steering::Steering,
-    relay::listener::{self, TransparentListener, Transport},
+    relay::listener::{self, TransparentListener},
     relay::listeners::Relays,
+    values::Transport,
 };
 
 /// Where a wanted listener goes (see `Relays::place`).

@@ -37,6 +37,16 @@ static PIPES: PipePool = PipePool::new();
 /// How long to wait before accepting again after the process ran out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Upper bounds of the connect latency buckets, in seconds.
+const CONNECT_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A histogram of upstream connect latency (seconds), observed by the relay.
+pub(crate) fn connect_latency() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(CONNECT_BUCKETS)
+}
+
 /// How connections are relayed, for every listener.
 #[derive(Debug)]
 pub(crate) struct RelayConfig {
