@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use anyhow::{bail, Result};
 use tproxy_common::maps::{MAX_LISTENERS, MAX_MARK_RULES};
 
-use super::{upstream_flag, Config, Interfaces, ListenerConfig, RunArgs, DEFAULT_LISTENER};
+use super::{
+    reaches_own_listener, upstream_flag, Config, Interfaces, ListenerConfig, RunArgs,
+    DEFAULT_LISTENER,
+};
 use crate::{
     datapath::rules::{self, Action},
     values::Transport,
@@ -274,7 +277,7 @@ impl Config {
             .collect();
         for listener in &self.listeners {
             if let Some(upstream) = listener.upstream {
-                if crate::relay::listener::reaches_own_listener(&own, upstream) {
+                if reaches_own_listener(&own, upstream) {
                     bail!(
                         "{} is one of tproxy's own listeners: that would loop",
                         upstream_flag(&listener.name, upstream)

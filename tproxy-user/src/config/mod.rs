@@ -64,6 +64,15 @@ pub struct ListenerConfig {
     pub external: Option<External>,
 }
 
+/// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
+/// listener is reached at any address on its port): relaying there would loop forever.
+pub(crate) fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
+    listeners.iter().any(|listener| {
+        listener.port() == target.port()
+            && (listener.ip() == target.ip() || listener.ip().is_unspecified())
+    })
+}
+
 /// Everything `tproxy run` needs to know, checked.
 #[derive(Clone, Debug)]
 pub struct Config {

@@ -750,3 +750,30 @@ fn local_flag_rules_are_local_or_both_with_interfaces() {
         "{error}"
     );
 }
+
+fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+#[test]
+fn own_listener_addresses_are_recognised() {
+    let own = addrs(&["127.0.0.1:7000", "[::1]:7000"]);
+    assert!(reaches_own_listener(
+        &own,
+        "127.0.0.1:7000".parse().unwrap()
+    ));
+    assert!(reaches_own_listener(&own, "[::1]:7000".parse().unwrap()));
+    assert!(!reaches_own_listener(
+        &own,
+        "127.0.0.1:7001".parse().unwrap()
+    ));
+    assert!(!reaches_own_listener(
+        &own,
+        "10.0.0.1:7000".parse().unwrap()
+    ));
+    let wildcard = addrs(&["0.0.0.0:7000"]);
+    assert!(reaches_own_listener(
+        &wildcard,
+        "10.0.0.1:7000".parse().unwrap()
+    ));
+}

@@ -103,15 +103,6 @@ pub(crate) fn refused_destination(original: SocketAddr, client: SocketAddr) -> b
         != tproxy_common::decision::DestinationScope::Relayable
 }
 
-/// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
-/// listener is reached at any address on its port): relaying there would loop forever.
-pub(crate) fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
-    listeners.iter().any(|listener| {
-        listener.port() == target.port()
-            && (listener.ip() == target.ip() || listener.ip().is_unspecified())
-    })
-}
-
 fn bind_transparent(addr: SocketAddr, transport: Transport) -> Result<Socket> {
     let (kind, protocol) = match transport {
         Transport::Tcp => (Type::STREAM, Protocol::TCP),
@@ -150,36 +141,4 @@ fn bind_transparent(addr: SocketAddr, transport: Transport) -> Result<Socket> {
         socket.listen(BACKLOG).context("listening")?;
     }
     Ok(socket)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn own_listener_addresses_are_recognised() {
-        let own = addrs(&["127.0.0.1:7000", "[::1]:7000"]);
-        assert!(reaches_own_listener(
-            &own,
-            "127.0.0.1:7000".parse().unwrap()
-        ));
-        assert!(reaches_own_listener(&own, "[::1]:7000".parse().unwrap()));
-        assert!(!reaches_own_listener(
-            &own,
-            "127.0.0.1:7001".parse().unwrap()
-        ));
-        assert!(!reaches_own_listener(
-            &own,
-            "10.0.0.1:7000".parse().unwrap()
-        ));
-        let wildcard = addrs(&["0.0.0.0:7000"]);
-        assert!(reaches_own_listener(
-            &wildcard,
-            "10.0.0.1:7000".parse().unwrap()
-        ));
-    }
 }

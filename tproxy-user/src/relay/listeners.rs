@@ -15,11 +15,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tproxy_common::maps::ListenerSlot;
 
 use crate::{
-    config::{ListenerConfig, Settings},
+    config::{reaches_own_listener, ListenerConfig, Settings},
     datapath::rules::{self, Action, Rule},
     datapath::steering::Steering,
     relay::kernel::KernelRelay,
-    relay::listener::{self, HandedListener, HandedSocket, TransparentListener},
+    relay::listener::{HandedListener, HandedSocket, TransparentListener},
     relay::plan::{NewSockets, Plan},
     relay::tcp::{self, RelayConfig, RelayStats, Upstream},
     relay::udp::{UdpConfig, UdpRelay},
@@ -294,7 +294,7 @@ impl Relays {
             .collect();
         for running in &self.listeners {
             if let Some(upstream) = *running.upstream.read().unwrap() {
-                if listener::reaches_own_listener(&self.own_addrs.read().unwrap(), upstream) {
+                if reaches_own_listener(&self.own_addrs.read().unwrap(), upstream) {
                     log::warn!("listener `{}`: upstream {upstream} is one of tproxy's own listeners; its connections will be refused", running.config.name);
                 }
             }

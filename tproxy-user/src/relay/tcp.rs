@@ -24,6 +24,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    config::reaches_own_listener,
     logging,
     relay::kernel::{self, KernelRelay, PairError},
     relay::listener,
@@ -332,7 +333,7 @@ fn destination(
         }
     };
     let target = upstream.unwrap_or(original);
-    if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
+    if reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
         log::warn!(target: logging::PER_FLOW, "{peer} -> {original}: refusing to relay to our own listener {target}");
         reset(client);
         return None;
