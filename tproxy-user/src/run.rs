@@ -269,7 +269,7 @@ async fn load_steering(
         local_origin,
     })?;
     steering.spawn_log_forwarder()?;
-    metrics::start(&relays, settings, Some(&steering)).await?;
+    metrics::start(relays, settings, Some(&steering)).await?;
     plan.register(&mut steering)?;
     let first = match steering.next_generation() {
         0 => first,
