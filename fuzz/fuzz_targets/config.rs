@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxy_user::{cli::RunArgs, config::Config};
+use tproxy_user::config::{Config, RunArgs};
 
 fuzz_target!(|text: &str| {
     let args = RunArgs {

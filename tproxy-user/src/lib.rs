@@ -17,6 +17,10 @@
 //!   [`values`] both parse; [`config::settings`] defines each setting once. [`stats`] is the
 //!   one snapshot of the counters that `status`, the log line and `metrics` render;
 //!   `metrics` and [`logging`] report.
+//!
+//! Imports only point down this order, so each room can be read without the ones above it:
+//! [`values`] and [`logging`] → [`stats`] → [`datapath`] → [`config`] → `relay` →
+//! `metrics` and [`daemon`] → [`cli`], [`tools`] and [`run`].
 
 pub mod cli;
 pub mod config;

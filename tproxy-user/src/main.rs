@@ -45,7 +45,7 @@ fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<doctor::Examined> {
 }
 
 /// `tproxy check`: everything `run` would check before touching the system.
-fn check(args: &cli::RunArgs) -> anyhow::Result<()> {
+fn check(args: &config::RunArgs) -> anyhow::Result<()> {
     let config = config::Config::build(args)?;
     // Stand-in interface indices: the counts depend on how many interfaces there are.
     let named: Vec<String> = match &config.settings.interfaces {

@@ -26,30 +26,22 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::stats::{self, Field, Kind, Stats};
-
-/// Upper bounds of the connect latency buckets, in seconds.
-const CONNECT_BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
-];
-
-/// A histogram of upstream connect latency (seconds), observed by the relay.
-pub(crate) fn connect_latency() -> Histogram {
-    Histogram::new(CONNECT_BUCKETS)
-}
+use crate::{
+    config::Settings,
+    datapath::steering::Steering,
+    relay::listeners::{self, ListenerBook, Relays},
+    stats::{Field, Kind, Stats},
+};
 
 /// What the endpoint reports.
 pub(crate) struct Sources {
-    pub(crate) stats: stats::Sources,
+    pub(crate) stats: listeners::Sources,
     pub(crate) connect_latency: Histogram,
     /// Set once tproxy is ready (set-up done).
     pub(crate) ready: Arc<AtomicBool>,
     /// The listeners in force, with their socket-map slots.
     pub(crate) listeners: ListenerBook,
 }
-
-/// The listeners in force (socket-map slot, configuration), kept current by the reconciler.
-pub(crate) type ListenerBook = Arc<std::sync::RwLock<Vec<(u32, crate::config::ListenerConfig)>>>;
 
 /// A listener that the instance taking over from this one (`run --pin`) can bind as well
 /// while this one drains (SO_REUSEPORT: same user only).
@@ -65,6 +57,28 @@ fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// Starts the endpoint for `relays`, if the settings ask for one.
+pub(crate) async fn start(
+    relays: &Relays,
+    settings: &Settings,
+    steering: Option<&Steering>,
+) -> Result<()> {
+    let Some(addr) = settings.metrics else {
+        return Ok(());
+    };
+    serve(
+        addr,
+        Sources {
+            stats: relays.stats_sources(steering),
+            connect_latency: relays.tcp_config.connect_latency.clone(),
+            ready: relays.ready.clone(),
+            listeners: relays.book.clone(),
+        },
+        relays.metrics_stop.clone(),
+    )
+    .await
 }
 
 /// Binds the endpoint (so a bad address fails the start) and serves it on a task until
@@ -186,8 +200,8 @@ fn encode_listeners(encoder: &mut DescriptorEncoder, sources: &Sources) -> fmt::
             let value = i64::from(presence.listening) + i64::from(presence.transparent);
             let address = addr.to_string();
             let transport = match transport {
-                crate::relay::listener::Transport::Tcp => "tcp",
-                crate::relay::listener::Transport::Udp => "udp",
+                crate::values::Transport::Tcp => "tcp",
+                crate::values::Transport::Udp => "udp",
             };
             let labels = [
                 ("listener", listener.name.as_str()),
@@ -256,6 +270,7 @@ fn encode_value(kind: Kind, value: u64, encoder: MetricEncoder) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats;
 
     #[derive(Debug)]
     struct Fixed(Stats);

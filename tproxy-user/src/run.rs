@@ -13,16 +13,16 @@
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    cli::RunArgs,
-    config::{Config, Settings},
+    config::{Config, RunArgs, Settings},
     daemon::control::{self},
-    daemon::instance::{Held, InstanceLock},
+    daemon::instance::{Held, InstanceLock, PinnedBy},
     daemon::privileges,
     datapath::local_origin::{self, LocalGlobals},
-    datapath::pin::{PinnedBy, PinnedState},
+    datapath::pin::PinnedState,
     datapath::routing::{self, PolicyRouting, RoutingSpec},
     datapath::rules::{self},
     datapath::steering::{self, LoadSettings, Steering},
+    metrics,
     values::FailMode,
 };
 use crate::{
@@ -137,7 +137,7 @@ async fn relay_only(
     signals: &mut Signals,
     control: &mut Control<'_>,
 ) -> Result<()> {
-    relays.serve_metrics(&config.settings, None).await?;
+    metrics::start(&relays, &config.settings, None).await?;
     let plan = relays.plan(&config)?;
     relays.commit(plan, None)?;
     privileges::drop_privileges(workers, user).await?;
@@ -269,7 +269,7 @@ async fn load_steering(
         local_origin,
     })?;
     steering.spawn_log_forwarder()?;
-    relays.serve_metrics(settings, Some(&steering)).await?;
+    metrics::start(relays, settings, Some(&steering)).await?;
     plan.register(&mut steering)?;
     let first = match steering.next_generation() {
         0 => first,

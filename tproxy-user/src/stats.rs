@@ -4,7 +4,7 @@
 //! the three renderings walk [`Stats::sections`]: a counter added to a list appears in all
 //! three without touching them.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use serde::{de::Error as _, Deserialize, Deserializer, Serialize, Serializer};
 use tproxy_common::{decision::Protocol, Outcome};
@@ -193,22 +193,6 @@ pub struct LocalOriginStats {
 }
 
 impl LocalOriginStats {
-    /// The stats of a selection attached with `cgroup_links` links.
-    pub(crate) fn new(
-        selection: &crate::datapath::local_origin::LocalOrigin,
-        cgroup_links: u64,
-    ) -> Self {
-        LocalOriginStats {
-            cgroups: selection.cgroups.clone(),
-            uids: selection.uids.iter().map(ToString::to_string).collect(),
-            counts: LocalOriginCounts {
-                selected_cgroups: selection.cgroups.len() as u64,
-                selected_uid_ranges: selection.uids.len() as u64,
-                cgroup_links,
-            },
-        }
-    }
-
     /// The selection in words, as the log shows it.
     fn describe(&self) -> String {
         let uids = match self.uids.is_empty() {
@@ -469,81 +453,13 @@ pub struct ListenerPackets {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExternalSocketStatus {
     pub address: String,
-    pub transport: crate::relay::listener::Transport,
+    pub transport: crate::values::Transport,
     /// A socket listens there (TCP), or is bound there unconnected (UDP).
     pub listening: bool,
     /// It has IP_TRANSPARENT.
     pub transparent: bool,
     /// Why the sockets could not be read (then both are false).
     pub error: Option<String>,
-}
-
-impl ExternalSocketStatus {
-    /// The state of each address of `external`, for the transports its rules use.
-    pub(crate) fn of(
-        external: &crate::relay::external::External,
-        tcp: bool,
-        udp: bool,
-    ) -> Vec<Self> {
-        crate::relay::external::presences(external, tcp, udp)
-            .into_iter()
-            .map(|(addr, transport, presence)| {
-                let (presence, error) = match presence {
-                    Ok(presence) => (presence, None),
-                    Err(error) => (Default::default(), Some(format!("{error:#}"))),
-                };
-                ExternalSocketStatus {
-                    address: addr.to_string(),
-                    transport,
-                    listening: presence.listening,
-                    transparent: presence.transparent,
-                    error,
-                }
-            })
-            .collect()
-    }
-}
-
-/// Where the live counters are, for taking snapshots of them; cheap to clone.
-#[derive(Clone)]
-pub(crate) struct Sources {
-    /// The eBPF program's counters, fragment tracking and interfaces; `None` without the
-    /// program.
-    pub(crate) steering: Option<(
-        crate::datapath::steering::CounterReader,
-        crate::datapath::fragments::FragmentTracking,
-        Arc<crate::datapath::steering::InterfaceEvents>,
-        Option<LocalOriginStats>,
-    )>,
-    pub(crate) tcp: Arc<crate::relay::tcp::RelayStats>,
-    pub(crate) udp: Arc<crate::relay::udp::UdpRelay>,
-}
-
-impl Sources {
-    /// The counters now.
-    pub(crate) fn snapshot(&self) -> Stats {
-        let packets = self.steering.as_ref().and_then(|(counters, ..)| {
-            counters
-                .read()
-                .map_err(|error| log::warn!("reading eBPF counters: {error:#}"))
-                .ok()
-                .map(Packets)
-        });
-        Stats {
-            packets,
-            fragment_tracking: self
-                .steering
-                .as_ref()
-                .map(|(_, fragments, ..)| fragments.entries()),
-            interfaces: self
-                .steering
-                .as_ref()
-                .map(|(_, _, interfaces, _)| interfaces.snapshot()),
-            local_origin: self.steering.as_ref().and_then(|(.., local)| local.clone()),
-            tcp_relay: self.tcp.snapshot(),
-            udp_relay: self.udp.stats.snapshot(),
-        }
-    }
 }
 
 #[cfg(test)]

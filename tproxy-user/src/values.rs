@@ -6,6 +6,7 @@
 use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
 
 use ipnet::IpNet;
+use tproxy_common::local_origin::UidRange;
 
 /// What steering does with a packet for which there is no listener.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -240,6 +241,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("`{text}` is not a duration like 10s or 500ms ({e})"))
+}
+
+/// Parses a uid or an inclusive range of uids (`1000-1999`).
+pub(crate) fn parse_uid_range(text: &str) -> Result<UidRange, String> {
+    text.parse()
+        .map_err(|error| format!("uid `{text}`: {error}"))
+}
+
+/// Which transport a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Udp,
 }
 
 /// A duration as an operator writes one: `0s`, `500ms`, `30s`, `1.5s`, `5m`, `2h`.

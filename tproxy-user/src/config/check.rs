@@ -7,11 +7,13 @@ use std::net::SocketAddr;
 use anyhow::{bail, Result};
 use tproxy_common::maps::{MAX_LISTENERS, MAX_MARK_RULES};
 
-use super::{upstream_flag, Config, Interfaces, ListenerConfig, DEFAULT_LISTENER};
+use super::{
+    reaches_own_listener, upstream_flag, Config, Interfaces, ListenerConfig, RunArgs,
+    DEFAULT_LISTENER,
+};
 use crate::{
-    cli::RunArgs,
     datapath::rules::{self, Action},
-    relay::listener::Transport,
+    values::Transport,
 };
 
 impl Config {
@@ -275,7 +277,7 @@ impl Config {
             .collect();
         for listener in &self.listeners {
             if let Some(upstream) = listener.upstream {
-                if crate::relay::listener::reaches_own_listener(&own, upstream) {
+                if reaches_own_listener(&own, upstream) {
                     bail!(
                         "{} is one of tproxy's own listeners: that would loop",
                         upstream_flag(&listener.name, upstream)

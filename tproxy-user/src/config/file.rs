@@ -24,7 +24,7 @@ use crate::{
         local_origin::LocalOrigin,
         rules::{self, Action, Origin, Ports, Rule},
     },
-    relay::listener::Transport,
+    values::Transport,
 };
 
 /// Where a span of the file is, for error messages.

@@ -10,6 +10,7 @@
 //! The settings are listed once, in [`settings`]; the file's listeners and rules are read in
 //! `file`, its values in `text`; `check` holds what is refused across them.
 
+mod args;
 mod check;
 mod describe;
 mod external;
@@ -28,52 +29,24 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 
+pub use args::RunArgs;
+pub use external::External;
 pub use settings::{SettingFlags, Settings};
 
+pub use crate::datapath::interfaces::Interfaces;
 use crate::{
-    cli::RunArgs,
     datapath::{
         interfaces::host_addresses,
         local_origin::LocalOrigin,
         rules::{Action, Origin, Ports, Rule},
     },
-    relay::{external::External, listener::Transport},
+    values::Transport,
 };
 use file::{parse_file, LineStarts, Location};
 use settings::ConfigFile;
 
 /// Name of the listener that `--tcp`/`--udp` steer to.
 pub const DEFAULT_LISTENER: &str = "default";
-
-/// Where the program is attached.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Interfaces {
-    /// These interfaces: names, and patterns (`veth*`) whose matches are attached as they
-    /// appear and detached as they go.
-    Named(Vec<String>),
-    /// Every interface the program can parse but loopback, followed as they come and go:
-    /// the pattern `*` (which leaves `lo` out, see `datapath::interfaces::selects`).
-    All,
-}
-
-impl Interfaces {
-    /// `--iface` as given: `all` alone is [`Interfaces::All`] (the kernel refuses an
-    /// interface of that name); `all` beside names is refused by the configuration check.
-    pub fn from_flag(names: &[String]) -> Self {
-        match names {
-            [only] if only == "all" => Interfaces::All,
-            names => Interfaces::Named(names.to_vec()),
-        }
-    }
-
-    /// The names and patterns to select interfaces with.
-    pub fn entries(&self) -> Vec<String> {
-        match self {
-            Interfaces::Named(names) => names.clone(),
-            Interfaces::All => vec!["*".to_string()],
-        }
-    }
-}
 
 /// A named listener: its sockets' addresses and where its relay connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +62,15 @@ pub struct ListenerConfig {
     /// `Some`: a proxy tproxy does not own listens there; `listen` is empty and nothing is
     /// bound or relayed for it.
     pub external: Option<External>,
+}
+
+/// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
+/// listener is reached at any address on its port): relaying there would loop forever.
+pub(crate) fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
+    listeners.iter().any(|listener| {
+        listener.port() == target.port()
+            && (listener.ip() == target.ip() || listener.ip().is_unspecified())
+    })
 }
 
 /// Everything `tproxy run` needs to know, checked.

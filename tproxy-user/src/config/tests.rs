@@ -12,15 +12,19 @@ use super::{
     file::{LineStarts, Location},
     *,
 };
-use crate::{cli, values::FailMode};
+use crate::values::FailMode;
+
+/// The flags of `tproxy run`, parsed as its subcommand parses them.
+#[derive(Parser)]
+struct Run {
+    #[command(flatten)]
+    args: RunArgs,
+}
 
 fn args(extra: &[&str]) -> RunArgs {
-    let mut argv = vec!["tproxy", "run"];
+    let mut argv = vec!["run"];
     argv.extend_from_slice(extra);
-    match cli::Cli::try_parse_from(argv).unwrap().command {
-        cli::Command::Run(args) => args,
-        other => panic!("{other:?}"),
-    }
+    Run::try_parse_from(argv).unwrap().args
 }
 
 fn with_file(text: &str, extra: &[&str]) -> Result<Config> {
@@ -745,4 +749,31 @@ fn local_flag_rules_are_local_or_both_with_interfaces() {
         error.contains("--local makes the --tcp/--udp rules apply"),
         "{error}"
     );
+}
+
+fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+#[test]
+fn own_listener_addresses_are_recognised() {
+    let own = addrs(&["127.0.0.1:7000", "[::1]:7000"]);
+    assert!(reaches_own_listener(
+        &own,
+        "127.0.0.1:7000".parse().unwrap()
+    ));
+    assert!(reaches_own_listener(&own, "[::1]:7000".parse().unwrap()));
+    assert!(!reaches_own_listener(
+        &own,
+        "127.0.0.1:7001".parse().unwrap()
+    ));
+    assert!(!reaches_own_listener(
+        &own,
+        "10.0.0.1:7000".parse().unwrap()
+    ));
+    let wildcard = addrs(&["0.0.0.0:7000"]);
+    assert!(reaches_own_listener(
+        &wildcard,
+        "10.0.0.1:7000".parse().unwrap()
+    ));
 }

@@ -14,8 +14,7 @@ use tproxy_common::local_origin::UidRange;
 
 use crate::{
     datapath::rules::{Origin, Ports},
-    relay::listener::Transport,
-    values::{self, FailMode, Mark, TcpRelayMode},
+    values::{self, FailMode, Mark, TcpRelayMode, Transport},
 };
 
 use super::ports_of;
@@ -138,7 +137,7 @@ parses!(
 parses!(
     UidRange,
     "a uid or range like 1000 or \"1000-1999\"",
-    crate::cli::parse_uid_range
+    values::parse_uid_range
 );
 parses!(RuleAction, "\"steer\" or \"bypass\"", |t: &str| match t {
     "steer" => Ok(RuleAction::Steer),

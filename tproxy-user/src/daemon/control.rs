@@ -15,7 +15,6 @@
 
 use std::{
     io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write},
-    net::SocketAddr,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::{fs::PermissionsExt, net::UnixStream},
@@ -28,9 +27,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
-use tproxy_common::maps::ListenerSlot;
-
-use crate::{daemon::instance, relay::listener::Transport};
+use crate::{daemon::instance, relay::listener::HandedListener};
 
 /// Descriptors per SCM_RIGHTS message (the kernel takes at most 253).
 const FDS_PER_MESSAGE: usize = 200;
@@ -99,42 +96,6 @@ fn read_request(stream: UnixStream) -> Option<Request> {
             None
         }
     }
-}
-
-/// One listening socket being handed over.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub(crate) struct HandedSocket {
-    pub transport: Transport,
-    pub ipv6: bool,
-}
-
-impl From<ListenerSlot> for HandedSocket {
-    fn from(slot: ListenerSlot) -> Self {
-        HandedSocket {
-            transport: if slot.is_tcp() {
-                Transport::Tcp
-            } else {
-                Transport::Udp
-            },
-            ipv6: slot.is_ipv6(),
-        }
-    }
-}
-
-impl HandedSocket {
-    /// The socket-map slot it serves.
-    pub(crate) fn slot(self) -> ListenerSlot {
-        ListenerSlot::of(self.transport == Transport::Tcp, self.ipv6)
-    }
-}
-
-/// One listener being handed over: its sockets follow, in this order, as descriptors.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct HandedListener {
-    pub name: String,
-    pub listen: Vec<SocketAddr>,
-    pub bound: Vec<SocketAddr>,
-    pub sockets: Vec<HandedSocket>,
 }
 
 /// The JSON line that starts a handover (or says why there is none).

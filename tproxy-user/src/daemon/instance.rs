@@ -188,6 +188,44 @@ pub(crate) fn path(table: u32, ext: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(LOCK_DIR).join(format!("netns-{netns}-table-{table}.{ext}")))
 }
 
+/// What the last instance that pinned its state was started with, for `tproxy status` to
+/// tell while no process runs. A bpffs holds no regular files, so it lives next to the lock.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PinnedBy {
+    pub pid: u32,
+    pub fail_mode: String,
+}
+
+impl PinnedBy {
+    /// Records this process as the one whose program is pinned for `table`.
+    pub fn record(table: u32, fail_mode: crate::values::FailMode) -> Result<()> {
+        let record = PinnedBy {
+            pid: std::process::id(),
+            fail_mode: fail_mode.to_string(),
+        };
+        let path = path(table, "pinned.json")?;
+        std::fs::write(&path, serde_json::to_string(&record)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The record for `table`, if there is one.
+    pub fn read(table: u32) -> Option<Self> {
+        let path = path(table, "pinned.json").ok()?;
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    }
+
+    /// Forgets the record (the pinned state is gone).
+    pub fn remove(table: u32) -> Result<()> {
+        let path = path(table, "pinned.json")?;
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(error).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Removes the lock files and control sockets that killed instances left in network
 /// namespaces that no longer exist (no process is in one, and it is not mounted under
 /// /run/netns): no `cleanup` can be run there. Only pairs whose lock nobody holds go, taken

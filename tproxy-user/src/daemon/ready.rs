@@ -5,8 +5,7 @@
 use std::net::SocketAddr;
 
 use crate::{
-    cli::RunArgs,
-    config::{Config, Interfaces},
+    config::{Config, Interfaces, RunArgs},
     daemon::serve::notify_systemd,
     relay::listeners::Relays,
     values::FailMode,

@@ -5,8 +5,7 @@ use anyhow::{bail, Result};
 
 use crate::relay::listeners::Relays;
 use crate::{
-    cli::RunArgs,
-    config::{settings, Config, Settings},
+    config::{settings, Config, RunArgs, Settings},
     datapath::rules::{self},
     datapath::steering::Steering,
 };

@@ -7,18 +7,18 @@ use anyhow::Result;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::{
-    cli::RunArgs,
-    config::Config,
+    config::{Config, RunArgs},
     daemon::control::{self, Request},
     daemon::instance::InstanceLock,
     datapath::steering::Steering,
-    stats::{ExternalSocketStatus, InstanceStatus, ListenerStatus},
+    stats::{InstanceStatus, ListenerStatus},
     values::Human,
 };
 use crate::{
     daemon::addresses::{self, AddressWatch},
     daemon::links::{self, LinkWatch},
     daemon::reload::{reinstall_rules, reload},
+    relay::external::socket_statuses,
     relay::listeners::{Relays, ACCEPT_GRACE},
 };
 
@@ -473,7 +473,7 @@ pub(crate) fn status_report(
                 .config
                 .external
                 .as_ref()
-                .map(|external| ExternalSocketStatus::of(external, l.config.tcp, l.config.udp))
+                .map(|external| socket_statuses(external, l.config.tcp, l.config.udp))
                 .unwrap_or_default(),
             packets: steering
                 .and_then(|steering| steering.counter_reader().listener_counts(l.slot).ok()),

@@ -6,6 +6,36 @@ use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
 
+/// Where the program is attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interfaces {
+    /// These interfaces: names, and patterns (`veth*`) whose matches are attached as they
+    /// appear and detached as they go.
+    Named(Vec<String>),
+    /// Every interface the program can parse but loopback, followed as they come and go:
+    /// the pattern `*` (which leaves `lo` out, see `selects`).
+    All,
+}
+
+impl Interfaces {
+    /// `--iface` as given: `all` alone is [`Interfaces::All`] (the kernel refuses an
+    /// interface of that name); `all` beside names is refused by the configuration check.
+    pub fn from_flag(names: &[String]) -> Self {
+        match names {
+            [only] if only == "all" => Interfaces::All,
+            names => Interfaces::Named(names.to_vec()),
+        }
+    }
+
+    /// The names and patterns to select interfaces with.
+    pub fn entries(&self) -> Vec<String> {
+        match self {
+            Interfaces::Named(names) => names.clone(),
+            Interfaces::All => vec!["*".to_string()],
+        }
+    }
+}
+
 /// What precedes the IP header of a packet at the interface's tc ingress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Framing {
@@ -126,7 +156,7 @@ pub(crate) fn selected(entries: &[String], links: &[LinkMessage]) -> Vec<Link> {
 }
 
 /// The interfaces to attach to at start, selected by `entries` (names and patterns, see
-/// [`crate::config::Interfaces::entries`]). A name must exist here and have a framing the program can
+/// [`Interfaces::entries`]). A name must exist here and have a framing the program can
 /// parse; a pattern may match nothing yet (links that appear later are attached as they
 /// come, see `daemon::links`).
 pub(crate) async fn resolve_interfaces(
@@ -185,7 +215,7 @@ mod tests {
 
     #[test]
     fn all_is_every_interface_but_loopback() {
-        let entries = crate::config::Interfaces::All.entries();
+        let entries = Interfaces::All.entries();
         assert!(entries.iter().any(|entry| selects(entry, "veth1a2b")));
         assert!(!entries.iter().any(|entry| selects(entry, "lo")));
     }

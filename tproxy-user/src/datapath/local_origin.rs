@@ -28,7 +28,10 @@ use tproxy_common::local_origin::{
     SENDMSG6_PROGRAM_NAME,
 };
 
-use crate::{datapath::steering::Steering, stats::LocalOriginStats};
+use crate::{
+    datapath::steering::Steering,
+    stats::{LocalOriginCounts, LocalOriginStats},
+};
 
 /// The local processes whose connections the rules for local connections apply to (`--local
 /// --cgroup --uid`, or the rules' `cgroup` and `uid`).
@@ -53,6 +56,19 @@ impl LocalOrigin {
         uids.sort_by_key(|range| (range.first, range.last));
         uids.dedup();
         LocalOrigin { cgroups, uids }
+    }
+
+    /// The stats of this selection attached with `cgroup_links` links.
+    pub(crate) fn stats(&self, cgroup_links: u64) -> LocalOriginStats {
+        LocalOriginStats {
+            cgroups: self.cgroups.clone(),
+            uids: self.uids.iter().map(ToString::to_string).collect(),
+            counts: LocalOriginCounts {
+                selected_cgroups: self.cgroups.len() as u64,
+                selected_uid_ranges: self.uids.len() as u64,
+                cgroup_links,
+            },
+        }
     }
 }
 
@@ -261,7 +277,7 @@ pub fn attach(steering: &mut Steering, root: &Path, selection: &LocalOrigin) -> 
             links += 1;
         }
     }
-    steering.set_local_origin(LocalOriginStats::new(selection, links));
+    steering.set_local_origin(selection.stats(links));
     Ok(())
 }
 

@@ -4,10 +4,7 @@
 //! nothing for them; it tells the program where to look up their sockets, and reads from
 //! the kernel's sock_diag interface whether something listens there now.
 
-use std::{
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
 // The trait, for the raw attributes the crate does not parse.
@@ -21,85 +18,8 @@ use netlink_packet_sock_diag::{
     SockDiagMessage,
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
-use tproxy_common::maps::{listener_slot, ExternalListener, ListenerSlot};
 
-use crate::relay::listener::Transport;
-
-/// Where a listener that tproxy does not own listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum External {
-    /// At these addresses, at most one per family (`external = "127.0.0.1:3129"`, or
-    /// `--on-port` with `--on-ip`). Flows of a family without an address get the fail mode.
-    At(Vec<SocketAddr>),
-    /// At this port of each packet's own destination address (`--on-port` alone), which a
-    /// listener on the wildcard address answers. The kernel's TPROXY target looks at the
-    /// receiving interface's first address instead; for the wildcard listeners proxies
-    /// open, both find the same socket.
-    OnPort(u16),
-}
-
-impl External {
-    /// The program's entries for listener `listener`: (socket-map index, where to look).
-    pub fn entries(&self, listener: u32, tcp: bool, udp: bool) -> Vec<(u32, ExternalListener)> {
-        let mut entries = Vec::new();
-        for (wanted, is_tcp) in [(tcp, true), (udp, false)] {
-            if !wanted {
-                continue;
-            }
-            for ipv6 in [false, true] {
-                let entry =
-                    match self {
-                        External::OnPort(port) => Some(ExternalListener::new(None, *port)),
-                        External::At(addrs) => addrs
-                            .iter()
-                            .find(|addr| addr.is_ipv6() == ipv6)
-                            .map(|addr| {
-                                ExternalListener::new(Some(address_bytes(addr.ip())), addr.port())
-                            }),
-                    };
-                if let Some(entry) = entry {
-                    let slot = listener_slot(listener, ListenerSlot::of(is_tcp, ipv6));
-                    entries.push((slot, entry));
-                }
-            }
-        }
-        entries
-    }
-
-    /// The addresses whose sockets the program looks for (for `--on-port`, the wildcard of
-    /// each family).
-    pub fn addresses(&self) -> Vec<SocketAddr> {
-        match self {
-            External::At(addrs) => addrs.clone(),
-            External::OnPort(port) => vec![
-                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), *port),
-                SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), *port),
-            ],
-        }
-    }
-}
-
-impl fmt::Display for External {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            External::At(addrs) => {
-                let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                f.write_str(&addrs.join(", "))
-            }
-            External::OnPort(port) => write!(f, "port {port} of each destination"),
-        }
-    }
-}
-
-/// An address in network byte order, IPv4 in the first four bytes.
-fn address_bytes(ip: IpAddr) -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => bytes[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => bytes = v6.octets(),
-    }
-    bytes
-}
+use crate::{config::External, stats::ExternalSocketStatus, values::Transport};
 
 /// What sock_diag says about the sockets the program would find at an external address.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,6 +29,30 @@ pub(crate) struct Presence {
     /// One of them has IP_TRANSPARENT, without which it cannot accept flows to other
     /// hosts' addresses.
     pub transparent: bool,
+}
+
+/// The state of each address of `external`, for the transports its rules use.
+pub(crate) fn socket_statuses(
+    external: &External,
+    tcp: bool,
+    udp: bool,
+) -> Vec<ExternalSocketStatus> {
+    presences(external, tcp, udp)
+        .into_iter()
+        .map(|(addr, transport, presence)| {
+            let (presence, error) = match presence {
+                Ok(presence) => (presence, None),
+                Err(error) => (Default::default(), Some(format!("{error:#}"))),
+            };
+            ExternalSocketStatus {
+                address: addr.to_string(),
+                transport,
+                listening: presence.listening,
+                transparent: presence.transparent,
+                error,
+            }
+        })
+        .collect()
 }
 
 /// Whether each of `external`'s addresses has its proxy's socket now, per transport the
@@ -265,36 +209,5 @@ fn dump(family: u8, transport: Transport) -> Result<Vec<InetResponse>> {
             }
             offset += length;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_address_per_family_fills_only_that_familys_slots() {
-        let external = External::At(vec!["127.0.0.1:3129".parse().unwrap()]);
-        let entries = external.entries(2, true, false);
-        assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].0, listener_slot(2, ListenerSlot::TcpV4));
-        assert_eq!(entries[0].1.address[0].to_ne_bytes(), [127, 0, 0, 1]);
-        let both = External::At(vec![
-            "127.0.0.1:3129".parse().unwrap(),
-            "[::1]:3130".parse().unwrap(),
-        ]);
-        let slots: Vec<u32> = both.entries(0, true, true).iter().map(|e| e.0).collect();
-        assert_eq!(slots, [0, 1, 2, 3]);
-        assert_eq!(both.entries(0, false, true)[1].1.port, 3130u16.to_be());
-    }
-
-    #[test]
-    fn on_port_alone_looks_at_each_destination() {
-        let entries = External::OnPort(3129).entries(1, true, true);
-        assert_eq!(entries.len(), 4);
-        assert!(entries
-            .iter()
-            .all(|(_, e)| e.kind == tproxy_common::maps::EXTERNAL_AT_DESTINATION));
-        assert_eq!(External::OnPort(3129).addresses().len(), 2);
     }
 }

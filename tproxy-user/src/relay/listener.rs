@@ -10,6 +10,8 @@ use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 use tproxy_common::maps::ListenerSlot;
 
+use crate::values::Transport;
+
 /// Pending connections the kernel may queue per TCP listener; clamped by net.core.somaxconn.
 const BACKLOG: i32 = 4096;
 /// Receive buffer of a UDP listener: new flows' datagrams wait there until the relay reads
@@ -17,18 +19,46 @@ const BACKLOG: i32 = 4096;
 /// datagrams, which a burst of new flows overflows; this holds thousands.
 const UDP_RECEIVE_BUFFER: usize = 8 << 20;
 
-/// Which transport a listener serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Tcp,
-    Udp,
-}
-
 /// A bound transparent socket (listening, for TCP) and the socket-map slot it serves.
 pub(crate) struct TransparentListener {
     pub slot: ListenerSlot,
     pub socket: Socket,
+}
+
+/// One listening socket being handed over.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HandedSocket {
+    pub transport: Transport,
+    pub ipv6: bool,
+}
+
+impl From<ListenerSlot> for HandedSocket {
+    fn from(slot: ListenerSlot) -> Self {
+        HandedSocket {
+            transport: if slot.is_tcp() {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            },
+            ipv6: slot.is_ipv6(),
+        }
+    }
+}
+
+impl HandedSocket {
+    /// The socket-map slot it serves.
+    pub(crate) fn slot(self) -> ListenerSlot {
+        ListenerSlot::of(self.transport == Transport::Tcp, self.ipv6)
+    }
+}
+
+/// One listener being handed over: its sockets follow, in this order, as descriptors.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HandedListener {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub bound: Vec<SocketAddr>,
+    pub sockets: Vec<HandedSocket>,
 }
 
 /// Binds one transparent listener per address. At most one per address family (the program
@@ -73,15 +103,6 @@ pub(crate) fn refused_destination(original: SocketAddr, client: SocketAddr) -> b
         != tproxy_common::decision::DestinationScope::Relayable
 }
 
-/// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
-/// listener is reached at any address on its port): relaying there would loop forever.
-pub(crate) fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
-    listeners.iter().any(|listener| {
-        listener.port() == target.port()
-            && (listener.ip() == target.ip() || listener.ip().is_unspecified())
-    })
-}
-
 fn bind_transparent(addr: SocketAddr, transport: Transport) -> Result<Socket> {
     let (kind, protocol) = match transport {
         Transport::Tcp => (Type::STREAM, Protocol::TCP),
@@ -120,36 +141,4 @@ fn bind_transparent(addr: SocketAddr, transport: Transport) -> Result<Socket> {
         socket.listen(BACKLOG).context("listening")?;
     }
     Ok(socket)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn own_listener_addresses_are_recognised() {
-        let own = addrs(&["127.0.0.1:7000", "[::1]:7000"]);
-        assert!(reaches_own_listener(
-            &own,
-            "127.0.0.1:7000".parse().unwrap()
-        ));
-        assert!(reaches_own_listener(&own, "[::1]:7000".parse().unwrap()));
-        assert!(!reaches_own_listener(
-            &own,
-            "127.0.0.1:7001".parse().unwrap()
-        ));
-        assert!(!reaches_own_listener(
-            &own,
-            "10.0.0.1:7000".parse().unwrap()
-        ));
-        let wildcard = addrs(&["0.0.0.0:7000"]);
-        assert!(reaches_own_listener(
-            &wildcard,
-            "10.0.0.1:7000".parse().unwrap()
-        ));
-    }
 }

@@ -15,13 +15,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tproxy_common::maps::ListenerSlot;
 
 use crate::{
-    config::{ListenerConfig, Settings},
-    daemon::control::{HandedListener, HandedSocket},
+    config::{reaches_own_listener, ListenerConfig, Settings},
     datapath::rules::{self, Action, Rule},
     datapath::steering::Steering,
-    metrics,
     relay::kernel::KernelRelay,
-    relay::listener::{self, TransparentListener},
+    relay::listener::{HandedListener, HandedSocket, TransparentListener},
     relay::plan::{NewSockets, Plan},
     relay::tcp::{self, RelayConfig, RelayStats, Upstream},
     relay::udp::{UdpConfig, UdpRelay},
@@ -65,7 +63,52 @@ pub(crate) struct Relays {
     /// Cancelled once a successor has taken over, so that scrapes reach it instead.
     pub(crate) metrics_stop: CancellationToken,
     /// The listeners in force, for scrapes.
-    pub(crate) book: metrics::ListenerBook,
+    pub(crate) book: ListenerBook,
+}
+
+/// The listeners in force (socket-map slot, configuration), kept current by the reconciler.
+pub(crate) type ListenerBook = Arc<RwLock<Vec<(u32, ListenerConfig)>>>;
+
+/// Where the live counters are, for taking snapshots of them; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Sources {
+    /// The eBPF program's counters, fragment tracking and interfaces; `None` without the
+    /// program.
+    pub(crate) steering: Option<(
+        crate::datapath::steering::CounterReader,
+        crate::datapath::fragments::FragmentTracking,
+        Arc<crate::datapath::steering::InterfaceEvents>,
+        Option<stats::LocalOriginStats>,
+    )>,
+    pub(crate) tcp: Arc<RelayStats>,
+    pub(crate) udp: Arc<UdpRelay>,
+}
+
+impl Sources {
+    /// The counters now.
+    pub(crate) fn snapshot(&self) -> stats::Stats {
+        let packets = self.steering.as_ref().and_then(|(counters, ..)| {
+            counters
+                .read()
+                .map_err(|error| log::warn!("reading eBPF counters: {error:#}"))
+                .ok()
+                .map(stats::Packets)
+        });
+        stats::Stats {
+            packets,
+            fragment_tracking: self
+                .steering
+                .as_ref()
+                .map(|(_, fragments, ..)| fragments.entries()),
+            interfaces: self
+                .steering
+                .as_ref()
+                .map(|(_, _, interfaces, _)| interfaces.snapshot()),
+            local_origin: self.steering.as_ref().and_then(|(.., local)| local.clone()),
+            tcp_relay: self.tcp.snapshot(),
+            udp_relay: self.udp.stats.snapshot(),
+        }
+    }
 }
 
 /// How long a stopping instance keeps accepting connections that reached its listeners
@@ -116,7 +159,7 @@ impl Relays {
                 max_connections_per_source: settings.max_connections_per_source as usize,
                 transparent_upstream: settings.transparent_upstream,
                 socket_mark: settings.socket_mark,
-                connect_latency: metrics::connect_latency(),
+                connect_latency: tcp::connect_latency(),
                 own_listeners: own_addrs.clone(),
                 mode: settings.tcp_relay,
                 kernel,
@@ -132,28 +175,6 @@ impl Relays {
             shutdown,
             tasks,
         })
-    }
-
-    /// Starts the metrics endpoint, if the settings ask for one.
-    pub(crate) async fn serve_metrics(
-        &self,
-        settings: &Settings,
-        steering: Option<&Steering>,
-    ) -> Result<()> {
-        let Some(addr) = settings.metrics else {
-            return Ok(());
-        };
-        metrics::serve(
-            addr,
-            metrics::Sources {
-                stats: self.stats_sources(steering),
-                connect_latency: self.tcp_config.connect_latency.clone(),
-                ready: self.ready.clone(),
-                listeners: self.book.clone(),
-            },
-            self.metrics_stop.clone(),
-        )
-        .await
     }
 
     /// Puts a plan in force: new sockets serve, kept listeners take their new upstream,
@@ -273,7 +294,7 @@ impl Relays {
             .collect();
         for running in &self.listeners {
             if let Some(upstream) = *running.upstream.read().unwrap() {
-                if listener::reaches_own_listener(&self.own_addrs.read().unwrap(), upstream) {
+                if reaches_own_listener(&self.own_addrs.read().unwrap(), upstream) {
                     log::warn!("listener `{}`: upstream {upstream} is one of tproxy's own listeners; its connections will be refused", running.config.name);
                 }
             }
@@ -380,8 +401,8 @@ impl Relays {
     }
 
     /// Where the counters of this instance are.
-    pub(crate) fn stats_sources(&self, steering: Option<&Steering>) -> stats::Sources {
-        stats::Sources {
+    pub(crate) fn stats_sources(&self, steering: Option<&Steering>) -> Sources {
+        Sources {
             steering: steering.map(|steering| {
                 (
                     steering.counter_reader(),

@@ -9,11 +9,12 @@ use anyhow::{bail, Context, Result};
 use tproxy_common::maps::{ExternalListener, MAX_LISTENERS};
 
 use crate::{
-    config::{Config, ListenerConfig},
+    config::{reaches_own_listener, Config, ListenerConfig},
     datapath::rules::{Action, Rule},
     datapath::steering::Steering,
-    relay::listener::{self, TransparentListener, Transport},
+    relay::listener::{self, TransparentListener},
     relay::listeners::Relays,
+    values::Transport,
 };
 
 /// Where a wanted listener goes (see `Relays::place`).
@@ -271,7 +272,7 @@ impl Relays {
             let external = wanted.external.iter().flat_map(|e| e.addresses());
             if let Some(addr) = external
                 .into_iter()
-                .find(|addr| listener::reaches_own_listener(&own, *addr))
+                .find(|addr| reaches_own_listener(&own, *addr))
             {
                 // The program would find tproxy's own socket there and relay the flows itself.
                 bail!(
@@ -280,7 +281,7 @@ impl Relays {
                 );
             }
             if let Some(upstream) = wanted.upstream {
-                if listener::reaches_own_listener(&own, upstream) {
+                if reaches_own_listener(&own, upstream) {
                     bail!(
                         "{} is one of tproxy's own listeners: that would loop",
                         crate::config::upstream_flag(&wanted.name, upstream)

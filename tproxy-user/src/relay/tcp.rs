@@ -24,6 +24,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    config::reaches_own_listener,
     logging,
     relay::kernel::{self, KernelRelay, PairError},
     relay::listener,
@@ -36,6 +37,16 @@ use crate::{
 static PIPES: PipePool = PipePool::new();
 /// How long to wait before accepting again after the process ran out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Upper bounds of the connect latency buckets, in seconds.
+const CONNECT_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+
+/// A histogram of upstream connect latency (seconds), observed by the relay.
+pub(crate) fn connect_latency() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(CONNECT_BUCKETS)
+}
 
 /// How connections are relayed, for every listener.
 #[derive(Debug)]
@@ -322,7 +333,7 @@ fn destination(
         }
     };
     let target = upstream.unwrap_or(original);
-    if listener::reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
+    if reaches_own_listener(&config.own_listeners.read().unwrap(), target) {
         log::warn!(target: logging::PER_FLOW, "{peer} -> {original}: refusing to relay to our own listener {target}");
         reset(client);
         return None;

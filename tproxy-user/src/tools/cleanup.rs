@@ -25,7 +25,7 @@ pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
     // The links first: with them goes the program, before the routing it relies on.
     let pinned = PinnedState::locate(pin_dir, table)?;
     let unpinned = pinned.remove()?;
-    crate::datapath::pin::PinnedBy::remove(table)?;
+    instance::PinnedBy::remove(table)?;
     if unpinned > 0 {
         println!(
             "removed {unpinned} pinned links and maps from {}",

@@ -12,11 +12,11 @@ use aya::{
 use futures::TryStreamExt;
 
 use crate::{
-    config::{Interfaces, Settings},
+    config::{External, Interfaces, Settings},
     datapath::local_origin::LocalOrigin,
     datapath::routing,
     datapath::steering::{LoadSettings, Steering},
-    relay::external::{self, External, Presence},
+    relay::external::{self, Presence},
     values::Mark,
 };
 

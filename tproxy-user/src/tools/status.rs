@@ -11,7 +11,8 @@ use tproxy_common::{decision::Protocol, Outcome};
 use crate::{
     cli::StatusArgs,
     daemon::control,
-    datapath::pin::{PinnedBy, PinnedState},
+    daemon::instance::PinnedBy,
+    datapath::pin::PinnedState,
     datapath::routing,
     datapath::steering::CounterReader,
     stats::{Packets, Stats},

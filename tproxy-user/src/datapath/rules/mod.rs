@@ -54,8 +54,8 @@ use ipnet::IpNet;
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{Verdict, VERDICT_BYPASS, VERDICT_STEER};
 
-pub use crate::relay::listener::Transport;
 use crate::values::Mark;
+pub use crate::values::Transport;
 
 /// Which destination ports a rule matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -260,7 +260,7 @@ impl UdpRelay {
         let target = upstream.unwrap_or(original);
         let loops = {
             let own_listeners = self.config.own_listeners.read().unwrap();
-            crate::relay::listener::reaches_own_listener(&own_listeners, target)
+            crate::config::reaches_own_listener(&own_listeners, target)
         };
         if loops {
             if self.trouble_log.allow() {

@@ -14,7 +14,11 @@ use super::{
     precedence::{covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
 };
-use crate::{config::Settings, datapath::rules::Ports, relay::listener::Transport, values::Mark};
+use crate::{
+    config::Settings,
+    datapath::rules::Ports,
+    values::{Mark, Transport},
+};
 
 /// A rule kept for the configuration, with the port of the listener it steers to (`None`:
 /// a bypass).

@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 
 use super::{precedence::iface_covers, Match, Parsed, RuleSet, Target};
-use crate::relay::listener::Transport;
+use crate::values::Transport;
 
 /// A rule of the flattened rule set, or why it cannot be translated.
 pub(super) type Flat = Result<Parsed, String>;

@@ -13,8 +13,7 @@ use super::{
 };
 use crate::{
     datapath::rules::Ports,
-    relay::listener::Transport,
-    values::{parse_mark_match, parse_port_list, parse_prefix},
+    values::{parse_mark_match, parse_port_list, parse_prefix, Transport},
 };
 
 /// Reads the `mangle` table's PREROUTING and OUTPUT chains and the chains they may jump to;

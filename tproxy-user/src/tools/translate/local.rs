@@ -21,7 +21,7 @@ use super::{
     precedence::{covers, overlaps},
     Match, Parsed, RuleSet, Target,
 };
-use crate::{relay::listener::Transport, values::Mark};
+use crate::values::{Mark, Transport};
 
 /// The rules the kernel runs for locally generated packets, jumps inlined, in order: the
 /// MARK rules that steer made TPROXY targets like those that take their packets on `lo`;

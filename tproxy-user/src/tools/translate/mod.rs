@@ -38,8 +38,7 @@ use tproxy_common::local_origin::UidRange;
 use crate::{
     cli::TranslateArgs,
     datapath::{interfaces::is_pattern, rules::Ports},
-    relay::listener::Transport,
-    values::{parse_mark, parse_port_list, Mark},
+    values::{parse_mark, parse_port_list, Mark, Transport},
 };
 
 /// Reads the rule set from stdin, prints the configuration, lists what was skipped.

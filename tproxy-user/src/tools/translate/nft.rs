@@ -9,10 +9,7 @@ use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
     other_transports, other_uids, port_range, words, Family, Match, Parsed, RuleSet, Target,
 };
-use crate::{
-    relay::listener::Transport,
-    values::{parse_mark_match, parse_port_list, parse_prefix, Mark},
-};
+use crate::values::{parse_mark_match, parse_port_list, parse_prefix, Mark, Transport};
 
 /// The block an nft line is in.
 enum Block {

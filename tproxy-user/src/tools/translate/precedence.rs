@@ -11,7 +11,7 @@ use crate::{
         interfaces::{is_pattern, matches},
         rules::Ports,
     },
-    relay::listener::Transport,
+    values::Transport,
 };
 
 fn transports_of(m: &Match) -> Vec<Transport> {
