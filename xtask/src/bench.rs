@@ -730,6 +730,30 @@ fn direct_baseline(samples: &Samples, metric: &Metric) -> Option<f64> {
     Some(median_and_spread(values).0)
 }
 
+/// One table cell: the median, its spread, and its ratio to `baseline` (when given and not
+/// zero) named `against`. Returns the median, the spread and the ratio.
+fn write_cell(
+    md: &mut String,
+    values: &[f64],
+    baseline: Option<f64>,
+    against: &str,
+) -> (f64, f64, f64, Option<f64>) {
+    let (median, low, high) = median_and_spread(values);
+    let ratio = baseline.filter(|b| *b > 0.0).map(|b| median / b);
+    let _ = write!(
+        md,
+        " {} [{}–{}]",
+        format_value(median),
+        format_value(low),
+        format_value(high)
+    );
+    if let Some(ratio) = ratio {
+        let _ = write!(md, "<br>{ratio:.2}× {against}");
+    }
+    md.push_str(" |");
+    (median, low, high, ratio)
+}
+
 fn median_and_spread(values: &[f64]) -> (f64, f64, f64) {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -775,19 +799,9 @@ fn report(
         for mode in modes {
             match by_mode.get(&mode) {
                 Some(values) => {
-                    let (median, low, high) = median_and_spread(values);
-                    let ratio = direct.filter(|d| *d > 0.0).map(|d| median / d);
-                    write!(
-                        md,
-                        " {} [{}–{}]",
-                        format_value(median),
-                        format_value(low),
-                        format_value(high)
-                    )?;
-                    if let (Some(ratio), false) = (ratio, mode == Mode::Direct) {
-                        write!(md, "<br>{ratio:.2}× direct")?;
-                    }
-                    md.push_str(" |");
+                    let shown = direct.filter(|_| mode != Mode::Direct);
+                    let (median, low, high, ratio) = write_cell(&mut md, values, shown, "direct");
+                    let ratio = ratio.or_else(|| direct.filter(|d| *d > 0.0).map(|d| median / d));
                     json_modes.insert(
                         format!("{mode:?}"),
                         json!({"median": median, "min": low, "max": high, "ratio_to_direct": ratio, "runs": values}),

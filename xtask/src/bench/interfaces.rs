@@ -21,8 +21,8 @@ use serde_json::{json, Value};
 use tproxy_tests::{Netns, RouterTopology as Topo, Tproxy};
 
 use super::{
-    connection_rate, format_value, fresh_topology, iperf, latency, median_and_spread, output_of,
-    status_kib, Servers, HTTP_PORT, IDLE_CONNECTIONS, IPERF_PORT, SOCKPERF_PORT,
+    connection_rate, fresh_topology, iperf, latency, median_and_spread, output_of, status_kib,
+    write_cell, Servers, HTTP_PORT, IDLE_CONNECTIONS, IPERF_PORT, SOCKPERF_PORT,
 };
 
 const BRIDGE: &str = "br-bench";
@@ -283,21 +283,8 @@ pub(super) fn report(samples: &Samples, command: Option<&str>) -> Result<(String
                     md.push_str(" – |");
                     continue;
                 };
-                let (median, low, high) = median_and_spread(values);
-                write!(
-                    md,
-                    " {} [{}–{}]",
-                    format_value(median),
-                    format_value(low),
-                    format_value(high)
-                )?;
-                let ratio = base
-                    .filter(|base| *base > 0.0 && case != &cases[0])
-                    .map(|base| median / base);
-                if let Some(ratio) = ratio {
-                    write!(md, "<br>{ratio:.2}× {baseline}")?;
-                }
-                md.push_str(" |");
+                let shown = base.filter(|_| case != &cases[0]);
+                let (median, low, high, ratio) = write_cell(&mut md, values, shown, baseline);
                 json_cases.insert(
                     format!("{case:?}"),
                     json!({"median": median, "min": low, "max": high, "ratio": ratio, "runs": values}),

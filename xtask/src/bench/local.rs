@@ -15,8 +15,8 @@ use tproxy_tests::{
 };
 
 use super::{
-    field, format_value, fresh_topology, median_and_spread, output_in, output_of, Metric,
-    HTTP_PORT, IPERF_PORT, METRICS, RELAY_PORT,
+    field, fresh_topology, median_and_spread, output_in, output_of, write_cell, Metric, HTTP_PORT,
+    IPERF_PORT, METRICS, RELAY_PORT,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -310,19 +310,9 @@ pub(super) fn report(samples: &LocalSamples, provenance: Option<&str>) -> Result
                 md.push_str(" – |");
                 continue;
             };
-            let (median, low, high) = median_and_spread(values);
-            let ratio = direct.filter(|d| *d > 0.0).map(|d| median / d);
-            write!(
-                md,
-                " {} [{}–{}]",
-                format_value(median),
-                format_value(low),
-                format_value(high)
-            )?;
-            if let (Some(ratio), false) = (ratio, mode == LocalMode::Direct) {
-                write!(md, "<br>{ratio:.2}× direct")?;
-            }
-            md.push_str(" |");
+            let shown = direct.filter(|_| mode != LocalMode::Direct);
+            let (median, low, high, ratio) = write_cell(&mut md, values, shown, "direct");
+            let ratio = ratio.or_else(|| direct.filter(|d| *d > 0.0).map(|d| median / d));
             json_modes.insert(
                 format!("{mode:?}"),
                 json!({"median": median, "min": low, "max": high, "ratio_to_direct": ratio, "runs": values}),
