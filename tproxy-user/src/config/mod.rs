@@ -212,8 +212,11 @@ impl Config {
             (Some(flags), _) => Some(flags),
             (None, file) => file.map(|(_, selected)| selected),
         };
-        if self.local.is_none() {
+        let Some(local) = &self.local else {
             return Ok(());
+        };
+        for path in &local.cgroups {
+            crate::datapath::local_origin::check_cgroup_path(path)?;
         }
         if let Interfaces::Named(names) = &mut self.settings.interfaces {
             if names

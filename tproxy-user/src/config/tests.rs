@@ -551,6 +551,9 @@ fn iface_all_alone_is_every_interface_and_beside_others_an_error() {
     );
     let from_file = with_file("interfaces = \"all\"\n", &["--tcp", "80"]).unwrap();
     assert_eq!(from_file.settings.interfaces, Interfaces::All);
+    // `["all"]` too: `check` used to call it a name that `run` then failed to find.
+    let listed = with_file("interfaces = [\"all\"]\n", &["--tcp", "80"]).unwrap();
+    assert_eq!(listed.settings.interfaces, Interfaces::All);
     for given in [
         &["--iface", "all", "--iface", "eth0"][..],
         &["--iface", "eth0", "--iface", "all"][..],
@@ -776,4 +779,21 @@ fn own_listener_addresses_are_recognised() {
         &wildcard,
         "10.0.0.1:7000".parse().unwrap()
     ));
+}
+
+#[test]
+fn cgroup_paths_are_checked_as_run_checks_them_and_a_trailing_slash_is_one_cgroup() {
+    for bad in ["", "app", "../../etc", "/app/.."] {
+        let error = format!(
+            "{:#}",
+            Config::build(&args(&["--local", "--cgroup", bad, "--tcp", "80"])).unwrap_err()
+        );
+        assert!(error.contains(&format!("cgroup `{bad}`")), "{bad}: {error}");
+    }
+    let text = "[[listener]]\nname = \"up\"\n[[rule]]\nproto = \"tcp\"\nports = 80\n\
+                action = \"steer\"\norigin = \"local\"\ncgroup = [\"/app\"]\n\
+                [[rule]]\nproto = \"udp\"\nports = 53\naction = \"steer\"\nlistener = \"up\"\n\
+                origin = \"any\"\ncgroup = [\"/app/\"]\n";
+    let config = with_file(text, &[]).unwrap();
+    assert_eq!(config.local.as_ref().unwrap().cgroups, ["/app"]);
 }

@@ -312,6 +312,10 @@ impl<'de> Deserialize<'de> for InterfaceList {
                         "an empty list steers nothing; name at least one interface",
                     ));
                 }
+                if names == ["all"] {
+                    // As `--iface all` alone: no link can be named `all`.
+                    return Ok(InterfaceList::All);
+                }
                 Ok(InterfaceList::Named(names))
             }
         }

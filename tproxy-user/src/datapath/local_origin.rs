@@ -47,7 +47,15 @@ impl LocalOrigin {
     /// The selection of `cgroups` (none: the root, every process) and `uids` (none: every
     /// user), in one order whatever the order written, so that equal selections compare
     /// equal.
-    pub fn new(mut cgroups: Vec<String>, mut uids: Vec<UidRange>) -> Self {
+    pub fn new(cgroups: Vec<String>, mut uids: Vec<UidRange>) -> Self {
+        // `/app/` and `/app` are one cgroup.
+        let mut cgroups: Vec<String> = cgroups
+            .into_iter()
+            .map(|path| match path.trim_end_matches('/') {
+                "" if path.starts_with('/') => "/".to_string(),
+                trimmed => trimmed.to_string(),
+            })
+            .collect();
         if cgroups.is_empty() {
             cgroups.push("/".to_string());
         }
@@ -165,19 +173,27 @@ fn unescape_mount_field(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The directory of cgroup `path` (relative to the hierarchy's `root`): it must be written
-/// from the root (`/app.slice/app.service`), stay inside the hierarchy, and exist.
-pub fn cgroup_dir(root: &Path, path: &str) -> Result<PathBuf> {
-    let relative = Path::new(path);
+/// Refuses a cgroup path that is not written from the hierarchy's root
+/// (`/app.slice/app.service`) or leaves it (`.`, `..`): what `check` can tell without the
+/// hierarchy.
+pub fn check_cgroup_path(path: &str) -> Result<()> {
     if !path.starts_with('/') {
         bail!("cgroup `{path}`: give the path from the cgroup v2 root, starting with `/` (e.g. /system.slice/app.service)");
     }
-    if relative
+    if Path::new(path)
         .components()
         .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
     {
         bail!("cgroup `{path}`: `.` and `..` are not allowed in a cgroup path");
     }
+    Ok(())
+}
+
+/// The directory of cgroup `path` (relative to the hierarchy's `root`): it must be written
+/// from the root, stay inside the hierarchy (see [`check_cgroup_path`]), and exist.
+pub fn cgroup_dir(root: &Path, path: &str) -> Result<PathBuf> {
+    check_cgroup_path(path)?;
+    let relative = Path::new(path);
     let dir = root.join(relative.strip_prefix("/").unwrap_or(relative));
     match std::fs::metadata(&dir) {
         Ok(meta) if meta.is_dir() => Ok(dir),
