@@ -143,16 +143,7 @@ pub fn run_only(binary: &Path, rounds: usize) -> Result<()> {
     let date = output_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"])?;
     let command = format!("`cargo xtask bench --interfaces-only --rounds {rounds}` ({date})");
     let (section, json_section) = report(&samples, Some(command.as_str()))?;
-    let dir = crate::workspace_root().join("bench");
-    fs::create_dir_all(&dir)?;
-    let md_path = dir.join("results.md");
-    let md = fs::read_to_string(&md_path).unwrap_or_default();
-    fs::write(&md_path, replace_section(&md, &section))?;
-    let json_path = dir.join("results.json");
-    let json = fs::read_to_string(&json_path).unwrap_or_else(|_| "{}".to_string());
-    let json =
-        set_json_entry(&json, JSON_KEY, &json_section).context("updating bench/results.json")?;
-    fs::write(&json_path, json)?;
+    record_section(&section, replace_section, JSON_KEY, &json_section)?;
     println!("\n{section}\nwritten to bench/results.md, bench/results.json");
     Ok(())
 }
@@ -165,7 +156,28 @@ pub(super) const JSON_KEY: &str = "interfaces";
 /// to `value`, the other entries kept as text: parsing and printing them again would
 /// change the last digits of some numbers. Entries stay in key order, as serde_json's map
 /// keeps them.
-pub(super) fn set_json_entry(json: &str, key: &str, value: &Value) -> Result<String> {
+/// Writes one group of cases' results: `section` in bench/results.md, in place of its old
+/// one (`replace`), and `value` under `key` in bench/results.json; the rest of both files is
+/// kept as it is.
+pub(super) fn record_section(
+    section: &str,
+    replace: fn(&str, &str) -> String,
+    key: &str,
+    value: &Value,
+) -> Result<()> {
+    let dir = crate::workspace_root().join("bench");
+    fs::create_dir_all(&dir)?;
+    let md_path = dir.join("results.md");
+    let md = fs::read_to_string(&md_path).unwrap_or_default();
+    fs::write(&md_path, replace(&md, section))?;
+    let json_path = dir.join("results.json");
+    let json = fs::read_to_string(&json_path).unwrap_or_else(|_| "{}".to_string());
+    let json = set_json_entry(&json, key, value).context("updating bench/results.json")?;
+    fs::write(&json_path, json)?;
+    Ok(())
+}
+
+fn set_json_entry(json: &str, key: &str, value: &Value) -> Result<String> {
     let body = json
         .trim()
         .strip_prefix('{')

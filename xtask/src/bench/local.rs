@@ -6,7 +6,7 @@
 //! sockets, tc on `lo` steers). Both proxying modes use the same relay (splice), so the
 //! difference between them is the steering.
 
-use std::{collections::BTreeMap, fmt::Write as _, fs, process::Output};
+use std::{collections::BTreeMap, fmt::Write as _, process::Output};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -226,16 +226,7 @@ pub fn run_only(binary: &std::path::Path, rounds: usize) -> Result<()> {
         "{date}, `cargo xtask bench --local-modes-only --rounds {rounds}` ({rounds} rounds)"
     );
     let (section, json_local) = report(&samples, Some(&provenance))?;
-    let dir = crate::workspace_root().join("bench");
-    fs::create_dir_all(&dir)?;
-    let md_path = dir.join("results.md");
-    let md = fs::read_to_string(&md_path).unwrap_or_default();
-    fs::write(&md_path, replace_section(&md, &section))?;
-    let json_path = dir.join("results.json");
-    let json = fs::read_to_string(&json_path).unwrap_or_else(|_| "{}".to_string());
-    let json = super::interfaces::set_json_entry(&json, JSON_KEY, &json_local)
-        .context("updating bench/results.json")?;
-    fs::write(&json_path, json)?;
+    super::interfaces::record_section(&section, replace_section, JSON_KEY, &json_local)?;
     println!("\n{section}\nwritten into bench/results.md and bench/results.json");
     Ok(())
 }
