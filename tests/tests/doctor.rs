@@ -129,3 +129,34 @@ fn doctor_checks_that_the_pin_directory_is_on_a_bpf_filesystem() {
         "{report}"
     );
 }
+
+#[test]
+fn doctor_examines_the_interfaces_a_pattern_selects_now() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    topo.router
+        .sysctl(&format!("net.ipv4.conf.{IFACE}.rp_filter"), "1")
+        .unwrap();
+    // Before, a pattern was looked up as an interface name and reported missing.
+    let (status, stdout, stderr) =
+        run_tproxy_output(&topo.router, &["doctor", "--iface", "to-*"]).unwrap();
+    let report = format!("{stdout}{stderr}");
+    assert!(!status.success(), "{report}");
+    assert!(!report.contains("does not exist"), "{report}");
+    assert!(
+        report.contains("PROBLEM strict reverse-path filtering (rp_filter 1) on to-client"),
+        "{report}"
+    );
+    assert!(
+        report.contains("to-server: reverse-path filtering"),
+        "{report}"
+    );
+    let (status, stdout, stderr) =
+        run_tproxy_output(&topo.router, &["doctor", "--iface", "br-*"]).unwrap();
+    let report = format!("{stdout}{stderr}");
+    assert!(status.success(), "{report}");
+    assert!(
+        report.contains("br-*: no interface matches it yet"),
+        "{report}"
+    );
+}

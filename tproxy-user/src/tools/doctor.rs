@@ -13,6 +13,7 @@ use futures::TryStreamExt;
 
 use crate::{
     config::{External, Interfaces, Settings},
+    datapath::interfaces,
     datapath::local_origin::LocalOrigin,
     datapath::routing,
     datapath::steering::{LoadSettings, Steering},
@@ -145,10 +146,12 @@ pub async fn run(examined: &Examined) -> Result<()> {
 async fn examine(settings: &Settings) -> Vec<Finding> {
     let mut findings = vec![kernel(), program(settings)];
     findings.push(ipv6_policy_routing().await);
-    let names = match &settings.interfaces {
-        Interfaces::Named(names) => names.clone(),
-        Interfaces::All => Vec::new(),
-    };
+    let (names, unmatched) = attached_now(&settings.interfaces);
+    for pattern in unmatched {
+        findings.push(Finding::ok(format!(
+            "{pattern}: no interface matches it yet; tproxy attaches to those that appear"
+        )));
+    }
     for iface in &names {
         findings.extend(interface(iface));
     }
@@ -326,6 +329,45 @@ fn sysctl(path: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// The interfaces a run would attach to now: names as given (a missing one is a problem
+/// [`interface`] reports), patterns and `all` expanded over this namespace's interfaces as
+/// the run selects them (never `lo` but by name); with the patterns that match none.
+fn attached_now(interfaces: &Interfaces) -> (Vec<String>, Vec<String>) {
+    let entries = match interfaces {
+        Interfaces::Named(entries) => entries.clone(),
+        Interfaces::All => vec!["*".to_string()],
+    };
+    let present: Vec<String> = nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|link| link.name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let (mut names, mut unmatched) = (Vec::new(), Vec::new());
+    for entry in entries {
+        if !interfaces::is_pattern(&entry) {
+            if !names.contains(&entry) {
+                names.push(entry);
+            }
+            continue;
+        }
+        let selected: Vec<&String> = present
+            .iter()
+            .filter(|name| interfaces::selects(&entry, name))
+            .collect();
+        if selected.is_empty() {
+            unmatched.push(entry);
+        }
+        for name in selected {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    (names, unmatched)
 }
 
 fn interface(iface: &str) -> Vec<Finding> {
