@@ -10,9 +10,12 @@ use std::{
 };
 
 use tproxy_tests::{
+    cgroup::{dial_output, TestCgroup},
     ingress_program_id, ingress_programs, links_of_program, peer_seen_by, require_root, ConfigFile,
     Netns, RouterTopology as Topo, Server, Tproxy,
 };
+
+const DIAL: &str = env!("CARGO_BIN_EXE_dial");
 
 /// Links a new namespace to the router as a container's veth would be: `eth0` inside,
 /// `router_iface` on the router, addresses 10.10.`subnet`.0/24.
@@ -336,5 +339,70 @@ fn a_pattern_leaves_lo_out_and_its_name_selects_it() {
         ingress_programs(&topo.router, "lo").unwrap(),
         vec!["tproxy_ingress".to_string()]
     );
+    tproxy.stop().unwrap();
+}
+
+/// Rules for local connections stay in force while interfaces come and go: every change of
+/// the attached set recompiles the rule maps, and the local rules' entries must survive
+/// each one (before a review mend an interface that appeared later had no entries).
+#[test]
+fn local_rules_hold_while_interfaces_come_and_go() {
+    use std::io::{Read, Write};
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("hotplug").unwrap();
+    let named = |addr: &str, name: &'static str| {
+        Server::start(&topo.server, addr.parse().unwrap(), move |mut stream| {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let _ = stream.write_all(name.as_bytes());
+        })
+        .unwrap()
+    };
+    let _original = named("10.10.2.2:80", "original");
+    let upstream = named("10.10.2.3:8080", "upstream");
+    let config = ConfigFile::new(&format!(
+        "interfaces = [\"hp-*\"]\n\
+         [[listener]]\nname = \"up\"\nupstream = \"10.10.2.3:8080\"\n\
+         [[rule]]\norigin = \"local\"\ncgroup = [\"{}\"]\nproto = \"tcp\"\nports = 80\n\
+         action = \"steer\"\nlistener = \"up\"\n\
+         [[rule]]\nproto = \"tcp\"\nports = 80\niface = \"hp-late\"\naction = \"steer\"\n\
+         listener = \"up\"\n",
+        cgroup.path
+    ))
+    .unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let local = || {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let arrival = |client: &Netns| {
+        let mut stream = client.connect("10.10.2.2:80".parse().unwrap()).unwrap();
+        stream.write_all(b"hi").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(local(), "10.10.2.2:80 upstream", "before any interface");
+    for round in 0..3 {
+        let late = late_client(&topo, "hp-late", 3);
+        tproxy
+            .wait_for_line("attached to hp-late", Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(arrival(&late), "upstream", "round {round}: hp-late's rule");
+        assert_eq!(local(), "10.10.2.2:80 upstream", "round {round}: attached");
+        drop(late);
+        tproxy
+            .wait_for_line("detached from hp-late", Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(local(), "10.10.2.2:80 upstream", "round {round}: detached");
+    }
+    assert_eq!(upstream.peers().len(), 10);
     tproxy.stop().unwrap();
 }
