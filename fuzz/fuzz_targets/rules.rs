@@ -74,6 +74,8 @@ fuzz_target!(|data: &[u8]| {
                     (0, 2) => Origin::Any,
                     _ => Origin::Forwarded,
                 },
+                // Three selections: every process, and two others.
+                selection: u32::from(bytes.next() % 3),
             }
         })
         .collect();
@@ -101,6 +103,8 @@ fuzz_target!(|data: &[u8]| {
             dst: addr(&mut bytes),
             port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),
             local,
+            // Every process's selection always; the others as the process is in them.
+            selections: 1 | (u32::from(bytes.next()) & 6),
             iface: IFACES[iface],
             mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),
         };

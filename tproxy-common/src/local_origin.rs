@@ -36,44 +36,43 @@ pub const LOOPBACK_SOURCE_V4: [u8; 4] = [127, 84, 80, 1];
 /// The source the `sendmsg6` program gives a steered datagram (`::1`).
 pub const LOOPBACK_SOURCE_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
-/// Global (`u32`): non-zero when local origin is steered. The tc program then steers on `lo`
-/// only the packets of sockets the connect programs marked, and the datagrams the sendmsg
-/// programs gave a loopback source: the other local processes' traffic on `lo` (to
-/// 127.0.0.1, to the host's own addresses) is theirs.
-pub const LOCAL_ORIGIN_GLOBAL: &str = "LOCAL_ORIGIN";
+/// Name of the tc program attached to `lo` in place of the main one while local origin is
+/// steered: it takes a packet on `lo` from a local process to the listener the connect (or
+/// sendmsg) program chose for its socket (see [`LocalDecision`]).
+pub const LOOPBACK_PROGRAM_NAME: &str = "tproxy_loopback";
 /// Global (`u64`): the cgroup v2 id of tproxy's own cgroup, whose sockets are never marked.
 pub const OWN_CGROUP_GLOBAL: &str = "OWN_CGROUP_ID";
 /// Global (`u64`): the cookie of tproxy's network namespace. A cgroup holds processes of any
 /// namespace (containers); only sockets of tproxy's own are marked, since only there does
 /// the mark lead to tproxy's routing and program.
 pub const OWN_NETNS_GLOBAL: &str = "OWN_NETNS_COOKIE";
-/// Global (`[UidRange; MAX_UID_RANGES]`): the selected users; see [`UID_RANGES_LEN_GLOBAL`].
-pub const UID_RANGES_GLOBAL: &str = "LOCAL_UID_RANGES";
-/// Global (`u32`): how many entries of [`UID_RANGES_GLOBAL`] are in use; 0 selects every user.
-pub const UID_RANGES_LEN_GLOBAL: &str = "LOCAL_UID_RANGES_LEN";
+/// Array map of [`Selection`]s, [`MAX_SELECTIONS`] entries: which processes each
+/// selection's rules apply to, filled by the loader before the programs are attached.
+pub const SELECTIONS_MAP: &str = "LOCAL_SELECTIONS";
 
 /// The interface index under which the rule maps' source stage holds what the rules say
-/// about local connections (rules with origin `local` or `any`): the connect programs look
-/// rules up with it, and so does the tc program on `lo` for the packets of the sockets they
-/// marked, so both find the same rule. No interface has it (the kernel's indices are
-/// positive `int`s), so forwarded rules, which are written under the indices of the
-/// interfaces they apply to, never answer for a local connection, and local rules never
-/// for an arrival.
+/// about local connections (rules with origin `local` or `any`) of selection 0, every
+/// process: selection `k` has [`selection_ifindex`]`(k)`. The connect programs look rules up
+/// with it. No interface has it (the kernel's indices are positive `int`s), so forwarded
+/// rules, which are written under the indices of the interfaces they apply to, never answer
+/// for a local connection, and local rules never for an arrival.
 pub const LOCAL_ORIGIN_IFINDEX: u32 = u32::MAX;
 
-/// The interface index a packet's rules are looked up with: on `lo` while local origin is
-/// steered, every packet that reaches the rules is a marked local connection's (the others
-/// were left alone, see [`unselected_on_loopback`]), so it gets the local connections' rules.
-#[inline(always)]
-pub const fn rule_ifindex(ingress_ifindex: u32, local_origin: u32) -> u32 {
-    if ingress_ifindex == crate::decision::LOOPBACK_IFINDEX && local_origin != 0 {
-        LOCAL_ORIGIN_IFINDEX
-    } else {
-        ingress_ifindex
-    }
+/// Most distinct selections (`cgroup`/`uid` sets) the rules for local connections may
+/// have, selection 0 (every process) included: the connect programs try them all, in a
+/// bounded loop, each with its own rule lookups.
+pub const MAX_SELECTIONS: usize = 8;
+
+/// Most cgroups one selection may name.
+pub const MAX_SELECTION_CGROUPS: usize = 8;
+
+/// The source stage's interface index of selection `k`'s rules.
+pub const fn selection_ifindex(k: u32) -> u32 {
+    LOCAL_ORIGIN_IFINDEX - k
 }
 
-/// Most uid ranges a run may select (the connect programs try them all, in a bounded loop).
+/// Most uid ranges one selection may name (the connect programs try them all, in a bounded
+/// loop).
 pub const MAX_UID_RANGES: usize = 16;
 
 /// An inclusive range of user ids, e.g. `1000-1999`, or a single uid (`1000`).
@@ -166,6 +165,132 @@ pub fn uid_selected(uid: u32, ranges: &[UidRange; MAX_UID_RANGES], len: u32) -> 
     false
 }
 
+/// One cgroup of a [`Selection`]: a process is in it (or below it) when its cgroup's
+/// ancestor at `level` (the root is level 0) has the id `id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelectedCgroup {
+    /// The cgroup's id (the inode of its directory in the cgroup v2 hierarchy).
+    pub id: u64,
+    /// How many directories below the root it is.
+    pub level: u64,
+}
+
+/// The processes one selection's rules apply to (an entry of [`SELECTIONS_MAP`]): those in
+/// one of its cgroups (or below) that run as one of its users.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Non-zero when some rule has this selection.
+    pub in_use: u32,
+    /// How many of `cgroups` are used; 0: every cgroup.
+    pub cgroups_len: u32,
+    /// How many of `uids` are used; 0: every user.
+    pub uids_len: u32,
+    pub reserved: u32,
+    pub cgroups: [SelectedCgroup; MAX_SELECTION_CGROUPS],
+    pub uids: [UidRange; MAX_UID_RANGES],
+}
+
+impl Selection {
+    /// Whether a process of `uid` is selected; `ancestor(level)` is the id of its cgroup's
+    /// ancestor at `level` (the process's own cgroup at its own level; 0 above it).
+    #[inline(always)]
+    pub fn selects(&self, uid: u32, ancestor: impl Fn(u32) -> u64) -> bool {
+        if self.in_use == 0 || !uid_selected(uid, &self.uids, self.uids_len) {
+            return false;
+        }
+        if self.cgroups_len == 0 {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_SELECTION_CGROUPS {
+            if i as u32 >= self.cgroups_len {
+                break;
+            }
+            let cgroup = &self.cgroups[i];
+            if ancestor(cgroup.level as u32) == cgroup.id {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// What the connect (or sendmsg) program decided for a socket of a local process, kept in
+/// the socket's storage for the tc program on `lo`, which cannot tell which process a packet
+/// there comes from: the listener, and the destination it was decided for. A connected
+/// socket has one destination; an unconnected UDP socket's record is that of its last
+/// steered datagram, so the tc program takes a datagram only when its destination is the
+/// record's (see [`LocalDecision::listener_for`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalDecision {
+    /// The destination address, as the packet carries it (IPv4: the first word, the others
+    /// 0).
+    pub destination: [u32; 4],
+    /// The destination port, host order.
+    pub port: u16,
+    /// 1 for an IPv6 destination.
+    pub ipv6: u16,
+    /// The listener's index plus one; 0: none.
+    pub listener: u32,
+}
+
+impl LocalDecision {
+    /// The record of a steer to `listener` for `destination` (4 bytes: IPv4, 16: IPv6) and
+    /// `port` (host order).
+    pub fn new(destination: &[u8], port: u16, listener: u32) -> Self {
+        let mut words = [0u32; 4];
+        let mut i = 0;
+        while i < 4 && i * 4 + 4 <= destination.len() {
+            let at = i * 4;
+            words[i] = u32::from_ne_bytes([
+                destination[at],
+                destination[at + 1],
+                destination[at + 2],
+                destination[at + 3],
+            ]);
+            i += 1;
+        }
+        LocalDecision {
+            destination: words,
+            port,
+            ipv6: (destination.len() == 16) as u16,
+            listener: listener + 1,
+        }
+    }
+
+    /// The listener for an IPv4 packet to `destination` (as the packet carries it) and
+    /// `port` (host order), if this record was made for it.
+    #[inline(always)]
+    pub fn listener_for_v4(&self, destination: u32, port: u16) -> Option<u32> {
+        let same = self.ipv6 == 0 && self.destination[0] == destination;
+        self.listener_if(same, port)
+    }
+
+    /// As [`LocalDecision::listener_for_v4`], for an IPv6 packet.
+    #[inline(always)]
+    pub fn listener_for_v6(&self, destination: &[u32; 4], port: u16) -> Option<u32> {
+        let same = self.ipv6 != 0
+            && self.destination[0] == destination[0]
+            && self.destination[1] == destination[1]
+            && self.destination[2] == destination[2]
+            && self.destination[3] == destination[3];
+        self.listener_if(same, port)
+    }
+
+    #[inline(always)]
+    fn listener_if(&self, same_address: bool, port: u16) -> Option<u32> {
+        if same_address && self.port == port && self.listener != 0 {
+            Some(self.listener - 1)
+        } else {
+            None
+        }
+    }
+}
+
 /// Whether a connecting socket is tproxy's own, and so never marked: it carries tproxy's
 /// socket mark (the relay's upstream connections), or its process is in tproxy's cgroup.
 pub const fn is_own_socket(socket_mark: u32, own_mark: u32, cgroup: u64, own_cgroup: u64) -> bool {
@@ -191,20 +316,12 @@ pub const fn socket_mark_for(current: u32, steered: bool, mark: u32, mask: u32) 
     }
 }
 
-/// Whether the tc program leaves a packet alone because it came in on `lo` without the
-/// routing mark while local origin is steered: only sockets the connect programs marked are
-/// taken on `lo`, and the datagrams the `sendmsg` programs steered (see
-/// [`steered_datagram_v4`]), which carry no mark.
-pub const fn unselected_on_loopback(
-    ifindex: u32,
-    local_origin: u32,
-    packet_mark: u32,
-    mark: u32,
-    mask: u32,
-) -> bool {
-    ifindex == crate::decision::LOOPBACK_IFINDEX
-        && local_origin != 0
-        && packet_mark & mask != mark & mask
+/// Whether a packet on `lo` carries tproxy's routing mark: a socket the connect programs
+/// marked sent it. The loopback program takes only those, and the datagrams the `sendmsg`
+/// programs steered (see [`steered_datagram_v4`]), which carry no mark: the other local
+/// processes' traffic on `lo` (to 127.0.0.1, to the host's own addresses) is theirs.
+pub const fn marked_by_connect(packet_mark: u32, mark: u32, mask: u32) -> bool {
+    packet_mark & mask == mark & mask
 }
 
 /// Whether an IPv4 header (its first 20 bytes) is that of a datagram the `sendmsg4` program
@@ -262,6 +379,13 @@ pub const fn mapped_ipv4(addr: [u8; 16]) -> Option<[u8; 4]> {
 #[cfg(feature = "user")]
 // SAFETY: plain `repr(C)` data of two u32 fields, no padding.
 unsafe impl aya::Pod for UidRange {}
+#[cfg(feature = "user")]
+// SAFETY: plain `repr(C)` data of two u64 fields, no padding.
+unsafe impl aya::Pod for SelectedCgroup {}
+#[cfg(feature = "user")]
+// SAFETY: plain `repr(C)` data: four u32, then arrays of 8-byte-aligned plain structs, no
+// padding.
+unsafe impl aya::Pod for Selection {}
 
 #[cfg(test)]
 mod tests {
@@ -353,13 +477,10 @@ mod tests {
     }
 
     #[test]
-    fn on_loopback_only_marked_packets_are_steered_when_local_origin_is() {
+    fn on_loopback_only_marked_packets_are_steered() {
         let (mark, mask) = (0x1000000, 0x1000000);
-        assert!(unselected_on_loopback(1, 1, 0, mark, mask));
-        assert!(!unselected_on_loopback(1, 1, 0x1000001, mark, mask));
-        // Without local origin, `--iface lo` steers every local process as before.
-        assert!(!unselected_on_loopback(1, 0, 0, mark, mask));
-        assert!(!unselected_on_loopback(2, 1, 0, mark, mask));
+        assert!(!marked_by_connect(0, mark, mask));
+        assert!(marked_by_connect(0x1000001, mark, mask));
     }
 
     #[test]
@@ -399,10 +520,68 @@ mod tests {
     }
 
     #[test]
-    fn on_loopback_local_connections_are_looked_up_as_local() {
-        assert_eq!(rule_ifindex(1, 1), LOCAL_ORIGIN_IFINDEX);
-        assert_eq!(rule_ifindex(1, 0), 1, "--iface lo without local origin");
-        assert_eq!(rule_ifindex(7, 1), 7);
+    fn a_selection_takes_its_users_in_its_cgroups_or_below() {
+        let mut selection = Selection {
+            in_use: 1,
+            ..Selection::default()
+        };
+        // Process in /a (id 10, level 1)/b (id 11, level 2), uid 1000.
+        let ancestors = |level: u32| match level {
+            0 => 1,
+            1 => 10,
+            2 => 11,
+            _ => 0,
+        };
+        assert!(selection.selects(1000, ancestors), "every process");
+        selection.cgroups[0] = SelectedCgroup { id: 20, level: 1 };
+        selection.cgroups[1] = SelectedCgroup { id: 10, level: 1 };
+        selection.cgroups_len = 1;
+        assert!(!selection.selects(1000, ancestors), "another cgroup");
+        selection.cgroups_len = 2;
+        assert!(selection.selects(1000, ancestors), "below a selected cgroup");
+        selection.cgroups[1] = SelectedCgroup { id: 10, level: 2 };
+        assert!(
+            !selection.selects(1000, ancestors),
+            "the id must be at its own level"
+        );
+        selection.cgroups_len = 0;
+        selection.uids[0] = UidRange {
+            first: 1000,
+            last: 1000,
+        };
+        selection.uids_len = 1;
+        assert!(selection.selects(1000, ancestors));
+        assert!(!selection.selects(1001, ancestors));
+        selection.in_use = 0;
+        assert!(!selection.selects(1000, ancestors), "an unused entry");
+    }
+
+    #[test]
+    fn a_decision_answers_only_for_its_destination() {
+        let v4 = LocalDecision::new(&[10, 0, 0, 2], 80, 1);
+        let word = u32::from_ne_bytes;
+        assert_eq!(v4.listener_for_v4(word([10, 0, 0, 2]), 80), Some(1));
+        assert_eq!(v4.listener_for_v4(word([10, 0, 0, 3]), 80), None);
+        assert_eq!(v4.listener_for_v4(word([10, 0, 0, 2]), 81), None);
+        assert_eq!(
+            v4.listener_for_v6(&[word([10, 0, 0, 2]), 0, 0, 0], 80),
+            None,
+            "another family"
+        );
+        let mut addr = [0u8; 16];
+        addr[0] = 0xfd;
+        addr[15] = 2;
+        let v6 = LocalDecision::new(&addr, 443, 0);
+        let mut words = v6.destination;
+        assert_eq!(v6.listener_for_v6(&words, 443), Some(0));
+        assert_eq!(v6.listener_for_v4(words[0], 443), None, "another family");
+        words[3] ^= 1;
+        assert_eq!(v6.listener_for_v6(&words, 443), None, "last word");
+        assert_eq!(
+            LocalDecision::default().listener_for_v4(0, 0),
+            None,
+            "no record"
+        );
     }
 
     #[test]

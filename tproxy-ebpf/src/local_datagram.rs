@@ -9,6 +9,14 @@
 //! bound to the wildcard, receives it with the peer it sent to. Other datagrams are left
 //! exactly as they are.
 //!
+//! The rule's listener is recorded in the socket's storage with the datagram's destination
+//! (`LocalDecision`), for the tc program on `lo`, which takes a datagram there only when its
+//! destination is the record's. The record is the socket's last steered datagram's: when
+//! threads of one socket send to two steered destinations at once, one may overwrite the
+//! other's record before that datagram reaches `lo`; that datagram then finds no listener
+//! and is lost, as a datagram may be (the next one of its flow finds the relay's socket, or
+//! its own record).
+//!
 //! Only a datagram whose source is still unset is rewritten: a socket bound to an address,
 //! connected, or naming its source (`IP_PKTINFO`) has chosen it, and its datagrams go as
 //! they would have. The verdict is always "go on".
@@ -18,7 +26,10 @@ use core::ptr;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use tproxy_common::local_origin::{mapped_ipv4, LOOPBACK_SOURCE_V4, LOOPBACK_SOURCE_V6};
 
-use crate::local_origin::{destination_ipv6, steered_ipv4, steered_ipv6};
+use crate::local_origin::{
+    decision_ipv6, destination_ipv6, port, record, steered_ipv4, steered_ipv6,
+};
+use tproxy_common::local_origin::LocalDecision;
 
 /// The verdict that lets the datagram go on.
 const SEND_GOES_ON: i32 = 1;
@@ -34,7 +45,8 @@ pub fn tproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
             return SEND_GOES_ON;
         }
         let addr = ptr::read_volatile(&(*sock_addr).user_ip4).to_ne_bytes();
-        if steered_ipv4(&ctx, addr) == Some(true) {
+        if let Some(Some(listener)) = steered_ipv4(&ctx, addr) {
+            record(&ctx, LocalDecision::new(&addr, port(&ctx), listener));
             ptr::write_volatile(
                 &mut (*sock_addr).msg_src_ip4,
                 u32::from_ne_bytes(LOOPBACK_SOURCE_V4),
@@ -58,9 +70,13 @@ pub fn tproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
     let addr = destination_ipv6(&ctx);
     // A mapped destination is sent as IPv4 (the kernel runs the sendmsg4 program for it);
     // `::1` would be the wrong family's source.
-    if mapped_ipv4(addr).is_some() || steered_ipv6(&ctx, addr) != Some(true) {
+    if mapped_ipv4(addr).is_some() {
         return SEND_GOES_ON;
     }
+    let Some(Some(listener)) = steered_ipv6(&ctx, addr) else {
+        return SEND_GOES_ON;
+    };
+    record(&ctx, decision_ipv6(addr, port(&ctx), listener));
     for i in 0..4 {
         let word = &LOOPBACK_SOURCE_V6[i * 4..i * 4 + 4];
         // SAFETY: as above.

@@ -1,33 +1,48 @@
 //! `cgroup/connect4` and `cgroup/connect6`: the local processes' half of steering (see
-//! `tproxy_common::local_origin`). Attached to the selected cgroups, they run in the
-//! connecting process before the kernel picks the socket's route, and give a socket whose
-//! destination a steer rule for local connections takes (the rules under
-//! `LOCAL_ORIGIN_IFINDEX`) tproxy's routing mark, so its packets go over `lo` to the tc
-//! program there, which looks up the same rules. They never refuse a connect: the verdict is always "go on".
+//! `tproxy_common::local_origin`). Attached to the selected cgroups (or the root), they run
+//! in the connecting process before the kernel picks the socket's route. Each selection the
+//! process is in has its rules (under `selection_ifindex(k)`), and the best-ranked answer
+//! among them wins, as among any rules. A socket whose destination a steer rule takes gets
+//! tproxy's routing mark, so its packets go over `lo`, and the rule's listener is recorded in
+//! the socket's storage, where the tc program on `lo` (`loopback`) finds it. They never
+//! refuse a connect: the verdict is always "go on". A process in two cgroups the programs
+//! are attached to runs them twice; the second run decides as the first did.
 
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
+    btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_setsockopt,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_uid_gid,
+        bpf_get_netns_cookie, bpf_setsockopt,
     },
-    macros::cgroup_sock_addr,
+    macros::{btf_map, cgroup_sock_addr, map},
+    maps::Array,
     programs::SockAddrContext,
     EbpfContext, Global,
 };
 use tproxy_common::{
-    decision::{self, DestinationScope, RuleMatch},
+    decision::{self, rule_match, DestinationScope, RuleMatch},
     local_origin::{
-        in_own_namespace, is_own_socket, mapped_ipv4, socket_mark_for, uid_selected, UidRange,
-        LOCAL_ORIGIN_IFINDEX, MAX_UID_RANGES,
+        in_own_namespace, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
+        LocalDecision, Selection, MAX_SELECTIONS,
     },
+    maps::Verdict,
 };
 
 use crate::{
-    match_rules, OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK, RULES_DST_V4, RULES_DST_V6,
-    RULES_SRC_V4, RULES_SRC_V6,
+    active_generation, match_rules_into, OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK,
+    RULES_DST_V4, RULES_DST_V6, RULES_SRC_V4, RULES_SRC_V6,
 };
+
+/// Filled by the loader before the programs are attached
+/// (`tproxy_common::local_origin::SELECTIONS_MAP`).
+#[map]
+static LOCAL_SELECTIONS: Array<Selection> = Array::with_max_entries(MAX_SELECTIONS as u32, 0);
+/// Each steered socket's [`LocalDecision`], for the tc program on `lo`.
+#[btf_map]
+pub(crate) static LOCAL_DECISIONS: SkStorage<LocalDecision> = SkStorage::new();
 
 /// Set by the loader before load (`tproxy_common::local_origin::OWN_CGROUP_GLOBAL`).
 #[unsafe(no_mangle)]
@@ -35,14 +50,6 @@ static OWN_CGROUP_ID: Global<u64> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::local_origin::OWN_NETNS_GLOBAL`).
 #[unsafe(no_mangle)]
 static OWN_NETNS_COOKIE: Global<u64> = Global::new(0);
-/// Set by the loader before load (`tproxy_common::local_origin::UID_RANGES_GLOBAL`).
-#[unsafe(no_mangle)]
-static LOCAL_UID_RANGES: Global<[UidRange; MAX_UID_RANGES]> =
-    Global::new([UidRange { first: 0, last: 0 }; MAX_UID_RANGES]);
-/// Set by the loader before load (`tproxy_common::local_origin::UID_RANGES_LEN_GLOBAL`).
-#[unsafe(no_mangle)]
-static LOCAL_UID_RANGES_LEN: Global<u32> = Global::new(0);
-
 /// The verdict that lets the connect go on.
 const CONNECT_GOES_ON: i32 = 1;
 const SOL_SOCKET: i32 = 1;
@@ -55,8 +62,11 @@ pub fn tproxy_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its whole run; the
     // context is read one 4-byte field at a time, as the verifier wants.
     let addr = unsafe { ptr::read_volatile(&(*ctx.sock_addr).user_ip4) }.to_ne_bytes();
-    if let Some(steered) = steered_ipv4(&ctx, addr) {
-        mark_socket(&ctx, steered);
+    if let Some(listener) = steered_ipv4(&ctx, addr) {
+        mark_socket(&ctx, listener.is_some());
+        if let Some(listener) = listener {
+            record(&ctx, LocalDecision::new(&addr, port(&ctx), listener));
+        }
     }
     CONNECT_GOES_ON
 }
@@ -64,10 +74,37 @@ pub fn tproxy_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn tproxy_connect6(ctx: SockAddrContext) -> i32 {
     let addr = destination_ipv6(&ctx);
-    if let Some(steered) = steered_ipv6(&ctx, addr) {
-        mark_socket(&ctx, steered);
+    if let Some(listener) = steered_ipv6(&ctx, addr) {
+        mark_socket(&ctx, listener.is_some());
+        if let Some(listener) = listener {
+            record(&ctx, decision_ipv6(addr, port(&ctx), listener));
+        }
     }
     CONNECT_GOES_ON
+}
+
+/// The record of a steer for an IPv6 destination: an IPv4-mapped one's packets are IPv4.
+#[inline(always)]
+pub(crate) fn decision_ipv6(addr: [u8; 16], port: u16, listener: u32) -> LocalDecision {
+    match mapped_ipv4(addr) {
+        Some(v4) => LocalDecision::new(&v4, port, listener),
+        None => LocalDecision::new(&addr, port, listener),
+    }
+}
+
+/// Keeps `decision` in the socket's storage, for the tc program on `lo`. Without it (no
+/// memory), that program finds no listener for the socket's packets, and its connection
+/// fails, as it would with the listener gone.
+#[inline(always)]
+pub(crate) fn record(ctx: &SockAddrContext, decision: LocalDecision) {
+    // SAFETY: the context's socket is valid for the program's run; the storage returned is
+    // the socket's own, of the map's value type.
+    unsafe {
+        let stored = LOCAL_DECISIONS.get_or_insert_ptr_mut(ctx, None);
+        if !stored.is_null() {
+            *stored = decision;
+        }
+    }
 }
 
 /// The IPv6 destination of a `connect6` or `sendmsg6` context.
@@ -83,27 +120,29 @@ pub(crate) fn destination_ipv6(ctx: &SockAddrContext) -> [u8; 16] {
 }
 
 /// The local-origin decision for a socket of the context's process going to `addr` (IPv4):
-/// `None` when the socket is not this instance's to decide (see [`selected`]), otherwise
-/// whether a steer rule takes it. The connect programs and the `sendmsg` ones
-/// (`local_datagram`) ask only this, so they always agree.
+/// `None` when the socket is not this instance's to decide (see [`selections`]), otherwise
+/// the listener of the steer rule that takes it, if one does. The connect programs and the
+/// `sendmsg` ones (`local_datagram`) ask only this, so they always agree.
 #[inline(always)]
-pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<bool> {
-    if !selected(ctx) {
+pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Option<u32>> {
+    let selected = selections(ctx);
+    if selected == 0 {
         return None;
     }
-    Some(steers_ipv4(ctx, addr))
+    Some(steers_ipv4(ctx, addr, selected))
 }
 
 /// As [`steered_ipv4`], for an IPv6 destination (an IPv4-mapped one is decided by the IPv4
 /// rules: a dual-stack socket sends IPv4 to it).
 #[inline(always)]
-pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<bool> {
-    if !selected(ctx) {
+pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Option<u32>> {
+    let selected = selections(ctx);
+    if selected == 0 {
         return None;
     }
     Some(match mapped_ipv4(addr) {
-        Some(v4) => steers_ipv4(ctx, v4),
-        None => steers_ipv6(ctx, addr),
+        Some(v4) => steers_ipv4(ctx, v4, selected),
+        None => steers_ipv6(ctx, addr, selected),
     })
 }
 
@@ -125,7 +164,7 @@ fn udp(ctx: &SockAddrContext) -> Option<bool> {
 
 /// The destination port, host order.
 #[inline(always)]
-fn port(ctx: &SockAddrContext) -> u16 {
+pub(crate) fn port(ctx: &SockAddrContext) -> u16 {
     // SAFETY: as in `tproxy_connect4`. The port is in network order in the low 16 bits.
     u16::from_be(unsafe { ptr::read_volatile(&(*sock_addr(ctx)).user_port) } as u16)
 }
@@ -137,17 +176,16 @@ fn current_mark(ctx: &SockAddrContext) -> u32 {
     unsafe { (*(*sock_addr(ctx)).__bindgen_anon_1.sk).mark }
 }
 
-/// Whether the connecting process and socket are this instance's to decide: in tproxy's
-/// network namespace, not tproxy's own, and of a selected user (the cgroup was selected by
-/// attaching the program there). A socket that is not is left exactly as it is, its mark
-/// included: another program at the same hook (another tproxy's, for another namespace or
-/// cgroup) may have just set it.
+/// The selections (bit `k`: selection `k`) the connecting process is in, if its socket is
+/// this instance's to decide: in tproxy's network namespace, and not tproxy's own. A socket
+/// of no selection is left exactly as it is, its mark included: another program at the
+/// same hook (another tproxy's, for another namespace or cgroup) may have just set it.
 #[inline(always)]
-fn selected(ctx: &SockAddrContext) -> bool {
+fn selections(ctx: &SockAddrContext) -> u32 {
     // SAFETY: the helper reads the namespace of the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if !in_own_namespace(netns, OWN_NETNS_COOKIE.load()) {
-        return false;
+        return 0;
     }
     // SAFETY: helpers without arguments.
     let (cgroup, uid) = unsafe {
@@ -162,56 +200,82 @@ fn selected(ctx: &SockAddrContext) -> bool {
         cgroup,
         OWN_CGROUP_ID.load(),
     ) {
-        return false;
+        return 0;
     }
-    uid_selected(uid, &LOCAL_UID_RANGES.load(), LOCAL_UID_RANGES_LEN.load())
+    // SAFETY: a helper taking a plain level; it answers 0 for a level below the process's.
+    let ancestor = |level: u32| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+    let mut selected = 0;
+    for k in 0..MAX_SELECTIONS as u32 {
+        let Some(selection) = LOCAL_SELECTIONS.get(k) else {
+            break;
+        };
+        if selection.selects(uid, ancestor) {
+            selected |= 1 << k;
+        }
+    }
+    selected
 }
 
 #[inline(always)]
-fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> bool {
-    let Some(udp) = udp(ctx) else {
-        return false;
-    };
-    // The tc program's answer for the packets this socket will send over `lo`: the local
-    // connections' rules, whatever the source (they name none); the packets carry the
-    // socket's mark, plus the routing mark's bits, which mark rules leave out.
-    let rule = match_rules(
-        &RULES_DST_V4,
-        &RULES_SRC_V4,
-        udp,
-        port(ctx),
-        addr,
-        [0; 4],
-        LOCAL_ORIGIN_IFINDEX,
-        current_mark(ctx),
-    );
-    steers(rule, decision::ipv4_destination_scope(addr, false))
+fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4], selected: u32) -> Option<u32> {
+    let udp = udp(ctx)?;
+    // The local connections' rules of each selection the process is in, whatever the
+    // source (they name none), the best-ranked answer winning; the socket's mark, which
+    // mark rules leave the routing mark's bits out of.
+    let generation = active_generation();
+    let mut best = Verdict::default();
+    for k in 0..MAX_SELECTIONS as u32 {
+        if selected & (1 << k) != 0 {
+            match_rules_into(
+                generation,
+                &RULES_DST_V4,
+                &RULES_SRC_V4,
+                udp,
+                port(ctx),
+                addr,
+                [0; 4],
+                selection_ifindex(k),
+                current_mark(ctx),
+                &mut best,
+            );
+        }
+    }
+    steers(rule_match(&best), decision::ipv4_destination_scope(addr, false))
 }
 
 #[inline(always)]
-fn steers_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> bool {
-    let Some(udp) = udp(ctx) else {
-        return false;
-    };
-    let rule = match_rules(
-        &RULES_DST_V6,
-        &RULES_SRC_V6,
-        udp,
-        port(ctx),
-        addr,
-        [0; 16],
-        LOCAL_ORIGIN_IFINDEX,
-        current_mark(ctx),
-    );
-    steers(rule, decision::ipv6_destination_scope(addr, false))
+fn steers_ipv6(ctx: &SockAddrContext, addr: [u8; 16], selected: u32) -> Option<u32> {
+    let udp = udp(ctx)?;
+    let generation = active_generation();
+    let mut best = Verdict::default();
+    for k in 0..MAX_SELECTIONS as u32 {
+        if selected & (1 << k) != 0 {
+            match_rules_into(
+                generation,
+                &RULES_DST_V6,
+                &RULES_SRC_V6,
+                udp,
+                port(ctx),
+                addr,
+                [0; 16],
+                selection_ifindex(k),
+                current_mark(ctx),
+                &mut best,
+            );
+        }
+    }
+    steers(rule_match(&best), decision::ipv6_destination_scope(addr, false))
 }
 
 /// Only destinations the relay may reach from elsewhere are marked (scoped as if from
 /// outside): loopback destinations are on `lo` anyway, and a process connecting to a local
 /// service is not leaving the host.
 #[inline(always)]
-fn steers(rule: RuleMatch, scope: DestinationScope) -> bool {
-    matches!(rule, RuleMatch::Steer(_)) && matches!(scope, DestinationScope::Relayable)
+fn steers(rule: RuleMatch, scope: DestinationScope) -> Option<u32> {
+    match (rule, scope) {
+        (RuleMatch::Steer(listener), DestinationScope::Relayable) => Some(listener),
+        _ => None,
+    }
 }
 
 #[inline(always)]

@@ -23,6 +23,7 @@
 
 mod local_datagram;
 mod local_origin;
+mod loopback;
 
 use core::{ffi::c_void, mem, ptr};
 
@@ -112,9 +113,6 @@ static FAIL_CLOSED: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::OWN_SOCKET_MARK_GLOBAL`).
 #[unsafe(no_mangle)]
 static OWN_SOCKET_MARK: Global<u32> = Global::new(0);
-/// Set by the loader before load (`tproxy_common::local_origin::LOCAL_ORIGIN_GLOBAL`).
-#[unsafe(no_mangle)]
-static LOCAL_ORIGIN: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::maps::FRAGMENT_TIMEOUT_V4_GLOBAL`).
 #[unsafe(no_mangle)]
 static FRAGMENT_TIMEOUT_V4_NS: Global<u64> = Global::new(DEFAULT_FRAGMENT_TIMEOUTS_NS.0);
@@ -134,7 +132,13 @@ const IPPROTO_UDP: u8 = 17;
 
 #[classifier]
 pub fn tproxy_ingress(ctx: TcContext) -> i32 {
-    let (protocol, outcome) = steer(&ctx);
+    let (protocol, outcome) = steer::<false>(&ctx);
+    finish(protocol, outcome)
+}
+
+/// Counts the outcome, and tells tc what to do with the packet.
+#[inline(always)]
+fn finish(protocol: Protocol, outcome: Outcome) -> i32 {
     if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(protocol, outcome)) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *counter += 1 };
@@ -230,7 +234,9 @@ fn header<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some(start as *const T)
 }
 
-fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
+/// Parses the packet and steers it. `LOOPBACK`: a packet on `lo` from a local process (the
+/// `loopback` program), whose listener its socket's record names instead of the rules.
+fn steer<const LOOPBACK: bool>(ctx: &TcContext) -> (Protocol, Outcome) {
     const NOT_STEERED: (Protocol, Outcome) = (Protocol::Other, Outcome::Passed);
     let skb = unsafe { &*ctx.skb.skb };
     if decision::belongs_to_vlan_interface(skb.vlan_present, skb.vlan_tci)
@@ -238,13 +244,12 @@ fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
     {
         return NOT_STEERED;
     }
-    let unmarked_on_loopback = tproxy_common::local_origin::unselected_on_loopback(
-        skb.ingress_ifindex,
-        LOCAL_ORIGIN.load(),
-        skb.mark,
-        ROUTING_MARK.load(),
-        ROUTING_MARK_MASK.load(),
-    );
+    let unmarked_on_loopback = LOOPBACK
+        && !tproxy_common::local_origin::marked_by_connect(
+            skb.mark,
+            ROUTING_MARK.load(),
+            ROUTING_MARK_MASK.load(),
+        );
     let ifindex = skb.ifindex;
     // SAFETY: only the presence of the entry is read.
     let ip_only = unsafe { IP_INTERFACES.get(&ifindex) }.is_some();
@@ -271,8 +276,8 @@ fn steer(ctx: &TcContext) -> (Protocol, Outcome) {
         return NOT_STEERED;
     }
     match ethertype {
-        ETH_P_IPV4 => steer_ipv4(ctx, l3),
-        ETH_P_IPV6 => steer_ipv6(ctx, l3),
+        ETH_P_IPV4 => steer_ipv4::<LOOPBACK>(ctx, l3),
+        ETH_P_IPV6 => steer_ipv6::<LOOPBACK>(ctx, l3),
         _ => NOT_STEERED,
     }
 }
@@ -305,12 +310,10 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
 
 /// The rules' decision for a flow: the mark rules, then at most seven bounded lookups,
 /// whatever the number of rules (see the loader's `rules` module for how the maps are built).
-/// `mark`: the packet's (or, in the connect programs, the socket's) mark. `ifindex`: the
-/// ingress interface's (on `lo` with local origin steered, the local connections' index is
-/// used instead), or `LOCAL_ORIGIN_IFINDEX` from the connect programs.
+/// `mark`: the packet's mark. `ifindex`: the ingress interface's.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn match_rules<const N: usize>(
+fn match_rules<const N: usize>(
     by_dst: &LpmTrie<DstKey<N>, Verdict>,
     by_src: &LpmTrie<SrcKey<N>, Verdict>,
     udp: bool,
@@ -320,27 +323,63 @@ pub(crate) fn match_rules<const N: usize>(
     ifindex: u32,
     mark: u32,
 ) -> RuleMatch {
-    // Read once: every lookup below uses the same generation of the rule set.
-    let generation = ACTIVE_GENERATION.get(0).copied().unwrap_or(0);
     let mut best = Verdict::default();
+    match_rules_into(
+        active_generation(),
+        by_dst,
+        by_src,
+        udp,
+        dport,
+        daddr,
+        saddr,
+        ifindex,
+        mark,
+        &mut best,
+    );
+    rule_match(&best)
+}
+
+/// The rule-set generation in force. Read once per decision: every lookup of one decision
+/// uses the same generation.
+#[inline(always)]
+pub(crate) fn active_generation() -> u32 {
+    ACTIVE_GENERATION.get(0).copied().unwrap_or(0)
+}
+
+/// As [`match_rules`], for the rules of `generation`, keeping the answer in `best` if it
+/// outranks what is there: the connect programs ask once per selection the process is in
+/// (`ifindex`: the selection's), and the best-ranked answer wins.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn match_rules_into<const N: usize>(
+    generation: u32,
+    by_dst: &LpmTrie<DstKey<N>, Verdict>,
+    by_src: &LpmTrie<SrcKey<N>, Verdict>,
+    udp: bool,
+    dport: u16,
+    daddr: [u8; N],
+    saddr: [u8; N],
+    ifindex: u32,
+    mark: u32,
+    best: &mut Verdict,
+) {
     if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
         if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
             // SAFETY: this CPU's entry, which nothing else touches while the program runs.
             let packet = unsafe { &mut *packet };
             packet.set(mark, udp, dport, daddr, saddr, ifindex);
-            match_mark_rules(marks, packet, &mut best);
+            match_mark_rules(marks, packet, best);
         }
     }
     let groups = match PORT_CLASSES.get(port_class_index(generation, udp, dport)) {
         Some(&groups) if groups != 0 => groups,
-        _ => return rule_match(&best),
+        _ => return,
     };
     for group in 0..RULE_GROUPS {
         if let Some(class) = rule_group_class(groups, generation, udp, dport, group) {
-            match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
+            match_group(by_dst, by_src, class, daddr, saddr, ifindex, best);
         }
     }
-    rule_match(&best)
 }
 
 /// One rule group's answer (destination, then maybe source), kept in `best` if it outranks
@@ -364,13 +403,7 @@ fn match_group<const N: usize>(
         Some(key_ifindex) => {
             let src_key = SrcKey {
                 cell: verdict.cell,
-                // A marked local connection's packets on `lo` get the local connections'
-                // rules. Worked out here, at the last moment: a local live across the
-                // classifier's parsing would cost stack it has no more of.
-                ifindex: tproxy_common::local_origin::rule_ifindex(
-                    key_ifindex,
-                    LOCAL_ORIGIN.load(),
-                ),
+                ifindex: key_ifindex,
                 addr: saddr,
             };
             match by_src.get(Key::new(SrcKey::<N>::prefix_len(N as u32 * 8), src_key)) {
@@ -514,7 +547,7 @@ fn steer_transport(
     outcome
 }
 
-fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
+fn steer_ipv4<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     // version/IHL at 0, identification at 4, flags+fragment offset at 6, protocol at 9,
     // addresses at 12..20.
     let Some(ip) = header::<[u8; 20]>(ctx, l3) else {
@@ -555,18 +588,23 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     };
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let udp = protocol == Protocol::Udp;
-    let rule = match_rules(
-        &RULES_DST_V4,
-        &RULES_SRC_V4,
-        udp,
-        u16::from_be(dport),
-        daddr,
-        saddr,
-        ifindex,
-        unsafe { (*ctx.skb.skb).mark },
-    );
-    let scope = decision::ipv4_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
+    // The loopback program looks the client socket up with it first.
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
+    let rule = if LOOPBACK {
+        loopback::recorded_v4(ctx, udp, &mut tuple, saddr, daddr, sport, dport)
+    } else {
+        match_rules(
+            &RULES_DST_V4,
+            &RULES_SRC_V4,
+            udp,
+            u16::from_be(dport),
+            daddr,
+            saddr,
+            ifindex,
+            unsafe { (*ctx.skb.skb).mark },
+        )
+    };
+    let scope = decision::ipv4_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
     tuple.__bindgen_anon_1.ipv4 = TupleV4 {
         saddr: u32::from_ne_bytes(saddr),
         daddr: u32::from_ne_bytes(daddr),
@@ -575,7 +613,9 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     };
     let tuple_len = mem::size_of::<TupleV4>() as u32;
     let outcome = steer_flow(ctx, &flow, rule, scope, &mut tuple, tuple_len);
-    if outcome == Outcome::SteeredNew {
+    // Not from the loopback program: aya-log's frame on top of its record lookup would be
+    // over the verifier's 512 bytes.
+    if !LOOPBACK && outcome == Outcome::SteeredNew {
         debug!(
             ctx,
             "steer new {} {:i}:{} -> {:i}:{}",
@@ -589,7 +629,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     (protocol, outcome)
 }
 
-fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
+fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     // next header at 6, source at 8..24, destination at 24..40.
     let Some(ip) = header::<[u8; IPV6_HEADER_LEN]>(ctx, l3) else {
         return (Protocol::Other, Outcome::Passed);
@@ -658,35 +698,34 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     };
     let udp = protocol == Protocol::Udp;
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let rule = match_rules(
-        &RULES_DST_V6,
-        &RULES_SRC_V6,
-        udp,
-        u16::from_be(dport),
-        daddr,
-        saddr,
-        ifindex,
-        unsafe { (*ctx.skb.skb).mark },
-    );
-    let scope = decision::ipv6_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
+    // The loopback program looks the client socket up with it first.
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
-    let words = |bytes: &[u8; 16]| -> [u32; 4] {
-        let mut out = [0u32; 4];
-        for (i, word) in out.iter_mut().enumerate() {
-            let b = &bytes[i * 4..i * 4 + 4];
-            *word = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        out
+    let rule = if LOOPBACK {
+        loopback::recorded_v6(ctx, udp, &mut tuple, &saddr, &daddr, sport, dport)
+    } else {
+        match_rules(
+            &RULES_DST_V6,
+            &RULES_SRC_V6,
+            udp,
+            u16::from_be(dport),
+            daddr,
+            saddr,
+            ifindex,
+            unsafe { (*ctx.skb.skb).mark },
+        )
     };
+    let scope = decision::ipv6_destination_scope(daddr, ifindex == LOOPBACK_IFINDEX);
     tuple.__bindgen_anon_1.ipv6 = TupleV6 {
-        saddr: words(&saddr),
-        daddr: words(&daddr),
+        saddr: ipv6_words(&saddr),
+        daddr: ipv6_words(&daddr),
         sport,
         dport,
     };
     let tuple_len = mem::size_of::<TupleV6>() as u32;
     let outcome = steer_flow(ctx, &flow, rule, scope, &mut tuple, tuple_len);
-    if outcome == Outcome::SteeredNew {
+    // Not from the loopback program: aya-log's frame on top of its record lookup would be
+    // over the verifier's 512 bytes.
+    if !LOOPBACK && outcome == Outcome::SteeredNew {
         debug!(
             ctx,
             "steer new {} [{:i}]:{} -> [{:i}]:{}",
@@ -698,6 +737,17 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
         );
     }
     (protocol, outcome)
+}
+
+/// An IPv6 address as a socket-lookup tuple holds it.
+#[inline(always)]
+fn ipv6_words(bytes: &[u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for (i, word) in out.iter_mut().enumerate() {
+        let b = &bytes[i * 4..i * 4 + 4];
+        *word = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    out
 }
 
 /// TCP socket match, then listener. TCP and UDP are kept in separate functions: the

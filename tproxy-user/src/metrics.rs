@@ -332,6 +332,7 @@ mod tests {
             r#"tproxy_interface_events_total{event="attached"}"#,
             r#"tproxy_interface_events_total{event="detached"}"#,
             r#"tproxy_interface_events_total{event="attach_failed"}"#,
+            r#"tproxy_local_selection{selected="selections"}"#,
             r#"tproxy_local_selection{selected="cgroups"}"#,
             r#"tproxy_local_selection{selected="uid_ranges"}"#,
             "tproxy_local_cgroup_links",

@@ -118,7 +118,7 @@ const INTERFACE_EVENTS: Metric = counter(
 );
 const LOCAL_SELECTION: Metric = gauge(
     "local_selection",
-    "What steering this host's own connections selects: cgroups, and uid ranges (0: every user)",
+    "What steering this host's own connections selects: selections (each rule has one), and the cgroups and uid ranges (0: every user) they name",
 );
 const LOCAL_CGROUP_LINKS: Metric = gauge(
     "local_cgroup_links",
@@ -174,6 +174,7 @@ counters! {
 counters! {
     /// How much steering this host's own connections selects, and the links that do it.
     pub struct LocalOriginCounts {
+        selections: LOCAL_SELECTION { selected: "selections" },
         selected_cgroups: LOCAL_SELECTION { selected: "cgroups" },
         selected_uid_ranges: LOCAL_SELECTION { selected: "uid_ranges" },
         cgroup_links: LOCAL_CGROUP_LINKS,
@@ -184,22 +185,20 @@ counters! {
 /// selects, and where it is attached.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalOriginStats {
-    /// The selected cgroup v2 paths (`/`: every process).
+    /// Each selection the rules have, in words (`cgroup /app.slice, uid 1000`).
+    pub selections: Vec<String>,
+    /// The cgroup v2 paths the selections name (`/`: every process).
     pub cgroups: Vec<String>,
-    /// The selected uids and ranges (none: every user).
+    /// The uids and ranges the selections name (none: every user).
     pub uids: Vec<String>,
     #[serde(flatten)]
     pub counts: LocalOriginCounts,
 }
 
 impl LocalOriginStats {
-    /// The selection in words, as the log shows it.
+    /// The selections in words, as the log shows them.
     fn describe(&self) -> String {
-        let uids = match self.uids.is_empty() {
-            true => "every user".to_string(),
-            false => format!("uid {}", self.uids.join(", ")),
-        };
-        format!("cgroup {}, {uids}", self.cgroups.join(", "))
+        self.selections.join("; ")
     }
 }
 

@@ -194,21 +194,29 @@ impl Config {
             }
             _ => false,
         };
-        if let Some(rule) = self.rules.iter().find(|rule| steers_to_external(rule)) {
-            if local.cgroups.iter().any(|cgroup| cgroup == "/") {
-                // With the root cgroup every process is selected, the proxy too: its upstream
-                // connection would be marked, come back over lo and be handed to itself.
-                let Action::Steer(index) = rule.action else {
-                    unreachable!("only steer rules have a listener");
-                };
-                bail!(
-                    "{what} for every process (no --cgroup, or cgroup \"/\") with listener `{}` \
-                     an external proxy: the proxy's own upstream connections would be steered \
-                     back into it; select the applications by cgroup (and keep the proxy out \
-                     of those cgroups)",
-                    self.listeners[index as usize].name
-                );
-            }
+        let every_cgroup = |rule: &rules::Rule| {
+            local
+                .get(rule.selection)
+                .is_some_and(|selection| selection.cgroups.iter().any(|cgroup| cgroup == "/"))
+        };
+        if let Some(rule) = self
+            .rules
+            .iter()
+            .find(|rule| steers_to_external(rule) && every_cgroup(rule))
+        {
+            // With the root cgroup every process is selected, the proxy too: its upstream
+            // connection would be marked, come back over lo and be handed to itself.
+            let Action::Steer(index) = rule.action else {
+                unreachable!("only steer rules have a listener");
+            };
+            bail!(
+                "{what} for every process (no --cgroup, or cgroup \"/\") with listener `{}` \
+                 an external proxy (rule {}): the proxy's own upstream connections would be \
+                 steered back into it; select the applications by cgroup (and keep the proxy \
+                 out of those cgroups)",
+                self.listeners[index as usize].name,
+                rule.number
+            );
         }
         if self.settings.transparent_upstream {
             // The client's address is 127.0.0.1 (or ::1): a loopback source cannot leave

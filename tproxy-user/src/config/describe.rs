@@ -38,8 +38,11 @@ impl Config {
         if let Some(local) = &self.local {
             let _ = writeln!(
                 out,
-                "local connections: steered for {local} (rules with origin local or any)"
+                "local connections (rules with origin local or any), by the rules' selection:"
             );
+            for (index, selection) in local.used() {
+                let _ = writeln!(out, "  selection {index}: {selection}");
+            }
         }
         let _ = writeln!(out, "listeners:");
         for listener in &self.listeners {

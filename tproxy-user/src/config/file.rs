@@ -220,39 +220,16 @@ impl ConfigFile {
         Ok((rules, local))
     }
 
-    /// The processes the rules for local connections select, with the number of the first
-    /// such rule; `None` when no rule is for local connections. All of them must select the
-    /// same processes (a bypass for every process goes with any): the connect programs
-    /// evaluate one selection.
-    pub(super) fn local_selection(&self, at: At) -> Result<Option<(usize, LocalOrigin)>> {
-        let mut found: Option<(usize, LocalOrigin)> = None;
-        let mut bypass_for_everyone = None;
+    /// The processes each rule for local connections selects, by rule number.
+    pub(super) fn local_selections(&self, at: At) -> Result<Vec<(usize, LocalOrigin)>> {
+        let mut found = Vec::new();
         for (i, entry) in self.rules.iter().enumerate() {
             let number = i + 1;
-            let Some(selection) = entry.get_ref().selection(number, at)? else {
-                continue;
-            };
-            // A bypass for every process means the same for any one selection (processes
-            // outside it are never steered), so it does not have to name the selection; a
-            // rule set's mangle OUTPUT `-d … -j RETURN` lines translate to such rules.
-            let everyone = entry.get_ref().cgroup.is_none() && entry.get_ref().uid.is_none();
-            if everyone && matches!(entry.get_ref().action.0, RuleAction::Bypass) {
-                bypass_for_everyone.get_or_insert((number, selection));
-                continue;
-            }
-            match &found {
-                None => found = Some((number, selection)),
-                Some((first, selected)) if *selected != selection => bail!(
-                    "{}: rule[{number}]: selects {selection}, but rule[{first}] selects \
-                     {selected}: all rules for local connections must select the same \
-                     processes (one selection is evaluated for all of them; see the README's \
-                     \"Proxying the host's own traffic\")",
-                    at(entry.span())
-                ),
-                Some(_) => {}
+            if let Some(selection) = entry.get_ref().selection(number, at)? {
+                found.push((number, selection));
             }
         }
-        Ok(found.or(bypass_for_everyone))
+        Ok(found)
     }
 }
 
@@ -395,6 +372,7 @@ impl RuleEntry {
                             number,
                             retired: false,
                             origin: self.origin(),
+                            selection: 0,
                         };
                         rules::check_families(&rule)
                             .and_then(|()| rules::check_origin(&rule))

@@ -21,7 +21,7 @@ mod tests;
 mod text;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::Path,
 };
@@ -37,7 +37,7 @@ pub use crate::datapath::interfaces::Interfaces;
 use crate::{
     datapath::{
         interfaces::host_addresses,
-        local_origin::LocalOrigin,
+        local_origin::{LocalOrigin, LocalSelections},
         rules::{Action, Origin, Ports, Rule},
     },
     values::Transport,
@@ -89,9 +89,9 @@ pub struct Config {
     pub own_address_rules: Vec<Rule>,
     /// The host's addresses as last listed (sorted).
     pub own_addresses: Vec<IpAddr>,
-    /// The local processes whose connections the rules for local connections (origin
-    /// `local` or `any`) apply to; `None` when no rule is for them.
-    pub local: Option<LocalOrigin>,
+    /// The sets of local processes the rules for local connections (origin `local` or
+    /// `any`) apply to, each rule's by its `selection`; `None` when no rule is for them.
+    pub local: Option<LocalSelections>,
 }
 
 /// Default listener addresses: loopback, so nothing can connect to them directly.
@@ -153,18 +153,18 @@ impl Config {
             own_addresses: Vec::new(),
             local: None,
         };
-        let mut file_selection = None;
+        let mut file_selections = Vec::new();
         if let Some(file) = &args.config {
             let lines = LineStarts::new(text);
             let at = |span: std::ops::Range<usize>| Location::new(file, &lines, span);
             config.listeners = raw.listeners(&at)?;
             config.configured_rules = raw.rules.len();
             (config.rules, config.own_address_rules) = raw.rules(&config.listeners, &at)?;
-            file_selection = raw.local_selection(&at)?;
+            file_selections = raw.local_selections(&at)?;
         }
         config.add_flag_rules(args)?;
         config.settle_marks()?;
-        config.select_local(args, file_selection)?;
+        config.select_local(args, file_selections)?;
         config.check(args)?;
         Ok(config)
     }
@@ -193,31 +193,46 @@ impl Config {
         !self.own_address_rules.is_empty()
     }
 
-    /// The processes the rules for local connections apply to: `--local`'s for the
-    /// `--tcp`/`--udp` rules, the file's for its own; they must be the same. Their
-    /// connections arrive on `lo` (see `datapath::local_origin`), which is attached for them.
-    fn select_local(&mut self, args: &RunArgs, file: Option<(usize, LocalOrigin)>) -> Result<()> {
+    /// The processes each rule for local connections applies to: `--local`'s (`--cgroup`,
+    /// `--uid`) for the `--tcp`/`--udp` rules, the file's (`file`: by rule number) for its
+    /// own. Their connections arrive on `lo` (see `datapath::local_origin`), which is
+    /// attached for them.
+    fn select_local(&mut self, args: &RunArgs, file: Vec<(usize, LocalOrigin)>) -> Result<()> {
         if args.local && args.tcp.is_none() && args.udp.is_none() {
             bail!(
                 "--local makes the --tcp/--udp rules apply to this host's own connections: give \
                  --tcp or --udp (a file's rules say it with `origin = \"local\"`)"
             );
         }
-        self.local = match (args.local_origin(), file) {
-            (Some(flags), Some((number, selected))) if flags != selected => bail!(
-                "--local selects {flags} (--cgroup, --uid), but rule[{number}] of the file \
-                 selects {selected}: all rules for local connections must select the same \
-                 processes"
-            ),
-            (Some(flags), _) => Some(flags),
-            (None, file) => file.map(|(_, selected)| selected),
-        };
-        let Some(local) = &self.local else {
+        let mut by_number: HashMap<usize, LocalOrigin> = file.into_iter().collect();
+        if let Some(flags) = args.local_origin() {
+            let flag_rules = self.rules.iter().filter(|rule| rule.origin.local());
+            for rule in flag_rules {
+                by_number.entry(rule.number).or_insert_with(|| flags.clone());
+            }
+        }
+        if by_number.is_empty() {
             return Ok(());
-        };
-        for path in &local.cgroups {
+        }
+        for path in by_number.values().flat_map(|selection| &selection.cgroups) {
             crate::datapath::local_origin::check_cgroup_path(path)?;
         }
+        let mut numbers: Vec<&usize> = by_number.keys().collect();
+        numbers.sort();
+        let mut selections = LocalSelections::default();
+        let mut index = HashMap::new();
+        for number in numbers {
+            let selection = selections
+                .index_of(by_number[number].clone())
+                .with_context(|| format!("rule {number}"))?;
+            index.insert(*number, selection);
+        }
+        for rule in self.rules.iter_mut().chain(&mut self.own_address_rules) {
+            if let Some(&selection) = index.get(&rule.number) {
+                rule.selection = selection;
+            }
+        }
+        self.local = Some(selections);
         if let Interfaces::Named(names) = &mut self.settings.interfaces {
             if names
                 .iter()
@@ -302,6 +317,7 @@ impl Config {
                         number: self.configured_rules,
                         retired: false,
                         origin,
+                        selection: 0,
                     });
                 }
             }

@@ -399,6 +399,7 @@ fn the_readme_example_decides_as_documented() {
             dst: dst.parse().unwrap(),
             port,
             local: false,
+            selections: 0,
             iface,
             mark: 0,
         };
@@ -649,7 +650,7 @@ action = "steer"
 }
 
 #[test]
-fn local_rules_in_the_file_carry_their_origin_and_one_selection() {
+fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
     let rule = |extra: &str| {
         format!("[[listener]]\nname = \"up\"\n[[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\n{extra}")
     };
@@ -658,30 +659,39 @@ fn local_rules_in_the_file_carry_their_origin_and_one_selection() {
            cgroup = [\"/a\", \"/b\"]\nuid = [\"2000-2999\", 1000]\n";
     let config = with_file(&text, &[]).unwrap();
     let local = config.local.as_ref().expect("a selection");
-    assert_eq!(local.cgroups, ["/a", "/b"]);
+    assert_eq!(local.used().count(), 1, "one selection, written two ways");
+    assert_eq!(local.get(1).unwrap().cgroups, ["/a", "/b"]);
     assert_eq!(local.to_string(), "cgroup /a, /b, uid 1000, 2000-2999");
-    assert!(config.rules.iter().all(|r| r.origin.local()));
+    assert!(config.rules.iter().all(|r| r.origin.local() && r.selection == 1));
     assert!(config
         .describe()
-        .contains("local connections: steered for cgroup /a, /b"));
-    assert!(config.describe().contains("origin any"));
+        .contains("  selection 1: cgroup /a, /b, uid 1000, 2000-2999"));
+    assert!(config.describe().contains("origin any selection 1"));
 
-    // A bypass for every process goes with the one selection (a mangle OUTPUT `-j RETURN`
-    // translates to one); a steer rule for every process does not.
-    let bypass_for_all = rule("origin = \"local\"\ncgroup = \"/a\"\n")
-        + "[[rule]]\nproto = \"udp\"\nports = 53\naction = \"bypass\"\norigin = \"local\"\n";
-    let config = with_file(&bypass_for_all, &[]).unwrap();
-    assert_eq!(config.local.as_ref().unwrap().cgroups, ["/a"]);
-    let differing = rule("origin = \"local\"\ncgroup = \"/a\"\n")
-        + "[[rule]]\nproto = \"udp\"\nports = 53\naction = \"steer\"\nlistener = \"up\"\n\
+    // Rules with different selections, and one for every process (selection 0), side by
+    // side: each rule has its own.
+    let three = rule("origin = \"local\"\ncgroup = \"/a\"\n")
+        + "[[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\nlistener = \"up\"\n\
+           origin = \"local\"\nuid = 1000\n\
+           [[rule]]\nproto = \"tcp\"\ndst = \"10.0.0.0/8\"\naction = \"bypass\"\n\
            origin = \"local\"\n";
-    let error = format!("{:#}", with_file(&differing, &[]).unwrap_err());
-    assert!(
-        error.contains(
-            "rule[2]: selects cgroup /, every user, but rule[1] selects cgroup /a, every user"
-        ),
-        "{error}"
-    );
+    let config = with_file(&three, &[]).unwrap();
+    let mut selections: Vec<(usize, u32)> =
+        config.rules.iter().map(|r| (r.number, r.selection)).collect();
+    selections.dedup();
+    assert_eq!(selections, [(1, 1), (2, 2), (3, 0)]);
+    let local = config.local.as_ref().unwrap();
+    assert_eq!(local.used().count(), 3);
+    assert_eq!(local.get(2).unwrap().to_string(), "cgroup /, uid 1000");
+    // --local's selection is the flag rules' own.
+    let config = with_file(
+        &rule("origin = \"local\"\ncgroup = \"/a\"\n"),
+        &["--local", "--uid", "1000", "--tcp", "81"],
+    )
+    .unwrap();
+    let flag_rule = config.rules.iter().find(|r| r.ports == Ports::One(81)).unwrap();
+    let local = config.local.as_ref().unwrap();
+    assert_eq!(local.get(flag_rule.selection).unwrap().to_string(), "cgroup /, uid 1000");
     let error = format!("{:#}", with_file(&rule("uid = 1000\n"), &[]).unwrap_err());
     assert!(
         error.contains("rule[1].uid: only a rule for local connections selects processes"),
@@ -708,24 +718,6 @@ fn local_rules_in_the_file_carry_their_origin_and_one_selection() {
         error.contains("uid `5-1`: the range's first uid is above its last"),
         "{error}"
     );
-    // --local's selection must be the file's.
-    let error = format!(
-        "{:#}",
-        with_file(
-            &rule("origin = \"local\"\ncgroup = \"/a\"\n"),
-            &["--local", "--tcp", "81"]
-        )
-        .unwrap_err()
-    );
-    assert!(
-        error.contains("--local selects cgroup /, every user (--cgroup, --uid), but rule[1]"),
-        "{error}"
-    );
-    assert!(with_file(
-        &rule("origin = \"local\"\ncgroup = \"/a\"\n"),
-        &["--local", "--cgroup", "/a", "--tcp", "81"]
-    )
-    .is_ok());
 }
 
 #[test]
@@ -795,5 +787,6 @@ fn cgroup_paths_are_checked_as_run_checks_them_and_a_trailing_slash_is_one_cgrou
                 [[rule]]\nproto = \"udp\"\nports = 53\naction = \"steer\"\nlistener = \"up\"\n\
                 origin = \"any\"\ncgroup = [\"/app/\"]\n";
     let config = with_file(text, &[]).unwrap();
-    assert_eq!(config.local.as_ref().unwrap().cgroups, ["/app"]);
+    assert_eq!(config.local.as_ref().unwrap().get(1).unwrap().cgroups, ["/app"]);
+    assert!(config.rules.iter().all(|r| r.selection == 1));
 }

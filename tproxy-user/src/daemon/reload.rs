@@ -24,7 +24,7 @@ pub(crate) fn reload(
     fixed_settings_unchanged(&current.settings, &new.settings)?;
     if new.local != current.local {
         // The connect programs are attached, and their uid ranges set, at start.
-        let selection = |local: &Option<crate::datapath::local_origin::LocalOrigin>| {
+        let selection = |local: &Option<crate::datapath::local_origin::LocalSelections>| {
             local
                 .as_ref()
                 .map_or("none".to_string(), ToString::to_string)

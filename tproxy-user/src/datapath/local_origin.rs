@@ -1,9 +1,12 @@
 //! Steering what local processes originate (`tproxy run --local`): the cgroup v2 hierarchy is
 //! found in /proc/mounts, the selected cgroups are checked, and the `cgroup/connect4` and
-//! `cgroup/connect6` programs are attached to each of them. A connecting socket of a selected
-//! process whose destination a steer rule takes gets the routing mark; the policy routing
-//! (with `src 127.0.0.1`/`::1` on its local routes) sends its packets over `lo`, where the tc
-//! program steers them to the listener (see `tproxy_common::local_origin`).
+//! `cgroup/connect6` programs are attached to them (to the root when some selection takes
+//! every cgroup). Each rule for local connections has a selection (its `cgroup` and `uid`);
+//! the programs find the selections a connecting process is in, and a connecting socket whose
+//! destination the best of their steer rules takes gets the routing mark, and that rule's
+//! listener in its socket storage; the policy routing (with `src 127.0.0.1`/`::1` on its
+//! local routes) sends its packets over `lo`, where the loopback tc program hands them to that
+//! listener (see `tproxy_common::local_origin`).
 //!
 //! An unconnected UDP socket's datagrams (`sendto`) cannot be steered by the socket's mark:
 //! the kernel has taken the datagram's mark from the socket before a `cgroup/sendmsg`
@@ -22,9 +25,13 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{
+    maps::Array,
+    programs::{CgroupAttachMode, CgroupSockAddr},
+};
 use tproxy_common::local_origin::{
-    UidRange, CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME, MAX_UID_RANGES, SENDMSG4_PROGRAM_NAME,
+    SelectedCgroup, Selection, UidRange, CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME,
+    MAX_SELECTIONS, MAX_SELECTION_CGROUPS, MAX_UID_RANGES, SELECTIONS_MAP, SENDMSG4_PROGRAM_NAME,
     SENDMSG6_PROGRAM_NAME,
 };
 
@@ -66,16 +73,155 @@ impl LocalOrigin {
         LocalOrigin { cgroups, uids }
     }
 
-    /// The stats of this selection attached with `cgroup_links` links.
+    /// The selection of every process: what a rule without `cgroup` and `uid` has.
+    pub fn everyone() -> Self {
+        LocalOrigin::new(Vec::new(), Vec::new())
+    }
+
+    /// Whether the selection takes processes of every cgroup.
+    fn every_cgroup(&self) -> bool {
+        self.cgroups.iter().any(|cgroup| cgroup == "/")
+    }
+
+    /// The selection's entry for the programs' map, the cgroup ids read under `root`.
+    fn entry(&self, root: &Path) -> Result<Selection> {
+        if self.uids.len() > MAX_UID_RANGES {
+            bail!(
+                "{self}: {} uid ranges selected; at most {MAX_UID_RANGES} are supported",
+                self.uids.len()
+            );
+        }
+        let mut entry = Selection {
+            in_use: 1,
+            uids_len: self.uids.len() as u32,
+            ..Selection::default()
+        };
+        entry.uids[..self.uids.len()].copy_from_slice(&self.uids);
+        if self.every_cgroup() {
+            return Ok(entry);
+        }
+        if self.cgroups.len() > MAX_SELECTION_CGROUPS {
+            bail!(
+                "{self}: {} cgroups selected; at most {MAX_SELECTION_CGROUPS} are supported",
+                self.cgroups.len()
+            );
+        }
+        for (slot, path) in entry.cgroups.iter_mut().zip(&self.cgroups) {
+            let dir = cgroup_dir(root, path)?;
+            let id = std::fs::metadata(&dir)
+                .with_context(|| format!("cgroup `{path}`: reading {}", dir.display()))?
+                .ino();
+            let level = Path::new(path).components().count() as u64 - 1;
+            *slot = SelectedCgroup { id, level };
+        }
+        entry.cgroups_len = self.cgroups.len() as u32;
+        Ok(entry)
+    }
+}
+
+/// The selections of the rules for local connections: a rule's `selection` is its index
+/// here, and its rules are looked up under `selection_ifindex(index)`. Selection 0 is every
+/// process (the rules without `cgroup` and `uid`); the others come in the order the rules
+/// first name them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalSelections {
+    list: Vec<LocalOrigin>,
+    /// Whether some rule has selection 0 (the others are there because a rule has them).
+    everyone: bool,
+}
+
+impl Default for LocalSelections {
+    fn default() -> Self {
+        LocalSelections {
+            list: vec![LocalOrigin::everyone()],
+            everyone: false,
+        }
+    }
+}
+
+impl LocalSelections {
+    /// The index of `selection`, added if it is new.
+    pub fn index_of(&mut self, selection: LocalOrigin) -> Result<u32> {
+        if let Some(index) = self.list.iter().position(|known| *known == selection) {
+            self.everyone |= index == 0;
+            return Ok(index as u32);
+        }
+        if self.list.len() == MAX_SELECTIONS {
+            bail!(
+                "{selection}: the rules for local connections select more than \
+                 {MAX_SELECTIONS} different sets of processes (with every process), the most \
+                 the programs evaluate"
+            );
+        }
+        self.list.push(selection);
+        Ok(self.list.len() as u32 - 1)
+    }
+
+    /// The selections some rule has, with their index.
+    pub fn used(&self) -> impl Iterator<Item = (usize, &LocalOrigin)> {
+        let everyone = self.everyone;
+        self.list
+            .iter()
+            .enumerate()
+            .filter(move |(index, _)| *index != 0 || everyone)
+    }
+
+    /// The selection with `index`.
+    pub fn get(&self, index: u32) -> Option<&LocalOrigin> {
+        self.list.get(index as usize)
+    }
+
+    /// The cgroups the programs are attached to: the root when a selection takes every
+    /// cgroup; otherwise each selected cgroup that is not below another one (a process runs
+    /// the programs of each attached cgroup it is in or below, once is enough: they test
+    /// which selections it is in themselves).
+    pub fn attach_points(&self) -> Vec<String> {
+        if self.used().any(|(_, selection)| selection.every_cgroup()) {
+            return vec!["/".to_string()];
+        }
+        let all: std::collections::BTreeSet<&String> = self
+            .used()
+            .flat_map(|(_, selection)| &selection.cgroups)
+            .collect();
+        let below = |path: &str, other: &str| {
+            path.strip_prefix(other)
+                .is_some_and(|rest| rest.starts_with('/'))
+        };
+        all.iter()
+            .filter(|path| !all.iter().any(|other| below(path, other)))
+            .map(|path| path.to_string())
+            .collect()
+    }
+
+    /// The stats of these selections, attached with `cgroup_links` links.
     pub(crate) fn stats(&self, cgroup_links: u64) -> LocalOriginStats {
+        let used: Vec<&LocalOrigin> = self.used().map(|(_, selection)| selection).collect();
+        let mut cgroups: Vec<String> = used.iter().flat_map(|s| s.cgroups.clone()).collect();
+        cgroups.sort();
+        cgroups.dedup();
+        let mut uids: Vec<UidRange> = used.iter().flat_map(|s| s.uids.clone()).collect();
+        uids.sort_by_key(|range| (range.first, range.last));
+        uids.dedup();
         LocalOriginStats {
-            cgroups: self.cgroups.clone(),
-            uids: self.uids.iter().map(ToString::to_string).collect(),
+            selections: used.iter().map(ToString::to_string).collect(),
             counts: LocalOriginCounts {
-                selected_cgroups: self.cgroups.len() as u64,
-                selected_uid_ranges: self.uids.len() as u64,
+                selections: used.len() as u64,
+                selected_cgroups: cgroups.len() as u64,
+                selected_uid_ranges: uids.len() as u64,
                 cgroup_links,
             },
+            cgroups,
+            uids: uids.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl std::fmt::Display for LocalSelections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let used: Vec<String> = self.used().map(|(_, s)| s.to_string()).collect();
+        match used.is_empty() {
+            true => f.write_str("none"),
+            false => f.write_str(&used.join("; ")),
         }
     }
 }
@@ -100,30 +246,6 @@ pub struct LocalGlobals {
     pub own_cgroup: u64,
     /// tproxy's network namespace (see [`own_netns_cookie`]).
     pub own_netns: u64,
-    pub uid_ranges: [UidRange; MAX_UID_RANGES],
-    /// How many of `uid_ranges` are used (0: every user).
-    pub uid_ranges_len: u32,
-}
-
-impl LocalGlobals {
-    /// The globals for `selection`, for a process in cgroup `own_cgroup`.
-    pub fn new(selection: &LocalOrigin, own_cgroup: u64, own_netns: u64) -> Result<Self> {
-        let uids = &selection.uids;
-        if uids.len() > MAX_UID_RANGES {
-            bail!(
-                "{} uid ranges selected; at most {MAX_UID_RANGES} are supported",
-                uids.len()
-            );
-        }
-        let mut uid_ranges = [UidRange::default(); MAX_UID_RANGES];
-        uid_ranges[..uids.len()].copy_from_slice(uids);
-        Ok(LocalGlobals {
-            own_cgroup,
-            own_netns,
-            uid_ranges,
-            uid_ranges_len: uids.len() as u32,
-        })
-    }
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from /proc/mounts.
@@ -222,14 +344,18 @@ pub fn own_cgroup_id(root: &Path) -> Result<u64> {
     Ok(meta.ino())
 }
 
-/// Checks `selection` against the system before anything is installed: the cgroup v2 root,
-/// each selected cgroup, and tproxy's own cgroup. Returns the root and the programs' globals.
-pub fn prepare(selection: &LocalOrigin) -> Result<(PathBuf, LocalGlobals)> {
+/// Checks `selections` against the system before anything is installed: the cgroup v2
+/// root, each selected cgroup, and tproxy's own cgroup. Returns the root and the programs'
+/// globals.
+pub fn prepare(selections: &LocalSelections) -> Result<(PathBuf, LocalGlobals)> {
     let root = cgroup2_root()?;
-    for path in &selection.cgroups {
-        cgroup_dir(&root, path)?;
+    for (_, selection) in selections.used() {
+        selection.entry(&root)?;
     }
-    let globals = LocalGlobals::new(selection, own_cgroup_id(&root)?, own_netns_cookie()?)?;
+    let globals = LocalGlobals {
+        own_cgroup: own_cgroup_id(&root)?,
+        own_netns: own_netns_cookie()?,
+    };
     Ok((root, globals))
 }
 
@@ -258,14 +384,28 @@ pub fn own_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Attaches the connect and sendmsg programs to each selected cgroup. The links live as long
-/// as the program (see the module's documentation).
-pub fn attach(steering: &mut Steering, root: &Path, selection: &LocalOrigin) -> Result<()> {
+/// Tells the programs the selections, and attaches the connect and sendmsg programs to their
+/// cgroups (see [`LocalSelections::attach_points`]). The links live as long as the program
+/// (see the module's documentation).
+pub fn attach(steering: &mut Steering, root: &Path, selections: &LocalSelections) -> Result<()> {
     let mut links = 0;
-    let dirs: Vec<(String, PathBuf)> = selection
-        .cgroups
-        .iter()
-        .map(|path| Ok((path.clone(), cgroup_dir(root, path)?)))
+    let map = steering
+        .ebpf_mut()
+        .map_mut(SELECTIONS_MAP)
+        .ok_or_else(|| anyhow!("map {SELECTIONS_MAP} missing from the eBPF object"))?;
+    let mut entries: Array<_, Selection> = Array::try_from(map)?;
+    for (index, selection) in selections.used() {
+        entries
+            .set(index as u32, selection.entry(root)?, 0)
+            .with_context(|| format!("setting selection {index} ({selection})"))?;
+    }
+    let dirs: Vec<(String, PathBuf)> = selections
+        .attach_points()
+        .into_iter()
+        .map(|path| {
+            let dir = cgroup_dir(root, &path)?;
+            Ok((path, dir))
+        })
         .collect::<Result<_>>()?;
     for name in [
         CONNECT4_PROGRAM_NAME,
@@ -293,7 +433,7 @@ pub fn attach(steering: &mut Steering, root: &Path, selection: &LocalOrigin) -> 
             links += 1;
         }
     }
-    steering.set_local_origin(selection.stats(links));
+    steering.set_local_origin(selections.stats(links));
     Ok(())
 }
 
@@ -342,14 +482,48 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             last: 1999,
         };
         let selection = |uids: Vec<UidRange>| LocalOrigin {
-            cgroups: Vec::new(),
+            cgroups: vec!["/".to_string()],
             uids,
         };
-        let globals = LocalGlobals::new(&selection(vec![one]), 7, 9).unwrap();
-        assert_eq!((globals.uid_ranges[0], globals.uid_ranges_len), (one, 1));
-        let error = LocalGlobals::new(&selection(vec![one; MAX_UID_RANGES + 1]), 7, 9).unwrap_err();
+        let root = std::env::temp_dir();
+        let entry = selection(vec![one]).entry(&root).unwrap();
+        assert_eq!((entry.uids[0], entry.uids_len, entry.cgroups_len), (one, 1, 0));
+        let error = selection(vec![one; MAX_UID_RANGES + 1])
+            .entry(&root)
+            .unwrap_err();
         assert!(error
             .to_string()
             .contains("17 uid ranges selected; at most 16"));
+    }
+
+    #[test]
+    fn selections_are_numbered_once_and_attached_where_none_is_below_another() {
+        let cgroups = |paths: &[&str]| LocalOrigin::new(paths.iter().map(|p| p.to_string()).collect(), Vec::new());
+        let mut selections = LocalSelections::default();
+        assert_eq!(selections.index_of(cgroups(&["/a.slice"])).unwrap(), 1);
+        assert_eq!(selections.index_of(cgroups(&["/a.slice/x", "/b"])).unwrap(), 2);
+        assert_eq!(selections.index_of(cgroups(&["/a.slice/"])).unwrap(), 1);
+        assert_eq!(selections.used().count(), 2, "every process is not selected yet");
+        assert_eq!(selections.attach_points(), ["/a.slice", "/b"]);
+        let uid = LocalOrigin::new(Vec::new(), vec!["1000".parse().unwrap()]);
+        assert_eq!(selections.index_of(uid).unwrap(), 3);
+        assert_eq!(selections.attach_points(), ["/"], "a uid of any cgroup");
+        assert_eq!(selections.index_of(LocalOrigin::everyone()).unwrap(), 0);
+        assert_eq!(selections.used().count(), 4);
+        for n in 4..MAX_SELECTIONS {
+            selections.index_of(cgroups(&[&format!("/c{n}")])).unwrap();
+        }
+        let error = selections.index_of(cgroups(&["/one-more"])).unwrap_err();
+        assert!(error.to_string().contains("more than 8 different sets"), "{error}");
+    }
+
+    #[test]
+    fn a_cgroup_entry_has_its_directory_id_and_level() {
+        let root = std::env::temp_dir().join(format!("tproxy-selection-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        let entry = LocalOrigin::new(vec!["/a/b".into()], Vec::new()).entry(&root).unwrap();
+        let id = std::fs::metadata(root.join("a/b")).unwrap().ino();
+        assert_eq!((entry.cgroups_len, entry.cgroups[0]), (1, SelectedCgroup { id, level: 2 }));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

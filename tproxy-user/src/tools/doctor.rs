@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use crate::{
     config::{External, Interfaces, Settings},
     datapath::interfaces,
-    datapath::local_origin::LocalOrigin,
+    datapath::local_origin::LocalSelections,
     datapath::routing,
     datapath::steering::{LoadSettings, Steering},
     relay::external::{self, Presence},
@@ -110,7 +110,7 @@ impl ExternalCheck {
 pub struct Examined {
     pub settings: Settings,
     pub externals: Vec<ExternalCheck>,
-    pub local: Option<LocalOrigin>,
+    pub local: Option<LocalSelections>,
 }
 
 /// Runs every check for the interfaces and mark of the settings, the external proxies and
@@ -219,9 +219,9 @@ fn external_proxy(check: &ExternalCheck) -> Vec<Finding> {
 /// hierarchy (to attach to) and the namespace cookie (to leave other namespaces' sockets
 /// alone), and the cgroups it selects must exist when tproxy starts. Without a selection
 /// to check, what is missing only makes `--local` unavailable.
-fn local_origin(selection: Option<&LocalOrigin>) -> Vec<Finding> {
+fn local_origin(selections: Option<&LocalSelections>) -> Vec<Finding> {
     use crate::datapath::local_origin::{cgroup2_root, cgroup_dir, own_netns_cookie};
-    let missing = |error: anyhow::Error| match selection {
+    let missing = |error: anyhow::Error| match selections {
         None => Finding::warning(
             format!("--local is unavailable: {error:#}"),
             Some("only needed to steer this host's own connections".into()),
@@ -243,15 +243,20 @@ fn local_origin(selection: Option<&LocalOrigin>) -> Vec<Finding> {
         "cgroup v2 is mounted at {}: --local can select processes by cgroup",
         root.display()
     ))];
-    for path in selection.iter().flat_map(|selection| &selection.cgroups) {
-        findings.push(match cgroup_dir(&root, path) {
+    let used = selections.iter().flat_map(|selections| selections.used());
+    for (index, selection) in used {
+        findings.push(Finding::ok(format!(
+            "selection {index} of the rules for local connections: {selection}"
+        )));
+        let paths = selection.cgroups.iter().filter(|path| *path != "/");
+        findings.extend(paths.map(|path| match cgroup_dir(&root, path) {
             Ok(dir) => Finding::ok(format!("cgroup `{path}` exists ({})", dir.display())),
             Err(error) => Finding::problem(
                 format!("{error:#}"),
                 "start the service first (systemd creates a unit's cgroup when it starts), or \
                  fix the path; tproxy attaches to the cgroups it selects when it starts",
             ),
-        });
+        }));
     }
     findings
 }

@@ -16,7 +16,7 @@ use tproxy_common::maps::{
 use super::Packet;
 use super::{any_local, truncated, Origin, Ports, Rule, Transport};
 use crate::datapath::interfaces;
-use tproxy_common::local_origin::LOCAL_ORIGIN_IFINDEX;
+use tproxy_common::local_origin::{selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS};
 
 /// An LPM trie entry: key, its prefix length in bits, value.
 pub type Entry<K> = (K, u32, Verdict);
@@ -95,6 +95,12 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
         next_cell: 1,
         interfaces,
         local: any_local(rules),
+        selections: rules
+            .iter()
+            .filter(|rule| rule.origin.local())
+            .map(|rule| rule.selection + 1)
+            .max()
+            .unwrap_or(0),
     };
     for transport in [Transport::Tcp, Transport::Udp] {
         let udp = transport == Transport::Udp;
@@ -212,8 +218,8 @@ pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
 }
 
 /// The mark stage's ifindex for a rule whose interface is not attached: no interface has
-/// it, and it is not [`LOCAL_ORIGIN_IFINDEX`], which local connections are looked up with.
-const NO_INTERFACE: u32 = LOCAL_ORIGIN_IFINDEX - 1;
+/// it, and no selection's local connections are looked up with it.
+const NO_INTERFACE: u32 = LOCAL_ORIGIN_IFINDEX - MAX_SELECTIONS as u32;
 
 fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let Some(mark) = rule.mark else {
@@ -336,6 +342,8 @@ struct CellBuilder<'a> {
     /// Whether some rule applies to local connections, so that they must be told from
     /// arrivals (see the parent module).
     local: bool,
+    /// How many selections the rules for local connections have (the highest index + 1).
+    selections: u32,
 }
 
 /// Where the packets of a set of source-stage entries come from.
@@ -343,8 +351,8 @@ struct CellBuilder<'a> {
 enum Context<'a> {
     /// Arrivals on this interface (`None`: any, when no rule of the cell names one).
     Arrival(Option<&'a str>),
-    /// Local connections.
-    Local,
+    /// Local connections of the processes of this selection.
+    Local(u32),
 }
 
 impl CellBuilder<'_> {
@@ -397,7 +405,9 @@ impl CellBuilder<'_> {
             vec![(Context::Arrival(None), 0)]
         };
         if self.local {
-            contexts.push((Context::Local, LOCAL_ORIGIN_IFINDEX));
+            for k in 0..self.selections {
+                contexts.push((Context::Local(k), selection_ifindex(k)));
+            }
         }
         let mut sources: BTreeSet<IpNet> = candidates.iter().filter_map(|r| r.src).collect();
         sources.insert(IpNet::V4(Default::default()));
@@ -446,7 +456,9 @@ impl CellBuilder<'_> {
 fn applies_in(rule: &Rule, context: Context<'_>) -> bool {
     match context {
         Context::Arrival(iface) => rule.origin != Origin::Local && applies_on(rule, iface),
-        Context::Local => rule.origin != Origin::Forwarded && rule.iface.is_none(),
+        Context::Local(selection) => {
+            rule.origin != Origin::Forwarded && rule.iface.is_none() && rule.selection == selection
+        }
     }
 }
 
@@ -468,8 +480,31 @@ pub fn lookup(
     packet: &Packet<'_>,
     ifindex: u32,
 ) -> RuleMatch {
+    use tproxy_common::decision::{outranks, rule_match};
+    if packet.local {
+        // As the connect programs do: once per selection the process is in, the best wins.
+        let mut best = Verdict::default();
+        for k in (0..MAX_SELECTIONS as u32).filter(|k| packet.selections & (1 << k) != 0) {
+            let verdict = lookup_verdict(compiled, generation, packet, selection_ifindex(k));
+            if outranks(&verdict, &best) {
+                best = verdict;
+            }
+        }
+        return rule_match(&best);
+    }
+    rule_match(&lookup_verdict(compiled, generation, packet, ifindex))
+}
+
+/// The best verdict of the compiled maps for `packet` looked up under `ifindex`.
+#[cfg(any(test, feature = "fuzzing"))]
+fn lookup_verdict(
+    compiled: &CompiledRules,
+    generation: u32,
+    packet: &Packet<'_>,
+    ifindex: u32,
+) -> Verdict {
     use tproxy_common::{
-        decision::{match_mark_rules, outranks, rule_match, source_stage_ifindex},
+        decision::{match_mark_rules, outranks, source_stage_ifindex},
         maps::{rule_group_class, MarkedPacket, RULE_GROUPS},
     };
     let udp = packet.transport == Transport::Udp;
@@ -561,5 +596,5 @@ pub fn lookup(
             best = verdict;
         }
     }
-    rule_match(&best)
+    best
 }

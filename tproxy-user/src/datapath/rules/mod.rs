@@ -31,12 +31,15 @@
 //! 3. otherwise, source: a longest-prefix match on (cell, ifindex, source) whose entries hold
 //!    the first of the cell's rules matching each source prefix.
 //!
-//! Origins: when some rule applies to local connections, they are looked up under an
-//! interface index of their own (`LOCAL_ORIGIN_IFINDEX`), and a cell's verdict is final at
-//! stage 2 only when its first rule applies to every origin (`any`) and looks at neither
-//! source nor interface. Every other cell goes to stage 3, where each attached interface has
-//! the entries of the rules that apply to arrivals, and the local index those of the rules
-//! that apply to local connections. Without local rules nothing changes.
+//! Origins: when some rule applies to local connections, they are looked up under interface
+//! indices of their own, one per selection of processes (`selection_ifindex(k)`; selection 0,
+//! every process, has `LOCAL_ORIGIN_IFINDEX`), and a cell's verdict is final at stage 2 only
+//! when its first rule applies to every origin (`any`) and every process, and looks at
+//! neither source nor interface. Every other cell goes to stage 3, where each attached
+//! interface has the entries of the rules that apply to arrivals, and each selection's index
+//! those of the rules for local connections with that selection. A local connection is looked
+//! up under each selection its process is in, and the best-ranked answer wins, so the rules'
+//! precedence holds across selections. Without local rules nothing changes.
 //!
 //! Keeping the groups apart means a rule is written into one group only: thousands of
 //! single-port rules next to thousands of any-port or range prefixes cost their sum in map
@@ -160,6 +163,9 @@ pub struct Rule {
     /// Arrivals, local connections, or both. A rule for local connections names neither
     /// source nor interface (the configuration refuses them).
     pub origin: Origin,
+    /// For a rule for local connections, the processes it applies to: an index into the
+    /// configuration's `LocalSelections` (0: every process).
+    pub selection: u32,
 }
 
 /// A rule's place in the precedence: lower wins.
@@ -204,13 +210,19 @@ impl Rule {
         }
     }
 
-    /// Whether the rule applies to a packet of this origin (`local`: a local connection),
-    /// from `src` on `iface`.
+    /// Whether the rule applies to a packet of this origin (`local`: a local connection of a
+    /// process in the selections of the bits of `selections`), from `src` on `iface`.
     #[cfg(any(test, feature = "fuzzing"))]
-    fn matches_source(&self, local: bool, src: &IpNet, iface: Option<&str>, mark: u32) -> bool {
+    fn matches_source(
+        &self,
+        local: Option<u32>,
+        src: &IpNet,
+        iface: Option<&str>,
+        mark: u32,
+    ) -> bool {
         let origin_ok = match local {
-            true => self.origin.local(),
-            false => self.origin.forwarded(),
+            Some(selections) => self.origin.local() && selections & (1 << self.selection) != 0,
+            None => self.origin.forwarded(),
         };
         let mark_ok = origin_ok && self.mark.is_none_or(|own| mark & own.mask == own.value);
         let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
@@ -235,6 +247,7 @@ impl Rule {
         Option<&str>,
         Option<Mark>,
         Origin,
+        u32,
     ) {
         (
             self.transport,
@@ -244,16 +257,18 @@ impl Rule {
             self.iface.as_deref(),
             self.mark,
             self.origin,
+            self.selection,
         )
     }
 
     /// Whether the rule matches every packet its destination and port match, given whether
-    /// local connections are steered at all (`local`: then they are told from arrivals).
+    /// local connections are steered at all (`local`: then they are told from arrivals, and
+    /// by selection).
     fn is_unconditional(&self, local: bool) -> bool {
         self.src.is_none()
             && self.iface.is_none()
             && self.mark.is_none()
-            && (!local || self.origin == Origin::Any)
+            && (!local || (self.origin == Origin::Any && self.selection == 0))
     }
 
     /// The match as the program would report it (retired rules behave as bypass).
@@ -287,6 +302,8 @@ pub struct Packet<'a> {
     pub port: u16,
     /// A local process's connection (`iface` is then ignored) rather than an arrival.
     pub local: bool,
+    /// For a local connection, the selections its process is in (bit `k`: selection `k`).
+    pub selections: u32,
     pub iface: &'a str,
     /// `skb->mark` (or the connecting socket's mark).
     pub mark: u32,
@@ -305,7 +322,7 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
                 && r.ports.contains(packet.port)
                 && r.dst.contains(&dst)
                 && r.matches_source(
-                    packet.local,
+                    packet.local.then_some(packet.selections),
                     &src,
                     (!packet.local).then_some(packet.iface),
                     packet.mark,
@@ -391,6 +408,9 @@ impl fmt::Display for Rule {
         }
         if self.origin != Origin::Forwarded {
             write!(f, " origin {}", self.origin)?;
+        }
+        if self.origin.local() && self.selection != 0 {
+            write!(f, " selection {}", self.selection)?;
         }
         Ok(())
     }

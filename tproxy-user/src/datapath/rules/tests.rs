@@ -34,6 +34,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         number,
         retired: false,
         origin: Origin::Forwarded,
+        selection: 0,
     };
     for pair in words[3..].chunks(2) {
         match pair[0] {
@@ -70,6 +71,7 @@ fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
         dst: dst.ip(),
         port: dst.port(),
         local: iface == LOCAL,
+        selections: 1,
         iface,
         mark,
     }
@@ -725,4 +727,58 @@ fn a_local_rule_names_no_source_or_interface() {
     assert!(error.contains("origin \"local\" with `src`"), "{error}");
     let with_iface = local(rule(1, "tcp 0.0.0.0/0 80 iface eth0", Action::Bypass));
     assert!(check_origin(&with_iface).unwrap_err().contains("`iface`"));
+}
+
+/// As [`expect`], for a local connection of a process in the selections of `selections`'s
+/// bits.
+fn expect_selected(rules: &[Rule], text: &str, selections: u32, expected: RuleMatch) {
+    let packet = Packet {
+        selections,
+        ..packet(text, LOCAL)
+    };
+    assert_eq!(
+        decide(rules, &packet),
+        expected,
+        "definition: {text} in {selections:#b}"
+    );
+    for generation in [0, 1] {
+        let compiled = compile(rules, generation, &interfaces());
+        assert_eq!(
+            lookup(&compiled, generation, &packet, LOCAL_ORIGIN_IFINDEX),
+            expected,
+            "maps: {text} in {selections:#b}"
+        );
+    }
+}
+
+#[test]
+fn each_local_rule_applies_to_its_own_selection_with_the_usual_precedence() {
+    let selected = |number, text, action, selection| Rule {
+        selection,
+        ..rule(number, text, action)
+    };
+    let rules = [
+        // A: cgroup /a.slice; B: uid 1000; C: every process.
+        selected(1, "tcp 0.0.0.0/0 80 origin local", Action::Steer(0), 1),
+        selected(2, "tcp 0.0.0.0/0 80 origin local", Action::Steer(1), 2),
+        selected(3, "tcp 10.0.0.0/8 any origin local", Action::Bypass, 0),
+        selected(4, "tcp 0.0.0.0/0 443 origin any", Action::Steer(1), 2),
+    ];
+    let web = "tcp 127.0.0.1 -> 192.0.2.1:80";
+    expect_selected(&rules, web, 0b011, RuleMatch::Steer(0));
+    expect_selected(&rules, web, 0b101, RuleMatch::Steer(1));
+    // In both: rule 1 comes first.
+    expect_selected(&rules, web, 0b111, RuleMatch::Steer(0));
+    expect_selected(&rules, web, 0b001, RuleMatch::None);
+    // The longer prefix of the rule for every process wins over both.
+    let inside = "tcp 127.0.0.1 -> 10.1.2.3:80";
+    for selections in [0b001, 0b011, 0b101, 0b111] {
+        expect_selected(&rules, inside, selections, RuleMatch::Bypass);
+    }
+    // Rule 4 applies to arrivals, and of local connections only to selection 2's.
+    let tls = "tcp 127.0.0.1 -> 192.0.2.1:443";
+    expect_selected(&rules, tls, 0b101, RuleMatch::Steer(1));
+    expect_selected(&rules, tls, 0b011, RuleMatch::None);
+    expect(&rules, "tcp 192.0.2.9 -> 192.0.2.1:443", "eth0", RuleMatch::Steer(1));
+    expect(&rules, "tcp 192.0.2.9 -> 192.0.2.1:80", "eth0", RuleMatch::None);
 }

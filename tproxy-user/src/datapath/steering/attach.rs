@@ -54,6 +54,8 @@ impl std::fmt::Display for AttachMode {
 /// The program on one interface.
 pub(super) struct Attachment {
     name: String,
+    /// Which program: the main one, or on `lo` with local origin steered the loopback one.
+    program: &'static str,
     mode: AttachMode,
     /// Ours to detach (`None`: only pinned).
     link: Option<SchedClassifierLinkId>,
@@ -126,6 +128,7 @@ impl Steering {
     }
 
     fn hook(&mut self, iface: &str) -> Result<Attachment> {
+        let program_name = self.program_for(iface);
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         let mode = if tcx {
             AttachMode::Tcx
@@ -136,7 +139,7 @@ impl Steering {
             // Creating the qdisc fails harmlessly when it already exists.
             let _ = tc::qdisc_add_clsact(iface);
             // A filter left by an instance that was killed would run before ours.
-            match tc::qdisc_detach_program(iface, TcAttachType::Ingress, maps::PROGRAM_NAME) {
+            match tc::qdisc_detach_program(iface, TcAttachType::Ingress, program_name) {
                 Ok(()) => log::warn!("removed a stale tproxy filter from {iface}"),
                 Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => log::warn!("could not look for stale tproxy filters on {iface}: {e}"),
@@ -152,13 +155,14 @@ impl Steering {
                 let (mode, link) = (AttachMode::TcxAdopted, Some(link));
                 return Ok(Attachment {
                     name,
+                    program: program_name,
                     mode,
                     link,
                     pin,
                 });
             }
         }
-        let program = self.program_mut()?;
+        let program = self.classifier_mut(program_name)?;
         let link = program
             .attach(iface, TcAttachType::Ingress)
             .with_context(|| {
@@ -168,6 +172,7 @@ impl Steering {
             let link = Some(link);
             return Ok(Attachment {
                 name,
+                program: program_name,
                 mode,
                 link,
                 pin,
@@ -179,6 +184,7 @@ impl Steering {
         let (mode, link, pin) = (AttachMode::TcxPinned, None, Some(path));
         Ok(Attachment {
             name,
+            program: program_name,
             mode,
             link,
             pin,
@@ -199,7 +205,8 @@ impl Steering {
         if let Some(link) = attachment.link {
             // The kernel took a TCX link off a vanished device already, and a clsact filter
             // went with it: ENODEV is the expected answer then.
-            match self.program_mut().map(|program| program.detach(link)) {
+            let program = self.classifier_mut(attachment.program);
+            match program.map(|program| program.detach(link)) {
                 Ok(Ok(())) | Ok(Err(aya::programs::ProgramError::NetlinkError(_))) => {}
                 Ok(Err(error)) => log::warn!("detaching from {name}: {error}"),
                 Err(error) => log::warn!("detaching from {name}: {error:#}"),
@@ -257,7 +264,7 @@ impl Steering {
         let Ok(link) = PinnedLink::from_pin(path) else {
             return Ok(None);
         };
-        let program = self.program_mut()?;
+        let program = self.classifier_mut(maps::PROGRAM_NAME)?;
         let replaced = SchedClassifierLink::try_from(FdLink::from(link))
             .map_err(anyhow::Error::from)
             .and_then(|link| Ok(program.attach_to_link(link)?));

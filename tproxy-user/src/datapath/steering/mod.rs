@@ -52,6 +52,8 @@ pub(crate) struct Steering {
     interface_events: Arc<InterfaceEvents>,
     /// What the connect programs select and how many cgroup links they have, once attached.
     local_origin: Option<LocalOriginStats>,
+    /// Whether local origin is steered: `lo` then gets the loopback program.
+    loopback: bool,
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -118,18 +120,12 @@ fn load_object(
             loader.map_pin_path(name, pinned.map(name));
         }
     }
-    let local_origin = u32::from(settings.local_origin.is_some());
     let local = settings.local_origin.as_ref();
     let own_cgroup = local.map_or(0, |l| l.own_cgroup);
     let own_netns = local.map_or(0, |l| l.own_netns);
-    let uid_ranges = local.map(|l| l.uid_ranges).unwrap_or_default();
-    let uid_ranges_len = local.map_or(0, |l| l.uid_ranges_len);
     loader
-        .override_global(local_origin::LOCAL_ORIGIN_GLOBAL, &local_origin, true)
         .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
         .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)
-        .override_global(local_origin::UID_RANGES_GLOBAL, &uid_ranges, true)
-        .override_global(local_origin::UID_RANGES_LEN_GLOBAL, &uid_ranges_len, true)
         .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)
         .override_global(maps::FRAGMENT_TIMEOUT_V6_GLOBAL, &fragment_timeouts.1, true)
         .override_global(maps::MARK_GLOBAL, &settings.mark.value, true)
@@ -183,6 +179,7 @@ impl Steering {
             attached: BTreeMap::new(),
             interface_events: Arc::default(),
             local_origin: None,
+            loopback: settings.local_origin.is_some(),
         };
         if adopted_capacity.is_some() {
             steering
@@ -194,11 +191,17 @@ impl Steering {
         Ok(steering)
     }
 
-    /// Has the kernel's verifier check both programs.
+    /// Has the kernel's verifier check the programs (the loopback one only for local
+    /// origin).
     fn load_programs(&mut self) -> Result<()> {
-        self.program_mut()?
+        self.classifier_mut(maps::PROGRAM_NAME)?
             .load()
             .context("the kernel's verifier rejected the steering program")?;
+        if self.loopback {
+            self.classifier_mut(local_origin::LOOPBACK_PROGRAM_NAME)?
+                .load()
+                .context("the kernel's verifier rejected the loopback program")?;
+        }
         self.lookup_program_mut()?
             .load()
             .context("the kernel's verifier rejected the sk_lookup program")
@@ -236,17 +239,21 @@ impl Steering {
             .context("sk_lookup program has the wrong type")
     }
 
-    fn program_mut(&mut self) -> Result<&mut SchedClassifier> {
+    /// The tc program for interface `iface`: on `lo` while local origin is steered, the
+    /// loopback program (see tproxy-ebpf's `loopback`), elsewhere the main one.
+    fn program_for(&self, iface: &str) -> &'static str {
+        match self.loopback && iface == crate::datapath::interfaces::LOOPBACK {
+            true => local_origin::LOOPBACK_PROGRAM_NAME,
+            false => maps::PROGRAM_NAME,
+        }
+    }
+
+    fn classifier_mut(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         self.ebpf
-            .program_mut(maps::PROGRAM_NAME)
-            .ok_or_else(|| {
-                anyhow!(
-                    "program {} missing from the eBPF object",
-                    maps::PROGRAM_NAME
-                )
-            })?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
             .try_into()
-            .context("steering program has the wrong type")
+            .with_context(|| format!("program {name} has the wrong type"))
     }
 
     /// The loaded object, for the programs other modules attach (`local_origin`).
