@@ -603,3 +603,89 @@ fn doctor_names_a_selected_cgroup_that_does_not_exist() {
         "{report}"
     );
 }
+
+/// Rules for local connections with different selections, and their own listeners: a
+/// cgroup's rule, a uid's rule, and a bypass for every process. Each process gets the rules
+/// of the selections it is in, with the usual precedence between them (the first rule, for
+/// a process in both); a process in neither goes direct; the loopback program hands each
+/// connection and datagram to the listener its own process's rule named.
+#[test]
+fn each_rule_steers_the_processes_of_its_own_selection_to_its_own_listener() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let a = TestCgroup::new("sel-a").unwrap();
+    let b = TestCgroup::new("sel-b").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _original_v6 = named_server(&topo.server, addr("[fd00:2::2]:80"), "original");
+    let _direct = named_server(&topo.server, addr("10.10.2.3:80"), "direct");
+    let one = named_server(&topo.server, addr("10.10.2.3:8081"), "one");
+    let two = named_server(&topo.server, addr("10.10.2.3:8082"), "two");
+    let echo_one = UdpEcho::start(&topo.server, addr("10.10.2.3:6001")).unwrap();
+    let echo_two = UdpEcho::start(&topo.server, addr("10.10.2.3:6002")).unwrap();
+    let _echo = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
+    let file = format!(
+        "[[listener]]\nname = \"one\"\nupstream = \"10.10.2.3:8081\"\n\
+         [[listener]]\nname = \"two\"\nupstream = \"10.10.2.3:8082\"\n\
+         [[listener]]\nname = \"udp-one\"\nupstream = \"10.10.2.3:6001\"\n\
+         [[listener]]\nname = \"udp-two\"\nupstream = \"10.10.2.3:6002\"\n\
+         [[rule]]\norigin = \"local\"\ncgroup = [\"{}\"]\nproto = \"tcp\"\nports = 80\n\
+         action = \"steer\"\nlistener = \"one\"\n\
+         [[rule]]\norigin = \"local\"\nuid = [1000]\nproto = \"tcp\"\nports = 80\n\
+         action = \"steer\"\nlistener = \"two\"\n\
+         [[rule]]\norigin = \"local\"\nproto = \"tcp\"\ndst = \"10.10.2.3/32\"\n\
+         action = \"bypass\"\n\
+         [[rule]]\norigin = \"local\"\ncgroup = [\"{}\"]\nproto = \"udp\"\nports = 5353\n\
+         action = \"steer\"\nlistener = \"udp-one\"\n\
+         [[rule]]\norigin = \"local\"\nuid = [1000]\nproto = \"udp\"\nports = 5353\n\
+         action = \"steer\"\nlistener = \"udp-two\"\n",
+        a.path, a.path
+    );
+    let config = tproxy_tests::ConfigFile::new(&file).unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let dial = |cgroup: &TestCgroup, uid: &str, args: &[&str]| {
+        let reuid = format!("--reuid={uid}");
+        let wrapper = ["setpriv", &reuid, "--regid=1000", "--clear-groups"];
+        dial_output(cgroup.run(&topo.router, &wrapper, DIAL, args).unwrap()).unwrap()
+    };
+    let web = ["tcp", "10.10.2.2:80", "hi"];
+    assert_eq!(dial(&a, "0", &web), "10.10.2.2:80 one", "cgroup a's rule");
+    assert_eq!(
+        dial(&a, "0", &["tcp", "[fd00:2::2]:80", "hi"]),
+        "[fd00:2::2]:80 one",
+        "cgroup a's rule, IPv6"
+    );
+    assert_eq!(dial(&b, "1000", &web), "10.10.2.2:80 two", "uid 1000's rule");
+    assert_eq!(
+        dial(&a, "1000", &web),
+        "10.10.2.2:80 one",
+        "in both: the first rule"
+    );
+    assert_eq!(dial(&b, "0", &web), "10.10.2.2:80 original", "in neither");
+    let bypassed = ["tcp", "10.10.2.3:80", "hi"];
+    assert_eq!(dial(&a, "0", &bypassed), "10.10.2.3:80 direct");
+    assert_eq!(dial(&b, "1000", &bypassed), "10.10.2.3:80 direct");
+    assert_eq!(one.peers().len(), 3);
+    assert_eq!(two.peers().len(), 1);
+
+    // Unconnected UDP: each datagram goes to its own process's listener.
+    let query = ["sendto", "10.10.2.2:5353", "q"];
+    assert_eq!(dial(&a, "0", &query), "10.10.2.2:5353 q");
+    assert_eq!(dial(&b, "1000", &query), "10.10.2.2:5353 q");
+    assert_eq!(dial(&b, "0", &query), "10.10.2.2:5353 q");
+    assert_eq!(echo_one.peers.lock().unwrap().len(), 1);
+    assert_eq!(echo_two.peers.lock().unwrap().len(), 1);
+
+    // A selection by uid alone takes every cgroup: the programs sit at the root, once.
+    let status = tproxy.status().unwrap();
+    let local = status.stats.local_origin.as_ref().unwrap();
+    let expected = [
+        "cgroup /, every user".to_string(),
+        format!("cgroup {}, every user", a.path),
+        "cgroup /, uid 1000".to_string(),
+    ];
+    assert_eq!(local.selections, expected);
+    assert_eq!(a.attached(CONNECT4).unwrap(), 0);
+    tproxy.stop().unwrap();
+    assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
+}

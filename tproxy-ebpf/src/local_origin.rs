@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_setsockopt,
     },
     macros::{btf_map, cgroup_sock_addr, map},
-    maps::Array,
+    maps::{Array, PerCpuArray},
     programs::SockAddrContext,
     EbpfContext, Global,
 };
@@ -120,30 +120,121 @@ pub(crate) fn destination_ipv6(ctx: &SockAddrContext) -> [u8; 16] {
 }
 
 /// The local-origin decision for a socket of the context's process going to `addr` (IPv4):
-/// `None` when the socket is not this instance's to decide (see [`selections`]), otherwise
-/// the listener of the steer rule that takes it, if one does. The connect programs and the
+/// `None` when the socket is not this instance's to decide (see [`decide`]), otherwise the
+/// listener of the steer rule that takes it, if one does. The connect programs and the
 /// `sendmsg` ones (`local_datagram`) ask only this, so they always agree.
 #[inline(always)]
 pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Option<u32>> {
-    let selected = selections(ctx);
-    if selected == 0 {
-        return None;
-    }
-    Some(steers_ipv4(ctx, addr, selected))
+    let udp = udp(ctx);
+    let rule = decide(ctx, |ifindex, mark, best| {
+        if let Some(udp) = udp {
+            let generation = active_generation();
+            match_rules_into::<4, false>(
+                generation,
+                &RULES_DST_V4,
+                &RULES_SRC_V4,
+                udp,
+                port(ctx),
+                addr,
+                [0; 4],
+                ifindex,
+                mark,
+                best,
+            );
+        }
+    })?;
+    Some(steers(rule, decision::ipv4_destination_scope(addr, false)))
 }
 
 /// As [`steered_ipv4`], for an IPv6 destination (an IPv4-mapped one is decided by the IPv4
 /// rules: a dual-stack socket sends IPv4 to it).
 #[inline(always)]
 pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Option<u32>> {
-    let selected = selections(ctx);
-    if selected == 0 {
+    if let Some(v4) = mapped_ipv4(addr) {
+        return steered_ipv4(ctx, v4);
+    }
+    let udp = udp(ctx);
+    let rule = decide(ctx, |ifindex, mark, best| {
+        if let Some(udp) = udp {
+            let generation = active_generation();
+            match_rules_into::<16, false>(
+                generation,
+                &RULES_DST_V6,
+                &RULES_SRC_V6,
+                udp,
+                port(ctx),
+                addr,
+                [0; 16],
+                ifindex,
+                mark,
+                best,
+            );
+        }
+    })?;
+    Some(steers(rule, decision::ipv6_destination_scope(addr, false)))
+}
+
+/// A decision in the making, per CPU: the verifier does not follow what a map value holds,
+/// so the best answer so far kept here, rather than on the stack, does not multiply the
+/// states it walks by the answers of each selection before.
+#[derive(Clone, Copy, Default)]
+struct Pending {
+    best: Verdict,
+    selected: u32,
+}
+
+#[map]
+static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+/// The rules' answer for the context's process, by `ask(ifindex, mark, best)` for each
+/// selection the process is in (the best-ranked answer of all), or `None` when the socket is
+/// not this instance's to decide: not in tproxy's network namespace, tproxy's own, or of a
+/// process in no selection. Such a socket is left exactly as it is, its mark included:
+/// another program at the same hook (another tproxy's, for another namespace or cgroup) may
+/// have just set it.
+#[inline(always)]
+fn decide(
+    ctx: &SockAddrContext,
+    ask: impl Fn(u32, u32, &mut Verdict),
+) -> Option<RuleMatch> {
+    // SAFETY: the helper reads the namespace of the context's socket.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !in_own_namespace(netns, OWN_NETNS_COOKIE.load()) {
         return None;
     }
-    Some(match mapped_ipv4(addr) {
-        Some(v4) => steers_ipv4(ctx, v4, selected),
-        None => steers_ipv6(ctx, addr, selected),
-    })
+    // SAFETY: helpers without arguments.
+    let (cgroup, uid) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_current_uid_gid() as u32,
+        )
+    };
+    // The socket's mark, which mark rules would see (leaving the routing mark's bits out).
+    let mark = current_mark(ctx);
+    if is_own_socket(mark, OWN_SOCKET_MARK.load(), cgroup, OWN_CGROUP_ID.load()) {
+        return None;
+    }
+    let pending = PENDING.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry. The program runs to its end on this CPU; only on a kernel
+    // that preempts in kernel mode could another task's connect on this CPU come between
+    // (as for `MARK_PACKET`).
+    let pending = unsafe { &mut *pending };
+    *pending = Pending::default();
+    // SAFETY: a helper taking a plain level; it answers 0 for a level below the process's.
+    let ancestor = |level: u32| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+    for k in 0..MAX_SELECTIONS as u32 {
+        let Some(selection) = LOCAL_SELECTIONS.get(k) else {
+            break;
+        };
+        if selection.selects(uid, ancestor) {
+            pending.selected = 1;
+            ask(selection_ifindex(k), mark, &mut pending.best);
+        }
+    }
+    if pending.selected == 0 {
+        return None;
+    }
+    Some(rule_match(&pending.best))
 }
 
 #[inline(always)]
@@ -174,97 +265,6 @@ pub(crate) fn port(ctx: &SockAddrContext) -> u16 {
 fn current_mark(ctx: &SockAddrContext) -> u32 {
     // SAFETY: `sk` of a sock_addr context is the connecting socket, never null.
     unsafe { (*(*sock_addr(ctx)).__bindgen_anon_1.sk).mark }
-}
-
-/// The selections (bit `k`: selection `k`) the connecting process is in, if its socket is
-/// this instance's to decide: in tproxy's network namespace, and not tproxy's own. A socket
-/// of no selection is left exactly as it is, its mark included: another program at the
-/// same hook (another tproxy's, for another namespace or cgroup) may have just set it.
-#[inline(always)]
-fn selections(ctx: &SockAddrContext) -> u32 {
-    // SAFETY: the helper reads the namespace of the context's socket.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if !in_own_namespace(netns, OWN_NETNS_COOKIE.load()) {
-        return 0;
-    }
-    // SAFETY: helpers without arguments.
-    let (cgroup, uid) = unsafe {
-        (
-            bpf_get_current_cgroup_id(),
-            bpf_get_current_uid_gid() as u32,
-        )
-    };
-    if is_own_socket(
-        current_mark(ctx),
-        OWN_SOCKET_MARK.load(),
-        cgroup,
-        OWN_CGROUP_ID.load(),
-    ) {
-        return 0;
-    }
-    // SAFETY: a helper taking a plain level; it answers 0 for a level below the process's.
-    let ancestor = |level: u32| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-    let mut selected = 0;
-    for k in 0..MAX_SELECTIONS as u32 {
-        let Some(selection) = LOCAL_SELECTIONS.get(k) else {
-            break;
-        };
-        if selection.selects(uid, ancestor) {
-            selected |= 1 << k;
-        }
-    }
-    selected
-}
-
-#[inline(always)]
-fn steers_ipv4(ctx: &SockAddrContext, addr: [u8; 4], selected: u32) -> Option<u32> {
-    let udp = udp(ctx)?;
-    // The local connections' rules of each selection the process is in, whatever the
-    // source (they name none), the best-ranked answer winning; the socket's mark, which
-    // mark rules leave the routing mark's bits out of.
-    let generation = active_generation();
-    let mut best = Verdict::default();
-    for k in 0..MAX_SELECTIONS as u32 {
-        if selected & (1 << k) != 0 {
-            match_rules_into(
-                generation,
-                &RULES_DST_V4,
-                &RULES_SRC_V4,
-                udp,
-                port(ctx),
-                addr,
-                [0; 4],
-                selection_ifindex(k),
-                current_mark(ctx),
-                &mut best,
-            );
-        }
-    }
-    steers(rule_match(&best), decision::ipv4_destination_scope(addr, false))
-}
-
-#[inline(always)]
-fn steers_ipv6(ctx: &SockAddrContext, addr: [u8; 16], selected: u32) -> Option<u32> {
-    let udp = udp(ctx)?;
-    let generation = active_generation();
-    let mut best = Verdict::default();
-    for k in 0..MAX_SELECTIONS as u32 {
-        if selected & (1 << k) != 0 {
-            match_rules_into(
-                generation,
-                &RULES_DST_V6,
-                &RULES_SRC_V6,
-                udp,
-                port(ctx),
-                addr,
-                [0; 16],
-                selection_ifindex(k),
-                current_mark(ctx),
-                &mut best,
-            );
-        }
-    }
-    steers(rule_match(&best), decision::ipv6_destination_scope(addr, false))
 }
 
 /// Only destinations the relay may reach from elsewhere are marked (scoped as if from

@@ -324,7 +324,7 @@ fn match_rules<const N: usize>(
     mark: u32,
 ) -> RuleMatch {
     let mut best = Verdict::default();
-    match_rules_into(
+    match_rules_into::<N, true>(
         active_generation(),
         by_dst,
         by_src,
@@ -348,10 +348,13 @@ pub(crate) fn active_generation() -> u32 {
 
 /// As [`match_rules`], for the rules of `generation`, keeping the answer in `best` if it
 /// outranks what is there: the connect programs ask once per selection the process is in
-/// (`ifindex`: the selection's), and the best-ranked answer wins.
+/// (`ifindex`: the selection's), and the best-ranked answer wins. `MARKS`: whether the mark
+/// rules are asked too (the connect programs leave them out: no mark rule goes with rules
+/// for local connections, and eight selections' mark loops would be more than the verifier
+/// walks).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn match_rules_into<const N: usize>(
+pub(crate) fn match_rules_into<const N: usize, const MARKS: bool>(
     generation: u32,
     by_dst: &LpmTrie<DstKey<N>, Verdict>,
     by_src: &LpmTrie<SrcKey<N>, Verdict>,
@@ -363,7 +366,8 @@ pub(crate) fn match_rules_into<const N: usize>(
     mark: u32,
     best: &mut Verdict,
 ) {
-    if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
+    if !MARKS {
+    } else if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
         if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
             // SAFETY: this CPU's entry, which nothing else touches while the program runs.
             let packet = unsafe { &mut *packet };

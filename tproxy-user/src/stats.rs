@@ -174,7 +174,7 @@ counters! {
 counters! {
     /// How much steering this host's own connections selects, and the links that do it.
     pub struct LocalOriginCounts {
-        selections: LOCAL_SELECTION { selected: "selections" },
+        used_selections: LOCAL_SELECTION { selected: "selections" },
         selected_cgroups: LOCAL_SELECTION { selected: "cgroups" },
         selected_uid_ranges: LOCAL_SELECTION { selected: "uid_ranges" },
         cgroup_links: LOCAL_CGROUP_LINKS,

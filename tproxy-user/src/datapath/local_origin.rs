@@ -205,7 +205,7 @@ impl LocalSelections {
         LocalOriginStats {
             selections: used.iter().map(ToString::to_string).collect(),
             counts: LocalOriginCounts {
-                selections: used.len() as u64,
+                used_selections: used.len() as u64,
                 selected_cgroups: cgroups.len() as u64,
                 selected_uid_ranges: uids.len() as u64,
                 cgroup_links,

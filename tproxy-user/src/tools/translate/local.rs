@@ -377,6 +377,14 @@ COMMIT
         assert!(rules[1..]
             .iter()
             .all(|r| r.contains("listener = \"tproxy-15001\"")));
+        // Each rule keeps its own selection: tproxy takes the translation as it is.
+        let args = crate::config::RunArgs {
+            config: Some("translated.toml".into()),
+            ..Default::default()
+        };
+        let config = crate::config::Config::from_text(&args, &t.config).unwrap();
+        let local = config.local.expect("rules for local connections");
+        assert_eq!(local.used().count(), 4, "{local}");
     }
 
     #[test]
