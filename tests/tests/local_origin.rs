@@ -655,7 +655,11 @@ fn each_rule_steers_the_processes_of_its_own_selection_to_its_own_listener() {
         "[fd00:2::2]:80 one",
         "cgroup a's rule, IPv6"
     );
-    assert_eq!(dial(&b, "1000", &web), "10.10.2.2:80 two", "uid 1000's rule");
+    assert_eq!(
+        dial(&b, "1000", &web),
+        "10.10.2.2:80 two",
+        "uid 1000's rule"
+    );
     assert_eq!(
         dial(&a, "1000", &web),
         "10.10.2.2:80 one",

@@ -2,14 +2,16 @@
 //! and `cgroup/connect6` programs and their loader must agree on, and the decisions those
 //! programs make.
 //!
-//! A socket of a selected process (in a selected cgroup, by one of the selected users) that
-//! connects to a destination a steer rule for local connections takes (origin `local` or
-//! `any`, looked up under [`LOCAL_ORIGIN_IFINDEX`]) gets tproxy's routing mark as its `SO_MARK`
-//! before the kernel looks up its route. The policy routing sends marked sockets to the
-//! `local … dev lo src 127.0.0.1` (and `::1`) routes, so its packets travel over `lo`, where
-//! the tc program (attached to `lo`) hands them to the listener like any steered packet.
-//! Nothing is rewritten: the application keeps the peer it dialled. A datagram that a selected
-//! process sends from an unconnected socket (`sendto`) is decided on its own by the
+//! Each rule for local connections (origin `local` or `any`) has a selection of processes
+//! ([`Selection`]: cgroups and users), and its entries are looked up under that selection's
+//! index ([`selection_ifindex`]). A socket of a process in some selections that connects to a
+//! destination the best of their steer rules takes gets tproxy's routing mark as its
+//! `SO_MARK` before the kernel looks up its route, and the rule's listener in its socket
+//! storage ([`LocalDecision`]). The policy routing sends marked sockets to the `local … dev lo
+//! src 127.0.0.1` (and `::1`) routes, so its packets travel over `lo`, where the loopback tc
+//! program ([`LOOPBACK_PROGRAM_NAME`]) finds the client socket and hands them to that
+//! listener. Nothing is rewritten: the application keeps the peer it dialled. A datagram that
+//! a selected process sends from an unconnected socket (`sendto`) is decided on its own by the
 //! `cgroup/sendmsg4` and `cgroup/sendmsg6` programs: a steered one gets a loopback source
 //! ([`LOOPBACK_SOURCE_V4`], [`LOOPBACK_SOURCE_V6`]) instead of a mark, and a policy rule for
 //! that source sends it to the same routes.
@@ -538,7 +540,10 @@ mod tests {
         selection.cgroups_len = 1;
         assert!(!selection.selects(1000, ancestors), "another cgroup");
         selection.cgroups_len = 2;
-        assert!(selection.selects(1000, ancestors), "below a selected cgroup");
+        assert!(
+            selection.selects(1000, ancestors),
+            "below a selected cgroup"
+        );
         selection.cgroups[1] = SelectedCgroup { id: 10, level: 2 };
         assert!(
             !selection.selects(1000, ancestors),

@@ -193,10 +193,7 @@ static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
 /// another program at the same hook (another tproxy's, for another namespace or cgroup) may
 /// have just set it.
 #[inline(always)]
-fn decide(
-    ctx: &SockAddrContext,
-    ask: impl Fn(u32, u32, &mut Verdict),
-) -> Option<RuleMatch> {
+fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option<RuleMatch> {
     // SAFETY: the helper reads the namespace of the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if !in_own_namespace(netns, OWN_NETNS_COOKIE.load()) {

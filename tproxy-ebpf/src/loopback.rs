@@ -15,7 +15,6 @@
 
 use core::{ffi::c_void, mem, ptr};
 
-
 use aya_ebpf::{
     bindings::{
         bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,

@@ -208,7 +208,9 @@ impl Config {
         if let Some(flags) = args.local_origin() {
             let flag_rules = self.rules.iter().filter(|rule| rule.origin.local());
             for rule in flag_rules {
-                by_number.entry(rule.number).or_insert_with(|| flags.clone());
+                by_number
+                    .entry(rule.number)
+                    .or_insert_with(|| flags.clone());
             }
         }
         if by_number.is_empty() {

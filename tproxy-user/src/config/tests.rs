@@ -662,7 +662,10 @@ fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
     assert_eq!(local.used().count(), 1, "one selection, written two ways");
     assert_eq!(local.get(1).unwrap().cgroups, ["/a", "/b"]);
     assert_eq!(local.to_string(), "cgroup /a, /b, uid 1000, 2000-2999");
-    assert!(config.rules.iter().all(|r| r.origin.local() && r.selection == 1));
+    assert!(config
+        .rules
+        .iter()
+        .all(|r| r.origin.local() && r.selection == 1));
     assert!(config
         .describe()
         .contains("  selection 1: cgroup /a, /b, uid 1000, 2000-2999"));
@@ -676,8 +679,11 @@ fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
            [[rule]]\nproto = \"tcp\"\ndst = \"10.0.0.0/8\"\naction = \"bypass\"\n\
            origin = \"local\"\n";
     let config = with_file(&three, &[]).unwrap();
-    let mut selections: Vec<(usize, u32)> =
-        config.rules.iter().map(|r| (r.number, r.selection)).collect();
+    let mut selections: Vec<(usize, u32)> = config
+        .rules
+        .iter()
+        .map(|r| (r.number, r.selection))
+        .collect();
     selections.dedup();
     assert_eq!(selections, [(1, 1), (2, 2), (3, 0)]);
     let local = config.local.as_ref().unwrap();
@@ -689,9 +695,16 @@ fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
         &["--local", "--uid", "1000", "--tcp", "81"],
     )
     .unwrap();
-    let flag_rule = config.rules.iter().find(|r| r.ports == Ports::One(81)).unwrap();
+    let flag_rule = config
+        .rules
+        .iter()
+        .find(|r| r.ports == Ports::One(81))
+        .unwrap();
     let local = config.local.as_ref().unwrap();
-    assert_eq!(local.get(flag_rule.selection).unwrap().to_string(), "cgroup /, uid 1000");
+    assert_eq!(
+        local.get(flag_rule.selection).unwrap().to_string(),
+        "cgroup /, uid 1000"
+    );
     let error = format!("{:#}", with_file(&rule("uid = 1000\n"), &[]).unwrap_err());
     assert!(
         error.contains("rule[1].uid: only a rule for local connections selects processes"),
@@ -787,6 +800,9 @@ fn cgroup_paths_are_checked_as_run_checks_them_and_a_trailing_slash_is_one_cgrou
                 [[rule]]\nproto = \"udp\"\nports = 53\naction = \"steer\"\nlistener = \"up\"\n\
                 origin = \"any\"\ncgroup = [\"/app/\"]\n";
     let config = with_file(text, &[]).unwrap();
-    assert_eq!(config.local.as_ref().unwrap().get(1).unwrap().cgroups, ["/app"]);
+    assert_eq!(
+        config.local.as_ref().unwrap().get(1).unwrap().cgroups,
+        ["/app"]
+    );
     assert!(config.rules.iter().all(|r| r.selection == 1));
 }

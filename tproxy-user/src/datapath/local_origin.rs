@@ -487,7 +487,10 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         };
         let root = std::env::temp_dir();
         let entry = selection(vec![one]).entry(&root).unwrap();
-        assert_eq!((entry.uids[0], entry.uids_len, entry.cgroups_len), (one, 1, 0));
+        assert_eq!(
+            (entry.uids[0], entry.uids_len, entry.cgroups_len),
+            (one, 1, 0)
+        );
         let error = selection(vec![one; MAX_UID_RANGES + 1])
             .entry(&root)
             .unwrap_err();
@@ -498,12 +501,21 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 
     #[test]
     fn selections_are_numbered_once_and_attached_where_none_is_below_another() {
-        let cgroups = |paths: &[&str]| LocalOrigin::new(paths.iter().map(|p| p.to_string()).collect(), Vec::new());
+        let cgroups = |paths: &[&str]| {
+            LocalOrigin::new(paths.iter().map(|p| p.to_string()).collect(), Vec::new())
+        };
         let mut selections = LocalSelections::default();
         assert_eq!(selections.index_of(cgroups(&["/a.slice"])).unwrap(), 1);
-        assert_eq!(selections.index_of(cgroups(&["/a.slice/x", "/b"])).unwrap(), 2);
+        assert_eq!(
+            selections.index_of(cgroups(&["/a.slice/x", "/b"])).unwrap(),
+            2
+        );
         assert_eq!(selections.index_of(cgroups(&["/a.slice/"])).unwrap(), 1);
-        assert_eq!(selections.used().count(), 2, "every process is not selected yet");
+        assert_eq!(
+            selections.used().count(),
+            2,
+            "every process is not selected yet"
+        );
         assert_eq!(selections.attach_points(), ["/a.slice", "/b"]);
         let uid = LocalOrigin::new(Vec::new(), vec!["1000".parse().unwrap()]);
         assert_eq!(selections.index_of(uid).unwrap(), 3);
@@ -514,16 +526,24 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             selections.index_of(cgroups(&[&format!("/c{n}")])).unwrap();
         }
         let error = selections.index_of(cgroups(&["/one-more"])).unwrap_err();
-        assert!(error.to_string().contains("more than 8 different sets"), "{error}");
+        assert!(
+            error.to_string().contains("more than 8 different sets"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_cgroup_entry_has_its_directory_id_and_level() {
         let root = std::env::temp_dir().join(format!("tproxy-selection-{}", std::process::id()));
         std::fs::create_dir_all(root.join("a/b")).unwrap();
-        let entry = LocalOrigin::new(vec!["/a/b".into()], Vec::new()).entry(&root).unwrap();
+        let entry = LocalOrigin::new(vec!["/a/b".into()], Vec::new())
+            .entry(&root)
+            .unwrap();
         let id = std::fs::metadata(root.join("a/b")).unwrap().ino();
-        assert_eq!((entry.cgroups_len, entry.cgroups[0]), (1, SelectedCgroup { id, level: 2 }));
+        assert_eq!(
+            (entry.cgroups_len, entry.cgroups[0]),
+            (1, SelectedCgroup { id, level: 2 })
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

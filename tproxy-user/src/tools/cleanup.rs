@@ -46,15 +46,16 @@ pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
         }) else {
             continue;
         };
-        if tc::qdisc_detach_program(
-            &name,
-            TcAttachType::Ingress,
+        // The loopback program is on `lo` in place of the main one with local origin.
+        let programs = [
             tproxy_common::maps::PROGRAM_NAME,
-        )
-        .is_ok()
-        {
-            println!("removed tproxy's tc filter from {name} ingress");
-            filters += 1;
+            tproxy_common::local_origin::LOOPBACK_PROGRAM_NAME,
+        ];
+        for program in programs {
+            if tc::qdisc_detach_program(&name, TcAttachType::Ingress, program).is_ok() {
+                println!("removed tproxy's tc filter from {name} ingress");
+                filters += 1;
+            }
         }
     }
     let stale = instance::remove_stale_of_gone_namespaces()?;

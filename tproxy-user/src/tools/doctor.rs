@@ -428,7 +428,13 @@ fn ingress_programs(iface: &str) -> Finding {
         .collect();
     let ours = programs
         .iter()
-        .filter(|p| p.name_as_str() == Some(tproxy_common::maps::PROGRAM_NAME))
+        .filter(|p| {
+            let ours = [
+                tproxy_common::maps::PROGRAM_NAME,
+                tproxy_common::local_origin::LOOPBACK_PROGRAM_NAME,
+            ];
+            p.name_as_str().is_some_and(|name| ours.contains(&name))
+        })
         .count();
     let others = programs.len() - ours;
     if others == 0 && ours <= 1 {

@@ -472,7 +472,8 @@ fn applies_on(rule: &Rule, iface: Option<&str>) -> bool {
     }
 }
 
-/// What the compiled maps say for `packet`, looked up the way the eBPF program does.
+/// What the compiled maps say for `packet`, looked up the way the eBPF programs do: an
+/// arrival under `ifindex`, a local connection under each of its selections' indices.
 #[cfg(any(test, feature = "fuzzing"))]
 pub fn lookup(
     compiled: &CompiledRules,

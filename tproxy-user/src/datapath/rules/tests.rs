@@ -779,6 +779,16 @@ fn each_local_rule_applies_to_its_own_selection_with_the_usual_precedence() {
     let tls = "tcp 127.0.0.1 -> 192.0.2.1:443";
     expect_selected(&rules, tls, 0b101, RuleMatch::Steer(1));
     expect_selected(&rules, tls, 0b011, RuleMatch::None);
-    expect(&rules, "tcp 192.0.2.9 -> 192.0.2.1:443", "eth0", RuleMatch::Steer(1));
-    expect(&rules, "tcp 192.0.2.9 -> 192.0.2.1:80", "eth0", RuleMatch::None);
+    expect(
+        &rules,
+        "tcp 192.0.2.9 -> 192.0.2.1:443",
+        "eth0",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "tcp 192.0.2.9 -> 192.0.2.1:80",
+        "eth0",
+        RuleMatch::None,
+    );
 }
