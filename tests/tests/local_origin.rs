@@ -426,8 +426,8 @@ fn arrival(topo: &Topo, target: &str) -> String {
 
 /// Rules for local connections and for arrivals, in one file: each origin's rules apply to
 /// it alone (a forwarded rule does not steer a local connect, a local rule does not steer an
-/// arrival on the steered interface), and a reload that swaps their ports swaps what is
-/// steered.
+/// arrival on the steered interface), a reload that swaps their ports swaps what is steered,
+/// and one that selects another cgroup moves the programs there.
 #[test]
 fn file_rules_apply_to_their_own_origin_only() {
     require_root();
@@ -508,20 +508,46 @@ fn file_rules_apply_to_their_own_origin_only() {
     assert_eq!(arrival(&topo, "10.10.2.2:80"), "upstream");
     assert_eq!(arrival(&topo, "10.10.2.2:81"), "original");
 
-    // Not its selection: that is refused, and the rules in force stay.
+    // Another selection: the programs move to the other cgroup, whose processes the rules
+    // now steer, and the first cgroup's go direct.
     let other = TestCgroup::new("file-other").unwrap();
     config
         .rewrite(&file(81, 80).replace(&cgroup.path, &other.path))
         .unwrap();
     let (status, stderr) = tproxy_tests::run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
+    assert!(status.success(), "{stderr}");
+    tproxy
+        .wait_for_line("reloaded:", std::time::Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(local("10.10.2.2:81"), "10.10.2.2:81 original");
+    let moved = dial_output(
+        other
+            .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:81", "hi"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(moved, "10.10.2.2:81 upstream");
+    assert_eq!(cgroup.attached(CONNECT4).unwrap(), 0);
+    assert_eq!(other.attached(CONNECT4).unwrap(), 1);
+    // A selection whose cgroup does not exist: refused, and the rules in force stay.
+    config
+        .rewrite(&file(81, 80).replace(&cgroup.path, "/no-such-cgroup-tpx"))
+        .unwrap();
+    let (status, stderr) = tproxy_tests::run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
     assert!(!status.success());
     assert!(
-        stderr.contains("the local processes selected changed"),
+        stderr.contains("cgroup `/no-such-cgroup-tpx`: no such cgroup"),
         "{stderr}"
     );
-    assert_eq!(local("10.10.2.2:81"), "10.10.2.2:81 upstream");
+    let again = dial_output(
+        other
+            .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:81", "hi"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(again, "10.10.2.2:81 upstream");
     tproxy.stop().unwrap();
-    assert_eq!(cgroup.attached(CONNECT4).unwrap(), 0);
+    assert_eq!(other.attached(CONNECT4).unwrap(), 0);
 }
 
 /// `--local` with `--iface`: the flag rules apply to both origins.

@@ -92,7 +92,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         control.attached = attach_all(steering, &interfaces)?;
         // After `lo`'s program: a marked socket's packets must find it there.
         if let (Some(local), Some((root, _))) = (&local, &local_setup) {
-            local_origin::attach(steering, root, local)?;
+            local_origin::apply(steering, root, local)?;
         }
         claim.complete(&settings)?;
         control::serve(settings.table, control_tx)?;

@@ -22,21 +22,27 @@ pub(crate) fn reload(
     }
     let new = Config::build(args)?;
     fixed_settings_unchanged(&current.settings, &new.settings)?;
-    if new.local != current.local {
-        // The connect programs are attached, and their uid ranges set, at start.
-        let selection = |local: &Option<crate::datapath::local_origin::LocalSelections>| {
-            local
-                .as_ref()
-                .map_or("none".to_string(), ToString::to_string)
+    if new.local.is_some() != current.local.is_some() {
+        // Local origin shapes the programs loaded, `lo`'s program and the policy routing.
+        let what = |local: &Option<_>| match local {
+            Some(_) => "some",
+            None => "no",
         };
         bail!(
-            "the local processes selected changed ({} before, {} now); a reload changes the \
-             rules for local connections, not which processes they apply to: restart tproxy \
-             to change these",
-            selection(&current.local),
-            selection(&new.local)
+            "the configuration had {} rules for local connections and has {} now; a reload \
+             changes those rules and the processes they select, not whether there are any: \
+             restart tproxy to change that",
+            what(&current.local),
+            what(&new.local)
         );
     }
+    // Checked before anything changes: the new selections' cgroups must exist.
+    let local_root = match &new.local {
+        Some(local) if new.local != current.local => {
+            Some(crate::datapath::local_origin::prepare(local)?.0)
+        }
+        _ => None,
+    };
     let plan = relays.plan(&new)?;
     match steering {
         Some(steering) => {
@@ -49,6 +55,10 @@ pub(crate) fn reload(
             if let Err(error) = steering.install_rules(compiled) {
                 plan.unregister(steering);
                 return Err(error);
+            }
+            if let (Some(root), Some(local)) = (&local_root, &new.local) {
+                // The rules of the new selections are in force: now the selections.
+                crate::datapath::local_origin::apply(steering, root, local)?;
             }
             relays.retired = retired;
             relays.commit(plan, Some(steering))?;

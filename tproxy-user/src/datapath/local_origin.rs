@@ -19,6 +19,7 @@
 //! fails (the program, and with it every link, is dropped).
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Component, Path, PathBuf},
@@ -27,7 +28,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::Array,
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr},
 };
 use tproxy_common::local_origin::{
     SelectedCgroup, Selection, UidRange, CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME,
@@ -384,57 +385,96 @@ pub fn own_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Tells the programs the selections, and attaches the connect and sendmsg programs to their
-/// cgroups (see [`LocalSelections::attach_points`]). The links live as long as the program
-/// (see the module's documentation).
-pub fn attach(steering: &mut Steering, root: &Path, selections: &LocalSelections) -> Result<()> {
-    let mut links = 0;
+/// The programs attached to each cgroup.
+const PROGRAMS: [&str; 4] = [
+    CONNECT4_PROGRAM_NAME,
+    CONNECT6_PROGRAM_NAME,
+    SENDMSG4_PROGRAM_NAME,
+    SENDMSG6_PROGRAM_NAME,
+];
+
+/// The connect and sendmsg programs' links, by the cgroup path they are attached to.
+pub(crate) type CgroupLinks = BTreeMap<String, Vec<(&'static str, CgroupSockAddrLinkId)>>;
+
+/// Puts `selections` in force: tells the programs the selections (an entry each; the others
+/// unused), and attaches the connect and sendmsg programs to their cgroups (see
+/// [`LocalSelections::attach_points`]), detaching them from cgroups no longer among those.
+/// At start, and on a reload that changes the rules' selections. The links live as long as
+/// the program (see the module's documentation).
+pub fn apply(steering: &mut Steering, root: &Path, selections: &LocalSelections) -> Result<()> {
+    // Everything that can be refused, before anything changes.
+    let mut entries = [Selection::default(); MAX_SELECTIONS];
+    for (index, selection) in selections.used() {
+        entries[index] = selection.entry(root)?;
+    }
+    let wanted = selections.attach_points();
+    let dirs: Vec<(String, PathBuf)> = wanted
+        .iter()
+        .filter(|path| !steering.cgroup_links().contains_key(*path))
+        .map(|path| Ok((path.clone(), cgroup_dir(root, path)?)))
+        .collect::<Result<_>>()?;
+    // The selections first, the attachments after: a process of a new cgroup is decided by
+    // the new selections from its first connect.
     let map = steering
         .ebpf_mut()
         .map_mut(SELECTIONS_MAP)
         .ok_or_else(|| anyhow!("map {SELECTIONS_MAP} missing from the eBPF object"))?;
-    let mut entries: Array<_, Selection> = Array::try_from(map)?;
-    for (index, selection) in selections.used() {
-        entries
-            .set(index as u32, selection.entry(root)?, 0)
-            .with_context(|| format!("setting selection {index} ({selection})"))?;
+    let mut map: Array<_, Selection> = Array::try_from(map)?;
+    for (index, entry) in entries.into_iter().enumerate() {
+        map.set(index as u32, entry, 0)
+            .with_context(|| format!("setting selection {index}"))?;
     }
-    let dirs: Vec<(String, PathBuf)> = selections
-        .attach_points()
-        .into_iter()
-        .map(|path| {
-            let dir = cgroup_dir(root, &path)?;
-            Ok((path, dir))
-        })
-        .collect::<Result<_>>()?;
-    for name in [
-        CONNECT4_PROGRAM_NAME,
-        CONNECT6_PROGRAM_NAME,
-        SENDMSG4_PROGRAM_NAME,
-        SENDMSG6_PROGRAM_NAME,
-    ] {
-        let program: &mut CgroupSockAddr = steering
-            .ebpf_mut()
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("program {name} has the wrong type"))?;
-        program
-            .load()
-            .with_context(|| format!("the kernel's verifier rejected {name}"))?;
-        for (path, dir) in &dirs {
+    for (path, dir) in &dirs {
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            let program = sock_addr_program(steering, name)?;
             let cgroup = File::open(dir)
                 .with_context(|| format!("cgroup `{path}`: opening {}", dir.display()))?;
             // A link (kernel 5.7+) always sits next to other programs at the same hook
             // (systemd's, a container runtime's), and takes no flags: `Single` passes none.
-            program
+            let link = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup `{path}`"))?;
-            links += 1;
+            links.push((name, link));
+        }
+        steering.cgroup_links_mut().insert(path.clone(), links);
+    }
+    let gone: Vec<String> = steering
+        .cgroup_links()
+        .keys()
+        .filter(|path| !wanted.contains(path))
+        .cloned()
+        .collect();
+    for path in gone {
+        let links = steering
+            .cgroup_links_mut()
+            .remove(&path)
+            .unwrap_or_default();
+        for (name, link) in links {
+            if let Err(error) = sock_addr_program(steering, name)?.detach(link) {
+                log::warn!("detaching {name} from cgroup `{path}`: {error}");
+            }
         }
     }
-    steering.set_local_origin(selections.stats(links));
+    let links: usize = steering.cgroup_links().values().map(Vec::len).sum();
+    steering.set_local_origin(selections.stats(links as u64));
     Ok(())
+}
+
+/// The loaded program `name` (loaded here the first time).
+fn sock_addr_program<'a>(steering: &'a mut Steering, name: &str) -> Result<&'a mut CgroupSockAddr> {
+    let program: &mut CgroupSockAddr = steering
+        .ebpf_mut()
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} has the wrong type"))?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("the kernel's verifier rejected {name}"))?;
+    }
+    Ok(program)
 }
 
 #[cfg(test)]

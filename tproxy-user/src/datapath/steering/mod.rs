@@ -17,8 +17,11 @@ use tproxy_common::{
 };
 
 use crate::{
-    datapath::fragments::FragmentTracking, datapath::local_origin::LocalGlobals,
-    datapath::pin::PinnedState, datapath::rules::CompiledRules, stats::LocalOriginStats,
+    datapath::fragments::FragmentTracking,
+    datapath::local_origin::{CgroupLinks, LocalGlobals},
+    datapath::pin::PinnedState,
+    datapath::rules::CompiledRules,
+    stats::LocalOriginStats,
     values::Mark,
 };
 
@@ -54,6 +57,8 @@ pub(crate) struct Steering {
     local_origin: Option<LocalOriginStats>,
     /// Whether local origin is steered: `lo` then gets the loopback program.
     loopback: bool,
+    /// The connect and sendmsg programs' links (see `local_origin::apply`).
+    cgroup_links: CgroupLinks,
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -180,6 +185,7 @@ impl Steering {
             interface_events: Arc::default(),
             local_origin: None,
             loopback: settings.local_origin.is_some(),
+            cgroup_links: CgroupLinks::new(),
         };
         if adopted_capacity.is_some() {
             steering
@@ -265,6 +271,15 @@ impl Steering {
     /// metrics and the log).
     pub(crate) fn set_local_origin(&mut self, stats: LocalOriginStats) {
         self.local_origin = Some(stats);
+    }
+
+    /// The connect and sendmsg programs' links, by cgroup.
+    pub(crate) fn cgroup_links(&self) -> &CgroupLinks {
+        &self.cgroup_links
+    }
+
+    pub(crate) fn cgroup_links_mut(&mut self) -> &mut CgroupLinks {
+        &mut self.cgroup_links
     }
 
     /// What the connect programs select, once attached.
