@@ -79,11 +79,10 @@ fuzz_target!(|data: &[u8]| {
             }
         })
         .collect();
-    if any_local(&rules) {
-        // Refused together: the mark rules do not tell local connections from arrivals.
-        for rule in &mut rules {
-            rule.mark = None;
-        }
+    // Refused: a local connection's mark is not matched (the connect programs leave the mark
+    // stage out).
+    for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
+        rule.mark = None;
     }
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
     let generation = u32::from(bytes.next() & 1);

@@ -719,3 +719,37 @@ fn each_rule_steers_the_processes_of_its_own_selection_to_its_own_listener() {
     tproxy.stop().unwrap();
     assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
 }
+
+/// A forwarded mark rule beside rules for local connections decides arrivals only: here it
+/// bypasses every unmarked arrival on port 80 (ahead of a forwarded steer rule), and a
+/// cgroup's connections to port 80 are still relayed by their own rule.
+#[test]
+fn a_forwarded_mark_rule_leaves_local_connections_to_their_rules() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("mark").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let file = format!(
+        "interfaces = [\"{}\"]\n\
+         [[listener]]\nname = \"up\"\nupstream = \"10.10.2.3:8080\"\n\
+         [[rule]]\nproto = \"tcp\"\nports = 80\nmark = \"0x0/0xff\"\naction = \"bypass\"\n\
+         [[rule]]\norigin = \"local\"\ncgroup = [\"{}\"]\nproto = \"tcp\"\nports = 80\n\
+         action = \"steer\"\n\
+         [[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\n",
+        Topo::ROUTER_CLIENT_IFACE,
+        cgroup.path
+    );
+    let config = tproxy_tests::ConfigFile::new(&file).unwrap();
+    let _tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let line = dial_output(
+        cgroup
+            .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(line, "10.10.2.2:80 upstream");
+    assert_eq!(arrival(&topo, "10.10.2.2:80"), "original");
+    assert_eq!(upstream.peers().len(), 1);
+}

@@ -198,13 +198,14 @@ fn mark_rules_steer_what_iptables_mark_matches_steer() {
     tproxy.stop().unwrap();
 }
 
-/// Mark rules beside rules for local connections are refused, naming the mark rule: the
-/// program's mark stage does not tell a local connect from an arrival yet, so a forwarded
-/// mark rule would decide local connections too (README, "Marks").
+/// A mark on a rule for local connections is refused, naming the rule (a connecting
+/// socket's mark is not matched); a forwarded mark rule goes with rules for local
+/// connections (README, "Marks").
 #[test]
-fn mark_rules_beside_rules_for_local_connections_are_refused() {
-    let config = ConfigFile::new(
-        r#"
+fn a_mark_on_a_rule_for_local_connections_is_refused() {
+    let file = |origin: &str| {
+        format!(
+            r#"
 [[listener]]
 name = "up"
 upstream = "10.10.2.3:8080"
@@ -214,19 +215,26 @@ proto = "tcp"
 ports = 80
 mark = "0xff"
 action = "bypass"
+origin = "{origin}"
 
 [[rule]]
 proto = "tcp"
 ports = 80
 action = "steer"
 origin = "local"
-"#,
-    )
-    .unwrap();
-    let (status, _, stderr) = tproxy_with_input(&["check", "--config", config.path()], "").unwrap();
+"#
+        )
+    };
+    let check = |origin: &str| {
+        let config = ConfigFile::new(&file(origin)).unwrap();
+        tproxy_with_input(&["check", "--config", config.path()], "").unwrap()
+    };
+    let (status, _, stderr) = check("any");
     assert!(!status.success(), "{stderr}");
     assert!(
-        stderr.contains("rule 1 matching a mark: mark rules do not tell local connections"),
+        stderr.contains("rule 1 matches a mark with origin \"any\""),
         "{stderr}"
     );
+    let (status, _, stderr) = check("forwarded");
+    assert!(status.success(), "{stderr}");
 }

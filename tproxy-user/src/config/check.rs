@@ -179,13 +179,16 @@ impl Config {
                  --pin (see the README's \"Proxying the host's own traffic\")"
             );
         }
-        if let Some(rule) = self.rules.iter().find(|rule| rule.mark.is_some()) {
-            // The program's mark rules are matched apart from the rule maps, without the
-            // origin: a forwarded mark rule would decide local connections too.
+        let local_mark = |rule: &&rules::Rule| rule.mark.is_some() && rule.origin.local();
+        if let Some(rule) = self.rules.iter().find(local_mark) {
+            // The connect programs leave the mark stage out (see tproxy-ebpf's
+            // `match_rules_into`), so forwarded mark rules never decide a local connection,
+            // and a mark on a rule for local connections would be ignored.
             bail!(
-                "{what} with rule {} matching a mark: mark rules do not tell local connections \
-                 from arrivals yet; leave one of them out",
-                rule.number
+                "rule {} matches a mark with origin \"{}\": a local connection's mark is not \
+                 matched yet; give the rule origin \"forwarded\", or leave the mark out",
+                rule.number,
+                rule.origin
             );
         }
         let steers_to_external = |rule: &rules::Rule| match rule.action {

@@ -534,7 +534,11 @@ fn lookup_verdict(
             .map(|(_, _, verdict)| *verdict)
     }
     let mut best = Verdict::default();
-    let marks = compiled.mark_table().expect("the rules fit the mark stage");
+    // The connect programs leave the mark stage out: arrivals only.
+    let marks = match packet.local {
+        true => Default::default(),
+        false => compiled.mark_table().expect("the rules fit the mark stage"),
+    };
     let marked = match (packet.dst, packet.src) {
         (std::net::IpAddr::V4(dst), std::net::IpAddr::V4(src)) => MarkedPacket::new(
             packet.mark,

@@ -623,16 +623,18 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                     let ifaces = ["eth0", "eth1", "eth*", "e?h1", "wg*"];
                     text += &format!(" iface {}", ifaces[next(5) as usize]);
                 }
-                // The program holds 32 mark entries: marks in the small sets only, and not
-                // with local rules (refused together: mark rules do not tell origins apart).
-                if count <= 8 && round % 3 != 0 && next(3) == 0 {
+                // The program holds 32 mark entries: marks in the small sets only, and on
+                // forwarded rules only (a local connection's mark is not matched).
+                if count <= 8 && next(3) == 0 {
                     text += &format!(
                         " mark {}",
                         ["0x10/0xf0", "0x20", "0/0xff"][next(3) as usize]
                     );
                 }
-                // Local rules (in a third of the sets) name no source or interface.
-                if round % 3 == 0 && !text.contains("src") && !text.contains("iface") {
+                // Local rules (in a third of the sets) name no source or interface, and have
+                // one of three selections.
+                let plain = !["src", "iface", "mark"].iter().any(|w| text.contains(w));
+                if round % 3 == 0 && plain {
                     text += ["", " origin local", " origin any"][next(3) as usize];
                 }
                 let action = if next(3) == 0 {
@@ -642,6 +644,9 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 };
                 let mut rule = rule(i + 1, &text, action);
                 rule.retired = next(10) == 0;
+                if rule.origin.local() {
+                    rule.selection = next(3) as u32;
+                }
                 rule
             })
             .collect();
@@ -666,7 +671,11 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 0 if any_local(&rules) => LOCAL,
                 n => IFACES[n as usize % 2].0,
             };
-            let packet = packet(&text, iface);
+            // A process is in selection 0 (every process) and maybe in 1 and 2.
+            let packet = Packet {
+                selections: 1 | (next(4) as u32) << 1,
+                ..packet(&text, iface)
+            };
             assert_eq!(
                 lookup(&compiled, round % 2, &packet, ifindex(iface)),
                 decide(&rules, &packet),
@@ -791,4 +800,15 @@ fn each_local_rule_applies_to_its_own_selection_with_the_usual_precedence() {
         "eth0",
         RuleMatch::None,
     );
+}
+
+#[test]
+fn a_forwarded_mark_rule_never_decides_a_local_connection() {
+    let rules = [
+        rule(1, "tcp 0.0.0.0/0 80 mark 0x0/0xff", Action::Bypass),
+        rule(2, "tcp 0.0.0.0/0 80 origin any", Action::Steer(0)),
+    ];
+    let web = "tcp 192.0.2.9 -> 192.0.2.1:80";
+    expect(&rules, web, "eth0", RuleMatch::Bypass);
+    expect_selected(&rules, web, 0b001, RuleMatch::Steer(0));
 }
