@@ -60,12 +60,17 @@ fuzz_target!(|data: &[u8]| {
                 transport: bytes.pick(&[Transport::Tcp, Transport::Udp]),
                 dst: prefix(&mut bytes, v6),
                 ports,
+                sport: (bytes.next() % 4 == 0).then(|| bytes.pick(&[Ports::One(7777), Ports::Range(1000, 2000)])),
                 src: (flags & 1 != 0).then(|| prefix(&mut bytes, v6)),
                 iface: (flags & 2 != 0).then(|| bytes.pick(&IFACES).to_string()),
                 mark: (flags & 16 != 0).then(|| {
                     bytes.pick(&[Mark { value: 0x10, mask: 0xf0 }, Mark { value: 0, mask: 0xff }])
                 }),
-                action: if flags & 4 != 0 { Action::Bypass } else { Action::Steer(u32::from(flags >> 5)) },
+                action: match (flags & 4 != 0, flags & 128 != 0) {
+                    (true, false) => Action::Bypass,
+                    (true, true) => Action::Drop,
+                    (false, _) => Action::Steer(u32::from(flags >> 5)),
+                },
                 number: i + 1,
                 retired: flags & 8 != 0,
                 // Local rules name no source or interface (the configuration refuses them).
@@ -78,9 +83,14 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     if any_local(&rules) {
-        // Refused together: the mark rules do not tell local connections from arrivals.
+        // Refused together: the rules tried one by one do not tell local connections from
+        // arrivals; and a local rule neither drops nor names a source port.
         for rule in &mut rules {
             rule.mark = None;
+            rule.sport = None;
+            if rule.origin.local() && rule.action == Action::Drop {
+                rule.action = Action::Bypass;
+            }
         }
     }
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
@@ -100,6 +110,7 @@ fuzz_target!(|data: &[u8]| {
             src: addr(&mut bytes),
             dst: addr(&mut bytes),
             port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),
+            sport: if local { 0 } else { bytes.pick(&[0, 999, 1000, 1500, 2000, 7777, 40000]) },
             local,
             iface: IFACES[iface],
             mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),

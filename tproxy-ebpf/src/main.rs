@@ -8,9 +8,10 @@
 //!        → rules (port array, then per rule group a destination and maybe a source LPM
 //!          trie; the best-ranked answer wins)
 //!        → a steer rule's destination must be one a relay may reach (not loopback, mapped…)
-//!        → for a steer or bypass rule: the flow's own socket, if it has one (exact-tuple
-//!          lookup; for UDP only tproxy's own per-flow sockets count)
-//!        → otherwise, for a steer rule: the rule's listener from the socket map
+//!        → for a steer, bypass or drop rule: the flow's own socket, if it has one
+//!          (exact-tuple lookup; for UDP only tproxy's own per-flow sockets count)
+//!        → otherwise, for a steer rule: the rule's listener from the socket map; for a drop
+//!          rule: dropped
 //!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally; a first
 //!          fragment only gets the mark, and its flow is left for the `sk_lookup` program,
 //!          which hands the reassembled datagram to the listener.
@@ -303,14 +304,45 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
     }
 }
 
-/// The rules' decision for a flow: the mark rules, then at most seven bounded lookups,
-/// whatever the number of rules (see the loader's `rules` module for how the maps are built).
-/// `mark`: the packet's (or, in the connect programs, the socket's) mark. `ifindex`: the
+/// The rules' decision for a connection not made yet, from the connect programs: as
+/// [`match_flow_rules`], with no source port (rules with one are refused beside rules for
+/// local connections).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn match_rules<const N: usize>(
+    by_dst: &LpmTrie<DstKey<N>, Verdict>,
+    by_src: &LpmTrie<SrcKey<N>, Verdict>,
+    udp: bool,
+    dport: u16,
+    daddr: [u8; N],
+    saddr: [u8; N],
+    ifindex: u32,
+    mark: u32,
+) -> RuleMatch {
+    note_source_port(0);
+    match_flow_rules(by_dst, by_src, udp, dport, daddr, saddr, ifindex, mark)
+}
+
+/// Writes the packet's source port (host order) where the rules tried one by one read it,
+/// ahead of [`match_flow_rules`]: as soon as it is parsed, so that it is not one more value
+/// live across the parsing, which the classifier's stack has no room for.
+#[inline(always)]
+fn note_source_port(sport: u16) {
+    if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry, which nothing else touches while the program runs.
+        unsafe { (*packet).sport = u32::from(sport) };
+    }
+}
+
+/// The rules' decision for a flow: the rules tried one by one (those with a mark or a source
+/// port), then at most seven bounded lookups, whatever the number of rules (see the loader's
+/// `rules` module for how the maps are built), the source port as [`note_source_port`] left
+/// it. `mark`: the packet's (or, in the connect programs, the socket's) mark. `ifindex`: the
 /// ingress interface's (on `lo` with local origin steered, the local connections' index is
 /// used instead), or `LOCAL_ORIGIN_IFINDEX` from the connect programs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn match_rules<const N: usize>(
+fn match_flow_rules<const N: usize>(
     by_dst: &LpmTrie<DstKey<N>, Verdict>,
     by_src: &LpmTrie<SrcKey<N>, Verdict>,
     udp: bool,
@@ -484,17 +516,21 @@ fn steer_transport(
     assign: bool,
 ) -> Outcome {
     let tcp = protocol == Protocol::Tcp;
-    // A bypassed flow still goes to a socket that owns it: the rule that steered it may
-    // have been removed by a reload since.
+    // A bypassed or dropped flow still goes to a socket that owns it: the rule that steered
+    // it may have been removed by a reload since (see `decision::unowned_outcome`).
     let listener = match rule {
         RuleMatch::None => return Outcome::Passed,
-        RuleMatch::Bypass => None,
+        RuleMatch::Bypass | RuleMatch::Drop => None,
         RuleMatch::Steer(listener) => Some(listener_slot(listener, ListenerSlot::of(tcp, ipv6))),
     };
     let outcome = if tcp {
         steer_tcp(ctx, tuple, tuple_len, listener, assign)
     } else {
         steer_udp(ctx, tuple, tuple_len, listener, assign)
+    };
+    let outcome = match outcome {
+        Outcome::Bypassed => decision::unowned_outcome(rule),
+        outcome => outcome,
     };
     if let Some(slot) = listener {
         count_for_listener(slot, outcome);
@@ -547,6 +583,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     let Some([sport, dport]) = ports(ctx, l3 + header_len) else {
         return (protocol, Outcome::Unparsed);
     };
+    note_source_port(u16::from_be(sport));
     let flow = Flow {
         protocol,
         ipv6: false,
@@ -555,7 +592,7 @@ fn steer_ipv4(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     };
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let udp = protocol == Protocol::Udp;
-    let rule = match_rules(
+    let rule = match_flow_rules(
         &RULES_DST_V4,
         &RULES_SRC_V4,
         udp,
@@ -650,6 +687,7 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     let Some([sport, dport]) = ports(ctx, offset) else {
         return (protocol, Outcome::Unparsed);
     };
+    note_source_port(u16::from_be(sport));
     let flow = Flow {
         protocol,
         ipv6: true,
@@ -658,7 +696,7 @@ fn steer_ipv6(ctx: &TcContext, l3: usize) -> (Protocol, Outcome) {
     };
     let udp = protocol == Protocol::Udp;
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let rule = match_rules(
+    let rule = match_flow_rules(
         &RULES_DST_V6,
         &RULES_SRC_V6,
         udp,

@@ -118,8 +118,9 @@ impl Config {
         let entries = rules::mark_rules(&self.rules, &[]).len();
         if entries > MAX_MARK_RULES {
             bail!(
-                "the rules with a mark need {entries} entries (one per destination and source \
-                 prefix and port spec), more than the {MAX_MARK_RULES} the program holds"
+                "the rules with a mark or a source port need {entries} entries (one per \
+                 destination and source prefix and port spec, destination and source), more \
+                 than the {MAX_MARK_RULES} the program holds, which try them one by one"
             );
         }
         Ok(())
@@ -179,12 +180,20 @@ impl Config {
                  --pin (see the README's \"Proxying the host's own traffic\")"
             );
         }
-        if let Some(rule) = self.rules.iter().find(|rule| rule.mark.is_some()) {
-            // The program's mark rules are matched apart from the rule maps, without the
-            // origin: a forwarded mark rule would decide local connections too.
+        if let Some(rule) = self
+            .rules
+            .iter()
+            .find(|rule| rule.mark.is_some() || rule.sport.is_some())
+        {
+            // The program's rules with a mark or source port are matched apart from the rule
+            // maps, without the origin: a forwarded one would decide local connections too.
+            let what_it_matches = match rule.mark {
+                Some(_) => "a mark",
+                None => "a source port",
+            };
             bail!(
-                "{what} with rule {} matching a mark: mark rules do not tell local connections \
-                 from arrivals yet; leave one of them out",
+                "{what} with rule {} matching {what_it_matches}: rules with a mark or a source \
+                 port do not tell local connections from arrivals yet; leave one of them out",
                 rule.number
             );
         }
