@@ -198,13 +198,18 @@ fn mark_rules_steer_what_iptables_mark_matches_steer() {
     tproxy.stop().unwrap();
 }
 
-/// Mark rules beside rules for local connections are refused, naming the mark rule: the
-/// program's mark stage does not tell a local connect from an arrival yet, so a forwarded
-/// mark rule would decide local connections too (README, "Marks").
+/// Mark rules (and source-port rules, tried one by one with them) beside rules for local
+/// connections are refused, naming the rule: the program's mark stage does not tell a local
+/// connect from an arrival yet, so a forwarded mark rule would decide local connections too
+/// (README, "Marks").
 #[test]
 fn mark_rules_beside_rules_for_local_connections_are_refused() {
-    let config = ConfigFile::new(
-        r#"
+    for (matches, what) in [
+        ("mark = \"0xff\"", "a mark"),
+        ("sport = 7777", "a source port"),
+    ] {
+        let config = ConfigFile::new(&format!(
+            r#"
 [[listener]]
 name = "up"
 upstream = "10.10.2.3:8080"
@@ -212,7 +217,7 @@ upstream = "10.10.2.3:8080"
 [[rule]]
 proto = "tcp"
 ports = 80
-mark = "0xff"
+{matches}
 action = "bypass"
 
 [[rule]]
@@ -220,13 +225,18 @@ proto = "tcp"
 ports = 80
 action = "steer"
 origin = "local"
-"#,
-    )
-    .unwrap();
-    let (status, _, stderr) = tproxy_with_input(&["check", "--config", config.path()], "").unwrap();
-    assert!(!status.success(), "{stderr}");
-    assert!(
-        stderr.contains("rule 1 matching a mark: mark rules do not tell local connections"),
-        "{stderr}"
-    );
+"#
+        ))
+        .unwrap();
+        let (status, _, stderr) =
+            tproxy_with_input(&["check", "--config", config.path()], "").unwrap();
+        assert!(!status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "rule 1 matching {what}: rules with a mark or a source port do not tell local \
+                 connections"
+            )),
+            "{stderr}"
+        );
+    }
 }
