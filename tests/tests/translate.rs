@@ -781,6 +781,29 @@ fn fates_both_ways(
     String,
     std::collections::BTreeMap<String, u64>,
 ) {
+    let rules = rules.to_string();
+    fates_loaded_both_ways(
+        probes,
+        move |netns| {
+            restore_iptables(netns, &rules).unwrap();
+            rules
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    )
+}
+
+/// As [`fates_both_ways`], with the rule set loaded by `load` (which returns its text as the
+/// kernel lists it) and removed by `unload`.
+fn fates_loaded_both_ways(
+    probes: &[PortProbe],
+    load: impl FnOnce(&Netns) -> String,
+    unload: fn(&Netns),
+) -> (
+    Vec<(String, Fate)>,
+    Vec<(String, Fate)>,
+    String,
+    std::collections::BTreeMap<String, u64>,
+) {
     let topo = Topo::new().unwrap();
     let mut addresses: Vec<Probe> = Vec::new();
     for probe in probes {
@@ -803,14 +826,14 @@ fn fates_both_ways(
             .map(|probe| (probe.name(), probe.fate(&topo, &servers)))
             .collect()
     };
-    let text = translate(rules);
+    let listed = load(&topo.router);
+    let text = translate(&listed);
     let config = ConfigFile::new(&text).unwrap();
-    restore_iptables(&topo.router, rules).unwrap();
     let mut relay =
         Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
     let original = fates();
     relay.stop().unwrap();
-    remove_iptables_tproxy(&topo.router).unwrap();
+    unload(&topo.router);
     let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
     let translated = fates();
     let counters = tproxy.ebpf_counters().unwrap();
@@ -945,4 +968,60 @@ COMMIT
     );
     assert!(!config.contains("icmp"), "{config}");
     assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// Source ports, DROP and an ICMP RETURN in nft's forms (`udp sport`, a set of them, `!=`,
+/// `drop`, `meta l4proto icmp return`). The drop comes first: after `udp sport 7777 return`
+/// tproxy's order would put it ahead of that rule for port 443 (translate reports that).
+const SOURCE_PORTS_AND_DROP_NFT: &str = "\
+table inet t {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname \"to-client\" udp dport 443 drop
+		iifname \"to-client\" udp sport 7777 return
+		iifname \"to-client\" udp sport { 7000-7010, 7100 } return
+		iifname \"to-client\" tcp sport != 5000 return
+		iifname \"to-client\" meta l4proto icmp return
+		iifname \"to-client\" meta l4proto udp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-client\" meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_source_ports_and_drop_steer_and_drop_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Udp(7777, "10.10.2.2:53"),
+        PortProbe::Udp(7100, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.2:443"),
+        PortProbe::Udp(7777, "10.10.2.2:443"),
+        PortProbe::Tcp(5000, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+    ];
+    let (original, translated, config, counters) = fates_loaded_both_ways(
+        &probes,
+        |netns| listed_nft(netns, SOURCE_PORTS_AND_DROP_NFT),
+        remove_nft,
+    );
+    let expected: Vec<Fate> = {
+        use Fate::*;
+        vec![
+            Direct,
+            Direct,
+            Intercepted,
+            Dropped,
+            Dropped,
+            Intercepted,
+            Direct,
+        ]
+    };
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(fates, expected, "nft: {original:?}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        counters.get("udp/dropped").is_some_and(|count| *count >= 1),
+        "the drop is counted: {counters:?}"
+    );
 }
