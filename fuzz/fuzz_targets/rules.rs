@@ -60,12 +60,17 @@ fuzz_target!(|data: &[u8]| {
                 transport: bytes.pick(&[Transport::Tcp, Transport::Udp]),
                 dst: prefix(&mut bytes, v6),
                 ports,
+                sport: (bytes.next() % 4 == 0).then(|| bytes.pick(&[Ports::One(7777), Ports::Range(1000, 2000)])),
                 src: (flags & 1 != 0).then(|| prefix(&mut bytes, v6)),
                 iface: (flags & 2 != 0).then(|| bytes.pick(&IFACES).to_string()),
                 mark: (flags & 16 != 0).then(|| {
                     bytes.pick(&[Mark { value: 0x10, mask: 0xf0 }, Mark { value: 0, mask: 0xff }])
                 }),
-                action: if flags & 4 != 0 { Action::Bypass } else { Action::Steer(u32::from(flags >> 5)) },
+                action: match (flags & 4 != 0, flags & 128 != 0) {
+                    (true, false) => Action::Bypass,
+                    (true, true) => Action::Drop,
+                    (false, _) => Action::Steer(u32::from(flags >> 5)),
+                },
                 number: i + 1,
                 retired: flags & 8 != 0,
                 // Local rules name no source or interface (the configuration refuses them).
@@ -79,10 +84,14 @@ fuzz_target!(|data: &[u8]| {
             }
         })
         .collect();
-    // Refused: a local connection's mark is not matched (the connect programs leave the mark
-    // stage out).
+    // Refused: a local connection's mark and source port are not matched (the connect
+    // programs leave the rules tried one by one out), and a local rule does not drop.
     for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
         rule.mark = None;
+        rule.sport = None;
+        if rule.action == Action::Drop {
+            rule.action = Action::Bypass;
+        }
     }
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
     let generation = u32::from(bytes.next() & 1);
@@ -101,6 +110,7 @@ fuzz_target!(|data: &[u8]| {
             src: addr(&mut bytes),
             dst: addr(&mut bytes),
             port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),
+            sport: if local { 0 } else { bytes.pick(&[0, 999, 1000, 1500, 2000, 7777, 40000]) },
             local,
             // Every process's selection always; the others as the process is in them.
             selections: 1 | (u32::from(bytes.next()) & 6),

@@ -198,12 +198,12 @@ fn mark_rules_steer_what_iptables_mark_matches_steer() {
     tproxy.stop().unwrap();
 }
 
-/// A mark on a rule for local connections is refused, naming the rule (a connecting
-/// socket's mark is not matched); a forwarded mark rule goes with rules for local
-/// connections (README, "Marks").
+/// A mark or a source port on a rule for local connections is refused, naming the rule (a
+/// connecting socket's mark is not matched, its source port not chosen yet); forwarded rules
+/// with them go with rules for local connections (README, "Marks").
 #[test]
-fn a_mark_on_a_rule_for_local_connections_is_refused() {
-    let file = |origin: &str| {
+fn a_mark_or_source_port_on_a_rule_for_local_connections_is_refused() {
+    let file = |matches: &str, origin: &str| {
         format!(
             r#"
 [[listener]]
@@ -213,7 +213,7 @@ upstream = "10.10.2.3:8080"
 [[rule]]
 proto = "tcp"
 ports = 80
-mark = "0xff"
+{matches}
 action = "bypass"
 origin = "{origin}"
 
@@ -225,16 +225,21 @@ origin = "local"
 "#
         )
     };
-    let check = |origin: &str| {
-        let config = ConfigFile::new(&file(origin)).unwrap();
+    let check = |matches: &str, origin: &str| {
+        let config = ConfigFile::new(&file(matches, origin)).unwrap();
         tproxy_with_input(&["check", "--config", config.path()], "").unwrap()
     };
-    let (status, _, stderr) = check("any");
+    let (status, _, stderr) = check("mark = \"0xff\"", "any");
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("rule 1 matches a mark with origin \"any\""),
         "{stderr}"
     );
-    let (status, _, stderr) = check("forwarded");
-    assert!(status.success(), "{stderr}");
+    let (status, _, stderr) = check("sport = 7777", "any");
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("origin \"any\" with `sport`"), "{stderr}");
+    for matches in ["mark = \"0xff\"", "sport = 7777"] {
+        let (status, _, stderr) = check(matches, "forwarded");
+        assert!(status.success(), "{matches}: {stderr}");
+    }
 }

@@ -681,3 +681,52 @@ fn under_connection_churn_an_upgrade_and_a_restart_fail_no_connection_and_proxy_
     third.stop().unwrap();
     cleanup_leaves_nothing(&topo, &bpffs);
 }
+
+/// Replaces the pinned map `name` of the instance in `bpffs` with an empty one of another
+/// layout, as an earlier version would have left it.
+fn pin_earlier_layout(bpffs: &Bpffs, name: &str, kind: &str, value_size: u32, entries: u32) {
+    let pinned = bpffs
+        .pinned()
+        .into_iter()
+        .find(|path| path.ends_with(&format!("/{name}")))
+        .unwrap_or_else(|| panic!("{name} is pinned: {:?}", bpffs.pinned()));
+    let path = std::path::Path::new(bpffs.path()).join(pinned);
+    std::fs::remove_file(&path).unwrap();
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args(["type", kind, "key", "4", "value", &value_size.to_string()])
+        .args(["entries", &entries.to_string(), "name", name])
+        .status()
+        .expect("running bpftool");
+    assert!(status.success(), "bpftool map create {name}");
+}
+
+/// An upgrade over the pinned maps of an earlier version whose layouts differ (the rules
+/// tried one by one before source ports, the counters before the `dropped` outcome): they
+/// are replaced, not handed to a program that cannot use them, and steering goes on.
+#[test]
+fn pinned_maps_of_an_earlier_layout_are_replaced_when_adopted() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let args = pinned_args(&bpffs, &[]);
+    let mut killed = topo.tproxy(&args).unwrap();
+    killed.signal_and_wait(Signal::SIGKILL).unwrap();
+    pin_earlier_layout(&bpffs, "MARK_RULES", "array", 4 + 104 * 32, 2);
+    pin_earlier_layout(&bpffs, "COUNTERS", "percpu_array", 8, 3 * 15);
+    let mut next = topo.tproxy(&args).unwrap();
+    let log = next.log_text();
+    assert!(
+        log.contains("the pinned rules tried one by one have another layout (3332 bytes an entry")
+            && log.contains("the pinned packet counters have another layout (45 entries"),
+        "{log}"
+    );
+    assert_eq!(
+        tproxy_tests::peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    next.stop().unwrap();
+    cleanup_leaves_nothing(&topo, &bpffs);
+}

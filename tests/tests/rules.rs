@@ -380,3 +380,51 @@ fn reload_without_a_running_instance_says_so() {
         "{stderr}"
     );
 }
+
+/// A drop rule comes after the socket match, as the kernel documentation's socket-match rule
+/// comes ahead of the chain: a reload that adds one leaves the connections tproxy already
+/// relays alone and drops new ones (counted as `dropped`).
+#[test]
+fn a_drop_rule_added_by_reload_keeps_relayed_connections_and_drops_new_ones() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let echo = Server::echo(&topo.server, addr("10.10.2.2:80")).unwrap();
+    let steer = reload_config(80, "a");
+    let config = ConfigFile::new(&steer).unwrap();
+    let mut tproxy = start(&topo, &config);
+    let mut relayed = topo.client.connect(echo.addr).unwrap();
+    let round_trip = |stream: &mut std::net::TcpStream, line: &[u8]| {
+        stream.write_all(line).unwrap();
+        let mut back = vec![0u8; line.len()];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(back, line);
+    };
+    round_trip(&mut relayed, b"before\n");
+    assert_eq!(
+        echo.peers().last().unwrap().ip(),
+        router_v4(),
+        "the connection is relayed"
+    );
+
+    let dropping = format!(
+        "{steer}\n[[rule]]\nproto = \"tcp\"\ndst = \"10.10.2.2/32\"\nports = 80\naction = \"drop\"\n"
+    );
+    config.rewrite(&dropping).unwrap();
+    let (status, stderr) = run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
+    assert!(status.success(), "{stderr}");
+    tproxy
+        .wait_for_line("reloaded:", Duration::from_secs(10))
+        .unwrap();
+    round_trip(&mut relayed, b"after the drop rule\n");
+    assert!(
+        topo.client.connect(echo.addr).is_err(),
+        "a new connection is dropped"
+    );
+    assert!(
+        tproxy.ebpf_counters().unwrap()["tcp/dropped"] >= 1,
+        "the drop is counted"
+    );
+    round_trip(&mut relayed, b"still relayed\n");
+    drop(relayed);
+    tproxy.stop().unwrap();
+}

@@ -697,3 +697,331 @@ COMMIT
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// What became of a probe flow: relayed by tproxy, answered by the server directly, or never
+/// answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Intercepted,
+    Direct,
+    Dropped,
+}
+
+/// A flow from the client's IPv4 address, from a source port of its own (0: an ephemeral
+/// one), to a server address.
+#[derive(Clone, Copy, Debug)]
+enum PortProbe {
+    Tcp(u16, &'static str),
+    Udp(u16, &'static str),
+}
+
+impl PortProbe {
+    fn name(self) -> String {
+        match self {
+            PortProbe::Tcp(sport, to) => format!("tcp :{sport} -> {to}"),
+            PortProbe::Udp(sport, to) => format!("udp :{sport} -> {to}"),
+        }
+    }
+
+    /// Sends the probe from the client and says what became of it.
+    fn fate(self, topo: &Topo, servers: &Servers) -> Fate {
+        let router = Topo::router_as_seen_by_server(false);
+        let client: std::net::IpAddr = Topo::CLIENT_V4.parse().unwrap();
+        let peer = match self {
+            PortProbe::Tcp(sport, to) => {
+                let to: SocketAddr = to.parse().unwrap();
+                let answer = match sport {
+                    0 => peer_seen_by(&topo.client, to).map(|peer| peer.to_string()),
+                    _ => topo
+                        .client
+                        .read_all_from(SocketAddr::new(client, sport), to),
+                };
+                match answer {
+                    Ok(text) => text.parse::<std::net::IpAddr>().unwrap(),
+                    Err(_) => return Fate::Dropped,
+                }
+            }
+            PortProbe::Udp(sport, to) => {
+                let to: SocketAddr = to.parse().unwrap();
+                let server = servers.udp.iter().find(|s| s.addr == to).unwrap();
+                server.peers.lock().unwrap().clear();
+                let socket = topo
+                    .client
+                    .run(move || std::net::UdpSocket::bind(SocketAddr::new(client, sport)))
+                    .unwrap();
+                socket
+                    .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                    .unwrap();
+                match udp_exchange(&socket, to, b"probe") {
+                    Ok((reply, from)) => {
+                        assert_eq!((reply.as_slice(), from), (&b"probe"[..], to));
+                        server.peer_ips()[0]
+                    }
+                    Err(_) => return Fate::Dropped,
+                }
+            }
+        };
+        if peer == router {
+            Fate::Intercepted
+        } else {
+            Fate::Direct
+        }
+    }
+}
+
+/// Loads `rules` into iptables, sends `probes` with tproxy's relay behind it (configured by
+/// the translation), then with the translation alone; returns the fates both ways, the
+/// configuration and the translated run's eBPF counters.
+fn fates_both_ways(
+    rules: &str,
+    probes: &[PortProbe],
+) -> (
+    Vec<(String, Fate)>,
+    Vec<(String, Fate)>,
+    String,
+    std::collections::BTreeMap<String, u64>,
+) {
+    let rules = rules.to_string();
+    fates_loaded_both_ways(
+        probes,
+        move |netns| {
+            restore_iptables(netns, &rules).unwrap();
+            rules
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    )
+}
+
+/// As [`fates_both_ways`], with the rule set loaded by `load` (which returns its text as the
+/// kernel lists it) and removed by `unload`.
+fn fates_loaded_both_ways(
+    probes: &[PortProbe],
+    load: impl FnOnce(&Netns) -> String,
+    unload: fn(&Netns),
+) -> (
+    Vec<(String, Fate)>,
+    Vec<(String, Fate)>,
+    String,
+    std::collections::BTreeMap<String, u64>,
+) {
+    let topo = Topo::new().unwrap();
+    let mut addresses: Vec<Probe> = Vec::new();
+    for probe in probes {
+        let (tcp, to) = match *probe {
+            PortProbe::Tcp(_, to) => (true, to),
+            PortProbe::Udp(_, to) => (false, to),
+        };
+        let known = addresses.iter().any(|known| match known {
+            Probe::Tcp(addr) => tcp && *addr == to,
+            Probe::Udp(addr) => !tcp && *addr == to,
+        });
+        if !known {
+            addresses.push(if tcp { Probe::Tcp(to) } else { Probe::Udp(to) });
+        }
+    }
+    let servers = Servers::start(&topo, &addresses);
+    let fates = || -> Vec<(String, Fate)> {
+        probes
+            .iter()
+            .map(|probe| (probe.name(), probe.fate(&topo, &servers)))
+            .collect()
+    };
+    let listed = load(&topo.router);
+    let text = translate(&listed);
+    let config = ConfigFile::new(&text).unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = fates();
+    relay.stop().unwrap();
+    unload(&topo.router);
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = fates();
+    let counters = tproxy.ebpf_counters().unwrap();
+    tproxy.stop().unwrap();
+    (original, translated, text, counters)
+}
+
+/// Source ports, as `--sport`, `-m multiport --sports` and `! --sport` write them: the
+/// udp_proxy_server corpus idiom (the proxy's own port is left alone) and its other forms.
+const SOURCE_PORTS_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:PROXY - [0:0]
+-A PREROUTING -i to-client -j PROXY
+-A PROXY -p udp -m udp --sport 7777 -j RETURN
+-A PROXY -p udp -m multiport --sports 7000:7010,7100 -j RETURN
+-A PROXY -p tcp -m tcp ! --sport 5000 -j RETURN
+-A PROXY -p udp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn iptables_source_port_matches_steer_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Udp(7777, "10.10.2.2:53"),
+        PortProbe::Udp(7005, "10.10.2.2:53"),
+        PortProbe::Udp(7100, "10.10.2.2:53"),
+        PortProbe::Udp(7011, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Tcp(5000, "10.10.2.2:80"),
+        PortProbe::Tcp(5001, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+    ];
+    let (original, translated, config, _) = fates_both_ways(SOURCE_PORTS_IPTABLES, &probes);
+    let expected: Vec<Fate> = {
+        use Fate::*;
+        vec![
+            Direct,
+            Direct,
+            Direct,
+            Intercepted,
+            Intercepted,
+            Intercepted,
+            Direct,
+            Direct,
+        ]
+    };
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(fates, expected, "iptables: {original:?}");
+    assert!(config.contains("sport = [7777]"), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// DROP in a TPROXY chain, the v2ray guides' block of QUIC (UDP 443) so that clients fall
+/// back to TCP, behind a RETURN for one host (which keeps its QUIC).
+const DROP_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:PROXY - [0:0]
+-A PREROUTING -i to-client -j PROXY
+-A PROXY -d 10.10.2.3/32 -j RETURN
+-A PROXY -p udp -m udp --dport 443 -j DROP
+-A PROXY -p udp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn iptables_drop_drops_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Udp(0, "10.10.2.2:443"),
+        PortProbe::Udp(0, "10.10.2.3:443"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Tcp(0, "10.10.2.2:443"),
+    ];
+    let (original, translated, config, counters) = fates_both_ways(DROP_IPTABLES, &probes);
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(
+        fates,
+        [
+            Fate::Dropped,
+            Fate::Direct,
+            Fate::Intercepted,
+            Fate::Intercepted
+        ],
+        "iptables: {original:?}"
+    );
+    assert!(config.contains("action = \"drop\""), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        counters.get("udp/dropped").is_some_and(|count| *count >= 1),
+        "the drop is counted: {counters:?}"
+    );
+}
+
+/// A RETURN for ICMP (chenxiyu-infra's corpus rule set) changes nothing tproxy steers: the
+/// translation leaves it out and steers the same flows.
+#[test]
+fn an_icmp_return_is_left_out_and_the_same_flows_are_steered() {
+    require_root();
+    let rules = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:PROXY - [0:0]
+-A PREROUTING -i to-client -j PROXY
+-A PROXY -d 10.10.2.3/32 -j RETURN
+-A PROXY -p icmp -j RETURN
+-A PROXY -p udp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+    let probes = [
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.3:53"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.3:80"),
+    ];
+    let (original, translated, config, _) = fates_both_ways(rules, &probes);
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(
+        fates,
+        [
+            Fate::Intercepted,
+            Fate::Direct,
+            Fate::Intercepted,
+            Fate::Direct
+        ],
+        "iptables: {original:?}"
+    );
+    assert!(!config.contains("icmp"), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// Source ports, DROP and an ICMP RETURN in nft's forms (`udp sport`, a set of them, `!=`,
+/// `drop`, `meta l4proto icmp return`). The drop comes first: after `udp sport 7777 return`
+/// tproxy's order would put it ahead of that rule for port 443 (translate reports that).
+const SOURCE_PORTS_AND_DROP_NFT: &str = "\
+table inet t {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname \"to-client\" udp dport 443 drop
+		iifname \"to-client\" udp sport 7777 return
+		iifname \"to-client\" udp sport { 7000-7010, 7100 } return
+		iifname \"to-client\" tcp sport != 5000 return
+		iifname \"to-client\" meta l4proto icmp return
+		iifname \"to-client\" meta l4proto udp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-client\" meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_source_ports_and_drop_steer_and_drop_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Udp(7777, "10.10.2.2:53"),
+        PortProbe::Udp(7100, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.2:443"),
+        PortProbe::Udp(7777, "10.10.2.2:443"),
+        PortProbe::Tcp(5000, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+    ];
+    let (original, translated, config, counters) = fates_loaded_both_ways(
+        &probes,
+        |netns| listed_nft(netns, SOURCE_PORTS_AND_DROP_NFT),
+        remove_nft,
+    );
+    let expected: Vec<Fate> = {
+        use Fate::*;
+        vec![
+            Direct,
+            Direct,
+            Intercepted,
+            Dropped,
+            Dropped,
+            Intercepted,
+            Direct,
+        ]
+    };
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(fates, expected, "nft: {original:?}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        counters.get("udp/dropped").is_some_and(|count| *count >= 1),
+        "the drop is counted: {counters:?}"
+    );
+}

@@ -2,7 +2,7 @@
 
 use crate::maps::{
     MarkRule, MarkRules, MarkedPacket, Verdict, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES,
-    VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_STEER,
+    VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_DROP, VERDICT_STEER,
 };
 
 /// What the program did with one packet. The discriminant is the packet's index in the
@@ -47,11 +47,13 @@ pub enum Outcome {
     /// The transport header could not be found: cut short, or behind more IPv6 extension
     /// headers than the program walks. Always dropped (see [`tc_action`]).
     Unparsed = 14,
+    /// A `drop` rule matched (and no socket already owned the flow): dropped.
+    Dropped = 15,
 }
 
 impl Outcome {
     /// Number of outcomes, the length of one `COUNTERS` row.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every outcome, in counter-index order.
     pub const ALL: [Outcome; Self::COUNT as usize] = [
@@ -70,6 +72,7 @@ impl Outcome {
         Outcome::FragmentPassed,
         Outcome::FragmentUnknown,
         Outcome::Unparsed,
+        Outcome::Dropped,
     ];
 
     /// Stable snake_case name, for logs and metrics.
@@ -90,6 +93,7 @@ impl Outcome {
             Outcome::FragmentPassed => "fragment_passed",
             Outcome::FragmentUnknown => "fragment_unknown",
             Outcome::Unparsed => "unparsed",
+            Outcome::Dropped => "dropped",
         }
     }
 
@@ -157,6 +161,8 @@ pub enum RuleMatch {
     Steer(u32),
     /// A `bypass` rule matches.
     Bypass,
+    /// A `drop` rule matches.
+    Drop,
 }
 
 /// Whether a destination-stage `verdict` needs the source stage, and with which ifindex in
@@ -176,7 +182,10 @@ pub const fn outranks(candidate: &Verdict, best: &Verdict) -> bool {
 }
 
 const fn is_match(verdict: &Verdict) -> bool {
-    matches!(verdict.action, VERDICT_STEER | VERDICT_BYPASS)
+    matches!(
+        verdict.action,
+        VERDICT_STEER | VERDICT_BYPASS | VERDICT_DROP
+    )
 }
 
 /// The mark stage (see [`crate::maps::MARK_RULES`]): of the first `table.len` rules, those
@@ -232,7 +241,21 @@ fn matches_marked(rule: &MarkRule, packet: &MarkedPacket) -> bool {
         }
         w += 1;
     }
-    true
+    // Last, and read where it is used: one more value held through the checks above would
+    // cost the classifier stack it does not have.
+    let sport = read(&packet.sport);
+    sport >= u32::from(rule.first_sport) && sport <= u32::from(rule.last_sport)
+}
+
+/// The outcome for a packet that a `bypass` or `drop` rule matched and whose flow no socket
+/// on this host owns. The socket match comes first for both, as the recipe's socket-match
+/// rule comes ahead of the chain that drops: a flow steered before a reload added the drop
+/// rule keeps its socket.
+pub const fn unowned_outcome(rule: RuleMatch) -> Outcome {
+    match rule {
+        RuleMatch::Drop => Outcome::Dropped,
+        _ => Outcome::Bypassed,
+    }
 }
 
 /// The match a final verdict stands for.
@@ -240,6 +263,7 @@ pub const fn rule_match(verdict: &Verdict) -> RuleMatch {
     match verdict.action {
         VERDICT_STEER => RuleMatch::Steer(verdict.listener),
         VERDICT_BYPASS => RuleMatch::Bypass,
+        VERDICT_DROP => RuleMatch::Drop,
         _ => RuleMatch::None,
     }
 }
@@ -420,7 +444,10 @@ pub const fn fragment_outcome(first: Outcome) -> Outcome {
         Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
             Outcome::FragmentSteered
         }
-        Outcome::NoListener | Outcome::RefusedDestination | Outcome::Unparsed => first,
+        Outcome::NoListener
+        | Outcome::RefusedDestination
+        | Outcome::Unparsed
+        | Outcome::Dropped => first,
         _ => Outcome::FragmentPassed,
     }
 }
@@ -515,8 +542,8 @@ pub enum TcAction {
     Drop = 2,
 }
 
-/// What tc does with a packet of `outcome`. Refused destinations and unparsed packets are
-/// always dropped; the fail mode (`fail_closed` ≠ 0) drops what a steer rule took that no
+/// What tc does with a packet of `outcome`. Refused destinations, unparsed packets and those
+/// a `drop` rule took are always dropped; the fail mode (`fail_closed` ≠ 0) drops what a steer rule took that no
 /// socket could get (no listener registered, as while no tproxy process runs over pinned
 /// state) and later fragments whose first fragment was not seen (out of order, or in flight
 /// across a restart: their flow cannot be told without ports, so failing closed drops them
@@ -528,6 +555,8 @@ pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
         // the whole header chain; a chain longer than the walk is legal but rare, and passing
         // it would hide any steered flow behind one more header.
         Outcome::RefusedDestination | Outcome::Unparsed => TcAction::Drop,
+        // What the operator's rules say, whatever the fail mode.
+        Outcome::Dropped => TcAction::Drop,
         Outcome::NoListener | Outcome::FragmentUnknown if fail_closed != 0 => TcAction::Drop,
         Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
             TcAction::Keep
@@ -547,6 +576,8 @@ mod tests {
             transports,
             first_port: ports.0,
             last_port: ports.1,
+            first_sport: 0,
+            last_sport: u16::MAX,
             verdict: Verdict {
                 action: VERDICT_BYPASS,
                 rank,
@@ -573,7 +604,7 @@ mod tests {
         let table = table(&[on_eth]);
         let decide = |mark: u32, udp: bool, port: u16, src: [u8; 4], ifindex: u32| {
             let mut best = Verdict::default();
-            let packet = MarkedPacket::new(mark, udp, port, &[10, 0, 0, 1], &src, ifindex);
+            let packet = MarkedPacket::new(mark, udp, (port, 40000), &[10, 0, 0, 1], &src, ifindex);
             match_mark_rules(&table, &packet, &mut best);
             rule_match(&best)
         };
@@ -604,7 +635,7 @@ mod tests {
             "a local connect"
         );
         let mut v6 = Verdict::default();
-        let packet = MarkedPacket::new(0x10, false, 80, &[0u8; 16], &[0u8; 16], 2);
+        let packet = MarkedPacket::new(0x10, false, (80, 40000), &[0u8; 16], &[0u8; 16], 2);
         match_mark_rules(&table, &packet, &mut v6);
         assert_eq!(rule_match(&v6), RuleMatch::None, "an IPv4 rule");
     }
@@ -625,7 +656,7 @@ mod tests {
         };
         let decide = |best: Verdict, dst: [u8; 4]| {
             let mut best = best;
-            let packet = MarkedPacket::new(0x100, false, 80, &dst, &[198, 51, 100, 1], 5);
+            let packet = MarkedPacket::new(0x100, false, (80, 40000), &dst, &[198, 51, 100, 1], 5);
             match_mark_rules(&table, &packet, &mut best);
             rule_match(&best)
         };
@@ -646,9 +677,72 @@ mod tests {
         let mut unused = table;
         unused.len = 0;
         let mut best = Verdict::default();
-        let packet = MarkedPacket::new(0, false, 80, &[192, 0, 2, 9], &[198, 51, 100, 1], 5);
+        let packet = MarkedPacket::new(
+            0,
+            false,
+            (80, 40000),
+            &[192, 0, 2, 9],
+            &[198, 51, 100, 1],
+            5,
+        );
         match_mark_rules(&unused, &packet, &mut best);
         assert_eq!(rule_match(&best), RuleMatch::None, "entries past len");
+    }
+
+    #[test]
+    fn a_source_port_rule_matches_its_range_whatever_the_mark() {
+        // `sport = ["7777", "1000-2000"]` without a mark: two entries, mask 0.
+        let mut one = mark_rule(0, 0, MARK_RULE_UDP, (1, 65535), 4);
+        (one.first_sport, one.last_sport) = (7777, 7777);
+        let mut range = one;
+        (range.first_sport, range.last_sport) = (1000, 2000);
+        let table = table(&[one, range]);
+        let decide = |mark: u32, sport: u16| {
+            let mut best = Verdict::default();
+            let packet =
+                MarkedPacket::new(mark, true, (53, sport), &[10, 0, 0, 1], &[10, 0, 0, 2], 2);
+            match_mark_rules(&table, &packet, &mut best);
+            rule_match(&best)
+        };
+        for sport in [7777, 1000, 1500, 2000] {
+            assert_eq!(decide(0, sport), RuleMatch::Bypass, "{sport}");
+            assert_eq!(decide(0xff, sport), RuleMatch::Bypass, "{sport}, marked");
+        }
+        for sport in [0, 999, 2001, 7776, 7778, 65535] {
+            assert_eq!(decide(0, sport), RuleMatch::None, "{sport}");
+        }
+    }
+
+    #[test]
+    fn a_drop_rule_is_a_match_ranked_like_the_others() {
+        let verdict = |action, rank| Verdict {
+            action,
+            listener: 0,
+            cell: 0,
+            rank,
+        };
+        assert_eq!(rule_match(&verdict(VERDICT_DROP, 3)), RuleMatch::Drop);
+        assert!(outranks(&verdict(VERDICT_DROP, 3), &Verdict::default()));
+        assert!(outranks(
+            &verdict(VERDICT_DROP, 3),
+            &verdict(VERDICT_STEER, 4)
+        ));
+        assert!(!outranks(
+            &verdict(VERDICT_DROP, 5),
+            &verdict(VERDICT_BYPASS, 4)
+        ));
+        let mut drop = mark_rule(0, 0, MARK_RULE_UDP, (443, 443), 2);
+        drop.verdict.action = VERDICT_DROP;
+        let table = table(&[drop]);
+        let mut best = verdict(VERDICT_STEER, 9);
+        let packet = MarkedPacket::new(0, true, (443, 5000), &[10, 0, 0, 1], &[10, 0, 0, 2], 2);
+        match_mark_rules(&table, &packet, &mut best);
+        assert_eq!(rule_match(&best), RuleMatch::Drop);
+        assert_eq!(unowned_outcome(RuleMatch::Drop), Outcome::Dropped);
+        assert_eq!(unowned_outcome(RuleMatch::Bypass), Outcome::Bypassed);
+        assert_eq!(fragment_outcome(Outcome::Dropped), Outcome::Dropped);
+        assert_eq!(Outcome::Dropped.name(), "dropped");
+        assert!(!Outcome::Dropped.applies_to(Protocol::Other));
     }
 
     #[test]
@@ -661,14 +755,16 @@ mod tests {
                 Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered
             );
             let fail_mode = matches!(outcome, Outcome::NoListener | Outcome::FragmentUnknown);
-            let expected_open =
-                if matches!(outcome, Outcome::RefusedDestination | Outcome::Unparsed) {
-                    TcAction::Drop
-                } else if steered {
-                    TcAction::Keep
-                } else {
-                    TcAction::Next
-                };
+            let expected_open = if matches!(
+                outcome,
+                Outcome::RefusedDestination | Outcome::Unparsed | Outcome::Dropped
+            ) {
+                TcAction::Drop
+            } else if steered {
+                TcAction::Keep
+            } else {
+                TcAction::Next
+            };
             assert_eq!(open, expected_open, "fail-open, {}", outcome.name());
             let expected_closed = if fail_mode {
                 TcAction::Drop

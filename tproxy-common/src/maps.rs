@@ -73,10 +73,11 @@ const fn generation_bit(generation: u32) -> u32 {
 }
 
 /// The mark stage, consulted before the others: array (two entries, indexed by generation)
-/// of [`MarkRules`], the rules that match on the packet's mark (`skb->mark` at tc ingress,
-/// the socket's `SO_MARK` in the connect programs). They cannot be keyed into the LPM stages,
-/// so each is tried in turn; the best-ranked match among them and the LPM stages' answer wins
-/// (see [`crate::decision::match_mark_rules`]).
+/// of [`MarkRules`], the rules tried one by one: those that match on the packet's mark
+/// (`skb->mark` at tc ingress, the socket's `SO_MARK` in the connect programs) or on its
+/// source port. Neither can be keyed into the LPM stages, so each rule is tried in turn; the
+/// best-ranked match among them and the LPM stages' answer wins (see
+/// [`crate::decision::match_mark_rules`]).
 pub const MARK_RULES: &str = "MARK_RULES";
 /// Most mark-stage entries one generation may hold (rules with the same matches for TCP and
 /// UDP share one).
@@ -86,8 +87,9 @@ pub const MARK_RULE_TCP: u32 = 1;
 /// [`MarkRule::transports`] bit: the rule matches UDP.
 pub const MARK_RULE_UDP: u32 = 2;
 
-/// A rule that matches on the packet mark: `mark & mask == value`, with its transports,
-/// destination port range, destination and source prefixes and ingress interface.
+/// A rule tried one by one: `mark & mask == value` (mask 0: any mark), with its transports,
+/// destination and source port ranges, destination and source prefixes and ingress
+/// interface.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MarkRule {
@@ -98,6 +100,9 @@ pub struct MarkRule {
     /// Destination ports, host order, inclusive (a rule for any port: 1 to 65535).
     pub first_port: u16,
     pub last_port: u16,
+    /// Source ports, host order, inclusive (a rule for any source port: 0 to 65535).
+    pub first_sport: u16,
+    pub last_sport: u16,
     /// 1 for an IPv6 destination prefix.
     pub ipv6: u32,
     /// The ingress interface's index; 0: any.
@@ -109,7 +114,8 @@ pub struct MarkRule {
     /// The source prefix, likewise (netmask 0: any source).
     pub src: [u32; 4],
     pub src_mask: [u32; 4],
-    /// What the rule does, with its rank ([`VERDICT_STEER`] or [`VERDICT_BYPASS`]).
+    /// What the rule does, with its rank ([`VERDICT_STEER`], [`VERDICT_BYPASS`] or
+    /// [`VERDICT_DROP`]).
     pub verdict: Verdict,
 }
 
@@ -127,6 +133,8 @@ pub struct MarkedPacket {
     pub udp: u32,
     /// The destination port, host order.
     pub port: u32,
+    /// The source port, host order (0 in the connect programs: not chosen yet).
+    pub sport: u32,
     /// The ingress interface's index (0 in the connect programs).
     pub ifindex: u32,
     /// 1 for IPv6.
@@ -137,21 +145,24 @@ pub struct MarkedPacket {
 }
 
 impl MarkedPacket {
-    /// The packet with these values; addresses of 4 or 16 bytes in network order.
+    /// The packet with these values; addresses of 4 or 16 bytes in network order, ports
+    /// (destination, source) in host order.
     pub fn new<const N: usize>(
         mark: u32,
         udp: bool,
-        port: u16,
+        ports: (u16, u16),
         dst: &[u8; N],
         src: &[u8; N],
         ifindex: u32,
     ) -> Self {
         let mut packet = MarkedPacket::default();
-        packet.set(mark, udp, port, *dst, *src, ifindex);
+        packet.set(mark, udp, ports.0, *dst, *src, ifindex);
+        packet.sport = u32::from(ports.1);
         packet
     }
 
-    /// Overwrites every field in place (the program's scratch entry holds the last packet's).
+    /// Overwrites every field but the source port in place (the program's scratch entry holds
+    /// the last packet's; the program writes the source port as soon as it is parsed).
     #[inline(always)]
     pub fn set<const N: usize>(
         &mut self,
@@ -271,8 +282,8 @@ pub struct Verdict {
     pub listener: u32,
     /// For [`VERDICT_BY_SOURCE`] and [`VERDICT_BY_SOURCE_AND_IFACE`]: the [`SrcKey::cell`].
     pub cell: u32,
-    /// For [`VERDICT_STEER`] and [`VERDICT_BYPASS`]: the deciding rule's place in the
-    /// precedence (lower wins), to choose between the answers of the rule groups.
+    /// For [`VERDICT_STEER`], [`VERDICT_BYPASS`] and [`VERDICT_DROP`]: the deciding rule's
+    /// place in the precedence (lower wins), to choose between the answers of the rule groups.
     pub rank: u32,
 }
 
@@ -286,6 +297,9 @@ pub const VERDICT_BYPASS: u32 = 2;
 pub const VERDICT_BY_SOURCE: u32 = 3;
 /// As [`VERDICT_BY_SOURCE`], with the ingress interface's index in the key.
 pub const VERDICT_BY_SOURCE_AND_IFACE: u32 = 4;
+/// A `drop` rule matches: only a socket that already owns the flow gets it; otherwise the
+/// packet is dropped.
+pub const VERDICT_DROP: u32 = 5;
 
 /// Most named listeners (each has up to four sockets in [`LISTENERS`]).
 pub const MAX_LISTENERS: u32 = 64;
@@ -638,9 +652,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<ProtocolFlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ReassembledFlow>(), 16);
         assert_eq!(core::mem::size_of::<ExternalListener>(), 20);
-        assert_eq!(core::mem::size_of::<MarkRule>(), 104);
-        assert_eq!(core::mem::size_of::<MarkedPacket>(), 52);
-        assert_eq!(core::mem::size_of::<MarkRules>(), 4 + 104 * MAX_MARK_RULES);
+        assert_eq!(core::mem::size_of::<MarkRule>(), 108);
+        assert_eq!(core::mem::size_of::<MarkedPacket>(), 56);
+        assert_eq!(core::mem::size_of::<MarkRules>(), 4 + 108 * MAX_MARK_RULES);
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //!        → rules (port array, then per rule group a destination and maybe a source LPM
 //!          trie; the best-ranked answer wins)
 //!        → a steer rule's destination must be one a relay may reach (not loopback, mapped…)
-//!        → for a steer or bypass rule: the flow's own socket, if it has one (exact-tuple
-//!          lookup; for UDP only tproxy's own per-flow sockets count)
-//!        → otherwise, for a steer rule: the rule's listener from the socket map
+//!        → for a steer, bypass or drop rule: the flow's own socket, if it has one
+//!          (exact-tuple lookup; for UDP only tproxy's own per-flow sockets count)
+//!        → otherwise, for a steer rule: the rule's listener from the socket map; for a drop
+//!          rule: dropped
 //!        → `bpf_sk_assign` + routing mark, so policy routing delivers it locally; a first
 //!          fragment only gets the mark, and its flow is left for the `sk_lookup` program,
 //!          which hands the reassembled datagram to the listener.
@@ -308,9 +309,21 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
     }
 }
 
-/// The rules' decision for a flow: the mark rules, then at most seven bounded lookups,
-/// whatever the number of rules (see the loader's `rules` module for how the maps are built).
-/// `mark`: the packet's mark. `ifindex`: the ingress interface's.
+/// Writes the packet's source port (host order) where the rules tried one by one read it,
+/// ahead of [`match_rules`]: as soon as it is parsed, so that it is not one more value live
+/// across the parsing, which the classifier's stack has no room for.
+#[inline(always)]
+fn note_source_port(sport: u16) {
+    if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry, which nothing else touches while the program runs.
+        unsafe { (*packet).sport = u32::from(sport) };
+    }
+}
+
+/// The rules' decision for a flow: the rules tried one by one (those with a mark or a source
+/// port, the source port as [`note_source_port`] left it), then at most seven bounded
+/// lookups, whatever the number of rules (see the loader's `rules` module for how the maps
+/// are built). `mark`: the packet's mark. `ifindex`: the ingress interface's.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn match_rules<const N: usize>(
@@ -366,13 +379,14 @@ pub(crate) fn match_rules_into<const N: usize, const MARKS: bool>(
     mark: u32,
     best: &mut Verdict,
 ) {
-    if !MARKS {
-    } else if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
-        if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
-            // SAFETY: this CPU's entry, which nothing else touches while the program runs.
-            let packet = unsafe { &mut *packet };
-            packet.set(mark, udp, dport, daddr, saddr, ifindex);
-            match_mark_rules(marks, packet, best);
+    if MARKS {
+        if let Some(marks) = MARK_RULES.get(generation).filter(|marks| marks.len != 0) {
+            if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
+                // SAFETY: this CPU's entry, which nothing else touches while the program runs.
+                let packet = unsafe { &mut *packet };
+                packet.set(mark, udp, dport, daddr, saddr, ifindex);
+                match_mark_rules(marks, packet, best);
+            }
         }
     }
     let groups = match PORT_CLASSES.get(port_class_index(generation, udp, dport)) {
@@ -521,17 +535,21 @@ fn steer_transport(
     assign: bool,
 ) -> Outcome {
     let tcp = protocol == Protocol::Tcp;
-    // A bypassed flow still goes to a socket that owns it: the rule that steered it may
-    // have been removed by a reload since.
+    // A bypassed or dropped flow still goes to a socket that owns it: the rule that steered
+    // it may have been removed by a reload since (see `decision::unowned_outcome`).
     let listener = match rule {
         RuleMatch::None => return Outcome::Passed,
-        RuleMatch::Bypass => None,
+        RuleMatch::Bypass | RuleMatch::Drop => None,
         RuleMatch::Steer(listener) => Some(listener_slot(listener, ListenerSlot::of(tcp, ipv6))),
     };
     let outcome = if tcp {
         steer_tcp(ctx, tuple, tuple_len, listener, assign)
     } else {
         steer_udp(ctx, tuple, tuple_len, listener, assign)
+    };
+    let outcome = match outcome {
+        Outcome::Bypassed => decision::unowned_outcome(rule),
+        outcome => outcome,
     };
     if let Some(slot) = listener {
         count_for_listener(slot, outcome);
@@ -584,6 +602,7 @@ fn steer_ipv4<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     let Some([sport, dport]) = ports(ctx, l3 + header_len) else {
         return (protocol, Outcome::Unparsed);
     };
+    note_source_port(u16::from_be(sport));
     let flow = Flow {
         protocol,
         ipv6: false,
@@ -694,6 +713,7 @@ fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     let Some([sport, dport]) = ports(ctx, offset) else {
         return (protocol, Outcome::Unparsed);
     };
+    note_source_port(u16::from_be(sport));
     let flow = Flow {
         protocol,
         ipv6: true,

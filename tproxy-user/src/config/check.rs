@@ -118,8 +118,9 @@ impl Config {
         let entries = rules::mark_rules(&self.rules, &[]).len();
         if entries > MAX_MARK_RULES {
             bail!(
-                "the rules with a mark need {entries} entries (one per destination and source \
-                 prefix and port spec), more than the {MAX_MARK_RULES} the program holds"
+                "the rules with a mark or a source port need {entries} entries (one per \
+                 destination and source prefix and port spec, destination and source), more \
+                 than the {MAX_MARK_RULES} the program holds, which try them one by one"
             );
         }
         Ok(())

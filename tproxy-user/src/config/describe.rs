@@ -88,6 +88,7 @@ impl Config {
                     format!("steer {}", self.listeners[listener as usize].name)
                 }
                 Action::Bypass => "bypass".into(),
+                Action::Drop => "drop".into(),
             };
             let _ = writeln!(
                 out,

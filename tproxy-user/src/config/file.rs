@@ -133,6 +133,8 @@ pub(super) struct RuleEntry {
     proto: List<Transport>,
     dst: Option<Destinations>,
     ports: Option<List<Ports>>,
+    /// The source ports (default: any).
+    sport: Option<List<Ports>>,
     src: Option<List<IpNet>>,
     iface: Option<String>,
     mark: Option<Text<MarkMatch>>,
@@ -277,7 +279,7 @@ impl RuleEntry {
         Ok(Some(LocalOrigin::new(cgroups, uids)))
     }
 
-    /// What the rule does: bypass, or steer to the index of its listener.
+    /// What the rule does: bypass, drop, or steer to the index of its listener.
     fn action(
         &self,
         number: usize,
@@ -291,6 +293,12 @@ impl RuleEntry {
                     bail!("{}: rule[{number}].listener: a bypass rule steers nowhere; remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
                 }
                 Action::Bypass
+            }
+            RuleAction::Drop => {
+                if let Some(listener) = &self.listener {
+                    bail!("{}: rule[{number}].listener: a drop rule steers nowhere; remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
+                }
+                Action::Drop
             }
             RuleAction::Steer => {
                 let index = match &self.listener {
@@ -311,7 +319,8 @@ impl RuleEntry {
         })
     }
 
-    /// Rule `number` split into one rule per protocol, destination, source and port spec.
+    /// Rule `number` split into one rule per protocol, destination, source and port spec
+    /// (destination and source).
     fn split(
         &self,
         number: usize,
@@ -350,6 +359,11 @@ impl RuleEntry {
             Some(_) => bail!("{where_}: rule[{number}].ports: an empty list matches nothing; leave `ports` out to match every port"),
             None => vec![Ports::Any],
         };
+        let sports: Vec<Option<Ports>> = match &self.sport {
+            Some(List(ports)) if !ports.is_empty() => ports.iter().copied().map(Some).collect(),
+            Some(_) => bail!("{where_}: rule[{number}].sport: an empty list matches nothing; leave `sport` out to match every source port"),
+            None => vec![None],
+        };
         if self.proto.0.is_empty() {
             bail!("{where_}: rule[{number}].proto: give \"tcp\", \"udp\" or [\"tcp\", \"udp\"]");
         }
@@ -360,11 +374,15 @@ impl RuleEntry {
                     if src.is_some_and(|s| s.addr().is_ipv6() != dst.addr().is_ipv6()) {
                         continue;
                     }
-                    for &ports in &ports {
+                    for (&ports, &sport) in ports
+                        .iter()
+                        .flat_map(|p| sports.iter().map(move |s| (p, s)))
+                    {
                         let rule = Rule {
                             transport,
                             dst,
                             ports,
+                            sport,
                             src,
                             iface: self.iface.clone(),
                             mark: self.mark.as_ref().map(|Text(mark)| *mark),

@@ -312,6 +312,7 @@ impl Config {
                         transport,
                         dst: *dst,
                         ports: ports_of(*range.start(), *range.end()),
+                        sport: None,
                         src: None,
                         iface: None,
                         mark: None,

@@ -146,6 +146,52 @@ fn a_rules_mark_is_read_without_the_routing_marks_bits_or_refused() {
 }
 
 #[test]
+fn source_ports_split_a_rule_and_drop_is_an_action() {
+    let config = with_file(
+        "interfaces = [\"eth0\"]\n[[listener]]\nname = \"web\"\n\
+         [[rule]]\nproto = \"udp\"\nports = [53, 443]\nsport = [7777, \"1000-2000\"]\n\
+         action = \"bypass\"\n\
+         [[rule]]\nproto = \"udp\"\nports = 443\naction = \"drop\"\n\
+         [[rule]]\nproto = \"udp\"\naction = \"steer\"\n",
+        &[],
+    )
+    .unwrap();
+    // 2 families × 2 ports × 2 source port specs, then the drop and the steer rule by family.
+    assert_eq!(config.rules.len(), 8 + 2 + 2);
+    assert_eq!(config.rules[0].sport, Some(Ports::One(7777)));
+    assert_eq!(config.rules[1].sport, Some(Ports::Range(1000, 2000)));
+    assert_eq!(config.rules[8].action, Action::Drop);
+    let table = config.describe();
+    assert!(
+        table.contains("sport 1000-2000") && table.contains(" drop"),
+        "{table}"
+    );
+    let with_listener = error(
+        "interfaces = [\"eth0\"]\n[[listener]]\nname = \"web\"\n\
+         [[rule]]\nproto = \"udp\"\naction = \"drop\"\nlistener = \"web\"\n",
+    );
+    assert!(
+        with_listener.contains("rule[1].listener: a drop rule steers nowhere"),
+        "{with_listener}"
+    );
+    let empty = error(
+        "interfaces = [\"eth0\"]\n[[rule]]\nproto = \"udp\"\nsport = []\naction = \"bypass\"\n",
+    );
+    assert!(empty.contains("rule[1].sport: an empty list"), "{empty}");
+    // Each source port spec is one entry of the 32 tried one by one.
+    let many: Vec<String> = (1..=33).map(|port| port.to_string()).collect();
+    let full = error(&format!(
+        "interfaces = [\"eth0\"]\n[[rule]]\nproto = \"udp\"\ndst = \"0.0.0.0/0\"\n\
+         sport = [{}]\naction = \"bypass\"\n",
+        many.join(", ")
+    ));
+    assert!(
+        full.contains("need 33 entries") && full.contains("32 the program holds"),
+        "{full}"
+    );
+}
+
+#[test]
 fn flags_override_the_file_and_add_the_default_listener() {
     let config = with_file(
         EXAMPLE,
@@ -269,7 +315,7 @@ fn errors_name_file_line_column_and_field() {
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"sctp\"\naction = \"steer\"\n", "FILE:3:9: rule[1].proto: `sctp` is not a protocol"),
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\ndst = \"10.0.0.0/33\"\naction = \"bypass\"\n", "FILE:4:7: rule[1].dst: `10.0.0.0/33` is not an IPv4/IPv6 prefix"),
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"steer\"\nlistener = \"web\"\n", "FILE:5:12: rule[1].listener: no listener named `web` (defined: none)"),
-        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"drop\"\n", "FILE:4:10: rule[1].action: `drop` is not an action"),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"reject\"\n", "FILE:4:10: rule[1].action: `reject` is not an action: use \"steer\", \"bypass\" or \"drop\""),
         ("interfaces = [\"eth0\"]\ncolour = \"blue\"\n", "FILE:2:1: colour: unknown field `colour`"),
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\n", "FILE:2:1: missing field `action`"),
         ("interfaces = \"eth0\"\n", "FILE:1:14: interfaces: `eth0`: give a list like [\"eth0\"], or \"all\""),
@@ -398,6 +444,7 @@ fn the_readme_example_decides_as_documented() {
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             port,
+            sport: 40000,
             local: false,
             selections: 0,
             iface,

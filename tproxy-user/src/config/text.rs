@@ -139,13 +139,18 @@ parses!(
     "a uid or range like 1000 or \"1000-1999\"",
     values::parse_uid_range
 );
-parses!(RuleAction, "\"steer\" or \"bypass\"", |t: &str| match t {
-    "steer" => Ok(RuleAction::Steer),
-    "bypass" => Ok(RuleAction::Bypass),
-    _ => Err(format!(
-        "`{t}` is not an action: use \"steer\" or \"bypass\""
-    )),
-});
+parses!(
+    RuleAction,
+    "\"steer\", \"bypass\" or \"drop\"",
+    |t: &str| match t {
+        "steer" => Ok(RuleAction::Steer),
+        "bypass" => Ok(RuleAction::Bypass),
+        "drop" => Ok(RuleAction::Drop),
+        _ => Err(format!(
+            "`{t}` is not an action: use \"steer\", \"bypass\" or \"drop\""
+        )),
+    }
+);
 parses!(
     Ports,
     "a port or range like 80 or \"8000-8100\"",
@@ -183,6 +188,7 @@ impl Parse for String {
 pub enum RuleAction {
     Steer,
     Bypass,
+    Drop,
 }
 
 /// One value.

@@ -75,24 +75,39 @@ impl PinnedState {
         self.dir.join(name)
     }
 
-    /// Unpins the counters map when an earlier version pinned it with another length (the
-    /// program counts more outcomes now): reading it with today's layout would give wrong
-    /// numbers. The next load creates and pins a new one; the counts start again from zero.
-    pub fn discard_counters_of_another_layout(&self) -> Result<()> {
-        let path = self.map(tproxy_common::maps::COUNTERS);
-        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
-            return Ok(());
-        };
-        if info.max_entries() == tproxy_common::maps::COUNTERS_LEN {
-            return Ok(());
+    /// Unpins the maps an earlier version pinned with another layout: the counters map with
+    /// another length (the program counts more outcomes now), whose numbers today's layout
+    /// would misread (the counts start again from zero), and the rules tried one by one with
+    /// entries of another size, which the program cannot be loaded with (the rules are
+    /// written again anyway). The next load creates and pins new ones.
+    pub fn discard_maps_of_another_layout(&self) -> Result<()> {
+        use tproxy_common::maps::{MarkRules, COUNTERS, COUNTERS_LEN, MARK_RULES};
+        let rules_size = std::mem::size_of::<MarkRules>() as u32;
+        let checks = [
+            (COUNTERS, "packet counters", "entries", COUNTERS_LEN, true),
+            (MARK_RULES, "rules tried one by one", "bytes an entry", rules_size, false),
+        ];
+        for (name, what, unit, now, by_length) in checks {
+            let path = self.map(name);
+            let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+                continue;
+            };
+            let pinned = if by_length {
+                info.max_entries()
+            } else {
+                info.value_size()
+            };
+            if pinned == now {
+                continue;
+            }
+            log::warn!(
+                "the pinned {what} have another layout ({pinned} {unit}, {now} now): \
+                 starting them again"
+            );
+            std::fs::remove_file(&path)
+                .with_context(|| format!("unpinning {}", path.display()))?;
         }
-        log::warn!(
-            "the pinned packet counters have another layout ({} entries, {} now): starting \
-             them again from zero",
-            info.max_entries(),
-            tproxy_common::maps::COUNTERS_LEN
-        );
-        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))
+        Ok(())
     }
 
     /// Where the TCX link on `iface` is pinned.

@@ -52,8 +52,9 @@ impl CompiledRules {
     pub fn mark_table(&self) -> Result<MarkRules, String> {
         if self.marks.len() > MAX_MARK_RULES {
             return Err(format!(
-                "the rules with a mark need {} entries (one per destination and source prefix \
-                 and port spec), more than the {MAX_MARK_RULES} the program holds",
+                "the rules with a mark or a source port need {} entries (one per destination \
+                 and source prefix and port spec), more than the {MAX_MARK_RULES} the program \
+                 holds",
                 self.marks.len()
             ));
         }
@@ -107,7 +108,7 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
         let offset = usize::from(udp) * 65536;
         let rules: Vec<&Rule> = rules
             .iter()
-            .filter(|r| r.transport == transport && r.mark.is_none())
+            .filter(|r| r.transport == transport && !r.tried_one_by_one())
             .collect();
         let mut singles: BTreeMap<u16, Vec<&Rule>> = BTreeMap::new();
         let mut ranges: Vec<&Rule> = Vec::new();
@@ -196,7 +197,8 @@ impl CompiledRules {
     }
 }
 
-/// The mark stage's entries for the rules that have a mark: one per rule and interface it
+/// The mark stage's entries for the rules that have a mark or a source port: one per rule and
+/// interface it
 /// names (a pattern names every attached interface it matches), except that rules alike but
 /// for their transport share one. A rule whose interface is not attached keeps an entry, with
 /// an ifindex no interface has, so that a name's count does not depend on what is attached.
@@ -222,9 +224,13 @@ pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
 const NO_INTERFACE: u32 = LOCAL_ORIGIN_IFINDEX - MAX_SELECTIONS as u32;
 
 fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
-    let Some(mark) = rule.mark else {
+    if !rule.tried_one_by_one() {
         return Vec::new();
-    };
+    }
+    // No mark: a mask of zero takes any.
+    let mark = rule
+        .mark
+        .unwrap_or(crate::values::Mark { value: 0, mask: 0 });
     let ifindexes: Vec<u32> = match &rule.iface {
         None => vec![0],
         Some(name) => {
@@ -239,11 +245,9 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
             }
         }
     };
-    let (first_port, last_port) = match rule.ports {
-        Ports::One(port) => (port, port),
-        Ports::Range(first, last) => (first, last),
-        Ports::Any => (1, u16::MAX),
-    };
+    let (first_port, last_port) = rule.ports.bounds();
+    // No source port: any, 0 included.
+    let (first_sport, last_sport) = rule.sport.map_or((0, u16::MAX), Ports::bounds);
     // A prefix's address and netmask as the program compares them.
     let words = |net: IpNet| {
         let bytes = |addr: std::net::IpAddr| match addr {
@@ -274,6 +278,8 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
         },
         first_port,
         last_port,
+        first_sport,
+        last_sport,
         ipv6: u32::from(rule.dst.addr().is_ipv6()),
         ifindex,
         dst,
@@ -543,7 +549,7 @@ fn lookup_verdict(
         (std::net::IpAddr::V4(dst), std::net::IpAddr::V4(src)) => MarkedPacket::new(
             packet.mark,
             udp,
-            packet.port,
+            (packet.port, packet.sport),
             &dst.octets(),
             &src.octets(),
             ifindex,
@@ -551,7 +557,7 @@ fn lookup_verdict(
         (std::net::IpAddr::V6(dst), std::net::IpAddr::V6(src)) => MarkedPacket::new(
             packet.mark,
             udp,
-            packet.port,
+            (packet.port, packet.sport),
             &dst.octets(),
             &src.octets(),
             ifindex,

@@ -2,7 +2,8 @@
 //!
 //! A rule matches on transport, destination prefix, destination port (one, a range, or any),
 //! and optionally source prefix and ingress interface (a name, or a pattern such as `eth0*`
-//! matched against the interfaces the program is attached to), or the packet's mark; and it
+//! matched against the interfaces the program is attached to), the packet's mark or its
+//! source port; it steers, bypasses or drops what it matches; and it
 //! applies to arrivals on the steered interfaces (origin `forwarded`), to this host's own
 //! connections (`local`), or to both (`any`). The rule that decides a packet is the first in
 //! this order among those that match it:
@@ -45,17 +46,18 @@
 //! single-port rules next to thousands of any-port or range prefixes cost their sum in map
 //! entries, not their product.
 //!
-//! Rules with a mark are not in these stages: a mark is no prefix of anything to key a trie
-//! with. They are few (at most `MAX_MARK_RULES` entries), each tried in turn by a bounded
-//! loop before the other stages, and the best rank among their matches and the other
-//! stages' answer wins, so precedence is the same as for every other rule.
+//! Rules with a mark or a source port are not in these stages: neither is a prefix of
+//! anything to key a trie with, and the source port has no room in the keys. They are few
+//! (at most `MAX_MARK_RULES` entries), each tried in turn by a bounded loop before the other
+//! stages, and the best rank among their matches and the other stages' answer wins, so
+//! precedence is the same as for every other rule.
 
 use std::{cmp::Reverse, collections::HashSet, fmt};
 
 use ipnet::IpNet;
 #[cfg(any(test, feature = "fuzzing"))]
 use tproxy_common::decision::RuleMatch;
-use tproxy_common::maps::{Verdict, VERDICT_BYPASS, VERDICT_STEER};
+use tproxy_common::maps::{Verdict, VERDICT_BYPASS, VERDICT_DROP, VERDICT_STEER};
 
 use crate::values::Mark;
 pub use crate::values::Transport;
@@ -84,6 +86,21 @@ impl Ports {
             Ports::One(p) => p == port,
             Ports::Range(first, last) => (first..=last).contains(&port),
             Ports::Any => port != 0,
+        }
+    }
+
+    /// Whether a source port spec matches `port` (any port: 0 too).
+    #[cfg(any(test, feature = "fuzzing"))]
+    fn contains_source(self, port: u16) -> bool {
+        self == Ports::Any || self.contains(port)
+    }
+
+    /// The first and last port, inclusive (any port: 1 to 65535).
+    pub fn bounds(self) -> (u16, u16) {
+        match self {
+            Ports::One(port) => (port, port),
+            Ports::Range(first, last) => (first, last),
+            Ports::Any => (1, u16::MAX),
         }
     }
 }
@@ -139,6 +156,8 @@ pub enum Action {
     Steer(u32),
     /// Leave the packet alone (unless a socket already owns its flow).
     Bypass,
+    /// Drop the packet (unless a socket already owns its flow).
+    Drop,
 }
 
 /// One rule with a single transport, destination prefix and port spec: a configured rule
@@ -148,6 +167,8 @@ pub struct Rule {
     pub transport: Transport,
     pub dst: IpNet,
     pub ports: Ports,
+    /// The source ports it matches (`None`: any).
+    pub sport: Option<Ports>,
     pub src: Option<IpNet>,
     pub iface: Option<String>,
     /// Matches packets whose mark has `value` under `mask`: at tc ingress `skb->mark`, for a
@@ -202,6 +223,11 @@ impl Rule {
                 cell: 0,
                 rank,
             },
+            Action::Drop if !self.retired => Verdict {
+                action: VERDICT_DROP,
+                rank,
+                ..Verdict::default()
+            },
             _ => Verdict {
                 action: VERDICT_BYPASS,
                 rank,
@@ -243,6 +269,7 @@ impl Rule {
         Transport,
         IpNet,
         Ports,
+        Option<Ports>,
         Option<IpNet>,
         Option<&str>,
         Option<Mark>,
@@ -253,12 +280,19 @@ impl Rule {
             self.transport,
             self.dst,
             self.ports,
+            self.sport,
             self.src,
             self.iface.as_deref(),
             self.mark,
             self.origin,
             self.selection,
         )
+    }
+
+    /// Whether the rule is tried one by one rather than in the lookup stages: it matches a
+    /// mark or a source port, which no stage is keyed by.
+    fn tried_one_by_one(&self) -> bool {
+        self.mark.is_some() || self.sport.is_some()
     }
 
     /// Whether the rule matches every packet its destination and port match, given whether
@@ -268,6 +302,7 @@ impl Rule {
         self.src.is_none()
             && self.iface.is_none()
             && self.mark.is_none()
+            && self.sport.is_none()
             && (!local || (self.origin == Origin::Any && self.selection == 0))
     }
 
@@ -276,6 +311,7 @@ impl Rule {
     fn rule_match(&self) -> RuleMatch {
         match self.action {
             Action::Steer(listener) if !self.retired => RuleMatch::Steer(listener),
+            Action::Drop if !self.retired => RuleMatch::Drop,
             _ => RuleMatch::Bypass,
         }
     }
@@ -300,6 +336,8 @@ pub struct Packet<'a> {
     pub src: std::net::IpAddr,
     pub dst: std::net::IpAddr,
     pub port: u16,
+    /// The source port (0 for a local connection: not chosen when it is steered).
+    pub sport: u16,
     /// A local process's connection (`iface` is then ignored) rather than an arrival.
     pub local: bool,
     /// For a local connection, the selections its process is in (bit `k`: selection `k`).
@@ -320,6 +358,8 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
         .filter(|r| {
             r.transport == packet.transport
                 && r.ports.contains(packet.port)
+                && r.sport
+                    .is_none_or(|sport| sport.contains_source(packet.sport))
                 && r.dst.contains(&dst)
                 && r.matches_source(
                     packet.local.then_some(packet.selections),
@@ -370,17 +410,27 @@ pub fn effective_mark(rule: &Rule, routing: Mark) -> Result<Option<Mark>, String
     }))
 }
 
-/// Checks that a rule for local connections names no source and no interface: a local
-/// connection is looked up once at `connect()` (no source address yet, no interface) and
+/// Checks that a rule for local connections names no source (address or port) and no
+/// interface: a local connection is looked up once at `connect()` (no source yet, no
+/// interface) and
 /// again on `lo` (source 127.0.0.1 or ::1), and both must find the same rule.
 pub fn check_origin(rule: &Rule) -> Result<(), String> {
     if !rule.origin.local() {
         return Ok(());
     }
-    let what = match (&rule.src, &rule.iface) {
-        (Some(_), _) => "src",
-        (None, Some(_)) => "iface",
-        (None, None) => return Ok(()),
+    if rule.action == Action::Drop {
+        return Err(format!(
+            "origin \"{}\" with action \"drop\": a local connection is only steered or left \
+             alone when it connects; drop it with a firewall rule in OUTPUT, or make the rule \
+             origin \"forwarded\"",
+            rule.origin
+        ));
+    }
+    let what = match (&rule.src, &rule.iface, &rule.sport) {
+        (Some(_), _, _) => "src",
+        (None, Some(_), _) => "iface",
+        (None, None, Some(_)) => "sport",
+        (None, None, None) => return Ok(()),
     };
     Err(format!(
         "origin \"{}\" with `{what}`: a local connection has no ingress interface and its \
@@ -399,6 +449,9 @@ impl fmt::Display for Rule {
         write!(f, "{transport} dst {} port {}", self.dst, self.ports)?;
         if let Some(src) = self.src {
             write!(f, " src {src}")?;
+        }
+        if let Some(sport) = self.sport {
+            write!(f, " sport {sport}")?;
         }
         if let Some(iface) = &self.iface {
             write!(f, " iface {iface}")?;

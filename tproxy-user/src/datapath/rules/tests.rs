@@ -27,6 +27,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         },
         dst: words[1].parse().unwrap(),
         ports,
+        sport: None,
         src: None,
         iface: None,
         mark: None,
@@ -41,6 +42,12 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
             "src" => rule.src = Some(pair[1].parse().unwrap()),
             "iface" => rule.iface = Some(pair[1].to_string()),
             "mark" => rule.mark = Some(crate::values::parse_mark_match(pair[1]).unwrap()),
+            "sport" => {
+                rule.sport = Some(match pair[1].split_once('-') {
+                    Some((a, b)) => Ports::Range(a.parse().unwrap(), b.parse().unwrap()),
+                    None => Ports::One(pair[1].parse().unwrap()),
+                })
+            }
             "origin" if pair[1] == "local" => rule.origin = Origin::Local,
             "origin" if pair[1] == "any" => rule.origin = Origin::Any,
             other => panic!("{other}"),
@@ -53,24 +60,30 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
 const LOCAL: &str = "local";
 
 fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
-    // "tcp SRC -> DST:PORT [mark MARK]" on an interface, or a local connection's (iface
-    // [`LOCAL`])
+    // "tcp SRC[:SPORT] -> DST:PORT [mark MARK]" on an interface (source port 40000 unless
+    // given), or a local connection's (iface [`LOCAL`], source port 0: not chosen yet)
     let words: Vec<&str> = text.split_whitespace().collect();
     let mark = match words.get(4..6) {
         Some(["mark", mark]) => crate::values::parse_mark_match(mark).unwrap().value,
         _ => 0,
     };
     let dst: std::net::SocketAddr = words[3].parse().unwrap();
+    let local = iface == LOCAL;
+    let (src, sport) = match words[1].parse::<std::net::SocketAddr>() {
+        Ok(src) => (src.ip(), src.port()),
+        Err(_) => (words[1].parse().unwrap(), if local { 0 } else { 40000 }),
+    };
     Packet {
         transport: if words[0] == "tcp" {
             Transport::Tcp
         } else {
             Transport::Udp
         },
-        src: words[1].parse().unwrap(),
+        src,
         dst: dst.ip(),
         port: dst.port(),
-        local: iface == LOCAL,
+        sport,
+        local,
         selections: 1,
         iface,
         mark,
@@ -547,6 +560,64 @@ fn a_mark_is_one_more_match_and_precedence_stays_the_same() {
 }
 
 #[test]
+fn a_source_port_is_one_more_match_and_drop_one_more_action() {
+    // The udp_proxy_server idiom: the proxy's own replies (from its port) are not steered;
+    // and the QUIC block of the v2ray guides.
+    let rules = [
+        rule(1, "udp 0.0.0.0/0 any sport 7777", Action::Bypass),
+        rule(2, "udp 0.0.0.0/0 any src 192.0.2.0/24", Action::Steer(0)),
+        rule(3, "udp 0.0.0.0/0 443", Action::Drop),
+        rule(4, "udp 10.0.0.0/8 443 sport 1000-2000", Action::Drop),
+        rule(5, "udp 10.1.0.0/16 any", Action::Bypass),
+        rule(6, "tcp 0.0.0.0/0 any", Action::Steer(1)),
+    ];
+    let cases = [
+        ("udp 192.0.2.1:5000 -> 198.51.100.1:53", RuleMatch::Steer(0)),
+        ("udp 192.0.2.1:7777 -> 198.51.100.1:53", RuleMatch::Bypass),
+        ("udp 192.0.2.1:7778 -> 198.51.100.1:53", RuleMatch::Steer(0)),
+        ("udp 198.51.100.9:5000 -> 198.51.100.1:53", RuleMatch::None),
+        // A single port beats any port: the drop, whatever the source port.
+        ("udp 192.0.2.1:5000 -> 198.51.100.1:443", RuleMatch::Drop),
+        ("udp 192.0.2.1:7777 -> 198.51.100.1:443", RuleMatch::Drop),
+        // The longer prefix wins, with its source ports or without.
+        ("udp 192.0.2.1:1500 -> 10.9.9.9:443", RuleMatch::Drop),
+        ("udp 192.0.2.1:2001 -> 10.9.9.9:443", RuleMatch::Drop),
+        ("udp 192.0.2.1:1500 -> 10.1.9.9:443", RuleMatch::Bypass),
+        (
+            "tcp 192.0.2.1:7777 -> 198.51.100.1:443",
+            RuleMatch::Steer(1),
+        ),
+    ];
+    for (text, expected) in cases {
+        expect(&rules, text, "eth0", expected);
+    }
+    let compiled = compile(&rules, 0, &interfaces());
+    assert_eq!(
+        compiled.marks.len(),
+        2,
+        "rules with a source port are tried one by one"
+    );
+    let mut retired = rules[2].clone();
+    retired.retired = true;
+    expect(
+        &[retired],
+        "udp 192.0.2.1:5000 -> 198.51.100.1:443",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+}
+
+#[test]
+fn a_local_rule_neither_drops_nor_names_a_source_port() {
+    let mut local = rule(1, "tcp 0.0.0.0/0 any origin local", Action::Drop);
+    assert!(check_origin(&local).unwrap_err().contains("drop"));
+    local.action = Action::Bypass;
+    assert!(check_origin(&local).is_ok());
+    local.sport = Some(Ports::One(7777));
+    assert!(check_origin(&local).unwrap_err().contains("sport"));
+}
+
+#[test]
 fn a_mark_rule_never_looks_at_the_routing_mark() {
     let routing = crate::values::parse_mark("0x1000000/0x1000000").unwrap();
     let mark = |text| Some(crate::values::parse_mark_match(text).unwrap());
@@ -631,16 +702,22 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                         ["0x10/0xf0", "0x20", "0/0xff"][next(3) as usize]
                     );
                 }
-                // Local rules (in a third of the sets) name no source or interface, and have
-                // one of three selections.
-                let plain = !["src", "iface", "mark"].iter().any(|w| text.contains(w));
+                // Source ports likewise (the same 32 entries), on forwarded rules only.
+                if count <= 8 && next(3) == 0 {
+                    text += [" sport 7777", " sport 1000-2000"][next(2) as usize];
+                }
+                // Local rules (in a third of the sets) name no source, interface, mark or
+                // source port, do not drop, and have one of three selections.
+                let plain = !["src", "iface", "mark", "sport"]
+                    .iter()
+                    .any(|w| text.contains(w));
                 if round % 3 == 0 && plain {
                     text += ["", " origin local", " origin any"][next(3) as usize];
                 }
-                let action = if next(3) == 0 {
-                    Action::Bypass
-                } else {
-                    Action::Steer(next(3) as u32)
+                let action = match next(6) {
+                    0 | 1 => Action::Bypass,
+                    2 if !text.contains("origin") => Action::Drop,
+                    n => Action::Steer(n as u32 % 3),
                 };
                 let mut rule = rule(i + 1, &text, action);
                 rule.retired = next(10) == 0;
@@ -652,8 +729,16 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
             .collect();
         let compiled = compile(&rules, round % 2, &interfaces());
         for _ in 0..40 {
+            let iface = match next(3) {
+                0 if any_local(&rules) => LOCAL,
+                n => IFACES[n as usize % 2].0,
+            };
+            let sport = match iface {
+                LOCAL => String::new(),
+                _ => [":7777", ":1000", ":2000", ":2001", ":999", ""][next(6) as usize].into(),
+            };
             let text = format!(
-                "{} {} -> {}:{} mark {}",
+                "{} {}{sport} -> {}:{} mark {}",
                 ["tcp", "udp"][next(2) as usize],
                 ["192.0.2.200", "192.0.2.5", "198.51.100.1", "203.0.113.1"][next(4) as usize],
                 [
@@ -667,10 +752,6 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 [80, 81, 443, 500, 2000][next(5) as usize],
                 ["0", "0x10", "0x20", "0x1f0", "0x110"][next(5) as usize],
             );
-            let iface = match next(3) {
-                0 if any_local(&rules) => LOCAL,
-                n => IFACES[n as usize % 2].0,
-            };
             // A process is in selection 0 (every process) and maybe in 1 and 2.
             let packet = Packet {
                 selections: 1 | (next(4) as u32) << 1,

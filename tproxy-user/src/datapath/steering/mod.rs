@@ -101,7 +101,7 @@ fn pinned_capacity(pinned: &PinnedState) -> Result<Option<u32>> {
     if !pinned.exists() {
         return Ok(None);
     }
-    pinned.discard_counters_of_another_layout()?;
+    pinned.discard_maps_of_another_layout()?;
     let rules = pinned.map(maps::RULES_DST_V4);
     let capacity = MapInfo::from_pin(&rules)
         .with_context(|| format!("opening the pinned map {}", rules.display()))?

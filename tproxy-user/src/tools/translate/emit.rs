@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// A rule kept for the configuration, with the port of the listener it steers to (`None`:
-/// a bypass).
+/// a bypass, or a drop when its target is DROP).
 type Rule = (Parsed, Option<u16>);
 
 /// Listener addresses by the TPROXY port they stand for.
@@ -124,15 +124,15 @@ fn diverts_as_bypasses(
         .into_iter()
         .filter(|divert| {
             let outranked = kept.iter().find(|(steer, listener)| {
-                listener.is_some()
+                (listener.is_some() || steer.target == Target::Drop)
                     && overlaps(&divert.matches, &steer.matches)
                     && more_specific(&divert.matches, &steer.matches)
             });
             if let Some((steer, _)) = outranked {
                 skipped.push(format!(
                     "line {}: {}: as a bypass rule it would take the new flows of line {} ({}), \
-                     which iptables steers; leave it out, or make it no more specific than that \
-                     rule",
+                     which iptables steers or drops; leave it out, or make it no more specific \
+                     than that rule",
                     divert.line, divert.text, steer.line, steer.text
                 ));
             }
@@ -160,7 +160,11 @@ fn listeners_and_rules(
             Target::SocketDivert => divert_seen = true,
             // `local::rules` made each MARK a TPROXY target or a reason.
             Target::Ignore | Target::Jump(_) | Target::SetMark(_) => {}
-            Target::Bypass | Target::Return => rules.push((parsed, None)),
+            Target::Bypass | Target::Return | Target::Drop => rules.push((parsed, None)),
+            Target::Unsteered(reason) => notes.push(format!(
+                "line {}: `{}`: {reason}; left out",
+                parsed.line, parsed.text
+            )),
             Target::Tproxy { on_ip, on_port, .. } => {
                 let addrs = listeners.entry(*on_port).or_default();
                 match keep_proxies {
@@ -286,7 +290,9 @@ fn drop_shadowed(
     'rules: for (rule, listener) in rules {
         for index in by_destination.candidates(&rule.matches, kept.len()) {
             let (earlier, earlier_listener) = &kept[index];
-            if *earlier_listener == listener || !overlaps(&earlier.matches, &rule.matches) {
+            let same_action = *earlier_listener == listener
+                && (earlier.target == Target::Drop) == (rule.target == Target::Drop);
+            if same_action || !overlaps(&earlier.matches, &rule.matches) {
                 continue;
             }
             if !more_specific(&rule.matches, &earlier.matches) {
@@ -422,6 +428,9 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
                 listener_name(*port)
             );
         }
+        None if rule.target == Target::Drop => {
+            let _ = writeln!(out, "action = \"drop\"");
+        }
         None => {
             let _ = writeln!(out, "action = \"bypass\"");
         }
@@ -467,15 +476,10 @@ fn write_matches(out: &mut String, m: &Match) {
         let _ = writeln!(out, "src = [{}]", quoted(&m.src));
     }
     if !m.ports.is_empty() {
-        let ports: Vec<String> = m
-            .ports
-            .iter()
-            .map(|p| match p {
-                Ports::One(port) => port.to_string(),
-                other => format!("\"{other}\""),
-            })
-            .collect();
-        let _ = writeln!(out, "ports = [{}]", ports.join(", "));
+        let _ = writeln!(out, "ports = [{}]", port_list(&m.ports));
+    }
+    if !m.sports.is_empty() {
+        let _ = writeln!(out, "sport = [{}]", port_list(&m.sports));
     }
     if let Some(iface) = &m.iface {
         let _ = writeln!(out, "iface = {}", quote(iface));
@@ -514,6 +518,18 @@ fn write_destination(out: &mut String, m: &Match) {
     if !dst.is_empty() {
         let _ = writeln!(out, "dst = [{}]", quoted(&dst));
     }
+}
+
+/// Ports as a TOML list: numbers, and ranges as strings.
+fn port_list(ports: &[Ports]) -> String {
+    let items: Vec<String> = ports
+        .iter()
+        .map(|p| match p {
+            Ports::One(port) => port.to_string(),
+            other => format!("\"{other}\""),
+        })
+        .collect();
+    items.join(", ")
 }
 
 fn listener_name(port: u16) -> String {

@@ -38,12 +38,15 @@ pub(super) fn flatten(
         match &rule.target {
             Target::Jump(target) if depth < 8 => {
                 // RETURN in the target chain continues here, after the jump: only a bypass if
-                // nothing after the jump could still steer.
+                // nothing after the jump could still steer or drop.
                 let steers_later = rules[i + 1..].iter().any(|r| {
                     r.as_ref().is_ok_and(|r| {
                         matches!(
                             r.target,
-                            Target::Tproxy { .. } | Target::Jump(_) | Target::SetMark(_)
+                            Target::Tproxy { .. }
+                                | Target::Drop
+                                | Target::Jump(_)
+                                | Target::SetMark(_)
                         )
                     })
                 });
@@ -54,7 +57,7 @@ pub(super) fn flatten(
                         if let Ok(returned) = rule.as_ref() {
                             if returned.target == Target::Return {
                                 *rule = Err(format!(
-                                    "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer the packet",
+                                    "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer or drop the packet",
                                     returned.line, returned.text
                                 ));
                             }
@@ -125,6 +128,11 @@ fn narrow(context: &Match, rule: &Match) -> Option<Match> {
         dst_local,
         src: narrow_prefixes(&context.src, &rule.src)?,
         ports: pick(&context.ports, &rule.ports)?,
+        sports: pick(&context.sports, &rule.sports)?,
+        other_protocol: rule
+            .other_protocol
+            .clone()
+            .or(context.other_protocol.clone()),
         iface: match (&context.iface, &rule.iface) {
             (Some(outer), Some(inner)) if iface_covers(outer, inner) => Some(inner.clone()),
             (Some(outer), Some(inner)) if iface_covers(inner, outer) => Some(outer.clone()),

@@ -8,8 +8,8 @@ use tproxy_common::local_origin::UidRange;
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
-    local_bypass, other_transports, other_uids, port_range, words, Chain, Family, Match, Parsed,
-    RuleSet, Target,
+    local_bypass, other_protocol_rule, other_transports, other_uids, port_range, words, Chain,
+    Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
     datapath::rules::Ports,
@@ -204,7 +204,7 @@ fn parse_rule(
         }
         negated = false;
     }
-    let target = target.ok_or("a rule without a target")?;
+    let target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
     if m.dst_local {
         local_bypass(&m, &target)?;
     }
@@ -221,7 +221,10 @@ fn parse_rule(
 fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result<(), String> {
     match word {
         "-p" | "--protocol" if negated => m.transports = other_transports(transport(value)),
-        "-p" | "--protocol" => m.transports = vec![transport(value)?],
+        "-p" | "--protocol" => match transport(value) {
+            Ok(transport) => m.transports = vec![transport],
+            Err(_) => m.other_protocol = Some(value.to_string()),
+        },
         "-d" | "--destination" | "-s" | "--source" => {
             let prefixes = value
                 .split(',')
@@ -251,6 +254,12 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
             m.ports = ports(value)?;
             if negated {
                 m.ports = complement(&m.ports)?;
+            }
+        }
+        "--sport" | "--source-port" | "--sports" | "--source-ports" => {
+            m.sports = ports(value)?;
+            if negated {
+                m.sports = complement(&m.sports)?;
             }
         }
         "--dst-type" if negated => return Err("negated `--dst-type`".into()),
@@ -364,6 +373,7 @@ fn parse_target(
         "CONNMARK" => return Err(format!("target {name} (marks are tproxy's own business)")),
         "ACCEPT" => Target::Bypass,
         "RETURN" => Target::Return,
+        "DROP" => Target::Drop,
         _ if socket => Target::SocketDivert,
         chain if user_chains.iter().any(|c| c == chain) => Target::Jump(chain.to_string()),
         other => return Err(format!("target {other}")),

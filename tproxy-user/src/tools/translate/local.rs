@@ -59,12 +59,25 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             ));
             continue;
         }
+        if !rule.matches.sports.is_empty() {
+            out.push(refuse(
+                "a source port match on locally generated traffic (tproxy decides at connect, \
+                 before the kernel picks the source port)",
+            ));
+            continue;
+        }
         match rule.target.clone() {
             Target::SetMark(mark) => match steers(mark, recipe_mark) {
                 Ok(()) => out.extend(steered(&rule, prerouting)),
                 Err(reason) => out.push(refuse(&reason)),
             },
-            Target::Bypass | Target::Return | Target::Ignore => out.push(Ok(rule)),
+            Target::Bypass | Target::Return | Target::Ignore | Target::Unsteered(_) => {
+                out.push(Ok(rule))
+            }
+            Target::Drop => out.push(refuse(
+                "DROP of locally generated traffic (tproxy's rules for it only steer or leave \
+                 alone; keep it in a firewall rule)",
+            )),
             Target::Tproxy { .. } | Target::SocketDivert | Target::Jump(_) => {
                 out.push(refuse("not a target for locally generated traffic"))
             }

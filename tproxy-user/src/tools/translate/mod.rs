@@ -96,6 +96,11 @@ struct Match {
     src: Vec<IpNet>,
     /// Empty: any port.
     ports: Vec<Ports>,
+    /// Source ports (`--sport`, nft `udp sport`); empty: any.
+    sports: Vec<Ports>,
+    /// The protocol matched when it is one tproxy never steers (`-p icmp`): the rule then
+    /// concerns no packet tproxy decides.
+    other_protocol: Option<String>,
     iface: Option<String>,
     /// `None`: both (nft `inet`).
     family: Option<Family>,
@@ -138,6 +143,10 @@ enum Target {
     },
     /// ACCEPT: the packet leaves the hook untouched.
     Bypass,
+    /// DROP: the packet is dropped.
+    Drop,
+    /// A rule that changes nothing tproxy decides, with why (for a note).
+    Unsteered(String),
     /// RETURN: back to the calling chain (from a base chain: the policy, untouched).
     Return,
     /// The socket match's "divert" jump: tproxy has it built in.
@@ -363,6 +372,24 @@ fn complement(ports: &[Ports]) -> Result<Vec<Ports>, String> {
             }
         })
         .collect())
+}
+
+/// What a rule for a protocol tproxy never steers (`other_protocol`) becomes: a RETURN or
+/// ACCEPT changes nothing tproxy decides, anything else cannot be translated.
+fn other_protocol_rule(m: &Match, target: Target) -> Result<Target, String> {
+    let Some(protocol) = &m.other_protocol else {
+        return Ok(target);
+    };
+    match target {
+        Target::Bypass | Target::Return => Ok(Target::Unsteered(format!(
+            "protocol {protocol}: tproxy only ever steers TCP and UDP, so leaving it alone \
+             changes nothing"
+        ))),
+        _ => Err(format!(
+            "protocol {protocol} (tproxy steers TCP and UDP) with a target other than RETURN \
+             or ACCEPT"
+        )),
+    }
 }
 
 /// The transports a negated protocol match leaves: the other of TCP and UDP, or both when

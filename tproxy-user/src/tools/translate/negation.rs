@@ -5,8 +5,8 @@
 //! (a "hole") followed by `M -> T`. The hole wins over the rule by tproxy's own precedence:
 //! an excluded destination is a longer prefix than the rule's, and an excluded source or
 //! interface keeps the rule's destination and ports and comes first in the configuration.
-//! The bypass is what the fall-through would do only when no later rule could steer those
-//! packets; otherwise the rule is reported instead.
+//! The bypass is what the fall-through would do only when no later rule could steer or drop
+//! those packets; otherwise the rule is reported instead.
 
 use ipnet::IpNet;
 
@@ -42,7 +42,7 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
                 Some((_, rest)) => rest.matches,
                 None => return false,
             };
-            matches!(later.target, Target::Tproxy { .. })
+            matches!(later.target, Target::Tproxy { .. } | Target::Drop)
                 && holes
                     .iter()
                     .any(|hole| overlaps(&hole.matches, &later_matches))
@@ -50,7 +50,7 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
         if let Some(later) = steers_later {
             out.push(Err(format!(
                 "line {}: {}: negated match: the packets it excludes fall through to line {}, \
-                 which may steer them, and tproxy's rules have no fall-through",
+                 which may steer or drop them, and tproxy's rules have no fall-through",
                 rule.line, rule.text, later.line
             )));
             continue;

@@ -7,7 +7,8 @@ use tproxy_common::local_origin::UidRange;
 
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
-    other_transports, other_uids, port_range, words, Family, Match, Parsed, RuleSet, Target,
+    other_protocol_rule, other_transports, other_uids, port_range, words, Family, Match, Parsed,
+    RuleSet, Target,
 };
 use crate::values::{parse_mark_match, parse_port_list, parse_prefix, Mark, Transport};
 
@@ -269,6 +270,7 @@ fn parse_rule(
         i = rule.expression(i)?;
     }
     let (m, target, comment) = rule.finish();
+    let target = other_protocol_rule(&m, target)?;
     if m.dst_local {
         local_bypass(&m, &target)?;
     }
@@ -303,7 +305,7 @@ impl Rule<'_> {
                 self.m.family = Some(Family::V4);
                 Ok(next)
             }
-            "tcp" | "udp" | "th" if next_is("dport") => self.ports(i),
+            "tcp" | "udp" | "th" if next_is("dport") || next_is("sport") => self.ports(i),
             "ip" | "ip6" if next_is("daddr") || next_is("saddr") => self.addresses(i),
             "fib" if next_is("daddr") && w.get(i + 2).is_some_and(|x| x == "type") => {
                 self.local_destination(i + 3)
@@ -332,6 +334,10 @@ impl Rule<'_> {
                 Ok(i + 2)
             }
             "tproxy" => self.tproxy(i),
+            "drop" => {
+                self.target.get_or_insert(Target::Drop);
+                Ok(i + 1)
+            }
             "accept" | "return" => {
                 self.target
                     .get_or_insert(match (self.socket, w[i].as_str()) {
@@ -364,6 +370,14 @@ impl Rule<'_> {
         self.m.transports = match (found.negated, found.values.as_slice()) {
             (true, [one]) => other_transports(transport(one)),
             (true, _) => return Err("a negated set of protocols".into()),
+            // Only protocols tproxy never steers (`meta l4proto icmp`).
+            (false, [one, ..]) if found.values.iter().all(|v| transport(v).is_err()) => {
+                self.m.other_protocol = Some(match found.values.len() {
+                    1 => one.clone(),
+                    _ => format!("{{ {} }}", found.values.join(", ")),
+                });
+                Vec::new()
+            }
             (false, values) => values
                 .iter()
                 .map(|v| transport(v))
@@ -372,19 +386,23 @@ impl Rule<'_> {
         Ok(found.next)
     }
 
-    /// `tcp dport`, `udp dport` or `th dport` at `w[i]`.
+    /// `tcp dport`, `udp sport`, `th dport` and the like at `w[i]`.
     fn ports(&mut self, i: usize) -> Result<usize, String> {
         if self.w[i] != "th" {
             self.m.transports = vec![transport(&self.w[i])?];
         }
         let found = self.values(i + 2)?;
-        self.m.ports = found
+        let mut ports = found
             .values
             .iter()
             .map(|v| port_range(v))
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<Vec<_>, String>>()?;
         if found.negated {
-            self.m.ports = complement(&self.m.ports)?;
+            ports = complement(&ports)?;
+        }
+        match self.w[i + 1].as_str() {
+            "sport" => self.m.sports = ports,
+            _ => self.m.ports = ports,
         }
         Ok(found.next)
     }

@@ -5,7 +5,8 @@
 //! alone. tproxy's eBPF program never steers a packet whose mark is exactly tproxy's
 //! `socket_mark`, ahead of any rule, so a guard translates to that setting when it means
 //! the same: a RETURN or ACCEPT for one exact mark and nothing else, which no steering rule
-//! comes before. Any other mark match stays on its rule, as the rule's `mark`, which
+//! comes before. (Nor are they dropped: a DROP before the guard, which would drop them in
+//! iptables, does not; the note says so.) Any other mark match stays on its rule, as the rule's `mark`, which
 //! tproxy's rules match like the kernel's `-m mark`.
 
 use super::{flatten::Flat, Family, Match, Parsed, Target};
@@ -15,16 +16,26 @@ use crate::values::Mark;
 pub(super) struct Guard {
     pub(super) rule: Parsed,
     pub(super) mark: u32,
+    /// The line of a DROP rule that comes before the guard.
+    dropped_before: Option<usize>,
 }
 
 impl Guard {
     /// What the operator should know about the guard once it is the socket mark.
     pub(super) fn note(&self) -> String {
-        format!(
+        let mut note = format!(
             "line {}: `{}` is tproxy's socket_mark {:#x}: packets carrying it are never \
              steered, and tproxy's own sockets carry it too",
             self.rule.line, self.rule.text, self.mark
-        )
+        );
+        if let Some(line) = self.dropped_before {
+            note += &format!(
+                "; nor dropped: line {line}'s DROP comes first in iptables, but tproxy decides \
+                 nothing for them (few packets carry a mark at tc ingress: see the README's \
+                 \"Marks\")"
+            );
+        }
+        note
     }
 
     /// Why the guard cannot be tproxy's socket mark under `routing` (the configuration's
@@ -45,6 +56,7 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
     let mut guarded: Option<Guard> = None;
     // The families of the steering rules so far: one of another family cannot come first.
     let mut steered_before: Vec<Family> = Vec::new();
+    let mut dropped_before = None;
     let mut out = Vec::with_capacity(flat.len());
     for rule in flat {
         let Ok(parsed) = &rule else {
@@ -53,6 +65,9 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
         };
         if matches!(parsed.target, Target::Tproxy { .. }) {
             steered_before.extend(families(&parsed.matches));
+        }
+        if parsed.target == Target::Drop {
+            dropped_before.get_or_insert(parsed.line);
         }
         let Some(mark) = parsed.matches.mark else {
             out.push(rule);
@@ -72,6 +87,7 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
             guarded = Some(Guard {
                 rule: parsed.clone(),
                 mark: mark.value,
+                dropped_before,
             });
         }
     }
@@ -84,6 +100,7 @@ fn matches_any_packet(m: &Match) -> bool {
         && m.dst.is_empty()
         && m.src.is_empty()
         && m.ports.is_empty()
+        && m.sports.is_empty()
         && m.iface.is_none()
         && !m.dst_local
         && m.uids.is_empty()

@@ -70,6 +70,15 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
             a1 <= b2 && b1 <= a2
         })
     });
+    let sports = a.sports.is_empty()
+        || b.sports.is_empty()
+        || a.sports.iter().any(|pa| {
+            let (a1, a2) = port_bounds(*pa);
+            b.sports.iter().any(|pb| {
+                let (b1, b2) = port_bounds(*pb);
+                a1 <= b2 && b1 <= a2
+            })
+        });
     let iface = match (&a.iface, &b.iface) {
         (Some(x), Some(y)) => ifaces_overlap(x, y),
         _ => true,
@@ -102,7 +111,7 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
             || a.cgroups
                 .iter()
                 .any(|x| b.cgroups.iter().any(|y| within(x, y) || within(y, x))));
-    transports && ports && iface && addresses && marks && selectors
+    transports && ports && sports && iface && addresses && marks && selectors
 }
 
 /// Whether cgroup `inner` is `outer` or inside it (the processes of a cgroup's descendants
@@ -165,6 +174,15 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
             o1 <= i1 && i2 <= o2
         })
     });
+    let sports = outer.sports.is_empty()
+        || (!inner.sports.is_empty()
+            && inner.sports.iter().all(|pi| {
+                let (i1, i2) = port_bounds(*pi);
+                outer.sports.iter().any(|po| {
+                    let (o1, o2) = port_bounds(*po);
+                    o1 <= i1 && i2 <= o2
+                })
+            }));
     let iface = match (&outer.iface, &inner.iface) {
         (None, _) => true,
         (Some(_), None) => false,
@@ -203,6 +221,7 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
                 .all(|i| outer.cgroups.iter().any(|o| within(i, o))));
     transports
         && ports
+        && sports
         && iface
         && addresses
         && marks

@@ -287,9 +287,9 @@ fn what_cannot_be_translated_is_named() {
     let input = "\
 *mangle
 -A PREROUTING -p tcp ! -d 10.0.0.0/8 -j TPROXY --on-port 1
--A PREROUTING -p icmp -j RETURN
+-A PREROUTING -p icmp -j DROP
 -A PREROUTING -p tcp -m mark ! --mark 0xff -j RETURN
--A PREROUTING -p tcp --dport 80 -j DROP
+-A PREROUTING -p tcp --dport 80 -j REJECT
 -A PREROUTING -p tcp --dport 81 -j TPROXY
 -A PREROUTING -p tcp -d 10.1.0.0/16 -j TPROXY --on-port 2
 COMMIT
@@ -310,10 +310,193 @@ COMMIT
     assert!(
         t.skipped[1].contains("icmp")
             && t.skipped[2].ends_with(": negated match `-m mark`")
-            && t.skipped[3].contains("DROP")
+            && t.skipped[3].contains("REJECT")
             && t.skipped[4].contains("--on-port"),
         "{:?}",
         t.skipped
+    );
+}
+
+#[test]
+fn source_ports_become_the_rules_sport_in_every_form() {
+    let input = "\
+*mangle
+-A PREROUTING -p udp -m udp --sport 7777 -j RETURN
+-A PREROUTING -p tcp -m multiport --sports 20,1000:2000 -j RETURN
+-A PREROUTING -p udp -m udp ! --sport 53 -d 10.0.0.0/8 -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1
+-A PREROUTING -p udp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for rule in [
+        "proto = [\"udp\"]\ndst = [\"0.0.0.0/0\"]\nsport = [7777]\naction = \"bypass\"",
+        "proto = [\"tcp\"]\ndst = [\"0.0.0.0/0\"]\nsport = [20, \"1000-2000\"]\naction = \"bypass\"",
+        "proto = [\"udp\"]\ndst = [\"10.0.0.0/8\"]\nsport = [\"1-52\", \"54-65535\"]\naction = \"bypass\"",
+    ] {
+        assert!(t.config.contains(rule), "{rule}\n{}", t.config);
+    }
+    let nft = "\
+table inet t {
+\tchain p {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tudp sport 7777 return
+\t\ttcp sport != { 20, 1000-2000 } ip daddr 10.0.0.0/8 return
+\t\tmeta l4proto { tcp, udp } tproxy to :1
+\t}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("proto = [\"udp\"]\nsport = [7777]\naction = \"bypass\"")
+            && t.config
+                .contains("dst = [\"10.0.0.0/8\"]\nsport = [\"1-19\", \"21-999\", \"2001-65535\"]"),
+        "{}",
+        t.config
+    );
+}
+
+#[test]
+fn drop_becomes_a_drop_rule_and_keeps_its_place_in_the_order() {
+    let input = "\
+*mangle
+:V2RAY - [0:0]
+-A PREROUTING -j V2RAY
+-A V2RAY -d 192.168.0.0/16 -j RETURN
+-A V2RAY -p udp -m udp --dport 443 -j DROP
+-A V2RAY -p udp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("proto = [\"udp\"]\ndst = [\"0.0.0.0/0\"]\nports = [443]\naction = \"drop\""),
+        "{}",
+        t.config
+    );
+    let nft = "\
+table ip t {
+\tchain p {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tudp dport 443 drop
+\t\tmeta l4proto udp tproxy to :1
+\t}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("ports = [443]\naction = \"drop\""),
+        "{}",
+        t.config
+    );
+    // iptables reaches a DROP that tproxy's order would put behind a more specific steer
+    // rule only in part: reported, as for any other action.
+    let shadowing = "\
+*mangle
+-A PREROUTING -p udp -j DROP
+-A PREROUTING -p udp -d 10.0.0.0/8 -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(shadowing).unwrap();
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 3:") && n.contains("never matches")),
+        "{:?} {:?}",
+        t.notes,
+        t.skipped
+    );
+    // A RETURN whose packets a later DROP would take, and a negation whose excluded
+    // packets fall through to a DROP, cannot be bypasses.
+    let falls_through = "\
+*mangle
+:X - [0:0]
+-A PREROUTING -j X
+-A PREROUTING -p udp --dport 443 -j DROP
+-A X -d 10.0.0.0/8 -j RETURN
+-A X -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(falls_through).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 5:") && s.contains("drop")),
+        "{:?}",
+        t.skipped
+    );
+    let negated = "\
+*mangle
+-A PREROUTING -p udp ! -d 10.0.0.0/8 -j RETURN
+-A PREROUTING -p udp --dport 443 -j DROP
+COMMIT
+";
+    let t = translate(negated).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 2:") && s.contains("drop them")),
+        "{:?}",
+        t.skipped
+    );
+    // Locally generated traffic is only steered or left alone.
+    let local = "\
+*mangle
+-A OUTPUT -p udp --dport 443 -j DROP
+-A OUTPUT -p udp --sport 53 -j RETURN
+COMMIT
+";
+    let t = translate(local).unwrap();
+    assert!(
+        t.skipped.len() == 2
+            && t.skipped[0].contains("DROP of locally generated traffic")
+            && t.skipped[1].contains("source port match on locally generated traffic"),
+        "{:?}",
+        t.skipped
+    );
+}
+
+#[test]
+fn a_return_for_a_protocol_tproxy_never_steers_is_left_out_with_a_note() {
+    let input = "\
+*mangle
+-A PREROUTING -p icmp -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes.iter().any(|n| n.starts_with("line 2:")
+            && n.contains("protocol icmp")
+            && n.contains("left out")),
+        "{:?}",
+        t.notes
+    );
+    let parsed: toml::Value = toml::from_str(&t.config).unwrap();
+    assert_eq!(parsed["rule"].as_array().unwrap().len(), 1, "{}", t.config);
+    let nft = "\
+table inet t {
+\tchain p {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tmeta l4proto { icmp, ipv6-icmp } return
+\t\tmeta l4proto tcp tproxy to :1
+\t}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("protocol { icmp, ipv6-icmp }")),
+        "{:?}",
+        t.notes
     );
 }
 
