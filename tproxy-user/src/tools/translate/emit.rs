@@ -99,7 +99,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
 fn flatten_entries(ruleset: &RuleSet, notes: &mut Vec<String>) -> Vec<Flat> {
     let mut flat = Vec::new();
     for entry in &ruleset.entry {
-        flatten(ruleset, entry, &Match::default(), 0, &mut flat);
+        flatten(ruleset, entry, &Match::default(), None, 0, &mut flat, notes);
     }
     if ruleset.ignored > 0 {
         notes.push(format!(

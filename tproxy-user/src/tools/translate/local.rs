@@ -33,7 +33,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
         ..Match::default()
     };
     for entry in &ruleset.local_entry {
-        flatten(ruleset, entry, &context, 0, &mut flat);
+        flatten(ruleset, entry, &context, None, 0, &mut flat, notes);
     }
     let recipe_mark = prerouting
         .iter()

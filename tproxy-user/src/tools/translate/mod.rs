@@ -120,6 +120,9 @@ struct Match {
     /// The cgroup v2 paths whose processes' sockets match (`-m cgroup --path`), from the
     /// hierarchy's root; empty: any.
     cgroups: Vec<String>,
+    /// No packet matches: the rule names a set without elements (nft prints a set emptied
+    /// or never filled without an `elements` line).
+    matches_nothing: bool,
 }
 
 impl Match {

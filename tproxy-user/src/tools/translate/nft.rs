@@ -68,6 +68,10 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         }
         if trimmed.ends_with('{') {
             at.open(&w);
+            // nft prints a set without elements with no `elements` line at all.
+            if let (Some(Block::Set(set)), "set") = (at.blocks.last(), w[0].as_str()) {
+                sets.entry(set.clone()).or_default();
+            }
             continue;
         }
         match at.blocks.last() {
@@ -354,8 +358,13 @@ impl Rule<'_> {
         }
     }
 
-    fn values(&self, i: usize) -> Result<Values, String> {
-        nft_values(&self.w, i, self.sets, self.table)
+    /// The values at `w[i]`; a match on a set without elements matches no packet.
+    fn values(&mut self, i: usize) -> Result<Values, String> {
+        let found = nft_values(&self.w, i, self.sets, self.table)?;
+        if !found.negated && found.values.is_empty() {
+            self.m.matches_nothing = true;
+        }
+        Ok(found)
     }
 
     /// `meta l4proto`/`ip protocol` values at `w[i]`.
