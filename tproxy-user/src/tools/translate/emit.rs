@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    flatten::{flatten, Flat},
+    flatten::{flatten, narrow, Flat, Narrowed},
     local, negation, own_mark,
     precedence::{covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
@@ -274,40 +274,70 @@ fn add_listener(addrs: &mut Vec<SocketAddr>, matches: &Match, on_ip: Option<IpAd
 }
 
 /// iptables: first match wins; tproxy: most specific wins. Drops rules iptables never
-/// reaches; reports those it reaches only in part.
+/// reaches. A rule it reaches only in part keeps its place, with the packets that an
+/// earlier rule takes first in rules of their own ahead of it (see [`first_come`]); when
+/// those cannot be written, it is reported.
 fn drop_shadowed(
     rules: Vec<Rule>,
     notes: &mut Vec<String>,
     skipped: &mut Vec<String>,
 ) -> Vec<Rule> {
     let mut kept: Vec<Rule> = Vec::new();
+    // For each kept rule, the line whose action it carries (a first-come rule carries an
+    // earlier line's).
+    let mut decided_by: Vec<usize> = Vec::new();
     let mut by_destination = ShadowIndex::default();
     let mut reported_lines = BTreeSet::new();
     'rules: for (rule, listener) in rules {
+        let mut outranked = Vec::new();
         for index in by_destination.candidates(&rule.matches, kept.len()) {
             let (earlier, earlier_listener) = &kept[index];
-            if *earlier_listener == listener || !overlaps(&earlier.matches, &rule.matches) {
+            if !overlaps(&earlier.matches, &rule.matches)
+                || !more_specific(&rule.matches, &earlier.matches)
+            {
                 continue;
             }
-            if !more_specific(&rule.matches, &earlier.matches) {
-                continue;
-            }
-            if covers(&earlier.matches, &rule.matches) {
+            // What an exclusion lets fall through is not matched by its line: only a rule
+            // with another action is compared with it.
+            let covering = covers(&earlier.matches, &rule.matches)
+                && (*earlier_listener != listener || !negation::is_hole(earlier));
+            if covering {
                 notes.push(format!(
                     "line {}: `{}` never matches: line {} comes first and matches all of its packets; left out",
-                    rule.line, rule.text, earlier.line
+                    rule.line, rule.text, decided_by[index]
                 ));
-            } else {
+                continue 'rules;
+            }
+            if *earlier_listener != listener {
+                outranked.push(index);
+            }
+        }
+        match first_come(&rule, &outranked, &kept, &decided_by, &by_destination) {
+            Ok(firsts) => {
+                for (first, line) in firsts {
+                    notes.push(format!(
+                        "line {}: `{}`: line {line} comes first and matches some of its \
+                         packets; they keep line {line}'s action in a rule of their own ahead \
+                         of it",
+                        rule.line, rule.text
+                    ));
+                    by_destination.add(&first.0.matches, kept.len());
+                    kept.push(first);
+                    decided_by.push(line);
+                }
+            }
+            Err(reason) => {
                 skipped.push(format!(
-                    "line {}: {}: line {} comes first and matches some of its packets; tproxy would \
-                     apply this more specific rule to them instead",
-                    rule.line, rule.text, earlier.line
+                    "line {}: {}: {reason}; tproxy would apply this more specific rule to \
+                     them instead",
+                    rule.line, rule.text
                 ));
                 reported_lines.insert(rule.line);
+                continue 'rules;
             }
-            continue 'rules;
         }
         by_destination.add(&rule.matches, kept.len());
+        decided_by.push(rule.line);
         kept.push((rule, listener));
     }
     // A negated match is several rules from one line (the exclusions as bypasses, then the
@@ -324,6 +354,75 @@ fn drop_shadowed(
         !partial
     });
     kept
+}
+
+/// For `rule`, which may outrank the `outranked` kept rules with another action on packets
+/// they match first: a rule per outranked one for just those packets (the two rules' common
+/// matches) with its action, to go ahead of `rule`, and the line it carries.
+///
+/// Such a rule ranks as high as `rule` or higher (its prefix is the longer of the two, its
+/// ports the common ones), and comes first on a tie, so on those packets it wins over
+/// `rule`. It keeps iptables' answer as long as it cannot outrank a kept rule with another
+/// action that it overlaps: that one, or one above it, still decides the packets both
+/// match, and a packet it alone decides is one whose first match is the outranked rule,
+/// or a rule with its action. Otherwise, and when the common matches cannot be written
+/// (a mark, a local rule's selectors, a steer to the host's own addresses), the reason.
+fn first_come(
+    rule: &Parsed,
+    outranked: &[usize],
+    kept: &[Rule],
+    decided_by: &[usize],
+    by_destination: &ShadowIndex,
+) -> Result<Vec<(Rule, usize)>, String> {
+    let mut firsts = Vec::new();
+    for &index in outranked {
+        let (earlier, listener) = &kept[index];
+        let line = decided_by[index];
+        let shadowed = format!("line {line} comes first and matches some of its packets");
+        let selectors = |m: &Match| m.mark.is_some() || !m.uids.is_empty() || !m.cgroups.is_empty();
+        if selectors(&earlier.matches) || selectors(&rule.matches) {
+            return Err(format!(
+                "{shadowed} (a rule of their own cannot say which: marks and selectors are \
+                 not combined)"
+            ));
+        }
+        let both = match narrow(&earlier.matches, &rule.matches) {
+            Narrowed::Both(both) => *both,
+            Narrowed::Neither => continue,
+            Narrowed::Inexpressible => {
+                return Err(format!("{shadowed} (a rule of their own cannot say which)"))
+            }
+        };
+        if both.dst_local && listener.is_some() {
+            return Err(format!(
+                "{shadowed} (the host's own addresses, which a steer rule cannot name)"
+            ));
+        }
+        let contested = by_destination
+            .candidates(&both, kept.len())
+            .into_iter()
+            .find(|&other| {
+                let (other_rule, other_listener) = &kept[other];
+                other_listener != listener
+                    && overlaps(&other_rule.matches, &both)
+                    && more_specific(&both, &other_rule.matches)
+            });
+        if let Some(other) = contested {
+            return Err(format!(
+                "{shadowed} (a rule of their own with its action would outrank line {} too)",
+                decided_by[other]
+            ));
+        }
+        let first = Parsed {
+            text: format!("its packets that line {line} takes first, with line {line}'s action"),
+            matches: both,
+            target: earlier.target.clone(),
+            comment: earlier.comment.clone(),
+            ..rule.clone()
+        };
+        firsts.push(((first, *listener), line));
+    }
+    Ok(firsts)
 }
 
 /// `kept` without the rules whose mark needs bits of the `routing` mark, which tproxy's

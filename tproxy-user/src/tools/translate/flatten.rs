@@ -124,8 +124,8 @@ pub(super) fn flatten(
     }
 }
 
-/// What a rule reached through a jump matches.
-enum Narrowed {
+/// What a rule reached through a jump matches (and what two rules both match).
+pub(super) enum Narrowed {
     /// The packets that both the jump and the rule match.
     Both(Box<Match>),
     /// No packet matches both: the rule never matches on this path.
@@ -136,7 +136,7 @@ enum Narrowed {
 
 /// The matches of a rule reached through a jump with `context`'s matches: exactly the
 /// packets that match both.
-fn narrow(context: &Match, rule: &Match) -> Narrowed {
+pub(super) fn narrow(context: &Match, rule: &Match) -> Narrowed {
     match narrowed(context, rule) {
         Ok(Some(both)) => Narrowed::Both(Box::new(both)),
         Ok(None) => Narrowed::Neither,

@@ -266,6 +266,8 @@ COMMIT
         "{:?}",
         t.notes
     );
+    // Partly shadowed: the packets line 2 takes first get a rule of their own, with its
+    // action, which outranks line 3 (same prefix, a single port) on them.
     let partial = "\
 *mangle
 -A PREROUTING -p tcp --dport 80 -s 192.0.2.0/24 -j RETURN
@@ -273,10 +275,49 @@ COMMIT
 COMMIT
 ";
     let t = translate(partial).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(
-        t.skipped
+        t.notes
             .iter()
-            .any(|s| s.starts_with("line 3:") && s.contains("line 2 comes first")),
+            .any(|n| n.starts_with("line 3:") && n.contains("keep line 2's action")),
+        "{:?}",
+        t.notes
+    );
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = config["rule"].as_array().unwrap();
+    assert_eq!(rules.len(), 3, "{}", t.config);
+    assert_eq!(
+        (
+            rules[1]["src"].to_string(),
+            rules[1]["dst"].to_string(),
+            rules[1]["ports"].to_string(),
+            rules[1]["action"].as_str(),
+        ),
+        (
+            r#"["192.0.2.0/24"]"#.into(),
+            r#"["10.1.0.0/16"]"#.into(),
+            "[80]".into(),
+            Some("bypass")
+        ),
+        "{}",
+        t.config
+    );
+    assert!(rules[2].get("src").is_none() && rules[2]["action"].as_str() == Some("steer"));
+    // Such a rule (10.1/16, port 80) would outrank line 2 (10.1/16, ports 50-3000), which
+    // takes those packets first: reported.
+    let contested = "\
+*mangle
+-A PREROUTING -p tcp -d 10.1.0.0/16 --dport 50:3000 -j RETURN
+-A PREROUTING -p tcp -s 192.0.2.0/24 --dport 1:80 -j TPROXY --on-port 1
+-A PREROUTING -p tcp -d 10.1.0.0/16 --dport 80:2000 -j TPROXY --on-port 2
+COMMIT
+";
+    let t = translate(contested).unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].starts_with("line 4:")
+            && t.skipped[0].contains("line 3 comes first and matches some of its packets")
+            && t.skipped[0].contains("would outrank line 2 too"),
         "{:?}",
         t.skipped
     );
@@ -1097,7 +1138,7 @@ fn a_negation_whose_exclusion_is_reported_is_left_out_whole() {
 table ip t {
 	chain p {
 		type filter hook prerouting priority mangle; policy accept;
-		tcp dport 80 tproxy to 127.0.0.1:3129 accept
+		meta mark 0x10 tcp dport 80 tproxy to 127.0.0.1:3129 accept
 		ip daddr != { 10.0.0.0/8, 192.168.0.0/16 } tcp dport != { 22, 443 } tproxy to :3130 accept
 	}
 }
