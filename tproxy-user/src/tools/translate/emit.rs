@@ -49,6 +49,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     }
     let (listeners, rules, diverts) =
         listeners_and_rules(flat, keep_proxies, &mut notes, &mut skipped);
+    let rules = rejects_as_bypasses(rules, &listeners, keep_proxies, &mut notes, &mut skipped);
     let mut kept = drop_shadowed(rules, &mut notes, &mut skipped);
     let diverts = diverts_as_bypasses(diverts, &kept, &mut skipped);
     kept.extend(diverts.into_iter().map(|divert| (divert, None)));
@@ -141,6 +142,67 @@ fn diverts_as_bypasses(
         .collect()
 }
 
+/// `rules` with each reject (read as a bypass rule) kept where tproxy answers its packets
+/// as the reject did: a reject of the host's own addresses at TPROXY ports (the guides'
+/// guard against connecting to the proxy directly, which would loop). tproxy's listeners
+/// for those ports are on loopback addresses, so a packet for the host's own address at
+/// such a port, once bypassed, finds no socket and is refused by the kernel (a reset, a
+/// port unreachable), and tproxy refuses to relay to its own listeners. Other rejects are
+/// reported.
+fn rejects_as_bypasses(
+    rules: Vec<Rule>,
+    listeners: &Listeners,
+    keep_proxies: bool,
+    notes: &mut Vec<String>,
+    skipped: &mut Vec<String>,
+) -> Vec<Rule> {
+    rules
+        .into_iter()
+        .filter(|(rule, _)| {
+            if rule.target != Target::Reject {
+                return true;
+            }
+            let on_loopback = |port: u16| {
+                listeners
+                    .get(&port)
+                    .is_some_and(|addrs| addrs.iter().all(|a| a.ip().is_loopback()))
+            };
+            let guards_listeners = !keep_proxies
+                && rule.matches.dst_local
+                && !rule.matches.ports.is_empty()
+                && rule.matches.ports.iter().all(|ports| match *ports {
+                    Ports::One(port) => on_loopback(port),
+                    Ports::Range(first, last) => (first..=last).all(on_loopback),
+                    Ports::Any => false,
+                });
+            if guards_listeners {
+                notes.push(format!(
+                    "line {}: `{}` keeps clients off the TPROXY port at the host's own \
+                     addresses: it became a bypass, and nothing answers there in the \
+                     translation (tproxy's listener is on a loopback address, and refuses to \
+                     relay to itself), so such connections fail as they did, with a reset or \
+                     a port unreachable. Stop the proxy that listened on the port",
+                    rule.line, rule.text
+                ));
+            } else {
+                skipped.push(format!(
+                    "line {}: {}: `reject` (translated only for the host's own addresses at \
+                     the TPROXY ports of tproxy's own listeners)",
+                    rule.line, rule.text
+                ));
+            }
+            guards_listeners
+        })
+        .map(|(rule, listener)| {
+            let target = match rule.target {
+                Target::Reject => Target::Bypass,
+                target => target,
+            };
+            (Parsed { target, ..rule }, listener)
+        })
+        .collect()
+}
+
 /// Listeners by port; the steer and bypass rules in order; with `keep_proxies`, the
 /// socket-match rules, which become bypass rules.
 fn listeners_and_rules(
@@ -160,7 +222,7 @@ fn listeners_and_rules(
             Target::SocketDivert => divert_seen = true,
             // `local::rules` made each MARK a TPROXY target or a reason.
             Target::Ignore | Target::Jump(_) | Target::SetMark(_) => {}
-            Target::Bypass | Target::Return => rules.push((parsed, None)),
+            Target::Bypass | Target::Return | Target::Reject => rules.push((parsed, None)),
             Target::Tproxy { on_ip, on_port, .. } => {
                 let addrs = listeners.entry(*on_port).or_default();
                 match keep_proxies {

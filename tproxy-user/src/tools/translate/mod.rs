@@ -143,6 +143,9 @@ enum Target {
     Bypass,
     /// RETURN: back to the calling chain (from a base chain: the policy, untouched).
     Return,
+    /// nft `reject`: translated only where tproxy leaves the packets unanswered anyway (see
+    /// `emit::rejects_as_bypasses`).
+    Reject,
     /// The socket match's "divert" jump: tproxy has it built in.
     SocketDivert,
     /// MARK `--set-mark`: in mangle OUTPUT, the recipe's way to steer locally generated
@@ -260,7 +263,7 @@ fn words(line: &str) -> Vec<String> {
 /// Checks that a rule for the host's own addresses can be a `dst = "local"` bypass rule:
 /// it bypasses, and names no other destination.
 fn local_bypass(m: &Match, target: &Target) -> Result<(), String> {
-    if !matches!(target, Target::Bypass | Target::Return) {
+    if !matches!(target, Target::Bypass | Target::Return | Target::Reject) {
         return Err(
             "a match on the host's own addresses with a target other than RETURN or ACCEPT".into(),
         );

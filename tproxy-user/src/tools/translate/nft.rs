@@ -345,6 +345,19 @@ impl Rule<'_> {
                     });
                 Ok(i + 1)
             }
+            "reject" => {
+                self.target.get_or_insert(Target::Reject);
+                // `reject with icmpx [type] host-unreachable`, `reject with tcp reset`.
+                let mut next = i + 1;
+                if w.get(next).is_some_and(|x| x == "with") {
+                    next += 2;
+                    if w.get(next).is_some_and(|x| x == "type") {
+                        next += 1;
+                    }
+                    next += 1;
+                }
+                Ok(next.min(w.len()))
+            }
             "jump" | "goto" => {
                 let name = w.get(i + 1).ok_or("jump without a chain")?;
                 self.target.get_or_insert(if self.socket {
@@ -354,6 +367,11 @@ impl Rule<'_> {
                 });
                 Ok(i + 2)
             }
+            "oifname" | "oif" => Err(format!(
+                "`{}` cannot be translated: tproxy decides a local connection by its \
+                 destination when it connects, not by the interface its route leaves by",
+                w[i]
+            )),
             other => Err(format!("`{other}` cannot be translated")),
         }
     }

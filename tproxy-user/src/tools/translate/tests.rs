@@ -663,6 +663,51 @@ table inet fw4 {
     assert_eq!(empty.len(), 2, "{:?}", t.notes);
 }
 
+/// The guides' guard against connecting to the TPROXY port directly: a reject of the host's
+/// own addresses at that port becomes a bypass (nothing answers there in the translation);
+/// any other reject, or one in front of proxies that stay, is reported.
+#[test]
+fn a_reject_guarding_the_tproxy_port_becomes_a_bypass() {
+    let input = "\
+table inet t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		fib daddr type local meta l4proto { tcp, udp } th dport 7895 reject with icmpx type host-unreachable
+		tcp dport 7893 reject with tcp reset
+		meta l4proto { tcp, udp } tproxy to :7895 meta mark set 0x00000001
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].starts_with("line 5:")
+            && t.skipped[0].contains("`reject` (translated only"),
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 4:") && n.contains("nothing answers there")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.config
+            .contains("dst = \"local\"\nports = [7895]\naction = \"bypass\"\n\n[[rule]]\n# line 6"),
+        "{}",
+        t.config
+    );
+    // The proxy keeps listening on the port: the reject is what keeps clients off it.
+    let kept = translate_with(input, true).unwrap();
+    assert!(
+        kept.skipped.iter().any(|s| s.starts_with("line 4:")),
+        "{:?}",
+        kept.skipped
+    );
+}
+
 /// The rule set most proxy guides (v2ray, clash) hand out, as `iptables-save` prints it.
 #[test]
 fn a_proxy_guide_rule_set() {
