@@ -796,3 +796,45 @@ fn a_shared_chain_and_a_partly_shadowed_bypass_steer_the_same_flows_translated_n
     assert_eq!(steered_names(&original), SHARED_CHAIN_STEERED, "nft");
     assert_eq!(translated, original, "translated config:\n{config}");
 }
+
+/// A goto does not come back: the TCP to 10.10.2.2 that its chain does not steer (port
+/// 8050) leaves PREROUTING unsteered, while the rest of TCP goes on to the later rule.
+#[test]
+fn what_a_goto_leaves_undecided_steers_the_same_flows_translated() {
+    require_root();
+    let rules = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+:WEB - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -d 10.10.2.2/32 -g WEB
+-A PREROUTING -i to-client -p tcp -j TPROXY --on-port 15002 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A WEB -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.2:8050"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Tcp("10.10.2.3:8050"),
+    ];
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, rules).unwrap();
+            rules.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "tcp 10.10.2.3:80", "tcp 10.10.2.3:8050"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}

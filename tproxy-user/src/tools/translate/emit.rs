@@ -221,7 +221,7 @@ fn listeners_and_rules(
             Target::SocketDivert if keep_proxies => diverts.push(parsed),
             Target::SocketDivert => divert_seen = true,
             // `local::rules` made each MARK a TPROXY target or a reason.
-            Target::Ignore | Target::Jump(_) | Target::SetMark(_) => {}
+            Target::Ignore | Target::Jump(_) | Target::Goto(_) | Target::SetMark(_) => {}
             Target::Bypass | Target::Return | Target::Reject => rules.push((parsed, None)),
             Target::Tproxy { on_ip, on_port, .. } => {
                 let addrs = listeners.entry(*on_port).or_default();

@@ -6,7 +6,7 @@ use ipnet::IpNet;
 use tproxy_common::local_origin::UidRange;
 
 use super::{
-    precedence::{iface_covers, ifaces_overlap, overlaps, port_bounds, within},
+    precedence::{covers, iface_covers, ifaces_overlap, overlaps, port_bounds, within},
     Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{datapath::rules::Ports, values::Mark};
@@ -65,9 +65,32 @@ pub(super) fn flatten(
             }
         };
         match &rule.target {
-            Target::Jump(target) if depth < 8 => {
+            Target::Jump(target) | Target::Goto(target) if depth < 8 => {
                 let start = out.len();
                 flatten(ruleset, target, &matches, Some(rule), depth + 1, out, notes);
+                if let Target::Goto(_) = rule.target {
+                    // What the chain leaves undecided, and its RETURNs, leave this chain
+                    // too: a RETURN here (a caller judges both).
+                    let decided = out[start..].iter().flatten().any(|r| {
+                        matches!(
+                            r.target,
+                            Target::Tproxy { .. }
+                                | Target::Bypass
+                                | Target::Return
+                                | Target::Reject
+                        ) && !r.matches.excludes()
+                            && covers(&r.matches, &matches)
+                    });
+                    if !decided {
+                        out.push(Ok(Parsed {
+                            text: format!("what `{}` leaves undecided", rule.text),
+                            matches,
+                            target: Target::Return,
+                            ..rule.clone()
+                        }));
+                    }
+                    continue;
+                }
                 // RETURN in the target chain continues here, after the jump: only a bypass
                 // if no later rule here could still steer what it returns.
                 let steering_later: Vec<Option<Match>> = rules[i + 1..]
@@ -76,7 +99,10 @@ pub(super) fn flatten(
                     .filter(|later| {
                         matches!(
                             later.target,
-                            Target::Tproxy { .. } | Target::Jump(_) | Target::SetMark(_)
+                            Target::Tproxy { .. }
+                                | Target::Jump(_)
+                                | Target::Goto(_)
+                                | Target::SetMark(_)
                         )
                     })
                     .filter_map(|later| match narrow(context, &later.matches) {
@@ -102,7 +128,7 @@ pub(super) fn flatten(
                     }
                 }
             }
-            Target::Jump(target) => out.push(Err(format!(
+            Target::Jump(target) | Target::Goto(target) => out.push(Err(format!(
                 "line {}: {}: jumps nest too deep (to {target})",
                 rule.line, rule.text
             ))),

@@ -65,9 +65,11 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                 Err(reason) => out.push(refuse(&reason)),
             },
             Target::Bypass | Target::Return | Target::Ignore => out.push(Ok(rule)),
-            Target::Tproxy { .. } | Target::SocketDivert | Target::Jump(_) | Target::Reject => {
-                out.push(refuse("not a target for locally generated traffic"))
-            }
+            Target::Tproxy { .. }
+            | Target::SocketDivert
+            | Target::Jump(_)
+            | Target::Goto(_)
+            | Target::Reject => out.push(refuse("not a target for locally generated traffic")),
         }
     }
     if out

@@ -152,6 +152,9 @@ enum Target {
     /// packets (see `local`).
     SetMark(Mark),
     Jump(String),
+    /// A jump that does not come back: what the chain leaves undecided leaves the calling
+    /// chain too (iptables `-g`, nft `goto`).
+    Goto(String),
     /// Part of the divert chain (mark, accept) or a no-op.
     Ignore,
 }

@@ -360,11 +360,13 @@ impl Rule<'_> {
             }
             "jump" | "goto" => {
                 let name = w.get(i + 1).ok_or("jump without a chain")?;
-                self.target.get_or_insert(if self.socket {
-                    Target::SocketDivert
-                } else {
-                    Target::Jump(format!("{}/{name}", self.table))
-                });
+                let chain = format!("{}/{name}", self.table);
+                self.target
+                    .get_or_insert(match (self.socket, w[i].as_str()) {
+                        (true, _) => Target::SocketDivert,
+                        (false, "goto") => Target::Goto(chain),
+                        (false, _) => Target::Jump(chain),
+                    });
                 Ok(i + 2)
             }
             "oifname" | "oif" => Err(format!(

@@ -708,6 +708,100 @@ table inet t {
     );
 }
 
+/// A goto does not come back: what its chain leaves undecided leaves the calling chain
+/// too, so the later rules there never see it (a bypass after the chain's rules); a jump's
+/// packets go on to them.
+#[test]
+fn what_a_goto_leaves_undecided_leaves_the_calling_chain() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -s 10.10.1.0/24 -g PROXY
+-A PREROUTING -p tcp -j TPROXY --on-port 2
+-A PROXY -p tcp --dport 80 -j TPROXY --on-port 1
+COMMIT
+";
+    let summary = |config: &str| -> Vec<String> {
+        let config: toml::Value = toml::from_str(config).unwrap();
+        config["rule"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    r.get("src").map_or("-".into(), |s| s.to_string()),
+                    r.get("ports").map_or("-".into(), |p| p.to_string()),
+                    r.get("listener").map_or("bypass", |l| l.as_str().unwrap())
+                )
+            })
+            .collect()
+    };
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        summary(&t.config),
+        [
+            r#"["10.10.1.0/24"] [80] tproxy-1"#,
+            r#"["10.10.1.0/24"] - bypass"#,
+            "- - tproxy-2"
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config
+            .contains("# line 3: what `-A PREROUTING -s 10.10.1.0/24 -g PROXY` leaves undecided"),
+        "{}",
+        t.config
+    );
+    let jumped = translate(&input.replace("-g PROXY", "-j PROXY")).unwrap();
+    assert_eq!(
+        summary(&jumped.config),
+        [r#"["10.10.1.0/24"] [80] tproxy-1"#, "- - tproxy-2"],
+        "{}",
+        jumped.config
+    );
+    // nft: a chain that decides all the goto sends it needs nothing after it.
+    let nft = "\
+table ip t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		ip saddr 10.10.1.0/24 goto proxy
+		ip saddr 10.10.9.0/24 goto all
+		meta l4proto tcp tproxy to :2
+	}
+	chain proxy {
+		tcp dport 80 tproxy to :1
+	}
+	chain all {
+		meta l4proto tcp tproxy to :1
+		accept
+	}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        summary(&t.config),
+        [
+            r#"["10.10.1.0/24"] [80] tproxy-1"#,
+            r#"["10.10.1.0/24"] - bypass"#,
+            r#"["10.10.9.0/24"] - tproxy-1"#,
+            r#"["10.10.9.0/24"] - bypass"#,
+            "- - tproxy-2"
+        ],
+        "{}",
+        t.config
+    );
+    assert_eq!(
+        t.config.matches("leaves undecided").count(),
+        1,
+        "{}",
+        t.config
+    );
+}
+
 /// The rule set most proxy guides (v2ray, clash) hand out, as `iptables-save` prints it.
 #[test]
 fn a_proxy_guide_rule_set() {
