@@ -6,8 +6,9 @@
 //! built-in socket match; each TPROXY target becomes a `steer` rule to a listener on its
 //! `--on-port`; RETURN/ACCEPT become `bypass` rules. iptables applies the first matching
 //! rule, tproxy the most specific one (see `rules`), so a rule that a more general earlier
-//! rule shadows is dropped when iptables could never reach it, and reported when only part of
-//! it is shadowed. Everything that cannot be expressed is listed on stderr with its line.
+//! rule shadows is dropped when iptables could never reach it; when only part of it is
+//! shadowed, that part gets a rule of its own with the earlier rule's action ahead of it (see
+//! `emit`). Everything that cannot be expressed is listed on stderr with its line.
 //!
 //! The mangle OUTPUT chain (nft: route chains hooked at output), the recipe's half for the
 //! host's own traffic, becomes rules with `origin = "local"` (see [`local`]).
