@@ -174,7 +174,12 @@ fn target_on_lo(
             continue;
         }
         covered |= covers(&candidate.matches, &on_lo) && !candidate.matches.excludes();
-        if !targets.contains(&&candidate.target) {
+        // One listener per port: TPROXY targets that differ only in their mark or address
+        // lead to the same one.
+        if !targets
+            .iter()
+            .any(|known| listener_port(known) == listener_port(&candidate.target))
+        {
             targets.push(&candidate.target);
         }
     }
@@ -196,6 +201,14 @@ fn target_on_lo(
              tell apart",
             targets.len()
         )),
+    }
+}
+
+/// The port of a TPROXY target, which names its listener.
+fn listener_port(target: &Target) -> Option<u16> {
+    match target {
+        Target::Tproxy { on_port, .. } => Some(*on_port),
+        _ => None,
     }
 }
 
@@ -588,6 +601,34 @@ table ip proxy {
         let t = translate(input).unwrap();
         assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
         assert!(t.skipped[0].contains("depth 2"), "{:?}", t.skipped);
+    }
+
+    #[test]
+    fn tproxy_rules_for_one_port_are_one_listener_on_lo() {
+        // sbshell's: the DNS rule sets no mark, the catch-all sets the recipe's.
+        let input = "\
+*mangle
+-A PREROUTING -p tcp --dport 53 -j TPROXY --on-port 7001
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert!(
+            rules(&t.config)
+                .last()
+                .is_some_and(|r| r.contains("origin = \"local\"") && r.ends_with("tproxy-7001\"")),
+            "{}",
+            t.config
+        );
+        // Another port: two listeners, which one local rule cannot tell apart.
+        let t = translate(&input.replacen("7001", "7053", 1)).unwrap();
+        assert!(
+            t.skipped.len() == 1 && t.skipped[0].contains("come back on lo to 2 TPROXY targets"),
+            "{:?}",
+            t.skipped
+        );
     }
 
     #[test]
