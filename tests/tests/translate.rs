@@ -1025,3 +1025,144 @@ fn nft_source_ports_and_drop_steer_and_drop_the_same_flows_translated() {
         "the drop is counted: {counters:?}"
     );
 }
+
+/// The probes of the shared-chain rule sets: a chain entered by a TCP jump and by a UDP
+/// one, whose RETURNs are bypasses and whose rules for the other protocol never match on a
+/// path, and a bypass of the server's /24 that a port rule before it partly shadows (its
+/// ports from the client's /24 are steered first).
+const SHARED_CHAIN_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.2:8050"),
+    Probe::Tcp("10.10.2.2:22"),
+    Probe::Tcp("10.10.2.3:80"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.3:53"),
+    Probe::Udp("10.10.2.2:54"),
+    Probe::Tcp("[fd00:2::2]:80"),
+];
+
+const SHARED_CHAIN_STEERED: &[&str] =
+    &["tcp 10.10.2.2:80", "tcp 10.10.2.2:8050", "udp 10.10.2.2:53"];
+
+const SHARED_CHAIN_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+:PROXY - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -p tcp -j PROXY
+-A PREROUTING -i to-client -p udp -m udp --dport 53 -j PROXY
+-A PROXY -d 10.10.2.3/32 -j RETURN
+-A PROXY -d 10.10.2.2/32 -p udp -m udp --dport 54 -j RETURN
+-A PROXY -s 10.10.1.0/24 -p tcp -m multiport --dports 80,8050 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -d 10.10.2.0/24 -p tcp -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 15002 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p udp -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+#[test]
+fn a_shared_chain_and_a_partly_shadowed_bypass_steer_the_same_flows_translated_iptables() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        SHARED_CHAIN_PROBES,
+        |netns| {
+            restore_iptables(netns, SHARED_CHAIN_IPTABLES).unwrap();
+            SHARED_CHAIN_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert!(
+        config.contains("its packets that line 11 takes first"),
+        "the shadowed ports get a rule of their own:\n{config}"
+    );
+    assert_eq!(steered_names(&original), SHARED_CHAIN_STEERED, "iptables");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// The same in nft, with a rule on an empty named set (which matches nothing).
+const SHARED_CHAIN_NFT: &str = "\
+table inet shared {
+	set nobody {
+		type ipv4_addr
+		flags interval
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		iifname \"to-client\" meta l4proto tcp jump proxy
+		iifname \"to-client\" udp dport 53 jump proxy
+	}
+	chain proxy {
+		ip daddr 10.10.2.3 return
+		ip saddr @nobody accept
+		ip daddr 10.10.2.2 udp dport 54 return
+		ip saddr 10.10.1.0/24 tcp dport { 80, 8050 } tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		ip daddr 10.10.2.0/24 meta l4proto tcp return
+		meta l4proto tcp tproxy ip to 127.0.0.1:15002 meta mark set 0x1 accept
+		meta l4proto udp tproxy ip to 127.0.0.1:15053 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn a_shared_chain_and_a_partly_shadowed_bypass_steer_the_same_flows_translated_nft() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        SHARED_CHAIN_PROBES,
+        |netns| listed_nft(netns, SHARED_CHAIN_NFT),
+        remove_nft,
+    );
+    assert!(config.contains("takes first"), "{config}");
+    assert_eq!(steered_names(&original), SHARED_CHAIN_STEERED, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// A goto does not come back: the TCP to 10.10.2.2 that its chain does not steer (port
+/// 8050) leaves PREROUTING unsteered, while the rest of TCP goes on to the later rule.
+#[test]
+fn what_a_goto_leaves_undecided_steers_the_same_flows_translated() {
+    require_root();
+    let rules = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+:WEB - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -d 10.10.2.2/32 -g WEB
+-A PREROUTING -i to-client -p tcp -j TPROXY --on-port 15002 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A WEB -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.2:8050"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Tcp("10.10.2.3:8050"),
+    ];
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, rules).unwrap();
+            rules.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "tcp 10.10.2.3:80", "tcp 10.10.2.3:8050"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}

@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    flatten::{flatten, Flat},
+    flatten::{flatten, narrow, Flat, Narrowed},
     local, negation, own_mark,
     precedence::{covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
@@ -49,6 +49,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     }
     let (listeners, rules, diverts) =
         listeners_and_rules(flat, keep_proxies, &mut notes, &mut skipped);
+    let rules = rejects_as_bypasses(rules, &listeners, keep_proxies, &mut notes, &mut skipped);
     let mut kept = drop_shadowed(rules, &mut notes, &mut skipped);
     let diverts = diverts_as_bypasses(diverts, &kept, &mut skipped);
     kept.extend(diverts.into_iter().map(|divert| (divert, None)));
@@ -99,7 +100,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
 fn flatten_entries(ruleset: &RuleSet, notes: &mut Vec<String>) -> Vec<Flat> {
     let mut flat = Vec::new();
     for entry in &ruleset.entry {
-        flatten(ruleset, entry, &Match::default(), 0, &mut flat);
+        flatten(ruleset, entry, &Match::default(), None, 0, &mut flat, notes);
     }
     if ruleset.ignored > 0 {
         notes.push(format!(
@@ -141,6 +142,67 @@ fn diverts_as_bypasses(
         .collect()
 }
 
+/// `rules` with each reject (read as a bypass rule) kept where tproxy answers its packets
+/// as the reject did: a reject of the host's own addresses at TPROXY ports (the guides'
+/// guard against connecting to the proxy directly, which would loop). tproxy's listeners
+/// for those ports are on loopback addresses, so a packet for the host's own address at
+/// such a port, once bypassed, finds no socket and is refused by the kernel (a reset, a
+/// port unreachable), and tproxy refuses to relay to its own listeners. Other rejects are
+/// reported.
+fn rejects_as_bypasses(
+    rules: Vec<Rule>,
+    listeners: &Listeners,
+    keep_proxies: bool,
+    notes: &mut Vec<String>,
+    skipped: &mut Vec<String>,
+) -> Vec<Rule> {
+    rules
+        .into_iter()
+        .filter(|(rule, _)| {
+            if rule.target != Target::Reject {
+                return true;
+            }
+            let on_loopback = |port: u16| {
+                listeners
+                    .get(&port)
+                    .is_some_and(|addrs| addrs.iter().all(|a| a.ip().is_loopback()))
+            };
+            let guards_listeners = !keep_proxies
+                && rule.matches.dst_local
+                && !rule.matches.ports.is_empty()
+                && rule.matches.ports.iter().all(|ports| match *ports {
+                    Ports::One(port) => on_loopback(port),
+                    Ports::Range(first, last) => (first..=last).all(on_loopback),
+                    Ports::Any => false,
+                });
+            if guards_listeners {
+                notes.push(format!(
+                    "line {}: `{}` keeps clients off the TPROXY port at the host's own \
+                     addresses: it became a bypass, and nothing answers there in the \
+                     translation (tproxy's listener is on a loopback address, and refuses to \
+                     relay to itself), so such connections fail as they did, with a reset or \
+                     a port unreachable. Stop the proxy that listened on the port",
+                    rule.line, rule.text
+                ));
+            } else {
+                skipped.push(format!(
+                    "line {}: {}: `reject` (translated only for the host's own addresses at \
+                     the TPROXY ports of tproxy's own listeners)",
+                    rule.line, rule.text
+                ));
+            }
+            guards_listeners
+        })
+        .map(|(rule, listener)| {
+            let target = match rule.target {
+                Target::Reject => Target::Bypass,
+                target => target,
+            };
+            (Parsed { target, ..rule }, listener)
+        })
+        .collect()
+}
+
 /// Listeners by port; the steer and bypass rules in order; with `keep_proxies`, the
 /// socket-match rules, which become bypass rules.
 fn listeners_and_rules(
@@ -159,8 +221,10 @@ fn listeners_and_rules(
             Target::SocketDivert if keep_proxies => diverts.push(parsed),
             Target::SocketDivert => divert_seen = true,
             // `local::rules` made each MARK a TPROXY target or a reason.
-            Target::Ignore | Target::Jump(_) | Target::SetMark(_) => {}
-            Target::Bypass | Target::Return | Target::Drop => rules.push((parsed, None)),
+            Target::Ignore | Target::Jump(_) | Target::Goto(_) | Target::SetMark(_) => {}
+            Target::Bypass | Target::Return | Target::Reject | Target::Drop => {
+                rules.push((parsed, None))
+            }
             Target::Unsteered(reason) => notes.push(format!(
                 "line {}: `{}`: {reason}; left out",
                 parsed.line, parsed.text
@@ -278,42 +342,71 @@ fn add_listener(addrs: &mut Vec<SocketAddr>, matches: &Match, on_ip: Option<IpAd
 }
 
 /// iptables: first match wins; tproxy: most specific wins. Drops rules iptables never
-/// reaches; reports those it reaches only in part.
+/// reaches. A rule it reaches only in part keeps its place, with the packets that an
+/// earlier rule takes first in rules of their own ahead of it (see [`first_come`]); when
+/// those cannot be written, it is reported.
 fn drop_shadowed(
     rules: Vec<Rule>,
     notes: &mut Vec<String>,
     skipped: &mut Vec<String>,
 ) -> Vec<Rule> {
     let mut kept: Vec<Rule> = Vec::new();
+    // For each kept rule, the line whose action it carries (a first-come rule carries an
+    // earlier line's).
+    let mut decided_by: Vec<usize> = Vec::new();
     let mut by_destination = ShadowIndex::default();
     let mut reported_lines = BTreeSet::new();
     'rules: for (rule, listener) in rules {
+        let mut outranked = Vec::new();
         for index in by_destination.candidates(&rule.matches, kept.len()) {
             let (earlier, earlier_listener) = &kept[index];
-            let same_action = *earlier_listener == listener
-                && (earlier.target == Target::Drop) == (rule.target == Target::Drop);
-            if same_action || !overlaps(&earlier.matches, &rule.matches) {
+            if !overlaps(&earlier.matches, &rule.matches)
+                || !more_specific(&rule.matches, &earlier.matches)
+            {
                 continue;
             }
-            if !more_specific(&rule.matches, &earlier.matches) {
-                continue;
-            }
-            if covers(&earlier.matches, &rule.matches) {
+            // What an exclusion lets fall through is not matched by its line: only a rule
+            // with another action is compared with it.
+            let other_action = !same_action(earlier, *earlier_listener, &rule, listener);
+            let covering = covers(&earlier.matches, &rule.matches)
+                && (other_action || !negation::is_hole(earlier));
+            if covering {
                 notes.push(format!(
                     "line {}: `{}` never matches: line {} comes first and matches all of its packets; left out",
-                    rule.line, rule.text, earlier.line
+                    rule.line, rule.text, decided_by[index]
                 ));
-            } else {
+                continue 'rules;
+            }
+            if other_action {
+                outranked.push(index);
+            }
+        }
+        match first_come(&rule, &outranked, &kept, &decided_by, &by_destination) {
+            Ok(firsts) => {
+                for (first, line) in firsts {
+                    notes.push(format!(
+                        "line {}: `{}`: line {line} comes first and matches some of its \
+                         packets; they keep line {line}'s action in a rule of their own ahead \
+                         of it",
+                        rule.line, rule.text
+                    ));
+                    by_destination.add(&first.0.matches, kept.len());
+                    kept.push(first);
+                    decided_by.push(line);
+                }
+            }
+            Err(reason) => {
                 skipped.push(format!(
-                    "line {}: {}: line {} comes first and matches some of its packets; tproxy would \
-                     apply this more specific rule to them instead",
-                    rule.line, rule.text, earlier.line
+                    "line {}: {}: {reason}; tproxy would apply this more specific rule to \
+                     them instead",
+                    rule.line, rule.text
                 ));
                 reported_lines.insert(rule.line);
+                continue 'rules;
             }
-            continue 'rules;
         }
         by_destination.add(&rule.matches, kept.len());
+        decided_by.push(rule.line);
         kept.push((rule, listener));
     }
     // A negated match is several rules from one line (the exclusions as bypasses, then the
@@ -330,6 +423,80 @@ fn drop_shadowed(
         !partial
     });
     kept
+}
+
+/// Whether two kept rules do the same: steer to the same listener, bypass, or drop.
+fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Option<u16>) -> bool {
+    a_listener == b_listener && (a.target == Target::Drop) == (b.target == Target::Drop)
+}
+
+/// For `rule`, which may outrank the `outranked` kept rules with another action on packets
+/// they match first: a rule per outranked one for just those packets (the two rules' common
+/// matches) with its action, to go ahead of `rule`, and the line it carries.
+///
+/// Such a rule ranks as high as `rule` or higher (its prefix is the longer of the two, its
+/// ports the common ones), and comes first on a tie, so on those packets it wins over
+/// `rule`. It keeps iptables' answer as long as it cannot outrank a kept rule with another
+/// action that it overlaps: that one, or one above it, still decides the packets both
+/// match, and a packet it alone decides is one whose first match is the outranked rule,
+/// or a rule with its action. Otherwise, and when the common matches cannot be written
+/// (a mark, a local rule's selectors, a steer to the host's own addresses), the reason.
+fn first_come(
+    rule: &Parsed,
+    outranked: &[usize],
+    kept: &[Rule],
+    decided_by: &[usize],
+    by_destination: &ShadowIndex,
+) -> Result<Vec<(Rule, usize)>, String> {
+    let mut firsts = Vec::new();
+    for &index in outranked {
+        let (earlier, listener) = &kept[index];
+        let line = decided_by[index];
+        let shadowed = format!("line {line} comes first and matches some of its packets");
+        let selectors = |m: &Match| m.mark.is_some() || !m.uids.is_empty() || !m.cgroups.is_empty();
+        if selectors(&earlier.matches) || selectors(&rule.matches) {
+            return Err(format!(
+                "{shadowed} (a rule of their own cannot say which: marks and selectors are \
+                 not combined)"
+            ));
+        }
+        let both = match narrow(&earlier.matches, &rule.matches) {
+            Narrowed::Both(both) => *both,
+            Narrowed::Neither => continue,
+            Narrowed::Inexpressible => {
+                return Err(format!("{shadowed} (a rule of their own cannot say which)"))
+            }
+        };
+        if both.dst_local && listener.is_some() {
+            return Err(format!(
+                "{shadowed} (the host's own addresses, which a steer rule cannot name)"
+            ));
+        }
+        let contested = by_destination
+            .candidates(&both, kept.len())
+            .into_iter()
+            .find(|&other| {
+                let (other_rule, other_listener) = &kept[other];
+                !same_action(other_rule, *other_listener, earlier, *listener)
+                    && overlaps(&other_rule.matches, &both)
+                    && more_specific(&both, &other_rule.matches)
+            });
+        if let Some(other) = contested {
+            return Err(format!(
+                "{shadowed} (a rule of their own with its action would outrank line {} too)",
+                decided_by[other]
+            ));
+        }
+        let first = Parsed {
+            text: format!("its packets that line {line} takes first, with line {line}'s action"),
+            matches: both,
+            target: earlier.target.clone(),
+            comment: earlier.comment.clone(),
+            ..rule.clone()
+        };
+        firsts.push(((first, *listener), line));
+    }
+    Ok(firsts)
 }
 
 /// `kept` without the rules whose mark needs bits of the `routing` mark, which tproxy's

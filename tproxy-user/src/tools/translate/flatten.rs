@@ -3,19 +3,27 @@
 
 use ipnet::IpNet;
 
-use super::{precedence::iface_covers, Match, Parsed, RuleSet, Target};
-use crate::values::Transport;
+use tproxy_common::local_origin::UidRange;
+
+use super::{
+    precedence::{covers, iface_covers, ifaces_overlap, overlaps, port_bounds, within},
+    Family, Match, Parsed, RuleSet, Target,
+};
+use crate::{datapath::rules::Ports, values::Mark};
 
 /// A rule of the flattened rule set, or why it cannot be translated.
 pub(super) type Flat = Result<Parsed, String>;
 
 /// Inlines jumps from `chain`, narrowing the jumped-to rules by the jump's own matches.
+/// `via`: the jump that led here, for the notes on rules it can never reach.
 pub(super) fn flatten(
     ruleset: &RuleSet,
     chain: &str,
     context: &Match,
+    via: Option<&Parsed>,
     depth: usize,
     out: &mut Vec<Flat>,
+    notes: &mut Vec<String>,
 ) {
     let Some(rules) = ruleset.chains.get(chain) else {
         return;
@@ -28,44 +36,101 @@ pub(super) fn flatten(
                 continue;
             }
         };
-        let Some(matches) = narrow(context, &rule.matches) else {
-            out.push(Err(format!(
-                "line {}: {}: its matches conflict with those of the rule that jumps here",
-                rule.line, rule.text
-            )));
-            continue;
+        let matches = match narrow(context, &rule.matches) {
+            Narrowed::Both(matches) => *matches,
+            Narrowed::Neither => {
+                notes.push(match via {
+                    Some(jump) => format!(
+                        "line {}: `{}` never matches where line {} jumps to it: no packet \
+                         matches both; left out there",
+                        rule.line, rule.text, jump.line
+                    ),
+                    None if rule.matches.matches_nothing => format!(
+                        "line {}: `{}` never matches: a set it names is empty; left out",
+                        rule.line, rule.text
+                    ),
+                    None => format!(
+                        "line {}: `{}` never matches: its matches exclude each other; left out",
+                        rule.line, rule.text
+                    ),
+                });
+                continue;
+            }
+            Narrowed::Inexpressible => {
+                out.push(Err(format!(
+                    "line {}: {}: its matches conflict with those of the rule that jumps here",
+                    rule.line, rule.text
+                )));
+                continue;
+            }
         };
         match &rule.target {
-            Target::Jump(target) if depth < 8 => {
-                // RETURN in the target chain continues here, after the jump: only a bypass if
-                // nothing after the jump could still steer or drop.
-                let steers_later = rules[i + 1..].iter().any(|r| {
-                    r.as_ref().is_ok_and(|r| {
+            Target::Jump(target) | Target::Goto(target) if depth < 8 => {
+                let start = out.len();
+                flatten(ruleset, target, &matches, Some(rule), depth + 1, out, notes);
+                if let Target::Goto(_) = rule.target {
+                    // What the chain leaves undecided, and its RETURNs, leave this chain
+                    // too: a RETURN here (a caller judges both).
+                    let decided = out[start..].iter().flatten().any(|r| {
                         matches!(
                             r.target,
                             Target::Tproxy { .. }
+                                | Target::Bypass
+                                | Target::Return
+                                | Target::Reject
+                                | Target::Drop
+                        ) && !r.matches.excludes()
+                            && covers(&r.matches, &matches)
+                    });
+                    if !decided {
+                        out.push(Ok(Parsed {
+                            text: format!("what `{}` leaves undecided", rule.text),
+                            matches,
+                            target: Target::Return,
+                            ..rule.clone()
+                        }));
+                    }
+                    continue;
+                }
+                // RETURN in the target chain continues here, after the jump: only a bypass
+                // if no later rule here could still steer or drop what it returns.
+                let steering_later: Vec<Option<Match>> = rules[i + 1..]
+                    .iter()
+                    .flatten()
+                    .filter(|later| {
+                        matches!(
+                            later.target,
+                            Target::Tproxy { .. }
                                 | Target::Drop
                                 | Target::Jump(_)
+                                | Target::Goto(_)
                                 | Target::SetMark(_)
                         )
                     })
-                });
-                let start = out.len();
-                flatten(ruleset, target, &matches, depth + 1, out);
-                if steers_later {
-                    for rule in &mut out[start..] {
-                        if let Ok(returned) = rule.as_ref() {
-                            if returned.target == Target::Return {
-                                *rule = Err(format!(
-                                    "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer or drop the packet",
-                                    returned.line, returned.text
-                                ));
-                            }
+                    .filter_map(|later| match narrow(context, &later.matches) {
+                        Narrowed::Both(m) => Some(Some(*m)),
+                        Narrowed::Neither => None,
+                        // Some packets match it, which ones is not known: any may.
+                        Narrowed::Inexpressible => Some(None),
+                    })
+                    .collect();
+                for rule in &mut out[start..] {
+                    if let Ok(returned) = rule.as_ref() {
+                        let steered_later = steering_later.iter().any(|later| {
+                            later
+                                .as_ref()
+                                .is_none_or(|later| overlaps(&returned.matches, later))
+                        });
+                        if returned.target == Target::Return && steered_later {
+                            *rule = Err(format!(
+                                "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer or drop the packet",
+                                returned.line, returned.text
+                            ));
                         }
                     }
                 }
             }
-            Target::Jump(target) => out.push(Err(format!(
+            Target::Jump(target) | Target::Goto(target) => out.push(Err(format!(
                 "line {}: {}: jumps nest too deep (to {target})",
                 rule.line, rule.text
             ))),
@@ -87,70 +152,166 @@ pub(super) fn flatten(
     }
 }
 
-/// The matches of a rule reached through a jump with `context`'s matches; `None` when both
-/// constrain the same thing differently.
-fn narrow(context: &Match, rule: &Match) -> Option<Match> {
-    fn pick<T: Clone + PartialEq>(outer: &[T], inner: &[T]) -> Option<Vec<T>> {
-        match (outer.is_empty(), inner.is_empty()) {
-            (true, _) => Some(inner.to_vec()),
-            (false, true) => Some(outer.to_vec()),
-            (false, false) if outer == inner => Some(inner.to_vec()),
-            _ => None,
-        }
+/// What a rule reached through a jump matches (and what two rules both match).
+pub(super) enum Narrowed {
+    /// The packets that both the jump and the rule match.
+    Both(Box<Match>),
+    /// No packet matches both: the rule never matches on this path.
+    Neither,
+    /// Some packets match both, but the rule model cannot say which.
+    Inexpressible,
+}
+
+/// The matches of a rule reached through a jump with `context`'s matches: exactly the
+/// packets that match both.
+pub(super) fn narrow(context: &Match, rule: &Match) -> Narrowed {
+    match narrowed(context, rule) {
+        Ok(Some(both)) => Narrowed::Both(Box::new(both)),
+        Ok(None) => Narrowed::Neither,
+        Err(()) => Narrowed::Inexpressible,
+    }
+}
+
+/// [`narrow`]'s answer: `Ok(None)` when no packet matches both, `Err` when the model cannot
+/// say which do.
+fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
+    if context.matches_nothing || rule.matches_nothing {
+        return Ok(None);
     }
     let family = match (context.family, rule.family) {
-        (Some(a), Some(b)) if a != b => return None,
+        (Some(a), Some(b)) if a != b => return Ok(None),
         (a, b) => b.or(a),
     };
-    let transports = match (context.transports.is_empty(), rule.transports.is_empty()) {
-        (false, false) => {
-            let both: Vec<Transport> = rule
-                .transports
-                .iter()
-                .copied()
-                .filter(|t| context.transports.contains(t))
-                .collect();
-            if both.is_empty() {
-                return None;
-            }
-            both
-        }
-        _ => pick(&context.transports, &rule.transports)?,
+    let Some(transports) = both(&context.transports, &rule.transports, |a, b| {
+        (a == b).then_some(*a)
+    }) else {
+        return Ok(None);
     };
     let dst_local = context.dst_local || rule.dst_local;
-    let dst = narrow_prefixes(&context.dst, &rule.dst)?;
+    let Some(dst) = both_prefixes(&context.dst, &rule.dst, family) else {
+        return Ok(None);
+    };
     if dst_local && !dst.is_empty() {
-        return None;
+        // Which of the host's addresses lie in the prefixes is known only at run time.
+        return Err(());
     }
-    Some(Match {
+    let Some(src) = both_prefixes(&context.src, &rule.src, family) else {
+        return Ok(None);
+    };
+    let common_ports = |a: &Ports, b: &Ports| {
+        let (a1, a2) = port_bounds(*a);
+        let (b1, b2) = port_bounds(*b);
+        let (first, last) = (a1.max(b1), a2.min(b2));
+        (first <= last).then_some(match (first, last) {
+            (first, last) if first == last => Ports::One(first),
+            (1, 65535) => Ports::Any,
+            (first, last) => Ports::Range(first, last),
+        })
+    };
+    let Some(ports) = both(&context.ports, &rule.ports, common_ports) else {
+        return Ok(None);
+    };
+    let Some(sports) = both(&context.sports, &rule.sports, common_ports) else {
+        return Ok(None);
+    };
+    let iface = match (&context.iface, &rule.iface) {
+        (Some(outer), Some(inner)) if iface_covers(outer, inner) => Some(inner.clone()),
+        (Some(outer), Some(inner)) if iface_covers(inner, outer) => Some(outer.clone()),
+        (Some(outer), Some(inner)) if !ifaces_overlap(outer, inner) => return Ok(None),
+        (Some(_), Some(_)) => return Err(()),
+        (a, b) => b.clone().or(a.clone()),
+    };
+    let mark = match (context.mark, rule.mark) {
+        (Some(a), Some(b)) if (a.value ^ b.value) & a.mask & b.mask != 0 => return Ok(None),
+        (Some(a), Some(b)) => Some(Mark {
+            value: (a.value & a.mask) | (b.value & b.mask),
+            mask: a.mask | b.mask,
+        }),
+        (a, b) => b.or(a),
+    };
+    let Some(uids) = both(&context.uids, &rule.uids, |a, b| {
+        let (first, last) = (a.first.max(b.first), a.last.min(b.last));
+        (first <= last).then_some(UidRange { first, last })
+    }) else {
+        return Ok(None);
+    };
+    let Some(cgroups) = both(&context.cgroups, &rule.cgroups, |a, b| {
+        if within(a, b) {
+            Some(a.clone())
+        } else if within(b, a) {
+            Some(b.clone())
+        } else {
+            None
+        }
+    }) else {
+        return Ok(None);
+    };
+    Ok(Some(Match {
         transports,
         dst,
         dst_local,
-        src: narrow_prefixes(&context.src, &rule.src)?,
-        ports: pick(&context.ports, &rule.ports)?,
-        sports: pick(&context.sports, &rule.sports)?,
+        src,
+        ports,
+        sports,
         other_protocol: rule
             .other_protocol
             .clone()
             .or(context.other_protocol.clone()),
-        iface: match (&context.iface, &rule.iface) {
-            (Some(outer), Some(inner)) if iface_covers(outer, inner) => Some(inner.clone()),
-            (Some(outer), Some(inner)) if iface_covers(inner, outer) => Some(outer.clone()),
-            (Some(_), Some(_)) => return None,
-            (a, b) => b.clone().or(a.clone()),
-        },
+        iface,
         family,
         not_dst: union(&context.not_dst, &rule.not_dst),
         not_src: union(&context.not_src, &rule.not_src),
         not_iface: union(&context.not_iface, &rule.not_iface),
-        mark: match (context.mark, rule.mark) {
-            (Some(a), Some(b)) if a != b => return None,
-            (a, b) => b.or(a),
-        },
+        mark,
         local: context.local || rule.local,
-        uids: pick(&context.uids, &rule.uids)?,
-        cgroups: pick(&context.cgroups, &rule.cgroups)?,
-    })
+        uids,
+        cgroups,
+        matches_nothing: false,
+    }))
+}
+
+/// The values that lie in both lists (each empty: any), by `meet` of each pair of their
+/// items; `None` when none do.
+fn both<T: Clone + PartialEq>(
+    outer: &[T],
+    inner: &[T],
+    meet: impl Fn(&T, &T) -> Option<T>,
+) -> Option<Vec<T>> {
+    if outer.is_empty() || inner.is_empty() {
+        return Some(if outer.is_empty() { inner } else { outer }.to_vec());
+    }
+    let mut met: Vec<T> = Vec::new();
+    for a in outer {
+        for b in inner {
+            if let Some(m) = meet(a, b) {
+                if !met.contains(&m) {
+                    met.push(m);
+                }
+            }
+        }
+    }
+    (!met.is_empty()).then_some(met)
+}
+
+/// Prefixes matching both lists (each empty: any), of `family` if the rule has one: two
+/// prefixes either nest, and then meet in the longer one, or lie apart.
+fn both_prefixes(outer: &[IpNet], inner: &[IpNet], family: Option<Family>) -> Option<Vec<IpNet>> {
+    let met = both(outer, inner, |a, b| {
+        if a.contains(b) {
+            Some(*b)
+        } else if b.contains(a) {
+            Some(*a)
+        } else {
+            None
+        }
+    })?;
+    let in_family = |p: &IpNet| match family {
+        Some(Family::V4) => p.addr().is_ipv4(),
+        Some(Family::V6) => p.addr().is_ipv6(),
+        None => true,
+    };
+    let kept: Vec<IpNet> = met.iter().copied().filter(in_family).collect();
+    (kept.len() == met.len() || !kept.is_empty()).then_some(kept)
 }
 
 /// What either excludes.
@@ -158,20 +319,4 @@ fn union<T: Clone + PartialEq>(a: &[T], b: &[T]) -> Vec<T> {
     let mut all = a.to_vec();
     all.extend(b.iter().filter(|x| !a.contains(x)).cloned());
     all
-}
-
-/// Prefixes matching both lists: the inner ones that lie within an outer one.
-fn narrow_prefixes(outer: &[IpNet], inner: &[IpNet]) -> Option<Vec<IpNet>> {
-    match (outer.is_empty(), inner.is_empty()) {
-        (true, _) => Some(inner.to_vec()),
-        (false, true) => Some(outer.to_vec()),
-        (false, false) => {
-            let both: Vec<IpNet> = inner
-                .iter()
-                .copied()
-                .filter(|i| outer.iter().any(|o| o.contains(i)))
-                .collect();
-            (both.len() == inner.len()).then_some(both)
-        }
-    }
 }

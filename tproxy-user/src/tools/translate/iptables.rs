@@ -58,6 +58,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             matches,
             target: match target {
                 Target::Jump(to) => Target::Jump(chain_key(family, &to)),
+                Target::Goto(to) => Target::Goto(chain_key(family, &to)),
                 target => target,
             },
             comment,
@@ -334,6 +335,7 @@ fn parse_target(
             .ok_or_else(|| format!("`{}` without a value", w[i]))
     };
     let name = value(i)?;
+    let goto = matches!(w[i].as_str(), "-g" | "--goto");
     i += 2;
     let mut on_ip = None;
     let mut on_port = None;
@@ -375,6 +377,7 @@ fn parse_target(
         "RETURN" => Target::Return,
         "DROP" => Target::Drop,
         _ if socket => Target::SocketDivert,
+        chain if user_chains.iter().any(|c| c == chain) && goto => Target::Goto(chain.to_string()),
         chain if user_chains.iter().any(|c| c == chain) => Target::Jump(chain.to_string()),
         other => return Err(format!("target {other}")),
     };

@@ -33,7 +33,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
         ..Match::default()
     };
     for entry in &ruleset.local_entry {
-        flatten(ruleset, entry, &context, 0, &mut flat);
+        flatten(ruleset, entry, &context, None, 0, &mut flat, notes);
     }
     let recipe_mark = prerouting
         .iter()
@@ -78,9 +78,11 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                 "DROP of locally generated traffic (tproxy's rules for it only steer or leave \
                  alone; keep it in a firewall rule)",
             )),
-            Target::Tproxy { .. } | Target::SocketDivert | Target::Jump(_) => {
-                out.push(refuse("not a target for locally generated traffic"))
-            }
+            Target::Tproxy { .. }
+            | Target::SocketDivert
+            | Target::Jump(_)
+            | Target::Goto(_)
+            | Target::Reject => out.push(refuse("not a target for locally generated traffic")),
         }
     }
     if out
@@ -185,7 +187,12 @@ fn target_on_lo(
             continue;
         }
         covered |= covers(&candidate.matches, &on_lo) && !candidate.matches.excludes();
-        if !targets.contains(&&candidate.target) {
+        // One listener per port: TPROXY targets that differ only in their mark or address
+        // lead to the same one.
+        if !targets
+            .iter()
+            .any(|known| listener_port(known) == listener_port(&candidate.target))
+        {
             targets.push(&candidate.target);
         }
     }
@@ -207,6 +214,14 @@ fn target_on_lo(
              tell apart",
             targets.len()
         )),
+    }
+}
+
+/// The port of a TPROXY target, which names its listener.
+fn listener_port(target: &Target) -> Option<u16> {
+    match target {
+        Target::Tproxy { on_port, .. } => Some(*on_port),
+        _ => None,
     }
 }
 
@@ -599,6 +614,34 @@ table ip proxy {
         let t = translate(input).unwrap();
         assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
         assert!(t.skipped[0].contains("depth 2"), "{:?}", t.skipped);
+    }
+
+    #[test]
+    fn tproxy_rules_for_one_port_are_one_listener_on_lo() {
+        // sbshell's: the DNS rule sets no mark, the catch-all sets the recipe's.
+        let input = "\
+*mangle
+-A PREROUTING -p tcp --dport 53 -j TPROXY --on-port 7001
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert!(
+            rules(&t.config)
+                .last()
+                .is_some_and(|r| r.contains("origin = \"local\"") && r.ends_with("tproxy-7001\"")),
+            "{}",
+            t.config
+        );
+        // Another port: two listeners, which one local rule cannot tell apart.
+        let t = translate(&input.replacen("7001", "7053", 1)).unwrap();
+        assert!(
+            t.skipped.len() == 1 && t.skipped[0].contains("come back on lo to 2 TPROXY targets"),
+            "{:?}",
+            t.skipped
+        );
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! built-in socket match; each TPROXY target becomes a `steer` rule to a listener on its
 //! `--on-port`; RETURN/ACCEPT become `bypass` rules. iptables applies the first matching
 //! rule, tproxy the most specific one (see `rules`), so a rule that a more general earlier
-//! rule shadows is dropped when iptables could never reach it, and reported when only part of
-//! it is shadowed. Everything that cannot be expressed is listed on stderr with its line.
+//! rule shadows is dropped when iptables could never reach it; when only part of it is
+//! shadowed, that part gets a rule of its own with the earlier rule's action ahead of it (see
+//! `emit`). Everything that cannot be expressed is listed on stderr with its line.
 //!
 //! The mangle OUTPUT chain (nft: route chains hooked at output), the recipe's half for the
 //! host's own traffic, becomes rules with `origin = "local"` (see [`local`]).
@@ -125,6 +126,9 @@ struct Match {
     /// The cgroup v2 paths whose processes' sockets match (`-m cgroup --path`), from the
     /// hierarchy's root; empty: any.
     cgroups: Vec<String>,
+    /// No packet matches: the rule names a set without elements (nft prints a set emptied
+    /// or never filled without an `elements` line).
+    matches_nothing: bool,
 }
 
 impl Match {
@@ -149,12 +153,18 @@ enum Target {
     Unsteered(String),
     /// RETURN: back to the calling chain (from a base chain: the policy, untouched).
     Return,
+    /// nft `reject`: translated only where tproxy leaves the packets unanswered anyway (see
+    /// `emit::rejects_as_bypasses`).
+    Reject,
     /// The socket match's "divert" jump: tproxy has it built in.
     SocketDivert,
     /// MARK `--set-mark`: in mangle OUTPUT, the recipe's way to steer locally generated
     /// packets (see `local`).
     SetMark(Mark),
     Jump(String),
+    /// A jump that does not come back: what the chain leaves undecided leaves the calling
+    /// chain too (iptables `-g`, nft `goto`).
+    Goto(String),
     /// Part of the divert chain (mark, accept) or a no-op.
     Ignore,
 }
@@ -266,7 +276,7 @@ fn words(line: &str) -> Vec<String> {
 /// Checks that a rule for the host's own addresses can be a `dst = "local"` bypass rule:
 /// it bypasses, and names no other destination.
 fn local_bypass(m: &Match, target: &Target) -> Result<(), String> {
-    if !matches!(target, Target::Bypass | Target::Return) {
+    if !matches!(target, Target::Bypass | Target::Return | Target::Reject) {
         return Err(
             "a match on the host's own addresses with a target other than RETURN or ACCEPT".into(),
         );

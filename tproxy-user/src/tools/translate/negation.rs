@@ -61,6 +61,15 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
     out
 }
 
+/// How the text of a bypass rule for what a rule excludes begins.
+const HOLE: &str = "what `";
+
+/// Whether `rule` is the bypass for what another rule excludes, which that rule's packets
+/// fall through rather than match.
+pub(super) fn is_hole(rule: &Parsed) -> bool {
+    rule.text.starts_with(HOLE) && rule.target == Target::Bypass
+}
+
 /// The bypass rules for what `rule` excludes, and `rule` without its exclusions; `None` when
 /// it excludes all it matches.
 fn holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Parsed)> {
@@ -92,7 +101,7 @@ fn holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Parsed)> {
         ..rule.clone()
     };
     let hole = |matches: Match| Parsed {
-        text: format!("what `{}` excludes", rule.text),
+        text: format!("{HOLE}{}` excludes", rule.text),
         matches,
         target: Target::Bypass,
         ..rule.clone()

@@ -69,6 +69,10 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         }
         if trimmed.ends_with('{') {
             at.open(&w);
+            // nft prints a set without elements with no `elements` line at all.
+            if let (Some(Block::Set(set)), "set") = (at.blocks.last(), w[0].as_str()) {
+                sets.entry(set.clone()).or_default();
+            }
             continue;
         }
         match at.blocks.last() {
@@ -347,21 +351,46 @@ impl Rule<'_> {
                     });
                 Ok(i + 1)
             }
+            "reject" => {
+                self.target.get_or_insert(Target::Reject);
+                // `reject with icmpx [type] host-unreachable`, `reject with tcp reset`.
+                let mut next = i + 1;
+                if w.get(next).is_some_and(|x| x == "with") {
+                    next += 2;
+                    if w.get(next).is_some_and(|x| x == "type") {
+                        next += 1;
+                    }
+                    next += 1;
+                }
+                Ok(next.min(w.len()))
+            }
             "jump" | "goto" => {
                 let name = w.get(i + 1).ok_or("jump without a chain")?;
-                self.target.get_or_insert(if self.socket {
-                    Target::SocketDivert
-                } else {
-                    Target::Jump(format!("{}/{name}", self.table))
-                });
+                let chain = format!("{}/{name}", self.table);
+                self.target
+                    .get_or_insert(match (self.socket, w[i].as_str()) {
+                        (true, _) => Target::SocketDivert,
+                        (false, "goto") => Target::Goto(chain),
+                        (false, _) => Target::Jump(chain),
+                    });
                 Ok(i + 2)
             }
+            "oifname" | "oif" => Err(format!(
+                "`{}` cannot be translated: tproxy decides a local connection by its \
+                 destination when it connects, not by the interface its route leaves by",
+                w[i]
+            )),
             other => Err(format!("`{other}` cannot be translated")),
         }
     }
 
-    fn values(&self, i: usize) -> Result<Values, String> {
-        nft_values(&self.w, i, self.sets, self.table)
+    /// The values at `w[i]`; a match on a set without elements matches no packet.
+    fn values(&mut self, i: usize) -> Result<Values, String> {
+        let found = nft_values(&self.w, i, self.sets, self.table)?;
+        if !found.negated && found.values.is_empty() {
+            self.m.matches_nothing = true;
+        }
+        Ok(found)
     }
 
     /// `meta l4proto`/`ip protocol` values at `w[i]`.

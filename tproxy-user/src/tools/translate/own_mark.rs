@@ -4,17 +4,19 @@
 //! Proxies mark their own upstream sockets and the rule set leaves packets with that mark
 //! alone. tproxy's eBPF program never steers a packet whose mark is exactly tproxy's
 //! `socket_mark`, ahead of any rule, so a guard translates to that setting when it means
-//! the same: a RETURN or ACCEPT for one exact mark and nothing else, which no steering rule
-//! comes before. (Nor are they dropped: a DROP before the guard, which would drop them in
-//! iptables, does not; the note says so.) Any other mark match stays on its rule, as the rule's `mark`, which
+//! the same: RETURN or ACCEPT rules for one exact mark that every steering rule's packets
+//! with that mark meet first. (Nor are they dropped: a DROP before the guard, which would
+//! drop them in iptables, does not; the note says so.) Any other mark match stays on its rule, as the rule's `mark`, which
 //! tproxy's rules match like the kernel's `-m mark`.
 
-use super::{flatten::Flat, Family, Match, Parsed, Target};
+use super::{flatten::Flat, precedence::covers, Match, Parsed, Target};
 use crate::values::Mark;
 
 /// The loop guard found: its rule and the mark.
 pub(super) struct Guard {
     pub(super) rule: Parsed,
+    /// The lines of the guard's other rules, for the same mark.
+    pub(super) other_lines: Vec<usize>,
     pub(super) mark: u32,
     /// The line of a DROP rule that comes before the guard.
     dropped_before: Option<usize>,
@@ -23,9 +25,14 @@ pub(super) struct Guard {
 impl Guard {
     /// What the operator should know about the guard once it is the socket mark.
     pub(super) fn note(&self) -> String {
+        let others: String = self
+            .other_lines
+            .iter()
+            .map(|line| format!(" (and line {line})"))
+            .collect();
         let mut note = format!(
-            "line {}: `{}` is tproxy's socket_mark {:#x}: packets carrying it are never \
-             steered, and tproxy's own sockets carry it too",
+            "line {}: `{}`{others} is tproxy's socket_mark {:#x}: packets carrying it are \
+             never steered, and tproxy's own sockets carry it too",
             self.rule.line, self.rule.text, self.mark
         );
         if let Some(line) = self.dropped_before {
@@ -52,67 +59,71 @@ impl Guard {
 }
 
 /// `flat` without the loop guard, and the guard; other rules that match a mark keep it.
+///
+/// The guard may be several rules for one exact mark (`-p tcp -m mark --mark 0xff -j
+/// RETURN` and its UDP twin, or one per chain a jump leads to): they are the socket mark
+/// when every steering rule's packets with that mark meet one of them first, so that the
+/// original never steers a packet with it either.
 pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
-    let mut guarded: Option<Guard> = None;
-    // The families of the steering rules so far: one of another family cannot come first.
-    let mut steered_before: Vec<Family> = Vec::new();
-    let mut dropped_before = None;
-    let mut out = Vec::with_capacity(flat.len());
-    for rule in flat {
-        let Ok(parsed) = &rule else {
-            out.push(rule);
-            continue;
-        };
-        if matches!(parsed.target, Target::Tproxy { .. }) {
-            steered_before.extend(families(&parsed.matches));
-        }
-        if parsed.target == Target::Drop {
-            dropped_before.get_or_insert(parsed.line);
-        }
-        let Some(mark) = parsed.matches.mark else {
-            out.push(rule);
-            continue;
-        };
-        let is_guard = mark.mask == u32::MAX
-            && mark.value != 0
-            && matches!(parsed.target, Target::Bypass | Target::Return)
-            && matches_any_packet(&parsed.matches)
-            && !families(&parsed.matches).any(|f| steered_before.contains(&f))
-            && guarded.as_ref().is_none_or(|g| g.mark == mark.value);
-        if !is_guard {
-            out.push(rule);
+    let is_candidate = |rule: &Parsed, first: Option<u32>| {
+        rule.matches.mark.is_some_and(|mark| {
+            mark.mask == u32::MAX
+                && mark.value != 0
+                && first.is_none_or(|first| first == mark.value)
+        }) && matches!(rule.target, Target::Bypass | Target::Return)
+            && !rule.matches.excludes()
+    };
+    let Some(mark) = flat
+        .iter()
+        .flatten()
+        .find(|rule| is_candidate(rule, None))
+        .and_then(|rule| rule.matches.mark)
+    else {
+        return (flat, None);
+    };
+    let without_mark = |m: &Match| Match {
+        mark: None,
+        ..m.clone()
+    };
+    let mut guards: Vec<&Parsed> = Vec::new();
+    for rule in flat.iter().flatten() {
+        if is_candidate(rule, Some(mark.value)) {
+            guards.push(rule);
             continue;
         }
-        if guarded.is_none() {
-            guarded = Some(Guard {
-                rule: parsed.clone(),
-                mark: mark.value,
-                dropped_before,
-            });
+        let may_carry_it = rule
+            .matches
+            .mark
+            .is_none_or(|m| (m.value ^ mark.value) & m.mask == 0);
+        if !matches!(rule.target, Target::Tproxy { .. }) || !may_carry_it {
+            continue;
+        }
+        let steered = without_mark(&rule.matches);
+        if !guards
+            .iter()
+            .any(|g| covers(&without_mark(&g.matches), &steered))
+        {
+            return (flat, None);
         }
     }
-    (out, guarded)
-}
-
-/// Whether the rule's other matches take every packet (of its family).
-fn matches_any_packet(m: &Match) -> bool {
-    m.transports.is_empty()
-        && m.dst.is_empty()
-        && m.src.is_empty()
-        && m.ports.is_empty()
-        && m.sports.is_empty()
-        && m.iface.is_none()
-        && !m.dst_local
-        && m.uids.is_empty()
-        && m.cgroups.is_empty()
-        && !m.excludes()
-}
-
-/// The address families a rule's packets may have.
-fn families(m: &Match) -> impl Iterator<Item = Family> {
-    match m.family {
-        Some(family) => vec![family],
-        None => vec![Family::V4, Family::V6],
-    }
-    .into_iter()
+    let dropped_before = flat
+        .iter()
+        .flatten()
+        .take_while(|rule| !is_candidate(rule, Some(mark.value)))
+        .find(|rule| rule.target == Target::Drop)
+        .map(|rule| rule.line);
+    let guard = Guard {
+        rule: guards[0].clone(),
+        other_lines: guards[1..].iter().map(|g| g.line).collect(),
+        mark: mark.value,
+        dropped_before,
+    };
+    let out = flat
+        .into_iter()
+        .filter(|rule| {
+            rule.as_ref()
+                .map_or(true, |rule| !is_candidate(rule, Some(mark.value)))
+        })
+        .collect();
+    (out, Some(guard))
 }

@@ -42,7 +42,7 @@ fn prefixes_of(list: &[IpNet], family: Family) -> Vec<IpNet> {
         .collect()
 }
 
-fn port_bounds(p: Ports) -> (u16, u16) {
+pub(super) fn port_bounds(p: Ports) -> (u16, u16) {
     match p {
         Ports::One(port) => (port, port),
         Ports::Range(first, last) => (first, last),
@@ -116,7 +116,7 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
 
 /// Whether cgroup `inner` is `outer` or inside it (the processes of a cgroup's descendants
 /// are selected with it).
-fn within(inner: &str, outer: &str) -> bool {
+pub(super) fn within(inner: &str, outer: &str) -> bool {
     let outer = outer.trim_end_matches('/');
     inner == outer
         || outer.is_empty()

@@ -266,6 +266,8 @@ COMMIT
         "{:?}",
         t.notes
     );
+    // Partly shadowed: the packets line 2 takes first get a rule of their own, with its
+    // action, which outranks line 3 (same prefix, a single port) on them.
     let partial = "\
 *mangle
 -A PREROUTING -p tcp --dport 80 -s 192.0.2.0/24 -j RETURN
@@ -273,10 +275,49 @@ COMMIT
 COMMIT
 ";
     let t = translate(partial).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(
-        t.skipped
+        t.notes
             .iter()
-            .any(|s| s.starts_with("line 3:") && s.contains("line 2 comes first")),
+            .any(|n| n.starts_with("line 3:") && n.contains("keep line 2's action")),
+        "{:?}",
+        t.notes
+    );
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = config["rule"].as_array().unwrap();
+    assert_eq!(rules.len(), 3, "{}", t.config);
+    assert_eq!(
+        (
+            rules[1]["src"].to_string(),
+            rules[1]["dst"].to_string(),
+            rules[1]["ports"].to_string(),
+            rules[1]["action"].as_str(),
+        ),
+        (
+            r#"["192.0.2.0/24"]"#.into(),
+            r#"["10.1.0.0/16"]"#.into(),
+            "[80]".into(),
+            Some("bypass")
+        ),
+        "{}",
+        t.config
+    );
+    assert!(rules[2].get("src").is_none() && rules[2]["action"].as_str() == Some("steer"));
+    // Such a rule (10.1/16, port 80) would outrank line 2 (10.1/16, ports 50-3000), which
+    // takes those packets first: reported.
+    let contested = "\
+*mangle
+-A PREROUTING -p tcp -d 10.1.0.0/16 --dport 50:3000 -j RETURN
+-A PREROUTING -p tcp -s 192.0.2.0/24 --dport 1:80 -j TPROXY --on-port 1
+-A PREROUTING -p tcp -d 10.1.0.0/16 --dport 80:2000 -j TPROXY --on-port 2
+COMMIT
+";
+    let t = translate(contested).unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].starts_with("line 4:")
+            && t.skipped[0].contains("line 3 comes first and matches some of its packets")
+            && t.skipped[0].contains("would outrank line 2 too"),
         "{:?}",
         t.skipped
     );
@@ -505,9 +546,10 @@ fn a_match_after_the_target_is_read_as_a_match() {
     let input = "\
 *mangle
 -A PREROUTING -p tcp -j RETURN -m mark --mark 0xff
--A PREROUTING -p tcp -j TPROXY --on-port 1 -m comment --comment web
+-A PREROUTING -p udp -j TPROXY --on-port 1 -m comment --comment web
 COMMIT
 ";
+    // (For UDP the RETURN is no loop guard: it stays a mark rule.)
     let t = translate(input).unwrap();
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(
@@ -603,6 +645,346 @@ COMMIT
     );
 }
 
+/// A chain entered by jumps for TCP and for UDP (f-proxy's, nekoclash's): each path keeps
+/// the chain's rules its packets can match and leaves out the others with a note; a RETURN
+/// is a bypass when no later rule of the calling chain can match what it returns.
+#[test]
+fn a_shared_chain_keeps_per_path_only_the_rules_that_can_match() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -p tcp -j PROXY
+-A PREROUTING -p udp -m multiport --dports 53,443 -j PROXY
+-A PROXY -d 10.0.0.0/8 -j RETURN
+-A PROXY -p udp -d 192.168.0.0/16 -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 1
+-A PROXY -p udp --dport 53 -j TPROXY --on-port 2
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let dead: Vec<&str> = t
+        .notes
+        .iter()
+        .filter(|n| n.contains("never matches where"))
+        .map(|n| n.split('`').next().unwrap())
+        .collect();
+    assert_eq!(dead, ["line 6: ", "line 8: ", "line 7: "], "{:?}", t.notes);
+    assert!(t.notes[0].contains("where line 3 jumps"), "{:?}", t.notes);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                r["proto"],
+                r.get("dst").map_or("-".into(), |d| d.to_string()),
+                r.get("ports").map_or("-".into(), |p| p.to_string()),
+                r["action"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#"["tcp"] ["10.0.0.0/8"] - "bypass""#,
+            r#"["tcp"] ["0.0.0.0/0"] - "steer""#,
+            r#"["udp"] ["10.0.0.0/8"] [53, 443] "bypass""#,
+            r#"["udp"] ["192.168.0.0/16"] [53, 443] "bypass""#,
+            // The jump's ports and the rule's meet in port 53.
+            r#"["udp"] ["0.0.0.0/0"] [53] "steer""#,
+        ],
+        "{}",
+        t.config
+    );
+    // A later rule that may take what the RETURN gives back: reported as before.
+    let t = translate(&input.replace(
+        "-A PREROUTING -p udp -m multiport --dports 53,443 -j PROXY",
+        "-A PREROUTING -d 10.1.0.0/16 -j TPROXY --on-port 3",
+    ))
+    .unwrap();
+    assert!(
+        t.skipped[0].starts_with("line 5:") && t.skipped[0].contains("RETURN goes back"),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// A jump and the rule it leads to meet exactly: nested prefixes in the longer one, ports
+/// in their common ones; the host's own addresses and a jump's prefixes cannot.
+#[test]
+fn a_jumps_matches_and_its_chains_meet_in_what_both_match() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -d 10.1.0.0/16 -p tcp -m multiport --dports 80,443,8000:8100 -j PROXY
+-A PROXY -d 10.0.0.0/8 -p tcp -m multiport --dports 80,8080:8090 -j TPROXY --on-port 1
+-A PROXY -d 10.1.2.0/24 -p tcp --dport 8091:9000 -j TPROXY --on-port 2
+-A PROXY -d 192.168.0.0/16 -j TPROXY --on-port 3
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains(
+            "dst = [\"10.1.0.0/16\"]\nports = [80, \"8080-8090\"]\naction = \"steer\"\nlistener = \"tproxy-1\""
+        ),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config.contains(
+            "dst = [\"10.1.2.0/24\"]\nports = [\"8091-8100\"]\naction = \"steer\"\nlistener = \"tproxy-2\""
+        ),
+        "{}",
+        t.config
+    );
+    assert!(!t.config.contains("tproxy-3"), "{}", t.config);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 6:") && n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+    let local = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -d 10.0.0.0/8 -j PROXY
+-A PROXY -m addrtype --dst-type LOCAL -j RETURN
+COMMIT
+";
+    let t = translate(local).unwrap();
+    assert!(
+        t.skipped.len() == 1 && t.skipped[0].contains("conflict with those of the rule that jumps"),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// A loop guard written once per protocol, or once per chain a jump leads to (f-proxy's):
+/// the socket mark when every steering rule's packets with the mark meet one first.
+#[test]
+fn a_loop_guard_in_parts_becomes_the_socket_mark() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -p tcp -j PROXY
+-A PREROUTING -p udp --dport 53 -j PROXY
+-A PROXY -p tcp -m mark --mark 0x64 -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x1/0x1
+-A PROXY -p udp -m mark --mark 0x64 -j RETURN
+-A PROXY -p udp -j TPROXY --on-port 1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(t.config.contains("socket_mark = \"0x64\""), "{}", t.config);
+    assert!(!t.config.contains("\nmark = \"0x64"), "{}", t.config);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 5:") && n.contains("(and line 7)")),
+        "{:?}",
+        t.notes
+    );
+    // Without the UDP part, a UDP packet with the mark is steered: no guard, the TCP part
+    // stays a mark rule.
+    let t =
+        translate(&input.replace("-A PROXY -p udp -m mark --mark 0x64 -j RETURN\n", "")).unwrap();
+    assert!(!t.config.contains("socket_mark"), "{}", t.config);
+    assert!(t.config.contains("mark = \"0x64\""), "{}", t.config);
+}
+
+/// A named set that nft lists without an `elements` line is empty: a rule matching it
+/// matches nothing, and one excluding it excludes nothing.
+#[test]
+fn an_empty_nft_set_matches_nothing() {
+    let input = "\
+table inet fw4 {
+	set src_bypass {
+		type ipv4_addr
+		flags interval
+		auto-merge
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		ip saddr @src_bypass accept
+		ip saddr @src_bypass goto elsewhere
+		ip daddr != @src_bypass tcp dport 80 tproxy ip to 127.0.0.1:1 accept
+	}
+	chain elsewhere {
+		meta l4proto udp tproxy ip to 127.0.0.1:2 accept
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = config["rule"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{}", t.config);
+    assert_eq!(
+        rules[0]["ports"].as_array().unwrap().len(),
+        1,
+        "{}",
+        t.config
+    );
+    assert!(
+        rules[0]
+            .get("dst")
+            .is_some_and(|d| d.as_array().unwrap()[0].as_str() == Some("0.0.0.0/0")),
+        "{}",
+        t.config
+    );
+    let empty: Vec<&String> = t
+        .notes
+        .iter()
+        .filter(|n| n.contains("a set it names is empty"))
+        .collect();
+    assert_eq!(empty.len(), 2, "{:?}", t.notes);
+}
+
+/// The guides' guard against connecting to the TPROXY port directly: a reject of the host's
+/// own addresses at that port becomes a bypass (nothing answers there in the translation);
+/// any other reject, or one in front of proxies that stay, is reported.
+#[test]
+fn a_reject_guarding_the_tproxy_port_becomes_a_bypass() {
+    let input = "\
+table inet t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		fib daddr type local meta l4proto { tcp, udp } th dport 7895 reject with icmpx type host-unreachable
+		tcp dport 7893 reject with tcp reset
+		meta l4proto { tcp, udp } tproxy to :7895 meta mark set 0x00000001
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].starts_with("line 5:")
+            && t.skipped[0].contains("`reject` (translated only"),
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 4:") && n.contains("nothing answers there")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.config
+            .contains("dst = \"local\"\nports = [7895]\naction = \"bypass\"\n\n[[rule]]\n# line 6"),
+        "{}",
+        t.config
+    );
+    // The proxy keeps listening on the port: the reject is what keeps clients off it.
+    let kept = translate_with(input, true).unwrap();
+    assert!(
+        kept.skipped.iter().any(|s| s.starts_with("line 4:")),
+        "{:?}",
+        kept.skipped
+    );
+}
+
+/// A goto does not come back: what its chain leaves undecided leaves the calling chain
+/// too, so the later rules there never see it (a bypass after the chain's rules); a jump's
+/// packets go on to them.
+#[test]
+fn what_a_goto_leaves_undecided_leaves_the_calling_chain() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -s 10.10.1.0/24 -g PROXY
+-A PREROUTING -p tcp -j TPROXY --on-port 2
+-A PROXY -p tcp --dport 80 -j TPROXY --on-port 1
+COMMIT
+";
+    let summary = |config: &str| -> Vec<String> {
+        let config: toml::Value = toml::from_str(config).unwrap();
+        config["rule"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    r.get("src").map_or("-".into(), |s| s.to_string()),
+                    r.get("ports").map_or("-".into(), |p| p.to_string()),
+                    r.get("listener").map_or("bypass", |l| l.as_str().unwrap())
+                )
+            })
+            .collect()
+    };
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        summary(&t.config),
+        [
+            r#"["10.10.1.0/24"] [80] tproxy-1"#,
+            r#"["10.10.1.0/24"] - bypass"#,
+            "- - tproxy-2"
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config
+            .contains("# line 3: what `-A PREROUTING -s 10.10.1.0/24 -g PROXY` leaves undecided"),
+        "{}",
+        t.config
+    );
+    let jumped = translate(&input.replace("-g PROXY", "-j PROXY")).unwrap();
+    assert_eq!(
+        summary(&jumped.config),
+        [r#"["10.10.1.0/24"] [80] tproxy-1"#, "- - tproxy-2"],
+        "{}",
+        jumped.config
+    );
+    // nft: a chain that decides all the goto sends it needs nothing after it.
+    let nft = "\
+table ip t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		ip saddr 10.10.1.0/24 goto proxy
+		ip saddr 10.10.9.0/24 goto all
+		meta l4proto tcp tproxy to :2
+	}
+	chain proxy {
+		tcp dport 80 tproxy to :1
+	}
+	chain all {
+		meta l4proto tcp tproxy to :1
+		accept
+	}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        summary(&t.config),
+        [
+            r#"["10.10.1.0/24"] [80] tproxy-1"#,
+            r#"["10.10.1.0/24"] - bypass"#,
+            r#"["10.10.9.0/24"] - tproxy-1"#,
+            r#"["10.10.9.0/24"] - bypass"#,
+            "- - tproxy-2"
+        ],
+        "{}",
+        t.config
+    );
+    assert_eq!(
+        t.config.matches("leaves undecided").count(),
+        1,
+        "{}",
+        t.config
+    );
+}
+
 /// The rule set most proxy guides (v2ray, clash) hand out, as `iptables-save` prints it.
 #[test]
 fn a_proxy_guide_rule_set() {
@@ -671,7 +1053,7 @@ COMMIT
         config["listener"][0]["listen"][0].as_str(),
         Some("127.0.0.1:12345")
     );
-    let mut lines: Vec<&str> = t
+    let lines: Vec<&str> = t
         .skipped
         .iter()
         .map(|s| s.split(':').next().unwrap())
@@ -1004,7 +1386,7 @@ COMMIT
 ";
     let t = translate(not_guards).unwrap();
     assert!(!t.config.contains("socket_mark"), "{}", t.config);
-    let mut lines: Vec<&str> = t
+    let lines: Vec<&str> = t
         .skipped
         .iter()
         .map(|s| s.split(':').next().unwrap())
@@ -1078,7 +1460,7 @@ fn a_negation_whose_exclusion_is_reported_is_left_out_whole() {
 table ip t {
 	chain p {
 		type filter hook prerouting priority mangle; policy accept;
-		tcp dport 80 tproxy to 127.0.0.1:3129 accept
+		meta mark 0x10 tcp dport 80 tproxy to 127.0.0.1:3129 accept
 		ip daddr != { 10.0.0.0/8, 192.168.0.0/16 } tcp dport != { 22, 443 } tproxy to :3130 accept
 	}
 }
