@@ -85,7 +85,13 @@ impl PinnedState {
         let rules_size = std::mem::size_of::<MarkRules>() as u32;
         let checks = [
             (COUNTERS, "packet counters", "entries", COUNTERS_LEN, true),
-            (MARK_RULES, "rules tried one by one", "bytes an entry", rules_size, false),
+            (
+                MARK_RULES,
+                "rules tried one by one",
+                "bytes an entry",
+                rules_size,
+                false,
+            ),
         ];
         for (name, what, unit, now, by_length) in checks {
             let path = self.map(name);
@@ -104,8 +110,7 @@ impl PinnedState {
                 "the pinned {what} have another layout ({pinned} {unit}, {now} now): \
                  starting them again"
             );
-            std::fs::remove_file(&path)
-                .with_context(|| format!("unpinning {}", path.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         }
         Ok(())
     }
