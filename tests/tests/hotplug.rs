@@ -251,6 +251,10 @@ fn a_rule_naming_an_interface_applies_once_it_appears() {
         tproxy
             .wait_for_line("attached to hp-late", Duration::from_secs(10))
             .unwrap();
+        // The rule for it is written after the attachment.
+        tproxy
+            .wait_for_line("rules in force for the interfaces", Duration::from_secs(10))
+            .unwrap();
         assert_eq!(
             peer_seen_by(&late, server.addr).unwrap(),
             Topo::router_as_seen_by_server(false),
@@ -394,6 +398,10 @@ fn local_rules_hold_while_interfaces_come_and_go() {
         let late = late_client(&topo, "hp-late", 3);
         tproxy
             .wait_for_line("attached to hp-late", Duration::from_secs(10))
+            .unwrap();
+        // The rule for it is written after the attachment.
+        tproxy
+            .wait_for_line("rules in force for the interfaces", Duration::from_secs(10))
             .unwrap();
         assert_eq!(arrival(&late), "upstream", "round {round}: hp-late's rule");
         assert_eq!(local(), "10.10.2.2:80 upstream", "round {round}: attached");

@@ -216,11 +216,18 @@ impl Config {
         if by_number.is_empty() {
             return Ok(());
         }
-        for path in by_number.values().flat_map(|selection| &selection.cgroups) {
-            crate::datapath::local_origin::check_cgroup_path(path)?;
-        }
         let mut numbers: Vec<&usize> = by_number.keys().collect();
         numbers.sort();
+        for number in &numbers {
+            let selection = &by_number[*number];
+            for path in &selection.cgroups {
+                crate::datapath::local_origin::check_cgroup_path(path)
+                    .with_context(|| format!("rule {number}"))?;
+            }
+            selection
+                .check_size()
+                .with_context(|| format!("rule {number}"))?;
+        }
         let mut selections = LocalSelections::default();
         let mut index = HashMap::new();
         for number in numbers {

@@ -852,4 +852,37 @@ fn cgroup_paths_are_checked_as_run_checks_them_and_a_trailing_slash_is_one_cgrou
         ["/app"]
     );
     assert!(config.rules.iter().all(|r| r.selection == 1));
+    // Other spellings of one cgroup are that cgroup (before, each was attached again).
+    let spellings = text.replace("\"/app/\"", "\"//app\", \"/app/.\"");
+    let config = with_file(&spellings, &[]).unwrap();
+    assert_eq!(
+        config.local.as_ref().unwrap().get(1).unwrap().cgroups,
+        ["/app"]
+    );
+}
+
+#[test]
+fn a_selection_larger_than_the_programs_try_is_refused_by_check_naming_the_rule() {
+    let nine: Vec<String> = (1..=9).map(|n| format!("\"/c{n}\"")).collect();
+    let seventeen: Vec<String> = (1..=17).map(|n| n.to_string()).collect();
+    for (selector, expected) in [
+        (
+            format!("cgroup = [{}]", nine.join(", ")),
+            "9 cgroups selected; at most 8",
+        ),
+        (
+            format!("uid = [{}]", seventeen.join(", ")),
+            "17 uid ranges selected; at most 16",
+        ),
+    ] {
+        let text = format!(
+            "[[listener]]\nname = \"up\"\n[[rule]]\nproto = \"tcp\"\nports = 80\n\
+             action = \"steer\"\norigin = \"local\"\n{selector}\n"
+        );
+        let error = format!("{:#}", with_file(&text, &[]).unwrap_err());
+        assert!(
+            error.contains("rule 1") && error.contains(expected),
+            "{error}"
+        );
+    }
 }

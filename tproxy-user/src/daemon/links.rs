@@ -122,8 +122,14 @@ pub(crate) async fn follow(
     if !changed.is_empty() && by_interface {
         // Blocking map work, as a reload's.
         let reinstalled = tokio::task::block_in_place(|| reinstall_rules(config, relays, steering));
-        if let Err(error) = reinstalled {
-            log::error!("putting the rules in force for the interfaces attached now: {error:#}");
+        match reinstalled {
+            Ok(_) => log::info!(
+                "rules in force for the interfaces attached now (after {})",
+                changed.join(", ")
+            ),
+            Err(error) => {
+                log::error!("putting the rules in force for the interfaces attached now: {error:#}")
+            }
         }
     }
 }

@@ -56,12 +56,22 @@ impl LocalOrigin {
     /// user), in one order whatever the order written, so that equal selections compare
     /// equal.
     pub fn new(cgroups: Vec<String>, mut uids: Vec<UidRange>) -> Self {
-        // `/app/` and `/app` are one cgroup.
+        // `/app/`, `//app` and `/app/.` are the cgroup `/app`. A path not from the root is
+        // kept as written, for `check_cgroup_path` to refuse.
         let mut cgroups: Vec<String> = cgroups
             .into_iter()
-            .map(|path| match path.trim_end_matches('/') {
-                "" if path.starts_with('/') => "/".to_string(),
-                trimmed => trimmed.to_string(),
+            .map(|path| match path.starts_with('/') {
+                true => {
+                    let parts: Vec<String> = Path::new(&path)
+                        .components()
+                        .filter_map(|part| match part {
+                            Component::RootDir => None,
+                            part => Some(part.as_os_str().to_string_lossy().into_owned()),
+                        })
+                        .collect();
+                    format!("/{}", parts.join("/"))
+                }
+                false => path,
             })
             .collect();
         if cgroups.is_empty() {
@@ -84,14 +94,26 @@ impl LocalOrigin {
         self.cgroups.iter().any(|cgroup| cgroup == "/")
     }
 
-    /// The selection's entry for the programs' map, the cgroup ids read under `root`.
-    fn entry(&self, root: &Path) -> Result<Selection> {
+    /// Refuses a selection with more cgroups or uid ranges than the programs try.
+    pub fn check_size(&self) -> Result<()> {
         if self.uids.len() > MAX_UID_RANGES {
             bail!(
                 "{self}: {} uid ranges selected; at most {MAX_UID_RANGES} are supported",
                 self.uids.len()
             );
         }
+        if !self.every_cgroup() && self.cgroups.len() > MAX_SELECTION_CGROUPS {
+            bail!(
+                "{self}: {} cgroups selected; at most {MAX_SELECTION_CGROUPS} are supported",
+                self.cgroups.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// The selection's entry for the programs' map, the cgroup ids read under `root`.
+    fn entry(&self, root: &Path) -> Result<Selection> {
+        self.check_size()?;
         let mut entry = Selection {
             in_use: 1,
             uids_len: self.uids.len() as u32,
@@ -100,12 +122,6 @@ impl LocalOrigin {
         entry.uids[..self.uids.len()].copy_from_slice(&self.uids);
         if self.every_cgroup() {
             return Ok(entry);
-        }
-        if self.cgroups.len() > MAX_SELECTION_CGROUPS {
-            bail!(
-                "{self}: {} cgroups selected; at most {MAX_SELECTION_CGROUPS} are supported",
-                self.cgroups.len()
-            );
         }
         for (slot, path) in entry.cgroups.iter_mut().zip(&self.cgroups) {
             let dir = cgroup_dir(root, path)?;
@@ -331,6 +347,27 @@ pub fn cgroup_dir(root: &Path, path: &str) -> Result<PathBuf> {
     }
 }
 
+/// The id of the cgroup v2 hierarchy's root: the kernel's root cgroup is inode 1 of the
+/// cgroup2 file system.
+const ROOT_CGROUP_ID: u64 = 1;
+
+/// Refuses a cgroup2 mount at `root` that is not the whole hierarchy: in a cgroup namespace
+/// (a container's default) or a bind mount of a subtree, `/app` is not the path the kernel
+/// knows, and the programs, which compare ids at the levels counted from the real root,
+/// would select no process, silently.
+fn whole_hierarchy(root: &Path) -> Result<()> {
+    let id = std::fs::metadata(root)
+        .with_context(|| format!("reading the cgroup v2 root {}", root.display()))?
+        .ino();
+    if id != ROOT_CGROUP_ID {
+        bail!(
+            "the cgroup v2 hierarchy at {} is not the whole hierarchy (its root is cgroup {id},              not the host's root cgroup): tproxy runs in a cgroup namespace (a container              without --cgroupns=host) or sees a subtree, where a selected cgroup's path is not              the one the kernel matches; run tproxy in the host's cgroup namespace, or select              local processes by uid only",
+            root.display()
+        );
+    }
+    Ok(())
+}
+
 /// The id of this process's own cgroup v2 (the inode of its directory), whose sockets the
 /// connect programs never mark.
 pub fn own_cgroup_id(root: &Path) -> Result<u64> {
@@ -350,6 +387,12 @@ pub fn own_cgroup_id(root: &Path) -> Result<u64> {
 /// globals.
 pub fn prepare(selections: &LocalSelections) -> Result<(PathBuf, LocalGlobals)> {
     let root = cgroup2_root()?;
+    let names_cgroups = selections
+        .used()
+        .any(|(_, selection)| !selection.every_cgroup());
+    if names_cgroups {
+        whole_hierarchy(&root)?;
+    }
     for (_, selection) in selections.used() {
         selection.entry(&root)?;
     }

@@ -222,6 +222,15 @@ fn listeners_and_rules(
             Target::SocketDivert => divert_seen = true,
             // `local::rules` made each MARK a TPROXY target or a reason.
             Target::Ignore | Target::Jump(_) | Target::Goto(_) | Target::SetMark(_) => {}
+            Target::Drop if parsed.matches.transports.is_empty() => {
+                // Written for TCP and UDP, as tproxy drops them: the rest is reported.
+                skipped.push(format!(
+                    "line {}: {}: DROP of every protocol: tproxy drops only TCP and UDP (the \
+                     translation does); keep a firewall rule for the other protocols",
+                    parsed.line, parsed.text
+                ));
+                rules.push((parsed, None))
+            }
             Target::Bypass | Target::Return | Target::Reject | Target::Drop => {
                 rules.push((parsed, None))
             }

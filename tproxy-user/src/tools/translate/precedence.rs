@@ -231,22 +231,27 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
 }
 
 /// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:
-/// a longer destination prefix, or the same with a more specific port.
+/// a longer destination prefix, or the same with a more specific port. Each prefix and
+/// port spec of a rule is a rule of its own in tproxy (`multiport`, a set), so the most
+/// specific part of `later` is weighed against the least specific part of `earlier`.
 pub(super) fn more_specific(later: &Match, earlier: &Match) -> bool {
     let longest = |m: &Match| destination_lengths(m).into_iter().max().unwrap_or(0);
     let shortest = |m: &Match| destination_lengths(m).into_iter().min().unwrap_or(0);
-    let specificity = |m: &Match| match ports_of_match(m)
-        .iter()
-        .map(|p| port_bounds(*p))
-        .map(|(a, b)| b - a)
-        .min()
-    {
-        Some(0) => 0,
-        Some(65534) => 2,
-        _ => 1,
+    // 0: a single port, 1: a range, 2: any port (as tproxy ranks them).
+    let specificities = |m: &Match| -> Vec<u8> {
+        ports_of_match(m)
+            .iter()
+            .map(|p| match port_bounds(*p) {
+                (a, b) if a == b => 0,
+                (1, 65535) => 2,
+                _ => 1,
+            })
+            .collect()
     };
+    let most_specific = specificities(later).into_iter().min().unwrap_or(2);
+    let least_specific = specificities(earlier).into_iter().max().unwrap_or(2);
     longest(later) > shortest(earlier)
-        || (longest(later) == shortest(earlier) && specificity(later) < specificity(earlier))
+        || (longest(later) == shortest(earlier) && most_specific < least_specific)
 }
 
 /// The lengths of `m`'s destination prefixes: the host's addresses are full-length ones.

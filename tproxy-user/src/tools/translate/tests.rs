@@ -1724,3 +1724,35 @@ COMMIT
     );
     assert!(translate_with_sets(input, false, "add nowhere 10.0.0.1\n").is_err());
 }
+
+/// A multiport rule is one rule per port spec in tproxy, each ranked on its own: a later
+/// single port inside an earlier rule's range outranks that range's part, so the packets the
+/// earlier rule takes first need a rule of their own (before, the two were written as they
+/// were, and port 1500 was steered where iptables returns it: the earlier rule's single port
+/// 80 was taken for its specificity).
+#[test]
+fn a_later_port_inside_an_earlier_multiport_range_keeps_the_earlier_answer() {
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -d 10.0.0.0/8 -m multiport --dports 80,1000:2000 -j RETURN
+-A PREROUTING -p tcp -d 10.0.0.0/8 -m multiport --dports 1500,3000 -j TPROXY --on-port 7893 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = config["rule"].as_array().unwrap();
+    let first_come = rules
+        .iter()
+        .position(|r| r["action"].as_str() == Some("bypass") && r["ports"].to_string() == "[1500]");
+    let steer = rules
+        .iter()
+        .position(|r| r["action"].as_str() == Some("steer"));
+    assert!(
+        matches!((first_come, steer), (Some(bypass), Some(steer)) if bypass < steer),
+        "{}",
+        t.config
+    );
+}
