@@ -831,3 +831,83 @@ fn a_pinned_instances_cgroup_links_are_adopted_by_the_next_one_and_cleaned_up() 
     assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
     assert_eq!(dial().unwrap(), "10.10.2.2:80 original");
 }
+
+#[test]
+fn an_upgrade_keeps_the_pinned_cgroup_links_and_a_start_for_another_cgroup_moves_them() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let first = TestCgroup::new("first").unwrap();
+    let second = TestCgroup::new("second").unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let args = |cgroup: &TestCgroup| {
+        [
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+            "--pin",
+            "--pin-dir",
+            bpffs.path(),
+        ]
+        .map(String::from)
+    };
+    let start = |cgroup: &TestCgroup| {
+        let args = args(cgroup);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Tproxy::start_with_host_mounts(&topo.router, &args).unwrap()
+    };
+    let dial = |cgroup: &TestCgroup| {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let attached =
+        |cgroup: &TestCgroup| [CONNECT4, SENDMSG6].map(|hook| cgroup.attached(hook).unwrap());
+    let cgroup_links = || {
+        bpffs
+            .pinned()
+            .into_iter()
+            .filter(|path| path.contains("/cgroup-"))
+            .count()
+    };
+
+    let mut old = start(&first);
+    // Started while the old one runs: an upgrade, which takes the pinned links over.
+    let mut new = start(&first);
+    assert!(new.log_text().contains("took over from tproxy pid"));
+    old.wait(std::time::Duration::from_secs(20)).unwrap();
+    assert_eq!(attached(&first), [1, 1], "after the upgrade");
+    assert_eq!(dial(&first), "10.10.2.2:80 upstream");
+    assert_eq!(cgroup_links(), 4);
+    new.stop().unwrap();
+
+    let mut other = start(&second);
+    assert_eq!(
+        attached(&first),
+        [0, 0],
+        "the unselected cgroup kept its links"
+    );
+    assert_eq!(attached(&second), [1, 1]);
+    assert_eq!(cgroup_links(), 4, "{:?}", bpffs.pinned());
+    assert_eq!(dial(&first), "10.10.2.2:80 original");
+    assert_eq!(dial(&second), "10.10.2.2:80 upstream");
+    other.stop().unwrap();
+
+    let (status, out, err) =
+        run_tproxy_output(&topo.router, &["cleanup", "--pin-dir", bpffs.path()]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(
+        attached(&second),
+        [0, 0],
+        "cleanup left programs on the cgroup"
+    );
+    assert_eq!(bpffs.pinned(), Vec::<String>::new());
+}
