@@ -11,8 +11,8 @@ use std::{
 
 use tproxy_tests::{
     cgroup::{dial_output, run_outside_cgroup, TestCgroup},
-    ingress_programs, require_root, routing_state, tproxy_bin, RouterTopology as Topo, Server,
-    Tproxy, UdpEcho, DEFAULT_TABLE,
+    ingress_programs, require_root, routing_state, run_tproxy_output, tproxy_bin, Bpffs,
+    RouterTopology as Topo, Server, Tproxy, UdpEcho, DEFAULT_TABLE,
 };
 
 const DIAL: &str = env!("CARGO_BIN_EXE_dial");
@@ -391,7 +391,6 @@ fn bad_cgroups_and_uids_are_named_and_nothing_is_left() {
         ),
         (&["--local", "--uid", "root"], "uid `root`: not a uid"),
         (&["--cgroup", "/"], "--local"),
-        (&["--local", "--pin"], "--local with --pin"),
         (
             &["--local", "--iface", "lo"],
             "--local with lo among the interfaces",
@@ -752,4 +751,163 @@ fn a_forwarded_mark_rule_leaves_local_connections_to_their_rules() {
     assert_eq!(line, "10.10.2.2:80 upstream");
     assert_eq!(arrival(&topo, "10.10.2.2:80"), "original");
     assert_eq!(upstream.peers().len(), 1);
+}
+
+/// The ids of the programs on the pinned cgroup links, from `tproxy status --json`.
+fn pinned_cgroup_programs(topo: &Topo, bpffs: &Bpffs) -> Vec<u64> {
+    let (status, out, err) = run_tproxy_output(
+        &topo.router,
+        &["status", "--json", "--pin-dir", bpffs.path()],
+    )
+    .unwrap();
+    assert!(status.success(), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let links = report["pinned"]["cgroup_links"].as_array().unwrap().clone();
+    links
+        .iter()
+        .map(|link| link["program_id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_pinned_instances_cgroup_links_are_adopted_by_the_next_one_and_cleaned_up() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("pinned").unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let args = [
+        "--local",
+        "--cgroup",
+        &cgroup.path,
+        "--tcp",
+        "80",
+        "--upstream",
+        "10.10.2.3:8080",
+        "--fail-mode",
+        "open",
+        "--pin",
+        "--pin-dir",
+        bpffs.path(),
+    ];
+    let dial = || {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+    };
+    let attached =
+        || [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6].map(|hook| cgroup.attached(hook).unwrap());
+
+    let mut first = Tproxy::start_with_host_mounts(&topo.router, &args).unwrap();
+    assert_eq!(attached(), [1; 4]);
+    assert_eq!(dial().unwrap(), "10.10.2.2:80 upstream");
+    let first_programs = pinned_cgroup_programs(&topo, &bpffs);
+    assert_eq!(first_programs.len(), 4, "one pinned link per program");
+    first.stop().unwrap();
+    assert_eq!(attached(), [1; 4], "the pinned links went with the process");
+
+    // No instance: fail-open lets the cgroup's connection go direct.
+    assert_eq!(dial().unwrap(), "10.10.2.2:80 original");
+
+    let mut next = Tproxy::start_with_host_mounts(&topo.router, &args).unwrap();
+    assert_eq!(attached(), [1; 4], "one set of programs after adoption");
+    let next_programs = pinned_cgroup_programs(&topo, &bpffs);
+    assert_eq!(next_programs.len(), 4);
+    for (old, new) in first_programs.iter().zip(&next_programs) {
+        assert_ne!(old, new, "the pinned link still runs the old program");
+    }
+    assert_eq!(dial().unwrap(), "10.10.2.2:80 upstream");
+    assert_eq!(upstream.peers().len(), 2);
+    next.stop().unwrap();
+
+    let (status, out, err) =
+        run_tproxy_output(&topo.router, &["cleanup", "--pin-dir", bpffs.path()]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(attached(), [0; 4], "cleanup left programs on the cgroup");
+    assert_eq!(bpffs.pinned(), Vec::<String>::new());
+    assert_eq!(routing_state(&topo.router, DEFAULT_TABLE).unwrap(), "");
+    assert_eq!(dial().unwrap(), "10.10.2.2:80 original");
+}
+
+#[test]
+fn an_upgrade_keeps_the_pinned_cgroup_links_and_a_start_for_another_cgroup_moves_them() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let first = TestCgroup::new("first").unwrap();
+    let second = TestCgroup::new("second").unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let args = |cgroup: &TestCgroup| {
+        [
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+            "--pin",
+            "--pin-dir",
+            bpffs.path(),
+        ]
+        .map(String::from)
+    };
+    let start = |cgroup: &TestCgroup| {
+        let args = args(cgroup);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Tproxy::start_with_host_mounts(&topo.router, &args).unwrap()
+    };
+    let dial = |cgroup: &TestCgroup| {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let attached =
+        |cgroup: &TestCgroup| [CONNECT4, SENDMSG6].map(|hook| cgroup.attached(hook).unwrap());
+    let cgroup_links = || {
+        bpffs
+            .pinned()
+            .into_iter()
+            .filter(|path| path.contains("/cgroup-"))
+            .count()
+    };
+
+    let mut old = start(&first);
+    // Started while the old one runs: an upgrade, which takes the pinned links over.
+    let mut new = start(&first);
+    assert!(new.log_text().contains("took over from tproxy pid"));
+    old.wait(std::time::Duration::from_secs(20)).unwrap();
+    assert_eq!(attached(&first), [1, 1], "after the upgrade");
+    assert_eq!(dial(&first), "10.10.2.2:80 upstream");
+    assert_eq!(cgroup_links(), 4);
+    new.stop().unwrap();
+
+    let mut other = start(&second);
+    assert_eq!(
+        attached(&first),
+        [0, 0],
+        "the unselected cgroup kept its links"
+    );
+    assert_eq!(attached(&second), [1, 1]);
+    assert_eq!(cgroup_links(), 4, "{:?}", bpffs.pinned());
+    assert_eq!(dial(&first), "10.10.2.2:80 original");
+    assert_eq!(dial(&second), "10.10.2.2:80 upstream");
+    other.stop().unwrap();
+
+    let (status, out, err) =
+        run_tproxy_output(&topo.router, &["cleanup", "--pin-dir", bpffs.path()]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(
+        attached(&second),
+        [0, 0],
+        "cleanup left programs on the cgroup"
+    );
+    assert_eq!(bpffs.pinned(), Vec::<String>::new());
 }

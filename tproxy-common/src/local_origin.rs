@@ -51,6 +51,10 @@ pub const OWN_NETNS_GLOBAL: &str = "OWN_NETNS_COOKIE";
 /// Array map of [`Selection`]s, [`MAX_SELECTIONS`] entries: which processes each
 /// selection's rules apply to, filled by the loader before the programs are attached.
 pub const SELECTIONS_MAP: &str = "LOCAL_SELECTIONS";
+/// Socket storage of [`LocalDecision`]s: what the connect and sendmsg programs decided for
+/// a socket, which the loopback program reads. Pinned with the rest, so that an instance
+/// that adopts the pinned programs' places reads what its predecessor's programs recorded.
+pub const DECISIONS_MAP: &str = "LOCAL_DECISIONS";
 
 /// The interface index under which the rule maps' source stage holds what the rules say
 /// about local connections (rules with origin `local` or `any`) of selection 0, every

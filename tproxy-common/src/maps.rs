@@ -557,8 +557,10 @@ pub const FAIL_CLOSED_GLOBAL: &str = "FAIL_CLOSED";
 
 /// The maps the program shares between processes when tproxy runs with `--pin`: everything
 /// but the log ring buffer, which belongs to the process that reads it, and the fragment
-/// tracking ([`FRAGMENTS`], [`REASSEMBLED_FLOWS`]), whose entries live seconds.
-pub const PINNED_MAPS: [&str; 10] = [
+/// tracking ([`FRAGMENTS`], [`REASSEMBLED_FLOWS`]), whose entries live seconds. The local
+/// origin's maps are among them: the connect programs on pinned cgroup links and the
+/// loopback program on `lo` must read the maps the instance writes.
+pub const PINNED_MAPS: [&str; 12] = [
     ACTIVE_GENERATION,
     PORT_CLASSES,
     MARK_RULES,
@@ -569,6 +571,8 @@ pub const PINNED_MAPS: [&str; 10] = [
     LISTENERS,
     TIME_WAIT_FLOWS,
     COUNTERS,
+    crate::local_origin::SELECTIONS_MAP,
+    crate::local_origin::DECISIONS_MAP,
 ];
 
 /// Hash map `u32 ifindex → u32` (value unused): the interfaces whose packets reach tc

@@ -15,7 +15,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_uid_gid,
-        bpf_get_netns_cookie, bpf_setsockopt,
+        bpf_get_netns_cookie, bpf_setsockopt, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr, map},
     maps::{Array, PerCpuArray},
@@ -28,12 +28,13 @@ use tproxy_common::{
         in_own_namespace, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
         LocalDecision, Selection, MAX_SELECTIONS,
     },
-    maps::Verdict,
+    maps::{listener_slot, ListenerSlot, Verdict, EXTERNAL_NONE},
 };
 
 use crate::{
-    active_generation, match_rules_into, OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK,
-    RULES_DST_V4, RULES_DST_V6, RULES_SRC_V4, RULES_SRC_V6,
+    active_generation, listener, match_rules_into, EXTERNAL_LISTENERS, FAIL_CLOSED,
+    OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK, RULES_DST_V4, RULES_DST_V6, RULES_SRC_V4,
+    RULES_SRC_V6,
 };
 
 /// Filled by the loader before the programs are attached
@@ -143,7 +144,9 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
             );
         }
     })?;
-    Some(steers(rule, decision::ipv4_destination_scope(addr, false)))
+    let steered = steers(rule, decision::ipv4_destination_scope(addr, false));
+    let slot = ListenerSlot::of(udp != Some(true), false);
+    Some(steered.filter(|listener| served(*listener, slot)))
 }
 
 /// As [`steered_ipv4`], for an IPv6 destination (an IPv4-mapped one is decided by the IPv4
@@ -171,7 +174,31 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
             );
         }
     })?;
-    Some(steers(rule, decision::ipv6_destination_scope(addr, false)))
+    let steered = steers(rule, decision::ipv6_destination_scope(addr, false));
+    let slot = ListenerSlot::of(udp != Some(true), true);
+    Some(steered.filter(|listener| served(*listener, slot)))
+}
+
+/// Whether a steer to `listener` (its `kind` of slot) would be taken on `lo`. Fail-open: only
+/// while the listener has a socket in the socket map, or is another program's (external);
+/// the connect and sendmsg programs outlive the instance with `--pin`, and a socket they
+/// steered while no instance runs would find nothing on `lo` (its connect would time out),
+/// where a forwarded flow passes on. Fail-closed: always, and the loopback program drops
+/// what no listener takes, as the main program drops a forwarded flow's packets.
+#[inline(always)]
+fn served(listener_index: u32, kind: ListenerSlot) -> bool {
+    if FAIL_CLOSED.load() != 0 {
+        return true;
+    }
+    let slot = listener_slot(listener_index, kind);
+    if let Some(socket) = listener(slot) {
+        // SAFETY: releases the reference the socket map lookup took.
+        unsafe { bpf_sk_release(socket as *mut c_void) };
+        return true;
+    }
+    EXTERNAL_LISTENERS
+        .get(slot)
+        .is_some_and(|external| external.kind != EXTERNAL_NONE)
 }
 
 /// A decision in the making, per CPU: the verifier does not follow what a map value holds,

@@ -174,12 +174,6 @@ impl Config {
             // iptables mangle OUTPUT recipe), and only its listeners are served.
             return Ok(());
         }
-        if self.settings.pin {
-            bail!(
-                "{what} with --pin: the cgroup attachments are not pinned yet; run without \
-                 --pin (see the README's \"Proxying the host's own traffic\")"
-            );
-        }
         let local_mark = |rule: &&rules::Rule| rule.mark.is_some() && rule.origin.local();
         if let Some(rule) = self.rules.iter().find(local_mark) {
             // The connect programs leave the mark stage out (see tproxy-ebpf's

@@ -16,19 +16,26 @@
 //! `from 127.84.80.1 iif lo` rule sends over `lo` (see `routing`).
 //!
 //! The attachments are links owned by this process: they go when it exits, or when a start
-//! fails (the program, and with it every link, is dropped).
+//! fails (the program, and with it every link, is dropped). With `--pin` they are pinned
+//! instead, one file per program and cgroup (see `pin`), and a start over pinned state puts
+//! its programs on the pinned links in one step, as on the TCX links.
 
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
     path::{Component, Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::Array,
-    programs::{cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr},
+    programs::{
+        cgroup_sock_addr::CgroupSockAddrLinkId, links::FdLink, CgroupAttachMode, CgroupSockAddr,
+    },
 };
 use tproxy_common::local_origin::{
     SelectedCgroup, Selection, UidRange, CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME,
@@ -37,7 +44,7 @@ use tproxy_common::local_origin::{
 };
 
 use crate::{
-    datapath::steering::Steering,
+    datapath::{pin, steering::Steering},
     stats::{LocalOriginCounts, LocalOriginStats},
 };
 
@@ -436,8 +443,16 @@ const PROGRAMS: [&str; 4] = [
     SENDMSG6_PROGRAM_NAME,
 ];
 
+/// One program's link on a cgroup.
+pub(crate) enum CgroupLink {
+    /// Owned by this process (without `--pin`): the program's link `id`.
+    Owned(&'static str, CgroupSockAddrLinkId),
+    /// Pinned at this path (`--pin`): attached until the file is removed.
+    Pinned(PathBuf),
+}
+
 /// The connect and sendmsg programs' links, by the cgroup path they are attached to.
-pub(crate) type CgroupLinks = BTreeMap<String, Vec<(&'static str, CgroupSockAddrLinkId)>>;
+pub(crate) type CgroupLinks = BTreeMap<String, Vec<CgroupLink>>;
 
 /// Puts `selections` in force: tells the programs the selections (an entry each; the others
 /// unused), and attaches the connect and sendmsg programs to their cgroups (see
@@ -467,18 +482,15 @@ pub fn apply(steering: &mut Steering, root: &Path, selections: &LocalSelections)
         map.set(index as u32, entry, 0)
             .with_context(|| format!("setting selection {index}"))?;
     }
+    let pinned = steering.pinned().cloned();
     for (path, dir) in &dirs {
+        let id = std::fs::metadata(dir)
+            .with_context(|| format!("cgroup `{path}`: reading {}", dir.display()))?
+            .ino();
         let mut links = Vec::new();
         for name in PROGRAMS {
-            let program = sock_addr_program(steering, name)?;
-            let cgroup = File::open(dir)
-                .with_context(|| format!("cgroup `{path}`: opening {}", dir.display()))?;
-            // A link (kernel 5.7+) always sits next to other programs at the same hook
-            // (systemd's, a container runtime's), and takes no flags: `Single` passes none.
-            let link = program
-                .attach(cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to cgroup `{path}`"))?;
-            links.push((name, link));
+            let pin = pinned.as_ref().map(|pinned| pinned.cgroup_link(id, name));
+            links.push(attach_program(steering, name, path, dir, pin)?);
         }
         steering.cgroup_links_mut().insert(path.clone(), links);
     }
@@ -493,15 +505,90 @@ pub fn apply(steering: &mut Steering, root: &Path, selections: &LocalSelections)
             .cgroup_links_mut()
             .remove(&path)
             .unwrap_or_default();
-        for (name, link) in links {
-            if let Err(error) = sock_addr_program(steering, name)?.detach(link) {
-                log::warn!("detaching {name} from cgroup `{path}`: {error}");
+        for link in links {
+            match link {
+                CgroupLink::Owned(name, link) => {
+                    if let Err(error) = sock_addr_program(steering, name)?.detach(link) {
+                        log::warn!("detaching {name} from cgroup `{path}`: {error}");
+                    }
+                }
+                CgroupLink::Pinned(pin) => unpin(&pin),
+            }
+        }
+    }
+    if let Some(pinned) = &pinned {
+        // An earlier instance's links on cgroups no longer selected (or removed and created
+        // again since, with another id).
+        let ours: Vec<&PathBuf> = steering
+            .cgroup_links()
+            .values()
+            .flatten()
+            .filter_map(|link| match link {
+                CgroupLink::Pinned(pin) => Some(pin),
+                CgroupLink::Owned(..) => None,
+            })
+            .collect();
+        for pin in pinned.cgroup_links() {
+            if !ours.contains(&&pin) {
+                unpin(&pin);
             }
         }
     }
     let links: usize = steering.cgroup_links().values().map(Vec::len).sum();
     steering.set_local_origin(selections.stats(links as u64));
     Ok(())
+}
+
+/// Attaches program `name` to cgroup `path` (directory `dir`); with `pin`, in place of the
+/// program on the link pinned there if there is one, else with a new link pinned there.
+fn attach_program(
+    steering: &mut Steering,
+    name: &'static str,
+    path: &str,
+    dir: &Path,
+    pin: Option<PathBuf>,
+) -> Result<CgroupLink> {
+    let program = sock_addr_program(steering, name)?;
+    if let Some(pin) = pin.as_ref().filter(|pin| pin.exists()) {
+        let fd = program.fd()?.as_fd();
+        match pin::replace_link_program(pin, fd) {
+            Ok(()) => return Ok(CgroupLink::Pinned(pin.clone())),
+            // Its cgroup went away (the kernel detached the link): attached anew below.
+            Err(error) => {
+                log::warn!(
+                    "the pinned link of {name} on cgroup `{path}` is unusable ({error}); \
+                     attaching anew"
+                );
+                std::fs::remove_file(pin)
+                    .with_context(|| format!("unpinning {}", pin.display()))?;
+            }
+        }
+    }
+    let cgroup =
+        File::open(dir).with_context(|| format!("cgroup `{path}`: opening {}", dir.display()))?;
+    // A link (kernel 5.7+) always sits next to other programs at the same hook (systemd's, a
+    // container runtime's), and takes no flags: `Single` passes none.
+    let link = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching {name} to cgroup `{path}`"))?;
+    let Some(pin) = pin else {
+        return Ok(CgroupLink::Owned(name, link));
+    };
+    let link: FdLink = program.take_link(link)?.try_into()?;
+    link.pin(&pin).with_context(|| {
+        format!(
+            "pinning {name}'s link on cgroup `{path}` at {}",
+            pin.display()
+        )
+    })?;
+    Ok(CgroupLink::Pinned(pin))
+}
+
+/// Removes the pinned cgroup link at `pin`, which detaches it.
+fn unpin(pin: &Path) {
+    if let Err(error) = std::fs::remove_file(pin) {
+        log::warn!("unpinning {}: {error}", pin.display());
+    }
 }
 
 /// The loaded program `name` (loaded here the first time).

@@ -5,16 +5,21 @@
 //! ```text
 //! <pin dir>/netns-<inode>-table-<table>/
 //!     ACTIVE_GENERATION, PORT_CLASSES, MARK_RULES, RULES_*, LISTENERS,
-//!     TIME_WAIT_FLOWS, COUNTERS                                                        maps
+//!     TIME_WAIT_FLOWS, COUNTERS, LOCAL_SELECTIONS, LOCAL_DECISIONS                     maps
 //!     tc-ingress-<interface>                                                           TCX links
 //!     sk-lookup                                                                        netns link
+//!     cgroup-<cgroup id>-<program>                                    cgroup links (`--local`)
 //! ```
 //!
 //! A link stays attached for as long as its file exists, whoever holds it open; removing the
 //! files (`tproxy cleanup`) is what detaches a pinned program.
 
 use std::{
-    os::unix::fs::MetadataExt,
+    ffi::CString,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -24,6 +29,8 @@ use anyhow::{bail, Context, Result};
 const TC_LINK_PREFIX: &str = "tc-ingress-";
 /// File name of the pinned sk_lookup link.
 const SK_LOOKUP_LINK: &str = "sk-lookup";
+/// File-name prefix of the links pinned for the connect and sendmsg programs on a cgroup.
+const CGROUP_LINK_PREFIX: &str = "cgroup-";
 
 /// One instance's pinned-state directory.
 #[derive(Clone, Debug)]
@@ -125,6 +132,32 @@ impl PinnedState {
         self.dir.join(SK_LOOKUP_LINK)
     }
 
+    /// Where the link of `program` on the cgroup with id `cgroup_id` (its directory's inode)
+    /// is pinned: a cgroup removed and created again has another id, so its old links are
+    /// not mistaken for its own.
+    pub fn cgroup_link(&self, cgroup_id: u64, program: &str) -> PathBuf {
+        self.dir
+            .join(format!("{CGROUP_LINK_PREFIX}{cgroup_id}-{program}"))
+    }
+
+    /// The files of the pinned cgroup links.
+    pub fn cgroup_links(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut links: Vec<PathBuf> = entries
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let name = entry.file_name();
+                name.as_bytes()
+                    .starts_with(CGROUP_LINK_PREFIX.as_bytes())
+                    .then(|| entry.path())
+            })
+            .collect();
+        links.sort();
+        links
+    }
+
     /// The interfaces with a pinned TCX link, and the link files.
     pub fn tc_links(&self) -> Vec<(String, PathBuf)> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -157,6 +190,70 @@ impl PinnedState {
         std::fs::remove_dir(&self.dir)
             .with_context(|| format!("removing {}", self.dir.display()))?;
         Ok(removed)
+    }
+}
+
+/// Puts `program` on the link pinned at `path` in one step (`BPF_LINK_UPDATE`): no moment
+/// without a program at the link's hook. For cgroup links, on which aya 0.14 replaces no
+/// program.
+pub fn replace_link_program(path: &Path, program: BorrowedFd<'_>) -> std::io::Result<()> {
+    let link = pinned_object(path)?;
+    /// `union bpf_attr` for `BPF_LINK_UPDATE`.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+}
+
+/// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// A descriptor of the bpf object pinned at `path`.
+fn pinned_object(path: &Path) -> std::io::Result<OwnedFd> {
+    let name = CString::new(path.as_os_str().as_bytes())?;
+    /// `union bpf_attr` for `BPF_OBJ_GET`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjGet {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor, ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The bpf(2) system call with command `cmd` and its attributes `attr`.
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<i32> {
+    // SAFETY: `attr` is a `bpf_attr` prefix for `cmd`, valid for the call, of the size given;
+    // the kernel reads no further.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    match ret {
+        ret if ret < 0 => Err(std::io::Error::last_os_error()),
+        ret => Ok(ret as i32),
     }
 }
 

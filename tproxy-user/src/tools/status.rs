@@ -60,6 +60,17 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
             json!({ "interface": iface, "program_id": program })
         })
         .collect();
+    let cgroup_links: Vec<Value> = pinned
+        .cgroup_links()
+        .into_iter()
+        .map(|path| {
+            let program = CounterReader::pinned_link_program(&path).ok();
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned());
+            json!({ "name": name, "program_id": program })
+        })
+        .collect();
     let packets = CounterReader::from_pin(&pinned.map(tproxy_common::maps::COUNTERS))
         .and_then(|reader| reader.read())
         .ok()
@@ -67,6 +78,7 @@ fn pinned_report(pinned: &PinnedState, by: Option<PinnedBy>) -> Value {
     json!({
         "dir": pinned.dir().display().to_string(),
         "links": links,
+        "cgroup_links": cgroup_links,
         "packets": packets,
         "pinned_by_pid": by.as_ref().map(|by| by.pid),
         "fail_mode": by.map(|by| by.fail_mode),
@@ -186,6 +198,13 @@ fn print_pinned(pinned: &Value, no_instance: bool) {
             println!(
                 "    tcx link on {} (program id {})",
                 text(&link["interface"]),
+                link["program_id"]
+            );
+        }
+        for link in pinned["cgroup_links"].as_array().into_iter().flatten() {
+            println!(
+                "    cgroup link {} (program id {})",
+                text(&link["name"]),
                 link["program_id"]
             );
         }

@@ -264,7 +264,9 @@ impl Steering {
         let Ok(link) = PinnedLink::from_pin(path) else {
             return Ok(None);
         };
-        let program = self.classifier_mut(maps::PROGRAM_NAME)?;
+        // The program this instance has for the interface (the loopback one on `lo` with
+        // local origin), whichever the earlier instance had there.
+        let program = self.classifier_mut(self.program_for(iface))?;
         let replaced = SchedClassifierLink::try_from(FdLink::from(link))
             .map_err(anyhow::Error::from)
             .and_then(|link| Ok(program.attach_to_link(link)?));

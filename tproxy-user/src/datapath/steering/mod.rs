@@ -187,6 +187,14 @@ impl Steering {
             loopback: settings.local_origin.is_some(),
             cgroup_links: CgroupLinks::new(),
         };
+        if let (Some(pinned), None) = (&settings.pinned, &settings.local_origin) {
+            // An earlier instance's connect programs would go on steering local connections
+            // to `lo`, where no program of ours takes them any more.
+            for pin in pinned.cgroup_links() {
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("unpinning {}", pin.display()))?;
+            }
+        }
         if adopted_capacity.is_some() {
             steering
                 .forget_rules_in_force()
@@ -263,6 +271,11 @@ impl Steering {
     }
 
     /// The loaded object, for the programs other modules attach (`local_origin`).
+    /// Where the maps and links are pinned (`--pin`).
+    pub(crate) fn pinned(&self) -> Option<&PinnedState> {
+        self.pinned.as_ref()
+    }
+
     pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
