@@ -213,6 +213,41 @@ fn a_reconnected_udp_socket_goes_direct() {
     assert_eq!(steered.peers.lock().unwrap().len(), 2);
 }
 
+/// A socket steered for a selected process that is then no longer selected (here the process
+/// becomes another user; a reload that removes its selection or a child of another user
+/// inheriting it is the same) is let go: connected again to an unsteered destination, its
+/// datagrams reach it directly instead of keeping the routing mark and going over `lo`, where
+/// no record takes them.
+#[test]
+fn a_steered_udp_socket_whose_process_leaves_the_selection_goes_direct() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("udp-leave").unwrap();
+    let steered = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
+    let unsteered = UdpEcho::start(&topo.server, addr("10.10.2.2:5354")).unwrap();
+    let tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--uid",
+            "1000",
+            "--udp",
+            "5353,5354",
+        ],
+    )
+    .unwrap();
+    // Real user 1000 (selected), effective root, so that it may become user 2000.
+    let wrapper = ["env", "DIAL_UID=2000", "setpriv", "--ruid=1000"];
+    let args = ["udp", "10.10.2.2:5353", "q", "10.10.2.2:5354"];
+    let lines = dial_output(cgroup.run(&topo.router, &wrapper, DIAL, &args).unwrap()).unwrap();
+    assert_eq!(lines, "10.10.2.2:5353 q\n10.10.2.2:5354 q");
+    assert_eq!(tproxy.udp_stat("to_upstream").unwrap(), 1);
+    assert_eq!(steered.peers.lock().unwrap().len(), 1);
+    assert_eq!(unsteered.peers.lock().unwrap().len(), 1);
+}
+
 /// Unconnected sockets (`sendto`): each datagram is decided on its own. One socket in the
 /// cgroup sends to a steered destination, an unsteered one, and the steered one again: the
 /// steered datagrams go through the relay, the other goes direct, and every reply comes from

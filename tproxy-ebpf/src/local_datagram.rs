@@ -27,12 +27,29 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use tproxy_common::local_origin::{mapped_ipv4, LOOPBACK_SOURCE_V4, LOOPBACK_SOURCE_V6};
 
 use crate::local_origin::{
-    decision_ipv6, destination_ipv6, port, record, steered_ipv4, steered_ipv6,
+    decision_ipv6, destination_ipv6, port, record, release, steered_ipv4, steered_ipv6,
 };
 use tproxy_common::local_origin::LocalDecision;
 
 /// The verdict that lets the datagram go on.
 const SEND_GOES_ON: i32 = 1;
+/// The kernel's `TCP_ESTABLISHED`, a connected UDP socket's state.
+const CONNECTED: u32 = 1;
+
+/// A socket a connect steered and `connect(AF_UNSPEC)` disconnected (no program runs for
+/// that) keeps the routing mark; sending from it to an unsteered destination lets it go
+/// (`release`). The kernel has copied the mark into this datagram already, so the new mark
+/// applies from the next one: this datagram goes over `lo`, where no record takes it, and is
+/// lost. A socket still connected keeps its mark: a `sendto` elsewhere does not undo its
+/// steered connection.
+#[inline(always)]
+fn release_disconnected(ctx: &SockAddrContext) {
+    // SAFETY: `sk` of a sock_addr context is the sending socket, never null.
+    let state = unsafe { ptr::read_volatile(&(*(*ctx.sock_addr).__bindgen_anon_1.sk).state) };
+    if state != CONNECTED {
+        release(ctx);
+    }
+}
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
@@ -45,12 +62,16 @@ pub fn tproxy_sendmsg4(ctx: SockAddrContext) -> i32 {
             return SEND_GOES_ON;
         }
         let addr = ptr::read_volatile(&(*sock_addr).user_ip4).to_ne_bytes();
-        if let Some(Some(listener)) = steered_ipv4(&ctx, addr) {
-            record(&ctx, LocalDecision::new(&addr, port(&ctx), listener));
-            ptr::write_volatile(
-                &mut (*sock_addr).msg_src_ip4,
-                u32::from_ne_bytes(LOOPBACK_SOURCE_V4),
-            );
+        match steered_ipv4(&ctx, addr) {
+            Some(Some(listener)) => {
+                record(&ctx, LocalDecision::new(&addr, port(&ctx), listener));
+                ptr::write_volatile(
+                    &mut (*sock_addr).msg_src_ip4,
+                    u32::from_ne_bytes(LOOPBACK_SOURCE_V4),
+                );
+            }
+            Some(None) => release_disconnected(&ctx),
+            None => {}
         }
     }
     SEND_GOES_ON
@@ -73,8 +94,13 @@ pub fn tproxy_sendmsg6(ctx: SockAddrContext) -> i32 {
     if mapped_ipv4(addr).is_some() {
         return SEND_GOES_ON;
     }
-    let Some(Some(listener)) = steered_ipv6(&ctx, addr) else {
-        return SEND_GOES_ON;
+    let listener = match steered_ipv6(&ctx, addr) {
+        Some(Some(listener)) => listener,
+        Some(None) => {
+            release_disconnected(&ctx);
+            return SEND_GOES_ON;
+        }
+        None => return SEND_GOES_ON,
     };
     record(&ctx, decision_ipv6(addr, port(&ctx), listener));
     for i in 0..4 {

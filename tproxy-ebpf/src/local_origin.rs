@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_setsockopt, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr, map},
-    maps::{Array, PerCpuArray},
+    maps::Array,
     programs::SockAddrContext,
     EbpfContext, Global,
 };
@@ -201,24 +201,31 @@ fn served(listener_index: u32, kind: ListenerSlot) -> bool {
         .is_some_and(|external| external.kind != EXTERNAL_NONE)
 }
 
-/// A decision in the making, per CPU: the verifier does not follow what a map value holds,
-/// so the best answer so far kept here, rather than on the stack, does not multiply the
-/// states it walks by the answers of each selection before.
+/// A decision in the making, in the socket's own storage: the verifier does not follow what
+/// a map value holds, so the best answer so far kept there, rather than on the stack, does
+/// not multiply the states it walks by the answers of each selection before. The socket's
+/// storage, not a per-CPU scratch: these programs may be preempted (only migration is
+/// disabled), and another task's run on the same CPU would overwrite a shared one between
+/// the reset and the reading, handing one process's answer to another's socket. The connect
+/// and `sendmsg` hooks run with the socket locked, so two runs on one socket never
+/// interleave, and nothing else touches its entry.
 #[derive(Clone, Copy, Default)]
 struct Pending {
     best: Verdict,
     selected: u32,
 }
 
-#[map]
-static PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+#[btf_map]
+static LOCAL_PENDING: SkStorage<Pending> = SkStorage::new();
 
 /// The rules' answer for the context's process, by `ask(ifindex, mark, best)` for each
 /// selection the process is in (the best-ranked answer of all), or `None` when the socket is
 /// not this instance's to decide: not in tproxy's network namespace, tproxy's own, or of a
-/// process in no selection. Such a socket is left exactly as it is, its mark included:
-/// another program at the same hook (another tproxy's, for another namespace or cgroup) may
-/// have just set it.
+/// process in no selection. Such a socket is left as it is, its mark included (another
+/// program at the same hook, another tproxy's for another namespace or cgroup, may have just
+/// set it), except that a socket this instance steered earlier is let go (`release`): a
+/// reload may have removed its selection, or an unselected process inherited it. A socket
+/// whose storage cannot be made (no memory) is let go likewise: it goes direct.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option<RuleMatch> {
     // SAFETY: the helper reads the namespace of the context's socket.
@@ -238,10 +245,15 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
     if is_own_socket(mark, OWN_SOCKET_MARK.load(), cgroup, OWN_CGROUP_ID.load()) {
         return None;
     }
-    let pending = PENDING.get_ptr_mut(0)?;
-    // SAFETY: this CPU's entry. The program runs to its end on this CPU; only on a kernel
-    // that preempts in kernel mode could another task's connect on this CPU come between
-    // (as for `MARK_PACKET`).
+    // SAFETY: the context's socket is valid for the program's run; the storage returned is
+    // the socket's own, of the map's value type, and only runs on this socket (serialized by
+    // its lock) use it.
+    let pending = unsafe { LOCAL_PENDING.get_or_insert_ptr_mut(ctx, None) };
+    if pending.is_null() {
+        release(ctx);
+        return None;
+    }
+    // SAFETY: as above.
     let pending = unsafe { &mut *pending };
     *pending = Pending::default();
     // SAFETY: a helper taking a plain level; it answers 0 for a level below the process's.
@@ -256,9 +268,27 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
         }
     }
     if pending.selected == 0 {
+        release(ctx);
         return None;
     }
     Some(rule_match(&pending.best))
+}
+
+/// Lets go of a socket this instance steered: when it has this instance's record of a steer
+/// (another instance's records are in that instance's map), the record is voided and the
+/// socket loses the routing mark if it carries it, so that what it sends from now on goes
+/// direct rather than over `lo`, where no record would take it.
+#[inline(always)]
+pub(crate) fn release(ctx: &SockAddrContext) {
+    // SAFETY: as in `record`; no storage is made for a socket that has none.
+    unsafe {
+        let stored = LOCAL_DECISIONS.get_ptr_mut(ctx);
+        if stored.is_null() || (*stored).listener == 0 {
+            return;
+        }
+        (*stored).listener = 0;
+    }
+    mark_socket(ctx, false);
 }
 
 #[inline(always)]

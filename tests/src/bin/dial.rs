@@ -7,7 +7,8 @@
 //! address in turn and prints each reply's sender and the reply; `dial sendto-from BIND
 //! MESSAGE ADDR:PORT…` does the same from a socket bound to BIND. With `DIAL_MARK=N` in the
 //! environment, the TCP socket gets `SO_MARK` N before it connects, as a proxy marks its
-//! upstream connections.
+//! upstream connections. With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
+//! after its first exchange, keeping the socket: a process that leaves a selection by user.
 
 use std::{
     io::{Read, Write},
@@ -104,6 +105,9 @@ fn udp(addrs: &[SocketAddr], message: &str) -> std::io::Result<Vec<(SocketAddr, 
         if i > 0 {
             disconnect(&socket)?;
         }
+        if i == 1 {
+            become_user_of_environment()?;
+        }
         socket.connect(addr)?;
         let peer = socket.peer_addr()?;
         socket.send(message.as_bytes())?;
@@ -112,6 +116,21 @@ fn udp(addrs: &[SocketAddr], message: &str) -> std::io::Result<Vec<(SocketAddr, 
         lines.push((peer, String::from_utf8_lossy(&buf[..len]).into_owned()));
     }
     Ok(lines)
+}
+
+/// `DIAL_UID`, if set: the process becomes that user.
+fn become_user_of_environment() -> std::io::Result<()> {
+    let Ok(uid) = std::env::var("DIAL_UID") else {
+        return Ok(());
+    };
+    let uid: libc::uid_t = uid
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("DIAL_UID `{uid}` is not a number")))?;
+    // SAFETY: a plain system call on the calling process.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `connect(AF_UNSPEC)`: the socket forgets its peer, and its local address unless bound.
