@@ -274,12 +274,22 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
     Some(rule_match(&pending.best))
 }
 
-/// Lets go of a socket this instance steered: when it has this instance's record of a steer
-/// (another instance's records are in that instance's map), the record is voided and the
-/// socket loses the routing mark if it carries it, so that what it sends from now on goes
-/// direct rather than over `lo`, where no record would take it.
+/// Lets go of a socket this instance steered: when it carries the routing mark and this
+/// instance's record of a steer (another instance's records are in that instance's map), the
+/// record is voided and the mark's bits cleared, so that what it sends from now on goes
+/// direct rather than over `lo`, where no record would take it. A socket without the mark
+/// keeps its record: the `sendmsg` programs steer by source address, and a datagram they
+/// steered may still be on its way to `lo`, where it needs the record.
 #[inline(always)]
 pub(crate) fn release(ctx: &SockAddrContext) {
+    let Some(mut unmarked) = socket_mark_for(
+        current_mark(ctx),
+        false,
+        ROUTING_MARK.load(),
+        ROUTING_MARK_MASK.load(),
+    ) else {
+        return;
+    };
     // SAFETY: as in `record`; no storage is made for a socket that has none.
     unsafe {
         let stored = LOCAL_DECISIONS.get_ptr_mut(ctx);
@@ -288,7 +298,7 @@ pub(crate) fn release(ctx: &SockAddrContext) {
         }
         (*stored).listener = 0;
     }
-    mark_socket(ctx, false);
+    set_mark(ctx, &mut unmarked);
 }
 
 #[inline(always)]
@@ -342,14 +352,19 @@ fn mark_socket(ctx: &SockAddrContext, steered: bool) {
     ) else {
         return;
     };
-    // SAFETY: the option value is a u32 on our stack, of the length given. A failure leaves
-    // the socket as it was: the connection goes direct.
+    set_mark(ctx, &mut mark);
+}
+
+#[inline(always)]
+fn set_mark(ctx: &SockAddrContext, mark: &mut u32) {
+    // SAFETY: the option value is a u32 of the length given. A failure leaves the mark as it
+    // was (a connection it would have steered goes direct).
     let _ = unsafe {
         bpf_setsockopt(
             ctx.as_ptr(),
             SOL_SOCKET,
             SO_MARK,
-            ptr::addr_of_mut!(mark) as *mut c_void,
+            ptr::from_mut(mark) as *mut c_void,
             4,
         )
     };
