@@ -54,8 +54,12 @@ impl CgroupWatch {
     pub(crate) fn subscribe(root: &Path, selections: &LocalSelections) -> Result<Self> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .context("watching the selected cgroups (inotify_init)")?;
+        // SAFETY: the inotify instance owns its descriptor, and the AsyncFd owns the
+        // instance: nothing closes or replaces the descriptor while it is registered.
+        let fd = unsafe { AsyncFd::register(Watches(inotify)) }
+            .context("watching the selected cgroups")?;
         let mut watch = CgroupWatch {
-            fd: AsyncFd::new(Watches(inotify)).context("watching the selected cgroups")?,
+            fd,
             root: root.to_path_buf(),
             parents: BTreeMap::new(),
         };
@@ -195,10 +199,16 @@ mod tests {
 
     #[test]
     fn a_cgroup_is_watched_in_the_directory_it_is_in() {
-        assert_eq!(parent_of("/app.slice/app.service").as_deref(), Some("/app.slice"));
+        assert_eq!(
+            parent_of("/app.slice/app.service").as_deref(),
+            Some("/app.slice")
+        );
         assert_eq!(parent_of("/app").as_deref(), Some("/"));
         assert_eq!(parent_of("/"), None);
         assert_eq!(child_of("/", "app"), "/app");
-        assert_eq!(child_of("/app.slice", "app.service"), "/app.slice/app.service");
+        assert_eq!(
+            child_of("/app.slice", "app.service"),
+            "/app.slice/app.service"
+        );
     }
 }
