@@ -110,6 +110,29 @@ impl TestCgroup {
         }
         Ok(query.prog_cnt)
     }
+
+    /// Removes this cgroup and creates it again, as systemd does when it restarts a unit: the
+    /// same path, a new directory (with a new id and nothing attached). The kernel may take
+    /// a moment to see the last process of a run gone, and refuses to remove it until then.
+    pub fn recreate(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => break,
+                Err(error)
+                    if error.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => {
+                    return Err(error).with_context(|| format!("removing {}", self.dir.display()))
+                }
+            }
+        }
+        std::fs::create_dir(&self.dir)
+            .with_context(|| format!("creating {} again", self.dir.display()))
+    }
 }
 
 impl Drop for TestCgroup {

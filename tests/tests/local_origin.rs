@@ -946,3 +946,69 @@ fn an_upgrade_keeps_the_pinned_cgroup_links_and_a_start_for_another_cgroup_moves
     );
     assert_eq!(bpffs.pinned(), Vec::<String>::new());
 }
+
+/// A selected cgroup removed and created again, as systemd does when it restarts a unit, is
+/// followed: the new directory (a new id, nothing attached) gets the programs, and its
+/// processes are relayed again without a restart. So is a selected cgroup below the one the
+/// programs are attached to (only its id changes).
+#[test]
+fn a_selected_cgroup_created_again_is_followed() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("again").unwrap();
+    let child = cgroup.child("inner").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _other = named_server(&topo.server, addr("10.10.2.2:81"), "original");
+    let upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let config = tproxy_tests::ConfigFile::new(&format!(
+        "[[listener]]\nname = \"up\"\nupstream = \"10.10.2.3:8080\"\n\
+         [[rule]]\norigin = \"local\"\nproto = \"tcp\"\nports = 80\ncgroup = [\"{}\"]\n\
+         action = \"steer\"\nlistener = \"up\"\n\
+         [[rule]]\norigin = \"local\"\nproto = \"tcp\"\nports = 81\ncgroup = [\"{}\"]\n\
+         action = \"steer\"\nlistener = \"up\"\n",
+        cgroup.path, child.path
+    ))
+    .unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let dial = |cgroup: &TestCgroup, target: &str| {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", target, "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(dial(&child, "10.10.2.2:81"), "10.10.2.2:81 upstream");
+    child.recreate().unwrap();
+    // The inner cgroup's new id is in force once tproxy has looked again; its connection
+    // shows it (no log line: nothing is attached there).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while dial(&child, "10.10.2.2:81") != "10.10.2.2:81 upstream" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-created inner cgroup's connections are not relayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(child);
+    assert_eq!(dial(&cgroup, "10.10.2.2:80"), "10.10.2.2:80 upstream");
+    for round in 0..2 {
+        cgroup.recreate().unwrap();
+        tproxy
+            .wait_for_line(
+                &format!("attached to cgroup `{}`", cgroup.path),
+                std::time::Duration::from_secs(10),
+            )
+            .unwrap();
+        assert_eq!(cgroup.attached(CONNECT4).unwrap(), 1, "round {round}");
+        assert_eq!(
+            dial(&cgroup, "10.10.2.2:80"),
+            "10.10.2.2:80 upstream",
+            "round {round}"
+        );
+    }
+    assert!(upstream.peers().len() >= 4);
+    tproxy.stop().unwrap();
+    assert_eq!(cgroup.attached(CONNECT4).unwrap(), 0);
+}

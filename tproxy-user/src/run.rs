@@ -27,6 +27,7 @@ use crate::{
 };
 use crate::{
     daemon::addresses::AddressWatch,
+    daemon::cgroups::CgroupWatch,
     daemon::links::LinkWatch,
     daemon::ready::declare_ready,
     daemon::serve::{serve, Control, Ending, Signals},
@@ -92,6 +93,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         control.attached = attach_all(steering, &interfaces)?;
         // After `lo`'s program: a marked socket's packets must find it there.
         if let (Some(local), Some((root, _))) = (&local, &local_setup) {
+            control.cgroups = Some(CgroupWatch::subscribe(root, local)?);
             local_origin::apply(steering, root, local)?;
         }
         claim.complete(&settings)?;

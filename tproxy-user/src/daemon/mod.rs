@@ -4,6 +4,7 @@
 //! keeps once set up, and how it says it is `ready`.
 
 pub(crate) mod addresses;
+pub(crate) mod cgroups;
 pub(crate) mod control;
 pub mod instance;
 pub(crate) mod links;

@@ -16,6 +16,7 @@ use crate::{
 };
 use crate::{
     daemon::addresses::{self, AddressWatch},
+    daemon::cgroups::{self, CgroupWatch},
     daemon::links::{self, LinkWatch},
     daemon::reload::{reinstall_rules, reload},
     relay::external::socket_statuses,
@@ -43,6 +44,9 @@ pub(crate) struct Control<'a> {
     pub(crate) links: Option<LinkWatch>,
     /// Address events, for the bypass rules of the host's own addresses.
     pub(crate) addresses: Option<AddressWatch>,
+    /// Events of the directories the selected cgroups are in, with rules for local
+    /// connections.
+    pub(crate) cgroups: Option<CgroupWatch>,
 }
 
 impl Control<'_> {
@@ -55,6 +59,7 @@ impl Control<'_> {
             attached: Vec::new(),
             links: None,
             addresses: None,
+            cgroups: None,
         }
     }
 }
@@ -139,12 +144,15 @@ pub(crate) async fn serve(
             }
             _ = signals.reload.recv() => {
                 let _ = server.reload();
+                server.watch_cgroups(control);
                 continue;
             }
             Some(request) = control.requests.recv() => {
                 if let Some(waiting) = server.answer(request, control, successor.is_some()) {
                     successor = Some(waiting);
                 }
+                // The request may have been a reload.
+                server.watch_cgroups(control);
                 continue;
             }
             Some(()) = links::changed(&mut control.links) => {
@@ -153,6 +161,10 @@ pub(crate) async fn serve(
             }
             Some(()) = addresses::changed(&mut control.addresses) => {
                 server.follow_addresses();
+                continue;
+            }
+            Some(changes) = cgroups::changed(&mut control.cgroups) => {
+                server.follow_cgroups(control, changes);
                 continue;
             }
             done = async { successor.as_mut().expect("guarded").await }, if successor.is_some() => {
@@ -212,6 +224,27 @@ impl Server<'_, '_> {
     fn follow_addresses(&mut self) {
         if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
             addresses::follow(&mut self.config, &mut self.relays, steering);
+        }
+    }
+
+    /// A directory the selected cgroups are in changed: the selections follow what is
+    /// there now (while serving only, as the addresses).
+    fn follow_cgroups(&mut self, control: &mut Control<'_>, changes: cgroups::Changes) {
+        if let (Phase::Serving, Some(steering), Some(local)) = (
+            self.phase,
+            self.steering.as_deref_mut(),
+            self.config.local.as_ref(),
+        ) {
+            cgroups::follow(&mut control.cgroups, local, steering, changes);
+        }
+    }
+
+    /// After a reload, which may select other cgroups: their directories are watched too.
+    fn watch_cgroups(&self, control: &mut Control<'_>) {
+        if let (Some(watch), Some(local)) = (control.cgroups.as_mut(), self.config.local.as_ref()) {
+            if let Err(error) = watch.watch(local) {
+                log::warn!("{error:#}: its re-creation is not followed");
+            }
         }
     }
 

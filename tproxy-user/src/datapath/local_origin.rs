@@ -19,6 +19,12 @@
 //! fails (the program, and with it every link, is dropped). With `--pin` they are pinned
 //! instead, one file per program and cgroup (see `pin`), and a start over pinned state puts
 //! its programs on the pinned links in one step, as on the TCX links.
+//!
+//! A selected cgroup that is removed and created again (systemd does that when it restarts a
+//! unit) is a new directory, with a new id and without the programs: while serving, tproxy
+//! follows the selected cgroups' parent directories (`daemon::cgroups`) and puts the
+//! selections in force again with [`follow`], which attaches to the new directory and writes
+//! its id; meanwhile a selected cgroup that is missing selects nobody.
 
 use std::{
     collections::BTreeMap,
@@ -118,8 +124,9 @@ impl LocalOrigin {
         Ok(())
     }
 
-    /// The selection's entry for the programs' map, the cgroup ids read under `root`.
-    fn entry(&self, root: &Path) -> Result<Selection> {
+    /// The selection's entry for the programs' map, the cgroup ids read under `root`; a
+    /// cgroup that does not exist is refused, or, while it is `followed`, selects nobody.
+    fn entry(&self, root: &Path, followed: bool) -> Result<Selection> {
         self.check_size()?;
         let mut entry = Selection {
             in_use: 1,
@@ -131,11 +138,20 @@ impl LocalOrigin {
             return Ok(entry);
         }
         for (slot, path) in entry.cgroups.iter_mut().zip(&self.cgroups) {
-            let dir = cgroup_dir(root, path)?;
+            let level = Path::new(path).components().count() as u64 - 1;
+            let dir = match cgroup_dir(root, path) {
+                Ok(dir) => dir,
+                Err(error) if followed => {
+                    log::warn!("{error:#}: its processes are not steered until it is back");
+                    // No cgroup has id 0 (the root's is 1).
+                    *slot = SelectedCgroup { id: 0, level };
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let id = std::fs::metadata(&dir)
                 .with_context(|| format!("cgroup `{path}`: reading {}", dir.display()))?
                 .ino();
-            let level = Path::new(path).components().count() as u64 - 1;
             *slot = SelectedCgroup { id, level };
         }
         entry.cgroups_len = self.cgroups.len() as u32;
@@ -401,7 +417,7 @@ pub fn prepare(selections: &LocalSelections) -> Result<(PathBuf, LocalGlobals)> 
         whole_hierarchy(&root)?;
     }
     for (_, selection) in selections.used() {
-        selection.entry(&root)?;
+        selection.entry(&root, false)?;
     }
     let globals = LocalGlobals {
         own_cgroup: own_cgroup_id(&root)?,
@@ -460,17 +476,69 @@ pub(crate) type CgroupLinks = BTreeMap<String, Vec<CgroupLink>>;
 /// At start, and on a reload that changes the rules' selections. The links live as long as
 /// the program (see the module's documentation).
 pub fn apply(steering: &mut Steering, root: &Path, selections: &LocalSelections) -> Result<()> {
+    put_in_force(steering, root, selections, false)
+}
+
+/// Puts `selections` in force again after the selected cgroups changed: the links on the
+/// `removed` cgroups (gone, maybe already back as new directories) are dropped, and what is
+/// there now is attached to and its ids written. A selected cgroup that is missing selects
+/// nobody until it is back.
+pub fn follow(
+    steering: &mut Steering,
+    root: &Path,
+    selections: &LocalSelections,
+    removed: &[String],
+) -> Result<()> {
+    for path in removed {
+        if steering.cgroup_links().contains_key(path) {
+            log::info!("cgroup `{path}` was removed: its links go");
+            drop_links(steering, path)?;
+        }
+    }
+    put_in_force(steering, root, selections, true)
+}
+
+/// Detaches (or unpins) the programs' links on cgroup `path`. On a removed cgroup the kernel
+/// took them off already, and a detach error is expected.
+fn drop_links(steering: &mut Steering, path: &str) -> Result<()> {
+    let links = steering.cgroup_links_mut().remove(path).unwrap_or_default();
+    for link in links {
+        match link {
+            CgroupLink::Owned(name, link) => {
+                if let Err(error) = sock_addr_program(steering, name)?.detach(link) {
+                    log::debug!("detaching {name} from cgroup `{path}`: {error}");
+                }
+            }
+            CgroupLink::Pinned(pin) => unpin(&pin),
+        }
+    }
+    Ok(())
+}
+
+fn put_in_force(
+    steering: &mut Steering,
+    root: &Path,
+    selections: &LocalSelections,
+    followed: bool,
+) -> Result<()> {
     // Everything that can be refused, before anything changes.
     let mut entries = [Selection::default(); MAX_SELECTIONS];
     for (index, selection) in selections.used() {
-        entries[index] = selection.entry(root)?;
+        entries[index] = selection.entry(root, followed)?;
     }
     let wanted = selections.attach_points();
-    let dirs: Vec<(String, PathBuf)> = wanted
+    let mut dirs: Vec<(String, PathBuf)> = Vec::new();
+    for path in wanted
         .iter()
         .filter(|path| !steering.cgroup_links().contains_key(*path))
-        .map(|path| Ok((path.clone(), cgroup_dir(root, path)?)))
-        .collect::<Result<_>>()?;
+    {
+        match cgroup_dir(root, path) {
+            Ok(dir) => dirs.push((path.clone(), dir)),
+            // Warned about with its entry.
+            Err(_) if followed => {}
+            Err(error) => return Err(error),
+        }
+    }
     // The selections first, the attachments after: a process of a new cgroup is decided by
     // the new selections from its first connect.
     let map = steering
@@ -492,6 +560,9 @@ pub fn apply(steering: &mut Steering, root: &Path, selections: &LocalSelections)
             let pin = pinned.as_ref().map(|pinned| pinned.cgroup_link(id, name));
             links.push(attach_program(steering, name, path, dir, pin)?);
         }
+        if followed {
+            log::info!("attached to cgroup `{path}`");
+        }
         steering.cgroup_links_mut().insert(path.clone(), links);
     }
     let gone: Vec<String> = steering
@@ -501,20 +572,7 @@ pub fn apply(steering: &mut Steering, root: &Path, selections: &LocalSelections)
         .cloned()
         .collect();
     for path in gone {
-        let links = steering
-            .cgroup_links_mut()
-            .remove(&path)
-            .unwrap_or_default();
-        for link in links {
-            match link {
-                CgroupLink::Owned(name, link) => {
-                    if let Err(error) = sock_addr_program(steering, name)?.detach(link) {
-                        log::warn!("detaching {name} from cgroup `{path}`: {error}");
-                    }
-                }
-                CgroupLink::Pinned(pin) => unpin(&pin),
-            }
-        }
+        drop_links(steering, &path)?;
     }
     if let Some(pinned) = &pinned {
         // An earlier instance's links on cgroups no longer selected (or removed and created
@@ -656,13 +714,13 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             uids,
         };
         let root = std::env::temp_dir();
-        let entry = selection(vec![one]).entry(&root).unwrap();
+        let entry = selection(vec![one]).entry(&root, false).unwrap();
         assert_eq!(
             (entry.uids[0], entry.uids_len, entry.cgroups_len),
             (one, 1, 0)
         );
         let error = selection(vec![one; MAX_UID_RANGES + 1])
-            .entry(&root)
+            .entry(&root, false)
             .unwrap_err();
         assert!(error
             .to_string()
@@ -706,13 +764,20 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     fn a_cgroup_entry_has_its_directory_id_and_level() {
         let root = std::env::temp_dir().join(format!("tproxy-selection-{}", std::process::id()));
         std::fs::create_dir_all(root.join("a/b")).unwrap();
-        let entry = LocalOrigin::new(vec!["/a/b".into()], Vec::new())
-            .entry(&root)
-            .unwrap();
+        let selection = LocalOrigin::new(vec!["/a/b".into()], Vec::new());
+        let entry = selection.entry(&root, false).unwrap();
         let id = std::fs::metadata(root.join("a/b")).unwrap().ino();
         assert_eq!(
             (entry.cgroups_len, entry.cgroups[0]),
             (1, SelectedCgroup { id, level: 2 })
+        );
+        // Removed: refused at start and on a reload; while followed, it selects nobody.
+        std::fs::remove_dir(root.join("a/b")).unwrap();
+        assert!(selection.entry(&root, false).is_err());
+        let entry = selection.entry(&root, true).unwrap();
+        assert_eq!(
+            (entry.cgroups_len, entry.cgroups[0]),
+            (1, SelectedCgroup { id: 0, level: 2 })
         );
         std::fs::remove_dir_all(&root).unwrap();
     }
