@@ -58,7 +58,23 @@ pub(crate) fn reload(
             }
             if let (Some(root), Some(local)) = (&local_root, &new.local) {
                 // The rules of the new selections are in force: now the selections.
-                crate::datapath::local_origin::apply(steering, root, local)?;
+                let applied = crate::datapath::local_origin::apply(steering, root, local);
+                if let Err(error) = applied {
+                    // Refused whole: the rules and selections in force stay (the rules back
+                    // first, before the new listeners they name go).
+                    if let Err(restoring) = reinstall_rules(current, relays, steering) {
+                        log::error!("restoring the rules in force: {restoring:#}");
+                    }
+                    plan.unregister(steering);
+                    if let Some(current_local) = &current.local {
+                        let restored =
+                            crate::datapath::local_origin::apply(steering, root, current_local);
+                        if let Err(restoring) = restored {
+                            log::error!("restoring the selections in force: {restoring:#}");
+                        }
+                    }
+                    return Err(error);
+                }
             }
             relays.retired = retired;
             relays.commit(plan, Some(steering))?;

@@ -558,7 +558,16 @@ fn put_in_force(
         let mut links = Vec::new();
         for name in PROGRAMS {
             let pin = pinned.as_ref().map(|pinned| pinned.cgroup_link(id, name));
-            links.push(attach_program(steering, name, path, dir, pin)?);
+            match attach_program(steering, name, path, dir, pin) {
+                Ok(link) => links.push(link),
+                Err(error) => {
+                    // None of a cgroup's programs without the others, and no link left
+                    // untracked.
+                    steering.cgroup_links_mut().insert(path.clone(), links);
+                    drop_links(steering, path)?;
+                    return Err(error);
+                }
+            }
         }
         if followed {
             log::info!("attached to cgroup `{path}`");

@@ -28,6 +28,10 @@ pub(super) fn flatten(
     let Some(rules) = ruleset.chains.get(chain) else {
         return;
     };
+    // The gotos met so far in this chain, with what they take: their packets never come
+    // back to the rules after them here. (A rule they take only in part keeps its place
+    // after the goto's own rule for what it leaves undecided, which comes first.)
+    let mut gone_to: Vec<(usize, Match)> = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let rule = match rule {
             Ok(rule) => rule,
@@ -64,6 +68,17 @@ pub(super) fn flatten(
                 continue;
             }
         };
+        if let Some((line, _)) = gone_to
+            .iter()
+            .find(|(_, taken)| !taken.excludes() && covers(taken, &matches))
+        {
+            notes.push(format!(
+                "line {}: `{}` never matches: line {line}'s goto takes all of its packets \
+                 elsewhere first; left out",
+                rule.line, rule.text
+            ));
+            continue;
+        }
         match &rule.target {
             Target::Jump(target) | Target::Goto(target) if depth < 8 => {
                 let start = out.len();
@@ -82,6 +97,7 @@ pub(super) fn flatten(
                         ) && !r.matches.excludes()
                             && covers(&r.matches, &matches)
                     });
+                    gone_to.push((rule.line, matches.clone()));
                     if !decided {
                         out.push(Ok(Parsed {
                             text: format!("what `{}` leaves undecided", rule.text),

@@ -1756,3 +1756,33 @@ COMMIT
         t.config
     );
 }
+
+/// A goto does not come back, in a jumped-to chain too: the rules after it in that chain
+/// never see its packets (before, line 8's DROP was written, and took 10.1.0.0/16 port 80,
+/// which iptables sends through Y back to PREROUTING's TPROXY).
+#[test]
+fn the_rules_after_a_goto_in_a_jumped_chain_never_see_its_packets() {
+    let t = translate(
+        "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:X - [0:0]
+:Y - [0:0]
+-A PREROUTING -j X
+-A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 7001 --tproxy-mark 0x1/0x1
+-A X -d 10.0.0.0/8 -g Y
+-A X -p tcp -d 10.1.0.0/16 --dport 80 -j DROP
+-A Y -p tcp -d 10.3.0.0/16 --dport 80 -j DROP
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(!t.config.contains("10.1.0.0/16"), "{}", t.config);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 8:") && n.contains("line 7's goto")),
+        "{:?}",
+        t.notes
+    );
+}
