@@ -1012,3 +1012,125 @@ fn a_selected_cgroup_created_again_is_followed() {
     tproxy.stop().unwrap();
     assert_eq!(cgroup.attached(CONNECT4).unwrap(), 0);
 }
+
+/// An HTTP server that answers every request with `name` as its body.
+fn http_server(netns: &tproxy_tests::Netns, at: SocketAddr, name: &'static str) -> Server {
+    Server::start(netns, at, move |mut stream| {
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            request.push(byte[0]);
+        }
+        let _ = write!(
+            stream,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+            name.len()
+        );
+    })
+    .unwrap()
+}
+
+/// A DNS server that answers every query with one A record, `answer`, until dropped.
+struct DnsServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DnsServer {
+    fn start(netns: &tproxy_tests::Netns, at: SocketAddr, answer: [u8; 4]) -> Self {
+        let socket = netns.run(move || std::net::UdpSocket::bind(at)).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            let mut query = [0u8; 512];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((len, from)) = socket.recv_from(&mut query) else {
+                    continue;
+                };
+                // The header and the question (name, type, class); what follows (EDNS) is
+                // left out of the answer.
+                let mut end = 12;
+                while end < len && query[end] != 0 {
+                    end += usize::from(query[end]) + 1;
+                }
+                let question_end = end + 5;
+                if question_end > len {
+                    continue;
+                }
+                let mut reply = query[..question_end].to_vec();
+                reply[2] = 0x81; // a response, recursion desired
+                reply[3] = 0x80; // recursion available, no error
+                reply[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]); // one answer
+                                                                   // The question's name (a pointer to it), A, IN, TTL 60, 4 bytes.
+                reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                reply.extend_from_slice(&answer);
+                let _ = socket.send_to(&reply, from);
+            }
+        });
+        DnsServer { stop }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The real clients the issue names: curl (TCP) and dig (UDP) in a selected cgroup reach
+/// the server they were given through tproxy (the upstream answers), and the same commands
+/// outside the cgroup go direct.
+#[test]
+fn curl_and_dig_in_the_cgroup_are_relayed_and_outside_it_go_direct() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("real").unwrap();
+    let _original_http = http_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let upstream_http = http_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let _original_dns = DnsServer::start(&topo.server, addr("10.10.2.2:53"), [192, 0, 2, 1]);
+    let _upstream_dns = DnsServer::start(&topo.server, addr("10.10.2.3:8080"), [192, 0, 2, 2]);
+    let _tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--tcp",
+            "80",
+            "--udp",
+            "53",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    let stdout = |output: std::process::Output| {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    let curl = ["-s", "--max-time", "10", "http://10.10.2.2/"];
+    let dig = ["+short", "+tries=1", "+time=5", "@10.10.2.2", "tproxy.test"];
+    assert_eq!(
+        stdout(cgroup.run(&topo.router, &[], "curl", &curl).unwrap()),
+        "upstream"
+    );
+    assert_eq!(
+        stdout(run_outside_cgroup(&topo.router, &[], "curl", &curl).unwrap()),
+        "original"
+    );
+    assert_eq!(
+        stdout(cgroup.run(&topo.router, &[], "dig", &dig).unwrap()),
+        "192.0.2.2"
+    );
+    assert_eq!(
+        stdout(run_outside_cgroup(&topo.router, &[], "dig", &dig).unwrap()),
+        "192.0.2.1"
+    );
+    assert_eq!(upstream_http.peers().len(), 1);
+}

@@ -35,6 +35,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("squid", "squid"),
     ("haproxy", "haproxy"),
     ("curl", "curl"),
+    // A real DNS client for the tests of local processes' UDP.
+    ("dig", "bind9-dnsutils"),
 ];
 
 pub fn run() -> Result<()> {
