@@ -1166,3 +1166,25 @@ COMMIT
     );
     assert_eq!(translated, original, "translated config:\n{config}");
 }
+
+/// A translation that `run` would refuse fails as `check` would, even with
+/// `--allow-skipped`: 40 source ports are more entries than the program tries one by one
+/// (before, translate exited 0 and `check` refused its output).
+#[test]
+fn a_translation_that_check_refuses_fails_with_checks_reason() {
+    let mut rules = String::from("*mangle\n");
+    for port in 1001..=1040 {
+        rules += &format!("-A PREROUTING -p udp --sport {port} -j DROP\n");
+    }
+    rules += "-A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 7001 --tproxy-mark 0x1/0x1\n\
+              COMMIT\n";
+    for flags in [&["translate"][..], &["translate", "--allow-skipped"]] {
+        let (status, _, stderr) = tproxy_with_input(flags, &rules).unwrap();
+        assert!(!status.success(), "{flags:?}: {stderr}");
+        assert!(
+            stderr.contains("refused as tproxy check would refuse it")
+                && stderr.contains("need 40 entries"),
+            "{flags:?}: {stderr}"
+        );
+    }
+}

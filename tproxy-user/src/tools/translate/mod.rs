@@ -68,6 +68,16 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
             translation.skipped.len()
         );
     }
+    // What `tproxy check` would say of it (limits such as the entries of the rules tried one
+    // by one are the configuration's): a translation that `run` refuses is no translation.
+    let checked = crate::config::RunArgs {
+        config: Some("translated.toml".into()),
+        ..Default::default()
+    };
+    crate::config::Config::from_text(&checked, &translation.config).context(
+        "the configuration printed is refused as tproxy check would refuse it; the rule set \
+         needs changes by hand",
+    )?;
     Ok(())
 }
 
