@@ -310,8 +310,8 @@ fn protocol_of(ip_protocol: u8) -> Protocol {
 }
 
 /// Writes the packet's source port (host order) where the rules tried one by one read it,
-/// ahead of [`match_rules`]: as soon as it is parsed, so that it is not one more value live
-/// across the parsing, which the classifier's stack has no room for.
+/// ahead of [`match_rules`] (in the per-CPU scratch, not as one more argument: the
+/// classifier's stack has no room for it).
 #[inline(always)]
 fn note_source_port(sport: u16) {
     if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
@@ -602,7 +602,6 @@ fn steer_ipv4<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     let Some([sport, dport]) = ports(ctx, l3 + header_len) else {
         return (protocol, Outcome::Unparsed);
     };
-    note_source_port(u16::from_be(sport));
     let flow = Flow {
         protocol,
         ipv6: false,
@@ -616,6 +615,8 @@ fn steer_ipv4<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     let rule = if LOOPBACK {
         loopback::recorded_v4(ctx, udp, &mut tuple, saddr, daddr, sport, dport)
     } else {
+        // The loopback program asks no rules: only the others need it.
+        note_source_port(u16::from_be(sport));
         match_rules(
             &RULES_DST_V4,
             &RULES_SRC_V4,
@@ -713,7 +714,6 @@ fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     let Some([sport, dport]) = ports(ctx, offset) else {
         return (protocol, Outcome::Unparsed);
     };
-    note_source_port(u16::from_be(sport));
     let flow = Flow {
         protocol,
         ipv6: true,
@@ -727,6 +727,8 @@ fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     let rule = if LOOPBACK {
         loopback::recorded_v6(ctx, udp, &mut tuple, &saddr, &daddr, sport, dport)
     } else {
+        // The loopback program asks no rules: only the others need it.
+        note_source_port(u16::from_be(sport));
         match_rules(
             &RULES_DST_V6,
             &RULES_SRC_V6,
