@@ -591,6 +591,15 @@ impl Server {
         })
     }
 
+    /// Reads the request to its end, then answers `name` (which server a flow reached).
+    pub fn named(netns: &Netns, addr: SocketAddr, name: &'static str) -> Result<Self> {
+        Self::start(netns, addr, move |mut stream| {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let _ = stream.write_all(name.as_bytes());
+        })
+    }
+
     /// Echoes everything back; on the client's end of stream, finishes echoing and closes.
     pub fn echo(netns: &Netns, addr: SocketAddr) -> Result<Self> {
         Self::start(netns, addr, |mut stream| {

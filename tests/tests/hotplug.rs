@@ -17,6 +17,17 @@ use tproxy_tests::{
 
 const DIAL: &str = env!("CARGO_BIN_EXE_dial");
 
+/// Waits until tproxy has attached to `iface` and put the rules in force for it (they are
+/// written after the attachment).
+fn in_force_on(tproxy: &mut Tproxy, iface: &str) {
+    tproxy
+        .wait_for_line(&format!("attached to {iface}"), Duration::from_secs(10))
+        .unwrap();
+    tproxy
+        .wait_for_line("rules in force for the interfaces", Duration::from_secs(10))
+        .unwrap();
+}
+
 /// Links a new namespace to the router as a container's veth would be: `eth0` inside,
 /// `router_iface` on the router, addresses 10.10.`subnet`.0/24.
 fn late_client(topo: &Topo, router_iface: &str, subnet: u8) -> Netns {
@@ -248,13 +259,7 @@ fn a_rule_naming_an_interface_applies_once_it_appears() {
     let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
     for round in 0..2 {
         let late = late_client(&topo, "hp-late", 3);
-        tproxy
-            .wait_for_line("attached to hp-late", Duration::from_secs(10))
-            .unwrap();
-        // The rule for it is written after the attachment.
-        tproxy
-            .wait_for_line("rules in force for the interfaces", Duration::from_secs(10))
-            .unwrap();
+        in_force_on(&mut tproxy, "hp-late");
         assert_eq!(
             peer_seen_by(&late, server.addr).unwrap(),
             Topo::router_as_seen_by_server(false),
@@ -355,14 +360,8 @@ fn local_rules_hold_while_interfaces_come_and_go() {
     require_root();
     let topo = Topo::new().unwrap();
     let cgroup = TestCgroup::new("hotplug").unwrap();
-    let named = |addr: &str, name: &'static str| {
-        Server::start(&topo.server, addr.parse().unwrap(), move |mut stream| {
-            let mut request = Vec::new();
-            let _ = stream.read_to_end(&mut request);
-            let _ = stream.write_all(name.as_bytes());
-        })
-        .unwrap()
-    };
+    let named =
+        |addr: &str, name| Server::named(&topo.server, addr.parse().unwrap(), name).unwrap();
     let _original = named("10.10.2.2:80", "original");
     let upstream = named("10.10.2.3:8080", "upstream");
     let config = ConfigFile::new(&format!(
@@ -396,13 +395,7 @@ fn local_rules_hold_while_interfaces_come_and_go() {
     assert_eq!(local(), "10.10.2.2:80 upstream", "before any interface");
     for round in 0..3 {
         let late = late_client(&topo, "hp-late", 3);
-        tproxy
-            .wait_for_line("attached to hp-late", Duration::from_secs(10))
-            .unwrap();
-        // The rule for it is written after the attachment.
-        tproxy
-            .wait_for_line("rules in force for the interfaces", Duration::from_secs(10))
-            .unwrap();
+        in_force_on(&mut tproxy, "hp-late");
         assert_eq!(arrival(&late), "upstream", "round {round}: hp-late's rule");
         assert_eq!(local(), "10.10.2.2:80 upstream", "round {round}: attached");
         drop(late);

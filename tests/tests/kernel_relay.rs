@@ -689,7 +689,7 @@ fn as_an_unprivileged_user_the_kernel_relay_pairs_and_unpairs() {
 fn pairs_made_while_other_connections_are_reset_mid_stream_are_all_relayed() {
     require_root();
     let topo = Topo::new().unwrap();
-    let mut tproxy = topo
+    let tproxy = topo
         .tproxy(&["--tcp", "80,81", "--tcp-relay", "kernel"])
         .unwrap();
     let echo = Server::echo(&topo.server, Topo::server_addr(false, 80)).unwrap();

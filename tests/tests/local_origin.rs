@@ -25,12 +25,7 @@ const SENDMSG6: u32 = 15;
 
 /// A server that reads the request to its end and answers `name`.
 fn named_server(netns: &tproxy_tests::Netns, addr: SocketAddr, name: &'static str) -> Server {
-    Server::start(netns, addr, move |mut stream| {
-        let mut request = Vec::new();
-        let _ = stream.read_to_end(&mut request);
-        let _ = stream.write_all(name.as_bytes());
-    })
-    .unwrap()
+    Server::named(netns, addr, name).unwrap()
 }
 
 fn addr(text: &str) -> SocketAddr {
