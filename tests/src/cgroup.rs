@@ -112,27 +112,42 @@ impl TestCgroup {
     }
 
     /// Removes this cgroup and creates it again, as systemd does when it restarts a unit: the
-    /// same path, a new directory (with a new id and nothing attached). The kernel may take
-    /// a moment to see the last process of a run gone, and refuses to remove it until then.
+    /// same path, a new directory (with a new id and nothing attached).
     pub fn recreate(&self) -> Result<()> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match std::fs::remove_dir(&self.dir) {
-                Ok(()) => break,
-                Err(error)
-                    if error.raw_os_error() == Some(libc::EBUSY)
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(error) => {
-                    return Err(error).with_context(|| format!("removing {}", self.dir.display()))
-                }
-            }
-        }
-        std::fs::create_dir(&self.dir)
-            .with_context(|| format!("creating {} again", self.dir.display()))
+        remove_when_empty(&self.dir)?;
+        create(&self.dir)
     }
+
+    /// As [`TestCgroup::recreate`], with its `parent` (which it is directly below) removed
+    /// and created again too.
+    pub fn recreate_with_parent(&self, parent: &TestCgroup) -> Result<()> {
+        remove_when_empty(&self.dir)?;
+        remove_when_empty(&parent.dir)?;
+        create(&parent.dir)?;
+        create(&self.dir)
+    }
+}
+
+/// Removes cgroup directory `dir`. The kernel may take a moment to see the last process of
+/// a run gone, and refuses to remove it until then.
+fn remove_when_empty(dir: &std::path::Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(error)
+                if error.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => return Err(error).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+}
+
+fn create(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir(dir).with_context(|| format!("creating {} again", dir.display()))
 }
 
 impl Drop for TestCgroup {

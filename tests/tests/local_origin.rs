@@ -1129,3 +1129,51 @@ fn curl_and_dig_in_the_cgroup_are_relayed_and_outside_it_go_direct() {
     );
     assert_eq!(upstream_http.peers().len(), 1);
 }
+
+/// A selected cgroup whose parent (not selected) is removed and created again with it is
+/// followed too: the parent's directory is watched from above, and the programs go to the
+/// new child (before, the watch went with the parent and the cgroup stayed unsteered until
+/// a restart; found by the hostile test).
+#[test]
+fn a_selected_cgroup_created_again_with_its_parent_is_followed() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let parent = TestCgroup::new("parent").unwrap();
+    let cgroup = parent.child("selected").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let mut tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    let dial = || {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(dial(), "10.10.2.2:80 upstream");
+    for round in 0..2 {
+        cgroup.recreate_with_parent(&parent).unwrap();
+        tproxy
+            .wait_for_line(
+                &format!("attached to cgroup `{}`", cgroup.path),
+                std::time::Duration::from_secs(10),
+            )
+            .unwrap();
+        assert_eq!(dial(), "10.10.2.2:80 upstream", "round {round}");
+    }
+    tproxy.stop().unwrap();
+    assert_eq!(cgroup.attached(CONNECT4).unwrap(), 0);
+}

@@ -8,7 +8,7 @@
 //! read again, so that bursts and a full event queue are handled the same way.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd, AsRawFd, RawFd},
     path::{Path, PathBuf},
 };
@@ -38,6 +38,8 @@ pub(crate) struct Changes {
     pub(crate) removed: Vec<String>,
     /// Whether events were lost: any cgroup may have been removed.
     pub(crate) overflowed: bool,
+    /// Whether a selected cgroup or one above it was created or removed.
+    relevant: bool,
 }
 
 /// A watch on the directories the selected cgroups are in.
@@ -46,6 +48,9 @@ pub(crate) struct CgroupWatch {
     root: PathBuf,
     /// The watched directories, as cgroup paths (`/` for the root), by watch.
     parents: BTreeMap<WatchDescriptor, String>,
+    /// The selected cgroups and the cgroups above them: only their creation or removal is
+    /// a change (the root's other children come and go all the time).
+    on_path: BTreeSet<String>,
 }
 
 impl CgroupWatch {
@@ -62,6 +67,7 @@ impl CgroupWatch {
             fd,
             root: root.to_path_buf(),
             parents: BTreeMap::new(),
+            on_path: BTreeSet::new(),
         };
         watch.watch(selections)?;
         Ok(watch)
@@ -74,32 +80,41 @@ impl CgroupWatch {
     pub(crate) fn watch(&mut self, selections: &LocalSelections) -> Result<()> {
         for (_, selection) in selections.used() {
             for cgroup in &selection.cgroups {
-                let Some(parent) = parent_of(cgroup) else {
-                    continue;
-                };
-                if self.parents.values().any(|watched| *watched == parent) {
-                    continue;
+                // Every directory above it: an ancestor removed and created again takes the
+                // watches below it along, and its creation is seen only from above.
+                self.on_path.insert(cgroup.clone());
+                let mut child = cgroup.clone();
+                while let Some(parent) = parent_of(&child) {
+                    self.on_path.insert(parent.clone());
+                    child = parent.clone();
+                    self.watch_dir(cgroup, parent)?;
                 }
-                let dir = self.root.join(parent.trim_start_matches('/'));
-                if !dir.is_dir() {
-                    continue;
-                }
-                let descriptor = self
-                    .fd
-                    .get_ref()
-                    .0
-                    .add_watch(
-                        &dir,
-                        AddWatchFlags::IN_CREATE
-                            | AddWatchFlags::IN_DELETE
-                            | AddWatchFlags::IN_MOVED_FROM
-                            | AddWatchFlags::IN_MOVED_TO
-                            | AddWatchFlags::IN_ONLYDIR,
-                    )
-                    .with_context(|| format!("watching {} for cgroup `{cgroup}`", dir.display()))?;
-                self.parents.insert(descriptor, parent);
             }
         }
+        Ok(())
+    }
+
+    /// Watches the directory of cgroup path `parent` (for the selected `cgroup`) unless it is
+    /// watched already or not there.
+    fn watch_dir(&mut self, cgroup: &str, parent: String) -> Result<()> {
+        let dir = self.root.join(parent.trim_start_matches('/'));
+        if self.parents.values().any(|watched| *watched == parent) || !dir.is_dir() {
+            return Ok(());
+        }
+        let descriptor = self
+            .fd
+            .get_ref()
+            .0
+            .add_watch(
+                &dir,
+                AddWatchFlags::IN_CREATE
+                    | AddWatchFlags::IN_DELETE
+                    | AddWatchFlags::IN_MOVED_FROM
+                    | AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_ONLYDIR,
+            )
+            .with_context(|| format!("watching {} for cgroup `{cgroup}`", dir.display()))?;
+        self.parents.insert(descriptor, parent);
         Ok(())
     }
 }
@@ -143,18 +158,23 @@ pub(crate) async fn changed(watch: &mut Option<CgroupWatch>) -> Option<Changes> 
                         watch.parents.remove(&event.wd);
                         continue;
                     }
+                    let (Some(parent), Some(name)) = (watch.parents.get(&event.wd), &event.name)
+                    else {
+                        continue;
+                    };
+                    let child = child_of(parent, &name.to_string_lossy());
+                    if !watch.on_path.contains(&child) {
+                        continue;
+                    }
+                    changes.relevant = true;
                     let gone = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
-                    if let (true, Some(parent), Some(name)) = (
-                        event.mask.intersects(gone),
-                        watch.parents.get(&event.wd),
-                        &event.name,
-                    ) {
-                        changes
-                            .removed
-                            .push(child_of(parent, &name.to_string_lossy()));
+                    if event.mask.intersects(gone) {
+                        changes.removed.push(child);
                     }
                 }
-                return Some(changes);
+                if changes.relevant || changes.overflowed {
+                    return Some(changes);
+                }
             }
             Ok(Err(error)) => {
                 log::warn!("reading the selected cgroups' events: {error}");

@@ -489,11 +489,22 @@ pub fn follow(
     selections: &LocalSelections,
     removed: &[String],
 ) -> Result<()> {
-    for path in removed {
-        if steering.cgroup_links().contains_key(path) {
-            log::info!("cgroup `{path}` was removed: its links go");
-            drop_links(steering, path)?;
-        }
+    // A removed cgroup takes the cgroups below it along.
+    let below = |attached: &str, path: &str| {
+        attached == path
+            || attached
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    let gone: Vec<String> = steering
+        .cgroup_links()
+        .keys()
+        .filter(|attached| removed.iter().any(|path| below(attached, path)))
+        .cloned()
+        .collect();
+    for path in gone {
+        log::info!("cgroup `{path}` was removed: its links go");
+        drop_links(steering, &path)?;
     }
     put_in_force(steering, root, selections, true)
 }
