@@ -38,10 +38,12 @@ fn slow_server(topo: &Topo, chunks: usize) -> Server {
 }
 
 /// Starts the transfer from the client; the thread returns whether every byte arrived intact.
+/// The request is written before the thread starts: written from the thread, it could come after
+/// a stop the test had already signalled and fail for another reason than the one tested.
 fn transfer(topo: &Topo, chunks: usize) -> thread::JoinHandle<Result<(), String>> {
     let mut stream = topo.client.connect(Topo::server_addr(false, 80)).unwrap();
+    stream.write_all(b"L").unwrap();
     thread::spawn(move || {
-        stream.write_all(b"L").map_err(|e| e.to_string())?;
         let got = digest_to_eof(&mut stream).map_err(|e| format!("transfer broke: {e}"))?;
         let want = digest(&payload(chunks * CHUNK, 7));
         if got != want {
