@@ -48,11 +48,12 @@ fn slow_or_echo_server(topo: &Topo) -> Server {
     .unwrap()
 }
 
-/// Starts the long transfer; the thread returns whether every byte arrived intact.
+/// Starts the long transfer; the thread returns whether every byte arrived intact. The request
+/// is written before the thread starts, so it cannot come after a stop the test signals next.
 fn long_transfer(topo: &Topo) -> thread::JoinHandle<Result<(), String>> {
     let mut stream = topo.client.connect(Topo::server_addr(false, 80)).unwrap();
+    stream.write_all(b"L").unwrap();
     thread::spawn(move || {
-        stream.write_all(b"L").map_err(|e| e.to_string())?;
         let got = digest_to_eof(&mut stream).map_err(|e| format!("transfer broke: {e}"))?;
         let want = digest(&payload(CHUNKS * CHUNK, 7));
         if got != want {
