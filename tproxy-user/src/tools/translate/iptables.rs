@@ -287,6 +287,13 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         }
         "--mark" if negated => m.not_marks.push(parse_mark_match(value)?),
         "--mark" => m.mark = Some(parse_mark_match(value)?),
+        "--tcp-flags" => {
+            return Err(
+                "option `--tcp-flags`: a match on a flow's first packet (tproxy's rules are asked \
+                 for every packet of a flow it does not steer, replies included)"
+                    .into(),
+            )
+        }
         other => return Err(format!("option `{other}`")),
     }
     Ok(())

@@ -1917,3 +1917,45 @@ COMMIT
     };
     crate::config::Config::from_text(&checked, &t.config).unwrap();
 }
+
+/// v2rayA's marking of each flow's first packet (TCP SYN, conntrack NEW), kept for the flow
+/// in the connmark, is reported rather than read as steering: tproxy keeps a steered flow's
+/// decision too (its socket is looked up first), but asks its rules again for every packet
+/// of a flow it leaves alone, replies included, which the original never marks.
+#[test]
+fn marking_a_flows_first_packet_in_the_connmark_is_reported() {
+    let t = translate(
+        "\
+*mangle
+:TP_MARK - [0:0]
+:TP_RULE - [0:0]
+-A PREROUTING -i eth0 -j TP_RULE
+-A PREROUTING -p tcp -m mark --mark 0x40/0xc0 -j TPROXY --on-port 32345 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A TP_MARK -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x40/0x40
+-A TP_MARK -p udp -m conntrack --ctstate NEW -j MARK --set-xmark 0x40/0x40
+-A TP_MARK -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A TP_RULE -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A TP_RULE -m mark --mark 0x40/0xc0 -j RETURN
+-A TP_RULE -d 10.0.0.0/8 -j RETURN
+-A TP_RULE -j TP_MARK
+COMMIT
+",
+    )
+    .unwrap();
+    let lines: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        ["line 9", "line 10", "line 11", "line 6", "line 7", "line 8"],
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped[3].contains("a match on a flow's first packet"),
+        "{:?}",
+        t.skipped
+    );
+}
