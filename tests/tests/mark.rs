@@ -128,9 +128,13 @@ COMMIT
 
 /// For each case: whether the TCP probe and the UDP probe were intercepted (their server saw
 /// the router instead of the client), with the marker of the case attached meanwhile.
-fn probe_each_mark(topo: &Topo, udp_server: &UdpEcho) -> Vec<(Option<u32>, bool, bool)> {
+fn probe_each_mark(
+    topo: &Topo,
+    udp_server: &UdpEcho,
+    cases: &[(Option<u32>, bool, bool)],
+) -> Vec<(Option<u32>, bool, bool)> {
     let router = Topo::router_as_seen_by_server(false);
-    CASES
+    cases
         .iter()
         .map(|&(mark, ..)| {
             let _marker = mark.map(|mark| {
@@ -175,7 +179,7 @@ fn mark_rules_steer_what_iptables_mark_matches_steer() {
         .unwrap();
     let mut relay =
         Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
-    let original = probe_each_mark(&topo, &udp_server);
+    let original = probe_each_mark(&topo, &udp_server, CASES);
     relay.stop().unwrap();
     topo.router
         .ip(&["rule", "del", "fwmark", "0x1/0x1", "lookup", "100"])
@@ -184,7 +188,7 @@ fn mark_rules_steer_what_iptables_mark_matches_steer() {
     assert_eq!(original, CASES, "what iptables steers");
 
     let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
-    let translated = probe_each_mark(&topo, &udp_server);
+    let translated = probe_each_mark(&topo, &udp_server, CASES);
     assert_eq!(translated, original, "translated config:\n{text}");
 
     // A mark set by netfilter, after tc ingress, is not the mark tproxy sees.
@@ -242,4 +246,78 @@ origin = "local"
         let (status, _, stderr) = check(matches, "forwarded");
         assert!(status.success(), "{matches}: {stderr}");
     }
+}
+
+/// The client's marks, and what the negated rules below do with each: TCP is left alone
+/// unless the bits 0x30 are 0x10, UDP steered unless the bits 0xf0 are 0x20.
+const NEGATED_CASES: &[(Option<u32>, bool, bool)] = &[
+    (None, false, true),
+    (Some(0x10), true, true),
+    (Some(0x20), false, false),
+    (Some(0x30), false, true),
+    (Some(0x110), true, true),
+    (Some(0x120), false, false),
+    (Some(0x1f0), false, true),
+];
+
+/// v2rayA's `-m mark ! --mark 0x40/0xc0 -j RETURN` in the same form, and an excluded mark on
+/// a TPROXY rule.
+const NEGATED_RULES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -p tcp -m mark ! --mark 0x10/0x30 -j RETURN
+-A PREROUTING -i to-client -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-client -p udp -m mark ! --mark 0x20/0xf0 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+/// An excluded mark, translated into a rule per bit that differs from it, steers what
+/// iptables' `-m mark ! --mark` steers, for marks that differ in one bit, in several, and in
+/// bits outside the mask only.
+#[test]
+fn negated_mark_rules_steer_what_iptables_steers() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tcp_server = Server::tell_peer(&topo.server, TCP.parse().unwrap()).unwrap();
+    let udp_server = UdpEcho::start(&topo.server, UDP.parse().unwrap()).unwrap();
+    let (status, text, stderr) = tproxy_with_input(&["translate"], NEGATED_RULES).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    for piece in [
+        "0x0/0x10",
+        "0x20/0x20",
+        "0x0/0x20",
+        "0x10/0x10",
+        "0x40/0x40",
+        "0x80/0x80",
+    ] {
+        assert!(
+            text.contains(&format!("mark = \"{piece}\"")),
+            "{piece}: {text}"
+        );
+    }
+    let config = ConfigFile::new(&text).unwrap();
+
+    restore_iptables(&topo.router, NEGATED_RULES).unwrap();
+    topo.router
+        .ip(&["rule", "add", "fwmark", "0x1/0x1", "lookup", "100"])
+        .unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = probe_each_mark(&topo, &udp_server, NEGATED_CASES);
+    relay.stop().unwrap();
+    topo.router
+        .ip(&["rule", "del", "fwmark", "0x1/0x1", "lookup", "100"])
+        .unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(original, NEGATED_CASES, "what iptables steers");
+
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = probe_each_mark(&topo, &udp_server, NEGATED_CASES);
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
 }

@@ -38,6 +38,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let (mut flat, guard) = own_mark::guard(flat);
     let (local_flat, local_guard) = own_mark::guard(local_flat);
     let guard = local::one_guard(guard, local_guard, &mut skipped);
+    let local_flat = local::marks_refused(local_flat);
     local::leave_out_loopback(&mut flat, &local_flat, &mut notes);
     flat.extend(local_flat);
     let flat: Vec<Parsed> = negation::open(flat, &mut notes)
@@ -511,20 +512,34 @@ fn first_come(
 /// `kept` without the rules whose mark needs bits of the `routing` mark, which tproxy's
 /// rules do not see (see `datapath::rules::effective_mark`): they are reported.
 fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<String>) -> Vec<Rule> {
+    let unseen_mark = |rule: &Parsed| {
+        rule.matches
+            .mark
+            .filter(|mark| mark.value & routing.mask != 0 || mark.mask & !routing.mask == 0)
+    };
+    let mut unseen_lines = BTreeSet::new();
+    for (rule, _) in &kept {
+        if let Some(mark) = unseen_mark(rule) {
+            skipped.push(format!(
+                "line {}: {}: its mark {mark} looks at the bits of the routing mark \
+                 {routing}, which tproxy sets itself and its rules do not see",
+                rule.line, rule.text
+            ));
+            unseen_lines.insert(rule.line);
+        }
+    }
+    // An excluded mark is several rules from one line (see `negation`): without one of
+    // them the others would not do what the line does.
     kept.into_iter()
         .filter(|(rule, _)| {
-            let Some(mark) = rule.matches.mark else {
-                return true;
-            };
-            let seen = mark.value & routing.mask == 0 && mark.mask & !routing.mask != 0;
-            if !seen {
+            let partial = unseen_lines.contains(&rule.line);
+            if partial && unseen_mark(rule).is_none() {
                 skipped.push(format!(
-                    "line {}: {}: its mark {mark} looks at the bits of the routing mark \
-                     {routing}, which tproxy sets itself and its rules do not see",
-                    rule.line, rule.text
+                    "line {}: {}: left out as well: another part of line {} is reported above",
+                    rule.line, rule.text, rule.line
                 ));
             }
-            seen
+            !partial
         })
         .collect()
 }

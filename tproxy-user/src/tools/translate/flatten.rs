@@ -279,6 +279,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         not_src: union(&context.not_src, &rule.not_src),
         not_iface: union(&context.not_iface, &rule.not_iface),
         mark,
+        not_marks: union(&context.not_marks, &rule.not_marks),
         local: context.local || rule.local,
         uids,
         cgroups,

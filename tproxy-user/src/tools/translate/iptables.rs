@@ -285,11 +285,29 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                     .into(),
             )
         }
-        "--mark" if negated => return Err("negated match `-m mark`".into()),
+        "--mark" if negated => m.not_marks.push(parse_mark_match(value)?),
         "--mark" => m.mark = Some(parse_mark_match(value)?),
+        "--tcp-flags" => {
+            return Err(
+                "option `--tcp-flags`: a match on a flow's first packet (tproxy's rules are asked \
+                 for every packet of a flow it does not steer, replies included)"
+                    .into(),
+            )
+        }
         other => return Err(format!("option `{other}`")),
     }
     Ok(())
+}
+
+/// Whether a TPROXY mark is `0x0/0x0`, which changes no bit (another value XORs bits in even
+/// under mask 0).
+fn zero_mark(text: &str) -> bool {
+    text.split_once('/').is_some_and(|(value, mask)| {
+        [value, mask].iter().all(|n| {
+            let digits = n.trim_start_matches("0x");
+            !digits.is_empty() && digits.chars().all(|c| c == '0')
+        })
+    })
 }
 
 /// `--uid-owner`'s user: a uid or a range of them (`iptables-save` writes numbers).
@@ -353,6 +371,8 @@ fn parse_target(
                         .map_err(|_| format!("--on-ip {}", w[i + 1]))?,
                 );
             }
+            // 0/0 leaves the mark as it is: the packets are routed by the mark they carry.
+            "--tproxy-mark" if zero_mark(&value(i)?) => mark = None,
             "--tproxy-mark" => mark = Some(full_mark(&value(i)?)?),
             "--set-mark" | "--set-xmark" => set_mark = Some(full_mark(&value(i)?)?),
             "--mark" => {}

@@ -253,6 +253,26 @@ pub(super) fn leave_out_loopback(
     });
 }
 
+/// `local` with its rules that match a mark reported, the loop guard taken out already:
+/// tproxy's rules for local connections match no mark (only its `socket_mark`, one exact
+/// mark, is never steered).
+pub(super) fn marks_refused(local: Vec<Flat>) -> Vec<Flat> {
+    local
+        .into_iter()
+        .map(|rule| match rule {
+            Ok(rule) if rule.matches.mark.is_some() || !rule.matches.not_marks.is_empty() => {
+                Err(format!(
+                    "line {}: {}: a mark match on locally generated traffic (tproxy's rules for \
+                     local connections match no mark; only its socket_mark, one exact mark, is \
+                     never steered)",
+                    rule.line, rule.text
+                ))
+            }
+            rule => rule,
+        })
+        .collect()
+}
+
 /// The one loop guard of the translation: PREROUTING's, OUTPUT's, or both when they agree
 /// (tproxy has one `socket_mark`); a second guard with another mark is reported.
 pub(super) fn one_guard(

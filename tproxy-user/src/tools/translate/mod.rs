@@ -125,6 +125,9 @@ struct Match {
     /// The packet mark matched (`-m mark --mark`, nft `meta mark`): a proxy's loop guard
     /// becomes the socket mark, others the rule's `mark` (see `own_mark`).
     mark: Option<Mark>,
+    /// Marks the rule excludes (`-m mark ! --mark`, nft `meta mark !=`): opened into
+    /// positive mark matches (see `negation`).
+    not_marks: Vec<Mark>,
     /// The destination is one of the host's own addresses (`-m addrtype --dst-type LOCAL`,
     /// nft `fib daddr type local`): `dst` is then empty, and the rule a bypass written with
     /// `dst = "local"`, which tproxy keeps up to date with the addresses.
@@ -143,7 +146,10 @@ struct Match {
 
 impl Match {
     fn excludes(&self) -> bool {
-        !(self.not_dst.is_empty() && self.not_src.is_empty() && self.not_iface.is_empty())
+        !(self.not_dst.is_empty()
+            && self.not_src.is_empty()
+            && self.not_iface.is_empty()
+            && self.not_marks.is_empty())
     }
 }
 

@@ -7,6 +7,11 @@
 //! interface keeps the rule's destination and ports and comes first in the configuration.
 //! The bypass is what the fall-through would do only when no later rule could steer or drop
 //! those packets; otherwise the rule is reported instead.
+//!
+//! An excluded mark needs no fall-through: `mark & M != V` is "one of the bits under M
+//! differs from V's", so the rule becomes one rule per such bit, each with that bit as its
+//! `mark` (`! --mark 0x40/0xc0`: `0x0/0x40` and `0x80/0x80`), all with the rule's action.
+//! Only a mask of more than [`MARK_PIECES`] bits (`! --mark 0xff`) takes a hole instead.
 
 use ipnet::IpNet;
 
@@ -15,6 +20,11 @@ use super::{
     precedence::{iface_covers, ifaces_overlap, overlaps},
     Family, Match, Parsed, Target,
 };
+use crate::values::Mark;
+
+/// The most rules an excluded mark becomes (one per bit under its mask) before it is opened
+/// into a hole instead: each is a rule with a mark, which tproxy tries one by one.
+const MARK_PIECES: usize = 8;
 
 /// `flat` (in order, jumps inlined) with every rule that excludes something opened into its
 /// holes and itself, or into why it cannot be.
@@ -38,10 +48,10 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
         let steers_later = flat[i + 1..].iter().flatten().find(|later| {
             // A later rule's own exclusions only narrow it: its rule without them is enough
             // to compare with, unless it never matches at all.
-            let later_matches = match holes_and_rest(later) {
-                Some((_, rest)) => rest.matches,
-                None => return false,
-            };
+            if holes_and_rest(later).is_none() {
+                return false;
+            }
+            let later_matches = without_exclusions(&later.matches);
             matches!(later.target, Target::Tproxy { .. } | Target::Drop)
                 && holes
                     .iter()
@@ -56,9 +66,20 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
             continue;
         }
         out.extend(holes.into_iter().map(Ok));
-        out.push(Ok(rest));
+        out.extend(rest.into_iter().map(Ok));
     }
     out
+}
+
+/// What `m` matches, its exclusions aside.
+fn without_exclusions(m: &Match) -> Match {
+    Match {
+        not_dst: Vec::new(),
+        not_src: Vec::new(),
+        not_iface: Vec::new(),
+        not_marks: Vec::new(),
+        ..m.clone()
+    }
 }
 
 /// How the text of a bypass rule for what a rule excludes begins.
@@ -70,9 +91,110 @@ pub(super) fn is_hole(rule: &Parsed) -> bool {
     rule.text.starts_with(HOLE) && rule.target == Target::Bypass
 }
 
-/// The bypass rules for what `rule` excludes, and `rule` without its exclusions; `None` when
-/// it excludes all it matches.
-fn holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Parsed)> {
+/// The bypass rules for what `rule` excludes, and `rule` without its exclusions (one rule
+/// per mark it may carry when it excludes marks); `None` when it excludes all it matches.
+fn holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Vec<Parsed>)> {
+    let (mut holes, marked) = mark_holes_and_pieces(rule);
+    let mut rest = Vec::new();
+    for piece in marked {
+        if let Some((piece_holes, piece_rest)) = address_holes_and_rest(&piece) {
+            holes.extend(piece_holes);
+            rest.push(piece_rest);
+        }
+    }
+    (!rest.is_empty()).then_some((holes, rest))
+}
+
+/// `rule` as rules without excluded marks: one per mark it may carry (see [`mark_pieces`]),
+/// or, past [`MARK_PIECES`] of them, itself with a hole for each excluded mark.
+fn mark_holes_and_pieces(rule: &Parsed) -> (Vec<Parsed>, Vec<Parsed>) {
+    let m = &rule.matches;
+    if m.not_marks.is_empty() {
+        return (Vec::new(), vec![rule.clone()]);
+    }
+    let with_mark = |mark: Option<Mark>| Parsed {
+        matches: Match {
+            mark,
+            not_marks: Vec::new(),
+            ..m.clone()
+        },
+        ..rule.clone()
+    };
+    let pieces = mark_pieces(m.mark, &m.not_marks);
+    if pieces.len() <= MARK_PIECES {
+        return (Vec::new(), pieces.into_iter().map(with_mark).collect());
+    }
+    let rest = with_mark(m.mark);
+    let holes = m
+        .not_marks
+        .iter()
+        .filter_map(|&excluded| both_marks(m.mark, excluded))
+        .map(|mark| Parsed {
+            text: format!("{HOLE}{}` excludes", rule.text),
+            matches: Match {
+                mark: Some(mark),
+                ..without_exclusions(&rest.matches)
+            },
+            target: Target::Bypass,
+            ..rule.clone()
+        })
+        .collect();
+    (holes, vec![rest])
+}
+
+/// The marks a packet may carry to match `mark` (`None`: any) and none of `excluded`, as
+/// masked marks: a packet's mark avoids `V/M` when one bit under `M` differs from `V`'s, so
+/// each excluded mark splits each piece by those bits.
+fn mark_pieces(mark: Option<Mark>, excluded: &[Mark]) -> Vec<Option<Mark>> {
+    let mut pieces = vec![mark];
+    for &avoided in excluded {
+        let mut next: Vec<Option<Mark>> = Vec::new();
+        for piece in pieces {
+            let avoids =
+                piece.is_some_and(|p| (p.value ^ avoided.value) & p.mask & avoided.mask != 0);
+            let split: Vec<Option<Mark>> = if avoids {
+                vec![piece]
+            } else {
+                (0..32)
+                    .map(|bit| 1u32 << bit)
+                    .filter(|bit| avoided.mask & bit != 0)
+                    .filter_map(|bit| {
+                        let differs = Mark {
+                            value: !avoided.value & bit,
+                            mask: bit,
+                        };
+                        match piece {
+                            None => Some(Some(differs)),
+                            Some(p) => both_marks(Some(p), differs).map(Some),
+                        }
+                    })
+                    .collect()
+            };
+            for piece in split {
+                if !next.contains(&piece) {
+                    next.push(piece);
+                }
+            }
+        }
+        pieces = next;
+    }
+    pieces
+}
+
+/// The marks that match both `a` (`None`: any) and `b`; `None` when none do.
+fn both_marks(a: Option<Mark>, b: Mark) -> Option<Mark> {
+    let Some(a) = a else {
+        return Some(b);
+    };
+    ((a.value ^ b.value) & a.mask & b.mask == 0).then_some(Mark {
+        value: (a.value & a.mask) | (b.value & b.mask),
+        mask: a.mask | b.mask,
+    })
+}
+
+/// The bypass rules for the destinations, sources and interfaces `rule` excludes, and
+/// `rule` without them; `None` when it excludes all it matches.
+fn address_holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Parsed)> {
     let m = &rule.matches;
     let (dst, dst_holes) = cut(&m.dst, &m.not_dst, m.family)?;
     let (src, src_holes) = cut(&m.src, &m.not_src, m.family)?;

@@ -496,8 +496,8 @@ impl Rule<'_> {
 
     /// `meta mark`/`mark` at `w[i]`: setting it goes with a TPROXY; a match is one exact
     /// mark (`mark 0xff`, `mark == 0xff`) or the bits under a mask (`mark & 0xf0 == 0x10`),
-    /// which may be a loop guard (see `own_mark`). Other mark expressions (`!=`, sets,
-    /// ranges) cannot be translated.
+    /// which may be a loop guard (see `own_mark`), or not (`!=`, see `negation`). Other mark
+    /// expressions (sets, ranges) cannot be translated.
     fn mark(&mut self, i: usize) -> Result<usize, String> {
         let w = &self.w;
         let mut at = if w[i] == "meta" { i + 2 } else { i + 1 };
@@ -517,7 +517,8 @@ impl Rule<'_> {
             mask = Some(number(at + 1).ok_or(unsupported)?);
             at += 2;
         }
-        if w.get(at).is_some_and(|x| x == "==") {
+        let negated = w.get(at).is_some_and(|x| x == "!=");
+        if w.get(at).is_some_and(|x| x == "==" || x == "!=") {
             at += 1;
         }
         let value = number(at).ok_or(unsupported)?;
@@ -525,7 +526,11 @@ impl Rule<'_> {
             Some(mask) => format!("{value}/{mask}"),
             None => value.to_string(),
         };
-        self.m.mark = Some(parse_mark_match(&text)?);
+        let mark = parse_mark_match(&text)?;
+        match negated {
+            true => self.m.not_marks.push(mark),
+            false => self.m.mark = Some(mark),
+        }
         Ok(at + 1)
     }
 

@@ -350,7 +350,8 @@ COMMIT
     }
     assert!(
         t.skipped[1].contains("icmp")
-            && t.skipped[2].ends_with(": negated match `-m mark`")
+            && t.skipped[2]
+                .contains("negated match: the packets it excludes fall through to line 7")
             && t.skipped[3].contains("REJECT")
             && t.skipped[4].contains("--on-port"),
         "{:?}",
@@ -1392,14 +1393,17 @@ COMMIT
         .map(|s| s.split(':').next().unwrap())
         .collect();
     // Line 5's mark needs the routing mark's bit 0x1, which tproxy's rules do not see (found
-    // once the rules are kept, after what cannot be parsed).
-    assert_eq!(lines, ["line 6", "line 5"], "{:?}", t.skipped);
-    assert!(t.skipped[0].contains("`-m mark`"), "{:?}", t.skipped);
+    // once the rules are kept), and so does line 6's excluded mark (a hole for 0xff ahead of
+    // the rest of the line): the whole of line 6 goes.
+    assert_eq!(lines, ["line 5", "line 6", "line 6"], "{:?}", t.skipped);
     assert!(
-        t.skipped[1].contains("routing mark 0x1/0x1"),
+        t.skipped[..2]
+            .iter()
+            .all(|s| s.contains("routing mark 0x1/0x1")),
         "{:?}",
         t.skipped
     );
+    assert!(t.skipped[2].contains("left out as well"), "{:?}", t.skipped);
     for kept in ["mark = \"0xfe\"", "mark = \"0x2/0x2\""] {
         assert!(t.config.contains(kept), "{kept}: {}", t.config);
     }
@@ -1430,8 +1434,14 @@ table ip proxy {
         "{}",
         t.config
     );
-    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
-    assert!(t.skipped[0].starts_with("line 6:"), "{:?}", t.skipped);
+    // `!= 0x5` (32 bits): a hole for 0x5 ahead of a bypass of the rest, as nothing after it
+    // could take the packets that fall through.
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("mark = \"0x5\"\naction = \"bypass\""),
+        "{}",
+        t.config
+    );
 }
 
 #[test]
@@ -1784,5 +1794,168 @@ COMMIT
             .any(|n| n.starts_with("line 8:") && n.contains("line 7's goto")),
         "{:?}",
         t.notes
+    );
+}
+
+/// The `mark` lines of a translation's rules, in order.
+fn marks_of(config: &str) -> Vec<&str> {
+    config
+        .lines()
+        .filter_map(|line| line.strip_prefix("mark = "))
+        .collect()
+}
+
+/// An excluded mark is the bits that differ from it, one rule each (v2rayA's `-i lo -m mark
+/// ! --mark 0x40/0xc0 -j RETURN`); two exclusions and a mark of the rule's own combine.
+#[test]
+fn a_negated_mark_becomes_a_rule_per_bit_that_differs() {
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -i lo -m mark ! --mark 0x40/0xc0 -j RETURN
+-A PREROUTING -p tcp -m mark --mark 0x40/0xc0 -j TPROXY --on-port 7001 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A PREROUTING -i eth0 -p udp -m mark --mark 0x4/0x4 -m mark ! --mark 0x0/0x3 -m mark ! --mark 0x4/0x1c -j TPROXY --on-port 7002
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        marks_of(&t.config),
+        [
+            "\"0x0/0x40\"",
+            "\"0x80/0x80\"",
+            "\"0x40/0xc0\"",
+            // Bit 0x4 is the rule's own, so only 0x8 and 0x10 can differ from 0x4/0x1c.
+            "\"0xd/0xd\"",
+            "\"0x15/0x15\"",
+            "\"0xe/0xe\"",
+            "\"0x16/0x16\"",
+        ],
+        "{}",
+        t.config
+    );
+    // `--tproxy-mark 0x0/0x0` sets no mark: tproxy's own routing mark stays the default.
+    assert!(!t.config.contains("The TPROXY rules' mark"), "{}", t.config);
+    // An exclusion that the rule's own mark already avoids changes nothing; one that takes
+    // all it matches leaves the rule out.
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -m mark --mark 0x1/0x1 -m mark ! --mark 0x0/0x1 -j TPROXY --on-port 7001
+-A PREROUTING -p udp -m mark --mark 0x3/0x3 -m mark ! --mark 0x1/0x1 -j TPROXY --on-port 7001
+COMMIT
+",
+    )
+    .unwrap();
+    assert_eq!(marks_of(&t.config), ["\"0x1/0x1\""], "{}", t.config);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 3:") && n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+}
+
+/// nft's `meta mark & M != V` reads as iptables' `! --mark V/M`.
+#[test]
+fn an_nft_negated_mark_becomes_a_rule_per_bit_that_differs() {
+    let t = translate(
+        "\
+table ip proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname \"lo\" meta mark & 0x000000c0 != 0x00000040 return
+		meta l4proto tcp meta mark & 0x000000c0 == 0x00000040 tproxy to 127.0.0.1:7001
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        marks_of(&t.config),
+        ["\"0x0/0x40\"", "\"0x80/0x80\"", "\"0x40/0xc0\""],
+        "{}",
+        t.config
+    );
+}
+
+/// A mark match left in mangle OUTPUT once the loop guard is taken out is reported:
+/// tproxy's rules for local connections match no mark (`check` would refuse the rule).
+#[test]
+fn a_mark_match_on_local_traffic_is_reported() {
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --tproxy-mark 0x1/0x1
+-A OUTPUT -m mark --mark 0x80/0x80 -j RETURN
+-A OUTPUT -m mark ! --mark 0x40/0xc0 -p udp -j RETURN
+-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+",
+    )
+    .unwrap();
+    let lines: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(lines, ["line 3", "line 4"], "{:?}", t.skipped);
+    assert!(
+        t.skipped
+            .iter()
+            .all(|s| s.contains("a mark match on locally generated traffic")),
+        "{:?}",
+        t.skipped
+    );
+    assert!(t.config.contains("origin = \"local\""), "{}", t.config);
+    let checked = crate::config::RunArgs {
+        config: Some("translated.toml".into()),
+        ..Default::default()
+    };
+    crate::config::Config::from_text(&checked, &t.config).unwrap();
+}
+
+/// v2rayA's marking of each flow's first packet (TCP SYN, conntrack NEW), kept for the flow
+/// in the connmark, is reported rather than read as steering: tproxy keeps a steered flow's
+/// decision too (its socket is looked up first), but asks its rules again for every packet
+/// of a flow it leaves alone, replies included, which the original never marks.
+#[test]
+fn marking_a_flows_first_packet_in_the_connmark_is_reported() {
+    let t = translate(
+        "\
+*mangle
+:TP_MARK - [0:0]
+:TP_RULE - [0:0]
+-A PREROUTING -i eth0 -j TP_RULE
+-A PREROUTING -p tcp -m mark --mark 0x40/0xc0 -j TPROXY --on-port 32345 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A TP_MARK -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x40/0x40
+-A TP_MARK -p udp -m conntrack --ctstate NEW -j MARK --set-xmark 0x40/0x40
+-A TP_MARK -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A TP_RULE -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A TP_RULE -m mark --mark 0x40/0xc0 -j RETURN
+-A TP_RULE -d 10.0.0.0/8 -j RETURN
+-A TP_RULE -j TP_MARK
+COMMIT
+",
+    )
+    .unwrap();
+    let lines: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        ["line 9", "line 10", "line 11", "line 6", "line 7", "line 8"],
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped[3].contains("a match on a flow's first packet"),
+        "{:?}",
+        t.skipped
     );
 }
