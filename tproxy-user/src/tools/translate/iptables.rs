@@ -341,13 +341,15 @@ fn conntrack_divert(
             .any(|state| !matches!(*state, "ESTABLISHED" | "RELATED"))
     {
         return Err(format!(
-            "conntrack state {} (translated: ESTABLISHED, and RELATED, jumping to a chain that              marks and accepts)",
+            "conntrack state {} (translated: ESTABLISHED, and RELATED, jumping to a chain that \
+             marks and accepts)",
             states.join(",")
         ));
     }
     if states.contains(&"RELATED") && facts.helpers {
         return Err(
-            "conntrack state RELATED with conntrack helpers (`--helper`): their expected              connections are new flows without a socket"
+            "conntrack state RELATED with conntrack helpers (`--helper`): their expected \
+             connections are new flows without a socket"
                 .into(),
         );
     }
@@ -355,7 +357,8 @@ fn conntrack_divert(
         Target::Jump(chain) => match facts.marking_chains.get(&chain_key(family, &chain)) {
             Some(mark) => Ok(Target::Established(Established::Conntrack(*mark))),
             None => Err(format!(
-                "conntrack state with a jump to {chain}, which does more than set a mark and                  accept"
+                "conntrack state with a jump to {chain}, which does more than set a mark and \
+                 accept"
             )),
         },
         _ => Err("conntrack state with a target other than a chain that marks and accepts".into()),
