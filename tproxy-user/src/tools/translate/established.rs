@@ -59,9 +59,10 @@ pub(super) fn resolve(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
             Ok(()) => {
                 notes.push(match kind {
                     Established::SocketMark(_) => format!(
-                        "line {}: `{}`: the packets it marks go on; a flow's with a socket \
-                         reach it (a TPROXY rule's own lookup of established flows, or the \
-                         mark's policy routing), as tproxy's built-in socket match has it",
+                        "line {}: `{}`: the packets it marks go on; those of flows with a \
+                         socket still reach it (a TPROXY rule's own lookup of established \
+                         flows, or the mark's policy routing), as with tproxy's built-in \
+                         socket match",
                         rule.line, rule.text
                     ),
                     Established::Conntrack(_) => format!(

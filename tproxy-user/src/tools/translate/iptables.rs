@@ -159,13 +159,16 @@ fn facts(input: &str) -> Facts {
             continue;
         };
         let w = words(rest);
+        let Some(chain) = w.first() else {
+            continue;
+        };
         connmark_read |= w
             .iter()
             .any(|word| word == "connmark" || word == "--restore-mark");
         helpers |= w.iter().any(|word| word == "--helper" || word == "helper");
         if table == "mangle" {
             chains
-                .entry(chain_key(family, &w[0]))
+                .entry(chain_key(family, chain))
                 .or_default()
                 .push(w[1..].to_vec());
         }
