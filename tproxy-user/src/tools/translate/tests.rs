@@ -2030,6 +2030,11 @@ fn a_socket_mark_that_something_reads_or_that_routes_elsewhere_is_reported() {
             ),
             "other protocols than TCP",
         ),
+        // Its packets that no TPROXY rule takes reach filter INPUT with the mark.
+        (
+            with(mark, "") + "*filter\n-A INPUT -m mark --mark 0x1 -j DROP\nCOMMIT\n",
+            "a rule after mangle PREROUTING that matches the mark",
+        ),
     ];
     for (input, reason) in cases {
         let t = translate(&input).unwrap();
