@@ -1188,3 +1188,89 @@ fn a_translation_that_check_refuses_fails_with_checks_reason() {
         );
     }
 }
+
+/// The Envoy guide's idioms (tests/corpus/translate/envoy-tproxy-outgoing.rules): a LOG rule,
+/// left out, and the socket match marking without a divert chain, its packets going on to
+/// the TPROXY rule, whose own lookup of established flows hands them their socket.
+const ENVOY_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -m limit --limit 2/min -j LOG
+-A PREROUTING -p tcp -m socket -j MARK --set-xmark 0x1/0xffffffff
+-A PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 4999 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn a_log_rule_and_a_socket_mark_that_goes_on_steer_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Tcp("10.10.2.2:443"),
+        Probe::Udp("10.10.2.2:80"),
+    ];
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, ENVOY_IPTABLES).unwrap();
+            ENVOY_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "tcp 10.10.2.3:80"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// istio's idioms (tests/corpus/translate/istio-tproxy.rules): conntrack's established flows
+/// jump to a chain that sets the TPROXY mark and accepts, a later TPROXY rule takes every
+/// other TCP flow but those to 127.0.0.1, and a CONNMARK --save-mark that nothing reads back.
+const ISTIO_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_DIVERT - [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_TPROXY - [0:0]
+-A PREROUTING -i to-client -p tcp -j ISTIO_INBOUND
+-A PREROUTING -p tcp -m mark --mark 0x1 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A ISTIO_DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A ISTIO_DIVERT -j ACCEPT
+-A ISTIO_INBOUND -p tcp -m tcp --dport 443 -j RETURN
+-A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
+-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
+-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+";
+
+#[test]
+fn conntrack_established_flows_diverted_steer_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.3:8050"),
+        Probe::Tcp("10.10.2.2:443"),
+        Probe::Udp("10.10.2.2:53"),
+    ];
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, ISTIO_IPTABLES).unwrap();
+            ISTIO_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "tcp 10.10.2.3:8050"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}

@@ -9,6 +9,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
+    established,
     flatten::{flatten, narrow, Flat, Narrowed},
     local, negation, own_mark,
     precedence::{covers, more_specific, overlaps, ShadowIndex},
@@ -33,7 +34,7 @@ type Listeners = BTreeMap<u16, Vec<SocketAddr>>;
 pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Translation {
     let mut notes = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
-    let flat = flatten_entries(&ruleset, &mut notes);
+    let flat = established::resolve(flatten_entries(&ruleset, &mut notes), &mut notes);
     let local_flat = local::rules(&ruleset, &flat, &mut notes);
     let (mut flat, guard) = own_mark::guard(flat);
     let (local_flat, local_guard) = own_mark::guard(local_flat);
@@ -221,8 +222,13 @@ fn listeners_and_rules(
         match &parsed.target {
             Target::SocketDivert if keep_proxies => diverts.push(parsed),
             Target::SocketDivert => divert_seen = true,
-            // `local::rules` made each MARK a TPROXY target or a reason.
-            Target::Ignore | Target::Jump(_) | Target::Goto(_) | Target::SetMark(_) => {}
+            // `local::rules` made each MARK a TPROXY target or a reason, `established`
+            // each other way to a flow's socket the socket match or a reason.
+            Target::Ignore
+            | Target::Jump(_)
+            | Target::Goto(_)
+            | Target::SetMark(_)
+            | Target::Established(_) => {}
             Target::Drop if parsed.matches.transports.is_empty() => {
                 // Written for TCP and UDP, as tproxy drops them: the rest is reported.
                 skipped.push(format!(

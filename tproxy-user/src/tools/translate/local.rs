@@ -80,6 +80,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             )),
             Target::Tproxy { .. }
             | Target::SocketDivert
+            | Target::Established(_)
             | Target::Jump(_)
             | Target::Goto(_)
             | Target::Reject => out.push(refuse("not a target for locally generated traffic")),

@@ -18,6 +18,7 @@
 //! writes the TOML.
 
 mod emit;
+mod established;
 mod flatten;
 mod ipset;
 mod iptables;
@@ -174,6 +175,9 @@ enum Target {
     Reject,
     /// The socket match's "divert" jump: tproxy has it built in.
     SocketDivert,
+    /// Another way of handing established flows their socket, built in as well where the
+    /// rules after it agree (see `established`).
+    Established(Established),
     /// MARK `--set-mark`: in mangle OUTPUT, the recipe's way to steer locally generated
     /// packets (see `local`).
     SetMark(Mark),
@@ -183,6 +187,17 @@ enum Target {
     Goto(String),
     /// Part of the divert chain (mark, accept) or a no-op.
     Ignore,
+}
+
+/// How a rule other than the socket match's divert jump hands established flows their
+/// socket, with the mark it sets for policy routing to deliver them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Established {
+    /// `-m socket -j MARK`: the packets go on, marked, to the rules after it.
+    SocketMark(Mark),
+    /// `-m conntrack --ctstate ESTABLISHED -j CHAIN` (or `-m state --state`), where the
+    /// chain only sets the mark and accepts (istio's form).
+    Conntrack(Mark),
 }
 
 /// One parsed rule, with where it came from.

@@ -1959,3 +1959,229 @@ COMMIT
         t.skipped
     );
 }
+
+/// The Envoy guide's rule set: a LOG rule first, and the socket match marking without a
+/// divert chain (its packets go on to the TPROXY rule).
+const ENVOY_GUIDE: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -m limit --limit 2/min -j LOG
+-A PREROUTING -p tcp -m socket -j MARK --set-xmark 0x1/0xffffffff
+-A PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 4999 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn a_log_rule_is_left_out_and_a_socket_mark_that_goes_on_is_the_socket_match() {
+    let t = translate(ENVOY_GUIDE).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 3:") && n.contains("LOG only logs")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 4:") && n.contains("built-in socket match")),
+        "{:?}",
+        t.notes
+    );
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules = config["rule"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{}", t.config);
+    assert_eq!(rules[0]["ports"].to_string(), "[80]");
+    assert_eq!(rules[0]["action"].as_str(), Some("steer"));
+}
+
+/// A socket MARK whose packets go on is the socket match only when what comes after treats
+/// them as it would unmarked and drops none of them, with the TPROXY rules' own mark.
+#[test]
+fn a_socket_mark_that_something_reads_or_that_routes_elsewhere_is_reported() {
+    let with = |socket_rule: &str, after: &str| {
+        format!(
+            "*mangle\n{socket_rule}\n{after}\n-A PREROUTING -p tcp --dport 80 -j TPROXY \
+             --on-port 4999 --tproxy-mark 0x1/0x1\nCOMMIT\n"
+        )
+    };
+    let mark = "-A PREROUTING -p tcp -m socket -j MARK --set-xmark 0x1/0xffffffff";
+    let cases = [
+        (
+            with(mark, "-A PREROUTING -p tcp -m mark --mark 0x1 -j RETURN"),
+            "line 3 matches marks",
+        ),
+        (
+            with(mark, "-A PREROUTING -p tcp -d 10.0.0.0/8 -j DROP"),
+            "line 3, which drops or marks them",
+        ),
+        (
+            with(
+                "-A PREROUTING -p tcp -m socket -j MARK --set-xmark 0x2/0xffffffff",
+                "",
+            ),
+            "not the TPROXY rules' 0x1/0x1",
+        ),
+        (
+            with(
+                "-A PREROUTING -m socket -j MARK --set-xmark 0x1/0xffffffff",
+                "",
+            ),
+            "other protocols than TCP",
+        ),
+        // Its packets that no TPROXY rule takes reach filter INPUT with the mark.
+        (
+            with(mark, "") + "*filter\n-A INPUT -m mark --mark 0x1 -j DROP\nCOMMIT\n",
+            "a rule after mangle PREROUTING that matches the mark",
+        ),
+    ];
+    for (input, reason) in cases {
+        let t = translate(&input).unwrap();
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.starts_with("line 2:") && s.contains(reason)),
+            "{input}{:?}",
+            t.skipped
+        );
+    }
+}
+
+/// istio's form: conntrack's established flows jump to a chain that sets the TPROXY mark and
+/// accepts, and a CONNMARK --save-mark that nothing reads back.
+const ISTIO_INBOUND: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_DIVERT - [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_TPROXY - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A ISTIO_DIVERT -j MARK --set-xmark 0x539/0xffffffff
+-A ISTIO_DIVERT -j ACCEPT
+-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN
+-A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
+AFTER
+-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
+-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff
+COMMIT
+";
+
+#[test]
+fn conntrack_established_flows_jumping_to_a_marking_chain_are_the_socket_match() {
+    let t = translate(&ISTIO_INBOUND.replace("AFTER\n", "")).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for (line, says) in [
+        (7, "CONNMARK --save-mark copies"),
+        (11, "built-in socket match"),
+    ] {
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.starts_with(&format!("line {line}:")) && n.contains(says)),
+            "{:?}",
+            t.notes
+        );
+    }
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let actions: Vec<(String, String)> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["dst"].to_string(), r["action"].to_string()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (r#"["0.0.0.0/0"]"#.into(), r#""bypass""#.into()),
+            (r#"["127.0.0.1/32"]"#.into(), r#""bypass""#.into()),
+            (r#"["0.0.0.0/0"]"#.into(), r#""steer""#.into()),
+        ],
+        "{}",
+        t.config
+    );
+    // A bypass of loopback destinations after it changes nothing: they are delivered
+    // locally either way.
+    let t = translate(&ISTIO_INBOUND.replace(
+        "AFTER",
+        "-A ISTIO_INBOUND -p tcp -d 127.0.0.53/32 -j RETURN",
+    ))
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+}
+
+#[test]
+fn conntrack_established_flows_are_reported_where_the_kernel_would_treat_them_otherwise() {
+    let after = |rule: &str| ISTIO_INBOUND.replace("AFTER", rule);
+    let cases = [
+        // Established flows to 10/8 without a socket (a forwarded flow's replies) are
+        // delivered locally by the divert, forwarded by tproxy's bypass.
+        (
+            after("-A ISTIO_INBOUND -p tcp -d 10.0.0.0/8 -j RETURN"),
+            11,
+            "line 12 takes some of its flows first",
+        ),
+        (
+            after("-A ISTIO_INBOUND -p tcp -j RETURN"),
+            11,
+            "line 12 takes some of its flows first",
+        ),
+        (
+            ISTIO_INBOUND
+                .replace("AFTER\n", "")
+                .replace("! -d 127.0.0.1/32 -p tcp", "-p tcp --dport 80"),
+            11,
+            "meet no TPROXY rule after it",
+        ),
+        (
+            ISTIO_INBOUND
+                .replace("AFTER\n", "")
+                .replace("--ctstate RELATED,ESTABLISHED", "--ctstate NEW,ESTABLISHED"),
+            11,
+            "conntrack state NEW,ESTABLISHED",
+        ),
+        (
+            ISTIO_INBOUND.replace("AFTER\n", "").replace(
+                "-A ISTIO_DIVERT -j ACCEPT",
+                "-A ISTIO_DIVERT -j ACCEPT\n-A ISTIO_DIVERT -j RETURN",
+            ),
+            12,
+            "does more than set a mark and accept",
+        ),
+        (
+            ISTIO_INBOUND.replace("AFTER\n", "").replace(
+                "--set-xmark 0x539/0xffffffff",
+                "--set-xmark 0x53a/0xffffffff",
+            ),
+            11,
+            "not the TPROXY rules'",
+        ),
+        (
+            ISTIO_INBOUND.replace("AFTER\n", "").replace(
+                "COMMIT\n",
+                "COMMIT\n*raw\n-A PREROUTING -p tcp --dport 21 -j CT --helper ftp\nCOMMIT\n",
+            ),
+            11,
+            "conntrack helpers",
+        ),
+        (
+            ISTIO_INBOUND.replace("AFTER\n", "").replace(
+                "COMMIT\n",
+                "-A OUTPUT -p tcp -m connmark --mark 0x539 -j CONNMARK --restore-mark\nCOMMIT\n",
+            ),
+            7,
+            "a rule that reads the connection's mark back",
+        ),
+    ];
+    for (input, line, reason) in cases {
+        let t = translate(&input).unwrap();
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.starts_with(&format!("line {line}:")) && s.contains(reason)),
+            "{input}{:?}",
+            t.skipped
+        );
+    }
+}
