@@ -249,8 +249,9 @@ fn a_realistic_iptables_rule_set_steers_the_same_flows_translated() {
 
 /// Each public rule set in tests/corpus/translate (sources named in their headers) against
 /// the `# expect:` line it carries: `translates` (exit 0 without --allow-skipped), or `not
-/// translated (a; b)` with fragments of the reasons listed. A translation must pass `tproxy
-/// check`. Reports the coverage.
+/// translated (a; b)` with fragments of the reasons listed. A `NAME.ipset` next to
+/// `NAME.rules` is given as its --ipset-file. A translation must pass `tproxy check`.
+/// Reports the coverage.
 #[test]
 fn the_public_rule_set_corpus_translates_as_expected() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/translate");
@@ -270,7 +271,13 @@ fn the_public_rule_set_corpus_translates_as_expected() {
             .lines()
             .find_map(|line| line.strip_prefix("# expect: "))
             .unwrap_or_else(|| panic!("{name} has no `# expect:` line"));
-        let (status, config, stderr) = tproxy_with_input(&["translate"], &text).unwrap();
+        // The sets a script creates and fills itself, as `ipset save` would list them.
+        let sets = path.with_extension("ipset");
+        let mut args = vec!["translate"];
+        if sets.exists() {
+            args.extend(["--ipset-file", sets.to_str().unwrap()]);
+        }
+        let (status, config, stderr) = tproxy_with_input(&args, &text).unwrap();
         if status.success() {
             translated.push(name.clone());
             let file = ConfigFile::new(&config).unwrap();
