@@ -303,11 +303,11 @@ COMMIT
         t.config
     );
     assert!(rules[2].get("src").is_none() && rules[2]["action"].as_str() == Some("steer"));
-    // Such a rule (10.1/16, port 80) would outrank line 2 (10.1/16, ports 50-3000), which
+    // Such a rule (10.1/16, port 80) would outrank line 2 (10.1/16, ports 50-1000), which
     // takes those packets first: reported.
     let contested = "\
 *mangle
--A PREROUTING -p tcp -d 10.1.0.0/16 --dport 50:3000 -j RETURN
+-A PREROUTING -p tcp -d 10.1.0.0/16 --dport 50:1000 -j RETURN
 -A PREROUTING -p tcp -s 192.0.2.0/24 --dport 1:80 -j TPROXY --on-port 1
 -A PREROUTING -p tcp -d 10.1.0.0/16 --dport 80:2000 -j TPROXY --on-port 2
 COMMIT
@@ -1381,7 +1381,7 @@ table ip proxy {
 -A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x1/0x1
 -A PREROUTING -m mark --mark 0xfe -j RETURN
 -A PREROUTING -m mark --mark 0x2/0x2 -j RETURN
--A PREROUTING -m mark --mark 0xff -j TPROXY --on-port 2
+-A PREROUTING -m mark --mark 0xfd -j TPROXY --on-port 2
 -A PREROUTING -m mark ! --mark 0xff -j RETURN
 COMMIT
 ";
@@ -1614,8 +1614,8 @@ table inet proxy {
         t.config
     );
 
-    // A TPROXY rule for one of the host's addresses comes first: the local bypass is left
-    // to the addresses it does not steer, which tproxy cannot say.
+    // A TPROXY rule for some of the host's packets comes first: they keep its action in a
+    // steer rule for the host's addresses ahead of the local bypass.
     let input = "\
 *mangle
 -A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1
@@ -1636,9 +1636,17 @@ COMMIT
     lines.sort_unstable();
     assert_eq!(
         lines,
-        ["line 3", "line 5", "line 6", "line 7", "line 8"],
+        ["line 5", "line 6", "line 7", "line 8"],
         "{:?}",
         t.skipped
+    );
+    assert!(
+        t.config.contains(
+            "# line 3: its packets that line 2 takes first, with line 2's action\n\
+             proto = [\"tcp\"]\ndst = \"local-ipv4\"\nports = [80]\naction = \"steer\""
+        ),
+        "{}",
+        t.config
     );
     assert!(
         t.notes
