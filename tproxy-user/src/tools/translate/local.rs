@@ -70,7 +70,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
         match rule.target.clone() {
             Target::SetMark(mark) => match steers(mark, recipe_mark) {
                 Ok(()) if rule.matches.dst_local => {
-                    out.extend(on_lo_to_own_addresses(&rule, prerouting))
+                    out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
                 }
                 Ok(()) => out.extend(steered(&rule, prerouting)),
                 Err(reason) => out.push(refuse(&reason)),
@@ -218,8 +218,9 @@ fn steered(rule: &Parsed, prerouting: &[Flat]) -> Vec<Flat> {
 /// A MARK rule for the host's own addresses: its packets come back on `lo` to PREROUTING,
 /// whose rules take them in order, bypasses too (what PREROUTING lets through is delivered
 /// to its destination, the host's own). One rule for what each PREROUTING rule takes first,
-/// with that rule's action; what none takes is delivered as it is: a bypass.
-fn on_lo_to_own_addresses(rule: &Parsed, prerouting: &[Flat]) -> Vec<Flat> {
+/// with that rule's action; what none takes is delivered as it is: a bypass. `set`: the mark
+/// the rule sets, which they carry there.
+fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<Flat> {
     let refuse = |reason: String| vec![Err(format!("line {}: {}: {reason}", rule.line, rule.text))];
     let mut parts = Vec::new();
     for candidate in prerouting.iter().flatten() {
@@ -237,10 +238,18 @@ fn on_lo_to_own_addresses(rule: &Parsed, prerouting: &[Flat]) -> Vec<Flat> {
             // the divert chain's marks, other protocols.
             _ => continue,
         };
+        // Their mark is the one set, whole: a mark match takes all of them or none.
+        let marked = match m.mark {
+            None => true,
+            Some(_) if set.mask != u32::MAX => false,
+            Some(mark) if set.value & mark.mask == mark.value => true,
+            Some(_) => continue,
+        };
         // As a rule for the same packets, locally generated.
         let taking = Match {
             iface: None,
             not_iface: Vec::new(),
+            mark: None,
             local: true,
             ..m.clone()
         };
@@ -248,10 +257,10 @@ fn on_lo_to_own_addresses(rule: &Parsed, prerouting: &[Flat]) -> Vec<Flat> {
             continue;
         }
         if target == Target::Drop
+            || !marked
             || taking.excludes()
             || !taking.src.is_empty()
             || !taking.sports.is_empty()
-            || taking.mark.is_some()
         {
             return refuse(format!(
                 "line {} takes some of its packets when they come back on lo, which a rule \
