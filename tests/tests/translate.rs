@@ -1280,6 +1280,8 @@ fn conntrack_established_flows_diverted_steer_the_same_flows_translated() {
         "iptables"
     );
     assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// sbshell's sing-box PREROUTING chain (tests/corpus/translate/sbshell-singbox-nft.rules):
 /// DNS is steered ahead of the bypass of the host's own addresses, so a query to the
 /// router's own address is steered while its other services are left alone. A loop guard
