@@ -249,8 +249,9 @@ fn a_realistic_iptables_rule_set_steers_the_same_flows_translated() {
 
 /// Each public rule set in tests/corpus/translate (sources named in their headers) against
 /// the `# expect:` line it carries: `translates` (exit 0 without --allow-skipped), or `not
-/// translated (a; b)` with fragments of the reasons listed. A translation must pass `tproxy
-/// check`. Reports the coverage.
+/// translated (a; b)` with fragments of the reasons listed. A `NAME.ipset` next to
+/// `NAME.rules` is given as its --ipset-file. A translation must pass `tproxy check`.
+/// Reports the coverage.
 #[test]
 fn the_public_rule_set_corpus_translates_as_expected() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/translate");
@@ -270,7 +271,13 @@ fn the_public_rule_set_corpus_translates_as_expected() {
             .lines()
             .find_map(|line| line.strip_prefix("# expect: "))
             .unwrap_or_else(|| panic!("{name} has no `# expect:` line"));
-        let (status, config, stderr) = tproxy_with_input(&["translate"], &text).unwrap();
+        // The sets a script creates and fills itself, as `ipset save` would list them.
+        let sets = path.with_extension("ipset");
+        let mut args = vec!["translate"];
+        if sets.exists() {
+            args.extend(["--ipset-file", sets.to_str().unwrap()]);
+        }
+        let (status, config, stderr) = tproxy_with_input(&args, &text).unwrap();
         if status.success() {
             translated.push(name.clone());
             let file = ConfigFile::new(&config).unwrap();
@@ -1273,4 +1280,86 @@ fn conntrack_established_flows_diverted_steer_the_same_flows_translated() {
         "iptables"
     );
     assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// sbshell's sing-box PREROUTING chain (tests/corpus/translate/sbshell-singbox-nft.rules):
+/// DNS is steered ahead of the bypass of the host's own addresses, so a query to the
+/// router's own address is steered while its other services are left alone. A loop guard
+/// for the relay's socket mark comes first: sing-box answers DNS itself, tproxy's relay
+/// connects to the router's port 53, which the chain would steer again on lo.
+const SBSHELL_PREROUTING: &str = "\
+table inet sing-box {
+	chain prerouting_tproxy {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark 0x02000000 accept
+		meta l4proto { tcp, udp } th dport 53 tproxy to :7895 accept
+		fib daddr type local meta l4proto { tcp, udp } th dport 7895 reject with icmpx host-unreachable
+		fib daddr type local accept
+		ip daddr { 10.0.0.0/16, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/3 } accept
+		meta l4proto { tcp, udp } tproxy to :7895 meta mark set 0x00000001
+	}
+}
+";
+
+#[test]
+fn dns_to_the_hosts_own_address_ahead_of_its_bypass_steers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let own_dns: SocketAddr = "10.10.1.1:53".parse().unwrap();
+    let _servers = [
+        Server::tell_peer(&topo.server, "10.10.2.2:80".parse().unwrap()).unwrap(),
+        Server::tell_peer(&topo.router, own_dns).unwrap(),
+        Server::tell_peer(&topo.router, "10.10.1.1:8080".parse().unwrap()).unwrap(),
+    ];
+    let echoes = [
+        UdpEcho::start(&topo.server, "10.10.2.2:54".parse().unwrap()).unwrap(),
+        UdpEcho::start(&topo.router, own_dns).unwrap(),
+    ];
+    let client = Topo::client_ip(false);
+    let steered = || -> Vec<bool> {
+        let tcp = ["10.10.2.2:80", "10.10.1.1:53", "10.10.1.1:8080"]
+            .map(|addr| peer_seen_by(&topo.client, addr.parse().unwrap()).unwrap() != client);
+        let udp = echoes.each_ref().map(|echo| {
+            echo.peers.lock().unwrap().clear();
+            let socket = udp_client(&topo.client, echo.addr).unwrap();
+            let (reply, from) = udp_exchange(&socket, echo.addr, b"probe").unwrap();
+            assert_eq!((reply.as_slice(), from), (&b"probe"[..], echo.addr));
+            echo.peer_ips()[0] != client
+        });
+        tcp.into_iter().chain(udp).collect()
+    };
+    let listed = listed_nft(&topo.router, SBSHELL_PREROUTING);
+    let text = translate(&listed);
+    assert!(
+        text.contains("dst = \"local\"\nports = [53]\naction = \"steer\""),
+        "{text}"
+    );
+    // `tproxy to :7895` looks the proxy up at the receiving interface's address: the
+    // original's relay listens on the wildcard address.
+    let wildcard = text.replace(
+        "listen = [\"127.0.0.1:7895\", \"[::1]:7895\"]",
+        "listen = [\"0.0.0.0:7895\"]",
+    );
+    let original_config = ConfigFile::new(&wildcard).unwrap();
+    let mut relay = Tproxy::start(
+        &topo.router,
+        &["--relay-only", "--config", original_config.path()],
+    )
+    .unwrap();
+    let original = steered();
+    relay.stop().unwrap();
+    remove_nft(&topo.router);
+    // TCP to the server, to the router's DNS, to its other service; UDP to the server, to
+    // the router's DNS.
+    assert_eq!(
+        original,
+        [true, true, false, true, true],
+        "the original rules"
+    );
+
+    let config = ConfigFile::new(&text).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = steered();
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
 }

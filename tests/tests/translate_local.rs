@@ -9,8 +9,9 @@ use std::{io::Read, io::Write, net::SocketAddr};
 
 use tproxy_tests::{
     cgroup::{dial_output, run_outside_cgroup, TestCgroup},
-    remove_iptables_tproxy, require_root, restore_iptables, tproxy_with_input, ConfigFile,
-    RouterTopology as Topo, Server, Tproxy, UdpEcho,
+    install_tproxy_routing, remove_iptables_tproxy, remove_tproxy_routing, require_root,
+    restore_iptables, tproxy_with_input, ConfigFile, Netns, RouterTopology as Topo, Server, Tproxy,
+    UdpEcho,
 };
 
 const DIAL: &str = env!("CARGO_BIN_EXE_dial");
@@ -195,6 +196,136 @@ fn a_mangle_output_rule_set_steers_the_same_local_connects_translated() {
     let mut tproxy =
         Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
     let translated = relayed(&topo, &cgroup, |proto| relay_count(&tproxy, proto));
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+/// sbshell's sing-box rule set (tests/corpus/translate/sbshell-singbox-nft.rules) whole, with
+/// counters on its TPROXY rules and a loop guard for the relay's socket mark in each chain
+/// (sing-box answers DNS itself; tproxy's relay connects to the router's port 53, which the
+/// rules would steer again).
+const SBSHELL: &str = "\
+table inet sing-box {
+	chain prerouting_tproxy {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark 0x02000000 accept
+		meta l4proto { tcp, udp } th dport 53 counter tproxy to :7895 accept
+		fib daddr type local meta l4proto { tcp, udp } th dport 7895 reject with icmpx host-unreachable
+		fib daddr type local accept
+		ip daddr { 10.0.0.0/16, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/3 } accept
+		meta l4proto { tcp, udp } counter tproxy to :7895 meta mark set 0x00000001
+	}
+
+	chain output_tproxy {
+		type route hook output priority mangle; policy accept;
+		meta mark 0x02000000 accept
+		oifname != \"lo\" accept
+		meta mark 0x00000001 accept
+		meta l4proto { tcp, udp } th dport 53 meta mark set 0x00000001
+		ip daddr { 10.0.0.0/16, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/3 } accept
+		meta l4proto { tcp, udp } meta mark set 0x00000001
+	}
+}
+";
+
+/// Runs `nft` in `netns` with `args`; returns what it printed.
+fn nft(netns: &Netns, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns.name, "nft"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// How many packets the nft TPROXY rules took.
+fn nft_tproxy_packets(topo: &Topo) -> u64 {
+    nft(&topo.router, &["list", "table", "inet", "sing-box"])
+        .lines()
+        .filter(|line| line.contains("tproxy to"))
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "packets")?;
+            words.get(at + 1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[test]
+fn an_output_chain_for_the_hosts_own_addresses_steers_the_same_local_connects_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let answer = |netns: &Netns, addr: &str| {
+        Server::start(netns, addr.parse().unwrap(), |mut stream| {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let _ = stream.write_all(b"ok");
+        })
+        .unwrap()
+    };
+    let _servers = [
+        answer(&topo.router, "10.10.1.1:53"),
+        answer(&topo.router, "10.10.1.1:8080"),
+        answer(&topo.server, "10.10.2.2:80"),
+    ];
+    let _echo = UdpEcho::start(&topo.router, "10.10.1.1:53".parse().unwrap()).unwrap();
+    // Apart from the test's own cgroup, where tproxy runs: its processes are tproxy's own.
+    let cgroup = TestCgroup::new("sbshell").unwrap();
+    // The router's own DNS, TCP and UDP; its other service; another host.
+    let probes = [
+        ("tcp", "10.10.1.1:53"),
+        ("udp", "10.10.1.1:53"),
+        ("tcp", "10.10.1.1:8080"),
+        ("tcp", "10.10.2.2:80"),
+    ];
+    let relayed = |count: &dyn Fn(&str) -> u64| -> Vec<bool> {
+        probes
+            .iter()
+            .map(|(proto, target)| {
+                let before = count(proto);
+                let output = cgroup.run(&topo.router, &[], DIAL, &[proto, target, "hi"]);
+                let reply = if *proto == "tcp" { "ok" } else { "hi" };
+                assert_eq!(
+                    dial_output(output.unwrap()).unwrap(),
+                    format!("{target} {reply}")
+                );
+                count(proto) > before
+            })
+            .collect()
+    };
+    let path = ConfigFile::new(SBSHELL).unwrap();
+    nft(&topo.router, &["-f", path.path()]);
+    install_tproxy_routing(&topo.router).unwrap();
+    let listed = nft(&topo.router, &["list", "ruleset"]);
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &listed).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    // `tproxy to :7895` looks the proxy up at the receiving interface's address: the
+    // original's relay listens on the wildcard address.
+    let wildcard = text.replace(
+        "listen = [\"127.0.0.1:7895\", \"[::1]:7895\"]",
+        "listen = [\"0.0.0.0:7895\"]",
+    );
+    let original_config = ConfigFile::new(&wildcard).unwrap();
+    let mut relay = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &["--relay-only", "--config", original_config.path()],
+    )
+    .unwrap();
+    let original = relayed(&|_| nft_tproxy_packets(&topo));
+    relay.stop().unwrap();
+    nft(&topo.router, &["flush", "ruleset"]);
+    remove_tproxy_routing(&topo.router).unwrap();
+    assert_eq!(original, [true, true, false, false], "the original rules");
+
+    let config = ConfigFile::new(&text).unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = relayed(&|proto| relay_count(&tproxy, proto));
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }

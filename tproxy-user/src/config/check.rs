@@ -148,7 +148,9 @@ impl Config {
 
     /// Marks each listener with the transports its rules steer to it.
     pub(super) fn mark_listener_transports(&mut self) {
-        for rule in &self.rules {
+        // A steer rule for the host's own addresses needs its listener whatever addresses
+        // the host has now.
+        for rule in self.rules.iter().chain(&self.own_address_rules) {
             if let Action::Steer(index) = rule.action {
                 let listener = &mut self.listeners[index as usize];
                 match rule.transport {
@@ -200,6 +202,7 @@ impl Config {
         if let Some(rule) = self
             .rules
             .iter()
+            .chain(&self.own_address_rules)
             .find(|rule| steers_to_external(rule) && every_cgroup(rule))
         {
             // With the root cgroup every process is selected, the proxy too: its upstream

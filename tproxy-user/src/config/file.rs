@@ -337,7 +337,7 @@ impl RuleEntry {
         let dsts = match &self.dst {
             Some(Destinations::Prefixes(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
             Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
-            Some(Destinations::Local { .. }) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass rules"),
+            Some(Destinations::Local { .. }) if action == Action::Drop => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass and steer rules"),
             // Each address takes the place of its family's destination (see
             // `Config::set_own_addresses`).
             Some(Destinations::Local { ipv4, ipv6 }) => {

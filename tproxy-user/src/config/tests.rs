@@ -683,12 +683,13 @@ action = "steer"
         2
     );
 
-    let steer_local = "[[listener]]\nname = \"web\"\n\n[[rule]]\nproto = \"tcp\"\ndst = \"local\"\naction = \"steer\"\n";
+    let drop_local = "[[rule]]\nproto = \"tcp\"\ndst = \"local\"\naction = \"drop\"\n";
     assert!(
-        error(steer_local)
-            .contains("rule[1].dst: \"local\" (the host's own addresses) is for bypass rules"),
+        error(drop_local).contains(
+            "rule[1].dst: \"local\" (the host's own addresses) is for bypass and steer rules"
+        ),
         "{}",
-        error(steer_local)
+        error(drop_local)
     );
     assert!(
         error("[[rule]]\nproto = \"tcp\"\ndst = \"locals\"\naction = \"bypass\"\n")

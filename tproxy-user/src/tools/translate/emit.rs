@@ -376,9 +376,7 @@ fn drop_shadowed(
         let mut outranked = Vec::new();
         for index in by_destination.candidates(&rule.matches, kept.len()) {
             let (earlier, earlier_listener) = &kept[index];
-            if !overlaps(&earlier.matches, &rule.matches)
-                || !more_specific(&rule.matches, &earlier.matches)
-            {
+            if !overlaps(&earlier.matches, &rule.matches) {
                 continue;
             }
             // What an exclusion lets fall through is not matched by its line: only a rule
@@ -386,6 +384,11 @@ fn drop_shadowed(
             let other_action = !same_action(earlier, *earlier_listener, &rule, listener);
             let covering = covers(&earlier.matches, &rule.matches)
                 && (other_action || !negation::is_hole(earlier));
+            // Covered, it never decides a packet in tproxy either: it ranks no higher than
+            // the earlier rule, or it does and then only on packets that rule takes first.
+            if !covering && !more_specific(&rule.matches, &earlier.matches) {
+                continue;
+            }
             if covering {
                 notes.push(format!(
                     "line {}: `{}` never matches: line {} comes first and matches all of its packets; left out",
@@ -456,7 +459,7 @@ fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Opti
 /// action that it overlaps: that one, or one above it, still decides the packets both
 /// match, and a packet it alone decides is one whose first match is the outranked rule,
 /// or a rule with its action. Otherwise, and when the common matches cannot be written
-/// (a mark, a local rule's selectors, a steer to the host's own addresses), the reason.
+/// (a mark, a local rule's selectors), the reason.
 fn first_come(
     rule: &Parsed,
     outranked: &[usize],
@@ -483,11 +486,6 @@ fn first_come(
                 return Err(format!("{shadowed} (a rule of their own cannot say which)"))
             }
         };
-        if both.dst_local && listener.is_some() {
-            return Err(format!(
-                "{shadowed} (the host's own addresses, which a steer rule cannot name)"
-            ));
-        }
         let contested = by_destination
             .candidates(&both, kept.len())
             .into_iter()

@@ -32,6 +32,9 @@ pub(super) fn flatten(
     // back to the rules after them here. (A rule they take only in part keeps its place
     // after the goto's own rule for what it leaves undecided, which comes first.)
     let mut gone_to: Vec<(usize, Match)> = Vec::new();
+    // After OUTPUT's guard for the packets routed elsewhere than `lo` (see
+    // [`routed_elsewhere_guard`]), the rules see only those for the host's own addresses.
+    let mut own_addresses: Option<Match> = None;
     for (i, rule) in rules.iter().enumerate() {
         let rule = match rule {
             Ok(rule) => rule,
@@ -40,7 +43,37 @@ pub(super) fn flatten(
                 continue;
             }
         };
-        let matches = match narrow(context, &rule.matches) {
+        if rule.matches.not_dst_local {
+            match routed_elsewhere_guard(rule, context, depth) {
+                Ok(()) => {
+                    notes.push(format!(
+                        "line {}: `{}` leaves the host's packets for other hosts alone (the \
+                         route of the host's own addresses leads to lo, any other's does \
+                         not): the rules after it are for the host's own addresses",
+                        rule.line, rule.text
+                    ));
+                    own_addresses = Some(Match {
+                        dst_local: true,
+                        ..context.clone()
+                    });
+                }
+                Err(reason) => {
+                    out.push(Err(format!("line {}: {}: {reason}", rule.line, rule.text)))
+                }
+            }
+            continue;
+        }
+        let mut narrowed = narrow(own_addresses.as_ref().unwrap_or(context), &rule.matches);
+        if own_addresses.is_some()
+            && matches!(narrowed, Narrowed::Inexpressible)
+            && matches!(rule.target, Target::Bypass | Target::Return)
+        {
+            // Which of the host's addresses lie in its prefixes is known only at run time;
+            // the packets for the others are left alone by the guard anyway, so a bypass of
+            // all of them means the same.
+            narrowed = narrow(context, &rule.matches);
+        }
+        let matches = match narrowed {
             Narrowed::Both(matches) => *matches,
             Narrowed::Neither => {
                 notes.push(match via {
@@ -123,11 +156,13 @@ pub(super) fn flatten(
                                 | Target::SetMark(_)
                         )
                     })
-                    .filter_map(|later| match narrow(context, &later.matches) {
-                        Narrowed::Both(m) => Some(Some(*m)),
-                        Narrowed::Neither => None,
-                        // Some packets match it, which ones is not known: any may.
-                        Narrowed::Inexpressible => Some(None),
+                    .filter_map(|later| {
+                        match narrow(own_addresses.as_ref().unwrap_or(context), &later.matches) {
+                            Narrowed::Both(m) => Some(Some(*m)),
+                            Narrowed::Neither => None,
+                            // Some packets match it, which ones is not known: any may.
+                            Narrowed::Inexpressible => Some(None),
+                        }
                     })
                     .collect();
                 for rule in &mut out[start..] {
@@ -166,6 +201,41 @@ pub(super) fn flatten(
             })),
         }
     }
+}
+
+/// Checks that a rule matching packets routed elsewhere than `lo` (nft `oifname != "lo"`)
+/// is OUTPUT's guard that leaves them all alone: an accept (or a return from the base chain)
+/// that matches nothing else, so that only the packets for the host's own addresses meet
+/// the rules after it. (A socket whose mark policy routing sends to `lo` is routed there
+/// whatever its destination; tproxy's routing does the same with its routing mark.)
+fn routed_elsewhere_guard(rule: &Parsed, context: &Match, depth: usize) -> Result<(), String> {
+    let m = &rule.matches;
+    let nothing_else = m.transports.is_empty()
+        && m.dst.is_empty()
+        && m.src.is_empty()
+        && m.ports.is_empty()
+        && m.sports.is_empty()
+        && m.other_protocol.is_none()
+        && m.iface.is_none()
+        && !m.excludes()
+        && m.mark.is_none()
+        && !m.dst_local
+        && m.uids.is_empty()
+        && m.cgroups.is_empty()
+        && !m.matches_nothing;
+    if !context.local {
+        return Err("an output interface outside a route chain at output".into());
+    }
+    let leaves_alone = matches!(rule.target, Target::Bypass | Target::Return);
+    if !(nothing_else && leaves_alone && depth == 0) {
+        return Err(
+            "`oifname != \"lo\"` is translated as the output chain's own first guard (an \
+             accept or return with no other match), which leaves the host's packets for other \
+             hosts alone"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// What a rule reached through a jump matches (and what two rules both match).
@@ -280,6 +350,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         not_iface: union(&context.not_iface, &rule.not_iface),
         mark,
         not_marks: union(&context.not_marks, &rule.not_marks),
+        not_dst_local: context.not_dst_local || rule.not_dst_local,
         local: context.local || rule.local,
         uids,
         cgroups,

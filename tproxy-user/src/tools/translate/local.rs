@@ -16,9 +16,9 @@
 use std::fmt::Write as _;
 
 use super::{
-    flatten::{flatten, Flat},
+    flatten::{flatten, narrow, Flat, Narrowed},
     own_mark::Guard,
-    precedence::{covers, overlaps},
+    precedence::{covers, iface_covers, overlaps},
     Match, Parsed, RuleSet, Target,
 };
 use crate::values::{Mark, Transport};
@@ -42,6 +42,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             Target::Tproxy { mark, .. } => mark,
             _ => None,
         });
+    let flat = no_op_mark_matches_left_out(flat, recipe_mark, notes);
     let mut out = Vec::with_capacity(flat.len());
     for rule in flat {
         let rule = match rule {
@@ -68,6 +69,9 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
         }
         match rule.target.clone() {
             Target::SetMark(mark) => match steers(mark, recipe_mark) {
+                Ok(()) if rule.matches.dst_local => {
+                    out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
+                }
                 Ok(()) => out.extend(steered(&rule, prerouting)),
                 Err(reason) => out.push(refuse(&reason)),
             },
@@ -99,6 +103,60 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
         );
     }
     out
+}
+
+/// `flat` without the rules that leave packets with the recipe's mark alone when every
+/// later rule would leave them as they are too (it accepts them, or sets that mark
+/// again, which changes nothing and routes nothing anew): sbshell's `meta mark 0x1 accept`
+/// ahead of its MARK rules. It would otherwise look like a loop guard, which it is not:
+/// those packets go on to `lo` and PREROUTING's TPROXY rules either way.
+fn no_op_mark_matches_left_out(
+    flat: Vec<Flat>,
+    recipe: Option<Mark>,
+    notes: &mut Vec<String>,
+) -> Vec<Flat> {
+    let Some(recipe) = recipe else {
+        return flat;
+    };
+    let keeps = |rule: &Flat, mark: u32| match rule {
+        Ok(rule) => match rule.target {
+            Target::SetMark(set) => set.mask == u32::MAX && set.value == mark,
+            Target::Bypass | Target::Return | Target::Ignore | Target::Unsteered(_) => true,
+            _ => false,
+        },
+        Err(_) => false,
+    };
+    let no_op = |i: usize| match &flat[i] {
+        Ok(rule) => {
+            let is_recipe_mark = rule.matches.mark.is_some_and(|mark| {
+                mark.mask == u32::MAX && mark.value & recipe.mask == recipe.value & recipe.mask
+            });
+            is_recipe_mark
+                && matches!(rule.target, Target::Bypass | Target::Return)
+                && !rule.matches.excludes()
+                && flat[i + 1..]
+                    .iter()
+                    .all(|later| keeps(later, rule.matches.mark.map_or(0, |m| m.value)))
+        }
+        Err(_) => false,
+    };
+    let left_out: Vec<usize> = (0..flat.len()).filter(|&i| no_op(i)).collect();
+    flat.into_iter()
+        .enumerate()
+        .filter_map(|(i, rule)| {
+            if !left_out.contains(&i) {
+                return Some(rule);
+            }
+            if let Ok(rule) = &rule {
+                notes.push(format!(
+                    "line {}: `{}` changes nothing: the packets it lets through already carry \
+                     the TPROXY rules' mark, which the later rules only set again; left out",
+                    rule.line, rule.text
+                ));
+            }
+            None
+        })
+        .collect()
 }
 
 /// Whether setting `mark` in OUTPUT feeds the TPROXY recipe: it sets the mark the TPROXY
@@ -155,6 +213,90 @@ fn steered(rule: &Parsed, prerouting: &[Flat]) -> Vec<Flat> {
             })
         })
         .collect()
+}
+
+/// A MARK rule for the host's own addresses: its packets come back on `lo` to PREROUTING,
+/// whose rules take them in order, bypasses too (what PREROUTING lets through is delivered
+/// to its destination, the host's own). One rule for what each PREROUTING rule takes first,
+/// with that rule's action; what none takes is delivered as it is: a bypass. `set`: the mark
+/// the rule sets, which they carry there.
+fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<Flat> {
+    let refuse = |reason: String| vec![Err(format!("line {}: {}: {reason}", rule.line, rule.text))];
+    let mut parts = Vec::new();
+    for candidate in prerouting.iter().flatten() {
+        let m = &candidate.matches;
+        let on_lo = m
+            .iface
+            .as_deref()
+            .is_none_or(|iface| iface_covers(iface, "lo"))
+            && !m.not_iface.iter().any(|iface| iface_covers(iface, "lo"));
+        let target = match candidate.target {
+            Target::Tproxy { .. } | Target::Reject => candidate.target.clone(),
+            Target::Bypass | Target::Return => Target::Bypass,
+            Target::Drop => Target::Drop,
+            // Nothing these packets meet: the socket match (their socket is not transparent),
+            // the divert chain's marks, other protocols.
+            _ => continue,
+        };
+        // Their mark is the one set, whole: a mark match takes all of them or none.
+        let marked = match m.mark {
+            None => true,
+            Some(_) if set.mask != u32::MAX => false,
+            Some(mark) if set.value & mark.mask == mark.value => true,
+            Some(_) => continue,
+        };
+        // As a rule for the same packets, locally generated.
+        let taking = Match {
+            iface: None,
+            not_iface: Vec::new(),
+            mark: None,
+            local: true,
+            ..m.clone()
+        };
+        if !on_lo || !overlaps(&taking, &rule.matches) {
+            continue;
+        }
+        if target == Target::Drop
+            || !marked
+            || taking.excludes()
+            || !taking.src.is_empty()
+            || !taking.sports.is_empty()
+        {
+            return refuse(format!(
+                "line {} takes some of its packets when they come back on lo, which a rule \
+                 for local connections cannot say",
+                candidate.line
+            ));
+        }
+        let both = match narrow(&rule.matches, &taking) {
+            Narrowed::Both(both) => *both,
+            Narrowed::Neither => continue,
+            Narrowed::Inexpressible => {
+                return refuse(format!(
+                    "line {} takes some of its packets when they come back on lo, which of the \
+                     host's addresses is known only at run time",
+                    candidate.line
+                ))
+            }
+        };
+        parts.push(Ok(Parsed {
+            text: format!(
+                "{} (what line {} takes when it comes back on lo)",
+                rule.text, candidate.line
+            ),
+            matches: both,
+            target,
+            ..rule.clone()
+        }));
+        if covers(&taking, &rule.matches) {
+            return parts;
+        }
+    }
+    parts.push(Ok(Parsed {
+        target: Target::Bypass,
+        ..rule.clone()
+    }));
+    parts
 }
 
 /// The TPROXY target that the `transport` packets of `rule` meet when they come back on

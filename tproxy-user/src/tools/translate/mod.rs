@@ -133,6 +133,11 @@ struct Match {
     /// nft `fib daddr type local`): `dst` is then empty, and the rule a bypass written with
     /// `dst = "local"`, which tproxy keeps up to date with the addresses.
     dst_local: bool,
+    /// The packet's route does not lead to `lo` (nft `oifname != "lo"` in an output route
+    /// chain): its destination is not one of the host's own. Only as an OUTPUT chain's
+    /// guard that leaves such packets alone, which makes the rules after it rules for the
+    /// host's own addresses (see `flatten`).
+    not_dst_local: bool,
     /// Locally generated traffic: the rule was reached from mangle OUTPUT (see `local`).
     local: bool,
     /// The users whose sockets match (`-m owner --uid-owner`); empty: any.

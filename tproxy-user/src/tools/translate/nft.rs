@@ -375,11 +375,7 @@ impl Rule<'_> {
                     });
                 Ok(i + 2)
             }
-            "oifname" | "oif" => Err(format!(
-                "`{}` cannot be translated: tproxy decides a local connection by its \
-                 destination when it connects, not by the interface its route leaves by",
-                w[i]
-            )),
+            "oifname" | "oif" => self.output_interface(i),
             other => Err(format!("`{other}` cannot be translated")),
         }
     }
@@ -472,6 +468,23 @@ impl Rule<'_> {
             }
         }
         Ok(found.next)
+    }
+
+    /// `oifname != "lo"` at `w[i]`: in a route chain at output, the interface of the route
+    /// looked up for the packet, which is `lo` exactly for the host's own addresses (the
+    /// `local` routes). Other output interfaces cannot be translated.
+    fn output_interface(&mut self, i: usize) -> Result<usize, String> {
+        let found = self.values(i + 1)?;
+        if found.negated && found.values == ["lo"] {
+            self.m.not_dst_local = true;
+            return Ok(found.next);
+        }
+        Err(format!(
+            "`{}` cannot be translated: tproxy decides a local connection by its destination \
+             when it connects, not by the interface its route leaves by (but for `{} != \"lo\"`, \
+             whose packets go to other hosts' addresses)",
+            self.w[i], self.w[i]
+        ))
     }
 
     /// The input interface's name at `w[i]`.

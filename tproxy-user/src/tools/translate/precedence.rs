@@ -235,8 +235,25 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
 /// port spec of a rule is a rule of its own in tproxy (`multiport`, a set), so the most
 /// specific part of `later` is weighed against the least specific part of `earlier`.
 pub(super) fn more_specific(later: &Match, earlier: &Match) -> bool {
-    let longest = |m: &Match| destination_lengths(m).into_iter().max().unwrap_or(0);
-    let shortest = |m: &Match| destination_lengths(m).into_iter().min().unwrap_or(0);
+    // A packet is of one family: the prefixes of the other do not rank for it.
+    families_of(later)
+        .into_iter()
+        .filter(|family| families_of(earlier).contains(family))
+        .any(|family| more_specific_in(later, earlier, family))
+}
+
+/// [`more_specific`] for the packets of `family`.
+fn more_specific_in(later: &Match, earlier: &Match, family: Family) -> bool {
+    let (later_lengths, earlier_lengths) = (
+        destination_lengths(later, family),
+        destination_lengths(earlier, family),
+    );
+    let (Some(&longest), Some(&shortest)) =
+        (later_lengths.iter().max(), earlier_lengths.iter().min())
+    else {
+        // One of them has no destination of this family.
+        return false;
+    };
     // 0: a single port, 1: a range, 2: any port (as tproxy ranks them).
     let specificities = |m: &Match| -> Vec<u8> {
         ports_of_match(m)
@@ -250,25 +267,21 @@ pub(super) fn more_specific(later: &Match, earlier: &Match) -> bool {
     };
     let most_specific = specificities(later).into_iter().min().unwrap_or(2);
     let least_specific = specificities(earlier).into_iter().max().unwrap_or(2);
-    longest(later) > shortest(earlier)
-        || (longest(later) == shortest(earlier) && most_specific < least_specific)
+    longest > shortest || (longest == shortest && most_specific < least_specific)
 }
 
-/// The lengths of `m`'s destination prefixes: the host's addresses are full-length ones.
-fn destination_lengths(m: &Match) -> Vec<u8> {
+/// The lengths of `m`'s destination prefixes of `family`: the host's addresses are
+/// full-length ones.
+fn destination_lengths(m: &Match, family: Family) -> Vec<u8> {
     if m.dst_local {
-        return families_of(m)
-            .into_iter()
-            .map(|f| match f {
-                Family::V4 => 32,
-                Family::V6 => 128,
-            })
-            .collect();
+        return vec![match family {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }];
     }
-    families_of(m)
-        .into_iter()
-        .flat_map(|f| prefixes_of(&m.dst, f))
-        .map(|p| p.prefix_len())
+    prefixes_of(&m.dst, family)
+        .iter()
+        .map(IpNet::prefix_len)
         .collect()
 }
 

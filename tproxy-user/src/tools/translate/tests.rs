@@ -303,11 +303,11 @@ COMMIT
         t.config
     );
     assert!(rules[2].get("src").is_none() && rules[2]["action"].as_str() == Some("steer"));
-    // Such a rule (10.1/16, port 80) would outrank line 2 (10.1/16, ports 50-3000), which
+    // Such a rule (10.1/16, port 80) would outrank line 2 (10.1/16, ports 50-1000), which
     // takes those packets first: reported.
     let contested = "\
 *mangle
--A PREROUTING -p tcp -d 10.1.0.0/16 --dport 50:3000 -j RETURN
+-A PREROUTING -p tcp -d 10.1.0.0/16 --dport 50:1000 -j RETURN
 -A PREROUTING -p tcp -s 192.0.2.0/24 --dport 1:80 -j TPROXY --on-port 1
 -A PREROUTING -p tcp -d 10.1.0.0/16 --dport 80:2000 -j TPROXY --on-port 2
 COMMIT
@@ -1381,7 +1381,7 @@ table ip proxy {
 -A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x1/0x1
 -A PREROUTING -m mark --mark 0xfe -j RETURN
 -A PREROUTING -m mark --mark 0x2/0x2 -j RETURN
--A PREROUTING -m mark --mark 0xff -j TPROXY --on-port 2
+-A PREROUTING -m mark --mark 0xfd -j TPROXY --on-port 2
 -A PREROUTING -m mark ! --mark 0xff -j RETURN
 COMMIT
 ";
@@ -1393,17 +1393,21 @@ COMMIT
         .map(|s| s.split(':').next().unwrap())
         .collect();
     // Line 5's mark needs the routing mark's bit 0x1, which tproxy's rules do not see (found
-    // once the rules are kept), and so does line 6's excluded mark (a hole for 0xff ahead of
-    // the rest of the line): the whole of line 6 goes.
-    assert_eq!(lines, ["line 5", "line 6", "line 6"], "{:?}", t.skipped);
+    // once the rules are kept). Line 6's excluded mark 0xff needs it too, but its packets
+    // never get there: line 4 takes them (bit 0x2) first, so its hole is left out.
+    assert_eq!(lines, ["line 5"], "{:?}", t.skipped);
     assert!(
-        t.skipped[..2]
-            .iter()
-            .all(|s| s.contains("routing mark 0x1/0x1")),
+        t.skipped[0].contains("routing mark 0x1/0x1"),
         "{:?}",
         t.skipped
     );
-    assert!(t.skipped[2].contains("left out as well"), "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 6:") && n.contains("line 4 comes first")),
+        "{:?}",
+        t.notes
+    );
     for kept in ["mark = \"0xfe\"", "mark = \"0x2/0x2\""] {
         assert!(t.config.contains(kept), "{kept}: {}", t.config);
     }
@@ -1614,8 +1618,8 @@ table inet proxy {
         t.config
     );
 
-    // A TPROXY rule for one of the host's addresses comes first: the local bypass is left
-    // to the addresses it does not steer, which tproxy cannot say.
+    // A TPROXY rule for some of the host's packets comes first: they keep its action in a
+    // steer rule for the host's addresses ahead of the local bypass.
     let input = "\
 *mangle
 -A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1
@@ -1636,9 +1640,17 @@ COMMIT
     lines.sort_unstable();
     assert_eq!(
         lines,
-        ["line 3", "line 5", "line 6", "line 7", "line 8"],
+        ["line 5", "line 6", "line 7", "line 8"],
         "{:?}",
         t.skipped
+    );
+    assert!(
+        t.config.contains(
+            "# line 3: its packets that line 2 takes first, with line 2's action\n\
+             proto = [\"tcp\"]\ndst = \"local-ipv4\"\nports = [80]\naction = \"steer\""
+        ),
+        "{}",
+        t.config
     );
     assert!(
         t.notes
@@ -2181,6 +2193,91 @@ fn conntrack_established_flows_are_reported_where_the_kernel_would_treat_them_ot
                 .iter()
                 .any(|s| s.starts_with(&format!("line {line}:")) && s.contains(reason)),
             "{input}{:?}",
+            t.skipped
+        );
+    }
+}
+
+/// sbshell's sing-box rule set: its output chain concerns only the packets routed to `lo`
+/// (`oifname != "lo" accept` first), the host's own addresses, whose MARK rules meet
+/// PREROUTING's rules in order when they come back on `lo`: DNS is steered, the rest is
+/// delivered by the bypass of the host's own addresses. The mark match ahead of the MARK
+/// rules changes nothing.
+#[test]
+fn an_output_chain_for_packets_routed_to_lo_is_for_the_hosts_own_addresses() {
+    let input = "\
+table inet sing-box {
+	chain prerouting_tproxy {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } th dport 53 tproxy to :7895 accept
+		fib daddr type local meta l4proto { tcp, udp } th dport 7895 reject with icmpx host-unreachable
+		fib daddr type local accept
+		ip daddr { 10.0.0.0/16, 192.168.0.0/16 } accept
+		meta l4proto { tcp, udp } tproxy to :7895 meta mark set 0x00000001
+	}
+
+	chain output_tproxy {
+		type route hook output priority mangle; policy accept;
+		oifname != \"lo\" accept
+		meta mark 0x00000001 accept
+		meta l4proto { tcp, udp } th dport 53 meta mark set 0x00000001
+		ip daddr { 10.0.0.0/16, 192.168.0.0/16 } accept
+		meta l4proto { tcp, udp } meta mark set 0x00000001
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(!t.config.contains("socket_mark"), "{}", t.config);
+    let rules: Vec<String> = t
+        .config
+        .split("[[rule]]")
+        .skip(1)
+        .filter(|rule| rule.contains("origin = \"local\""))
+        .map(|rule| {
+            rule.lines()
+                .filter(|line| !line.starts_with('#') && !line.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let any = "proto = [\"tcp\", \"udp\"]";
+    assert_eq!(
+        rules,
+        [
+            format!("{any} dst = \"local\" ports = [53] origin = \"local\" action = \"steer\" listener = \"tproxy-7895\""),
+            format!("{any} dst = [\"10.0.0.0/16\", \"192.168.0.0/16\"] origin = \"local\" action = \"bypass\""),
+            format!("{any} dst = \"local\" ports = [7895] origin = \"local\" action = \"bypass\""),
+            format!("{any} dst = \"local\" origin = \"local\" action = \"bypass\""),
+        ],
+        "{}",
+        t.config
+    );
+    for (line, says) in [
+        ("line 13", "the rules after it"),
+        ("line 14", "changes nothing"),
+    ] {
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.starts_with(line) && n.contains(says)),
+            "{line}: {:?}",
+            t.notes
+        );
+    }
+
+    // Anything but the chain's own guard is reported.
+    for guard in [
+        "oifname != \"lo\" meta l4proto tcp accept",
+        "oifname != \"eth0\" accept",
+        "oifname \"lo\" accept",
+    ] {
+        let t = translate(&input.replacen("oifname != \"lo\" accept", guard, 1)).unwrap();
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.starts_with("line 13:") && s.contains("oifname")),
+            "{guard}: {:?}",
             t.skipped
         );
     }
