@@ -21,6 +21,8 @@ use super::{
     precedence::{covers, iface_covers, overlaps},
     Match, Parsed, RuleSet, Target,
 };
+use ipnet::IpNet;
+
 use crate::values::{Mark, Transport};
 
 /// The rules the kernel runs for locally generated packets, jumps inlined, in order: the
@@ -394,6 +396,45 @@ pub(super) fn leave_out_loopback(
         }
         _ => true,
     });
+}
+
+/// Notes each local steer rule that can take connections to loopback addresses (no earlier
+/// rule takes them all first): the recipe
+/// sends those to the proxy too, tproxy's programs never steer them (see README, "The host's
+/// own traffic"). With tproxy's own relay they reach the destination the relay would have
+/// connected to; a proxy kept in the path (`--keep-proxies`) no longer sees them.
+pub(super) fn note_loopback_destinations(local: &[Flat], notes: &mut Vec<String>) {
+    let loopback: [IpNet; 2] = [
+        "127.0.0.0/8".parse().expect("a prefix"),
+        "::1/128".parse().expect("a prefix"),
+    ];
+    let rules: Vec<&Parsed> = local.iter().flatten().collect();
+    for (i, rule) in rules.iter().enumerate() {
+        let m = &rule.matches;
+        let reaches_loopback = loopback.iter().any(|&l| {
+            let to_loopback = Match {
+                dst: vec![l],
+                dst_local: false,
+                ..m.clone()
+            };
+            let named = m.dst_local
+                || m.dst.is_empty()
+                || m.dst.iter().any(|p| l.contains(p) || p.contains(&l));
+            named
+                && !rules[..i]
+                    .iter()
+                    .any(|earlier| covers(&earlier.matches, &to_loopback))
+        });
+        if matches!(rule.target, Target::Tproxy { .. }) && !m.matches_nothing && reaches_loopback {
+            notes.push(format!(
+                "line {}: `{}`: its connections to loopback addresses (127.0.0.0/8, ::1) are \
+                 not steered: tproxy never steers the host's own connections to those, so they \
+                 go straight to where its relay would have taken them; a proxy kept with \
+                 --keep-proxies no longer sees them",
+                rule.line, rule.text
+            ));
+        }
+    }
 }
 
 /// `local` with its rules that match a mark reported, the loop guard taken out already:

@@ -2282,3 +2282,29 @@ table inet sing-box {
         );
     }
 }
+
+/// A local steer rule that can take connections to loopback addresses gets a note (tproxy
+/// never steers those); one that an earlier bypass of loopback keeps off them does not.
+#[test]
+fn local_steering_of_loopback_destinations_is_noted() {
+    let rules = |guard: &str| {
+        format!(
+            "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --tproxy-mark 0x1/0x1
+{guard}-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+"
+        )
+    };
+    let noted = |t: &Translation| {
+        t.notes
+            .iter()
+            .filter(|n| n.contains("loopback addresses (127.0.0.0/8, ::1) are not steered"))
+            .count()
+    };
+    let unguarded = translate(&rules("")).unwrap();
+    assert_eq!(noted(&unguarded), 1, "{:?}", unguarded.notes);
+    let guarded = translate(&rules("-A OUTPUT -d 127.0.0.0/8 -j RETURN\n")).unwrap();
+    assert_eq!(noted(&guarded), 0, "{:?}", guarded.notes);
+}
