@@ -266,6 +266,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         transports,
         dst,
         dst_local,
+        dst_types: None,
         src,
         ports,
         sports,

@@ -129,6 +129,9 @@ struct Match {
     /// nft `fib daddr type local`): `dst` is then empty, and the rule a bypass written with
     /// `dst = "local"`, which tproxy keeps up to date with the addresses.
     dst_local: bool,
+    /// The address types `-m addrtype --dst-type` names: the parser makes a rule of each
+    /// (see `iptables::by_address_type`), so this is `None` in the model's rules.
+    dst_types: Option<Vec<AddressType>>,
     /// Locally generated traffic: the rule was reached from mangle OUTPUT (see `local`).
     local: bool,
     /// The users whose sockets match (`-m owner --uid-owner`); empty: any.
@@ -139,6 +142,15 @@ struct Match {
     /// No packet matches: the rule names a set without elements (nft prints a set emptied
     /// or never filled without an `elements` line).
     matches_nothing: bool,
+}
+
+/// What one of `--dst-type`'s address types matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AddressType {
+    /// The host's own addresses (`dst = "local"`).
+    Local,
+    /// A fixed prefix (IPv4 MULTICAST is 224.0.0.0/4 by the address alone).
+    Prefix(IpNet),
 }
 
 impl Match {
