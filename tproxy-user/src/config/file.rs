@@ -31,6 +31,17 @@ use crate::{
 pub(super) type At<'a> = &'a dyn Fn(std::ops::Range<usize>) -> Location;
 
 /// A position in the configuration file, for error messages.
+/// The `[[rule]]`s split (see [`ConfigFile::rules`]).
+#[derive(Default)]
+pub(super) struct SplitRules {
+    /// For fixed destinations.
+    pub fixed: Vec<Rule>,
+    /// For the host's own addresses, with any destination of their family.
+    pub own_addresses: Vec<Rule>,
+    /// For the anycast routes' destinations, with any IPv4 destination.
+    pub anycast: Vec<Rule>,
+}
+
 pub(super) struct Location {
     file: PathBuf,
     pub(super) line: usize,
@@ -203,23 +214,20 @@ impl ConfigFile {
     }
 
     /// The `[[rule]]`s, each split into single-prefix, single-port-spec rules; apart, those
-    /// for the host's own addresses (`dst = "local"`), with any destination of their family
-    /// in place of the addresses.
-    pub(super) fn rules(
-        &self,
-        listeners: &[ListenerConfig],
-        at: At,
-    ) -> Result<(Vec<Rule>, Vec<Rule>)> {
-        let (mut rules, mut local) = (Vec::new(), Vec::new());
+    /// for the host's own addresses (`dst = "local"`) and those for anycast routes (`dst =
+    /// "anycast"`), with any destination of their family in place of what they follow.
+    pub(super) fn rules(&self, listeners: &[ListenerConfig], at: At) -> Result<SplitRules> {
+        let mut split_rules = SplitRules::default();
         for (i, spanned) in self.rules.iter().enumerate() {
             let entry = spanned.get_ref();
             let split = entry.split(i + 1, at(spanned.span()), listeners, at)?;
             match entry.dst {
-                Some(Destinations::Local { .. }) => local.extend(split),
-                _ => rules.extend(split),
+                Some(Destinations::Local { .. }) => split_rules.own_addresses.extend(split),
+                Some(Destinations::Anycast) => split_rules.anycast.extend(split),
+                _ => split_rules.fixed.extend(split),
             }
         }
-        Ok((rules, local))
+        Ok(split_rules)
     }
 
     /// The processes each rule for local connections selects, by rule number.
@@ -338,6 +346,15 @@ impl RuleEntry {
             Some(Destinations::Prefixes(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
             Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
             Some(Destinations::Local { .. }) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass rules"),
+            Some(Destinations::Anycast) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"anycast\" (the anycast routes' destinations) is for bypass rules"),
+            // Each route's destinations take the place of the IPv4 one (see
+            // `Config::set_anycast_destinations`).
+            Some(Destinations::Anycast) => {
+                if sources.iter().flatten().any(|s| s.addr().is_ipv6()) {
+                    bail!("{where_}: rule[{number}].dst: \"anycast\" (IPv4 routes) with IPv6 sources");
+                }
+                any_destination().into_iter().filter(|d| d.addr().is_ipv4()).collect()
+            }
             // Each address takes the place of its family's destination (see
             // `Config::set_own_addresses`).
             Some(Destinations::Local { ipv4, ipv6 }) => {

@@ -697,6 +697,61 @@ action = "steer"
 }
 
 #[test]
+fn an_anycast_bypass_follows_the_destinations_it_is_given() {
+    let text = r#"
+interfaces = ["eth0"]
+
+[[rule]]
+proto = "udp"
+dst = "anycast"
+action = "bypass"
+
+[[listener]]
+name = "web"
+
+[[rule]]
+proto = "udp"
+action = "steer"
+"#;
+    let mut config = with_file(text, &[]).unwrap();
+    assert_eq!(config.anycast_rules.len(), 1);
+    let bypasses = |config: &Config| -> Vec<String> {
+        let mut rules: Vec<String> = config
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Bypass)
+            .map(|r| format!("{} #{}", r, r.number))
+            .collect();
+        rules.sort();
+        rules
+    };
+    let routes: Vec<IpNet> = vec![
+        "192.0.2.0/24".parse().unwrap(),
+        "198.51.100.7/32".parse().unwrap(),
+    ];
+    assert!(config.set_anycast_destinations(routes.clone()));
+    assert_eq!(
+        bypasses(&config),
+        [
+            "udp dst 192.0.2.0/24 port any #1",
+            "udp dst 198.51.100.7/32 port any #1"
+        ]
+    );
+    assert!(!config.set_anycast_destinations(routes), "nothing changed");
+    assert!(config.set_anycast_destinations(Vec::new()));
+    assert!(bypasses(&config).is_empty());
+
+    let steer = "[[listener]]\nname = \"web\"\n\n[[rule]]\nproto = \"tcp\"\ndst = \"anycast\"\naction = \"steer\"\n";
+    assert!(
+        error(steer).contains("is for bypass rules"),
+        "{}",
+        error(steer)
+    );
+    let v6 = "[[rule]]\nproto = \"tcp\"\nsrc = \"2001:db8::/32\"\ndst = \"anycast\"\naction = \"bypass\"\n";
+    assert!(error(v6).contains("IPv6 sources"), "{}", error(v6));
+}
+
+#[test]
 fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
     let rule = |extra: &str| {
         format!("[[listener]]\nname = \"up\"\n[[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\n{extra}")

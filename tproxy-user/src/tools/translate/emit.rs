@@ -476,7 +476,7 @@ fn first_come(
                 return Err(format!("{shadowed} (a rule of their own cannot say which)"))
             }
         };
-        if both.dst_local && listener.is_some() {
+        if (both.dst_local || both.dst_anycast) && listener.is_some() {
             return Err(format!(
                 "{shadowed} (the host's own addresses, which a steer rule cannot name)"
             ));
@@ -674,8 +674,13 @@ fn write_matches(out: &mut String, m: &Match) {
     }
 }
 
-/// `dst`: the prefixes, the family's whole space, or the host's own addresses.
+/// `dst`: the prefixes, the family's whole space, the host's own addresses or the anycast
+/// routes' destinations.
 fn write_destination(out: &mut String, m: &Match) {
+    if m.dst_anycast {
+        let _ = writeln!(out, "dst = \"anycast\"");
+        return;
+    }
     if m.dst_local {
         let keyword = match m.family {
             None => "local",

@@ -207,8 +207,10 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
     let Some(dst) = both_prefixes(&context.dst, &rule.dst, family) else {
         return Ok(None);
     };
-    if dst_local && !dst.is_empty() {
-        // Which of the host's addresses lie in the prefixes is known only at run time.
+    let dst_anycast = context.dst_anycast || rule.dst_anycast;
+    if (dst_local || dst_anycast) && !dst.is_empty() || dst_local && dst_anycast {
+        // Which of the host's addresses and the anycast routes' destinations lie in the
+        // prefixes, or in each other, is known only at run time.
         return Err(());
     }
     let Some(src) = both_prefixes(&context.src, &rule.src, family) else {
@@ -266,6 +268,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         transports,
         dst,
         dst_local,
+        dst_anycast,
         dst_types: None,
         src,
         ports,

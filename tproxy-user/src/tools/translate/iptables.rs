@@ -219,7 +219,7 @@ fn parse_rule(
         if !m.dst.is_empty() || !m.not_dst.is_empty() {
             return Err("`--dst-type` and destination prefixes in one rule".into());
         }
-        if types.contains(&AddressType::Local) {
+        if types.contains(&AddressType::Local) || types.contains(&AddressType::Anycast) {
             local_bypass(&m, &target)?;
         }
     }
@@ -309,9 +309,10 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
 /// without `--limit-iface-in`/`-out`.
 ///
 /// IPv4 (`inet_addr_type`): MULTICAST is 224.0.0.0/4 by the address alone; every other type
-/// is that of the address's route in the local table. LOCAL is the host's own addresses;
-/// UNSPEC is no address, as the kernel refuses a route of type unspec (EINVAL), so no
-/// lookup finds one. The types named are any of them.
+/// is that of the address's route in the local table. LOCAL is the host's own addresses,
+/// ANYCAST what the table's anycast routes take (tproxy follows both); UNSPEC is no
+/// address, as the kernel refuses a route of type unspec (EINVAL), so no lookup finds one.
+/// The types named are any of them.
 ///
 /// IPv6 (`match_type6`) asks each of MULTICAST and UNSPEC named to hold at once, with the
 /// route types besides: one type alone is taken, MULTICAST as ff00::/8 and UNSPEC as `::`.
@@ -331,9 +332,10 @@ fn address_types(value: &str, family: Option<Family>) -> Result<Vec<AddressType>
             ("MULTICAST", _) => AddressType::Prefix("224.0.0.0/4".parse().unwrap()),
             ("UNSPEC", Some(Family::V6)) => AddressType::Prefix("::/128".parse().unwrap()),
             ("UNSPEC", _) => continue,
+            ("ANYCAST", Some(Family::V4)) => AddressType::Anycast,
             _ => {
                 return Err(format!(
-                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST and UNSPEC)"
+                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST, UNSPEC, and ANYCAST for IPv4)"
                 ))
             }
         };
@@ -362,6 +364,7 @@ fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
             let mut one = m.clone();
             match address_type {
                 AddressType::Local => one.dst_local = true,
+                AddressType::Anycast => one.dst_anycast = true,
                 AddressType::Prefix(prefix) => one.dst = vec![prefix],
             }
             (one, target.clone())

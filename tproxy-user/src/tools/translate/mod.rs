@@ -129,6 +129,10 @@ struct Match {
     /// nft `fib daddr type local`): `dst` is then empty, and the rule a bypass written with
     /// `dst = "local"`, which tproxy keeps up to date with the addresses.
     dst_local: bool,
+    /// The destination is one the local table's anycast routes take (`-m addrtype
+    /// --dst-type ANYCAST`): `dst` is then empty, and the rule a bypass written with `dst =
+    /// "anycast"`, which tproxy keeps up to date with the routes.
+    dst_anycast: bool,
     /// The address types `-m addrtype --dst-type` names: the parser makes a rule of each
     /// (see `iptables::by_address_type`), so this is `None` in the model's rules.
     dst_types: Option<Vec<AddressType>>,
@@ -149,6 +153,8 @@ struct Match {
 enum AddressType {
     /// The host's own addresses (`dst = "local"`).
     Local,
+    /// What the local table's IPv4 anycast routes take (`dst = "anycast"`).
+    Anycast,
     /// A fixed prefix (IPv4 MULTICAST is 224.0.0.0/4 by the address alone).
     Prefix(IpNet),
 }

@@ -161,7 +161,7 @@ pub(super) fn iface_covers(outer: &str, inner: &str) -> bool {
 pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
     // The host's addresses may lie anywhere: only the same match, or no destination at
     // all, covers them.
-    if outer.dst_local && !inner.dst_local {
+    if outer.dst_local && !inner.dst_local || outer.dst_anycast && !inner.dst_anycast {
         return false;
     }
     let transports = transports_of(inner)
@@ -254,8 +254,12 @@ pub(super) fn more_specific(later: &Match, earlier: &Match) -> bool {
         || (longest(later) == shortest(earlier) && most_specific < least_specific)
 }
 
-/// The lengths of `m`'s destination prefixes: the host's addresses are full-length ones.
+/// The lengths of `m`'s destination prefixes: the host's addresses are full-length ones,
+/// the anycast routes' of any length, so both the shortest and the longest.
 fn destination_lengths(m: &Match) -> Vec<u8> {
+    if m.dst_anycast {
+        return vec![0, 32];
+    }
     if m.dst_local {
         return families_of(m)
             .into_iter()
@@ -312,6 +316,7 @@ impl ShadowIndex {
         let prefixes = destination_prefixes(m);
         // The host's addresses may lie inside any rule's prefixes.
         if m.dst_local
+            || m.dst_anycast
             || prefixes
                 .iter()
                 .any(|p| p.prefix_len() != prefixes[0].prefix_len())
