@@ -445,7 +445,7 @@ pub(crate) struct LocalTableRoute {
 /// matches. xt_addrtype looks the address up in the local table alone (the recipe's policy
 /// routing rule keeps it apart from main), so it is in [`anycast_regions`] of those routes.
 pub(crate) fn anycast_destinations() -> Result<Vec<IpNet>> {
-    let routes = ipv4_routes().context("listing IPv4 routes")?;
+    let routes = local_table_routes().context("listing the local table's IPv4 routes")?;
     let local_table = routes
         .iter()
         // A route for a TOS only is no lookup's without one (xt_addrtype's has none).
@@ -509,18 +509,26 @@ pub(crate) fn anycast_regions(routes: &[LocalTableRoute]) -> Vec<IpNet> {
     regions
 }
 
-/// Every IPv4 route, asked for over a blocking rtnetlink socket: configurations are built
+/// The IPv4 routes of the local table (and, on kernels before 4.20, of every other),
+/// asked for over a blocking rtnetlink socket: configurations are built
 /// outside the runtime (`check`) and inside it (reload), both without waiting on it.
-fn ipv4_routes() -> Result<Vec<RouteMessage>> {
+fn local_table_routes() -> Result<Vec<RouteMessage>> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
     socket.bind_auto().context("binding the rtnetlink socket")?;
     socket
         .connect(&SocketAddr::new(0, 0))
         .context("connecting the rtnetlink socket")?;
+    // Strict checking lets the kernel dump the local table alone (a router's main table may
+    // be large, and route events bring the routes here again); a kernel without it dumps
+    // every table, which the caller's filter takes the local table from.
+    let strict = socket.set_netlink_get_strict_chk(true).is_ok();
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut query = RouteMessage::default();
     query.header.address_family = AddressFamily::Inet;
+    if strict {
+        query.header.table = LOCAL_TABLE as u8;
+    }
     let mut request = NetlinkMessage::new(header, RouteNetlinkMessage::GetRoute(query).into());
     request.finalize();
     let mut buffer = vec![0; request.buffer_len()];
