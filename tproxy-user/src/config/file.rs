@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use serde::Deserialize;
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     any_destination, default_listen,
@@ -158,6 +158,9 @@ pub(super) struct RuleEntry {
     cgroup: Option<toml::Spanned<List<String>>>,
     /// For local connections: the users whose processes it applies to (default: every one).
     uid: Option<toml::Spanned<List<UidRange>>>,
+    /// For local connections: the cgroup v1 net_cls class ids (or ranges) whose processes
+    /// it applies to (default: every process).
+    classid: Option<toml::Spanned<List<ClassidRange>>>,
 }
 
 impl ConfigFile {
@@ -256,6 +259,7 @@ impl RuleEntry {
             let given = [
                 ("cgroup", self.cgroup.as_ref().map(|c| c.span())),
                 ("uid", self.uid.as_ref().map(|u| u.span())),
+                ("classid", self.classid.as_ref().map(|c| c.span())),
             ];
             if let Some((field, Some(span))) = given.into_iter().find(|(_, span)| span.is_some()) {
                 bail!(
@@ -284,7 +288,18 @@ impl RuleEntry {
             ),
             Some(list) => list.get_ref().0.clone(),
         };
-        Ok(Some(LocalOrigin::new(cgroups, uids)))
+        let classids = match &self.classid {
+            None => Vec::new(),
+            Some(list) if list.get_ref().0.is_empty() => bail!(
+                "{}: rule[{number}].classid: an empty list selects no process; leave `classid` \
+                 out to select processes of every net_cls class",
+                at(list.span())
+            ),
+            Some(list) => list.get_ref().0.clone(),
+        };
+        Ok(Some(
+            LocalOrigin::new(cgroups, uids).with_classids(classids),
+        ))
     }
 
     /// What the rule does: bypass, drop, or steer to the index of its listener.

@@ -836,6 +836,51 @@ fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
 }
 
 #[test]
+fn a_rules_classid_selects_net_cls_classes_and_bad_ones_are_named() {
+    let rule = |extra: &str| {
+        "[[listener]]\nname = \"p\"\n[[rule]]\nproto = \"tcp\"\naction = \"steer\"\n\
+         listener = \"p\"\n"
+            .to_string()
+            + extra
+    };
+    let config = with_file(
+        &rule("origin = \"local\"\nclassid = [\"2-4294967295\", 0, \"0x10\"]\n"),
+        &[],
+    )
+    .unwrap();
+    let local = config.local.as_ref().expect("a selection");
+    assert_eq!(
+        local.get(1).unwrap().to_string(),
+        "cgroup /, every user, net_cls class 0, 2-4294967295, 16"
+    );
+    for (extra, expected) in [
+        (
+            "classid = 1\n",
+            "rule[1].classid: only a rule for local connections selects processes",
+        ),
+        (
+            "origin = \"local\"\nclassid = []\n",
+            "rule[1].classid: an empty list selects no process",
+        ),
+        (
+            "origin = \"local\"\nclassid = \"9-2\"\n",
+            "net_cls class id `9-2`: the range's first class id is above its last",
+        ),
+        (
+            "origin = \"local\"\nclassid = \"1:1\"\n",
+            "net_cls class id `1:1`: not a net_cls class id",
+        ),
+        (
+            "origin = \"local\"\nclassid = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
+            "9 net_cls class id ranges selected; at most 8",
+        ),
+    ] {
+        let error = format!("{:#}", with_file(&rule(extra), &[]).unwrap_err());
+        assert!(error.contains(expected), "{extra}: {error}");
+    }
+}
+
+#[test]
 fn local_flag_rules_are_local_or_both_with_interfaces() {
     let origins = |extra: &[&str]| -> Vec<Origin> {
         let mut flags = vec!["--local", "--tcp", "80"];

@@ -10,7 +10,7 @@ use serde::{
     Deserialize,
 };
 
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
     datapath::rules::{Origin, Ports},
@@ -138,6 +138,11 @@ parses!(
     UidRange,
     "a uid or range like 1000 or \"1000-1999\"",
     values::parse_uid_range
+);
+parses!(
+    ClassidRange,
+    "a net_cls class id or range like 1, \"0x100001\" or \"2-9\"",
+    values::parse_classid_range
 );
 parses!(
     RuleAction,
