@@ -462,7 +462,12 @@ fn first_come(
         let (earlier, listener) = &kept[index];
         let line = decided_by[index];
         let shadowed = format!("line {line} comes first and matches some of its packets");
-        let selectors = |m: &Match| m.mark.is_some() || !m.uids.is_empty() || !m.cgroups.is_empty();
+        let selectors = |m: &Match| {
+            m.mark.is_some()
+                || !m.uids.is_empty()
+                || !m.cgroups.is_empty()
+                || !m.classids.is_empty()
+        };
         if selectors(&earlier.matches) || selectors(&rule.matches) {
             return Err(format!(
                 "{shadowed} (a rule of their own cannot say which: marks and selectors are \

@@ -3,7 +3,7 @@
 
 use ipnet::IpNet;
 
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     precedence::{covers, iface_covers, ifaces_overlap, overlaps, port_bounds, within},
@@ -154,12 +154,17 @@ pub(super) fn flatten(
                 "line {}: {}: target MARK (marks are tproxy's own business)",
                 rule.line, rule.text
             ))),
-            _ if !(matches.local || matches.uids.is_empty() && matches.cgroups.is_empty()) => out
-                .push(Err(format!(
+            _ if !(matches.local
+                || matches.uids.is_empty()
+                    && matches.cgroups.is_empty()
+                    && matches.classids.is_empty()) =>
+            {
+                out.push(Err(format!(
                     "line {}: {}: `-m owner` and `-m cgroup` select locally generated packets, \
                      which only mangle OUTPUT sees",
                     rule.line, rule.text
-                ))),
+                )))
+            }
             _ => out.push(Ok(Parsed {
                 matches,
                 ..rule.clone()
@@ -253,6 +258,12 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
     }) else {
         return Ok(None);
     };
+    let Some(classids) = both(&context.classids, &rule.classids, |a, b| {
+        let (first, last) = (a.first.max(b.first), a.last.min(b.last));
+        (first <= last).then_some(ClassidRange { first, last })
+    }) else {
+        return Ok(None);
+    };
     let Some(cgroups) = both(&context.cgroups, &rule.cgroups, |a, b| {
         if within(a, b) {
             Some(a.clone())
@@ -286,6 +297,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         local: context.local || rule.local,
         uids,
         cgroups,
+        classids,
         matches_nothing: false,
     }))
 }

@@ -3,13 +3,13 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
-    local_bypass, other_protocol_rule, other_transports, other_uids, port_range, words,
-    AddressType, Chain, Family, Match, Parsed, RuleSet, Target,
+    local_bypass, other_classids, other_protocol_rule, other_transports, other_uids, port_range,
+    words, AddressType, Chain, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
     datapath::rules::Ports,
@@ -293,10 +293,10 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         "--path" if negated => return Err("negated `-m cgroup --path`".into()),
         "--path" => m.cgroups = vec![cgroup_path(value)?],
         "--cgroup" => {
-            return Err(
-                "`-m cgroup --cgroup` (a cgroup v1 class id; tproxy selects cgroup v2 paths)"
-                    .into(),
-            )
+            m.classids = vec![classid(value)?];
+            if negated {
+                m.classids = other_classids(&m.classids)?;
+            }
         }
         "--mark" if negated => return Err("negated match `-m mark`".into()),
         "--mark" => m.mark = Some(parse_mark_match(value)?),
@@ -370,6 +370,15 @@ fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
             (one, target.clone())
         })
         .collect()
+}
+
+/// `--cgroup`'s net_cls class id (`iptables-save` writes a number).
+fn classid(text: &str) -> Result<ClassidRange, String> {
+    match text.parse::<ClassidRange>() {
+        Ok(range) if range.first == range.last => Ok(range),
+        Ok(_) => Err(format!("`--cgroup {text}`: not one class id")),
+        Err(error) => Err(format!("`--cgroup {text}`: {error}")),
+    }
 }
 
 /// `--uid-owner`'s user: a uid or a range of them (`iptables-save` writes numbers).

@@ -34,7 +34,7 @@ use std::{collections::HashMap, io::Read, net::IpAddr};
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
     cli::TranslateArgs,
@@ -143,6 +143,9 @@ struct Match {
     /// The cgroup v2 paths whose processes' sockets match (`-m cgroup --path`), from the
     /// hierarchy's root; empty: any.
     cgroups: Vec<String>,
+    /// The net_cls class ids whose processes' sockets match (`-m cgroup --cgroup`); empty:
+    /// any.
+    classids: Vec<ClassidRange>,
     /// No packet matches: the rule names a set without elements (nft prints a set emptied
     /// or never filled without an `elements` line).
     matches_nothing: bool,
@@ -466,6 +469,34 @@ fn other_uids(uids: &[UidRange]) -> Result<Vec<UidRange>, String> {
     }
     if left.is_empty() {
         return Err("a negated uid match that excludes every user".into());
+    }
+    Ok(left)
+}
+
+/// The class ids `classids` leaves out, as ranges (`! --cgroup 1`: `0` and `2-4294967295`;
+/// 0 is a process in no class).
+fn other_classids(classids: &[ClassidRange]) -> Result<Vec<ClassidRange>, String> {
+    let mut taken: Vec<ClassidRange> = classids.to_vec();
+    taken.sort_unstable_by_key(|range| range.first);
+    let mut left = Vec::new();
+    let mut next: u64 = 0;
+    for range in taken {
+        if u64::from(range.first) > next {
+            left.push(ClassidRange {
+                first: next as u32,
+                last: range.first - 1,
+            });
+        }
+        next = next.max(u64::from(range.last) + 1);
+    }
+    if next <= u64::from(u32::MAX) {
+        left.push(ClassidRange {
+            first: next as u32,
+            last: u32::MAX,
+        });
+    }
+    if left.is_empty() {
+        return Err("a negated `--cgroup` that excludes every class id".into());
     }
     Ok(left)
 }

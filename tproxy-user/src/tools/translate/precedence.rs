@@ -110,7 +110,14 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
             || b.cgroups.is_empty()
             || a.cgroups
                 .iter()
-                .any(|x| b.cgroups.iter().any(|y| within(x, y) || within(y, x))));
+                .any(|x| b.cgroups.iter().any(|y| within(x, y) || within(y, x))))
+        && (a.classids.is_empty()
+            || b.classids.is_empty()
+            || a.classids.iter().any(|x| {
+                b.classids
+                    .iter()
+                    .any(|y| x.first <= y.last && y.first <= x.last)
+            }));
     transports && ports && sports && iface && addresses && marks && selectors
 }
 
@@ -219,6 +226,14 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
                 .cgroups
                 .iter()
                 .all(|i| outer.cgroups.iter().any(|o| within(i, o))));
+    let classids = outer.classids.is_empty()
+        || (!inner.classids.is_empty()
+            && inner.classids.iter().all(|i| {
+                outer
+                    .classids
+                    .iter()
+                    .any(|o| o.first <= i.first && i.last <= o.last)
+            }));
     transports
         && ports
         && sports
@@ -228,6 +243,7 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
         && outer.local == inner.local
         && uids
         && cgroups
+        && classids
 }
 
 /// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:
