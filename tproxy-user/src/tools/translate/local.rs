@@ -423,7 +423,10 @@ COMMIT
         };
         crate::config::Config::from_text(&args, &t.config).unwrap();
         for (rule, expected) in [
-            ("-m cgroup --cgroup x", "`--cgroup x`: not a net_cls class id"),
+            (
+                "-m cgroup --cgroup x",
+                "`--cgroup x`: not a net_cls class id",
+            ),
             ("-m cgroup --cgroup 1-5", "`--cgroup 1-5`: not one class id"),
             (
                 "-m cgroup ! --cgroup 0-4294967295",
