@@ -8,7 +8,7 @@
 use std::{io::Read, io::Write, net::SocketAddr};
 
 use tproxy_tests::{
-    cgroup::{dial_output, run_outside_cgroup, TestCgroup},
+    cgroup::{dial_output, run_outside_cgroup, NetClsClass, TestCgroup},
     remove_iptables_tproxy, require_root, restore_iptables, tproxy_with_input, ConfigFile,
     RouterTopology as Topo, Server, Tproxy, UdpEcho,
 };
@@ -330,6 +330,80 @@ COMMIT
         .iter()
         .map(|server| sent_relayed(&topo, &cgroup, server, count))
         .collect();
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+#[test]
+fn a_net_cls_class_left_out_of_mangle_output_is_left_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // The clients run in a cgroup of their own (tproxy's, the test's, is never steered)
+    // and, as sing-box's start scripts run the proxy, some in net_cls class 1.
+    let cgroup = TestCgroup::new("netcls").unwrap();
+    let proxy_class = NetClsClass::new(1).unwrap();
+    let other_class = NetClsClass::new(0x100002).unwrap();
+    let _servers: Vec<Server> = ["10.10.2.2:80", "10.10.2.2:22"]
+        .iter()
+        .map(|addr| server(&topo, addr))
+        .collect();
+    let rules = "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:PROXY - [0:0]
+:PROXY_SELF - [0:0]
+-A PREROUTING -j PROXY
+-A OUTPUT -p tcp -m cgroup ! --cgroup 1 -j PROXY_SELF
+-A PROXY -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A PROXY_SELF -m mark --mark 0xff -j RETURN
+-A PROXY_SELF -p tcp -m tcp --dport 80 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+";
+    let (status, text, stderr) = tproxy_with_input(&["translate"], rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("classid = [0, \"2-4294967295\"]"), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    let probes: [(&str, Option<&NetClsClass>); 4] = [
+        ("10.10.2.2:80", None),
+        ("10.10.2.2:80", Some(&proxy_class)),
+        ("10.10.2.2:80", Some(&other_class)),
+        ("10.10.2.2:22", None),
+    ];
+    let steered = |count: &dyn Fn() -> u64| -> Vec<bool> {
+        probes
+            .iter()
+            .map(|(target, class)| {
+                let before = count();
+                let wrapper = class.map(NetClsClass::wrapper);
+                let wrapper: Vec<&str> = wrapper.iter().flatten().map(String::as_str).collect();
+                let line = dial_output(
+                    cgroup
+                        .run(&topo.router, &wrapper, DIAL, &["tcp", target, "hi"])
+                        .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(line, format!("{target} ok"));
+                count() > before
+            })
+            .collect()
+    };
+
+    restore_iptables(&topo.router, rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = steered(&|| tproxy_rule_packets(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(
+        original,
+        [true, false, true, false],
+        "what the original rules steer"
+    );
+
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = steered(&|| relay_count(&tproxy, "tcp"));
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
