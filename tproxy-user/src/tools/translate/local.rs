@@ -674,6 +674,41 @@ table inet proxy {
     }
 
     #[test]
+    fn an_nft_meta_cgroup_becomes_the_classid_selector() {
+        let input = "\
+table ip proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp tproxy to :7000 meta mark set 0x00000001
+	}
+	chain output {
+		type route hook output priority mangle; policy accept;
+		meta cgroup 1 return
+		meta cgroup { 5-9, 0x100002 } tcp dport 443 meta mark set 0x00000001
+		meta cgroup != 1 tcp dport 80 meta mark set 0x00000001
+	}
+}
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let classids: Vec<&str> = t
+            .config
+            .lines()
+            .filter(|l| l.starts_with("classid"))
+            .collect();
+        assert_eq!(
+            classids,
+            [
+                "classid = [1]",
+                "classid = [\"5-9\", 1048578]",
+                "classid = [0, \"2-4294967295\"]",
+            ],
+            "{}",
+            t.config
+        );
+    }
+
+    #[test]
     fn a_cgroup_level_that_is_not_the_paths_depth_is_refused() {
         let input = "\
 table ip proxy {
