@@ -197,3 +197,113 @@ pub fn dial_output(output: Output) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
+
+/// A cgroup v1 net_cls class for the tests of `classid` selections: a class directory with
+/// its `net_cls.classid`, in a net_cls hierarchy mounted under a temporary directory of its
+/// own (or, when the kernel's net_cls hierarchy is already mounted together with other
+/// controllers, which a second mount of net_cls alone cannot join, in that one). The class,
+/// the mount and the directory go on drop.
+pub struct NetClsClass {
+    dir: PathBuf,
+    /// The mount point this class made (unmounted and removed on drop), if it made one.
+    mounted: Option<PathBuf>,
+}
+
+impl NetClsClass {
+    /// A new class with id `classid`.
+    pub fn new(classid: u32) -> Result<Self> {
+        let point = std::env::temp_dir().join(crate::unique_name("netcls"));
+        std::fs::create_dir(&point)
+            .with_context(|| format!("creating mount point {}", point.display()))?;
+        let (root, mounted) = match mount_net_cls(&point) {
+            Ok(()) => (point.clone(), Some(point)),
+            Err(error) => {
+                let _ = std::fs::remove_dir(&point);
+                let root = mounted_net_cls().with_context(|| {
+                    format!("mounting net_cls ({error}) and finding it mounted")
+                })?;
+                (root, None)
+            }
+        };
+        let class = NetClsClass {
+            dir: root.join(crate::unique_name("class")),
+            mounted,
+        };
+        std::fs::create_dir(&class.dir)
+            .with_context(|| format!("creating net_cls class {}", class.dir.display()))?;
+        std::fs::write(class.dir.join("net_cls.classid"), classid.to_string())
+            .with_context(|| format!("writing {}/net_cls.classid", class.dir.display()))?;
+        Ok(class)
+    }
+
+    /// The wrapper (for [`TestCgroup::run`] and [`run_outside_cgroup`]) that joins the
+    /// class, then runs what follows it.
+    pub fn wrapper(&self) -> [String; 4] {
+        [
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+                self.dir.display()
+            ),
+            "sh".into(),
+        ]
+    }
+}
+
+fn mount_net_cls(point: &std::path::Path) -> Result<()> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt};
+    let target = CString::new(point.as_os_str().as_bytes())?;
+    let (source, kind, options) = (c"none", c"cgroup", c"net_cls");
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let done = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            kind.as_ptr(),
+            0,
+            options.as_ptr().cast(),
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error()).context("mount -t cgroup -o net_cls");
+    }
+    Ok(())
+}
+
+/// Where a cgroup v1 hierarchy with net_cls is mounted, from /proc/mounts.
+fn mounted_net_cls() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| {
+            fields.len() > 3
+                && fields[2] == "cgroup"
+                && fields[3].split(',').any(|option| option == "net_cls")
+        })
+        .map(|fields| PathBuf::from(fields[1]))
+        .ok_or_else(|| anyhow!("no cgroup v1 hierarchy with net_cls in /proc/mounts"))
+}
+
+impl Drop for NetClsClass {
+    fn drop(&mut self) {
+        if let Err(error) = remove_when_empty(&self.dir) {
+            eprintln!("warning: {error:#}");
+        }
+        if let Some(point) = &self.mounted {
+            let target = std::ffi::CString::new(point.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: a NUL-terminated string that outlives the call.
+            if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+                eprintln!(
+                    "warning: unmounting {}: {}",
+                    point.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            if let Err(error) = std::fs::remove_dir(point) {
+                eprintln!("warning: removing {}: {error}", point.display());
+            }
+        }
+    }
+}

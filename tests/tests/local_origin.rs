@@ -10,7 +10,7 @@ use std::{
 };
 
 use tproxy_tests::{
-    cgroup::{dial_output, run_outside_cgroup, TestCgroup},
+    cgroup::{dial_output, run_outside_cgroup, NetClsClass, TestCgroup},
     ingress_programs, require_root, routing_state, run_tproxy_output, tproxy_bin, Bpffs,
     RouterTopology as Topo, Server, Tproxy, UdpEcho, DEFAULT_TABLE,
 };
@@ -1176,4 +1176,47 @@ fn a_selected_cgroup_created_again_with_its_parent_is_followed() {
     }
     tproxy.stop().unwrap();
     assert_eq!(cgroup.attached(CONNECT4).unwrap(), 0);
+}
+
+#[test]
+fn a_classid_selection_leaves_the_excluded_net_cls_class_alone() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // The proxy's own processes in class 1, as sing-box's start scripts put them; the rule
+    // takes every class id but 1 (`-m cgroup ! --cgroup 1`), a process in no class (0)
+    // included. The clients run in a cgroup of their own: tproxy's cgroup, the test's, is
+    // never steered.
+    let cgroup = TestCgroup::new("netcls").unwrap();
+    let excluded = NetClsClass::new(1).unwrap();
+    let other = NetClsClass::new(0x100002).unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let config = tproxy_tests::ConfigFile::new(
+        "[[listener]]\nname = \"up\"\nupstream = \"10.10.2.3:8080\"\n\
+         [[rule]]\norigin = \"local\"\nproto = \"tcp\"\nports = 80\n\
+         classid = [0, \"2-4294967295\"]\naction = \"steer\"\nlistener = \"up\"\n",
+    )
+    .unwrap();
+    let tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let dial_in = |class: Option<&NetClsClass>| {
+        let wrapper = class.map(NetClsClass::wrapper);
+        let wrapper: Vec<&str> = wrapper.iter().flatten().map(String::as_str).collect();
+        dial_output(
+            cgroup
+                .run(&topo.router, &wrapper, DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(dial_in(Some(&excluded)), "10.10.2.2:80 original");
+    assert_eq!(dial_in(None), "10.10.2.2:80 upstream", "no class");
+    assert_eq!(dial_in(Some(&other)), "10.10.2.2:80 upstream");
+    assert_eq!(upstream.peers().len(), 2);
+    let status = tproxy.status().unwrap();
+    let selection = status.stats.local_origin.as_ref().unwrap();
+    assert_eq!(
+        selection.selections,
+        ["cgroup /, every user, net_cls class 0, 2-4294967295"]
+    );
 }

@@ -1363,3 +1363,137 @@ fn dns_to_the_hosts_own_address_ahead_of_its_bypass_steers_the_same_flows_transl
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// Asks the kernel, over rtnetlink from inside the current thread's namespace, to add a
+/// route for `dst`/32 of type `kind` and scope `scope` to the local table, through
+/// `ifindex`; returns the errno it answers (0: added). iproute2 cannot name type 0, so the
+/// request is written by hand.
+fn add_local_table_route(dst: [u8; 4], kind: u8, scope: u8, ifindex: u32) -> i32 {
+    const RTM_NEWROUTE: u16 = 24;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    let flags =
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+    // struct rtmsg: family, dst_len, src_len, tos, table (local), protocol (static), scope, type, flags.
+    let mut body = vec![
+        libc::AF_INET as u8,
+        32,
+        0,
+        0,
+        255,
+        4,
+        scope,
+        kind,
+        0,
+        0,
+        0,
+        0,
+    ];
+    for (kind, value) in [
+        (RTA_DST, dst.to_vec()),
+        (RTA_OIF, ifindex.to_ne_bytes().to_vec()),
+    ] {
+        body.extend_from_slice(&8u16.to_ne_bytes());
+        body.extend_from_slice(&kind.to_ne_bytes());
+        body.extend_from_slice(&value);
+    }
+    let mut message = Vec::new();
+    message.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
+    message.extend_from_slice(&RTM_NEWROUTE.to_ne_bytes());
+    message.extend_from_slice(&flags.to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes());
+    message.extend_from_slice(&0u32.to_ne_bytes());
+    message.extend_from_slice(&body);
+    let socket = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    assert!(socket >= 0, "opening an rtnetlink socket");
+    let mut answer = [0u8; 1024];
+    let (sent, received) = unsafe {
+        let sent = libc::send(socket, message.as_ptr().cast(), message.len(), 0);
+        let received = libc::recv(socket, answer.as_mut_ptr().cast(), answer.len(), 0);
+        libc::close(socket);
+        (sent, received)
+    };
+    assert_eq!(sent, message.len() as isize, "sending the route");
+    assert!(received >= 20, "the kernel's answer");
+    // NLMSG_ERROR: the header, then the (negated) errno.
+    -i32::from_ne_bytes(answer[16..20].try_into().unwrap())
+}
+
+/// `--dst-type UNSPEC` is translated as matching no IPv4 destination: xt_addrtype gives an
+/// address the type of its route in the local table (MULTICAST and the broadcast addresses
+/// aside), and the kernel refuses a route of type unspec in every scope, while it takes the
+/// same request for an anycast route. iptables agrees: datagrams to an anycast route's
+/// destination and to others match its ANYCAST rule and never its UNSPEC one.
+#[test]
+fn the_kernel_has_no_route_of_type_unspec_for_dst_type_unspec_to_match() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let answers = topo.router.run(|| {
+        let ifindex = unsafe { libc::if_nametoindex(c"to-server".as_ptr()) };
+        assert_ne!(ifindex, 0, "to-server's index");
+        let unspec: Vec<i32> = [0, 200, 253, 254, 255]
+            .iter()
+            .map(|&scope| add_local_table_route([10, 10, 2, 200], 0, scope, ifindex))
+            .collect();
+        let anycast = add_local_table_route([10, 10, 2, 201], 4, 253, ifindex);
+        (unspec, anycast)
+    });
+    assert_eq!(
+        answers,
+        (vec![libc::EINVAL; 5], 0),
+        "type unspec in each scope, then anycast"
+    );
+    let listed = topo
+        .router
+        .ip(&["route", "show", "table", "local"])
+        .unwrap();
+    assert!(listed.contains("anycast 10.10.2.201"), "{listed}");
+
+    restore_iptables(
+        &topo.router,
+        "*mangle\n-A OUTPUT -m addrtype --dst-type UNSPEC -j RETURN\n\
+         -A OUTPUT -m addrtype --dst-type ANYCAST -j RETURN\nCOMMIT\n",
+    )
+    .unwrap();
+    topo.router.run(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for to in [
+            "10.10.2.201:9",
+            "10.10.2.2:9",
+            "10.10.2.200:9",
+            "10.10.1.1:9",
+        ] {
+            socket.send_to(b"probe", to).unwrap();
+        }
+    });
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.router.name,
+            "iptables-save",
+            "-c",
+            "-t",
+            "mangle",
+        ])
+        .output()
+        .unwrap();
+    let saved = String::from_utf8_lossy(&out.stdout).into_owned();
+    let packets = |kind: &str| -> u64 {
+        saved
+            .lines()
+            .find(|line| line.contains(&format!("--dst-type {kind}")))
+            .and_then(|line| line.strip_prefix('['))
+            .and_then(|line| line.split(':').next())
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("no counter for {kind} in\n{saved}"))
+    };
+    assert_eq!((packets("UNSPEC"), packets("ANYCAST")), (0, 1), "{saved}");
+    remove_iptables_tproxy(&topo.router).unwrap();
+}

@@ -8,7 +8,7 @@
 use std::{io::Read, io::Write, net::SocketAddr};
 
 use tproxy_tests::{
-    cgroup::{dial_output, run_outside_cgroup, TestCgroup},
+    cgroup::{dial_output, run_outside_cgroup, NetClsClass, TestCgroup},
     install_tproxy_routing, remove_iptables_tproxy, remove_tproxy_routing, require_root,
     restore_iptables, tproxy_with_input, ConfigFile, Netns, RouterTopology as Topo, Server, Tproxy,
     UdpEcho,
@@ -326,6 +326,213 @@ fn an_output_chain_for_the_hosts_own_addresses_steers_the_same_local_connects_tr
     let mut tproxy =
         Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
     let translated = relayed(&|proto| relay_count(&tproxy, proto));
+}
+
+/// Whether a datagram the router sends (inside the test cgroup) to `server` was relayed:
+/// `count` went up. It reaches the server either way; nothing waits for an answer, which
+/// the kernel would drop (an anycast route's destination is a martian source to it).
+fn sent_relayed(
+    topo: &Topo,
+    cgroup: &TestCgroup,
+    server: &UdpEcho,
+    count: impl Fn() -> u64,
+) -> bool {
+    let before = count();
+    server.peers.lock().unwrap().clear();
+    let script = format!(
+        "echo hi > /dev/udp/{}/{}",
+        server.addr.ip(),
+        server.addr.port()
+    );
+    let output = cgroup
+        .run(&topo.router, &[], "bash", &["-c", &script])
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "sending to {}: {output:?}",
+        server.addr
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.peers.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the datagram to {} never arrived",
+            server.addr
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    count() > before
+}
+
+/// nekoclash's chains leave `--dst-type UNSPEC,LOCAL,ANYCAST,MULTICAST` alone. An anycast
+/// route of the router's local table (`ip route add anycast`) takes its destination past
+/// the recipe's mark (the local table is looked up before the mark's rule), so iptables
+/// never relays it; the translation's `dst = "anycast"` bypass keeps tproxy's programs off
+/// it too, following the route as it is added while tproxy runs.
+#[test]
+fn an_anycast_route_leaves_the_same_local_datagrams_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("anycast").unwrap();
+    topo.server
+        .ip(&["addr", "add", "10.10.2.7/32", "dev", "eth0"])
+        .unwrap();
+    let servers: Vec<UdpEcho> = ["10.10.2.2:53", "10.10.2.7:53"]
+        .iter()
+        .map(|addr| UdpEcho::start(&topo.server, addr.parse::<SocketAddr>().unwrap()).unwrap())
+        .collect();
+    let rules = format!(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:PROXY - [0:0]
+:PROXY_SELF - [0:0]
+-A PREROUTING -i lo -j PROXY
+-A OUTPUT -j PROXY_SELF
+-A PROXY -m addrtype --dst-type UNSPEC,LOCAL,ANYCAST,MULTICAST -j RETURN
+-A PROXY -p udp -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A PROXY_SELF -m addrtype --dst-type UNSPEC,LOCAL,ANYCAST,MULTICAST -j RETURN
+-A PROXY_SELF -m mark --mark 0xff -j RETURN
+-A PROXY_SELF -p udp -m cgroup --path {} -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+",
+        cgroup.path
+    );
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("dst = \"anycast\""), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    let route = |verb: &str| {
+        topo.router
+            .ip(&[
+                "route",
+                verb,
+                "anycast",
+                "10.10.2.7",
+                "dev",
+                "to-server",
+                "table",
+                "local",
+            ])
+            .unwrap();
+    };
+
+    // The original, with the route.
+    route("add");
+    restore_iptables(&topo.router, &rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original: Vec<bool> = servers
+        .iter()
+        .map(|server| sent_relayed(&topo, &cgroup, server, || tproxy_rule_packets(&topo)))
+        .collect();
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(original, [true, false], "the original rules");
+
+    // The translation, started before the route is there: 10.10.2.7 is then a server like
+    // any other, and steered.
+    route("del");
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let count = || relay_count(&tproxy, "udp");
+    assert!(
+        sent_relayed(&topo, &cgroup, &servers[1], count),
+        "without the route"
+    );
+    route("add");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let rules_in_force = loop {
+        let rules = tproxy.status().unwrap().rules;
+        if rules.iter().any(|r| r.contains("10.10.2.7/32")) || std::time::Instant::now() > deadline
+        {
+            break rules;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        rules_in_force.iter().any(|r| r.contains("10.10.2.7/32")),
+        "the route's bypass rule: {rules_in_force:#?}"
+    );
+    let translated: Vec<bool> = servers
+        .iter()
+        .map(|server| sent_relayed(&topo, &cgroup, server, count))
+        .collect();
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+#[test]
+fn a_net_cls_class_left_out_of_mangle_output_is_left_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // The clients run in a cgroup of their own (tproxy's, the test's, is never steered)
+    // and, as sing-box's start scripts run the proxy, some in net_cls class 1.
+    let cgroup = TestCgroup::new("netcls").unwrap();
+    let proxy_class = NetClsClass::new(1).unwrap();
+    let other_class = NetClsClass::new(0x100002).unwrap();
+    let _servers: Vec<Server> = ["10.10.2.2:80", "10.10.2.2:22"]
+        .iter()
+        .map(|addr| server(&topo, addr))
+        .collect();
+    let rules = "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:PROXY - [0:0]
+:PROXY_SELF - [0:0]
+-A PREROUTING -j PROXY
+-A OUTPUT -p tcp -m cgroup ! --cgroup 1 -j PROXY_SELF
+-A PROXY -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A PROXY_SELF -m mark --mark 0xff -j RETURN
+-A PROXY_SELF -p tcp -m tcp --dport 80 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+";
+    let (status, text, stderr) = tproxy_with_input(&["translate"], rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("classid = [0, \"2-4294967295\"]"), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    let probes: [(&str, Option<&NetClsClass>); 4] = [
+        ("10.10.2.2:80", None),
+        ("10.10.2.2:80", Some(&proxy_class)),
+        ("10.10.2.2:80", Some(&other_class)),
+        ("10.10.2.2:22", None),
+    ];
+    let steered = |count: &dyn Fn() -> u64| -> Vec<bool> {
+        probes
+            .iter()
+            .map(|(target, class)| {
+                let before = count();
+                let wrapper = class.map(NetClsClass::wrapper);
+                let wrapper: Vec<&str> = wrapper.iter().flatten().map(String::as_str).collect();
+                let line = dial_output(
+                    cgroup
+                        .run(&topo.router, &wrapper, DIAL, &["tcp", target, "hi"])
+                        .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(line, format!("{target} ok"));
+                count() > before
+            })
+            .collect()
+    };
+
+    restore_iptables(&topo.router, rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = steered(&|| tproxy_rule_packets(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(
+        original,
+        [true, false, true, false],
+        "what the original rules steer"
+    );
+
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = steered(&|| relay_count(&tproxy, "tcp"));
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }

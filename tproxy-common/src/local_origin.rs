@@ -171,6 +171,107 @@ pub fn uid_selected(uid: u32, ranges: &[UidRange; MAX_UID_RANGES], len: u32) -> 
     false
 }
 
+/// Most net_cls class id ranges one selection may name (the connect programs try them all,
+/// in a bounded loop).
+pub const MAX_CLASSID_RANGES: usize = 8;
+
+/// An inclusive range of cgroup v1 net_cls class ids (what a process's `net_cls.classid`
+/// holds, 0 outside any class), e.g. `1`, `0x100001` or `2-4294967295`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl ClassidRange {
+    /// Whether `classid` is in the range.
+    pub const fn contains(&self, classid: u32) -> bool {
+        self.first <= classid && classid <= self.last
+    }
+}
+
+impl fmt::Display for ClassidRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Why a class id range did not parse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClassidRangeError {
+    /// A bound is not a number from 0 to 4294967295 (decimal, or hex with `0x`).
+    NotAClassid,
+    /// The first class id is above the last.
+    Reversed,
+}
+
+impl fmt::Display for ClassidRangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClassidRangeError::NotAClassid => {
+                "not a net_cls class id (0 to 4294967295, or hex like 0x100001) or a range of \
+                 them like 1-9"
+            }
+            ClassidRangeError::Reversed => "the range's first class id is above its last",
+        })
+    }
+}
+
+impl FromStr for ClassidRange {
+    type Err = ClassidRangeError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let classid = |part: &str| {
+            let part = part.trim();
+            match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16),
+                None => part.parse::<u32>(),
+            }
+            .map_err(|_| ClassidRangeError::NotAClassid)
+        };
+        let (first, last) = match text.split_once('-') {
+            Some((first, last)) => (classid(first)?, classid(last)?),
+            None => {
+                let only = classid(text)?;
+                (only, only)
+            }
+        };
+        if first > last {
+            return Err(ClassidRangeError::Reversed);
+        }
+        Ok(ClassidRange { first, last })
+    }
+}
+
+/// Whether a process in net_cls class `classid` is selected by the first `len` of `ranges`
+/// (every class, and none, when `len` is 0).
+#[inline(always)]
+pub fn classid_selected(
+    classid: u32,
+    ranges: &[ClassidRange; MAX_CLASSID_RANGES],
+    len: u32,
+) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_CLASSID_RANGES {
+        if i as u32 >= len {
+            break;
+        }
+        if ranges[i].contains(classid) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// One cgroup of a [`Selection`]: a process is in it (or below it) when its cgroup's
 /// ancestor at `level` (the root is level 0) has the id `id`.
 #[repr(C)]
@@ -183,7 +284,8 @@ pub struct SelectedCgroup {
 }
 
 /// The processes one selection's rules apply to (an entry of [`SELECTIONS_MAP`]): those in
-/// one of its cgroups (or below) that run as one of its users.
+/// one of its cgroups (or below) that run as one of its users and are in one of its net_cls
+/// classes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Selection {
@@ -193,17 +295,23 @@ pub struct Selection {
     pub cgroups_len: u32,
     /// How many of `uids` are used; 0: every user.
     pub uids_len: u32,
-    pub reserved: u32,
+    /// How many of `classids` are used; 0: every net_cls class.
+    pub classids_len: u32,
     pub cgroups: [SelectedCgroup; MAX_SELECTION_CGROUPS],
     pub uids: [UidRange; MAX_UID_RANGES],
+    pub classids: [ClassidRange; MAX_CLASSID_RANGES],
 }
 
 impl Selection {
-    /// Whether a process of `uid` is selected; `ancestor(level)` is the id of its cgroup's
-    /// ancestor at `level` (the process's own cgroup at its own level; 0 above it).
+    /// Whether a process of `uid` in net_cls class `classid` is selected; `ancestor(level)`
+    /// is the id of its cgroup's ancestor at `level` (the process's own cgroup at its own
+    /// level; 0 above it).
     #[inline(always)]
-    pub fn selects(&self, uid: u32, ancestor: impl Fn(u32) -> u64) -> bool {
-        if self.in_use == 0 || !uid_selected(uid, &self.uids, self.uids_len) {
+    pub fn selects(&self, uid: u32, classid: u32, ancestor: impl Fn(u32) -> u64) -> bool {
+        if self.in_use == 0
+            || !uid_selected(uid, &self.uids, self.uids_len)
+            || !classid_selected(classid, &self.classids, self.classids_len)
+        {
             return false;
         }
         if self.cgroups_len == 0 {
@@ -386,6 +494,9 @@ pub const fn mapped_ipv4(addr: [u8; 16]) -> Option<[u8; 4]> {
 // SAFETY: plain `repr(C)` data of two u32 fields, no padding.
 unsafe impl aya::Pod for UidRange {}
 #[cfg(feature = "user")]
+// SAFETY: plain `repr(C)` data of two u32 fields, no padding.
+unsafe impl aya::Pod for ClassidRange {}
+#[cfg(feature = "user")]
 // SAFETY: plain `repr(C)` data of two u64 fields, no padding.
 unsafe impl aya::Pod for SelectedCgroup {}
 #[cfg(feature = "user")]
@@ -538,19 +649,19 @@ mod tests {
             2 => 11,
             _ => 0,
         };
-        assert!(selection.selects(1000, ancestors), "every process");
+        assert!(selection.selects(1000, 0, ancestors), "every process");
         selection.cgroups[0] = SelectedCgroup { id: 20, level: 1 };
         selection.cgroups[1] = SelectedCgroup { id: 10, level: 1 };
         selection.cgroups_len = 1;
-        assert!(!selection.selects(1000, ancestors), "another cgroup");
+        assert!(!selection.selects(1000, 0, ancestors), "another cgroup");
         selection.cgroups_len = 2;
         assert!(
-            selection.selects(1000, ancestors),
+            selection.selects(1000, 0, ancestors),
             "below a selected cgroup"
         );
         selection.cgroups[1] = SelectedCgroup { id: 10, level: 2 };
         assert!(
-            !selection.selects(1000, ancestors),
+            !selection.selects(1000, 0, ancestors),
             "the id must be at its own level"
         );
         selection.cgroups_len = 0;
@@ -559,10 +670,69 @@ mod tests {
             last: 1000,
         };
         selection.uids_len = 1;
-        assert!(selection.selects(1000, ancestors));
-        assert!(!selection.selects(1001, ancestors));
+        assert!(selection.selects(1000, 0, ancestors));
+        assert!(!selection.selects(1001, 0, ancestors));
         selection.in_use = 0;
-        assert!(!selection.selects(1000, ancestors), "an unused entry");
+        assert!(!selection.selects(1000, 0, ancestors), "an unused entry");
+    }
+
+    #[test]
+    fn classid_ranges_parse_decimal_or_hex_and_name_what_is_wrong() {
+        assert_eq!("1".parse(), Ok(ClassidRange { first: 1, last: 1 }));
+        assert_eq!(
+            "0x100001".parse(),
+            Ok(ClassidRange {
+                first: 0x100001,
+                last: 0x100001
+            })
+        );
+        assert_eq!(
+            "2-4294967295".parse(),
+            Ok(ClassidRange {
+                first: 2,
+                last: u32::MAX
+            })
+        );
+        assert_eq!(
+            "5-4".parse::<ClassidRange>(),
+            Err(ClassidRangeError::Reversed)
+        );
+        for bad in ["", "-", "x", "1-", "4294967296", "0x", "1.5", "0xg"] {
+            assert_eq!(
+                bad.parse::<ClassidRange>(),
+                Err(ClassidRangeError::NotAClassid),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_selection_with_classes_takes_only_their_processes() {
+        let mut selection = Selection {
+            in_use: 1,
+            ..Selection::default()
+        };
+        let root = |_: u32| 1;
+        assert!(selection.selects(0, 7, root), "every class");
+        // `! --cgroup 1`: every class id but 1, 0 (no class) included.
+        selection.classids[0] = ClassidRange { first: 0, last: 0 };
+        selection.classids[1] = ClassidRange {
+            first: 2,
+            last: u32::MAX,
+        };
+        selection.classids_len = 2;
+        assert!(selection.selects(0, 0, root), "a process in no class");
+        assert!(!selection.selects(0, 1, root), "class 1");
+        assert!(selection.selects(0, 2, root) && selection.selects(0, u32::MAX, root));
+        selection.classids_len = 1;
+        assert!(!selection.selects(0, 2, root), "an unused range");
+        selection.uids[0] = UidRange { first: 5, last: 5 };
+        selection.uids_len = 1;
+        assert!(
+            !selection.selects(0, 0, root),
+            "the class and the user both"
+        );
+        assert!(selection.selects(5, 0, root));
     }
 
     #[test]

@@ -14,8 +14,8 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_uid_gid,
-        bpf_get_netns_cookie, bpf_setsockopt, bpf_sk_release,
+        bpf_get_cgroup_classid, bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_setsockopt, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr, map},
     maps::Array,
@@ -256,13 +256,17 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
     // SAFETY: as above.
     let pending = unsafe { &mut *pending };
     *pending = Pending::default();
+    // SAFETY: in a sock_addr program the helper takes no argument (the kernel's variant for
+    // the current task ignores the register) and answers the task's net_cls class id, 0
+    // outside any class.
+    let classid = unsafe { bpf_get_cgroup_classid(ptr::null_mut()) };
     // SAFETY: a helper taking a plain level; it answers 0 for a level below the process's.
     let ancestor = |level: u32| unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
     for k in 0..MAX_SELECTIONS as u32 {
         let Some(selection) = LOCAL_SELECTIONS.get(k) else {
             break;
         };
-        if selection.selects(uid, ancestor) {
+        if selection.selects(uid, classid, ancestor) {
             pending.selected = 1;
             ask(selection_ifindex(k), mark, &mut pending.best);
         }

@@ -73,6 +73,9 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         // would go unseen.
         config.set_own_addresses(host_addresses()?);
     }
+    if !config.anycast_rules.is_empty() {
+        config.set_anycast_destinations(routing::anycast_destinations()?);
+    }
     let interfaces = resolve_interfaces(&netlink, &entries).await?;
     let settings = config.settings.clone();
     let mut claim = Claim::take(&netlink, &settings).await?;

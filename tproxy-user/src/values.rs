@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
 
 use ipnet::IpNet;
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 /// What steering does with a packet for which there is no listener.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,6 +247,12 @@ pub fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
 pub(crate) fn parse_uid_range(text: &str) -> Result<UidRange, String> {
     text.parse()
         .map_err(|error| format!("uid `{text}`: {error}"))
+}
+
+/// Parses a cgroup v1 net_cls class id or an inclusive range of them (`2-9`).
+pub(crate) fn parse_classid_range(text: &str) -> Result<ClassidRange, String> {
+    text.parse()
+        .map_err(|error| format!("net_cls class id `{text}`: {error}"))
 }
 
 /// Which transport a listener serves.

@@ -32,7 +32,12 @@ impl Config {
         }
         self.check_socket_mark(args)?;
         self.check_local_origin(args)?;
-        for rule in self.rules.iter().chain(&self.own_address_rules) {
+        for rule in self
+            .rules
+            .iter()
+            .chain(&self.own_address_rules)
+            .chain(&self.anycast_rules)
+        {
             if let (Some(iface), Interfaces::Named(names)) =
                 (&rule.iface, &self.settings.interfaces)
             {
@@ -50,7 +55,10 @@ impl Config {
     }
 
     fn check_counts(&self, args: &RunArgs) -> Result<()> {
-        if self.rules.is_empty() && self.own_address_rules.is_empty() {
+        if self.rules.is_empty()
+            && self.own_address_rules.is_empty()
+            && self.anycast_rules.is_empty()
+        {
             bail!(match &args.config {
                 Some(path) => format!(
                     "{}: no [[rule]] and no --tcp/--udp: nothing to steer",

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use serde::Deserialize;
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     any_destination, default_listen,
@@ -31,6 +31,17 @@ use crate::{
 pub(super) type At<'a> = &'a dyn Fn(std::ops::Range<usize>) -> Location;
 
 /// A position in the configuration file, for error messages.
+/// The `[[rule]]`s split (see [`ConfigFile::rules`]).
+#[derive(Default)]
+pub(super) struct SplitRules {
+    /// For fixed destinations.
+    pub fixed: Vec<Rule>,
+    /// For the host's own addresses, with any destination of their family.
+    pub own_addresses: Vec<Rule>,
+    /// For the anycast routes' destinations, with any IPv4 destination.
+    pub anycast: Vec<Rule>,
+}
+
 pub(super) struct Location {
     file: PathBuf,
     pub(super) line: usize,
@@ -147,6 +158,9 @@ pub(super) struct RuleEntry {
     cgroup: Option<toml::Spanned<List<String>>>,
     /// For local connections: the users whose processes it applies to (default: every one).
     uid: Option<toml::Spanned<List<UidRange>>>,
+    /// For local connections: the cgroup v1 net_cls class ids (or ranges) whose processes
+    /// it applies to (default: every process).
+    classid: Option<toml::Spanned<List<ClassidRange>>>,
 }
 
 impl ConfigFile {
@@ -203,23 +217,20 @@ impl ConfigFile {
     }
 
     /// The `[[rule]]`s, each split into single-prefix, single-port-spec rules; apart, those
-    /// for the host's own addresses (`dst = "local"`), with any destination of their family
-    /// in place of the addresses.
-    pub(super) fn rules(
-        &self,
-        listeners: &[ListenerConfig],
-        at: At,
-    ) -> Result<(Vec<Rule>, Vec<Rule>)> {
-        let (mut rules, mut local) = (Vec::new(), Vec::new());
+    /// for the host's own addresses (`dst = "local"`) and those for anycast routes (`dst =
+    /// "anycast"`), with any destination of their family in place of what they follow.
+    pub(super) fn rules(&self, listeners: &[ListenerConfig], at: At) -> Result<SplitRules> {
+        let mut split_rules = SplitRules::default();
         for (i, spanned) in self.rules.iter().enumerate() {
             let entry = spanned.get_ref();
             let split = entry.split(i + 1, at(spanned.span()), listeners, at)?;
             match entry.dst {
-                Some(Destinations::Local { .. }) => local.extend(split),
-                _ => rules.extend(split),
+                Some(Destinations::Local { .. }) => split_rules.own_addresses.extend(split),
+                Some(Destinations::Anycast) => split_rules.anycast.extend(split),
+                _ => split_rules.fixed.extend(split),
             }
         }
-        Ok((rules, local))
+        Ok(split_rules)
     }
 
     /// The processes each rule for local connections selects, by rule number.
@@ -248,6 +259,7 @@ impl RuleEntry {
             let given = [
                 ("cgroup", self.cgroup.as_ref().map(|c| c.span())),
                 ("uid", self.uid.as_ref().map(|u| u.span())),
+                ("classid", self.classid.as_ref().map(|c| c.span())),
             ];
             if let Some((field, Some(span))) = given.into_iter().find(|(_, span)| span.is_some()) {
                 bail!(
@@ -276,7 +288,18 @@ impl RuleEntry {
             ),
             Some(list) => list.get_ref().0.clone(),
         };
-        Ok(Some(LocalOrigin::new(cgroups, uids)))
+        let classids = match &self.classid {
+            None => Vec::new(),
+            Some(list) if list.get_ref().0.is_empty() => bail!(
+                "{}: rule[{number}].classid: an empty list selects no process; leave `classid` \
+                 out to select processes of every net_cls class",
+                at(list.span())
+            ),
+            Some(list) => list.get_ref().0.clone(),
+        };
+        Ok(Some(
+            LocalOrigin::new(cgroups, uids).with_classids(classids),
+        ))
     }
 
     /// What the rule does: bypass, drop, or steer to the index of its listener.
@@ -338,6 +361,15 @@ impl RuleEntry {
             Some(Destinations::Prefixes(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
             Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
             Some(Destinations::Local { .. }) if action == Action::Drop => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass and steer rules"),
+            Some(Destinations::Anycast) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"anycast\" (the anycast routes' destinations) is for bypass rules"),
+            // Each route's destinations take the place of the IPv4 one (see
+            // `Config::set_anycast_destinations`).
+            Some(Destinations::Anycast) => {
+                if sources.iter().flatten().any(|s| s.addr().is_ipv6()) {
+                    bail!("{where_}: rule[{number}].dst: \"anycast\" (IPv4 routes) with IPv6 sources");
+                }
+                any_destination().into_iter().filter(|d| d.addr().is_ipv4()).collect()
+            }
             // Each address takes the place of its family's destination (see
             // `Config::set_own_addresses`).
             Some(Destinations::Local { ipv4, ipv6 }) => {

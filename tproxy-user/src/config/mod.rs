@@ -38,6 +38,7 @@ use crate::{
     datapath::{
         interfaces::host_addresses,
         local_origin::{LocalOrigin, LocalSelections},
+        routing::anycast_destinations,
         rules::{Action, Origin, Ports, Rule},
     },
     values::Transport,
@@ -89,9 +90,31 @@ pub struct Config {
     pub own_address_rules: Vec<Rule>,
     /// The host's addresses as last listed (sorted).
     pub own_addresses: Vec<IpAddr>,
+    /// The bypass rules for the anycast routes' destinations (`dst = "anycast"`), with any
+    /// IPv4 destination in place of them: `rules` holds them once per prefix of
+    /// [`Config::anycast_destinations`].
+    pub anycast_rules: Vec<Rule>,
+    /// The destinations the local table's anycast routes take, as last listed (sorted).
+    pub anycast_destinations: Vec<IpNet>,
     /// The sets of local processes the rules for local connections (origin `local` or
     /// `any`) apply to, each rule's by its `selection`; `None` when no rule is for them.
     pub local: Option<LocalSelections>,
+}
+
+/// Puts in `rules` one rule of each of `templates` per destination of its family, in place
+/// of the rules made of them before.
+fn put_followed(rules: &mut Vec<Rule>, templates: &[Rule], destinations: &[IpNet]) {
+    let numbers: HashSet<usize> = templates.iter().map(|r| r.number).collect();
+    rules.retain(|rule| !numbers.contains(&rule.number));
+    for template in templates {
+        let family = destinations
+            .iter()
+            .filter(|dst| dst.addr().is_ipv6() == template.dst.addr().is_ipv6());
+        rules.extend(family.map(|&dst| Rule {
+            dst,
+            ..template.clone()
+        }));
+    }
 }
 
 /// Default listener addresses: loopback, so nothing can connect to them directly.
@@ -123,6 +146,12 @@ impl Config {
                 host_addresses().context("listing the host's addresses for dst = \"local\"")?,
             );
         }
+        if !config.anycast_rules.is_empty() {
+            config.set_anycast_destinations(
+                anycast_destinations()
+                    .context("listing the anycast routes for dst = \"anycast\"")?,
+            );
+        }
         config.mark_listener_transports();
         config.check_listener_addresses()?;
         Ok(config)
@@ -151,6 +180,8 @@ impl Config {
             configured_rules: 0,
             own_address_rules: Vec::new(),
             own_addresses: Vec::new(),
+            anycast_rules: Vec::new(),
+            anycast_destinations: Vec::new(),
             local: None,
         };
         let mut file_selections = Vec::new();
@@ -159,7 +190,10 @@ impl Config {
             let at = |span: std::ops::Range<usize>| Location::new(file, &lines, span);
             config.listeners = raw.listeners(&at)?;
             config.configured_rules = raw.rules.len();
-            (config.rules, config.own_address_rules) = raw.rules(&config.listeners, &at)?;
+            let split = raw.rules(&config.listeners, &at)?;
+            config.rules = split.fixed;
+            config.own_address_rules = split.own_addresses;
+            config.anycast_rules = split.anycast;
             file_selections = raw.local_selections(&at)?;
         }
         config.add_flag_rules(args)?;
@@ -178,19 +212,24 @@ impl Config {
         if addresses == self.own_addresses {
             return false;
         }
-        let numbers: HashSet<usize> = self.own_address_rules.iter().map(|r| r.number).collect();
-        self.rules.retain(|rule| !numbers.contains(&rule.number));
-        for template in &self.own_address_rules {
-            let family = addresses
-                .iter()
-                .filter(|addr| addr.is_ipv6() == template.dst.addr().is_ipv6());
-            self.rules.extend(family.map(|&addr| Rule {
-                dst: IpNet::from(addr),
-                ..template.clone()
-            }));
-        }
+        let destinations: Vec<IpNet> = addresses.iter().map(|&addr| IpNet::from(addr)).collect();
+        put_followed(&mut self.rules, &self.own_address_rules, &destinations);
         self.own_addresses = addresses;
         !self.own_address_rules.is_empty()
+    }
+
+    /// Puts the bypass rules for the anycast routes' destinations in `rules` for
+    /// `destinations`, in place of those listed before. Returns whether that changed the
+    /// rules.
+    pub fn set_anycast_destinations(&mut self, mut destinations: Vec<IpNet>) -> bool {
+        destinations.sort_unstable();
+        destinations.dedup();
+        if destinations == self.anycast_destinations {
+            return false;
+        }
+        put_followed(&mut self.rules, &self.anycast_rules, &destinations);
+        self.anycast_destinations = destinations;
+        !self.anycast_rules.is_empty()
     }
 
     /// The processes each rule for local connections applies to: `--local`'s (`--cgroup`,
@@ -236,7 +275,12 @@ impl Config {
                 .with_context(|| format!("rule {number}"))?;
             index.insert(*number, selection);
         }
-        for rule in self.rules.iter_mut().chain(&mut self.own_address_rules) {
+        for rule in self
+            .rules
+            .iter_mut()
+            .chain(&mut self.own_address_rules)
+            .chain(&mut self.anycast_rules)
+        {
             if let Some(&selection) = index.get(&rule.number) {
                 rule.selection = selection;
             }

@@ -698,6 +698,61 @@ action = "steer"
 }
 
 #[test]
+fn an_anycast_bypass_follows_the_destinations_it_is_given() {
+    let text = r#"
+interfaces = ["eth0"]
+
+[[rule]]
+proto = "udp"
+dst = "anycast"
+action = "bypass"
+
+[[listener]]
+name = "web"
+
+[[rule]]
+proto = "udp"
+action = "steer"
+"#;
+    let mut config = with_file(text, &[]).unwrap();
+    assert_eq!(config.anycast_rules.len(), 1);
+    let bypasses = |config: &Config| -> Vec<String> {
+        let mut rules: Vec<String> = config
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Bypass)
+            .map(|r| format!("{} #{}", r, r.number))
+            .collect();
+        rules.sort();
+        rules
+    };
+    let routes: Vec<IpNet> = vec![
+        "192.0.2.0/24".parse().unwrap(),
+        "198.51.100.7/32".parse().unwrap(),
+    ];
+    assert!(config.set_anycast_destinations(routes.clone()));
+    assert_eq!(
+        bypasses(&config),
+        [
+            "udp dst 192.0.2.0/24 port any #1",
+            "udp dst 198.51.100.7/32 port any #1"
+        ]
+    );
+    assert!(!config.set_anycast_destinations(routes), "nothing changed");
+    assert!(config.set_anycast_destinations(Vec::new()));
+    assert!(bypasses(&config).is_empty());
+
+    let steer = "[[listener]]\nname = \"web\"\n\n[[rule]]\nproto = \"tcp\"\ndst = \"anycast\"\naction = \"steer\"\n";
+    assert!(
+        error(steer).contains("is for bypass rules"),
+        "{}",
+        error(steer)
+    );
+    let v6 = "[[rule]]\nproto = \"tcp\"\nsrc = \"2001:db8::/32\"\ndst = \"anycast\"\naction = \"bypass\"\n";
+    assert!(error(v6).contains("IPv6 sources"), "{}", error(v6));
+}
+
+#[test]
 fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
     let rule = |extra: &str| {
         format!("[[listener]]\nname = \"up\"\n[[rule]]\nproto = \"tcp\"\nports = 80\naction = \"steer\"\n{extra}")
@@ -779,6 +834,51 @@ fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
         error.contains("uid `5-1`: the range's first uid is above its last"),
         "{error}"
     );
+}
+
+#[test]
+fn a_rules_classid_selects_net_cls_classes_and_bad_ones_are_named() {
+    let rule = |extra: &str| {
+        "[[listener]]\nname = \"p\"\n[[rule]]\nproto = \"tcp\"\naction = \"steer\"\n\
+         listener = \"p\"\n"
+            .to_string()
+            + extra
+    };
+    let config = with_file(
+        &rule("origin = \"local\"\nclassid = [\"2-4294967295\", 0, \"0x10\"]\n"),
+        &[],
+    )
+    .unwrap();
+    let local = config.local.as_ref().expect("a selection");
+    assert_eq!(
+        local.get(1).unwrap().to_string(),
+        "cgroup /, every user, net_cls class 0, 2-4294967295, 16"
+    );
+    for (extra, expected) in [
+        (
+            "classid = 1\n",
+            "rule[1].classid: only a rule for local connections selects processes",
+        ),
+        (
+            "origin = \"local\"\nclassid = []\n",
+            "rule[1].classid: an empty list selects no process",
+        ),
+        (
+            "origin = \"local\"\nclassid = \"9-2\"\n",
+            "net_cls class id `9-2`: the range's first class id is above its last",
+        ),
+        (
+            "origin = \"local\"\nclassid = \"1:1\"\n",
+            "net_cls class id `1:1`: not a net_cls class id",
+        ),
+        (
+            "origin = \"local\"\nclassid = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
+            "9 net_cls class id ranges selected; at most 8",
+        ),
+    ] {
+        let error = format!("{:#}", with_file(&rule(extra), &[]).unwrap_err());
+        assert!(error.contains(expected), "{extra}: {error}");
+    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ use serde::{
     Deserialize,
 };
 
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
     datapath::rules::{Origin, Ports},
@@ -138,6 +138,11 @@ parses!(
     UidRange,
     "a uid or range like 1000 or \"1000-1999\"",
     values::parse_uid_range
+);
+parses!(
+    ClassidRange,
+    "a net_cls class id or range like 1, \"0x100001\" or \"2-9\"",
+    values::parse_classid_range
 );
 parses!(
     RuleAction,
@@ -329,7 +334,7 @@ impl<'de> Deserialize<'de> for InterfaceList {
     }
 }
 
-/// A rule's `dst`: prefixes, or `"local"`, the host's own addresses.
+/// A rule's `dst`: prefixes, `"local"`, the host's own addresses, or `"anycast"`.
 #[derive(Debug)]
 pub enum Destinations {
     Prefixes(Vec<IpNet>),
@@ -339,6 +344,9 @@ pub enum Destinations {
         ipv4: bool,
         ipv6: bool,
     },
+    /// The IPv4 destinations that `anycast` routes of the local routing table take, followed
+    /// as they change (what `-m addrtype --dst-type ANYCAST` matches).
+    Anycast,
 }
 
 impl<'de> Deserialize<'de> for Destinations {
@@ -348,7 +356,7 @@ impl<'de> Deserialize<'de> for Destinations {
             type Value = Destinations;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str(
-                    "a prefix like \"10.0.0.0/8\", a list of them, or \"local\" (\"local-ipv4\", \"local-ipv6\")",
+                    "a prefix like \"10.0.0.0/8\", a list of them, \"local\" (\"local-ipv4\", \"local-ipv6\") or \"anycast\"",
                 )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Destinations, E> {
@@ -365,6 +373,7 @@ impl<'de> Deserialize<'de> for Destinations {
                         ipv4: false,
                         ipv6: true,
                     }),
+                    "anycast" => Ok(Destinations::Anycast),
                     prefix => ListVisitor::<IpNet>(PhantomData)
                         .visit_str(prefix)
                         .map(Destinations::Prefixes),

@@ -3,16 +3,22 @@
 //! follow them. tproxy listens to the kernel's address events and puts the rules in force
 //! again for the addresses listed then.
 //!
+//! Bypass rules with `dst = "anycast"` (what `--dst-type ANYCAST` becomes) follow the local
+//! table's anycast routes the same way, on the kernel's IPv4 route events.
+//!
 //! As with links (see `links`), an event only says that something changed: the addresses
-//! are listed again, so that lost or bursting events are handled the same way.
+//! and routes are listed again, so that lost or bursting events are handled the same way.
 
 use anyhow::{Context, Result};
 use futures::{channel::mpsc::UnboundedReceiver, StreamExt};
 use rtnetlink::MulticastGroup;
 
 use crate::{
-    config::Config, daemon::reload::reinstall_rules, datapath::interfaces::host_addresses,
-    datapath::steering::Steering, relay::listeners::Relays,
+    config::Config,
+    daemon::reload::reinstall_rules,
+    datapath::steering::Steering,
+    datapath::{interfaces::host_addresses, routing::anycast_destinations},
+    relay::listeners::Relays,
 };
 
 type Events = UnboundedReceiver<(
@@ -28,12 +34,13 @@ pub(crate) struct AddressWatch {
 }
 
 impl AddressWatch {
-    /// Subscribes to IPv4 and IPv6 address events. Made before the addresses are listed
+    /// Subscribes to IPv4 and IPv6 address events and IPv4 route events. Made before the addresses are listed
     /// for the first rules, so that none changes unseen in between.
     pub(crate) fn subscribe() -> Result<Self> {
         let (connection, handle, events) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Ipv4Ifaddr,
             MulticastGroup::Ipv6Ifaddr,
+            MulticastGroup::Ipv4Route,
         ])
         .context("subscribing to address events over rtnetlink")?;
         tokio::spawn(connection);
@@ -55,23 +62,41 @@ pub(crate) async fn changed(watch: &mut Option<AddressWatch>) -> Option<()> {
     Some(())
 }
 
-/// Lists the host's addresses again and, when rules follow them and they changed, puts the
-/// rules in force for them.
+/// Lists the host's addresses and the anycast routes again and, when rules follow them and
+/// they changed, puts the rules in force for them.
 pub(crate) fn follow(config: &mut Config, relays: &mut Relays, steering: &mut Steering) {
-    let addresses = match host_addresses() {
-        Ok(addresses) => addresses,
-        Err(error) => {
-            log::warn!("following the host's addresses: {error:#}");
-            return;
+    let mut changed = false;
+    if !config.own_address_rules.is_empty() {
+        match host_addresses() {
+            Ok(addresses) => {
+                if config.set_own_addresses(addresses) {
+                    log::info!(
+                        "the host's addresses changed; bypassing {} local addresses",
+                        config.own_addresses.len()
+                    );
+                    changed = true;
+                }
+            }
+            Err(error) => log::warn!("following the host's addresses: {error:#}"),
         }
-    };
-    if !config.set_own_addresses(addresses) {
+    }
+    if !config.anycast_rules.is_empty() {
+        match anycast_destinations() {
+            Ok(destinations) => {
+                if config.set_anycast_destinations(destinations) {
+                    log::info!(
+                        "the anycast routes changed; bypassing {} prefixes",
+                        config.anycast_destinations.len()
+                    );
+                    changed = true;
+                }
+            }
+            Err(error) => log::warn!("following the anycast routes: {error:#}"),
+        }
+    }
+    if !changed {
         return;
     }
-    log::info!(
-        "the host's addresses changed; bypassing {} local addresses",
-        config.own_addresses.len()
-    );
     // Blocking map work, as a reload's.
     let reinstalled = tokio::task::block_in_place(|| reinstall_rules(config, relays, steering));
     if let Err(error) = reinstalled {

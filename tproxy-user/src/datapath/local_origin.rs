@@ -1,7 +1,8 @@
 //! Steering what local processes originate (`tproxy run --local`): the cgroup v2 hierarchy is
 //! found in /proc/mounts, the selected cgroups are checked, and the `cgroup/connect4` and
 //! `cgroup/connect6` programs are attached to them (to the root when some selection takes
-//! every cgroup). Each rule for local connections has a selection (its `cgroup` and `uid`);
+//! every cgroup). Each rule for local connections has a selection (its `cgroup`, `uid` and
+//! `classid`);
 //! the programs find the selections a connecting process is in, and a connecting socket whose
 //! destination the best of their steer rules takes gets the routing mark, and that rule's
 //! listener in its socket storage; the policy routing (with `src 127.0.0.1`/`::1` on its
@@ -44,9 +45,9 @@ use aya::{
     },
 };
 use tproxy_common::local_origin::{
-    SelectedCgroup, Selection, UidRange, CONNECT4_PROGRAM_NAME, CONNECT6_PROGRAM_NAME,
-    MAX_SELECTIONS, MAX_SELECTION_CGROUPS, MAX_UID_RANGES, SELECTIONS_MAP, SENDMSG4_PROGRAM_NAME,
-    SENDMSG6_PROGRAM_NAME,
+    ClassidRange, SelectedCgroup, Selection, UidRange, CONNECT4_PROGRAM_NAME,
+    CONNECT6_PROGRAM_NAME, MAX_CLASSID_RANGES, MAX_SELECTIONS, MAX_SELECTION_CGROUPS,
+    MAX_UID_RANGES, SELECTIONS_MAP, SENDMSG4_PROGRAM_NAME, SENDMSG6_PROGRAM_NAME,
 };
 
 use crate::{
@@ -55,13 +56,16 @@ use crate::{
 };
 
 /// The local processes whose connections the rules for local connections apply to (`--local
-/// --cgroup --uid`, or the rules' `cgroup` and `uid`).
+/// --cgroup --uid`, or the rules' `cgroup`, `uid` and `classid`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalOrigin {
     /// cgroup v2 paths, relative to the hierarchy's root (`/app.slice/app.service`).
     pub cgroups: Vec<String>,
     /// The users whose processes are steered; empty: every user.
     pub uids: Vec<UidRange>,
+    /// The cgroup v1 net_cls classes (class ids) whose processes are steered; empty: every
+    /// process, in a class or not.
+    pub classids: Vec<ClassidRange>,
 }
 
 impl LocalOrigin {
@@ -94,7 +98,20 @@ impl LocalOrigin {
         cgroups.dedup();
         uids.sort_by_key(|range| (range.first, range.last));
         uids.dedup();
-        LocalOrigin { cgroups, uids }
+        LocalOrigin {
+            cgroups,
+            uids,
+            classids: Vec::new(),
+        }
+    }
+
+    /// The selection taking only the processes of the net_cls classes `classids` (none:
+    /// every process) among this one's, in one order whatever the order written.
+    pub fn with_classids(mut self, mut classids: Vec<ClassidRange>) -> Self {
+        classids.sort_by_key(|range| (range.first, range.last));
+        classids.dedup();
+        self.classids = classids;
+        self
     }
 
     /// The selection of every process: what a rule without `cgroup` and `uid` has.
@@ -107,8 +124,15 @@ impl LocalOrigin {
         self.cgroups.iter().any(|cgroup| cgroup == "/")
     }
 
-    /// Refuses a selection with more cgroups or uid ranges than the programs try.
+    /// Refuses a selection with more cgroups, uid or class id ranges than the programs try.
     pub fn check_size(&self) -> Result<()> {
+        if self.classids.len() > MAX_CLASSID_RANGES {
+            bail!(
+                "{self}: {} net_cls class id ranges selected; at most {MAX_CLASSID_RANGES} are \
+                 supported",
+                self.classids.len()
+            );
+        }
         if self.uids.len() > MAX_UID_RANGES {
             bail!(
                 "{self}: {} uid ranges selected; at most {MAX_UID_RANGES} are supported",
@@ -134,6 +158,8 @@ impl LocalOrigin {
             ..Selection::default()
         };
         entry.uids[..self.uids.len()].copy_from_slice(&self.uids);
+        entry.classids_len = self.classids.len() as u32;
+        entry.classids[..self.classids.len()].copy_from_slice(&self.classids);
         if self.every_cgroup() {
             return Ok(entry);
         }
@@ -270,10 +296,17 @@ impl std::fmt::Display for LocalOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "cgroup {}", self.cgroups.join(", "))?;
         match self.uids.as_slice() {
-            [] => write!(f, ", every user"),
+            [] => write!(f, ", every user")?,
             uids => {
                 let uids: Vec<String> = uids.iter().map(ToString::to_string).collect();
-                write!(f, ", uid {}", uids.join(", "))
+                write!(f, ", uid {}", uids.join(", "))?;
+            }
+        }
+        match self.classids.as_slice() {
+            [] => Ok(()),
+            classids => {
+                let classids: Vec<String> = classids.iter().map(ToString::to_string).collect();
+                write!(f, ", net_cls class {}", classids.join(", "))
             }
         }
     }
@@ -732,6 +765,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let selection = |uids: Vec<UidRange>| LocalOrigin {
             cgroups: vec!["/".to_string()],
             uids,
+            classids: Vec::new(),
         };
         let root = std::env::temp_dir();
         let entry = selection(vec![one]).entry(&root, false).unwrap();
@@ -745,6 +779,36 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert!(error
             .to_string()
             .contains("17 uid ranges selected; at most 16"));
+    }
+
+    #[test]
+    fn class_ids_go_into_the_entry_in_order_and_at_most_eight() {
+        let range = |first, last| ClassidRange { first, last };
+        let selection = LocalOrigin::everyone().with_classids(vec![
+            range(2, u32::MAX),
+            range(0, 0),
+            range(0, 0),
+        ]);
+        assert_eq!(
+            selection.to_string(),
+            "cgroup /, every user, net_cls class 0, 2-4294967295"
+        );
+        let entry = selection.entry(&std::env::temp_dir(), false).unwrap();
+        assert_eq!(
+            (entry.classids_len, &entry.classids[..2]),
+            (2, &[range(0, 0), range(2, u32::MAX)][..])
+        );
+        let error = LocalOrigin::everyone()
+            .with_classids((1..=9).map(|n| range(n, n)).collect())
+            .entry(&std::env::temp_dir(), false)
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("9 net_cls class id ranges selected; at most 8"),
+            "{error}"
+        );
+        assert_ne!(selection, LocalOrigin::everyone(), "another selection");
     }
 
     #[test]

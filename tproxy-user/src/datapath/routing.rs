@@ -30,17 +30,23 @@
 //! protocol number, which is how a later start recognises (and removes) what a killed
 //! instance left behind, without touching anyone else's rules or routes.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 use tproxy_common::local_origin::LOOPBACK_SOURCE_V4;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::{
+    packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
     packet_route::{
-        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute, RuleMessage},
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
     },
+    sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
     Handle, IpVersion, RouteMessageBuilder,
 };
 
@@ -420,4 +426,191 @@ pub(crate) async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>>
         ));
     }
     Ok(lines)
+}
+
+/// The kernel's local routing table (`ip route show table local`).
+const LOCAL_TABLE: u32 = 255;
+
+/// An IPv4 route of the local table, as far as the type a lookup finds goes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalTableRoute {
+    pub prefix: Ipv4Net,
+    /// Of the routes for one prefix, a lookup finds the lowest.
+    pub priority: u32,
+    pub anycast: bool,
+}
+
+/// The IPv4 destinations that `anycast` routes of the local table (`ip route add anycast
+/// …`, which the kernel never adds itself) take: what `-m addrtype --dst-type ANYCAST`
+/// matches. xt_addrtype looks the address up in the local table alone (the recipe's policy
+/// routing rule keeps it apart from main), so it is in [`anycast_regions`] of those routes.
+pub(crate) fn anycast_destinations() -> Result<Vec<IpNet>> {
+    let routes = local_table_routes().context("listing the local table's IPv4 routes")?;
+    let local_table = routes
+        .iter()
+        // A route for a TOS only is no lookup's without one (xt_addrtype's has none).
+        .filter(|route| route_table(route) == LOCAL_TABLE && route.header.tos == 0)
+        .filter_map(|route| {
+            let address = route
+                .attributes
+                .iter()
+                .find_map(|attr| match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
+                    _ => None,
+                })
+                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let priority = route
+                .attributes
+                .iter()
+                .find_map(|attr| match attr {
+                    RouteAttribute::Priority(priority) => Some(*priority),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Some(LocalTableRoute {
+                prefix: Ipv4Net::new(address, route.header.destination_prefix_length).ok()?,
+                priority,
+                anycast: route.header.kind == RouteType::Anycast,
+            })
+        })
+        .collect::<Vec<_>>();
+    Ok(anycast_regions(&local_table))
+}
+
+/// The destinations whose longest-prefix match among `routes` is an anycast route: each
+/// anycast route's prefix less the longer prefixes of routes of other types inside it.
+pub(crate) fn anycast_regions(routes: &[LocalTableRoute]) -> Vec<IpNet> {
+    let mut found: HashMap<Ipv4Net, LocalTableRoute> = HashMap::new();
+    for route in routes {
+        let entry = found.entry(route.prefix.trunc()).or_insert(*route);
+        if route.priority < entry.priority {
+            *entry = *route;
+        }
+    }
+    let others: Vec<Ipv4Net> = found
+        .iter()
+        .filter(|(_, route)| !route.anycast)
+        .map(|(prefix, _)| *prefix)
+        .collect();
+    let mut regions: Vec<IpNet> = found
+        .iter()
+        .filter(|(_, route)| route.anycast)
+        .flat_map(|(&prefix, _)| {
+            let holes: Vec<Ipv4Net> = others
+                .iter()
+                .copied()
+                .filter(|other| other.prefix_len() > prefix.prefix_len() && prefix.contains(other))
+                .collect();
+            without(prefix, &holes)
+        })
+        .map(IpNet::V4)
+        .collect();
+    regions.sort_unstable();
+    regions
+}
+
+/// The IPv4 routes of the local table (and, on kernels before 4.20, of every other),
+/// asked for over a blocking rtnetlink socket: configurations are built
+/// outside the runtime (`check`) and inside it (reload), both without waiting on it.
+fn local_table_routes() -> Result<Vec<RouteMessage>> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
+    socket.bind_auto().context("binding the rtnetlink socket")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connecting the rtnetlink socket")?;
+    // Strict checking lets the kernel dump the local table alone (a router's main table may
+    // be large, and route events bring the routes here again); a kernel without it dumps
+    // every table, which the caller's filter takes the local table from.
+    let strict = socket.set_netlink_get_strict_chk(true).is_ok();
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut query = RouteMessage::default();
+    query.header.address_family = AddressFamily::Inet;
+    if strict {
+        query.header.table = LOCAL_TABLE as u8;
+    }
+    let mut request = NetlinkMessage::new(header, RouteNetlinkMessage::GetRoute(query).into());
+    request.finalize();
+    let mut buffer = vec![0; request.buffer_len()];
+    request.serialize(&mut buffer);
+    socket.send(&buffer, 0).context("asking for the routes")?;
+    let mut routes = Vec::new();
+    let mut received = Vec::with_capacity(64 * 1024);
+    loop {
+        received.clear();
+        let size = socket
+            .recv(&mut received, 0)
+            .context("reading the routes")?;
+        let mut offset = 0;
+        while offset < size {
+            let message =
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&received[offset..size])
+                    .context("parsing the routes")?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
+                    routes.push(route)
+                }
+                NetlinkPayload::Done(_) => return Ok(routes),
+                NetlinkPayload::Error(error) => bail!("rtnetlink: {error}"),
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+/// `prefix` less the `holes` inside it, as prefixes.
+fn without(prefix: Ipv4Net, holes: &[Ipv4Net]) -> Vec<Ipv4Net> {
+    if holes.iter().any(|hole| hole.contains(&prefix)) {
+        return Vec::new();
+    }
+    if !holes.iter().any(|hole| prefix.contains(hole)) {
+        return vec![prefix];
+    }
+    prefix
+        .subnets(prefix.prefix_len() + 1)
+        .into_iter()
+        .flatten()
+        .flat_map(|half| without(half, holes))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, priority: u32, anycast: bool) -> LocalTableRoute {
+        LocalTableRoute {
+            prefix: prefix.parse().unwrap(),
+            priority,
+            anycast,
+        }
+    }
+
+    #[test]
+    fn anycast_regions_are_where_the_longest_match_is_anycast() {
+        let routes = [
+            route("127.0.0.0/8", 0, false),
+            route("10.7.0.1/32", 0, true),
+            route("10.8.0.0/30", 0, true),
+            route("10.8.0.3/32", 0, false),
+            route("10.9.0.0/24", 0, true),
+            route("10.9.0.0/24", 5, false),
+            route("10.10.0.0/24", 0, false),
+            route("10.10.0.0/24", 5, true),
+        ];
+        let regions: Vec<String> = anycast_regions(&routes)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            regions,
+            ["10.7.0.1/32", "10.8.0.0/31", "10.8.0.2/32", "10.9.0.0/24"]
+        );
+        assert!(anycast_regions(&[route("127.0.0.0/8", 0, false)]).is_empty());
+    }
 }

@@ -473,7 +473,12 @@ fn first_come(
         let (earlier, listener) = &kept[index];
         let line = decided_by[index];
         let shadowed = format!("line {line} comes first and matches some of its packets");
-        let selectors = |m: &Match| m.mark.is_some() || !m.uids.is_empty() || !m.cgroups.is_empty();
+        let selectors = |m: &Match| {
+            m.mark.is_some()
+                || !m.uids.is_empty()
+                || !m.cgroups.is_empty()
+                || !m.classids.is_empty()
+        };
         if selectors(&earlier.matches) || selectors(&rule.matches) {
             return Err(format!(
                 "{shadowed} (a rule of their own cannot say which: marks and selectors are \
@@ -487,6 +492,11 @@ fn first_come(
                 return Err(format!("{shadowed} (a rule of their own cannot say which)"))
             }
         };
+        if both.dst_anycast && listener.is_some() {
+            return Err(format!(
+                "{shadowed} (the anycast routes' destinations, which a steer rule cannot name)"
+            ));
+        }
         let contested = by_destination
             .candidates(&both, kept.len())
             .into_iter()
@@ -694,8 +704,13 @@ fn write_matches(out: &mut String, m: &Match) {
     }
 }
 
-/// `dst`: the prefixes, the family's whole space, or the host's own addresses.
+/// `dst`: the prefixes, the family's whole space, the host's own addresses or the anycast
+/// routes' destinations.
 fn write_destination(out: &mut String, m: &Match) {
+    if m.dst_anycast {
+        let _ = writeln!(out, "dst = \"anycast\"");
+        return;
+    }
     if m.dst_local {
         let keyword = match m.family {
             None => "local",

@@ -3,7 +3,7 @@
 
 use ipnet::IpNet;
 
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     precedence::{covers, iface_covers, ifaces_overlap, overlaps, port_bounds, within},
@@ -189,12 +189,17 @@ pub(super) fn flatten(
                 "line {}: {}: target MARK (marks are tproxy's own business)",
                 rule.line, rule.text
             ))),
-            _ if !(matches.local || matches.uids.is_empty() && matches.cgroups.is_empty()) => out
-                .push(Err(format!(
+            _ if !(matches.local
+                || matches.uids.is_empty()
+                    && matches.cgroups.is_empty()
+                    && matches.classids.is_empty()) =>
+            {
+                out.push(Err(format!(
                     "line {}: {}: `-m owner` and `-m cgroup` select locally generated packets, \
                      which only mangle OUTPUT sees",
                     rule.line, rule.text
-                ))),
+                )))
+            }
             _ => out.push(Ok(Parsed {
                 matches,
                 ..rule.clone()
@@ -277,8 +282,10 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
     let Some(dst) = both_prefixes(&context.dst, &rule.dst, family) else {
         return Ok(None);
     };
-    if dst_local && !dst.is_empty() {
-        // Which of the host's addresses lie in the prefixes is known only at run time.
+    let dst_anycast = context.dst_anycast || rule.dst_anycast;
+    if (dst_local || dst_anycast) && !dst.is_empty() || dst_local && dst_anycast {
+        // Which of the host's addresses and the anycast routes' destinations lie in the
+        // prefixes, or in each other, is known only at run time.
         return Err(());
     }
     let Some(src) = both_prefixes(&context.src, &rule.src, family) else {
@@ -321,6 +328,12 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
     }) else {
         return Ok(None);
     };
+    let Some(classids) = both(&context.classids, &rule.classids, |a, b| {
+        let (first, last) = (a.first.max(b.first), a.last.min(b.last));
+        (first <= last).then_some(ClassidRange { first, last })
+    }) else {
+        return Ok(None);
+    };
     let Some(cgroups) = both(&context.cgroups, &rule.cgroups, |a, b| {
         if within(a, b) {
             Some(a.clone())
@@ -336,6 +349,8 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         transports,
         dst,
         dst_local,
+        dst_anycast,
+        dst_types: None,
         src,
         ports,
         sports,
@@ -354,6 +369,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         local: context.local || rule.local,
         uids,
         cgroups,
+        classids,
         matches_nothing: false,
     }))
 }

@@ -3,13 +3,13 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
-    local_bypass, other_protocol_rule, other_transports, other_uids, port_range, words, Chain,
-    Established, Family, Match, Parsed, RuleSet, Target,
+    local_bypass, other_classids, other_protocol_rule, other_transports, other_uids, port_range,
+    words, AddressType, Chain, Established, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
     datapath::rules::Ports,
@@ -61,26 +61,35 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             ignored += 1;
             continue;
         }
-        let parsed = parse_rule(
+        let parsed: Chain = match parse_rule(
             &w[1..],
             family,
             divert_chains.contains(&chain),
             &user_chains,
             sets,
             &facts,
-        )
-        .map(|(matches, target, comment)| Parsed {
-            line: number,
-            text: trimmed.to_string(),
-            matches,
-            target: match target {
-                Target::Jump(to) => Target::Jump(chain_key(family, &to)),
-                Target::Goto(to) => Target::Goto(chain_key(family, &to)),
-                target => target,
-            },
-            comment,
-        })
-        .map_err(|reason| (number, trimmed.to_string(), reason));
+        ) {
+            Ok((matches, target, comment)) => {
+                let target = match target {
+                    Target::Jump(to) => Target::Jump(chain_key(family, &to)),
+                    Target::Goto(to) => Target::Goto(chain_key(family, &to)),
+                    target => target,
+                };
+                by_address_type(matches, target)
+                    .into_iter()
+                    .map(|(matches, target)| {
+                        Ok(Parsed {
+                            line: number,
+                            text: trimmed.to_string(),
+                            matches,
+                            target,
+                            comment: comment.clone(),
+                        })
+                    })
+                    .collect()
+            }
+            Err(reason) => vec![Err((number, trimmed.to_string(), reason))],
+        };
         if chain != "PREROUTING"
             && chain != "OUTPUT"
             && chain.chars().all(|c| c.is_ascii_uppercase())
@@ -93,7 +102,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         chains
             .entry(chain_key(family, &chain))
             .or_default()
-            .push(parsed);
+            .extend(parsed);
     }
     Ok(RuleSet {
         chains,
@@ -305,8 +314,13 @@ fn parse_rule(
         negated = false;
     }
     let target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
-    if m.dst_local {
-        local_bypass(&m, &target)?;
+    if let Some(types) = &m.dst_types {
+        if !m.dst.is_empty() || !m.not_dst.is_empty() {
+            return Err("`--dst-type` and destination prefixes in one rule".into());
+        }
+        if types.contains(&AddressType::Local) || types.contains(&AddressType::Anycast) {
+            local_bypass(&m, &target)?;
+        }
     }
     if let Some(states) = states {
         let target = conntrack_divert(&states, target, family, facts)?;
@@ -430,8 +444,7 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
             }
         }
         "--dst-type" if negated => return Err("negated `--dst-type`".into()),
-        "--dst-type" if value == "LOCAL" => m.dst_local = true,
-        "--dst-type" => return Err(format!("`--dst-type {value}` (tproxy knows LOCAL)")),
+        "--dst-type" => m.dst_types = Some(address_types(value, m.family)?),
         "--uid-owner" => {
             m.uids = vec![uid_range(value)?];
             if negated {
@@ -446,10 +459,10 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         "--path" if negated => return Err("negated `-m cgroup --path`".into()),
         "--path" => m.cgroups = vec![cgroup_path(value)?],
         "--cgroup" => {
-            return Err(
-                "`-m cgroup --cgroup` (a cgroup v1 class id; tproxy selects cgroup v2 paths)"
-                    .into(),
-            )
+            m.classids = vec![classid(value)?];
+            if negated {
+                m.classids = other_classids(&m.classids)?;
+            }
         }
         "--mark" if negated => m.not_marks.push(parse_mark_match(value)?),
         "--mark" => m.mark = Some(parse_mark_match(value)?),
@@ -474,6 +487,82 @@ fn zero_mark(text: &str) -> bool {
             !digits.is_empty() && digits.chars().all(|c| c == '0')
         })
     })
+}
+
+/// What `--dst-type`'s types (`LOCAL,MULTICAST`) match, as the kernel's `xt_addrtype` decides
+/// without `--limit-iface-in`/`-out`.
+///
+/// IPv4 (`inet_addr_type`): MULTICAST is 224.0.0.0/4 by the address alone; every other type
+/// is that of the address's route in the local table. LOCAL is the host's own addresses,
+/// ANYCAST what the table's anycast routes take (tproxy follows both); UNSPEC is no
+/// address, as the kernel refuses a route of type unspec (EINVAL), so no lookup finds one.
+/// The types named are any of them.
+///
+/// IPv6 (`match_type6`) asks each of MULTICAST and UNSPEC named to hold at once, with the
+/// route types besides: one type alone is taken, MULTICAST as ff00::/8 and UNSPEC as `::`.
+fn address_types(value: &str, family: Option<Family>) -> Result<Vec<AddressType>, String> {
+    let names: Vec<&str> = value.split(',').collect();
+    if family == Some(Family::V6) && names.len() > 1 {
+        return Err(format!(
+            "`--dst-type {value}`: ip6tables matches only a destination of every type named \
+             at once"
+        ));
+    }
+    let mut types = Vec::new();
+    for name in names {
+        let address_type = match (name, family) {
+            ("LOCAL", _) => AddressType::Local,
+            ("MULTICAST", Some(Family::V6)) => AddressType::Prefix("ff00::/8".parse().unwrap()),
+            ("MULTICAST", _) => AddressType::Prefix("224.0.0.0/4".parse().unwrap()),
+            ("UNSPEC", Some(Family::V6)) => AddressType::Prefix("::/128".parse().unwrap()),
+            ("UNSPEC", _) => continue,
+            ("ANYCAST", Some(Family::V4)) => AddressType::Anycast,
+            _ => {
+                return Err(format!(
+                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST, UNSPEC, and ANYCAST for IPv4)"
+                ))
+            }
+        };
+        if !types.contains(&address_type) {
+            types.push(address_type);
+        }
+    }
+    Ok(types)
+}
+
+/// A rule whose `--dst-type` names several types as one rule per type, with the same target
+/// (iptables goes on to the next rule only when none matches, so in its place the rules
+/// for each decide the same). A rule of no type matches nothing.
+fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
+    let Some(types) = m.dst_types.take() else {
+        return vec![(m, target)];
+    };
+    if types.is_empty() {
+        let why = "its address types match no IPv4 destination (the kernel has no route of \
+                   type unspec)";
+        return vec![(m, Target::Unsteered(why.into()))];
+    }
+    types
+        .into_iter()
+        .map(|address_type| {
+            let mut one = m.clone();
+            match address_type {
+                AddressType::Local => one.dst_local = true,
+                AddressType::Anycast => one.dst_anycast = true,
+                AddressType::Prefix(prefix) => one.dst = vec![prefix],
+            }
+            (one, target.clone())
+        })
+        .collect()
+}
+
+/// `--cgroup`'s net_cls class id (`iptables-save` writes a number).
+fn classid(text: &str) -> Result<ClassidRange, String> {
+    match text.parse::<ClassidRange>() {
+        Ok(range) if range.first == range.last => Ok(range),
+        Ok(_) => Err(format!("`--cgroup {text}`: not one class id")),
+        Err(error) => Err(format!("`--cgroup {text}`: {error}")),
+    }
 }
 
 /// `--uid-owner`'s user: a uid or a range of them (`iptables-save` writes numbers).

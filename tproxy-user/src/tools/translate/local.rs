@@ -477,7 +477,7 @@ pub(super) fn one_guard(
     }
 }
 
-/// A local rule's selectors: `origin`, and `cgroup` and `uid` when it has them.
+/// A local rule's selectors: `origin`, and `cgroup`, `uid` and `classid` when it has them.
 pub(super) fn write_selectors(out: &mut String, m: &Match) {
     let _ = writeln!(out, "origin = \"local\"");
     if !m.cgroups.is_empty() {
@@ -498,6 +498,17 @@ pub(super) fn write_selectors(out: &mut String, m: &Match) {
             })
             .collect();
         let _ = writeln!(out, "uid = [{}]", uids.join(", "));
+    }
+    if !m.classids.is_empty() {
+        let classids: Vec<String> = m
+            .classids
+            .iter()
+            .map(|range| match range.first == range.last {
+                true => range.first.to_string(),
+                false => format!("\"{range}\""),
+            })
+            .collect();
+        let _ = writeln!(out, "classid = [{}]", classids.join(", "));
     }
 }
 
@@ -571,6 +582,71 @@ COMMIT
             "{:?}",
             t.notes
         );
+    }
+
+    #[test]
+    fn net_cls_class_ids_become_the_classid_selector() {
+        let input = "\
+*mangle
+:MARKING - [0:0]
+-A PREROUTING -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -m cgroup ! --cgroup 1 -j MARKING
+-A MARKING -d 10.0.0.0/8 -j RETURN
+-A MARKING -m cgroup --cgroup 0x100002 -j RETURN
+-A MARKING -j MARK --set-mark 1
+COMMIT
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let rules = rules(&t.config);
+        let selectors: Vec<(bool, Vec<&str>)> = rules[1..]
+            .iter()
+            .map(|rule| {
+                (
+                    rule.contains("steer"),
+                    rule.lines().filter(|l| l.starts_with("classid")).collect(),
+                )
+            })
+            .collect();
+        // `! --cgroup 1`: every class id but 1, a process in no class (0) included; the
+        // jumped-to chain's `--cgroup 0x100002` narrows it.
+        let others = "classid = [0, \"2-4294967295\"]";
+        assert_eq!(
+            selectors,
+            [
+                (false, vec![others]),
+                (false, vec!["classid = [1048578]"]),
+                (true, vec![others]),
+            ],
+            "{}",
+            t.config
+        );
+        let args = crate::config::RunArgs {
+            config: Some("translated.toml".into()),
+            ..Default::default()
+        };
+        crate::config::Config::from_text(&args, &t.config).unwrap();
+        for (rule, expected) in [
+            (
+                "-m cgroup --cgroup x",
+                "`--cgroup x`: not a net_cls class id",
+            ),
+            ("-m cgroup --cgroup 1-5", "`--cgroup 1-5`: not one class id"),
+            (
+                "-m cgroup ! --cgroup 0-4294967295",
+                "`--cgroup 0-4294967295`: not one class id",
+            ),
+        ] {
+            let input = format!(
+                "*mangle\n-A PREROUTING -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1\n\
+                 -A OUTPUT -p tcp {rule} -j MARK --set-mark 1\nCOMMIT\n"
+            );
+            let skipped = match translate(&input) {
+                Ok(t) => format!("{:?}", t.skipped),
+                Err(error) => error.to_string(),
+            };
+            assert!(skipped.contains(expected), "{rule}: {skipped}");
+        }
     }
 
     #[test]
@@ -795,6 +871,41 @@ table inet proxy {
                 "proto = [\"tcp\"]\nports = [443]\norigin = \"local\"\nuid = [\"1000-1999\", 3000]\naction = \"steer\"\nlistener = \"tproxy-7000\"",
                 "proto = [\"tcp\"]\nports = [80]\norigin = \"local\"\ncgroup = [\"/system.slice/app.service\"]\naction = \"steer\"\nlistener = \"tproxy-7000\"",
                 "proto = [\"tcp\"]\nports = [8080]\norigin = \"local\"\nuid = [\"1-4294967294\"]\naction = \"steer\"\nlistener = \"tproxy-7000\"",
+            ],
+            "{}",
+            t.config
+        );
+    }
+
+    #[test]
+    fn an_nft_meta_cgroup_becomes_the_classid_selector() {
+        let input = "\
+table ip proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp tproxy to :7000 meta mark set 0x00000001
+	}
+	chain output {
+		type route hook output priority mangle; policy accept;
+		meta cgroup 1 return
+		meta cgroup { 5-9, 0x100002 } tcp dport 443 meta mark set 0x00000001
+		meta cgroup != 1 tcp dport 80 meta mark set 0x00000001
+	}
+}
+";
+        let t = translate(input).unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        let classids: Vec<&str> = t
+            .config
+            .lines()
+            .filter(|l| l.starts_with("classid"))
+            .collect();
+        assert_eq!(
+            classids,
+            [
+                "classid = [1]",
+                "classid = [\"5-9\", 1048578]",
+                "classid = [0, \"2-4294967295\"]",
             ],
             "{}",
             t.config

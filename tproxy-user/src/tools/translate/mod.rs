@@ -35,7 +35,7 @@ use std::{collections::HashMap, io::Read, net::IpAddr};
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
     cli::TranslateArgs,
@@ -138,6 +138,13 @@ struct Match {
     /// guard that leaves such packets alone, which makes the rules after it rules for the
     /// host's own addresses (see `flatten`).
     not_dst_local: bool,
+    /// The destination is one the local table's anycast routes take (`-m addrtype
+    /// --dst-type ANYCAST`): `dst` is then empty, and the rule a bypass written with `dst =
+    /// "anycast"`, which tproxy keeps up to date with the routes.
+    dst_anycast: bool,
+    /// The address types `-m addrtype --dst-type` names: the parser makes a rule of each
+    /// (see `iptables::by_address_type`), so this is `None` in the model's rules.
+    dst_types: Option<Vec<AddressType>>,
     /// Locally generated traffic: the rule was reached from mangle OUTPUT (see `local`).
     local: bool,
     /// The users whose sockets match (`-m owner --uid-owner`); empty: any.
@@ -145,9 +152,23 @@ struct Match {
     /// The cgroup v2 paths whose processes' sockets match (`-m cgroup --path`), from the
     /// hierarchy's root; empty: any.
     cgroups: Vec<String>,
+    /// The net_cls class ids whose processes' sockets match (`-m cgroup --cgroup`); empty:
+    /// any.
+    classids: Vec<ClassidRange>,
     /// No packet matches: the rule names a set without elements (nft prints a set emptied
     /// or never filled without an `elements` line).
     matches_nothing: bool,
+}
+
+/// What one of `--dst-type`'s address types matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AddressType {
+    /// The host's own addresses (`dst = "local"`).
+    Local,
+    /// What the local table's IPv4 anycast routes take (`dst = "anycast"`).
+    Anycast,
+    /// A fixed prefix (IPv4 MULTICAST is 224.0.0.0/4 by the address alone).
+    Prefix(IpNet),
 }
 
 impl Match {
@@ -474,6 +495,34 @@ fn other_uids(uids: &[UidRange]) -> Result<Vec<UidRange>, String> {
     }
     if left.is_empty() {
         return Err("a negated uid match that excludes every user".into());
+    }
+    Ok(left)
+}
+
+/// The class ids `classids` leaves out, as ranges (`! --cgroup 1`: `0` and `2-4294967295`;
+/// 0 is a process in no class).
+fn other_classids(classids: &[ClassidRange]) -> Result<Vec<ClassidRange>, String> {
+    let mut taken: Vec<ClassidRange> = classids.to_vec();
+    taken.sort_unstable_by_key(|range| range.first);
+    let mut left = Vec::new();
+    let mut next: u64 = 0;
+    for range in taken {
+        if u64::from(range.first) > next {
+            left.push(ClassidRange {
+                first: next as u32,
+                last: range.first - 1,
+            });
+        }
+        next = next.max(u64::from(range.last) + 1);
+    }
+    if next <= u64::from(u32::MAX) {
+        left.push(ClassidRange {
+            first: next as u32,
+            last: u32::MAX,
+        });
+    }
+    if left.is_empty() {
+        return Err("a negated `--cgroup` that excludes every class id".into());
     }
     Ok(left)
 }

@@ -3,12 +3,12 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
-use tproxy_common::local_origin::UidRange;
+use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
-    other_protocol_rule, other_transports, other_uids, port_range, words, Family, Match, Parsed,
-    RuleSet, Target,
+    other_classids, other_protocol_rule, other_transports, other_uids, port_range, words, Family,
+    Match, Parsed, RuleSet, Target,
 };
 use crate::values::{parse_mark_match, parse_port_list, parse_prefix, Mark, Transport};
 
@@ -326,6 +326,10 @@ impl Rule<'_> {
                 self.uids(at)
             }
             "socket" if next_is("cgroupv2") => self.cgroup(i),
+            "meta" | "cgroup" if w[i] == "cgroup" || next_is("cgroup") => {
+                let at = if w[i] == "meta" { i + 2 } else { i + 1 };
+                self.classids(at)
+            }
             "counter" => {
                 let mut i = i + 1;
                 while i + 1 < w.len() && (w[i] == "packets" || w[i] == "bytes") {
@@ -562,6 +566,25 @@ impl Rule<'_> {
         self.m.uids = match found.negated {
             true => other_uids(&uids)?,
             false => uids,
+        };
+        Ok(found.next)
+    }
+
+    /// `meta cgroup` values at `w[i]`: net_cls class ids and ranges of them, or all but
+    /// those.
+    fn classids(&mut self, i: usize) -> Result<usize, String> {
+        let found = self.values(i)?;
+        let classids = found
+            .values
+            .iter()
+            .map(|v| {
+                v.parse::<ClassidRange>()
+                    .map_err(|error| format!("`meta cgroup {v}`: {error}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.m.classids = match found.negated {
+            true => other_classids(&classids)?,
+            false => classids,
         };
         Ok(found.next)
     }

@@ -110,7 +110,14 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
             || b.cgroups.is_empty()
             || a.cgroups
                 .iter()
-                .any(|x| b.cgroups.iter().any(|y| within(x, y) || within(y, x))));
+                .any(|x| b.cgroups.iter().any(|y| within(x, y) || within(y, x))))
+        && (a.classids.is_empty()
+            || b.classids.is_empty()
+            || a.classids.iter().any(|x| {
+                b.classids
+                    .iter()
+                    .any(|y| x.first <= y.last && y.first <= x.last)
+            }));
     transports && ports && sports && iface && addresses && marks && selectors
 }
 
@@ -161,7 +168,7 @@ pub(super) fn iface_covers(outer: &str, inner: &str) -> bool {
 pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
     // The host's addresses may lie anywhere: only the same match, or no destination at
     // all, covers them.
-    if outer.dst_local && !inner.dst_local {
+    if outer.dst_local && !inner.dst_local || outer.dst_anycast && !inner.dst_anycast {
         return false;
     }
     let transports = transports_of(inner)
@@ -219,6 +226,14 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
                 .cgroups
                 .iter()
                 .all(|i| outer.cgroups.iter().any(|o| within(i, o))));
+    let classids = outer.classids.is_empty()
+        || (!inner.classids.is_empty()
+            && inner.classids.iter().all(|i| {
+                outer
+                    .classids
+                    .iter()
+                    .any(|o| o.first <= i.first && i.last <= o.last)
+            }));
     transports
         && ports
         && sports
@@ -228,6 +243,7 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
         && outer.local == inner.local
         && uids
         && cgroups
+        && classids
 }
 
 /// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:
@@ -271,8 +287,15 @@ fn more_specific_in(later: &Match, earlier: &Match, family: Family) -> bool {
 }
 
 /// The lengths of `m`'s destination prefixes of `family`: the host's addresses are
-/// full-length ones.
+/// full-length ones, the anycast routes' (IPv4) of any length, so both the shortest and the
+/// longest.
 fn destination_lengths(m: &Match, family: Family) -> Vec<u8> {
+    if m.dst_anycast {
+        return match family {
+            Family::V4 => vec![0, 32],
+            Family::V6 => Vec::new(),
+        };
+    }
     if m.dst_local {
         return vec![match family {
             Family::V4 => 32,
@@ -325,6 +348,7 @@ impl ShadowIndex {
         let prefixes = destination_prefixes(m);
         // The host's addresses may lie inside any rule's prefixes.
         if m.dst_local
+            || m.dst_anycast
             || prefixes
                 .iter()
                 .any(|p| p.prefix_len() != prefixes[0].prefix_len())
