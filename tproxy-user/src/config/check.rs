@@ -118,7 +118,13 @@ impl Config {
     /// [`rules::effective_mark`]); refuses rules with a mark that the program could not
     /// decide as configured, and more of them than it holds.
     pub(super) fn settle_marks(&mut self) -> Result<()> {
-        for rule in &mut self.rules {
+        // The templates of the rules written per address or route are checked too: their
+        // copies come later, and without them a host with no address yet would pass.
+        let templates = self
+            .own_address_rules
+            .iter_mut()
+            .chain(&mut self.anycast_rules);
+        for rule in self.rules.iter_mut().chain(templates) {
             rule.mark = rules::effective_mark(rule, self.settings.mark)
                 .map_err(|problem| anyhow::anyhow!("rule {}: {problem}", rule.number))?;
         }
@@ -185,7 +191,8 @@ impl Config {
             return Ok(());
         }
         let local_mark = |rule: &&rules::Rule| rule.mark.is_some() && rule.origin.local();
-        if let Some(rule) = self.rules.iter().find(local_mark) {
+        let mut with_templates = self.rules.iter().chain(&self.own_address_rules);
+        if let Some(rule) = with_templates.find(local_mark) {
             // The connect programs leave the mark stage out (see tproxy-ebpf's
             // `match_rules_into`), so forwarded mark rules never decide a local connection,
             // and a mark on a rule for local connections would be ignored.

@@ -987,3 +987,30 @@ fn a_selection_larger_than_the_programs_try_is_refused_by_check_naming_the_rule(
         );
     }
 }
+
+/// A `dst = "local"` rule is written per host address later (the rule itself is a template):
+/// its mark is checked as any rule's is, whatever addresses the host has now.
+#[test]
+fn a_mark_on_a_rule_for_the_hosts_own_addresses_is_checked_too() {
+    let rule = |mark: &str, origin: &str| {
+        format!(
+            "interfaces = [\"eth0\"]\n[[listener]]\nname = \"web\"\n\
+             [[rule]]\nproto = \"tcp\"\ndst = \"local\"\nmark = \"{mark}\"\norigin = \"{origin}\"\n\
+             action = \"steer\"\nlistener = \"web\"\n"
+        )
+    };
+    let taken = with_file(
+        &rule("0x100/0x100", "forwarded"),
+        &["--mark", "0x100/0x100"],
+    )
+    .unwrap_err();
+    assert!(
+        format!("{taken:#}").contains("needs bits of tproxy's routing mark"),
+        "{taken:#}"
+    );
+    let local = with_file(&rule("0x40/0xc0", "local"), &[]).unwrap_err();
+    assert!(
+        format!("{local:#}").contains("matches a mark with origin \"local\""),
+        "{local:#}"
+    );
+}

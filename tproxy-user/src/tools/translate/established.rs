@@ -124,7 +124,7 @@ fn goes_on(m: &Match, later: &[Flat]) -> Result<(), String> {
         if !overlaps(m, &rule.matches) {
             continue;
         }
-        if rule.matches.mark.is_some() {
+        if rule.matches.mark.is_some() || !rule.matches.not_marks.is_empty() {
             return Err(format!(
                 "its packets go on with the mark it sets, and line {} matches marks",
                 rule.line

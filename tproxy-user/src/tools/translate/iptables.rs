@@ -313,6 +313,19 @@ fn parse_rule(
         }
         negated = false;
     }
+    // Routed only by a mark the packets already carry: without a mark match, those for other
+    // hosts are dropped by the kernel (a packet handed to a socket is never forwarded), and
+    // tproxy would steer them.
+    let sets_no_mark = w
+        .windows(2)
+        .any(|pair| pair[0] == "--tproxy-mark" && zero_mark(&pair[1]));
+    if sets_no_mark && m.mark.is_none() && m.not_marks.is_empty() {
+        return Err(
+            "`--tproxy-mark 0x0/0x0` on packets not matched by their mark: nothing routes them \
+             to the host, and the kernel drops those for other hosts"
+                .into(),
+        );
+    }
     let target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
     if let Some(types) = &m.dst_types {
         if !m.dst.is_empty() || !m.not_dst.is_empty() {

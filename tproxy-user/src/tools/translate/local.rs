@@ -399,11 +399,14 @@ pub(super) fn leave_out_loopback(
 }
 
 /// Notes each local steer rule that can take connections to loopback addresses (no earlier
-/// rule takes them all first): the recipe
-/// sends those to the proxy too, tproxy's programs never steer them (see README, "The host's
-/// own traffic"). With tproxy's own relay they reach the destination the relay would have
-/// connected to; a proxy kept in the path (`--keep-proxies`) no longer sees them.
-pub(super) fn note_loopback_destinations(local: &[Flat], notes: &mut Vec<String>) {
+/// rule takes them all first): the recipe sends those to the proxy too, tproxy's programs
+/// never steer them (see README, "The host's own traffic"). Reported with `keep_proxies`.
+pub(super) fn note_loopback_destinations(
+    local: &[Flat],
+    keep_proxies: bool,
+    notes: &mut Vec<String>,
+    skipped: &mut Vec<String>,
+) {
     let loopback: [IpNet; 2] = [
         "127.0.0.0/8".parse().expect("a prefix"),
         "::1/128".parse().expect("a prefix"),
@@ -426,13 +429,22 @@ pub(super) fn note_loopback_destinations(local: &[Flat], notes: &mut Vec<String>
                     .any(|earlier| covers(&earlier.matches, &to_loopback))
         });
         if matches!(rule.target, Target::Tproxy { .. }) && !m.matches_nothing && reaches_loopback {
-            notes.push(format!(
+            let unsteered = format!(
                 "line {}: `{}`: its connections to loopback addresses (127.0.0.0/8, ::1) are \
-                 not steered: tproxy never steers the host's own connections to those, so they \
-                 go straight to where its relay would have taken them; a proxy kept with \
-                 --keep-proxies no longer sees them",
+                 not steered: tproxy never steers the host's own connections to those",
                 rule.line, rule.text
-            ));
+            );
+            // With tproxy's relay they end where it would have connected them; a proxy kept
+            // in the path would no longer see them.
+            match keep_proxies {
+                false => notes.push(format!(
+                    "{unsteered}, so they go straight to where its relay would have taken them"
+                )),
+                true => skipped.push(format!(
+                    "{unsteered}: the proxy kept on the TPROXY port no longer sees them (the \
+                     rule is written for the others)"
+                )),
+            }
         }
     }
 }

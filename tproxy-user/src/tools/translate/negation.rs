@@ -177,6 +177,11 @@ fn mark_pieces(mark: Option<Mark>, excluded: &[Mark]) -> Vec<Option<Mark>> {
             }
         }
         pieces = next;
+        // Past the limit the caller takes the hole form: building further would only
+        // multiply pieces that are not used.
+        if pieces.len() > MARK_PIECES {
+            break;
+        }
     }
     pieces
 }

@@ -2307,6 +2307,39 @@ COMMIT
     assert_eq!(noted(&unguarded), 1, "{:?}", unguarded.notes);
     let guarded = translate(&rules("-A OUTPUT -d 127.0.0.0/8 -j RETURN\n")).unwrap();
     assert_eq!(noted(&guarded), 0, "{:?}", guarded.notes);
+    // A proxy kept in the path would no longer see them: that is reported.
+    let kept = translate_with(&rules(""), true).unwrap();
+    assert!(
+        kept.skipped
+            .iter()
+            .any(|s| s.contains("the proxy kept on the TPROXY port no longer sees them")),
+        "{:?}",
+        kept.skipped
+    );
+}
+
+/// `--tproxy-mark 0x0/0x0` leaves the routing to a mark the packets carry: without a mark
+/// match nothing routes them to the host (the kernel drops those for other hosts), which is
+/// reported; with one (v2rayA's) it translates.
+#[test]
+fn a_tproxy_rule_that_sets_no_mark_needs_a_mark_match() {
+    let rules = |mark_match: &str| {
+        format!(
+            "*mangle\n-A PREROUTING -p tcp -i eth0 {mark_match}-j TPROXY --on-port 7000 \
+             --tproxy-mark 0x0/0x0\nCOMMIT\n"
+        )
+    };
+    let unmarked = translate(&rules("")).unwrap();
+    assert!(
+        unmarked
+            .skipped
+            .iter()
+            .any(|s| s.contains("`--tproxy-mark 0x0/0x0` on packets not matched by their mark")),
+        "{:?}",
+        unmarked.skipped
+    );
+    let marked = translate(&rules("-m mark --mark 0x40/0xc0 ")).unwrap();
+    assert!(marked.skipped.is_empty(), "{:?}", marked.skipped);
 }
 
 /// `--dst-type` with several types is any of them: each becomes a rule of its own, IPv4
