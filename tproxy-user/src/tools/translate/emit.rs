@@ -206,6 +206,21 @@ fn rejects_as_bypasses(
         .collect()
 }
 
+/// Whether every destination `m` names is multicast or broadcast: tproxy's program passes
+/// such packets, whatever its rules say.
+fn only_local_scope(m: &Match) -> bool {
+    let scopes: [IpNet; 3] = [
+        "224.0.0.0/4".parse().expect("a prefix"),
+        "255.255.255.255/32".parse().expect("a prefix"),
+        "ff00::/8".parse().expect("a prefix"),
+    ];
+    !m.dst.is_empty()
+        && !m.dst_local
+        && m.dst
+            .iter()
+            .all(|p| scopes.iter().any(|scope| scope.contains(p)))
+}
+
 /// Listeners by port; the steer and bypass rules in order; with `keep_proxies`, the
 /// socket-match rules, which become bypass rules.
 fn listeners_and_rules(
@@ -230,11 +245,13 @@ fn listeners_and_rules(
             | Target::Goto(_)
             | Target::SetMark(_)
             | Target::Established(_) => {}
-            Target::Drop if parsed.matches.transports.is_empty() => {
+            Target::Drop
+                if parsed.matches.transports.is_empty() || parsed.matches.protocols_beyond =>
+            {
                 // Written for TCP and UDP, as tproxy drops them: the rest is reported.
                 skipped.push(format!(
-                    "line {}: {}: DROP of every protocol: tproxy drops only TCP and UDP (the \
-                     translation does); keep a firewall rule for the other protocols",
+                    "line {}: {}: DROP of protocols besides TCP and UDP: tproxy drops only TCP \
+                     and UDP (the translation does); keep a firewall rule for the others",
                     parsed.line, parsed.text
                 ));
                 rules.push((parsed, None))
@@ -244,6 +261,11 @@ fn listeners_and_rules(
             }
             Target::Unsteered(reason) => notes.push(format!(
                 "line {}: `{}`: {reason}; left out",
+                parsed.line, parsed.text
+            )),
+            Target::Tproxy { .. } if only_local_scope(&parsed.matches) => skipped.push(format!(
+                "line {}: {}: steers only multicast or broadcast destinations, which tproxy \
+                 never steers (it passes them: see `local_scope` in tproxy status)",
                 parsed.line, parsed.text
             )),
             Target::Tproxy { on_ip, on_port, .. } => {

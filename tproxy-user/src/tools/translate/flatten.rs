@@ -345,8 +345,15 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
     }) else {
         return Ok(None);
     };
+    // Other protocols stay matched only if neither side names TCP or UDP alone.
+    let allows_beyond =
+        |m: &Match| m.protocols_beyond || (m.transports.is_empty() && m.other_protocol.is_none());
+    let protocols_beyond = (context.protocols_beyond || rule.protocols_beyond)
+        && allows_beyond(context)
+        && allows_beyond(rule);
     Ok(Some(Match {
         transports,
+        protocols_beyond,
         dst,
         dst_local,
         dst_anycast,

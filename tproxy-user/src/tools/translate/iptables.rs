@@ -38,6 +38,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     let mut table = String::new();
     let mut family = Family::V4;
     let mut ignored = 0;
+    let mut elsewhere = Vec::new();
     let (user_chains, divert_chains) = user_and_divert_chains(input);
     let facts = facts(input);
     for (number, line) in input.lines().enumerate() {
@@ -50,6 +51,10 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         }
         if let Some(name) = trimmed.strip_prefix('*') {
             table = name.to_string();
+            continue;
+        }
+        if let Some(problem) = unread_line(trimmed, &table) {
+            elsewhere.push((number, trimmed.to_string(), problem));
             continue;
         }
         let Some((trimmed, rest)) = appended_rule(trimmed) else {
@@ -115,7 +120,28 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             chain_key(Family::V6, "OUTPUT"),
         ],
         ignored,
-        elsewhere: Vec::new(),
+        elsewhere,
+    })
+}
+
+/// Why `line` (trimmed, in `table`) changes what the kernel does in a way the rules read do
+/// not show: a policy that drops what no rule of a chain translate reads decides (tproxy
+/// would pass it), or a line `iptables-save` does not write, whose meaning is unknown.
+fn unread_line(line: &str, table: &str) -> Option<String> {
+    if line.is_empty() || line.starts_with('#') || line == "COMMIT" || appended_rule(line).is_some()
+    {
+        return None;
+    }
+    let Some(declaration) = line.strip_prefix(':') else {
+        return Some("not a line iptables-save writes (`*table`, `:CHAIN`, `-A`, `COMMIT`)".into());
+    };
+    let mut words = declaration.split_whitespace();
+    let (chain, policy) = (words.next()?, words.next()?);
+    (table == "mangle" && matches!(chain, "PREROUTING" | "OUTPUT") && policy == "DROP").then(|| {
+        format!(
+            "the chain's policy DROP drops every packet no rule of {chain} decides; tproxy \
+             lets them through"
+        )
     })
 }
 
@@ -414,7 +440,10 @@ fn conntrack_divert(
 /// A match option and its value, `negated` when a `!` comes before it.
 fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result<(), String> {
     match word {
-        "-p" | "--protocol" if negated => m.transports = other_transports(transport(value)),
+        "-p" | "--protocol" if negated => {
+            m.transports = other_transports(transport(value));
+            m.protocols_beyond = true;
+        }
         "-p" | "--protocol" => match transport(value) {
             Ok(transport) => m.transports = vec![transport],
             Err(_) => m.other_protocol = Some(value.to_string()),
@@ -477,7 +506,22 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                 m.classids = other_classids(&m.classids)?;
             }
         }
-        "--mark" if negated => m.not_marks.push(parse_mark_match(value)?),
+        // The positive match's reasons say the opposite of what a negated one does.
+        "--mark" if negated => m.not_marks.push(parse_mark_match(value).map_err(|_| {
+            // `mark & mask == value` is then always true (mask 0, value 0) or never.
+            match value
+                .split_once('/')
+                .map(|(v, m)| (v.trim_start_matches("0x"), m))
+            {
+                Some((v, m)) if v.chars().all(|c| c == '0') && zero_mark(&format!("0/{m}")) => {
+                    format!("`! --mark {value}` matches no packet: leave the rule out")
+                }
+                _ => format!(
+                    "`! --mark {value}` matches every packet (no mark equals it under its \
+                     mask): write the rule without the mark match"
+                ),
+            }
+        })?),
         "--mark" => m.mark = Some(parse_mark_match(value)?),
         "--tcp-flags" => {
             return Err(

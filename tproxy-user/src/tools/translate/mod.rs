@@ -113,6 +113,9 @@ struct Match {
     /// The protocol matched when it is one tproxy never steers (`-p icmp`): the rule then
     /// concerns no packet tproxy decides.
     other_protocol: Option<String>,
+    /// A negated protocol (`! -p tcp`): besides `transports`, every protocol tproxy never
+    /// steers matches too (which matters to a DROP).
+    protocols_beyond: bool,
     iface: Option<String>,
     /// `None`: both (nft `inet`).
     family: Option<Family>,

@@ -151,9 +151,25 @@ fn chain_line(
             }
             _ => {}
         }
-        return;
     }
-    if w[0] == "policy" {
+    // What no rule of the chain decides is dropped: tproxy would let it through.
+    let drops_the_rest = w
+        .windows(2)
+        .any(|pair| pair[0] == "policy" && pair[1].trim_end_matches(';') == "drop");
+    let read_here = at
+        .chain
+        .as_ref()
+        .is_some_and(|chain| ruleset.entry.contains(chain) || ruleset.local_entry.contains(chain));
+    if drops_the_rest && read_here {
+        ruleset.elsewhere.push((
+            number,
+            trimmed.to_string(),
+            "the chain's policy drop drops every packet no rule of the chain decides; tproxy \
+             lets them through"
+                .to_string(),
+        ));
+    }
+    if w[0] == "type" || w[0] == "policy" {
         return;
     }
     let Some(chain) = &at.chain else { return };
@@ -397,7 +413,10 @@ impl Rule<'_> {
     fn transports(&mut self, i: usize) -> Result<usize, String> {
         let found = self.values(i)?;
         self.m.transports = match (found.negated, found.values.as_slice()) {
-            (true, [one]) => other_transports(transport(one)),
+            (true, [one]) => {
+                self.m.protocols_beyond = true;
+                other_transports(transport(one))
+            }
             (true, _) => return Err("a negated set of protocols".into()),
             // Only protocols tproxy never steers (`meta l4proto icmp`).
             (false, [one, ..]) if found.values.iter().all(|v| transport(v).is_err()) => {

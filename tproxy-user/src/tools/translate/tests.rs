@@ -2437,3 +2437,59 @@ COMMIT
         t.config
     );
 }
+
+/// What the kernel does beyond the rules translate reads is reported, each with its line: a
+/// DROP policy, a line iptables-save does not write, a DROP of a negated protocol (other
+/// protocols too), steering of multicast or broadcast alone (tproxy passes those), and a
+/// negated mark whose mask makes it always or never true.
+#[test]
+fn what_the_rules_alone_do_not_show_is_reported() {
+    let reported = |input: &str, line: &str, why: &str| {
+        let t = translate(input).unwrap();
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.starts_with(&format!("line {line}: ")) && s.contains(why)),
+            "{input}: want line {line}: …{why}…, got {:?}",
+            t.skipped
+        );
+    };
+    let rules = |policy: &str, rule: &str| {
+        format!(
+            "*mangle\n:PREROUTING {policy} [0:0]\n-A PREROUTING -p tcp -j TPROXY --on-port 2 \
+             --tproxy-mark 0x1/0x1\n{rule}\nCOMMIT\n"
+        )
+    };
+    reported(&rules("DROP", ""), "2", "policy DROP drops every packet");
+    reported(
+        &rules("ACCEPT", "garbage"),
+        "4",
+        "not a line iptables-save writes",
+    );
+    reported(
+        &rules("ACCEPT", "-A PREROUTING ! -p tcp -j DROP"),
+        "4",
+        "DROP of protocols besides TCP and UDP",
+    );
+    reported(
+        &rules(
+            "ACCEPT",
+            "-A PREROUTING -p udp -d 224.0.0.0/4 -j TPROXY --on-port 2 --tproxy-mark 0x1/0x1",
+        ),
+        "4",
+        "steers only multicast or broadcast destinations",
+    );
+    reported(
+        &rules("ACCEPT", "-A PREROUTING -m mark ! --mark 0x3/0x1 -j RETURN"),
+        "4",
+        "matches every packet",
+    );
+    reported(
+        &rules("ACCEPT", "-A PREROUTING -m mark ! --mark 0x0/0x0 -j RETURN"),
+        "4",
+        "matches no packet",
+    );
+    let nft = "table ip t {\n\tchain pre {\n\t\ttype filter hook prerouting priority mangle; \
+               policy drop;\n\t\ttcp dport 80 tproxy to :2 meta mark set 0x1 accept\n\t}\n}\n";
+    reported(nft, "3", "policy drop drops every packet");
+}
