@@ -234,9 +234,11 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     )
     .unwrap();
     // More connections than descriptors: the kernel completes the handshakes, the relay
-    // cannot accept them all.
+    // cannot accept them all. One it accepted but found no descriptor for the upstream is
+    // reset, which a connect still waiting for its thread reports as its own failure (CI
+    // failed so under load): those are not held.
     let held: Vec<TcpStream> = (0..80)
-        .map(|_| topo.client.connect(server.addr).unwrap())
+        .filter_map(|_| topo.client.connect(server.addr).ok())
         .collect();
     tproxy
         .wait_for_line("Too many open files", Duration::from_secs(10))
