@@ -326,6 +326,8 @@ fn an_output_chain_for_the_hosts_own_addresses_steers_the_same_local_connects_tr
     let mut tproxy =
         Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
     let translated = relayed(&|proto| relay_count(&tproxy, proto));
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
 }
 
 /// Whether a datagram the router sends (inside the test cgroup) to `server` was relayed:
