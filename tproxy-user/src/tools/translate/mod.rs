@@ -476,58 +476,49 @@ fn other_transports(excluded: Result<Transport, String>) -> Vec<Transport> {
 /// `0-999` and `1001-4294967294`).
 fn other_uids(uids: &[UidRange]) -> Result<Vec<UidRange>, String> {
     // The kernel's "no uid" (`(uid_t)-1`) is no process's.
-    const LAST_UID: u32 = u32::MAX - 1;
-    let mut taken: Vec<UidRange> = uids.to_vec();
-    taken.sort_unstable_by_key(|range| range.first);
-    let mut left = Vec::new();
-    let mut next: u64 = 0;
-    for range in taken {
-        if u64::from(range.first) > next {
-            left.push(UidRange {
-                first: next as u32,
-                last: range.first - 1,
-            });
-        }
-        next = next.max(u64::from(range.last) + 1);
-    }
-    if next <= u64::from(LAST_UID) {
-        left.push(UidRange {
-            first: next as u32,
-            last: LAST_UID,
-        });
-    }
+    let bounds: Vec<(u32, u32)> = uids.iter().map(|r| (r.first, r.last)).collect();
+    let left = ids_left_out(&bounds, u32::MAX - 1);
     if left.is_empty() {
         return Err("a negated uid match that excludes every user".into());
     }
-    Ok(left)
+    Ok(left
+        .into_iter()
+        .map(|(first, last)| UidRange { first, last })
+        .collect())
 }
 
 /// The class ids `classids` leaves out, as ranges (`! --cgroup 1`: `0` and `2-4294967295`;
 /// 0 is a process in no class).
 fn other_classids(classids: &[ClassidRange]) -> Result<Vec<ClassidRange>, String> {
-    let mut taken: Vec<ClassidRange> = classids.to_vec();
-    taken.sort_unstable_by_key(|range| range.first);
-    let mut left = Vec::new();
-    let mut next: u64 = 0;
-    for range in taken {
-        if u64::from(range.first) > next {
-            left.push(ClassidRange {
-                first: next as u32,
-                last: range.first - 1,
-            });
-        }
-        next = next.max(u64::from(range.last) + 1);
-    }
-    if next <= u64::from(u32::MAX) {
-        left.push(ClassidRange {
-            first: next as u32,
-            last: u32::MAX,
-        });
-    }
+    let bounds: Vec<(u32, u32)> = classids.iter().map(|r| (r.first, r.last)).collect();
+    let left = ids_left_out(&bounds, u32::MAX);
     if left.is_empty() {
         return Err("a negated `--cgroup` that excludes every class id".into());
     }
-    Ok(left)
+    Ok(left
+        .into_iter()
+        .map(|(first, last)| ClassidRange { first, last })
+        .collect())
+}
+
+/// The ids from 0 to `last_id` that none of the inclusive `ranges` holds, as inclusive
+/// ranges in order.
+fn ids_left_out(ranges: &[(u32, u32)], last_id: u32) -> Vec<(u32, u32)> {
+    let mut taken = ranges.to_vec();
+    taken.sort_unstable();
+    let mut left = Vec::new();
+    // u64: one past u32::MAX is where the ids end.
+    let mut next: u64 = 0;
+    for (first, last) in taken {
+        if u64::from(first) > next {
+            left.push((next as u32, first - 1));
+        }
+        next = next.max(u64::from(last) + 1);
+    }
+    if next <= u64::from(last_id) {
+        left.push((next as u32, last_id));
+    }
+    left
 }
 
 /// A cgroup v2 path (`-m cgroup --path`, nft `socket cgroupv2`) from the hierarchy's root,
