@@ -1235,6 +1235,75 @@ fn a_log_rule_and_a_socket_mark_that_goes_on_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// Hysteria's idiom (tests/corpus/translate/hysteria-tproxy.rules): the socket match marks
+/// UDP packets of flows with a transparent socket, and they go on to a RETURN for every
+/// socket. A flow's later datagrams meet the socket its first one made (the relay's), so
+/// every datagram of a two-datagram flow is relayed both ways. (Only the client side jumps
+/// to the chain: the servers' replies would be steered too.)
+const HYSTERIA_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:HYSTERIA - [0:0]
+-A PREROUTING -s 10.10.1.0/24 -j HYSTERIA
+-A HYSTERIA -p tcp -m socket --transparent -j MARK --set-xmark 0x1/0xffffffff
+-A HYSTERIA -p udp -m socket --transparent -j MARK --set-xmark 0x1/0xffffffff
+-A HYSTERIA -m socket -j RETURN
+-A HYSTERIA -d 10.10.2.3/32 -j RETURN
+-A HYSTERIA -p tcp -j TPROXY --on-port 2500 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A HYSTERIA -p udp -j TPROXY --on-port 2500 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+";
+
+#[test]
+fn a_udp_socket_mark_that_goes_on_relays_every_datagram_of_a_flow_translated() {
+    require_root();
+    let probes = [
+        Probe::Udp("10.10.2.2:53"),
+        Probe::Udp("10.10.2.3:53"),
+        Probe::Tcp("10.10.2.2:80"),
+    ];
+    let topo = Topo::new().unwrap();
+    let servers = Servers::start(&topo, &probes);
+    // Each datagram of one flow: whether it was answered, and through the router.
+    let flow = || -> Vec<bool> {
+        let addr: SocketAddr = "10.10.2.2:53".parse().unwrap();
+        let server = servers.udp.iter().find(|s| s.addr == addr).unwrap();
+        let client = udp_client(&topo.client, addr).unwrap();
+        (0..2)
+            .map(|i| {
+                server.peers.lock().unwrap().clear();
+                let payload = format!("datagram {i}");
+                let (reply, from) = udp_exchange(&client, addr, payload.as_bytes()).unwrap();
+                reply == payload.as_bytes()
+                    && from == addr
+                    && server.peer_ips() == [Topo::router_as_seen_by_server(false)]
+            })
+            .collect()
+    };
+    restore_iptables(&topo.router, HYSTERIA_IPTABLES).unwrap();
+    let config = ConfigFile::new(&translate(HYSTERIA_IPTABLES)).unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = (servers.intercepted(&topo, &probes), flow());
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = (servers.intercepted(&topo, &probes), flow());
+    tproxy.stop().unwrap();
+    assert_eq!(
+        steered_names(&original.0),
+        ["udp 10.10.2.2:53", "tcp 10.10.2.2:80"],
+        "iptables"
+    );
+    assert_eq!(original.1, [true, true], "iptables: the flow's datagrams");
+    assert_eq!(
+        translated,
+        original,
+        "translated config:\n{}",
+        config.path()
+    );
+}
+
 /// istio's idioms (tests/corpus/translate/istio-tproxy.rules): conntrack's established flows
 /// jump to a chain that sets the TPROXY mark and accepts, a later TPROXY rule takes every
 /// other TCP flow but those to 127.0.0.1, and a CONNMARK --save-mark that nothing reads back.

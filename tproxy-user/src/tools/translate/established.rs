@@ -15,7 +15,12 @@
 //!   locally either way.
 //!
 //! Either way the mark must be the TPROXY rules' own, the one their policy routing delivers
-//! locally, and only TCP: for UDP tproxy's socket match counts only its own flows' sockets.
+//! locally. For UDP, tproxy's socket match hands a datagram only to its own flows' sockets
+//! (a lookup by the datagram's tuple also finds sockets bound to the wildcard address, which
+//! the kernel's socket match skips). The MARK form is translated for UDP too: the sockets it
+//! finds there are the replaced proxy's own, whose place tproxy's relay takes, and a note says
+//! what differs (another program's socket bound to a flow's destination). The conntrack form
+//! stays TCP only: its UDP flows without a socket would differ for every reply.
 
 use ipnet::IpNet;
 
@@ -57,6 +62,16 @@ pub(super) fn resolve(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
         });
         out.push(match checked {
             Ok(()) => {
+                if rule.matches.transports.contains(&Transport::Udp) {
+                    notes.push(format!(
+                        "line {}: `{}`: for UDP, tproxy's socket match hands a datagram only \
+                         to its own flows' sockets; a socket of another program bound to a \
+                         flow's destination (which the kernel's socket match finds) does not \
+                         get its datagrams. Here those were the proxy's, whose place tproxy's \
+                         relay takes",
+                        rule.line, rule.text
+                    ));
+                }
                 notes.push(match kind {
                     Established::SocketMark(_) => format!(
                         "line {}: `{}`: the packets it marks go on; those of flows with a \
@@ -83,10 +98,11 @@ pub(super) fn resolve(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
     out
 }
 
-/// Whether the rule stands for tproxy's socket match: for TCP, with the TPROXY rules' mark.
+/// Whether the rule stands for tproxy's socket match: with the TPROXY rules' mark, and for
+/// conntrack's flows only TCP.
 fn socket_match(m: &Match, kind: Established, tproxy_marks: &[Option<Mark>]) -> Result<(), String> {
     let (Established::SocketMark(mark) | Established::Conntrack(mark)) = kind;
-    if m.transports != [Transport::Tcp] {
+    if matches!(kind, Established::Conntrack(_)) && m.transports != [Transport::Tcp] {
         return Err(
             "handing established flows their socket for other protocols than TCP (tproxy's \
              socket match counts only its own UDP flows' sockets)"

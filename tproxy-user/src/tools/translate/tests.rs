@@ -2035,13 +2035,6 @@ fn a_socket_mark_that_something_reads_or_that_routes_elsewhere_is_reported() {
             ),
             "not the TPROXY rules' 0x1/0x1",
         ),
-        (
-            with(
-                "-A PREROUTING -m socket -j MARK --set-xmark 0x1/0xffffffff",
-                "",
-            ),
-            "other protocols than TCP",
-        ),
         // Its packets that no TPROXY rule takes reach filter INPUT with the mark.
         (
             with(mark, "") + "*filter\n-A INPUT -m mark --mark 0x1 -j DROP\nCOMMIT\n",
@@ -2058,6 +2051,44 @@ fn a_socket_mark_that_something_reads_or_that_routes_elsewhere_is_reported() {
             t.skipped
         );
     }
+}
+
+/// Hysteria's form (tests/corpus/translate/hysteria-tproxy.rules): the socket match marks
+/// UDP packets too, and they go on. Translated, with a note on the one thing that differs
+/// for UDP.
+#[test]
+fn a_udp_socket_mark_that_goes_on_is_the_socket_match_with_a_note() {
+    let t = translate(
+        "*mangle\n\
+         -A PREROUTING -p udp -m socket --transparent -j MARK --set-xmark 0x1/0xffffffff\n\
+         -A PREROUTING -m socket -j RETURN\n\
+         -A PREROUTING -p udp -j TPROXY --on-port 2500 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff\n\
+         COMMIT\n",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes.iter().any(|n| n.starts_with("line 2:")
+            && n.contains("for UDP, tproxy's socket match hands a datagram only to its own")),
+        "{:?}",
+        t.notes
+    );
+    // Conntrack's established UDP flows stay reported: those without a socket (every
+    // forwarded flow's replies) would be delivered locally there and steered here.
+    let t = translate(
+        "*mangle\n:DIVERT - [0:0]\n\
+         -A PREROUTING -p udp -m conntrack --ctstate RELATED,ESTABLISHED -j DIVERT\n\
+         -A PREROUTING -p udp -j TPROXY --on-port 2500 --tproxy-mark 0x1/0xffffffff\n\
+         -A DIVERT -j MARK --set-xmark 0x1/0xffffffff\n-A DIVERT -j ACCEPT\nCOMMIT\n",
+    )
+    .unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 3:") && s.contains("other protocols than TCP")),
+        "{:?}",
+        t.skipped
+    );
 }
 
 /// istio's form: conntrack's established flows jump to a chain that sets the TPROXY mark and
