@@ -145,6 +145,69 @@ fn only_the_selected_users_are_relayed() {
     assert_eq!(as_user("0"), "10.10.2.2:80 original");
 }
 
+/// `--gid` selects by the process's (real) group, as the guides' `-m owner --gid-owner`
+/// singles out a proxy's group; with a uid it takes a process that has both.
+#[test]
+fn only_the_selected_groups_are_relayed() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("groups").unwrap();
+    let _original = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    let mut tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--gid",
+            "23333",
+            "--gid",
+            "5000-5999",
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    let as_ids = |uid: &str, gid: &str| {
+        let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+        let wrapper = ["setpriv", &reuid, &regid, "--clear-groups"];
+        dial_output(
+            cgroup
+                .run(&topo.router, &wrapper, DIAL, &["tcp", "10.10.2.2:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(as_ids("1000", "23333"), "10.10.2.2:80 upstream");
+    assert_eq!(as_ids("0", "5999"), "10.10.2.2:80 upstream");
+    assert_eq!(as_ids("1000", "23334"), "10.10.2.2:80 original");
+    assert_eq!(as_ids("1000", "1000"), "10.10.2.2:80 original");
+    tproxy.stop().unwrap();
+    let _tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--uid",
+            "1000",
+            "--gid",
+            "23333",
+            "--tcp",
+            "80",
+            "--upstream",
+            "10.10.2.3:8080",
+        ],
+    )
+    .unwrap();
+    assert_eq!(as_ids("1000", "23333"), "10.10.2.2:80 upstream");
+    assert_eq!(as_ids("1001", "23333"), "10.10.2.2:80 original");
+    assert_eq!(as_ids("1000", "1000"), "10.10.2.2:80 original");
+}
+
 #[test]
 fn a_cgroups_connected_udp_sockets_are_relayed_with_replies_from_where_they_sent() {
     require_root();
@@ -420,6 +483,8 @@ fn bad_cgroups_and_uids_are_named_and_nothing_is_left() {
             "uid `2000-1000`: the range's first uid is above its last",
         ),
         (&["--local", "--uid", "root"], "uid `root`: not a uid"),
+        (&["--local", "--gid", "proxy"], "gid `proxy`: not a gid"),
+        (&["--gid", "1000"], "--local"),
         (&["--cgroup", "/"], "--local"),
         (
             &["--local", "--iface", "lo"],

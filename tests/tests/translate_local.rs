@@ -538,3 +538,78 @@ COMMIT
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// Xray's guide that keeps its own traffic out by group (tests/corpus/translate/
+/// xray-tproxy-gid.rules): mangle OUTPUT returns for the proxy's gid before marking. (The
+/// relay behind the original rules, tproxy, runs as root: its own guard is the mark.)
+#[test]
+fn a_proxy_group_left_out_of_mangle_output_is_left_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("gid").unwrap();
+    let _servers: Vec<Server> = ["10.10.2.2:80", "10.10.2.2:22"]
+        .iter()
+        .map(|addr| server(&topo, addr))
+        .collect();
+    let rules = "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:XRAY - [0:0]
+:XRAY_MASK - [0:0]
+-A PREROUTING -j XRAY
+-A OUTPUT -p tcp -m tcp --dport 80 -j XRAY_MASK
+-A XRAY -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A XRAY_MASK -m mark --mark 0xff -j RETURN
+-A XRAY_MASK -m owner --gid-owner 23333 -j RETURN
+-A XRAY_MASK -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+";
+    let (status, text, stderr) = tproxy_with_input(&["translate"], rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("gid = [23333]"), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    // (target, uid, gid) of each probe.
+    let probes = [
+        ("10.10.2.2:80", "1000", "1000"),
+        ("10.10.2.2:80", "1000", "23333"),
+        ("10.10.2.2:80", "0", "23334"),
+        ("10.10.2.2:22", "1000", "1000"),
+    ];
+    let steered = |count: &dyn Fn() -> u64| -> Vec<bool> {
+        probes
+            .iter()
+            .map(|(target, uid, gid)| {
+                let before = count();
+                let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+                let wrapper = ["setpriv", &reuid, &regid, "--clear-groups"];
+                let line = dial_output(
+                    cgroup
+                        .run(&topo.router, &wrapper, DIAL, &["tcp", target, "hi"])
+                        .unwrap(),
+                )
+                .unwrap();
+                assert_eq!(line, format!("{target} ok"));
+                count() > before
+            })
+            .collect()
+    };
+
+    restore_iptables(&topo.router, rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = steered(&|| tproxy_rule_packets(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(
+        original,
+        [true, false, true, false],
+        "what the original rules steer"
+    );
+
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = steered(&|| relay_count(&tproxy, "tcp"));
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}

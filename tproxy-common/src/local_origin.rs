@@ -151,25 +151,30 @@ impl FromStr for UidRange {
     }
 }
 
-/// Whether a process of `uid` is selected by the first `len` of `ranges` (every user when
-/// `len` is 0).
+/// Whether a process whose user (or group) id is `id` is selected by the first `len` of
+/// `ranges` (every one when `len` is 0). Group ids take the uid ranges' form: both are
+/// `u32`s whose all-ones value no process runs as.
 #[inline(always)]
-pub fn uid_selected(uid: u32, ranges: &[UidRange; MAX_UID_RANGES], len: u32) -> bool {
+pub fn id_selected<const N: usize>(id: u32, ranges: &[UidRange; N], len: u32) -> bool {
     if len == 0 {
         return true;
     }
     let mut i = 0;
-    while i < MAX_UID_RANGES {
+    while i < N {
         if i as u32 >= len {
             break;
         }
-        if ranges[i].contains(uid) {
+        if ranges[i].contains(id) {
             return true;
         }
         i += 1;
     }
     false
 }
+
+/// Most group id ranges one selection may name (the connect programs try them all, in a
+/// bounded loop).
+pub const MAX_GID_RANGES: usize = 8;
 
 /// Most net_cls class id ranges one selection may name (the connect programs try them all,
 /// in a bounded loop).
@@ -297,19 +302,26 @@ pub struct Selection {
     pub uids_len: u32,
     /// How many of `classids` are used; 0: every net_cls class.
     pub classids_len: u32,
+    /// How many of `gids` are used; 0: every group.
+    pub gids_len: u32,
+    /// Keeps `cgroups` 8-byte aligned with no hidden padding.
+    pub _reserved: u32,
     pub cgroups: [SelectedCgroup; MAX_SELECTION_CGROUPS],
     pub uids: [UidRange; MAX_UID_RANGES],
     pub classids: [ClassidRange; MAX_CLASSID_RANGES],
+    /// The processes' (real) group ids, in the uid ranges' form.
+    pub gids: [UidRange; MAX_GID_RANGES],
 }
 
 impl Selection {
-    /// Whether a process of `uid` in net_cls class `classid` is selected; `ancestor(level)`
-    /// is the id of its cgroup's ancestor at `level` (the process's own cgroup at its own
-    /// level; 0 above it).
+    /// Whether a process of `uid` and group `gid` in net_cls class `classid` is selected;
+    /// `ancestor(level)` is the id of its cgroup's ancestor at `level` (the process's own
+    /// cgroup at its own level; 0 above it).
     #[inline(always)]
-    pub fn selects(&self, uid: u32, classid: u32, ancestor: impl Fn(u32) -> u64) -> bool {
+    pub fn selects(&self, uid: u32, gid: u32, classid: u32, ancestor: impl Fn(u32) -> u64) -> bool {
         if self.in_use == 0
-            || !uid_selected(uid, &self.uids, self.uids_len)
+            || !id_selected(uid, &self.uids, self.uids_len)
+            || !id_selected(gid, &self.gids, self.gids_len)
             || !classid_selected(classid, &self.classids, self.classids_len)
         {
             return false;
@@ -557,14 +569,14 @@ mod tests {
             first: 33,
             last: 33,
         };
-        assert!(uid_selected(12345, &ranges, 0));
-        assert!(uid_selected(1000, &ranges, 2) && uid_selected(1999, &ranges, 2));
-        assert!(uid_selected(33, &ranges, 2));
-        assert!(!uid_selected(2000, &ranges, 2) && !uid_selected(34, &ranges, 2));
+        assert!(id_selected(12345, &ranges, 0));
+        assert!(id_selected(1000, &ranges, 2) && id_selected(1999, &ranges, 2));
+        assert!(id_selected(33, &ranges, 2));
+        assert!(!id_selected(2000, &ranges, 2) && !id_selected(34, &ranges, 2));
         // Unused entries are zero: uid 0 must not slip through them.
-        assert!(!uid_selected(0, &ranges, 2));
+        assert!(!id_selected(0, &ranges, 2));
         ranges[MAX_UID_RANGES - 1] = UidRange { first: 7, last: 7 };
-        assert!(uid_selected(7, &ranges, MAX_UID_RANGES as u32));
+        assert!(id_selected(7, &ranges, MAX_UID_RANGES as u32));
     }
 
     #[test]
@@ -649,19 +661,19 @@ mod tests {
             2 => 11,
             _ => 0,
         };
-        assert!(selection.selects(1000, 0, ancestors), "every process");
+        assert!(selection.selects(1000, 0, 0, ancestors), "every process");
         selection.cgroups[0] = SelectedCgroup { id: 20, level: 1 };
         selection.cgroups[1] = SelectedCgroup { id: 10, level: 1 };
         selection.cgroups_len = 1;
-        assert!(!selection.selects(1000, 0, ancestors), "another cgroup");
+        assert!(!selection.selects(1000, 0, 0, ancestors), "another cgroup");
         selection.cgroups_len = 2;
         assert!(
-            selection.selects(1000, 0, ancestors),
+            selection.selects(1000, 0, 0, ancestors),
             "below a selected cgroup"
         );
         selection.cgroups[1] = SelectedCgroup { id: 10, level: 2 };
         assert!(
-            !selection.selects(1000, 0, ancestors),
+            !selection.selects(1000, 0, 0, ancestors),
             "the id must be at its own level"
         );
         selection.cgroups_len = 0;
@@ -670,10 +682,24 @@ mod tests {
             last: 1000,
         };
         selection.uids_len = 1;
-        assert!(selection.selects(1000, 0, ancestors));
-        assert!(!selection.selects(1001, 0, ancestors));
+        assert!(selection.selects(1000, 0, 0, ancestors));
+        assert!(!selection.selects(1001, 0, 0, ancestors));
+        // Groups narrow it further: uid 1000 and one of the groups.
+        selection.gids[0] = UidRange {
+            first: 23333,
+            last: 23333,
+        };
+        selection.gids_len = 1;
+        assert!(selection.selects(1000, 23333, 0, ancestors));
+        assert!(
+            !selection.selects(1000, 1000, 0, ancestors),
+            "another group"
+        );
+        selection.uids_len = 0;
+        assert!(selection.selects(0, 23333, 0, ancestors), "the group alone");
+        selection.uids_len = 1;
         selection.in_use = 0;
-        assert!(!selection.selects(1000, 0, ancestors), "an unused entry");
+        assert!(!selection.selects(1000, 0, 0, ancestors), "an unused entry");
     }
 
     #[test]
@@ -713,7 +739,7 @@ mod tests {
             ..Selection::default()
         };
         let root = |_: u32| 1;
-        assert!(selection.selects(0, 7, root), "every class");
+        assert!(selection.selects(0, 0, 7, root), "every class");
         // `! --cgroup 1`: every class id but 1, 0 (no class) included.
         selection.classids[0] = ClassidRange { first: 0, last: 0 };
         selection.classids[1] = ClassidRange {
@@ -721,18 +747,18 @@ mod tests {
             last: u32::MAX,
         };
         selection.classids_len = 2;
-        assert!(selection.selects(0, 0, root), "a process in no class");
-        assert!(!selection.selects(0, 1, root), "class 1");
-        assert!(selection.selects(0, 2, root) && selection.selects(0, u32::MAX, root));
+        assert!(selection.selects(0, 0, 0, root), "a process in no class");
+        assert!(!selection.selects(0, 0, 1, root), "class 1");
+        assert!(selection.selects(0, 0, 2, root) && selection.selects(0, 0, u32::MAX, root));
         selection.classids_len = 1;
-        assert!(!selection.selects(0, 2, root), "an unused range");
+        assert!(!selection.selects(0, 0, 2, root), "an unused range");
         selection.uids[0] = UidRange { first: 5, last: 5 };
         selection.uids_len = 1;
         assert!(
-            !selection.selects(0, 0, root),
+            !selection.selects(0, 0, 0, root),
             "the class and the user both"
         );
-        assert!(selection.selects(5, 0, root));
+        assert!(selection.selects(5, 0, 0, root));
     }
 
     #[test]

@@ -234,12 +234,9 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
         return None;
     }
     // SAFETY: helpers without arguments.
-    let (cgroup, uid) = unsafe {
-        (
-            bpf_get_current_cgroup_id(),
-            bpf_get_current_uid_gid() as u32,
-        )
-    };
+    let (cgroup, ids) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_uid_gid()) };
+    // The helper answers the group id in the upper half, the user id in the lower.
+    let (uid, gid) = (ids as u32, (ids >> 32) as u32);
     // The socket's mark, which mark rules would see (leaving the routing mark's bits out).
     let mark = current_mark(ctx);
     if is_own_socket(mark, OWN_SOCKET_MARK.load(), cgroup, OWN_CGROUP_ID.load()) {
@@ -266,7 +263,7 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
         let Some(selection) = LOCAL_SELECTIONS.get(k) else {
             break;
         };
-        if selection.selects(uid, classid, ancestor) {
+        if selection.selects(uid, gid, classid, ancestor) {
             pending.selected = 1;
             ask(selection_ifindex(k), mark, &mut pending.best);
         }

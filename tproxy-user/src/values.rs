@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
 
 use ipnet::IpNet;
-use tproxy_common::local_origin::{ClassidRange, UidRange};
+use tproxy_common::local_origin::{ClassidRange, UidRange, UidRangeError};
 
 /// What steering does with a packet for which there is no listener.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,6 +247,19 @@ pub fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
 pub(crate) fn parse_uid_range(text: &str) -> Result<UidRange, String> {
     text.parse()
         .map_err(|error| format!("uid `{text}`: {error}"))
+}
+
+/// Parses a group id or an inclusive range of them (`1000-1999`), in the uid ranges' form.
+pub(crate) fn parse_gid_range(text: &str) -> Result<UidRange, String> {
+    text.parse().map_err(|error| {
+        let why = match error {
+            UidRangeError::NotAUid => {
+                "not a gid (0 to 4294967294) or a range of them like 1000-1999"
+            }
+            UidRangeError::Reversed => "the range's first gid is above its last",
+        };
+        format!("gid `{text}`: {why}")
+    })
 }
 
 /// Parses a cgroup v1 net_cls class id or an inclusive range of them (`2-9`).

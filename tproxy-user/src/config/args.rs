@@ -10,7 +10,10 @@ use tproxy_common::local_origin::UidRange;
 use super::SettingFlags;
 use crate::{
     datapath::local_origin::LocalOrigin,
-    values::{parse_port_list, parse_prefix, parse_socket_addr, parse_uid_range, PortList},
+    values::{
+        parse_gid_range, parse_port_list, parse_prefix, parse_socket_addr, parse_uid_range,
+        PortList,
+    },
 };
 
 /// Flags of `tproxy run` (and `tproxy check`). Settings left out take the configuration
@@ -45,6 +48,12 @@ pub struct RunArgs {
     /// repeat for several, at most 16). [default: every user]
     #[arg(long = "uid", value_name = "UID[-UID]", requires = "local", value_parser = parse_uid_range)]
     pub uids: Vec<UidRange>,
+
+    /// With --local: only processes whose (real) group id is this one or in this range
+    /// (`23333`, `1000-1999`; repeat for several, at most 8), as `-m owner --gid-owner`
+    /// selects a proxy's group. [default: every group]
+    #[arg(long = "gid", value_name = "GID[-GID]", requires = "local", value_parser = parse_gid_range)]
+    pub gids: Vec<UidRange>,
 
     /// Run only the listeners and the relay: steering is done by something else, such as an
     /// existing iptables/nft TPROXY rule set pointed at the listeners (give them fixed
@@ -101,7 +110,8 @@ pub struct RunArgs {
 impl RunArgs {
     /// What `--local` selects, if given.
     pub(crate) fn local_origin(&self) -> Option<LocalOrigin> {
-        self.local
-            .then(|| LocalOrigin::new(self.cgroups.clone(), self.uids.clone()))
+        self.local.then(|| {
+            LocalOrigin::new(self.cgroups.clone(), self.uids.clone()).with_gids(self.gids.clone())
+        })
     }
 }

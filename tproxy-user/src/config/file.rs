@@ -16,7 +16,7 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 use super::{
     any_destination, default_listen,
     settings::ConfigFile,
-    text::{Destinations, List, MarkMatch, RuleAction, Text},
+    text::{Destinations, GidRange, List, MarkMatch, RuleAction, Text},
     ListenerConfig,
 };
 use crate::{
@@ -161,6 +161,9 @@ pub(super) struct RuleEntry {
     /// For local connections: the cgroup v1 net_cls class ids (or ranges) whose processes
     /// it applies to (default: every process).
     classid: Option<toml::Spanned<List<ClassidRange>>>,
+    /// For local connections: the groups (real group ids) whose processes it applies to
+    /// (default: every group).
+    gid: Option<toml::Spanned<List<GidRange>>>,
 }
 
 impl ConfigFile {
@@ -260,6 +263,7 @@ impl RuleEntry {
                 ("cgroup", self.cgroup.as_ref().map(|c| c.span())),
                 ("uid", self.uid.as_ref().map(|u| u.span())),
                 ("classid", self.classid.as_ref().map(|c| c.span())),
+                ("gid", self.gid.as_ref().map(|g| g.span())),
             ];
             if let Some((field, Some(span))) = given.into_iter().find(|(_, span)| span.is_some()) {
                 bail!(
@@ -297,8 +301,19 @@ impl RuleEntry {
             ),
             Some(list) => list.get_ref().0.clone(),
         };
+        let gids = match &self.gid {
+            None => Vec::new(),
+            Some(list) if list.get_ref().0.is_empty() => bail!(
+                "{}: rule[{number}].gid: an empty list selects no group; leave `gid` out to \
+                 select every group",
+                at(list.span())
+            ),
+            Some(list) => list.get_ref().0.clone(),
+        };
         Ok(Some(
-            LocalOrigin::new(cgroups, uids).with_classids(classids),
+            LocalOrigin::new(cgroups, uids)
+                .with_classids(classids)
+                .with_gids(gids),
         ))
     }
 

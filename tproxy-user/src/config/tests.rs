@@ -882,6 +882,51 @@ fn a_rules_classid_selects_net_cls_classes_and_bad_ones_are_named() {
 }
 
 #[test]
+fn a_rules_gid_selects_groups_and_bad_ones_are_named() {
+    let rule = |extra: &str| {
+        "[[listener]]\nname = \"p\"\n[[rule]]\nproto = \"tcp\"\naction = \"steer\"\n\
+         listener = \"p\"\n"
+            .to_string()
+            + extra
+    };
+    let config = with_file(
+        &rule("origin = \"local\"\nuid = [1000]\ngid = [\"200-299\", 23333]\n"),
+        &[],
+    )
+    .unwrap();
+    let local = config.local.as_ref().expect("a selection");
+    assert_eq!(
+        local.get(1).unwrap().to_string(),
+        "cgroup /, uid 1000, gid 200-299, 23333"
+    );
+    for (extra, expected) in [
+        (
+            "gid = 1\n",
+            "rule[1].gid: only a rule for local connections selects processes",
+        ),
+        (
+            "origin = \"local\"\ngid = []\n",
+            "rule[1].gid: an empty list selects no group",
+        ),
+        (
+            "origin = \"local\"\ngid = \"9-2\"\n",
+            "gid `9-2`: the range's first gid is above its last",
+        ),
+        (
+            "origin = \"local\"\ngid = \"proxy\"\n",
+            "gid `proxy`: not a gid",
+        ),
+        (
+            "origin = \"local\"\ngid = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n",
+            "9 gid ranges selected; at most 8",
+        ),
+    ] {
+        let error = format!("{:#}", with_file(&rule(extra), &[]).unwrap_err());
+        assert!(error.contains(expected), "{extra}: {error}");
+    }
+}
+
+#[test]
 fn local_flag_rules_are_local_or_both_with_interfaces() {
     let origins = |extra: &[&str]| -> Vec<Origin> {
         let mut flags = vec!["--local", "--tcp", "80"];

@@ -61,6 +61,8 @@ pub struct Timeout;
 pub struct DrainTimeout;
 /// A count of connections or sessions, at least 1.
 pub struct SessionCap;
+/// A group id or range of them, in the uid ranges' form.
+pub struct GidRange;
 
 parses!(FailMode, "\"open\" or \"closed\"", values::parse_fail_mode);
 parses!(
@@ -138,6 +140,11 @@ parses!(
     UidRange,
     "a uid or range like 1000 or \"1000-1999\"",
     values::parse_uid_range
+);
+parses!(
+    GidRange => UidRange,
+    "a gid or range like 23333 or \"1000-1999\"",
+    values::parse_gid_range
 );
 parses!(
     ClassidRange,

@@ -46,8 +46,9 @@ use aya::{
 };
 use tproxy_common::local_origin::{
     ClassidRange, SelectedCgroup, Selection, UidRange, CONNECT4_PROGRAM_NAME,
-    CONNECT6_PROGRAM_NAME, MAX_CLASSID_RANGES, MAX_SELECTIONS, MAX_SELECTION_CGROUPS,
-    MAX_UID_RANGES, SELECTIONS_MAP, SENDMSG4_PROGRAM_NAME, SENDMSG6_PROGRAM_NAME,
+    CONNECT6_PROGRAM_NAME, MAX_CLASSID_RANGES, MAX_GID_RANGES, MAX_SELECTIONS,
+    MAX_SELECTION_CGROUPS, MAX_UID_RANGES, SELECTIONS_MAP, SENDMSG4_PROGRAM_NAME,
+    SENDMSG6_PROGRAM_NAME,
 };
 
 use crate::{
@@ -66,6 +67,8 @@ pub struct LocalOrigin {
     /// The cgroup v1 net_cls classes (class ids) whose processes are steered; empty: every
     /// process, in a class or not.
     pub classids: Vec<ClassidRange>,
+    /// The groups (real group ids) whose processes are steered; empty: every group.
+    pub gids: Vec<UidRange>,
 }
 
 impl LocalOrigin {
@@ -102,7 +105,17 @@ impl LocalOrigin {
             cgroups,
             uids,
             classids: Vec::new(),
+            gids: Vec::new(),
         }
+    }
+
+    /// The selection taking only the processes of the groups `gids` (none: every group)
+    /// among this one's, in one order whatever the order written.
+    pub fn with_gids(mut self, mut gids: Vec<UidRange>) -> Self {
+        gids.sort_by_key(|range| (range.first, range.last));
+        gids.dedup();
+        self.gids = gids;
+        self
     }
 
     /// The selection taking only the processes of the net_cls classes `classids` (none:
@@ -124,8 +137,15 @@ impl LocalOrigin {
         self.cgroups.iter().any(|cgroup| cgroup == "/")
     }
 
-    /// Refuses a selection with more cgroups, uid or class id ranges than the programs try.
+    /// Refuses a selection with more cgroups, uid, gid or class id ranges than the programs
+    /// try.
     pub fn check_size(&self) -> Result<()> {
+        if self.gids.len() > MAX_GID_RANGES {
+            bail!(
+                "{self}: {} gid ranges selected; at most {MAX_GID_RANGES} are supported",
+                self.gids.len()
+            );
+        }
         if self.classids.len() > MAX_CLASSID_RANGES {
             bail!(
                 "{self}: {} net_cls class id ranges selected; at most {MAX_CLASSID_RANGES} are \
@@ -160,6 +180,8 @@ impl LocalOrigin {
         entry.uids[..self.uids.len()].copy_from_slice(&self.uids);
         entry.classids_len = self.classids.len() as u32;
         entry.classids[..self.classids.len()].copy_from_slice(&self.classids);
+        entry.gids_len = self.gids.len() as u32;
+        entry.gids[..self.gids.len()].copy_from_slice(&self.gids);
         if self.every_cgroup() {
             return Ok(entry);
         }
@@ -301,6 +323,10 @@ impl std::fmt::Display for LocalOrigin {
                 let uids: Vec<String> = uids.iter().map(ToString::to_string).collect();
                 write!(f, ", uid {}", uids.join(", "))?;
             }
+        }
+        if !self.gids.is_empty() {
+            let gids: Vec<String> = self.gids.iter().map(ToString::to_string).collect();
+            write!(f, ", gid {}", gids.join(", "))?;
         }
         match self.classids.as_slice() {
             [] => Ok(()),
@@ -766,6 +792,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             cgroups: vec!["/".to_string()],
             uids,
             classids: Vec::new(),
+            gids: Vec::new(),
         };
         let root = std::env::temp_dir();
         let entry = selection(vec![one]).entry(&root, false).unwrap();

@@ -498,6 +498,7 @@ fn first_come(
         let selectors = |m: &Match| {
             m.mark.is_some()
                 || !m.uids.is_empty()
+                || !m.gids.is_empty()
                 || !m.cgroups.is_empty()
                 || !m.classids.is_empty()
         };

@@ -191,6 +191,7 @@ pub(super) fn flatten(
             ))),
             _ if !(matches.local
                 || matches.uids.is_empty()
+                    && matches.gids.is_empty()
                     && matches.cgroups.is_empty()
                     && matches.classids.is_empty()) =>
             {
@@ -226,6 +227,7 @@ fn routed_elsewhere_guard(rule: &Parsed, context: &Match, depth: usize) -> Resul
         && m.mark.is_none()
         && !m.dst_local
         && m.uids.is_empty()
+        && m.gids.is_empty()
         && m.cgroups.is_empty()
         && !m.matches_nothing;
     if !context.local {
@@ -328,6 +330,12 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
     }) else {
         return Ok(None);
     };
+    let Some(gids) = both(&context.gids, &rule.gids, |a, b| {
+        let (first, last) = (a.first.max(b.first), a.last.min(b.last));
+        (first <= last).then_some(UidRange { first, last })
+    }) else {
+        return Ok(None);
+    };
     let Some(classids) = both(&context.classids, &rule.classids, |a, b| {
         let (first, last) = (a.first.max(b.first), a.last.min(b.last));
         (first <= last).then_some(ClassidRange { first, last })
@@ -375,6 +383,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         not_dst_local: context.not_dst_local || rule.not_dst_local,
         local: context.local || rule.local,
         uids,
+        gids,
         cgroups,
         classids,
         matches_nothing: false,

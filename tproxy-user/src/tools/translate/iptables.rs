@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     datapath::rules::Ports,
-    values::{parse_mark_match, parse_port_list, parse_prefix, Mark, Transport},
+    values::{parse_gid_range, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport},
 };
 
 /// What the whole input says that some rules' meaning depends on.
@@ -493,9 +493,15 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                 m.uids = other_uids(&m.uids)?;
             }
         }
-        "--gid-owner" | "--socket-exists" | "--suppl-groups" => {
+        "--gid-owner" => {
+            m.gids = vec![gid_range(value)?];
+            if negated {
+                m.gids = other_uids(&m.gids)?;
+            }
+        }
+        "--socket-exists" | "--suppl-groups" => {
             return Err(format!(
-                "`-m owner {word}` (tproxy selects local processes by uid and cgroup)"
+                "`-m owner {word}` (tproxy selects local processes by uid, gid and cgroup)"
             ))
         }
         "--path" if negated => return Err("negated `-m cgroup --path`".into()),
@@ -626,6 +632,11 @@ fn classid(text: &str) -> Result<ClassidRange, String> {
 fn uid_range(text: &str) -> Result<UidRange, String> {
     text.parse()
         .map_err(|error| format!("`--uid-owner {text}`: {error}"))
+}
+
+/// `--gid-owner`'s group: a gid or a range of them (`iptables-save` writes numbers).
+fn gid_range(text: &str) -> Result<UidRange, String> {
+    parse_gid_range(text).map_err(|error| format!("`--gid-owner`: {error}"))
 }
 
 /// `-p`'s protocol.

@@ -23,6 +23,8 @@ use super::{
 };
 use ipnet::IpNet;
 
+use tproxy_common::local_origin::{ClassidRange, UidRange};
+
 use crate::values::{Mark, Transport};
 
 /// The rules the kernel runs for locally generated packets, jumps inlined, in order: the
@@ -500,28 +502,29 @@ pub(super) fn write_selectors(out: &mut String, m: &Match) {
             .collect();
         let _ = writeln!(out, "cgroup = [{}]", cgroups.join(", "));
     }
+    let uid_bounds = |r: &UidRange| (r.first, r.last);
     if !m.uids.is_empty() {
-        let uids: Vec<String> = m
-            .uids
-            .iter()
-            .map(|range| match range.first == range.last {
-                true => range.first.to_string(),
-                false => format!("\"{range}\""),
-            })
-            .collect();
-        let _ = writeln!(out, "uid = [{}]", uids.join(", "));
+        let _ = writeln!(out, "uid = {}", id_list(&m.uids, uid_bounds));
+    }
+    if !m.gids.is_empty() {
+        let _ = writeln!(out, "gid = {}", id_list(&m.gids, uid_bounds));
     }
     if !m.classids.is_empty() {
-        let classids: Vec<String> = m
-            .classids
-            .iter()
-            .map(|range| match range.first == range.last {
-                true => range.first.to_string(),
-                false => format!("\"{range}\""),
-            })
-            .collect();
-        let _ = writeln!(out, "classid = [{}]", classids.join(", "));
+        let bounds = |r: &ClassidRange| (r.first, r.last);
+        let _ = writeln!(out, "classid = {}", id_list(&m.classids, bounds));
     }
+}
+
+/// A TOML list of id ranges: a single id as a number, a range as a string (`"1000-1999"`).
+fn id_list<R: std::fmt::Display>(ranges: &[R], bounds: impl Fn(&R) -> (u32, u32)) -> String {
+    let items: Vec<String> = ranges
+        .iter()
+        .map(|range| match bounds(range) {
+            (first, last) if first == last => first.to_string(),
+            _ => format!("\"{range}\""),
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
 }
 
 #[cfg(test)]
@@ -886,6 +889,74 @@ table inet proxy {
             ],
             "{}",
             t.config
+        );
+    }
+
+    /// Xray's guide keeps its own traffic out by group (`--gid-owner`, nft `meta skgid`).
+    #[test]
+    fn owner_gid_matches_become_the_gid_selector() {
+        let iptables = "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -p udp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -m owner --gid-owner 23333 -j RETURN
+-A OUTPUT -m owner ! --gid-owner 100-199 -p tcp -j MARK --set-mark 1
+-A OUTPUT -p udp -j MARK --set-mark 1
+COMMIT
+";
+        let nft = "\
+table inet proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } tproxy to :15001 meta mark set 0x00000001
+	}
+	chain output {
+		type route hook output priority mangle; policy accept;
+		meta skgid 23333 return
+		meta skgid != 100-199 meta l4proto tcp meta mark set 0x00000001
+		meta l4proto udp meta mark set 0x00000001
+	}
+}
+";
+        for input in [iptables, nft] {
+            let t = translate(input).unwrap();
+            assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+            let rules = rules(&t.config);
+            let gids: Vec<Vec<&str>> = rules
+                .iter()
+                .filter(|r| r.contains("origin = \"local\""))
+                .map(|rule| rule.lines().filter(|l| l.starts_with("gid")).collect())
+                .collect();
+            assert_eq!(
+                gids,
+                [
+                    vec!["gid = [23333]"],
+                    vec!["gid = [\"0-99\", \"200-4294967294\"]"],
+                    vec![],
+                ],
+                "{}",
+                t.config
+            );
+            // tproxy takes the translation as it is.
+            let args = crate::config::RunArgs {
+                config: Some("translated.toml".into()),
+                ..Default::default()
+            };
+            crate::config::Config::from_text(&args, &t.config).unwrap();
+        }
+        // Supplementary groups are not what the programs see.
+        let t = translate(
+            "*mangle\n-A PREROUTING -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1\n\
+             -A OUTPUT -m owner --gid-owner 5 --suppl-groups -j RETURN\n\
+             -A OUTPUT -p tcp -j MARK --set-mark 1\nCOMMIT\n",
+        )
+        .unwrap();
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.contains("`-m owner --suppl-groups`")),
+            "{:?}",
+            t.skipped
         );
     }
 

@@ -152,6 +152,9 @@ struct Match {
     local: bool,
     /// The users whose sockets match (`-m owner --uid-owner`); empty: any.
     uids: Vec<UidRange>,
+    /// The groups whose sockets match (`-m owner --gid-owner`, nft `meta skgid`), in the
+    /// uid ranges' form; empty: any.
+    gids: Vec<UidRange>,
     /// The cgroup v2 paths whose processes' sockets match (`-m cgroup --path`), from the
     /// hierarchy's root; empty: any.
     cgroups: Vec<String>,
@@ -472,14 +475,14 @@ fn other_transports(excluded: Result<Transport, String>) -> Vec<Transport> {
     }
 }
 
-/// The users `uids` leaves out, as ranges (`! --uid-owner 1000`, nft `meta skuid != 1000`:
-/// `0-999` and `1001-4294967294`).
+/// The users (or groups) `uids` leaves out, as ranges (`! --uid-owner 1000`, nft `meta skuid
+/// != 1000`: `0-999` and `1001-4294967294`).
 fn other_uids(uids: &[UidRange]) -> Result<Vec<UidRange>, String> {
-    // The kernel's "no uid" (`(uid_t)-1`) is no process's.
+    // The kernel's "no uid" (`(uid_t)-1`), and "no gid" likewise, is no process's.
     let bounds: Vec<(u32, u32)> = uids.iter().map(|r| (r.first, r.last)).collect();
     let left = ids_left_out(&bounds, u32::MAX - 1);
     if left.is_empty() {
-        return Err("a negated uid match that excludes every user".into());
+        return Err("a negated uid or gid match that excludes every one".into());
     }
     Ok(left
         .into_iter()

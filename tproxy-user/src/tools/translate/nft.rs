@@ -10,7 +10,9 @@ use super::{
     other_classids, other_protocol_rule, other_transports, other_uids, port_range, words, Family,
     Match, Parsed, RuleSet, Target,
 };
-use crate::values::{parse_mark_match, parse_port_list, parse_prefix, Mark, Transport};
+use crate::values::{
+    parse_gid_range, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport,
+};
 
 /// The block an nft line is in.
 enum Block {
@@ -341,6 +343,10 @@ impl Rule<'_> {
                 let at = if w[i] == "meta" { i + 2 } else { i + 1 };
                 self.uids(at)
             }
+            "meta" | "skgid" if w[i] == "skgid" || next_is("skgid") => {
+                let at = if w[i] == "meta" { i + 2 } else { i + 1 };
+                self.gids(at)
+            }
             "socket" if next_is("cgroupv2") => self.cgroup(i),
             "meta" | "cgroup" if w[i] == "cgroup" || next_is("cgroup") => {
                 let at = if w[i] == "meta" { i + 2 } else { i + 1 };
@@ -585,6 +591,25 @@ impl Rule<'_> {
         self.m.uids = match found.negated {
             true => other_uids(&uids)?,
             false => uids,
+        };
+        Ok(found.next)
+    }
+
+    /// `meta skgid` values at `w[i]`: gids and ranges of them, or all but those.
+    fn gids(&mut self, i: usize) -> Result<usize, String> {
+        let found = self.values(i)?;
+        let gids = found
+            .values
+            .iter()
+            .map(|v| {
+                parse_gid_range(v).map_err(|error| {
+                    format!("`meta skgid`: {error} (list the rule set with `nft -n`)")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.m.gids = match found.negated {
+            true => other_uids(&gids)?,
+            false => gids,
         };
         Ok(found.next)
     }

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use ipnet::IpNet;
 
+use tproxy_common::local_origin::{ClassidRange, UidRange};
+
 use super::{Family, Match};
 use crate::{
     datapath::{
@@ -99,25 +101,14 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
         _ => true,
     };
     let selectors = a.local == b.local
-        && (a.uids.is_empty()
-            || b.uids.is_empty()
-            || a.uids.iter().any(|x| {
-                b.uids
-                    .iter()
-                    .any(|y| x.first <= y.last && y.first <= x.last)
-            }))
+        && ids_overlap(&id_bounds(&a.uids), &id_bounds(&b.uids))
+        && ids_overlap(&id_bounds(&a.gids), &id_bounds(&b.gids))
         && (a.cgroups.is_empty()
             || b.cgroups.is_empty()
             || a.cgroups
                 .iter()
                 .any(|x| b.cgroups.iter().any(|y| within(x, y) || within(y, x))))
-        && (a.classids.is_empty()
-            || b.classids.is_empty()
-            || a.classids.iter().any(|x| {
-                b.classids
-                    .iter()
-                    .any(|y| x.first <= y.last && y.first <= x.last)
-            }));
+        && ids_overlap(&class_bounds(&a.classids), &class_bounds(&b.classids));
     transports && ports && sports && iface && addresses && marks && selectors
 }
 
@@ -212,28 +203,18 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
         }
         (Some(_), None) => false,
     };
-    let uids = outer.uids.is_empty()
-        || (!inner.uids.is_empty()
-            && inner.uids.iter().all(|i| {
-                outer
-                    .uids
-                    .iter()
-                    .any(|o| o.first <= i.first && i.last <= o.last)
-            }));
+    let uids = ids_within(&id_bounds(&outer.uids), &id_bounds(&inner.uids));
+    let gids = ids_within(&id_bounds(&outer.gids), &id_bounds(&inner.gids));
     let cgroups = outer.cgroups.is_empty()
         || (!inner.cgroups.is_empty()
             && inner
                 .cgroups
                 .iter()
                 .all(|i| outer.cgroups.iter().any(|o| within(i, o))));
-    let classids = outer.classids.is_empty()
-        || (!inner.classids.is_empty()
-            && inner.classids.iter().all(|i| {
-                outer
-                    .classids
-                    .iter()
-                    .any(|o| o.first <= i.first && i.last <= o.last)
-            }));
+    let classids = ids_within(
+        &class_bounds(&outer.classids),
+        &class_bounds(&inner.classids),
+    );
     transports
         && ports
         && sports
@@ -242,8 +223,32 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
         && marks
         && outer.local == inner.local
         && uids
+        && gids
         && cgroups
         && classids
+}
+
+/// Inclusive id ranges (of uids, gids or class ids) as bounds.
+fn id_bounds(ranges: &[UidRange]) -> Vec<(u32, u32)> {
+    ranges.iter().map(|r| (r.first, r.last)).collect()
+}
+
+fn class_bounds(ranges: &[ClassidRange]) -> Vec<(u32, u32)> {
+    ranges.iter().map(|r| (r.first, r.last)).collect()
+}
+
+/// Whether two id selectors (empty: every id) share an id.
+fn ids_overlap(a: &[(u32, u32)], b: &[(u32, u32)]) -> bool {
+    a.is_empty() || b.is_empty() || a.iter().any(|x| b.iter().any(|y| x.0 <= y.1 && y.0 <= x.1))
+}
+
+/// Whether every id `inner` selects (empty: every id) is one `outer` selects.
+fn ids_within(outer: &[(u32, u32)], inner: &[(u32, u32)]) -> bool {
+    outer.is_empty()
+        || (!inner.is_empty()
+            && inner
+                .iter()
+                .all(|i| outer.iter().any(|o| o.0 <= i.0 && i.1 <= o.1)))
 }
 
 /// Whether tproxy's precedence could prefer `later` over `earlier` for a packet both match:
