@@ -103,6 +103,26 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
                     rule.text,
                     copies.len()
                 ));
+                // The rules after it that its own rule for the rest covers see only what it
+                // lets through, which meets them in their repetitions first.
+                pending.retain(|later| {
+                    let Ok(later) = later else {
+                        return true;
+                    };
+                    let reached_only_through =
+                        !matches!(later.target, Target::Unsteered(_) | Target::Ignore)
+                            && rest.iter().any(|piece| {
+                                decides_all(piece, &without_exclusions(&later.matches))
+                            });
+                    if reached_only_through && !later.text.contains(REPEATED) {
+                        notes.push(format!(
+                            "line {}: `{}`: the only packets that reach it are those line {} \
+                             lets through; it is kept in the rules repeated for them",
+                            later.line, later.text, rule.line
+                        ));
+                    }
+                    !reached_only_through
+                });
                 for piece in copies.into_iter().chain(rest).rev() {
                     pending.push_front(Ok(piece));
                 }

@@ -2728,6 +2728,29 @@ COMMIT
         "{:?}",
         t.notes
     );
+    // A negation of everything else (Xray's gid guide): the rules after it see only what it
+    // lets through, in their repetitions, and are not said to never match.
+    let only_through = "\
+*mangle
+-A PREROUTING ! -s 192.168.1.0/24 -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(only_through).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes.iter().any(|n| n.starts_with("line 3:")
+            && n.contains("the only packets that reach it are those line 2 lets through"))
+            && !t.notes.iter().any(|n| n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.config
+            .contains("src = [\"192.168.1.0/24\"]\naction = \"steer\""),
+        "{}",
+        t.config
+    );
     // ACCEPT, an excluded interface: the same.
     let accept = "\
 *mangle
