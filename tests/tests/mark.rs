@@ -321,3 +321,77 @@ fn negated_mark_rules_steer_what_iptables_steers() {
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// The client's marks set at the router, and what istio's rules below do with each: only
+/// TCP marked exactly 0x53a is steered.
+const ISTIO_CASES: &[(Option<u32>, bool, bool)] = &[
+    (None, false, false),
+    (Some(0x53a), true, false),
+    (Some(0x53b), false, false),
+    (Some(0x153a), false, false),
+];
+
+/// istio's TPROXY mode (tests/corpus/translate/istio-tproxy.rules), on the client's side in
+/// place of lo: its loop guard is the TPROXY mark itself, and `! --mark 0x53a -j RETURN`
+/// (32 bits, too many for a rule per bit) lets the packets marked 0x53a fall through to
+/// TPROXY.
+const ISTIO_RULES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_DIVERT - [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_TPROXY - [0:0]
+-A PREROUTING -i to-client -p tcp -j ISTIO_INBOUND
+-A ISTIO_DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A ISTIO_DIVERT -j ACCEPT
+-A ISTIO_INBOUND -p tcp -m mark --mark 0x1 -j RETURN
+-A ISTIO_INBOUND -i to-client -p tcp -m mark ! --mark 0x53a -j RETURN
+-A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
+-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
+-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+";
+
+/// The negated full-mask mark falls through as in iptables: the rules after it are repeated
+/// for the packets marked 0x53a (before, it was reported, and so was the guard on the TPROXY
+/// mark, which is now the socket mark beside tproxy's own routing bit).
+#[test]
+fn istios_negated_mark_falls_through_to_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tcp_server = Server::tell_peer(&topo.server, TCP.parse().unwrap()).unwrap();
+    let udp_server = UdpEcho::start(&topo.server, UDP.parse().unwrap()).unwrap();
+    let (status, text, stderr) = tproxy_with_input(&["translate"], ISTIO_RULES).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(
+        text.contains("mark = \"0x53a\"")
+            && text.contains("socket_mark = \"0x1\"")
+            && text.contains("\nmark = \"0x1000000/0x1000000\""),
+        "{text}"
+    );
+    let config = ConfigFile::new(&text).unwrap();
+
+    // Behind iptables the relay's own connections must not carry the guard's mark, which
+    // the TPROXY mark's policy routing would deliver locally.
+    restore_iptables(&topo.router, ISTIO_RULES).unwrap();
+    let mut relay = Tproxy::start(
+        &topo.router,
+        &[
+            "--relay-only",
+            "--config",
+            config.path(),
+            "--socket-mark",
+            "0x2000000",
+        ],
+    )
+    .unwrap();
+    let original = probe_each_mark(&topo, &udp_server, ISTIO_CASES);
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(original, ISTIO_CASES, "what iptables steers");
+
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = probe_each_mark(&topo, &udp_server, ISTIO_CASES);
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}

@@ -1351,6 +1351,85 @@ fn conntrack_established_flows_diverted_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// istio's idioms (tests/corpus/translate/istio-tproxy.rules): its loop guard is the TPROXY
+/// mark itself, and negated RETURNs let what they exclude fall through to the TPROXY rule
+/// (istio's is `-i lo ! --mark 0x53a`; here a destination and sources, which the client's
+/// flows can carry). Before, both were reported and nothing was translated.
+const ISTIO_GUARD_AND_NEGATED_RETURNS: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_DIVERT - [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_TPROXY - [0:0]
+-A PREROUTING -i to-client -p tcp -j ISTIO_INBOUND
+-A ISTIO_DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A ISTIO_DIVERT -j ACCEPT
+-A ISTIO_INBOUND -p tcp -m mark --mark 0x1 -j RETURN
+-A ISTIO_INBOUND ! -d 10.10.2.2/32 -p tcp -m tcp --dport 443 -j RETURN
+-A ISTIO_INBOUND ! -s 10.10.1.0/24 -p tcp -m tcp --dport 8050 -j RETURN
+-A ISTIO_INBOUND ! -s 10.10.9.0/24 -p tcp -m tcp --dport 8060 -j RETURN
+-A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
+-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
+-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+";
+
+#[test]
+fn a_guard_on_the_tproxy_mark_and_negated_returns_falling_through_steer_the_same_flows_translated()
+{
+    require_root();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Tcp("10.10.2.2:443"),
+        Probe::Tcp("10.10.2.3:443"),
+        Probe::Tcp("10.10.2.2:8050"),
+        Probe::Tcp("10.10.2.3:8050"),
+        Probe::Tcp("10.10.2.2:8060"),
+        Probe::Udp("10.10.2.2:53"),
+    ];
+    let topo = Topo::new().unwrap();
+    let servers = Servers::start(&topo, &probes);
+    restore_iptables(&topo.router, ISTIO_GUARD_AND_NEGATED_RETURNS).unwrap();
+    let text = translate(ISTIO_GUARD_AND_NEGATED_RETURNS);
+    assert!(
+        text.contains("socket_mark = \"0x1\"") && text.contains("\nmark = \"0x1000000/0x1000000\""),
+        "{text}"
+    );
+    let config = ConfigFile::new(&text).unwrap();
+    // Behind iptables the relay's own connections must not carry the guard's mark: the
+    // TPROXY mark's policy routing would deliver them locally.
+    let mut relay = Tproxy::start(
+        &topo.router,
+        &[
+            "--relay-only",
+            "--config",
+            config.path(),
+            "--socket-mark",
+            "0x2000000",
+        ],
+    )
+    .unwrap();
+    let original = servers.intercepted(&topo, &probes);
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = servers.intercepted(&topo, &probes);
+    tproxy.stop().unwrap();
+    assert_eq!(
+        steered_names(&original),
+        [
+            "tcp 10.10.2.2:80",
+            "tcp 10.10.2.3:80",
+            "tcp 10.10.2.2:443",
+            "tcp 10.10.2.2:8050",
+            "tcp 10.10.2.3:8050"
+        ],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
 /// sbshell's sing-box PREROUTING chain (tests/corpus/translate/sbshell-singbox-nft.rules):
 /// DNS is steered ahead of the bypass of the host's own addresses, so a query to the
 /// router's own address is steered while its other services are left alone. A loop guard

@@ -62,14 +62,42 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         "# Translated by `tproxy translate` from `{source}` output."
     );
     write_interfaces(&mut out, &kept);
-    let routing = write_mark(&mut out, &kept, &mut notes);
-    let kept = unseen_marks_left_out(
-        kept,
-        routing.unwrap_or(Settings::default().mark),
-        &mut skipped,
-    );
+    let tproxy_mark = tproxy_mark(&kept, &mut notes);
+    let routing = tproxy_mark.unwrap_or(Settings::default().mark);
+    // The routing mark is tproxy's own business: when the loop guard needs the TPROXY
+    // rules' mark for the socket mark, tproxy routes with a bit of its own.
+    let own_routing = guard.as_ref().and_then(|guard| {
+        guard.conflict(routing)?;
+        let read: Vec<Mark> = kept
+            .iter()
+            .filter_map(|(rule, _)| rule.matches.mark)
+            .collect();
+        let (mark, read_by_rules) = guard.routing_elsewhere(&read)?;
+        notes.push(guard.routing_note(routing, mark, read_by_rules));
+        Some(mark)
+    });
+    match (own_routing, tproxy_mark) {
+        (Some(mark), _) => {
+            let _ = writeln!(
+                out,
+                "# tproxy's own routing mark: the TPROXY rules' mark is the loop guard's, \
+                 tproxy's socket_mark."
+            );
+            let _ = writeln!(out, "mark = \"{mark}\"");
+        }
+        (None, Some(mark)) => {
+            let _ = writeln!(
+                out,
+                "# The TPROXY rules' mark, for anything else that relies on it."
+            );
+            let _ = writeln!(out, "mark = \"{mark}\"");
+        }
+        (None, None) => {}
+    }
+    let routing = own_routing.unwrap_or(routing);
+    let kept = unseen_marks_left_out(kept, routing, &mut skipped);
     if let Some(guard) = guard {
-        match guard.conflict(routing.unwrap_or(Settings::default().mark)) {
+        match guard.conflict(routing) {
             Some(conflict) => skipped.push(conflict),
             None => {
                 notes.push(guard.note());
@@ -419,7 +447,7 @@ fn drop_shadowed(
                 ));
                 continue 'rules;
             }
-            if other_action {
+            if other_action && !taken_before(&kept, index, &rule) {
                 outranked.push(index);
             }
         }
@@ -465,6 +493,19 @@ fn drop_shadowed(
         !partial
     });
     kept
+}
+
+/// Whether every packet that `rule` and the kept rule at `index` both match meets an
+/// earlier kept rule that matches it first: in iptables none of them reaches that rule, so
+/// `rule` outranking it takes nothing from it (how `rule` ranks against the earlier one is
+/// weighed with that one).
+fn taken_before(kept: &[Rule], index: usize, rule: &Parsed) -> bool {
+    let Narrowed::Both(both) = narrow(&kept[index].0.matches, &rule.matches) else {
+        return false;
+    };
+    kept[..index]
+        .iter()
+        .any(|(earlier, _)| !earlier.matches.excludes() && covers(&earlier.matches, &both))
 }
 
 /// Whether two kept rules do the same: steer to the same listener, bypass, or drop.
@@ -616,8 +657,8 @@ fn write_interfaces(out: &mut String, kept: &[Rule]) {
     }
 }
 
-/// `mark`: the TPROXY rules' mark (the first, noting when they set several), returned.
-fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) -> Option<Mark> {
+/// The TPROXY rules' mark (the first, noting when they set several).
+fn tproxy_mark(kept: &[Rule], notes: &mut Vec<String>) -> Option<Mark> {
     let mut marks: Vec<Mark> = Vec::new();
     for (rule, _) in kept {
         if let Target::Tproxy {
@@ -629,20 +670,14 @@ fn write_mark(out: &mut String, kept: &[Rule], notes: &mut Vec<String>) -> Optio
             }
         }
     }
-    if let Some(mark) = marks.first() {
-        let _ = writeln!(
-            out,
-            "# The TPROXY rules' mark, for anything else that relies on it."
-        );
-        let _ = writeln!(out, "mark = \"{mark}\"");
-        if marks.len() > 1 {
-            notes.push(format!(
-                "the TPROXY rules set {} different marks; tproxy sets one, {mark}, on every steered packet",
-                marks.len()
-            ));
-        }
+    let first = marks.first().copied()?;
+    if marks.len() > 1 {
+        notes.push(format!(
+            "the TPROXY rules set {} different marks; tproxy sets one, {first}, on every steered packet",
+            marks.len()
+        ));
     }
-    marks.first().copied()
+    Some(first)
 }
 
 /// One `[[rule]]` table, headed by the line it came from.

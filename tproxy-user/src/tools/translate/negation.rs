@@ -6,18 +6,23 @@
 //! an excluded destination is a longer prefix than the rule's, and an excluded source or
 //! interface keeps the rule's destination and ports and comes first in the configuration.
 //! The bypass is what the fall-through would do only when no later rule could steer or drop
-//! those packets; otherwise the rule is reported instead.
+//! those packets before a bypass of them all. Otherwise a RETURN or ACCEPT takes the
+//! fall-through itself: `M and not X -> RETURN` is `M and X -> goto` the rest of the chain,
+//! then `M -> RETURN`, so the rules after it are repeated, narrowed to each hole, ahead of
+//! `M -> RETURN` (see [`fall_through`]); other targets are reported.
 //!
 //! An excluded mark needs no fall-through: `mark & M != V` is "one of the bits under M
 //! differs from V's", so the rule becomes one rule per such bit, each with that bit as its
 //! `mark` (`! --mark 0x40/0xc0`: `0x0/0x40` and `0x80/0x80`), all with the rule's action.
 //! Only a mask of more than [`MARK_PIECES`] bits (`! --mark 0xff`) takes a hole instead.
 
+use std::collections::VecDeque;
+
 use ipnet::IpNet;
 
 use super::{
-    flatten::Flat,
-    precedence::{iface_covers, ifaces_overlap, overlaps},
+    flatten::{narrow, Flat, Narrowed},
+    precedence::{covers, iface_covers, ifaces_overlap, overlaps},
     Family, Match, Parsed, Target,
 };
 use crate::values::Mark;
@@ -26,49 +31,206 @@ use crate::values::Mark;
 /// into a hole instead: each is a rule with a mark, which tproxy tries one by one.
 const MARK_PIECES: usize = 8;
 
+/// The most rules that opening negated RETURN and ACCEPT rules may repeat in all (see
+/// [`fall_through`]): each repeats the rules after it, and a chain of several such rules would
+/// repeat them again in every repetition.
+const FALL_THROUGH_COPIES: usize = 64;
+
 /// `flat` (in order, jumps inlined) with every rule that excludes something opened into its
 /// holes and itself, or into why it cannot be.
 pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
     let mut out = Vec::with_capacity(flat.len());
-    for (i, rule) in flat.iter().enumerate() {
-        let rule = match rule {
+    let mut pending: VecDeque<Flat> = flat.into();
+    let mut copies_left = FALL_THROUGH_COPIES;
+    while let Some(next) = pending.pop_front() {
+        let rule = match next {
+            // A repeated rule that no packet reaches goes unsaid: the rule it repeats is
+            // noted where it is.
+            Ok(rule)
+                if rule.text.contains(REPEATED)
+                    && out.iter().flatten().any(|earlier| {
+                        decides_all(earlier, &without_exclusions(&rule.matches))
+                    }) =>
+            {
+                continue
+            }
             Ok(rule) if rule.matches.excludes() => rule,
             other => {
-                out.push(other.clone());
+                out.push(other);
                 continue;
             }
         };
-        let Some((holes, rest)) = holes_and_rest(rule) else {
+        let Some((holes, rest)) = holes_and_rest(&rule) else {
             notes.push(format!(
                 "line {}: `{}` never matches: it excludes everything it matches; left out",
                 rule.line, rule.text
             ));
             continue;
         };
-        let steers_later = flat[i + 1..].iter().flatten().find(|later| {
+        let everything = without_exclusions(&rule.matches);
+        if out
+            .iter()
+            .flatten()
+            .any(|earlier| decides_all(earlier, &everything))
+        {
+            // No packet gets here, excluded or not (the rules a negated RETURN repeats come
+            // before its own rule for the rest): the emitter notes what comes first.
+            out.extend(rest.into_iter().map(Ok));
+            continue;
+        }
+        let later = pending.make_contiguous();
+        let Some(falls_to) = steered_or_dropped_later(&holes, later) else {
+            out.extend(holes.into_iter().map(Ok));
+            out.extend(rest.into_iter().map(Ok));
+            continue;
+        };
+        let reported = format!(
+            "line {}: {}: negated match: the packets it excludes fall through to line \
+             {falls_to}, which may steer or drop them, and tproxy's rules have no fall-through",
+            rule.line, rule.text
+        );
+        if !matches!(rule.target, Target::Bypass | Target::Return) {
+            out.push(Err(reported));
+            continue;
+        }
+        match fall_through(&rule, &holes, later, copies_left) {
+            Ok(copies) => {
+                copies_left -= copies.len();
+                notes.push(format!(
+                    "line {}: `{}`: the packets it excludes go on to the rules after it, as in \
+                     iptables: those rules are repeated for them ({} rules) ahead of it",
+                    rule.line,
+                    rule.text,
+                    copies.len()
+                ));
+                // The rules after it that its own rule for the rest covers see only what it
+                // lets through, which meets them in their repetitions first.
+                pending.retain(|later| {
+                    let Ok(later) = later else {
+                        return true;
+                    };
+                    let reached_only_through =
+                        !matches!(later.target, Target::Unsteered(_) | Target::Ignore)
+                            && rest.iter().any(|piece| {
+                                decides_all(piece, &without_exclusions(&later.matches))
+                            });
+                    if reached_only_through && !later.text.contains(REPEATED) {
+                        notes.push(format!(
+                            "line {}: `{}`: the only packets that reach it are those line {} \
+                             lets through; it is kept in the rules repeated for them",
+                            later.line, later.text, rule.line
+                        ));
+                    }
+                    !reached_only_through
+                });
+                for piece in copies.into_iter().chain(rest).rev() {
+                    pending.push_front(Ok(piece));
+                }
+            }
+            Err(why) => out.push(Err(format!("{reported} ({why})"))),
+        }
+    }
+    out
+}
+
+/// The line of the first rule after a rule's `holes` that may steer or drop packets the holes
+/// let fall through; `None` when every such packet meets a bypass first, or no rule decides it.
+fn steered_or_dropped_later(holes: &[Parsed], later: &[Flat]) -> Option<usize> {
+    let later: Vec<&Parsed> = later.iter().flatten().collect();
+    let first_for = |hole: &Parsed| {
+        for (position, later) in later.iter().enumerate() {
             // A later rule's own exclusions only narrow it: its rule without them is enough
             // to compare with, unless it never matches at all.
             if holes_and_rest(later).is_none() {
-                return false;
+                continue;
             }
             let later_matches = without_exclusions(&later.matches);
-            matches!(later.target, Target::Tproxy { .. } | Target::Drop)
-                && holes
-                    .iter()
-                    .any(|hole| overlaps(&hole.matches, &later_matches))
-        });
-        if let Some(later) = steers_later {
-            out.push(Err(format!(
-                "line {}: {}: negated match: the packets it excludes fall through to line {}, \
-                 which may steer or drop them, and tproxy's rules have no fall-through",
-                rule.line, rule.text, later.line
-            )));
-            continue;
+            match later.target {
+                Target::Tproxy { .. } | Target::Drop if overlaps(&hole.matches, &later_matches) => {
+                    return Some(position)
+                }
+                // Past a bypass of all of them, no rule sees them.
+                Target::Bypass | Target::Return if decides_all(later, &hole.matches) => {
+                    return None
+                }
+                _ => {}
+            }
         }
-        out.extend(holes.into_iter().map(Ok));
-        out.extend(rest.into_iter().map(Ok));
+        None
+    };
+    holes
+        .iter()
+        .filter_map(first_for)
+        .min()
+        .map(|position| later[position].line)
+}
+
+/// For a RETURN or ACCEPT `rule` whose exclusions fall through to rules that may steer or
+/// drop them: the rules after it (`later`), each narrowed to what one of its `holes` lets
+/// through, to come ahead of it in place of the holes. `M and not N -> RETURN` is `M and N
+/// -> goto` the rest of the chain, then `M -> RETURN`: the packets of `M and N` meet the
+/// rest first and in order (no rule decides differently for them than it did), the others
+/// of `M` are returned. At most `limit` rules; otherwise why not.
+fn fall_through(
+    rule: &Parsed,
+    holes: &[Parsed],
+    later: &[Flat],
+    limit: usize,
+) -> Result<Vec<Parsed>, String> {
+    let mut copies = Vec::new();
+    for hole in holes {
+        for later in later.iter().flatten() {
+            // The host's own packets and the arrivals meet different chains; a rule that
+            // changes no packet's fate is noted once, where it is.
+            if later.matches.local != hole.matches.local
+                || matches!(later.target, Target::Unsteered(_) | Target::Ignore)
+            {
+                continue;
+            }
+            let matches = match narrow(&hole.matches, &later.matches) {
+                Narrowed::Both(matches) => *matches,
+                Narrowed::Neither => continue,
+                Narrowed::Inexpressible => {
+                    return Err(format!(
+                        "the rules after it cannot be repeated for them: line {}'s matches \
+                         cannot be combined with theirs",
+                        later.line
+                    ))
+                }
+            };
+            // A repeated rule's text names its own line and the last negation repeating it.
+            let text = later.text.split(REPEATED).next().unwrap_or_default();
+            copies.push(Parsed {
+                text: format!("{text}{REPEATED}{} lets through)", rule.line),
+                matches,
+                ..later.clone()
+            });
+            if copies.len() > limit {
+                return Err(format!(
+                    "repeating the rules after it for them would take more than the \
+                     {FALL_THROUGH_COPIES} rules repeated in all for negated RETURN and ACCEPT \
+                     rules"
+                ));
+            }
+            if decides_all(later, &hole.matches) {
+                break;
+            }
+        }
     }
-    out
+    Ok(copies)
+}
+
+/// How the text of a rule repeated for what a negation lets through goes on.
+const REPEATED: &str = " (repeated for what line ";
+
+/// Whether `rule` decides every packet of `m` that reaches it: it steers, bypasses or drops
+/// them all.
+fn decides_all(rule: &Parsed, m: &Match) -> bool {
+    matches!(
+        rule.target,
+        Target::Tproxy { .. } | Target::Bypass | Target::Return | Target::Drop
+    ) && !rule.matches.excludes()
+        && covers(&rule.matches, m)
 }
 
 /// What `m` matches, its exclusions aside.

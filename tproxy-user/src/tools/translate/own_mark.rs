@@ -8,9 +8,14 @@
 //! with that mark meet first. (Nor are they dropped: a DROP before the guard, which would
 //! drop them in iptables, does not; the note says so.) Any other mark match stays on its rule, as the rule's `mark`, which
 //! tproxy's rules match like the kernel's `-m mark`.
+//!
+//! When the guard's mark is also the TPROXY rules' (istio's 0x539), it cannot be the socket
+//! mark beside that routing mark; the routing mark is tproxy's own business (it installs the
+//! policy routing), so tproxy then routes with a bit of its own (see
+//! [`Guard::routing_elsewhere`]).
 
 use super::{flatten::Flat, precedence::covers, Match, Parsed, Target};
-use crate::values::Mark;
+use crate::{config::Settings, values::Mark};
 
 /// The loop guard found: its rule and the mark.
 pub(super) struct Guard {
@@ -55,6 +60,59 @@ impl Guard {
                 self.rule.line, self.rule.text, self.mark
             )
         })
+    }
+
+    /// A routing mark for tproxy when the guard's mark would match the TPROXY rules' one
+    /// (`conflict`): one bit outside the guard's mark that none of the rules' marks (`read`)
+    /// looks at, or failing that one that none of them needs set (tproxy's rules then read
+    /// their marks without it: only tproxy sets it), and whether rules look at it.
+    /// tproxy's default bit comes first, then the highest.
+    pub(super) fn routing_elsewhere(&self, read: &[Mark]) -> Option<(Mark, bool)> {
+        let default = Settings::default().mark;
+        let bits: Vec<u32> = (0..32)
+            .rev()
+            .map(|bit| 1u32 << bit)
+            .filter(|&bit| bit & self.mark == 0)
+            .collect();
+        let candidates = || {
+            bits.iter()
+                .copied()
+                .filter(|&bit| bit == default.mask)
+                .chain(bits.iter().copied().filter(|&bit| bit != default.mask))
+        };
+        let one_bit = |bit: u32| Mark {
+            value: bit,
+            mask: bit,
+        };
+        if let Some(bit) = candidates().find(|&bit| read.iter().all(|m| m.mask & bit == 0)) {
+            return Some((one_bit(bit), false));
+        }
+        candidates()
+            .find(|&bit| {
+                read.iter()
+                    .all(|m| m.value & bit == 0 && m.mask & !bit != 0)
+            })
+            .map(|bit| (one_bit(bit), true))
+    }
+
+    /// What the operator should know when tproxy routes with `own` in place of the TPROXY
+    /// rules' `tproxy_mark`, which is the guard's; `read_by_rules`: the rules' marks look
+    /// at `own`'s bit.
+    pub(super) fn routing_note(&self, tproxy_mark: Mark, own: Mark, read_by_rules: bool) -> String {
+        let reading = if read_by_rules {
+            "the rules' marks are read without that bit, which no rule needs set and only \
+             tproxy sets"
+        } else {
+            "no rule's mark looks at that bit"
+        };
+        format!(
+            "the TPROXY rules' mark {tproxy_mark} is also the loop guard's (line {}), which \
+             becomes tproxy's socket_mark; tproxy installs its own policy routing, so it routes \
+             the packets it steers with a mark of its own, {own} ({reading}). Anything else \
+             that relied on steered packets carrying {tproxy_mark} (an `ip rule`, a later \
+             netfilter rule) sees {own} instead",
+            self.rule.line
+        )
     }
 }
 

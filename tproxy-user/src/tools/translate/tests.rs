@@ -303,16 +303,27 @@ COMMIT
         t.config
     );
     assert!(rules[2].get("src").is_none() && rules[2]["action"].as_str() == Some("steer"));
-    // Such a rule (10.1/16, port 80) would outrank line 2 (10.1/16, ports 50-1000), which
-    // takes those packets first: reported.
-    let contested = "\
+    // Line 4 outranks line 3 on the packets both match, but line 2 takes all of those
+    // first: line 3 never sees them, and line 2 outranks line 4 in tproxy too (the same
+    // prefix, both port ranges, and it comes first). No rule of their own is needed.
+    let taken_first = "\
 *mangle
 -A PREROUTING -p tcp -d 10.1.0.0/16 --dport 50:1000 -j RETURN
 -A PREROUTING -p tcp -s 192.0.2.0/24 --dport 1:80 -j TPROXY --on-port 1
 -A PREROUTING -p tcp -d 10.1.0.0/16 --dport 80:2000 -j TPROXY --on-port 2
 COMMIT
 ";
-    let t = translate(contested).unwrap();
+    let t = translate(taken_first).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    assert_eq!(config["rule"].as_array().unwrap().len(), 3, "{}", t.config);
+    // Line 2 takes only some of them: such a rule (10.1/16, port 80) would outrank line 2
+    // (10.1/16, ports 50-1000), which takes some of those packets first: reported.
+    let contested = taken_first.replace(
+        "-p tcp -d 10.1.0.0/16 --dport 50:1000",
+        "-p tcp -s 192.0.2.0/25 -d 10.1.0.0/16 --dport 50:1000",
+    );
+    let t = translate(&contested).unwrap();
     assert!(
         t.skipped.len() == 1
             && t.skipped[0].starts_with("line 4:")
@@ -329,7 +340,7 @@ fn what_cannot_be_translated_is_named() {
 *mangle
 -A PREROUTING -p tcp ! -d 10.0.0.0/8 -j TPROXY --on-port 1
 -A PREROUTING -p icmp -j DROP
--A PREROUTING -p tcp -m mark ! --mark 0xff -j RETURN
+-A PREROUTING -p tcp -m mark ! --mark 0xff -j DROP
 -A PREROUTING -p tcp --dport 80 -j REJECT
 -A PREROUTING -p tcp --dport 81 -j TPROXY
 -A PREROUTING -p tcp -d 10.1.0.0/16 -j TPROXY --on-port 2
@@ -474,7 +485,7 @@ COMMIT
     );
     let negated = "\
 *mangle
--A PREROUTING -p udp ! -d 10.0.0.0/8 -j RETURN
+-A PREROUTING -p udp ! -d 10.0.0.0/8 -j TPROXY --on-port 1
 -A PREROUTING -p udp --dport 443 -j DROP
 COMMIT
 ";
@@ -1293,8 +1304,8 @@ table inet proxy {
 fn a_negation_whose_packets_a_later_rule_steers_is_reported() {
     let input = "\
 *mangle
--A PREROUTING ! -s 10.0.0.0/8 -p tcp -j RETURN
--A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1
+-A PREROUTING ! -s 10.0.0.0/8 -p tcp --dport 80 -j TPROXY --on-port 1
+-A PREROUTING -p tcp -j TPROXY --on-port 2
 COMMIT
 ";
     let t = translate(input).unwrap();
@@ -1355,13 +1366,15 @@ COMMIT
 ";
     let t = translate(guard).unwrap();
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
-    // tproxy refuses a socket mark its routing rule matches: 0xff under 0x1/0x1 is such.
+    // tproxy refuses a socket mark its routing rule matches: 0xff under 0x1/0x1 is such, so
+    // tproxy routes with a bit of its own.
     let clash = translate(&guard.replace("0x100/0x100", "0x1/0x1")).unwrap();
-    assert!(!clash.config.contains("socket_mark"), "{}", clash.config);
+    assert!(clash.skipped.is_empty(), "{:?}", clash.skipped);
     assert!(
-        clash.skipped.len() == 1 && clash.skipped[0].contains("routing mark 0x1/0x1"),
-        "{:?}",
-        clash.skipped
+        clash.config.contains("socket_mark = \"0xff\"")
+            && clash.config.contains("mark = \"0x1000000/0x1000000\""),
+        "{}",
+        clash.config
     );
     assert!(t.config.contains("socket_mark = \"0xff\""), "{}", t.config);
     let nft = "\
@@ -2523,4 +2536,282 @@ fn what_the_rules_alone_do_not_show_is_reported() {
     let nft = "table ip t {\n\tchain pre {\n\t\ttype filter hook prerouting priority mangle; \
                policy drop;\n\t\ttcp dport 80 tproxy to :2 meta mark set 0x1 accept\n\t}\n}\n";
     reported(nft, "3", "policy drop drops every packet");
+}
+
+/// The rules of a translation, in order: input interface, mark, destination and action.
+fn summary_of(config: &str) -> Vec<String> {
+    let config: toml::Value = toml::from_str(config).unwrap();
+    let field = |rule: &toml::Value, key: &str| {
+        rule.get(key)
+            .map_or("-".into(), |v| v.to_string().trim_matches('"').to_string())
+    };
+    config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                field(r, "iface"),
+                field(r, "mark"),
+                field(r, "dst"),
+                r.get("listener").map_or("bypass", |l| l.as_str().unwrap())
+            )
+        })
+        .collect()
+}
+
+/// istio's TPROXY mode (tests/corpus/translate/istio-tproxy.rules): its loop guard is the
+/// TPROXY rules' own mark, and on lo it leaves alone all but the packets marked 0x53a, which
+/// fall through to its TPROXY rule. The guard becomes the socket mark and tproxy routes with
+/// a bit of its own; the marked packets on lo meet the rules after the negation first.
+/// (Before, both were reported.)
+#[test]
+fn istios_guard_on_the_tproxy_mark_and_its_negated_mark_on_lo_translate() {
+    let input = "\
+*mangle
+:ISTIO_DIVERT - [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_TPROXY - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A ISTIO_DIVERT -j MARK --set-xmark 0x539/0xffffffff
+-A ISTIO_DIVERT -j ACCEPT
+-A ISTIO_INBOUND -p tcp -m mark --mark 0x539 -j RETURN
+-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN
+-A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
+-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
+-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("socket_mark = \"0x539\"")
+            && t.config.contains("\nmark = \"0x1000000/0x1000000\""),
+        "{}",
+        t.config
+    );
+    assert_eq!(
+        summary_of(&t.config),
+        [
+            r#"lo 0x53a ["127.0.0.1/32"] bypass"#,
+            r#"lo 0x53a ["0.0.0.0/0"] tproxy-15006"#,
+            r#"lo - ["0.0.0.0/0"] bypass"#,
+            r#"- - ["127.0.0.1/32"] bypass"#,
+            r#"- - ["0.0.0.0/0"] tproxy-15006"#,
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.notes.iter().any(|n| n.starts_with("line 9:")
+            && n.contains("the packets it excludes go on to the rules after it")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.notes.iter().any(
+            |n| n.contains("0x539/0xffffffff is also the loop guard's (line 8)")
+                && n.contains("a mark of its own, 0x1000000/0x1000000")
+        ),
+        "{:?}",
+        t.notes
+    );
+}
+
+/// The routing bit tproxy takes for itself is one no rule's mark looks at, then one no rule
+/// needs set; none outside the guard's mark: the guard is reported as before.
+#[test]
+fn the_routing_bit_taken_when_the_guard_is_the_tproxy_mark_is_one_the_rules_do_not_need() {
+    let rules = |reader: &str| {
+        format!(
+            "\
+*mangle
+-A PREROUTING -m mark --mark 0x1 -j RETURN
+{reader}
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+"
+        )
+    };
+    let routing = |t: &Translation| {
+        t.config
+            .lines()
+            .find_map(|line| line.strip_prefix("mark = "))
+            .map(str::to_string)
+    };
+    // Bit 24, tproxy's default, is looked at by a rule: the highest other bit is free.
+    let t = translate(&rules(
+        "-A PREROUTING -m mark --mark 0x0/0x1000000 -j RETURN",
+    ))
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(routing(&t).as_deref(), Some("\"0x80000000/0x80000000\""));
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("no rule's mark looks at that bit")),
+        "{:?}",
+        t.notes
+    );
+    // Every bit is looked at: bit 24 is needed set by none, and read without it.
+    let t = translate(&rules("-A PREROUTING -p udp -m mark --mark 0x7 -j RETURN")).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(routing(&t).as_deref(), Some("\"0x1000000/0x1000000\""));
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("the rules' marks are read without that bit")),
+        "{:?}",
+        t.notes
+    );
+    // A guard of every bit leaves none.
+    let all = rules("")
+        .replace("0x1 -j", "0xffffffff -j")
+        .replace("0x1/", "0xffffffff/");
+    let t = translate(&all).unwrap();
+    assert!(
+        t.skipped.len() == 1 && t.skipped[0].contains("cannot be tproxy's socket_mark"),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// A negated RETURN or ACCEPT whose exclusion falls through to a steering rule: the rules
+/// after it are repeated for what it excludes, ahead of it, and whatever they leave
+/// undecided is left alone as the end of the chain would (here the destination that the
+/// TPROXY rule excludes too). Before, it was reported.
+#[test]
+fn a_negated_return_whose_exclusion_a_later_rule_steers_repeats_the_later_rules_for_it() {
+    let input = "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -i eth0 -j PROXY
+-A PROXY ! -d 10.0.0.0/8 -p tcp -j RETURN
+-A PROXY -p udp -j RETURN
+-A PROXY ! -d 10.1.0.0/16 -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let dst_and_action = |config: &str| -> Vec<String> {
+        let config: toml::Value = toml::from_str(config).unwrap();
+        config["rule"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    r["proto"],
+                    r["dst"],
+                    r.get("listener").map_or("bypass", |l| l.as_str().unwrap())
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        dst_and_action(&t.config),
+        [
+            r#"["tcp"] ["10.1.0.0/16"] bypass"#,
+            r#"["tcp"] ["10.0.0.0/8"] tproxy-1"#,
+            r#"["tcp"] ["0.0.0.0/0"] bypass"#,
+            r#"["udp"] ["0.0.0.0/0"] bypass"#,
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 4:") && n.contains("repeated for them")),
+        "{:?}",
+        t.notes
+    );
+    // A negation of everything else (Xray's gid guide): the rules after it see only what it
+    // lets through, in their repetitions, and are not said to never match.
+    let only_through = "\
+*mangle
+-A PREROUTING ! -s 192.168.1.0/24 -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(only_through).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes.iter().any(|n| n.starts_with("line 3:")
+            && n.contains("the only packets that reach it are those line 2 lets through"))
+            && !t.notes.iter().any(|n| n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.config
+            .contains("src = [\"192.168.1.0/24\"]\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+    // ACCEPT, an excluded interface: the same.
+    let accept = "\
+*mangle
+-A PREROUTING ! -i eth1 -p tcp --dport 443 -j ACCEPT
+-A PREROUTING -p tcp -j TPROXY --on-port 1
+COMMIT
+";
+    let t = translate(accept).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("ports = [443]\niface = \"eth1\"\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+}
+
+/// Each negated RETURN repeats the rules after it, its negated followers among them, each
+/// of which repeats the rest again for what it lets through: past the limit the rule is
+/// reported, saying so. (The rules after a negation's own rule for the rest are not repeated
+/// again: no packet reaches them.)
+#[test]
+fn negated_returns_repeating_too_many_rules_are_reported() {
+    let nested = |count: u8| {
+        let mut input = String::from("*mangle\n");
+        for len in 8..8 + count {
+            input += &format!("-A PREROUTING ! -d 10.0.0.0/{len} -p tcp -j RETURN\n");
+        }
+        input + "-A PREROUTING -p tcp -j TPROXY --on-port 1\nCOMMIT\n"
+    };
+    // 6 + 5 + … + 1 rules repeated, for 10.0.0.0/13 alone steered.
+    let t = translate(&nested(6)).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("dst = [\"10.0.0.0/13\"]\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+    // 12 + 11 + … is past 64.
+    let t = translate(&nested(12)).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("fall through") && s.contains("more than the 64 rules")),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// An exclusion that a later bypass of all of it meets first is left alone there: the
+/// steering rules after that bypass never see it.
+#[test]
+fn an_exclusion_bypassed_before_any_steering_rule_is_a_bypass() {
+    let input = "\
+*mangle
+-A PREROUTING ! -d 10.0.0.0/8 -p tcp --dport 80 -j TPROXY --on-port 1
+-A PREROUTING -d 10.0.0.0/8 -p tcp -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 2
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
 }
