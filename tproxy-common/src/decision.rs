@@ -193,14 +193,24 @@ const fn is_match(verdict: &Verdict) -> bool {
 /// bounded loop reading the packet from memory (the program's per-CPU scratch map) in each
 /// round, so that the program's stack does not grow: the packet's dozen values, hoisted out
 /// of the loop, would not fit in registers. The loader's oracle runs the same code.
+///
+/// `LOCAL`: the packet is a local connection's, looked up under its selection's index
+/// (`local_origin::selection_ifindex`), which only that selection's rules have: a rule for
+/// any interface (index 0) is a rule for arrivals and never answers for it.
 #[inline(always)]
-pub fn match_mark_rules(table: &MarkRules, packet: &MarkedPacket, best: &mut Verdict) {
+pub fn match_mark_rules<const LOCAL: bool>(
+    table: &MarkRules,
+    packet: &MarkedPacket,
+    best: &mut Verdict,
+) {
     let mut i = 0;
     while i < MAX_MARK_RULES {
         if i as u32 >= table.len {
             break;
         }
-        if matches_marked(&table.rules[i], packet) && outranks(&table.rules[i].verdict, best) {
+        if matches_marked::<LOCAL>(&table.rules[i], packet)
+            && outranks(&table.rules[i].verdict, best)
+        {
             *best = table.rules[i].verdict;
         }
         i += 1;
@@ -209,7 +219,7 @@ pub fn match_mark_rules(table: &MarkRules, packet: &MarkedPacket, best: &mut Ver
 
 /// Whether `rule` matches `packet`.
 #[inline(always)]
-fn matches_marked(rule: &MarkRule, packet: &MarkedPacket) -> bool {
+fn matches_marked<const LOCAL: bool>(rule: &MarkRule, packet: &MarkedPacket) -> bool {
     // SAFETY: reads of fields of a live reference.
     let read = |field: &u32| unsafe { core::ptr::read_volatile(field) };
     let ipv6 = read(&packet.ipv6);
@@ -225,7 +235,7 @@ fn matches_marked(rule: &MarkRule, packet: &MarkedPacket) -> bool {
         || port < u32::from(rule.first_port)
         || port > u32::from(rule.last_port)
         || rule.ipv6 != ipv6
-        || (rule.ifindex != 0 && rule.ifindex != ifindex)
+        || (rule.ifindex != ifindex && (LOCAL || rule.ifindex != 0))
     {
         return false;
     }
@@ -605,7 +615,7 @@ mod tests {
         let decide = |mark: u32, udp: bool, port: u16, src: [u8; 4], ifindex: u32| {
             let mut best = Verdict::default();
             let packet = MarkedPacket::new(mark, udp, (port, 40000), &[10, 0, 0, 1], &src, ifindex);
-            match_mark_rules(&table, &packet, &mut best);
+            match_mark_rules::<false>(&table, &packet, &mut best);
             rule_match(&best)
         };
         let inside = [192, 0, 2, 7];
@@ -636,8 +646,36 @@ mod tests {
         );
         let mut v6 = Verdict::default();
         let packet = MarkedPacket::new(0x10, false, (80, 40000), &[0u8; 16], &[0u8; 16], 2);
-        match_mark_rules(&table, &packet, &mut v6);
+        match_mark_rules::<false>(&table, &packet, &mut v6);
         assert_eq!(rule_match(&v6), RuleMatch::None, "an IPv4 rule");
+    }
+
+    /// A local connection is looked up under its selection's index: only that selection's
+    /// rules answer, never one for arrivals on any interface (index 0) or on one.
+    #[test]
+    fn a_local_connection_meets_only_its_selections_mark_rules() {
+        use crate::local_origin::selection_ifindex;
+        let any_interface = mark_rule(0x80, 0x80, MARK_RULE_TCP, (1, 65535), 3);
+        let mut selection_1 = mark_rule(0x80, 0x80, MARK_RULE_TCP, (1, 65535), 7);
+        selection_1.ifindex = selection_ifindex(1);
+        let table = table(&[any_interface, selection_1]);
+        let decide = |local: bool, mark: u32, ifindex: u32| {
+            let mut best = Verdict::default();
+            let packet = MarkedPacket::new(mark, false, (80, 0), &[10, 0, 0, 1], &[0; 4], ifindex);
+            match local {
+                true => match_mark_rules::<true>(&table, &packet, &mut best),
+                false => match_mark_rules::<false>(&table, &packet, &mut best),
+            }
+            best.rank
+        };
+        assert_eq!(decide(true, 0x80, selection_ifindex(1)), 7);
+        assert_eq!(decide(true, 0x7f, selection_ifindex(1)), 0, "another mark");
+        assert_eq!(
+            decide(true, 0x80, selection_ifindex(0)),
+            0,
+            "another selection"
+        );
+        assert_eq!(decide(false, 0x80, 2), 3, "an arrival on any interface");
     }
 
     #[test]
@@ -657,7 +695,7 @@ mod tests {
         let decide = |best: Verdict, dst: [u8; 4]| {
             let mut best = best;
             let packet = MarkedPacket::new(0x100, false, (80, 40000), &dst, &[198, 51, 100, 1], 5);
-            match_mark_rules(&table, &packet, &mut best);
+            match_mark_rules::<false>(&table, &packet, &mut best);
             rule_match(&best)
         };
         assert_eq!(
@@ -685,7 +723,7 @@ mod tests {
             &[198, 51, 100, 1],
             5,
         );
-        match_mark_rules(&unused, &packet, &mut best);
+        match_mark_rules::<false>(&unused, &packet, &mut best);
         assert_eq!(rule_match(&best), RuleMatch::None, "entries past len");
     }
 
@@ -701,7 +739,7 @@ mod tests {
             let mut best = Verdict::default();
             let packet =
                 MarkedPacket::new(mark, true, (53, sport), &[10, 0, 0, 1], &[10, 0, 0, 2], 2);
-            match_mark_rules(&table, &packet, &mut best);
+            match_mark_rules::<false>(&table, &packet, &mut best);
             rule_match(&best)
         };
         for sport in [7777, 1000, 1500, 2000] {
@@ -736,7 +774,7 @@ mod tests {
         let table = table(&[drop]);
         let mut best = verdict(VERDICT_STEER, 9);
         let packet = MarkedPacket::new(0, true, (443, 5000), &[10, 0, 0, 1], &[10, 0, 0, 2], 2);
-        match_mark_rules(&table, &packet, &mut best);
+        match_mark_rules::<false>(&table, &packet, &mut best);
         assert_eq!(rule_match(&best), RuleMatch::Drop);
         assert_eq!(unowned_outcome(RuleMatch::Drop), Outcome::Dropped);
         assert_eq!(unowned_outcome(RuleMatch::Bypass), Outcome::Bypassed);

@@ -23,16 +23,16 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use tproxy_common::{
-    decision::{self, rule_match, DestinationScope, RuleMatch},
+    decision::{self, match_mark_rules, rule_match, DestinationScope, RuleMatch},
     local_origin::{
         in_own_namespace, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
         LocalDecision, Selection, MAX_SELECTIONS,
     },
-    maps::{listener_slot, ListenerSlot, Verdict, EXTERNAL_NONE},
+    maps::{listener_slot, ListenerSlot, MarkedPacket, Verdict, EXTERNAL_NONE},
 };
 
 use crate::{
-    active_generation, listener, match_rules_into, EXTERNAL_LISTENERS, FAIL_CLOSED,
+    active_generation, listener, match_rules_into, EXTERNAL_LISTENERS, FAIL_CLOSED, MARK_RULES,
     OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK, RULES_DST_V4, RULES_DST_V6, RULES_SRC_V4,
     RULES_SRC_V6,
 };
@@ -127,7 +127,7 @@ pub(crate) fn destination_ipv6(ctx: &SockAddrContext) -> [u8; 16] {
 #[inline(always)]
 pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Option<u32>> {
     let udp = udp(ctx);
-    let rule = decide(ctx, |ifindex, mark, best| {
+    let rule = decide(ctx, |ifindex, mark, pending| {
         if let Some(udp) = udp {
             let generation = active_generation();
             match_rules_into::<4, false>(
@@ -140,8 +140,11 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
                 [0; 4],
                 ifindex,
                 mark,
-                best,
+                &mut pending.best,
             );
+            pending.packet.mark = mark;
+            pending.packet.ifindex = ifindex;
+            match_local_mark_rules(pending, &addr, udp, port(ctx));
         }
     })?;
     let steered = steers(rule, decision::ipv4_destination_scope(addr, false));
@@ -157,7 +160,7 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
         return steered_ipv4(ctx, v4);
     }
     let udp = udp(ctx);
-    let rule = decide(ctx, |ifindex, mark, best| {
+    let rule = decide(ctx, |ifindex, mark, pending| {
         if let Some(udp) = udp {
             let generation = active_generation();
             match_rules_into::<16, false>(
@@ -170,8 +173,11 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
                 [0; 16],
                 ifindex,
                 mark,
-                best,
+                &mut pending.best,
             );
+            pending.packet.mark = mark;
+            pending.packet.ifindex = ifindex;
+            match_local_mark_rules(pending, &addr, udp, port(ctx));
         }
     })?;
     let steered = steers(rule, decision::ipv6_destination_scope(addr, false));
@@ -209,16 +215,43 @@ fn served(listener_index: u32, kind: ListenerSlot) -> bool {
 /// the reset and the reading, handing one process's answer to another's socket. The connect
 /// and `sendmsg` hooks run with the socket locked, so two runs on one socket never
 /// interleave, and nothing else touches its entry.
+/// The packet the mark stage looks at is kept there too, not in the classifier's per-CPU
+/// scratch, for the same reason.
 #[derive(Clone, Copy, Default)]
 struct Pending {
     best: Verdict,
     selected: u32,
+    packet: MarkedPacket,
+}
+
+/// The rules tried one by one (those with a mark) for a local connection to `addr`, into
+/// `pending.best`: the caller has written the socket's mark and its selection's index (as
+/// the interface) into `pending.packet`. No source: not chosen yet (rules for local
+/// connections name none). A function of its own, taking the address by reference: inlined,
+/// the packet's values would take stack beside the other stages'.
+#[inline(never)]
+fn match_local_mark_rules<const N: usize>(
+    pending: &mut Pending,
+    addr: &[u8; N],
+    udp: bool,
+    port: u16,
+) {
+    let Some(marks) = MARK_RULES
+        .get(active_generation())
+        .filter(|marks| marks.len != 0)
+    else {
+        return;
+    };
+    let packet = &mut pending.packet;
+    packet.set(packet.mark, udp, port, *addr, [0; N], packet.ifindex);
+    packet.sport = 0;
+    match_mark_rules::<true>(marks, packet, &mut pending.best);
 }
 
 #[btf_map]
 static LOCAL_PENDING: SkStorage<Pending> = SkStorage::new();
 
-/// The rules' answer for the context's process, by `ask(ifindex, mark, best)` for each
+/// The rules' answer for the context's process, by `ask(ifindex, mark, pending)` for each
 /// selection the process is in (the best-ranked answer of all), or `None` when the socket is
 /// not this instance's to decide: not in tproxy's network namespace, tproxy's own, or of a
 /// process in no selection. Such a socket is left as it is, its mark included (another
@@ -227,7 +260,7 @@ static LOCAL_PENDING: SkStorage<Pending> = SkStorage::new();
 /// reload may have removed its selection, or an unselected process inherited it. A socket
 /// whose storage cannot be made (no memory) is let go likewise: it goes direct.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option<RuleMatch> {
+fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Pending)) -> Option<RuleMatch> {
     // SAFETY: the helper reads the namespace of the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if !in_own_namespace(netns, OWN_NETNS_COOKIE.load()) {
@@ -237,7 +270,7 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
     let (cgroup, ids) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_uid_gid()) };
     // The helper answers the group id in the upper half, the user id in the lower.
     let (uid, gid) = (ids as u32, (ids >> 32) as u32);
-    // The socket's mark, which mark rules would see (leaving the routing mark's bits out).
+    // The socket's mark, which the mark rules match (theirs leave the routing mark's bits out).
     let mark = current_mark(ctx);
     if is_own_socket(mark, OWN_SOCKET_MARK.load(), cgroup, OWN_CGROUP_ID.load()) {
         return None;
@@ -265,7 +298,7 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Verdict)) -> Option
         };
         if selection.selects(uid, gid, classid, ancestor) {
             pending.selected = 1;
-            ask(selection_ifindex(k), mark, &mut pending.best);
+            ask(selection_ifindex(k), mark, pending);
         }
     }
     if pending.selected == 0 {

@@ -69,7 +69,7 @@ static ACTIVE_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 static PORT_CLASSES: Array<u32> = Array::with_max_entries(PORT_CLASSES_LEN, 0);
 /// Indexed by generation.
 #[map]
-static MARK_RULES: Array<MarkRules> = Array::with_max_entries(2, 0);
+pub(crate) static MARK_RULES: Array<MarkRules> = Array::with_max_entries(2, 0);
 #[map]
 static MARK_PACKET: PerCpuArray<MarkedPacket> = PerCpuArray::with_max_entries(1, 0);
 // The loader sizes the rule maps for the rule set it loads.
@@ -385,7 +385,7 @@ pub(crate) fn match_rules_into<const N: usize, const MARKS: bool>(
                 // SAFETY: this CPU's entry, which nothing else touches while the program runs.
                 let packet = unsafe { &mut *packet };
                 packet.set(mark, udp, dport, daddr, saddr, ifindex);
-                match_mark_rules(marks, packet, best);
+                match_mark_rules::<false>(marks, packet, best);
             }
         }
     }

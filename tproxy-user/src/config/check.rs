@@ -190,19 +190,6 @@ impl Config {
             // iptables mangle OUTPUT recipe), and only its listeners are served.
             return Ok(());
         }
-        let local_mark = |rule: &&rules::Rule| rule.mark.is_some() && rule.origin.local();
-        let mut with_templates = self.rules.iter().chain(&self.own_address_rules);
-        if let Some(rule) = with_templates.find(local_mark) {
-            // The connect programs leave the mark stage out (see tproxy-ebpf's
-            // `match_rules_into`), so forwarded mark rules never decide a local connection,
-            // and a mark on a rule for local connections would be ignored.
-            bail!(
-                "rule {} matches a mark with origin \"{}\": a local connection's mark is not \
-                 matched yet; give the rule origin \"forwarded\", or leave the mark out",
-                rule.number,
-                rule.origin
-            );
-        }
         let steers_to_external = |rule: &rules::Rule| match rule.action {
             Action::Steer(index) if rule.origin.local() => {
                 self.listeners[index as usize].external.is_some()

@@ -1053,9 +1053,12 @@ fn a_mark_on_a_rule_for_the_hosts_own_addresses_is_checked_too() {
         format!("{taken:#}").contains("needs bits of tproxy's routing mark"),
         "{taken:#}"
     );
-    let local = with_file(&rule("0x40/0xc0", "local"), &[]).unwrap_err();
+    // A local connection's mark is its socket's, matched by the connect programs.
+    with_file(&rule("0x40/0xc0", "local"), &[]).unwrap();
+    let local_own_bits =
+        with_file(&rule("0x100/0x100", "local"), &["--mark", "0x100/0x100"]).unwrap_err();
     assert!(
-        format!("{local:#}").contains("matches a mark with origin \"local\""),
-        "{local:#}"
+        format!("{local_own_bits:#}").contains("needs bits of tproxy's routing mark"),
+        "{local_own_bits:#}"
     );
 }

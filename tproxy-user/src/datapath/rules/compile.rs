@@ -202,6 +202,8 @@ impl CompiledRules {
 /// names (a pattern names every attached interface it matches), except that rules alike but
 /// for their transport share one. A rule whose interface is not attached keeps an entry, with
 /// an ifindex no interface has, so that a name's count does not depend on what is attached.
+/// A rule for local connections has one more, under its selection's index, where the
+/// connect and sendmsg programs try it.
 pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let mut entries: Vec<MarkRule> = Vec::new();
     for entry in rules.iter().flat_map(|rule| mark_rule(rule, interfaces)) {
@@ -231,9 +233,10 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let mark = rule
         .mark
         .unwrap_or(crate::values::Mark { value: 0, mask: 0 });
-    let ifindexes: Vec<u32> = match &rule.iface {
-        None => vec![0],
-        Some(name) => {
+    let mut ifindexes: Vec<u32> = match (&rule.iface, rule.origin.forwarded()) {
+        (_, false) => Vec::new(),
+        (None, true) => vec![0],
+        (Some(name), true) => {
             let attached: Vec<u32> = interfaces
                 .iter()
                 .filter(|(attached, _)| interfaces::selects(name, attached))
@@ -245,6 +248,11 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
             }
         }
     };
+    // A local connection is tried under its selections' indices only (see
+    // `match_mark_rules`).
+    if rule.origin.local() {
+        ifindexes.push(selection_ifindex(rule.selection));
+    }
     let (first_port, last_port) = rule.ports.bounds();
     // No source port: any, 0 included.
     let (first_sport, last_sport) = rule.sport.map_or((0, u16::MAX), Ports::bounds);
@@ -540,11 +548,7 @@ fn lookup_verdict(
             .map(|(_, _, verdict)| *verdict)
     }
     let mut best = Verdict::default();
-    // The connect programs leave the mark stage out: arrivals only.
-    let marks = match packet.local {
-        true => Default::default(),
-        false => compiled.mark_table().expect("the rules fit the mark stage"),
-    };
+    let marks = compiled.mark_table().expect("the rules fit the mark stage");
     let marked = match (packet.dst, packet.src) {
         (std::net::IpAddr::V4(dst), std::net::IpAddr::V4(src)) => MarkedPacket::new(
             packet.mark,
@@ -564,7 +568,10 @@ fn lookup_verdict(
         ),
         _ => unreachable!("a packet's addresses are of one family"),
     };
-    match_mark_rules(&marks, &marked, &mut best);
+    match packet.local {
+        true => match_mark_rules::<true>(&marks, &marked, &mut best),
+        false => match_mark_rules::<false>(&marks, &marked, &mut best),
+    }
     for class in classes {
         let verdict = match packet.dst {
             std::net::IpAddr::V4(dst) => longest(

@@ -1,4 +1,7 @@
-use tproxy_common::{local_origin::LOCAL_ORIGIN_IFINDEX, maps::GENERATION_BIT};
+use tproxy_common::{
+    local_origin::{selection_ifindex, LOCAL_ORIGIN_IFINDEX},
+    maps::GENERATION_BIT,
+};
 
 use super::*;
 
@@ -694,8 +697,7 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                     let ifaces = ["eth0", "eth1", "eth*", "e?h1", "wg*"];
                     text += &format!(" iface {}", ifaces[next(5) as usize]);
                 }
-                // The program holds 32 mark entries: marks in the small sets only, and on
-                // forwarded rules only (a local connection's mark is not matched).
+                // The program holds 32 mark entries: marks in the small sets only.
                 if count <= 8 && next(3) == 0 {
                     text += &format!(
                         " mark {}",
@@ -706,11 +708,9 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 if count <= 8 && next(3) == 0 {
                     text += [" sport 7777", " sport 1000-2000"][next(2) as usize];
                 }
-                // Local rules (in a third of the sets) name no source, interface, mark or
-                // source port, do not drop, and have one of three selections.
-                let plain = !["src", "iface", "mark", "sport"]
-                    .iter()
-                    .any(|w| text.contains(w));
+                // Local rules (in a third of the sets) name no source, interface or source
+                // port, do not drop, and have one of three selections; a mark they may have.
+                let plain = !["src", "iface", "sport"].iter().any(|w| text.contains(w));
                 if round % 3 == 0 && plain {
                     text += ["", " origin local", " origin any"][next(3) as usize];
                 }
@@ -892,4 +892,46 @@ fn a_forwarded_mark_rule_never_decides_a_local_connection() {
     let web = "tcp 192.0.2.9 -> 192.0.2.1:80";
     expect(&rules, web, "eth0", RuleMatch::Bypass);
     expect_selected(&rules, web, 0b001, RuleMatch::Steer(0));
+}
+
+/// A local rule's mark is the connecting socket's, tried under its selection only: v2rayA's
+/// `-A TP_OUT -m mark --mark 0x80/0x80 -j RETURN` ahead of its steering.
+#[test]
+fn a_local_mark_rule_decides_its_selections_connections_by_the_sockets_mark() {
+    let selected = |number, text, action, selection| Rule {
+        selection,
+        ..rule(number, text, action)
+    };
+    let rules = [
+        selected(
+            1,
+            "tcp 0.0.0.0/0 any mark 0x80/0x80 origin local",
+            Action::Bypass,
+            1,
+        ),
+        selected(2, "tcp 0.0.0.0/0 any origin local", Action::Steer(0), 0),
+        rule(3, "tcp 0.0.0.0/0 any mark 0x80/0x80", Action::Steer(1)),
+    ];
+    let marked = "tcp 127.0.0.1 -> 192.0.2.1:80 mark 0x80";
+    let unmarked = "tcp 127.0.0.1 -> 192.0.2.1:80 mark 0x7f";
+    expect_selected(&rules, marked, 0b011, RuleMatch::Bypass);
+    expect_selected(&rules, unmarked, 0b011, RuleMatch::Steer(0));
+    // Not in selection 1: rule 1 is not its, and the forwarded rule 3 never is.
+    expect_selected(&rules, marked, 0b001, RuleMatch::Steer(0));
+    expect(
+        &rules,
+        "tcp 192.0.2.9 -> 192.0.2.1:80 mark 0x80",
+        "eth0",
+        RuleMatch::Steer(1),
+    );
+    let compiled = compile(&rules, 0, &interfaces());
+    assert_eq!(
+        compiled
+            .marks
+            .iter()
+            .map(|entry| entry.ifindex)
+            .collect::<Vec<_>>(),
+        [selection_ifindex(1), 0],
+        "one entry under the selection's index, one for arrivals on any interface"
+    );
 }

@@ -39,7 +39,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let (mut flat, guard) = own_mark::guard(flat);
     let (local_flat, local_guard) = own_mark::guard(local_flat);
     let guard = local::one_guard(guard, local_guard, &mut skipped);
-    let local_flat = local::marks_refused(local_flat);
+    local::note_socket_marks(&local_flat, &mut notes);
     local::note_loopback_destinations(&local_flat, keep_proxies, &mut notes, &mut skipped);
     local::leave_out_loopback(&mut flat, &local_flat, &mut notes);
     flat.extend(local_flat);

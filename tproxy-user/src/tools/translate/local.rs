@@ -451,24 +451,26 @@ pub(super) fn note_loopback_destinations(
     }
 }
 
-/// `local` with its rules that match a mark reported, the loop guard taken out already:
-/// tproxy's rules for local connections match no mark (only its `socket_mark`, one exact
-/// mark, is never steered).
-pub(super) fn marks_refused(local: Vec<Flat>) -> Vec<Flat> {
-    local
-        .into_iter()
-        .map(|rule| match rule {
-            Ok(rule) if rule.matches.mark.is_some() || !rule.matches.not_marks.is_empty() => {
-                Err(format!(
-                    "line {}: {}: a mark match on locally generated traffic (tproxy's rules for \
-                     local connections match no mark; only its socket_mark, one exact mark, is \
-                     never steered)",
-                    rule.line, rule.text
-                ))
-            }
-            rule => rule,
-        })
-        .collect()
+/// A note when rules for locally generated traffic match a mark: mangle OUTPUT reads each
+/// packet's mark, which is its socket's (`SO_MARK`) unless the packet was sent with a mark of
+/// its own; tproxy's connect and sendmsg programs read the socket's when it connects (an
+/// unconnected UDP socket's: when it sends).
+pub(super) fn note_socket_marks(local: &[Flat], notes: &mut Vec<String>) {
+    if local
+        .iter()
+        .flatten()
+        .any(|rule| rule.matches.mark.is_some() || !rule.matches.not_marks.is_empty())
+    {
+        notes.push(
+            "mangle OUTPUT's mark matches became the mark of rules with origin = \"local\": \
+             tproxy matches the socket's mark (SO_MARK) when it connects (an unconnected UDP \
+             socket's: when it sends), where OUTPUT read each packet's: they differ for a socket \
+             whose mark is changed after it connects, a datagram sent with a mark of its own (an \
+             SO_MARK control message), and a packet whose mark another netfilter rule (the raw \
+             table's OUTPUT) changed"
+                .into(),
+        );
+    }
 }
 
 /// The one loop guard of the translation: PREROUTING's, OUTPUT's, or both when they agree

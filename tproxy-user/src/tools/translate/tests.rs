@@ -1907,10 +1907,12 @@ table ip proxy {
     );
 }
 
-/// A mark match left in mangle OUTPUT once the loop guard is taken out is reported:
-/// tproxy's rules for local connections match no mark (`check` would refuse the rule).
+/// A mark match left in mangle OUTPUT once the loop guard is taken out becomes the local
+/// rule's `mark`, the socket's mark that tproxy's connect and sendmsg programs match; an
+/// excluded one is opened into its bits as in PREROUTING (v2rayA's `-m mark --mark
+/// 0x80/0x80 -j RETURN`, the mark its own process gives its sockets).
 #[test]
-fn a_mark_match_on_local_traffic_is_reported() {
+fn a_mark_match_on_local_traffic_is_the_local_rules_mark() {
     let t = translate(
         "\
 *mangle
@@ -1922,20 +1924,24 @@ COMMIT
 ",
     )
     .unwrap();
-    let lines: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
-    assert_eq!(lines, ["line 3", "line 4"], "{:?}", t.skipped);
-    assert!(
-        t.skipped
-            .iter()
-            .all(|s| s.contains("a mark match on locally generated traffic")),
-        "{:?}",
-        t.skipped
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        marks_of(&t.config),
+        ["\"0x1/0x1\"", "\"0x80/0x80\"", "\"0x0/0x40\""],
+        "{}",
+        t.config
     );
-    assert!(t.config.contains("origin = \"local\""), "{}", t.config);
+    let local_bypasses = t
+        .config
+        .split("[[rule]]")
+        .filter(|rule| rule.contains("origin = \"local\"") && rule.contains("bypass"))
+        .count();
+    assert_eq!(local_bypasses, 2, "{}", t.config);
+    assert!(
+        t.notes.iter().any(|note| note.contains("SO_MARK")),
+        "{:?}",
+        t.notes
+    );
     let checked = crate::config::RunArgs {
         config: Some("translated.toml".into()),
         ..Default::default()
