@@ -613,3 +613,95 @@ COMMIT
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// v2rayA's guard for its own process's sockets, `-m mark --mark 0x80/0x80 -j RETURN` ahead
+/// of mangle OUTPUT's steering (v2rayA gives them `SO_MARK` 0x80 before it connects): a
+/// process of the selected cgroup whose socket has the bit is left alone, one whose socket
+/// lacks it is steered, TCP, connected UDP and `sendto` alike, by iptables and by the
+/// translation (a local bypass rule with `mark`, which the connect and sendmsg programs
+/// match on the socket's mark).
+#[test]
+fn a_socket_mark_return_in_mangle_output_leaves_the_same_local_connects_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("translate-mark").unwrap();
+    let _tcp = server(&topo, "10.10.2.2:80");
+    let _udp = UdpEcho::start(&topo.server, "10.10.2.2:53".parse().unwrap()).unwrap();
+    // As `rule_set`, with the TPROXY rules' mark on one bit (tproxy's rules never look at its
+    // bits, so the relay's loop guard is 0x2) and OUTPUT's MARK setting the whole mark, which
+    // the test's `fwmark 1` routes.
+    let rules = format!(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:PROXY - [0:0]
+:PROXY_SELF - [0:0]
+-A PREROUTING -j PROXY
+-A OUTPUT -j PROXY_SELF
+-A PROXY -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY_SELF -m mark --mark 0x2 -j RETURN
+-A PROXY_SELF -m mark --mark 0x80/0x80 -j RETURN
+-A PROXY_SELF -p tcp -m cgroup --path {} -m tcp --dport 80 -j MARK --set-xmark 0x1/0xffffffff
+-A PROXY_SELF -p udp -m cgroup --path {} -m udp --dport 53 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+",
+        cgroup.path, cgroup.path
+    );
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("mark = \"0x80/0x80\""), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    // (how the client sends, the socket's mark): 0x180 has the bit among others, 0x100 not.
+    let probes = [
+        ("tcp", None),
+        ("tcp", Some("128")),
+        ("tcp", Some("384")),
+        ("tcp", Some("256")),
+        ("udp", None),
+        ("udp", Some("128")),
+        ("sendto", None),
+        ("sendto", Some("128")),
+    ];
+    let steered = |count: &dyn Fn(&str) -> u64| -> Vec<bool> {
+        probes
+            .iter()
+            .map(|&(how, mark)| {
+                let (proto, target) = match how {
+                    "tcp" => ("tcp", "10.10.2.2:80"),
+                    _ => ("udp", "10.10.2.2:53"),
+                };
+                let before = count(proto);
+                let mark = mark.map(|mark| format!("DIAL_MARK={mark}"));
+                let wrapper: Vec<&str> = match &mark {
+                    Some(mark) => vec!["env", mark],
+                    None => Vec::new(),
+                };
+                let output = cgroup.run(&topo.router, &wrapper, DIAL, &[how, target, "hi"]);
+                let line = dial_output(output.unwrap()).unwrap();
+                let reply = if how == "tcp" { "ok" } else { "hi" };
+                assert_eq!(line, format!("{target} {reply}"), "{how} {mark:?}");
+                count(proto) > before
+            })
+            .collect()
+    };
+
+    restore_iptables(&topo.router, &rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = steered(&|_| tproxy_rule_packets(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(
+        original,
+        [true, false, false, true, true, false, true, false],
+        "what the original rules steer, in the order of {probes:?}"
+    );
+
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = steered(&|proto| relay_count(&tproxy, proto));
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}

@@ -6,8 +6,8 @@
 //! `dial sendto ADDR:PORT MESSAGE [ADDR:PORT…]` sends from one unconnected UDP socket to each
 //! address in turn and prints each reply's sender and the reply; `dial sendto-from BIND
 //! MESSAGE ADDR:PORT…` does the same from a socket bound to BIND. With `DIAL_MARK=N` in the
-//! environment, the TCP socket gets `SO_MARK` N before it connects, as a proxy marks its
-//! upstream connections. With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
+//! environment, the socket (TCP or UDP) gets `SO_MARK` N before it connects or sends, as a
+//! proxy marks its upstream connections. With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
 //! after its first exchange, keeping the socket: a process that leaves a selection by user.
 
 use std::{
@@ -67,12 +67,7 @@ fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)>
         socket2::Type::STREAM,
         None,
     )?;
-    if let Ok(mark) = std::env::var("DIAL_MARK") {
-        let mark = mark
-            .parse()
-            .map_err(|_| std::io::Error::other(format!("DIAL_MARK `{mark}` is not a number")))?;
-        socket.set_mark(mark)?;
-    }
+    mark_of_environment(&socket)?;
     socket.connect_timeout(&addr.into(), PATIENCE)?;
     let mut stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(PATIENCE))?;
@@ -94,8 +89,20 @@ fn unbound_udp(like: SocketAddr) -> std::io::Result<UdpSocket> {
 
 fn bound_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind(addr)?;
+    mark_of_environment(&socket2::SockRef::from(&socket))?;
     socket.set_read_timeout(Some(PATIENCE))?;
     Ok(socket)
+}
+
+/// `DIAL_MARK`, if set: the socket's `SO_MARK`.
+fn mark_of_environment(socket: &socket2::Socket) -> std::io::Result<()> {
+    let Ok(mark) = std::env::var("DIAL_MARK") else {
+        return Ok(());
+    };
+    let mark = mark
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("DIAL_MARK `{mark}` is not a number")))?;
+    socket.set_mark(mark)
 }
 
 fn udp(addrs: &[SocketAddr], message: &str) -> std::io::Result<Vec<(SocketAddr, String)>> {

@@ -523,7 +523,7 @@ fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Opti
 /// action that it overlaps: that one, or one above it, still decides the packets both
 /// match, and a packet it alone decides is one whose first match is the outranked rule,
 /// or a rule with its action. Otherwise, and when the common matches cannot be written
-/// (a mark, a local rule's selectors), the reason.
+/// (a forwarded rule's mark), the reason.
 fn first_come(
     rule: &Parsed,
     outranked: &[usize],
@@ -543,7 +543,9 @@ fn first_come(
                 || !m.cgroups.is_empty()
                 || !m.classids.is_empty()
         };
-        if selectors(&earlier.matches) || selectors(&rule.matches) {
+        // Rules for local connections may have both (a mark is the socket's there).
+        let both_local = earlier.matches.local && rule.matches.local;
+        if !both_local && (selectors(&earlier.matches) || selectors(&rule.matches)) {
             return Err(format!(
                 "{shadowed} (a rule of their own cannot say which: marks and selectors are \
                  not combined)"
