@@ -30,7 +30,11 @@ fn args(extra: &[&str]) -> RunArgs {
 fn with_file(text: &str, extra: &[&str]) -> Result<Config> {
     let dir = std::env::temp_dir().join(format!("tproxy-config-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{:x}.toml", text.len() * 31 + extra.len()));
+    // Tests run in parallel: each call gets a file of its own (two texts of one length
+    // once raced for the same name).
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{call}.toml"));
     std::fs::write(&path, text).unwrap();
     let path_text = path.to_str().unwrap().to_string();
     let mut argv = vec!["--config", path_text.as_str()];
