@@ -9,6 +9,7 @@
 
 pub(crate) mod fragments;
 pub(crate) mod interfaces;
+pub mod ipset;
 pub(crate) mod local_origin;
 pub(crate) mod pin;
 pub(crate) mod routing;
