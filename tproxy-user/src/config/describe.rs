@@ -49,7 +49,7 @@ impl Config {
                 out,
                 "ipset {name}: {} entries now, read again every {} while running",
                 entries.len(),
-                Human(crate::daemon::ipsets::POLL_INTERVAL)
+                Human(crate::datapath::ipset::POLL_INTERVAL)
             );
         }
         let _ = writeln!(out, "listeners:");

@@ -6,22 +6,15 @@
 //! A set that cannot be read (destroyed, renamed) keeps the rules made of its entries as
 //! last read, with a warning, until it can be read again.
 
-use std::time::Duration;
-
 use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::{
-    config::Config, daemon::reload::reinstall_rules, datapath::ipset::set_prefixes,
-    datapath::steering::Steering, relay::listeners::Relays,
+    config::Config,
+    daemon::reload::reinstall_rules,
+    datapath::ipset::{set_prefixes, POLL_INTERVAL},
+    datapath::steering::Steering,
+    relay::listeners::Relays,
 };
-
-/// How often the followed sets are read. An entry added just now (dnsmasq adds one as it
-/// answers the query) is in force within this time: the first packets to a name just
-/// resolved may go by unsteered until then. A read is one netlink dump (`ipset list` of a
-/// set of 20000 entries, which asks the kernel the same, takes 22 ms with its own start);
-/// the timer runs only when rules follow a set (a timer running while serving costs the
-/// relays' round trips some microseconds, see `serve`).
-pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The timer of the polls, when rules follow sets; never ready without one.
 pub(crate) fn poll_timer(config: &Config) -> Option<Interval> {
@@ -31,6 +24,14 @@ pub(crate) fn poll_timer(config: &Config) -> Option<Interval> {
     let mut timer = tokio::time::interval(POLL_INTERVAL);
     timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     Some(timer)
+}
+
+/// After a reload: starts the timer when rules now follow a set, stops it when none does
+/// (a running timer keeps its pace: requests such as `status` come often).
+pub(crate) fn retime(timer: &mut Option<Interval>, config: &Config) {
+    if timer.is_some() == config.ipset_names.is_empty() {
+        *timer = poll_timer(config);
+    }
 }
 
 /// Waits for the next poll.

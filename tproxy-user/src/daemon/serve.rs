@@ -147,7 +147,7 @@ pub(crate) async fn serve(
             _ = signals.reload.recv() => {
                 let _ = server.reload();
                 server.watch_cgroups(control);
-                ipset_polls = ipsets::poll_timer(&server.config);
+                ipsets::retime(&mut ipset_polls, &server.config);
                 continue;
             }
             Some(request) = control.requests.recv() => {
@@ -156,7 +156,7 @@ pub(crate) async fn serve(
                 }
                 // The request may have been a reload.
                 server.watch_cgroups(control);
-                ipset_polls = ipsets::poll_timer(&server.config);
+                ipsets::retime(&mut ipset_polls, &server.config);
                 continue;
             }
             () = ipsets::due(&mut ipset_polls) => {

@@ -10,7 +10,18 @@ use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use netlink_packet_core::{NetlinkBuffer, NlaBuffer, NlasIterator, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+/// How often the followed sets are read. An entry added just now (dnsmasq adds one as it
+/// answers the query) is in force within this time: the first packets to a name just
+/// resolved may go by unsteered until then. A read is one netlink dump (`ipset list` of a
+/// set of 20000 entries, which asks the kernel the same, takes 22 ms with its own start);
+/// the timer runs only when rules follow a set (a timer running while serving costs the
+/// relays' round trips some microseconds, see `daemon::serve`).
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The set types tproxy reads, as `ipset` names them.
 pub const SUPPORTED_TYPES: &[&str] = &["hash:ip", "hash:net"];
