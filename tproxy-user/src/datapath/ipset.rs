@@ -154,7 +154,8 @@ impl Listing {
                 }
                 _ => {}
             }
-            data = &data[nla_align(length.max(16))..];
+            // The last message of a datagram may end unpadded.
+            data = &data[nla_align(length.max(16)).min(data.len())..];
         }
         Ok(false)
     }
@@ -341,6 +342,21 @@ mod tests {
         let mut listing = Listing::default();
         let missing = listing.read_messages(&bytes(MISSING)).unwrap_err();
         assert!(missing.to_string().contains("no such set"), "{missing}");
+    }
+
+    #[test]
+    fn a_datagram_cut_short_or_ending_unpadded_is_no_panic() {
+        let whole = bytes(EMPTY);
+        for end in 0..whole.len() {
+            let mut listing = Listing::default();
+            let _ = listing.read_messages(&whole[..end]);
+        }
+        // A message of another type, 17 bytes long and unpadded, last in the datagram.
+        let mut unpadded = bytes(EMPTY);
+        unpadded.truncate(0x90);
+        unpadded.extend_from_slice(&bytes("110000000100000001000000000000000a"));
+        let mut listing = Listing::default();
+        assert!(!listing.read_messages(&unpadded).unwrap(), "not done yet");
     }
 
     #[test]
