@@ -37,6 +37,7 @@ impl Config {
             .iter()
             .chain(&self.own_address_rules)
             .chain(&self.anycast_rules)
+            .chain(&self.ipset_rules)
         {
             if let (Some(iface), Interfaces::Named(names)) =
                 (&rule.iface, &self.settings.interfaces)
@@ -58,6 +59,7 @@ impl Config {
         if self.rules.is_empty()
             && self.own_address_rules.is_empty()
             && self.anycast_rules.is_empty()
+            && self.ipset_rules.is_empty()
         {
             bail!(match &args.config {
                 Some(path) => format!(
@@ -123,7 +125,8 @@ impl Config {
         let templates = self
             .own_address_rules
             .iter_mut()
-            .chain(&mut self.anycast_rules);
+            .chain(&mut self.anycast_rules)
+            .chain(&mut self.ipset_rules);
         for rule in self.rules.iter_mut().chain(templates) {
             rule.mark = rules::effective_mark(rule, self.settings.mark)
                 .map_err(|problem| anyhow::anyhow!("rule {}: {problem}", rule.number))?;
@@ -162,9 +165,10 @@ impl Config {
 
     /// Marks each listener with the transports its rules steer to it.
     pub(super) fn mark_listener_transports(&mut self) {
-        // A steer rule for the host's own addresses needs its listener whatever addresses
-        // the host has now.
-        for rule in self.rules.iter().chain(&self.own_address_rules) {
+        // A steer rule for the host's own addresses or a set's entries needs its listener
+        // whatever addresses the host or the set has now.
+        let templates = self.own_address_rules.iter().chain(&self.ipset_rules);
+        for rule in self.rules.iter().chain(templates) {
             if let Action::Steer(index) = rule.action {
                 let listener = &mut self.listeners[index as usize];
                 match rule.transport {
@@ -205,6 +209,7 @@ impl Config {
             .rules
             .iter()
             .chain(&self.own_address_rules)
+            .chain(&self.ipset_rules)
             .find(|rule| steers_to_external(rule) && every_cgroup(rule))
         {
             // With the root cgroup every process is selected, the proxy too: its upstream

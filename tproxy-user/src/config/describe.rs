@@ -44,6 +44,14 @@ impl Config {
                 let _ = writeln!(out, "  selection {index}: {selection}");
             }
         }
+        for (name, entries) in &self.ipset_entries {
+            let _ = writeln!(
+                out,
+                "ipset {name}: {} entries now, read again every {} while running",
+                entries.len(),
+                Human(crate::datapath::ipset::POLL_INTERVAL)
+            );
+        }
         let _ = writeln!(out, "listeners:");
         for listener in &self.listeners {
             let transports = match (listener.tcp, listener.udp) {

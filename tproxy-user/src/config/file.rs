@@ -2,7 +2,7 @@
 //! listeners and split rules, and its errors located (file, line, column and field).
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -40,6 +40,10 @@ pub(super) struct SplitRules {
     pub own_addresses: Vec<Rule>,
     /// For the anycast routes' destinations, with any IPv4 destination.
     pub anycast: Vec<Rule>,
+    /// For kernel ipsets' entries, with any destination of each family.
+    pub ipset: Vec<Rule>,
+    /// The set each of `ipset`'s rules follows, by rule number.
+    pub ipset_names: BTreeMap<usize, String>,
 }
 
 pub(super) struct Location {
@@ -220,8 +224,9 @@ impl ConfigFile {
     }
 
     /// The `[[rule]]`s, each split into single-prefix, single-port-spec rules; apart, those
-    /// for the host's own addresses (`dst = "local"`) and those for anycast routes (`dst =
-    /// "anycast"`), with any destination of their family in place of what they follow.
+    /// for the host's own addresses (`dst = "local"`), those for anycast routes (`dst =
+    /// "anycast"`) and those for ipsets (`dst = "ipset:NAME"`), with any destination of
+    /// their family in place of what they follow.
     pub(super) fn rules(&self, listeners: &[ListenerConfig], at: At) -> Result<SplitRules> {
         let mut split_rules = SplitRules::default();
         for (i, spanned) in self.rules.iter().enumerate() {
@@ -230,6 +235,10 @@ impl ConfigFile {
             match entry.dst {
                 Some(Destinations::Local { .. }) => split_rules.own_addresses.extend(split),
                 Some(Destinations::Anycast) => split_rules.anycast.extend(split),
+                Some(Destinations::Ipset(ref name)) => {
+                    split_rules.ipset_names.insert(i + 1, name.clone());
+                    split_rules.ipset.extend(split)
+                }
                 _ => split_rules.fixed.extend(split),
             }
         }
@@ -384,6 +393,12 @@ impl RuleEntry {
                     bail!("{where_}: rule[{number}].dst: \"anycast\" (IPv4 routes) with IPv6 sources");
                 }
                 any_destination().into_iter().filter(|d| d.addr().is_ipv4()).collect()
+            }
+            // Each entry takes the place of its family's destination (see
+            // `Config::set_ipset_entries`).
+            Some(Destinations::Ipset(_)) => {
+                let families: HashSet<bool> = sources.iter().flatten().map(|s| s.addr().is_ipv6()).collect();
+                any_destination().into_iter().filter(|d| families.is_empty() || families.contains(&d.addr().is_ipv6())).collect()
             }
             // Each address takes the place of its family's destination (see
             // `Config::set_own_addresses`).

@@ -21,7 +21,7 @@ mod tests;
 mod text;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::Path,
 };
@@ -96,6 +96,14 @@ pub struct Config {
     pub anycast_rules: Vec<Rule>,
     /// The destinations the local table's anycast routes take, as last listed (sorted).
     pub anycast_destinations: Vec<IpNet>,
+    /// The rules for kernel ipsets' entries (`dst = "ipset:NAME"`), with any destination of
+    /// each family in place of the entries: `rules` holds them once per entry of their set
+    /// in [`Config::ipset_entries`].
+    pub ipset_rules: Vec<Rule>,
+    /// The set each of `ipset_rules` follows, by rule number.
+    pub ipset_names: BTreeMap<usize, String>,
+    /// Each followed set's entries as last read (sorted), by name.
+    pub ipset_entries: BTreeMap<String, Vec<IpNet>>,
     /// The sets of local processes the rules for local connections (origin `local` or
     /// `any`) apply to, each rule's by its `selection`; `None` when no rule is for them.
     pub local: Option<LocalSelections>,
@@ -152,6 +160,11 @@ impl Config {
                     .context("listing the anycast routes for dst = \"anycast\"")?,
             );
         }
+        for name in config.followed_ipsets() {
+            let entries = crate::datapath::ipset::set_prefixes(&name)
+                .with_context(|| format!("dst = \"ipset:{name}\""))?;
+            config.set_ipset_entries(&name, entries);
+        }
         config.mark_listener_transports();
         config.check_listener_addresses()?;
         Ok(config)
@@ -182,6 +195,9 @@ impl Config {
             own_addresses: Vec::new(),
             anycast_rules: Vec::new(),
             anycast_destinations: Vec::new(),
+            ipset_rules: Vec::new(),
+            ipset_names: BTreeMap::new(),
+            ipset_entries: BTreeMap::new(),
             local: None,
         };
         let mut file_selections = Vec::new();
@@ -194,6 +210,8 @@ impl Config {
             config.rules = split.fixed;
             config.own_address_rules = split.own_addresses;
             config.anycast_rules = split.anycast;
+            config.ipset_rules = split.ipset;
+            config.ipset_names = split.ipset_names;
             file_selections = raw.local_selections(&at)?;
         }
         config.add_flag_rules(args)?;
@@ -230,6 +248,31 @@ impl Config {
         put_followed(&mut self.rules, &self.anycast_rules, &destinations);
         self.anycast_destinations = destinations;
         !self.anycast_rules.is_empty()
+    }
+
+    /// The names of the ipsets that rules follow, each once.
+    pub fn followed_ipsets(&self) -> Vec<String> {
+        let names: std::collections::BTreeSet<&String> = self.ipset_names.values().collect();
+        names.into_iter().cloned().collect()
+    }
+
+    /// Puts the rules for ipset `name` in `rules` for `entries`, in place of those for the
+    /// entries read before. Returns whether that changed the rules.
+    pub fn set_ipset_entries(&mut self, name: &str, mut entries: Vec<IpNet>) -> bool {
+        entries.sort_unstable();
+        entries.dedup();
+        if self.ipset_entries.get(name) == Some(&entries) {
+            return false;
+        }
+        let templates: Vec<Rule> = self
+            .ipset_rules
+            .iter()
+            .filter(|rule| self.ipset_names.get(&rule.number).map(String::as_str) == Some(name))
+            .cloned()
+            .collect();
+        put_followed(&mut self.rules, &templates, &entries);
+        self.ipset_entries.insert(name.to_string(), entries);
+        !templates.is_empty()
     }
 
     /// The processes each rule for local connections applies to: `--local`'s (`--cgroup`,
@@ -280,6 +323,7 @@ impl Config {
             .iter_mut()
             .chain(&mut self.own_address_rules)
             .chain(&mut self.anycast_rules)
+            .chain(&mut self.ipset_rules)
         {
             if let Some(&selection) = index.get(&rule.number) {
                 rule.selection = selection;

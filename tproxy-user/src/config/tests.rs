@@ -1066,3 +1066,83 @@ fn a_mark_on_a_rule_for_the_hosts_own_addresses_is_checked_too() {
         "{local_own_bits:#}"
     );
 }
+
+#[test]
+fn an_ipset_destination_follows_the_entries_it_is_given() {
+    let text = r#"
+interfaces = "all"
+
+[[listener]]
+name = "proxy"
+
+[[rule]]
+proto = ["tcp", "udp"]
+dst = "ipset:gfwlist"
+action = "steer"
+
+[[rule]]
+proto = "tcp"
+src = "192.168.1.0/24"
+dst = "ipset:direct"
+ports = 443
+action = "bypass"
+"#;
+    let file = RunArgs {
+        config: Some("sets.toml".into()),
+        ..RunArgs::default()
+    };
+    let mut config = Config::from_text(&file, text).unwrap();
+    assert!(config.rules.is_empty(), "nothing until the sets are read");
+    assert_eq!(config.followed_ipsets(), ["direct", "gfwlist"]);
+    // Both families for the steer rule, the source's for the bypass.
+    assert_eq!(config.ipset_rules.len(), 5);
+    let shown = |config: &Config| -> Vec<String> {
+        let mut rules: Vec<String> = config
+            .rules
+            .iter()
+            .map(|r| format!("{} #{}", r, r.number))
+            .collect();
+        rules.sort();
+        rules
+    };
+    let gfwlist: Vec<IpNet> = vec![
+        "8.8.8.0/24".parse().unwrap(),
+        "2001:db8::1/128".parse().unwrap(),
+    ];
+    assert!(config.set_ipset_entries("gfwlist", gfwlist.clone()));
+    assert!(
+        !config.set_ipset_entries("gfwlist", gfwlist),
+        "nothing changed"
+    );
+    assert!(config.set_ipset_entries("direct", vec!["8.8.8.8/32".parse().unwrap()]));
+    assert_eq!(
+        shown(&config),
+        [
+            "tcp dst 2001:db8::1/128 port any #1",
+            "tcp dst 8.8.8.0/24 port any #1",
+            "tcp dst 8.8.8.8/32 port 443 src 192.168.1.0/24 #2",
+            "udp dst 2001:db8::1/128 port any #1",
+            "udp dst 8.8.8.0/24 port any #1",
+        ]
+    );
+    // A set emptied takes its rules away, and leaves the other set's alone.
+    assert!(config.set_ipset_entries("gfwlist", Vec::new()));
+    assert_eq!(
+        shown(&config),
+        ["tcp dst 8.8.8.8/32 port 443 src 192.168.1.0/24 #2"]
+    );
+    config.mark_listener_transports();
+    assert!(
+        config.listeners[0].tcp && config.listeners[0].udp,
+        "the listener whatever the set holds"
+    );
+
+    for bad in ["ipset:", "ipset:a b", &format!("ipset:{}", "x".repeat(32))] {
+        let text = format!("[[rule]]\nproto = \"tcp\"\ndst = \"{bad}\"\naction = \"bypass\"\n");
+        let refused = Config::from_text(&file, &text).unwrap_err().to_string();
+        assert!(
+            refused.contains("an ipset name has 1 to 31 characters"),
+            "{refused}"
+        );
+    }
+}

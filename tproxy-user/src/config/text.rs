@@ -341,7 +341,8 @@ impl<'de> Deserialize<'de> for InterfaceList {
     }
 }
 
-/// A rule's `dst`: prefixes, `"local"`, the host's own addresses, or `"anycast"`.
+/// A rule's `dst`: prefixes, `"local"`, the host's own addresses, `"anycast"`, or
+/// `"ipset:NAME"`, a kernel ipset's entries.
 #[derive(Debug)]
 pub enum Destinations {
     Prefixes(Vec<IpNet>),
@@ -354,7 +355,13 @@ pub enum Destinations {
     /// The IPv4 destinations that `anycast` routes of the local routing table take, followed
     /// as they change (what `-m addrtype --dst-type ANYCAST` matches).
     Anycast,
+    /// The entries of the kernel ipset of this name (`hash:ip` or `hash:net`), followed as
+    /// they change (what `-m set --match-set NAME dst` matches).
+    Ipset(String),
 }
+
+/// What names a kernel ipset in a rule's `dst`: `"ipset:NAME"`.
+pub(super) const IPSET_PREFIX: &str = "ipset:";
 
 impl<'de> Deserialize<'de> for Destinations {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -363,7 +370,7 @@ impl<'de> Deserialize<'de> for Destinations {
             type Value = Destinations;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str(
-                    "a prefix like \"10.0.0.0/8\", a list of them, \"local\" (\"local-ipv4\", \"local-ipv6\") or \"anycast\"",
+                    "a prefix like \"10.0.0.0/8\", a list of them, \"local\" (\"local-ipv4\", \"local-ipv6\"), \"anycast\" or \"ipset:NAME\"",
                 )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Destinations, E> {
@@ -381,6 +388,20 @@ impl<'de> Deserialize<'de> for Destinations {
                         ipv6: true,
                     }),
                     "anycast" => Ok(Destinations::Anycast),
+                    named if named.starts_with(IPSET_PREFIX) => {
+                        let name = &named[IPSET_PREFIX.len()..];
+                        // As the kernel takes them: IPSET_MAXNAMELEN with the NUL.
+                        if name.is_empty()
+                            || name.len() > 31
+                            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+                        {
+                            return Err(E::custom(format!(
+                                "`{}`: an ipset name has 1 to 31 characters, without spaces",
+                                named.escape_debug()
+                            )));
+                        }
+                        Ok(Destinations::Ipset(name.to_string()))
+                    }
                     prefix => ListVisitor::<IpNet>(PhantomData)
                         .visit_str(prefix)
                         .map(Destinations::Prefixes),

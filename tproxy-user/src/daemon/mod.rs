@@ -7,6 +7,7 @@ pub(crate) mod addresses;
 pub(crate) mod cgroups;
 pub(crate) mod control;
 pub mod instance;
+pub(crate) mod ipsets;
 pub(crate) mod links;
 pub(crate) mod privileges;
 pub(crate) mod ready;

@@ -4,7 +4,7 @@
 //! - `CAP_NET_ADMIN`: IP_TRANSPARENT on the sockets it keeps creating (UDP reply sockets,
 //!   transparent upstream connections, listeners added by a reload), attaching the loaded
 //!   program to interfaces that appear and match a pattern, and removing its policy
-//!   routing over netlink at exit;
+//!   routing over netlink at exit, and listing the kernel ipsets that rules follow;
 //! - `CAP_NET_BIND_SERVICE`: binding a UDP reply socket to its original destination's port,
 //!   which is privileged for DNS (53), NTP (123) and the like; without it every session on
 //!   such a port would fall back to raw replies;

@@ -17,6 +17,7 @@ use crate::{
 use crate::{
     daemon::addresses::{self, AddressWatch},
     daemon::cgroups::{self, CgroupWatch},
+    daemon::ipsets,
     daemon::links::{self, LinkWatch},
     daemon::reload::{reinstall_rules, reload},
     relay::external::socket_statuses,
@@ -134,6 +135,7 @@ pub(crate) async fn serve(
     // round trip rose from 52 to 55–75 µs (sockperf ping-pong through the router topology).
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ipset_polls = ipsets::poll_timer(&server.config);
     loop {
         let signalled = tokio::select! {
             _ = signals.interrupt.recv() => true,
@@ -145,6 +147,7 @@ pub(crate) async fn serve(
             _ = signals.reload.recv() => {
                 let _ = server.reload();
                 server.watch_cgroups(control);
+                ipsets::retime(&mut ipset_polls, &server.config);
                 continue;
             }
             Some(request) = control.requests.recv() => {
@@ -153,6 +156,11 @@ pub(crate) async fn serve(
                 }
                 // The request may have been a reload.
                 server.watch_cgroups(control);
+                ipsets::retime(&mut ipset_polls, &server.config);
+                continue;
+            }
+            () = ipsets::due(&mut ipset_polls) => {
+                server.follow_ipsets();
                 continue;
             }
             Some(()) = links::changed(&mut control.links) => {
@@ -224,6 +232,14 @@ impl Server<'_, '_> {
     fn follow_addresses(&mut self) {
         if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
             addresses::follow(&mut self.config, &mut self.relays, steering);
+        }
+    }
+
+    /// Time to read the followed ipsets again: their rules follow (while serving only, as
+    /// the addresses).
+    fn follow_ipsets(&mut self) {
+        if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
+            ipsets::follow(&mut self.config, &mut self.relays, steering);
         }
     }
 

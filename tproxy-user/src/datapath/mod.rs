@@ -2,13 +2,14 @@
 //!
 //! packet → `steering` (the program's decision, with the rules [`rules`] compiled into its
 //! maps) → `routing` (the mark's policy routing delivers it locally) → a listener.
-//! `interfaces` resolves where it attaches; `local_origin` attaches the connect programs that
+//! `interfaces` resolves where it attaches; `ipset` reads the kernel ipsets rules follow; `local_origin` attaches the connect programs that
 //! send selected local processes' connections over `lo` to it; `pin` keeps the program, maps and links across
 //! restarts; `fragments` empties the program's fragment tracking of datagrams whose time is
 //! up.
 
 pub(crate) mod fragments;
 pub(crate) mod interfaces;
+pub mod ipset;
 pub(crate) mod local_origin;
 pub(crate) mod pin;
 pub(crate) mod routing;

@@ -555,7 +555,21 @@ fn first_come(
             Narrowed::Both(both) => *both,
             Narrowed::Neither => continue,
             Narrowed::Inexpressible => {
-                return Err(format!("{shadowed} (a rule of their own cannot say which)"))
+                if let Some(set) = earlier
+                    .matches
+                    .dst_set
+                    .as_ref()
+                    .or(rule.matches.dst_set.as_ref())
+                {
+                    // Which entries the set will hold is known only at run time: one may
+                    // be shorter or longer than the other rule's prefixes.
+                    return Err(format!(
+                        "{shadowed} (set {set}'s entries, followed as they change, rank in \
+                         tproxy by their own prefix lengths, and a rule of their own cannot \
+                         name both the set and a prefix)"
+                    ));
+                }
+                return Err(format!("{shadowed} (a rule of their own cannot say which)"));
             }
         };
         if both.dst_anycast && listener.is_some() {
@@ -764,9 +778,13 @@ fn write_matches(out: &mut String, m: &Match) {
     }
 }
 
-/// `dst`: the prefixes, the family's whole space, the host's own addresses or the anycast
-/// routes' destinations.
+/// `dst`: the prefixes, the family's whole space, the host's own addresses, the anycast
+/// routes' destinations or a followed ipset's entries.
 fn write_destination(out: &mut String, m: &Match) {
+    if let Some(name) = &m.dst_set {
+        let _ = writeln!(out, "dst = {}", quote(&format!("ipset:{name}")));
+        return;
+    }
     if m.dst_anycast {
         let _ = writeln!(out, "dst = \"anycast\"");
         return;

@@ -226,6 +226,7 @@ fn routed_elsewhere_guard(rule: &Parsed, context: &Match, depth: usize) -> Resul
         && !m.excludes()
         && m.mark.is_none()
         && !m.dst_local
+        && m.dst_set.is_none()
         && m.uids.is_empty()
         && m.gids.is_empty()
         && m.cgroups.is_empty()
@@ -288,6 +289,15 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
     if (dst_local || dst_anycast) && !dst.is_empty() || dst_local && dst_anycast {
         // Which of the host's addresses and the anycast routes' destinations lie in the
         // prefixes, or in each other, is known only at run time.
+        return Err(());
+    }
+    let dst_set = match (&context.dst_set, &rule.dst_set) {
+        (Some(a), Some(b)) if a != b => return Err(()),
+        (a, b) => b.clone().or(a.clone()),
+    };
+    if dst_set.is_some() && (!dst.is_empty() || dst_local || dst_anycast) {
+        // Which of the set's entries lie in the prefixes (or are the host's addresses) is
+        // known only at run time, and a rule names one set.
         return Err(());
     }
     let Some(src) = both_prefixes(&context.src, &rule.src, family) else {
@@ -365,6 +375,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         dst,
         dst_local,
         dst_anycast,
+        dst_set,
         dst_types: None,
         src,
         ports,

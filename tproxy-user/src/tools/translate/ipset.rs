@@ -1,7 +1,9 @@
-//! `ipset save` output (`--ipset-file`): the contents of the sets that iptables rules name
-//! with `-m set --match-set NAME dst|src`, so that those rules translate into the sets'
-//! prefixes. The sets are read as they were saved: tproxy does not follow later changes
-//! (a set that dnsmasq fills as names resolve does not translate).
+//! The sets that iptables rules name with `-m set --match-set NAME dst|src`. Those whose
+//! entries `ipset save` output gives (`--ipset-file`) translate into their prefixes, read
+//! as they were saved (tproxy does not follow later changes to them). Those it does not
+//! give, or gives without entries (a set that dnsmasq fills as names resolve is empty when
+//! the rules are saved), become `dst = "ipset:NAME"`: tproxy reads the kernel's set while
+//! it runs and follows its changes.
 
 use std::collections::HashMap;
 
@@ -90,7 +92,11 @@ pub(super) fn parse(text: &str) -> Result<IpSets> {
 }
 
 /// `--match-set NAME FLAGS` (after a `!` when `negated`): the set's prefixes as the rule's
-/// destinations or sources, or those it excludes.
+/// destinations or sources, or those it excludes; or, for a set that `--ipset-file` does not
+/// give or gives without entries (a set filled at run time, by dnsmasq for instance, looks
+/// so when saved), the set itself as the rule's destinations, which tproxy follows while it
+/// runs (`dst = "ipset:NAME"`). Whether the rule's place among the others survives tproxy's
+/// precedence for any entries the set may hold is `emit`'s to check.
 pub(super) fn match_set(
     m: &mut Match,
     sets: &IpSets,
@@ -99,12 +105,8 @@ pub(super) fn match_set(
     negated: bool,
 ) -> Result<(), String> {
     let prefixes = match sets.get(name) {
-        None if sets.is_empty() => {
-            return Err(format!(
-                "`-m set` (set {name}): give the sets with --ipset-file (`ipset save` output)"
-            ))
-        }
-        None => return Err(format!("set {name} is not in the --ipset-file")),
+        None => return follow_set(m, name, flags, negated),
+        Some(Ok(prefixes)) if prefixes.is_empty() => return follow_set(m, name, flags, negated),
         Some(Err(why)) => return Err(why.clone()),
         Some(Ok(prefixes)) => prefixes,
     };
@@ -119,8 +121,7 @@ pub(super) fn match_set(
         .collect();
     if prefixes.is_empty() && !negated {
         return Err(format!(
-            "set {name} holds no entry of the rule's address family as saved (one filled at run \
-             time, by dnsmasq for instance, cannot be translated)"
+            "set {name} holds no entry of the rule's address family as saved"
         ));
     }
     let (positive, excluded) = match flags {
@@ -143,4 +144,37 @@ pub(super) fn match_set(
         ));
     }
     Ok(())
+}
+
+/// `--match-set NAME dst` of a set whose entries are not given: the rule's destinations are
+/// the set's, followed while tproxy runs. Only a positive match on destinations is.
+fn follow_set(m: &mut Match, name: &str, flags: &str, negated: bool) -> Result<(), String> {
+    let unknown = "its entries are not given (an `ipset save` with them, --ipset-file, \
+                   translates into their prefixes as saved)";
+    if negated {
+        return Err(format!(
+            "`! --match-set {name}`: {unknown}, and tproxy follows a set only as a rule's \
+             destinations, not as an exclusion"
+        ));
+    }
+    if flags != "dst" {
+        return Err(format!(
+            "`--match-set {name} {flags}`: {unknown}, and tproxy follows a set only as a \
+             rule's destinations (`--match-set {name} dst`)"
+        ));
+    }
+    if !m.dst.is_empty() || m.dst_set.is_some() {
+        return Err(format!(
+            "set {name} and another destination match: translate does not intersect them"
+        ));
+    }
+    if !name.is_empty()
+        && name.len() < 32
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        m.dst_set = Some(name.to_string());
+        Ok(())
+    } else {
+        Err(format!("`{}` is not an ipset name", name.escape_debug()))
+    }
 }

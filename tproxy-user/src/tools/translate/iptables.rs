@@ -353,6 +353,14 @@ fn parse_rule(
         );
     }
     let target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
+    if let Some(set) = &m.dst_set {
+        if !m.dst.is_empty() || !m.not_dst.is_empty() || m.dst_types.is_some() {
+            return Err(format!(
+                "set {set} and another destination match in one rule: translate does not \
+                 intersect them"
+            ));
+        }
+    }
     if let Some(types) = &m.dst_types {
         if !m.dst.is_empty() || !m.not_dst.is_empty() {
             return Err("`--dst-type` and destination prefixes in one rule".into());

@@ -145,6 +145,10 @@ struct Match {
     /// --dst-type ANYCAST`): `dst` is then empty, and the rule a bypass written with `dst =
     /// "anycast"`, which tproxy keeps up to date with the routes.
     dst_anycast: bool,
+    /// The destination is in the kernel ipset of this name, which tproxy follows while it
+    /// runs (`-m set --match-set NAME dst` of a set that `--ipset-file` does not fill, see
+    /// `ipset`): `dst` is then empty, and the rule is written with `dst = "ipset:NAME"`.
+    dst_set: Option<String>,
     /// The address types `-m addrtype --dst-type` names: the parser makes a rule of each
     /// (see `iptables::by_address_type`), so this is `None` in the model's rules.
     dst_types: Option<Vec<AddressType>>,
@@ -288,6 +292,13 @@ pub fn translate_with_sets(input: &str, keep_proxies: bool, ipsets: &str) -> Res
              `nft list ruleset` output (with `table … {{` blocks)"
         ),
     };
+    let followed: std::collections::BTreeSet<String> = ruleset
+        .chains
+        .values()
+        .flatten()
+        .flatten()
+        .filter_map(|rule| rule.matches.dst_set.clone())
+        .collect();
     let mut translation = emit::emit(
         ruleset,
         if is_nft {
@@ -297,11 +308,28 @@ pub fn translate_with_sets(input: &str, keep_proxies: bool, ipsets: &str) -> Res
         },
         keep_proxies,
     );
-    if !sets.is_empty() {
+    if sets
+        .values()
+        .any(|set| set.as_ref().is_ok_and(|entries| !entries.is_empty()))
+    {
         translation.notes.push(
-            "the ipsets' entries were read from --ipset-file as saved; tproxy's rules do not              follow later changes to the sets: translate again after changing them"
+            "the ipsets' entries were read from --ipset-file as saved; tproxy's rules do not \
+             follow later changes to those sets: translate again after changing them"
                 .into(),
         );
+    }
+    let followed: Vec<String> = followed
+        .into_iter()
+        .filter(|name| translation.config.contains(&format!("\"ipset:{name}\"")))
+        .collect();
+    if !followed.is_empty() {
+        translation.notes.push(format!(
+            "ipset {} (`dst = \"ipset:NAME\"`): tproxy reads the kernel's set while it runs \
+             and follows its entries as they change; the set must exist when tproxy starts, so \
+             keep the script's `ipset create` (and what fills the set, dnsmasq's `ipset=` for \
+             instance)",
+            followed.join(", ")
+        ));
     }
     Ok(translation)
 }

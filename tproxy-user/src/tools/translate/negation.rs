@@ -60,6 +60,16 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
                 continue;
             }
         };
+        if let (Some(set), false) = (&rule.matches.dst_set, rule.matches.not_dst.is_empty()) {
+            // The hole would be the excluded prefixes within the set's entries, which are
+            // known only at run time.
+            out.push(Err(format!(
+                "line {}: {}: a destination excluded from set {set}'s entries, which tproxy \
+                 follows as they change: a rule cannot say which entries lie in it",
+                rule.line, rule.text
+            )));
+            continue;
+        }
         let Some((holes, rest)) = holes_and_rest(&rule) else {
             notes.push(format!(
                 "line {}: `{}` never matches: it excludes everything it matches; left out",

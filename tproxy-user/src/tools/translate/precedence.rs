@@ -162,6 +162,10 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
     if outer.dst_local && !inner.dst_local || outer.dst_anycast && !inner.dst_anycast {
         return false;
     }
+    // A set's entries are known only at run time: only the same set covers them.
+    if outer.dst_set.is_some() && outer.dst_set != inner.dst_set {
+        return false;
+    }
     let transports = transports_of(inner)
         .iter()
         .all(|t| transports_of(outer).contains(t));
@@ -293,8 +297,15 @@ fn more_specific_in(later: &Match, earlier: &Match, family: Family) -> bool {
 
 /// The lengths of `m`'s destination prefixes of `family`: the host's addresses are
 /// full-length ones, the anycast routes' (IPv4) of any length, so both the shortest and the
-/// longest.
+/// longest, and a followed set's entries of any length but 0 (the kernel refuses a `/0`
+/// entry).
 fn destination_lengths(m: &Match, family: Family) -> Vec<u8> {
+    if m.dst_set.is_some() {
+        return match family {
+            Family::V4 => vec![1, 32],
+            Family::V6 => vec![1, 128],
+        };
+    }
     if m.dst_anycast {
         return match family {
             Family::V4 => vec![0, 32],
@@ -351,9 +362,10 @@ impl ShadowIndex {
     /// that it does, and some that it does not.
     pub(super) fn candidates(&self, m: &Match, count: usize) -> Vec<usize> {
         let prefixes = destination_prefixes(m);
-        // The host's addresses may lie inside any rule's prefixes.
+        // The host's addresses, and a set's entries, may lie inside any rule's prefixes.
         if m.dst_local
             || m.dst_anycast
+            || m.dst_set.is_some()
             || prefixes
                 .iter()
                 .any(|p| p.prefix_len() != prefixes[0].prefix_len())

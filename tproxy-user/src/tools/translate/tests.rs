@@ -1695,10 +1695,10 @@ fn ipsets_from_ipset_save_become_prefixes() {
 *mangle
 -A PREROUTING -p udp -m set --match-set lan src -m set ! --match-set proxied dst -j TPROXY --on-port 2
 -A PREROUTING -p tcp -m set --match-set proxied dst -j TPROXY --on-port 1
--A PREROUTING -p udp -m set --match-set empty dst -j TPROXY --on-port 1
+-A PREROUTING -p tcp -m set --match-set empty dst -j TPROXY --on-port 1
 -A PREROUTING -p udp -m set --match-set ports dst -j TPROXY --on-port 1
 -A PREROUTING -p udp -m set --match-set holes dst -j TPROXY --on-port 1
--A PREROUTING -p udp -m set --match-set missing dst -j TPROXY --on-port 1
+-A PREROUTING -p tcp -m set --match-set missing dst -j TPROXY --on-port 1
 -A PREROUTING -p udp -m set --match-set proxied dst,dst -j TPROXY --on-port 1
 COMMIT
 ";
@@ -1709,17 +1709,19 @@ COMMIT
         .map(|s| s.split(':').next().unwrap())
         .collect();
     skipped.sort_unstable();
-    assert_eq!(
-        skipped,
-        ["line 4", "line 5", "line 6", "line 7", "line 8"],
-        "{:?}",
-        t.skipped
-    );
+    assert_eq!(skipped, ["line 5", "line 6", "line 8"], "{:?}", t.skipped);
+    // A set saved without entries, or not saved, is filled at run time: followed.
+    for (line, set) in [("line 4", "empty"), ("line 7", "missing")] {
+        assert!(
+            t.config.contains(&format!("# {line}: "))
+                && t.config.contains(&format!("dst = \"ipset:{set}\"")),
+            "{}",
+            t.config
+        );
+    }
     for (line, reason) in [
-        ("line 4", "no entry"),
         ("line 5", "bitmap:port"),
         ("line 6", "nomatch"),
-        ("line 7", "not in the --ipset-file"),
         ("line 8", "dst,dst"),
     ] {
         assert!(
@@ -1749,15 +1751,108 @@ COMMIT
         t.notes
     );
 
+    // Without the file, the sets matched as destinations are followed (a set of another
+    // type is refused by `check` and `run`, which read it), the source set is not.
     let t = translate(input).unwrap();
+    let mut skipped: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    skipped.sort_unstable();
+    assert_eq!(skipped, ["line 2", "line 8"], "{:?}", t.skipped);
     assert!(
-        t.skipped
-            .iter()
-            .all(|s| s.contains("give the sets with --ipset-file")),
+        t.skipped[0].contains("tproxy follows a set only as a rule's destinations"),
         "{:?}",
         t.skipped
     );
     assert!(translate_with_sets(input, false, "add nowhere 10.0.0.1\n").is_err());
+}
+
+/// Sets whose entries are not given (filled at run time) become `dst = "ipset:NAME"` where
+/// tproxy's precedence (longest destination prefix first) decides as iptables' order does
+/// whatever entries the set holds, and are refused, saying why, where it may not.
+#[test]
+fn ipsets_filled_at_run_time_are_followed_where_precedence_cannot_differ() {
+    let followed = |rules: &str| translate(&format!("*mangle\n{rules}COMMIT\n")).unwrap();
+    // One action for every rule: nothing to outrank.
+    let t = followed(
+        "-A PREROUTING -p tcp -m set --match-set gfwlist dst -j TPROXY --on-port 1081\n\
+         -A PREROUTING -p tcp -m set --match-set gfwlist_ext dst -j TPROXY --on-port 1081\n",
+    );
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("proto = [\"tcp\"]\ndst = \"ipset:gfwlist\"\naction = \"steer\"")
+            && t.config.contains("dst = \"ipset:gfwlist_ext\""),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("ipset gfwlist, gfwlist_ext") && n.contains("must exist")),
+        "{:?}",
+        t.notes
+    );
+    // An earlier rule for every destination: its packets in the set keep its action in a
+    // rule of their own, which names the set too and so ranks with its entries.
+    let t = followed(
+        "-A PREROUTING -p udp --dport 53 -j RETURN\n\
+         -A PREROUTING -p udp -m set --match-set gfwlist dst -j TPROXY --on-port 1081\n",
+    );
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("dst = \"ipset:gfwlist\"\nports = [53]\naction = \"bypass\""),
+        "{}",
+        t.config
+    );
+    // An entry may be shorter than a later rule's prefix (8.8.0.0/16 around 8.8.8.8), or
+    // longer than an earlier one's (10.1.0.0/16 inside 10.0.0.0/8): tproxy would decide
+    // those packets by the longer prefix, not by the order.
+    for rules in [
+        "-A PREROUTING -m set --match-set direct dst -j RETURN\n\
+         -A PREROUTING -p tcp -d 8.8.8.8 -j TPROXY --on-port 1081\n",
+        "-A PREROUTING -p tcp -d 10.0.0.0/8 -j TPROXY --on-port 1081\n\
+         -A PREROUTING -m set --match-set direct dst -j RETURN\n",
+    ] {
+        let t = followed(rules);
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.contains("set direct's entries, followed as they change, rank in tproxy by their own prefix lengths")),
+            "{rules}: {:?}",
+            t.skipped
+        );
+    }
+    for (rule, reason) in [
+        (
+            "-m set ! --match-set direct dst -j RETURN",
+            "not as an exclusion",
+        ),
+        (
+            "-m set --match-set lan src -j TPROXY --on-port 1",
+            "only as a rule's destinations",
+        ),
+        (
+            "-d 10.0.0.0/8 -m set --match-set direct dst -j RETURN",
+            "another destination match",
+        ),
+        (
+            "-m set --match-set direct dst -d 10.0.0.0/8 -j RETURN",
+            "another destination match",
+        ),
+    ] {
+        let t = followed(&format!(
+            "-A PREROUTING -p tcp {rule}\n-A PREROUTING -p tcp -j TPROXY --on-port 1\n"
+        ));
+        assert!(
+            t.skipped.iter().any(|s| s.contains(reason)),
+            "{rule}: {:?}",
+            t.skipped
+        );
+    }
 }
 
 /// A multiport rule is one rule per port spec in tproxy, each ranked on its own: a later
