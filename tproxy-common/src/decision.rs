@@ -190,8 +190,8 @@ const fn is_match(verdict: &Verdict) -> bool {
 
 /// The mark stage (see [`crate::maps::MARK_RULES`]): of the first `table.len` rules, those
 /// matching `packet` each replace `best` when they outrank it. Updated in place, and a
-/// bounded loop reading the packet from memory (the program's per-CPU scratch map) in each
-/// round, so that the program's stack does not grow: the packet's dozen values, hoisted out
+/// bounded loop reading the packet from memory (the classifier's per-CPU scratch map, the
+/// connect programs' socket storage) in each round, so that the program's stack does not grow: the packet's dozen values, hoisted out
 /// of the loop, would not fit in registers. The loader's oracle runs the same code.
 ///
 /// `LOCAL`: the packet is a local connection's, looked up under its selection's index

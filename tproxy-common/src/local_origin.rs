@@ -289,8 +289,8 @@ pub struct SelectedCgroup {
 }
 
 /// The processes one selection's rules apply to (an entry of [`SELECTIONS_MAP`]): those in
-/// one of its cgroups (or below) that run as one of its users and are in one of its net_cls
-/// classes.
+/// one of its cgroups (or below) that run as one of its users, in one of its groups, and
+/// are in one of its net_cls classes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Selection {

@@ -129,9 +129,8 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
     let udp = udp(ctx);
     let rule = decide(ctx, |ifindex, mark, pending| {
         if let Some(udp) = udp {
-            let generation = active_generation();
             match_rules_into::<4, false>(
-                generation,
+                pending.generation,
                 &RULES_DST_V4,
                 &RULES_SRC_V4,
                 udp,
@@ -162,9 +161,8 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
     let udp = udp(ctx);
     let rule = decide(ctx, |ifindex, mark, pending| {
         if let Some(udp) = udp {
-            let generation = active_generation();
             match_rules_into::<16, false>(
-                generation,
+                pending.generation,
                 &RULES_DST_V6,
                 &RULES_SRC_V6,
                 udp,
@@ -221,6 +219,10 @@ fn served(listener_index: u32, kind: ListenerSlot) -> bool {
 struct Pending {
     best: Verdict,
     selected: u32,
+    /// The rules' generation, read once per decision: a reload between the selections'
+    /// lookups (or between the lookups and the mark stage) would otherwise compare the
+    /// answers of two rule sets by rank.
+    generation: u32,
     packet: MarkedPacket,
 }
 
@@ -237,7 +239,7 @@ fn match_local_mark_rules<const N: usize>(
     port: u16,
 ) {
     let Some(marks) = MARK_RULES
-        .get(active_generation())
+        .get(pending.generation)
         .filter(|marks| marks.len != 0)
     else {
         return;
@@ -285,7 +287,10 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Pending)) -> Option
     }
     // SAFETY: as above.
     let pending = unsafe { &mut *pending };
-    *pending = Pending::default();
+    *pending = Pending {
+        generation: active_generation(),
+        ..Pending::default()
+    };
     // SAFETY: in a sock_addr program the helper takes no argument (the kernel's variant for
     // the current task ignores the register) and answers the task's net_cls class id, 0
     // outside any class.

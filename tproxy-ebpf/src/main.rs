@@ -362,8 +362,9 @@ pub(crate) fn active_generation() -> u32 {
 /// As [`match_rules`], for the rules of `generation`, keeping the answer in `best` if it
 /// outranks what is there: the connect programs ask once per selection the process is in
 /// (`ifindex`: the selection's), and the best-ranked answer wins. `MARKS`: whether the mark
-/// rules are asked too (the connect programs leave them out: no mark rule goes with rules
-/// for local connections, and eight selections' mark loops would be more than the verifier
+/// rules are asked too in the same call (the connect programs ask them in a function of
+/// their own, `local_origin::match_local_mark_rules`, whose packet lives in the socket's
+/// storage: inlined here, eight selections' mark loops would be more than the verifier
 /// walks).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]

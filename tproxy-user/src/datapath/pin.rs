@@ -84,12 +84,16 @@ impl PinnedState {
 
     /// Unpins the maps an earlier version pinned with another layout: the counters map with
     /// another length (the program counts more outcomes now), whose numbers today's layout
-    /// would misread (the counts start again from zero), and the rules tried one by one with
-    /// entries of another size, which the program cannot be loaded with (the rules are
-    /// written again anyway). The next load creates and pins new ones.
+    /// would misread (the counts start again from zero), and the rules tried one by one and
+    /// the local selections with entries of another size, which the programs cannot be
+    /// loaded with (both are written again anyway). The next load creates and pins new ones.
     pub fn discard_maps_of_another_layout(&self) -> Result<()> {
-        use tproxy_common::maps::{MarkRules, COUNTERS, COUNTERS_LEN, MARK_RULES};
+        use tproxy_common::{
+            local_origin::{Selection, SELECTIONS_MAP},
+            maps::{MarkRules, COUNTERS, COUNTERS_LEN, MARK_RULES},
+        };
         let rules_size = std::mem::size_of::<MarkRules>() as u32;
+        let selection_size = std::mem::size_of::<Selection>() as u32;
         let checks = [
             (COUNTERS, "packet counters", "entries", COUNTERS_LEN, true),
             (
@@ -97,6 +101,13 @@ impl PinnedState {
                 "rules tried one by one",
                 "bytes an entry",
                 rules_size,
+                false,
+            ),
+            (
+                SELECTIONS_MAP,
+                "local selections",
+                "bytes an entry",
+                selection_size,
                 false,
             ),
         ];

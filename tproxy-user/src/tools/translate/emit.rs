@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     config::Settings,
-    datapath::rules::Ports,
+    datapath::{interfaces::LOOPBACK, rules::Ports},
     values::{Mark, Transport},
 };
 
@@ -61,6 +61,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         out,
         "# Translated by `tproxy translate` from `{source}` output."
     );
+    let kept = lo_arrivals_left_out(kept, &mut skipped);
     write_interfaces(&mut out, &kept);
     let tproxy_mark = tproxy_mark(&kept, &mut notes);
     let routing = tproxy_mark.unwrap_or(Settings::default().mark);
@@ -641,6 +642,49 @@ fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<Strin
 
 /// `interfaces`: the rules' input interfaces, or all when a rule names none. Rules for
 /// locally generated traffic have no input interface.
+/// `kept` without the forwarded rules that steer or drop arrivals on `lo` when other rules
+/// apply to every interface: `interfaces = "all"` leaves `lo` out (tproxy's own traffic
+/// crosses it), so those rules would never run. They are reported, and the other parts of
+/// their lines with them.
+fn lo_arrivals_left_out(kept: Vec<Rule>, skipped: &mut Vec<String>) -> Vec<Rule> {
+    let forwarded = |rule: &Parsed| !rule.matches.local;
+    let every_interface = kept
+        .iter()
+        .any(|(rule, _)| forwarded(rule) && rule.matches.iface.is_none());
+    let on_lo_only = |rule: &Parsed, listener: &Option<u16>| {
+        forwarded(rule)
+            && rule.matches.iface.as_deref() == Some(LOOPBACK)
+            && (listener.is_some() || rule.target == Target::Drop)
+    };
+    if !every_interface {
+        return kept;
+    }
+    let mut lines = BTreeSet::new();
+    for (rule, listener) in &kept {
+        if on_lo_only(rule, listener) {
+            skipped.push(format!(
+                "line {}: {}: it steers or drops arrivals on lo, and other rules apply to \
+                 every interface: tproxy's `interfaces = \"all\"` leaves lo out, so it would \
+                 never run",
+                rule.line, rule.text
+            ));
+            lines.insert(rule.line);
+        }
+    }
+    kept.into_iter()
+        .filter(|(rule, listener)| {
+            let partial = lines.contains(&rule.line);
+            if partial && !on_lo_only(rule, listener) {
+                skipped.push(format!(
+                    "line {}: {}: left out as well: another part of line {} is reported above",
+                    rule.line, rule.text, rule.line
+                ));
+            }
+            !partial
+        })
+        .collect()
+}
+
 fn write_interfaces(out: &mut String, kept: &[Rule]) {
     let forwarded: Vec<&Rule> = kept
         .iter()

@@ -334,21 +334,23 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         }),
         (a, b) => b.or(a),
     };
-    let Some(uids) = both(&context.uids, &rule.uids, |a, b| {
-        let (first, last) = (a.first.max(b.first), a.last.min(b.last));
-        (first <= last).then_some(UidRange { first, last })
-    }) else {
+    // The ids both ranges take, if any.
+    let common = |a: (u32, u32), b: (u32, u32)| {
+        let (first, last) = (a.0.max(b.0), a.1.min(b.1));
+        (first <= last).then_some((first, last))
+    };
+    let common_uids = |a: &UidRange, b: &UidRange| {
+        common((a.first, a.last), (b.first, b.last)).map(|(first, last)| UidRange { first, last })
+    };
+    let Some(uids) = both(&context.uids, &rule.uids, common_uids) else {
         return Ok(None);
     };
-    let Some(gids) = both(&context.gids, &rule.gids, |a, b| {
-        let (first, last) = (a.first.max(b.first), a.last.min(b.last));
-        (first <= last).then_some(UidRange { first, last })
-    }) else {
+    let Some(gids) = both(&context.gids, &rule.gids, common_uids) else {
         return Ok(None);
     };
     let Some(classids) = both(&context.classids, &rule.classids, |a, b| {
-        let (first, last) = (a.first.max(b.first), a.last.min(b.last));
-        (first <= last).then_some(ClassidRange { first, last })
+        common((a.first, a.last), (b.first, b.last))
+            .map(|(first, last)| ClassidRange { first, last })
     }) else {
         return Ok(None);
     };

@@ -309,7 +309,17 @@ fn parse_rule(
                 }
                 i += 2;
             }
-            "--transparent" | "--nowildcard" | "--restore-skmark" => i += 1,
+            // Without it the kernel's socket match skips sockets bound to the wildcard
+            // address, as tproxy's does (a local DNS server on 0.0.0.0:53 does not take
+            // forwarded queries to 8.8.8.8).
+            "--nowildcard" => {
+                return Err(
+                    "`-m socket --nowildcard` (sockets bound to the wildcard address \
+                            take the flows it matches; tproxy's socket match skips them)"
+                        .into(),
+                )
+            }
+            "--transparent" | "--restore-skmark" => i += 1,
             "--comment" => {
                 comment = Some(value()?);
                 i += 2;

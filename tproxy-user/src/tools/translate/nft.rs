@@ -334,8 +334,16 @@ impl Rule<'_> {
             }
             "iifname" | "iif" => self.interface(i + 1),
             "meta" if next_is("iifname") => self.interface(i + 2),
-            "socket" if next_is("transparent") || next_is("wildcard") => {
-                self.socket |= w[i + 1] == "transparent";
+            // `socket wildcard 0` is what the socket match does anyway; a wildcard-bound
+            // socket taking the flow, tproxy's socket match skips.
+            "socket" if next_is("wildcard") && w.get(i + 2).is_some_and(|v| v == "0") => Ok(i + 3),
+            "socket" if next_is("wildcard") => Err(
+                "`socket wildcard` other than 0 (a socket bound to the wildcard address taking \
+                 the flow; tproxy's socket match skips those)"
+                    .into(),
+            ),
+            "socket" if next_is("transparent") => {
+                self.socket = true;
                 Ok(i + 3)
             }
             "meta" | "mark" if w[i] == "mark" || next_is("mark") => self.mark(i),
