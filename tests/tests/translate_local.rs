@@ -490,52 +490,24 @@ fn a_net_cls_class_left_out_of_mangle_output_is_left_alone_translated() {
 -A PROXY_SELF -p tcp -m tcp --dport 80 -j MARK --set-xmark 0x1/0xffffffff
 COMMIT
 ";
-    let (status, text, stderr) = tproxy_with_input(&["translate"], rules).unwrap();
-    assert!(status.success(), "translate failed: {stderr}\n{text}");
-    assert!(text.contains("classid = [0, \"2-4294967295\"]"), "{text}");
-    let config = ConfigFile::new(&text).unwrap();
-    let probes: [(&str, Option<&NetClsClass>); 4] = [
-        ("10.10.2.2:80", None),
-        ("10.10.2.2:80", Some(&proxy_class)),
-        ("10.10.2.2:80", Some(&other_class)),
-        ("10.10.2.2:22", None),
+    let classes = [None, Some(&proxy_class), Some(&other_class), None];
+    let wrappers: Vec<Vec<String>> = classes
+        .iter()
+        .map(|class| class.map(|c| c.wrapper().to_vec()).unwrap_or_default())
+        .collect();
+    let probes = [
+        ("10.10.2.2:80", &wrappers[0]),
+        ("10.10.2.2:80", &wrappers[1]),
+        ("10.10.2.2:80", &wrappers[2]),
+        ("10.10.2.2:22", &wrappers[3]),
     ];
-    let steered = |count: &dyn Fn() -> u64| -> Vec<bool> {
-        probes
-            .iter()
-            .map(|(target, class)| {
-                let before = count();
-                let wrapper = class.map(NetClsClass::wrapper);
-                let wrapper: Vec<&str> = wrapper.iter().flatten().map(String::as_str).collect();
-                let line = dial_output(
-                    cgroup
-                        .run(&topo.router, &wrapper, DIAL, &["tcp", target, "hi"])
-                        .unwrap(),
-                )
-                .unwrap();
-                assert_eq!(line, format!("{target} ok"));
-                count() > before
-            })
-            .collect()
-    };
-
-    restore_iptables(&topo.router, rules).unwrap();
-    let mut relay =
-        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
-            .unwrap();
-    let original = steered(&|| tproxy_rule_packets(&topo));
-    relay.stop().unwrap();
-    remove_iptables_tproxy(&topo.router).unwrap();
+    let (original, translated, text) = tcp_steered_both_ways(&topo, &cgroup, rules, &probes);
+    assert!(text.contains("classid = [0, \"2-4294967295\"]"), "{text}");
     assert_eq!(
         original,
         [true, false, true, false],
         "what the original rules steer"
     );
-
-    let mut tproxy =
-        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
-    let translated = steered(&|| relay_count(&tproxy, "tcp"));
-    tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
 
@@ -564,24 +536,58 @@ fn a_proxy_group_left_out_of_mangle_output_is_left_alone_translated() {
 -A XRAY_MASK -j MARK --set-xmark 0x1/0xffffffff
 COMMIT
 ";
-    let (status, text, stderr) = tproxy_with_input(&["translate"], rules).unwrap();
-    assert!(status.success(), "translate failed: {stderr}\n{text}");
-    assert!(text.contains("gid = [23333]"), "{text}");
-    let config = ConfigFile::new(&text).unwrap();
-    // (target, uid, gid) of each probe.
-    let probes = [
+    // (target, uid, gid) of each probe, run by setpriv with those ids.
+    let ids = [
         ("10.10.2.2:80", "1000", "1000"),
         ("10.10.2.2:80", "1000", "23333"),
         ("10.10.2.2:80", "0", "23334"),
         ("10.10.2.2:22", "1000", "1000"),
     ];
+    let wrappers: Vec<Vec<String>> = ids
+        .iter()
+        .map(|(_, uid, gid)| {
+            vec![
+                "setpriv".to_string(),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".to_string(),
+            ]
+        })
+        .collect();
+    let probes: Vec<(&str, &Vec<String>)> = ids
+        .iter()
+        .zip(&wrappers)
+        .map(|((target, _, _), wrapper)| (*target, wrapper))
+        .collect();
+    let (original, translated, text) = tcp_steered_both_ways(&topo, &cgroup, rules, &probes);
+    assert!(text.contains("gid = [23333]"), "{text}");
+    assert_eq!(
+        original,
+        [true, false, true, false],
+        "what the original rules steer"
+    );
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+/// Translates `rules`, then dials each probe's TCP target from `cgroup` under its wrapper
+/// (a command line the dialer runs under), first with the original rules and tproxy's relay
+/// behind them, then with the translation alone. Returns whether each probe was steered
+/// both ways, and the translation.
+fn tcp_steered_both_ways(
+    topo: &Topo,
+    cgroup: &TestCgroup,
+    rules: &str,
+    probes: &[(&str, &Vec<String>)],
+) -> (Vec<bool>, Vec<bool>, String) {
+    let (status, text, stderr) = tproxy_with_input(&["translate"], rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    let config = ConfigFile::new(&text).unwrap();
     let steered = |count: &dyn Fn() -> u64| -> Vec<bool> {
         probes
             .iter()
-            .map(|(target, uid, gid)| {
+            .map(|(target, wrapper)| {
                 let before = count();
-                let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={gid}"));
-                let wrapper = ["setpriv", &reuid, &regid, "--clear-groups"];
+                let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
                 let line = dial_output(
                     cgroup
                         .run(&topo.router, &wrapper, DIAL, &["tcp", target, "hi"])
@@ -593,25 +599,18 @@ COMMIT
             })
             .collect()
     };
-
     restore_iptables(&topo.router, rules).unwrap();
     let mut relay =
         Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
             .unwrap();
-    let original = steered(&|| tproxy_rule_packets(&topo));
+    let original = steered(&|| tproxy_rule_packets(topo));
     relay.stop().unwrap();
     remove_iptables_tproxy(&topo.router).unwrap();
-    assert_eq!(
-        original,
-        [true, false, true, false],
-        "what the original rules steer"
-    );
-
     let mut tproxy =
         Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
     let translated = steered(&|| relay_count(&tproxy, "tcp"));
     tproxy.stop().unwrap();
-    assert_eq!(translated, original, "translated config:\n{text}");
+    (original, translated, text)
 }
 
 /// v2rayA's guard for its own process's sockets, `-m mark --mark 0x80/0x80 -j RETURN` ahead

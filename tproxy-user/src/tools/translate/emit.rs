@@ -506,7 +506,7 @@ fn taken_before(kept: &[Rule], index: usize, rule: &Parsed) -> bool {
     };
     kept[..index]
         .iter()
-        .any(|(earlier, _)| !earlier.matches.excludes() && covers(&earlier.matches, &both))
+        .any(|(earlier, _)| covers(&earlier.matches, &both))
 }
 
 /// Whether two kept rules do the same: steer to the same listener, bypass, or drop.

@@ -62,17 +62,7 @@ pub(super) fn resolve(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
         });
         out.push(match checked {
             Ok(()) => {
-                if rule.matches.transports.contains(&Transport::Udp) {
-                    notes.push(format!(
-                        "line {}: `{}`: for UDP, tproxy's socket match hands a datagram only \
-                         to its own flows' sockets; a socket of another program bound to a \
-                         flow's destination (which the kernel's socket match finds) does not \
-                         get its datagrams. Here those were the proxy's, whose place tproxy's \
-                         relay takes",
-                        rule.line, rule.text
-                    ));
-                }
-                notes.push(match kind {
+                let mut note = match kind {
                     Established::SocketMark(_) => format!(
                         "line {}: `{}`: the packets it marks go on; those of flows with a \
                          socket still reach it (a TPROXY rule's own lookup of established \
@@ -86,7 +76,15 @@ pub(super) fn resolve(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
                          those without a socket: tproxy's built-in socket match does the same",
                         rule.line, rule.text
                     ),
-                });
+                };
+                if rule.matches.transports.contains(&Transport::Udp) {
+                    note += "; for UDP, tproxy's socket match hands a datagram only to its own \
+                             flows' sockets: a socket of another program bound to a flow's \
+                             destination (which the kernel's socket match finds) does not get \
+                             its datagrams. Here those were the proxy's, whose place tproxy's \
+                             relay takes";
+                }
+                notes.push(note);
                 Ok(Parsed {
                     target: Target::SocketDivert,
                     ..rule.clone()

@@ -8,7 +8,7 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
-    local_bypass, other_classids, other_protocol_rule, other_transports, other_uids, port_range,
+    local_bypass, other_classids, other_ids, other_protocol_rule, other_transports, port_range,
     words, AddressType, Chain, Established, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
@@ -508,13 +508,13 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         "--uid-owner" => {
             m.uids = vec![uid_range(value)?];
             if negated {
-                m.uids = other_uids(&m.uids)?;
+                m.uids = other_ids(&m.uids)?;
             }
         }
         "--gid-owner" => {
             m.gids = vec![gid_range(value)?];
             if negated {
-                m.gids = other_uids(&m.gids)?;
+                m.gids = other_ids(&m.gids)?;
             }
         }
         "--socket-exists" | "--suppl-groups" => {

@@ -505,7 +505,7 @@ fn other_transports(excluded: Result<Transport, String>) -> Vec<Transport> {
 
 /// The users (or groups) `uids` leaves out, as ranges (`! --uid-owner 1000`, nft `meta skuid
 /// != 1000`: `0-999` and `1001-4294967294`).
-fn other_uids(uids: &[UidRange]) -> Result<Vec<UidRange>, String> {
+fn other_ids(uids: &[UidRange]) -> Result<Vec<UidRange>, String> {
     // The kernel's "no uid" (`(uid_t)-1`), and "no gid" likewise, is no process's.
     let bounds: Vec<(u32, u32)> = uids.iter().map(|r| (r.first, r.last)).collect();
     let left = ids_left_out(&bounds, u32::MAX - 1);

@@ -7,7 +7,7 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
-    other_classids, other_protocol_rule, other_transports, other_uids, port_range, words, Family,
+    other_classids, other_ids, other_protocol_rule, other_transports, port_range, words, Family,
     Match, Parsed, RuleSet, Target,
 };
 use crate::values::{
@@ -597,7 +597,7 @@ impl Rule<'_> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.m.uids = match found.negated {
-            true => other_uids(&uids)?,
+            true => other_ids(&uids)?,
             false => uids,
         };
         Ok(found.next)
@@ -616,7 +616,7 @@ impl Rule<'_> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.m.gids = match found.negated {
-            true => other_uids(&gids)?,
+            true => other_ids(&gids)?,
             false => gids,
         };
         Ok(found.next)
