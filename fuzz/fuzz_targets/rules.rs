@@ -81,6 +81,7 @@ fuzz_target!(|data: &[u8]| {
                 },
                 // Three selections: every process, and two others.
                 selection: u32::from(bytes.next() % 3),
+                out_iface: None,
             }
         })
         .collect();
@@ -91,6 +92,9 @@ fuzz_target!(|data: &[u8]| {
         rule.sport = None;
         if rule.action == Action::Drop {
             rule.action = Action::Bypass;
+        }
+        if rule.origin == Origin::Local {
+            rule.out_iface = bytes.pick(&[None, None, Some("eth0"), Some("eth*"), Some("wg0")]).map(String::from);
         }
     }
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
@@ -116,6 +120,7 @@ fuzz_target!(|data: &[u8]| {
             selections: 1 | (u32::from(bytes.next()) & 6),
             iface: IFACES[iface],
             mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),
+            route: if local { bytes.pick(&[None, Some("eth0"), Some("eth1"), Some("wg0"), Some("lo")]) } else { None },
         };
         assert_eq!(
             lookup(&compiled, generation, &packet, ifindex),

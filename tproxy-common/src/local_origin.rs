@@ -72,6 +72,21 @@ pub const MAX_SELECTIONS: usize = 8;
 /// Most cgroups one selection may name.
 pub const MAX_SELECTION_CGROUPS: usize = 8;
 
+/// LPM trie (`[u8; 4]` destination to `u32` bits): the host's routes, for rules for local
+/// connections with an `out_interface` (iptables' `-o` in OUTPUT, nft's `oifname` in an
+/// output chain). A connect program cannot look a route up itself, so the loader mirrors the
+/// `local` and `main` routing tables here, each prefix with the bits of the
+/// [`MAX_OUT_INTERFACES`] rules' out-interface names and patterns that the interface its
+/// route leaves by matches (see `MarkRule::routes`), and follows their changes. Empty, and
+/// never read, without such rules.
+pub const ROUTES_V4_MAP: &str = "LOCAL_ROUTES_V4";
+/// As [`ROUTES_V4_MAP`], for IPv6 destinations (`[u8; 16]`).
+pub const ROUTES_V6_MAP: &str = "LOCAL_ROUTES_V6";
+/// Most distinct `out_interface` names and patterns the rules may have: one bit each.
+pub const MAX_OUT_INTERFACES: usize = 8;
+/// Most routes (of each family) the route maps mirror.
+pub const MAX_MIRRORED_ROUTES: u32 = 1 << 18;
+
 /// The source stage's interface index of selection `k`'s rules.
 pub const fn selection_ifindex(k: u32) -> u32 {
     LOCAL_ORIGIN_IFINDEX - k

@@ -117,6 +117,10 @@ pub struct MarkRule {
     /// What the rule does, with its rank ([`VERDICT_STEER`], [`VERDICT_BYPASS`] or
     /// [`VERDICT_DROP`]).
     pub verdict: Verdict,
+    /// For a rule for local connections with an `out_interface`: its bit among the
+    /// out-interface bits (see `local_origin::ROUTES_V4_MAP`); the rule matches a connection
+    /// whose destination's route has it. 0: any route.
+    pub routes: u32,
 }
 
 /// Per-CPU array (one [`MarkedPacket`]): where the program writes the packet the mark stage
@@ -142,6 +146,9 @@ pub struct MarkedPacket {
     /// The addresses as [`MarkRule::dst`] holds them (IPv4 in the first word).
     pub dst: [u32; 4],
     pub src: [u32; 4],
+    /// In the connect programs, the out-interface bits of the route to the destination
+    /// ([`MarkRule::routes`]); not read at tc ingress.
+    pub routes: u32,
 }
 
 impl MarkedPacket {

@@ -11,14 +11,14 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_cgroup_classid, bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_setsockopt, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr, map},
-    maps::Array,
+    maps::{lpm_trie::Key, Array, LpmTrie},
     programs::SockAddrContext,
     EbpfContext, Global,
 };
@@ -41,6 +41,13 @@ use crate::{
 /// (`tproxy_common::local_origin::SELECTIONS_MAP`).
 #[map]
 static LOCAL_SELECTIONS: Array<Selection> = Array::with_max_entries(MAX_SELECTIONS as u32, 0);
+/// The host's routes by destination, with their out-interface bits
+/// (`tproxy_common::local_origin::ROUTES_V4_MAP`); sized and filled by the loader.
+#[map]
+static LOCAL_ROUTES_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
+/// As `LOCAL_ROUTES_V4`, for IPv6 destinations.
+#[map]
+static LOCAL_ROUTES_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
 /// Each steered socket's [`LocalDecision`], for the tc program on `lo`.
 #[btf_map]
 pub(crate) static LOCAL_DECISIONS: SkStorage<LocalDecision> = SkStorage::new();
@@ -247,7 +254,23 @@ fn match_local_mark_rules<const N: usize>(
     let packet = &mut pending.packet;
     packet.set(packet.mark, udp, port, *addr, [0; N], packet.ifindex);
     packet.sport = 0;
+    packet.routes = route_bits(addr);
     match_mark_rules::<true>(marks, packet, &mut pending.best);
+}
+
+/// The out-interface bits of the route to `addr` (0 when no route is mirrored for it).
+#[inline(always)]
+fn route_bits<const N: usize>(addr: &[u8; N]) -> u32 {
+    let found = if N == 4 {
+        let mut v4 = [0u8; 4];
+        v4.copy_from_slice(&addr[..4]);
+        LOCAL_ROUTES_V4.get(&Key::new(32, v4))
+    } else {
+        let mut v6 = [0u8; 16];
+        v6.copy_from_slice(&addr[..16]);
+        LOCAL_ROUTES_V6.get(&Key::new(128, v6))
+    };
+    found.copied().unwrap_or(0)
 }
 
 #[btf_map]

@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 
 use anyhow::{bail, Result};
-use tproxy_common::maps::{MAX_LISTENERS, MAX_MARK_RULES};
+use tproxy_common::{
+    local_origin::MAX_OUT_INTERFACES,
+    maps::{MAX_LISTENERS, MAX_MARK_RULES},
+};
 
 use super::{
     reaches_own_listener, upstream_flag, Config, Interfaces, ListenerConfig, RunArgs,
@@ -193,6 +196,15 @@ impl Config {
             // As for forwarded rules: the file's rules are someone else's to carry out (an
             // iptables mangle OUTPUT recipe), and only its listeners are served.
             return Ok(());
+        }
+        let out_interfaces = rules::out_interfaces(&self.rules);
+        if out_interfaces.len() > MAX_OUT_INTERFACES {
+            bail!(
+                "the rules name {} distinct out_interface values ({}); at most \
+                 {MAX_OUT_INTERFACES} are supported",
+                out_interfaces.len(),
+                out_interfaces.join(", ")
+            );
         }
         let steers_to_external = |rule: &rules::Rule| match rule.action {
             Action::Steer(index) if rule.origin.local() => {

@@ -152,6 +152,9 @@ pub(super) struct RuleEntry {
     sport: Option<List<Ports>>,
     src: Option<List<IpNet>>,
     iface: Option<String>,
+    /// For local connections: the interface (name or pattern) the route to the destination
+    /// must leave by.
+    out_interface: Option<String>,
     mark: Option<Text<MarkMatch>>,
     action: Text<RuleAction>,
     listener: Option<toml::Spanned<String>>,
@@ -453,6 +456,7 @@ impl RuleEntry {
                             retired: false,
                             origin: self.origin(),
                             selection: 0,
+                            out_iface: self.out_interface.clone(),
                         };
                         rules::check_families(&rule)
                             .and_then(|()| rules::check_origin(&rule))

@@ -416,6 +416,7 @@ impl Config {
                         retired: false,
                         origin,
                         selection: 0,
+                        out_iface: None,
                     });
                 }
             }

@@ -453,6 +453,7 @@ fn the_readme_example_decides_as_documented() {
             selections: 0,
             iface,
             mark: 0,
+            route: None,
         };
         assert_eq!(decide(&config.rules, &packet), expected, "{packet:?}");
     }

@@ -32,6 +32,8 @@ pub struct CompiledRules {
     pub src_v6: Vec<Entry<SrcKey<16>>>,
     /// The mark stage's entries (see [`mark_rules`]).
     pub marks: Vec<MarkRule>,
+    /// The rules' `out_interface` names and patterns, in the order of their bits.
+    pub out_interfaces: Vec<String>,
 }
 
 impl CompiledRules {
@@ -88,6 +90,7 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
     let mut compiled = CompiledRules {
         port_classes: vec![0; 2 * 65536],
         marks: mark_rules(rules, interfaces),
+        out_interfaces: super::out_interfaces(rules),
         ..CompiledRules::default()
     };
     let mut next_range_class = 1u32;
@@ -205,8 +208,12 @@ impl CompiledRules {
 /// A rule for local connections has one more, under its selection's index, where the
 /// connect and sendmsg programs try it.
 pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
+    let out_interfaces = super::out_interfaces(rules);
     let mut entries: Vec<MarkRule> = Vec::new();
-    for entry in rules.iter().flat_map(|rule| mark_rule(rule, interfaces)) {
+    for entry in rules
+        .iter()
+        .flat_map(|rule| mark_rule(rule, interfaces, &out_interfaces))
+    {
         let alike = |e: &&mut MarkRule| {
             MarkRule {
                 transports: entry.transports,
@@ -225,7 +232,7 @@ pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
 /// it, and no selection's local connections are looked up with it.
 const NO_INTERFACE: u32 = LOCAL_ORIGIN_IFINDEX - MAX_SELECTIONS as u32;
 
-fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
+fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>, out_interfaces: &[String]) -> Vec<MarkRule> {
     if !rule.tried_one_by_one() {
         return Vec::new();
     }
@@ -295,6 +302,14 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
         src,
         src_mask,
         verdict: rule.verdict(),
+        // The rule's own name's bit: a pattern's is set on the routes by the interfaces it
+        // matches, not by other names it matches.
+        routes: rule.out_iface.as_ref().map_or(0, |own| {
+            out_interfaces
+                .iter()
+                .position(|name| name == own)
+                .map_or(0, |i| 1 << i)
+        }),
     };
     ifindexes.into_iter().map(entry).collect()
 }
@@ -568,6 +583,10 @@ fn lookup_verdict(
         ),
         _ => unreachable!("a packet's addresses are of one family"),
     };
+    let mut marked = marked;
+    marked.routes = packet.route.map_or(0, |route| {
+        super::route_bits(&compiled.out_interfaces, route)
+    });
     match packet.local {
         true => match_mark_rules::<true>(&marks, &marked, &mut best),
         false => match_mark_rules::<false>(&marks, &marked, &mut best),

@@ -57,7 +57,10 @@ use std::{cmp::Reverse, collections::HashSet, fmt};
 use ipnet::IpNet;
 #[cfg(any(test, feature = "fuzzing"))]
 use tproxy_common::decision::RuleMatch;
-use tproxy_common::maps::{Verdict, VERDICT_BYPASS, VERDICT_DROP, VERDICT_STEER};
+use tproxy_common::{
+    local_origin::MAX_OUT_INTERFACES,
+    maps::{Verdict, VERDICT_BYPASS, VERDICT_DROP, VERDICT_STEER},
+};
 
 use crate::values::Mark;
 pub use crate::values::Transport;
@@ -187,6 +190,10 @@ pub struct Rule {
     /// For a rule for local connections, the processes it applies to: an index into the
     /// configuration's `LocalSelections` (0: every process).
     pub selection: u32,
+    /// For a rule for local connections only: the name or pattern of the interface that the
+    /// route to the destination must leave by (iptables' `-o` in OUTPUT, nft's `oifname`),
+    /// as the host's `local` and `main` routing tables say (see [`out_interfaces`]).
+    pub out_iface: Option<String>,
 }
 
 /// A rule's place in the precedence: lower wins.
@@ -241,14 +248,20 @@ impl Rule {
     #[cfg(any(test, feature = "fuzzing"))]
     fn matches_source(
         &self,
-        local: Option<u32>,
+        local: Option<(u32, Option<&str>)>,
         src: &IpNet,
         iface: Option<&str>,
         mark: u32,
     ) -> bool {
         let origin_ok = match local {
-            Some(selections) => self.origin.local() && selections & (1 << self.selection) != 0,
-            None => self.origin.forwarded(),
+            Some((selections, route)) => {
+                self.origin.local()
+                    && selections & (1 << self.selection) != 0
+                    && self.out_iface.as_deref().is_none_or(|own| {
+                        route.is_some_and(|route| crate::datapath::interfaces::matches(own, route))
+                    })
+            }
+            None => self.origin.forwarded() && self.out_iface.is_none(),
         };
         let mark_ok = origin_ok && self.mark.is_none_or(|own| mark & own.mask == own.value);
         let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
@@ -275,6 +288,7 @@ impl Rule {
         Option<Mark>,
         Origin,
         u32,
+        Option<&str>,
     ) {
         (
             self.transport,
@@ -286,13 +300,14 @@ impl Rule {
             self.mark,
             self.origin,
             self.selection,
+            self.out_iface.as_deref(),
         )
     }
 
     /// Whether the rule is tried one by one rather than in the lookup stages: it matches a
     /// mark or a source port, which no stage is keyed by.
     fn tried_one_by_one(&self) -> bool {
-        self.mark.is_some() || self.sport.is_some()
+        self.mark.is_some() || self.sport.is_some() || self.out_iface.is_some()
     }
 
     /// Whether the rule matches every packet its destination and port match, given whether
@@ -303,6 +318,7 @@ impl Rule {
             && self.iface.is_none()
             && self.mark.is_none()
             && self.sport.is_none()
+            && self.out_iface.is_none()
             && (!local || (self.origin == Origin::Any && self.selection == 0))
     }
 
@@ -345,6 +361,8 @@ pub struct Packet<'a> {
     pub iface: &'a str,
     /// `skb->mark` (or the connecting socket's mark).
     pub mark: u32,
+    /// For a local connection, the interface its route leaves by (`None`: no route).
+    pub route: Option<&'a str>,
 }
 
 /// The decision for `packet` by the definition: the first matching rule in precedence order.
@@ -362,7 +380,7 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
                     .is_none_or(|sport| sport.contains_source(packet.sport))
                 && r.dst.contains(&dst)
                 && r.matches_source(
-                    packet.local.then_some(packet.selections),
+                    packet.local.then_some((packet.selections, packet.route)),
                     &src,
                     (!packet.local).then_some(packet.iface),
                     packet.mark,
@@ -415,6 +433,17 @@ pub fn effective_mark(rule: &Rule, routing: Mark) -> Result<Option<Mark>, String
 /// interface) and
 /// again on `lo` (source 127.0.0.1 or ::1), and both must find the same rule.
 pub fn check_origin(rule: &Rule) -> Result<(), String> {
+    if let Some(out_iface) = &rule.out_iface {
+        if rule.origin != Origin::Local {
+            return Err(format!(
+                "`out_interface = \"{out_iface}\"` with origin \"{}\": the interface a route \
+                 leaves by is known for local connections only (origin \"local\"); an arrival's \
+                 is decided after tproxy has seen it",
+                rule.origin
+            ));
+        }
+        check_out_interface(out_iface)?;
+    }
     if !rule.origin.local() {
         return Ok(());
     }
@@ -438,6 +467,24 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
          `uid`, or write a separate forwarded rule",
         rule.origin
     ))
+}
+
+/// Refuses an `out_interface` that no interface can have: empty, longer than the kernel's
+/// 15 bytes, or with a `/`, whitespace or a control character.
+fn check_out_interface(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "`out_interface = \"{}\"` is not an interface name or pattern (at most 15 bytes, no \
+             `/` or whitespace)",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Display for Rule {
@@ -465,6 +512,9 @@ impl fmt::Display for Rule {
         if self.origin.local() && self.selection != 0 {
             write!(f, " selection {}", self.selection)?;
         }
+        if let Some(out_iface) = &self.out_iface {
+            write!(f, " out_interface {out_iface}")?;
+        }
         Ok(())
     }
 }
@@ -481,6 +531,27 @@ pub fn retire<'a>(candidates: impl IntoIterator<Item = &'a Rule>, new: &[Rule]) 
             ..rule.clone()
         })
         .collect()
+}
+
+/// The distinct `out_interface` names and patterns of `rules`, in the order of their bits in
+/// the route maps and in the mark stage's entries (bit `i`: the `i`th).
+pub fn out_interfaces(rules: &[Rule]) -> Vec<String> {
+    let mut names: Vec<String> = rules.iter().filter_map(|r| r.out_iface.clone()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The out-interface bits of a route that leaves by `iface`, for the rules' `names` (see
+/// [`out_interfaces`]).
+pub fn route_bits(names: &[String], iface: &str) -> u32 {
+    names
+        .iter()
+        .take(MAX_OUT_INTERFACES)
+        .enumerate()
+        // A pattern takes lo too, as iptables' `-o +` does: only arrivals keep lo apart.
+        .filter(|(_, name)| crate::datapath::interfaces::matches(name, iface))
+        .fold(0, |bits, (i, _)| bits | 1 << i)
 }
 
 /// The rules in the order they are consulted, for `tproxy check`.

@@ -39,6 +39,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         retired: false,
         origin: Origin::Forwarded,
         selection: 0,
+        out_iface: None,
     };
     for pair in words[3..].chunks(2) {
         match pair[0] {
@@ -51,6 +52,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
                     None => Ports::One(pair[1].parse().unwrap()),
                 })
             }
+            "out_interface" => rule.out_iface = Some(pair[1].to_string()),
             "origin" if pair[1] == "local" => rule.origin = Origin::Local,
             "origin" if pair[1] == "any" => rule.origin = Origin::Any,
             other => panic!("{other}"),
@@ -90,6 +92,7 @@ fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
         selections: 1,
         iface,
         mark,
+        route: None,
     }
 }
 
@@ -934,4 +937,100 @@ fn a_local_mark_rule_decides_its_selections_connections_by_the_sockets_mark() {
         [selection_ifindex(1), 0],
         "one entry under the selection's index, one for arrivals on any interface"
     );
+}
+
+/// As [`expect`], for a local connection whose route leaves by `route`.
+fn expect_routed(rules: &[Rule], text: &str, route: Option<&str>, expected: RuleMatch) {
+    let packet = Packet {
+        route,
+        ..packet(text, LOCAL)
+    };
+    assert_eq!(
+        decide(rules, &packet),
+        expected,
+        "definition: {text} via {route:?}"
+    );
+    for generation in [0, 1] {
+        let compiled = compile(rules, generation, &interfaces());
+        assert_eq!(
+            lookup(&compiled, generation, &packet, LOCAL_ORIGIN_IFINDEX),
+            expected,
+            "maps: {text} via {route:?}"
+        );
+    }
+}
+
+/// sing-box's `oifname != "eth0" accept` ahead of its output chain's steering: the steer
+/// rules take only connections whose route leaves by eth0, with the usual precedence.
+#[test]
+fn an_out_interface_narrows_a_local_rule_to_the_routes_by_that_interface() {
+    let rules = [
+        rule(
+            1,
+            "tcp 0.0.0.0/0 any out_interface eth0 origin local",
+            Action::Steer(0),
+        ),
+        rule(2, "tcp 10.0.0.0/8 any origin local", Action::Bypass),
+        rule(
+            3,
+            "tcp 0.0.0.0/0 443 out_interface wg* origin local",
+            Action::Steer(1),
+        ),
+        rule(4, "tcp 0.0.0.0/0 any", Action::Steer(2)),
+    ];
+    let public = "tcp 0.0.0.0 -> 192.0.2.1:80";
+    expect_routed(&rules, public, Some("eth0"), RuleMatch::Steer(0));
+    expect_routed(&rules, public, Some("eth1"), RuleMatch::None);
+    expect_routed(&rules, public, Some("lo"), RuleMatch::None);
+    expect_routed(&rules, public, None, RuleMatch::None);
+    expect_routed(
+        &rules,
+        "tcp 0.0.0.0 -> 10.1.1.1:80",
+        Some("eth0"),
+        RuleMatch::Bypass,
+    );
+    // Port 443's single port outranks rule 1's any port, by its own interface only.
+    let https = "tcp 0.0.0.0 -> 192.0.2.1:443";
+    expect_routed(&rules, https, Some("wg0"), RuleMatch::Steer(1));
+    expect_routed(&rules, https, Some("eth0"), RuleMatch::Steer(0));
+    // Arrivals never have their route looked at.
+    expect(
+        &rules,
+        "tcp 198.51.100.1 -> 192.0.2.1:80",
+        "eth0",
+        RuleMatch::Steer(2),
+    );
+    let compiled = compile(&rules, 0, &interfaces());
+    assert_eq!(compiled.out_interfaces, ["eth0", "wg*"]);
+    let bits: Vec<u32> = compiled.marks.iter().map(|entry| entry.routes).collect();
+    assert_eq!(
+        bits,
+        [0b01, 0b10],
+        "one mark-stage entry each, with its name's bit"
+    );
+    assert_eq!(route_bits(&compiled.out_interfaces, "wg1"), 0b10);
+    assert_eq!(route_bits(&compiled.out_interfaces, "eth0"), 0b01);
+    assert_eq!(route_bits(&compiled.out_interfaces, "lo"), 0);
+}
+
+#[test]
+fn an_out_interface_is_for_local_rules_and_a_name_an_interface_can_have() {
+    let with = |text: &str, origin| Rule {
+        origin,
+        ..rule(1, text, Action::Steer(0))
+    };
+    assert!(check_origin(&with("tcp 0.0.0.0/0 80 out_interface eth0", Origin::Local)).is_ok());
+    for origin in [Origin::Forwarded, Origin::Any] {
+        let error = check_origin(&with("tcp 0.0.0.0/0 80 out_interface eth0", origin)).unwrap_err();
+        assert!(
+            error.contains("known for local connections only"),
+            "{error}"
+        );
+    }
+    let error = check_origin(&with(
+        "tcp 0.0.0.0/0 80 out_interface a-name-far-too-long",
+        Origin::Local,
+    ))
+    .unwrap_err();
+    assert!(error.contains("is not an interface name"), "{error}");
 }
