@@ -18,6 +18,7 @@ use crate::{
     daemon::instance::{Held, InstanceLock, PinnedBy},
     daemon::privileges,
     datapath::local_origin::{self, LocalGlobals},
+    datapath::out_routes,
     datapath::pin::PinnedState,
     datapath::routing::{self, PolicyRouting, RoutingSpec},
     datapath::rules::{self},
@@ -30,6 +31,7 @@ use crate::{
     daemon::cgroups::CgroupWatch,
     daemon::links::LinkWatch,
     daemon::ready::declare_ready,
+    daemon::routes::RouteWatch,
     daemon::serve::{serve, Control, Ending, Signals},
     datapath::interfaces::{host_addresses, resolve_interfaces, Link, LOOPBACK},
     relay::listeners::Relays,
@@ -68,6 +70,12 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     let entries = interface_entries(&config.settings, local.is_some());
     control.links = Some(LinkWatch::subscribe(entries.clone())?);
     control.addresses = Some(AddressWatch::subscribe()?);
+    if local.is_some() {
+        control.routes = Some(RouteWatch::subscribe()?);
+        if !rules::out_interfaces(&config.rules).is_empty() {
+            out_routes::warn_of_other_tables(&netlink).await;
+        }
+    }
     if !config.own_address_rules.is_empty() {
         // Again, now that changes are followed: one made since the configuration was read
         // would go unseen.

@@ -12,4 +12,5 @@ pub(crate) mod links;
 pub(crate) mod privileges;
 pub(crate) mod ready;
 pub(crate) mod reload;
+pub(crate) mod routes;
 pub(crate) mod serve;

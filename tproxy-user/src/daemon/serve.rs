@@ -20,6 +20,7 @@ use crate::{
     daemon::ipsets,
     daemon::links::{self, LinkWatch},
     daemon::reload::{reinstall_rules, reload},
+    daemon::routes::{self, RouteWatch},
     relay::external::socket_statuses,
     relay::listeners::{Relays, ACCEPT_GRACE},
 };
@@ -45,6 +46,8 @@ pub(crate) struct Control<'a> {
     pub(crate) links: Option<LinkWatch>,
     /// Address events, for the bypass rules of the host's own addresses.
     pub(crate) addresses: Option<AddressWatch>,
+    /// Route and link events, with rules for local connections (`out_interface`).
+    pub(crate) routes: Option<RouteWatch>,
     /// Events of the directories the selected cgroups are in, with rules for local
     /// connections.
     pub(crate) cgroups: Option<CgroupWatch>,
@@ -60,6 +63,7 @@ impl Control<'_> {
             attached: Vec::new(),
             links: None,
             addresses: None,
+            routes: None,
             cgroups: None,
         }
     }
@@ -171,6 +175,10 @@ pub(crate) async fn serve(
                 server.follow_addresses();
                 continue;
             }
+            Some(()) = routes::changed(&mut control.routes) => {
+                server.follow_routes();
+                continue;
+            }
             Some(changes) = cgroups::changed(&mut control.cgroups) => {
                 server.follow_cgroups(control, changes);
                 continue;
@@ -232,6 +240,14 @@ impl Server<'_, '_> {
     fn follow_addresses(&mut self) {
         if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
             addresses::follow(&mut self.config, &mut self.relays, steering);
+        }
+    }
+
+    /// The host's routes changed: their mirror for `out_interface` follows (while serving
+    /// only, as the addresses).
+    fn follow_routes(&mut self) {
+        if let (Phase::Serving, Some(steering)) = (self.phase, self.steering.as_deref_mut()) {
+            routes::follow(steering);
         }
     }
 

@@ -241,7 +241,7 @@ fn family_name(version: &IpVersion) -> &'static str {
     }
 }
 
-fn route_table(route: &RouteMessage) -> u32 {
+pub(crate) fn route_table(route: &RouteMessage) -> u32 {
     route
         .attributes
         .iter()
@@ -429,7 +429,7 @@ pub(crate) async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>>
 }
 
 /// The kernel's local routing table (`ip route show table local`).
-const LOCAL_TABLE: u32 = 255;
+pub(crate) const LOCAL_TABLE: u32 = 255;
 
 /// An IPv4 route of the local table, as far as the type a lookup finds goes.
 #[derive(Clone, Copy, Debug)]
@@ -513,6 +513,12 @@ pub(crate) fn anycast_regions(routes: &[LocalTableRoute]) -> Vec<IpNet> {
 /// asked for over a blocking rtnetlink socket: configurations are built
 /// outside the runtime (`check`) and inside it (reload), both without waiting on it.
 fn local_table_routes() -> Result<Vec<RouteMessage>> {
+    dump_routes(AddressFamily::Inet, Some(LOCAL_TABLE))
+}
+
+/// The routes of `family` in `table` (on kernels before 4.20, of every table) or of every
+/// table, over a blocking rtnetlink socket.
+pub(crate) fn dump_routes(family: AddressFamily, table: Option<u32>) -> Result<Vec<RouteMessage>> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
     socket.bind_auto().context("binding the rtnetlink socket")?;
     socket
@@ -521,13 +527,13 @@ fn local_table_routes() -> Result<Vec<RouteMessage>> {
     // Strict checking lets the kernel dump the local table alone (a router's main table may
     // be large, and route events bring the routes here again); a kernel without it dumps
     // every table, which the caller's filter takes the local table from.
-    let strict = socket.set_netlink_get_strict_chk(true).is_ok();
+    let strict = table.is_some() && socket.set_netlink_get_strict_chk(true).is_ok();
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut query = RouteMessage::default();
-    query.header.address_family = AddressFamily::Inet;
-    if strict {
-        query.header.table = LOCAL_TABLE as u8;
+    query.header.address_family = family;
+    if let (true, Some(table)) = (strict, table) {
+        query.header.table = table as u8;
     }
     let mut request = NetlinkMessage::new(header, RouteNetlinkMessage::GetRoute(query).into());
     request.finalize();

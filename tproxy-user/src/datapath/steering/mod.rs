@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, os::fd::AsRawFd, sync::Arc};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{Array, MapInfo, PerCpuArray, SockMap},
+    maps::{Array, LpmTrie, MapInfo, PerCpuArray, SockMap},
     programs::{links::FdLink, SchedClassifier, SkLookup},
     Ebpf, EbpfLoader,
 };
@@ -19,6 +19,7 @@ use tproxy_common::{
 use crate::{
     datapath::fragments::FragmentTracking,
     datapath::local_origin::{CgroupLinks, LocalGlobals},
+    datapath::out_routes::RouteMirror,
     datapath::pin::PinnedState,
     datapath::rules::CompiledRules,
     stats::LocalOriginStats,
@@ -59,6 +60,8 @@ pub(crate) struct Steering {
     loopback: bool,
     /// The connect and sendmsg programs' links (see `local_origin::apply`).
     cgroup_links: CgroupLinks,
+    /// The host's routes for the connect programs, when local origin is steered.
+    routes: Option<RouteMirror>,
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -142,6 +145,14 @@ fn load_object(
         .map_max_entries(maps::RULES_DST_V6, capacity)
         .map_max_entries(maps::RULES_SRC_V4, capacity)
         .map_max_entries(maps::RULES_SRC_V6, capacity)
+        .map_max_entries(
+            local_origin::ROUTES_V4_MAP,
+            local_origin::MAX_MIRRORED_ROUTES,
+        )
+        .map_max_entries(
+            local_origin::ROUTES_V6_MAP,
+            local_origin::MAX_MIRRORED_ROUTES,
+        )
         .load(PROGRAM)
         .context("loading the eBPF object into the kernel")
 }
@@ -160,7 +171,40 @@ fn take_counters(ebpf: &mut Ebpf) -> Result<CounterReader> {
     })
 }
 
+/// Takes the route maps (see `out_routes`) out of the object.
+fn take_route_maps(ebpf: &mut Ebpf) -> Result<RouteMirror> {
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    };
+    let v4 = LpmTrie::try_from(take(local_origin::ROUTES_V4_MAP)?)?;
+    let v6 = LpmTrie::try_from(take(local_origin::ROUTES_V6_MAP)?)?;
+    Ok(RouteMirror::new(v4, v6))
+}
+
 impl Steering {
+    /// Mirrors the host's routes again (they changed), when rules have an `out_interface`.
+    pub(crate) fn follow_routes(&mut self) -> Result<()> {
+        match &mut self.routes {
+            Some(mirror) if !mirror.names().is_empty() => {
+                let names = mirror.names().to_vec();
+                mirror.refresh(&names)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Mirrors the host's routes for the rules' `out_interface` names, unless they are
+    /// mirrored for those already.
+    fn mirror_routes_for(&mut self, names: &[String]) -> Result<()> {
+        match &mut self.routes {
+            Some(mirror) if mirror.names() != names => mirror
+                .refresh(names)
+                .context("mirroring the host's routes for out_interface"),
+            _ => Ok(()),
+        }
+    }
+
     /// Loads the program (not yet attached anywhere). Its rule maps are empty: nothing is
     /// steered until [`Steering::install_rules`].
     pub(crate) fn load(settings: &LoadSettings) -> Result<Self> {
@@ -173,6 +217,10 @@ impl Steering {
         let mut ebpf = load_object(settings, capacity, fragment_timeouts)?;
         let counters = take_counters(&mut ebpf)?;
         let fragments = FragmentTracking::take(&mut ebpf, fragment_timeouts)?;
+        let routes = match settings.local_origin {
+            Some(_) => Some(take_route_maps(&mut ebpf)?),
+            None => None,
+        };
         let mut steering = Steering {
             ebpf,
             active: None,
@@ -186,6 +234,7 @@ impl Steering {
             local_origin: None,
             loopback: settings.local_origin.is_some(),
             cgroup_links: CgroupLinks::new(),
+            routes,
         };
         if let (Some(pinned), None) = (&settings.pinned, &settings.local_origin) {
             // An earlier instance's connect programs would go on steering local connections

@@ -35,6 +35,9 @@ pub(super) fn flatten(
     // After OUTPUT's guard for the packets routed elsewhere than `lo` (see
     // [`routed_elsewhere_guard`]), the rules see only those for the host's own addresses.
     let mut own_addresses: Option<Match> = None;
+    // After OUTPUT's guard for the packets routed by other interfaces than one (see
+    // [`routed_by_guard`]), the rules see only those routed by it: their `out_iface`.
+    let mut routed_by: Option<Match> = None;
     for (i, rule) in rules.iter().enumerate() {
         let rule = match rule {
             Ok(rule) => rule,
@@ -63,7 +66,50 @@ pub(super) fn flatten(
             }
             continue;
         }
-        let mut narrowed = narrow(own_addresses.as_ref().unwrap_or(context), &rule.matches);
+        if let Some(iface) = &rule.matches.not_out_iface {
+            match routed_by_guard(rule, context, routed_by.as_ref(), depth) {
+                Ok(true) => notes.push(format!(
+                    "line {}: `{}` leaves the host's packets routed by other interfaces than \
+                     {iface} alone: the rules after it have `out_interface = \"{iface}\"` \
+                     (tproxy reads the interface from the local and main routing tables \
+                     when a process connects)",
+                    rule.line, rule.text
+                )),
+                Ok(false) => notes.push(format!(
+                    "line {}: `{}` repeats the guard before it for some of its packets; left out",
+                    rule.line, rule.text
+                )),
+                Err(reason) => {
+                    out.push(Err(format!("line {}: {}: {reason}", rule.line, rule.text)));
+                    continue;
+                }
+            }
+            routed_by = Some(Match {
+                out_iface: Some(iface.clone()),
+                ..context.clone()
+            });
+            continue;
+        }
+        if rule.matches.out_iface.is_some() && !context.local && !rule.matches.local {
+            out.push(Err(format!(
+                "line {}: {}: an output interface outside a route chain at output (OUTPUT)",
+                rule.line, rule.text
+            )));
+            continue;
+        }
+        let base = match (&own_addresses, &routed_by) {
+            (Some(_), Some(_)) => {
+                out.push(Err(format!(
+                    "line {}: {}: after both an `oifname != \"lo\"` guard and an output \
+                     interface guard",
+                    rule.line, rule.text
+                )));
+                continue;
+            }
+            (Some(guarded), None) | (None, Some(guarded)) => guarded,
+            (None, None) => context,
+        };
+        let mut narrowed = narrow(base, &rule.matches);
         if own_addresses.is_some()
             && matches!(narrowed, Narrowed::Inexpressible)
             && matches!(rule.target, Target::Bypass | Target::Return)
@@ -246,6 +292,61 @@ fn routed_elsewhere_guard(rule: &Parsed, context: &Match, depth: usize) -> Resul
     Ok(())
 }
 
+/// Checks that a rule matching packets routed by other interfaces than one (`! -o eth0`,
+/// nft `oifname != "eth0"`) is OUTPUT's guard that leaves them all alone: an accept (or a
+/// return from the base chain) that matches nothing else, so that only the packets routed
+/// by that interface meet the rules after it. `Ok(false)`: the same guard again, for some
+/// of the packets (sing-box's `meta nfproto ipv6 oifname != "eth0" accept` after the
+/// guard for both families), which changes nothing.
+fn routed_by_guard(
+    rule: &Parsed,
+    context: &Match,
+    in_force: Option<&Match>,
+    depth: usize,
+) -> Result<bool, String> {
+    let m = &rule.matches;
+    let only_a_family = m.transports.is_empty()
+        && m.dst.is_empty()
+        && m.src.is_empty()
+        && m.ports.is_empty()
+        && m.sports.is_empty()
+        && m.other_protocol.is_none()
+        && m.iface.is_none()
+        && m.out_iface.is_none()
+        && !m.excludes()
+        && m.mark.is_none()
+        && !m.dst_local
+        && !m.not_dst_local
+        && m.dst_set.is_none()
+        && m.uids.is_empty()
+        && m.gids.is_empty()
+        && m.cgroups.is_empty()
+        && m.classids.is_empty()
+        && !m.matches_nothing;
+    if !context.local {
+        return Err("an output interface outside a route chain at output (OUTPUT)".into());
+    }
+    let leaves_alone = matches!(rule.target, Target::Bypass | Target::Return);
+    if !(only_a_family && leaves_alone && depth == 0) {
+        return Err(
+            "`! -o`/`oifname !=` is translated as the output chain's guard (an accept or \
+             return with no other match), which leaves the host's packets routed by other \
+             interfaces alone"
+                .into(),
+        );
+    }
+    match in_force {
+        Some(guard) if guard.out_iface == m.not_out_iface => Ok(false),
+        Some(_) => Err("a second output interface guard, for another interface".into()),
+        None if m.family.is_some() => Err(
+            "an output interface guard for one address family only: the other family's \
+             packets meet the rules after it whatever their route"
+                .into(),
+        ),
+        None => Ok(true),
+    }
+}
+
 /// What a rule reached through a jump matches (and what two rules both match).
 pub(super) enum Narrowed {
     /// The packets that both the jump and the rule match.
@@ -326,6 +427,13 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         (Some(_), Some(_)) => return Err(()),
         (a, b) => b.clone().or(a.clone()),
     };
+    let out_iface = match (&context.out_iface, &rule.out_iface) {
+        (Some(outer), Some(inner)) if iface_covers(outer, inner) => Some(inner.clone()),
+        (Some(outer), Some(inner)) if iface_covers(inner, outer) => Some(outer.clone()),
+        (Some(outer), Some(inner)) if !ifaces_overlap(outer, inner) => return Ok(None),
+        (Some(_), Some(_)) => return Err(()),
+        (a, b) => b.clone().or(a.clone()),
+    };
     let mark = match (context.mark, rule.mark) {
         (Some(a), Some(b)) if (a.value ^ b.value) & a.mask & b.mask != 0 => return Ok(None),
         (Some(a), Some(b)) => Some(Mark {
@@ -387,6 +495,8 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
             .clone()
             .or(context.other_protocol.clone()),
         iface,
+        out_iface,
+        not_out_iface: context.not_out_iface.clone().or(rule.not_out_iface.clone()),
         family,
         not_dst: union(&context.not_dst, &rule.not_dst),
         not_src: union(&context.not_src, &rule.not_src),

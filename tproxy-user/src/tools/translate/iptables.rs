@@ -491,6 +491,17 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                 m.iface = Some(iface);
             }
         }
+        "-o" | "--out-interface" => {
+            let iface = match value.strip_suffix('+') {
+                Some(prefix) => interface_pattern(prefix)?,
+                None => interface_name(value)?,
+            };
+            if negated {
+                m.not_out_iface = Some(iface);
+            } else {
+                m.out_iface = Some(iface);
+            }
+        }
         "--dport" | "--destination-port" | "--dports" | "--destination-ports" => {
             m.ports = ports(value)?;
             if negated {

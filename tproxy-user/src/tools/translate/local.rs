@@ -94,6 +94,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             | Target::Reject => out.push(refuse("not a target for locally generated traffic")),
         }
     }
+    out_interface_of_bypasses_left_out(&mut out);
     if out
         .iter()
         .flatten()
@@ -514,6 +515,38 @@ pub(super) fn write_selectors(out: &mut String, m: &Match) {
     if !m.classids.is_empty() {
         let bounds = |r: &ClassidRange| (r.first, r.last);
         let _ = writeln!(out, "classid = {}", id_list(&m.classids, bounds));
+    }
+    if let Some(iface) = &m.out_iface {
+        let _ = writeln!(
+            out,
+            "out_interface = {}",
+            toml::Value::String(iface.clone())
+        );
+    }
+}
+
+/// When every steer rule has the same `out_interface`, the bypass rules' own (the guard's)
+/// changes nothing: a connection routed by another interface is steered by no rule either
+/// way. Left out, they stay in the lookup stages rather than each taking one of the mark
+/// stage's few entries.
+fn out_interface_of_bypasses_left_out(rules: &mut [Flat]) {
+    let mut steers = rules
+        .iter()
+        .flatten()
+        .filter(|rule| matches!(rule.target, Target::Tproxy { .. }));
+    let Some(first) = steers.next() else {
+        return;
+    };
+    let shared = first.matches.out_iface.clone();
+    if shared.is_none() || steers.any(|rule| rule.matches.out_iface != shared) {
+        return;
+    }
+    for rule in rules.iter_mut().flatten() {
+        if matches!(rule.target, Target::Bypass | Target::Return)
+            && rule.matches.out_iface == shared
+        {
+            rule.matches.out_iface = None;
+        }
     }
 }
 

@@ -117,6 +117,13 @@ struct Match {
     /// steers matches too (which matters to a DROP).
     protocols_beyond: bool,
     iface: Option<String>,
+    /// The interface (name or pattern) the packet's route leaves by, in OUTPUT (`-o eth0`,
+    /// nft `oifname "eth0"`): a local rule's `out_interface`.
+    out_iface: Option<String>,
+    /// The interface the packet's route does not leave by (`! -o eth0`, nft `oifname !=
+    /// "eth0"`): only as an OUTPUT chain's guard that leaves such packets alone, which gives
+    /// the rules after it that `out_iface` (see `flatten`).
+    not_out_iface: Option<String>,
     /// `None`: both (nft `inet`).
     family: Option<Family>,
     /// Destinations, sources and input interfaces the rule excludes (`! -d`, `ip saddr !=

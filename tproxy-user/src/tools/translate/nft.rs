@@ -507,21 +507,29 @@ impl Rule<'_> {
         Ok(found.next)
     }
 
-    /// `oifname != "lo"` at `w[i]`: in a route chain at output, the interface of the route
-    /// looked up for the packet, which is `lo` exactly for the host's own addresses (the
-    /// `local` routes). Other output interfaces cannot be translated.
+    /// `oifname` at `w[i]`: in a route chain at output, the interface of the route looked
+    /// up for the packet. `!= "lo"` is the host's packets for other hosts' addresses (the
+    /// route of the host's own leads to `lo`); another name is a local rule's
+    /// `out_interface` (negated, the guard that leaves other routes' packets alone).
     fn output_interface(&mut self, i: usize) -> Result<usize, String> {
         let found = self.values(i + 1)?;
         if found.negated && found.values == ["lo"] {
             self.m.not_dst_local = true;
             return Ok(found.next);
         }
-        Err(format!(
-            "`{}` cannot be translated: tproxy decides a local connection by its destination \
-             when it connects, not by the interface its route leaves by (but for `{} != \"lo\"`, \
-             whose packets go to other hosts' addresses)",
-            self.w[i], self.w[i]
-        ))
+        let by_name = self.w[i] == "oifname";
+        let [one] = found.values.as_slice() else {
+            return Err(format!("`{}` with several interfaces", self.w[i]));
+        };
+        let iface = match one.strip_suffix('*') {
+            Some(prefix) if by_name => interface_pattern(prefix)?,
+            _ => interface_name(one)?,
+        };
+        match found.negated {
+            true => self.m.not_out_iface = Some(iface),
+            false => self.m.out_iface = Some(iface),
+        }
+        Ok(found.next)
     }
 
     /// The input interface's name at `w[i]`.

@@ -84,6 +84,9 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
     let iface = match (&a.iface, &b.iface) {
         (Some(x), Some(y)) => ifaces_overlap(x, y),
         _ => true,
+    } && match (&a.out_iface, &b.out_iface) {
+        (Some(x), Some(y)) => ifaces_overlap(x, y),
+        _ => true,
     };
     let nets = |x: &[IpNet], y: &[IpNet], family| {
         prefixes_of(x, family).iter().any(|p| {
@@ -186,6 +189,10 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
                 })
             }));
     let iface = match (&outer.iface, &inner.iface) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(o), Some(i)) => iface_covers(o, i),
+    } && match (&outer.out_iface, &inner.out_iface) {
         (None, _) => true,
         (Some(_), None) => false,
         (Some(o), Some(i)) => iface_covers(o, i),

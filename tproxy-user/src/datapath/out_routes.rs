@@ -1,0 +1,358 @@
+//! The host's routes, for rules for local connections with an `out_interface` (iptables'
+//! `-o eth0` in OUTPUT, nft's `oifname != "eth0" accept` ahead of an output chain's
+//! marking): a connect program runs before the kernel looks the socket's route up, and has
+//! no route lookup of its own, so tproxy mirrors the routes into the LPM maps
+//! `tproxy_common::local_origin::ROUTES_V4_MAP` and `ROUTES_V6_MAP`, each destination prefix
+//! with the bits of the rules' out-interface names and patterns that the interface its route
+//! leaves by matches.
+//!
+//! What a lookup without tproxy would find is mirrored: the `local` table, consulted first
+//! (its local routes leave by `lo`; a `main` route inside one of its prefixes is never
+//! used), then `main`; of a prefix's routes the lowest metric; a route of several next hops
+//! has a name's bit only when every next hop leaves by an interface it matches (the kernel
+//! picks one per flow); `unreachable`, `blackhole` and `prohibit` routes leave by none.
+//! Other tables, which policy rules of the host's own may consult first, are not read
+//! (`tproxy run` warns when such rules exist).
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{lpm_trie::Key, LpmTrie, MapData};
+use ipnet::IpNet;
+use rtnetlink::packet_route::{
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    rule::RuleMessage,
+    AddressFamily,
+};
+use tproxy_common::local_origin::MAX_MIRRORED_ROUTES;
+
+use crate::datapath::{
+    routing::{dump_routes, route_table, LOCAL_TABLE},
+    rules::route_bits,
+};
+
+const MAIN_TABLE: u32 = 254;
+
+/// One route as the mirror needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HostRoute {
+    pub prefix: IpNet,
+    /// From the `local` table (else `main`).
+    pub local_table: bool,
+    pub metric: u32,
+    /// The interfaces it leaves by: one, one per next hop, or none (`unreachable` and the
+    /// like).
+    pub interfaces: Vec<String>,
+}
+
+/// The out-interface bits of every destination prefix that `routes` decide, for the
+/// rules' `names` (see `rules::out_interfaces`).
+pub(crate) fn bits_by_prefix(routes: &[HostRoute], names: &[String]) -> HashMap<IpNet, u32> {
+    // The route a lookup finds for each prefix: the local table's, then the lowest metric.
+    let mut chosen: HashMap<IpNet, Vec<&HostRoute>> = HashMap::new();
+    for route in routes {
+        let entry = chosen.entry(route.prefix.trunc()).or_default();
+        let rank = |r: &HostRoute| (!r.local_table, r.metric);
+        match entry.first().map(|first| rank(first).cmp(&rank(route))) {
+            None | Some(std::cmp::Ordering::Equal) => entry.push(route),
+            Some(std::cmp::Ordering::Greater) => *entry = vec![route],
+            Some(std::cmp::Ordering::Less) => {}
+        }
+    }
+    let local_prefixes: Vec<IpNet> = chosen
+        .iter()
+        .filter(|(_, routes)| routes[0].local_table)
+        .map(|(prefix, _)| *prefix)
+        .collect();
+    chosen
+        .into_iter()
+        // The local table answers for all of its prefixes before main is consulted.
+        .filter(|(prefix, routes)| {
+            routes[0].local_table
+                || !local_prefixes
+                    .iter()
+                    .any(|local| local.prefix_len() < prefix.prefix_len() && local.contains(prefix))
+        })
+        .map(|(prefix, routes)| {
+            // Equal routes (IPv6's per-interface fe80::/64, next hops): a bit every one has.
+            let bits = routes
+                .iter()
+                .flat_map(|route| {
+                    if route.interfaces.is_empty() {
+                        vec![0]
+                    } else {
+                        route
+                            .interfaces
+                            .iter()
+                            .map(|iface| route_bits(names, iface))
+                            .collect()
+                    }
+                })
+                .fold(u32::MAX, |all, bits| all & bits);
+            (prefix, bits)
+        })
+        .collect()
+}
+
+/// The host's `local` and `main` routes of both families, with their interfaces' names.
+pub(crate) fn host_routes() -> Result<Vec<HostRoute>> {
+    let names: HashMap<u32, String> = nix::net::if_::if_nameindex()
+        .context("listing the interfaces")?
+        .iter()
+        .map(|iface| (iface.index(), iface.name().to_string_lossy().into_owned()))
+        .collect();
+    let mut routes = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let dumped = dump_routes(family, None).context("listing the routes")?;
+        routes.extend(dumped.iter().filter_map(|route| host_route(route, &names)));
+    }
+    Ok(routes)
+}
+
+fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<HostRoute> {
+    let table = route_table(route);
+    // A route for a TOS only is no lookup's without one (a connect's has none).
+    if (table != LOCAL_TABLE && table != MAIN_TABLE) || route.header.tos != 0 {
+        return None;
+    }
+    let mut prefix = None;
+    let mut metric = 0;
+    let mut interfaces = Vec::new();
+    let name = |index: &u32| names.get(index).cloned().unwrap_or_default();
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(address)) => {
+                prefix = Some(IpNet::from(std::net::IpAddr::V4(*address)))
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(address)) => {
+                prefix = Some(IpNet::from(std::net::IpAddr::V6(*address)))
+            }
+            RouteAttribute::Priority(priority) => metric = *priority,
+            RouteAttribute::Oif(index) => interfaces.push(name(index)),
+            RouteAttribute::MultiPath(hops) => {
+                interfaces.extend(hops.iter().map(|hop| name(&hop.interface_index)))
+            }
+            _ => {}
+        }
+    }
+    let unspecified = match route.header.address_family {
+        AddressFamily::Inet6 => IpNet::from(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
+        _ => IpNet::from(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+    };
+    let prefix = IpNet::new(
+        prefix.unwrap_or(unspecified).addr(),
+        route.header.destination_prefix_length,
+    )
+    .ok()?;
+    match route.header.kind {
+        // What the host delivers to itself goes over lo.
+        RouteType::Local | RouteType::Anycast => interfaces = vec!["lo".to_string()],
+        RouteType::Unicast | RouteType::Broadcast | RouteType::Multicast => {}
+        _ => interfaces.clear(),
+    }
+    Some(HostRoute {
+        prefix,
+        local_table: table == LOCAL_TABLE,
+        metric,
+        interfaces,
+    })
+}
+
+/// Warns when the host's policy rules consult tables that `out_interface` does not read.
+pub(crate) async fn warn_of_other_tables(handle: &rtnetlink::Handle) {
+    use futures::TryStreamExt;
+    let mut rules = Vec::new();
+    for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+        match handle
+            .rule()
+            .get(version)
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+        {
+            Ok(listed) => rules.extend(listed),
+            Err(error) => {
+                log::warn!("listing the policy rules, for out_interface: {error}");
+                return;
+            }
+        }
+    }
+    let tables = other_tables_consulted(&rules, crate::datapath::routing::ROUTE_PROTOCOL);
+    if !tables.is_empty() {
+        log::warn!(
+            "policy rules consult routing tables {tables:?}: out_interface decides by the local \
+             and main tables only, so a connection those tables route differently is decided by \
+             the interface main would send it by"
+        );
+    }
+}
+
+/// The host's policy rules that consult a table other than `local`, `main` and `default`,
+/// which `out_interface` does not read (tproxy's own, of protocol `proto`, aside).
+fn other_tables_consulted(rules: &[RuleMessage], proto: u8) -> Vec<u32> {
+    use rtnetlink::packet_route::rule::RuleAttribute;
+    let mut tables: Vec<u32> = rules
+        .iter()
+        .filter(|rule| {
+            !rule
+                .attributes
+                .iter()
+                .any(|attr| matches!(attr, RuleAttribute::Protocol(p) if u8::from(*p) == proto))
+        })
+        .map(|rule| {
+            rule.attributes
+                .iter()
+                .find_map(|attr| match attr {
+                    RuleAttribute::Table(table) => Some(*table),
+                    _ => None,
+                })
+                .unwrap_or(rule.header.table.into())
+        })
+        .filter(|table| ![0, 253, MAIN_TABLE, LOCAL_TABLE].contains(table))
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
+    tables
+}
+
+/// The route maps of the loaded object, and what was written to them.
+pub(crate) struct RouteMirror {
+    v4: LpmTrie<MapData, [u8; 4], u32>,
+    v6: LpmTrie<MapData, [u8; 16], u32>,
+    written: HashMap<IpNet, u32>,
+    /// The names whose bits `written` holds.
+    names: Vec<String>,
+}
+
+impl RouteMirror {
+    pub(crate) fn new(
+        v4: LpmTrie<MapData, [u8; 4], u32>,
+        v6: LpmTrie<MapData, [u8; 16], u32>,
+    ) -> Self {
+        RouteMirror {
+            v4,
+            v6,
+            written: HashMap::new(),
+            names: Vec::new(),
+        }
+    }
+
+    /// The names the maps' bits are for now.
+    pub(crate) fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Mirrors the host's routes now for the rules' `names` (none: empties the maps).
+    pub(crate) fn refresh(&mut self, names: &[String]) -> Result<()> {
+        let bits = match names.is_empty() {
+            true => HashMap::new(),
+            false => bits_by_prefix(&host_routes()?, names),
+        };
+        self.write(bits)?;
+        self.names = names.to_vec();
+        Ok(())
+    }
+
+    /// Makes the maps hold `bits`: what changed only.
+    fn write(&mut self, bits: HashMap<IpNet, u32>) -> Result<()> {
+        let (v4, v6) = bits.keys().fold((0, 0), |(v4, v6), prefix| match prefix {
+            IpNet::V4(_) => (v4 + 1, v6),
+            IpNet::V6(_) => (v4, v6 + 1),
+        });
+        if v4.max(v6) > MAX_MIRRORED_ROUTES as usize {
+            bail!(
+                "the host has {v4} IPv4 and {v6} IPv6 routes in its local and main tables; \
+                 out_interface mirrors at most {MAX_MIRRORED_ROUTES} of each"
+            );
+        }
+        for prefix in self.written.keys().filter(|p| !bits.contains_key(p)) {
+            let removed = match prefix {
+                IpNet::V4(net) => self
+                    .v4
+                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
+                IpNet::V6(net) => self
+                    .v6
+                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
+            };
+            removed.with_context(|| format!("removing the route {prefix} from the route maps"))?;
+        }
+        for (prefix, value) in &bits {
+            if self.written.get(prefix) == Some(value) {
+                continue;
+            }
+            let inserted = match prefix {
+                IpNet::V4(net) => self.v4.insert(
+                    &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+                    value,
+                    0,
+                ),
+                IpNet::V6(net) => self.v6.insert(
+                    &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+                    value,
+                    0,
+                ),
+            };
+            inserted.with_context(|| format!("writing the route {prefix} into the route maps"))?;
+        }
+        self.written = bits;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, local_table: bool, metric: u32, interfaces: &[&str]) -> HostRoute {
+        HostRoute {
+            prefix: prefix.parse().unwrap(),
+            local_table,
+            metric,
+            interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn names() -> Vec<String> {
+        vec!["eth0".into(), "wg*".into()]
+    }
+
+    #[test]
+    fn each_prefix_gets_the_bits_of_the_route_a_lookup_finds() {
+        let routes = [
+            route("0.0.0.0/0", false, 0, &["eth0"]),
+            route("0.0.0.0/0", false, 100, &["wg0"]),
+            route("10.0.0.0/8", false, 0, &["wg1"]),
+            route("10.9.0.0/16", false, 0, &[]),
+            route("192.168.1.0/24", false, 0, &["eth0"]),
+            route("192.168.1.5/32", true, 0, &["lo"]),
+            route("127.0.0.0/8", true, 0, &["lo"]),
+            // Inside a local-table prefix: never used.
+            route("127.1.0.0/16", false, 0, &["eth0"]),
+            route("198.51.100.0/24", false, 0, &["eth0", "wg0"]),
+            route("fe80::/64", false, 256, &["eth0"]),
+            route("fe80::/64", false, 256, &["wg0"]),
+            route("2001:db8::/32", false, 1024, &["eth0"]),
+        ];
+        let bits = bits_by_prefix(&routes, &names());
+        let of = |prefix: &str| bits.get(&prefix.parse::<IpNet>().unwrap()).copied();
+        assert_eq!(of("0.0.0.0/0"), Some(0b01), "the lowest metric");
+        assert_eq!(of("10.0.0.0/8"), Some(0b10), "a pattern's bit");
+        assert_eq!(of("10.9.0.0/16"), Some(0), "no interface: unreachable");
+        assert_eq!(of("192.168.1.0/24"), Some(0b01));
+        assert_eq!(of("192.168.1.5/32"), Some(0), "the host's own address: lo");
+        assert_eq!(of("127.1.0.0/16"), None, "shadowed by the local table");
+        assert_eq!(of("198.51.100.0/24"), Some(0), "next hops by both");
+        assert_eq!(of("fe80::/64"), Some(0), "one per interface: none has both");
+        assert_eq!(of("2001:db8::/32"), Some(0b01));
+        assert_eq!(bits.len(), 10);
+    }
+
+    #[test]
+    fn a_route_by_an_interface_of_both_names_has_both_bits() {
+        let bits = bits_by_prefix(
+            &[route("0.0.0.0/0", false, 0, &["wg0"])],
+            &["wg*".to_string(), "wg0".to_string()],
+        );
+        assert_eq!(bits[&"0.0.0.0/0".parse::<IpNet>().unwrap()], 0b11);
+    }
+}
