@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(of("198.51.100.0/24"), Some(0), "next hops by both");
         assert_eq!(of("fe80::/64"), Some(0), "one per interface: none has both");
         assert_eq!(of("2001:db8::/32"), Some(0b01));
-        assert_eq!(bits.len(), 10);
+        assert_eq!(bits.len(), 9);
     }
 
     #[test]

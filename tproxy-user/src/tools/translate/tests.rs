@@ -2426,11 +2426,12 @@ table inet sing-box {
         );
     }
 
-    // Anything but the chain's own guard is reported.
+    // Anything but the chain's own guard is reported (`oifname != "eth0" accept` is the
+    // guard of rules with an out_interface, and `oifname "lo" accept` a bypass with one).
     for guard in [
         "oifname != \"lo\" meta l4proto tcp accept",
-        "oifname != \"eth0\" accept",
-        "oifname \"lo\" accept",
+        "oifname != \"eth0\" meta l4proto tcp accept",
+        "oifname { \"eth0\", \"eth1\" } accept",
     ] {
         let t = translate(&input.replacen("oifname != \"lo\" accept", guard, 1)).unwrap();
         assert!(
