@@ -663,23 +663,24 @@ fn lo_arrivals_left_out(kept: Vec<Rule>, skipped: &mut Vec<String>) -> Vec<Rule>
         return kept;
     }
     let mut lines = BTreeSet::new();
-    for rule in kept.iter().filter(|rule| acts_on_lo_arrivals(rule)) {
+    for (rule, _) in kept.iter().filter(|kept| acts_on_lo_arrivals(kept)) {
         skipped.push(format!(
             "line {}: {}: it steers or drops arrivals on lo, and other rules apply to every \
              interface (`interfaces = [\"all\", \"lo\"]`), but with rules for local \
              connections tproxy runs their program on lo in place of the one for arrivals, so \
              it would never run",
-            rule.0.line, rule.0.text
+            rule.line, rule.text
         ));
-        lines.insert(rule.0.line);
+        lines.insert(rule.line);
     }
     kept.into_iter()
-        .filter(|rule| {
-            let partial = lines.contains(&rule.0.line);
-            if partial && !acts_on_lo_arrivals(rule) {
+        .filter(|kept| {
+            let (rule, _) = kept;
+            let partial = lines.contains(&rule.line);
+            if partial && !acts_on_lo_arrivals(kept) {
                 skipped.push(format!(
                     "line {}: {}: left out as well: another part of line {} is reported above",
-                    rule.0.line, rule.0.text, rule.0.line
+                    rule.line, rule.text, rule.line
                 ));
             }
             !partial
