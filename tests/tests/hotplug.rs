@@ -324,6 +324,35 @@ fn iface_all_follows_interfaces_that_appear_and_leaves_lo_out() {
     assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 2);
 }
 
+/// `--iface all --iface lo`: lo beside all the others, which are still followed as they
+/// come and go (before, `all` beside any name was refused).
+#[test]
+fn iface_all_with_lo_attaches_lo_too_and_follows_the_others() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = Tproxy::start(
+        &topo.router,
+        &["--iface", "all", "--iface", "lo", "--tcp", "80"],
+    )
+    .unwrap();
+    let all_and_lo = vec!["lo", "to-client", "to-server"];
+    assert_eq!(attached_names(&tproxy), all_and_lo);
+    assert_eq!(
+        ingress_programs(&topo.router, "lo").unwrap(),
+        vec!["tproxy_ingress".to_string()]
+    );
+    let late = late_client(&topo, "late1", 4);
+    tproxy
+        .wait_for_line("attached to late1", Duration::from_secs(10))
+        .unwrap();
+    drop(late);
+    tproxy
+        .wait_for_line("detached from late1", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(attached_names(&tproxy), all_and_lo);
+    tproxy.stop().unwrap();
+}
+
 #[test]
 fn a_pattern_leaves_lo_out_and_its_name_selects_it() {
     require_root();

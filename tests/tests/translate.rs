@@ -1460,6 +1460,147 @@ fn a_guard_on_the_tproxy_mark_and_negated_returns_falling_through_steer_the_same
     assert_eq!(translated, original, "translated config:\n{text}");
 }
 
+/// istio's TPROXY mode on lo (tests/corpus/translate/istio-tproxy.rules): besides the
+/// TPROXY rule for every interface, it leaves lo alone but for its own source 127.0.0.6 and
+/// the packets marked 0x53a (here 0x2), which its routing sends to lo, and which fall
+/// through to the TPROXY rule there. The translation attaches to lo beside `all`. Before,
+/// the rules repeated for lo were reported and nothing was translated.
+const ISTIO_ON_LO: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_DIVERT - [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_TPROXY - [0:0]
+-A PREROUTING -i to-server -j RETURN
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A ISTIO_DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A ISTIO_DIVERT -j ACCEPT
+-A ISTIO_INBOUND -p tcp -m mark --mark 0x1 -j RETURN
+-A ISTIO_INBOUND -s 127.0.0.6/32 -i lo -p tcp -j RETURN
+-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 0x2 -j RETURN
+-A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
+-A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
+-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+";
+
+/// The router's own connections, which arrive on lo as istio's do: from `source` with
+/// `SO_MARK` `mark` to `destination`. Its routing sends those marked 0x2 to lo whatever their
+/// destination; the router's own address (10.10.2.1, where nothing listens on port 81) is
+/// reached over lo anyway.
+const ROUTER_PROBES: &[(&str, u32, &str)] = &[
+    ("127.0.0.7", 0x2, "10.10.2.2:80"),
+    ("127.0.0.7", 0x2, "10.10.2.1:81"),
+    ("127.0.0.6", 0x2, "10.10.2.1:81"),
+    ("127.0.0.7", 0x0, "10.10.2.1:81"),
+    ("127.0.0.7", 0x2, "127.0.0.1:81"),
+];
+
+/// For each of [`ROUTER_PROBES`], what became of it: `relayed` (the server saw the router),
+/// `accepted` (by the relay, which then found nothing listening at the destination), or
+/// `refused` (not steered: delivered where nothing listens). A probe to the server that
+/// is not steered would be delivered locally too, but refused by no one (the reset's source
+/// would be the server's address, not the router's): that fails the test.
+fn router_probes(topo: &Topo) -> Vec<(String, &'static str)> {
+    use std::{io::ErrorKind, time::Duration};
+    let router = Topo::router_as_seen_by_server(false).to_string();
+    ROUTER_PROBES
+        .iter()
+        .map(|&(source, mark, destination)| {
+            let name = format!("{source} mark {mark:#x} to {destination}");
+            let (source, destination): (std::net::IpAddr, SocketAddr) =
+                (source.parse().unwrap(), destination.parse().unwrap());
+            let router = router.clone();
+            let outcome = topo.router.run(move || -> std::io::Result<&'static str> {
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                socket.set_mark(mark)?;
+                socket.bind(&SocketAddr::new(source, 0).into())?;
+                match socket.connect_timeout(&destination.into(), Duration::from_secs(5)) {
+                    Err(error) if error.kind() == ErrorKind::ConnectionRefused => {
+                        return Ok("refused")
+                    }
+                    connected => connected?,
+                }
+                let mut stream = std::net::TcpStream::from(socket);
+                stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut text = String::new();
+                match std::io::Read::read_to_string(&mut stream, &mut text) {
+                    Ok(_) if text == router => Ok("relayed"),
+                    Ok(_) => Ok("accepted"),
+                    Err(error) if error.kind() == ErrorKind::ConnectionReset => Ok("accepted"),
+                    Err(error) => Err(error),
+                }
+            });
+            let outcome = outcome.unwrap_or_else(|error| panic!("{name}: {error}"));
+            (name, outcome)
+        })
+        .collect()
+}
+
+#[test]
+fn istios_arrivals_on_lo_steer_the_same_flows_translated_with_lo_beside_all() {
+    require_root();
+    let probes = [Probe::Tcp("10.10.2.2:80"), Probe::Tcp("10.10.2.3:8050")];
+    let topo = Topo::new().unwrap();
+    // istio's routing of the packets it marks for its proxy: delivered over lo.
+    topo.router
+        .ip(&["rule", "add", "fwmark", "0x2", "lookup", "200"])
+        .unwrap();
+    topo.router
+        .ip(&[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "200",
+        ])
+        .unwrap();
+    let servers = Servers::start(&topo, &probes);
+    restore_iptables(&topo.router, ISTIO_ON_LO).unwrap();
+    let text = translate(ISTIO_ON_LO);
+    assert!(
+        text.contains("\ninterfaces = [\"all\", \"lo\"]\n"),
+        "{text}"
+    );
+    let config = ConfigFile::new(&text).unwrap();
+    // Behind iptables the relay's own connections must not carry the guard's mark (see
+    // above).
+    let mut relay = Tproxy::start(
+        &topo.router,
+        &[
+            "--relay-only",
+            "--config",
+            config.path(),
+            "--socket-mark",
+            "0x2000000",
+        ],
+    )
+    .unwrap();
+    let original = (servers.intercepted(&topo, &probes), router_probes(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = (servers.intercepted(&topo, &probes), router_probes(&topo));
+    tproxy.stop().unwrap();
+    assert_eq!(
+        steered_names(&original.0),
+        ["tcp 10.10.2.2:80", "tcp 10.10.2.3:8050"],
+        "iptables"
+    );
+    let outcomes: Vec<&str> = original.1.iter().map(|(_, outcome)| *outcome).collect();
+    assert_eq!(
+        outcomes,
+        ["relayed", "accepted", "refused", "refused", "refused"],
+        "iptables: {:?}",
+        original.1
+    );
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
 /// sbshell's sing-box PREROUTING chain (tests/corpus/translate/sbshell-singbox-nft.rules):
 /// DNS is steered ahead of the bypass of the host's own addresses, so a query to the
 /// router's own address is steered while its other services are left alone. A loop guard

@@ -27,7 +27,7 @@ fn doctor_settings(args: &cli::DoctorArgs) -> anyhow::Result<doctor::Examined> {
         None => config::Settings::default(),
     };
     if !args.ifaces.is_empty() {
-        settings.interfaces = config::Interfaces::from_flag(&args.ifaces);
+        settings.interfaces = config::Interfaces::from_names(&args.ifaces);
     }
     if let Some(mark) = args.mark {
         settings.mark = mark;
@@ -50,7 +50,7 @@ fn check(args: &config::RunArgs) -> anyhow::Result<()> {
     // Stand-in interface indices: the counts depend on how many interfaces there are.
     let named: Vec<String> = match &config.settings.interfaces {
         config::Interfaces::Named(names) => names.clone(),
-        config::Interfaces::All => {
+        config::Interfaces::All { .. } => {
             let mut names: Vec<String> = config
                 .rules
                 .iter()

@@ -111,8 +111,8 @@ impl Config {
             if names.len() > 1 && names.iter().any(|name| name == "all") {
                 bail!(
                     "interface `all` among other interfaces: `all` alone means every interface \
-                     but lo (no interface can be named so); give it alone, or only names and \
-                     patterns"
+                     but lo (no interface can be named so); give it alone, with lo only (`all` \
+                     and lo: every interface), or only names and patterns"
                 );
             }
         }

@@ -14,7 +14,8 @@ impl Config {
         use fmt::Write;
         let mut out = String::new();
         let interfaces = match &self.settings.interfaces {
-            Interfaces::All => "all but lo, as they come and go".to_string(),
+            Interfaces::All { loopback: false } => "all but lo, as they come and go".to_string(),
+            Interfaces::All { loopback: true } => "all, as they come and go, and lo".to_string(),
             Interfaces::Named(names) if names.is_empty() => "none (relay only)".to_string(),
             Interfaces::Named(names) => names.join(", "),
         };

@@ -330,20 +330,25 @@ impl Config {
             }
         }
         self.local = Some(selections);
-        if let Interfaces::Named(names) = &mut self.settings.interfaces {
-            if names
+        // The loopback program takes lo's arrivals in place of the main one (see
+        // `datapath::steering`): the forwarded rules would never run there.
+        let lo_named = match &self.settings.interfaces {
+            Interfaces::Named(names) => names
                 .iter()
-                .any(|entry| entry == crate::datapath::interfaces::LOOPBACK)
-            {
-                let what = match args.local {
-                    true => "--local",
-                    false => "rules for local connections (origin local or any)",
-                };
-                bail!(
-                    "{what} with lo among the interfaces: lo then carries only the selected \
-                     processes' connections; leave lo out of --iface and `interfaces`"
-                );
-            }
+                .any(|entry| entry == crate::datapath::interfaces::LOOPBACK),
+            Interfaces::All { loopback } => *loopback,
+        };
+        if lo_named {
+            let what = match args.local {
+                true => "--local",
+                false => "rules for local connections (origin local or any)",
+            };
+            bail!(
+                "{what} with lo among the interfaces: lo then carries only the selected \
+                 processes' connections; leave lo out of --iface and `interfaces`"
+            );
+        }
+        if let Interfaces::Named(names) = &mut self.settings.interfaces {
             names.push("lo".to_string());
         }
         Ok(())
@@ -390,7 +395,7 @@ impl Config {
         // `--local` alone: only this host's connections; with interfaces to steer as well,
         // arrivals there too.
         let interfaces = match &self.settings.interfaces {
-            Interfaces::All => true,
+            Interfaces::All { .. } => true,
             Interfaces::Named(names) => !names.is_empty(),
         };
         let origin = match (args.local, interfaces) {

@@ -219,8 +219,8 @@ macro_rules! settings {
     (@from_file switch $value:ident) => { $value };
     (@from_file interfaces $value:ident) => {
         match $value {
-            InterfaceList::All => Interfaces::All,
-            InterfaceList::Named(names) => Interfaces::Named(names),
+            InterfaceList::All => Interfaces::All { loopback: false },
+            InterfaceList::Named(names) => Interfaces::from_names(&names),
         }
     };
 
@@ -242,7 +242,7 @@ macro_rules! settings {
     };
     (@from_flag interfaces $flag:expr, $setting:expr) => {
         if !$flag.is_empty() {
-            $setting = Interfaces::from_flag(&$flag);
+            $setting = Interfaces::from_names(&$flag);
         }
     };
 }
@@ -259,7 +259,8 @@ settings! {
     /// arrival, so name the interfaces clients' packets come in on. A pattern (`'veth*'`,
     /// `wg?`) attaches to every matching interface, including those that appear later;
     /// `all` (alone) to every interface. Patterns and `all` leave out lo, whose traffic is
-    /// the host's own: name lo to steer there. Replaces the file's `interfaces`.
+    /// the host's own: name lo to steer there (beside `all` too). Replaces the file's
+    /// `interfaces`.
     #[flag(long = "iface", value_name = "IF")]
     fixed interfaces: interfaces;
 

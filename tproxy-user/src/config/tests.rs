@@ -595,7 +595,10 @@ fn local_refuses_what_it_cannot_serve() {
 #[test]
 fn iface_all_alone_is_every_interface_and_beside_others_an_error() {
     let config = Config::build(&args(&["--iface", "all", "--tcp", "80"])).unwrap();
-    assert_eq!(config.settings.interfaces, Interfaces::All);
+    assert_eq!(
+        config.settings.interfaces,
+        Interfaces::All { loopback: false }
+    );
     assert_eq!(config.settings.interfaces.entries(), vec!["*".to_string()]);
     assert!(
         config.describe().contains("all but lo"),
@@ -603,10 +606,16 @@ fn iface_all_alone_is_every_interface_and_beside_others_an_error() {
         config.describe()
     );
     let from_file = with_file("interfaces = \"all\"\n", &["--tcp", "80"]).unwrap();
-    assert_eq!(from_file.settings.interfaces, Interfaces::All);
+    assert_eq!(
+        from_file.settings.interfaces,
+        Interfaces::All { loopback: false }
+    );
     // `["all"]` too: `check` used to call it a name that `run` then failed to find.
     let listed = with_file("interfaces = [\"all\"]\n", &["--tcp", "80"]).unwrap();
-    assert_eq!(listed.settings.interfaces, Interfaces::All);
+    assert_eq!(
+        listed.settings.interfaces,
+        Interfaces::All { loopback: false }
+    );
     for given in [
         &["--iface", "all", "--iface", "eth0"][..],
         &["--iface", "eth0", "--iface", "all"][..],
@@ -619,6 +628,58 @@ fn iface_all_alone_is_every_interface_and_beside_others_an_error() {
             "{error}"
         );
     }
+}
+
+#[test]
+fn iface_all_with_lo_is_every_interface_but_not_with_local_rules() {
+    let every = Interfaces::All { loopback: true };
+    for flags in [
+        ["--iface", "all", "--iface", "lo"],
+        ["--iface", "lo", "--iface", "all"],
+    ] {
+        let mut flags = flags.to_vec();
+        flags.extend(["--tcp", "80"]);
+        let config = Config::build(&args(&flags)).unwrap();
+        assert_eq!(config.settings.interfaces, every);
+        assert_eq!(config.settings.interfaces.entries(), ["*", "lo"]);
+        assert!(
+            config
+                .describe()
+                .contains("interfaces: all, as they come and go, and lo"),
+            "{}",
+            config.describe()
+        );
+    }
+    for listed in ["[\"all\", \"lo\"]", "[\"lo\", \"all\"]"] {
+        let config = with_file(&format!("interfaces = {listed}\n"), &["--tcp", "80"]).unwrap();
+        assert_eq!(config.settings.interfaces, every, "{listed}");
+    }
+    // Anything else beside `all` is among what it selects already.
+    let error = format!(
+        "{:#}",
+        with_file(
+            "interfaces = [\"all\", \"lo\", \"eth0\"]\n",
+            &["--tcp", "80"]
+        )
+        .unwrap_err()
+    );
+    assert!(error.contains("with lo only"), "{error}");
+    // The loopback program would take lo's arrivals from the rules that steer there.
+    let local = ["--local", "--iface", "all", "--iface", "lo", "--tcp", "80"];
+    let error = format!("{:#}", Config::build(&args(&local)).unwrap_err());
+    assert!(
+        error.contains("--local with lo among the interfaces"),
+        "{error}"
+    );
+    let text = "interfaces = [\"all\", \"lo\"]\n\
+                [[listener]]\nname = \"web\"\nlisten = [\"127.0.0.1:15001\"]\n\
+                [[rule]]\nproto = \"tcp\"\norigin = \"local\"\naction = \"steer\"\n\
+                listener = \"web\"\n";
+    let error = format!("{:#}", with_file(text, &[]).unwrap_err());
+    assert!(
+        error.contains("rules for local connections (origin local or any) with lo among"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -292,7 +292,8 @@ impl<'de, P: Parse> Deserialize<'de> for List<P> {
     }
 }
 
-/// `interfaces = "all"` or a list of names.
+/// `interfaces = "all"` or a list of names (which may be `all`, see
+/// `Interfaces::from_names`).
 #[derive(Debug)]
 pub enum InterfaceList {
     All,
@@ -330,10 +331,8 @@ impl<'de> Deserialize<'de> for InterfaceList {
                         "an empty list steers nothing; name at least one interface",
                     ));
                 }
-                if names == ["all"] {
-                    // As `--iface all` alone: no link can be named `all`.
-                    return Ok(InterfaceList::All);
-                }
+                // `["all"]` and `["all", "lo"]` are read as `--iface` reads them (see
+                // `Interfaces::from_names`).
                 Ok(InterfaceList::Named(names))
             }
         }

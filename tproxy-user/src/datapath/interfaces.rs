@@ -13,17 +13,21 @@ pub enum Interfaces {
     /// appear and detached as they go.
     Named(Vec<String>),
     /// Every interface the program can parse but loopback, followed as they come and go:
-    /// the pattern `*` (which leaves `lo` out, see `selects`).
-    All,
+    /// the pattern `*` (which leaves `lo` out, see `selects`); `loopback`: `lo` too, named
+    /// beside `all`.
+    All { loopback: bool },
 }
 
 impl Interfaces {
-    /// `--iface` as given: `all` alone is [`Interfaces::All`] (the kernel refuses an
-    /// interface of that name); `all` beside names is refused by the configuration check.
-    pub fn from_flag(names: &[String]) -> Self {
-        match names {
-            [only] if only == "all" => Interfaces::All,
-            names => Interfaces::Named(names.to_vec()),
+    /// The interfaces as given (the repeated `--iface`, or the file's list): `all` alone is
+    /// [`Interfaces::All`] (the kernel refuses an interface of that name), and so is `all`
+    /// with `lo`, which it would leave out; `all` beside other names is refused by the
+    /// configuration check.
+    pub fn from_names(names: &[String]) -> Self {
+        match names.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            ["all"] => Interfaces::All { loopback: false },
+            ["all", LOOPBACK] | [LOOPBACK, "all"] => Interfaces::All { loopback: true },
+            _ => Interfaces::Named(names.to_vec()),
         }
     }
 
@@ -31,7 +35,8 @@ impl Interfaces {
     pub fn entries(&self) -> Vec<String> {
         match self {
             Interfaces::Named(names) => names.clone(),
-            Interfaces::All => vec!["*".to_string()],
+            Interfaces::All { loopback: false } => vec!["*".to_string()],
+            Interfaces::All { loopback: true } => vec!["*".to_string(), LOOPBACK.to_string()],
         }
     }
 }
@@ -215,8 +220,30 @@ mod tests {
 
     #[test]
     fn all_is_every_interface_but_loopback() {
-        let entries = Interfaces::All.entries();
+        let entries = Interfaces::All { loopback: false }.entries();
         assert!(entries.iter().any(|entry| selects(entry, "veth1a2b")));
         assert!(!entries.iter().any(|entry| selects(entry, "lo")));
+    }
+
+    #[test]
+    fn all_with_lo_is_every_interface() {
+        let names = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>()
+        };
+        for given in [names(&["all", "lo"]), names(&["lo", "all"])] {
+            let interfaces = Interfaces::from_names(&given);
+            assert_eq!(interfaces, Interfaces::All { loopback: true });
+            let entries = interfaces.entries();
+            for name in ["veth1a2b", "lo"] {
+                assert!(entries.iter().any(|entry| selects(entry, name)), "{name}");
+            }
+        }
+        assert_eq!(
+            Interfaces::from_names(&names(&["all", "eth0"])),
+            Interfaces::Named(names(&["all", "eth0"]))
+        );
     }
 }

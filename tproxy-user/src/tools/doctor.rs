@@ -340,10 +340,7 @@ fn sysctl(path: &str) -> Option<u32> {
 /// [`interface`] reports), patterns and `all` expanded over this namespace's interfaces as
 /// the run selects them (never `lo` but by name); with the patterns that match none.
 fn attached_now(interfaces: &Interfaces) -> (Vec<String>, Vec<String>) {
-    let entries = match interfaces {
-        Interfaces::Named(entries) => entries.clone(),
-        Interfaces::All => vec!["*".to_string()],
-    };
+    let entries = interfaces.entries();
     let present: Vec<String> = nix::net::if_::if_nameindex()
         .map(|list| {
             list.iter()

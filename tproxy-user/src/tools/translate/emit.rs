@@ -640,41 +640,44 @@ fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<Strin
         .collect()
 }
 
-/// `interfaces`: the rules' input interfaces, or all when a rule names none. Rules for
-/// locally generated traffic have no input interface.
+/// Whether `rule` steers or drops packets arriving on `lo` only, when they come from
+/// elsewhere (not a rule for locally generated traffic).
+fn acts_on_lo_arrivals((rule, listener): &Rule) -> bool {
+    !rule.matches.local
+        && rule.matches.iface.as_deref() == Some(LOOPBACK)
+        && (listener.is_some() || rule.target == Target::Drop)
+}
+
 /// `kept` without the forwarded rules that steer or drop arrivals on `lo` when other rules
-/// apply to every interface: `interfaces = "all"` leaves `lo` out (tproxy's own traffic
-/// crosses it), so those rules would never run. They are reported, and the other parts of
-/// their lines with them.
+/// apply to every interface and rules for locally generated traffic exist: tproxy then runs
+/// the local rules' program on `lo` in place of the one for arrivals (see
+/// `datapath::steering`), so those rules would never run. They are reported, and the other
+/// parts of their lines with them. (Without local rules, `lo` is attached beside `all`, see
+/// `write_interfaces`.)
 fn lo_arrivals_left_out(kept: Vec<Rule>, skipped: &mut Vec<String>) -> Vec<Rule> {
-    let forwarded = |rule: &Parsed| !rule.matches.local;
     let every_interface = kept
         .iter()
-        .any(|(rule, _)| forwarded(rule) && rule.matches.iface.is_none());
-    let on_lo_only = |rule: &Parsed, listener: &Option<u16>| {
-        forwarded(rule)
-            && rule.matches.iface.as_deref() == Some(LOOPBACK)
-            && (listener.is_some() || rule.target == Target::Drop)
-    };
-    if !every_interface {
+        .any(|(rule, _)| !rule.matches.local && rule.matches.iface.is_none());
+    let local = kept.iter().any(|(rule, _)| rule.matches.local);
+    if !every_interface || !local {
         return kept;
     }
     let mut lines = BTreeSet::new();
-    for (rule, listener) in &kept {
-        if on_lo_only(rule, listener) {
-            skipped.push(format!(
-                "line {}: {}: it steers or drops arrivals on lo, and other rules apply to \
-                 every interface: tproxy's `interfaces = \"all\"` leaves lo out, so it would \
-                 never run",
-                rule.line, rule.text
-            ));
-            lines.insert(rule.line);
-        }
+    for (rule, _) in kept.iter().filter(|kept| acts_on_lo_arrivals(kept)) {
+        skipped.push(format!(
+            "line {}: {}: it steers or drops arrivals on lo, and other rules apply to every \
+             interface (`interfaces = [\"all\", \"lo\"]`), but with rules for local \
+             connections tproxy runs their program on lo in place of the one for arrivals, so \
+             it would never run",
+            rule.line, rule.text
+        ));
+        lines.insert(rule.line);
     }
     kept.into_iter()
-        .filter(|(rule, listener)| {
+        .filter(|kept| {
+            let (rule, _) = kept;
             let partial = lines.contains(&rule.line);
-            if partial && !on_lo_only(rule, listener) {
+            if partial && !acts_on_lo_arrivals(kept) {
                 skipped.push(format!(
                     "line {}: {}: left out as well: another part of line {} is reported above",
                     rule.line, rule.text, rule.line
@@ -685,6 +688,9 @@ fn lo_arrivals_left_out(kept: Vec<Rule>, skipped: &mut Vec<String>) -> Vec<Rule>
         .collect()
 }
 
+/// `interfaces`: the rules' input interfaces, or all when a rule names none (with `lo`
+/// when rules steer or drop arrivals there: `all` leaves it out). Rules for locally
+/// generated traffic have no input interface.
 fn write_interfaces(out: &mut String, kept: &[Rule]) {
     let forwarded: Vec<&Rule> = kept
         .iter()
@@ -710,7 +716,15 @@ fn write_interfaces(out: &mut String, kept: &[Rule]) {
             out,
             "# Rules without an input interface applied to packets arriving on any interface."
         );
-        let _ = writeln!(out, "interfaces = \"all\"");
+        if kept.iter().any(acts_on_lo_arrivals) {
+            let _ = writeln!(
+                out,
+                "# lo too, which `all` leaves out: rules steer or drop arrivals there."
+            );
+            let _ = writeln!(out, "interfaces = [\"all\", \"{LOOPBACK}\"]");
+        } else {
+            let _ = writeln!(out, "interfaces = \"all\"");
+        }
     } else {
         let names: Vec<String> = ifaces.iter().map(|i| quote(i)).collect();
         let _ = writeln!(out, "interfaces = [{}]", names.join(", "));

@@ -2682,7 +2682,7 @@ fn summary_of(config: &str) -> Vec<String> {
 /// TPROXY rules' own mark, and on lo it leaves alone all but the packets marked 0x53a, which
 /// fall through to its TPROXY rule. The guard becomes the socket mark and tproxy routes with
 /// a bit of its own; the marked packets meet the rules after the negation first. (Before,
-/// both were reported.) On another interface than lo: see the end.
+/// both were reported.) On another interface than lo, then on lo: see the end.
 #[test]
 fn istios_guard_on_the_tproxy_mark_and_its_negated_mark_translate() {
     let input = "\
@@ -2734,14 +2734,79 @@ COMMIT
         "{:?}",
         t.notes
     );
-    // On lo itself (istio's own form), the rules repeated for the marked packets steer
-    // arrivals on lo, which `interfaces = "all"` leaves out: reported, not left to never run.
-    let t = translate(input).unwrap();
     assert!(
-        t.skipped.iter().any(|s| s.starts_with("line 12:")
-            && s.contains("it steers or drops arrivals on lo, and other rules apply to every")),
+        t.config.contains("\ninterfaces = \"all\"\n"),
+        "{}",
+        t.config
+    );
+    // On lo itself (istio's own form), the rules repeated for the marked packets steer
+    // arrivals on lo, which `all` leaves out: lo is attached beside it. (Before, they were
+    // reported.)
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("\ninterfaces = [\"all\", \"lo\"]\n"),
+        "{}",
+        t.config
+    );
+    assert_eq!(
+        summary_of(&t.config),
+        [
+            r#"lo 0x53a ["127.0.0.1/32"] bypass"#,
+            r#"lo 0x53a ["0.0.0.0/0"] tproxy-15006"#,
+            r#"lo - ["0.0.0.0/0"] bypass"#,
+            r#"- - ["127.0.0.1/32"] bypass"#,
+            r#"- - ["0.0.0.0/0"] tproxy-15006"#,
+        ],
+        "{}",
+        t.config
+    );
+}
+
+/// Rules that only leave arrivals on lo alone do not attach lo beside `all`: tproxy would
+/// steer nothing more there. With rules for local connections, whose program takes lo's
+/// arrivals, those that steer there are reported.
+#[test]
+fn lo_is_attached_beside_all_only_for_rules_that_act_there_and_not_with_local_rules() {
+    let bypassed = "\
+*mangle
+-A PREROUTING -i lo -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1
+COMMIT
+";
+    let t = translate(bypassed).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("\ninterfaces = \"all\"\n"),
+        "{}",
+        t.config
+    );
+    let dropped = bypassed.replace("-i lo -j RETURN", "-i lo -p tcp --dport 25 -j DROP");
+    let t = translate(&dropped).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("\ninterfaces = [\"all\", \"lo\"]\n"),
+        "{}",
+        t.config
+    );
+    let with_local = "\
+*mangle
+-A PREROUTING -i lo -p tcp -m mark --mark 0x2 -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1
+-A PREROUTING -p tcp -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1
+-A OUTPUT -d 10.0.0.0/8 -j RETURN
+COMMIT
+";
+    let t = translate(with_local).unwrap();
+    assert!(
+        t.skipped.iter().any(|s| s.starts_with("line 2:")
+            && s.contains("with rules for local connections tproxy runs their program on lo")),
         "{:?}",
         t.skipped
+    );
+    assert!(
+        t.config.contains("\ninterfaces = \"all\"\n"),
+        "{}",
+        t.config
     );
 }
 
