@@ -557,10 +557,11 @@ fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Opti
 /// Such a rule ranks as high as `rule` or higher (its prefix is the longer of the two, its
 /// ports the common ones), and comes first on a tie, so on those packets it wins over
 /// `rule`. It keeps iptables' answer as long as it cannot outrank a kept rule with another
-/// action that it overlaps: that one, or one above it, still decides the packets both
-/// match, and a packet it alone decides is one whose first match is the outranked rule,
-/// or a rule with its action. Otherwise, and when the common matches cannot be written
-/// (a forwarded rule's mark), the reason.
+/// action that it overlaps, unless that rule decides none of the packets they share (see
+/// [`never_decides`]): that one, or one above it, still decides the packets both match,
+/// and a packet it alone decides is one whose first match is the outranked rule, or a rule
+/// with its action. Otherwise, and when the common matches cannot be written (a forwarded
+/// rule's mark), the reason.
 fn first_come(
     rule: &Parsed,
     outranked: &[usize],
