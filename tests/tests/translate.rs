@@ -1683,6 +1683,165 @@ fn dns_to_the_hosts_own_address_ahead_of_its_bypass_steers_the_same_flows_transl
     assert_eq!(translated, original, "translated config:\n{text}");
 }
 
+/// sing-box-tproxy's prerouting chain (tests/corpus/translate/sing-box-tproxy-ansible.rules)
+/// with its reserved sets whole: DNS is steered ahead of the bypasses of the host's own
+/// addresses and of the reserved ones, in IPv4 and IPv6; everything else to a reserved
+/// address or the host's own is left alone, the rest steered. The test's addresses are
+/// reserved (10.0.0.0/8, fd00::/8) but for 198.18.0.2 and 3fff::2 on the server. The TPROXY
+/// rules mark 0x1 for the test's policy routing (the template's DNS rule marks nothing,
+/// which forwards its packets to other hosts), and the loop guard of sbshell's chain comes
+/// first (tproxy's relay connects to the router's port 53).
+const SING_BOX_ANSIBLE_PREROUTING: &str = "\
+table inet sing_box_tproxy {
+	set reserved_ip4 {
+		type ipv4_addr
+		flags interval
+		elements = { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.0.0.0/24, 192.0.2.0/24, 192.88.99.0/24, 192.168.0.0/16, 198.51.100.0/24, 203.0.113.0/24, 224.0.0.0/4, 240.0.0.0/4 }
+	}
+	set reserved_ip6 {
+		type ipv6_addr
+		flags interval
+		elements = { ::, ::1, ::ffff:0.0.0.0/96, 64:ff9b::/96, 64:ff9b:1::/48, 100::/64, 2001::/32, 2001:20::/28, 2001:db8::/32, 2002::/16, fd00::/8, fe80::/10, ff00::/8 }
+	}
+	chain prerouting_tproxy {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark 0x000000e1 accept
+		meta l4proto { tcp, udp } th dport 53 tproxy to :7895 meta mark set 0x00000001 accept
+		fib daddr type local meta l4proto { tcp, udp } th dport 7895 reject with icmpx host-unreachable
+		fib daddr type local accept
+		ip daddr @reserved_ip4 accept
+		ip6 daddr @reserved_ip6 accept
+		meta l4proto tcp socket transparent 1 meta mark set 0x00000001 accept
+		meta l4proto { tcp, udp } tproxy to :7895 meta mark set 0x00000001
+	}
+}
+";
+
+#[test]
+fn dns_to_reserved_and_own_addresses_ahead_of_their_bypasses_steers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // Addresses outside the reserved sets, on the server.
+    topo.server
+        .ip(&["addr", "add", "198.18.0.2/32", "dev", "lo"])
+        .unwrap();
+    topo.server
+        .ip(&["addr", "add", "3fff::2/128", "dev", "lo"])
+        .unwrap();
+    topo.router
+        .ip(&["route", "add", "198.18.0.2/32", "via", "10.10.2.2"])
+        .unwrap();
+    topo.router
+        .ip(&["-6", "route", "add", "3fff::2/128", "via", "fd00:2::2"])
+        .unwrap();
+    // TCP to each, and UDP to the port 53 ones: to a reserved address of the server, the
+    // router's own, and one outside the sets.
+    let tcp = [
+        (&topo.server, "10.10.2.2:53"),
+        (&topo.server, "10.10.2.2:80"),
+        (&topo.server, "[fd00:2::2]:53"),
+        (&topo.server, "[fd00:2::2]:80"),
+        (&topo.router, "10.10.1.1:53"),
+        (&topo.router, "10.10.1.1:8080"),
+        (&topo.router, "[fd00:1::1]:53"),
+        (&topo.router, "[fd00:1::1]:8080"),
+        (&topo.server, "198.18.0.2:80"),
+        (&topo.server, "[3fff::2]:80"),
+    ];
+    let udp = [
+        (&topo.server, "10.10.2.2:53"),
+        (&topo.server, "[fd00:2::2]:53"),
+        (&topo.server, "[fd00:2::2]:54"),
+        (&topo.router, "10.10.1.1:53"),
+        (&topo.router, "[fd00:1::1]:53"),
+    ];
+    let _servers: Vec<Server> = tcp
+        .iter()
+        .map(|(netns, addr)| Server::tell_peer(netns, addr.parse().unwrap()).unwrap())
+        .collect();
+    let echoes: Vec<UdpEcho> = udp
+        .iter()
+        .map(|(netns, addr)| UdpEcho::start(netns, addr.parse().unwrap()).unwrap())
+        .collect();
+    let steered = || -> Vec<(String, bool)> {
+        let tcp = tcp.iter().map(|(_, addr)| {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let peer = peer_seen_by(&topo.client, addr).unwrap();
+            (
+                format!("tcp {addr}"),
+                peer != Topo::client_ip(addr.is_ipv6()),
+            )
+        });
+        let udp = echoes.iter().map(|echo| {
+            echo.peers.lock().unwrap().clear();
+            let socket = udp_client(&topo.client, echo.addr).unwrap();
+            let (reply, from) = udp_exchange(&socket, echo.addr, b"probe").unwrap();
+            assert_eq!((reply.as_slice(), from), (&b"probe"[..], echo.addr));
+            let peer = echo.peer_ips()[0];
+            (
+                format!("udp {}", echo.addr),
+                peer != Topo::client_ip(echo.addr.is_ipv6()),
+            )
+        });
+        tcp.chain(udp).collect()
+    };
+    let listed = listed_nft(&topo.router, SING_BOX_ANSIBLE_PREROUTING);
+    // The test's policy routing for the TPROXY rules' mark, in IPv6 too.
+    topo.router
+        .ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"])
+        .unwrap();
+    topo.router
+        .ip(&[
+            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+        ])
+        .unwrap();
+    let text = translate(&listed);
+    // `tproxy to :7895` looks the proxy up at the receiving interface's address: the
+    // original's relay listens on the wildcard addresses.
+    let wildcard = text.replace(
+        "listen = [\"127.0.0.1:7895\", \"[::1]:7895\"]",
+        "listen = [\"0.0.0.0:7895\", \"[::]:7895\"]",
+    );
+    assert_ne!(wildcard, text);
+    let original_config = ConfigFile::new(&wildcard).unwrap();
+    let mut relay = Tproxy::start(
+        &topo.router,
+        &["--relay-only", "--config", original_config.path()],
+    )
+    .unwrap();
+    let original = steered();
+    relay.stop().unwrap();
+    remove_nft(&topo.router);
+    topo.router
+        .ip(&["-6", "rule", "del", "fwmark", "1", "lookup", "100"])
+        .unwrap();
+    topo.router
+        .ip(&["-6", "route", "flush", "table", "100"])
+        .unwrap();
+    assert_eq!(
+        steered_names(&original),
+        [
+            "tcp 10.10.2.2:53",
+            "tcp [fd00:2::2]:53",
+            "tcp 10.10.1.1:53",
+            "tcp [fd00:1::1]:53",
+            "tcp 198.18.0.2:80",
+            "tcp [3fff::2]:80",
+            "udp 10.10.2.2:53",
+            "udp [fd00:2::2]:53",
+            "udp 10.10.1.1:53",
+            "udp [fd00:1::1]:53",
+        ],
+        "the original rules"
+    );
+
+    let config = ConfigFile::new(&text).unwrap();
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = steered();
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
 /// Asks the kernel, over rtnetlink from inside the current thread's namespace, to add a
 /// route for `dst`/32 of type `kind` and scope `scope` to the local table, through
 /// `ifindex`; returns the errno it answers (0: added). iproute2 cannot name type 0, so the

@@ -509,6 +509,42 @@ fn taken_before(kept: &[Rule], index: usize, rule: &Parsed) -> bool {
         .any(|(earlier, _)| covers(&earlier.matches, &both))
 }
 
+/// Whether the kept rule at `index` decides none of the packets it shares with `among`: an
+/// earlier kept rule matches all of those and outranks it on every packet both match. A
+/// rule of their own for `among` that outranks it then takes nothing from it; what it
+/// takes from the rule that does decide them is weighed with that one.
+fn never_decides(kept: &[Rule], index: usize, among: &Match) -> bool {
+    let rule = &kept[index].0.matches;
+    kept[..index].iter().any(|(earlier, _)| {
+        // Coming first, it keeps a tie: tproxy prefers the later rule only where it could
+        // rank higher.
+        !more_specific(rule, &earlier.matches) && covers_common(&earlier.matches, rule, among)
+    })
+}
+
+/// Whether every packet that both `a` and `b` match, `outer` matches too. Where the model
+/// cannot write their common matches (the host's addresses or a set's entries within
+/// prefixes), those of one with the other's destination left out, which match more.
+fn covers_common(outer: &Match, a: &Match, b: &Match) -> bool {
+    let covered = |a: &Match, b: &Match| match narrow(a, b) {
+        Narrowed::Both(both) => Some(covers(outer, &both)),
+        Narrowed::Neither => Some(true),
+        Narrowed::Inexpressible => None,
+    };
+    let without_destination = |m: &Match| Match {
+        dst: Vec::new(),
+        dst_local: false,
+        not_dst_local: false,
+        dst_anycast: false,
+        dst_set: None,
+        ..m.clone()
+    };
+    covered(a, b).unwrap_or_else(|| {
+        covered(&without_destination(a), b) == Some(true)
+            || covered(a, &without_destination(b)) == Some(true)
+    })
+}
+
 /// Whether two kept rules do the same: steer to the same listener, bypass, or drop.
 fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Option<u16>) -> bool {
     a_listener == b_listener && (a.target == Target::Drop) == (b.target == Target::Drop)
@@ -521,10 +557,11 @@ fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Opti
 /// Such a rule ranks as high as `rule` or higher (its prefix is the longer of the two, its
 /// ports the common ones), and comes first on a tie, so on those packets it wins over
 /// `rule`. It keeps iptables' answer as long as it cannot outrank a kept rule with another
-/// action that it overlaps: that one, or one above it, still decides the packets both
-/// match, and a packet it alone decides is one whose first match is the outranked rule,
-/// or a rule with its action. Otherwise, and when the common matches cannot be written
-/// (a forwarded rule's mark), the reason.
+/// action that it overlaps, unless that rule decides none of the packets they share (see
+/// [`never_decides`]): that one, or one above it, still decides the packets both match,
+/// and a packet it alone decides is one whose first match is the outranked rule, or a rule
+/// with its action. Otherwise, and when the common matches cannot be written (a forwarded
+/// rule's mark), the reason.
 fn first_come(
     rule: &Parsed,
     outranked: &[usize],
@@ -586,6 +623,7 @@ fn first_come(
                 !same_action(other_rule, *other_listener, earlier, *listener)
                     && overlaps(&other_rule.matches, &both)
                     && more_specific(&both, &other_rule.matches)
+                    && !never_decides(kept, other, &both)
             });
         if let Some(other) = contested {
             return Err(format!(

@@ -334,6 +334,100 @@ COMMIT
     );
 }
 
+/// sing-box-tproxy's prerouting chain: DNS first, then the host's addresses and the reserved
+/// ones bypassed. The reserved bypass outranks the DNS rule and gets its DNS packets in a
+/// rule of their own (`::1/128` port 53), which outranks the host's bypass too; but on the
+/// packets the two share, the host's own DNS rule (the host's addresses, port 53) already
+/// outranks that bypass, so the bypass decides none of them and nothing changes.
+const SING_BOX_PREROUTING: &str = "\
+table inet sing_box_tproxy {
+	set reserved_ip6 {
+		type ipv6_addr
+		flags interval
+		elements = { ::1, fd00::/8, fe80::/10 }
+	}
+
+	chain prerouting_tproxy {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } th dport 53 tproxy to :7895 accept
+		fib daddr type local accept
+		ip6 daddr @reserved_ip6 accept
+		meta l4proto { tcp, udp } tproxy to :7895 meta mark set 0x000000e0
+	}
+}
+";
+
+#[test]
+fn a_rule_of_their_own_may_outrank_a_rule_that_decides_none_of_its_packets() {
+    let t = translate(SING_BOX_PREROUTING).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r.get("dst").map_or("any".into(), ToString::to_string),
+                r.get("ports").map_or("any".into(), ToString::to_string),
+                r["action"]
+            )
+        })
+        .collect();
+    let reserved = r#"["::1/128", "fd00::/8", "fe80::/10"]"#;
+    assert_eq!(
+        rules,
+        [
+            r#"any [53] "steer""#.to_string(),
+            r#""local" [53] "steer""#.into(),
+            r#""local" any "bypass""#.into(),
+            format!(r#"{reserved} [53] "steer""#),
+            format!(r#"{reserved} any "bypass""#),
+            r#"any any "steer""#.into(),
+        ],
+        "{}",
+        t.config
+    );
+}
+
+#[test]
+fn a_rule_of_their_own_is_reported_where_the_rule_it_outranks_decides_some_packets() {
+    // A bypass of the host's addresses for ports 50-60 comes first: a UDP packet to
+    // [::1]:53 is bypassed, which a rule (::1/128, port 53, steer) for the DNS rule's
+    // packets would steer.
+    let range_first = SING_BOX_PREROUTING.replace(
+        "\t\tmeta l4proto { tcp, udp } th dport 53 tproxy to :7895 accept\n\t\tfib daddr type local accept\n",
+        "\t\tfib daddr type local udp dport 50-60 accept\n\t\tmeta l4proto { tcp, udp } th dport 53 tproxy to :7895 accept\n",
+    );
+    assert_ne!(range_first, SING_BOX_PREROUTING);
+    let t = translate(&range_first).unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].starts_with("line 12:")
+            && t.skipped[0].contains("line 11 comes first and matches some of its packets")
+            && t.skipped[0].contains("would outrank line 10 too"),
+        "{:?}",
+        t.skipped
+    );
+    // The host's own DNS rule covers TCP only: a UDP packet to [::1]:53 is bypassed by
+    // the host's bypass, which the rule for the second DNS rule's packets would steer.
+    let tcp_first = SING_BOX_PREROUTING.replace(
+        "\t\tmeta l4proto { tcp, udp } th dport 53 tproxy to :7895 accept\n\t\tfib daddr type local accept\n",
+        "\t\ttcp dport 53 tproxy to :7895 accept\n\t\tfib daddr type local accept\n\t\tmeta l4proto { tcp, udp } th dport 53 tproxy to :7895 accept\n",
+    );
+    assert_ne!(tcp_first, SING_BOX_PREROUTING);
+    let t = translate(&tcp_first).unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].starts_with("line 13:")
+            && t.skipped[0].contains("line 12 comes first and matches some of its packets")
+            && t.skipped[0].contains("would outrank line 11 too"),
+        "{:?}",
+        t.skipped
+    );
+}
+
 #[test]
 fn what_cannot_be_translated_is_named() {
     let input = "\
