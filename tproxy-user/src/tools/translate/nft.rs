@@ -11,7 +11,7 @@ use super::{
     Match, Parsed, RuleSet, Target,
 };
 use crate::values::{
-    parse_gid_range, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport,
+    parse_gid_range, parse_mark, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport,
 };
 
 /// The block an nft line is in.
@@ -253,6 +253,62 @@ fn nft_values(w: &[String], i: usize, sets: &Sets, table: &str) -> Result<Values
         negated,
         next,
     })
+}
+
+/// The mark `meta mark set` gives at `w[i]`, as the value and mask iptables' `MARK
+/// --set-xmark` and tproxy write (the bits under the mask become the value's, the others
+/// stay), with the index of the word after it: a number (all 32 bits), or the mark itself
+/// with bits cleared and set, `meta mark & A | B` (nft lists `& A` and `| B` alone too).
+/// `(mark & A) | B` sets B's bits, clears those neither A nor B keeps and keeps A's other
+/// bits: value B under mask `!A | B`. Flipping bits (`^`) and marks from elsewhere (`ct
+/// mark`) are no value under a mask.
+fn set_mark(w: &[String], i: usize) -> Result<(Mark, usize), String> {
+    let value = w.get(i).ok_or("`mark set` without a value")?;
+    let from_mark = match value.as_str() {
+        "meta" if w.get(i + 1).is_some_and(|x| x == "mark") => i + 2,
+        "mark" => i + 1,
+        number if number.starts_with(|c: char| c.is_ascii_digit()) => {
+            return Ok((full_mark(value)?, i + 1))
+        }
+        _ => {
+            return Err(format!(
+                "`mark set {value} …`: a mark taken from elsewhere than the packet's own mark \
+                 cannot be translated"
+            ))
+        }
+    };
+    let number = |at: usize| {
+        let text = w.get(at).map_or("", String::as_str);
+        match text.strip_prefix("0x") {
+            Some(hex) => u32::from_str_radix(hex, 16),
+            None => text.parse(),
+        }
+        .map_err(|_| format!("`mark set`: `{text}` is not a 32-bit number"))
+    };
+    let (mut keep, mut set, mut at) = (u32::MAX, 0, from_mark);
+    if w.get(at).is_some_and(|x| x == "&") {
+        keep = number(at + 1)?;
+        at += 2;
+    }
+    if w.get(at).is_some_and(|x| x == "|") {
+        set = number(at + 1)?;
+        at += 2;
+    }
+    if w.get(at).is_some_and(|x| x == "&" || x == "|" || x == "^") {
+        return Err(format!(
+            "`mark set {} …`: only `meta mark & MASK | BITS` is a value under a mask (bits \
+             flipped by `^` are not)",
+            w[i..(at + 2).min(w.len())].join(" ")
+        ));
+    }
+    let text = w[i..at].join(" ");
+    let mask = !keep | set;
+    if mask == 0 {
+        return Err(format!("`mark set {text}` changes no bit of the mark"));
+    }
+    parse_mark(&format!("{set:#x}/{mask:#x}"))
+        .map(|mark| (mark, at))
+        .map_err(|error| format!("`mark set {text}` (a value under a mask: {error})"))
 }
 
 /// A rule being read: its words, and what they said so far.
@@ -560,9 +616,9 @@ impl Rule<'_> {
         let w = &self.w;
         let mut at = if w[i] == "meta" { i + 2 } else { i + 1 };
         if w.get(at).is_some_and(|x| x == "set") {
-            let value = w.get(at + 1).ok_or("`mark set` without a value")?;
-            self.set_mark = Some(full_mark(value)?);
-            return Ok(at + 2);
+            let (mark, next) = set_mark(w, at + 1)?;
+            self.set_mark = Some(mark);
+            return Ok(next);
         }
         let number = |at: usize| {
             w.get(at)

@@ -3100,3 +3100,84 @@ COMMIT
     let t = translate(input).unwrap();
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
 }
+
+/// nft's read-modify-write of the mark, `meta mark set meta mark & A | B`, is iptables'
+/// `--set-xmark B/(~A|B)`: B's bits set, the bits neither keeps cleared, A's others kept.
+/// Bits flipped (`^`) and marks from elsewhere are no value under a mask and are refused.
+#[test]
+fn an_nft_mark_set_from_the_mark_is_a_value_under_a_mask() {
+    let rules = |set: &str| {
+        format!(
+            "table inet t {{\n\tchain p {{\n\t\ttype filter hook prerouting priority mangle; \
+             policy accept;\n\t\tmeta l4proto tcp tproxy to :7893 meta mark set {set}\n\t}}\n}}\n"
+        )
+    };
+    for (set, mark) in [
+        // clash-tproxy: the low bit set, bits 1-15 cleared, the high 16 kept.
+        ("meta mark & 0xffff0001 | 0x00000001", "0x1/0xffff"),
+        ("meta mark | 0x00000010", "0x10/0x10"),
+        // B's bits outside A are set all the same.
+        ("meta mark & 0x000000f0 | 0x00000103", "0x103/0xffffff0f"),
+        // nft lists `& 0 | 5` so: every bit is set or cleared.
+        ("meta mark & 0x00000005 | 0x00000005", "0x5/0xffffffff"),
+        ("mark & 0xffffff00 | 0x1", "0x1/0xff"),
+        ("0x00000005", "0x5/0xffffffff"),
+    ] {
+        let t = translate(&rules(set)).unwrap();
+        assert!(t.skipped.is_empty(), "{set}: {:?}", t.skipped);
+        assert!(
+            t.config.contains(&format!("mark = \"{mark}\"")),
+            "{set}: {}",
+            t.config
+        );
+    }
+    for (set, says) in [
+        ("meta mark ^ 0x00000003", "bits flipped by `^`"),
+        ("meta mark & 0x000000f0 ^ 0x00000010", "bits flipped by `^`"),
+        (
+            "meta mark & 0x000001f0 ^ 0x00000010 | 0x00000100",
+            "bits flipped by `^`",
+        ),
+        ("meta mark & 0x000000ff", "sets no bits under its mask"),
+        ("meta mark", "changes no bit of the mark"),
+        ("ct mark", "a mark taken from elsewhere"),
+        ("ct mark & 0x000000ff", "a mark taken from elsewhere"),
+        (
+            "meta mark & 0xfffffffff | 0x1",
+            "`0xfffffffff` is not a 32-bit number",
+        ),
+    ] {
+        let t = translate(&rules(set)).unwrap();
+        assert!(
+            t.skipped.len() == 1 && t.skipped[0].contains(says),
+            "{set}: {:?}",
+            t.skipped
+        );
+    }
+}
+
+/// The output chain's reroute with nft's read-modify-write sets the TPROXY rules' mark.
+#[test]
+fn an_nft_output_reroute_may_set_the_mark_from_the_mark() {
+    let input = "\
+table inet t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } tproxy to :7893 meta mark set meta mark & 0xffff0001 | 0x00000001
+	}
+	chain o {
+		type route hook output priority mangle; policy accept;
+		meta l4proto tcp tcp dport 80 meta mark set meta mark & 0xffff0001 | 0x00000001
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(t.config.contains("mark = \"0x1/0xffff\""), "{}", t.config);
+    assert!(
+        t.config
+            .contains("ports = [80]\norigin = \"local\"\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+}
