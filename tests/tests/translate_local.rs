@@ -117,7 +117,17 @@ fn tproxy_rule_packets(topo: &Topo) -> u64 {
 /// Each probe's name and whether it was steered (`count`, given the probe's protocol, went
 /// up).
 fn relayed(topo: &Topo, cgroup: &TestCgroup, count: impl Fn(&str) -> u64) -> Vec<(String, bool)> {
-    PROBES
+    relayed_of(PROBES, topo, cgroup, count)
+}
+
+/// As [`relayed`], for `probes`.
+fn relayed_of(
+    probes: &[Probe],
+    topo: &Topo,
+    cgroup: &TestCgroup,
+    count: impl Fn(&str) -> u64,
+) -> Vec<(String, bool)> {
+    probes
         .iter()
         .map(|probe| {
             let counter = || count(probe.proto);
@@ -703,4 +713,123 @@ COMMIT
     let translated = steered(&|proto| relay_count(&tproxy, proto));
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+/// mihomo's `-A OUTPUT -o eth0 -j mihomo_output` (tests/corpus/translate/mihomo-iptables-enable.rules)
+/// on the router: only the cgroup's connects whose route leaves by `to-server` are marked;
+/// those to the client's side go direct. The translation's `out_interface` must steer the
+/// same ones, and follow a route that moves to the other interface while tproxy runs.
+#[test]
+fn an_output_interface_steers_the_same_local_connects_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("oif").unwrap();
+    let _servers = [
+        server(&topo, "10.10.2.2:80"),
+        Server::start(
+            &topo.client,
+            "10.10.1.2:80".parse().unwrap(),
+            |mut stream| {
+                let mut request = Vec::new();
+                let _ = stream.read_to_end(&mut request);
+                let _ = stream.write_all(b"ok");
+            },
+        )
+        .unwrap(),
+    ];
+    let _udp = [
+        UdpEcho::start(&topo.server, "10.10.2.2:53".parse().unwrap()).unwrap(),
+        UdpEcho::start(&topo.client, "10.10.1.2:53".parse().unwrap()).unwrap(),
+    ];
+    let rules = format!(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:PROXY_SELF - [0:0]
+-A PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A PREROUTING -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A OUTPUT -o to-server -j PROXY_SELF
+-A PROXY_SELF -m mark --mark 0xff -j RETURN
+-A PROXY_SELF -p tcp -m cgroup --path {path} -m tcp --dport 80 -j MARK --set-xmark 0x1/0xffffffff
+-A PROXY_SELF -p udp -m cgroup --path {path} -m udp --dport 53 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+",
+        path = cgroup.path
+    );
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("out_interface = \"to-server\""), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    let probes = [
+        probe("tcp", "10.10.2.2:80", true),
+        probe("tcp", "10.10.1.2:80", true),
+        probe("udp", "10.10.2.2:53", true),
+        probe("udp", "10.10.1.2:53", true),
+        probe("tcp", "10.10.2.2:80", false),
+    ];
+
+    restore_iptables(&topo.router, &rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = relayed_of(&probes, &topo, &cgroup, |_| tproxy_rule_packets(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    let steered: Vec<&str> = original
+        .iter()
+        .filter(|(_, steered)| *steered)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        steered,
+        ["tcp 10.10.2.2:80 inside", "udp 10.10.2.2:53 inside"],
+        "what the original rules steer"
+    );
+
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = relayed_of(&probes, &topo, &cgroup, |proto| relay_count(&tproxy, proto));
+    assert_eq!(translated, original, "translated config:\n{text}");
+
+    // 10.10.2.9 moves to the client's side, and its route to `to-client`: a connect to it is
+    // no longer the interface's, and goes direct (it reached the relay while the route
+    // mirror still said `to-server`).
+    topo.client
+        .ip(&["addr", "add", "10.10.2.9/32", "dev", "eth0"])
+        .unwrap();
+    topo.router
+        .ip(&[
+            "route",
+            "add",
+            "10.10.2.9/32",
+            "via",
+            "10.10.1.2",
+            "dev",
+            "to-client",
+        ])
+        .unwrap();
+    let _moved = Server::start(
+        &topo.client,
+        "10.10.2.9:80".parse().unwrap(),
+        |mut stream| {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let _ = stream.write_all(b"ok");
+        },
+    )
+    .unwrap();
+    let moved = [probe("tcp", "10.10.2.9:80", true)];
+    // The route event reaches tproxy asynchronously: wait until the mirror has it.
+    let mut direct = false;
+    for _ in 0..50 {
+        if relayed_of(&moved, &topo, &cgroup, |proto| relay_count(&tproxy, proto))
+            == [("tcp 10.10.2.9:80 inside".to_string(), false)]
+        {
+            direct = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    tproxy.stop().unwrap();
+    assert!(direct, "a connect routed by to-client is still relayed");
 }

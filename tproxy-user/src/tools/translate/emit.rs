@@ -273,6 +273,7 @@ fn listeners_and_rules(
             | Target::Jump(_)
             | Target::Goto(_)
             | Target::SetMark(_)
+            | Target::MarkThenAccept(_)
             | Target::Established(_) => {}
             Target::Drop
                 if parsed.matches.transports.is_empty() || parsed.matches.protocols_beyond =>

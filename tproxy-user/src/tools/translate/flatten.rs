@@ -200,6 +200,7 @@ pub(super) fn flatten(
                                 | Target::Jump(_)
                                 | Target::Goto(_)
                                 | Target::SetMark(_)
+                                | Target::MarkThenAccept(_)
                         )
                     })
                     .filter_map(|later| {
@@ -231,6 +232,11 @@ pub(super) fn flatten(
                 "line {}: {}: jumps nest too deep (to {target})",
                 rule.line, rule.text
             ))),
+            Target::MarkThenAccept(_) if !matches.local => out.push(Ok(Parsed {
+                matches,
+                target: Target::Bypass,
+                ..rule.clone()
+            })),
             Target::SetMark(_) if !matches.local => out.push(Err(format!(
                 "line {}: {}: target MARK (marks are tproxy's own business)",
                 rule.line, rule.text

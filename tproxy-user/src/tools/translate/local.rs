@@ -72,11 +72,19 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             continue;
         }
         match rule.target.clone() {
-            Target::SetMark(mark) => match steers(mark, recipe_mark) {
+            Target::SetMark(mark) | Target::MarkThenAccept(mark) => match steers(mark, recipe_mark)
+            {
                 Ok(()) if rule.matches.dst_local => {
                     out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
                 }
                 Ok(()) => out.extend(steered(&rule, prerouting)),
+                // Its packets leave the chain with a mark that leads to no TPROXY rule.
+                Err(_) if matches!(rule.target, Target::MarkThenAccept(_)) => {
+                    out.push(Ok(Parsed {
+                        target: Target::Bypass,
+                        ..rule
+                    }))
+                }
                 Err(reason) => out.push(refuse(&reason)),
             },
             Target::Bypass | Target::Return | Target::Ignore | Target::Unsteered(_) => {
@@ -125,7 +133,9 @@ fn no_op_mark_matches_left_out(
     };
     let keeps = |rule: &Flat, mark: u32| match rule {
         Ok(rule) => match rule.target {
-            Target::SetMark(set) => set.mask == u32::MAX && set.value == mark,
+            Target::SetMark(set) | Target::MarkThenAccept(set) => {
+                set.mask == u32::MAX && set.value == mark
+            }
             Target::Bypass | Target::Return | Target::Ignore | Target::Unsteered(_) => true,
             _ => false,
         },

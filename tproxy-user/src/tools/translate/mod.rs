@@ -224,6 +224,10 @@ enum Target {
     /// MARK `--set-mark`: in mangle OUTPUT, the recipe's way to steer locally generated
     /// packets (see `local`).
     SetMark(Mark),
+    /// nft's `meta mark set X accept`: the mark stays on the packet the verdict lets go. In
+    /// an output route chain the recipe's steering when it is the TPROXY rules' mark, a
+    /// bypass otherwise (nothing after it runs); elsewhere an accept.
+    MarkThenAccept(Mark),
     Jump(String),
     /// A jump that does not come back: what the chain leaves undecided leaves the calling
     /// chain too (iptables `-g`, nft `goto`).

@@ -785,6 +785,11 @@ impl Rule<'_> {
                 on_port,
                 mark: self.set_mark,
             },
+            // `meta mark set 0xe0 accept`: the mark stays on the packet the verdict lets go
+            // (in an output route chain, the recipe's steering, as without the verdict).
+            Some(Target::Bypass) if !self.socket && self.set_mark.is_some() => {
+                Target::MarkThenAccept(self.set_mark.expect("guarded"))
+            }
             Some(target) => target,
             // Only marking (part of a divert), or only counting.
             None if self.socket => Target::SocketDivert,
