@@ -84,6 +84,14 @@ pub const ROUTES_V4_MAP: &str = "LOCAL_ROUTES_V4";
 pub const ROUTES_V6_MAP: &str = "LOCAL_ROUTES_V6";
 /// Most distinct `out_interface` names and patterns the rules may have: one bit each.
 pub const MAX_OUT_INTERFACES: usize = 8;
+/// Route-map bit of an IPv4 destination that the `local` table routes as broadcast (a
+/// subnet's broadcast address): never steered. The local table is looked up before
+/// tproxy's routing rule, so such a socket's packets never reach `lo`, whatever its mark,
+/// and an unconnected socket's datagram given the loopback source would be refused
+/// (EINVAL) instead of broadcast. (255.255.255.255 and 0.0.0.0/8 are never steered by
+/// their address alone.) The loader mirrors the local table whenever local connections
+/// are steered, rules with an `out_interface` or not.
+pub const ROUTE_BROADCAST: u32 = 1 << 31;
 /// Most routes (of each family) the route maps mirror.
 pub const MAX_MIRRORED_ROUTES: u32 = 1 << 18;
 

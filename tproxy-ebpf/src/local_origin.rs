@@ -26,7 +26,7 @@ use tproxy_common::{
     decision::{self, match_mark_rules, rule_match, DestinationScope, RuleMatch},
     local_origin::{
         in_own_namespace, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
-        LocalDecision, Selection, MAX_SELECTIONS,
+        LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
     },
     maps::{listener_slot, ListenerSlot, MarkedPacket, Verdict, EXTERNAL_NONE},
 };
@@ -153,7 +153,8 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
             match_local_mark_rules(pending, &addr, udp, port(ctx));
         }
     })?;
-    let steered = steers(rule, decision::ipv4_destination_scope(addr, false));
+    let steered = steers(rule, decision::ipv4_destination_scope(addr, false))
+        .filter(|_| route_bits(&addr) & ROUTE_BROADCAST == 0);
     let slot = ListenerSlot::of(udp != Some(true), false);
     Some(steered.filter(|listener| served(*listener, slot)))
 }

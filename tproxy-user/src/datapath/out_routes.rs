@@ -13,6 +13,11 @@
 //! picks one per flow); `unreachable`, `blackhole` and `prohibit` routes leave by none.
 //! Other tables, which policy rules of the host's own may consult first, are not read
 //! (`tproxy run` warns when such rules exist).
+//!
+//! Whenever local connections are steered, the local table's broadcast routes are mirrored
+//! too, with `ROUTE_BROADCAST`: the programs never steer a connection to one (see there).
+//! Without `out_interface` rules, only the local table is (a router's main table may be
+//! large).
 
 use std::collections::HashMap;
 
@@ -24,7 +29,7 @@ use rtnetlink::packet_route::{
     rule::RuleMessage,
     AddressFamily,
 };
-use tproxy_common::local_origin::MAX_MIRRORED_ROUTES;
+use tproxy_common::local_origin::{MAX_MIRRORED_ROUTES, ROUTE_BROADCAST};
 
 use crate::datapath::{
     routing::{dump_routes, route_table, LOCAL_TABLE},
@@ -40,13 +45,16 @@ pub(crate) struct HostRoute {
     /// From the `local` table (else `main`).
     pub local_table: bool,
     pub metric: u32,
+    /// A `broadcast` route (what the local table holds for a subnet's broadcast address).
+    pub broadcast: bool,
     /// The interfaces it leaves by: one, one per next hop, or none (`unreachable` and the
     /// like).
     pub interfaces: Vec<String>,
 }
 
 /// The out-interface bits of every destination prefix that `routes` decide, for the
-/// rules' `names` (see `rules::out_interfaces`).
+/// rules' `names` (see `rules::out_interfaces`), with `ROUTE_BROADCAST` on the local
+/// table's broadcast routes.
 pub(crate) fn bits_by_prefix(routes: &[HostRoute], names: &[String]) -> HashMap<IpNet, u32> {
     // The route a lookup finds for each prefix: the local table's, then the lowest metric.
     let mut chosen: HashMap<IpNet, Vec<&HostRoute>> = HashMap::new();
@@ -89,7 +97,11 @@ pub(crate) fn bits_by_prefix(routes: &[HostRoute], names: &[String]) -> HashMap<
                     }
                 })
                 .fold(u32::MAX, |all, bits| all & bits);
-            (prefix, bits)
+            let broadcast = match routes.iter().all(|route| route.broadcast) {
+                true => ROUTE_BROADCAST,
+                false => 0,
+            };
+            (prefix, bits | broadcast)
         })
         .collect()
 }
@@ -154,6 +166,7 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
         prefix,
         local_table: table == LOCAL_TABLE,
         metric,
+        broadcast: route.header.kind == RouteType::Broadcast,
         interfaces,
     })
 }
@@ -220,8 +233,8 @@ pub(crate) struct RouteMirror {
     v4: LpmTrie<MapData, [u8; 4], u32>,
     v6: LpmTrie<MapData, [u8; 16], u32>,
     written: HashMap<IpNet, u32>,
-    /// The names whose bits `written` holds.
-    names: Vec<String>,
+    /// The names whose bits `written` holds (`None`: nothing mirrored yet).
+    names: Option<Vec<String>>,
 }
 
 impl RouteMirror {
@@ -233,23 +246,23 @@ impl RouteMirror {
             v4,
             v6,
             written: HashMap::new(),
-            names: Vec::new(),
+            names: None,
         }
     }
 
-    /// The names the maps' bits are for now.
-    pub(crate) fn names(&self) -> &[String] {
-        &self.names
+    /// The names the maps' bits are for now, once mirrored.
+    pub(crate) fn names(&self) -> Option<&[String]> {
+        self.names.as_deref()
     }
 
-    /// Mirrors the host's routes now for the rules' `names` (none: empties the maps).
+    /// Mirrors the host's routes now for the rules' `names` (none: the local table only).
     pub(crate) fn refresh(&mut self, names: &[String]) -> Result<()> {
-        let bits = match names.is_empty() {
-            true => HashMap::new(),
-            false => bits_by_prefix(&host_routes()?, names),
-        };
-        self.write(bits)?;
-        self.names = names.to_vec();
+        let mut routes = host_routes()?;
+        if names.is_empty() {
+            routes.retain(|route| route.local_table);
+        }
+        self.write(bits_by_prefix(&routes, names))?;
+        self.names = Some(names.to_vec());
         Ok(())
     }
 
@@ -308,6 +321,7 @@ mod tests {
             prefix: prefix.parse().unwrap(),
             local_table,
             metric,
+            broadcast: false,
             interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -345,6 +359,23 @@ mod tests {
         assert_eq!(of("fe80::/64"), Some(0), "one per interface: none has both");
         assert_eq!(of("2001:db8::/32"), Some(0b01));
         assert_eq!(bits.len(), 9);
+    }
+
+    #[test]
+    fn the_local_tables_broadcast_routes_have_the_broadcast_bit() {
+        let broadcast = HostRoute {
+            broadcast: true,
+            ..route("192.168.1.255/32", true, 0, &["eth0"])
+        };
+        let routes = [broadcast, route("192.168.1.0/24", false, 0, &["eth0"])];
+        let bits = bits_by_prefix(&routes, &names());
+        let of = |prefix: &str| bits[&prefix.parse::<IpNet>().unwrap()];
+        assert_eq!(of("192.168.1.255/32"), ROUTE_BROADCAST | 0b01);
+        assert_eq!(of("192.168.1.0/24"), 0b01);
+        assert_eq!(
+            bits_by_prefix(&routes, &[])[&"192.168.1.255/32".parse().unwrap()],
+            ROUTE_BROADCAST
+        );
     }
 
     #[test]

@@ -183,14 +183,14 @@ fn take_route_maps(ebpf: &mut Ebpf) -> Result<RouteMirror> {
 }
 
 impl Steering {
-    /// Mirrors the host's routes again (they changed), when rules have an `out_interface`.
+    /// Mirrors the host's routes again (they changed), when local connections are steered.
     pub(crate) fn follow_routes(&mut self) -> Result<()> {
         match &mut self.routes {
-            Some(mirror) if !mirror.names().is_empty() => {
-                let names = mirror.names().to_vec();
-                mirror.refresh(&names)
-            }
-            _ => Ok(()),
+            Some(mirror) => match mirror.names().map(<[String]>::to_vec) {
+                Some(names) => mirror.refresh(&names),
+                None => Ok(()),
+            },
+            None => Ok(()),
         }
     }
 
@@ -198,7 +198,7 @@ impl Steering {
     /// mirrored for those already.
     fn mirror_routes_for(&mut self, names: &[String]) -> Result<()> {
         match &mut self.routes {
-            Some(mirror) if mirror.names() != names => mirror
+            Some(mirror) if mirror.names() != Some(names) => mirror
                 .refresh(names)
                 .context("mirroring the host's routes for out_interface"),
             _ => Ok(()),

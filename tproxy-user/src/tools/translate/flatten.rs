@@ -147,6 +147,22 @@ pub(super) fn flatten(
                 continue;
             }
         };
+        if matches.dst_broadcast {
+            match matches.local && matches!(rule.target, Target::Bypass | Target::Return) {
+                true => notes.push(format!(
+                    "line {}: `{}` changes nothing: tproxy's programs never steer a local \
+                     connection to a destination the local table routes as broadcast (it \
+                     never reaches lo, where the TPROXY rules are); left out",
+                    rule.line, rule.text
+                )),
+                false => out.push(Err(format!(
+                    "line {}: {}: `--dst-type BROADCAST` (translated as OUTPUT's bypass only, \
+                     which changes nothing for tproxy)",
+                    rule.line, rule.text
+                ))),
+            }
+            continue;
+        }
         if let Some((line, _)) = gone_to
             .iter()
             .find(|(_, taken)| !taken.excludes() && covers(taken, &matches))
@@ -393,6 +409,12 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         return Ok(None);
     };
     let dst_anycast = context.dst_anycast || rule.dst_anycast;
+    let dst_broadcast = context.dst_broadcast || rule.dst_broadcast;
+    if dst_broadcast
+        && (dst_local || dst_anycast || context.dst_set.is_some() || rule.dst_set.is_some())
+    {
+        return Err(());
+    }
     if (dst_local || dst_anycast) && !dst.is_empty() || dst_local && dst_anycast {
         // Which of the host's addresses and the anycast routes' destinations lie in the
         // prefixes, or in each other, is known only at run time.
@@ -491,6 +513,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         dst,
         dst_local,
         dst_anycast,
+        dst_broadcast,
         dst_set,
         dst_types: None,
         src,

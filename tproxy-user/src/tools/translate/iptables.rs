@@ -609,9 +609,11 @@ fn address_types(value: &str, family: Option<Family>) -> Result<Vec<AddressType>
             ("UNSPEC", Some(Family::V6)) => AddressType::Prefix("::/128".parse().unwrap()),
             ("UNSPEC", _) => continue,
             ("ANYCAST", Some(Family::V4)) => AddressType::Anycast,
+            ("BROADCAST", Some(Family::V4)) => AddressType::Broadcast,
             _ => {
                 return Err(format!(
-                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST, UNSPEC, and ANYCAST for IPv4)"
+                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST, UNSPEC, and ANYCAST \
+                     and BROADCAST for IPv4)"
                 ))
             }
         };
@@ -641,6 +643,7 @@ fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
             match address_type {
                 AddressType::Local => one.dst_local = true,
                 AddressType::Anycast => one.dst_anycast = true,
+                AddressType::Broadcast => one.dst_broadcast = true,
                 AddressType::Prefix(prefix) => one.dst = vec![prefix],
             }
             (one, target.clone())

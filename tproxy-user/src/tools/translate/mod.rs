@@ -152,6 +152,10 @@ struct Match {
     /// --dst-type ANYCAST`): `dst` is then empty, and the rule a bypass written with `dst =
     /// "anycast"`, which tproxy keeps up to date with the routes.
     dst_anycast: bool,
+    /// The destination is one the local table routes as broadcast (`-m addrtype --dst-type
+    /// BROADCAST`): only as OUTPUT's bypass, which changes nothing (tproxy's programs never
+    /// steer such a connection, see `flatten`).
+    dst_broadcast: bool,
     /// The destination is in the kernel ipset of this name, which tproxy follows while it
     /// runs (`-m set --match-set NAME dst` of a set that `--ipset-file` does not fill, see
     /// `ipset`): `dst` is then empty, and the rule is written with `dst = "ipset:NAME"`.
@@ -184,6 +188,8 @@ enum AddressType {
     Local,
     /// What the local table's IPv4 anycast routes take (`dst = "anycast"`).
     Anycast,
+    /// What the local table's IPv4 broadcast routes take.
+    Broadcast,
     /// A fixed prefix (IPv4 MULTICAST is 224.0.0.0/4 by the address alone).
     Prefix(IpNet),
 }
