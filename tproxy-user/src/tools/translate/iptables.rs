@@ -612,8 +612,8 @@ fn address_types(value: &str, family: Option<Family>) -> Result<Vec<AddressType>
             ("BROADCAST", Some(Family::V4)) => AddressType::Broadcast,
             _ => {
                 return Err(format!(
-                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST, UNSPEC, and ANYCAST \
-                     and BROADCAST for IPv4)"
+                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST and UNSPEC, and \
+                     ANYCAST and BROADCAST for IPv4)"
                 ))
             }
         };

@@ -2674,7 +2674,31 @@ COMMIT
     )
     .unwrap();
     assert!(
-        t.skipped.len() == 1 && t.skipped[0].contains("ANYCAST for IPv4"),
+        t.skipped.len() == 1 && t.skipped[0].contains("ANYCAST and BROADCAST for IPv4"),
+        "{:?}",
+        t.skipped
+    );
+    // BROADCAST: OUTPUT's bypass changes nothing (the programs never steer those), and it
+    // is not translated elsewhere.
+    let t = translate(
+        "*mangle\n-A OUTPUT -m addrtype --dst-type BROADCAST -j RETURN\n\
+         -A OUTPUT -p udp -j MARK --set-mark 1\n\
+         -A PREROUTING -p udp -j TPROXY --on-port 1 --tproxy-mark 1\nCOMMIT\n",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes.iter().any(|n| n.contains("routes as broadcast")),
+        "{:?}",
+        t.notes
+    );
+    let t = translate(
+        "*mangle\n-A PREROUTING -m addrtype --dst-type BROADCAST -j RETURN\n\
+         -A PREROUTING -p udp -j TPROXY --on-port 1\nCOMMIT\n",
+    )
+    .unwrap();
+    assert!(
+        t.skipped.iter().any(|s| s.contains("--dst-type BROADCAST")),
         "{:?}",
         t.skipped
     );
