@@ -82,8 +82,16 @@ pub const MAX_SELECTION_CGROUPS: usize = 8;
 pub const ROUTES_V4_MAP: &str = "LOCAL_ROUTES_V4";
 /// As [`ROUTES_V4_MAP`], for IPv6 destinations (`[u8; 16]`).
 pub const ROUTES_V6_MAP: &str = "LOCAL_ROUTES_V6";
-/// Most distinct `out_interface` names and patterns the rules may have: one bit each.
+/// Most distinct `out_interface` names and patterns the rules may have: one bit each, in
+/// each generation's byte of a route's value (see [`route_bits_shift`]).
 pub const MAX_OUT_INTERFACES: usize = 8;
+
+/// Where the out-interface bits of the rules of `generation` are in a route's value: each
+/// parity has a byte of its own, so that mirroring the routes for a new rule set's names
+/// (written before the switch) does not change what the rules in force read.
+pub const fn route_bits_shift(generation: u32) -> u32 {
+    (generation & 1) * 8
+}
 /// Route-map bit of an IPv4 destination that the `local` table routes as broadcast (a
 /// subnet's broadcast address): never steered. The local table is looked up before
 /// tproxy's routing rule, so such a socket's packets never reach `lo`, whatever its mark,

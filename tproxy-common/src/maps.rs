@@ -567,7 +567,7 @@ pub const FAIL_CLOSED_GLOBAL: &str = "FAIL_CLOSED";
 /// tracking ([`FRAGMENTS`], [`REASSEMBLED_FLOWS`]), whose entries live seconds. The local
 /// origin's maps are among them: the connect programs on pinned cgroup links and the
 /// loopback program on `lo` must read the maps the instance writes.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 14] = [
     ACTIVE_GENERATION,
     PORT_CLASSES,
     MARK_RULES,
@@ -580,6 +580,8 @@ pub const PINNED_MAPS: [&str; 12] = [
     COUNTERS,
     crate::local_origin::SELECTIONS_MAP,
     crate::local_origin::DECISIONS_MAP,
+    crate::local_origin::ROUTES_V4_MAP,
+    crate::local_origin::ROUTES_V6_MAP,
 ];
 
 /// Hash map `u32 ifindex → u32` (value unused): the interfaces whose packets reach tc
@@ -663,9 +665,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<ProtocolFlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ReassembledFlow>(), 16);
         assert_eq!(core::mem::size_of::<ExternalListener>(), 20);
-        assert_eq!(core::mem::size_of::<MarkRule>(), 108);
-        assert_eq!(core::mem::size_of::<MarkedPacket>(), 56);
-        assert_eq!(core::mem::size_of::<MarkRules>(), 4 + 108 * MAX_MARK_RULES);
+        assert_eq!(core::mem::size_of::<MarkRule>(), 112);
+        assert_eq!(core::mem::size_of::<MarkedPacket>(), 60);
+        assert_eq!(core::mem::size_of::<MarkRules>(), 4 + 112 * MAX_MARK_RULES);
     }
 
     #[test]

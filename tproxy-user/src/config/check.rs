@@ -135,7 +135,7 @@ impl Config {
                 .map_err(|problem| anyhow::anyhow!("rule {}: {problem}", rule.number))?;
         }
         // Its count does not depend on the interfaces attached.
-        let entries = rules::mark_rules(&self.rules, &[]).len();
+        let entries = rules::mark_rules(&self.rules, 0, &[]).len();
         if entries > MAX_MARK_RULES {
             bail!(
                 "the rules with a mark or a source port need {entries} entries (one per \

@@ -10,7 +10,11 @@
 //! (its local routes leave by `lo`; a `main` route inside one of its prefixes is never
 //! used), then `main`; of a prefix's routes the lowest metric; a route of several next hops
 //! has a name's bit only when every next hop leaves by an interface it matches (the kernel
-//! picks one per flow); `unreachable`, `blackhole` and `prohibit` routes leave by none.
+//! picks one per flow, skipping dead ones); an IPv4 prefix's equal routes (`ip route
+//! append`) by the first, which is the one the kernel uses; `unreachable`, `blackhole` and
+//! `prohibit` routes leave by none; IPv6 routes for some sources only (`from`) are left out,
+//! as a connect's source is not chosen yet. Each generation of rules has its own byte of
+//! bits (see `route_bits_shift`).
 //! Other tables, which policy rules of the host's own may consult first, are not read
 //! (`tproxy run` warns when such rules exist).
 //!
@@ -25,11 +29,11 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{lpm_trie::Key, LpmTrie, MapData};
 use ipnet::IpNet;
 use rtnetlink::packet_route::{
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteNextHopFlags, RouteType},
     rule::RuleMessage,
     AddressFamily,
 };
-use tproxy_common::local_origin::{MAX_MIRRORED_ROUTES, ROUTE_BROADCAST};
+use tproxy_common::local_origin::{route_bits_shift, MAX_MIRRORED_ROUTES, ROUTE_BROADCAST};
 
 use crate::datapath::{
     routing::{dump_routes, route_table, LOCAL_TABLE},
@@ -52,16 +56,25 @@ pub(crate) struct HostRoute {
     pub interfaces: Vec<String>,
 }
 
-/// The out-interface bits of every destination prefix that `routes` decide, for the
-/// rules' `names` (see `rules::out_interfaces`), with `ROUTE_BROADCAST` on the local
-/// table's broadcast routes.
-pub(crate) fn bits_by_prefix(routes: &[HostRoute], names: &[String]) -> HashMap<IpNet, u32> {
+/// The out-interface bits of every destination prefix that `routes` decide, for each
+/// generation's rules' `names` (see `rules::out_interfaces`), with `ROUTE_BROADCAST` on the
+/// local table's broadcast routes.
+pub(crate) fn bits_by_prefix(
+    routes: &[HostRoute],
+    names: &[Vec<String>; 2],
+) -> HashMap<IpNet, u32> {
+    let bits_of = |iface: &str| {
+        route_bits(&names[0], iface) << route_bits_shift(0)
+            | route_bits(&names[1], iface) << route_bits_shift(1)
+    };
     // The route a lookup finds for each prefix: the local table's, then the lowest metric.
     let mut chosen: HashMap<IpNet, Vec<&HostRoute>> = HashMap::new();
     for route in routes {
         let entry = chosen.entry(route.prefix.trunc()).or_default();
         let rank = |r: &HostRoute| (!r.local_table, r.metric);
         match entry.first().map(|first| rank(first).cmp(&rank(route))) {
+            // IPv4's equal routes are aliases: the first is used.
+            Some(std::cmp::Ordering::Equal) if route.prefix.addr().is_ipv4() => {}
             None | Some(std::cmp::Ordering::Equal) => entry.push(route),
             Some(std::cmp::Ordering::Greater) => *entry = vec![route],
             Some(std::cmp::Ordering::Less) => {}
@@ -92,7 +105,7 @@ pub(crate) fn bits_by_prefix(routes: &[HostRoute], names: &[String]) -> HashMap<
                         route
                             .interfaces
                             .iter()
-                            .map(|iface| route_bits(names, iface))
+                            .map(|iface| bits_of(iface))
                             .collect()
                     }
                 })
@@ -115,16 +128,22 @@ pub(crate) fn host_routes() -> Result<Vec<HostRoute>> {
         .collect();
     let mut routes = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let dumped = dump_routes(family, None).context("listing the routes")?;
-        routes.extend(dumped.iter().filter_map(|route| host_route(route, &names)));
+        for table in [LOCAL_TABLE, MAIN_TABLE] {
+            let dumped = dump_routes(family, Some(table)).context("listing the routes")?;
+            routes.extend(dumped.iter().filter_map(|route| host_route(route, &names)));
+        }
     }
     Ok(routes)
 }
 
 fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<HostRoute> {
     let table = route_table(route);
-    // A route for a TOS only is no lookup's without one (a connect's has none).
-    if (table != LOCAL_TABLE && table != MAIN_TABLE) || route.header.tos != 0 {
+    // A route for a TOS only is no lookup's without one (a connect's has none), nor one
+    // for some sources only.
+    if (table != LOCAL_TABLE && table != MAIN_TABLE)
+        || route.header.tos != 0
+        || route.header.source_prefix_length != 0
+    {
         return None;
     }
     let mut prefix = None;
@@ -141,9 +160,14 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
             }
             RouteAttribute::Priority(priority) => metric = *priority,
             RouteAttribute::Oif(index) => interfaces.push(name(index)),
-            RouteAttribute::MultiPath(hops) => {
-                interfaces.extend(hops.iter().map(|hop| name(&hop.interface_index)))
-            }
+            RouteAttribute::MultiPath(hops) => interfaces.extend(
+                hops.iter()
+                    .filter(|hop| {
+                        !hop.flags
+                            .intersects(RouteNextHopFlags::Dead | RouteNextHopFlags::Linkdown)
+                    })
+                    .map(|hop| name(&hop.interface_index)),
+            ),
             _ => {}
         }
     }
@@ -233,40 +257,72 @@ pub(crate) struct RouteMirror {
     v4: LpmTrie<MapData, [u8; 4], u32>,
     v6: LpmTrie<MapData, [u8; 16], u32>,
     written: HashMap<IpNet, u32>,
-    /// The names whose bits `written` holds (`None`: nothing mirrored yet).
-    names: Option<Vec<String>>,
+    /// Each generation parity's names, whose bits `written` holds (`None`: nothing mirrored
+    /// yet).
+    names: Option<[Vec<String>; 2]>,
 }
 
 impl RouteMirror {
+    /// The mirror of maps as loaded: pinned ones an earlier instance filled hold its
+    /// entries, which the first refresh replaces.
     pub(crate) fn new(
         v4: LpmTrie<MapData, [u8; 4], u32>,
         v6: LpmTrie<MapData, [u8; 16], u32>,
-    ) -> Self {
-        RouteMirror {
+    ) -> Result<Self> {
+        let mut written = HashMap::new();
+        for entry in v4.iter() {
+            let (key, value) = entry.context("reading the pinned IPv4 route map")?;
+            let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?;
+            written.insert(IpNet::V4(net), value);
+        }
+        for entry in v6.iter() {
+            let (key, value) = entry.context("reading the pinned IPv6 route map")?;
+            let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?;
+            written.insert(IpNet::V6(net), value);
+        }
+        Ok(RouteMirror {
             v4,
             v6,
-            written: HashMap::new(),
+            written,
             names: None,
+        })
+    }
+
+    /// Mirrors the routes for the names of the rules of `generation` (the other
+    /// generation's keep their bits).
+    pub(crate) fn mirror_for(&mut self, generation: u32, names: &[String]) -> Result<()> {
+        let mut all = self.names.clone().unwrap_or_default();
+        if self.names.is_some() && all[(generation & 1) as usize] == names {
+            return Ok(());
+        }
+        all[(generation & 1) as usize] = names.to_vec();
+        self.refresh(all)
+    }
+
+    /// Mirrors the routes again (they changed), once mirrored at all.
+    pub(crate) fn follow(&mut self) -> Result<()> {
+        match self.names.clone() {
+            Some(names) => self.refresh(names),
+            None => Ok(()),
         }
     }
 
-    /// The names the maps' bits are for now, once mirrored.
-    pub(crate) fn names(&self) -> Option<&[String]> {
-        self.names.as_deref()
-    }
-
-    /// Mirrors the host's routes now for the rules' `names` (none: the local table only).
-    pub(crate) fn refresh(&mut self, names: &[String]) -> Result<()> {
+    /// Mirrors the host's routes now for each generation's `names` (none: the local table
+    /// only).
+    fn refresh(&mut self, names: [Vec<String>; 2]) -> Result<()> {
         let mut routes = host_routes()?;
-        if names.is_empty() {
+        if names.iter().all(Vec::is_empty) {
             routes.retain(|route| route.local_table);
         }
-        self.write(bits_by_prefix(&routes, names))?;
-        self.names = Some(names.to_vec());
+        self.write(bits_by_prefix(&routes, &names))?;
+        self.names = Some(names);
         Ok(())
     }
 
-    /// Makes the maps hold `bits`: what changed only.
+    /// Makes the maps hold `bits`: what changed only, new and changed entries before the
+    /// removals (a route that moves to another prefix is never missing in between), and
+    /// `written` kept to what the maps hold after every step, so that a refresh after an
+    /// error repairs what failed.
     fn write(&mut self, bits: HashMap<IpNet, u32>) -> Result<()> {
         let (v4, v6) = bits.keys().fold((0, 0), |(v4, v6), prefix| match prefix {
             IpNet::V4(_) => (v4 + 1, v6),
@@ -277,17 +333,6 @@ impl RouteMirror {
                 "the host has {v4} IPv4 and {v6} IPv6 routes in its local and main tables; \
                  out_interface mirrors at most {MAX_MIRRORED_ROUTES} of each"
             );
-        }
-        for prefix in self.written.keys().filter(|p| !bits.contains_key(p)) {
-            let removed = match prefix {
-                IpNet::V4(net) => self
-                    .v4
-                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
-                IpNet::V6(net) => self
-                    .v6
-                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
-            };
-            removed.with_context(|| format!("removing the route {prefix} from the route maps"))?;
         }
         for (prefix, value) in &bits {
             if self.written.get(prefix) == Some(value) {
@@ -306,8 +351,26 @@ impl RouteMirror {
                 ),
             };
             inserted.with_context(|| format!("writing the route {prefix} into the route maps"))?;
+            self.written.insert(*prefix, *value);
         }
-        self.written = bits;
+        let gone: Vec<IpNet> = self
+            .written
+            .keys()
+            .filter(|prefix| !bits.contains_key(prefix))
+            .copied()
+            .collect();
+        for prefix in gone {
+            let removed = match prefix {
+                IpNet::V4(net) => self
+                    .v4
+                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
+                IpNet::V6(net) => self
+                    .v6
+                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
+            };
+            removed.with_context(|| format!("removing the route {prefix} from the route maps"))?;
+            self.written.remove(&prefix);
+        }
         Ok(())
     }
 }
@@ -326,8 +389,8 @@ mod tests {
         }
     }
 
-    fn names() -> Vec<String> {
-        vec!["eth0".into(), "wg*".into()]
+    fn names() -> [Vec<String>; 2] {
+        [vec!["eth0".into(), "wg*".into()], Vec::new()]
     }
 
     #[test]
@@ -372,8 +435,9 @@ mod tests {
         let of = |prefix: &str| bits[&prefix.parse::<IpNet>().unwrap()];
         assert_eq!(of("192.168.1.255/32"), ROUTE_BROADCAST | 0b01);
         assert_eq!(of("192.168.1.0/24"), 0b01);
+        let no_names = [Vec::new(), Vec::new()];
         assert_eq!(
-            bits_by_prefix(&routes, &[])[&"192.168.1.255/32".parse().unwrap()],
+            bits_by_prefix(&routes, &no_names)[&"192.168.1.255/32".parse().unwrap()],
             ROUTE_BROADCAST
         );
     }
@@ -382,8 +446,15 @@ mod tests {
     fn a_route_by_an_interface_of_both_names_has_both_bits() {
         let bits = bits_by_prefix(
             &[route("0.0.0.0/0", false, 0, &["wg0"])],
-            &["wg*".to_string(), "wg0".to_string()],
+            &[
+                vec!["wg*".to_string(), "wg0".to_string()],
+                vec!["wg0".to_string()],
+            ],
         );
-        assert_eq!(bits[&"0.0.0.0/0".parse::<IpNet>().unwrap()], 0b11);
+        assert_eq!(
+            bits[&"0.0.0.0/0".parse::<IpNet>().unwrap()],
+            0b11 | 0b01 << 8,
+            "each generation's names in its byte"
+        );
     }
 }

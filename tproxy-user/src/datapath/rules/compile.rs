@@ -16,7 +16,9 @@ use tproxy_common::maps::{
 use super::Packet;
 use super::{any_local, truncated, Origin, Ports, Rule, Transport};
 use crate::datapath::interfaces;
-use tproxy_common::local_origin::{selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS};
+use tproxy_common::local_origin::{
+    route_bits_shift, selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS,
+};
 
 /// An LPM trie entry: key, its prefix length in bits, value.
 pub type Entry<K> = (K, u32, Verdict);
@@ -89,7 +91,7 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
     };
     let mut compiled = CompiledRules {
         port_classes: vec![0; 2 * 65536],
-        marks: mark_rules(rules, interfaces),
+        marks: mark_rules(rules, generation, interfaces),
         out_interfaces: super::out_interfaces(rules),
         ..CompiledRules::default()
     };
@@ -207,12 +209,13 @@ impl CompiledRules {
 /// an ifindex no interface has, so that a name's count does not depend on what is attached.
 /// A rule for local connections has one more, under its selection's index, where the
 /// connect and sendmsg programs try it.
-pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
+pub fn mark_rules(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let out_interfaces = super::out_interfaces(rules);
+    let shift = route_bits_shift(generation);
     let mut entries: Vec<MarkRule> = Vec::new();
     for entry in rules
         .iter()
-        .flat_map(|rule| mark_rule(rule, interfaces, &out_interfaces))
+        .flat_map(|rule| mark_rule(rule, interfaces, &out_interfaces, shift))
     {
         let alike = |e: &&mut MarkRule| {
             MarkRule {
@@ -232,7 +235,12 @@ pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
 /// it, and no selection's local connections are looked up with it.
 const NO_INTERFACE: u32 = LOCAL_ORIGIN_IFINDEX - MAX_SELECTIONS as u32;
 
-fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>, out_interfaces: &[String]) -> Vec<MarkRule> {
+fn mark_rule(
+    rule: &Rule,
+    interfaces: Interfaces<'_>,
+    out_interfaces: &[String],
+    shift: u32,
+) -> Vec<MarkRule> {
     if !rule.tried_one_by_one() {
         return Vec::new();
     }
@@ -305,10 +313,11 @@ fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>, out_interfaces: &[String])
         // The rule's own name's bit: a pattern's is set on the routes by the interfaces it
         // matches, not by other names it matches.
         routes: rule.out_iface.as_ref().map_or(0, |own| {
-            out_interfaces
+            let bit = out_interfaces
                 .iter()
                 .position(|name| name == own)
-                .map_or(0, |i| 1 << i)
+                .expect("out_interfaces holds every rule's name");
+            (1 << bit) << shift
         }),
     };
     ifindexes.into_iter().map(entry).collect()
@@ -586,6 +595,7 @@ fn lookup_verdict(
     let mut marked = marked;
     marked.routes = packet.route.map_or(0, |route| {
         super::route_bits(&compiled.out_interfaces, route)
+            << tproxy_common::local_origin::route_bits_shift(generation)
     });
     match packet.local {
         true => match_mark_rules::<true>(&marks, &marked, &mut best),

@@ -559,7 +559,7 @@ fn a_mark_is_one_more_match_and_precedence_stays_the_same() {
         rule(1, "udp 0.0.0.0/0 any mark 0x10/0xf0", Action::Bypass),
     ];
     assert_eq!(
-        mark_rules(&both, &[]).len(),
+        mark_rules(&both, 0, &[]).len(),
         1,
         "TCP and UDP share an entry"
     );
@@ -1008,6 +1008,9 @@ fn an_out_interface_narrows_a_local_rule_to_the_routes_by_that_interface() {
         [0b01, 0b10],
         "one mark-stage entry each, with its name's bit"
     );
+    let next = compile(&rules, 1, &interfaces());
+    let bits: Vec<u32> = next.marks.iter().map(|entry| entry.routes).collect();
+    assert_eq!(bits, [0b01 << 8, 0b10 << 8], "the other generation's byte");
     assert_eq!(route_bits(&compiled.out_interfaces, "wg1"), 0b10);
     assert_eq!(route_bits(&compiled.out_interfaces, "eth0"), 0b01);
     assert_eq!(route_bits(&compiled.out_interfaces, "lo"), 0);

@@ -179,29 +179,26 @@ fn take_route_maps(ebpf: &mut Ebpf) -> Result<RouteMirror> {
     };
     let v4 = LpmTrie::try_from(take(local_origin::ROUTES_V4_MAP)?)?;
     let v6 = LpmTrie::try_from(take(local_origin::ROUTES_V6_MAP)?)?;
-    Ok(RouteMirror::new(v4, v6))
+    RouteMirror::new(v4, v6)
 }
 
 impl Steering {
     /// Mirrors the host's routes again (they changed), when local connections are steered.
     pub(crate) fn follow_routes(&mut self) -> Result<()> {
         match &mut self.routes {
-            Some(mirror) => match mirror.names().map(<[String]>::to_vec) {
-                Some(names) => mirror.refresh(&names),
-                None => Ok(()),
-            },
+            Some(mirror) => mirror.follow(),
             None => Ok(()),
         }
     }
 
-    /// Mirrors the host's routes for the rules' `out_interface` names, unless they are
-    /// mirrored for those already.
-    fn mirror_routes_for(&mut self, names: &[String]) -> Result<()> {
+    /// Mirrors the host's routes for the `out_interface` names of the rules of
+    /// `generation`, unless they are mirrored for those already.
+    fn mirror_routes_for(&mut self, generation: u32, names: &[String]) -> Result<()> {
         match &mut self.routes {
-            Some(mirror) if mirror.names() != Some(names) => mirror
-                .refresh(names)
-                .context("mirroring the host's routes for out_interface"),
-            _ => Ok(()),
+            Some(mirror) => mirror
+                .mirror_for(generation, names)
+                .context("mirroring the host's routes for the rules for local connections"),
+            None => Ok(()),
         }
     }
 

@@ -75,7 +75,7 @@ impl Steering {
             self.erase_generation_by_scan(generation)?;
         }
         // Before the switch: the new rules' out-interface bits must be on the routes.
-        self.mirror_routes_for(&rules.out_interfaces)?;
+        self.mirror_routes_for(generation, &rules.out_interfaces)?;
         if let Err(error) = self.write_generation(generation, &rules) {
             let _ = self.erase_generation(generation, &rules);
             return Err(error);

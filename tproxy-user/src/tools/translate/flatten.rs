@@ -38,6 +38,8 @@ pub(super) fn flatten(
     // After OUTPUT's guard for the packets routed by other interfaces than one (see
     // [`routed_by_guard`]), the rules see only those routed by it: their `out_iface`.
     let mut routed_by: Option<Match> = None;
+    // The family the guard is for (`None`: both).
+    let mut guarded_family: Option<Family> = None;
     for (i, rule) in rules.iter().enumerate() {
         let rule = match rule {
             Ok(rule) => rule,
@@ -67,7 +69,22 @@ pub(super) fn flatten(
             continue;
         }
         if let Some(iface) = &rule.matches.not_out_iface {
-            match routed_by_guard(rule, context, routed_by.as_ref(), depth) {
+            let guard = routed_by_guard(rule, context, depth).and_then(|()| {
+                match &routed_by {
+                    None => Ok(true),
+                    Some(guard) if guard.out_iface.as_ref() != Some(iface) => {
+                        Err("a second output interface guard, for another interface".into())
+                    }
+                    // The same guard for packets it covers already.
+                    Some(_)
+                        if guarded_family.is_none() || guarded_family == rule.matches.family =>
+                    {
+                        Ok(false)
+                    }
+                    Some(_) => Ok(true),
+                }
+            });
+            match guard {
                 Ok(true) => notes.push(format!(
                     "line {}: `{}` leaves the host's packets routed by other interfaces than \
                      {iface} alone: the rules after it have `out_interface = \"{iface}\"` \
@@ -84,12 +101,31 @@ pub(super) fn flatten(
                     continue;
                 }
             }
+            guarded_family = match &routed_by {
+                None => rule.matches.family,
+                // A guard for each family: both.
+                Some(_) if guarded_family != rule.matches.family => None,
+                Some(_) => guarded_family,
+            };
             routed_by = Some(Match {
                 out_iface: Some(iface.clone()),
                 ..context.clone()
             });
             continue;
         }
+        // After a guard for one family, the other family's packets are not guarded.
+        let routed_by_here = match (&routed_by, guarded_family, rule.matches.family) {
+            (Some(_), Some(guarded), Some(family)) if guarded != family => None,
+            (Some(_), Some(_), None) => {
+                out.push(Err(format!(
+                    "line {}: {}: a rule for both families after an output interface guard \
+                     for one",
+                    rule.line, rule.text
+                )));
+                continue;
+            }
+            (guard, ..) => guard.as_ref(),
+        };
         if rule.matches.out_iface.is_some() && !context.local && !rule.matches.local {
             out.push(Err(format!(
                 "line {}: {}: an output interface outside a route chain at output (OUTPUT)",
@@ -97,7 +133,7 @@ pub(super) fn flatten(
             )));
             continue;
         }
-        let base = match (&own_addresses, &routed_by) {
+        let base = match (&own_addresses, routed_by_here) {
             (Some(_), Some(_)) => {
                 out.push(Err(format!(
                     "line {}: {}: after both an `oifname != \"lo\"` guard and an output \
@@ -317,15 +353,9 @@ fn routed_elsewhere_guard(rule: &Parsed, context: &Match, depth: usize) -> Resul
 /// Checks that a rule matching packets routed by other interfaces than one (`! -o eth0`,
 /// nft `oifname != "eth0"`) is OUTPUT's guard that leaves them all alone: an accept (or a
 /// return from the base chain) that matches nothing else, so that only the packets routed
-/// by that interface meet the rules after it. `Ok(false)`: the same guard again, for some
-/// of the packets (sing-box's `meta nfproto ipv6 oifname != "eth0" accept` after the
-/// guard for both families), which changes nothing.
-fn routed_by_guard(
-    rule: &Parsed,
-    context: &Match,
-    in_force: Option<&Match>,
-    depth: usize,
-) -> Result<bool, String> {
+/// by that interface meet the rules after it. A guard may be for one family (iptables' are,
+/// and sing-box repeats its guard for IPv6 with `meta nfproto ipv6`).
+fn routed_by_guard(rule: &Parsed, context: &Match, depth: usize) -> Result<(), String> {
     let m = &rule.matches;
     let only_a_family = m.transports.is_empty()
         && m.dst.is_empty()
@@ -339,6 +369,9 @@ fn routed_by_guard(
         && m.mark.is_none()
         && !m.dst_local
         && !m.not_dst_local
+        && !m.dst_anycast
+        && !m.dst_broadcast
+        && m.dst_types.is_none()
         && m.dst_set.is_none()
         && m.uids.is_empty()
         && m.gids.is_empty()
@@ -357,16 +390,7 @@ fn routed_by_guard(
                 .into(),
         );
     }
-    match in_force {
-        Some(guard) if guard.out_iface == m.not_out_iface => Ok(false),
-        Some(_) => Err("a second output interface guard, for another interface".into()),
-        None if m.family.is_some() => Err(
-            "an output interface guard for one address family only: the other family's \
-             packets meet the rules after it whatever their route"
-                .into(),
-        ),
-        None => Ok(true),
-    }
+    Ok(())
 }
 
 /// What a rule reached through a jump matches (and what two rules both match).

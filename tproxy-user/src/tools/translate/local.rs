@@ -72,21 +72,36 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             continue;
         }
         match rule.target.clone() {
-            Target::SetMark(mark) | Target::MarkThenAccept(mark) => match steers(mark, recipe_mark)
-            {
-                Ok(()) if rule.matches.dst_local => {
-                    out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
+            Target::SetMark(mark) | Target::MarkThenAccept(mark) => {
+                match steers(mark, recipe_mark) {
+                    Ok(())
+                        if rule.matches.out_iface.as_deref().is_some_and(|iface| {
+                            crate::datapath::interfaces::matches(iface, "lo")
+                        }) =>
+                    {
+                        out.push(refuse(
+                            "an output interface that takes lo, the route of the host's own \
+                         addresses, whose packets meet PREROUTING's rules on lo, bypasses \
+                         included (tproxy translates that as `-m addrtype --dst-type LOCAL`)",
+                        ))
+                    }
+                    Ok(()) if rule.matches.dst_local => {
+                        out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
+                    }
+                    Ok(()) => out.extend(steered(&rule, prerouting)),
+                    // Its packets leave the chain with a mark that leads to no TPROXY rule.
+                    Err(_)
+                        if matches!(rule.target, Target::MarkThenAccept(_))
+                            && never_the_recipes(mark, recipe_mark) =>
+                    {
+                        out.push(Ok(Parsed {
+                            target: Target::Bypass,
+                            ..rule
+                        }))
+                    }
+                    Err(reason) => out.push(refuse(&reason)),
                 }
-                Ok(()) => out.extend(steered(&rule, prerouting)),
-                // Its packets leave the chain with a mark that leads to no TPROXY rule.
-                Err(_) if matches!(rule.target, Target::MarkThenAccept(_)) => {
-                    out.push(Ok(Parsed {
-                        target: Target::Bypass,
-                        ..rule
-                    }))
-                }
-                Err(reason) => out.push(refuse(&reason)),
-            },
+            }
             Target::Bypass | Target::Return | Target::Ignore | Target::Unsteered(_) => {
                 out.push(Ok(rule))
             }
@@ -192,6 +207,13 @@ fn steers(mark: Mark, recipe: Option<Mark>) -> Result<(), String> {
              lead to them"
         ))
     }
+}
+
+/// Whether every packet `mark` is set on leaves without the recipe's mark: it sets one of
+/// the recipe's bits to another value. (A mark that sets only some of them, or keeps the
+/// packet's own bits, may leave a packet with the recipe's mark.)
+fn never_the_recipes(mark: Mark, recipe: Option<Mark>) -> bool {
+    recipe.is_some_and(|recipe| (mark.value ^ recipe.value) & mark.mask & recipe.mask != 0)
 }
 
 /// A MARK rule as local steer rules: per listener that its packets reach on `lo`, the rule

@@ -3205,3 +3205,72 @@ table inet t {
         t.config
     );
 }
+
+/// mihomo's `-A OUTPUT -o eth0 -j CHAIN` and the guard form `! -o eth0 -j RETURN` give the
+/// local rules `out_interface`; bypasses drop it when every steer rule has it.
+#[test]
+fn an_output_interface_becomes_the_local_rules_out_interface() {
+    let recipe = "*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+";
+    for output in [
+        "-A OUTPUT -o eth0 -j SELF\n-A SELF -d 10.0.0.0/8 -j RETURN\n-A SELF -p tcp -j MARK --set-mark 1\n",
+        "-A OUTPUT ! -o eth0 -j RETURN\n-A OUTPUT -d 10.0.0.0/8 -j RETURN\n-A OUTPUT -p tcp -j MARK --set-mark 1\n",
+    ] {
+        let t = translate(&format!("{recipe}:SELF - [0:0]\n{output}COMMIT\n")).unwrap();
+        assert!(t.skipped.is_empty(), "{output}: {:?}", t.skipped);
+        let local: Vec<&str> = t
+            .config
+            .split("[[rule]]")
+            .filter(|rule| rule.contains("origin = \"local\""))
+            .collect();
+        assert_eq!(local.len(), 2, "{}", t.config);
+        assert!(local[0].contains("bypass") && !local[0].contains("out_interface"), "{}", local[0]);
+        assert!(local[1].contains("steer") && local[1].contains("out_interface = \"eth0\""), "{}", local[1]);
+    }
+    // lo's route is the host's own addresses', whose packets meet PREROUTING on lo: refused.
+    let t = translate(&format!(
+        "{recipe}-A OUTPUT -o lo -p tcp -j MARK --set-mark 1\nCOMMIT\n"
+    ))
+    .unwrap();
+    assert!(
+        t.skipped.iter().any(|s| s.contains("takes lo")),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// nft's `meta mark set … accept` in an output route chain is a bypass only when no packet
+/// can leave it with the recipe's mark.
+#[test]
+fn an_nft_mark_set_with_accept_is_a_bypass_only_off_the_recipes_mark() {
+    let rules = |set: &str| {
+        format!(
+            "table ip t {{
+	chain pre {{
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp meta mark set 0x00000001 tproxy to :7893
+	}}
+	chain out {{
+		type route hook output priority mangle; policy accept;
+		meta l4proto tcp meta mark set {set} accept
+	}}
+}}
+"
+        )
+    };
+    let t = translate(&rules("0x000000e1")).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(t.config.contains("action = \"bypass\""), "{}", t.config);
+    let t = translate(&rules("0x00000001")).unwrap();
+    assert!(
+        t.config.contains("origin = \"local\"\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+    let t = translate(&rules("meta mark | 0x00000001")).unwrap();
+    assert!(
+        !t.skipped.is_empty(),
+        "keeps the packet's bits: may be the recipe's"
+    );
+}
