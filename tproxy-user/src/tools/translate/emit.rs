@@ -274,6 +274,7 @@ fn listeners_and_rules(
             | Target::Goto(_)
             | Target::SetMark(_)
             | Target::MarkThenAccept(_)
+            | Target::OwnAddressesOnLo
             | Target::Established(_) => {}
             Target::Drop
                 if parsed.matches.transports.is_empty() || parsed.matches.protocols_beyond =>

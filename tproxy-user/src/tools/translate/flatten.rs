@@ -84,7 +84,7 @@ pub(super) fn flatten(
                     Some(_) => Ok(true),
                 }
             });
-            match guard {
+            match &guard {
                 Ok(true) => notes.push(format!(
                     "line {}: `{}` leaves the host's packets routed by other interfaces than \
                      {iface} alone: the rules after it have `out_interface = \"{iface}\"` \
@@ -100,6 +100,17 @@ pub(super) fn flatten(
                     out.push(Err(format!("line {}: {}: {reason}", rule.line, rule.text)));
                     continue;
                 }
+            }
+            if !matches!(guard, Ok(false)) {
+                out.push(Ok(Parsed {
+                    matches: Match {
+                        dst_local: true,
+                        family: rule.matches.family,
+                        ..context.clone()
+                    },
+                    target: Target::OwnAddressesOnLo,
+                    ..rule.clone()
+                }));
             }
             guarded_family = match &routed_by {
                 None => rule.matches.family,

@@ -102,6 +102,16 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                     Err(reason) => out.push(refuse(&reason)),
                 }
             }
+            // Unmarked (their socket's own mark, 0 for most): PREROUTING's mark matches
+            // read it as 0.
+            Target::OwnAddressesOnLo => out.extend(on_lo_to_own_addresses(
+                &rule,
+                Mark {
+                    value: 0,
+                    mask: u32::MAX,
+                },
+                prerouting,
+            )),
             Target::Bypass | Target::Return | Target::Ignore | Target::Unsteered(_) => {
                 out.push(Ok(rule))
             }

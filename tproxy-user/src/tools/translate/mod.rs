@@ -234,6 +234,10 @@ enum Target {
     /// an output route chain the recipe's steering when it is the TPROXY rules' mark, a
     /// bypass otherwise (nothing after it runs); elsewhere an accept.
     MarkThenAccept(Mark),
+    /// What an output interface guard (see `flatten`) lets through to the host's own
+    /// addresses, whose route leads to `lo`: they arrive there as they left, and
+    /// PREROUTING's rules on `lo` decide them (see `local::on_lo_to_own_addresses`).
+    OwnAddressesOnLo,
     Jump(String),
     /// A jump that does not come back: what the chain leaves undecided leaves the calling
     /// chain too (iptables `-g`, nft `goto`).
