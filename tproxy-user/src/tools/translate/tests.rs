@@ -317,13 +317,51 @@ COMMIT
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     let config: toml::Value = toml::from_str(&t.config).unwrap();
     assert_eq!(config["rule"].as_array().unwrap().len(), 3, "{}", t.config);
-    // Line 2 takes only some of them: such a rule (10.1/16, port 80) would outrank line 2
-    // (10.1/16, ports 50-1000), which takes some of those packets first: reported.
+    // Line 2 takes only some of them: the rule for line 3's packets (10.1/16, port 80)
+    // would outrank line 2 (10.1/16, ports 50-1000) on the packets line 2 takes first; those
+    // get a rule of their own with line 2's action ahead of it in turn.
     let contested = taken_first.replace(
         "-p tcp -d 10.1.0.0/16 --dport 50:1000",
         "-p tcp -s 192.0.2.0/25 -d 10.1.0.0/16 --dport 50:1000",
     );
     let t = translate(&contested).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                r.get("src").map_or("any".into(), |src| src[0].to_string()),
+                r["dst"][0],
+                r["ports"][0],
+                r.get("listener")
+                    .map_or("bypass".into(), ToString::to_string),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#""192.0.2.0/25" "10.1.0.0/16" "50-1000" bypass"#,
+            r#""192.0.2.0/24" "0.0.0.0/0" "1-80" "tproxy-1""#,
+            r#""192.0.2.0/25" "10.1.0.0/16" 80 bypass"#,
+            r#""192.0.2.0/24" "10.1.0.0/16" 80 "tproxy-1""#,
+            r#"any "10.1.0.0/16" "80-2000" "tproxy-2""#,
+        ],
+        "{}",
+        t.config
+    );
+    // With a mark on line 2 no rule of their own can say which packets it takes (a
+    // forwarded rule's mark and prefixes are not combined): reported.
+    let marked = contested.replace(
+        "--dport 50:1000 -j RETURN",
+        "--dport 50:1000 -m mark --mark 0x4/0x4 -j RETURN",
+    );
+    assert_ne!(marked, contested);
+    let t = translate(&marked).unwrap();
     assert!(
         t.skipped.len() == 1
             && t.skipped[0].starts_with("line 4:")
