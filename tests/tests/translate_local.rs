@@ -833,3 +833,166 @@ COMMIT
     tproxy.stop().unwrap();
     assert!(direct, "a connect routed by to-client is still relayed");
 }
+
+/// sing-box-tproxy's rule set (tests/corpus/translate/sing-box-tproxy-ansible.rules) on the
+/// test topology: `to-server` is the exit interface, the routing mark is the test's `0x1`,
+/// the reserved addresses are the server side's upper half (10.10.2.128/25) with loopback
+/// and multicast, and counters sit on the TPROXY rules. The proxy's user (uid and gid 13)
+/// is bypassed before DNS is rerouted; the reserved and the host's own addresses are
+/// bypassed after.
+const SING_BOX_TPROXY: &str = "\
+table inet sing_box_tproxy {
+	set reserved_ip4 {
+		type ipv4_addr
+		flags interval
+		elements = { 10.10.2.128/25, 127.0.0.0/8, 224.0.0.0/4 }
+	}
+
+	set reserved_ip6 {
+		type ipv6_addr
+		flags interval
+		elements = { ::1, fe80::/10, ff00::/8 }
+	}
+
+	chain prerouting_tproxy {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } th dport 53 counter tproxy to :7895 accept
+		fib daddr type local meta l4proto { tcp, udp } th dport 7895 reject with icmpx host-unreachable
+		fib daddr type local accept
+		ip daddr @reserved_ip4 accept
+		ip6 daddr @reserved_ip6 accept
+		meta l4proto tcp socket transparent 1 meta mark set 0x00000001 accept
+		meta l4proto { tcp, udp } counter tproxy to :7895 meta mark set 0x00000001
+	}
+
+	chain output_tproxy {
+		type route hook output priority mangle; policy accept;
+		oifname != \"to-server\" accept
+		meta nfproto ipv6 oifname != \"to-server\" accept
+		meta skuid 13 meta skgid 13 meta mark set 0x000000e1 accept
+		meta mark 0x000000e1 accept
+		meta l4proto { tcp, udp } th dport 53 meta mark set 0x00000001 accept
+		udp dport { 137, 138, 139, 445 } accept
+		fib daddr type local accept
+		ip daddr @reserved_ip4 accept
+		ip6 daddr @reserved_ip6 accept
+		meta l4proto { tcp, udp } meta mark set 0x00000001
+	}
+}
+";
+
+/// sing-box-tproxy's output chain: the proxy user's bypass comes first, so its DNS to the
+/// reserved addresses is left alone, while other users' DNS there is rerouted, though the
+/// reserved bypass (a longer prefix in tproxy) comes after the reroute. The translation
+/// settles those in rules of their own and must relay the same connects as nft. (Not
+/// probed: the host's DNS to its own addresses, which nft's PREROUTING DNS rule takes when it
+/// comes back on lo past OUTPUT's `oifname != "to-server" accept`, while the translation's
+/// local rules leave it alone.)
+#[test]
+fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    topo.server
+        .ip(&["addr", "add", "10.10.2.200/32", "dev", "eth0"])
+        .unwrap();
+    let answer = |netns: &Netns, addr: &str| {
+        Server::start(netns, addr.parse().unwrap(), |mut stream| {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let _ = stream.write_all(b"ok");
+        })
+        .unwrap()
+    };
+    let _servers = [
+        answer(&topo.server, "10.10.2.2:80"),
+        answer(&topo.server, "10.10.2.200:80"),
+        answer(&topo.server, "10.10.2.200:53"),
+    ];
+    let _echo: Vec<UdpEcho> = [
+        (&topo.server, "10.10.2.2:53"),
+        (&topo.server, "10.10.2.200:53"),
+        (&topo.client, "10.10.1.2:53"),
+    ]
+    .into_iter()
+    .map(|(netns, addr)| UdpEcho::start(netns, addr.parse().unwrap()).unwrap())
+    .collect();
+    // Apart from the test's own cgroup, where tproxy runs: its processes are tproxy's own.
+    let cgroup = TestCgroup::new("sing-box-out").unwrap();
+    let proxy_user = ["setpriv", "--reuid=13", "--regid=13", "--clear-groups"];
+    // (protocol, target, whether the proxy's user dials).
+    let probes = [
+        ("tcp", "10.10.2.2:80", false),
+        ("udp", "10.10.2.2:53", false),
+        ("tcp", "10.10.2.2:80", true),
+        ("udp", "10.10.2.2:53", true),
+        ("udp", "10.10.2.200:53", false),
+        ("udp", "10.10.2.200:53", true),
+        ("tcp", "10.10.2.200:53", true),
+        ("tcp", "10.10.2.200:80", false),
+        ("udp", "10.10.1.2:53", false),
+    ];
+    let relayed = |count: &dyn Fn(&str) -> u64| -> Vec<bool> {
+        probes
+            .iter()
+            .map(|&(proto, target, proxy)| {
+                let before = count(proto);
+                let wrapper: &[&str] = if proxy { &proxy_user } else { &[] };
+                let output = cgroup.run(&topo.router, wrapper, DIAL, &[proto, target, "hi"]);
+                let reply = if proto == "tcp" { "ok" } else { "hi" };
+                assert_eq!(
+                    dial_output(output.unwrap()).unwrap(),
+                    format!("{target} {reply}"),
+                    "{proto} {target} proxy user: {proxy}"
+                );
+                count(proto) > before
+            })
+            .collect()
+    };
+    let path = ConfigFile::new(SING_BOX_TPROXY).unwrap();
+    nft(&topo.router, &["-f", path.path()]);
+    install_tproxy_routing(&topo.router).unwrap();
+    let listed = nft(&topo.router, &["list", "ruleset"]);
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &listed).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("socket_mark = \"0xe1\""), "{text}");
+    // `tproxy to :7895` looks the proxy up at the receiving interface's address: the
+    // original's relay listens on the wildcard address.
+    let wildcard = text.replace(
+        "listen = [\"127.0.0.1:7895\", \"[::1]:7895\"]",
+        "listen = [\"0.0.0.0:7895\"]",
+    );
+    assert_ne!(wildcard, text);
+    let original_config = ConfigFile::new(&wildcard).unwrap();
+    let mut relay = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &["--relay-only", "--config", original_config.path()],
+    )
+    .unwrap();
+    let nft_tproxy_packets = || -> u64 {
+        nft(&topo.router, &["list", "table", "inet", "sing_box_tproxy"])
+            .lines()
+            .filter(|line| line.contains("tproxy to"))
+            .filter_map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let at = words.iter().position(|w| *w == "packets")?;
+                words.get(at + 1)?.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    let original = relayed(&|_| nft_tproxy_packets());
+    relay.stop().unwrap();
+    nft(&topo.router, &["flush", "ruleset"]);
+    remove_tproxy_routing(&topo.router).unwrap();
+    assert_eq!(
+        original,
+        [true, true, false, false, true, false, false, false, false],
+        "what the original rules steer, in the order of {probes:?}"
+    );
+
+    let config = ConfigFile::new(&text).unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = relayed(&|proto| relay_count(&tproxy, proto));
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}

@@ -554,16 +554,17 @@ fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Opti
 
 /// For `rule`, which may outrank the `outranked` kept rules with another action on packets
 /// they match first: a rule per outranked one for just those packets (the two rules' common
-/// matches) with its action, to go ahead of `rule`, and the line it carries.
+/// matches) with its action, to go ahead of `rule`, each with the line it carries.
 ///
 /// Such a rule ranks as high as `rule` or higher (its prefix is the longer of the two, its
 /// ports the common ones), and comes first on a tie, so on those packets it wins over
-/// `rule`. It keeps iptables' answer as long as it cannot outrank a kept rule with another
-/// action that it overlaps, unless that rule decides none of the packets they share (see
-/// [`never_decides`]): that one, or one above it, still decides the packets both match,
-/// and a packet it alone decides is one whose first match is the outranked rule, or a rule
-/// with its action. Otherwise, and when the common matches cannot be written (a forwarded
-/// rule's mark), the reason.
+/// `rule`. It may in turn outrank a kept rule with another action that it overlaps, on
+/// packets that rule (or one of its own action) decides: those packets get a rule of their
+/// own with that rule's action ahead of it, and so on until no new rule outranks another
+/// (see [`settle`]). A rule that decides none of the packets they share (see
+/// [`never_decides`]) needs none: that one, or one above it, still decides them. Where
+/// common matches cannot be written (a forwarded rule's mark, the host's addresses within
+/// prefixes), or the rules would outrank each other without end, the reason.
 fn first_come(
     rule: &Parsed,
     outranked: &[usize],
@@ -573,76 +574,191 @@ fn first_come(
 ) -> Result<Vec<(Rule, usize)>, String> {
     let mut firsts = Vec::new();
     for &index in outranked {
-        let (earlier, listener) = &kept[index];
         let line = decided_by[index];
         let shadowed = format!("line {line} comes first and matches some of its packets");
-        let selectors = |m: &Match| {
-            m.mark.is_some()
-                || !m.uids.is_empty()
-                || !m.gids.is_empty()
-                || !m.cgroups.is_empty()
-                || !m.classids.is_empty()
+        let first = common_rule(rule, &kept[index], line)
+            .map_err(|reason| format!("{shadowed} ({reason})"))?;
+        let Some(first) = first else {
+            continue;
         };
-        // Rules for local connections may have both (a mark is the socket's there).
-        let both_local = earlier.matches.local && rule.matches.local;
-        if !both_local && (selectors(&earlier.matches) || selectors(&rule.matches)) {
-            return Err(format!(
-                "{shadowed} (a rule of their own cannot say which: marks and selectors are \
-                 not combined)"
-            ));
-        }
-        let both = match narrow(&earlier.matches, &rule.matches) {
-            Narrowed::Both(both) => *both,
-            Narrowed::Neither => continue,
-            Narrowed::Inexpressible => {
-                if let Some(set) = earlier
-                    .matches
-                    .dst_set
-                    .as_ref()
-                    .or(rule.matches.dst_set.as_ref())
-                {
-                    // Which entries the set will hold is known only at run time: one may
-                    // be shorter or longer than the other rule's prefixes.
-                    return Err(format!(
-                        "{shadowed} (set {set}'s entries, followed as they change, rank in \
-                         tproxy by their own prefix lengths, and a rule of their own cannot \
-                         name both the set and a prefix)"
-                    ));
-                }
-                return Err(format!("{shadowed} (a rule of their own cannot say which)"));
-            }
+        let rules = Kept {
+            kept,
+            decided_by,
+            by_destination,
         };
-        if both.dst_anycast && listener.is_some() {
-            return Err(format!(
-                "{shadowed} (the anycast routes' destinations, which a steer rule cannot name)"
-            ));
-        }
-        let contested = by_destination
-            .candidates(&both, kept.len())
-            .into_iter()
-            .find(|&other| {
-                let (other_rule, other_listener) = &kept[other];
-                !same_action(other_rule, *other_listener, earlier, *listener)
-                    && overlaps(&other_rule.matches, &both)
-                    && more_specific(&both, &other_rule.matches)
-                    && !never_decides(kept, other, &both)
-            });
-        if let Some(other) = contested {
-            return Err(format!(
-                "{shadowed} (a rule of their own with its action would outrank line {} too)",
-                decided_by[other]
-            ));
-        }
-        let first = Parsed {
-            text: format!("its packets that line {line} takes first, with line {line}'s action"),
-            matches: both,
-            target: earlier.target.clone(),
-            comment: earlier.comment.clone(),
-            ..rule.clone()
-        };
-        firsts.push(((first, *listener), line));
+        let wider = wider_rule(rule, &kept[index], line);
+        settle(first, wider, line, &rules, &mut firsts, &shadowed, 0)?;
     }
     Ok(firsts)
+}
+
+/// The kept rules, with the line each carries and their index by destination.
+struct Kept<'a> {
+    kept: &'a [Rule],
+    decided_by: &'a [usize],
+    by_destination: &'a ShadowIndex,
+}
+
+/// How many rules of their own may stand in a chain, each ahead of the one it outranks
+/// the kept rules for: rules that keep outranking each other's rules of their own name the
+/// same packets with other actions, and would never settle.
+const SETTLE_DEPTH: usize = 8;
+
+/// Adds `first` (with the line it carries) to `firsts`, after rules of their own for the
+/// packets of kept rules and of `firsts` it would outrank with another action (each
+/// settled in turn). With those ahead of it, on each packet it matches the rule that wins
+/// has the action that won before: where `first` wins, the rule it outranks has its action
+/// or decides none of the packet's kind; where one of those rules wins, so does it by
+/// induction. `wider` (`first` for the packets of every output interface) takes its place
+/// when it outranks no rule with another action: the same argument holds for its packets,
+/// and the program tries rules with an output interface one by one, from a short list.
+fn settle(
+    first: Rule,
+    wider: Option<Rule>,
+    line: usize,
+    rules: &Kept,
+    firsts: &mut Vec<(Rule, usize)>,
+    shadowed: &str,
+    depth: usize,
+) -> Result<(), String> {
+    if let Some(wider) = wider.filter(|wider| contested(wider, rules, firsts).is_empty()) {
+        if !redundant(&wider, firsts) {
+            firsts.push((wider, line));
+        }
+        return Ok(());
+    }
+    if redundant(&first, firsts) {
+        return Ok(());
+    }
+    let rule = &first.0;
+    for (other, other_line) in contested(&first, rules, firsts) {
+        if depth == SETTLE_DEPTH {
+            return Err(format!(
+                "{shadowed} (rules of their own for the packets it shares with line \
+                 {other_line} would outrank each other without end)"
+            ));
+        }
+        let ahead = common_rule(rule, &other, other_line).map_err(|reason| {
+            format!(
+                "{shadowed} (a rule of their own with its action would outrank line \
+                 {other_line} too, and for the packets they share {reason})"
+            )
+        })?;
+        if let Some(ahead) = ahead {
+            let wider = wider_rule(rule, &other, other_line);
+            settle(ahead, wider, other_line, rules, firsts, shadowed, depth + 1)?;
+        }
+    }
+    firsts.push((first, line));
+    Ok(())
+}
+
+/// Whether a rule of `firsts` with the same action, matches and rank as `rule` is already
+/// ahead of it: it takes all of its packets.
+fn redundant((rule, listener): &Rule, firsts: &[(Rule, usize)]) -> bool {
+    firsts.iter().any(|((ahead, ahead_listener), _)| {
+        let (a, m) = (&ahead.matches, &rule.matches);
+        same_action(ahead, *ahead_listener, rule, *listener)
+            && covers(a, m)
+            && covers(m, a)
+            && a.dst == m.dst
+            && a.ports == m.ports
+    })
+}
+
+/// The kept rules and `firsts` (with the lines they carry) that `rule` outranks with
+/// another action on packets they decide.
+fn contested(
+    (rule, listener): &Rule,
+    rules: &Kept,
+    firsts: &[(Rule, usize)],
+) -> Vec<(Rule, usize)> {
+    let outranks = |(other, other_listener): &Rule| {
+        !same_action(other, *other_listener, rule, *listener)
+            && overlaps(&other.matches, &rule.matches)
+            && more_specific(&rule.matches, &other.matches)
+    };
+    rules
+        .by_destination
+        .candidates(&rule.matches, rules.kept.len())
+        .into_iter()
+        .filter(|&other| {
+            outranks(&rules.kept[other]) && !never_decides(rules.kept, other, &rule.matches)
+        })
+        .map(|other| (rules.kept[other].clone(), rules.decided_by[other]))
+        .chain(firsts.iter().filter(|(ahead, _)| outranks(ahead)).cloned())
+        .collect()
+}
+
+/// [`common_rule`] for `rule` without its output interface, when it has one and the
+/// result can be written.
+fn wider_rule(rule: &Parsed, earlier: &Rule, line: usize) -> Option<Rule> {
+    rule.matches.out_iface.as_ref()?;
+    let wider = Parsed {
+        matches: Match {
+            out_iface: None,
+            ..rule.matches.clone()
+        },
+        ..rule.clone()
+    };
+    common_rule(&wider, earlier, line).ok().flatten()
+}
+
+/// A rule for the packets both `rule` and `earlier` match, with `earlier`'s action (which
+/// it has from `line`): `None` when none does, why not when the model cannot write them.
+fn common_rule(
+    rule: &Parsed,
+    (earlier, listener): &Rule,
+    line: usize,
+) -> Result<Option<Rule>, String> {
+    let selectors = |m: &Match| {
+        m.mark.is_some()
+            || !m.uids.is_empty()
+            || !m.gids.is_empty()
+            || !m.cgroups.is_empty()
+            || !m.classids.is_empty()
+    };
+    // Rules for local connections may have both (a mark is the socket's there).
+    let both_local = earlier.matches.local && rule.matches.local;
+    if !both_local && (selectors(&earlier.matches) || selectors(&rule.matches)) {
+        return Err(
+            "a rule of their own cannot say which: marks and selectors are not \
+                    combined"
+                .into(),
+        );
+    }
+    let both = match narrow(&earlier.matches, &rule.matches) {
+        Narrowed::Both(both) => *both,
+        Narrowed::Neither => return Ok(None),
+        Narrowed::Inexpressible => {
+            if let Some(set) = earlier
+                .matches
+                .dst_set
+                .as_ref()
+                .or(rule.matches.dst_set.as_ref())
+            {
+                // Which entries the set will hold is known only at run time: one may be
+                // shorter or longer than the other rule's prefixes.
+                return Err(format!(
+                    "set {set}'s entries, followed as they change, rank in tproxy by their \
+                     own prefix lengths, and a rule of their own cannot name both the set and \
+                     a prefix"
+                ));
+            }
+            return Err("a rule of their own cannot say which".into());
+        }
+    };
+    if both.dst_anycast && listener.is_some() {
+        return Err("the anycast routes' destinations, which a steer rule cannot name".into());
+    }
+    let first = Parsed {
+        text: format!("its packets that line {line} takes first, with line {line}'s action"),
+        matches: both,
+        target: earlier.target.clone(),
+        comment: earlier.comment.clone(),
+        ..rule.clone()
+    };
+    Ok(Some((first, *listener)))
 }
 
 /// `kept` without the rules whose mark needs bits of the `routing` mark, which tproxy's
