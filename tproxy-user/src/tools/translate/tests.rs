@@ -2581,7 +2581,10 @@ table inet sing-box {
 /// addresses are bypassed. Those bypasses outrank the DNS reroute, whose packets get rules
 /// of their own; these outrank the proxy user's bypass in turn, whose DNS packets to those
 /// addresses then get rules of their own ahead of them (written for every interface: the
-/// user's bypass has no output interface, and outranks no rule with another action).
+/// user's bypass has no output interface, and outranks no rule with another action). The
+/// chain's `oifname != "eth0" accept` guard is left out: with it, the host's DNS to its own
+/// addresses, the proxy user's too, meets PREROUTING's DNS rule on lo, which the user's
+/// loop guard cannot then be (see `an_output_interface_guard_lets_own_addresses_meet_prerouting`).
 const SING_BOX_OUTPUT: &str = "\
 table inet sing_box_tproxy {
 	chain prerouting_tproxy {
@@ -2595,7 +2598,6 @@ table inet sing_box_tproxy {
 
 	chain output_tproxy {
 		type route hook output priority mangle; policy accept;
-		oifname != \"eth0\" accept
 		meta skuid 13 meta skgid 13 meta mark set 0x000000e1 accept
 		meta mark 0x000000e1 accept
 		meta l4proto { tcp, udp } th dport 53 meta mark set 0x000000e0 accept
@@ -2631,7 +2633,7 @@ fn rules_of_their_own_settle_when_they_outrank_another_earlier_rule() {
         })
         .collect();
     let reserved = r#"["10.0.0.0/8", "192.168.0.0/16"]"#;
-    let (steer, bypass) = (r#""eth0" "steer""#, r#"- "bypass""#);
+    let (steer, bypass) = (r#"- "steer""#, r#"- "bypass""#);
     assert_eq!(
         rules,
         [
@@ -2674,9 +2676,9 @@ fn rules_of_their_own_settle_when_they_outrank_another_earlier_rule() {
     let t = translate(&prefix).unwrap();
     assert!(
         t.skipped.len() == 1
-            && t.skipped[0].starts_with("line 18:")
-            && t.skipped[0].contains("line 16 comes first and matches some of its packets")
-            && t.skipped[0].contains("would outrank line 14 too"),
+            && t.skipped[0].starts_with("line 17:")
+            && t.skipped[0].contains("line 15 comes first and matches some of its packets")
+            && t.skipped[0].contains("would outrank line 13 too"),
         "{:?}",
         t.skipped
     );
@@ -3368,9 +3370,18 @@ fn an_output_interface_becomes_the_local_rules_out_interface() {
             .split("[[rule]]")
             .filter(|rule| rule.contains("origin = \"local\""))
             .collect();
-        assert_eq!(local.len(), 2, "{}", t.config);
-        assert!(local[0].contains("bypass") && !local[0].contains("out_interface"), "{}", local[0]);
-        assert!(local[1].contains("steer") && local[1].contains("out_interface = \"eth0\""), "{}", local[1]);
+        let last = local.last().unwrap();
+        assert!(last.contains("steer") && last.contains("out_interface = \"eth0\""), "{last}");
+        if output.starts_with("-A OUTPUT -o") {
+            assert_eq!(local.len(), 2, "{}", t.config);
+            assert!(local[0].contains("bypass") && !local[0].contains("out_interface"), "{}", local[0]);
+        } else {
+            // The guard lets the host's own addresses (routed to lo) through to PREROUTING's
+            // TPROXY rule on lo: their TCP is steered, the rest left alone, first.
+            assert_eq!(local.len(), 4, "{}", t.config);
+            assert!(local[0].contains("dst = \"local-ipv4\"") && local[0].contains("steer"), "{}", local[0]);
+            assert!(local[1].contains("dst = \"local-ipv4\"") && local[1].contains("bypass"), "{}", local[1]);
+        }
     }
     // lo's route is the host's own addresses', whose packets meet PREROUTING on lo: refused.
     let t = translate(&format!(
@@ -3416,5 +3427,24 @@ fn an_nft_mark_set_with_accept_is_a_bypass_only_off_the_recipes_mark() {
     assert!(
         !t.skipped.is_empty(),
         "keeps the packet's bits: may be the recipe's"
+    );
+}
+
+/// What an output interface guard lets through to the host's own addresses goes to lo,
+/// where PREROUTING's rules decide it: sing-box's DNS rule there takes even the proxy's own
+/// marked DNS, so its `meta mark 0xe1 accept` cannot be the loop guard: reported.
+#[test]
+fn an_output_interface_guard_lets_own_addresses_meet_prerouting() {
+    let t = translate(&SING_BOX_OUTPUT.replace(
+        "type route hook output priority mangle; policy accept;\n",
+        "type route hook output priority mangle; policy accept;\n\t\toifname != \"eth0\" accept\n",
+    ))
+    .unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("looks at the bits of the routing mark")),
+        "{:?}",
+        t.skipped
     );
 }
