@@ -867,8 +867,6 @@ table inet sing_box_tproxy {
 
 	chain output_tproxy {
 		type route hook output priority mangle; policy accept;
-		oifname != \"to-server\" accept
-		meta nfproto ipv6 oifname != \"to-server\" accept
 		meta skuid 13 meta skgid 13 meta mark set 0x000000e1 accept
 		meta mark 0x000000e1 accept
 		meta l4proto { tcp, udp } th dport 53 meta mark set 0x00000001 accept
@@ -884,10 +882,11 @@ table inet sing_box_tproxy {
 /// sing-box-tproxy's output chain: the proxy user's bypass comes first, so its DNS to the
 /// reserved addresses is left alone, while other users' DNS there is rerouted, though the
 /// reserved bypass (a longer prefix in tproxy) comes after the reroute. The translation
-/// settles those in rules of their own and must relay the same connects as nft. (Not
-/// probed: the host's DNS to its own addresses, which nft's PREROUTING DNS rule takes when it
-/// comes back on lo past OUTPUT's `oifname != "to-server" accept`, while the translation's
-/// local rules leave it alone.)
+/// settles those in rules of their own and must relay the same connects as nft. Without the
+/// chain's `oifname != "eth0" accept` guard: with it, the host's DNS to its own addresses,
+/// the proxy user's too, comes back on lo to PREROUTING's DNS rule, and the user's
+/// `meta mark 0xe1 accept` cannot be a loop guard (translate reports it; see the unit test
+/// `an_output_interface_guard_lets_own_addresses_meet_prerouting`).
 #[test]
 fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
     require_root();
@@ -985,7 +984,7 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
     remove_tproxy_routing(&topo.router).unwrap();
     assert_eq!(
         original,
-        [true, true, false, false, true, false, false, false, false],
+        [true, true, false, false, true, false, false, false, true],
         "what the original rules steer, in the order of {probes:?}"
     );
 
