@@ -1520,6 +1520,11 @@ fn router_probes(topo: &Topo) -> Vec<(String, &'static str)> {
                     Err(error) if error.kind() == ErrorKind::ConnectionRefused => {
                         return Ok("refused")
                     }
+                    // Established, then reset before the connect's wait saw it: the relay's
+                    // reset when it finds nothing at the destination.
+                    Err(error) if error.kind() == ErrorKind::ConnectionReset => {
+                        return Ok("accepted")
+                    }
                     connected => connected?,
                 }
                 let mut stream = std::net::TcpStream::from(socket);
