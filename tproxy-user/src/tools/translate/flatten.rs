@@ -330,45 +330,44 @@ pub(super) fn flatten(
 /// the rules after it. (A socket whose mark policy routing sends to `lo` is routed there
 /// whatever its destination; tproxy's routing does the same with its routing mark.)
 fn routed_elsewhere_guard(rule: &Parsed, context: &Match, depth: usize) -> Result<(), String> {
-    let m = &rule.matches;
-    let nothing_else = m.transports.is_empty()
-        && m.dst.is_empty()
-        && m.src.is_empty()
-        && m.ports.is_empty()
-        && m.sports.is_empty()
-        && m.other_protocol.is_none()
-        && m.iface.is_none()
-        && !m.excludes()
-        && m.mark.is_none()
-        && !m.dst_local
-        && m.dst_set.is_none()
-        && m.uids.is_empty()
-        && m.gids.is_empty()
-        && m.cgroups.is_empty()
-        && !m.matches_nothing;
-    if !context.local {
-        return Err("an output interface outside a route chain at output".into());
-    }
-    let leaves_alone = matches!(rule.target, Target::Bypass | Target::Return);
-    if !(nothing_else && leaves_alone && depth == 0) {
-        return Err(
-            "`oifname != \"lo\"` is translated as the output chain's own first guard (an \
-             accept or return with no other match), which leaves the host's packets for other \
-             hosts alone"
-                .into(),
-        );
-    }
-    Ok(())
+    output_guard(
+        rule,
+        context,
+        depth,
+        rule.matches.not_out_iface.is_none(),
+        "`oifname != \"lo\"` is translated as the output chain's own first guard (an accept or \
+         return with no other match), which leaves the host's packets for other hosts alone",
+    )
 }
 
 /// Checks that a rule matching packets routed by other interfaces than one (`! -o eth0`,
-/// nft `oifname != "eth0"`) is OUTPUT's guard that leaves them all alone: an accept (or a
-/// return from the base chain) that matches nothing else, so that only the packets routed
-/// by that interface meet the rules after it. A guard may be for one family (iptables' are,
-/// and sing-box repeats its guard for IPv6 with `meta nfproto ipv6`).
+/// nft `oifname != "eth0"`) is OUTPUT's guard that leaves them all alone, so that only the
+/// packets routed by that interface meet the rules after it. A guard may be for one family
+/// (iptables' are, and sing-box repeats its guard for IPv6 with `meta nfproto ipv6`).
 fn routed_by_guard(rule: &Parsed, context: &Match, depth: usize) -> Result<(), String> {
+    output_guard(
+        rule,
+        context,
+        depth,
+        !rule.matches.not_dst_local,
+        "`! -o`/`oifname !=` is translated as the output chain's guard (an accept or return \
+         with no other match), which leaves the host's packets routed by other interfaces alone",
+    )
+}
+
+/// An OUTPUT chain's guard on the route's interface: in a route chain at output, at the
+/// chain's own level, an accept or return whose only match but the guard's own is the
+/// address family (`own_only`: the other guard's field is unset too).
+fn output_guard(
+    rule: &Parsed,
+    context: &Match,
+    depth: usize,
+    own_only: bool,
+    otherwise: &str,
+) -> Result<(), String> {
     let m = &rule.matches;
-    let only_a_family = m.transports.is_empty()
+    let nothing_else = own_only
+        && m.transports.is_empty()
         && m.dst.is_empty()
         && m.src.is_empty()
         && m.ports.is_empty()
@@ -379,7 +378,6 @@ fn routed_by_guard(rule: &Parsed, context: &Match, depth: usize) -> Result<(), S
         && !m.excludes()
         && m.mark.is_none()
         && !m.dst_local
-        && !m.not_dst_local
         && !m.dst_anycast
         && !m.dst_broadcast
         && m.dst_types.is_none()
@@ -393,13 +391,8 @@ fn routed_by_guard(rule: &Parsed, context: &Match, depth: usize) -> Result<(), S
         return Err("an output interface outside a route chain at output (OUTPUT)".into());
     }
     let leaves_alone = matches!(rule.target, Target::Bypass | Target::Return);
-    if !(only_a_family && leaves_alone && depth == 0) {
-        return Err(
-            "`! -o`/`oifname !=` is translated as the output chain's guard (an accept or \
-             return with no other match), which leaves the host's packets routed by other \
-             interfaces alone"
-                .into(),
-        );
+    if !(nothing_else && leaves_alone && depth == 0) {
+        return Err(otherwise.into());
     }
     Ok(())
 }
