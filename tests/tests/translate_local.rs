@@ -773,6 +773,7 @@ COMMIT
         Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
             .unwrap();
     let original = relayed_of(&probes, &topo, &cgroup, |_| tproxy_rule_packets(&topo));
+    let original_bound = bound_connects(&topo, &cgroup);
     relay.stop().unwrap();
     remove_iptables_tproxy(&topo.router).unwrap();
     let steered: Vec<&str> = original
@@ -830,8 +831,35 @@ COMMIT
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    tproxy.stop().unwrap();
     assert!(direct, "a connect routed by to-client is still relayed");
+    let translated_bound = bound_connects(&topo, &cgroup);
+    tproxy.stop().unwrap();
+    assert_eq!(
+        translated_bound, original_bound,
+        "sockets bound to an interface"
+    );
+}
+
+/// What becomes of a connect from a socket bound to each of the router's interfaces (the
+/// kernel sends it by that interface, which iptables' `-o` sees, whatever the route):
+/// the dial's output or its error.
+fn bound_connects(topo: &Topo, cgroup: &TestCgroup) -> Vec<String> {
+    [("to-server", "10.10.2.2:80"), ("to-client", "10.10.1.2:80")]
+        .iter()
+        .map(|(device, target)| {
+            let device_var = format!("DIAL_DEVICE={device}");
+            let output = cgroup.run(
+                &topo.router,
+                &["env", &device_var],
+                DIAL,
+                &["tcp", target, "hi"],
+            );
+            match output.and_then(dial_output) {
+                Ok(line) => format!("{device}: {line}"),
+                Err(error) => format!("{device}: {error}"),
+            }
+        })
+        .collect()
 }
 
 /// sing-box-tproxy's rule set (tests/corpus/translate/sing-box-tproxy-ansible.rules) on the

@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_setsockopt, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr, map},
-    maps::{lpm_trie::Key, Array, LpmTrie},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
     programs::SockAddrContext,
     EbpfContext, Global,
 };
@@ -26,7 +26,7 @@ use tproxy_common::{
     decision::{self, match_mark_rules, rule_match, DestinationScope, RuleMatch},
     local_origin::{
         in_own_namespace, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
-        LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
+        LocalDecision, Selection, MAX_DEVICES, MAX_SELECTIONS, ROUTE_BROADCAST,
     },
     maps::{listener_slot, ListenerSlot, MarkedPacket, Verdict, EXTERNAL_NONE},
 };
@@ -48,6 +48,10 @@ static LOCAL_ROUTES_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, BPF
 /// As `LOCAL_ROUTES_V4`, for IPv6 destinations.
 #[map]
 static LOCAL_ROUTES_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
+/// Each interface's out-interface bits, for sockets bound to one
+/// (`tproxy_common::local_origin::DEVICES_MAP`); filled by the loader.
+#[map]
+static LOCAL_ROUTE_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICES, 0);
 /// Each steered socket's [`LocalDecision`], for the tc program on `lo`.
 #[btf_map]
 pub(crate) static LOCAL_DECISIONS: SkStorage<LocalDecision> = SkStorage::new();
@@ -150,7 +154,7 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
             );
             pending.packet.mark = mark;
             pending.packet.ifindex = ifindex;
-            match_local_mark_rules(pending, &addr, udp, port(ctx));
+            match_local_mark_rules(pending, &addr, udp, port(ctx), bound_device(ctx));
         }
     })?;
     let steered = steers(rule, decision::ipv4_destination_scope(addr, false))
@@ -183,7 +187,7 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
             );
             pending.packet.mark = mark;
             pending.packet.ifindex = ifindex;
-            match_local_mark_rules(pending, &addr, udp, port(ctx));
+            match_local_mark_rules(pending, &addr, udp, port(ctx), bound_device(ctx));
         }
     })?;
     let steered = steers(rule, decision::ipv6_destination_scope(addr, false));
@@ -245,6 +249,7 @@ fn match_local_mark_rules<const N: usize>(
     addr: &[u8; N],
     udp: bool,
     port: u16,
+    bound_device: u32,
 ) {
     let Some(marks) = MARK_RULES
         .get(pending.generation)
@@ -255,7 +260,14 @@ fn match_local_mark_rules<const N: usize>(
     let packet = &mut pending.packet;
     packet.set(packet.mark, udp, port, *addr, [0; N], packet.ifindex);
     packet.sport = 0;
-    packet.routes = route_bits(addr);
+    // A socket bound to an interface leaves by it: the kernel's lookup keeps to it.
+    packet.routes = match bound_device {
+        0 => route_bits(addr),
+        // SAFETY: the value is copied out at once; the loader replaces entries whole.
+        index => unsafe { LOCAL_ROUTE_DEVICES.get(&index) }
+            .copied()
+            .unwrap_or(0),
+    };
     match_mark_rules::<true>(marks, packet, &mut pending.best);
 }
 
@@ -385,6 +397,13 @@ fn udp(ctx: &SockAddrContext) -> Option<bool> {
 pub(crate) fn port(ctx: &SockAddrContext) -> u16 {
     // SAFETY: as in `tproxy_connect4`. The port is in network order in the low 16 bits.
     u16::from_be(unsafe { ptr::read_volatile(&(*sock_addr(ctx)).user_port) } as u16)
+}
+
+/// The interface the socket is bound to (`SO_BINDTODEVICE`), 0 for none.
+#[inline(always)]
+fn bound_device(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: as in `current_mark`.
+    unsafe { (*(*sock_addr(ctx)).__bindgen_anon_1.sk).bound_dev_if }
 }
 
 /// The socket's current `SO_MARK`.

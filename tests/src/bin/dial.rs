@@ -7,7 +7,8 @@
 //! address in turn and prints each reply's sender and the reply; `dial sendto-from BIND
 //! MESSAGE ADDR:PORT…` does the same from a socket bound to BIND. With `DIAL_MARK=N` in the
 //! environment, the socket (TCP or UDP) gets `SO_MARK` N before it connects or sends, as a
-//! proxy marks its upstream connections. With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
+//! proxy marks its upstream connections; with `DIAL_DEVICE=NAME`, it is bound to that
+//! interface. With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
 //! after its first exchange, keeping the socket: a process that leaves a selection by user.
 
 use std::{
@@ -67,7 +68,7 @@ fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)>
         socket2::Type::STREAM,
         None,
     )?;
-    mark_of_environment(&socket)?;
+    options_of_environment(&socket)?;
     socket.connect_timeout(&addr.into(), PATIENCE)?;
     let mut stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(PATIENCE))?;
@@ -89,13 +90,17 @@ fn unbound_udp(like: SocketAddr) -> std::io::Result<UdpSocket> {
 
 fn bound_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind(addr)?;
-    mark_of_environment(&socket2::SockRef::from(&socket))?;
+    options_of_environment(&socket2::SockRef::from(&socket))?;
     socket.set_read_timeout(Some(PATIENCE))?;
     Ok(socket)
 }
 
+/// `DIAL_DEVICE`, if set: the interface the socket is bound to (`SO_BINDTODEVICE`);
 /// `DIAL_MARK`, if set: the socket's `SO_MARK`.
-fn mark_of_environment(socket: &socket2::Socket) -> std::io::Result<()> {
+fn options_of_environment(socket: &socket2::Socket) -> std::io::Result<()> {
+    if let Ok(device) = std::env::var("DIAL_DEVICE") {
+        socket.bind_device(Some(device.as_bytes()))?;
+    }
     let Ok(mark) = std::env::var("DIAL_MARK") else {
         return Ok(());
     };

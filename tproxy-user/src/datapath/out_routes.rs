@@ -63,10 +63,7 @@ pub(crate) fn bits_by_prefix(
     routes: &[HostRoute],
     names: &[Vec<String>; 2],
 ) -> HashMap<IpNet, u32> {
-    let bits_of = |iface: &str| {
-        route_bits(&names[0], iface) << route_bits_shift(0)
-            | route_bits(&names[1], iface) << route_bits_shift(1)
-    };
+    let bits_of = |iface: &str| interface_bits(names, iface);
     // The route a lookup finds for each prefix: the local table's, then the lowest metric.
     let mut chosen: HashMap<IpNet, Vec<&HostRoute>> = HashMap::new();
     for route in routes {
@@ -119,18 +116,28 @@ pub(crate) fn bits_by_prefix(
         .collect()
 }
 
-/// The host's `local` and `main` routes of both families, with their interfaces' names.
-pub(crate) fn host_routes() -> Result<Vec<HostRoute>> {
-    let names: HashMap<u32, String> = nix::net::if_::if_nameindex()
+/// The bits of a route by `iface` for each generation's `names`, each in its byte.
+fn interface_bits(names: &[Vec<String>; 2], iface: &str) -> u32 {
+    route_bits(&names[0], iface) << route_bits_shift(0)
+        | route_bits(&names[1], iface) << route_bits_shift(1)
+}
+
+/// The host's interfaces' names by index.
+fn interface_names() -> Result<HashMap<u32, String>> {
+    Ok(nix::net::if_::if_nameindex()
         .context("listing the interfaces")?
         .iter()
         .map(|iface| (iface.index(), iface.name().to_string_lossy().into_owned()))
-        .collect();
+        .collect())
+}
+
+/// The host's `local` and `main` routes of both families, with their interfaces' names.
+fn host_routes(names: &HashMap<u32, String>) -> Result<Vec<HostRoute>> {
     let mut routes = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         for table in [LOCAL_TABLE, MAIN_TABLE] {
             let dumped = dump_routes(family, Some(table)).context("listing the routes")?;
-            routes.extend(dumped.iter().filter_map(|route| host_route(route, &names)));
+            routes.extend(dumped.iter().filter_map(|route| host_route(route, names)));
         }
     }
     Ok(routes)
@@ -256,6 +263,8 @@ fn other_tables_consulted(rules: &[RuleMessage], proto: u8) -> Vec<u32> {
 pub(crate) struct RouteMirror {
     v4: LpmTrie<MapData, [u8; 4], u32>,
     v6: LpmTrie<MapData, [u8; 16], u32>,
+    /// Each interface's bits, for sockets bound to one.
+    devices: aya::maps::HashMap<MapData, u32, u32>,
     written: HashMap<IpNet, u32>,
     /// Each generation parity's names, whose bits `written` holds (`None`: nothing mirrored
     /// yet).
@@ -268,6 +277,7 @@ impl RouteMirror {
     pub(crate) fn new(
         v4: LpmTrie<MapData, [u8; 4], u32>,
         v6: LpmTrie<MapData, [u8; 16], u32>,
+        devices: aya::maps::HashMap<MapData, u32, u32>,
     ) -> Result<Self> {
         let mut written = HashMap::new();
         for entry in v4.iter() {
@@ -283,6 +293,7 @@ impl RouteMirror {
         Ok(RouteMirror {
             v4,
             v6,
+            devices,
             written,
             names: None,
         })
@@ -310,12 +321,39 @@ impl RouteMirror {
     /// Mirrors the host's routes now for each generation's `names` (none: the local table
     /// only).
     fn refresh(&mut self, names: [Vec<String>; 2]) -> Result<()> {
-        let mut routes = host_routes()?;
+        let interfaces = interface_names()?;
+        let mut routes = host_routes(&interfaces)?;
         if names.iter().all(Vec::is_empty) {
             routes.retain(|route| route.local_table);
         }
         self.write(bits_by_prefix(&routes, &names))?;
+        self.write_devices(&interfaces, &names)?;
         self.names = Some(names);
+        Ok(())
+    }
+
+    /// Makes the devices map hold the bits of the `interfaces` there are now.
+    fn write_devices(
+        &mut self,
+        interfaces: &HashMap<u32, String>,
+        names: &[Vec<String>; 2],
+    ) -> Result<()> {
+        for (index, name) in interfaces {
+            self.devices
+                .insert(index, interface_bits(names, name), 0)
+                .with_context(|| format!("writing interface {name} into the devices map"))?;
+        }
+        let gone: Vec<u32> = self
+            .devices
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|index| !interfaces.contains_key(index))
+            .collect();
+        for index in gone {
+            self.devices
+                .remove(&index)
+                .with_context(|| format!("removing interface {index} from the devices map"))?;
+        }
         Ok(())
     }
 
