@@ -169,10 +169,9 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
             RouteAttribute::Oif(index) => interfaces.push(name(index)),
             RouteAttribute::MultiPath(hops) => interfaces.extend(
                 hops.iter()
-                    .filter(|hop| {
-                        !hop.flags
-                            .intersects(RouteNextHopFlags::Dead | RouteNextHopFlags::Linkdown)
-                    })
+                    // A linkdown hop is still used (ignore_routes_with_linkdown is off by
+                    // default); a dead one is not.
+                    .filter(|hop| !hop.flags.contains(RouteNextHopFlags::Dead))
                     .map(|hop| name(&hop.interface_index)),
             ),
             _ => {}
@@ -224,9 +223,10 @@ pub(crate) async fn warn_of_other_tables(handle: &rtnetlink::Handle) {
     let tables = other_tables_consulted(&rules, crate::datapath::routing::ROUTE_PROTOCOL);
     if !tables.is_empty() {
         log::warn!(
-            "policy rules consult routing tables {tables:?}: out_interface decides by the local \
-             and main tables only, so a connection those tables route differently is decided by \
-             the interface main would send it by"
+            "policy rules send some route lookups to tables {tables:?}: out_interface decides by \
+             the local and main tables only, so a connection such a rule routes elsewhere is \
+             decided by the interface main would send it by (and one whose rule comes ahead of \
+             tproxy's is not steered at all)"
         );
     }
 }
@@ -305,6 +305,18 @@ impl RouteMirror {
         let mut all = self.names.clone().unwrap_or_default();
         if self.names.is_some() && all[(generation & 1) as usize] == names {
             return Ok(());
+        }
+        let interfaces = interface_names()?;
+        for name in names {
+            if !interfaces
+                .values()
+                .any(|iface| crate::datapath::interfaces::matches(name, iface))
+            {
+                log::warn!(
+                    "out_interface {name} matches no interface now: its rules take no \
+                     connection until one appears (a pattern is written with `*`, not `+`)"
+                );
+            }
         }
         all[(generation & 1) as usize] = names.to_vec();
         self.refresh(all)

@@ -474,13 +474,15 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
 fn check_out_interface(name: &str) -> Result<(), String> {
     if name.is_empty()
         || name.len() > 15
+        || name == "."
+        || name == ".."
         || name
             .chars()
-            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
     {
         return Err(format!(
-            "`out_interface = \"{}\"` is not an interface name or pattern (at most 15 bytes, no \
-             `/` or whitespace)",
+            "`out_interface = \"{}\"` is not an interface name or pattern (at most 15 bytes, not \
+             `.` or `..`, no `/`, `:` or whitespace)",
             name.escape_debug()
         ));
     }
