@@ -81,6 +81,11 @@ fn twenty_megabytes_arrive_byte_exact_both_ways() {
     };
 
     let mut stream = topo.client.connect(hasher.addr).unwrap();
+    // A socket that has seen its peer's FIN is no longer one the kernel relay takes (the
+    // relay splices it instead): half-close only once the pair is in its map.
+    assert!(eventually(
+        || tproxy.tcp_stat("kernel_relayed").unwrap() == 1
+    ));
     stream.write_all(&data).unwrap();
     stream.shutdown(Shutdown::Write).unwrap();
     let mut answer = String::new();
@@ -127,6 +132,8 @@ fn half_close_each_way_keeps_the_other_direction() {
 
     // Server half-closes first: the client must see EOF and still be heard.
     let (heard_tx, heard) = mpsc::channel();
+    let (go_tx, go) = mpsc::channel::<()>();
+    let go = std::sync::Mutex::new(go);
     let greeting = payload(200_000, 4);
     let server = {
         let greeting = greeting.clone();
@@ -134,6 +141,8 @@ fn half_close_each_way_keeps_the_other_direction() {
             &topo.server,
             Topo::server_addr(false, 81),
             move |mut stream| {
+                // As above, for the relay's upstream socket.
+                let _ = go.lock().unwrap().recv_timeout(Duration::from_secs(10));
                 stream.write_all(&greeting).unwrap();
                 stream.shutdown(Shutdown::Write).unwrap();
                 let _ = heard_tx.send(digest_to_eof(&mut stream).unwrap());
@@ -142,6 +151,10 @@ fn half_close_each_way_keeps_the_other_direction() {
         .unwrap()
     };
     let mut stream = topo.client.connect(server.addr).unwrap();
+    assert!(eventually(
+        || tproxy.tcp_stat("kernel_relayed").unwrap() == 2
+    ));
+    go_tx.send(()).unwrap();
     assert_eq!(digest_to_eof(&mut stream).unwrap(), digest(&greeting));
     let reply = payload(100_000, 5);
     stream.write_all(&reply).unwrap();
@@ -225,6 +238,11 @@ fn two_thousand_concurrent_connections_with_random_sizes() {
     let mut streams: Vec<_> = (0..CONNECTIONS)
         .map(|_| topo.client.connect(echo.addr).unwrap())
         .collect();
+    // A socket that has seen its peer's FIN cannot go into the map (the relay splices it):
+    // every pair is made before any client half-closes.
+    assert!(eventually(
+        || tproxy.tcp_stat("kernel_relayed").unwrap() == CONNECTIONS as u64
+    ));
     let mut shares: Vec<Vec<_>> = (0..WORKERS).map(|_| Vec::new()).collect();
     for (index, stream) in streams.drain(..).enumerate() {
         shares[index % WORKERS].push((index, stream));
