@@ -67,9 +67,9 @@ COMMIT
     )
 }
 
-/// A server that reads the request to its end and answers `ok`.
-fn server(topo: &Topo, addr: &str) -> Server {
-    Server::start(&topo.server, addr.parse().unwrap(), |mut stream| {
+/// A server in `netns` that reads the request to its end and answers `ok`.
+fn server(netns: &Netns, addr: &str) -> Server {
+    Server::start(netns, addr.parse().unwrap(), |mut stream| {
         let mut request = Vec::new();
         let _ = stream.read_to_end(&mut request);
         let _ = stream.write_all(b"ok");
@@ -167,7 +167,7 @@ fn a_mangle_output_rule_set_steers_the_same_local_connects_translated() {
         "10.10.2.2:22",
     ]
     .iter()
-    .map(|addr| server(&topo, addr))
+    .map(|addr| server(&topo.server, addr))
     .collect();
     let _udp: Vec<UdpEcho> = ["10.10.2.2:53", "10.10.2.2:54"]
         .iter()
@@ -270,18 +270,10 @@ fn nft_tproxy_packets(topo: &Topo) -> u64 {
 fn an_output_chain_for_the_hosts_own_addresses_steers_the_same_local_connects_translated() {
     require_root();
     let topo = Topo::new().unwrap();
-    let answer = |netns: &Netns, addr: &str| {
-        Server::start(netns, addr.parse().unwrap(), |mut stream| {
-            let mut request = Vec::new();
-            let _ = stream.read_to_end(&mut request);
-            let _ = stream.write_all(b"ok");
-        })
-        .unwrap()
-    };
     let _servers = [
-        answer(&topo.router, "10.10.1.1:53"),
-        answer(&topo.router, "10.10.1.1:8080"),
-        answer(&topo.server, "10.10.2.2:80"),
+        server(&topo.router, "10.10.1.1:53"),
+        server(&topo.router, "10.10.1.1:8080"),
+        server(&topo.server, "10.10.2.2:80"),
     ];
     let _echo = UdpEcho::start(&topo.router, "10.10.1.1:53".parse().unwrap()).unwrap();
     // Apart from the test's own cgroup, where tproxy runs: its processes are tproxy's own.
@@ -486,7 +478,7 @@ fn a_net_cls_class_left_out_of_mangle_output_is_left_alone_translated() {
     let other_class = NetClsClass::new(0x100002).unwrap();
     let _servers: Vec<Server> = ["10.10.2.2:80", "10.10.2.2:22"]
         .iter()
-        .map(|addr| server(&topo, addr))
+        .map(|addr| server(&topo.server, addr))
         .collect();
     let rules = "*mangle
 :PREROUTING ACCEPT [0:0]
@@ -531,7 +523,7 @@ fn a_proxy_group_left_out_of_mangle_output_is_left_alone_translated() {
     let cgroup = TestCgroup::new("gid").unwrap();
     let _servers: Vec<Server> = ["10.10.2.2:80", "10.10.2.2:22"]
         .iter()
-        .map(|addr| server(&topo, addr))
+        .map(|addr| server(&topo.server, addr))
         .collect();
     let rules = "*mangle
 :PREROUTING ACCEPT [0:0]
@@ -634,7 +626,7 @@ fn a_socket_mark_return_in_mangle_output_leaves_the_same_local_connects_alone_tr
     require_root();
     let topo = Topo::new().unwrap();
     let cgroup = TestCgroup::new("translate-mark").unwrap();
-    let _tcp = server(&topo, "10.10.2.2:80");
+    let _tcp = server(&topo.server, "10.10.2.2:80");
     let _udp = UdpEcho::start(&topo.server, "10.10.2.2:53".parse().unwrap()).unwrap();
     // As `rule_set`, with the TPROXY rules' mark on one bit (tproxy's rules never look at its
     // bits, so the relay's loop guard is 0x2) and OUTPUT's MARK setting the whole mark, which
@@ -725,17 +717,8 @@ fn an_output_interface_steers_the_same_local_connects_translated() {
     let topo = Topo::new().unwrap();
     let cgroup = TestCgroup::new("oif").unwrap();
     let _servers = [
-        server(&topo, "10.10.2.2:80"),
-        Server::start(
-            &topo.client,
-            "10.10.1.2:80".parse().unwrap(),
-            |mut stream| {
-                let mut request = Vec::new();
-                let _ = stream.read_to_end(&mut request);
-                let _ = stream.write_all(b"ok");
-            },
-        )
-        .unwrap(),
+        server(&topo.server, "10.10.2.2:80"),
+        server(&topo.client, "10.10.1.2:80"),
     ];
     let _udp = [
         UdpEcho::start(&topo.server, "10.10.2.2:53".parse().unwrap()).unwrap(),
@@ -809,16 +792,7 @@ COMMIT
             "to-client",
         ])
         .unwrap();
-    let _moved = Server::start(
-        &topo.client,
-        "10.10.2.9:80".parse().unwrap(),
-        |mut stream| {
-            let mut request = Vec::new();
-            let _ = stream.read_to_end(&mut request);
-            let _ = stream.write_all(b"ok");
-        },
-    )
-    .unwrap();
+    let _moved = server(&topo.client, "10.10.2.9:80");
     let moved = [probe("tcp", "10.10.2.9:80", true)];
     // The route event reaches tproxy asynchronously: wait until the mirror has it.
     let mut direct = false;
@@ -922,18 +896,10 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
     topo.server
         .ip(&["addr", "add", "10.10.2.200/32", "dev", "eth0"])
         .unwrap();
-    let answer = |netns: &Netns, addr: &str| {
-        Server::start(netns, addr.parse().unwrap(), |mut stream| {
-            let mut request = Vec::new();
-            let _ = stream.read_to_end(&mut request);
-            let _ = stream.write_all(b"ok");
-        })
-        .unwrap()
-    };
     let _servers = [
-        answer(&topo.server, "10.10.2.2:80"),
-        answer(&topo.server, "10.10.2.200:80"),
-        answer(&topo.server, "10.10.2.200:53"),
+        server(&topo.server, "10.10.2.2:80"),
+        server(&topo.server, "10.10.2.200:80"),
+        server(&topo.server, "10.10.2.200:53"),
     ];
     let _echo: Vec<UdpEcho> = [
         (&topo.server, "10.10.2.2:53"),
