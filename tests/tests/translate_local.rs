@@ -716,9 +716,16 @@ fn an_output_interface_steers_the_same_local_connects_translated() {
     require_root();
     let topo = Topo::new().unwrap();
     let cgroup = TestCgroup::new("oif").unwrap();
+    // 10.10.2.7 is on the client's side while the router's routes say `to-server`: a socket
+    // bound to `to-client` reaches it (the kernel takes a destination it has no route for by
+    // that interface as on-link).
+    topo.client
+        .ip(&["addr", "add", "10.10.2.7/32", "dev", "eth0"])
+        .unwrap();
     let _servers = [
         server(&topo.server, "10.10.2.2:80"),
         server(&topo.client, "10.10.1.2:80"),
+        server(&topo.client, "10.10.2.7:80"),
     ];
     let _udp = [
         UdpEcho::start(&topo.server, "10.10.2.2:53".parse().unwrap()).unwrap(),
@@ -756,7 +763,13 @@ COMMIT
         Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
             .unwrap();
     let original = relayed_of(&probes, &topo, &cgroup, |_| tproxy_rule_packets(&topo));
+    let taken = tproxy_rule_packets(&topo);
     let original_bound = bound_connects(&topo, &cgroup);
+    assert_eq!(
+        tproxy_rule_packets(&topo),
+        taken,
+        "iptables took a bound socket's connect"
+    );
     relay.stop().unwrap();
     remove_iptables_tproxy(&topo.router).unwrap();
     let steered: Vec<&str> = original
@@ -806,7 +819,13 @@ COMMIT
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(direct, "a connect routed by to-client is still relayed");
+    let relayed = relay_count(&tproxy, "tcp");
     let translated_bound = bound_connects(&topo, &cgroup);
+    assert_eq!(
+        relay_count(&tproxy, "tcp"),
+        relayed,
+        "tproxy relayed a bound socket's connect"
+    );
     tproxy.stop().unwrap();
     assert_eq!(
         translated_bound, original_bound,
@@ -814,26 +833,33 @@ COMMIT
     );
 }
 
-/// What becomes of a connect from a socket bound to each of the router's interfaces (the
-/// kernel sends it by that interface, which iptables' `-o` sees, whatever the route):
-/// the dial's output or its error.
+/// What becomes of a connect from a socket bound to each of the router's interfaces: the
+/// dial's output, with the socket's mark, or its error. The kernel sends it by that interface
+/// whatever the route or the mark, so neither iptables' MARK nor tproxy's routing mark can
+/// take it to `lo`; tproxy leaves such a socket's mark alone, as iptables (which marks
+/// packets) does. The last is bound to `to-client` for an address the routes give to
+/// `to-server`.
 fn bound_connects(topo: &Topo, cgroup: &TestCgroup) -> Vec<String> {
-    [("to-server", "10.10.2.2:80"), ("to-client", "10.10.1.2:80")]
-        .iter()
-        .map(|(device, target)| {
-            let device_var = format!("DIAL_DEVICE={device}");
-            let output = cgroup.run(
-                &topo.router,
-                &["env", &device_var],
-                DIAL,
-                &["tcp", target, "hi"],
-            );
-            match output.and_then(dial_output) {
-                Ok(line) => format!("{device}: {line}"),
-                Err(error) => format!("{device}: {error}"),
-            }
-        })
-        .collect()
+    [
+        ("to-server", "10.10.2.2:80"),
+        ("to-client", "10.10.1.2:80"),
+        ("to-client", "10.10.2.7:80"),
+    ]
+    .iter()
+    .map(|(device, target)| {
+        let device_var = format!("DIAL_DEVICE={device}");
+        let output = cgroup.run(
+            &topo.router,
+            &["env", &device_var],
+            DIAL,
+            &["tcp", target, "hi"],
+        );
+        match output.and_then(dial_output) {
+            Ok(line) => format!("{device} {target}: {line}"),
+            Err(error) => format!("{device} {target}: {error}"),
+        }
+    })
+    .collect()
 }
 
 /// sing-box-tproxy's rule set (tests/corpus/translate/sing-box-tproxy-ansible.rules) on the

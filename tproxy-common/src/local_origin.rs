@@ -82,12 +82,6 @@ pub const MAX_SELECTION_CGROUPS: usize = 8;
 pub const ROUTES_V4_MAP: &str = "LOCAL_ROUTES_V4";
 /// As [`ROUTES_V4_MAP`], for IPv6 destinations (`[u8; 16]`).
 pub const ROUTES_V6_MAP: &str = "LOCAL_ROUTES_V6";
-/// Hash map (`u32` interface index to `u32` bits): each interface's out-interface bits, as a
-/// route by it has them in [`ROUTES_V4_MAP`]. A socket bound to an interface
-/// (`SO_BINDTODEVICE`) leaves by it, whatever the routes say, and is decided by these.
-pub const DEVICES_MAP: &str = "LOCAL_ROUTE_DEVICES";
-/// Most interfaces [`DEVICES_MAP`] holds.
-pub const MAX_DEVICES: u32 = 4096;
 /// Most distinct `out_interface` names and patterns the rules may have: one bit each, in
 /// each generation's byte of a route's value (see [`route_bits_shift`]).
 pub const MAX_OUT_INTERFACES: usize = 8;

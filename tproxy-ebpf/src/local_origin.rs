@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_setsockopt, bpf_sk_release,
     },
     macros::{btf_map, cgroup_sock_addr, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
+    maps::{lpm_trie::Key, Array, LpmTrie},
     programs::SockAddrContext,
     EbpfContext, Global,
 };
@@ -26,7 +26,7 @@ use tproxy_common::{
     decision::{self, match_mark_rules, rule_match, DestinationScope, RuleMatch},
     local_origin::{
         in_own_namespace, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
-        LocalDecision, Selection, MAX_DEVICES, MAX_SELECTIONS, ROUTE_BROADCAST,
+        LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
     },
     maps::{listener_slot, ListenerSlot, MarkedPacket, Verdict, EXTERNAL_NONE},
 };
@@ -48,10 +48,6 @@ static LOCAL_ROUTES_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, BPF
 /// As `LOCAL_ROUTES_V4`, for IPv6 destinations.
 #[map]
 static LOCAL_ROUTES_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, BPF_F_NO_PREALLOC);
-/// Each interface's out-interface bits, for sockets bound to one
-/// (`tproxy_common::local_origin::DEVICES_MAP`); filled by the loader.
-#[map]
-static LOCAL_ROUTE_DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_DEVICES, 0);
 /// Each steered socket's [`LocalDecision`], for the tc program on `lo`.
 #[btf_map]
 pub(crate) static LOCAL_DECISIONS: SkStorage<LocalDecision> = SkStorage::new();
@@ -154,7 +150,7 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
             );
             pending.packet.mark = mark;
             pending.packet.ifindex = ifindex;
-            match_local_mark_rules(pending, &addr, udp, port(ctx), bound_device(ctx));
+            match_local_mark_rules(pending, &addr, udp, port(ctx));
         }
     })?;
     let steered = steers(rule, decision::ipv4_destination_scope(addr, false))
@@ -187,7 +183,7 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
             );
             pending.packet.mark = mark;
             pending.packet.ifindex = ifindex;
-            match_local_mark_rules(pending, &addr, udp, port(ctx), bound_device(ctx));
+            match_local_mark_rules(pending, &addr, udp, port(ctx));
         }
     })?;
     let steered = steers(rule, decision::ipv6_destination_scope(addr, false));
@@ -249,7 +245,6 @@ fn match_local_mark_rules<const N: usize>(
     addr: &[u8; N],
     udp: bool,
     port: u16,
-    bound_device: u32,
 ) {
     let Some(marks) = MARK_RULES
         .get(pending.generation)
@@ -260,14 +255,7 @@ fn match_local_mark_rules<const N: usize>(
     let packet = &mut pending.packet;
     packet.set(packet.mark, udp, port, *addr, [0; N], packet.ifindex);
     packet.sport = 0;
-    // A socket bound to an interface leaves by it: the kernel's lookup keeps to it.
-    packet.routes = match bound_device {
-        0 => route_bits(addr),
-        // SAFETY: the value is copied out at once; the loader replaces entries whole.
-        index => unsafe { LOCAL_ROUTE_DEVICES.get(&index) }
-            .copied()
-            .unwrap_or(0),
-    };
+    packet.routes = route_bits(addr);
     match_mark_rules::<true>(marks, packet, &mut pending.best);
 }
 
@@ -311,6 +299,13 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Pending)) -> Option
     // The socket's mark, which the mark rules match (theirs leave the routing mark's bits out).
     let mark = current_mark(ctx);
     if is_own_socket(mark, OWN_SOCKET_MARK.load(), cgroup, OWN_CGROUP_ID.load()) {
+        return None;
+    }
+    // A socket bound to an interface leaves by it whatever its mark: the kernel's route
+    // lookup keeps to that interface, so the routing mark cannot bring it to `lo` (nor can
+    // iptables' OUTPUT recipe). Left alone, it is not marked for nothing.
+    if bound_device(ctx) != 0 {
+        release(ctx);
         return None;
     }
     // SAFETY: the context's socket is valid for the program's run; the storage returned is

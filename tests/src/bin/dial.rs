@@ -8,7 +8,8 @@
 //! MESSAGE ADDR:PORT…` does the same from a socket bound to BIND. With `DIAL_MARK=N` in the
 //! environment, the socket (TCP or UDP) gets `SO_MARK` N before it connects or sends, as a
 //! proxy marks its upstream connections; with `DIAL_DEVICE=NAME`, it is bound to that
-//! interface. With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
+//! interface, and `dial tcp` adds the socket's `SO_MARK` after the exchange to its line
+//! (`PEER REPLY mark=N`). With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
 //! after its first exchange, keeping the socket: a process that leaves a selection by user.
 
 use std::{
@@ -77,6 +78,10 @@ fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)>
     stream.shutdown(Shutdown::Write)?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
+    if std::env::var_os("DIAL_DEVICE").is_some() {
+        let socket = socket2::SockRef::from(&stream);
+        reply = format!("{reply} mark={}", socket.mark()?);
+    }
     Ok((peer, reply))
 }
 

@@ -263,8 +263,6 @@ fn other_tables_consulted(rules: &[RuleMessage], proto: u8) -> Vec<u32> {
 pub(crate) struct RouteMirror {
     v4: LpmTrie<MapData, [u8; 4], u32>,
     v6: LpmTrie<MapData, [u8; 16], u32>,
-    /// Each interface's bits, for sockets bound to one.
-    devices: aya::maps::HashMap<MapData, u32, u32>,
     written: HashMap<IpNet, u32>,
     /// Each generation parity's names, whose bits `written` holds (`None`: nothing mirrored
     /// yet).
@@ -277,7 +275,6 @@ impl RouteMirror {
     pub(crate) fn new(
         v4: LpmTrie<MapData, [u8; 4], u32>,
         v6: LpmTrie<MapData, [u8; 16], u32>,
-        devices: aya::maps::HashMap<MapData, u32, u32>,
     ) -> Result<Self> {
         let mut written = HashMap::new();
         for entry in v4.iter() {
@@ -293,7 +290,6 @@ impl RouteMirror {
         Ok(RouteMirror {
             v4,
             v6,
-            devices,
             written,
             names: None,
         })
@@ -339,33 +335,7 @@ impl RouteMirror {
             routes.retain(|route| route.local_table);
         }
         self.write(bits_by_prefix(&routes, &names))?;
-        self.write_devices(&interfaces, &names)?;
         self.names = Some(names);
-        Ok(())
-    }
-
-    /// Makes the devices map hold the bits of the `interfaces` there are now.
-    fn write_devices(
-        &mut self,
-        interfaces: &HashMap<u32, String>,
-        names: &[Vec<String>; 2],
-    ) -> Result<()> {
-        for (index, name) in interfaces {
-            self.devices
-                .insert(index, interface_bits(names, name), 0)
-                .with_context(|| format!("writing interface {name} into the devices map"))?;
-        }
-        let gone: Vec<u32> = self
-            .devices
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|index| !interfaces.contains_key(index))
-            .collect();
-        for index in gone {
-            self.devices
-                .remove(&index)
-                .with_context(|| format!("removing interface {index} from the devices map"))?;
-        }
         Ok(())
     }
 

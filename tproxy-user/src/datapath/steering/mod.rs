@@ -179,8 +179,7 @@ fn take_route_maps(ebpf: &mut Ebpf) -> Result<RouteMirror> {
     };
     let v4 = LpmTrie::try_from(take(local_origin::ROUTES_V4_MAP)?)?;
     let v6 = LpmTrie::try_from(take(local_origin::ROUTES_V6_MAP)?)?;
-    let devices = aya::maps::HashMap::try_from(take(local_origin::DEVICES_MAP)?)?;
-    RouteMirror::new(v4, v6, devices)
+    RouteMirror::new(v4, v6)
 }
 
 impl Steering {
