@@ -354,24 +354,18 @@ impl RouteMirror {
                  out_interface mirrors at most {MAX_MIRRORED_ROUTES} of each"
             );
         }
+        let mut changed = 0;
         for (prefix, value) in &bits {
             if self.written.get(prefix) == Some(value) {
                 continue;
             }
             let inserted = match prefix {
-                IpNet::V4(net) => self.v4.insert(
-                    &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
-                    value,
-                    0,
-                ),
-                IpNet::V6(net) => self.v6.insert(
-                    &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
-                    value,
-                    0,
-                ),
+                IpNet::V4(net) => self.v4.insert(&ipv4_key(net), value, 0),
+                IpNet::V6(net) => self.v6.insert(&ipv6_key(net), value, 0),
             };
             inserted.with_context(|| format!("writing the route {prefix} into the route maps"))?;
             self.written.insert(*prefix, *value);
+            changed += 1;
         }
         let gone: Vec<IpNet> = self
             .written
@@ -379,20 +373,29 @@ impl RouteMirror {
             .filter(|prefix| !bits.contains_key(prefix))
             .copied()
             .collect();
-        for prefix in gone {
+        for prefix in &gone {
             let removed = match prefix {
-                IpNet::V4(net) => self
-                    .v4
-                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
-                IpNet::V6(net) => self
-                    .v6
-                    .remove(&Key::new(u32::from(net.prefix_len()), net.addr().octets())),
+                IpNet::V4(net) => self.v4.remove(&ipv4_key(net)),
+                IpNet::V6(net) => self.v6.remove(&ipv6_key(net)),
             };
             removed.with_context(|| format!("removing the route {prefix} from the route maps"))?;
-            self.written.remove(&prefix);
+            self.written.remove(prefix);
         }
+        log::debug!(
+            "route mirror: {} prefixes, {changed} written, {} removed",
+            bits.len(),
+            gone.len()
+        );
         Ok(())
     }
+}
+
+fn ipv4_key(net: &ipnet::Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.addr().octets())
+}
+
+fn ipv6_key(net: &ipnet::Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), net.addr().octets())
 }
 
 #[cfg(test)]
