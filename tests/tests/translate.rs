@@ -263,6 +263,7 @@ fn the_public_rule_set_corpus_translates_as_expected() {
     paths.sort();
     assert!(paths.len() >= 15, "the corpus is in {}", dir.display());
     let mut translated = Vec::new();
+    let mut kept = 0;
     let mut unexpected = Vec::new();
     for path in &paths {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -287,6 +288,20 @@ fn the_public_rule_set_corpus_translates_as_expected() {
                 "{name}: `tproxy check` refuses the translation: {problem}\n{config}"
             );
         }
+        // The same with the rule set's proxies kept in the path (external listeners): what
+        // a user who keeps the proxy gets. Only counted; a translation must pass check too.
+        let mut keep_args = args.clone();
+        keep_args.push("--keep-proxies");
+        let (kept_status, kept_config, _) = tproxy_with_input(&keep_args, &text).unwrap();
+        if kept_status.success() {
+            kept += 1;
+            let file = ConfigFile::new(&kept_config).unwrap();
+            let (checked, problem) = checked_where_followed_sets_exist(&kept_config, file.path());
+            assert!(
+                checked,
+                "{name} --keep-proxies: `tproxy check` refuses the translation: {problem}\n{kept_config}"
+            );
+        }
         let as_expected = match expect.strip_prefix("not translated (") {
             None => expect == "translates" && status.success(),
             Some(reasons) => {
@@ -309,6 +324,12 @@ fn the_public_rule_set_corpus_translates_as_expected() {
         translated.len(),
         paths.len(),
         translated.len() * 100 / paths.len()
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "translate corpus: {kept} of {} with --keep-proxies ({}%)",
+        paths.len(),
+        kept * 100 / paths.len()
     );
     assert!(unexpected.is_empty(), "{}", unexpected.join("\n"));
 }

@@ -212,28 +212,34 @@ impl Config {
             }
             _ => false,
         };
-        let every_cgroup = |rule: &rules::Rule| {
+        let every_process = |rule: &rules::Rule| {
             local
                 .get(rule.selection)
-                .is_some_and(|selection| selection.cgroups.iter().any(|cgroup| cgroup == "/"))
+                .is_some_and(|selection| selection.selects_every_process())
         };
+        // A proxy that marks its sockets with `socket_mark` (a recipe's loop guard, `-m mark
+        // --mark X -j RETURN`, is translated so) is never steered, whoever is selected.
+        let proxy_marks_its_sockets =
+            self.settings.socket_mark != super::Settings::default().socket_mark;
         if let Some(rule) = self
             .rules
             .iter()
             .chain(&self.own_address_rules)
             .chain(&self.ipset_rules)
-            .find(|rule| steers_to_external(rule) && every_cgroup(rule))
+            .find(|rule| steers_to_external(rule) && every_process(rule))
+            .filter(|_| !proxy_marks_its_sockets)
         {
-            // With the root cgroup every process is selected, the proxy too: its upstream
-            // connection would be marked, come back over lo and be handed to itself.
+            // With every process selected, the proxy is too: its upstream connection would
+            // be marked, come back over lo and be handed to itself.
             let Action::Steer(index) = rule.action else {
                 unreachable!("only steer rules have a listener");
             };
             bail!(
                 "{what} for every process (no --cgroup, or cgroup \"/\") with listener `{}` \
                  an external proxy (rule {}): the proxy's own upstream connections would be \
-                 steered back into it; select the applications by cgroup (and keep the proxy \
-                 out of those cgroups)",
+                 steered back into it; select the applications by cgroup, user or group (and \
+                 keep the proxy out of them), or set socket_mark to the mark the proxy puts on \
+                 its sockets",
                 self.listeners[index as usize].name,
                 rule.number
             );

@@ -572,6 +572,27 @@ fn local_refuses_what_it_cannot_serve() {
         "3129",
     ];
     assert!(Config::build(&args(&with_cgroup)).is_ok());
+    // The proxy is kept out by its user, or by the mark on its sockets.
+    let with_uid = [
+        "--local",
+        "--uid",
+        "1000",
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+    ];
+    assert!(Config::build(&args(&with_uid)).is_ok());
+    let marked = [
+        "--local",
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+        "--socket-mark",
+        "0xff",
+    ];
+    assert!(Config::build(&args(&marked)).is_ok());
     let spoofing = ["--local", "--tcp", "80", "--transparent-upstream"];
     assert!(
         error(&spoofing).contains("--local with --transparent-upstream"),

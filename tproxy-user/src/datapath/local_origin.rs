@@ -137,6 +137,15 @@ impl LocalOrigin {
         self.cgroups.iter().any(|cgroup| cgroup == "/")
     }
 
+    /// Whether the selection takes every process: every cgroup, no user, group or class
+    /// left out.
+    pub fn selects_every_process(&self) -> bool {
+        self.every_cgroup()
+            && self.uids.is_empty()
+            && self.gids.is_empty()
+            && self.classids.is_empty()
+    }
+
     /// Refuses a selection with more cgroups, uid, gid or class id ranges than the programs
     /// try.
     pub fn check_size(&self) -> Result<()> {
