@@ -4,7 +4,7 @@
 use std::{
     os::fd::AsRawFd,
     path::PathBuf,
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -52,6 +52,29 @@ impl TestCgroup {
         })
     }
 
+    /// Starts `program ARGS…` inside this cgroup and in `netns` (keeping the host's mounts),
+    /// its output piped; the caller waits for it (before the cgroup is dropped).
+    pub fn spawn(&self, netns: &Netns, program: &str, args: &[&str]) -> Result<Child> {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", netns.name))
+            .args(["sh", "-c", &self.join_then_exec(), "sh"])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program}"))
+    }
+
+    /// A shell script that joins this cgroup, then becomes the program: nothing else runs
+    /// in it.
+    fn join_then_exec(&self) -> String {
+        format!(
+            "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
+            self.dir.display()
+        )
+    }
+
     /// Runs `program ARGS…` to its end inside this cgroup and in `netns` (keeping the host's
     /// mounts), with `wrapper` (e.g. `setpriv --reuid=…`) in front.
     pub fn run(
@@ -61,11 +84,7 @@ impl TestCgroup {
         program: &str,
         args: &[&str],
     ) -> Result<Output> {
-        // The shell joins the cgroup, then becomes the program: nothing else runs in it.
-        let script = format!(
-            "echo $$ > '{}/cgroup.procs' && exec \"$@\"",
-            self.dir.display()
-        );
+        let script = self.join_then_exec();
         run_in(netns, &["sh", "-c", &script, "sh"], wrapper, program, args)
     }
 

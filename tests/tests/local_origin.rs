@@ -16,6 +16,7 @@ use tproxy_tests::{
 };
 
 const DIAL: &str = env!("CARGO_BIN_EXE_dial");
+const MARKPROXY: &str = env!("CARGO_BIN_EXE_markproxy");
 /// The kernel's `BPF_CGROUP_INET4_CONNECT` and `BPF_CGROUP_INET6_CONNECT`.
 const CONNECT4: u32 = 10;
 const CONNECT6: u32 = 11;
@@ -459,6 +460,66 @@ fn the_relays_own_upstream_connection_is_never_steered_on_a_single_host() {
     assert_eq!(line, "10.10.2.2:80 original");
     assert_eq!(tproxy.ebpf_counters().unwrap()["tcp/steered_new"], 1);
     assert_eq!(server.peers().len(), 1);
+}
+
+/// An external proxy among the selected processes, every process selected: it marks its
+/// upstream sockets with `socket_mark`, which tproxy never steers (what a recipe's loop guard
+/// `-m mark --mark 0xff -j RETURN` becomes), so an app's connection reaches it once and goes
+/// on to the server. The same proxy without the mark gets its own upstream connection back,
+/// and the app no answer.
+#[test]
+fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let app = TestCgroup::new("ext-app").unwrap();
+    let proxy_cgroup = TestCgroup::new("ext-proxy").unwrap();
+    let server = named_server(&topo.server, addr("10.10.2.2:80"), "original");
+    let args = [
+        "--local",
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+        "--on-ip",
+        "127.0.0.1",
+        "--socket-mark",
+        "255",
+    ];
+    let _tproxy = Tproxy::start_with_host_mounts(&topo.router, &args).unwrap();
+    let through_proxy = |mark: &str| {
+        let mut proxy = proxy_cgroup
+            .spawn(&topo.router, MARKPROXY, &["127.0.0.1:3129", mark])
+            .unwrap();
+        let mut ready = [0u8; 10];
+        proxy
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut ready)
+            .unwrap();
+        let dialled = app
+            .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+            .unwrap();
+        let proxied = proxy.wait_with_output().unwrap();
+        (
+            dial_output(dialled).map_err(|error| error.to_string()),
+            String::from_utf8_lossy(&proxied.stdout).trim().to_string(),
+        )
+    };
+    let (marked, proxied) = through_proxy("255");
+    assert_eq!(marked.as_deref(), Ok("10.10.2.2:80 original"));
+    assert_eq!(proxied, "upstream 10.10.2.2:80");
+    assert_eq!(server.peers().len(), 1);
+    // Its own upstream connection comes back to its listener, where nobody answers it: the
+    // proxy gives up, and the app gets no reply.
+    let (unmarked, proxied) = through_proxy("0");
+    assert_eq!(unmarked.as_deref(), Ok("10.10.2.2:80"));
+    assert_eq!(proxied, "upstream 10.10.2.2:80");
+    assert_eq!(
+        server.peers().len(),
+        1,
+        "an unmarked proxy reached the server"
+    );
 }
 
 #[test]
