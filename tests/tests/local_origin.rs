@@ -466,7 +466,7 @@ fn the_relays_own_upstream_connection_is_never_steered_on_a_single_host() {
 /// upstream sockets with `socket_mark`, which tproxy never steers (what a recipe's loop guard
 /// `-m mark --mark 0xff -j RETURN` becomes), so an app's connection reaches it once and goes
 /// on to the server. The same proxy without the mark gets its own upstream connection back,
-/// and the app no answer.
+/// and the app no answer. Connections to loopback addresses reach it as well.
 #[test]
 fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
     require_root();
@@ -486,7 +486,7 @@ fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
         "255",
     ];
     let _tproxy = Tproxy::start_with_host_mounts(&topo.router, &args).unwrap();
-    let through_proxy = |mark: &str| {
+    let through_proxy = |mark: &str, target: &str| {
         let mut proxy = proxy_cgroup
             .spawn(&topo.router, MARKPROXY, &["127.0.0.1:3129", mark])
             .unwrap();
@@ -498,7 +498,7 @@ fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
             .read_exact(&mut ready)
             .unwrap();
         let dialled = app
-            .run(&topo.router, &[], DIAL, &["tcp", "10.10.2.2:80", "hi"])
+            .run(&topo.router, &[], DIAL, &["tcp", target, "hi"])
             .unwrap();
         let proxied = proxy.wait_with_output().unwrap();
         (
@@ -506,13 +506,13 @@ fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
             String::from_utf8_lossy(&proxied.stdout).trim().to_string(),
         )
     };
-    let (marked, proxied) = through_proxy("255");
+    let (marked, proxied) = through_proxy("255", "10.10.2.2:80");
     assert_eq!(marked.as_deref(), Ok("10.10.2.2:80 original"));
     assert_eq!(proxied, "upstream 10.10.2.2:80");
     assert_eq!(server.peers().len(), 1);
     // Its own upstream connection comes back to its listener, where nobody answers it: the
     // proxy gives up, and the app gets no reply.
-    let (unmarked, proxied) = through_proxy("0");
+    let (unmarked, proxied) = through_proxy("0", "10.10.2.2:80");
     assert_eq!(unmarked.as_deref(), Ok("10.10.2.2:80"));
     assert_eq!(proxied, "upstream 10.10.2.2:80");
     assert_eq!(
@@ -520,6 +520,13 @@ fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
         1,
         "an unmarked proxy reached the server"
     );
+    // A connection to a loopback address reaches the proxy too, as the iptables recipe hands
+    // it over (tproxy's own relay would only connect to it as the app does).
+    let local = named_server(&topo.router, addr("127.0.0.1:80"), "local");
+    let (to_loopback, proxied) = through_proxy("255", "127.0.0.1:80");
+    assert_eq!(to_loopback.as_deref(), Ok("127.0.0.1:80 local"));
+    assert_eq!(proxied, "upstream 127.0.0.1:80");
+    assert_eq!(local.peers().len(), 1);
 }
 
 #[test]

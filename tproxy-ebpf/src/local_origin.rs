@@ -153,9 +153,11 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
             match_local_mark_rules(pending, &addr, udp, port(ctx));
         }
     })?;
-    let steered = steers(rule, decision::ipv4_destination_scope(addr, false))
-        .filter(|_| route_bits(&addr) & ROUTE_BROADCAST == 0);
     let slot = ListenerSlot::of(udp != Some(true), false);
+    let steered = steers(rule, slot, |loopback_too| {
+        decision::ipv4_destination_scope(addr, loopback_too)
+    })
+    .filter(|_| route_bits(&addr) & ROUTE_BROADCAST == 0);
     Some(steered.filter(|listener| served(*listener, slot)))
 }
 
@@ -186,8 +188,10 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
             match_local_mark_rules(pending, &addr, udp, port(ctx));
         }
     })?;
-    let steered = steers(rule, decision::ipv6_destination_scope(addr, false));
     let slot = ListenerSlot::of(udp != Some(true), true);
+    let steered = steers(rule, slot, |loopback_too| {
+        decision::ipv6_destination_scope(addr, loopback_too)
+    });
     Some(steered.filter(|listener| served(*listener, slot)))
 }
 
@@ -408,13 +412,24 @@ fn current_mark(ctx: &SockAddrContext) -> u32 {
     unsafe { (*(*sock_addr(ctx)).__bindgen_anon_1.sk).mark }
 }
 
-/// Only destinations the relay may reach from elsewhere are marked (scoped as if from
-/// outside): loopback destinations are on `lo` anyway, and a process connecting to a local
-/// service is not leaving the host.
+/// The listener of a steer rule whose destination may be steered (the scope the program on
+/// `lo` allows too): not multicast, broadcast or link-local, and a loopback destination only
+/// to an external proxy, which an iptables recipe sent it to as well. tproxy's own relay
+/// would only connect to it as the app does.
 #[inline(always)]
-fn steers(rule: RuleMatch, scope: DestinationScope) -> Option<u32> {
-    match (rule, scope) {
-        (RuleMatch::Steer(listener), DestinationScope::Relayable) => Some(listener),
+fn steers(
+    rule: RuleMatch,
+    kind: ListenerSlot,
+    scope: impl Fn(bool) -> DestinationScope,
+) -> Option<u32> {
+    let RuleMatch::Steer(listener) = rule else {
+        return None;
+    };
+    let external = EXTERNAL_LISTENERS
+        .get(listener_slot(listener, kind))
+        .is_some_and(|external| external.kind != EXTERNAL_NONE);
+    match scope(external) {
+        DestinationScope::Relayable => Some(listener),
         _ => None,
     }
 }

@@ -4,7 +4,8 @@
 //! destination) from a socket with `SO_MARK` MARK, as proxies mark their upstream sockets,
 //! relays the client's request (to its half-close) and the reply, and exits. It prints
 //! `upstream PEER` once connected. A connection that loops back to its own listener gets no
-//! reply: the proxy gives up after a few seconds and exits with an error.
+//! reply, and no connection may come at all: the proxy gives up after a few seconds and
+//! exits with an error.
 
 use std::{
     io::{Read, Write},
@@ -44,6 +45,8 @@ fn proxy_one(listen: SocketAddr, mark: u32) -> std::io::Result<()> {
     listener.set_reuse_address(true)?;
     listener.bind(&listen.into())?;
     listener.listen(4)?;
+    // No connection at all: the test's app went elsewhere.
+    listener.set_read_timeout(Some(PATIENCE))?;
     // Ready: the test waits for this line before it dials.
     println!("listening");
     std::io::stdout().flush()?;

@@ -40,7 +40,9 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let (local_flat, local_guard) = own_mark::guard(local_flat);
     let guard = local::one_guard(guard, local_guard, &mut skipped);
     local::note_socket_marks(&local_flat, &mut notes);
-    local::note_loopback_destinations(&local_flat, keep_proxies, &mut notes, &mut skipped);
+    if !keep_proxies {
+        local::note_loopback_destinations(&local_flat, &mut notes);
+    }
     local::leave_out_loopback(&mut flat, &local_flat, &mut notes);
     flat.extend(local_flat);
     let flat: Vec<Parsed> = negation::open(flat, &mut notes)

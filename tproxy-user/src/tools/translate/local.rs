@@ -445,13 +445,10 @@ pub(super) fn leave_out_loopback(
 
 /// Notes each local steer rule that can take connections to loopback addresses (no earlier
 /// rule takes them all first): the recipe sends those to the proxy too, tproxy's programs
-/// never steer them (see README, "The host's own traffic"). Reported with `keep_proxies`.
-pub(super) fn note_loopback_destinations(
-    local: &[Flat],
-    keep_proxies: bool,
-    notes: &mut Vec<String>,
-    skipped: &mut Vec<String>,
-) {
+/// steer them only to an external proxy (see README, "The host's own traffic"), as
+/// `--keep-proxies` makes the TPROXY ports, and otherwise let them go where tproxy's relay
+/// would have connected them.
+pub(super) fn note_loopback_destinations(local: &[Flat], notes: &mut Vec<String>) {
     let loopback: [IpNet; 2] = [
         "127.0.0.0/8".parse().expect("a prefix"),
         "::1/128".parse().expect("a prefix"),
@@ -474,22 +471,12 @@ pub(super) fn note_loopback_destinations(
                     .any(|earlier| covers(&earlier.matches, &to_loopback))
         });
         if matches!(rule.target, Target::Tproxy { .. }) && !m.matches_nothing && reaches_loopback {
-            let unsteered = format!(
+            notes.push(format!(
                 "line {}: `{}`: its connections to loopback addresses (127.0.0.0/8, ::1) are \
-                 not steered: tproxy never steers the host's own connections to those",
+                 not steered: tproxy's relay would connect to them as the app does, so they go \
+                 straight there (with --keep-proxies they are steered to the proxy)",
                 rule.line, rule.text
-            );
-            // With tproxy's relay they end where it would have connected them; a proxy kept
-            // in the path would no longer see them.
-            match keep_proxies {
-                false => notes.push(format!(
-                    "{unsteered}, so they go straight to where its relay would have taken them"
-                )),
-                true => skipped.push(format!(
-                    "{unsteered}: the proxy kept on the TPROXY port no longer sees them (the \
-                     rule is written for the others)"
-                )),
-            }
+            ));
         }
     }
 }
