@@ -54,6 +54,8 @@ pub(crate) struct HostRoute {
     /// The interfaces it leaves by: one, one per next hop, or none (`unreachable` and the
     /// like).
     pub interfaces: Vec<String>,
+    /// Whether it leaves by interfaces the kernel did not list (a nexthop object's).
+    pub unknown_interface: bool,
 }
 
 /// The out-interface bits of every destination prefix that `routes` decide, for each
@@ -156,6 +158,7 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
     let mut prefix = None;
     let mut metric = 0;
     let mut interfaces = Vec::new();
+    let mut nexthop_object = false;
     let name = |index: &u32| names.get(index).cloned().unwrap_or_default();
     for attribute in &route.attributes {
         match attribute {
@@ -167,6 +170,7 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
             }
             RouteAttribute::Priority(priority) => metric = *priority,
             RouteAttribute::Oif(index) => interfaces.push(name(index)),
+            RouteAttribute::NhId(_) => nexthop_object = true,
             RouteAttribute::MultiPath(hops) => interfaces.extend(
                 hops.iter()
                     // A linkdown hop is still used (ignore_routes_with_linkdown is off by
@@ -197,6 +201,9 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
         local_table: table == LOCAL_TABLE,
         metric,
         broadcast: route.header.kind == RouteType::Broadcast,
+        // With net.ipv4.nexthop_compat_mode=0 a route by a nexthop object (`ip nexthop`)
+        // is listed with the object's id alone.
+        unknown_interface: nexthop_object && interfaces.is_empty(),
         interfaces,
     })
 }
@@ -267,6 +274,9 @@ pub(crate) struct RouteMirror {
     /// Each generation parity's names, whose bits `written` holds (`None`: nothing mirrored
     /// yet).
     names: Option<[Vec<String>; 2]>,
+    /// Whether routes by nexthop objects were warned of (once: a refresh follows every
+    /// route change).
+    warned_of_nexthop_objects: bool,
 }
 
 impl RouteMirror {
@@ -292,6 +302,7 @@ impl RouteMirror {
             v6,
             written,
             names: None,
+            warned_of_nexthop_objects: false,
         })
     }
 
@@ -333,6 +344,18 @@ impl RouteMirror {
         let mut routes = host_routes(&interfaces)?;
         if names.iter().all(Vec::is_empty) {
             routes.retain(|route| route.local_table);
+        }
+        let unknown: Vec<&HostRoute> = routes.iter().filter(|r| r.unknown_interface).collect();
+        if let (Some(first), false) = (unknown.first(), self.warned_of_nexthop_objects) {
+            self.warned_of_nexthop_objects = true;
+            log::warn!(
+                "out_interface: the route to {} ({} routes in all) leaves by a nexthop object, \
+                 whose interfaces the kernel does not list with net.ipv4.nexthop_compat_mode=0 \
+                 (net.ipv6 likewise): out_interface rules take none of its connections; set \
+                 nexthop_compat_mode to 1 for them to",
+                first.prefix,
+                unknown.len()
+            );
         }
         self.write(bits_by_prefix(&routes, &names))?;
         self.names = Some(names);
@@ -409,6 +432,7 @@ mod tests {
             metric,
             broadcast: false,
             interfaces: interfaces.iter().map(|s| s.to_string()).collect(),
+            unknown_interface: false,
         }
     }
 
