@@ -3448,3 +3448,64 @@ fn an_output_interface_guard_lets_own_addresses_meet_prerouting() {
         t.skipped
     );
 }
+
+/// `table ip x` and `table ip6 x` are two tables (nft names a table within its family): each
+/// one's chains are its own, not one chain read twice with every rule shadowing its copy (the
+/// netfilter-devel tproxy patch's example), and a jump stays within its table.
+#[test]
+fn same_named_tables_of_two_families_keep_their_own_chains() {
+    let input = "\
+table ip x {
+	chain y {
+		type filter hook prerouting priority mangle; policy accept;
+		udp dport 22 tproxy to :2222
+		jump z
+	}
+	chain z {
+		tcp dport 80 tproxy to :2280
+	}
+}
+table ip6 x {
+	chain y {
+		type filter hook prerouting priority mangle; policy accept;
+		udp dport 22 tproxy to :2223
+		jump z
+	}
+	chain z {
+		tcp dport 443 tproxy to :2243
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .all(|n| !n.contains("comes first") && !n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<(String, String, String)> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["dst"][0].as_str().unwrap().to_string(),
+                r["ports"][0].to_string(),
+                r["listener"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("0.0.0.0/0", "22", "tproxy-2222"),
+        ("0.0.0.0/0", "80", "tproxy-2280"),
+        ("::/0", "22", "tproxy-2223"),
+        ("::/0", "443", "tproxy-2243"),
+    ]
+    .iter()
+    .map(|(d, p, l)| (d.to_string(), p.to_string(), l.to_string()))
+    .collect();
+    assert_eq!(rules, expected, "{}", t.config);
+}
