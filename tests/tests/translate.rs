@@ -553,6 +553,86 @@ fn nft_interface_wildcards_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// Sets of families and of input interfaces (`meta nfproto { ipv4, ipv6 }`, fw4's and
+/// homeproxy's; `iifname { "lo", "eth0" }`, mssb's) against the router's `to-client` and
+/// `to-server`: a family set narrows as its families do (both: not at all), an interface set
+/// is a rule per interface (`lo` among them), a negated one excludes each.
+const SETS_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("[fd00:2::2]:80"),
+    Probe::Tcp("10.10.2.2:443"),
+    Probe::Tcp("[fd00:2::2]:443"),
+    Probe::Tcp("10.10.2.2:8443"),
+    Probe::Tcp("[fd00:2::2]:8443"),
+    Probe::Tcp("10.10.2.2:444"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.2:54"),
+];
+
+const SETS_STEERED: &[&str] = &[
+    "tcp 10.10.2.2:80",
+    "tcp [fd00:2::2]:80",
+    "tcp 10.10.2.2:443",
+    "tcp [fd00:2::2]:8443",
+    "udp 10.10.2.2:53",
+];
+
+const SETS_NFT: &str = "\
+table inet sets {
+	chain steer {
+		meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		meta l4proto tcp tproxy ip6 to [::1]:15001 meta mark set 0x1 accept
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		meta nfproto { ipv4, ipv6 } iifname { \"lo\", \"to-client\" } tcp dport 80 jump steer
+		meta nfproto { ipv4 } iifname { \"to-server\", \"to-client\" } tcp dport 443 jump steer
+		meta nfproto != ipv4 tcp dport 8443 jump steer
+		iifname { \"to-server\", \"eth9\" } tcp dport 444 jump steer
+		iifname != { \"to-server\", \"eth9\" } udp dport 53 tproxy ip to 127.0.0.1:15053 meta mark set 0x1 accept
+	}
+}
+";
+
+/// IPv6's half of the TPROXY rules' policy routing (the helpers install IPv4's).
+const TPROXY_ROUTING_V6: [&[&str]; 2] = [
+    &["-6", "rule", "add", "fwmark", "1", "lookup", "100"],
+    &["-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"],
+];
+
+fn remove_nft_and_v6_routing(netns: &Netns) {
+    remove_nft(netns);
+    netns
+        .ip(&["-6", "rule", "del", "fwmark", "1", "lookup", "100"])
+        .unwrap();
+    netns.ip(&["-6", "route", "flush", "table", "100"]).unwrap();
+}
+
+#[test]
+fn nft_family_and_interface_sets_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        SETS_PROBES,
+        |netns| {
+            let listed = listed_nft(netns, SETS_NFT);
+            for args in TPROXY_ROUTING_V6 {
+                netns.ip(args).unwrap();
+            }
+            listed
+        },
+        remove_nft_and_v6_routing,
+    );
+    assert!(
+        config.contains("iface = \"lo\"") && config.contains("iface = \"to-client\""),
+        "translated config:\n{config}"
+    );
+    assert_eq!(steered_names(&original), SETS_STEERED, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// Waits (up to a generous limit, not a timed assertion) until tproxy's rules in force say
 /// whether they hold `needle`; returns them either way.
 fn rules_when(tproxy: &Tproxy, needle: &str, present: bool) -> Vec<String> {
