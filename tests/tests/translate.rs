@@ -598,7 +598,9 @@ table inet sets {
 /// IPv6's half of the TPROXY rules' policy routing (the helpers install IPv4's).
 const TPROXY_ROUTING_V6: [&[&str]; 2] = [
     &["-6", "rule", "add", "fwmark", "1", "lookup", "100"],
-    &["-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100"],
+    &[
+        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+    ],
 ];
 
 fn remove_nft_and_v6_routing(netns: &Netns) {
@@ -2059,4 +2061,37 @@ fn the_kernel_has_no_route_of_type_unspec_for_dst_type_unspec_to_match() {
     };
     assert_eq!((packets("UNSPEC"), packets("ANYCAST")), (0, 1), "{saved}");
     remove_iptables_tproxy(&topo.router).unwrap();
+}
+
+/// What translate relies on to leave an nft `type nat` chain at output alone (fluxproxy's,
+/// which only jumps to `redirect`s): the kernel looks a locally generated packet's route up
+/// again after a nat chain only when its destination changed (`nf_nat_ipv4_local_fn`), so a
+/// mark set there never sends the packet to the TPROXY rules' policy routing. A route chain's
+/// mark does (the control: the connection is routed to `lo`, where nothing listens for it).
+#[test]
+fn a_mark_set_in_a_nft_nat_output_chain_routes_nothing_anew() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server: SocketAddr = "10.10.2.2:80".parse().unwrap();
+    let _server = Server::tell_peer(&topo.server, server).unwrap();
+    let marking = |chain_type: &str| {
+        format!(
+            "table inet marking {{\n\tchain output {{\n\t\ttype {chain_type} hook output \
+             priority -105; policy accept;\n\t\ttcp dport 80 meta mark set 0x1\n\t}}\n}}\n"
+        )
+    };
+    restore_nft(&topo.router, &marking("nat"));
+    let through_nat = peer_seen_by(&topo.router, server);
+    remove_nft(&topo.router);
+    restore_nft(&topo.router, &marking("route"));
+    let through_route = peer_seen_by(&topo.router, server);
+    remove_nft(&topo.router);
+    assert!(
+        through_nat.is_ok(),
+        "a nat chain's mark rerouted: {through_nat:?}"
+    );
+    assert!(
+        through_route.is_err(),
+        "a route chain's mark did not reroute: {through_route:?}"
+    );
 }
