@@ -140,7 +140,10 @@ fn nat_reach(at: &Position) -> Vec<(usize, String, String)> {
             (
                 *line,
                 text.clone(),
-                "a `tproxy` statement or a mark set where a `type nat` chain at prerouting                  leads (nat chains are left alone, as iptables' nat table: they steer by NAT;                  this is TPROXY's path, for a connection's first packet only)"
+                "a `tproxy` statement or a mark set in a chain that a `type nat` chain at \
+                 prerouting leads to: nat chains are left alone, as iptables' nat table (they \
+                 steer by NAT), but this is TPROXY's part (for a connection's first packet \
+                 only) and is not translated"
                     .to_string(),
             )
         }));
