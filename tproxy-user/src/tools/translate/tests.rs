@@ -3672,3 +3672,31 @@ table inet t {
         t.skipped
     );
 }
+
+/// A chain that a rule for a set of interfaces jumps to is met once per interface: a rule
+/// of it that cannot be translated is reported once (mssb's sing-box chain).
+#[test]
+fn a_chain_reached_once_per_interface_reports_its_skips_once() {
+    let input = "\
+table inet t {
+	chain proxy {
+		fib daddr type { unspec, local } return
+		meta l4proto tcp tproxy to :7080
+	}
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname { \"eth0\", \"wg0\" } goto proxy
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+    assert!(t.skipped[0].starts_with("line 3: "), "{:?}", t.skipped);
+    assert_eq!(
+        ports_iface_dst(&t.config),
+        // TCP steered, what the goto leaves undecided left alone, per interface.
+        ["- eth0 -", "- eth0 -", "- wg0 -", "- wg0 -"],
+        "{}",
+        t.config
+    );
+}
