@@ -635,6 +635,54 @@ fn nft_family_and_interface_sets_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// nft chains of `type nat` (fw4's dstnat and fluxproxy's output redirect) are left alone, as
+/// iptables' nat table: their `return`s end only their own chain, so they decide nothing for
+/// the TPROXY chain at prerouting (before, translate read the nat chain at prerouting as
+/// TPROXY rules, and its return bypassed 10.10.2.2).
+const NAT_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.3:80"),
+    Probe::Tcp("10.10.2.2:22"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.2:54"),
+];
+
+const NAT_STEERED: &[&str] = &["tcp 10.10.2.2:80", "tcp 10.10.2.3:80", "udp 10.10.2.2:53"];
+
+const NAT_NFT: &str = "\
+table inet natted {
+	chain dstnat {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 10.10.2.2 return
+		meta nfproto { ipv4, ipv6 } udp dport 53 return
+	}
+	chain output_redirect {
+		type nat hook output priority -105; policy accept;
+		meta nfproto { ipv4, ipv6 } meta l4proto tcp return
+	}
+	chain mangle {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		iifname \"to-client\" tcp dport 80 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-client\" udp dport 53 tproxy ip to 127.0.0.1:15053 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_nat_chains_are_left_alone_and_the_same_flows_are_steered_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        NAT_PROBES,
+        |netns| listed_nft(netns, NAT_NFT),
+        remove_nft,
+    );
+    assert_eq!(steered_names(&original), NAT_STEERED, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// Waits (up to a generous limit, not a timed assertion) until tproxy's rules in force say
 /// whether they hold `needle`; returns them either way.
 fn rules_when(tproxy: &Tproxy, needle: &str, present: bool) -> Vec<String> {
