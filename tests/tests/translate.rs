@@ -574,6 +574,136 @@ fn nft_interface_wildcards_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// Sets of families and of input interfaces (`meta nfproto { ipv4, ipv6 }`, fw4's and
+/// homeproxy's; `iifname { "lo", "eth0" }`, mssb's) against the router's `to-client` and
+/// `to-server`: a family set narrows as its families do (both: not at all), an interface set
+/// is a rule per interface (`lo` among them), a negated one excludes each.
+const SETS_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("[fd00:2::2]:80"),
+    Probe::Tcp("10.10.2.2:443"),
+    Probe::Tcp("[fd00:2::2]:443"),
+    Probe::Tcp("10.10.2.2:8443"),
+    Probe::Tcp("[fd00:2::2]:8443"),
+    Probe::Tcp("10.10.2.2:444"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.2:54"),
+];
+
+const SETS_STEERED: &[&str] = &[
+    "tcp 10.10.2.2:80",
+    "tcp [fd00:2::2]:80",
+    "tcp 10.10.2.2:443",
+    "tcp [fd00:2::2]:8443",
+    "udp 10.10.2.2:53",
+];
+
+const SETS_NFT: &str = "\
+table inet sets {
+	chain steer {
+		meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		meta l4proto tcp tproxy ip6 to [::1]:15001 meta mark set 0x1 accept
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		meta nfproto { ipv4, ipv6 } iifname { \"lo\", \"to-client\" } tcp dport 80 jump steer
+		meta nfproto { ipv4 } iifname { \"to-server\", \"to-client\" } tcp dport 443 jump steer
+		meta nfproto != ipv4 tcp dport 8443 jump steer
+		iifname { \"to-server\", \"eth9\" } tcp dport 444 jump steer
+		iifname != { \"to-server\", \"eth9\" } udp dport 53 tproxy ip to 127.0.0.1:15053 meta mark set 0x1 accept
+	}
+}
+";
+
+/// IPv6's half of the TPROXY rules' policy routing (the helpers install IPv4's).
+const TPROXY_ROUTING_V6: [&[&str]; 2] = [
+    &["-6", "rule", "add", "fwmark", "1", "lookup", "100"],
+    &[
+        "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+    ],
+];
+
+fn remove_nft_and_v6_routing(netns: &Netns) {
+    remove_nft(netns);
+    netns
+        .ip(&["-6", "rule", "del", "fwmark", "1", "lookup", "100"])
+        .unwrap();
+    netns.ip(&["-6", "route", "flush", "table", "100"]).unwrap();
+}
+
+#[test]
+fn nft_family_and_interface_sets_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        SETS_PROBES,
+        |netns| {
+            let listed = listed_nft(netns, SETS_NFT);
+            for args in TPROXY_ROUTING_V6 {
+                netns.ip(args).unwrap();
+            }
+            listed
+        },
+        remove_nft_and_v6_routing,
+    );
+    assert!(
+        config.contains("iface = \"lo\"") && config.contains("iface = \"to-client\""),
+        "translated config:\n{config}"
+    );
+    assert_eq!(steered_names(&original), SETS_STEERED, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// nft chains of `type nat` (fw4's dstnat and fluxproxy's output redirect) are left alone, as
+/// iptables' nat table: their `return`s end only their own chain, so they decide nothing for
+/// the TPROXY chain at prerouting (before, translate read the nat chain at prerouting as
+/// TPROXY rules, and its return bypassed 10.10.2.2).
+const NAT_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.3:80"),
+    Probe::Tcp("10.10.2.2:22"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.2:54"),
+];
+
+const NAT_STEERED: &[&str] = &["tcp 10.10.2.2:80", "tcp 10.10.2.3:80", "udp 10.10.2.2:53"];
+
+const NAT_NFT: &str = "\
+table inet natted {
+	chain dstnat {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 10.10.2.2 return
+		meta nfproto { ipv4, ipv6 } udp dport 53 return
+	}
+	chain output_redirect {
+		type nat hook output priority -105; policy accept;
+		meta nfproto { ipv4, ipv6 } meta l4proto tcp return
+	}
+	chain mangle {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		iifname \"to-client\" tcp dport 80 tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		iifname \"to-client\" udp dport 53 tproxy ip to 127.0.0.1:15053 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_nat_chains_are_left_alone_and_the_same_flows_are_steered_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        NAT_PROBES,
+        |netns| listed_nft(netns, NAT_NFT),
+        remove_nft,
+    );
+    assert_eq!(steered_names(&original), NAT_STEERED, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// Waits (up to a generous limit, not a timed assertion) until tproxy's rules in force say
 /// whether they hold `needle`; returns them either way.
 fn rules_when(tproxy: &Tproxy, needle: &str, present: bool) -> Vec<String> {
@@ -2000,4 +2130,37 @@ fn the_kernel_has_no_route_of_type_unspec_for_dst_type_unspec_to_match() {
     };
     assert_eq!((packets("UNSPEC"), packets("ANYCAST")), (0, 1), "{saved}");
     remove_iptables_tproxy(&topo.router).unwrap();
+}
+
+/// What translate relies on to leave an nft `type nat` chain at output alone (fluxproxy's,
+/// which only jumps to `redirect`s): the kernel looks a locally generated packet's route up
+/// again after a nat chain only when its destination changed (`nf_nat_ipv4_local_fn`), so a
+/// mark set there never sends the packet to the TPROXY rules' policy routing. A route chain's
+/// mark does (the control: the connection is routed to `lo`, where nothing listens for it).
+#[test]
+fn a_mark_set_in_a_nft_nat_output_chain_routes_nothing_anew() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server: SocketAddr = "10.10.2.2:80".parse().unwrap();
+    let _server = Server::tell_peer(&topo.server, server).unwrap();
+    let marking = |chain_type: &str| {
+        format!(
+            "table inet marking {{\n\tchain output {{\n\t\ttype {chain_type} hook output \
+             priority -105; policy accept;\n\t\ttcp dport 80 meta mark set 0x1\n\t}}\n}}\n"
+        )
+    };
+    restore_nft(&topo.router, &marking("nat"));
+    let through_nat = peer_seen_by(&topo.router, server);
+    remove_nft(&topo.router);
+    restore_nft(&topo.router, &marking("route"));
+    let through_route = peer_seen_by(&topo.router, server);
+    remove_nft(&topo.router);
+    assert!(
+        through_nat.is_ok(),
+        "a nat chain's mark rerouted: {through_nat:?}"
+    );
+    assert!(
+        through_route.is_err(),
+        "a route chain's mark did not reroute: {through_route:?}"
+    );
 }

@@ -122,6 +122,10 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     for rule in &kept {
         write_rule(&mut out, rule);
     }
+    // A chain reached by several paths (a jump per input interface of a set, say) reports
+    // the rule it cannot translate once.
+    let mut reported = std::collections::HashSet::new();
+    skipped.retain(|skip| reported.insert(skip.clone()));
     Translation {
         config: out,
         notes,

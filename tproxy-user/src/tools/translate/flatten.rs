@@ -176,7 +176,8 @@ pub(super) fn flatten(
                         rule.line, rule.text, jump.line
                     ),
                     None if rule.matches.matches_nothing => format!(
-                        "line {}: `{}` never matches: a set it names is empty; left out",
+                        "line {}: `{}` never matches: a set it names is empty (or its input \
+                         interface matches share no interface); left out",
                         rule.line, rule.text
                     ),
                     None => format!(

@@ -177,7 +177,8 @@ struct Match {
     /// any.
     classids: Vec<ClassidRange>,
     /// No packet matches: the rule names a set without elements (nft prints a set emptied
-    /// or never filled without an `elements` line).
+    /// or never filled without an `elements` line), or input interfaces that another of its
+    /// matches leaves out (`iifname "eth0" iifname "eth1"`).
     matches_nothing: bool,
 }
 

@@ -7,8 +7,8 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
-    other_classids, other_ids, other_protocol_rule, other_transports, port_range, words, Family,
-    Match, Parsed, RuleSet, Target,
+    other_classids, other_ids, other_protocol_rule, other_transports, port_range,
+    precedence::iface_covers, words, Chain, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::values::{
     parse_gid_range, parse_mark, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport,
@@ -26,16 +26,33 @@ enum Block {
 /// Named sets' elements, by `table/name`.
 type Sets = HashMap<String, Vec<String>>;
 
-/// Where the reader is: nft's chains and sets are per table, so they are named table/name.
+/// Where the reader is: nft's chains and sets are per table, and a table is named within its
+/// family (`table ip x` and `table ip6 x` are two tables), so they are named `family
+/// table/name`.
 #[derive(Default)]
 struct Position {
     blocks: Vec<Block>,
     family: Option<Family>,
+    /// The table's family and name (`ip x`).
     table: String,
     chain: Option<String>,
     hook: Option<String>,
     /// A set's `elements = { … }` may span lines: its text until the braces balance.
     elements: Option<(String, String)>,
+    /// The chain is a base chain of `type nat`.
+    nat: bool,
+    /// The `type nat` base chains, each with whether it is hooked at prerouting.
+    nat_chains: Vec<(String, bool)>,
+    /// What each chain's rules jump to, and its lines with a `tproxy` statement or a mark
+    /// set: what the `type nat` chains reach (see [`nat_reach`]).
+    links: HashMap<String, Links>,
+}
+
+/// A chain's jumps, and its lines that take part in TPROXY steering.
+#[derive(Default)]
+struct Links {
+    to: Vec<String>,
+    steering: Vec<(usize, String)>,
 }
 
 /// Reads the chains hooked at prerouting, the route chains hooked at output, and the chains
@@ -90,7 +107,49 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         }
         chain_line(&mut ruleset, &mut at, &sets, number, trimmed, &w);
     }
+    ruleset.elsewhere.extend(nat_reach(&at));
     Ok(ruleset)
+}
+
+/// The lines with a `tproxy` statement or a mark set in the chains a `type nat` chain at
+/// prerouting reaches. Like iptables' nat table, nat chains are left alone: they steer by
+/// rewriting addresses (`redirect`, `dnat`), which stays as it is, not by TPROXY. But the
+/// kernel runs them for a connection's first packet only, and a mark set there routes that
+/// packet: neither is the TPROXY path tproxy replaces. (At output a mark set in a nat chain
+/// routes nothing: the kernel looks the route up again after a nat chain only when the
+/// destination changed, see `nf_nat_ipv4_local_fn`; and `tproxy` is prerouting's alone.)
+fn nat_reach(at: &Position) -> Vec<(usize, String, String)> {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut next: Vec<&str> = at
+        .nat_chains
+        .iter()
+        .filter(|(_, prerouting)| *prerouting)
+        .map(|(chain, _)| chain.as_str())
+        .collect();
+    let mut found = Vec::new();
+    while let Some(chain) = next.pop() {
+        if seen.contains(&chain) {
+            continue;
+        }
+        seen.push(chain);
+        let Some(links) = at.links.get(chain) else {
+            continue;
+        };
+        next.extend(links.to.iter().map(String::as_str));
+        found.extend(links.steering.iter().map(|(line, text)| {
+            (
+                *line,
+                text.clone(),
+                "a `tproxy` statement or a mark set in a chain that a `type nat` chain at \
+                 prerouting leads to: nat chains are left alone, as iptables' nat table (they \
+                 steer by NAT), but this is TPROXY's part (for a connection's first packet \
+                 only) and is not translated"
+                    .to_string(),
+            )
+        }));
+    }
+    found.sort();
+    found
 }
 
 impl Position {
@@ -104,12 +163,13 @@ impl Position {
                     "ip6" => Some(Family::V6),
                     _ => None,
                 };
-                self.table = w.get(2).cloned().unwrap_or_default();
+                self.table = format!("{name} {}", w.get(2).map_or("", String::as_str));
                 self.blocks.push(Block::Table);
             }
             "chain" => {
                 self.chain = Some(format!("{}/{name}", self.table));
                 self.hook = None;
+                self.nat = false;
                 self.blocks.push(Block::Chain);
             }
             "set" | "map" => self
@@ -144,7 +204,12 @@ fn chain_line(
             .position(|x| x == "hook")
             .and_then(|i| w.get(i + 1))
             .map(|h| h.trim_end_matches(';').to_string());
+        at.nat = w.get(1).is_some_and(|t| t == "nat");
         match (at.hook.as_deref(), &at.chain) {
+            // NAT, not TPROXY: left alone (see `nat_reach`).
+            (Some(hook), Some(chain)) if at.nat => {
+                at.nat_chains.push((chain.clone(), hook == "prerouting"))
+            }
             (Some("prerouting"), Some(chain)) => ruleset.entry.push(chain.clone()),
             // Only a route chain looks up the route again when a rule changes the mark:
             // the recipe's way to send the host's own packets to `lo`.
@@ -175,26 +240,45 @@ fn chain_line(
         return;
     }
     let Some(chain) = &at.chain else { return };
-    let parsed = parse_rule(trimmed, at.family, &at.table, sets)
-        .map(|(matches, target, comment)| Parsed {
-            line: number,
-            text: trimmed.to_string(),
-            matches,
-            target,
-            comment,
-        })
-        .map_err(|reason| (number, trimmed.to_string(), reason));
+    let links = at.links.entry(chain.clone()).or_default();
+    links.to.extend(
+        w.windows(2)
+            .filter(|pair| pair[0] == "jump" || pair[0] == "goto")
+            .map(|pair| format!("{}/{}", at.table, pair[1])),
+    );
+    if w.iter().any(|x| x == "tproxy") || w.windows(2).any(|p| p[0] == "mark" && p[1] == "set") {
+        links.steering.push((number, trimmed.to_string()));
+    }
+    if at.nat {
+        ruleset.ignored += 1;
+        return;
+    }
+    let parsed: Chain = match parse_rule(trimmed, at.family, &at.table, sets) {
+        Ok((matches, target, comment)) => matches
+            .into_iter()
+            .map(|matches| {
+                Ok(Parsed {
+                    line: number,
+                    text: trimmed.to_string(),
+                    matches,
+                    target: target.clone(),
+                    comment: comment.clone(),
+                })
+            })
+            .collect(),
+        Err(reason) => vec![Err((number, trimmed.to_string(), reason))],
+    };
     match at.hook.as_deref() {
         Some("prerouting") | None => ruleset
             .chains
             .entry(chain.clone())
             .or_default()
-            .push(parsed),
+            .extend(parsed),
         Some("output") if ruleset.local_entry.contains(chain) => ruleset
             .chains
             .entry(chain.clone())
             .or_default()
-            .push(parsed),
+            .extend(parsed),
         Some("output") => {
             ruleset.elsewhere.push((number, trimmed.to_string(), "a rule in a chain at the output hook that is not `type route`: a mark it sets does not send the packet to the TPROXY rules".to_string()));
         }
@@ -321,15 +405,19 @@ struct Rule<'a> {
     socket: bool,
     set_mark: Option<Mark>,
     comment: Option<String>,
+    /// The input interfaces (names or patterns) the rule takes, none covering another:
+    /// `iifname { "lo", "eth0" }` is a rule for each.
+    ifaces: Option<Vec<String>>,
 }
 
-/// One rule of a chain in table `table` of `family`.
+/// One rule of a chain in table `table` of `family`: one rule of the model per input
+/// interface it names (a packet arrives on one, so they never meet).
 fn parse_rule(
     text: &str,
     family: Option<Family>,
     table: &str,
     sets: &Sets,
-) -> Result<(Match, Target, Option<String>), String> {
+) -> Result<(Vec<Match>, Target, Option<String>), String> {
     let mut rule = Rule {
         w: words(text),
         table,
@@ -342,17 +430,29 @@ fn parse_rule(
         socket: false,
         set_mark: None,
         comment: None,
+        ifaces: None,
     };
     let mut i = 0;
     while i < rule.w.len() {
         i = rule.expression(i)?;
     }
+    let ifaces = rule.ifaces.take();
     let (m, target, comment) = rule.finish();
     let target = other_protocol_rule(&m, target)?;
     if m.dst_local {
         local_bypass(&m, &target)?;
     }
-    Ok((m, target, comment))
+    let matches = match ifaces {
+        Some(ifaces) if !ifaces.is_empty() => ifaces
+            .into_iter()
+            .map(|iface| Match {
+                iface: Some(iface),
+                ..m.clone()
+            })
+            .collect(),
+        _ => vec![m],
+    };
+    Ok((matches, target, comment))
 }
 
 fn transport(name: &str) -> Result<Transport, String> {
@@ -370,14 +470,7 @@ impl Rule<'_> {
         let next_is = |word: &str| w.get(i + 1).is_some_and(|x| x == word);
         match w[i].as_str() {
             "meta" if next_is("l4proto") => self.transports(i + 2),
-            "meta" if next_is("nfproto") => {
-                self.m.family = match w.get(i + 2).map(String::as_str) {
-                    Some("ipv4") => Some(Family::V4),
-                    Some("ipv6") => Some(Family::V6),
-                    other => return Err(format!("meta nfproto {}", other.unwrap_or(""))),
-                };
-                Ok(i + 3)
-            }
+            "meta" if next_is("nfproto") => self.families(i + 2),
             "ip" if next_is("protocol") => {
                 let next = self.transports(i + 2)?;
                 self.m.family = Some(Family::V4);
@@ -477,6 +570,41 @@ impl Rule<'_> {
             self.m.matches_nothing = true;
         }
         Ok(found)
+    }
+
+    /// `meta nfproto` values at `w[i]`: one family, a set of them (`{ ipv4, ipv6 }`, fw4's
+    /// and homeproxy's, which in an inet table narrows nothing), or all but those. What the
+    /// table's family (or an earlier match) leaves out stays out.
+    fn families(&mut self, i: usize) -> Result<usize, String> {
+        let found = self.values(i)?;
+        if self.m.matches_nothing {
+            return Ok(found.next);
+        }
+        let mut named = Vec::new();
+        for value in &found.values {
+            named.push(match value.as_str() {
+                "ipv4" => Family::V4,
+                "ipv6" => Family::V6,
+                other => return Err(format!("meta nfproto {other}")),
+            });
+        }
+        let matched: Vec<Family> = [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|family| named.contains(family) != found.negated)
+            .filter(|family| self.m.family.is_none_or(|f| f == *family))
+            .collect();
+        self.m.family = match matched.as_slice() {
+            [one] => Some(*one),
+            [_, _] => None,
+            _ => {
+                return Err(format!(
+                    "`meta nfproto {}{}` matches no packet of this table's family",
+                    if found.negated { "!= " } else { "" },
+                    found.values.join(", ")
+                ))
+            }
+        };
+        Ok(found.next)
     }
 
     /// `meta l4proto`/`ip protocol` values at `w[i]`.
@@ -598,13 +726,41 @@ impl Rule<'_> {
             Some(prefix) if by_name => interface_pattern(prefix),
             _ => interface_name(v),
         };
-        match (found.negated, found.values.as_slice()) {
-            (true, values) => {
-                self.m.not_iface = values.iter().map(wildcard).collect::<Result<_, _>>()?;
-            }
-            (false, [one]) => self.m.iface = Some(wildcard(one)?),
-            (false, _) => return Err("several input interfaces".into()),
+        let named = found
+            .values
+            .iter()
+            .map(wildcard)
+            .collect::<Result<Vec<_>, _>>()?;
+        if found.negated {
+            self.m.not_iface.extend(named);
+            return Ok(found.next);
         }
+        // A packet arrives on one interface: where two matches name interfaces, those that
+        // both take (a name or pattern either covers the other's, or they share none).
+        let taken = match self.ifaces.take() {
+            None => named,
+            Some(earlier) => earlier
+                .iter()
+                .flat_map(|a| named.iter().map(move |b| (a, b)))
+                .filter_map(|(a, b)| match (iface_covers(a, b), iface_covers(b, a)) {
+                    (true, _) => Some(b.clone()),
+                    (_, true) => Some(a.clone()),
+                    _ => None,
+                })
+                .collect(),
+        };
+        // Those another of them covers are taken already.
+        let mut kept: Vec<String> = Vec::new();
+        for iface in taken {
+            if !kept.iter().any(|k| iface_covers(k, &iface)) {
+                kept.retain(|k| !iface_covers(&iface, k));
+                kept.push(iface);
+            }
+        }
+        if kept.is_empty() {
+            self.m.matches_nothing = true;
+        }
+        self.ifaces = Some(kept);
         Ok(found.next)
     }
 

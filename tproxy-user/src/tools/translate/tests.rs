@@ -3445,3 +3445,255 @@ fn an_output_interface_guard_lets_own_addresses_meet_prerouting() {
         t.skipped
     );
 }
+
+/// `table ip x` and `table ip6 x` are two tables (nft names a table within its family): each
+/// one's chains are its own, not one chain read twice with every rule shadowing its copy (the
+/// netfilter-devel tproxy patch's example), and a jump stays within its table.
+#[test]
+fn same_named_tables_of_two_families_keep_their_own_chains() {
+    let input = "\
+table ip x {
+	chain y {
+		type filter hook prerouting priority mangle; policy accept;
+		udp dport 22 tproxy to :2222
+		jump z
+	}
+	chain z {
+		tcp dport 80 tproxy to :2280
+	}
+}
+table ip6 x {
+	chain y {
+		type filter hook prerouting priority mangle; policy accept;
+		udp dport 22 tproxy to :2223
+		jump z
+	}
+	chain z {
+		tcp dport 443 tproxy to :2243
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .all(|n| !n.contains("comes first") && !n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<(String, String, String)> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["dst"][0].as_str().unwrap().to_string(),
+                r["ports"][0].to_string(),
+                r["listener"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("0.0.0.0/0", "22", "tproxy-2222"),
+        ("0.0.0.0/0", "80", "tproxy-2280"),
+        ("::/0", "22", "tproxy-2223"),
+        ("::/0", "443", "tproxy-2243"),
+    ]
+    .iter()
+    .map(|(d, p, l)| (d.to_string(), p.to_string(), l.to_string()))
+    .collect();
+    assert_eq!(rules, expected, "{}", t.config);
+}
+
+/// The rules of the configuration as (ports, iface, dst) strings, in order.
+fn ports_iface_dst(config: &str) -> Vec<String> {
+    let config: toml::Value = toml::from_str(config).unwrap();
+    config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r.get("ports").map_or("-".to_string(), |p| p[0].to_string()),
+                r.get("iface").and_then(|i| i.as_str()).unwrap_or("-"),
+                r.get("dst").map_or("-".to_string(), |d| d[0].to_string())
+            )
+        })
+        .collect()
+}
+
+/// `meta nfproto { ipv4, ipv6 }` (fw4's and homeproxy's) matches every packet of an inet
+/// table: it narrows nothing; `{ ipv4 }` is `ipv4`, `!= ipv4` is IPv6; a family that the
+/// table's leaves out matches nothing, which is named.
+#[test]
+fn nft_nfproto_sets_narrow_by_family() {
+    let input = "\
+table inet t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		meta nfproto { ipv4, ipv6 } tcp dport 80 tproxy to :7080
+		meta nfproto { ipv4 } tcp dport 81 tproxy to :7081
+		meta nfproto != ipv4 tcp dport 82 tproxy to :7082
+	}
+}
+table ip u {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		meta nfproto { ipv4, ipv6 } tcp dport 83 tproxy to :7083
+		meta nfproto ipv6 tcp dport 84 tproxy to :7084
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert_eq!(
+        ports_iface_dst(&t.config),
+        [
+            "80 - -",
+            "81 - \"0.0.0.0/0\"",
+            "82 - \"::/0\"",
+            "83 - \"0.0.0.0/0\""
+        ],
+        "{}",
+        t.config
+    );
+    assert_eq!(
+        t.skipped,
+        [
+            "line 13: meta nfproto ipv6 tcp dport 84 tproxy to :7084: `meta nfproto ipv6` matches \
+          no packet of this table's family"
+        ],
+    );
+}
+
+/// `iifname { "eth0", "wg*" }` (and `iif { … }`) is a rule for each interface with the same
+/// action: a packet arrives on one. A name a pattern of the set covers is taken by it
+/// already; two such matches in one rule take what both name. `lo` in the set is an
+/// `iifname "lo"` rule of its own (here beside `all`, see `interfaces`).
+#[test]
+fn nft_interface_sets_are_a_rule_per_interface() {
+    let input = "\
+table inet t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname { \"eth0\", \"wg*\", \"wg0\" } tcp dport 83 tproxy to :7083
+		iif { \"eth1\", \"eth2\" } iifname { \"eth2\", \"eth3\" } tcp dport 84 tproxy to :7084
+		iifname { \"lo\", \"eth0\" } udp dport 53 tproxy to :7053
+		iifname { \"eth4\" } iifname { \"eth5\" } tcp dport 85 tproxy to :7085
+		tcp dport 86 tproxy to :7086
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        ports_iface_dst(&t.config),
+        [
+            "83 eth0 -",
+            "83 wg* -",
+            "84 eth2 -",
+            "53 lo -",
+            "53 eth0 -",
+            "86 - -"
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config.contains("interfaces = [\"all\", \"lo\"]"),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("line 7:") && n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+}
+
+/// `type nat` chains steer by NAT (`redirect`, `dnat`): like iptables' nat table they are
+/// left alone, at prerouting and at output (fluxproxy's fw4 rules), and counted in a note;
+/// their `return`s decide nothing for the TPROXY chain. A mark set or a `tproxy` where a
+/// nat chain at prerouting leads is reported; at output a mark set in a nat chain routes
+/// nothing anew (the kernel reroutes after nat only for a new destination).
+#[test]
+fn nft_nat_chains_are_left_alone() {
+    let input = "\
+table inet t {
+	chain dstnat {
+		type nat hook prerouting priority dstnat; policy accept;
+		udp dport 53 redirect to :53
+		udp dport 54 return
+		meta l4proto tcp jump redir
+	}
+	chain redir {
+		ip daddr 10.0.0.0/8 return
+		meta l4proto tcp redirect to :5331
+	}
+	chain output_redir {
+		type nat hook output priority -105; policy accept;
+		meta l4proto tcp jump redir
+		meta mark set 0x00000001
+	}
+	chain mangle {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto udp tproxy to :5332
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("5 rules outside the prerouting TPROXY path")),
+        "{:?}",
+        t.notes
+    );
+    assert_eq!(ports_iface_dst(&t.config).len(), 1, "{}", t.config);
+    assert!(t.config.contains("proto = [\"udp\"]"), "{}", t.config);
+    let marked = input.replace(
+        "ip daddr 10.0.0.0/8 return",
+        "ip daddr 10.0.0.0/8 meta mark set 0x00000001",
+    );
+    let t = translate(&marked).unwrap();
+    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+    assert!(
+        t.skipped[0].starts_with("line 9: ip daddr 10.0.0.0/8 meta mark set 0x00000001: ")
+            && t.skipped[0].contains("a `type nat` chain at prerouting"),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// A chain that a rule for a set of interfaces jumps to is met once per interface: a rule
+/// of it that cannot be translated is reported once (mssb's sing-box chain).
+#[test]
+fn a_chain_reached_once_per_interface_reports_its_skips_once() {
+    let input = "\
+table inet t {
+	chain proxy {
+		fib daddr type { unspec, local } return
+		meta l4proto tcp tproxy to :7080
+	}
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname { \"eth0\", \"wg0\" } goto proxy
+	}
+}
+";
+    let t = translate(input).unwrap();
+    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+    assert!(t.skipped[0].starts_with("line 3: "), "{:?}", t.skipped);
+    assert_eq!(
+        ports_iface_dst(&t.config),
+        // TCP steered, what the goto leaves undecided left alone, per interface.
+        ["- eth0 -", "- eth0 -", "- wg0 -", "- wg0 -"],
+        "{}",
+        t.config
+    );
+}
