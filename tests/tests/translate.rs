@@ -926,6 +926,55 @@ fn iptables_source_port_matches_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// `-m multiport --ports` (either port in the list), the v2ray gist's UDP bypass of DNS and
+/// DHCP, and its negation `! --ports` (neither port in the list).
+const EITHER_PORTS_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:V2RAY_MASK - [0:0]
+-A PREROUTING -i to-client -j V2RAY_MASK
+-A V2RAY_MASK -p udp -m multiport --ports 53,7000:7010 -j RETURN
+-A V2RAY_MASK -p tcp -m multiport ! --ports 80,5000,5001 -j RETURN
+-A V2RAY_MASK -p udp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A V2RAY_MASK -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn iptables_either_port_matches_steer_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(7005, "10.10.2.2:54"),
+        PortProbe::Udp(53, "10.10.2.2:54"),
+        PortProbe::Udp(7011, "10.10.2.2:54"),
+        PortProbe::Udp(0, "10.10.2.2:54"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+        PortProbe::Tcp(5000, "10.10.2.2:8080"),
+        PortProbe::Tcp(5001, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.2:8080"),
+    ];
+    let (original, translated, config, _) = fates_both_ways(EITHER_PORTS_IPTABLES, &probes);
+    let expected: Vec<Fate> = {
+        use Fate::*;
+        vec![
+            Direct,
+            Direct,
+            Direct,
+            Intercepted,
+            Intercepted,
+            Intercepted,
+            Intercepted,
+            Intercepted,
+            Direct,
+        ]
+    };
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(fates, expected, "iptables: {original:?}");
+    assert!(config.contains("sport = [53, \"7000-7010\"]"), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// DROP in a TPROXY chain, the v2ray guides' block of QUIC (UDP 443) so that clients fall
 /// back to TCP, behind a RETURN for one host (which keeps its QUIC).
 const DROP_IPTABLES: &str = "\

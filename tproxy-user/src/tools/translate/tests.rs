@@ -544,6 +544,50 @@ table inet t {
     );
 }
 
+/// `-m multiport --ports` matches when either port is in the list: a rule for the source
+/// ports, then one for the destination ports, both from the line; `! --ports` when neither
+/// is: one rule with both complements.
+#[test]
+fn either_port_becomes_a_source_port_rule_and_a_destination_port_rule() {
+    let input = "\
+*mangle
+:V2RAY_MASK - [0:0]
+-A PREROUTING -j V2RAY_MASK
+-A V2RAY_MASK -p udp -m multiport --ports 53,67:68 -j RETURN
+-A V2RAY_MASK -p tcp -m multiport ! --ports 1:1023 -j RETURN
+-A V2RAY_MASK -p udp -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A V2RAY_MASK -p tcp -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for rule in [
+        "# line 4: -A V2RAY_MASK -p udp -m multiport --ports 53,67:68 -j RETURN\nproto = [\"udp\"]\ndst = [\"0.0.0.0/0\"]\nsport = [53, \"67-68\"]\naction = \"bypass\"",
+        "# line 4: -A V2RAY_MASK -p udp -m multiport --ports 53,67:68 -j RETURN\nproto = [\"udp\"]\ndst = [\"0.0.0.0/0\"]\nports = [53, \"67-68\"]\naction = \"bypass\"",
+        "proto = [\"tcp\"]\ndst = [\"0.0.0.0/0\"]\nports = [\"1024-65535\"]\nsport = [\"1024-65535\"]\naction = \"bypass\"",
+    ] {
+        assert!(t.config.contains(rule), "{rule}\n{}", t.config);
+    }
+    assert_eq!(
+        t.config.matches("action = \"bypass\"").count(),
+        3,
+        "{}",
+        t.config
+    );
+    let t = translate(
+        "*mangle\n-A PREROUTING -p udp -m multiport --ports 53 -m udp --dport 53 -j RETURN\n\
+         -A PREROUTING -p udp -j TPROXY --on-port 1\nCOMMIT\n",
+    )
+    .unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].contains("line 2:")
+            && t.skipped[0].contains("`--ports` and another port match in one rule"),
+        "{:?}",
+        t.skipped
+    );
+}
+
 #[test]
 fn drop_becomes_a_drop_rule_and_keeps_its_place_in_the_order() {
     let input = "\
