@@ -975,6 +975,64 @@ fn iptables_either_port_matches_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// AndroidTProxyShell's chains that change nothing (DNS_HIJACK_PRE's lone RETURN, an empty
+/// MAC_CHAIN, and one whose first rule returns all), and its PROXY_INTERFACE, whose RETURNs
+/// for the proxied interface take packets no later rule of the chain matches: they go on to
+/// the calling chain's TPROXY rules as if the RETURNs were not there.
+const RETURNING_CHAINS_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DNS_HIJACK_PRE - [0:0]
+:FIRST - [0:0]
+:MAC_CHAIN - [0:0]
+:PROXY_INTERFACE - [0:0]
+:PROXY_PREROUTING - [0:0]
+-A PREROUTING -p tcp -j PROXY_PREROUTING
+-A PREROUTING -p udp -j PROXY_PREROUTING
+-A DNS_HIJACK_PRE -j RETURN
+-A FIRST -j RETURN
+-A FIRST -j ACCEPT
+-A PROXY_INTERFACE -i to-client -j RETURN
+-A PROXY_INTERFACE -i to-server -j ACCEPT
+-A PROXY_INTERFACE -i rndis+ -j ACCEPT
+-A PROXY_PREROUTING -d 10.10.2.3/32 -j ACCEPT
+-A PROXY_PREROUTING -j PROXY_INTERFACE
+-A PROXY_PREROUTING -j MAC_CHAIN
+-A PROXY_PREROUTING -j FIRST
+-A PROXY_PREROUTING -j DNS_HIJACK_PRE
+-A PROXY_PREROUTING -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY_PREROUTING -p udp -m udp --dport 53 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn returning_chains_and_returns_no_later_rule_matches_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Udp("10.10.2.2:53"),
+        Probe::Udp("10.10.2.2:54"),
+        Probe::Udp("10.10.2.3:53"),
+    ];
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, RETURNING_CHAINS_IPTABLES).unwrap();
+            RETURNING_CHAINS_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// DROP in a TPROXY chain, the v2ray guides' block of QUIC (UDP 443) so that clients fall
 /// back to TCP, behind a RETURN for one host (which keeps its QUIC).
 const DROP_IPTABLES: &str = "\

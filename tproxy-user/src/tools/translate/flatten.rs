@@ -221,6 +221,17 @@ pub(super) fn flatten(
             ));
             continue;
         }
+        if let Target::Jump(target) = &rule.target {
+            let called = ruleset.chains.get(target).map_or(&[][..], Vec::as_slice);
+            if returns_every_packet(called, &matches) {
+                notes.push(format!(
+                    "line {}: `{}` changes nothing: {target} returns every packet it is given \
+                     unchanged; left out",
+                    rule.line, rule.text
+                ));
+                continue;
+            }
+        }
         match &rule.target {
             Target::Jump(target) | Target::Goto(target) if depth < 8 => {
                 let start = out.len();
@@ -283,10 +294,20 @@ pub(super) fn flatten(
                                 .is_none_or(|later| overlaps(&returned.matches, later))
                         });
                         if returned.target == Target::Return && steered_later {
-                            *rule = Err(format!(
-                                "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer or drop the packet",
-                                returned.line, returned.text
-                            ));
+                            *rule = match returns_anyway(ruleset, returned) {
+                                true => Ok(Parsed {
+                                    target: Target::Unsteered(
+                                        "no later rule of its chain matches what it returns, \
+                                         which goes back to the calling chain either way"
+                                            .into(),
+                                    ),
+                                    ..returned.clone()
+                                }),
+                                false => Err(format!(
+                                    "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer or drop the packet",
+                                    returned.line, returned.text
+                                )),
+                            };
                         }
                     }
                 }
@@ -322,6 +343,64 @@ pub(super) fn flatten(
             })),
         }
     }
+}
+
+/// Whether the packets a RETURN (`returned`, narrowed by the jumps to it) takes would leave
+/// its chain without it too: no later rule of the chain may match them, so they fall off its
+/// end, back to the calling chain, as they return. (A rule that cannot be read may match
+/// anything.)
+fn returns_anyway(ruleset: &RuleSet, returned: &Parsed) -> bool {
+    let is_returned = |rule: &Result<Parsed, _>| {
+        rule.as_ref()
+            .is_ok_and(|rule| rule.line == returned.line && rule.text == returned.text)
+    };
+    let Some((rules, last)) = ruleset
+        .chains
+        .values()
+        .find_map(|rules| Some((rules, rules.iter().rposition(is_returned)?)))
+    else {
+        return false;
+    };
+    rules[last + 1..].iter().all(|later| match later {
+        Err(_) => false,
+        Ok(later) if later.matches.not_dst_local || later.matches.not_out_iface.is_some() => false,
+        Ok(later) => matches!(narrow(&returned.matches, &later.matches), Narrowed::Neither),
+    })
+}
+
+/// Whether a jump with `context`'s matches to a chain of `rules` comes back with every
+/// packet unchanged: the chain is empty, returns at every rule, or its first rule returns
+/// all that the jump sends.
+fn returns_every_packet(
+    rules: &[Result<Parsed, (usize, String, String)>],
+    context: &Match,
+) -> bool {
+    let returns = |rule: &Result<Parsed, _>| {
+        matches!(
+            rule,
+            Ok(Parsed {
+                target: Target::Return,
+                ..
+            })
+        )
+    };
+    let returns_all = |rule: &Parsed| {
+        !rule.matches.excludes()
+            && !rule.matches.not_dst_local
+            && rule.matches.not_out_iface.is_none()
+            // Whether a rule is met in OUTPUT is the path's, not the rule's.
+            && covers(
+                &Match {
+                    local: context.local,
+                    ..rule.matches.clone()
+                },
+                context,
+            )
+    };
+    rules.iter().all(returns)
+        || rules
+            .first()
+            .is_some_and(|first| returns(first) && first.as_ref().is_ok_and(returns_all))
 }
 
 /// Checks that a rule matching packets routed elsewhere than `lo` (nft `oifname != "lo"`)

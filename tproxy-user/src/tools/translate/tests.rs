@@ -817,6 +817,7 @@ fn a_return_that_falls_back_into_later_steering_rules_is_reported() {
 -A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1234
 -A SKIP -d 10.0.0.0/8 -j RETURN
 -A SKIP -d 192.168.0.0/16 -j ACCEPT
+-A SKIP -p tcp -j ACCEPT
 COMMIT
 ";
     let t = translate(input).unwrap();
@@ -830,6 +831,124 @@ COMMIT
         t.config.contains("dst = [\"192.168.0.0/16\"]"),
         "ACCEPT leaves for good: {}",
         t.config
+    );
+}
+
+/// A RETURN whose packets no later rule of its chain can match changes nothing: they leave
+/// the chain at its end the same way, and the calling chain's later rules decide them
+/// (AndroidTProxyShell's PROXY_INTERFACE: the proxied interfaces return, the others are
+/// accepted).
+#[test]
+fn a_return_that_no_later_rule_of_its_chain_matches_is_left_out() {
+    let input = "\
+*mangle
+:PROXY_INTERFACE - [0:0]
+:PROXY_PREROUTING - [0:0]
+-A PREROUTING -p tcp -j PROXY_PREROUTING
+-A PROXY_INTERFACE -i lo -j RETURN
+-A PROXY_INTERFACE -i rmnet_data+ -j RETURN
+-A PROXY_INTERFACE -i wlan0 -j RETURN
+-A PROXY_INTERFACE -i wlan2 -j ACCEPT
+-A PROXY_INTERFACE -i rndis+ -j ACCEPT
+-A PROXY_PREROUTING -j PROXY_INTERFACE
+-A PROXY_PREROUTING -p tcp -j TPROXY --on-port 1536 --on-ip 0.0.0.0 --tproxy-mark 0x14/0xffffffff
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for line in 5..=7 {
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.starts_with(&format!("line {line}:"))
+                    && n.contains("no later rule of its chain matches what it returns")),
+            "line {line}: {:?}",
+            t.notes
+        );
+    }
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r.get("iface").map_or("-".into(), |i| i.to_string()),
+                r["action"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#""wlan2" "bypass""#,
+            r#""rndis*" "bypass""#,
+            r#"- "steer""#
+        ],
+        "{}",
+        t.config
+    );
+    // A later rule that may match what it returns (TPS's `-j ACCEPT` for the rest): reported.
+    let t = translate(&input.replace(
+        "-A PROXY_INTERFACE -i rndis+ -j ACCEPT",
+        "-A PROXY_INTERFACE -j ACCEPT",
+    ))
+    .unwrap();
+    assert!(
+        t.skipped.len() == 3 && t.skipped.iter().all(|s| s.contains("RETURN goes back")),
+        "{:?}",
+        t.skipped
+    );
+}
+
+/// A jump to a chain that gives every packet back unchanged (empty, only RETURNs, or a first
+/// RETURN that takes all the jump sends) changes nothing: left out with a note, whatever the
+/// calling chain does after it.
+#[test]
+fn a_jump_to_a_chain_that_returns_every_packet_is_left_out() {
+    let input = "\
+*mangle
+:DNS_HIJACK_PRE - [0:0]
+:MAC_CHAIN - [0:0]
+:FIRST - [0:0]
+-A PREROUTING -p tcp -j MAC_CHAIN
+-A PREROUTING -p tcp -j DNS_HIJACK_PRE
+-A PREROUTING -p tcp -j FIRST
+-A PREROUTING -p tcp -j TPROXY --on-port 1536
+-A DNS_HIJACK_PRE -j RETURN
+-A DNS_HIJACK_PRE -d 10.0.0.0/8 -j RETURN
+-A FIRST -p tcp -j RETURN
+-A FIRST -d 10.0.0.0/8 -j ACCEPT
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for (line, chain) in [(5, "MAC_CHAIN"), (6, "DNS_HIJACK_PRE"), (7, "FIRST")] {
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.starts_with(&format!("line {line}:"))
+                    && n.contains(&format!(
+                        "{chain} returns every packet it is given unchanged"
+                    ))),
+            "line {line}: {:?}",
+            t.notes
+        );
+    }
+    assert!(!t.config.contains("bypass"), "{}", t.config);
+    // A first RETURN that takes only some of what the jump sends is no such chain.
+    let t = translate(&input.replace(
+        "-A FIRST -p tcp -j RETURN",
+        "-A FIRST -p tcp --dport 80 -j RETURN",
+    ))
+    .unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].starts_with("line 11:")
+            && t.skipped[0].contains("RETURN goes back"),
+        "{:?}",
+        t.skipped
     );
 }
 
@@ -942,6 +1061,7 @@ COMMIT
 :PROXY - [0:0]
 -A PREROUTING -d 10.0.0.0/8 -j PROXY
 -A PROXY -m addrtype --dst-type LOCAL -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 1
 COMMIT
 ";
     let t = translate(local).unwrap();
