@@ -1033,6 +1033,53 @@ fn returning_chains_and_returns_no_later_rule_matches_steer_the_same_flows_trans
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// TPS's PROXY_INTERFACE: a RETURN for what is proxied, then an ACCEPT of everything else,
+/// which the RETURN's packets would meet too: they go back to the calling chain's TPROXY
+/// rules, which the translation repeats for them in the RETURN's place.
+const RETURN_BEFORE_ACCEPT_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:PROXY_INTERFACE - [0:0]
+:PROXY_PREROUTING - [0:0]
+-A PREROUTING -p tcp -j PROXY_PREROUTING
+-A PREROUTING -p udp -j PROXY_PREROUTING
+-A PROXY_INTERFACE -d 10.10.2.2/32 -i to-client -j RETURN
+-A PROXY_INTERFACE -j ACCEPT
+-A PROXY_PREROUTING -j PROXY_INTERFACE
+-A PROXY_PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY_PREROUTING -p udp -m udp --dport 53 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn a_return_before_an_accept_of_the_rest_steers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.2:443"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Udp("10.10.2.2:53"),
+        Probe::Udp("10.10.2.2:54"),
+        Probe::Udp("10.10.2.3:53"),
+    ];
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, RETURN_BEFORE_ACCEPT_IPTABLES).unwrap();
+            RETURN_BEFORE_ACCEPT_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// DROP in a TPROXY chain, the v2ray guides' block of QUIC (UDP 443) so that clients fall
 /// back to TCP, behind a RETURN for one host (which keeps its QUIC).
 const DROP_IPTABLES: &str = "\
