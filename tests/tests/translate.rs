@@ -1077,6 +1077,160 @@ fn iptables_source_port_matches_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// `-m multiport --ports` (either port in the list), the v2ray gist's UDP bypass of DNS and
+/// DHCP, and its negation `! --ports` (neither port in the list).
+const EITHER_PORTS_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:V2RAY_MASK - [0:0]
+-A PREROUTING -i to-client -j V2RAY_MASK
+-A V2RAY_MASK -p udp -m multiport --ports 53,7000:7010 -j RETURN
+-A V2RAY_MASK -p tcp -m multiport ! --ports 80,5000,5001 -j RETURN
+-A V2RAY_MASK -p udp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A V2RAY_MASK -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn iptables_either_port_matches_steer_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(7005, "10.10.2.2:54"),
+        PortProbe::Udp(53, "10.10.2.2:54"),
+        PortProbe::Udp(7011, "10.10.2.2:54"),
+        PortProbe::Udp(0, "10.10.2.2:54"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+        PortProbe::Tcp(5000, "10.10.2.2:8080"),
+        PortProbe::Tcp(5001, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.2:8080"),
+    ];
+    let (original, translated, config, _) = fates_both_ways(EITHER_PORTS_IPTABLES, &probes);
+    let expected: Vec<Fate> = {
+        use Fate::*;
+        vec![
+            Direct,
+            Direct,
+            Direct,
+            Intercepted,
+            Intercepted,
+            Intercepted,
+            Intercepted,
+            Intercepted,
+            Direct,
+        ]
+    };
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(fates, expected, "iptables: {original:?}");
+    assert!(config.contains("sport = [53, \"7000-7010\"]"), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// AndroidTProxyShell's chains that change nothing (DNS_HIJACK_PRE's lone RETURN, an empty
+/// MAC_CHAIN, and one whose first rule returns all), and its PROXY_INTERFACE, whose RETURNs
+/// for the proxied interface take packets no later rule of the chain matches: they go on to
+/// the calling chain's TPROXY rules as if the RETURNs were not there.
+const RETURNING_CHAINS_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DNS_HIJACK_PRE - [0:0]
+:FIRST - [0:0]
+:MAC_CHAIN - [0:0]
+:PROXY_INTERFACE - [0:0]
+:PROXY_PREROUTING - [0:0]
+-A PREROUTING -p tcp -j PROXY_PREROUTING
+-A PREROUTING -p udp -j PROXY_PREROUTING
+-A DNS_HIJACK_PRE -j RETURN
+-A FIRST -j RETURN
+-A FIRST -j ACCEPT
+-A PROXY_INTERFACE -i to-client -j RETURN
+-A PROXY_INTERFACE -i to-server -j ACCEPT
+-A PROXY_INTERFACE -i rndis+ -j ACCEPT
+-A PROXY_PREROUTING -d 10.10.2.3/32 -j ACCEPT
+-A PROXY_PREROUTING -j PROXY_INTERFACE
+-A PROXY_PREROUTING -j MAC_CHAIN
+-A PROXY_PREROUTING -j FIRST
+-A PROXY_PREROUTING -j DNS_HIJACK_PRE
+-A PROXY_PREROUTING -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY_PREROUTING -p udp -m udp --dport 53 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn returning_chains_and_returns_no_later_rule_matches_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Udp("10.10.2.2:53"),
+        Probe::Udp("10.10.2.2:54"),
+        Probe::Udp("10.10.2.3:53"),
+    ];
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, RETURNING_CHAINS_IPTABLES).unwrap();
+            RETURNING_CHAINS_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// TPS's PROXY_INTERFACE: a RETURN for what is proxied, then an ACCEPT of everything else,
+/// which the RETURN's packets would meet too: they go back to the calling chain's TPROXY
+/// rules, which the translation repeats for them in the RETURN's place.
+const RETURN_BEFORE_ACCEPT_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:PROXY_INTERFACE - [0:0]
+:PROXY_PREROUTING - [0:0]
+-A PREROUTING -p tcp -j PROXY_PREROUTING
+-A PREROUTING -p udp -j PROXY_PREROUTING
+-A PROXY_INTERFACE -d 10.10.2.2/32 -i to-client -j RETURN
+-A PROXY_INTERFACE -j ACCEPT
+-A PROXY_PREROUTING -j PROXY_INTERFACE
+-A PROXY_PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY_PREROUTING -p udp -m udp --dport 53 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn a_return_before_an_accept_of_the_rest_steers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("10.10.2.2:443"),
+        Probe::Tcp("10.10.2.3:80"),
+        Probe::Udp("10.10.2.2:53"),
+        Probe::Udp("10.10.2.2:54"),
+        Probe::Udp("10.10.2.3:53"),
+    ];
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        &probes,
+        |netns| {
+            restore_iptables(netns, RETURN_BEFORE_ACCEPT_IPTABLES).unwrap();
+            RETURN_BEFORE_ACCEPT_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
+        "iptables"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// DROP in a TPROXY chain, the v2ray guides' block of QUIC (UDP 443) so that clients fall
 /// back to TCP, behind a RETURN for one host (which keeps its QUIC).
 const DROP_IPTABLES: &str = "\

@@ -28,6 +28,20 @@ pub(super) fn flatten(
     let Some(rules) = ruleset.chains.get(chain) else {
         return;
     };
+    flatten_rules(ruleset, rules, context, via, depth, out, notes);
+}
+
+/// [`flatten`] for a chain's `rules` (or the rules of one after a jump, which RETURNs
+/// from the chain it jumps to continue with).
+fn flatten_rules(
+    ruleset: &RuleSet,
+    rules: &[Result<Parsed, (usize, String, String)>],
+    context: &Match,
+    via: Option<&Parsed>,
+    depth: usize,
+    out: &mut Vec<Flat>,
+    notes: &mut Vec<String>,
+) {
     // The gotos met so far in this chain, with what they take: their packets never come
     // back to the rules after them here. (A rule they take only in part keeps its place
     // after the goto's own rule for what it leaves undecided, which comes first.)
@@ -170,6 +184,11 @@ pub(super) fn flatten(
             Narrowed::Both(matches) => *matches,
             Narrowed::Neither => {
                 notes.push(match via {
+                    Some(returned) if returned.target == Target::Return => format!(
+                        "line {}: `{}` never matches what line {} gives back to it: no packet \
+                         matches both; left out there",
+                        rule.line, rule.text, returned.line
+                    ),
                     Some(jump) => format!(
                         "line {}: `{}` never matches where line {} jumps to it: no packet \
                          matches both; left out there",
@@ -221,6 +240,17 @@ pub(super) fn flatten(
                 rule.line, rule.text
             ));
             continue;
+        }
+        if let Target::Jump(target) = &rule.target {
+            let called = ruleset.chains.get(target).map_or(&[][..], Vec::as_slice);
+            if returns_every_packet(called, &matches) {
+                notes.push(format!(
+                    "line {}: `{}` changes nothing: {target} returns every packet it is given \
+                     unchanged; left out",
+                    rule.line, rule.text
+                ));
+                continue;
+            }
         }
         match &rule.target {
             Target::Jump(target) | Target::Goto(target) if depth < 8 => {
@@ -276,19 +306,46 @@ pub(super) fn flatten(
                         }
                     })
                     .collect();
-                for rule in &mut out[start..] {
-                    if let Ok(returned) = rule.as_ref() {
-                        let steered_later = steering_later.iter().any(|later| {
-                            later
-                                .as_ref()
-                                .is_none_or(|later| overlaps(&returned.matches, later))
-                        });
-                        if returned.target == Target::Return && steered_later {
-                            *rule = Err(format!(
-                                "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer or drop the packet",
-                                returned.line, returned.text
-                            ));
+                // The rest of this chain after the jump, for what a RETURN gives back to it
+                // when a later rule of its own chain may still match that too (the rules
+                // met here so far must not change what the rest sees).
+                let rest = (gone_to.is_empty() && own_addresses.is_none() && routed_by.is_none())
+                    .then_some(&rules[i + 1..]);
+                let called: Vec<Flat> = out.drain(start..).collect();
+                for flat in called {
+                    let returned = match flat {
+                        Ok(returned)
+                            if returned.target == Target::Return
+                                && steering_later.iter().any(|later| {
+                                    later
+                                        .as_ref()
+                                        .is_none_or(|later| overlaps(&returned.matches, later))
+                                }) =>
+                        {
+                            returned
                         }
+                        other => {
+                            out.push(other);
+                            continue;
+                        }
+                    };
+                    if returns_anyway(ruleset, &returned) {
+                        out.push(Ok(Parsed {
+                            target: Target::Unsteered(
+                                "no later rule of its chain matches what it returns, which \
+                                 goes back to the calling chain either way"
+                                    .into(),
+                            ),
+                            ..returned
+                        }));
+                        continue;
+                    }
+                    match rest.and_then(|rest| continued(ruleset, rest, rule, &returned, depth, notes)) {
+                        Some(continued) => out.extend(continued),
+                        None => out.push(Err(format!(
+                            "line {}: {}: RETURN goes back to the calling chain, whose later rules may still steer or drop the packet",
+                            returned.line, returned.text
+                        ))),
                     }
                 }
             }
@@ -323,6 +380,121 @@ pub(super) fn flatten(
             })),
         }
     }
+}
+
+/// The most rules that a RETURN's continuation (see [`continued`]) may repeat.
+const CONTINUED_RULES: usize = 64;
+
+/// What a RETURN (`returned`, narrowed by the jumps to it) in the chain that `jump` leads to
+/// becomes: the calling chain's `rest` after the jump, narrowed by what it returns, then a
+/// RETURN from the calling chain for what they leave undecided (its end). In first-match
+/// order, in its place, its packets meet what they would meet in the calling chain, and
+/// none of the rules after it in its own chain. `None` when the rest, repeated, would be
+/// too many rules, or the RETURN excludes packets (they would fall through to its chain).
+fn continued(
+    ruleset: &RuleSet,
+    rest: &[Result<Parsed, (usize, String, String)>],
+    jump: &Parsed,
+    returned: &Parsed,
+    depth: usize,
+    notes: &mut Vec<String>,
+) -> Option<Vec<Flat>> {
+    if returned.matches.excludes() || depth >= 8 {
+        return None;
+    }
+    let mut continued = Vec::new();
+    flatten_rules(
+        ruleset,
+        rest,
+        &returned.matches,
+        Some(returned),
+        depth + 1,
+        &mut continued,
+        notes,
+    );
+    if continued.len() > CONTINUED_RULES {
+        return None;
+    }
+    let decided = continued.iter().flatten().any(|r| {
+        matches!(
+            r.target,
+            Target::Tproxy { .. } | Target::Bypass | Target::Return | Target::Reject | Target::Drop
+        ) && !r.matches.excludes()
+            && covers(&r.matches, &returned.matches)
+    });
+    notes.push(format!(
+        "line {}: `{}` gives its packets back to the rules after line {}, which are repeated \
+         for them in its place",
+        returned.line, returned.text, jump.line
+    ));
+    if !decided {
+        continued.push(Ok(Parsed {
+            text: format!(
+                "what the rules after line {} leave undecided of `{}`",
+                jump.line, returned.text
+            ),
+            ..returned.clone()
+        }));
+    }
+    Some(continued)
+}
+
+/// Whether the packets a RETURN (`returned`, narrowed by the jumps to it) takes would leave
+/// its chain without it too: no later rule of the chain may match them, so they fall off its
+/// end, back to the calling chain, as they return. (A rule that cannot be read may match
+/// anything.)
+fn returns_anyway(ruleset: &RuleSet, returned: &Parsed) -> bool {
+    let is_returned = |rule: &Result<Parsed, _>| {
+        rule.as_ref()
+            .is_ok_and(|rule| rule.line == returned.line && rule.text == returned.text)
+    };
+    let Some((rules, last)) = ruleset
+        .chains
+        .values()
+        .find_map(|rules| Some((rules, rules.iter().rposition(is_returned)?)))
+    else {
+        return false;
+    };
+    rules[last + 1..].iter().all(|later| match later {
+        Err(_) => false,
+        Ok(later) if later.matches.not_dst_local || later.matches.not_out_iface.is_some() => false,
+        Ok(later) => matches!(narrow(&returned.matches, &later.matches), Narrowed::Neither),
+    })
+}
+
+/// Whether a jump with `context`'s matches to a chain of `rules` comes back with every
+/// packet unchanged: the chain is empty, returns at every rule, or its first rule returns
+/// all that the jump sends.
+fn returns_every_packet(
+    rules: &[Result<Parsed, (usize, String, String)>],
+    context: &Match,
+) -> bool {
+    let returns = |rule: &Result<Parsed, _>| {
+        matches!(
+            rule,
+            Ok(Parsed {
+                target: Target::Return,
+                ..
+            })
+        )
+    };
+    let returns_all = |rule: &Parsed| {
+        !rule.matches.excludes()
+            && !rule.matches.not_dst_local
+            && rule.matches.not_out_iface.is_none()
+            // Whether a rule is met in OUTPUT is the path's, not the rule's.
+            && covers(
+                &Match {
+                    local: context.local,
+                    ..rule.matches.clone()
+                },
+                context,
+            )
+    };
+    rules.iter().all(returns)
+        || rules
+            .first()
+            .is_some_and(|first| returns(first) && first.as_ref().is_ok_and(returns_all))
 }
 
 /// Checks that a rule matching packets routed elsewhere than `lo` (nft `oifname != "lo"`)

@@ -80,8 +80,9 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
                     Target::Goto(to) => Target::Goto(chain_key(family, &to)),
                     target => target,
                 };
-                by_address_type(matches, target)
+                matches
                     .into_iter()
+                    .flat_map(|matches| by_address_type(matches, target.clone()))
                     .map(|(matches, target)| {
                         Ok(Parsed {
                             line: number,
@@ -250,8 +251,9 @@ fn is_builtin(chain: &str) -> bool {
     matches!(chain, "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING")
 }
 
-/// What a rule says: its matches, target and comment.
-type Rule = (Match, Target, Option<String>);
+/// What a rule says: its matches (several when either of them selects a packet, see
+/// [`either_port`]), target and comment.
+type Rule = (Vec<Match>, Target, Option<String>);
 
 /// One rule's words after `-A CHAIN`.
 fn parse_rule(
@@ -268,7 +270,7 @@ fn parse_rule(
     };
     if let Some(log) = logs(w) {
         return Ok((
-            m,
+            vec![m],
             Target::Unsteered(format!(
                 "target {log} only logs: it changes no packet's fate"
             )),
@@ -280,6 +282,7 @@ fn parse_rule(
     let mut states = None;
     let mut comment = None;
     let mut negated = false;
+    let mut either_ports = None;
     let mut i = 0;
     while i < w.len() {
         let word = w[i].as_str();
@@ -331,6 +334,10 @@ fn parse_rule(
                 states = Some(value()?);
                 i += 2;
             }
+            "--ports" => {
+                either_ports = Some((ports(&value()?)?, negated));
+                i += 2;
+            }
             "--match-set" => {
                 let flags = w.get(i + 2).ok_or("`--match-set` without its flags")?;
                 match_set(&mut m, sets, &value()?, flags, negated)?;
@@ -379,13 +386,14 @@ fn parse_rule(
             local_bypass(&m, &target)?;
         }
     }
+    let matches = either_port(m, either_ports)?;
     if let Some(states) = states {
         let target = conntrack_divert(&states, target, family, facts)?;
-        return Ok((m, target, comment));
+        return Ok((matches, target, comment));
     }
     if socket && target != Target::SocketDivert && !matches!(target, Target::Ignore) {
         if matches!(target, Target::Bypass | Target::Return) {
-            return Ok((m, Target::SocketDivert, comment));
+            return Ok((matches, Target::SocketDivert, comment));
         }
         if let Target::SetMark(mark) = target {
             if facts.mark_read_after {
@@ -397,14 +405,43 @@ fn parse_rule(
                 );
             }
             return Ok((
-                m,
+                matches,
                 Target::Established(Established::SocketMark(mark)),
                 comment,
             ));
         }
         return Err("the socket match with a target other than a divert chain".into());
     }
-    Ok((m, target, comment))
+    Ok((matches, target, comment))
+}
+
+/// The matches of a rule with `-m multiport --ports` (`either`: its ports, and whether a `!`
+/// came before it). The rule matches when the source or the destination port is in the list:
+/// under first-match that is a rule for its source ports followed by one for its destination
+/// ports, with the same target (the second decides only what the first leaves, and in the
+/// same way). `! --ports` matches when neither is: one rule taking both complements.
+fn either_port(m: Match, either: Option<(Vec<Ports>, bool)>) -> Result<Vec<Match>, String> {
+    let Some((ports, negated)) = either else {
+        return Ok(vec![m]);
+    };
+    if !m.ports.is_empty() || !m.sports.is_empty() {
+        return Err("`--ports` and another port match in one rule".into());
+    }
+    if negated {
+        let left = complement(&ports)?;
+        return Ok(vec![Match {
+            ports: left.clone(),
+            sports: left,
+            ..m
+        }]);
+    }
+    Ok(vec![
+        Match {
+            sports: ports.clone(),
+            ..m.clone()
+        },
+        Match { ports, ..m },
+    ])
 }
 
 /// The logging target (`-j LOG`, `-j NFLOG`) of a rule's words, if it has one.

@@ -544,6 +544,50 @@ table inet t {
     );
 }
 
+/// `-m multiport --ports` matches when either port is in the list: a rule for the source
+/// ports, then one for the destination ports, both from the line; `! --ports` when neither
+/// is: one rule with both complements.
+#[test]
+fn either_port_becomes_a_source_port_rule_and_a_destination_port_rule() {
+    let input = "\
+*mangle
+:V2RAY_MASK - [0:0]
+-A PREROUTING -j V2RAY_MASK
+-A V2RAY_MASK -p udp -m multiport --ports 53,67:68 -j RETURN
+-A V2RAY_MASK -p tcp -m multiport ! --ports 1:1023 -j RETURN
+-A V2RAY_MASK -p udp -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A V2RAY_MASK -p tcp -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for rule in [
+        "# line 4: -A V2RAY_MASK -p udp -m multiport --ports 53,67:68 -j RETURN\nproto = [\"udp\"]\ndst = [\"0.0.0.0/0\"]\nsport = [53, \"67-68\"]\naction = \"bypass\"",
+        "# line 4: -A V2RAY_MASK -p udp -m multiport --ports 53,67:68 -j RETURN\nproto = [\"udp\"]\ndst = [\"0.0.0.0/0\"]\nports = [53, \"67-68\"]\naction = \"bypass\"",
+        "proto = [\"tcp\"]\ndst = [\"0.0.0.0/0\"]\nports = [\"1024-65535\"]\nsport = [\"1024-65535\"]\naction = \"bypass\"",
+    ] {
+        assert!(t.config.contains(rule), "{rule}\n{}", t.config);
+    }
+    assert_eq!(
+        t.config.matches("action = \"bypass\"").count(),
+        3,
+        "{}",
+        t.config
+    );
+    let t = translate(
+        "*mangle\n-A PREROUTING -p udp -m multiport --ports 53 -m udp --dport 53 -j RETURN\n\
+         -A PREROUTING -p udp -j TPROXY --on-port 1\nCOMMIT\n",
+    )
+    .unwrap();
+    assert!(
+        t.skipped.len() == 1
+            && t.skipped[0].contains("line 2:")
+            && t.skipped[0].contains("`--ports` and another port match in one rule"),
+        "{:?}",
+        t.skipped
+    );
+}
+
 #[test]
 fn drop_becomes_a_drop_rule_and_keeps_its_place_in_the_order() {
     let input = "\
@@ -596,8 +640,8 @@ COMMIT
         t.notes,
         t.skipped
     );
-    // A RETURN whose packets a later DROP would take, and a negation whose excluded
-    // packets fall through to a DROP, cannot be bypasses.
+    // A RETURN whose packets a later DROP would take meets that DROP in its place; a
+    // negation whose excluded packets fall through to a DROP cannot be a bypass.
     let falls_through = "\
 *mangle
 :X - [0:0]
@@ -608,12 +652,13 @@ COMMIT
 COMMIT
 ";
     let t = translate(falls_through).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(
-        t.skipped
-            .iter()
-            .any(|s| s.starts_with("line 5:") && s.contains("drop")),
-        "{:?}",
-        t.skipped
+        t.config.contains(
+            "proto = [\"udp\"]\ndst = [\"10.0.0.0/8\"]\nports = [443]\naction = \"drop\""
+        ),
+        "{}",
+        t.config
     );
     let negated = "\
 *mangle
@@ -764,8 +809,12 @@ table inet proxy {
     );
 }
 
+/// A RETURN whose packets a later rule of its own chain and one of the calling chain may
+/// both match: in its place, its packets meet the calling chain's rules after the jump
+/// (TPS's PROXY_INTERFACE, whose last rule accepts all the others). One that excludes
+/// packets (they fall through to its own chain) is reported.
 #[test]
-fn a_return_that_falls_back_into_later_steering_rules_is_reported() {
+fn a_return_that_falls_back_into_later_steering_rules_meets_them_in_its_place() {
     let input = "\
 *mangle
 :SKIP - [0:0]
@@ -773,19 +822,176 @@ fn a_return_that_falls_back_into_later_steering_rules_is_reported() {
 -A PREROUTING -p tcp --dport 80 -j TPROXY --on-port 1234
 -A SKIP -d 10.0.0.0/8 -j RETURN
 -A SKIP -d 192.168.0.0/16 -j ACCEPT
+-A SKIP -p tcp -j ACCEPT
 COMMIT
 ";
     let t = translate(input).unwrap();
-    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(
-        t.skipped[0].starts_with("line 5:") && t.skipped[0].contains("RETURN goes back"),
+        t.notes.iter().any(|n| n.starts_with("line 5:")
+            && n.contains("gives its packets back to the rules after line 3")),
+        "{:?}",
+        t.notes
+    );
+    assert!(
+        t.config.contains(
+            "proto = [\"tcp\"]\ndst = [\"10.0.0.0/8\"]\nports = [80]\naction = \"steer\""
+        ) && t.config.contains("dst = [\"192.168.0.0/16\"]"),
+        "ACCEPT leaves for good: {}",
+        t.config
+    );
+    let t = translate(&input.replace(
+        "-A SKIP -d 10.0.0.0/8 -j RETURN",
+        "-A SKIP -d 10.0.0.0/8 ! -s 10.1.0.0/16 -j RETURN",
+    ))
+    .unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 5:") && s.contains("RETURN goes back")),
         "{:?}",
         t.skipped
     );
-    assert!(
-        t.config.contains("dst = [\"192.168.0.0/16\"]"),
-        "ACCEPT leaves for good: {}",
+}
+
+/// A RETURN whose packets no later rule of its chain can match changes nothing: they leave
+/// the chain at its end the same way, and the calling chain's later rules decide them
+/// (AndroidTProxyShell's PROXY_INTERFACE: the proxied interfaces return, the others are
+/// accepted).
+#[test]
+fn a_return_that_no_later_rule_of_its_chain_matches_is_left_out() {
+    let input = "\
+*mangle
+:PROXY_INTERFACE - [0:0]
+:PROXY_PREROUTING - [0:0]
+-A PREROUTING -p tcp -j PROXY_PREROUTING
+-A PROXY_INTERFACE -i lo -j RETURN
+-A PROXY_INTERFACE -i rmnet_data+ -j RETURN
+-A PROXY_INTERFACE -i wlan0 -j RETURN
+-A PROXY_INTERFACE -i wlan2 -j ACCEPT
+-A PROXY_INTERFACE -i rndis+ -j ACCEPT
+-A PROXY_PREROUTING -j PROXY_INTERFACE
+-A PROXY_PREROUTING -p tcp -j TPROXY --on-port 1536 --on-ip 0.0.0.0 --tproxy-mark 0x14/0xffffffff
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for line in 5..=7 {
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.starts_with(&format!("line {line}:"))
+                    && n.contains("no later rule of its chain matches what it returns")),
+            "line {line}: {:?}",
+            t.notes
+        );
+    }
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r.get("iface").map_or("-".into(), |i| i.to_string()),
+                r["action"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#""wlan2" "bypass""#,
+            r#""rndis*" "bypass""#,
+            r#"- "steer""#
+        ],
+        "{}",
         t.config
+    );
+    // A later rule that may match what it returns (TPS's `-j ACCEPT` for the rest): the
+    // calling chain's rules after the jump are repeated for it in its place.
+    let t = translate(&input.replace(
+        "-A PROXY_INTERFACE -i rndis+ -j ACCEPT",
+        "-A PROXY_INTERFACE -j ACCEPT",
+    ))
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r.get("iface").map_or("-".into(), |i| i.to_string()),
+                r["action"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#""lo" "steer""#,
+            r#""rmnet_data*" "steer""#,
+            r#""wlan0" "steer""#,
+            r#""wlan2" "bypass""#,
+            r#"- "bypass""#
+        ],
+        "{}",
+        t.config
+    );
+}
+
+/// A jump to a chain that gives every packet back unchanged (empty, only RETURNs, or a first
+/// RETURN that takes all the jump sends) changes nothing: left out with a note, whatever the
+/// calling chain does after it.
+#[test]
+fn a_jump_to_a_chain_that_returns_every_packet_is_left_out() {
+    let input = "\
+*mangle
+:DNS_HIJACK_PRE - [0:0]
+:MAC_CHAIN - [0:0]
+:FIRST - [0:0]
+-A PREROUTING -p tcp -j MAC_CHAIN
+-A PREROUTING -p tcp -j DNS_HIJACK_PRE
+-A PREROUTING -p tcp -j FIRST
+-A PREROUTING -p tcp -j TPROXY --on-port 1536
+-A DNS_HIJACK_PRE -j RETURN
+-A DNS_HIJACK_PRE -d 10.0.0.0/8 -j RETURN
+-A FIRST -p tcp -j RETURN
+-A FIRST -d 10.0.0.0/8 -j ACCEPT
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for (line, chain) in [(5, "MAC_CHAIN"), (6, "DNS_HIJACK_PRE"), (7, "FIRST")] {
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.starts_with(&format!("line {line}:"))
+                    && n.contains(&format!(
+                        "{chain} returns every packet it is given unchanged"
+                    ))),
+            "line {line}: {:?}",
+            t.notes
+        );
+    }
+    assert!(!t.config.contains("bypass"), "{}", t.config);
+    // A first RETURN that takes only some of what the jump sends is no such chain.
+    let t = translate(&input.replace(
+        "-A FIRST -p tcp -j RETURN",
+        "-A FIRST -p tcp --dport 80 -j RETURN",
+    ))
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 11:") && n.contains("gives its packets back")),
+        "{:?}",
+        t.notes
     );
 }
 
@@ -843,16 +1049,19 @@ COMMIT
         "{}",
         t.config
     );
-    // A later rule that may take what the RETURN gives back: reported as before.
+    // A later rule that may take what the RETURN gives back: the RETURN's packets meet it
+    // in its place.
     let t = translate(&input.replace(
         "-A PREROUTING -p udp -m multiport --dports 53,443 -j PROXY",
         "-A PREROUTING -d 10.1.0.0/16 -j TPROXY --on-port 3",
     ))
     .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(
-        t.skipped[0].starts_with("line 5:") && t.skipped[0].contains("RETURN goes back"),
-        "{:?}",
-        t.skipped
+        t.config
+            .contains("dst = [\"10.1.0.0/16\"]\naction = \"steer\"\nlistener = \"tproxy-3\""),
+        "{}",
+        t.config
     );
 }
 
@@ -898,6 +1107,7 @@ COMMIT
 :PROXY - [0:0]
 -A PREROUTING -d 10.0.0.0/8 -j PROXY
 -A PROXY -m addrtype --dst-type LOCAL -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 1
 COMMIT
 ";
     let t = translate(local).unwrap();
@@ -2207,12 +2417,12 @@ COMMIT
         .collect();
     assert_eq!(
         lines,
-        ["line 9", "line 10", "line 11", "line 6", "line 7", "line 8"],
+        ["line 9", "line 6", "line 7", "line 8", "line 11"],
         "{:?}",
         t.skipped
     );
     assert!(
-        t.skipped[3].contains("a match on a flow's first packet"),
+        t.skipped[1].contains("a match on a flow's first packet"),
         "{:?}",
         t.skipped
     );
