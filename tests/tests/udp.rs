@@ -292,6 +292,46 @@ fn unsteered_udp_and_a_local_wildcard_service_are_left_alone() {
     tproxy.stop().unwrap();
 }
 
+/// Another program's socket with tproxy's socket mark (an external proxy told to mark its
+/// sockets with `socket_mark`), unconnected on the steered port's wildcard: the socket match
+/// finds it for every destination, but only a connected socket is a flow's own, so steered
+/// flows are relayed, not handed to it (iptables' TPROXY takes only connected UDP sockets
+/// too).
+#[test]
+fn a_marked_unconnected_socket_on_the_steered_port_gets_no_flow() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let mut tproxy = topo.tproxy(&["--udp", "5300"]).unwrap();
+    let marked = topo
+        .router
+        .run(|| -> std::io::Result<std::net::UdpSocket> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+            socket.set_only_v6(false)?;
+            socket.set_mark(0x200_0000)?;
+            socket.bind(&"[::]:5300".parse::<SocketAddr>().unwrap().into())?;
+            Ok(socket.into())
+        })
+        .unwrap();
+    marked.set_nonblocking(true).unwrap();
+    for v6 in [false, true] {
+        let server = UdpEcho::start(&topo.server, Topo::server_addr(v6, PORT)).unwrap();
+        let client = udp_client(&topo.client, server.addr).unwrap();
+        let (reply, from) = udp_exchange(&client, server.addr, b"steered").unwrap();
+        assert_eq!(
+            (reply.as_slice(), from),
+            (&b"steered"[..], server.addr),
+            "v6={v6}"
+        );
+        let mut buffer = [0u8; 64];
+        assert!(
+            marked.recv_from(&mut buffer).is_err(),
+            "the marked socket got a steered flow's datagram (v6={v6})"
+        );
+    }
+    assert_eq!(tproxy.udp_stat("created").unwrap(), 2);
+    tproxy.stop().unwrap();
+}
+
 /// Issue 18: datagrams larger than the path's MTU arrive at the router as fragments; the
 /// first decides, the rest follow it, and the datagram is relayed whole (EDNS answers, QUIC
 /// Initials over small MTUs).

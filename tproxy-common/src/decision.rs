@@ -330,6 +330,15 @@ pub const fn carries_own_mark(mark: u32, own_mark: u32) -> bool {
     own_mark != 0 && mark == own_mark
 }
 
+/// Whether a UDP socket found by a flow's exact tuple is tproxy's own socket for that flow:
+/// it carries the own mark and is connected (tproxy's per-flow sockets always are). An
+/// unconnected one with the mark, bound to a wildcard, would be found for any datagram to its
+/// port: another program's (an external proxy marking its sockets with `socket_mark`), as
+/// iptables' TPROXY takes only connected sockets for a UDP flow's own.
+pub const fn owns_udp_flow(mark: u32, state: u32, own_mark: u32) -> bool {
+    carries_own_mark(mark, own_mark) && state == TCP_ESTABLISHED
+}
+
 /// The packet mark after setting tproxy's routing mark: only the bits under `mask` change, so
 /// marks that other tools keep in the other bits survive.
 pub const fn with_routing_mark(current: u32, mark: u32, mask: u32) -> u32 {
@@ -1038,6 +1047,12 @@ mod tests {
             "someone else's mark"
         );
         assert!(!carries_own_mark(0, 0), "an unset own mark matches nothing");
+        assert!(owns_udp_flow(0x200_0000, TCP_ESTABLISHED, 0x200_0000));
+        assert!(
+            !owns_udp_flow(0x200_0000, 7, 0x200_0000),
+            "an unconnected socket (TCP_CLOSE) is no flow's own"
+        );
+        assert!(!owns_udp_flow(0, TCP_ESTABLISHED, 0x200_0000));
     }
 
     #[test]

@@ -874,7 +874,8 @@ fn steer_udp(
     };
     if !own.is_null() {
         // SAFETY: a non-null socket from the lookup, referenced until released.
-        if decision::carries_own_mark(unsafe { (*own).mark }, OWN_SOCKET_MARK.load()) {
+        let (mark, state) = unsafe { ((*own).mark, (*own).state) };
+        if decision::owns_udp_flow(mark, state, OWN_SOCKET_MARK.load()) {
             return take_socket(ctx, own, Outcome::SteeredEstablished, assign);
         }
         // SAFETY: releases the reference the lookup took.
