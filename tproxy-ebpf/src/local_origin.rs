@@ -212,6 +212,12 @@ fn served(listener_index: u32, kind: ListenerSlot) -> bool {
         unsafe { bpf_sk_release(socket as *mut c_void) };
         return true;
     }
+    is_external(slot)
+}
+
+/// Whether the listener in `slot` is another program's (an external proxy).
+#[inline(always)]
+fn is_external(slot: u32) -> bool {
     EXTERNAL_LISTENERS
         .get(slot)
         .is_some_and(|external| external.kind != EXTERNAL_NONE)
@@ -283,8 +289,8 @@ static LOCAL_PENDING: SkStorage<Pending> = SkStorage::new();
 
 /// The rules' answer for the context's process, by `ask(ifindex, mark, pending)` for each
 /// selection the process is in (the best-ranked answer of all), or `None` when the socket is
-/// not this instance's to decide: not in tproxy's network namespace, tproxy's own, or of a
-/// process in no selection. Such a socket is left as it is, its mark included (another
+/// not this instance's to decide: not in tproxy's network namespace, tproxy's own, bound to
+/// an interface, or of a process in no selection. Such a socket is left as it is, its mark included (another
 /// program at the same hook, another tproxy's for another namespace or cgroup, may have just
 /// set it), except that a socket this instance steered earlier is let go (`release`): a
 /// reload may have removed its selection, or an unselected process inherited it. A socket
@@ -425,10 +431,7 @@ fn steers(
     let RuleMatch::Steer(listener) = rule else {
         return None;
     };
-    let external = EXTERNAL_LISTENERS
-        .get(listener_slot(listener, kind))
-        .is_some_and(|external| external.kind != EXTERNAL_NONE);
-    match scope(external) {
+    match scope(is_external(listener_slot(listener, kind))) {
         DestinationScope::Relayable => Some(listener),
         _ => None,
     }

@@ -217,31 +217,38 @@ impl Config {
                 .get(rule.selection)
                 .is_some_and(|selection| selection.selects_every_process())
         };
-        // A proxy that marks its sockets with `socket_mark` (a recipe's loop guard, `-m mark
-        // --mark X -j RETURN`, is translated so) is never steered, whoever is selected.
-        let proxy_marks_its_sockets =
-            self.settings.socket_mark != super::Settings::default().socket_mark;
-        if let Some(rule) = self
+        let every_process_to_external = self
             .rules
             .iter()
             .chain(&self.own_address_rules)
             .chain(&self.ipset_rules)
-            .find(|rule| steers_to_external(rule) && every_process(rule))
-            .filter(|_| !proxy_marks_its_sockets)
-        {
-            // With every process selected, the proxy is too: its upstream connection would
-            // be marked, come back over lo and be handed to itself.
+            .find(|rule| steers_to_external(rule) && every_process(rule));
+        if let Some(rule) = every_process_to_external {
             let Action::Steer(index) = rule.action else {
                 unreachable!("only steer rules have a listener");
             };
-            bail!(
-                "{what} for every process (no --cgroup, or cgroup \"/\") with listener `{}` \
-                 an external proxy (rule {}): the proxy's own upstream connections would be \
-                 steered back into it; select the applications by cgroup, user or group (and \
-                 keep the proxy out of them), or set socket_mark to the mark the proxy puts on \
-                 its sockets",
-                self.listeners[index as usize].name,
-                rule.number
+            let listener = &self.listeners[index as usize].name;
+            // With every process selected, the proxy is too: its upstream connection would
+            // be marked, come back over lo and be handed to itself, unless it marks its
+            // sockets with `socket_mark`, which is never steered (a recipe's loop guard, `-m
+            // mark --mark X -j RETURN`, translates to that). Only a socket_mark given says
+            // so: the default is tproxy's own.
+            if !self.socket_mark_given {
+                bail!(
+                    "{what} for every process (no --cgroup, or cgroup \"/\") with listener \
+                     `{listener}` an external proxy (rule {}): the proxy's own upstream \
+                     connections would be steered back into it; select the applications by \
+                     cgroup, user or group (and keep the proxy out of them), or set socket_mark \
+                     to the mark the proxy puts on its sockets",
+                    rule.number
+                );
+            }
+            log::info!(
+                "rule {} steers every process's connections to listener `{listener}`, an \
+                 external proxy: its own connections are kept out only if it marks its sockets \
+                 with socket_mark {:#x}",
+                rule.number,
+                self.settings.socket_mark
             );
         }
         if self.settings.transparent_upstream {

@@ -107,6 +107,9 @@ pub struct Config {
     /// The sets of local processes the rules for local connections (origin `local` or
     /// `any`) apply to, each rule's by its `selection`; `None` when no rule is for them.
     pub local: Option<LocalSelections>,
+    /// Whether `socket_mark` was given (flag or file), not left to its default: the
+    /// operator's word that an external proxy marks its sockets with it (see `check`).
+    pub socket_mark_given: bool,
 }
 
 /// Puts in `rules` one rule of each of `templates` per destination of its family, in place
@@ -177,6 +180,7 @@ impl Config {
             Some(path) => parse_file(path, text)?,
             None => ConfigFile::default(),
         };
+        let socket_mark_given = raw.gives_socket_mark() || args.settings.socket_mark.is_some();
         let mut settings = Settings::default();
         raw.apply_settings(&mut settings);
         args.settings.apply(&mut settings);
@@ -199,6 +203,7 @@ impl Config {
             ipset_names: BTreeMap::new(),
             ipset_entries: BTreeMap::new(),
             local: None,
+            socket_mark_given,
         };
         let mut file_selections = Vec::new();
         if let Some(file) = &args.config {

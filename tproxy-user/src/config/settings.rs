@@ -467,3 +467,10 @@ mod tests {
         assert_eq!(fixed_changes(&old, &new), ["table", "pin", "drain_timeout"]);
     }
 }
+
+impl ConfigFile {
+    /// Whether the file gives `socket_mark` (read before the settings are applied).
+    pub(super) fn gives_socket_mark(&self) -> bool {
+        self.socket_mark.is_some()
+    }
+}

@@ -274,8 +274,8 @@ pub(crate) struct RouteMirror {
     /// Each generation parity's names, whose bits `written` holds (`None`: nothing mirrored
     /// yet).
     names: Option<[Vec<String>; 2]>,
-    /// Whether routes by nexthop objects were warned of (once: a refresh follows every
-    /// route change).
+    /// Whether routes by nexthop objects were warned of: once per run (a refresh follows
+    /// every route change), not again when such routes come back.
     warned_of_nexthop_objects: bool,
 }
 
@@ -349,10 +349,10 @@ impl RouteMirror {
         if let (Some(first), false) = (unknown.first(), self.warned_of_nexthop_objects) {
             self.warned_of_nexthop_objects = true;
             log::warn!(
-                "out_interface: the route to {} ({} routes in all) leaves by a nexthop object, \
+                "out_interface: the route to {} ({} such routes) leaves by a nexthop object, \
                  whose interfaces the kernel does not list with net.ipv4.nexthop_compat_mode=0 \
-                 (net.ipv6 likewise): out_interface rules take none of its connections; set \
-                 nexthop_compat_mode to 1 for them to",
+                 (IPv6 routes too): out_interface rules take none of its connections; set it \
+                 to 1 for them to",
                 first.prefix,
                 unknown.len()
             );
