@@ -593,6 +593,17 @@ fn local_refuses_what_it_cannot_serve() {
         "0xff",
     ];
     assert!(Config::build(&args(&marked)).is_ok());
+    // Given, the default is the operator's word too.
+    let default_given = [
+        "--local",
+        "--tcp",
+        "80",
+        "--on-port",
+        "3129",
+        "--socket-mark",
+        "0x2000000",
+    ];
+    assert!(Config::build(&args(&default_given)).is_ok());
     let spoofing = ["--local", "--tcp", "80", "--transparent-upstream"];
     assert!(
         error(&spoofing).contains("--local with --transparent-upstream"),
