@@ -466,7 +466,8 @@ fn the_relays_own_upstream_connection_is_never_steered_on_a_single_host() {
 /// upstream sockets with `socket_mark`, which tproxy never steers (what a recipe's loop guard
 /// `-m mark --mark 0xff -j RETURN` becomes), so an app's connection reaches it once and goes
 /// on to the server. The same proxy without the mark gets its own upstream connection back,
-/// and the app no answer. Connections to loopback addresses reach it as well.
+/// and the app no answer. With `--steer-loopback`, connections to loopback addresses reach
+/// it as well.
 #[test]
 fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
     require_root();
@@ -484,6 +485,7 @@ fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
         "127.0.0.1",
         "--socket-mark",
         "255",
+        "--steer-loopback",
     ];
     let _tproxy = Tproxy::start_with_host_mounts(&topo.router, &args).unwrap();
     let through_proxy = |mark: &str, target: &str| {
@@ -520,8 +522,8 @@ fn an_external_proxy_that_marks_its_sockets_can_be_among_every_process() {
         1,
         "an unmarked proxy reached the server"
     );
-    // A connection to a loopback address reaches the proxy too, as the iptables recipe hands
-    // it over (tproxy's own relay would only connect to it as the app does).
+    // With --steer-loopback a connection to a loopback address reaches the proxy too, as an
+    // iptables recipe without a 127.0.0.0/8 RETURN hands it over.
     let local = named_server(&topo.router, addr("127.0.0.1:80"), "local");
     let (to_loopback, proxied) = through_proxy("255", "127.0.0.1:80");
     assert_eq!(to_loopback.as_deref(), Ok("127.0.0.1:80 local"));

@@ -42,6 +42,9 @@ pub const LOOPBACK_SOURCE_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 /// steered: it takes a packet on `lo` from a local process to the listener the connect (or
 /// sendmsg) program chose for its socket (see [`LocalDecision`]).
 pub const LOOPBACK_PROGRAM_NAME: &str = "tproxy_loopback";
+/// Global (`u32`): non-zero to steer local connections to loopback addresses when the rule's
+/// listener is an external proxy (`steer_loopback`).
+pub const STEER_LOOPBACK_GLOBAL: &str = "STEER_LOOPBACK";
 /// Global (`u64`): the cgroup v2 id of tproxy's own cgroup, whose sockets are never marked.
 pub const OWN_CGROUP_GLOBAL: &str = "OWN_CGROUP_ID";
 /// Global (`u64`): the cookie of tproxy's network namespace. A cgroup holds processes of any

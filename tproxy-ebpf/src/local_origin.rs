@@ -52,6 +52,9 @@ static LOCAL_ROUTES_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, BP
 #[btf_map]
 pub(crate) static LOCAL_DECISIONS: SkStorage<LocalDecision> = SkStorage::new();
 
+/// Set by the loader before load (`tproxy_common::local_origin::STEER_LOOPBACK_GLOBAL`).
+#[unsafe(no_mangle)]
+static STEER_LOOPBACK: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::local_origin::OWN_CGROUP_GLOBAL`).
 #[unsafe(no_mangle)]
 static OWN_CGROUP_ID: Global<u64> = Global::new(0);
@@ -420,8 +423,8 @@ fn current_mark(ctx: &SockAddrContext) -> u32 {
 
 /// The listener of a steer rule whose destination may be steered (the scope the program on
 /// `lo` allows too): not multicast, broadcast or link-local, and a loopback destination only
-/// to an external proxy, which an iptables recipe sent it to as well. tproxy's own relay
-/// would only connect to it as the app does.
+/// to an external proxy with `steer_loopback`, as an iptables recipe sent it to its proxy
+/// (tproxy's own relay would only connect to it as the app does).
 #[inline(always)]
 fn steers(
     rule: RuleMatch,
@@ -431,7 +434,8 @@ fn steers(
     let RuleMatch::Steer(listener) = rule else {
         return None;
     };
-    match scope(is_external(listener_slot(listener, kind))) {
+    let loopback_too = STEER_LOOPBACK.load() != 0 && is_external(listener_slot(listener, kind));
+    match scope(loopback_too) {
         DestinationScope::Relayable => Some(listener),
         _ => None,
     }

@@ -280,6 +280,7 @@ async fn load_steering(
         fail_closed: settings.fail_mode == FailMode::Closed,
         pinned: claim.pinned.clone(),
         local_origin,
+        steer_loopback: settings.steer_loopback,
     })?;
     steering.spawn_log_forwarder()?;
     metrics::start(relays, settings, Some(&steering)).await?;

@@ -344,6 +344,13 @@ settings! {
     #[flag(long = "socket-mark", value_name = "MARK")]
     fixed socket_mark: value<SocketMark>, default "0x2000000";
 
+    /// Steer local connections to loopback addresses when a rule takes them to an external
+    /// proxy, as an iptables recipe without a `-d 127.0.0.0/8 -j RETURN` hands them to its
+    /// proxy (`translate --keep-proxies` sets it for such a recipe). Off, they go direct: a
+    /// process connecting to a local service does not leave the host.
+    #[flag(long = "steer-loopback")]
+    fixed steer_loopback: switch;
+
     /// Keep the program's links and maps pinned (under --pin-dir), so that steering outlives
     /// the process: the next `tproxy run --pin` adopts them without a gap, and one started
     /// while this one runs takes its listeners over (see the README's restart section).

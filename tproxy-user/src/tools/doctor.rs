@@ -294,6 +294,7 @@ fn program(settings: &Settings) -> Finding {
         fail_closed: false,
         pinned: None,
         local_origin: None,
+        steer_loopback: false,
     };
     match Steering::load(&load) {
         Ok(steering) => {

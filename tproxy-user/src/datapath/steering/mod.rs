@@ -78,6 +78,8 @@ pub(crate) struct LoadSettings {
     pub pinned: Option<PinnedState>,
     /// Steer local processes' connections (`--local`): the connect programs' globals.
     pub local_origin: Option<LocalGlobals>,
+    /// Steer local connections to loopback addresses to external proxies (`steer_loopback`).
+    pub steer_loopback: bool,
 }
 
 /// Every slot a listener has in the socket map.
@@ -131,7 +133,9 @@ fn load_object(
     let local = settings.local_origin.as_ref();
     let own_cgroup = local.map_or(0, |l| l.own_cgroup);
     let own_netns = local.map_or(0, |l| l.own_netns);
+    let steer_loopback = u32::from(settings.steer_loopback);
     loader
+        .override_global(local_origin::STEER_LOOPBACK_GLOBAL, &steer_loopback, true)
         .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
         .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)
         .override_global(maps::FRAGMENT_TIMEOUT_V4_GLOBAL, &fragment_timeouts.0, true)

@@ -40,9 +40,8 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let (local_flat, local_guard) = own_mark::guard(local_flat);
     let guard = local::one_guard(guard, local_guard, &mut skipped);
     local::note_socket_marks(&local_flat, &mut notes);
-    if !keep_proxies {
-        local::note_loopback_destinations(&local_flat, &mut notes);
-    }
+    let steer_loopback =
+        local::loopback_destinations(&local_flat, keep_proxies, &mut notes) && keep_proxies;
     local::leave_out_loopback(&mut flat, &local_flat, &mut notes);
     flat.extend(local_flat);
     let flat: Vec<Parsed> = negation::open(flat, &mut notes)
@@ -112,6 +111,13 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
                 let _ = writeln!(out, "socket_mark = \"{:#x}\"", guard.mark);
             }
         }
+    }
+    if steer_loopback {
+        let _ = writeln!(
+            out,
+            "# The recipe hands the host's connections to loopback addresses to its proxy too."
+        );
+        let _ = writeln!(out, "steer_loopback = true");
     }
     for (port, addrs) in &listeners {
         let _ = writeln!(out, "\n[[listener]]\nname = \"{}\"", listener_name(*port));

@@ -444,11 +444,16 @@ pub(super) fn leave_out_loopback(
 }
 
 /// Notes each local steer rule that can take connections to loopback addresses (no earlier
-/// rule takes them all first): the recipe sends those to the proxy too, tproxy's programs
-/// steer them only to an external proxy (see README, "The host's own traffic"), as
-/// `--keep-proxies` makes the TPROXY ports, and otherwise let them go where tproxy's relay
-/// would have connected them.
-pub(super) fn note_loopback_destinations(local: &[Flat], notes: &mut Vec<String>) {
+/// rule takes them all first): the recipe sends those to the proxy too. tproxy's programs
+/// steer them only to an external proxy with `steer_loopback` (see README, "The host's own
+/// traffic"): with `keep_proxies` the answer is whether to set it; otherwise they go where
+/// tproxy's relay would have connected them, which the notes say.
+pub(super) fn loopback_destinations(
+    local: &[Flat],
+    keep_proxies: bool,
+    notes: &mut Vec<String>,
+) -> bool {
+    let mut reached = false;
     let loopback: [IpNet; 2] = [
         "127.0.0.0/8".parse().expect("a prefix"),
         "::1/128".parse().expect("a prefix"),
@@ -471,14 +476,18 @@ pub(super) fn note_loopback_destinations(local: &[Flat], notes: &mut Vec<String>
                     .any(|earlier| covers(&earlier.matches, &to_loopback))
         });
         if matches!(rule.target, Target::Tproxy { .. }) && !m.matches_nothing && reaches_loopback {
-            notes.push(format!(
-                "line {}: `{}`: its connections to loopback addresses (127.0.0.0/8, ::1) are \
-                 not steered: tproxy's relay would connect to them as the app does, so they go \
-                 straight there (with --keep-proxies they are steered to the proxy)",
-                rule.line, rule.text
-            ));
+            reached = true;
+            if !keep_proxies {
+                notes.push(format!(
+                    "line {}: `{}`: its connections to loopback addresses (127.0.0.0/8, ::1) \
+                     are not steered: tproxy's relay would connect to them as the app does, so \
+                     they go straight there (with --keep-proxies they are steered to the proxy)",
+                    rule.line, rule.text
+                ));
+            }
         }
     }
+    reached
 }
 
 /// A note when rules for locally generated traffic match a mark: mangle OUTPUT reads each

@@ -2924,6 +2924,18 @@ COMMIT
     let kept = translate_with(&rules(""), true).unwrap();
     assert_eq!(noted(&kept), 0, "{:?}", kept.notes);
     assert!(kept.skipped.is_empty(), "{:?}", kept.skipped);
+    assert!(
+        kept.config.contains("\nsteer_loopback = true\n"),
+        "{}",
+        kept.config
+    );
+    let guarded_kept =
+        translate_with(&rules("-A OUTPUT -d 127.0.0.0/8 -j RETURN\n"), true).unwrap();
+    assert!(
+        !guarded_kept.config.contains("steer_loopback"),
+        "{}",
+        guarded_kept.config
+    );
 }
 
 /// `--tproxy-mark 0x0/0x0` leaves the routing to a mark the packets carry: without a mark
