@@ -387,6 +387,13 @@ settings! {
     fixed drain_timeout: value<DrainTimeout>, default "30s";
 }
 
+impl ConfigFile {
+    /// Whether the file gives `socket_mark` (read before the settings are applied).
+    pub(super) fn gives_socket_mark(&self) -> bool {
+        self.socket_mark.is_some()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::{Args, Command};
@@ -472,12 +479,5 @@ mod tests {
         new.drain_timeout = std::time::Duration::ZERO;
         new.pin = true;
         assert_eq!(fixed_changes(&old, &new), ["table", "pin", "drain_timeout"]);
-    }
-}
-
-impl ConfigFile {
-    /// Whether the file gives `socket_mark` (read before the settings are applied).
-    pub(super) fn gives_socket_mark(&self) -> bool {
-        self.socket_mark.is_some()
     }
 }
