@@ -9,7 +9,7 @@ use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
     local_bypass, other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    words, AddressType, Chain, Established, Family, Match, Parsed, RuleSet, Target,
+    words, AddressType, Chain, Entry, Established, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
     datapath::rules::Ports,
@@ -112,10 +112,13 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     }
     Ok(RuleSet {
         chains,
-        entry: vec![
-            chain_key(Family::V4, "PREROUTING"),
-            chain_key(Family::V6, "PREROUTING"),
-        ],
+        entry: [Family::V4, Family::V6]
+            .map(|family| Entry {
+                chain: chain_key(family, "PREROUTING"),
+                family: Some(family),
+                priority: 0,
+            })
+            .into(),
         local_entry: vec![
             chain_key(Family::V4, "OUTPUT"),
             chain_key(Family::V6, "OUTPUT"),

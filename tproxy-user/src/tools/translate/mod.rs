@@ -275,13 +275,32 @@ type Chain = Vec<Result<Parsed, (usize, String, String)>>;
 struct RuleSet {
     chains: HashMap<String, Chain>,
     /// The chains the kernel runs at prerouting, in order.
-    entry: Vec<String>,
+    entry: Vec<Entry>,
     /// Rules outside what is translated, for a note.
     ignored: usize,
     /// The chains the kernel runs for locally generated packets (mangle OUTPUT), in order.
     local_entry: Vec<String>,
     /// Rules that matter but cannot be translated where they are (nft: the output hook).
     elsewhere: Vec<(usize, String, String)>,
+}
+
+/// A base chain the kernel runs at prerouting.
+struct Entry {
+    chain: String,
+    /// The packets it sees: one family's, or both (nft's `inet` tables).
+    family: Option<Family>,
+    /// nft's chain priority (the kernel runs a hook's base chains from the lowest up).
+    priority: i32,
+}
+
+impl Entry {
+    /// Whether some packet runs through both chains.
+    fn overlaps(&self, other: &Entry) -> bool {
+        match (self.family, other.family) {
+            (Some(one), Some(other)) => one == other,
+            _ => true,
+        }
+    }
 }
 
 /// Translates a rule set given as text.

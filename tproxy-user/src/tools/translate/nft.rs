@@ -8,7 +8,7 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
     other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    precedence::iface_covers, words, Chain, Family, Match, Parsed, RuleSet, Target,
+    precedence::iface_covers, words, Chain, Entry, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::values::{
     parse_gid_range, parse_mark, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport,
@@ -210,7 +210,24 @@ fn chain_line(
             (Some(hook), Some(chain)) if at.nat => {
                 at.nat_chains.push((chain.clone(), hook == "prerouting"))
             }
-            (Some("prerouting"), Some(chain)) => ruleset.entry.push(chain.clone()),
+            (Some("prerouting"), Some(chain)) => {
+                let priority = w
+                    .iter()
+                    .position(|x| x == "priority")
+                    .map_or(0, |i| chain_priority(&w[i + 1..]));
+                // The kernel runs a hook's base chains by priority, whatever the order listed.
+                let at_index = ruleset
+                    .entry
+                    .iter()
+                    .position(|other| other.priority > priority)
+                    .unwrap_or(ruleset.entry.len());
+                let entry = Entry {
+                    chain: chain.clone(),
+                    family: at.family,
+                    priority,
+                };
+                ruleset.entry.insert(at_index, entry);
+            }
             // Only a route chain looks up the route again when a rule changes the mark:
             // the recipe's way to send the host's own packets to `lo`.
             (Some("output"), Some(chain)) if w.get(1).is_some_and(|t| t == "route") => {
@@ -223,10 +240,10 @@ fn chain_line(
     let drops_the_rest = w
         .windows(2)
         .any(|pair| pair[0] == "policy" && pair[1].trim_end_matches(';') == "drop");
-    let read_here = at
-        .chain
-        .as_ref()
-        .is_some_and(|chain| ruleset.entry.contains(chain) || ruleset.local_entry.contains(chain));
+    let read_here = at.chain.as_ref().is_some_and(|chain| {
+        ruleset.entry.iter().any(|entry| &entry.chain == chain)
+            || ruleset.local_entry.contains(chain)
+    });
     if drops_the_rest && read_here {
         ruleset.elsewhere.push((
             number,
@@ -283,6 +300,28 @@ fn chain_line(
             ruleset.elsewhere.push((number, trimmed.to_string(), "a rule in a chain at the output hook that is not `type route`: a mark it sets does not send the packet to the TPROXY rules".to_string()));
         }
         Some(_) => ruleset.ignored += 1,
+    }
+}
+
+/// A base chain's priority from the words after `priority`: a number, or a name with an
+/// optional offset (`mangle - 1`), as nft lists them.
+fn chain_priority(words: &[String]) -> i32 {
+    let word = |i: usize| words.get(i).map(|w| w.trim_end_matches(';'));
+    let base = match word(0) {
+        Some("raw") => -300,
+        Some("mangle") => -150,
+        Some("dstnat") => -100,
+        Some("filter") => 0,
+        Some("security") => 50,
+        Some("srcnat") => 100,
+        Some(number) => number.parse().unwrap_or(0),
+        None => 0,
+    };
+    let offset: i32 = word(2).and_then(|n| n.parse().ok()).unwrap_or(0);
+    match word(1) {
+        Some("+") => base + offset,
+        Some("-") => base - offset,
+        _ => base,
     }
 }
 

@@ -3919,3 +3919,75 @@ table inet t {
         t.config
     );
 }
+
+/// nft runs each base chain at prerouting in turn, by priority: an accept in one ends only
+/// that chain. A later chain that decides packets an earlier one accepts cannot be one rule
+/// set in order, and is reported (whatever order the chains are listed in); chains of
+/// disjoint families, and an earlier chain that only falls through or holds the socket
+/// match's divert, translate.
+#[test]
+fn several_base_chains_at_prerouting_translate_only_when_their_order_means_the_same() {
+    let chains = |first: &str, second: &str, family2: &str| {
+        format!(
+            "\
+table inet a {{
+\tchain later {{
+\t\ttype filter hook prerouting priority filter; policy accept;
+\t\t{second}
+\t}}
+}}
+table {family2} b {{
+\tchain earlier {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\t{first}
+\t}}
+}}
+"
+        )
+    };
+    let steer = "meta l4proto tcp tproxy to :7000";
+    let accepting = chains("ip daddr 10.0.0.0/8 accept", steer, "ip");
+    let t = translate(&accepting).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("chain inet a/later: it runs after chain ip b/earlier")),
+        "{:?}",
+        t.skipped
+    );
+    // The same with the second table inet as well: still both families' packets meet.
+    let inet = translate(&chains("ip daddr 10.0.0.0/8 accept", steer, "inet")).unwrap();
+    assert!(!inet.skipped.is_empty(), "{}", inet.config);
+    // An earlier chain that only steers, its other packets falling through: the order says it.
+    let falls_through = translate(&chains("tcp dport 80 tproxy to :7001", steer, "ip")).unwrap();
+    assert!(
+        falls_through.skipped.is_empty(),
+        "{:?}",
+        falls_through.skipped
+    );
+    // The socket match's divert decides nothing tproxy does not do itself.
+    let divert = translate(&chains(
+        "meta l4proto tcp socket transparent 1 meta mark set 0x1 accept",
+        steer,
+        "ip",
+    ))
+    .unwrap();
+    assert!(divert.skipped.is_empty(), "{:?}", divert.skipped);
+    // IPv6 accepts meet no IPv4-only chain.
+    let disjoint = "\
+table ip6 b {
+\tchain earlier {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tip6 daddr fd00::/8 accept
+\t}
+}
+table ip a {
+\tchain later {
+\t\ttype filter hook prerouting priority filter; policy accept;
+\t\tmeta l4proto tcp tproxy to :7000
+\t}
+}
+";
+    let t = translate(disjoint).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+}
