@@ -10,10 +10,10 @@ use ipnet::IpNet;
 
 use super::{
     established,
-    flatten::{flatten, narrow, Flat, Narrowed},
+    flatten::{flatten_in_turn, narrow, Flat, Narrowed},
     local, negation, own_mark,
     precedence::{covers, more_specific, overlaps, ShadowIndex},
-    Entry, Family, Match, Parsed, RuleSet, Target, Translation,
+    Family, Match, Parsed, RuleSet, Target, Translation,
 };
 use crate::{
     config::Settings,
@@ -142,55 +142,13 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
 /// The rules the kernel runs at prerouting, jumps inlined, in order, each or why it cannot
 /// be translated; the rules of other tables and chains are noted.
 fn flatten_entries(ruleset: &RuleSet, notes: &mut Vec<String>) -> Vec<Flat> {
-    let mut flat = Vec::new();
-    // The chains run before, each with whether it lets some packet go on undecided-looking
-    // (an accept or return) or steers some.
-    let mut before: Vec<(&Entry, bool, bool)> = Vec::new();
-    for entry in &ruleset.entry {
-        let mut own = Vec::new();
-        flatten(
-            ruleset,
-            &entry.chain,
-            &Match::default(),
-            None,
-            0,
-            &mut own,
-            notes,
-        );
-        let has = |wanted: &dyn Fn(&Target) -> bool| {
-            own.iter().flatten().any(|rule| wanted(&rule.target))
-        };
-        let lets_go = has(&|t| {
-            matches!(
-                t,
-                Target::Bypass | Target::Return | Target::MarkThenAccept(_)
-            )
-        });
-        let steers = has(&|t| matches!(t, Target::Tproxy { .. }));
-        let decides = lets_go || steers || has(&|t| matches!(t, Target::Drop | Target::Reject));
-        // nft runs every base chain at the hook in turn: an accept (or the chain's end)
-        // ends only its own chain, and the next one still steers or drops the packet. One
-        // rule set in order says that only while no chain before lets a packet go that this
-        // one decides, and none before steers one this one drops.
-        let conflict = before.iter().find(|(earlier, lets_go, steered)| {
-            earlier.overlaps(entry)
-                && ((*lets_go && decides)
-                    || (*steered && has(&|t| matches!(t, Target::Drop | Target::Reject))))
-        });
-        if let Some((earlier, ..)) = conflict {
-            flat.push(Err(format!(
-                "chain {}: it runs after chain {} at prerouting, which lets packets go on to \
-                 it (nft runs each base chain of the hook in turn, and an accept ends only \
-                 its own): one rule set cannot say both; merge them into one chain",
-                entry.chain, earlier.chain
-            )));
-            continue;
-        }
-        if decides {
-            before.push((entry, lets_go, steers));
-        }
-        flat.extend(own);
-    }
+    let flat = flatten_in_turn(
+        ruleset,
+        &ruleset.entry,
+        &Match::default(),
+        "prerouting",
+        notes,
+    );
     if ruleset.ignored > 0 {
         notes.push(format!(
             "{} rules outside the prerouting TPROXY path (other tables and chains) were left alone",

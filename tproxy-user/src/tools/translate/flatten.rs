@@ -7,12 +7,94 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     precedence::{covers, iface_covers, ifaces_overlap, overlaps, port_bounds, within},
-    Family, Match, Parsed, RuleSet, Target,
+    Entry, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{datapath::rules::Ports, values::Mark};
 
 /// A rule of the flattened rule set, or why it cannot be translated.
 pub(super) type Flat = Result<Parsed, String>;
+
+/// The rules of the base chains `entries` at `hook`, jumps inlined, in the order the kernel
+/// runs them. nft runs every base chain at a hook in turn: an accept (or return) ends only
+/// its own chain, and a `tproxy` statement ends none (a later one replaces its socket). One
+/// rule set in order says that only while no chain before lets a packet go or steers it that
+/// a later one steers or drops: a later chain that would is reported in place of its rules.
+/// Chains of one priority run in an order the listing does not show (the kernel puts the
+/// newest first): two of them that both decide packets are reported likewise.
+pub(super) fn flatten_in_turn(
+    ruleset: &RuleSet,
+    entries: &[Entry],
+    context: &Match,
+    hook: &str,
+    notes: &mut Vec<String>,
+) -> Vec<Flat> {
+    let mut flat = Vec::new();
+    let mut before: Vec<(&Entry, Decides)> = Vec::new();
+    for entry in entries {
+        let mut own = Vec::new();
+        flatten(ruleset, &entry.chain, context, None, 0, &mut own, notes);
+        let decides = Decides::of(&own);
+        let conflict = before.iter().find(|(earlier, earlier_decides)| {
+            earlier.overlaps(entry)
+                && (earlier_decides.overruled_by(&decides)
+                    || (earlier.priority == entry.priority
+                        && decides.overruled_by(earlier_decides)))
+        });
+        if let Some((earlier, _)) = conflict {
+            flat.push(Err(format!(
+                "chain {}: nft runs it at {hook} after chain {} for the same packets, and \
+                 what that chain decides (an accept, or a tproxy a later one replaces) does \
+                 not keep this one from steering or dropping them: one rule set in order \
+                 cannot say both; merge them into one chain",
+                entry.chain, earlier.chain
+            )));
+            continue;
+        }
+        before.push((entry, decides));
+        flat.extend(own);
+    }
+    flat
+}
+
+/// What a base chain's rules do to which packets (see [`flatten_in_turn`]).
+struct Decides {
+    /// Accept or return (the chain ends, the next one runs), TPROXY or at output the
+    /// recipe's mark (the next chain still runs): packets a later chain may decide again.
+    settled: Vec<Match>,
+    /// TPROXY or the recipe's mark, drop or reject: what a later chain does anew.
+    acts: Vec<Match>,
+}
+
+impl Decides {
+    fn of(rules: &[Flat]) -> Self {
+        let matching = |wanted: &dyn Fn(&Target) -> bool| -> Vec<Match> {
+            rules
+                .iter()
+                .flatten()
+                .filter(|rule| wanted(&rule.target))
+                .map(|rule| rule.matches.clone())
+                .collect()
+        };
+        let steers = |t: &Target| matches!(t, Target::Tproxy { .. } | Target::SetMark(_));
+        Decides {
+            settled: matching(&|t| {
+                steers(t)
+                    || matches!(
+                        t,
+                        Target::Bypass | Target::Return | Target::MarkThenAccept(_)
+                    )
+            }),
+            acts: matching(&|t| steers(t) || matches!(t, Target::Drop | Target::Reject)),
+        }
+    }
+
+    /// Whether a chain run after this one steers or drops a packet this one decided.
+    fn overruled_by(&self, later: &Decides) -> bool {
+        self.settled
+            .iter()
+            .any(|earlier| later.acts.iter().any(|act| overlaps(earlier, act)))
+    }
+}
 
 /// Inlines jumps from `chain`, narrowing the jumped-to rules by the jump's own matches.
 /// `via`: the jump that led here, for the notes on rules it can never reach.

@@ -119,10 +119,13 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
                 priority: 0,
             })
             .into(),
-        local_entry: vec![
-            chain_key(Family::V4, "OUTPUT"),
-            chain_key(Family::V6, "OUTPUT"),
-        ],
+        local_entry: [Family::V4, Family::V6]
+            .map(|family| Entry {
+                chain: chain_key(family, "OUTPUT"),
+                family: Some(family),
+                priority: 0,
+            })
+            .into(),
         ignored,
         elsewhere,
     })

@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 
 use super::{
-    flatten::{flatten, narrow, Flat, Narrowed},
+    flatten::{flatten_in_turn, narrow, Flat, Narrowed},
     own_mark::Guard,
     precedence::{covers, iface_covers, overlaps},
     Match, Parsed, RuleSet, Target,
@@ -31,14 +31,11 @@ use crate::values::{Mark, Transport};
 /// MARK rules that steer made TPROXY targets like those that take their packets on `lo`;
 /// each rule or why it cannot be translated. `prerouting`: the flattened PREROUTING rules.
 pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<String>) -> Vec<Flat> {
-    let mut flat = Vec::new();
     let context = Match {
         local: true,
         ..Match::default()
     };
-    for entry in &ruleset.local_entry {
-        flatten(ruleset, entry, &context, None, 0, &mut flat, notes);
-    }
+    let flat = flatten_in_turn(ruleset, &ruleset.local_entry, &context, "output", notes);
     let recipe_mark = prerouting
         .iter()
         .flatten()

@@ -279,12 +279,13 @@ struct RuleSet {
     /// Rules outside what is translated, for a note.
     ignored: usize,
     /// The chains the kernel runs for locally generated packets (mangle OUTPUT), in order.
-    local_entry: Vec<String>,
+    local_entry: Vec<Entry>,
     /// Rules that matter but cannot be translated where they are (nft: the output hook).
     elsewhere: Vec<(usize, String, String)>,
 }
 
-/// A base chain the kernel runs at prerouting.
+/// A base chain the kernel runs at prerouting (or, for locally generated packets, at
+/// output).
 struct Entry {
     chain: String,
     /// The packets it sees: one family's, or both (nft's `inet` tables).

@@ -33,6 +33,8 @@ type Sets = HashMap<String, Vec<String>>;
 struct Position {
     blocks: Vec<Block>,
     family: Option<Family>,
+    /// The table is not of IP packets (`bridge`, `netdev`, `arp`): its hooks are others'.
+    other_packets: bool,
     /// The table's family and name (`ip x`).
     table: String,
     chain: Option<String>,
@@ -163,6 +165,7 @@ impl Position {
                     "ip6" => Some(Family::V6),
                     _ => None,
                 };
+                self.other_packets = !matches!(name.as_str(), "ip" | "ip6" | "inet");
                 self.table = format!("{name} {}", w.get(2).map_or("", String::as_str));
                 self.blocks.push(Block::Table);
             }
@@ -198,6 +201,13 @@ fn chain_line(
     trimmed: &str,
     w: &[String],
 ) {
+    if at.other_packets {
+        // A bridge table's prerouting is the bridge's, before any IP routing.
+        if !matches!(w[0].as_str(), "type" | "policy") {
+            ruleset.ignored += 1;
+        }
+        return;
+    }
     if w[0] == "type" {
         at.hook = w
             .iter()
@@ -211,27 +221,14 @@ fn chain_line(
                 at.nat_chains.push((chain.clone(), hook == "prerouting"))
             }
             (Some("prerouting"), Some(chain)) => {
-                let priority = w
-                    .iter()
-                    .position(|x| x == "priority")
-                    .map_or(0, |i| chain_priority(&w[i + 1..]));
-                // The kernel runs a hook's base chains by priority, whatever the order listed.
-                let at_index = ruleset
-                    .entry
-                    .iter()
-                    .position(|other| other.priority > priority)
-                    .unwrap_or(ruleset.entry.len());
-                let entry = Entry {
-                    chain: chain.clone(),
-                    family: at.family,
-                    priority,
-                };
-                ruleset.entry.insert(at_index, entry);
+                let entry = entry(chain, at.family, w);
+                in_priority_order(&mut ruleset.entry, entry);
             }
             // Only a route chain looks up the route again when a rule changes the mark:
             // the recipe's way to send the host's own packets to `lo`.
             (Some("output"), Some(chain)) if w.get(1).is_some_and(|t| t == "route") => {
-                ruleset.local_entry.push(chain.clone())
+                let entry = entry(chain, at.family, w);
+                in_priority_order(&mut ruleset.local_entry, entry);
             }
             _ => {}
         }
@@ -242,7 +239,10 @@ fn chain_line(
         .any(|pair| pair[0] == "policy" && pair[1].trim_end_matches(';') == "drop");
     let read_here = at.chain.as_ref().is_some_and(|chain| {
         ruleset.entry.iter().any(|entry| &entry.chain == chain)
-            || ruleset.local_entry.contains(chain)
+            || ruleset
+                .local_entry
+                .iter()
+                .any(|entry| &entry.chain == chain)
     });
     if drops_the_rest && read_here {
         ruleset.elsewhere.push((
@@ -291,16 +291,45 @@ fn chain_line(
             .entry(chain.clone())
             .or_default()
             .extend(parsed),
-        Some("output") if ruleset.local_entry.contains(chain) => ruleset
-            .chains
-            .entry(chain.clone())
-            .or_default()
-            .extend(parsed),
+        Some("output")
+            if ruleset
+                .local_entry
+                .iter()
+                .any(|entry| &entry.chain == chain) =>
+        {
+            ruleset
+                .chains
+                .entry(chain.clone())
+                .or_default()
+                .extend(parsed)
+        }
         Some("output") => {
             ruleset.elsewhere.push((number, trimmed.to_string(), "a rule in a chain at the output hook that is not `type route`: a mark it sets does not send the packet to the TPROXY rules".to_string()));
         }
         Some(_) => ruleset.ignored += 1,
     }
+}
+
+/// The base chain `chain` of the `type` line `w`.
+fn entry(chain: &str, family: Option<Family>, w: &[String]) -> Entry {
+    Entry {
+        chain: chain.to_string(),
+        family,
+        priority: w
+            .iter()
+            .position(|x| x == "priority")
+            .map_or(0, |i| chain_priority(&w[i + 1..])),
+    }
+}
+
+/// Puts `entry` among `entries` where the kernel runs it: a hook's base chains run by
+/// priority, whatever the order listed (equal ones in that order).
+fn in_priority_order(entries: &mut Vec<Entry>, entry: Entry) {
+    let at = entries
+        .iter()
+        .position(|other| other.priority > entry.priority)
+        .unwrap_or(entries.len());
+    entries.insert(at, entry);
 }
 
 /// A base chain's priority from the words after `priority`: a number, or a name with an

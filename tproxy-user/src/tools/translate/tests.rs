@@ -3949,21 +3949,37 @@ table {family2} b {{
     let accepting = chains("ip daddr 10.0.0.0/8 accept", steer, "ip");
     let t = translate(&accepting).unwrap();
     assert!(
-        t.skipped
-            .iter()
-            .any(|s| s.contains("chain inet a/later: it runs after chain ip b/earlier")),
+        t.skipped.iter().any(|s| s
+            .contains("chain inet a/later: nft runs it at prerouting after chain ip b/earlier")),
         "{:?}",
         t.skipped
     );
     // The same with the second table inet as well: still both families' packets meet.
     let inet = translate(&chains("ip daddr 10.0.0.0/8 accept", steer, "inet")).unwrap();
-    assert!(!inet.skipped.is_empty(), "{}", inet.config);
-    // An earlier chain that only steers, its other packets falling through: the order says it.
-    let falls_through = translate(&chains("tcp dport 80 tproxy to :7001", steer, "ip")).unwrap();
     assert!(
-        falls_through.skipped.is_empty(),
+        inet.skipped.iter().any(|s| s
+            .contains("chain inet a/later: nft runs it at prerouting after chain inet b/earlier")),
         "{:?}",
-        falls_through.skipped
+        inet.skipped
+    );
+    // A bridge table's prerouting is another hook: its accept keeps nothing from IP's.
+    let bridge = translate(&chains("ip daddr 10.0.0.0/8 accept", steer, "bridge")).unwrap();
+    assert!(bridge.skipped.is_empty(), "{:?}", bridge.skipped);
+    // An earlier chain that steers some packets: a tproxy ends no chain, and the later
+    // chain's replaces its socket.
+    let steered_twice =
+        translate(&chains("tcp dport 80 tproxy to :7001 accept", steer, "ip")).unwrap();
+    assert!(
+        !steered_twice.skipped.is_empty(),
+        "{}",
+        steered_twice.config
+    );
+    // A later chain that only accepts changes nothing the earlier decided.
+    let accepts_after = translate(&chains(steer, "ip daddr 10.0.0.0/8 accept", "ip")).unwrap();
+    assert!(
+        accepts_after.skipped.is_empty(),
+        "{:?}",
+        accepts_after.skipped
     );
     // The socket match's divert decides nothing tproxy does not do itself.
     let divert = translate(&chains(
@@ -3990,4 +4006,55 @@ table ip a {
 ";
     let t = translate(disjoint).unwrap();
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    // Chains of one priority run newest first, which the listing does not show.
+    let same_priority = format!(
+        "{}",
+        chains("ip daddr 10.0.0.0/8 accept", steer, "ip")
+            .replace("priority mangle", "priority filter")
+    );
+    let t = translate(&same_priority).unwrap();
+    assert!(!t.skipped.is_empty(), "{}", t.config);
+    // The same at output: the proxy user's accept in an earlier route chain does not keep
+    // the later chain from marking its packets.
+    let output = "\
+table inet t {
+\tchain p {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tmeta l4proto tcp tproxy to :7000
+\t}
+\tchain mark {
+\t\ttype route hook output priority mangle; policy accept;
+\t\tmeta l4proto tcp meta mark set 0x00000001
+\t}
+\tchain guard {
+\t\ttype route hook output priority mangle - 1; policy accept;
+\t\tmeta skuid 911 accept
+\t}
+}
+";
+    let t = translate(output).unwrap();
+    assert!(
+        t.skipped.iter().any(
+            |s| s.contains("chain inet t/mark: nft runs it at output after chain inet t/guard")
+        ),
+        "{:?}",
+        t.skipped
+    );
+}
+
+#[test]
+fn chain_priorities_are_read_as_nft_lists_them() {
+    let priority = |text: &str| {
+        let ruleset = super::nft::parse(&format!(
+            "table ip t {{\n\tchain c {{\n\t\ttype filter hook prerouting priority {text}; policy accept;\n\t}}\n}}\n"
+        ))
+        .unwrap();
+        ruleset.entry[0].priority
+    };
+    assert_eq!(priority("mangle"), -150);
+    assert_eq!(priority("mangle - 1"), -151);
+    assert_eq!(priority("filter + 10"), 10);
+    assert_eq!(priority("raw"), -300);
+    assert_eq!(priority("-150"), -150);
+    assert_eq!(priority("dstnat"), -100);
 }
