@@ -4007,11 +4007,8 @@ table ip a {
     let t = translate(disjoint).unwrap();
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     // Chains of one priority run newest first, which the listing does not show.
-    let same_priority = format!(
-        "{}",
-        chains("ip daddr 10.0.0.0/8 accept", steer, "ip")
-            .replace("priority mangle", "priority filter")
-    );
+    let same_priority = chains("ip daddr 10.0.0.0/8 accept", steer, "ip")
+        .replace("priority mangle", "priority filter");
     let t = translate(&same_priority).unwrap();
     assert!(!t.skipped.is_empty(), "{}", t.config);
     // The same at output: the proxy user's accept in an earlier route chain does not keep
