@@ -112,20 +112,8 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     }
     Ok(RuleSet {
         chains,
-        entry: [Family::V4, Family::V6]
-            .map(|family| Entry {
-                chain: chain_key(family, "PREROUTING"),
-                family: Some(family),
-                priority: 0,
-            })
-            .into(),
-        local_entry: [Family::V4, Family::V6]
-            .map(|family| Entry {
-                chain: chain_key(family, "OUTPUT"),
-                family: Some(family),
-                priority: 0,
-            })
-            .into(),
+        entry: builtin_entries("PREROUTING"),
+        local_entry: builtin_entries("OUTPUT"),
         ignored,
         elsewhere,
     })
@@ -251,6 +239,18 @@ fn chain_key(family: Family, chain: &str) -> String {
         Family::V4 => chain.to_string(),
         Family::V6 => format!("ip6 {chain}"),
     }
+}
+
+/// The built-in `chain` of both families' mangle tables, as base chains: iptables and
+/// ip6tables see disjoint packets, so their order does not matter.
+fn builtin_entries(chain: &str) -> Vec<Entry> {
+    [Family::V4, Family::V6]
+        .map(|family| Entry {
+            chain: chain_key(family, chain),
+            family: Some(family),
+            priority: 0,
+        })
+        .into()
 }
 
 fn is_builtin(chain: &str) -> bool {
