@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-pub use tproxy_user::stats::{InstanceStatus, Stats};
+pub use tproxy_common::stats::{InstanceStatus, Stats};
 
 pub mod cgroup;
 pub mod containers;

@@ -648,7 +648,7 @@ fn file_rules_apply_to_their_own_origin_only() {
         .local_origin
         .as_ref()
         .expect("status shows the selection");
-    assert_eq!(selection.cgroups, [cgroup.path.clone()]);
+    assert_eq!(selection.cgroups, std::slice::from_ref(&cgroup.path));
     assert!(selection.uids.is_empty());
     let links = tproxy_tests::stat(
         &status.stats,

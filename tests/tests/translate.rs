@@ -365,6 +365,9 @@ fn checked_where_followed_sets_exist(config: &str, path: &str) -> (bool, String)
     )
 }
 
+/// Each probe's name with whether it was steered.
+type Steered = Vec<(String, bool)>;
+
 /// Loads a rule set with `load` (which returns its text as the kernel lists it), steers
 /// `probes` with it and tproxy's relay behind it (configured by the translation), then with
 /// the translation alone. Returns what each way steered, and the configuration.
@@ -373,7 +376,7 @@ fn steered_both_ways(
     probes: &[Probe],
     load: impl FnOnce(&Netns) -> String,
     unload: fn(&Netns),
-) -> (Vec<(String, bool)>, Vec<(String, bool)>, String) {
+) -> (Steered, Steered, String) {
     let servers = Servers::start(topo, probes);
     let listed = load(&topo.router);
     let text = translate(&listed);
@@ -741,13 +744,13 @@ fn local_addresses_round_trip(load: impl FnOnce(&Netns) -> String, unload: fn(&N
     let config = ConfigFile::new(&text).unwrap();
     let mut relay =
         Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
-    let original: Vec<bool> = probes.iter().map(|addr| steered(*addr)).collect();
+    let original: Vec<bool> = probes.iter().map(|addr| steered(addr)).collect();
     relay.stop().unwrap();
     unload(&topo.router);
     assert_eq!(original, [true, false, false], "the original rules");
 
     let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
-    let translated: Vec<bool> = probes.iter().map(|addr| steered(*addr)).collect();
+    let translated: Vec<bool> = probes.iter().map(|addr| steered(addr)).collect();
     assert_eq!(translated, original, "translated config:\n{text}");
 
     topo.router
@@ -957,18 +960,15 @@ impl PortProbe {
     }
 }
 
+/// Each probe's name with what became of it.
+type Fates = Vec<(String, Fate)>;
+/// The eBPF program's counters by name.
+type Counters = std::collections::BTreeMap<String, u64>;
+
 /// Loads `rules` into iptables, sends `probes` with tproxy's relay behind it (configured by
 /// the translation), then with the translation alone; returns the fates both ways, the
 /// configuration and the translated run's eBPF counters.
-fn fates_both_ways(
-    rules: &str,
-    probes: &[PortProbe],
-) -> (
-    Vec<(String, Fate)>,
-    Vec<(String, Fate)>,
-    String,
-    std::collections::BTreeMap<String, u64>,
-) {
+fn fates_both_ways(rules: &str, probes: &[PortProbe]) -> (Fates, Fates, String, Counters) {
     let rules = rules.to_string();
     fates_loaded_both_ways(
         probes,
@@ -986,12 +986,7 @@ fn fates_loaded_both_ways(
     probes: &[PortProbe],
     load: impl FnOnce(&Netns) -> String,
     unload: fn(&Netns),
-) -> (
-    Vec<(String, Fate)>,
-    Vec<(String, Fate)>,
-    String,
-    std::collections::BTreeMap<String, u64>,
-) {
+) -> (Fates, Fates, String, Counters) {
     let topo = Topo::new().unwrap();
     let mut addresses: Vec<Probe> = Vec::new();
     for probe in probes {

@@ -600,6 +600,19 @@ pub const PROGRAM_NAME: &str = "tproxy_ingress";
 /// The total size of [`LISTENERS`].
 pub const LISTENERS_LEN: u32 = MAX_LISTENERS * ListenerSlot::COUNT;
 
+/// The in-kernel TCP relay's socket hash (its own eBPF object, apart from the steering one):
+/// each relayed socket under the [`RelayPeerKey`] of the other socket of its connection.
+pub const RELAY_PEERS: &str = "RELAY_PEERS";
+/// LRU hash, socket cookie → `u8` (1): sockets whose received bytes the relay's program dropped
+/// because their peer was not in [`RELAY_PEERS`], which happens while a pair is being inserted
+/// (or after the peer closed).
+pub const RELAY_DROPS: &str = "RELAY_DROPS";
+/// The relay's `sk_skb/stream_verdict` program, attached to [`RELAY_PEERS`].
+pub const RELAY_VERDICT_PROGRAM: &str = "tproxy_relay_verdict";
+/// A [`RELAY_PEERS`] key: the socket cookie (`SO_COOKIE`) of the socket whose received bytes go
+/// to the socket stored under it. The program reads its socket's cookie and redirects there.
+pub type RelayPeerKey = u64;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` data without padding (u32 fields, then bytes filling the
@@ -741,16 +754,3 @@ mod tests {
         }
     }
 }
-
-/// The in-kernel TCP relay's socket hash (its own eBPF object, apart from the steering one):
-/// each relayed socket under the [`RelayPeerKey`] of the other socket of its connection.
-pub const RELAY_PEERS: &str = "RELAY_PEERS";
-/// LRU hash, socket cookie → `u8` (1): sockets whose received bytes the relay's program dropped
-/// because their peer was not in [`RELAY_PEERS`], which happens while a pair is being inserted
-/// (or after the peer closed).
-pub const RELAY_DROPS: &str = "RELAY_DROPS";
-/// The relay's `sk_skb/stream_verdict` program, attached to [`RELAY_PEERS`].
-pub const RELAY_VERDICT_PROGRAM: &str = "tproxy_relay_verdict";
-/// A [`RELAY_PEERS`] key: the socket cookie (`SO_COOKIE`) of the socket whose received bytes go
-/// to the socket stored under it. The program reads its socket's cookie and redirects there.
-pub type RelayPeerKey = u64;

@@ -30,6 +30,6 @@ pub mod logging;
 mod metrics;
 pub(crate) mod relay;
 pub mod run;
-pub mod stats;
+pub use tproxy_common::stats;
 pub mod tools;
 pub mod values;

@@ -268,13 +268,8 @@ pub(crate) fn parse_classid_range(text: &str) -> Result<ClassidRange, String> {
         .map_err(|error| format!("net_cls class id `{text}`: {error}"))
 }
 
-/// Which transport a listener serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Tcp,
-    Udp,
-}
+/// Which transport a listener serves (defined with the status report, which names it).
+pub use tproxy_common::stats::Transport;
 
 /// A duration as an operator writes one: `0s`, `500ms`, `30s`, `1.5s`, `5m`, `2h`.
 pub struct Human(pub Duration);

@@ -4,10 +4,10 @@
 //! the three renderings walk [`Stats::sections`]: a counter added to a list appears in all
 //! three without touching them.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, format, string::String, vec, vec::Vec};
 
+use crate::{decision::Protocol, Outcome};
 use serde::{de::Error as _, Deserialize, Deserializer, Serialize, Serializer};
-use tproxy_common::{decision::Protocol, Outcome};
 
 /// How Prometheus is told a value behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -448,11 +448,19 @@ pub struct ListenerPackets {
     pub no_listener: u64,
 }
 
+/// Which transport a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
 /// One address and transport of an external listener, as sock_diag shows it now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExternalSocketStatus {
     pub address: String,
-    pub transport: crate::values::Transport,
+    pub transport: Transport,
     /// A socket listens there (TCP), or is bound there unconnected (UDP).
     pub listening: bool,
     /// It has IP_TRANSPARENT.
