@@ -1363,6 +1363,81 @@ fn nft_source_ports_and_drop_steer_and_drop_the_same_flows_translated() {
     );
 }
 
+/// A chain at priority raw that only filters (lesca's QUIC reject, a TCP reset, an accept
+/// that ends only its own chain) in front of the TPROXY chain. The translation leaves it
+/// alone: the user deletes only the translated table and keeps the other, which still
+/// rejects what tproxy's program, running before it, steered.
+const FILTER_CHAIN_NFT: &str = "\
+table ip guard {
+	chain raw {
+		type filter hook prerouting priority raw; policy accept;
+		iifname \"to-client\" udp dport 443 reject
+		iifname \"to-client\" tcp dport 8443 reject with tcp reset
+		iifname \"to-client\" ip daddr 10.10.2.3 accept
+	}
+}
+table ip t {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname \"to-client\" meta l4proto { tcp, udp } tproxy to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+/// Removes what the translation of [`FILTER_CHAIN_NFT`] replaces: its TPROXY table.
+fn remove_translated_table(netns: &Netns) {
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns.name,
+            "nft",
+            "delete",
+            "table",
+            "ip",
+            "t",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    remove_tproxy_routing(netns).unwrap();
+}
+
+#[test]
+fn nft_a_chain_that_only_filters_is_kept_and_still_rejects_what_tproxy_steers() {
+    require_root();
+    let probes = [
+        PortProbe::Udp(0, "10.10.2.2:443"),
+        PortProbe::Tcp(0, "10.10.2.2:8443"),
+        PortProbe::Tcp(0, "10.10.2.3:80"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+    ];
+    let (original, translated, config, counters) = fates_loaded_both_ways(
+        &probes,
+        |netns| listed_nft(netns, FILTER_CHAIN_NFT),
+        remove_translated_table,
+    );
+    let expected: Vec<Fate> = {
+        use Fate::*;
+        vec![Dropped, Dropped, Intercepted, Intercepted, Intercepted]
+    };
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(fates, expected, "nft: {original:?}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        !config.contains("drop") && !config.contains("443"),
+        "the kept chain is not in the translation:\n{config}"
+    );
+    // tproxy's program steered the rejected flows' packets before the kept chain saw them.
+    assert!(
+        counters
+            .get("udp/steered_new")
+            .is_some_and(|count| *count >= 2),
+        "{counters:?}"
+    );
+}
+
 /// The probes of the shared-chain rule sets: a chain entered by a TCP jump and by a UDP
 /// one, whose RETURNs are bypasses and whose rules for the other protocol never match on a
 /// path, and a bypass of the server's /24 that a port rule before it partly shadows (its

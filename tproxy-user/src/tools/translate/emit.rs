@@ -149,6 +149,7 @@ fn flatten_entries(ruleset: &RuleSet, notes: &mut Vec<String>) -> Vec<Flat> {
         "prerouting",
         notes,
     );
+    notes.extend(ruleset.kept.iter().cloned());
     if ruleset.ignored > 0 {
         notes.push(format!(
             "{} rules outside the prerouting TPROXY path (other tables and chains) were left alone",

@@ -116,6 +116,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         local_entry: builtin_entries("OUTPUT"),
         ignored,
         elsewhere,
+        kept: Vec::new(),
     })
 }
 

@@ -282,6 +282,9 @@ struct RuleSet {
     local_entry: Vec<Entry>,
     /// Rules that matter but cannot be translated where they are (nft: the output hook).
     elsewhere: Vec<(usize, String, String)>,
+    /// The base chains left as they are, each with why (see
+    /// `nft::leave_firewall_chains_alone`).
+    kept: Vec<String>,
 }
 
 /// A base chain the kernel runs at prerouting (or, for locally generated packets, at

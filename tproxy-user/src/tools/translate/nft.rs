@@ -48,6 +48,8 @@ struct Position {
     /// What each chain's rules jump to, and its lines with a `tproxy` statement or a mark
     /// set: what the `type nat` chains reach (see [`nat_reach`]).
     links: HashMap<String, Links>,
+    /// The base chains with `policy drop`, with the line that says so.
+    drop_policies: Vec<(String, usize, String)>,
 }
 
 /// A chain's jumps, and its lines that take part in TPROXY steering.
@@ -55,6 +57,11 @@ struct Position {
 struct Links {
     to: Vec<String>,
     steering: Vec<(usize, String)>,
+    /// Its rules.
+    rules: usize,
+    /// Some rule of it leaves a trace that later chains or the route see (see
+    /// [`leaves_a_trace`]).
+    leaves_a_trace: bool,
 }
 
 /// Reads the chains hooked at prerouting, the route chains hooked at output, and the chains
@@ -66,6 +73,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         local_entry: Vec::new(),
         ignored: 0,
         elsewhere: Vec::new(),
+        kept: Vec::new(),
     };
     let mut sets = Sets::new();
     let mut at = Position::default();
@@ -110,7 +118,93 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         chain_line(&mut ruleset, &mut at, &sets, number, trimmed, &w);
     }
     ruleset.elsewhere.extend(nat_reach(&at));
+    leave_firewall_chains_alone(&mut ruleset, &at);
+    for (chain, number, text) in at.drop_policies {
+        let read = ruleset
+            .entry
+            .iter()
+            .chain(&ruleset.local_entry)
+            .any(|entry| entry.chain == chain);
+        if read {
+            ruleset.elsewhere.push((
+                number,
+                text,
+                "the chain's policy drop drops every packet no rule of the chain decides; \
+                 tproxy lets them through"
+                    .to_string(),
+            ));
+        }
+    }
     Ok(ruleset)
+}
+
+/// Takes out of the prerouting chains to translate those that only filter: no rule in
+/// their reach (their own and the chains they jump to) steers, or changes what a later
+/// chain or the route sees (see [`leaves_a_trace`]); a QUIC `reject` in a chain at priority
+/// raw, say, or `ct state invalid drop`. Such a chain decides nothing for the chains after
+/// it (its `accept` ends only itself; what it drops is gone either way), and tproxy's
+/// program runs before netfilter's prerouting, so the packets it steers still meet the
+/// chain: left as it is, in nftables, it keeps doing what it did, as iptables' tables other
+/// than mangle are left alone. Noted, with the advice to keep it.
+fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
+    ruleset.entry.retain(|entry| {
+        let mut seen: Vec<&str> = Vec::new();
+        let mut next = vec![entry.chain.as_str()];
+        let mut rules = 0;
+        while let Some(chain) = next.pop() {
+            if seen.contains(&chain) {
+                continue;
+            }
+            seen.push(chain);
+            let Some(links) = at.links.get(chain) else {
+                continue;
+            };
+            if links.leaves_a_trace || !links.steering.is_empty() {
+                return true;
+            }
+            rules += links.rules;
+            next.extend(links.to.iter().map(String::as_str));
+        }
+        let drops_the_rest = at.drop_policies.iter().any(|(c, ..)| *c == entry.chain);
+        if rules > 0 || drops_the_rest {
+            ruleset.kept.push(format!(
+                "chain `{}` at prerouting ({rules} rules) only filters: it steers nothing and \
+                 changes nothing that later chains or the route read, and tproxy's program \
+                 runs before it, so it still drops or rejects what it did: left alone, keep it \
+                 (delete only the chains translated)",
+                entry.chain
+            ));
+        }
+        false
+    });
+}
+
+/// Whether an nft rule's statements leave a trace that a later chain or the route sees:
+/// a `tproxy`, anything `… set` (the mark, the conntrack mark, a header field), a named set
+/// updated from the packet, or the packet handed elsewhere (`dup`, `fwd`, `queue`),
+/// rewritten (NAT) or offloaded. Verdicts, matches, `counter`, `log`, `limit` and `notrack`
+/// leave none that tproxy reads.
+fn leaves_a_trace(w: &[String]) -> bool {
+    w.iter().any(|word| {
+        matches!(
+            word.as_str(),
+            "tproxy"
+                | "set"
+                | "add"
+                | "update"
+                | "delete"
+                | "dup"
+                | "fwd"
+                | "queue"
+                | "redirect"
+                | "dnat"
+                | "snat"
+                | "masquerade"
+                | "synproxy"
+                | "flow"
+                | "offload"
+        )
+    })
 }
 
 /// The lines with a `tproxy` statement or a mark set in the chains a `type nat` chain at
@@ -237,32 +331,23 @@ fn chain_line(
     let drops_the_rest = w
         .windows(2)
         .any(|pair| pair[0] == "policy" && pair[1].trim_end_matches(';') == "drop");
-    let read_here = at.chain.as_ref().is_some_and(|chain| {
-        ruleset.entry.iter().any(|entry| &entry.chain == chain)
-            || ruleset
-                .local_entry
-                .iter()
-                .any(|entry| &entry.chain == chain)
-    });
-    if drops_the_rest && read_here {
-        ruleset.elsewhere.push((
-            number,
-            trimmed.to_string(),
-            "the chain's policy drop drops every packet no rule of the chain decides; tproxy \
-             lets them through"
-                .to_string(),
-        ));
+    if let (true, Some(chain)) = (drops_the_rest, &at.chain) {
+        at.drop_policies
+            .push((chain.clone(), number, trimmed.to_string()));
     }
     if w[0] == "type" || w[0] == "policy" {
         return;
     }
     let Some(chain) = &at.chain else { return };
     let links = at.links.entry(chain.clone()).or_default();
+    // A verdict map's jumps end in `,` or `}`.
     links.to.extend(
         w.windows(2)
             .filter(|pair| pair[0] == "jump" || pair[0] == "goto")
-            .map(|pair| format!("{}/{}", at.table, pair[1])),
+            .map(|pair| format!("{}/{}", at.table, pair[1].trim_end_matches([',', '}']))),
     );
+    links.rules += 1;
+    links.leaves_a_trace |= leaves_a_trace(w);
     if w.iter().any(|x| x == "tproxy") || w.windows(2).any(|p| p[0] == "mark" && p[1] == "set") {
         links.steering.push((number, trimmed.to_string()));
     }

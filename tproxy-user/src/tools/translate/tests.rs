@@ -3921,10 +3921,11 @@ table inet t {
 }
 
 /// nft runs each base chain at prerouting in turn, by priority: an accept in one ends only
-/// that chain. A later chain that decides packets an earlier one accepts cannot be one rule
-/// set in order, and is reported (whatever order the chains are listed in); chains of
-/// disjoint families, and an earlier chain that only falls through or holds the socket
-/// match's divert, translate.
+/// that chain. A later chain that decides packets an earlier steering one accepts cannot be
+/// one rule set in order, and is reported (whatever order the chains are listed in); chains
+/// of disjoint families, and an earlier chain that only falls through or holds the socket
+/// match's divert, translate. (An earlier chain that only filters is left alone: see
+/// `a_chain_that_only_filters_is_left_alone`.)
 #[test]
 fn several_base_chains_at_prerouting_translate_only_when_their_order_means_the_same() {
     let chains = |first: &str, second: &str, family2: &str| {
@@ -3946,7 +3947,8 @@ table {family2} b {{
         )
     };
     let steer = "meta l4proto tcp tproxy to :7000";
-    let accepting = chains("ip daddr 10.0.0.0/8 accept", steer, "ip");
+    let accepts = "ip daddr 10.0.0.0/8 accept\n\t\tudp dport 53 tproxy to :7002";
+    let accepting = chains(accepts, steer, "ip");
     let t = translate(&accepting).unwrap();
     assert!(
         t.skipped.iter().any(|s| s
@@ -3955,7 +3957,7 @@ table {family2} b {{
         t.skipped
     );
     // The same with the second table inet as well: still both families' packets meet.
-    let inet = translate(&chains("ip daddr 10.0.0.0/8 accept", steer, "inet")).unwrap();
+    let inet = translate(&chains(accepts, steer, "inet")).unwrap();
     assert!(
         inet.skipped.iter().any(|s| s
             .contains("chain inet a/later: nft runs it at prerouting after chain inet b/earlier")),
@@ -3963,7 +3965,7 @@ table {family2} b {{
         inet.skipped
     );
     // A bridge table's prerouting is another hook: its accept keeps nothing from IP's.
-    let bridge = translate(&chains("ip daddr 10.0.0.0/8 accept", steer, "bridge")).unwrap();
+    let bridge = translate(&chains(accepts, steer, "bridge")).unwrap();
     assert!(bridge.skipped.is_empty(), "{:?}", bridge.skipped);
     // An earlier chain that steers some packets: a tproxy ends no chain, and the later
     // chain's replaces its socket.
@@ -3995,6 +3997,7 @@ table ip6 b {
 \tchain earlier {
 \t\ttype filter hook prerouting priority mangle; policy accept;
 \t\tip6 daddr fd00::/8 accept
+\t\tudp dport 53 tproxy to :7002
 \t}
 }
 table ip a {
@@ -4007,8 +4010,7 @@ table ip a {
     let t = translate(disjoint).unwrap();
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     // Chains of one priority run newest first, which the listing does not show.
-    let same_priority = chains("ip daddr 10.0.0.0/8 accept", steer, "ip")
-        .replace("priority mangle", "priority filter");
+    let same_priority = chains(accepts, steer, "ip").replace("priority mangle", "priority filter");
     let t = translate(&same_priority).unwrap();
     assert!(!t.skipped.is_empty(), "{}", t.config);
     // The same at output: the proxy user's accept in an earlier route chain does not keep
@@ -4043,7 +4045,7 @@ table inet t {
 fn chain_priorities_are_read_as_nft_lists_them() {
     let priority = |text: &str| {
         let ruleset = super::nft::parse(&format!(
-            "table ip t {{\n\tchain c {{\n\t\ttype filter hook prerouting priority {text}; policy accept;\n\t}}\n}}\n"
+            "table ip t {{\n\tchain c {{\n\t\ttype filter hook prerouting priority {text}; policy accept;\n\t\ttcp dport 80 tproxy to :7000\n\t}}\n}}\n"
         ))
         .unwrap();
         ruleset.entry[0].priority
@@ -4054,4 +4056,68 @@ fn chain_priorities_are_read_as_nft_lists_them() {
     assert_eq!(priority("raw"), -300);
     assert_eq!(priority("-150"), -150);
     assert_eq!(priority("dstnat"), -100);
+}
+
+/// A base chain at prerouting that only filters (no rule in its reach steers, sets
+/// anything or hands the packet elsewhere) decides nothing for the chains after it, and
+/// tproxy's program runs before it: it is left alone with a note to keep it, its `reject`,
+/// `notrack`, conntrack matches and policy drop included. A chain that marks is read as
+/// before, and so is one that jumps to a chain that marks.
+#[test]
+fn a_chain_that_only_filters_is_left_alone() {
+    let with_first = |first: &str, policy: &str| {
+        format!(
+            "\
+table ip raw {{
+\tchain guard {{
+\t\ttype filter hook prerouting priority raw; policy {policy};
+{first}
+\t}}
+\tchain marks {{
+\t\tmeta mark set 0x7
+\t}}
+}}
+table ip t {{
+\tchain p {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tip daddr 10.0.0.0/8 return
+\t\tmeta l4proto tcp tproxy to :7000 meta mark set 0x1
+\t}}
+}}
+"
+        )
+    };
+    let filters = "\t\tmeta mark 0x00000001 notrack\n\t\tudp dport 443 reject\n\t\tct state invalid drop\n\t\tip saddr 192.0.2.0/24 accept\n\t\tct state vmap { established : accept, related : accept, invalid : drop }";
+    for policy in ["accept", "drop"] {
+        let t = translate(&with_first(filters, policy)).unwrap();
+        assert!(t.skipped.is_empty(), "policy {policy}: {:?}", t.skipped);
+        assert!(
+            t.notes.iter().any(|note| note
+                .starts_with("chain `ip raw/guard` at prerouting (5 rules) only filters")
+                && note.contains("keep it")),
+            "{:?}",
+            t.notes
+        );
+        // Its accept of 192.0.2.0/24 ends only itself: the later chain steers those too.
+        assert_eq!(
+            ports_iface_dst(&t.config),
+            ["- - \"10.0.0.0/8\"", "- - \"0.0.0.0/0\""],
+            "{}",
+            t.config
+        );
+    }
+    // A mark set, here or in a chain it jumps to, is read by what comes after: the chain
+    // is translated with the rest (and its MARK reported).
+    for marks in [
+        "\t\tudp dport 443 meta mark set 0x7",
+        "\t\tudp dport 443 jump marks",
+    ] {
+        let t = translate(&with_first(marks, "accept")).unwrap();
+        assert!(!t.skipped.is_empty(), "{marks}: {}", t.config);
+        assert!(
+            !t.notes.iter().any(|note| note.contains("only filters")),
+            "{:?}",
+            t.notes
+        );
+    }
 }
