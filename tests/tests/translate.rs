@@ -1438,6 +1438,42 @@ fn nft_a_chain_that_only_filters_is_kept_and_still_rejects_what_tproxy_steers() 
     );
 }
 
+/// Owner matches in a chain at prerouting (shellcrash's `meta skgid 7890 return`): nft
+/// loads them, but a packet has no socket there yet and they never match, negated or not.
+/// The client's sockets are root's: a match would let its flows go direct.
+const OWNER_AT_PREROUTING_NFT: &str = "\
+table ip t {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname \"to-client\" meta skgid 0 return
+		iifname \"to-client\" meta skuid != 4242 tcp dport 80 return
+		iifname \"to-client\" meta l4proto { tcp, udp } tproxy to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_owner_matches_at_prerouting_match_nothing_there_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.2:22"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+    ];
+    let (original, translated, config, _) = fates_loaded_both_ways(
+        &probes,
+        |netns| listed_nft(netns, OWNER_AT_PREROUTING_NFT),
+        remove_nft,
+    );
+    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    assert_eq!(fates, [Fate::Intercepted; 3], "nft: {original:?}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        !config.contains("uid") && !config.contains("gid"),
+        "{config}"
+    );
+}
+
 /// The probes of the shared-chain rule sets: a chain entered by a TCP jump and by a UDP
 /// one, whose RETURNs are bypasses and whose rules for the other protocol never match on a
 /// path, and a bypass of the server's /24 that a port rule before it partly shadows (its

@@ -444,18 +444,31 @@ fn flatten_rules(
                 "line {}: {}: target MARK (marks are tproxy's own business)",
                 rule.line, rule.text
             ))),
-            _ if !(matches.local
-                || matches.uids.is_empty()
+            // nft lets these read the socket at prerouting too, where it finds none (an
+            // arrival is given one only after the hook, by the kernel's early demux) and
+            // the rule breaks off unmatched, negated or not; iptables refuses them there.
+            // (`socket cgroupv2` looks the socket up instead, and can match.)
+            _ if !matches.local
+                && matches.cgroups.is_empty()
+                && !(matches.uids.is_empty()
                     && matches.gids.is_empty()
-                    && matches.cgroups.is_empty()
                     && matches.classids.is_empty()) =>
             {
-                out.push(Err(format!(
-                    "line {}: {}: `-m owner` and `-m cgroup` select locally generated packets, \
-                     which only mangle OUTPUT sees",
-                    rule.line, rule.text
-                )))
+                out.push(Ok(Parsed {
+                    target: Target::Unsteered(
+                        "`meta skuid`, `skgid` and `cgroup` (`-m owner`) read the packet's \
+                         socket, which no packet has yet at prerouting: it never matches there"
+                            .into(),
+                    ),
+                    matches,
+                    ..rule.clone()
+                }))
             }
+            _ if !(matches.local || matches.cgroups.is_empty()) => out.push(Err(format!(
+                "line {}: {}: `-m cgroup` (nft `socket cgroupv2`) selects locally \
+                     generated packets, which only mangle OUTPUT sees",
+                rule.line, rule.text
+            ))),
             _ => out.push(Ok(Parsed {
                 matches,
                 ..rule.clone()

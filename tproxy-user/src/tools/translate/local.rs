@@ -890,7 +890,7 @@ COMMIT
 :SHARED - [0:0]
 -A PREROUTING -j SHARED
 -A OUTPUT -s 10.0.0.1 -p tcp -j MARK --set-mark 1
--A SHARED -m owner --uid-owner 1000 -j RETURN
+-A SHARED -m cgroup --path app.slice -j RETURN
 -A SHARED -p tcp --dport 80 -j MARK --set-mark 1
 -A SHARED -p tcp -j TPROXY --on-port 7001 --tproxy-mark 1
 COMMIT
@@ -902,6 +902,23 @@ COMMIT
                 .iter()
                 .any(|r| r.starts_with("line 5:") && r.contains("only mangle OUTPUT sees")),
             "{reasons:?}"
+        );
+        // An owner match at prerouting never matches: no packet has its socket yet there.
+        let owner =
+            translate(&input.replace("-m cgroup --path app.slice", "-m owner --uid-owner 1000"))
+                .unwrap();
+        assert!(
+            !owner.skipped.iter().any(|r| r.starts_with("line 5:")),
+            "{:?}",
+            owner.skipped
+        );
+        assert!(
+            owner
+                .notes
+                .iter()
+                .any(|n| n.starts_with("line 5:") && n.contains("never matches there")),
+            "{:?}",
+            owner.notes
         );
         assert!(
             reasons
