@@ -50,6 +50,25 @@ pub(super) fn flatten_in_turn(
             )));
             continue;
         }
+        // An owner match left out as never matching does match after an earlier chain's
+        // `tproxy` gave the packet a socket.
+        let tproxy_before = flat
+            .iter()
+            .flatten()
+            .any(|earlier: &Parsed| matches!(earlier.target, Target::Tproxy { .. }));
+        if tproxy_before {
+            for rule in &mut own {
+                if let Ok(parsed) = rule {
+                    if parsed.target == Target::Unsteered(OWNER_AT_PREROUTING.into()) {
+                        *rule = Err(format!(
+                            "line {}: {}: an owner match after an earlier chain's `tproxy` \
+                             statement, which gives the packet the proxy's socket for it to match",
+                            parsed.line, parsed.text
+                        ));
+                    }
+                }
+            }
+        }
         before.push((entry, decides));
         flat.extend(own);
     }
@@ -296,6 +315,10 @@ fn flatten_rules(
                 continue;
             }
         };
+        if !matches.local && reads_own_socket(&matches) {
+            out.push(owner_at_prerouting(ruleset, rule, matches, out));
+            continue;
+        }
         if matches.dst_broadcast {
             match matches.local && matches!(rule.target, Target::Bypass | Target::Return) {
                 true => notes.push(format!(
@@ -444,29 +467,10 @@ fn flatten_rules(
                 "line {}: {}: target MARK (marks are tproxy's own business)",
                 rule.line, rule.text
             ))),
-            // nft lets these read the socket at prerouting too, where it finds none (an
-            // arrival is given one only after the hook, by the kernel's early demux) and
-            // the rule breaks off unmatched, negated or not; iptables refuses them there.
-            // (`socket cgroupv2` looks the socket up instead, and can match.)
-            _ if !matches.local
-                && matches.cgroups.is_empty()
-                && !(matches.uids.is_empty()
-                    && matches.gids.is_empty()
-                    && matches.classids.is_empty()) =>
-            {
-                out.push(Ok(Parsed {
-                    target: Target::Unsteered(
-                        "`meta skuid`, `skgid` and `cgroup` (`-m owner`) read the packet's \
-                         socket, which no packet has yet at prerouting: it never matches there"
-                            .into(),
-                    ),
-                    matches,
-                    ..rule.clone()
-                }))
-            }
             _ if !(matches.local || matches.cgroups.is_empty()) => out.push(Err(format!(
-                "line {}: {}: `-m cgroup` (nft `socket cgroupv2`) selects locally \
-                     generated packets, which only mangle OUTPUT sees",
+                "line {}: {}: `-m cgroup --path` (nft `socket cgroupv2`) at prerouting matches \
+                 the cgroup of the local socket a packet is for, which tproxy's rules for \
+                 arrivals cannot",
                 rule.line, rule.text
             ))),
             _ => out.push(Ok(Parsed {
@@ -475,6 +479,50 @@ fn flatten_rules(
             })),
         }
     }
+}
+
+/// Whether a rule matches the owner of the packet's own socket: `-m owner` (nft `meta
+/// skuid`, `skgid`) or a net_cls class id (`-m cgroup --cgroup`, nft `meta cgroup`).
+fn reads_own_socket(matches: &Match) -> bool {
+    !(matches.uids.is_empty() && matches.gids.is_empty() && matches.classids.is_empty())
+}
+
+/// Why an owner match at prerouting is left out: see [`owner_at_prerouting`].
+pub(super) const OWNER_AT_PREROUTING: &str = "`meta skuid`, `skgid` and `cgroup` read the \
+     packet's own socket, which an arriving packet does not carry at prerouting (the kernel \
+     leaves a socket from lo or another namespace out, and finds the packet's own after the \
+     hook): it never matches there, negated or not";
+
+/// An owner match in a rule at prerouting (`rule`, narrowed to `matches`). nft loads it, and
+/// it reads `skb->sk`: none for an arrival from another host, namespace or `lo`, so the rule
+/// breaks off unmatched whatever its action (a jump or goto is not taken), and is left out
+/// with a note. Unless a `tproxy` statement came first on the way (`before`), which gives
+/// the packet the proxy's socket; and iptables refuses to load it there at all: reported.
+/// (Rules of an earlier chain are checked in [`flatten_in_turn`].)
+fn owner_at_prerouting(ruleset: &RuleSet, rule: &Parsed, matches: Match, before: &[Flat]) -> Flat {
+    if !ruleset.nft {
+        return Err(format!(
+            "line {}: {}: `-m owner` and `-m cgroup` select locally generated packets, which \
+             only mangle OUTPUT sees (iptables refuses them in PREROUTING)",
+            rule.line, rule.text
+        ));
+    }
+    if before
+        .iter()
+        .flatten()
+        .any(|earlier| matches!(earlier.target, Target::Tproxy { .. }))
+    {
+        return Err(format!(
+            "line {}: {}: an owner match after a `tproxy` statement, which gives the packet \
+             the proxy's socket for it to match",
+            rule.line, rule.text
+        ));
+    }
+    Ok(Parsed {
+        target: Target::Unsteered(OWNER_AT_PREROUTING.into()),
+        matches,
+        ..rule.clone()
+    })
 }
 
 /// The most rules that a RETURN's continuation (see [`continued`]) may repeat.

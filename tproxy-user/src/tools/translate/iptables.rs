@@ -117,6 +117,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         ignored,
         elsewhere,
         kept: Vec::new(),
+        nft: false,
     })
 }
 

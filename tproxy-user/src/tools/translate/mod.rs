@@ -285,6 +285,8 @@ struct RuleSet {
     /// The base chains left as they are, each with why (see
     /// `nft::leave_firewall_chains_alone`).
     kept: Vec<String>,
+    /// Read from `nft list ruleset` (else from iptables-save).
+    nft: bool,
 }
 
 /// A base chain the kernel runs at prerouting (or, for locally generated packets, at

@@ -62,6 +62,8 @@ struct Links {
     /// Some rule of it leaves a trace that later chains or the route see (see
     /// [`leaves_a_trace`]).
     leaves_a_trace: bool,
+    /// Some rule of it reads what tproxy changes (see [`reads_what_tproxy_sets`]).
+    reads_what_tproxy_sets: bool,
 }
 
 /// Reads the chains hooked at prerouting, the route chains hooked at output, and the chains
@@ -74,6 +76,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         ignored: 0,
         elsewhere: Vec::new(),
         kept: Vec::new(),
+        nft: true,
     };
     let mut sets = Sets::new();
     let mut at = Position::default();
@@ -139,53 +142,100 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
 }
 
 /// Takes out of the prerouting chains to translate those that only filter: no rule in
-/// their reach (their own and the chains they jump to) steers, or changes what a later
-/// chain or the route sees (see [`leaves_a_trace`]); a QUIC `reject` in a chain at priority
-/// raw, say, or `ct state invalid drop`. Such a chain decides nothing for the chains after
-/// it (its `accept` ends only itself; what it drops is gone either way), and tproxy's
-/// program runs before netfilter's prerouting, so the packets it steers still meet the
-/// chain: left as it is, in nftables, it keeps doing what it did, as iptables' tables other
-/// than mangle are left alone. Noted, with the advice to keep it.
+/// their reach (their own and the chains they jump to) steers, changes what a later chain
+/// or the route sees (see [`leaves_a_trace`]), or reads what tproxy changes (see
+/// [`reads_what_tproxy_sets`]); a QUIC `reject` at priority raw, say, or `ct state invalid
+/// drop`. Such a chain decides nothing for the chains after it (its `accept` ends only
+/// itself; what it drops is gone either way), and tproxy's program runs before netfilter's
+/// prerouting, so the packets it steers still meet the chain: left as it is, in nftables,
+/// it keeps doing what it did, as iptables' tables other than mangle are left alone. Noted,
+/// with what to keep and what to delete.
 fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
+    let mut kept = Vec::new();
     ruleset.entry.retain(|entry| {
-        let mut seen: Vec<&str> = Vec::new();
-        let mut next = vec![entry.chain.as_str()];
-        let mut rules = 0;
-        while let Some(chain) = next.pop() {
-            if seen.contains(&chain) {
-                continue;
-            }
-            seen.push(chain);
-            let Some(links) = at.links.get(chain) else {
-                continue;
-            };
-            if links.leaves_a_trace || !links.steering.is_empty() {
-                return true;
-            }
-            rules += links.rules;
-            next.extend(links.to.iter().map(String::as_str));
+        let reach = reach(at, &entry.chain);
+        let decides = reach.iter().any(|chain| {
+            at.links.get(*chain).is_some_and(|links| {
+                links.leaves_a_trace || links.reads_what_tproxy_sets || !links.steering.is_empty()
+            })
+        });
+        if decides {
+            return true;
         }
+        let rules: usize = reach
+            .iter()
+            .filter_map(|chain| at.links.get(*chain))
+            .map(|links| links.rules)
+            .sum();
         let drops_the_rest = at.drop_policies.iter().any(|(c, ..)| *c == entry.chain);
         if rules > 0 || drops_the_rest {
-            ruleset.kept.push(format!(
-                "chain `{}` at prerouting ({rules} rules) only filters: it steers nothing and \
-                 changes nothing that later chains or the route read, and tproxy's program \
-                 runs before it, so it still drops or rejects what it did: left alone, keep it \
-                 (delete only the chains translated)",
-                entry.chain
+            kept.push((
+                entry.chain.clone(),
+                rules,
+                reach.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
             ));
         }
         false
     });
+    let translated: Vec<&str> = ruleset
+        .entry
+        .iter()
+        .chain(&ruleset.local_entry)
+        .map(|entry| entry.chain.as_str())
+        .collect();
+    let translated_reach: Vec<&str> = translated
+        .iter()
+        .flat_map(|chain| reach(at, chain))
+        .collect();
+    for (chain, rules, reach) in kept {
+        let shared: Vec<&str> = reach
+            .iter()
+            .map(String::as_str)
+            .filter(|c| translated_reach.contains(c))
+            .collect();
+        let shared = match shared.as_slice() {
+            [] => String::new(),
+            shared => format!(
+                "; it jumps to {}, which translated chains use too: keep {}",
+                shared.join(", "),
+                if shared.len() == 1 { "it" } else { "them" }
+            ),
+        };
+        ruleset.kept.push(format!(
+            "chain `{chain}` at prerouting ({rules} rules) only filters: it steers nothing, \
+             changes nothing later chains or the route read and reads no mark or socket, and \
+             tproxy's program runs before it, so it still drops or rejects what it did: left \
+             alone, keep it (delete only the chains translated: {}){shared}",
+            translated.join(", ")
+        ));
+    }
+}
+
+/// `chain` and the chains its rules jump or go to, each once.
+fn reach<'a>(at: &'a Position, chain: &'a str) -> Vec<&'a str> {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut next = vec![chain];
+    while let Some(chain) = next.pop() {
+        if seen.contains(&chain) {
+            continue;
+        }
+        seen.push(chain);
+        if let Some(links) = at.links.get(chain) {
+            next.extend(links.to.iter().map(String::as_str));
+        }
+    }
+    seen
 }
 
 /// Whether an nft rule's statements leave a trace that a later chain or the route sees:
-/// a `tproxy`, anything `… set` (the mark, the conntrack mark, a header field), a named set
-/// updated from the packet, or the packet handed elsewhere (`dup`, `fwd`, `queue`),
-/// rewritten (NAT) or offloaded. Verdicts, matches, `counter`, `log`, `limit` and `notrack`
-/// leave none that tproxy reads.
+/// a `tproxy`, anything `… set` (the mark, the conntrack mark, a header field), a set or
+/// meter updated from the packet, a TCP option reset, the packet handed elsewhere (`dup`,
+/// `fwd`, `queue`), rewritten (NAT) or offloaded, an iptables extension nft cannot show in
+/// its own words (`xt target "TPROXY"`), or a verdict map by name, whose jumps are not
+/// followed here. Verdicts, matches, `counter`, `log`, `limit` and `notrack` leave none.
 fn leaves_a_trace(w: &[String]) -> bool {
-    w.iter().any(|word| {
+    w.iter().enumerate().any(|(i, word)| {
+        let word = word.to_ascii_lowercase();
         matches!(
             word.as_str(),
             "tproxy"
@@ -193,6 +243,8 @@ fn leaves_a_trace(w: &[String]) -> bool {
                 | "add"
                 | "update"
                 | "delete"
+                | "reset"
+                | "meter"
                 | "dup"
                 | "fwd"
                 | "queue"
@@ -203,6 +255,21 @@ fn leaves_a_trace(w: &[String]) -> bool {
                 | "synproxy"
                 | "flow"
                 | "offload"
+                | "xt"
+        ) || word.starts_with("xt_")
+            || (word == "vmap" && w.get(i + 1).is_some_and(|map| map.starts_with('@')))
+    })
+}
+
+/// Whether an nft rule reads what tproxy's program changes before netfilter runs, or what
+/// the chains translated (and then deleted) set: the packet's mark (tproxy routes by its
+/// own), the conntrack mark or labels, and the packet's socket or its owner (tproxy assigns
+/// the listener's).
+fn reads_what_tproxy_sets(w: &[String]) -> bool {
+    w.iter().any(|word| {
+        matches!(
+            word.to_ascii_lowercase().as_str(),
+            "mark" | "label" | "socket" | "skuid" | "skgid" | "cgroup"
         )
     })
 }
@@ -348,6 +415,7 @@ fn chain_line(
     );
     links.rules += 1;
     links.leaves_a_trace |= leaves_a_trace(w);
+    links.reads_what_tproxy_sets |= reads_what_tproxy_sets(w);
     if w.iter().any(|x| x == "tproxy") || w.windows(2).any(|p| p[0] == "mark" && p[1] == "set") {
         links.steering.push((number, trimmed.to_string()));
     }

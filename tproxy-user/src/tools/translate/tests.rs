@@ -4087,7 +4087,7 @@ table ip t {{
 "
         )
     };
-    let filters = "\t\tmeta mark 0x00000001 notrack\n\t\tudp dport 443 reject\n\t\tct state invalid drop\n\t\tip saddr 192.0.2.0/24 accept\n\t\tct state vmap { established : accept, related : accept, invalid : drop }";
+    let filters = "\t\tudp dport 4500 notrack\n\t\tudp dport 443 reject\n\t\tct state invalid drop\n\t\tip saddr 192.0.2.0/24 accept\n\t\tct state vmap { established : accept, related : accept, invalid : drop }";
     for policy in ["accept", "drop"] {
         let t = translate(&with_first(filters, policy)).unwrap();
         assert!(t.skipped.is_empty(), "policy {policy}: {:?}", t.skipped);
@@ -4120,4 +4120,86 @@ table ip t {{
             t.notes
         );
     }
+    // A mark or socket read sees tproxy's (its routing mark, its listener), set before
+    // netfilter runs; an iptables extension or a named verdict map may hide anything: the
+    // chain is translated with the rest, not kept.
+    for reads in [
+        "\t\tmeta mark 0x00000001 notrack",
+        "\t\tmeta nfproto ipv6 fib saddr . mark . iif oif missing drop",
+        "\t\tmeta skuid != 1000 drop",
+        "\t\tmeta l4proto tcp tcp dport 80 counter packets 0 bytes 0 xt target \"TPROXY\"",
+        "\t\tip saddr vmap @verdicts",
+    ] {
+        let t = translate(&with_first(reads, "accept")).unwrap();
+        assert!(
+            !t.notes.iter().any(|note| note.contains("only filters")),
+            "{reads}: {:?}",
+            t.notes
+        );
+    }
+}
+
+/// An owner match at prerouting (`meta skuid`, `skgid`, `cgroup`, negated or not) never
+/// matches there: an arriving packet carries no socket of its own yet. It is left out with a
+/// note whatever its action, a mark set, a jump or a goto included. After a `tproxy`
+/// statement, which gives the packet the proxy's socket, it is reported.
+#[test]
+fn an_owner_match_at_prerouting_is_left_out_as_never_matching() {
+    let with_rule = |rule: &str| {
+        format!(
+            "\
+table ip m {{
+\tchain x {{
+\t\tmeta mark set 0x00000001 accept
+\t}}
+\tchain pre {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\t{rule}
+\t\tmeta l4proto tcp tproxy to :12345 meta mark set 0x00000001 accept
+\t}}
+}}
+"
+        )
+    };
+    for rule in [
+        "meta skuid 1000 meta mark set 0x00000001 accept",
+        "meta skgid != 100 return",
+        "meta cgroup 5 drop",
+        "meta skuid 1000 jump x",
+        "meta skuid { 1000, 2000 } goto x",
+    ] {
+        let t = translate(&with_rule(rule)).unwrap();
+        assert!(t.skipped.is_empty(), "{rule}: {:?}", t.skipped);
+        assert!(
+            t.notes
+                .iter()
+                .any(|note| note.starts_with("line 7: ") && note.contains("never matches there")),
+            "{rule}: {:?}",
+            t.notes
+        );
+        assert_eq!(
+            summary_of(&t.config),
+            ["- - [\"0.0.0.0/0\"] tproxy-12345"],
+            "{rule}: {}",
+            t.config
+        );
+    }
+    // After a tproxy statement that ends no chain, the packet has the proxy's socket.
+    let after = "\
+table ip m {
+\tchain pre {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tmeta l4proto tcp tproxy to :12345 meta mark set 0x00000001
+\t\tmeta skuid 0 return
+\t}
+}
+";
+    let t = translate(after).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 5: ") && s.contains("after a `tproxy`")),
+        "{:?}",
+        t.skipped
+    );
 }
