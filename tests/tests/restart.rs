@@ -256,6 +256,12 @@ fn restart_under_load(sigterm_first: bool) {
     // one has heard `done`: either relays it, none loses it.
     let relayed =
         |instance: &tproxy_tests::Tproxy| instance.log_text().matches("relaying via").count();
+    // The logs are read by threads of their own: give the last lines a moment to arrive.
+    let expected = if sigterm_first { 3 } else { 2 };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while relayed(&old) + relayed(&new) < expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(relayed(&new) >= 1, "{}", new.log_text());
     assert_eq!(
         relayed(&old) + relayed(&new),
@@ -386,6 +392,11 @@ fn a_takeover_that_fails_leaves_the_old_instance_in_charge() {
     );
     for _ in 0..3 {
         assert_eq!(echo_on_new_connection(&topo).join().unwrap(), Ok(()));
+    }
+    // The log is read by a thread of its own: wait for the lines before counting them.
+    for _ in 0..3 {
+        old.wait_for_line("relaying via", Duration::from_secs(5))
+            .unwrap();
     }
     assert_eq!(old.log_text().matches("relaying via").count(), 3);
     old.stop().unwrap();
