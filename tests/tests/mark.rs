@@ -202,11 +202,12 @@ fn mark_rules_steer_what_iptables_mark_matches_steer() {
     tproxy.stop().unwrap();
 }
 
-/// A source port on a rule for local connections is refused, naming the rule (a connecting
-/// socket's source port is not chosen yet); a mark is the socket's, and taken; forwarded
-/// rules with either go with rules for local connections (README, "Marks").
+/// A source address on a rule for local connections is refused, naming the rule (a
+/// connecting socket's source is not chosen yet); a mark is the socket's and a source port
+/// its bound port, both taken; forwarded rules with either go with rules for local
+/// connections (README, "Marks").
 #[test]
-fn a_source_port_on_a_rule_for_local_connections_is_refused_and_a_mark_taken() {
+fn a_source_address_on_a_rule_for_local_connections_is_refused_and_a_mark_or_port_taken() {
     let file = |matches: &str, origin: &str| {
         format!(
             r#"
@@ -235,9 +236,12 @@ origin = "local"
     };
     let (status, _, stderr) = check("mark = \"0xff\"", "any");
     assert!(status.success(), "{stderr}");
+    // For local connections, the socket's bound port.
     let (status, _, stderr) = check("sport = 7777", "any");
+    assert!(status.success(), "{stderr}");
+    let (status, _, stderr) = check("src = \"192.0.2.0/24\"", "any");
     assert!(!status.success(), "{stderr}");
-    assert!(stderr.contains("origin \"any\" with `sport`"), "{stderr}");
+    assert!(stderr.contains("origin \"any\" with `src`"), "{stderr}");
     for matches in ["mark = \"0xff\"", "sport = 7777"] {
         let (status, _, stderr) = check(matches, "forwarded");
         assert!(status.success(), "{matches}: {stderr}");

@@ -1015,3 +1015,127 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// A server's own ports guarded in mangle OUTPUT (xray-tproxy-ali-flt's `tcp sport { 22,
+/// 2080, 8585 } return`): the host's packets from those ports are not marked, the rest of
+/// the cgroup's are. tproxy matches the port a socket is bound to when it connects or sends:
+/// a socket bound to a guarded port goes direct, an unbound one (whose ephemeral port is
+/// never a guarded one) is steered, as by the original rules.
+fn bound_port_rule_set(cgroup: &str) -> String {
+    format!(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A PREROUTING -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+-A OUTPUT -p tcp -m multiport --sports 2080,8585 -j RETURN
+-A OUTPUT -p udp -m udp --sport 2080 -j RETURN
+-A OUTPUT -m mark --mark 0xff -j RETURN
+-A OUTPUT -p tcp -m cgroup --path {cgroup} -m tcp --dport 80 -j MARK --set-xmark 0x1/0xffffffff
+-A OUTPUT -p udp -m cgroup --path {cgroup} -m udp --dport 53 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+"
+    )
+}
+
+/// Each probe of [`bound_port_rule_set`] from the cgroup, and whether `count` (given its
+/// protocol) went up. `tcp_port`: the guarded port the bound TCP probe binds (a run of its
+/// own each time: the first leaves its connection in TIME_WAIT).
+fn bound_port_probes(
+    topo: &Topo,
+    cgroup: &TestCgroup,
+    tcp_port: &str,
+    count: impl Fn(&str) -> u64,
+) -> Vec<(String, bool)> {
+    let sport = format!("DIAL_SPORT={tcp_port}");
+    let probes: [(&str, &str, Vec<&str>, Vec<&str>); 5] = [
+        (
+            "tcp bound to a guarded port",
+            "tcp",
+            vec!["env", &sport],
+            vec!["tcp", "10.10.2.2:80", "hi"],
+        ),
+        (
+            "tcp unbound",
+            "tcp",
+            vec![],
+            vec!["tcp", "10.10.2.2:80", "hi"],
+        ),
+        (
+            "udp sent from a guarded port",
+            "udp",
+            vec![],
+            vec!["sendto-from", "0.0.0.0:2080", "hi", "10.10.2.2:53"],
+        ),
+        (
+            "udp sent from another bound port",
+            "udp",
+            vec![],
+            vec!["sendto-from", "0.0.0.0:2081", "hi", "10.10.2.2:53"],
+        ),
+        (
+            "udp unbound, sent",
+            "udp",
+            vec![],
+            vec!["sendto", "10.10.2.2:53", "hi"],
+        ),
+    ];
+    probes
+        .iter()
+        .map(|(name, proto, wrapper, args)| {
+            let before = count(proto);
+            let line = dial_output(cgroup.run(&topo.router, wrapper, DIAL, args).unwrap())
+                .unwrap_or_else(|error| panic!("{name}: {error}"));
+            let reply = if *proto == "tcp" { "ok" } else { "hi" };
+            let target = args
+                .iter()
+                .find(|arg| arg.starts_with("10.10.2.2:"))
+                .unwrap();
+            // Relayed or not, the client reaches the server and sees the peer it dialled.
+            assert_eq!(line, format!("{target} {reply}"), "{name}");
+            (name.to_string(), count(proto) > before)
+        })
+        .collect()
+}
+
+#[test]
+fn a_source_port_guard_in_mangle_output_leaves_the_same_bound_sockets_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("sport").unwrap();
+    let _server = server(&topo.server, "10.10.2.2:80");
+    let _udp = UdpEcho::start(&topo.server, "10.10.2.2:53".parse().unwrap()).unwrap();
+    let rules = bound_port_rule_set(&cgroup.path);
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("sport = [2080, 8585]"), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+
+    restore_iptables(&topo.router, &rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = bound_port_probes(&topo, &cgroup, "2080", |_| tproxy_rule_packets(&topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    let steered: Vec<&str> = original
+        .iter()
+        .filter(|(_, steered)| *steered)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(
+        steered,
+        [
+            "tcp unbound",
+            "udp sent from another bound port",
+            "udp unbound, sent"
+        ],
+        "what the original rules steer"
+    );
+
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = bound_port_probes(&topo, &cgroup, "8585", |proto| relay_count(&tproxy, proto));
+    tproxy.stop().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+}

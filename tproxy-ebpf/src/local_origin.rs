@@ -153,7 +153,7 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
             );
             pending.packet.mark = mark;
             pending.packet.ifindex = ifindex;
-            match_local_mark_rules(pending, &addr, udp, port(ctx));
+            match_local_mark_rules(pending, &addr, udp, port(ctx), bound_port(ctx));
         }
     })?;
     let slot = ListenerSlot::of(udp != Some(true), false);
@@ -188,7 +188,7 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
             );
             pending.packet.mark = mark;
             pending.packet.ifindex = ifindex;
-            match_local_mark_rules(pending, &addr, udp, port(ctx));
+            match_local_mark_rules(pending, &addr, udp, port(ctx), bound_port(ctx));
         }
     })?;
     let slot = ListenerSlot::of(udp != Some(true), true);
@@ -247,17 +247,20 @@ struct Pending {
     packet: MarkedPacket,
 }
 
-/// The rules tried one by one (those with a mark) for a local connection to `addr`, into
-/// `pending.best`: the caller has written the socket's mark and its selection's index (as
-/// the interface) into `pending.packet`. No source: not chosen yet (rules for local
-/// connections name none). A function of its own, taking the address by reference: inlined,
-/// the packet's values would take stack beside the other stages'.
+/// The rules tried one by one (those with a mark or a source port) for a local connection
+/// to `addr`, into `pending.best`: the caller has written the socket's mark and its
+/// selection's index (as the interface) into `pending.packet`. No source address: not chosen
+/// yet (rules for local connections name none). The source port is the one the socket is
+/// bound to (`sport`, 0 while unbound: a connecting socket's ephemeral port is picked after
+/// this runs; a sending one has it already). A function of its own, taking the address by
+/// reference: inlined, the packet's values would take stack beside the other stages'.
 #[inline(never)]
 fn match_local_mark_rules<const N: usize>(
     pending: &mut Pending,
     addr: &[u8; N],
     udp: bool,
     port: u16,
+    sport: u16,
 ) {
     let Some(marks) = MARK_RULES
         .get(pending.generation)
@@ -267,7 +270,7 @@ fn match_local_mark_rules<const N: usize>(
     };
     let packet = &mut pending.packet;
     packet.set(packet.mark, udp, port, *addr, [0; N], packet.ifindex);
-    packet.sport = 0;
+    packet.sport = u32::from(sport);
     packet.routes = route_bits(addr);
     match_mark_rules::<true>(marks, packet, &mut pending.best);
 }
@@ -405,6 +408,13 @@ fn udp(ctx: &SockAddrContext) -> Option<bool> {
 pub(crate) fn port(ctx: &SockAddrContext) -> u16 {
     // SAFETY: as in `tproxy_connect4`. The port is in network order in the low 16 bits.
     u16::from_be(unsafe { ptr::read_volatile(&(*sock_addr(ctx)).user_port) } as u16)
+}
+
+/// The local port the socket is bound to, host order; 0 for none yet.
+#[inline(always)]
+fn bound_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: as in `current_mark`. `src_port` is in host order.
+    unsafe { (*(*sock_addr(ctx)).__bindgen_anon_1.sk).src_port as u16 }
 }
 
 /// The interface the socket is bound to (`SO_BINDTODEVICE`), 0 for none.

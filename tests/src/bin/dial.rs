@@ -11,6 +11,8 @@
 //! interface, and `dial tcp` adds the socket's `SO_MARK` after the exchange to its line
 //! (`PEER REPLY mark=N`). With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
 //! after its first exchange, keeping the socket: a process that leaves a selection by user.
+//! With `DIAL_SPORT=N`, `dial tcp` binds its socket to port N before it connects, as a
+//! server's own connections from its port do.
 
 use std::{
     io::{Read, Write},
@@ -70,6 +72,14 @@ fn tcp(addr: SocketAddr, message: &str) -> std::io::Result<(SocketAddr, String)>
         None,
     )?;
     options_of_environment(&socket)?;
+    if let Ok(port) = std::env::var("DIAL_SPORT") {
+        let port = port.parse().map_err(std::io::Error::other)?;
+        let any: std::net::IpAddr = match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        socket.bind(&SocketAddr::new(any, port).into())?;
+    }
     socket.connect_timeout(&addr.into(), PATIENCE)?;
     let mut stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(PATIENCE))?;

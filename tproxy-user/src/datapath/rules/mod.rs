@@ -428,10 +428,10 @@ pub fn effective_mark(rule: &Rule, routing: Mark) -> Result<Option<Mark>, String
     }))
 }
 
-/// Checks that a rule for local connections names no source (address or port) and no
-/// interface: a local connection is looked up once at `connect()` (no source yet, no
-/// interface) and
-/// again on `lo` (source 127.0.0.1 or ::1), and both must find the same rule.
+/// Checks that a rule for local connections names no source address and no interface: a
+/// local connection is decided at `connect()` or `sendmsg()`, before a source address is
+/// chosen, and has no ingress interface. A source port is the socket's bound port then (see
+/// `match_local_mark_rules` in the eBPF program).
 pub fn check_origin(rule: &Rule) -> Result<(), String> {
     if let Some(out_iface) = &rule.out_iface {
         if rule.origin != Origin::Local {
@@ -455,11 +455,10 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
             rule.origin
         ));
     }
-    let what = match (&rule.src, &rule.iface, &rule.sport) {
-        (Some(_), _, _) => "src",
-        (None, Some(_), _) => "iface",
-        (None, None, Some(_)) => "sport",
-        (None, None, None) => return Ok(()),
+    let what = match (&rule.src, &rule.iface) {
+        (Some(_), _) => "src",
+        (None, Some(_)) => "iface",
+        (None, None) => return Ok(()),
     };
     Err(format!(
         "origin \"{}\" with `{what}`: a local connection has no ingress interface and its \

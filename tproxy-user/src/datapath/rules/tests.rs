@@ -614,13 +614,44 @@ fn a_source_port_is_one_more_match_and_drop_one_more_action() {
 }
 
 #[test]
-fn a_local_rule_neither_drops_nor_names_a_source_port() {
+fn a_local_rule_never_drops_and_may_name_a_source_port() {
     let mut local = rule(1, "tcp 0.0.0.0/0 any origin local", Action::Drop);
     assert!(check_origin(&local).unwrap_err().contains("drop"));
     local.action = Action::Bypass;
     assert!(check_origin(&local).is_ok());
     local.sport = Some(Ports::One(7777));
-    assert!(check_origin(&local).unwrap_err().contains("sport"));
+    assert!(check_origin(&local).is_ok());
+    local.src = Some("192.0.2.0/24".parse().unwrap());
+    assert!(check_origin(&local).unwrap_err().contains("src"));
+}
+
+/// A local connection's source port is the port its socket is bound to when it connects or
+/// sends (a server's replies from its own port), 0 while unbound: a bypass of a server's
+/// ports keeps its replies out of a rule that steers everything else.
+#[test]
+fn a_local_rule_with_a_source_port_matches_the_bound_port() {
+    let rules = [
+        rule(
+            1,
+            "udp 0.0.0.0/0 any origin local sport 2080",
+            Action::Bypass,
+        ),
+        rule(
+            2,
+            "udp 0.0.0.0/0 any origin local sport 8000-8585",
+            Action::Bypass,
+        ),
+        rule(3, "udp 0.0.0.0/0 any origin local", Action::Steer(1)),
+    ];
+    let cases = [
+        ("udp 0.0.0.0:2080 -> 198.51.100.1:53", RuleMatch::Bypass),
+        ("udp 0.0.0.0:8585 -> 198.51.100.1:53", RuleMatch::Bypass),
+        ("udp 0.0.0.0:2081 -> 198.51.100.1:53", RuleMatch::Steer(1)),
+        ("udp 0.0.0.0 -> 198.51.100.1:53", RuleMatch::Steer(1)),
+    ];
+    for (text, expected) in cases {
+        expect(&rules, text, LOCAL, expected);
+    }
 }
 
 #[test]

@@ -25,7 +25,22 @@ use ipnet::IpNet;
 
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
-use crate::values::{Mark, Transport};
+use crate::{
+    datapath::rules::Ports,
+    values::{Mark, Transport},
+};
+
+/// The kernel's ephemeral port range, whence an unbound socket's source port comes (the
+/// kernel's default when it cannot be read).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+            Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
+        })
+        .unwrap_or((32768, 60999))
+}
 
 /// The rules the kernel runs for locally generated packets, jumps inlined, in order: the
 /// MARK rules that steer made TPROXY targets like those that take their packets on `lo`;
@@ -45,6 +60,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
         });
     let flat = no_op_mark_matches_left_out(flat, recipe_mark, notes);
     let mut out = Vec::with_capacity(flat.len());
+    let mut noted_bound_ports = false;
     for rule in flat {
         let rule = match rule {
             Ok(rule) => rule,
@@ -62,11 +78,29 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             continue;
         }
         if !rule.matches.sports.is_empty() {
-            out.push(refuse(
-                "a source port match on locally generated traffic (tproxy decides at connect, \
-                 before the kernel picks the source port)",
-            ));
-            continue;
+            let (first, last) = ephemeral_ports();
+            let ephemeral = |ports: &Ports| {
+                let (low, high) = ports.bounds();
+                low <= last && first <= high
+            };
+            if rule.matches.sports.iter().any(ephemeral) {
+                out.push(refuse(&format!(
+                    "a source port match on locally generated traffic that takes ports of the \
+                     ephemeral range {first}-{last} (net.ipv4.ip_local_port_range): tproxy \
+                     decides at connect, before the kernel picks such a port"
+                )));
+                continue;
+            }
+            if !noted_bound_ports {
+                noted_bound_ports = true;
+                notes.push(format!(
+                    "line {}: `{}`: for the host's own traffic tproxy matches the port a socket \
+                     is bound to when it connects or sends; its ports lie outside the ephemeral \
+                     range {first}-{last} (net.ipv4.ip_local_port_range), so only a socket \
+                     bound to one has it, as OUTPUT would see (keep them outside that range)",
+                    rule.line, rule.text
+                ));
+            }
         }
         match rule.target.clone() {
             Target::SetMark(mark) | Target::MarkThenAccept(mark) => {

@@ -678,17 +678,28 @@ COMMIT
     let local = "\
 *mangle
 -A OUTPUT -p udp --dport 443 -j DROP
--A OUTPUT -p udp --sport 53 -j RETURN
+-A OUTPUT -p udp --sport 40000 -j RETURN
 COMMIT
 ";
     let t = translate(local).unwrap();
     assert!(
         t.skipped.len() == 2
             && t.skipped[0].contains("DROP of locally generated traffic")
-            && t.skipped[1].contains("source port match on locally generated traffic"),
+            && t.skipped[1].contains("takes ports of the ephemeral range"),
         "{:?}",
         t.skipped
     );
+    // A server's own port, which only a socket bound to it has: the socket's bound port.
+    let t = translate(&local.replace("--sport 40000", "--sport 53")).unwrap();
+    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 3:") && n.contains("bound to when it connects")),
+        "{:?}",
+        t.notes
+    );
+    assert!(t.config.contains("sport = [53]"), "{}", t.config);
 }
 
 #[test]
