@@ -137,7 +137,8 @@ pub struct MarkedPacket {
     pub udp: u32,
     /// The destination port, host order.
     pub port: u32,
-    /// The source port, host order (0 in the connect programs: not chosen yet).
+    /// The source port, host order (in the connect and sendmsg programs, the port the socket
+    /// is bound to: 0 while unbound).
     pub sport: u32,
     /// The ingress interface's index (0 in the connect programs).
     pub ifindex: u32,

@@ -170,7 +170,34 @@ impl Config {
         }
         config.mark_listener_transports();
         config.check_listener_addresses()?;
+        config.warn_of_ephemeral_source_ports();
         Ok(config)
+    }
+
+    /// A local rule's `sport` is the socket's bound port: an unbound socket's ephemeral port
+    /// is picked after tproxy decides a connect (a datagram sent unconnected has it already),
+    /// so ports of the ephemeral range match one and not the other. Said once per rule.
+    fn warn_of_ephemeral_source_ports(&self) {
+        let Some((first, last)) = crate::datapath::rules::ephemeral_port_range() else {
+            return;
+        };
+        let mut warned = Vec::new();
+        for rule in &self.rules {
+            let Some(sport) = rule.sport.filter(|_| rule.origin.local()) else {
+                continue;
+            };
+            let (low, high) = sport.bounds();
+            if low <= last && first <= high && !warned.contains(&rule.number) {
+                warned.push(rule.number);
+                log::warn!(
+                    "rule[{}]: sport {sport} of a rule for local connections takes ports of the \
+                     ephemeral range {first}-{last} (net.ipv4.ip_local_port_range): it matches \
+                     the port a socket is bound to, and an unbound one gets its port after \
+                     tproxy decides its connect (a datagram it sends unconnected has one)",
+                    rule.number
+                );
+            }
+        }
     }
 
     /// What [`Config::build`] makes of `text` as the contents of `args.config`, without

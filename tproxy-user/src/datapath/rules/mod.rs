@@ -92,12 +92,6 @@ impl Ports {
         }
     }
 
-    /// Whether a source port spec matches `port` (any port: 0 too).
-    #[cfg(any(test, feature = "fuzzing"))]
-    fn contains_source(self, port: u16) -> bool {
-        self == Ports::Any || self.contains(port)
-    }
-
     /// The first and last port, inclusive (any port: 1 to 65535).
     pub fn bounds(self) -> (u16, u16) {
         match self {
@@ -352,7 +346,8 @@ pub struct Packet<'a> {
     pub src: std::net::IpAddr,
     pub dst: std::net::IpAddr,
     pub port: u16,
-    /// The source port (0 for a local connection: not chosen when it is steered).
+    /// The source port (for a local connection, the port its socket is bound to when it is
+    /// steered: 0 while unbound).
     pub sport: u16,
     /// A local process's connection (`iface` is then ignored) rather than an arrival.
     pub local: bool,
@@ -376,8 +371,7 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
         .filter(|r| {
             r.transport == packet.transport
                 && r.ports.contains(packet.port)
-                && r.sport
-                    .is_none_or(|sport| sport.contains_source(packet.sport))
+                && r.sport.is_none_or(|sport| sport.contains(packet.sport))
                 && r.dst.contains(&dst)
                 && r.matches_source(
                     packet.local.then_some((packet.selections, packet.route)),
@@ -426,6 +420,14 @@ pub fn effective_mark(rule: &Rule, routing: Mark) -> Result<Option<Mark>, String
         value: mark.value,
         mask,
     }))
+}
+
+/// The kernel's ephemeral port range in this network namespace (`net.ipv4.ip_local_port_range`),
+/// whence an unbound socket's source port comes; `None` when it cannot be read.
+pub fn ephemeral_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+    Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
 }
 
 /// Checks that a rule for local connections names no source address and no interface: a

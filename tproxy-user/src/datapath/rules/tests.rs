@@ -66,7 +66,8 @@ const LOCAL: &str = "local";
 
 fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
     // "tcp SRC[:SPORT] -> DST:PORT [mark MARK]" on an interface (source port 40000 unless
-    // given), or a local connection's (iface [`LOCAL`], source port 0: not chosen yet)
+    // given), or a local connection's (iface [`LOCAL`], source port its bound one, 0 unless
+    // given)
     let words: Vec<&str> = text.split_whitespace().collect();
     let mark = match words.get(4..6) {
         Some(["mark", mark]) => crate::values::parse_mark_match(mark).unwrap().value,

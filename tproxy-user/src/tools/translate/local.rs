@@ -30,18 +30,6 @@ use crate::{
     values::{Mark, Transport},
 };
 
-/// The kernel's ephemeral port range, whence an unbound socket's source port comes (the
-/// kernel's default when it cannot be read).
-fn ephemeral_ports() -> (u16, u16) {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| {
-            let mut bounds = text.split_whitespace().map(str::parse::<u16>);
-            Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
-        })
-        .unwrap_or((32768, 60999))
-}
-
 /// The rules the kernel runs for locally generated packets, jumps inlined, in order: the
 /// MARK rules that steer made TPROXY targets like those that take their packets on `lo`;
 /// each rule or why it cannot be translated. `prerouting`: the flattened PREROUTING rules.
@@ -60,7 +48,11 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
         });
     let flat = no_op_mark_matches_left_out(flat, recipe_mark, notes);
     let mut out = Vec::with_capacity(flat.len());
-    let mut noted_bound_ports = false;
+    // The range an unbound socket's port comes from, on this host (the kernel's default
+    // when it cannot be read), and the lines whose source ports lie outside it.
+    let read_range = crate::datapath::rules::ephemeral_port_range();
+    let ephemeral = read_range.unwrap_or((32768, 60999));
+    let mut bound_port_lines = Vec::new();
     for rule in flat {
         let rule = match rule {
             Ok(rule) => rule,
@@ -78,7 +70,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             continue;
         }
         if !rule.matches.sports.is_empty() {
-            let (first, last) = ephemeral_ports();
+            let (first, last) = ephemeral;
             let ephemeral = |ports: &Ports| {
                 let (low, high) = ports.bounds();
                 low <= last && first <= high
@@ -91,15 +83,8 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                 )));
                 continue;
             }
-            if !noted_bound_ports {
-                noted_bound_ports = true;
-                notes.push(format!(
-                    "line {}: `{}`: for the host's own traffic tproxy matches the port a socket \
-                     is bound to when it connects or sends; its ports lie outside the ephemeral \
-                     range {first}-{last} (net.ipv4.ip_local_port_range), so only a socket \
-                     bound to one has it, as OUTPUT would see (keep them outside that range)",
-                    rule.line, rule.text
-                ));
+            if !bound_port_lines.contains(&rule.line) {
+                bound_port_lines.push(rule.line);
             }
         }
         match rule.target.clone() {
@@ -170,6 +155,23 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
              themselves (see `tproxy run --local`)"
                 .into(),
         );
+    }
+    if !bound_port_lines.is_empty() {
+        let (first, last) = ephemeral;
+        let lines: Vec<String> = bound_port_lines.iter().map(usize::to_string).collect();
+        notes.push(format!(
+            "the source ports of mangle OUTPUT (line {}) became `sport` of rules for local \
+             connections: tproxy matches the port a socket is bound to when it connects or \
+             sends. They lie outside the ephemeral range {first}-{last} ({}), so only a socket \
+             bound to one has it, as OUTPUT saw (keep them outside that range; tproxy warns \
+             when they are not)",
+            lines.join(", "),
+            if read_range.is_some() {
+                "net.ipv4.ip_local_port_range here"
+            } else {
+                "the kernel's default: net.ipv4.ip_local_port_range could not be read"
+            }
+        ));
     }
     out
 }

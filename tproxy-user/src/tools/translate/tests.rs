@@ -695,7 +695,7 @@ COMMIT
     assert!(
         t.notes
             .iter()
-            .any(|n| n.starts_with("line 3:") && n.contains("bound to when it connects")),
+            .any(|n| n.contains("(line 3)") && n.contains("bound to when it connects")),
         "{:?}",
         t.notes
     );
