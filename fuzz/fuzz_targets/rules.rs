@@ -85,11 +85,10 @@ fuzz_target!(|data: &[u8]| {
             }
         })
         .collect();
-    // Refused: a local connection's mark and source port are not matched (the connect
-    // programs leave the rules tried one by one out), and a local rule does not drop.
+    // Left out: a local rule's mark (the socket's, tested apart); refused: a local rule
+    // that drops. A local rule's source port is the socket's bound one.
     for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
         rule.mark = None;
-        rule.sport = None;
         if rule.action == Action::Drop {
             rule.action = Action::Bypass;
         }
@@ -114,7 +113,8 @@ fuzz_target!(|data: &[u8]| {
             src: addr(&mut bytes),
             dst: addr(&mut bytes),
             port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),
-            sport: if local { 0 } else { bytes.pick(&[0, 999, 1000, 1500, 2000, 7777, 40000]) },
+            // A local connection's: its bound port, 0 while unbound.
+            sport: if local { bytes.pick(&[0, 0, 999, 2000, 7777]) } else { bytes.pick(&[0, 999, 1000, 1500, 2000, 7777, 40000]) },
             local,
             // Every process's selection always; the others as the process is in them.
             selections: 1 | (u32::from(bytes.next()) & 6),

@@ -243,7 +243,6 @@ fn leaves_a_trace(w: &[String]) -> bool {
                 | "add"
                 | "update"
                 | "delete"
-                | "reset"
                 | "meter"
                 | "dup"
                 | "fwd"
@@ -257,6 +256,8 @@ fn leaves_a_trace(w: &[String]) -> bool {
                 | "offload"
                 | "xt"
         ) || word.starts_with("xt_")
+            // `reset tcp option …`, not `reject with tcp reset`.
+            || (word == "reset" && w.get(i + 1).is_some_and(|next| next == "tcp"))
             || (word == "vmap" && w.get(i + 1).is_some_and(|map| map.starts_with('@')))
     })
 }

@@ -4098,13 +4098,13 @@ table ip t {{
 "
         )
     };
-    let filters = "\t\tudp dport 4500 notrack\n\t\tudp dport 443 reject\n\t\tct state invalid drop\n\t\tip saddr 192.0.2.0/24 accept\n\t\tct state vmap { established : accept, related : accept, invalid : drop }";
+    let filters = "\t\tudp dport 4500 notrack\n\t\ttcp dport 8443 reject with tcp reset\n\t\tudp dport 443 reject\n\t\tct state invalid drop\n\t\tip saddr 192.0.2.0/24 accept\n\t\tct state vmap { established : accept, related : accept, invalid : drop }";
     for policy in ["accept", "drop"] {
         let t = translate(&with_first(filters, policy)).unwrap();
         assert!(t.skipped.is_empty(), "policy {policy}: {:?}", t.skipped);
         assert!(
             t.notes.iter().any(|note| note
-                .starts_with("chain `ip raw/guard` at prerouting (5 rules) only filters")
+                .starts_with("chain `ip raw/guard` at prerouting (6 rules) only filters")
                 && note.contains("keep it")),
             "{:?}",
             t.notes
@@ -4140,6 +4140,7 @@ table ip t {{
         "\t\tmeta skuid != 1000 drop",
         "\t\tmeta l4proto tcp tcp dport 80 counter packets 0 bytes 0 xt target \"TPROXY\"",
         "\t\tip saddr vmap @verdicts",
+        "\t\ttcp dport 22 reset tcp option sack-perm",
     ] {
         let t = translate(&with_first(reads, "accept")).unwrap();
         assert!(
