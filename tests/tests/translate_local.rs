@@ -179,21 +179,11 @@ fn a_mangle_output_rule_set_steers_the_same_local_connects_translated() {
     assert!(text.contains("origin = \"local\""), "{text}");
     let config = ConfigFile::new(&text).unwrap();
 
-    // The original: iptables marks and steers, tproxy's relay serves the TPROXY ports.
-    restore_iptables(&topo.router, &rules).unwrap();
-    let mut relay =
-        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
-            .unwrap();
-    let original = relayed(&topo, &cgroup, |_| tproxy_rule_packets(&topo));
-    relay.stop().unwrap();
-    remove_iptables_tproxy(&topo.router).unwrap();
-    let steered: Vec<&str> = original
-        .iter()
-        .filter(|(_, steered)| *steered)
-        .map(|(name, _)| name.as_str())
-        .collect();
+    let (original, translated) = original_then_translated(&topo, &rules, &config, |_, count| {
+        relayed(&topo, &cgroup, count)
+    });
     assert_eq!(
-        steered,
+        steered(&original),
         [
             "tcp 10.10.2.2:80 inside",
             "tcp 10.10.2.2:443 inside",
@@ -201,13 +191,41 @@ fn a_mangle_output_rule_set_steers_the_same_local_connects_translated() {
         ],
         "what the original rules steer"
     );
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
 
-    // The translation, with tproxy's own steering of the host's connects.
+/// Runs `probe` under the original `rules` (iptables marks and steers, tproxy's relay
+/// serves the TPROXY ports: a flow was steered when the TPROXY rules' packets went up),
+/// then under their translation `config` alone (tproxy's own steering of the host's
+/// connects: when its relay's flows went up). `probe` is told which run it is in and how to
+/// count, given a protocol.
+fn original_then_translated<T>(
+    topo: &Topo,
+    rules: &str,
+    config: &ConfigFile,
+    probe: impl Fn(bool, &dyn Fn(&str) -> u64) -> T,
+) -> (T, T) {
+    restore_iptables(&topo.router, rules).unwrap();
+    let mut relay =
+        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
+            .unwrap();
+    let original = probe(false, &|_| tproxy_rule_packets(topo));
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
     let mut tproxy =
         Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
-    let translated = relayed(&topo, &cgroup, |proto| relay_count(&tproxy, proto));
+    let translated = probe(true, &|proto| relay_count(&tproxy, proto));
     tproxy.stop().unwrap();
-    assert_eq!(translated, original, "translated config:\n{text}");
+    (original, translated)
+}
+
+/// The names of the probes that were steered.
+fn steered(probes: &[(String, bool)]) -> Vec<&str> {
+    probes
+        .iter()
+        .filter(|(_, steered)| *steered)
+        .map(|(name, _)| name.as_str())
+        .collect()
 }
 
 /// sbshell's sing-box rule set (tests/corpus/translate/sbshell-singbox-nft.rules) whole, with
@@ -1039,8 +1057,7 @@ COMMIT
 }
 
 /// Each probe of [`bound_port_rule_set`] from the cgroup, and whether `count` (given its
-/// protocol) went up. `tcp_port`: the guarded port the bound TCP probe binds (a run of its
-/// own each time: the first leaves its connection in TIME_WAIT).
+/// protocol) went up. `tcp_port`: the guarded port the bound TCP probe binds.
 fn bound_port_probes(
     topo: &Topo,
     cgroup: &TestCgroup,
@@ -1110,21 +1127,14 @@ fn a_source_port_guard_in_mangle_output_leaves_the_same_bound_sockets_alone_tran
     assert!(status.success(), "translate failed: {stderr}\n{text}");
     assert!(text.contains("sport = [2080, 8585]"), "{text}");
     let config = ConfigFile::new(&text).unwrap();
-
-    restore_iptables(&topo.router, &rules).unwrap();
-    let mut relay =
-        Tproxy::start_with_host_mounts(&topo.router, &["--relay-only", "--config", config.path()])
-            .unwrap();
-    let original = bound_port_probes(&topo, &cgroup, "2080", |_| tproxy_rule_packets(&topo));
-    relay.stop().unwrap();
-    remove_iptables_tproxy(&topo.router).unwrap();
-    let steered: Vec<&str> = original
-        .iter()
-        .filter(|(_, steered)| *steered)
-        .map(|(name, _)| name.as_str())
-        .collect();
+    // Each run binds its own guarded port for TCP: the first leaves its connection in
+    // TIME_WAIT.
+    let (original, translated) =
+        original_then_translated(&topo, &rules, &config, |second, count| {
+            bound_port_probes(&topo, &cgroup, if second { "8585" } else { "2080" }, count)
+        });
     assert_eq!(
-        steered,
+        steered(&original),
         [
             "tcp unbound",
             "udp sent from another bound port",
@@ -1132,10 +1142,5 @@ fn a_source_port_guard_in_mangle_output_leaves_the_same_bound_sockets_alone_tran
         ],
         "what the original rules steer"
     );
-
-    let mut tproxy =
-        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
-    let translated = bound_port_probes(&topo, &cgroup, "8585", |proto| relay_count(&tproxy, proto));
-    tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
