@@ -98,7 +98,7 @@ fn parse_port(text: &str) -> Result<u16, String> {
         .parse()
         .map_err(|_| format!("`{text}` is not a port number"))?;
     match port {
-        0 => Err("port 0 cannot be steered (ports are 1-65535)".into()),
+        0 => Err("port 0 is no packet's port (ports are 1-65535: start a range at 1)".into()),
         1..=65535 => Ok(port as u16),
         _ => Err(format!("port {port} is above 65535")),
     }
