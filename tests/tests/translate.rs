@@ -659,6 +659,85 @@ fn nft_family_and_interface_sets_steer_the_same_flows_translated() {
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 
+/// TPROXY targets without a port (iptables' `--on-port 0`, nft's `tproxy to ADDR`) hand each
+/// packet to the proxy on its own destination port: the rule's one port is the listener's.
+const OWN_PORT_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:8080"),
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Udp("10.10.2.2:5353"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Tcp("[fd00:2::2]:8080"),
+    Probe::Tcp("[fd00:2::2]:80"),
+];
+
+const OWN_PORT_STEERED_V4: &[&str] = &["tcp 10.10.2.2:8080", "udp 10.10.2.2:5353"];
+
+const OWN_PORT_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -p tcp -m tcp --dport 8080 -j TPROXY --on-port 0 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-client -p udp -m udp --dport 5353 -j TPROXY --on-port 0 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+const OWN_PORT_NFT: &str = "\
+table inet own_port {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		iifname \"to-client\" tcp dport 8080 tproxy ip to 127.0.0.1 meta mark set 0x1 accept
+		iifname \"to-client\" tcp dport 8080 tproxy ip6 to [::1] meta mark set 0x1 accept
+		iifname \"to-client\" udp dport 5353 tproxy ip to 127.0.0.1 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn iptables_tproxy_on_port_0_steers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        OWN_PORT_PROBES,
+        |netns| {
+            restore_iptables(netns, OWN_PORT_IPTABLES).unwrap();
+            OWN_PORT_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+    assert!(config.contains("127.0.0.1:8080"), "translated config:\n{config}");
+    assert_eq!(steered_names(&original), OWN_PORT_STEERED_V4, "iptables");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+#[test]
+fn nft_tproxy_to_an_address_without_a_port_steers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        OWN_PORT_PROBES,
+        |netns| {
+            let listed = listed_nft(netns, OWN_PORT_NFT);
+            for args in TPROXY_ROUTING_V6 {
+                netns.ip(args).unwrap();
+            }
+            listed
+        },
+        remove_nft_and_v6_routing,
+    );
+    assert!(config.contains("[::1]:8080"), "translated config:\n{config}");
+    let mut expected = OWN_PORT_STEERED_V4.to_vec();
+    expected.push("tcp [fd00:2::2]:8080");
+    assert_eq!(steered_names(&original), expected, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
 /// nft chains of `type nat` (fw4's dstnat and fluxproxy's output redirect) are left alone, as
 /// iptables' nat table: their `return`s end only their own chain, so they decide nothing for
 /// the TPROXY chain at prerouting (before, translate read the nat chain at prerouting as

@@ -316,12 +316,20 @@ fn listeners_and_rules(
                 parsed.line, parsed.text
             )),
             Target::Tproxy { on_ip, on_port, .. } => {
-                let addrs = listeners.entry(*on_port).or_default();
+                let Some(port) = on_port.or_else(|| single_port(&parsed.matches)) else {
+                    skipped.push(format!(
+                        "line {}: {}: its proxy listens on each packet's own destination port \
+                         (a TPROXY target without a port), and a tproxy listener has one port: \
+                         write a rule per destination port",
+                        parsed.line, parsed.text
+                    ));
+                    continue;
+                };
+                let addrs = listeners.entry(port).or_default();
                 match keep_proxies {
-                    true => wildcard |= add_external(addrs, &parsed, *on_ip, *on_port, skipped),
-                    false => add_listener(addrs, &parsed.matches, *on_ip, *on_port),
+                    true => wildcard |= add_external(addrs, &parsed, *on_ip, port, skipped),
+                    false => add_listener(addrs, &parsed.matches, *on_ip, port),
                 }
-                let port = *on_port;
                 rules.push((parsed, Some(port)));
             }
         }
@@ -369,6 +377,14 @@ fn listeners_and_rules(
         );
     }
     (listeners, rules, Vec::new())
+}
+
+/// The one destination port `m` matches, if it matches only one.
+fn single_port(m: &Match) -> Option<u16> {
+    match m.ports[..] {
+        [Ports::One(port)] => Some(port),
+        _ => None,
+    }
 }
 
 /// Adds where a TPROXY rule's proxy listens, one address per family the rule matches: its

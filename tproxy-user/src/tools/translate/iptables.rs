@@ -9,11 +9,11 @@ use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
     local_bypass, other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    words, AddressType, Chain, Entry, Established, Family, Match, Parsed, RuleSet, Target,
+    tproxy_port, words, AddressType, Chain, Entry, Established, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::{
     datapath::rules::Ports,
-    values::{parse_gid_range, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport},
+    values::{parse_gid_range, parse_mark_match, parse_prefix, Mark, Transport},
 };
 
 /// What the whole input says that some rules' meaning depends on.
@@ -770,7 +770,7 @@ fn parse_target(
             }
             "--nfmask" | "--ctmask" | "--mask" if name == "CONNMARK" => {}
             "--on-port" => {
-                on_port = Some(parse_port_list(&value(i)?)?.0[0].start().to_owned());
+                on_port = Some(tproxy_port(&value(i)?)?);
             }
             "--on-ip" => {
                 on_ip = Some(

@@ -443,7 +443,7 @@ fn target_on_lo(
 /// The port of a TPROXY target, which names its listener.
 fn listener_port(target: &Target) -> Option<u16> {
     match target {
-        Target::Tproxy { on_port, .. } => Some(*on_port),
+        Target::Tproxy { on_port, .. } => *on_port,
         _ => None,
     }
 }

@@ -208,7 +208,9 @@ impl Match {
 enum Target {
     Tproxy {
         on_ip: Option<IpAddr>,
-        on_port: u16,
+        /// None: each packet's own destination port (`--on-port 0`, nft's `tproxy to ADDR`
+        /// without a port), which `emit` reads from the rule's single destination port.
+        on_port: Option<u16>,
         /// `--tproxy-mark` (nft: the rule's `meta mark set`).
         mark: Option<Mark>,
     },
@@ -471,6 +473,14 @@ fn any_interface_name(name: &str) -> Result<String, String> {
             "`{}` is not an interface name",
             name.escape_debug()
         ))
+    }
+}
+
+/// The port of a TPROXY target: `--on-port 0` (nft: no port) keeps the packet's own.
+fn tproxy_port(text: &str) -> Result<Option<u16>, String> {
+    match text.trim() {
+        "0" => Ok(None),
+        text => Ok(Some(*parse_port_list(text)?.0[0].start())),
     }
 }
 

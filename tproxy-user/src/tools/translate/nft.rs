@@ -8,10 +8,10 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
     other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    precedence::iface_covers, words, Chain, Entry, Family, Match, Parsed, RuleSet, Target,
+    precedence::iface_covers, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet, Target,
 };
 use crate::values::{
-    parse_gid_range, parse_mark, parse_mark_match, parse_port_list, parse_prefix, Mark, Transport,
+    parse_gid_range, parse_mark, parse_mark_match, parse_prefix, Mark, Transport,
 };
 
 /// The block an nft line is in.
@@ -1128,16 +1128,7 @@ impl Rule<'_> {
             return Err("tproxy without `to`".into());
         }
         let to = w.get(j + 1).ok_or("tproxy to nothing")?;
-        let (addr, port) = to.rsplit_once(':').ok_or(format!("tproxy to `{to}`"))?;
-        let addr = addr.trim_start_matches('[').trim_end_matches(']');
-        let on_ip = if addr.is_empty() {
-            None
-        } else {
-            Some(
-                addr.parse::<IpAddr>()
-                    .map_err(|_| format!("tproxy to `{to}`"))?,
-            )
-        };
+        let (on_ip, on_port) = tproxy_to(to).ok_or(format!("tproxy to `{to}`"))?;
         if let Some(f) =
             tproxy_family.or(on_ip.map(|ip| if ip.is_ipv4() { Family::V4 } else { Family::V6 }))
         {
@@ -1146,7 +1137,10 @@ impl Rule<'_> {
             }
             self.m.family = Some(f);
         }
-        let on_port = parse_port_list(port)?.0[0].start().to_owned();
+        let on_port = match on_port {
+            Some(port) => tproxy_port(port)?,
+            None => None,
+        };
         self.target = Some(Target::Tproxy {
             on_ip,
             on_port,
@@ -1179,4 +1173,27 @@ impl Rule<'_> {
         };
         (self.m, target, self.comment)
     }
+}
+
+/// The address and port of `tproxy to`'s value, as nft lists them: `1.1.1.1:80`, `:80`,
+/// `[::1]:80`, and without a port (the packet's own) `1.1.1.1` or `[dead::beef]`.
+fn tproxy_to(to: &str) -> Option<(Option<IpAddr>, Option<&str>)> {
+    let (addr, port) = match to.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, rest) = v6.split_once(']')?;
+            match rest {
+                "" => (addr, None),
+                rest => (addr, Some(rest.strip_prefix(':')?)),
+            }
+        }
+        None => match to.split_once(':') {
+            Some((addr, port)) => (addr, Some(port)),
+            None => (to, None),
+        },
+    };
+    let on_ip = match addr {
+        "" if port.is_some() => None,
+        addr => Some(addr.parse::<IpAddr>().ok()?),
+    };
+    Some((on_ip, port))
 }

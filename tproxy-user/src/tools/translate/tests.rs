@@ -4215,3 +4215,54 @@ table ip m {
         t.skipped
     );
 }
+
+#[test]
+fn a_tproxy_target_without_a_port_listens_on_the_rules_one_destination_port() {
+    let t = translate(
+        "table inet t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		tcp dport 123 tproxy ip to 1.1.1.1
+		tcp dport 123 tproxy ip6 to [dead::beef]
+		tcp dport { 80, 443 } tproxy ip to 127.0.0.1
+		udp dport 53 tproxy ip6 to [::1]:5353
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(
+        t.config
+            .contains("listen = [\"1.1.1.1:123\", \"[dead::beef]:123\"]"),
+        "{}",
+        t.config
+    );
+    assert!(t.config.contains("listen = [\"[::1]:5353\"]"), "{}", t.config);
+    assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+    assert!(
+        t.skipped[0].starts_with("line 6: tcp dport { 80, 443 } tproxy ip to 127.0.0.1: its proxy listens on each packet's own destination port"),
+        "{:?}",
+        t.skipped
+    );
+    let t = translate(
+        "*mangle
+-A PREROUTING -p udp -m udp --dport 5353 -j TPROXY --on-port 0 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(t.config.contains("listen = [\"127.0.0.1:5353\"]"), "{}", t.config);
+    for to in ["1.1.1.1:", "[::1", "[::1]5353", "::1", "nowhere"] {
+        let rules = format!(
+            "table ip t {{\n\tchain p {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\ttcp dport 80 tproxy to {to}\n\t}}\n}}\n"
+        );
+        let t = translate(&rules).unwrap();
+        assert!(
+            t.skipped.len() == 1
+                && t.skipped[0].starts_with(&format!("line 4: tcp dport 80 tproxy to {to}: ")),
+            "{to}: {:?}",
+            t.skipped
+        );
+    }
+}
