@@ -129,6 +129,12 @@ fn parent_of(cgroup: &str) -> Option<String> {
     })
 }
 
+/// Whether cgroup path `path` is `dir` or below it.
+fn within(path: &str, dir: &str) -> bool {
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The cgroup path of `name` in the watched directory `parent`.
 fn child_of(parent: &str, name: &str) -> String {
     match parent {
@@ -169,6 +175,11 @@ pub(crate) async fn changed(watch: &mut Option<CgroupWatch>) -> Option<Changes> 
                     changes.relevant = true;
                     let gone = AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
                     if event.mask.intersects(gone) {
+                        // The removed directory's own IN_IGNORED comes only once nothing
+                        // holds it any more, which may be after it is made again: its
+                        // watches (and those below it) are forgotten now, so that `watch`
+                        // watches the new one (else what is made in it went unseen).
+                        watch.parents.retain(|_, watched| !within(watched, &child));
                         changes.removed.push(child);
                     }
                 }
@@ -225,6 +236,9 @@ mod tests {
         );
         assert_eq!(parent_of("/app").as_deref(), Some("/"));
         assert_eq!(parent_of("/"), None);
+        assert!(within("/app.slice/app.service", "/app.slice"));
+        assert!(within("/app.slice", "/app.slice"));
+        assert!(!within("/app.slice2", "/app.slice"));
         assert_eq!(child_of("/", "app"), "/app");
         assert_eq!(
             child_of("/app.slice", "app.service"),
