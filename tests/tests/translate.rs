@@ -710,7 +710,10 @@ fn iptables_tproxy_on_port_0_steers_the_same_flows_translated() {
         },
         |netns| remove_iptables_tproxy(netns).unwrap(),
     );
-    assert!(config.contains("127.0.0.1:8080"), "translated config:\n{config}");
+    assert!(
+        config.contains("127.0.0.1:8080"),
+        "translated config:\n{config}"
+    );
     assert_eq!(steered_names(&original), OWN_PORT_STEERED_V4, "iptables");
     assert_eq!(translated, original, "translated config:\n{config}");
 }
@@ -731,10 +734,60 @@ fn nft_tproxy_to_an_address_without_a_port_steers_the_same_flows_translated() {
         },
         remove_nft_and_v6_routing,
     );
-    assert!(config.contains("[::1]:8080"), "translated config:\n{config}");
+    assert!(
+        config.contains("[::1]:8080"),
+        "translated config:\n{config}"
+    );
     let mut expected = OWN_PORT_STEERED_V4.to_vec();
     expected.push("tcp [fd00:2::2]:8080");
     assert_eq!(steered_names(&original), expected, "nft");
+    assert_eq!(translated, original, "translated config:\n{config}");
+}
+
+/// An interval set's range that no prefix spans, as nft lists it (`10.10.2.3-10.10.2.6`):
+/// the prefixes that cover it exactly.
+const RANGE_PROBES: &[Probe] = &[
+    Probe::Tcp("10.10.2.2:80"),
+    Probe::Tcp("10.10.2.3:80"),
+    Probe::Udp("10.10.2.2:53"),
+    Probe::Udp("10.10.2.3:53"),
+];
+
+const RANGE_NFT: &str = "\
+table inet ranges {
+	set direct {
+		type ipv4_addr
+		flags interval
+		elements = { 10.10.2.3-10.10.2.6 }
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto { tcp, udp } socket transparent 1 meta mark set 0x1 accept
+		ip daddr @direct return
+		iifname \"to-client\" meta l4proto { tcp, udp } tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_address_ranges_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let (original, translated, config) = steered_both_ways(
+        &topo,
+        RANGE_PROBES,
+        |netns| {
+            let listed = listed_nft(netns, RANGE_NFT);
+            assert!(listed.contains("10.10.2.3-10.10.2.6"), "{listed}");
+            listed
+        },
+        remove_nft,
+    );
+    assert_eq!(
+        steered_names(&original),
+        ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
+        "nft"
+    );
     assert_eq!(translated, original, "translated config:\n{config}");
 }
 

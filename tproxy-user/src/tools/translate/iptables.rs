@@ -9,7 +9,8 @@ use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
     local_bypass, other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    tproxy_port, words, AddressType, Chain, Entry, Established, Family, Match, Parsed, RuleSet, Target,
+    tproxy_port, words, AddressType, Chain, Entry, Established, Family, Match, Parsed, RuleSet,
+    Target,
 };
 use crate::{
     datapath::rules::Ports,

@@ -3,16 +3,16 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use anyhow::Result;
+use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
     other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    precedence::iface_covers, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet, Target,
+    precedence::iface_covers, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet,
+    Target,
 };
-use crate::values::{
-    parse_gid_range, parse_mark, parse_mark_match, parse_prefix, Mark, Transport,
-};
+use crate::values::{parse_gid_range, parse_mark, parse_mark_match, parse_prefix, Mark, Transport};
 
 /// The block an nft line is in.
 enum Block {
@@ -883,11 +883,10 @@ impl Rule<'_> {
             Family::V6
         });
         let found = self.values(i + 2)?;
-        let prefixes = found
-            .values
-            .iter()
-            .map(|v| parse_prefix(v))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut prefixes = Vec::new();
+        for value in &found.values {
+            prefixes.extend(address_range(value)?);
+        }
         match (self.w[i + 1] == "daddr", found.negated) {
             (true, false) => self.m.dst = prefixes,
             (true, true) => self.m.not_dst = prefixes,
@@ -1196,4 +1195,33 @@ fn tproxy_to(to: &str) -> Option<(Option<IpAddr>, Option<&str>)> {
         addr => Some(addr.parse::<IpAddr>().ok()?),
     };
     Some((on_ip, port))
+}
+
+/// The prefixes of an address or prefix, or of a range as nft lists an interval set's
+/// elements that no prefix spans (`91.108.4.0-91.108.23.255`): the fewest that cover it.
+fn address_range(text: &str) -> Result<Vec<IpNet>, String> {
+    let Some((first, last)) = text.split_once('-') else {
+        return parse_prefix(text).map(|prefix| vec![prefix]);
+    };
+    let not_a_range = || {
+        format!(
+            "`{text}` is neither an IPv4/IPv6 prefix (like 10.0.0.0/8) nor a range of addresses \
+             (like 10.0.0.1-10.0.0.9)"
+        )
+    };
+    let (first, last) = (
+        first.parse::<IpAddr>().map_err(|_| not_a_range())?,
+        last.parse::<IpAddr>().map_err(|_| not_a_range())?,
+    );
+    match (first, last) {
+        (IpAddr::V4(first), IpAddr::V4(last)) if first <= last => {
+            Ok(Ipv4Subnets::new(first, last, 0).map(IpNet::V4).collect())
+        }
+        (IpAddr::V6(first), IpAddr::V6(last)) if first <= last => {
+            Ok(Ipv6Subnets::new(first, last, 0).map(IpNet::V6).collect())
+        }
+        _ => Err(format!(
+            "`{text}`: a range of addresses runs from a lower to a higher one of the same family"
+        )),
+    }
 }

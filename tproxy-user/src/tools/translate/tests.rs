@@ -4237,7 +4237,11 @@ fn a_tproxy_target_without_a_port_listens_on_the_rules_one_destination_port() {
         "{}",
         t.config
     );
-    assert!(t.config.contains("listen = [\"[::1]:5353\"]"), "{}", t.config);
+    assert!(
+        t.config.contains("listen = [\"[::1]:5353\"]"),
+        "{}",
+        t.config
+    );
     assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
     assert!(
         t.skipped[0].starts_with("line 6: tcp dport { 80, 443 } tproxy ip to 127.0.0.1: its proxy listens on each packet's own destination port"),
@@ -4252,7 +4256,11 @@ COMMIT
     )
     .unwrap();
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
-    assert!(t.config.contains("listen = [\"127.0.0.1:5353\"]"), "{}", t.config);
+    assert!(
+        t.config.contains("listen = [\"127.0.0.1:5353\"]"),
+        "{}",
+        t.config
+    );
     for to in ["1.1.1.1:", "[::1", "[::1]5353", "::1", "nowhere"] {
         let rules = format!(
             "table ip t {{\n\tchain p {{\n\t\ttype filter hook prerouting priority mangle; policy accept;\n\t\ttcp dport 80 tproxy to {to}\n\t}}\n}}\n"
@@ -4265,4 +4273,56 @@ COMMIT
             t.skipped
         );
     }
+}
+
+#[test]
+fn address_ranges_of_interval_sets_become_the_prefixes_that_cover_them() {
+    let t = translate(
+        "table inet t {
+	set proxied {
+		type ipv4_addr
+		flags interval
+		elements = { 91.108.4.0-91.108.23.255, 10.0.0.1-10.0.0.6 }
+	}
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		ip6 daddr { 2001:db8::1-2001:db8::3 } return
+		ip daddr @proxied meta l4proto tcp tproxy ip to :1234
+		ip daddr 10.9.9.9-10.9.9.1 return
+		ip daddr 10.9.9.1-fd00::1 return
+		ip daddr 10.9.9.1-nowhere return
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(
+        t.config.contains(
+            "dst = [\"91.108.4.0/22\", \"91.108.8.0/21\", \"91.108.16.0/21\", \"10.0.0.1/32\", \
+             \"10.0.0.2/31\", \"10.0.0.4/31\", \"10.0.0.6/32\"]"
+        ),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config
+            .contains("dst = [\"2001:db8::1/128\", \"2001:db8::2/127\"]"),
+        "{}",
+        t.config
+    );
+    let reasons: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.rsplit_once(" return: ").map_or(s.as_str(), |(_, r)| r))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "`10.9.9.9-10.9.9.1`: a range of addresses runs from a lower to a higher one of the same family",
+            "`10.9.9.1-fd00::1`: a range of addresses runs from a lower to a higher one of the same family",
+            "`10.9.9.1-nowhere` is neither an IPv4/IPv6 prefix (like 10.0.0.0/8) nor a range of addresses (like 10.0.0.1-10.0.0.9)",
+        ],
+        "{:?}",
+        t.skipped
+    );
 }
