@@ -1094,6 +1094,11 @@ impl PortProbe {
 
 /// Each probe's name with what became of it.
 type Fates = Vec<(String, Fate)>;
+
+/// What became of each probe, in order, without the names.
+fn fates_of(fates: &Fates) -> Vec<Fate> {
+    fates.iter().map(|(_, fate)| *fate).collect()
+}
 /// The eBPF program's counters by name.
 type Counters = std::collections::BTreeMap<String, u64>;
 
@@ -1198,7 +1203,7 @@ fn iptables_source_port_matches_steer_the_same_flows_translated() {
             Direct,
         ]
     };
-    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    let fates = fates_of(&original);
     assert_eq!(fates, expected, "iptables: {original:?}");
     assert!(config.contains("sport = [7777]"), "{config}");
     assert_eq!(translated, original, "translated config:\n{config}");
@@ -1247,7 +1252,7 @@ fn iptables_either_port_matches_steer_the_same_flows_translated() {
             Direct,
         ]
     };
-    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    let fates = fates_of(&original);
     assert_eq!(fates, expected, "iptables: {original:?}");
     assert!(config.contains("sport = [53, \"7000-7010\"]"), "{config}");
     assert_eq!(translated, original, "translated config:\n{config}");
@@ -1382,7 +1387,7 @@ fn iptables_drop_drops_the_same_flows_translated() {
         PortProbe::Tcp(0, "10.10.2.2:443"),
     ];
     let (original, translated, config, counters) = fates_both_ways(DROP_IPTABLES, &probes);
-    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    let fates = fates_of(&original);
     assert_eq!(
         fates,
         [
@@ -1424,7 +1429,7 @@ COMMIT
         PortProbe::Tcp(0, "10.10.2.3:80"),
     ];
     let (original, translated, config, _) = fates_both_ways(rules, &probes);
-    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    let fates = fates_of(&original);
     assert_eq!(
         fates,
         [
@@ -1486,7 +1491,7 @@ fn nft_source_ports_and_drop_steer_and_drop_the_same_flows_translated() {
             Direct,
         ]
     };
-    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    let fates = fates_of(&original);
     assert_eq!(fates, expected, "nft: {original:?}");
     assert_eq!(translated, original, "translated config:\n{config}");
     assert!(
@@ -1554,7 +1559,7 @@ fn nft_a_chain_that_only_filters_is_kept_and_still_rejects_what_tproxy_steers() 
         use Fate::*;
         vec![Dropped, Dropped, Intercepted, Intercepted, Intercepted]
     };
-    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    let fates = fates_of(&original);
     assert_eq!(fates, expected, "nft: {original:?}");
     assert_eq!(translated, original, "translated config:\n{config}");
     assert!(
@@ -1597,7 +1602,7 @@ fn nft_owner_matches_at_prerouting_match_nothing_there_translated() {
         |netns| listed_nft(netns, OWNER_AT_PREROUTING_NFT),
         remove_nft,
     );
-    let fates: Vec<Fate> = original.iter().map(|(_, fate)| *fate).collect();
+    let fates = fates_of(&original);
     assert_eq!(fates, [Fate::Intercepted; 3], "nft: {original:?}");
     assert_eq!(translated, original, "translated config:\n{config}");
     assert!(

@@ -96,7 +96,15 @@ fn parse_port(text: &str) -> Result<u16, String> {
     let port: u32 = text
         .trim()
         .parse()
-        .map_err(|_| format!("`{text}` is not a port number"))?;
+        .map_err(|_| match text.split_once(':') {
+            // iptables' and ipset's way of writing a range.
+            Some((first, last)) => format!(
+                "`{text}` is not a port number (a range is written `{}-{}`)",
+                first.trim(),
+                last.trim()
+            ),
+            None => format!("`{text}` is not a port number"),
+        })?;
     match port {
         0 => Err("port 0 is no packet's port (ports are 1-65535: start a range at 1)".into()),
         1..=65535 => Ok(port as u16),
@@ -313,6 +321,10 @@ mod tests {
         assert!(parse_port_list("0").unwrap_err().contains("port 0"));
         assert!(parse_port_list("65536").unwrap_err().contains("65536"));
         assert!(parse_port_list("90-80").unwrap_err().contains("90-80"));
+        assert_eq!(
+            parse_port_list("8000:8100").unwrap_err(),
+            "`8000:8100` is not a port number (a range is written `8000-8100`)"
+        );
         assert!(parse_port_list("http").unwrap_err().contains("`http`"));
         assert!(parse_port_list("80,,81")
             .unwrap_err()

@@ -190,7 +190,9 @@ fn source_ports_split_a_rule_and_drop_is_an_action() {
         many.join(", ")
     ));
     assert!(
-        full.contains("need 33 entries") && full.contains("32 the program holds"),
+        full.contains("need 33 entries")
+            && full.contains("32 the program holds")
+            && full.ends_with("most of them: rule[1]: 33"),
         "{full}"
     );
 }

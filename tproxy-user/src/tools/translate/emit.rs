@@ -60,7 +60,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Translated by `tproxy translate` from `{source}` output."
+        "# Translated by `tproxy translate` from {source} output."
     );
     let kept = lo_arrivals_left_out(kept, &mut skipped);
     write_interfaces(&mut out, &kept);

@@ -151,7 +151,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
 /// it keeps doing what it did, as iptables' tables other than mangle are left alone. Noted,
 /// with what to keep and what to delete.
 fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
-    let mut kept = Vec::new();
+    let mut kept: Vec<(String, usize, Vec<String>)> = Vec::new();
     ruleset.entry.retain(|entry| {
         let reach = reach(at, &entry.chain);
         let decides = reach.iter().any(|chain| {
@@ -168,7 +168,9 @@ fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
             .map(|links| links.rules)
             .sum();
         let drops_the_rest = at.drop_policies.iter().any(|(c, ..)| *c == entry.chain);
-        if rules > 0 || drops_the_rest {
+        // A table listed twice enters its chains twice: one note each.
+        let noted = kept.iter().any(|(chain, ..)| *chain == entry.chain);
+        if (rules > 0 || drops_the_rest) && !noted {
             kept.push((
                 entry.chain.clone(),
                 rules,
