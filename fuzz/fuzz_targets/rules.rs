@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use tproxy_common::local_origin::LOCAL_ORIGIN_IFINDEX;
 use tproxy_user::{
     datapath::rules::{
-        any_local, compile, decide, lookup, Action, Origin, Packet, Ports, Rule, Transport,
+        any_local, compile, decide, lookup, Action, CtDirection, Origin, Packet, Ports, Rule, Transport,
     },
     values::Mark,
 };
@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
                 // Three selections: every process, and two others.
                 selection: u32::from(bytes.next() % 3),
                 out_iface: None,
+                ct_direction: (bytes.next() % 5 == 0).then(|| bytes.pick(&[CtDirection::Original, CtDirection::Reply])),
             }
         })
         .collect();
@@ -89,6 +90,7 @@ fuzz_target!(|data: &[u8]| {
     // that drops. A local rule's source port is the socket's bound one.
     for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
         rule.mark = None;
+        rule.ct_direction = None;
         if rule.action == Action::Drop {
             rule.action = Action::Bypass;
         }
@@ -121,6 +123,8 @@ fuzz_target!(|data: &[u8]| {
             iface: IFACES[iface],
             mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),
             route: if local { bytes.pick(&[None, Some("eth0"), Some("eth1"), Some("wg0"), Some("lo")]) } else { None },
+            // The program looks an arrival's direction up, and finds one or the other.
+            ct_direction: (!local).then(|| bytes.pick(&[CtDirection::Original, CtDirection::Reply])),
         };
         assert_eq!(
             lookup(&compiled, generation, &packet, ifindex),

@@ -256,10 +256,13 @@ fn matches_marked<const LOCAL: bool>(rule: &MarkRule, packet: &MarkedPacket) -> 
         }
         w += 1;
     }
-    // Last, and read where it is used: one more value held through the checks above would
-    // cost the classifier stack it does not have.
+    // Last, and read where they are used: one more value held through the checks above
+    // would cost the classifier stack it does not have.
     let sport = read(&packet.sport);
-    sport >= u32::from(rule.first_sport) && sport <= u32::from(rule.last_sport)
+    if sport < u32::from(rule.first_sport) || sport > u32::from(rule.last_sport) {
+        return false;
+    }
+    rule.ct_direction == 0 || rule.ct_direction == read(&packet.ct_direction)
 }
 
 /// The outcome for a packet that a `bypass` or `drop` rule matched and whose flow no socket
@@ -592,6 +595,7 @@ pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::maps::{CT_ORIGINAL, CT_REPLY};
 
     fn mark_rule(value: u32, mask: u32, transports: u32, ports: (u16, u16), rank: u32) -> MarkRule {
         MarkRule {
@@ -616,6 +620,25 @@ mod tests {
         table.rules[..rules.len()].copy_from_slice(rules);
         table.len = rules.len() as u32;
         table
+    }
+
+    #[test]
+    fn a_rule_for_one_direction_of_connections_matches_only_packets_travelling_it() {
+        let mut replies = mark_rule(0, 0, MARK_RULE_UDP, (1, 65535), 3);
+        replies.ct_direction = CT_REPLY;
+        let table = table(&[replies]);
+        let decide = |direction: u32| {
+            let mut best = Verdict::default();
+            let mut packet =
+                MarkedPacket::new(0, true, (5353, 53), &[10, 0, 0, 1], &[10, 0, 0, 2], 2);
+            packet.ct_direction = direction;
+            match_mark_rules::<false>(&table, &packet, &mut best);
+            rule_match(&best)
+        };
+        assert_eq!(decide(CT_REPLY), RuleMatch::Bypass);
+        assert_eq!(decide(CT_ORIGINAL), RuleMatch::None);
+        // Not looked up: the rule cannot say.
+        assert_eq!(decide(0), RuleMatch::None);
     }
 
     #[test]

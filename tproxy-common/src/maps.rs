@@ -121,7 +121,24 @@ pub struct MarkRule {
     /// out-interface bits (see `local_origin::ROUTES_V4_MAP`); the rule matches a connection
     /// whose destination's route has it. 0: any route.
     pub routes: u32,
+    /// The direction of its connection the packet must travel in, as the kernel's connection
+    /// tracking has it ([`CT_ORIGINAL`] or [`CT_REPLY`]); 0: any.
+    pub ct_direction: u32,
 }
+
+/// [`MarkRule::ct_direction`], [`MarkedPacket::ct_direction`]: the direction of the
+/// connection's first packet, a packet no tracked connection has yet included (it starts
+/// one).
+pub const CT_ORIGINAL: u32 = 1;
+/// [`MarkRule::ct_direction`], [`MarkedPacket::ct_direction`]: the other direction.
+pub const CT_REPLY: u32 = 2;
+
+/// The helper number the program calls where it means the kfunc `bpf_skb_ct_lookup`: aya-ebpf
+/// cannot declare a kfunc, so the loader rewrites each such call into the kfunc call (or,
+/// on a kernel without it, into "nothing found") before loading. Above every helper number.
+pub const KFUNC_CT_LOOKUP: u32 = 0x7fff_ff01;
+/// As [`KFUNC_CT_LOOKUP`], for `bpf_ct_release`.
+pub const KFUNC_CT_RELEASE: u32 = 0x7fff_ff02;
 
 /// Per-CPU array (one [`MarkedPacket`]): where the program writes the packet the mark stage
 /// looks at, rather than on its stack, which is nearly full.
@@ -150,6 +167,10 @@ pub struct MarkedPacket {
     /// In the connect programs, the out-interface bits of the route to the destination
     /// ([`MarkRule::routes`]); not read at tc ingress.
     pub routes: u32,
+    /// At tc ingress, the packet's direction in its tracked connection ([`CT_ORIGINAL`],
+    /// [`CT_REPLY`]), looked up only when a rule asks ([`MarkRules::ct_direction`]); 0
+    /// otherwise, and in the connect programs, whose rules never ask.
+    pub ct_direction: u32,
 }
 
 impl MarkedPacket {
@@ -169,8 +190,9 @@ impl MarkedPacket {
         packet
     }
 
-    /// Overwrites every field but the source port in place (the program's scratch entry holds
-    /// the last packet's; the program writes the source port as soon as it is parsed).
+    /// Overwrites every field but the source port and the connection's direction in place
+    /// (the program's scratch entry holds the last packet's; the program writes those two as
+    /// soon as it knows them).
     #[inline(always)]
     pub fn set<const N: usize>(
         &mut self,
@@ -218,6 +240,9 @@ impl MarkedPacket {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MarkRules {
     pub len: u32,
+    /// 1 when a rule matches on the connection's direction ([`MarkRule::ct_direction`]):
+    /// only then does the program look the packet's connection up.
+    pub ct_direction: u32,
     pub rules: [MarkRule; MAX_MARK_RULES],
 }
 
@@ -225,6 +250,7 @@ impl Default for MarkRules {
     fn default() -> Self {
         MarkRules {
             len: 0,
+            ct_direction: 0,
             rules: [MarkRule::default(); MAX_MARK_RULES],
         }
     }
@@ -679,9 +705,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<ProtocolFlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ReassembledFlow>(), 16);
         assert_eq!(core::mem::size_of::<ExternalListener>(), 20);
-        assert_eq!(core::mem::size_of::<MarkRule>(), 112);
-        assert_eq!(core::mem::size_of::<MarkedPacket>(), 60);
-        assert_eq!(core::mem::size_of::<MarkRules>(), 4 + 112 * MAX_MARK_RULES);
+        assert_eq!(core::mem::size_of::<MarkRule>(), 116);
+        assert_eq!(core::mem::size_of::<MarkedPacket>(), 64);
+        assert_eq!(core::mem::size_of::<MarkRules>(), 8 + 116 * MAX_MARK_RULES);
     }
 
     #[test]

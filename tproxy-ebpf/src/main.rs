@@ -21,7 +21,9 @@
 //! or marked one ends the chain, so no later filter redirects it; and a few are dropped.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
+mod conntrack;
 mod local_datagram;
 mod local_origin;
 mod loopback;
@@ -317,6 +319,33 @@ fn note_source_port(sport: u16) {
     if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
         // SAFETY: this CPU's entry, which nothing else touches while the program runs.
         unsafe { (*packet).sport = u32::from(sport) };
+    }
+}
+
+/// Writes the packet's direction in its tracked connection where the rules tried one by one
+/// read it, when a rule of either generation asks (the one in force may change before
+/// [`match_rules`] reads it); 0 otherwise. Addresses and ports in network order.
+#[inline(always)]
+fn note_ct_direction<const N: usize>(
+    ctx: &TcContext,
+    udp: bool,
+    saddr: [u8; N],
+    daddr: [u8; N],
+    sport: u16,
+    dport: u16,
+) {
+    let asks = |generation| {
+        MARK_RULES
+            .get(generation)
+            .is_some_and(|marks| marks.ct_direction != 0)
+    };
+    let direction = match asks(0) || asks(1) {
+        true => conntrack::direction(ctx, udp, saddr, daddr, sport, dport),
+        false => 0,
+    };
+    if let Some(packet) = MARK_PACKET.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry, which nothing else touches while the program runs.
+        unsafe { (*packet).ct_direction = direction };
     }
 }
 
@@ -618,6 +647,7 @@ fn steer_ipv4<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     } else {
         // The loopback program asks no rules: only the others need it.
         note_source_port(u16::from_be(sport));
+        note_ct_direction(ctx, udp, saddr, daddr, sport, dport);
         match_rules(
             &RULES_DST_V4,
             &RULES_SRC_V4,
@@ -730,6 +760,7 @@ fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     } else {
         // The loopback program asks no rules: only the others need it.
         note_source_port(u16::from_be(sport));
+        note_ct_direction(ctx, udp, saddr, daddr, sport, dport);
         match_rules(
             &RULES_DST_V6,
             &RULES_SRC_V6,

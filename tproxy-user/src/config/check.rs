@@ -138,7 +138,7 @@ impl Config {
         let entries = rules::mark_rules(&self.rules, 0, &[]).len();
         if entries > MAX_MARK_RULES {
             bail!(
-                "the rules with a mark or a source port need {entries} entries (one per \
+                "the rules with a mark, a source port or a connection's direction need {entries} entries (one per \
                  destination and source prefix and port spec, destination and source), more \
                  than the {MAX_MARK_RULES} the program holds, which try them one by one; most \
                  of them: {}",

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     datapath::{
         local_origin::LocalOrigin,
-        rules::{self, Action, Origin, Ports, Rule},
+        rules::{self, Action, CtDirection, Origin, Ports, Rule},
     },
     values::Transport,
 };
@@ -156,6 +156,9 @@ pub(super) struct RuleEntry {
     /// must leave by.
     out_interface: Option<String>,
     mark: Option<Text<MarkMatch>>,
+    /// For arrivals: the direction of its tracked connection the packet travels in
+    /// (`"original"` or `"reply"`; default: either).
+    ct_direction: Option<Text<CtDirection>>,
     action: Text<RuleAction>,
     listener: Option<toml::Spanned<String>>,
     /// `forwarded` (the default), `local` or `any`.
@@ -457,6 +460,7 @@ impl RuleEntry {
                             origin: self.origin(),
                             selection: 0,
                             out_iface: self.out_interface.clone(),
+                            ct_direction: self.ct_direction.as_ref().map(|Text(d)| *d),
                         };
                         rules::check_families(&rule)
                             .and_then(|()| rules::check_origin(&rule))

@@ -454,6 +454,7 @@ impl Config {
                         origin,
                         selection: 0,
                         out_iface: None,
+                        ct_direction: None,
                     });
                 }
             }

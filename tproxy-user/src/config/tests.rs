@@ -456,6 +456,7 @@ fn the_readme_example_decides_as_documented() {
             iface,
             mark: 0,
             route: None,
+            ct_direction: None,
         };
         assert_eq!(decide(&config.rules, &packet), expected, "{packet:?}");
     }

@@ -13,7 +13,7 @@ use serde::{
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
-    datapath::rules::{Origin, Ports},
+    datapath::rules::{CtDirection, Origin, Ports},
     values::{self, FailMode, Mark, TcpRelayMode, Transport},
 };
 
@@ -123,6 +123,18 @@ parses!(Transport, "\"tcp\" or \"udp\"", |t: &str| match t {
     "udp" => Ok(Transport::Udp),
     _ => Err(format!("`{t}` is not a protocol: use \"tcp\" or \"udp\"")),
 });
+parses!(
+    CtDirection,
+    "\"original\" or \"reply\"",
+    |t: &str| match t {
+        "original" => Ok(CtDirection::Original),
+        "reply" => Ok(CtDirection::Reply),
+        _ => Err(format!(
+            "`{t}` is not a connection's direction: use \"original\" (as its first packet \
+             went) or \"reply\" (back)"
+        )),
+    }
+);
 parses!(
     Origin,
     "\"forwarded\", \"local\" or \"any\"",

@@ -6,11 +6,12 @@
 //! send selected local processes' connections over `lo` to it (`out_routes` mirrors the
 //! host's routes for their rules' `out_interface`); `pin` keeps the program, maps and links across
 //! restarts; `fragments` empties the program's fragment tracking of datagrams whose time is
-//! up.
+//! up; `kfuncs` makes the program's conntrack kfunc calls real before it is loaded.
 
 pub(crate) mod fragments;
 pub(crate) mod interfaces;
 pub mod ipset;
+pub(crate) mod kfuncs;
 pub(crate) mod local_origin;
 pub(crate) mod out_routes;
 pub(crate) mod pin;

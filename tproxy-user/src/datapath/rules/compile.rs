@@ -14,7 +14,7 @@ use tproxy_common::maps::{
 
 #[cfg(any(test, feature = "fuzzing"))]
 use super::Packet;
-use super::{any_local, truncated, Origin, Ports, Rule, Transport};
+use super::{any_local, truncated, CtDirection, Origin, Ports, Rule, Transport};
 use crate::datapath::interfaces;
 use tproxy_common::local_origin::{
     route_bits_shift, selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS,
@@ -56,7 +56,7 @@ impl CompiledRules {
     pub fn mark_table(&self) -> Result<MarkRules, String> {
         if self.marks.len() > MAX_MARK_RULES {
             return Err(format!(
-                "the rules with a mark or a source port need {} entries (one per destination \
+                "the rules with a mark, a source port or a connection's direction need {} entries (one per destination \
                  and source prefix and port spec), more than the {MAX_MARK_RULES} the program \
                  holds",
                 self.marks.len()
@@ -64,6 +64,7 @@ impl CompiledRules {
         }
         let mut table = MarkRules {
             len: self.marks.len() as u32,
+            ct_direction: u32::from(self.marks.iter().any(|mark| mark.ct_direction != 0)),
             ..MarkRules::default()
         };
         table.rules[..self.marks.len()].copy_from_slice(&self.marks);
@@ -319,6 +320,7 @@ fn mark_rule(
                 .expect("out_interfaces holds every rule's name");
             (1 << bit) << shift
         }),
+        ct_direction: rule.ct_direction.map_or(0, CtDirection::program_value),
     };
     ifindexes.into_iter().map(entry).collect()
 }
@@ -593,6 +595,10 @@ fn lookup_verdict(
         _ => unreachable!("a packet's addresses are of one family"),
     };
     let mut marked = marked;
+    // The program looks the direction up only when a rule asks.
+    if marks.ct_direction != 0 {
+        marked.ct_direction = packet.ct_direction.map_or(0, CtDirection::program_value);
+    }
     marked.routes = packet.route.map_or(0, |route| {
         super::route_bits(&compiled.out_interfaces, route)
             << tproxy_common::local_origin::route_bits_shift(generation)

@@ -188,6 +188,38 @@ pub struct Rule {
     /// route to the destination must leave by (iptables' `-o` in OUTPUT, nft's `oifname`),
     /// as the host's `local` and `main` routing tables say (see [`out_interfaces`]).
     pub out_iface: Option<String>,
+    /// For a rule for arrivals only: the direction of its tracked connection the packet must
+    /// travel in (`ct_direction`; iptables' `-m conntrack --ctdir`, nft's `ct direction`).
+    pub ct_direction: Option<CtDirection>,
+}
+
+/// A packet's direction in its connection, as the kernel's connection tracking has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CtDirection {
+    /// As the connection's first packet went (a packet no tracked connection holds yet
+    /// starts one).
+    Original,
+    /// Back, from the first packet's destination.
+    Reply,
+}
+
+impl CtDirection {
+    /// As the program compares it.
+    fn program_value(self) -> u32 {
+        match self {
+            CtDirection::Original => tproxy_common::maps::CT_ORIGINAL,
+            CtDirection::Reply => tproxy_common::maps::CT_REPLY,
+        }
+    }
+}
+
+impl std::fmt::Display for CtDirection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CtDirection::Original => "original",
+            CtDirection::Reply => "reply",
+        })
+    }
 }
 
 /// A rule's place in the precedence: lower wins.
@@ -246,6 +278,7 @@ impl Rule {
         src: &IpNet,
         iface: Option<&str>,
         mark: u32,
+        direction: Option<CtDirection>,
     ) -> bool {
         let origin_ok = match local {
             Some((selections, route)) => {
@@ -258,6 +291,10 @@ impl Rule {
             None => self.origin.forwarded() && self.out_iface.is_none(),
         };
         let mark_ok = origin_ok && self.mark.is_none_or(|own| mark & own.mask == own.value);
+        let mark_ok = mark_ok
+            && self
+                .ct_direction
+                .is_none_or(|own| local.is_none() && Some(own) == direction);
         let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
             (None, _) => true,
@@ -283,6 +320,7 @@ impl Rule {
         Origin,
         u32,
         Option<&str>,
+        Option<CtDirection>,
     ) {
         (
             self.transport,
@@ -295,13 +333,18 @@ impl Rule {
             self.origin,
             self.selection,
             self.out_iface.as_deref(),
+            self.ct_direction,
         )
     }
 
     /// Whether the rule is tried one by one rather than in the lookup stages: it matches a
-    /// mark or a source port, which no stage is keyed by.
+    /// mark, a source port, a route's interface or a connection's direction, which no stage
+    /// is keyed by.
     fn tried_one_by_one(&self) -> bool {
-        self.mark.is_some() || self.sport.is_some() || self.out_iface.is_some()
+        self.mark.is_some()
+            || self.sport.is_some()
+            || self.out_iface.is_some()
+            || self.ct_direction.is_some()
     }
 
     /// Whether the rule matches every packet its destination and port match, given whether
@@ -313,6 +356,7 @@ impl Rule {
             && self.mark.is_none()
             && self.sport.is_none()
             && self.out_iface.is_none()
+            && self.ct_direction.is_none()
             && (!local || (self.origin == Origin::Any && self.selection == 0))
     }
 
@@ -358,6 +402,9 @@ pub struct Packet<'a> {
     pub mark: u32,
     /// For a local connection, the interface its route leaves by (`None`: no route).
     pub route: Option<&'a str>,
+    /// For an arrival, its direction in its tracked connection, as the program looked it up
+    /// (`None`: not looked up, as when no rule asks).
+    pub ct_direction: Option<CtDirection>,
 }
 
 /// The decision for `packet` by the definition: the first matching rule in precedence order.
@@ -378,6 +425,7 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
                     &src,
                     (!packet.local).then_some(packet.iface),
                     packet.mark,
+                    packet.ct_direction,
                 )
         })
         .min_by_key(|r| r.precedence())
@@ -448,6 +496,14 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
     }
     if !rule.origin.local() {
         return Ok(());
+    }
+    if let Some(direction) = rule.ct_direction {
+        return Err(format!(
+            "`ct_direction = \"{direction}\"` with origin \"{}\": a connection's direction is \
+             looked up for arrivals only (origin \"forwarded\"); a local connection is steered \
+             when it connects, before its first packet",
+            rule.origin
+        ));
     }
     if rule.action == Action::Drop {
         return Err(format!(

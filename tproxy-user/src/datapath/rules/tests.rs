@@ -40,6 +40,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         origin: Origin::Forwarded,
         selection: 0,
         out_iface: None,
+        ct_direction: None,
     };
     for pair in words[3..].chunks(2) {
         match pair[0] {
@@ -53,6 +54,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
                 })
             }
             "out_interface" => rule.out_iface = Some(pair[1].to_string()),
+            "ct" => rule.ct_direction = Some(ct_direction(pair[1])),
             "origin" if pair[1] == "local" => rule.origin = Origin::Local,
             "origin" if pair[1] == "any" => rule.origin = Origin::Any,
             other => panic!("{other}"),
@@ -64,17 +66,30 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
 /// The interface of a local connection in these tests.
 const LOCAL: &str = "local";
 
+fn ct_direction(text: &str) -> CtDirection {
+    match text {
+        "original" => CtDirection::Original,
+        "reply" => CtDirection::Reply,
+        other => panic!("{other}"),
+    }
+}
+
 fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
-    // "tcp SRC[:SPORT] -> DST:PORT [mark MARK]" on an interface (source port 40000 unless
-    // given), or a local connection's (iface [`LOCAL`], source port its bound one, 0 unless
-    // given)
+    // "tcp SRC[:SPORT] -> DST:PORT [mark MARK] [ct DIRECTION]" on an interface (source port
+    // 40000 unless given, direction original unless given), or a local connection's (iface
+    // [`LOCAL`], source port its bound one, 0 unless given)
     let words: Vec<&str> = text.split_whitespace().collect();
-    let mark = match words.get(4..6) {
-        Some(["mark", mark]) => crate::values::parse_mark_match(mark).unwrap().value,
-        _ => 0,
-    };
-    let dst: std::net::SocketAddr = words[3].parse().unwrap();
+    let mut mark = 0;
     let local = iface == LOCAL;
+    let mut direction = (!local).then_some(CtDirection::Original);
+    for pair in words.get(4..).unwrap_or_default().chunks(2) {
+        match pair {
+            ["mark", value] => mark = crate::values::parse_mark_match(value).unwrap().value,
+            ["ct", value] => direction = Some(ct_direction(value)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let dst: std::net::SocketAddr = words[3].parse().unwrap();
     let (src, sport) = match words[1].parse::<std::net::SocketAddr>() {
         Ok(src) => (src.ip(), src.port()),
         Err(_) => (words[1].parse().unwrap(), if local { 0 } else { 40000 }),
@@ -94,6 +109,7 @@ fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
         iface,
         mark,
         route: None,
+        ct_direction: direction,
     }
 }
 
@@ -615,6 +631,49 @@ fn a_source_port_is_one_more_match_and_drop_one_more_action() {
 }
 
 #[test]
+fn a_connections_direction_is_one_more_match_for_arrivals() {
+    // `-m conntrack --ctdir REPLY -j RETURN` ahead of the steering: replies of connections
+    // that were not steered (forwarded ones, say) are left alone.
+    let rules = [
+        rule(1, "udp 0.0.0.0/0 any ct reply", Action::Bypass),
+        rule(2, "udp 0.0.0.0/0 any", Action::Steer(0)),
+        rule(3, "tcp 10.0.0.0/8 80 ct original", Action::Steer(1)),
+    ];
+    let cases = [
+        (
+            "udp 192.0.2.1 -> 198.51.100.1:53 ct original",
+            RuleMatch::Steer(0),
+        ),
+        (
+            "udp 198.51.100.1:53 -> 192.0.2.1:5000 ct reply",
+            RuleMatch::Bypass,
+        ),
+        (
+            "tcp 192.0.2.1 -> 10.1.1.1:80 ct original",
+            RuleMatch::Steer(1),
+        ),
+        ("tcp 192.0.2.1 -> 10.1.1.1:80 ct reply", RuleMatch::None),
+    ];
+    for (text, expected) in cases {
+        expect(&rules, text, "eth0", expected);
+    }
+    let compiled = compile(&rules, 0, &interfaces());
+    let table = compiled.mark_table().unwrap();
+    assert_eq!(table.len, 2, "rules with a direction are tried one by one");
+    assert_eq!(
+        table.ct_direction, 1,
+        "the program is told to look directions up"
+    );
+    let plain = compile(&rules[1..2], 0, &interfaces());
+    assert_eq!(plain.mark_table().unwrap().ct_direction, 0);
+    let mut local = rule(4, "tcp 0.0.0.0/0 any ct reply", Action::Bypass);
+    local.origin = Origin::Local;
+    assert!(check_origin(&local)
+        .unwrap_err()
+        .starts_with("`ct_direction = \"reply\"` with origin \"local\""));
+}
+
+#[test]
 fn a_local_rule_never_drops_and_may_name_a_source_port() {
     let mut local = rule(1, "tcp 0.0.0.0/0 any origin local", Action::Drop);
     assert!(check_origin(&local).unwrap_err().contains("drop"));
@@ -743,9 +802,15 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 if count <= 8 && next(3) == 0 {
                     text += [" sport 7777", " sport 1000-2000"][next(2) as usize];
                 }
+                // A connection's direction likewise, on forwarded rules only.
+                if count <= 8 && next(4) == 0 {
+                    text += [" ct reply", " ct original"][next(2) as usize];
+                }
                 // Local rules (in a third of the sets) name no source, interface or source
                 // port, do not drop, and have one of three selections; a mark they may have.
-                let plain = !["src", "iface", "sport"].iter().any(|w| text.contains(w));
+                let plain = !["src", "iface", "sport", " ct "]
+                    .iter()
+                    .any(|w| text.contains(w));
                 if round % 3 == 0 && plain {
                     text += ["", " origin local", " origin any"][next(3) as usize];
                 }
@@ -772,8 +837,12 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 LOCAL => String::new(),
                 _ => [":7777", ":1000", ":2000", ":2001", ":999", ""][next(6) as usize].into(),
             };
+            let direction = match iface {
+                LOCAL => "",
+                _ => [" ct original", " ct reply"][next(2) as usize],
+            };
             let text = format!(
-                "{} {}{sport} -> {}:{} mark {}",
+                "{} {}{sport} -> {}:{} mark {}{direction}",
                 ["tcp", "udp"][next(2) as usize],
                 ["192.0.2.200", "192.0.2.5", "198.51.100.1", "203.0.113.1"][next(4) as usize],
                 [

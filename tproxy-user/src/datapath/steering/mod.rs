@@ -18,6 +18,7 @@ use tproxy_common::{
 
 use crate::{
     datapath::fragments::FragmentTracking,
+    datapath::kfuncs::Kfuncs,
     datapath::local_origin::{CgroupLinks, LocalGlobals},
     datapath::out_routes::RouteMirror,
     datapath::pin::PinnedState,
@@ -35,7 +36,8 @@ use attach::Attachment;
 pub(crate) use attach::InterfaceEvents;
 pub(crate) use counters::CounterReader;
 
-static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-ebpf"));
+pub(crate) static PROGRAM: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy-ebpf"));
 
 /// The loaded program and its maps.
 pub(crate) struct Steering {
@@ -62,6 +64,8 @@ pub(crate) struct Steering {
     cgroup_links: CgroupLinks,
     /// The host's routes for the connect programs, when local origin is steered.
     routes: Option<RouteMirror>,
+    /// The kfuncs the program was loaded with.
+    kfuncs: Kfuncs,
 }
 
 /// How the program is loaded: fixed for its lifetime.
@@ -120,7 +124,9 @@ fn load_object(
     settings: &LoadSettings,
     capacity: u32,
     fragment_timeouts: (u64, u64),
+    kfuncs: &Kfuncs,
 ) -> Result<Ebpf> {
+    let object = AlignedObject::new(&kfuncs.patch(PROGRAM)?);
     // Log records below the level the user asked for are not even produced in the kernel.
     let log_level = log::max_level() as u8;
     let fail_closed = u32::from(settings.fail_closed);
@@ -157,8 +163,36 @@ fn load_object(
             local_origin::ROUTES_V6_MAP,
             local_origin::MAX_MIRRORED_ROUTES,
         )
-        .load(PROGRAM)
+        .load(object.bytes())
         .context("loading the eBPF object into the kernel")
+}
+
+/// An object's bytes at an address aligned as the ELF parser reads its headers (a `Vec<u8>`
+/// promises byte alignment only).
+struct AlignedObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedObject {
+    fn new(bytes: &[u8]) -> Self {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut padded = [0u8; 8];
+            padded[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_ne_bytes(padded);
+        }
+        AlignedObject {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes lie within the words, which are initialized and live as long
+        // as the borrow of `self`.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
 }
 
 /// Takes the packet counters (by outcome, and per listener) out of the object.
@@ -215,7 +249,8 @@ impl Steering {
         };
         let capacity = adopted_capacity.unwrap_or(settings.rule_map_capacity);
         let fragment_timeouts = crate::datapath::fragments::reassembly_timeouts_ns();
-        let mut ebpf = load_object(settings, capacity, fragment_timeouts)?;
+        let kfuncs = Kfuncs::of_running_kernel();
+        let mut ebpf = load_object(settings, capacity, fragment_timeouts, &kfuncs)?;
         let counters = take_counters(&mut ebpf)?;
         let fragments = FragmentTracking::take(&mut ebpf, fragment_timeouts)?;
         let routes = match settings.local_origin {
@@ -236,6 +271,7 @@ impl Steering {
             loopback: settings.local_origin.is_some(),
             cgroup_links: CgroupLinks::new(),
             routes,
+            kfuncs,
         };
         if let (Some(pinned), None) = (&settings.pinned, &settings.local_origin) {
             // An earlier instance's connect programs would go on steering local connections

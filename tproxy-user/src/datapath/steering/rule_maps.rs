@@ -163,6 +163,13 @@ impl Steering {
 
     /// The mark stage's table of `generation` (its own entry: nothing to erase entry by entry).
     fn write_mark_rules(&mut self, generation: u32, table: MarkRules) -> Result<()> {
+        if table.ct_direction != 0 && !self.kfuncs.conntrack() {
+            anyhow::bail!(
+                "rules with `ct_direction` need the kernel's conntrack kfuncs \
+                 (bpf_skb_ct_lookup, bpf_ct_release: Linux 5.18 or later with nf_conntrack \
+                 built in), which this kernel's BTF (/sys/kernel/btf/vmlinux) does not have"
+            );
+        }
         let mut marks: Array<_, MarkRules> = Array::try_from(self.map_mut(maps::MARK_RULES)?)?;
         marks
             .set(generation & 1, table, 0)
