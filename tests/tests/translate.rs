@@ -1161,6 +1161,127 @@ fn fates_loaded_both_ways(
     (original, translated, text, counters)
 }
 
+/// `-m conntrack --ctdir REPLY -j RETURN` ahead of a TPROXY rule for all UDP on every
+/// interface: a flow left alone (to port 54) gets its replies left alone too, where without
+/// the guard they would be steered on their way back (relayed to the client all the same,
+/// so the probes' fates cannot tell: the counters do).
+const CTDIR_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -m conntrack --ctdir REPLY -j RETURN
+-A PREROUTING -p udp -m udp --dport 54 -j RETURN
+-A PREROUTING -p udp -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+/// What keeps the router's connection tracking on once the iptables rules are gone, as NAT
+/// does on a real router: the kernel tracks connections only while something uses it.
+const KEEP_CONNTRACK_NFT: &str = "\
+table inet keep_conntrack {
+	chain prerouting {
+		type filter hook prerouting priority 0; policy accept;
+		ct state new counter
+	}
+}
+";
+
+/// The same in nft, as mssb's sing-box rules write it: only a connection's original
+/// direction goes to the chain that steers.
+const CT_DIRECTION_NFT: &str = "\
+table ip t {
+	chain steer {
+		meta l4proto udp tproxy to 127.0.0.1:15053 meta mark set 0x1 accept
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto udp socket transparent 1 meta mark set 0x1 accept
+		udp dport 54 return
+		meta l4proto udp ct direction original goto steer
+	}
+}
+";
+
+/// Loads [`KEEP_CONNTRACK_NFT`], which stays for both runs.
+fn keep_conntrack(netns: &Netns) {
+    let path = ConfigFile::new(KEEP_CONNTRACK_NFT).unwrap();
+    let status = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "nft", "-f", path.path()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Runs the probes of the connection-direction rule sets through `load`'s rules and their
+/// translation, and checks that only the flow to port 53 is steered both ways.
+fn ct_direction_round_trip(load: impl FnOnce(&Netns) -> String, unload: fn(&Netns)) {
+    let probes = [
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.2:54"),
+    ];
+    let (original, translated, config, counters) = fates_loaded_both_ways(
+        &probes,
+        |netns| {
+            keep_conntrack(netns);
+            load(netns)
+        },
+        unload,
+    );
+    assert_eq!(
+        fates_of(&original),
+        [Fate::Intercepted, Fate::Direct],
+        "original: {original:?}"
+    );
+    assert!(config.contains("ct_direction = "), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert_eq!(
+        counters.get("udp/steered_new"),
+        Some(&1),
+        "only the flow to port 53 is steered, not the replies from port 54: {counters:?}"
+    );
+}
+
+#[test]
+fn iptables_ctdir_reply_leaves_the_replies_of_flows_left_alone_translated() {
+    require_root();
+    ct_direction_round_trip(
+        |netns| {
+            restore_iptables(netns, CTDIR_IPTABLES).unwrap();
+            CTDIR_IPTABLES.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+}
+
+#[test]
+fn nft_ct_direction_original_steers_no_reply_translated() {
+    require_root();
+    ct_direction_round_trip(
+        |netns| {
+            restore_nft(netns, CT_DIRECTION_NFT);
+            let listed = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &netns.name,
+                    "nft",
+                    "list",
+                    "table",
+                    "ip",
+                    "t",
+                ])
+                .output()
+                .unwrap();
+            assert!(listed.status.success());
+            String::from_utf8(listed.stdout).unwrap()
+        },
+        remove_translated_table,
+    );
+}
+
 /// Source ports, as `--sport`, `-m multiport --sports` and `! --sport` write them: the
 /// udp_proxy_server corpus idiom (the proxy's own port is left alone) and its other forms.
 const SOURCE_PORTS_IPTABLES: &str = "\

@@ -574,6 +574,9 @@ impl fmt::Display for Rule {
         if let Some(out_iface) = &self.out_iface {
             write!(f, " out_interface {out_iface}")?;
         }
+        if let Some(direction) = self.ct_direction {
+            write!(f, " ct_direction {direction}")?;
+        }
         Ok(())
     }
 }

@@ -170,6 +170,13 @@ impl Steering {
                  built in), which this kernel's BTF (/sys/kernel/btf/vmlinux) does not have"
             );
         }
+        if table.ct_direction != 0 && tracked_connections() == Some(0) {
+            log::warn!(
+                "rules with `ct_direction`: no connection is tracked in this network namespace \
+                 now; the kernel tracks them only while something uses it (NAT, a conntrack \
+                 match in iptables or nft), and until then every packet is original to them"
+            );
+        }
         let mut marks: Array<_, MarkRules> = Array::try_from(self.map_mut(maps::MARK_RULES)?)?;
         marks
             .set(generation & 1, table, 0)
@@ -208,4 +215,14 @@ impl Steering {
         }
         Ok(())
     }
+}
+
+/// How many connections the kernel tracks in this network namespace
+/// (`net.netfilter.nf_conntrack_count`); `None` when it cannot tell.
+fn tracked_connections() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

@@ -1019,6 +1019,9 @@ fn write_matches(out: &mut String, m: &Match) {
         }
         None => {}
     }
+    if let Some(direction) = m.ct_direction {
+        let _ = writeln!(out, "ct_direction = \"{direction}\"");
+    }
     if m.local {
         local::write_selectors(out, m);
     }

@@ -814,6 +814,10 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         }),
         (a, b) => b.or(a),
     };
+    let ct_direction = match (context.ct_direction, rule.ct_direction) {
+        (Some(a), Some(b)) if a != b => return Ok(None),
+        (a, b) => b.or(a),
+    };
     // The ids both ranges take, if any.
     let common = |a: (u32, u32), b: (u32, u32)| {
         let (first, last) = (a.0.max(b.0), a.1.min(b.1));
@@ -875,6 +879,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         not_src: union(&context.not_src, &rule.not_src),
         not_iface: union(&context.not_iface, &rule.not_iface),
         mark,
+        ct_direction,
         not_marks: union(&context.not_marks, &rule.not_marks),
         not_dst_local: context.not_dst_local || rule.not_dst_local,
         local: context.local || rule.local,

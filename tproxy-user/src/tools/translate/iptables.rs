@@ -13,7 +13,7 @@ use super::{
     Target,
 };
 use crate::{
-    datapath::rules::Ports,
+    datapath::rules::{CtDirection, Ports},
     values::{parse_gid_range, parse_mark_match, parse_prefix, Mark, Transport},
 };
 
@@ -334,6 +334,10 @@ fn parse_rule(
             "--transparent" | "--restore-skmark" => i += 1,
             "--comment" => {
                 comment = Some(value()?);
+                i += 2;
+            }
+            "--ctdir" => {
+                m.ct_direction = Some(ct_direction(&value()?, negated)?);
                 i += 2;
             }
             "--ctstate" | "--state" if negated => {
@@ -823,4 +827,20 @@ fn parse_target(
         other => return Err(format!("target {other}")),
     };
     Ok((target, i))
+}
+
+/// `--ctdir ORIGINAL|REPLY`, negated the other one (a packet of no tracked connection, which
+/// `--ctdir` never matches, does not reach tproxy's rules as such: it starts a connection,
+/// in its original direction).
+fn ct_direction(value: &str, negated: bool) -> Result<CtDirection, String> {
+    let direction = match value {
+        "ORIGINAL" => CtDirection::Original,
+        "REPLY" => CtDirection::Reply,
+        other => return Err(format!("`--ctdir {other}` (ORIGINAL or REPLY)")),
+    };
+    Ok(match (direction, negated) {
+        (direction, false) => direction,
+        (CtDirection::Original, true) => CtDirection::Reply,
+        (CtDirection::Reply, true) => CtDirection::Original,
+    })
 }

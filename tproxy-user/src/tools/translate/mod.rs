@@ -39,7 +39,10 @@ use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
     cli::TranslateArgs,
-    datapath::{interfaces::is_pattern, rules::Ports},
+    datapath::{
+        interfaces::is_pattern,
+        rules::{CtDirection, Ports},
+    },
     values::{parse_mark, parse_port_list, Mark, Transport},
 };
 
@@ -136,6 +139,9 @@ struct Match {
     /// The packet mark matched (`-m mark --mark`, nft `meta mark`): a proxy's loop guard
     /// becomes the socket mark, others the rule's `mark` (see `own_mark`).
     mark: Option<Mark>,
+    /// The packet's direction in its tracked connection (`-m conntrack --ctdir`, nft's `ct
+    /// direction`): the rule's `ct_direction`, for arrivals only.
+    ct_direction: Option<CtDirection>,
     /// Marks the rule excludes (`-m mark ! --mark`, nft `meta mark !=`): opened into
     /// positive mark matches (see `negation`).
     not_marks: Vec<Mark>,

@@ -12,7 +12,10 @@ use super::{
     precedence::iface_covers, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet,
     Target,
 };
-use crate::values::{parse_gid_range, parse_mark, parse_mark_match, parse_prefix, Mark, Transport};
+use crate::{
+    datapath::rules::CtDirection,
+    values::{parse_gid_range, parse_mark, parse_mark_match, parse_prefix, Mark, Transport},
+};
 
 /// The block an nft line is in.
 enum Block {
@@ -783,6 +786,7 @@ impl Rule<'_> {
                 Ok(i + 2)
             }
             "oifname" | "oif" => self.output_interface(i),
+            "ct" if next_is("direction") => self.ct_direction(i + 2),
             other => Err(format!("`{other}` cannot be translated")),
         }
     }
@@ -1113,6 +1117,21 @@ impl Rule<'_> {
                 }
             })
             .collect::<Result<_, String>>()?;
+        Ok(found.next)
+    }
+
+    /// `ct direction`'s value at `w[i]` (`original`, `reply`, or either negated).
+    fn ct_direction(&mut self, i: usize) -> Result<usize, String> {
+        let found = self.values(i)?;
+        let [direction] = found.values.as_slice() else {
+            return Err("`ct direction` with a set of directions".into());
+        };
+        let direction = match (direction.as_str(), found.negated) {
+            ("original", false) | ("reply", true) => CtDirection::Original,
+            ("reply", false) | ("original", true) => CtDirection::Reply,
+            (other, _) => return Err(format!("`ct direction {other}` (original or reply)")),
+        };
+        self.m.ct_direction = Some(direction);
         Ok(found.next)
     }
 

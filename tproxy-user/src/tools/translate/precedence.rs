@@ -102,6 +102,9 @@ pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
     let marks = match (a.mark, b.mark) {
         (Some(a), Some(b)) => (a.value ^ b.value) & a.mask & b.mask == 0,
         _ => true,
+    } && match (a.ct_direction, b.ct_direction) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
     };
     let selectors = a.local == b.local
         && ids_overlap(&id_bounds(&a.uids), &id_bounds(&b.uids))
@@ -213,7 +216,9 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
             outer.mask & !inner.mask == 0 && inner.value & outer.mask == outer.value
         }
         (Some(_), None) => false,
-    };
+    } && outer
+        .ct_direction
+        .is_none_or(|outer| inner.ct_direction == Some(outer));
     let uids = ids_within(&id_bounds(&outer.uids), &id_bounds(&inner.uids));
     let gids = ids_within(&id_bounds(&outer.gids), &id_bounds(&inner.gids));
     let cgroups = outer.cgroups.is_empty()

@@ -4354,3 +4354,65 @@ fn the_header_names_the_tool_that_wrote_the_input() {
         "# Translated by `tproxy translate` from `iptables-save` and `ip6tables-save` output."
     );
 }
+
+#[test]
+fn a_connections_direction_becomes_the_rules_ct_direction_at_prerouting_only() {
+    let t = translate(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -m conntrack --ctdir REPLY -j RETURN
+-A PREROUTING -p tcp -m conntrack ! --ctdir REPLY -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -m conntrack --ctdir SIDEWAYS -j RETURN
+-A OUTPUT -m conntrack --ctdir REPLY -j RETURN
+COMMIT
+",
+    )
+    .unwrap();
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let directions: Vec<(&str, &str)> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|rule| {
+            Some((
+                rule.get("ct_direction")?.as_str()?,
+                rule["action"].as_str()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        directions,
+        [("reply", "bypass"), ("original", "steer")],
+        "{}",
+        t.config
+    );
+    let reasons: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split_once(": -A ").map_or(s.as_str(), |(line, _)| line))
+        .collect();
+    assert_eq!(reasons, ["line 6", "line 7"], "{:?}", t.skipped);
+    assert!(t.skipped[0].ends_with("`--ctdir SIDEWAYS` (ORIGINAL or REPLY)"));
+    assert!(t.skipped[1].contains("a connection's direction (reply) on locally generated traffic"));
+    let t = translate(
+        "table ip t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		ct direction != original return
+		meta l4proto udp ct direction original tproxy to :5353
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("ct_direction = \"reply\"\naction = \"bypass\"")
+            && t.config
+                .contains("ct_direction = \"original\"\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+}
