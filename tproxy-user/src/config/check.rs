@@ -341,6 +341,12 @@ impl Config {
             .collect();
         for listener in &self.listeners {
             if let Some(upstream) = listener.upstream {
+                if upstream.port() == 0 {
+                    bail!(
+                        "{}: port 0 is no port to connect to",
+                        upstream_flag(&listener.name, upstream)
+                    );
+                }
                 if reaches_own_listener(&own, upstream) {
                     bail!(
                         "{} is one of tproxy's own listeners: that would loop",

@@ -1073,6 +1073,15 @@ fn own_listener_addresses_are_recognised() {
         &own,
         "10.0.0.1:7000".parse().unwrap()
     ));
+    // The unspecified address is this host, and a mapped one its IPv4 address (found by the
+    // hostile test: these upstreams looped).
+    for target in ["0.0.0.0:7000", "[::]:7000", "[::ffff:127.0.0.1]:7000"] {
+        assert!(
+            reaches_own_listener(&own, target.parse().unwrap()),
+            "{target}"
+        );
+    }
+    assert!(!reaches_own_listener(&own, "0.0.0.0:7001".parse().unwrap()));
     let wildcard = addrs(&["0.0.0.0:7000"]);
     assert!(reaches_own_listener(
         &wildcard,
