@@ -470,3 +470,44 @@ fn the_ready_line_names_the_patterns_no_interface_matches_yet() {
     );
     tproxy.stop().unwrap();
 }
+
+/// What removes tproxy's policy routing under it (`lo` set down takes the routes through it,
+/// an operator deletes the rule or flushes the table) is put back, and steering goes on:
+/// before, every steered connection timed out from then on, silently (found by the hostile
+/// run).
+#[test]
+fn policy_routing_removed_under_a_running_instance_is_put_back() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let servers =
+        [false, true].map(|v6| Server::tell_peer(&topo.server, Topo::server_addr(v6, 80)).unwrap());
+    let mut tproxy = topo.tproxy(&["--tcp", "80"]).unwrap();
+    let steered = |round: &str| {
+        for (v6, server) in [false, true].iter().zip(&servers) {
+            assert_eq!(
+                peer_seen_by(&topo.client, server.addr).unwrap(),
+                Topo::router_as_seen_by_server(*v6),
+                "{round}: IPv{}",
+                if *v6 { 6 } else { 4 }
+            );
+        }
+    };
+    steered("before");
+    let removals: [&[&[&str]]; 3] = [
+        &[&["link", "set", "lo", "down"], &["link", "set", "lo", "up"]],
+        &[&["-6", "rule", "del", "lookup", &TABLE.to_string()]],
+        &[&["route", "flush", "table", &TABLE.to_string()]],
+    ];
+    for removal in removals {
+        for command in removal {
+            topo.router.ip(command).unwrap();
+        }
+        tproxy
+            .wait_for_line("put back", std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_installed(&topo);
+        steered(&format!("after `ip {}`", removal[0].join(" ")));
+    }
+    tproxy.stop().unwrap();
+    assert_nothing_left(&topo);
+}

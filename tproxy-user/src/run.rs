@@ -30,6 +30,7 @@ use crate::{
     daemon::addresses::AddressWatch,
     daemon::cgroups::CgroupWatch,
     daemon::links::LinkWatch,
+    daemon::policy::PolicyWatch,
     daemon::ready::declare_ready,
     daemon::routes::RouteWatch,
     daemon::serve::{serve, Control, Ending, Signals},
@@ -96,11 +97,11 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         let local_globals = local_setup.as_ref().map(|(_, globals)| *globals);
         let loaded = load_steering(&config, &mut relays, &interfaces, &claim, local_globals);
         let steering = steering.insert(loaded.await?);
-        routing = Some(
-            claim
-                .policy_routing(&netlink, &settings, local.is_some())
-                .await?,
-        );
+        let installed = claim
+            .policy_routing(&netlink, &settings, local.is_some())
+            .await?;
+        control.policy = Some(PolicyWatch::subscribe(installed.clone()).await?);
+        routing = Some(installed);
         control.attached = attach_all(steering, &interfaces)?;
         // After `lo`'s program: a marked socket's packets must find it there.
         if let (Some(local), Some((root, _))) = (&local, &local_setup) {

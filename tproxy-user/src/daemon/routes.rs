@@ -66,7 +66,7 @@ pub(crate) async fn changed(watch: &mut Option<RouteWatch>) -> Option<()> {
 /// Ready once events have come and then paused for [`QUIET`] (or kept coming for
 /// [`MOST_DELAY`]); `None` when the stream ends with no burst pending. Safe to drop at any
 /// await: a burst begun stays in `burst_since`, and no event is lost (the stream's `next` is).
-async fn settled<S: Stream + Unpin>(
+pub(crate) async fn settled<S: Stream + Unpin>(
     events: &mut S,
     burst_since: &mut Option<Instant>,
 ) -> Option<()> {

@@ -19,6 +19,7 @@ use crate::{
     daemon::cgroups::{self, CgroupWatch},
     daemon::ipsets,
     daemon::links::{self, LinkWatch},
+    daemon::policy::{self, PolicyWatch},
     daemon::reload::{reinstall_rules, reload},
     daemon::routes::{self, RouteWatch},
     relay::external::socket_statuses,
@@ -48,6 +49,8 @@ pub(crate) struct Control<'a> {
     pub(crate) addresses: Option<AddressWatch>,
     /// Route and link events, with rules for local connections (`out_interface`).
     pub(crate) routes: Option<RouteWatch>,
+    /// Rule and route events, for tproxy's own policy routing.
+    pub(crate) policy: Option<PolicyWatch>,
     /// Events of the directories the selected cgroups are in, with rules for local
     /// connections.
     pub(crate) cgroups: Option<CgroupWatch>,
@@ -64,6 +67,7 @@ impl Control<'_> {
             links: None,
             addresses: None,
             routes: None,
+            policy: None,
             cgroups: None,
         }
     }
@@ -177,6 +181,14 @@ pub(crate) async fn serve(
             }
             Some(()) = routes::changed(&mut control.routes) => {
                 server.follow_routes();
+                continue;
+            }
+            Some(()) = policy::changed(&mut control.policy) => {
+                if server.phase == Phase::Serving {
+                    if let Some(watch) = &control.policy {
+                        watch.restore().await;
+                    }
+                }
                 continue;
             }
             Some(changes) = cgroups::changed(&mut control.cgroups) => {

@@ -68,6 +68,7 @@ pub(crate) struct RoutingSpec {
 }
 
 /// Policy routing that this process installed; [`PolicyRouting::remove`] takes it away.
+#[derive(Clone)]
 pub(crate) struct PolicyRouting {
     handle: Handle,
     spec: RoutingSpec,
@@ -99,106 +100,161 @@ impl PolicyRouting {
     }
 
     async fn add_all(&self) -> Result<()> {
+        for v6 in [false, true] {
+            self.add_route(v6).await?;
+        }
+        for v6 in [false, true] {
+            self.add_mark_rule(v6).await?;
+        }
+        if self.spec.local_origin {
+            for v6 in [false, true] {
+                self.add_loopback_source_rule(v6).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back what of the rules and routes is gone (`ip link set lo down` takes the
+    /// routes through `lo` away, an operator may flush the table or delete the rule), and
+    /// names each: without them every steered packet would be forwarded or dropped, not
+    /// delivered.
+    pub(crate) async fn restore_missing(&self) -> Result<Vec<String>> {
+        let table = self.spec.table;
+        let (rules, routes) = ours(&self.handle, table).await?;
+        let mut restored = Vec::new();
+        for (v6, family) in [(false, AddressFamily::Inet), (true, AddressFamily::Inet6)] {
+            let name = if v6 { "IPv6" } else { "IPv4" };
+            if !routes
+                .iter()
+                .any(|route| route.header.address_family == family)
+            {
+                self.add_route(v6).await?;
+                restored.push(format!(
+                    "the {name} route `local default dev lo table {table}`"
+                ));
+            }
+            let rules_of = |marked: bool| {
+                rules
+                    .iter()
+                    .any(|rule| rule.header.family == family && has_fw_mark(rule) == marked)
+            };
+            if !rules_of(true) {
+                self.add_mark_rule(v6).await?;
+                restored.push(format!("the {name} rule `fwmark … lookup {table}`"));
+            }
+            if self.spec.local_origin && !rules_of(false) {
+                self.add_loopback_source_rule(v6).await?;
+                restored.push(format!("the {name} rule `from … iif lo lookup {table}`"));
+            }
+        }
+        Ok(restored)
+    }
+
+    /// `local 0.0.0.0/0 dev lo table TABLE` (`::/0` with `v6`).
+    async fn add_route(&self, v6: bool) -> Result<()> {
+        let RoutingSpec {
+            table,
+            local_origin,
+            ..
+        } = self.spec;
+        let lo =
+            nix::net::if_::if_nametoindex("lo").context("looking up the loopback interface")?;
+        let (family, route) = if v6 {
+            let mut route = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .output_interface(lo);
+            if local_origin {
+                route = route.pref_source(Ipv6Addr::LOCALHOST);
+            }
+            ("IPv6", route.build())
+        } else {
+            let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .output_interface(lo);
+            if local_origin {
+                route = route.pref_source(Ipv4Addr::LOCALHOST);
+            }
+            ("IPv4", route.build())
+        };
+        self.handle
+            .route()
+            .add(local_route(route, table))
+            .execute()
+            .await
+            .with_context(|| format!("adding `local {family} default dev lo table {table}`"))
+    }
+
+    /// `fwmark MARK/MASK lookup TABLE priority PRIORITY` (IPv6's with `v6`).
+    async fn add_mark_rule(&self, v6: bool) -> Result<()> {
         let RoutingSpec {
             mark,
             mask,
             table,
             priority,
-            local_origin,
+            ..
         } = self.spec;
-        let lo =
-            nix::net::if_::if_nametoindex("lo").context("looking up the loopback interface")?;
-
-        let mut v4 = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-            .output_interface(lo);
-        let mut v6 = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-            .output_interface(lo);
-        if local_origin {
-            v4 = v4.pref_source(Ipv4Addr::LOCALHOST);
-            v6 = v6.pref_source(Ipv6Addr::LOCALHOST);
-        }
-        for (family, route) in [("IPv4", v4.build()), ("IPv6", v6.build())] {
-            let route = local_route(route, table);
-            self.handle
-                .route()
-                .add(route)
-                .execute()
-                .await
-                .with_context(|| format!("adding `local {family} default dev lo table {table}`"))?;
-        }
-
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let family = family_name(&version);
-            let mut request = self
-                .handle
-                .rule()
-                .add()
-                .table_id(table)
-                .priority(priority)
-                .fw_mark(mark)
-                .action(RuleAction::ToTable);
-            let message = request.message_mut();
-            message.attributes.push(RuleAttribute::FwMask(mask));
-            message
-                .attributes
-                .push(RuleAttribute::Protocol(RouteProtocol::Other(
-                    ROUTE_PROTOCOL,
-                )));
-            let added = match version {
-                IpVersion::V4 => request.v4().execute().await,
-                IpVersion::V6 => request.v6().execute().await,
-            };
-            added.with_context(|| {
-                format!(
-                    "adding {family} rule `fwmark {mark:#x}/{mask:#x} lookup {table} priority {priority}`"
-                )
-            })?;
-        }
-        if local_origin {
-            self.add_loopback_source_rules().await?;
-        }
-        Ok(())
+        let mut request = self
+            .handle
+            .rule()
+            .add()
+            .table_id(table)
+            .priority(priority)
+            .fw_mark(mark)
+            .action(RuleAction::ToTable);
+        let message = request.message_mut();
+        message.attributes.push(RuleAttribute::FwMask(mask));
+        message
+            .attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                ROUTE_PROTOCOL,
+            )));
+        let (family, added) = match v6 {
+            false => ("IPv4", request.v4().execute().await),
+            true => ("IPv6", request.v6().execute().await),
+        };
+        added.with_context(|| {
+            format!(
+                "adding {family} rule `fwmark {mark:#x}/{mask:#x} lookup {table} priority {priority}`"
+            )
+        })
     }
 
-    /// `from 127.84.80.1 iif lo lookup TABLE` and `from ::1 iif lo lookup TABLE`.
-    async fn add_loopback_source_rules(&self) -> Result<()> {
+    /// `from 127.84.80.1 iif lo lookup TABLE`, or with `v6` `from ::1 iif lo lookup TABLE`.
+    async fn add_loopback_source_rule(&self, v6: bool) -> Result<()> {
         let RoutingSpec {
             table, priority, ..
         } = self.spec;
-        let request = || {
-            let mut request = self
-                .handle
-                .rule()
-                .add()
-                .table_id(table)
-                .priority(priority)
-                .input_interface("lo")
-                .action(RuleAction::ToTable);
-            request
-                .message_mut()
-                .attributes
-                .push(RuleAttribute::Protocol(RouteProtocol::Other(
-                    ROUTE_PROTOCOL,
-                )));
-            request
-        };
+        let mut request = self
+            .handle
+            .rule()
+            .add()
+            .table_id(table)
+            .priority(priority)
+            .input_interface("lo")
+            .action(RuleAction::ToTable);
+        request
+            .message_mut()
+            .attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                ROUTE_PROTOCOL,
+            )));
         let rule = |source: &str| {
             format!("adding rule `from {source} iif lo lookup {table} priority {priority}`")
         };
-        request()
-            .v4()
-            .source_prefix(Ipv4Addr::from(LOOPBACK_SOURCE_V4), 32)
-            .execute()
-            .await
-            .with_context(|| rule("127.84.80.1"))?;
-        request()
-            .v6()
-            .source_prefix(Ipv6Addr::LOCALHOST, 128)
-            .execute()
-            .await
-            .with_context(|| rule("::1"))
+        match v6 {
+            false => request
+                .v4()
+                .source_prefix(Ipv4Addr::from(LOOPBACK_SOURCE_V4), 32)
+                .execute()
+                .await
+                .with_context(|| rule("127.84.80.1")),
+            true => request
+                .v6()
+                .source_prefix(Ipv6Addr::LOCALHOST, 128)
+                .execute()
+                .await
+                .with_context(|| rule("::1")),
+        }
     }
 
     /// Removes what [`PolicyRouting::install`] added.
