@@ -163,6 +163,60 @@ fn a_half_closed_connection_is_reset_after_the_half_close_timeout() {
     tproxy.stop().unwrap();
 }
 
+/// The half-close timeout counts quiet time: a client that asked and shut its side (as
+/// `nc -N` does) gets a download that outlasts the timeout whole, in every relay mode
+/// (before, it was reset the timeout after its FIN, mid-transfer: found by the hostile run).
+#[test]
+fn a_half_closed_connection_that_keeps_moving_bytes_is_not_cut() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    const CHUNKS: usize = 25;
+    // Answers the request with a chunk every 100 ms (2.5 s in all), then ends.
+    let server = Server::start(&topo.server, addr("10.10.2.2:80"), |mut stream| {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+        for _ in 0..CHUNKS {
+            if stream.write_all(&[7u8; 1000]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .unwrap();
+    for mode in ["splice", "copy", "kernel"] {
+        let mut tproxy = topo
+            .tproxy(&[
+                "--tcp",
+                "80",
+                "--tcp-relay",
+                mode,
+                "--half-close-timeout",
+                "1s",
+            ])
+            .unwrap();
+        let mut client = topo.client.connect(server.addr).unwrap();
+        client.write_all(b"request").unwrap();
+        if mode == "kernel" {
+            // Paired before the FIN, or the pair is spliced instead.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        client.shutdown(Shutdown::Write).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut received = Vec::new();
+        let read = client.read_to_end(&mut received);
+        assert!(
+            read.is_ok(),
+            "{mode}: {read:?} after {} bytes",
+            received.len()
+        );
+        assert_eq!(received.len(), CHUNKS * 1000, "{mode}");
+        assert_eq!(tproxy.tcp_stat("half_close_timeouts").unwrap(), 0, "{mode}");
+        tproxy.stop().unwrap();
+    }
+}
+
 #[test]
 fn an_upstream_reset_mid_stream_resets_the_client() {
     require_root();

@@ -22,7 +22,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, Context, Result};
@@ -264,8 +264,9 @@ pub async fn watch(
         unsafe { AsyncFd::register_with_interest(paired.epoll.as_fd(), Interest::READABLE) }
             .map_err(io::Error::from)?;
     let mut sides: [Side; 2] = Default::default();
-    let half_close_ends = tokio::time::sleep(Duration::MAX / 4);
-    tokio::pin!(half_close_ends);
+    // When the first side's FIN was passed on: the half-close timeout counts quiet time from
+    // then at the earliest.
+    let mut half_closed_at = Instant::now();
     loop {
         let flushing = sides.iter().any(|side| side.finished && !side.passed_on);
         tokio::select! {
@@ -278,9 +279,9 @@ pub async fn watch(
             () = idle_for(&sockets, idle_timeout) => {
                 return Err(timed_out("idle", idle_timeout));
             }
-            () = &mut half_close_ends, if half_closed(&sides) => {
+            () = quiet_since(&sockets, half_close_timeout, half_closed_at), if half_closed(&sides) => {
                 half_close_timeouts.fetch_add(1, Relaxed);
-                return Err(timed_out("half-closed", half_close_timeout));
+                return Err(timed_out("half-closed and quiet", half_close_timeout));
             }
         }
         let was_half_closed = half_closed(&sides);
@@ -289,9 +290,7 @@ pub async fn watch(
             return Ok(());
         }
         if !was_half_closed && half_closed(&sides) {
-            half_close_ends
-                .as_mut()
-                .reset(tokio::time::Instant::now() + half_close_timeout);
+            half_closed_at = Instant::now();
         }
     }
 }
@@ -361,6 +360,16 @@ fn timed_out(state: &str, limit: Duration) -> io::Error {
 
 /// Completes once neither socket has received data for `limit` (the kernel's own
 /// `tcpi_last_data_recv`, so the relay needs no clock of its own per packet).
+/// As [`idle_for`], counting from `since` at the earliest: the open direction of a
+/// half-closed pair has moved nothing for `limit`.
+async fn quiet_since(sockets: &[&TcpStream; 2], limit: Duration, since: Instant) {
+    let earliest = since + limit;
+    if Instant::now() < earliest {
+        tokio::time::sleep_until(earliest.into()).await;
+    }
+    idle_for(sockets, limit).await
+}
+
 async fn idle_for(sockets: &[&TcpStream; 2], limit: Duration) {
     loop {
         let quiet = sockets

@@ -480,6 +480,11 @@ impl Default for Traffic {
 impl Traffic {
     fn moved(&self, direction: &AtomicU64, bytes: usize) {
         direction.fetch_add(bytes as u64, Relaxed);
+        self.touched();
+    }
+
+    /// Something happened now (bytes moved, or a side finished sending).
+    fn touched(&self) {
         self.last_activity_ms
             .store(self.started.elapsed().as_millis() as u64, Relaxed);
     }
@@ -498,9 +503,10 @@ impl Traffic {
 }
 
 /// Moves bytes both ways. When one side finishes sending, that direction is shut down on the
-/// other side and the opposite direction keeps running (half-close) for up to the
-/// half-close timeout; returns once both are done, on the first error, or when the
-/// connection has been idle too long.
+/// other side and the opposite direction keeps running (half-close) for as long as it moves
+/// bytes, until it has been quiet for the half-close timeout (a download a client asked for
+/// before shutting its side, as `nc -N` does, runs to its end); returns once both are done,
+/// on the first error, or when the connection has been idle too long.
 async fn pipe(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -517,28 +523,21 @@ async fn pipe(
     });
     tokio::pin!(to_upstream, to_client);
     let (mut up_done, mut down_done) = (false, false);
-    let half_closed = tokio::time::sleep(Duration::MAX / 4);
-    tokio::pin!(half_closed);
     while !(up_done && down_done) {
         tokio::select! {
-            result = &mut to_upstream, if !up_done => { result?; up_done = true; }
-            result = &mut to_client, if !down_done => { result?; down_done = true; }
+            result = &mut to_upstream, if !up_done => { result?; up_done = true; traffic.touched(); }
+            result = &mut to_client, if !down_done => { result?; down_done = true; traffic.touched(); }
             () = traffic.idle_for(config.idle_timeout) => return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("idle for {}", Human(config.idle_timeout)),
             )),
-            () = &mut half_closed, if up_done != down_done => {
+            () = traffic.idle_for(config.half_close_timeout), if up_done != down_done => {
                 stats.half_close_timeouts.fetch_add(1, Relaxed);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("half-closed for {}", Human(config.half_close_timeout)),
+                    format!("half-closed and quiet for {}", Human(config.half_close_timeout)),
                 ));
             }
-        }
-        if up_done != down_done {
-            half_closed
-                .as_mut()
-                .reset(tokio::time::Instant::now() + config.half_close_timeout);
         }
     }
     Ok(())
