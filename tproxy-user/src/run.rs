@@ -42,8 +42,6 @@ use crate::{
 pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     // Registered first so that a signal during set-up still goes through the clean-up below.
     let mut signals = Signals::register()?;
-    // Before the configuration's limits, which are reckoned with it.
-    crate::config::settings::raise_open_files_limit();
     let mut config = Config::build(&args)?;
     let user = config
         .settings

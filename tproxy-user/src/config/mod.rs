@@ -177,29 +177,7 @@ impl Config {
         config.mark_listener_transports();
         config.check_listener_addresses()?;
         config.warn_of_ephemeral_source_ports();
-        config.warn_of_open_files();
         Ok(config)
-    }
-
-    /// The connection and session limits need two open files each: more than the limit
-    /// allows, and past it connections and sessions fail on accept or connect instead of
-    /// being refused (and counted) at the limits.
-    fn warn_of_open_files(&self) {
-        let s = &self.settings;
-        let needed = settings::RESERVED_OPEN_FILES
-            + 2 * u64::from(s.max_connections)
-            + 2 * u64::from(s.udp_max_sessions);
-        let limit = settings::open_files_limit();
-        if needed > limit {
-            log::warn!(
-                "max_connections {} and udp_max_sessions {} need about {needed} open files, \
-                 more than the limit of {limit} (its hard limit): at full load connections and \
-                 sessions would fail instead of being refused at the limits; raise the limit \
-                 (ulimit -n, LimitNOFILE=) or lower them",
-                s.max_connections,
-                s.udp_max_sessions
-            );
-        }
     }
 
     /// A local rule's `sport` is the socket's bound port: an unbound socket's ephemeral port
@@ -239,11 +217,6 @@ impl Config {
         let mut settings = Settings::default();
         raw.apply_settings(&mut settings);
         args.settings.apply(&mut settings);
-        let given = |limit: u32| (limit != 0).then_some(limit);
-        (settings.max_connections, settings.udp_max_sessions) = settings::default_limits(
-            given(settings.max_connections),
-            given(settings.udp_max_sessions),
-        );
         if settings.max_connections_per_source == 0 {
             settings.max_connections_per_source = (settings.max_connections / 4).max(1);
         }

@@ -36,49 +36,12 @@ fn flag_help(doc: &[&str], default: Option<&str>) -> String {
     }
 }
 
-/// The open files `run` may have: the hard limit, to which it raises the soft one at start
-/// (`raise_open_files_limit`), so that `check` reckons with what `run` gets.
-pub fn open_files_limit() -> u64 {
-    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+/// The default overall connection limit: what the open-files limit allows (two descriptors
+/// a connection), less a reserve for listeners, UDP sessions and the rest.
+pub fn default_max_connections() -> u32 {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .unwrap_or((1024, 1024));
-    hard.max(soft).min(1 << 22)
-}
-
-/// Raises the soft open-files limit to the hard one: the limits below are reckoned with it.
-pub fn raise_open_files_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource::RLIMIT_NOFILE};
-    if let Ok((soft, hard)) = getrlimit(RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(error) = setrlimit(RLIMIT_NOFILE, hard, hard) {
-                log::warn!("raising the open-files limit from {soft} to {hard}: {error}");
-            }
-        }
-    }
-}
-
-/// Open files kept apart from connections and sessions: listeners, maps, program links,
-/// netlink and control sockets.
-pub const RESERVED_OPEN_FILES: u64 = 256;
-
-/// Most UDP sessions by default, where the open-files limit allows them.
-const DEFAULT_UDP_SESSIONS: u64 = 8192;
-
-/// The defaults of the TCP connection and UDP session limits, each given (`Some`) or not:
-/// two open files each, within the open-files limit less [`RESERVED_OPEN_FILES`]. UDP takes
-/// at most half of that by default (and [`DEFAULT_UDP_SESSIONS`]), TCP the rest; a limit
-/// that is given leaves the other what remains, and at least an eighth, so that neither is
-/// starved (check warns when the two then need more than the limit).
-pub fn default_limits(max_connections: Option<u32>, udp_max_sessions: Option<u32>) -> (u32, u32) {
-    let budget = open_files_limit().saturating_sub(RESERVED_OPEN_FILES);
-    let rest_after = |other: u32| (budget.saturating_sub(2 * u64::from(other)) / 2).max(budget / 8);
-    let cap = |n: u64| n.clamp(16, 1 << 20) as u32;
-    let udp = match (udp_max_sessions, max_connections) {
-        (Some(udp), _) => udp,
-        (None, Some(tcp)) => cap(rest_after(tcp).min(DEFAULT_UDP_SESSIONS)),
-        (None, None) => cap((budget / 4).min(DEFAULT_UDP_SESSIONS)),
-    };
-    let tcp = max_connections.unwrap_or_else(|| cap(rest_after(udp)));
-    (tcp, udp)
+    (soft.saturating_sub(256) / 2).clamp(16, 1 << 20) as u32
 }
 
 /// One setting as the README's flags table and `--help` describe it.
@@ -331,10 +294,7 @@ settings! {
     /// Most UDP sessions at once; datagrams of new flows beyond it are dropped (and counted).
     /// Each session holds two file descriptors.
     #[flag(long = "udp-max-sessions", value_name = "N")]
-    // 0: set from the open-files limit once the other limits are known (see
-    // `Config::from_text`).
-    fixed udp_max_sessions: computed<SessionCap> = 0,
-        default "8192, or a quarter of (open-files limit - 256) when that is less";
+    fixed udp_max_sessions: value<SessionCap>, default "8192";
 
     /// Most UDP sessions at once for one client address (each of its source ports and
     /// destinations is a session), so that no client can take them all; datagrams of its
@@ -368,10 +328,8 @@ settings! {
 
     /// Most TCP connections relayed at once; beyond it new ones are reset (and counted).
     #[flag(long = "max-connections", value_name = "N")]
-    // 0: set from the open-files limit and the UDP sessions once those are known (see
-    // `Config::from_text`).
-    fixed max_connections: computed<SessionCap> = 0,
-        default "what the open-files limit allows after the UDP sessions: (limit - 256 - 2 x --udp-max-sessions) / 2, at least (limit - 256) / 8";
+    fixed max_connections: computed<SessionCap> = default_max_connections(),
+        default "what the open-files limit allows: (limit - 256) / 2";
 
     /// Most TCP connections relayed at once for one client address, so that no client can
     /// take them all.

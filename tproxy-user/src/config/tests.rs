@@ -1252,27 +1252,3 @@ action = "bypass"
         );
     }
 }
-
-/// By default the TCP and UDP limits fit the open-files limit together (two files each, and
-/// the reserve): before, the defaults promised more than it held and load past it failed on
-/// accept and connect instead of at the limits (found by the hostile run).
-#[test]
-fn the_default_limits_fit_the_open_files_limit_together() {
-    use crate::config::settings::{default_limits, open_files_limit, RESERVED_OPEN_FILES};
-    let limit = open_files_limit();
-    let (tcp, udp) = default_limits(None, None);
-    let needed = RESERVED_OPEN_FILES + 2 * u64::from(tcp) + 2 * u64::from(udp);
-    assert!(
-        needed <= limit.max(RESERVED_OPEN_FILES + 64),
-        "{tcp} + {udp} need {needed} of {limit}"
-    );
-    assert!(udp <= 8192);
-    // One given: the other takes what is left, and never less than an eighth.
-    let (given, rest) = default_limits(Some(100), None);
-    assert_eq!(given, 100);
-    assert!(u64::from(rest) * 2 + 200 + RESERVED_OPEN_FILES <= limit.max(1 << 20));
-    let (rest, given) = default_limits(None, Some(1 << 20));
-    assert_eq!(given, 1 << 20);
-    let budget = limit.saturating_sub(RESERVED_OPEN_FILES);
-    assert_eq!(u64::from(rest), (budget / 8).clamp(16, 1 << 20));
-}
