@@ -184,7 +184,8 @@ pub(crate) async fn serve(
                 continue;
             }
             Some(()) = policy::changed(&mut control.policy) => {
-                if server.phase == Phase::Serving {
+                // Not while a successor takes over: it may replace the routing with its own.
+                if server.phase == Phase::Serving && successor.is_none() {
                     if let Some(watch) = &control.policy {
                         watch.restore().await;
                     }

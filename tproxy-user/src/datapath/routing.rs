@@ -257,6 +257,11 @@ impl PolicyRouting {
         }
     }
 
+    /// The routing table it installs its routes in.
+    pub(crate) fn table(&self) -> u32 {
+        self.spec.table
+    }
+
     /// Removes what [`PolicyRouting::install`] added.
     pub(crate) async fn remove(self) -> Result<()> {
         remove_ours(&self.handle, self.spec.table).await.map(drop)
@@ -308,7 +313,7 @@ pub(crate) fn route_table(route: &RouteMessage) -> u32 {
         .unwrap_or(route.header.table.into())
 }
 
-fn rule_table(rule: &RuleMessage) -> u32 {
+pub(crate) fn rule_table(rule: &RuleMessage) -> u32 {
     rule.attributes
         .iter()
         .find_map(|attr| match attr {
