@@ -68,15 +68,15 @@ pub struct ListenerConfig {
 /// Whether connecting to `target` would reach one of our own `listeners` (a wildcard
 /// listener is reached at any address on its port): relaying there would loop forever.
 pub(crate) fn reaches_own_listener(listeners: &[SocketAddr], target: SocketAddr) -> bool {
-    // A mapped address is the IPv4 one; a connection to the unspecified address goes to this
-    // host (the kernel takes it for a loopback one), so to a listener on any of its addresses.
+    // A mapped address is the IPv4 one; a connection to the unspecified address goes to a
+    // loopback one (the kernel takes it for 127.0.0.1 or ::1).
     let target_ip = target.ip().to_canonical();
     listeners.iter().any(|listener| {
         let listener_ip = listener.ip().to_canonical();
         listener.port() == target.port()
             && (listener_ip == target_ip
                 || listener_ip.is_unspecified()
-                || target_ip.is_unspecified())
+                || (target_ip.is_unspecified() && listener_ip.is_loopback()))
     })
 }
 

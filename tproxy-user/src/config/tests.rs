@@ -1082,6 +1082,12 @@ fn own_listener_addresses_are_recognised() {
         );
     }
     assert!(!reaches_own_listener(&own, "0.0.0.0:7001".parse().unwrap()));
+    // Not a listener on another address, which a connection there never reaches.
+    let elsewhere = addrs(&["10.0.0.1:7000"]);
+    assert!(!reaches_own_listener(
+        &elsewhere,
+        "0.0.0.0:7000".parse().unwrap()
+    ));
     let wildcard = addrs(&["0.0.0.0:7000"]);
     assert!(reaches_own_listener(
         &wildcard,

@@ -179,7 +179,18 @@ pub(crate) async fn changed(watch: &mut Option<CgroupWatch>) -> Option<Changes> 
                         // holds it any more, which may be after it is made again: its
                         // watches (and those below it) are forgotten now, so that `watch`
                         // watches the new one (else what is made in it went unseen).
-                        watch.parents.retain(|_, watched| !within(watched, &child));
+                        let gone: Vec<WatchDescriptor> = watch
+                            .parents
+                            .iter()
+                            .filter(|(_, watched)| within(watched, &child))
+                            .map(|(descriptor, _)| *descriptor)
+                            .collect();
+                        for descriptor in gone {
+                            watch.parents.remove(&descriptor);
+                            // A renamed directory's watch would stay in the kernel; a removed
+                            // one's goes by itself (and this one fails then: nothing to do).
+                            let _ = watch.fd.get_ref().0.rm_watch(descriptor);
+                        }
                         changes.removed.push(child);
                     }
                 }

@@ -3,11 +3,12 @@
 //! aya 0.14 resolves no kfunc, so the program calls placeholder helper numbers where it means
 //! the conntrack kfuncs (`maps::KFUNC_CT_LOOKUP` and `maps::KFUNC_CT_RELEASE`, see the
 //! program's `conntrack` module). [`Kfuncs::patch`] rewrites each such call into the kfunc
-//! call with the function's id in the running kernel's BTF. On a kernel without them (older
-//! than 5.18, or with nf_conntrack a module, whose BTF is not the kernel's own), each becomes
-//! `r0 = 0`: the lookup finds no connection, so every packet is read as original, and there is
-//! nothing to release. The rules that need them are refused there (see
-//! [`Kfuncs::conntrack`]).
+//! call with the function's id in the running kernel's BTF. On a kernel without them each
+//! becomes `r0 = 0`: the lookup finds no connection, so every packet is read as original, and
+//! there is nothing to release. The rules that need them are refused there (see
+//! [`Kfuncs::conntrack`]). Without them means: older than 5.19 (5.18 has the lookup but does
+//! not say the direction), nf_conntrack a module (as most distributions build it: its BTF is
+//! not the kernel's own, which the program is loaded with), or the kernel's BTF unreadable.
 
 use anyhow::{bail, Context, Result};
 use aya::Btf;
@@ -34,6 +35,12 @@ impl Kfuncs {
     /// Looks the kfuncs up in the kernel's BTF (`/sys/kernel/btf/vmlinux`); none when it
     /// cannot be read.
     pub(crate) fn of_running_kernel() -> Kfuncs {
+        let release = nix::sys::utsname::uname()
+            .map(|uts| uts.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !says_direction(&release) {
+            return Kfuncs::default();
+        }
         let Ok(btf) = Btf::from_sys_fs() else {
             return Kfuncs::default();
         };
@@ -97,9 +104,32 @@ impl Kfuncs {
     }
 }
 
+/// Whether a kernel of this release (`uname -r`) writes the direction of the connection
+/// `bpf_skb_ct_lookup` finds: from 5.19.
+fn says_direction(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (5, 19)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_direction_is_said_from_5_19() {
+        for (release, says) in [
+            ("6.18.0-1-amd64", true),
+            ("5.19.0", true),
+            ("5.18.19-generic", false),
+            ("4.19.0", false),
+            ("", false),
+        ] {
+            assert_eq!(says_direction(release), says, "{release}");
+        }
+    }
 
     /// The embedded program's placeholders all become kfunc calls, or `r0 = 0` without the
     /// kfuncs, and nothing else changes.

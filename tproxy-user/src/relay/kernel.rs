@@ -358,8 +358,6 @@ fn timed_out(state: &str, limit: Duration) -> io::Error {
     )
 }
 
-/// Completes once neither socket has received data for `limit` (the kernel's own
-/// `tcpi_last_data_recv`, so the relay needs no clock of its own per packet).
 /// As [`idle_for`], counting from `since` at the earliest: the open direction of a
 /// half-closed pair has moved nothing for `limit`.
 async fn quiet_since(sockets: &[&TcpStream; 2], limit: Duration, since: Instant) {
@@ -370,6 +368,8 @@ async fn quiet_since(sockets: &[&TcpStream; 2], limit: Duration, since: Instant)
     idle_for(sockets, limit).await
 }
 
+/// Completes once neither socket has received data for `limit` (the kernel's own
+/// `tcpi_last_data_recv`, so the relay needs no clock of its own per packet).
 async fn idle_for(sockets: &[&TcpStream; 2], limit: Duration) {
     loop {
         let quiet = sockets

@@ -166,8 +166,9 @@ impl Steering {
         if table.ct_direction != 0 && !self.kfuncs.conntrack() {
             anyhow::bail!(
                 "rules with `ct_direction` need the kernel's conntrack kfuncs \
-                 (bpf_skb_ct_lookup, bpf_ct_release: Linux 5.18 or later with nf_conntrack \
-                 built in), which this kernel's BTF (/sys/kernel/btf/vmlinux) does not have"
+                 (bpf_skb_ct_lookup, bpf_ct_release: Linux 5.19 or later with nf_conntrack \
+                 built in, CONFIG_NF_CONNTRACK=y), which this kernel's own BTF \
+                 (/sys/kernel/btf/vmlinux) does not have, or which could not be read"
             );
         }
         if table.ct_direction != 0 && tracked_connections() == Some(0) {

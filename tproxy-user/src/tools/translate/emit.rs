@@ -63,6 +63,18 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         "# Translated by `tproxy translate` from {source} output."
     );
     let kept = lo_arrivals_left_out(kept, &mut skipped);
+    if kept
+        .iter()
+        .any(|(rule, _)| rule.matches.ct_direction.is_some())
+    {
+        notes.push(
+            "the rules with `ct_direction` (from `--ctdir`, `ct direction`) need the kernel's \
+             connection tracking on, which the conntrack matches you delete with the rules \
+             kept on: keep NAT or a `ct state` rule loaded, or every packet is original to \
+             them (and Linux 5.19 or later with nf_conntrack built in)"
+                .into(),
+        );
+    }
     write_interfaces(&mut out, &kept);
     let tproxy_mark = tproxy_mark(&kept, &mut notes);
     let routing = tproxy_mark.unwrap_or(Settings::default().mark);

@@ -336,8 +336,10 @@ fn parse_rule(
                 comment = Some(value()?);
                 i += 2;
             }
+            // iptables has no `! --ctdir`: its save output never holds one.
+            "--ctdir" if negated => return Err("negated `--ctdir` (not iptables syntax)".into()),
             "--ctdir" => {
-                m.ct_direction = Some(ct_direction(&value()?, negated)?);
+                m.ct_direction = Some(ct_direction(&value()?)?);
                 i += 2;
             }
             "--ctstate" | "--state" if negated => {
@@ -829,18 +831,11 @@ fn parse_target(
     Ok((target, i))
 }
 
-/// `--ctdir ORIGINAL|REPLY`, negated the other one (a packet of no tracked connection, which
-/// `--ctdir` never matches, does not reach tproxy's rules as such: it starts a connection,
-/// in its original direction).
-fn ct_direction(value: &str, negated: bool) -> Result<CtDirection, String> {
-    let direction = match value {
-        "ORIGINAL" => CtDirection::Original,
-        "REPLY" => CtDirection::Reply,
-        other => return Err(format!("`--ctdir {other}` (ORIGINAL or REPLY)")),
-    };
-    Ok(match (direction, negated) {
-        (direction, false) => direction,
-        (CtDirection::Original, true) => CtDirection::Reply,
-        (CtDirection::Reply, true) => CtDirection::Original,
-    })
+/// `--ctdir ORIGINAL|REPLY`.
+fn ct_direction(value: &str) -> Result<CtDirection, String> {
+    match value {
+        "ORIGINAL" => Ok(CtDirection::Original),
+        "REPLY" => Ok(CtDirection::Reply),
+        other => Err(format!("`--ctdir {other}` (ORIGINAL or REPLY)")),
+    }
 }

@@ -4362,7 +4362,7 @@ fn a_connections_direction_becomes_the_rules_ct_direction_at_prerouting_only() {
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 -A PREROUTING -m conntrack --ctdir REPLY -j RETURN
--A PREROUTING -p tcp -m conntrack ! --ctdir REPLY -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -p tcp -m conntrack --ctdir ORIGINAL -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
 -A PREROUTING -m conntrack --ctdir SIDEWAYS -j RETURN
 -A OUTPUT -m conntrack --ctdir REPLY -j RETURN
 COMMIT
