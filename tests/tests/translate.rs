@@ -392,6 +392,23 @@ fn steered_both_ways(
     (original, translated, text)
 }
 
+/// [`steered_both_ways`] for an iptables rule set, loaded with `iptables-restore` as written.
+fn steered_both_ways_iptables(
+    topo: &Topo,
+    probes: &[Probe],
+    rules: &'static str,
+) -> (Steered, Steered, String) {
+    steered_both_ways(
+        topo,
+        probes,
+        |netns| {
+            restore_iptables(netns, rules).unwrap();
+            rules.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    )
+}
+
 /// The probes of the negation rule sets, and which of them the rule sets steer: each
 /// negated form once excluding the probe and once not. (UDP rules name the client side:
 /// without it the server's replies would be steered too.)
@@ -447,15 +464,8 @@ COMMIT
 fn negated_iptables_matches_steer_the_same_flows_translated() {
     require_root();
     let topo = Topo::new().unwrap();
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        NEGATION_PROBES,
-        |netns| {
-            restore_iptables(netns, NEGATIONS_IPTABLES).unwrap();
-            NEGATIONS_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) =
+        steered_both_ways_iptables(&topo, NEGATION_PROBES, NEGATIONS_IPTABLES);
     assert_eq!(steered_names(&original), NEGATION_STEERED, "iptables");
     assert_eq!(translated, original, "translated config:\n{config}");
 }
@@ -531,15 +541,8 @@ COMMIT
 fn iptables_interface_wildcards_steer_the_same_flows_translated() {
     require_root();
     let topo = Topo::new().unwrap();
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        WILDCARD_PROBES,
-        |netns| {
-            restore_iptables(netns, WILDCARDS_IPTABLES).unwrap();
-            WILDCARDS_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) =
+        steered_both_ways_iptables(&topo, WILDCARD_PROBES, WILDCARDS_IPTABLES);
     // Every rule names interfaces by pattern: tproxy attaches to what the patterns match.
     assert!(
         config.contains("interfaces = [\"to-c*\", \"to-s*\""),
@@ -701,15 +704,8 @@ table inet own_port {
 fn iptables_tproxy_on_port_0_steers_the_same_flows_translated() {
     require_root();
     let topo = Topo::new().unwrap();
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        OWN_PORT_PROBES,
-        |netns| {
-            restore_iptables(netns, OWN_PORT_IPTABLES).unwrap();
-            OWN_PORT_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) =
+        steered_both_ways_iptables(&topo, OWN_PORT_PROBES, OWN_PORT_IPTABLES);
     assert!(
         config.contains("127.0.0.1:8080"),
         "translated config:\n{config}"
@@ -1420,15 +1416,8 @@ fn returning_chains_and_returns_no_later_rule_matches_steer_the_same_flows_trans
         Probe::Udp("10.10.2.2:54"),
         Probe::Udp("10.10.2.3:53"),
     ];
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        &probes,
-        |netns| {
-            restore_iptables(netns, RETURNING_CHAINS_IPTABLES).unwrap();
-            RETURNING_CHAINS_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) =
+        steered_both_ways_iptables(&topo, &probes, RETURNING_CHAINS_IPTABLES);
     assert_eq!(
         steered_names(&original),
         ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
@@ -1467,15 +1456,8 @@ fn a_return_before_an_accept_of_the_rest_steers_the_same_flows_translated() {
         Probe::Udp("10.10.2.2:54"),
         Probe::Udp("10.10.2.3:53"),
     ];
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        &probes,
-        |netns| {
-            restore_iptables(netns, RETURN_BEFORE_ACCEPT_IPTABLES).unwrap();
-            RETURN_BEFORE_ACCEPT_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) =
+        steered_both_ways_iptables(&topo, &probes, RETURN_BEFORE_ACCEPT_IPTABLES);
     assert_eq!(
         steered_names(&original),
         ["tcp 10.10.2.2:80", "udp 10.10.2.2:53"],
@@ -1774,15 +1756,8 @@ COMMIT
 fn a_shared_chain_and_a_partly_shadowed_bypass_steer_the_same_flows_translated_iptables() {
     require_root();
     let topo = Topo::new().unwrap();
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        SHARED_CHAIN_PROBES,
-        |netns| {
-            restore_iptables(netns, SHARED_CHAIN_IPTABLES).unwrap();
-            SHARED_CHAIN_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) =
+        steered_both_ways_iptables(&topo, SHARED_CHAIN_PROBES, SHARED_CHAIN_IPTABLES);
     assert!(
         config.contains("its packets that line 11 takes first"),
         "the shadowed ports get a rule of their own:\n{config}"
@@ -1856,15 +1831,7 @@ COMMIT
         Probe::Tcp("10.10.2.3:8050"),
     ];
     let topo = Topo::new().unwrap();
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        &probes,
-        |netns| {
-            restore_iptables(netns, rules).unwrap();
-            rules.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) = steered_both_ways_iptables(&topo, &probes, rules);
     assert_eq!(
         steered_names(&original),
         ["tcp 10.10.2.2:80", "tcp 10.10.2.3:80", "tcp 10.10.2.3:8050"],
@@ -1917,15 +1884,7 @@ fn a_log_rule_and_a_socket_mark_that_goes_on_steer_the_same_flows_translated() {
         Probe::Udp("10.10.2.2:80"),
     ];
     let topo = Topo::new().unwrap();
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        &probes,
-        |netns| {
-            restore_iptables(netns, ENVOY_IPTABLES).unwrap();
-            ENVOY_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) = steered_both_ways_iptables(&topo, &probes, ENVOY_IPTABLES);
     assert_eq!(
         steered_names(&original),
         ["tcp 10.10.2.2:80", "tcp 10.10.2.3:80"],
@@ -2033,15 +1992,7 @@ fn conntrack_established_flows_diverted_steer_the_same_flows_translated() {
         Probe::Udp("10.10.2.2:53"),
     ];
     let topo = Topo::new().unwrap();
-    let (original, translated, config) = steered_both_ways(
-        &topo,
-        &probes,
-        |netns| {
-            restore_iptables(netns, ISTIO_IPTABLES).unwrap();
-            ISTIO_IPTABLES.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
-    );
+    let (original, translated, config) = steered_both_ways_iptables(&topo, &probes, ISTIO_IPTABLES);
     assert_eq!(
         steered_names(&original),
         ["tcp 10.10.2.2:80", "tcp 10.10.2.3:8050"],
