@@ -323,23 +323,22 @@ fn note_source_port(sport: u16) {
 }
 
 /// Writes the packet's direction in its tracked connection where the rules tried one by one
-/// read it, when a rule of either generation asks (the one in force may change before
-/// [`match_rules`] reads it); 0 otherwise. Addresses and ports in network order.
+/// read it, when a rule of `generation` (the one [`match_rules`] asks) needs it; 0
+/// otherwise. Addresses and ports in network order.
 #[inline(always)]
 fn note_ct_direction<const N: usize>(
     ctx: &TcContext,
+    generation: u32,
     udp: bool,
     saddr: [u8; N],
     daddr: [u8; N],
     sport: u16,
     dport: u16,
 ) {
-    let asks = |generation| {
-        MARK_RULES
-            .get(generation)
-            .is_some_and(|marks| marks.ct_direction != 0)
-    };
-    let direction = match asks(0) || asks(1) {
+    let asks = MARK_RULES
+        .get(generation)
+        .is_some_and(|marks| marks.ct_direction != 0);
+    let direction = match asks {
         true => conntrack::direction(ctx, udp, saddr, daddr, sport, dport),
         false => 0,
     };
@@ -356,6 +355,7 @@ fn note_ct_direction<const N: usize>(
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn match_rules<const N: usize>(
+    generation: u32,
     by_dst: &LpmTrie<DstKey<N>, Verdict>,
     by_src: &LpmTrie<SrcKey<N>, Verdict>,
     udp: bool,
@@ -367,7 +367,7 @@ fn match_rules<const N: usize>(
 ) -> RuleMatch {
     let mut best = Verdict::default();
     match_rules_into::<N, true>(
-        active_generation(),
+        generation,
         by_dst,
         by_src,
         udp,
@@ -647,8 +647,10 @@ fn steer_ipv4<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     } else {
         // The loopback program asks no rules: only the others need it.
         note_source_port(u16::from_be(sport));
-        note_ct_direction(ctx, udp, saddr, daddr, sport, dport);
+        let generation = active_generation();
+        note_ct_direction(ctx, generation, udp, saddr, daddr, sport, dport);
         match_rules(
+            generation,
             &RULES_DST_V4,
             &RULES_SRC_V4,
             udp,
@@ -760,8 +762,10 @@ fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     } else {
         // The loopback program asks no rules: only the others need it.
         note_source_port(u16::from_be(sport));
-        note_ct_direction(ctx, udp, saddr, daddr, sport, dport);
+        let generation = active_generation();
+        note_ct_direction(ctx, generation, udp, saddr, daddr, sport, dport);
         match_rules(
+            generation,
             &RULES_DST_V6,
             &RULES_SRC_V6,
             udp,
