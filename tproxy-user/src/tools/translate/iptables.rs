@@ -338,6 +338,9 @@ fn parse_rule(
             }
             // iptables has no `! --ctdir`: its save output never holds one.
             "--ctdir" if negated => return Err("negated `--ctdir` (not iptables syntax)".into()),
+            "--ctdir" if m.ct_direction.is_some() => {
+                return Err("`--ctdir` twice (iptables refuses it)".into())
+            }
             "--ctdir" => {
                 m.ct_direction = Some(ct_direction(&value()?)?);
                 i += 2;

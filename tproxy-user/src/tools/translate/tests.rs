@@ -4365,6 +4365,7 @@ fn a_connections_direction_becomes_the_rules_ct_direction_at_prerouting_only() {
 -A PREROUTING -p tcp -m conntrack --ctdir ORIGINAL -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
 -A PREROUTING -m conntrack --ctdir SIDEWAYS -j RETURN
 -A OUTPUT -m conntrack --ctdir REPLY -j RETURN
+-A PREROUTING -p udp -m conntrack --ctdir REPLY --ctdir ORIGINAL -j RETURN
 COMMIT
 ",
     )
@@ -4392,9 +4393,10 @@ COMMIT
         .iter()
         .map(|s| s.split_once(": -A ").map_or(s.as_str(), |(line, _)| line))
         .collect();
-    assert_eq!(reasons, ["line 6", "line 7"], "{:?}", t.skipped);
+    assert_eq!(reasons, ["line 6", "line 8", "line 7"], "{:?}", t.skipped);
+    assert!(t.skipped[1].ends_with("`--ctdir` twice (iptables refuses it)"));
     assert!(t.skipped[0].ends_with("`--ctdir SIDEWAYS` (ORIGINAL or REPLY)"));
-    assert!(t.skipped[1].contains("a connection's direction (reply) on locally generated traffic"));
+    assert!(t.skipped[2].contains("a connection's direction (reply) on locally generated traffic"));
     let t = translate(
         "table ip t {
 	chain p {
