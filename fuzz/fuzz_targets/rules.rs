@@ -90,7 +90,6 @@ fuzz_target!(|data: &[u8]| {
     // that drops. A local rule's source port is the socket's bound one.
     for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
         rule.mark = None;
-        rule.ct_direction = None;
         if rule.action == Action::Drop {
             rule.action = Action::Bypass;
         }
@@ -123,8 +122,9 @@ fuzz_target!(|data: &[u8]| {
             iface: IFACES[iface],
             mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),
             route: if local { bytes.pick(&[None, Some("eth0"), Some("eth1"), Some("wg0"), Some("lo")]) } else { None },
-            // The program looks an arrival's direction up, and finds one or the other.
-            ct_direction: (!local).then(|| bytes.pick(&[CtDirection::Original, CtDirection::Reply])),
+            // The tc program looks an arrival's direction up, the local programs follow a
+            // datagram's: one or the other.
+            ct_direction: Some(bytes.pick(&[CtDirection::Original, CtDirection::Reply])),
         };
         assert_eq!(
             lookup(&compiled, generation, &packet, ifindex),

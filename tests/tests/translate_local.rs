@@ -1144,3 +1144,106 @@ fn a_source_port_guard_in_mangle_output_leaves_the_same_bound_sockets_alone_tran
     );
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// The Android scripts' first OUTPUT rule, `-m conntrack --ctdir REPLY -j RETURN`: a
+/// router's own UDP server answering a client keeps its answer off the proxy, while its own
+/// clients' datagrams are steered. The client sends from port 53, so that the answer goes to
+/// a port the rules steer: without the direction it would be relayed (the control run shows
+/// it is), with it it goes straight back. tproxy follows the direction of the server
+/// socket's flow itself (`cgroup/recvmsg`), where iptables asks conntrack.
+#[test]
+fn a_reply_direction_return_in_mangle_output_leaves_a_local_servers_answers_alone_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("ctdir").unwrap();
+    let _echo = UdpEcho::start(&topo.server, "10.10.2.2:53".parse().unwrap()).unwrap();
+    let rules = |direction: &str| {
+        format!(
+            "*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
+{direction}-A OUTPUT -m mark --mark 0xff -j RETURN
+-A OUTPUT -p udp -m cgroup --path {} -m udp --dport 53 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+",
+            cgroup.path
+        )
+    };
+    // The router's own client (steered), then its server's answer to a client on port 53.
+    let probe = |count: &dyn Fn(&str) -> u64| -> Vec<bool> {
+        let before = count("udp");
+        let output = cgroup.run(&topo.router, &[], DIAL, &["sendto", "10.10.2.2:53", "hi"]);
+        assert_eq!(dial_output(output.unwrap()).unwrap(), "10.10.2.2:53 hi");
+        let client_steered = count("udp") > before;
+        let before = count("udp");
+        let answered = answered_from_the_router(&topo, &cgroup);
+        vec![client_steered, count("udp") > before, answered]
+    };
+    let with = rules("-A OUTPUT -m conntrack --ctdir REPLY -j RETURN\n");
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &with).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(
+        text.contains("ct_direction = \"reply\"\norigin = \"local\""),
+        "{text}"
+    );
+    let config = ConfigFile::new(&text).unwrap();
+    // The control: without the direction, the answer to port 53 is relayed too.
+    let (control, _) = original_then_translated(&topo, &rules(""), &config, |translated, count| {
+        (!translated).then(|| probe(count))
+    });
+    // (The relay answers from a port of its own: the client's answer is not the server's.)
+    assert_eq!(
+        control.map(|c| c[..2].to_vec()),
+        Some(vec![true, true]),
+        "without --ctdir"
+    );
+    let (original, translated) =
+        original_then_translated(&topo, &with, &config, |_, count| probe(count));
+    assert_eq!(original, [true, false, true], "the original rules");
+    assert_eq!(translated, original, "translated config:\n{text}");
+}
+
+/// Whether a UDP server on the router, in `cgroup` and bound to the wildcard address,
+/// answers a client that sends to it from port 53: the client's answer comes from the
+/// server's address and port.
+fn answered_from_the_router(topo: &Topo, cgroup: &TestCgroup) -> bool {
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| {
+            cgroup.run(
+                &topo.router,
+                &[],
+                DIAL,
+                &["answer", "0.0.0.0:5300", "hello", "10.10.1.2:0"],
+            )
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !udp_port_bound(&topo.router, 5300) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server never bound"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let client = run_outside_cgroup(
+            &topo.client,
+            &[],
+            DIAL,
+            &["sendto-from", "10.10.1.2:53", "hi", "10.10.1.1:5300"],
+        )
+        .unwrap();
+        let served = dial_output(server.join().unwrap().unwrap()).unwrap();
+        assert!(served.ends_with(" hi"), "{served}");
+        client.status.success() && dial_output(client).unwrap() == "10.10.1.1:5300 hello"
+    })
+}
+
+/// Whether a UDP socket in `netns` is bound to `port`.
+fn udp_port_bound(netns: &Netns, port: u16) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ss", "-Hlun"])
+        .arg(format!("sport = :{port}"))
+        .output()
+        .unwrap();
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}

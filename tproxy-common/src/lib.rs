@@ -10,6 +10,7 @@ extern crate std;
 
 pub mod decision;
 pub mod local_origin;
+pub mod local_udp;
 pub mod maps;
 #[cfg(feature = "stats")]
 pub mod stats;

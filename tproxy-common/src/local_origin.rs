@@ -111,6 +111,11 @@ pub const fn selection_ifindex(k: u32) -> u32 {
     LOCAL_ORIGIN_IFINDEX - k
 }
 
+/// Whether `ifindex` is a selection's ([`selection_ifindex`]) rather than an interface's.
+pub const fn is_local_ifindex(ifindex: u32) -> bool {
+    ifindex > LOCAL_ORIGIN_IFINDEX - MAX_SELECTIONS as u32
+}
+
 /// Most uid ranges one selection may name (the connect programs try them all, in a bounded
 /// loop).
 pub const MAX_UID_RANGES: usize = 16;
@@ -517,6 +522,13 @@ const fn is_ipv6_loopback_at(ip: &[u8; 40], at: usize) -> bool {
         i += 1;
     }
     true
+}
+
+/// `addr` as an IPv4-mapped IPv6 address, the inverse of [`mapped_ipv4`].
+pub const fn ipv4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
 }
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`): a dual-stack

@@ -133,6 +133,11 @@ pub const CT_ORIGINAL: u32 = 1;
 /// [`MarkRule::ct_direction`], [`MarkedPacket::ct_direction`]: the other direction.
 pub const CT_REPLY: u32 = 2;
 
+/// [`MarkRules::ct_direction`] bit: a rule for arrivals matches on the direction.
+pub const CT_ASKED_BY_ARRIVALS: u32 = 1;
+/// [`MarkRules::ct_direction`] bit: a rule for local connections matches on the direction.
+pub const CT_ASKED_BY_LOCAL: u32 = 2;
+
 /// The helper number the program calls where it means the kfunc `bpf_skb_ct_lookup`: aya-ebpf
 /// cannot declare a kfunc, so the loader rewrites each such call into the kfunc call (or,
 /// on a kernel without it, into "nothing found") before loading. Above every helper number.
@@ -167,9 +172,10 @@ pub struct MarkedPacket {
     /// In the connect programs, the out-interface bits of the route to the destination
     /// ([`MarkRule::routes`]); not read at tc ingress.
     pub routes: u32,
-    /// At tc ingress, the packet's direction in its tracked connection ([`CT_ORIGINAL`],
-    /// [`CT_REPLY`]), looked up only when a rule asks ([`MarkRules::ct_direction`]); 0
-    /// otherwise, and in the connect programs, whose rules never ask.
+    /// The packet's direction in its connection ([`CT_ORIGINAL`], [`CT_REPLY`]): at tc
+    /// ingress as conntrack has it, in the connect and sendmsg programs as `local_udp`
+    /// follows it (a TCP connect is always original); found only when a rule asks
+    /// ([`MarkRules::ct_direction`]), 0 otherwise.
     pub ct_direction: u32,
 }
 
@@ -240,8 +246,10 @@ impl MarkedPacket {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MarkRules {
     pub len: u32,
-    /// 1 when a rule matches on the connection's direction ([`MarkRule::ct_direction`]):
-    /// only then does the program look the packet's connection up.
+    /// Who asks for the connection's direction ([`MarkRule::ct_direction`]):
+    /// [`CT_ASKED_BY_ARRIVALS`] (only then does the tc program look the packet's connection
+    /// up) and [`CT_ASKED_BY_LOCAL`] (only then do the local programs follow UDP flows, see
+    /// `local_udp`).
     pub ct_direction: u32,
     pub rules: [MarkRule; MAX_MARK_RULES],
 }

@@ -25,14 +25,14 @@ use aya_ebpf::{
 use tproxy_common::{
     decision::{self, match_mark_rules, rule_match, DestinationScope, RuleMatch},
     local_origin::{
-        in_own_namespace, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
+        in_own_namespace, ipv4_mapped, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
         LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
     },
     maps::{listener_slot, ListenerSlot, MarkedPacket, Verdict, EXTERNAL_NONE},
 };
 
 use crate::{
-    active_generation, listener, match_rules_into, EXTERNAL_LISTENERS, FAIL_CLOSED, MARK_RULES,
+    active_generation, listener, local_udp, match_rules_into, EXTERNAL_LISTENERS, FAIL_CLOSED, MARK_RULES,
     OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK, RULES_DST_V4, RULES_DST_V6, RULES_SRC_V4,
     RULES_SRC_V6,
 };
@@ -60,7 +60,7 @@ static STEER_LOOPBACK: Global<u32> = Global::new(0);
 static OWN_CGROUP_ID: Global<u64> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::local_origin::OWN_NETNS_GLOBAL`).
 #[unsafe(no_mangle)]
-static OWN_NETNS_COOKIE: Global<u64> = Global::new(0);
+pub(crate) static OWN_NETNS_COOKIE: Global<u64> = Global::new(0);
 /// The verdict that lets the connect go on.
 const CONNECT_GOES_ON: i32 = 1;
 const SOL_SOCKET: i32 = 1;
@@ -137,7 +137,8 @@ pub(crate) fn destination_ipv6(ctx: &SockAddrContext) -> [u8; 16] {
 #[inline(always)]
 pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Option<u32>> {
     let udp = udp(ctx);
-    let rule = decide(ctx, |ifindex, mark, pending| {
+    let peer = ipv4_mapped(addr);
+    let rule = decide(ctx, udp, &peer, |ifindex, mark, pending| {
         if let Some(udp) = udp {
             match_rules_into::<4, false>(
                 pending.generation,
@@ -172,7 +173,7 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
         return steered_ipv4(ctx, v4);
     }
     let udp = udp(ctx);
-    let rule = decide(ctx, |ifindex, mark, pending| {
+    let rule = decide(ctx, udp, &addr, |ifindex, mark, pending| {
         if let Some(udp) = udp {
             match_rules_into::<16, false>(
                 pending.generation,
@@ -302,7 +303,12 @@ static LOCAL_PENDING: SkStorage<Pending> = SkStorage::new();
 /// reload may have removed its selection, or an unselected process inherited it. A socket
 /// whose storage cannot be made (no memory) is let go likewise: it goes direct.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Pending)) -> Option<RuleMatch> {
+fn decide(
+    ctx: &SockAddrContext,
+    udp: Option<bool>,
+    peer: &[u8; 16],
+    ask: impl Fn(u32, u32, &mut Pending),
+) -> Option<RuleMatch> {
     // SAFETY: the helper reads the namespace of the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if !in_own_namespace(netns, OWN_NETNS_COOKIE.load()) {
@@ -338,6 +344,9 @@ fn decide(ctx: &SockAddrContext, ask: impl Fn(u32, u32, &mut Pending)) -> Option
         generation: active_generation(),
         ..Pending::default()
     };
+    if let Some(udp) = udp {
+        pending.packet.ct_direction = local_udp::sent(ctx, pending.generation, udp, *peer);
+    }
     // SAFETY: in a sock_addr program the helper takes no argument (the kernel's variant for
     // the current task ignores the register) and answers the task's net_cls class id, 0
     // outside any class.

@@ -26,6 +26,7 @@
 mod conntrack;
 mod local_datagram;
 mod local_origin;
+mod local_udp;
 mod loopback;
 
 use core::{ffi::c_void, mem, ptr};
@@ -57,7 +58,7 @@ use tproxy_common::{
     },
     maps::{
         listener_counter_index, listener_slot, port_class_index, rule_group_class, DstKey,
-        ExternalListener, FlowKey, FragmentDecision, FragmentKey, ListenerSlot, MarkRules,
+        ExternalListener, FlowKey, FragmentDecision, CT_ASKED_BY_ARRIVALS, FragmentKey, ListenerSlot, MarkRules,
         MarkedPacket, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN,
         DEFAULT_FRAGMENT_TIMEOUTS_NS, EXTERNAL_AT_ADDRESS, EXTERNAL_NONE, FRAGMENTS_LEN,
         IP_INTERFACES_LEN, LISTENERS_LEN, LISTENER_COUNTERS_LEN, PORT_CLASSES_LEN,
@@ -337,7 +338,7 @@ fn note_ct_direction<const N: usize>(
 ) {
     let asks = MARK_RULES
         .get(generation)
-        .is_some_and(|marks| marks.ct_direction != 0);
+        .is_some_and(|marks| marks.ct_direction & CT_ASKED_BY_ARRIVALS != 0);
     let direction = match asks {
         true => conntrack::direction(ctx, udp, saddr, daddr, sport, dport),
         false => 0,

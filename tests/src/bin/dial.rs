@@ -12,7 +12,10 @@
 //! (`PEER REPLY mark=N`). With `DIAL_UID=N`, `dial udp` becomes user N (all three user ids)
 //! after its first exchange, keeping the socket: a process that leaves a selection by user.
 //! With `DIAL_SPORT=N`, `dial tcp` binds its socket to port N before it connects, as a
-//! server's own connections from its port do.
+//! server's own connections from its port do. `dial answer BIND MESSAGE ADDR:PORT` is a UDP
+//! server instead: its unconnected socket, bound to BIND, waits for one datagram from ADDR
+//! (the address alone: any port), answers it with MESSAGE (`sendto` its sender), and prints
+//! the sender and what it sent.
 
 use std::{
     io::{Read, Write},
@@ -25,7 +28,7 @@ use std::{
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [proto, first, message, more @ ..] = &args[..] else {
-        eprintln!("usage: dial tcp|udp|sendto ADDR:PORT MESSAGE [ADDR:PORT…], dial sendto-from BIND MESSAGE ADDR:PORT…");
+        eprintln!("usage: dial tcp|udp|sendto ADDR:PORT MESSAGE [ADDR:PORT…], dial sendto-from BIND MESSAGE ADDR:PORT…, dial answer BIND MESSAGE ADDR:PORT");
         return ExitCode::from(2);
     };
     let mut addrs = Vec::new();
@@ -42,11 +45,12 @@ fn main() -> ExitCode {
         "tcp" => tcp(addrs[0], message).map(|line| vec![line]),
         "udp" => udp(&addrs, message),
         "sendto" => unbound_udp(addrs[0]).and_then(|socket| sendto(&socket, &addrs, message)),
+        "answer" => bound_udp(addrs[0]).and_then(|socket| answer(&socket, addrs[1], message)),
         "sendto-from" => {
             bound_udp(addrs[0]).and_then(|socket| sendto(&socket, &addrs[1..], message))
         }
         other => Err(std::io::Error::other(format!(
-            "`{other}` is not tcp, udp, sendto or sendto-from"
+            "`{other}` is not tcp, udp, sendto, sendto-from or answer"
         ))),
     };
     match result {
@@ -101,6 +105,24 @@ fn unbound_udp(like: SocketAddr) -> std::io::Result<UdpSocket> {
         SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
     };
     bound_udp(any)
+}
+
+/// Waits for a datagram from `from`'s address, and answers its sender with `message`.
+fn answer(
+    socket: &UdpSocket,
+    from: SocketAddr,
+    message: &str,
+) -> std::io::Result<Vec<(SocketAddr, String)>> {
+    socket.set_read_timeout(Some(PATIENCE * 3))?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (len, sender) = socket.recv_from(&mut buf)?;
+        if sender.ip() == from.ip() {
+            socket.send_to(message.as_bytes(), sender)?;
+            let got = String::from_utf8_lossy(&buf[..len]).trim_end().to_string();
+            return Ok(vec![(sender, got)]);
+        }
+    }
 }
 
 fn bound_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {

@@ -50,6 +50,10 @@ use tproxy_common::local_origin::{
     MAX_SELECTION_CGROUPS, MAX_UID_RANGES, SELECTIONS_MAP, SENDMSG4_PROGRAM_NAME,
     SENDMSG6_PROGRAM_NAME,
 };
+use tproxy_common::local_udp::{
+    DEFAULT_UDP_STREAM_TIMEOUT_NS, DEFAULT_UDP_TIMEOUT_NS, RECVMSG4_PROGRAM_NAME,
+    RECVMSG6_PROGRAM_NAME,
+};
 
 use crate::{
     datapath::{pin, steering::Steering},
@@ -520,12 +524,34 @@ pub fn own_netns_cookie() -> Result<u64> {
 }
 
 /// The programs attached to each cgroup.
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 6] = [
     CONNECT4_PROGRAM_NAME,
     CONNECT6_PROGRAM_NAME,
     SENDMSG4_PROGRAM_NAME,
     SENDMSG6_PROGRAM_NAME,
+    RECVMSG4_PROGRAM_NAME,
+    RECVMSG6_PROGRAM_NAME,
 ];
+
+/// This namespace's conntrack UDP timeouts in nanoseconds (unreplied, stream), which the
+/// programs follow local UDP flows by (see `tproxy_common::local_udp`): from
+/// `net.netfilter.nf_conntrack_udp_timeout` and `…_stream`, conntrack's defaults where they
+/// cannot be read (nf_conntrack not loaded). Read at start; a later change is not followed.
+pub(crate) fn udp_conntrack_timeouts_ns() -> (u64, u64) {
+    let read = |name: &str, default: u64| {
+        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .map_or(default, |seconds| seconds.saturating_mul(1_000_000_000))
+    };
+    (
+        read("nf_conntrack_udp_timeout", DEFAULT_UDP_TIMEOUT_NS),
+        read(
+            "nf_conntrack_udp_timeout_stream",
+            DEFAULT_UDP_STREAM_TIMEOUT_NS,
+        ),
+    )
+}
 
 /// One program's link on a cgroup.
 pub(crate) enum CgroupLink {

@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{
     any_port_class, range_class, single_port_class, DstKey, MarkRule, MarkRules, SrcKey, Verdict,
-    GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES, PORT_HAS_ANY, PORT_HAS_SINGLE,
-    VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
+    CT_ASKED_BY_ARRIVALS, CT_ASKED_BY_LOCAL, GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP,
+    MAX_MARK_RULES, PORT_HAS_ANY, PORT_HAS_SINGLE, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
 };
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -17,7 +17,7 @@ use super::Packet;
 use super::{any_local, truncated, CtDirection, Origin, Ports, Rule, Transport};
 use crate::datapath::interfaces;
 use tproxy_common::local_origin::{
-    route_bits_shift, selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS,
+    is_local_ifindex, route_bits_shift, selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS,
 };
 
 /// An LPM trie entry: key, its prefix length in bits, value.
@@ -64,7 +64,15 @@ impl CompiledRules {
         }
         let mut table = MarkRules {
             len: self.marks.len() as u32,
-            ct_direction: u32::from(self.marks.iter().any(|mark| mark.ct_direction != 0)),
+            ct_direction: self
+                .marks
+                .iter()
+                .filter(|mark| mark.ct_direction != 0)
+                .map(|mark| match is_local_ifindex(mark.ifindex) {
+                    true => CT_ASKED_BY_LOCAL,
+                    false => CT_ASKED_BY_ARRIVALS,
+                })
+                .fold(0, |asked, by| asked | by),
             ..MarkRules::default()
         };
         table.rules[..self.marks.len()].copy_from_slice(&self.marks);
@@ -595,8 +603,12 @@ fn lookup_verdict(
         _ => unreachable!("a packet's addresses are of one family"),
     };
     let mut marked = marked;
-    // The program looks the direction up only when a rule asks.
-    if marks.ct_direction != 0 {
+    // The program looks the direction up only when a rule for the packet's origin asks.
+    let asked = match packet.local {
+        true => CT_ASKED_BY_LOCAL,
+        false => CT_ASKED_BY_ARRIVALS,
+    };
+    if marks.ct_direction & asked != 0 {
         marked.ct_direction = packet.ct_direction.map_or(0, CtDirection::program_value);
     }
     marked.routes = packet.route.map_or(0, |route| {

@@ -188,8 +188,10 @@ pub struct Rule {
     /// route to the destination must leave by (iptables' `-o` in OUTPUT, nft's `oifname`),
     /// as the host's `local` and `main` routing tables say (see [`out_interfaces`]).
     pub out_iface: Option<String>,
-    /// For a rule for arrivals only: the direction of its tracked connection the packet must
-    /// travel in (`ct_direction`; iptables' `-m conntrack --ctdir`, nft's `ct direction`).
+    /// The direction of its connection the packet must travel in (`ct_direction`;
+    /// iptables' `-m conntrack --ctdir`, nft's `ct direction`): for an arrival as conntrack
+    /// has it, for a local connection as `tproxy_common::local_udp` follows it (a TCP
+    /// connect is always original).
     pub ct_direction: Option<CtDirection>,
 }
 
@@ -291,10 +293,7 @@ impl Rule {
             None => self.origin.forwarded() && self.out_iface.is_none(),
         };
         let mark_ok = origin_ok && self.mark.is_none_or(|own| mark & own.mask == own.value);
-        let mark_ok = mark_ok
-            && self
-                .ct_direction
-                .is_none_or(|own| local.is_none() && Some(own) == direction);
+        let mark_ok = mark_ok && self.ct_direction.is_none_or(|own| Some(own) == direction);
         let src_ok = mark_ok && self.src.is_none_or(|own| own.contains(src));
         let iface_ok = match (&self.iface, iface) {
             (None, _) => true,
@@ -496,14 +495,6 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
     }
     if !rule.origin.local() {
         return Ok(());
-    }
-    if let Some(direction) = rule.ct_direction {
-        return Err(format!(
-            "`ct_direction = \"{direction}\"` with origin \"{}\": a connection's direction is \
-             looked up for arrivals only (origin \"forwarded\"); a local connection is steered \
-             when it connects, before its first packet",
-            rule.origin
-        ));
     }
     if rule.action == Action::Drop {
         return Err(format!(

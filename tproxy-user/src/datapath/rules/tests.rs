@@ -1,6 +1,6 @@
 use tproxy_common::{
     local_origin::{selection_ifindex, LOCAL_ORIGIN_IFINDEX},
-    maps::GENERATION_BIT,
+    maps::{CT_ASKED_BY_LOCAL, GENERATION_BIT},
 };
 
 use super::*;
@@ -75,13 +75,13 @@ fn ct_direction(text: &str) -> CtDirection {
 }
 
 fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
-    // "tcp SRC[:SPORT] -> DST:PORT [mark MARK] [ct DIRECTION]" on an interface (source port
-    // 40000 unless given, direction original unless given), or a local connection's (iface
+    // "tcp SRC[:SPORT] -> DST:PORT [mark MARK] [ct DIRECTION]" (direction original unless
+    // given) on an interface (source port 40000 unless given), or a local connection's (iface
     // [`LOCAL`], source port its bound one, 0 unless given)
     let words: Vec<&str> = text.split_whitespace().collect();
     let mut mark = 0;
     let local = iface == LOCAL;
-    let mut direction = (!local).then_some(CtDirection::Original);
+    let mut direction = Some(CtDirection::Original);
     for pair in words.get(4..).unwrap_or_default().chunks(2) {
         match pair {
             ["mark", value] => mark = crate::values::parse_mark_match(value).unwrap().value,
@@ -666,11 +666,35 @@ fn a_connections_direction_is_one_more_match_for_arrivals() {
     );
     let plain = compile(&rules[1..2], 0, &interfaces());
     assert_eq!(plain.mark_table().unwrap().ct_direction, 0);
-    let mut local = rule(4, "tcp 0.0.0.0/0 any ct reply", Action::Bypass);
-    local.origin = Origin::Local;
-    assert!(check_origin(&local)
-        .unwrap_err()
-        .starts_with("`ct_direction = \"reply\"` with origin \"local\""));
+}
+
+#[test]
+fn a_local_datagrams_direction_is_one_more_match_for_local_connections() {
+    // mangle OUTPUT's `-m conntrack --ctdir REPLY -j RETURN`: a local server's answers are
+    // left alone, its clients' datagrams steered.
+    let mut rules = [
+        rule(1, "udp 0.0.0.0/0 any ct reply", Action::Bypass),
+        rule(2, "udp 0.0.0.0/0 any", Action::Steer(0)),
+    ];
+    for rule in &mut rules {
+        rule.origin = Origin::Local;
+        check_origin(rule).unwrap();
+    }
+    let cases = [
+        ("udp 0.0.0.0 -> 198.51.100.1:53", RuleMatch::Steer(0)),
+        (
+            "udp 0.0.0.0:53 -> 198.51.100.1:5000 ct reply",
+            RuleMatch::Bypass,
+        ),
+    ];
+    for (text, expected) in cases {
+        expect(&rules, text, LOCAL, expected);
+    }
+    let table = compile(&rules, 0, &interfaces()).mark_table().unwrap();
+    assert_eq!(
+        table.ct_direction, CT_ASKED_BY_LOCAL,
+        "the local programs follow directions, the tc program looks none up"
+    );
 }
 
 #[test]
@@ -802,15 +826,14 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 if count <= 8 && next(3) == 0 {
                     text += [" sport 7777", " sport 1000-2000"][next(2) as usize];
                 }
-                // A connection's direction likewise, on forwarded rules only.
+                // A connection's direction likewise.
                 if count <= 8 && next(4) == 0 {
                     text += [" ct reply", " ct original"][next(2) as usize];
                 }
                 // Local rules (in a third of the sets) name no source, interface or source
-                // port, do not drop, and have one of three selections; a mark they may have.
-                let plain = !["src", "iface", "sport", " ct "]
-                    .iter()
-                    .any(|w| text.contains(w));
+                // port, do not drop, and have one of three selections; a mark and a
+                // direction they may have.
+                let plain = !["src", "iface", "sport"].iter().any(|w| text.contains(w));
                 if round % 3 == 0 && plain {
                     text += ["", " origin local", " origin any"][next(3) as usize];
                 }
@@ -837,10 +860,7 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 LOCAL => String::new(),
                 _ => [":7777", ":1000", ":2000", ":2001", ":999", ""][next(6) as usize].into(),
             };
-            let direction = match iface {
-                LOCAL => "",
-                _ => [" ct original", " ct reply"][next(2) as usize],
-            };
+            let direction = [" ct original", " ct reply"][next(2) as usize];
             let text = format!(
                 "{} {}{sport} -> {}:{} mark {}{direction}",
                 ["tcp", "udp"][next(2) as usize],

@@ -12,7 +12,7 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use tproxy_common::{
-    local_origin,
+    local_origin, local_udp,
     maps::{self},
 };
 
@@ -140,7 +140,15 @@ fn load_object(
     let own_cgroup = local.map_or(0, |l| l.own_cgroup);
     let own_netns = local.map_or(0, |l| l.own_netns);
     let steer_loopback = u32::from(settings.steer_loopback);
+    let (udp_timeout, udp_stream_timeout) =
+        crate::datapath::local_origin::udp_conntrack_timeouts_ns();
     loader
+        .override_global(local_udp::UDP_TIMEOUT_GLOBAL, &udp_timeout, true)
+        .override_global(
+            local_udp::UDP_STREAM_TIMEOUT_GLOBAL,
+            &udp_stream_timeout,
+            true,
+        )
         .override_global(local_origin::STEER_LOOPBACK_GLOBAL, &steer_loopback, true)
         .override_global(local_origin::OWN_CGROUP_GLOBAL, &own_cgroup, true)
         .override_global(local_origin::OWN_NETNS_GLOBAL, &own_netns, true)

@@ -163,17 +163,18 @@ impl Steering {
 
     /// The mark stage's table of `generation` (its own entry: nothing to erase entry by entry).
     fn write_mark_rules(&mut self, generation: u32, table: MarkRules) -> Result<()> {
-        if table.ct_direction != 0 && !self.kfuncs.conntrack() {
+        let arrivals_ask = table.ct_direction & maps::CT_ASKED_BY_ARRIVALS != 0;
+        if arrivals_ask && !self.kfuncs.conntrack() {
             anyhow::bail!(
-                "rules with `ct_direction` need the kernel's conntrack kfuncs \
+                "rules for arrivals with `ct_direction` need the kernel's conntrack kfuncs \
                  (bpf_skb_ct_lookup, bpf_ct_release: Linux 5.19 or later with nf_conntrack \
                  built in, CONFIG_NF_CONNTRACK=y), which this kernel's own BTF \
                  (/sys/kernel/btf/vmlinux) does not have, or which could not be read"
             );
         }
-        if table.ct_direction != 0 && tracked_connections() == Some(0) {
+        if arrivals_ask && tracked_connections() == Some(0) {
             log::warn!(
-                "rules with `ct_direction`: no connection is tracked in this network namespace \
+                "rules for arrivals with `ct_direction`: no connection is tracked in this network namespace \
                  now; the kernel tracks them only while something uses it (NAT, a conntrack \
                  match in iptables or nft), and until then every packet is original to them"
             );

@@ -65,11 +65,11 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let kept = lo_arrivals_left_out(kept, &mut skipped);
     if kept
         .iter()
-        .any(|(rule, _)| rule.matches.ct_direction.is_some())
+        .any(|(rule, _)| rule.matches.ct_direction.is_some() && !rule.matches.local)
     {
         notes.push(
-            "the rules with `ct_direction` (from `--ctdir`, `ct direction`) need the kernel's \
-             connection tracking on, which the conntrack matches you delete with the rules \
+            "the rules for arrivals with `ct_direction` (from `--ctdir`, `ct direction`) need \
+             the kernel's connection tracking on, which the conntrack matches you delete with the rules \
              kept on: keep NAT or a `ct state` rule loaded, or every packet is original to \
              them (and Linux 5.19 or later with nf_conntrack built in)"
                 .into(),

@@ -69,15 +69,6 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             ));
             continue;
         }
-        if let Some(direction) = rule.matches.ct_direction {
-            out.push(refuse(&format!(
-                "a connection's direction ({direction}) on locally generated traffic: tproxy \
-                 decides a local connection at connect, and an unconnected datagram at send, \
-                 before the kernel's connection tracking sees it (and the source it is sent \
-                 from is not yet the one conntrack will hold)"
-            )));
-            continue;
-        }
         if !rule.matches.sports.is_empty() {
             let (first, last) = ephemeral;
             let ephemeral = |ports: &Ports| {

@@ -140,7 +140,7 @@ struct Match {
     /// becomes the socket mark, others the rule's `mark` (see `own_mark`).
     mark: Option<Mark>,
     /// The packet's direction in its tracked connection (`-m conntrack --ctdir`, nft's `ct
-    /// direction`): the rule's `ct_direction`, for arrivals only.
+    /// direction`): the rule's `ct_direction`.
     ct_direction: Option<CtDirection>,
     /// Marks the rule excludes (`-m mark ! --mark`, nft `meta mark !=`): opened into
     /// positive mark matches (see `negation`).

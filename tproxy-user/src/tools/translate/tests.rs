@@ -4356,7 +4356,7 @@ fn the_header_names_the_tool_that_wrote_the_input() {
 }
 
 #[test]
-fn a_connections_direction_becomes_the_rules_ct_direction_at_prerouting_only() {
+fn a_connections_direction_becomes_the_rules_ct_direction() {
     let t = translate(
         "*mangle
 :PREROUTING ACCEPT [0:0]
@@ -4382,9 +4382,20 @@ COMMIT
             ))
         })
         .collect();
+    // OUTPUT's is a local rule's (the direction the local programs follow).
     assert_eq!(
         directions,
-        [("reply", "bypass"), ("original", "steer")],
+        [
+            ("reply", "bypass"),
+            ("original", "steer"),
+            ("reply", "bypass")
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config
+            .contains("ct_direction = \"reply\"\norigin = \"local\"\naction = \"bypass\""),
         "{}",
         t.config
     );
@@ -4393,10 +4404,9 @@ COMMIT
         .iter()
         .map(|s| s.split_once(": -A ").map_or(s.as_str(), |(line, _)| line))
         .collect();
-    assert_eq!(reasons, ["line 6", "line 8", "line 7"], "{:?}", t.skipped);
+    assert_eq!(reasons, ["line 6", "line 8"], "{:?}", t.skipped);
     assert!(t.skipped[1].ends_with("`--ctdir` twice (iptables refuses it)"));
     assert!(t.skipped[0].ends_with("`--ctdir SIDEWAYS` (ORIGINAL or REPLY)"));
-    assert!(t.skipped[2].contains("a connection's direction (reply) on locally generated traffic"));
     let t = translate(
         "table ip t {
 	chain p {
