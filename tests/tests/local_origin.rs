@@ -1355,3 +1355,48 @@ fn a_classid_selection_leaves_the_excluded_net_cls_class_alone() {
         ["cgroup /, every user, net_cls class 0, 2-4294967295"]
     );
 }
+
+/// The kernel's `BPF_CGROUP_UDP4_RECVMSG` and `BPF_CGROUP_UDP6_RECVMSG`.
+const RECVMSG4: u32 = 19;
+const RECVMSG6: u32 = 20;
+
+/// The `recvmsg` programs, which follow local UDP flows' directions for rules with
+/// `ct_direction`, cost every UDP receive of the host a socket lock: they are attached only
+/// while such a rule is in force, and a reload adds and removes them beside the others.
+#[test]
+fn the_recvmsg_programs_come_and_go_with_rules_for_a_datagrams_direction() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("recvmsg").unwrap();
+    let file = |direction: &str| {
+        format!(
+            "interfaces = [\"{}\"]\n\
+             [[listener]]\nname = \"dns\"\nlisten = [\"127.0.0.1:15053\"]\n\
+             [[rule]]\norigin = \"local\"\nproto = \"udp\"\ncgroup = [\"{path}\"]\n\
+             {direction}action = \"bypass\"\n\
+             [[rule]]\norigin = \"local\"\nproto = \"udp\"\nports = 53\n\
+             cgroup = [\"{path}\"]\naction = \"steer\"\nlistener = \"dns\"\n",
+            Topo::ROUTER_CLIENT_IFACE,
+            path = cgroup.path
+        )
+    };
+    let attached =
+        || [CONNECT4, SENDMSG4, RECVMSG4, RECVMSG6].map(|hook| cgroup.attached(hook).unwrap());
+    // Started without: the programs a later rule set may need are loaded all the same, while
+    // tproxy still has the privileges to (a reload runs without them).
+    let config = tproxy_tests::ConfigFile::new(&file("")).unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    assert_eq!(attached(), [1, 1, 0, 0], "without a direction rule");
+    let reload = |text: &str| {
+        config.rewrite(text).unwrap();
+        let (status, stderr) = tproxy_tests::run_tproxy_to_end(&topo.router, &["reload"]).unwrap();
+        assert!(status.success(), "reload: {stderr}");
+    };
+    reload(&file("ct_direction = \"reply\"\n"));
+    assert_eq!(attached(), [1, 1, 1, 1], "with one");
+    reload(&file(""));
+    assert_eq!(attached(), [1, 1, 0, 0], "without one again");
+    tproxy.stop().unwrap();
+    assert_eq!(attached(), [0; 4], "left attached after stop");
+}

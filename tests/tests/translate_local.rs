@@ -641,6 +641,19 @@ fn tcp_steered_both_ways(
 /// match on the socket's mark).
 #[test]
 fn a_socket_mark_return_in_mangle_output_leaves_the_same_local_connects_alone_translated() {
+    socket_mark_return_leaves_the_same_local_connects_alone("0x1/0x1");
+}
+
+/// As above, with the TPROXY rules' mark the whole mark (`--tproxy-mark 0x1`, as most
+/// scripts write it): every mark match looks at its bits, which tproxy's rules do not see
+/// (tproxy sets them itself), so the translation routes with a bit of its own.
+#[test]
+fn a_socket_mark_return_beside_a_whole_tproxy_mark_leaves_the_same_local_connects_alone_translated()
+{
+    socket_mark_return_leaves_the_same_local_connects_alone("0x1/0xffffffff");
+}
+
+fn socket_mark_return_leaves_the_same_local_connects_alone(tproxy_mark: &str) {
     require_root();
     let topo = Topo::new().unwrap();
     let cgroup = TestCgroup::new("translate-mark").unwrap();
@@ -657,8 +670,8 @@ fn a_socket_mark_return_in_mangle_output_leaves_the_same_local_connects_alone_tr
 :PROXY_SELF - [0:0]
 -A PREROUTING -j PROXY
 -A OUTPUT -j PROXY_SELF
--A PROXY -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
--A PROXY -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark {tproxy_mark}
+-A PROXY -p udp -m udp --dport 53 -j TPROXY --on-port 15053 --on-ip 127.0.0.1 --tproxy-mark {tproxy_mark}
 -A PROXY_SELF -m mark --mark 0x2 -j RETURN
 -A PROXY_SELF -m mark --mark 0x80/0x80 -j RETURN
 -A PROXY_SELF -p tcp -m cgroup --path {} -m tcp --dport 80 -j MARK --set-xmark 0x1/0xffffffff
@@ -670,6 +683,12 @@ COMMIT
     let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
     assert!(status.success(), "translate failed: {stderr}\n{text}");
     assert!(text.contains("mark = \"0x80/0x80\""), "{text}");
+    if tproxy_mark == "0x1/0xffffffff" {
+        assert!(
+            text.contains("# tproxy's own routing mark: the rules' marks look at"),
+            "{text}"
+        );
+    }
     let config = ConfigFile::new(&text).unwrap();
     // (how the client sends, the socket's mark): 0x180 has the bit among others, 0x100 not.
     let probes = [
@@ -1180,7 +1199,12 @@ COMMIT
         let answered = answered_from_the_router(&topo, &cgroup);
         vec![client_steered, count("udp") > before, answered]
     };
-    let with = rules("-A OUTPUT -m conntrack --ctdir REPLY -j RETURN\n");
+    // For the cgroup's processes only, so that tproxy's programs are attached to it, not to
+    // the root (where the test can count them).
+    let with = rules(&format!(
+        "-A OUTPUT -m cgroup --path {} -m conntrack --ctdir REPLY -j RETURN\n",
+        cgroup.path
+    ));
     let (status, text, stderr) = tproxy_with_input(&["translate"], &with).unwrap();
     assert!(status.success(), "translate failed: {stderr}\n{text}");
     assert!(
@@ -1198,10 +1222,19 @@ COMMIT
         Some(vec![true, true]),
         "without --ctdir"
     );
-    let (original, translated) =
-        original_then_translated(&topo, &with, &config, |_, count| probe(count));
+    // The kernel's BPF_CGROUP_UDP4_RECVMSG and …6: attached only while a rule needs them.
+    let recvmsg_links = || [19, 20].map(|hook| cgroup.attached(hook).unwrap());
+    let (original, translated) = original_then_translated(&topo, &with, &config, |t, count| {
+        assert_eq!(
+            recvmsg_links(),
+            [u32::from(t); 2],
+            "recvmsg programs (translated: {t})"
+        );
+        probe(count)
+    });
     assert_eq!(original, [true, false, true], "the original rules");
     assert_eq!(translated, original, "translated config:\n{text}");
+    assert_eq!(recvmsg_links(), [0; 2], "left attached after stop");
 }
 
 /// Whether a UDP server on the router, in `cgroup` and bound to the wildcard address,

@@ -25,7 +25,7 @@ use crate::{
 
 /// LRU hash map of [`UdpPeer`] to [`UdpFlow`].
 pub const UDP_FLOWS_MAP: &str = "LOCAL_UDP_FLOWS";
-/// Its size: the flows tracked at once (48 bytes each, with the key).
+/// Its size: the flows tracked at once (a 32-byte key and a 24-byte value each).
 pub const MAX_UDP_FLOWS: u32 = 16384;
 /// Name of the `cgroup/recvmsg4` program in the object file.
 pub const RECVMSG4_PROGRAM_NAME: &str = "tproxy_recvmsg4";

@@ -602,7 +602,7 @@ pub const FAIL_CLOSED_GLOBAL: &str = "FAIL_CLOSED";
 /// tracking ([`FRAGMENTS`], [`REASSEMBLED_FLOWS`]), whose entries live seconds. The local
 /// origin's maps are among them: the connect programs on pinned cgroup links and the
 /// loopback program on `lo` must read the maps the instance writes.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     ACTIVE_GENERATION,
     PORT_CLASSES,
     MARK_RULES,
@@ -617,6 +617,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     crate::local_origin::DECISIONS_MAP,
     crate::local_origin::ROUTES_V4_MAP,
     crate::local_origin::ROUTES_V6_MAP,
+    crate::local_udp::UDP_FLOWS_MAP,
 ];
 
 /// Hash map `u32 ifindex → u32` (value unused): the interfaces whose packets reach tc

@@ -76,12 +76,27 @@ pub(crate) fn direction<const N: usize>(
         };
         core::mem::size_of::<TupleV4>() as u32
     } else {
-        let mut v6 = TupleV6 { saddr: [0; 4], daddr: [0; 4], sport, dport };
+        let mut v6 = TupleV6 {
+            saddr: [0; 4],
+            daddr: [0; 4],
+            sport,
+            dport,
+        };
         let mut w = 0;
         while w < 4 {
             if w * 4 + 3 < N {
-                v6.saddr[w] = u32::from_ne_bytes([saddr[w * 4], saddr[w * 4 + 1], saddr[w * 4 + 2], saddr[w * 4 + 3]]);
-                v6.daddr[w] = u32::from_ne_bytes([daddr[w * 4], daddr[w * 4 + 1], daddr[w * 4 + 2], daddr[w * 4 + 3]]);
+                v6.saddr[w] = u32::from_ne_bytes([
+                    saddr[w * 4],
+                    saddr[w * 4 + 1],
+                    saddr[w * 4 + 2],
+                    saddr[w * 4 + 3],
+                ]);
+                v6.daddr[w] = u32::from_ne_bytes([
+                    daddr[w * 4],
+                    daddr[w * 4 + 1],
+                    daddr[w * 4 + 2],
+                    daddr[w * 4 + 3],
+                ]);
             }
             w += 1;
         }

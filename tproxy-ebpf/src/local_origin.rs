@@ -25,16 +25,16 @@ use aya_ebpf::{
 use tproxy_common::{
     decision::{self, match_mark_rules, rule_match, DestinationScope, RuleMatch},
     local_origin::{
-        in_own_namespace, ipv4_mapped, is_own_socket, mapped_ipv4, selection_ifindex, socket_mark_for,
-        LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
+        in_own_namespace, ipv4_mapped, is_own_socket, mapped_ipv4, selection_ifindex,
+        socket_mark_for, LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
     },
     maps::{listener_slot, ListenerSlot, MarkedPacket, Verdict, EXTERNAL_NONE},
 };
 
 use crate::{
-    active_generation, listener, local_udp, match_rules_into, EXTERNAL_LISTENERS, FAIL_CLOSED, MARK_RULES,
-    OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK, RULES_DST_V4, RULES_DST_V6, RULES_SRC_V4,
-    RULES_SRC_V6,
+    active_generation, listener, local_udp, match_rules_into, EXTERNAL_LISTENERS, FAIL_CLOSED,
+    MARK_RULES, OWN_SOCKET_MARK, ROUTING_MARK, ROUTING_MARK_MASK, RULES_DST_V4, RULES_DST_V6,
+    RULES_SRC_V4, RULES_SRC_V6,
 };
 
 /// Filled by the loader before the programs are attached
@@ -57,7 +57,7 @@ pub(crate) static LOCAL_DECISIONS: SkStorage<LocalDecision> = SkStorage::new();
 static STEER_LOOPBACK: Global<u32> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::local_origin::OWN_CGROUP_GLOBAL`).
 #[unsafe(no_mangle)]
-static OWN_CGROUP_ID: Global<u64> = Global::new(0);
+pub(crate) static OWN_CGROUP_ID: Global<u64> = Global::new(0);
 /// Set by the loader before load (`tproxy_common::local_origin::OWN_NETNS_GLOBAL`).
 #[unsafe(no_mangle)]
 pub(crate) static OWN_NETNS_COOKIE: Global<u64> = Global::new(0);
@@ -344,6 +344,9 @@ fn decide(
         generation: active_generation(),
         ..Pending::default()
     };
+    // Ahead of the selections' loop, which has no room for it in the verifier's walk: the
+    // datagrams of processes no selection takes are followed too (their flows wait in the
+    // map, pushed out first).
     if let Some(udp) = udp {
         pending.packet.ct_direction = local_udp::sent(ctx, pending.generation, udp, *peer);
     }
@@ -435,7 +438,7 @@ fn bound_device(ctx: &SockAddrContext) -> u32 {
 
 /// The socket's current `SO_MARK`.
 #[inline(always)]
-fn current_mark(ctx: &SockAddrContext) -> u32 {
+pub(crate) fn current_mark(ctx: &SockAddrContext) -> u32 {
     // SAFETY: `sk` of a sock_addr context is the connecting socket, never null.
     unsafe { (*(*sock_addr(ctx)).__bindgen_anon_1.sk).mark }
 }

@@ -6,14 +6,17 @@
 use core::ptr;
 
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, generated::bpf_get_netns_cookie},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie},
+    },
     macros::{cgroup_sock_addr, map},
     maps::LruHashMap,
     programs::SockAddrContext,
     EbpfContext, Global,
 };
 use tproxy_common::{
-    local_origin::in_own_namespace,
+    local_origin::{in_own_namespace, is_own_socket},
     local_udp::{
         UdpFlow, UdpPeer, UdpTimeouts, DEFAULT_UDP_STREAM_TIMEOUT_NS, DEFAULT_UDP_TIMEOUT_NS,
         MAX_UDP_FLOWS,
@@ -23,8 +26,8 @@ use tproxy_common::{
 
 use crate::{
     active_generation,
-    local_origin::{destination_ipv6, OWN_NETNS_COOKIE},
-    MARK_RULES,
+    local_origin::{current_mark, destination_ipv6, OWN_CGROUP_ID, OWN_NETNS_COOKIE},
+    MARK_RULES, OWN_SOCKET_MARK,
 };
 
 #[map]
@@ -60,7 +63,8 @@ pub fn tproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
     if followed(&ctx) {
         let peer = UdpPeer {
             cookie: cookie(&ctx),
-            // An IPv4 peer of a dual-stack socket comes mapped, as `UdpPeer::ipv4` keeps it.
+            // The context's address (a connect's destination, here the sender); an IPv4
+            // sender of a dual-stack socket comes mapped, as `UdpPeer::ipv4` keeps it.
             addr: destination_ipv6(&ctx),
             // SAFETY: as in `tproxy_recvmsg4`.
             port: unsafe { ptr::read_volatile(&(*ctx.sock_addr).user_port) },
@@ -93,12 +97,27 @@ pub(crate) fn sent(ctx: &SockAddrContext, generation: u32, udp: bool, addr: [u8;
 }
 
 /// Whether a received datagram's flow is followed: a rule asks, and the socket is of
-/// tproxy's namespace (its selections and rules are about no other).
+/// tproxy's namespace (its selections and rules are about no other) and not tproxy's own
+/// (the relay's, which the rules never decide). Whether the process is in a selection is
+/// left to the send: its flows wait in the map, pushed out first if it never sends.
 #[inline(always)]
 fn followed(ctx: &SockAddrContext) -> bool {
-    // SAFETY: the helper reads the namespace of the context's socket.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    in_own_namespace(netns, OWN_NETNS_COOKIE.load()) && asked(active_generation())
+    // SAFETY: the helpers read the namespace of the context's socket and the current task's
+    // cgroup.
+    let (netns, cgroup) = unsafe {
+        (
+            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_current_cgroup_id(),
+        )
+    };
+    in_own_namespace(netns, OWN_NETNS_COOKIE.load())
+        && !is_own_socket(
+            current_mark(ctx),
+            OWN_SOCKET_MARK.load(),
+            cgroup,
+            OWN_CGROUP_ID.load(),
+        )
+        && asked(active_generation())
 }
 
 #[inline(always)]
@@ -126,8 +145,8 @@ fn step(peer: &UdpPeer, from_peer: bool) -> u32 {
         stream_ns: UDP_STREAM_TIMEOUT_NS.load(),
     };
     let stored = LOCAL_UDP_FLOWS.get_ptr_mut(peer);
-    // SAFETY: an entry of the map's value type; two datagrams of one socket at once may both
-    // write it, each a whole flow, as conntrack's own updates race.
+    // SAFETY: an entry of the map's value type; the hooks run with the socket locked, so
+    // only one run of one socket's flows writes it at a time.
     let (flow, direction) = UdpFlow::step(
         stored.map(|stored| unsafe { *stored }),
         now,
@@ -139,6 +158,10 @@ fn step(peer: &UdpPeer, from_peer: bool) -> u32 {
         Some(stored) => unsafe { *stored = flow },
         None => {
             let _ = LOCAL_UDP_FLOWS.insert(peer, &flow, 0);
+            // A lookup sets the entry's reference bit, which an insert does not: without it
+            // a new flow is the kernel LRU's first choice to push out, ahead of every flow
+            // looked up since (a burst of requests would lose theirs before the answers).
+            let _ = LOCAL_UDP_FLOWS.get_ptr(peer);
         }
     }
     direction

@@ -58,10 +58,10 @@ use tproxy_common::{
     },
     maps::{
         listener_counter_index, listener_slot, port_class_index, rule_group_class, DstKey,
-        ExternalListener, FlowKey, FragmentDecision, CT_ASKED_BY_ARRIVALS, FragmentKey, ListenerSlot, MarkRules,
+        ExternalListener, FlowKey, FragmentDecision, FragmentKey, ListenerSlot, MarkRules,
         MarkedPacket, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN,
-        DEFAULT_FRAGMENT_TIMEOUTS_NS, EXTERNAL_AT_ADDRESS, EXTERNAL_NONE, FRAGMENTS_LEN,
-        IP_INTERFACES_LEN, LISTENERS_LEN, LISTENER_COUNTERS_LEN, PORT_CLASSES_LEN,
+        CT_ASKED_BY_ARRIVALS, DEFAULT_FRAGMENT_TIMEOUTS_NS, EXTERNAL_AT_ADDRESS, EXTERNAL_NONE,
+        FRAGMENTS_LEN, IP_INTERFACES_LEN, LISTENERS_LEN, LISTENER_COUNTERS_LEN, PORT_CLASSES_LEN,
         REASSEMBLED_FLOWS_LEN, RULE_GROUPS, TIME_WAIT_FLOWS_LEN,
     },
 };
@@ -368,16 +368,7 @@ fn match_rules<const N: usize>(
 ) -> RuleMatch {
     let mut best = Verdict::default();
     match_rules_into::<N, true>(
-        generation,
-        by_dst,
-        by_src,
-        udp,
-        dport,
-        daddr,
-        saddr,
-        ifindex,
-        mark,
-        &mut best,
+        generation, by_dst, by_src, udp, dport, daddr, saddr, ifindex, mark, &mut best,
     );
     rule_match(&best)
 }

@@ -156,8 +156,9 @@ pub(super) struct RuleEntry {
     /// must leave by.
     out_interface: Option<String>,
     mark: Option<Text<MarkMatch>>,
-    /// For arrivals: the direction of its tracked connection the packet travels in
-    /// (`"original"` or `"reply"`; default: either).
+    /// The direction of its connection the packet travels in (`"original"` or `"reply"`;
+    /// default: either): an arrival's as conntrack has it, a local datagram's as the local
+    /// programs follow it.
     ct_direction: Option<Text<CtDirection>>,
     action: Text<RuleAction>,
     listener: Option<toml::Spanned<String>>,

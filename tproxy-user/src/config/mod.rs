@@ -39,7 +39,7 @@ use crate::{
         interfaces::host_addresses,
         local_origin::{LocalOrigin, LocalSelections},
         routing::anycast_destinations,
-        rules::{Action, Origin, Ports, Rule},
+        rules::{Action, CtDirection, Origin, Ports, Rule},
     },
     values::Transport,
 };
@@ -177,6 +177,7 @@ impl Config {
         config.mark_listener_transports();
         config.check_listener_addresses()?;
         config.warn_of_ephemeral_source_ports();
+        config.warn_of_local_tcp_replies();
         Ok(config)
     }
 
@@ -200,6 +201,27 @@ impl Config {
                      ephemeral range {first}-{last} (net.ipv4.ip_local_port_range): it matches \
                      the port a socket is bound to, and an unbound one gets its port after \
                      tproxy decides its connect (a datagram it sends unconnected has one)",
+                    rule.number
+                );
+            }
+        }
+    }
+
+    /// Warns of a local TCP rule for the reply direction: a local TCP connection is decided
+    /// at its connect, always the original direction, so the rule never matches one. Said
+    /// once per rule.
+    fn warn_of_local_tcp_replies(&self) {
+        let mut warned = Vec::new();
+        for rule in &self.rules {
+            if rule.origin.local()
+                && rule.transport == Transport::Tcp
+                && rule.ct_direction == Some(CtDirection::Reply)
+                && !warned.contains(&rule.number)
+            {
+                warned.push(rule.number);
+                log::warn!(
+                    "rule[{}]: ct_direction \"reply\" never matches a local TCP connection (its \
+                     connect is the original direction); it applies to UDP and arrivals only",
                     rule.number
                 );
             }
@@ -367,6 +389,15 @@ impl Config {
                 rule.selection = selection;
             }
         }
+        let mut all_rules = self
+            .rules
+            .iter()
+            .chain(&self.own_address_rules)
+            .chain(&self.anycast_rules)
+            .chain(&self.ipset_rules);
+        selections.follow_datagram_directions(all_rules.any(|rule| {
+            rule.origin.local() && rule.ct_direction.is_some() && rule.transport == Transport::Udp
+        }));
         self.local = Some(selections);
         // The loopback program takes lo's arrivals in place of the main one (see
         // `datapath::steering`): the forwarded rules would never run there.

@@ -16,6 +16,10 @@
 //! give each steered datagram a loopback source instead, which the policy routing's
 //! `from 127.84.80.1 iif lo` rule sends over `lo` (see `routing`).
 //!
+//! While a UDP rule for local connections has `ct_direction`, the `cgroup/recvmsg4` and
+//! `cgroup/recvmsg6` programs are attached beside them, to follow what each socket receives
+//! (see `tproxy_common::local_udp`); they come and go with such rules.
+//!
 //! The attachments are links owned by this process: they go when it exits, or when a start
 //! fails (the program, and with it every link, is dropped). With `--pin` they are pinned
 //! instead, one file per program and cgroup (see `pin`), and a start over pinned state puts
@@ -229,6 +233,12 @@ pub struct LocalSelections {
     list: Vec<LocalOrigin>,
     /// Whether some rule has selection 0 (the others are there because a rule has them).
     everyone: bool,
+    /// Whether a UDP rule for local connections has `ct_direction`: only then are the
+    /// `recvmsg` programs attached, which follow what sockets receive (see
+    /// `tproxy_common::local_udp`). Attached, they cost every UDP socket of the host that
+    /// asks for its sender's address a socket lock per receive (the kernel's hook is one
+    /// switch for all cgroups).
+    follows_datagram_directions: bool,
 }
 
 impl Default for LocalSelections {
@@ -236,6 +246,7 @@ impl Default for LocalSelections {
         LocalSelections {
             list: vec![LocalOrigin::everyone()],
             everyone: false,
+            follows_datagram_directions: false,
         }
     }
 }
@@ -256,6 +267,19 @@ impl LocalSelections {
         }
         self.list.push(selection);
         Ok(self.list.len() as u32 - 1)
+    }
+
+    /// Has the `recvmsg` programs attached too (see `follows_datagram_directions`).
+    pub fn follow_datagram_directions(&mut self, follow: bool) {
+        self.follows_datagram_directions = follow;
+    }
+
+    /// The programs attached to each of [`LocalSelections::attach_points`].
+    fn programs(&self) -> &'static [&'static str] {
+        match self.follows_datagram_directions {
+            true => &PROGRAMS,
+            false => &PROGRAMS[..4],
+        }
     }
 
     /// The selections some rule has, with their index.
@@ -523,7 +547,8 @@ pub fn own_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// The programs attached to each cgroup.
+/// The programs attached to each cgroup; the `recvmsg` ones only while a rule needs them
+/// (see [`LocalSelections::programs`]).
 const PROGRAMS: [&str; 6] = [
     CONNECT4_PROGRAM_NAME,
     CONNECT6_PROGRAM_NAME,
@@ -561,11 +586,26 @@ pub(crate) enum CgroupLink {
     Pinned(PathBuf),
 }
 
-/// The connect and sendmsg programs' links, by the cgroup path they are attached to.
+impl CgroupLink {
+    /// The name of the program it attaches.
+    fn program(&self) -> &str {
+        match self {
+            CgroupLink::Owned(name, _) => name,
+            // `pin::PinnedState::cgroup_link`'s `cgroup-ID-PROGRAM`.
+            CgroupLink::Pinned(pin) => pin
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.rsplit('-').next())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The connect, sendmsg and recvmsg programs' links, by the cgroup path they are attached to.
 pub(crate) type CgroupLinks = BTreeMap<String, Vec<CgroupLink>>;
 
 /// Puts `selections` in force: tells the programs the selections (an entry each; the others
-/// unused), and attaches the connect and sendmsg programs to their cgroups (see
+/// unused), and attaches the connect, sendmsg (and recvmsg) programs to their cgroups (see
 /// [`LocalSelections::attach_points`]), detaching them from cgroups no longer among those.
 /// At start, and on a reload that changes the rules' selections. The links live as long as
 /// the program (see the module's documentation).
@@ -603,19 +643,66 @@ pub fn follow(
     put_in_force(steering, root, selections, true)
 }
 
+/// Makes the programs attached to cgroup `path` be `programs`: attaches the missing ones,
+/// detaches the others.
+fn change_programs(
+    steering: &mut Steering,
+    root: &Path,
+    path: &str,
+    programs: &'static [&'static str],
+) -> Result<()> {
+    let links = steering.cgroup_links_mut().remove(path).unwrap_or_default();
+    let (mut links, extra): (Vec<CgroupLink>, Vec<CgroupLink>) = links
+        .into_iter()
+        .partition(|link| programs.contains(&link.program()));
+    for link in extra {
+        detach(steering, path, link)?;
+    }
+    let missing: Vec<&'static str> = programs
+        .iter()
+        .copied()
+        .filter(|name| !links.iter().any(|link| link.program() == *name))
+        .collect();
+    if !missing.is_empty() {
+        let dir = cgroup_dir(root, path)?;
+        let id = std::fs::metadata(&dir)
+            .with_context(|| format!("cgroup `{path}`: reading {}", dir.display()))?
+            .ino();
+        let pinned = steering.pinned().cloned();
+        for name in missing {
+            let pin = pinned.as_ref().map(|pinned| pinned.cgroup_link(id, name));
+            match attach_program(steering, name, path, &dir, pin) {
+                Ok(link) => links.push(link),
+                Err(error) => {
+                    steering.cgroup_links_mut().insert(path.to_string(), links);
+                    return Err(error);
+                }
+            }
+        }
+    }
+    steering.cgroup_links_mut().insert(path.to_string(), links);
+    Ok(())
+}
+
 /// Detaches (or unpins) the programs' links on cgroup `path`. On a removed cgroup the kernel
 /// took them off already, and a detach error is expected.
 fn drop_links(steering: &mut Steering, path: &str) -> Result<()> {
     let links = steering.cgroup_links_mut().remove(path).unwrap_or_default();
     for link in links {
-        match link {
-            CgroupLink::Owned(name, link) => {
-                if let Err(error) = sock_addr_program(steering, name)?.detach(link) {
-                    log::debug!("detaching {name} from cgroup `{path}`: {error}");
-                }
+        detach(steering, path, link)?;
+    }
+    Ok(())
+}
+
+/// Detaches (or unpins) `link` on cgroup `path`.
+fn detach(steering: &mut Steering, path: &str, link: CgroupLink) -> Result<()> {
+    match link {
+        CgroupLink::Owned(name, link) => {
+            if let Err(error) = sock_addr_program(steering, name)?.detach(link) {
+                log::debug!("detaching {name} from cgroup `{path}`: {error}");
             }
-            CgroupLink::Pinned(pin) => unpin(&pin),
         }
+        CgroupLink::Pinned(pin) => unpin(&pin),
     }
     Ok(())
 }
@@ -630,6 +717,12 @@ fn put_in_force(
     let mut entries = [Selection::default(); MAX_SELECTIONS];
     for (index, selection) in selections.used() {
         entries[index] = selection.entry(root, followed)?;
+    }
+    // Every program verified before any link changes (the pinned links of a predecessor
+    // are taken over one by one), and those only a later rule set may need too: at start,
+    // while tproxy may still load programs (a reload runs with fewer privileges).
+    for name in PROGRAMS {
+        sock_addr_program(steering, name)?;
     }
     let wanted = selections.attach_points();
     let mut dirs: Vec<(String, PathBuf)> = Vec::new();
@@ -661,7 +754,7 @@ fn put_in_force(
             .with_context(|| format!("cgroup `{path}`: reading {}", dir.display()))?
             .ino();
         let mut links = Vec::new();
-        for name in PROGRAMS {
+        for name in selections.programs() {
             let pin = pinned.as_ref().map(|pinned| pinned.cgroup_link(id, name));
             match attach_program(steering, name, path, dir, pin) {
                 Ok(link) => links.push(link),
@@ -687,6 +780,17 @@ fn put_in_force(
         .collect();
     for path in gone {
         drop_links(steering, &path)?;
+    }
+    // The cgroups attached before, with the programs the rules now need (the `recvmsg`
+    // ones come and go with the rules that follow datagrams' directions).
+    let kept: Vec<String> = steering
+        .cgroup_links()
+        .keys()
+        .filter(|path| !dirs.iter().any(|(new, _)| new == *path))
+        .cloned()
+        .collect();
+    for path in kept {
+        change_programs(steering, root, &path, selections.programs())?;
     }
     if let Some(pinned) = &pinned {
         // An earlier instance's links on cgroups no longer selected (or removed and created

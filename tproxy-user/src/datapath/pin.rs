@@ -5,7 +5,8 @@
 //! ```text
 //! <pin dir>/netns-<inode>-table-<table>/
 //!     ACTIVE_GENERATION, PORT_CLASSES, MARK_RULES, RULES_*, LISTENERS,
-//!     TIME_WAIT_FLOWS, COUNTERS, LOCAL_SELECTIONS, LOCAL_DECISIONS                     maps
+//!     TIME_WAIT_FLOWS, COUNTERS, LOCAL_SELECTIONS, LOCAL_DECISIONS, LOCAL_ROUTES_*,
+//!     LOCAL_UDP_FLOWS                                                                  maps
 //!     tc-ingress-<interface>                                                           TCX links
 //!     sk-lookup                                                                        netns link
 //!     cgroup-<cgroup id>-<program>                                    cgroup links (`--local`)
@@ -29,7 +30,8 @@ use anyhow::{bail, Context, Result};
 const TC_LINK_PREFIX: &str = "tc-ingress-";
 /// File name of the pinned sk_lookup link.
 const SK_LOOKUP_LINK: &str = "sk-lookup";
-/// File-name prefix of the links pinned for the connect and sendmsg programs on a cgroup.
+/// File-name prefix of the links pinned for the connect, sendmsg and recvmsg programs on a
+/// cgroup.
 const CGROUP_LINK_PREFIX: &str = "cgroup-";
 
 /// One instance's pinned-state directory.
@@ -90,10 +92,12 @@ impl PinnedState {
     pub fn discard_maps_of_another_layout(&self) -> Result<()> {
         use tproxy_common::{
             local_origin::{Selection, SELECTIONS_MAP},
+            local_udp::{UdpFlow, UDP_FLOWS_MAP},
             maps::{MarkRules, COUNTERS, COUNTERS_LEN, MARK_RULES},
         };
         let rules_size = std::mem::size_of::<MarkRules>() as u32;
         let selection_size = std::mem::size_of::<Selection>() as u32;
+        let flow_size = std::mem::size_of::<UdpFlow>() as u32;
         let checks = [
             (COUNTERS, "packet counters", "entries", COUNTERS_LEN, true),
             (
@@ -108,6 +112,13 @@ impl PinnedState {
                 "local selections",
                 "bytes an entry",
                 selection_size,
+                false,
+            ),
+            (
+                UDP_FLOWS_MAP,
+                "local UDP flows",
+                "bytes an entry",
+                flow_size,
                 false,
             ),
         ];

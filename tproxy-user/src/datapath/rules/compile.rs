@@ -68,8 +68,11 @@ impl CompiledRules {
                 .marks
                 .iter()
                 .filter(|mark| mark.ct_direction != 0)
+                // A local TCP connect is always original: only UDP rules need the flows
+                // followed.
                 .map(|mark| match is_local_ifindex(mark.ifindex) {
-                    true => CT_ASKED_BY_LOCAL,
+                    true if mark.transports & MARK_RULE_UDP != 0 => CT_ASKED_BY_LOCAL,
+                    true => 0,
                     false => CT_ASKED_BY_ARRIVALS,
                 })
                 .fold(0, |asked, by| asked | by),
@@ -603,12 +606,15 @@ fn lookup_verdict(
         _ => unreachable!("a packet's addresses are of one family"),
     };
     let mut marked = marked;
-    // The program looks the direction up only when a rule for the packet's origin asks.
+    // The program looks the direction up only when a rule for the packet's origin asks; a
+    // local TCP connect is original all the same.
     let asked = match packet.local {
         true => CT_ASKED_BY_LOCAL,
         false => CT_ASKED_BY_ARRIVALS,
     };
-    if marks.ct_direction & asked != 0 {
+    if packet.local && !udp {
+        marked.ct_direction = tproxy_common::maps::CT_ORIGINAL;
+    } else if marks.ct_direction & asked != 0 {
         marked.ct_direction = packet.ct_direction.map_or(0, CtDirection::program_value);
     }
     marked.routes = packet.route.map_or(0, |route| {

@@ -401,8 +401,8 @@ pub struct Packet<'a> {
     pub mark: u32,
     /// For a local connection, the interface its route leaves by (`None`: no route).
     pub route: Option<&'a str>,
-    /// For an arrival, its direction in its tracked connection, as the program looked it up
-    /// (`None`: not looked up, as when no rule asks).
+    /// Its direction in its connection, as the program found it (`None`: not looked up, as
+    /// when no rule asks); a local TCP connection's is always original.
     pub ct_direction: Option<CtDirection>,
 }
 
@@ -412,6 +412,11 @@ pub struct Packet<'a> {
 pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
     let src = IpNet::from(packet.src);
     let dst = IpNet::from(packet.dst);
+    // A local TCP connection is the original direction of its connection, whatever asked.
+    let direction = match packet.local && packet.transport == Transport::Tcp {
+        true => Some(CtDirection::Original),
+        false => packet.ct_direction,
+    };
     rules
         .iter()
         .filter(|r| {
@@ -424,7 +429,7 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
                     &src,
                     (!packet.local).then_some(packet.iface),
                     packet.mark,
-                    packet.ct_direction,
+                    direction,
                 )
         })
         .min_by_key(|r| r.precedence())

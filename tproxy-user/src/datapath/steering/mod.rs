@@ -60,7 +60,7 @@ pub(crate) struct Steering {
     local_origin: Option<LocalOriginStats>,
     /// Whether local origin is steered: `lo` then gets the loopback program.
     loopback: bool,
-    /// The connect and sendmsg programs' links (see `local_origin::apply`).
+    /// The connect, sendmsg and recvmsg programs' links (see `local_origin::apply`).
     cgroup_links: CgroupLinks,
     /// The host's routes for the connect programs, when local origin is steered.
     routes: Option<RouteMirror>,
@@ -380,7 +380,7 @@ impl Steering {
         self.local_origin = Some(stats);
     }
 
-    /// The connect and sendmsg programs' links, by cgroup.
+    /// The connect, sendmsg and recvmsg programs' links, by cgroup.
     pub(crate) fn cgroup_links(&self) -> &CgroupLinks {
         &self.cgroup_links
     }

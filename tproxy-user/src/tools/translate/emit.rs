@@ -11,7 +11,8 @@ use ipnet::IpNet;
 use super::{
     established,
     flatten::{flatten_in_turn, narrow, Flat, Narrowed},
-    local, negation, own_mark,
+    local, negation,
+    own_mark::{self, looks_at_routing, routing_elsewhere},
     precedence::{covers, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation,
 };
@@ -79,24 +80,34 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let tproxy_mark = tproxy_mark(&kept, &mut notes);
     let routing = tproxy_mark.unwrap_or(Settings::default().mark);
     // The routing mark is tproxy's own business: when the loop guard needs the TPROXY
-    // rules' mark for the socket mark, tproxy routes with a bit of its own.
-    let own_routing = guard.as_ref().and_then(|guard| {
-        guard.conflict(routing)?;
-        let read: Vec<Mark> = kept
-            .iter()
-            .filter_map(|(rule, _)| rule.matches.mark)
-            .collect();
-        let (mark, read_by_rules) = guard.routing_elsewhere(&read)?;
-        notes.push(guard.routing_note(routing, mark, read_by_rules));
-        Some(mark)
-    });
+    // rules' mark for the socket mark, or other rules' marks look at its bits (which
+    // tproxy's rules do not see), tproxy routes with a bit of its own.
+    let read: Vec<Mark> = kept
+        .iter()
+        .filter_map(|(rule, _)| rule.matches.mark)
+        .collect();
+    let own_routing = match &guard {
+        Some(guard) if guard.conflict(routing).is_some() => {
+            guard.routing_elsewhere(&read).map(|(mark, read_by_rules)| {
+                notes.push(guard.routing_note(routing, mark, read_by_rules));
+                (
+                    mark,
+                    "the TPROXY rules' mark is the loop guard's, tproxy's socket_mark",
+                )
+            })
+        }
+        _ if read.iter().any(|&mark| looks_at_routing(mark, routing)) => {
+            let avoid = guard.as_ref().map_or(0, |guard| guard.mark);
+            routing_elsewhere(avoid, &read).map(|(mark, read_by_rules)| {
+                notes.push(marks_read_note(routing, mark, read_by_rules));
+                (mark, "the rules' marks look at the TPROXY rules' mark bits")
+            })
+        }
+        _ => None,
+    };
     match (own_routing, tproxy_mark) {
-        (Some(mark), _) => {
-            let _ = writeln!(
-                out,
-                "# tproxy's own routing mark: the TPROXY rules' mark is the loop guard's, \
-                 tproxy's socket_mark."
-            );
+        (Some((mark, why)), _) => {
+            let _ = writeln!(out, "# tproxy's own routing mark: {why}.");
             let _ = writeln!(out, "mark = \"{mark}\"");
         }
         (None, Some(mark)) => {
@@ -108,7 +119,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         }
         (None, None) => {}
     }
-    let routing = own_routing.unwrap_or(routing);
+    let routing = own_routing.map_or(routing, |(mark, _)| mark);
     let kept = unseen_marks_left_out(kept, routing, &mut skipped);
     if let Some(guard) = guard {
         match guard.conflict(routing) {
@@ -805,13 +816,32 @@ fn common_rule(
     Ok(Some((first, *listener)))
 }
 
+/// What the operator should know when tproxy routes with `own` in place of the TPROXY
+/// rules' `tproxy_mark`, whose bits the rules' marks look at; `read_by_rules`: they look at
+/// `own`'s bit too.
+fn marks_read_note(tproxy_mark: Mark, own: Mark, read_by_rules: bool) -> String {
+    let reading = if read_by_rules {
+        "the rules' marks are read without that bit, which no rule needs set and only tproxy \
+         sets"
+    } else {
+        "no rule's mark looks at that bit"
+    };
+    format!(
+        "rules match marks that look at the bits of the TPROXY rules' mark {tproxy_mark}, \
+         which tproxy's rules do not see (it sets them itself); tproxy installs its own policy \
+         routing, so it routes the packets it steers with a mark of its own, {own} \
+         ({reading}). Anything else that relied on steered packets carrying {tproxy_mark} (an \
+         `ip rule`, a later netfilter rule) sees {own} instead"
+    )
+}
+
 /// `kept` without the rules whose mark needs bits of the `routing` mark, which tproxy's
 /// rules do not see (see `datapath::rules::effective_mark`): they are reported.
 fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<String>) -> Vec<Rule> {
     let unseen_mark = |rule: &Parsed| {
         rule.matches
             .mark
-            .filter(|mark| mark.value & routing.mask != 0 || mark.mask & !routing.mask == 0)
+            .filter(|&mark| looks_at_routing(mark, routing))
     };
     let mut unseen_lines = BTreeSet::new();
     for (rule, _) in &kept {

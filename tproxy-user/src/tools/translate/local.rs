@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
-    datapath::rules::Ports,
+    datapath::rules::{CtDirection, Ports},
     values::{Mark, Transport},
 };
 
@@ -173,7 +173,58 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             }
         ));
     }
-    out
+    tcp_directions_settled(out, notes)
+}
+
+/// `out` with the direction of a local TCP connection settled: tproxy decides one at its
+/// connect, always the original direction (as OUTPUT sees its packets: a local server's
+/// answers on accepted sockets never meet a connect). A rule for the reply direction is
+/// for UDP only, and left out when it was for TCP only; one for the original direction is
+/// a TCP rule without it, and a UDP rule with it.
+fn tcp_directions_settled(out: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
+    let mut settled = Vec::with_capacity(out.len());
+    for rule in out {
+        let Ok(rule) = rule else {
+            settled.push(rule);
+            continue;
+        };
+        let Some(direction) = rule.matches.ct_direction else {
+            settled.push(Ok(rule));
+            continue;
+        };
+        let transports = match rule.matches.transports.as_slice() {
+            [] => vec![Transport::Tcp, Transport::Udp],
+            some => some.to_vec(),
+        };
+        if !transports.contains(&Transport::Tcp) {
+            settled.push(Ok(rule));
+            continue;
+        }
+        let with_transports = |transports: Vec<Transport>, direction| {
+            let mut rule = rule.clone();
+            rule.matches.transports = transports;
+            rule.matches.ct_direction = direction;
+            rule
+        };
+        let udp = transports.contains(&Transport::Udp);
+        match direction {
+            CtDirection::Reply if udp => {
+                settled.push(Ok(with_transports(vec![Transport::Udp], Some(direction))))
+            }
+            CtDirection::Reply => notes.push(format!(
+                "line {}: `{}` never matches a connection of the host's own (a connect is the \
+                 original direction); left out",
+                rule.line, rule.text
+            )),
+            CtDirection::Original => {
+                settled.push(Ok(with_transports(vec![Transport::Tcp], None)));
+                if udp {
+                    settled.push(Ok(with_transports(vec![Transport::Udp], Some(direction))));
+                }
+            }
+        }
+    }
+    settled
 }
 
 /// `flat` without the rules that leave packets with the recipe's mark alone when every

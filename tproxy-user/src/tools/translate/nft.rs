@@ -1131,6 +1131,14 @@ impl Rule<'_> {
             ("reply", false) | ("original", true) => CtDirection::Reply,
             (other, _) => return Err(format!("`ct direction {other}` (original or reply)")),
         };
+        // nft asks each match: a packet has one direction, so two that differ take none.
+        if self
+            .m
+            .ct_direction
+            .is_some_and(|earlier| earlier != direction)
+        {
+            self.m.matches_nothing = true;
+        }
         self.m.ct_direction = Some(direction);
         Ok(found.next)
     }

@@ -63,36 +63,9 @@ impl Guard {
     }
 
     /// A routing mark for tproxy when the guard's mark would match the TPROXY rules' one
-    /// (`conflict`): one bit outside the guard's mark that none of the rules' marks (`read`)
-    /// looks at, or failing that one that none of them needs set (tproxy's rules then read
-    /// their marks without it: only tproxy sets it), and whether rules look at it.
-    /// tproxy's default bit comes first, then the highest.
+    /// (`conflict`): see [`routing_elsewhere`], outside the guard's mark.
     pub(super) fn routing_elsewhere(&self, read: &[Mark]) -> Option<(Mark, bool)> {
-        let default = Settings::default().mark;
-        let bits: Vec<u32> = (0..32)
-            .rev()
-            .map(|bit| 1u32 << bit)
-            .filter(|&bit| bit & self.mark == 0)
-            .collect();
-        let candidates = || {
-            bits.iter()
-                .copied()
-                .filter(|&bit| bit == default.mask)
-                .chain(bits.iter().copied().filter(|&bit| bit != default.mask))
-        };
-        let one_bit = |bit: u32| Mark {
-            value: bit,
-            mask: bit,
-        };
-        if let Some(bit) = candidates().find(|&bit| read.iter().all(|m| m.mask & bit == 0)) {
-            return Some((one_bit(bit), false));
-        }
-        candidates()
-            .find(|&bit| {
-                read.iter()
-                    .all(|m| m.value & bit == 0 && m.mask & !bit != 0)
-            })
-            .map(|bit| (one_bit(bit), true))
+        routing_elsewhere(self.mark, read)
     }
 
     /// What the operator should know when tproxy routes with `own` in place of the TPROXY
@@ -184,4 +157,42 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
         })
         .collect();
     (out, Some(guard))
+}
+
+/// A routing mark of tproxy's own: one bit outside `avoid` that none of the rules' marks
+/// (`read`) looks at, or failing that one that none of them needs set (tproxy's rules then
+/// read their marks without it: only tproxy sets it), and whether rules look at it.
+/// tproxy's default bit comes first, then the highest.
+pub(super) fn routing_elsewhere(avoid: u32, read: &[Mark]) -> Option<(Mark, bool)> {
+    let default = Settings::default().mark;
+    let bits: Vec<u32> = (0..32)
+        .rev()
+        .map(|bit| 1u32 << bit)
+        .filter(|&bit| bit & avoid == 0)
+        .collect();
+    let candidates = || {
+        bits.iter()
+            .copied()
+            .filter(|&bit| bit == default.mask)
+            .chain(bits.iter().copied().filter(|&bit| bit != default.mask))
+    };
+    let one_bit = |bit: u32| Mark {
+        value: bit,
+        mask: bit,
+    };
+    if let Some(bit) = candidates().find(|&bit| read.iter().all(|m| m.mask & bit == 0)) {
+        return Some((one_bit(bit), false));
+    }
+    candidates()
+        .find(|&bit| {
+            read.iter()
+                .all(|m| m.value & bit == 0 && m.mask & !bit != 0)
+        })
+        .map(|bit| (one_bit(bit), true))
+}
+
+/// Whether a rule's `mark` needs bits of the `routing` mark, which tproxy's rules do not see
+/// (see `datapath::rules::effective_mark`).
+pub(super) fn looks_at_routing(mark: Mark, routing: Mark) -> bool {
+    mark.value & routing.mask != 0 || mark.mask & !routing.mask == 0
 }
