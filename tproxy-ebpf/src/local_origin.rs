@@ -345,8 +345,8 @@ fn decide(
         ..Pending::default()
     };
     // Ahead of the selections' loop, which has no room for it in the verifier's walk: the
-    // datagrams of processes no selection takes are followed too (their flows wait in the
-    // map, pushed out first).
+    // datagrams of processes no selection takes are followed too (their flows take places
+    // in the map that the selected processes' flows could use).
     if let Some(udp) = udp {
         pending.packet.ct_direction = local_udp::sent(ctx, pending.generation, udp, *peer);
     }

@@ -44,7 +44,10 @@ static UDP_STREAM_TIMEOUT_NS: Global<u64> = Global::new(DEFAULT_UDP_STREAM_TIMEO
 const RECEIVE_GOES_ON: i32 = 1;
 #[cgroup_sock_addr(recvmsg4)]
 pub fn tproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
-    if followed(&ctx) {
+    // SAFETY: `sk` of a sock_addr context is the receiving socket, never null; `src_ip4` is
+    // the address it is bound to (0: none).
+    let bound = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).src_ip4 } != 0;
+    if followed(&ctx, bound) {
         // SAFETY: a recvmsg4 program may read the peer's address and port (network order).
         let (addr, port) = unsafe {
             (
@@ -60,7 +63,12 @@ pub fn tproxy_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn tproxy_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if followed(&ctx) {
+    // SAFETY: as in `tproxy_recvmsg4`, for `src_ip6`.
+    let bound = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        (*sk).src_ip6[0] | (*sk).src_ip6[1] | (*sk).src_ip6[2] | (*sk).src_ip6[3]
+    } != 0;
+    if followed(&ctx, bound) {
         let peer = UdpPeer {
             cookie: cookie(&ctx),
             // The context's address (a connect's destination, here the sender); an IPv4
@@ -97,11 +105,12 @@ pub(crate) fn sent(ctx: &SockAddrContext, generation: u32, udp: bool, addr: [u8;
 }
 
 /// Whether a received datagram's flow is followed: a rule asks, and the socket is of
-/// tproxy's namespace (its selections and rules are about no other) and not tproxy's own
-/// (the relay's, which the rules never decide). Whether the process is in a selection is
-/// left to the send: its flows wait in the map, pushed out first if it never sends.
+/// tproxy's namespace (its selections and rules are about no other), not tproxy's own (the
+/// relay's, which the rules never decide), and bound to no address (the sendmsg programs
+/// leave the datagrams of such a socket as they are, so its flows would never be asked).
+/// Whether the process is in a selection is left to the send.
 #[inline(always)]
-fn followed(ctx: &SockAddrContext) -> bool {
+fn followed(ctx: &SockAddrContext, bound: bool) -> bool {
     // SAFETY: the helpers read the namespace of the context's socket and the current task's
     // cgroup.
     let (netns, cgroup) = unsafe {
@@ -110,7 +119,8 @@ fn followed(ctx: &SockAddrContext) -> bool {
             bpf_get_current_cgroup_id(),
         )
     };
-    in_own_namespace(netns, OWN_NETNS_COOKIE.load())
+    !bound
+        && in_own_namespace(netns, OWN_NETNS_COOKIE.load())
         && !is_own_socket(
             current_mark(ctx),
             OWN_SOCKET_MARK.load(),
@@ -160,7 +170,8 @@ fn step(peer: &UdpPeer, from_peer: bool) -> u32 {
             let _ = LOCAL_UDP_FLOWS.insert(peer, &flow, 0);
             // A lookup sets the entry's reference bit, which an insert does not: without it
             // a new flow is the kernel LRU's first choice to push out, ahead of every flow
-            // looked up since (a burst of requests would lose theirs before the answers).
+            // looked up since (a server reading a burst of requests would lose them before
+            // it answers).
             let _ = LOCAL_UDP_FLOWS.get_ptr(peer);
         }
     }

@@ -212,16 +212,26 @@ impl Config {
     /// once per rule.
     fn warn_of_local_tcp_replies(&self) {
         let mut warned = Vec::new();
-        for rule in &self.rules {
+        let all_rules = self
+            .rules
+            .iter()
+            .chain(&self.own_address_rules)
+            .chain(&self.anycast_rules)
+            .chain(&self.ipset_rules);
+        for rule in all_rules {
             if rule.origin.local()
                 && rule.transport == Transport::Tcp
                 && rule.ct_direction == Some(CtDirection::Reply)
                 && !warned.contains(&rule.number)
             {
                 warned.push(rule.number);
+                let what = match rule.origin {
+                    Origin::Local => "it matches nothing",
+                    _ => "it matches arrivals only",
+                };
                 log::warn!(
                     "rule[{}]: ct_direction \"reply\" never matches a local TCP connection (its \
-                     connect is the original direction); it applies to UDP and arrivals only",
+                     connect is the original direction): for TCP {what}",
                     rule.number
                 );
             }

@@ -607,7 +607,8 @@ pub(crate) type CgroupLinks = BTreeMap<String, Vec<CgroupLink>>;
 /// Puts `selections` in force: tells the programs the selections (an entry each; the others
 /// unused), and attaches the connect, sendmsg (and recvmsg) programs to their cgroups (see
 /// [`LocalSelections::attach_points`]), detaching them from cgroups no longer among those.
-/// At start, and on a reload that changes the rules' selections. The links live as long as
+/// At start, and on a reload that changes the rules' selections or whether a rule follows
+/// datagrams' directions (the `recvmsg` programs). The links live as long as
 /// the program (see the module's documentation).
 pub fn apply(steering: &mut Steering, root: &Path, selections: &LocalSelections) -> Result<()> {
     put_in_force(steering, root, selections, false)
@@ -651,37 +652,49 @@ fn change_programs(
     path: &str,
     programs: &'static [&'static str],
 ) -> Result<()> {
+    let attached = steering.cgroup_links().get(path);
+    let missing: Vec<&'static str> = programs
+        .iter()
+        .copied()
+        .filter(|name| !attached.is_some_and(|links| links.iter().any(|l| l.program() == *name)))
+        .collect();
+    // What can be refused before a link changes: the cgroup's directory and id.
+    let place = match missing.is_empty() {
+        true => None,
+        false => {
+            let dir = cgroup_dir(root, path)?;
+            let id = std::fs::metadata(&dir)
+                .with_context(|| format!("cgroup `{path}`: reading {}", dir.display()))?
+                .ino();
+            Some((dir, id))
+        }
+    };
     let links = steering.cgroup_links_mut().remove(path).unwrap_or_default();
     let (mut links, extra): (Vec<CgroupLink>, Vec<CgroupLink>) = links
         .into_iter()
         .partition(|link| programs.contains(&link.program()));
+    let mut result = Ok(());
     for link in extra {
-        detach(steering, path, link)?;
+        if let Err(error) = detach(steering, path, link) {
+            result = Err(error);
+        }
     }
-    let missing: Vec<&'static str> = programs
-        .iter()
-        .copied()
-        .filter(|name| !links.iter().any(|link| link.program() == *name))
-        .collect();
-    if !missing.is_empty() {
-        let dir = cgroup_dir(root, path)?;
-        let id = std::fs::metadata(&dir)
-            .with_context(|| format!("cgroup `{path}`: reading {}", dir.display()))?
-            .ino();
+    if let Some((dir, id)) = place {
         let pinned = steering.pinned().cloned();
         for name in missing {
             let pin = pinned.as_ref().map(|pinned| pinned.cgroup_link(id, name));
             match attach_program(steering, name, path, &dir, pin) {
                 Ok(link) => links.push(link),
                 Err(error) => {
-                    steering.cgroup_links_mut().insert(path.to_string(), links);
-                    return Err(error);
+                    result = Err(error);
+                    break;
                 }
             }
         }
     }
+    // Every link still attached stays tracked, whatever failed.
     steering.cgroup_links_mut().insert(path.to_string(), links);
-    Ok(())
+    result
 }
 
 /// Detaches (or unpins) the programs' links on cgroup `path`. On a removed cgroup the kernel

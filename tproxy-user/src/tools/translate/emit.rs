@@ -97,10 +97,16 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
             })
         }
         _ if read.iter().any(|&mark| looks_at_routing(mark, routing)) => {
-            let avoid = guard.as_ref().map_or(0, |guard| guard.mark);
+            // Nor the socket mark's bits: tproxy refuses one its routing rule would match.
+            let avoid = guard
+                .as_ref()
+                .map_or(Settings::default().socket_mark, |guard| guard.mark);
             routing_elsewhere(avoid, &read).map(|(mark, read_by_rules)| {
-                notes.push(marks_read_note(routing, mark, read_by_rules));
-                (mark, "the rules' marks look at the TPROXY rules' mark bits")
+                notes.push(marks_read_note(tproxy_mark, routing, mark, read_by_rules));
+                (
+                    mark,
+                    "the rules' marks look at the bits of the one it would use",
+                )
             })
         }
         _ => None,
@@ -819,7 +825,19 @@ fn common_rule(
 /// What the operator should know when tproxy routes with `own` in place of the TPROXY
 /// rules' `tproxy_mark`, whose bits the rules' marks look at; `read_by_rules`: they look at
 /// `own`'s bit too.
-fn marks_read_note(tproxy_mark: Mark, own: Mark, read_by_rules: bool) -> String {
+fn marks_read_note(
+    tproxy_mark: Option<Mark>,
+    routing: Mark,
+    own: Mark,
+    read_by_rules: bool,
+) -> String {
+    let (routing, relied_on) = match tproxy_mark {
+        Some(mark) => (format!("the TPROXY rules' mark {mark}"), mark.to_string()),
+        None => (
+            format!("tproxy's default routing mark {routing}"),
+            routing.to_string(),
+        ),
+    };
     let reading = if read_by_rules {
         "the rules' marks are read without that bit, which no rule needs set and only tproxy \
          sets"
@@ -827,11 +845,11 @@ fn marks_read_note(tproxy_mark: Mark, own: Mark, read_by_rules: bool) -> String 
         "no rule's mark looks at that bit"
     };
     format!(
-        "rules match marks that look at the bits of the TPROXY rules' mark {tproxy_mark}, \
-         which tproxy's rules do not see (it sets them itself); tproxy installs its own policy \
-         routing, so it routes the packets it steers with a mark of its own, {own} \
-         ({reading}). Anything else that relied on steered packets carrying {tproxy_mark} (an \
-         `ip rule`, a later netfilter rule) sees {own} instead"
+        "rules match marks that look at the bits of {routing}, which tproxy's rules do not see \
+         (it sets them itself); tproxy installs its own policy routing, so it routes the \
+         packets it steers with a mark of its own, {own} ({reading}). Anything else that \
+         relied on steered packets carrying {relied_on} (an `ip rule`, a later netfilter rule) \
+         sees {own} instead"
     )
 }
 

@@ -47,6 +47,10 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             _ => None,
         });
     let flat = no_op_mark_matches_left_out(flat, recipe_mark, notes);
+    // Before the rules' packets are followed to lo per transport (a TCP part that never
+    // matches must not refuse its UDP part); again at the end, for the directions the rules
+    // for the host's own addresses take from PREROUTING.
+    let flat = tcp_directions_settled(flat, notes);
     let mut out = Vec::with_capacity(flat.len());
     // The range an unbound socket's port comes from, on this host (the kernel's default
     // when it cannot be read), and the lines whose source ports lie outside it.

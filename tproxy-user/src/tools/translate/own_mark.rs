@@ -194,5 +194,6 @@ pub(super) fn routing_elsewhere(avoid: u32, read: &[Mark]) -> Option<(Mark, bool
 /// Whether a rule's `mark` needs bits of the `routing` mark, which tproxy's rules do not see
 /// (see `datapath::rules::effective_mark`).
 pub(super) fn looks_at_routing(mark: Mark, routing: Mark) -> bool {
-    mark.value & routing.mask != 0 || mark.mask & !routing.mask == 0
+    // A mask of nothing takes every mark: it looks at no bit.
+    mark.mask != 0 && (mark.value & routing.mask != 0 || mark.mask & !routing.mask == 0)
 }

@@ -4455,3 +4455,27 @@ COMMIT
     assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(!t.config.contains("ct_direction"), "{}", t.config);
 }
+
+/// The routing bit tproxy takes for itself avoids the socket mark's (tproxy's default
+/// 0x2000000 when no loop guard gives one): `check` refuses a socket mark its routing rule
+/// would match.
+#[test]
+fn an_own_routing_mark_avoids_the_socket_marks_bits() {
+    let rules = "*mangle
+-A PREROUTING -m mark --mark 0x0/0xfd000000 -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --tproxy-mark 0x1
+COMMIT
+";
+    let t = translate(rules).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let own = crate::values::parse_mark_match(config["mark"].as_str().unwrap()).unwrap();
+    assert_eq!(own.mask.count_ones(), 1, "{}", t.config);
+    assert_eq!(own.mask & 0xfd00_0000, 0, "a bit the rule does not look at");
+    assert_eq!(
+        own.mask & 0x0200_0000,
+        0,
+        "the socket mark's bit: {}",
+        t.config
+    );
+}
