@@ -25,8 +25,11 @@ use crate::{
 
 /// LRU hash map of [`UdpPeer`] to [`UdpFlow`].
 pub const UDP_FLOWS_MAP: &str = "LOCAL_UDP_FLOWS";
-/// Its size: the flows tracked at once (a 32-byte key and a 24-byte value each).
-pub const MAX_UDP_FLOWS: u32 = 16384;
+/// Its size while local origin is steered (otherwise the loader makes it 1): the flows
+/// tracked at once, as many as conntrack's default table holds (a 32-byte key and a 24-byte
+/// value each, about 7 MB of kernel memory with the LRU's own). A server with more flows
+/// within the timeouts loses some to the LRU, and their answers read as original.
+pub const MAX_UDP_FLOWS: u32 = 65536;
 /// Name of the `cgroup/recvmsg4` program in the object file.
 pub const RECVMSG4_PROGRAM_NAME: &str = "tproxy_recvmsg4";
 /// Name of the `cgroup/recvmsg6` program in the object file.

@@ -171,6 +171,13 @@ fn load_object(
             local_origin::ROUTES_V6_MAP,
             local_origin::MAX_MIRRORED_ROUTES,
         )
+        .map_max_entries(
+            local_udp::UDP_FLOWS_MAP,
+            match local {
+                Some(_) => local_udp::MAX_UDP_FLOWS,
+                None => 1,
+            },
+        )
         .load(object.bytes())
         .context("loading the eBPF object into the kernel")
 }
