@@ -172,7 +172,11 @@ fn two_hundred_concurrent_connections() {
     drop(streams);
     assert_eq!(echo.peers().len() + echo6.peers().len(), 200);
     tproxy.stop().unwrap();
-    assert_eq!(tproxy.final_counter("tcp", "steered_new").unwrap(), 200);
+    // Each connection was relayed once. The program counts SYNs it hands to the listener: a
+    // SYN the burst's full accept queue dropped comes again after a second and counts again.
+    let relayed = tproxy_tests::stat(tproxy.final_stats().unwrap(), "tcp relay", "accepted");
+    assert_eq!(relayed.unwrap(), 200);
+    assert!(tproxy.final_counter("tcp", "steered_new").unwrap() >= 200);
 }
 
 #[test]
