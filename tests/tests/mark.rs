@@ -300,26 +300,72 @@ fn negated_mark_rules_steer_what_iptables_steers() {
             "{piece}: {text}"
         );
     }
-    let config = ConfigFile::new(&text).unwrap();
+    same_fates_translated(&topo, &udp_server, NEGATED_RULES, &text, NEGATED_CASES);
+}
 
-    restore_iptables(&topo.router, NEGATED_RULES).unwrap();
+/// Probes each of `cases` behind iptables' `rules` (tproxy relaying what their TPROXY rules
+/// hand it) and behind `translation` of them, and checks both steer what `cases` says.
+fn same_fates_translated(
+    topo: &Topo,
+    udp_server: &UdpEcho,
+    rules: &str,
+    translation: &str,
+    cases: &[(Option<u32>, bool, bool)],
+) {
+    let config = ConfigFile::new(translation).unwrap();
+    restore_iptables(&topo.router, rules).unwrap();
     topo.router
         .ip(&["rule", "add", "fwmark", "0x1/0x1", "lookup", "100"])
         .unwrap();
     let mut relay =
         Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
-    let original = probe_each_mark(&topo, &udp_server, NEGATED_CASES);
+    let original = probe_each_mark(topo, udp_server, cases);
     relay.stop().unwrap();
     topo.router
         .ip(&["rule", "del", "fwmark", "0x1/0x1", "lookup", "100"])
         .unwrap();
     remove_iptables_tproxy(&topo.router).unwrap();
-    assert_eq!(original, NEGATED_CASES, "what iptables steers");
+    assert_eq!(original, cases, "what iptables steers");
 
     let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
-    let translated = probe_each_mark(&topo, &udp_server, NEGATED_CASES);
+    let translated = probe_each_mark(topo, udp_server, cases);
     tproxy.stop().unwrap();
-    assert_eq!(translated, original, "translated config:\n{text}");
+    assert_eq!(translated, original, "translated config:\n{translation}");
+}
+
+/// A mark rule ahead of a rule with a longer destination prefix and another action, as
+/// ikev2-manager's rule set has them (tests/corpus/translate/ikev2-manager-domain-router-nft.rules):
+/// the marked packets keep the mark rule's action, which tproxy's precedence (the longer
+/// prefix first) would give to the later rule. Fates as [`CASES`].
+const FIRST_COME_RULES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket -j DIVERT
+-A PREROUTING -p udp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -p tcp -m mark --mark 0x10/0xf0 -j RETURN
+-A PREROUTING -i to-client -d 10.10.2.0/24 -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-client -p udp -m mark --mark 0x20 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -i to-client -d 10.10.2.2/32 -p udp -j RETURN
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+
+/// Before, translate refused such rule sets ("marks and selectors are not combined").
+#[test]
+fn a_mark_rule_ahead_of_a_longer_prefix_keeps_its_packets_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tcp_server = Server::tell_peer(&topo.server, TCP.parse().unwrap()).unwrap();
+    let udp_server = UdpEcho::start(&topo.server, UDP.parse().unwrap()).unwrap();
+    let (status, text, stderr) = tproxy_with_input(&["translate"], FIRST_COME_RULES).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(
+        text.matches("takes first").count() == 2,
+        "a rule of their own for each mark rule's packets: {text}"
+    );
+    same_fates_translated(&topo, &udp_server, FIRST_COME_RULES, &text, CASES);
 }
 
 /// The client's marks set at the router, and what istio's rules below do with each: only

@@ -773,15 +773,16 @@ fn common_rule(
     line: usize,
 ) -> Result<Option<Rule>, String> {
     let selectors = |m: &Match| {
-        m.mark.is_some()
-            || !m.uids.is_empty()
-            || !m.gids.is_empty()
-            || !m.cgroups.is_empty()
-            || !m.classids.is_empty()
+        !m.uids.is_empty() || !m.gids.is_empty() || !m.cgroups.is_empty() || !m.classids.is_empty()
     };
-    // Rules for local connections may have both (a mark is the socket's there).
+    // Rules for local connections may have both (a mark is the socket's there); two
+    // forwarded rules share the packet's mark, which a rule of their own matches as well.
     let both_local = earlier.matches.local && rule.matches.local;
-    if !both_local && (selectors(&earlier.matches) || selectors(&rule.matches)) {
+    let one_local = earlier.matches.local != rule.matches.local;
+    let marked = earlier.matches.mark.is_some() || rule.matches.mark.is_some();
+    if !both_local
+        && (selectors(&earlier.matches) || selectors(&rule.matches) || marked && one_local)
+    {
         return Err(
             "a rule of their own cannot say which: marks and selectors are not \
                     combined"
