@@ -395,6 +395,39 @@ fn a_cgroups_unconnected_udp_datagrams_are_relayed_one_by_one() {
     assert_eq!(steered_v4.peers.lock().unwrap().len(), 5);
 }
 
+/// The host's own clients all reach the relay from a loopback address (127.84.80.1 for
+/// `sendto()`, 127.0.0.1 for a connected socket): the per-source cap would be one cap for every
+/// process on the host. With a cap of 1 per source, three processes' unconnected sockets and a
+/// connected one are all relayed (before, the second one's datagram was dropped at the cap).
+#[test]
+fn the_hosts_own_clients_are_not_one_source_to_the_per_source_cap() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("per-source").unwrap();
+    let steered = UdpEcho::start(&topo.server, addr("10.10.2.2:5353")).unwrap();
+    let tproxy = Tproxy::start_with_host_mounts(
+        &topo.router,
+        &[
+            "--local",
+            "--cgroup",
+            &cgroup.path,
+            "--udp",
+            "5353",
+            "--udp-max-sessions-per-source",
+            "1",
+        ],
+    )
+    .unwrap();
+    for mode in ["sendto", "sendto", "sendto", "udp"] {
+        let args = [mode, "10.10.2.2:5353", "q"];
+        let line = dial_output(cgroup.run(&topo.router, &[], DIAL, &args).unwrap()).unwrap();
+        assert_eq!(line, "10.10.2.2:5353 q", "{mode}");
+    }
+    assert_eq!(tproxy.udp_stat("created").unwrap(), 4);
+    assert_eq!(tproxy.udp_stat("refused_at_source_cap").unwrap(), 0);
+    assert_eq!(steered.peers.lock().unwrap().len(), 4);
+}
+
 /// Two instances, in two network namespaces, with cgroups nested: the programs of the one
 /// attached to the parent cgroup run for the child's processes too, after the child's own.
 /// They must leave the sockets of another namespace alone, neither marking nor unmarking

@@ -11,3 +11,29 @@ pub(crate) mod plan;
 pub(crate) mod splice;
 pub(crate) mod tcp;
 pub(crate) mod udp;
+
+use std::net::IpAddr;
+
+/// Whether the per-source caps count a client at `source`. A loopback source is the host's
+/// own processes, many clients behind one address: every steered local connection comes
+/// from 127.0.0.1 or ::1, every steered `sendto()` datagram from 127.84.80.1 or ::1 (see
+/// `datapath::routing`), so a cap per address would be one cap for the whole host. They are
+/// held to the overall caps only.
+pub(crate) fn capped_per_source(source: IpAddr) -> bool {
+    !source.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capped_per_source;
+
+    #[test]
+    fn loopback_clients_in_any_form_are_held_to_the_overall_caps_only() {
+        for host in ["127.0.0.1", "127.84.80.1", "::1", "::ffff:127.84.80.1"] {
+            assert!(!capped_per_source(host.parse().unwrap()), "{host}");
+        }
+        for client in ["192.168.1.20", "fd00::20", "::ffff:192.168.1.20"] {
+            assert!(capped_per_source(client.parse().unwrap()), "{client}");
+        }
+    }
+}

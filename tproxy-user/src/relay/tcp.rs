@@ -166,7 +166,7 @@ fn admit(
     let admission = &stats.admission;
     let mut per_source = admission.per_source.lock().unwrap();
     let count = per_source.entry(source).or_default();
-    if *count >= config.max_connections_per_source {
+    if *count >= config.max_connections_per_source && super::capped_per_source(source) {
         if *count == 0 {
             per_source.remove(&source);
         }

@@ -488,7 +488,8 @@ impl UdpRelay {
             .get(&client.ip())
             .copied()
             .unwrap_or(0);
-        if sessions < self.config.max_sessions_per_source {
+        if sessions < self.config.max_sessions_per_source || !super::capped_per_source(client.ip())
+        {
             return true;
         }
         self.stats.refused_at_source_cap.fetch_add(1, Relaxed);
