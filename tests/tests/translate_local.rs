@@ -1195,9 +1195,15 @@ COMMIT
         let output = cgroup.run(&topo.router, &[], DIAL, &["sendto", "10.10.2.2:53", "hi"]);
         assert_eq!(dial_output(output.unwrap()).unwrap(), "10.10.2.2:53 hi");
         let client_steered = count("udp") > before;
-        let before = count("udp");
-        let answered = answered_from_the_router(&topo, &cgroup);
-        vec![client_steered, count("udp") > before, answered]
+        let mut fates = vec![client_steered];
+        // The server bound to the IPv4 wildcard, then a dual-stack one (the IPv4 client's
+        // datagram read by the recvmsg6 program, the answer sent by sendmsg4).
+        for bind in ["0.0.0.0:5300", "[::]:5300"] {
+            let before = count("udp");
+            let answered = answered_from_the_router(&topo, &cgroup, bind);
+            fates.extend([count("udp") > before, answered]);
+        }
+        fates
     };
     // For the cgroup's processes only, so that tproxy's programs are attached to it, not to
     // the root (where the test can count them).
@@ -1232,22 +1238,26 @@ COMMIT
         );
         probe(count)
     });
-    assert_eq!(original, [true, false, true], "the original rules");
+    assert_eq!(
+        original,
+        [true, false, true, false, true],
+        "the original rules"
+    );
     assert_eq!(translated, original, "translated config:\n{text}");
     assert_eq!(recvmsg_links(), [0; 2], "left attached after stop");
 }
 
-/// Whether a UDP server on the router, in `cgroup` and bound to the wildcard address,
-/// answers a client that sends to it from port 53: the client's answer comes from the
-/// server's address and port.
-fn answered_from_the_router(topo: &Topo, cgroup: &TestCgroup) -> bool {
+/// Whether a UDP server on the router, in `cgroup` and bound to `bind` (a wildcard address,
+/// port 5300), answers a client that sends to it from port 53: the client's answer comes
+/// from the server's address and port.
+fn answered_from_the_router(topo: &Topo, cgroup: &TestCgroup, bind: &str) -> bool {
     std::thread::scope(|scope| {
         let server = scope.spawn(|| {
             cgroup.run(
                 &topo.router,
                 &[],
                 DIAL,
-                &["answer", "0.0.0.0:5300", "hello", "10.10.1.2:0"],
+                &["answer", bind, "hello", "10.10.1.2:0"],
             )
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -111,11 +111,6 @@ pub const fn selection_ifindex(k: u32) -> u32 {
     LOCAL_ORIGIN_IFINDEX - k
 }
 
-/// Whether `ifindex` is a selection's ([`selection_ifindex`]) rather than an interface's.
-pub const fn is_local_ifindex(ifindex: u32) -> bool {
-    ifindex > LOCAL_ORIGIN_IFINDEX - MAX_SELECTIONS as u32
-}
-
 /// Most uid ranges one selection may name (the connect programs try them all, in a bounded
 /// loop).
 pub const MAX_UID_RANGES: usize = 16;

@@ -111,6 +111,11 @@ pub(crate) fn sent(ctx: &SockAddrContext, generation: u32, udp: bool, addr: [u8;
 /// Whether the process is in a selection is left to the send.
 #[inline(always)]
 fn followed(ctx: &SockAddrContext, bound: bool) -> bool {
+    // The cheap checks first: a bound socket and a generation no rule asks in (a reload
+    // that removed the last such rule, before the programs are detached) need no helper.
+    if bound || !asked(active_generation()) {
+        return false;
+    }
     // SAFETY: the helpers read the namespace of the context's socket and the current task's
     // cgroup.
     let (netns, cgroup) = unsafe {
@@ -119,15 +124,13 @@ fn followed(ctx: &SockAddrContext, bound: bool) -> bool {
             bpf_get_current_cgroup_id(),
         )
     };
-    !bound
-        && in_own_namespace(netns, OWN_NETNS_COOKIE.load())
+    in_own_namespace(netns, OWN_NETNS_COOKIE.load())
         && !is_own_socket(
             current_mark(ctx),
             OWN_SOCKET_MARK.load(),
             cgroup,
             OWN_CGROUP_ID.load(),
         )
-        && asked(active_generation())
 }
 
 #[inline(always)]

@@ -117,7 +117,8 @@ fn answer(
     let mut buf = [0u8; 1500];
     loop {
         let (len, sender) = socket.recv_from(&mut buf)?;
-        if sender.ip() == from.ip() {
+        // A dual-stack socket reports an IPv4 sender as mapped (::ffff:a.b.c.d).
+        if sender.ip().to_canonical() == from.ip() {
             socket.send_to(message.as_bytes(), sender)?;
             let got = String::from_utf8_lossy(&buf[..len]).trim_end().to_string();
             return Ok(vec![(sender, got)]);

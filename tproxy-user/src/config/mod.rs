@@ -405,9 +405,9 @@ impl Config {
             .chain(&self.own_address_rules)
             .chain(&self.anycast_rules)
             .chain(&self.ipset_rules);
-        selections.follow_datagram_directions(all_rules.any(|rule| {
-            rule.origin.local() && rule.ct_direction.is_some() && rule.transport == Transport::Udp
-        }));
+        selections.follow_datagram_directions(
+            all_rules.any(|rule| rule.ct_asked() & tproxy_common::maps::CT_ASKED_BY_LOCAL != 0),
+        );
         self.local = Some(selections);
         // The loopback program takes lo's arrivals in place of the main one (see
         // `datapath::steering`): the forwarded rules would never run there.

@@ -46,16 +46,10 @@ struct Maps {
 /// `net.ipv4.ipfrag_time` and `net.ipv6.ip6frag_time` (per network namespace); the kernel's
 /// defaults where one cannot be read (IPv6 disabled).
 pub(crate) fn reassembly_timeouts_ns() -> (u64, u64) {
-    let read = |path: &str, default: u64| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .map_or(default, |seconds| seconds.saturating_mul(1_000_000_000))
-    };
     let (v4, v6) = maps::DEFAULT_FRAGMENT_TIMEOUTS_NS;
     (
-        read("/proc/sys/net/ipv4/ipfrag_time", v4),
-        read("/proc/sys/net/ipv6/ip6frag_time", v6),
+        super::sysctl_seconds_ns("/proc/sys/net/ipv4/ipfrag_time", v4),
+        super::sysctl_seconds_ns("/proc/sys/net/ipv6/ip6frag_time", v6),
     )
 }
 

@@ -563,16 +563,13 @@ const PROGRAMS: [&str; 6] = [
 /// `net.netfilter.nf_conntrack_udp_timeout` and `…_stream`, conntrack's defaults where they
 /// cannot be read (nf_conntrack not loaded). Read at start; a later change is not followed.
 pub(crate) fn udp_conntrack_timeouts_ns() -> (u64, u64) {
-    let read = |name: &str, default: u64| {
-        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .map_or(default, |seconds| seconds.saturating_mul(1_000_000_000))
-    };
     (
-        read("nf_conntrack_udp_timeout", DEFAULT_UDP_TIMEOUT_NS),
-        read(
-            "nf_conntrack_udp_timeout_stream",
+        super::sysctl_seconds_ns(
+            "/proc/sys/net/netfilter/nf_conntrack_udp_timeout",
+            DEFAULT_UDP_TIMEOUT_NS,
+        ),
+        super::sysctl_seconds_ns(
+            "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream",
             DEFAULT_UDP_STREAM_TIMEOUT_NS,
         ),
     )

@@ -18,3 +18,12 @@ pub(crate) mod pin;
 pub(crate) mod routing;
 pub mod rules;
 pub(crate) mod steering;
+
+/// A sysctl in seconds (`path` under /proc/sys) as nanoseconds, `default_ns` where it cannot
+/// be read: the program's timeouts follow the namespace's own.
+pub(crate) fn sysctl_seconds_ns(path: &str, default_ns: u64) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map_or(default_ns, |seconds| seconds.saturating_mul(1_000_000_000))
+}

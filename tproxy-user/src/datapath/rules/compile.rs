@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{
     any_port_class, range_class, single_port_class, DstKey, MarkRule, MarkRules, SrcKey, Verdict,
-    CT_ASKED_BY_ARRIVALS, CT_ASKED_BY_LOCAL, GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP,
-    MAX_MARK_RULES, PORT_HAS_ANY, PORT_HAS_SINGLE, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
+    GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES, PORT_HAS_ANY, PORT_HAS_SINGLE,
+    VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
 };
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -17,7 +17,7 @@ use super::Packet;
 use super::{any_local, truncated, CtDirection, Origin, Ports, Rule, Transport};
 use crate::datapath::interfaces;
 use tproxy_common::local_origin::{
-    is_local_ifindex, route_bits_shift, selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS,
+    route_bits_shift, selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS,
 };
 
 /// An LPM trie entry: key, its prefix length in bits, value.
@@ -36,6 +36,8 @@ pub struct CompiledRules {
     pub marks: Vec<MarkRule>,
     /// The rules' `out_interface` names and patterns, in the order of their bits.
     pub out_interfaces: Vec<String>,
+    /// Who has to know a packet's direction (see [`Rule::ct_asked`]).
+    pub ct_asked: u32,
 }
 
 impl CompiledRules {
@@ -64,18 +66,7 @@ impl CompiledRules {
         }
         let mut table = MarkRules {
             len: self.marks.len() as u32,
-            ct_direction: self
-                .marks
-                .iter()
-                .filter(|mark| mark.ct_direction != 0)
-                // A local TCP connect is always original: only UDP rules need the flows
-                // followed.
-                .map(|mark| match is_local_ifindex(mark.ifindex) {
-                    true if mark.transports & MARK_RULE_UDP != 0 => CT_ASKED_BY_LOCAL,
-                    true => 0,
-                    false => CT_ASKED_BY_ARRIVALS,
-                })
-                .fold(0, |asked, by| asked | by),
+            ct_direction: self.ct_asked,
             ..MarkRules::default()
         };
         table.rules[..self.marks.len()].copy_from_slice(&self.marks);
@@ -105,6 +96,7 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
         port_classes: vec![0; 2 * 65536],
         marks: mark_rules(rules, generation, interfaces),
         out_interfaces: super::out_interfaces(rules),
+        ct_asked: rules.iter().fold(0, |asked, rule| asked | rule.ct_asked()),
         ..CompiledRules::default()
     };
     let mut next_range_class = 1u32;
@@ -609,8 +601,8 @@ fn lookup_verdict(
     // The program looks the direction up only when a rule for the packet's origin asks; a
     // local TCP connect is original all the same.
     let asked = match packet.local {
-        true => CT_ASKED_BY_LOCAL,
-        false => CT_ASKED_BY_ARRIVALS,
+        true => tproxy_common::maps::CT_ASKED_BY_LOCAL,
+        false => tproxy_common::maps::CT_ASKED_BY_ARRIVALS,
     };
     if packet.local && !udp {
         marked.ct_direction = tproxy_common::maps::CT_ORIGINAL;

@@ -231,6 +231,25 @@ type Precedence = (bool, Reverse<u8>, u8, usize);
 pub const MAX_RULES: usize = (1 << 21) - 1;
 
 impl Rule {
+    /// Who has to know a packet's direction for this rule (`CT_ASKED_BY_ARRIVALS`,
+    /// `CT_ASKED_BY_LOCAL`, both or neither): the program looks it up for arrivals, and
+    /// follows local UDP flows (with the `recvmsg` programs attached) only while a rule asks.
+    /// A local TCP connect is always original, so a TCP rule asks nothing of local origin.
+    pub fn ct_asked(&self) -> u32 {
+        if self.ct_direction.is_none() {
+            return 0;
+        }
+        let arrivals = match self.origin.forwarded() {
+            true => tproxy_common::maps::CT_ASKED_BY_ARRIVALS,
+            false => 0,
+        };
+        let local = match self.origin.local() && self.transport == Transport::Udp {
+            true => tproxy_common::maps::CT_ASKED_BY_LOCAL,
+            false => 0,
+        };
+        arrivals | local
+    }
+
     fn precedence(&self) -> Precedence {
         (
             self.retired,
