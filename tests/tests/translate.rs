@@ -948,6 +948,54 @@ table inet local {
     );
 }
 
+/// The negated form (`! --dst-type LOCAL` on the TPROXY rule itself): the host's own
+/// addresses become a bypass ahead of it, and follow address changes the same way. Before,
+/// translate refused it ("negated `--dst-type`").
+#[test]
+fn iptables_negated_addrtype_local_steers_the_same_flows_translated_and_follows_addresses() {
+    require_root();
+    let rules = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:DIVERT - [0:0]
+-A PREROUTING -p tcp -m socket --transparent -j DIVERT
+-A PREROUTING -i to-client -p tcp -m addrtype ! --dst-type LOCAL -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A DIVERT -j ACCEPT
+COMMIT
+";
+    local_addresses_round_trip(
+        |netns| {
+            restore_iptables(netns, rules).unwrap();
+            rules.to_string()
+        },
+        |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+}
+
+/// nft's `fib daddr type != local` on the tproxy rule: as the iptables form above.
+#[test]
+fn nft_fib_daddr_type_not_local_steers_the_same_flows_translated_and_follows_addresses() {
+    require_root();
+    local_addresses_round_trip(
+        |netns| {
+            listed_nft(
+                netns,
+                "\
+table inet local {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
+		iifname \"to-client\" meta l4proto tcp fib daddr type != local tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+",
+            )
+        },
+        remove_nft,
+    );
+}
+
 /// Runs `ipset` in `netns` with `args`; returns what it printed.
 fn ipset(netns: &Netns, args: &[&str]) -> String {
     let output = Command::new("ip")

@@ -749,6 +749,10 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         return Ok(None);
     };
     let dst_local = context.dst_local || rule.dst_local;
+    let excludes_dst_local = context.excludes_dst_local || rule.excludes_dst_local;
+    if dst_local && excludes_dst_local {
+        return Ok(None);
+    }
     let Some(dst) = both_prefixes(&context.dst, &rule.dst, family) else {
         return Ok(None);
     };
@@ -882,6 +886,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         ct_direction,
         not_marks: union(&context.not_marks, &rule.not_marks),
         not_dst_local: context.not_dst_local || rule.not_dst_local,
+        excludes_dst_local,
         local: context.local || rule.local,
         uids,
         gids,

@@ -569,7 +569,12 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                 m.sports = complement(&m.sports)?;
             }
         }
-        "--dst-type" if negated => return Err("negated `--dst-type`".into()),
+        "--dst-type" if negated && value == "LOCAL" => m.excludes_dst_local = true,
+        "--dst-type" if negated => {
+            return Err(format!(
+                "negated `--dst-type {value}` (tproxy excludes LOCAL, the host's own addresses)"
+            ))
+        }
         "--dst-type" => m.dst_types = Some(address_types(value, m.family)?),
         "--uid-owner" => {
             m.uids = vec![uid_range(value)?];

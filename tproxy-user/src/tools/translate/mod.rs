@@ -149,6 +149,10 @@ struct Match {
     /// nft `fib daddr type local`): `dst` is then empty, and the rule a bypass written with
     /// `dst = "local"`, which tproxy keeps up to date with the addresses.
     dst_local: bool,
+    /// The destination is not one of the host's own addresses (`-m addrtype ! --dst-type
+    /// LOCAL`, nft `fib daddr type != local`): an exclusion, opened by `negation` into a
+    /// bypass of `dst = "local"` (with the rule's other matches) ahead of the rule.
+    excludes_dst_local: bool,
     /// The packet's route does not lead to `lo` (nft `oifname != "lo"` in an output route
     /// chain): its destination is not one of the host's own. Only as an OUTPUT chain's
     /// guard that leaves such packets alone, which makes the rules after it rules for the
@@ -204,6 +208,7 @@ enum AddressType {
 impl Match {
     fn excludes(&self) -> bool {
         !(self.not_dst.is_empty()
+            && !self.excludes_dst_local
             && self.not_src.is_empty()
             && self.not_iface.is_empty()
             && self.not_marks.is_empty())

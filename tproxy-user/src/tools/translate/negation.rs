@@ -70,6 +70,38 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
             )));
             continue;
         }
+        let m = &rule.matches;
+        let local_in_destinations = m.excludes_dst_local
+            && (!m.dst.is_empty() || m.dst_set.is_some() || m.dst_anycast || m.dst_broadcast);
+        let rule = if local_in_destinations
+            && matches!(rule.target, Target::Bypass | Target::Return)
+            && steered_or_dropped_later(&[own_addresses_of(&rule)], pending.make_contiguous())
+                .is_none()
+        {
+            // What it excludes is left alone as well: no later rule decides the host's
+            // addresses otherwise, so the exclusion changes nothing.
+            let mut rule = rule;
+            rule.matches.excludes_dst_local = false;
+            if !rule.matches.excludes() {
+                out.push(Ok(rule));
+                continue;
+            }
+            rule
+        } else {
+            rule
+        };
+        let m = &rule.matches;
+        if m.excludes_dst_local
+            && (!m.dst.is_empty() || m.dst_set.is_some() || m.dst_anycast || m.dst_broadcast)
+        {
+            // The hole would be the host's addresses within those destinations, which are
+            // known only at run time.
+            out.push(Err(format!(
+                "line {}: {}: the host's own addresses excluded from destination prefixes                  (or a set, or anycast routes): a rule cannot say which of them lie there",
+                rule.line, rule.text
+            )));
+            continue;
+        }
         let Some((holes, rest)) = holes_and_rest(&rule) else {
             notes.push(format!(
                 "line {}: `{}` never matches: it excludes everything it matches; left out",
@@ -152,6 +184,10 @@ fn steered_or_dropped_later(holes: &[Parsed], later: &[Flat]) -> Option<usize> {
             // A later rule's own exclusions only narrow it: its rule without them is enough
             // to compare with, unless it never matches at all.
             if holes_and_rest(later).is_none() {
+                continue;
+            }
+            // The host's addresses, which a later rule may exclude exactly.
+            if hole.matches.dst_local && later.matches.excludes_dst_local {
                 continue;
             }
             let later_matches = without_exclusions(&later.matches);
@@ -247,10 +283,28 @@ fn decides_all(rule: &Parsed, m: &Match) -> bool {
 fn without_exclusions(m: &Match) -> Match {
     Match {
         not_dst: Vec::new(),
+        excludes_dst_local: false,
         not_src: Vec::new(),
         not_iface: Vec::new(),
         not_marks: Vec::new(),
         ..m.clone()
+    }
+}
+
+/// The packets of `rule` to the host's own addresses, whatever destinations it names (the
+/// widest hole its `excludes_dst_local` could make).
+fn own_addresses_of(rule: &Parsed) -> Parsed {
+    Parsed {
+        matches: Match {
+            dst: Vec::new(),
+            dst_local: true,
+            dst_set: None,
+            dst_anycast: false,
+            dst_broadcast: false,
+            ..without_exclusions(&rule.matches)
+        },
+        target: Target::Bypass,
+        ..rule.clone()
     }
 }
 
@@ -393,6 +447,7 @@ fn address_holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Parsed)> {
             dst,
             src,
             not_dst: Vec::new(),
+            excludes_dst_local: false,
             not_src: Vec::new(),
             not_iface: Vec::new(),
             ..m.clone()
@@ -415,6 +470,16 @@ fn address_holes_and_rest(rule: &Parsed) -> Option<(Vec<Parsed>, Parsed)> {
     if !src_holes.is_empty() {
         holes.push(hole(Match {
             src: src_holes,
+            ..rest.matches.clone()
+        }));
+    }
+    if m.excludes_dst_local {
+        // Its own destinations (none: any) only narrow which of the host's addresses it
+        // excludes, and which lie in them is known at run time: the checks before let only
+        // a rule for any destination get here.
+        holes.push(hole(Match {
+            dst: Vec::new(),
+            dst_local: true,
             ..rest.matches.clone()
         }));
     }

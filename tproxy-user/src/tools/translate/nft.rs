@@ -902,11 +902,12 @@ impl Rule<'_> {
         Ok(found.next)
     }
 
-    /// `fib daddr type`'s address types at `w[i]`: tproxy knows `local`.
+    /// `fib daddr type`'s address types at `w[i]`: tproxy knows `local` (and `!= local`).
     fn local_destination(&mut self, i: usize) -> Result<usize, String> {
         let found = self.values(i)?;
         match (found.negated, found.values.as_slice()) {
             (false, [local]) if local == "local" => self.m.dst_local = true,
+            (true, [local]) if local == "local" => self.m.excludes_dst_local = true,
             _ => {
                 return Err(format!(
                     "`fib daddr type {}{}` (tproxy knows `local`)",

@@ -2019,7 +2019,7 @@ COMMIT
     lines.sort_unstable();
     assert_eq!(
         lines,
-        ["line 5", "line 6", "line 7", "line 8"],
+        ["line 5", "line 6", "line 8"],
         "{:?}",
         t.skipped
     );
@@ -4482,5 +4482,93 @@ COMMIT
         0,
         "the socket mark's bit: {}",
         t.config
+    );
+}
+
+/// `! --dst-type LOCAL` (nft `fib daddr type != local`) is the host's own addresses taken
+/// out: a bypass of `dst = "local"` ahead of the rule; in a chain a jump with it leads to,
+/// a RETURN of prefixes keeps them whole when no later rule decides the host's addresses;
+/// excluded from a steer rule's own prefixes it is reported (which addresses lie there is
+/// known at run time only), as are other negated types.
+#[test]
+fn the_hosts_own_addresses_excluded_become_a_bypass_of_them() {
+    let t = translate(
+        "\
+*mangle
+:C - [0:0]
+-A PREROUTING -p tcp -m addrtype ! --dst-type LOCAL -j C
+-A PREROUTING -p udp -m addrtype ! --dst-type LOCAL -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A C -d 10.0.0.0/8 -j RETURN
+-A C -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let rules: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {} {}", r["proto"][0], r["dst"], r["action"]))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#""tcp" ["10.0.0.0/8"] "bypass""#,
+            r#""tcp" "local-ipv4" "bypass""#,
+            r#""tcp" ["0.0.0.0/0"] "steer""#,
+            r#""udp" "local-ipv4" "bypass""#,
+            r#""udp" ["0.0.0.0/0"] "steer""#,
+        ],
+        "{}",
+        t.config
+    );
+    let nft = translate(
+        "\
+table ip t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		fib daddr type != local tcp dport 80 tproxy to 127.0.0.1:1 accept
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(nft.skipped.is_empty(), "{:?}", nft.skipped);
+    assert!(
+        nft.config
+            .contains("dst = \"local-ipv4\"\nports = [80]\naction = \"bypass\""),
+        "{}",
+        nft.config
+    );
+    let within_prefixes = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -d 10.0.0.0/8 -m addrtype ! --dst-type LOCAL -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(
+        within_prefixes.skipped.len() == 1
+            && within_prefixes.skipped[0]
+                .contains("the host's own addresses excluded from destination prefixes"),
+        "{:?}",
+        within_prefixes.skipped
+    );
+    let multicast = translate(
+        "\
+*mangle
+-A PREROUTING -p udp -m addrtype ! --dst-type MULTICAST -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(
+        multicast.skipped.len() == 1
+            && multicast.skipped[0].contains("negated `--dst-type MULTICAST`"),
+        "{:?}",
+        multicast.skipped
     );
 }
