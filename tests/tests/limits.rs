@@ -323,6 +323,33 @@ fn running_out_of_descriptors_backs_off_and_recovers() {
     tproxy.stop().unwrap();
 }
 
+/// Started with a low soft open-files limit under a higher hard one (a shell's 1024 under a
+/// system's larger hard limit, here 300 under 2000), tproxy raises the soft limit before it
+/// works out its default limits: 40 connections from one client are all relayed. With the
+/// soft limit as given the defaults would be 22 connections, 5 per client (the binary
+/// before the raise relayed 5 of these 40).
+#[test]
+fn the_soft_open_files_limit_is_raised_before_the_default_limits_are_worked_out() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::echo(&topo.server, addr("10.10.2.2:80")).unwrap();
+    let mut tproxy = Tproxy::start_wrapped(
+        &topo.router,
+        &["prlimit", "--nofile=300:2000", "--"],
+        &["--iface", Topo::ROUTER_CLIENT_IFACE, "--tcp", "80"],
+    )
+    .unwrap();
+    // A refused connection may fail at its connect already.
+    let mut held: Vec<TcpStream> = (0..40)
+        .filter_map(|_| topo.client.connect(server.addr).ok())
+        .collect();
+    let echoed = held.iter_mut().map(echoes).filter(|&echoed| echoed).count();
+    assert_eq!(echoed, 40, "connections relayed");
+    assert_eq!(tproxy.tcp_stat("refused_at_source_limit").unwrap(), 0);
+    assert_eq!(tproxy.tcp_stat("refused_at_limit").unwrap(), 0);
+    tproxy.stop().unwrap();
+}
+
 #[test]
 fn an_unreachable_upstream_logs_a_few_lines_a_second_and_counts_the_rest() {
     require_root();

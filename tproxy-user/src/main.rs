@@ -77,6 +77,24 @@ fn check(args: &config::RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the soft open-files limit to the hard one, before any default is worked out from
+/// it: the relay holds two descriptors a connection and a session, and a soft limit of 1024
+/// (what most shells and service managers hand out unless told otherwise) would cap the
+/// default `--max-connections` at 384 whatever the system allows. As Go's runtime and
+/// systemd's own services do; a limit that cannot be raised stays as it is.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::debug!("open-files limit raised from {soft} to {hard}"),
+            Err(error) => log::debug!("open-files limit left at {soft}: {error}"),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let verbose = matches!(&cli.command, cli::Command::Run(args) if args.verbose);
@@ -93,6 +111,7 @@ fn main() -> ExitCode {
             )
         };
     }
+    raise_open_files_limit();
     // Known exactly, because dropping privileges must reach every worker thread.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -2017,12 +2017,7 @@ COMMIT
         .map(|s| s.split(':').next().unwrap())
         .collect();
     lines.sort_unstable();
-    assert_eq!(
-        lines,
-        ["line 5", "line 6", "line 8"],
-        "{:?}",
-        t.skipped
-    );
+    assert_eq!(lines, ["line 5", "line 6", "line 8"], "{:?}", t.skipped);
     assert!(
         t.config.contains(
             "# line 3: its packets that line 2 takes first, with line 2's action\n\
