@@ -654,3 +654,38 @@ fn fragment_entries_are_gone_after_their_timeout() {
     let moved = probe.inject(packet);
     assert_moved(&moved, &[("udp/steered_new", 1)], "after the sweep");
 }
+
+/// IPv6 datagrams forged with an IPv4-mapped loopback source (`::ffff:127.0.0.1`), which the
+/// kernel lets in where it drops `127.0.0.1` and `::1` from outside, are one client to the
+/// per-source cap like any other: only the host's own loopback clients are exempt. (Found by
+/// the hostile tester: the exemption read them as loopback, and one remote host took every
+/// UDP session.)
+#[test]
+fn a_forged_mapped_loopback_source_is_held_to_the_per_source_cap() {
+    require_root();
+    let mut probe = Probe::start(&["--udp-max-sessions-per-source", "2"]);
+    let _server = UdpEcho::start(
+        &probe.topo.server,
+        std::net::SocketAddr::new(probe.dst6.into(), UDP_PORT),
+    )
+    .unwrap();
+    let forged: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
+    for _ in 0..5 {
+        let port = probe.next_port();
+        let datagram = udp(forged.into(), probe.dst6.into(), port, UDP_PORT, b"x");
+        let packet = ipv6(forged, probe.dst6, IPPROTO_UDP, &datagram);
+        probe.inject(packet);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while probe.tproxy.udp_stat("refused_at_source_cap").unwrap() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "created {}, refused at the source cap {}",
+            probe.tproxy.udp_stat("created").unwrap(),
+            probe.tproxy.udp_stat("refused_at_source_cap").unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(probe.tproxy.udp_stat("created").unwrap(), 2);
+    probe.tproxy.stop().unwrap();
+}
