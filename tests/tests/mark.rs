@@ -441,3 +441,23 @@ fn istios_negated_mark_falls_through_to_the_same_flows_translated() {
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
 }
+
+/// Two mark matches in one rule match what both allow (`0x10/0x10` and `0x0/0x20` are
+/// `0x10/0x30`, which decides [`CASES`] as `0x10/0xf0` does). Found by the hostile tester:
+/// translate kept the last one only, and then left unmarked traffic alone.
+#[test]
+fn two_mark_matches_in_one_rule_steer_what_both_allow_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _tcp_server = Server::tell_peer(&topo.server, TCP.parse().unwrap()).unwrap();
+    let udp_server = UdpEcho::start(&topo.server, UDP.parse().unwrap()).unwrap();
+    let rules = RULES.replace(
+        "-m mark --mark 0x10/0xf0",
+        "-m mark --mark 0x10/0x10 -m mark --mark 0x0/0x20",
+    );
+    assert_ne!(rules, RULES);
+    let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
+    assert!(status.success(), "translate failed: {stderr}\n{text}");
+    assert!(text.contains("mark = \"0x10/0x30\""), "{text}");
+    same_fates_translated(&topo, &udp_server, &rules, &text, CASES);
+}

@@ -297,7 +297,7 @@ fn flatten_rules(
                     ),
                     None if rule.matches.matches_nothing => format!(
                         "line {}: `{}` never matches: a set it names is empty (or its input \
-                         interface matches share no interface); left out",
+                         interface matches share no interface, or its marks disagree); left out",
                         rule.line, rule.text
                     ),
                     None => format!(

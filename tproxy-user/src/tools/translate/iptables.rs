@@ -512,6 +512,13 @@ fn conntrack_divert(
 
 /// A match option and its value, `negated` when a `!` comes before it.
 fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result<(), String> {
+    if already_matched(m, word, negated) {
+        // The rule matches what both allow; the model holds one match of each kind.
+        return Err(format!(
+            "`{word}` a second time in one rule (from two `-m` matches of one kind): write one \
+             match that allows what both do"
+        ));
+    }
     match word {
         "-p" | "--protocol" if negated => {
             m.transports = other_transports(transport(value));
@@ -617,7 +624,21 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
                 ),
             }
         })?),
-        "--mark" => m.mark = Some(parse_mark_match(value)?),
+        // Two of them: a packet's mark must agree with both.
+        "--mark" => {
+            let mark = parse_mark_match(value)?;
+            m.mark = match m.mark {
+                None => Some(mark),
+                Some(earlier) if (earlier.value ^ mark.value) & earlier.mask & mark.mask != 0 => {
+                    m.matches_nothing = true;
+                    Some(earlier)
+                }
+                Some(earlier) => Some(Mark {
+                    value: (earlier.value & earlier.mask) | (mark.value & mark.mask),
+                    mask: earlier.mask | mark.mask,
+                }),
+            }
+        }
         "--tcp-flags" => {
             return Err(
                 "option `--tcp-flags`: a match on a flow's first packet (tproxy's rules are asked \
@@ -628,6 +649,32 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         other => return Err(format!("option `{other}`")),
     }
     Ok(())
+}
+
+/// Whether `m` has a match of the kind `word` sets already (a rule may name a module twice,
+/// `-m multiport --dports 80,81 -m multiport --dports 81,82`, and iptables then matches what
+/// both allow). Marks are combined instead, and excluded marks add up.
+fn already_matched(m: &Match, word: &str, negated: bool) -> bool {
+    match (word, negated) {
+        ("-d" | "--destination", false) => !m.dst.is_empty(),
+        ("-d" | "--destination", true) => !m.not_dst.is_empty(),
+        ("-s" | "--source", false) => !m.src.is_empty(),
+        ("-s" | "--source", true) => !m.not_src.is_empty(),
+        ("-i" | "--in-interface", false) => m.iface.is_some(),
+        ("-i" | "--in-interface", true) => !m.not_iface.is_empty(),
+        ("-o" | "--out-interface", false) => m.out_iface.is_some(),
+        ("-o" | "--out-interface", true) => m.not_out_iface.is_some(),
+        ("--dport" | "--destination-port" | "--dports" | "--destination-ports", _) => {
+            !m.ports.is_empty()
+        }
+        ("--sport" | "--source-port" | "--sports" | "--source-ports", _) => !m.sports.is_empty(),
+        ("--dst-type", false) => m.dst_types.is_some(),
+        ("--uid-owner", _) => !m.uids.is_empty(),
+        ("--gid-owner", _) => !m.gids.is_empty(),
+        ("--path", _) => !m.cgroups.is_empty(),
+        ("--cgroup", _) => !m.classids.is_empty(),
+        _ => false,
+    }
 }
 
 /// Whether a TPROXY mark is `0x0/0x0`, which changes no bit (another value XORs bits in even

@@ -874,10 +874,14 @@ impl Rule<'_> {
         if found.negated {
             ports = complement(&ports)?;
         }
-        match self.w[i + 1].as_str() {
-            "sport" => self.m.sports = ports,
-            _ => self.m.ports = ports,
+        let (which, earlier) = match self.w[i + 1].as_str() {
+            "sport" => ("sport", &mut self.m.sports),
+            _ => ("dport", &mut self.m.ports),
+        };
+        if !earlier.is_empty() {
+            return Err(twice(&format!("{} {which}", self.w[i])));
         }
+        *earlier = ports;
         Ok(found.next)
     }
 
@@ -893,12 +897,16 @@ impl Rule<'_> {
         for value in &found.values {
             prefixes.extend(address_range(value)?);
         }
-        match (self.w[i + 1] == "daddr", found.negated) {
-            (true, false) => self.m.dst = prefixes,
-            (true, true) => self.m.not_dst = prefixes,
-            (false, false) => self.m.src = prefixes,
-            (false, true) => self.m.not_src = prefixes,
+        let earlier = match (self.w[i + 1] == "daddr", found.negated) {
+            (true, false) => &mut self.m.dst,
+            (true, true) => &mut self.m.not_dst,
+            (false, false) => &mut self.m.src,
+            (false, true) => &mut self.m.not_src,
+        };
+        if !earlier.is_empty() {
+            return Err(twice(&format!("{} {}", self.w[i], self.w[i + 1])));
         }
+        *earlier = prefixes;
         Ok(found.next)
     }
 
@@ -1025,9 +1033,21 @@ impl Rule<'_> {
             None => value.to_string(),
         };
         let mark = parse_mark_match(&text)?;
-        match negated {
-            true => self.m.not_marks.push(mark),
-            false => self.m.mark = Some(mark),
+        match (negated, self.m.mark) {
+            (true, _) => self.m.not_marks.push(mark),
+            (false, None) => self.m.mark = Some(mark),
+            // Two of them: a packet's mark must agree with both.
+            (false, Some(earlier))
+                if (earlier.value ^ mark.value) & earlier.mask & mark.mask != 0 =>
+            {
+                self.m.matches_nothing = true
+            }
+            (false, Some(earlier)) => {
+                self.m.mark = Some(Mark {
+                    value: (earlier.value & earlier.mask) | (mark.value & mark.mask),
+                    mask: earlier.mask | mark.mask,
+                })
+            }
         }
         Ok(at + 1)
     }
@@ -1254,4 +1274,10 @@ fn address_range(text: &str) -> Result<Vec<IpNet>, String> {
             "`{text}`: a range of addresses runs from a lower to a higher one of the same family"
         )),
     }
+}
+
+/// Why a rule that names one kind of match twice is not translated: it matches what both
+/// allow, and the model holds one match of each kind.
+fn twice(what: &str) -> String {
+    format!("`{what}` a second time in one rule: write one match that allows what both do")
 }

@@ -4567,3 +4567,77 @@ COMMIT
         multicast.skipped
     );
 }
+
+/// A kind of match named twice in one rule matches what both allow: two marks are
+/// combined (and a rule whose marks disagree never matches); other kinds are reported, in
+/// iptables and nft alike. (Found by the hostile tester: the last one alone was kept.)
+#[test]
+fn a_match_named_twice_in_one_rule_is_combined_or_reported() {
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -m mark --mark 0x10/0x10 -m mark --mark 0x0/0x20 -j RETURN
+-A PREROUTING -p tcp -m mark --mark 0x1/0x1 -m mark --mark 0x0/0x1 -j RETURN
+-A PREROUTING -p tcp -m multiport --dports 80,81 -m multiport --dports 81,82 -j RETURN
+-A PREROUTING -p tcp -d 10.0.0.0/8 -d 10.1.0.0/16 -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(t.config.contains("mark = \"0x10/0x30\""), "{}", t.config);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 3:") && n.contains("never matches")),
+        "{:?}",
+        t.notes
+    );
+    let lines: Vec<&str> = t
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(lines, ["line 4", "line 5"], "{:?}", t.skipped);
+    assert!(
+        t.skipped[0].contains("`--dports` a second time"),
+        "{:?}",
+        t.skipped
+    );
+
+    let nft = translate(
+        "\
+table ip t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark & 0x00000010 == 0x00000010 meta mark & 0x00000020 == 0x00000000 return
+		ip daddr 10.0.0.0/8 ip daddr 10.1.0.0/16 return
+		tcp dport { 80, 81 } tcp dport { 81, 82 } return
+		tcp dport 80 tproxy to 127.0.0.1:1
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(
+        nft.config.contains("mark = \"0x10/0x30\""),
+        "{}",
+        nft.config
+    );
+    let lines: Vec<&str> = nft
+        .skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(lines, ["line 5", "line 6"], "{:?}", nft.skipped);
+    assert!(
+        nft.skipped[0].contains("`ip daddr` a second time"),
+        "{:?}",
+        nft.skipped
+    );
+    assert!(
+        nft.skipped[1].contains("`tcp dport` a second time"),
+        "{:?}",
+        nft.skipped
+    );
+}
