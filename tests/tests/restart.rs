@@ -13,7 +13,8 @@ use std::{
 use nix::sys::signal::Signal;
 use tproxy_tests::{
     digest, digest_to_eof, ingress_programs, instance_files, payload, require_root, routing_state,
-    run_tproxy_output, udp_client, udp_exchange, Bpffs, RouterTopology as Topo, Server, UdpEcho,
+    run_tproxy_output, udp_client, udp_exchange, Bpffs, Netns, RouterTopology as Topo, Server,
+    Tproxy, UdpEcho,
 };
 
 const TABLE: u32 = tproxy_tests::DEFAULT_TABLE;
@@ -741,4 +742,119 @@ fn pinned_maps_of_an_earlier_layout_are_replaced_when_adopted() {
     );
     next.stop().unwrap();
     cleanup_leaves_nothing(&topo, &bpffs);
+}
+
+/// The inode of network namespace `netns`, which names its pinned state's directory.
+fn netns_inode(netns: &Netns) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/run/netns/{}", netns.name))
+        .unwrap()
+        .ino()
+}
+
+/// A namespace of its own where an instance ran with `--pin` and stopped, leaving its state
+/// pinned under `bpffs`, and that state's directory.
+fn pinned_in_a_namespace(bpffs: &Bpffs, name: &str) -> (Netns, std::path::PathBuf) {
+    let netns = Netns::new(name).unwrap();
+    netns
+        .ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
+        .unwrap();
+    netns.ip(&["link", "set", "d0", "up"]).unwrap();
+    let args = [
+        "--iface",
+        "d0",
+        "--tcp",
+        "80",
+        "--pin",
+        "--pin-dir",
+        bpffs.path(),
+    ];
+    let mut tproxy = Tproxy::start(&netns, &args).unwrap();
+    tproxy.stop().unwrap();
+    let dir = std::path::Path::new(bpffs.path())
+        .join(format!("netns-{}-table-{TABLE}", netns_inode(&netns)));
+    assert!(
+        dir.join("sk-lookup").exists(),
+        "nothing pinned in {}",
+        dir.display()
+    );
+    (netns, dir)
+}
+
+/// Waits until the kernel, tearing a namespace down in the background, has detached the
+/// sk_lookup link pinned in `dir`.
+fn wait_until_detached(dir: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("bpftool")
+            .args(["link", "show", "pinned"])
+            .arg(dir.join("sk-lookup"))
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("netns_ino 0") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the namespace's link stayed attached"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// State pinned by a namespace that no longer exists is removed, not adopted: when the
+/// kernel gives the dead namespace's inode number to a new one, the new one finds that
+/// directory under its own name (simulated by renaming it), and a start with `--pin` must
+/// not take over maps and links that steer nothing; another dead namespace's state is
+/// removed too (it held its maps in kernel memory for good), and `cleanup` removes such
+/// state as well.
+#[test]
+fn pinned_state_of_a_namespace_that_no_longer_exists_is_removed_not_adopted() {
+    require_root();
+    let bpffs = Bpffs::new().unwrap();
+    // Both pinned before either goes: a start removes dead namespaces' state.
+    let (first, reused) = pinned_in_a_namespace(&bpffs, "gone-reused");
+    let (second, other) = pinned_in_a_namespace(&bpffs, "gone-other");
+    drop((first, second));
+    wait_until_detached(&reused);
+    wait_until_detached(&other);
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let own = std::path::Path::new(bpffs.path())
+        .join(format!("netns-{}-table-{TABLE}", netns_inode(&topo.router)));
+    std::fs::rename(&reused, &own).unwrap();
+
+    let mut tproxy = topo.tproxy(&pinned_args(&bpffs, &[])).unwrap();
+    let log = tproxy.log_text();
+    assert!(
+        !log.contains("adopted from the pinned state"),
+        "adopted a dead namespace's state: {log}"
+    );
+    assert_eq!(
+        log.matches("its network namespace no longer exists")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(!other.exists(), "the other dead namespace's state stayed");
+    assert_eq!(
+        tproxy_tests::peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false),
+        "not steered"
+    );
+    tproxy.stop().unwrap();
+    cleanup_leaves_nothing(&topo, &bpffs);
+
+    // `cleanup` removes a dead namespace's state too, naming it.
+    let (third, cleaned) = pinned_in_a_namespace(&bpffs, "gone-cleaned");
+    drop(third);
+    wait_until_detached(&cleaned);
+    let (status, out, err) =
+        run_tproxy_output(&topo.router, &["cleanup", "--pin-dir", bpffs.path()]).unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.contains("removed the pinned state of 1 instances in network namespaces"),
+        "{out}{err}"
+    );
+    assert_eq!(bpffs.pinned(), Vec::<String>::new());
 }

@@ -176,6 +176,9 @@ impl Claim {
     /// over from it); removes what an instance that did not shut down left behind.
     async fn take(netlink: &rtnetlink::Handle, settings: &Settings) -> Result<Self> {
         let table = settings.table;
+        // Before anything is adopted: a dead namespace's state under this directory's name
+        // (its inode number given to this namespace) is no instance to take over.
+        PinnedState::remove_of_gone_namespaces(&settings.pin_dir);
         let pinned = PinnedState::locate(&settings.pin_dir, table)?;
         if !settings.pin && pinned.exists() {
             // Its program would stay attached next to ours and answer first.

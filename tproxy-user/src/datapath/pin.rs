@@ -206,6 +206,61 @@ impl PinnedState {
         links
     }
 
+    /// Whether the network namespace this state was pinned in no longer exists: its
+    /// sk_lookup link, pinned by every `run --pin`, is detached by the kernel when its
+    /// namespace goes (the link then names namespace 0). A namespace's inode number may be
+    /// given to a new namespace later, and with it this directory's name: that namespace must
+    /// not adopt a dead one's maps and links. Unknown (no link, unreadable): `false`.
+    pub fn left_by_a_gone_namespace(&self) -> bool {
+        pinned_object(&self.sk_lookup_link())
+            .and_then(|link| netns_link_inode(&link))
+            .is_ok_and(|inode| inode == Some(0))
+    }
+
+    /// The instances' directories under `pin_dir` whose network namespace no longer exists
+    /// (see [`Self::left_by_a_gone_namespace`]).
+    pub fn of_gone_namespaces(pin_dir: &Path) -> Vec<PinnedState> {
+        let Ok(entries) = std::fs::read_dir(pin_dir) else {
+            return Vec::new();
+        };
+        let mut gone: Vec<PinnedState> = entries
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let name = entry.file_name().into_string().ok()?;
+                let (_, table) = name.strip_prefix("netns-")?.split_once("-table-")?;
+                table.parse::<u32>().ok()?;
+                Some(PinnedState { dir: entry.path() })
+            })
+            .filter(PinnedState::left_by_a_gone_namespace)
+            .collect();
+        gone.sort_by(|a, b| a.dir.cmp(&b.dir));
+        gone
+    }
+
+    /// Removes the state of network namespaces that no longer exist under `pin_dir`
+    /// (their links are detached already; their maps would stay in kernel memory for good),
+    /// saying which; returns how many directories went. Another namespace's leftovers never
+    /// fail the caller: one that cannot be removed (or that another start removes first) is
+    /// only logged.
+    pub fn remove_of_gone_namespaces(pin_dir: &Path) -> usize {
+        let mut removed = 0;
+        for state in Self::of_gone_namespaces(pin_dir) {
+            match state.remove() {
+                Ok(files) => {
+                    removed += 1;
+                    log::warn!(
+                        "removed the state pinned in {} ({files} files): its network \
+                         namespace no longer exists",
+                        state.dir.display()
+                    );
+                }
+                Err(_) if !state.dir.exists() => {}
+                Err(error) => log::warn!("{error:#}"),
+            }
+        }
+        removed
+    }
+
     /// Unpins everything (detaching the links nobody else holds) and removes the directory;
     /// returns how many files went.
     pub fn remove(&self) -> Result<usize> {
@@ -246,8 +301,33 @@ pub fn replace_link_program(path: &Path, program: BorrowedFd<'_>) -> std::io::Re
     bpf(BPF_LINK_UPDATE, &attr).map(drop)
 }
 
+/// The namespace inode a network-namespace link (`BPF_LINK_TYPE_NETNS`) is attached to (0
+/// once its namespace is gone), from `BPF_OBJ_GET_INFO_BY_FD`; `None` for another kind.
+fn netns_link_inode(link: &OwnedFd) -> std::io::Result<Option<u32>> {
+    /// `BPF_LINK_TYPE_NETNS`.
+    const NETNS_LINK: u32 = 5;
+    // `struct bpf_link_info`: type, id, prog_id, then (8-byte aligned) the union whose
+    // `netns` member is netns_ino, attach_type.
+    let mut info = [0u32; 16];
+    /// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = GetInfo {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok((info[0] == NETNS_LINK).then_some(info[4]))
+}
+
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// A descriptor of the bpf object pinned at `path`.

@@ -2,8 +2,8 @@
 //! network namespace — state pinned by `run --pin` (which detaches its links), policy routing
 //! rules and routes tagged with its routing protocol, tc filters named after its program — and
 //! nothing else; and, host-wide, the lock files and control sockets that killed instances left
-//! in /run/tproxy for network namespaces that no longer exist. Refused while an instance is
-//! running for the table.
+//! in /run/tproxy, and the state pinned under the pin directory, for network namespaces that
+//! no longer exist. Refused while an instance is running for the table.
 
 use anyhow::{bail, Result};
 use aya::programs::{tc, TcAttachType};
@@ -58,6 +58,13 @@ pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
             }
         }
     }
+    let gone = PinnedState::remove_of_gone_namespaces(pin_dir);
+    if gone > 0 {
+        println!(
+            "removed the pinned state of {gone} instances in network namespaces that no longer \
+             exist"
+        );
+    }
     let stale = instance::remove_stale_of_gone_namespaces()?;
     if stale > 0 {
         println!(
@@ -65,7 +72,7 @@ pub async fn run(table: u32, pin_dir: &std::path::Path) -> Result<()> {
              namespaces that no longer exist"
         );
     }
-    if unpinned + routes + filters == 0 {
+    if unpinned + routes + filters + gone == 0 {
         println!("nothing of tproxy's was left in this network namespace");
     }
     Ok(())
