@@ -813,6 +813,20 @@ fn common_rule(
     if both.dst_anycast && listener.is_some() {
         return Err("the anycast routes' destinations, which a steer rule cannot name".into());
     }
+    if !both_local
+        && both.mark.is_some()
+        && (both.dst_local || both.dst_anycast || both.dst_set.is_some())
+    {
+        // A marked rule is tried one by one, an entry per destination: one per address or
+        // set entry as they come and go, which the program's few mark entries may not hold
+        // (found in review: `check` cannot count them ahead).
+        return Err(
+            "a rule of their own would need the packet's mark and destinations followed at run \
+             time (the host's addresses, a set's entries), an entry of the program's mark stage \
+             each"
+                .into(),
+        );
+    }
     let first = Parsed {
         text: format!("its packets that line {line} takes first, with line {line}'s action"),
         matches: both,

@@ -91,13 +91,25 @@ pub(super) fn open(flat: Vec<Flat>, notes: &mut Vec<String>) -> Vec<Flat> {
             rule
         };
         let m = &rule.matches;
+        if (m.dst_local || m.dst_anycast) && !m.not_dst.is_empty() {
+            // The hole would be the excluded prefixes' share of the host's addresses (or of
+            // the anycast routes' destinations), known only at run time. (Found in review:
+            // it was written as all of them.)
+            out.push(Err(format!(
+                "line {}: {}: destination prefixes excluded from the host's own addresses (or \
+                 the anycast routes'): a rule cannot say which of them lie there",
+                rule.line, rule.text
+            )));
+            continue;
+        }
         if m.excludes_dst_local
             && (!m.dst.is_empty() || m.dst_set.is_some() || m.dst_anycast || m.dst_broadcast)
         {
             // The hole would be the host's addresses within those destinations, which are
             // known only at run time.
             out.push(Err(format!(
-                "line {}: {}: the host's own addresses excluded from destination prefixes                  (or a set, or anycast routes): a rule cannot say which of them lie there",
+                "line {}: {}: the host's own addresses excluded from destination prefixes \
+                 (or a set, or anycast routes): a rule cannot say which of them lie there",
                 rule.line, rule.text
             )));
             continue;

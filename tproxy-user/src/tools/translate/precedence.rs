@@ -168,6 +168,10 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
     if outer.dst_local && !inner.dst_local || outer.dst_anycast && !inner.dst_anycast {
         return false;
     }
+    // Which of inner's destinations are the host's addresses is known only at run time.
+    if outer.excludes_dst_local && !inner.excludes_dst_local {
+        return false;
+    }
     // A set's entries are known only at run time: only the same set covers them.
     if outer.dst_set.is_some() && outer.dst_set != inner.dst_set {
         return false;

@@ -4641,3 +4641,59 @@ table ip t {
         nft.skipped
     );
 }
+
+/// Found in review: prefixes excluded from the host's own addresses (a rule repeated for
+/// what `! --dst-type LOCAL -j RETURN` lets through) were written as all of them; a marked
+/// rule of their own for a followed set would take a mark entry per entry; an earlier
+/// `! --dst-type LOCAL -j RETURN` in OUTPUT was taken to leave loopback alone. Reported,
+/// reported, and loopback steered with --keep-proxies.
+#[test]
+fn own_addresses_and_followed_sets_that_a_rule_cannot_say_are_reported() {
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -m addrtype ! --dst-type LOCAL -j RETURN
+-A PREROUTING -p tcp ! -d 8.8.8.0/24 -j TPROXY --on-port 2 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(
+        t.skipped.iter().any(|s| s.starts_with("line 3:")
+            && s.contains("destination prefixes excluded from the host's own addresses")),
+        "{:?}\n{}",
+        t.skipped,
+        t.config
+    );
+    let t = translate(
+        "\
+*mangle
+:PROXY - [0:0]
+-A PREROUTING -j PROXY
+-A PROXY -m mark --mark 0x20/0xf0 -j RETURN
+-A PROXY -p tcp -m set --match-set gfwlist dst -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("destinations followed at run time")),
+        "{:?}\n{}",
+        t.skipped,
+        t.config
+    );
+    let t = translate_with(
+        "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -m addrtype ! --dst-type LOCAL -j RETURN
+-A OUTPUT -p tcp -m owner --uid-owner 1000 -j MARK --set-mark 1
+COMMIT
+",
+        true,
+    )
+    .unwrap();
+    assert!(t.config.contains("steer_loopback = true"), "{}", t.config);
+}
