@@ -454,6 +454,12 @@ fn target_on_lo(
         // none. (Found by the hostile tester: `-m mark --mark 0x1/0x1 -j TPROXY` was taken
         // to meet only some of them.) Set in part, the rest is the socket's own.
         mark: (set.mask == u32::MAX).then_some(set),
+        // They are the connection's original direction: a local TCP connect always is, a
+        // UDP rule may ask for it.
+        ct_direction: match transport {
+            Transport::Tcp => Some(CtDirection::Original),
+            Transport::Udp => rule.matches.ct_direction,
+        },
         ..Match::default()
     };
     let mut targets: Vec<&Target> = Vec::new();

@@ -4697,3 +4697,49 @@ COMMIT
     .unwrap();
     assert!(t.config.contains("steer_loopback = true"), "{}", t.config);
 }
+
+/// mssb's shape (tests/corpus/translate/mssb-singbox-nft.rules without its `fib daddr type`
+/// set): OUTPUT marks the original direction, and PREROUTING's tproxy rule on lo asks for it
+/// too. What OUTPUT marks comes back on lo in that direction (a local TCP connect always
+/// is), so the tproxy rule takes all of it: local steer rules, UDP's with the direction.
+#[test]
+fn the_original_direction_marked_at_output_meets_a_tproxy_rule_for_it_on_lo() {
+    let t = translate(
+        "\
+table inet t {
+	chain out {
+		type route hook output priority mangle; policy accept;
+		meta l4proto { tcp, udp } ct direction original meta mark set 0x00000001
+	}
+	chain pre {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname { \"lo\", \"eth0\" } meta l4proto { tcp, udp } ct direction original meta mark set 0x00000001 tproxy to :7896 accept
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}\n{}", t.skipped, t.config);
+    let config: toml::Value = toml::from_str(&t.config).unwrap();
+    let local: Vec<String> = config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("origin").is_some_and(|o| o.as_str() == Some("local")))
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r["proto"],
+                r.get("ct_direction")
+                    .map_or("-".into(), ToString::to_string),
+                r["action"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        local,
+        [r#"["tcp"] - "steer""#, r#"["udp"] "original" "steer""#],
+        "{}",
+        t.config
+    );
+}
