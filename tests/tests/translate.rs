@@ -902,49 +902,66 @@ fn local_addresses_round_trip(load: impl FnOnce(&Netns) -> String, unload: fn(&N
     tproxy.stop().unwrap();
 }
 
-#[test]
-fn iptables_addrtype_local_steers_the_same_flows_translated_and_follows_addresses() {
-    require_root();
-    let rules = "\
-*mangle
+/// [`local_addresses_round_trip`] for iptables rules whose `-m addrtype` rule is `rule`.
+fn iptables_local_addresses_round_trip(rule: &str) {
+    let rules = format!(
+        "*mangle
 :PREROUTING ACCEPT [0:0]
 :DIVERT - [0:0]
 -A PREROUTING -p tcp -m socket --transparent -j DIVERT
--A PREROUTING -m addrtype --dst-type LOCAL -j RETURN
--A PREROUTING -i to-client -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+{rule}
 -A DIVERT -j MARK --set-xmark 0x1/0xffffffff
 -A DIVERT -j ACCEPT
 COMMIT
-";
+"
+    );
     local_addresses_round_trip(
         |netns| {
-            restore_iptables(netns, rules).unwrap();
-            rules.to_string()
+            restore_iptables(netns, &rules).unwrap();
+            rules.clone()
         },
         |netns| remove_iptables_tproxy(netns).unwrap(),
+    );
+}
+
+/// [`local_addresses_round_trip`] for an nft prerouting chain whose `fib daddr type` rules
+/// are `rules`.
+fn nft_local_addresses_round_trip(rules: &str) {
+    local_addresses_round_trip(
+        |netns| {
+            listed_nft(
+                netns,
+                &format!(
+                    "table inet local {{
+	chain prerouting {{
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
+{rules}
+	}}
+}}
+"
+                ),
+            )
+        },
+        remove_nft,
+    );
+}
+
+#[test]
+fn iptables_addrtype_local_steers_the_same_flows_translated_and_follows_addresses() {
+    require_root();
+    iptables_local_addresses_round_trip(
+        "-A PREROUTING -m addrtype --dst-type LOCAL -j RETURN
+-A PREROUTING -i to-client -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1",
     );
 }
 
 #[test]
 fn nft_fib_daddr_type_local_steers_the_same_flows_translated_and_follows_addresses() {
     require_root();
-    local_addresses_round_trip(
-        |netns| {
-            listed_nft(
-                netns,
-                "\
-table inet local {
-	chain prerouting {
-		type filter hook prerouting priority mangle; policy accept;
-		meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
-		fib daddr type local return
-		iifname \"to-client\" meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
-	}
-}
-",
-            )
-        },
-        remove_nft,
+    nft_local_addresses_round_trip(
+        "\t\tfib daddr type local return
+\t\tiifname \"to-client\" meta l4proto tcp tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept",
     );
 }
 
@@ -954,22 +971,8 @@ table inet local {
 #[test]
 fn iptables_negated_addrtype_local_steers_the_same_flows_translated_and_follows_addresses() {
     require_root();
-    let rules = "\
-*mangle
-:PREROUTING ACCEPT [0:0]
-:DIVERT - [0:0]
--A PREROUTING -p tcp -m socket --transparent -j DIVERT
--A PREROUTING -i to-client -p tcp -m addrtype ! --dst-type LOCAL -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
--A DIVERT -j MARK --set-xmark 0x1/0xffffffff
--A DIVERT -j ACCEPT
-COMMIT
-";
-    local_addresses_round_trip(
-        |netns| {
-            restore_iptables(netns, rules).unwrap();
-            rules.to_string()
-        },
-        |netns| remove_iptables_tproxy(netns).unwrap(),
+    iptables_local_addresses_round_trip(
+        "-A PREROUTING -i to-client -p tcp -m addrtype ! --dst-type LOCAL -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1",
     );
 }
 
@@ -977,22 +980,8 @@ COMMIT
 #[test]
 fn nft_fib_daddr_type_not_local_steers_the_same_flows_translated_and_follows_addresses() {
     require_root();
-    local_addresses_round_trip(
-        |netns| {
-            listed_nft(
-                netns,
-                "\
-table inet local {
-	chain prerouting {
-		type filter hook prerouting priority mangle; policy accept;
-		meta l4proto tcp socket transparent 1 meta mark set 0x1 accept
-		iifname \"to-client\" meta l4proto tcp fib daddr type != local tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
-	}
-}
-",
-            )
-        },
-        remove_nft,
+    nft_local_addresses_round_trip(
+        "\t\tiifname \"to-client\" meta l4proto tcp fib daddr type != local tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept",
     );
 }
 
