@@ -338,6 +338,13 @@ fn after_sigkill_pinned_steering_stays_and_the_next_start_adopts_it() {
         "an adopting start removes nothing: {}",
         next.log_text()
     );
+    // Found by the hostile tester: the local UDP flows' map (one place without --local) was
+    // taken for one of another layout at every takeover, and started again.
+    assert!(
+        !next.log_text().contains("another layout"),
+        "{}",
+        next.log_text()
+    );
     assert_eq!(
         tproxy_tests::peer_seen_by(&topo.client, server.addr).unwrap(),
         Topo::router_as_seen_by_server(false)

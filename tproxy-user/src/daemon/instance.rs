@@ -262,6 +262,8 @@ pub(crate) fn remove_stale_of_gone_namespaces() -> Result<usize> {
             Err(error) => return Err(error).with_context(|| format!("opening {}", lock.display())),
         };
         let _ = std::fs::remove_file(&socket);
+        // Its record of pinned state: a new namespace with the same inode must not read it.
+        let _ = std::fs::remove_file(PathBuf::from(LOCK_DIR).join(format!("{stem}.pinned.json")));
         if held.is_some() {
             std::fs::remove_file(&lock).with_context(|| format!("removing {}", lock.display()))?;
         }
@@ -275,7 +277,8 @@ pub(crate) fn remove_stale_of_gone_namespaces() -> Result<usize> {
 fn instance_of_file(name: &str) -> Option<(u64, &str)> {
     let stem = name
         .strip_suffix(".lock")
-        .or_else(|| name.strip_suffix(".sock"))?;
+        .or_else(|| name.strip_suffix(".sock"))
+        .or_else(|| name.strip_suffix(".pinned.json"))?;
     let (netns, table) = stem.strip_prefix("netns-")?.split_once("-table-")?;
     table.parse::<u32>().ok()?;
     Some((netns.parse().ok()?, stem))
@@ -350,6 +353,10 @@ mod tests {
         );
         assert_eq!(
             instance_of_file("netns-4026531840-table-7470.sock"),
+            Some((4026531840, "netns-4026531840-table-7470"))
+        );
+        assert_eq!(
+            instance_of_file("netns-4026531840-table-7470.pinned.json"),
             Some((4026531840, "netns-4026531840-table-7470"))
         );
         assert_eq!(instance_of_file("netns-x-table-7470.lock"), None);

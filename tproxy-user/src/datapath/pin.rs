@@ -89,12 +89,12 @@ impl PinnedState {
     /// would misread (the counts start again from zero), and the rules tried one by one and
     /// the local selections with entries of another size, which the programs cannot be
     /// loaded with (both are written again anyway), and the local UDP flows of another size
-    /// or count (the flows followed are lost: see `tproxy_common::local_udp`). The next load
-    /// creates and pins new ones.
-    pub fn discard_maps_of_another_layout(&self) -> Result<()> {
+    /// or count than `udp_flows` places (the flows followed are lost: see
+    /// `tproxy_common::local_udp`). The next load creates and pins new ones.
+    pub fn discard_maps_of_another_layout(&self, udp_flows: u32) -> Result<()> {
         use tproxy_common::{
             local_origin::{Selection, SELECTIONS_MAP},
-            local_udp::{UdpFlow, MAX_UDP_FLOWS, UDP_FLOWS_MAP},
+            local_udp::{UdpFlow, UDP_FLOWS_MAP},
             maps::{MarkRules, COUNTERS, COUNTERS_LEN, MARK_RULES},
         };
         let rules_size = std::mem::size_of::<MarkRules>() as u32;
@@ -123,13 +123,7 @@ impl PinnedState {
                 flow_size,
                 false,
             ),
-            (
-                UDP_FLOWS_MAP,
-                "local UDP flows",
-                "entries",
-                MAX_UDP_FLOWS,
-                true,
-            ),
+            (UDP_FLOWS_MAP, "local UDP flows", "entries", udp_flows, true),
         ];
         for (name, what, unit, now, by_length) in checks {
             let path = self.map(name);

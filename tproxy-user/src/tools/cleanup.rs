@@ -1,9 +1,9 @@
 //! `tproxy cleanup`: removes everything of tproxy's that no running instance owns in this
 //! network namespace — state pinned by `run --pin` (which detaches its links), policy routing
 //! rules and routes tagged with its routing protocol, tc filters named after its program — and
-//! nothing else; and, host-wide, the lock files and control sockets that killed instances left
-//! in /run/tproxy, and the state pinned under the pin directory, for network namespaces that
-//! no longer exist. Refused while an instance is running for the table.
+//! nothing else; and, host-wide, the lock files, control sockets and pinned-state records
+//! that killed instances left in /run/tproxy, and the state pinned under the pin directory,
+//! for network namespaces that no longer exist. Refused while an instance is running for the table.
 
 use anyhow::{bail, Result};
 use aya::programs::{tc, TcAttachType};

@@ -105,17 +105,26 @@ pub(crate) fn rule_map_capacity(first: &CompiledRules) -> u32 {
 
 /// Prepares `--pin`'s directory; when an earlier instance left maps there, they are adopted
 /// as they are: their size, which the rule maps must be loaded with.
-fn pinned_capacity(pinned: &PinnedState) -> Result<Option<u32>> {
+fn pinned_capacity(pinned: &PinnedState, udp_flows: u32) -> Result<Option<u32>> {
     pinned.prepare()?;
     if !pinned.exists() {
         return Ok(None);
     }
-    pinned.discard_maps_of_another_layout()?;
+    pinned.discard_maps_of_another_layout(udp_flows)?;
     let rules = pinned.map(maps::RULES_DST_V4);
     let capacity = MapInfo::from_pin(&rules)
         .with_context(|| format!("opening the pinned map {}", rules.display()))?
         .max_entries();
     Ok(Some(capacity))
+}
+
+/// The places of the local UDP flows' map: conntrack's default table while local origin is
+/// steered, one otherwise (nothing is followed).
+fn udp_flow_places(settings: &LoadSettings) -> u32 {
+    match settings.local_origin {
+        Some(_) => local_udp::MAX_UDP_FLOWS,
+        None => 1,
+    }
 }
 
 /// Loads the object with the settings baked into its globals and the rule maps sized to
@@ -171,13 +180,7 @@ fn load_object(
             local_origin::ROUTES_V6_MAP,
             local_origin::MAX_MIRRORED_ROUTES,
         )
-        .map_max_entries(
-            local_udp::UDP_FLOWS_MAP,
-            match local {
-                Some(_) => local_udp::MAX_UDP_FLOWS,
-                None => 1,
-            },
-        )
+        .map_max_entries(local_udp::UDP_FLOWS_MAP, udp_flow_places(settings))
         .load(object.bytes())
         .context("loading the eBPF object into the kernel")
 }
@@ -259,7 +262,7 @@ impl Steering {
     /// steered until [`Steering::install_rules`].
     pub(crate) fn load(settings: &LoadSettings) -> Result<Self> {
         let adopted_capacity = match &settings.pinned {
-            Some(pinned) => pinned_capacity(pinned)?,
+            Some(pinned) => pinned_capacity(pinned, udp_flow_places(settings))?,
             None => None,
         };
         let capacity = adopted_capacity.unwrap_or(settings.rule_map_capacity);

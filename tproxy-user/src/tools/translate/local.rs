@@ -450,10 +450,12 @@ fn target_on_lo(
         ports: rule.matches.ports.clone(),
         iface: Some("lo".into()),
         family: rule.matches.family,
-        // A mark set whole is all they carry: PREROUTING's mark matches take all of them or
-        // none. (Found by the hostile tester: `-m mark --mark 0x1/0x1 -j TPROXY` was taken
-        // to meet only some of them.) Set in part, the rest is the socket's own.
-        mark: (set.mask == u32::MAX).then_some(set),
+        // The bits it sets are what PREROUTING's mark matches know of them (all of them for
+        // a mark set whole): a match on those takes all of them or none. (Found by the
+        // hostile tester: `-m mark --mark 0x1/0x1 -j TPROXY` was taken to meet only some of
+        // them.) The other bits are the socket's own; a value with bits outside its mask
+        // flips them (`--set-xmark`), which says nothing.
+        mark: (set.value & !set.mask == 0).then_some(set),
         // They are the connection's original direction: a local TCP connect always is, a
         // UDP rule may ask for it.
         ct_direction: match transport {

@@ -4743,3 +4743,34 @@ table inet t {
         t.config
     );
 }
+
+/// OUTPUT's MARK that sets only the TPROXY rule's bit (`--set-xmark 0x1/0x1`) sends every
+/// packet back on lo with that bit set, which `-m mark --mark 0x1/0x1 -j TPROXY` takes: local
+/// steer rules. A mark on the other bits than those set leaves the match undecided: reported.
+#[test]
+fn a_mark_set_in_part_meets_a_tproxy_rule_on_its_bits() {
+    let rules = |tproxy_match: &str| {
+        format!(
+            "*mangle
+-A PREROUTING -p tcp -m mark --mark {tproxy_match} -j TPROXY --on-port 7001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -d 10.7.0.0/16 -j MARK --set-xmark 0x1/0x1
+COMMIT
+"
+        )
+    };
+    let t = translate(&rules("0x1/0x1")).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains("origin = \"local\"\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+    let t = translate(&rules("0x3/0x3")).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("only some of its TCP packets meet")),
+        "{:?}",
+        t.skipped
+    );
+}
