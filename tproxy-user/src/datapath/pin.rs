@@ -239,6 +239,12 @@ impl PinnedState {
     pub fn remove_of_gone_namespaces(pin_dir: &Path) -> usize {
         let mut removed = 0;
         for state in Self::of_gone_namespaces(pin_dir) {
+            // Again right before: another start may have removed it and a namespace with the
+            // same inode made it anew (its link then names that namespace, or is not pinned
+            // yet).
+            if !state.left_by_a_gone_namespace() {
+                continue;
+            }
             match state.remove() {
                 Ok(files) => {
                     removed += 1;
@@ -261,10 +267,18 @@ impl PinnedState {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Ok(0);
         };
+        let mut paths = entries
+            .map(|entry| entry.map(|entry| entry.path()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        // The sk_lookup link last: while it is there, a directory left half removed is still
+        // told for a dead namespace's (see `left_by_a_gone_namespace`), and removed again.
+        paths.sort_by_key(|path| path.ends_with(SK_LOOKUP_LINK));
         let mut removed = 0;
-        for entry in entries {
-            let path = entry?.path();
-            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        for path in paths {
+            match std::fs::remove_file(&path) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                result => result.with_context(|| format!("unpinning {}", path.display()))?,
+            }
             removed += 1;
         }
         std::fs::remove_dir(&self.dir)

@@ -39,6 +39,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     let mut table = String::new();
     let mut family = Family::V4;
     let mut ignored = 0;
+    let mut mark_set_elsewhere = false;
     let mut elsewhere = Vec::new();
     let (user_chains, divert_chains) = user_and_divert_chains(input);
     let facts = facts(input);
@@ -65,6 +66,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         let chain = w[0].clone();
         if table != "mangle" {
             ignored += 1;
+            mark_set_elsewhere |= sets_mark(&w);
             continue;
         }
         let parsed: Chain = match parse_rule(
@@ -104,6 +106,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             && is_builtin(&chain)
         {
             ignored += 1;
+            mark_set_elsewhere |= sets_mark(&w);
             continue;
         }
         chains
@@ -116,10 +119,20 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         entry: builtin_entries("PREROUTING"),
         local_entry: builtin_entries("OUTPUT"),
         ignored,
+        mark_set_elsewhere,
         elsewhere,
         kept: Vec::new(),
         nft: false,
     })
+}
+
+/// Whether the rule's words (after `-A CHAIN`) set the packet mark.
+fn sets_mark(w: &[String]) -> bool {
+    w.windows(2)
+        .any(|pair| pair[0] == "-j" && pair[1] == "MARK")
+        || w.windows(2)
+            .any(|pair| pair[0] == "-j" && pair[1] == "CONNMARK")
+            && w.iter().any(|word| word == "--restore-mark")
 }
 
 /// Why `line` (trimmed, in `table`) changes what the kernel does in a way the rules read do
@@ -347,6 +360,15 @@ fn parse_rule(
             }
             "--ctstate" | "--state" if negated => {
                 return Err(format!("negated `{word}` cannot be translated"))
+            }
+            "--ctstate" | "--state" | "--ports"
+                if states.is_some() && word != "--ports"
+                    || either_ports.is_some() && word == "--ports" =>
+            {
+                return Err(format!(
+                    "`{word}` a second time in one rule (from two `-m` matches of one kind): \
+                     write one match that allows what both do"
+                ))
             }
             "--ctstate" | "--state" => {
                 states = Some(value()?);

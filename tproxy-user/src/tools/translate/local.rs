@@ -108,7 +108,11 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                     Ok(()) if rule.matches.dst_local => {
                         out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
                     }
-                    Ok(()) => out.extend(steered(&rule, mark, prerouting)),
+                    Ok(()) => out.extend(steered(
+                        &rule,
+                        (!ruleset.mark_set_elsewhere).then_some(mark),
+                        prerouting,
+                    )),
                     // Its packets leave the chain with a mark that leads to no TPROXY rule.
                     Err(_)
                         if matches!(rule.target, Target::MarkThenAccept(_))
@@ -316,8 +320,8 @@ fn never_the_recipes(mark: Mark, recipe: Option<Mark>) -> bool {
 
 /// A MARK rule as local steer rules: per listener that its packets reach on `lo`, the rule
 /// with the transports that reach it and that listener's TPROXY target. `set`: the mark it
-/// sets, which they carry there.
-fn steered(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<Flat> {
+/// sets, which they carry there (`None`: a rule left alone may change it on the way).
+fn steered(rule: &Parsed, set: Option<Mark>, prerouting: &[Flat]) -> Vec<Flat> {
     let transports = match rule.matches.transports.is_empty() {
         true => vec![Transport::Tcp, Transport::Udp],
         false => rule.matches.transports.clone(),
@@ -436,12 +440,12 @@ fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<
 }
 
 /// The TPROXY target that the `transport` packets of `rule` meet when they come back on
-/// `lo` marked with `set`: the one of every PREROUTING TPROXY rule they may match, one of
-/// which matches them all.
+/// `lo` marked with `set` (if known): the one of every PREROUTING TPROXY rule they may
+/// match, one of which matches them all.
 fn target_on_lo(
     rule: &Parsed,
     transport: Transport,
-    set: Mark,
+    set: Option<Mark>,
     prerouting: &[Flat],
 ) -> Result<Target, String> {
     let on_lo = Match {
@@ -453,9 +457,8 @@ fn target_on_lo(
         // The bits it sets are what PREROUTING's mark matches know of them (all of them for
         // a mark set whole): a match on those takes all of them or none. (Found by the
         // hostile tester: `-m mark --mark 0x1/0x1 -j TPROXY` was taken to meet only some of
-        // them.) The other bits are the socket's own; a value with bits outside its mask
-        // flips them (`--set-xmark`), which says nothing.
-        mark: (set.value & !set.mask == 0).then_some(set),
+        // them.) The other bits are the socket's own.
+        mark: set,
         // They are the connection's original direction: a local TCP connect always is, a
         // UDP rule may ask for it.
         ct_direction: match transport {
@@ -494,6 +497,11 @@ fn target_on_lo(
     };
     match targets[..] {
         [target] if covered => Ok(target.clone()),
+        [_] if set.is_none() => Err(format!(
+            "only some of its {name} packets may meet a PREROUTING TPROXY rule when they \
+             come back on lo: a rule outside the TPROXY path (another table, hook or chain) \
+             sets the packet mark on the way"
+        )),
         [_] => Err(format!(
             "only some of its {name} packets meet a PREROUTING TPROXY rule when they come \
              back on lo"

@@ -291,6 +291,10 @@ struct RuleSet {
     entry: Vec<Entry>,
     /// Rules outside what is translated, for a note.
     ignored: usize,
+    /// One of them sets the packet mark (MARK, `CONNMARK --restore-mark`, nft `meta mark
+    /// set` in another table or hook): what mangle OUTPUT marks may come back on lo with
+    /// another mark than the one it set.
+    mark_set_elsewhere: bool,
     /// The chains the kernel runs for locally generated packets (mangle OUTPUT), in order.
     local_entry: Vec<Entry>,
     /// Rules that matter but cannot be translated where they are (nft: the output hook).

@@ -77,6 +77,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         entry: Vec::new(),
         local_entry: Vec::new(),
         ignored: 0,
+        mark_set_elsewhere: false,
         elsewhere: Vec::new(),
         kept: Vec::new(),
         nft: true,
@@ -427,6 +428,7 @@ fn chain_line(
     }
     if at.nat {
         ruleset.ignored += 1;
+        ruleset.mark_set_elsewhere |= sets_mark(w);
         return;
     }
     let parsed: Chain = match parse_rule(trimmed, at.family, &at.table, sets) {
@@ -465,8 +467,18 @@ fn chain_line(
         Some("output") => {
             ruleset.elsewhere.push((number, trimmed.to_string(), "a rule in a chain at the output hook that is not `type route`: a mark it sets does not send the packet to the TPROXY rules".to_string()));
         }
-        Some(_) => ruleset.ignored += 1,
+        Some(_) => {
+            ruleset.ignored += 1;
+            ruleset.mark_set_elsewhere |= sets_mark(w);
+        }
     }
+}
+
+/// Whether a rule's words set the packet mark (`meta mark set`, `mark set`).
+fn sets_mark(w: &[String]) -> bool {
+    w.windows(3)
+        .any(|x| x[0] != "ct" && x[1] == "mark" && x[2] == "set")
+        || w.first().is_some_and(|x| x == "mark") && w.get(1).is_some_and(|x| x == "set")
 }
 
 /// The base chain `chain` of the `type` line `w`.
@@ -945,10 +957,14 @@ impl Rule<'_> {
             Some(prefix) if by_name => interface_pattern(prefix)?,
             _ => interface_name(one)?,
         };
-        match found.negated {
-            true => self.m.not_out_iface = Some(iface),
-            false => self.m.out_iface = Some(iface),
+        let earlier = match found.negated {
+            true => &mut self.m.not_out_iface,
+            false => &mut self.m.out_iface,
+        };
+        if earlier.is_some() {
+            return Err(twice(&self.w[i]));
         }
+        *earlier = Some(iface);
         Ok(found.next)
     }
 
@@ -1064,6 +1080,9 @@ impl Rule<'_> {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if !self.m.uids.is_empty() {
+            return Err(twice("meta skuid"));
+        }
         self.m.uids = match found.negated {
             true => other_ids(&uids)?,
             false => uids,
@@ -1083,6 +1102,9 @@ impl Rule<'_> {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if !self.m.gids.is_empty() {
+            return Err(twice("meta skgid"));
+        }
         self.m.gids = match found.negated {
             true => other_ids(&gids)?,
             false => gids,
@@ -1102,6 +1124,9 @@ impl Rule<'_> {
                     .map_err(|error| format!("`meta cgroup {v}`: {error}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if !self.m.classids.is_empty() {
+            return Err(twice("meta cgroup"));
+        }
         self.m.classids = match found.negated {
             true => other_classids(&classids)?,
             false => classids,
@@ -1122,6 +1147,9 @@ impl Rule<'_> {
         let found = self.values(i + 4)?;
         if found.negated {
             return Err("negated `socket cgroupv2`".into());
+        }
+        if !self.m.cgroups.is_empty() {
+            return Err(twice("socket cgroupv2"));
         }
         self.m.cgroups = found
             .values

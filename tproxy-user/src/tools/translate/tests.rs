@@ -4774,3 +4774,64 @@ COMMIT
         t.skipped
     );
 }
+
+/// Found in the last review: more kinds named twice (nft `meta skuid`, `oifname`, iptables
+/// `-m multiport --ports`) were kept as the last, and OUTPUT's mark was trusted to reach lo
+/// while a rule left alone (raw PREROUTING) changes it. Reported.
+#[test]
+fn more_repeated_matches_and_a_mark_changed_on_the_way_are_reported() {
+    let t = translate(
+        "\
+table inet t {
+	chain out {
+		type route hook output priority mangle; policy accept;
+		meta skuid 1000 meta skuid 2000 meta l4proto tcp meta mark set 0x00000001
+		oifname \"eth0\" oifname \"eth1\" meta l4proto tcp meta mark set 0x00000001
+	}
+	chain pre {
+		type filter hook prerouting priority mangle; policy accept;
+		meta l4proto tcp meta mark 0x00000001 tproxy to :1 accept
+	}
+}
+",
+    )
+    .unwrap();
+    assert!(
+        t.skipped[0].contains("`meta skuid` a second time")
+            && t.skipped[1].contains("`oifname` a second time"),
+        "{:?}",
+        t.skipped
+    );
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -m multiport --ports 80 -m multiport --ports 81 -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(
+        t.skipped[0].contains("`--ports` a second time"),
+        "{:?}",
+        t.skipped
+    );
+    let t = translate(
+        "\
+*raw
+-A PREROUTING -i lo -j MARK --set-xmark 0x2/0xffffffff
+COMMIT
+*mangle
+-A PREROUTING -p tcp -m mark --mark 0x1/0x1 -j TPROXY --on-port 1 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -d 10.7.0.0/16 -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("sets the packet mark on the way")),
+        "{:?}",
+        t.skipped
+    );
+}
