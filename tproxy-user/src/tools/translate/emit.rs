@@ -776,13 +776,10 @@ fn common_rule(
         !m.uids.is_empty() || !m.gids.is_empty() || !m.cgroups.is_empty() || !m.classids.is_empty()
     };
     // Rules for local connections may have both (a mark is the socket's there); two
-    // forwarded rules share the packet's mark, which a rule of their own matches as well.
+    // forwarded rules share the packet's mark, which a rule of their own matches as well. (A
+    // forwarded and a local rule never overlap: no rule of their own is asked for.)
     let both_local = earlier.matches.local && rule.matches.local;
-    let one_local = earlier.matches.local != rule.matches.local;
-    let marked = earlier.matches.mark.is_some() || rule.matches.mark.is_some();
-    if !both_local
-        && (selectors(&earlier.matches) || selectors(&rule.matches) || marked && one_local)
-    {
+    if !both_local && (selectors(&earlier.matches) || selectors(&rule.matches)) {
         return Err(
             "a rule of their own cannot say which: marks and selectors are not \
                     combined"

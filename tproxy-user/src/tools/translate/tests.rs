@@ -1424,11 +1424,7 @@ COMMIT
         config["listener"][0]["listen"][0].as_str(),
         Some("127.0.0.1:12345")
     );
-    let lines: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let lines: Vec<&str> = skipped_lines(&t);
     assert!(lines.is_empty(), "{:?}", t.skipped);
     // The proxy's loop guard (line 21) is tproxy's socket mark.
     assert_eq!(config["socket_mark"].as_str(), Some("0xff"), "{}", t.config);
@@ -1759,11 +1755,7 @@ COMMIT
 ";
     let t = translate(not_guards).unwrap();
     assert!(!t.config.contains("socket_mark"), "{}", t.config);
-    let lines: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let lines: Vec<&str> = skipped_lines(&t);
     // Line 5's mark needs the TPROXY rules' bit 0x1, which tproxy's rules would not see
     // (found once the rules are kept): tproxy routes with a bit of its own instead. Line 6's
     // excluded mark 0xff needs it too, but its packets never get there: line 4 takes them
@@ -2011,11 +2003,7 @@ table inet proxy {
 COMMIT
 ";
     let t = translate(input).unwrap();
-    let mut lines: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let mut lines: Vec<&str> = skipped_lines(&t);
     lines.sort_unstable();
     assert_eq!(lines, ["line 5", "line 6", "line 8"], "{:?}", t.skipped);
     assert!(
@@ -2064,11 +2052,7 @@ fn ipsets_from_ipset_save_become_prefixes() {
 COMMIT
 ";
     let t = translate_with_sets(input, false, IPSETS).unwrap();
-    let mut skipped: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let mut skipped: Vec<&str> = skipped_lines(&t);
     skipped.sort_unstable();
     assert_eq!(skipped, ["line 5", "line 6", "line 8"], "{:?}", t.skipped);
     // A set saved without entries, or not saved, is filled at run time: followed.
@@ -2115,11 +2099,7 @@ COMMIT
     // Without the file, the sets matched as destinations are followed (a set of another
     // type is refused by `check` and `run`, which read it), the source set is not.
     let t = translate(input).unwrap();
-    let mut skipped: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let mut skipped: Vec<&str> = skipped_lines(&t);
     skipped.sort_unstable();
     assert_eq!(skipped, ["line 2", "line 8"], "{:?}", t.skipped);
     assert!(
@@ -2429,11 +2409,7 @@ COMMIT
 ",
     )
     .unwrap();
-    let lines: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let lines: Vec<&str> = skipped_lines(&t);
     assert_eq!(
         lines,
         ["line 9", "line 6", "line 7", "line 8"],
@@ -4593,11 +4569,7 @@ COMMIT
         "{:?}",
         t.notes
     );
-    let lines: Vec<&str> = t
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let lines: Vec<&str> = skipped_lines(&t);
     assert_eq!(lines, ["line 4", "line 5"], "{:?}", t.skipped);
     assert!(
         t.skipped[0].contains("`--dports` a second time"),
@@ -4624,11 +4596,7 @@ table ip t {
         "{}",
         nft.config
     );
-    let lines: Vec<&str> = nft
-        .skipped
-        .iter()
-        .map(|s| s.split(':').next().unwrap())
-        .collect();
+    let lines: Vec<&str> = skipped_lines(&nft);
     assert_eq!(lines, ["line 5", "line 6"], "{:?}", nft.skipped);
     assert!(
         nft.skipped[0].contains("`ip daddr` a second time"),
@@ -4834,4 +4802,12 @@ COMMIT
         "{:?}",
         t.skipped
     );
+}
+
+/// The `line N` each skipped rule of `t` is reported under, in order.
+fn skipped_lines(t: &super::Translation) -> Vec<&str> {
+    t.skipped
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect()
 }
