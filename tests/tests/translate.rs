@@ -1715,6 +1715,58 @@ fn nft_a_chain_that_only_filters_is_kept_and_still_rejects_what_tproxy_steers() 
     );
 }
 
+/// lesca's chain at priority raw: a notrack of the packets that carry the TPROXY rules'
+/// mark 0x1 (in the original only those that arrive with it: mangle sets it later), beside
+/// its QUIC reject, and a firewall that drops untracked packets at input. Left alone, the
+/// notrack would untrack every packet tproxy steers if tproxy routed with 0x1, which its
+/// program sets before netfilter runs, and the firewall would drop them: the translation
+/// routes with a bit of its own.
+const UNTRACKED_MARK_NFT: &str = "\
+table ip guard {
+	chain raw {
+		type filter hook prerouting priority raw; policy accept;
+		meta mark 0x00000001 notrack
+		iifname \"to-client\" udp dport 443 reject
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ct state untracked drop
+	}
+}
+table ip t {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		iifname \"to-client\" meta l4proto { tcp, udp } tproxy to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_a_kept_notrack_of_the_tproxy_mark_does_not_untrack_what_tproxy_steers() {
+    require_root();
+    let probes = [
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.2:443"),
+    ];
+    let (original, translated, config, _) = fates_loaded_both_ways(
+        &probes,
+        |netns| listed_nft(netns, UNTRACKED_MARK_NFT),
+        remove_translated_table,
+    );
+    let fates = fates_of(&original);
+    assert_eq!(
+        fates,
+        [Fate::Intercepted, Fate::Intercepted, Fate::Dropped],
+        "nft: {original:?}"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        config.contains("mark = \"0x1000000/0x1000000\""),
+        "{config}"
+    );
+}
+
 /// Owner matches in a chain at prerouting (shellcrash's `meta skgid 7890 return`): nft
 /// loads them, but a packet has no socket there yet and they never match, negated or not.
 /// The client's sockets are root's: a match would let its flows go direct.

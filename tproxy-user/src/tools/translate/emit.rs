@@ -14,7 +14,7 @@ use super::{
     local, negation,
     own_mark::{self, looks_at_routing, routing_elsewhere},
     precedence::{covers, more_specific, overlaps, ShadowIndex},
-    Family, Match, Parsed, RuleSet, Target, Translation,
+    Family, Match, Parsed, RuleSet, Target, Translation, UntrackedMark,
 };
 use crate::{
     config::Settings,
@@ -86,9 +86,27 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         .iter()
         .filter_map(|(rule, _)| rule.matches.mark)
         .collect();
+    // A bit of its own stays clear of the marks that kept chains' rules untrack too.
+    let untracked: Vec<Mark> = ruleset.untracked_marks.iter().map(|u| u.mark).collect();
+    let read_all: Vec<Mark> = read.iter().chain(&untracked).copied().collect();
+    let own_bit = |avoid: u32| {
+        routing_elsewhere(avoid, &read_all).map(|(mark, _)| {
+            let read_by_rules = read.iter().any(|m| m.mask & mark.mask != 0);
+            (mark, read_by_rules)
+        })
+    };
+    let socket_mark = guard
+        .as_ref()
+        .map_or(Settings::default().socket_mark, |guard| guard.mark);
+    let untracks = |routing: Mark| {
+        ruleset
+            .untracked_marks
+            .iter()
+            .find(|u| untracks_steered(u.mark, routing))
+    };
     let own_routing = match &guard {
         Some(guard) if guard.conflict(routing).is_some() => {
-            guard.routing_elsewhere(&read).map(|(mark, read_by_rules)| {
+            own_bit(guard.mark).map(|(mark, read_by_rules)| {
                 notes.push(guard.routing_note(routing, mark, read_by_rules));
                 (
                     mark,
@@ -96,12 +114,9 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
                 )
             })
         }
+        // Nor the socket mark's bits: tproxy refuses one its routing rule would match.
         _ if read.iter().any(|&mark| looks_at_routing(mark, routing)) => {
-            // Nor the socket mark's bits: tproxy refuses one its routing rule would match.
-            let avoid = guard
-                .as_ref()
-                .map_or(Settings::default().socket_mark, |guard| guard.mark);
-            routing_elsewhere(avoid, &read).map(|(mark, read_by_rules)| {
+            own_bit(socket_mark).map(|(mark, read_by_rules)| {
                 notes.push(marks_read_note(tproxy_mark, routing, mark, read_by_rules));
                 (
                     mark,
@@ -109,8 +124,37 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
                 )
             })
         }
+        _ if untracks(routing).is_some() => own_bit(socket_mark).map(|(mark, _)| {
+            (
+                mark,
+                "a chain left alone untracks the packets that carry the one it would use",
+            )
+        }),
         _ => None,
     };
+    let final_routing = own_routing.map_or(routing, |(mark, _)| mark);
+    for untracked in &ruleset.untracked_marks {
+        if untracks_steered(untracked.mark, final_routing) {
+            continue;
+        }
+        if untracks_steered(untracked.mark, routing) {
+            notes.push(untracked_note(untracked, routing, final_routing));
+        } else {
+            notes.push(format!(
+                "line {}: `{}`, in a chain left alone, untracks the packets that carry {:#x}: \
+                 not the ones tproxy steers, whose routing mark {final_routing} it does not \
+                 match",
+                untracked.line, untracked.text, untracked.mark.value
+            ));
+        }
+    }
+    if let Some(untracked) = untracks(final_routing) {
+        skipped.push(format!(
+            "line {}: {}: it would untrack the flows tproxy steers (they carry its routing \
+             mark), and no bit is left for a routing mark of tproxy's own",
+            untracked.line, untracked.text
+        ));
+    }
     match (own_routing, tproxy_mark) {
         (Some((mark, why)), _) => {
             let _ = writeln!(out, "# tproxy's own routing mark: {why}.");
@@ -862,6 +906,29 @@ fn marks_read_note(
          packets it steers with a mark of its own, {own} ({reading}). Anything else that \
          relied on steered packets carrying {relied_on} (an `ip rule`, a later netfilter rule) \
          sees {own} instead"
+    )
+}
+
+/// Whether a rule that untracks the packets with `untracked` would match some packet
+/// carrying the `routing` mark: it looks at some of its bits, and they agree.
+fn untracks_steered(untracked: Mark, routing: Mark) -> bool {
+    let seen = routing.mask & untracked.mask;
+    seen != 0 && routing.value & seen == untracked.value & seen
+}
+
+/// What the operator should know when tproxy routes with `own` in place of `routing`
+/// because a chain left alone untracks the packets with that mark (`untracked`).
+fn untracked_note(untracked: &UntrackedMark, routing: Mark, own: Mark) -> String {
+    format!(
+        "line {}: `{}`, in a chain left alone, untracks the packets that carry {:#x}, which \
+         tproxy's program would set ({routing}) on every packet it steers before netfilter \
+         runs; tproxy installs its own policy routing, so it routes the packets it steers with \
+         a mark of its own, {own}, which that rule never matches. In the original it \
+         untracked only packets that arrived with that mark, such as the host's that mangle \
+         OUTPUT marked and routed back by lo: tproxy steers those connections by its own \
+         programs, with {own}, and the kernel tracks them now (which matters only to a rule \
+         that reads their conntrack state)",
+        untracked.line, untracked.text, untracked.mark.value
     )
 }
 

@@ -10,7 +10,7 @@ use super::{
     ipset::{match_set, IpSets},
     local_bypass, other_classids, other_ids, other_protocol_rule, other_transports, port_range,
     tproxy_port, words, AddressType, Chain, Entry, Established, Family, Match, Parsed, RuleSet,
-    Target,
+    Target, UntrackedMark,
 };
 use crate::{
     datapath::rules::{CtDirection, Ports},
@@ -41,6 +41,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     let mut ignored = 0;
     let mut mark_set_elsewhere = false;
     let mut elsewhere = Vec::new();
+    let mut untracked_marks = Vec::new();
     let (user_chains, divert_chains) = user_and_divert_chains(input);
     let facts = facts(input);
     for (number, line) in input.lines().enumerate() {
@@ -67,6 +68,15 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         if table != "mangle" {
             ignored += 1;
             mark_set_elsewhere |= sets_mark(&w);
+            if let (true, Some(mark)) =
+                (table == "raw" && chain == "PREROUTING", untracked_mark(&w))
+            {
+                untracked_marks.push(UntrackedMark {
+                    line: number,
+                    text: trimmed.to_string(),
+                    mark,
+                });
+            }
             continue;
         }
         let parsed: Chain = match parse_rule(
@@ -122,8 +132,28 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         mark_set_elsewhere,
         elsewhere,
         kept: Vec::new(),
+        untracked_marks,
         nft: false,
     })
+}
+
+/// The mark of a raw PREROUTING rule that only untracks the packets carrying one exact mark
+/// (`-m mark --mark 0x1 -j CT --notrack`, or `-j NOTRACK`): the raw table runs before
+/// mangle, so in the original only packets that arrive marked meet it, such as the host's
+/// that mangle OUTPUT marked and routed back by `lo` (see `UntrackedMark`).
+fn untracked_mark(w: &[String]) -> Option<Mark> {
+    let untracks = matches!(
+        w[1..].iter().map(String::as_str).collect::<Vec<_>>()[..],
+        [.., "-j", "NOTRACK"] | [.., "-j", "CT", "--notrack"]
+    );
+    let [_, m, mark, mark_option, value, ..] = w else {
+        return None;
+    };
+    let (m, mark, mark_option) = (m.as_str(), mark.as_str(), mark_option.as_str());
+    let only_the_mark = w.len() == 5 + if w.last()? == "NOTRACK" { 2 } else { 3 };
+    (untracks && only_the_mark && (m, mark, mark_option) == ("-m", "mark", "--mark"))
+        .then(|| full_mark(value).ok())
+        .flatten()
 }
 
 /// Whether the rule's words (after `-A CHAIN`) set the packet mark.

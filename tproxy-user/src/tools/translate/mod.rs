@@ -304,6 +304,19 @@ struct RuleSet {
     kept: Vec<String>,
     /// Read from `nft list ruleset` (else from iptables-save).
     nft: bool,
+    /// The rules of the chains left alone that untrack packets with one exact mark.
+    untracked_marks: Vec<UntrackedMark>,
+}
+
+/// A rule of a chain left alone that does nothing but untrack the packets carrying `mark`
+/// (nft `meta mark 0x1 notrack`). tproxy's program sets its routing mark before netfilter
+/// runs, so `emit` routes with a mark that such a rule never matches: left alone, it
+/// untracks what others mark, not the flows tproxy steers.
+#[derive(Clone, Debug)]
+struct UntrackedMark {
+    line: usize,
+    text: String,
+    mark: Mark,
 }
 
 /// A base chain the kernel runs at prerouting (or, for locally generated packets, at

@@ -10,7 +10,7 @@ use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
     other_classids, other_ids, other_protocol_rule, other_transports, port_range,
     precedence::iface_covers, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet,
-    Target,
+    Target, UntrackedMark,
 };
 use crate::{
     datapath::rules::CtDirection,
@@ -67,6 +67,8 @@ struct Links {
     leaves_a_trace: bool,
     /// Some rule of it reads what tproxy changes (see [`reads_what_tproxy_sets`]).
     reads_what_tproxy_sets: bool,
+    /// Its rules that only untrack packets with one exact mark (see [`untracked_mark`]).
+    untracked_marks: Vec<UntrackedMark>,
 }
 
 /// Reads the chains hooked at prerouting, the route chains hooked at output, and the chains
@@ -80,6 +82,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         mark_set_elsewhere: false,
         elsewhere: Vec::new(),
         kept: Vec::new(),
+        untracked_marks: Vec::new(),
         nft: true,
     };
     let mut sets = Sets::new();
@@ -156,6 +159,13 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
 /// with what to keep and what to delete.
 fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
     let mut kept: Vec<(String, usize, Vec<String>)> = Vec::new();
+    let untracked_lines = |reach: &[&str]| -> Vec<usize> {
+        reach
+            .iter()
+            .filter_map(|chain| at.links.get(*chain))
+            .flat_map(|links| links.untracked_marks.iter().map(|u| u.line))
+            .collect()
+    };
     ruleset.entry.retain(|entry| {
         let reach = reach(at, &entry.chain);
         let decides = reach.iter().any(|chain| {
@@ -174,6 +184,14 @@ fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
         let drops_the_rest = at.drop_policies.iter().any(|(c, ..)| *c == entry.chain);
         // A table listed twice enters its chains twice: one note each.
         let noted = kept.iter().any(|(chain, ..)| *chain == entry.chain);
+        if !noted {
+            ruleset.untracked_marks.extend(
+                reach
+                    .iter()
+                    .filter_map(|chain| at.links.get(*chain))
+                    .flat_map(|links| links.untracked_marks.iter().cloned()),
+            );
+        }
         if (rules > 0 || drops_the_rest) && !noted {
             kept.push((
                 entry.chain.clone(),
@@ -194,6 +212,18 @@ fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
         .flat_map(|chain| reach(at, chain))
         .collect();
     for (chain, rules, reach) in kept {
+        let reach_names: Vec<&str> = reach.iter().map(String::as_str).collect();
+        let reads = match untracked_lines(&reach_names).as_slice() {
+            [] => "reads no mark or socket".to_string(),
+            lines => format!(
+                "reads no mark or socket but to untrack packets (see the note on line {})",
+                lines
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", line ")
+            ),
+        };
         let shared: Vec<&str> = reach
             .iter()
             .map(String::as_str)
@@ -209,7 +239,7 @@ fn leave_firewall_chains_alone(ruleset: &mut RuleSet, at: &Position) {
         };
         ruleset.kept.push(format!(
             "chain `{chain}` at prerouting ({rules} rules) only filters: it steers nothing, \
-             changes nothing later chains or the route read and reads no mark or socket, and \
+             changes nothing later chains or the route read and {reads}, and \
              tproxy's program runs before it, so it still drops or rejects what it did: left \
              alone, keep it (delete only the chains translated: {}){shared}",
             translated.join(", ")
@@ -266,6 +296,23 @@ fn leaves_a_trace(w: &[String]) -> bool {
             || (word == "reset" && w.get(i + 1).is_some_and(|next| next == "tcp"))
             || (word == "vmap" && w.get(i + 1).is_some_and(|map| map.starts_with('@')))
     })
+}
+
+/// The mark of a rule that does nothing but untrack the packets carrying one exact mark
+/// (`meta mark 0x00000001 notrack`, lesca's for the host's packets that mangle OUTPUT marked
+/// and routed back by `lo`), its other matches reading nothing tproxy changes. Such a rule
+/// in a chain left alone sees tproxy's routing mark as well, which `emit` then keeps out of
+/// its reach (see [`UntrackedMark`]).
+fn untracked_mark(w: &[String]) -> Option<Mark> {
+    if !w.iter().any(|word| word == "notrack") {
+        return None;
+    }
+    let at = w
+        .windows(2)
+        .position(|pair| pair[0] == "meta" && pair[1] == "mark")?;
+    let mark = full_mark(w.get(at + 2)?).ok()?;
+    let others: Vec<String> = w[..at].iter().chain(&w[at + 3..]).cloned().collect();
+    (!reads_what_tproxy_sets(&others) && !leaves_a_trace(&others)).then_some(mark)
 }
 
 /// Whether an nft rule reads what tproxy's program changes before netfilter runs, or what
@@ -422,7 +469,14 @@ fn chain_line(
     );
     links.rules += 1;
     links.leaves_a_trace |= leaves_a_trace(w);
-    links.reads_what_tproxy_sets |= reads_what_tproxy_sets(w);
+    match untracked_mark(w) {
+        Some(mark) => links.untracked_marks.push(UntrackedMark {
+            line: number,
+            text: trimmed.to_string(),
+            mark,
+        }),
+        None => links.reads_what_tproxy_sets |= reads_what_tproxy_sets(w),
+    }
     if w.iter().any(|x| x == "tproxy") || w.windows(2).any(|p| p[0] == "mark" && p[1] == "set") {
         links.steering.push((number, trimmed.to_string()));
     }

@@ -62,12 +62,6 @@ impl Guard {
         })
     }
 
-    /// A routing mark for tproxy when the guard's mark would match the TPROXY rules' one
-    /// (`conflict`): see [`routing_elsewhere`], outside the guard's mark.
-    pub(super) fn routing_elsewhere(&self, read: &[Mark]) -> Option<(Mark, bool)> {
-        routing_elsewhere(self.mark, read)
-    }
-
     /// What the operator should know when tproxy routes with `own` in place of the TPROXY
     /// rules' `tproxy_mark`, which is the guard's; `read_by_rules`: the rules' marks look
     /// at `own`'s bit.

@@ -4123,7 +4123,7 @@ table ip t {{
     // netfilter runs; an iptables extension or a named verdict map may hide anything: the
     // chain is translated with the rest, not kept.
     for reads in [
-        "\t\tmeta mark 0x00000001 notrack",
+        "\t\tmeta mark 0x00000001 counter packets 0 bytes 0 drop",
         "\t\tmeta nfproto ipv6 fib saddr . mark . iif oif missing drop",
         "\t\tmeta skuid != 1000 drop",
         "\t\tmeta l4proto tcp tcp dport 80 counter packets 0 bytes 0 xt target \"TPROXY\"",
@@ -4134,6 +4134,85 @@ table ip t {{
         assert!(
             !t.notes.iter().any(|note| note.contains("only filters")),
             "{reads}: {:?}",
+            t.notes
+        );
+    }
+}
+
+/// A chain left alone whose only mark read is to untrack the packets with one mark (lesca's
+/// `meta mark 0x00000001 notrack`, iptables' raw `-m mark --mark 0x1 -j CT --notrack`) would
+/// match every packet tproxy steers with that mark as its routing mark (set before
+/// netfilter runs): tproxy routes with a bit of its own instead, and says so. With another
+/// mark, the routing mark stays, and a note says the rule does not see it.
+#[test]
+fn a_chain_left_alone_that_untracks_a_mark_keeps_it_off_the_routing_mark() {
+    let nft = |untracked: &str| {
+        format!(
+            "\
+table ip xray {{
+\tchain raw {{
+\t\ttype filter hook prerouting priority raw; policy accept;
+\t\tmeta mark {untracked} notrack
+\t\tudp dport 443 reject
+\t}}
+\tchain p {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tip daddr 10.0.0.0/8 return
+\t\tip protocol tcp tproxy to 127.0.0.1:12345 meta mark set 0x00000001
+\t}}
+}}
+"
+        )
+    };
+    let iptables = |untracked: &str| {
+        format!(
+            "\
+*raw
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -m mark --mark {untracked} -j CT --notrack
+-A PREROUTING -p udp -m udp --dport 443 -j DROP
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -d 10.0.0.0/8 -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 12345 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+"
+        )
+    };
+    for input in [nft("0x00000001"), iptables("0x1"), iptables("0x1/0x1")] {
+        let t = translate(&input).unwrap();
+        assert!(t.skipped.is_empty(), "{input}: {:?}", t.skipped);
+        assert!(
+            t.config.contains("mark = \"0x1000000/0x1000000\""),
+            "{input}: {}",
+            t.config
+        );
+        assert!(
+            t.notes.iter().any(|note| note.contains(
+                "untracks the packets that carry 0x1, which \
+                 tproxy's program would set"
+            )),
+            "{input}: {:?}",
+            t.notes
+        );
+    }
+    let t = translate(&nft("0x00000001")).unwrap();
+    assert!(
+        t.notes.iter().any(|note| note
+            .starts_with("chain `ip xray/raw` at prerouting (2 rules) only filters")
+            && note.contains("but to untrack packets (see the note on line 4)")),
+        "{:?}",
+        t.notes
+    );
+    for input in [nft("0x00000008"), iptables("0x8")] {
+        let t = translate(&input).unwrap();
+        assert!(t.skipped.is_empty(), "{input}: {:?}", t.skipped);
+        assert!(!t.config.contains("0x1000000"), "{input}: {}", t.config);
+        assert!(
+            t.notes.iter().any(|note| note
+                .contains("untracks the packets that carry 0x8: not the ones tproxy steers")),
+            "{input}: {:?}",
             t.notes
         );
     }
