@@ -1277,6 +1277,77 @@ fn ct_direction_round_trip(load: impl FnOnce(&Netns) -> String, unload: fn(&Netn
     );
 }
 
+/// shadowsocks-libev's README (pure tproxy) at PREROUTING: the connection-mark idiom that
+/// marks a flow's first packet (a TCP SYN, a UDP packet of a new connection), keeps the mark
+/// in the connection and restores it for the later packets; TPROXY rules on the mark that
+/// set none (`--tproxy-mark 0x0/0x0`: the recipe's `ip rule` routes by 0x2333). A flow to
+/// the bypassed server must keep its replies, which come back to a client address the
+/// rules would steer: the connection's mark never marks them, and the translation's
+/// `ct_direction = "original"` leaves them alone.
+const CONNMARK_FIRST_PACKET_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:SSREDIR - [0:0]
+-A PREROUTING -p tcp -m addrtype ! --src-type LOCAL ! --dst-type LOCAL -j SSREDIR
+-A PREROUTING -p udp -m addrtype ! --src-type LOCAL ! --dst-type LOCAL -j SSREDIR
+-A PREROUTING -p tcp -m mark --mark 0x2333 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A PREROUTING -p udp -m mark --mark 0x2333 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A SSREDIR -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A SSREDIR -m mark --mark 0x2333 -j RETURN
+-A SSREDIR -d 10.10.2.3/32 -j RETURN
+-A SSREDIR -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x2333/0xffffffff
+-A SSREDIR -p udp -m conntrack --ctstate NEW -j MARK --set-xmark 0x2333/0xffffffff
+-A SSREDIR -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+";
+
+/// The README's `ip rule add fwmark 0x2333 table 100` (table 100 is the recipe's).
+fn connmark_routing(netns: &Netns, action: &str) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ip", "rule", action])
+        .args(["fwmark", "0x2333", "lookup", "100"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn iptables_connmark_first_packet_idiom_steers_new_flows_and_leaves_replies_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+        PortProbe::Tcp(0, "10.10.2.3:80"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+        PortProbe::Udp(0, "10.10.2.3:53"),
+    ];
+    let (original, translated, config, counters) = fates_loaded_both_ways(
+        &probes,
+        |netns| {
+            keep_conntrack(netns);
+            restore_iptables(netns, CONNMARK_FIRST_PACKET_IPTABLES).unwrap();
+            connmark_routing(netns, "add");
+            CONNMARK_FIRST_PACKET_IPTABLES.to_string()
+        },
+        |netns| {
+            connmark_routing(netns, "del");
+            remove_iptables_tproxy(netns).unwrap()
+        },
+    );
+    let expected: Vec<Fate> = {
+        use Fate::*;
+        vec![Intercepted, Direct, Intercepted, Direct]
+    };
+    assert_eq!(fates_of(&original), expected, "original: {original:?}");
+    assert!(config.contains("ct_direction = \"original\""), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert_eq!(
+        counters.get("udp/steered_new"),
+        Some(&1),
+        "the flow to 10.10.2.2:53 is steered, not the replies of the one to 10.10.2.3: \
+         {counters:?}"
+    );
+}
+
 #[test]
 fn iptables_ctdir_reply_leaves_the_replies_of_flows_left_alone_translated() {
     require_root();

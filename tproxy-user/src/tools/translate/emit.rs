@@ -33,7 +33,7 @@ type Listeners = BTreeMap<u16, Vec<SocketAddr>>;
 /// `keep_proxies`: each TPROXY port is an external listener (the proxy listening there stays
 /// in the path) instead of one of tproxy's own.
 pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Translation {
-    let mut notes = Vec::new();
+    let mut notes = ruleset.notes.clone();
     let mut skipped: Vec<String> = Vec::new();
     let flat = established::resolve(flatten_entries(&ruleset, &mut notes), &mut notes);
     let local_flat = local::rules(&ruleset, &flat, &mut notes);

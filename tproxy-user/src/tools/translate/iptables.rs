@@ -30,6 +30,15 @@ struct Facts {
     /// A rule that packets delivered locally meet after mangle PREROUTING (another table's,
     /// or mangle INPUT's or FORWARD's) matches the packet mark.
     mark_read_after: bool,
+    /// Where each mangle chain (by chain key) is run from, PREROUTING or OUTPUT.
+    reach: HashMap<String, Reach>,
+}
+
+/// Where a chain is run from: what `-m addrtype --src-type LOCAL` means in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Reach {
+    pub(super) prerouting: bool,
+    pub(super) output: bool,
 }
 
 /// Reads the `mangle` table's PREROUTING and OUTPUT chains and the chains they may jump to;
@@ -79,36 +88,25 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             }
             continue;
         }
-        let parsed: Chain = match parse_rule(
-            &w[1..],
+        let reach = facts
+            .reach
+            .get(&chain_key(family, &chain))
+            .copied()
+            .unwrap_or_default();
+        let parsed = entries(
+            number,
+            trimmed,
             family,
-            divert_chains.contains(&chain),
-            &user_chains,
-            sets,
-            &facts,
-        ) {
-            Ok((matches, target, comment)) => {
-                let target = match target {
-                    Target::Jump(to) => Target::Jump(chain_key(family, &to)),
-                    Target::Goto(to) => Target::Goto(chain_key(family, &to)),
-                    target => target,
-                };
-                matches
-                    .into_iter()
-                    .flat_map(|matches| by_address_type(matches, target.clone()))
-                    .map(|(matches, target)| {
-                        Ok(Parsed {
-                            line: number,
-                            text: trimmed.to_string(),
-                            matches,
-                            target,
-                            comment: comment.clone(),
-                        })
-                    })
-                    .collect()
-            }
-            Err(reason) => vec![Err((number, trimmed.to_string(), reason))],
-        };
+            parse_rule(
+                &w[1..],
+                family,
+                divert_chains.contains(&chain),
+                &user_chains,
+                sets,
+                &facts,
+                reach,
+            ),
+        );
         if chain != "PREROUTING"
             && chain != "OUTPUT"
             && chain.chars().all(|c| c.is_ascii_uppercase())
@@ -124,6 +122,18 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             .or_default()
             .extend(parsed);
     }
+    let mut notes = src_type_notes(input);
+    let reparse = |key: &str, number: usize, text: &str, w: &[String]| {
+        let family = if key.starts_with("ip6 ") {
+            Family::V6
+        } else {
+            Family::V4
+        };
+        let reach = facts.reach.get(key).copied().unwrap_or_default();
+        let rule = parse_rule(w, family, false, &user_chains, sets, &facts, reach);
+        entries(number, text, family, rule)
+    };
+    super::first_packet::rewrite(&mut chains, &facts.reach, &reparse, &mut notes);
     Ok(RuleSet {
         chains,
         entry: builtin_entries("PREROUTING"),
@@ -133,8 +143,37 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         elsewhere,
         kept: Vec::new(),
         untracked_marks,
+        notes,
         nft: false,
     })
+}
+
+/// A parsed rule's entries in its chain: one per match it splits into (see
+/// [`by_address_type`]), with jumps named by chain key; or why it was not parsed.
+fn entries(number: usize, text: &str, family: Family, rule: Result<Rule, String>) -> Chain {
+    match rule {
+        Ok((matches, target, comment)) => {
+            let target = match target {
+                Target::Jump(to) => Target::Jump(chain_key(family, &to)),
+                Target::Goto(to) => Target::Goto(chain_key(family, &to)),
+                target => target,
+            };
+            matches
+                .into_iter()
+                .flat_map(|matches| by_address_type(matches, target.clone()))
+                .map(|(matches, target)| {
+                    Ok(Parsed {
+                        line: number,
+                        text: text.to_string(),
+                        matches,
+                        target,
+                        comment: comment.clone(),
+                    })
+                })
+                .collect()
+        }
+        Err(reason) => vec![Err((number, text.to_string(), reason))],
+    }
 }
 
 /// The mark of a raw PREROUTING rule that only untracks the packets carrying one exact mark
@@ -154,6 +193,31 @@ fn untracked_mark(w: &[String]) -> Option<Mark> {
     (untracks && only_the_mark && (m, mark, mark_option) == ("-m", "mark", "--mark"))
         .then(|| full_mark(value).ok())
         .flatten()
+}
+
+/// What the operator should know of the `--src-type LOCAL` matches translated (see
+/// [`src_type_local`]).
+fn src_type_notes(input: &str) -> Vec<String> {
+    let mut notes = Vec::new();
+    if input.contains("! --src-type LOCAL") {
+        notes.push(
+            "`! --src-type LOCAL` at PREROUTING takes every arrival tproxy's rules see: the \
+             host's own packets come back by lo, where the program for local connections runs \
+             instead. IPv4 drops a packet from another host that forges one of this host's \
+             addresses as its source (a martian); IPv6 lets it in, and tproxy steers it where \
+             the original left it alone (its replies go to this host)"
+                .into(),
+        );
+    }
+    if input.matches("--src-type LOCAL").count() > input.matches("! --src-type LOCAL").count() {
+        notes.push(
+            "`--src-type LOCAL` in OUTPUT takes every connection tproxy's programs select: only \
+             a transparent socket bound to another host's address (a proxy answering as the \
+             address its client dialled) sends from elsewhere, and tproxy never steers its own"
+                .into(),
+        );
+    }
+    notes
 }
 
 /// Whether the rule's words (after `-A CHAIN`) set the packet mark.
@@ -256,6 +320,7 @@ fn facts(input: &str) -> Facts {
                 .push(w[1..].to_vec());
         }
     }
+    let reach = reach(&chains);
     let marking_chains = chains
         .into_iter()
         .filter_map(|(chain, rules)| match rules.as_slice() {
@@ -276,11 +341,46 @@ fn facts(input: &str) -> Facts {
         connmark_read,
         helpers,
         mark_read_after,
+        reach,
     }
 }
 
+/// Where each mangle chain is run from, following the jumps and gotos from PREROUTING and
+/// OUTPUT (of either family).
+fn reach(chains: &HashMap<String, Vec<Vec<String>>>) -> HashMap<String, Reach> {
+    let mut reach: HashMap<String, Reach> = HashMap::new();
+    for family in [Family::V4, Family::V6] {
+        for (base, output) in [("PREROUTING", false), ("OUTPUT", true)] {
+            let mut next = vec![chain_key(family, base)];
+            let mut seen: Vec<String> = Vec::new();
+            while let Some(chain) = next.pop() {
+                if seen.contains(&chain) {
+                    continue;
+                }
+                let entry = reach.entry(chain.clone()).or_default();
+                match output {
+                    true => entry.output = true,
+                    false => entry.prerouting = true,
+                }
+                for rule in chains.get(&chain).into_iter().flatten() {
+                    let to = rule
+                        .windows(2)
+                        .filter(|pair| {
+                            matches!(pair[0].as_str(), "-j" | "--jump" | "-g" | "--goto")
+                        })
+                        .map(|pair| chain_key(family, &pair[1]))
+                        .filter(|to| chains.contains_key(to));
+                    next.extend(to);
+                }
+                seen.push(chain);
+            }
+        }
+    }
+    reach
+}
+
 /// `iptables-save` and `ip6tables-save` output may come together: their chains are apart.
-fn chain_key(family: Family, chain: &str) -> String {
+pub(super) fn chain_key(family: Family, chain: &str) -> String {
     match family {
         Family::V4 => chain.to_string(),
         Family::V6 => format!("ip6 {chain}"),
@@ -315,6 +415,7 @@ fn parse_rule(
     user_chains: &[String],
     sets: &IpSets,
     facts: &Facts,
+    reach: Reach,
 ) -> Result<Rule, String> {
     let mut m = Match {
         family: Some(family),
@@ -406,6 +507,10 @@ fn parse_rule(
             }
             "--ports" => {
                 either_ports = Some((ports(&value()?)?, negated));
+                i += 2;
+            }
+            "--src-type" => {
+                src_type_local(&mut m, &value()?, negated, reach)?;
                 i += 2;
             }
             "--match-set" => {
@@ -701,6 +806,41 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         other => return Err(format!("option `{other}`")),
     }
     Ok(())
+}
+
+/// `-m addrtype [!] --src-type LOCAL`, whose meaning follows from where the chain runs. In
+/// OUTPUT a packet's source is one of the host's addresses (but for a transparent socket's,
+/// bound to another: a proxy answering from the address its client dialled), so the match
+/// takes every packet tproxy's programs select, and the negated one none. At PREROUTING a
+/// packet with one of the host's addresses as its source is one the host sent itself, back
+/// by `lo`, where tproxy's rules for arrivals do not run (the program for local connections
+/// takes `lo`), or one from another host forging it: IPv4 routing drops it after
+/// PREROUTING (a martian source), so the negated match takes every arrival the rules see
+/// (IPv6 lets the forged one in: a note says so, see [`src_type_notes`]).
+/// Other types, and the positive match at PREROUTING (the host's packets back on `lo`), are
+/// not translated.
+fn src_type_local(m: &mut Match, value: &str, negated: bool, reach: Reach) -> Result<(), String> {
+    if value != "LOCAL" {
+        return Err(format!("`--src-type {value}` (tproxy knows LOCAL)"));
+    }
+    match (reach, negated) {
+        (
+            Reach {
+                prerouting: true,
+                output: true,
+            },
+            _,
+        ) => Err("`--src-type LOCAL` in a chain run from both PREROUTING and OUTPUT".into()),
+        (Reach { output: true, .. }, false) => Ok(()),
+        (Reach { output: true, .. }, true) => {
+            m.matches_nothing = true;
+            Ok(())
+        }
+        (_, true) => Ok(()),
+        (_, false) => {
+            Err("`--src-type LOCAL` at PREROUTING (the host's own packets back on lo)".into())
+        }
+    }
 }
 
 /// Whether `m` has a match of the kind `word` sets already (a rule may name a module twice,

@@ -19,6 +19,7 @@
 
 mod emit;
 mod established;
+mod first_packet;
 mod flatten;
 mod ipset;
 mod iptables;
@@ -306,6 +307,8 @@ struct RuleSet {
     nft: bool,
     /// The rules of the chains left alone that untrack packets with one exact mark.
     untracked_marks: Vec<UntrackedMark>,
+    /// What the operator should know of how the parser read the rules.
+    notes: Vec<String>,
 }
 
 /// A rule of a chain left alone that does nothing but untrack the packets carrying `mark`

@@ -83,6 +83,7 @@ pub(super) fn parse(input: &str) -> Result<RuleSet> {
         elsewhere: Vec::new(),
         kept: Vec::new(),
         untracked_marks: Vec::new(),
+        notes: Vec::new(),
         nft: true,
     };
     let mut sets = Sets::new();

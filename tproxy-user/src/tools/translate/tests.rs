@@ -4890,3 +4890,129 @@ fn skipped_lines(t: &super::Translation) -> Vec<&str> {
         .map(|s| s.split(':').next().unwrap())
         .collect()
 }
+
+/// The rules of a configuration as `origin action ct_direction transports dst`, in order.
+fn rules_with_direction(config: &str) -> Vec<String> {
+    let config: toml::Value = toml::from_str(config).unwrap();
+    config["rule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let text = |key: &str| {
+                r.get(key)
+                    .map_or("-".to_string(), |v| v.to_string().replace('"', ""))
+            };
+            format!(
+                "{} {} {} {} {}",
+                text("origin"),
+                text("action"),
+                text("ct_direction"),
+                text("proto"),
+                text("dst")
+            )
+        })
+        .collect()
+}
+
+/// The connection-mark idiom of shadowsocks-libev's README, and v2rayA's with its marking
+/// in a chain of its own: the bypasses, then what it marks on a flow's first packet as rules
+/// with `ct_direction = "original"` (arrivals: the TPROXY rule's target, with the mark the
+/// idiom set; OUTPUT: local rules), and the host's own addresses left alone. Variants that
+/// do not mean that keep being reported.
+#[test]
+fn the_connmark_first_packet_idiom_becomes_rules_for_the_original_direction() {
+    let ss_libev = |restore: &str, between: &str| {
+        format!(
+            "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:SSREDIR - [0:0]
+-A PREROUTING -p tcp -m addrtype ! --src-type LOCAL ! --dst-type LOCAL -j SSREDIR
+{between}-A PREROUTING -p tcp -m mark --mark 0x2333 -j TPROXY --on-port 60080 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A OUTPUT -p tcp -m addrtype --src-type LOCAL ! --dst-type LOCAL -j SSREDIR
+-A SSREDIR -j CONNMARK {restore}
+-A SSREDIR -m mark --mark 0x2333 -j RETURN
+-A SSREDIR -d 10.0.0.0/8 -j RETURN
+-A SSREDIR -i br-lan -j RETURN
+-A SSREDIR -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x2333/0xffffffff
+-A SSREDIR -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+"
+        )
+    };
+    let full = "--restore-mark --nfmask 0xffffffff --ctmask 0xffffffff";
+    let t = translate(&ss_libev(full, "")).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(
+        rules_with_direction(&t.config),
+        [
+            "- bypass - [tcp] local-ipv4",
+            "- bypass - [tcp] [10.0.0.0/8]",
+            "- bypass - [tcp] [0.0.0.0/0]",
+            "- steer original [tcp] [0.0.0.0/0]",
+            "- bypass - [tcp] [0.0.0.0/0]",
+            "local bypass - [tcp] [10.0.0.0/8]",
+            "local bypass - [tcp] local-ipv4",
+            "local steer - [tcp] [0.0.0.0/0]",
+        ],
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config.contains("mark = \"0x2333/0xffffffff\""),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.notes.iter().any(|note| note
+            .starts_with("lines 8-13 (chain SSREDIR): the connection-mark idiom")
+            && note.contains("a connection older than tproxy's start")),
+        "{:?}",
+        t.notes
+    );
+    // A restore of some bits only, a rule between the jump and the TPROXY rule: not the
+    // idiom, reported as before.
+    for input in [
+        ss_libev("--restore-mark --nfmask 0xff --ctmask 0xff", ""),
+        ss_libev(full, "-A PREROUTING -p tcp --dport 22 -j RETURN\n"),
+    ] {
+        let t = translate(&input).unwrap();
+        assert!(!t.skipped.is_empty(), "{input}\n{}", t.config);
+    }
+
+    let v2raya = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:TP_MARK - [0:0]
+:TP_OUT - [0:0]
+:TP_PRE - [0:0]
+:TP_RULE - [0:0]
+-A PREROUTING -j TP_PRE
+-A OUTPUT -j TP_OUT
+-A TP_MARK -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j MARK --set-xmark 0x40/0x40
+-A TP_MARK -p udp -m conntrack --ctstate NEW -j MARK --set-xmark 0x40/0x40
+-A TP_MARK -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A TP_OUT -m mark --mark 0x80/0x80 -j RETURN
+-A TP_OUT -p udp -m addrtype --src-type LOCAL ! --dst-type LOCAL -j TP_RULE
+-A TP_PRE -p udp -m addrtype ! --src-type LOCAL ! --dst-type LOCAL -j TP_RULE
+-A TP_PRE -p udp -m mark --mark 0x40/0xc0 -j TPROXY --on-port 32345 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A TP_RULE -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+-A TP_RULE -m mark --mark 0x40/0xc0 -j RETURN
+-A TP_RULE -d 192.168.0.0/16 -j RETURN
+-A TP_RULE -j TP_MARK
+COMMIT
+";
+    let t = translate(v2raya).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let rules = rules_with_direction(&t.config);
+    assert!(
+        rules.contains(&"- steer original [udp] [0.0.0.0/0]".to_string())
+            && rules.contains(&"local steer original [udp] [0.0.0.0/0]".to_string())
+            && rules.contains(&"local bypass - [tcp, udp] [0.0.0.0/0]".to_string()),
+        "{rules:?}\n{}",
+        t.config
+    );
+}
