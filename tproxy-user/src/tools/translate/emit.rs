@@ -86,24 +86,27 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         .iter()
         .filter_map(|(rule, _)| rule.matches.mark)
         .collect();
-    // A bit of its own stays clear of the marks that kept chains' rules untrack too.
-    let untracked: Vec<Mark> = ruleset.untracked_marks.iter().map(|u| u.mark).collect();
-    let read_all: Vec<Mark> = read.iter().chain(&untracked).copied().collect();
-    let own_bit = |avoid: u32| {
-        routing_elsewhere(avoid, &read_all).map(|(mark, _)| {
-            let read_by_rules = read.iter().any(|m| m.mask & mark.mask != 0);
-            (mark, read_by_rules)
-        })
-    };
-    let socket_mark = guard
-        .as_ref()
-        .map_or(Settings::default().socket_mark, |guard| guard.mark);
     let untracks = |routing: Mark| {
         ruleset
             .untracked_marks
             .iter()
             .find(|u| untracks_steered(u.mark, routing))
     };
+    // A bit of its own, which no rule of a kept chain that untracks by the mark tells from
+    // none.
+    let own_bit = |avoid: u32| {
+        let mut avoid = avoid;
+        loop {
+            let (mark, read_by_rules) = routing_elsewhere(avoid, &read)?;
+            if untracks(mark).is_none() {
+                return Some((mark, read_by_rules));
+            }
+            avoid |= mark.mask;
+        }
+    };
+    let socket_mark = guard
+        .as_ref()
+        .map_or(Settings::default().socket_mark, |guard| guard.mark);
     let own_routing = match &guard {
         Some(guard) if guard.conflict(routing).is_some() => {
             own_bit(guard.mark).map(|(mark, read_by_rules)| {
@@ -124,7 +127,13 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
                 )
             })
         }
-        _ if untracks(routing).is_some() => own_bit(socket_mark).map(|(mark, _)| {
+        _ if untracks(routing).is_some() => own_bit(socket_mark).map(|(mark, read_by_rules)| {
+            if read_by_rules {
+                notes.push(format!(
+                    "the rules' marks are read without the bit of tproxy's routing mark \
+                         {mark}, which no rule needs set and only tproxy sets"
+                ));
+            }
             (
                 mark,
                 "a chain left alone untracks the packets that carry the one it would use",
@@ -909,11 +918,13 @@ fn marks_read_note(
     )
 }
 
-/// Whether a rule that untracks the packets with `untracked` would match some packet
-/// carrying the `routing` mark: it looks at some of its bits, and they agree.
+/// Whether a rule that untracks the packets with `untracked` tells a steered packet from
+/// the same packet unsteered: an arrival comes unmarked, and tproxy's program sets the
+/// `routing` bits on it before netfilter runs, where the TPROXY recipe marks it after the
+/// raw table.
 fn untracks_steered(untracked: Mark, routing: Mark) -> bool {
-    let seen = routing.mask & untracked.mask;
-    seen != 0 && routing.value & seen == untracked.value & seen
+    let untracks = |mark: u32| mark & untracked.mask == untracked.value;
+    untracks(0) != untracks(routing.value)
 }
 
 /// What the operator should know when tproxy routes with `own` in place of `routing`

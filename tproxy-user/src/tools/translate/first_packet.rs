@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 
-use super::{iptables::Reach, words, Chain, Match, Parsed, Target};
+use super::{full_mark, iptables::Reach, words, Chain, Match, Parsed, Target};
 use crate::values::{parse_mark, Mark, Transport};
 
 /// Reparses a rule's words (after `-A CHAIN`) as the chain with this key holds them, with
@@ -50,19 +50,39 @@ struct Idiom {
 
 /// Rewrites each chain holding the idiom (see the module's documentation), when its callers
 /// are as the idiom has them; otherwise leaves it as it is, to be reported rule by rule.
+///
+/// Not when another rule reads or sets the connection's mark (`connmark_lines`: the lines of
+/// the input that name it, in any table), which the idiom's would no longer set or restore,
+/// nor when a rule untracks packets (`untracks`): the idiom never marks an untracked flow
+/// (`--ctstate NEW` does not match it), where tproxy would take it as original.
 pub(super) fn rewrite(
     chains: &mut HashMap<String, Chain>,
     reach: &HashMap<String, Reach>,
     reparse: &Reparse,
+    connmark_lines: &[usize],
+    untracks: bool,
     notes: &mut Vec<String>,
 ) {
     let mut keys: Vec<String> = chains.keys().cloned().collect();
     keys.sort();
-    for key in keys {
-        if let Some(idiom) = find(chains, &key, reparse) {
-            if let Some(note) = apply(chains, reach, &key, idiom) {
-                notes.push(note);
-            }
+    let found: Vec<(String, Idiom)> = keys
+        .into_iter()
+        .filter_map(|key| find(chains, &key, reparse).map(|idiom| (key, idiom)))
+        .collect();
+    let idioms_lines: Vec<usize> = found
+        .iter()
+        .flat_map(|(_, idiom)| [idiom.restore_line, idiom.save_line])
+        .collect();
+    if untracks
+        || connmark_lines
+            .iter()
+            .any(|line| !idioms_lines.contains(line))
+    {
+        return;
+    }
+    for (key, idiom) in found {
+        if let Some(note) = apply(chains, reach, &key, idiom) {
+            notes.push(note);
         }
     }
 }
@@ -156,7 +176,9 @@ fn apply(
     idiom: Idiom,
 ) -> Option<String> {
     let name = key.strip_prefix("ip6 ").unwrap_or(key);
-    // A jump to it that was not parsed cannot be pointed elsewhere.
+    // A jump to it that was not parsed cannot be pointed elsewhere. (Compared by name: an
+    // unparsed jump of the other family to a chain of the same name stops it too, which
+    // only leaves the rules to be reported as they were.)
     let unparsed_jump = chains.values().flatten().any(|entry| {
         entry.as_ref().is_err_and(|(_, text, _)| {
             let w = words(text);
@@ -201,10 +223,10 @@ fn apply(
     let mut steering: Vec<Parsed> = Vec::new();
     for (caller, at) in &forwarded {
         let taken = tproxy_rules_after(&chains[caller][at + 1..], key, idiom.mark)?;
-        let Ok(jump) = &chains[caller][*at] else {
-            return None;
+        let jumped = match &chains[caller][*at] {
+            Ok(jump) => jump.matches.transports.clone(),
+            Err(_) => unreachable!("`forwarded` holds parsed jumps only"),
         };
-        let jumped = &jump.matches.transports;
         for rule in &idiom.marking {
             // A marking rule for another protocol than the jump's never matches there.
             let disjoint = !jumped.is_empty()
@@ -240,6 +262,8 @@ fn apply(
                 },
                 (target, _) => target.clone(),
             };
+            // Each PREROUTING jump asks for the same marking rules: kept once, as long as
+            // their TPROXY rules agree.
             if !steering.iter().any(|kept| {
                 kept.line == rule.line && kept.matches.transports == rule.matches.transports
             }) {
@@ -261,6 +285,16 @@ fn apply(
     // exclude one by one. Those packets met only the TPROXY rules on the idiom's mark in the
     // original, and no packet for the host's own addresses carries it: OUTPUT's jumps leave
     // them out too, and an arrival carries no mark at tc ingress but one the host set.
+    // Every jump must leave them out, or the bypass would take what another jump sends in.
+    let leave_out_own: Vec<bool> = forwarded
+        .iter()
+        .filter_map(|(caller, at)| chains.get(caller).and_then(|c| c.get(*at)))
+        .filter_map(|jump| jump.as_ref().ok())
+        .map(|jump| jump.matches.excludes_dst_local)
+        .collect();
+    if leave_out_own.contains(&true) && leave_out_own.contains(&false) {
+        return None;
+    }
     let mut own_addresses = None;
     for (caller, at) in &forwarded {
         if let Some(Ok(jump)) = chains.get(caller).and_then(|c| c.get(*at)) {
@@ -305,16 +339,18 @@ fn apply(
         chains.insert(forwarded_key, chain.collect());
     }
     if !local.is_empty() {
-        // A packet the host sends has no input interface: `-i` never matches it, `! -i`
-        // always.
+        // A packet the host sends has no input interface: `-i eth0` never matches it, `! -i
+        // eth0` always, and `-i +` (any name, the empty one too) always.
+        let any = |iface: &String| iface == "*";
         let chain = chain_of(idiom.marking.clone())
             .into_iter()
-            .filter(|rule| rule.as_ref().is_ok_and(|rule| rule.matches.iface.is_none()))
-            .map(|rule| {
-                rule.map(|mut rule| {
-                    rule.matches.not_iface.clear();
-                    rule
-                })
+            .flatten()
+            .filter(|rule| rule.matches.iface.as_ref().is_none_or(any))
+            .filter(|rule| !rule.matches.not_iface.iter().any(any))
+            .map(|mut rule| {
+                rule.matches.iface = None;
+                rule.matches.not_iface.clear();
+                Ok(rule)
             });
         chains.insert(local_key, chain.collect());
     }
@@ -327,16 +363,28 @@ fn apply(
             chains.remove(marking);
         }
     }
+    let chains_named = match &idiom.marking_chain {
+        Some(marking) => format!(
+            "chains {name} and {}",
+            marking.strip_prefix("ip6 ").unwrap_or(marking)
+        ),
+        None => format!("chain {name}"),
+    };
     Some(format!(
-        "lines {}-{} (chain {name}): the connection-mark idiom, which marks a flow's first \
+        "lines {}-{} ({chains_named}): the connection-mark idiom, which marks a flow's first \
          packet (a TCP SYN, a UDP packet of a new connection) and keeps that mark for its \
          later packets, became its bypasses and rules with `ct_direction = \"original\"` for \
-         what it marked: tproxy keeps a flow it steers on its socket (looked up before any \
-         rule), and leaves the replies of the flows it leaves alone to them, as the \
-         connection's mark did. Unlike it, a connection older than tproxy's start (or one \
-         whose first packet tproxy saw was not a SYN) that the rules would steer goes to \
-         tproxy's listener, which resets it, where the original never marked it",
-        idiom.restore_line, idiom.save_line
+         what it marked (the jumps to it are read as gotos: what it gives back unmarked \
+         meets only the TPROXY rules on its mark, which it does not carry): tproxy keeps a \
+         flow it steers on its socket (looked up before any rule), and leaves the replies of \
+         the flows it leaves alone to them, as the connection's mark did. Unlike it, tproxy \
+         asks its rules again for each packet of a flow it left alone: one older than \
+         tproxy's start, one whose first packet tproxy saw was not a SYN, or one that a bypass \
+         stops matching later (its packets arrive by another interface, an entry of a set it \
+         follows expires), goes to tproxy's listener, which resets it, where the original \
+         never marked it",
+        idiom.restore_line.min(idiom.save_line),
+        idiom.restore_line.max(idiom.save_line)
     ))
 }
 
@@ -354,11 +402,10 @@ fn tproxy_rules_after(
         match &rule.target {
             Target::Jump(to) if to == key => continue,
             Target::Tproxy { .. }
-                if rule.matches.mark == Some(mark)
-                    && only_mark(&Match {
-                        transports: Vec::new(),
-                        ..rule.matches.clone()
-                    }) == Some(mark) =>
+                if only_mark(&Match {
+                    transports: Vec::new(),
+                    ..rule.matches.clone()
+                }) == Some(mark) =>
             {
                 taken.push((rule.matches.transports.clone(), rule.target.clone()))
             }
@@ -380,11 +427,10 @@ fn only_mark(m: &Match) -> Option<Mark> {
 
 /// Whether a match takes every packet of its family.
 fn names_nothing(m: &Match) -> bool {
-    let bare = Match {
+    Match {
         family: None,
         ..m.clone()
-    };
-    format!("{bare:?}") == format!("{:?}", Match::default())
+    } == Match::default()
 }
 
 /// Whether `text` is `-j CONNMARK` with `action` (`--restore-mark`, `--save-mark`) of the
@@ -424,9 +470,7 @@ fn first_packet_as_original(text: &str, mark: Mark) -> Option<Vec<String>> {
     if mark_target != "MARK" || !matches!(option.as_str(), "--set-xmark" | "--set-mark") {
         return None;
     }
-    let set = parse_mark(value)
-        .or_else(|_| parse_mark(&format!("{value}/0xffffffff")))
-        .ok()?;
+    let set = full_mark(value).ok()?;
     if set.value & mark.mask != mark.value {
         return None;
     }

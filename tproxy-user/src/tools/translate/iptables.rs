@@ -32,6 +32,10 @@ struct Facts {
     mark_read_after: bool,
     /// Where each mangle chain (by chain key) is run from, PREROUTING or OUTPUT.
     reach: HashMap<String, Reach>,
+    /// The lines, in any table, that read or set the connection's mark.
+    connmark_lines: Vec<usize>,
+    /// A rule, in any table, untracks packets (`CT --notrack`, `NOTRACK`).
+    untracks: bool,
 }
 
 /// Where a chain is run from: what `-m addrtype --src-type LOCAL` means in it.
@@ -51,6 +55,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
     let mut mark_set_elsewhere = false;
     let mut elsewhere = Vec::new();
     let mut untracked_marks = Vec::new();
+    let mut src_type_seen = SrcTypeSeen::default();
     let (user_chains, divert_chains) = user_and_divert_chains(input);
     let facts = facts(input);
     for (number, line) in input.lines().enumerate() {
@@ -77,14 +82,26 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         if table != "mangle" {
             ignored += 1;
             mark_set_elsewhere |= sets_mark(&w);
-            if let (true, Some(mark)) =
-                (table == "raw" && chain == "PREROUTING", untracked_mark(&w))
-            {
-                untracked_marks.push(UntrackedMark {
-                    line: number,
-                    text: trimmed.to_string(),
-                    mark,
-                });
+            // The raw table runs before mangle, at PREROUTING and OUTPUT alike: it sees
+            // the routing mark that tproxy's programs set, where the TPROXY recipe's comes
+            // later.
+            if table == "raw" && reads_the_mark(&w) {
+                match untracked_mark(&w) {
+                    Some(mark) => untracked_marks.push(UntrackedMark {
+                        line: number,
+                        text: trimmed.to_string(),
+                        mark,
+                    }),
+                    None => elsewhere.push((
+                        number,
+                        trimmed.to_string(),
+                        "the raw table reads the packet mark, which tproxy's programs set on \
+                         what they steer before netfilter runs, where the recipe's TPROXY and \
+                         MARK rules set it after this table (only a rule that untracks the \
+                         packets with one mark is translated)"
+                            .to_string(),
+                    )),
+                }
             }
             continue;
         }
@@ -93,20 +110,19 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             .get(&chain_key(family, &chain))
             .copied()
             .unwrap_or_default();
-        let parsed = entries(
-            number,
-            trimmed,
+        let rule = parse_rule(
+            &w[1..],
             family,
-            parse_rule(
-                &w[1..],
-                family,
-                divert_chains.contains(&chain),
-                &user_chains,
-                sets,
-                &facts,
-                reach,
-            ),
+            divert_chains.contains(&chain),
+            &user_chains,
+            sets,
+            &facts,
+            reach,
         );
+        if rule.is_ok() {
+            src_type_seen.saw(&w[1..], family, reach);
+        }
+        let parsed = entries(number, trimmed, family, rule);
         if chain != "PREROUTING"
             && chain != "OUTPUT"
             && chain.chars().all(|c| c.is_ascii_uppercase())
@@ -122,7 +138,7 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             .or_default()
             .extend(parsed);
     }
-    let mut notes = src_type_notes(input);
+    let mut notes = src_type_seen.notes();
     let reparse = |key: &str, number: usize, text: &str, w: &[String]| {
         let family = if key.starts_with("ip6 ") {
             Family::V6
@@ -133,7 +149,14 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
         let rule = parse_rule(w, family, false, &user_chains, sets, &facts, reach);
         entries(number, text, family, rule)
     };
-    super::first_packet::rewrite(&mut chains, &facts.reach, &reparse, &mut notes);
+    super::first_packet::rewrite(
+        &mut chains,
+        &facts.reach,
+        &reparse,
+        &facts.connmark_lines,
+        facts.untracks,
+        &mut notes,
+    );
     Ok(RuleSet {
         chains,
         entry: builtin_entries("PREROUTING"),
@@ -181,43 +204,91 @@ fn entries(number: usize, text: &str, family: Family, rule: Result<Rule, String>
 /// mangle, so in the original only packets that arrive marked meet it, such as the host's
 /// that mangle OUTPUT marked and routed back by `lo` (see `UntrackedMark`).
 fn untracked_mark(w: &[String]) -> Option<Mark> {
-    let untracks = matches!(
-        w[1..].iter().map(String::as_str).collect::<Vec<_>>()[..],
-        [.., "-j", "NOTRACK"] | [.., "-j", "CT", "--notrack"]
-    );
-    let [_, m, mark, mark_option, value, ..] = w else {
-        return None;
+    let words: Vec<&str> = w[1..].iter().map(String::as_str).collect();
+    let matches = match words.as_slice() {
+        [matches @ .., "-j", "NOTRACK"] | [matches @ .., "-j", "CT", "--notrack"] => matches,
+        _ => return None,
     };
-    let (m, mark, mark_option) = (m.as_str(), mark.as_str(), mark_option.as_str());
-    let only_the_mark = w.len() == 5 + if w.last()? == "NOTRACK" { 2 } else { 3 };
-    (untracks && only_the_mark && (m, mark, mark_option) == ("-m", "mark", "--mark"))
-        .then(|| full_mark(value).ok())
-        .flatten()
+    let at = matches
+        .windows(3)
+        .position(|three| three == ["-m", "mark", "--mark"])?;
+    let mark = parse_mark_match(matches.get(at + 3)?).ok()?;
+    let others: Vec<String> = matches[..at]
+        .iter()
+        .chain(&matches[at + 4..])
+        .map(|word| word.to_string())
+        .collect();
+    // A negated one (`-m mark ! --mark`) is not found above.
+    (!reads_the_mark(&others) && !reads_the_socket(&others)).then_some(mark)
 }
 
-/// What the operator should know of the `--src-type LOCAL` matches translated (see
-/// [`src_type_local`]).
-fn src_type_notes(input: &str) -> Vec<String> {
-    let mut notes = Vec::new();
-    if input.contains("! --src-type LOCAL") {
-        notes.push(
-            "`! --src-type LOCAL` at PREROUTING takes every arrival tproxy's rules see: the \
-             host's own packets come back by lo, where the program for local connections runs \
-             instead. IPv4 drops a packet from another host that forges one of this host's \
-             addresses as its source (a martian); IPv6 lets it in, and tproxy steers it where \
-             the original left it alone (its replies go to this host)"
-                .into(),
-        );
+/// Where the parser met `--src-type LOCAL` (see [`src_type_local`]).
+#[derive(Default)]
+struct SrcTypeSeen {
+    /// Negated at PREROUTING, in iptables' and in ip6tables' rules.
+    arrivals_v4: bool,
+    arrivals_v6: bool,
+    /// In OUTPUT.
+    output: bool,
+}
+
+impl SrcTypeSeen {
+    /// Notes it for a rule parsed from `w` (after `-A CHAIN`) in `family`, run from `reach`.
+    fn saw(&mut self, w: &[String], family: Family, reach: Reach) {
+        let Some(at) = w.iter().position(|word| word == "--src-type") else {
+            return;
+        };
+        let negated = at > 0 && w[at - 1] == "!";
+        match (negated, reach.output, family) {
+            (false, true, _) => self.output = true,
+            (true, false, Family::V4) => self.arrivals_v4 = true,
+            (true, false, Family::V6) => self.arrivals_v6 = true,
+            _ => {}
+        }
     }
-    if input.matches("--src-type LOCAL").count() > input.matches("! --src-type LOCAL").count() {
-        notes.push(
-            "`--src-type LOCAL` in OUTPUT takes every connection tproxy's programs select: only \
-             a transparent socket bound to another host's address (a proxy answering as the \
-             address its client dialled) sends from elsewhere, and tproxy never steers its own"
-                .into(),
-        );
+
+    /// What the operator should know of them.
+    fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.arrivals_v4 || self.arrivals_v6 {
+            let forged = match self.arrivals_v6 {
+                true => {
+                    "; IPv6 lets one in, and tproxy steers it where the original left it \
+                     alone (its replies go to this host)"
+                }
+                false => "",
+            };
+            notes.push(format!(
+                "`! --src-type LOCAL` at PREROUTING takes every arrival tproxy's rules see: \
+                 the host's own packets come back by lo, where the program for local \
+                 connections runs instead. IPv4 drops a packet from another host that forges \
+                 one of this host's addresses as its source (a martian){forged}"
+            ));
+        }
+        if self.output {
+            notes.push(
+                "`--src-type LOCAL` in OUTPUT takes every connection tproxy's programs \
+                 select: only a transparent socket bound to another host's address (a proxy \
+                 answering as the address its client dialled) sends from elsewhere, and \
+                 tproxy never steers its own"
+                    .into(),
+            );
+        }
+        notes
     }
-    notes
+}
+
+/// Whether a rule's words match the packet mark or the connection's.
+fn reads_the_mark(w: &[String]) -> bool {
+    w.iter()
+        .any(|word| matches!(word.as_str(), "mark" | "connmark" | "--mark"))
+}
+
+/// Whether a rule's words match the packet's socket or its owner, which tproxy's program
+/// changes before netfilter runs (it assigns the listener).
+fn reads_the_socket(w: &[String]) -> bool {
+    w.iter()
+        .any(|word| matches!(word.as_str(), "socket" | "owner" | "cgroup"))
 }
 
 /// Whether the rule's words (after `-A CHAIN`) set the packet mark.
@@ -288,7 +359,9 @@ fn facts(input: &str) -> Facts {
     let mut connmark_read = false;
     let mut helpers = false;
     let mut mark_read_after = false;
-    for line in input.lines() {
+    let mut connmark_lines = Vec::new();
+    let mut untracks = false;
+    for (number, line) in input.lines().enumerate() {
         let trimmed = line.trim();
         if trimmed.starts_with("# Generated by ip6tables") {
             family = Family::V6;
@@ -310,6 +383,14 @@ fn facts(input: &str) -> Facts {
             .iter()
             .any(|word| word == "connmark" || word == "--restore-mark");
         helpers |= w.iter().any(|word| word == "--helper" || word == "helper");
+        if w.iter()
+            .any(|word| word == "connmark" || word == "CONNMARK")
+        {
+            connmark_lines.push(number + 1);
+        }
+        untracks |= w
+            .iter()
+            .any(|word| word == "--notrack" || word == "NOTRACK");
         mark_read_after |= (table != "mangle" || chain == "INPUT" || chain == "FORWARD")
             && w.windows(2)
                 .any(|pair| pair[0] == "-m" && pair[1] == "mark");
@@ -342,6 +423,8 @@ fn facts(input: &str) -> Facts {
         helpers,
         mark_read_after,
         reach,
+        connmark_lines,
+        untracks,
     }
 }
 
@@ -816,7 +899,7 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
 /// by `lo`, where tproxy's rules for arrivals do not run (the program for local connections
 /// takes `lo`), or one from another host forging it: IPv4 routing drops it after
 /// PREROUTING (a martian source), so the negated match takes every arrival the rules see
-/// (IPv6 lets the forged one in: a note says so, see [`src_type_notes`]).
+/// (IPv6 lets the forged one in: a note says so, see [`SrcTypeSeen`]).
 /// Other types, and the positive match at PREROUTING (the host's packets back on `lo`), are
 /// not translated.
 fn src_type_local(m: &mut Match, value: &str, negated: bool, reach: Reach) -> Result<(), String> {

@@ -104,7 +104,7 @@ enum Family {
 }
 
 /// What a rule matches, as far as tproxy can express it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct Match {
     /// Empty: any transport.
     transports: Vec<Transport>,

@@ -311,7 +311,7 @@ fn untracked_mark(w: &[String]) -> Option<Mark> {
     let at = w
         .windows(2)
         .position(|pair| pair[0] == "meta" && pair[1] == "mark")?;
-    let mark = full_mark(w.get(at + 2)?).ok()?;
+    let mark = parse_mark_match(w.get(at + 2)?).ok()?;
     let others: Vec<String> = w[..at].iter().chain(&w[at + 3..]).cloned().collect();
     (!reads_what_tproxy_sets(&others) && !leaves_a_trace(&others)).then_some(mark)
 }

@@ -4180,7 +4180,16 @@ COMMIT
 "
         )
     };
-    for input in [nft("0x00000001"), iptables("0x1"), iptables("0x1/0x1")] {
+    let udp_only = iptables("0x1").replace(
+        "-A PREROUTING -m mark --mark 0x1 -j CT --notrack",
+        "-A PREROUTING -p udp -m mark --mark 0x1 -m comment --comment x -j CT --notrack",
+    );
+    for input in [
+        nft("0x00000001"),
+        iptables("0x1"),
+        iptables("0x1/0x1"),
+        udp_only,
+    ] {
         let t = translate(&input).unwrap();
         assert!(t.skipped.is_empty(), "{input}: {:?}", t.skipped);
         assert!(
@@ -4204,6 +4213,23 @@ COMMIT
             && note.contains("but to untrack packets (see the note on line 4)")),
         "{:?}",
         t.notes
+    );
+    // Untracking what lacks mark bit 0x1 (every arrival, the steered ones included, in the
+    // original) must not miss the steered ones either.
+    let t = translate(&iptables("0x0/0x1")).unwrap();
+    assert!(
+        t.config.contains("mark = \"0x1000000/0x1000000\""),
+        "{}",
+        t.config
+    );
+    // Another raw rule that reads the mark is reported.
+    let t = translate(&iptables("0x1").replace("-j CT --notrack", "-j DROP")).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("the raw table reads the packet mark")),
+        "{:?}",
+        t.skipped
     );
     for input in [nft("0x00000008"), iptables("0x8")] {
         let t = translate(&input).unwrap();
@@ -4968,19 +4994,39 @@ COMMIT
     assert!(
         t.notes.iter().any(|note| note
             .starts_with("lines 8-13 (chain SSREDIR): the connection-mark idiom")
-            && note.contains("a connection older than tproxy's start")),
+            && note.contains("one older than tproxy's start")),
         "{:?}",
         t.notes
     );
-    // A restore of some bits only, a rule between the jump and the TPROXY rule: not the
-    // idiom, reported as before.
+    // A restore of some bits only, a rule between the jump and the TPROXY rule, another
+    // jump that does not leave the host's addresses out (the bypass of them would take its
+    // packets too), another rule that reads the connection's mark (which is no longer set),
+    // a rule that untracks packets (the idiom never marks those): not the idiom, reported
+    // as before.
+    let with = |extra: &str| format!("{}{extra}", ss_libev(full, ""));
     for input in [
         ss_libev("--restore-mark --nfmask 0xff --ctmask 0xff", ""),
         ss_libev(full, "-A PREROUTING -p tcp --dport 22 -j RETURN\n"),
+        ss_libev(full, "-A PREROUTING -p tcp -i eth1 -j SSREDIR\n"),
+        with("*filter\n:INPUT DROP [0:0]\n-A INPUT -m connmark --mark 0x2333 -j ACCEPT\nCOMMIT\n"),
+        with("*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p udp --dport 3478 -j CT --notrack\nCOMMIT\n"),
     ] {
         let t = translate(&input).unwrap();
         assert!(!t.skipped.is_empty(), "{input}\n{}", t.config);
     }
+    // `-i +` names every interface, the empty name of a packet the host sends too: in
+    // OUTPUT it bypasses all of them.
+    let t = translate(&ss_libev(full, "").replace(
+        "-A SSREDIR -i br-lan -j RETURN",
+        "-A SSREDIR -i + -j RETURN",
+    ))
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        !rules_with_direction(&t.config).contains(&"local steer - [tcp] [0.0.0.0/0]".to_string()),
+        "{}",
+        t.config
+    );
 
     let v2raya = "\
 *mangle
