@@ -150,10 +150,10 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
             notes.push(untracked_note(untracked, routing, final_routing));
         } else {
             notes.push(format!(
-                "line {}: `{}`, in a chain left alone, untracks the packets that carry {:#x}: \
-                 not the ones tproxy steers, whose routing mark {final_routing} it does not \
-                 match",
-                untracked.line, untracked.text, untracked.mark.value
+                "line {}: `{}`, in a chain left alone, untracks the packets whose mark is {}: \
+                 tproxy's routing mark {final_routing} does not change whether it matches a \
+                 packet tproxy steers, so it untracks what it did",
+                untracked.line, untracked.text, untracked.mark
             ));
         }
     }
@@ -934,7 +934,8 @@ fn untracked_note(untracked: &UntrackedMark, routing: Mark, own: Mark) -> String
         "line {}: `{}`, in a chain left alone, untracks the packets that carry {:#x}, which \
          tproxy's program would set ({routing}) on every packet it steers before netfilter \
          runs; tproxy installs its own policy routing, so it routes the packets it steers with \
-         a mark of its own, {own}, which that rule never matches. In the original it \
+         a mark of its own, {own}, which does not change whether that rule matches. In the \
+         original it \
          untracked only packets that arrived with that mark, such as the host's that mangle \
          OUTPUT marked and routed back by lo: tproxy steers those connections by its own \
          programs, with {own}, and the kernel tracks them now (which matters only to a rule \

@@ -99,9 +99,12 @@ fn find(chains: &HashMap<String, Chain>, key: &str, reparse: &Reparse) -> Option
     let (Ok(guard), rest) = rest.split_first()? else {
         return None;
     };
+    // An unmarked packet must not match the mark: a new flow's, restored from a connection
+    // never marked, would return at once.
     let mark = (guard.target == Target::Return)
         .then(|| only_mark(&guard.matches))
-        .flatten()?;
+        .flatten()
+        .filter(|mark| mark.value != 0)?;
     // The marking ends the chain, or a chain its last rule jumps to without a match.
     let (middle, tail, marking_chain) = match rest.last()? {
         Ok(Parsed {
@@ -448,11 +451,12 @@ fn whole_mark(text: &str, action: &str) -> bool {
     rest.first().is_some_and(|w| w == "-j")
         && rest.get(1).is_some_and(|w| w == "CONNMARK")
         && rest.get(2).is_some_and(|w| w == action)
-        && rest[3..]
-            .chunks(2)
-            .all(|pair| matches!(pair[0].as_str(), "--nfmask" | "--ctmask") && pair.len() == 2)
+        && rest[3..].chunks(2).all(|pair| {
+            matches!(pair[0].as_str(), "--nfmask" | "--ctmask" | "--mask") && pair.len() == 2
+        })
         && whole("--nfmask")
         && whole("--ctmask")
+        && whole("--mask")
 }
 
 /// The words (after `-A CHAIN`) of a first-packet MARK rule (`-p tcp --tcp-flags
@@ -467,10 +471,16 @@ fn first_packet_as_original(text: &str, mark: Mark) -> Option<Vec<String>> {
     let [_, mark_target, option, value] = target else {
         return None;
     };
-    if mark_target != "MARK" || !matches!(option.as_str(), "--set-xmark" | "--set-mark") {
+    // On the unmarked packet of a new connection `--set-xmark`, `--set-mark` and
+    // `--or-mark` all leave the value.
+    let set = match option.as_str() {
+        "--set-xmark" | "--set-mark" => full_mark(value).ok()?,
+        "--or-mark" => full_mark(&format!("{value}/{value}")).ok()?,
+        _ => return None,
+    };
+    if mark_target != "MARK" {
         return None;
     }
-    let set = full_mark(value).ok()?;
     if set.value & mark.mask != mark.value {
         return None;
     }
@@ -479,16 +489,19 @@ fn first_packet_as_original(text: &str, mark: Mark) -> Option<Vec<String>> {
         ["-p", "tcp", "-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN"]
         | ["-p", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN"]
         | ["-p", "tcp", "-m", "tcp", "--syn"]
-        | ["-p", "tcp", "--syn"] => vec!["-p", "tcp"],
+        | ["-p", "tcp", "--syn"]
+        | ["-p", "tcp", "-m", "conntrack", "--ctstate", "NEW"]
+        | ["-p", "tcp", "-m", "state", "--state", "NEW"] => vec!["-p", "tcp"],
         ["-p", "udp", "-m", "conntrack", "--ctstate", "NEW"]
         | ["-p", "udp", "-m", "state", "--state", "NEW"] => vec!["-p", "udp"],
         _ => return None,
     };
+    let set = format!("{:#x}/{:#x}", set.value, set.mask);
     Some(
         first_packet
             .into_iter()
             .chain(["-m", "conntrack", "--ctdir", "ORIGINAL"])
-            .chain(target.iter().map(String::as_str))
+            .chain(["-j", "MARK", "--set-xmark", &set])
             .map(String::from)
             .collect(),
     )

@@ -85,7 +85,15 @@ pub(super) fn parse(input: &str, sets: &IpSets) -> Result<RuleSet> {
             // The raw table runs before mangle, at PREROUTING and OUTPUT alike: it sees
             // the routing mark that tproxy's programs set, where the TPROXY recipe's comes
             // later.
-            if table == "raw" && reads_the_mark(&w) {
+            if table == "raw" && sets_mark(&w) {
+                elsewhere.push((
+                    number,
+                    trimmed.to_string(),
+                    "the raw table sets the packet mark before mangle, where tproxy's program, \
+                     which runs before netfilter, does not see it"
+                        .to_string(),
+                ));
+            } else if table == "raw" && reads_the_mark(&w) {
                 match untracked_mark(&w) {
                     Some(mark) => untracked_marks.push(UntrackedMark {
                         line: number,
@@ -384,7 +392,7 @@ fn facts(input: &str) -> Facts {
             .any(|word| word == "connmark" || word == "--restore-mark");
         helpers |= w.iter().any(|word| word == "--helper" || word == "helper");
         if w.iter()
-            .any(|word| word == "connmark" || word == "CONNMARK")
+            .any(|word| matches!(word.as_str(), "connmark" | "CONNMARK" | "--ctmark"))
         {
             connmark_lines.push(number + 1);
         }

@@ -4236,8 +4236,9 @@ COMMIT
         assert!(t.skipped.is_empty(), "{input}: {:?}", t.skipped);
         assert!(!t.config.contains("0x1000000"), "{input}: {}", t.config);
         assert!(
-            t.notes.iter().any(|note| note
-                .contains("untracks the packets that carry 0x8: not the ones tproxy steers")),
+            t.notes.iter().any(|note| note.contains(
+                "untracks the packets whose mark is 0x8/0xffffffff: tproxy's routing mark"
+            )),
             "{input}: {:?}",
             t.notes
         );
@@ -5010,6 +5011,9 @@ COMMIT
         ss_libev(full, "-A PREROUTING -p tcp -i eth1 -j SSREDIR\n"),
         with("*filter\n:INPUT DROP [0:0]\n-A INPUT -m connmark --mark 0x2333 -j ACCEPT\nCOMMIT\n"),
         with("*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p udp --dport 3478 -j CT --notrack\nCOMMIT\n"),
+        with("*filter\n:INPUT DROP [0:0]\n-A INPUT -m conntrack --ctmark 0x2333 -j ACCEPT\nCOMMIT\n"),
+        // Every unmarked packet matches 0x0/0x4: the original returns them all at once.
+        ss_libev(full, "").replace("--mark 0x2333", "--mark 0x0/0x4"),
     ] {
         let t = translate(&input).unwrap();
         assert!(!t.skipped.is_empty(), "{input}\n{}", t.config);
@@ -5060,5 +5064,52 @@ COMMIT
             && rules.contains(&"local bypass - [tcp, udp] [0.0.0.0/0]".to_string()),
         "{rules:?}\n{}",
         t.config
+    );
+}
+
+/// Other spellings of the idiom's marking and of its connection-mark rules (hostile round
+/// two): TCP's first packet as `--ctstate NEW`, `--or-mark`, CONNMARK's `--mask`.
+#[test]
+fn the_connmark_idiom_in_other_spellings() {
+    let input = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:SS - [0:0]
+-A PREROUTING -p tcp -m addrtype ! --src-type LOCAL ! --dst-type LOCAL -j SS
+-A PREROUTING -p tcp -m mark --mark 0x2333 -j TPROXY --on-port 60080 --on-ip 127.0.0.1 --tproxy-mark 0x0/0x0
+-A SS -j CONNMARK --restore-mark --mask 0xffffffff
+-A SS -m mark --mark 0x2333 -j RETURN
+-A SS -d 10.0.0.0/8 -j RETURN
+-A SS -p tcp -m conntrack --ctstate NEW -j MARK --or-mark 0x2333
+-A SS -j CONNMARK --save-mark --mask 0xffffffff
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        rules_with_direction(&t.config).contains(&"- steer original [tcp] [0.0.0.0/0]".into()),
+        "{}",
+        t.config
+    );
+    // A raw-table MARK that a mangle mark match reads is reported: tproxy's program runs
+    // before netfilter and never sees it.
+    let raw_mark = "\
+*raw
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -p tcp --dport 80 -j MARK --set-xmark 0x8/0x8
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -m mark --mark 0x8/0x8 -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 60080 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+    let t = translate(raw_mark).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.contains("the raw table sets the packet mark")),
+        "{:?}",
+        t.skipped
     );
 }
