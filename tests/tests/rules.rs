@@ -428,3 +428,79 @@ fn a_drop_rule_added_by_reload_keeps_relayed_connections_and_drops_new_ones() {
     drop(relayed);
     tproxy.stop().unwrap();
 }
+
+const DELIVER: &str = r#"
+[[listener]]
+name = "direct"
+
+[[rule]]
+proto = "tcp"
+ports = 80
+action = "steer"
+listener = "direct"
+
+[[rule]]
+proto = "tcp"
+dst = "10.10.2.2/32"
+ports = 81
+action = "deliver"
+"#;
+
+/// A `deliver` rule hands the packet to the router's own socket lookup, as the TPROXY
+/// recipe's MARK without TPROXY does (policy routing delivers it locally): with no socket
+/// there the SYN goes unanswered (the kernel's reset would leave from the dialled address,
+/// which is not the router's: it cannot; a bypass would have reached the server listening
+/// there), and a transparent listener on the router bound to the port takes the
+/// connection, the client's dialled address as its local one.
+#[test]
+fn a_deliver_rule_hands_the_packet_to_the_routers_own_sockets() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::echo(&topo.server, addr("10.10.2.2:81")).unwrap();
+    let config = ConfigFile::new(DELIVER).unwrap();
+    let mut tproxy = start(&topo, &config);
+    let unanswered = topo.client.connect(addr("10.10.2.2:81")).unwrap_err();
+    assert_eq!(
+        unanswered
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind),
+        Some(std::io::ErrorKind::TimedOut),
+        "{unanswered:#}"
+    );
+    assert!(server.peers().is_empty(), "nothing reached the server");
+
+    let listener = topo
+        .router
+        .run(|| -> std::io::Result<std::net::TcpListener> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_ip_transparent_v4(true)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr("0.0.0.0:81").into())?;
+            socket.listen(8)?;
+            Ok(socket.into())
+        })
+        .unwrap();
+    let answering = thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        writeln!(stream, "{}", stream.local_addr()?)
+    });
+    let mut stream = topo.client.connect(addr("10.10.2.2:81")).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert_eq!(
+        answer.trim(),
+        "10.10.2.2:81",
+        "the router's listener answered"
+    );
+    answering.join().unwrap().unwrap();
+    assert!(server.peers().is_empty(), "nothing reached the server");
+    assert!(
+        tproxy.ebpf_counters().unwrap()["tcp/delivered"] >= 2,
+        "delivered packets are counted"
+    );
+    tproxy.stop().unwrap();
+}

@@ -2,7 +2,8 @@
 
 use crate::maps::{
     MarkRule, MarkRules, MarkedPacket, Verdict, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES,
-    VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_DROP, VERDICT_STEER,
+    VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_DELIVER, VERDICT_DROP,
+    VERDICT_STEER,
 };
 
 /// What the program did with one packet. The discriminant is the packet's index in the
@@ -49,11 +50,16 @@ pub enum Outcome {
     Unparsed = 14,
     /// A `drop` rule matched (and no socket already owned the flow): dropped.
     Dropped = 15,
+    /// A `deliver` rule matched (and no socket of tproxy's owned the flow): marked for local
+    /// delivery, where the kernel looks its socket up as for any packet to this host, as the
+    /// recipe's MARK does (no socket: dropped, the kernel cannot answer from an address that
+    /// is not the host's).
+    Delivered = 16,
 }
 
 impl Outcome {
     /// Number of outcomes, the length of one `COUNTERS` row.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Every outcome, in counter-index order.
     pub const ALL: [Outcome; Self::COUNT as usize] = [
@@ -73,6 +79,7 @@ impl Outcome {
         Outcome::FragmentUnknown,
         Outcome::Unparsed,
         Outcome::Dropped,
+        Outcome::Delivered,
     ];
 
     /// Stable snake_case name, for logs and metrics.
@@ -94,6 +101,7 @@ impl Outcome {
             Outcome::FragmentUnknown => "fragment_unknown",
             Outcome::Unparsed => "unparsed",
             Outcome::Dropped => "dropped",
+            Outcome::Delivered => "delivered",
         }
     }
 
@@ -163,6 +171,8 @@ pub enum RuleMatch {
     Bypass,
     /// A `drop` rule matches.
     Drop,
+    /// A `deliver` rule matches.
+    Deliver,
 }
 
 /// Whether a destination-stage `verdict` needs the source stage, and with which ifindex in
@@ -184,7 +194,7 @@ pub const fn outranks(candidate: &Verdict, best: &Verdict) -> bool {
 const fn is_match(verdict: &Verdict) -> bool {
     matches!(
         verdict.action,
-        VERDICT_STEER | VERDICT_BYPASS | VERDICT_DROP
+        VERDICT_STEER | VERDICT_BYPASS | VERDICT_DROP | VERDICT_DELIVER
     )
 }
 
@@ -272,6 +282,7 @@ fn matches_marked<const LOCAL: bool>(rule: &MarkRule, packet: &MarkedPacket) -> 
 pub const fn unowned_outcome(rule: RuleMatch) -> Outcome {
     match rule {
         RuleMatch::Drop => Outcome::Dropped,
+        RuleMatch::Deliver => Outcome::Delivered,
         _ => Outcome::Bypassed,
     }
 }
@@ -282,6 +293,7 @@ pub const fn rule_match(verdict: &Verdict) -> RuleMatch {
         VERDICT_STEER => RuleMatch::Steer(verdict.listener),
         VERDICT_BYPASS => RuleMatch::Bypass,
         VERDICT_DROP => RuleMatch::Drop,
+        VERDICT_DELIVER => RuleMatch::Deliver,
         _ => RuleMatch::None,
     }
 }
@@ -468,9 +480,12 @@ pub const fn ipv6_step(next_header: u8, head: [u8; 8]) -> Ipv6Step {
 /// mode or a refusal decides, and otherwise nothing.
 pub const fn fragment_outcome(first: Outcome) -> Outcome {
     match first {
-        Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
-            Outcome::FragmentSteered
-        }
+        // A delivered datagram's later fragments are marked too; only a steered new flow's
+        // reassembled datagram is handed to the listener (see `REASSEMBLED_FLOWS`).
+        Outcome::SteeredNew
+        | Outcome::SteeredEstablished
+        | Outcome::FragmentSteered
+        | Outcome::Delivered => Outcome::FragmentSteered,
         Outcome::NoListener
         | Outcome::RefusedDestination
         | Outcome::Unparsed
@@ -585,9 +600,11 @@ pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
         // What the operator's rules say, whatever the fail mode.
         Outcome::Dropped => TcAction::Drop,
         Outcome::NoListener | Outcome::FragmentUnknown if fail_closed != 0 => TcAction::Drop,
-        Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered => {
-            TcAction::Keep
-        }
+        // A marked packet too: the stack's own lookup decides, as for any packet to this host.
+        Outcome::SteeredNew
+        | Outcome::SteeredEstablished
+        | Outcome::FragmentSteered
+        | Outcome::Delivered => TcAction::Keep,
         _ => TcAction::Next,
     }
 }
@@ -848,13 +865,37 @@ mod tests {
     }
 
     #[test]
+    fn a_deliver_rule_delivers_what_no_socket_of_ours_owns() {
+        let verdict = |action, rank| Verdict {
+            action,
+            rank,
+            ..Verdict::default()
+        };
+        let mut deliver = verdict(VERDICT_DELIVER, 3);
+        assert_eq!(rule_match(&deliver), RuleMatch::Deliver);
+        assert!(outranks(&deliver, &Verdict::default()));
+        deliver.rank = 5;
+        assert!(!outranks(&deliver, &verdict(VERDICT_STEER, 4)));
+        assert_eq!(unowned_outcome(RuleMatch::Deliver), Outcome::Delivered);
+        assert_eq!(
+            fragment_outcome(Outcome::Delivered),
+            Outcome::FragmentSteered
+        );
+        assert_eq!(Outcome::Delivered.name(), "delivered");
+        assert!(!Outcome::Delivered.applies_to(Protocol::Other));
+    }
+
+    #[test]
     fn what_is_dropped_kept_or_handed_on() {
         for outcome in Outcome::ALL {
             let open = tc_action(outcome, 0);
             let closed = tc_action(outcome, 1);
-            let steered = matches!(
+            let marked = matches!(
                 outcome,
-                Outcome::SteeredNew | Outcome::SteeredEstablished | Outcome::FragmentSteered
+                Outcome::SteeredNew
+                    | Outcome::SteeredEstablished
+                    | Outcome::FragmentSteered
+                    | Outcome::Delivered
             );
             let fail_mode = matches!(outcome, Outcome::NoListener | Outcome::FragmentUnknown);
             let expected_open = if matches!(
@@ -862,7 +903,7 @@ mod tests {
                 Outcome::RefusedDestination | Outcome::Unparsed | Outcome::Dropped
             ) {
                 TcAction::Drop
-            } else if steered {
+            } else if marked {
                 TcAction::Keep
             } else {
                 TcAction::Next

@@ -114,8 +114,8 @@ pub struct MarkRule {
     /// The source prefix, likewise (netmask 0: any source).
     pub src: [u32; 4],
     pub src_mask: [u32; 4],
-    /// What the rule does, with its rank ([`VERDICT_STEER`], [`VERDICT_BYPASS`] or
-    /// [`VERDICT_DROP`]).
+    /// What the rule does, with its rank ([`VERDICT_STEER`], [`VERDICT_BYPASS`],
+    /// [`VERDICT_DROP`] or [`VERDICT_DELIVER`]).
     pub verdict: Verdict,
     /// For a rule for local connections with an `out_interface`: its bit among the
     /// out-interface bits (see `local_origin::ROUTES_V4_MAP`); the rule matches a connection
@@ -324,7 +324,8 @@ pub struct Verdict {
     pub listener: u32,
     /// For [`VERDICT_BY_SOURCE`] and [`VERDICT_BY_SOURCE_AND_IFACE`]: the [`SrcKey::cell`].
     pub cell: u32,
-    /// For [`VERDICT_STEER`], [`VERDICT_BYPASS`] and [`VERDICT_DROP`]: the deciding rule's
+    /// For [`VERDICT_STEER`], [`VERDICT_BYPASS`], [`VERDICT_DROP`] and [`VERDICT_DELIVER`]:
+    /// the deciding rule's
     /// place in the precedence (lower wins), to choose between the answers of the rule groups.
     pub rank: u32,
 }
@@ -342,6 +343,9 @@ pub const VERDICT_BY_SOURCE_AND_IFACE: u32 = 4;
 /// A `drop` rule matches: only a socket that already owns the flow gets it; otherwise the
 /// packet is dropped.
 pub const VERDICT_DROP: u32 = 5;
+/// A `deliver` rule matches: the flow's own socket (tproxy's), else the packet is marked for
+/// local delivery and the kernel's own socket lookup decides.
+pub const VERDICT_DELIVER: u32 = 6;
 
 /// Most named listeners (each has up to four sockets in [`LISTENERS`]).
 pub const MAX_LISTENERS: u32 = 64;

@@ -561,7 +561,7 @@ fn steer_transport(
     // it may have been removed by a reload since (see `decision::unowned_outcome`).
     let listener = match rule {
         RuleMatch::None => return Outcome::Passed,
-        RuleMatch::Bypass | RuleMatch::Drop => None,
+        RuleMatch::Bypass | RuleMatch::Drop | RuleMatch::Deliver => None,
         RuleMatch::Steer(listener) => Some(listener_slot(listener, ListenerSlot::of(tcp, ipv6))),
     };
     let outcome = if tcp {
@@ -573,6 +573,10 @@ fn steer_transport(
         Outcome::Bypassed => decision::unowned_outcome(rule),
         outcome => outcome,
     };
+    if outcome == Outcome::Delivered {
+        // No socket assigned: the kernel's own lookup finds one, as for the recipe's MARK.
+        mark_for_local_delivery(ctx);
+    }
     if let Some(slot) = listener {
         count_for_listener(slot, outcome);
     }

@@ -343,8 +343,8 @@ mod tests {
         let packets = samples
             .iter()
             .filter(|s| s.starts_with("tproxy_packets_total{"));
-        assert_eq!(packets.count(), 48, "{text}");
-        assert_eq!(samples.len(), expected.len() - 1 + 48, "{text}");
+        assert_eq!(packets.count(), 51, "{text}");
+        assert_eq!(samples.len(), expected.len() - 1 + 51, "{text}");
         for gauge in [
             "tcp_connections_active",
             "tcp_kernel_map_entries",

@@ -98,6 +98,7 @@ impl Config {
                 }
                 Action::Bypass => "bypass".into(),
                 Action::Drop => "drop".into(),
+                Action::Deliver => "deliver".into(),
             };
             let _ = writeln!(
                 out,

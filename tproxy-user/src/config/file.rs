@@ -354,6 +354,12 @@ impl RuleEntry {
                 }
                 Action::Drop
             }
+            RuleAction::Deliver => {
+                if let Some(listener) = &self.listener {
+                    bail!("{}: rule[{number}].listener: a deliver rule steers nowhere (the kernel finds the packet's socket); remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
+                }
+                Action::Deliver
+            }
             RuleAction::Steer => {
                 let index = match &self.listener {
                     Some(name) => listeners.iter().position(|l| &l.name == name.get_ref()).with_context(|| {
@@ -391,7 +397,7 @@ impl RuleEntry {
         let dsts = match &self.dst {
             Some(Destinations::Prefixes(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
             Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
-            Some(Destinations::Local { .. }) if action == Action::Drop => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass and steer rules"),
+            Some(Destinations::Local { .. }) if matches!(action, Action::Drop | Action::Deliver) => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass and steer rules"),
             Some(Destinations::Anycast) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"anycast\" (the anycast routes' destinations) is for bypass rules"),
             // Each route's destinations take the place of the IPv4 one (see
             // `Config::set_anycast_destinations`).

@@ -165,13 +165,14 @@ parses!(
 );
 parses!(
     RuleAction,
-    "\"steer\", \"bypass\" or \"drop\"",
+    "\"steer\", \"bypass\", \"drop\" or \"deliver\"",
     |t: &str| match t {
         "steer" => Ok(RuleAction::Steer),
         "bypass" => Ok(RuleAction::Bypass),
         "drop" => Ok(RuleAction::Drop),
+        "deliver" => Ok(RuleAction::Deliver),
         _ => Err(format!(
-            "`{t}` is not an action: use \"steer\", \"bypass\" or \"drop\""
+            "`{t}` is not an action: use \"steer\", \"bypass\", \"drop\" or \"deliver\""
         )),
     }
 );
@@ -213,6 +214,7 @@ pub enum RuleAction {
     Steer,
     Bypass,
     Drop,
+    Deliver,
 }
 
 /// One value.

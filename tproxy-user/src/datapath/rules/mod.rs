@@ -59,7 +59,7 @@ use ipnet::IpNet;
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::{
     local_origin::MAX_OUT_INTERFACES,
-    maps::{Verdict, VERDICT_BYPASS, VERDICT_DROP, VERDICT_STEER},
+    maps::{Verdict, VERDICT_BYPASS, VERDICT_DELIVER, VERDICT_DROP, VERDICT_STEER},
 };
 
 use crate::values::Mark;
@@ -155,6 +155,10 @@ pub enum Action {
     Bypass,
     /// Drop the packet (unless a socket already owns its flow).
     Drop,
+    /// Deliver the packet to this host, as the TPROXY recipe's MARK does without TPROXY:
+    /// marked for local delivery, the kernel's own socket lookup decides (a socket of
+    /// tproxy's that owns the flow still gets it first).
+    Deliver,
 }
 
 /// One rule with a single transport, destination prefix and port spec: a configured rule
@@ -282,6 +286,11 @@ impl Rule {
                 rank,
                 ..Verdict::default()
             },
+            Action::Deliver if !self.retired => Verdict {
+                action: VERDICT_DELIVER,
+                rank,
+                ..Verdict::default()
+            },
             _ => Verdict {
                 action: VERDICT_BYPASS,
                 rank,
@@ -384,6 +393,7 @@ impl Rule {
         match self.action {
             Action::Steer(listener) if !self.retired => RuleMatch::Steer(listener),
             Action::Drop if !self.retired => RuleMatch::Drop,
+            Action::Deliver if !self.retired => RuleMatch::Deliver,
             _ => RuleMatch::Bypass,
         }
     }
@@ -520,11 +530,15 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
     if !rule.origin.local() {
         return Ok(());
     }
-    if rule.action == Action::Drop {
+    if matches!(rule.action, Action::Drop | Action::Deliver) {
+        let action = if rule.action == Action::Drop {
+            "drop"
+        } else {
+            "deliver"
+        };
         return Err(format!(
-            "origin \"{}\" with action \"drop\": a local connection is only steered or left \
-             alone when it connects; drop it with a firewall rule in OUTPUT, or make the rule \
-             origin \"forwarded\"",
+            "origin \"{}\" with action \"{action}\": a local connection is only steered or \
+             left alone when it connects; make the rule origin \"forwarded\"",
             rule.origin
         ));
     }

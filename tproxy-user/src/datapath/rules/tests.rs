@@ -701,6 +701,8 @@ fn a_local_datagrams_direction_is_one_more_match_for_local_connections() {
 fn a_local_rule_never_drops_and_may_name_a_source_port() {
     let mut local = rule(1, "tcp 0.0.0.0/0 any origin local", Action::Drop);
     assert!(check_origin(&local).unwrap_err().contains("drop"));
+    local.action = Action::Deliver;
+    assert!(check_origin(&local).unwrap_err().contains("deliver"));
     local.action = Action::Bypass;
     assert!(check_origin(&local).is_ok());
     local.sport = Some(Ports::One(7777));
