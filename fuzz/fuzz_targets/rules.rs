@@ -66,10 +66,11 @@ fuzz_target!(|data: &[u8]| {
                 mark: (flags & 16 != 0).then(|| {
                     bytes.pick(&[Mark { value: 0x10, mask: 0xf0 }, Mark { value: 0, mask: 0xff }])
                 }),
-                action: match (flags & 4 != 0, flags & 128 != 0) {
-                    (true, false) => Action::Bypass,
-                    (true, true) => Action::Drop,
-                    (false, _) => Action::Steer(u32::from(flags >> 5)),
+                action: match (flags & 4 != 0, flags & 128 != 0, flags & 64 != 0) {
+                    (true, false, _) => Action::Bypass,
+                    (true, true, false) => Action::Drop,
+                    (true, true, true) => Action::Deliver,
+                    (false, ..) => Action::Steer(u32::from(flags >> 5)),
                 },
                 number: i + 1,
                 retired: flags & 8 != 0,
@@ -87,10 +88,10 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     // Left out: a local rule's mark (the socket's, tested apart); refused: a local rule
-    // that drops. A local rule's source port is the socket's bound one.
+    // that drops or delivers. A local rule's source port is the socket's bound one.
     for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
         rule.mark = None;
-        if rule.action == Action::Drop {
+        if matches!(rule.action, Action::Drop | Action::Deliver) {
             rule.action = Action::Bypass;
         }
         if rule.origin == Origin::Local {

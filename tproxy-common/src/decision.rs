@@ -50,7 +50,7 @@ pub enum Outcome {
     Unparsed = 14,
     /// A `drop` rule matched (and no socket already owned the flow): dropped.
     Dropped = 15,
-    /// A `deliver` rule matched (and no socket of tproxy's owned the flow): marked for local
+    /// A `deliver` rule matched (and no socket owned the flow, as for `Bypassed`): marked for local
     /// delivery, where the kernel looks its socket up as for any packet to this host, as the
     /// recipe's MARK does (no socket: dropped, the kernel cannot answer from an address that
     /// is not the host's).
@@ -275,8 +275,8 @@ fn matches_marked<const LOCAL: bool>(rule: &MarkRule, packet: &MarkedPacket) -> 
     rule.ct_direction == 0 || rule.ct_direction == read(&packet.ct_direction)
 }
 
-/// The outcome for a packet that a `bypass` or `drop` rule matched and whose flow no socket
-/// on this host owns. The socket match comes first for both, as the recipe's socket-match
+/// The outcome for a packet that a `bypass`, `drop` or `deliver` rule matched and whose flow
+/// no socket on this host owns. The socket match comes first for both, as the recipe's socket-match
 /// rule comes ahead of the chain that drops: a flow steered before a reload added the drop
 /// rule keeps its socket.
 pub const fn unowned_outcome(rule: RuleMatch) -> Outcome {

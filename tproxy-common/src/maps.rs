@@ -343,8 +343,8 @@ pub const VERDICT_BY_SOURCE_AND_IFACE: u32 = 4;
 /// A `drop` rule matches: only a socket that already owns the flow gets it; otherwise the
 /// packet is dropped.
 pub const VERDICT_DROP: u32 = 5;
-/// A `deliver` rule matches: the flow's own socket (tproxy's), else the packet is marked for
-/// local delivery and the kernel's own socket lookup decides.
+/// A `deliver` rule matches: the flow's own socket (as for [`VERDICT_BYPASS`]), else the
+/// packet is marked for local delivery and the kernel's own socket lookup decides.
 pub const VERDICT_DELIVER: u32 = 6;
 
 /// Most named listeners (each has up to four sockets in [`LISTENERS`]).

@@ -490,8 +490,14 @@ fn steer_flow(
     let ipv6 = flow.ipv6;
     let outcome = match (rule, scope) {
         (RuleMatch::None, _) => Outcome::Passed,
-        (RuleMatch::Steer(_), DestinationScope::Refused) => Outcome::RefusedDestination,
-        (RuleMatch::Steer(_), DestinationScope::LocalScope) => Outcome::LocalScope,
+        // Delivered like a steered flow: not to the host's loopback by a mapped address,
+        // and the local network's own traffic left to the kernel.
+        (RuleMatch::Steer(_) | RuleMatch::Deliver, DestinationScope::Refused) => {
+            Outcome::RefusedDestination
+        }
+        (RuleMatch::Steer(_) | RuleMatch::Deliver, DestinationScope::LocalScope) => {
+            Outcome::LocalScope
+        }
         _ => {
             let whole = flow.position == FragmentPosition::Whole;
             steer_transport(ctx, flow.protocol, tuple, tuple_len, ipv6, rule, whole)

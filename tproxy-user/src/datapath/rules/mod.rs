@@ -156,8 +156,8 @@ pub enum Action {
     /// Drop the packet (unless a socket already owns its flow).
     Drop,
     /// Deliver the packet to this host, as the TPROXY recipe's MARK does without TPROXY:
-    /// marked for local delivery, the kernel's own socket lookup decides (a socket of
-    /// tproxy's that owns the flow still gets it first).
+    /// marked for local delivery, the kernel's own socket lookup decides (a socket that owns
+    /// the flow, for UDP one of tproxy's own, still gets it first, as for `bypass`).
     Deliver,
 }
 
@@ -538,8 +538,12 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
         };
         return Err(format!(
             "origin \"{}\" with action \"{action}\": a local connection is only steered or \
-             left alone when it connects; make the rule origin \"forwarded\"",
-            rule.origin
+             left alone when it connects; {}make the rule origin \"forwarded\"",
+            rule.origin,
+            match rule.action {
+                Action::Drop => "drop it with a firewall rule in OUTPUT, or ",
+                _ => "",
+            }
         ));
     }
     let what = match (&rule.src, &rule.iface) {

@@ -839,9 +839,10 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 if round % 3 == 0 && plain {
                     text += ["", " origin local", " origin any"][next(3) as usize];
                 }
-                let action = match next(6) {
+                let action = match next(7) {
                     0 | 1 => Action::Bypass,
                     2 if !text.contains("origin") => Action::Drop,
+                    6 if !text.contains("origin") => Action::Deliver,
                     n => Action::Steer(n as u32 % 3),
                 };
                 let mut rule = rule(i + 1, &text, action);
