@@ -311,8 +311,17 @@ fn untracked_mark(w: &[String]) -> Option<Mark> {
     let at = w
         .windows(2)
         .position(|pair| pair[0] == "meta" && pair[1] == "mark")?;
-    let mark = parse_mark_match(w.get(at + 2)?).ok()?;
-    let others: Vec<String> = w[..at].iter().chain(&w[at + 3..]).cloned().collect();
+    // `meta mark 0x1`, or `meta mark & 0x1 == 0x1` (`==` may be left out).
+    let (mark, words) = match w.get(at + 2..at + 6).unwrap_or_default() {
+        [and, mask, equals, value] if and == "&" && equals == "==" => {
+            (parse_mark_match(&format!("{value}/{mask}")).ok()?, 6)
+        }
+        [and, mask, value, ..] if and == "&" && value != "!=" => {
+            (parse_mark_match(&format!("{value}/{mask}")).ok()?, 5)
+        }
+        _ => (parse_mark_match(w.get(at + 2)?).ok()?, 3),
+    };
+    let others: Vec<String> = w[..at].iter().chain(&w[at + words..]).cloned().collect();
     (!reads_what_tproxy_sets(&others) && !leaves_a_trace(&others)).then_some(mark)
 }
 

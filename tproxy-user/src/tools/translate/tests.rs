@@ -4186,6 +4186,7 @@ COMMIT
     );
     for input in [
         nft("0x00000001"),
+        nft("& 0x00000001 == 0x00000001"),
         iptables("0x1"),
         iptables("0x1/0x1"),
         udp_only,
