@@ -2793,3 +2793,95 @@ fn a_mark_set_in_a_nft_nat_output_chain_routes_nothing_anew() {
         "a route chain's mark did not reroute: {through_route:?}"
     );
 }
+
+/// The Squid guides' MARK with the TPROXY rules' mark and no TPROXY (pastebin's corpus rule
+/// set): policy routing hands the packet to the router's own sockets.
+const MARK_FOR_DELIVERY_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -i to-client -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -d 10.10.2.2/32 -i to-client -p tcp -j MARK --set-xmark 0x1/0x1
+COMMIT
+";
+
+/// What the client's connection to 10.10.2.2:81 reaches: the router's transparent listener
+/// on port 81 answers with its local address (the dialled one), the server there with the
+/// client's address as it sees it.
+fn answer_to_port_81(topo: &Topo) -> String {
+    let mut stream = topo
+        .client
+        .connect("10.10.2.2:81".parse().unwrap())
+        .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    answer.trim().to_string()
+}
+
+/// A MARK with the TPROXY rules' mark, last for its packets, becomes `action = "deliver"`:
+/// with the iptables rules and with the translation alone, the connection to 10.10.2.2:81
+/// goes to the router's transparent listener on that port, not to the server behind it, and
+/// a connection to port 80 is still relayed.
+#[test]
+fn iptables_mark_for_local_delivery_delivers_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let _server = Server::tell_peer(&topo.server, "10.10.2.2:81".parse().unwrap()).unwrap();
+    let relayed = Server::tell_peer(&topo.server, "10.10.2.2:80".parse().unwrap()).unwrap();
+    let listener = topo
+        .router
+        .run(|| -> std::io::Result<std::net::TcpListener> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_ip_transparent_v4(true)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&"0.0.0.0:81".parse::<SocketAddr>().unwrap().into())?;
+            socket.listen(8)?;
+            Ok(socket.into())
+        })
+        .unwrap();
+    let answering = std::thread::spawn(move || -> std::io::Result<()> {
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept()?;
+            writeln!(stream, "router {}", stream.local_addr()?)?;
+        }
+        Ok(())
+    });
+    let text = translate(MARK_FOR_DELIVERY_IPTABLES);
+    assert!(text.contains("action = \"deliver\""), "{text}");
+    let config = ConfigFile::new(&text).unwrap();
+    let router = Topo::router_as_seen_by_server(false);
+
+    restore_iptables(&topo.router, MARK_FOR_DELIVERY_IPTABLES).unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = (
+        answer_to_port_81(&topo),
+        peer_seen_by(&topo.client, relayed.addr).unwrap() == router,
+    );
+    relay.stop().unwrap();
+    remove_iptables_tproxy(&topo.router).unwrap();
+    assert_eq!(
+        original,
+        ("router 10.10.2.2:81".to_string(), true),
+        "iptables: the router's listener answers port 81, port 80 is relayed"
+    );
+
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = (
+        answer_to_port_81(&topo),
+        peer_seen_by(&topo.client, relayed.addr).unwrap() == router,
+    );
+    let counters = tproxy.ebpf_counters().unwrap();
+    tproxy.stop().unwrap();
+    answering.join().unwrap().unwrap();
+    assert_eq!(translated, original, "translated config:\n{text}");
+    assert!(
+        counters
+            .get("tcp/delivered")
+            .is_some_and(|count| *count >= 1),
+        "the delivery is counted: {counters:?}"
+    );
+}

@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{
-    established,
+    deliver, established,
     flatten::{flatten_in_turn, narrow, Flat, Narrowed},
     local, negation,
     own_mark::{self, looks_at_routing, routing_elsewhere},
@@ -35,7 +35,8 @@ type Listeners = BTreeMap<u16, Vec<SocketAddr>>;
 pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Translation {
     let mut notes = ruleset.notes.clone();
     let mut skipped: Vec<String> = Vec::new();
-    let flat = established::resolve(flatten_entries(&ruleset, &mut notes), &mut notes);
+    let flat = deliver::resolve(flatten_entries(&ruleset, &mut notes), &mut notes);
+    let flat = established::resolve(flat, &mut notes);
     let local_flat = local::rules(&ruleset, &flat, &mut notes);
     let (mut flat, guard) = own_mark::guard(flat);
     let (local_flat, local_guard) = own_mark::guard(local_flat);
@@ -255,7 +256,7 @@ fn diverts_as_bypasses(
         .into_iter()
         .filter(|divert| {
             let outranked = kept.iter().find(|(steer, listener)| {
-                (listener.is_some() || steer.target == Target::Drop)
+                (listener.is_some() || matches!(steer.target, Target::Drop | Target::Deliver))
                     && overlaps(&divert.matches, &steer.matches)
                     && more_specific(&divert.matches, &steer.matches)
             });
@@ -385,7 +386,19 @@ fn listeners_and_rules(
                 ));
                 rules.push((parsed, None))
             }
-            Target::Bypass | Target::Return | Target::Reject | Target::Drop => {
+            Target::Deliver
+                if parsed.matches.transports.is_empty() || parsed.matches.protocols_beyond =>
+            {
+                // Written for TCP and UDP, as tproxy delivers them: the rest is reported.
+                skipped.push(format!(
+                    "line {}: {}: a mark for local delivery of protocols besides TCP and UDP: \
+                     tproxy delivers only TCP and UDP (the translation does); keep a rule \
+                     that marks the others",
+                    parsed.line, parsed.text
+                ));
+                rules.push((parsed, None))
+            }
+            Target::Bypass | Target::Return | Target::Reject | Target::Drop | Target::Deliver => {
                 rules.push((parsed, None))
             }
             Target::Unsteered(reason) => notes.push(format!(
@@ -661,9 +674,14 @@ fn covers_common(outer: &Match, a: &Match, b: &Match) -> bool {
     })
 }
 
-/// Whether two kept rules do the same: steer to the same listener, bypass, or drop.
+/// Whether two kept rules do the same: steer to the same listener, bypass, drop or deliver.
 fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Option<u16>) -> bool {
-    a_listener == b_listener && (a.target == Target::Drop) == (b.target == Target::Drop)
+    let ends = |rule: &Parsed| match rule.target {
+        Target::Drop => Some(Target::Drop),
+        Target::Deliver => Some(Target::Deliver),
+        _ => None,
+    };
+    a_listener == b_listener && ends(a) == ends(b)
 }
 
 /// For `rule`, which may outrank the `outranked` kept rules with another action on packets
@@ -984,7 +1002,7 @@ fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<Strin
 fn acts_on_lo_arrivals((rule, listener): &Rule) -> bool {
     !rule.matches.local
         && rule.matches.iface.as_deref() == Some(LOOPBACK)
-        && (listener.is_some() || rule.target == Target::Drop)
+        && (listener.is_some() || matches!(rule.target, Target::Drop | Target::Deliver))
 }
 
 /// `kept` without the forwarded rules that steer or drop arrivals on `lo` when other rules
@@ -1107,6 +1125,9 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
         }
         None if rule.target == Target::Drop => {
             let _ = writeln!(out, "action = \"drop\"");
+        }
+        None if rule.target == Target::Deliver => {
+            let _ = writeln!(out, "action = \"deliver\"");
         }
         None => {
             let _ = writeln!(out, "action = \"bypass\"");

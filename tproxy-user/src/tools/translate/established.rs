@@ -146,7 +146,11 @@ fn goes_on(m: &Match, later: &[Flat]) -> Result<(), String> {
         }
         if matches!(
             rule.target,
-            Target::Drop | Target::Reject | Target::SetMark(_) | Target::MarkThenAccept(_)
+            Target::Drop
+                | Target::Deliver
+                | Target::Reject
+                | Target::SetMark(_)
+                | Target::MarkThenAccept(_)
         ) {
             return Err(format!(
                 "its packets go on to line {}, which drops or marks them (tproxy hands a flow's \

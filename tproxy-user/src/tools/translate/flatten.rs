@@ -458,15 +458,6 @@ fn flatten_rules(
                 "line {}: {}: jumps nest too deep (to {target})",
                 rule.line, rule.text
             ))),
-            Target::MarkThenAccept(_) if !matches.local => out.push(Ok(Parsed {
-                matches,
-                target: Target::Bypass,
-                ..rule.clone()
-            })),
-            Target::SetMark(_) if !matches.local => out.push(Err(format!(
-                "line {}: {}: target MARK (marks are tproxy's own business)",
-                rule.line, rule.text
-            ))),
             _ if !(matches.local || matches.cgroups.is_empty()) => out.push(Err(format!(
                 "line {}: {}: `-m cgroup --path` (nft `socket cgroupv2`) at prerouting matches \
                  the cgroup of the local socket a packet is for, which tproxy's rules for \

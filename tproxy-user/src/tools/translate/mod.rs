@@ -17,6 +17,7 @@
 //! [`Parsed`] rules); [`emit`] flattens it, resolves precedence (with [`precedence`]) and
 //! writes the TOML.
 
+mod deliver;
 mod emit;
 mod established;
 mod first_packet;
@@ -230,6 +231,9 @@ enum Target {
     Bypass,
     /// DROP: the packet is dropped.
     Drop,
+    /// MARK with the TPROXY rules' mark at prerouting, the last rule to decide its packets:
+    /// the policy routing delivers them to the host's own sockets (see `deliver`).
+    Deliver,
     /// A rule that changes nothing tproxy decides, with why (for a note).
     Unsteered(String),
     /// RETURN: back to the calling chain (from a base chain: the policy, untouched).

@@ -204,7 +204,9 @@ fn steered_or_dropped_later(holes: &[Parsed], later: &[Flat]) -> Option<usize> {
             }
             let later_matches = without_exclusions(&later.matches);
             match later.target {
-                Target::Tproxy { .. } | Target::Drop if overlaps(&hole.matches, &later_matches) => {
+                Target::Tproxy { .. } | Target::Drop | Target::Deliver
+                    if overlaps(&hole.matches, &later_matches) =>
+                {
                     return Some(position)
                 }
                 // Past a bypass of all of them, no rule sees them.
@@ -286,7 +288,7 @@ const REPEATED: &str = " (repeated for what line ";
 fn decides_all(rule: &Parsed, m: &Match) -> bool {
     matches!(
         rule.target,
-        Target::Tproxy { .. } | Target::Bypass | Target::Return | Target::Drop
+        Target::Tproxy { .. } | Target::Bypass | Target::Return | Target::Drop | Target::Deliver
     ) && !rule.matches.excludes()
         && covers(&rule.matches, m)
 }

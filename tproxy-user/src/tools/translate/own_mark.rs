@@ -120,7 +120,7 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
             .matches
             .mark
             .is_none_or(|m| (m.value ^ mark.value) & m.mask == 0);
-        if !matches!(rule.target, Target::Tproxy { .. }) || !may_carry_it {
+        if !matches!(rule.target, Target::Tproxy { .. } | Target::Deliver) || !may_carry_it {
             continue;
         }
         let steered = without_mark(&rule.matches);

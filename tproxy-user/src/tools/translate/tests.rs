@@ -5114,3 +5114,91 @@ COMMIT
         t.skipped
     );
 }
+
+#[test]
+fn a_mark_for_local_delivery_becomes_a_deliver_rule_when_nothing_after_it_decides_its_packets() {
+    // The Squid guide's form: the servers' replies to the connections Squid makes from its
+    // clients' addresses, marked with the TPROXY rules' mark, last in the chain.
+    let input = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -i eth1 -p tcp -m tcp --dport 80 -j TPROXY --on-port 3126 --on-ip 0.0.0.0 --tproxy-mark 0x1/0x1
+-A PREROUTING -d 192.168.1.0/24 -i eth2 -p tcp -j MARK --set-xmark 0x1/0x1
+-A PREROUTING -d 192.168.1.0/24 -p tcp -j RETURN
+COMMIT
+";
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains(
+            "proto = [\"tcp\"]\ndst = [\"192.168.1.0/24\"]\niface = \"eth2\"\naction = \"deliver\""
+        ),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 4:") && n.contains("`action = \"deliver\"`")),
+        "{:?}",
+        t.notes
+    );
+    // A later TPROXY takes some of its packets: MARK ends nothing, deliver would.
+    let later_steer = input.replace(
+        "-A PREROUTING -d 192.168.1.0/24 -p tcp -j RETURN",
+        "-A PREROUTING -p tcp --dport 443 -j TPROXY --on-port 3127 --tproxy-mark 0x1/0x1",
+    );
+    let t = translate(&later_steer).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 4:") && s.contains("go on to line 5")),
+        "{:?}",
+        t.skipped
+    );
+    // Another mark than the TPROXY rules': not the recipe's delivery.
+    let other_mark = input.replace("--set-xmark 0x1/0x1", "--set-xmark 0x2/0x2");
+    let t = translate(&other_mark).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 4:") && s.contains("marks are tproxy's own business")),
+        "{:?}",
+        t.skipped
+    );
+    // Every protocol marked: tproxy delivers TCP and UDP, the rest is reported.
+    let any_protocol = input.replace("-i eth2 -p tcp -j MARK", "-i eth2 -j MARK");
+    let t = translate(&any_protocol).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 4:") && s.contains("protocols besides TCP and UDP")),
+        "{:?}",
+        t.skipped
+    );
+    // nft's mark and accept: delivered with the TPROXY rules' mark, an accept with another.
+    let nft = "\
+table ip t {
+\tchain p {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tip daddr 192.168.1.0/24 meta l4proto tcp meta mark set 0x1 accept
+\t\tip daddr 192.168.2.0/24 meta l4proto tcp meta mark set 0x2 accept
+\t\tmeta l4proto tcp tproxy to :3126 meta mark set 0x1
+\t}
+}
+";
+    let t = translate(nft).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config
+            .contains("dst = [\"192.168.1.0/24\"]\naction = \"deliver\""),
+        "{}",
+        t.config
+    );
+    assert!(
+        t.config
+            .contains("dst = [\"192.168.2.0/24\"]\naction = \"bypass\""),
+        "{}",
+        t.config
+    );
+}
