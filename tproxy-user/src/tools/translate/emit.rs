@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// A rule kept for the configuration, with the port of the listener it steers to (`None`:
-/// a bypass, or a drop when its target is DROP).
+/// a bypass, or a drop or delivery by its target).
 type Rule = (Parsed, Option<u16>);
 
 /// Listener addresses by the TPROXY port they stand for.
@@ -263,7 +263,7 @@ fn diverts_as_bypasses(
             if let Some((steer, _)) = outranked {
                 skipped.push(format!(
                     "line {}: {}: as a bypass rule it would take the new flows of line {} ({}), \
-                     which iptables steers or drops; leave it out, or make it no more specific \
+                     which iptables steers, drops or delivers; leave it out, or make it no more specific \
                      than that rule",
                     divert.line, divert.text, steer.line, steer.text
                 ));
@@ -366,7 +366,8 @@ fn listeners_and_rules(
         match &parsed.target {
             Target::SocketDivert if keep_proxies => diverts.push(parsed),
             Target::SocketDivert => divert_seen = true,
-            // `local::rules` made each MARK a TPROXY target or a reason, `established`
+            // `local::rules` made each OUTPUT MARK a TPROXY target or a reason, `deliver`
+            // each PREROUTING one a delivery, a bypass or a reason, `established`
             // each other way to a flow's socket the socket match or a reason.
             Target::Ignore
             | Target::Jump(_)
@@ -1022,7 +1023,7 @@ fn lo_arrivals_left_out(kept: Vec<Rule>, skipped: &mut Vec<String>) -> Vec<Rule>
     let mut lines = BTreeSet::new();
     for (rule, _) in kept.iter().filter(|kept| acts_on_lo_arrivals(kept)) {
         skipped.push(format!(
-            "line {}: {}: it steers or drops arrivals on lo, and other rules apply to every \
+            "line {}: {}: it steers, drops or delivers arrivals on lo, and other rules apply to every \
              interface (`interfaces = [\"all\", \"lo\"]`), but with rules for local \
              connections tproxy runs their program on lo in place of the one for arrivals, so \
              it would never run",

@@ -103,7 +103,10 @@ impl Decides {
                         Target::Bypass | Target::Return | Target::MarkThenAccept(_)
                     )
             }),
-            acts: matching(&|t| steers(t) || matches!(t, Target::Drop | Target::Reject)),
+            // A mark and accept may be a delivery (see `deliver`).
+            acts: matching(&|t| {
+                steers(t) || matches!(t, Target::Drop | Target::Reject | Target::MarkThenAccept(_))
+            }),
         }
     }
 
@@ -372,6 +375,7 @@ fn flatten_rules(
                                 | Target::Return
                                 | Target::Reject
                                 | Target::Drop
+                                | Target::MarkThenAccept(_)
                         ) && !r.matches.excludes()
                             && covers(&r.matches, &matches)
                     });
@@ -552,7 +556,12 @@ fn continued(
     let decided = continued.iter().flatten().any(|r| {
         matches!(
             r.target,
-            Target::Tproxy { .. } | Target::Bypass | Target::Return | Target::Reject | Target::Drop
+            Target::Tproxy { .. }
+                | Target::Bypass
+                | Target::Return
+                | Target::Reject
+                | Target::Drop
+                | Target::MarkThenAccept(_)
         ) && !r.matches.excludes()
             && covers(&r.matches, &returned.matches)
     });

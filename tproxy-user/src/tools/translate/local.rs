@@ -57,6 +57,8 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
     let read_range = crate::datapath::rules::ephemeral_port_range();
     let ephemeral = read_range.unwrap_or((32768, 60999));
     let mut bound_port_lines = Vec::new();
+    // The OUTPUT rules met so far: what they take never reaches a later MARK.
+    let mut earlier: Vec<Parsed> = Vec::new();
     for rule in flat {
         let rule = match rule {
             Ok(rule) => rule,
@@ -65,6 +67,8 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                 continue;
             }
         };
+        earlier.push(rule.clone());
+        let before = &earlier[..earlier.len() - 1];
         let refuse = |reason: &str| Err(format!("line {}: {}: {reason}", rule.line, rule.text));
         if !rule.matches.src.is_empty() || !rule.matches.not_src.is_empty() {
             out.push(refuse(
@@ -112,6 +116,8 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                         &rule,
                         (!ruleset.mark_set_elsewhere).then_some(mark),
                         prerouting,
+                        before,
+                        notes,
                     )),
                     // Its packets leave the chain with a mark that leads to no TPROXY rule.
                     Err(_)
@@ -322,14 +328,21 @@ pub(super) fn never_the_recipes(mark: Mark, recipe: Option<Mark>) -> bool {
 /// A MARK rule as local steer rules: per listener that its packets reach on `lo`, the rule
 /// with the transports that reach it and that listener's TPROXY target. `set`: the mark it
 /// sets, which they carry there (`None`: a rule left alone may change it on the way).
-fn steered(rule: &Parsed, set: Option<Mark>, prerouting: &[Flat]) -> Vec<Flat> {
+/// `before`: the OUTPUT rules ahead of it.
+fn steered(
+    rule: &Parsed,
+    set: Option<Mark>,
+    prerouting: &[Flat],
+    before: &[Parsed],
+    notes: &mut Vec<String>,
+) -> Vec<Flat> {
     let transports = match rule.matches.transports.is_empty() {
         true => vec![Transport::Tcp, Transport::Udp],
         false => rule.matches.transports.clone(),
     };
     let mut by_target: Vec<(Target, Vec<Transport>)> = Vec::new();
     for transport in transports {
-        match target_on_lo(rule, transport, set, prerouting) {
+        match target_on_lo(rule, transport, set, prerouting, before, notes) {
             Ok(target) => match by_target.iter_mut().find(|(t, _)| *t == target) {
                 Some((_, transports)) => transports.push(transport),
                 None => by_target.push((target, vec![transport])),
@@ -374,7 +387,9 @@ fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<
         let target = match candidate.target {
             Target::Tproxy { .. } | Target::Reject => candidate.target.clone(),
             Target::Bypass | Target::Return => Target::Bypass,
-            Target::Drop | Target::Deliver => candidate.target.clone(),
+            Target::Drop => Target::Drop,
+            // Delivered to the host's own sockets, which their destination is anyway.
+            Target::Deliver => Target::Bypass,
             // Nothing these packets meet: the socket match (their socket is not transparent),
             // the divert chain's marks, other protocols.
             _ => continue,
@@ -397,7 +412,7 @@ fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<
         if !on_lo || !overlaps(&taking, &rule.matches) {
             continue;
         }
-        if matches!(target, Target::Drop | Target::Deliver)
+        if target == Target::Drop
             || !marked
             || taking.excludes()
             || !taking.src.is_empty()
@@ -442,12 +457,17 @@ fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<
 
 /// The TPROXY target that the `transport` packets of `rule` meet when they come back on
 /// `lo` marked with `set` (if known): the one of every PREROUTING TPROXY rule they may
-/// match, one of which matches them all.
+/// match, one of which matches them all. A PREROUTING rule ahead of it that lets some of
+/// them go (or drops them) leaves those with the mark, which the recipe's routing delivers
+/// to the host's own sockets: unless an OUTPUT rule ahead of the MARK (`before`) takes
+/// them first, a rule for local connections cannot say that.
 fn target_on_lo(
     rule: &Parsed,
     transport: Transport,
     set: Option<Mark>,
     prerouting: &[Flat],
+    before: &[Parsed],
+    notes: &mut Vec<String>,
 ) -> Result<Target, String> {
     let on_lo = Match {
         transports: vec![transport],
@@ -468,6 +488,10 @@ fn target_on_lo(
         },
         ..Match::default()
     };
+    let name = match transport {
+        Transport::Tcp => "TCP",
+        Transport::Udp => "UDP",
+    };
     let mut targets: Vec<&Target> = Vec::new();
     let mut covered = false;
     for candidate in prerouting.iter().flatten() {
@@ -476,10 +500,39 @@ fn target_on_lo(
             .not_iface
             .iter()
             .any(|iface| iface == "lo");
-        if !matches!(candidate.target, Target::Tproxy { .. })
-            || !takes_lo
-            || !overlaps(&candidate.matches, &on_lo)
-        {
+        if !takes_lo || !overlaps(&candidate.matches, &on_lo) {
+            continue;
+        }
+        let lets_go = matches!(
+            candidate.target,
+            Target::Bypass | Target::Return | Target::Drop | Target::Reject | Target::Deliver
+        );
+        let by_source = !(candidate.matches.src.is_empty() && candidate.matches.not_src.is_empty());
+        if lets_go && !covered && by_source {
+            // The host's packets carry the address its route picks, unknown here: the rule
+            // set's source prefixes are read as other hosts'.
+            let note = format!(
+                "line {}: `{}` is read as not matching the host's own packets when they come \
+                 back on lo marked by line {}: their source is one of the host's addresses, \
+                 taken to lie outside what its source match lets go (if not, the original \
+                 delivers them to the host's own sockets, and tproxy steers them)",
+                candidate.line, candidate.text, rule.line
+            );
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+            continue;
+        }
+        if lets_go && !covered && !taken_before(rule, set, candidate, before) {
+            return Err(format!(
+                "line {} takes some of its {name} packets ahead of the TPROXY rules when they \
+                 come back on lo, and the recipe's routing delivers what it lets go, still \
+                 marked, to the host's own sockets (or it drops them), which a rule for local \
+                 connections cannot say",
+                candidate.line
+            ));
+        }
+        if !matches!(candidate.target, Target::Tproxy { .. }) {
             continue;
         }
         covered |= covers(&candidate.matches, &on_lo) && !candidate.matches.excludes();
@@ -492,10 +545,6 @@ fn target_on_lo(
             targets.push(&candidate.target);
         }
     }
-    let name = match transport {
-        Transport::Tcp => "TCP",
-        Transport::Udp => "UDP",
-    };
     match targets[..] {
         [target] if covered => Ok(target.clone()),
         [_] if set.is_none() => Err(format!(
@@ -519,6 +568,111 @@ fn target_on_lo(
 }
 
 /// The port of a TPROXY target, which names its listener.
+/// Whether the packets of the OUTPUT rule `rule` that the PREROUTING rule `candidate` takes
+/// on `lo` ahead of the TPROXY rules lose nothing by it: an OUTPUT rule of `before` lets
+/// them go first (they are never marked), or they are for the host itself (loopback, its
+/// own addresses) or for groups, which the local delivery gives them anyway and tproxy's
+/// programs never steer. `set`: the mark they carry there (`None`: unknown, and the
+/// PREROUTING rule's mark matches are left aside: more packets, never fewer).
+fn taken_before(rule: &Parsed, set: Option<Mark>, candidate: &Parsed, before: &[Parsed]) -> bool {
+    let mut taking = Match {
+        iface: None,
+        not_iface: Vec::new(),
+        mark: None,
+        not_marks: Vec::new(),
+        local: true,
+        ..candidate.matches.clone()
+    };
+    if let Some(set) = set {
+        // On lo the mark is the socket's with `set`'s bits: PREROUTING's mark matches ask
+        // the socket's own bits, which OUTPUT's mark matches read.
+        if let Some(mark) = candidate.matches.mark {
+            match on_socket_mark(mark, set) {
+                SocketMark::Never => return true,
+                SocketMark::Always => {}
+                SocketMark::Reads(mark) => taking.mark = Some(mark),
+            }
+        }
+        for &excluded in &candidate.matches.not_marks {
+            match on_socket_mark(excluded, set) {
+                SocketMark::Always => return true,
+                SocketMark::Never => {}
+                // One bit not of a value is that bit of the other.
+                SocketMark::Reads(mark) if mark.mask.count_ones() == 1 && taking.mark.is_none() => {
+                    taking.mark = Some(Mark {
+                        value: mark.value ^ mark.mask,
+                        mask: mark.mask,
+                    })
+                }
+                SocketMark::Reads(mark) => taking.not_marks.push(mark),
+            }
+        }
+    }
+    let both = match narrow(&rule.matches, &taking) {
+        Narrowed::Both(both) => *both,
+        Narrowed::Neither => return true,
+        Narrowed::Inexpressible => return false,
+    };
+    let delivered_anyway: [IpNet; 5] = [
+        "127.0.0.0/8".parse().expect("a prefix"),
+        "::1/128".parse().expect("a prefix"),
+        "224.0.0.0/4".parse().expect("a prefix"),
+        "255.255.255.255/32".parse().expect("a prefix"),
+        "ff00::/8".parse().expect("a prefix"),
+    ];
+    if both.dst_local
+        || (!both.dst.is_empty()
+            && both
+                .dst
+                .iter()
+                .all(|p| delivered_anyway.iter().any(|scope| scope.contains(p))))
+    {
+        return true;
+    }
+    before.iter().any(|earlier| {
+        matches!(
+            earlier.target,
+            Target::Bypass | Target::Return | Target::MarkThenAccept(_)
+        ) && excludes_within(&earlier.matches, &both)
+            && covers(&earlier.matches, &both)
+    })
+}
+
+/// What a mark match asks of a packet whose bits under `set.mask` are `set.value` and the
+/// rest its socket's own.
+enum SocketMark {
+    /// Its known bits disagree: no such packet matches.
+    Never,
+    /// Its known bits agree and it reads no other: every such packet matches.
+    Always,
+    /// The socket's own bits it reads, with the values it wants.
+    Reads(Mark),
+}
+
+fn on_socket_mark(mark: Mark, set: Mark) -> SocketMark {
+    if (mark.value ^ set.value) & mark.mask & set.mask != 0 {
+        return SocketMark::Never;
+    }
+    match mark.mask & !set.mask {
+        0 => SocketMark::Always,
+        own => SocketMark::Reads(Mark {
+            value: mark.value & own,
+            mask: own,
+        }),
+    }
+}
+
+/// Whether what `outer` excludes is excluded by `inner` too, so that `covers`, which reads
+/// no exclusions, may compare them.
+fn excludes_within(outer: &Match, inner: &Match) -> bool {
+    let within = |o: &[IpNet], i: &[IpNet]| o.iter().all(|p| i.iter().any(|q| q.contains(p)));
+    within(&outer.not_dst, &inner.not_dst)
+        && within(&outer.not_src, &inner.not_src)
+        && (!outer.excludes_dst_local || inner.excludes_dst_local)
+        && outer.not_iface.iter().all(|i| inner.not_iface.contains(i))
+        && outer.not_marks.iter().all(|m| inner.not_marks.contains(m))
+}
+
 fn listener_port(target: &Target) -> Option<u16> {
     match target {
         Target::Tproxy { on_port, .. } => *on_port,

@@ -247,11 +247,13 @@ enum Target {
     /// rules after it agree (see `established`).
     Established(Established),
     /// MARK `--set-mark`: in mangle OUTPUT, the recipe's way to steer locally generated
-    /// packets (see `local`).
+    /// packets (see `local`); at PREROUTING, with the TPROXY rules' mark, its way to deliver
+    /// them to the host's own sockets (see `deliver`).
     SetMark(Mark),
     /// nft's `meta mark set X accept`: the mark stays on the packet the verdict lets go. In
     /// an output route chain the recipe's steering when it is the TPROXY rules' mark, a
-    /// bypass otherwise (nothing after it runs); elsewhere an accept.
+    /// bypass otherwise (nothing after it runs); at prerouting a delivery or an accept
+    /// likewise (see `deliver`).
     MarkThenAccept(Mark),
     /// What an output interface guard (see `flatten`) lets through to the host's own
     /// addresses, whose route leads to `lo`: they arrive there as they left, and
