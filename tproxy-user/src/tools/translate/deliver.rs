@@ -184,7 +184,14 @@ fn later_decider<'a>(rule: &Parsed, set: Mark, later: &'a [Flat]) -> Option<&'a 
         let Ok(later) = flat else {
             return Some(flat);
         };
-        if !overlaps(&marked, &later.matches) {
+        // `overlaps` reads no exclusions: one of the mark the MARK set leaves them all out.
+        let excluded = later.matches.not_marks.iter().any(|excluded| {
+            marked.mark.is_some_and(|mark| {
+                mark.mask & excluded.mask == excluded.mask
+                    && mark.value & excluded.mask == excluded.value
+            })
+        });
+        if excluded || !overlaps(&marked, &later.matches) {
             continue;
         }
         let takes_all = !later.matches.excludes() && covers(&later.matches, &marked);

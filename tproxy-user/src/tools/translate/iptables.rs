@@ -9,8 +9,8 @@ use super::{
     cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
     local_bypass, other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    tproxy_port, words, AddressType, Chain, Entry, Established, Family, Match, Parsed, RuleSet,
-    Target, UntrackedMark,
+    set_mark_value, tproxy_port, words, AddressType, Chain, Entry, Established, Family, Match,
+    Parsed, RuleSet, Target, UntrackedMark,
 };
 use crate::{
     datapath::rules::{CtDirection, Ports},
@@ -1127,7 +1127,7 @@ fn parse_target(
             // 0/0 leaves the mark as it is: the packets are routed by the mark they carry.
             "--tproxy-mark" if zero_mark(&value(i)?) => mark = None,
             "--tproxy-mark" => mark = Some(full_mark(&value(i)?)?),
-            "--set-mark" | "--set-xmark" => set_mark = Some(full_mark(&value(i)?)?),
+            "--set-mark" | "--set-xmark" => set_mark = Some(set_mark_value(&value(i)?)?),
             "--mark" => {}
             // Matches may follow the target (`-j RETURN -m mark --mark 1`): the
             // rule's options go on, and a match is judged as a match.

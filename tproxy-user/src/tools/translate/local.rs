@@ -59,6 +59,9 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
     let mut bound_port_lines = Vec::new();
     // The OUTPUT rules met so far: what they take never reaches a later MARK.
     let mut earlier: Vec<Parsed> = Vec::new();
+    // The MARKs that took the recipe's mark off what an earlier one steered, moved ahead of
+    // it (see `unmarked`): a later MARK that sets it again on some of those is refused.
+    let mut cleared: Vec<Parsed> = Vec::new();
     for rule in flat {
         let rule = match rule {
             Ok(rule) => rule,
@@ -112,6 +115,17 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                     Ok(()) if rule.matches.dst_local => {
                         out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
                     }
+                    Ok(()) if cleared.iter().any(|c| overlaps(&c.matches, &rule.matches)) => {
+                        let clear = cleared
+                            .iter()
+                            .find(|c| overlaps(&c.matches, &rule.matches))
+                            .expect("found");
+                        out.push(refuse(&format!(
+                            "it sets the TPROXY rules' mark again on some packets that line {} \
+                             took it off, after an earlier MARK had set it",
+                            clear.line
+                        )))
+                    }
                     Ok(()) => out.extend(steered(
                         &rule,
                         (!ruleset.mark_set_elsewhere).then_some(mark),
@@ -120,14 +134,21 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                         notes,
                     )),
                     // Its packets leave the chain with a mark that leads to no TPROXY rule.
+                    // (A MARK that sets other bits as well may route by another `ip rule`.)
                     Err(_)
-                        if matches!(rule.target, Target::MarkThenAccept(_))
-                            && never_the_recipes(mark, recipe_mark) =>
+                        if never_the_recipes(mark, recipe_mark)
+                            && (matches!(rule.target, Target::MarkThenAccept(_))
+                                || recipe_mark
+                                    .is_some_and(|recipe| mark.value & !recipe.mask == 0)) =>
                     {
-                        out.push(Ok(Parsed {
-                            target: Target::Bypass,
-                            ..rule
-                        }))
+                        let steering: Vec<usize> = before
+                            .iter()
+                            .filter(|b| {
+                                matches!(b.target, Target::SetMark(set) if steers(set, recipe_mark).is_ok())
+                            })
+                            .map(|b| b.line)
+                            .collect();
+                        unmarked(rule, &steering, &mut out, &mut cleared, notes)
                     }
                     Err(reason) => out.push(refuse(&reason)),
                 }
@@ -341,8 +362,17 @@ fn steered(
         false => rule.matches.transports.clone(),
     };
     let mut by_target: Vec<(Target, Vec<Transport>)> = Vec::new();
+    let mut for_host: Vec<(usize, Match)> = Vec::new();
     for transport in transports {
-        match target_on_lo(rule, transport, set, prerouting, before, notes) {
+        match target_on_lo(
+            rule,
+            transport,
+            set,
+            prerouting,
+            before,
+            &mut for_host,
+            notes,
+        ) {
             Ok(target) => match by_target.iter_mut().find(|(t, _)| *t == target) {
                 Some((_, transports)) => transports.push(transport),
                 None => by_target.push((target, vec![transport])),
@@ -353,20 +383,97 @@ fn steered(
         }
     }
     let one_target = by_target.len() == 1;
-    by_target
-        .into_iter()
-        .map(|(target, transports)| {
-            let mut matches = rule.matches.clone();
-            if !one_target {
-                matches.transports = transports;
-            }
-            Ok(Parsed {
+    // What a PREROUTING bypass sends to the host itself, its destination: let go here too.
+    let mut rules: Vec<Flat> = Vec::new();
+    for (line, matches) in for_host {
+        let known = rules
+            .iter()
+            .flatten()
+            .any(|r: &Parsed| r.matches == matches);
+        if !known {
+            rules.push(Ok(Parsed {
+                text: format!(
+                    "{} (what line {line} lets go for this host when it comes back on lo)",
+                    rule.text
+                ),
                 matches,
-                target,
+                target: Target::Bypass,
                 ..rule.clone()
-            })
+            }));
+        }
+    }
+    rules.extend(by_target.into_iter().map(|(target, transports)| {
+        let mut matches = rule.matches.clone();
+        if !one_target {
+            matches.transports = transports;
+        }
+        Ok(Parsed {
+            matches,
+            target,
+            ..rule.clone()
         })
-        .collect()
+    }));
+    rules
+}
+
+/// A MARK (or mark and accept) `rule` whose packets leave with a mark that is never the
+/// recipe's: not steered. The last mark set is the one routed, so what an earlier MARK
+/// steered of them is let go after all: a bypass goes ahead of the first such steer rule in
+/// `out` (the local rules so far, in first-match order) that a MARK on the lines `steering`
+/// made, unless a rule in between lets some of them go still marked (refused). A MARK that no earlier steering overlaps changes
+/// nothing tproxy decides (a mark and accept is a bypass in its place).
+fn unmarked(
+    rule: Parsed,
+    steering: &[usize],
+    out: &mut Vec<Flat>,
+    cleared: &mut Vec<Parsed>,
+    notes: &mut Vec<String>,
+) {
+    let steers_some = |flat: &Flat| {
+        flat.as_ref().is_ok_and(|r| {
+            matches!(r.target, Target::Tproxy { .. })
+                && steering.contains(&r.line)
+                && overlaps(&r.matches, &rule.matches)
+        })
+    };
+    let accepts = matches!(rule.target, Target::MarkThenAccept(_));
+    let Some(first) = out.iter().position(steers_some) else {
+        match accepts {
+            true => out.push(Ok(Parsed {
+                target: Target::Bypass,
+                ..rule
+            })),
+            false => notes.push(format!(
+                "line {}: `{}` sets a mark that is not the TPROXY rules' on packets no earlier \
+                 MARK steers: it changes nothing tproxy decides; left out",
+                rule.line, rule.text
+            )),
+        }
+        return;
+    };
+    if let Some(between) = out[first + 1..].iter().flatten().find(|r| {
+        matches!(r.target, Target::Bypass | Target::Return) && overlaps(&r.matches, &rule.matches)
+    }) {
+        out.push(Err(format!(
+            "line {}: {}: it takes the TPROXY rules' mark off packets an earlier MARK set it \
+             on, and line {} lets some of them go in between, still marked",
+            rule.line, rule.text, between.line
+        )));
+        return;
+    }
+    notes.push(format!(
+        "line {}: `{}` takes the TPROXY rules' mark off packets an earlier MARK set it on (the \
+         last mark set is the one routed): a bypass ahead of that MARK's rule",
+        rule.line, rule.text
+    ));
+    cleared.push(rule.clone());
+    out.insert(
+        first,
+        Ok(Parsed {
+            target: Target::Bypass,
+            ..rule
+        }),
+    );
 }
 
 /// A MARK rule for the host's own addresses: its packets come back on `lo` to PREROUTING,
@@ -458,15 +565,18 @@ fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<
 /// The TPROXY target that the `transport` packets of `rule` meet when they come back on
 /// `lo` marked with `set` (if known): the one of every PREROUTING TPROXY rule they may
 /// match, one of which matches them all. A PREROUTING rule ahead of it that lets some of
-/// them go (or drops them) leaves those with the mark, which the recipe's routing delivers
-/// to the host's own sockets: unless an OUTPUT rule ahead of the MARK (`before`) takes
-/// them first, a rule for local connections cannot say that.
+/// them go (or drops them) leaves those with the mark, which the recipe's routing takes to
+/// the host itself instead of their destination: unless an OUTPUT rule ahead of the MARK
+/// (`before`) lets them go first, or the host is their destination (then they go to
+/// `for_host`, with the line, for local bypasses ahead of the steering), a rule for local
+/// connections cannot say that.
 fn target_on_lo(
     rule: &Parsed,
     transport: Transport,
     set: Option<Mark>,
     prerouting: &[Flat],
     before: &[Parsed],
+    for_host: &mut Vec<(usize, Match)>,
     notes: &mut Vec<String>,
 ) -> Result<Target, String> {
     let on_lo = Match {
@@ -499,23 +609,26 @@ fn target_on_lo(
             .matches
             .not_iface
             .iter()
-            .any(|iface| iface == "lo");
+            .any(|iface| iface_covers(iface, "lo"));
         if !takes_lo || !overlaps(&candidate.matches, &on_lo) {
             continue;
         }
-        let lets_go = matches!(
-            candidate.target,
-            Target::Bypass | Target::Return | Target::Drop | Target::Reject | Target::Deliver
-        );
+        let lets_go = matches!(candidate.target, Target::Bypass | Target::Return);
+        let takes = lets_go
+            || matches!(
+                candidate.target,
+                Target::Drop | Target::Reject | Target::Deliver
+            );
         let by_source = !(candidate.matches.src.is_empty() && candidate.matches.not_src.is_empty());
-        if lets_go && !covered && by_source {
+        if takes && !covered && by_source {
             // The host's packets carry the address its route picks, unknown here: the rule
             // set's source prefixes are read as other hosts'.
             let note = format!(
                 "line {}: `{}` is read as not matching the host's own packets when they come \
                  back on lo marked by line {}: their source is one of the host's addresses, \
-                 taken to lie outside what its source match lets go (if not, the original \
-                 delivers them to the host's own sockets, and tproxy steers them)",
+                 taken to lie outside what its source match takes (as on a host with one \
+                 network; where it does take them, the original sends them to the host itself \
+                 instead of their destination, and tproxy steers them)",
                 candidate.line, candidate.text, rule.line
             );
             if !notes.contains(&note) {
@@ -523,14 +636,21 @@ fn target_on_lo(
             }
             continue;
         }
-        if lets_go && !covered && !taken_before(rule, set, candidate, before) {
-            return Err(format!(
-                "line {} takes some of its {name} packets ahead of the TPROXY rules when they \
-                 come back on lo, and the recipe's routing delivers what it lets go, still \
-                 marked, to the host's own sockets (or it drops them), which a rule for local \
-                 connections cannot say",
-                candidate.line
-            ));
+        if takes && !covered {
+            match on_lo_first(rule, set, candidate, before) {
+                OnLo::Unmarked => {}
+                OnLo::ForHost(both) if lets_go => for_host.push((candidate.line, both)),
+                OnLo::ForHost(_) | OnLo::Lost => {
+                    return Err(format!(
+                        "line {} takes some of its {name} packets ahead of the TPROXY rules \
+                         when they come back on lo: what it lets go, still marked, the \
+                         recipe's routing takes to this host instead of its destination (a \
+                         connection there never completes), and what it drops is dropped, \
+                         which a rule for local connections cannot say",
+                        candidate.line
+                    ))
+                }
+            }
         }
         if !matches!(candidate.target, Target::Tproxy { .. }) {
             continue;
@@ -567,14 +687,22 @@ fn target_on_lo(
     }
 }
 
-/// The port of a TPROXY target, which names its listener.
-/// Whether the packets of the OUTPUT rule `rule` that the PREROUTING rule `candidate` takes
-/// on `lo` ahead of the TPROXY rules lose nothing by it: an OUTPUT rule of `before` lets
-/// them go first (they are never marked), or they are for the host itself (loopback, its
-/// own addresses) or for groups, which the local delivery gives them anyway and tproxy's
-/// programs never steer. `set`: the mark they carry there (`None`: unknown, and the
-/// PREROUTING rule's mark matches are left aside: more packets, never fewer).
-fn taken_before(rule: &Parsed, set: Option<Mark>, candidate: &Parsed, before: &[Parsed]) -> bool {
+/// What becomes of the packets of the OUTPUT rule `rule` that the PREROUTING rule
+/// `candidate` takes on `lo` ahead of the TPROXY rules.
+enum OnLo {
+    /// None of them gets there marked: an OUTPUT rule of `before` lets them go first, or
+    /// the candidate's mark match leaves them out.
+    Unmarked,
+    /// They are for the host itself (loopback, its own addresses) or for groups: these
+    /// packets, locally generated.
+    ForHost(Match),
+    /// Some are taken from their destination.
+    Lost,
+}
+
+/// See [`OnLo`]. `set`: the mark they carry there (`None`: unknown, and the PREROUTING
+/// rule's mark matches are left aside: more packets, never fewer).
+fn on_lo_first(rule: &Parsed, set: Option<Mark>, candidate: &Parsed, before: &[Parsed]) -> OnLo {
     let mut taking = Match {
         iface: None,
         not_iface: Vec::new(),
@@ -588,32 +716,36 @@ fn taken_before(rule: &Parsed, set: Option<Mark>, candidate: &Parsed, before: &[
         // the socket's own bits, which OUTPUT's mark matches read.
         if let Some(mark) = candidate.matches.mark {
             match on_socket_mark(mark, set) {
-                SocketMark::Never => return true,
+                SocketMark::Never => return OnLo::Unmarked,
                 SocketMark::Always => {}
                 SocketMark::Reads(mark) => taking.mark = Some(mark),
             }
         }
         for &excluded in &candidate.matches.not_marks {
             match on_socket_mark(excluded, set) {
-                SocketMark::Always => return true,
+                SocketMark::Always => return OnLo::Unmarked,
                 SocketMark::Never => {}
-                // One bit not of a value is that bit of the other.
-                SocketMark::Reads(mark) if mark.mask.count_ones() == 1 && taking.mark.is_none() => {
-                    taking.mark = Some(Mark {
-                        value: mark.value ^ mark.mask,
-                        mask: mark.mask,
-                    })
-                }
                 SocketMark::Reads(mark) => taking.not_marks.push(mark),
             }
         }
     }
-    let both = match narrow(&rule.matches, &taking) {
+    let both = match narrow(&rule.matches, &normalized(&taking)) {
         Narrowed::Both(both) => *both,
-        Narrowed::Neither => return true,
-        Narrowed::Inexpressible => return false,
+        Narrowed::Neither => return OnLo::Unmarked,
+        Narrowed::Inexpressible => return OnLo::Lost,
     };
-    let delivered_anyway: [IpNet; 5] = [
+    let taken_first = before.iter().any(|earlier| {
+        let earlier_matches = normalized(&earlier.matches);
+        matches!(
+            earlier.target,
+            Target::Bypass | Target::Return | Target::MarkThenAccept(_)
+        ) && excludes_within(&earlier_matches, &both)
+            && covers(&earlier_matches, &both)
+    });
+    if taken_first {
+        return OnLo::Unmarked;
+    }
+    let for_host: [IpNet; 5] = [
         "127.0.0.0/8".parse().expect("a prefix"),
         "::1/128".parse().expect("a prefix"),
         "224.0.0.0/4".parse().expect("a prefix"),
@@ -625,17 +757,27 @@ fn taken_before(rule: &Parsed, set: Option<Mark>, candidate: &Parsed, before: &[
             && both
                 .dst
                 .iter()
-                .all(|p| delivered_anyway.iter().any(|scope| scope.contains(p))))
+                .all(|p| for_host.iter().any(|scope| scope.contains(p))))
     {
-        return true;
+        return OnLo::ForHost(both);
     }
-    before.iter().any(|earlier| {
-        matches!(
-            earlier.target,
-            Target::Bypass | Target::Return | Target::MarkThenAccept(_)
-        ) && excludes_within(&earlier.matches, &both)
-            && covers(&earlier.matches, &both)
-    })
+    OnLo::Lost
+}
+
+/// `m` with an excluded single bit of the mark read as the bit's other value, which OUTPUT's
+/// guards and PREROUTING's may write either way.
+fn normalized(m: &Match) -> Match {
+    let mut m = m.clone();
+    if m.mark.is_none() {
+        if let Some(i) = m.not_marks.iter().position(|x| x.mask.count_ones() == 1) {
+            let bit = m.not_marks.remove(i);
+            m.mark = Some(Mark {
+                value: bit.value ^ bit.mask,
+                mask: bit.mask,
+            });
+        }
+    }
+    m
 }
 
 /// What a mark match asks of a packet whose bits under `set.mask` are `set.value` and the
@@ -673,6 +815,7 @@ fn excludes_within(outer: &Match, inner: &Match) -> bool {
         && outer.not_marks.iter().all(|m| inner.not_marks.contains(m))
 }
 
+/// The port of a TPROXY target, which names its listener.
 fn listener_port(target: &Target) -> Option<u16> {
     match target {
         Target::Tproxy { on_port, .. } => *on_port,

@@ -45,7 +45,7 @@ use crate::{
         interfaces::is_pattern,
         rules::{CtDirection, Ports},
     },
-    values::{parse_mark, parse_port_list, Mark, Transport},
+    values::{parse_mark, parse_mark_match, parse_port_list, Mark, Transport},
 };
 
 /// Reads the rule set from stdin, prints the configuration, lists what was skipped.
@@ -462,6 +462,21 @@ fn local_bypass(m: &Match, target: &Target) -> Result<(), String> {
         return Err("a match on the host's own addresses and on destination prefixes".into());
     }
     Ok(())
+}
+
+/// The mark a MARK target (nft `meta mark set`) sets, as iptables and nft write it: a bare
+/// value sets all 32 bits, and unlike a mark to route by it may clear them (`--set-mark 0`).
+fn set_mark_value(text: &str) -> Result<Mark, String> {
+    match full_mark(text) {
+        Ok(mark) => Ok(mark),
+        Err(error) => {
+            let (value, mask) = text.split_once('/').unwrap_or((text, "0xffffffff"));
+            let zero = parse_mark_match(&format!("{value}/{mask}"))
+                .ok()
+                .filter(|mark| mark.value == 0 && mark.mask != 0);
+            zero.ok_or(error)
+        }
+    }
 }
 
 /// A mark as iptables and nft write it: a bare value sets all 32 bits.

@@ -7,14 +7,14 @@ use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
-    cgroup_path, complement, full_mark, interface_name, interface_pattern, local_bypass,
-    other_classids, other_ids, other_protocol_rule, other_transports, port_range,
-    precedence::iface_covers, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet,
-    Target, UntrackedMark,
+    cgroup_path, complement, interface_name, interface_pattern, local_bypass, other_classids,
+    other_ids, other_protocol_rule, other_transports, port_range, precedence::iface_covers,
+    set_mark_value, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet, Target,
+    UntrackedMark,
 };
 use crate::{
     datapath::rules::CtDirection,
-    values::{parse_gid_range, parse_mark, parse_mark_match, parse_prefix, Mark, Transport},
+    values::{parse_gid_range, parse_mark_match, parse_prefix, Mark, Transport},
 };
 
 /// The block an nft line is in.
@@ -655,7 +655,7 @@ fn set_mark(w: &[String], i: usize) -> Result<(Mark, usize), String> {
         "meta" if w.get(i + 1).is_some_and(|x| x == "mark") => i + 2,
         "mark" => i + 1,
         number if number.starts_with(|c: char| c.is_ascii_digit()) => {
-            return Ok((full_mark(value)?, i + 1))
+            return Ok((set_mark_value(value)?, i + 1))
         }
         _ => {
             return Err(format!(
@@ -693,7 +693,7 @@ fn set_mark(w: &[String], i: usize) -> Result<(Mark, usize), String> {
     if mask == 0 {
         return Err(format!("`mark set {text}` changes no bit of the mark"));
     }
-    parse_mark(&format!("{set:#x}/{mask:#x}"))
+    set_mark_value(&format!("{set:#x}/{mask:#x}"))
         .map(|mark| (mark, at))
         .map_err(|error| format!("`mark set {text}` (a value under a mask: {error})"))
 }
@@ -741,6 +741,18 @@ fn parse_rule(
     }
     let ifaces = rule.ifaces.take();
     let (m, target, comment) = rule.finish();
+    // A MARK may clear bits; the TPROXY rules' mark is what the recipe routes by.
+    if let Target::Tproxy {
+        mark: Some(mark), ..
+    } = target
+    {
+        if mark.value == 0 {
+            return Err(format!(
+                "mark `{mark}` sets no bits under its mask: steered packets would be \
+                 indistinguishable"
+            ));
+        }
+    }
     let target = other_protocol_rule(&m, target)?;
     if m.dst_local {
         local_bypass(&m, &target)?;

@@ -1396,12 +1396,14 @@ COMMIT
         .iter()
         .map(|r| r["action"].as_str().unwrap())
         .collect();
-    // The last three are V2RAY_MASK's, for the host's own traffic (see `local`).
+    // The last five are V2RAY_MASK's, for the host's own traffic (see `local`): its
+    // bypasses, those of PREROUTING for the host itself that its TCP meets on lo (127.0.0.1,
+    // 255.255.255.255), and its MARK.
     assert_eq!(
         actions,
         [
             "bypass", "bypass", "bypass", "bypass", "bypass", "steer", "steer", "bypass", "bypass",
-            "steer"
+            "bypass", "bypass", "steer"
         ],
         "{}",
         t.config
@@ -1412,7 +1414,14 @@ COMMIT
         .collect();
     assert_eq!(
         origins[6..],
-        [None, Some("local"), Some("local"), Some("local")],
+        [
+            None,
+            Some("local"),
+            Some("local"),
+            Some("local"),
+            Some("local"),
+            Some("local")
+        ],
         "{}",
         t.config
     );
