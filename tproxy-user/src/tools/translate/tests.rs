@@ -5380,3 +5380,85 @@ COMMIT
         t.skipped
     );
 }
+
+/// The host's packets that PREROUTING lets go for the host itself on lo become local
+/// bypasses (they were steered, and with --keep-proxies handed to the proxy); a DROP there
+/// is reported even for those; a later MARK that clears the TPROXY rules' mark is a local
+/// bypass ahead of the MARK that set it.
+#[test]
+fn local_marks_keep_what_prerouting_lets_go_for_the_host_and_what_a_later_mark_clears() {
+    let for_host = "\
+*mangle
+-A PREROUTING -d 127.0.0.1/32 -j RETURN
+-A PREROUTING -m addrtype --dst-type LOCAL -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -j MARK --set-mark 1
+COMMIT
+";
+    let t = translate(for_host).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    for dst in ["dst = [\"127.0.0.1/32\"]", "dst = \"local-ipv4\""] {
+        assert!(
+            t.config
+                .contains(&format!("{dst}\norigin = \"local\"\naction = \"bypass\"")),
+            "{dst}: {}",
+            t.config
+        );
+    }
+    let dropped = for_host.replace(
+        "-d 127.0.0.1/32 -j RETURN",
+        "-d 127.0.0.0/8 -p tcp --dport 5432 -j DROP",
+    );
+    let t = translate(&dropped).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 5:") && s.contains("line 2 takes some")),
+        "{:?}",
+        t.skipped
+    );
+    let cleared = "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -j MARK --set-mark 1
+-A OUTPUT -p tcp --dport 22 -j MARK --set-mark 0
+COMMIT
+";
+    let t = translate(cleared).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let at = |needle: &str| {
+        t.config
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {}", t.config))
+    };
+    assert!(
+        at("ports = [22]\norigin = \"local\"\naction = \"bypass\"")
+            < at("origin = \"local\"\naction = \"steer\""),
+        "{}",
+        t.config
+    );
+    let set_again = cleared.replace(
+        "COMMIT",
+        "-A OUTPUT -p tcp -d 10.0.0.0/8 --dport 22 -j MARK --set-mark 1\nCOMMIT",
+    );
+    let t = translate(&set_again).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 5:") && s.contains("line 4 took it off")),
+        "{:?}",
+        t.skipped
+    );
+    let let_go_between = cleared.replace(
+        "-A OUTPUT -p tcp --dport 22",
+        "-A OUTPUT -d 10.0.0.0/8 -j RETURN\n-A OUTPUT -p tcp --dport 22",
+    );
+    let t = translate(&let_go_between).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 5:") && s.contains("line 4 lets some of them go")),
+        "{:?}",
+        t.skipped
+    );
+}
