@@ -174,6 +174,27 @@ impl Netns {
         .with_context(|| format!("connecting from {source} to {addr}"))
     }
 
+    /// A listener in this namespace with `IP_TRANSPARENT`, bound to `addr`: it takes
+    /// connections the policy routing delivers locally for any destination on its port.
+    pub fn transparent_listener(&self, addr: SocketAddr) -> Result<std::net::TcpListener> {
+        self.run(move || -> std::io::Result<std::net::TcpListener> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            match addr {
+                SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+                SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+            }
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(8)?;
+            Ok(socket.into())
+        })
+        .with_context(|| format!("listening transparently on {addr}"))
+    }
+
     /// Connects from exactly `source` (address and port, reused even while an old socket of
     /// that tuple is in TIME_WAIT) to `addr`, and reads until the peer closes.
     pub fn read_all_from(&self, source: SocketAddr, addr: SocketAddr) -> Result<String> {

@@ -471,18 +471,7 @@ fn a_deliver_rule_hands_the_packet_to_the_routers_own_sockets() {
 
     let listener = topo
         .router
-        .run(|| -> std::io::Result<std::net::TcpListener> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_ip_transparent_v4(true)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&addr("0.0.0.0:81").into())?;
-            socket.listen(8)?;
-            Ok(socket.into())
-        })
+        .transparent_listener(addr("0.0.0.0:81"))
         .unwrap();
     let answering = thread::spawn(move || -> std::io::Result<()> {
         let (mut stream, _) = listener.accept()?;

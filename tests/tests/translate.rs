@@ -2829,18 +2829,7 @@ fn iptables_mark_for_local_delivery_delivers_the_same_flows_translated() {
     let relayed = Server::tell_peer(&topo.server, "10.10.2.2:80".parse().unwrap()).unwrap();
     let listener = topo
         .router
-        .run(|| -> std::io::Result<std::net::TcpListener> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV4,
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_ip_transparent_v4(true)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&"0.0.0.0:81".parse::<SocketAddr>().unwrap().into())?;
-            socket.listen(8)?;
-            Ok(socket.into())
-        })
+        .transparent_listener("0.0.0.0:81".parse().unwrap())
         .unwrap();
     let answering = std::thread::spawn(move || -> std::io::Result<()> {
         for _ in 0..2 {

@@ -367,18 +367,10 @@ fn flatten_rules(
                 if let Target::Goto(_) = rule.target {
                     // What the chain leaves undecided, and its RETURNs, leave this chain
                     // too: a RETURN here (a caller judges both).
-                    let decided = out[start..].iter().flatten().any(|r| {
-                        matches!(
-                            r.target,
-                            Target::Tproxy { .. }
-                                | Target::Bypass
-                                | Target::Return
-                                | Target::Reject
-                                | Target::Drop
-                                | Target::MarkThenAccept(_)
-                        ) && !r.matches.excludes()
-                            && covers(&r.matches, &matches)
-                    });
+                    let decided = out[start..]
+                        .iter()
+                        .flatten()
+                        .any(|r| decides_all(r, &matches));
                     gone_to.push((rule.line, matches.clone()));
                     if !decided {
                         out.push(Ok(Parsed {
@@ -553,18 +545,10 @@ fn continued(
     if continued.len() > CONTINUED_RULES {
         return None;
     }
-    let decided = continued.iter().flatten().any(|r| {
-        matches!(
-            r.target,
-            Target::Tproxy { .. }
-                | Target::Bypass
-                | Target::Return
-                | Target::Reject
-                | Target::Drop
-                | Target::MarkThenAccept(_)
-        ) && !r.matches.excludes()
-            && covers(&r.matches, &returned.matches)
-    });
+    let decided = continued
+        .iter()
+        .flatten()
+        .any(|r| decides_all(r, &returned.matches));
     notes.push(format!(
         "line {}: `{}` gives its packets back to the rules after line {}, which are repeated \
          for them in its place",
@@ -580,6 +564,20 @@ fn continued(
         }));
     }
     Some(continued)
+}
+
+/// Whether `rule` ends the hook for every packet of `m` that reaches it (a MARK goes on).
+fn decides_all(rule: &Parsed, m: &Match) -> bool {
+    matches!(
+        rule.target,
+        Target::Tproxy { .. }
+            | Target::Bypass
+            | Target::Return
+            | Target::Reject
+            | Target::Drop
+            | Target::MarkThenAccept(_)
+    ) && !rule.matches.excludes()
+        && covers(&rule.matches, m)
 }
 
 /// Whether the packets a RETURN (`returned`, narrowed by the jumps to it) takes would leave
