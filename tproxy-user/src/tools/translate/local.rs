@@ -59,9 +59,6 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
     let mut bound_port_lines = Vec::new();
     // The OUTPUT rules met so far: what they take never reaches a later MARK.
     let mut earlier: Vec<Parsed> = Vec::new();
-    // The MARKs that took the recipe's mark off what an earlier one steered, moved ahead of
-    // it (see `unmarked`): a later MARK that sets it again on some of those is refused.
-    let mut cleared: Vec<Parsed> = Vec::new();
     for rule in flat {
         let rule = match rule {
             Ok(rule) => rule,
@@ -115,17 +112,6 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                     Ok(()) if rule.matches.dst_local => {
                         out.extend(on_lo_to_own_addresses(&rule, mark, prerouting))
                     }
-                    Ok(()) if cleared.iter().any(|c| overlaps(&c.matches, &rule.matches)) => {
-                        let clear = cleared
-                            .iter()
-                            .find(|c| overlaps(&c.matches, &rule.matches))
-                            .expect("found");
-                        out.push(refuse(&format!(
-                            "it sets the TPROXY rules' mark again on some packets that line {} \
-                             took it off, after an earlier MARK had set it",
-                            clear.line
-                        )))
-                    }
                     Ok(()) => out.extend(steered(
                         &rule,
                         (!ruleset.mark_set_elsewhere).then_some(mark),
@@ -134,13 +120,8 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                         notes,
                     )),
                     // Its packets leave the chain with a mark that leads to no TPROXY rule.
-                    // (A MARK that sets other bits as well may route by another `ip rule`.)
-                    Err(_)
-                        if never_the_recipes(mark, recipe_mark)
-                            && (matches!(rule.target, Target::MarkThenAccept(_))
-                                || recipe_mark
-                                    .is_some_and(|recipe| mark.value & !recipe.mask == 0)) =>
-                    {
+                    Err(reason) if never_the_recipes(mark, recipe_mark) => {
+                        // Only a MARK's packets go on to later rules: an accept's do not.
                         let steering: Vec<usize> = before
                             .iter()
                             .filter(|b| {
@@ -148,7 +129,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
                             })
                             .map(|b| b.line)
                             .collect();
-                        unmarked(rule, &steering, &mut out, &mut cleared, notes)
+                        out.push(unmarked(rule, &steering, &out, reason))
                     }
                     Err(reason) => out.push(refuse(&reason)),
                 }
@@ -386,11 +367,20 @@ fn steered(
     // What a PREROUTING bypass sends to the host itself, its destination: let go here too.
     let mut rules: Vec<Flat> = Vec::new();
     for (line, matches) in for_host {
-        let known = rules
-            .iter()
-            .flatten()
-            .any(|r: &Parsed| r.matches == matches);
-        if !known {
+        // The same packets met for TCP and for UDP: one rule for both.
+        let same_but_transport = rules.iter_mut().flatten().find(|r: &&mut Parsed| {
+            Match {
+                transports: matches.transports.clone(),
+                ..r.matches.clone()
+            } == matches
+        });
+        if let Some(known) = same_but_transport {
+            for transport in &matches.transports {
+                if !known.matches.transports.contains(transport) {
+                    known.matches.transports.push(*transport);
+                }
+            }
+        } else {
             rules.push(Ok(Parsed {
                 text: format!(
                     "{} (what line {line} lets go for this host when it comes back on lo)",
@@ -416,64 +406,30 @@ fn steered(
     rules
 }
 
-/// A MARK (or mark and accept) `rule` whose packets leave with a mark that is never the
-/// recipe's: not steered. The last mark set is the one routed, so what an earlier MARK
-/// steered of them is let go after all: a bypass goes ahead of the first such steer rule in
-/// `out` (the local rules so far, in first-match order) that a MARK on the lines `steering`
-/// made, unless a rule in between lets some of them go still marked (refused). A MARK that no earlier steering overlaps changes
-/// nothing tproxy decides (a mark and accept is a bypass in its place).
-fn unmarked(
-    rule: Parsed,
-    steering: &[usize],
-    out: &mut Vec<Flat>,
-    cleared: &mut Vec<Parsed>,
-    notes: &mut Vec<String>,
-) {
-    let steers_some = |flat: &Flat| {
-        flat.as_ref().is_ok_and(|r| {
-            matches!(r.target, Target::Tproxy { .. })
-                && steering.contains(&r.line)
-                && overlaps(&r.matches, &rule.matches)
-        })
-    };
-    let accepts = matches!(rule.target, Target::MarkThenAccept(_));
-    let Some(first) = out.iter().position(steers_some) else {
-        match accepts {
-            true => out.push(Ok(Parsed {
-                target: Target::Bypass,
-                ..rule
-            })),
-            false => notes.push(format!(
-                "line {}: `{}` sets a mark that is not the TPROXY rules' on packets no earlier \
-                 MARK steers: it changes nothing tproxy decides; left out",
-                rule.line, rule.text
-            )),
-        }
-        return;
-    };
-    if let Some(between) = out[first + 1..].iter().flatten().find(|r| {
-        matches!(r.target, Target::Bypass | Target::Return) && overlaps(&r.matches, &rule.matches)
-    }) {
-        out.push(Err(format!(
-            "line {}: {}: it takes the TPROXY rules' mark off packets an earlier MARK set it \
-             on, and line {} lets some of them go in between, still marked",
-            rule.line, rule.text, between.line
-        )));
-        return;
-    }
-    notes.push(format!(
-        "line {}: `{}` takes the TPROXY rules' mark off packets an earlier MARK set it on (the \
-         last mark set is the one routed): a bypass ahead of that MARK's rule",
-        rule.line, rule.text
-    ));
-    cleared.push(rule.clone());
-    out.insert(
-        first,
-        Ok(Parsed {
+/// A MARK or mark and accept `rule` whose packets leave with a mark that is never the
+/// recipe's. The last mark set is the one routed, and no rule in first-match order after
+/// an earlier MARK (on the lines `steering` of `out`, the local rules so far) takes back
+/// what it set the recipe's mark on: reported. Otherwise a mark and accept is a bypass in
+/// its place, and a MARK is reported for `reason` (a later rule may read its mark, and
+/// another `ip rule` route by it).
+fn unmarked(rule: Parsed, steering: &[usize], out: &[Flat], reason: String) -> Flat {
+    let earlier = out.iter().flatten().find(|r| {
+        matches!(r.target, Target::Tproxy { .. })
+            && steering.contains(&r.line)
+            && overlaps(&r.matches, &rule.matches)
+    });
+    match earlier {
+        Some(earlier) => Err(format!(
+            "line {}: {}: it takes the TPROXY rules' mark off packets line {} set it on (the \
+             last mark set is the one routed), which rules in first-match order cannot say",
+            rule.line, rule.text, earlier.line
+        )),
+        None if matches!(rule.target, Target::MarkThenAccept(_)) => Ok(Parsed {
             target: Target::Bypass,
             ..rule
         }),
-    );
+        None => Err(format!("line {}: {}: {reason}", rule.line, rule.text)),
+    }
 }
 
 /// A MARK rule for the host's own addresses: its packets come back on `lo` to PREROUTING,
@@ -613,12 +569,12 @@ fn target_on_lo(
         if !takes_lo || !overlaps(&candidate.matches, &on_lo) {
             continue;
         }
-        let lets_go = matches!(candidate.target, Target::Bypass | Target::Return);
-        let takes = lets_go
-            || matches!(
-                candidate.target,
-                Target::Drop | Target::Reject | Target::Deliver
-            );
+        // A delivery leaves them with the mark as a bypass does.
+        let lets_go = matches!(
+            candidate.target,
+            Target::Bypass | Target::Return | Target::Deliver
+        );
+        let takes = lets_go || matches!(candidate.target, Target::Drop | Target::Reject);
         let by_source = !(candidate.matches.src.is_empty() && candidate.matches.not_src.is_empty());
         if takes && !covered && by_source {
             // The host's packets carry the address its route picks, unknown here: the rule
@@ -639,12 +595,20 @@ fn target_on_lo(
         if takes && !covered {
             match on_lo_first(rule, set, candidate, before) {
                 OnLo::Unmarked => {}
-                OnLo::ForHost(both) if lets_go => for_host.push((candidate.line, both)),
+                // With the mark unknown, its mark matches were left aside: a bypass of what
+                // they may not take would be too much.
+                OnLo::ForHost(both) if lets_go && set.is_some() => for_host.push((
+                    candidate.line,
+                    Match {
+                        transports: vec![transport],
+                        ..*both
+                    },
+                )),
                 OnLo::ForHost(_) | OnLo::Lost => {
                     return Err(format!(
                         "line {} takes some of its {name} packets ahead of the TPROXY rules \
                          when they come back on lo: what it lets go, still marked, the \
-                         recipe's routing takes to this host instead of its destination (a \
+                         recipe's routing takes to this host instead of its destination (a TCP \
                          connection there never completes), and what it drops is dropped, \
                          which a rule for local connections cannot say",
                         candidate.line
@@ -695,7 +659,7 @@ enum OnLo {
     Unmarked,
     /// They are for the host itself (loopback, its own addresses) or for groups: these
     /// packets, locally generated.
-    ForHost(Match),
+    ForHost(Box<Match>),
     /// Some are taken from their destination.
     Lost,
 }
@@ -759,7 +723,7 @@ fn on_lo_first(rule: &Parsed, set: Option<Mark>, candidate: &Parsed, before: &[P
                 .iter()
                 .all(|p| for_host.iter().any(|scope| scope.contains(p))))
     {
-        return OnLo::ForHost(both);
+        return OnLo::ForHost(Box::new(both));
     }
     OnLo::Lost
 }

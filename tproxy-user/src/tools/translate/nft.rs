@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     datapath::rules::CtDirection,
-    values::{parse_gid_range, parse_mark_match, parse_prefix, Mark, Transport},
+    values::{parse_gid_range, parse_mark, parse_mark_match, parse_prefix, Mark, Transport},
 };
 
 /// The block an nft line is in.
@@ -741,17 +741,13 @@ fn parse_rule(
     }
     let ifaces = rule.ifaces.take();
     let (m, target, comment) = rule.finish();
-    // A MARK may clear bits; the TPROXY rules' mark is what the recipe routes by.
+    // A MARK may clear bits (`set_mark_value`); the TPROXY rules' mark is what the recipe
+    // routes by, and must set some.
     if let Target::Tproxy {
         mark: Some(mark), ..
     } = target
     {
-        if mark.value == 0 {
-            return Err(format!(
-                "mark `{mark}` sets no bits under its mask: steered packets would be \
-                 indistinguishable"
-            ));
-        }
+        parse_mark(&mark.to_string())?;
     }
     let target = other_protocol_rule(&m, target)?;
     if m.dst_local {

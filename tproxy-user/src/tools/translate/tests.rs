@@ -5383,10 +5383,9 @@ COMMIT
 
 /// The host's packets that PREROUTING lets go for the host itself on lo become local
 /// bypasses (they were steered, and with --keep-proxies handed to the proxy); a DROP there
-/// is reported even for those; a later MARK that clears the TPROXY rules' mark is a local
-/// bypass ahead of the MARK that set it.
+/// is reported even for those, and so is a later MARK that clears the TPROXY rules' mark.
 #[test]
-fn local_marks_keep_what_prerouting_lets_go_for_the_host_and_what_a_later_mark_clears() {
+fn local_marks_keep_what_prerouting_lets_go_for_the_host() {
     let for_host = "\
 *mangle
 -A PREROUTING -d 127.0.0.1/32 -j RETURN
@@ -5417,6 +5416,28 @@ COMMIT
         "{:?}",
         t.skipped
     );
+    // Only UDP meets the RETURN on lo (TCP's TPROXY comes first): the bypass is UDP's.
+    let t = translate(
+        "\
+*mangle
+-A PREROUTING -p tcp -j TPROXY --on-port 7001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PREROUTING -d 127.0.0.0/8 -j RETURN
+-A PREROUTING -p udp -j TPROXY --on-port 7001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A OUTPUT -j MARK --set-mark 1
+COMMIT
+",
+    )
+    .unwrap();
+    assert!(
+        t.config.contains(
+            "proto = [\"udp\"]\ndst = [\"127.0.0.0/8\"]\norigin = \"local\"\naction = \"bypass\""
+        ),
+        "{}",
+        t.config
+    );
+    // A later MARK that clears the mark on some of what an earlier one set it on: the last
+    // mark set is the one routed, which rules in first-match order cannot say. (It was
+    // refused as a routing mark that sets no bits.)
     let cleared = "\
 *mangle
 -A PREROUTING -p tcp -j TPROXY --on-port 7001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
@@ -5425,39 +5446,10 @@ COMMIT
 COMMIT
 ";
     let t = translate(cleared).unwrap();
-    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
-    let at = |needle: &str| {
-        t.config
-            .find(needle)
-            .unwrap_or_else(|| panic!("{needle}: {}", t.config))
-    };
-    assert!(
-        at("ports = [22]\norigin = \"local\"\naction = \"bypass\"")
-            < at("origin = \"local\"\naction = \"steer\""),
-        "{}",
-        t.config
-    );
-    let set_again = cleared.replace(
-        "COMMIT",
-        "-A OUTPUT -p tcp -d 10.0.0.0/8 --dport 22 -j MARK --set-mark 1\nCOMMIT",
-    );
-    let t = translate(&set_again).unwrap();
     assert!(
         t.skipped
             .iter()
-            .any(|s| s.starts_with("line 5:") && s.contains("line 4 took it off")),
-        "{:?}",
-        t.skipped
-    );
-    let let_go_between = cleared.replace(
-        "-A OUTPUT -p tcp --dport 22",
-        "-A OUTPUT -d 10.0.0.0/8 -j RETURN\n-A OUTPUT -p tcp --dport 22",
-    );
-    let t = translate(&let_go_between).unwrap();
-    assert!(
-        t.skipped
-            .iter()
-            .any(|s| s.starts_with("line 5:") && s.contains("line 4 lets some of them go")),
+            .any(|s| s.starts_with("line 4:") && s.contains("mark off packets line 3 set it on")),
         "{:?}",
         t.skipped
     );
