@@ -842,10 +842,21 @@ pub(super) fn loopback_destinations(
             let named = m.dst_local
                 || m.dst.is_empty()
                 || m.dst.iter().any(|p| l.contains(p) || p.contains(&l));
-            named
-                && !rules[..i]
-                    .iter()
-                    .any(|earlier| covers(&earlier.matches, &to_loopback))
+            // `--dst-type LOCAL` (nft `fib daddr type local`) takes all of loopback, which the
+            // local table routes to the host (tproxy's `dst = "local"` names the interfaces'
+            // addresses, 127.0.0.1 alone of it): an earlier rule for it takes 127.0.0.53 too.
+            let taken_by = |earlier: &Parsed| match earlier.matches.dst_local {
+                true => covers(
+                    &Match {
+                        dst_local: false,
+                        dst: loopback.to_vec(),
+                        ..earlier.matches.clone()
+                    },
+                    &to_loopback,
+                ),
+                false => covers(&earlier.matches, &to_loopback),
+            };
+            named && !rules[..i].iter().any(|earlier| taken_by(earlier))
         });
         if matches!(rule.target, Target::Tproxy { .. }) && !m.matches_nothing && reaches_loopback {
             reached = true;

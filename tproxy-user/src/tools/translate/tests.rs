@@ -5454,3 +5454,27 @@ COMMIT
         t.skipped
     );
 }
+
+/// `--dst-type LOCAL` takes all of 127.0.0.0/8 (the local table routes it to the host),
+/// where `dst = "local"` names the interfaces' addresses: with --keep-proxies, a bypass of
+/// the host's own addresses ahead of the steering keeps every loopback connection from the
+/// proxy (`steer_loopback` stays off), as the original's RETURN did for 127.0.0.53 too.
+#[test]
+fn a_bypass_of_the_hosts_addresses_keeps_all_of_loopback_from_the_proxy() {
+    let input = "\
+*mangle
+-A PREROUTING -m addrtype --dst-type LOCAL -j RETURN
+-A PREROUTING -p tcp -j TPROXY --on-port 3129 --tproxy-mark 0x1/0x1
+-A OUTPUT -p tcp -j MARK --set-xmark 0x1/0x1
+COMMIT
+";
+    let t = translate_with_sets(input, true, "").unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(!t.config.contains("steer_loopback"), "{}", t.config);
+    assert!(
+        t.config
+            .contains("dst = \"local-ipv4\"\norigin = \"local\"\naction = \"bypass\""),
+        "{}",
+        t.config
+    );
+}
