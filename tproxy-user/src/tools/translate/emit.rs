@@ -13,7 +13,7 @@ use super::{
     flatten::{flatten_in_turn, narrow, Flat, Narrowed},
     local, negation,
     own_mark::{self, looks_at_routing, routing_elsewhere},
-    precedence::{covers, more_specific, overlaps, ShadowIndex},
+    precedence::{covers, group_prefixes, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation, UntrackedMark,
 };
 use crate::{
@@ -337,11 +337,7 @@ fn rejects_as_bypasses(
 /// Whether every destination `m` names is multicast or broadcast: tproxy's program passes
 /// such packets, whatever its rules say.
 fn only_local_scope(m: &Match) -> bool {
-    let scopes: [IpNet; 3] = [
-        "224.0.0.0/4".parse().expect("a prefix"),
-        "255.255.255.255/32".parse().expect("a prefix"),
-        "ff00::/8".parse().expect("a prefix"),
-    ];
+    let scopes = group_prefixes();
     !m.dst.is_empty()
         && !m.dst_local
         && m.dst

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use super::{
     flatten::{flatten_in_turn, narrow, Flat, Narrowed},
     own_mark::Guard,
-    precedence::{covers, iface_covers, overlaps},
+    precedence::{covers, group_prefixes, iface_covers, loopback_prefixes, overlaps},
     Match, Parsed, RuleSet, Target,
 };
 use ipnet::IpNet;
@@ -709,13 +709,10 @@ fn on_lo_first(rule: &Parsed, set: Option<Mark>, candidate: &Parsed, before: &[P
     if taken_first {
         return OnLo::Unmarked;
     }
-    let for_host: [IpNet; 5] = [
-        "127.0.0.0/8".parse().expect("a prefix"),
-        "::1/128".parse().expect("a prefix"),
-        "224.0.0.0/4".parse().expect("a prefix"),
-        "255.255.255.255/32".parse().expect("a prefix"),
-        "ff00::/8".parse().expect("a prefix"),
-    ];
+    let for_host: Vec<IpNet> = loopback_prefixes()
+        .into_iter()
+        .chain(group_prefixes())
+        .collect();
     if both.dst_local
         || (!both.dst.is_empty()
             && both
@@ -826,10 +823,7 @@ pub(super) fn loopback_destinations(
     notes: &mut Vec<String>,
 ) -> bool {
     let mut reached = false;
-    let loopback: [IpNet; 2] = [
-        "127.0.0.0/8".parse().expect("a prefix"),
-        "::1/128".parse().expect("a prefix"),
-    ];
+    let loopback = loopback_prefixes();
     let rules: Vec<&Parsed> = local.iter().flatten().collect();
     for (i, rule) in rules.iter().enumerate() {
         let m = &rule.matches;

@@ -60,6 +60,24 @@ fn ports_of_match(m: &Match) -> Vec<Ports> {
     }
 }
 
+/// The loopback prefixes, which the local table routes to the host whatever its
+/// interfaces' addresses.
+pub(super) fn loopback_prefixes() -> [IpNet; 2] {
+    [
+        "127.0.0.0/8".parse().expect("a prefix"),
+        "::1/128".parse().expect("a prefix"),
+    ]
+}
+
+/// The multicast and broadcast prefixes, which tproxy's programs never steer.
+pub(super) fn group_prefixes() -> [IpNet; 3] {
+    [
+        "224.0.0.0/4".parse().expect("a prefix"),
+        "255.255.255.255/32".parse().expect("a prefix"),
+        "ff00::/8".parse().expect("a prefix"),
+    ]
+}
+
 /// Whether some packet matches both.
 pub(super) fn overlaps(a: &Match, b: &Match) -> bool {
     let transports = transports_of(a)
