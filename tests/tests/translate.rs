@@ -1386,6 +1386,89 @@ fn nft_ct_direction_original_steers_no_reply_translated() {
     );
 }
 
+/// mssb's sing-box chain: `fib daddr type { unspec, local, anycast, multicast } return`,
+/// reached only through `ct direction original` (on every interface here, so that the
+/// server's replies meet it too).
+const FIB_TYPES_NFT: &str = "\
+table inet t {
+	chain steer {
+		fib daddr type { unspec, local, anycast, multicast } return
+		udp dport 54 return
+		meta l4proto { tcp, udp } tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+		meta l4proto { tcp, udp } tproxy ip6 to [::1]:15001 meta mark set 0x1 accept
+	}
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		ct direction original goto steer
+	}
+}
+";
+
+/// IPv6's anycast addresses include the first address of a prefix routed without a gateway
+/// (fd00:7::/64 here, added by hand, whose first address the server holds): the original
+/// leaves a flow to it alone, and so must the translation, which follows the routes. Every
+/// rule asks for the original direction, so the translation's rules are looked up behind
+/// the direction guard: the replies of the flow left alone (to port 54) are not steered.
+#[test]
+fn nft_fib_address_types_behind_ct_direction_steer_the_same_flows_translated() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    for addr in ["fd00:7::/64", "fd00:7::1/64"] {
+        topo.server
+            .ip(&["addr", "add", addr, "dev", "eth0", "nodad"])
+            .unwrap();
+    }
+    topo.router
+        .ip(&["-6", "route", "add", "fd00:7::/64", "dev", "to-server"])
+        .unwrap();
+    let probes = [
+        Probe::Tcp("10.10.2.2:80"),
+        Probe::Tcp("[fd00:2::2]:80"),
+        Probe::Tcp("[fd00:7::]:80"),
+        Probe::Tcp("[fd00:7::1]:80"),
+        Probe::Udp("10.10.2.2:53"),
+        Probe::Udp("10.10.2.2:54"),
+    ];
+    let servers = Servers::start(&topo, &probes);
+    let listed = listed_nft(&topo.router, FIB_TYPES_NFT);
+    for args in TPROXY_ROUTING_V6 {
+        topo.router.ip(args).unwrap();
+    }
+    keep_conntrack(&topo.router);
+    let text = translate(&listed);
+    assert!(
+        text.contains("dst = \"anycast\"") && text.contains("ct_direction = \"original\""),
+        "{text}"
+    );
+    let config = ConfigFile::new(&text).unwrap();
+    let mut relay =
+        Tproxy::start(&topo.router, &["--relay-only", "--config", config.path()]).unwrap();
+    let original = servers.intercepted(&topo, &probes);
+    relay.stop().unwrap();
+    remove_nft_and_v6_routing(&topo.router);
+    keep_conntrack(&topo.router);
+    let mut tproxy = Tproxy::start(&topo.router, &["--config", config.path()]).unwrap();
+    let translated = servers.intercepted(&topo, &probes);
+    let counters = tproxy.ebpf_counters().unwrap();
+    tproxy.stop().unwrap();
+    assert_eq!(
+        steered_names(&original),
+        [
+            "tcp 10.10.2.2:80",
+            "tcp [fd00:2::2]:80",
+            "tcp [fd00:7::1]:80",
+            "udp 10.10.2.2:53"
+        ],
+        "original"
+    );
+    assert_eq!(translated, original, "translated config:\n{text}");
+    assert_eq!(
+        counters.get("udp/steered_new"),
+        Some(&1),
+        "the flow to port 53 is steered, not the replies from port 54: {counters:?}"
+    );
+}
+
 /// Source ports, as `--sport`, `-m multiport --sports` and `! --sport` write them: the
 /// udp_proxy_server corpus idiom (the proxy's own port is left alone) and its other forms.
 const SOURCE_PORTS_IPTABLES: &str = "\

@@ -422,7 +422,7 @@ COMMIT
     );
     let (status, text, stderr) = tproxy_with_input(&["translate"], &rules).unwrap();
     assert!(status.success(), "translate failed: {stderr}\n{text}");
-    assert!(text.contains("dst = \"anycast\""), "{text}");
+    assert!(text.contains("dst = \"anycast-ipv4\""), "{text}");
     let config = ConfigFile::new(&text).unwrap();
     let route = |verb: &str| {
         topo.router

@@ -3,7 +3,7 @@
 use crate::maps::{
     MarkRule, MarkRules, MarkedPacket, Verdict, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES,
     VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_DELIVER, VERDICT_DROP,
-    VERDICT_STEER,
+    VERDICT_PASS, VERDICT_STEER,
 };
 
 /// What the program did with one packet. The discriminant is the packet's index in the
@@ -194,7 +194,7 @@ pub const fn outranks(candidate: &Verdict, best: &Verdict) -> bool {
 const fn is_match(verdict: &Verdict) -> bool {
     matches!(
         verdict.action,
-        VERDICT_STEER | VERDICT_BYPASS | VERDICT_DROP | VERDICT_DELIVER
+        VERDICT_STEER | VERDICT_BYPASS | VERDICT_DROP | VERDICT_DELIVER | VERDICT_PASS
     )
 }
 

@@ -115,7 +115,7 @@ pub struct MarkRule {
     pub src: [u32; 4],
     pub src_mask: [u32; 4],
     /// What the rule does, with its rank ([`VERDICT_STEER`], [`VERDICT_BYPASS`],
-    /// [`VERDICT_DROP`] or [`VERDICT_DELIVER`]).
+    /// [`VERDICT_DROP`], [`VERDICT_DELIVER`] or [`VERDICT_PASS`]).
     pub verdict: Verdict,
     /// For a rule for local connections with an `out_interface`: its bit among the
     /// out-interface bits (see `local_origin::ROUTES_V4_MAP`); the rule matches a connection
@@ -324,7 +324,8 @@ pub struct Verdict {
     pub listener: u32,
     /// For [`VERDICT_BY_SOURCE`] and [`VERDICT_BY_SOURCE_AND_IFACE`]: the [`SrcKey::cell`].
     pub cell: u32,
-    /// For [`VERDICT_STEER`], [`VERDICT_BYPASS`], [`VERDICT_DROP`] and [`VERDICT_DELIVER`]:
+    /// For [`VERDICT_STEER`], [`VERDICT_BYPASS`], [`VERDICT_DROP`], [`VERDICT_DELIVER`] and
+    /// [`VERDICT_PASS`]:
     /// the deciding rule's
     /// place in the precedence (lower wins), to choose between the answers of the rule groups.
     pub rank: u32,
@@ -346,6 +347,10 @@ pub const VERDICT_DROP: u32 = 5;
 /// A `deliver` rule matches: the flow's own socket (as for [`VERDICT_BYPASS`]), else the
 /// packet is marked for local delivery and the kernel's own socket lookup decides.
 pub const VERDICT_DELIVER: u32 = 6;
+/// Passes the packet as if no rule matched, and outranks what does: the guard that leaves a
+/// connection's reply direction alone where every rule asks for the original one (the
+/// loader's `DirectionGuard`).
+pub const VERDICT_PASS: u32 = 7;
 
 /// Most named listeners (each has up to four sockets in [`LISTENERS`]).
 pub const MAX_LISTENERS: u32 = 64;

@@ -241,7 +241,7 @@ impl ConfigFile {
             let split = entry.split(i + 1, at(spanned.span()), listeners, at)?;
             match entry.dst {
                 Some(Destinations::Local { .. }) => split_rules.own_addresses.extend(split),
-                Some(Destinations::Anycast) => split_rules.anycast.extend(split),
+                Some(Destinations::Anycast { .. }) => split_rules.anycast.extend(split),
                 Some(Destinations::Ipset(ref name)) => {
                     split_rules.ipset_names.insert(i + 1, name.clone());
                     split_rules.ipset.extend(split)
@@ -398,15 +398,10 @@ impl RuleEntry {
             Some(Destinations::Prefixes(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
             Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
             Some(Destinations::Local { .. }) if matches!(action, Action::Drop | Action::Deliver) => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass and steer rules"),
-            Some(Destinations::Anycast) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"anycast\" (the anycast routes' destinations) is for bypass rules"),
-            // Each route's destinations take the place of the IPv4 one (see
+            Some(Destinations::Anycast { .. }) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"anycast\" (the anycast destinations) is for bypass rules"),
+            // Each destination takes the place of its family's (see
             // `Config::set_anycast_destinations`).
-            Some(Destinations::Anycast) => {
-                if sources.iter().flatten().any(|s| s.addr().is_ipv6()) {
-                    bail!("{where_}: rule[{number}].dst: \"anycast\" (IPv4 routes) with IPv6 sources");
-                }
-                any_destination().into_iter().filter(|d| d.addr().is_ipv4()).collect()
-            }
+            Some(Destinations::Anycast { ipv4, ipv6 }) => of_families(*ipv4, *ipv6, &sources),
             // Each entry takes the place of its family's destination (see
             // `Config::set_ipset_entries`).
             Some(Destinations::Ipset(_)) => {
@@ -415,20 +410,16 @@ impl RuleEntry {
             }
             // Each address takes the place of its family's destination (see
             // `Config::set_own_addresses`).
-            Some(Destinations::Local { ipv4, ipv6 }) => {
-                let families: HashSet<bool> = sources.iter().flatten().map(|s| s.addr().is_ipv6()).collect();
-                any_destination()
-                    .into_iter()
-                    .filter(|d| if d.addr().is_ipv6() { *ipv6 } else { *ipv4 })
-                    .filter(|d| families.is_empty() || families.contains(&d.addr().is_ipv6()))
-                    .collect()
-            }
+            Some(Destinations::Local { ipv4, ipv6 }) => of_families(*ipv4, *ipv6, &sources),
             None => {
                 // Without a destination, the families of the sources (if any) decide.
                 let families: HashSet<bool> = sources.iter().flatten().map(|s| s.addr().is_ipv6()).collect();
                 any_destination().into_iter().filter(|d| families.is_empty() || families.contains(&d.addr().is_ipv6())).collect()
             }
         };
+        if dsts.is_empty() {
+            bail!("{where_}: rule[{number}].dst: a family's own or anycast destinations with sources of the other family match nothing");
+        }
         let ports = match &self.ports {
             Some(List(ports)) if !ports.is_empty() => ports.clone(),
             Some(_) => bail!("{where_}: rule[{number}].ports: an empty list matches nothing; leave `ports` out to match every port"),
@@ -482,4 +473,19 @@ impl RuleEntry {
         }
         Ok(rules)
     }
+}
+
+/// Any destination of the families named (IPv4, IPv6) that sources of `sources` (if any)
+/// can reach.
+fn of_families(ipv4: bool, ipv6: bool, sources: &[Option<IpNet>]) -> Vec<IpNet> {
+    let families: HashSet<bool> = sources
+        .iter()
+        .flatten()
+        .map(|s| s.addr().is_ipv6())
+        .collect();
+    any_destination()
+        .into_iter()
+        .filter(|d| if d.addr().is_ipv6() { ipv6 } else { ipv4 })
+        .filter(|d| families.is_empty() || families.contains(&d.addr().is_ipv6()))
+        .collect()
 }

@@ -817,7 +817,8 @@ proto = "udp"
 action = "steer"
 "#;
     let mut config = with_file(text, &[]).unwrap();
-    assert_eq!(config.anycast_rules.len(), 1);
+    // One for each family, as for `dst = "local"`.
+    assert_eq!(config.anycast_rules.len(), 2);
     let bypasses = |config: &Config| -> Vec<String> {
         let mut rules: Vec<String> = config
             .rules
@@ -831,10 +832,21 @@ action = "steer"
     let routes: Vec<IpNet> = vec![
         "192.0.2.0/24".parse().unwrap(),
         "198.51.100.7/32".parse().unwrap(),
+        "fd00:1::/128".parse().unwrap(),
     ];
     assert!(config.set_anycast_destinations(routes.clone()));
     assert_eq!(
         bypasses(&config),
+        [
+            "udp dst 192.0.2.0/24 port any #1",
+            "udp dst 198.51.100.7/32 port any #1",
+            "udp dst fd00:1::/128 port any #1"
+        ]
+    );
+    let mut ipv4_only = with_file(&text.replace("\"anycast\"", "\"anycast-ipv4\""), &[]).unwrap();
+    assert!(ipv4_only.set_anycast_destinations(routes.clone()));
+    assert_eq!(
+        bypasses(&ipv4_only),
         [
             "udp dst 192.0.2.0/24 port any #1",
             "udp dst 198.51.100.7/32 port any #1"
@@ -850,8 +862,12 @@ action = "steer"
         "{}",
         error(steer)
     );
-    let v6 = "[[rule]]\nproto = \"tcp\"\nsrc = \"2001:db8::/32\"\ndst = \"anycast\"\naction = \"bypass\"\n";
-    assert!(error(v6).contains("IPv6 sources"), "{}", error(v6));
+    let v6 = "[[rule]]\nproto = \"tcp\"\nsrc = \"2001:db8::/32\"\ndst = \"anycast-ipv4\"\naction = \"bypass\"\n";
+    assert!(
+        error(v6).contains("rule[1].dst: a family's own or anycast destinations with sources of the other family match nothing"),
+        "{}",
+        error(v6)
+    );
 }
 
 #[test]

@@ -365,9 +365,14 @@ pub enum Destinations {
         ipv4: bool,
         ipv6: bool,
     },
-    /// The IPv4 destinations that `anycast` routes of the local routing table take, followed
-    /// as they change (what `-m addrtype --dst-type ANYCAST` matches).
-    Anycast,
+    /// The destinations the kernel gives the address type anycast (what `-m addrtype
+    /// --dst-type ANYCAST` and nft's `fib daddr type anycast` match: IPv4 the local table's
+    /// anycast routes, IPv6 also the subnet-router addresses), followed as they change: of
+    /// both families (`"anycast"`), or one (`"anycast-ipv4"`, `"anycast-ipv6"`).
+    Anycast {
+        ipv4: bool,
+        ipv6: bool,
+    },
     /// The entries of the kernel ipset of this name (`hash:ip` or `hash:net`), followed as
     /// they change (what `-m set --match-set NAME dst` matches).
     Ipset(String),
@@ -383,7 +388,7 @@ impl<'de> Deserialize<'de> for Destinations {
             type Value = Destinations;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str(
-                    "a prefix like \"10.0.0.0/8\", a list of them, \"local\" (\"local-ipv4\", \"local-ipv6\"), \"anycast\" or \"ipset:NAME\"",
+                    "a prefix like \"10.0.0.0/8\", a list of them, \"local\" (\"local-ipv4\", \"local-ipv6\"), \"anycast\" (\"anycast-ipv4\", \"anycast-ipv6\") or \"ipset:NAME\"",
                 )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Destinations, E> {
@@ -400,7 +405,18 @@ impl<'de> Deserialize<'de> for Destinations {
                         ipv4: false,
                         ipv6: true,
                     }),
-                    "anycast" => Ok(Destinations::Anycast),
+                    "anycast" => Ok(Destinations::Anycast {
+                        ipv4: true,
+                        ipv6: true,
+                    }),
+                    "anycast-ipv4" => Ok(Destinations::Anycast {
+                        ipv4: true,
+                        ipv6: false,
+                    }),
+                    "anycast-ipv6" => Ok(Destinations::Anycast {
+                        ipv4: false,
+                        ipv6: true,
+                    }),
                     named if named.starts_with(IPSET_PREFIX) => {
                         let name = &named[IPSET_PREFIX.len()..];
                         // As the kernel takes them: IPSET_MAXNAMELEN with the NUL.

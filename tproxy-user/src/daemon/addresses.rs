@@ -3,8 +3,9 @@
 //! follow them. tproxy listens to the kernel's address events and puts the rules in force
 //! again for the addresses listed then.
 //!
-//! Bypass rules with `dst = "anycast"` (what `--dst-type ANYCAST` becomes) follow the local
-//! table's anycast routes the same way, on the kernel's IPv4 route events.
+//! Bypass rules with `dst = "anycast"` (what `--dst-type ANYCAST` and nft's `fib daddr type
+//! anycast` become) follow the routes that decide it the same way, on the kernel's route
+//! events.
 //!
 //! As with links (see `links`), an event only says that something changed: the addresses
 //! and routes are listed again, so that lost or bursting events are handled the same way.
@@ -34,13 +35,14 @@ pub(crate) struct AddressWatch {
 }
 
 impl AddressWatch {
-    /// Subscribes to IPv4 and IPv6 address events and IPv4 route events. Made before the addresses are listed
+    /// Subscribes to address and route events of both families. Made before the addresses are listed
     /// for the first rules, so that none changes unseen in between.
     pub(crate) fn subscribe() -> Result<Self> {
         let (connection, handle, events) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Ipv4Ifaddr,
             MulticastGroup::Ipv6Ifaddr,
             MulticastGroup::Ipv4Route,
+            MulticastGroup::Ipv6Route,
         ])
         .context("subscribing to address events over rtnetlink")?;
         tokio::spawn(connection);

@@ -32,13 +32,13 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 use tproxy_common::local_origin::LOOPBACK_SOURCE_V4;
 
 use anyhow::{bail, Context, Result};
 use futures::TryStreamExt;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use rtnetlink::{
     packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
     packet_route::{
@@ -492,89 +492,185 @@ pub(crate) async fn describe(handle: &Handle, table: u32) -> Result<Vec<String>>
 /// The kernel's local routing table (`ip route show table local`).
 pub(crate) const LOCAL_TABLE: u32 = 255;
 
-/// An IPv4 route of the local table, as far as the type a lookup finds goes.
+/// The kernel's main routing table (`ip route show`).
+pub(crate) const MAIN_TABLE: u32 = 254;
+
+/// A route as far as the type of address a lookup that finds it gives goes.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct LocalTableRoute {
-    pub prefix: Ipv4Net,
+pub(crate) struct TypedRoute {
+    pub prefix: IpNet,
     /// Of the routes for one prefix, a lookup finds the lowest.
     pub priority: u32,
-    pub anycast: bool,
+    pub kind: RouteKind,
 }
 
-/// The IPv4 destinations that `anycast` routes of the local table (`ip route add anycast
-/// …`, which the kernel never adds itself) take: what `-m addrtype --dst-type ANYCAST`
-/// matches. xt_addrtype looks the address up in the local table alone (the recipe's policy
-/// routing rule keeps it apart from main), so it is in [`anycast_regions`] of those routes.
+/// What of a route decides whether the addresses it takes are anycast ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RouteKind {
+    /// An `anycast` route: every address it takes is one.
+    Anycast,
+    /// A route without a gateway (a connected prefix, `dev eth0` alone, a `local` or
+    /// `multicast` route): for IPv6, the prefix's first address is an anycast one when the
+    /// prefix is shorter than /127 (the subnet-router anycast address, RFC 4291 2.6.1, as
+    /// the kernel's `ipv6_anycast_destination` has it).
+    Direct,
+    /// Any other: a route through a gateway (or nexthop objects), or one that rejects.
+    Other,
+}
+
+/// The destinations the kernel gives the address type anycast: what `-m addrtype
+/// --dst-type ANYCAST` and nft's `fib daddr type anycast` match. IPv4: xt_addrtype and
+/// nft_fib look the address up in the local table alone, so it is in [`anycast_regions`] of
+/// those routes (only `ip route add anycast …` adds one). IPv6: the route a lookup finds in
+/// the local table, or else in main (the tables the kernel's default rules consult for a
+/// packet without a mark), is an anycast route (a forwarding host's subnet-router
+/// addresses, which the kernel adds itself), or its prefix, shorter than /127 and without
+/// a gateway, begins at the address: [`ipv6_anycast_destinations`].
 pub(crate) fn anycast_destinations() -> Result<Vec<IpNet>> {
-    let routes = local_table_routes().context("listing the local table's IPv4 routes")?;
-    let local_table = routes
+    let ipv4 = typed_routes(AddressFamily::Inet, LOCAL_TABLE)
+        .context("listing the local table's IPv4 routes")?;
+    let local = typed_routes(AddressFamily::Inet6, LOCAL_TABLE)
+        .context("listing the local table's IPv6 routes")?;
+    let main = typed_routes(AddressFamily::Inet6, MAIN_TABLE)
+        .context("listing the main table's IPv6 routes")?;
+    let mut destinations = anycast_regions(&ipv4);
+    destinations.extend(ipv6_anycast_destinations(&local, &main));
+    destinations.sort_unstable();
+    Ok(destinations)
+}
+
+/// The routes of `family` in `table`, typed.
+fn typed_routes(family: AddressFamily, table: u32) -> Result<Vec<TypedRoute>> {
+    let routes = dump_routes(family, Some(table))?;
+    Ok(routes
         .iter()
         // A route for a TOS only is no lookup's without one (xt_addrtype's has none).
-        .filter(|route| route_table(route) == LOCAL_TABLE && route.header.tos == 0)
-        .filter_map(|route| {
-            let address = route
-                .attributes
-                .iter()
-                .find_map(|attr| match attr {
-                    RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
-                    _ => None,
-                })
-                .unwrap_or(Ipv4Addr::UNSPECIFIED);
-            let priority = route
-                .attributes
-                .iter()
-                .find_map(|attr| match attr {
-                    RouteAttribute::Priority(priority) => Some(*priority),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            Some(LocalTableRoute {
-                prefix: Ipv4Net::new(address, route.header.destination_prefix_length).ok()?,
-                priority,
-                anycast: route.header.kind == RouteType::Anycast,
-            })
-        })
-        .collect::<Vec<_>>();
-    Ok(anycast_regions(&local_table))
+        .filter(|route| route_table(route) == table && route.header.tos == 0)
+        .filter_map(typed_route)
+        .collect())
 }
 
-/// The destinations whose longest-prefix match among `routes` is an anycast route: each
-/// anycast route's prefix less the longer prefixes of routes of other types inside it.
-pub(crate) fn anycast_regions(routes: &[LocalTableRoute]) -> Vec<IpNet> {
-    let mut found: HashMap<Ipv4Net, LocalTableRoute> = HashMap::new();
+fn typed_route(route: &RouteMessage) -> Option<TypedRoute> {
+    let ipv6 = route.header.address_family == AddressFamily::Inet6;
+    let mut address = if ipv6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    let mut priority = 0;
+    let mut gateway = false;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => address = IpAddr::V4(*a),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => address = IpAddr::V6(*a),
+            RouteAttribute::Priority(p) => priority = *p,
+            RouteAttribute::Gateway(_)
+            | RouteAttribute::Via(_)
+            | RouteAttribute::MultiPath(_)
+            | RouteAttribute::NhId(_) => gateway = true,
+            _ => {}
+        }
+    }
+    let kind = match route.header.kind {
+        RouteType::Anycast => RouteKind::Anycast,
+        RouteType::Unicast | RouteType::Local | RouteType::Multicast | RouteType::Broadcast
+            if !gateway =>
+        {
+            RouteKind::Direct
+        }
+        _ => RouteKind::Other,
+    };
+    Some(TypedRoute {
+        prefix: IpNet::new(address, route.header.destination_prefix_length).ok()?,
+        priority,
+        kind,
+    })
+}
+
+/// The route a lookup finds for each prefix among `routes`: the lowest priority's.
+fn found_routes(routes: &[TypedRoute]) -> HashMap<IpNet, TypedRoute> {
+    let mut found: HashMap<IpNet, TypedRoute> = HashMap::new();
     for route in routes {
         let entry = found.entry(route.prefix.trunc()).or_insert(*route);
         if route.priority < entry.priority {
             *entry = *route;
         }
     }
-    let others: Vec<Ipv4Net> = found
-        .iter()
-        .filter(|(_, route)| !route.anycast)
-        .map(|(prefix, _)| *prefix)
-        .collect();
+    found
+}
+
+/// The destinations whose longest-prefix match among `routes` is an anycast route: each
+/// anycast route's prefix less the longer prefixes of routes of other types inside it.
+pub(crate) fn anycast_regions(routes: &[TypedRoute]) -> Vec<IpNet> {
+    let found = found_routes(routes);
     let mut regions: Vec<IpNet> = found
-        .iter()
-        .filter(|(_, route)| route.anycast)
-        .flat_map(|(&prefix, _)| {
-            let holes: Vec<Ipv4Net> = others
-                .iter()
-                .copied()
-                .filter(|other| other.prefix_len() > prefix.prefix_len() && prefix.contains(other))
-                .collect();
-            without(prefix, &holes)
-        })
-        .map(IpNet::V4)
+        .values()
+        .filter(|route| route.kind == RouteKind::Anycast)
+        .flat_map(|route| without(route.prefix.trunc(), &others_inside(&found, route.prefix)))
         .collect();
     regions.sort_unstable();
     regions
 }
 
-/// The IPv4 routes of the local table (and, on kernels before 4.20, of every other),
-/// asked for over a blocking rtnetlink socket: configurations are built
-/// outside the runtime (`check`) and inside it (reload), both without waiting on it.
-fn local_table_routes() -> Result<Vec<RouteMessage>> {
-    dump_routes(AddressFamily::Inet, Some(LOCAL_TABLE))
+/// The prefixes of the routes in `found` longer than `prefix` and inside it that are not
+/// anycast routes.
+fn others_inside(found: &HashMap<IpNet, TypedRoute>, prefix: IpNet) -> Vec<IpNet> {
+    found
+        .iter()
+        .filter(|(other, route)| {
+            route.kind != RouteKind::Anycast
+                && other.prefix_len() > prefix.prefix_len()
+                && prefix.contains(*other)
+        })
+        .map(|(other, _)| *other)
+        .collect()
+}
+
+/// The route a lookup of `address` finds among `found` (the longest prefix holding it).
+fn longest_match(found: &HashMap<IpNet, TypedRoute>, address: IpAddr) -> Option<TypedRoute> {
+    let bits = if address.is_ipv6() { 128 } else { 32 };
+    (0..=bits).rev().find_map(|len| {
+        let prefix = IpNet::new(address, len).ok()?.trunc();
+        found.get(&prefix).copied()
+    })
+}
+
+/// Whether a lookup of `address` that finds `route` gives it the type anycast (the kernel's
+/// `ipv6_anycast_destination`).
+fn ipv6_anycast(route: TypedRoute, address: IpAddr) -> bool {
+    route.kind == RouteKind::Anycast
+        || route.kind == RouteKind::Direct
+            && route.prefix.prefix_len() < 127
+            && route.prefix.network() == address
+}
+
+/// The IPv6 destinations that a lookup in the local table, or where that finds nothing in
+/// main, gives the type anycast (see [`anycast_destinations`]).
+pub(crate) fn ipv6_anycast_destinations(local: &[TypedRoute], main: &[TypedRoute]) -> Vec<IpNet> {
+    let local = found_routes(local);
+    let main = found_routes(main);
+    let local_prefixes: Vec<IpNet> = local.keys().copied().collect();
+    let mut destinations = Vec::new();
+    for (table, holes) in [(&local, Vec::new()), (&main, local_prefixes)] {
+        for route in table.values() {
+            if route.kind == RouteKind::Anycast {
+                let mut inside = others_inside(table, route.prefix);
+                inside.extend(holes.iter().copied());
+                destinations.extend(without(route.prefix.trunc(), &inside));
+            }
+            let first = route.prefix.network();
+            let decided_before = holes.iter().any(|hole| hole.contains(&first));
+            if route.kind == RouteKind::Direct
+                && !decided_before
+                && longest_match(table, first).is_some_and(|found| ipv6_anycast(found, first))
+            {
+                destinations.push(IpNet::from(first));
+            }
+        }
+    }
+    destinations.sort_unstable();
+    destinations.dedup();
+    destinations
 }
 
 /// The routes of `family` in `table` (on kernels before 4.20, of every table) or of every
@@ -631,7 +727,7 @@ pub(crate) fn dump_routes(family: AddressFamily, table: Option<u32>) -> Result<V
 }
 
 /// `prefix` less the `holes` inside it, as prefixes.
-fn without(prefix: Ipv4Net, holes: &[Ipv4Net]) -> Vec<Ipv4Net> {
+fn without(prefix: IpNet, holes: &[IpNet]) -> Vec<IpNet> {
     if holes.iter().any(|hole| hole.contains(&prefix)) {
         return Vec::new();
     }
@@ -650,11 +746,23 @@ fn without(prefix: Ipv4Net, holes: &[Ipv4Net]) -> Vec<Ipv4Net> {
 mod tests {
     use super::*;
 
-    fn route(prefix: &str, priority: u32, anycast: bool) -> LocalTableRoute {
-        LocalTableRoute {
+    fn route(prefix: &str, priority: u32, anycast: bool) -> TypedRoute {
+        TypedRoute {
             prefix: prefix.parse().unwrap(),
             priority,
-            anycast,
+            kind: if anycast {
+                RouteKind::Anycast
+            } else {
+                RouteKind::Other
+            },
+        }
+    }
+
+    fn typed(prefix: &str, kind: RouteKind) -> TypedRoute {
+        TypedRoute {
+            prefix: prefix.parse().unwrap(),
+            priority: 0,
+            kind,
         }
     }
 
@@ -679,5 +787,59 @@ mod tests {
             ["10.7.0.1/32", "10.8.0.0/31", "10.8.0.2/32", "10.9.0.0/24"]
         );
         assert!(anycast_regions(&[route("127.0.0.0/8", 0, false)]).is_empty());
+    }
+
+    /// As the kernel answered nft's `fib daddr type` on a forwarding host (fd00:1::/64 on
+    /// one link, a default route through a gateway): fd00:1:: anycast, fd00:1::1 local,
+    /// others unicast.
+    #[test]
+    fn ipv6_anycast_is_the_found_routes_anycast_or_the_first_address_of_a_direct_prefix() {
+        use RouteKind::*;
+        let local = [
+            typed("::1/128", Direct),
+            typed("fd00:1::/128", Anycast),
+            typed("fd00:1::1/128", Direct),
+            typed("fe80::/128", Anycast),
+            typed("ff00::/8", Direct),
+            // An anycast route by hand, with a longer route of another type inside it.
+            typed("fd00:9::/120", Anycast),
+            typed("fd00:9::80/121", Other),
+        ];
+        let main = [
+            typed("fd00:1::/64", Direct),
+            typed("fe80::/64", Direct),
+            // A connected prefix whose first address a longer route through a gateway takes.
+            typed("fd00:2::/64", Direct),
+            typed("fd00:2::/80", Other),
+            // One without a gateway whose first address a longer one without a gateway
+            // shares: anycast all the same.
+            typed("fd00:3::/48", Direct),
+            typed("fd00:3::/64", Direct),
+            // Too long to have a subnet-router address.
+            typed("fd00:4::/127", Direct),
+            // A connected prefix where the local table decides its first address.
+            typed("ff00::/16", Direct),
+            typed("::/0", Other),
+            // An anycast route in main, partly where the local table decides.
+            typed("fd00:9::/119", Anycast),
+        ];
+        let found: Vec<String> = ipv6_anycast_destinations(&local, &main)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "fd00:1::/128",
+                "fd00:3::/128",
+                "fd00:9::/121",
+                "fd00:9::100/120",
+                "fe80::/128",
+                "ff00::/128"
+            ]
+        );
+        assert!(ipv6_anycast_destinations(&[], &[typed("::/0", Direct)])
+            .iter()
+            .any(|d| d.to_string() == "::/128"));
     }
 }

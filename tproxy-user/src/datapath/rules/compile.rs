@@ -1,7 +1,10 @@
 //! The rule set compiled into the contents of the program's lookup maps (see the parent
 //! module for the lookup stages), and the host-side oracle that reads them back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap},
+};
 
 use ipnet::IpNet;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -9,7 +12,7 @@ use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{
     any_port_class, range_class, single_port_class, DstKey, MarkRule, MarkRules, SrcKey, Verdict,
     GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES, PORT_HAS_ANY, PORT_HAS_SINGLE,
-    VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE,
+    VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_PASS,
 };
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -87,6 +90,10 @@ pub type Interfaces<'a> = &'a [(String, u32)];
 
 /// Compiles `rules` into the map contents of `generation` (0 or 1).
 pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> CompiledRules {
+    let asked = rules.iter().fold(0, |asked, rule| asked | rule.ct_asked());
+    let marks = mark_rules(rules, generation, interfaces);
+    let guard = DirectionGuard::of(rules);
+    let rules = &guard.apply(rules)[..];
     let generation_bit = if generation & 1 == 1 {
         GENERATION_BIT
     } else {
@@ -94,9 +101,9 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
     };
     let mut compiled = CompiledRules {
         port_classes: vec![0; 2 * 65536],
-        marks: mark_rules(rules, generation, interfaces),
+        marks,
         out_interfaces: super::out_interfaces(rules),
-        ct_asked: rules.iter().fold(0, |asked, rule| asked | rule.ct_asked()),
+        ct_asked: asked,
         ..CompiledRules::default()
     };
     let mut next_range_class = 1u32;
@@ -214,9 +221,11 @@ impl CompiledRules {
 /// A rule for local connections has one more, under its selection's index, where the
 /// connect and sendmsg programs try it.
 pub fn mark_rules(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
+    let guard = DirectionGuard::of(rules);
+    let rules = &guard.apply(rules)[..];
     let out_interfaces = super::out_interfaces(rules);
     let shift = route_bits_shift(generation);
-    let mut entries: Vec<MarkRule> = Vec::new();
+    let mut entries: Vec<MarkRule> = guard.entries();
     for entry in rules
         .iter()
         .flat_map(|rule| mark_rule(rule, interfaces, &out_interfaces, shift))
@@ -233,6 +242,98 @@ pub fn mark_rules(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -
         }
     }
     entries
+}
+
+/// Where every rule for arrivals (or for local connections: but for TCP's, which are always
+/// of the original direction) asks for its connection's original direction, as rule sets
+/// that guard their whole chain with `ct direction original` have it, no rule matches a
+/// packet of the reply direction. The rules for that
+/// origin are then compiled without asking (into the lookup stages, where the direction has
+/// no room, instead of the few entries tried one by one) behind a guard: one entry per
+/// family (and, for local connections, per selection) that passes the reply direction's
+/// packets as unmatched ahead of every rule.
+struct DirectionGuard {
+    arrivals: bool,
+    /// The selections of the rules for local connections, when they are guarded.
+    local_selections: Vec<u32>,
+}
+
+impl DirectionGuard {
+    fn of(rules: &[Rule]) -> Self {
+        let asks = |rule: &&Rule| rule.ct_direction == Some(CtDirection::Original);
+        let guarded = |applies: fn(&Rule) -> bool, implied: fn(&Rule) -> bool| {
+            let of_origin: Vec<&Rule> = rules.iter().filter(|rule| applies(rule)).collect();
+            of_origin.iter().any(asks) && of_origin.iter().all(|rule| asks(rule) || implied(rule))
+        };
+        // A local TCP connection is always the original direction of its connection.
+        let local_tcp =
+            |rule: &Rule| rule.transport == Transport::Tcp && rule.ct_direction.is_none();
+        let local_selections: BTreeSet<u32> = match guarded(|rule| rule.origin.local(), local_tcp) {
+            true => rules
+                .iter()
+                .filter(|rule| rule.origin.local())
+                .map(|rule| rule.selection)
+                .collect(),
+            false => BTreeSet::new(),
+        };
+        DirectionGuard {
+            arrivals: guarded(|rule| rule.origin.forwarded(), |_| false),
+            local_selections: local_selections.into_iter().collect(),
+        }
+    }
+
+    /// `rules` without the question the guard asks for them.
+    fn apply<'a>(&self, rules: &'a [Rule]) -> Cow<'a, [Rule]> {
+        let local = !self.local_selections.is_empty();
+        if !self.arrivals && !local {
+            return Cow::Borrowed(rules);
+        }
+        let guarded = |rule: &Rule| {
+            rule.ct_direction == Some(CtDirection::Original)
+                && (self.arrivals || !rule.origin.forwarded())
+                && (local || !rule.origin.local())
+        };
+        rules
+            .iter()
+            .map(|rule| match guarded(rule) {
+                true => Rule {
+                    ct_direction: None,
+                    ..rule.clone()
+                },
+                false => rule.clone(),
+            })
+            .collect()
+    }
+
+    /// The guard's own entries: rank 0, which no rule has (rule numbers start at 1), so
+    /// they outrank every rule.
+    fn entries(&self) -> Vec<MarkRule> {
+        let arrivals = self.arrivals.then_some(0);
+        let local = self.local_selections.iter().map(|&k| selection_ifindex(k));
+        let (first_port, last_port) = Ports::Any.bounds();
+        arrivals
+            .into_iter()
+            .chain(local)
+            .flat_map(|ifindex| {
+                [0, 1].map(|ipv6| MarkRule {
+                    transports: MARK_RULE_TCP | MARK_RULE_UDP,
+                    first_port,
+                    last_port,
+                    first_sport: 0,
+                    last_sport: u16::MAX,
+                    ipv6,
+                    ifindex,
+                    verdict: Verdict {
+                        action: VERDICT_PASS,
+                        rank: 0,
+                        ..Verdict::default()
+                    },
+                    ct_direction: CtDirection::Reply.program_value(),
+                    ..MarkRule::default()
+                })
+            })
+            .collect()
+    }
 }
 
 /// The mark stage's ifindex for a rule whose interface is not attached: no interface has

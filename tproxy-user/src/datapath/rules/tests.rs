@@ -1,6 +1,6 @@
 use tproxy_common::{
     local_origin::{selection_ifindex, LOCAL_ORIGIN_IFINDEX},
-    maps::{CT_ASKED_BY_LOCAL, GENERATION_BIT},
+    maps::{CT_ASKED_BY_ARRIVALS, CT_ASKED_BY_LOCAL, GENERATION_BIT},
 };
 
 use super::*;
@@ -666,6 +666,102 @@ fn a_connections_direction_is_one_more_match_for_arrivals() {
     );
     let plain = compile(&rules[1..2], 0, &interfaces());
     assert_eq!(plain.mark_table().unwrap().ct_direction, 0);
+}
+
+/// mssb's sing-box chains are reached only through `ct direction original`: every rule asks
+/// for it, more rules than the entries tried one by one hold. They are compiled into the
+/// lookup stages behind one guard per family (and selection) that passes the reply
+/// direction unmatched, with the same answers.
+#[test]
+fn rules_that_all_ask_for_the_original_direction_are_looked_up_behind_a_guard() {
+    let mut rules: Vec<Rule> = (0..40u32)
+        .map(|i| {
+            let text = format!("udp 10.{i}.0.0/16 any ct original");
+            rule(i as usize + 1, &text, Action::Bypass)
+        })
+        .collect();
+    rules.push(rule(
+        41,
+        "tcp 0.0.0.0/0 any iface eth0 ct original",
+        Action::Steer(0),
+    ));
+    rules.push(rule(42, "udp ::/0 53 ct original", Action::Drop));
+    // A local TCP rule asks nothing: a TCP connect is always of the original direction.
+    for (number, text) in [
+        (43, "udp 0.0.0.0/0 443 ct original origin local"),
+        (44, "tcp 0.0.0.0/0 443 origin local"),
+    ] {
+        let mut local = rule(number, text, Action::Steer(1));
+        local.selection = 1;
+        rules.push(local);
+    }
+    let cases = [
+        (
+            "udp 192.0.2.1 -> 10.7.1.1:53 ct original",
+            "eth1",
+            RuleMatch::Bypass,
+        ),
+        (
+            "udp 192.0.2.1 -> 10.7.1.1:53 ct reply",
+            "eth1",
+            RuleMatch::None,
+        ),
+        (
+            "tcp 192.0.2.1 -> 10.7.1.1:80 ct original",
+            "eth0",
+            RuleMatch::Steer(0),
+        ),
+        (
+            "tcp 192.0.2.1 -> 10.7.1.1:80 ct original",
+            "eth1",
+            RuleMatch::None,
+        ),
+        (
+            "tcp 192.0.2.1 -> 10.7.1.1:80 ct reply",
+            "eth0",
+            RuleMatch::None,
+        ),
+        (
+            "udp 2001:db8::1 -> [2001:db8::2]:53 ct original",
+            "eth1",
+            RuleMatch::Drop,
+        ),
+        (
+            "udp 2001:db8::1 -> [2001:db8::2]:53 ct reply",
+            "eth1",
+            RuleMatch::None,
+        ),
+    ];
+    for (text, iface, expected) in cases {
+        expect(&rules, text, iface, expected);
+    }
+    for transport in ["tcp", "udp"] {
+        let text = format!("{transport} 0.0.0.0 -> 198.51.100.1:443");
+        expect_selected(&rules, &text, 0b11, RuleMatch::Steer(1));
+    }
+    expect_selected(
+        &rules,
+        "udp 0.0.0.0:443 -> 198.51.100.1:5000 ct reply",
+        0b11,
+        RuleMatch::None,
+    );
+    let compiled = compile(&rules, 0, &interfaces());
+    let table = compiled.mark_table().unwrap();
+    assert_eq!(
+        table.len, 4,
+        "the guard alone is tried one by one: arrivals and selection 1, each family"
+    );
+    assert_eq!(
+        table.ct_direction,
+        CT_ASKED_BY_ARRIVALS | CT_ASKED_BY_LOCAL,
+        "directions are still looked up, and local datagrams followed"
+    );
+    assert_eq!(mark_rules(&rules, 0, &[]).len(), 4, "what `check` counts");
+
+    // One rule for arrivals that does not ask: the direction is each of their rules' own
+    // question again (42 entries), while the local rules stay behind their guard (2).
+    rules.push(rule(45, "tcp 10.0.0.0/8 81", Action::Steer(0)));
+    assert_eq!(mark_rules(&rules, 0, &[]).len(), 44);
 }
 
 #[test]

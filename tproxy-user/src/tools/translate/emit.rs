@@ -1204,7 +1204,12 @@ fn write_destination(out: &mut String, m: &Match) {
         return;
     }
     if m.dst_anycast {
-        let _ = writeln!(out, "dst = \"anycast\"");
+        let keyword = match m.family {
+            None => "anycast",
+            Some(Family::V4) => "anycast-ipv4",
+            Some(Family::V6) => "anycast-ipv6",
+        };
+        let _ = writeln!(out, "dst = \"{keyword}\"");
         return;
     }
     if m.dst_local {

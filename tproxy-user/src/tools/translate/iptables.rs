@@ -6,7 +6,7 @@ use anyhow::Result;
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
-    cgroup_path, complement, full_mark, interface_name, interface_pattern,
+    by_address_type, cgroup_path, complement, full_mark, interface_name, interface_pattern,
     ipset::{match_set, IpSets},
     local_bypass, other_classids, other_ids, other_protocol_rule, other_transports, port_range,
     set_mark_value, tproxy_port, words, AddressType, Chain, Entry, Established, Family, Match,
@@ -998,12 +998,12 @@ fn address_types(value: &str, family: Option<Family>) -> Result<Vec<AddressType>
             ("MULTICAST", _) => AddressType::Prefix("224.0.0.0/4".parse().unwrap()),
             ("UNSPEC", Some(Family::V6)) => AddressType::Prefix("::/128".parse().unwrap()),
             ("UNSPEC", _) => continue,
-            ("ANYCAST", Some(Family::V4)) => AddressType::Anycast,
+            ("ANYCAST", _) => AddressType::Anycast,
             ("BROADCAST", Some(Family::V4)) => AddressType::Broadcast,
             _ => {
                 return Err(format!(
-                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST and UNSPEC, and \
-                     ANYCAST and BROADCAST for IPv4)"
+                    "`--dst-type {value}` (tproxy knows LOCAL, MULTICAST, UNSPEC and ANYCAST, \
+                     and BROADCAST for IPv4)"
                 ))
             }
         };
@@ -1012,33 +1012,6 @@ fn address_types(value: &str, family: Option<Family>) -> Result<Vec<AddressType>
         }
     }
     Ok(types)
-}
-
-/// A rule whose `--dst-type` names several types as one rule per type, with the same target
-/// (iptables goes on to the next rule only when none matches, so in its place the rules
-/// for each decide the same). A rule of no type matches nothing.
-fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
-    let Some(types) = m.dst_types.take() else {
-        return vec![(m, target)];
-    };
-    if types.is_empty() {
-        let why = "its address types match no IPv4 destination (the kernel has no route of \
-                   type unspec)";
-        return vec![(m, Target::Unsteered(why.into()))];
-    }
-    types
-        .into_iter()
-        .map(|address_type| {
-            let mut one = m.clone();
-            match address_type {
-                AddressType::Local => one.dst_local = true,
-                AddressType::Anycast => one.dst_anycast = true,
-                AddressType::Broadcast => one.dst_broadcast = true,
-                AddressType::Prefix(prefix) => one.dst = vec![prefix],
-            }
-            (one, target.clone())
-        })
-        .collect()
 }
 
 /// `--cgroup`'s net_cls class id (`iptables-save` writes a number).

@@ -61,7 +61,10 @@ pub fn run(args: &TranslateArgs) -> Result<()> {
     };
     let translation = translate_with_sets(&input, args.keep_proxies, &sets)?;
     print!("{}", translation.config);
-    for note in &translation.notes {
+    // A rule read as several (one per interface or address type) may earn one note as many
+    // times.
+    let mut noted = std::collections::HashSet::new();
+    for note in translation.notes.iter().filter(|note| noted.insert(*note)) {
         eprintln!("note: {note}");
     }
     for skipped in &translation.skipped {
@@ -194,17 +197,44 @@ struct Match {
     matches_nothing: bool,
 }
 
-/// What one of `--dst-type`'s address types matches.
+/// What one of `--dst-type`'s (nft `fib daddr type`'s) address types matches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum AddressType {
     /// The host's own addresses (`dst = "local"`).
     Local,
-    /// What the local table's IPv4 anycast routes take (`dst = "anycast"`).
+    /// What the kernel gives the type anycast (`dst = "anycast"`).
     Anycast,
     /// What the local table's IPv4 broadcast routes take.
     Broadcast,
     /// A fixed prefix (IPv4 MULTICAST is 224.0.0.0/4 by the address alone).
     Prefix(IpNet),
+}
+
+/// A rule whose `--dst-type` (nft `fib daddr type`) names several types as one rule per
+/// type, with the same target (the next rule is reached only when none matches, so in its
+/// place the rules for each decide the same). A rule of no type matches nothing.
+fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
+    let Some(types) = m.dst_types.take() else {
+        return vec![(m, target)];
+    };
+    if types.is_empty() {
+        let why = "its address types match no IPv4 destination (the kernel has no route of \
+                   type unspec)";
+        return vec![(m, Target::Unsteered(why.into()))];
+    }
+    types
+        .into_iter()
+        .map(|address_type| {
+            let mut one = m.clone();
+            match address_type {
+                AddressType::Local => one.dst_local = true,
+                AddressType::Anycast => one.dst_anycast = true,
+                AddressType::Broadcast => one.dst_broadcast = true,
+                AddressType::Prefix(prefix) => one.dst = vec![prefix],
+            }
+            (one, target.clone())
+        })
+        .collect()
 }
 
 impl Match {

@@ -7,10 +7,10 @@ use ipnet::{IpNet, Ipv4Subnets, Ipv6Subnets};
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use super::{
-    cgroup_path, complement, interface_name, interface_pattern, local_bypass, other_classids,
-    other_ids, other_protocol_rule, other_transports, port_range, precedence::iface_covers,
-    set_mark_value, tproxy_port, words, Chain, Entry, Family, Match, Parsed, RuleSet, Target,
-    UntrackedMark,
+    by_address_type, cgroup_path, complement, interface_name, interface_pattern, local_bypass,
+    other_classids, other_ids, other_protocol_rule, other_transports, port_range,
+    precedence::iface_covers, set_mark_value, tproxy_port, words, AddressType, Chain, Entry,
+    Family, Match, Parsed, RuleSet, Target, UntrackedMark,
 };
 use crate::{
     datapath::rules::CtDirection,
@@ -496,18 +496,30 @@ fn chain_line(
         return;
     }
     let parsed: Chain = match parse_rule(trimmed, at.family, &at.table, sets) {
-        Ok((matches, target, comment)) => matches
-            .into_iter()
-            .map(|matches| {
-                Ok(Parsed {
-                    line: number,
-                    text: trimmed.to_string(),
-                    matches,
-                    target: target.clone(),
-                    comment: comment.clone(),
+        Ok(ReadRule {
+            matches,
+            target,
+            comment,
+            notes,
+        }) => {
+            ruleset.notes.extend(
+                notes
+                    .into_iter()
+                    .map(|note| format!("line {number}: {note}")),
+            );
+            matches
+                .into_iter()
+                .map(|matches| {
+                    Ok(Parsed {
+                        line: number,
+                        text: trimmed.to_string(),
+                        matches,
+                        target: target.clone(),
+                        comment: comment.clone(),
+                    })
                 })
-            })
-            .collect(),
+                .collect()
+        }
         Err(reason) => vec![Err((number, trimmed.to_string(), reason))],
     };
     match at.hook.as_deref() {
@@ -711,16 +723,20 @@ struct Rule<'a> {
     /// The input interfaces (names or patterns) the rule takes, none covering another:
     /// `iifname { "lo", "eth0" }` is a rule for each.
     ifaces: Option<Vec<String>>,
+    /// `fib daddr type`'s types (any of them), read for the rule's family once every
+    /// expression has narrowed it.
+    address_types: Option<Vec<String>>,
 }
 
 /// One rule of a chain in table `table` of `family`: one rule of the model per input
-/// interface it names (a packet arrives on one, so they never meet).
+/// interface it names (a packet arrives on one, so they never meet) and per address type
+/// of its `fib daddr type`; with its comment and notes on how it was read.
 fn parse_rule(
     text: &str,
     family: Option<Family>,
     table: &str,
     sets: &Sets,
-) -> Result<(Vec<Match>, Target, Option<String>), String> {
+) -> Result<ReadRule, String> {
     let mut rule = Rule {
         w: words(text),
         table,
@@ -734,13 +750,24 @@ fn parse_rule(
         set_mark: None,
         comment: None,
         ifaces: None,
+        address_types: None,
     };
     let mut i = 0;
     while i < rule.w.len() {
         i = rule.expression(i)?;
     }
     let ifaces = rule.ifaces.take();
-    let (m, target, comment) = rule.finish();
+    let address_types = rule.address_types.take();
+    let (mut m, target, comment) = rule.finish();
+    let mut notes = Vec::new();
+    if let Some(names) = address_types {
+        let types = address_types_of(&names, m.family, &mut notes)?;
+        if types.is_empty() {
+            m.matches_nothing = true;
+        } else {
+            m.dst_types = Some(types);
+        }
+    }
     // A MARK may clear bits (`set_mark_value`); the TPROXY rules' mark is what the recipe
     // routes by, and must set some.
     if let Target::Tproxy {
@@ -763,7 +790,90 @@ fn parse_rule(
             .collect(),
         _ => vec![m],
     };
-    Ok((matches, target, comment))
+    let mut by_type = Vec::new();
+    for m in matches {
+        by_type.extend(
+            by_address_type(m, target.clone())
+                .into_iter()
+                .map(|(m, _)| m),
+        );
+    }
+    Ok(ReadRule {
+        matches: by_type,
+        target,
+        comment,
+        notes,
+    })
+}
+
+/// A rule as [`parse_rule`] read it.
+struct ReadRule {
+    matches: Vec<Match>,
+    target: Target,
+    comment: Option<String>,
+    notes: Vec<String>,
+}
+
+/// What nft's `fib daddr type` types (any of them) match for packets of `family` (`None`:
+/// both), as the kernel's nft_fib gives them: `local`, `anycast` and `broadcast` (IPv4) by
+/// the routes; `multicast` and `unspec` (IPv6: `::` and IPv4-mapped addresses) by the address.
+fn address_types_of(
+    names: &[String],
+    family: Option<Family>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<AddressType>, String> {
+    let ipv4 = family != Some(Family::V6);
+    let ipv6 = family != Some(Family::V4);
+    let mut types = Vec::new();
+    for name in names {
+        let mut of_name = Vec::new();
+        match name.as_str() {
+            "local" => of_name.push(AddressType::Local),
+            "anycast" => of_name.push(AddressType::Anycast),
+            // IPv6 has no broadcast.
+            "broadcast" => {
+                if ipv4 {
+                    of_name.push(AddressType::Broadcast);
+                }
+            }
+            // No IPv4 address is of type unspec: only a route gives one that type, and the
+            // kernel refuses a route of type unspec.
+            "unspec" if !ipv6 => {}
+            "multicast" => {
+                if ipv4 {
+                    of_name.push(AddressType::Prefix("224.0.0.0/4".parse().unwrap()));
+                }
+                if ipv6 {
+                    of_name.push(AddressType::Prefix("ff00::/8".parse().unwrap()));
+                }
+            }
+            "unspec" => {
+                of_name.push(AddressType::Prefix("::/128".parse().unwrap()));
+                of_name.push(AddressType::Prefix("::ffff:0:0/96".parse().unwrap()));
+                notes.push(
+                    "`fib daddr type unspec` takes the IPv6 destinations `::` and \
+                     ::ffff:0:0/96 (IPv4-mapped) when a route takes them (the kernel calls them \
+                     unreachable otherwise): the translation takes them always, which differs \
+                     only for packets to them on a host without such a route (no IPv6 default \
+                     route), which the original would not leave alone"
+                        .to_string(),
+                );
+            }
+            other => {
+                return Err(format!(
+                    "`fib daddr type {}` (tproxy knows local, anycast, multicast, unspec and \
+                     broadcast, not {other})",
+                    names.join(", ")
+                ))
+            }
+        }
+        for address_type in of_name {
+            if !types.contains(&address_type) {
+                types.push(address_type);
+            }
+        }
+    }
+    Ok(types)
 }
 
 fn transport(name: &str) -> Result<Transport, String> {
@@ -790,7 +900,7 @@ impl Rule<'_> {
             "tcp" | "udp" | "th" if next_is("dport") || next_is("sport") => self.ports(i),
             "ip" | "ip6" if next_is("daddr") || next_is("saddr") => self.addresses(i),
             "fib" if next_is("daddr") && w.get(i + 2).is_some_and(|x| x == "type") => {
-                self.local_destination(i + 3)
+                self.address_types(i + 3)
             }
             "iifname" | "iif" => self.interface(i + 1),
             "meta" if next_is("iifname") => self.interface(i + 2),
@@ -994,19 +1104,22 @@ impl Rule<'_> {
         Ok(found.next)
     }
 
-    /// `fib daddr type`'s address types at `w[i]`: tproxy knows `local` (and `!= local`).
-    fn local_destination(&mut self, i: usize) -> Result<usize, String> {
+    /// `fib daddr type`'s address types at `w[i]` (negated: `!= local` alone).
+    fn address_types(&mut self, i: usize) -> Result<usize, String> {
         let found = self.values(i)?;
         match (found.negated, found.values.as_slice()) {
             (false, [local]) if local == "local" => self.m.dst_local = true,
             (true, [local]) if local == "local" => self.m.excludes_dst_local = true,
-            _ => {
+            (true, _) => {
                 return Err(format!(
-                    "`fib daddr type {}{}` (tproxy knows `local`)",
-                    if found.negated { "!= " } else { "" },
+                    "`fib daddr type != {}` (tproxy knows `!= local`)",
                     found.values.join(", ")
                 ))
             }
+            (false, _) if self.address_types.is_some() => {
+                return Err(twice("fib daddr type"));
+            }
+            (false, names) => self.address_types = Some(names.to_vec()),
         }
         Ok(found.next)
     }
