@@ -1388,11 +1388,13 @@ fn nft_ct_direction_original_steers_no_reply_translated() {
 
 /// mssb's sing-box chain: `fib daddr type { unspec, local, anycast, multicast } return`,
 /// reached only through `ct direction original` (on every interface here, so that the
-/// server's replies meet it too).
+/// server's replies meet it too), with more prefixes than the rules tried one by one could
+/// hold if each asked for the direction itself.
 const FIB_TYPES_NFT: &str = "\
 table inet t {
 	chain steer {
 		fib daddr type { unspec, local, anycast, multicast } return
+		ip daddr { 10.20.7.0/24, 10.21.7.0/24, 10.22.7.0/24, 10.23.7.0/24, 10.24.7.0/24, 10.25.7.0/24, 10.26.7.0/24, 10.27.7.0/24, 10.28.7.0/24, 10.29.7.0/24, 10.30.7.0/24, 10.31.7.0/24, 10.32.7.0/24, 10.33.7.0/24, 10.34.7.0/24, 10.35.7.0/24, 10.36.7.0/24, 10.37.7.0/24, 10.38.7.0/24, 10.39.7.0/24, 10.40.7.0/24, 10.41.7.0/24, 10.42.7.0/24, 10.43.7.0/24, 10.44.7.0/24, 10.45.7.0/24, 10.46.7.0/24, 10.47.7.0/24, 10.48.7.0/24, 10.49.7.0/24, 10.50.7.0/24, 10.51.7.0/24, 10.52.7.0/24, 10.53.7.0/24, 10.54.7.0/24, 10.55.7.0/24, 10.56.7.0/24, 10.57.7.0/24, 10.58.7.0/24, 10.59.7.0/24 } return
 		udp dport 54 return
 		meta l4proto { tcp, udp } tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
 		meta l4proto { tcp, udp } tproxy ip6 to [::1]:15001 meta mark set 0x1 accept
@@ -1408,7 +1410,8 @@ table inet t {
 /// (fd00:7::/64 here, added by hand, whose first address the server holds): the original
 /// leaves a flow to it alone, and so must the translation, which follows the routes. Every
 /// rule asks for the original direction, so the translation's rules are looked up behind
-/// the direction guard: the replies of the flow left alone (to port 54) are not steered.
+/// the direction guard (without it, tproxy would refuse the 40 prefixes): the replies of
+/// the flow left alone (to port 54) are not steered.
 #[test]
 fn nft_fib_address_types_behind_ct_direction_steer_the_same_flows_translated() {
     require_root();

@@ -658,6 +658,32 @@ mod tests {
         assert_eq!(decide(0), RuleMatch::None);
     }
 
+    /// The direction guard: a pass outranks the rules it guards and stands for no match.
+    #[test]
+    fn a_pass_outranks_what_it_guards_and_is_no_match() {
+        let mut guard = mark_rule(0, 0, MARK_RULE_TCP | MARK_RULE_UDP, (1, 65535), 0);
+        guard.verdict.action = VERDICT_PASS;
+        guard.ct_direction = CT_REPLY;
+        let steer = Verdict {
+            action: VERDICT_STEER,
+            rank: 1,
+            ..Verdict::default()
+        };
+        let table = table(&[guard]);
+        let decide = |direction: u32| {
+            let mut best = steer;
+            let mut packet =
+                MarkedPacket::new(0, true, (5353, 53), &[10, 0, 0, 1], &[10, 0, 0, 2], 2);
+            packet.ct_direction = direction;
+            match_mark_rules::<false>(&table, &packet, &mut best);
+            // A later stage's match cannot take its place.
+            assert!(!outranks(&steer, &best) || best == steer);
+            rule_match(&best)
+        };
+        assert_eq!(decide(CT_REPLY), RuleMatch::None);
+        assert_eq!(decide(CT_ORIGINAL), RuleMatch::Steer(0));
+    }
+
     #[test]
     fn a_mark_rule_matches_the_bits_under_its_mask_and_its_other_matches() {
         let mut on_eth = mark_rule(0x10, 0xf0, MARK_RULE_TCP, (1, 65535), 7);

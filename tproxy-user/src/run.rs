@@ -83,7 +83,7 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         config.set_own_addresses(host_addresses()?);
     }
     if !config.anycast_rules.is_empty() {
-        config.set_anycast_destinations(routing::anycast_destinations()?);
+        config.set_anycast_destinations(routing::anycast_destinations(config.anycast_families())?);
     }
     let interfaces = resolve_interfaces(&netlink, &entries).await?;
     let settings = config.settings.clone();

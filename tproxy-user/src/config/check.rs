@@ -2,7 +2,7 @@
 //! program holds, interfaces missing or named twice, a socket mark the routing rule would
 //! catch, listener addresses that cannot be bound or would loop.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use anyhow::{bail, Result};
 use tproxy_common::{
@@ -121,7 +121,7 @@ impl Config {
 
     /// Leaves the routing mark's bits out of the rules' marks (see
     /// [`rules::effective_mark`]); refuses rules with a mark that the program could not
-    /// decide as configured, and more of them than it holds.
+    /// decide as configured.
     pub(super) fn settle_marks(&mut self) -> Result<()> {
         // The templates of the rules written per address or route are checked too: their
         // copies come later, and without them a host with no address yet would pass.
@@ -134,39 +134,62 @@ impl Config {
             rule.mark = rules::effective_mark(rule, self.settings.mark)
                 .map_err(|problem| anyhow::anyhow!("rule {}: {problem}", rule.number))?;
         }
-        // Its count does not depend on the interfaces attached.
-        let entries = rules::mark_rules(&self.rules, 0, &[]).len();
-        if entries > MAX_MARK_RULES {
-            bail!(
-                "the rules with a mark, a source port or a connection's direction need {entries} entries (one per \
-                 destination and source prefix and port spec, destination and source), more \
-                 than the {MAX_MARK_RULES} the program holds, which try them one by one; most \
-                 of them: {}",
-                self.largest_mark_rules()
-            );
-        }
         Ok(())
     }
 
-    /// The configured rules that need the most of the entries tried one by one, with how
-    /// many each needs on its own (`rule[3]: 20, rule[7]: 14`).
-    fn largest_mark_rules(&self) -> String {
-        let mut by_number: BTreeMap<usize, Vec<Rule>> = BTreeMap::new();
-        for rule in &self.rules {
-            by_number.entry(rule.number).or_default().push(rule.clone());
-        }
-        let mut counts: Vec<(usize, usize)> = by_number
+    /// Refuses more rules tried one by one than the program holds. Once the processes' selections are
+    /// known (the direction guard has entries per selection); with one copy of each rule
+    /// written per address, route or set entry, whose count is known only at run time
+    /// (whether the direction guard holds depends on them). The count does not depend on
+    /// the interfaces attached.
+    pub(super) fn check_mark_stage(&self) -> Result<()> {
+        let rules: Vec<Rule> = self
+            .rules
             .iter()
-            .map(|(number, split)| (rules::mark_rules(split, 0, &[]).len(), *number))
-            .filter(|(count, _)| *count > 0)
+            .chain(&self.own_address_rules)
+            .chain(&self.anycast_rules)
+            .chain(&self.ipset_rules)
+            .cloned()
             .collect();
-        counts.sort_by_key(|&(count, number)| (std::cmp::Reverse(count), number));
-        let named: Vec<String> = counts
+        let entries = rules::mark_rules(&rules, 0, &[]).len();
+        if entries <= MAX_MARK_RULES {
+            return Ok(());
+        }
+        let (by_number, keep_guard_off) = rules::mark_entries_by_rule(&rules);
+        let mut counts: Vec<(usize, usize)> = by_number.into_iter().collect();
+        counts.sort_by_key(|&(number, count)| (std::cmp::Reverse(count), number));
+        let most: Vec<String> = counts
             .iter()
             .take(5)
-            .map(|(count, number)| format!("rule[{number}]: {count}"))
+            .map(|(number, count)| format!("rule[{number}]: {count}"))
             .collect();
-        named.join(", ")
+        let guard = match keep_guard_off.as_slice() {
+            [] => String::new(),
+            numbers => {
+                let mut named: Vec<String> = numbers
+                    .iter()
+                    .take(5)
+                    .map(|number| format!("rule[{number}]"))
+                    .collect();
+                if numbers.len() > named.len() {
+                    named.push(format!("{} more", numbers.len() - named.len()));
+                }
+                format!(
+                    "; {} {} not ask for ct_direction = \"original\" as the others of their \
+                     origin do (were they all to ask, the direction would be asked once for all \
+                     of them)",
+                    named.join(", "),
+                    if numbers.len() == 1 { "does" } else { "do" }
+                )
+            }
+        };
+        bail!(
+            "the rules with a mark, a source port or a connection's direction need {entries} entries (one per \
+             destination and source prefix and port spec, destination and source), more \
+             than the {MAX_MARK_RULES} the program holds, which try them one by one; most \
+             of them: {}{guard}",
+            most.join(", ")
+        )
     }
 
     fn check_socket_mark(&self, args: &RunArgs) -> Result<()> {

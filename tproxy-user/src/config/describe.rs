@@ -4,7 +4,7 @@ use std::fmt;
 
 use super::{Config, Interfaces};
 use crate::{
-    datapath::rules::{self, Action},
+    datapath::rules::{self, Action, Rule},
     values::Human,
 };
 
@@ -92,14 +92,7 @@ impl Config {
             "order", "rule", "match"
         );
         for (order, rule) in rules::by_precedence(&self.rules).iter().enumerate() {
-            let action = match rule.action {
-                Action::Steer(listener) => {
-                    format!("steer {}", self.listeners[listener as usize].name)
-                }
-                Action::Bypass => "bypass".into(),
-                Action::Drop => "drop".into(),
-                Action::Deliver => "deliver".into(),
-            };
+            let action = self.action_of(rule);
             let _ = writeln!(
                 out,
                 "  {:>5}  {:>5}  {:<60} {action}",
@@ -109,5 +102,15 @@ impl Config {
             );
         }
         out
+    }
+}
+
+impl Config {
+    /// What `rule` does, with its listener's name for a steer rule (`steer web`).
+    pub fn action_of(&self, rule: &Rule) -> String {
+        match rule.action {
+            Action::Steer(listener) => format!("steer {}", self.listeners[listener as usize].name),
+            other => other.to_string(),
+        }
     }
 }

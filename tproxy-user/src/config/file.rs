@@ -38,7 +38,7 @@ pub(super) struct SplitRules {
     pub fixed: Vec<Rule>,
     /// For the host's own addresses, with any destination of their family.
     pub own_addresses: Vec<Rule>,
-    /// For the anycast routes' destinations, with any IPv4 destination.
+    /// For the anycast destinations, with any destination of their family.
     pub anycast: Vec<Rule>,
     /// For kernel ipsets' entries, with any destination of each family.
     pub ipset: Vec<Rule>,
@@ -282,6 +282,20 @@ impl RuleEntry {
                 ("gid", self.gid.as_ref().map(|g| g.span())),
             ];
             if let Some((field, Some(span))) = given.into_iter().find(|(_, span)| span.is_some()) {
+                // Such a rule cannot be for local connections: a connect is only steered or
+                // left alone.
+                let arrivals_only = match self.action.0 {
+                    RuleAction::Drop => Some("drop"),
+                    RuleAction::Deliver => Some("deliver"),
+                    RuleAction::Steer | RuleAction::Bypass => None,
+                };
+                if let Some(action) = arrivals_only {
+                    bail!(
+                        "{}: rule[{number}].{field}: a {action} rule is for arrivals, which no \
+                         process selection takes; remove `{field}`",
+                        at(span)
+                    );
+                }
                 bail!(
                     "{}: rule[{number}].{field}: only a rule for local connections selects \
                      processes; add `origin = \"local\"` (or \"any\")",

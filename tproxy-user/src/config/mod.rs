@@ -96,11 +96,12 @@ pub struct Config {
     pub own_address_rules: Vec<Rule>,
     /// The host's addresses as last listed (sorted).
     pub own_addresses: Vec<IpAddr>,
-    /// The bypass rules for the anycast routes' destinations (`dst = "anycast"`), with any
-    /// IPv4 destination in place of them: `rules` holds them once per prefix of
+    /// The bypass rules for the anycast destinations (`dst = "anycast"`), with any
+    /// destination of their family in place of them: `rules` holds them once per prefix of
     /// [`Config::anycast_destinations`].
     pub anycast_rules: Vec<Rule>,
-    /// The destinations the local table's anycast routes take, as last listed (sorted).
+    /// The destinations the kernel gives the type anycast, as last listed from the routes
+    /// (sorted).
     pub anycast_destinations: Vec<IpNet>,
     /// The rules for kernel ipsets' entries (`dst = "ipset:NAME"`), with any destination of
     /// each family in place of the entries: `rules` holds them once per entry of their set
@@ -165,7 +166,7 @@ impl Config {
         }
         if !config.anycast_rules.is_empty() {
             config.set_anycast_destinations(
-                anycast_destinations()
+                anycast_destinations(config.anycast_families())
                     .context("listing the anycast routes for dst = \"anycast\"")?,
             );
         }
@@ -287,6 +288,7 @@ impl Config {
         config.add_flag_rules(args)?;
         config.settle_marks()?;
         config.select_local(args, file_selections)?;
+        config.check_mark_stage()?;
         config.check(args)?;
         Ok(config)
     }
@@ -304,6 +306,16 @@ impl Config {
         put_followed(&mut self.rules, &self.own_address_rules, &destinations);
         self.own_addresses = addresses;
         !self.own_address_rules.is_empty()
+    }
+
+    /// The families (IPv4, IPv6) whose anycast destinations rules follow.
+    pub fn anycast_families(&self) -> (bool, bool) {
+        let ipv6 = |ipv6| {
+            self.anycast_rules
+                .iter()
+                .any(|r| r.dst.addr().is_ipv6() == ipv6)
+        };
+        (ipv6(false), ipv6(true))
     }
 
     /// Puts the bypass rules for the anycast routes' destinations in `rules` for

@@ -931,6 +931,16 @@ fn local_rules_in_the_file_carry_their_origin_and_their_own_selection() {
         error.contains("rule[1].uid: only a rule for local connections selects processes"),
         "{error}"
     );
+    // Adding the origin would not help a rule that only arrivals can have.
+    let deliver = "[[rule]]\nproto = \"tcp\"\ncgroup = \"/a\"\naction = \"deliver\"\n";
+    let error = format!("{:#}", with_file(deliver, &[]).unwrap_err());
+    assert!(
+        error.contains(
+            "rule[1].cgroup: a deliver rule is for arrivals, which no process selection takes; \
+             remove `cgroup`"
+        ),
+        "{error}"
+    );
     let error = format!(
         "{:#}",
         with_file(&rule("origin = \"local\"\nsrc = \"10.0.0.0/8\"\n"), &[]).unwrap_err()
@@ -1274,4 +1284,45 @@ action = "bypass"
             "{refused}"
         );
     }
+}
+
+/// The direction guard has two entries per selection of the local rules it guards: `check`
+/// counts them once the selections are known, as `run` compiles them (30 entries of marked
+/// rules and the guard of two selections are 34), and names a rule that keeps the guard off.
+#[test]
+fn the_mark_stage_is_counted_with_the_direction_guard_of_each_selection() {
+    let head = "interfaces = [\"eth0\"]\n\n[[listener]]\nname = \"up\"\n";
+    let mut marked = String::from(head);
+    for port in 1000..1030 {
+        marked += &format!(
+            "\n[[rule]]\nproto = \"udp\"\ndst = \"10.0.0.0/8\"\nports = {port}\nmark = \"0x10\"\naction = \"bypass\"\n"
+        );
+    }
+    let local = |uid: u32| {
+        format!(
+            "\n[[rule]]\nproto = \"udp\"\norigin = \"local\"\nuid = {uid}\nct_direction = \"original\"\naction = \"steer\"\n"
+        )
+    };
+    let one_selection = marked + &local(1000);
+    assert!(
+        with_file(&one_selection, &[]).is_ok(),
+        "30 and a guard of 2 fit"
+    );
+    let two = one_selection + &local(2000);
+    let error = format!("{:#}", with_file(&two, &[]).unwrap_err());
+    assert!(error.contains("need 34 entries"), "{error}");
+
+    let mut asking = String::from(head);
+    for i in 0..40 {
+        asking += &format!(
+            "\n[[rule]]\nproto = \"udp\"\ndst = \"10.{i}.0.0/16\"\nct_direction = \"original\"\naction = \"bypass\"\n"
+        );
+    }
+    assert!(with_file(&asking, &[]).is_ok(), "behind the guard");
+    let unguarded = asking + "\n[[rule]]\nproto = \"udp\"\naction = \"steer\"\n";
+    let error = format!("{:#}", with_file(&unguarded, &[]).unwrap_err());
+    assert!(
+        error.contains("; rule[41] does not ask for ct_direction = \"original\" as the others"),
+        "{error}"
+    );
 }

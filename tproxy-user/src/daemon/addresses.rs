@@ -83,7 +83,7 @@ pub(crate) fn follow(config: &mut Config, relays: &mut Relays, steering: &mut St
         }
     }
     if !config.anycast_rules.is_empty() {
-        match anycast_destinations() {
+        match anycast_destinations(config.anycast_families()) {
             Ok(destinations) => {
                 if config.set_anycast_destinations(destinations) {
                     log::info!(

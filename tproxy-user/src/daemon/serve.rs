@@ -567,7 +567,11 @@ pub(crate) fn status_report(
         pinned: control.pinned.then(|| s.pin_dir.display().to_string()),
         attached: control.attached.clone(),
         listeners,
-        rules: config.rules.iter().map(ToString::to_string).collect(),
+        rules: config
+            .rules
+            .iter()
+            .map(|rule| format!("{rule} {}", config.action_of(rule)))
+            .collect(),
         stats: relays.stats_sources(steering).snapshot(),
     }
 }

@@ -526,15 +526,22 @@ pub(crate) enum RouteKind {
 /// packet without a mark), is an anycast route (a forwarding host's subnet-router
 /// addresses, which the kernel adds itself), or its prefix, shorter than /127 and without
 /// a gateway, begins at the address: [`ipv6_anycast_destinations`].
-pub(crate) fn anycast_destinations() -> Result<Vec<IpNet>> {
-    let ipv4 = typed_routes(AddressFamily::Inet, LOCAL_TABLE)
-        .context("listing the local table's IPv4 routes")?;
-    let local = typed_routes(AddressFamily::Inet6, LOCAL_TABLE)
-        .context("listing the local table's IPv6 routes")?;
-    let main = typed_routes(AddressFamily::Inet6, MAIN_TABLE)
-        .context("listing the main table's IPv6 routes")?;
-    let mut destinations = anycast_regions(&ipv4);
-    destinations.extend(ipv6_anycast_destinations(&local, &main));
+/// Only the families asked for (IPv4, IPv6) are listed: a router's IPv6 main table may be
+/// large, and a host without IPv6 has none to list.
+pub(crate) fn anycast_destinations((ipv4, ipv6): (bool, bool)) -> Result<Vec<IpNet>> {
+    let mut destinations = Vec::new();
+    if ipv4 {
+        let local = typed_routes(AddressFamily::Inet, LOCAL_TABLE)
+            .context("listing the local table's IPv4 routes")?;
+        destinations.extend(anycast_regions(&local));
+    }
+    if ipv6 {
+        let local = typed_routes(AddressFamily::Inet6, LOCAL_TABLE)
+            .context("listing the local table's IPv6 routes")?;
+        let main = typed_routes(AddressFamily::Inet6, MAIN_TABLE)
+            .context("listing the main table's IPv6 routes")?;
+        destinations.extend(ipv6_anycast_destinations(&local, &main));
+    }
     destinations.sort_unstable();
     Ok(destinations)
 }
@@ -545,7 +552,11 @@ fn typed_routes(family: AddressFamily, table: u32) -> Result<Vec<TypedRoute>> {
     Ok(routes
         .iter()
         // A route for a TOS only is no lookup's without one (xt_addrtype's has none).
-        .filter(|route| route_table(route) == table && route.header.tos == 0)
+        .filter(|route| {
+            route.header.address_family == family
+                && route_table(route) == table
+                && route.header.tos == 0
+        })
         .filter_map(typed_route)
         .collect())
 }

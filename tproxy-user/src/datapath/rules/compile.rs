@@ -90,10 +90,11 @@ pub type Interfaces<'a> = &'a [(String, u32)];
 
 /// Compiles `rules` into the map contents of `generation` (0 or 1).
 pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> CompiledRules {
+    // Of the rules as configured: the guard that takes the question off them asks it.
     let asked = rules.iter().fold(0, |asked, rule| asked | rule.ct_asked());
-    let marks = mark_rules(rules, generation, interfaces);
     let guard = DirectionGuard::of(rules);
     let rules = &guard.apply(rules)[..];
+    let marks = mark_stage(&guard, rules, generation, interfaces);
     let generation_bit = if generation & 1 == 1 {
         GENERATION_BIT
     } else {
@@ -220,9 +221,41 @@ impl CompiledRules {
 /// an ifindex no interface has, so that a name's count does not depend on what is attached.
 /// A rule for local connections has one more, under its selection's index, where the
 /// connect and sendmsg programs try it.
+/// (With the direction guard's own first, see [`DirectionGuard`].)
 pub fn mark_rules(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let guard = DirectionGuard::of(rules);
-    let rules = &guard.apply(rules)[..];
+    mark_stage(&guard, &guard.apply(rules), generation, interfaces)
+}
+
+/// How many of the mark stage's entries each rule needs (by number, those that need some),
+/// under the guard of the whole set; and the rules that keep the guard off: of an origin
+/// where other rules ask for the original direction, they do not.
+pub fn mark_entries_by_rule(rules: &[Rule]) -> (BTreeMap<usize, usize>, Vec<usize>) {
+    let guard = DirectionGuard::of(rules);
+    let applied = guard.apply(rules);
+    let mut by_number: BTreeMap<usize, Vec<Rule>> = BTreeMap::new();
+    for rule in applied.iter() {
+        by_number.entry(rule.number).or_default().push(rule.clone());
+    }
+    let none = DirectionGuard {
+        arrivals: false,
+        local_selections: Vec::new(),
+    };
+    let counts = by_number
+        .into_iter()
+        .map(|(number, split)| (number, mark_stage(&none, &split, 0, &[]).len()))
+        .filter(|&(_, count)| count > 0)
+        .collect();
+    (counts, guard.kept_off_by(rules))
+}
+
+/// The mark stage's entries for `rules` as `guard` left them: its own, then the rules'.
+fn mark_stage(
+    guard: &DirectionGuard,
+    rules: &[Rule],
+    generation: u32,
+    interfaces: Interfaces<'_>,
+) -> Vec<MarkRule> {
     let out_interfaces = super::out_interfaces(rules);
     let shift = route_bits_shift(generation);
     let mut entries: Vec<MarkRule> = guard.entries();
@@ -258,28 +291,87 @@ struct DirectionGuard {
     local_selections: Vec<u32>,
 }
 
+/// Whether the guard of `rules` leaves a packet of the reply direction unmatched: one that
+/// arrives, or a local connection's of a process in the selections of these bits.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(super) fn leaves_replies_unmatched(rules: &[Rule], local: Option<u32>) -> bool {
+    let guard = DirectionGuard::of(rules);
+    match local {
+        None => guard.arrivals,
+        Some(selections) => guard
+            .local_selections
+            .iter()
+            .any(|&k| selections & (1 << k) != 0),
+    }
+}
+
+/// Whether `rule` asks for the original direction.
+fn asks_original(rule: &Rule) -> bool {
+    rule.ct_direction == Some(CtDirection::Original)
+}
+
+/// A local TCP connection is always the original direction of its connection: such a rule
+/// needs not ask.
+fn original_for_local(rule: &Rule) -> bool {
+    rule.transport == Transport::Tcp && rule.ct_direction.is_none()
+}
+
+/// For each origin (arrivals, local connections): which rules apply to it, and which of
+/// them need not ask.
+type OriginTest = (fn(&Rule) -> bool, fn(&Rule) -> bool);
+const ORIGINS: [OriginTest; 2] = [
+    (|rule| rule.origin.forwarded(), |_| false),
+    (|rule| rule.origin.local(), original_for_local),
+];
+
 impl DirectionGuard {
+    /// The guard of the rules in force: retired rules (kept for the flows of an earlier
+    /// configuration) have no say, or a reload from rules that do not ask would keep it off
+    /// until a restart. Their flows keep what the guard lets through: the original
+    /// direction, their clients' packets.
     fn of(rules: &[Rule]) -> Self {
-        let asks = |rule: &&Rule| rule.ct_direction == Some(CtDirection::Original);
-        let guarded = |applies: fn(&Rule) -> bool, implied: fn(&Rule) -> bool| {
-            let of_origin: Vec<&Rule> = rules.iter().filter(|rule| applies(rule)).collect();
-            of_origin.iter().any(asks) && of_origin.iter().all(|rule| asks(rule) || implied(rule))
+        let in_force = || rules.iter().filter(|rule| !rule.retired);
+        let guarded = |(applies, implied): OriginTest| {
+            let of_origin: Vec<&Rule> = in_force().filter(|rule| applies(rule)).collect();
+            of_origin.iter().any(|rule| asks_original(rule))
+                && of_origin
+                    .iter()
+                    .all(|rule| asks_original(rule) || implied(rule))
         };
-        // A local TCP connection is always the original direction of its connection.
-        let local_tcp =
-            |rule: &Rule| rule.transport == Transport::Tcp && rule.ct_direction.is_none();
-        let local_selections: BTreeSet<u32> = match guarded(|rule| rule.origin.local(), local_tcp) {
-            true => rules
-                .iter()
+        let local_selections: BTreeSet<u32> = match guarded(ORIGINS[1]) {
+            true => in_force()
                 .filter(|rule| rule.origin.local())
                 .map(|rule| rule.selection)
                 .collect(),
             false => BTreeSet::new(),
         };
         DirectionGuard {
-            arrivals: guarded(|rule| rule.origin.forwarded(), |_| false),
+            arrivals: guarded(ORIGINS[0]),
             local_selections: local_selections.into_iter().collect(),
         }
+    }
+
+    /// The rules that keep the guard off: of an origin where others ask for the original
+    /// direction, they do not (by number).
+    fn kept_off_by(&self, rules: &[Rule]) -> Vec<usize> {
+        let on = [self.arrivals, !self.local_selections.is_empty()];
+        let mut numbers: BTreeSet<usize> = BTreeSet::new();
+        for ((applies, implied), on) in ORIGINS.into_iter().zip(on) {
+            let of_origin = || {
+                rules
+                    .iter()
+                    .filter(move |rule| !rule.retired && applies(rule))
+            };
+            if on || !of_origin().any(asks_original) {
+                continue;
+            }
+            numbers.extend(
+                of_origin()
+                    .filter(|rule| !asks_original(rule) && !implied(rule))
+                    .map(|rule| rule.number),
+            );
+        }
+        numbers.into_iter().collect()
     }
 
     /// `rules` without the question the guard asks for them.

@@ -46,11 +46,13 @@
 //! single-port rules next to thousands of any-port or range prefixes cost their sum in map
 //! entries, not their product.
 //!
-//! Rules with a mark or a source port are not in these stages: neither is a prefix of
-//! anything to key a trie with, and the source port has no room in the keys. They are few
-//! (at most `MAX_MARK_RULES` entries), each tried in turn by a bounded loop before the other
-//! stages, and the best rank among their matches and the other stages' answer wins, so
-//! precedence is the same as for every other rule.
+//! Rules with a mark, a source port, an output interface or a connection's direction are not
+//! in these stages: none is a prefix of anything to key a trie with, and there is no room for
+//! them in the keys. They are few (at most `MAX_MARK_RULES` entries), each tried in turn by a
+//! bounded loop before the other stages, and the best rank among their matches and the other
+//! stages' answer wins, so precedence is the same as for every other rule. Where every rule
+//! of an origin asks for a connection's original direction, one guard asks it for all of
+//! them, and they go to the stages (see `compile::DirectionGuard`).
 
 use std::{cmp::Reverse, collections::HashSet, fmt};
 
@@ -159,6 +161,18 @@ pub enum Action {
     /// marked for local delivery, the kernel's own socket lookup decides (a socket that owns
     /// the flow, for UDP one of tproxy's own, still gets it first, as for `bypass`).
     Deliver,
+}
+
+/// As the configuration names it (`action = "steer"`).
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Steer(_) => "steer",
+            Action::Bypass => "bypass",
+            Action::Drop => "drop",
+            Action::Deliver => "deliver",
+        })
+    }
 }
 
 /// One rule with a single transport, destination prefix and port spec: a configured rule
@@ -366,7 +380,7 @@ impl Rule {
 
     /// Whether the rule is tried one by one rather than in the lookup stages: it matches a
     /// mark, a source port, a route's interface or a connection's direction, which no stage
-    /// is keyed by.
+    /// is keyed by (unless the direction guard takes the direction off it).
     fn tried_one_by_one(&self) -> bool {
         self.mark.is_some()
             || self.sport.is_some()
@@ -446,6 +460,11 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
         true => Some(CtDirection::Original),
         false => packet.ct_direction,
     };
+    if direction == Some(CtDirection::Reply)
+        && compile::leaves_replies_unmatched(rules, packet.local.then_some(packet.selections))
+    {
+        return RuleMatch::None;
+    }
     rules
         .iter()
         .filter(|r| {
@@ -531,15 +550,11 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
         return Ok(());
     }
     if matches!(rule.action, Action::Drop | Action::Deliver) {
-        let action = if rule.action == Action::Drop {
-            "drop"
-        } else {
-            "deliver"
-        };
         return Err(format!(
-            "origin \"{}\" with action \"{action}\": a local connection is only steered or \
+            "origin \"{}\" with action \"{}\": a local connection is only steered or \
              left alone when it connects; {}make the rule origin \"forwarded\"",
             rule.origin,
+            rule.action,
             match rule.action {
                 Action::Drop => "drop it with a firewall rule in OUTPUT, or ",
                 _ => "",
@@ -662,7 +677,7 @@ mod tests;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use compile::lookup;
-pub use compile::{compile, mark_rules, CompiledRules, Entry, Interfaces};
+pub use compile::{compile, mark_entries_by_rule, mark_rules, CompiledRules, Entry, Interfaces};
 
 /// Whether any of `rules` applies to local connections: they are then told from arrivals.
 pub fn any_local(rules: &[Rule]) -> bool {

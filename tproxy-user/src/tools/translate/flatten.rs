@@ -331,8 +331,10 @@ fn flatten_rules(
                     rule.line, rule.text
                 )),
                 false => out.push(Err(format!(
-                    "line {}: {}: `--dst-type BROADCAST` (translated as OUTPUT's bypass only, \
-                     which changes nothing for tproxy)",
+                    "line {}: {}: the address type broadcast (`--dst-type BROADCAST`, nft's \
+                     `fib daddr type broadcast`) is translated as OUTPUT's bypass only, which \
+                     changes nothing for tproxy: for arrivals, the local table's broadcast \
+                     addresses are not followed",
                     rule.line, rule.text
                 ))),
             }

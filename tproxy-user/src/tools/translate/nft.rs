@@ -761,6 +761,13 @@ fn parse_rule(
     let (mut m, target, comment) = rule.finish();
     let mut notes = Vec::new();
     if let Some(names) = address_types {
+        if !m.dst.is_empty() || !m.not_dst.is_empty() || m.dst_set.is_some() {
+            return Err(
+                "`fib daddr type` and destination addresses in one rule: translate does not \
+                 intersect them"
+                    .into(),
+            );
+        }
         let types = address_types_of(&names, m.family, &mut notes)?;
         if types.is_empty() {
             m.matches_nothing = true;

@@ -5539,6 +5539,17 @@ fn fib_address_type_sets_become_the_rules_for_each_type_and_family() {
         "{:?}",
         unicast.skipped
     );
+    // The types with the rule's own destinations would be their intersection.
+    let with_prefix = translate(&rules("ip", "multicast ip daddr 10.0.0.0/8")).unwrap();
+    assert!(
+        with_prefix
+            .skipped
+            .iter()
+            .any(|s| s.contains("`fib daddr type` and destination addresses in one rule")),
+        "{:?}\n{}",
+        with_prefix.skipped,
+        with_prefix.config
+    );
     let negated = translate(&rules("inet", "!= { local, anycast }")).unwrap();
     assert!(
         negated
