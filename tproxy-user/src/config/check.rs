@@ -15,7 +15,7 @@ use super::{
     DEFAULT_LISTENER,
 };
 use crate::{
-    datapath::rules::{self, Action, Rule},
+    datapath::rules::{self, Action, CtDirection, Rule},
     values::Transport,
 };
 
@@ -155,15 +155,32 @@ impl Config {
         if entries <= MAX_MARK_RULES {
             return Ok(());
         }
-        let (by_number, keep_guard_off) = rules::mark_entries_by_rule(&rules);
-        let mut counts: Vec<(usize, usize)> = by_number.into_iter().collect();
+        let needs = rules::mark_entries_by_rule(&rules);
+        let mut counts: Vec<(usize, usize)> = needs.by_rule.into_iter().collect();
         counts.sort_by_key(|&(number, count)| (std::cmp::Reverse(count), number));
-        let most: Vec<String> = counts
+        let mut most: Vec<String> = counts
             .iter()
             .take(5)
             .map(|(number, count)| format!("rule[{number}]: {count}"))
             .collect();
-        let guard = match keep_guard_off.as_slice() {
+        if needs.guard > 0 {
+            most.insert(0, format!("the direction guard: {}", needs.guard));
+        }
+        // Advice only where asking helps: the guard's entries per selection may cost more
+        // than the rules it takes the question off.
+        let all_asking: Vec<Rule> = rules
+            .iter()
+            .map(|rule| match needs.keep_guard_off.contains(&rule.number) {
+                true => Rule {
+                    ct_direction: Some(CtDirection::Original),
+                    ..rule.clone()
+                },
+                false => rule.clone(),
+            })
+            .collect();
+        let helps = rules::mark_rules(&all_asking, 0, &[]).len() < entries;
+        let guard = match needs.keep_guard_off.as_slice() {
+            _ if !helps => String::new(),
             [] => String::new(),
             numbers => {
                 let mut named: Vec<String> = numbers

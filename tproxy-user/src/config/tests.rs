@@ -1310,7 +1310,19 @@ fn the_mark_stage_is_counted_with_the_direction_guard_of_each_selection() {
     );
     let two = one_selection + &local(2000);
     let error = format!("{:#}", with_file(&two, &[]).unwrap_err());
-    assert!(error.contains("need 34 entries"), "{error}");
+    assert!(
+        error.contains("need 34 entries") && error.contains("most of them: the direction guard: 4"),
+        "{error}"
+    );
+    // A selection's rule that does not ask among two that do: asking too would cost the
+    // guard's 6 entries, more than the two that ask cost on their own (4): no such advice.
+    let third =
+        two.replace("uid = 2000\nct_direction = \"original\"\n", "uid = 2000\n") + &local(3000);
+    let error = format!("{:#}", with_file(&third, &[]).unwrap_err());
+    assert!(
+        error.contains("need 34 entries") && !error.contains("does not ask"),
+        "{error}"
+    );
 
     let mut asking = String::from(head);
     for i in 0..40 {

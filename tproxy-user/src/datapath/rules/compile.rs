@@ -227,10 +227,19 @@ pub fn mark_rules(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -
     mark_stage(&guard, &guard.apply(rules), generation, interfaces)
 }
 
-/// How many of the mark stage's entries each rule needs (by number, those that need some),
-/// under the guard of the whole set; and the rules that keep the guard off: of an origin
-/// where other rules ask for the original direction, they do not.
-pub fn mark_entries_by_rule(rules: &[Rule]) -> (BTreeMap<usize, usize>, Vec<usize>) {
+/// Who needs the mark stage's entries, under the guard of the whole set.
+pub struct MarkEntries {
+    /// Each rule's (by number, those that need some).
+    pub by_rule: BTreeMap<usize, usize>,
+    /// The direction guard's own.
+    pub guard: usize,
+    /// The rules that keep the guard off: of an origin where other rules ask for the
+    /// original direction, they do not.
+    pub keep_guard_off: Vec<usize>,
+}
+
+/// See [`MarkEntries`].
+pub fn mark_entries_by_rule(rules: &[Rule]) -> MarkEntries {
     let guard = DirectionGuard::of(rules);
     let applied = guard.apply(rules);
     let mut by_number: BTreeMap<usize, Vec<Rule>> = BTreeMap::new();
@@ -241,12 +250,16 @@ pub fn mark_entries_by_rule(rules: &[Rule]) -> (BTreeMap<usize, usize>, Vec<usiz
         arrivals: false,
         local_selections: Vec::new(),
     };
-    let counts = by_number
+    let by_rule = by_number
         .into_iter()
         .map(|(number, split)| (number, mark_stage(&none, &split, 0, &[]).len()))
         .filter(|&(_, count)| count > 0)
         .collect();
-    (counts, guard.kept_off_by(rules))
+    MarkEntries {
+        by_rule,
+        guard: guard.entries().len(),
+        keep_guard_off: guard.kept_off_by(rules),
+    }
 }
 
 /// The mark stage's entries for `rules` as `guard` left them: its own, then the rules'.

@@ -677,7 +677,9 @@ mod tests;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use compile::lookup;
-pub use compile::{compile, mark_entries_by_rule, mark_rules, CompiledRules, Entry, Interfaces};
+pub use compile::{
+    compile, mark_entries_by_rule, mark_rules, CompiledRules, Entry, Interfaces, MarkEntries,
+};
 
 /// Whether any of `rules` applies to local connections: they are then told from arrivals.
 pub fn any_local(rules: &[Rule]) -> bool {
