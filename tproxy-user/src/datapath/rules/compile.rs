@@ -298,6 +298,7 @@ fn mark_stage(
 /// no room, instead of the few entries tried one by one) behind a guard: one entry per
 /// family (and, for local connections, per selection) that passes the reply direction's
 /// packets as unmatched ahead of every rule.
+#[derive(Clone)]
 struct DirectionGuard {
     arrivals: bool,
     /// The selections of the rules for local connections, when they are guarded.
@@ -338,11 +339,38 @@ const ORIGINS: [OriginTest; 2] = [
 ];
 
 impl DirectionGuard {
-    /// The guard of the rules in force: retired rules (kept for the flows of an earlier
-    /// configuration) have no say, or a reload from rules that do not ask would keep it off
-    /// until a restart. Their flows keep what the guard lets through: the original
-    /// direction, their clients' packets.
+    /// The guard of the rules in force, where it lowers the count of the entries tried one
+    /// by one: its own (two per family, per selection) may cost more than the rules it takes
+    /// the question off, when those are tried one by one for a mark as well.
     fn of(rules: &[Rule]) -> Self {
+        let asked = Self::asked_by(rules);
+        let candidates = [
+            asked.clone(),
+            DirectionGuard {
+                local_selections: Vec::new(),
+                ..asked.clone()
+            },
+            DirectionGuard {
+                arrivals: false,
+                ..asked
+            },
+            DirectionGuard {
+                arrivals: false,
+                local_selections: Vec::new(),
+            },
+        ];
+        let cost = |guard: &DirectionGuard| mark_stage(guard, &guard.apply(rules), 0, &[]).len();
+        candidates
+            .into_iter()
+            .min_by_key(cost)
+            .expect("four candidates")
+    }
+
+    /// The guard the rules in force ask for: retired rules (kept for the flows of an
+    /// earlier configuration) have no say, or a reload from rules that do not ask would keep
+    /// it off until a restart. Their flows keep what the guard lets through: the original
+    /// direction, their clients' packets.
+    fn asked_by(rules: &[Rule]) -> Self {
         let in_force = || rules.iter().filter(|rule| !rule.retired);
         let guarded = |(applies, implied): OriginTest| {
             let of_origin: Vec<&Rule> = in_force().filter(|rule| applies(rule)).collect();

@@ -690,6 +690,9 @@ fn rules_that_all_ask_for_the_original_direction_are_looked_up_behind_a_guard() 
     for (number, text) in [
         (43, "udp 0.0.0.0/0 443 ct original origin local"),
         (44, "tcp 0.0.0.0/0 443 origin local"),
+        // Enough that asking once costs less than each asking.
+        (46, "udp 0.0.0.0/0 444 ct original origin local"),
+        (47, "udp ::/0 444 ct original origin local"),
     ] {
         let mut local = rule(number, text, Action::Steer(1));
         local.selection = 1;
@@ -762,6 +765,31 @@ fn rules_that_all_ask_for_the_original_direction_are_looked_up_behind_a_guard() 
     // question again (42 entries), while the local rules stay behind their guard (2).
     rules.push(rule(45, "tcp 10.0.0.0/8 81", Action::Steer(0)));
     assert_eq!(mark_rules(&rules, 0, &[]).len(), 44);
+}
+
+/// Rules tried one by one for a mark as well keep their entries behind a guard, which would
+/// only add its own: without it, 31 fit.
+#[test]
+fn the_direction_guard_is_left_out_where_it_would_cost_more() {
+    let rules: Vec<Rule> = (0..31u32)
+        .map(|i| {
+            let text = format!("udp 10.{i}.0.0/16 any mark 0x10 ct original");
+            rule(i as usize + 1, &text, Action::Bypass)
+        })
+        .collect();
+    assert_eq!(mark_rules(&rules, 0, &[]).len(), 31);
+    for (text, expected) in [
+        (
+            "udp 192.0.2.1 -> 10.7.1.1:53 mark 0x10 ct original",
+            RuleMatch::Bypass,
+        ),
+        (
+            "udp 192.0.2.1 -> 10.7.1.1:53 mark 0x10 ct reply",
+            RuleMatch::None,
+        ),
+    ] {
+        expect(&rules, text, "eth1", expected);
+    }
 }
 
 #[test]

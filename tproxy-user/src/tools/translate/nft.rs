@@ -768,7 +768,13 @@ fn parse_rule(
                     .into(),
             );
         }
+        if m.dst_local || m.excludes_dst_local {
+            return Err(twice("fib daddr type"));
+        }
         let types = address_types_of(&names, m.family, &mut notes)?;
+        if types.contains(&AddressType::Local) || types.contains(&AddressType::Anycast) {
+            local_bypass(&m, &target)?;
+        }
         if types.is_empty() {
             m.matches_nothing = true;
         } else {

@@ -5550,6 +5550,25 @@ fn fib_address_type_sets_become_the_rules_for_each_type_and_family() {
         with_prefix.skipped,
         with_prefix.config
     );
+    // As `fib daddr type local` alone: the host's own addresses only left alone, and one
+    // address type match per rule.
+    for (types, reason) in [
+        (
+            "{ local, multicast } meta l4proto tcp tproxy to :7081",
+            "with a target other than RETURN or ACCEPT",
+        ),
+        (
+            "local fib daddr type { anycast, multicast }",
+            "a second time",
+        ),
+    ] {
+        let t = translate(&rules("inet", types)).unwrap();
+        assert!(
+            t.skipped.iter().any(|s| s.contains(reason)),
+            "{types}: {:?}",
+            t.skipped
+        );
+    }
     let negated = translate(&rules("inet", "!= { local, anycast }")).unwrap();
     assert!(
         negated
