@@ -3,6 +3,8 @@
 //!
 //! Order matters: routing is installed before the program is attached (a marked packet with
 //! no local route would be forwarded), and the program is detached before routing is removed.
+//! Adopting pinned state, our programs replace the predecessor's on its links before our
+//! rules are put in force: a program of an older version could misread them.
 //!
 //! With `--pin` the program, its maps and the routing outlive the process: a start adopts
 //! what an earlier instance left, or takes over from the instance still running (its lock
@@ -21,7 +23,7 @@ use crate::{
     datapath::out_routes,
     datapath::pin::PinnedState,
     datapath::routing::{self, PolicyRouting, RoutingSpec},
-    datapath::rules::{self},
+    datapath::rules::{self, CompiledRules},
     datapath::steering::{self, LoadSettings, Steering},
     metrics,
     values::FailMode,
@@ -35,7 +37,7 @@ use crate::{
     daemon::routes::RouteWatch,
     daemon::serve::{serve, Control, Ending, Signals},
     datapath::interfaces::{host_addresses, resolve_interfaces, Link, LOOPBACK},
-    relay::listeners::Relays,
+    relay::{listeners::Relays, plan::Plan},
 };
 
 /// Runs until stopped: every step of the set-up is undone by the tear-down, whichever fails.
@@ -96,7 +98,16 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
     let served = async {
         let local_globals = local_setup.as_ref().map(|(_, globals)| *globals);
         let loaded = load_steering(&config, &mut relays, &interfaces, &claim, local_globals);
-        let steering = steering.insert(loaded.await?);
+        let (loaded, first) = loaded.await?;
+        let steering = steering.insert(loaded);
+        // A fresh program runs no rules until they are in force; an adopted one is a
+        // predecessor's, perhaps of an older version that would misread them.
+        let first = match claim.adopting {
+            false => first
+                .put_in_force(steering, &mut relays, false)
+                .map(|()| None)?,
+            true => Some(first),
+        };
         let installed = claim
             .policy_routing(&netlink, &settings, local.is_some())
             .await?;
@@ -107,6 +118,10 @@ pub async fn run(args: RunArgs, workers: usize) -> Result<()> {
         if let (Some(local), Some((root, _))) = (&local, &local_setup) {
             control.cgroups = Some(CgroupWatch::subscribe(root, local)?);
             local_origin::apply(steering, root, local)?;
+        }
+        if let Some(first) = first {
+            // Our programs are on every adopted link now: only they read the new rules.
+            first.put_in_force(steering, &mut relays, true)?;
         }
         claim.complete(&settings)?;
         control::serve(settings.table, control_tx)?;
@@ -257,15 +272,16 @@ impl Claim {
     }
 }
 
-/// Loads (or adopts) the program and maps, puts the listeners in the socket map and the
-/// rules in force, and serves metrics: everything up to routing and attaching.
+/// Loads (or adopts) the program and maps, puts the new listeners in the socket map, and
+/// serves metrics: everything up to routing and attaching. Returns the first rule set, to be
+/// put in force.
 async fn load_steering(
     config: &Config,
     relays: &mut Relays,
     interfaces: &[Link],
     claim: &Claim,
     local_origin: Option<LocalGlobals>,
-) -> Result<Steering> {
+) -> Result<(Steering, FirstRules)> {
     let settings = &config.settings;
     // The rules are compiled before the program is attached anywhere: for the interfaces
     // it is about to be attached to.
@@ -289,17 +305,35 @@ async fn load_steering(
     steering.spawn_log_forwarder()?;
     metrics::start(relays, settings, Some(&steering)).await?;
     plan.register(&mut steering)?;
-    let first = match steering.next_generation() {
+    let rules = match steering.next_generation() {
         0 => first,
         generation => rules::compile(&plan.rules(config), generation, interfaces),
     };
-    steering.install_rules(first)?;
-    relays.commit(plan, Some(&mut steering))?;
-    if claim.adopting {
-        // Slots the previous instance used and this one does not.
-        steering.unregister_except(&relays.slots());
+    Ok((steering, FirstRules { plan, rules }))
+}
+
+/// The first rule set and the listener plan it steers to, compiled and not yet in force.
+struct FirstRules {
+    plan: Plan,
+    rules: CompiledRules,
+}
+
+impl FirstRules {
+    /// Switches to the rules and commits the listeners; `adopting`: the slots the previous
+    /// instance used and this one does not are emptied, once no rule in force names them.
+    fn put_in_force(
+        self,
+        steering: &mut Steering,
+        relays: &mut Relays,
+        adopting: bool,
+    ) -> Result<()> {
+        steering.install_rules(self.rules)?;
+        relays.commit(self.plan, Some(&mut *steering))?;
+        if adopting {
+            steering.unregister_except(&relays.slots());
+        }
+        Ok(())
     }
-    Ok(steering)
 }
 
 /// Removes what this run created, or leaves the pinned state for the next instance; the
