@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use tproxy_common::local_origin::LOCAL_ORIGIN_IFINDEX;
 use tproxy_user::{
     datapath::rules::{
-        any_local, compile, decide, lookup, Action, CtDirection, Origin, Packet, Ports, Rule, Transport,
+        any_local, compile, decide, lookup, Action, CtDirection, Origin, Packet, Ports, Protocol, Rule,
     },
     values::Mark,
 };
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
             };
             let flags = bytes.next();
             Rule {
-                transport: bytes.pick(&[Transport::Tcp, Transport::Udp]),
+                protocol: bytes.pick(&[Protocol::Tcp, Protocol::Udp, Protocol::Other]),
                 dst: prefix(&mut bytes, v6),
                 ports,
                 sport: (bytes.next() % 4 == 0).then(|| bytes.pick(&[Ports::One(7777), Ports::Range(1000, 2000)])),
@@ -87,6 +87,18 @@ fuzz_target!(|data: &[u8]| {
             }
         })
         .collect();
+    // Refused: a rule for other protocols with what only TCP and UDP have, or that steers,
+    // delivers or is for local connections.
+    for rule in rules.iter_mut().filter(|rule| rule.protocol == Protocol::Other) {
+        rule.ports = Ports::Any;
+        rule.sport = None;
+        rule.mark = None;
+        rule.ct_direction = None;
+        rule.origin = Origin::Forwarded;
+        if matches!(rule.action, Action::Steer(_) | Action::Deliver) {
+            rule.action = Action::Drop;
+        }
+    }
     // Left out: a local rule's mark (the socket's, tested apart); refused: a local rule
     // that drops or delivers. A local rule's source port is the socket's bound one.
     for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
@@ -111,7 +123,7 @@ fuzz_target!(|data: &[u8]| {
         let local = any_local(&rules) && bytes.next() % 3 == 0;
         let ifindex = if local { LOCAL_ORIGIN_IFINDEX } else { interfaces[iface].1 };
         let packet = Packet {
-            transport: bytes.pick(&[Transport::Tcp, Transport::Udp]),
+            protocol: bytes.pick(&[Protocol::Tcp, Protocol::Udp, Protocol::Other]),
             src: addr(&mut bytes),
             dst: addr(&mut bytes),
             port: bytes.pick(&[0, 70, 80, 81, 90, 443, 999, 1000, 1001]),

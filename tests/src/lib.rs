@@ -811,6 +811,71 @@ pub fn udp_client(netns: &Netns, like: SocketAddr) -> Result<std::net::UdpSocket
     Ok(socket)
 }
 
+/// Whether an ICMP (ICMPv6) echo request to `to`, from a raw socket in the calling thread's
+/// network namespace, is answered within two seconds.
+pub fn echo_answered(to: std::net::IpAddr) -> bool {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (domain, protocol, request_type, reply_type) = match to {
+        std::net::IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8, 0),
+        std::net::IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+    };
+    let socket = Socket::new(domain, Type::RAW, Some(protocol)).unwrap();
+    let id = (std::process::id() as u16).to_be_bytes();
+    let mut request = [
+        request_type,
+        0,
+        0,
+        0,
+        id[0],
+        id[1],
+        0,
+        1,
+        b'p',
+        b'r',
+        b'o',
+        b'b',
+    ];
+    if to.is_ipv4() {
+        // The kernel fills ICMPv6's checksum in, not ICMP's.
+        let sum: u32 = request
+            .chunks(2)
+            .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
+            .sum();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+        request[2..4].copy_from_slice(&checksum.to_be_bytes());
+    }
+    socket
+        .send_to(&request, &SocketAddr::new(to, 0).into())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut buffer = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+    // Every ICMP packet of the namespace reaches a raw socket: ours is the echo reply from
+    // `to` with our identifier (an IPv4 raw socket gets the IP header too).
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let Ok((len, from)) = socket.recv_from(&mut buffer) else {
+            return false;
+        };
+        // SAFETY: `recv_from` initialised the first `len` bytes.
+        let packet: Vec<u8> = buffer[..len]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let icmp = match to {
+            std::net::IpAddr::V4(_) => &packet[usize::from(packet[0] & 0x0f) * 4..],
+            std::net::IpAddr::V6(_) => &packet[..],
+        };
+        let from_target = from.as_socket().is_some_and(|from| from.ip() == to);
+        if from_target && icmp.len() >= 8 && icmp[0] == reply_type && icmp[4..6] == id {
+            return true;
+        }
+    }
+    false
+}
+
 /// Sends `payload` to `to` and waits for one datagram back; returns it and its source.
 pub fn udp_exchange(
     socket: &std::net::UdpSocket,

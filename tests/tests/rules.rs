@@ -493,3 +493,53 @@ fn a_deliver_rule_hands_the_packet_to_the_routers_own_sockets() {
     );
     tproxy.stop().unwrap();
 }
+
+/// Rules for the protocols besides TCP and UDP (`proto = "other"`): ICMP and ICMPv6 to the
+/// server network are dropped, to one host of it left alone (the longer prefix wins), and
+/// TCP is untouched by them; nothing is dropped once tproxy stops.
+const OTHER_PROTOCOLS: &str = r#"
+[[rule]]
+proto = "other"
+dst = ["10.10.2.0/24", "fd00:2::/64"]
+action = "drop"
+
+[[rule]]
+proto = "other"
+dst = ["10.10.2.3/32", "fd00:2::3/128"]
+action = "bypass"
+"#;
+
+#[test]
+fn rules_for_other_protocols_drop_and_leave_alone_icmp_of_both_families_by_address() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let server = Server::tell_peer(&topo.server, addr("10.10.2.2:80")).unwrap();
+    let targets: [std::net::IpAddr; 4] = [
+        "10.10.2.2".parse().unwrap(),
+        "10.10.2.3".parse().unwrap(),
+        "fd00:2::2".parse().unwrap(),
+        "fd00:2::3".parse().unwrap(),
+    ];
+    let answered = |topo: &Topo| -> Vec<bool> {
+        targets
+            .iter()
+            .map(|&to| topo.client.run(move || tproxy_tests::echo_answered(to)))
+            .collect()
+    };
+    assert_eq!(answered(&topo), [true; 4], "before tproxy");
+    let config = ConfigFile::new(OTHER_PROTOCOLS).unwrap();
+    let mut tproxy = start(&topo, &config);
+    assert_eq!(answered(&topo), [false, true, false, true], "with tproxy");
+    assert_eq!(
+        peer_seen_by(&topo.client, server.addr).unwrap(),
+        client_v4()
+    );
+    let counters = tproxy.ebpf_counters().unwrap();
+    assert!(
+        counters.get("other/dropped").is_some_and(|&n| n >= 2)
+            && counters.get("other/bypassed").is_some_and(|&n| n >= 2),
+        "{counters:?}"
+    );
+    tproxy.stop().unwrap();
+    assert_eq!(answered(&topo), [true; 4], "after tproxy");
+}

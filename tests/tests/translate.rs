@@ -5,9 +5,9 @@
 use std::{io::Write as _, net::SocketAddr, process::Command};
 
 use tproxy_tests::{
-    install_tproxy_routing, peer_seen_by, remove_iptables_tproxy, remove_tproxy_routing,
-    require_root, restore_iptables, tproxy_bin, tproxy_with_input, udp_client, udp_exchange,
-    ConfigFile, Netns, RouterTopology as Topo, Server, Tproxy, UdpEcho,
+    echo_answered, install_tproxy_routing, peer_seen_by, remove_iptables_tproxy,
+    remove_tproxy_routing, require_root, restore_iptables, tproxy_bin, tproxy_with_input,
+    udp_client, udp_exchange, ConfigFile, Netns, RouterTopology as Topo, Server, Tproxy, UdpEcho,
 };
 
 /// A flow from the client: TCP or UDP to a server address.
@@ -1069,6 +1069,8 @@ enum Fate {
 enum PortProbe {
     Tcp(u16, &'static str),
     Udp(u16, &'static str),
+    /// An ICMP echo request to an IPv4 address of the server's (answered by its kernel).
+    Ping(&'static str),
 }
 
 impl PortProbe {
@@ -1076,6 +1078,7 @@ impl PortProbe {
         match self {
             PortProbe::Tcp(sport, to) => format!("tcp :{sport} -> {to}"),
             PortProbe::Udp(sport, to) => format!("udp :{sport} -> {to}"),
+            PortProbe::Ping(to) => format!("ping {to}"),
         }
     }
 
@@ -1084,6 +1087,13 @@ impl PortProbe {
         let router = Topo::router_as_seen_by_server(false);
         let client: std::net::IpAddr = Topo::CLIENT_V4.parse().unwrap();
         let peer = match self {
+            PortProbe::Ping(to) => {
+                let to: std::net::Ipv4Addr = to.parse().unwrap();
+                return match topo.client.run(move || echo_answered(to.into())) {
+                    true => Fate::Direct,
+                    false => Fate::Dropped,
+                };
+            }
             PortProbe::Tcp(sport, to) => {
                 let to: SocketAddr = to.parse().unwrap();
                 let answer = match sport {
@@ -1163,6 +1173,8 @@ fn fates_loaded_both_ways(
         let (tcp, to) = match *probe {
             PortProbe::Tcp(_, to) => (true, to),
             PortProbe::Udp(_, to) => (false, to),
+            // The server's kernel answers.
+            PortProbe::Ping(_) => continue,
         };
         let known = addresses.iter().any(|known| match known {
             Probe::Tcp(addr) => tcp && *addr == to,
@@ -1700,6 +1712,64 @@ fn iptables_drop_drops_the_same_flows_translated() {
     assert!(
         counters.get("udp/dropped").is_some_and(|count| *count >= 1),
         "the drop is counted: {counters:?}"
+    );
+}
+
+/// A DROP of every protocol (fifa-merlin-ss's game-server list): the translation drops
+/// ICMP too (`proto = "other"`), leaves it alone where a RETURN ahead of the DROP does, and
+/// keeps the DROP's order over a RETURN of one of its destinations behind it (for the
+/// client's sources: a rule of their own, for every protocol).
+const DROP_EVERY_PROTOCOL_IPTABLES: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:PROXY - [0:0]
+-A PREROUTING -i to-client -j PROXY
+-A PROXY -d 10.10.2.3/32 -p udp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+-A PROXY -d 10.10.2.3/32 -j RETURN
+-A PROXY -s 10.10.1.0/24 -d 10.10.2.0/24 -j DROP
+-A PROXY -d 10.10.2.2/32 -j RETURN
+-A PROXY -p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+COMMIT
+";
+
+#[test]
+fn iptables_drop_of_every_protocol_drops_the_same_packets_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Ping("10.10.2.3"),
+        PortProbe::Ping("10.10.2.2"),
+        PortProbe::Udp(0, "10.10.2.3:53"),
+        PortProbe::Tcp(0, "10.10.2.3:80"),
+        PortProbe::Tcp(0, "10.10.2.2:80"),
+        PortProbe::Udp(0, "10.10.2.2:53"),
+    ];
+    let (original, translated, config, counters) =
+        fates_both_ways(DROP_EVERY_PROTOCOL_IPTABLES, &probes);
+    assert_eq!(
+        fates_of(&original),
+        [
+            Fate::Direct,
+            Fate::Dropped,
+            Fate::Intercepted,
+            Fate::Direct,
+            Fate::Dropped,
+            Fate::Dropped
+        ],
+        "iptables: {original:?}"
+    );
+    assert!(
+        config.contains("proto = [\"tcp\", \"udp\", \"other\"]"),
+        "{config}"
+    );
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        counters
+            .get("other/dropped")
+            .is_some_and(|count| *count >= 1)
+            && counters
+                .get("other/bypassed")
+                .is_some_and(|count| *count >= 1),
+        "other protocols' drops and bypasses are counted: {counters:?}"
     );
 }
 

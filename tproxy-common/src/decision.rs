@@ -121,15 +121,20 @@ impl Outcome {
             Protocol::Tcp | Protocol::Udp => true,
             Protocol::Other => matches!(
                 self,
-                Outcome::Passed | Outcome::FragmentUnknown | Outcome::Unparsed
+                Outcome::Passed
+                    | Outcome::FragmentUnknown
+                    | Outcome::Unparsed
+                    | Outcome::Bypassed
+                    | Outcome::Dropped
             ),
         }
     }
 }
 
-/// The transport protocol a counted packet had, the row of its counter.
+/// The transport protocol a counted packet had, the row of its counter; and the protocol a
+/// rule is for (`proto = "other"`: every IP protocol besides TCP and UDP).
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp = 0,
     Udp = 1,
@@ -273,6 +278,17 @@ fn matches_marked<const LOCAL: bool>(rule: &MarkRule, packet: &MarkedPacket) -> 
         return false;
     }
     rule.ct_direction == 0 || rule.ct_direction == read(&packet.ct_direction)
+}
+
+/// The outcome for a packet of another protocol than TCP and UDP: the rules for other
+/// protocols are `drop` and `bypass` rules only, and they decide by addresses and interface
+/// alone (no socket owns such a packet's flow, no listener takes it).
+pub const fn other_protocol_outcome(rule: RuleMatch) -> Outcome {
+    match rule {
+        RuleMatch::Drop => Outcome::Dropped,
+        RuleMatch::Bypass => Outcome::Bypassed,
+        _ => Outcome::Passed,
+    }
 }
 
 /// The outcome for a packet that a `bypass`, `drop` or `deliver` rule matched and whose flow
@@ -887,7 +903,17 @@ mod tests {
         assert_eq!(unowned_outcome(RuleMatch::Bypass), Outcome::Bypassed);
         assert_eq!(fragment_outcome(Outcome::Dropped), Outcome::Dropped);
         assert_eq!(Outcome::Dropped.name(), "dropped");
-        assert!(!Outcome::Dropped.applies_to(Protocol::Other));
+    }
+
+    #[test]
+    fn packets_of_other_protocols_are_dropped_or_bypassed_by_their_rules_and_else_passed() {
+        assert_eq!(other_protocol_outcome(RuleMatch::Drop), Outcome::Dropped);
+        assert_eq!(other_protocol_outcome(RuleMatch::Bypass), Outcome::Bypassed);
+        assert_eq!(other_protocol_outcome(RuleMatch::None), Outcome::Passed);
+        for counted in [Outcome::Dropped, Outcome::Bypassed, Outcome::Passed] {
+            assert!(counted.applies_to(Protocol::Other), "{counted:?}");
+        }
+        assert!(!Outcome::SteeredNew.applies_to(Protocol::Other));
     }
 
     #[test]

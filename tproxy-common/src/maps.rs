@@ -46,6 +46,12 @@ pub const fn any_port_class(generation: u32, udp: bool) -> u32 {
     generation_bit(generation) | (3 << 29) | udp as u32
 }
 
+/// The [`DstKey::class`] of the rules for protocols besides TCP and UDP (which have no
+/// ports): the only group such a packet has.
+pub const fn other_protocols_class(generation: u32) -> u32 {
+    generation_bit(generation) | (3 << 29) | 2
+}
+
 /// How many rule groups a packet can have: single-port, range, any-port.
 pub const RULE_GROUPS: usize = 3;
 
@@ -694,7 +700,7 @@ mod tests {
     }
 
     #[test]
-    fn class_ids_of_the_three_groups_and_two_generations_never_collide() {
+    fn class_ids_of_the_groups_and_two_generations_never_collide() {
         let mut ids = [
             single_port_class(0, false, 80),
             single_port_class(0, true, 80),
@@ -704,6 +710,8 @@ mod tests {
             any_port_class(0, false),
             any_port_class(0, true),
             any_port_class(1, false),
+            other_protocols_class(0),
+            other_protocols_class(1),
         ];
         ids.sort_unstable();
         assert!(ids.windows(2).all(|w| w[0] != w[1]), "{ids:x?}");

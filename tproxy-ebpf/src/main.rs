@@ -57,7 +57,8 @@ use tproxy_common::{
         RuleMatch, LOOPBACK_IFINDEX, MAX_IPV6_EXTENSION_HEADERS,
     },
     maps::{
-        listener_counter_index, listener_slot, port_class_index, rule_group_class, DstKey,
+        listener_counter_index, listener_slot, other_protocols_class, port_class_index,
+        rule_group_class, DstKey,
         ExternalListener, FlowKey, FragmentDecision, FragmentKey, ListenerSlot, MarkRules,
         MarkedPacket, ProtocolFlowKey, ReassembledFlow, SrcKey, Verdict, COUNTERS_LEN,
         CT_ASKED_BY_ARRIVALS, DEFAULT_FRAGMENT_TIMEOUTS_NS, EXTERNAL_AT_ADDRESS, EXTERNAL_NONE,
@@ -457,6 +458,24 @@ fn match_group<const N: usize>(
     }
 }
 
+/// An arrival of a protocol besides TCP and UDP: the rules for other protocols (`drop` and
+/// `bypass` only, without ports) decide by its addresses and interface; a drop is the only
+/// thing done to it.
+#[inline(always)]
+fn other_protocol<const N: usize>(
+    ctx: &TcContext,
+    by_dst: &LpmTrie<DstKey<N>, Verdict>,
+    by_src: &LpmTrie<SrcKey<N>, Verdict>,
+    daddr: [u8; N],
+    saddr: [u8; N],
+) -> Outcome {
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let class = other_protocols_class(active_generation());
+    let mut best = Verdict::default();
+    match_group(by_dst, by_src, class, daddr, saddr, ifindex, &mut best);
+    decision::other_protocol_outcome(rule_match(&best))
+}
+
 /// The source and destination ports (the first four bytes of both TCP and UDP headers), still
 /// in network byte order. Copied with `bpf_skb_load_bytes`, which also reads headers that are
 /// not in the linear part of the packet and needs no verifier-visible bound on the offset.
@@ -616,11 +635,16 @@ fn steer_ipv4<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
         // The kernel drops it too.
         return (protocol, Outcome::Passed);
     };
-    if protocol == Protocol::Other {
-        return (protocol, Outcome::Passed);
-    }
     let daddr = [ip[16], ip[17], ip[18], ip[19]];
     let saddr = [ip[12], ip[13], ip[14], ip[15]];
+    if protocol == Protocol::Other {
+        // Every fragment carries what these rules look at.
+        let outcome = match LOOPBACK {
+            true => Outcome::Passed,
+            false => other_protocol(ctx, &RULES_DST_V4, &RULES_SRC_V4, daddr, saddr),
+        };
+        return (protocol, outcome);
+    }
     let mut fragment = FragmentKey::default();
     if position != FragmentPosition::Whole {
         fragment.source[..4].copy_from_slice(&saddr);
@@ -730,6 +754,15 @@ fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
                     fragment.id = id;
                 }
                 if position == FragmentPosition::Later {
+                    if !LOOPBACK
+                        && protocol_of(next_header) == Protocol::Other
+                        && !decision::is_ipv6_extension_header(next_header)
+                    {
+                        // Decided by its addresses, as its first fragment was.
+                        let outcome =
+                            other_protocol(ctx, &RULES_DST_V6, &RULES_SRC_V6, daddr, saddr);
+                        return (Protocol::Other, outcome);
+                    }
                     // What follows is the middle of the datagram, not a header.
                     return later_fragment(ctx, &fragment, next_header);
                 }
@@ -744,7 +777,11 @@ fn steer_ipv6<const LOOPBACK: bool>(ctx: &TcContext, l3: usize) -> (Protocol, Ou
     }
     let protocol = protocol_of(next);
     if protocol == Protocol::Other {
-        return (protocol, Outcome::Passed);
+        let outcome = match LOOPBACK {
+            true => Outcome::Passed,
+            false => other_protocol(ctx, &RULES_DST_V6, &RULES_SRC_V6, daddr, saddr),
+        };
+        return (protocol, outcome);
     }
     let Some([sport, dport]) = ports(ctx, offset) else {
         return (protocol, Outcome::Unparsed);

@@ -15,8 +15,8 @@ use super::{
     DEFAULT_LISTENER,
 };
 use crate::{
+    datapath::rules::Protocol,
     datapath::rules::{self, Action, CtDirection, Rule},
-    values::Transport,
 };
 
 impl Config {
@@ -237,9 +237,11 @@ impl Config {
         for rule in self.rules.iter().chain(templates) {
             if let Action::Steer(index) = rule.action {
                 let listener = &mut self.listeners[index as usize];
-                match rule.transport {
-                    Transport::Tcp => listener.tcp = true,
-                    Transport::Udp => listener.udp = true,
+                match rule.protocol {
+                    Protocol::Tcp => listener.tcp = true,
+                    Protocol::Udp => listener.udp = true,
+                    // `check_protocol` refuses it.
+                    Protocol::Other => {}
                 }
             }
         }

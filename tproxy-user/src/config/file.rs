@@ -20,11 +20,11 @@ use super::{
     ListenerConfig,
 };
 use crate::{
+    datapath::rules::Protocol,
     datapath::{
         local_origin::LocalOrigin,
         rules::{self, Action, CtDirection, Origin, Ports, Rule},
     },
-    values::Transport,
 };
 
 /// Where a span of the file is, for error messages.
@@ -145,7 +145,7 @@ pub(super) struct ListenerEntry {
 #[serde(deny_unknown_fields)]
 /// A `[[rule]]` as written.
 pub(super) struct RuleEntry {
-    proto: List<Transport>,
+    proto: List<Protocol>,
     dst: Option<Destinations>,
     ports: Option<List<Ports>>,
     /// The source ports (default: any).
@@ -445,10 +445,10 @@ impl RuleEntry {
             None => vec![None],
         };
         if self.proto.0.is_empty() {
-            bail!("{where_}: rule[{number}].proto: give \"tcp\", \"udp\" or [\"tcp\", \"udp\"]");
+            bail!("{where_}: rule[{number}].proto: give \"tcp\", \"udp\" or [\"tcp\", \"udp\"] (and \"other\": every other IP protocol)");
         }
         let mut rules = Vec::new();
-        for &transport in &self.proto.0 {
+        for &protocol in &self.proto.0 {
             for &dst in &dsts {
                 for &src in &sources {
                     if src.is_some_and(|s| s.addr().is_ipv6() != dst.addr().is_ipv6()) {
@@ -459,7 +459,7 @@ impl RuleEntry {
                         .flat_map(|p| sports.iter().map(move |s| (p, s)))
                     {
                         let rule = Rule {
-                            transport,
+                            protocol,
                             dst,
                             ports,
                             sport,
@@ -476,6 +476,7 @@ impl RuleEntry {
                         };
                         rules::check_families(&rule)
                             .and_then(|()| rules::check_origin(&rule))
+                            .and_then(|()| rules::check_protocol(&rule))
                             .map_err(|e| anyhow::anyhow!("{where_}: rule[{number}]: {e}"))?;
                         rules.push(rule);
                     }

@@ -35,13 +35,13 @@ pub use settings::{SettingFlags, Settings};
 
 pub use crate::datapath::interfaces::Interfaces;
 use crate::{
+    datapath::rules::Protocol,
     datapath::{
         interfaces::host_addresses,
         local_origin::{LocalOrigin, LocalSelections},
         routing::anycast_destinations,
         rules::{Action, CtDirection, Origin, Ports, Rule},
     },
-    values::Transport,
 };
 use file::{parse_file, LineStarts, Location};
 use settings::ConfigFile;
@@ -221,7 +221,7 @@ impl Config {
             .chain(&self.ipset_rules);
         for rule in all_rules {
             if rule.origin.local()
-                && rule.transport == Transport::Tcp
+                && rule.protocol == Protocol::Tcp
                 && rule.ct_direction == Some(CtDirection::Reply)
                 && !warned.contains(&rule.number)
             {
@@ -494,13 +494,13 @@ impl Config {
             (true, false) => Origin::Local,
             (true, true) => Origin::Any,
         };
-        for (transport, list) in [(Transport::Tcp, &args.tcp), (Transport::Udp, &args.udp)] {
+        for (protocol, list) in [(Protocol::Tcp, &args.tcp), (Protocol::Udp, &args.udp)] {
             let Some(list) = list else { continue };
             self.configured_rules += 1;
             for dst in &dsts {
                 for range in &list.0 {
                     self.rules.push(Rule {
-                        transport,
+                        protocol,
                         dst: *dst,
                         ports: ports_of(*range.start(), *range.end()),
                         sport: None,

@@ -397,13 +397,13 @@ fn the_last_of_many_rules_is_located_exactly() {
 /// The README's worked example decides what the README says it decides.
 #[test]
 fn the_readme_example_decides_as_documented() {
-    use crate::datapath::rules::{decide, Packet};
+    use crate::datapath::rules::{decide, Packet, Protocol};
     use tproxy_common::decision::RuleMatch;
     let config = with_file(include_str!("../../../examples/router.toml"), &[]).unwrap();
     let (web, dns) = (RuleMatch::Steer(0), RuleMatch::Steer(1));
     let cases = [
         (
-            Transport::Tcp,
+            Protocol::Tcp,
             "192.168.1.5",
             "203.0.113.7",
             443,
@@ -411,7 +411,7 @@ fn the_readme_example_decides_as_documented() {
             web,
         ),
         (
-            Transport::Tcp,
+            Protocol::Tcp,
             "192.168.1.5",
             "192.168.1.20",
             443,
@@ -419,7 +419,7 @@ fn the_readme_example_decides_as_documented() {
             RuleMatch::Bypass,
         ),
         (
-            Transport::Tcp,
+            Protocol::Tcp,
             "192.168.1.5",
             "192.168.1.80",
             80,
@@ -427,27 +427,27 @@ fn the_readme_example_decides_as_documented() {
             web,
         ),
         (
-            Transport::Tcp,
+            Protocol::Tcp,
             "192.168.1.5",
             "192.168.1.80",
             22,
             "lan0",
             RuleMatch::Bypass,
         ),
-        (Transport::Udp, "10.99.0.7", "8.8.8.8", 53, "guest0", dns),
+        (Protocol::Udp, "10.99.0.7", "8.8.8.8", 53, "guest0", dns),
         (
-            Transport::Udp,
+            Protocol::Udp,
             "192.168.1.5",
             "8.8.8.8",
             53,
             "lan0",
             RuleMatch::None,
         ),
-        (Transport::Tcp, "fd00::5", "2001:db8::1", 8050, "lan0", web),
+        (Protocol::Tcp, "fd00::5", "2001:db8::1", 8050, "lan0", web),
     ];
-    for (transport, src, dst, port, iface, expected) in cases {
+    for (protocol, src, dst, port, iface, expected) in cases {
         let packet = Packet {
-            transport,
+            protocol,
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             port,

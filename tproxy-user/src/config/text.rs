@@ -13,8 +13,9 @@ use serde::{
 use tproxy_common::local_origin::{ClassidRange, UidRange};
 
 use crate::{
+    datapath::rules::Protocol,
     datapath::rules::{CtDirection, Origin, Ports},
-    values::{self, FailMode, Mark, TcpRelayMode, Transport},
+    values::{self, FailMode, Mark, TcpRelayMode},
 };
 
 use super::ports_of;
@@ -118,11 +119,19 @@ parses!(
     values::parse_socket_addr
 );
 parses!(IpNet, "a prefix like \"10.0.0.0/8\"", values::parse_prefix);
-parses!(Transport, "\"tcp\" or \"udp\"", |t: &str| match t {
-    "tcp" => Ok(Transport::Tcp),
-    "udp" => Ok(Transport::Udp),
-    _ => Err(format!("`{t}` is not a protocol: use \"tcp\" or \"udp\"")),
-});
+parses!(
+    Protocol,
+    "\"tcp\", \"udp\" or \"other\"",
+    |t: &str| match t {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        "other" => Ok(Protocol::Other),
+        _ => Err(format!(
+            "`{t}` is not a protocol: use \"tcp\", \"udp\" or \"other\" (every IP protocol \
+         besides TCP and UDP)"
+        )),
+    }
+);
 parses!(
     CtDirection,
     "\"original\" or \"reply\"",

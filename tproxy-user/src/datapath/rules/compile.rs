@@ -10,14 +10,14 @@ use ipnet::IpNet;
 #[cfg(any(test, feature = "fuzzing"))]
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::maps::{
-    any_port_class, range_class, single_port_class, DstKey, MarkRule, MarkRules, SrcKey, Verdict,
-    GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES, PORT_HAS_ANY, PORT_HAS_SINGLE,
-    VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_PASS,
+    any_port_class, other_protocols_class, range_class, single_port_class, DstKey, MarkRule,
+    MarkRules, SrcKey, Verdict, GENERATION_BIT, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES,
+    PORT_HAS_ANY, PORT_HAS_SINGLE, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_PASS,
 };
 
 #[cfg(any(test, feature = "fuzzing"))]
 use super::Packet;
-use super::{any_local, truncated, CtDirection, Origin, Ports, Rule, Transport};
+use super::{any_local, truncated, CtDirection, Origin, Ports, Protocol, Rule};
 use crate::datapath::interfaces;
 use tproxy_common::local_origin::{
     route_bits_shift, selection_ifindex, LOCAL_ORIGIN_IFINDEX, MAX_SELECTIONS,
@@ -120,12 +120,12 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
             .max()
             .unwrap_or(0),
     };
-    for transport in [Transport::Tcp, Transport::Udp] {
-        let udp = transport == Transport::Udp;
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let udp = protocol == Protocol::Udp;
         let offset = usize::from(udp) * 65536;
         let rules: Vec<&Rule> = rules
             .iter()
-            .filter(|r| r.transport == transport && !r.tried_one_by_one())
+            .filter(|r| r.protocol == protocol && !r.tried_one_by_one())
             .collect();
         let mut singles: BTreeMap<u16, Vec<&Rule>> = BTreeMap::new();
         let mut ranges: Vec<&Rule> = Vec::new();
@@ -162,6 +162,14 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
                 compiled.push(class, dst, verdict, sources);
             }
         }
+    }
+    // No ports, so one group; never tried one by one (`check_protocol`).
+    let others: Vec<&Rule> = rules
+        .iter()
+        .filter(|r| r.protocol == Protocol::Other)
+        .collect();
+    for (dst, verdict, sources) in cells.destinations(&others) {
+        compiled.push(other_protocols_class(generation), dst, verdict, sources);
     }
     compiled
 }
@@ -327,14 +335,18 @@ fn asks_original(rule: &Rule) -> bool {
 /// A local TCP connection is always the original direction of its connection: such a rule
 /// needs not ask.
 fn original_for_local(rule: &Rule) -> bool {
-    rule.transport == Transport::Tcp && rule.ct_direction.is_none()
+    rule.protocol == Protocol::Tcp && rule.ct_direction.is_none()
 }
 
 /// For each origin (arrivals, local connections): which rules apply to it, and which of
 /// them need not ask.
 type OriginTest = (fn(&Rule) -> bool, fn(&Rule) -> bool);
 const ORIGINS: [OriginTest; 2] = [
-    (|rule| rule.origin.forwarded(), |_| false),
+    // Rules for other protocols are never asked about a TCP or UDP packet.
+    (
+        |rule| rule.origin.forwarded() && rule.protocol != Protocol::Other,
+        |_| false,
+    ),
     (|rule| rule.origin.local(), original_for_local),
 ];
 
@@ -533,9 +545,12 @@ fn mark_rule(
     let entry = |ifindex| MarkRule {
         value: mark.value,
         mask: mark.mask,
-        transports: match rule.transport {
-            Transport::Tcp => MARK_RULE_TCP,
-            Transport::Udp => MARK_RULE_UDP,
+        transports: match rule.protocol {
+            Protocol::Tcp => MARK_RULE_TCP,
+            Protocol::Udp => MARK_RULE_UDP,
+            Protocol::Other => {
+                unreachable!("`check_protocol` keeps other protocols' rules from the mark stage")
+            }
         },
         first_port,
         last_port,
@@ -759,6 +774,10 @@ pub fn lookup(
     ifindex: u32,
 ) -> RuleMatch {
     use tproxy_common::decision::{outranks, rule_match};
+    if packet.local && packet.protocol == Protocol::Other {
+        // The connect and sendmsg programs see TCP and UDP sockets only.
+        return RuleMatch::None;
+    }
     if packet.local {
         // As the connect programs do: once per selection the process is in, the best wins.
         let mut best = Verdict::default();
@@ -785,10 +804,16 @@ fn lookup_verdict(
         decision::{match_mark_rules, outranks, source_stage_ifindex},
         maps::{rule_group_class, MarkedPacket, RULE_GROUPS},
     };
-    let udp = packet.transport == Transport::Udp;
-    let entry = compiled.port_classes[usize::from(udp) * 65536 + usize::from(packet.port)];
-    let classes = (0..RULE_GROUPS)
-        .filter_map(|group| rule_group_class(entry, generation, udp, packet.port, group));
+    let udp = packet.protocol == Protocol::Udp;
+    let classes: Vec<u32> = match packet.protocol {
+        Protocol::Other => vec![other_protocols_class(generation)],
+        Protocol::Tcp | Protocol::Udp => {
+            let entry = compiled.port_classes[usize::from(udp) * 65536 + usize::from(packet.port)];
+            (0..RULE_GROUPS)
+                .filter_map(|group| rule_group_class(entry, generation, udp, packet.port, group))
+                .collect()
+        }
+    };
     fn longest<K, const N: usize>(
         entries: &[Entry<K>],
         fixed: impl Fn(&K) -> bool,
@@ -847,9 +872,11 @@ fn lookup_verdict(
         super::route_bits(&compiled.out_interfaces, route)
             << tproxy_common::local_origin::route_bits_shift(generation)
     });
-    match packet.local {
-        true => match_mark_rules::<true>(&marks, &marked, &mut best),
-        false => match_mark_rules::<false>(&marks, &marked, &mut best),
+    match (packet.local, packet.protocol) {
+        // The program asks only the rules for other protocols about such a packet.
+        (_, Protocol::Other) => {}
+        (true, _) => match_mark_rules::<true>(&marks, &marked, &mut best),
+        (false, _) => match_mark_rules::<false>(&marks, &marked, &mut best),
     }
     for class in classes {
         let verdict = match packet.dst {

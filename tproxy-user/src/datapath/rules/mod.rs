@@ -66,6 +66,7 @@ use tproxy_common::{
 
 use crate::values::Mark;
 pub use crate::values::Transport;
+pub use tproxy_common::decision::Protocol;
 
 /// Which destination ports a rule matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -179,7 +180,9 @@ impl fmt::Display for Action {
 /// with lists becomes several of these, all with its number.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
-    pub transport: Transport,
+    /// TCP, UDP, or every other IP protocol (`drop` and `bypass` rules for arrivals only,
+    /// without ports, marks or directions: see [`check_protocol`]).
+    pub protocol: Protocol,
     pub dst: IpNet,
     pub ports: Ports,
     /// The source ports it matches (`None`: any).
@@ -261,7 +264,7 @@ impl Rule {
             true => tproxy_common::maps::CT_ASKED_BY_ARRIVALS,
             false => 0,
         };
-        let local = match self.origin.local() && self.transport == Transport::Udp {
+        let local = match self.origin.local() && self.protocol == Protocol::Udp {
             true => tproxy_common::maps::CT_ASKED_BY_LOCAL,
             false => 0,
         };
@@ -351,7 +354,7 @@ impl Rule {
     fn match_key(
         &self,
     ) -> (
-        Transport,
+        Protocol,
         IpNet,
         Ports,
         Option<Ports>,
@@ -364,7 +367,7 @@ impl Rule {
         Option<CtDirection>,
     ) {
         (
-            self.transport,
+            self.protocol,
             self.dst,
             self.ports,
             self.sport,
@@ -428,7 +431,7 @@ fn truncated(net: IpNet, len: u8) -> Option<IpNet> {
 #[cfg(any(test, feature = "fuzzing"))]
 #[derive(Clone, Debug)]
 pub struct Packet<'a> {
-    pub transport: Transport,
+    pub protocol: Protocol,
     pub src: std::net::IpAddr,
     pub dst: std::net::IpAddr,
     pub port: u16,
@@ -456,9 +459,11 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
     let src = IpNet::from(packet.src);
     let dst = IpNet::from(packet.dst);
     // A local TCP connection is the original direction of its connection, whatever asked.
-    let direction = match packet.local && packet.transport == Transport::Tcp {
-        true => Some(CtDirection::Original),
-        false => packet.ct_direction,
+    let direction = match packet.protocol {
+        // Not looked up: no rule for other protocols asks.
+        Protocol::Other => None,
+        Protocol::Tcp if packet.local => Some(CtDirection::Original),
+        _ => packet.ct_direction,
     };
     if direction == Some(CtDirection::Reply)
         && compile::leaves_replies_unmatched(rules, packet.local.then_some(packet.selections))
@@ -468,8 +473,8 @@ pub fn decide(rules: &[Rule], packet: &Packet<'_>) -> RuleMatch {
     rules
         .iter()
         .filter(|r| {
-            r.transport == packet.transport
-                && r.ports.contains(packet.port)
+            r.protocol == packet.protocol
+                && (r.protocol == Protocol::Other || r.ports.contains(packet.port))
                 && r.sport.is_none_or(|sport| sport.contains(packet.sport))
                 && r.dst.contains(&dst)
                 && r.matches_source(
@@ -574,6 +579,41 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
     ))
 }
 
+/// Refuses a rule for other protocols (`proto = "other"`) that asks what only TCP and UDP
+/// have, or what the program does only to them: such a packet has no ports, no socket, no
+/// listener, and the program looks at it at tc ingress only, by addresses and interface.
+pub fn check_protocol(rule: &Rule) -> Result<(), String> {
+    if rule.protocol != Protocol::Other {
+        return Ok(());
+    }
+    let refused = if !matches!(rule.action, Action::Drop | Action::Bypass) {
+        format!("action \"{}\": only drop and bypass rules", rule.action)
+    } else if rule.ports != Ports::Any {
+        "`ports`: other protocols have none".to_string()
+    } else if rule.sport.is_some() {
+        "`sport`: other protocols have none".to_string()
+    } else if rule.mark.is_some() {
+        "`mark`: the rules for other protocols are looked up by address and interface only"
+            .to_string()
+    } else if rule.ct_direction.is_some() {
+        "`ct_direction`: the rules for other protocols are looked up by address and \
+         interface only"
+            .to_string()
+    } else if rule.origin != Origin::Forwarded {
+        format!(
+            "origin \"{}\": local connections are TCP and UDP sockets'; other protocols' \
+             rules are for arrivals",
+            rule.origin
+        )
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "proto \"other\" (every protocol besides TCP and UDP) with {refused}; write a separate \
+         rule for TCP and UDP"
+    ))
+}
+
 /// Refuses an `out_interface` that no interface can have: empty, longer than the kernel's
 /// 15 bytes, or with a `/`, whitespace or a control character.
 fn check_out_interface(name: &str) -> Result<(), String> {
@@ -596,11 +636,10 @@ fn check_out_interface(name: &str) -> Result<(), String> {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let transport = match self.transport {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        };
-        write!(f, "{transport} dst {} port {}", self.dst, self.ports)?;
+        write!(f, "{} dst {}", self.protocol.name(), self.dst)?;
+        if self.protocol != Protocol::Other {
+            write!(f, " port {}", self.ports)?;
+        }
         if let Some(src) = self.src {
             write!(f, " src {src}")?;
         }

@@ -12,7 +12,7 @@ fn interfaces() -> Vec<(String, u32)> {
 }
 
 fn rule(number: usize, text: &str, action: Action) -> Rule {
-    // "tcp 10.0.0.0/8 80 [src PREFIX] [iface IF] [mark VALUE[/MASK]] [origin local|any]"
+    // "tcp|udp|other 10.0.0.0/8 80 [src PREFIX] [iface IF] [mark VALUE[/MASK]] [origin local|any]"
     let words: Vec<&str> = text.split_whitespace().collect();
     let ports = match words[2] {
         "any" => Ports::Any,
@@ -23,11 +23,7 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
         p => Ports::One(p.parse().unwrap()),
     };
     let mut rule = Rule {
-        transport: if words[0] == "tcp" {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        },
+        protocol: protocol(words[0]),
         dst: words[1].parse().unwrap(),
         ports,
         sport: None,
@@ -66,6 +62,15 @@ fn rule(number: usize, text: &str, action: Action) -> Rule {
 /// The interface of a local connection in these tests.
 const LOCAL: &str = "local";
 
+fn protocol(word: &str) -> Protocol {
+    match word {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "other" => Protocol::Other,
+        _ => panic!("`{word}` is no protocol"),
+    }
+}
+
 fn ct_direction(text: &str) -> CtDirection {
     match text {
         "original" => CtDirection::Original,
@@ -95,11 +100,7 @@ fn packet<'a>(text: &str, iface: &'a str) -> Packet<'a> {
         Err(_) => (words[1].parse().unwrap(), if local { 0 } else { 40000 }),
     };
     Packet {
-        transport: if words[0] == "tcp" {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        },
+        protocol: protocol(words[0]),
         src,
         dst: dst.ip(),
         port: dst.port(),
@@ -1293,4 +1294,120 @@ fn an_out_interface_is_for_local_rules_and_a_name_an_interface_can_have() {
     ))
     .unwrap_err();
     assert!(error.contains("is not an interface name"), "{error}");
+}
+
+#[test]
+fn rules_for_other_protocols_decide_by_address_and_interface_apart_from_tcp_and_udp() {
+    let rules = [
+        rule(1, "other 10.0.0.0/8 any", Action::Bypass),
+        rule(2, "other 10.1.0.0/16 any src 192.0.2.0/24", Action::Drop),
+        rule(3, "tcp 10.1.0.0/16 any", Action::Steer(0)),
+        rule(4, "other 0.0.0.0/0 any iface eth1", Action::Drop),
+        rule(5, "other 2001:db8::/32 any", Action::Drop),
+        // Never asked about other protocols: it keeps no guard off, and adds nothing.
+        rule(6, "udp 0.0.0.0/0 53 ct original", Action::Steer(1)),
+    ];
+    expect(
+        &rules,
+        "other 192.0.2.1 -> 10.1.2.3:0",
+        "eth0",
+        RuleMatch::Drop,
+    );
+    expect(
+        &rules,
+        "other 198.51.100.1 -> 10.1.2.3:0",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "other 192.0.2.1 -> 10.2.0.1:0",
+        "eth1",
+        RuleMatch::Bypass,
+    );
+    expect(
+        &rules,
+        "other 192.0.2.1 -> 203.0.113.1:0",
+        "eth1",
+        RuleMatch::Drop,
+    );
+    expect(
+        &rules,
+        "other 192.0.2.1 -> 203.0.113.1:0",
+        "eth0",
+        RuleMatch::None,
+    );
+    expect(
+        &rules,
+        "other 2001:db8:1::1 -> [2001:db8::1]:0",
+        "eth0",
+        RuleMatch::Drop,
+    );
+    // TCP and UDP see only their own rules.
+    expect(
+        &rules,
+        "tcp 192.0.2.1 -> 10.1.2.3:80",
+        "eth0",
+        RuleMatch::Steer(0),
+    );
+    expect(
+        &rules,
+        "udp 192.0.2.1 -> 10.1.2.3:80",
+        "eth0",
+        RuleMatch::None,
+    );
+    expect(
+        &rules,
+        "udp 192.0.2.1 -> 203.0.113.1:53",
+        "eth1",
+        RuleMatch::Steer(1),
+    );
+    expect(
+        &rules,
+        "udp 192.0.2.1 -> 203.0.113.1:53 ct reply",
+        "eth1",
+        RuleMatch::None,
+    );
+    let compiled = compile(&rules, 0, &interfaces());
+    assert!(compiled.marks.len() <= 2, "{:?}", compiled.marks);
+}
+
+#[test]
+fn a_rule_for_other_protocols_refuses_what_only_tcp_and_udp_have() {
+    for (text, action, refused) in [
+        ("other 10.0.0.0/8 any", Action::Steer(0), "action \"steer\""),
+        (
+            "other 10.0.0.0/8 any",
+            Action::Deliver,
+            "action \"deliver\"",
+        ),
+        ("other 10.0.0.0/8 80", Action::Drop, "`ports`"),
+        ("other 10.0.0.0/8 any sport 53", Action::Drop, "`sport`"),
+        ("other 10.0.0.0/8 any mark 0x10", Action::Drop, "`mark`"),
+        (
+            "other 10.0.0.0/8 any ct original",
+            Action::Drop,
+            "`ct_direction`",
+        ),
+        (
+            "other 10.0.0.0/8 any origin any",
+            Action::Bypass,
+            "origin \"any\"",
+        ),
+    ] {
+        let error = check_protocol(&rule(1, text, action)).unwrap_err();
+        assert!(error.contains(refused), "{text}: {error}");
+    }
+    assert_eq!(
+        check_protocol(&rule(
+            1,
+            "other 10.0.0.0/8 any iface eth0 src 192.0.2.0/24",
+            Action::Drop
+        )),
+        Ok(())
+    );
+    assert_eq!(
+        check_protocol(&rule(1, "tcp 10.0.0.0/8 80 mark 0x10", Action::Steer(0))),
+        Ok(())
+    );
 }

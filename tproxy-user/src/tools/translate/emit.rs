@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use super::{
     deliver, established,
     flatten::{flatten_in_turn, narrow, Flat, Narrowed},
-    local, negation,
+    local, negation, other_protocols,
     own_mark::{self, looks_at_routing, routing_elsewhere},
     precedence::{covers, group_prefixes, more_specific, overlaps, ShadowIndex},
     Family, Match, Parsed, RuleSet, Target, Translation, UntrackedMark,
@@ -53,6 +53,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     for (line, text, reason) in &ruleset.elsewhere {
         skipped.push(format!("line {line}: {text}: {reason}"));
     }
+    let flat = other_protocols::written_for_them(flat, &mut skipped);
     let (listeners, rules, diverts) =
         listeners_and_rules(flat, keep_proxies, &mut notes, &mut skipped);
     let rules = rejects_as_bypasses(rules, &listeners, keep_proxies, &mut notes, &mut skipped);
@@ -372,17 +373,6 @@ fn listeners_and_rules(
             | Target::MarkThenAccept(_)
             | Target::OwnAddressesOnLo
             | Target::Established(_) => {}
-            Target::Drop
-                if parsed.matches.transports.is_empty() || parsed.matches.protocols_beyond =>
-            {
-                // Written for TCP and UDP, as tproxy drops them: the rest is reported.
-                skipped.push(format!(
-                    "line {}: {}: DROP of protocols besides TCP and UDP: tproxy drops only TCP \
-                     and UDP (the translation does); keep a firewall rule for the others",
-                    parsed.line, parsed.text
-                ));
-                rules.push((parsed, None))
-            }
             Target::Deliver
                 if parsed.matches.transports.is_empty() || parsed.matches.protocols_beyond =>
             {
@@ -1158,13 +1148,16 @@ fn write_matches(out: &mut String, m: &Match) {
     } else {
         m.transports.clone()
     };
-    let names: Vec<&str> = transports
+    let mut names: Vec<&str> = transports
         .iter()
         .map(|t| match t {
             Transport::Tcp => "\"tcp\"",
             Transport::Udp => "\"udp\"",
         })
         .collect();
+    if m.other_protocols {
+        names.push("\"other\"");
+    }
     let _ = writeln!(out, "proto = [{}]", names.join(", "));
     write_destination(out, m);
     if !m.src.is_empty() {

@@ -893,6 +893,7 @@ fn narrowed(context: &Match, rule: &Match) -> Result<Option<Match>, ()> {
         cgroups,
         classids,
         matches_nothing: false,
+        other_protocols: context.other_protocols && rule.other_protocols,
     }))
 }
 

@@ -27,6 +27,7 @@ mod iptables;
 mod local;
 mod negation;
 mod nft;
+mod other_protocols;
 mod own_mark;
 mod precedence;
 #[cfg(test)]
@@ -195,6 +196,10 @@ struct Match {
     /// or never filled without an `elements` line), or input interfaces that another of its
     /// matches leaves out (`iifname "eth0" iifname "eth1"`).
     matches_nothing: bool,
+    /// Written for the protocols besides TCP and UDP too (`proto` with `"other"`): set only
+    /// where the rule set drops such packets, on the rules that decide them (see
+    /// `other_protocols`).
+    other_protocols: bool,
 }
 
 /// What one of `--dst-type`'s (nft `fib daddr type`'s) address types matches.

@@ -5579,3 +5579,60 @@ fn fib_address_type_sets_become_the_rules_for_each_type_and_family() {
         negated.skipped
     );
 }
+
+#[test]
+fn a_drop_of_every_protocol_is_written_for_other_protocols_with_the_rules_that_decide_them() {
+    let rules = |body: &str| {
+        format!(
+            "*mangle\n:PREROUTING ACCEPT [0:0]\n{body}-A PREROUTING -p udp -j TPROXY --on-port 2 \
+             --tproxy-mark 0x1/0x1\nCOMMIT\n"
+        )
+    };
+    let every = "\"tcp\", \"udp\", \"other\"";
+    // fifa's: RETURNs of reserved prefixes, then DROPs of game servers, all protocols.
+    let t = translate(&rules(
+        "-A PREROUTING -s 10.0.0.0/25 -d 192.168.0.0/16 -j RETURN\n\
+         -A PREROUTING -s 10.0.0.0/25 -d 192.0.2.7/32 -j DROP\n",
+    ))
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert_eq!(t.config.matches(every).count(), 2, "{}", t.config);
+    // Without such a drop, no rule is written for other protocols.
+    let t = translate(&rules("-A PREROUTING -d 192.168.0.0/16 -j RETURN\n")).unwrap();
+    assert!(!t.config.contains("other"), "{}", t.config);
+    // Ahead of it, what the rules for other protocols cannot say: reported, with the line.
+    for (ahead, why) in [
+        ("-A PREROUTING -p icmp -j ACCEPT\n", "line 3 ahead of it"),
+        (
+            "-A PREROUTING -i eth1 ! -p icmp -j RETURN\n",
+            "line 3 ahead of it",
+        ),
+    ] {
+        let t = translate(&rules(&format!(
+            "{ahead}-A PREROUTING -d 192.0.2.7/32 -j DROP\n"
+        )))
+        .unwrap();
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.starts_with("line 4:") && s.contains(why)),
+            "{ahead}: {:?}",
+            t.skipped
+        );
+        assert!(!t.config.contains("other"), "{ahead}: {}", t.config);
+    }
+    // A drop of every protocol that only TCP and UDP rules can say: reported.
+    for own in ["-m mark --mark 0x4 ", "! -p icmp "] {
+        let t = translate(&rules(&format!(
+            "-A PREROUTING {own}-d 192.0.2.7/32 -j DROP\n"
+        )))
+        .unwrap();
+        assert!(
+            t.skipped
+                .iter()
+                .any(|s| s.starts_with("line 3:") && s.contains("DROP of protocols besides")),
+            "{own}: {:?}",
+            t.skipped
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! DROPs of every protocol (a DROP that names none, as `-d 203.0.113.7 -j DROP`): tproxy's
+//! rules for other protocols than TCP and UDP (`proto = "other"`) drop and leave alone by
+//! address and interface, so such a DROP translates when every rule ahead of it that decides
+//! some of those packets says what they can say.
+
+use super::{precedence, Match, Parsed, Target};
+
+/// Whether `m` names no protocol, so matches every one: what `proto = ["tcp", "udp",
+/// "other"]` says. A negated protocol (`! -p icmp`) leaves one out, which "other" cannot.
+fn every_protocol(m: &Match) -> bool {
+    m.transports.is_empty() && !m.protocols_beyond && m.other_protocol.is_none()
+}
+
+/// Whether a rule that matches packets of other protocols says what tproxy's rules for
+/// them can: a drop or a bypass of every protocol for arrivals, by addresses and interface.
+fn expressible(rule: &Parsed) -> bool {
+    let m = &rule.matches;
+    matches!(rule.target, Target::Drop | Target::Bypass | Target::Return)
+        && every_protocol(m)
+        && !m.local
+        && m.mark.is_none()
+        && m.ct_direction.is_none()
+        && m.sports.is_empty()
+        && m.ports.is_empty()
+}
+
+/// Whether some packet of another protocol than TCP and UDP may match `rule`.
+fn may_match_other_protocols(m: &Match) -> bool {
+    !m.matches_nothing
+        && (m.transports.is_empty() || m.protocols_beyond || m.other_protocol.is_some())
+}
+
+/// Whether `a` and `b` share a packet of another protocol (no ports, any transport).
+fn share_other_packets(a: &Match, b: &Match) -> bool {
+    let addresses_only = |m: &Match| Match {
+        transports: Vec::new(),
+        ports: Vec::new(),
+        sports: Vec::new(),
+        ..m.clone()
+    };
+    precedence::overlaps(&addresses_only(a), &addresses_only(b))
+}
+
+/// `flat` (the rules for arrivals and local connections in the kernel's order), with the
+/// rules that decide packets of other protocols written for them too, where a DROP of
+/// every protocol needs them. A DROP of other protocols that cannot be written so is
+/// reported (its TCP and UDP part stays): one with a match those rules do not have, or one
+/// that a rule ahead of it takes some of those packets from in a way they cannot say.
+pub(super) fn written_for_them(mut flat: Vec<Parsed>, skipped: &mut Vec<String>) -> Vec<Parsed> {
+    let mut undecidable: Vec<usize> = Vec::new();
+    let mut written = false;
+    for index in 0..flat.len() {
+        let rule = &flat[index];
+        let arrival = !rule.matches.local;
+        if !may_match_other_protocols(&rule.matches)
+            || matches!(rule.target, Target::SocketDivert | Target::Ignore)
+        {
+            continue;
+        }
+        let drops = rule.target == Target::Drop && rule.matches.other_protocol.is_none();
+        let ahead = undecidable
+            .iter()
+            .find(|&&earlier| share_other_packets(&flat[earlier].matches, &rule.matches));
+        match (expressible(rule), ahead) {
+            (true, Some(&earlier)) if drops => skipped.push(format!(
+                "line {}: {}: DROP of protocols besides TCP and UDP: line {} ahead of it ({}) \
+                 decides some of their packets in a way tproxy's rules for them (drop and \
+                 bypass by address and interface, for arrivals) cannot say; keep a firewall \
+                 rule for them",
+                rule.line, rule.text, flat[earlier].line, flat[earlier].text
+            )),
+            (true, _) => {
+                flat[index].matches.other_protocols = true;
+                written |= drops;
+            }
+            (false, _) if drops => skipped.push(format!(
+                "line {}: {}: DROP of protocols besides TCP and UDP: tproxy drops the others \
+                 by address and interface, for arrivals{}, and the translation drops only TCP \
+                 and UDP; keep a firewall rule for the others",
+                rule.line,
+                rule.text,
+                match arrival {
+                    true => " (without a mark, a direction, a negated protocol or ports)",
+                    false => "",
+                }
+            )),
+            (false, _) if arrival => undecidable.push(index),
+            (false, _) => {}
+        }
+    }
+    if !written {
+        for rule in &mut flat {
+            rule.matches.other_protocols = false;
+        }
+    }
+    flat
+}
