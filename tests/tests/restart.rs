@@ -980,9 +980,10 @@ fn an_adopting_instance_puts_its_rules_in_force_only_after_its_program_replaced_
         thread::spawn(move || {
             let (mut samples, mut misread) = (0u64, 0u64);
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                // The program first: a switch seen after it is one it might have read.
-                let program = link_program(&link);
+                // The generation first: both only ever change from old to new, so a new
+                // generation followed by the old program proves they were in place together.
                 let in_force = array_first(&generation);
+                let program = link_program(&link);
                 samples += 1;
                 misread += u64::from(in_force != old_generation && program == old_program);
             }
@@ -1010,5 +1011,51 @@ fn an_adopting_instance_puts_its_rules_in_force_only_after_its_program_replaced_
         Topo::router_as_seen_by_server(false)
     );
     new.stop().unwrap();
+    cleanup_leaves_nothing(&topo, &bpffs);
+}
+
+/// An instance that adopts pinned state and cannot load its rules (more than the pinned maps
+/// hold) fails before it touches a link: the predecessor's program stays on it, steering
+/// with the predecessor's rules, rather than its own reading them.
+#[test]
+fn an_adopting_instance_whose_rules_do_not_fit_leaves_the_links_as_they_were() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let bpffs = Bpffs::new().unwrap();
+    let server = Server::tell_peer(&topo.server, Topo::server_addr(false, 80)).unwrap();
+    let mut old = topo.tproxy(&pinned_args(&bpffs, &[])).unwrap();
+    let old_program = pinned_program(&topo, &bpffs);
+    old.stop().unwrap();
+    // Sized at 1024 entries by the first instance's single rule.
+    let prefixes: Vec<String> = (0..1100)
+        .map(|i| format!("\"10.{}.{}.0/24\"", 100 + i / 256, i % 256))
+        .collect();
+    let config = tproxy_tests::ConfigFile::new(&format!(
+        "[[rule]]\nproto = \"tcp\"\ndst = [{}]\naction = \"bypass\"\n",
+        prefixes.join(", ")
+    ))
+    .unwrap();
+    let mut args = vec![
+        "run",
+        "--iface",
+        Topo::ROUTER_CLIENT_IFACE,
+        "--config",
+        config.path(),
+    ];
+    args.extend(pinned_args(&bpffs, &[]));
+    let (status, _, stderr) = run_tproxy_output(&topo.router, &args).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("more than a rule map may hold (1024)"),
+        "{stderr}"
+    );
+    assert_eq!(pinned_program(&topo, &bpffs), old_program, "{stderr}");
+    // What it left can be adopted as ever.
+    let mut next = topo.tproxy(&pinned_args(&bpffs, &[])).unwrap();
+    assert_eq!(
+        tproxy_tests::peer_seen_by(&topo.client, server.addr).unwrap(),
+        Topo::router_as_seen_by_server(false)
+    );
+    next.stop().unwrap();
     cleanup_leaves_nothing(&topo, &bpffs);
 }

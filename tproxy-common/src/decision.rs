@@ -114,8 +114,9 @@ impl Outcome {
         }
     }
 
-    /// Whether packets of `protocol` can have this outcome: the `other` row only ever
-    /// counts what no rule can look at.
+    /// Whether packets of `protocol` can have this outcome: the `other` row counts what the
+    /// rules for other protocols drop or leave alone, and what no rule can look at; never a
+    /// steer, a delivery or a socket's.
     pub const fn applies_to(self, protocol: Protocol) -> bool {
         match protocol {
             Protocol::Tcp | Protocol::Udp => true,

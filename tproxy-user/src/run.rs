@@ -23,8 +23,8 @@ use crate::{
     datapath::out_routes,
     datapath::pin::PinnedState,
     datapath::routing::{self, PolicyRouting, RoutingSpec},
-    datapath::rules::{self, CompiledRules},
-    datapath::steering::{self, LoadSettings, Steering},
+    datapath::rules::{self},
+    datapath::steering::{self, LoadSettings, StagedRules, Steering},
     metrics,
     values::FailMode,
 };
@@ -304,30 +304,42 @@ async fn load_steering(
     })?;
     steering.spawn_log_forwarder()?;
     metrics::start(relays, settings, Some(&steering)).await?;
-    plan.register(&mut steering)?;
     let rules = match steering.next_generation() {
         0 => first,
         generation => rules::compile(&plan.rules(config), generation, interfaces),
     };
-    Ok((steering, FirstRules { plan, rules }))
+    // Written now, where it fails for want of room with nothing changed; read once put in
+    // force.
+    let staged = steering.stage_rules(rules)?;
+    Ok((steering, FirstRules { plan, staged }))
 }
 
-/// The first rule set and the listener plan it steers to, compiled and not yet in force.
+/// The first rule set, written and not yet in force, and the listener plan it steers to.
 struct FirstRules {
     plan: Plan,
-    rules: CompiledRules,
+    staged: StagedRules,
 }
 
 impl FirstRules {
-    /// Switches to the rules and commits the listeners; `adopting`: the slots the previous
-    /// instance used and this one does not are emptied, once no rule in force names them.
+    /// Registers the new listeners, switches to the rules and commits the listeners;
+    /// `adopting`: the slots the previous instance used and this one does not are emptied,
+    /// once no rule in force names them. The listeners come only now: until the switch, the
+    /// predecessor's rules name its slots, which ours may reuse for other listeners.
     fn put_in_force(
         self,
         steering: &mut Steering,
         relays: &mut Relays,
         adopting: bool,
     ) -> Result<()> {
-        steering.install_rules(self.rules)?;
+        if let Err(error) = self.plan.register(steering) {
+            self.plan.unregister(steering);
+            steering.discard(self.staged);
+            return Err(error);
+        }
+        if let Err(error) = steering.switch_to(self.staged) {
+            self.plan.unregister(steering);
+            return Err(error);
+        }
         relays.commit(self.plan, Some(&mut *steering))?;
         if adopting {
             steering.unregister_except(&relays.slots());

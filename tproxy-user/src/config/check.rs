@@ -170,12 +170,17 @@ impl Config {
         // than the rules it takes the question off.
         let all_asking: Vec<Rule> = rules
             .iter()
-            .map(|rule| match needs.keep_guard_off.contains(&rule.number) {
-                true => Rule {
-                    ct_direction: Some(CtDirection::Original),
-                    ..rule.clone()
-                },
-                false => rule.clone(),
+            .map(|rule| {
+                match needs.keep_guard_off.contains(&rule.number)
+                // A rule's part for other protocols asks nothing of any packet's direction.
+                && rule.protocol != Protocol::Other
+                {
+                    true => Rule {
+                        ct_direction: Some(CtDirection::Original),
+                        ..rule.clone()
+                    },
+                    false => rule.clone(),
+                }
             })
             .collect();
         let helps = rules::mark_rules(&all_asking, 0, &[]).len() < entries;

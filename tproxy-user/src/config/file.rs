@@ -447,6 +447,18 @@ impl RuleEntry {
         if self.proto.0.is_empty() {
             bail!("{where_}: rule[{number}].proto: give \"tcp\", \"udp\" or [\"tcp\", \"udp\"] (and \"other\": every other IP protocol)");
         }
+        if let Some(twice) = self
+            .proto
+            .0
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| self.proto.0[..i].contains(p).then_some(p))
+        {
+            bail!(
+                "{where_}: rule[{number}].proto: \"{}\" is listed twice",
+                twice.name()
+            );
+        }
         let mut rules = Vec::new();
         for &protocol in &self.proto.0 {
             for &dst in &dsts {

@@ -32,6 +32,7 @@ use ipnet::IpNet;
 pub use args::RunArgs;
 pub use external::External;
 pub use settings::{SettingFlags, Settings};
+pub use text::{with_families, ANYCAST, LOCAL};
 
 pub use crate::datapath::interfaces::Interfaces;
 use crate::{

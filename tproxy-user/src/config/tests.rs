@@ -1338,3 +1338,16 @@ fn the_mark_stage_is_counted_with_the_direction_guard_of_each_selection() {
         "{error}"
     );
 }
+
+#[test]
+fn followed_destination_keywords_round_trip_with_their_families() {
+    for keyword in [text::LOCAL, text::ANYCAST] {
+        for (ipv4, ipv6) in [(true, true), (true, false), (false, true)] {
+            let written = text::with_families(keyword, ipv4, ipv6);
+            assert_eq!(text::families_of(&written, keyword), Some((ipv4, ipv6)));
+        }
+        assert_eq!(text::families_of(&format!("{keyword}-ipv5"), keyword), None);
+    }
+    assert_eq!(text::families_of("localhost", text::LOCAL), None);
+    assert_eq!(text::families_of("anycast", text::LOCAL), None);
+}

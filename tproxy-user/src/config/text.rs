@@ -387,6 +387,31 @@ pub enum Destinations {
     Ipset(String),
 }
 
+/// The keyword of a rule's `dst` for the host's own addresses.
+pub const LOCAL: &str = "local";
+/// The keyword of a rule's `dst` for the anycast destinations.
+pub const ANYCAST: &str = "anycast";
+
+/// The families (IPv4, IPv6) that `text` names as `keyword` with an optional family suffix
+/// (`"local"`: both, `"local-ipv4"`, `"local-ipv6"`: one); `None`: it is not that keyword.
+pub(super) fn families_of(text: &str, keyword: &str) -> Option<(bool, bool)> {
+    match text.strip_prefix(keyword)? {
+        "" => Some((true, true)),
+        "-ipv4" => Some((true, false)),
+        "-ipv6" => Some((false, true)),
+        _ => None,
+    }
+}
+
+/// `keyword` as a rule's `dst` writes it for these families (see [`families_of`]).
+pub fn with_families(keyword: &str, ipv4: bool, ipv6: bool) -> String {
+    match (ipv4, ipv6) {
+        (true, false) => format!("{keyword}-ipv4"),
+        (false, true) => format!("{keyword}-ipv6"),
+        _ => keyword.to_string(),
+    }
+}
+
 /// What names a kernel ipset in a rule's `dst`: `"ipset:NAME"`.
 pub(super) const IPSET_PREFIX: &str = "ipset:";
 
@@ -402,30 +427,14 @@ impl<'de> Deserialize<'de> for Destinations {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Destinations, E> {
                 match v {
-                    "local" => Ok(Destinations::Local {
-                        ipv4: true,
-                        ipv6: true,
-                    }),
-                    "local-ipv4" => Ok(Destinations::Local {
-                        ipv4: true,
-                        ipv6: false,
-                    }),
-                    "local-ipv6" => Ok(Destinations::Local {
-                        ipv4: false,
-                        ipv6: true,
-                    }),
-                    "anycast" => Ok(Destinations::Anycast {
-                        ipv4: true,
-                        ipv6: true,
-                    }),
-                    "anycast-ipv4" => Ok(Destinations::Anycast {
-                        ipv4: true,
-                        ipv6: false,
-                    }),
-                    "anycast-ipv6" => Ok(Destinations::Anycast {
-                        ipv4: false,
-                        ipv6: true,
-                    }),
+                    keyword if families_of(keyword, LOCAL).is_some() => {
+                        let (ipv4, ipv6) = families_of(keyword, LOCAL).expect("just matched");
+                        Ok(Destinations::Local { ipv4, ipv6 })
+                    }
+                    keyword if families_of(keyword, ANYCAST).is_some() => {
+                        let (ipv4, ipv6) = families_of(keyword, ANYCAST).expect("just matched");
+                        Ok(Destinations::Anycast { ipv4, ipv6 })
+                    }
                     named if named.starts_with(IPSET_PREFIX) => {
                         let name = &named[IPSET_PREFIX.len()..];
                         // As the kernel takes them: IPSET_MAXNAMELEN with the NUL.

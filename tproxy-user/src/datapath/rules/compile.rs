@@ -548,9 +548,9 @@ fn mark_rule(
         transports: match rule.protocol {
             Protocol::Tcp => MARK_RULE_TCP,
             Protocol::Udp => MARK_RULE_UDP,
-            Protocol::Other => {
-                unreachable!("`check_protocol` keeps other protocols' rules from the mark stage")
-            }
+            // Matches nothing the stage is asked about (`check_protocol` refuses such a
+            // rule).
+            Protocol::Other => 0,
         },
         first_port,
         last_port,

@@ -1,6 +1,6 @@
 //! The rule model and its compilation into the eBPF program's lookup maps.
 //!
-//! A rule matches on transport, destination prefix, destination port (one, a range, or any),
+//! A rule matches on protocol (TCP, UDP, or every other one), destination prefix, destination port (one, a range, or any),
 //! and optionally source prefix and ingress interface (a name, or a pattern such as `eth0*`
 //! matched against the interfaces the program is attached to), the packet's mark or its
 //! source port; it steers, bypasses or drops what it matches; and it
@@ -42,6 +42,9 @@
 //! up under each selection its process is in, and the best-ranked answer wins, so the rules'
 //! precedence holds across selections. Without local rules nothing changes.
 //!
+//! Rules for other protocols than TCP and UDP (`proto = "other"`) have no ports: they are one
+//! group of their own, looked up without the port array (stages 2 and 3 only), for arrivals.
+//!
 //! Keeping the groups apart means a rule is written into one group only: thousands of
 //! single-port rules next to thousands of any-port or range prefixes cost their sum in map
 //! entries, not their product.
@@ -65,7 +68,6 @@ use tproxy_common::{
 };
 
 use crate::values::Mark;
-pub use crate::values::Transport;
 pub use tproxy_common::decision::Protocol;
 
 /// Which destination ports a rule matches.

@@ -31,6 +31,7 @@ use crate::{
 mod attach;
 mod counters;
 mod rule_maps;
+pub use rule_maps::StagedRules;
 
 use attach::Attachment;
 pub(crate) use attach::InterfaceEvents;

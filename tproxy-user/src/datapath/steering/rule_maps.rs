@@ -15,6 +15,14 @@ use super::Steering;
 /// generation once and finish within microseconds; this is a wide margin.
 const GENERATION_GRACE: Duration = Duration::from_millis(20);
 
+/// A rule set written as the generation not in force (see [`Steering::stage_rules`]): put
+/// in force with [`Steering::switch_to`], or erased with [`Steering::discard`].
+#[must_use]
+pub struct StagedRules {
+    generation: u32,
+    rules: CompiledRules,
+}
+
 impl Steering {
     /// The generation the next [`Steering::install_rules`] must be compiled for.
     pub fn next_generation(&self) -> u32 {
@@ -29,6 +37,14 @@ impl Steering {
     /// one step: every entry is written first, then the generation switch. On error the rule
     /// set in force is unchanged.
     pub fn install_rules(&mut self, rules: CompiledRules) -> Result<()> {
+        let staged = self.stage_rules(rules)?;
+        self.switch_to(staged)
+    }
+
+    /// Writes `rules` (compiled for [`Steering::next_generation`]) as the generation not in
+    /// force, which no program reads until [`Steering::switch_to`]. On error nothing of
+    /// them is left.
+    pub fn stage_rules(&mut self, rules: CompiledRules) -> Result<StagedRules> {
         let generation = self.next_generation();
         let in_force = self.active.as_ref().map(|(_, rules)| rules);
         let sizes = [
@@ -80,10 +96,24 @@ impl Steering {
             let _ = self.erase_generation(generation, &rules);
             return Err(error);
         }
-        let mut active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
-        active
-            .set(0, generation, 0)
-            .context("switching to the new rule set")?;
+        Ok(StagedRules { generation, rules })
+    }
+
+    /// Puts `staged` in force in one step, then erases the generation it replaces. On error
+    /// the rule set in force is unchanged and `staged` is erased.
+    pub fn switch_to(&mut self, staged: StagedRules) -> Result<()> {
+        let StagedRules { generation, rules } = staged;
+        let switched = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut active: Array<_, u32>| {
+                active
+                    .set(0, generation, 0)
+                    .context("switching to the new rule set")
+            });
+        if let Err(error) = switched {
+            let _ = self.erase_generation(generation, &rules);
+            return Err(error);
+        }
         if let Some((old_generation, old)) = self.active.replace((generation, rules)) {
             std::thread::sleep(GENERATION_GRACE);
             self.erase_generation(old_generation, &old)
@@ -94,6 +124,11 @@ impl Steering {
                 .context("removing the pinned rule set's entries")?;
         }
         Ok(())
+    }
+
+    /// Erases `staged`, never put in force.
+    pub fn discard(&mut self, staged: StagedRules) {
+        let _ = self.erase_generation(staged.generation, &staged.rules);
     }
 
     /// Removes every entry of `generation` from the rule maps, without knowing what was

@@ -17,7 +17,7 @@ use super::{
     Family, Match, Parsed, RuleSet, Target, Translation, UntrackedMark,
 };
 use crate::{
-    config::Settings,
+    config::{self, Settings},
     datapath::{interfaces::LOOPBACK, rules::Ports},
     values::{Mark, Transport},
 };
@@ -46,6 +46,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
         local::loopback_destinations(&local_flat, keep_proxies, &mut notes) && keep_proxies;
     local::leave_out_loopback(&mut flat, &local_flat, &mut notes);
     flat.extend(local_flat);
+    let flat = other_protocols::marked_where_dropped(flat);
     let flat: Vec<Parsed> = negation::open(flat, &mut notes)
         .into_iter()
         .filter_map(|rule| rule.map_err(|reason| skipped.push(reason)).ok())
@@ -373,9 +374,7 @@ fn listeners_and_rules(
             | Target::MarkThenAccept(_)
             | Target::OwnAddressesOnLo
             | Target::Established(_) => {}
-            Target::Deliver
-                if parsed.matches.transports.is_empty() || parsed.matches.protocols_beyond =>
-            {
+            Target::Deliver if other_protocols::may_match_other_protocols(&parsed.matches) => {
                 // Written for TCP and UDP, as tproxy delivers them: the rest is reported.
                 skipped.push(format!(
                     "line {}: {}: a mark for local delivery of protocols besides TCP and UDP: \
@@ -1196,21 +1195,18 @@ fn write_destination(out: &mut String, m: &Match) {
         let _ = writeln!(out, "dst = {}", quote(&format!("ipset:{name}")));
         return;
     }
-    if m.dst_anycast {
-        let keyword = match m.family {
-            None => "anycast",
-            Some(Family::V4) => "anycast-ipv4",
-            Some(Family::V6) => "anycast-ipv6",
+    let followed = match (m.dst_anycast, m.dst_local) {
+        (true, _) => Some(config::ANYCAST),
+        (false, true) => Some(config::LOCAL),
+        (false, false) => None,
+    };
+    if let Some(keyword) = followed {
+        let (ipv4, ipv6) = match m.family {
+            None => (true, true),
+            Some(Family::V4) => (true, false),
+            Some(Family::V6) => (false, true),
         };
-        let _ = writeln!(out, "dst = \"{keyword}\"");
-        return;
-    }
-    if m.dst_local {
-        let keyword = match m.family {
-            None => "local",
-            Some(Family::V4) => "local-ipv4",
-            Some(Family::V6) => "local-ipv6",
-        };
+        let keyword = config::with_families(keyword, ipv4, ipv6);
         let _ = writeln!(out, "dst = \"{keyword}\"");
         return;
     }

@@ -191,13 +191,13 @@ fn entries(number: usize, text: &str, family: Family, rule: Result<Rule, String>
             };
             matches
                 .into_iter()
-                .flat_map(|matches| by_address_type(matches, target.clone()))
-                .map(|(matches, target)| {
+                .flat_map(by_address_type)
+                .map(|matches| {
                     Ok(Parsed {
                         line: number,
                         text: text.to_string(),
                         matches,
-                        target,
+                        target: target.clone(),
                         comment: comment.clone(),
                     })
                 })
@@ -635,7 +635,7 @@ fn parse_rule(
                 .into(),
         );
     }
-    let target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
+    let mut target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
     if let Some(set) = &m.dst_set {
         if !m.dst.is_empty() || !m.not_dst.is_empty() || m.dst_types.is_some() {
             return Err(format!(
@@ -650,6 +650,14 @@ fn parse_rule(
         }
         if types.contains(&AddressType::Local) || types.contains(&AddressType::Anycast) {
             local_bypass(&m, &target)?;
+        }
+        if types.is_empty() {
+            m.dst_types = None;
+            target = Target::Unsteered(
+                "its address types match no IPv4 destination (the kernel has no route of type \
+                 unspec)"
+                    .into(),
+            );
         }
     }
     let matches = either_port(m, either_ports)?;
@@ -768,6 +776,11 @@ fn match_option(m: &mut Match, word: &str, value: &str, negated: bool) -> Result
         ));
     }
     match word {
+        // Every protocol, as no `-p` (`iptables-save` writes none; by hand it is written).
+        "-p" | "--protocol" if matches!(value, "all" | "0") && negated => {
+            return Err(format!("`! -p {value}` matches no packet"));
+        }
+        "-p" | "--protocol" if matches!(value, "all" | "0") => {}
         "-p" | "--protocol" if negated => {
             m.transports = other_transports(transport(value));
             m.protocols_beyond = true;

@@ -215,18 +215,13 @@ enum AddressType {
     Prefix(IpNet),
 }
 
-/// A rule whose `--dst-type` (nft `fib daddr type`) names several types as one rule per
-/// type, with the same target (the next rule is reached only when none matches, so in its
-/// place the rules for each decide the same). A rule of no type matches nothing.
-fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
+/// A rule whose `--dst-type` (nft `fib daddr type`) names several types, as one match per
+/// type (the next rule is reached only when none matches, so in its place the rules for each
+/// decide the same). Each parser has said what a rule of no type means.
+fn by_address_type(mut m: Match) -> Vec<Match> {
     let Some(types) = m.dst_types.take() else {
-        return vec![(m, target)];
+        return vec![m];
     };
-    if types.is_empty() {
-        let why = "its address types match no IPv4 destination (the kernel has no route of \
-                   type unspec)";
-        return vec![(m, Target::Unsteered(why.into()))];
-    }
     types
         .into_iter()
         .map(|address_type| {
@@ -237,7 +232,7 @@ fn by_address_type(mut m: Match, target: Target) -> Vec<(Match, Target)> {
                 AddressType::Broadcast => one.dst_broadcast = true,
                 AddressType::Prefix(prefix) => one.dst = vec![prefix],
             }
-            (one, target.clone())
+            one
         })
         .collect()
 }
@@ -643,11 +638,12 @@ fn other_protocol_rule(m: &Match, target: Target) -> Result<Target, String> {
     match target {
         Target::Bypass | Target::Return => Ok(Target::Unsteered(format!(
             "protocol {protocol}: tproxy only ever steers TCP and UDP, so leaving it alone \
-             changes nothing"
+             changes nothing they decide"
         ))),
         _ => Err(format!(
             "protocol {protocol} (tproxy steers TCP and UDP) with a target other than RETURN \
-             or ACCEPT"
+             or ACCEPT: tproxy's rules for other protocols (`proto = \"other\"`) take every \
+             protocol besides TCP and UDP at once, not {protocol} alone"
         )),
     }
 }

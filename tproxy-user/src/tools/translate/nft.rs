@@ -803,16 +803,8 @@ fn parse_rule(
             .collect(),
         _ => vec![m],
     };
-    let mut by_type = Vec::new();
-    for m in matches {
-        by_type.extend(
-            by_address_type(m, target.clone())
-                .into_iter()
-                .map(|(m, _)| m),
-        );
-    }
     Ok(ReadRule {
-        matches: by_type,
+        matches: matches.into_iter().flat_map(by_address_type).collect(),
         target,
         comment,
         notes,

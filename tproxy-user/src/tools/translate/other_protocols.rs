@@ -3,7 +3,7 @@
 //! address and interface, so such a DROP translates when every rule ahead of it that decides
 //! some of those packets says what they can say.
 
-use super::{precedence, Match, Parsed, Target};
+use super::{flatten::Flat, precedence, Match, Parsed, Target};
 
 /// Whether `m` names no protocol, so matches every one: what `proto = ["tcp", "udp",
 /// "other"]` says. A negated protocol (`! -p icmp`) leaves one out, which "other" cannot.
@@ -24,8 +24,9 @@ fn expressible(rule: &Parsed) -> bool {
         && m.ports.is_empty()
 }
 
-/// Whether some packet of another protocol than TCP and UDP may match `rule`.
-fn may_match_other_protocols(m: &Match) -> bool {
+/// Whether some packet of another protocol than TCP and UDP may match: it names no
+/// protocol, a negated one, or another one.
+pub(super) fn may_match_other_protocols(m: &Match) -> bool {
     !m.matches_nothing
         && (m.transports.is_empty() || m.protocols_beyond || m.other_protocol.is_some())
 }
@@ -41,6 +42,20 @@ fn share_other_packets(a: &Match, b: &Match) -> bool {
     precedence::overlaps(&addresses_only(a), &addresses_only(b))
 }
 
+/// `flat` with the rules that could be written for other protocols marked so, where the
+/// rule set has a DROP of every protocol: ahead of everything that weighs rules against each
+/// other (`negation`, the precedence), so that a rule for TCP and UDP alone is never taken
+/// to cover one for every protocol. [`written_for_them`] settles which keep the mark.
+pub(super) fn marked_where_dropped(mut flat: Vec<Flat>) -> Vec<Flat> {
+    let drops = |rule: &Parsed| rule.target == Target::Drop && expressible(rule);
+    if flat.iter().flatten().any(drops) {
+        for rule in flat.iter_mut().flatten() {
+            rule.matches.other_protocols = expressible(rule);
+        }
+    }
+    flat
+}
+
 /// `flat` (the rules for arrivals and local connections in the kernel's order), with the
 /// rules that decide packets of other protocols written for them too, where a DROP of
 /// every protocol needs them. A DROP of other protocols that cannot be written so is
@@ -51,16 +66,19 @@ pub(super) fn written_for_them(mut flat: Vec<Parsed>, skipped: &mut Vec<String>)
     let mut written = false;
     for index in 0..flat.len() {
         let rule = &flat[index];
-        let arrival = !rule.matches.local;
-        if !may_match_other_protocols(&rule.matches)
-            || matches!(rule.target, Target::SocketDivert | Target::Ignore)
-        {
+        // A divert chain's rules are reached through its socket match alone (which the
+        // program has built in); that match itself is undecidable here: it takes the ICMP
+        // errors about a flow with a socket too.
+        if !may_match_other_protocols(&rule.matches) || rule.target == Target::Ignore {
             continue;
         }
         let drops = rule.target == Target::Drop && rule.matches.other_protocol.is_none();
         let ahead = undecidable
             .iter()
             .find(|&&earlier| share_other_packets(&flat[earlier].matches, &rule.matches));
+        let written_for_them = expressible(rule) && !(drops && ahead.is_some());
+        flat[index].matches.other_protocols = written_for_them;
+        let rule = &flat[index];
         match (expressible(rule), ahead) {
             (true, Some(&earlier)) if drops => skipped.push(format!(
                 "line {}: {}: DROP of protocols besides TCP and UDP: line {} ahead of it ({}) \
@@ -69,22 +87,17 @@ pub(super) fn written_for_them(mut flat: Vec<Parsed>, skipped: &mut Vec<String>)
                  rule for them",
                 rule.line, rule.text, flat[earlier].line, flat[earlier].text
             )),
-            (true, _) => {
-                flat[index].matches.other_protocols = true;
-                written |= drops;
-            }
+            (true, _) => written |= drops,
+            // (`local` has refused OUTPUT's DROPs.)
             (false, _) if drops => skipped.push(format!(
                 "line {}: {}: DROP of protocols besides TCP and UDP: tproxy drops the others \
-                 by address and interface, for arrivals{}, and the translation drops only TCP \
-                 and UDP; keep a firewall rule for the others",
-                rule.line,
-                rule.text,
-                match arrival {
-                    true => " (without a mark, a direction, a negated protocol or ports)",
-                    false => "",
-                }
+                 by address and interface (without a mark, a direction, a negated protocol or \
+                 ports), and the translation drops only TCP and UDP; keep a firewall rule for \
+                 the others",
+                rule.line, rule.text
             )),
-            (false, _) if arrival => undecidable.push(index),
+            // The host's own connections meet other rules than arrivals.
+            (false, _) if !rule.matches.local => undecidable.push(index),
             (false, _) => {}
         }
     }

@@ -194,9 +194,11 @@ pub(super) fn covers(outer: &Match, inner: &Match) -> bool {
     if outer.dst_set.is_some() && outer.dst_set != inner.dst_set {
         return false;
     }
+    // A rule written for other protocols too has packets that one for TCP and UDP lacks.
     let transports = transports_of(inner)
         .iter()
-        .all(|t| transports_of(outer).contains(t));
+        .all(|t| transports_of(outer).contains(t))
+        && (!inner.other_protocols || outer.other_protocols);
     let ports = ports_of_match(inner).iter().all(|pi| {
         let (i1, i2) = port_bounds(*pi);
         ports_of_match(outer).iter().any(|po| {

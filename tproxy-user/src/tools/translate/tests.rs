@@ -5636,3 +5636,82 @@ fn a_drop_of_every_protocol_is_written_for_other_protocols_with_the_rules_that_d
         );
     }
 }
+
+/// What the translation of `input` decides for an ICMP packet (of another protocol than TCP
+/// and UDP) from 192.0.2.1 to `to` arriving on eth0, by the rules' definition.
+fn other_protocol_decision(input: &str, to: &str) -> tproxy_common::decision::RuleMatch {
+    use crate::datapath::rules::{decide, Packet, Protocol};
+    let t = translate(input).unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    let args = crate::config::RunArgs {
+        config: Some("translated.toml".into()),
+        ..Default::default()
+    };
+    let config = crate::config::Config::from_text(&args, &t.config).unwrap();
+    let packet = Packet {
+        protocol: Protocol::Other,
+        src: "192.0.2.1".parse().unwrap(),
+        dst: to.parse().unwrap(),
+        port: 0,
+        sport: 0,
+        local: false,
+        selections: 0,
+        iface: "eth0",
+        mark: 0,
+        route: None,
+        ct_direction: None,
+    };
+    decide(&config.rules, &packet)
+}
+
+/// Rules for TCP and UDP alone never stand in for one of every protocol: not as the rule
+/// that covers a DROP (nft's `meta l4proto { tcp, udp } … return` ahead of it), nor as the
+/// rule that decides what a negated RETURN lets through.
+#[test]
+fn a_drop_of_every_protocol_is_not_covered_by_rules_for_tcp_and_udp() {
+    use tproxy_common::decision::RuleMatch;
+    let covered = "table ip t {\n chain p {\n  type filter hook prerouting priority mangle; \
+                   policy accept;\n  meta l4proto { tcp, udp } ip daddr 10.0.0.0/8 return\n  \
+                   ip daddr 10.1.2.3 drop\n  meta l4proto udp tproxy to :2 meta mark set 0x1 \
+                   accept\n }\n}\n";
+    assert_eq!(
+        other_protocol_decision(covered, "10.1.2.3"),
+        RuleMatch::Drop
+    );
+    assert_eq!(
+        other_protocol_decision(covered, "10.1.2.4"),
+        RuleMatch::None
+    );
+    let negated = "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING ! -d 10.1.0.0/16 -j RETURN\n\
+                   -A PREROUTING -p tcp -j RETURN\n-A PREROUTING -p udp -j RETURN\n\
+                   -A PREROUTING -d 10.1.2.3/32 -j DROP\n-A PREROUTING -p udp -j TPROXY \
+                   --on-port 2 --tproxy-mark 0x1/0x1\nCOMMIT\n";
+    assert_eq!(
+        other_protocol_decision(negated, "10.1.2.3"),
+        RuleMatch::Drop
+    );
+    assert_ne!(
+        other_protocol_decision(negated, "10.1.5.5"),
+        RuleMatch::Drop
+    );
+    assert_ne!(
+        other_protocol_decision(negated, "198.51.100.1"),
+        RuleMatch::Drop
+    );
+    // What a negated DROP of every protocol lets through meets a RETURN for TCP and UDP
+    // alone, then a DROP of every protocol: its other packets are dropped, which a bypass of
+    // the excluded prefix (the negation's way) would not say.
+    let falls_through = "table ip t {\n chain p {\n  type filter hook prerouting priority \
+                         mangle; policy accept;\n  ip daddr != 10.1.2.0/24 drop\n  meta l4proto \
+                         { tcp, udp } return\n  ip daddr 10.0.0.0/8 drop\n  meta l4proto udp \
+                         tproxy to :2 meta mark set 0x1 accept\n }\n}\n";
+    let t = translate(falls_through).unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 4:") && s.contains("fall through to line 6")),
+        "{:?}\n{}",
+        t.skipped,
+        t.config
+    );
+}
