@@ -866,9 +866,9 @@ fn pinned_state_of_a_namespace_that_no_longer_exists_is_removed_not_adopted() {
     assert_eq!(bpffs.pinned(), Vec::<String>::new());
 }
 
-/// The pinned object of the instance in `bpffs` whose file name begins with `name`, opened.
-fn open_pinned(bpffs: &Bpffs, name: &str) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
+/// The path of the pinned object of the instance in `bpffs` whose file name begins with
+/// `name`.
+fn pinned_path(bpffs: &Bpffs, name: &str) -> std::path::PathBuf {
     let pinned = bpffs
         .pinned()
         .into_iter()
@@ -878,81 +878,20 @@ fn open_pinned(bpffs: &Bpffs, name: &str) -> std::os::fd::OwnedFd {
                 .is_some_and(|file| file.starts_with(name))
         })
         .unwrap_or_else(|| panic!("{name} is pinned: {:?}", bpffs.pinned()));
-    let path = std::ffi::CString::new(format!("{}/{pinned}", bpffs.path())).unwrap();
-    /// `union bpf_attr` for `BPF_OBJ_GET`.
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let attr = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd = bpf(7, &attr);
-    assert!(fd >= 0, "BPF_OBJ_GET {}", path.to_string_lossy());
-    // SAFETY: a descriptor the kernel just returned, owned by nothing else.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    std::path::Path::new(bpffs.path()).join(pinned)
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
-    // SAFETY: `attr` is a `union bpf_attr` prefix of its own size, alive for the call.
-    unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>(),
-        )
-    }
+/// The generation in force, from the pinned `ACTIVE_GENERATION` array.
+fn generation_in_force(map: &aya::maps::Map) -> u32 {
+    aya::maps::Array::<_, u32>::try_from(map)
+        .unwrap()
+        .get(&0, 0)
+        .unwrap()
 }
 
-/// The value at index 0 of the pinned array map `map` (the generation in force).
-fn array_first(map: &std::os::fd::OwnedFd) -> u32 {
-    use std::os::fd::AsRawFd;
-    /// `union bpf_attr` for `BPF_MAP_LOOKUP_ELEM`.
-    #[repr(C)]
-    struct Lookup {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let key = 0u32;
-    let mut value = 0u32;
-    let attr = Lookup {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: &key as *const u32 as u64,
-        value: &mut value as *mut u32 as u64,
-        flags: 0,
-    };
-    assert_eq!(bpf(1, &attr), 0, "BPF_MAP_LOOKUP_ELEM");
-    value
-}
-
-/// The id of the program on the pinned link `link`.
-fn link_program(link: &std::os::fd::OwnedFd) -> u32 {
-    use std::os::fd::AsRawFd;
-    // `struct bpf_link_info`: type, id, prog_id, …
-    let mut info = [0u32; 16];
-    /// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
-    #[repr(C)]
-    struct GetInfo {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let attr = GetInfo {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    assert_eq!(bpf(15, &attr), 0, "BPF_OBJ_GET_INFO_BY_FD");
-    info[2]
+/// The id of the program on a pinned link.
+fn link_program(link: &aya::programs::links::FdLink) -> u32 {
+    link.info().unwrap().program_id()
 }
 
 /// An instance that adopts pinned state switches to its rules only once its own program is
@@ -970,9 +909,14 @@ fn an_adopting_instance_puts_its_rules_in_force_only_after_its_program_replaced_
     let mut old = topo.tproxy(&args).unwrap();
     let old_program = pinned_program(&topo, &bpffs) as u32;
     old.stop().unwrap();
-    let generation = open_pinned(&bpffs, "ACTIVE_GENERATION");
-    let link = open_pinned(&bpffs, "tc-ingress-");
-    let old_generation = array_first(&generation);
+    let generation = aya::maps::MapData::from_pin(pinned_path(&bpffs, "ACTIVE_GENERATION"))
+        .map(aya::maps::Map::Array)
+        .unwrap();
+    let link: aya::programs::links::FdLink =
+        aya::programs::links::PinnedLink::from_pin(pinned_path(&bpffs, "tc-ingress-"))
+            .unwrap()
+            .into();
+    let old_generation = generation_in_force(&generation);
     assert_eq!(link_program(&link), old_program);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
@@ -982,7 +926,7 @@ fn an_adopting_instance_puts_its_rules_in_force_only_after_its_program_replaced_
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 // The generation first: both only ever change from old to new, so a new
                 // generation followed by the old program proves they were in place together.
-                let in_force = array_first(&generation);
+                let in_force = generation_in_force(&generation);
                 let program = link_program(&link);
                 samples += 1;
                 misread += u64::from(in_force != old_generation && program == old_program);
@@ -990,7 +934,7 @@ fn an_adopting_instance_puts_its_rules_in_force_only_after_its_program_replaced_
             (
                 samples,
                 misread,
-                array_first(&generation),
+                generation_in_force(&generation),
                 link_program(&link),
             )
         })
