@@ -990,7 +990,8 @@ fn an_adopting_instance_whose_rules_do_not_fit_leaves_the_links_as_they_were() {
     let (status, _, stderr) = run_tproxy_output(&topo.router, &args).unwrap();
     assert!(!status.success(), "{stderr}");
     assert!(
-        stderr.contains("more than a rule map may hold (1024)"),
+        stderr.contains("more than the 1024 the pinned maps hold")
+            && stderr.contains("tproxy cleanup"),
         "{stderr}"
     );
     assert_eq!(pinned_program(&topo, &bpffs), old_program, "{stderr}");

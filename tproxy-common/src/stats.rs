@@ -516,7 +516,7 @@ mod tests {
         let lines = stats.log_lines();
         assert_eq!(
             lines[2],
-            "eBPF other packets: passed=0 fragment_unknown=0 unparsed=0"
+            "eBPF other packets: passed=0 bypassed=0 fragment_unknown=0 unparsed=0 dropped=0"
         );
         assert!(lines[3].starts_with("tcp relay: accepted=0 active=0 upstream_failures=0"));
         assert!(lines[4].ends_with("listener_buffer_drops=0 raw_reply_failures=0"));

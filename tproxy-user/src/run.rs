@@ -272,9 +272,9 @@ impl Claim {
     }
 }
 
-/// Loads (or adopts) the program and maps, puts the new listeners in the socket map, and
-/// serves metrics: everything up to routing and attaching. Returns the first rule set, to be
-/// put in force.
+/// Loads (or adopts) the program and maps, serves metrics, and writes the first rule set
+/// where no program reads it yet: everything up to routing and attaching. Returns that rule
+/// set and its listeners, to be put in force.
 async fn load_steering(
     config: &Config,
     relays: &mut Relays,

@@ -196,10 +196,21 @@ impl Config {
                 if numbers.len() > named.len() {
                     named.push(format!("{} more", numbers.len() - named.len()));
                 }
+                // Their part for other protocols cannot ask: it is written apart.
+                let apart = match rules
+                    .iter()
+                    .any(|r| r.protocol == Protocol::Other && numbers.contains(&r.number))
+                {
+                    true => {
+                        "; a rule with \"other\" in its proto asks in a rule of its own for \
+                             TCP and UDP"
+                    }
+                    false => "",
+                };
                 format!(
                     "; {} {} not ask for ct_direction = \"original\" as the others of their \
                      origin do (were they all to ask, the direction would be asked once for all \
-                     of them)",
+                     of them{apart})",
                     named.join(", "),
                     if numbers.len() == 1 { "does" } else { "do" }
                 )

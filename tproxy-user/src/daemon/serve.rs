@@ -152,7 +152,10 @@ pub(crate) async fn serve(
                 server.relays.log_stats(server.steering.as_deref());
                 continue;
             }
-            _ = signals.reload.recv() => {
+            // While a successor takes over, nothing writes rules: its own first rules are
+            // written in the generation ours would take. What comes meanwhile waits: after a
+            // takeover that fails, `reassert` puts ours back and these follow.
+            _ = signals.reload.recv(), if successor.is_none() => {
                 let _ = server.reload();
                 server.watch_cgroups(control);
                 ipsets::retime(&mut ipset_polls, &server.config);
@@ -167,19 +170,19 @@ pub(crate) async fn serve(
                 ipsets::retime(&mut ipset_polls, &server.config);
                 continue;
             }
-            () = ipsets::due(&mut ipset_polls) => {
+            () = ipsets::due(&mut ipset_polls), if successor.is_none() => {
                 server.follow_ipsets();
                 continue;
             }
-            Some(()) = links::changed(&mut control.links) => {
+            Some(()) = links::changed(&mut control.links), if successor.is_none() => {
                 server.follow_links(control).await;
                 continue;
             }
-            Some(()) = addresses::changed(&mut control.addresses) => {
+            Some(()) = addresses::changed(&mut control.addresses), if successor.is_none() => {
                 server.follow_addresses();
                 continue;
             }
-            Some(()) = routes::changed(&mut control.routes) => {
+            Some(()) = routes::changed(&mut control.routes), if successor.is_none() => {
                 server.follow_routes();
                 continue;
             }
@@ -192,7 +195,7 @@ pub(crate) async fn serve(
                 }
                 continue;
             }
-            Some(changes) = cgroups::changed(&mut control.cgroups) => {
+            Some(changes) = cgroups::changed(&mut control.cgroups), if successor.is_none() => {
                 server.follow_cgroups(control, changes);
                 continue;
             }
@@ -302,6 +305,13 @@ impl Server<'_, '_> {
         takeover_in_progress: bool,
     ) -> Option<tokio::task::JoinHandle<bool>> {
         match request {
+            Request::Reload(stream) if takeover_in_progress => control::answer_reload(
+                stream,
+                Err(
+                    "a new instance is taking over: reload it, or this one once it carries on"
+                        .to_string(),
+                ),
+            ),
             Request::Reload(stream) => control::answer_reload(stream, self.reload()),
             Request::Status(mut stream) => {
                 let report = status_report(

@@ -54,6 +54,9 @@ pub(crate) struct Steering {
     /// The generation in force in maps an earlier instance left pinned, until our first
     /// rule set replaces it.
     adopted: Option<u32>,
+    /// A generation whose entries a failed erase may have left: scanned clean before it is
+    /// written again.
+    unerased: Option<u32>,
     /// Where the program is attached, by ifindex.
     attached: BTreeMap<u32, Attachment>,
     interface_events: Arc<InterfaceEvents>,
@@ -284,6 +287,7 @@ impl Steering {
             fragments,
             pinned: settings.pinned.clone(),
             adopted: None,
+            unerased: None,
             attached: BTreeMap::new(),
             interface_events: Arc::default(),
             local_origin: None,

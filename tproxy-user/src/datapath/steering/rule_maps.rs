@@ -69,8 +69,20 @@ impl Steering {
                 in_force.map_or(0, |r| r.src_v6.len()),
             ),
         ];
+        // The pinned rules in force, whose entries are not counted here, stay until the
+        // switch as well.
+        let adopted_advice = "the pinned maps were sized at the first `tproxy run --pin`, and \
+                              the pinned rules in force stay until the switch: `tproxy cleanup` \
+                              and start again to load a rule set this large";
         for (map, new, old) in sizes {
             if new + old > self.capacity as usize {
+                if self.active.is_none() && self.adopted.is_some() {
+                    bail!(
+                        "the rules need {new} entries in {map}, more than the {} the pinned \
+                         maps hold; {adopted_advice}",
+                        self.capacity
+                    );
+                }
                 if self.active.is_none() {
                     bail!(
                         "the rules need {new} entries in {map}, more than a rule map may hold \
@@ -86,15 +98,17 @@ impl Steering {
                 );
             }
         }
-        if self.active.is_none() && self.adopted.is_some() {
-            // Entries of an instance that stopped in the middle of a reload.
+        // Entries of an instance that stopped in the middle of a reload, or of a failed erase.
+        if self.active.is_none() && self.adopted.is_some() || self.unerased == Some(generation) {
             self.erase_generation_by_scan(generation)?;
+            self.unerased = None;
         }
-        // Before the switch: the new rules' out-interface bits must be on the routes.
-        self.mirror_routes_for(generation, &rules.out_interfaces)?;
         if let Err(error) = self.write_generation(generation, &rules) {
             let _ = self.erase_generation(generation, &rules);
-            return Err(error);
+            return match self.active.is_none() && self.adopted.is_some() {
+                true => Err(error.context(adopted_advice)),
+                false => Err(error),
+            };
         }
         Ok(StagedRules { generation, rules })
     }
@@ -103,8 +117,13 @@ impl Steering {
     /// the rule set in force is unchanged and `staged` is erased.
     pub fn switch_to(&mut self, staged: StagedRules) -> Result<()> {
         let StagedRules { generation, rules } = staged;
-        let switched = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)
-            .map_err(anyhow::Error::from)
+        // The new rules' out-interface bits on the routes, just before the switch: an adopter
+        // does not know the names of the rules in force, whose bits the mirror clears.
+        let switched = self
+            .mirror_routes_for(generation, &rules.out_interfaces)
+            .and_then(|()| {
+                Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?).map_err(Into::into)
+            })
             .and_then(|mut active: Array<_, u32>| {
                 active
                     .set(0, generation, 0)
@@ -114,14 +133,25 @@ impl Steering {
             let _ = self.erase_generation(generation, &rules);
             return Err(error);
         }
-        if let Some((old_generation, old)) = self.active.replace((generation, rules)) {
-            std::thread::sleep(GENERATION_GRACE);
-            self.erase_generation(old_generation, &old)
-                .context("removing the previous rule set's entries")?;
-        } else if let Some(adopted) = self.adopted.take() {
-            std::thread::sleep(GENERATION_GRACE);
-            self.erase_generation_by_scan(adopted)
-                .context("removing the pinned rule set's entries")?;
+        // In force now, whatever follows: what is left of the old generation is scanned clean
+        // before its parity is written again.
+        let erased = match self.active.replace((generation, rules)) {
+            Some((old_generation, old)) => {
+                std::thread::sleep(GENERATION_GRACE);
+                self.erase_generation(old_generation, &old)
+                    .or_else(|_| self.erase_generation_by_scan(old_generation))
+            }
+            None => match self.adopted.take() {
+                Some(adopted) => {
+                    std::thread::sleep(GENERATION_GRACE);
+                    self.erase_generation_by_scan(adopted)
+                }
+                None => Ok(()),
+            },
+        };
+        if let Err(error) = erased {
+            log::warn!("removing the previous rule set's entries: {error:#}");
+            self.unerased = Some(generation ^ 1);
         }
         Ok(())
     }

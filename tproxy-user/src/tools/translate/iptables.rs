@@ -191,13 +191,27 @@ fn entries(number: usize, text: &str, family: Family, rule: Result<Rule, String>
             };
             matches
                 .into_iter()
-                .flat_map(by_address_type)
-                .map(|matches| {
+                .flat_map(|mut matches| {
+                    match matches.dst_types.as_ref().is_some_and(Vec::is_empty) {
+                        true => {
+                            matches.dst_types = None;
+                            let why =
+                                "its address types match no IPv4 destination (the kernel has \
+                                   no route of type unspec)";
+                            vec![(matches, Target::Unsteered(why.into()))]
+                        }
+                        false => by_address_type(matches)
+                            .into_iter()
+                            .map(|matches| (matches, target.clone()))
+                            .collect(),
+                    }
+                })
+                .map(|(matches, target)| {
                     Ok(Parsed {
                         line: number,
                         text: text.to_string(),
                         matches,
-                        target: target.clone(),
+                        target,
                         comment: comment.clone(),
                     })
                 })
@@ -635,7 +649,7 @@ fn parse_rule(
                 .into(),
         );
     }
-    let mut target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
+    let target = other_protocol_rule(&m, target.ok_or("a rule without a target")?)?;
     if let Some(set) = &m.dst_set {
         if !m.dst.is_empty() || !m.not_dst.is_empty() || m.dst_types.is_some() {
             return Err(format!(
@@ -650,14 +664,6 @@ fn parse_rule(
         }
         if types.contains(&AddressType::Local) || types.contains(&AddressType::Anycast) {
             local_bypass(&m, &target)?;
-        }
-        if types.is_empty() {
-            m.dst_types = None;
-            target = Target::Unsteered(
-                "its address types match no IPv4 destination (the kernel has no route of type \
-                 unspec)"
-                    .into(),
-            );
         }
     }
     let matches = either_port(m, either_ports)?;

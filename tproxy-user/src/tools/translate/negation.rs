@@ -241,9 +241,15 @@ fn fall_through(
     for hole in holes {
         for later in later.iter().flatten() {
             // The host's own packets and the arrivals meet different chains; a rule that
-            // changes no packet's fate is noted once, where it is.
+            // changes no packet's fate is noted once, where it is. A RETURN of one other
+            // protocol (`-p icmp`) is repeated where the hole is written for other protocols:
+            // it decides some of their packets (see `other_protocols`).
+            let decides_other_protocols = hole.matches.other_protocols
+                && matches!(later.target, Target::Unsteered(_))
+                && later.matches.other_protocol.is_some();
             if later.matches.local != hole.matches.local
                 || matches!(later.target, Target::Unsteered(_) | Target::Ignore)
+                    && !decides_other_protocols
             {
                 continue;
             }

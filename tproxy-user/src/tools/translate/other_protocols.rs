@@ -72,6 +72,11 @@ pub(super) fn written_for_them(mut flat: Vec<Parsed>, skipped: &mut Vec<String>)
         if !may_match_other_protocols(&rule.matches) || rule.target == Target::Ignore {
             continue;
         }
+        // Of the rules left out as changing nothing, only a RETURN or ACCEPT of one other
+        // protocol (`-p icmp`) decides packets of those protocols.
+        if matches!(rule.target, Target::Unsteered(_)) && rule.matches.other_protocol.is_none() {
+            continue;
+        }
         let drops = rule.target == Target::Drop && rule.matches.other_protocol.is_none();
         let ahead = undecidable
             .iter()

@@ -5715,3 +5715,42 @@ fn a_drop_of_every_protocol_is_not_covered_by_rules_for_tcp_and_udp() {
         t.config
     );
 }
+
+/// A RETURN of one other protocol decides its packets, also where a negation repeats the
+/// rules after it; a RETURN that changes nothing (the last of its chain) decides none.
+#[test]
+fn only_rules_that_decide_other_protocols_stand_in_the_way_of_a_drop_of_every_protocol() {
+    let rules = |body: &str| {
+        format!(
+            "*mangle\n:PREROUTING ACCEPT [0:0]\n:C - [0:0]\n{body}-A PREROUTING -p udp -j TPROXY \
+             --on-port 2 --tproxy-mark 0x1/0x1\nCOMMIT\n"
+        )
+    };
+    let t = translate(&rules(
+        "-A PREROUTING ! -d 10.1.0.0/16 -j RETURN\n-A PREROUTING -p icmp -j RETURN\n\
+         -A PREROUTING -d 10.1.2.3/32 -j DROP\n",
+    ))
+    .unwrap();
+    assert!(
+        t.skipped
+            .iter()
+            .any(|s| s.starts_with("line 6:") && s.contains("line 5 ahead of it")),
+        "{:?}\n{}",
+        t.skipped,
+        t.config
+    );
+    assert!(!t.config.contains("other"), "{}", t.config);
+    let t = translate(&rules(
+        "-A PREROUTING -j C\n-A C -s 192.0.2.9/32 -j ACCEPT\n-A C -i eth1 -j RETURN\n\
+         -A PREROUTING -d 203.0.113.5/32 -j DROP\n",
+    ))
+    .unwrap();
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    assert!(
+        t.config.contains(
+            "proto = [\"tcp\", \"udp\", \"other\"]\ndst = [\"203.0.113.5/32\"]\naction = \"drop\""
+        ),
+        "{}",
+        t.config
+    );
+}
