@@ -186,9 +186,10 @@ pub(crate) async fn serve(
                 server.follow_routes();
                 continue;
             }
-            Some(()) = policy::changed(&mut control.policy) => {
-                // Not while a successor takes over: it may replace the routing with its own.
-                if server.phase == Phase::Serving && successor.is_none() {
+            Some(()) = policy::changed(&mut control.policy), if successor.is_none() => {
+                // Not while a successor takes over (it may replace the routing with its own):
+                // after one that failed, what changed meanwhile is restored.
+                if server.phase == Phase::Serving {
                     if let Some(watch) = &control.policy {
                         watch.restore().await;
                     }

@@ -286,24 +286,35 @@ impl RouteMirror {
         v4: LpmTrie<MapData, [u8; 4], u32>,
         v6: LpmTrie<MapData, [u8; 16], u32>,
     ) -> Result<Self> {
+        let mut mirror = RouteMirror {
+            v4,
+            v6,
+            written: HashMap::new(),
+            names: None,
+            warned_of_nexthop_objects: false,
+        };
+        mirror.reread()?;
+        Ok(mirror)
+    }
+
+    /// Takes the maps as they are for what is written, and no names as mirrored: after
+    /// another process wrote them (a successor that switched, then failed), the next
+    /// [`RouteMirror::mirror_for`] refreshes every entry.
+    pub(crate) fn reread(&mut self) -> Result<()> {
         let mut written = HashMap::new();
-        for entry in v4.iter() {
+        for entry in self.v4.iter() {
             let (key, value) = entry.context("reading the pinned IPv4 route map")?;
             let net = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?;
             written.insert(IpNet::V4(net), value);
         }
-        for entry in v6.iter() {
+        for entry in self.v6.iter() {
             let (key, value) = entry.context("reading the pinned IPv6 route map")?;
             let net = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8)?;
             written.insert(IpNet::V6(net), value);
         }
-        Ok(RouteMirror {
-            v4,
-            v6,
-            written,
-            names: None,
-            warned_of_nexthop_objects: false,
-        })
+        self.written = written;
+        self.names = None;
+        Ok(())
     }
 
     /// Mirrors the routes for the names of the rules of `generation` (the other

@@ -477,6 +477,10 @@ impl Steering {
         let active: Array<_, u32> = Array::try_from(self.map_mut(maps::ACTIVE_GENERATION)?)?;
         self.adopted = Some(active.get(&0, 0)?);
         self.active = None;
+        // The other process may have mirrored the routes for its own rules, over ours.
+        if let Some(mirror) = &mut self.routes {
+            mirror.reread()?;
+        }
         Ok(())
     }
 

@@ -104,7 +104,7 @@ impl Steering {
             self.unerased = None;
         }
         if let Err(error) = self.write_generation(generation, &rules) {
-            let _ = self.erase_generation(generation, &rules);
+            self.erase_or_mark(generation, &rules);
             return match self.active.is_none() && self.adopted.is_some() {
                 true => Err(error.context(adopted_advice)),
                 false => Err(error),
@@ -130,7 +130,7 @@ impl Steering {
                     .context("switching to the new rule set")
             });
         if let Err(error) = switched {
-            let _ = self.erase_generation(generation, &rules);
+            self.erase_or_mark(generation, &rules);
             return Err(error);
         }
         // In force now, whatever follows: what is left of the old generation is scanned clean
@@ -158,7 +158,15 @@ impl Steering {
 
     /// Erases `staged`, never put in force.
     pub fn discard(&mut self, staged: StagedRules) {
-        let _ = self.erase_generation(staged.generation, &staged.rules);
+        self.erase_or_mark(staged.generation, &staged.rules);
+    }
+
+    /// Erases `rules` of `generation`, not in force; what a failure leaves is scanned clean
+    /// before the parity is written again.
+    fn erase_or_mark(&mut self, generation: u32, rules: &CompiledRules) {
+        if self.erase_generation(generation, rules).is_err() {
+            self.unerased = Some(generation);
+        }
     }
 
     /// Removes every entry of `generation` from the rule maps, without knowing what was
