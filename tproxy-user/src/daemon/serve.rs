@@ -145,6 +145,10 @@ pub(crate) async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ipset_polls = ipsets::poll_timer(&server.config);
     loop {
+        // While a successor takes over, nothing writes rules: its own first rules are written
+        // in the generation ours would take. What comes meanwhile waits: after a takeover that
+        // fails, `reassert` puts ours back and these follow.
+        let rules_writable = successor.is_none();
         let signalled = tokio::select! {
             _ = signals.interrupt.recv() => true,
             _ = signals.terminate.recv() => true,
@@ -152,10 +156,7 @@ pub(crate) async fn serve(
                 server.relays.log_stats(server.steering.as_deref());
                 continue;
             }
-            // While a successor takes over, nothing writes rules: its own first rules are
-            // written in the generation ours would take. What comes meanwhile waits: after a
-            // takeover that fails, `reassert` puts ours back and these follow.
-            _ = signals.reload.recv(), if successor.is_none() => {
+            _ = signals.reload.recv(), if rules_writable => {
                 let _ = server.reload();
                 server.watch_cgroups(control);
                 ipsets::retime(&mut ipset_polls, &server.config);
@@ -170,25 +171,24 @@ pub(crate) async fn serve(
                 ipsets::retime(&mut ipset_polls, &server.config);
                 continue;
             }
-            () = ipsets::due(&mut ipset_polls), if successor.is_none() => {
+            () = ipsets::due(&mut ipset_polls), if rules_writable => {
                 server.follow_ipsets();
                 continue;
             }
-            Some(()) = links::changed(&mut control.links), if successor.is_none() => {
+            Some(()) = links::changed(&mut control.links), if rules_writable => {
                 server.follow_links(control).await;
                 continue;
             }
-            Some(()) = addresses::changed(&mut control.addresses), if successor.is_none() => {
+            Some(()) = addresses::changed(&mut control.addresses), if rules_writable => {
                 server.follow_addresses();
                 continue;
             }
-            Some(()) = routes::changed(&mut control.routes), if successor.is_none() => {
+            Some(()) = routes::changed(&mut control.routes), if rules_writable => {
                 server.follow_routes();
                 continue;
             }
-            Some(()) = policy::changed(&mut control.policy), if successor.is_none() => {
-                // Not while a successor takes over (it may replace the routing with its own):
-                // after one that failed, what changed meanwhile is restored.
+            Some(()) = policy::changed(&mut control.policy), if rules_writable => {
+                // After a takeover that failed, what changed meanwhile is restored.
                 if server.phase == Phase::Serving {
                     if let Some(watch) = &control.policy {
                         watch.restore().await;
@@ -196,7 +196,7 @@ pub(crate) async fn serve(
                 }
                 continue;
             }
-            Some(changes) = cgroups::changed(&mut control.cgroups), if successor.is_none() => {
+            Some(changes) = cgroups::changed(&mut control.cgroups), if rules_writable => {
                 server.follow_cgroups(control, changes);
                 continue;
             }

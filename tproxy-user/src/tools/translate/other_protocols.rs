@@ -81,10 +81,10 @@ pub(super) fn written_for_them(mut flat: Vec<Parsed>, skipped: &mut Vec<String>)
         let ahead = undecidable
             .iter()
             .find(|&&earlier| share_other_packets(&flat[earlier].matches, &rule.matches));
-        let written_for_them = expressible(rule) && !(drops && ahead.is_some());
-        flat[index].matches.other_protocols = written_for_them;
+        let expressible = expressible(rule);
+        flat[index].matches.other_protocols = expressible && !(drops && ahead.is_some());
         let rule = &flat[index];
-        match (expressible(rule), ahead) {
+        match (expressible, ahead) {
             (true, Some(&earlier)) if drops => skipped.push(format!(
                 "line {}: {}: DROP of protocols besides TCP and UDP: line {} ahead of it ({}) \
                  decides some of their packets in a way tproxy's rules for them (drop and \
