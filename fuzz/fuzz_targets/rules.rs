@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
                 }),
                 action: match (flags & 4 != 0, flags & 128 != 0, flags & 64 != 0) {
                     (true, false, _) => Action::Bypass,
+                    (true, true, false) if flags & 32 != 0 => Action::Reject,
                     (true, true, false) => Action::Drop,
                     (true, true, true) => Action::Deliver,
                     (false, ..) => Action::Steer(u32::from(flags >> 5)),
@@ -88,22 +89,22 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     // Refused: a rule for other protocols with what only TCP and UDP have, or that steers,
-    // delivers or is for local connections.
+    // delivers, rejects or is for local connections.
     for rule in rules.iter_mut().filter(|rule| rule.protocol == Protocol::Other) {
         rule.ports = Ports::Any;
         rule.sport = None;
         rule.mark = None;
         rule.ct_direction = None;
         rule.origin = Origin::Forwarded;
-        if matches!(rule.action, Action::Steer(_) | Action::Deliver) {
+        if matches!(rule.action, Action::Steer(_) | Action::Deliver | Action::Reject) {
             rule.action = Action::Drop;
         }
     }
     // Left out: a local rule's mark (the socket's, tested apart); refused: a local rule
-    // that drops or delivers. A local rule's source port is the socket's bound one.
+    // that drops, rejects or delivers. A local rule's source port is the socket's bound one.
     for rule in rules.iter_mut().filter(|rule| rule.origin.local()) {
         rule.mark = None;
-        if matches!(rule.action, Action::Drop | Action::Deliver) {
+        if matches!(rule.action, Action::Drop | Action::Deliver | Action::Reject) {
             rule.action = Action::Bypass;
         }
         if rule.origin == Origin::Local {

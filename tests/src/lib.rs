@@ -132,6 +132,24 @@ impl Netns {
         Ok(())
     }
 
+    /// Runs `ethtool ARGS…` inside the namespace.
+    pub fn ethtool(&self, args: &[&str]) -> Result<()> {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ethtool"])
+            .args(args)
+            .output()
+            .context("running ethtool (cargo xtask setup installs it)")?;
+        if !output.status.success() {
+            bail!(
+                "ethtool {} in {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets created by `f` stay in
     /// this namespace wherever they are used afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {

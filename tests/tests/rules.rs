@@ -13,8 +13,8 @@ use std::{
 };
 
 use tproxy_tests::{
-    peer_seen_by, require_root, run_tproxy_to_end, tproxy_with_input, ConfigFile,
-    RouterTopology as Topo, Server, Tproxy,
+    peer_seen_by, require_root, run_tproxy_to_end, tproxy_with_input, udp_client, ConfigFile,
+    RouterTopology as Topo, Server, Tproxy, UdpEcho,
 };
 
 fn addr(text: &str) -> SocketAddr {
@@ -542,4 +542,116 @@ fn rules_for_other_protocols_drop_and_leave_alone_icmp_of_both_families_by_addre
     );
     tproxy.stop().unwrap();
     assert_eq!(answered(&topo), [true; 4], "after tproxy");
+}
+
+/// `reject` rules: TCP to the server network's port 81 is refused with a reset and UDP to its
+/// port 5353 with a port unreachable, for both families, while one host's bypass (the longer
+/// prefix) lets its flows through; once tproxy stops, nothing is refused.
+const REJECT: &str = r#"
+[[rule]]
+proto = "tcp"
+dst = ["10.10.2.0/24", "fd00:2::/64"]
+ports = 81
+action = "reject"
+
+[[rule]]
+proto = "udp"
+dst = ["10.10.2.0/24", "fd00:2::/64"]
+ports = 5353
+action = "reject"
+
+[[rule]]
+proto = ["tcp", "udp"]
+dst = ["10.10.2.3/32", "fd00:2::3/128"]
+ports = [81, 5353]
+action = "bypass"
+"#;
+
+/// How `to` answers a TCP connection and a UDP datagram from the client: `Ok` or the error's
+/// kind, and how long the connection took to be answered.
+fn answers(
+    topo: &Topo,
+    to: std::net::IpAddr,
+) -> (std::io::Result<()>, Duration, std::io::Result<()>) {
+    let started = Instant::now();
+    let tcp = topo
+        .client
+        .connect(SocketAddr::new(to, 81))
+        .map(drop)
+        .map_err(|error| match error.downcast::<std::io::Error>() {
+            Ok(error) => error,
+            Err(other) => panic!("{other:#}"),
+        });
+    let took = started.elapsed();
+    let socket = udp_client(&topo.client, SocketAddr::new(to, 5353)).unwrap();
+    // Connected: an ICMP error about its datagram is reported on the socket.
+    socket.connect(SocketAddr::new(to, 5353)).unwrap();
+    socket.send(b"query").unwrap();
+    let mut buffer = [0u8; 64];
+    let udp = socket.recv(&mut buffer).map(drop);
+    (tcp, took, udp)
+}
+
+#[test]
+fn a_reject_rule_refuses_tcp_with_a_reset_and_udp_with_a_port_unreachable() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    // The client's packets reach the router with their checksums computed, so that the
+    // answers, built from them, come back without offload either: the client's stack checks
+    // every checksum of what tproxy wrote.
+    topo.client.ethtool(&["-K", "eth0", "tx", "off"]).unwrap();
+    let hosts: [std::net::IpAddr; 4] = [
+        "10.10.2.2".parse().unwrap(),
+        "fd00:2::2".parse().unwrap(),
+        "10.10.2.3".parse().unwrap(),
+        "fd00:2::3".parse().unwrap(),
+    ];
+    let (mut tcp_servers, mut udp_servers) = (Vec::new(), Vec::new());
+    for host in hosts {
+        tcp_servers.push(Server::echo(&topo.server, SocketAddr::new(host, 81)).unwrap());
+        udp_servers.push(UdpEcho::start(&topo.server, SocketAddr::new(host, 5353)).unwrap());
+    }
+    let config = ConfigFile::new(REJECT).unwrap();
+    let mut tproxy = start(&topo, &config);
+    for host in &hosts[..2] {
+        let (tcp, took, udp) = answers(&topo, *host);
+        let refused = Some(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(tcp.err().map(|e| e.kind()), refused, "TCP to {host}");
+        assert!(
+            took < Duration::from_secs(1),
+            "refused at once, not timed out: {took:?}"
+        );
+        assert_eq!(udp.err().map(|e| e.kind()), refused, "UDP to {host}");
+    }
+    for host in &hosts[2..] {
+        let (tcp, _, udp) = answers(&topo, *host);
+        assert!(
+            tcp.is_ok() && udp.is_ok(),
+            "{host} is bypassed: {tcp:?} {udp:?}"
+        );
+    }
+    for (index, host) in hosts.iter().enumerate().take(2) {
+        assert!(
+            tcp_servers[index].peers().is_empty(),
+            "no SYN reached {host}"
+        );
+        assert!(
+            udp_servers[index].peer_ips().is_empty(),
+            "no datagram reached {host}"
+        );
+    }
+    let counters = tproxy.ebpf_counters().unwrap();
+    assert!(
+        counters.get("tcp/rejected").is_some_and(|&n| n >= 2)
+            && counters.get("udp/rejected").is_some_and(|&n| n >= 2),
+        "{counters:?}"
+    );
+    tproxy.stop().unwrap();
+    for host in &hosts[..2] {
+        let (tcp, _, udp) = answers(&topo, *host);
+        assert!(
+            tcp.is_ok() && udp.is_ok(),
+            "{host} after tproxy: {tcp:?} {udp:?}"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 use crate::maps::{
     MarkRule, MarkRules, MarkedPacket, Verdict, MARK_RULE_TCP, MARK_RULE_UDP, MAX_MARK_RULES,
     VERDICT_BYPASS, VERDICT_BY_SOURCE, VERDICT_BY_SOURCE_AND_IFACE, VERDICT_DELIVER, VERDICT_DROP,
-    VERDICT_PASS, VERDICT_STEER,
+    VERDICT_PASS, VERDICT_REJECT, VERDICT_STEER,
 };
 
 /// What the program did with one packet. The discriminant is the packet's index in the
@@ -55,11 +55,16 @@ pub enum Outcome {
     /// recipe's MARK does (no socket: dropped, the kernel cannot answer from an address that
     /// is not the host's).
     Delivered = 16,
+    /// A `reject` rule matched (and no socket owned the flow, as for `Dropped`): answered as
+    /// refused, a TCP segment with a reset and a UDP datagram with an ICMP port unreachable
+    /// sent back out of the interface it came in on (see `crate::reject`), and not passed
+    /// on. A packet that cannot be answered (see `reject::answerable`) is dropped.
+    Rejected = 17,
 }
 
 impl Outcome {
     /// Number of outcomes, the length of one `COUNTERS` row.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Every outcome, in counter-index order.
     pub const ALL: [Outcome; Self::COUNT as usize] = [
@@ -80,6 +85,7 @@ impl Outcome {
         Outcome::Unparsed,
         Outcome::Dropped,
         Outcome::Delivered,
+        Outcome::Rejected,
     ];
 
     /// Stable snake_case name, for logs and metrics.
@@ -102,6 +108,7 @@ impl Outcome {
             Outcome::Unparsed => "unparsed",
             Outcome::Dropped => "dropped",
             Outcome::Delivered => "delivered",
+            Outcome::Rejected => "rejected",
         }
     }
 
@@ -179,6 +186,8 @@ pub enum RuleMatch {
     Drop,
     /// A `deliver` rule matches.
     Deliver,
+    /// A `reject` rule matches.
+    Reject,
 }
 
 /// Whether a destination-stage `verdict` needs the source stage, and with which ifindex in
@@ -200,7 +209,12 @@ pub const fn outranks(candidate: &Verdict, best: &Verdict) -> bool {
 const fn is_match(verdict: &Verdict) -> bool {
     matches!(
         verdict.action,
-        VERDICT_STEER | VERDICT_BYPASS | VERDICT_DROP | VERDICT_DELIVER | VERDICT_PASS
+        VERDICT_STEER
+            | VERDICT_BYPASS
+            | VERDICT_DROP
+            | VERDICT_DELIVER
+            | VERDICT_REJECT
+            | VERDICT_PASS
     )
 }
 
@@ -292,7 +306,7 @@ pub const fn other_protocol_outcome(rule: RuleMatch) -> Outcome {
     }
 }
 
-/// The outcome for a packet that a `bypass`, `drop` or `deliver` rule matched and whose flow
+/// The outcome for a packet that a `bypass`, `drop`, `deliver` or `reject` rule matched and whose flow
 /// no socket on this host owns. The socket match comes first for both, as the recipe's socket-match
 /// rule comes ahead of the chain that drops: a flow steered before a reload added the drop
 /// rule keeps its socket.
@@ -300,6 +314,7 @@ pub const fn unowned_outcome(rule: RuleMatch) -> Outcome {
     match rule {
         RuleMatch::Drop => Outcome::Dropped,
         RuleMatch::Deliver => Outcome::Delivered,
+        RuleMatch::Reject => Outcome::Rejected,
         _ => Outcome::Bypassed,
     }
 }
@@ -311,6 +326,7 @@ pub const fn rule_match(verdict: &Verdict) -> RuleMatch {
         VERDICT_BYPASS => RuleMatch::Bypass,
         VERDICT_DROP => RuleMatch::Drop,
         VERDICT_DELIVER => RuleMatch::Deliver,
+        VERDICT_REJECT => RuleMatch::Reject,
         _ => RuleMatch::None,
     }
 }
@@ -507,6 +523,9 @@ pub const fn fragment_outcome(first: Outcome) -> Outcome {
         | Outcome::RefusedDestination
         | Outcome::Unparsed
         | Outcome::Dropped => first,
+        // A fragmented datagram is dropped whole, unanswered: an answer would quote a
+        // fragment, and its later fragments would each need one.
+        Outcome::Rejected => Outcome::Dropped,
         _ => Outcome::FragmentPassed,
     }
 }
@@ -614,8 +633,9 @@ pub const fn tc_action(outcome: Outcome, fail_closed: u32) -> TcAction {
         // the whole header chain; a chain longer than the walk is legal but rare, and passing
         // it would hide any steered flow behind one more header.
         Outcome::RefusedDestination | Outcome::Unparsed => TcAction::Drop,
-        // What the operator's rules say, whatever the fail mode.
-        Outcome::Dropped => TcAction::Drop,
+        // What the operator's rules say, whatever the fail mode. A rejected packet that was
+        // answered is redirected by the program itself; this is for one that could not be.
+        Outcome::Dropped | Outcome::Rejected => TcAction::Drop,
         Outcome::NoListener | Outcome::FragmentUnknown if fail_closed != 0 => TcAction::Drop,
         // A marked packet too: the stack's own lookup decides, as for any packet to this host.
         Outcome::SteeredNew
@@ -907,6 +927,31 @@ mod tests {
     }
 
     #[test]
+    fn a_reject_rule_outranks_as_any_rule_and_a_fragmented_datagram_is_dropped() {
+        let verdict = |action, rank| Verdict {
+            action,
+            listener: 0,
+            cell: 0,
+            rank,
+        };
+        assert_eq!(rule_match(&verdict(VERDICT_REJECT, 3)), RuleMatch::Reject);
+        assert!(outranks(
+            &verdict(VERDICT_REJECT, 3),
+            &verdict(VERDICT_STEER, 4)
+        ));
+        assert!(!outranks(
+            &verdict(VERDICT_REJECT, 5),
+            &verdict(VERDICT_DROP, 4)
+        ));
+        assert_eq!(unowned_outcome(RuleMatch::Reject), Outcome::Rejected);
+        // A fragmented datagram is dropped unanswered, its first fragment too.
+        assert_eq!(fragment_outcome(Outcome::Rejected), Outcome::Dropped);
+        assert_eq!(tc_action(Outcome::Rejected, 0), TcAction::Drop);
+        assert!(!Outcome::Rejected.applies_to(Protocol::Other));
+        assert_eq!(other_protocol_outcome(RuleMatch::Reject), Outcome::Passed);
+    }
+
+    #[test]
     fn packets_of_other_protocols_are_dropped_or_bypassed_by_their_rules_and_else_passed() {
         assert_eq!(other_protocol_outcome(RuleMatch::Drop), Outcome::Dropped);
         assert_eq!(other_protocol_outcome(RuleMatch::Bypass), Outcome::Bypassed);
@@ -953,7 +998,10 @@ mod tests {
             let fail_mode = matches!(outcome, Outcome::NoListener | Outcome::FragmentUnknown);
             let expected_open = if matches!(
                 outcome,
-                Outcome::RefusedDestination | Outcome::Unparsed | Outcome::Dropped
+                Outcome::RefusedDestination
+                    | Outcome::Unparsed
+                    | Outcome::Dropped
+                    | Outcome::Rejected
             ) {
                 TcAction::Drop
             } else if marked {

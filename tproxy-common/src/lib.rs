@@ -12,6 +12,7 @@ pub mod decision;
 pub mod local_origin;
 pub mod local_udp;
 pub mod maps;
+pub mod reject;
 #[cfg(feature = "stats")]
 pub mod stats;
 

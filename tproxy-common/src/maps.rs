@@ -121,7 +121,7 @@ pub struct MarkRule {
     pub src: [u32; 4],
     pub src_mask: [u32; 4],
     /// What the rule does, with its rank ([`VERDICT_STEER`], [`VERDICT_BYPASS`],
-    /// [`VERDICT_DROP`], [`VERDICT_DELIVER`] or [`VERDICT_PASS`]).
+    /// [`VERDICT_DROP`], [`VERDICT_DELIVER`], [`VERDICT_REJECT`] or [`VERDICT_PASS`]).
     pub verdict: Verdict,
     /// For a rule for local connections with an `out_interface`: its bit among the
     /// out-interface bits (see `local_origin::ROUTES_V4_MAP`); the rule matches a connection
@@ -330,10 +330,8 @@ pub struct Verdict {
     pub listener: u32,
     /// For [`VERDICT_BY_SOURCE`] and [`VERDICT_BY_SOURCE_AND_IFACE`]: the [`SrcKey::cell`].
     pub cell: u32,
-    /// For [`VERDICT_STEER`], [`VERDICT_BYPASS`], [`VERDICT_DROP`], [`VERDICT_DELIVER`] and
-    /// [`VERDICT_PASS`]:
-    /// the deciding rule's
-    /// place in the precedence (lower wins), to choose between the answers of the rule groups.
+    /// For [`VERDICT_STEER`], [`VERDICT_BYPASS`], [`VERDICT_DROP`], [`VERDICT_DELIVER`],
+    /// [`VERDICT_REJECT`] and [`VERDICT_PASS`]: the deciding rule's place in the precedence (lower wins), to choose between the answers of the rule groups.
     pub rank: u32,
 }
 
@@ -357,6 +355,9 @@ pub const VERDICT_DELIVER: u32 = 6;
 /// connection's reply direction alone where every rule asks for the original one (the
 /// loader's `DirectionGuard`).
 pub const VERDICT_PASS: u32 = 7;
+/// A `reject` rule matches: only a socket that already owns the flow gets it; otherwise the
+/// packet is answered as refused (a TCP reset, an ICMP port unreachable) and not passed on.
+pub const VERDICT_REJECT: u32 = 8;
 
 /// Most named listeners (each has up to four sockets in [`LISTENERS`]).
 pub const MAX_LISTENERS: u32 = 64;

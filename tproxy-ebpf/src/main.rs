@@ -28,6 +28,7 @@ mod local_datagram;
 mod local_origin;
 mod local_udp;
 mod loopback;
+mod reject;
 
 use core::{ffi::c_void, mem, ptr};
 
@@ -127,28 +128,37 @@ static FRAGMENT_TIMEOUT_V6_NS: Global<u64> = Global::new(DEFAULT_FRAGMENT_TIMEOU
 
 const ETH_HEADER_LEN: usize = 14;
 const VLAN_HEADER_LEN: usize = 4;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_P_IPV4: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-const IPV6_HEADER_LEN: usize = 40;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPV6_HEADER_LEN: usize = 40;
+pub(crate) const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
 
 #[classifier]
 pub fn tproxy_ingress(ctx: TcContext) -> i32 {
     let (protocol, outcome) = steer::<false>(&ctx);
+    if outcome == Outcome::Rejected {
+        count(protocol, outcome);
+        return reject::answer(&ctx);
+    }
     finish(protocol, outcome)
 }
 
 /// Counts the outcome, and tells tc what to do with the packet.
 #[inline(always)]
 fn finish(protocol: Protocol, outcome: Outcome) -> i32 {
+    count(protocol, outcome);
+    decision::tc_action(outcome, FAIL_CLOSED.load()) as i32
+}
+
+#[inline(always)]
+fn count(protocol: Protocol, outcome: Outcome) {
     if let Some(counter) = COUNTERS.get_ptr_mut(counter_index(protocol, outcome)) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *counter += 1 };
     }
-    decision::tc_action(outcome, FAIL_CLOSED.load()) as i32
 }
 
 /// Runs for every listener (TCP) and unconnected-socket (UDP) lookup the kernel makes in
@@ -255,27 +265,8 @@ fn steer<const LOOPBACK: bool>(ctx: &TcContext) -> (Protocol, Outcome) {
             ROUTING_MARK.load(),
             ROUTING_MARK_MASK.load(),
         );
-    let ifindex = skb.ifindex;
-    // SAFETY: only the presence of the entry is read.
-    let ip_only = unsafe { IP_INTERFACES.get(&ifindex) }.is_some();
-    let (ethertype, l3) = if ip_only {
-        // No link-layer header: the packet starts at the IP header, and the device said
-        // which IP version it carries. `protocol` holds the big-endian ethertype.
-        (u16::from_be(skb.protocol as u16), 0)
-    } else {
-        let Some(ethertype) = header::<[u8; 2]>(ctx, 12) else {
-            return NOT_STEERED;
-        };
-        let mut ethertype = u16::from_be_bytes(unsafe { *ethertype });
-        let mut l3 = ETH_HEADER_LEN;
-        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            let Some(inner) = header::<[u8; 2]>(ctx, l3 + 2) else {
-                return NOT_STEERED;
-            };
-            ethertype = u16::from_be_bytes(unsafe { *inner });
-            l3 += VLAN_HEADER_LEN;
-        }
-        (ethertype, l3)
+    let Some((ethertype, l3)) = link_layer(ctx) else {
+        return NOT_STEERED;
     };
     if unmarked_on_loopback && !steered_datagram(ctx, ethertype, l3) {
         return NOT_STEERED;
@@ -285,6 +276,31 @@ fn steer<const LOOPBACK: bool>(ctx: &TcContext) -> (Protocol, Outcome) {
         ETH_P_IPV6 => steer_ipv6::<LOOPBACK>(ctx, l3),
         _ => NOT_STEERED,
     }
+}
+
+/// The packet's ethertype and where its IP header starts: Ethernet with one 802.1Q tag at
+/// most, or nothing on an interface without a link-layer header.
+#[inline(always)]
+pub(crate) fn link_layer(ctx: &TcContext) -> Option<(u16, usize)> {
+    let skb = unsafe { &*ctx.skb.skb };
+    // A copy: the map helper takes the key from the stack, not the context.
+    let ifindex = skb.ifindex;
+    // SAFETY: only the presence of the entry is read.
+    if unsafe { IP_INTERFACES.get(&ifindex) }.is_some() {
+        // No link-layer header: the packet starts at the IP header, and the device said
+        // which IP version it carries. `protocol` holds the big-endian ethertype.
+        return Some((u16::from_be(skb.protocol as u16), 0));
+    }
+    let ethertype = header::<[u8; 2]>(ctx, 12)?;
+    let ethertype = u16::from_be_bytes(unsafe { *ethertype });
+    if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+        return Some((ethertype, ETH_HEADER_LEN));
+    }
+    let inner = header::<[u8; 2]>(ctx, ETH_HEADER_LEN + 2)?;
+    Some((
+        u16::from_be_bytes(unsafe { *inner }),
+        ETH_HEADER_LEN + VLAN_HEADER_LEN,
+    ))
 }
 
 /// Whether an unmarked packet on `lo` is a datagram the `sendmsg` programs steered (read in
@@ -511,9 +527,11 @@ fn steer_flow(
         (RuleMatch::None, _) => Outcome::Passed,
         // Delivered like a steered flow: not to the host's loopback by a mapped address,
         // and the local network's own traffic left to the kernel.
-        (RuleMatch::Steer(_) | RuleMatch::Deliver, DestinationScope::Refused) => {
-            Outcome::RefusedDestination
-        }
+        // Nor answered from the host's loopback.
+        (
+            RuleMatch::Steer(_) | RuleMatch::Deliver | RuleMatch::Reject,
+            DestinationScope::Refused,
+        ) => Outcome::RefusedDestination,
         (RuleMatch::Steer(_) | RuleMatch::Deliver, DestinationScope::LocalScope) => {
             Outcome::LocalScope
         }
@@ -586,7 +604,7 @@ fn steer_transport(
     // it may have been removed by a reload since (see `decision::unowned_outcome`).
     let listener = match rule {
         RuleMatch::None => return Outcome::Passed,
-        RuleMatch::Bypass | RuleMatch::Drop | RuleMatch::Deliver => None,
+        RuleMatch::Bypass | RuleMatch::Drop | RuleMatch::Deliver | RuleMatch::Reject => None,
         RuleMatch::Steer(listener) => Some(listener_slot(listener, ListenerSlot::of(tcp, ipv6))),
     };
     let outcome = if tcp {

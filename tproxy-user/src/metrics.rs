@@ -271,6 +271,7 @@ fn encode_value(kind: Kind, value: u64, encoder: MetricEncoder) -> fmt::Result {
 mod tests {
     use super::*;
     use crate::stats;
+    use tproxy_common::{decision::Protocol, Outcome};
 
     #[derive(Debug)]
     struct Fixed(Stats);
@@ -343,8 +344,10 @@ mod tests {
         let packets = samples
             .iter()
             .filter(|s| s.starts_with("tproxy_packets_total{"));
-        assert_eq!(packets.count(), 51, "{text}");
-        assert_eq!(samples.len(), expected.len() - 1 + 51, "{text}");
+        // Every outcome of every protocol.
+        let outcomes = (Protocol::COUNT * Outcome::COUNT) as usize;
+        assert_eq!(packets.count(), outcomes, "{text}");
+        assert_eq!(samples.len(), expected.len() - 1 + outcomes, "{text}");
         for gauge in [
             "tcp_connections_active",
             "tcp_kernel_map_entries",

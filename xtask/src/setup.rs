@@ -33,6 +33,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     // Pinned maps of an earlier layout, made by hand in the restart tests.
     ("bpftool", "bpftool"),
+    // Checksum offload turned off, so that the answers to rejected packets are checked.
+    ("ethtool", "ethtool"),
     // The transparent proxies that tproxy hands flows to in the external-listener tests.
     ("squid", "squid"),
     ("haproxy", "haproxy"),

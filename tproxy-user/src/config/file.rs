@@ -287,6 +287,7 @@ impl RuleEntry {
                 let arrivals_only = match self.action.0 {
                     RuleAction::Drop => Some("drop"),
                     RuleAction::Deliver => Some("deliver"),
+                    RuleAction::Reject => Some("reject"),
                     RuleAction::Steer | RuleAction::Bypass => None,
                 };
                 if let Some(action) = arrivals_only {
@@ -368,6 +369,12 @@ impl RuleEntry {
                 }
                 Action::Drop
             }
+            RuleAction::Reject => {
+                if let Some(listener) = &self.listener {
+                    bail!("{}: rule[{number}].listener: a reject rule steers nowhere (tproxy answers the packet itself); remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
+                }
+                Action::Reject
+            }
             RuleAction::Deliver => {
                 if let Some(listener) = &self.listener {
                     bail!("{}: rule[{number}].listener: a deliver rule steers nowhere (the kernel finds the packet's socket); remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
@@ -411,7 +418,7 @@ impl RuleEntry {
         let dsts = match &self.dst {
             Some(Destinations::Prefixes(prefixes)) if !prefixes.is_empty() => prefixes.clone(),
             Some(Destinations::Prefixes(_)) => bail!("{where_}: rule[{number}].dst: an empty list matches nothing; leave `dst` out to match every destination"),
-            Some(Destinations::Local { .. }) if matches!(action, Action::Drop | Action::Deliver) => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass and steer rules"),
+            Some(Destinations::Local { .. }) if matches!(action, Action::Drop | Action::Deliver | Action::Reject) => bail!("{where_}: rule[{number}].dst: \"local\" (the host's own addresses) is for bypass and steer rules"),
             Some(Destinations::Anycast { .. }) if action != Action::Bypass => bail!("{where_}: rule[{number}].dst: \"anycast\" (the anycast destinations) is for bypass rules"),
             // Each destination takes the place of its family's (see
             // `Config::set_anycast_destinations`).

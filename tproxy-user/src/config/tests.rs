@@ -150,6 +150,49 @@ fn a_rules_mark_is_read_without_the_routing_marks_bits_or_refused() {
 }
 
 #[test]
+fn reject_is_an_action_for_arrivals_of_tcp_and_udp() {
+    let config = with_file(
+        "interfaces = [\"eth0\"]\n\
+         [[rule]]\nproto = [\"tcp\", \"udp\"]\ndst = \"192.0.2.0/24\"\nports = 7893\naction = \"reject\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.rules.len(), 2);
+    assert!(config
+        .rules
+        .iter()
+        .all(|rule| rule.action == Action::Reject));
+    assert!(
+        config.describe().contains(" reject"),
+        "{}",
+        config.describe()
+    );
+    for (rule, expected) in [
+        (
+            "proto = \"udp\"\naction = \"reject\"\nlistener = \"web\"\n",
+            "rule[1].listener: a reject rule steers nowhere",
+        ),
+        (
+            "proto = \"tcp\"\ndst = \"local\"\naction = \"reject\"\n",
+            "rule[1].dst: \"local\" (the host's own addresses) is for bypass and steer rules",
+        ),
+        (
+            "proto = \"other\"\naction = \"reject\"\n",
+            "action \"reject\": only drop and bypass rules",
+        ),
+        (
+            "proto = \"tcp\"\norigin = \"local\"\naction = \"reject\"\n",
+            "origin \"local\" with action \"reject\"",
+        ),
+    ] {
+        let refused = error(&format!(
+            "interfaces = [\"eth0\"]\n[[listener]]\nname = \"web\"\n[[rule]]\n{rule}"
+        ));
+        assert!(refused.contains(expected), "{rule}: {refused}");
+    }
+}
+
+#[test]
 fn source_ports_split_a_rule_and_drop_is_an_action() {
     let config = with_file(
         "interfaces = [\"eth0\"]\n[[listener]]\nname = \"web\"\n\
@@ -321,7 +364,7 @@ fn errors_name_file_line_column_and_field() {
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"sctp\"\naction = \"steer\"\n", "FILE:3:9: rule[1].proto: `sctp` is not a protocol"),
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\ndst = \"10.0.0.0/33\"\naction = \"bypass\"\n", "FILE:4:7: rule[1].dst: `10.0.0.0/33` is not an IPv4/IPv6 prefix"),
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"steer\"\nlistener = \"web\"\n", "FILE:5:12: rule[1].listener: no listener named `web` (defined: none)"),
-        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"reject\"\n", "FILE:4:10: rule[1].action: `reject` is not an action: use \"steer\", \"bypass\", \"drop\" or \"deliver\""),
+        ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\naction = \"redirect\"\n", "FILE:4:10: rule[1].action: `redirect` is not an action: use \"steer\", \"bypass\", \"drop\", \"reject\" or \"deliver\""),
         ("interfaces = [\"eth0\"]\n[[listener]]\nname = \"web\"\n[[rule]]\nproto = \"tcp\"\naction = \"deliver\"\nlistener = \"web\"\n", "FILE:7:12: rule[1].listener: a deliver rule steers nowhere (the kernel finds the packet's socket); remove `listener = \"web\"`"),
         ("interfaces = [\"eth0\"]\ncolour = \"blue\"\n", "FILE:2:1: colour: unknown field `colour`"),
         ("interfaces = [\"eth0\"]\n[[rule]]\nproto = \"tcp\"\n", "FILE:2:1: missing field `action`"),

@@ -174,14 +174,15 @@ parses!(
 );
 parses!(
     RuleAction,
-    "\"steer\", \"bypass\", \"drop\" or \"deliver\"",
+    "\"steer\", \"bypass\", \"drop\", \"reject\" or \"deliver\"",
     |t: &str| match t {
         "steer" => Ok(RuleAction::Steer),
         "bypass" => Ok(RuleAction::Bypass),
         "drop" => Ok(RuleAction::Drop),
         "deliver" => Ok(RuleAction::Deliver),
+        "reject" => Ok(RuleAction::Reject),
         _ => Err(format!(
-            "`{t}` is not an action: use \"steer\", \"bypass\", \"drop\" or \"deliver\""
+            "`{t}` is not an action: use \"steer\", \"bypass\", \"drop\", \"reject\" or \"deliver\""
         )),
     }
 );
@@ -224,6 +225,7 @@ pub enum RuleAction {
     Bypass,
     Drop,
     Deliver,
+    Reject,
 }
 
 /// One value.

@@ -64,7 +64,7 @@ use ipnet::IpNet;
 use tproxy_common::decision::RuleMatch;
 use tproxy_common::{
     local_origin::MAX_OUT_INTERFACES,
-    maps::{Verdict, VERDICT_BYPASS, VERDICT_DELIVER, VERDICT_DROP, VERDICT_STEER},
+    maps::{Verdict, VERDICT_BYPASS, VERDICT_DELIVER, VERDICT_DROP, VERDICT_REJECT, VERDICT_STEER},
 };
 
 use crate::values::Mark;
@@ -160,6 +160,9 @@ pub enum Action {
     Bypass,
     /// Drop the packet (unless a socket already owns its flow).
     Drop,
+    /// Answer the packet as refused, a TCP reset or an ICMP port unreachable, and drop it
+    /// (unless a socket already owns its flow, as for `Drop`).
+    Reject,
     /// Deliver the packet to this host, as the TPROXY recipe's MARK does without TPROXY:
     /// marked for local delivery, the kernel's own socket lookup decides (a socket that owns
     /// the flow, for UDP one of tproxy's own, still gets it first, as for `bypass`).
@@ -173,6 +176,7 @@ impl fmt::Display for Action {
             Action::Steer(_) => "steer",
             Action::Bypass => "bypass",
             Action::Drop => "drop",
+            Action::Reject => "reject",
             Action::Deliver => "deliver",
         })
     }
@@ -310,6 +314,11 @@ impl Rule {
                 rank,
                 ..Verdict::default()
             },
+            Action::Reject if !self.retired => Verdict {
+                action: VERDICT_REJECT,
+                rank,
+                ..Verdict::default()
+            },
             _ => Verdict {
                 action: VERDICT_BYPASS,
                 rank,
@@ -413,6 +422,7 @@ impl Rule {
             Action::Steer(listener) if !self.retired => RuleMatch::Steer(listener),
             Action::Drop if !self.retired => RuleMatch::Drop,
             Action::Deliver if !self.retired => RuleMatch::Deliver,
+            Action::Reject if !self.retired => RuleMatch::Reject,
             _ => RuleMatch::Bypass,
         }
     }
@@ -556,14 +566,14 @@ pub fn check_origin(rule: &Rule) -> Result<(), String> {
     if !rule.origin.local() {
         return Ok(());
     }
-    if matches!(rule.action, Action::Drop | Action::Deliver) {
+    if matches!(rule.action, Action::Drop | Action::Deliver | Action::Reject) {
         return Err(format!(
             "origin \"{}\" with action \"{}\": a local connection is only steered or \
              left alone when it connects; {}make the rule origin \"forwarded\"",
             rule.origin,
             rule.action,
             match rule.action {
-                Action::Drop => "drop it with a firewall rule in OUTPUT, or ",
+                Action::Drop | Action::Reject => "refuse it with a firewall rule in OUTPUT, or ",
                 _ => "",
             }
         ));

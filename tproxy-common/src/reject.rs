@@ -1,0 +1,458 @@
+//! The answers to packets a `reject` rule took, as netfilter's REJECT writes them: a TCP
+//! segment gets a reset (RFC 9293 3.10.7.1, as `nf_reject`'s `tcp-reset`), a UDP datagram an
+//! ICMP or ICMPv6 port unreachable quoting its start. Built here as bytes from the bytes the
+//! program read, so that every field and checksum is tested on the host; the program only
+//! trims or grows the packet, writes the answer over it and sends it back out of the
+//! interface it came in on.
+//!
+//! What is never answered, as the kernel's own rules for errors have it (RFC 1122 3.2.2,
+//! RFC 4443 2.4): a reset, and a datagram from an address that names no single host
+//! (unspecified, multicast, broadcast) or to a multicast or broadcast address. An IPv4
+//! datagram with options is not answered either (its quote would not have a fixed length).
+//! The program drops what it does not answer.
+
+/// TCP's FIN, SYN, RST and ACK flags, in the flags byte (offset 13).
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMPV6: u8 = 58;
+/// What the answers start with as their TTL or hop limit (the kernel's default).
+const HOPS: u8 = 64;
+
+/// An IPv4 reset: IPv4 header and TCP header.
+pub const RESET_IPV4_LEN: usize = 40;
+/// An IPv6 reset: IPv6 header and TCP header.
+pub const RESET_IPV6_LEN: usize = 60;
+/// What an ICMP error quotes of an IPv4 datagram: its header (without options) and 8 bytes.
+pub const QUOTE_IPV4_LEN: usize = 28;
+/// What an ICMPv6 error quotes of an IPv6 datagram: its header and 8 bytes.
+pub const QUOTE_IPV6_LEN: usize = 48;
+/// An IPv4 port unreachable: IPv4 header, ICMP header and the quote.
+pub const UNREACHABLE_IPV4_LEN: usize = 20 + 8 + QUOTE_IPV4_LEN;
+/// An IPv6 port unreachable: IPv6 header, ICMPv6 header and the quote.
+pub const UNREACHABLE_IPV6_LEN: usize = 40 + 8 + QUOTE_IPV6_LEN;
+
+/// The reset answering the TCP segment whose IPv4 header (without options) is `ip`, whose
+/// TCP header is `tcp` (its first 20 bytes) and which carries `payload_len` bytes, written to
+/// `out`: false (nothing written) for a segment that is not answered.
+#[inline(always)]
+pub fn reset_ipv4(
+    ip: &[u8; 20],
+    tcp: &[u8; 20],
+    payload_len: u32,
+    out: &mut [u8; RESET_IPV4_LEN],
+) -> bool {
+    if !names_one_ipv4_host(&ip[12..16]) || !names_one_ipv4_host(&ip[16..20]) || tcp[13] & RST != 0
+    {
+        return false;
+    }
+    ipv4_header(ip, IPPROTO_TCP, RESET_IPV4_LEN as u16, out);
+    // The pseudo-header: the addresses (in either order, the sum is the same), the protocol
+    // and the TCP length.
+    let pseudo_sum = sum(&ip[12..20], u32::from(IPPROTO_TCP) + 20);
+    reset_header(tcp, payload_len, pseudo_sum, out, 20);
+    true
+}
+
+/// As [`reset_ipv4`], for the segment whose IPv6 header is `ip` (the TCP header right after).
+#[inline(always)]
+pub fn reset_ipv6(
+    ip: &[u8; 40],
+    tcp: &[u8; 20],
+    payload_len: u32,
+    out: &mut [u8; RESET_IPV6_LEN],
+) -> bool {
+    if !names_one_ipv6_host(&ip[8..24]) || !names_one_ipv6_host(&ip[24..40]) || tcp[13] & RST != 0 {
+        return false;
+    }
+    ipv6_header(ip, IPPROTO_TCP, 20, out);
+    reset_header(
+        tcp,
+        payload_len,
+        ipv6_pseudo_sum(ip, IPPROTO_TCP, 20),
+        out,
+        40,
+    );
+    true
+}
+
+/// The port unreachable answering the IPv4 datagram whose first 28 bytes are `quote`,
+/// written to `out`: false for one that is not answered (see the module's documentation).
+#[inline(always)]
+pub fn port_unreachable_ipv4(
+    quote: &[u8; QUOTE_IPV4_LEN],
+    out: &mut [u8; UNREACHABLE_IPV4_LEN],
+) -> bool {
+    if quote[0] != 0x45
+        || !names_one_ipv4_host(&quote[12..16])
+        || !names_one_ipv4_host(&quote[16..20])
+    {
+        return false;
+    }
+    ipv4_header(quote, IPPROTO_ICMP, UNREACHABLE_IPV4_LEN as u16, out);
+    // Destination unreachable, port unreachable; the checksum covers the message alone.
+    out[20] = 3;
+    out[21] = 3;
+    out[28..].copy_from_slice(quote);
+    let checksum = fold(sum(&out[20..], 0));
+    put_u16(out, 22, checksum);
+    true
+}
+
+/// As [`port_unreachable_ipv4`], for IPv6 (an ICMPv6 port unreachable).
+#[inline(always)]
+pub fn port_unreachable_ipv6(
+    quote: &[u8; QUOTE_IPV6_LEN],
+    out: &mut [u8; UNREACHABLE_IPV6_LEN],
+) -> bool {
+    if !names_one_ipv6_host(&quote[8..24]) || !names_one_ipv6_host(&quote[24..40]) {
+        return false;
+    }
+    let len = (UNREACHABLE_IPV6_LEN - 40) as u16;
+    ipv6_header(quote, IPPROTO_ICMPV6, len, out);
+    // Destination unreachable, port unreachable; the checksum covers a pseudo-header too.
+    out[40] = 1;
+    out[41] = 4;
+    out[48..].copy_from_slice(quote);
+    let checksum = fold(sum(&out[40..], ipv6_pseudo_sum(quote, IPPROTO_ICMPV6, len)));
+    put_u16(out, 42, checksum);
+    true
+}
+
+/// The reset's TCP header at `out[at..at + 20]`, answering `tcp` as `nf_reject` does: a
+/// segment with an ACK is answered from the number it acknowledged, one without
+/// acknowledges everything it occupied (a SYN and a FIN take a number each).
+#[inline(always)]
+fn reset_header(tcp: &[u8; 20], payload_len: u32, pseudo_sum: u32, out: &mut [u8], at: usize) {
+    // The ports swapped.
+    out[at] = tcp[2];
+    out[at + 1] = tcp[3];
+    out[at + 2] = tcp[0];
+    out[at + 3] = tcp[1];
+    let flags = tcp[13];
+    if flags & ACK != 0 {
+        out[at + 4..at + 8].copy_from_slice(&tcp[8..12]);
+        out[at + 13] = RST;
+    } else {
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let occupied = payload_len + u32::from(flags & SYN != 0) + u32::from(flags & FIN != 0);
+        out[at + 8..at + 12].copy_from_slice(&seq.wrapping_add(occupied).to_be_bytes());
+        out[at + 13] = RST | ACK;
+    }
+    // Header length 5 words, no window, no urgent pointer.
+    out[at + 12] = 5 << 4;
+    let checksum = fold(sum(&out[at..at + 20], pseudo_sum));
+    put_u16(out, at + 16, checksum);
+}
+
+/// The answer's IPv4 header in `out[..20]`, for the packet whose header starts `original`:
+/// from its destination to its source.
+#[inline(always)]
+fn ipv4_header(original: &[u8], protocol: u8, total_len: u16, out: &mut [u8]) {
+    out[0] = 0x45;
+    put_u16(out, 2, total_len);
+    out[8] = HOPS;
+    out[9] = protocol;
+    out[12..16].copy_from_slice(&original[16..20]);
+    out[16..20].copy_from_slice(&original[12..16]);
+    let checksum = fold(sum(&out[..20], 0));
+    put_u16(out, 10, checksum);
+}
+
+/// The answer's IPv6 header in `out[..40]`, for the packet whose header starts `original`.
+#[inline(always)]
+fn ipv6_header(original: &[u8], next_header: u8, payload_len: u16, out: &mut [u8]) {
+    out[0] = 0x60;
+    put_u16(out, 4, payload_len);
+    out[6] = next_header;
+    out[7] = HOPS;
+    out[8..24].copy_from_slice(&original[24..40]);
+    out[24..40].copy_from_slice(&original[8..24]);
+}
+
+/// The one's-complement sum of IPv6's pseudo-header for an upper-layer packet of `len`
+/// between the addresses of the IPv6 header `ip` (either way round: the sum is the same).
+#[inline(always)]
+fn ipv6_pseudo_sum(ip: &[u8], next_header: u8, len: u16) -> u32 {
+    sum(&ip[8..40], u32::from(len) + u32::from(next_header))
+}
+
+/// Whether an IPv4 address names one host: not unspecified, multicast or broadcast.
+#[inline(always)]
+fn names_one_ipv4_host(addr: &[u8]) -> bool {
+    addr[0] != 0 && addr[0] & 0xf0 != 224 && addr != [255; 4]
+}
+
+/// Whether an IPv6 address names one host: not unspecified or multicast.
+#[inline(always)]
+fn names_one_ipv6_host(addr: &[u8]) -> bool {
+    addr[0] != 0xff && addr != [0; 16]
+}
+
+/// `initial` plus the big-endian 16-bit words of `bytes` (an even number of them), carries
+/// not yet folded.
+#[inline(always)]
+fn sum(bytes: &[u8], initial: u32) -> u32 {
+    let mut total = initial;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        total += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    total
+}
+
+/// The Internet checksum of a sum from [`sum`]: carries folded in, complemented.
+#[inline(always)]
+fn fold(mut total: u32) -> u16 {
+    total = (total & 0xffff) + (total >> 16);
+    total = (total & 0xffff) + (total >> 16);
+    !(total as u16)
+}
+
+#[inline(always)]
+fn put_u16(out: &mut [u8], at: usize, value: u16) {
+    out[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the bytes, checksum included, sum to all ones: how a receiver checks.
+    fn verifies(bytes: &[u8], initial: u32) -> bool {
+        fold(sum(bytes, initial)) == 0
+    }
+
+    fn tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8) -> [u8; 20] {
+        let mut header = [0u8; 20];
+        header[..2].copy_from_slice(&sport.to_be_bytes());
+        header[2..4].copy_from_slice(&dport.to_be_bytes());
+        header[4..8].copy_from_slice(&seq.to_be_bytes());
+        header[8..12].copy_from_slice(&ack.to_be_bytes());
+        header[12] = 5 << 4;
+        header[13] = flags;
+        header
+    }
+
+    fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8) -> [u8; 20] {
+        let mut header = [0u8; 20];
+        header[0] = 0x45;
+        put_u16(&mut header, 2, 128);
+        header[8] = 63;
+        header[9] = protocol;
+        header[12..16].copy_from_slice(&src);
+        header[16..20].copy_from_slice(&dst);
+        let checksum = fold(sum(&header, 0));
+        put_u16(&mut header, 10, checksum);
+        header
+    }
+
+    fn ipv6(src: [u8; 16], dst: [u8; 16], next_header: u8) -> [u8; 40] {
+        let mut header = [0u8; 40];
+        header[0] = 0x60;
+        put_u16(&mut header, 4, 8);
+        header[6] = next_header;
+        header[7] = 64;
+        header[8..24].copy_from_slice(&src);
+        header[24..40].copy_from_slice(&dst);
+        header
+    }
+
+    const CLIENT_V6: [u8; 16] = [0xfd, 0x77, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const SERVER_V6: [u8; 16] = [0xfd, 0x77, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+
+    fn field(bytes: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+    }
+
+    #[test]
+    fn the_ipv4_header_checksum_is_the_textbook_one() {
+        // The example of the checksum's usual explanations: 45 00 00 73 … c0 a8 00 c7.
+        let mut header = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0x00,
+            0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        let checksum = fold(sum(&header, 0));
+        assert_eq!(checksum, 0xb861);
+        put_u16(&mut header, 10, checksum);
+        assert!(verifies(&header, 0));
+    }
+
+    #[test]
+    fn a_syn_is_answered_with_a_reset_acknowledging_it() {
+        let mut out = [0u8; RESET_IPV4_LEN];
+        let syn = tcp(40000, 7893, 0xffff_ffff, 0, SYN);
+        let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
+        assert!(reset_ipv4(&ip, &syn, 0, &mut out));
+        // From the dialled address and port, to the client.
+        assert_eq!(&out[12..20], &[192, 0, 2, 9, 10, 0, 0, 2]);
+        assert_eq!(u16::from_be_bytes([out[20], out[21]]), 7893);
+        assert_eq!(u16::from_be_bytes([out[22], out[23]]), 40000);
+        assert_eq!(field(&out, 24), 0, "no sequence number of its own");
+        assert_eq!(field(&out, 28), 0, "the SYN's number plus one, wrapped");
+        assert_eq!(out[32], 5 << 4);
+        assert_eq!(out[33], RST | ACK);
+        assert_eq!(u16::from_be_bytes([out[2], out[3]]), 40);
+        assert_eq!((out[8], out[9]), (HOPS, IPPROTO_TCP));
+        assert!(verifies(&out[..20], 0));
+        let mut pseudo = [0u8; 12];
+        pseudo[..8].copy_from_slice(&out[12..20]);
+        pseudo[9] = IPPROTO_TCP;
+        pseudo[11] = 20;
+        assert!(verifies(&out[20..], sum(&pseudo, 0)));
+    }
+
+    #[test]
+    fn a_segment_with_an_ack_is_answered_from_the_number_it_acknowledged() {
+        let mut out = [0u8; RESET_IPV4_LEN];
+        let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
+        assert!(reset_ipv4(
+            &ip,
+            &tcp(40000, 80, 1000, 5000, ACK | FIN),
+            300,
+            &mut out
+        ));
+        assert_eq!(field(&out, 24), 5000);
+        assert_eq!(out[33], RST);
+        // Without an ACK, the payload and the FIN are acknowledged.
+        assert!(reset_ipv4(
+            &ip,
+            &tcp(40000, 80, 1000, 0, FIN),
+            300,
+            &mut out
+        ));
+        assert_eq!(field(&out, 28), 1301);
+        assert_eq!(out[33], RST | ACK);
+    }
+
+    #[test]
+    fn resets_and_packets_of_no_single_host_are_not_answered() {
+        let mut out = [0u8; RESET_IPV4_LEN];
+        let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
+        assert!(!reset_ipv4(&ip, &tcp(1, 2, 3, 4, RST), 0, &mut out));
+        assert!(!reset_ipv4(&ip, &tcp(1, 2, 3, 4, RST | ACK), 0, &mut out));
+        for nobody in [[0, 0, 0, 0], [224, 0, 0, 1], [239, 1, 2, 3], [255; 4]] {
+            let from = ipv4(nobody, [192, 0, 2, 9], IPPROTO_TCP);
+            assert!(!reset_ipv4(&from, &tcp(1, 2, 3, 0, SYN), 0, &mut out));
+            let to = ipv4([10, 0, 0, 2], nobody, IPPROTO_TCP);
+            assert!(!reset_ipv4(&to, &tcp(1, 2, 3, 0, SYN), 0, &mut out));
+        }
+        assert_eq!(out, [0; RESET_IPV4_LEN], "nothing written");
+        let mut out = [0u8; RESET_IPV6_LEN];
+        let mut multicast = [0u8; 16];
+        multicast[0] = 0xff;
+        let syn = tcp(1, 2, 3, 0, SYN);
+        assert!(!reset_ipv6(
+            &ipv6(multicast, SERVER_V6, IPPROTO_TCP),
+            &syn,
+            0,
+            &mut out
+        ));
+        assert!(!reset_ipv6(
+            &ipv6(CLIENT_V6, [0; 16], IPPROTO_TCP),
+            &syn,
+            0,
+            &mut out
+        ));
+        let reset = tcp(1, 2, 3, 0, RST);
+        assert!(!reset_ipv6(
+            &ipv6(CLIENT_V6, SERVER_V6, IPPROTO_TCP),
+            &reset,
+            0,
+            &mut out
+        ));
+        assert_eq!(out, [0; RESET_IPV6_LEN], "nothing written");
+    }
+
+    #[test]
+    fn an_ipv6_reset_checksums_with_its_pseudo_header() {
+        let mut out = [0u8; RESET_IPV6_LEN];
+        let ip = ipv6(CLIENT_V6, SERVER_V6, IPPROTO_TCP);
+        assert!(reset_ipv6(&ip, &tcp(40000, 443, 77, 0, SYN), 0, &mut out));
+        assert_eq!(out[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([out[4], out[5]]), 20);
+        assert_eq!((out[6], out[7]), (IPPROTO_TCP, HOPS));
+        assert_eq!(&out[8..24], &SERVER_V6);
+        assert_eq!(&out[24..40], &CLIENT_V6);
+        assert_eq!(u16::from_be_bytes([out[40], out[41]]), 443);
+        assert_eq!(field(&out, 48), 78);
+        let mut pseudo = [0u8; 40];
+        pseudo[..32].copy_from_slice(&out[8..40]);
+        pseudo[35] = 20;
+        pseudo[39] = IPPROTO_TCP;
+        assert!(verifies(&out[40..], sum(&pseudo, 0)));
+    }
+
+    fn udp_quote_ipv4(src: [u8; 4], dst: [u8; 4]) -> [u8; QUOTE_IPV4_LEN] {
+        let mut quote = [0u8; QUOTE_IPV4_LEN];
+        quote[..20].copy_from_slice(&ipv4(src, dst, 17));
+        put_u16(&mut quote, 20, 5353);
+        put_u16(&mut quote, 22, 7893);
+        quote
+    }
+
+    #[test]
+    fn a_datagram_is_answered_with_a_port_unreachable_quoting_it() {
+        let mut out = [0u8; UNREACHABLE_IPV4_LEN];
+        let quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
+        assert!(port_unreachable_ipv4(&quote, &mut out));
+        assert_eq!(&out[12..20], &[192, 0, 2, 9, 10, 0, 0, 2]);
+        assert_eq!(out[9], IPPROTO_ICMP);
+        assert_eq!(
+            u16::from_be_bytes([out[2], out[3]]) as usize,
+            UNREACHABLE_IPV4_LEN
+        );
+        assert_eq!((out[20], out[21]), (3, 3));
+        assert_eq!(&out[24..28], &[0; 4]);
+        assert_eq!(&out[28..], &quote);
+        assert!(verifies(&out[..20], 0));
+        assert!(verifies(&out[20..], 0));
+    }
+
+    #[test]
+    fn datagrams_with_options_or_of_no_single_host_are_not_answered() {
+        let mut out = [0u8; UNREACHABLE_IPV4_LEN];
+        let mut options = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
+        options[0] = 0x46;
+        assert!(!port_unreachable_ipv4(&options, &mut out));
+        for (src, dst) in [
+            ([0, 0, 0, 0], [192, 0, 2, 9]),
+            ([10, 0, 0, 2], [255, 255, 255, 255]),
+            ([10, 0, 0, 2], [239, 255, 255, 250]),
+        ] {
+            assert!(!port_unreachable_ipv4(&udp_quote_ipv4(src, dst), &mut out));
+        }
+        assert_eq!(out, [0; UNREACHABLE_IPV4_LEN]);
+    }
+
+    #[test]
+    fn an_ipv6_datagram_is_answered_with_an_icmpv6_port_unreachable() {
+        let mut quote = [0u8; QUOTE_IPV6_LEN];
+        quote[..40].copy_from_slice(&ipv6(CLIENT_V6, SERVER_V6, 17));
+        put_u16(&mut quote, 40, 5353);
+        put_u16(&mut quote, 42, 7893);
+        let mut out = [0u8; UNREACHABLE_IPV6_LEN];
+        assert!(port_unreachable_ipv6(&quote, &mut out));
+        assert_eq!(&out[8..24], &SERVER_V6);
+        assert_eq!(&out[24..40], &CLIENT_V6);
+        assert_eq!(out[6], IPPROTO_ICMPV6);
+        assert_eq!(u16::from_be_bytes([out[4], out[5]]), 56);
+        assert_eq!((out[40], out[41]), (1, 4));
+        assert_eq!(&out[48..], &quote);
+        let mut pseudo = [0u8; 40];
+        pseudo[..32].copy_from_slice(&out[8..40]);
+        pseudo[35] = 56;
+        pseudo[39] = IPPROTO_ICMPV6;
+        assert!(verifies(&out[40..], sum(&pseudo, 0)));
+        let mut multicast = quote;
+        multicast[24] = 0xff;
+        let mut untouched = [0u8; UNREACHABLE_IPV6_LEN];
+        assert!(!port_unreachable_ipv6(&multicast, &mut untouched));
+        assert_eq!(untouched, [0; UNREACHABLE_IPV6_LEN]);
+    }
+}
