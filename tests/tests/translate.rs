@@ -1054,17 +1054,29 @@ COMMIT
     assert_eq!(translated, original, "translated config:\n{text}");
 }
 
-/// What became of a probe flow: relayed by tproxy, answered by the server directly, or never
-/// answered.
+/// What became of a probe flow: relayed by tproxy, answered by the server directly, refused
+/// (a reset, a port unreachable), or never answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fate {
     Intercepted,
     Direct,
+    Refused,
     Dropped,
 }
 
-/// A flow from the client's IPv4 address, from a source port of its own (0: an ephemeral
-/// one), to a server address.
+/// The fate of a probe that got no answer: refused, or dropped (timed out).
+fn unanswered(error: &anyhow::Error) -> Fate {
+    match error
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
+    {
+        Some(std::io::ErrorKind::ConnectionRefused) => Fate::Refused,
+        _ => Fate::Dropped,
+    }
+}
+
+/// A flow from the client's address of the server address's family, from a source port of
+/// its own (0: an ephemeral one), to a server address.
 #[derive(Clone, Copy, Debug)]
 enum PortProbe {
     Tcp(u16, &'static str),
@@ -1084,8 +1096,12 @@ impl PortProbe {
 
     /// Sends the probe from the client and says what became of it.
     fn fate(self, topo: &Topo, servers: &Servers) -> Fate {
-        let router = Topo::router_as_seen_by_server(false);
-        let client: std::net::IpAddr = Topo::CLIENT_V4.parse().unwrap();
+        let v6 = match self {
+            PortProbe::Tcp(_, to) | PortProbe::Udp(_, to) => to.starts_with('['),
+            PortProbe::Ping(_) => false,
+        };
+        let router = Topo::router_as_seen_by_server(v6);
+        let client = Topo::client_ip(v6);
         let peer = match self {
             PortProbe::Ping(to) => {
                 let to: std::net::Ipv4Addr = to.parse().unwrap();
@@ -1104,7 +1120,7 @@ impl PortProbe {
                 };
                 match answer {
                     Ok(text) => text.parse::<std::net::IpAddr>().unwrap(),
-                    Err(_) => return Fate::Dropped,
+                    Err(error) => return unanswered(&error),
                 }
             }
             PortProbe::Udp(sport, to) => {
@@ -1118,12 +1134,14 @@ impl PortProbe {
                 socket
                     .set_read_timeout(Some(std::time::Duration::from_secs(2)))
                     .unwrap();
+                // Connected: a port unreachable about its datagram is reported on it.
+                socket.connect(to).unwrap();
                 match udp_exchange(&socket, to, b"probe") {
                     Ok((reply, from)) => {
                         assert_eq!((reply.as_slice(), from), (&b"probe"[..], to));
                         server.peer_ips()[0]
                     }
-                    Err(_) => return Fate::Dropped,
+                    Err(error) => return unanswered(&error),
                 }
             }
         };
@@ -3028,5 +3046,70 @@ fn iptables_mark_for_local_delivery_delivers_the_same_flows_translated() {
             .get("tcp/delivered")
             .is_some_and(|count| *count >= 1),
         "the delivery is counted: {counters:?}"
+    );
+}
+
+/// nft's `reject` at prerouting (clash-tproxy's guard of its TPROXY port, fluxproxy's QUIC
+/// block): a TCP reset and an ICMP port unreachable for both families, as tproxy's `reject`
+/// answers; TCP refused by a port unreachable is answered with a reset (refused either way).
+/// A host's RETURN ahead of the rejects lets its flows through, and the TPROXY rule steers
+/// the rest of IPv4.
+const REJECT_NFT: &str = "\
+table inet proxy {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		ip daddr 10.10.2.3 return
+		tcp dport 81 reject with tcp reset
+		udp dport 5353 reject with icmpx port-unreachable
+		ip6 daddr fd00:2::2 tcp dport 82 reject
+		udp dport 5354 reject with icmp port-unreachable
+		iifname \"to-client\" meta l4proto { tcp, udp } tproxy ip to 127.0.0.1:15001 meta mark set 0x1 accept
+	}
+}
+";
+
+#[test]
+fn nft_rejects_refuse_the_same_flows_translated() {
+    require_root();
+    let probes = [
+        PortProbe::Tcp(0, "10.10.2.2:81"),
+        PortProbe::Tcp(0, "[fd00:2::2]:81"),
+        PortProbe::Tcp(0, "10.10.2.3:81"),
+        PortProbe::Udp(0, "10.10.2.2:5353"),
+        PortProbe::Udp(0, "[fd00:2::2]:5353"),
+        PortProbe::Tcp(0, "[fd00:2::2]:82"),
+        PortProbe::Tcp(0, "10.10.2.2:82"),
+        // `icmp`: IPv4 only; IPv6 goes on (the TPROXY rule is for IPv4: the recipe's
+        // routing here is).
+        PortProbe::Udp(0, "10.10.2.2:5354"),
+        PortProbe::Udp(0, "[fd00:2::2]:5354"),
+    ];
+    let (original, translated, config, counters) =
+        fates_loaded_both_ways(&probes, |netns| listed_nft(netns, REJECT_NFT), remove_nft);
+    assert_eq!(
+        fates_of(&original),
+        [
+            Fate::Refused,
+            Fate::Refused,
+            Fate::Direct,
+            Fate::Refused,
+            Fate::Refused,
+            Fate::Refused,
+            Fate::Intercepted,
+            Fate::Refused,
+            Fate::Direct,
+        ],
+        "nft: {original:?}"
+    );
+    assert!(config.contains("action = \"reject\""), "{config}");
+    assert_eq!(translated, original, "translated config:\n{config}");
+    assert!(
+        counters
+            .get("tcp/rejected")
+            .is_some_and(|count| *count >= 3)
+            && counters
+                .get("udp/rejected")
+                .is_some_and(|count| *count >= 3),
+        "the rejects are counted: {counters:?}"
     );
 }

@@ -201,7 +201,7 @@ fn later_decider<'a>(rule: &Parsed, set: Mark, later: &'a [Flat]) -> Option<&'a 
             Target::SetMark(again) | Target::MarkThenAccept(again) if again == set => {}
             Target::Tproxy { .. }
             | Target::Drop
-            | Target::Reject
+            | Target::Reject(_)
             | Target::Deliver
             | Target::SetMark(_)
             | Target::MarkThenAccept(_)

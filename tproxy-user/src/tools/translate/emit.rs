@@ -14,7 +14,7 @@ use super::{
     local, negation, other_protocols,
     own_mark::{self, looks_at_routing, routing_elsewhere},
     precedence::{covers, group_prefixes, more_specific, overlaps, ShadowIndex},
-    Family, Match, Parsed, RuleSet, Target, Translation, UntrackedMark,
+    Family, Match, Parsed, RejectWith, RuleSet, Target, Translation, UntrackedMark,
 };
 use crate::{
     config::{self, Settings},
@@ -57,7 +57,7 @@ pub(super) fn emit(ruleset: RuleSet, source: &str, keep_proxies: bool) -> Transl
     let flat = other_protocols::written_for_them(flat, &mut skipped);
     let (listeners, rules, diverts) =
         listeners_and_rules(flat, keep_proxies, &mut notes, &mut skipped);
-    let rules = rejects_as_bypasses(rules, &listeners, keep_proxies, &mut notes, &mut skipped);
+    let rules = rejects(rules, &listeners, keep_proxies, &mut notes, &mut skipped);
     let mut kept = drop_shadowed(rules, &mut notes, &mut skipped);
     let diverts = diverts_as_bypasses(diverts, &kept, &mut skipped);
     kept.extend(diverts.into_iter().map(|divert| (divert, None)));
@@ -258,7 +258,8 @@ fn diverts_as_bypasses(
         .into_iter()
         .filter(|divert| {
             let outranked = kept.iter().find(|(steer, listener)| {
-                (listener.is_some() || matches!(steer.target, Target::Drop | Target::Deliver))
+                (listener.is_some()
+                    || matches!(steer.target, Target::Drop | Target::Deliver | Target::Reject(_)))
                     && overlaps(&divert.matches, &steer.matches)
                     && more_specific(&divert.matches, &steer.matches)
             });
@@ -275,14 +276,19 @@ fn diverts_as_bypasses(
         .collect()
 }
 
-/// `rules` with each reject (read as a bypass rule) kept where tproxy answers its packets
-/// as the reject did: a reject of the host's own addresses at TPROXY ports (the guides'
-/// guard against connecting to the proxy directly, which would loop). tproxy's listeners
-/// for those ports are on loopback addresses, so a packet for the host's own address at
-/// such a port, once bypassed, finds no socket and is refused by the kernel (a reset, a
-/// port unreachable), and tproxy refuses to relay to its own listeners. Other rejects are
-/// reported.
-fn rejects_as_bypasses(
+/// `rules` with each reject kept where tproxy answers its packets as the reject did:
+/// - a reject of the host's own addresses at TPROXY ports (the guides' guard against
+///   connecting to the proxy directly, which would loop) becomes a bypass: tproxy's
+///   listeners for those ports are on loopback addresses, so such a packet, once bypassed,
+///   finds no socket and is refused by the kernel (a reset, a port unreachable), and tproxy
+///   refuses to relay to its own listeners;
+/// - a reject of TCP and UDP for other destinations becomes tproxy's `reject`, which answers
+///   TCP with a reset and UDP with a port unreachable (TCP refused by an ICMP port
+///   unreachable gets a reset instead, with a note: its connection is refused either way).
+///
+/// Other rejects are reported: another answer (a host unreachable is not a refused
+/// connection), other protocols, the host's own addresses elsewhere.
+fn rejects(
     rules: Vec<Rule>,
     listeners: &Listeners,
     keep_proxies: bool,
@@ -291,17 +297,18 @@ fn rejects_as_bypasses(
 ) -> Vec<Rule> {
     rules
         .into_iter()
-        .filter(|(rule, _)| {
-            if rule.target != Target::Reject {
-                return true;
-            }
+        .filter_map(|(rule, listener)| {
+            let Target::Reject(with) = &rule.target else {
+                return Some((rule, listener));
+            };
             let on_loopback = |port: u16| {
                 listeners
                     .get(&port)
                     .is_some_and(|addrs| addrs.iter().all(|a| a.ip().is_loopback()))
             };
+            let own_addresses = rule.matches.dst_local;
             let guards_listeners = !keep_proxies
-                && rule.matches.dst_local
+                && own_addresses
                 && !rule.matches.ports.is_empty()
                 && rule.matches.ports.iter().all(|ports| match *ports {
                     Ports::One(port) => on_loopback(port),
@@ -317,21 +324,49 @@ fn rejects_as_bypasses(
                      a port unreachable. Stop the proxy that listened on the port",
                     rule.line, rule.text
                 ));
+                return Some((
+                    Parsed {
+                        target: Target::Bypass,
+                        ..rule
+                    },
+                    listener,
+                ));
+            }
+            let tcp = rule.matches.transports.is_empty()
+                || rule.matches.transports.contains(&Transport::Tcp);
+            let refused = if own_addresses || rule.matches.dst_anycast || rule.matches.dst_broadcast
+            {
+                Some(
+                    "`reject` of the host's own addresses (translated only at the TPROXY ports \
+                      of tproxy's own listeners)"
+                        .to_string(),
+                )
+            } else if other_protocols::may_match_other_protocols(&rule.matches) {
+                Some(
+                    "`reject` of protocols besides TCP and UDP: tproxy answers TCP with a reset \
+                      and UDP with a port unreachable, and drops or bypasses the others"
+                        .to_string(),
+                )
+            } else if let RejectWith::Other(answer) = with {
+                Some(format!(
+                    "`reject with {answer}`: tproxy's reject answers TCP with a reset and UDP \
+                     with a port unreachable"
+                ))
             } else {
-                skipped.push(format!(
-                    "line {}: {}: `reject` (translated only for the host's own addresses at \
-                     the TPROXY ports of tproxy's own listeners)",
+                None
+            };
+            if let Some(reason) = refused {
+                skipped.push(format!("line {}: {}: {reason}", rule.line, rule.text));
+                return None;
+            }
+            if *with == RejectWith::PortUnreachable && tcp {
+                notes.push(format!(
+                    "line {}: `{}`: tproxy answers its TCP connections with a reset where the \
+                     rule sent a port unreachable: they are refused either way",
                     rule.line, rule.text
                 ));
             }
-            guards_listeners
-        })
-        .map(|(rule, listener)| {
-            let target = match rule.target {
-                Target::Reject => Target::Bypass,
-                target => target,
-            };
-            (Parsed { target, ..rule }, listener)
+            Some((rule, listener))
         })
         .collect()
 }
@@ -384,9 +419,11 @@ fn listeners_and_rules(
                 ));
                 rules.push((parsed, None))
             }
-            Target::Bypass | Target::Return | Target::Reject | Target::Drop | Target::Deliver => {
-                rules.push((parsed, None))
-            }
+            Target::Bypass
+            | Target::Return
+            | Target::Reject(_)
+            | Target::Drop
+            | Target::Deliver => rules.push((parsed, None)),
             Target::Unsteered(reason) => notes.push(format!(
                 "line {}: `{}`: {reason}; left out",
                 parsed.line, parsed.text
@@ -660,11 +697,13 @@ fn covers_common(outer: &Match, a: &Match, b: &Match) -> bool {
     })
 }
 
-/// Whether two kept rules do the same: steer to the same listener, bypass, drop or deliver.
+/// Whether two kept rules do the same: steer to the same listener, bypass, drop, reject or
+/// deliver.
 fn same_action(a: &Parsed, a_listener: Option<u16>, b: &Parsed, b_listener: Option<u16>) -> bool {
     let ends = |rule: &Parsed| match rule.target {
-        Target::Drop => Some(Target::Drop),
-        Target::Deliver => Some(Target::Deliver),
+        Target::Drop => Some("drop"),
+        Target::Deliver => Some("deliver"),
+        Target::Reject(_) => Some("reject"),
         _ => None,
     };
     a_listener == b_listener && ends(a) == ends(b)
@@ -988,7 +1027,11 @@ fn unseen_marks_left_out(kept: Vec<Rule>, routing: Mark, skipped: &mut Vec<Strin
 fn acts_on_lo_arrivals((rule, listener): &Rule) -> bool {
     !rule.matches.local
         && rule.matches.iface.as_deref() == Some(LOOPBACK)
-        && (listener.is_some() || matches!(rule.target, Target::Drop | Target::Deliver))
+        && (listener.is_some()
+            || matches!(
+                rule.target,
+                Target::Drop | Target::Deliver | Target::Reject(_)
+            ))
 }
 
 /// `kept` without the forwarded rules that steer or drop arrivals on `lo` when other rules
@@ -1114,6 +1157,9 @@ fn write_rule(out: &mut String, (rule, listener): &Rule) {
         }
         None if rule.target == Target::Deliver => {
             let _ = writeln!(out, "action = \"deliver\"");
+        }
+        None if matches!(rule.target, Target::Reject(_)) => {
+            let _ = writeln!(out, "action = \"reject\"");
         }
         None => {
             let _ = writeln!(out, "action = \"bypass\"");

@@ -148,7 +148,7 @@ fn goes_on(m: &Match, later: &[Flat]) -> Result<(), String> {
             rule.target,
             Target::Drop
                 | Target::Deliver
-                | Target::Reject
+                | Target::Reject(_)
                 | Target::SetMark(_)
                 | Target::MarkThenAccept(_)
         ) {
@@ -195,7 +195,7 @@ fn taken_later(m: &Match, later: &[Flat]) -> Result<(), String> {
             | Target::Ignore
             | Target::SocketDivert
             | Target::Established(_) => {}
-            Target::Bypass | Target::Return | Target::Reject
+            Target::Bypass | Target::Return | Target::Reject(_)
                 if r.dst_local || (!r.dst.is_empty() && r.dst.iter().all(loopback)) => {}
             _ => {
                 return Err(format!(

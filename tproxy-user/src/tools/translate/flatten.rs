@@ -105,7 +105,11 @@ impl Decides {
             }),
             // A mark and accept may be a delivery (see `deliver`).
             acts: matching(&|t| {
-                steers(t) || matches!(t, Target::Drop | Target::Reject | Target::MarkThenAccept(_))
+                steers(t)
+                    || matches!(
+                        t,
+                        Target::Drop | Target::Reject(_) | Target::MarkThenAccept(_)
+                    )
             }),
         }
     }
@@ -394,6 +398,7 @@ fn flatten_rules(
                             later.target,
                             Target::Tproxy { .. }
                                 | Target::Drop
+                                | Target::Reject(_)
                                 | Target::Jump(_)
                                 | Target::Goto(_)
                                 | Target::SetMark(_)
@@ -575,7 +580,7 @@ fn decides_all(rule: &Parsed, m: &Match) -> bool {
         Target::Tproxy { .. }
             | Target::Bypass
             | Target::Return
-            | Target::Reject
+            | Target::Reject(_)
             | Target::Drop
             | Target::MarkThenAccept(_)
     ) && !rule.matches.excludes()

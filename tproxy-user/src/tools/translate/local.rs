@@ -157,7 +157,7 @@ pub(super) fn rules(ruleset: &RuleSet, prerouting: &[Flat], notes: &mut Vec<Stri
             | Target::Established(_)
             | Target::Jump(_)
             | Target::Goto(_)
-            | Target::Reject => out.push(refuse("not a target for locally generated traffic")),
+            | Target::Reject(_) => out.push(refuse("not a target for locally generated traffic")),
         }
     }
     out_interface_of_bypasses_left_out(&mut out);
@@ -448,7 +448,7 @@ fn on_lo_to_own_addresses(rule: &Parsed, set: Mark, prerouting: &[Flat]) -> Vec<
             .is_none_or(|iface| iface_covers(iface, "lo"))
             && !m.not_iface.iter().any(|iface| iface_covers(iface, "lo"));
         let target = match candidate.target {
-            Target::Tproxy { .. } | Target::Reject => candidate.target.clone(),
+            Target::Tproxy { .. } | Target::Reject(_) => candidate.target.clone(),
             Target::Bypass | Target::Return => Target::Bypass,
             Target::Drop => Target::Drop,
             // Delivered to the host's own sockets, which their destination is anyway.
@@ -574,7 +574,7 @@ fn target_on_lo(
             candidate.target,
             Target::Bypass | Target::Return | Target::Deliver
         );
-        let takes = lets_go || matches!(candidate.target, Target::Drop | Target::Reject);
+        let takes = lets_go || matches!(candidate.target, Target::Drop | Target::Reject(_));
         let by_source = !(candidate.matches.src.is_empty() && candidate.matches.not_src.is_empty());
         if takes && !covered && by_source {
             // The host's packets carry the address its route picks, unknown here: the rule

@@ -268,9 +268,9 @@ enum Target {
     Unsteered(String),
     /// RETURN: back to the calling chain (from a base chain: the policy, untouched).
     Return,
-    /// nft `reject`: translated only where tproxy leaves the packets unanswered anyway (see
-    /// `emit::rejects_as_bypasses`).
-    Reject,
+    /// nft `reject`: tproxy's `reject` where it answers as the rule did, and at the host's own
+    /// addresses a bypass where nothing answers them (see `emit::rejects`).
+    Reject(RejectWith),
     /// The socket match's "divert" jump: tproxy has it built in.
     SocketDivert,
     /// Another way of handing established flows their socket, built in as well where the
@@ -480,10 +480,21 @@ fn words(line: &str) -> Vec<String> {
     words
 }
 
+/// How a reject answers (nft `reject with …`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RejectWith {
+    /// `tcp reset`.
+    Reset,
+    /// An ICMP, ICMPv6 or either (`icmpx`) port unreachable: nft's answer without `with`.
+    PortUnreachable,
+    /// Any other answer, as written.
+    Other(String),
+}
+
 /// Checks that a rule for the host's own addresses can be a `dst = "local"` bypass rule:
 /// it bypasses, and names no other destination.
 fn local_bypass(m: &Match, target: &Target) -> Result<(), String> {
-    if !matches!(target, Target::Bypass | Target::Return | Target::Reject) {
+    if !matches!(target, Target::Bypass | Target::Return | Target::Reject(_)) {
         return Err(
             "a match on the host's own addresses with a target other than RETURN or ACCEPT".into(),
         );

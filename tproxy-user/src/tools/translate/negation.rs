@@ -204,7 +204,7 @@ fn steered_or_dropped_later(holes: &[Parsed], later: &[Flat]) -> Option<usize> {
             }
             let later_matches = without_exclusions(&later.matches);
             match later.target {
-                Target::Tproxy { .. } | Target::Drop | Target::Deliver
+                Target::Tproxy { .. } | Target::Drop | Target::Deliver | Target::Reject(_)
                     if overlaps(&hole.matches, &later_matches) =>
                 {
                     return Some(position)
@@ -294,7 +294,12 @@ const REPEATED: &str = " (repeated for what line ";
 fn decides_all(rule: &Parsed, m: &Match) -> bool {
     matches!(
         rule.target,
-        Target::Tproxy { .. } | Target::Bypass | Target::Return | Target::Drop | Target::Deliver
+        Target::Tproxy { .. }
+            | Target::Bypass
+            | Target::Return
+            | Target::Drop
+            | Target::Deliver
+            | Target::Reject(_)
     ) && !rule.matches.excludes()
         && covers(&rule.matches, m)
 }

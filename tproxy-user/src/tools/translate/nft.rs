@@ -10,7 +10,7 @@ use super::{
     by_address_type, cgroup_path, complement, interface_name, interface_pattern, local_bypass,
     other_classids, other_ids, other_protocol_rule, other_transports, port_range,
     precedence::iface_covers, set_mark_value, tproxy_port, words, AddressType, Chain, Entry,
-    Family, Match, Parsed, RuleSet, Target, UntrackedMark,
+    Family, Match, Parsed, RejectWith, RuleSet, Target, UntrackedMark,
 };
 use crate::{
     datapath::rules::CtDirection,
@@ -960,19 +960,7 @@ impl Rule<'_> {
                     });
                 Ok(i + 1)
             }
-            "reject" => {
-                self.target.get_or_insert(Target::Reject);
-                // `reject with icmpx [type] host-unreachable`, `reject with tcp reset`.
-                let mut next = i + 1;
-                if w.get(next).is_some_and(|x| x == "with") {
-                    next += 2;
-                    if w.get(next).is_some_and(|x| x == "type") {
-                        next += 1;
-                    }
-                    next += 1;
-                }
-                Ok(next.min(w.len()))
-            }
+            "reject" => self.reject(i + 1),
             "jump" | "goto" => {
                 let name = w.get(i + 1).ok_or("jump without a chain")?;
                 let chain = format!("{}/{name}", self.table);
@@ -997,6 +985,42 @@ impl Rule<'_> {
             self.m.matches_nothing = true;
         }
         Ok(found)
+    }
+
+    /// A `reject` whose `with …` (if any) starts at `w[i]`: `reject with icmpx [type]
+    /// host-unreachable`, `reject with tcp reset`. An ICMP answer of one family is the
+    /// rule's match of that family (nft adds it), as `tcp reset` is of TCP.
+    fn reject(&mut self, i: usize) -> Result<usize, String> {
+        let w = &self.w;
+        if w.get(i).is_none_or(|x| x != "with") {
+            self.target
+                .get_or_insert(Target::Reject(RejectWith::PortUnreachable));
+            return Ok(i);
+        }
+        let kind = w.get(i + 1).ok_or("reject with nothing")?.clone();
+        let mut next = i + 2;
+        if w.get(next).is_some_and(|x| x == "type") {
+            next += 1;
+        }
+        let answer = w.get(next).ok_or("reject with a type missing")?.clone();
+        let (with, family) = match (kind.as_str(), answer.as_str()) {
+            ("tcp", "reset") => (RejectWith::Reset, None),
+            ("icmp", "port-unreachable") => (RejectWith::PortUnreachable, Some(Family::V4)),
+            ("icmpv6", "port-unreachable") => (RejectWith::PortUnreachable, Some(Family::V6)),
+            ("icmpx", "port-unreachable") => (RejectWith::PortUnreachable, None),
+            _ => (RejectWith::Other(format!("{kind} {answer}")), None),
+        };
+        if let Some(family) = family {
+            if self.m.family.is_some_and(|f| f != family) {
+                self.m.matches_nothing = true;
+            }
+            self.m.family = Some(family);
+        }
+        if with == RejectWith::Reset {
+            self.m.transports = vec![Transport::Tcp];
+        }
+        self.target.get_or_insert(Target::Reject(with));
+        Ok(next + 1)
     }
 
     /// `meta nfproto` values at `w[i]`: one family, a set of them (`{ ipv4, ipv6 }`, fw4's

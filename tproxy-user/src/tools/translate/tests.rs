@@ -1219,7 +1219,8 @@ table inet fw4 {
 
 /// The guides' guard against connecting to the TPROXY port directly: a reject of the host's
 /// own addresses at that port becomes a bypass (nothing answers there in the translation);
-/// any other reject, or one in front of proxies that stay, is reported.
+/// a reject of other destinations tproxy's reject, and one in front of proxies that stay is
+/// reported.
 #[test]
 fn a_reject_guarding_the_tproxy_port_becomes_a_bypass() {
     let input = "\
@@ -1233,13 +1234,7 @@ table inet t {
 }
 ";
     let t = translate(input).unwrap();
-    assert!(
-        t.skipped.len() == 1
-            && t.skipped[0].starts_with("line 5:")
-            && t.skipped[0].contains("`reject` (translated only"),
-        "{:?}",
-        t.skipped
-    );
+    assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     assert!(
         t.notes
             .iter()
@@ -1249,7 +1244,9 @@ table inet t {
     );
     assert!(
         t.config
-            .contains("dst = \"local\"\nports = [7895]\naction = \"bypass\"\n\n[[rule]]\n# line 6"),
+            .contains("dst = \"local\"\nports = [7895]\naction = \"bypass\"\n\n[[rule]]\n# line 5")
+            && t.config
+                .contains("proto = [\"tcp\"]\nports = [7893]\naction = \"reject\"\n"),
         "{}",
         t.config
     );
@@ -1259,6 +1256,73 @@ table inet t {
         kept.skipped.iter().any(|s| s.starts_with("line 4:")),
         "{:?}",
         kept.skipped
+    );
+}
+
+/// What tproxy's reject answers (a TCP reset, a port unreachable of either family) is
+/// translated; TCP refused by a port unreachable gets a reset with a note; other answers,
+/// other protocols and the host's own addresses elsewhere are reported. An ICMP answer of one
+/// family makes the rule that family's.
+#[test]
+fn rejects_translate_where_tproxy_answers_as_they_did() {
+    let input = "\
+table inet t {
+	chain p {
+		type filter hook prerouting priority mangle; policy accept;
+		ip daddr 192.0.2.0/24 tcp dport 25 reject with tcp reset
+		udp dport 443 reject
+		tcp dport 8443 reject with icmpx port-unreachable
+		udp dport 5354 reject with icmp type port-unreachable
+		tcp dport 23 reject with icmpx host-unreachable
+		ip daddr 198.51.100.7 reject
+		fib daddr type local tcp dport 22 reject with tcp reset
+		meta l4proto { tcp, udp } tproxy to :7895 meta mark set 0x00000001
+	}
+}
+";
+    let t = translate(input).unwrap();
+    let reported: Vec<&str> = t.skipped.iter().map(|s| &s[..8]).collect();
+    assert_eq!(
+        reported,
+        ["line 8: ", "line 9: ", "line 10:"],
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped[0].contains("`reject with icmpx host-unreachable`"),
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped[1].contains("protocols besides TCP and UDP"),
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.skipped[2].contains("the host's own addresses"),
+        "{:?}",
+        t.skipped
+    );
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.starts_with("line 6:") && n.contains("refused either way")),
+        "{:?}",
+        t.notes
+    );
+    for line in 4..=7 {
+        let rule = t
+            .config
+            .split("[[rule]]")
+            .find(|rule| rule.contains(&format!("# line {line}:")))
+            .unwrap_or_else(|| panic!("line {line} in:\n{}", t.config));
+        assert!(rule.contains("action = \"reject\""), "{rule}");
+    }
+    assert!(
+        t.config
+            .contains("dst = [\"0.0.0.0/0\"]\nports = [5354]\naction = \"reject\""),
+        "IPv4 only:\n{}",
+        t.config
     );
 }
 
