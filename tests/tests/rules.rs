@@ -613,7 +613,8 @@ fn a_reject_rule_refuses_tcp_with_a_reset_and_udp_with_a_port_unreachable() {
     }
     let config = ConfigFile::new(REJECT).unwrap();
     let mut tproxy = start(&topo, &config);
-    for host in &hosts[..2] {
+    // More than once: each answer is built where the one before was.
+    for host in hosts[..2].iter().cycle().take(6) {
         let (tcp, took, udp) = answers(&topo, *host);
         let refused = Some(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(tcp.err().map(|e| e.kind()), refused, "TCP to {host}");
@@ -646,6 +647,13 @@ fn a_reject_rule_refuses_tcp_with_a_reset_and_udp_with_a_port_unreachable() {
             && counters.get("udp/rejected").is_some_and(|&n| n >= 2),
         "{counters:?}"
     );
+    // A flood of datagrams gets the kernel's own ICMP rate: a burst of 50, then one a
+    // millisecond (per CPU).
+    let unreachables = topo.client.run(|| port_unreachables_for_a_flood(300));
+    assert!(
+        (40..=100).contains(&unreachables),
+        "{unreachables} port unreachables for 300 datagrams"
+    );
     tproxy.stop().unwrap();
     for host in &hosts[..2] {
         let (tcp, _, udp) = answers(&topo, *host);
@@ -654,4 +662,52 @@ fn a_reject_rule_refuses_tcp_with_a_reset_and_udp_with_a_port_unreachable() {
             "{host} after tproxy: {tcp:?} {udp:?}"
         );
     }
+}
+
+/// Whether the Internet checksum over `bytes` (checksum included) holds.
+fn checksum_holds(bytes: &[u8]) -> bool {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// Sends `datagrams` UDP datagrams to 10.10.2.2:5353 at once from the calling thread's
+/// namespace and counts the ICMP port unreachables that come back within half a second.
+fn port_unreachables_for_a_flood(datagrams: usize) -> usize {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let icmp = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).unwrap();
+    icmp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // Room for every answer, were they all sent (the default holds about 150).
+    nix::sys::socket::setsockopt(&icmp, nix::sys::socket::sockopt::RcvBufForce, &(4 << 20))
+        .unwrap();
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    for _ in 0..datagrams {
+        // Unconnected: the errors are not reported on the socket, nothing stops the sends.
+        udp.send_to(b"flood", addr("10.10.2.2:5353")).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut buffer = [std::mem::MaybeUninit::new(0u8); 1500];
+    let mut count = 0;
+    while Instant::now() < deadline {
+        let Ok(len) = icmp.recv(&mut buffer) else {
+            continue;
+        };
+        // SAFETY: the kernel wrote `len` bytes.
+        let packet: Vec<u8> = buffer[..len]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let header = usize::from(packet[0] & 0x0f) * 4;
+        // With a checksum that holds: the client's offload is off.
+        if packet.get(header..header + 2) == Some(&[3, 3]) && checksum_holds(&packet[header..]) {
+            count += 1;
+        }
+    }
+    count
 }

@@ -10,6 +10,11 @@
 //! (unspecified, multicast, broadcast) or to a multicast or broadcast address. An IPv4
 //! datagram with options is not answered either (its quote would not have a fixed length).
 //! The program drops what it does not answer.
+//!
+//! ICMP answers are limited in rate as the kernel limits its own ICMP errors (its defaults:
+//! 1000 a second, bursts of 50), per CPU: a flood of datagrams with a forged source would
+//! otherwise have the router send a larger packet for each to whoever the source names.
+//! Resets are not (nor are netfilter's): one answers one segment, never larger.
 
 /// TCP's FIN, SYN, RST and ACK flags, in the flags byte (offset 13).
 const FIN: u8 = 0x01;
@@ -36,6 +41,43 @@ pub const UNREACHABLE_IPV4_LEN: usize = 20 + 8 + QUOTE_IPV4_LEN;
 /// An IPv6 port unreachable: IPv6 header, ICMPv6 header and the quote.
 pub const UNREACHABLE_IPV6_LEN: usize = 40 + 8 + QUOTE_IPV6_LEN;
 
+/// ICMP answers a second, per CPU (the kernel's `net.ipv4.icmp_msgs_per_sec` default).
+pub const ICMP_ANSWERS_PER_SEC: u64 = 1000;
+/// ICMP answers that may go at once after a quiet time (`net.ipv4.icmp_msgs_burst`).
+pub const ICMP_ANSWERS_BURST: u64 = 50;
+const NS_PER_ICMP_ANSWER: u64 = 1_000_000_000 / ICMP_ANSWERS_PER_SEC;
+
+/// A CPU's budget of ICMP answers: a token bucket (all zeros: full at its first use).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnswerBudget {
+    /// Answers that may go now.
+    pub tokens: u64,
+    /// Up to when the tokens were counted in.
+    pub counted_ns: u64,
+}
+
+/// Whether an ICMP answer may go at `now_ns` (a monotonic clock): takes its token.
+#[inline(always)]
+pub fn take_icmp_answer(budget: &mut AnswerBudget, now_ns: u64) -> bool {
+    let earned = now_ns.saturating_sub(budget.counted_ns) / NS_PER_ICMP_ANSWER;
+    if earned > 0 {
+        let tokens = budget.tokens.saturating_add(earned);
+        if tokens >= ICMP_ANSWERS_BURST {
+            budget.tokens = ICMP_ANSWERS_BURST;
+            budget.counted_ns = now_ns;
+        } else {
+            budget.tokens = tokens;
+            budget.counted_ns += earned * NS_PER_ICMP_ANSWER;
+        }
+    }
+    if budget.tokens == 0 {
+        return false;
+    }
+    budget.tokens -= 1;
+    true
+}
+
 /// The reset answering the TCP segment whose IPv4 header (without options) is `ip`, whose
 /// TCP header is `tcp` (its first 20 bytes) and which carries `payload_len` bytes, written to
 /// `out`: false (nothing written) for a segment that is not answered.
@@ -50,6 +92,8 @@ pub fn reset_ipv4(
     {
         return false;
     }
+    // Every byte is written: the program builds each answer where it built the last one.
+    *out = [0; RESET_IPV4_LEN];
     ipv4_header(ip, IPPROTO_TCP, RESET_IPV4_LEN as u16, out);
     // The pseudo-header: the addresses (in either order, the sum is the same), the protocol
     // and the TCP length.
@@ -69,6 +113,7 @@ pub fn reset_ipv6(
     if !names_one_ipv6_host(&ip[8..24]) || !names_one_ipv6_host(&ip[24..40]) || tcp[13] & RST != 0 {
         return false;
     }
+    *out = [0; RESET_IPV6_LEN];
     ipv6_header(ip, IPPROTO_TCP, 20, out);
     reset_header(
         tcp,
@@ -93,6 +138,7 @@ pub fn port_unreachable_ipv4(
     {
         return false;
     }
+    *out = [0; UNREACHABLE_IPV4_LEN];
     ipv4_header(quote, IPPROTO_ICMP, UNREACHABLE_IPV4_LEN as u16, out);
     // Destination unreachable, port unreachable; the checksum covers the message alone.
     out[20] = 3;
@@ -113,6 +159,7 @@ pub fn port_unreachable_ipv6(
         return false;
     }
     let len = (UNREACHABLE_IPV6_LEN - 40) as u16;
+    *out = [0; UNREACHABLE_IPV6_LEN];
     ipv6_header(quote, IPPROTO_ICMPV6, len, out);
     // Destination unreachable, port unreachable; the checksum covers a pseudo-header too.
     out[40] = 1;
@@ -271,6 +318,32 @@ mod tests {
     }
 
     #[test]
+    fn icmp_answers_come_in_bursts_of_50_then_1000_a_second() {
+        let mut budget = AnswerBudget::default();
+        let start = 5_000_000_000;
+        let sent = (0..200)
+            .filter(|_| take_icmp_answer(&mut budget, start))
+            .count();
+        assert_eq!(sent, 50, "a burst at first use");
+        // One more each millisecond, with nothing saved up for a burst in between.
+        assert!(!take_icmp_answer(&mut budget, start + 999_999));
+        assert!(take_icmp_answer(&mut budget, start + 1_000_000));
+        assert!(!take_icmp_answer(&mut budget, start + 1_000_001));
+        let second = (0..1000u64)
+            .filter(|ms| take_icmp_answer(&mut budget, start + 2_000_000 + ms * 1_000_000))
+            .count();
+        assert_eq!(second, 1000);
+        // A quiet second fills the bucket to its burst, no more.
+        let later = start + 10_000_000_000;
+        let burst = (0..200)
+            .filter(|_| take_icmp_answer(&mut budget, later))
+            .count();
+        assert_eq!(burst, 50);
+        // A clock that went back earns nothing.
+        assert!(!take_icmp_answer(&mut budget, later - 5_000_000));
+    }
+
+    #[test]
     fn the_ipv4_header_checksum_is_the_textbook_one() {
         // The example of the checksum's usual explanations: 45 00 00 73 … c0 a8 00 c7.
         let mut header = [
@@ -305,6 +378,32 @@ mod tests {
         pseudo[9] = IPPROTO_TCP;
         pseudo[11] = 20;
         assert!(verifies(&out[20..], sum(&pseudo, 0)));
+    }
+
+    /// The program builds each answer where it built the last one: nothing of that may
+    /// remain, checksums least of all.
+    #[test]
+    fn an_answer_built_over_an_earlier_one_is_the_same_as_one_built_fresh() {
+        let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
+        let syn = tcp(40000, 7893, 7, 0, SYN);
+        let (mut fresh, mut reused) = ([0u8; RESET_IPV4_LEN], [0xa5u8; RESET_IPV4_LEN]);
+        assert!(reset_ipv4(&ip, &syn, 0, &mut fresh) && reset_ipv4(&ip, &syn, 0, &mut reused));
+        assert_eq!(fresh, reused);
+        let ip6 = ipv6(CLIENT_V6, SERVER_V6, IPPROTO_TCP);
+        let (mut fresh, mut reused) = ([0u8; RESET_IPV6_LEN], [0xa5u8; RESET_IPV6_LEN]);
+        assert!(reset_ipv6(&ip6, &syn, 0, &mut fresh) && reset_ipv6(&ip6, &syn, 0, &mut reused));
+        assert_eq!(fresh, reused);
+        let quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
+        let (mut fresh, mut reused) = ([0u8; UNREACHABLE_IPV4_LEN], [0xa5u8; UNREACHABLE_IPV4_LEN]);
+        assert!(port_unreachable_ipv4(&quote, &mut fresh));
+        assert!(port_unreachable_ipv4(&quote, &mut reused));
+        assert_eq!(fresh, reused);
+        let mut quote = [0u8; QUOTE_IPV6_LEN];
+        quote[..40].copy_from_slice(&ipv6(CLIENT_V6, SERVER_V6, 17));
+        let (mut fresh, mut reused) = ([0u8; UNREACHABLE_IPV6_LEN], [0xa5u8; UNREACHABLE_IPV6_LEN]);
+        assert!(port_unreachable_ipv6(&quote, &mut fresh));
+        assert!(port_unreachable_ipv6(&quote, &mut reused));
+        assert_eq!(fresh, reused);
     }
 
     #[test]

@@ -2,17 +2,21 @@
 //! unreachable; built by `tproxy_common::reject`) and goes back out of the interface it came
 //! in on, from the address it was sent to, as netfilter's REJECT answers for a router. What
 //! gets no answer (a reset, a packet from or to no single host, an IPv4 datagram with
-//! options, an IPv6 packet whose transport header follows extension headers) is dropped.
+//! options, an IPv6 packet whose transport header follows extension headers, an ICMP answer
+//! beyond the rate the kernel allows its own) is dropped.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
-    helpers::generated::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    },
     macros::map,
     maps::PerCpuArray,
     programs::TcContext,
 };
 use tproxy_common::reject::{
-    self, QUOTE_IPV4_LEN, QUOTE_IPV6_LEN, RESET_IPV4_LEN, RESET_IPV6_LEN, UNREACHABLE_IPV4_LEN,
+    self, AnswerBudget, QUOTE_IPV4_LEN, QUOTE_IPV6_LEN, RESET_IPV4_LEN, RESET_IPV6_LEN, UNREACHABLE_IPV4_LEN,
     UNREACHABLE_IPV6_LEN,
 };
 
@@ -34,6 +38,9 @@ pub struct Scratch {
 
 #[map]
 static REJECT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Each CPU's budget of ICMP answers (see `tproxy_common::reject::take_icmp_answer`).
+#[map]
+static ICMP_ANSWER_BUDGET: PerCpuArray<AnswerBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Answers the packet and returns what tc does next: redirect the answer, or drop a packet
 /// that gets none. Its headers are parsed again rather than carried out of `steer`, whose
@@ -67,6 +74,7 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
                     ctx.store(l3, &s.reset_v4, 0).ok()?;
                 }
                 IPPROTO_UDP => {
+                    icmp_answer_allowed()?;
                     load(ctx, l3, &mut s.quote_v4)?;
                     reject::port_unreachable_ipv4(&s.quote_v4, &mut s.unreachable_v4)
                         .then_some(())?;
@@ -89,6 +97,7 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
                     ctx.store(l3, &s.reset_v6, 0).ok()?;
                 }
                 IPPROTO_UDP => {
+                    icmp_answer_allowed()?;
                     load(ctx, l3, &mut s.quote_v6)?;
                     reject::port_unreachable_ipv6(&s.quote_v6, &mut s.unreachable_v6)
                         .then_some(())?;
@@ -101,6 +110,16 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
         _ => return None,
     }
     swap_link_addresses(ctx, l3)
+}
+
+/// Takes one of this CPU's ICMP answers; `None` when they are spent for now.
+#[inline(always)]
+fn icmp_answer_allowed() -> Option<()> {
+    // SAFETY: a per-CPU slot, no other user while this program runs on this CPU.
+    let budget = unsafe { &mut *ICMP_ANSWER_BUDGET.get_ptr_mut(0)? };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    reject::take_icmp_answer(budget, now).then_some(())
 }
 
 /// Copies `N` bytes of the packet from `offset` into `to` (all of them, or `None`).
