@@ -647,12 +647,49 @@ fn a_reject_rule_refuses_tcp_with_a_reset_and_udp_with_a_port_unreachable() {
             && counters.get("udp/rejected").is_some_and(|&n| n >= 2),
         "{counters:?}"
     );
-    // A flood of datagrams gets the kernel's own ICMP rate: a burst of 50, then one a
-    // millisecond (per CPU).
-    let unreachables = topo.client.run(|| port_unreachables_for_a_flood(300));
+    // Where the sender left its checksums to the device (the client's offload on), the
+    // answers keep that state: the device that finishes them, here the router's kernel (the
+    // interface's offload off), must write them right for the client to take them.
+    topo.client.ethtool(&["-K", "eth0", "tx", "on"]).unwrap();
+    topo.router
+        .ethtool(&["-K", Topo::ROUTER_CLIENT_IFACE, "tx", "off"])
+        .unwrap();
+    for host in &hosts[..2] {
+        let (tcp, _, udp) = answers(&topo, *host);
+        let refused = Some(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            tcp.err().map(|e| e.kind()),
+            refused,
+            "TCP to {host}, finished by the device"
+        );
+        assert_eq!(
+            udp.err().map(|e| e.kind()),
+            refused,
+            "UDP to {host}, finished by the device"
+        );
+    }
+    // Floods get the kernel's own ICMP rates: from many sources, a burst of 50 in all
+    // (per CPU), then one a millisecond; from one source, bursts of 6 to it, then one a
+    // second (the client's address had three of them above).
+    let sources: Vec<String> = (10..110).map(|host| format!("10.10.1.{host}")).collect();
+    for source in &sources {
+        topo.client
+            .ip(&["addr", "add", &format!("{source}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    let unreachables = topo
+        .client
+        .run(move || port_unreachables_for_a_flood(&sources, 1));
     assert!(
-        (40..=100).contains(&unreachables),
-        "{unreachables} port unreachables for 300 datagrams"
+        (40..=60).contains(&unreachables),
+        "{unreachables} port unreachables for a datagram from each of 100 sources"
+    );
+    let unreachables = topo
+        .client
+        .run(|| port_unreachables_for_a_flood(&["10.10.1.2".to_string()], 300));
+    assert!(
+        (1..=4).contains(&unreachables),
+        "{unreachables} port unreachables for 300 datagrams from one source"
     );
     tproxy.stop().unwrap();
     for host in &hosts[..2] {
@@ -664,32 +701,28 @@ fn a_reject_rule_refuses_tcp_with_a_reset_and_udp_with_a_port_unreachable() {
     }
 }
 
-/// Whether the Internet checksum over `bytes` (checksum included) holds.
-fn checksum_holds(bytes: &[u8]) -> bool {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
-}
-
-/// Sends `datagrams` UDP datagrams to 10.10.2.2:5353 at once from the calling thread's
-/// namespace and counts the ICMP port unreachables that come back within half a second.
-fn port_unreachables_for_a_flood(datagrams: usize) -> usize {
+/// Sends `datagrams` UDP datagrams from each of the `sources` to 10.10.2.2:5353 at once
+/// from the calling thread's namespace, and counts the ICMP port unreachables that come back
+/// within half a second.
+fn port_unreachables_for_a_flood(sources: &[String], datagrams: usize) -> usize {
     use socket2::{Domain, Protocol, Socket, Type};
+    // One CPU's budget: the datagrams are handled on the CPU that sends them.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
     let icmp = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).unwrap();
     icmp.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     // Room for every answer, were they all sent (the default holds about 150).
     nix::sys::socket::setsockopt(&icmp, nix::sys::socket::sockopt::RcvBufForce, &(4 << 20))
         .unwrap();
-    let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    for _ in 0..datagrams {
-        // Unconnected: the errors are not reported on the socket, nothing stops the sends.
-        udp.send_to(b"flood", addr("10.10.2.2:5353")).unwrap();
+    for source in sources {
+        let udp = std::net::UdpSocket::bind((source.as_str(), 0)).unwrap();
+        for _ in 0..datagrams {
+            // Unconnected: the errors are not reported on the socket, nothing stops the
+            // sends.
+            udp.send_to(b"flood", addr("10.10.2.2:5353")).unwrap();
+        }
     }
     let deadline = Instant::now() + Duration::from_millis(500);
     let mut buffer = [std::mem::MaybeUninit::new(0u8); 1500];
@@ -705,7 +738,9 @@ fn port_unreachables_for_a_flood(datagrams: usize) -> usize {
             .collect();
         let header = usize::from(packet[0] & 0x0f) * 4;
         // With a checksum that holds: the client's offload is off.
-        if packet.get(header..header + 2) == Some(&[3, 3]) && checksum_holds(&packet[header..]) {
+        if packet.get(header..header + 2) == Some(&[3, 3])
+            && tproxy_tests::packets::checksum(&[&packet[header..]]) == 0
+        {
             count += 1;
         }
     }

@@ -1942,7 +1942,7 @@ fn nft_a_chain_that_only_filters_is_kept_and_still_rejects_what_tproxy_steers() 
     );
     let expected: Vec<Fate> = {
         use Fate::*;
-        vec![Dropped, Dropped, Intercepted, Intercepted, Intercepted]
+        vec![Refused, Refused, Intercepted, Intercepted, Intercepted]
     };
     let fates = fates_of(&original);
     assert_eq!(fates, expected, "nft: {original:?}");
@@ -2002,7 +2002,7 @@ fn nft_a_kept_notrack_of_the_tproxy_mark_does_not_untrack_what_tproxy_steers() {
     let fates = fates_of(&original);
     assert_eq!(
         fates,
-        [Fate::Intercepted, Fate::Intercepted, Fate::Dropped],
+        [Fate::Intercepted, Fate::Intercepted, Fate::Refused],
         "nft: {original:?}"
     );
     assert_eq!(translated, original, "translated config:\n{config}");

@@ -58,7 +58,7 @@ pub enum Outcome {
     /// A `reject` rule matched (and no socket owned the flow, as for `Dropped`): answered as
     /// refused, a TCP segment with a reset and a UDP datagram with an ICMP port unreachable
     /// sent back out of the interface it came in on (see `crate::reject`), and not passed
-    /// on. A packet that cannot be answered (see `reject::answerable`) is dropped.
+    /// on. A packet that gets no answer (see `crate::reject`) is dropped.
     Rejected = 17,
 }
 

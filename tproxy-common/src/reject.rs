@@ -11,10 +11,19 @@
 //! datagram with options is not answered either (its quote would not have a fixed length).
 //! The program drops what it does not answer.
 //!
-//! ICMP answers are limited in rate as the kernel limits its own ICMP errors (its defaults:
-//! 1000 a second, bursts of 50), per CPU: a flood of datagrams with a forged source would
-//! otherwise have the router send a larger packet for each to whoever the source names.
-//! Resets are not (nor are netfilter's): one answers one segment, never larger.
+//! ICMP answers are limited in rate as the kernel limits the ICMP errors it sends in all (its
+//! defaults: 1000 a second, bursts of 50), here per CPU and without the kernel's further
+//! limit per destination: a flood of datagrams with a forged source would otherwise have the
+//! router send a larger packet for each to whoever the source names. Resets are not (nor
+//! are netfilter's): one answers one segment, never larger.
+//!
+//! A packet whose transport checksum is left for the device to finish (the kernel's
+//! `CHECKSUM_PARTIAL`: from a veth or a tun with offloads, or merged by GRO) keeps that state
+//! when it becomes its answer, and where the device finishes it (a NIC, a VM behind a tap)
+//! it sums from where the packet's transport header was, into its checksum field. The
+//! answer is written for that: a reset's checksum field holds the pseudo-header's sum, as
+//! the kernel's own TCP leaves it, and an ICMP checksum counts the quoted UDP header's
+//! checksum as the device will write it (the quote ends the packet, where that header was).
 
 /// TCP's FIN, SYN, RST and ACK flags, in the flags byte (offset 13).
 const FIN: u8 = 0x01;
@@ -41,13 +50,30 @@ pub const UNREACHABLE_IPV4_LEN: usize = 20 + 8 + QUOTE_IPV4_LEN;
 /// An IPv6 port unreachable: IPv6 header, ICMPv6 header and the quote.
 pub const UNREACHABLE_IPV6_LEN: usize = 40 + 8 + QUOTE_IPV6_LEN;
 
-/// ICMP answers a second, per CPU (the kernel's `net.ipv4.icmp_msgs_per_sec` default).
-pub const ICMP_ANSWERS_PER_SEC: u64 = 1000;
-/// ICMP answers that may go at once after a quiet time (`net.ipv4.icmp_msgs_burst`).
-pub const ICMP_ANSWERS_BURST: u64 = 50;
-const NS_PER_ICMP_ANSWER: u64 = 1_000_000_000 / ICMP_ANSWERS_PER_SEC;
+/// How fast a budget of ICMP answers fills up and how many it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnswerRate {
+    /// Nanoseconds per answer earned.
+    pub ns_per_answer: u64,
+    /// Answers that may go at once after a quiet time.
+    pub burst: u64,
+}
 
-/// A CPU's budget of ICMP answers: a token bucket (all zeros: full at its first use).
+/// In all, per CPU: the kernel's `net.ipv4.icmp_msgs_per_sec` and `icmp_msgs_burst` defaults.
+pub const ICMP_ANSWERS_PER_CPU: AnswerRate = AnswerRate {
+    ns_per_answer: 1_000_000,
+    burst: 50,
+};
+/// Per destination (the forged source a flood names): the kernel's `icmp_ratelimit` default,
+/// one a second, with its bursts of six.
+pub const ICMP_ANSWERS_PER_DESTINATION: AnswerRate = AnswerRate {
+    ns_per_answer: 1_000_000_000,
+    burst: 6,
+};
+/// Destinations whose budgets are kept (the least recently answered go first).
+pub const ICMP_ANSWER_DESTINATIONS: u32 = 4096;
+
+/// A budget of ICMP answers: a token bucket (all zeros: full at its first use).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AnswerBudget {
@@ -57,18 +83,22 @@ pub struct AnswerBudget {
     pub counted_ns: u64,
 }
 
-/// Whether an ICMP answer may go at `now_ns` (a monotonic clock): takes its token.
+/// Whether an ICMP answer may go at `now_ns` (a monotonic clock) under `rate`: takes its token.
 #[inline(always)]
-pub fn take_icmp_answer(budget: &mut AnswerBudget, now_ns: u64) -> bool {
-    let earned = now_ns.saturating_sub(budget.counted_ns) / NS_PER_ICMP_ANSWER;
+pub fn take_icmp_answer(budget: &mut AnswerBudget, rate: AnswerRate, now_ns: u64) -> bool {
+    let earned = match budget.counted_ns {
+        // Never used: full.
+        0 => rate.burst,
+        counted => now_ns.saturating_sub(counted) / rate.ns_per_answer,
+    };
     if earned > 0 {
         let tokens = budget.tokens.saturating_add(earned);
-        if tokens >= ICMP_ANSWERS_BURST {
-            budget.tokens = ICMP_ANSWERS_BURST;
+        if tokens >= rate.burst {
+            budget.tokens = rate.burst;
             budget.counted_ns = now_ns;
         } else {
             budget.tokens = tokens;
-            budget.counted_ns += earned * NS_PER_ICMP_ANSWER;
+            budget.counted_ns += earned * rate.ns_per_answer;
         }
     }
     if budget.tokens == 0 {
@@ -76,6 +106,25 @@ pub fn take_icmp_answer(budget: &mut AnswerBudget, now_ns: u64) -> bool {
     }
     budget.tokens -= 1;
     true
+}
+
+/// Whether an IPv4 header's checksum holds and its total length fits the `available` bytes
+/// from it and its headers (`transport_header_len`: the TCP header's, or UDP's 8), as the
+/// kernel checks them before it would answer.
+#[inline(always)]
+pub fn ipv4_header_holds(ip: &[u8; 20], transport_header_len: u32, available: u32) -> bool {
+    let total = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+    ip[0] == 0x45
+        && fold(sum(ip, 0)) == 0
+        && total >= 20 + transport_header_len
+        && total <= available
+}
+
+/// As [`ipv4_header_holds`], for an IPv6 header.
+#[inline(always)]
+pub fn ipv6_header_holds(ip: &[u8; 40], transport_header_len: u32, available: u32) -> bool {
+    let payload = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+    ip[0] >> 4 == 6 && payload >= transport_header_len && payload + 40 <= available
 }
 
 /// The reset answering the TCP segment whose IPv4 header (without options) is `ip`, whose
@@ -86,19 +135,20 @@ pub fn reset_ipv4(
     ip: &[u8; 20],
     tcp: &[u8; 20],
     payload_len: u32,
+    left_to_device: bool,
     out: &mut [u8; RESET_IPV4_LEN],
 ) -> bool {
-    if !names_one_ipv4_host(&ip[12..16]) || !names_one_ipv4_host(&ip[16..20]) || tcp[13] & RST != 0
-    {
+    if !answerable_ipv4(ip) || tcp[13] & RST != 0 {
         return false;
     }
     // Every byte is written: the program builds each answer where it built the last one.
     *out = [0; RESET_IPV4_LEN];
-    ipv4_header(ip, IPPROTO_TCP, RESET_IPV4_LEN as u16, out);
+    // Don't fragment, as `nf_reject` sends it.
+    ipv4_header(ip, IPPROTO_TCP, RESET_IPV4_LEN as u16, 0, 0x40, out);
     // The pseudo-header: the addresses (in either order, the sum is the same), the protocol
     // and the TCP length.
     let pseudo_sum = sum(&ip[12..20], u32::from(IPPROTO_TCP) + 20);
-    reset_header(tcp, payload_len, pseudo_sum, out, 20);
+    reset_header(tcp, payload_len, pseudo_sum, left_to_device, out, 20);
     true
 }
 
@@ -108,20 +158,16 @@ pub fn reset_ipv6(
     ip: &[u8; 40],
     tcp: &[u8; 20],
     payload_len: u32,
+    left_to_device: bool,
     out: &mut [u8; RESET_IPV6_LEN],
 ) -> bool {
-    if !names_one_ipv6_host(&ip[8..24]) || !names_one_ipv6_host(&ip[24..40]) || tcp[13] & RST != 0 {
+    if !answerable_ipv6(ip) || tcp[13] & RST != 0 {
         return false;
     }
     *out = [0; RESET_IPV6_LEN];
     ipv6_header(ip, IPPROTO_TCP, 20, out);
-    reset_header(
-        tcp,
-        payload_len,
-        ipv6_pseudo_sum(ip, IPPROTO_TCP, 20),
-        out,
-        40,
-    );
+    let pseudo_sum = ipv6_pseudo_sum(ip, IPPROTO_TCP, 20);
+    reset_header(tcp, payload_len, pseudo_sum, left_to_device, out, 40);
     true
 }
 
@@ -130,21 +176,27 @@ pub fn reset_ipv6(
 #[inline(always)]
 pub fn port_unreachable_ipv4(
     quote: &[u8; QUOTE_IPV4_LEN],
+    left_to_device: bool,
     out: &mut [u8; UNREACHABLE_IPV4_LEN],
 ) -> bool {
-    if quote[0] != 0x45
-        || !names_one_ipv4_host(&quote[12..16])
-        || !names_one_ipv4_host(&quote[16..20])
-    {
+    if quote[0] != 0x45 || !answerable_ipv4(quote) {
         return false;
     }
     *out = [0; UNREACHABLE_IPV4_LEN];
-    ipv4_header(quote, IPPROTO_ICMP, UNREACHABLE_IPV4_LEN as u16, out);
+    // The Internet Control precedence, as the kernel's own ICMP errors have it.
+    ipv4_header(
+        quote,
+        IPPROTO_ICMP,
+        UNREACHABLE_IPV4_LEN as u16,
+        0xc0,
+        0,
+        out,
+    );
     // Destination unreachable, port unreachable; the checksum covers the message alone.
     out[20] = 3;
     out[21] = 3;
     out[28..].copy_from_slice(quote);
-    let checksum = fold(sum(&out[20..], 0));
+    let checksum = fold(message_sum(&out[20..], left_to_device, 0));
     put_u16(out, 22, checksum);
     true
 }
@@ -153,9 +205,10 @@ pub fn port_unreachable_ipv4(
 #[inline(always)]
 pub fn port_unreachable_ipv6(
     quote: &[u8; QUOTE_IPV6_LEN],
+    left_to_device: bool,
     out: &mut [u8; UNREACHABLE_IPV6_LEN],
 ) -> bool {
-    if !names_one_ipv6_host(&quote[8..24]) || !names_one_ipv6_host(&quote[24..40]) {
+    if !answerable_ipv6(quote) {
         return false;
     }
     let len = (UNREACHABLE_IPV6_LEN - 40) as u16;
@@ -165,16 +218,40 @@ pub fn port_unreachable_ipv6(
     out[40] = 1;
     out[41] = 4;
     out[48..].copy_from_slice(quote);
-    let checksum = fold(sum(&out[40..], ipv6_pseudo_sum(quote, IPPROTO_ICMPV6, len)));
+    let pseudo_sum = ipv6_pseudo_sum(quote, IPPROTO_ICMPV6, len);
+    let checksum = fold(message_sum(&out[40..], left_to_device, pseudo_sum));
     put_u16(out, 42, checksum);
     true
 }
 
+/// The sum of an ICMP message that ends with a quoted UDP header, counting that header's
+/// checksum as the device finishing the packet's checksum writes it (see the module's
+/// documentation): over the quoted header, which holds the original's pseudo-header sum.
+#[inline(always)]
+fn message_sum(message: &[u8], left_to_device: bool, initial: u32) -> u32 {
+    let udp = message.len() - 8;
+    let total = sum(&message[..udp], initial);
+    if !left_to_device {
+        return sum(&message[udp..], total);
+    }
+    let device = fold(sum(&message[udp..], 0));
+    sum(&message[udp..udp + 6], total) + u32::from(device)
+}
+
 /// The reset's TCP header at `out[at..at + 20]`, answering `tcp` as `nf_reject` does: a
 /// segment with an ACK is answered from the number it acknowledged, one without
-/// acknowledges everything it occupied (a SYN and a FIN take a number each).
+/// acknowledges everything it occupied (a SYN and a FIN take a number each). Its checksum
+/// is whole, or when `left_to_device` the pseudo-header's sum (see the module's
+/// documentation).
 #[inline(always)]
-fn reset_header(tcp: &[u8; 20], payload_len: u32, pseudo_sum: u32, out: &mut [u8], at: usize) {
+fn reset_header(
+    tcp: &[u8; 20],
+    payload_len: u32,
+    pseudo_sum: u32,
+    left_to_device: bool,
+    out: &mut [u8],
+    at: usize,
+) {
     // The ports swapped.
     out[at] = tcp[2];
     out[at + 1] = tcp[3];
@@ -192,16 +269,22 @@ fn reset_header(tcp: &[u8; 20], payload_len: u32, pseudo_sum: u32, out: &mut [u8
     }
     // Header length 5 words, no window, no urgent pointer.
     out[at + 12] = 5 << 4;
-    let checksum = fold(sum(&out[at..at + 20], pseudo_sum));
+    let checksum = match left_to_device {
+        true => !fold(pseudo_sum),
+        false => fold(sum(&out[at..at + 20], pseudo_sum)),
+    };
     put_u16(out, at + 16, checksum);
 }
 
 /// The answer's IPv4 header in `out[..20]`, for the packet whose header starts `original`:
-/// from its destination to its source.
+/// from its destination to its source, with `tos` and the `flags` byte (its first three
+/// bits).
 #[inline(always)]
-fn ipv4_header(original: &[u8], protocol: u8, total_len: u16, out: &mut [u8]) {
+fn ipv4_header(original: &[u8], protocol: u8, total_len: u16, tos: u8, flags: u8, out: &mut [u8]) {
     out[0] = 0x45;
+    out[1] = tos;
     put_u16(out, 2, total_len);
+    out[6] = flags;
     out[8] = HOPS;
     out[9] = protocol;
     out[12..16].copy_from_slice(&original[16..20]);
@@ -228,16 +311,35 @@ fn ipv6_pseudo_sum(ip: &[u8], next_header: u8, len: u16) -> u32 {
     sum(&ip[8..40], u32::from(len) + u32::from(next_header))
 }
 
-/// Whether an IPv4 address names one host: not unspecified, multicast or broadcast.
+/// Whether the packet whose IPv4 header starts `ip` is between two hosts on the wire, and
+/// not from the address it is sent to (a "land" packet would be answered to its target).
 #[inline(always)]
-fn names_one_ipv4_host(addr: &[u8]) -> bool {
-    addr[0] != 0 && addr[0] & 0xf0 != 224 && addr != [255; 4]
+fn answerable_ipv4(ip: &[u8]) -> bool {
+    names_one_ipv4_host(&ip[12..16]) && names_one_ipv4_host(&ip[16..20]) && ip[12..16] != ip[16..20]
 }
 
-/// Whether an IPv6 address names one host: not unspecified or multicast.
+/// As [`answerable_ipv4`], for an IPv6 header.
+#[inline(always)]
+fn answerable_ipv6(ip: &[u8]) -> bool {
+    names_one_ipv6_host(&ip[8..24]) && names_one_ipv6_host(&ip[24..40]) && ip[8..24] != ip[24..40]
+}
+
+/// Whether an IPv4 address names one host on the wire: not 0/8 (this network), loopback,
+/// multicast, or 240/4 (reserved, the limited broadcast with it), which the kernel takes for
+/// martians.
+#[inline(always)]
+fn names_one_ipv4_host(addr: &[u8]) -> bool {
+    addr[0] != 0 && addr[0] != 127 && addr[0] < 224
+}
+
+/// Whether an IPv6 address names one host on the wire: not multicast, unspecified, loopback
+/// or IPv4-mapped.
 #[inline(always)]
 fn names_one_ipv6_host(addr: &[u8]) -> bool {
-    addr[0] != 0xff && addr != [0; 16]
+    let v4_sized = addr[..10] == [0; 10];
+    let mapped = v4_sized && addr[10] == 0xff && addr[11] == 0xff;
+    let unspecified_or_loopback = v4_sized && addr[10..15] == [0; 5] && addr[15] <= 1;
+    addr[0] != 0xff && !mapped && !unspecified_or_loopback
 }
 
 /// `initial` plus the big-endian 16-bit words of `bytes` (an even number of them), carries
@@ -322,25 +424,103 @@ mod tests {
         let mut budget = AnswerBudget::default();
         let start = 5_000_000_000;
         let sent = (0..200)
-            .filter(|_| take_icmp_answer(&mut budget, start))
+            .filter(|_| take_icmp_answer(&mut budget, ICMP_ANSWERS_PER_CPU, start))
             .count();
         assert_eq!(sent, 50, "a burst at first use");
         // One more each millisecond, with nothing saved up for a burst in between.
-        assert!(!take_icmp_answer(&mut budget, start + 999_999));
-        assert!(take_icmp_answer(&mut budget, start + 1_000_000));
-        assert!(!take_icmp_answer(&mut budget, start + 1_000_001));
+        assert!(!take_icmp_answer(
+            &mut budget,
+            ICMP_ANSWERS_PER_CPU,
+            start + 999_999
+        ));
+        assert!(take_icmp_answer(
+            &mut budget,
+            ICMP_ANSWERS_PER_CPU,
+            start + 1_000_000
+        ));
+        assert!(!take_icmp_answer(
+            &mut budget,
+            ICMP_ANSWERS_PER_CPU,
+            start + 1_000_001
+        ));
         let second = (0..1000u64)
-            .filter(|ms| take_icmp_answer(&mut budget, start + 2_000_000 + ms * 1_000_000))
+            .filter(|ms| {
+                take_icmp_answer(
+                    &mut budget,
+                    ICMP_ANSWERS_PER_CPU,
+                    start + 2_000_000 + ms * 1_000_000,
+                )
+            })
             .count();
         assert_eq!(second, 1000);
         // A quiet second fills the bucket to its burst, no more.
         let later = start + 10_000_000_000;
         let burst = (0..200)
-            .filter(|_| take_icmp_answer(&mut budget, later))
+            .filter(|_| take_icmp_answer(&mut budget, ICMP_ANSWERS_PER_CPU, later))
             .count();
         assert_eq!(burst, 50);
         // A clock that went back earns nothing.
-        assert!(!take_icmp_answer(&mut budget, later - 5_000_000));
+        assert!(!take_icmp_answer(
+            &mut budget,
+            ICMP_ANSWERS_PER_CPU,
+            later - 5_000_000
+        ));
+    }
+
+    #[test]
+    fn a_destination_gets_six_answers_then_one_a_second() {
+        let mut budget = AnswerBudget::default();
+        let rate = ICMP_ANSWERS_PER_DESTINATION;
+        let start = 5_000_000_000;
+        assert_eq!(
+            (0..20)
+                .filter(|_| take_icmp_answer(&mut budget, rate, start))
+                .count(),
+            6
+        );
+        assert!(!take_icmp_answer(&mut budget, rate, start + 999_999_999));
+        assert!(take_icmp_answer(&mut budget, rate, start + 1_000_000_000));
+        assert!(!take_icmp_answer(&mut budget, rate, start + 1_000_000_001));
+    }
+
+    #[test]
+    fn headers_that_do_not_hold_are_not_answered() {
+        let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], 17);
+        // 128 bytes long, with a UDP header.
+        assert!(ipv4_header_holds(&ip, 8, 128));
+        assert!(!ipv4_header_holds(&ip, 8, 127), "longer than the frame");
+        let mut bad = ip;
+        bad[10] ^= 1;
+        assert!(!ipv4_header_holds(&bad, 8, 128), "checksum");
+        let mut short = ipv4([10, 0, 0, 2], [192, 0, 2, 9], 6);
+        put_u16(&mut short, 2, 20);
+        put_u16(&mut short, 10, 0);
+        let checksum = fold(sum(&short, 0));
+        put_u16(&mut short, 10, checksum);
+        assert!(
+            !ipv4_header_holds(&short, 20, 128),
+            "no room for its TCP header"
+        );
+        let mut version = ip;
+        version[0] = 0x55;
+        assert!(!ipv4_header_holds(&version, 8, 128));
+        let ip6 = ipv6(CLIENT_V6, SERVER_V6, 17);
+        assert!(ipv6_header_holds(&ip6, 8, 48));
+        assert!(!ipv6_header_holds(&ip6, 8, 47));
+        assert!(!ipv6_header_holds(&ip6, 20, 48), "no room for a TCP header");
+        let mut version = ip6;
+        version[0] = 0x40;
+        assert!(!ipv6_header_holds(&version, 8, 48));
+        // From the address it is sent to.
+        let mut out = [0u8; RESET_IPV4_LEN];
+        let land = ipv4([192, 0, 2, 9], [192, 0, 2, 9], IPPROTO_TCP);
+        assert!(!reset_ipv4(
+            &land,
+            &tcp(1, 2, 3, 0, SYN),
+            0,
+            false,
+            &mut out
+        ));
     }
 
     #[test]
@@ -361,7 +541,7 @@ mod tests {
         let mut out = [0u8; RESET_IPV4_LEN];
         let syn = tcp(40000, 7893, 0xffff_ffff, 0, SYN);
         let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
-        assert!(reset_ipv4(&ip, &syn, 0, &mut out));
+        assert!(reset_ipv4(&ip, &syn, 0, false, &mut out));
         // From the dialled address and port, to the client.
         assert_eq!(&out[12..20], &[192, 0, 2, 9, 10, 0, 0, 2]);
         assert_eq!(u16::from_be_bytes([out[20], out[21]]), 7893);
@@ -387,23 +567,77 @@ mod tests {
         let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
         let syn = tcp(40000, 7893, 7, 0, SYN);
         let (mut fresh, mut reused) = ([0u8; RESET_IPV4_LEN], [0xa5u8; RESET_IPV4_LEN]);
-        assert!(reset_ipv4(&ip, &syn, 0, &mut fresh) && reset_ipv4(&ip, &syn, 0, &mut reused));
+        assert!(
+            reset_ipv4(&ip, &syn, 0, false, &mut fresh)
+                && reset_ipv4(&ip, &syn, 0, false, &mut reused)
+        );
         assert_eq!(fresh, reused);
         let ip6 = ipv6(CLIENT_V6, SERVER_V6, IPPROTO_TCP);
         let (mut fresh, mut reused) = ([0u8; RESET_IPV6_LEN], [0xa5u8; RESET_IPV6_LEN]);
-        assert!(reset_ipv6(&ip6, &syn, 0, &mut fresh) && reset_ipv6(&ip6, &syn, 0, &mut reused));
+        assert!(
+            reset_ipv6(&ip6, &syn, 0, false, &mut fresh)
+                && reset_ipv6(&ip6, &syn, 0, false, &mut reused)
+        );
         assert_eq!(fresh, reused);
         let quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
         let (mut fresh, mut reused) = ([0u8; UNREACHABLE_IPV4_LEN], [0xa5u8; UNREACHABLE_IPV4_LEN]);
-        assert!(port_unreachable_ipv4(&quote, &mut fresh));
-        assert!(port_unreachable_ipv4(&quote, &mut reused));
+        assert!(port_unreachable_ipv4(&quote, false, &mut fresh));
+        assert!(port_unreachable_ipv4(&quote, false, &mut reused));
         assert_eq!(fresh, reused);
         let mut quote = [0u8; QUOTE_IPV6_LEN];
         quote[..40].copy_from_slice(&ipv6(CLIENT_V6, SERVER_V6, 17));
         let (mut fresh, mut reused) = ([0u8; UNREACHABLE_IPV6_LEN], [0xa5u8; UNREACHABLE_IPV6_LEN]);
-        assert!(port_unreachable_ipv6(&quote, &mut fresh));
-        assert!(port_unreachable_ipv6(&quote, &mut reused));
+        assert!(port_unreachable_ipv6(&quote, false, &mut fresh));
+        assert!(port_unreachable_ipv6(&quote, false, &mut reused));
         assert_eq!(fresh, reused);
+    }
+
+    /// What a device finishing a `CHECKSUM_PARTIAL` packet does: sums from where the
+    /// transport header is to the end, into the checksum field at `field`.
+    fn finished_by_device(packet: &mut [u8], start: usize, field: usize) {
+        let checksum = fold(sum(&packet[start..], 0));
+        put_u16(packet, field, checksum);
+    }
+
+    #[test]
+    fn answers_left_to_the_device_come_out_whole_once_it_finished_them() {
+        let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
+        let syn = tcp(40000, 7893, 7, 0, SYN);
+        let (mut whole, mut left) = ([0u8; RESET_IPV4_LEN], [0u8; RESET_IPV4_LEN]);
+        assert!(reset_ipv4(&ip, &syn, 0, false, &mut whole));
+        assert!(reset_ipv4(&ip, &syn, 0, true, &mut left));
+        assert_ne!(whole, left);
+        finished_by_device(&mut left, 20, 36);
+        assert_eq!(whole, left);
+        let ip6 = ipv6(CLIENT_V6, SERVER_V6, IPPROTO_TCP);
+        let (mut whole, mut left) = ([0u8; RESET_IPV6_LEN], [0u8; RESET_IPV6_LEN]);
+        assert!(reset_ipv6(&ip6, &syn, 0, false, &mut whole));
+        assert!(reset_ipv6(&ip6, &syn, 0, true, &mut left));
+        finished_by_device(&mut left, 40, 56);
+        assert_eq!(whole, left);
+        // A partial datagram's UDP checksum field holds its pseudo-header's sum; the device
+        // sums the quoted UDP header (the end of the answer) into it.
+        let mut quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
+        put_u16(&mut quote, 26, 0x1234);
+        let mut out = [0u8; UNREACHABLE_IPV4_LEN];
+        assert!(port_unreachable_ipv4(&quote, true, &mut out));
+        assert!(
+            !verifies(&out[20..], 0),
+            "not before the device finished it"
+        );
+        finished_by_device(&mut out, 48, 54);
+        assert!(verifies(&out[20..], 0));
+        let mut quote = [0u8; QUOTE_IPV6_LEN];
+        quote[..40].copy_from_slice(&ipv6(CLIENT_V6, SERVER_V6, 17));
+        put_u16(&mut quote, 46, 0x4321);
+        let mut out = [0u8; UNREACHABLE_IPV6_LEN];
+        assert!(port_unreachable_ipv6(&quote, true, &mut out));
+        finished_by_device(&mut out, 88, 94);
+        let mut pseudo = [0u8; 40];
+        pseudo[..32].copy_from_slice(&out[8..40]);
+        pseudo[35] = 56;
+        pseudo[39] = IPPROTO_ICMPV6;
+        assert!(verifies(&out[40..], sum(&pseudo, 0)));
     }
 
     #[test]
@@ -414,6 +648,7 @@ mod tests {
             &ip,
             &tcp(40000, 80, 1000, 5000, ACK | FIN),
             300,
+            false,
             &mut out
         ));
         assert_eq!(field(&out, 24), 5000);
@@ -423,6 +658,7 @@ mod tests {
             &ip,
             &tcp(40000, 80, 1000, 0, FIN),
             300,
+            false,
             &mut out
         ));
         assert_eq!(field(&out, 28), 1301);
@@ -433,13 +669,32 @@ mod tests {
     fn resets_and_packets_of_no_single_host_are_not_answered() {
         let mut out = [0u8; RESET_IPV4_LEN];
         let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
-        assert!(!reset_ipv4(&ip, &tcp(1, 2, 3, 4, RST), 0, &mut out));
-        assert!(!reset_ipv4(&ip, &tcp(1, 2, 3, 4, RST | ACK), 0, &mut out));
-        for nobody in [[0, 0, 0, 0], [224, 0, 0, 1], [239, 1, 2, 3], [255; 4]] {
+        assert!(!reset_ipv4(&ip, &tcp(1, 2, 3, 4, RST), 0, false, &mut out));
+        assert!(!reset_ipv4(
+            &ip,
+            &tcp(1, 2, 3, 4, RST | ACK),
+            0,
+            false,
+            &mut out
+        ));
+        for nobody in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [224, 0, 0, 1],
+            [239, 1, 2, 3],
+            [240, 0, 0, 1],
+            [255; 4],
+        ] {
             let from = ipv4(nobody, [192, 0, 2, 9], IPPROTO_TCP);
-            assert!(!reset_ipv4(&from, &tcp(1, 2, 3, 0, SYN), 0, &mut out));
+            assert!(!reset_ipv4(
+                &from,
+                &tcp(1, 2, 3, 0, SYN),
+                0,
+                false,
+                &mut out
+            ));
             let to = ipv4([10, 0, 0, 2], nobody, IPPROTO_TCP);
-            assert!(!reset_ipv4(&to, &tcp(1, 2, 3, 0, SYN), 0, &mut out));
+            assert!(!reset_ipv4(&to, &tcp(1, 2, 3, 0, SYN), 0, false, &mut out));
         }
         assert_eq!(out, [0; RESET_IPV4_LEN], "nothing written");
         let mut out = [0u8; RESET_IPV6_LEN];
@@ -450,19 +705,30 @@ mod tests {
             &ipv6(multicast, SERVER_V6, IPPROTO_TCP),
             &syn,
             0,
+            false,
             &mut out
         ));
         assert!(!reset_ipv6(
             &ipv6(CLIENT_V6, [0; 16], IPPROTO_TCP),
             &syn,
             0,
+            false,
             &mut out
         ));
+        let mut loopback = [0u8; 16];
+        loopback[15] = 1;
+        let mut mapped = [0u8; 16];
+        mapped[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 2]);
+        for nobody in [loopback, mapped] {
+            let from = ipv6(nobody, SERVER_V6, IPPROTO_TCP);
+            assert!(!reset_ipv6(&from, &syn, 0, false, &mut out));
+        }
         let reset = tcp(1, 2, 3, 0, RST);
         assert!(!reset_ipv6(
             &ipv6(CLIENT_V6, SERVER_V6, IPPROTO_TCP),
             &reset,
             0,
+            false,
             &mut out
         ));
         assert_eq!(out, [0; RESET_IPV6_LEN], "nothing written");
@@ -472,7 +738,13 @@ mod tests {
     fn an_ipv6_reset_checksums_with_its_pseudo_header() {
         let mut out = [0u8; RESET_IPV6_LEN];
         let ip = ipv6(CLIENT_V6, SERVER_V6, IPPROTO_TCP);
-        assert!(reset_ipv6(&ip, &tcp(40000, 443, 77, 0, SYN), 0, &mut out));
+        assert!(reset_ipv6(
+            &ip,
+            &tcp(40000, 443, 77, 0, SYN),
+            0,
+            false,
+            &mut out
+        ));
         assert_eq!(out[0] >> 4, 6);
         assert_eq!(u16::from_be_bytes([out[4], out[5]]), 20);
         assert_eq!((out[6], out[7]), (IPPROTO_TCP, HOPS));
@@ -499,7 +771,7 @@ mod tests {
     fn a_datagram_is_answered_with_a_port_unreachable_quoting_it() {
         let mut out = [0u8; UNREACHABLE_IPV4_LEN];
         let quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
-        assert!(port_unreachable_ipv4(&quote, &mut out));
+        assert!(port_unreachable_ipv4(&quote, false, &mut out));
         assert_eq!(&out[12..20], &[192, 0, 2, 9, 10, 0, 0, 2]);
         assert_eq!(out[9], IPPROTO_ICMP);
         assert_eq!(
@@ -518,13 +790,17 @@ mod tests {
         let mut out = [0u8; UNREACHABLE_IPV4_LEN];
         let mut options = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
         options[0] = 0x46;
-        assert!(!port_unreachable_ipv4(&options, &mut out));
+        assert!(!port_unreachable_ipv4(&options, false, &mut out));
         for (src, dst) in [
             ([0, 0, 0, 0], [192, 0, 2, 9]),
             ([10, 0, 0, 2], [255, 255, 255, 255]),
             ([10, 0, 0, 2], [239, 255, 255, 250]),
         ] {
-            assert!(!port_unreachable_ipv4(&udp_quote_ipv4(src, dst), &mut out));
+            assert!(!port_unreachable_ipv4(
+                &udp_quote_ipv4(src, dst),
+                false,
+                &mut out
+            ));
         }
         assert_eq!(out, [0; UNREACHABLE_IPV4_LEN]);
     }
@@ -536,7 +812,7 @@ mod tests {
         put_u16(&mut quote, 40, 5353);
         put_u16(&mut quote, 42, 7893);
         let mut out = [0u8; UNREACHABLE_IPV6_LEN];
-        assert!(port_unreachable_ipv6(&quote, &mut out));
+        assert!(port_unreachable_ipv6(&quote, false, &mut out));
         assert_eq!(&out[8..24], &SERVER_V6);
         assert_eq!(&out[24..40], &CLIENT_V6);
         assert_eq!(out[6], IPPROTO_ICMPV6);
@@ -551,7 +827,7 @@ mod tests {
         let mut multicast = quote;
         multicast[24] = 0xff;
         let mut untouched = [0u8; UNREACHABLE_IPV6_LEN];
-        assert!(!port_unreachable_ipv6(&multicast, &mut untouched));
+        assert!(!port_unreachable_ipv6(&multicast, false, &mut untouched));
         assert_eq!(untouched, [0; UNREACHABLE_IPV6_LEN]);
     }
 }

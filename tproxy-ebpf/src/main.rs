@@ -126,7 +126,7 @@ static FRAGMENT_TIMEOUT_V4_NS: Global<u64> = Global::new(DEFAULT_FRAGMENT_TIMEOU
 #[unsafe(no_mangle)]
 static FRAGMENT_TIMEOUT_V6_NS: Global<u64> = Global::new(DEFAULT_FRAGMENT_TIMEOUTS_NS.1);
 
-const ETH_HEADER_LEN: usize = 14;
+pub(crate) const ETH_HEADER_LEN: usize = 14;
 const VLAN_HEADER_LEN: usize = 4;
 pub(crate) const ETH_P_IPV4: u16 = 0x0800;
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;

@@ -1,9 +1,10 @@
 //! The `reject` action: the packet becomes its own answer (a TCP reset, an ICMP or ICMPv6 port
 //! unreachable; built by `tproxy_common::reject`) and goes back out of the interface it came
-//! in on, from the address it was sent to, as netfilter's REJECT answers for a router. What
-//! gets no answer (a reset, a packet from or to no single host, an IPv4 datagram with
-//! options, an IPv6 packet whose transport header follows extension headers, an ICMP answer
-//! beyond the rate the kernel allows its own) is dropped.
+//! in on, from the address it was sent to. What gets no answer (a reset, a packet from or to
+//! no single host, a frame not sent to this host's link-layer address, headers whose
+//! lengths or IPv4 checksum do not hold, IPv4 options, a UDP datagram behind an 802.1Q tag
+//! in the packet, an IPv6 packet whose transport header follows extension headers, an ICMP
+//! answer beyond its rates) is dropped.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
@@ -12,15 +13,20 @@ use aya_ebpf::{
         generated::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     },
     macros::map,
-    maps::PerCpuArray,
+    maps::{LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use tproxy_common::reject::{
-    self, AnswerBudget, QUOTE_IPV4_LEN, QUOTE_IPV6_LEN, RESET_IPV4_LEN, RESET_IPV6_LEN, UNREACHABLE_IPV4_LEN,
+    self, AnswerBudget, ICMP_ANSWERS_PER_CPU, ICMP_ANSWERS_PER_DESTINATION, QUOTE_IPV4_LEN, QUOTE_IPV6_LEN, RESET_IPV4_LEN, RESET_IPV6_LEN, UNREACHABLE_IPV4_LEN,
     UNREACHABLE_IPV6_LEN,
 };
 
-use crate::{ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HEADER_LEN};
+use crate::{ETH_HEADER_LEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HEADER_LEN};
+
+/// `skb->pkt_type` of a frame sent to this host's link-layer address.
+const PACKET_HOST: u32 = 0;
+/// `bpf_map_update_elem` flag: only if the key is not there yet.
+const BPF_NOEXIST: u64 = 1;
 
 /// What the answer is built from and into: in a map, as the classifier's stack has no room.
 #[repr(C)]
@@ -41,6 +47,10 @@ static REJECT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0
 /// Each CPU's budget of ICMP answers (see `tproxy_common::reject::take_icmp_answer`).
 #[map]
 static ICMP_ANSWER_BUDGET: PerCpuArray<AnswerBudget> = PerCpuArray::with_max_entries(1, 0);
+/// Each destination's budget, by its address (an IPv4 one mapped into IPv6).
+#[map]
+static ICMP_ANSWER_BUDGETS: LruHashMap<[u8; 16], AnswerBudget> =
+    LruHashMap::with_max_entries(reject::ICMP_ANSWER_DESTINATIONS, 0);
 
 /// Answers the packet and returns what tc does next: redirect the answer, or drop a packet
 /// that gets none. Its headers are parsed again rather than carried out of `steer`, whose
@@ -60,26 +70,49 @@ pub fn answer(ctx: &TcContext) -> i32 {
 fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
     // SAFETY: a per-CPU slot, no other user while this program runs on this CPU.
     let s = unsafe { &mut *REJECT_SCRATCH.get_ptr_mut(0)? };
+    let skb = unsafe { &*ctx.skb.skb };
+    // Only what was sent to this host, from one: a frame for another (a bridge's, flooded,
+    // seen in promiscuous mode) or to a broadcast or multicast address is not answered, nor
+    // is a frame from a group address, which the answer would go to.
+    if skb.pkt_type != PACKET_HOST || !from_one_link_address(ctx, l3)? {
+        return None;
+    }
+    // Room for an ICMP message's headers is made after the link-layer header the kernel
+    // knows, which is not where an 802.1Q tag in the packet ends.
+    let room_at_ip = l3 == 0 || l3 == ETH_HEADER_LEN;
+    // What the packet holds from its IP header on, for the lengths it claims.
+    let available = ctx.len().saturating_sub(l3 as u32);
     match ethertype {
         ETH_P_IPV4 => {
             load(ctx, l3, &mut s.ipv4)?;
-            let header_len = usize::from(s.ipv4[0] & 0x0f) * 4;
+            // Options (rare) are not answered: `ipv4_header_holds` wants none.
+            let header_len = 20;
             match s.ipv4[9] {
                 IPPROTO_TCP => {
                     load(ctx, l3 + header_len, &mut s.tcp)?;
+                    reject::ipv4_header_holds(&s.ipv4, tcp_header_len(&s.tcp), available)
+                        .then_some(())?;
+                    let partial = checksum_left_to_device(ctx, l3 + header_len + 16)?;
                     let total = u32::from(u16::from_be_bytes([s.ipv4[2], s.ipv4[3]]));
                     let payload = payload_len(total, header_len, &s.tcp);
-                    reject::reset_ipv4(&s.ipv4, &s.tcp, payload, &mut s.reset_v4).then_some(())?;
+                    let out = &mut s.reset_v4;
+                    reject::reset_ipv4(&s.ipv4, &s.tcp, payload, partial, out).then_some(())?;
                     resize(ctx, l3, RESET_IPV4_LEN, 0)?;
-                    ctx.store(l3, &s.reset_v4, 0).ok()?;
+                    ctx.store(l3, out, 0).ok()?;
                 }
-                IPPROTO_UDP => {
-                    icmp_answer_allowed()?;
+                IPPROTO_UDP if room_at_ip => {
+                    reject::ipv4_header_holds(&s.ipv4, 8, available).then_some(())?;
                     load(ctx, l3, &mut s.quote_v4)?;
-                    reject::port_unreachable_ipv4(&s.quote_v4, &mut s.unreachable_v4)
-                        .then_some(())?;
+                    let partial = checksum_left_to_device(ctx, l3 + 20 + 6)?;
+                    let out = &mut s.unreachable_v4;
+                    reject::port_unreachable_ipv4(&s.quote_v4, partial, out).then_some(())?;
+                    let mut destination = [0u8; 16];
+                    destination[10] = 0xff;
+                    destination[11] = 0xff;
+                    destination[12..].copy_from_slice(&s.quote_v4[12..16]);
+                    icmp_answer_allowed(&destination)?;
                     resize(ctx, l3, QUOTE_IPV4_LEN, UNREACHABLE_IPV4_LEN - QUOTE_IPV4_LEN)?;
-                    ctx.store(l3, &s.unreachable_v4, 0).ok()?;
+                    ctx.store(l3, out, 0).ok()?;
                 }
                 _ => return None,
             }
@@ -89,20 +122,28 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
             match s.ipv6[6] {
                 IPPROTO_TCP => {
                     load(ctx, l3 + IPV6_HEADER_LEN, &mut s.tcp)?;
+                    reject::ipv6_header_holds(&s.ipv6, tcp_header_len(&s.tcp), available)
+                        .then_some(())?;
+                    let partial = checksum_left_to_device(ctx, l3 + IPV6_HEADER_LEN + 16)?;
                     let total = u32::from(u16::from_be_bytes([s.ipv6[4], s.ipv6[5]]))
                         + IPV6_HEADER_LEN as u32;
                     let payload = payload_len(total, IPV6_HEADER_LEN, &s.tcp);
-                    reject::reset_ipv6(&s.ipv6, &s.tcp, payload, &mut s.reset_v6).then_some(())?;
+                    let out = &mut s.reset_v6;
+                    reject::reset_ipv6(&s.ipv6, &s.tcp, payload, partial, out).then_some(())?;
                     resize(ctx, l3, RESET_IPV6_LEN, 0)?;
-                    ctx.store(l3, &s.reset_v6, 0).ok()?;
+                    ctx.store(l3, out, 0).ok()?;
                 }
-                IPPROTO_UDP => {
-                    icmp_answer_allowed()?;
+                IPPROTO_UDP if room_at_ip => {
+                    reject::ipv6_header_holds(&s.ipv6, 8, available).then_some(())?;
                     load(ctx, l3, &mut s.quote_v6)?;
-                    reject::port_unreachable_ipv6(&s.quote_v6, &mut s.unreachable_v6)
-                        .then_some(())?;
+                    let partial = checksum_left_to_device(ctx, l3 + IPV6_HEADER_LEN + 6)?;
+                    let out = &mut s.unreachable_v6;
+                    reject::port_unreachable_ipv6(&s.quote_v6, partial, out).then_some(())?;
+                    let mut destination = [0u8; 16];
+                    destination.copy_from_slice(&s.quote_v6[8..24]);
+                    icmp_answer_allowed(&destination)?;
                     resize(ctx, l3, QUOTE_IPV6_LEN, UNREACHABLE_IPV6_LEN - QUOTE_IPV6_LEN)?;
-                    ctx.store(l3, &s.unreachable_v6, 0).ok()?;
+                    ctx.store(l3, out, 0).ok()?;
                 }
                 _ => return None,
             }
@@ -112,14 +153,53 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
     swap_link_addresses(ctx, l3)
 }
 
-/// Takes one of this CPU's ICMP answers; `None` when they are spent for now.
+/// Whether the packet's transport checksum is left for the device to finish (the kernel's
+/// `CHECKSUM_PARTIAL`, which `__sk_buff` does not show; see `tproxy_common::reject`):
+/// `bpf_l4_csum_replace` changes a checksum for a change outside the pseudo-header only when
+/// it is not. Probed on the field at `offset`, which the answer writes over.
 #[inline(always)]
-fn icmp_answer_allowed() -> Option<()> {
-    // SAFETY: a per-CPU slot, no other user while this program runs on this CPU.
-    let budget = unsafe { &mut *ICMP_ANSWER_BUDGET.get_ptr_mut(0)? };
+fn checksum_left_to_device(ctx: &TcContext, offset: usize) -> Option<bool> {
+    ctx.store(offset, &0u16, 0).ok()?;
+    ctx.l4_csum_replace(offset, 0, 1, 2).ok()?;
+    let after: u16 = ctx.load(offset).ok()?;
+    Some(after == 0)
+}
+
+/// Whether the frame's source is one link-layer address (not a group's, whose bit is the
+/// first octet's lowest); an interface without link-layer header has none.
+#[inline(always)]
+fn from_one_link_address(ctx: &TcContext, l3: usize) -> Option<bool> {
+    if l3 == 0 {
+        return Some(true);
+    }
+    let first: u8 = ctx.load(6).ok()?;
+    Some(first & 1 == 0)
+}
+
+/// Takes one of this CPU's ICMP answers and one of `destination`'s; `None` when either is
+/// spent for now.
+#[inline(always)]
+fn icmp_answer_allowed(destination: &[u8; 16]) -> Option<()> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    reject::take_icmp_answer(budget, now).then_some(())
+    if ICMP_ANSWER_BUDGETS.get_ptr_mut(destination).is_none() {
+        // Full at its first use; another CPU's entry, made meanwhile, stays.
+        let _ = ICMP_ANSWER_BUDGETS.insert(destination, &AnswerBudget::default(), BPF_NOEXIST);
+    }
+    // SAFETY: the entry is plain data; another CPU answering the same destination at the
+    // same moment may count a token twice, which only the limit's precision pays for.
+    let per_destination = unsafe { &mut *ICMP_ANSWER_BUDGETS.get_ptr_mut(destination)? };
+    // SAFETY: a per-CPU slot, no other user while this program runs on this CPU.
+    let per_cpu = unsafe { &mut *ICMP_ANSWER_BUDGET.get_ptr_mut(0)? };
+    (reject::take_icmp_answer(per_destination, ICMP_ANSWERS_PER_DESTINATION, now)
+        && reject::take_icmp_answer(per_cpu, ICMP_ANSWERS_PER_CPU, now))
+    .then_some(())
+}
+
+/// A TCP header's length, from its data offset.
+#[inline(always)]
+fn tcp_header_len(tcp: &[u8; 20]) -> u32 {
+    u32::from(tcp[12] >> 4) * 4
 }
 
 /// Copies `N` bytes of the packet from `offset` into `to` (all of them, or `None`).
@@ -133,7 +213,7 @@ fn load<const N: usize>(ctx: &TcContext, offset: usize, to: &mut [u8; N]) -> Opt
 /// What a TCP segment of `total` bytes from its IP header carries after its headers.
 #[inline(always)]
 fn payload_len(total: u32, ip_header_len: usize, tcp: &[u8; 20]) -> u32 {
-    total.saturating_sub(ip_header_len as u32 + u32::from(tcp[12] >> 4) * 4)
+    total.saturating_sub(ip_header_len as u32 + tcp_header_len(tcp))
 }
 
 /// Cuts the packet to `keep` bytes from its IP header, then makes room for `grow` bytes of

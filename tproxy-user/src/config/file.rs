@@ -348,7 +348,7 @@ impl RuleEntry {
         ))
     }
 
-    /// What the rule does: bypass, drop, or steer to the index of its listener.
+    /// What the rule does: bypass, drop, reject, deliver, or steer to the index of its listener.
     fn action(
         &self,
         number: usize,
@@ -356,30 +356,26 @@ impl RuleEntry {
         listeners: &[ListenerConfig],
         at: At,
     ) -> Result<Action> {
+        // A rule that steers nowhere names no listener; `why` says where its packets go.
+        let steers_nowhere = |action: Action, why: &str| -> Result<Action> {
+            if let Some(listener) = &self.listener {
+                bail!(
+                    "{}: rule[{number}].listener: a {action} rule steers nowhere{why}; remove \
+                     `listener = \"{}\"`",
+                    at(listener.span()),
+                    listener.get_ref()
+                );
+            }
+            Ok(action)
+        };
         Ok(match self.action.0 {
-            RuleAction::Bypass => {
-                if let Some(listener) = &self.listener {
-                    bail!("{}: rule[{number}].listener: a bypass rule steers nowhere; remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
-                }
-                Action::Bypass
-            }
-            RuleAction::Drop => {
-                if let Some(listener) = &self.listener {
-                    bail!("{}: rule[{number}].listener: a drop rule steers nowhere; remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
-                }
-                Action::Drop
-            }
+            RuleAction::Bypass => steers_nowhere(Action::Bypass, "")?,
+            RuleAction::Drop => steers_nowhere(Action::Drop, "")?,
             RuleAction::Reject => {
-                if let Some(listener) = &self.listener {
-                    bail!("{}: rule[{number}].listener: a reject rule steers nowhere (tproxy answers the packet itself); remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
-                }
-                Action::Reject
+                steers_nowhere(Action::Reject, " (tproxy answers the packet itself)")?
             }
             RuleAction::Deliver => {
-                if let Some(listener) = &self.listener {
-                    bail!("{}: rule[{number}].listener: a deliver rule steers nowhere (the kernel finds the packet's socket); remove `listener = \"{}\"`", at(listener.span()), listener.get_ref());
-                }
-                Action::Deliver
+                steers_nowhere(Action::Deliver, " (the kernel finds the packet's socket)")?
             }
             RuleAction::Steer => {
                 let index = match &self.listener {

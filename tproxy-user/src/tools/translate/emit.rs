@@ -332,13 +332,18 @@ fn rejects(
                     listener,
                 ));
             }
-            let tcp = rule.matches.transports.is_empty()
-                || rule.matches.transports.contains(&Transport::Tcp);
-            let refused = if own_addresses || rule.matches.dst_anycast || rule.matches.dst_broadcast
-            {
+            // Any transport (none named) may match other protocols: reported below.
+            let tcp = rule.matches.transports.contains(&Transport::Tcp);
+            let refused = if own_addresses {
                 Some(
                     "`reject` of the host's own addresses (translated only at the TPROXY ports \
                       of tproxy's own listeners)"
+                        .to_string(),
+                )
+            } else if rule.matches.dst_anycast || rule.matches.dst_broadcast {
+                Some(
+                    "`reject` of anycast or broadcast addresses: tproxy answers no packet to an \
+                     address of more than one host"
                         .to_string(),
                 )
             } else if other_protocols::may_match_other_protocols(&rule.matches) {
@@ -361,8 +366,9 @@ fn rejects(
             }
             if *with == RejectWith::PortUnreachable && tcp {
                 notes.push(format!(
-                    "line {}: `{}`: tproxy answers its TCP connections with a reset where the \
-                     rule sent a port unreachable: they are refused either way",
+                    "line {}: `{}`: tproxy answers its TCP packets with a reset where the rule \
+                     sent a port unreachable: a new connection is refused either way, one \
+                     already established is reset (a port unreachable would not end it)",
                     rule.line, rule.text
                 ));
             }
@@ -1051,7 +1057,7 @@ fn lo_arrivals_left_out(kept: Vec<Rule>, skipped: &mut Vec<String>) -> Vec<Rule>
     let mut lines = BTreeSet::new();
     for (rule, _) in kept.iter().filter(|kept| acts_on_lo_arrivals(kept)) {
         skipped.push(format!(
-            "line {}: {}: it steers, drops or delivers arrivals on lo, and other rules apply to every \
+            "line {}: {}: it steers, drops, rejects or delivers arrivals on lo, and other rules apply to every \
              interface (`interfaces = [\"all\", \"lo\"]`), but with rules for local \
              connections tproxy runs their program on lo in place of the one for arrivals, so \
              it would never run",

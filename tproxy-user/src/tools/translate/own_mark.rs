@@ -23,7 +23,7 @@ pub(super) struct Guard {
     /// The lines of the guard's other rules, for the same mark.
     pub(super) other_lines: Vec<usize>,
     pub(super) mark: u32,
-    /// The line of a DROP rule that comes before the guard.
+    /// The line of a DROP or reject that comes before the guard.
     dropped_before: Option<usize>,
 }
 
@@ -42,7 +42,7 @@ impl Guard {
         );
         if let Some(line) = self.dropped_before {
             note += &format!(
-                "; nor dropped: line {line}'s DROP comes first in iptables, but tproxy decides \
+                "; nor dropped or rejected: line {line}'s DROP or reject comes first, but tproxy decides \
                  nothing for them (few packets carry a mark at tc ingress: see the README's \
                  \"Marks\")"
             );
@@ -135,7 +135,7 @@ pub(super) fn guard(flat: Vec<Flat>) -> (Vec<Flat>, Option<Guard>) {
         .iter()
         .flatten()
         .take_while(|rule| !is_candidate(rule, Some(mark.value)))
-        .find(|rule| rule.target == Target::Drop)
+        .find(|rule| matches!(rule.target, Target::Drop | Target::Reject(_)))
         .map(|rule| rule.line);
     let guard = Guard {
         rule: guards[0].clone(),

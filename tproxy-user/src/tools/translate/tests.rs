@@ -1306,7 +1306,8 @@ table inet t {
     assert!(
         t.notes
             .iter()
-            .any(|n| n.starts_with("line 6:") && n.contains("refused either way")),
+            .any(|n| n.starts_with("line 6:")
+                && n.contains("a new connection is refused either way")),
         "{:?}",
         t.notes
     );
