@@ -11,19 +11,23 @@
 //! datagram with options is not answered either (its quote would not have a fixed length).
 //! The program drops what it does not answer.
 //!
-//! ICMP answers are limited in rate as the kernel limits the ICMP errors it sends in all (its
-//! defaults: 1000 a second, bursts of 50), here per CPU and without the kernel's further
-//! limit per destination: a flood of datagrams with a forged source would otherwise have the
-//! router send a larger packet for each to whoever the source names. Resets are not (nor
-//! are netfilter's): one answers one segment, never larger.
+//! ICMP answers are limited in rate as the kernel limits the ICMP errors it sends: in all
+//! (its defaults: 1000 a second, bursts of 50; here per CPU) and per destination (one a
+//! second, bursts of 6, as for IPv4; the kernel lets IPv6 destinations of short routes have
+//! more): a flood of datagrams with a forged source would otherwise have the router send a
+//! larger packet for each to whoever the source names. Resets are not (nor are
+//! netfilter's): one answers one segment, never larger.
 //!
 //! A packet whose transport checksum is left for the device to finish (the kernel's
 //! `CHECKSUM_PARTIAL`: from a veth or a tun with offloads, or merged by GRO) keeps that state
 //! when it becomes its answer, and where the device finishes it (a NIC, a VM behind a tap)
 //! it sums from where the packet's transport header was, into its checksum field. The
 //! answer is written for that: a reset's checksum field holds the pseudo-header's sum, as
-//! the kernel's own TCP leaves it, and an ICMP checksum counts the quoted UDP header's
-//! checksum as the device will write it (the quote ends the packet, where that header was).
+//! the kernel's own TCP leaves it (the program tells the two cases apart); an ICMP answer
+//! ends with the quoted UDP header, where the datagram's was, and its checksum field is
+//! given the value that a device summing that header into it writes again, so the answer
+//! is whole whether a device finishes it, leaves it, or is one that looks for the checksum
+//! of the protocol it finds (ICMP) rather than where it is told.
 
 /// TCP's FIN, SYN, RST and ACK flags, in the flags byte (offset 13).
 const FIN: u8 = 0x01;
@@ -138,7 +142,7 @@ pub fn reset_ipv4(
     left_to_device: bool,
     out: &mut [u8; RESET_IPV4_LEN],
 ) -> bool {
-    if !answerable_ipv4(ip) || tcp[13] & RST != 0 {
+    if !answerable_ipv4(ip) || !answerable_tcp(tcp) {
         return false;
     }
     // Every byte is written: the program builds each answer where it built the last one.
@@ -161,7 +165,7 @@ pub fn reset_ipv6(
     left_to_device: bool,
     out: &mut [u8; RESET_IPV6_LEN],
 ) -> bool {
-    if !answerable_ipv6(ip) || tcp[13] & RST != 0 {
+    if !answerable_ipv6(ip) || !answerable_tcp(tcp) {
         return false;
     }
     *out = [0; RESET_IPV6_LEN];
@@ -176,7 +180,6 @@ pub fn reset_ipv6(
 #[inline(always)]
 pub fn port_unreachable_ipv4(
     quote: &[u8; QUOTE_IPV4_LEN],
-    left_to_device: bool,
     out: &mut [u8; UNREACHABLE_IPV4_LEN],
 ) -> bool {
     if quote[0] != 0x45 || !answerable_ipv4(quote) {
@@ -196,7 +199,8 @@ pub fn port_unreachable_ipv4(
     out[20] = 3;
     out[21] = 3;
     out[28..].copy_from_slice(quote);
-    let checksum = fold(message_sum(&out[20..], left_to_device, 0));
+    quote_udp_checksum_as_its_own_sum(out);
+    let checksum = fold(sum(&out[20..], 0));
     put_u16(out, 22, checksum);
     true
 }
@@ -205,7 +209,6 @@ pub fn port_unreachable_ipv4(
 #[inline(always)]
 pub fn port_unreachable_ipv6(
     quote: &[u8; QUOTE_IPV6_LEN],
-    left_to_device: bool,
     out: &mut [u8; UNREACHABLE_IPV6_LEN],
 ) -> bool {
     if !answerable_ipv6(quote) {
@@ -218,24 +221,24 @@ pub fn port_unreachable_ipv6(
     out[40] = 1;
     out[41] = 4;
     out[48..].copy_from_slice(quote);
+    quote_udp_checksum_as_its_own_sum(out);
     let pseudo_sum = ipv6_pseudo_sum(quote, IPPROTO_ICMPV6, len);
-    let checksum = fold(message_sum(&out[40..], left_to_device, pseudo_sum));
+    let checksum = fold(sum(&out[40..], pseudo_sum));
     put_u16(out, 42, checksum);
     true
 }
 
-/// The sum of an ICMP message that ends with a quoted UDP header, counting that header's
-/// checksum as the device finishing the packet's checksum writes it (see the module's
-/// documentation): over the quoted header, which holds the original's pseudo-header sum.
+/// Gives the quoted UDP header that ends `answer` the checksum X that a device summing the
+/// header into its checksum field writes again: X = !(S + X) in ones' complement, where S
+/// is the sum of the header's other bytes, is 2X = !S, and 2's inverse modulo 0xffff is
+/// 0x8000. (The quote's checksum is the original datagram's only where it fit; nobody reads
+/// it back.)
 #[inline(always)]
-fn message_sum(message: &[u8], left_to_device: bool, initial: u32) -> u32 {
-    let udp = message.len() - 8;
-    let total = sum(&message[..udp], initial);
-    if !left_to_device {
-        return sum(&message[udp..], total);
-    }
-    let device = fold(sum(&message[udp..], 0));
-    sum(&message[udp..udp + 6], total) + u32::from(device)
+fn quote_udp_checksum_as_its_own_sum(answer: &mut [u8]) {
+    let udp = answer.len() - 8;
+    let others = !fold(sum(&answer[udp..udp + 6], 0));
+    let fixed_point = (u32::from(!others) * 0x8000) % 0xffff;
+    put_u16(answer, udp + 6, fixed_point as u16);
 }
 
 /// The reset's TCP header at `out[at..at + 20]`, answering `tcp` as `nf_reject` does: a
@@ -309,6 +312,13 @@ fn ipv6_header(original: &[u8], next_header: u8, payload_len: u16, out: &mut [u8
 #[inline(always)]
 fn ipv6_pseudo_sum(ip: &[u8], next_header: u8, len: u16) -> u32 {
     sum(&ip[8..40], u32::from(len) + u32::from(next_header))
+}
+
+/// Whether a TCP segment gets a reset: not one itself, and with a header of 20 bytes or more
+/// (the kernel drops a shorter one unanswered).
+#[inline(always)]
+fn answerable_tcp(tcp: &[u8; 20]) -> bool {
+    tcp[13] & RST == 0 && tcp[12] >> 4 >= 5
 }
 
 /// Whether the packet whose IPv4 header starts `ip` is between two hosts on the wire, and
@@ -513,6 +523,20 @@ mod tests {
         assert!(!ipv6_header_holds(&version, 8, 48));
         // From the address it is sent to.
         let mut out = [0u8; RESET_IPV4_LEN];
+        let mut out6 = [0u8; RESET_IPV6_LEN];
+        let land6 = ipv6(SERVER_V6, SERVER_V6, IPPROTO_TCP);
+        assert!(!reset_ipv6(
+            &land6,
+            &tcp(1, 2, 3, 0, SYN),
+            0,
+            false,
+            &mut out6
+        ));
+        // A TCP header shorter than 20 bytes.
+        let ip = ipv4([10, 0, 0, 2], [192, 0, 2, 9], IPPROTO_TCP);
+        let mut short = tcp(1, 2, 3, 0, SYN);
+        short[12] = 4 << 4;
+        assert!(!reset_ipv4(&ip, &short, 0, false, &mut out));
         let land = ipv4([192, 0, 2, 9], [192, 0, 2, 9], IPPROTO_TCP);
         assert!(!reset_ipv4(
             &land,
@@ -581,14 +605,14 @@ mod tests {
         assert_eq!(fresh, reused);
         let quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
         let (mut fresh, mut reused) = ([0u8; UNREACHABLE_IPV4_LEN], [0xa5u8; UNREACHABLE_IPV4_LEN]);
-        assert!(port_unreachable_ipv4(&quote, false, &mut fresh));
-        assert!(port_unreachable_ipv4(&quote, false, &mut reused));
+        assert!(port_unreachable_ipv4(&quote, &mut fresh));
+        assert!(port_unreachable_ipv4(&quote, &mut reused));
         assert_eq!(fresh, reused);
         let mut quote = [0u8; QUOTE_IPV6_LEN];
         quote[..40].copy_from_slice(&ipv6(CLIENT_V6, SERVER_V6, 17));
         let (mut fresh, mut reused) = ([0u8; UNREACHABLE_IPV6_LEN], [0xa5u8; UNREACHABLE_IPV6_LEN]);
-        assert!(port_unreachable_ipv6(&quote, false, &mut fresh));
-        assert!(port_unreachable_ipv6(&quote, false, &mut reused));
+        assert!(port_unreachable_ipv6(&quote, &mut fresh));
+        assert!(port_unreachable_ipv6(&quote, &mut reused));
         assert_eq!(fresh, reused);
     }
 
@@ -615,28 +639,33 @@ mod tests {
         assert!(reset_ipv6(&ip6, &syn, 0, true, &mut left));
         finished_by_device(&mut left, 40, 56);
         assert_eq!(whole, left);
-        // A partial datagram's UDP checksum field holds its pseudo-header's sum; the device
-        // sums the quoted UDP header (the end of the answer) into it.
+        // An ICMP answer is whole as written, and stays whole when a device sums its
+        // quoted UDP header into that header's checksum field.
         let mut quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
-        put_u16(&mut quote, 26, 0x1234);
-        let mut out = [0u8; UNREACHABLE_IPV4_LEN];
-        assert!(port_unreachable_ipv4(&quote, true, &mut out));
-        assert!(
-            !verifies(&out[20..], 0),
-            "not before the device finished it"
-        );
-        finished_by_device(&mut out, 48, 54);
-        assert!(verifies(&out[20..], 0));
+        for partial_sum in [0x1234, 0, 0xffff, 0xfffe] {
+            put_u16(&mut quote, 26, partial_sum);
+            let mut out = [0u8; UNREACHABLE_IPV4_LEN];
+            assert!(port_unreachable_ipv4(&quote, &mut out));
+            assert!(verifies(&out[20..], 0));
+            let written = out;
+            finished_by_device(&mut out, 48, 54);
+            assert!(verifies(&out[20..], 0), "{partial_sum:#x}");
+            assert!(
+                out == written || out[54..56] == [0; 2] || out[54..56] == [0xff; 2],
+                "the device writes the same checksum (or the other zero)"
+            );
+        }
         let mut quote = [0u8; QUOTE_IPV6_LEN];
         quote[..40].copy_from_slice(&ipv6(CLIENT_V6, SERVER_V6, 17));
         put_u16(&mut quote, 46, 0x4321);
         let mut out = [0u8; UNREACHABLE_IPV6_LEN];
-        assert!(port_unreachable_ipv6(&quote, true, &mut out));
-        finished_by_device(&mut out, 88, 94);
+        assert!(port_unreachable_ipv6(&quote, &mut out));
         let mut pseudo = [0u8; 40];
         pseudo[..32].copy_from_slice(&out[8..40]);
         pseudo[35] = 56;
         pseudo[39] = IPPROTO_ICMPV6;
+        assert!(verifies(&out[40..], sum(&pseudo, 0)));
+        finished_by_device(&mut out, 88, 94);
         assert!(verifies(&out[40..], sum(&pseudo, 0)));
     }
 
@@ -771,7 +800,7 @@ mod tests {
     fn a_datagram_is_answered_with_a_port_unreachable_quoting_it() {
         let mut out = [0u8; UNREACHABLE_IPV4_LEN];
         let quote = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
-        assert!(port_unreachable_ipv4(&quote, false, &mut out));
+        assert!(port_unreachable_ipv4(&quote, &mut out));
         assert_eq!(&out[12..20], &[192, 0, 2, 9, 10, 0, 0, 2]);
         assert_eq!(out[9], IPPROTO_ICMP);
         assert_eq!(
@@ -780,7 +809,8 @@ mod tests {
         );
         assert_eq!((out[20], out[21]), (3, 3));
         assert_eq!(&out[24..28], &[0; 4]);
-        assert_eq!(&out[28..], &quote);
+        // All of it but the quoted UDP checksum (see `quote_udp_checksum_as_its_own_sum`).
+        assert_eq!(&out[28..54], &quote[..26]);
         assert!(verifies(&out[..20], 0));
         assert!(verifies(&out[20..], 0));
     }
@@ -790,17 +820,13 @@ mod tests {
         let mut out = [0u8; UNREACHABLE_IPV4_LEN];
         let mut options = udp_quote_ipv4([10, 0, 0, 2], [192, 0, 2, 9]);
         options[0] = 0x46;
-        assert!(!port_unreachable_ipv4(&options, false, &mut out));
+        assert!(!port_unreachable_ipv4(&options, &mut out));
         for (src, dst) in [
             ([0, 0, 0, 0], [192, 0, 2, 9]),
             ([10, 0, 0, 2], [255, 255, 255, 255]),
             ([10, 0, 0, 2], [239, 255, 255, 250]),
         ] {
-            assert!(!port_unreachable_ipv4(
-                &udp_quote_ipv4(src, dst),
-                false,
-                &mut out
-            ));
+            assert!(!port_unreachable_ipv4(&udp_quote_ipv4(src, dst), &mut out));
         }
         assert_eq!(out, [0; UNREACHABLE_IPV4_LEN]);
     }
@@ -812,13 +838,13 @@ mod tests {
         put_u16(&mut quote, 40, 5353);
         put_u16(&mut quote, 42, 7893);
         let mut out = [0u8; UNREACHABLE_IPV6_LEN];
-        assert!(port_unreachable_ipv6(&quote, false, &mut out));
+        assert!(port_unreachable_ipv6(&quote, &mut out));
         assert_eq!(&out[8..24], &SERVER_V6);
         assert_eq!(&out[24..40], &CLIENT_V6);
         assert_eq!(out[6], IPPROTO_ICMPV6);
         assert_eq!(u16::from_be_bytes([out[4], out[5]]), 56);
         assert_eq!((out[40], out[41]), (1, 4));
-        assert_eq!(&out[48..], &quote);
+        assert_eq!(&out[48..94], &quote[..46]);
         let mut pseudo = [0u8; 40];
         pseudo[..32].copy_from_slice(&out[8..40]);
         pseudo[35] = 56;
@@ -827,7 +853,7 @@ mod tests {
         let mut multicast = quote;
         multicast[24] = 0xff;
         let mut untouched = [0u8; UNREACHABLE_IPV6_LEN];
-        assert!(!port_unreachable_ipv6(&multicast, false, &mut untouched));
+        assert!(!port_unreachable_ipv6(&multicast, &mut untouched));
         assert_eq!(untouched, [0; UNREACHABLE_IPV6_LEN]);
     }
 }

@@ -1,10 +1,7 @@
 //! The `reject` action: the packet becomes its own answer (a TCP reset, an ICMP or ICMPv6 port
 //! unreachable; built by `tproxy_common::reject`) and goes back out of the interface it came
-//! in on, from the address it was sent to. What gets no answer (a reset, a packet from or to
-//! no single host, a frame not sent to this host's link-layer address, headers whose
-//! lengths or IPv4 checksum do not hold, IPv4 options, a UDP datagram behind an 802.1Q tag
-//! in the packet, an IPv6 packet whose transport header follows extension headers, an ICMP
-//! answer beyond its rates) is dropped.
+//! in on, from the address it was sent to. What gets no answer (see the README's
+//! "Rejecting") is dropped.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
@@ -103,9 +100,8 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
                 IPPROTO_UDP if room_at_ip => {
                     reject::ipv4_header_holds(&s.ipv4, 8, available).then_some(())?;
                     load(ctx, l3, &mut s.quote_v4)?;
-                    let partial = checksum_left_to_device(ctx, l3 + 20 + 6)?;
                     let out = &mut s.unreachable_v4;
-                    reject::port_unreachable_ipv4(&s.quote_v4, partial, out).then_some(())?;
+                    reject::port_unreachable_ipv4(&s.quote_v4, out).then_some(())?;
                     let mut destination = [0u8; 16];
                     destination[10] = 0xff;
                     destination[11] = 0xff;
@@ -136,9 +132,8 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
                 IPPROTO_UDP if room_at_ip => {
                     reject::ipv6_header_holds(&s.ipv6, 8, available).then_some(())?;
                     load(ctx, l3, &mut s.quote_v6)?;
-                    let partial = checksum_left_to_device(ctx, l3 + IPV6_HEADER_LEN + 6)?;
                     let out = &mut s.unreachable_v6;
-                    reject::port_unreachable_ipv6(&s.quote_v6, partial, out).then_some(())?;
+                    reject::port_unreachable_ipv6(&s.quote_v6, out).then_some(())?;
                     let mut destination = [0u8; 16];
                     destination.copy_from_slice(&s.quote_v6[8..24]);
                     icmp_answer_allowed(&destination)?;
@@ -153,7 +148,7 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
     swap_link_addresses(ctx, l3)
 }
 
-/// Whether the packet's transport checksum is left for the device to finish (the kernel's
+/// Whether the segment's transport checksum is left for the device to finish (the kernel's
 /// `CHECKSUM_PARTIAL`, which `__sk_buff` does not show; see `tproxy_common::reject`):
 /// `bpf_l4_csum_replace` changes a checksum for a change outside the pseudo-header only when
 /// it is not. Probed on the field at `offset`, which the answer writes over.
@@ -191,9 +186,15 @@ fn icmp_answer_allowed(destination: &[u8; 16]) -> Option<()> {
     let per_destination = unsafe { &mut *ICMP_ANSWER_BUDGETS.get_ptr_mut(destination)? };
     // SAFETY: a per-CPU slot, no other user while this program runs on this CPU.
     let per_cpu = unsafe { &mut *ICMP_ANSWER_BUDGET.get_ptr_mut(0)? };
-    (reject::take_icmp_answer(per_destination, ICMP_ANSWERS_PER_DESTINATION, now)
-        && reject::take_icmp_answer(per_cpu, ICMP_ANSWERS_PER_CPU, now))
-    .then_some(())
+    if !reject::take_icmp_answer(per_cpu, ICMP_ANSWERS_PER_CPU, now) {
+        return None;
+    }
+    if !reject::take_icmp_answer(per_destination, ICMP_ANSWERS_PER_DESTINATION, now) {
+        // Not spent: this CPU's, so no other takes it meanwhile.
+        per_cpu.tokens += 1;
+        return None;
+    }
+    Some(())
 }
 
 /// A TCP header's length, from its data offset.
@@ -220,9 +221,14 @@ fn payload_len(total: u32, ip_header_len: usize, tcp: &[u8; 20]) -> u32 {
 /// new headers ahead of those (between the link-layer header and them).
 #[inline(always)]
 fn resize(ctx: &TcContext, l3: usize, keep: usize, grow: usize) -> Option<()> {
-    // SAFETY: plain helper call on the program's own packet.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (l3 + keep) as u32, 0) } != 0 {
-        return None;
+    // Cut in two steps, the last always a cut, even of a packet as long as its answer: a
+    // cut leaves no checksum of the packet's received bytes on it (`CHECKSUM_COMPLETE`),
+    // which the probe of `checksum_left_to_device` and the answer's bytes have made stale.
+    for len in [l3 + keep + 2, l3 + keep] {
+        // SAFETY: plain helper call on the program's own packet.
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) } != 0 {
+            return None;
+        }
     }
     if grow > 0 {
         ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0).ok()?;
