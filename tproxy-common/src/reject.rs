@@ -111,6 +111,25 @@ pub fn take_icmp_answer(budget: &mut AnswerBudget, rate: AnswerRate, now_ns: u64
     true
 }
 
+/// Whether an ICMP answer to a destination may go at `now_ns`: takes one of this CPU's
+/// answers and one of the destination's, or neither (the CPU's is given back when the
+/// destination's are spent, so that one flooded destination costs the others nothing).
+#[inline(always)]
+pub fn take_icmp_answer_to(
+    per_cpu: &mut AnswerBudget,
+    per_destination: &mut AnswerBudget,
+    now_ns: u64,
+) -> bool {
+    if !take_icmp_answer(per_cpu, ICMP_ANSWERS_PER_CPU, now_ns) {
+        return false;
+    }
+    if !take_icmp_answer(per_destination, ICMP_ANSWERS_PER_DESTINATION, now_ns) {
+        per_cpu.tokens += 1;
+        return false;
+    }
+    true
+}
+
 /// Whether an IPv4 header's checksum holds and its total length fits the `available` bytes
 /// from it and its headers (`transport_header_len`: the TCP header's, or UDP's 8), as the
 /// kernel checks them before it would answer.
@@ -490,6 +509,30 @@ mod tests {
         assert!(!take_icmp_answer(&mut budget, rate, start + 999_999_999));
         assert!(take_icmp_answer(&mut budget, rate, start + 1_000_000_000));
         assert!(!take_icmp_answer(&mut budget, rate, start + 1_000_000_001));
+    }
+
+    #[test]
+    fn an_answer_takes_a_token_of_both_budgets_or_of_neither() {
+        let now = 5_000_000_000;
+        let (mut cpu, mut flooded, mut other) = Default::default();
+        let answered = (0..20)
+            .filter(|_| take_icmp_answer_to(&mut cpu, &mut flooded, now))
+            .count();
+        assert_eq!(answered, 6, "the destination's burst");
+        // What the flooded destination was refused left the CPU's budget to the others.
+        assert_eq!(cpu.tokens, ICMP_ANSWERS_PER_CPU.burst - 6);
+        let others = (0..100)
+            .filter(|_| take_icmp_answer_to(&mut cpu, &mut other, now))
+            .count();
+        assert_eq!(others, 6);
+        // A CPU's budget spent: the destination's is not touched.
+        let mut spent = AnswerBudget {
+            tokens: 0,
+            counted_ns: now,
+        };
+        let mut fresh = AnswerBudget::default();
+        assert!(!take_icmp_answer_to(&mut spent, &mut fresh, now));
+        assert_eq!(fresh, AnswerBudget::default());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tproxy_common::reject::{
-    self, AnswerBudget, ICMP_ANSWERS_PER_CPU, ICMP_ANSWERS_PER_DESTINATION, QUOTE_IPV4_LEN, QUOTE_IPV6_LEN, RESET_IPV4_LEN, RESET_IPV6_LEN, UNREACHABLE_IPV4_LEN,
+    self, AnswerBudget, QUOTE_IPV4_LEN, QUOTE_IPV6_LEN, RESET_IPV4_LEN, RESET_IPV6_LEN, UNREACHABLE_IPV4_LEN,
     UNREACHABLE_IPV6_LEN,
 };
 
@@ -186,15 +186,7 @@ fn icmp_answer_allowed(destination: &[u8; 16]) -> Option<()> {
     let per_destination = unsafe { &mut *ICMP_ANSWER_BUDGETS.get_ptr_mut(destination)? };
     // SAFETY: a per-CPU slot, no other user while this program runs on this CPU.
     let per_cpu = unsafe { &mut *ICMP_ANSWER_BUDGET.get_ptr_mut(0)? };
-    if !reject::take_icmp_answer(per_cpu, ICMP_ANSWERS_PER_CPU, now) {
-        return None;
-    }
-    if !reject::take_icmp_answer(per_destination, ICMP_ANSWERS_PER_DESTINATION, now) {
-        // Not spent: this CPU's, so no other takes it meanwhile.
-        per_cpu.tokens += 1;
-        return None;
-    }
-    Some(())
+    reject::take_icmp_answer_to(per_cpu, per_destination, now).then_some(())
 }
 
 /// A TCP header's length, from its data offset.
