@@ -83,19 +83,18 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
         ETH_P_IPV4 => {
             load(ctx, l3, &mut s.ipv4)?;
             // Options (rare) are not answered: `ipv4_header_holds` wants none.
-            let header_len = 20;
+            const HEADER_LEN: usize = 20;
             match s.ipv4[9] {
                 IPPROTO_TCP => {
-                    load(ctx, l3 + header_len, &mut s.tcp)?;
+                    load(ctx, l3 + HEADER_LEN, &mut s.tcp)?;
                     reject::ipv4_header_holds(&s.ipv4, tcp_header_len(&s.tcp), available)
                         .then_some(())?;
-                    let partial = checksum_left_to_device(ctx, l3 + header_len + 16)?;
+                    let partial = checksum_left_to_device(ctx, l3 + HEADER_LEN + 16)?;
                     let total = u32::from(u16::from_be_bytes([s.ipv4[2], s.ipv4[3]]));
-                    let payload = payload_len(total, header_len, &s.tcp);
+                    let payload = payload_len(total, HEADER_LEN, &s.tcp);
                     let out = &mut s.reset_v4;
                     reject::reset_ipv4(&s.ipv4, &s.tcp, payload, partial, out).then_some(())?;
-                    resize(ctx, l3, RESET_IPV4_LEN, 0)?;
-                    ctx.store(l3, out, 0).ok()?;
+                    put_answer(ctx, l3, RESET_IPV4_LEN, out)?;
                 }
                 IPPROTO_UDP if room_at_ip => {
                     reject::ipv4_header_holds(&s.ipv4, 8, available).then_some(())?;
@@ -107,8 +106,7 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
                     destination[11] = 0xff;
                     destination[12..].copy_from_slice(&s.quote_v4[12..16]);
                     icmp_answer_allowed(&destination)?;
-                    resize(ctx, l3, QUOTE_IPV4_LEN, UNREACHABLE_IPV4_LEN - QUOTE_IPV4_LEN)?;
-                    ctx.store(l3, out, 0).ok()?;
+                    put_answer(ctx, l3, QUOTE_IPV4_LEN, out)?;
                 }
                 _ => return None,
             }
@@ -126,8 +124,7 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
                     let payload = payload_len(total, IPV6_HEADER_LEN, &s.tcp);
                     let out = &mut s.reset_v6;
                     reject::reset_ipv6(&s.ipv6, &s.tcp, payload, partial, out).then_some(())?;
-                    resize(ctx, l3, RESET_IPV6_LEN, 0)?;
-                    ctx.store(l3, out, 0).ok()?;
+                    put_answer(ctx, l3, RESET_IPV6_LEN, out)?;
                 }
                 IPPROTO_UDP if room_at_ip => {
                     reject::ipv6_header_holds(&s.ipv6, 8, available).then_some(())?;
@@ -137,8 +134,7 @@ fn answered(ctx: &TcContext, ethertype: u16, l3: usize) -> Option<()> {
                     let mut destination = [0u8; 16];
                     destination.copy_from_slice(&s.quote_v6[8..24]);
                     icmp_answer_allowed(&destination)?;
-                    resize(ctx, l3, QUOTE_IPV6_LEN, UNREACHABLE_IPV6_LEN - QUOTE_IPV6_LEN)?;
-                    ctx.store(l3, out, 0).ok()?;
+                    put_answer(ctx, l3, QUOTE_IPV6_LEN, out)?;
                 }
                 _ => return None,
             }
@@ -207,6 +203,19 @@ fn load<const N: usize>(ctx: &TcContext, offset: usize, to: &mut [u8; N]) -> Opt
 #[inline(always)]
 fn payload_len(total: u32, ip_header_len: usize, tcp: &[u8; 20]) -> u32 {
     total.saturating_sub(ip_header_len as u32 + tcp_header_len(tcp))
+}
+
+/// Writes `answer` over the packet from its IP header: the packet cut to the `keep` bytes the
+/// answer ends with (its quote, or all of it), and room made ahead of those for the rest.
+#[inline(always)]
+fn put_answer<const N: usize>(
+    ctx: &TcContext,
+    l3: usize,
+    keep: usize,
+    answer: &[u8; N],
+) -> Option<()> {
+    resize(ctx, l3, keep, N - keep)?;
+    ctx.store(l3, answer, 0).ok()
 }
 
 /// Cuts the packet to `keep` bytes from its IP header, then makes room for `grow` bytes of
