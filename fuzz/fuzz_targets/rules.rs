@@ -107,8 +107,15 @@ fuzz_target!(|data: &[u8]| {
         if matches!(rule.action, Action::Drop | Action::Deliver | Action::Reject) {
             rule.action = Action::Bypass;
         }
-        if rule.origin == Origin::Local {
-            rule.out_iface = bytes.pick(&[None, None, Some("eth0"), Some("eth*"), Some("wg0")]).map(String::from);
+        // An out_interface makes a selection of its own (3, 4, 5: the processes of 0 through
+        // each name). Not on retired rules: `retire` keeps no rule for local connections only.
+        if rule.origin == Origin::Local && !rule.retired {
+            let names = ["eth0", "eth*", "wg0"];
+            let via = bytes.next() as usize % (names.len() + 2);
+            if let Some(name) = names.get(via) {
+                rule.out_iface = Some(name.to_string());
+                rule.selection = 3 + via as u32;
+            }
         }
     }
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
@@ -131,8 +138,9 @@ fuzz_target!(|data: &[u8]| {
             // A local connection's: its bound port, 0 while unbound.
             sport: if local { bytes.pick(&[0, 0, 999, 2000, 7777]) } else { bytes.pick(&[0, 999, 1000, 1500, 2000, 7777, 40000]) },
             local,
-            // Every process's selection always; the others as the process is in them.
-            selections: 1 | (u32::from(bytes.next()) & 6),
+            // Every process's selection always, and those through an out_interface; the
+            // others as the process is in them.
+            selections: 0b111001 | (u32::from(bytes.next()) & 6),
             iface: IFACES[iface],
             mark: bytes.pick(&[0, 0x10, 0x20, 0x1f0]),
             route: if local { bytes.pick(&[None, Some("eth0"), Some("eth1"), Some("wg0"), Some("lo")]) } else { None },

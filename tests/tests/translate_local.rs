@@ -959,12 +959,48 @@ table inet sing_box_tproxy {
 /// reserved addresses is left alone, while other users' DNS there is rerouted, though the
 /// reserved bypass (a longer prefix in tproxy) comes after the reroute. The translation
 /// settles those in rules of their own and must relay the same connects as nft. Without the
-/// chain's `oifname != "eth0" accept` guard: with it, the host's DNS to its own addresses,
-/// the proxy user's too, comes back on lo to PREROUTING's DNS rule, and the user's
-/// `meta mark 0xe1 accept` cannot be a loop guard (translate reports it; see the unit test
-/// `an_output_interface_guard_lets_own_addresses_meet_prerouting`).
+/// chain's `oifname != "eth0" accept` guard (see the next test), the proxy user's
+/// `meta mark 0xe1 accept` becomes tproxy's loop guard, `socket_mark`.
 #[test]
 fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
+    let text = sing_box_relays_the_same_translated(
+        SING_BOX_TPROXY,
+        [
+            true, true, false, false, true, false, false, false, true, true,
+        ],
+    );
+    assert!(text.contains("socket_mark = \"0xe1\""), "{text}");
+}
+
+/// sing-box-tproxy's chains whole, with the exit-interface guard its output chain starts
+/// with (`oifname != "eth0" accept`, here `to-server`): the host's connections routed out of
+/// another interface (to the client's side) are left alone, DNS included. Every rule after
+/// the guard gets `out_interface`, which makes the selections of their processes (every
+/// user; the proxy's user) selections of their own, looked up only for connections routed
+/// out of that interface.
+#[test]
+fn sing_box_tproxys_exit_interface_guard_leaves_other_routes_alone_translated() {
+    let output_chain = "type route hook output priority mangle; policy accept;\n";
+    let guarded = SING_BOX_TPROXY.replace(
+        output_chain,
+        &format!(
+            "{output_chain}\t\toifname != \"to-server\" accept\n\t\tmeta nfproto ipv6 oifname != \"to-server\" accept\n"
+        ),
+    );
+    assert_ne!(guarded, SING_BOX_TPROXY);
+    let text = sing_box_relays_the_same_translated(
+        &guarded,
+        [
+            true, true, false, false, true, false, false, false, false, false,
+        ],
+    );
+    assert!(text.contains("out_interface = \"to-server\""), "{text}");
+}
+
+/// Runs `rule_set` (a variant of [`SING_BOX_TPROXY`]) with nft and then translated, and
+/// asserts that both relay the same connects of the probes, `original` being what nft
+/// relays. Returns the translation.
+fn sing_box_relays_the_same_translated(rule_set: &str, original_expected: [bool; 10]) -> String {
     require_root();
     let topo = Topo::new().unwrap();
     topo.server
@@ -974,6 +1010,7 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
         server(&topo.server, "10.10.2.2:80"),
         server(&topo.server, "10.10.2.200:80"),
         server(&topo.server, "10.10.2.200:53"),
+        server(&topo.client, "10.10.1.2:80"),
     ];
     let _echo: Vec<UdpEcho> = [
         (&topo.server, "10.10.2.2:53"),
@@ -997,6 +1034,7 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
         ("tcp", "10.10.2.200:53", true),
         ("tcp", "10.10.2.200:80", false),
         ("udp", "10.10.1.2:53", false),
+        ("tcp", "10.10.1.2:80", false),
     ];
     let relayed = |count: &dyn Fn(&str) -> u64| -> Vec<bool> {
         probes
@@ -1015,13 +1053,12 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
             })
             .collect()
     };
-    let path = ConfigFile::new(SING_BOX_TPROXY).unwrap();
+    let path = ConfigFile::new(rule_set).unwrap();
     nft(&topo.router, &["-f", path.path()]);
     install_tproxy_routing(&topo.router).unwrap();
     let listed = nft(&topo.router, &["list", "ruleset"]);
     let (status, text, stderr) = tproxy_with_input(&["translate"], &listed).unwrap();
     assert!(status.success(), "translate failed: {stderr}\n{text}");
-    assert!(text.contains("socket_mark = \"0xe1\""), "{text}");
     // `tproxy to :7895` looks the proxy up at the receiving interface's address: the
     // original's relay listens on the wildcard address.
     let wildcard = text.replace(
@@ -1030,9 +1067,16 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
     );
     assert_ne!(wildcard, text);
     let original_config = ConfigFile::new(&wildcard).unwrap();
+    // As sing-box marks its own connections (its default mark, 225), which the rules bypass.
     let mut relay = Tproxy::start_with_host_mounts(
         &topo.router,
-        &["--relay-only", "--config", original_config.path()],
+        &[
+            "--relay-only",
+            "--socket-mark",
+            "0xe1",
+            "--config",
+            original_config.path(),
+        ],
     )
     .unwrap();
     let nft_tproxy_packets = || -> u64 {
@@ -1051,8 +1095,7 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
     nft(&topo.router, &["flush", "ruleset"]);
     remove_tproxy_routing(&topo.router).unwrap();
     assert_eq!(
-        original,
-        [true, true, false, false, true, false, false, false, true],
+        original, original_expected,
         "what the original rules steer, in the order of {probes:?}"
     );
 
@@ -1062,6 +1105,7 @@ fn a_bypassed_users_dns_to_reserved_addresses_is_left_alone_translated() {
     let translated = relayed(&|proto| relay_count(&tproxy, proto));
     tproxy.stop().unwrap();
     assert_eq!(translated, original, "translated config:\n{text}");
+    text
 }
 
 /// A server's own ports guarded in mangle OUTPUT (xray-tproxy-ali-flt's `tcp sport { 22,

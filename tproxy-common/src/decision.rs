@@ -260,11 +260,6 @@ fn matches_marked<const LOCAL: bool>(rule: &MarkRule, packet: &MarkedPacket) -> 
         MARK_RULE_TCP
     };
     let ifindex = read(&packet.ifindex);
-    // Compiled out of the classifier, whose stack has no room for it: arrivals have no
-    // route yet, and no rule for them has out-interface bits.
-    if LOCAL && rule.routes != 0 && read(&packet.routes) & rule.routes == 0 {
-        return false;
-    }
     if read(&packet.mark) & rule.mask != rule.value
         || rule.transports & transport == 0
         || port < u32::from(rule.first_port)
@@ -765,33 +760,6 @@ mod tests {
         let packet = MarkedPacket::new(0x10, false, (80, 40000), &[0u8; 16], &[0u8; 16], 2);
         match_mark_rules::<false>(&table, &packet, &mut v6);
         assert_eq!(rule_match(&v6), RuleMatch::None, "an IPv4 rule");
-    }
-
-    #[test]
-    fn a_rule_with_route_bits_matches_local_connections_whose_route_has_one() {
-        let mut via_wan = mark_rule(0, 0, MARK_RULE_TCP, (1, 65535), 3);
-        via_wan.routes = 0b10;
-        let table = table(&[via_wan]);
-        let decide = |routes: u32, local: bool| {
-            let mut best = Verdict::default();
-            let mut packet = MarkedPacket::new(0, false, (443, 0), &[192, 0, 2, 1], &[0; 4], 0);
-            packet.routes = routes;
-            match local {
-                true => match_mark_rules::<true>(&table, &packet, &mut best),
-                false => match_mark_rules::<false>(&table, &packet, &mut best),
-            }
-            rule_match(&best)
-        };
-        assert_eq!(decide(0b10, true), RuleMatch::Bypass);
-        assert_eq!(decide(0b110, true), RuleMatch::Bypass, "other bits too");
-        assert_eq!(
-            decide(0b01, true),
-            RuleMatch::None,
-            "another interface's route"
-        );
-        assert_eq!(decide(0, true), RuleMatch::None, "no route");
-        // Arrivals have no route: the classifier never reads the bits.
-        assert_eq!(decide(0, false), RuleMatch::Bypass);
     }
 
     /// A local connection is looked up under its selection's index: only that selection's

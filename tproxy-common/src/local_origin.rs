@@ -80,8 +80,8 @@ pub const MAX_SELECTION_CGROUPS: usize = 8;
 /// output chain). A connect program cannot look a route up itself, so the loader mirrors the
 /// `local` and `main` routing tables here, each prefix with the bits of the
 /// [`MAX_OUT_INTERFACES`] rules' out-interface names and patterns that the interface its
-/// route leaves by matches (see `MarkRule::routes`), and follows their changes. Empty, and
-/// never read, without such rules.
+/// route leaves by matches (see [`route_selected`]), and follows their changes. Empty
+/// without such rules.
 pub const ROUTES_V4_MAP: &str = "LOCAL_ROUTES_V4";
 /// As [`ROUTES_V4_MAP`], for IPv6 destinations (`[u8; 16]`).
 pub const ROUTES_V6_MAP: &str = "LOCAL_ROUTES_V6";
@@ -95,6 +95,18 @@ pub const MAX_OUT_INTERFACES: usize = 8;
 pub const fn route_bits_shift(generation: u32) -> u32 {
     (generation & 1) * 8
 }
+/// Whether a selection whose rules have an `out_interface` with bits `required` (its
+/// entry in `MarkRules::selection_routes`; 0: the rules have none) is asked about a
+/// connection whose destination's route has `routes` (from [`ROUTES_V4_MAP`]). The rules
+/// with an `out_interface` are a selection of their own, with the processes of theirs, so
+/// that they are looked up in the stages like the others rather than tried one by one.
+/// The bit is the rule's own name's: a pattern's is set on the routes by the interfaces it
+/// matches, not by the other names it matches.
+#[inline(always)]
+pub const fn route_selected(required: u32, routes: u32) -> bool {
+    required == 0 || routes & required != 0
+}
+
 /// Route-map bit of an IPv4 destination that the `local` table routes as broadcast (a
 /// subnet's broadcast address): never steered. The local table is looked up before
 /// tproxy's routing rule, so such a socket's packets never reach `lo`, whatever its mark,
@@ -560,6 +572,25 @@ unsafe impl aya::Pod for Selection {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_selection_with_an_out_interface_takes_connections_whose_route_has_its_bit() {
+        let via_wan = 0b10 << route_bits_shift(1);
+        let routes = |bits: u32| bits << route_bits_shift(1);
+        assert!(route_selected(via_wan, routes(0b10)));
+        assert!(route_selected(via_wan, routes(0b110)), "other bits too");
+        assert!(
+            !route_selected(via_wan, routes(0b01)),
+            "another interface's route"
+        );
+        assert!(!route_selected(via_wan, 0), "no route");
+        assert!(
+            !route_selected(via_wan, 0b10 << route_bits_shift(0)),
+            "the other generation's bits"
+        );
+        assert!(route_selected(0, 0), "a selection without out_interface");
+        assert!(route_selected(0, routes(0b1)));
+    }
 
     #[test]
     fn uid_ranges_parse_and_name_what_is_wrong() {

@@ -123,10 +123,6 @@ pub struct MarkRule {
     /// What the rule does, with its rank ([`VERDICT_STEER`], [`VERDICT_BYPASS`],
     /// [`VERDICT_DROP`], [`VERDICT_DELIVER`], [`VERDICT_REJECT`] or [`VERDICT_PASS`]).
     pub verdict: Verdict,
-    /// For a rule for local connections with an `out_interface`: its bit among the
-    /// out-interface bits (see `local_origin::ROUTES_V4_MAP`); the rule matches a connection
-    /// whose destination's route has it. 0: any route.
-    pub routes: u32,
     /// The direction of its connection the packet must travel in, as the kernel's connection
     /// tracking has it ([`CT_ORIGINAL`] or [`CT_REPLY`]); 0: any.
     pub ct_direction: u32,
@@ -175,9 +171,6 @@ pub struct MarkedPacket {
     /// The addresses as [`MarkRule::dst`] holds them (IPv4 in the first word).
     pub dst: [u32; 4],
     pub src: [u32; 4],
-    /// In the connect programs, the out-interface bits of the route to the destination
-    /// ([`MarkRule::routes`]); not read at tc ingress.
-    pub routes: u32,
     /// The packet's direction in its connection ([`CT_ORIGINAL`], [`CT_REPLY`]): at tc
     /// ingress as conntrack has it, in the connect and sendmsg programs as `local_udp`
     /// follows it (a TCP connect is always original); found only when a rule asks
@@ -258,6 +251,12 @@ pub struct MarkRules {
     /// `local_udp`).
     pub ct_direction: u32,
     pub rules: [MarkRule; MAX_MARK_RULES],
+    /// For each selection of local connections (by index): the out-interface bits, one of
+    /// which the route to a connection's destination must have for the selection's rules to
+    /// be asked about it (see [`crate::local_origin::route_selected`]); 0: any route. Here,
+    /// per generation, rather than in the selection's entry: the bits are numbered anew by
+    /// each rule set (see [`crate::local_origin::route_bits_shift`]).
+    pub selection_routes: [u32; crate::local_origin::MAX_SELECTIONS],
 }
 
 impl Default for MarkRules {
@@ -266,6 +265,7 @@ impl Default for MarkRules {
             len: 0,
             ct_direction: 0,
             rules: [MarkRule::default(); MAX_MARK_RULES],
+            selection_routes: [0; crate::local_origin::MAX_SELECTIONS],
         }
     }
 }
@@ -732,9 +732,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<ProtocolFlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ReassembledFlow>(), 16);
         assert_eq!(core::mem::size_of::<ExternalListener>(), 20);
-        assert_eq!(core::mem::size_of::<MarkRule>(), 116);
-        assert_eq!(core::mem::size_of::<MarkedPacket>(), 64);
-        assert_eq!(core::mem::size_of::<MarkRules>(), 8 + 116 * MAX_MARK_RULES);
+        assert_eq!(core::mem::size_of::<MarkRule>(), 112);
+        assert_eq!(core::mem::size_of::<MarkedPacket>(), 60);
+        assert_eq!(
+            core::mem::size_of::<MarkRules>(),
+            8 + 112 * MAX_MARK_RULES + 4 * crate::local_origin::MAX_SELECTIONS
+        );
     }
 
     #[test]

@@ -25,8 +25,8 @@ use aya_ebpf::{
 use tproxy_common::{
     decision::{self, match_mark_rules, rule_match, DestinationScope, RuleMatch},
     local_origin::{
-        in_own_namespace, ipv4_mapped, is_own_socket, mapped_ipv4, selection_ifindex,
-        socket_mark_for, LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
+        in_own_namespace, ipv4_mapped, is_own_socket, mapped_ipv4, route_selected,
+        selection_ifindex, socket_mark_for, LocalDecision, Selection, MAX_SELECTIONS, ROUTE_BROADCAST,
     },
     maps::{listener_slot, ListenerSlot, MarkedPacket, Verdict, EXTERNAL_NONE},
 };
@@ -138,7 +138,8 @@ pub(crate) fn destination_ipv6(ctx: &SockAddrContext) -> [u8; 16] {
 pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Option<u32>> {
     let udp = udp(ctx);
     let peer = ipv4_mapped(addr);
-    let rule = decide(ctx, udp, &peer, |ifindex, mark, pending| {
+    let routes = route_bits(&addr);
+    let rule = decide(ctx, udp, &peer, routes, |ifindex, mark, pending| {
         if let Some(udp) = udp {
             match_rules_into::<4, false>(
                 pending.generation,
@@ -161,7 +162,7 @@ pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Optio
     let steered = steers(rule, slot, |loopback_too| {
         decision::ipv4_destination_scope(addr, loopback_too)
     })
-    .filter(|_| route_bits(&addr) & ROUTE_BROADCAST == 0);
+    .filter(|_| routes & ROUTE_BROADCAST == 0);
     Some(steered.filter(|listener| served(*listener, slot)))
 }
 
@@ -173,7 +174,7 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
         return steered_ipv4(ctx, v4);
     }
     let udp = udp(ctx);
-    let rule = decide(ctx, udp, &addr, |ifindex, mark, pending| {
+    let rule = decide(ctx, udp, &addr, route_bits(&addr), |ifindex, mark, pending| {
         if let Some(udp) = udp {
             match_rules_into::<16, false>(
                 pending.generation,
@@ -272,7 +273,6 @@ fn match_local_mark_rules<const N: usize>(
     let packet = &mut pending.packet;
     packet.set(packet.mark, udp, port, *addr, [0; N], packet.ifindex);
     packet.sport = u32::from(sport);
-    packet.routes = route_bits(addr);
     match_mark_rules::<true>(marks, packet, &mut pending.best);
 }
 
@@ -295,7 +295,8 @@ fn route_bits<const N: usize>(addr: &[u8; N]) -> u32 {
 static LOCAL_PENDING: SkStorage<Pending> = SkStorage::new();
 
 /// The rules' answer for the context's process, by `ask(ifindex, mark, pending)` for each
-/// selection the process is in (the best-ranked answer of all), or `None` when the socket is
+/// selection the process is in whose out-interface bits the destination's `routes` have
+/// (the best-ranked answer of all), or `None` when the socket is
 /// not this instance's to decide: not in tproxy's network namespace, tproxy's own, bound to
 /// an interface, or of a process in no selection. Such a socket is left as it is, its mark included (another
 /// program at the same hook, another tproxy's for another namespace or cgroup, may have just
@@ -307,6 +308,7 @@ fn decide(
     ctx: &SockAddrContext,
     udp: Option<bool>,
     peer: &[u8; 16],
+    routes: u32,
     ask: impl Fn(u32, u32, &mut Pending),
 ) -> Option<RuleMatch> {
     // SAFETY: the helper reads the namespace of the context's socket.
@@ -362,7 +364,12 @@ fn decide(
         };
         if selection.selects(uid, gid, classid, ancestor) {
             pending.selected = 1;
-            ask(selection_ifindex(k), mark, pending);
+            let required = MARK_RULES
+                .get(pending.generation)
+                .map_or(0, |rules| rules.selection_routes[k as usize]);
+            if route_selected(required, routes) {
+                ask(selection_ifindex(k), mark, pending);
+            }
         }
     }
     if pending.selected == 0 {

@@ -151,7 +151,7 @@ impl Config {
             .chain(&self.ipset_rules)
             .cloned()
             .collect();
-        let entries = rules::mark_rules(&rules, 0, &[]).len();
+        let entries = rules::mark_rules(&rules, &[]).len();
         if entries <= MAX_MARK_RULES {
             return Ok(());
         }
@@ -183,7 +183,7 @@ impl Config {
                 }
             })
             .collect();
-        let helps = rules::mark_rules(&all_asking, 0, &[]).len() < entries;
+        let helps = rules::mark_rules(&all_asking, &[]).len() < entries;
         let guard = match needs.keep_guard_off.as_slice() {
             _ if !helps => String::new(),
             [] => String::new(),

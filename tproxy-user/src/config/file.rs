@@ -344,7 +344,8 @@ impl RuleEntry {
         Ok(Some(
             LocalOrigin::new(cgroups, uids)
                 .with_classids(classids)
-                .with_gids(gids),
+                .with_gids(gids)
+                .with_out_interface(self.out_interface.clone()),
         ))
     }
 

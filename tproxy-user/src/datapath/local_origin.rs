@@ -65,7 +65,8 @@ use crate::{
 };
 
 /// The local processes whose connections the rules for local connections apply to (`--local
-/// --cgroup --uid`, or the rules' `cgroup`, `uid` and `classid`).
+/// --cgroup --uid`, or the rules' `cgroup`, `uid`, `gid` and `classid`), and the interface
+/// those connections' routes leave by (the rules' `out_interface`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalOrigin {
     /// cgroup v2 paths, relative to the hierarchy's root (`/app.slice/app.service`).
@@ -77,6 +78,13 @@ pub struct LocalOrigin {
     pub classids: Vec<ClassidRange>,
     /// The groups (real group ids) whose processes are steered; empty: every group.
     pub gids: Vec<UidRange>,
+    /// The name or pattern of the interface the route to a connection's destination must
+    /// leave by; `None`: any route. Rules with an `out_interface` are a selection of their
+    /// own, even with the processes of another one: the programs ask the selection's rules
+    /// only about the connections whose route has its bit (see
+    /// `tproxy_common::local_origin::route_selected`), so that these rules are looked up in
+    /// the stages like any other rather than tried one by one (see `datapath::rules`).
+    pub out_interface: Option<String>,
 }
 
 impl LocalOrigin {
@@ -114,6 +122,16 @@ impl LocalOrigin {
             uids,
             classids: Vec::new(),
             gids: Vec::new(),
+            out_interface: None,
+        }
+    }
+
+    /// The selection taking only the connections of this one's processes whose route leaves
+    /// by `out_interface` (a name or pattern; `None`: any route).
+    pub fn with_out_interface(self, out_interface: Option<String>) -> Self {
+        LocalOrigin {
+            out_interface,
+            ..self
         }
     }
 
@@ -146,7 +164,7 @@ impl LocalOrigin {
     }
 
     /// Whether the selection takes every process: every cgroup, no user, group or class
-    /// left out.
+    /// left out (whatever interface their connections' routes leave by).
     pub fn selects_every_process(&self) -> bool {
         self.every_cgroup()
             && self.uids.is_empty()
@@ -261,8 +279,9 @@ impl LocalSelections {
         if self.list.len() == MAX_SELECTIONS {
             bail!(
                 "{selection}: the rules for local connections select more than \
-                 {MAX_SELECTIONS} different sets of processes (with every process), the most \
-                 the programs evaluate"
+                 {MAX_SELECTIONS} different sets of processes (with every process; the same \
+                 processes with another out_interface are another set), the most the programs \
+                 evaluate"
             );
         }
         self.list.push(selection);
@@ -365,12 +384,13 @@ impl std::fmt::Display for LocalOrigin {
             let gids: Vec<String> = self.gids.iter().map(ToString::to_string).collect();
             write!(f, ", gid {}", gids.join(", "))?;
         }
-        match self.classids.as_slice() {
-            [] => Ok(()),
-            classids => {
-                let classids: Vec<String> = classids.iter().map(ToString::to_string).collect();
-                write!(f, ", net_cls class {}", classids.join(", "))
-            }
+        if !self.classids.is_empty() {
+            let classids: Vec<String> = self.classids.iter().map(ToString::to_string).collect();
+            write!(f, ", net_cls class {}", classids.join(", "))?;
+        }
+        match &self.out_interface {
+            Some(out_interface) => write!(f, ", routed out of {out_interface}"),
+            None => Ok(()),
         }
     }
 }
@@ -942,6 +962,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             uids,
             classids: Vec::new(),
             gids: Vec::new(),
+            out_interface: None,
         };
         let root = std::env::temp_dir();
         let entry = selection(vec![one]).entry(&root, false).unwrap();

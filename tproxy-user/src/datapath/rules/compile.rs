@@ -39,6 +39,9 @@ pub struct CompiledRules {
     pub marks: Vec<MarkRule>,
     /// The rules' `out_interface` names and patterns, in the order of their bits.
     pub out_interfaces: Vec<String>,
+    /// Per selection, the bit of its rules' `out_interface` (see
+    /// `MarkRules::selection_routes`).
+    pub selection_routes: [u32; MAX_SELECTIONS],
     /// Who has to know a packet's direction (see [`Rule::ct_asked`]).
     pub ct_asked: u32,
 }
@@ -70,6 +73,7 @@ impl CompiledRules {
         let mut table = MarkRules {
             len: self.marks.len() as u32,
             ct_direction: self.ct_asked,
+            selection_routes: self.selection_routes,
             ..MarkRules::default()
         };
         table.rules[..self.marks.len()].copy_from_slice(&self.marks);
@@ -94,7 +98,8 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
     let asked = rules.iter().fold(0, |asked, rule| asked | rule.ct_asked());
     let guard = DirectionGuard::of(rules);
     let rules = &guard.apply(rules)[..];
-    let marks = mark_stage(&guard, rules, generation, interfaces);
+    let marks = mark_stage(&guard, rules, interfaces);
+    let out_interfaces = super::out_interfaces(rules);
     let generation_bit = if generation & 1 == 1 {
         GENERATION_BIT
     } else {
@@ -103,7 +108,8 @@ pub fn compile(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> C
     let mut compiled = CompiledRules {
         port_classes: vec![0; 2 * 65536],
         marks,
-        out_interfaces: super::out_interfaces(rules),
+        selection_routes: selection_routes(rules, &out_interfaces, generation),
+        out_interfaces,
         ct_asked: asked,
         ..CompiledRules::default()
     };
@@ -230,9 +236,9 @@ impl CompiledRules {
 /// A rule for local connections has one more, under its selection's index, where the
 /// connect and sendmsg programs try it.
 /// (With the direction guard's own first, see [`DirectionGuard`].)
-pub fn mark_rules(rules: &[Rule], generation: u32, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
+pub fn mark_rules(rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let guard = DirectionGuard::of(rules);
-    mark_stage(&guard, &guard.apply(rules), generation, interfaces)
+    mark_stage(&guard, &guard.apply(rules), interfaces)
 }
 
 /// Who needs the mark stage's entries, under the guard of the whole set.
@@ -260,7 +266,7 @@ pub fn mark_entries_by_rule(rules: &[Rule]) -> MarkEntries {
     };
     let by_rule = by_number
         .into_iter()
-        .map(|(number, split)| (number, mark_stage(&none, &split, 0, &[]).len()))
+        .map(|(number, split)| (number, mark_stage(&none, &split, &[]).len()))
         .filter(|&(_, count)| count > 0)
         .collect();
     MarkEntries {
@@ -270,20 +276,40 @@ pub fn mark_entries_by_rule(rules: &[Rule]) -> MarkEntries {
     }
 }
 
-/// The mark stage's entries for `rules` as `guard` left them: its own, then the rules'.
-fn mark_stage(
-    guard: &DirectionGuard,
+/// Each selection's out-interface bit in `generation`'s byte of the routes' bits: that of
+/// the name or pattern its rules have (a selection's rules all have the same one, see
+/// `LocalOrigin::out_interface`), 0 for none.
+fn selection_routes(
     rules: &[Rule],
+    out_interfaces: &[String],
     generation: u32,
-    interfaces: Interfaces<'_>,
-) -> Vec<MarkRule> {
-    let out_interfaces = super::out_interfaces(rules);
-    let shift = route_bits_shift(generation);
+) -> [u32; MAX_SELECTIONS] {
+    let mut routes = [0; MAX_SELECTIONS];
+    for rule in rules.iter().filter(|rule| rule.origin.local()) {
+        // The rule's own name's bit: a pattern's is set on the routes by the interfaces it
+        // matches, not by other names it matches.
+        let bit = rule.out_iface.as_ref().map_or(0, |own| {
+            let bit = out_interfaces
+                .iter()
+                .position(|name| name == own)
+                .expect("out_interfaces holds every rule's name");
+            (1 << bit) << route_bits_shift(generation)
+        });
+        let selection = &mut routes[rule.selection as usize];
+        assert!(
+            *selection == 0 || *selection == bit,
+            "rule {}: its selection's rules have different out_interface values",
+            rule.number
+        );
+        *selection = bit;
+    }
+    routes
+}
+
+/// The mark stage's entries for `rules` as `guard` left them: its own, then the rules'.
+fn mark_stage(guard: &DirectionGuard, rules: &[Rule], interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     let mut entries: Vec<MarkRule> = guard.entries();
-    for entry in rules
-        .iter()
-        .flat_map(|rule| mark_rule(rule, interfaces, &out_interfaces, shift))
-    {
+    for entry in rules.iter().flat_map(|rule| mark_rule(rule, interfaces)) {
         let alike = |e: &&mut MarkRule| {
             MarkRule {
                 transports: entry.transports,
@@ -371,7 +397,7 @@ impl DirectionGuard {
                 local_selections: Vec::new(),
             },
         ];
-        let cost = |guard: &DirectionGuard| mark_stage(guard, &guard.apply(rules), 0, &[]).len();
+        let cost = |guard: &DirectionGuard| mark_stage(guard, &guard.apply(rules), &[]).len();
         candidates
             .into_iter()
             .min_by_key(cost)
@@ -485,12 +511,7 @@ impl DirectionGuard {
 /// it, and no selection's local connections are looked up with it.
 const NO_INTERFACE: u32 = LOCAL_ORIGIN_IFINDEX - MAX_SELECTIONS as u32;
 
-fn mark_rule(
-    rule: &Rule,
-    interfaces: Interfaces<'_>,
-    out_interfaces: &[String],
-    shift: u32,
-) -> Vec<MarkRule> {
+fn mark_rule(rule: &Rule, interfaces: Interfaces<'_>) -> Vec<MarkRule> {
     if !rule.tried_one_by_one() {
         return Vec::new();
     }
@@ -563,15 +584,6 @@ fn mark_rule(
         src,
         src_mask,
         verdict: rule.verdict(),
-        // The rule's own name's bit: a pattern's is set on the routes by the interfaces it
-        // matches, not by other names it matches.
-        routes: rule.out_iface.as_ref().map_or(0, |own| {
-            let bit = out_interfaces
-                .iter()
-                .position(|name| name == own)
-                .expect("out_interfaces holds every rule's name");
-            (1 << bit) << shift
-        }),
         ct_direction: rule.ct_direction.map_or(0, CtDirection::program_value),
     };
     ifindexes.into_iter().map(entry).collect()
@@ -773,15 +785,25 @@ pub fn lookup(
     packet: &Packet<'_>,
     ifindex: u32,
 ) -> RuleMatch {
-    use tproxy_common::decision::{outranks, rule_match};
+    use tproxy_common::{
+        decision::{outranks, rule_match},
+        local_origin::route_selected,
+    };
     if packet.local && packet.protocol == Protocol::Other {
         // The connect and sendmsg programs see TCP and UDP sockets only.
         return RuleMatch::None;
     }
     if packet.local {
-        // As the connect programs do: once per selection the process is in, the best wins.
+        // As the connect programs do: once per selection the process is in whose
+        // out-interface bit the route has, the best wins.
+        let routes = packet.route.map_or(0, |route| {
+            super::route_bits(&compiled.out_interfaces, route) << route_bits_shift(generation)
+        });
         let mut best = Verdict::default();
-        for k in (0..MAX_SELECTIONS as u32).filter(|k| packet.selections & (1 << k) != 0) {
+        for k in (0..MAX_SELECTIONS as u32).filter(|&k| {
+            packet.selections & (1 << k) != 0
+                && route_selected(compiled.selection_routes[k as usize], routes)
+        }) {
             let verdict = lookup_verdict(compiled, generation, packet, selection_ifindex(k));
             if outranks(&verdict, &best) {
                 best = verdict;
@@ -868,10 +890,6 @@ fn lookup_verdict(
     } else if marks.ct_direction & asked != 0 {
         marked.ct_direction = packet.ct_direction.map_or(0, CtDirection::program_value);
     }
-    marked.routes = packet.route.map_or(0, |route| {
-        super::route_bits(&compiled.out_interfaces, route)
-            << tproxy_common::local_origin::route_bits_shift(generation)
-    });
     match (packet.local, packet.protocol) {
         // The program asks only the rules for other protocols about such a packet.
         (_, Protocol::Other) => {}

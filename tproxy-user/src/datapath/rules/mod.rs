@@ -40,7 +40,10 @@
 //! interface has the entries of the rules that apply to arrivals, and each selection's index
 //! those of the rules for local connections with that selection. A local connection is looked
 //! up under each selection its process is in, and the best-ranked answer wins, so the rules'
-//! precedence holds across selections. Without local rules nothing changes.
+//! precedence holds across selections. Without local rules nothing changes. The rules with an
+//! `out_interface` are a selection of their own (with the processes of theirs, see
+//! `LocalOrigin::out_interface`): a local connection is looked up under it only when the
+//! route to its destination leaves by that interface.
 //!
 //! Rules for other protocols than TCP and UDP (`proto = "other"`) have no ports: they are one
 //! group of their own, looked up without the port array (stages 2 and 3 only), for arrivals.
@@ -49,7 +52,7 @@
 //! single-port rules next to thousands of any-port or range prefixes cost their sum in map
 //! entries, not their product.
 //!
-//! Rules with a mark, a source port, an output interface or a connection's direction are not
+//! Rules with a mark, a source port or a connection's direction are not
 //! in these stages: none is a prefix of anything to key a trie with, and there is no room for
 //! them in the keys. They are few (at most `MAX_MARK_RULES` entries), each tried in turn by a
 //! bounded loop before the other stages, and the best rank among their matches and the other
@@ -393,13 +396,11 @@ impl Rule {
     }
 
     /// Whether the rule is tried one by one rather than in the lookup stages: it matches a
-    /// mark, a source port, a route's interface or a connection's direction, which no stage
-    /// is keyed by (unless the direction guard takes the direction off it).
+    /// mark, a source port or a connection's direction, which no stage is keyed by (unless
+    /// the direction guard takes the direction off it). A route's interface is its
+    /// selection's (see `LocalOrigin::out_interface`).
     fn tried_one_by_one(&self) -> bool {
-        self.mark.is_some()
-            || self.sport.is_some()
-            || self.out_iface.is_some()
-            || self.ct_direction.is_some()
+        self.mark.is_some() || self.sport.is_some() || self.ct_direction.is_some()
     }
 
     /// Whether the rule matches every packet its destination and port match, given whether
@@ -682,10 +683,14 @@ impl fmt::Display for Rule {
 
 /// The `candidates` (in order) that match what no rule of `new` and no earlier candidate
 /// matches, marked retired: a reload keeps them so that their established flows survive.
+/// Rules for local connections only are not kept: a retired rule only bypasses, which for a
+/// local connection is what no rule does (its flow, over `lo`, finds its own socket first
+/// all the same), and their selections are the old configuration's.
 pub fn retire<'a>(candidates: impl IntoIterator<Item = &'a Rule>, new: &[Rule]) -> Vec<Rule> {
     let mut matched: HashSet<_> = new.iter().map(Rule::match_key).collect();
     candidates
         .into_iter()
+        .filter(|rule| rule.origin.forwarded())
         .filter(|rule| matched.insert(rule.match_key()))
         .map(|rule| Rule {
             retired: true,

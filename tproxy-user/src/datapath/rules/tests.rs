@@ -345,7 +345,10 @@ fn retired_rules_come_after_every_current_one_and_never_take_new_flows() {
 /// already retired.
 fn retire_by_definition(candidates: &[Rule], new: &[Rule]) -> Vec<Rule> {
     let mut retired: Vec<Rule> = Vec::new();
-    for rule in candidates {
+    for rule in candidates
+        .iter()
+        .filter(|rule| rule.origin != Origin::Local)
+    {
         if !new
             .iter()
             .chain(&retired)
@@ -381,8 +384,12 @@ fn a_reload_retires_each_dropped_match_once_whatever_the_rule_count() {
         if next(3) == 0 {
             text += &format!(" src 192.0.2.{}/32", next(4));
         }
-        if next(3) == 0 {
-            text += &format!(" iface {}", IFACES[next(2) as usize].0);
+        match next(6) {
+            0 | 1 => text += &format!(" iface {}", IFACES[next(2) as usize].0),
+            2 if !text.contains("src") => {
+                text += [" origin local", " origin any"][next(2) as usize];
+            }
+            _ => {}
         }
         rule(number, &text, Action::Steer(next(3) as u32))
     };
@@ -399,6 +406,11 @@ fn a_reload_retires_each_dropped_match_once_whatever_the_rule_count() {
     assert!(
         retire(&kept, &[moved]).is_empty(),
         "a match the new rules still have is not retired, whatever its action"
+    );
+    let local = [rule(1, "tcp 10.0.0.0/8 80 origin local", Action::Steer(0))];
+    assert!(
+        retire(&local, &[]).is_empty(),
+        "a rule for local connections only would decide nothing retired"
     );
 }
 
@@ -577,7 +589,7 @@ fn a_mark_is_one_more_match_and_precedence_stays_the_same() {
         rule(1, "udp 0.0.0.0/0 any mark 0x10/0xf0", Action::Bypass),
     ];
     assert_eq!(
-        mark_rules(&both, 0, &[]).len(),
+        mark_rules(&both, &[]).len(),
         1,
         "TCP and UDP share an entry"
     );
@@ -760,12 +772,12 @@ fn rules_that_all_ask_for_the_original_direction_are_looked_up_behind_a_guard() 
         CT_ASKED_BY_ARRIVALS | CT_ASKED_BY_LOCAL,
         "directions are still looked up, and local datagrams followed"
     );
-    assert_eq!(mark_rules(&rules, 0, &[]).len(), 4, "what `check` counts");
+    assert_eq!(mark_rules(&rules, &[]).len(), 4, "what `check` counts");
 
     // One rule for arrivals that does not ask: the direction is each of their rules' own
     // question again (42 entries), while the local rules stay behind their guard (2).
     rules.push(rule(45, "tcp 10.0.0.0/8 81", Action::Steer(0)));
-    assert_eq!(mark_rules(&rules, 0, &[]).len(), 44);
+    assert_eq!(mark_rules(&rules, &[]).len(), 44);
 }
 
 /// Rules tried one by one for a mark as well keep their entries behind a guard, which would
@@ -778,7 +790,7 @@ fn the_direction_guard_is_left_out_where_it_would_cost_more() {
             rule(i as usize + 1, &text, Action::Bypass)
         })
         .collect();
-    assert_eq!(mark_rules(&rules, 0, &[]).len(), 31);
+    assert_eq!(mark_rules(&rules, &[]).len(), 31);
     for (text, expected) in [
         (
             "udp 192.0.2.1 -> 10.7.1.1:53 mark 0x10 ct original",
@@ -984,6 +996,14 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 if rule.origin.local() {
                     rule.selection = next(3) as u32;
                 }
+                // Some have an out_interface, and with it a selection of their own: 3 and 4
+                // have the processes of 0 and 1. Not retired ones: `retire` keeps no rule
+                // for local connections only.
+                if rule.origin == Origin::Local && !rule.retired && next(4) == 0 {
+                    let via = next(2);
+                    rule.out_iface = Some(["eth0", "wg*"][via as usize].to_string());
+                    rule.selection = 3 + via as u32;
+                }
                 rule
             })
             .collect();
@@ -1013,9 +1033,12 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                 [80, 81, 443, 500, 2000][next(5) as usize],
                 ["0", "0x10", "0x20", "0x1f0", "0x110"][next(5) as usize],
             );
-            // A process is in selection 0 (every process) and maybe in 1 and 2.
+            // A process is in selection 0 (every process) and maybe in 1 and 2; in 3 as in
+            // 0, in 4 as in 1.
+            let selections = 1 | (next(4) as u32) << 1;
             let packet = Packet {
-                selections: 1 | (next(4) as u32) << 1,
+                selections: selections | 1 << 3 | (selections & 0b10) << 3,
+                route: [Some("eth0"), Some("wg0"), Some("eth1"), None][next(4) as usize],
                 ..packet(&text, iface)
             };
             assert_eq!(
@@ -1199,8 +1222,10 @@ fn a_local_mark_rule_decides_its_selections_connections_by_the_sockets_mark() {
 
 /// As [`expect`], for a local connection whose route leaves by `route`.
 fn expect_routed(rules: &[Rule], text: &str, route: Option<&str>, expected: RuleMatch) {
+    // The selections of these tests all have every process.
     let packet = Packet {
         route,
+        selections: u32::MAX,
         ..packet(text, LOCAL)
     };
     assert_eq!(
@@ -1219,22 +1244,36 @@ fn expect_routed(rules: &[Rule], text: &str, route: Option<&str>, expected: Rule
 }
 
 /// sing-box's `oifname != "eth0" accept` ahead of its output chain's steering: the steer
-/// rules take only connections whose route leaves by eth0, with the usual precedence.
+/// rules take only connections whose route leaves by eth0, with the usual precedence. Each
+/// out_interface is a selection of its own, with every process (see
+/// `LocalOrigin::out_interface`).
 #[test]
 fn an_out_interface_narrows_a_local_rule_to_the_routes_by_that_interface() {
+    let via = |number, text, action, selection| Rule {
+        selection,
+        ..rule(number, text, action)
+    };
     let rules = [
-        rule(
+        via(
             1,
             "tcp 0.0.0.0/0 any out_interface eth0 origin local",
             Action::Steer(0),
+            1,
         ),
         rule(2, "tcp 10.0.0.0/8 any origin local", Action::Bypass),
-        rule(
+        via(
             3,
             "tcp 0.0.0.0/0 443 out_interface wg* origin local",
             Action::Steer(1),
+            2,
         ),
         rule(4, "tcp 0.0.0.0/0 any", Action::Steer(2)),
+        via(
+            5,
+            "udp 0.0.0.0/0 53 out_interface eth0 origin local",
+            Action::Steer(0),
+            1,
+        ),
     ];
     let public = "tcp 0.0.0.0 -> 192.0.2.1:80";
     expect_routed(&rules, public, Some("eth0"), RuleMatch::Steer(0));
@@ -1251,6 +1290,9 @@ fn an_out_interface_narrows_a_local_rule_to_the_routes_by_that_interface() {
     let https = "tcp 0.0.0.0 -> 192.0.2.1:443";
     expect_routed(&rules, https, Some("wg0"), RuleMatch::Steer(1));
     expect_routed(&rules, https, Some("eth0"), RuleMatch::Steer(0));
+    let dns = "udp 0.0.0.0 -> 192.0.2.1:53";
+    expect_routed(&rules, dns, Some("eth0"), RuleMatch::Steer(0));
+    expect_routed(&rules, dns, Some("wg0"), RuleMatch::None);
     // Arrivals never have their route looked at.
     expect(
         &rules,
@@ -1260,15 +1302,14 @@ fn an_out_interface_narrows_a_local_rule_to_the_routes_by_that_interface() {
     );
     let compiled = compile(&rules, 0, &interfaces());
     assert_eq!(compiled.out_interfaces, ["eth0", "wg*"]);
-    let bits: Vec<u32> = compiled.marks.iter().map(|entry| entry.routes).collect();
-    assert_eq!(
-        bits,
-        [0b01, 0b10],
-        "one mark-stage entry each, with its name's bit"
-    );
+    assert!(compiled.marks.is_empty(), "looked up in the stages");
+    assert_eq!(compiled.selection_routes[..3], [0, 0b01, 0b10]);
     let next = compile(&rules, 1, &interfaces());
-    let bits: Vec<u32> = next.marks.iter().map(|entry| entry.routes).collect();
-    assert_eq!(bits, [0b01 << 8, 0b10 << 8], "the other generation's byte");
+    assert_eq!(
+        next.selection_routes[..3],
+        [0, 0b01 << 8, 0b10 << 8],
+        "the other generation's byte"
+    );
     assert_eq!(route_bits(&compiled.out_interfaces, "wg1"), 0b10);
     assert_eq!(route_bits(&compiled.out_interfaces, "eth0"), 0b01);
     assert_eq!(route_bits(&compiled.out_interfaces, "lo"), 0);

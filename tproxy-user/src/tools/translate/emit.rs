@@ -774,7 +774,7 @@ const SETTLE_DEPTH: usize = 8;
 /// or decides none of the packet's kind; where one of those rules wins, so does it by
 /// induction. `wider` (`first` for the packets of every output interface) takes its place
 /// when it outranks no rule with another action: the same argument holds for its packets,
-/// and the program tries rules with an output interface one by one, from a short list.
+/// and it asks nothing of the route (which may spare the programs a selection).
 fn settle(
     first: Rule,
     wider: Option<Rule>,
