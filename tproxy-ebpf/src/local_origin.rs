@@ -138,8 +138,9 @@ pub(crate) fn destination_ipv6(ctx: &SockAddrContext) -> [u8; 16] {
 pub(crate) fn steered_ipv4(ctx: &SockAddrContext, addr: [u8; 4]) -> Option<Option<u32>> {
     let udp = udp(ctx);
     let peer = ipv4_mapped(addr);
+    let generation = active_generation();
     let routes = route_bits(&addr);
-    let rule = decide(ctx, udp, &peer, routes, |ifindex, mark, pending| {
+    let rule = decide(ctx, udp, &peer, (generation, routes), |ifindex, mark, pending| {
         if let Some(udp) = udp {
             match_rules_into::<4, false>(
                 pending.generation,
@@ -174,7 +175,9 @@ pub(crate) fn steered_ipv6(ctx: &SockAddrContext, addr: [u8; 16]) -> Option<Opti
         return steered_ipv4(ctx, v4);
     }
     let udp = udp(ctx);
-    let rule = decide(ctx, udp, &addr, route_bits(&addr), |ifindex, mark, pending| {
+    let generation = active_generation();
+    let routes = route_bits(&addr);
+    let rule = decide(ctx, udp, &addr, (generation, routes), |ifindex, mark, pending| {
         if let Some(udp) = udp {
             match_rules_into::<16, false>(
                 pending.generation,
@@ -294,9 +297,10 @@ fn route_bits<const N: usize>(addr: &[u8; N]) -> u32 {
 #[btf_map]
 static LOCAL_PENDING: SkStorage<Pending> = SkStorage::new();
 
-/// The rules' answer for the context's process, by `ask(ifindex, mark, pending)` for each
-/// selection the process is in whose out-interface bits the destination's `routes` have
-/// (the best-ranked answer of all), or `None` when the socket is
+/// The answer of the rules of `generation` for the context's process, by `ask(ifindex,
+/// mark, pending)` for each selection the process is in whose out-interface bits the
+/// destination's `routes` have (read after the generation: a rule set's bits are mirrored
+/// before it is put in force), the best-ranked answer of all, or `None` when the socket is
 /// not this instance's to decide: not in tproxy's network namespace, tproxy's own, bound to
 /// an interface, or of a process in no selection. Such a socket is left as it is, its mark included (another
 /// program at the same hook, another tproxy's for another namespace or cgroup, may have just
@@ -308,7 +312,7 @@ fn decide(
     ctx: &SockAddrContext,
     udp: Option<bool>,
     peer: &[u8; 16],
-    routes: u32,
+    (generation, routes): (u32, u32),
     ask: impl Fn(u32, u32, &mut Pending),
 ) -> Option<RuleMatch> {
     // SAFETY: the helper reads the namespace of the context's socket.
@@ -343,7 +347,7 @@ fn decide(
     // SAFETY: as above.
     let pending = unsafe { &mut *pending };
     *pending = Pending {
-        generation: active_generation(),
+        generation,
         ..Pending::default()
     };
     // Ahead of the selections' loop, which has no room for it in the verifier's walk: the

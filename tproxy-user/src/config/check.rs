@@ -293,6 +293,8 @@ impl Config {
             }
             _ => false,
         };
+        // Whatever its out_interface: the proxy's upstream connections leave by that interface
+        // too.
         let every_process = |rule: &rules::Rule| {
             local
                 .get(rule.selection)

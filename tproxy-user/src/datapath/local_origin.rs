@@ -279,9 +279,10 @@ impl LocalSelections {
         if self.list.len() == MAX_SELECTIONS {
             bail!(
                 "{selection}: the rules for local connections select more than \
-                 {MAX_SELECTIONS} different sets of processes (with every process; the same \
-                 processes with another out_interface are another set), the most the programs \
-                 evaluate"
+                 {MAX_SELECTIONS} different sets of processes, the most the programs evaluate \
+                 (every process always takes one, and the same processes with another \
+                 out_interface take another): give fewer distinct cgroup, uid, gid, classid \
+                 and out_interface combinations"
             );
         }
         self.list.push(selection);

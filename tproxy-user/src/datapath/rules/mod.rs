@@ -225,6 +225,22 @@ pub struct Rule {
     pub ct_direction: Option<CtDirection>,
 }
 
+/// What a rule matches (see [`Rule::match_key`]): protocol, destination, ports, source
+/// ports, source, interface, mark, origin, selection, out interface, direction.
+type MatchKey<'a> = (
+    Protocol,
+    IpNet,
+    Ports,
+    Option<Ports>,
+    Option<IpNet>,
+    Option<&'a str>,
+    Option<Mark>,
+    Origin,
+    u32,
+    Option<&'a str>,
+    Option<CtDirection>,
+);
+
 /// A packet's direction in its connection, as the kernel's connection tracking has it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CtDirection {
@@ -364,22 +380,7 @@ impl Rule {
 
     /// What the rule matches, without what it does: rules with equal keys match the same
     /// packets.
-    #[allow(clippy::type_complexity)]
-    fn match_key(
-        &self,
-    ) -> (
-        Protocol,
-        IpNet,
-        Ports,
-        Option<Ports>,
-        Option<IpNet>,
-        Option<&str>,
-        Option<Mark>,
-        Origin,
-        u32,
-        Option<&str>,
-        Option<CtDirection>,
-    ) {
+    fn match_key(&self) -> MatchKey<'_> {
         (
             self.protocol,
             self.dst,
@@ -681,22 +682,44 @@ impl fmt::Display for Rule {
     }
 }
 
-/// The `candidates` (in order) that match what no rule of `new` and no earlier candidate
-/// matches, marked retired: a reload keeps them so that their established flows survive.
-/// Rules for local connections only are not kept: a retired rule only bypasses, which for a
-/// local connection is what no rule does (its flow, over `lo`, finds its own socket first
-/// all the same), and their selections are the old configuration's.
+/// The arrivals' part of the `candidates` (in order) that match what no rule of `new` and
+/// no earlier candidate matches, marked retired: a reload keeps them so that their
+/// established flows survive. Only the arrivals' part: a retired rule only bypasses, which
+/// for a local connection is what no rule does (its flow, over `lo`, finds its own socket
+/// first all the same), and its selection is the old configuration's, which the new one
+/// may have given other processes or an `out_interface`.
 pub fn retire<'a>(candidates: impl IntoIterator<Item = &'a Rule>, new: &[Rule]) -> Vec<Rule> {
-    let mut matched: HashSet<_> = new.iter().map(Rule::match_key).collect();
+    let mut matched: HashSet<_> = new.iter().filter_map(arrivals_key).collect();
     candidates
         .into_iter()
-        .filter(|rule| rule.origin.forwarded())
-        .filter(|rule| matched.insert(rule.match_key()))
+        .filter(|rule| arrivals_key(rule).is_some_and(|key| matched.insert(key)))
         .map(|rule| Rule {
             retired: true,
+            origin: Origin::Forwarded,
+            selection: 0,
             ..rule.clone()
         })
         .collect()
+}
+
+/// What the rule matches among arrivals (its key with the origin made `forwarded`), if it
+/// applies to them.
+fn arrivals_key(rule: &Rule) -> Option<MatchKey<'_>> {
+    let (protocol, dst, ports, sport, src, iface, mark, _, _, out_iface, direction) =
+        rule.match_key();
+    rule.origin.forwarded().then_some((
+        protocol,
+        dst,
+        ports,
+        sport,
+        src,
+        iface,
+        mark,
+        Origin::Forwarded,
+        0,
+        out_iface,
+        direction,
+    ))
 }
 
 /// The distinct `out_interface` names and patterns of `rules`, in the order of their bits in

@@ -344,11 +344,21 @@ fn retired_rules_come_after_every_current_one_and_never_take_new_flows() {
 /// `retire` by its definition: each candidate against every new rule and every candidate
 /// already retired.
 fn retire_by_definition(candidates: &[Rule], new: &[Rule]) -> Vec<Rule> {
+    // A rule's part for arrivals.
+    let arrivals = |rules: &[Rule]| -> Vec<Rule> {
+        rules
+            .iter()
+            .filter(|rule| rule.origin != Origin::Local)
+            .map(|rule| Rule {
+                origin: Origin::Forwarded,
+                selection: 0,
+                ..rule.clone()
+            })
+            .collect()
+    };
+    let new = arrivals(new);
     let mut retired: Vec<Rule> = Vec::new();
-    for rule in candidates
-        .iter()
-        .filter(|rule| rule.origin != Origin::Local)
-    {
+    for rule in arrivals(candidates) {
         if !new
             .iter()
             .chain(&retired)
@@ -356,7 +366,7 @@ fn retire_by_definition(candidates: &[Rule], new: &[Rule]) -> Vec<Rule> {
         {
             retired.push(Rule {
                 retired: true,
-                ..rule.clone()
+                ..rule
             });
         }
     }
@@ -411,6 +421,53 @@ fn a_reload_retires_each_dropped_match_once_whatever_the_rule_count() {
     assert!(
         retire(&local, &[]).is_empty(),
         "a rule for local connections only would decide nothing retired"
+    );
+}
+
+/// A reload that gives a selection's index to the same processes through an out_interface:
+/// the rules it retires keep only their part for arrivals, so none of the old selection
+/// meets the new one's interface (compiling them together once failed its check that a
+/// selection's rules have one out_interface).
+#[test]
+fn rules_retired_by_a_reload_leave_the_new_selections_alone() {
+    let old = [Rule {
+        selection: 1,
+        ..rule(1, "tcp 0.0.0.0/0 80 origin any", Action::Steer(0))
+    }];
+    let new = [Rule {
+        selection: 1,
+        ..rule(
+            1,
+            "tcp 0.0.0.0/0 443 out_interface eth0 origin local",
+            Action::Steer(0),
+        )
+    }];
+    let retired = retire(&old, &new);
+    assert_eq!(
+        retired
+            .iter()
+            .map(|rule| (rule.origin, rule.selection))
+            .collect::<Vec<_>>(),
+        [(Origin::Forwarded, 0)]
+    );
+    let mut rules = new.to_vec();
+    rules.extend(retired);
+    assert_eq!(
+        compile(&rules, 1, &interfaces()).selection_routes[1],
+        0b01 << 8
+    );
+    // Its flows' arrivals still meet it (as a bypass); local connections never do.
+    expect(
+        &rules,
+        "tcp 198.51.100.1 -> 192.0.2.1:80",
+        "eth0",
+        RuleMatch::Bypass,
+    );
+    expect_routed(
+        &rules,
+        "tcp 0.0.0.0 -> 192.0.2.1:80",
+        Some("eth0"),
+        RuleMatch::None,
     );
 }
 
