@@ -1433,3 +1433,81 @@ fn the_recvmsg_programs_come_and_go_with_rules_for_a_datagrams_direction() {
     tproxy.stop().unwrap();
     assert_eq!(attached(), [0; 4], "left attached after stop");
 }
+
+/// `out_interface` goes by the route the kernel takes: a route whose interface has lost its
+/// carrier while `ignore_routes_with_linkdown` is on there is dead, and the kernel's lookup
+/// takes the next metric's instead, out of the steered interface (a dual-uplink host's
+/// failover). Its connections are relayed, and go direct again once the carrier is back.
+#[test]
+fn out_interface_follows_the_kernel_past_a_dead_route() {
+    require_root();
+    let topo = Topo::new().unwrap();
+    let cgroup = TestCgroup::new("dead-route").unwrap();
+    // 10.10.9.1 on both sides; the router reaches it by the client's side first.
+    for side in [&topo.client, &topo.server] {
+        side.ip(&["addr", "add", "10.10.9.1/32", "dev", "lo"])
+            .unwrap();
+    }
+    let _lan = named_server(&topo.client, addr("10.10.9.1:80"), "lan");
+    let _wan = named_server(&topo.server, addr("10.10.9.1:80"), "wan");
+    let _upstream = named_server(&topo.server, addr("10.10.2.3:8080"), "upstream");
+    for (via, dev, metric) in [
+        ("10.10.1.2", Topo::ROUTER_CLIENT_IFACE, "10"),
+        ("10.10.2.2", "to-server", "20"),
+    ] {
+        topo.router
+            .ip(&[
+                "route",
+                "add",
+                "10.10.9.0/24",
+                "via",
+                via,
+                "dev",
+                dev,
+                "metric",
+                metric,
+            ])
+            .unwrap();
+    }
+    topo.router
+        .sysctl("net.ipv4.conf.to-client.ignore_routes_with_linkdown", "1")
+        .unwrap();
+    let config = tproxy_tests::ConfigFile::new(&format!(
+        "[[listener]]\nname = \"up\"\nupstream = \"10.10.2.3:8080\"\n\
+         [[rule]]\norigin = \"local\"\nproto = \"tcp\"\nports = 80\ncgroup = [\"{}\"]\n\
+         out_interface = \"to-server\"\naction = \"steer\"\nlistener = \"up\"\n",
+        cgroup.path
+    ))
+    .unwrap();
+    let mut tproxy =
+        Tproxy::start_with_host_mounts(&topo.router, &["--config", config.path()]).unwrap();
+    let local = || {
+        dial_output(
+            cgroup
+                .run(&topo.router, &[], DIAL, &["tcp", "10.10.9.1:80", "hi"])
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let route = || topo.router.ip(&["route", "get", "10.10.9.1"]).unwrap();
+    // The route map follows a link event within half a second of its settling.
+    let eventually = |expected: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let answer = local();
+            if answer == expected || std::time::Instant::now() > deadline {
+                return answer;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    assert!(route().contains("dev to-client"), "{}", route());
+    assert_eq!(local(), "10.10.9.1:80 lan");
+    // The client's end down: the router's end loses its carrier.
+    topo.client.ip(&["link", "set", "eth0", "down"]).unwrap();
+    assert!(route().contains("dev to-server"), "{}", route());
+    assert_eq!(eventually("10.10.9.1:80 upstream"), "10.10.9.1:80 upstream");
+    topo.client.ip(&["link", "set", "eth0", "up"]).unwrap();
+    assert_eq!(eventually("10.10.9.1:80 lan"), "10.10.9.1:80 lan");
+    tproxy.stop().unwrap();
+}

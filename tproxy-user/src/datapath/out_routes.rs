@@ -10,7 +10,11 @@
 //! (its local routes leave by `lo`; a `main` route inside one of its prefixes is never
 //! used), then `main`; of a prefix's routes the lowest metric; a route of several next hops
 //! has a name's bit only when every next hop leaves by an interface it matches (the kernel
-//! picks one per flow, skipping dead ones); an IPv4 prefix's equal routes (`ip route
+//! picks one per flow, skipping dead ones); a dead route (its interface without carrier, with
+//! `ignore_routes_with_linkdown` set on it; every next hop dead) is no route at all, as the
+//! kernel's lookup skips it for the next one, of a higher metric or a shorter prefix (the
+//! mirror follows carrier changes as link events; a change of the sysctl alone, which the
+//! kernel announces with no event, at the next one); an IPv4 prefix's equal routes (`ip route
 //! append`) by the first, which is the one the kernel uses; `unreachable`, `blackhole` and
 //! `prohibit` routes leave by none; IPv6 routes for some sources only (`from`) are left out,
 //! as a connect's source is not chosen yet. Each generation of rules has its own byte of
@@ -29,7 +33,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{lpm_trie::Key, LpmTrie, MapData};
 use ipnet::IpNet;
 use rtnetlink::packet_route::{
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteNextHopFlags, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteNextHopFlags, RouteType},
     rule::RuleMessage,
     AddressFamily,
 };
@@ -149,9 +153,13 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
     let table = route_table(route);
     // A route for a TOS only is no lookup's without one (a connect's has none), nor one
     // for some sources only.
+    // A dead route is skipped by the kernel's lookup. Its flag is set on a route of one next
+    // hop whose interface has lost its carrier while `ignore_routes_with_linkdown` is on
+    // there (the dump sets it exactly when the lookup skips the hop).
     if (table != LOCAL_TABLE && table != MAIN_TABLE)
         || route.header.tos != 0
         || route.header.source_prefix_length != 0
+        || route.header.flags.contains(RouteFlags::Dead)
     {
         return None;
     }
@@ -159,6 +167,7 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
     let mut metric = 0;
     let mut interfaces = Vec::new();
     let mut nexthop_object = false;
+    let mut every_hop_dead = false;
     let name = |index: &u32| names.get(index).cloned().unwrap_or_default();
     for attribute in &route.attributes {
         match attribute {
@@ -171,15 +180,22 @@ fn host_route(route: &RouteMessage, names: &HashMap<u32, String>) -> Option<Host
             RouteAttribute::Priority(priority) => metric = *priority,
             RouteAttribute::Oif(index) => interfaces.push(name(index)),
             RouteAttribute::NhId(_) => nexthop_object = true,
-            RouteAttribute::MultiPath(hops) => interfaces.extend(
-                hops.iter()
-                    // A linkdown hop is still used (ignore_routes_with_linkdown is off by
-                    // default); a dead one is not.
+            RouteAttribute::MultiPath(hops) => {
+                // A linkdown hop is still used (ignore_routes_with_linkdown is off by
+                // default); a dead one is not.
+                let live: Vec<String> = hops
+                    .iter()
                     .filter(|hop| !hop.flags.contains(RouteNextHopFlags::Dead))
-                    .map(|hop| name(&hop.interface_index)),
-            ),
+                    .map(|hop| name(&hop.interface_index))
+                    .collect();
+                every_hop_dead = live.is_empty() && !hops.is_empty();
+                interfaces.extend(live);
+            }
             _ => {}
         }
+    }
+    if every_hop_dead {
+        return None;
     }
     let unspecified = match route.header.address_family {
         AddressFamily::Inet6 => IpNet::from(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)),
@@ -449,6 +465,62 @@ mod tests {
 
     fn names() -> [Vec<String>; 2] {
         [vec!["eth0".into(), "wg*".into()], Vec::new()]
+    }
+
+    /// A main-table unicast route to 10.1.0.0/16 as a dump lists it.
+    fn listed(attributes: Vec<RouteAttribute>, flags: RouteFlags) -> RouteMessage {
+        let mut message = RouteMessage::default();
+        message.header.address_family = AddressFamily::Inet;
+        message.header.table = MAIN_TABLE as u8;
+        message.header.kind = RouteType::Unicast;
+        message.header.destination_prefix_length = 16;
+        message.header.flags = flags;
+        message.attributes = attributes;
+        message
+            .attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(
+                "10.1.0.0".parse().unwrap(),
+            )));
+        message
+    }
+
+    /// `ignore_routes_with_linkdown` on an interface without carrier: the kernel skips the
+    /// route (a lookup finds the next metric's, or a shorter prefix's), and so does the
+    /// mirror; a multipath route only when every hop is dead.
+    #[test]
+    fn a_dead_route_is_no_route() {
+        use rtnetlink::packet_route::route::RouteNextHop;
+        let names: HashMap<u32, String> = [(2, "lan0".to_string()), (3, "wan0".to_string())].into();
+        let alive = listed(vec![RouteAttribute::Oif(2)], RouteFlags::Linkdown);
+        assert_eq!(host_route(&alive, &names).unwrap().interfaces, ["lan0"]);
+        let dead = listed(
+            vec![RouteAttribute::Oif(2)],
+            RouteFlags::Dead | RouteFlags::Linkdown,
+        );
+        assert_eq!(host_route(&dead, &names), None);
+        let hop = |index: u32, flags: RouteNextHopFlags| {
+            let mut hop = RouteNextHop::default();
+            hop.interface_index = index;
+            hop.flags = flags;
+            hop
+        };
+        let dead_hop = RouteNextHopFlags::Dead | RouteNextHopFlags::Linkdown;
+        let half = listed(
+            vec![RouteAttribute::MultiPath(vec![
+                hop(2, dead_hop),
+                hop(3, RouteNextHopFlags::empty()),
+            ])],
+            RouteFlags::empty(),
+        );
+        assert_eq!(host_route(&half, &names).unwrap().interfaces, ["wan0"]);
+        let all = listed(
+            vec![RouteAttribute::MultiPath(vec![
+                hop(2, dead_hop),
+                hop(3, dead_hop),
+            ])],
+            RouteFlags::empty(),
+        );
+        assert_eq!(host_route(&all, &names), None);
     }
 
     #[test]
