@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use tproxy_common::local_origin::LOCAL_ORIGIN_IFINDEX;
 use tproxy_user::{
     datapath::rules::{
-        any_local, compile, decide, lookup, Action, CtDirection, Origin, Packet, Ports, Protocol, Rule,
+        any_local, compile, decide, lookup, retire, Action, CtDirection, Origin, Packet, Ports, Protocol, Rule,
     },
     values::Mark,
 };
@@ -108,7 +108,8 @@ fuzz_target!(|data: &[u8]| {
             rule.action = Action::Bypass;
         }
         // An out_interface makes a selection of its own (3, 4, 5: the processes of 0 through
-        // each name). Not on retired rules: `retire` keeps no rule for local connections only.
+        // each name). Not on retired rules: `retire` keeps no rule for local connections only
+        // (see below).
         if rule.origin == Origin::Local && !rule.retired {
             let names = ["eth0", "eth*", "wg0"];
             let via = bytes.next() as usize % (names.len() + 2);
@@ -118,6 +119,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // Retired rules as a reload retires them: their part for arrivals.
+    let rules: Vec<Rule> = rules
+        .into_iter()
+        .map(|rule| match rule.retired {
+            true => retire(std::slice::from_ref(&rule), &[]).pop().unwrap_or(Rule { retired: false, ..rule }),
+            false => rule,
+        })
+        .collect();
     let interfaces: Vec<(String, u32)> = IFACES.iter().zip(2..).map(|(n, i)| (n.to_string(), i)).collect();
     let generation = u32::from(bytes.next() & 1);
     let compiled = compile(&rules, generation, &interfaces);

@@ -13,8 +13,8 @@
 //! picks one per flow, skipping dead ones); a dead route (its interface without carrier, with
 //! `ignore_routes_with_linkdown` set on it; every next hop dead) is no route at all, as the
 //! kernel's lookup skips it for the next one, of a higher metric or a shorter prefix (the
-//! mirror follows carrier changes as link events; a change of the sysctl alone, which the
-//! kernel announces with no event, at the next one); an IPv4 prefix's equal routes (`ip route
+//! mirror follows carrier changes as link events; a change of the sysctl alone, which it
+//! does not follow, at the next one); an IPv4 prefix's equal routes (`ip route
 //! append`) by the first, which is the one the kernel uses; `unreachable`, `blackhole` and
 //! `prohibit` routes leave by none; IPv6 routes for some sources only (`from`) are left out,
 //! as a connect's source is not chosen yet. Each generation of rules has its own byte of

@@ -284,7 +284,7 @@ fn selection_routes(
     out_interfaces: &[String],
     generation: u32,
 ) -> [u32; MAX_SELECTIONS] {
-    let mut routes = [0; MAX_SELECTIONS];
+    let mut routes: [Option<u32>; MAX_SELECTIONS] = [None; MAX_SELECTIONS];
     for rule in rules.iter().filter(|rule| rule.origin.local()) {
         // The rule's own name's bit: a pattern's is set on the routes by the interfaces it
         // matches, not by other names it matches.
@@ -295,15 +295,14 @@ fn selection_routes(
                 .expect("out_interfaces holds every rule's name");
             (1 << bit) << route_bits_shift(generation)
         });
-        let selection = &mut routes[rule.selection as usize];
+        let selection = routes[rule.selection as usize].get_or_insert(bit);
         assert!(
-            *selection == 0 || *selection == bit,
+            *selection == bit,
             "rule {}: its selection's rules have different out_interface values",
             rule.number
         );
-        *selection = bit;
     }
-    routes
+    routes.map(|bit| bit.unwrap_or(0))
 }
 
 /// The mark stage's entries for `rules` as `guard` left them: its own, then the rules'.

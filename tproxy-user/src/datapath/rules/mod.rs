@@ -687,17 +687,26 @@ impl fmt::Display for Rule {
 /// established flows survive. Only the arrivals' part: a retired rule only bypasses, which
 /// for a local connection is what no rule does (its flow, over `lo`, finds its own socket
 /// first all the same), and its selection is the old configuration's, which the new one
-/// may have given other processes or an `out_interface`.
+/// may have given other processes or an `out_interface`. A rule for every origin and every
+/// process stays one: its selection, 0, never has an `out_interface`, and a destination
+/// whose first rule it is keeps its verdict in the destination stage (see
+/// `Rule::is_unconditional`) rather than taking entries per interface and selection.
 pub fn retire<'a>(candidates: impl IntoIterator<Item = &'a Rule>, new: &[Rule]) -> Vec<Rule> {
     let mut matched: HashSet<_> = new.iter().filter_map(arrivals_key).collect();
     candidates
         .into_iter()
         .filter(|rule| arrivals_key(rule).is_some_and(|key| matched.insert(key)))
-        .map(|rule| Rule {
-            retired: true,
-            origin: Origin::Forwarded,
-            selection: 0,
-            ..rule.clone()
+        .map(|rule| match (rule.origin, rule.selection) {
+            (Origin::Any, 0) => Rule {
+                retired: true,
+                ..rule.clone()
+            },
+            _ => Rule {
+                retired: true,
+                origin: Origin::Forwarded,
+                selection: 0,
+                ..rule.clone()
+            },
         })
         .collect()
 }

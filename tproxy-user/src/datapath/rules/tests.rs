@@ -344,33 +344,43 @@ fn retired_rules_come_after_every_current_one_and_never_take_new_flows() {
 /// `retire` by its definition: each candidate against every new rule and every candidate
 /// already retired.
 fn retire_by_definition(candidates: &[Rule], new: &[Rule]) -> Vec<Rule> {
-    // A rule's part for arrivals.
-    let arrivals = |rules: &[Rule]| -> Vec<Rule> {
-        rules
-            .iter()
-            .filter(|rule| rule.origin != Origin::Local)
-            .map(|rule| Rule {
-                origin: Origin::Forwarded,
-                selection: 0,
-                ..rule.clone()
-            })
-            .collect()
+    // A rule's part for arrivals, as a rule for arrivals only.
+    let arrivals = |rule: &Rule| Rule {
+        origin: Origin::Forwarded,
+        selection: 0,
+        ..rule.clone()
     };
-    let new = arrivals(new);
-    let mut retired: Vec<Rule> = Vec::new();
-    for rule in arrivals(candidates) {
+    let new: Vec<Rule> = new
+        .iter()
+        .filter(|rule| rule.origin != Origin::Local)
+        .map(arrivals)
+        .collect();
+    // Each kept rule, with its part for arrivals (what later candidates compare with).
+    let mut retired: Vec<(Rule, Rule)> = Vec::new();
+    for rule in candidates
+        .iter()
+        .filter(|rule| rule.origin != Origin::Local)
+    {
         if !new
             .iter()
-            .chain(&retired)
-            .any(|other| other.match_key() == rule.match_key())
+            .chain(retired.iter().map(|kept| &kept.1))
+            .any(|other| other.match_key() == arrivals(rule).match_key())
         {
-            retired.push(Rule {
-                retired: true,
-                ..rule
-            });
+            // A rule for every origin and process keeps its origin.
+            let kept = match (rule.origin, rule.selection) {
+                (Origin::Any, 0) => rule.clone(),
+                _ => arrivals(rule),
+            };
+            retired.push((
+                Rule {
+                    retired: true,
+                    ..kept
+                },
+                arrivals(rule),
+            ));
         }
     }
-    retired
+    retired.into_iter().map(|(kept, _)| kept).collect()
 }
 
 #[test]
@@ -442,13 +452,15 @@ fn rules_retired_by_a_reload_leave_the_new_selections_alone() {
             Action::Steer(0),
         )
     }];
-    let retired = retire(&old, &new);
+    let every_process = rule(2, "tcp 10.0.0.0/8 80 origin any", Action::Steer(0));
+    let retired = retire(&[old[0].clone(), every_process], &new);
     assert_eq!(
         retired
             .iter()
             .map(|rule| (rule.origin, rule.selection))
             .collect::<Vec<_>>(),
-        [(Origin::Forwarded, 0)]
+        [(Origin::Forwarded, 0), (Origin::Any, 0)],
+        "a rule for every process keeps its origin"
     );
     let mut rules = new.to_vec();
     rules.extend(retired);
@@ -1044,14 +1056,20 @@ fn compiled_maps_agree_with_the_definition_on_random_rule_sets() {
                     n => Action::Steer(n as u32 % 3),
                 };
                 let mut rule = rule(i + 1, &text, action);
-                rule.retired = next(10) == 0;
+                if rule.origin.local() {
+                    rule.selection = next(3) as u32;
+                }
+                // Retired as a reload retires it (see `retire`: a rule for local connections
+                // only is not).
+                if next(10) == 0 {
+                    if let Some(retired) = retire(std::slice::from_ref(&rule), &[]).pop() {
+                        rule = retired;
+                    }
+                }
                 // Kept from a configuration whose rules did not ask (a reload): they have no
                 // say in the guard.
                 if rule.retired && all_original && next(2) == 0 {
                     rule.ct_direction = None;
-                }
-                if rule.origin.local() {
-                    rule.selection = next(3) as u32;
                 }
                 // Some have an out_interface, and with it a selection of their own: 3 and 4
                 // have the processes of 0 and 1. Not retired ones: `retire` keeps no rule
