@@ -412,8 +412,8 @@ impl Rule {
             && self.iface.is_none()
             && self.mark.is_none()
             && self.sport.is_none()
-            && self.out_iface.is_none()
             && self.ct_direction.is_none()
+            // A rule with an out_interface has a selection of its own, never 0.
             && (!local || (self.origin == Origin::Any && self.selection == 0))
     }
 
